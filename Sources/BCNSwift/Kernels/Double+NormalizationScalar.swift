@@ -1,0 +1,90 @@
+// Double kernels: SIMD4<Double> loads, four independent accumulators to hide FMA latency. Tails use the same
+// fused operations as the vector body, so an element's result does not depend on where it sits in the plane.
+
+extension Double: NormalizationScalar {
+    @inlinable @inline(__always)
+    static func _load4(_ p: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> {
+        UnsafeRawPointer(p + i).loadUnaligned(as: SIMD4<Double>.self)
+    }
+
+    @inlinable
+    public static func _sum(_ x: UnsafePointer<Double>, count n: Int) -> Double {
+        var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
+        var i = 0
+        while i + 16 <= n {
+            a0 += _load4(x, i); a1 += _load4(x, i + 4); a2 += _load4(x, i + 8); a3 += _load4(x, i + 12)
+            i += 16
+        }
+        var s = ((a0 + a1) + (a2 + a3)).sum()
+        while i < n { s += x[i]; i += 1 }
+        return s
+    }
+
+    @inlinable
+    public static func _centredSumOfSquares(_ x: UnsafePointer<Double>, count n: Int, centre: Double) -> Double {
+        let c = SIMD4<Double>(repeating: centre)
+        var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
+        var i = 0
+        while i + 16 <= n {
+            let d0 = _load4(x, i) - c, d1 = _load4(x, i + 4) - c, d2 = _load4(x, i + 8) - c, d3 = _load4(x, i + 12) - c
+            a0.addProduct(d0, d0); a1.addProduct(d1, d1); a2.addProduct(d2, d2); a3.addProduct(d3, d3)
+            i += 16
+        }
+        var s = ((a0 + a1) + (a2 + a3)).sum()
+        while i < n { let d = x[i] - centre; s.addProduct(d, d); i += 1 }
+        return s
+    }
+
+    @inlinable
+    public static func _scaleShift(
+        _ x: UnsafePointer<Double>, _ y: UnsafeMutablePointer<Double>, count n: Int,
+        centre: Double, scale: Double, offset: Double
+    ) {
+        let c = SIMD4<Double>(repeating: centre), s = SIMD4<Double>(repeating: scale)
+        let o = SIMD4<Double>(repeating: offset)
+        var i = 0
+        while i + 4 <= n {
+            var v = o
+            v.addProduct(_load4(x, i) - c, s)
+            UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD4<Double>.self)
+            i += 4
+        }
+        while i < n { y[i] = offset.addingProduct(x[i] - centre, scale); i += 1 }
+    }
+
+    @inlinable
+    public static func _gradientSums(
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, count n: Int, centre: Double
+    ) -> (sum: Double, dot: Double) {
+        let c = SIMD4<Double>(repeating: centre)
+        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>(), d0 = SIMD4<Double>(), d1 = SIMD4<Double>()
+        var i = 0
+        while i + 8 <= n {
+            let g0 = _load4(dy, i), g1 = _load4(dy, i + 4)
+            s0 += g0; s1 += g1
+            d0.addProduct(g0, _load4(x, i) - c); d1.addProduct(g1, _load4(x, i + 4) - c)
+            i += 8
+        }
+        var sum = (s0 + s1).sum(), dot = (d0 + d1).sum()
+        while i < n { sum += dy[i]; dot.addProduct(dy[i], x[i] - centre); i += 1 }
+        return (sum, dot)
+    }
+
+    @inlinable
+    public static func _combine(
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, count n: Int,
+        centre: Double, p: Double, q: Double, r: Double
+    ) {
+        let c = SIMD4<Double>(repeating: centre), pv = SIMD4<Double>(repeating: p)
+        let qv = SIMD4<Double>(repeating: q), rv = SIMD4<Double>(repeating: r)
+        var i = 0
+        while i + 4 <= n {
+            var v = rv
+            v.addProduct(_load4(x, i) - c, qv)
+            v.addProduct(_load4(dy, i), pv)
+            UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD4<Double>.self)
+            i += 4
+        }
+        while i < n { dx[i] = r.addingProduct(x[i] - centre, q).addingProduct(dy[i], p); i += 1 }
+    }
+}

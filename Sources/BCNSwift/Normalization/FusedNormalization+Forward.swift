@@ -1,0 +1,263 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The one computation behind every layer (see DESIGN.md): batch norm, channel norm, or both fused.
+///
+/// Forward, for x of shape [B, C, S] with G groups of K = C/G channels:
+/// 1. per plane (b, c): mean p and centred sum of squares q (chunked two-pass, Float64);
+/// 2. on [B, C] numbers in Float64: the batch-norm stage is y₁ = a_c (x - μ_c) + β_c with a = γ/σ; its plane
+///    means are ȳ = a (p - μ) + β and centred sums a² q, merged over each group into m[b,g], v[b,g];
+///    r = 1/√(v + eps); the whole layer is out = A (x - p) + M per plane, A = r w a, M = r w (ȳ - m) + bias;
+/// 3. one output pass. Centring on p keeps a constant plane exact: x - p = 0 there, so out = M.
+public enum FusedNormalization {
+    /// Normalizes `x` into `y` (which may alias `x` when no backward follows) and fills `context` for backward.
+    ///
+    /// - Parameters:
+    ///   - training: batch-norm stage uses (and updates) batch statistics as its options say; else running ones.
+    ///   - context: at least `NormalizationContextLayout.length(...)` Doubles.
+    /// - Throws: `BCNError` before anything is written if an argument, a pointer or the statistics are invalid.
+    public static func forward<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, training: Bool,
+        x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
+        state: NormalizationState<T>, context: UnsafeMutableBufferPointer<Double>
+    ) throws(BCNError) {
+        try plan.validate()
+        try checkShape(plan: plan, shape: shape)
+        let layout = NormalizationContextLayout(shape: shape, groups: plan.groups)
+        guard let ctx = context.baseAddress, context.count >= layout.length else {
+            throw BCNError(.invalidArgument,
+                           "context holds \(context.count) values, this shape needs \(layout.length)")
+        }
+        try checkState(plan: plan, state: state)
+        try checkDegenerate(plan: plan, shape: shape, training: training)
+
+        planeMoments(x, shape: shape, mean: ctx + layout.p, m2: ctx + layout.q)
+        if plan.nanPolicy == .raise {
+            for i in 0..<shape.planes where !(ctx[layout.p + i].isFinite && ctx[layout.q + i].isFinite) {
+                throw BCNError(.nonFinite,
+                               "input holds NaN or infinity (channel \(i % shape.channels) of sample \(i / shape.channels)) and nan_policy is 'raise'")
+            }
+        }
+
+        var flags: NormalizationContextLayout.Flags = []
+        let update = batchNormStage(plan: plan, shape: shape, training: training, state: state,
+                                    layout: layout, ctx: ctx, flags: &flags)
+        var coefficients = [Double](repeating: 0, count: 2 * shape.planes)
+        coefficients.withUnsafeMutableBufferPointer { co in
+            channelNormStage(plan: plan, shape: shape, state: state, layout: layout, ctx: ctx, flags: &flags,
+                             scale: co.baseAddress!, offset: co.baseAddress! + shape.planes)
+            let p = UnsafePointer(ctx + layout.p), a = UnsafePointer(co.baseAddress!)
+            let chunks = PlaneChunks(shape)
+            parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range in
+                for i in range {
+                    let c = chunks.chunk(i)
+                    T._scaleShift(x + c.offset, y + c.offset, count: c.length,
+                                  centre: p[c.plane], scale: a[c.plane], offset: a[shape.planes + c.plane])
+                }
+            }
+        }
+        update?.commit(state)
+        layout.writeHeader(ctx, flags: flags)
+    }
+
+    // MARK: checks
+
+    static func checkShape(plan: NormalizationPlan, shape: NormalizationShape) throws(BCNError) {
+        guard shape.channels == plan.channels else {
+            throw BCNError(.shapeMismatch,
+                           "input has \(shape.channels) channels (dimension 1) but the layer has \(plan.channels)")
+        }
+    }
+
+    static func checkState<T>(plan: NormalizationPlan, state: NormalizationState<T>) throws(BCNError) {
+        if plan.batchNorm != nil {
+            guard state.bnWeight != nil, state.bnBias != nil, state.runningMean != nil, state.runningVar != nil,
+                  state.numBatchesTracked != nil else {
+                throw BCNError(.invalidArgument, "batch-norm weight, bias, running_mean, running_var and num_batches_tracked must not be null")
+            }
+        }
+        if plan.channelNorm != nil {
+            guard state.cnWeight != nil, state.cnBias != nil else {
+                throw BCNError(.invalidArgument, "channel-norm weight and bias must not be null")
+            }
+        }
+    }
+
+    static func checkDegenerate(plan: NormalizationPlan, shape: NormalizationShape, training: Bool) throws(BCNError) {
+        let dims = "[\(shape.batch), \(shape.channels), \(shape.spatial)]"
+        if let bn = plan.batchNorm, training, shape.batch * shape.spatial == 1 {
+            if bn.statistics == .batch {
+                throw BCNError(.degenerateStatistics,
+                               "Expected more than 1 value per channel when training, got input of size \(dims) ([B, C, S])")
+            }
+            if bn.unbiasedRunningVariance {
+                throw BCNError(.degenerateStatistics,
+                               "an unbiased running variance needs more than 1 value per channel, got input of size \(dims) ([B, C, S])")
+            }
+        }
+        if let cn = plan.channelNorm, (shape.channels / cn.groups) * shape.spatial == 1 {
+            throw BCNError(.degenerateStatistics,
+                           "Expected more than 1 value per channel group, got \(shape.channels / cn.groups) channel(s) per group and spatial size \(shape.spatial)")
+        }
+    }
+
+    // MARK: pass 1
+
+    /// Mean and M2 of every plane: each chunk two-pass in cache, chunks merged in fixed order (Chan).
+    static func planeMoments<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, shape: NormalizationShape,
+        mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>
+    ) {
+        let chunks = PlaneChunks(shape)
+        if chunks.perPlane == 1 {
+            let s = shape.spatial
+            parallelFor(shape.planes, cost: s) { range in
+                for i in range {
+                    let m = T._chunkMoments(x + i * s, count: s)
+                    mean[i] = m.mean; m2[i] = m.m2
+                }
+            }
+            return
+        }
+        let parts = UnsafeMutableBufferPointer<Moments>.allocate(capacity: chunks.count)
+        defer { parts.deallocate() }
+        parallelFor(chunks.count, cost: planeChunkLength) { range in
+            for i in range {
+                let c = chunks.chunk(i)
+                parts.initializeElement(at: i, to: T._chunkMoments(x + c.offset, count: c.length))
+            }
+        }
+        for plane in 0..<shape.planes {
+            var m = Moments()
+            for k in 0..<chunks.perPlane { m.merge(parts[plane * chunks.perPlane + k]) }
+            mean[plane] = m.mean; m2[plane] = m.m2
+        }
+    }
+
+    // MARK: [B, C] work
+
+    /// New running-buffer values, written only once nothing can fail.
+    struct RunningUpdate<T: NormalizationScalar> {
+        var mean: [T]
+        var variance: [T]
+        var count: Int64
+
+        func commit(_ state: NormalizationState<T>) {
+            guard let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else { return }
+            for c in 0..<mean.count { rm[c] = mean[c]; rv[c] = variance[c] }
+            nbt.pointee = count
+        }
+    }
+
+    /// Fills μ, 1/σ, a = γ/σ and ȳ in the context; returns the running update a training forward makes.
+    static func batchNormStage<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, training: Bool, state: NormalizationState<T>,
+        layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
+        flags: inout NormalizationContextLayout.Flags
+    ) -> RunningUpdate<T>? {
+        let B = shape.batch, C = shape.channels, S = Double(shape.spatial)
+        let p = ctx + layout.p, q = ctx + layout.q, yBar = ctx + layout.yBar
+        let mu = ctx + layout.mu, invSigma = ctx + layout.invSigma, a = ctx + layout.a
+        guard let bn = plan.batchNorm, let gamma = state.bnWeight, let beta = state.bnBias,
+              let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else {
+            for c in 0..<C { mu[c] = 0; invSigma[c] = 1; a[c] = 1 }
+            for i in 0..<shape.planes { yBar[i] = p[i] }
+            return nil
+        }
+        flags.insert(.batchNorm)
+        var update: RunningUpdate<T>? = nil
+        if training {
+            let n = Double(B) * S
+            // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable,
+            // except when the cumulative average needs the count.
+            let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
+            let count = counts ? nbt.pointee &+ 1 : nbt.pointee
+            let factor = bn.momentum ?? 1 / Double(count)
+            var u = RunningUpdate<T>(mean: [T](repeating: 0, count: C), variance: [T](repeating: 0, count: C),
+                                     count: count)
+            for c in 0..<C {
+                var batch = Moments()
+                for b in 0..<B {
+                    let i = b * C + c
+                    batch.merge(Moments(count: S, mean: p[i], m2: q[i]))
+                }
+                let oldMean = Double(rm[c]), oldVar = Double(rv[c])
+                var folded = batch.variance
+                if bn.statistics == .estimated && bn.varianceCentre == .runningMean {
+                    let d = batch.mean - oldMean
+                    folded += d * d  // (1/n) Σ (x - μ_old)² = biased variance + (mean - μ_old)²
+                }
+                if bn.unbiasedRunningVariance { folded *= n / (n - 1) }
+                u.mean[c] = T((1 - factor) * oldMean + factor * batch.mean)
+                u.variance[c] = T((1 - factor) * oldVar + factor * folded)
+                switch bn.statistics {
+                case .batch:
+                    mu[c] = batch.mean
+                    invSigma[c] = 1 / (batch.variance + bn.eps).squareRoot()
+                case .estimated:  // normalize with the stored (rounded) estimates, as eval later will
+                    mu[c] = Double(u.mean[c])
+                    invSigma[c] = 1 / (Double(u.variance[c]) + bn.eps).squareRoot()
+                }
+            }
+            if bn.statistics == .batch { flags.insert(.gradientThroughBatchStatistics) }
+            update = u
+        } else {
+            for c in 0..<C {
+                mu[c] = Double(rm[c])
+                invSigma[c] = 1 / (Double(rv[c]) + bn.eps).squareRoot()
+            }
+        }
+        for c in 0..<C { a[c] = Double(gamma[c]) * invSigma[c] }
+        for b in 0..<B {
+            for c in 0..<C {
+                let i = b * C + c
+                yBar[i] = a[c] * (p[i] - mu[c]) + Double(beta[c])
+            }
+        }
+        return update
+    }
+
+    /// Fills m, r, w in the context and the per-plane output map out = scale·(x - p) + offset.
+    static func channelNormStage<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, state: NormalizationState<T>,
+        layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
+        flags: inout NormalizationContextLayout.Flags,
+        scale: UnsafeMutablePointer<Double>, offset: UnsafeMutablePointer<Double>
+    ) {
+        let B = shape.batch, C = shape.channels, S = Double(shape.spatial)
+        let q = ctx + layout.q, yBar = ctx + layout.yBar, a = ctx + layout.a
+        guard let cn = plan.channelNorm, let weight = state.cnWeight, let bias = state.cnBias else {
+            for b in 0..<B {
+                for c in 0..<C { scale[b * C + c] = a[c]; offset[b * C + c] = yBar[b * C + c] }
+            }
+            return
+        }
+        flags.insert(.channelNorm)
+        let G = cn.groups, K = C / G
+        let m = ctx + layout.m, r = ctx + layout.r, w = ctx + layout.w
+        for g in 0..<G { w[g] = Double(weight[g]) }
+        for b in 0..<B {
+            for g in 0..<G {
+                let base = b * C + g * K
+                var group = Moments()
+                for k in 0..<K {
+                    let c = g * K + k
+                    group.merge(Moments(count: S, mean: yBar[base + k], m2: a[c] * a[c] * q[base + k]))
+                }
+                let rg = 1 / (group.variance + cn.eps).squareRoot()
+                m[b * G + g] = group.mean
+                r[b * G + g] = rg
+                let rw = rg * w[g], beta = Double(bias[g])
+                for k in 0..<K {
+                    scale[base + k] = rw * a[g * K + k]
+                    offset[base + k] = rw * (yBar[base + k] - group.mean) + beta
+                }
+            }
+        }
+    }
+}

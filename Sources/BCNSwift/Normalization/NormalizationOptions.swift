@@ -1,0 +1,115 @@
+/// How the batch-norm stage of a layer gets its statistics while training.
+public enum BatchStatistics: Int32, Sendable {
+    /// Normalize with the batch's mean and biased variance; gradients flow through them (PyTorch BatchNorm2d,
+    /// labml `BatchNorm`).
+    case batch = 1
+    /// First fold the batch into the running estimates, then normalize with those; gradients treat them as
+    /// constants (labml `EstimatedBatchNorm`, the authors' `EstBN`).
+    case estimated = 2
+}
+
+/// Around which mean the estimated batch norm measures the batch variance that it folds into `runningVar`.
+public enum VarianceCentre: Int32, Sendable {
+    /// (1/n) Σ (x - batch mean)²: labml's `EstimatedBatchNorm`.
+    case batchMean = 0
+    /// (1/n) Σ (x - running mean before this update)²: the authors' `EstBN`.
+    case runningMean = 1
+}
+
+/// What to do when the input holds NaN or ±infinity.
+public enum NaNPolicy: Int32, Sendable {
+    /// Let it flow into outputs and running buffers, as PyTorch does by default.
+    case propagate = 0
+    /// Throw `BCNError.Kind.nonFinite` before anything is written.
+    case raise = 1
+}
+
+/// Options of the batch-norm stage.
+///
+/// Training with `momentum = m` updates `running ← (1 - m)·running + m·batch`; with `momentum = nil` the factor
+/// is `1 / numBatchesTracked` (a cumulative average, as PyTorch). The variance folded into `runningVar` is the
+/// batch's biased variance times n/(n-1) when `unbiasedRunningVariance`, n = batch × spatial size.
+public struct BatchNormOptions: Equatable, Sendable {
+    public var statistics: BatchStatistics
+    /// Added to the variance under the square root; > 0.
+    public var eps: Double
+    /// Update rate of the running buffers in [0, 1], or nil for a cumulative average.
+    public var momentum: Double?
+    public var unbiasedRunningVariance: Bool
+    public var varianceCentre: VarianceCentre
+
+    /// - Parameter unbiasedRunningVariance: nil picks the documents' choice: true with batch statistics
+    ///   (PyTorch), false when estimating (labml and the authors' EstBN both store the biased variance).
+    public init(
+        statistics: BatchStatistics = .batch, eps: Double = 1e-5, momentum: Double? = 0.1,
+        unbiasedRunningVariance: Bool? = nil, varianceCentre: VarianceCentre = .batchMean
+    ) {
+        self.statistics = statistics
+        self.eps = eps
+        self.momentum = momentum
+        self.unbiasedRunningVariance = unbiasedRunningVariance ?? (statistics == .batch)
+        self.varianceCentre = varianceCentre
+    }
+
+    /// Throws `.invalidArgument` naming the first option out of range.
+    public func validate() throws(BCNError) {
+        guard eps > 0, eps.isFinite else {
+            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
+        }
+        if let m = momentum, !(m >= 0 && m <= 1) {
+            throw BCNError(.invalidArgument, "momentum must be in [0, 1] or None, got \(m)")
+        }
+    }
+}
+
+/// Options of the channel-norm stage: per sample, statistics over each group of `channels / groups` channels,
+/// then a per-group affine.
+public struct ChannelNormOptions: Equatable, Sendable {
+    public var groups: Int
+    /// Added to the group variance under the square root; > 0.
+    public var eps: Double
+
+    public init(groups: Int, eps: Double = 1e-5) {
+        self.groups = groups
+        self.eps = eps
+    }
+
+    public func validate(channels: Int) throws(BCNError) {
+        guard groups > 0 else { throw BCNError(.invalidArgument, "num_groups must be positive, got \(groups)") }
+        guard channels % groups == 0 else {
+            throw BCNError(.invalidArgument,
+                           "num_channels (\(channels)) must be divisible by num_groups (\(groups))")
+        }
+        guard eps > 0, eps.isFinite else {
+            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
+        }
+    }
+}
+
+/// The whole computation: an optional batch-norm stage followed by an optional channel-norm stage.
+/// BatchNorm is (bn, nil), ChannelNorm (nil, cn), BatchChannelNorm (bn, cn) fused into one pass.
+public struct NormalizationPlan: Equatable, Sendable {
+    public var channels: Int
+    public var batchNorm: BatchNormOptions?
+    public var channelNorm: ChannelNormOptions?
+    public var nanPolicy: NaNPolicy
+
+    public init(channels: Int, batchNorm: BatchNormOptions?, channelNorm: ChannelNormOptions?,
+                nanPolicy: NaNPolicy = .propagate) {
+        self.channels = channels
+        self.batchNorm = batchNorm
+        self.channelNorm = channelNorm
+        self.nanPolicy = nanPolicy
+    }
+
+    public func validate() throws(BCNError) {
+        guard channels > 0 else {
+            throw BCNError(.invalidArgument, "num_channels must be positive, got \(channels)")
+        }
+        try batchNorm?.validate()
+        try channelNorm?.validate(channels: channels)
+    }
+
+    /// Number of channel groups (0 without a channel-norm stage).
+    @inlinable public var groups: Int { channelNorm?.groups ?? 0 }
+}

@@ -1,0 +1,45 @@
+/// An input [B, C, *] seen as B·C contiguous planes of S = Π(trailing dims) elements (S = 1 for [B, C]).
+public struct NormalizationShape: Equatable, Sendable {
+    public let batch: Int
+    public let channels: Int
+    public let spatial: Int
+
+    /// Element count B·C·S (checked not to overflow at construction).
+    public let count: Int
+
+    /// Checks that every size is positive and that B·C·S fits in Int.
+    public init(batch: Int, channels: Int, spatial: Int) throws(BCNError) {
+        guard batch > 0, channels > 0, spatial > 0 else {
+            throw BCNError(.shapeMismatch,
+                           "input must have a positive batch, channel and spatial size, got [\(batch), \(channels), \(spatial)]")
+        }
+        let (bc, o1) = batch.multipliedReportingOverflow(by: channels)
+        let (n, o2) = bc.multipliedReportingOverflow(by: spatial)
+        guard !o1, !o2, n <= Int.max / 16 else {
+            throw BCNError(.invalidArgument, "input of \(batch) x \(channels) x \(spatial) elements is too large")
+        }
+        self.batch = batch
+        self.channels = channels
+        self.spatial = spatial
+        self.count = n
+    }
+
+    /// From a full shape [B, C, d₂, …]; rank ≥ 2.
+    public init(dimensions: [Int]) throws(BCNError) {
+        guard dimensions.count >= 2 else {
+            throw BCNError(.shapeMismatch, "input must have rank >= 2 ([B, C, *]), got shape \(dimensions)")
+        }
+        var s = 1
+        for d in dimensions.dropFirst(2) {
+            guard d > 0 else {
+                throw BCNError(.shapeMismatch, "input must have no zero-size dimension, got shape \(dimensions)")
+            }
+            let (p, o) = s.multipliedReportingOverflow(by: d)
+            guard !o else { throw BCNError(.invalidArgument, "input shape \(dimensions) is too large") }
+            s = p
+        }
+        try self.init(batch: dimensions[0], channels: dimensions[1], spatial: s)
+    }
+
+    @inlinable public var planes: Int { batch * channels }
+}

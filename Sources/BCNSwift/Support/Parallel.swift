@@ -1,0 +1,63 @@
+import Dispatch
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The number of worker threads bcnswift uses; 0 means "all cores".
+///
+/// Work is always cut into the same pieces whatever this number is (see `parallelFor`), so results are bitwise
+/// identical for any thread count; only the wall time changes.
+public enum BCNThreads {
+    private static let requested = Atomic<Int>(0)
+    private static let cores: Int = {
+        let n = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        return n > 0 ? n : 1
+    }()
+
+    /// Threads used by the next call: the value set, else `BCNSWIFT_NUM_THREADS`, else the core count.
+    public static var count: Int {
+        get {
+            let n = requested.load(ordering: .relaxed)
+            return n > 0 ? n : defaultCount
+        }
+        set { requested.store(max(0, newValue), ordering: .relaxed) }
+    }
+
+    /// `BCNSWIFT_NUM_THREADS` when it is a positive integer, else all online cores.
+    public static let defaultCount: Int = {
+        if let raw = getenv("BCNSWIFT_NUM_THREADS"), let n = Int(String(cString: raw)), n > 0 { return n }
+        return cores
+    }()
+}
+
+/// Below this many element visits a call runs on the calling thread: waking workers costs more than it saves.
+@usableFromInline let parallelThreshold = 1 << 16
+
+/// Runs `body` over `0..<count`, cut into contiguous ranges, on up to `BCNThreads.count` threads.
+///
+/// `body` must make each index's result depend on that index alone (write to its own slot); then the result is
+/// independent of how the ranges are cut, which is what makes thread count invisible in the output.
+/// - Parameters:
+///   - count: number of work items.
+///   - cost: approximate element visits per item, used only to decide whether threads are worth waking.
+@inlinable
+func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>) -> Void) {
+    if count <= 0 { return }
+    let threads = min(BCNThreads.count, count)
+    if threads <= 1 || count.multipliedReportingOverflow(by: max(cost, 1)).partialValue < parallelThreshold {
+        body(0..<count)
+        return
+    }
+    withoutActuallyEscaping(body) { body in
+        nonisolated(unsafe) let work = body
+        DispatchQueue.concurrentPerform(iterations: threads) { t in
+            let lo = count * t / threads, hi = count * (t + 1) / threads
+            if lo < hi { work(lo..<hi) }
+        }
+    }
+}
