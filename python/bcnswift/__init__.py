@@ -1,0 +1,28 @@
+"""bcnswift: Batch-Channel Normalization and Weight Standardization (Qiao et al.), fused CPU kernels in Swift.
+
+    import numpy as np, bcnswift
+    layer = bcnswift.BatchChannelNorm(64, 32)        # estimate=True, float32
+    y = layer(x)                                      # x: [B, 64, *]
+    dx = layer.backward(dy); layer.grads              # gradients
+"""
+from . import _ext
+from .layers import BatchChannelNorm, BatchNorm, ChannelNorm, EstimatedBatchNorm
+from .weight_standardization import (WeightStandardization, weight_standardization,
+                                     weight_standardization_backward)
+
+__version__ = "0.1.0"
+__all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "WeightStandardization",
+           "weight_standardization", "weight_standardization_backward", "set_num_threads", "get_num_threads"]
+
+
+def set_num_threads(n):
+    """Worker threads for later calls (n >= 1), or 0 for the default: BCNSWIFT_NUM_THREADS, else all cores.
+    Results are bitwise identical for every thread count."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"number of threads must be an int, got {n!r}")
+    _ext.set_num_threads(n)
+
+
+def get_num_threads():
+    """Worker threads in force."""
+    return _ext.get_num_threads()

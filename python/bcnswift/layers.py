@@ -1,0 +1,405 @@
+"""Batch-Channel Normalization and its parts, over numpy arrays, with a torch.nn-like surface.
+
+Every layer is one fused computation in the Swift core (see DESIGN.md): the layer object owns its parameters,
+running buffers and gradients as numpy arrays; a forward updates the running buffers only when it succeeds.
+Inputs are [B, C, *] arrays. Float arrays of another precision are converted to the layer's dtype (as numpy
+functions convert); integer, boolean, complex and object arrays are refused with TypeError.
+"""
+import threading
+
+import numpy as np
+
+from . import _ext
+
+_DTYPES = {np.dtype(np.float32), np.dtype(np.float64)}
+_VARIANCE_AROUND = {"batch": 0, "running_mean": _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN}
+_NAN_POLICIES = {"propagate": 0, "raise": _ext.BCN_NAN_RAISE}
+
+
+def _positive_int(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _positive_float(value, name):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    if not (v > 0 and np.isfinite(v)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def _momentum(value):
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"momentum must be a number or None, got {type(value).__name__} {value!r}") from None
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1] or None, got {value!r}")
+    return v
+
+
+def _choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def _dtype(value):
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {value!r}") from None
+    if dt not in _DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def as_float_array(x, dtype, name="input"):
+    """x as a C-contiguous, aligned array of `dtype`; copies only when it must. Non-float arrays: TypeError."""
+    if type(x) is np.ndarray:
+        if x.dtype == dtype and x.flags.c_contiguous and x.flags.aligned:
+            return x
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        return np.require(x, dtype=dtype, requirements=["C", "A"])
+    if isinstance(x, np.ndarray):  # subclasses: view as a plain array
+        return as_float_array(np.asarray(x), dtype, name)
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} cannot be converted to an array: {e}") from None
+    if arr.dtype.kind not in "fiu":  # lists of ints convert, as numpy functions do; bools, complex, text do not
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    return np.require(arr, dtype=dtype, requirements=["C", "A"])
+
+
+class _Normalization:
+    """What every layer shares: options as ABI flags, arrays, train/eval, forward/backward, state dicts."""
+
+    _has_bn = False
+    _has_cn = False
+    _bn_prefix = ""  # state-dict prefix of the batch-norm entries ("bn." inside BatchChannelNorm)
+
+    def _setup(self, num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
+               dtype, bn_eps, nan_policy):
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        self.eps = _positive_float(eps, "eps")
+        self.dtype = _dtype(dtype)
+        self.nan_policy = _choice(nan_policy, "nan_policy", _NAN_POLICIES)
+        self.training = True
+        flags = _NAN_POLICIES[nan_policy]
+        C, dt = self.num_channels, self.dtype
+        if self._has_bn:
+            self.momentum = _momentum(momentum)
+            if not isinstance(estimate, (bool, np.bool_)):
+                raise TypeError(f"estimate must be a bool, got {estimate!r}")
+            self.estimate = bool(estimate)
+            self.variance_around = _choice(variance_around, "variance_around", _VARIANCE_AROUND)
+            if self.variance_around == "running_mean" and not self.estimate:
+                raise ValueError("variance_around='running_mean' applies to estimated statistics (estimate=True)")
+            if unbiased_running_var is None:
+                unbiased_running_var = not self.estimate
+            if not isinstance(unbiased_running_var, (bool, np.bool_)):
+                raise TypeError(f"unbiased_running_var must be a bool or None, got {unbiased_running_var!r}")
+            self.unbiased_running_var = bool(unbiased_running_var)
+            self.bn_eps = self.eps if bn_eps is None else _positive_float(bn_eps, "bn_eps")
+            flags |= _ext.BCN_BATCH_NORM | _VARIANCE_AROUND[self.variance_around]
+            flags |= _ext.BCN_ESTIMATED if self.estimate else 0
+            flags |= _ext.BCN_UNBIASED_RUNNING_VAR if self.unbiased_running_var else 0
+            self.bn_weight = np.ones(C, dt)
+            self.bn_bias = np.zeros(C, dt)
+            self.running_mean = np.zeros(C, dt)
+            self.running_var = np.ones(C, dt)
+            self.num_batches_tracked = np.zeros((), np.int64)
+        else:
+            self.momentum, self.bn_eps = None, self.eps
+        if self._has_cn:
+            self.num_groups = _positive_int(num_groups, "num_groups")
+            if C % self.num_groups:
+                raise ValueError(f"num_channels ({C}) must be divisible by num_groups ({self.num_groups})")
+            flags |= _ext.BCN_CHANNEL_NORM
+            self.weight = np.ones((1, self.num_groups, 1), dt)
+            self.bias = np.zeros((1, self.num_groups, 1), dt)
+        else:
+            self.num_groups = 0
+        self._flags = flags
+        self._lock = threading.Lock()
+        self._saved = None
+        self.grads = {k: np.zeros_like(v) for k, v in self._parameters().items()}
+
+    # ---- torch.nn.Module-like mode switches --------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Training mode (batch statistics, running buffers updated); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (running statistics, no update); returns self."""
+        return self.train(False)
+
+    # ---- computation --------------------------------------------------------------------------------------
+
+    def _call_flags(self):
+        f = self._flags | (_ext.BCN_TRAINING if self.training else 0)
+        if self._has_bn and self.momentum is None:
+            f |= _ext.BCN_CUMULATIVE_AVERAGE
+        return f
+
+    def forward(self, x):
+        """Normalize x ([B, C, *]); returns a new array of the layer's dtype and x's shape."""
+        x = as_float_array(x, self.dtype)
+        if x.ndim < 2:
+            raise ValueError(f"input must have rank >= 2 ([B, C, *]), got shape {x.shape}")
+        y = np.empty_like(x)
+        flags = self._call_flags()
+        ctx = np.empty(max(_ext.context_length(max(x.shape[0], 1), max(x.shape[1], 1), self.num_groups), 0))
+        momentum = 0.0 if self.momentum is None else self.momentum
+        with self._lock:
+            if self._has_bn:
+                _ext.norm_forward(flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y, self.bn_weight,
+                                  self.bn_bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                                  self.weight if self._has_cn else None, self.bias if self._has_cn else None, ctx)
+            else:
+                _ext.norm_forward(flags, self.num_groups, self.eps, self.eps, 0.0, x, y, None, None, None, None,
+                                  None, self.weight, self.bias, ctx)
+            self._saved = (x, ctx, flags)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """Gradient with respect to the input of the last forward; adds parameter gradients to `grads`.
+
+        The last forward's input must not have been modified since (it is kept by reference, not copied).
+        """
+        with self._lock:
+            if self._saved is None:
+                raise RuntimeError("backward() called before any forward()")
+            x, ctx, flags = self._saved
+            dy = as_float_array(dy, self.dtype, "dy")
+            if dy.shape != x.shape:
+                raise ValueError(f"dy has shape {dy.shape}, the last forward's output has shape {x.shape}")
+            dx = np.empty_like(x)
+            g = self.grads
+            _ext.norm_backward(flags, self.num_groups, x, dy, dx,
+                               g.get(self._bn_prefix + "weight") if self._has_bn else None,
+                               g.get(self._bn_prefix + "bias") if self._has_bn else None,
+                               g.get("weight") if self._has_cn else None,
+                               g.get("bias") if self._has_cn else None, ctx)
+        return dx
+
+    def zero_grad(self):
+        """Sets every parameter gradient to zero."""
+        for v in self.grads.values():
+            v.fill(0)
+
+    # ---- state --------------------------------------------------------------------------------------------
+
+    def _parameters(self):
+        p = {}
+        if self._has_cn:
+            p["weight"], p["bias"] = self.weight, self.bias
+        if self._has_bn:
+            p[self._bn_prefix + "weight"], p[self._bn_prefix + "bias"] = self.bn_weight, self.bn_bias
+        return p
+
+    def _buffers(self):
+        if not self._has_bn:
+            return {}
+        b = self._bn_prefix
+        d = {b + "running_mean": self.running_mean, b + "running_var": self.running_var,
+             b + "num_batches_tracked": self.num_batches_tracked}
+        if self.estimate and self.variance_around == "running_mean":
+            d[b + "estbn_moving_speed"] = None  # materialized from momentum in state_dict()
+        return d
+
+    def parameters(self):
+        """The live parameter arrays by state-dict name (modify them in place to change the layer)."""
+        return self._parameters()
+
+    def state_dict(self):
+        """Copies of the parameters and buffers, keyed as the authors' PyTorch modules name them."""
+        d = {k: v.copy() for k, v in self._parameters().items()}
+        for k, v in self._buffers().items():
+            if k.endswith("estbn_moving_speed"):
+                d[k] = np.array([0.0 if self.momentum is None else self.momentum], self.dtype)
+            else:
+                d[k] = v.copy()
+        return d
+
+    def _aliases(self):
+        """labml's and the notebooks' names for the same entries."""
+        b = self._bn_prefix
+        a = {}
+        if self._has_bn:
+            outer = "batch_norm." if b else ""
+            for src, dst in (("scale", "weight"), ("shift", "bias"), ("gamma", "weight"), ("beta", "bias"),
+                             ("exp_mean", "running_mean"), ("exp_var", "running_var")):
+                a[outer + src] = b + dst
+        if self._has_cn:
+            outer = "channel_norm." if b else ""
+            for src, dst in (("scale", "weight"), ("shift", "bias")):
+                a.setdefault(outer + src, dst)
+        return a
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Loads parameters and buffers; accepts the keys of state_dict(), labml's names, and (G,)-shaped group
+        weight and bias. An unknown key (KeyError), a missing one when strict (KeyError) or a wrong shape
+        (ValueError) changes nothing."""
+        params, buffers, aliases = self._parameters(), self._buffers(), self._aliases()
+        targets = {**params, **buffers}
+        staged, unknown = {}, []
+        for key, value in state_dict.items():
+            name = aliases.get(key, key)
+            if name not in targets:
+                unknown.append(key)
+                continue
+            if name in staged:
+                raise KeyError(f"state dict gives {name!r} twice (as {key!r} and an alias)")
+            staged[name] = self._convert_entry(name, key, value, targets[name])
+        if unknown:
+            raise KeyError(f"unexpected key(s) in state dict: {', '.join(map(repr, unknown))}; "
+                           f"expected {', '.join(map(repr, targets))}")
+        if strict:
+            missing = [k for k in targets if k not in staged and not k.endswith("estbn_moving_speed")]
+            if missing:
+                raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
+        for name, value in staged.items():
+            if name.endswith("estbn_moving_speed"):
+                self.momentum = _momentum(float(value.reshape(-1)[0]))
+            else:
+                targets[name][...] = value
+
+    def _convert_entry(self, name, key, value, target):
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"state dict entry {key!r} must hold numbers, got dtype {arr.dtype}")
+        if name.endswith("estbn_moving_speed"):
+            if arr.size != 1:
+                raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
+            return arr.astype(np.float64)
+        if name.endswith("num_batches_tracked"):
+            if arr.size != 1:
+                raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
+            return arr.astype(np.int64).reshape(())
+        if arr.shape != target.shape and not (name in ("weight", "bias") and arr.shape == (target.size,)):
+            raise ValueError(f"state dict entry {key!r} has shape {arr.shape}, expected {target.shape}"
+                             + (f" or ({target.size},)" if name in ("weight", "bias") else ""))
+        return arr.astype(self.dtype).reshape(target.shape)
+
+    def __repr__(self):
+        fields = [f"num_channels={self.num_channels}"]
+        if self._has_cn:
+            fields.append(f"num_groups={self.num_groups}")
+        fields.append(f"eps={self.eps}")
+        if self._has_bn:
+            fields += [f"momentum={self.momentum}", f"estimate={self.estimate}",
+                       f"unbiased_running_var={self.unbiased_running_var}",
+                       f"variance_around={self.variance_around!r}"]
+        fields.append(f"dtype={self.dtype.name}")
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+
+class BatchChannelNorm(_Normalization):
+    """Batch-Channel Normalization (Qiao et al.): a batch norm, then a channel norm with per-group affine, fused.
+
+    Args:
+        num_channels: C, the size of dimension 1 of the input.
+        num_groups: G, dividing C; the channel norm normalizes each sample's groups of C/G channels.
+        eps: > 0, added to the variances (the batch norm's too, unless bn_eps is given).
+        momentum: in [0, 1], the running buffers' update rate; None for a cumulative average
+            (factor 1/num_batches_tracked, as PyTorch).
+        estimate: True normalizes with running estimates updated from each batch first (labml's
+            EstimatedBatchNorm, the authors' EstBN; gradients treat them as constants); False with batch
+            statistics (the authors' nn.BatchNorm2d).
+        unbiased_running_var: fold var·n/(n-1) into running_var; None picks the documents' choice: True with
+            batch statistics, False when estimating.
+        variance_around: "batch" (labml) or "running_mean" (the authors' EstBN: the variance folded into
+            running_var is measured around the running mean before its update). Only with estimate=True.
+        dtype: np.float32 or np.float64; parameters, buffers and outputs have this dtype.
+        bn_eps: the batch norm's eps when it differs (the authors' code fixes it at 1e-5).
+        nan_policy: "propagate" (as PyTorch) or "raise": FloatingPointError before anything changes.
+
+    State dict: 'weight', 'bias' (1, G, 1); 'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var' (C,);
+    'bn.num_batches_tracked' (); and 'bn.estbn_moving_speed' (1,) with variance_around="running_mean".
+    """
+
+    _has_bn = True
+    _has_cn = True
+    _bn_prefix = "bn."
+
+    def __init__(self, num_channels, num_groups, eps=1e-5, momentum=0.1, estimate=True,
+                 unbiased_running_var=None, variance_around="batch", dtype=np.float32, *, bn_eps=None,
+                 nan_policy="propagate"):
+        self._setup(num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
+                    dtype, bn_eps, nan_policy)
+        self.bn = _BatchNormView(self)
+
+
+class BatchNorm(_Normalization):
+    """Batch normalization with batch statistics in training (gradients flow through them), running ones in eval.
+
+    Same arguments as BatchChannelNorm's batch-norm part; unbiased_running_var=None means True (PyTorch).
+    State dict: 'weight', 'bias', 'running_mean', 'running_var' (C,), 'num_batches_tracked' ().
+    """
+
+    _has_bn = True
+
+    def __init__(self, num_channels, eps=1e-5, momentum=0.1, unbiased_running_var=None, dtype=np.float32, *,
+                 nan_policy="propagate"):
+        self._setup(num_channels, None, eps, momentum, False, unbiased_running_var, "batch", dtype, None,
+                    nan_policy)
+
+    weight = property(lambda self: self.bn_weight)
+    bias = property(lambda self: self.bn_bias)
+
+
+class EstimatedBatchNorm(_Normalization):
+    """Batch normalization with estimated statistics: training first folds the batch into the running buffers,
+    then normalizes with them (labml's EstimatedBatchNorm; variance_around="running_mean" is the authors' EstBN).
+
+    unbiased_running_var=None means False (both documents store the biased variance).
+    State dict as BatchNorm's, plus 'estbn_moving_speed' (1,) with variance_around="running_mean".
+    """
+
+    _has_bn = True
+
+    def __init__(self, num_channels, eps=1e-5, momentum=0.1, unbiased_running_var=None, variance_around="batch",
+                 dtype=np.float32, *, nan_policy="propagate"):
+        self._setup(num_channels, None, eps, momentum, True, unbiased_running_var, variance_around, dtype, None,
+                    nan_policy)
+
+    weight = property(lambda self: self.bn_weight)
+    bias = property(lambda self: self.bn_bias)
+
+
+class ChannelNorm(_Normalization):
+    """Channel normalization: per sample, statistics over each group of C/G channels, then a per-group affine
+    (labml's ChannelNorm; the second half of the authors' BCNorm). State dict: 'weight', 'bias' (1, G, 1)."""
+
+    _has_cn = True
+
+    def __init__(self, num_channels, num_groups, eps=1e-5, dtype=np.float32, *, nan_policy="propagate"):
+        self._setup(num_channels, num_groups, eps, None, False, None, "batch", dtype, None, nan_policy)
+
+
+class _BatchNormView:
+    """`layer.bn.weight`, `layer.bn.running_mean`, ...: the batch-norm part's live arrays, named as in PyTorch."""
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    weight = property(lambda self: self._owner.bn_weight)
+    bias = property(lambda self: self._owner.bn_bias)
+    running_mean = property(lambda self: self._owner.running_mean)
+    running_var = property(lambda self: self._owner.running_var)
+    num_batches_tracked = property(lambda self: self._owner.num_batches_tracked)
