@@ -296,6 +296,19 @@ class _Normalization:
                              + (f" or ({target.size},)" if name in ("weight", "bias") else ""))
         return arr.astype(self.dtype).reshape(target.shape)
 
+    def __getstate__(self):  # copy and pickle: everything but the lock and the last forward
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_saved"] = None
+        state.pop("bn", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        if isinstance(self, BatchChannelNorm):
+            self.bn = _BatchNormView(self)
+
     def __repr__(self):
         fields = [f"num_channels={self.num_channels}"]
         if self._has_cn:

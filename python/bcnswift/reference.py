@@ -81,7 +81,7 @@ class LabmlBatchNorm(_Module):
             self._batch_stats = False
         inv = 1.0 / np.sqrt(var + self.eps)
         x_norm = (x - mean.reshape(1, -1, 1)) * inv.reshape(1, -1, 1)
-        self._cache = (x.shape, x_norm, inv)
+        self._cache = (x_shape, x.shape, x_norm, inv)
         if self.affine:
             x_norm = self.scale.reshape(1, -1, 1) * x_norm + self.shift.reshape(1, -1, 1)
         return x_norm.reshape(x_shape)
@@ -89,7 +89,7 @@ class LabmlBatchNorm(_Module):
     __call__ = forward
 
     def backward(self, dy):
-        shape3, x_norm, inv = self._cache
+        x_shape, shape3, x_norm, inv = self._cache
         dy = np.asarray(dy, np.float64).reshape(shape3)
         self.grads = {"scale": (dy * x_norm).sum(axis=(0, 2)), "shift": dy.sum(axis=(0, 2))}
         dxn = dy * self.scale.reshape(1, -1, 1) if self.affine else dy
@@ -98,7 +98,7 @@ class LabmlBatchNorm(_Module):
                                                                inv.reshape(-1, 1)), shape3)
         else:
             dx = dxn * inv.reshape(1, -1, 1)
-        return dx
+        return dx.reshape(x_shape)
 
 
 class LabmlEstimatedBatchNorm(_Module):
@@ -122,7 +122,7 @@ class LabmlEstimatedBatchNorm(_Module):
             self.exp_var = (1 - self.momentum) * self.exp_var + self.momentum * var
         inv = 1.0 / np.sqrt(self.exp_var + self.eps)
         x_norm = (x - self.exp_mean.reshape(1, -1, 1)) * inv.reshape(1, -1, 1)
-        self._cache = (x.shape, x_norm, inv)
+        self._cache = (x_shape, x.shape, x_norm, inv)
         if self.affine:
             x_norm = self.scale.reshape(1, -1, 1) * x_norm + self.shift.reshape(1, -1, 1)
         return x_norm.reshape(x_shape)
@@ -130,11 +130,11 @@ class LabmlEstimatedBatchNorm(_Module):
     __call__ = forward
 
     def backward(self, dy):
-        shape3, x_norm, inv = self._cache
+        x_shape, shape3, x_norm, inv = self._cache
         dy = np.asarray(dy, np.float64).reshape(shape3)
         self.grads = {"scale": (dy * x_norm).sum(axis=(0, 2)), "shift": dy.sum(axis=(0, 2))}
         dxn = dy * self.scale.reshape(1, -1, 1) if self.affine else dy
-        return dxn * inv.reshape(1, -1, 1)
+        return (dxn * inv.reshape(1, -1, 1)).reshape(x_shape)
 
 
 class LabmlChannelNorm(_Module):
@@ -233,25 +233,27 @@ class TorchBatchNorm2d(_Module):
             self.running_mean = (1 - factor) * self.running_mean + factor * mean
             self.running_var = (1 - factor) * self.running_var + factor * var * n / (n - 1)
             x_norm = _from_channel_rows(xhat, x3.shape)
-            self._cache = (x3.shape, x_norm, inv.reshape(-1), True)
+            self._cache = (x_shape, x3.shape, x_norm, inv.reshape(-1), True)
         else:
             inv = 1.0 / np.sqrt(self.running_var + self.eps)
             x_norm = (x3 - self.running_mean.reshape(1, -1, 1)) * inv.reshape(1, -1, 1)
-            self._cache = (x3.shape, x_norm, inv, False)
+            self._cache = (x_shape, x3.shape, x_norm, inv, False)
         out = self.weight.reshape(1, -1, 1) * x_norm + self.bias.reshape(1, -1, 1)
         return out.reshape(x_shape)
 
     __call__ = forward
 
     def backward(self, dy):
-        shape3, x_norm, inv, batch = self._cache
+        x_shape, shape3, x_norm, inv, batch = self._cache
         dy = np.asarray(dy, np.float64).reshape(shape3)
         self.grads = {"weight": (dy * x_norm).sum(axis=(0, 2)), "bias": dy.sum(axis=(0, 2))}
         dxn = dy * self.weight.reshape(1, -1, 1)
         if batch:
-            return _from_channel_rows(_rows_standardize_backward(_channel_rows(dxn), _channel_rows(x_norm),
-                                                                 inv.reshape(-1, 1)), shape3)
-        return dxn * inv.reshape(1, -1, 1)
+            dx = _from_channel_rows(_rows_standardize_backward(_channel_rows(dxn), _channel_rows(x_norm),
+                                                               inv.reshape(-1, 1)), shape3)
+        else:
+            dx = dxn * inv.reshape(1, -1, 1)
+        return dx.reshape(x_shape)
 
 
 class AuthorsEstBN(_Module):
@@ -277,17 +279,17 @@ class AuthorsEstBN(_Module):
             self.running_var = self.running_var * (1 - ms) + ms * running_var
         inv = 1.0 / np.sqrt(self.running_var + 1e-5)
         out = (inp3 - self.running_mean.reshape(1, -1, 1)) * inv.reshape(1, -1, 1)
-        self._cache = (inp3.shape, out, inv)
+        self._cache = (x_shape, inp3.shape, out, inv)
         out = self.weight.reshape(1, -1, 1) * out + self.bias.reshape(1, -1, 1)
         return out.reshape(x_shape)
 
     __call__ = forward
 
     def backward(self, dy):
-        shape3, x_norm, inv = self._cache
+        x_shape, shape3, x_norm, inv = self._cache
         dy = np.asarray(dy, np.float64).reshape(shape3)
         self.grads = {"weight": (dy * x_norm).sum(axis=(0, 2)), "bias": dy.sum(axis=(0, 2))}
-        return dy * (self.weight * inv).reshape(1, -1, 1)
+        return (dy * (self.weight * inv).reshape(1, -1, 1)).reshape(x_shape)
 
 
 class AuthorsBCNorm(_Module):
