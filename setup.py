@@ -69,6 +69,7 @@ class SwiftBuildExt(build_ext):
         version_script = Path(self.build_temp) / "bcnswift.map"
         version_script.write_text("{ global: PyInit__ext; local: *; };\n")
         ext.extra_objects = [str(archive), str(swiftrt)]
+        ext.depends = list(ext.depends) + [str(archive)]  # relink whenever the Swift library changed
         ext.library_dirs = [str(static_dir)]
         # A group: the static runtime libraries refer to each other in both directions.
         ext.extra_link_args = (["-Wl,--start-group"] + [f"-l{lib}" for lib in libs] + ["-Wl,--end-group"]

@@ -254,7 +254,8 @@ class _Normalization:
     def load_state_dict(self, state_dict, strict=True):
         """Loads parameters and buffers; accepts the keys of state_dict(), labml's names, and (G,)-shaped group
         weight and bias. An unknown key (KeyError), a missing one when strict (KeyError) or a wrong shape
-        (ValueError) changes nothing."""
+        (ValueError) changes nothing. num_batches_tracked and estbn_moving_speed are optional: when absent they
+        keep their values; estbn_moving_speed, when given, sets momentum."""
         params, buffers, aliases = self._parameters(), self._buffers(), self._aliases()
         targets = {**params, **buffers}
         staged, unknown = {}, []
@@ -270,7 +271,10 @@ class _Normalization:
             raise KeyError(f"unexpected key(s) in state dict: {', '.join(map(repr, unknown))}; "
                            f"expected {', '.join(map(repr, targets))}")
         if strict:
-            missing = [k for k in targets if k not in staged and not k.endswith("estbn_moving_speed")]
+            # labml's modules have neither entry: a missing one leaves the current value (as PyTorch does for
+            # checkpoints without num_batches_tracked)
+            optional = ("estbn_moving_speed", "num_batches_tracked")
+            missing = [k for k in targets if k not in staged and not k.endswith(optional)]
             if missing:
                 raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
         for name, value in staged.items():

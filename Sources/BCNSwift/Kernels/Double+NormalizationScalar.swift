@@ -21,18 +21,22 @@ extension Double: NormalizationScalar {
     }
 
     @inlinable
-    public static func _centredSumOfSquares(_ x: UnsafePointer<Double>, count n: Int, centre: Double) -> Double {
+    public static func _centredSums(_ x: UnsafePointer<Double>, count n: Int, centre: Double)
+        -> (sum: Double, squares: Double)
+    {
         let c = SIMD4<Double>(repeating: centre)
+        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>()
         var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
         var i = 0
         while i + 16 <= n {
             let d0 = _load4(x, i) - c, d1 = _load4(x, i + 4) - c, d2 = _load4(x, i + 8) - c, d3 = _load4(x, i + 12) - c
+            s0 += d0 + d1; s1 += d2 + d3
             a0.addProduct(d0, d0); a1.addProduct(d1, d1); a2.addProduct(d2, d2); a3.addProduct(d3, d3)
             i += 16
         }
-        var s = ((a0 + a1) + (a2 + a3)).sum()
-        while i < n { let d = x[i] - centre; s.addProduct(d, d); i += 1 }
-        return s
+        var sum = (s0 + s1).sum(), squares = ((a0 + a1) + (a2 + a3)).sum()
+        while i < n { let d = x[i] - centre; sum += d; squares.addProduct(d, d); i += 1 }
+        return (sum, squares)
     }
 
     @inlinable

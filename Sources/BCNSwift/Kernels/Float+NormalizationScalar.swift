@@ -27,19 +27,23 @@ extension Float: NormalizationScalar {
     }
 
     @inlinable
-    public static func _centredSumOfSquares(_ x: UnsafePointer<Float>, count n: Int, centre: Double) -> Double {
+    public static func _centredSums(_ x: UnsafePointer<Float>, count n: Int, centre: Double)
+        -> (sum: Double, squares: Double)
+    {
         let c = SIMD4<Double>(repeating: centre)
+        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>()
         var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
         var i = 0
         while i + 16 <= n {
             let (l0, h0) = _widen(_load8(x, i)), (l1, h1) = _widen(_load8(x, i + 8))
             let d0 = l0 - c, d1 = h0 - c, d2 = l1 - c, d3 = h1 - c
+            s0 += d0 + d1; s1 += d2 + d3
             a0.addProduct(d0, d0); a1.addProduct(d1, d1); a2.addProduct(d2, d2); a3.addProduct(d3, d3)
             i += 16
         }
-        var s = ((a0 + a1) + (a2 + a3)).sum()
-        while i < n { let d = Double(x[i]) - centre; s += d * d; i += 1 }
-        return s
+        var sum = (s0 + s1).sum(), squares = ((a0 + a1) + (a2 + a3)).sum()
+        while i < n { let d = Double(x[i]) - centre; sum += d; squares.addProduct(d, d); i += 1 }
+        return (sum, squares)
     }
 
     @inlinable

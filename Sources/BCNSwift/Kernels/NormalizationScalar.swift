@@ -9,8 +9,9 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     /// Σ x[i], accumulated in Float64.
     static func _sum(_ x: UnsafePointer<Self>, count: Int) -> Double
 
-    /// Σ (x[i] - centre)², accumulated in Float64.
-    static func _centredSumOfSquares(_ x: UnsafePointer<Self>, count: Int, centre: Double) -> Double
+    /// (Σ (x[i] - centre), Σ (x[i] - centre)²), accumulated in Float64: the second pass of the corrected
+    /// two-pass algorithm, whose first sum repairs the rounding of `centre`.
+    static func _centredSums(_ x: UnsafePointer<Self>, count: Int, centre: Double) -> (sum: Double, squares: Double)
 
     /// y[i] = scale · (x[i] - centre) + offset. `y` may alias `x`.
     static func _scaleShift(

@@ -1,0 +1,101 @@
+"""state_dict / load_state_dict: names, shapes, aliases, round trips both ways, clear errors that change nothing."""
+import pickle
+
+import numpy as np
+import pytest
+
+import bcnswift
+from bcnswift import reference as R
+from conftest import random_input
+
+
+def test_keys_and_shapes():
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    d = layer.state_dict()
+    assert {k: v.shape for k, v in d.items()} == {
+        "weight": (1, 4, 1), "bias": (1, 4, 1), "bn.weight": (8,), "bn.bias": (8,), "bn.running_mean": (8,),
+        "bn.running_var": (8,), "bn.num_batches_tracked": ()}
+    assert d["bn.num_batches_tracked"].dtype == np.int64 and d["weight"].dtype == np.float32
+    assert {k: v.shape for k, v in layer.grads.items()} == {k: d[k].shape for k in ("weight", "bias", "bn.weight", "bn.bias")}
+    est = bcnswift.BatchChannelNorm(8, 4, momentum=0.25, variance_around="running_mean").state_dict()
+    assert est["bn.estbn_moving_speed"].shape == (1,) and est["bn.estbn_moving_speed"][0] == 0.25
+    assert set(bcnswift.BatchNorm(3).state_dict()) == {"weight", "bias", "running_mean", "running_var",
+                                                       "num_batches_tracked"}
+    assert set(bcnswift.ChannelNorm(4, 2).state_dict()) == {"weight", "bias"}
+
+
+def _trained(rng, **kw):
+    layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64, **kw)
+    layer.bn.weight[...] = rng.uniform(0.5, 1.5, 8)
+    layer.weight[...] = rng.uniform(0.5, 1.5, (1, 4, 1))
+    for _ in range(3):
+        layer(random_input(rng, (2, 8, 4)))
+    return layer
+
+
+def test_round_trip_between_layers(rng):
+    a = _trained(rng, estimate=False)
+    b = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+    b.load_state_dict(a.state_dict())
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[k], v)
+    x = random_input(rng, (2, 8, 4))
+    np.testing.assert_array_equal(a.eval()(x), b.eval()(x))
+    c = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(c(x), a(x))
+
+
+def test_round_trip_with_authors_reference(rng):
+    """ours -> authors' BCNorm -> ours, through the state dict names they share."""
+    a = _trained(rng, estimate=True, variance_around="running_mean", momentum=0.2)
+    ref = R.AuthorsBCNorm(8, 4, 1e-5, estimate=True)
+    sd = a.state_dict()
+    for k, v in sd.items():
+        target = ref
+        *path, last = k.split(".")
+        for p in path:
+            target = getattr(target, p)
+        setattr(target, last, v.copy() if v.ndim else int(v))
+    assert ref.bn.estbn_moving_speed[0] == 0.2
+    x = random_input(rng, (2, 8, 4))
+    np.testing.assert_allclose(a(x), ref(x), rtol=1e-12, atol=1e-12)
+    b = bcnswift.BatchChannelNorm(8, 4, estimate=True, variance_around="running_mean", momentum=0.9,
+                                  dtype=np.float64)
+    b.load_state_dict(ref.state_dict())
+    assert b.momentum == 0.2  # estbn_moving_speed carries the update rate
+    np.testing.assert_allclose(b(x), ref(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.bn.running_var, ref.bn.running_var, rtol=1e-12)
+
+
+def test_labml_names_and_group_shapes(rng):
+    ref = R.LabmlBatchChannelNorm(8, 4, estimate=True)
+    ref.batch_norm.scale = rng.uniform(0.5, 1.5, 8)
+    ref.channel_norm.scale = rng.uniform(0.5, 1.5, 4)
+    ref.channel_norm.shift = rng.normal(0, 1, 4)
+    ref.batch_norm.exp_mean = rng.normal(1, 1, 8)
+    layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64)
+    layer.load_state_dict(ref.state_dict())
+    np.testing.assert_array_equal(layer.weight.reshape(4), ref.channel_norm.scale)
+    np.testing.assert_array_equal(layer.bn.running_mean, ref.batch_norm.exp_mean)
+    x = random_input(rng, (2, 8, 3))
+    np.testing.assert_allclose(layer(x), ref(x), rtol=1e-9, atol=1e-12)
+    layer.load_state_dict({"weight": np.full(4, 2.0), "bias": np.full((1, 4, 1), 3.0)}, strict=False)
+    assert layer.weight.shape == (1, 4, 1) and (layer.weight == 2).all() and (layer.bias == 3).all()
+
+
+def test_bad_state_dicts_change_nothing():
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    before = layer.state_dict()
+    good = dict(before)
+    with pytest.raises(KeyError, match="unexpected key.*'bogus'"):
+        layer.load_state_dict({**good, "bogus": np.ones(8)})
+    with pytest.raises(ValueError, match="shape"):
+        layer.load_state_dict({**good, "bn.running_var": np.full(7, 5.0), "bn.running_mean": np.full(8, 9.0)})
+    with pytest.raises(ValueError, match="shape"):
+        layer.load_state_dict({**good, "weight": np.ones((4, 1))})
+    with pytest.raises(KeyError, match="missing"):
+        layer.load_state_dict({"weight": np.ones(4)})
+    with pytest.raises(TypeError, match="numbers"):
+        layer.load_state_dict({**good, "weight": np.array(["a"] * 4)})
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)

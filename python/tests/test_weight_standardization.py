@@ -1,0 +1,74 @@
+"""Weight Standardization against both documents' formulas, ranks 2 to 5, float32 and float64."""
+import numpy as np
+import pytest
+
+import bcnswift
+from bcnswift import reference as R
+from conftest import assert_close
+
+SHAPES = [(16, 9), (8, 4, 3), (6, 3, 3, 3), (4, 2, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_backward_match_reference(shape, eps_in_sqrt, unbiased, dtype, rng):
+    w = (rng.normal(0.05, 0.1, shape) + rng.normal(0, 0.5, (shape[0],) + (1,) * (len(shape) - 1))).astype(dtype)
+    g = rng.normal(0.1, 1.0, shape).astype(dtype)
+    w64 = w.astype(np.float64)
+    ref = R.ws_labml(w64, 1e-5, unbiased) if eps_in_sqrt else R.ws_authors(w64, 1e-5, unbiased)
+    out = bcnswift.weight_standardization(w, eps=1e-5, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+    assert out.dtype == dtype and out.shape == shape
+    assert_close(out, ref, dtype, "w_hat")
+    dw = bcnswift.weight_standardization_backward(w, g, eps=1e-5, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+    assert_close(dw, R.ws_backward(w64, g.astype(np.float64), 1e-5, unbiased, eps_in_sqrt), dtype, "dw")
+
+    ws = bcnswift.WeightStandardization(eps=1e-5, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+    np.testing.assert_array_equal(ws(w), out)
+    np.testing.assert_array_equal(ws.backward(g), dw)
+
+
+def test_standardized_rows_have_zero_mean_and_unit_std(rng):
+    w = rng.normal(3.0, 2.0, (32, 3, 3, 3))
+    out = bcnswift.weight_standardization(w, eps=1e-12)
+    rows = out.reshape(32, -1)
+    np.testing.assert_allclose(rows.mean(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(rows.std(axis=1, ddof=1), 1, rtol=1e-9)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_constant_filter_is_finite(eps_in_sqrt, rng):
+    w = rng.normal(size=(4, 3, 3, 3))
+    w[1] = 0.7  # one constant filter
+    g = rng.normal(size=w.shape)
+    out = bcnswift.weight_standardization(w, eps_in_sqrt=eps_in_sqrt)
+    dw = bcnswift.weight_standardization_backward(w, g, eps_in_sqrt=eps_in_sqrt)
+    assert np.isfinite(out).all() and np.isfinite(dw).all()
+    np.testing.assert_array_equal(out[1], 0)
+    # the limit: only the mean term survives, (g - mean(g)) / den
+    den = np.sqrt(1e-5) if eps_in_sqrt else 1e-5
+    np.testing.assert_allclose(dw[1], (g[1] - g[1].mean()) / den, rtol=1e-9)
+
+
+def test_fan_in_one_unbiased_is_an_error():
+    with pytest.raises(ValueError, match="fan-in"):
+        bcnswift.weight_standardization(np.ones((4, 1)))
+    out = bcnswift.weight_standardization(np.arange(4.0).reshape(4, 1), unbiased=False)
+    np.testing.assert_array_equal(out, 0)
+
+
+def test_bad_arguments():
+    w = np.ones((2, 3))
+    with pytest.raises(ValueError, match="eps"):
+        bcnswift.weight_standardization(w, eps=0)
+    with pytest.raises(ValueError, match="rank"):
+        bcnswift.weight_standardization(np.ones(3))
+    with pytest.raises(TypeError, match="dtype"):
+        bcnswift.weight_standardization(np.ones((2, 3), np.int64))
+    with pytest.raises(ValueError, match="shape"):
+        bcnswift.weight_standardization_backward(w, np.ones((3, 2)))
+    with pytest.raises(RuntimeError, match="before"):
+        bcnswift.WeightStandardization().backward(w)
+    with pytest.raises(ValueError, match="empty"):
+        bcnswift.weight_standardization(np.ones((0, 3)))
