@@ -1,0 +1,54 @@
+extension WeightStandardization {
+    /// (out channels, fan-in) of a weight shape [O, ...] of rank ≥ 2.
+    static func rows(of shape: [Int], count: Int) throws(BCNError) -> (Int, Int) {
+        guard shape.count >= 2 else {
+            throw BCNError(.shapeMismatch, "weight must have rank >= 2 ([out_channels, ...]), got shape \(shape)")
+        }
+        var fanIn = 1
+        for d in shape.dropFirst() {
+            guard d > 0 else { throw BCNError(.shapeMismatch, "weight shape \(shape) has a zero-size dimension") }
+            let (p, o) = fanIn.multipliedReportingOverflow(by: d)
+            guard !o else { throw BCNError(.invalidArgument, "weight shape \(shape) is too large") }
+            fanIn = p
+        }
+        guard shape[0] > 0, !shape[0].multipliedReportingOverflow(by: fanIn).overflow,
+              shape[0] * fanIn == count else {
+            throw BCNError(.shapeMismatch, "weight has \(count) elements, shape \(shape) needs a different count")
+        }
+        return (shape[0], fanIn)
+    }
+
+    /// The standardized weight ŵ of `w` with shape `shape` ([O, ...]).
+    public static func standardize<T: NormalizationScalar>(
+        _ w: [T], shape: [Int], options: WeightStandardizationOptions = .init()
+    ) throws(BCNError) -> [T] {
+        let (o, n) = try rows(of: shape, count: w.count)
+        var out = [T](repeating: 0, count: w.count)
+        try w.withUnsafeBufferPointer { (wp) throws(BCNError) in
+            try out.withUnsafeMutableBufferPointer { (op) throws(BCNError) in
+                try forward(wp.baseAddress!, op.baseAddress!, outChannels: o, fanIn: n, options: options)
+            }
+        }
+        return out
+    }
+
+    /// dw, the gradient with respect to `w` given `gradWHat`, the gradient with respect to ŵ.
+    public static func gradient<T: NormalizationScalar>(
+        _ w: [T], _ gradWHat: [T], shape: [Int], options: WeightStandardizationOptions = .init()
+    ) throws(BCNError) -> [T] {
+        let (o, n) = try rows(of: shape, count: w.count)
+        guard gradWHat.count == w.count else {
+            throw BCNError(.shapeMismatch, "gradient has \(gradWHat.count) elements, the weight has \(w.count)")
+        }
+        var out = [T](repeating: 0, count: w.count)
+        try w.withUnsafeBufferPointer { (wp) throws(BCNError) in
+            try gradWHat.withUnsafeBufferPointer { (gp) throws(BCNError) in
+                try out.withUnsafeMutableBufferPointer { (op) throws(BCNError) in
+                    try backward(wp.baseAddress!, gp.baseAddress!, op.baseAddress!, outChannels: o, fanIn: n,
+                                 options: options)
+                }
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,186 @@
+import BCNSwift
+import BCNSwiftTestSupport
+import XCTest
+
+final class BatchChannelNormTests: XCTestCase {
+    var rng = SplitMix64(seed: 0x5EED)
+
+    func input(_ count: Int, channels C: Int, spatial S: Int) -> [Double] {
+        let means = (0..<C).map { _ in rng.normal(2, 1) }, stds = (0..<C).map { _ in Double.random(in: 0.5...3, using: &rng) }
+        return (0..<count).map { i in rng.normal(means[(i / S) % C], stds[(i / S) % C]) }
+    }
+
+    /// Random parameters and buffers, the same on both sides.
+    func randomize<T>(_ layer: NormalizationLayer<T>, _ ref: inout ReferenceBCN) {
+        let C = layer.bnWeight.count, G = layer.weight.count
+        for c in 0..<C {
+            let g = T(Double.random(in: 0.5...1.5, using: &rng)), b = T(rng.normal(0.3, 0.5))
+            let m = T(rng.normal(0.5, 0.5)), v = T(Double.random(in: 0.5...2, using: &rng))
+            layer.bnWeight[c] = g; layer.bnBias[c] = b; layer.runningMean[c] = m; layer.runningVar[c] = v
+            ref.gamma[c] = Double(g); ref.beta[c] = Double(b); ref.runningMean[c] = Double(m); ref.runningVar[c] = Double(v)
+        }
+        for g in 0..<G {
+            let w = T(Double.random(in: 0.5...1.5, using: &rng)), b = T(rng.normal(0.3, 0.5))
+            layer.weight[g] = w; layer.bias[g] = b; ref.w[g] = Double(w); ref.b[g] = Double(b)
+        }
+    }
+
+    func check<T: NormalizationScalar>(_ type: T.Type, tolerance: Double, kind: ReferenceBCN.BatchNormKind,
+                                       groups: Int, shape: [Int], file: StaticString = #filePath, line: UInt = #line) throws {
+        let C = shape[1], S = shape.dropFirst(2).reduce(1, *), B = shape[0]
+        let layer: NormalizationLayer<T>
+        var ref: ReferenceBCN
+        switch kind {
+        case .none:
+            layer = try ChannelNorm<T>(channels: C, groups: groups)
+            ref = ReferenceBCN(channels: C, groups: groups, kind: .none, unbiased: false)
+        case .batch:
+            layer = groups > 0 ? try BatchChannelNorm<T>(channels: C, groups: groups, estimate: false)
+                               : try BatchNorm<T>(channels: C)
+            ref = ReferenceBCN(channels: C, groups: groups, kind: .batch, unbiased: true)
+        case .estimated(let around):
+            let centre: VarianceCentre = around ? .runningMean : .batchMean
+            layer = groups > 0 ? try BatchChannelNorm<T>(channels: C, groups: groups, varianceCentre: centre)
+                               : try EstimatedBatchNorm<T>(channels: C, varianceCentre: centre)
+            ref = ReferenceBCN(channels: C, groups: groups, kind: kind, unbiased: false)
+        }
+        randomize(layer, &ref)
+        for step in 0..<3 {
+            layer.training = step < 2
+            let x64 = input(B * C * S, channels: C, spatial: S)
+            let x = x64.map { T($0) }
+            let y = try layer.forward(x, shape: shape)
+            let yRef = ref.forward(x.map { Double($0) }, batch: B, spatial: S, training: step < 2)
+            XCTAssertLessThan(maxScaledError(y, yRef), tolerance, "output, step \(step)", file: file, line: line)
+            if layer.plan.batchNorm != nil {
+                XCTAssertLessThan(maxScaledError(layer.runningMean, ref.runningMean), tolerance, file: file, line: line)
+                XCTAssertLessThan(maxScaledError(layer.runningVar, ref.runningVar), tolerance, file: file, line: line)
+            }
+        }
+    }
+
+    func testMatchesReferenceForEveryKindRankAndDtype() throws {
+        let kinds: [ReferenceBCN.BatchNormKind] = [.batch, .estimated(aroundRunningMean: false),
+                                                   .estimated(aroundRunningMean: true)]
+        for shape in [[6, 8], [3, 8, 5], [2, 8, 3, 4], [1, 8, 2, 3, 2]] {
+            for kind in kinds {
+                if case .batch = kind, shape[0] * shape.dropFirst(2).reduce(1, *) == 1 { continue }
+                for groups in [0, 4, 1] {
+                    try check(Double.self, tolerance: 1e-10, kind: kind, groups: groups, shape: shape)
+                    try check(Float.self, tolerance: 1e-4, kind: kind, groups: groups, shape: shape)
+                }
+            }
+            try check(Double.self, tolerance: 1e-10, kind: .none, groups: 2, shape: shape)
+            try check(Float.self, tolerance: 1e-4, kind: .none, groups: 2, shape: shape)
+        }
+    }
+
+    /// The fused backward against central finite differences of the Float64 reference forward.
+    func testGradientsByFiniteDifferences() throws {
+        let shape = [2, 4, 3], B = 2, C = 4, S = 3, G = 2
+        for estimate in [false, true] {
+            let layer = try BatchChannelNorm<Double>(channels: C, groups: G, estimate: estimate)
+            var ref = ReferenceBCN(channels: C, groups: G, kind: estimate ? .estimated(aroundRunningMean: false) : .batch,
+                                   unbiased: !estimate)
+            randomize(layer, &ref)
+            let x = input(B * C * S, channels: C, spatial: S)
+            let w = (0..<x.count).map { _ in rng.normal() }
+            _ = try layer.forward(x, shape: shape)
+            let dx = try layer.backward(w)
+            // With estimates, the gradient stops at the (updated) running statistics: differentiate eval there.
+            _ = ref.forward(x, batch: B, spatial: S, training: true)
+            let frozen = ref
+            let training = !estimate
+            func loss(_ xv: [Double]) -> Double {
+                var r = frozen
+                if training { r.runningMean = ref.runningMean } // unused by batch statistics
+                let y = r.forward(xv, batch: B, spatial: S, training: training)
+                return zip(y, w).reduce(0) { $0 + $1.0 * $1.1 }
+            }
+            let h = 1e-6
+            for i in stride(from: 0, to: x.count, by: 5) {
+                var xp = x, xm = x
+                xp[i] += h; xm[i] -= h
+                let fd = (loss(xp) - loss(xm)) / (2 * h)
+                XCTAssertEqual(dx[i], fd, accuracy: 1e-5 * max(1, abs(fd)), "estimate \(estimate), element \(i)")
+            }
+            // dL/dbias of the channel norm is Σ w over the group
+            for g in 0..<G {
+                var s = 0.0
+                for b in 0..<B { for i in 0..<(C / G * S) { s += w[(b * C + g * C / G) * S + i] } }
+                XCTAssertEqual(layer.gradBias[g], s, accuracy: 1e-9)
+            }
+        }
+    }
+
+    func testResultsDoNotDependOnThreadCount() throws {
+        let shape = [4, 16, 64, 65]  // large enough to run on several threads, planes split in chunks
+        let x = input(shape.reduce(1, *), channels: 16, spatial: 64 * 65).map { Float($0) }
+        let dy = (0..<x.count).map { _ in Float(rng.normal()) }
+        var results: [[Float]] = []
+        for threads in [1, 2, 16] {
+            BCNThreads.count = threads
+            let layer = try BatchChannelNorm<Float>(channels: 16, groups: 4, estimate: false)
+            let y = try layer.forward(x, shape: shape)
+            let dx = try layer.backward(dy)
+            results.append(y + dx + layer.runningVar + layer.gradBnWeight + layer.gradWeight)
+        }
+        BCNThreads.count = 0
+        XCTAssertEqual(results[0], results[1])
+        XCTAssertEqual(results[0], results[2])
+    }
+
+    func testErrorsChangeNothing() throws {
+        let layer = try BatchChannelNorm<Float>(channels: 4, groups: 2, estimate: false)
+        XCTAssertThrowsError(try layer.forward([1, 2, 3, 4], shape: [1, 4])) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .degenerateStatistics)
+        }
+        XCTAssertThrowsError(try layer.forward([1, 2, 3], shape: [1, 3]))
+        XCTAssertThrowsError(try layer.forward([1, 2, 3, 4], shape: [4]))
+        XCTAssertThrowsError(try layer.backward([1, 2, 3, 4])) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .noForward)
+        }
+        let raising = try BatchChannelNorm<Float>(channels: 2, groups: 1, estimate: false, nanPolicy: .raise)
+        XCTAssertThrowsError(try raising.forward([1, .nan, 3, 4], shape: [2, 2])) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .nonFinite)
+        }
+        XCTAssertEqual(layer.runningMean, [0, 0, 0, 0])
+        XCTAssertEqual(layer.runningVar, [1, 1, 1, 1])
+        XCTAssertEqual(raising.numBatchesTracked, 0)
+        XCTAssertThrowsError(try BatchChannelNorm<Float>(channels: 6, groups: 4))
+        XCTAssertThrowsError(try BatchChannelNorm<Float>(channels: 4, groups: 2, eps: 0))
+        XCTAssertThrowsError(try BatchChannelNorm<Float>(channels: 4, groups: 2, momentum: 1.5))
+    }
+
+    func testWeightStandardizationMatchesReference() throws {
+        for shape in [[6, 5], [4, 3, 3], [3, 2, 3, 3], [2, 2, 2, 2, 3]] {
+            let n = shape.reduce(1, *)
+            let w = (0..<n).map { _ in rng.normal(0.2, 0.3) }
+            for unbiased in [true, false] {
+                for inside in [true, false] {
+                    let opts = WeightStandardizationOptions(eps: 1e-5, unbiased: unbiased, epsInsideSquareRoot: inside)
+                    let ref = referenceWeightStandardization(w, outChannels: shape[0], eps: 1e-5, unbiased: unbiased,
+                                                             epsInsideSquareRoot: inside)
+                    XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(w, shape: shape, options: opts), ref), 1e-12)
+                    let wf = w.map { Float($0) }
+                    XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(wf, shape: shape, options: opts),
+                                                     referenceWeightStandardization(wf.map { Double($0) }, outChannels: shape[0], eps: 1e-5,
+                                                                                    unbiased: unbiased, epsInsideSquareRoot: inside)), 1e-5)
+                    // gradient by finite differences of the reference
+                    let g = (0..<n).map { _ in rng.normal() }
+                    let dw = try WeightStandardization.gradient(w, g, shape: shape, options: opts)
+                    for i in stride(from: 0, to: n, by: 7) {
+                        var p = w, m = w
+                        p[i] += 1e-6; m[i] -= 1e-6
+                        func f(_ v: [Double]) -> Double {
+                            zip(referenceWeightStandardization(v, outChannels: shape[0], eps: 1e-5, unbiased: unbiased,
+                                                               epsInsideSquareRoot: inside), g).reduce(0) { $0 + $1.0 * $1.1 }
+                        }
+                        XCTAssertEqual(dw[i], (f(p) - f(m)) / 2e-6, accuracy: 1e-5)
+                    }
+                }
+            }
+        }
+        XCTAssertThrowsError(try WeightStandardization.standardize([1.0, 2.0], shape: [2, 1]))
+    }
+}
