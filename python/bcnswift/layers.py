@@ -159,6 +159,10 @@ class _Normalization:
         x = as_float_array(x, self.dtype)
         if x.ndim < 2:
             raise ValueError(f"input must have rank >= 2 ([B, C, *]), got shape {x.shape}")
+        if x.shape[1] != self.num_channels:  # only the layer knows its channel count
+            raise ValueError(f"input has {x.shape[1]} channels (dimension 1) but the layer has {self.num_channels}")
+        if x.size == 0:
+            raise ValueError(f"input must not be empty, got shape {x.shape}")
         y = np.empty_like(x)
         flags = self._call_flags()
         ctx = np.empty(max(_ext.context_length(max(x.shape[0], 1), max(x.shape[1], 1), self.num_groups), 0))

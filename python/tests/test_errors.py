@@ -1,0 +1,186 @@
+"""Bad input gets a clear exception naming what is wrong, and a failed call changes no running buffer."""
+import numpy as np
+import pytest
+
+import bcnswift
+from conftest import random_input
+
+
+def snapshot(layer):
+    return {k: v.copy() for k, v in layer.state_dict().items()}
+
+
+def assert_unchanged(layer, before):
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=f"{k} changed by a failed call")
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_channels=0, num_groups=1), ValueError, "num_channels must be positive, got 0"),
+    (dict(num_channels=-4, num_groups=2), ValueError, "num_channels must be positive, got -4"),
+    (dict(num_channels=4.0, num_groups=2), TypeError, "num_channels must be an int"),
+    (dict(num_channels=4, num_groups=0), ValueError, "num_groups must be positive, got 0"),
+    (dict(num_channels=6, num_groups=4), ValueError, r"num_channels \(6\) must be divisible by num_groups \(4\)"),
+    (dict(num_channels=4, num_groups=2, eps=0), ValueError, "eps must be a positive finite number, got 0"),
+    (dict(num_channels=4, num_groups=2, eps=-1e-5), ValueError, "eps"),
+    (dict(num_channels=4, num_groups=2, eps="a"), TypeError, "eps must be a number"),
+    (dict(num_channels=4, num_groups=2, momentum=1.5), ValueError, r"momentum must be in \[0, 1\] or None, got 1.5"),
+    (dict(num_channels=4, num_groups=2, momentum=-0.1), ValueError, "momentum"),
+    (dict(num_channels=4, num_groups=2, momentum=float("nan")), ValueError, "momentum"),
+    (dict(num_channels=4, num_groups=2, variance_around="median"), ValueError, "variance_around must be one of"),
+    (dict(num_channels=4, num_groups=2, estimate=False, variance_around="running_mean"), ValueError, "estimate=True"),
+    (dict(num_channels=4, num_groups=2, nan_policy="ignore"), ValueError, "nan_policy must be one of"),
+    (dict(num_channels=4, num_groups=2, dtype=np.int32), TypeError, "dtype must be float32 or float64, got int32"),
+    (dict(num_channels=4, num_groups=2, dtype=np.float16), TypeError, "float16"),
+    (dict(num_channels=4, num_groups=2, dtype="nonsense"), TypeError, "dtype"),
+    (dict(num_channels=4, num_groups=2, estimate="yes"), TypeError, "estimate must be a bool"),
+    (dict(num_channels=4, num_groups=2, bn_eps=0.0), ValueError, "bn_eps"),
+])
+def test_construction_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        bcnswift.BatchChannelNorm(**kwargs)
+
+
+def test_part_construction_errors():
+    with pytest.raises(ValueError, match="num_channels"):
+        bcnswift.BatchNorm(0)
+    with pytest.raises(ValueError, match="momentum"):
+        bcnswift.EstimatedBatchNorm(3, momentum=2)
+    with pytest.raises(ValueError, match="divisible"):
+        bcnswift.ChannelNorm(5, 2)
+    with pytest.raises(TypeError, match="dtype"):
+        bcnswift.ChannelNorm(4, 2, dtype=complex)
+
+
+BAD_INPUTS = [
+    (np.ones(8, np.float32), ValueError, r"rank >= 2"),
+    (np.float32(3.0), ValueError, r"rank >= 2"),
+    (np.ones((2, 5, 3), np.float32), ValueError, r"input has 5 channels \(dimension 1\) but the layer has 8"),
+    (np.ones((0, 8, 3), np.float32), ValueError, r"must not be empty, got shape \(0, 8, 3\)"),
+    (np.ones((2, 8, 0), np.float32), ValueError, r"must not be empty, got shape \(2, 8, 0\)"),
+    (np.ones((2, 8, 3), np.int64), TypeError, "floating-point array, got dtype int64"),
+    (np.ones((2, 8, 3), bool), TypeError, "got dtype bool"),
+    (np.ones((2, 8, 3), np.complex64), TypeError, "got dtype complex64"),
+    (np.empty((2, 8, 3), object), TypeError, "got dtype object"),
+    ([["a"] * 8] * 2, TypeError, "real numbers"),
+    ([[1.0] * 8, [1.0] * 7], TypeError, "cannot be converted"),
+]
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+@pytest.mark.parametrize("x,exc,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_inputs_change_nothing(x, exc, match, estimate, rng):
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=estimate)
+    layer(random_input(rng, (2, 8, 3)))
+    before = snapshot(layer)
+    with pytest.raises(exc, match=match):
+        layer(x)
+    assert_unchanged(layer, before)
+
+
+def test_lists_and_other_float_dtypes_are_converted(rng):
+    layer = bcnswift.BatchChannelNorm(4, 2, estimate=False, dtype=np.float32)
+    x64 = random_input(rng, (3, 4, 5))
+    expected = bcnswift.BatchChannelNorm(4, 2, estimate=False, dtype=np.float32)(x64.astype(np.float32))
+    for x in (x64, x64.astype(np.float16).astype(np.float64), x64.tolist()):
+        y = layer(x)
+        assert y.dtype == np.float32
+    np.testing.assert_array_equal(layer(x64), expected)
+    assert bcnswift.BatchChannelNorm(4, 2, dtype=np.float64)([[1, 2, 3, 4], [5, 6, 7, 9]]).dtype == np.float64
+
+
+def test_backward_errors(rng):
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    with pytest.raises(RuntimeError, match="before any forward"):
+        layer.backward(np.ones((2, 8, 3), np.float32))
+    layer(random_input(rng, (2, 8, 3)))
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    with pytest.raises(ValueError, match=r"dy has shape \(2, 8, 4\), the last forward's output has shape \(2, 8, 3\)"):
+        layer.backward(np.ones((2, 8, 4), np.float32))
+    with pytest.raises(TypeError, match="dtype int32"):
+        layer.backward(np.ones((2, 8, 3), np.int32))
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, grads[k])
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (1, 8, 1), (1, 8, 1, 1)])
+def test_one_value_per_channel_in_training(shape, rng):
+    layer = bcnswift.BatchChannelNorm(8, 2, estimate=False)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        layer(random_input(rng, shape))
+    assert_unchanged(layer, before)
+    bn = bcnswift.BatchNorm(8)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        bn(random_input(rng, shape))
+    assert int(bn.num_batches_tracked) == 0
+    # estimate mode and eval accept it
+    est = bcnswift.BatchChannelNorm(8, 2, estimate=True)
+    assert np.isfinite(est(random_input(rng, shape))).all()
+    assert np.isfinite(layer.eval()(random_input(rng, shape))).all()
+    # an unbiased running variance cannot come from one value
+    with pytest.raises(ValueError, match="unbiased running variance"):
+        bcnswift.BatchChannelNorm(8, 2, estimate=True, unbiased_running_var=True)(random_input(rng, shape))
+
+
+def test_single_value_per_channel_group_is_refused(rng):
+    layer = bcnswift.BatchChannelNorm(8, 8, estimate=True)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="more than 1 value per channel group"):
+        layer(random_input(rng, (4, 8)))
+    assert_unchanged(layer, before)
+    with pytest.raises(ValueError, match="channel group"):
+        bcnswift.ChannelNorm(8, 8)(random_input(rng, (4, 8)))
+
+
+def test_channel_norm_checks_its_channel_count(rng):
+    # 12 channels would divide into 4 groups too: only the layer knows it was built for 8
+    with pytest.raises(ValueError, match="input has 12 channels"):
+        bcnswift.ChannelNorm(8, 4)(random_input(rng, (2, 12, 3)))
+
+
+def _layouts(base):
+    """The same values as `base` ([2, 6, 4, 5]) in every memory layout numpy can make."""
+    yield "fortran", np.asfortranarray(base)
+    yield "transposed view", np.ascontiguousarray(base.transpose(3, 2, 1, 0)).transpose(3, 2, 1, 0)
+    yield "negative strides", np.ascontiguousarray(base[::-1, :, ::-1])[::-1, :, ::-1]
+    big = np.zeros((4, 6, 8, 10), base.dtype)
+    big[::2, :, ::2, ::2] = base
+    yield "sliced view", big[::2, :, ::2, ::2]
+    ro = base.copy()
+    ro.flags.writeable = False
+    yield "read-only", ro
+    raw = np.zeros(base.nbytes + 1, np.uint8)
+    unaligned = raw[1:].view(base.dtype).reshape(base.shape)
+    unaligned[...] = base
+    assert not unaligned.flags.aligned
+    yield "unaligned", unaligned
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_memory_layout(dtype, rng):
+    base = random_input(rng, (2, 6, 4, 5)).astype(dtype)
+    dy = rng.normal(size=base.shape).astype(dtype)
+    ref = bcnswift.BatchChannelNorm(6, 3, estimate=False, dtype=dtype)
+    y_ref, dx_ref = ref(base), ref.backward(dy)
+    for name, x in _layouts(base):
+        keep = x.copy()
+        layer = bcnswift.BatchChannelNorm(6, 3, estimate=False, dtype=dtype)
+        y = layer(x)
+        dx = layer.backward(np.asfortranarray(dy))
+        np.testing.assert_array_equal(y, y_ref, err_msg=name)
+        np.testing.assert_array_equal(dx, dx_ref, err_msg=name)
+        np.testing.assert_array_equal(x, keep, err_msg=f"{name}: input was written")
+
+
+def test_threads_setting():
+    n = bcnswift.get_num_threads()
+    assert n >= 1
+    bcnswift.set_num_threads(3)
+    assert bcnswift.get_num_threads() == 3
+    bcnswift.set_num_threads(0)
+    assert bcnswift.get_num_threads() == n
+    with pytest.raises(ValueError, match="threads"):
+        bcnswift.set_num_threads(-1)
+    with pytest.raises(TypeError, match="threads"):
+        bcnswift.set_num_threads(1.5)
