@@ -51,7 +51,9 @@ extension Float: NormalizationScalar {
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int,
         centre: Double, scale: Double, offset: Double
     ) {
-        let cf = Float(centre), sf = Float(scale), of = Float(offset)
+        // x - cf is exact near the centre; the residue centre - cf, which Float cannot hold, goes into the offset
+        // (in Float64), so a mean of 100 with spread 0.01 loses nothing to rounding the centre.
+        let cf = Float(centre), sf = Float(scale), of = Float(offset - scale * (centre - Double(cf)))
         let c = SIMD8<Float>(repeating: cf), s = SIMD8<Float>(repeating: sf), o = SIMD8<Float>(repeating: of)
         var i = 0
         while i + 8 <= n {
@@ -86,7 +88,7 @@ extension Float: NormalizationScalar {
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, count n: Int,
         centre: Double, p: Double, q: Double, r: Double
     ) {
-        let cf = Float(centre), pf = Float(p), qf = Float(q), rf = Float(r)
+        let cf = Float(centre), pf = Float(p), qf = Float(q), rf = Float(r - q * (centre - Double(cf)))
         let c = SIMD8<Float>(repeating: cf), pv = SIMD8<Float>(repeating: pf)
         let qv = SIMD8<Float>(repeating: qf), rv = SIMD8<Float>(repeating: rf)
         var i = 0

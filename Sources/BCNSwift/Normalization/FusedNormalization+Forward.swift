@@ -193,15 +193,19 @@ public enum FusedNormalization {
                     folded += d * d  // (1/n) Σ (x - μ_old)² = biased variance + (mean - μ_old)²
                 }
                 if bn.unbiasedRunningVariance { folded *= n / (n - 1) }
-                u.mean[c] = T((1 - factor) * oldMean + factor * batch.mean)
-                u.variance[c] = T((1 - factor) * oldVar + factor * folded)
+                let newMean = (1 - factor) * oldMean + factor * batch.mean
+                let newVar = (1 - factor) * oldVar + factor * folded
+                u.mean[c] = T(newMean)
+                u.variance[c] = T(newVar)
                 switch bn.statistics {
                 case .batch:
                     mu[c] = batch.mean
                     invSigma[c] = 1 / (batch.variance + bn.eps).squareRoot()
-                case .estimated:  // normalize with the stored (rounded) estimates, as eval later will
-                    mu[c] = Double(u.mean[c])
-                    invSigma[c] = 1 / (Double(u.variance[c]) + bn.eps).squareRoot()
+                case .estimated:
+                    // The new estimates before rounding to T: in Float32 a mean of 100 rounds by 4e-6, which a
+                    // spread of 0.01 would magnify to 4e-4 in the output.
+                    mu[c] = newMean
+                    invSigma[c] = 1 / (newVar + bn.eps).squareRoot()
                 }
             }
             if bn.statistics == .batch { flags.insert(.gradientThroughBatchStatistics) }

@@ -1,0 +1,118 @@
+"""Hard numerics, float32 inputs against float64 computations: large means, tiny spreads, huge planes, huge values,
+NaN and infinity."""
+import numpy as np
+import pytest
+
+import bcnswift
+from bcnswift import reference as R
+
+
+def test_constant_channel_at_1e7_gives_exactly_the_bias(rng):
+    x = rng.normal(3.0, 1.0, (2, 4, 6, 6)).astype(np.float32)
+    x[:, 2] = 1e7
+    bn = bcnswift.BatchNorm(4)
+    bn.bias[...] = [0.25, -1.5, 0.75, 2.0]
+    y = bn(x)
+    assert (y[:, 2] == np.float32(0.75)).all()  # exactly the bias: no spurious +-1 from cancellation
+    bcn = bcnswift.BatchChannelNorm(4, 2, estimate=False)
+    bcn.bias[...] = np.array([0.5, -0.25], np.float32).reshape(1, 2, 1)
+    out = bcn(np.full((2, 4, 3, 3), 1e7, np.float32)).reshape(2, 2, -1)  # [B, G, K*S]
+    assert (out == np.array([0.5, -0.25], np.float32).reshape(1, 2, 1)).all()
+    cn = bcnswift.ChannelNorm(4, 2, dtype=np.float64)
+    cn.bias[...] = 0.125
+    assert (cn(np.full((2, 4, 5), 0.7)) == 0.125).all()  # constant, not exactly representable: still exact
+
+
+@pytest.mark.parametrize("mean,std", [(100.0, 0.01), (1e4, 1.0), (-3e3, 0.1)])
+@pytest.mark.parametrize("estimate", [False, True])
+def test_large_mean_small_spread_keeps_1e4_relative(mean, std, estimate, rng):
+    x = (mean + std * rng.normal(size=(4, 8, 7, 7))).astype(np.float32)
+    # momentum 1: the running buffers become the batch's (biased) statistics, so both modes normalize alike
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=estimate, momentum=1.0, unbiased_running_var=False)
+    y = layer(x)
+    x64 = x.astype(np.float64)
+    # the float64 truth, with exact centred variances (labml's E[x²]-E[x]² would itself lose digits here)
+    mu = x64.mean(axis=(0, 2, 3), keepdims=True)
+    var = x64.var(axis=(0, 2, 3), keepdims=True)
+    y1 = (x64 - mu) / np.sqrt(var + 1e-5)
+    g = y1.reshape(4, 4, -1)
+    truth = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(y, truth, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.bn.running_var, var.reshape(-1), rtol=1e-4)
+    np.testing.assert_allclose(layer.bn.running_mean, mu.reshape(-1), rtol=1e-6)
+
+
+def test_forty_million_values_keep_the_variance_to_1e6():
+    rng = np.random.default_rng(7)
+    x = rng.random((1, 1, 40_000_000), dtype=np.float32)
+    bn = bcnswift.BatchNorm(1, momentum=1.0, unbiased_running_var=False)
+    bn(x)
+    truth = x.astype(np.float64).var()
+    assert abs(float(bn.running_var[0]) - truth) / truth < 1e-6
+    assert abs(float(bn.running_mean[0]) - x.astype(np.float64).mean()) < 1e-6
+
+
+def test_values_near_1e30_do_not_overflow(rng):
+    x = (1e30 * (1 + 0.1 * rng.normal(size=(2, 4, 16)))).astype(np.float32)
+    layer = bcnswift.BatchChannelNorm(4, 2, estimate=False, momentum=1.0)
+    y = layer(x)
+    assert np.isfinite(y).all() and np.isfinite(layer.bn.running_mean).all()
+    ref = R.AuthorsBCNorm(4, 2, 1e-5)
+    ref.bn.momentum = 1.0
+    np.testing.assert_allclose(y, ref(x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    dx = layer.backward(rng.normal(size=y.shape).astype(np.float32))
+    assert np.isfinite(dx).all()
+    # The statistics are computed in float64 and stay finite; a variance of ~1e58 has no float32 value, so a
+    # float32 running_var holds inf (as PyTorch's would), and a float64 layer holds it exactly.
+    assert np.isinf(layer.bn.running_var).all()
+    wide = bcnswift.BatchChannelNorm(4, 2, estimate=False, momentum=1.0, dtype=np.float64)
+    wide(x)
+    np.testing.assert_allclose(wide.bn.running_var, ref.bn.running_var, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_propagate_by_default(bad, rng):
+    x = rng.normal(1.0, 1.0, (2, 4, 5)).astype(np.float32)
+    x[1, 2, 3] = bad
+    layer = bcnswift.BatchChannelNorm(4, 2, estimate=False)
+    y = layer(x)
+    assert np.isnan(y[:, 2:4]).all()          # the channel's statistics, then its group, as in PyTorch
+    assert np.isfinite(y[:, 0:2]).all()       # the other group of each sample is untouched
+    assert np.isnan(layer.bn.running_mean[2]) and np.isfinite(layer.bn.running_mean[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn"])
+def test_nan_policy_raise_changes_nothing(bad, layer_type, rng):
+    make = {"bcn": lambda: bcnswift.BatchChannelNorm(4, 2, nan_policy="raise"),
+            "bn": lambda: bcnswift.BatchNorm(4, nan_policy="raise"),
+            "cn": lambda: bcnswift.ChannelNorm(4, 2, nan_policy="raise")}[layer_type]
+    layer = make()
+    good = rng.normal(1.0, 1.0, (2, 4, 5)).astype(np.float32)
+    layer(good)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    x = good.copy()
+    x[0, 1, 2] = bad
+    with pytest.raises(FloatingPointError, match="NaN or infinity"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    np.testing.assert_array_equal(layer.backward(np.ones_like(good)), make_backward(make, good))
+
+
+def make_backward(make, x):
+    layer = make()
+    layer(x)
+    layer.load_state_dict(layer.state_dict())
+    return layer.backward(np.ones_like(x))
+
+
+def test_huge_plane_with_few_channels_is_exact_and_chunked(rng):
+    """B = 1, 2 channels, 3 million positions: planes are split in chunks and merged; compare with float64."""
+    x = (5.0 + rng.normal(size=(1, 2, 3_000_000))).astype(np.float32)
+    layer = bcnswift.BatchChannelNorm(2, 1, estimate=False)
+    y = layer(x)
+    x64 = x.astype(np.float64)
+    y1 = (x64 - x64.mean(axis=(0, 2), keepdims=True)) / np.sqrt(x64.var(axis=(0, 2), keepdims=True) + 1e-5)
+    truth = (y1 - y1.mean()) / np.sqrt(y1.var() + 1e-5)
+    np.testing.assert_allclose(y, truth, rtol=1e-4, atol=1e-5)
