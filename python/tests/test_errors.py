@@ -184,3 +184,14 @@ def test_threads_setting():
         bcnswift.set_num_threads(-1)
     with pytest.raises(TypeError, match="threads"):
         bcnswift.set_num_threads(1.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_sample_one_channel_per_group_backward(dtype, rng):
+    """Regression: B = 1 with one channel per group once overflowed the backward's scratch (2G > B*C)."""
+    for C in (1, 2, 5, 64):
+        layer = bcnswift.BatchChannelNorm(C, C, estimate=True, dtype=dtype)
+        x = random_input(rng, (1, C, 3))
+        layer(x)
+        dx = layer.backward(rng.normal(size=x.shape))
+        assert np.isfinite(dx).all() and all(np.isfinite(g).all() for g in layer.grads.values())

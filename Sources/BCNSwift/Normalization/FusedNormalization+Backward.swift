@@ -27,10 +27,10 @@ extension FusedNormalization {
               flags.contains(.channelNorm) == (plan.channelNorm != nil) else {
             throw BCNError(.noForward, "no forward of this layer with input shape [\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S]) to differentiate")
         }
-        let planes = shape.planes
-        let work = UnsafeMutableBufferPointer<Double>.allocate(capacity: 3 * planes)
+        let planes = shape.planes, groups = plan.groups
+        let work = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * planes + 2 * groups)
         defer { work.deallocate() }
-        let t = work.baseAddress!, u = t + planes, scratch = u + planes
+        let t = work.baseAddress!, u = t + planes, scratch = u + planes  // scratch: dw[G], dbias[G]
         gradientSums(x: x, dy: dy, shape: shape, centre: ctx + layout.p, sum: t, dot: u)
 
         // E, F, H of the channel-norm stage, then P, Q, R of the whole layer, computed in place.
@@ -101,7 +101,7 @@ extension FusedNormalization {
         }
         let K = C / G, N = Double(K * shape.spatial)
         let yBar = ctx + layout.yBar, a = ctx + layout.a, m = ctx + layout.m, r = ctx + layout.r, w = ctx + layout.w
-        let dw = scratch, dbias = scratch + G  // G ≤ C ≤ planes, so 2G fit in the 2·planes left
+        let dw = scratch, dbias = scratch + G
         for g in 0..<G { dw[g] = 0; dbias[g] = 0 }
         for b in 0..<B {
             for g in 0..<G {
