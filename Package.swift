@@ -19,6 +19,6 @@ let package = Package(
             exclude: ["include"]
         ),
         .target(name: "BCNSwiftTestSupport", path: "Tests/BCNSwiftTestSupport"),
-        .testTarget(name: "BCNSwiftTests", dependencies: ["BCNSwift", "BCNSwiftTestSupport"]),
+        .testTarget(name: "BCNSwiftTests", dependencies: ["BCNSwift", "BCNSwiftC", "BCNSwiftTestSupport"]),
     ]
 )
