@@ -1,0 +1,20 @@
+"""A short libFuzzer run of the C ABI under AddressSanitizer (fuzz/run.sh --smoke; the long run is manual)."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(shutil.which("clang") is None or shutil.which("swift") is None,
+                    reason="needs the Swift toolchain's clang with libFuzzer")
+def test_c_abi_survives_20000_fuzzed_calls():
+    run = subprocess.run(["bash", str(ROOT / "fuzz" / "run.sh"), "--smoke"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=1500, env={**os.environ})
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "Done 20000 runs" in out, out[-4000:]
+    assert "ERROR: AddressSanitizer" not in out
