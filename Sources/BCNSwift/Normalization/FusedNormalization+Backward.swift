@@ -14,6 +14,8 @@ extension FusedNormalization {
     ///   - x: the input of that forward, unchanged since.
     ///   - dx: may alias `dy`.
     /// - Throws: `.noForward` if `context` was not filled by a forward of this plan and shape.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public static func backward<T: NormalizationScalar>(
         plan: NormalizationPlan, shape: NormalizationShape,
         x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>,

@@ -21,6 +21,10 @@ public enum FusedNormalization {
     ///   - training: batch-norm stage uses (and updates) batch statistics as its options say; else running ones.
     ///   - context: at least `NormalizationContextLayout.length(...)` Doubles.
     /// - Throws: `BCNError` before anything is written if an argument, a pointer or the statistics are invalid.
+    // Specialized here because callers in other modules (the C ABI) would otherwise run the generic body, where
+    // every Float/Double conversion is a dynamic cast.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public static func forward<T: NormalizationScalar>(
         plan: NormalizationPlan, shape: NormalizationShape, training: Bool,
         x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
@@ -89,7 +93,7 @@ public enum FusedNormalization {
     }
 
     static func checkDegenerate(plan: NormalizationPlan, shape: NormalizationShape, training: Bool) throws(BCNError) {
-        let dims = "[\(shape.batch), \(shape.channels), \(shape.spatial)]"
+        var dims: String { "[\(shape.batch), \(shape.channels), \(shape.spatial)]" }
         if let bn = plan.batchNorm, training, shape.batch * shape.spatial == 1 {
             if bn.statistics == .batch {
                 throw BCNError(.degenerateStatistics,

@@ -57,6 +57,8 @@ public enum WeightStandardization {
     }
 
     /// ŵ = (w - mean) / den per output channel. `wHat` may alias `w`.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public static func forward<T: NormalizationScalar>(
         _ w: UnsafePointer<T>, _ wHat: UnsafeMutablePointer<T>, outChannels: Int, fanIn: Int,
         options: WeightStandardizationOptions
@@ -75,6 +77,8 @@ public enum WeightStandardization {
     ///   dw = (dŵ - mean(dŵ)) / den - s (w - mean) · k,
     ///   k = 1 / (den³ ν) when eps is inside the root, 1 / (den² std ν) otherwise (0 for a constant filter,
     ///   whose w - mean is 0: the limit, where the formula would divide 0 by 0).
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
     public static func backward<T: NormalizationScalar>(
         _ w: UnsafePointer<T>, _ gradWHat: UnsafePointer<T>, _ gradW: UnsafeMutablePointer<T>,
         outChannels: Int, fanIn: Int, options: WeightStandardizationOptions

@@ -1,0 +1,176 @@
+"""Benchmark: bcnswift against the numpy reference, the authors' PyTorch BCNorm (if torch is importable) and
+np.copyto of the same tensor, measured in one run with the same thread count.
+
+    python3 -m bcnswift.bench                 # the shapes of the README table
+    python3 -m bcnswift.bench --quick         # fewer repetitions
+    python3 -m bcnswift.bench --no-reference  # skip the (slow) numpy reference
+
+Times are medians over repeats; ratios are computed from medians measured in this same run.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import bcnswift
+from bcnswift import reference as R
+
+SHAPES = [((2, 64, 56, 56), 32), ((1, 256, 56, 56), 32), ((2, 512, 28, 28), 32), ((8, 256, 14, 14), 32),
+          ((32, 64, 32, 32), 32), ((64, 128, 32, 32), 32), ((2, 32, 8, 8), 8)]
+
+
+def median_time(fn, min_seconds=0.02, repeats=7):
+    """Median seconds per call: each repeat runs fn enough times to last min_seconds."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_seconds / one))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def torch_bcnorm(num_channels, num_groups, estimate):
+    """The authors' BCNorm and EstBN, as in their repository."""
+    import torch
+    from torch import nn
+    from torch.nn import Parameter
+
+    class EstBN(nn.Module):
+        def __init__(self, num_features):
+            super().__init__()
+            self.num_features = num_features
+            self.weight = Parameter(torch.ones(num_features))
+            self.bias = Parameter(torch.zeros(num_features))
+            self.register_buffer('running_mean', torch.zeros(num_features))
+            self.register_buffer('running_var', torch.ones(num_features))
+            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+            self.register_buffer('estbn_moving_speed', torch.zeros(1))
+
+        def forward(self, inp):
+            ms = self.estbn_moving_speed.item()
+            if self.training:
+                with torch.no_grad():
+                    inp_t = inp.transpose(0, 1).contiguous().view(self.num_features, -1)
+                    running_mean = inp_t.mean(dim=1)
+                    inp_t = inp_t - self.running_mean.view(-1, 1)
+                    running_var = torch.mean(inp_t * inp_t, dim=1)
+                    self.running_mean.data.mul_(1 - ms).add_(ms * running_mean.data)
+                    self.running_var.data.mul_(1 - ms).add_(ms * running_var.data)
+            out = inp - self.running_mean.view(1, -1, 1, 1)
+            out = out / torch.sqrt(self.running_var + 1e-5).view(1, -1, 1, 1)
+            weight = self.weight.view(1, -1, 1, 1)
+            bias = self.bias.view(1, -1, 1, 1)
+            return weight * out + bias
+
+    class BCNorm(nn.Module):
+        def __init__(self, num_channels, num_groups, eps, estimate=False):
+            super().__init__()
+            self.num_channels = num_channels
+            self.num_groups = num_groups
+            self.eps = eps
+            self.weight = Parameter(torch.ones(1, num_groups, 1))
+            self.bias = Parameter(torch.zeros(1, num_groups, 1))
+            self.bn = EstBN(num_channels) if estimate else nn.BatchNorm2d(num_channels)
+
+        def forward(self, inp):
+            out = self.bn(inp)
+            out = out.view(1, inp.size(0) * self.num_groups, -1)
+            out = torch.batch_norm(out, None, None, None, None, True, 0, self.eps, True)
+            out = out.view(inp.size(0), self.num_groups, -1)
+            out = self.weight * out + self.bias
+            return out.view_as(inp)
+
+    m = BCNorm(num_channels, num_groups, 1e-5, estimate)
+    if estimate:
+        m.bn.estbn_moving_speed.fill_(0.1)
+    return m
+
+
+def run(shapes, quick=False, reference=True, use_torch=True):
+    threads = bcnswift.get_num_threads()
+    torch = None
+    if use_torch:
+        try:
+            import torch  # noqa: F811
+            torch.set_num_threads(threads)
+        except ImportError:
+            torch = None
+    repeats = 5 if quick else 11
+    print(f"bcnswift {bcnswift.__version__}, numpy {np.__version__}"
+          + (f", torch {torch.__version__}" if torch else ", torch not installed")
+          + f"; {threads} thread(s); float32, training; median of {repeats} repeats")
+    cols = ["shape", "G", "estimate", "copy us", "fwd us", "fwd/copy", "fwd+bwd us", "f+b/copy"]
+    if torch:
+        cols += ["torch fwd us", "torch f+b us", "torch/bcn fwd", "torch/bcn f+b"]
+    if reference:
+        cols += ["numpy fwd us", "numpy f+b us"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape, G in shapes:
+        x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+        dy = rng.normal(size=shape).astype(np.float32)
+        out = np.empty_like(x)
+        copy_t = median_time(lambda: np.copyto(out, x), repeats=repeats)
+        for estimate in (True, False):
+            layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate)
+            fwd = median_time(lambda: layer(x), repeats=repeats)
+
+            def fb():
+                layer(x)
+                layer.backward(dy)
+            fb_t = median_time(fb, repeats=repeats)
+            row = [str(list(shape)), str(G), str(estimate), f"{copy_t * 1e6:.1f}", f"{fwd * 1e6:.1f}",
+                   f"{fwd / copy_t:.2f}", f"{fb_t * 1e6:.1f}", f"{fb_t / copy_t:.2f}"]
+            if torch:
+                m = torch_bcnorm(shape[1], G, estimate)
+                tx = torch.from_numpy(x).requires_grad_(True)
+                tdy = torch.from_numpy(dy)
+
+                def tf():
+                    with torch.no_grad():
+                        m(tx)
+
+                def tfb():
+                    tx.grad = None
+                    m(tx).backward(tdy)
+                t_f = median_time(tf, repeats=repeats)
+                t_fb = median_time(tfb, repeats=repeats)
+                row += [f"{t_f * 1e6:.1f}", f"{t_fb * 1e6:.1f}", f"{t_f / fwd:.1f}", f"{t_fb / fb_t:.1f}"]
+            if reference:
+                ref = (R.LabmlBatchChannelNorm(shape[1], G, estimate=True) if estimate
+                       else R.AuthorsBCNorm(shape[1], G, 1e-5))
+                r_f = median_time(lambda: ref(x), repeats=3, min_seconds=0.0)
+
+                def rfb():
+                    ref(x)
+                    ref.backward(dy)
+                r_fb = median_time(rfb, repeats=3, min_seconds=0.0)
+                row += [f"{r_f * 1e6:.0f}", f"{r_fb * 1e6:.0f}"]
+            rows.append(row)
+            print("| " + " | ".join(row) + " |", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    p.add_argument("--threads", type=int, default=0, help="worker threads (default: bcnswift's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        bcnswift.set_num_threads(a.threads)
+    run(SHAPES, quick=a.quick, reference=not a.no_reference, use_torch=not a.no_torch)
+
+
+if __name__ == "__main__":
+    main()
