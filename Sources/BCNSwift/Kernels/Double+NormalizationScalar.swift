@@ -8,7 +8,16 @@ extension Double: NormalizationScalar {
     }
 
     @inlinable
-    public static func _sum(_ x: UnsafePointer<Double>, count n: Int) -> Double {
+    public static func _chunkMoments(_ x: UnsafePointer<Double>, count n: Int) -> Moments {
+        if n == 0 { return Moments() }
+        let m = Double(n)
+        let c = _sum(x, count: n) / m
+        let (d, s) = _centredSums(x, count: n, centre: c)
+        return Moments(count: m, mean: c + d / m, m2: max(s - d * d / m, 0))
+    }
+
+    @inlinable
+    static func _sum(_ x: UnsafePointer<Double>, count n: Int) -> Double {
         var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
         var i = 0
         while i + 16 <= n {
@@ -21,20 +30,19 @@ extension Double: NormalizationScalar {
     }
 
     @inlinable
-    public static func _centredSums(_ x: UnsafePointer<Double>, count n: Int, centre: Double)
+    static func _centredSums(_ x: UnsafePointer<Double>, count n: Int, centre: Double)
         -> (sum: Double, squares: Double)
     {
         let c = SIMD4<Double>(repeating: centre)
-        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>()
-        var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
+        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>(), a0 = SIMD4<Double>(), a1 = SIMD4<Double>()
         var i = 0
-        while i + 16 <= n {
-            let d0 = _load4(x, i) - c, d1 = _load4(x, i + 4) - c, d2 = _load4(x, i + 8) - c, d3 = _load4(x, i + 12) - c
-            s0 += d0 + d1; s1 += d2 + d3
-            a0.addProduct(d0, d0); a1.addProduct(d1, d1); a2.addProduct(d2, d2); a3.addProduct(d3, d3)
-            i += 16
+        while i + 8 <= n {
+            let d0 = _load4(x, i) - c, d1 = _load4(x, i + 4) - c
+            s0 += d0; s1 += d1
+            a0.addProduct(d0, d0); a1.addProduct(d1, d1)
+            i += 8
         }
-        var sum = (s0 + s1).sum(), squares = ((a0 + a1) + (a2 + a3)).sum()
+        var sum = (s0 + s1).sum(), squares = (a0 + a1).sum()
         while i < n { let d = x[i] - centre; sum += d; squares.addProduct(d, d); i += 1 }
         return (sum, squares)
     }

@@ -1,5 +1,7 @@
-// Float kernels: 8 lanes of Float per load, widened to two SIMD4<Double> accumulators so that a plane of tens of
-// millions of values keeps full Float64 accuracy in its sums. Four independent accumulators hide FMA latency.
+// Float kernels. Reductions that must be exact (the first-pass sum) load 8 Floats and widen them to Float64
+// accumulators. Reductions of deviations from a centre run in Float32 blocks of 128 elements (8 terms per lane
+// and accumulator, so a block's rounding stays below ~8 ulps of its terms) flushed to Float64: their inner loops
+// have no conversion, which is what keeps the passes at memory speed.
 
 extension Float: NormalizationScalar {
     @inlinable @inline(__always)
@@ -12,47 +14,88 @@ extension Float: NormalizationScalar {
         (SIMD4<Double>(v.lowHalf), SIMD4<Double>(v.highHalf))
     }
 
+    /// 2^k closest to 1/|v| for a finite v > 0, within Float's normal range; 1 for v = 0.
     @inlinable
-    public static func _sum(_ x: UnsafePointer<Float>, count n: Int) -> Double {
+    static func _unitScale(_ v: Float) -> Float {
+        guard v > 0 else { return 1 }
+        return Float(sign: .plus, exponent: Swift.min(Swift.max(-v.exponent, -126), 126), significand: 1)
+    }
+
+    /// The moments of a chunk. Pass 1: Σx in Float64 and max|x|. Pass 2: deviations from the Float-rounded
+    /// centre cf, scaled by s = 2^k ≈ 1/max|x| (exact) so that their squares neither overflow nor underflow
+    /// in Float32, as (x·s - cf·s) by one FMA; the shift from cf back to the Float64 centre c is exact algebra:
+    /// Σ(x-c) = Σ(x-cf) - n r and Σ(x-c)² = Σ(x-cf)² - 2rΣ(x-cf) + n r², r = c - cf.
+    @inlinable
+    public static func _chunkMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
+        if n == 0 { return Moments() }
+        let m = Double(n)
+        let (total, maxAbs) = _sumAndMaxAbs(x, count: n)
+        let c = total / m
+        guard c.isFinite, maxAbs.isFinite else { return Moments(count: m, mean: c, m2: .nan) }
+        let s = _unitScale(maxAbs), cf = Float(c)
+        let (ds, qs) = _scaledDeviationSums(x, count: n, centre: cf, scale: s)
+        let inv = 1 / Double(s)
+        let d = ds * inv, q = qs * inv * inv, r = c - Double(cf)
+        let sum = d - m * r, squares = q - 2 * r * d + m * r * r
+        return Moments(count: m, mean: c + sum / m, m2: Swift.max(squares - sum * sum / m, 0))
+    }
+
+    @inlinable
+    static func _sumAndMaxAbs(_ x: UnsafePointer<Float>, count n: Int) -> (Double, Float) {
         var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
+        var m0 = SIMD8<Float>(), m1 = SIMD8<Float>()
         var i = 0
         while i + 16 <= n {
-            let (l0, h0) = _widen(_load8(x, i)), (l1, h1) = _widen(_load8(x, i + 8))
+            let v0 = _load8(x, i), v1 = _load8(x, i + 8)
+            let (l0, h0) = _widen(v0), (l1, h1) = _widen(v1)
             a0 += l0; a1 += h0; a2 += l1; a3 += h1
+            m0 = pointwiseMax(m0, pointwiseMax(v0, -v0))
+            m1 = pointwiseMax(m1, pointwiseMax(v1, -v1))
             i += 16
         }
-        var s = ((a0 + a1) + (a2 + a3)).sum()
-        while i < n { s += Double(x[i]); i += 1 }
-        return s
+        var s = ((a0 + a1) + (a2 + a3)).sum(), mx = pointwiseMax(m0, m1).max()
+        while i < n { s += Double(x[i]); mx = Swift.max(mx, abs(x[i])); i += 1 }
+        return (s, mx)
     }
 
+    /// (Σ (x - c)·s, Σ ((x - c)·s)²) with (x - c)·s computed as x·s - c·s by one FMA.
     @inlinable
-    public static func _centredSums(_ x: UnsafePointer<Float>, count n: Int, centre: Double)
-        -> (sum: Double, squares: Double)
+    static func _scaledDeviationSums(_ x: UnsafePointer<Float>, count n: Int, centre: Float, scale: Float)
+        -> (Double, Double)
     {
-        let c = SIMD4<Double>(repeating: centre)
-        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>()
-        var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
+        let s = SIMD8<Float>(repeating: scale), ncs = SIMD8<Float>(repeating: -(centre * scale))
+        var sum = SIMD4<Double>(), squares = SIMD4<Double>()
+        let full = n & ~15
         var i = 0
-        while i + 16 <= n {
-            let (l0, h0) = _widen(_load8(x, i)), (l1, h1) = _widen(_load8(x, i + 8))
-            let d0 = l0 - c, d1 = h0 - c, d2 = l1 - c, d3 = h1 - c
-            s0 += d0 + d1; s1 += d2 + d3
-            a0.addProduct(d0, d0); a1.addProduct(d1, d1); a2.addProduct(d2, d2); a3.addProduct(d3, d3)
-            i += 16
+        while i < full {
+            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), q0 = SIMD8<Float>(), q1 = SIMD8<Float>()
+            let end = Swift.min(full, i + 128)
+            while i < end {
+                var d0 = ncs, d1 = ncs
+                d0.addProduct(_load8(x, i), s); d1.addProduct(_load8(x, i + 8), s)
+                s0 += d0; s1 += d1
+                q0.addProduct(d0, d0); q1.addProduct(d1, d1)
+                i += 16
+            }
+            let (sl, sh) = _widen(s0 + s1), (ql, qh) = _widen(q0 + q1)
+            sum += sl + sh
+            squares += ql + qh
         }
-        var sum = (s0 + s1).sum(), squares = ((a0 + a1) + (a2 + a3)).sum()
-        while i < n { let d = Double(x[i]) - centre; sum += d; squares.addProduct(d, d); i += 1 }
-        return (sum, squares)
+        var ts = sum.sum(), tq = squares.sum()
+        while i < n {
+            let d = Double((-(centre * scale)).addingProduct(x[i], scale))
+            ts += d; tq.addProduct(d, d); i += 1
+        }
+        return (ts, tq)
     }
 
+    /// x - cf is exact near the centre; the residue centre - cf, which Float cannot hold, goes into the offset
+    /// (in Float64), so a mean of 100 with spread 0.01 loses nothing to rounding the centre.
     @inlinable
     public static func _scaleShift(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int,
         centre: Double, scale: Double, offset: Double
     ) {
-        // x - cf is exact near the centre; the residue centre - cf, which Float cannot hold, goes into the offset
-        // (in Float64), so a mean of 100 with spread 0.01 loses nothing to rounding the centre.
         let cf = Float(centre), sf = Float(scale), of = Float(offset - scale * (centre - Double(cf)))
         let c = SIMD8<Float>(repeating: cf), s = SIMD8<Float>(repeating: sf), o = SIMD8<Float>(repeating: of)
         var i = 0
@@ -65,21 +108,46 @@ extension Float: NormalizationScalar {
         while i < n { y[i] = of.addingProduct(x[i] - cf, sf); i += 1 }
     }
 
+    /// Float32 blocks as in `_scaledDeviationSums`, then Σdy(x-c) = Σdy(x-cf) - r Σdy. Products that overflow
+    /// Float32 (|dy·(x-c)| > 3e38) are detected and the chunk is summed again in Float64.
     @inlinable
     public static func _gradientSums(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
     ) -> (sum: Double, dot: Double) {
-        let c = SIMD4<Double>(repeating: centre)
-        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>(), d0 = SIMD4<Double>(), d1 = SIMD4<Double>()
+        let cf = Float(centre), c = SIMD8<Float>(repeating: cf)
+        var sum = SIMD4<Double>(), dot = SIMD4<Double>()
+        let full = n & ~15
         var i = 0
-        while i + 8 <= n {
-            let (gl, gh) = _widen(_load8(dy, i)), (xl, xh) = _widen(_load8(x, i))
-            s0 += gl; s1 += gh
-            d0.addProduct(gl, xl - c); d1.addProduct(gh, xh - c)
-            i += 8
+        while i < full {
+            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), p0 = SIMD8<Float>(), p1 = SIMD8<Float>()
+            let end = Swift.min(full, i + 128)
+            while i < end {
+                let g0 = _load8(dy, i), g1 = _load8(dy, i + 8)
+                s0 += g0; s1 += g1
+                p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i + 8) - c)
+                i += 16
+            }
+            let (sl, sh) = _widen(s0 + s1), (pl, ph) = _widen(p0 + p1)
+            sum += sl + sh
+            dot += pl + ph
         }
-        var sum = (s0 + s1).sum(), dot = (d0 + d1).sum()
-        while i < n { let g = Double(dy[i]); sum += g; dot.addProduct(g, Double(x[i]) - centre); i += 1 }
+        var ts = sum.sum(), td = dot.sum()
+        while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }
+        if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
+        return (ts, td - (centre - Double(cf)) * ts)
+    }
+
+    /// The same sums accumulated in Float64 throughout: the fallback for Float32 overflow.
+    @inlinable
+    static func _gradientSumsWide(
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
+    ) -> (sum: Double, dot: Double) {
+        var sum = 0.0, dot = 0.0
+        for i in 0..<n {
+            let g = Double(dy[i])
+            sum += g
+            dot.addProduct(g, Double(x[i]) - centre)
+        }
         return (sum, dot)
     }
 

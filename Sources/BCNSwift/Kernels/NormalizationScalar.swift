@@ -6,12 +6,11 @@
 ///
 /// All pointers address `count` contiguous elements; `count` may be 0.
 public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, Sendable {
-    /// Σ x[i], accumulated in Float64.
-    static func _sum(_ x: UnsafePointer<Self>, count: Int) -> Double
-
-    /// (Σ (x[i] - centre), Σ (x[i] - centre)²), accumulated in Float64: the second pass of the corrected
-    /// two-pass algorithm, whose first sum repairs the rounding of `centre`.
-    static func _centredSums(_ x: UnsafePointer<Self>, count: Int, centre: Double) -> (sum: Double, squares: Double)
+    /// Count, mean and centred sum of squares of `count` values that fit in cache: a first pass for an
+    /// approximate centre, then the corrected second pass of Chan, Golub & LeVeque (mean = c + Σ(x-c)/n,
+    /// M2 = Σ(x-c)² - (Σ(x-c))²/n), which repairs the centre's rounding: a constant run gives exactly its value
+    /// and M2 = 0. NaN or infinity in the input gives a non-finite mean or M2.
+    static func _chunkMoments(_ x: UnsafePointer<Self>, count: Int) -> Moments
 
     /// y[i] = scale · (x[i] - centre) + offset. `y` may alias `x`.
     static func _scaleShift(

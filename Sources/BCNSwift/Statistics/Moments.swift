@@ -34,18 +34,3 @@ public struct Moments: Equatable, Sendable {
 /// Elements per chunk of a plane: 4096 Floats (16 KiB) or Doubles (32 KiB) stay in L1 between a chunk's two
 /// passes. The partition of work into chunks depends on this constant alone, never on the thread count.
 public let planeChunkLength = 4096
-
-extension NormalizationScalar {
-    /// Moments of `count` contiguous values that fit in cache, by the corrected two-pass algorithm (Chan, Golub
-    /// & LeVeque): c = Σx / n, then with d = Σ (x - c) and s = Σ (x - c)² on the same data,
-    /// mean = c + d/n and M2 = s - d²/n. The correction d repairs the rounding of c, so a constant run of values
-    /// has exactly that value as its mean and M2 = 0.
-    @inlinable
-    static func _chunkMoments(_ x: UnsafePointer<Self>, count: Int) -> Moments {
-        if count == 0 { return Moments() }
-        let n = Double(count)
-        let c = _sum(x, count: count) / n
-        let (d, s) = _centredSums(x, count: count, centre: c)
-        return Moments(count: n, mean: c + d / n, m2: max(s - d * d / n, 0))
-    }
-}
