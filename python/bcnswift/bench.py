@@ -5,9 +5,13 @@ np.copyto of the same tensor, measured in one run with the same thread count.
     python3 -m bcnswift.bench --quick         # fewer repetitions
     python3 -m bcnswift.bench --no-reference  # skip the (slow) numpy reference
 
-Times are medians over repeats; ratios are computed from medians measured in this same run.
+Times are medians over repeats; ratios are computed from medians measured in this same run. numpy's OpenBLAS
+worker threads spin while idle and take cores from whatever runs next (bcnswift, np.copyto and torch alike), so
+the benchmark runs with OPENBLAS_NUM_THREADS=1 unless it is set (it re-executes itself to apply it).
 """
 import argparse
+import os
+import sys
 import statistics
 import time
 
@@ -103,7 +107,8 @@ def run(shapes, quick=False, reference=True, use_torch=True):
         except ImportError:
             torch = None
     repeats = 5 if quick else 11
-    print(f"bcnswift {bcnswift.__version__}, numpy {np.__version__}"
+    print(f"bcnswift {bcnswift.__version__}, numpy {np.__version__} (OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
           + (f", torch {torch.__version__}" if torch else ", torch not installed")
           + f"; {threads} thread(s); float32, training; median of {repeats} repeats")
     cols = ["shape", "G", "estimate", "copy us", "fwd us", "fwd/copy", "fwd+bwd us", "f+b/copy"]
@@ -161,6 +166,9 @@ def run(shapes, quick=False, reference=True, use_torch=True):
 
 
 def main(argv=None):
+    if "OPENBLAS_NUM_THREADS" not in os.environ and argv is None:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "bcnswift.bench"] + sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--no-reference", action="store_true", help="skip the numpy reference")

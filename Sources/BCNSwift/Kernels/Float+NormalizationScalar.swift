@@ -14,48 +14,78 @@ extension Float: NormalizationScalar {
         (SIMD4<Double>(v.lowHalf), SIMD4<Double>(v.highHalf))
     }
 
-    /// 2^k closest to 1/|v| for a finite v > 0, within Float's normal range; 1 for v = 0.
+    /// 2^k closest to 1/v for a finite v > 0, within Float's normal range; 1 otherwise.
     @inlinable
-    static func _unitScale(_ v: Float) -> Float {
-        guard v > 0 else { return 1 }
-        return Float(sign: .plus, exponent: Swift.min(Swift.max(-v.exponent, -126), 126), significand: 1)
+    static func _unitScale(_ v: Double) -> Float {
+        guard v > 0, v.isFinite else { return 1 }
+        let k = Swift.min(Swift.max(-v.exponent, -126), 126)
+        return Float(bitPattern: UInt32(127 + k) << 23)
     }
 
-    /// The moments of a chunk. Pass 1: Σx in Float64 and max|x|. Pass 2: deviations from the Float-rounded
-    /// centre cf, scaled by s = 2^k ≈ 1/max|x| (exact) so that their squares neither overflow nor underflow
-    /// in Float32, as (x·s - cf·s) by one FMA; the shift from cf back to the Float64 centre c is exact algebra:
-    /// Σ(x-c) = Σ(x-cf) - n r and Σ(x-c)² = Σ(x-cf)² - 2rΣ(x-cf) + n r², r = c - cf.
+    /// The moments of a chunk, in two passes over data in cache, neither with a conversion in its inner loop.
+    ///
+    /// Pass 1: Σx and Σx² in Float32 blocks flushed to Float64. Only an approximate centre c is needed (its
+    /// error, ~8 ulps of mean|x|, is repaired by pass 2 as long as it is small against the spread, which holds
+    /// for any data Float32 can resolve); Σx² only sizes the scale below and never enters the variance.
+    /// Pass 2: deviations from cf = Float(c), scaled by s = 2^k ≈ 1/rms(x) (exactly) so that their squares
+    /// neither overflow nor underflow in Float32 (|x - c|·s ≤ 2√n·rms·s ≤ 256 in a chunk), computed as
+    /// x·s - cf·s by one FMA, summed in Float32 blocks; then mean = c + Σ(x-c)/n and M2 = Σ(x-c)² - (Σ(x-c))²/n
+    /// with Σ(x-c) = Σ(x-cf) - n r, Σ(x-c)² = Σ(x-cf)² - 2rΣ(x-cf) + n r², r = c - cf (exact algebra).
+    /// Chunks whose Σx² leaves Float32's comfortable range (|x| beyond ~1e18 or all below ~1e-15) take the
+    /// Float64 path instead.
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
         let m = Double(n)
-        let (total, maxAbs) = _sumAndMaxAbs(x, count: n)
+        let (total, squares) = _blockSums(x, count: n)
+        let meanSquare = squares / m
+        guard total.isFinite, meanSquare.isFinite, meanSquare > 1e-30, meanSquare < 1e36 else {
+            return _chunkMomentsWide(x, count: n)
+        }
         let c = total / m
-        guard c.isFinite, maxAbs.isFinite else { return Moments(count: m, mean: c, m2: .nan) }
-        let s = _unitScale(maxAbs), cf = Float(c)
+        let s = _unitScale(meanSquare.squareRoot()), cf = Float(c)
         let (ds, qs) = _scaledDeviationSums(x, count: n, centre: cf, scale: s)
         let inv = 1 / Double(s)
         let d = ds * inv, q = qs * inv * inv, r = c - Double(cf)
-        let sum = d - m * r, squares = q - 2 * r * d + m * r * r
-        return Moments(count: m, mean: c + sum / m, m2: Swift.max(squares - sum * sum / m, 0))
+        let sum = d - m * r, dev2 = q - 2 * r * d + m * r * r
+        return Moments(count: m, mean: c + sum / m, m2: Swift.max(dev2 - sum * sum / m, 0))
     }
 
+    /// (Σx, Σx²) accumulated in Float32 blocks of 128 elements, flushed to Float64.
     @inlinable
-    static func _sumAndMaxAbs(_ x: UnsafePointer<Float>, count n: Int) -> (Double, Float) {
-        var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
-        var m0 = SIMD8<Float>(), m1 = SIMD8<Float>()
+    static func _blockSums(_ x: UnsafePointer<Float>, count n: Int) -> (Double, Double) {
+        var sum = SIMD4<Double>(), squares = SIMD4<Double>()
+        let full = n & ~15
         var i = 0
-        while i + 16 <= n {
-            let v0 = _load8(x, i), v1 = _load8(x, i + 8)
-            let (l0, h0) = _widen(v0), (l1, h1) = _widen(v1)
-            a0 += l0; a1 += h0; a2 += l1; a3 += h1
-            m0 = pointwiseMax(m0, pointwiseMax(v0, -v0))
-            m1 = pointwiseMax(m1, pointwiseMax(v1, -v1))
-            i += 16
+        while i < full {
+            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), q0 = SIMD8<Float>(), q1 = SIMD8<Float>()
+            let end = Swift.min(full, i + 128)
+            while i < end {
+                let v0 = _load8(x, i), v1 = _load8(x, i + 8)
+                s0 += v0; s1 += v1
+                q0.addProduct(v0, v0); q1.addProduct(v1, v1)
+                i += 16
+            }
+            let (sl, sh) = _widen(s0 + s1), (ql, qh) = _widen(q0 + q1)
+            sum += sl + sh
+            squares += ql + qh
         }
-        var s = ((a0 + a1) + (a2 + a3)).sum(), mx = pointwiseMax(m0, m1).max()
-        while i < n { s += Double(x[i]); mx = Swift.max(mx, abs(x[i])); i += 1 }
-        return (s, mx)
+        var ts = sum.sum(), tq = squares.sum()
+        while i < n { let v = Double(x[i]); ts += v; tq.addProduct(v, v); i += 1 }
+        return (ts, tq)
+    }
+
+    /// Two-pass moments with every sum in Float64: for chunks of extreme magnitude, and NaN or infinity.
+    @inlinable
+    static func _chunkMomentsWide(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
+        let m = Double(n)
+        var total = 0.0
+        for i in 0..<n { total += Double(x[i]) }
+        let c = total / m
+        guard c.isFinite else { return Moments(count: m, mean: c, m2: .nan) }
+        var d = 0.0, q = 0.0
+        for i in 0..<n { let e = Double(x[i]) - c; d += e; q.addProduct(e, e) }
+        return Moments(count: m, mean: c + d / m, m2: Swift.max(q - d * d / m, 0))
     }
 
     /// (Σ (x - c)·s, Σ ((x - c)·s)²) with (x - c)·s computed as x·s - c·s by one FMA.
