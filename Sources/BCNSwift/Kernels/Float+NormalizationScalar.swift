@@ -14,11 +14,13 @@ extension Float: NormalizationScalar {
         (SIMD4<Double>(v.lowHalf), SIMD4<Double>(v.highHalf))
     }
 
-    /// 2^k closest to 1/v for a finite v > 0, within Float's normal range; 1 otherwise.
+    /// 2^k ≈ 1/√v for a finite v > 0 (half of v's binary exponent, so no square root), within Float's normal
+    /// range; 1 otherwise.
     @inlinable
-    static func _unitScale(_ v: Double) -> Float {
-        guard v > 0, v.isFinite else { return 1 }
-        let k = Swift.min(Swift.max(-v.exponent, -126), 126)
+    static func _inverseRootScale(_ v: Double) -> Float {
+        guard v >= Double.leastNormalMagnitude, v.isFinite else { return 1 }
+        let exponent = Int((v.bitPattern >> 52) & 0x7ff) - 1023
+        let k = Swift.min(Swift.max(-(exponent >> 1), -126), 126)
         return Float(bitPattern: UInt32(127 + k) << 23)
     }
 
@@ -36,37 +38,39 @@ extension Float: NormalizationScalar {
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
-        let m = Double(n)
+        let m = Double(n), invM = 1 / m
         let (total, squares) = _blockSums(x, count: n)
-        let meanSquare = squares / m
+        let meanSquare = squares * invM
         guard total.isFinite, meanSquare.isFinite, meanSquare > 1e-30, meanSquare < 1e36 else {
             return _chunkMomentsWide(x, count: n)
         }
-        let c = total / m
-        let s = _unitScale(meanSquare.squareRoot()), cf = Float(c)
+        let c = total * invM
+        let s = _inverseRootScale(meanSquare), cf = Float(c)
         let (ds, qs) = _scaledDeviationSums(x, count: n, centre: cf, scale: s)
-        let inv = 1 / Double(s)
+        let inv = 1 / Double(s)  // a power of two: exact
         let d = ds * inv, q = qs * inv * inv, r = c - Double(cf)
         let sum = d - m * r, dev2 = q - 2 * r * d + m * r * r
-        return Moments(count: m, mean: c + sum / m, m2: Swift.max(dev2 - sum * sum / m, 0))
+        return Moments(count: m, mean: c + sum * invM, m2: Swift.max(dev2 - sum * sum * invM, 0))
     }
 
     /// (Σx, Σx²) accumulated in Float32 blocks of 128 elements, flushed to Float64.
     @inlinable
     static func _blockSums(_ x: UnsafePointer<Float>, count n: Int) -> (Double, Double) {
         var sum = SIMD4<Double>(), squares = SIMD4<Double>()
-        let full = n & ~15
+        let full = n & ~7
         var i = 0
-        while i < full {
-            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), q0 = SIMD8<Float>(), q1 = SIMD8<Float>()
-            let end = Swift.min(full, i + 128)
-            while i < end {
-                let v0 = _load8(x, i), v1 = _load8(x, i + 8)
-                s0 += v0; s1 += v1
-                q0.addProduct(v0, v0); q1.addProduct(v1, v1)
-                i += 16
+        while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane
+            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), s2 = SIMD8<Float>(), s3 = SIMD8<Float>()
+            var q0 = SIMD8<Float>(), q1 = SIMD8<Float>(), q2 = SIMD8<Float>(), q3 = SIMD8<Float>()
+            let end = Swift.min(full, i + 256)
+            while i + 32 <= end {
+                let v0 = _load8(x, i), v1 = _load8(x, i + 8), v2 = _load8(x, i + 16), v3 = _load8(x, i + 24)
+                s0 += v0; s1 += v1; s2 += v2; s3 += v3
+                q0.addProduct(v0, v0); q1.addProduct(v1, v1); q2.addProduct(v2, v2); q3.addProduct(v3, v3)
+                i += 32
             }
-            let (sl, sh) = _widen(s0 + s1), (ql, qh) = _widen(q0 + q1)
+            while i < end { let v = _load8(x, i); s0 += v; q0.addProduct(v, v); i += 8 }
+            let (sl, sh) = _widen((s0 + s1) + (s2 + s3)), (ql, qh) = _widen((q0 + q1) + (q2 + q3))
             sum += sl + sh
             squares += ql + qh
         }
@@ -95,19 +99,22 @@ extension Float: NormalizationScalar {
     {
         let s = SIMD8<Float>(repeating: scale), ncs = SIMD8<Float>(repeating: -(centre * scale))
         var sum = SIMD4<Double>(), squares = SIMD4<Double>()
-        let full = n & ~15
+        let full = n & ~7
         var i = 0
-        while i < full {
-            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), q0 = SIMD8<Float>(), q1 = SIMD8<Float>()
-            let end = Swift.min(full, i + 128)
-            while i < end {
-                var d0 = ncs, d1 = ncs
+        while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane
+            var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), s2 = SIMD8<Float>(), s3 = SIMD8<Float>()
+            var q0 = SIMD8<Float>(), q1 = SIMD8<Float>(), q2 = SIMD8<Float>(), q3 = SIMD8<Float>()
+            let end = Swift.min(full, i + 256)
+            while i + 32 <= end {
+                var d0 = ncs, d1 = ncs, d2 = ncs, d3 = ncs
                 d0.addProduct(_load8(x, i), s); d1.addProduct(_load8(x, i + 8), s)
-                s0 += d0; s1 += d1
-                q0.addProduct(d0, d0); q1.addProduct(d1, d1)
-                i += 16
+                d2.addProduct(_load8(x, i + 16), s); d3.addProduct(_load8(x, i + 24), s)
+                s0 += d0; s1 += d1; s2 += d2; s3 += d3
+                q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
+                i += 32
             }
-            let (sl, sh) = _widen(s0 + s1), (ql, qh) = _widen(q0 + q1)
+            while i < end { var d = ncs; d.addProduct(_load8(x, i), s); s0 += d; q0.addProduct(d, d); i += 8 }
+            let (sl, sh) = _widen((s0 + s1) + (s2 + s3)), (ql, qh) = _widen((q0 + q1) + (q2 + q3))
             sum += sl + sh
             squares += ql + qh
         }
@@ -135,7 +142,9 @@ extension Float: NormalizationScalar {
             UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD8<Float>.self)
             i += 8
         }
-        while i < n { y[i] = of.addingProduct(x[i] - cf, sf); i += 1 }
+        // The tail (all of a plane shorter than 8, such as [B, C] input) in Float64: there a tiny channel group
+        // can make scale and offset large and cancelling, and the vector body's Float rounding would show.
+        while i < n { y[i] = Float(offset.addingProduct(Double(x[i]) - centre, scale)); i += 1 }
     }
 
     /// Float32 blocks as in `_scaledDeviationSums`, then Σdy(x-c) = Σdy(x-cf) - r Σdy. Products that overflow
@@ -197,6 +206,9 @@ extension Float: NormalizationScalar {
             UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD8<Float>.self)
             i += 8
         }
-        while i < n { dx[i] = rf.addingProduct(x[i] - cf, qf).addingProduct(dy[i], pf); i += 1 }
+        while i < n {  // in Float64, as in `_scaleShift`
+            dx[i] = Float(r.addingProduct(Double(x[i]) - centre, q).addingProduct(Double(dy[i]), p))
+            i += 1
+        }
     }
 }

@@ -185,11 +185,7 @@ public enum FusedNormalization {
             var u = RunningUpdate<T>(mean: [T](repeating: 0, count: C), variance: [T](repeating: 0, count: C),
                                      count: count)
             for c in 0..<C {
-                var batch = Moments()
-                for b in 0..<B {
-                    let i = b * C + c
-                    batch.merge(Moments(count: S, mean: p[i], m2: q[i]))
-                }
+                let batch = Moments.ofEqualSets(count: B, size: S, means: p + c, m2s: q + c, stride: C)
                 let oldMean = Double(rm[c]), oldVar = Double(rv[c])
                 var folded = batch.variance
                 if bn.statistics == .estimated && bn.varianceCentre == .runningMean {
@@ -252,11 +248,9 @@ public enum FusedNormalization {
         for b in 0..<B {
             for g in 0..<G {
                 let base = b * C + g * K
-                var group = Moments()
-                for k in 0..<K {
-                    let c = g * K + k
-                    group.merge(Moments(count: S, mean: yBar[base + k], m2: a[c] * a[c] * q[base + k]))
-                }
+                // the K planes' y₁ moments: means ȳ, M2 a²q
+                let group = Moments.ofEqualSets(count: K, size: S, means: yBar + base, m2s: q + base, stride: 1,
+                                                m2Scale: { k in a[g * K + k] * a[g * K + k] })
                 let rg = 1 / (group.variance + cn.eps).squareRoot()
                 m[b * G + g] = group.mean
                 r[b * G + g] = rg
