@@ -80,5 +80,14 @@ class WeightStandardization:
             raise RuntimeError("backward() called before any forward call")
         return weight_standardization_backward(w, dw_hat, self.eps, self.unbiased, self.eps_in_sqrt)
 
+    def __getstate__(self):  # copy and pickle without the lock
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self):
         return f"WeightStandardization(eps={self.eps}, unbiased={self.unbiased}, eps_in_sqrt={self.eps_in_sqrt})"
