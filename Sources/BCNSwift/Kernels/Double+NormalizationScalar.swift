@@ -2,6 +2,14 @@
 // fused operations as the vector body, so an element's result does not depend on where it sits in the plane.
 
 extension Double: NormalizationScalar {
+    /// Σ of the lanes by halving; `SIMD.sum()` reduces lane by lane.
+    @inlinable @inline(__always)
+    static func _hsum(_ v: SIMD4<Double>) -> Double {
+        let (lo, hi) = unsafeBitCast(v, to: (SIMD2<Double>, SIMD2<Double>).self)  // see Float._hsum
+        let a = lo + hi
+        return a[0] + a[1]
+    }
+
     @inlinable @inline(__always)
     static func _load4(_ p: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> {
         UnsafeRawPointer(p + i).loadUnaligned(as: SIMD4<Double>.self)
@@ -24,7 +32,7 @@ extension Double: NormalizationScalar {
             a0 += _load4(x, i); a1 += _load4(x, i + 4); a2 += _load4(x, i + 8); a3 += _load4(x, i + 12)
             i += 16
         }
-        var s = ((a0 + a1) + (a2 + a3)).sum()
+        var s = _hsum((a0 + a1) + (a2 + a3))
         while i < n { s += x[i]; i += 1 }
         return s
     }
@@ -42,7 +50,7 @@ extension Double: NormalizationScalar {
             a0.addProduct(d0, d0); a1.addProduct(d1, d1)
             i += 8
         }
-        var sum = (s0 + s1).sum(), squares = (a0 + a1).sum()
+        var sum = _hsum(s0 + s1), squares = _hsum(a0 + a1)
         while i < n { let d = x[i] - centre; sum += d; squares.addProduct(d, d); i += 1 }
         return (sum, squares)
     }
@@ -77,7 +85,7 @@ extension Double: NormalizationScalar {
             d0.addProduct(g0, _load4(x, i) - c); d1.addProduct(g1, _load4(x, i + 4) - c)
             i += 8
         }
-        var sum = (s0 + s1).sum(), dot = (d0 + d1).sum()
+        var sum = _hsum(s0 + s1), dot = _hsum(d0 + d1)
         while i < n { sum += dy[i]; dot.addProduct(dy[i], x[i] - centre); i += 1 }
         return (sum, dot)
     }

@@ -9,6 +9,25 @@ extension Float: NormalizationScalar {
         UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self)
     }
 
+    /// Σ of the lanes by halving. `SIMD.sum()` reduces lane by lane, and `lowHalf`/`highHalf` are built lane
+    /// by lane, both of which LLVM compiles to dozens of lane inserts; reinterpreting the storage as two halves
+    /// compiles to one extract and an add per level.
+    @inlinable @inline(__always)
+    static func _hsum(_ v: SIMD8<Float>) -> Float {
+        let (lo, hi) = unsafeBitCast(v, to: (SIMD4<Float>, SIMD4<Float>).self)
+        let (a, b) = unsafeBitCast(lo + hi, to: (SIMD2<Float>, SIMD2<Float>).self)
+        let c = a + b
+        return c[0] + c[1]
+    }
+
+    /// Adds the lane sums of two block accumulators to two Float64 totals. Kept out of line: inlined into a
+    /// loop nest, LLVM's SLP vectorizer fuses the two reductions with the accumulators into ~80 lane shuffles.
+    @inline(never) @usableFromInline
+    static func _flush(_ a: SIMD8<Float>, _ b: SIMD8<Float>, into ta: inout Double, _ tb: inout Double) {
+        ta += Double(_hsum(a))
+        tb += Double(_hsum(b))
+    }
+
     @inlinable @inline(__always)
     static func _widen(_ v: SIMD8<Float>) -> (SIMD4<Double>, SIMD4<Double>) {
         (SIMD4<Double>(v.lowHalf), SIMD4<Double>(v.highHalf))
@@ -47,7 +66,7 @@ extension Float: NormalizationScalar {
         let c = total * invM
         let s = _inverseRootScale(meanSquare), cf = Float(c)
         let (ds, qs) = _scaledDeviationSums(x, count: n, centre: cf, scale: s)
-        let inv = 1 / Double(s)  // a power of two: exact
+        let inv = Double(bitPattern: UInt64(1150 - Int((s.bitPattern >> 23) & 0xff)) << 52)  // 1/s = 2^-k, exactly
         let d = ds * inv, q = qs * inv * inv, r = c - Double(cf)
         let sum = d - m * r, dev2 = q - 2 * r * d + m * r * r
         return Moments(count: m, mean: c + sum * invM, m2: Swift.max(dev2 - sum * sum * invM, 0))
@@ -56,7 +75,7 @@ extension Float: NormalizationScalar {
     /// (Σx, Σx²) accumulated in Float32 blocks of 128 elements, flushed to Float64.
     @inlinable
     static func _blockSums(_ x: UnsafePointer<Float>, count n: Int) -> (Double, Double) {
-        var sum = SIMD4<Double>(), squares = SIMD4<Double>()
+        var ts = 0.0, tq = 0.0
         let full = n & ~7
         var i = 0
         while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane
@@ -70,11 +89,9 @@ extension Float: NormalizationScalar {
                 i += 32
             }
             while i < end { let v = _load8(x, i); s0 += v; q0.addProduct(v, v); i += 8 }
-            let (sl, sh) = _widen((s0 + s1) + (s2 + s3)), (ql, qh) = _widen((q0 + q1) + (q2 + q3))
-            sum += sl + sh
-            squares += ql + qh
+            // horizontal Float sums: 3 more roundings each, then one convert
+            _flush((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3), into: &ts, &tq)
         }
-        var ts = sum.sum(), tq = squares.sum()
         while i < n { let v = Double(x[i]); ts += v; tq.addProduct(v, v); i += 1 }
         return (ts, tq)
     }
@@ -98,7 +115,7 @@ extension Float: NormalizationScalar {
         -> (Double, Double)
     {
         let s = SIMD8<Float>(repeating: scale), ncs = SIMD8<Float>(repeating: -(centre * scale))
-        var sum = SIMD4<Double>(), squares = SIMD4<Double>()
+        var ts = 0.0, tq = 0.0
         let full = n & ~7
         var i = 0
         while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane
@@ -114,11 +131,8 @@ extension Float: NormalizationScalar {
                 i += 32
             }
             while i < end { var d = ncs; d.addProduct(_load8(x, i), s); s0 += d; q0.addProduct(d, d); i += 8 }
-            let (sl, sh) = _widen((s0 + s1) + (s2 + s3)), (ql, qh) = _widen((q0 + q1) + (q2 + q3))
-            sum += sl + sh
-            squares += ql + qh
+            _flush((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3), into: &ts, &tq)
         }
-        var ts = sum.sum(), tq = squares.sum()
         while i < n {
             let d = Double((-(centre * scale)).addingProduct(x[i], scale))
             ts += d; tq.addProduct(d, d); i += 1
@@ -154,7 +168,7 @@ extension Float: NormalizationScalar {
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
     ) -> (sum: Double, dot: Double) {
         let cf = Float(centre), c = SIMD8<Float>(repeating: cf)
-        var sum = SIMD4<Double>(), dot = SIMD4<Double>()
+        var ts = 0.0, td = 0.0
         let full = n & ~15
         var i = 0
         while i < full {
@@ -166,11 +180,8 @@ extension Float: NormalizationScalar {
                 p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i + 8) - c)
                 i += 16
             }
-            let (sl, sh) = _widen(s0 + s1), (pl, ph) = _widen(p0 + p1)
-            sum += sl + sh
-            dot += pl + ph
+            _flush(s0 + s1, p0 + p1, into: &ts, &td)
         }
-        var ts = sum.sum(), td = dot.sum()
         while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }
         if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
         return (ts, td - (centre - Double(cf)) * ts)

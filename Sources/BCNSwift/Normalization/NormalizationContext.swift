@@ -73,6 +73,7 @@ struct PlaneChunks {
 
     /// (plane index, element offset, element count) of chunk `i`.
     @inlinable func chunk(_ i: Int) -> (plane: Int, offset: Int, length: Int) {
+        if perPlane == 1 { return (i, i * spatial, spatial) }  // the common case, without a 64-bit division
         let plane = i / perPlane, k = i - plane * perPlane
         let start = k * planeChunkLength
         return (plane, plane * spatial + start, min(planeChunkLength, spatial - start))

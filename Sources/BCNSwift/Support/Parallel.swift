@@ -40,8 +40,9 @@ public enum BCNThreads {
 
 /// Runs `body` over `0..<count`, cut into contiguous ranges, on up to `BCNThreads.count` threads.
 ///
-/// `body` must make each index's result depend on that index alone (write to its own slot); then the result is
-/// independent of how the ranges are cut, which is what makes thread count invisible in the output.
+/// Threads claim ranges from a shared counter, so a worker that wakes late simply takes fewer. `body` must make
+/// each index's result depend on that index alone (write to its own slot); then the result is independent of
+/// which thread ran which range, which is what makes the thread count invisible in the output.
 /// - Parameters:
 ///   - count: number of work items.
 ///   - cost: approximate element visits per item, used only to decide whether threads are worth waking.
@@ -53,11 +54,17 @@ func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>) -> Void) {
         body(0..<count)
         return
     }
+    // About 8 ranges per thread, none under ~16K element visits.
+    let grain = max(1, count / (threads * 8), (1 << 14) / max(cost, 1))
+    let next = Atomic<Int>(0)
     withoutActuallyEscaping(body) { body in
         nonisolated(unsafe) let work = body
-        DispatchQueue.concurrentPerform(iterations: threads) { t in
-            let lo = count * t / threads, hi = count * (t + 1) / threads
-            if lo < hi { work(lo..<hi) }
+        DispatchQueue.concurrentPerform(iterations: threads) { _ in
+            while true {
+                let start = next.add(grain, ordering: .relaxed).oldValue
+                if start >= count { return }
+                work(start..<min(start + grain, count))
+            }
         }
     }
 }
