@@ -48,6 +48,19 @@ extension FusedNormalization {
         }
 
         let p = UnsafePointer(ctx + layout.p)
+        if shape.spatial < smallPlane {  // dx = P dy + Q (x - p) + R, element by element in Float64
+            let s = shape.spatial
+            parallelFor(planes, cost: 2 * s) { range in
+                for i in range {
+                    let pi = e[i], qi = f[i], ri = h[i], centre = p[i], base = i * s
+                    for k in 0..<s {
+                        dx[base + k] = T(ri.addingProduct(Double(x[base + k]) - centre, qi)
+                                           .addingProduct(Double(dy[base + k]), pi))
+                    }
+                }
+            }
+            return
+        }
         let chunks = PlaneChunks(shape)
         parallelFor(chunks.count, cost: 2 * min(shape.spatial, planeChunkLength)) { range in
             for i in range {
@@ -64,6 +77,18 @@ extension FusedNormalization {
         sum: UnsafeMutablePointer<Double>, dot: UnsafeMutablePointer<Double>
     ) {
         let chunks = PlaneChunks(shape)
+        if shape.spatial < smallPlane {
+            let s = shape.spatial
+            parallelFor(shape.planes, cost: 2 * s) { range in
+                for i in range {
+                    var t = 0.0, d = 0.0
+                    let base = i * s, c = centre[i]
+                    for k in 0..<s { let g = Double(dy[base + k]); t += g; d.addProduct(g, Double(x[base + k]) - c) }
+                    sum[i] = t; dot[i] = d
+                }
+            }
+            return
+        }
         if chunks.perPlane == 1 {
             let s = shape.spatial
             parallelFor(shape.planes, cost: 2 * s) { range in
@@ -101,7 +126,7 @@ extension FusedNormalization {
             for i in 0..<shape.planes { e[i] = 1; f[i] = 0; h[i] = 0 }
             return
         }
-        let K = C / G, N = Double(K * shape.spatial)
+        let K = C / G, invN = 1 / Double(K * shape.spatial)
         let yBar = ctx + layout.yBar, a = ctx + layout.a, m = ctx + layout.m, r = ctx + layout.r, w = ctx + layout.w
         let dw = scratch, dbias = scratch + G
         for g in 0..<G { dw[g] = 0; dbias[g] = 0 }
@@ -116,12 +141,12 @@ extension FusedNormalization {
                 }
                 dbias[g] += tg
                 dw[g] += r[bg] * wg
-                let rw = r[bg] * w[g], r3wW = rw * r[bg] * r[bg] * wg / N
+                let rw = r[bg] * w[g], r3wW = rw * r[bg] * r[bg] * wg * invN, hConst = -rw * tg * invN
                 for k in 0..<K {
                     let i = base + k
                     e[i] = rw
                     f[i] = -r3wW * a[g * K + k]
-                    h[i] = -rw * tg / N - r3wW * (yBar[i] - m[bg])
+                    h[i] = hConst - r3wW * (yBar[i] - m[bg])
                 }
             }
         }
@@ -151,15 +176,18 @@ extension FusedNormalization {
                 s2[c] += e[i] * u[i] + f[i] * q[i] + (p[i] - mu[c]) * sumDy1
             }
         }
+        // Per channel: k = S₂/(σ² n) and S₁/n (zero without batch statistics), so the plane loop has no division.
+        let perChannel = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * C)
+        defer { perChannel.deallocate() }
+        let kc = perChannel.baseAddress!, s1n = kc + C, invn = 1 / n
+        for c in 0..<C {
+            kc[c] = through ? s2[c] * invSigma[c] * invSigma[c] * invn : 0
+            s1n[c] = through ? s1[c] * invn : 0
+        }
         for b in 0..<B {
             for c in 0..<C {
                 let i = b * C + c
-                var fi = f[i], hi = h[i]
-                if through {
-                    let k = s2[c] * invSigma[c] * invSigma[c] / n
-                    fi -= k
-                    hi -= s1[c] / n + (p[i] - mu[c]) * k
-                }
+                let fi = f[i] - kc[c], hi = h[i] - s1n[c] - (p[i] - mu[c]) * kc[c]
                 e[i] *= a[c]; f[i] = a[c] * fi; h[i] = a[c] * hi
             }
         }

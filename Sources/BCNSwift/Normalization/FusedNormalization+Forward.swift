@@ -51,17 +51,30 @@ public enum FusedNormalization {
         var flags: NormalizationContextLayout.Flags = []
         let update = batchNormStage(plan: plan, shape: shape, training: training, state: state,
                                     layout: layout, ctx: ctx, flags: &flags)
-        var coefficients = [Double](repeating: 0, count: 2 * shape.planes)
-        coefficients.withUnsafeMutableBufferPointer { co in
+        // out = scale·(x - p) + offset per plane; every entry is written by channelNormStage
+        let coefficients = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * shape.planes)
+        defer { coefficients.deallocate() }
+        do {
+            let co = coefficients
             channelNormStage(plan: plan, shape: shape, state: state, layout: layout, ctx: ctx, flags: &flags,
                              scale: co.baseAddress!, offset: co.baseAddress! + shape.planes)
             let p = UnsafePointer(ctx + layout.p), a = UnsafePointer(co.baseAddress!)
-            let chunks = PlaneChunks(shape)
-            parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range in
-                for i in range {
-                    let c = chunks.chunk(i)
-                    T._scaleShift(x + c.offset, y + c.offset, count: c.length,
-                                  centre: p[c.plane], scale: a[c.plane], offset: a[shape.planes + c.plane])
+            if shape.spatial < smallPlane {  // out = A (x - p) + M, element by element in Float64
+                let s = shape.spatial
+                parallelFor(shape.planes, cost: s) { range in
+                    for i in range {
+                        let scale = a[i], offset = a[shape.planes + i], centre = p[i], base = i * s
+                        for k in 0..<s { y[base + k] = T(offset.addingProduct(Double(x[base + k]) - centre, scale)) }
+                    }
+                }
+            } else {
+                let chunks = PlaneChunks(shape)
+                parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range in
+                    for i in range {
+                        let c = chunks.chunk(i)
+                        T._scaleShift(x + c.offset, y + c.offset, count: c.length,
+                                      centre: p[c.plane], scale: a[c.plane], offset: a[shape.planes + c.plane])
+                    }
                 }
             }
         }
@@ -118,6 +131,13 @@ public enum FusedNormalization {
         mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>
     ) {
         let chunks = PlaneChunks(shape)
+        if shape.spatial < smallPlane {
+            let s = shape.spatial, inverse = 1 / Double(s)
+            parallelFor(shape.planes, cost: s) { range in
+                for i in range { (mean[i], m2[i]) = smallPlaneMoments(x + i * s, s, inverse) }
+            }
+            return
+        }
         if chunks.perPlane == 1 {
             let s = shape.spatial
             parallelFor(shape.planes, cost: s) { range in
@@ -141,6 +161,21 @@ public enum FusedNormalization {
             for k in 0..<chunks.perPlane { m.merge(parts[plane * chunks.perPlane + k]) }
             mean[plane] = m.mean; m2[plane] = m.m2
         }
+    }
+
+    /// Mean and M2 of a plane shorter than `smallPlane`, in Float64 scalar loops (corrected two-pass): for
+    /// [B, C] input and tiny spatial sizes, where a kernel call per plane would cost more than the plane.
+    @inline(__always)
+    static func smallPlaneMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ s: Int, _ inverse: Double)
+        -> (Double, Double)
+    {
+        if s == 1 { return (Double(x[0]), 0) }
+        var t = 0.0
+        for k in 0..<s { t += Double(x[k]) }
+        let c = t * inverse
+        var d = 0.0, q = 0.0
+        for k in 0..<s { let e = Double(x[k]) - c; d += e; q.addProduct(e, e) }
+        return (c + d * inverse, max(q - d * d * inverse, 0))
     }
 
     // MARK: [B, C] work
@@ -184,8 +219,21 @@ public enum FusedNormalization {
             let factor = bn.momentum ?? 1 / Double(count)
             var u = RunningUpdate<T>(mean: [T](repeating: 0, count: C), variance: [T](repeating: 0, count: C),
                                      count: count)
+            // Batch statistics per channel (Chan's formula for B equal planes): μ = Σ_b p / B,
+            // M2 = Σ_b q + S Σ_b (p - μ)², with the batch loop outside so the channel loop runs contiguously.
+            let sums = UnsafeMutableBufferPointer<Double>.allocate(capacity: 3 * C)
+            defer { sums.deallocate() }
+            let bMean = sums.baseAddress!, within = bMean + C, between = within + C
+            sums.initialize(repeating: 0)
+            for b in 0..<B { let row = p + b * C; for c in 0..<C { bMean[c] += row[c] } }
+            let invB = 1 / Double(B)
+            for c in 0..<C { bMean[c] *= invB }
+            for b in 0..<B {
+                let pr = p + b * C, qr = q + b * C
+                for c in 0..<C { within[c] += qr[c]; let d = pr[c] - bMean[c]; between[c] += d * d }
+            }
             for c in 0..<C {
-                let batch = Moments.ofEqualSets(count: B, size: S, means: p + c, m2s: q + c, stride: C)
+                let batch = Moments(count: n, mean: bMean[c], m2: within[c] + S * between[c])
                 let oldMean = Double(rm[c]), oldVar = Double(rv[c])
                 var folded = batch.variance
                 if bn.statistics == .estimated && bn.varianceCentre == .runningMean {

@@ -58,6 +58,9 @@ public struct NormalizationContextLayout: Sendable {
     }
 }
 
+/// Planes shorter than this are reduced and mapped by inline scalar loops rather than kernel calls.
+@usableFromInline let smallPlane = 16
+
 /// Iterates the fixed partition of B·C planes of S elements into chunks of at most `planeChunkLength`.
 @usableFromInline
 struct PlaneChunks {
