@@ -32,8 +32,8 @@ def pick(rng, shape, k=8):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("convention", CONVENTIONS, ids=lambda c: c.name.replace(" ", ""))
-def test_bcnswift_gradients_by_finite_differences(convention, training, rng):
-    shape = (2, 8, 3, 2)
+@pytest.mark.parametrize("shape", [(2, 8, 3, 2), (2, 8, 5, 5)], ids=["small-planes", "vector-planes"])
+def test_bcnswift_gradients_by_finite_differences(convention, training, shape, rng):
     pair = Pair(convention, 8, 4 if convention.groups else None, np.float64, rng)
     layer = pair.ours.train(training)
     batch_stats = layer._has_bn and not layer.estimate

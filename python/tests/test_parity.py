@@ -11,6 +11,9 @@ SHAPES = {  # rank: a shape with C = 8
     5: (2, 8, 2, 3, 2),
 }
 GROUPS = [4, 1, 8]  # two channels per group, one group, one channel per group
+# Planes of 16 or more elements take the SIMD kernels (shorter ones inline scalar loops); planes over 4096
+# elements are split into chunks and merged.
+LARGE_PLANES = [(2, 8, 6, 7), (3, 8, 33), (2, 4, 9000)]
 
 
 def _cases():
@@ -72,3 +75,14 @@ def test_gradients_accumulate_until_zero_grad(rng):
         np.testing.assert_allclose(layer.grads[k], 2 * once[k], rtol=1e-12, atol=1e-12)
     layer.zero_grad()
     assert all(not v.any() for v in layer.grads.values())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", LARGE_PLANES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("convention", CONVENTIONS, ids=lambda c: c.name.replace(" ", ""))
+def test_vector_and_chunked_planes(convention, shape, dtype, rng):
+    pair = Pair(convention, shape[1], 2 if convention.groups else None, dtype, rng)
+    for step in range(2):
+        pair.step(random_input(rng, shape), rng.normal(0.5, 1.0, shape), f"training step {step}, shape {shape}")
+    pair.train(False)
+    pair.step(random_input(rng, shape), rng.normal(-0.5, 1.0, shape), f"eval, shape {shape}")
