@@ -81,6 +81,19 @@ def as_float_array(x, dtype, name="input"):
     return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
+def _checked_out(out, like, name, allow=None):
+    """`out` if it can receive a result shaped and typed like `like` without overlapping it (except `allow`)."""
+    if type(out) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    if out.dtype != like.dtype or out.shape != like.shape:
+        raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
+        raise ValueError(f"{name} must be C-contiguous, aligned and writeable")
+    if out is not allow and np.may_share_memory(out, like):
+        raise ValueError(f"{name} must not overlap the input (backward needs the input unchanged)")
+    return out
+
+
 class _Normalization:
     """What every layer shares: options as ABI flags, arrays, train/eval, forward/backward, state dicts."""
 
@@ -154,8 +167,10 @@ class _Normalization:
             f |= _ext.BCN_CUMULATIVE_AVERAGE
         return f
 
-    def forward(self, x):
-        """Normalize x ([B, C, *]); returns a new array of the layer's dtype and x's shape."""
+    def forward(self, x, out=None):
+        """Normalize x ([B, C, *]); returns a new array of the layer's dtype and x's shape, or fills `out`
+        (C-contiguous, that dtype and shape, not overlapping x) and returns it. Reusing `out` saves allocating,
+        which matters above 32 MB, where every fresh allocation is new pages the kernel must zero."""
         x = as_float_array(x, self.dtype)
         if x.ndim < 2:
             raise ValueError(f"input must have rank >= 2 ([B, C, *]), got shape {x.shape}")
@@ -163,7 +178,7 @@ class _Normalization:
             raise ValueError(f"input has {x.shape[1]} channels (dimension 1) but the layer has {self.num_channels}")
         if x.size == 0:
             raise ValueError(f"input must not be empty, got shape {x.shape}")
-        y = np.empty_like(x)
+        y = np.empty_like(x) if out is None else _checked_out(out, x, "out")
         flags = self._call_flags()
         ctx = np.empty(max(_ext.context_length(max(x.shape[0], 1), max(x.shape[1], 1), self.num_groups), 0))
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -180,10 +195,11 @@ class _Normalization:
 
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, dy, out=None):
         """Gradient with respect to the input of the last forward; adds parameter gradients to `grads`.
 
         The last forward's input must not have been modified since (it is kept by reference, not copied).
+        `out`, if given, receives dx (as in `forward`; it may be dy itself).
         """
         with self._lock:
             if self._saved is None:
@@ -192,7 +208,7 @@ class _Normalization:
             dy = as_float_array(dy, self.dtype, "dy")
             if dy.shape != x.shape:
                 raise ValueError(f"dy has shape {dy.shape}, the last forward's output has shape {x.shape}")
-            dx = np.empty_like(x)
+            dx = np.empty_like(x) if out is None else _checked_out(out, x, "out", allow=dy)
             g = self.grads
             _ext.norm_backward(flags, self.num_groups, x, dy, dx,
                                g.get(self._bn_prefix + "weight") if self._has_bn else None,

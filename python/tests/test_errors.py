@@ -195,3 +195,28 @@ def test_one_sample_one_channel_per_group_backward(dtype, rng):
         layer(x)
         dx = layer.backward(rng.normal(size=x.shape))
         assert np.isfinite(dx).all() and all(np.isfinite(g).all() for g in layer.grads.values())
+
+
+def test_out_arguments(rng):
+    x = random_input(rng, (2, 8, 5)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    a, b = bcnswift.BatchChannelNorm(8, 4, estimate=False), bcnswift.BatchChannelNorm(8, 4, estimate=False)
+    out = np.empty_like(x)
+    assert a(x, out=out) is out
+    np.testing.assert_array_equal(out, b(x))
+    g = dy.copy()
+    assert a.backward(g, out=g) is g  # dx may overwrite dy
+    np.testing.assert_array_equal(g, b.backward(dy))
+    before = {k: v.copy() for k, v in a.state_dict().items()}
+    with pytest.raises(ValueError, match="overlap"):
+        a(x, out=x)
+    with pytest.raises(ValueError, match="dtype float32 and shape"):
+        a(x, out=np.empty((2, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="dtype float32"):
+        a(x, out=np.empty(x.shape, np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        a(x, out=np.empty((5, 8, 2), np.float32).transpose(2, 1, 0))
+    with pytest.raises(TypeError, match="numpy array"):
+        a(x, out=[0.0])
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
