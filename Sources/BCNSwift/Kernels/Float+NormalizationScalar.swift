@@ -1,7 +1,7 @@
-// Float kernels. Reductions that must be exact (the first-pass sum) load 8 Floats and widen them to Float64
-// accumulators. Reductions of deviations from a centre run in Float32 blocks of 128 elements (8 terms per lane
-// and accumulator, so a block's rounding stays below ~8 ulps of its terms) flushed to Float64: their inner loops
-// have no conversion, which is what keeps the passes at memory speed.
+// Float kernels. Reductions run in Float32 blocks (256 elements over four 8-lane accumulators, or 128 over two),
+// so each lane sums at most 8 terms and a block's rounding stays below ~8 ulps of its terms; blocks flush to
+// Float64. Inner loops have no conversion, which is what keeps the passes at memory speed. Exactness comes from
+// the algorithms around them (a corrected second pass, centring, power-of-two scaling), not from wide accumulators.
 
 extension Float: NormalizationScalar {
     @inlinable @inline(__always)
@@ -26,11 +26,6 @@ extension Float: NormalizationScalar {
     static func _flush(_ a: SIMD8<Float>, _ b: SIMD8<Float>, into ta: inout Double, _ tb: inout Double) {
         ta += Double(_hsum(a))
         tb += Double(_hsum(b))
-    }
-
-    @inlinable @inline(__always)
-    static func _widen(_ v: SIMD8<Float>) -> (SIMD4<Double>, SIMD4<Double>) {
-        (SIMD4<Double>(v.lowHalf), SIMD4<Double>(v.highHalf))
     }
 
     /// 2^k ≈ 1/√v for a finite v > 0 (half of v's binary exponent, so no square root), within Float's normal
@@ -72,7 +67,7 @@ extension Float: NormalizationScalar {
         return Moments(count: m, mean: c + sum * invM, m2: Swift.max(dev2 - sum * sum * invM, 0))
     }
 
-    /// (Σx, Σx²) accumulated in Float32 blocks of 128 elements, flushed to Float64.
+    /// (Σx, Σx²) accumulated in Float32 blocks of 256 elements, flushed to Float64.
     @inlinable
     static func _blockSums(_ x: UnsafePointer<Float>, count n: Int) -> (Double, Double) {
         var ts = 0.0, tq = 0.0
