@@ -32,7 +32,7 @@ def pick(rng, shape, k=8):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("convention", CONVENTIONS, ids=lambda c: c.name.replace(" ", ""))
-@pytest.mark.parametrize("shape", [(2, 8, 3, 2), (2, 8, 5, 5)], ids=["small-planes", "vector-planes"])
+@pytest.mark.parametrize("shape", [(5, 8), (2, 8, 3, 2), (2, 8, 5, 5)], ids=["rows", "small-planes", "vector-planes"])
 def test_bcnswift_gradients_by_finite_differences(convention, training, shape, rng):
     pair = Pair(convention, 8, 4 if convention.groups else None, np.float64, rng)
     layer = pair.ours.train(training)

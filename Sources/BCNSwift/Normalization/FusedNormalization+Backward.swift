@@ -29,6 +29,11 @@ extension FusedNormalization {
               flags.contains(.channelNorm) == (plan.channelNorm != nil) else {
             throw BCNError(.noForward, "no forward of this layer with input shape [\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S]) to differentiate")
         }
+        if flags.contains(.rows) {
+            rowsBackward(plan: plan, shape: shape, flags: flags, x: x, dy: dy, dx: dx, gradients: gradients,
+                         layout: layout, ctx: ctx)
+            return
+        }
         let planes = shape.planes, groups = plan.groups
         let work = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * planes + 2 * groups)
         defer { work.deallocate() }

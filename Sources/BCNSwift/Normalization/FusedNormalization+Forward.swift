@@ -40,6 +40,20 @@ public enum FusedNormalization {
         try checkState(plan: plan, state: state)
         try checkDegenerate(plan: plan, shape: shape, training: training)
 
+        if shape.spatial == 1 {  // [B, C] input: the row path (FusedNormalization+Rows.swift)
+            if plan.nanPolicy == .raise {
+                for i in 0..<shape.count where !Double(x[i]).isFinite {
+                    throw BCNError(.nonFinite,
+                                   "input holds NaN or infinity (channel \(i % shape.channels) of sample \(i / shape.channels)) and nan_policy is 'raise'")
+                }
+            }
+            var flags: NormalizationContextLayout.Flags = []
+            let update = rowsForward(plan: plan, shape: shape, training: training, x: x, y: y, state: state,
+                                     layout: layout, ctx: ctx, flags: &flags)
+            update?.commit(state)
+            layout.writeHeader(ctx, flags: flags)
+            return
+        }
         planeMoments(x, shape: shape, mean: ctx + layout.p, m2: ctx + layout.q)
         if plan.nanPolicy == .raise {
             for i in 0..<shape.planes where !(ctx[layout.p + i].isFinite && ctx[layout.q + i].isFinite) {
@@ -202,23 +216,14 @@ public enum FusedNormalization {
         let B = shape.batch, C = shape.channels, S = Double(shape.spatial)
         let p = ctx + layout.p, q = ctx + layout.q, yBar = ctx + layout.yBar
         let mu = ctx + layout.mu, invSigma = ctx + layout.invSigma, a = ctx + layout.a
-        guard let bn = plan.batchNorm, let gamma = state.bnWeight, let beta = state.bnBias,
-              let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else {
+        guard let bn = plan.batchNorm, let beta = state.bnBias else {
             for c in 0..<C { mu[c] = 0; invSigma[c] = 1; a[c] = 1 }
             for i in 0..<shape.planes { yBar[i] = p[i] }
             return nil
         }
-        flags.insert(.batchNorm)
-        var update: RunningUpdate<T>? = nil
+        var batch: UnsafeMutableBufferPointer<Moments>? = nil
+        defer { batch?.deallocate() }
         if training {
-            let n = Double(B) * S
-            // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable,
-            // except when the cumulative average needs the count.
-            let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
-            let count = counts ? nbt.pointee &+ 1 : nbt.pointee
-            let factor = bn.momentum ?? 1 / Double(count)
-            var u = RunningUpdate<T>(mean: [T](repeating: 0, count: C), variance: [T](repeating: 0, count: C),
-                                     count: count)
             // Batch statistics per channel (Chan's formula for B equal planes): μ = Σ_b p / B,
             // M2 = Σ_b q + S Σ_b (p - μ)², with the batch loop outside so the channel loop runs contiguously.
             let sums = UnsafeMutableBufferPointer<Double>.allocate(capacity: 3 * C)
@@ -232,23 +237,61 @@ public enum FusedNormalization {
                 let pr = p + b * C, qr = q + b * C
                 for c in 0..<C { within[c] += qr[c]; let d = pr[c] - bMean[c]; between[c] += d * d }
             }
+            let m = UnsafeMutableBufferPointer<Moments>.allocate(capacity: C)
             for c in 0..<C {
-                let batch = Moments(count: n, mean: bMean[c], m2: within[c] + S * between[c])
+                m.initializeElement(at: c, to: Moments(count: Double(B) * S, mean: bMean[c],
+                                                       m2: within[c] + S * between[c]))
+            }
+            batch = m
+        }
+        let update = channelNormalization(bn: bn, training: training, channels: C,
+                                          batch: batch.map { UnsafePointer($0.baseAddress!) }, state: state,
+                                          mu: mu, invSigma: invSigma, a: a, flags: &flags)
+        for b in 0..<B {
+            for c in 0..<C {
+                let i = b * C + c
+                yBar[i] = a[c] * (p[i] - mu[c]) + Double(beta[c])
+            }
+        }
+        return update
+    }
+
+    /// The batch-norm stage per channel, shared by the plane and row paths: μ, 1/σ and a = γ/σ, and in training
+    /// the running-buffer update computed from the batch's moments per channel (`batch`, required in training).
+    static func channelNormalization<T: NormalizationScalar>(
+        bn: BatchNormOptions, training: Bool, channels C: Int, batch: UnsafePointer<Moments>?,
+        state: NormalizationState<T>, mu: UnsafeMutablePointer<Double>, invSigma: UnsafeMutablePointer<Double>,
+        a: UnsafeMutablePointer<Double>, flags: inout NormalizationContextLayout.Flags
+    ) -> RunningUpdate<T>? {
+        guard let gamma = state.bnWeight, let rm = state.runningMean, let rv = state.runningVar,
+              let nbt = state.numBatchesTracked else { return nil }
+        flags.insert(.batchNorm)
+        var update: RunningUpdate<T>? = nil
+        if training, let batch {
+            // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable,
+            // except when the cumulative average needs the count.
+            let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
+            let count = counts ? nbt.pointee &+ 1 : nbt.pointee
+            let factor = bn.momentum ?? 1 / Double(count)
+            var u = RunningUpdate<T>(mean: [T](repeating: 0, count: C), variance: [T](repeating: 0, count: C),
+                                     count: count)
+            for c in 0..<C {
+                let moments = batch[c], n = moments.count
                 let oldMean = Double(rm[c]), oldVar = Double(rv[c])
-                var folded = batch.variance
+                var folded = moments.variance
                 if bn.statistics == .estimated && bn.varianceCentre == .runningMean {
-                    let d = batch.mean - oldMean
+                    let d = moments.mean - oldMean
                     folded += d * d  // (1/n) Σ (x - μ_old)² = biased variance + (mean - μ_old)²
                 }
                 if bn.unbiasedRunningVariance { folded *= n / (n - 1) }
-                let newMean = (1 - factor) * oldMean + factor * batch.mean
+                let newMean = (1 - factor) * oldMean + factor * moments.mean
                 let newVar = (1 - factor) * oldVar + factor * folded
                 u.mean[c] = T(newMean)
                 u.variance[c] = T(newVar)
                 switch bn.statistics {
                 case .batch:
-                    mu[c] = batch.mean
-                    invSigma[c] = 1 / (batch.variance + bn.eps).squareRoot()
+                    mu[c] = moments.mean
+                    invSigma[c] = 1 / (moments.variance + bn.eps).squareRoot()
                 case .estimated:
                     // The new estimates before rounding to T: in Float32 a mean of 100 rounds by 4e-6, which a
                     // spread of 0.01 would magnify to 4e-4 in the output.
@@ -265,12 +308,6 @@ public enum FusedNormalization {
             }
         }
         for c in 0..<C { a[c] = Double(gamma[c]) * invSigma[c] }
-        for b in 0..<B {
-            for c in 0..<C {
-                let i = b * C + c
-                yBar[i] = a[c] * (p[i] - mu[c]) + Double(beta[c])
-            }
-        }
         return update
     }
 

@@ -19,6 +19,8 @@ public struct NormalizationContextLayout: Sendable {
         public static let batchNorm = Flags(rawValue: 1)
         public static let gradientThroughBatchStatistics = Flags(rawValue: 2)
         public static let channelNorm = Flags(rawValue: 4)
+        /// Filled by the row path (spatial size 1): no per-plane numbers, ȳ's first C slots hold β.
+        public static let rows = Flags(rawValue: 8)
     }
 
     public init(shape: NormalizationShape, groups: Int) {
@@ -53,7 +55,7 @@ public struct NormalizationContextLayout: Sendable {
     /// The flags if the header matches this layout, else nil.
     func readFlags(_ ctx: UnsafePointer<Double>) -> Flags? {
         guard ctx[0] == Self.magic, ctx[1] == Double(batch), ctx[2] == Double(channels),
-              ctx[3] == Double(spatial), ctx[4] == Double(groups), ctx[5] >= 0, ctx[5] < 8 else { return nil }
+              ctx[3] == Double(spatial), ctx[4] == Double(groups), ctx[5] >= 0, ctx[5] < 16 else { return nil }
         return Flags(rawValue: Int(ctx[5]))
     }
 }
