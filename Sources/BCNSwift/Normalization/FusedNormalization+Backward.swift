@@ -53,19 +53,6 @@ extension FusedNormalization {
         }
 
         let p = UnsafePointer(ctx + layout.p)
-        if shape.spatial < smallPlane {  // dx = P dy + Q (x - p) + R, element by element in Float64
-            let s = shape.spatial
-            parallelFor(planes, cost: 2 * s) { range in
-                for i in range {
-                    let pi = e[i], qi = f[i], ri = h[i], centre = p[i], base = i * s
-                    for k in 0..<s {
-                        dx[base + k] = T(ri.addingProduct(Double(x[base + k]) - centre, qi)
-                                           .addingProduct(Double(dy[base + k]), pi))
-                    }
-                }
-            }
-            return
-        }
         let chunks = PlaneChunks(shape)
         parallelFor(chunks.count, cost: 2 * min(shape.spatial, planeChunkLength)) { range in
             for i in range {
@@ -82,18 +69,6 @@ extension FusedNormalization {
         sum: UnsafeMutablePointer<Double>, dot: UnsafeMutablePointer<Double>
     ) {
         let chunks = PlaneChunks(shape)
-        if shape.spatial < smallPlane {
-            let s = shape.spatial
-            parallelFor(shape.planes, cost: 2 * s) { range in
-                for i in range {
-                    var t = 0.0, d = 0.0
-                    let base = i * s, c = centre[i]
-                    for k in 0..<s { let g = Double(dy[base + k]); t += g; d.addProduct(g, Double(x[base + k]) - c) }
-                    sum[i] = t; dot[i] = d
-                }
-            }
-            return
-        }
         if chunks.perPlane == 1 {
             let s = shape.spatial
             parallelFor(shape.planes, cost: 2 * s) { range in

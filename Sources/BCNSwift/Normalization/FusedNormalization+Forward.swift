@@ -40,7 +40,7 @@ public enum FusedNormalization {
         try checkState(plan: plan, state: state)
         try checkDegenerate(plan: plan, shape: shape, training: training)
 
-        if shape.spatial == 1 {  // [B, C] input: the row path (FusedNormalization+Rows.swift)
+        if shape.spatial < smallPlane {  // short planes: the row path (FusedNormalization+Rows.swift)
             if plan.nanPolicy == .raise {
                 for i in 0..<shape.count where !Double(x[i]).isFinite {
                     throw BCNError(.nonFinite,
@@ -73,22 +73,12 @@ public enum FusedNormalization {
             channelNormStage(plan: plan, shape: shape, state: state, layout: layout, ctx: ctx, flags: &flags,
                              scale: co.baseAddress!, offset: co.baseAddress! + shape.planes)
             let p = UnsafePointer(ctx + layout.p), a = UnsafePointer(co.baseAddress!)
-            if shape.spatial < smallPlane {  // out = A (x - p) + M, element by element in Float64
-                let s = shape.spatial
-                parallelFor(shape.planes, cost: s) { range in
-                    for i in range {
-                        let scale = a[i], offset = a[shape.planes + i], centre = p[i], base = i * s
-                        for k in 0..<s { y[base + k] = T(offset.addingProduct(Double(x[base + k]) - centre, scale)) }
-                    }
-                }
-            } else {
-                let chunks = PlaneChunks(shape)
-                parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range in
-                    for i in range {
-                        let c = chunks.chunk(i)
-                        T._scaleShift(x + c.offset, y + c.offset, count: c.length,
-                                      centre: p[c.plane], scale: a[c.plane], offset: a[shape.planes + c.plane])
-                    }
+            let chunks = PlaneChunks(shape)
+            parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range in
+                for i in range {
+                    let c = chunks.chunk(i)
+                    T._scaleShift(x + c.offset, y + c.offset, count: c.length,
+                                  centre: p[c.plane], scale: a[c.plane], offset: a[shape.planes + c.plane])
                 }
             }
         }
@@ -145,13 +135,6 @@ public enum FusedNormalization {
         mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>
     ) {
         let chunks = PlaneChunks(shape)
-        if shape.spatial < smallPlane {
-            let s = shape.spatial, inverse = 1 / Double(s)
-            parallelFor(shape.planes, cost: s) { range in
-                for i in range { (mean[i], m2[i]) = smallPlaneMoments(x + i * s, s, inverse) }
-            }
-            return
-        }
         if chunks.perPlane == 1 {
             let s = shape.spatial
             parallelFor(shape.planes, cost: s) { range in
@@ -175,21 +158,6 @@ public enum FusedNormalization {
             for k in 0..<chunks.perPlane { m.merge(parts[plane * chunks.perPlane + k]) }
             mean[plane] = m.mean; m2[plane] = m.m2
         }
-    }
-
-    /// Mean and M2 of a plane shorter than `smallPlane`, in Float64 scalar loops (corrected two-pass): for
-    /// [B, C] input and tiny spatial sizes, where a kernel call per plane would cost more than the plane.
-    @inline(__always)
-    static func smallPlaneMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ s: Int, _ inverse: Double)
-        -> (Double, Double)
-    {
-        if s == 1 { return (Double(x[0]), 0) }
-        var t = 0.0
-        for k in 0..<s { t += Double(x[k]) }
-        let c = t * inverse
-        var d = 0.0, q = 0.0
-        for k in 0..<s { let e = Double(x[k]) - c; d += e; q.addProduct(e, e) }
-        return (c + d * inverse, max(q - d * d * inverse, 0))
     }
 
     // MARK: [B, C] work

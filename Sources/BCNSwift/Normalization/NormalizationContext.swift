@@ -19,7 +19,7 @@ public struct NormalizationContextLayout: Sendable {
         public static let batchNorm = Flags(rawValue: 1)
         public static let gradientThroughBatchStatistics = Flags(rawValue: 2)
         public static let channelNorm = Flags(rawValue: 4)
-        /// Filled by the row path (spatial size 1): no per-plane numbers, ȳ's first C slots hold β.
+        /// Filled by the row path (short planes): no per-plane numbers, ȳ's first C slots hold β.
         public static let rows = Flags(rawValue: 8)
     }
 
@@ -60,7 +60,7 @@ public struct NormalizationContextLayout: Sendable {
     }
 }
 
-/// Planes shorter than this are reduced and mapped by inline scalar loops rather than kernel calls.
+/// Planes shorter than this take the row path (FusedNormalization+Rows.swift) instead of per-plane kernels.
 @usableFromInline let smallPlane = 16
 
 /// Iterates the fixed partition of B·C planes of S elements into chunks of at most `planeChunkLength`.
