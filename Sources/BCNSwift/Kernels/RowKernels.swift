@@ -57,13 +57,10 @@ enum RowKernels {
     static func accumulate(g: UnsafePointer<Double>, y1: UnsafePointer<Double>, x: UnsafePointer<Double>,
                            mu: UnsafePointer<Double>, rw: Double, hc: Double, r3: Double, mean: Double,
                            s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>, _ n: Int) {
-        let vrw = SIMD4(repeating: rw), vhc = SIMD4(repeating: hc), vr3 = SIMD4(repeating: -r3)
-        let vm = SIMD4(repeating: mean)
+        let k = DyCoefficients(rw: rw, hc: hc, r3: r3, mean: mean)
         var i = 0
         while i + 4 <= n {
-            var d = vhc
-            d.addProduct(vrw, load(g, i))
-            d.addProduct(vr3, load(y1, i) - vm)
+            let d = k.dy1(g, y1, i)
             store(load(s1, i) + d, s1, i)
             var t = load(s2, i)
             t.addProduct(d, load(x, i) - load(mu, i))
@@ -71,7 +68,7 @@ enum RowKernels {
             i += 4
         }
         while i < n {
-            let d = hc.addingProduct(rw, g[i]).addingProduct(-r3, y1[i] - mean)
+            let d = k.dy1(g[i], y1[i])
             s1[i] += d
             s2[i].addProduct(d, x[i] - mu[i])
             i += 1
@@ -84,13 +81,10 @@ enum RowKernels {
                        mu: UnsafePointer<Double>, a: UnsafePointer<Double>?, s1: UnsafePointer<Double>,
                        s2: UnsafePointer<Double>, rw: Double, hc: Double, r3: Double, mean: Double,
                        out: UnsafeMutablePointer<Double>, _ n: Int) {
-        let vrw = SIMD4(repeating: rw), vhc = SIMD4(repeating: hc), vr3 = SIMD4(repeating: -r3)
-        let vm = SIMD4(repeating: mean)
+        let k = DyCoefficients(rw: rw, hc: hc, r3: r3, mean: mean)
         var i = 0
         while i + 4 <= n {
-            var d = vhc
-            d.addProduct(vrw, load(g, i))
-            d.addProduct(vr3, load(y1, i) - vm)
+            let d = k.dy1(g, y1, i)
             if let a {
                 var v = d - load(s1, i)
                 v.addProduct(-(load(x, i) - load(mu, i)), load(s2, i))
@@ -101,9 +95,37 @@ enum RowKernels {
             i += 4
         }
         while i < n {
-            let d = hc.addingProduct(rw, g[i]).addingProduct(-r3, y1[i] - mean)
+            let d = k.dy1(g[i], y1[i])
             if let a { out[i] = a[i] * ((d - s1[i]) - (x[i] - mu[i]) * s2[i]) } else { out[i] = d }
             i += 1
+        }
+    }
+
+    /// The channel-norm backward of one value, dy₁ = rw·dy + hc - r3 (y₁ - mean), four lanes or one at a time
+    /// (the same fused operations, so a value's result does not depend on its position).
+    @usableFromInline
+    struct DyCoefficients {
+        @usableFromInline let rw: Double, hc: Double, r3: Double, mean: Double
+        @usableFromInline let vrw: SIMD4<Double>, vhc: SIMD4<Double>, vr3: SIMD4<Double>, vm: SIMD4<Double>
+
+        @inlinable
+        init(rw: Double, hc: Double, r3: Double, mean: Double) {
+            self.rw = rw; self.hc = hc; self.r3 = r3; self.mean = mean
+            vrw = SIMD4(repeating: rw); vhc = SIMD4(repeating: hc); vr3 = SIMD4(repeating: -r3)
+            vm = SIMD4(repeating: mean)
+        }
+
+        @inlinable @inline(__always)
+        func dy1(_ g: UnsafePointer<Double>, _ y1: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> {
+            var d = vhc
+            d.addProduct(vrw, RowKernels.load(g, i))
+            d.addProduct(vr3, RowKernels.load(y1, i) - vm)
+            return d
+        }
+
+        @inlinable @inline(__always)
+        func dy1(_ g: Double, _ y1: Double) -> Double {
+            hc.addingProduct(rw, g).addingProduct(-r3, y1 - mean)
         }
     }
 }
