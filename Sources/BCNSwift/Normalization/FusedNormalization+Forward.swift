@@ -65,20 +65,39 @@ public enum FusedNormalization {
         var flags: NormalizationContextLayout.Flags = []
         let update = batchNormStage(plan: plan, shape: shape, training: training, state: state,
                                     layout: layout, ctx: ctx, flags: &flags)
-        // out = scale·(x - p) + offset per plane; every entry is written by channelNormStage
-        let coefficients = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * shape.planes)
-        defer { coefficients.deallocate() }
-        do {
-            let co = coefficients
-            channelNormStage(plan: plan, shape: shape, state: state, layout: layout, ctx: ctx, flags: &flags,
-                             scale: co.baseAddress!, offset: co.baseAddress! + shape.planes)
-            let p = UnsafePointer(ctx + layout.p), a = UnsafePointer(co.baseAddress!)
-            let chunks = PlaneChunks(shape)
-            parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range in
+        if plan.channelNorm != nil, let weight = state.cnWeight {
+            flags.insert(.channelNorm)
+            for g in 0..<plan.groups { ctx[layout.w + g] = Double(weight[g]) }
+        }
+        // The group statistics and the output map, one unit (sample, channel group) at a time.
+        let K = plan.channelNorm.map { shape.channels / $0.groups } ?? 1, units = shape.planes / K
+        let p = UnsafePointer(ctx + layout.p), chunks = PlaneChunks(shape)
+        if chunks.perPlane == 1 {  // each unit maps its own planes as soon as it knows their coefficients
+            let s = shape.spatial
+            parallelFor(units, cost: K * s) { range in
+                for u in range {
+                    unitMap(u, groupSize: K, plan: plan, shape: shape, state: state, layout: layout, ctx: ctx) {
+                        plane, scale, offset in
+                        T._scaleShift(x + plane * s, y + plane * s, count: s, centre: p[plane], scale: scale,
+                                      offset: offset)
+                    }
+                }
+            }
+        } else {  // planes in several chunks: coefficients first, then the chunks in parallel
+            let coefficients = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * shape.planes)
+            defer { coefficients.deallocate() }
+            let co = coefficients.baseAddress!
+            for u in 0..<units {
+                unitMap(u, groupSize: K, plan: plan, shape: shape, state: state, layout: layout, ctx: ctx) {
+                    plane, scale, offset in
+                    co[plane] = scale; co[shape.planes + plane] = offset
+                }
+            }
+            parallelFor(chunks.count, cost: planeChunkLength) { range in
                 for i in range {
                     let c = chunks.chunk(i)
                     T._scaleShift(x + c.offset, y + c.offset, count: c.length,
-                                  centre: p[c.plane], scale: a[c.plane], offset: a[shape.planes + c.plane])
+                                  centre: p[c.plane], scale: co[c.plane], offset: co[shape.planes + c.plane])
                 }
             }
         }
@@ -175,18 +194,17 @@ public enum FusedNormalization {
         }
     }
 
-    /// Fills μ, 1/σ, a = γ/σ and ȳ in the context; returns the running update a training forward makes.
+    /// Fills μ, 1/σ and a = γ/σ in the context; returns the running update a training forward makes.
     static func batchNormStage<T: NormalizationScalar>(
         plan: NormalizationPlan, shape: NormalizationShape, training: Bool, state: NormalizationState<T>,
         layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
         flags: inout NormalizationContextLayout.Flags
     ) -> RunningUpdate<T>? {
         let B = shape.batch, C = shape.channels, S = Double(shape.spatial)
-        let p = ctx + layout.p, q = ctx + layout.q, yBar = ctx + layout.yBar
+        let p = ctx + layout.p, q = ctx + layout.q
         let mu = ctx + layout.mu, invSigma = ctx + layout.invSigma, a = ctx + layout.a
-        guard let bn = plan.batchNorm, let beta = state.bnBias else {
+        guard let bn = plan.batchNorm else {
             for c in 0..<C { mu[c] = 0; invSigma[c] = 1; a[c] = 1 }
-            for i in 0..<shape.planes { yBar[i] = p[i] }
             return nil
         }
         var batch: UnsafeMutableBufferPointer<Moments>? = nil
@@ -212,16 +230,9 @@ public enum FusedNormalization {
             }
             batch = m
         }
-        let update = channelNormalization(bn: bn, training: training, channels: C,
-                                          batch: batch.map { UnsafePointer($0.baseAddress!) }, state: state,
-                                          mu: mu, invSigma: invSigma, a: a, flags: &flags)
-        for b in 0..<B {
-            for c in 0..<C {
-                let i = b * C + c
-                yBar[i] = a[c] * (p[i] - mu[c]) + Double(beta[c])
-            }
-        }
-        return update
+        return channelNormalization(bn: bn, training: training, channels: C,
+                                    batch: batch.map { UnsafePointer($0.baseAddress!) }, state: state,
+                                    mu: mu, invSigma: invSigma, a: a, flags: &flags)
     }
 
     /// The batch-norm stage per channel, shared by the plane and row paths: μ, 1/σ and a = γ/σ, and in training
@@ -279,40 +290,35 @@ public enum FusedNormalization {
         return update
     }
 
-    /// Fills m, r, w in the context and the per-plane output map out = scale·(x - p) + offset.
-    static func channelNormStage<T: NormalizationScalar>(
-        plan: NormalizationPlan, shape: NormalizationShape, state: NormalizationState<T>,
-        layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
-        flags: inout NormalizationContextLayout.Flags,
-        scale: UnsafeMutablePointer<Double>, offset: UnsafeMutablePointer<Double>
+    /// One unit of the output stage: sample b's channel group g (or channel g without a channel-norm stage),
+    /// u = b·(C/K) + g. Writes ȳ = a (p - μ) + β of its K planes, and with a channel norm the group's m and
+    /// r = 1/√(v + eps) from the K planes' y₁ moments (means ȳ, M2 a²q); then calls `apply(plane, scale,
+    /// offset)` with each plane's map out = scale·(x - p) + offset, scale = r w a, offset = r w (ȳ - m) + bias.
+    @inline(__always)
+    static func unitMap<T: NormalizationScalar>(
+        _ u: Int, groupSize K: Int, plan: NormalizationPlan, shape: NormalizationShape,
+        state: NormalizationState<T>, layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
+        apply: (Int, Double, Double) -> Void
     ) {
-        let B = shape.batch, C = shape.channels, S = Double(shape.spatial)
-        let q = ctx + layout.q, yBar = ctx + layout.yBar, a = ctx + layout.a
-        guard let cn = plan.channelNorm, let weight = state.cnWeight, let bias = state.cnBias else {
-            for b in 0..<B {
-                for c in 0..<C { scale[b * C + c] = a[c]; offset[b * C + c] = yBar[b * C + c] }
-            }
+        let C = shape.channels, perSample = C / K, b = u / perSample, g = u - b * perSample
+        let base = b * C + g * K, c0 = g * K
+        let p = ctx + layout.p, q = ctx + layout.q, yBar = ctx + layout.yBar
+        let mu = ctx + layout.mu, a = ctx + layout.a
+        if let beta = state.bnBias, plan.batchNorm != nil {
+            for k in 0..<K { yBar[base + k] = a[c0 + k] * (p[base + k] - mu[c0 + k]) + Double(beta[c0 + k]) }
+        } else {
+            for k in 0..<K { yBar[base + k] = p[base + k] }
+        }
+        guard let cn = plan.channelNorm, let bias = state.cnBias else {
+            apply(base, a[c0], yBar[base])
             return
         }
-        flags.insert(.channelNorm)
-        let G = cn.groups, K = C / G
-        let m = ctx + layout.m, r = ctx + layout.r, w = ctx + layout.w
-        for g in 0..<G { w[g] = Double(weight[g]) }
-        for b in 0..<B {
-            for g in 0..<G {
-                let base = b * C + g * K
-                // the K planes' y₁ moments: means ȳ, M2 a²q
-                let group = Moments.ofEqualSets(count: K, size: S, means: yBar + base, m2s: q + base, stride: 1,
-                                                m2Scale: { k in a[g * K + k] * a[g * K + k] })
-                let rg = 1 / (group.variance + cn.eps).squareRoot()
-                m[b * G + g] = group.mean
-                r[b * G + g] = rg
-                let rw = rg * w[g], beta = Double(bias[g])
-                for k in 0..<K {
-                    scale[base + k] = rw * a[g * K + k]
-                    offset[base + k] = rw * (yBar[base + k] - group.mean) + beta
-                }
-            }
-        }
+        let group = Moments.ofEqualSets(count: K, size: Double(shape.spatial), means: yBar + base, m2s: q + base,
+                                        stride: 1, m2Scale: { k in a[c0 + k] * a[c0 + k] })
+        let rg = 1 / (group.variance + cn.eps).squareRoot()
+        ctx[layout.m + b * cn.groups + g] = group.mean
+        ctx[layout.r + b * cn.groups + g] = rg
+        let rw = rg * ctx[layout.w + g], offset = Double(bias[g])
+        for k in 0..<K { apply(base + k, rw * a[c0 + k], rw * (yBar[base + k] - group.mean) + offset) }
     }
 }
