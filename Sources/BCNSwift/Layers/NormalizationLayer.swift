@@ -54,40 +54,33 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
                                                              groups: plan.groups) else {
             throw BCNError(.invalidArgument, "input shape \(shape) is too large")
         }
+        // The engine takes raw pointers: parameters and buffers go into one block for the call, and the
+        // running buffers come back from it only if the forward succeeds.
+        let C = bnWeight.count, G = weight.count
+        var block = bnWeight + bnBias + runningMean + runningVar + weight + bias
+        var counter = [numBatchesTracked]
         var context = [Double](repeating: 0, count: length)
         var y = [Scalar](repeating: 0, count: s.count)
-        var nbt = numBatchesTracked
-        var rm = runningMean, rv = runningVar  // the engine commits into these only on success
-        try x.withUnsafeBufferPointer { (xp) throws(BCNError) in
-            try y.withUnsafeMutableBufferPointer { (yp) throws(BCNError) in
-                try rm.withUnsafeMutableBufferPointer { (rmp) throws(BCNError) in
-                    try rv.withUnsafeMutableBufferPointer { (rvp) throws(BCNError) in
-                        try context.withUnsafeMutableBufferPointer { (cp) throws(BCNError) in
-                            try withUnsafeMutablePointer(to: &nbt) { (np) throws(BCNError) in
-                                try bnWeight.withUnsafeBufferPointer { (bw) throws(BCNError) in
-                                    try bnBias.withUnsafeBufferPointer { (bb) throws(BCNError) in
-                                        try weight.withUnsafeBufferPointer { (cw) throws(BCNError) in
-                                            try bias.withUnsafeBufferPointer { (cb) throws(BCNError) in
-                                                let state = NormalizationState<Scalar>(
-                                                    bnWeight: bw.baseAddress, bnBias: bb.baseAddress,
-                                                    runningMean: rmp.baseAddress, runningVar: rvp.baseAddress,
-                                                    numBatchesTracked: np, cnWeight: cw.baseAddress,
-                                                    cnBias: cb.baseAddress)
-                                                try FusedNormalization.forward(
-                                                    plan: plan, shape: s, training: training,
-                                                    x: xp.baseAddress!, y: yp.baseAddress!, state: state,
-                                                    context: cp)
-                                            }
-                                        }
-                                    }
-                                }
-                            }
+        try block.withUnsafeMutableBufferPointer { (pb) throws(BCNError) in
+            try counter.withUnsafeMutableBufferPointer { (nb) throws(BCNError) in
+                try context.withUnsafeMutableBufferPointer { (cb) throws(BCNError) in
+                    try y.withUnsafeMutableBufferPointer { (yb) throws(BCNError) in
+                        try x.withUnsafeBufferPointer { (xb) throws(BCNError) in
+                            let p = pb.baseAddress!
+                            let state = NormalizationState<Scalar>(
+                                bnWeight: p, bnBias: p + C, runningMean: p + 2 * C, runningVar: p + 3 * C,
+                                numBatchesTracked: nb.baseAddress, cnWeight: p + 4 * C, cnBias: p + 4 * C + G)
+                            try FusedNormalization.forward(plan: plan, shape: s, training: training,
+                                                           x: xb.baseAddress!, y: yb.baseAddress!, state: state,
+                                                           context: cb)
                         }
                     }
                 }
             }
         }
-        runningMean = rm; runningVar = rv; numBatchesTracked = nbt
+        runningMean = Array(block[(2 * C)..<(3 * C)])
+        runningVar = Array(block[(3 * C)..<(4 * C)])
+        numBatchesTracked = counter[0]
         saved = (x, s, context)
         return y
     }
@@ -98,32 +91,28 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         guard dy.count == saved.x.count else {
             throw BCNError(.shapeMismatch, "dy has \(dy.count) elements, the last forward's output has \(saved.x.count)")
         }
+        let C = gradBnWeight.count, G = gradWeight.count
+        var grads = gradBnWeight + gradBnBias + gradWeight + gradBias  // accumulated into, as one block
         var dx = [Scalar](repeating: 0, count: dy.count)
-        var gbw = gradBnWeight, gbb = gradBnBias, gw = gradWeight, gb = gradBias
-        try saved.x.withUnsafeBufferPointer { (xp) throws(BCNError) in
-            try dy.withUnsafeBufferPointer { (dyp) throws(BCNError) in
-                try dx.withUnsafeMutableBufferPointer { (dxp) throws(BCNError) in
-                    try saved.context.withUnsafeBufferPointer { (cp) throws(BCNError) in
-                        try gbw.withUnsafeMutableBufferPointer { (a) throws(BCNError) in
-                            try gbb.withUnsafeMutableBufferPointer { (b) throws(BCNError) in
-                                try gw.withUnsafeMutableBufferPointer { (c) throws(BCNError) in
-                                    try gb.withUnsafeMutableBufferPointer { (d) throws(BCNError) in
-                                        try FusedNormalization.backward(
-                                            plan: plan, shape: saved.shape, x: xp.baseAddress!,
-                                            dy: dyp.baseAddress!, dx: dxp.baseAddress!,
-                                            gradients: NormalizationGradients(
-                                                bnWeight: a.baseAddress, bnBias: b.baseAddress,
-                                                cnWeight: c.baseAddress, cnBias: d.baseAddress),
-                                            context: cp)
-                                    }
-                                }
-                            }
+        try grads.withUnsafeMutableBufferPointer { (gb) throws(BCNError) in
+            try dx.withUnsafeMutableBufferPointer { (dxb) throws(BCNError) in
+                try dy.withUnsafeBufferPointer { (dyb) throws(BCNError) in
+                    try saved.x.withUnsafeBufferPointer { (xb) throws(BCNError) in
+                        try saved.context.withUnsafeBufferPointer { (cb) throws(BCNError) in
+                            let g = gb.baseAddress!
+                            try FusedNormalization.backward(
+                                plan: plan, shape: saved.shape, x: xb.baseAddress!, dy: dyb.baseAddress!,
+                                dx: dxb.baseAddress!,
+                                gradients: NormalizationGradients(bnWeight: g, bnBias: g + C, cnWeight: g + 2 * C,
+                                                                  cnBias: g + 2 * C + G),
+                                context: cb)
                         }
                     }
                 }
             }
         }
-        gradBnWeight = gbw; gradBnBias = gbb; gradWeight = gw; gradBias = gb
+        gradBnWeight = Array(grads[0..<C]); gradBnBias = Array(grads[C..<(2 * C)])
+        gradWeight = Array(grads[(2 * C)..<(2 * C + G)]); gradBias = Array(grads[(2 * C + G)..<(2 * C + 2 * G)])
         return dx
     }
 
