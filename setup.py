@@ -37,14 +37,14 @@ def swift_build_flags():
 class SwiftBuildExt(build_ext):
     def build_extension(self, ext):
         swift = os.environ.get("BCNSWIFT_SWIFT", "swift")
+        driver = shutil.which(swift)
+        if driver is None:
+            raise RuntimeError(f"bcnswift: the Swift driver {swift!r} is not on PATH; install a Swift toolchain")
         base = [swift, "build", "--package-path", str(ROOT)] + swift_build_flags()
         subprocess.check_call(base + ["--product", "BCNSwiftC"])
         bin_dir = Path(subprocess.check_output(base + ["--show-bin-path"], text=True).strip())
         archive = bin_dir / "libBCNSwiftC.a"
 
-        driver = shutil.which(swift)
-        if driver is None:
-            raise RuntimeError(f"bcnswift: the Swift driver {swift!r} is not on PATH; install a Swift toolchain")
         swiftc = Path(driver).resolve().parent / "swiftc"
         info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True))
         resource = Path(info["paths"]["runtimeResourcePath"])  # <toolchain>/usr/lib/swift

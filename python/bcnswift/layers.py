@@ -182,14 +182,13 @@ class _Normalization:
         flags = self._call_flags()
         ctx = np.empty(max(_ext.context_length(max(x.shape[0], 1), max(x.shape[1], 1), self.num_groups), 0))
         momentum = 0.0 if self.momentum is None else self.momentum
+        bn, cn = self._has_bn, self._has_cn
         with self._lock:
-            if self._has_bn:
-                _ext.norm_forward(flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y, self.bn_weight,
-                                  self.bn_bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                                  self.weight if self._has_cn else None, self.bias if self._has_cn else None, ctx)
-            else:
-                _ext.norm_forward(flags, self.num_groups, self.eps, self.eps, 0.0, x, y, None, None, None, None,
-                                  None, self.weight, self.bias, ctx)
+            _ext.norm_forward(flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
+                              self.bn_weight if bn else None, self.bn_bias if bn else None,
+                              self.running_mean if bn else None, self.running_var if bn else None,
+                              self.num_batches_tracked if bn else None,
+                              self.weight if cn else None, self.bias if cn else None, ctx)
             self._saved = (x, ctx, flags)
         return y
 

@@ -40,36 +40,41 @@ public enum FusedNormalization {
         try checkState(plan: plan, state: state)
         try checkDegenerate(plan: plan, shape: shape, training: training)
 
-        if shape.spatial < smallPlane {  // short planes: the row path (FusedNormalization+Rows.swift)
-            if plan.nanPolicy == .raise {
-                for i in 0..<shape.count where !Double(x[i]).isFinite {
-                    throw BCNError(.nonFinite,
-                                   "input holds NaN or infinity (channel \(i % shape.channels) of sample \(i / shape.channels)) and nan_policy is 'raise'")
-                }
+        // Short planes take the row path (FusedNormalization+Rows.swift): no per-plane numbers.
+        let rows = shape.spatial < smallPlane
+        if rows {
+            if plan.nanPolicy == .raise, let i = (0..<shape.count).first(where: { !Double(x[$0]).isFinite }) {
+                throw nonFinite(plane: i / shape.spatial, shape: shape)
             }
-            var flags: NormalizationContextLayout.Flags = []
-            let update = rowsForward(plan: plan, shape: shape, training: training, x: x, y: y, state: state,
-                                     layout: layout, ctx: ctx, flags: &flags)
-            update?.commit(state)
-            layout.writeHeader(ctx, flags: flags)
-            return
-        }
-        planeMoments(x, shape: shape, mean: ctx + layout.p, m2: ctx + layout.q)
-        if plan.nanPolicy == .raise {
-            for i in 0..<shape.planes where !(ctx[layout.p + i].isFinite && ctx[layout.q + i].isFinite) {
-                throw BCNError(.nonFinite,
-                               "input holds NaN or infinity (channel \(i % shape.channels) of sample \(i / shape.channels)) and nan_policy is 'raise'")
+        } else {
+            planeMoments(x, shape: shape, mean: ctx + layout.p, m2: ctx + layout.q)
+            if plan.nanPolicy == .raise,
+               let i = (0..<shape.planes).first(where: { !(ctx[layout.p + $0].isFinite && ctx[layout.q + $0].isFinite) }) {
+                throw nonFinite(plane: i, shape: shape)
             }
         }
 
-        var flags: NormalizationContextLayout.Flags = []
-        let update = batchNormStage(plan: plan, shape: shape, training: training, state: state,
+        var flags: NormalizationContextLayout.Flags = rows ? [.rows] : []
+        let update = batchNormStage(plan: plan, shape: shape, training: training, x: x, rows: rows, state: state,
                                     layout: layout, ctx: ctx, flags: &flags)
         if plan.channelNorm != nil, let weight = state.cnWeight {
             flags.insert(.channelNorm)
             for g in 0..<plan.groups { ctx[layout.w + g] = Double(weight[g]) }
         }
-        // The group statistics and the output map, one unit (sample, channel group) at a time.
+        if rows {
+            rowsOutput(plan: plan, shape: shape, x: x, y: y, state: state, layout: layout, ctx: ctx)
+        } else {
+            planesOutput(plan: plan, shape: shape, x: x, y: y, state: state, layout: layout, ctx: ctx)
+        }
+        update?.commit(state)
+        layout.writeHeader(ctx, flags: flags)
+    }
+
+    /// The group statistics and the output map of the plane path, one unit (sample, channel group) at a time.
+    static func planesOutput<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
+        state: NormalizationState<T>, layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>
+    ) {
         let K = plan.channelNorm.map { shape.channels / $0.groups } ?? 1, units = shape.planes / K
         let p = UnsafePointer(ctx + layout.p), chunks = PlaneChunks(shape)
         if chunks.perPlane == 1 {  // each unit maps its own planes as soon as it knows their coefficients
@@ -83,26 +88,30 @@ public enum FusedNormalization {
                     }
                 }
             }
-        } else {  // planes in several chunks: coefficients first, then the chunks in parallel
-            let coefficients = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * shape.planes)
-            defer { coefficients.deallocate() }
-            let co = coefficients.baseAddress!
-            for u in 0..<units {
-                unitMap(u, groupSize: K, plan: plan, shape: shape, state: state, layout: layout, ctx: ctx) {
-                    plane, scale, offset in
-                    co[plane] = scale; co[shape.planes + plane] = offset
-                }
-            }
-            parallelFor(chunks.count, cost: planeChunkLength) { range in
-                for i in range {
-                    let c = chunks.chunk(i)
-                    T._scaleShift(x + c.offset, y + c.offset, count: c.length,
-                                  centre: p[c.plane], scale: co[c.plane], offset: co[shape.planes + c.plane])
-                }
+            return
+        }
+        // planes in several chunks: coefficients first, then the chunks in parallel
+        let coefficients = UnsafeMutableBufferPointer<Double>.allocate(capacity: 2 * shape.planes)
+        defer { coefficients.deallocate() }
+        let co = coefficients.baseAddress!
+        for u in 0..<units {
+            unitMap(u, groupSize: K, plan: plan, shape: shape, state: state, layout: layout, ctx: ctx) {
+                plane, scale, offset in
+                co[plane] = scale; co[shape.planes + plane] = offset
             }
         }
-        update?.commit(state)
-        layout.writeHeader(ctx, flags: flags)
+        parallelFor(chunks.count, cost: planeChunkLength) { range in
+            for i in range {
+                let c = chunks.chunk(i)
+                T._scaleShift(x + c.offset, y + c.offset, count: c.length,
+                              centre: p[c.plane], scale: co[c.plane], offset: co[shape.planes + c.plane])
+            }
+        }
+    }
+
+    static func nonFinite(plane i: Int, shape: NormalizationShape) -> BCNError {
+        BCNError(.nonFinite,
+                 "input holds NaN or infinity (channel \(i % shape.channels) of sample \(i / shape.channels)) and nan_policy is 'raise'")
     }
 
     // MARK: checks
@@ -194,10 +203,12 @@ public enum FusedNormalization {
         }
     }
 
-    /// Fills μ, 1/σ and a = γ/σ in the context; returns the running update a training forward makes.
+    /// Fills μ, 1/σ and a = γ/σ in the context (1 and 0 without a batch-norm stage); returns the running update
+    /// a training forward makes. The batch's moments per channel come from the plane moments, or on the row
+    /// path from the columns of x.
     static func batchNormStage<T: NormalizationScalar>(
-        plan: NormalizationPlan, shape: NormalizationShape, training: Bool, state: NormalizationState<T>,
-        layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
+        plan: NormalizationPlan, shape: NormalizationShape, training: Bool, x: UnsafePointer<T>, rows: Bool,
+        state: NormalizationState<T>, layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
         flags: inout NormalizationContextLayout.Flags
     ) -> RunningUpdate<T>? {
         let B = shape.batch, C = shape.channels, S = Double(shape.spatial)
@@ -209,7 +220,11 @@ public enum FusedNormalization {
         }
         var batch: UnsafeMutableBufferPointer<Moments>? = nil
         defer { batch?.deallocate() }
-        if training {
+        if training && rows {
+            let m = UnsafeMutableBufferPointer<Moments>.allocate(capacity: C)
+            columnMoments(x, shape: shape, into: m.baseAddress!)
+            batch = m
+        } else if training {
             // Batch statistics per channel (Chan's formula for B equal planes): μ = Σ_b p / B,
             // M2 = Σ_b q + S Σ_b (p - μ)², with the batch loop outside so the channel loop runs contiguously.
             let sums = UnsafeMutableBufferPointer<Double>.allocate(capacity: 3 * C)

@@ -18,31 +18,19 @@ extension FusedNormalization {
         for c in 0..<count { for k in 0..<s { out[c * s + k] = v[c] } }
     }
 
-    static func rowsForward<T: NormalizationScalar>(
-        plan: NormalizationPlan, shape: NormalizationShape, training: Bool,
-        x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, state: NormalizationState<T>,
-        layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>,
-        flags: inout NormalizationContextLayout.Flags
-    ) -> RunningUpdate<T>? {
+    /// The output of the row path, once `batchNormStage` has filled μ and a (and w is in the context): each row's
+    /// y₁ = a (x - μ) + β in Float64, its groups' m and r, and the output.
+    static func rowsOutput<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
+        state: NormalizationState<T>, layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>
+    ) {
         let B = shape.batch, C = shape.channels, S = shape.spatial, width = C * S
-        let mu = ctx + layout.mu, invSigma = ctx + layout.invSigma, a = ctx + layout.a
+        let mu = ctx + layout.mu, a = ctx + layout.a
         let beta = ctx + layout.yBar  // β per channel, in the slots ȳ has in the plane path
-        flags.insert(.rows)
-        var update: RunningUpdate<T>? = nil
-        if let bn = plan.batchNorm, let bnBias = state.bnBias {
-            var batch: UnsafeMutableBufferPointer<Moments>? = nil
-            defer { batch?.deallocate() }
-            if training {
-                let m = UnsafeMutableBufferPointer<Moments>.allocate(capacity: C)
-                columnMoments(x, shape: shape, into: m.baseAddress!)
-                batch = m
-            }
-            update = channelNormalization(bn: bn, training: training, channels: C,
-                                          batch: batch.map { UnsafePointer($0.baseAddress!) }, state: state,
-                                          mu: mu, invSigma: invSigma, a: a, flags: &flags)
+        if plan.batchNorm != nil, let bnBias = state.bnBias {
             for c in 0..<C { beta[c] = Double(bnBias[c]) }
         } else {
-            for c in 0..<C { mu[c] = 0; invSigma[c] = 1; a[c] = 1; beta[c] = 0 }
+            for c in 0..<C { beta[c] = 0 }
         }
         // a, μ, β per value of a row
         let expanded = UnsafeMutableBufferPointer<Double>.allocate(capacity: 3 * width)
@@ -52,13 +40,8 @@ extension FusedNormalization {
         expand(mu, count: C, times: S, into: muE)
         expand(beta, count: C, times: S, into: betaE)
 
-        let cn = plan.channelNorm, G = plan.groups
+        let cn = plan.channelNorm, G = plan.groups, bias = state.cnBias
         let m = ctx + layout.m, r = ctx + layout.r, w = ctx + layout.w
-        if let weight = state.cnWeight, cn != nil {
-            flags.insert(.channelNorm)
-            for g in 0..<G { w[g] = Double(weight[g]) }
-        }
-        let bias = state.cnBias
         parallelFor(B, cost: 3 * width) { rows in
             let buffer = UnsafeMutableBufferPointer<Double>.allocate(capacity: width)
             defer { buffer.deallocate() }
@@ -67,22 +50,20 @@ extension FusedNormalization {
                 RowKernels.widen(x + b * width, y1, width)
                 RowKernels.affine(y1, aE, muE, betaE, y1, width)  // y₁ = a (x - μ) + β
                 if let cn, let bias {
-                    let n = width / G, invN = 1 / Double(n)
-                    for g in 0..<G {  // a group: n = K·S contiguous values; corrected two-pass moments
+                    let n = width / G
+                    for g in 0..<G {  // a group is n = K·S contiguous values of the row
                         let group = y1 + g * n
-                        let centre = Double._sum(group, count: n) * invN
-                        let (d, q) = Double._centredSums(group, count: n, centre: centre)
-                        let mean = centre + d * invN, variance = max(q - d * d * invN, 0) * invN
-                        let rg = 1 / (variance + cn.eps).squareRoot()
-                        m[b * G + g] = mean
+                        let moments = Double._chunkMoments(group, count: n)
+                        let rg = 1 / (moments.variance + cn.eps).squareRoot()
+                        m[b * G + g] = moments.mean
                         r[b * G + g] = rg
-                        RowKernels.scaleShift(group, n, mean: mean, scale: rg * w[g], offset: Double(bias[g]))
+                        RowKernels.scaleShift(group, n, mean: moments.mean, scale: rg * w[g],
+                                              offset: Double(bias[g]))
                     }
                 }
                 RowKernels.narrow(y1, y + b * width, width)
             }
         }
-        return update
     }
 
     /// Moments of each channel over its B·S values (the batch statistics), by the corrected two-pass
@@ -196,10 +177,8 @@ extension FusedNormalization {
                                               rw: rw, hc: hc, r3: r3, mean: mean, s1: s1 + lo, s2: s2 + lo, count)
                     }
                 }
-                for j in 0..<groups {
-                    if let p = gradients.cnWeight { p[g0 + j] = T(Double(p[g0 + j]) + dwBlock[j]) }
-                    if let p = gradients.cnBias { p[g0 + j] = T(Double(p[g0 + j]) + dbBlock[j]) }
-                }
+                accumulate(gradients.cnWeight.map { $0 + g0 }, dwBlock, groups)
+                accumulate(gradients.cnBias.map { $0 + g0 }, dbBlock, groups)
                 if hasBN {
                     for c in 0..<channels {  // per channel: S₁, S₂ over its S positions, then spread again
                         var t1 = 0.0, t2 = 0.0
