@@ -38,33 +38,66 @@ extension Float: NormalizationScalar {
         return Float(bitPattern: UInt32(127 + k) << 23)
     }
 
-    /// The moments of a chunk, in two passes over data in cache, neither with a conversion in its inner loop.
+    /// Lanes 0..<8-(n mod 8) of the last eight elements x[n-8..<n]: the ones the vector loop already visited.
+    /// A tail handled as one overlapping vector masks these lanes out of its sums (needs n ≥ 8).
+    @inlinable @inline(__always)
+    static func _visitedLanes(_ n: Int) -> SIMDMask<SIMD8<Int32>> {
+        SIMD8<Int32>(0, 1, 2, 3, 4, 5, 6, 7) .< SIMD8<Int32>(repeating: Int32(truncatingIfNeeded: 8 - (n & 7)))
+    }
+
+    /// The moments of a chunk: usually one pass, shifted by the mean of its first eight values; two passes over
+    /// data in cache when that shift turns out to be far from the mean. No conversion in any inner loop.
     ///
-    /// Pass 1: Σx and Σx² in Float32 blocks flushed to Float64. Only an approximate centre c is needed (its
-    /// error, ~8 ulps of mean|x|, is repaired by pass 2 as long as it is small against the spread, which holds
-    /// for any data Float32 can resolve); Σx² only sizes the scale below and never enters the variance.
-    /// Pass 2: deviations from cf = Float(c), scaled by s = 2^k ≈ 1/rms(x) (exactly) so that their squares
+    /// One pass: d = x - k with k = Float(mean of x[0..<8]), Σd and Σd² in Float32 blocks flushed to Float64;
+    /// mean = k + Σd/n, M2 = Σd² - (Σd)²/n. The cancellation in M2 is (Σd)²/n = n (mean - k)², so the result
+    /// is kept only when that is at most half of Σd² (k within one standard deviation of the mean): then M2
+    /// carries at most twice the relative rounding of Σd², the same order as a centred pass. Otherwise the mean
+    /// just found is the centre of a corrected second pass (below). Σd²/n must also sit in Float32's
+    /// comfortable range (1e-30 to 1e36), else the chunk takes the two-pass path from scratch.
+    ///
+    /// Corrected pass: deviations from cf = Float(c), scaled by s = 2^k ≈ 1/rms (exactly) so that their squares
     /// neither overflow nor underflow in Float32 (|x - c|·s ≤ 2√n·rms·s ≤ 256 in a chunk), computed as
-    /// x·s - cf·s by one FMA, summed in Float32 blocks; then mean = c + Σ(x-c)/n and M2 = Σ(x-c)² - (Σ(x-c))²/n
-    /// with Σ(x-c) = Σ(x-cf) - n r, Σ(x-c)² = Σ(x-cf)² - 2rΣ(x-cf) + n r², r = c - cf (exact algebra).
+    /// x·s - cf·s by one FMA, summed in Float32 blocks; then mean = cf + Σ(x-cf)/n and
+    /// M2 = Σ(x-cf)² - (Σ(x-cf))²/n: the corrected two-pass algorithm of Chan, Golub & LeVeque, which repairs
+    /// the error in c, and gives a constant chunk its exact value and M2 = 0.
     /// Chunks whose Σx² leaves Float32's comfortable range (|x| beyond ~1e18 or all below ~1e-15) take the
     /// Float64 path instead.
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
         let m = Double(n), invM = 1 / m
+        if n >= 16 {
+            let k = _hsum(_load8(x, 0)) * 0.125
+            if k.isFinite {
+                let (d, q) = _scaledDeviationSums(x, count: n, centre: k, scale: 1)
+                let meanSquare = q * invM
+                if meanSquare > 1e-30, meanSquare < 1e36 {  // false for NaN too
+                    let m2 = q - d * d * invM, mean = Double(k) + d * invM
+                    if m2 >= 0.5 * q { return Moments(count: m, mean: mean, m2: m2) }
+                    return _correctedMoments(x, count: n, centre: mean, meanSquare: meanSquare)
+                }
+            }
+        }
         let (total, squares) = _blockSums(x, count: n)
         let meanSquare = squares * invM
         guard total.isFinite, meanSquare.isFinite, meanSquare > 1e-30, meanSquare < 1e36 else {
             return _chunkMomentsWide(x, count: n)
         }
-        let c = total * invM
+        return _correctedMoments(x, count: n, centre: total * invM, meanSquare: meanSquare)
+    }
+
+    /// The corrected second pass around an approximate mean `c`; `meanSquare` is a mean square of x about any
+    /// point (it only sizes the scale).
+    @inlinable
+    static func _correctedMoments(_ x: UnsafePointer<Float>, count n: Int, centre c: Double, meanSquare: Double)
+        -> Moments
+    {
+        let m = Double(n), invM = 1 / m
         let s = _inverseRootScale(meanSquare), cf = Float(c)
         let (ds, qs) = _scaledDeviationSums(x, count: n, centre: cf, scale: s)
         let inv = Double(bitPattern: UInt64(1150 - Int((s.bitPattern >> 23) & 0xff)) << 52)  // 1/s = 2^-k, exactly
-        let d = ds * inv, q = qs * inv * inv, r = c - Double(cf)
-        let sum = d - m * r, dev2 = q - 2 * r * d + m * r * r
-        return Moments(count: m, mean: c + sum * invM, m2: Swift.max(dev2 - sum * sum * invM, 0))
+        let d = ds * inv, q = qs * inv * inv
+        return Moments(count: m, mean: Double(cf) + d * invM, m2: Swift.max(q - d * d * invM, 0))
     }
 
     /// (Σx, Σx²) accumulated in Float32 blocks of 256 elements, flushed to Float64.
@@ -125,10 +158,17 @@ extension Float: NormalizationScalar {
                 q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
                 i += 32
             }
-            while i < end { var d = ncs; d.addProduct(_load8(x, i), s); s0 += d; q0.addProduct(d, d); i += 8 }
+            while i < end { var d = ncs; d.addProduct(_load8(x, i), s); s1 += d; q1.addProduct(d, d); i += 8 }
+            if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out
+                var d = ncs
+                d.addProduct(_load8(x, n - 8), s)
+                d.replace(with: 0, where: _visitedLanes(n))
+                s2 += d; q2.addProduct(d, d)
+                i = n
+            }
             _flush((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3), into: &ts, &tq)
         }
-        while i < n {
+        while i < n {  // only when n < 8
             let d = Double((-(centre * scale)).addingProduct(x[i], scale))
             ts += d; tq.addProduct(d, d); i += 1
         }
@@ -144,16 +184,24 @@ extension Float: NormalizationScalar {
     ) {
         let cf = Float(centre), sf = Float(scale), of = Float(offset - scale * (centre - Double(cf)))
         let c = SIMD8<Float>(repeating: cf), s = SIMD8<Float>(repeating: sf), o = SIMD8<Float>(repeating: of)
-        var i = 0
-        while i + 8 <= n {
-            var v = o
-            v.addProduct(_load8(x, i) - c, s)
-            UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD8<Float>.self)
-            i += 8
+        if n >= 8 {
+            // The tail as one overlapping vector, computed before the loop overwrites x (y may alias it) and
+            // stored after: the lanes it shares with the last full vector get the same values again.
+            var tail = o
+            tail.addProduct(_load8(x, n - 8) - c, s)
+            var i = 0
+            while i + 8 <= n {
+                var v = o
+                v.addProduct(_load8(x, i) - c, s)
+                UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD8<Float>.self)
+                i += 8
+            }
+            UnsafeMutableRawPointer(y + n - 8).storeBytes(of: tail, as: SIMD8<Float>.self)
+            return
         }
-        // The tail (all of a plane shorter than 8, such as [B, C] input) in Float64: there a tiny channel group
-        // can make scale and offset large and cancelling, and the vector body's Float rounding would show.
-        while i < n { y[i] = Float(offset.addingProduct(Double(x[i]) - centre, scale)); i += 1 }
+        // Planes shorter than 8 (such as [B, C] input) in Float64: there a tiny channel group can make scale and
+        // offset large and cancelling, and Float rounding would show.
+        for i in 0..<n { y[i] = Float(offset.addingProduct(Double(x[i]) - centre, scale)) }
     }
 
     /// Float32 blocks as in `_scaledDeviationSums`, then Σdy(x-c) = Σdy(x-cf) - r Σdy. Products that overflow
@@ -164,20 +212,27 @@ extension Float: NormalizationScalar {
     ) -> (sum: Double, dot: Double) {
         let cf = Float(centre), c = SIMD8<Float>(repeating: cf)
         var ts = 0.0, td = 0.0
-        let full = n & ~15
+        let full = n & ~7
         var i = 0
-        while i < full {
+        while i < full {  // blocks of 128: two chains of at most 8 terms per lane (9 with the tail)
             var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), p0 = SIMD8<Float>(), p1 = SIMD8<Float>()
             let end = Swift.min(full, i + 128)
-            while i < end {
+            while i + 16 <= end {
                 let g0 = _load8(dy, i), g1 = _load8(dy, i + 8)
                 s0 += g0; s1 += g1
                 p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i + 8) - c)
                 i += 16
             }
+            if i < end { let g = _load8(dy, i); s0 += g; p0.addProduct(g, _load8(x, i) - c); i += 8 }
+            if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out
+                var g = _load8(dy, n - 8)
+                g.replace(with: 0, where: _visitedLanes(n))
+                s1 += g; p1.addProduct(g, _load8(x, n - 8) - c)
+                i = n
+            }
             _flush(s0 + s1, p0 + p1, into: &ts, &td)
         }
-        while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }
+        while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }  // n < 8
         if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
         return (ts, td - (centre - Double(cf)) * ts)
     }
@@ -204,17 +259,23 @@ extension Float: NormalizationScalar {
         let cf = Float(centre), pf = Float(p), qf = Float(q), rf = Float(r - q * (centre - Double(cf)))
         let c = SIMD8<Float>(repeating: cf), pv = SIMD8<Float>(repeating: pf)
         let qv = SIMD8<Float>(repeating: qf), rv = SIMD8<Float>(repeating: rf)
-        var i = 0
-        while i + 8 <= n {
-            var v = rv
-            v.addProduct(_load8(x, i) - c, qv)
-            v.addProduct(_load8(dy, i), pv)
-            UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD8<Float>.self)
-            i += 8
+        if n >= 8 {  // overlapping tail computed first, as in `_scaleShift` (dx may alias dy)
+            var tail = rv
+            tail.addProduct(_load8(x, n - 8) - c, qv)
+            tail.addProduct(_load8(dy, n - 8), pv)
+            var i = 0
+            while i + 8 <= n {
+                var v = rv
+                v.addProduct(_load8(x, i) - c, qv)
+                v.addProduct(_load8(dy, i), pv)
+                UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD8<Float>.self)
+                i += 8
+            }
+            UnsafeMutableRawPointer(dx + n - 8).storeBytes(of: tail, as: SIMD8<Float>.self)
+            return
         }
-        while i < n {  // in Float64, as in `_scaleShift`
+        for i in 0..<n {  // in Float64, as in `_scaleShift`
             dx[i] = Float(r.addingProduct(Double(x[i]) - centre, q).addingProduct(Double(dy[i]), p))
-            i += 1
         }
     }
 }

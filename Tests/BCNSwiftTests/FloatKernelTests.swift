@@ -1,0 +1,134 @@
+import BCNSwift
+import BCNSwiftTestSupport
+import XCTest
+
+/// White-box tests of the Float kernels against Float64 sums of the same Float inputs: every length from 1 to 70
+/// (all tail lengths, with and without full vectors and blocks) and a few long ones, and data that drives each
+/// path of `_chunkMoments` (one pass; corrected second pass; from scratch; wide Float64).
+/// Tolerances are in units of Float's ulp of one (ε = 2⁻²³).
+final class FloatKernelTests: XCTestCase {
+    var rng = SplitMix64(seed: 0xF10A7)
+    let eps = Double(Float.ulpOfOne)
+    let lengths = Array(1...70) + [127, 196, 255, 256, 257, 784, 4095, 4096]
+
+    /// Count, mean and M2 of the Float values, in Float64 two-pass (exact enough to be the truth here).
+    func exactMoments(_ x: [Float]) -> (mean: Double, m2: Double) {
+        let v = x.map(Double.init), mean = v.reduce(0, +) / Double(v.count)
+        let d = v.map { $0 - mean }, correction = d.reduce(0, +)
+        return (mean + correction / Double(v.count), d.reduce(0) { $0 + $1 * $1 } - correction * correction / Double(v.count))
+    }
+
+    func checkMoments(_ x: [Float], _ what: String, m2Ulps: Double = 64, meanUlps: Double = 32,
+                      line: UInt = #line) {
+        let got = x.withUnsafeBufferPointer { Float._chunkMoments($0.baseAddress!, count: $0.count) }
+        let want = exactMoments(x), n = Double(x.count), std = (want.m2 / n).squareRoot()
+        XCTAssertEqual(got.count, n, line: line)
+        XCTAssertLessThanOrEqual(abs(got.mean - want.mean), meanUlps * eps * std + 1e-300,
+                                 "\(what), n = \(x.count): mean \(got.mean) vs \(want.mean)", line: line)
+        XCTAssertLessThanOrEqual(abs(got.m2 - want.m2), m2Ulps * eps * want.m2 + 1e-300,
+                                 "\(what), n = \(x.count): M2 \(got.m2) vs \(want.m2)", line: line)
+    }
+
+    func testMomentsOnePassAndCorrected() {
+        for n in lengths {
+            // shift close to the mean: the one-pass result is kept
+            checkMoments((0..<n).map { _ in Float(rng.normal(3, 2)) }, "normal(3, 2)")
+            // a large mean against a small spread (the shift is within a few spreads of the mean)
+            checkMoments((0..<n).map { _ in Float(rng.normal(100, 0.01)) }, "normal(100, 0.01)")
+            checkMoments((0..<n).map { _ in Float(rng.normal(-1e4, 1)) }, "normal(-1e4, 1)")
+            // the first eight values far from the rest: the one-pass result is rejected and corrected
+            checkMoments((0..<n).map { i in Float(i < 8 ? rng.normal(1000, 1) : rng.normal(-2, 0.01)) }, "outlying head")
+            // a step: half zeros (as after a ReLU), half positive
+            checkMoments((0..<n).map { i in i < n / 2 ? 0 : Float(rng.normal(4, 1)) }, "zeros then values")
+        }
+    }
+
+    func testMomentsExtremeMagnitudesAndConstants() {
+        for n in lengths {
+            checkMoments((0..<n).map { _ in Float(rng.normal(1e20, 1e19)) }, "1e20")     // from scratch, then wide
+            checkMoments((0..<n).map { _ in Float(rng.normal(3e-20, 1e-20)) }, "3e-20")  // tiny: wide
+            checkMoments((0..<n).map { _ in Float(rng.normal(0, 1e-17)) }, "1e-17 around 0")
+            for value: Float in [0, 1e7, -3.25, 1e-30, 3e38] {
+                let got = [Float](repeating: value, count: n).withUnsafeBufferPointer {
+                    Float._chunkMoments($0.baseAddress!, count: n)
+                }
+                XCTAssertEqual(got.mean, Double(value), "constant \(value), n = \(n)")
+                XCTAssertEqual(got.m2, 0, "constant \(value), n = \(n)")
+            }
+        }
+    }
+
+    func testMomentsPropagateNonFinite() {
+        for n in [1, 7, 8, 9, 16, 17, 196] {
+            for bad: Float in [.nan, .infinity, -.infinity] {
+                for at in Set([0, n / 2, n - 1]) {
+                    var x = (0..<n).map { _ in Float(rng.normal(1, 1)) }
+                    x[at] = bad
+                    let got = x.withUnsafeBufferPointer { Float._chunkMoments($0.baseAddress!, count: n) }
+                    XCTAssertFalse(got.mean.isFinite && got.m2.isFinite, "\(bad) at \(at) of \(n)")
+                }
+            }
+        }
+    }
+
+    func testScaleShiftEveryTailInPlaceAndOutOfPlace() {
+        for n in lengths {
+            let x = (0..<n).map { _ in Float(rng.normal(2, 3)) }
+            let centre = rng.normal(2, 0.1), scale = rng.normal(0.5, 0.2), offset = rng.normal(1, 1)
+            let want = x.map { offset + scale * (Double($0) - centre) }
+            var out = [Float](repeating: .nan, count: n + 1)  // one guard element after the end
+            x.withUnsafeBufferPointer { xs in
+                out.withUnsafeMutableBufferPointer {
+                    Float._scaleShift(xs.baseAddress!, $0.baseAddress!, count: n, centre: centre, scale: scale,
+                                      offset: offset)
+                }
+            }
+            var inPlace = x
+            inPlace.withUnsafeMutableBufferPointer {
+                Float._scaleShift($0.baseAddress!, $0.baseAddress!, count: n, centre: centre, scale: scale,
+                                  offset: offset)
+            }
+            XCTAssertTrue(out.last!.isNaN, "wrote past the end, n = \(n)")
+            XCTAssertEqual(Array(out.prefix(n)), inPlace, "in place differs, n = \(n)")
+            XCTAssertLessThan(maxScaledError(inPlace, want), 4 * eps, "n = \(n)")
+        }
+    }
+
+    func testGradientSumsAndCombineEveryTail() {
+        for n in lengths {
+            let x = (0..<n).map { _ in Float(rng.normal(-1, 2)) }, dy = (0..<n).map { _ in Float(rng.normal(0.5, 1)) }
+            let centre = rng.normal(-1, 0.1)
+            let sums = dy.withUnsafeBufferPointer { g in
+                x.withUnsafeBufferPointer { Float._gradientSums(g.baseAddress!, $0.baseAddress!, count: n, centre: centre) }
+            }
+            let sum = dy.reduce(0.0) { $0 + Double($1) }
+            let dot = zip(dy, x).reduce(0.0) { $0 + Double($1.0) * (Double($1.1) - centre) }
+            let sumScale = dy.reduce(0.0) { $0 + abs(Double($1)) }
+            let dotScale = zip(dy, x).reduce(0.0) { $0 + abs(Double($1.0) * (Double($1.1) - centre)) }
+            XCTAssertLessThanOrEqual(abs(sums.sum - sum), 16 * eps * sumScale, "Σdy, n = \(n)")
+            XCTAssertLessThanOrEqual(abs(sums.dot - dot), 16 * eps * dotScale, "Σdy(x-c), n = \(n)")
+
+            let p = rng.normal(0.7, 0.1), q = rng.normal(-0.2, 0.1), r = rng.normal(0.1, 0.1)
+            let want = (0..<n).map { p * Double(dy[$0]) + q * (Double(x[$0]) - centre) + r }
+            var dx = [Float](repeating: .nan, count: n + 1)
+            dy.withUnsafeBufferPointer { g in
+                x.withUnsafeBufferPointer { xs in
+                    dx.withUnsafeMutableBufferPointer {
+                        Float._combine(g.baseAddress!, xs.baseAddress!, $0.baseAddress!, count: n, centre: centre,
+                                       p: p, q: q, r: r)
+                    }
+                }
+            }
+            var inPlace = dy
+            x.withUnsafeBufferPointer { xs in
+                inPlace.withUnsafeMutableBufferPointer {
+                    Float._combine($0.baseAddress!, xs.baseAddress!, $0.baseAddress!, count: n, centre: centre,
+                                   p: p, q: q, r: r)
+                }
+            }
+            XCTAssertTrue(dx.last!.isNaN, "wrote past the end, n = \(n)")
+            XCTAssertEqual(Array(dx.prefix(n)), inPlace, "in place differs, n = \(n)")
+            XCTAssertLessThan(maxScaledError(inPlace, want), 8 * eps, "n = \(n)")
+        }
+    }
+}
