@@ -1,5 +1,8 @@
 """Several Python threads: different layers run in parallel with serial results; one layer serializes its calls."""
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,3 +96,69 @@ def test_thread_count_does_not_change_a_bit(shape, rng):
             np.testing.assert_array_equal(other[2][k], results[0][2][k])
         for k in other[3]:
             np.testing.assert_array_equal(other[3][k], results[0][3][k])
+
+
+@pytest.mark.parametrize("threads", [2, 16])
+def test_concurrent_callers_of_the_worker_pool_match_serial(threads, rng):
+    """Inputs big enough for the worker pool, from four Python threads at once: one call holds the pool, the
+    others run on their own threads; every result equals the serial one bit for bit."""
+    shapes = [(4, 32, 28, 28), (2, 64, 24, 24), (1024, 128), (8, 16, 33, 17)]
+    inputs = [random_input(rng, s).astype(np.float32) for s in shapes]
+    grads = [rng.normal(size=s).astype(np.float32) for s in shapes]
+
+    def run(i, out, steps=15):
+        layer = bcnswift.BatchChannelNorm(shapes[i][1], 8, estimate=i % 2 == 1)
+        for _ in range(steps):
+            y = layer(inputs[i])
+            dx = layer.backward(grads[i])
+        out[i] = (y, dx, layer.state_dict())
+
+    try:
+        bcnswift.set_num_threads(threads)
+        serial, parallel = {}, {}
+        for i in range(len(shapes)):
+            run(i, serial)
+        workers = [threading.Thread(target=run, args=(i, parallel)) for i in range(len(shapes))]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        bcnswift.set_num_threads(0)
+    for i in range(len(shapes)):
+        np.testing.assert_array_equal(parallel[i][0], serial[i][0])
+        np.testing.assert_array_equal(parallel[i][1], serial[i][1])
+        for k in serial[i][2]:
+            np.testing.assert_array_equal(parallel[i][2][k], serial[i][2][k])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_computes_with_threads(rng):
+    """A child forked after the parent used its worker threads has none of them; its calls must neither hang
+    nor differ (as with multiprocessing's fork start method, or data-loader workers)."""
+    x = random_input(rng, (4, 64, 30, 30)).astype(np.float32)
+    try:
+        bcnswift.set_num_threads(2)
+        layer = bcnswift.BatchChannelNorm(64, 8, estimate=False)
+        expected = layer(x).copy()
+        layer = bcnswift.BatchChannelNorm(64, 8, estimate=False)
+        pid = os.fork()
+        if pid == 0:  # child: exit status says whether the result matched
+            try:
+                os._exit(0 if np.array_equal(layer(x), expected) and np.array_equal(layer(x), layer(x)) else 1)
+            except BaseException:
+                os._exit(2)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            time.sleep(0.01)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        np.testing.assert_array_equal(layer(x), expected)  # the parent's pool still works
+    finally:
+        bcnswift.set_num_threads(0)

@@ -1,4 +1,3 @@
-import Dispatch
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -36,17 +35,17 @@ public enum BCNThreads {
 }
 
 /// Below this many element visits a call runs on the calling thread: waking workers costs more than it saves.
-@usableFromInline let parallelThreshold = 1 << 16
+let parallelThreshold = 1 << 16
 
 /// Runs `body` over `0..<count`, cut into contiguous ranges, on up to `BCNThreads.count` threads.
 ///
-/// Threads claim ranges from a shared counter, so a worker that wakes late simply takes fewer. `body` must make
+/// Threads (the caller and `WorkerPool`'s workers) claim ranges from a shared counter, so a worker that wakes
+/// late simply takes fewer. `body` must make
 /// each index's result depend on that index alone (write to its own slot); then the result is independent of
 /// which thread ran which range, which is what makes the thread count invisible in the output.
 /// - Parameters:
 ///   - count: number of work items.
 ///   - cost: approximate element visits per item, used only to decide whether threads are worth waking.
-@inlinable
 func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>) -> Void) {
     if count <= 0 { return }
     let threads = min(BCNThreads.count, count)
@@ -56,15 +55,13 @@ func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>) -> Void) {
     }
     // About 8 ranges per thread, none under ~16K element visits.
     let grain = max(1, count / (threads * 8), (1 << 14) / max(cost, 1))
-    let next = Atomic<Int>(0)
-    withoutActuallyEscaping(body) { body in
-        nonisolated(unsafe) let work = body
-        DispatchQueue.concurrentPerform(iterations: threads) { _ in
-            while true {
-                let start = next.add(grain, ordering: .relaxed).oldValue
-                if start >= count { return }
-                work(start..<min(start + grain, count))
-            }
+    // The pool indexes in 32 bits; larger counts (far beyond any real tensor's planes) go in segments.
+    var base = 0
+    while base < count {
+        let segment = min(count - base, 1 << 30)
+        WorkerPool.shared.run(count: segment, grain: grain, threads: threads) { r in
+            body(base + r.lowerBound..<base + r.upperBound)
         }
+        base += segment
     }
 }

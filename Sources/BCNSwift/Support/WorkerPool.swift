@@ -1,0 +1,181 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Persistent worker threads that join a `parallelFor` within a microsecond or two.
+///
+/// A forward pass has two parallel sweeps a few microseconds apart, and a training step calls it many times a
+/// second; waking a sleeping thread costs ~5-10 µs each time, which on a 60 µs sweep is most of what a second
+/// thread could save. So workers spin for `spinNanoseconds` after each job (only as many as there are spare
+/// cores) before sleeping on a condition variable.
+///
+/// Protocol (all atomics sequentially consistent):
+/// - `state` packs a generation (high 32 bits) and the next unclaimed index (low 32). An odd generation means
+///   the job description is being written; an even one publishes it.
+/// - A worker increments `inFlight` before it reads the description or claims anything and decrements it when
+///   done; it claims ranges by compare-and-swap on `state`, which fails once the generation has moved on.
+/// - The submitting thread claims ranges too; once none are left it waits for `inFlight == 0`. Then no worker
+///   is running a range or can claim one, and the caller's closure (on its stack) may go away.
+/// One job runs at a time: a caller that finds the pool busy (another thread's call, or a nested one) runs its
+/// work on its own thread, which on a machine whose cores are already taken is the right thing anyway.
+final class WorkerPool: @unchecked Sendable {
+    static let shared = WorkerPool()
+
+    /// How long an idle worker keeps polling for the next job before it sleeps.
+    static let spinNanoseconds = 200_000
+
+    typealias Body = (Range<Int>) -> Void
+
+    private let state = Atomic<UInt64>(0)
+    private let inFlight = Atomic<Int>(0)
+    private let sleepers = Atomic<Int>(0)
+    private let busy = Atomic<Bool>(false)
+    private var started = 0  // workers created; touched only by the thread holding `busy`
+    private let cores: Int
+    // The job description, valid while the generation is even and unchanged.
+    private let jobBody = Atomic<Int>(0)     // address of a `Body` on the submitting thread's stack
+    private let jobCount = Atomic<Int>(0)
+    private let jobGrain = Atomic<Int>(0)
+    private let jobWorkers = Atomic<Int>(0)  // workers 0..<jobWorkers may join
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    private init() {
+        let n = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+        cores = n > 0 ? n : 1
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(wake, nil)
+        // A forked child has none of the parent's threads: start from an empty pool there.
+        pthread_atfork(nil, nil, { WorkerPool.shared.resetAfterFork() })
+    }
+
+    private func resetAfterFork() {
+        started = 0
+        inFlight.store(0, ordering: .sequentiallyConsistent)
+        sleepers.store(0, ordering: .sequentiallyConsistent)
+        busy.store(false, ordering: .sequentiallyConsistent)
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(wake, nil)
+    }
+
+    /// Runs `body` over `0..<count` in ranges of `grain` on the calling thread and up to `threads - 1` workers.
+    /// `count` must be below 2³¹.
+    func run(count: Int, grain: Int, threads: Int, _ body: Body) {
+        guard busy.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
+        else {
+            var i = 0
+            while i < count { body(i..<min(i + grain, count)); i += grain }
+            return
+        }
+        defer { busy.store(false, ordering: .sequentiallyConsistent) }
+        let workers = threads - 1
+        while started < workers { spawn(started); started += 1 }
+
+        withoutActuallyEscaping(body) { body in
+            var job: Body = body
+            withUnsafeMutablePointer(to: &job) { job in
+                let generation = (state.load(ordering: .sequentiallyConsistent) >> 32) & ~1
+                state.store((generation &+ 1) << 32, ordering: .sequentiallyConsistent)  // writing
+                jobBody.store(Int(bitPattern: job), ordering: .sequentiallyConsistent)
+                jobCount.store(count, ordering: .sequentiallyConsistent)
+                jobGrain.store(grain, ordering: .sequentiallyConsistent)
+                jobWorkers.store(workers, ordering: .sequentiallyConsistent)
+                let published = UInt32(truncatingIfNeeded: generation &+ 2)
+                state.store(UInt64(published) << 32, ordering: .sequentiallyConsistent)
+                if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
+                    pthread_mutex_lock(mutex)
+                    pthread_cond_broadcast(wake)
+                    pthread_mutex_unlock(mutex)
+                }
+                claimAndRun(generation: published, count: count, grain: grain, body: job)
+                while inFlight.load(ordering: .sequentiallyConsistent) != 0 {}
+            }
+        }
+    }
+
+    /// Claims ranges of the job of `generation` until none are left or the generation has moved on.
+    private func claimAndRun(generation: UInt32, count: Int, grain: Int, body: UnsafePointer<Body>) {
+        var s = state.load(ordering: .sequentiallyConsistent)
+        while UInt32(truncatingIfNeeded: s >> 32) == generation {
+            let start = Int(s & 0xffff_ffff)
+            if start >= count { return }
+            let end = min(start + grain, count)
+            let (exchanged, current) = state.compareExchange(
+                expected: s, desired: (s & ~0xffff_ffff) | UInt64(end), ordering: .sequentiallyConsistent)
+            if exchanged {
+                body.pointee(start..<end)
+                s = state.load(ordering: .sequentiallyConsistent)
+            } else {
+                s = current
+            }
+        }
+    }
+
+    private func spawn(_ id: Int) {
+        var attributes = pthread_attr_t()
+        pthread_attr_init(&attributes)
+        pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+        var thread = pthread_t()
+        // If no thread can be made, jobs still complete: the caller claims whatever no worker takes.
+        _ = pthread_create(&thread, &attributes, { argument in
+            WorkerPool.shared.work(id: Int(bitPattern: argument) - 1)  // never returns
+        }, UnsafeMutableRawPointer(bitPattern: id + 1))
+        pthread_attr_destroy(&attributes)
+    }
+
+    private static func now() -> Int {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return t.tv_sec * 1_000_000_000 + t.tv_nsec
+    }
+
+    private func work(id: Int) -> Never {
+        // Workers beyond the spare cores would only steal time from the ones doing work: they never spin.
+        let spins = id + 2 <= cores
+        var seen = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32) & ~1
+        while true {
+            var generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
+            if generation == seen || generation & 1 == 1 {
+                var deadline = 0
+                var polls = 0
+                while spins && (generation == seen || generation & 1 == 1) {
+                    polls &+= 1
+                    if polls & 255 == 0 {
+                        let t = Self.now()
+                        if deadline == 0 { deadline = t + Self.spinNanoseconds } else if t > deadline { break }
+                    }
+                    generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
+                }
+                if generation == seen || generation & 1 == 1 {
+                    pthread_mutex_lock(mutex)
+                    sleepers.add(1, ordering: .sequentiallyConsistent)
+                    while true {
+                        generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
+                        if generation != seen && generation & 1 == 0 { break }
+                        pthread_cond_wait(wake, mutex)
+                    }
+                    sleepers.subtract(1, ordering: .sequentiallyConsistent)
+                    pthread_mutex_unlock(mutex)
+                }
+            }
+            seen = generation
+            inFlight.add(1, ordering: .sequentiallyConsistent)
+            // The description is read only if the generation is still the one seen after `inFlight` went up:
+            // the submitter cannot be rewriting it then (it waits for inFlight == 0 before its next job).
+            let body = jobBody.load(ordering: .sequentiallyConsistent)
+            let count = jobCount.load(ordering: .sequentiallyConsistent)
+            let grain = jobGrain.load(ordering: .sequentiallyConsistent)
+            let allowed = jobWorkers.load(ordering: .sequentiallyConsistent)
+            let current = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
+            if current == generation && id < allowed, let job = UnsafePointer<Body>(bitPattern: body) {
+                claimAndRun(generation: generation, count: count, grain: grain, body: job)
+            }
+            inFlight.subtract(1, ordering: .sequentiallyConsistent)
+        }
+    }
+}

@@ -1,0 +1,61 @@
+@testable import BCNSwift
+import BCNSwiftTestSupport
+import Dispatch
+import Synchronization
+import XCTest
+
+/// White-box tests of `parallelFor` on the worker pool: every index is visited exactly once, by back-to-back
+/// jobs (workers still spinning), jobs after the workers went to sleep, and jobs from several threads at once
+/// (one holds the pool, the others run alone). Run under `--sanitize=thread` too.
+final class WorkerPoolTests: XCTestCase {
+    var rng = SplitMix64(seed: 0x9001)
+
+    /// Runs one job over `count` items and checks that each index was visited once.
+    func checkJob(count: Int, cost: Int, file: StaticString = #filePath, line: UInt = #line) {
+        let visits = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
+        defer { visits.deallocate() }
+        visits.initialize(repeating: 0)
+        parallelFor(count, cost: cost) { range in
+            for i in range { visits[i] += 1 }
+        }
+        XCTAssertTrue(visits.allSatisfy { $0 == 1 }, "count \(count), cost \(cost)", file: file, line: line)
+    }
+
+    func testBackToBackJobsVisitEveryIndexOnce() {
+        defer { BCNThreads.count = 0 }
+        for threads in [2, 3, 16] {
+            BCNThreads.count = threads
+            for _ in 0..<2_000 {
+                checkJob(count: Int.random(in: 1...3_000, using: &rng), cost: 1 << 12)
+            }
+        }
+    }
+
+    func testJobsAfterWorkersSleep() {
+        defer { BCNThreads.count = 0 }
+        BCNThreads.count = 2
+        for _ in 0..<5 {
+            checkJob(count: 1_000, cost: 1 << 12)
+            usleep(3_000)  // longer than the workers spin
+        }
+    }
+
+    func testConcurrentSubmitters() {
+        defer { BCNThreads.count = 0 }
+        BCNThreads.count = 2
+        let failures = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 4) { submitter in
+            for job in 0..<500 {
+                let count = 100 + (job * 37 + submitter * 11) % 900
+                let visits = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
+                visits.initialize(repeating: 0)
+                parallelFor(count, cost: 1 << 12) { range in
+                    for i in range { visits[i] += 1 }
+                }
+                if !visits.allSatisfy({ $0 == 1 }) { failures.add(1, ordering: .relaxed) }
+                visits.deallocate()
+            }
+        }
+        XCTAssertEqual(failures.load(ordering: .relaxed), 0)
+    }
+}
