@@ -15,11 +15,23 @@ extension Double: NormalizationScalar {
         UnsafeRawPointer(p + i).loadUnaligned(as: SIMD4<Double>.self)
     }
 
+    /// One pass shifted by the mean of the first four values, kept when the cancellation (Σd)²/n is at most
+    /// half of Σd² (see `Float._chunkMoments`); otherwise, or for non-finite sums, the corrected two-pass
+    /// algorithm around the mean found (or around Σx/n).
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Double>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
         let m = Double(n)
-        let c = _sum(x, count: n) / m
+        var c: Double
+        if n >= 8, case let k = _hsum(_load4(x, 0)) * 0.25, k.isFinite {
+            let (d, q) = _centredSums(x, count: n, centre: k)
+            let m2 = q - d * d / m
+            if q.isFinite && m2 >= 0.5 * q { return Moments(count: m, mean: k + d / m, m2: m2) }
+            c = k + d / m
+            if !c.isFinite { c = _sum(x, count: n) / m }
+        } else {
+            c = _sum(x, count: n) / m
+        }
         let (d, s) = _centredSums(x, count: n, centre: c)
         return Moments(count: m, mean: c + d / m, m2: max(s - d * d / m, 0))
     }
