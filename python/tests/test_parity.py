@@ -86,3 +86,19 @@ def test_vector_and_chunked_planes(convention, shape, dtype, rng):
         pair.step(random_input(rng, shape), rng.normal(0.5, 1.0, shape), f"training step {step}, shape {shape}")
     pair.train(False)
     pair.step(random_input(rng, shape), rng.normal(-0.5, 1.0, shape), f"eval, shape {shape}")
+
+
+# Rows wider than one column block of the row path (~512 values): blocks of whole groups, a partial last block,
+# groups wider than a block, and batch norm alone over several blocks.
+WIDE_ROWS = [((5, 600), 4), ((3, 96, 3, 3), 32), ((4, 700), 7), ((2, 1200), 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,G", WIDE_ROWS, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("convention", CONVENTIONS, ids=lambda c: c.name.replace(" ", ""))
+def test_wide_rows(convention, shape, G, dtype, rng):
+    pair = Pair(convention, shape[1], G if convention.groups else None, dtype, rng)
+    for step in range(2):
+        pair.step(random_input(rng, shape), rng.normal(0.5, 1.0, shape), f"training step {step}, shape {shape}")
+    pair.train(False)
+    pair.step(random_input(rng, shape), rng.normal(-0.5, 1.0, shape), f"eval, shape {shape}")

@@ -18,6 +18,14 @@ extension Double: NormalizationScalar {
     /// One pass shifted by the mean of the first four values, kept when the cancellation (Σd)²/n is at most
     /// half of Σd² (see `Float._chunkMoments`); otherwise, or for non-finite sums, the corrected two-pass
     /// algorithm around the mean found (or around Σx/n).
+    @inlinable @inline(__always)
+    public static func _load4Wide(_ p: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> { _load4(p, i) }
+
+    @inlinable @inline(__always)
+    public static func _store4Narrow(_ v: SIMD4<Double>, _ p: UnsafeMutablePointer<Double>, _ i: Int) {
+        UnsafeMutableRawPointer(p + i).storeBytes(of: v, as: SIMD4<Double>.self)
+    }
+
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Double>, count n: Int) -> Moments {
         if n == 0 { return Moments() }

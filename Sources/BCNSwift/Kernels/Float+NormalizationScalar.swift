@@ -9,6 +9,16 @@ extension Float: NormalizationScalar {
         UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self)
     }
 
+    @inlinable @inline(__always)
+    public static func _load4Wide(_ p: UnsafePointer<Float>, _ i: Int) -> SIMD4<Double> {
+        SIMD4<Double>(UnsafeRawPointer(p + i).loadUnaligned(as: SIMD4<Float>.self))
+    }
+
+    @inlinable @inline(__always)
+    public static func _store4Narrow(_ v: SIMD4<Double>, _ p: UnsafeMutablePointer<Float>, _ i: Int) {
+        UnsafeMutableRawPointer(p + i).storeBytes(of: SIMD4<Float>(v), as: SIMD4<Float>.self)
+    }
+
     /// Σ of the lanes by halving. `SIMD.sum()` reduces lane by lane, and `lowHalf`/`highHalf` are built lane
     /// by lane, both of which LLVM compiles to dozens of lane inserts; reinterpreting the storage as two halves
     /// compiles to one extract and an add per level.

@@ -22,6 +22,12 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, count: Int, centre: Double
     ) -> (sum: Double, dot: Double)
 
+    /// Four values from `p + i`, widened to Float64 (the row path's maps compute in Float64).
+    static func _load4Wide(_ p: UnsafePointer<Self>, _ i: Int) -> SIMD4<Double>
+
+    /// Stores four Float64 values to `p + i`, each rounded once to `Self`.
+    static func _store4Narrow(_ v: SIMD4<Double>, _ p: UnsafeMutablePointer<Self>, _ i: Int)
+
     /// dx[i] = p · dy[i] + q · (x[i] - centre) + r. `dx` may alias `dy`.
     static func _combine(
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, count: Int,

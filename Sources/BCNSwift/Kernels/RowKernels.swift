@@ -38,18 +38,77 @@ enum RowKernels {
         while i < n { y[i] = beta[i].addingProduct(x[i] - mu[i], a[i]); i += 1 }
     }
 
-    /// y = offset + scale (y - mean), in place.
+    /// Moments of y₁ = β + a (x - μ) over n values of a row, computed from x as it is, without storing y₁:
+    /// one pass shifted by the mean of the first four y₁ and kept under the rule of `Float._chunkMoments`
+    /// ((Σd)²/n at most half of Σd²), else a corrected second pass around the mean found. Every y₁ is the same
+    /// fused operation in both passes and in `affineOutput`.
     @inlinable
-    static func scaleShift(_ y: UnsafeMutablePointer<Double>, _ n: Int, mean: Double, scale: Double, offset: Double) {
-        let m = SIMD4(repeating: mean), s = SIMD4(repeating: scale), o = SIMD4(repeating: offset)
+    static func affineMoments<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, _ a: UnsafePointer<Double>, _ mu: UnsafePointer<Double>,
+        _ beta: UnsafePointer<Double>, _ n: Int
+    ) -> Moments {
+        @inline(__always) func y4(_ i: Int) -> SIMD4<Double> {
+            var v = load(beta, i)
+            v.addProduct(T._load4Wide(x, i) - load(mu, i), load(a, i))
+            return v
+        }
+        @inline(__always) func y1(_ i: Int) -> Double { beta[i].addingProduct(Double(x[i]) - mu[i], a[i]) }
+        /// (Σ (y₁ - c), Σ (y₁ - c)²)
+        @inline(__always) func sums(_ c: Double) -> (Double, Double) {
+            let cv = SIMD4(repeating: c)
+            var s0 = SIMD4<Double>(), s1 = SIMD4<Double>(), q0 = SIMD4<Double>(), q1 = SIMD4<Double>()
+            var i = 0
+            while i + 8 <= n {
+                let d0 = y4(i) - cv, d1 = y4(i + 4) - cv
+                s0 += d0; s1 += d1; q0.addProduct(d0, d0); q1.addProduct(d1, d1)
+                i += 8
+            }
+            var s = Double._hsum(s0 + s1), q = Double._hsum(q0 + q1)
+            while i < n { let d = y1(i) - c; s += d; q.addProduct(d, d); i += 1 }
+            return (s, q)
+        }
+        if n == 0 { return Moments() }
+        let m = Double(n), invM = 1 / m
+        var c: Double
+        if n >= 8 {
+            c = Double._hsum(y4(0)) * 0.25
+        } else {
+            c = 0
+            for i in 0..<n { c += y1(i) }
+            c *= invM
+        }
+        let (d, q) = sums(c)
+        let m2 = q - d * d * invM
+        if n >= 8 && !(q.isFinite && m2 >= 0.5 * q) {  // the shift was far from the mean: once more around it
+            c += d * invM
+            let (d2, q2) = sums(c)
+            return Moments(count: m, mean: c + d2 * invM, m2: Swift.max(q2 - d2 * d2 * invM, 0))
+        }
+        return Moments(count: m, mean: c + d * invM, m2: Swift.max(m2, 0))
+    }
+
+    /// out = T(offset + scale (y₁ - mean)) with y₁ = β + a (x - μ) as in `affineMoments`. `out` may alias `x`.
+    @inlinable
+    static func affineOutput<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, _ a: UnsafePointer<Double>, _ mu: UnsafePointer<Double>,
+        _ beta: UnsafePointer<Double>, _ n: Int, mean: Double, scale: Double, offset: Double,
+        into out: UnsafeMutablePointer<T>
+    ) {
+        let mv = SIMD4(repeating: mean), sv = SIMD4(repeating: scale), ov = SIMD4(repeating: offset)
         var i = 0
         while i + 4 <= n {
-            var v = o
-            v.addProduct(load(y, i) - m, s)
-            store(v, y, i)
+            var y = load(beta, i)
+            y.addProduct(T._load4Wide(x, i) - load(mu, i), load(a, i))
+            var v = ov
+            v.addProduct(y - mv, sv)
+            T._store4Narrow(v, out, i)
             i += 4
         }
-        while i < n { y[i] = offset.addingProduct(y[i] - mean, scale); i += 1 }
+        while i < n {
+            let y = beta[i].addingProduct(Double(x[i]) - mu[i], a[i])
+            out[i] = T(offset.addingProduct(y - mean, scale))
+            i += 1
+        }
     }
 
     /// With d = rw·g + hc - r3 (y₁ - mean) (the channel-norm backward): s1 += d, s2 += d (x - μ).

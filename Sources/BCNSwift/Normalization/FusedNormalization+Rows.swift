@@ -10,6 +10,9 @@
 /// The context keeps μ, 1/σ, a, m, r and w as in the plane path; the first C slots of ȳ hold β, and the
 /// `.rows` flag says so. Since y₁ = a (x - μ) + β is recomputed, no per-plane number is stored.
 extension FusedNormalization {
+    /// Values per column block of the forward output: its slices of a, μ and β (12 KB) stay in L1.
+    static let rowSegment = 512
+
     /// Channels per column block: whole groups, about 64 channels.
     static func rowBlock(unit: Int) -> Int { max(unit, (64 / unit) * unit) }
 
@@ -18,8 +21,9 @@ extension FusedNormalization {
         for c in 0..<count { for k in 0..<s { out[c * s + k] = v[c] } }
     }
 
-    /// The output of the row path, once `batchNormStage` has filled μ and a (and w is in the context): each row's
-    /// y₁ = a (x - μ) + β in Float64, its groups' m and r, and the output.
+    /// The output of the row path, once `batchNormStage` has filled μ and a (and w is in the context): each
+    /// group's m and r from the moments of y₁ = a (x - μ) + β (computed in Float64 from x, never stored), then
+    /// the output from y₁ again.
     static func rowsOutput<T: NormalizationScalar>(
         plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
         state: NormalizationState<T>, layout: NormalizationContextLayout, ctx: UnsafeMutablePointer<Double>
@@ -42,26 +46,40 @@ extension FusedNormalization {
 
         let cn = plan.channelNorm, G = plan.groups, bias = state.cnBias
         let m = ctx + layout.m, r = ctx + layout.r, w = ctx + layout.w
-        parallelFor(B, cost: 3 * width) { rows in
-            let buffer = UnsafeMutableBufferPointer<Double>.allocate(capacity: width)
-            defer { buffer.deallocate() }
-            let y1 = buffer.baseAddress!
-            for b in rows {
-                RowKernels.widen(x + b * width, y1, width)
-                RowKernels.affine(y1, aE, muE, betaE, y1, width)  // y₁ = a (x - μ) + β
-                if let cn, let bias {
-                    let n = width / G
-                    for g in 0..<G {  // a group is n = K·S contiguous values of the row
-                        let group = y1 + g * n
-                        let moments = Double._chunkMoments(group, count: n)
-                        let rg = 1 / (moments.variance + cn.eps).squareRoot()
-                        m[b * G + g] = moments.mean
-                        r[b * G + g] = rg
-                        RowKernels.scaleShift(group, n, mean: moments.mean, scale: rg * w[g],
-                                              offset: Double(bias[g]))
-                    }
+        // Work units are (column block, row), block-major: a thread's consecutive units share one block, whose
+        // slices of the expanded a, μ, β (3 x 8 bytes per value) stay in L1 while it walks down the rows.
+        // A block holds whole channel groups, about `rowSegment` values.
+        let n = cn != nil ? width / G : width  // values per group (the whole row without a channel norm)
+        let groupsPerBlock = cn != nil ? max(1, rowSegment / n) : 1
+        let blockWidth = cn != nil ? groupsPerBlock * n : min(width, rowSegment)
+        let blocks = cn != nil ? (G + groupsPerBlock - 1) / groupsPerBlock : (width + blockWidth - 1) / blockWidth
+        parallelFor(blocks * B, cost: 3 * blockWidth) { units in
+            for u in units {
+                let block = u / B, b = u - block * B
+                let xr = x + b * width, yr = y + b * width
+                guard let cn, let bias else {  // batch norm alone: out = y₁
+                    let lo = block * blockWidth, len = min(blockWidth, width - lo)
+                    RowKernels.affineOutput(xr + lo, aE + lo, muE + lo, betaE + lo, len, mean: 0, scale: 1,
+                                            offset: 0, into: yr + lo)
+                    continue
                 }
-                RowKernels.narrow(y1, y + b * width, width)
+                // A group is n = K·S contiguous values of the row. The block's group moments first, then their
+                // r, then the outputs: small groups would otherwise each wait on their own reduction, square
+                // root and division before their output could start.
+                let groups = block * groupsPerBlock..<min(G, (block + 1) * groupsPerBlock)
+                let mb = m + b * G, rb = r + b * G
+                for g in groups {
+                    let lo = g * n
+                    let moments = RowKernels.affineMoments(xr + lo, aE + lo, muE + lo, betaE + lo, n)
+                    mb[g] = moments.mean
+                    rb[g] = moments.variance
+                }
+                for g in groups { rb[g] = 1 / (rb[g] + cn.eps).squareRoot() }
+                for g in groups {
+                    let lo = g * n
+                    RowKernels.affineOutput(xr + lo, aE + lo, muE + lo, betaE + lo, n, mean: mb[g],
+                                            scale: rb[g] * w[g], offset: Double(bias[g]), into: yr + lo)
+                }
             }
         }
     }
