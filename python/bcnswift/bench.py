@@ -5,7 +5,11 @@ np.copyto of the same tensor, measured in one run with the same thread count.
     python3 -m bcnswift.bench --quick         # fewer repetitions
     python3 -m bcnswift.bench --no-reference  # skip the (slow) numpy reference
 
-Times are medians over repeats; ratios are computed from medians measured in this same run. numpy's OpenBLAS
+Times are medians over repeats; ratios are computed from medians measured in this same run. `fwd` and
+`fwd+bwd` write into preallocated outputs (`out=`), as `np.copyto` does, so their ratios to the copy compare the
+work; `alloc` times are plain calls that allocate their outputs, as users and PyTorch make them, and the PyTorch
+ratios compare those. (Above 32 MB glibc maps every allocation afresh, and zeroing its pages costs as much as a
+copy.) numpy's OpenBLAS
 worker threads spin while idle and take cores from whatever runs next (bcnswift, np.copyto and torch alike), so
 the benchmark runs with OPENBLAS_NUM_THREADS=1 unless it is set (it re-executes itself to apply it).
 """
@@ -111,7 +115,8 @@ def run(shapes, quick=False, reference=True, use_torch=True):
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
           + (f", torch {torch.__version__}" if torch else ", torch not installed")
           + f"; {threads} thread(s); float32, training; median of {repeats} repeats")
-    cols = ["shape", "G", "estimate", "copy us", "fwd us", "fwd/copy", "fwd+bwd us", "f+b/copy"]
+    cols = ["shape", "G", "estimate", "copy us", "fwd us", "fwd/copy", "fwd+bwd us", "f+b/copy",
+            "alloc fwd us", "alloc f+b us"]
     if torch:
         cols += ["torch fwd us", "torch f+b us", "torch/bcn fwd", "torch/bcn f+b"]
     if reference:
@@ -123,18 +128,27 @@ def run(shapes, quick=False, reference=True, use_torch=True):
     for shape, G in shapes:
         x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
         dy = rng.normal(size=shape).astype(np.float32)
-        out = np.empty_like(x)
+        out, grad = np.empty_like(x), np.empty_like(x)
         copy_t = median_time(lambda: np.copyto(out, x), repeats=repeats)
         for estimate in (True, False):
             layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate)
-            fwd = median_time(lambda: layer(x), repeats=repeats)
+            # Into preallocated outputs, as np.copyto writes into one: the ratios to the copy compare the work.
+            fwd = median_time(lambda: layer(x, out=out), repeats=repeats)
 
             def fb():
+                layer(x, out=out)
+                layer.backward(dy, out=grad)
+            fb_t = median_time(fb, repeats=repeats)
+            # Allocating calls, as users (and PyTorch) make them: what the PyTorch ratios compare.
+            fwd_a = median_time(lambda: layer(x), repeats=repeats)
+
+            def fb_alloc():
                 layer(x)
                 layer.backward(dy)
-            fb_t = median_time(fb, repeats=repeats)
+            fb_a = median_time(fb_alloc, repeats=repeats)
             row = [str(list(shape)), str(G), str(estimate), f"{copy_t * 1e6:.1f}", f"{fwd * 1e6:.1f}",
-                   f"{fwd / copy_t:.2f}", f"{fb_t * 1e6:.1f}", f"{fb_t / copy_t:.2f}"]
+                   f"{fwd / copy_t:.2f}", f"{fb_t * 1e6:.1f}", f"{fb_t / copy_t:.2f}", f"{fwd_a * 1e6:.1f}",
+                   f"{fb_a * 1e6:.1f}"]
             if torch:
                 m = torch_bcnorm(shape[1], G, estimate)
                 tx = torch.from_numpy(x).requires_grad_(True)
@@ -149,7 +163,7 @@ def run(shapes, quick=False, reference=True, use_torch=True):
                     m(tx).backward(tdy)
                 t_f = median_time(tf, repeats=repeats)
                 t_fb = median_time(tfb, repeats=repeats)
-                row += [f"{t_f * 1e6:.1f}", f"{t_fb * 1e6:.1f}", f"{t_f / fwd:.1f}", f"{t_fb / fb_t:.1f}"]
+                row += [f"{t_f * 1e6:.1f}", f"{t_fb * 1e6:.1f}", f"{t_f / fwd_a:.1f}", f"{t_fb / fb_a:.1f}"]
             if reference:
                 ref = (R.LabmlBatchChannelNorm(shape[1], G, estimate=True) if estimate
                        else R.AuthorsBCNorm(shape[1], G, 1e-5))
