@@ -23,7 +23,7 @@ final class WorkerPoolTests: XCTestCase {
 
     func testBackToBackJobsVisitEveryIndexOnce() {
         defer { BCNThreads.count = 0 }
-        for threads in [2, 3, 16] {
+        for threads in [2, 3, 16, 2] {  // the last after workers beyond its count exist (and sleep)
             BCNThreads.count = threads
             for _ in 0..<2_000 {
                 checkJob(count: Int.random(in: 1...3_000, using: &rng), cost: 1 << 12)

@@ -12,7 +12,7 @@ import Darwin
 /// A forward pass has two parallel sweeps a few microseconds apart, and a training step calls it many times a
 /// second; waking a sleeping thread costs ~5-10 µs each time, which on a 60 µs sweep is most of what a second
 /// thread could save. So workers spin for `spinNanoseconds` after each job (only as many as there are spare
-/// cores) before sleeping on a condition variable.
+/// cores) before sleeping, each on its own condition variable so that a job wakes only the workers it uses.
 ///
 /// Protocol (all atomics sequentially consistent):
 /// - `state` packs a generation (high 32 bits) and the next unclaimed index (low 32). An odd generation means
@@ -31,36 +31,42 @@ final class WorkerPool: @unchecked Sendable {
 
     typealias Body = (Range<Int>) -> Void
 
+    /// Where one worker sleeps: its own condition variable, so a job wakes only the workers it may use (after
+    /// `set_num_threads(16)` then `(2)`, the fourteen others stay asleep).
+    final class Sleeper: @unchecked Sendable {
+        let id: Int
+        let sleeping = Atomic<Bool>(false)
+        let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+        init(id: Int) {
+            self.id = id
+            pthread_mutex_init(mutex, nil)
+            pthread_cond_init(wake, nil)
+        }
+    }
+
     private let state = Atomic<UInt64>(0)
     private let inFlight = Atomic<Int>(0)
-    private let sleepers = Atomic<Int>(0)
     private let busy = Atomic<Bool>(false)
-    private var started = 0  // workers created; touched only by the thread holding `busy`
+    private var workers: [Sleeper] = []  // touched only by the thread holding `busy`
     private let cores: Int
     // The job description, valid while the generation is even and unchanged.
     private let jobBody = Atomic<Int>(0)     // address of a `Body` on the submitting thread's stack
     private let jobCount = Atomic<Int>(0)
     private let jobGrain = Atomic<Int>(0)
     private let jobWorkers = Atomic<Int>(0)  // workers 0..<jobWorkers may join
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
 
     private init() {
         let n = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
         cores = n > 0 ? n : 1
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(wake, nil)
         // A forked child has none of the parent's threads: start from an empty pool there.
         pthread_atfork(nil, nil, { WorkerPool.shared.resetAfterFork() })
     }
 
     private func resetAfterFork() {
-        started = 0
+        workers = []  // their threads did not survive the fork; their sleepers are never touched again
         inFlight.store(0, ordering: .sequentiallyConsistent)
-        sleepers.store(0, ordering: .sequentiallyConsistent)
         busy.store(false, ordering: .sequentiallyConsistent)
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(wake, nil)
     }
 
     /// Runs `body` over `0..<count` in ranges of `grain` on the calling thread and up to `threads - 1` workers.
@@ -73,8 +79,8 @@ final class WorkerPool: @unchecked Sendable {
             return
         }
         defer { busy.store(false, ordering: .sequentiallyConsistent) }
-        let workers = threads - 1
-        while started < workers { spawn(started); started += 1 }
+        let helpers = threads - 1
+        while workers.count < helpers { spawn(Sleeper(id: workers.count)) }
 
         withoutActuallyEscaping(body) { body in
             var job: Body = body
@@ -84,13 +90,15 @@ final class WorkerPool: @unchecked Sendable {
                 jobBody.store(Int(bitPattern: job), ordering: .sequentiallyConsistent)
                 jobCount.store(count, ordering: .sequentiallyConsistent)
                 jobGrain.store(grain, ordering: .sequentiallyConsistent)
-                jobWorkers.store(workers, ordering: .sequentiallyConsistent)
+                jobWorkers.store(helpers, ordering: .sequentiallyConsistent)
                 let published = UInt32(truncatingIfNeeded: generation &+ 2)
                 state.store(UInt64(published) << 32, ordering: .sequentiallyConsistent)
-                if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
-                    pthread_mutex_lock(mutex)
-                    pthread_cond_broadcast(wake)
-                    pthread_mutex_unlock(mutex)
+                // A worker sets `sleeping` before its last look at `state`, and this reads it after the
+                // store above: either the worker saw the new generation or it is woken here.
+                for sleeper in workers[..<helpers] where sleeper.sleeping.load(ordering: .sequentiallyConsistent) {
+                    pthread_mutex_lock(sleeper.mutex)
+                    pthread_cond_signal(sleeper.wake)
+                    pthread_mutex_unlock(sleeper.mutex)
                 }
                 claimAndRun(generation: published, count: count, grain: grain, body: job)
                 while inFlight.load(ordering: .sequentiallyConsistent) != 0 {}
@@ -116,15 +124,17 @@ final class WorkerPool: @unchecked Sendable {
         }
     }
 
-    private func spawn(_ id: Int) {
+    private func spawn(_ sleeper: Sleeper) {
+        workers.append(sleeper)
         var attributes = pthread_attr_t()
         pthread_attr_init(&attributes)
         pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
         var thread = pthread_t()
         // If no thread can be made, jobs still complete: the caller claims whatever no worker takes.
         _ = pthread_create(&thread, &attributes, { argument in
-            WorkerPool.shared.work(id: Int(bitPattern: argument) - 1)  // never returns
-        }, UnsafeMutableRawPointer(bitPattern: id + 1))
+            let sleeper = Unmanaged<Sleeper>.fromOpaque(argument!).takeRetainedValue()
+            WorkerPool.shared.work(sleeper)  // never returns
+        }, Unmanaged.passRetained(sleeper).toOpaque())
         pthread_attr_destroy(&attributes)
     }
 
@@ -134,7 +144,8 @@ final class WorkerPool: @unchecked Sendable {
         return t.tv_sec * 1_000_000_000 + t.tv_nsec
     }
 
-    private func work(id: Int) -> Never {
+    private func work(_ sleeper: Sleeper) -> Never {
+        let id = sleeper.id
         // Workers beyond the spare cores would only steal time from the ones doing work: they never spin.
         let spins = id + 2 <= cores
         var seen = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32) & ~1
@@ -152,15 +163,15 @@ final class WorkerPool: @unchecked Sendable {
                     generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
                 }
                 if generation == seen || generation & 1 == 1 {
-                    pthread_mutex_lock(mutex)
-                    sleepers.add(1, ordering: .sequentiallyConsistent)
+                    pthread_mutex_lock(sleeper.mutex)
+                    sleeper.sleeping.store(true, ordering: .sequentiallyConsistent)
                     while true {
                         generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
                         if generation != seen && generation & 1 == 0 { break }
-                        pthread_cond_wait(wake, mutex)
+                        pthread_cond_wait(sleeper.wake, sleeper.mutex)
                     }
-                    sleepers.subtract(1, ordering: .sequentiallyConsistent)
-                    pthread_mutex_unlock(mutex)
+                    sleeper.sleeping.store(false, ordering: .sequentiallyConsistent)
+                    pthread_mutex_unlock(sleeper.mutex)
                 }
             }
             seen = generation
