@@ -1,6 +1,7 @@
 @testable import BCNSwift
 import BCNSwiftTestSupport
 import Dispatch
+import Foundation
 import Synchronization
 import XCTest
 
@@ -57,5 +58,20 @@ final class WorkerPoolTests: XCTestCase {
             }
         }
         XCTAssertEqual(failures.load(ordering: .relaxed), 0)
+    }
+}
+
+extension WorkerPoolTests {
+    /// A thread count far beyond the pool's cap still visits every index once (with at most 256 threads).
+    func testHugeThreadCountIsCapped() {
+        defer { BCNThreads.count = 0 }
+        BCNThreads.count = 100_000
+        for _ in 0..<20 { checkJob(count: 50_000, cost: 1 << 12) }
+        #if os(Linux)
+        // 255 workers at most, plus this process's other threads (XCTest's, Dispatch's): far below 50,000.
+        let threads = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count) ?? 0
+        XCTAssertGreaterThan(threads, 1)
+        XCTAssertLessThanOrEqual(threads, 255 + 64)
+        #endif
     }
 }

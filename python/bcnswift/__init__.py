@@ -17,7 +17,7 @@ __all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm",
 
 def set_num_threads(n):
     """Worker threads for later calls (n >= 1), or 0 for the default: BCNSWIFT_NUM_THREADS, else all cores.
-    Results are bitwise identical for every thread count."""
+    Results are bitwise identical for every thread count. A call uses at most 256 threads."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"number of threads must be an int, got {n!r}")
     _ext.set_num_threads(n)

@@ -10,7 +10,7 @@ import Darwin
 /// The number of worker threads bcnswift uses; 0 means "all cores".
 ///
 /// Work is always cut into the same pieces whatever this number is (see `parallelFor`), so results are bitwise
-/// identical for any thread count; only the wall time changes.
+/// identical for any thread count; only the wall time changes. A call uses at most 256 threads.
 public enum BCNThreads {
     private static let requested = Atomic<Int>(0)
     private static let cores: Int = {

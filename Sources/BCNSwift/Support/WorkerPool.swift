@@ -29,6 +29,10 @@ final class WorkerPool: @unchecked Sendable {
     /// How long an idle worker keeps polling for the next job before it sleeps.
     static let spinNanoseconds = 200_000
 
+    /// The most workers a job uses (so at most 256 threads with the caller), whatever thread count was asked:
+    /// more would only cost memory and thread creation, as results do not depend on the count.
+    static let maxWorkers = 255
+
     typealias Body = (Range<Int>) -> Void
 
     /// Where one worker sleeps: its own condition variable, so a job wakes only the workers it may use (after
@@ -79,7 +83,7 @@ final class WorkerPool: @unchecked Sendable {
             return
         }
         defer { busy.store(false, ordering: .sequentiallyConsistent) }
-        let helpers = threads - 1
+        let helpers = min(threads - 1, Self.maxWorkers)
         while workers.count < helpers { spawn(Sleeper(id: workers.count)) }
 
         withoutActuallyEscaping(body) { body in
