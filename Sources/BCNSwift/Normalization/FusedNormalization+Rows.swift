@@ -3,9 +3,10 @@
 /// There the per-plane model would keep several Float64 numbers per few input values (p, q, ȳ, the output map),
 /// far more memory traffic than the input itself. Instead each row (sample) is handled as C·S contiguous values:
 /// the batch statistics are column moments, and a channel group is K·S contiguous values of a row, normalized
-/// from a Float64 copy of the row. Per-channel constants are expanded to one per value so every map is
-/// element-wise (RowKernels). Work is cut into column blocks of whole channel groups, or into rows, and each
-/// unit is computed the same way whoever runs it, so results are independent of the thread count.
+/// in Float64 straight from the input (the backward works on Float64 copies of row slices). Per-channel
+/// constants are expanded to one per value so every map is element-wise (RowKernels). Work is cut into column
+/// blocks of whole channel groups (by rows too in the forward), and each unit is computed the same way whoever
+/// runs it, so results are independent of the thread count.
 ///
 /// The context keeps μ, 1/σ, a, m, r and w as in the plane path; the first C slots of ȳ hold β, and the
 /// `.rows` flag says so. Since y₁ = a (x - μ) + β is recomputed, no per-plane number is stored.
