@@ -40,9 +40,9 @@ let parallelThreshold = 1 << 16
 /// Runs `body` over `0..<count`, cut into contiguous ranges, on up to `BCNThreads.count` threads.
 ///
 /// Threads (the caller and `WorkerPool`'s workers) claim ranges from a shared counter, so a worker that wakes
-/// late simply takes fewer. `body` must make
-/// each index's result depend on that index alone (write to its own slot); then the result is independent of
-/// which thread ran which range, which is what makes the thread count invisible in the output.
+/// late simply takes fewer. `body` must make each index's result depend on that index alone (write to its own
+/// slot); then the result is independent of which thread ran which range, which is what makes the thread count
+/// invisible in the output.
 /// - Parameters:
 ///   - count: number of work items.
 ///   - cost: approximate element visits per item, used only to decide whether threads are worth waking.

@@ -89,7 +89,7 @@ final class WorkerPool: @unchecked Sendable {
         withoutActuallyEscaping(body) { body in
             var job: Body = body
             withUnsafeMutablePointer(to: &job) { job in
-                let generation = (state.load(ordering: .sequentiallyConsistent) >> 32) & ~1
+                let generation = UInt64(self.generation() & ~1)
                 state.store((generation &+ 1) << 32, ordering: .sequentiallyConsistent)  // writing
                 jobBody.store(Int(bitPattern: job), ordering: .sequentiallyConsistent)
                 jobCount.store(count, ordering: .sequentiallyConsistent)
@@ -148,36 +148,48 @@ final class WorkerPool: @unchecked Sendable {
         return t.tv_sec * 1_000_000_000 + t.tv_nsec
     }
 
+    /// The generation in `state` now.
+    private func generation() -> UInt32 {
+        UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
+    }
+
+    /// Waits until a job newer than `seen` is published (an even generation other than `seen`) and returns its
+    /// generation: polling first if this worker may spin, then asleep on its own condition variable.
+    private func waitForJob(after seen: UInt32, _ sleeper: Sleeper, spins: Bool) -> UInt32 {
+        func published(_ g: UInt32) -> Bool { g != seen && g & 1 == 0 }
+        var current = generation()
+        if published(current) { return current }
+        if spins {
+            var deadline = 0, polls = 0
+            while !published(current) {
+                polls &+= 1
+                if polls & 255 == 0 {
+                    let t = Self.now()
+                    if deadline == 0 { deadline = t + Self.spinNanoseconds } else if t > deadline { break }
+                }
+                current = generation()
+            }
+            if published(current) { return current }
+        }
+        pthread_mutex_lock(sleeper.mutex)
+        sleeper.sleeping.store(true, ordering: .sequentiallyConsistent)
+        current = generation()
+        while !published(current) {
+            pthread_cond_wait(sleeper.wake, sleeper.mutex)
+            current = generation()
+        }
+        sleeper.sleeping.store(false, ordering: .sequentiallyConsistent)
+        pthread_mutex_unlock(sleeper.mutex)
+        return current
+    }
+
     private func work(_ sleeper: Sleeper) -> Never {
         let id = sleeper.id
         // Workers beyond the spare cores would only steal time from the ones doing work: they never spin.
         let spins = id + 2 <= cores
-        var seen = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32) & ~1
+        var seen = generation() & ~1
         while true {
-            var generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
-            if generation == seen || generation & 1 == 1 {
-                var deadline = 0
-                var polls = 0
-                while spins && (generation == seen || generation & 1 == 1) {
-                    polls &+= 1
-                    if polls & 255 == 0 {
-                        let t = Self.now()
-                        if deadline == 0 { deadline = t + Self.spinNanoseconds } else if t > deadline { break }
-                    }
-                    generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
-                }
-                if generation == seen || generation & 1 == 1 {
-                    pthread_mutex_lock(sleeper.mutex)
-                    sleeper.sleeping.store(true, ordering: .sequentiallyConsistent)
-                    while true {
-                        generation = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
-                        if generation != seen && generation & 1 == 0 { break }
-                        pthread_cond_wait(sleeper.wake, sleeper.mutex)
-                    }
-                    sleeper.sleeping.store(false, ordering: .sequentiallyConsistent)
-                    pthread_mutex_unlock(sleeper.mutex)
-                }
-            }
+            let generation = waitForJob(after: seen, sleeper, spins: spins)
             seen = generation
             inFlight.add(1, ordering: .sequentiallyConsistent)
             // The description is read only if the generation is still the one seen after `inFlight` went up:
@@ -186,8 +198,7 @@ final class WorkerPool: @unchecked Sendable {
             let count = jobCount.load(ordering: .sequentiallyConsistent)
             let grain = jobGrain.load(ordering: .sequentiallyConsistent)
             let allowed = jobWorkers.load(ordering: .sequentiallyConsistent)
-            let current = UInt32(truncatingIfNeeded: state.load(ordering: .sequentiallyConsistent) >> 32)
-            if current == generation && id < allowed, let job = UnsafePointer<Body>(bitPattern: body) {
+            if self.generation() == generation && id < allowed, let job = UnsafePointer<Body>(bitPattern: body) {
                 claimAndRun(generation: generation, count: count, grain: grain, body: job)
             }
             inFlight.subtract(1, ordering: .sequentiallyConsistent)
