@@ -38,21 +38,38 @@ enum RowKernels {
         while i < n { y[i] = beta[i].addingProduct(x[i] - mu[i], a[i]); i += 1 }
     }
 
+    /// y₁ = β + a (x - μ) of values i..<i+4 from the input, in Float64: the one definition the row forward's
+    /// passes share, so a value's y₁ is the same fused operation wherever it is computed.
+    @inlinable @inline(__always)
+    static func affine4<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, _ a: UnsafePointer<Double>, _ mu: UnsafePointer<Double>,
+        _ beta: UnsafePointer<Double>, _ i: Int
+    ) -> SIMD4<Double> {
+        var v = load(beta, i)
+        v.addProduct(T._load4Wide(x, i) - load(mu, i), load(a, i))
+        return v
+    }
+
+    /// y₁ of value i alone, the same operations as `affine4`.
+    @inlinable @inline(__always)
+    static func affine1<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, _ a: UnsafePointer<Double>, _ mu: UnsafePointer<Double>,
+        _ beta: UnsafePointer<Double>, _ i: Int
+    ) -> Double {
+        beta[i].addingProduct(Double(x[i]) - mu[i], a[i])
+    }
+
     /// Moments of y₁ = β + a (x - μ) over n values of a row, computed from x as it is, without storing y₁:
     /// one pass shifted by the mean of the first four y₁ and kept under the rule of `Float._chunkMoments`
     /// ((Σd)²/n at most half of Σd²), else a corrected second pass around the mean found. Every y₁ is the same
-    /// fused operation in both passes and in `affineOutput`.
+    /// fused operation (`affine4`, `affine1`) in both passes and in `affineOutput`.
     @inlinable
     static func affineMoments<T: NormalizationScalar>(
         _ x: UnsafePointer<T>, _ a: UnsafePointer<Double>, _ mu: UnsafePointer<Double>,
         _ beta: UnsafePointer<Double>, _ n: Int
     ) -> Moments {
-        @inline(__always) func y4(_ i: Int) -> SIMD4<Double> {
-            var v = load(beta, i)
-            v.addProduct(T._load4Wide(x, i) - load(mu, i), load(a, i))
-            return v
-        }
-        @inline(__always) func y1(_ i: Int) -> Double { beta[i].addingProduct(Double(x[i]) - mu[i], a[i]) }
+        @inline(__always) func y4(_ i: Int) -> SIMD4<Double> { affine4(x, a, mu, beta, i) }
+        @inline(__always) func y1(_ i: Int) -> Double { affine1(x, a, mu, beta, i) }
         /// (Σ (y₁ - c), Σ (y₁ - c)²)
         @inline(__always) func sums(_ c: Double) -> (Double, Double) {
             let cv = SIMD4(repeating: c)
@@ -97,16 +114,13 @@ enum RowKernels {
         let mv = SIMD4(repeating: mean), sv = SIMD4(repeating: scale), ov = SIMD4(repeating: offset)
         var i = 0
         while i + 4 <= n {
-            var y = load(beta, i)
-            y.addProduct(T._load4Wide(x, i) - load(mu, i), load(a, i))
             var v = ov
-            v.addProduct(y - mv, sv)
+            v.addProduct(affine4(x, a, mu, beta, i) - mv, sv)
             T._store4Narrow(v, out, i)
             i += 4
         }
         while i < n {
-            let y = beta[i].addingProduct(Double(x[i]) - mu[i], a[i])
-            out[i] = T(offset.addingProduct(y - mean, scale))
+            out[i] = T(offset.addingProduct(affine1(x, a, mu, beta, i) - mean, scale))
             i += 1
         }
     }
