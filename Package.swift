@@ -8,17 +8,16 @@ let package = Package(
     products: [
         // The Swift API: `import BCNSwift`.
         .library(name: "BCNSwift", targets: ["BCNSwift"]),
-        // The C ABI (`@_cdecl` exports), as a static library the Python extension links.
+        // The C ABI (`@_cdecl` exports of include/bcnswift.h), as a static library the Python extension links.
         .library(name: "BCNSwiftC", type: .static, targets: ["BCNSwiftC"]),
     ],
     targets: [
         .target(name: "BCNSwift"),
-        .target(
-            name: "BCNSwiftC",
-            dependencies: ["BCNSwift"],
-            exclude: ["include"]
-        ),
+        // bcnswift.h: the C ABI's declarations, flags and status codes, defined once.
+        .target(name: "CBCNSwift"),
+        .target(name: "BCNSwiftC", dependencies: ["BCNSwift", "CBCNSwift"]),
         .target(name: "BCNSwiftTestSupport", path: "Tests/BCNSwiftTestSupport"),
-        .testTarget(name: "BCNSwiftTests", dependencies: ["BCNSwift", "BCNSwiftC", "BCNSwiftTestSupport"]),
+        .testTarget(name: "BCNSwiftTests",
+                    dependencies: ["BCNSwift", "BCNSwiftC", "CBCNSwift", "BCNSwiftTestSupport"]),
     ]
 )

@@ -48,8 +48,8 @@ class SwiftBuildExt(build_ext):
         swiftc = Path(driver).resolve().parent / "swiftc"
         info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True))
         resource = Path(info["paths"]["runtimeResourcePath"])  # <toolchain>/usr/lib/swift
-        arch = info["target"]["triple"].split("-")[0]
-        static_dir = resource.parent / "swift_static" / "linux"
+        arch, system = info["target"]["arch"], info["target"]["platform"]  # x86_64, linux
+        static_dir = resource.parent / "swift_static" / system
         swiftrt = static_dir / arch / "swiftrt.o"
         for needed in (archive, swiftrt, static_dir / "libswiftCore.a"):
             if not needed.exists():
@@ -83,7 +83,7 @@ setup(
         Extension(
             "bcnswift._ext",
             sources=["python/bcnswift/_ext.c"],
-            include_dirs=[numpy.get_include(), str(ROOT / "Sources" / "BCNSwiftC" / "include")],
+            include_dirs=[numpy.get_include(), str(ROOT / "Sources" / "CBCNSwift" / "include")],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Werror=implicit-function-declaration"],
         )
     ],

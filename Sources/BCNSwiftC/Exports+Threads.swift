@@ -1,4 +1,5 @@
 import BCNSwift
+import CBCNSwift
 
 /// Sets the worker threads for later calls; n <= 0 restores the default. Returns the count now in force.
 @_cdecl("bcn_set_num_threads")
@@ -10,6 +11,6 @@ public func bcn_set_num_threads(_ n: Int32) -> Int32 {
 @_cdecl("bcn_get_num_threads")
 public func bcn_get_num_threads() -> Int32 { Int32(clamping: BCNThreads.count) }
 
-/// ABI version: 1. Bumped on any incompatible change to a signature, flag or status code.
+/// BCN_ABI_VERSION of this library (bcnswift.h).
 @_cdecl("bcn_abi_version")
-public func bcn_abi_version() -> Int32 { 1 }
+public func bcn_abi_version() -> Int32 { BCN_ABI_VERSION }

@@ -1,22 +1,34 @@
 import BCNSwift
+import CBCNSwift
 
-// Status codes and flag bits; they must match include/bcnswift.h.
-let statusOK: Int32 = 0
-
+/// The flag bits of bcnswift.h, the one place they are defined, as the exports test them.
 enum Flag {
-    static let batchNorm: UInt32 = 1 << 0
-    static let estimated: UInt32 = 1 << 1
-    static let unbiasedRunningVar: UInt32 = 1 << 2
-    static let varianceAroundRunningMean: UInt32 = 1 << 3
-    static let cumulativeAverage: UInt32 = 1 << 4
-    static let channelNorm: UInt32 = 1 << 5
-    static let nanRaise: UInt32 = 1 << 6
-    static let training: UInt32 = 1 << 7
-    static let all: UInt32 = (1 << 8) - 1
+    static let batchNorm = UInt32(BCN_BATCH_NORM)
+    static let estimated = UInt32(BCN_ESTIMATED)
+    static let unbiasedRunningVar = UInt32(BCN_UNBIASED_RUNNING_VAR)
+    static let varianceAroundRunningMean = UInt32(BCN_VARIANCE_AROUND_RUNNING_MEAN)
+    static let cumulativeAverage = UInt32(BCN_CUMULATIVE_AVERAGE)
+    static let channelNorm = UInt32(BCN_CHANNEL_NORM)
+    static let nanRaise = UInt32(BCN_NAN_RAISE)
+    static let training = UInt32(BCN_TRAINING)
+    static let channelsLast = UInt32(BCN_CHANNELS_LAST)
+    static let all = batchNorm | estimated | unbiasedRunningVar | varianceAroundRunningMean | cumulativeAverage
+        | channelNorm | nanRaise | training | channelsLast
 
-    static let wsUnbiased: UInt32 = 1 << 0
-    static let wsEpsInSqrt: UInt32 = 1 << 1
-    static let wsAll: UInt32 = 3
+    static let wsUnbiased = UInt32(BCN_WS_UNBIASED)
+    static let wsEpsInSqrt = UInt32(BCN_WS_EPS_IN_SQRT)
+    static let wsAll = wsUnbiased | wsEpsInSqrt
+}
+
+/// The header's status code for an error.
+func status(_ kind: BCNError.Kind) -> Int32 {
+    switch kind {
+    case .invalidArgument: return BCN_ERR_INVALID_ARGUMENT
+    case .shapeMismatch: return BCN_ERR_SHAPE
+    case .degenerateStatistics: return BCN_ERR_DEGENERATE
+    case .nonFinite: return BCN_ERR_NONFINITE
+    case .noForward: return BCN_ERR_NO_FORWARD
+    }
 }
 
 /// Copies `message` into the caller's buffer, truncated and NUL-terminated; nothing if the buffer is null or empty.
@@ -30,17 +42,17 @@ func report(_ message: String, into buffer: UnsafeMutablePointer<CChar>?, capaci
     buffer[n] = 0
 }
 
-/// Runs `body`, returning 0 or the error's status code after writing its message.
+/// Runs `body`, returning BCN_OK or the error's status code after writing its message.
 @inline(__always)
 func guarded(_ message: UnsafeMutablePointer<CChar>?, _ capacity: Int64,
              _ body: () throws(BCNError) -> Void) -> Int32 {
     do {
         try body()
         if let message, capacity > 0 { message[0] = 0 }
-        return statusOK
+        return BCN_OK
     } catch {
         report(error.message, into: message, capacity: capacity)
-        return error.kind.rawValue
+        return status(error.kind)
     }
 }
 

@@ -1,9 +1,11 @@
-import BCNSwiftC
+import CBCNSwift
 import XCTest
 
-/// The C ABI as a C caller sees it: every failure is a status code and a message, and writes nothing.
-// Flag bits as bcnswift.h defines them.
-private let bn: UInt32 = 1, estimated: UInt32 = 2, cn: UInt32 = 32, training: UInt32 = 128
+/// The C ABI as a C caller sees it, through bcnswift.h: every failure is a status code and a message, and writes
+/// nothing; the statistics phases chained equal the single calls bit for bit.
+private let bn = UInt32(BCN_BATCH_NORM), estimated = UInt32(BCN_ESTIMATED), cn = UInt32(BCN_CHANNEL_NORM)
+private let training = UInt32(BCN_TRAINING), nanRaise = UInt32(BCN_NAN_RAISE)
+private let unbiased = UInt32(BCN_UNBIASED_RUNNING_VAR), channelsLast = UInt32(BCN_CHANNELS_LAST)
 
 final class CABITests: XCTestCase {
     struct Buffers {
@@ -46,7 +48,7 @@ final class CABITests: XCTestCase {
     func testValidCallSucceedsAndClearsMessage() {
         var buf = Buffers(b: 2, c: 4, s: 8, g: 2)
         let (status, message) = forward(flags: bn | estimated | cn | training, buffers: &buf)
-        XCTAssertEqual(status, 0)
+        XCTAssertEqual(status, BCN_OK)
         XCTAssertEqual(message, "")
         XCTAssertEqual(buf.nbt, 1)
         XCTAssertNotEqual(buf.rm[0], 0.5)
@@ -55,27 +57,46 @@ final class CABITests: XCTestCase {
     func testEveryBadArgumentIsAStatusAndWritesNothing() {
         let all = bn | estimated | cn | training
         let cases: [(String, Int32, (inout Buffers) -> (Int32, String))] = [
-            ("x must not be null", 1, { self.forward(flags: all, nullX: true, buffers: &$0) }),
-            ("batch must be positive", 1, { self.forward(flags: all, batch: 0, buffers: &$0) }),
-            ("channels must be positive", 1, { self.forward(flags: all, channels: -3, buffers: &$0) }),
-            ("spatial must be positive", 1, { self.forward(flags: all, spatial: -1, buffers: &$0) }),
-            ("too large", 1, { self.forward(flags: all, batch: 1 << 40, channels: 1 << 20, spatial: 1 << 20, buffers: &$0) }),
-            ("too large", 1, { self.forward(flags: all, batch: Int64.max, channels: Int64.max, buffers: &$0) }),
-            ("divisible", 1, { self.forward(flags: all, groups: 3, buffers: &$0) }),
-            ("groups must be positive, got -2", 1, { self.forward(flags: all, groups: -2, buffers: &$0) }),
-            ("eps", 1, { self.forward(flags: all, eps: 0, buffers: &$0) }),
-            ("eps", 1, { self.forward(flags: all, eps: .nan, buffers: &$0) }),
-            ("momentum", 1, { self.forward(flags: all, momentum: 2, buffers: &$0) }),
-            ("unknown flag", 1, { self.forward(flags: all | (1 << 20), buffers: &$0) }),
-            ("neither", 1, { self.forward(flags: training, buffers: &$0) }),
-            ("context holds 3", 1, { self.forward(flags: all, contextLength: 3, buffers: &$0) }),
-            ("context_length", 1, { self.forward(flags: all, contextLength: -5, buffers: &$0) }),
-            ("must not be null", 1, { self.forward(flags: all, nullWeights: true, buffers: &$0) }),
-            ("Expected more than 1 value per channel", 3,
+            ("x must not be null", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, nullX: true, buffers: &$0) }),
+            ("batch must be positive", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, batch: 0, buffers: &$0) }),
+            ("channels must be positive", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, channels: -3, buffers: &$0) }),
+            ("spatial must be positive", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, spatial: -1, buffers: &$0) }),
+            ("too large", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, batch: 1 << 40, channels: 1 << 20, spatial: 1 << 20, buffers: &$0) }),
+            ("too large", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, batch: Int64.max, channels: Int64.max, buffers: &$0) }),
+            ("divisible", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, groups: 3, buffers: &$0) }),
+            ("groups must be positive, got -2", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, groups: -2, buffers: &$0) }),
+            ("eps", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, eps: 0, buffers: &$0) }),
+            ("eps", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, eps: .nan, buffers: &$0) }),
+            ("momentum", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, momentum: 2, buffers: &$0) }),
+            ("unknown flag", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all | (1 << 20), buffers: &$0) }),
+            ("neither", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: training, buffers: &$0) }),
+            ("context holds 3", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, contextLength: 3, buffers: &$0) }),
+            ("context_length", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, contextLength: -5, buffers: &$0) }),
+            ("must not be null", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, nullWeights: true, buffers: &$0) }),
+            ("Expected more than 1 value per channel", BCN_ERR_DEGENERATE,
              { self.forward(flags: bn | cn | training, batch: 1, spatial: 1, groups: 1, buffers: &$0) }),
+            ("NaN or infinity (channel 1 of sample 0)", BCN_ERR_NONFINITE, { buffers in
+                buffers.x[9] = .nan  // plane (0, 1) of [2, 4, 8]: the plane layout
+                return self.forward(flags: all | nanRaise, buffers: &buffers)
+            }),
+            ("NaN or infinity (channel 1 of sample 0)", BCN_ERR_NONFINITE, { buffers in
+                buffers.x[1] = .infinity  // position 0, channel 1 of [2, 8, 4] channels-last
+                return self.forward(flags: all | nanRaise | channelsLast, buffers: &buffers)
+            }),
+            ("NaN or infinity (channel 2 of sample 1)", BCN_ERR_NONFINITE, { buffers in
+                buffers.x[4 + 2] = -.infinity  // [2, 4] rows
+                return self.forward(flags: all | nanRaise, spatial: 1, buffers: &buffers)
+            }),
         ]
         for (expected, code, call) in cases {
             var buf = Buffers(b: 2, c: 4, s: 8, g: 2)
+            let context = buf.ctx
             let (status, message) = call(&buf)
             XCTAssertEqual(status, code, "\(expected): \(message)")
             XCTAssertTrue(message.contains(expected), "expected '\(expected)' in '\(message)'")
@@ -83,6 +104,7 @@ final class CABITests: XCTestCase {
             XCTAssertEqual(buf.rv, [Float](repeating: 2, count: 4), expected)
             XCTAssertEqual(buf.nbt, 0, expected)
             XCTAssertEqual(buf.y, [Float](repeating: -7, count: 64), expected)
+            XCTAssertEqual(buf.ctx, context, "\(expected): the context changed")
         }
     }
 
@@ -90,38 +112,43 @@ final class CABITests: XCTestCase {
         var message = [CChar](repeating: 65, count: 8)
         let status = bcn_norm_forward_f32(0, 0, 0, 0, 0, 0, 0, 0, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, 0,
                                           &message, 8)
-        XCTAssertNotEqual(status, 0)
+        XCTAssertNotEqual(status, BCN_OK)
         XCTAssertEqual(message[7], 0)
         XCTAssertEqual(String(cString: message).count, 7)
         XCTAssertNotEqual(bcn_norm_forward_f64(0, 1, 1, 1, 0, 1, 1, 0, nil, nil, nil, nil, nil, nil, nil, nil, nil,
-                                               nil, 0, nil, 0), 0)  // null message buffer: still just a status
+                                               nil, 0, nil, 0), BCN_OK)  // null message buffer: still just a status
     }
 
     func testBackwardRefusesAForeignContext() {
         var buf = Buffers(b: 2, c: 4, s: 8, g: 2)
-        XCTAssertEqual(forward(flags: bn | cn | training, buffers: &buf).0, 0)
+        XCTAssertEqual(forward(flags: bn | cn | training, buffers: &buf).0, BCN_OK)
         var dx = [Float](repeating: 0, count: 64)
         var message = [CChar](repeating: 0, count: 256)
         // same buffers, another shape: the header does not match
         let status = bcn_norm_backward_f32(bn | cn, 4, 4, 4, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, buf.ctx,
                                            Int64(buf.ctx.count), &message, 256)
-        XCTAssertEqual(status, 5, String(cString: message))
+        XCTAssertEqual(status, BCN_ERR_NO_FORWARD, String(cString: message))
+        // another memory format
+        XCTAssertEqual(bcn_norm_backward_f32(bn | cn | channelsLast, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil,
+                                             nil, buf.ctx, Int64(buf.ctx.count), &message, 256), BCN_ERR_NO_FORWARD)
         var garbage = [Double](repeating: .nan, count: 4096)
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, &garbage,
-                                             4096, &message, 256), 5)
+                                             4096, &message, 256), BCN_ERR_NO_FORWARD)
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, buf.ctx,
-                                             10, &message, 256), 5)
+                                             10, &message, 256), BCN_ERR_NO_FORWARD)
         XCTAssertEqual(dx, [Float](repeating: 0, count: 64))
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, buf.ctx,
-                                             Int64(buf.ctx.count), &message, 256), 0)
+                                             Int64(buf.ctx.count), &message, 256), BCN_OK)
     }
 
     func testContextLengthAndThreads() {
-        let header: Int64 = 8, planes: Int64 = 3 * 2 * 4, channels: Int64 = 3 * 4, groups: Int64 = 2 * 2 * 2 + 2
+        // header + p, q, t, u per plane + μ, 1/σ, a, β per channel + m, r per (sample, group) + w per group
+        let header: Int64 = 10, planes: Int64 = 4 * 2 * 4, channels: Int64 = 4 * 4, groups: Int64 = 2 * 2 * 2 + 2
         XCTAssertEqual(bcn_context_length(2, 4, 2), header + planes + channels + groups)
-        XCTAssertEqual(bcn_context_length(0, 4, 2), -1)
+        XCTAssertEqual(bcn_context_length(0, 4, 2), header + channels + 2)  // an empty batch (phases of a process)
+        XCTAssertEqual(bcn_context_length(-1, 4, 2), -1)
         XCTAssertEqual(bcn_context_length(Int64.max, Int64.max, 1), -1)
-        XCTAssertEqual(bcn_abi_version(), 1)
+        XCTAssertEqual(bcn_abi_version(), BCN_ABI_VERSION)
         let n = bcn_get_num_threads()
         XCTAssertEqual(bcn_set_num_threads(3), 3)
         XCTAssertEqual(bcn_set_num_threads(0), n)
@@ -131,12 +158,14 @@ final class CABITests: XCTestCase {
         let w: [Float] = [1, 2, 3, 4, 5, 6]
         var out = [Float](repeating: 9, count: 6)
         var message = [CChar](repeating: 0, count: 128)
-        XCTAssertEqual(bcn_ws_forward_f32(3, 2, 3, 1e-5, w, &out, &message, 128), 0)
-        XCTAssertEqual(bcn_ws_forward_f32(1, 6, 1, 1e-5, w, &out, &message, 128), 3)  // fan-in 1, unbiased
-        XCTAssertEqual(bcn_ws_forward_f32(3, -2, 3, 1e-5, w, &out, &message, 128), 1)
-        XCTAssertEqual(bcn_ws_forward_f32(3, 2, 3, 0, w, &out, &message, 128), 1)
-        XCTAssertEqual(bcn_ws_forward_f32(8, 2, 3, 1e-5, w, &out, &message, 128), 1)  // unknown flag
-        XCTAssertEqual(bcn_ws_forward_f32(3, 2, 3, 1e-5, nil, &out, &message, 128), 1)
-        XCTAssertEqual(bcn_ws_backward_f32(3, 2, 3, 1e-5, w, nil, &out, &message, 128), 1)
+        let both = UInt32(BCN_WS_UNBIASED | BCN_WS_EPS_IN_SQRT)
+        XCTAssertEqual(bcn_ws_forward_f32(both, 2, 3, 1e-5, w, &out, &message, 128), BCN_OK)
+        XCTAssertEqual(bcn_ws_forward_f32(UInt32(BCN_WS_UNBIASED), 6, 1, 1e-5, w, &out, &message, 128),
+                       BCN_ERR_DEGENERATE)  // fan-in 1, unbiased
+        XCTAssertEqual(bcn_ws_forward_f32(both, -2, 3, 1e-5, w, &out, &message, 128), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(bcn_ws_forward_f32(both, 2, 3, 0, w, &out, &message, 128), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(bcn_ws_forward_f32(8, 2, 3, 1e-5, w, &out, &message, 128), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(bcn_ws_forward_f32(both, 2, 3, 1e-5, nil, &out, &message, 128), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(bcn_ws_backward_f32(both, 2, 3, 1e-5, w, nil, &out, &message, 128), BCN_ERR_INVALID_ARGUMENT)
     }
 }

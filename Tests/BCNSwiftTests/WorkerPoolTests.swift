@@ -11,14 +11,25 @@ import XCTest
 final class WorkerPoolTests: XCTestCase {
     var rng = SplitMix64(seed: 0x9001)
 
-    /// Runs one job over `count` items and checks that each index was visited once.
+    /// Runs one job over `count` items and checks that each index was visited once, and that every range ran
+    /// on a slot below `parallelSlots` that no other range held at the same time (per-thread scratch is safe).
     func checkJob(count: Int, cost: Int, file: StaticString = #filePath, line: UInt = #line) {
         let visits = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
         defer { visits.deallocate() }
         visits.initialize(repeating: 0)
-        parallelFor(count, cost: cost) { range in
+        let slots = parallelSlots(count, cost: cost)
+        let held = UnsafeMutablePointer<Atomic<Bool>>.allocate(capacity: slots)
+        for i in 0..<slots { (held + i).initialize(to: Atomic(false)) }
+        defer { held.deinitialize(count: slots); held.deallocate() }
+        let clashes = Atomic<Int>(0)
+        parallelFor(count, cost: cost) { range, slot in
+            guard slot >= 0, slot < slots,
+                  held[slot].compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+            else { clashes.add(1, ordering: .relaxed); return }
             for i in range { visits[i] += 1 }
+            held[slot].store(false, ordering: .releasing)
         }
+        XCTAssertEqual(clashes.load(ordering: .relaxed), 0, "slot out of range or shared", file: file, line: line)
         XCTAssertTrue(visits.allSatisfy { $0 == 1 }, "count \(count), cost \(cost)", file: file, line: line)
     }
 
@@ -50,7 +61,7 @@ final class WorkerPoolTests: XCTestCase {
                 let count = 100 + (job * 37 + submitter * 11) % 900
                 let visits = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
                 visits.initialize(repeating: 0)
-                parallelFor(count, cost: 1 << 12) { range in
+                parallelFor(count, cost: 1 << 12) { range, _ in
                     for i in range { visits[i] += 1 }
                 }
                 if !visits.allSatisfy({ $0 == 1 }) { failures.add(1, ordering: .relaxed) }

@@ -5,6 +5,10 @@
     y = layer(x)                                      # x: [B, 64, *]
     dx = layer.backward(dy); layer.grads              # gradients
 """
+import operator
+
+import numpy as np
+
 from . import _ext
 from .layers import BatchChannelNorm, BatchNorm, ChannelNorm, EstimatedBatchNorm
 from .weight_standardization import (WeightStandardization, weight_standardization,
@@ -18,8 +22,12 @@ __all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm",
 def set_num_threads(n):
     """Worker threads for later calls (n >= 1), or 0 for the default: BCNSWIFT_NUM_THREADS, else all cores.
     Results are bitwise identical for every thread count. A call uses at most 256 threads."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, (bool, np.bool_)):
         raise TypeError(f"number of threads must be an int, got {n!r}")
+    try:
+        n = operator.index(n)  # any integral type (np.int64 too); float and str refused
+    except TypeError:
+        raise TypeError(f"number of threads must be an int, got {type(n).__name__} {n!r}") from None
     _ext.set_num_threads(n)
 
 

@@ -1,10 +1,12 @@
 /*
  * bcnswift._ext: the CPython extension over numpy that wraps the C ABI (bcnswift.h).
  *
- * It checks what it alone can know: that each argument is an ndarray of the right dtype, C-contiguous, aligned,
- * writeable where written, and as large as the shape says, so the ABI never touches memory out of bounds. The
- * Python layer (layers.py) owns the arrays and makes them contiguous; semantics (shapes vs. the layer, modes) are
- * its business and the ABI's. The GIL is released around every compute call.
+ * It checks what it alone can know: that each argument is an ndarray of the right dtype, aligned, writeable
+ * where written, as large as the shape says, and dense in the memory order the flags declare (C order, or
+ * channels-last with BCN_CHANNELS_LAST), so the ABI never touches memory out of bounds. Inputs are the logical
+ * [B, C, *] arrays; the Python layer (layers.py) chooses the memory format and owns the arrays. Semantics
+ * (shapes against the layer, modes, statistics) are its business and the ABI's. The GIL is released around
+ * every compute call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,10 +24,32 @@ static PyObject *raise_status(int32_t status, const char *message) {
     return NULL;
 }
 
-/* The array behind `obj`, checked: dtype `typenum`, C-contiguous, aligned, writeable if asked, `size` elements
- * (or any size when size < 0). None gives NULL data when allowed. Returns 0 on success. */
+static const char *dtype_name(int typenum) {
+    return typenum == NPY_FLOAT32 ? "float32" : typenum == NPY_FLOAT64 ? "float64" : "int64";
+}
+
+/* True when `a` is one dense block in C order, or with `channels_last` in the order [0, 2, ..., nd-1, 1]
+ * (axes of size 1 may have any stride, as numpy's own contiguity flags allow). */
+static int dense(PyArrayObject *a, int channels_last) {
+    int nd = PyArray_NDIM(a);
+    if (!channels_last || nd < 3) return PyArray_IS_C_CONTIGUOUS(a);
+    npy_intp *d = PyArray_DIMS(a), *st = PyArray_STRIDES(a), expected = PyArray_ITEMSIZE(a);
+    int order[NPY_MAXDIMS];
+    order[0] = 0;
+    for (int i = 2; i < nd; i++) order[i - 1] = i;
+    order[nd - 1] = 1;
+    for (int i = nd - 1; i >= 0; i--) {
+        int axis = order[i];
+        if (d[axis] != 1 && st[axis] != expected) return 0;
+        expected *= d[axis];
+    }
+    return 1;
+}
+
+/* The array behind `obj`, checked: dtype `typenum`, aligned, dense (C order, or channels-last when asked),
+ * writeable if asked, `size` elements (or any size when size < 0). None gives NULL data when allowed. */
 static int take(PyObject *obj, const char *name, int typenum, int writeable, npy_intp size, int allow_none,
-                void **data) {
+                int channels_last, void **data) {
     *data = NULL;
     if (obj == Py_None) {
         if (allow_none) return 0;
@@ -39,11 +63,12 @@ static int take(PyObject *obj, const char *name, int typenum, int writeable, npy
     PyArrayObject *a = (PyArrayObject *)obj;
     if (PyArray_TYPE(a) != typenum) {
         PyErr_Format(PyExc_TypeError, "%s has dtype %S, expected %s", name, (PyObject *)PyArray_DESCR(a),
-                     typenum == NPY_FLOAT32 ? "float32" : typenum == NPY_FLOAT64 ? "float64" : "int64");
+                     dtype_name(typenum));
         return -1;
     }
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned", name);
+    if (!PyArray_ISALIGNED(a) || !dense(a, channels_last)) {
+        PyErr_Format(PyExc_ValueError, "%s must be aligned and %s", name,
+                     channels_last ? "dense in channels-last order" : "C-contiguous");
         return -1;
     }
     if (writeable && !PyArray_ISWRITEABLE(a)) {
@@ -59,8 +84,9 @@ static int take(PyObject *obj, const char *name, int typenum, int writeable, npy
     return 0;
 }
 
-/* B, C, S of an input array of rank >= 2; sizes are positive only when the array is non-empty. */
-static int shape_of(PyObject *obj, const char *name, int64_t *b, int64_t *c, int64_t *s) {
+/* B, C, S of a logical [B, C, *] float array, its dtype, and its data, dense in the flags' memory order. */
+static int take_input(PyObject *obj, const char *name, uint32_t flags, int writeable, int64_t *b, int64_t *c,
+                      int64_t *s, int *typenum, void **data) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy array", name);
         return -1;
@@ -71,12 +97,23 @@ static int shape_of(PyObject *obj, const char *name, int64_t *b, int64_t *c, int
         PyErr_Format(PyExc_ValueError, "%s must have rank >= 2 ([B, C, *]), got rank %d", name, nd);
         return -1;
     }
+    *typenum = PyArray_TYPE(a);
+    if (*typenum != NPY_FLOAT32 && *typenum != NPY_FLOAT64) {
+        PyErr_Format(PyExc_TypeError, "%s must be float32 or float64", name);
+        return -1;
+    }
     npy_intp *d = PyArray_DIMS(a);
     *b = d[0];
     *c = d[1];
     *s = 1;
     for (int i = 2; i < nd; i++) *s *= d[i]; /* numpy already bounds the total size */
-    return 0;
+    return take(obj, name, *typenum, writeable, -1, 0, (flags & BCN_CHANNELS_LAST) != 0, data);
+}
+
+/* A second [B, C, *] array (y, dy, dx) that must match the input's dtype, size and memory order. */
+static int take_like(PyObject *obj, const char *name, uint32_t flags, int typenum, npy_intp n, int writeable,
+                     void **data) {
+    return take(obj, name, typenum, writeable, n, 0, (flags & BCN_CHANNELS_LAST) != 0, data);
 }
 
 static int parse_flags(PyObject *obj, uint32_t *flags) {
@@ -86,102 +123,216 @@ static int parse_flags(PyObject *obj, uint32_t *flags) {
     return 0;
 }
 
-/* norm_forward(flags, groups, eps, bn_eps, momentum, x, y, bn_weight, bn_bias, running_mean, running_var,
- *              num_batches_tracked, cn_weight, cn_bias, context) */
-static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "norm_forward takes 15 arguments");
-        return NULL;
+static int parse_groups(PyObject *obj, uint32_t flags, int64_t *groups, npy_intp *g) {
+    *groups = PyLong_AsLongLong(obj);
+    if (*groups == -1 && PyErr_Occurred()) return -1;
+    if ((flags & BCN_CHANNEL_NORM) && *groups <= 0) {
+        PyErr_Format(PyExc_ValueError, "num_groups must be positive, got %lld", (long long)*groups);
+        return -1;
     }
+    *g = (flags & BCN_CHANNEL_NORM) ? (npy_intp)*groups : 0;
+    return 0;
+}
+
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char *name) {
+    if (nargs == expected) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, expected, nargs);
+    return -1;
+}
+
+/* Parameters and buffers of a forward: args[0..6] = bn_weight, bn_bias, running_mean, running_var,
+ * num_batches_tracked, cn_weight, cn_bias. */
+typedef struct { void *bw, *bb, *rm, *rv, *nbt, *cw, *cb; } State;
+
+static int take_state(PyObject *const *args, uint32_t flags, int typenum, npy_intp c, npy_intp g, State *st) {
+    int no_bn = !(flags & BCN_BATCH_NORM), no_cn = !(flags & BCN_CHANNEL_NORM);
+    if (take(args[0], "bn_weight", typenum, 0, c, no_bn, 0, &st->bw) < 0 ||
+        take(args[1], "bn_bias", typenum, 0, c, no_bn, 0, &st->bb) < 0 ||
+        take(args[2], "running_mean", typenum, 1, c, no_bn, 0, &st->rm) < 0 ||
+        take(args[3], "running_var", typenum, 1, c, no_bn, 0, &st->rv) < 0 ||
+        take(args[4], "num_batches_tracked", NPY_INT64, 1, 1, no_bn, 0, &st->nbt) < 0 ||
+        take(args[5], "cn_weight", typenum, 0, g, no_cn, 0, &st->cw) < 0 ||
+        take(args[6], "cn_bias", typenum, 0, g, no_cn, 0, &st->cb) < 0)
+        return -1;
+    return 0;
+}
+
+/* A float64 buffer of exactly `n` values (moments, sums), or None when allowed. */
+static int take_doubles(PyObject *obj, const char *name, npy_intp n, int writeable, int allow_none, void **data) {
+    return take(obj, name, NPY_FLOAT64, writeable, n, allow_none, 0, data);
+}
+
+/* The context array: any length (the ABI checks it against the shape). */
+static int take_context(PyObject *obj, int writeable, void **data, int64_t *length) {
+    if (take(obj, "context", NPY_FLOAT64, writeable, -1, 0, 0, data) < 0) return -1;
+    *length = (int64_t)PyArray_SIZE((PyArrayObject *)obj);
+    return 0;
+}
+
+/* norm_forward(flags, groups, eps, bn_eps, momentum, x, y, bn_weight, bn_bias, running_mean, running_var,
+ *              num_batches_tracked, cn_weight, cn_bias, context[, moments])
+ * With the 16th argument (the batch's moments, or None) it runs phase (c) only (bcn_norm_finish_*). */
+static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 15 && check_nargs(nargs, 16, "norm_forward") < 0) return NULL;
     uint32_t flags;
-    if (parse_flags(args[0], &flags) < 0) return NULL;
-    int64_t groups = PyLong_AsLongLong(args[1]);
+    int64_t groups, b, c, s, ctx_len;
+    npy_intp g;
+    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0) return NULL;
     double eps = PyFloat_AsDouble(args[2]), bn_eps = PyFloat_AsDouble(args[3]), momentum = PyFloat_AsDouble(args[4]);
     if (PyErr_Occurred()) return NULL;
-    int64_t b, c, s;
-    if (shape_of(args[5], "x", &b, &c, &s) < 0) return NULL;
-    int typenum = PyArray_TYPE((PyArrayObject *)args[5]);
-    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
-        PyErr_SetString(PyExc_TypeError, "x must be float32 or float64");
+    int typenum;
+    void *x, *y, *ctx, *moments = NULL;
+    State st;
+    if (take_input(args[5], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
+        take_like(args[6], "y", flags, typenum, (npy_intp)(b * c * s), 1, &y) < 0 ||
+        take_state(args + 7, flags, typenum, (npy_intp)c, g, &st) < 0 || take_context(args[14], 1, &ctx, &ctx_len) < 0)
         return NULL;
-    }
-    int has_bn = (flags & BCN_BATCH_NORM) != 0, has_cn = (flags & BCN_CHANNEL_NORM) != 0;
-    npy_intp n = (npy_intp)(b * c * s), g = has_cn ? (npy_intp)groups : 0;
-    if (has_cn && groups <= 0) {
-        PyErr_Format(PyExc_ValueError, "num_groups must be positive, got %lld", (long long)groups);
-        return NULL;
-    }
-    void *x, *y, *bw, *bb, *rm, *rv, *nbt, *cw, *cb, *ctx;
-    if (take(args[5], "x", typenum, 0, n, 0, &x) < 0 || take(args[6], "y", typenum, 1, n, 0, &y) < 0 ||
-        take(args[7], "bn_weight", typenum, 0, c, !has_bn, &bw) < 0 ||
-        take(args[8], "bn_bias", typenum, 0, c, !has_bn, &bb) < 0 ||
-        take(args[9], "running_mean", typenum, 1, c, !has_bn, &rm) < 0 ||
-        take(args[10], "running_var", typenum, 1, c, !has_bn, &rv) < 0 ||
-        take(args[11], "num_batches_tracked", NPY_INT64, 1, 1, !has_bn, &nbt) < 0 ||
-        take(args[12], "cn_weight", typenum, 0, g, !has_cn, &cw) < 0 ||
-        take(args[13], "cn_bias", typenum, 0, g, !has_cn, &cb) < 0 ||
-        take(args[14], "context", NPY_FLOAT64, 1, -1, 0, &ctx) < 0)
-        return NULL;
-    int64_t ctx_len = (int64_t)PyArray_SIZE((PyArrayObject *)args[14]);
+    int finish = nargs == 16;
+    if (finish && take_doubles(args[15], "moments", (npy_intp)(3 * c), 0, 1, &moments) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
     Py_BEGIN_ALLOW_THREADS
     if (typenum == NPY_FLOAT32)
-        status = bcn_norm_forward_f32(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, bw, bb, rm, rv, nbt, cw,
-                                      cb, ctx, ctx_len, message, MESSAGE_CAPACITY);
+        status = finish ? bcn_norm_finish_f32(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb, st.rm,
+                                              st.rv, st.nbt, st.cw, st.cb, moments, ctx, ctx_len, message,
+                                              MESSAGE_CAPACITY)
+                        : bcn_norm_forward_f32(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb,
+                                               st.rm, st.rv, st.nbt, st.cw, st.cb, ctx, ctx_len, message,
+                                               MESSAGE_CAPACITY);
     else
-        status = bcn_norm_forward_f64(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, bw, bb, rm, rv, nbt, cw,
-                                      cb, ctx, ctx_len, message, MESSAGE_CAPACITY);
+        status = finish ? bcn_norm_finish_f64(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb, st.rm,
+                                              st.rv, st.nbt, st.cw, st.cb, moments, ctx, ctx_len, message,
+                                              MESSAGE_CAPACITY)
+                        : bcn_norm_forward_f64(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb,
+                                               st.rm, st.rv, st.nbt, st.cw, st.cb, ctx, ctx_len, message,
+                                               MESSAGE_CAPACITY);
     Py_END_ALLOW_THREADS
     if (status != BCN_OK) return raise_status(status, message);
     Py_RETURN_NONE;
 }
 
-/* norm_backward(flags, groups, x, dy, dx, grad_bn_weight, grad_bn_bias, grad_cn_weight, grad_cn_bias, context) */
-static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "norm_backward takes 10 arguments");
-        return NULL;
-    }
+/* norm_moments(flags, groups, x, moments or None, context): forward phase (a). */
+static PyObject *norm_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 5, "norm_moments") < 0) return NULL;
     uint32_t flags;
-    if (parse_flags(args[0], &flags) < 0) return NULL;
-    int64_t groups = PyLong_AsLongLong(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    int64_t b, c, s;
-    if (shape_of(args[2], "x", &b, &c, &s) < 0) return NULL;
-    int typenum = PyArray_TYPE((PyArrayObject *)args[2]);
-    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
-        PyErr_SetString(PyExc_TypeError, "x must be float32 or float64");
+    int64_t groups, b, c, s, ctx_len;
+    npy_intp g;
+    int typenum;
+    void *x, *moments, *ctx;
+    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
+        take_doubles(args[3], "moments", (npy_intp)(3 * c), 1, 1, &moments) < 0 ||
+        take_context(args[4], 1, &ctx, &ctx_len) < 0)
+        return NULL;
+    char message[MESSAGE_CAPACITY];
+    int32_t status;
+    Py_BEGIN_ALLOW_THREADS
+    status = typenum == NPY_FLOAT32
+                 ? bcn_norm_moments_f32(flags, b, c, s, groups, x, moments, ctx, ctx_len, message, MESSAGE_CAPACITY)
+                 : bcn_norm_moments_f64(flags, b, c, s, groups, x, moments, ctx, ctx_len, message, MESSAGE_CAPACITY);
+    Py_END_ALLOW_THREADS
+    if (status != BCN_OK) return raise_status(status, message);
+    Py_RETURN_NONE;
+}
+
+/* merge(kind, sets) with sets a C-contiguous float64 array [n, width*C] (width 3: moments, 2: gradient sums);
+ * returns a new [width*C] array. */
+static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 2, "merge") < 0) return NULL;
+    long width = PyLong_AsLong(args[0]);
+    if (width == -1 && PyErr_Occurred()) return NULL;
+    if (width != 2 && width != 3) {
+        PyErr_SetString(PyExc_ValueError, "merge width must be 3 (moments) or 2 (gradient sums)");
         return NULL;
     }
-    int has_cn = (flags & BCN_CHANNEL_NORM) != 0;
-    if (has_cn && groups <= 0) {
-        PyErr_Format(PyExc_ValueError, "num_groups must be positive, got %lld", (long long)groups);
+    void *sets;
+    if (take(args[1], "sets", NPY_FLOAT64, 0, -1, 0, 0, &sets) < 0) return NULL;
+    PyArrayObject *a = (PyArrayObject *)args[1];
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 1) % width != 0) {
+        PyErr_Format(PyExc_ValueError, "sets must be [n, %ld * channels], got rank %d", width, PyArray_NDIM(a));
         return NULL;
     }
-    npy_intp n = (npy_intp)(b * c * s), g = has_cn ? (npy_intp)groups : 0;
-    void *x, *dy, *dx, *gbw, *gbb, *gcw, *gcb, *ctx;
-    if (take(args[2], "x", typenum, 0, n, 0, &x) < 0 || take(args[3], "dy", typenum, 0, n, 0, &dy) < 0 ||
-        take(args[4], "dx", typenum, 1, n, 0, &dx) < 0 ||
-        take(args[5], "grad_bn_weight", typenum, 1, c, 1, &gbw) < 0 ||
-        take(args[6], "grad_bn_bias", typenum, 1, c, 1, &gbb) < 0 ||
-        take(args[7], "grad_cn_weight", typenum, 1, g, 1, &gcw) < 0 ||
-        take(args[8], "grad_cn_bias", typenum, 1, g, 1, &gcb) < 0 ||
-        take(args[9], "context", NPY_FLOAT64, 0, -1, 0, &ctx) < 0)
+    int64_t n = PyArray_DIM(a, 0), c = PyArray_DIM(a, 1) / width;
+    npy_intp dims[1] = {(npy_intp)(width * c)};
+    PyObject *out = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+    if (!out) return NULL;
+    char message[MESSAGE_CAPACITY];
+    int32_t status;
+    double *merged = PyArray_DATA((PyArrayObject *)out);
+    Py_BEGIN_ALLOW_THREADS
+    status = width == 3 ? bcn_moments_merge(n, c, sets, merged, message, MESSAGE_CAPACITY)
+                        : bcn_sums_merge(n, c, sets, merged, message, MESSAGE_CAPACITY);
+    Py_END_ALLOW_THREADS
+    if (status != BCN_OK) {
+        Py_DECREF(out);
+        return raise_status(status, message);
+    }
+    return out;
+}
+
+/* norm_backward(flags, groups, x, dy, dx, grad_bn_weight, grad_bn_bias, grad_cn_weight, grad_cn_bias, context
+ *               [, sums]): with the 11th argument (the batch's gradient sums, or None) backward phase (c) only. */
+static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10 && check_nargs(nargs, 11, "norm_backward") < 0) return NULL;
+    uint32_t flags;
+    int64_t groups, b, c, s, ctx_len;
+    npy_intp g;
+    int typenum;
+    void *x, *dy, *dx, *gbw, *gbb, *gcw, *gcb, *ctx, *sums = NULL;
+    int finish = nargs == 11;
+    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0)
         return NULL;
-    int64_t ctx_len = (int64_t)PyArray_SIZE((PyArrayObject *)args[9]);
+    npy_intp n = (npy_intp)(b * c * s);
+    if (take_like(args[3], "dy", flags, typenum, n, 0, &dy) < 0 || take_like(args[4], "dx", flags, typenum, n, 1, &dx) < 0 ||
+        take(args[5], "grad_bn_weight", typenum, 1, c, 1, 0, &gbw) < 0 ||
+        take(args[6], "grad_bn_bias", typenum, 1, c, 1, 0, &gbb) < 0 ||
+        take(args[7], "grad_cn_weight", typenum, 1, g, 1, 0, &gcw) < 0 ||
+        take(args[8], "grad_cn_bias", typenum, 1, g, 1, 0, &gcb) < 0 || take_context(args[9], finish, &ctx, &ctx_len) < 0)
+        return NULL;
+    if (finish && take_doubles(args[10], "sums", (npy_intp)(2 * c), 0, 1, &sums) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
     Py_BEGIN_ALLOW_THREADS
     if (typenum == NPY_FLOAT32)
-        status = bcn_norm_backward_f32(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, ctx, ctx_len, message,
-                                       MESSAGE_CAPACITY);
+        status = finish ? bcn_norm_backward_finish_f32(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, sums, ctx,
+                                                       ctx_len, message, MESSAGE_CAPACITY)
+                        : bcn_norm_backward_f32(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, ctx, ctx_len,
+                                                message, MESSAGE_CAPACITY);
     else
-        status = bcn_norm_backward_f64(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, ctx, ctx_len, message,
-                                       MESSAGE_CAPACITY);
+        status = finish ? bcn_norm_backward_finish_f64(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, sums, ctx,
+                                                       ctx_len, message, MESSAGE_CAPACITY)
+                        : bcn_norm_backward_f64(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, ctx, ctx_len,
+                                                message, MESSAGE_CAPACITY);
     Py_END_ALLOW_THREADS
     if (status != BCN_OK) return raise_status(status, message);
     Py_RETURN_NONE;
+}
+
+/* norm_backward_sums(flags, groups, x, dy, sums or None, context): backward phase (a); returns whether the
+ * backward needs the batch's gradient sums (and so filled `sums`). */
+static PyObject *norm_backward_sums(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 6, "norm_backward_sums") < 0) return NULL;
+    uint32_t flags;
+    int64_t groups, b, c, s, ctx_len;
+    npy_intp g;
+    int typenum;
+    void *x, *dy, *sums, *ctx;
+    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
+        take_like(args[3], "dy", flags, typenum, (npy_intp)(b * c * s), 0, &dy) < 0 ||
+        take_doubles(args[4], "sums", (npy_intp)(2 * c), 1, 1, &sums) < 0 || take_context(args[5], 1, &ctx, &ctx_len) < 0)
+        return NULL;
+    char message[MESSAGE_CAPACITY];
+    int32_t status, needs;
+    Py_BEGIN_ALLOW_THREADS
+    status = typenum == NPY_FLOAT32
+                 ? bcn_norm_backward_sums_f32(flags, b, c, s, groups, x, dy, sums, ctx, ctx_len, message, MESSAGE_CAPACITY)
+                 : bcn_norm_backward_sums_f64(flags, b, c, s, groups, x, dy, sums, ctx, ctx_len, message, MESSAGE_CAPACITY);
+    needs = status == BCN_OK ? bcn_norm_needs_gradient_sums(flags, b, c, s, groups, ctx, ctx_len) : 0;
+    Py_END_ALLOW_THREADS
+    if (status != BCN_OK) return raise_status(status, message);
+    return PyBool_FromLong(needs == 1);
 }
 
 /* ws_forward(flags, eps, w, w_hat) and ws_backward(flags, eps, w, grad_w_hat, grad_w); w is [O, ...]. */
@@ -211,15 +362,12 @@ static int ws_common(PyObject *const *args, uint32_t *flags, double *eps, int *t
 }
 
 static PyObject *ws_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "ws_forward takes 4 arguments");
-        return NULL;
-    }
+    if (check_nargs(nargs, 4, "ws_forward") < 0) return NULL;
     uint32_t flags; double eps; int typenum; int64_t o, fan;
     if (ws_common(args, &flags, &eps, &typenum, &o, &fan) < 0) return NULL;
     npy_intp n = PyArray_SIZE((PyArrayObject *)args[2]);
     void *w, *wh;
-    if (take(args[2], "w", typenum, 0, n, 0, &w) < 0 || take(args[3], "w_hat", typenum, 1, n, 0, &wh) < 0)
+    if (take(args[2], "w", typenum, 0, n, 0, 0, &w) < 0 || take(args[3], "w_hat", typenum, 1, n, 0, 0, &wh) < 0)
         return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
@@ -233,16 +381,13 @@ static PyObject *ws_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 static PyObject *ws_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "ws_backward takes 5 arguments");
-        return NULL;
-    }
+    if (check_nargs(nargs, 5, "ws_backward") < 0) return NULL;
     uint32_t flags; double eps; int typenum; int64_t o, fan;
     if (ws_common(args, &flags, &eps, &typenum, &o, &fan) < 0) return NULL;
     npy_intp n = PyArray_SIZE((PyArrayObject *)args[2]);
     void *w, *gwh, *gw;
-    if (take(args[2], "w", typenum, 0, n, 0, &w) < 0 || take(args[3], "grad_w_hat", typenum, 0, n, 0, &gwh) < 0 ||
-        take(args[4], "grad_w", typenum, 1, n, 0, &gw) < 0)
+    if (take(args[2], "w", typenum, 0, n, 0, 0, &w) < 0 || take(args[3], "grad_w_hat", typenum, 0, n, 0, 0, &gwh) < 0 ||
+        take(args[4], "grad_w", typenum, 1, n, 0, 0, &gw) < 0)
         return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
@@ -275,11 +420,15 @@ static PyObject *get_num_threads(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(bcn_get_num_threads());
 }
 
+#define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 static PyMethodDef methods[] = {
-    {"norm_forward", (PyCFunction)(void (*)(void))norm_forward, METH_FASTCALL, "fused normalization forward"},
-    {"norm_backward", (PyCFunction)(void (*)(void))norm_backward, METH_FASTCALL, "fused normalization backward"},
-    {"ws_forward", (PyCFunction)(void (*)(void))ws_forward, METH_FASTCALL, "weight standardization forward"},
-    {"ws_backward", (PyCFunction)(void (*)(void))ws_backward, METH_FASTCALL, "weight standardization backward"},
+    {"norm_forward", FASTCALL(norm_forward), "fused normalization forward (or its phase (c))"},
+    {"norm_moments", FASTCALL(norm_moments), "forward phase (a): plane moments and the batch's moments"},
+    {"merge", FASTCALL(merge), "phase (b): merge moment sets (width 3) or gradient sums (width 2)"},
+    {"norm_backward", FASTCALL(norm_backward), "fused normalization backward (or its phase (c))"},
+    {"norm_backward_sums", FASTCALL(norm_backward_sums), "backward phase (a): plane and per-channel sums"},
+    {"ws_forward", FASTCALL(ws_forward), "weight standardization forward"},
+    {"ws_backward", FASTCALL(ws_backward), "weight standardization backward"},
     {"context_length", context_length, METH_VARARGS, "doubles a forward context needs"},
     {"set_num_threads", set_num_threads, METH_O, "set worker threads (0: default)"},
     {"get_num_threads", get_num_threads, METH_NOARGS, "worker threads in force"},
@@ -293,10 +442,17 @@ PyMODINIT_FUNC PyInit__ext(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "ABI_VERSION", bcn_abi_version());
+    if (bcn_abi_version() != BCN_ABI_VERSION) {
+        PyErr_Format(PyExc_ImportError, "bcnswift: the extension was built for ABI %d but links ABI %d",
+                     BCN_ABI_VERSION, bcn_abi_version());
+        Py_DECREF(m);
+        return NULL;
+    }
 #define FLAG(name) PyModule_AddIntConstant(m, #name, name)
     FLAG(BCN_BATCH_NORM); FLAG(BCN_ESTIMATED); FLAG(BCN_UNBIASED_RUNNING_VAR);
     FLAG(BCN_VARIANCE_AROUND_RUNNING_MEAN); FLAG(BCN_CUMULATIVE_AVERAGE); FLAG(BCN_CHANNEL_NORM);
-    FLAG(BCN_NAN_RAISE); FLAG(BCN_TRAINING); FLAG(BCN_WS_UNBIASED); FLAG(BCN_WS_EPS_IN_SQRT);
+    FLAG(BCN_NAN_RAISE); FLAG(BCN_TRAINING); FLAG(BCN_CHANNELS_LAST); FLAG(BCN_WS_UNBIASED);
+    FLAG(BCN_WS_EPS_IN_SQRT);
 #undef FLAG
     return m;
 }

@@ -1,9 +1,11 @@
 """Batch-Channel Normalization and its parts, over numpy arrays, with a torch.nn-like surface.
 
-Every layer is one fused computation in the Swift core (see DESIGN.md): the layer object owns its parameters,
-running buffers and gradients as numpy arrays; a forward updates the running buffers only when it succeeds.
-Inputs are [B, C, *] arrays. Float arrays of another precision are converted to the layer's dtype (as numpy
-functions convert); integer, boolean, complex and object arrays are refused with TypeError.
+Every layer is one fused computation in the Swift core (docs/ARCHITECTURE.md): the layer object owns its
+parameters, running buffers and gradients as numpy arrays; a forward updates the running buffers only when it
+succeeds. Inputs are [B, C, *] arrays (or [B, *, C] with channel_axis=-1), in C order or channels-last memory
+(as PyTorch's channels_last tensors are), normalized where they lie. Float arrays of another precision are
+converted to the layer's dtype (as numpy functions convert); integer, boolean, complex and object arrays are
+refused with TypeError.
 """
 import threading
 
@@ -63,13 +65,14 @@ def _dtype(value):
 
 
 def as_float_array(x, dtype, name="input"):
-    """x as a C-contiguous, aligned array of `dtype`; copies only when it must. Non-float arrays: TypeError."""
+    """x as an aligned array of `dtype`, in its own memory order; copies only when it must (another dtype,
+    misaligned, or not an array). Non-float arrays: TypeError."""
     if type(x) is np.ndarray:
-        if x.dtype == dtype and x.flags.c_contiguous and x.flags.aligned:
+        if x.dtype == dtype and x.flags.aligned:
             return x
         if x.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-        return np.require(x, dtype=dtype, requirements=["C", "A"])
+        return np.require(x, dtype=dtype, requirements=["A"])
     if isinstance(x, np.ndarray):  # subclasses: view as a plain array
         return as_float_array(np.asarray(x), dtype, name)
     try:
@@ -81,17 +84,37 @@ def as_float_array(x, dtype, name="input"):
     return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
+def memory_format(a):
+    """'first' if the logical [B, C, *] array `a` is C-contiguous, 'last' if its memory is channels-last
+    (np.moveaxis(a, 1, -1) is C-contiguous, as for PyTorch's channels_last), else None. Rank-2 arrays and
+    arrays with one position are both at once; they count as 'first'."""
+    if a.flags.c_contiguous:
+        return "first"
+    if a.ndim > 2 and np.moveaxis(a, 1, -1).flags.c_contiguous:
+        return "last"
+    return None
+
+
 def _checked_out(out, like, name, allow=None):
-    """`out` if it can receive a result shaped and typed like `like` without overlapping it (except `allow`)."""
+    """`out` if it can receive a result shaped, typed and laid out like `like` without overlapping it (except
+    `allow`)."""
     if type(out) is not np.ndarray:
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
-    if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
-        raise ValueError(f"{name} must be C-contiguous, aligned and writeable")
+    if not (out.flags.aligned and out.flags.writeable) or memory_format(out) != memory_format(like):
+        layout = "C-contiguous" if memory_format(like) == "first" else "channels-last"
+        raise ValueError(f"{name} must be aligned, writeable and {layout} like the input")
     if out is not allow and np.may_share_memory(out, like):
         raise ValueError(f"{name} must not overlap the input (backward needs the input unchanged)")
     return out
+
+
+def _relaid(a, like):
+    """A copy of `a` in the memory layout of `like`."""
+    b = np.empty_like(like)
+    b[...] = a
+    return b
 
 
 class _Normalization:
@@ -102,8 +125,11 @@ class _Normalization:
     _bn_prefix = ""  # state-dict prefix of the batch-norm entries ("bn." inside BatchChannelNorm)
 
     def _setup(self, num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
-               dtype, bn_eps, nan_policy):
+               dtype, bn_eps, nan_policy, channel_axis):
         self.num_channels = _positive_int(num_channels, "num_channels")
+        if isinstance(channel_axis, (bool, np.bool_)) or channel_axis not in (1, -1):
+            raise ValueError(f"channel_axis must be 1 ([B, C, *]) or -1 ([B, *, C]), got {channel_axis!r}")
+        self.channel_axis = int(channel_axis)
         self.eps = _positive_float(eps, "eps")
         self.dtype = _dtype(dtype)
         self.nan_policy = _choice(nan_policy, "nan_policy", _NAN_POLICIES)
@@ -167,30 +193,59 @@ class _Normalization:
             f |= _ext.BCN_CUMULATIVE_AVERAGE
         return f
 
-    def forward(self, x, out=None):
-        """Normalize x ([B, C, *]); returns a new array of the layer's dtype and x's shape, or fills `out`
-        (C-contiguous, that dtype and shape, not overlapping x) and returns it. Reusing `out` saves allocating,
-        which matters above 32 MB, where every fresh allocation is new pages the kernel must zero."""
+    def _logical(self, a):
+        """The [B, C, *] view of an array laid out as the layer's channel_axis says."""
+        return a if self.channel_axis == 1 else np.moveaxis(a, -1, 1)
+
+    def _user(self, a):
+        """The array as the caller lays it out ([B, *, C] with channel_axis=-1)."""
+        return a if self.channel_axis == 1 else np.moveaxis(a, 1, -1)
+
+    def _input(self, x):
+        """(logical [B, C, *] view of x, memory format): x where it lies when it is C-contiguous or
+        channels-last, else a copy in the memory order natural for the channel axis."""
         x = as_float_array(x, self.dtype)
         if x.ndim < 2:
             raise ValueError(f"input must have rank >= 2 ([B, C, *]), got shape {x.shape}")
-        if x.shape[1] != self.num_channels:  # only the layer knows its channel count
-            raise ValueError(f"input has {x.shape[1]} channels (dimension 1) but the layer has {self.num_channels}")
+        if x.shape[self.channel_axis] != self.num_channels:  # only the layer knows its channel count
+            where = "dimension 1" if self.channel_axis == 1 else "the last dimension"
+            raise ValueError(f"input has {x.shape[self.channel_axis]} channels ({where}) but the layer has "
+                             f"{self.num_channels}")
         if x.size == 0:
             raise ValueError(f"input must not be empty, got shape {x.shape}")
-        y = np.empty_like(x) if out is None else _checked_out(out, x, "out")
-        flags = self._call_flags()
-        ctx = np.empty(max(_ext.context_length(max(x.shape[0], 1), max(x.shape[1], 1), self.num_groups), 0))
+        logical = self._logical(x)
+        form = memory_format(logical)
+        if form is None:
+            logical = self._logical(np.ascontiguousarray(x))
+            form = memory_format(logical)
+        return logical, form
+
+    def _call(self, function, *args):
+        """An extension call, its errors worded for Python."""
+        try:
+            return function(*args)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} and nan_policy is 'raise'") from None
+
+    def forward(self, x, out=None):
+        """Normalize x ([B, C, *], or [B, *, C] with channel_axis=-1); returns a new array of the layer's dtype,
+        x's shape and x's memory layout (C order or channels-last), or fills `out` (that dtype, shape and layout,
+        not overlapping x) and returns it. Reusing `out` saves allocating, which matters above 32 MB, where
+        every fresh allocation is new pages the kernel must zero."""
+        x, form = self._input(x)
+        y = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out")
+        flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
+        ctx = np.empty(_ext.context_length(x.shape[0], x.shape[1], self.num_groups))
         momentum = 0.0 if self.momentum is None else self.momentum
         bn, cn = self._has_bn, self._has_cn
         with self._lock:
-            _ext.norm_forward(flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
-                              self.bn_weight if bn else None, self.bn_bias if bn else None,
-                              self.running_mean if bn else None, self.running_var if bn else None,
-                              self.num_batches_tracked if bn else None,
-                              self.weight if cn else None, self.bias if cn else None, ctx)
+            self._call(_ext.norm_forward, flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
+                       self.bn_weight if bn else None, self.bn_bias if bn else None,
+                       self.running_mean if bn else None, self.running_var if bn else None,
+                       self.num_batches_tracked if bn else None,
+                       self.weight if cn else None, self.bias if cn else None, ctx)
             self._saved = (x, ctx, flags)
-        return y
+        return self._user(y)
 
     __call__ = forward
 
@@ -198,23 +253,27 @@ class _Normalization:
         """Gradient with respect to the input of the last forward; adds parameter gradients to `grads`.
 
         The last forward's input must not have been modified since (it is kept by reference, not copied).
-        `out`, if given, receives dx (as in `forward`; it may be dy itself).
+        dx has that input's shape and memory layout; dy in another layout is copied into it first. `out`, if
+        given, receives dx (as in `forward`; it may be dy itself).
         """
         with self._lock:
             if self._saved is None:
                 raise RuntimeError("backward() called before any forward()")
             x, ctx, flags = self._saved
-            dy = as_float_array(dy, self.dtype, "dy")
+            dy = self._logical(as_float_array(dy, self.dtype, "dy"))
             if dy.shape != x.shape:
-                raise ValueError(f"dy has shape {dy.shape}, the last forward's output has shape {x.shape}")
-            dx = np.empty_like(x) if out is None else _checked_out(out, x, "out", allow=dy)
+                raise ValueError(f"dy has shape {self._user(dy).shape}, the last forward's output has shape "
+                                 f"{self._user(x).shape}")
+            if memory_format(dy) != memory_format(x):
+                dy = _relaid(dy, x)
+            dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out", allow=dy)
             g = self.grads
-            _ext.norm_backward(flags, self.num_groups, x, dy, dx,
-                               g.get(self._bn_prefix + "weight") if self._has_bn else None,
-                               g.get(self._bn_prefix + "bias") if self._has_bn else None,
-                               g.get("weight") if self._has_cn else None,
-                               g.get("bias") if self._has_cn else None, ctx)
-        return dx
+            self._call(_ext.norm_backward, flags, self.num_groups, x, dy, dx,
+                       g.get(self._bn_prefix + "weight") if self._has_bn else None,
+                       g.get(self._bn_prefix + "bias") if self._has_bn else None,
+                       g.get("weight") if self._has_cn else None,
+                       g.get("bias") if self._has_cn else None, ctx)
+        return self._user(dx)
 
     def zero_grad(self):
         """Sets every parameter gradient to zero."""
@@ -250,7 +309,8 @@ class _Normalization:
         d = {k: v.copy() for k, v in self._parameters().items()}
         for k, v in self._buffers().items():
             if k.endswith("estbn_moving_speed"):
-                d[k] = np.array([0.0 if self.momentum is None else self.momentum], self.dtype)
+                # NaN stands for momentum=None (a cumulative average), which the authors' EstBN cannot express
+                d[k] = np.array([np.nan if self.momentum is None else self.momentum], self.dtype)
             else:
                 d[k] = v.copy()
         return d
@@ -274,7 +334,8 @@ class _Normalization:
         """Loads parameters and buffers; accepts the keys of state_dict(), labml's names, and (G,)-shaped group
         weight and bias. An unknown key (KeyError), a missing one when strict (KeyError) or a wrong shape
         (ValueError) changes nothing. num_batches_tracked and estbn_moving_speed are optional: when absent they
-        keep their values; estbn_moving_speed, when given, sets momentum."""
+        keep their values; estbn_moving_speed, when given, sets momentum (NaN: momentum=None, as state_dict()
+        writes it for a cumulative average)."""
         params, buffers, aliases = self._parameters(), self._buffers(), self._aliases()
         targets = {**params, **buffers}
         staged, unknown = {}, []
@@ -298,7 +359,8 @@ class _Normalization:
                 raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):
-                self.momentum = _momentum(float(value.reshape(-1)[0]))
+                speed = float(value.reshape(-1)[0])
+                self.momentum = None if np.isnan(speed) else _momentum(speed)
             else:
                 targets[name][...] = value
 
@@ -364,6 +426,9 @@ class BatchChannelNorm(_Normalization):
         dtype: np.float32 or np.float64; parameters, buffers and outputs have this dtype.
         bn_eps: the batch norm's eps when it differs (the authors' code fixes it at 1e-5).
         nan_policy: "propagate" (as PyTorch) or "raise": FloatingPointError before anything changes.
+        channel_axis: 1 for [B, C, *] input (PyTorch), -1 for [B, *, C] (flax, Keras). Either memory layout
+            (C order, or channels-last as PyTorch's channels_last) is normalized where it lies; outputs and
+            gradients keep the input's layout.
 
     State dict: 'weight', 'bias' (1, G, 1); 'bn.weight', 'bn.bias', 'bn.running_mean', 'bn.running_var' (C,);
     'bn.num_batches_tracked' (); and 'bn.estbn_moving_speed' (1,) with variance_around="running_mean".
@@ -375,9 +440,9 @@ class BatchChannelNorm(_Normalization):
 
     def __init__(self, num_channels, num_groups, eps=1e-5, momentum=0.1, estimate=True,
                  unbiased_running_var=None, variance_around="batch", dtype=np.float32, *, bn_eps=None,
-                 nan_policy="propagate"):
+                 nan_policy="propagate", channel_axis=1):
         self._setup(num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
-                    dtype, bn_eps, nan_policy)
+                    dtype, bn_eps, nan_policy, channel_axis)
         self.bn = _BatchNormView(self)
 
 
@@ -391,9 +456,9 @@ class BatchNorm(_Normalization):
     _has_bn = True
 
     def __init__(self, num_channels, eps=1e-5, momentum=0.1, unbiased_running_var=None, dtype=np.float32, *,
-                 nan_policy="propagate"):
+                 nan_policy="propagate", channel_axis=1):
         self._setup(num_channels, None, eps, momentum, False, unbiased_running_var, "batch", dtype, None,
-                    nan_policy)
+                    nan_policy, channel_axis)
 
     weight = property(lambda self: self.bn_weight)
     bias = property(lambda self: self.bn_bias)
@@ -410,9 +475,9 @@ class EstimatedBatchNorm(_Normalization):
     _has_bn = True
 
     def __init__(self, num_channels, eps=1e-5, momentum=0.1, unbiased_running_var=None, variance_around="batch",
-                 dtype=np.float32, *, nan_policy="propagate"):
+                 dtype=np.float32, *, nan_policy="propagate", channel_axis=1):
         self._setup(num_channels, None, eps, momentum, True, unbiased_running_var, variance_around, dtype, None,
-                    nan_policy)
+                    nan_policy, channel_axis)
 
     weight = property(lambda self: self.bn_weight)
     bias = property(lambda self: self.bn_bias)
@@ -424,8 +489,10 @@ class ChannelNorm(_Normalization):
 
     _has_cn = True
 
-    def __init__(self, num_channels, num_groups, eps=1e-5, dtype=np.float32, *, nan_policy="propagate"):
-        self._setup(num_channels, num_groups, eps, None, False, None, "batch", dtype, None, nan_policy)
+    def __init__(self, num_channels, num_groups, eps=1e-5, dtype=np.float32, *, nan_policy="propagate",
+                 channel_axis=1):
+        self._setup(num_channels, num_groups, eps, None, False, None, "batch", dtype, None, nan_policy,
+                    channel_axis)
 
 
 class _BatchNormView:

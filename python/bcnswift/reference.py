@@ -1,4 +1,5 @@
-"""Numpy transcriptions of the reference documents' code, in float64, with hand-derived backward passes.
+"""Numpy transcriptions of the reference documents' code, in float64 (or np.longdouble, when given longdouble
+inputs: an extended-precision reference), with hand-derived backward passes.
 
 These are the truth bcnswift is tested against (python/tests), and are themselves checked by finite differences.
 Each class follows one document's code line by line where it can; where a document's module only takes 4-D
@@ -29,8 +30,14 @@ def _rows_standardize_backward(dxhat, xhat, inv):
     return inv * (dxhat - dxhat.mean(axis=1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=1, keepdims=True))
 
 
+def _wide(x):
+    """x as an array of at least float64 precision (longdouble stays longdouble)."""
+    x = np.asarray(x)
+    return x.astype(np.result_type(x.dtype, np.float64), copy=False)
+
+
 def _bcs(x):
-    x = np.asarray(x, np.float64)
+    x = _wide(x)
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
@@ -90,7 +97,7 @@ class LabmlBatchNorm(_Module):
 
     def backward(self, dy):
         x_shape, shape3, x_norm, inv = self._cache
-        dy = np.asarray(dy, np.float64).reshape(shape3)
+        dy = _wide(dy).reshape(shape3)
         self.grads = {"scale": (dy * x_norm).sum(axis=(0, 2)), "shift": dy.sum(axis=(0, 2))}
         dxn = dy * self.scale.reshape(1, -1, 1) if self.affine else dy
         if self._batch_stats:
@@ -131,7 +138,7 @@ class LabmlEstimatedBatchNorm(_Module):
 
     def backward(self, dy):
         x_shape, shape3, x_norm, inv = self._cache
-        dy = np.asarray(dy, np.float64).reshape(shape3)
+        dy = _wide(dy).reshape(shape3)
         self.grads = {"scale": (dy * x_norm).sum(axis=(0, 2)), "shift": dy.sum(axis=(0, 2))}
         dxn = dy * self.scale.reshape(1, -1, 1) if self.affine else dy
         return (dxn * inv.reshape(1, -1, 1)).reshape(x_shape)
@@ -148,7 +155,7 @@ class LabmlChannelNorm(_Module):
         x_shape = np.shape(x)
         B = x_shape[0]
         assert self.channels == x_shape[1]
-        x = np.asarray(x, np.float64).reshape(B, self.groups, -1)
+        x = _wide(x).reshape(B, self.groups, -1)
         mean = x.mean(axis=-1, keepdims=True)
         mean_x2 = (x ** 2).mean(axis=-1, keepdims=True)
         var = mean_x2 - mean ** 2
@@ -164,7 +171,7 @@ class LabmlChannelNorm(_Module):
     def backward(self, dy):
         x_shape, x_norm, inv = self._cache
         B, G = x_norm.shape[:2]
-        dy = np.asarray(dy, np.float64).reshape(x_norm.shape)
+        dy = _wide(dy).reshape(x_norm.shape)
         self.grads = {"scale": (dy * x_norm).sum(axis=(0, 2)), "shift": dy.sum(axis=(0, 2))}
         dxn = dy * self.scale.reshape(1, -1, 1) if self.affine else dy
         dx = _rows_standardize_backward(dxn.reshape(B * G, -1), x_norm.reshape(B * G, -1), inv.reshape(-1, 1))
@@ -245,7 +252,7 @@ class TorchBatchNorm2d(_Module):
 
     def backward(self, dy):
         x_shape, shape3, x_norm, inv, batch = self._cache
-        dy = np.asarray(dy, np.float64).reshape(shape3)
+        dy = _wide(dy).reshape(shape3)
         self.grads = {"weight": (dy * x_norm).sum(axis=(0, 2)), "bias": dy.sum(axis=(0, 2))}
         dxn = dy * self.weight.reshape(1, -1, 1)
         if batch:
@@ -287,7 +294,7 @@ class AuthorsEstBN(_Module):
 
     def backward(self, dy):
         x_shape, shape3, x_norm, inv = self._cache
-        dy = np.asarray(dy, np.float64).reshape(shape3)
+        dy = _wide(dy).reshape(shape3)
         self.grads = {"weight": (dy * x_norm).sum(axis=(0, 2)), "bias": dy.sum(axis=(0, 2))}
         return (dy * (self.weight * inv).reshape(1, -1, 1)).reshape(x_shape)
 
@@ -320,7 +327,7 @@ class AuthorsBCNorm(_Module):
     def backward(self, dy):
         shape, xhat, inv = self._cache
         B, G = shape[0], self.num_groups
-        dy3 = np.asarray(dy, np.float64).reshape(B, G, -1)
+        dy3 = _wide(dy).reshape(B, G, -1)
         xh3 = xhat.reshape(B, G, -1)
         gw = (dy3 * xh3).sum(axis=(0, 2)).reshape(1, G, 1)
         gb = dy3.sum(axis=(0, 2)).reshape(1, G, 1)
@@ -343,7 +350,7 @@ class AuthorsBCNorm(_Module):
 
 def ws_labml(weight, eps=1e-5, unbiased=True):
     """labml: var, mean = torch.var_mean(weight.view(c_out, -1), dim=1); (w - mean) / sqrt(var + eps)."""
-    w = np.asarray(weight, np.float64)
+    w = _wide(weight)
     w2 = w.reshape(w.shape[0], -1)
     var = w2.var(axis=1, ddof=1 if unbiased else 0, keepdims=True)
     mean = w2.mean(axis=1, keepdims=True)
@@ -352,7 +359,7 @@ def ws_labml(weight, eps=1e-5, unbiased=True):
 
 def ws_authors(weight, eps=1e-5, unbiased=True):
     """The authors' Conv2d: mean over dims 1, 2, 3 in turn; w - mean; divide by std(dim=1) + eps (on [O, -1])."""
-    w = np.asarray(weight, np.float64)
+    w = _wide(weight)
     mean = w
     for axis in range(1, w.ndim):
         mean = mean.mean(axis=axis, keepdims=True)
@@ -364,10 +371,10 @@ def ws_authors(weight, eps=1e-5, unbiased=True):
 
 def ws_backward(weight, grad_w_hat, eps=1e-5, unbiased=True, eps_in_sqrt=True):
     """Hand-derived gradient of ws_labml (eps_in_sqrt) or ws_authors with respect to the raw weight."""
-    w = np.asarray(weight, np.float64)
+    w = _wide(weight)
     O = w.shape[0]
     w2 = w.reshape(O, -1)
-    g = np.asarray(grad_w_hat, np.float64).reshape(O, -1)
+    g = _wide(grad_w_hat).reshape(O, -1)
     n = w2.shape[1]
     nu = n - (1 if unbiased else 0)
     c = w2 - w2.mean(axis=1, keepdims=True)

@@ -1,5 +1,6 @@
 """Shared test machinery: the conventions bcnswift must reproduce, each as (bcnswift layer, reference module)."""
 import copy
+import zlib
 
 import numpy as np
 import pytest
@@ -8,10 +9,18 @@ import bcnswift
 from bcnswift import reference as R
 
 
+def seed_of(name):
+    """A seed that depends on `name` alone, the same in every run (unlike hash(), which Python randomizes)."""
+    return zlib.crc32(name.encode())
+
+
 @pytest.fixture
 def rng(request):
-    """A fresh generator per test, seeded from the test's name so a failure reproduces."""
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2 ** 32))
+    """A fresh generator per test, seeded from the test's id so a failure reproduces; the seed is printed, and
+    pytest shows it with a failing test's output."""
+    seed = seed_of(request.node.nodeid)
+    print(f"rng seed {seed} (np.random.default_rng({seed}), from {request.node.nodeid!r})")
+    return np.random.default_rng(seed)
 
 
 def tolerance(dtype):

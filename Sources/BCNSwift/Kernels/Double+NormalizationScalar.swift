@@ -15,9 +15,6 @@ extension Double: NormalizationScalar {
         UnsafeRawPointer(p + i).loadUnaligned(as: SIMD4<Double>.self)
     }
 
-    /// One pass shifted by the mean of the first four values, kept when the cancellation (Σd)²/n is at most
-    /// half of Σd² (see `Float._chunkMoments`); otherwise, or for non-finite sums, the corrected two-pass
-    /// algorithm around the mean found (or around Σx/n).
     @inlinable @inline(__always)
     public static func _load4Wide(_ p: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> { _load4(p, i) }
 
@@ -26,6 +23,9 @@ extension Double: NormalizationScalar {
         UnsafeMutableRawPointer(p + i).storeBytes(of: v, as: SIMD4<Double>.self)
     }
 
+    /// One pass shifted by the mean of the first four values, kept when the cancellation (Σd)²/n is at most
+    /// half of Σd² (see `Float._chunkMoments`); otherwise, or for non-finite sums, the corrected two-pass
+    /// algorithm around the mean found (or around Σx/n).
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Double>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
@@ -126,5 +126,36 @@ extension Double: NormalizationScalar {
             i += 4
         }
         while i < n { dx[i] = r.addingProduct(x[i] - centre, q).addingProduct(dy[i], p); i += 1 }
+    }
+
+    @inlinable
+    public static func _mapElements(
+        _ x: UnsafePointer<Double>, _ y: UnsafeMutablePointer<Double>, count n: Int,
+        centre: UnsafePointer<Double>, scale: UnsafePointer<Double>, offset: UnsafePointer<Double>
+    ) {
+        var i = 0
+        while i + 4 <= n {
+            var v = _load4(offset, i)
+            v.addProduct(_load4(x, i) - _load4(centre, i), _load4(scale, i))
+            UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD4<Double>.self)
+            i += 4
+        }
+        while i < n { y[i] = offset[i].addingProduct(x[i] - centre[i], scale[i]); i += 1 }
+    }
+
+    @inlinable
+    public static func _combineElements(
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, count n: Int,
+        centre: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>, r: UnsafePointer<Double>
+    ) {
+        var i = 0
+        while i + 4 <= n {
+            var v = _load4(r, i)
+            v.addProduct(_load4(x, i) - _load4(centre, i), _load4(q, i))
+            v.addProduct(_load4(dy, i), _load4(p, i))
+            UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD4<Double>.self)
+            i += 4
+        }
+        while i < n { dx[i] = r[i].addingProduct(x[i] - centre[i], q[i]).addingProduct(dy[i], p[i]); i += 1 }
     }
 }

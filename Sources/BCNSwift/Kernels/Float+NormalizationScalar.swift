@@ -288,4 +288,35 @@ extension Float: NormalizationScalar {
             dx[i] = Float(r.addingProduct(Double(x[i]) - centre, q).addingProduct(Double(dy[i]), p))
         }
     }
+
+    @inlinable
+    public static func _mapElements(
+        _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int,
+        centre: UnsafePointer<Float>, scale: UnsafePointer<Float>, offset: UnsafePointer<Float>
+    ) {
+        var i = 0
+        while i + 8 <= n {
+            var v = _load8(offset, i)
+            v.addProduct(_load8(x, i) - _load8(centre, i), _load8(scale, i))
+            UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n { y[i] = offset[i].addingProduct(x[i] - centre[i], scale[i]); i += 1 }
+    }
+
+    @inlinable
+    public static func _combineElements(
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, count n: Int,
+        centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
+    ) {
+        var i = 0
+        while i + 8 <= n {
+            var v = _load8(r, i)
+            v.addProduct(_load8(x, i) - _load8(centre, i), _load8(q, i))
+            v.addProduct(_load8(dy, i), _load8(p, i))
+            UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n { dx[i] = r[i].addingProduct(x[i] - centre[i], q[i]).addingProduct(dy[i], p[i]); i += 1 }
+    }
 }

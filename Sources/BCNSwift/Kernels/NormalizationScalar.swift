@@ -6,9 +6,10 @@
 ///
 /// All pointers address `count` contiguous elements; `count` may be 0.
 public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, Sendable {
-    /// Count, mean and centred sum of squares of `count` values that fit in cache: a first pass for an
-    /// approximate centre, then the corrected second pass of Chan, Golub & LeVeque (mean = c + Σ(x-c)/n,
-    /// M2 = Σ(x-c)² - (Σ(x-c))²/n), which repairs the centre's rounding: a constant run gives exactly its value
+    /// Count, mean and centred sum of squares of `count` values that fit in cache: one pass shifted by an
+    /// early value's neighbourhood, kept when the shift turns out within a standard deviation of the mean;
+    /// otherwise the corrected second pass of Chan, Golub & LeVeque around the mean found (mean = c + Σ(x-c)/n,
+    /// M2 = Σ(x-c)² - (Σ(x-c))²/n), which repairs the centre's rounding. A constant run gives exactly its value
     /// and M2 = 0. NaN or infinity in the input gives a non-finite mean or M2.
     static func _chunkMoments(_ x: UnsafePointer<Self>, count: Int) -> Moments
 
@@ -32,4 +33,35 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     static func _combine(
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, count: Int,
         centre: Double, p: Double, q: Double, r: Double)
+
+    /// y[i] = offset[i] + scale[i] · (x[i] - centre[i]) in the lanes of Self, constants per element (a row of
+    /// channels-last data against its channels' constants). `y` may alias `x`.
+    static func _mapElements(
+        _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, count: Int,
+        centre: UnsafePointer<Self>, scale: UnsafePointer<Self>, offset: UnsafePointer<Self>)
+
+    /// dx[i] = r[i] + q[i] · (x[i] - centre[i]) + p[i] · dy[i] in the lanes of Self. `dx` may alias `dy`.
+    static func _combineElements(
+        _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, count: Int,
+        centre: UnsafePointer<Self>, p: UnsafePointer<Self>, q: UnsafePointer<Self>, r: UnsafePointer<Self>)
+}
+
+extension NormalizationScalar {
+    /// The index of the first NaN or infinity among `count` values, or nil: blocks are screened by Σ 0·x in
+    /// Float64 (NaN for any non-finite term), and only a failing block is searched.
+    static func _firstNonFinite(_ x: UnsafePointer<Self>, count: Int) -> Int? {
+        var start = 0
+        while start < count {
+            let end = Swift.min(count, start + 1024)
+            var screen = SIMD4<Double>(), i = start
+            while i + 4 <= end { screen.addProduct(_load4Wide(x, i), SIMD4(repeating: 0)); i += 4 }
+            var tail = 0.0
+            while i < end { tail += 0 * Double(x[i]); i += 1 }
+            if !(screen.sum() + tail).isFinite {
+                return (start..<end).first { !Double(x[$0]).isFinite }
+            }
+            start = end
+        }
+        return nil
+    }
 }

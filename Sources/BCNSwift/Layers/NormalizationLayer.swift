@@ -24,7 +24,14 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     public private(set) var gradWeight: [Scalar]
     public private(set) var gradBias: [Scalar]
 
-    private var saved: (x: [Scalar], shape: NormalizationShape, context: [Double])?
+    /// The last forward's input (kept by reference, as arrays are) and shape, for `backward`.
+    private var saved: (x: [Scalar], shape: NormalizationShape)?
+    /// What the last forward left for its backward; reused from call to call.
+    private var context = UnsafeMutableBufferPointer<Double>(start: nil, count: 0)
+    /// The engine takes raw pointers: parameters, buffers and gradients are copied here for a call, and what
+    /// the call changed is copied back only if it succeeded.
+    private var staging = UnsafeMutableBufferPointer<Scalar>(start: nil, count: 0)
+    private var counter = UnsafeMutablePointer<Int64>.allocate(capacity: 1)
 
     public init(plan: NormalizationPlan) throws(BCNError) {
         try plan.validate()
@@ -40,79 +47,96 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         gradBnBias = [Scalar](repeating: 0, count: C)
         gradWeight = [Scalar](repeating: 0, count: G)
         gradBias = [Scalar](repeating: 0, count: G)
+        staging = .allocate(capacity: 6 * C + 2 * G)
     }
 
-    /// Normalizes `x` of shape `shape` ([B, C, *]); in training also updates the running buffers.
+    deinit {
+        context.deallocate()
+        staging.deallocate()
+        counter.deallocate()
+    }
+
+    /// Normalizes `x` of logical shape `shape` ([B, C, *], in memory as `format` says); in training also
+    /// updates the running buffers. The output has x's memory layout.
     /// - Throws: `BCNError` (and changes nothing) for a bad shape, degenerate statistics, or NaN with `.raise`.
-    public func forward(_ x: [Scalar], shape: [Int]) throws(BCNError) -> [Scalar] {
-        let s = try NormalizationShape(dimensions: shape)
+    public func forward(_ x: [Scalar], shape: [Int], format: MemoryFormat = .channelsFirst) throws(BCNError)
+        -> [Scalar]
+    {
+        let s = try NormalizationShape(dimensions: shape, format: format)
         guard x.count == s.count else {
             throw BCNError(.shapeMismatch, "input has \(x.count) elements, shape \(shape) needs \(s.count)")
         }
         try checkParameterSizes()
-        guard let length = NormalizationContextLayout.length(batch: s.batch, channels: s.channels,
-                                                             groups: plan.groups) else {
-            throw BCNError(.invalidArgument, "input shape \(shape) is too large")
+        guard let length = NormalizationContext.length(batch: s.batch, channels: s.channels, groups: plan.groups)
+        else { throw BCNError(.invalidArgument, "input shape \(shape) is too large") }
+        // A larger context replaces the old one only once the forward succeeded: a failed call keeps the last
+        // forward differentiable.
+        let target = context.count >= length ? context : .allocate(capacity: length)
+        let C = bnWeight.count, G = weight.count, p = staging.baseAddress!
+        for (offset, values) in [(0, bnWeight), (C, bnBias), (2 * C, runningMean), (3 * C, runningVar),
+                                 (4 * C, weight), (4 * C + G, bias)] {
+            for i in values.indices { p[offset + i] = values[i] }
         }
-        // The engine takes raw pointers: parameters and buffers go into one block for the call, and the
-        // running buffers come back from it only if the forward succeeds.
-        let C = bnWeight.count, G = weight.count
-        var block = bnWeight + bnBias + runningMean + runningVar + weight + bias
-        var counter = [numBatchesTracked]
-        var context = [Double](repeating: 0, count: length)
+        counter.pointee = numBatchesTracked
+        let state = NormalizationState<Scalar>(
+            bnWeight: p, bnBias: p + C, runningMean: p + 2 * C, runningVar: p + 3 * C,
+            numBatchesTracked: counter, cnWeight: p + 4 * C, cnBias: p + 4 * C + G)
         var y = [Scalar](repeating: 0, count: s.count)
-        try block.withUnsafeMutableBufferPointer { (pb) throws(BCNError) in
-            try counter.withUnsafeMutableBufferPointer { (nb) throws(BCNError) in
-                try context.withUnsafeMutableBufferPointer { (cb) throws(BCNError) in
-                    try y.withUnsafeMutableBufferPointer { (yb) throws(BCNError) in
-                        try x.withUnsafeBufferPointer { (xb) throws(BCNError) in
-                            let p = pb.baseAddress!
-                            let state = NormalizationState<Scalar>(
-                                bnWeight: p, bnBias: p + C, runningMean: p + 2 * C, runningVar: p + 3 * C,
-                                numBatchesTracked: nb.baseAddress, cnWeight: p + 4 * C, cnBias: p + 4 * C + G)
-                            try FusedNormalization.forward(plan: plan, shape: s, training: training,
-                                                           x: xb.baseAddress!, y: yb.baseAddress!, state: state,
-                                                           context: cb)
-                        }
-                    }
-                }
+        var failure: BCNError?
+        x.withUnsafeBufferPointer { xb in
+            y.withUnsafeMutableBufferPointer { yb in
+                do throws(BCNError) {
+                    try NormalizationEngine.forward(plan: plan, shape: s, training: training, x: xb.baseAddress!,
+                                                    y: yb.baseAddress!, state: state, context: target)
+                } catch { failure = error }
             }
         }
-        runningMean = Array(block[(2 * C)..<(3 * C)])
-        runningVar = Array(block[(3 * C)..<(4 * C)])
-        numBatchesTracked = counter[0]
-        saved = (x, s, context)
+        if let failure {
+            if target.baseAddress != context.baseAddress { target.deallocate() }
+            throw failure
+        }
+        if target.baseAddress != context.baseAddress {
+            context.deallocate()
+            context = target
+        }
+        runningMean = Array(UnsafeBufferPointer(start: p + 2 * C, count: C))
+        runningVar = Array(UnsafeBufferPointer(start: p + 3 * C, count: C))
+        numBatchesTracked = counter.pointee
+        saved = (x, s)
         return y
     }
 
-    /// Gradient with respect to the input of the last forward; adds the parameter gradients.
+    /// Gradient with respect to the input of the last forward (same memory layout); adds the parameter
+    /// gradients.
     public func backward(_ dy: [Scalar]) throws(BCNError) -> [Scalar] {
         guard let saved else { throw BCNError(.noForward, "backward() called before any forward()") }
         guard dy.count == saved.x.count else {
             throw BCNError(.shapeMismatch, "dy has \(dy.count) elements, the last forward's output has \(saved.x.count)")
         }
-        let C = gradBnWeight.count, G = gradWeight.count
-        var grads = gradBnWeight + gradBnBias + gradWeight + gradBias  // accumulated into, as one block
+        let C = gradBnWeight.count, G = gradWeight.count, g = staging.baseAddress!
+        for (offset, values) in [(0, gradBnWeight), (C, gradBnBias), (2 * C, gradWeight), (2 * C + G, gradBias)] {
+            for i in values.indices { g[offset + i] = values[i] }
+        }
+        let gradients = NormalizationGradients(bnWeight: g, bnBias: g + C, cnWeight: g + 2 * C,
+                                               cnBias: g + 2 * C + G)
         var dx = [Scalar](repeating: 0, count: dy.count)
-        try grads.withUnsafeMutableBufferPointer { (gb) throws(BCNError) in
-            try dx.withUnsafeMutableBufferPointer { (dxb) throws(BCNError) in
-                try dy.withUnsafeBufferPointer { (dyb) throws(BCNError) in
-                    try saved.x.withUnsafeBufferPointer { (xb) throws(BCNError) in
-                        try saved.context.withUnsafeBufferPointer { (cb) throws(BCNError) in
-                            let g = gb.baseAddress!
-                            try FusedNormalization.backward(
-                                plan: plan, shape: saved.shape, x: xb.baseAddress!, dy: dyb.baseAddress!,
-                                dx: dxb.baseAddress!,
-                                gradients: NormalizationGradients(bnWeight: g, bnBias: g + C, cnWeight: g + 2 * C,
-                                                                  cnBias: g + 2 * C + G),
-                                context: cb)
-                        }
-                    }
+        var failure: BCNError?
+        saved.x.withUnsafeBufferPointer { xb in
+            dy.withUnsafeBufferPointer { dyb in
+                dx.withUnsafeMutableBufferPointer { dxb in
+                    do throws(BCNError) {
+                        try NormalizationEngine.backward(plan: plan, shape: saved.shape, x: xb.baseAddress!,
+                                                         dy: dyb.baseAddress!, dx: dxb.baseAddress!,
+                                                         gradients: gradients, context: UnsafeBufferPointer(context))
+                    } catch { failure = error }
                 }
             }
         }
-        gradBnWeight = Array(grads[0..<C]); gradBnBias = Array(grads[C..<(2 * C)])
-        gradWeight = Array(grads[(2 * C)..<(2 * C + G)]); gradBias = Array(grads[(2 * C + G)..<(2 * C + 2 * G)])
+        if let failure { throw failure }
+        gradBnWeight = Array(UnsafeBufferPointer(start: g, count: C))
+        gradBnBias = Array(UnsafeBufferPointer(start: g + C, count: C))
+        gradWeight = Array(UnsafeBufferPointer(start: g + 2 * C, count: G))
+        gradBias = Array(UnsafeBufferPointer(start: g + 2 * C + G, count: G))
         return dx
     }
 

@@ -1,86 +1,92 @@
-/// What a forward leaves for its backward: Float64 numbers of size O(B·C), in a caller-owned buffer.
+/// What a forward leaves for its backward: O(B·C) Float64 numbers in a caller-owned buffer, seen through a
+/// typed view.
 ///
-/// Layout (offsets in Doubles): a header of 8 (magic, B, C, S, G, flags, 0, 0), then
-/// p[B·C] plane means, q[B·C] plane centred sums of squares, ȳ[B·C] plane means after the batch-norm stage,
-/// μ[C] batch-norm centre, 1/σ[C], a[C] = γ/σ, m[B·G] group means, r[B·G] = 1/√(v + eps), w[G] group weights.
-/// The header lets `backward` refuse a buffer that another shape or layer filled.
-public struct NormalizationContextLayout: Sendable {
-    public static let magic: Double = 0x4243_4E31  // "BCN1"
-    public static let headerLength = 8
+/// Layout, in Doubles:
+/// - header (10): magic, B, C, S, G, flags, memory format, the channel norm's eps, the number of values the batch
+///   statistics rest on (B·S, or the whole batch's over processes), 0; the backward needs the last two;
+/// - per plane (b, c), B·C each: `p` mean and `q` centred sum of squares of the plane (written by the forward's
+///   moments on the layouts that keep them), `t` = Σ dy and `u` = Σ dy (x - p) (written by the backward);
+/// - per channel, C each: the batch-norm stage y₁ = a (x - μ) + β as `mu`, `invSigma` (1/σ), `a` (γ/σ) and
+///   `beta` (μ = 0, 1/σ = 1, a = 1, β = 0 without that stage);
+/// - per (sample, group), B·G each: `m` mean and `r` = 1/√(v + eps) of y₁ over the group; per group: `w`.
+///
+/// The header lets a later phase refuse a buffer that another shape, layer or memory format filled.
+public struct NormalizationContext {
+    public static let magic: Double = 0x4243_4E32  // "BCN2"
+    public static let headerLength = 10
 
-    public let batch, channels, spatial, groups: Int
-    public let p, q, yBar, mu, invSigma, a, m, r, w: Int
-    public let length: Int
-
-    /// Flags stored in the header: which stages ran, and whether gradients flow through batch statistics.
+    /// What the header says has been computed, and how.
     public struct Flags: OptionSet, Sendable {
         public let rawValue: Int
         public init(rawValue: Int) { self.rawValue = rawValue }
-        public static let batchNorm = Flags(rawValue: 1)
-        public static let gradientThroughBatchStatistics = Flags(rawValue: 2)
-        public static let channelNorm = Flags(rawValue: 4)
-        /// Filled by the row path (short planes): no per-plane numbers, ȳ's first C slots hold β.
-        public static let rows = Flags(rawValue: 8)
+        /// Phase (a) ran: `p` and `q` hold this input's plane moments.
+        public static let moments = Flags(rawValue: 1)
+        /// A forward finished: every field but `t` and `u` is valid.
+        public static let forward = Flags(rawValue: 2)
+        public static let batchNorm = Flags(rawValue: 4)
+        /// The batch-norm stage used batch statistics in training: gradients flow through them.
+        public static let gradientThroughBatchStatistics = Flags(rawValue: 8)
+        public static let channelNorm = Flags(rawValue: 16)
+        /// Backward phase (a) ran: `t` and `u` hold this dy's plane sums.
+        public static let gradientSums = Flags(rawValue: 32)
+        static let all = Flags(rawValue: 63)
     }
 
-    public init(shape: NormalizationShape, groups: Int) {
-        batch = shape.batch; channels = shape.channels; spatial = shape.spatial; self.groups = groups
-        let bc = shape.planes, bg = shape.batch * groups
-        p = Self.headerLength
-        q = p + bc
-        yBar = q + bc
-        mu = yBar + bc
-        invSigma = mu + channels
-        a = invSigma + channels
-        m = a + channels
-        r = m + bg
-        w = r + bg
-        length = w + groups
-    }
+    let base: UnsafeMutablePointer<Double>
+    let shape: NormalizationShape
+    let groups: Int
+    /// The fields, at the offsets of the layout above (computed once: the stages read them in their loops).
+    let p, q, t, u, mu, invSigma, a, beta, m, r, w: UnsafeMutablePointer<Double>
 
-    /// Doubles a context needs for this shape, or nil when that overflows.
+    /// Doubles a context needs for B·C planes and G groups, or nil when that overflows.
     public static func length(batch: Int, channels: Int, groups: Int) -> Int? {
         let (bc, o1) = batch.multipliedReportingOverflow(by: channels)
         let (bg, o2) = batch.multipliedReportingOverflow(by: groups)
-        guard !o1, !o2, bc <= Int.max / 8, bg <= Int.max / 8, channels <= Int.max / 8 else { return nil }
-        return headerLength + 3 * bc + 3 * channels + 2 * bg + groups
+        guard !o1, !o2, batch >= 0, channels >= 0, groups >= 0, bc <= Int.max / 16, bg <= Int.max / 16,
+              channels <= Int.max / 16, groups <= Int.max / 16 else { return nil }
+        return headerLength + 4 * bc + 4 * channels + 2 * bg + groups
     }
 
-    func writeHeader(_ ctx: UnsafeMutablePointer<Double>, flags: Flags) {
-        ctx[0] = Self.magic
-        ctx[1] = Double(batch); ctx[2] = Double(channels); ctx[3] = Double(spatial); ctx[4] = Double(groups)
-        ctx[5] = Double(flags.rawValue); ctx[6] = 0; ctx[7] = 0
+    /// A view of `buffer` for this shape; nil when the buffer is too short.
+    init?(_ buffer: UnsafeMutableBufferPointer<Double>, shape: NormalizationShape, groups: Int) {
+        guard let base = buffer.baseAddress,
+              let n = Self.length(batch: shape.batch, channels: shape.channels, groups: groups),
+              buffer.count >= n else { return nil }
+        self.base = base
+        self.shape = shape
+        self.groups = groups
+        let planes = shape.planes, C = shape.channels, bg = shape.batch * groups
+        p = base + Self.headerLength; q = p + planes; t = q + planes; u = t + planes
+        mu = u + planes; invSigma = mu + C; a = invSigma + C; beta = a + C
+        m = beta + C; r = m + bg; w = r + bg
     }
 
-    /// The flags if the header matches this layout, else nil.
-    func readFlags(_ ctx: UnsafePointer<Double>) -> Flags? {
-        guard ctx[0] == Self.magic, ctx[1] == Double(batch), ctx[2] == Double(channels),
-              ctx[3] == Double(spatial), ctx[4] == Double(groups), ctx[5] >= 0, ctx[5] < 16 else { return nil }
-        return Flags(rawValue: Int(ctx[5]))
-    }
-}
-
-/// Planes shorter than this take the row path (FusedNormalization+Rows.swift) instead of per-plane kernels.
-@usableFromInline let smallPlane = 16
-
-/// Iterates the fixed partition of B·C planes of S elements into chunks of at most `planeChunkLength`.
-@usableFromInline
-struct PlaneChunks {
-    @usableFromInline let spatial: Int
-    @usableFromInline let perPlane: Int
-    @usableFromInline let count: Int
-
-    @inlinable init(_ shape: NormalizationShape) {
-        spatial = shape.spatial
-        perPlane = (shape.spatial + planeChunkLength - 1) / planeChunkLength
-        count = shape.planes * perPlane
+    /// Stamps the header: what is valid now, for this shape and memory format (`groupEps` is left alone).
+    func writeHeader(_ flags: Flags, format: MemoryFormat) {
+        base[0] = Self.magic
+        base[1] = Double(shape.batch); base[2] = Double(shape.channels); base[3] = Double(shape.spatial)
+        base[4] = Double(groups); base[5] = Double(flags.rawValue); base[6] = Double(format.rawValue)
     }
 
-    /// (plane index, element offset, element count) of chunk `i`.
-    @inlinable func chunk(_ i: Int) -> (plane: Int, offset: Int, length: Int) {
-        if perPlane == 1 { return (i, i * spatial, spatial) }  // the common case, without a 64-bit division
-        let plane = i / perPlane, k = i - plane * perPlane
-        let start = k * planeChunkLength
-        return (plane, plane * spatial + start, min(planeChunkLength, spatial - start))
+    /// The channel-norm stage's eps of the forward that filled the context (its backward needs it).
+    var groupEps: Double {
+        get { base[7] }
+        nonmutating set { base[7] = newValue }
+    }
+
+    /// How many values the forward's batch statistics rest on: n in the backward's S₁/n and S₂/(σ² n), which
+    /// over several processes is the whole batch's count, not this process's B·S.
+    var statisticsCount: Double {
+        get { base[8] }
+        nonmutating set { base[8] = newValue }
+    }
+
+    /// The header's flags if it was written for this shape, group count and memory format, else nil.
+    func readFlags(format: MemoryFormat) -> Flags? {
+        guard base[0] == Self.magic, base[1] == Double(shape.batch), base[2] == Double(shape.channels),
+              base[3] == Double(shape.spatial), base[4] == Double(groups), base[6] == Double(format.rawValue),
+              base[5] >= 0, base[5] <= Double(Flags.all.rawValue), base[5] == base[5].rounded()
+        else { return nil }
+        return Flags(rawValue: Int(base[5]))
     }
 }

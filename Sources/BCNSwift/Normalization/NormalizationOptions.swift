@@ -57,7 +57,7 @@ public struct BatchNormOptions: Equatable, Sendable {
             throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
         }
         if let m = momentum, !(m >= 0 && m <= 1) {
-            throw BCNError(.invalidArgument, "momentum must be in [0, 1] or None, got \(m)")
+            throw BCNError(.invalidArgument, "momentum must be in [0, 1] or nil, got \(m)")
         }
     }
 }
@@ -75,10 +75,10 @@ public struct ChannelNormOptions: Equatable, Sendable {
     }
 
     public func validate(channels: Int) throws(BCNError) {
-        guard groups > 0 else { throw BCNError(.invalidArgument, "num_groups must be positive, got \(groups)") }
+        guard groups > 0 else { throw BCNError(.invalidArgument, "groups must be positive, got \(groups)") }
         guard channels % groups == 0 else {
             throw BCNError(.invalidArgument,
-                           "num_channels (\(channels)) must be divisible by num_groups (\(groups))")
+                           "channels (\(channels)) must be divisible by groups (\(groups))")
         }
         guard eps > 0, eps.isFinite else {
             throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
@@ -104,7 +104,7 @@ public struct NormalizationPlan: Equatable, Sendable {
 
     public func validate() throws(BCNError) {
         guard channels > 0 else {
-            throw BCNError(.invalidArgument, "num_channels must be positive, got \(channels)")
+            throw BCNError(.invalidArgument, "channels must be positive, got \(channels)")
         }
         try batchNorm?.validate()
         try channelNorm?.validate(channels: channels)

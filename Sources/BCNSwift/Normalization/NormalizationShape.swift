@@ -1,14 +1,25 @@
-/// An input [B, C, *] seen as B·C contiguous planes of S = Π(trailing dims) elements (S = 1 for [B, C]).
+/// Where the channel axis of an input lies in memory.
+public enum MemoryFormat: Int32, Sendable {
+    /// [B, C, S]: each (sample, channel) plane is S contiguous values (numpy's C order of [B, C, *]).
+    case channelsFirst = 0
+    /// [B, S, C]: each position holds its C channels contiguously (PyTorch's `channels_last`, the [B, *, C] of
+    /// flax and Keras).
+    case channelsLast = 1
+}
+
+/// An input of B samples, C channels and S = Π(spatial dims) positions (S = 1 for [B, C]), in memory as
+/// [B, C, S] (B·C planes of S contiguous values) or, channels-last, as [B, S, C].
 public struct NormalizationShape: Equatable, Sendable {
     public let batch: Int
     public let channels: Int
     public let spatial: Int
+    public let format: MemoryFormat
 
     /// Element count B·C·S (checked not to overflow at construction).
     public let count: Int
 
     /// Checks that every size is positive and that B·C·S fits in Int.
-    public init(batch: Int, channels: Int, spatial: Int) throws(BCNError) {
+    public init(batch: Int, channels: Int, spatial: Int, format: MemoryFormat = .channelsFirst) throws(BCNError) {
         guard batch > 0, channels > 0, spatial > 0 else {
             throw BCNError(.shapeMismatch,
                            "input must have a positive batch, channel and spatial size, got [\(batch), \(channels), \(spatial)]")
@@ -21,11 +32,12 @@ public struct NormalizationShape: Equatable, Sendable {
         self.batch = batch
         self.channels = channels
         self.spatial = spatial
+        self.format = format
         self.count = n
     }
 
-    /// From a full shape [B, C, d₂, …]; rank ≥ 2.
-    public init(dimensions: [Int]) throws(BCNError) {
+    /// From a full logical shape [B, C, d₂, …] (rank ≥ 2), laid out in memory as `format` says.
+    public init(dimensions: [Int], format: MemoryFormat = .channelsFirst) throws(BCNError) {
         guard dimensions.count >= 2 else {
             throw BCNError(.shapeMismatch, "input must have rank >= 2 ([B, C, *]), got shape \(dimensions)")
         }
@@ -38,7 +50,7 @@ public struct NormalizationShape: Equatable, Sendable {
             guard !o else { throw BCNError(.invalidArgument, "input shape \(dimensions) is too large") }
             s = p
         }
-        try self.init(batch: dimensions[0], channels: dimensions[1], spatial: s)
+        try self.init(batch: dimensions[0], channels: dimensions[1], spatial: s, format: format)
     }
 
     @inlinable public var planes: Int { batch * channels }

@@ -34,25 +34,3 @@ public struct Moments: Equatable, Sendable {
 /// Elements per chunk of a plane: 4096 Floats (16 KiB) or Doubles (32 KiB) stay in L1 between a chunk's two
 /// passes. The partition of work into chunks depends on this constant alone, never on the thread count.
 public let planeChunkLength = 4096
-
-extension Moments {
-    /// Moments of the union of `count` sets of `size` values each, given their means and M2s at a stride:
-    ///   mean = Σ meanᵢ / count,  M2 = Σ M2ᵢ + size · Σ (meanᵢ - mean)²
-    /// (Chan's formula for equal sizes: one division instead of one per merge, two short loops).
-    @inlinable
-    public static func ofEqualSets(
-        count: Int, size: Double, means: UnsafePointer<Double>, m2s: UnsafePointer<Double>, stride: Int,
-        m2Scale: (Int) -> Double = { _ in 1 }
-    ) -> Moments {
-        var total = 0.0
-        for k in 0..<count { total += means[k * stride] }
-        let mean = total / Double(count)
-        var within = 0.0, between = 0.0
-        for k in 0..<count {
-            within += m2s[k * stride] * m2Scale(k)
-            let d = means[k * stride] - mean
-            between += d * d
-        }
-        return Moments(count: Double(count) * size, mean: mean, m2: within + size * between)
-    }
-}

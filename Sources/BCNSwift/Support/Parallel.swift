@@ -37,20 +37,31 @@ public enum BCNThreads {
 /// Below this many element visits a call runs on the calling thread: waking workers costs more than it saves.
 let parallelThreshold = 1 << 16
 
+/// How many threads `parallelFor(count, cost:)` may run `body` on: its slots are `0..<parallelSlots(count, cost:)`.
+/// Sizes per-thread scratch before the call.
+func parallelSlots(_ count: Int, cost: Int) -> Int {
+    let threads = min(BCNThreads.count, max(count, 1), WorkerPool.maxWorkers + 1)
+    if threads <= 1 || count.multipliedReportingOverflow(by: max(cost, 1)).partialValue < parallelThreshold {
+        return 1
+    }
+    return threads
+}
+
 /// Runs `body` over `0..<count`, cut into contiguous ranges, on up to `BCNThreads.count` threads.
 ///
 /// Threads (the caller and `WorkerPool`'s workers) claim ranges from a shared counter, so a worker that wakes
 /// late simply takes fewer. `body` must make each index's result depend on that index alone (write to its own
 /// slot); then the result is independent of which thread ran which range, which is what makes the thread count
-/// invisible in the output.
+/// invisible in the output. Its second argument is the running thread's slot, below `parallelSlots(count,
+/// cost:)`: scratch indexed by it is private to the range being run.
 /// - Parameters:
 ///   - count: number of work items.
 ///   - cost: approximate element visits per item, used only to decide whether threads are worth waking.
-func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>) -> Void) {
+func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>, Int) -> Void) {
     if count <= 0 { return }
-    let threads = min(BCNThreads.count, count)
-    if threads <= 1 || count.multipliedReportingOverflow(by: max(cost, 1)).partialValue < parallelThreshold {
-        body(0..<count)
+    let threads = parallelSlots(count, cost: cost)
+    if threads <= 1 {
+        body(0..<count, 0)
         return
     }
     // About 8 ranges per thread, none under ~16K element visits.
@@ -59,8 +70,8 @@ func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>) -> Void) {
     var base = 0
     while base < count {
         let segment = min(count - base, 1 << 30)
-        WorkerPool.shared.run(count: segment, grain: grain, threads: threads) { r in
-            body(base + r.lowerBound..<base + r.upperBound)
+        WorkerPool.shared.run(count: segment, grain: grain, threads: threads) { r, slot in
+            body(base + r.lowerBound..<base + r.upperBound, slot)
         }
         base += segment
     }

@@ -33,7 +33,9 @@ final class WorkerPool: @unchecked Sendable {
     /// more would only cost memory and thread creation, as results do not depend on the count.
     static let maxWorkers = 255
 
-    typealias Body = (Range<Int>) -> Void
+    /// A job's work on one range; the second argument is the slot of the thread running it: 0 for the caller,
+    /// 1 + the worker's id for a worker, so always below the job's thread count (per-thread scratch).
+    typealias Body = (Range<Int>, Int) -> Void
 
     /// Where one worker sleeps: its own condition variable, so a job wakes only the workers it may use (after
     /// `set_num_threads(16)` then `(2)`, the fourteen others stay asleep).
@@ -79,7 +81,7 @@ final class WorkerPool: @unchecked Sendable {
         guard busy.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
         else {
             var i = 0
-            while i < count { body(i..<min(i + grain, count)); i += grain }
+            while i < count { body(i..<min(i + grain, count), 0); i += grain }
             return
         }
         defer { busy.store(false, ordering: .sequentiallyConsistent) }
@@ -104,14 +106,14 @@ final class WorkerPool: @unchecked Sendable {
                     pthread_cond_signal(sleeper.wake)
                     pthread_mutex_unlock(sleeper.mutex)
                 }
-                claimAndRun(generation: published, count: count, grain: grain, body: job)
+                claimAndRun(generation: published, count: count, grain: grain, slot: 0, body: job)
                 while inFlight.load(ordering: .sequentiallyConsistent) != 0 {}
             }
         }
     }
 
     /// Claims ranges of the job of `generation` until none are left or the generation has moved on.
-    private func claimAndRun(generation: UInt32, count: Int, grain: Int, body: UnsafePointer<Body>) {
+    private func claimAndRun(generation: UInt32, count: Int, grain: Int, slot: Int, body: UnsafePointer<Body>) {
         var s = state.load(ordering: .sequentiallyConsistent)
         while UInt32(truncatingIfNeeded: s >> 32) == generation {
             let start = Int(s & 0xffff_ffff)
@@ -120,7 +122,7 @@ final class WorkerPool: @unchecked Sendable {
             let (exchanged, current) = state.compareExchange(
                 expected: s, desired: (s & ~0xffff_ffff) | UInt64(end), ordering: .sequentiallyConsistent)
             if exchanged {
-                body.pointee(start..<end)
+                body.pointee(start..<end, slot)
                 s = state.load(ordering: .sequentiallyConsistent)
             } else {
                 s = current
@@ -199,7 +201,7 @@ final class WorkerPool: @unchecked Sendable {
             let grain = jobGrain.load(ordering: .sequentiallyConsistent)
             let allowed = jobWorkers.load(ordering: .sequentiallyConsistent)
             if self.generation() == generation && id < allowed, let job = UnsafePointer<Body>(bitPattern: body) {
-                claimAndRun(generation: generation, count: count, grain: grain, body: job)
+                claimAndRun(generation: generation, count: count, grain: grain, slot: id + 1, body: job)
             }
             inFlight.subtract(1, ordering: .sequentiallyConsistent)
         }

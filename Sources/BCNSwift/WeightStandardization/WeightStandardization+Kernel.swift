@@ -64,7 +64,7 @@ public enum WeightStandardization {
         options: WeightStandardizationOptions
     ) throws(BCNError) {
         try options.validate(outChannels: outChannels, fanIn: fanIn)
-        parallelFor(outChannels, cost: 2 * fanIn) { range in
+        parallelFor(outChannels, cost: 2 * fanIn) { range, _ in
             for o in range {
                 let row = w + o * fanIn
                 let st = rowStatistics(row, fanIn: fanIn, options: options)
@@ -85,7 +85,7 @@ public enum WeightStandardization {
     ) throws(BCNError) {
         try options.validate(outChannels: outChannels, fanIn: fanIn)
         let ddof: Double = options.unbiased ? 1 : 0
-        parallelFor(outChannels, cost: 4 * fanIn) { range in
+        parallelFor(outChannels, cost: 4 * fanIn) { range, _ in
             for o in range {
                 let row = w + o * fanIn, g = gradWHat + o * fanIn
                 let st = rowStatistics(row, fanIn: fanIn, options: options)

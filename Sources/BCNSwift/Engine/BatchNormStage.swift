@@ -1,0 +1,246 @@
+/// The batch-norm stage as [C] numbers in Float64: the only place its algebra is written.
+///
+/// Forward: the batch's moments per channel merged from plane moments, the running-buffer update, and the map
+/// y₁ = a (x - μ) + β with a = γ/σ. Backward: with S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel (n = B·S
+/// values), dγ = S₂/σ, dβ = S₁, and dx = a [dy₁ - S₁/n - (x - μ) S₂/(σ² n)] with batch statistics (the
+/// statistics depend on x), dx = a dy₁ otherwise.
+enum BatchNormStage {
+    /// Moments per channel of B samples from their plane moments (Chan's formula for B sets of S values):
+    ///   μ = Σ_b p / B,  M2 = Σ_b q + S Σ_b (p - μ)²,
+    /// with μ corrected as in the corrected two-pass algorithm (c = Σ p / B, d = Σ (p - c): μ = c + d/B,
+    /// Σ (p - μ)² = Σ (p - c)² - d²/B): the channel norm magnifies μ's rounding when a group's spread is small.
+    ///
+    /// - Parameters:
+    ///   - width: channels to merge (a block of them; rows of `p`, `q` and `out` are indexed from 0).
+    ///   - p: plane means, sample b's at `p + b·stride`; of type T, since with S = 1 they are the input itself.
+    ///   - q: plane M2s at the same stride, or nil when all are zero (S = 1).
+    ///   - scratch: 4·`width` Doubles.
+    static func batchMoments<T: NormalizationScalar>(
+        batch B: Int, spatial: Int, width: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int,
+        scratch: UnsafeMutablePointer<Double>, into out: UnsafeMutablePointer<Moments>
+    ) {
+        let centre = scratch, within = scratch + width, deviation = within + width, between = deviation + width
+        let S = Double(spatial), invB = 1 / Double(B)
+        scratch.update(repeating: 0, count: 4 * width)
+        for b in 0..<B {
+            let row = p + b * stride
+            Lanes.map(width, into: centre) { centre.lanes($0) + T._load4Wide(row, $0) } scalar: { centre[$0] + Double(row[$0]) }
+        }
+        Lanes.map(width, into: centre) { centre.lanes($0) * SIMD4(repeating: invB) } scalar: { centre[$0] * invB }
+        for b in 0..<B {
+            let row = p + b * stride
+            if let q {
+                let m2 = q + b * stride
+                Lanes.map(width, into: within) { within.lanes($0) + m2.lanes($0) } scalar: { within[$0] + m2[$0] }
+            }
+            for k in Swift.stride(from: 0, to: width - 3, by: 4) {
+                let d = T._load4Wide(row, k) - centre.lanes(k)
+                deviation.storeLanes(deviation.lanes(k) + d, k)
+                between.storeLanes(between.lanes(k) + d * d, k)
+            }
+            for k in (width & ~3)..<width {
+                let d = Double(row[k]) - centre[k]
+                deviation[k] += d; between[k] += d * d
+            }
+        }
+        for c in 0..<width {
+            let d = deviation[c]
+            out[c] = Moments(count: Double(B) * S, mean: centre[c] + d * invB,
+                             m2: within[c] + S * max(between[c] - d * d * invB, 0))
+        }
+    }
+
+    /// New running-buffer values, staged until nothing can fail, then committed.
+    struct RunningUpdate<T: NormalizationScalar> {
+        let mean: UnsafeMutablePointer<T>
+        let variance: UnsafeMutablePointer<T>
+        let count: Int64
+
+        func commit(_ state: NormalizationState<T>, channels: Int) {
+            guard let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else { return }
+            for c in 0..<channels { rm[c] = mean[c]; rv[c] = variance[c] }
+            nbt.pointee = count
+        }
+    }
+
+    /// The stage's map into the context: μ, 1/σ, a = γ/σ and β per channel (0, 1, 1, 0 without the stage).
+    ///
+    /// In training, `batch` holds the batch's moments per channel and the running update is staged in
+    /// `staged` (2·C values) and returned: with factor f = momentum (or 1/num_batches_tracked), running ←
+    /// (1 - f) running + f·batch, the variance folded in being the biased one, times n/(n-1) if unbiased, plus
+    /// (mean - running mean)² when measured around the running mean (the authors' EstBN). Batch statistics
+    /// normalize with the batch's mean and biased variance; estimates with the new running values, before they
+    /// are rounded to T (in Float32 a mean of 100 rounds by 4e-6, which a spread of 0.01 would magnify to 4e-4).
+    /// In eval the running buffers are the statistics.
+    static func finish<T: NormalizationScalar>(
+        plan: NormalizationPlan, training: Bool, batch: UnsafePointer<Moments>?, state: NormalizationState<T>,
+        context ctx: NormalizationContext, staged: UnsafeMutablePointer<T>
+    ) -> (flags: NormalizationContext.Flags, update: RunningUpdate<T>?) {
+        let C = plan.channels
+        let mu = ctx.mu, invSigma = ctx.invSigma, a = ctx.a, beta = ctx.beta
+        guard let bn = plan.batchNorm, let gamma = state.bnWeight, let bias = state.bnBias,
+              let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else {
+            for c in 0..<C { mu[c] = 0; invSigma[c] = 1; a[c] = 1; beta[c] = 0 }
+            return ([], nil)
+        }
+        var flags: NormalizationContext.Flags = [.batchNorm]
+        var update: RunningUpdate<T>? = nil
+        if training, let batch {
+            // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable,
+            // except when the cumulative average needs the count.
+            let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
+            let count = counts ? nbt.pointee &+ 1 : nbt.pointee
+            let factor = bn.momentum ?? 1 / Double(count)
+            let u = RunningUpdate<T>(mean: staged, variance: staged + C, count: count)
+            for c in 0..<C {
+                let moments = batch[c], n = moments.count
+                let oldMean = Double(rm[c]), oldVar = Double(rv[c])
+                var folded = moments.variance
+                if bn.statistics == .estimated && bn.varianceCentre == .runningMean {
+                    let d = moments.mean - oldMean
+                    folded += d * d  // (1/n) Σ (x - μ_old)² = biased variance + (mean - μ_old)²
+                }
+                if bn.unbiasedRunningVariance { folded *= n / (n - 1) }
+                let newMean = (1 - factor) * oldMean + factor * moments.mean
+                let newVar = (1 - factor) * oldVar + factor * folded
+                u.mean[c] = T(newMean)
+                u.variance[c] = T(newVar)
+                switch bn.statistics {
+                case .batch:
+                    mu[c] = moments.mean
+                    invSigma[c] = 1 / (moments.variance + bn.eps).squareRoot()
+                case .estimated:
+                    mu[c] = newMean
+                    invSigma[c] = 1 / (newVar + bn.eps).squareRoot()
+                }
+            }
+            if bn.statistics == .batch { flags.insert(.gradientThroughBatchStatistics) }
+            ctx.statisticsCount = batch[0].count
+            update = u
+        } else {
+            for c in 0..<C {
+                mu[c] = Double(rm[c])
+                invSigma[c] = 1 / (Double(rv[c]) + bn.eps).squareRoot()
+            }
+        }
+        for c in 0..<C {
+            a[c] = Double(gamma[c]) * invSigma[c]
+            beta[c] = Double(bias[c])
+        }
+        return (flags, update)
+    }
+
+    // MARK: backward
+
+    /// Per channel, from the batch's S₁ and S₂ (n = B·S values): k = S₂/(σ² n) and S₁/n with batch statistics,
+    /// zero otherwise; written over `sums` ([S₁ | S₂]) so the plane maps need no division.
+    static func dxTerms(sums: UnsafeMutablePointer<Double>, channels C: Int, values n: Double, through: Bool,
+                        invSigma: UnsafePointer<Double>) {
+        let invn = 1 / n
+        for c in 0..<C {
+            let s1 = sums[c], s2 = sums[C + c]
+            sums[C + c] = through ? s2 * invSigma[c] * invSigma[c] * invn : 0
+            sums[c] = through ? s1 * invn : 0
+        }
+    }
+
+    /// Adds a unit's planes to the channel sums: S₁ += Σ dy₁, S₂ += Σ dy₁ (x - p) + (p - μ) Σ dy₁, for its K
+    /// planes (means `p`) of channels with centres `mu` (`dot` nil: one-value planes, Σ dy₁ (x - p) = 0).
+    @inline(__always)
+    static func addSums(_ K: Int, sum: UnsafePointer<Double>, dot: UnsafePointer<Double>?, p: UnsafePointer<Double>,
+                        mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>) {
+        Lanes.map(K, into: s1) { s1.lanes($0) + sum.lanes($0) } scalar: { s1[$0] + sum[$0] }
+        if let dot {
+            Lanes.map(K, into: s2) { s2.lanes($0) + (dot.lanes($0) + (p.lanes($0) - mu.lanes($0)) * sum.lanes($0)) }
+                scalar: { s2[$0] + (dot[$0] + (p[$0] - mu[$0]) * sum[$0]) }
+        } else {
+            Lanes.map(K, into: s2) { s2.lanes($0) + (p.lanes($0) - mu.lanes($0)) * sum.lanes($0) }
+                scalar: { s2[$0] + (p[$0] - mu[$0]) * sum[$0] }
+        }
+    }
+
+    /// dx = a [dy₁ - S₁/n - (x - μ) k] value by value, for planes of one value (dy₁ = Σ dy₁, x = p), rounded
+    /// once to T; without a batch-norm stage (`a` nil) dx = dy₁.
+    @inline(__always)
+    static func dxValues<T: NormalizationScalar>(
+        _ K: Int, dy1: UnsafePointer<Double>, x: UnsafePointer<Double>, mu: UnsafePointer<Double>,
+        a: UnsafePointer<Double>?, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>, into dx: UnsafeMutablePointer<T>
+    ) {
+        var i = 0
+        guard let a else {
+            while i + 4 <= K { T._store4Narrow(dy1.lanes(i), dx, i); i += 4 }
+            while i < K { dx[i] = T(dy1[i]); i += 1 }
+            return
+        }
+        while i + 4 <= K {
+            let v = a.lanes(i) * (dy1.lanes(i) - s1n.lanes(i) - (x.lanes(i) - mu.lanes(i)) * k.lanes(i))
+            T._store4Narrow(v, dx, i)
+            i += 4
+        }
+        while i < K { dx[i] = T(a[i] * (dy1[i] - s1n[i] - (x[i] - mu[i]) * k[i])); i += 1 }
+    }
+
+    /// dx = a [dy₁ - S₁/n - (x - μ) k] for dy₁ = E dy + F (x - p) + H, per plane of a unit: the map
+    /// dx = P dy + Q (x - p) + R with P = a E, Q = a (F - k), R = a (H - S₁/n - (p - μ) k) into `P`, `Q`, `R`
+    /// (K values each), where `s1n` and `k` are the channels' S₁/n and k from `dxTerms`.
+    @inline(__always)
+    static func dxMaps(_ K: Int, e: Double, gradient g: NormalizationUnit.Gradient, p: UnsafePointer<Double>,
+                       mu: UnsafePointer<Double>, a: UnsafePointer<Double>, s1n: UnsafePointer<Double>,
+                       k: UnsafePointer<Double>, P: UnsafeMutablePointer<Double>, Q: UnsafeMutablePointer<Double>,
+                       R: UnsafeMutablePointer<Double>) {
+        let e4 = SIMD4(repeating: e)
+        Lanes.map(K, into: P) { e4 * a.lanes($0) } scalar: { e * a[$0] }
+        let f = g.f!, h = g.h!  // planes of several values have them
+        Lanes.map(K, into: Q) { a.lanes($0) * (f.lanes($0) - k.lanes($0)) } scalar: { a[$0] * (f[$0] - k[$0]) }
+        Lanes.map(K, into: R) { i in
+            a.lanes(i) * (h.lanes(i) - s1n.lanes(i) - (p.lanes(i) - mu.lanes(i)) * k.lanes(i))
+        } scalar: { i in a[i] * (h[i] - s1n[i] - (p[i] - mu[i]) * k[i]) }
+    }
+
+    /// A backward's per-call numbers, from the arena: this process's channel sums [S₁ | S₂] (zeroed), the dx
+    /// terms [S₁/n | k] of the batch's sums (zero without batch statistics), and the groups' [dw | dbias] (zeroed).
+    static func backwardScratch(
+        plan: NormalizationPlan, channels C: Int, sums: UnsafePointer<Double>?, through: Bool,
+        context ctx: NormalizationContext, arena: inout ScratchArena
+    ) -> (local: UnsafeMutablePointer<Double>, terms: UnsafeMutablePointer<Double>,
+          groups: UnsafeMutablePointer<Double>) {
+        let G = max(plan.groups, 1)
+        let local = arena.take(2 * C, of: Double.self), terms = arena.take(2 * C, of: Double.self)
+        let groups = arena.take(2 * G, of: Double.self)
+        for i in 0..<(2 * C) { local[i] = 0; terms[i] = sums?[i] ?? 0 }
+        for i in 0..<(2 * G) { groups[i] = 0 }
+        if plan.batchNorm != nil {
+            dxTerms(sums: terms, channels: C, values: ctx.statisticsCount, through: through && sums != nil,
+                    invSigma: ctx.invSigma)
+        }
+        return (local, terms, groups)
+    }
+
+    static func backwardScratchBytes(plan: NormalizationPlan) -> Int {
+        2 * ScratchArena.bytes(2 * plan.channels, of: Double.self)
+            + ScratchArena.bytes(2 * max(plan.groups, 1), of: Double.self)
+    }
+
+    /// Adds the parameter gradients: dγ += S₂/σ and dβ += S₁ from this process's channel sums `local`, and the
+    /// groups' dw and dbias.
+    static func addGradients<T: NormalizationScalar>(
+        _ gradients: NormalizationGradients<T>, plan: NormalizationPlan, local: UnsafeMutablePointer<Double>,
+        groups: UnsafePointer<Double>, invSigma: UnsafePointer<Double>
+    ) {
+        let C = plan.channels, G = plan.groups
+        if G > 0 {
+            addGradient(gradients.cnWeight, groups, G)
+            addGradient(gradients.cnBias, groups + G, G)
+        }
+        guard plan.batchNorm != nil else { return }
+        for c in 0..<C { local[C + c] *= invSigma[c] }
+        addGradient(gradients.bnWeight, local + C, C)
+        addGradient(gradients.bnBias, local, C)
+    }
+}
+
+/// target[i] += delta[i] for a gradient accumulator in T (nothing when it is nil).
+func addGradient<T: NormalizationScalar>(_ target: UnsafeMutablePointer<T>?, _ delta: UnsafePointer<Double>, _ count: Int) {
+    guard let target else { return }
+    for i in 0..<count { target[i] = T(Double(target[i]) + delta[i]) }
+}

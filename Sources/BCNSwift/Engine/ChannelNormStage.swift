@@ -1,0 +1,257 @@
+/// The channel-norm stage on one unit, sample b's group of K channels (one channel without that stage), from its
+/// planes' numbers: the only place its algebra is written. Every layout calls it, per unit, in its own order.
+///
+/// With the batch-norm stage y₁ = a (x - μ) + β, plane k of the unit (mean p, centred sum of squares q over S
+/// values) has mean ȳ = a (p - μ) + β and centred sum a² q after it. The group (N = K·S values) has mean m and
+/// variance v from Chan's formula over its K planes; r = 1/√(v + eps), and the layer's output on the plane is
+/// out = A (x - p) + M with A = r w a, M = r w (ȳ - m) + bias.
+///
+/// Loops over the K planes run four lanes at a time (`Lanes`), so that a unit of many short planes (the rows
+/// layout, where S = 1 makes every value a plane) costs little more than its values.
+struct NormalizationUnit {
+    /// K planes of S values; `groupEps` is nil without a channel-norm stage (then K = 1).
+    let planes: Int
+    let spatial: Int
+    let groupEps: Double?
+
+    /// The unit's planes: means and M2s (M2 nil when all zero, S = 1).
+    var p: UnsafePointer<Double>
+    var q: UnsafePointer<Double>?
+    /// The batch-norm stage of the unit's channels (the context's mu, a, beta at its first channel).
+    var mu: UnsafePointer<Double>
+    var a: UnsafePointer<Double>
+    var beta: UnsafePointer<Double>
+
+    /// ȳ = β + a (p - μ) of planes k..<k+4, rounded once (a fused multiply-add), since a small group variance
+    /// magnifies their rounding: the planes' means after the batch-norm stage.
+    @inline(__always)
+    func stagedMeans(_ k: Int) -> SIMD4<Double> { beta.lanes(k).addingProduct(a.lanes(k), p.lanes(k) - mu.lanes(k)) }
+
+    /// ȳ of plane k alone, the same operations as `stagedMeans`.
+    @inline(__always)
+    func stagedMean(_ k: Int) -> Double { beta[k].addingProduct(a[k], p[k] - mu[k]) }
+
+    /// Moments of y₁ over the group from the planes' staged means (stored into `yBar`, K values) and M2s a² q:
+    /// Chan's formula for K sets of S values, M2 = Σ a² q + S Σ (ȳ - mean)².
+    ///
+    /// One pass shifted by an early ȳ, kept when the shift was within a standard deviation of the mean
+    /// ((Σd)²/K at most half of Σd²: the same rule as the plane kernels), else a corrected second pass around
+    /// the mean found (mean = c + Σ(ȳ - c)/K, Σ (ȳ - mean)² = Σ (ȳ - c)² - (Σ(ȳ - c))²/K): r magnifies the
+    /// mean's rounding when the group's spread is small against it. One plane gives its ȳ and Σ a² q exactly.
+    @inline(__always)
+    func groupMoments(_ yBar: UnsafeMutablePointer<Double>) -> Moments {
+        let K = planes, invK = 1 / Double(K), a = self.a, q = self.q
+        let shift = K >= 4 ? Lanes.reduce(stagedMeans(0)) * 0.25 : stagedMean(0), sv = SIMD4(repeating: shift)
+        var d = 0.0, squares = 0.0, within = 0.0
+        Lanes.accumulate(K, { k in
+            let y = stagedMeans(k), e = y - sv
+            yBar.storeLanes(y, k)
+            let aa = a.lanes(k) * a.lanes(k)
+            return (e, e * e, q.map { $0.lanes(k) * aa } ?? SIMD4())
+        }, scalar: { k in
+            let y = stagedMean(k), e = y - shift
+            yBar[k] = y
+            return (e, e * e, q.map { $0[k] * (a[k] * a[k]) } ?? 0)
+        }, into: &d, &squares, &within)
+        var mean = shift + d * invK, between = squares - d * d * invK
+        if !(between >= 0.5 * squares) {
+            let c = mean, cv = SIMD4(repeating: c)
+            var d2 = 0.0, s2 = 0.0, unused = 0.0
+            Lanes.accumulate(K, { k in let e = yBar.lanes(k) - cv; return (e, e * e, SIMD4()) },
+                             scalar: { k in let e = yBar[k] - c; return (e, e * e, 0) }, into: &d2, &s2, &unused)
+            mean = c + d2 * invK
+            between = max(s2 - d2 * d2 * invK, 0)
+        }
+        return Moments(count: Double(K * spatial), mean: mean, m2: within + Double(spatial) * between)
+    }
+
+    /// r = 1/√(v + eps), the group's inverse deviation (the same operations lane by lane).
+    @inline(__always)
+    static func inverseDeviation(_ variance: Double, eps: Double) -> Double { 1 / (variance + eps).squareRoot() }
+    @inline(__always)
+    static func inverseDeviation(_ variance: SIMD4<Double>, eps: Double) -> SIMD4<Double> {
+        1 / (variance + SIMD4(repeating: eps)).squareRoot()
+    }
+
+    /// Each plane's map out = A (x - p) + M from the group's m and r: M = r w (ȳ - m) + bias into `offsets`
+    /// (which holds ȳ on entry, from `groupMoments`), and A = r w a into `scales` when given.
+    @inline(__always)
+    func coefficients(mean m: Double, r: Double, weight w: Double, bias: Double,
+                      offsets: UnsafeMutablePointer<Double>, scales: UnsafeMutablePointer<Double>?) {
+        let rw = r * w, rwv = SIMD4(repeating: rw), mv = SIMD4(repeating: m), bv = SIMD4(repeating: bias)
+        if let scales { Lanes.map(planes, into: scales) { rwv * a.lanes($0) } scalar: { rw * a[$0] } }
+        Lanes.map(planes, into: offsets) { rwv * (offsets.lanes($0) - mv) + bv } scalar: {
+            rw * (offsets[$0] - m) + bias
+        }
+    }
+
+    /// Without a channel-norm stage the map is y₁ itself: A = a into `scales` (when given), M = ȳ into
+    /// `offsets`, for every plane (any number of them: no group couples them).
+    @inline(__always)
+    func batchNormMaps(offsets: UnsafeMutablePointer<Double>, scales: UnsafeMutablePointer<Double>?) {
+        Lanes.map(planes, into: offsets) { stagedMeans($0) } scalar: { stagedMean($0) }
+        scales?.update(from: a, count: planes)
+    }
+
+    /// The forward: the group's (m, r), each plane's map out = A (x - p) + M with A in `scales` and M in
+    /// `offsets` (K values each). Without a channel-norm stage the map is y₁ itself (`batchNormMaps`; m and r
+    /// are not defined).
+    @inline(__always)
+    func forward(weight w: Double, bias: Double, scales: UnsafeMutablePointer<Double>,
+                 offsets: UnsafeMutablePointer<Double>) -> (m: Double, r: Double) {
+        guard let eps = groupEps else {
+            batchNormMaps(offsets: offsets, scales: scales)
+            return (0, 0)
+        }
+        let group = groupMoments(offsets), r = Self.inverseDeviation(group.variance, eps: eps)
+        coefficients(mean: group.mean, r: r, weight: w, bias: bias, offsets: offsets, scales: scales)
+        return (group.mean, r)
+    }
+
+    /// What the backward leaves per plane: dy₁ = E dy + F (x - p) + H, and the totals the batch-norm stage sums.
+    struct Gradient {
+        /// Σ dy₁ per plane (K values, caller's scratch; with one-value planes, dy₁ itself).
+        var sum: UnsafeMutablePointer<Double>
+        /// F, H and Σ dy₁ (x - p) per plane; nil for one-value planes, where x = p makes them moot (dy₁ = Σ dy₁,
+        /// Σ dy₁ (x - p) = 0). E is returned.
+        var f, h, dot: UnsafeMutablePointer<Double>?
+    }
+
+    /// The backward, given each plane's T = Σ dy and U = Σ dy (x - p) (`u` nil for one-value planes, where
+    /// U = 0) and the forward's m, r, w.
+    ///
+    /// With W = Σ_k (a U + e T), e = ȳ - m, N = K·S:
+    ///   E = r w,  F = -r³ w W a / N,  H = -r w ΣT / N - r³ w W e / N,
+    ///   Σ dy₁ = r w (T - ΣT/K) - r³ w W e / K,
+    ///   Σ dy₁ (x - p) = E U + F q = r³ w [U (eps + v') - a q W'/N],
+    /// where v' = (M2 - a² q)/N and W' = W - a U are the group's variance and W without the plane itself: the
+    /// form 1 - r² a² q/N = r² (eps + v') keeps what exists only through eps (one plane per group) instead of
+    /// cancelling it away, and one plane per group gives Σ dy₁ = 0 exactly. Fills `out`'s arrays (`yBar` is K
+    /// values of scratch) and returns (E, ΣT, r W): ΣT and r W are the group bias's and weight's gradients.
+    /// Without a channel-norm stage dy₁ = dy.
+    @inline(__always)
+    func backward(t: UnsafePointer<Double>, u: UnsafePointer<Double>?, m: Double, r: Double, weight w: Double,
+                  yBar: UnsafeMutablePointer<Double>, into out: Gradient) -> (e: Double, biasGradient: Double,
+                                                                            weightGradient: Double) {
+        guard let eps = groupEps else {
+            out.sum.update(from: t, count: planes)
+            out.f?.update(repeating: 0, count: planes); out.h?.update(repeating: 0, count: planes)
+            if let dot = out.dot { if let u { dot.update(from: u, count: planes) } else { dot.update(repeating: 0, count: planes) } }
+            return (1, 0, 0)
+        }
+        let K = planes, a = self.a, q = self.q, mv = SIMD4(repeating: m)
+        var m2 = 0.0
+        if u != nil {  // the group's M2 is needed for Σ dy₁ (x - p)
+            m2 = groupMoments(yBar).m2
+        } else {
+            Lanes.map(K, into: yBar) { stagedMeans($0) } scalar: { stagedMean($0) }
+        }
+        let (tg, wg) = Lanes.sums(K) { k in
+            (t.lanes(k), (u.map { a.lanes(k) * $0.lanes(k) } ?? SIMD4()) + (yBar.lanes(k) - mv) * t.lanes(k))
+        } scalar: { k in (t[k], (u.map { a[k] * $0[k] } ?? 0) + (yBar[k] - m) * t[k]) }
+        let invN = 1 / Double(K * spatial), invK = 1 / Double(K)
+        let rw = r * w, r3w = rw * r * r
+        let r3wW = r3w * wg * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = r3w * wg * invK
+        let v = Lanes.Constants(rw: rw, r3w: r3w, r3wW: r3wW, hConst: hConst, meanT: meanT, r3wWK: r3wWK, wg: wg,
+                                invN: invN, m: m)
+        Lanes.map(K, into: out.sum) { v.rw4 * (t.lanes($0) - v.meanT4) - v.r3wWK4 * (yBar.lanes($0) - v.m4) } scalar: {
+            rw * (t[$0] - meanT) - r3wWK * (yBar[$0] - m)
+        }
+        guard let u, let f = out.f, let h = out.h, let dot = out.dot else { return (rw, tg, r * wg) }
+        Lanes.map(K, into: f) { -v.r3wW4 * a.lanes($0) } scalar: { -r3wW * a[$0] }
+        Lanes.map(K, into: h) { v.hConst4 - v.r3wW4 * (yBar.lanes($0) - v.m4) } scalar: {
+            hConst - r3wW * (yBar[$0] - m)
+        }
+        // Σ dy₁ (x - p) needs the plane's own a² q and a U taken out of M2 and W.
+        let m2v = SIMD4(repeating: m2), epsv = SIMD4(repeating: eps)
+        Lanes.map(K, into: dot) { k in
+            let ak = a.lanes(k), qk = q?.lanes(k) ?? SIMD4(), uk = u.lanes(k)
+            let others = (m2v - qk * (ak * ak)) * v.invN4, wOthers = v.wg4 - ak * uk
+            return v.r3w4 * (uk * (epsv + others) - ak * qk * wOthers * v.invN4)
+        } scalar: { k in
+            let qk = q?[k] ?? 0, others = (m2 - qk * (a[k] * a[k])) * invN, wOthers = wg - a[k] * u[k]
+            return r3w * (u[k] * (eps + others) - a[k] * qk * wOthers * invN)
+        }
+        return (rw, tg, r * wg)
+    }
+}
+
+extension NormalizationUnit.Gradient {
+    /// The arrays in 4·K Doubles of scratch (only Σ dy₁ for one-value planes).
+    init(_ scratch: UnsafeMutablePointer<Double>, planes K: Int, oneValuePlanes: Bool = false) {
+        self.init(sum: scratch, f: oneValuePlanes ? nil : scratch + K, h: oneValuePlanes ? nil : scratch + 2 * K,
+                  dot: oneValuePlanes ? nil : scratch + 3 * K)
+    }
+
+    /// The arrays from plane k on.
+    func advanced(by k: Int) -> Self { Self(sum: sum + k, f: f.map { $0 + k }, h: h.map { $0 + k }, dot: dot.map { $0 + k }) }
+}
+
+/// Loops over K Doubles four lanes at a time, with a scalar tail that does the same operations per element, so
+/// an element's result never depends on its position. Reductions keep four lane sums, added pairwise at the end.
+enum Lanes {
+    @inline(__always)
+    static func map(_ n: Int, into out: UnsafeMutablePointer<Double>, _ vector: (Int) -> SIMD4<Double>,
+                    scalar: (Int) -> Double) {
+        var k = 0
+        while k + 4 <= n { out.storeLanes(vector(k), k); k += 4 }
+        while k < n { out[k] = scalar(k); k += 1 }
+    }
+
+    /// Three sums in one pass, eight lanes of each at a time, added to `a`, `b`, `c`.
+    @inline(__always)
+    static func accumulate(_ n: Int, _ vector: (Int) -> (SIMD4<Double>, SIMD4<Double>, SIMD4<Double>),
+                           scalar: (Int) -> (Double, Double, Double), into a: inout Double, _ b: inout Double,
+                           _ c: inout Double) {
+        var a0 = SIMD4<Double>(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, k = 0
+        while k + 8 <= n {
+            let (x0, y0, z0) = vector(k), (x1, y1, z1) = vector(k + 4)
+            a0 += x0; b0 += y0; c0 += z0; a1 += x1; b1 += y1; c1 += z1
+            k += 8
+        }
+        if k + 4 <= n { let (x, y, z) = vector(k); a0 += x; b0 += y; c0 += z; k += 4 }
+        a += reduce(a0 + a1); b += reduce(b0 + b1); c += reduce(c0 + c1)
+        while k < n { let (x, y, z) = scalar(k); a += x; b += y; c += z; k += 1 }
+    }
+
+    /// Two sums in one pass.
+    @inline(__always)
+    static func sums(_ n: Int, _ vector: (Int) -> (SIMD4<Double>, SIMD4<Double>),
+                     scalar: (Int) -> (Double, Double)) -> (Double, Double) {
+        var a = 0.0, b = 0.0, unused = 0.0
+        accumulate(n, { k in let (x, y) = vector(k); return (x, y, SIMD4()) },
+                   scalar: { k in let (x, y) = scalar(k); return (x, y, 0) }, into: &a, &b, &unused)
+        return (a, b)
+    }
+
+    @inline(__always)
+    static func reduce(_ v: SIMD4<Double>) -> Double { (v[0] + v[1]) + (v[2] + v[3]) }
+
+    /// Scalars of the unit backward, also as lanes.
+    struct Constants {
+        let rw4, r3w4, r3wW4, hConst4, meanT4, r3wWK4, wg4, invN4, m4: SIMD4<Double>
+        @inline(__always)
+        init(rw: Double, r3w: Double, r3wW: Double, hConst: Double, meanT: Double, r3wWK: Double, wg: Double,
+             invN: Double, m: Double) {
+            rw4 = SIMD4(repeating: rw); r3w4 = SIMD4(repeating: r3w); r3wW4 = SIMD4(repeating: r3wW)
+            hConst4 = SIMD4(repeating: hConst); meanT4 = SIMD4(repeating: meanT); r3wWK4 = SIMD4(repeating: r3wWK)
+            wg4 = SIMD4(repeating: wg); invN4 = SIMD4(repeating: invN); m4 = SIMD4(repeating: m)
+        }
+    }
+}
+
+extension UnsafePointer where Pointee == Double {
+    /// Four Doubles from `self + i`.
+    @inline(__always)
+    func lanes(_ i: Int) -> SIMD4<Double> { UnsafeRawPointer(self + i).loadUnaligned(as: SIMD4<Double>.self) }
+}
+
+extension UnsafeMutablePointer where Pointee == Double {
+    @inline(__always)
+    func lanes(_ i: Int) -> SIMD4<Double> { UnsafeRawPointer(self + i).loadUnaligned(as: SIMD4<Double>.self) }
+
+    @inline(__always)
+    func storeLanes(_ v: SIMD4<Double>, _ i: Int) {
+        UnsafeMutableRawPointer(self + i).storeBytes(of: v, as: SIMD4<Double>.self)
+    }
+}

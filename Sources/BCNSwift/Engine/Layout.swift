@@ -1,0 +1,19 @@
+/// The memory layout a shape takes, chosen from its format and plane length alone.
+enum Layout {
+    /// [B, C, S] with S ≥ `smallPlane`: per-plane SIMD kernels.
+    case planes(PlanesLayout)
+    /// [B, C, S] with S < `smallPlane`, or channels-last with S = 1 (the same memory): nothing kept per plane.
+    case rows(RowsLayout)
+    /// [B, S, C] with S ≥ 2: kernels vectorized across channels.
+    case channelsLast(ChannelsLastLayout)
+
+    init(plan: NormalizationPlan, shape: NormalizationShape) {
+        if shape.format == .channelsLast && shape.spatial > 1 {
+            self = .channelsLast(ChannelsLastLayout(shape: shape))
+        } else if shape.spatial < smallPlane {
+            self = .rows(RowsLayout(plan: plan, shape: shape))
+        } else {
+            self = .planes(PlanesLayout(shape: shape))
+        }
+    }
+}

@@ -1,0 +1,170 @@
+extension NormalizationEngine {
+    /// Gradient of the forward that filled `context`: writes dx and *adds* the parameter gradients.
+    ///
+    /// With T = Σ_s dy and U = Σ_s dy (x - p) per plane from one pass over (x, dy), every gradient is closed
+    /// form (`NormalizationUnit.backward`, `BatchNormStage`): dy₁ = E dy + F (x - p) + H per plane through the
+    /// channel norm, the batch-norm stage's S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel, and
+    /// dx = P dy + Q (x - p) + R, one more pass. The phases, for sums over several processes:
+    /// (a) `localGradientSums`, (b) `mergeGradientSums`, (c) `finishBackward`; this chains them.
+    ///
+    /// - Parameters:
+    ///   - x: the input of that forward, unchanged since.
+    ///   - dx: may alias `dy`.
+    /// - Throws: `.noForward` if `context` was not filled by a forward of this plan, shape and memory format.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func backward<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape,
+        x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>,
+        gradients: NormalizationGradients<T>, context: UnsafeBufferPointer<Double>
+    ) throws(BCNError) {
+        // The context is only read here: T and U go to the call's scratch.
+        let buffer = UnsafeMutableBufferPointer(mutating: context)
+        let (ctx, through) = try forwardContext(plan: plan, shape: shape, buffer)
+        let layout = Layout(plan: plan, shape: shape), C = shape.channels
+        let sumsBytes = ScratchArena.bytes(2 * C, of: Double.self)
+        switch layout {
+        case .planes(let l):
+            storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
+        case .channelsLast(let l):
+            storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
+        case .rows(let l):
+            var arena = ScratchArena(bytes: sumsBytes + l.gradientSumsBytes() + l.finishBackwardBytes(plan: plan))
+            let sums = through ? arena.take(2 * C, of: Double.self) : nil
+            if let sums { l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena) }
+            l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
+                             sums: sums, arena: &arena)
+        }
+    }
+
+    /// Both backward phases on a stored layout, T and U in the call's scratch.
+    static func storedBackward<L: StoredLayout, T: NormalizationScalar>(
+        _ l: L, plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext
+    ) {
+        let C = l.shape.channels, planes = l.shape.planes
+        var arena = ScratchArena(bytes: ScratchArena.bytes(2 * C + 2 * planes, of: Double.self)
+                                 + l.gradientSumsBytes(T.self, plan: plan) + l.finishBackwardBytes(T.self, plan: plan))
+        let t = arena.take(2 * planes, of: Double.self), u = t + planes
+        let sums = through ? arena.take(2 * C, of: Double.self) : nil
+        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, arena: &arena)
+        l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
+                         t: t, u: u, sums: sums, arena: &arena)
+    }
+
+    /// Backward phase (a): pass 1 over (x, dy), its plane sums into `context`, and with `sums` the batch's
+    /// S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values), which `mergeGradientSums` can add
+    /// up over processes. Only a forward with batch statistics in training needs them (`needsGradientSums`).
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func localGradientSums<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        context: UnsafeMutableBufferPointer<Double>, into sums: UnsafeMutablePointer<Double>?
+    ) throws(BCNError) {
+        let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
+        let sums = through ? sums : nil
+        let layout = Layout(plan: plan, shape: shape)
+        switch layout {
+        case .planes(let l): storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
+        case .channelsLast(let l): storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
+        case .rows(let l):
+            if let sums {
+                var arena = ScratchArena(bytes: l.gradientSumsBytes())
+                l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena)
+            }
+        }
+        let flags = ctx.readFlags(format: shape.format) ?? []
+        ctx.writeHeader(flags.union(.gradientSums), format: shape.format)
+    }
+
+    static func storedGradientSums<L: StoredLayout, T: NormalizationScalar>(
+        _ l: L, plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
+        into sums: UnsafeMutablePointer<Double>?
+    ) {
+        var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan))
+        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, arena: &arena)
+    }
+
+    /// True when the forward that filled `context` used batch statistics in training: its backward then needs
+    /// the whole batch's gradient sums.
+    public static func needsGradientSums(plan: NormalizationPlan, shape: NormalizationShape,
+                                         context: UnsafeBufferPointer<Double>) throws(BCNError) -> Bool {
+        try forwardContext(plan: plan, shape: shape, UnsafeMutableBufferPointer(mutating: context)).through
+    }
+
+    /// Backward phase (b): the element-wise sum of `sets` sum vectors of `2·channels` values (set i at
+    /// `sums + i·2·channels`), added in set order, into `merged` (which may be the first set).
+    public static func mergeGradientSums(sets: Int, channels: Int, _ sums: UnsafePointer<Double>,
+                                         into merged: UnsafeMutablePointer<Double>) throws(BCNError) {
+        guard sets >= 1, channels >= 1 else {
+            throw BCNError(.invalidArgument, "need at least one set of at least one channel, got \(sets) x \(channels)")
+        }
+        let n = 2 * channels
+        for i in 0..<n {
+            var s = 0.0
+            for k in 0..<sets { s += sums[k * n + i] }
+            merged[i] = s
+        }
+    }
+
+    /// Backward phase (c): dx and the parameter gradients (this process's share of them), with `batchSums` the
+    /// batch's S₁, S₂ per channel (from phase (a), or summed over processes by phase (b); needed only when
+    /// `needsGradientSums`). `context` must hold phase (a)'s plane sums of this (x, dy).
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func finishBackward<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape,
+        x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>,
+        gradients: NormalizationGradients<T>, batchSums: UnsafePointer<Double>?,
+        context: UnsafeMutableBufferPointer<Double>
+    ) throws(BCNError) {
+        let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
+        guard ctx.readFlags(format: shape.format)?.contains(.gradientSums) == true else {
+            throw BCNError(.noForward, "context holds no gradient sums of this input: run localGradientSums first")
+        }
+        if through && batchSums == nil {
+            throw BCNError(.invalidArgument, "a forward with batch statistics needs the batch's gradient sums")
+        }
+        let sums = through ? batchSums : nil
+        switch Layout(plan: plan, shape: shape) {
+        case .planes(let l):
+            storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
+                                 context: ctx, sums: sums)
+        case .channelsLast(let l):
+            storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
+                                 context: ctx, sums: sums)
+        case .rows(let l):
+            var arena = ScratchArena(bytes: l.finishBackwardBytes(plan: plan))
+            l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
+                             sums: sums, arena: &arena)
+        }
+    }
+
+    static func storedFinishBackward<L: StoredLayout, T: NormalizationScalar>(
+        _ l: L, plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
+        sums: UnsafePointer<Double>?
+    ) {
+        var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan))
+        l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
+                         t: ctx.t, u: ctx.u, sums: sums, arena: &arena)
+    }
+
+    /// The context of a finished forward of this plan, shape and memory format, and whether its gradients flow
+    /// through batch statistics.
+    static func forwardContext(plan: NormalizationPlan, shape: NormalizationShape,
+                               _ buffer: UnsafeMutableBufferPointer<Double>) throws(BCNError)
+        -> (NormalizationContext, through: Bool)
+    {
+        try plan.validate()
+        let dims = "[\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S])"
+        guard shape.channels == plan.channels,
+              let ctx = NormalizationContext(buffer, shape: shape, groups: plan.groups),
+              let flags = ctx.readFlags(format: shape.format), flags.contains(.forward),
+              flags.contains(.batchNorm) == (plan.batchNorm != nil),
+              flags.contains(.channelNorm) == (plan.channelNorm != nil) else {
+            throw BCNError(.noForward, "no forward of this layer with input shape \(dims) and this memory format to differentiate")
+        }
+        return (ctx, flags.contains(.gradientThroughBatchStatistics))
+    }
+}

@@ -1,0 +1,78 @@
+/// What every phase checks before it writes anything.
+extension NormalizationEngine {
+    /// A valid plan for this shape, and a view of a context buffer long enough for it.
+    static func checkedContext(plan: NormalizationPlan, shape: NormalizationShape,
+                               _ buffer: UnsafeMutableBufferPointer<Double>) throws(BCNError) -> NormalizationContext {
+        try plan.validate()
+        guard shape.channels == plan.channels else {
+            throw BCNError(.shapeMismatch, "input has \(shape.channels) channels but the layer has \(plan.channels)")
+        }
+        guard let ctx = NormalizationContext(buffer, shape: shape, groups: plan.groups) else {
+            let needed = NormalizationContext.length(batch: shape.batch, channels: shape.channels, groups: plan.groups)
+            throw BCNError(.invalidArgument,
+                           "context holds \(buffer.count) values, this shape needs \(needed.map(String.init) ?? "too many")")
+        }
+        return ctx
+    }
+
+    static func checkState<T>(plan: NormalizationPlan, state: NormalizationState<T>) throws(BCNError) {
+        if plan.batchNorm != nil {
+            guard state.bnWeight != nil, state.bnBias != nil, state.runningMean != nil, state.runningVar != nil,
+                  state.numBatchesTracked != nil else {
+                throw BCNError(.invalidArgument,
+                               "the batch-norm weight, bias, running mean, running variance and batch count must not be null")
+            }
+        }
+        if plan.channelNorm != nil {
+            guard state.cnWeight != nil, state.cnBias != nil else {
+                throw BCNError(.invalidArgument, "the channel-norm weight and bias must not be null")
+            }
+        }
+    }
+
+    /// A channel group of one value per sample has no variance to normalize by.
+    static func checkGroups(plan: NormalizationPlan, shape: NormalizationShape) throws(BCNError) {
+        if let cn = plan.channelNorm, (shape.channels / cn.groups) * shape.spatial == 1 {
+            throw BCNError(.degenerateStatistics,
+                           "Expected more than 1 value per channel group, got \(shape.channels / cn.groups) channel(s) per group and spatial size \(shape.spatial)")
+        }
+    }
+
+    /// Training statistics of one value per channel are undefined (batch statistics) or have no unbiased
+    /// variance; PyTorch words the first the same way.
+    static func checkDegenerate(plan: NormalizationPlan, shape: NormalizationShape, training: Bool) throws(BCNError) {
+        try checkGroups(plan: plan, shape: shape)
+        if let bn = plan.batchNorm, training, shape.batch * shape.spatial == 1 {
+            try degenerate(bn, values: 1, dims: "input of size [\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S])")
+        }
+    }
+
+    static func degenerate(_ bn: BatchNormOptions, values: Double, dims: String) throws(BCNError) {
+        if bn.statistics == .batch {
+            throw BCNError(.degenerateStatistics, "Expected more than 1 value per channel when training, got \(dims)")
+        }
+        if bn.unbiasedRunningVariance {
+            throw BCNError(.degenerateStatistics,
+                           "an unbiased running variance needs more than 1 value per channel, got \(dims)")
+        }
+    }
+
+    /// Moments handed to phase (c) must be moments, and as many values as training needs.
+    static func checkBatchMoments(_ bn: BatchNormOptions, _ batch: UnsafePointer<Moments>, channels: Int) throws(BCNError) {
+        let n = batch[0].count
+        for c in 0..<channels where !(batch[c].count == n && n >= 1 && n == n.rounded() && !(batch[c].m2 < 0)) {
+            throw BCNError(.invalidArgument,
+                           "batch moments of channel \(c) (count \(batch[c].count), M2 \(batch[c].m2)) are not moments of the same \(n) values")
+        }
+        if n == 1 { try degenerate(bn, values: n, dims: "\(Int(n)) value per channel over the whole batch") }
+    }
+
+    /// With `.raise`, the first NaN or infinity in x (in memory order) as an error naming its sample and channel.
+    static func checkFinite<T: NormalizationScalar>(plan: NormalizationPlan, shape: NormalizationShape,
+                                                    _ x: UnsafePointer<T>) throws(BCNError) {
+        guard plan.nanPolicy == .raise, let i = T._firstNonFinite(x, count: shape.count) else { return }
+        let C = shape.channels, S = shape.spatial
+        let (b, c) = shape.format == .channelsLast ? (i / (S * C), i % C) : (i / (S * C), (i / S) % C)
+        throw BCNError(.nonFinite, "input holds NaN or infinity (channel \(c) of sample \(b))")
+    }
+}

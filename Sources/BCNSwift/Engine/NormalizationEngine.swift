@@ -1,0 +1,171 @@
+/// The one computation behind every layer (docs/ARCHITECTURE.md): a batch norm, a channel norm, or both fused.
+///
+/// For x with B samples, C channels, S positions and G groups of K = C/G channels, everything reduces to the
+/// moments of each (sample, channel) plane:
+/// 1. pass 1 (the layout's): mean p and centred sum of squares q of every plane;
+/// 2. [B, C] numbers in Float64 (`BatchNormStage`, `NormalizationUnit`): the batch's moments per channel merged
+///    from the planes' (Chan's formula), the running buffers and the batch-norm map y₁ = a (x - μ) + β, then per
+///    (sample, group) the moments of y₁ merged from the planes' (means ȳ = a (p - μ) + β, M2 a² q), so the whole
+///    layer is out = A (x - p) + M per plane;
+/// 3. pass 2 (the layout's): out = A (x - p) + M. Centring on p keeps a constant plane exact.
+///
+/// The statistics are a phase of their own, so that moments from elsewhere (other processes) can join:
+/// (a) `localMoments`: pass 1 and the batch's moments per channel; (b) `mergeMoments`: any number of moment
+/// sets, in a fixed order; (c) `finishForward`: running buffers, coefficients, pass 2. `forward` chains them.
+/// The backward is split the same way around its per-channel sums (NormalizationEngine+Backward.swift).
+///
+/// Every phase checks all its arguments before it writes anything; a failure leaves the caller's buffers,
+/// running buffers included, exactly as they were.
+public enum NormalizationEngine {
+    /// Normalizes `x` into `y` and fills `context` for the backward: phases (a) and (c) in one call.
+    ///
+    /// - Parameters:
+    ///   - training: the batch-norm stage uses (and updates) batch statistics as its options say; else running ones.
+    ///   - y: may alias `x` when no backward follows (the backward needs x).
+    ///   - context: at least `NormalizationContext.length(...)` Doubles.
+    /// - Throws: `BCNError` before anything is written if an argument, a pointer or the statistics are invalid.
+    // Specialized here because callers in other modules (the C ABI) would otherwise run the generic body, where
+    // every Float/Double conversion is a dynamic cast.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func forward<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, training: Bool,
+        x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
+        state: NormalizationState<T>, context: UnsafeMutableBufferPointer<Double>
+    ) throws(BCNError) {
+        let ctx = try checkedContext(plan: plan, shape: shape, context)
+        try checkState(plan: plan, state: state)
+        try checkDegenerate(plan: plan, shape: shape, training: training)
+        try checkFinite(plan: plan, shape: shape, x)
+        let layout = Layout(plan: plan, shape: shape), C = shape.channels
+        let batchStatistics = training && plan.batchNorm != nil
+        var arena = ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
+                                 + localMomentsBytes(layout, T.self) + finishBytes(layout, T.self, plan: plan))
+        let moments = batchStatistics ? arena.take(C, of: Moments.self) : nil
+        localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
+        finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
+               arena: &arena)
+    }
+
+    /// Phase (a): pass 1 over `x`, its plane moments into `context`, and with `moments` the batch's moments per
+    /// channel (count B·S, mean, M2; C of them), which `mergeMoments` can combine with other processes'.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func localMoments<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>,
+        context: UnsafeMutableBufferPointer<Double>, into moments: UnsafeMutablePointer<Moments>?
+    ) throws(BCNError) {
+        let ctx = try checkedContext(plan: plan, shape: shape, context)
+        try checkGroups(plan: plan, shape: shape)
+        try checkFinite(plan: plan, shape: shape, x)
+        let layout = Layout(plan: plan, shape: shape)
+        var arena = ScratchArena(bytes: localMomentsBytes(layout, T.self))
+        localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
+        ctx.writeHeader(.moments, format: shape.format)
+    }
+
+    /// Phase (b): the moments of the union of `sets` moment sets of `channels` channels each (set i at
+    /// `moments + i·channels`), merged per channel in set order by Chan's formula, into `merged` (which may be
+    /// the first set). Empty sets (count 0) contribute nothing; one set merges to itself, bit for bit.
+    public static func mergeMoments(sets: Int, channels: Int, _ moments: UnsafePointer<Moments>,
+                                    into merged: UnsafeMutablePointer<Moments>) throws(BCNError) {
+        guard sets >= 1, channels >= 1 else {
+            throw BCNError(.invalidArgument, "need at least one set of at least one channel, got \(sets) x \(channels)")
+        }
+        for i in 0..<(sets * channels) {
+            let part = moments[i]
+            guard part.count >= 0, part.count == part.count.rounded(), !(part.m2 < 0) else {
+                throw BCNError(.invalidArgument,
+                               "moment set \(i / channels), channel \(i % channels): count \(part.count) and M2 \(part.m2) are not moments")
+            }
+        }
+        for c in 0..<channels {
+            var m = Moments()
+            for i in 0..<sets { m.merge(moments[i * channels + c]) }
+            merged[c] = m
+        }
+    }
+
+    /// Phase (c): with the batch's moments per channel (from phase (a), or merged over processes by phase (b);
+    /// needed when training a batch-norm stage, ignored otherwise), the running-buffer update, the map of every
+    /// plane and the output. `context` must hold phase (a)'s plane moments of this `x`.
+    /// - Throws: `.degenerateStatistics` when batch statistics would rest on one value per channel.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func finishForward<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, training: Bool,
+        x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, state: NormalizationState<T>,
+        batchMoments: UnsafePointer<Moments>?, context: UnsafeMutableBufferPointer<Double>
+    ) throws(BCNError) {
+        let ctx = try checkedContext(plan: plan, shape: shape, context)
+        guard let flags = ctx.readFlags(format: shape.format), flags.contains(.moments) else {
+            throw BCNError(.noForward, "context holds no moments of an input of this shape: run localMoments first")
+        }
+        try checkState(plan: plan, state: state)
+        try checkGroups(plan: plan, shape: shape)
+        let batch = training && plan.batchNorm != nil ? batchMoments : nil
+        if training, let bn = plan.batchNorm {
+            guard let batch else {
+                throw BCNError(.invalidArgument, "training a batch-norm stage needs the batch's moments")
+            }
+            try checkBatchMoments(bn, batch, channels: shape.channels)
+        }
+        let layout = Layout(plan: plan, shape: shape)
+        var arena = ScratchArena(bytes: finishBytes(layout, T.self, plan: plan))
+        finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: batch, context: ctx,
+               arena: &arena)
+    }
+
+    // MARK: the phases on a layout
+
+    static func localMoments<T: NormalizationScalar>(
+        _ layout: Layout, plan: NormalizationPlan, x: UnsafePointer<T>, context ctx: NormalizationContext,
+        into moments: UnsafeMutablePointer<Moments>?, arena: inout ScratchArena
+    ) {
+        switch layout {
+        case .planes(let l): l.localMoments(x, context: ctx, into: moments, arena: &arena)
+        case .channelsLast(let l): l.localMoments(x, context: ctx, into: moments, arena: &arena)
+        case .rows(let l): l.localMoments(x, into: moments, arena: &arena)
+        }
+    }
+
+    static func localMomentsBytes<T: NormalizationScalar>(_ layout: Layout, _: T.Type) -> Int {
+        switch layout {
+        case .planes(let l): return l.localMomentsBytes(T.self)
+        case .channelsLast(let l): return l.localMomentsBytes(T.self)
+        case .rows(let l): return l.localMomentsBytes()
+        }
+    }
+
+    /// The batch-norm stage into the context, the channel norm's weights, the output; then the running
+    /// buffers and the header. Nothing here can fail.
+    static func finish<T: NormalizationScalar>(
+        _ layout: Layout, plan: NormalizationPlan, training: Bool, x: UnsafePointer<T>,
+        y: UnsafeMutablePointer<T>, state: NormalizationState<T>, batch: UnsafePointer<Moments>?,
+        context ctx: NormalizationContext, arena: inout ScratchArena
+    ) {
+        var (flags, update) = BatchNormStage.finish(plan: plan, training: training, batch: batch, state: state,
+                                                    context: ctx, staged: arena.take(2 * plan.channels, of: T.self))
+        if let cn = plan.channelNorm, let weight = state.cnWeight {
+            flags.insert(.channelNorm)
+            for g in 0..<plan.groups { ctx.w[g] = Double(weight[g]) }
+            ctx.groupEps = cn.eps
+        }
+        switch layout {
+        case .planes(let l): l.apply(plan: plan, x: x, y: y, bias: state.cnBias, context: ctx, arena: &arena)
+        case .channelsLast(let l): l.apply(plan: plan, x: x, y: y, bias: state.cnBias, context: ctx, arena: &arena)
+        case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: state.cnBias, context: ctx, arena: &arena)
+        }
+        update?.commit(state, channels: plan.channels)
+        ctx.writeHeader(flags.union([.moments, .forward]), format: ctx.shape.format)
+    }
+
+    static func finishBytes<T: NormalizationScalar>(_ layout: Layout, _: T.Type, plan: NormalizationPlan) -> Int {
+        let staged = ScratchArena.bytes(2 * plan.channels, of: T.self)
+        switch layout {
+        case .planes(let l): return staged + l.applyBytes(T.self, plan: plan)
+        case .channelsLast(let l): return staged + l.applyBytes(T.self, plan: plan)
+        case .rows(let l): return staged + l.applyBytes()
+        }
+    }
+}

@@ -1,0 +1,82 @@
+/// Reductions down the columns of a row-major block (rows of `stride` values, `columns` of them used): the
+/// sums of channels-last data, four columns per Float64 vector, every row added in order. Values widen to
+/// Float64 as they load, so these sums carry no Float32 rounding.
+enum ColumnKernels {
+    @inline(__always)
+    static func load(_ p: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> {
+        UnsafeRawPointer(p + i).loadUnaligned(as: SIMD4<Double>.self)
+    }
+
+    @inline(__always)
+    static func store(_ v: SIMD4<Double>, _ p: UnsafeMutablePointer<Double>, _ i: Int) {
+        UnsafeMutableRawPointer(p + i).storeBytes(of: v, as: SIMD4<Double>.self)
+    }
+
+    /// out[c] = Σ_r x[r, c].
+    static func sums<T: NormalizationScalar>(_ x: UnsafePointer<T>, rows: Int, columns n: Int, stride: Int,
+                                             into out: UnsafeMutablePointer<Double>) {
+        var c = 0
+        while c + 4 <= n {
+            var s = SIMD4<Double>()
+            for r in 0..<rows { s += T._load4Wide(x + r * stride, c) }
+            store(s, out, c)
+            c += 4
+        }
+        while c < n {
+            var s = 0.0
+            for r in 0..<rows { s += Double(x[r * stride + c]) }
+            out[c] = s
+            c += 1
+        }
+    }
+
+    /// sums[c] = Σ_r (x[r, c] - centre[c]) and squares[c] = Σ_r (x[r, c] - centre[c])².
+    static func centredSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, rows: Int, columns n: Int, stride: Int,
+                                                    centre: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
+                                                    squares: UnsafeMutablePointer<Double>) {
+        var c = 0
+        while c + 4 <= n {
+            let k = load(centre, c)
+            var s = SIMD4<Double>(), q = SIMD4<Double>()
+            for r in 0..<rows {
+                let d = T._load4Wide(x + r * stride, c) - k
+                s += d; q.addProduct(d, d)
+            }
+            store(s, sums, c); store(q, squares, c)
+            c += 4
+        }
+        while c < n {
+            var s = 0.0, q = 0.0
+            for r in 0..<rows { let d = Double(x[r * stride + c]) - centre[c]; s += d; q.addProduct(d, d) }
+            sums[c] = s; squares[c] = q
+            c += 1
+        }
+    }
+
+    /// sums[c] += Σ_r dy[r, c] and dots[c] += Σ_r dy[r, c] (x[r, c] - centre[c]).
+    static func gradientSums<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, rows: Int,
+                                                     columns n: Int, stride: Int, centre: UnsafePointer<Double>,
+                                                     sums: UnsafeMutablePointer<Double>,
+                                                     dots: UnsafeMutablePointer<Double>) {
+        var c = 0
+        while c + 4 <= n {
+            let k = load(centre, c)
+            var s = SIMD4<Double>(), d = SIMD4<Double>()
+            for r in 0..<rows {
+                let g = T._load4Wide(dy + r * stride, c)
+                s += g; d.addProduct(g, T._load4Wide(x + r * stride, c) - k)
+            }
+            store(load(sums, c) + s, sums, c); store(load(dots, c) + d, dots, c)
+            c += 4
+        }
+        while c < n {
+            var s = 0.0, d = 0.0
+            for r in 0..<rows {
+                let g = Double(dy[r * stride + c])
+                s += g; d.addProduct(g, Double(x[r * stride + c]) - centre[c])
+            }
+            sums[c] += s; dots[c] += d
+            c += 1
+        }
+    }
+}

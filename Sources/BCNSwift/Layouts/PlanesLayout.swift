@@ -1,0 +1,132 @@
+/// Planes: [B, C, S] with S ≥ `smallPlane`, each (sample, channel) plane S contiguous values. Every pass runs
+/// the SIMD kernels of `NormalizationScalar` along planes, cut into chunks of at most `planeChunkLength`
+/// whatever the thread count (chunk partials merge in a fixed order), so results never depend on it.
+struct PlanesLayout: StoredLayout {
+    let shape: NormalizationShape
+    private var chunks: PlaneChunks { PlaneChunks(shape) }
+
+    func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
+        let perPlane = PlaneChunks(shape).perPlane
+        return perPlane == 1 ? 0 : ScratchArena.bytes(PlaneChunks(shape).count, of: Moments.self)
+    }
+
+    /// Mean and M2 of every plane: each chunk by `_chunkMoments`, chunks merged in order (Chan).
+    func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
+                                              q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
+        let chunks = self.chunks
+        if chunks.perPlane == 1 {
+            let s = shape.spatial
+            parallelFor(shape.planes, cost: s) { range, _ in
+                for i in range {
+                    let m = T._chunkMoments(x + i * s, count: s)
+                    p[i] = m.mean; q[i] = m.m2
+                }
+            }
+            return
+        }
+        let parts = arena.take(chunks.count, of: Moments.self)
+        parallelFor(chunks.count, cost: planeChunkLength) { range, _ in
+            for i in range {
+                let c = chunks.chunk(i)
+                parts[i] = T._chunkMoments(x + c.offset, count: c.length)
+            }
+        }
+        for plane in 0..<shape.planes {
+            var m = Moments()
+            for k in 0..<chunks.perPlane { m.merge(parts[plane * chunks.perPlane + k]) }
+            p[plane] = m.mean; q[plane] = m.m2
+        }
+    }
+
+    /// A unit maps its planes as soon as it knows their coefficients, unless planes span several chunks.
+    var mapsPerPlane: Bool { chunks.perPlane == 1 }
+
+    func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
+                                          centre: Double, scale: Double, offset: Double) {
+        let s = shape.spatial
+        T._scaleShift(x + plane * s, y + plane * s, count: s, centre: centre, scale: scale, offset: offset)
+    }
+
+    func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
+                                     scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
+                                     arena: inout ScratchArena) {
+        let chunks = self.chunks
+        parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range, _ in
+            for i in range {
+                let c = chunks.chunk(i)
+                T._scaleShift(x + c.offset, y + c.offset, count: c.length, centre: p[c.plane],
+                              scale: scale[c.plane], offset: offset[c.plane])
+            }
+        }
+    }
+
+    /// T and U of every plane; chunk partials added in a fixed order.
+    func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
+                                              t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
+                                              arena: inout ScratchArena) {
+        let chunks = self.chunks
+        if chunks.perPlane == 1 {
+            let s = shape.spatial
+            parallelFor(shape.planes, cost: 2 * s) { range, _ in
+                for i in range {
+                    (t[i], u[i]) = T._gradientSums(dy + i * s, x + i * s, count: s, centre: p[i])
+                }
+            }
+            return
+        }
+        // (Σdy, Σdy(x - p)) per chunk, in the Moments-sized slots planeMoments used
+        let parts = UnsafeMutableRawPointer(arena.take(chunks.count, of: Moments.self))
+            .bindMemory(to: (Double, Double).self, capacity: chunks.count)
+        parallelFor(chunks.count, cost: 2 * planeChunkLength) { range, _ in
+            for i in range {
+                let c = chunks.chunk(i)
+                let r = T._gradientSums(dy + c.offset, x + c.offset, count: c.length, centre: p[c.plane])
+                parts[i] = (r.sum, r.dot)
+            }
+        }
+        for plane in 0..<shape.planes {
+            var s = 0.0, d = 0.0
+            for k in 0..<chunks.perPlane { let (a, b) = parts[plane * chunks.perPlane + k]; s += a; d += b }
+            t[plane] = s; u[plane] = d
+        }
+    }
+
+    func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
+                                         p: UnsafePointer<Double>, coefficients: UnsafePointer<Double>,
+                                         arena: inout ScratchArena) {
+        let chunks = self.chunks, planes = shape.planes
+        let P = coefficients, Q = P + planes, R = Q + planes
+        parallelFor(chunks.count, cost: 2 * min(shape.spatial, planeChunkLength)) { range, _ in
+            for i in range {
+                let c = chunks.chunk(i)
+                T._combine(dy + c.offset, x + c.offset, dx + c.offset, count: c.length,
+                           centre: p[c.plane], p: P[c.plane], q: Q[c.plane], r: R[c.plane])
+            }
+        }
+    }
+}
+
+/// Planes shorter than this take the rows layout instead of per-plane kernels.
+let smallPlane = 16
+
+/// Iterates the fixed partition of B·C planes of S elements into chunks of at most `planeChunkLength`.
+struct PlaneChunks {
+    let spatial: Int
+    let perPlane: Int
+    let count: Int
+
+    init(_ shape: NormalizationShape) {
+        spatial = shape.spatial
+        perPlane = (shape.spatial + planeChunkLength - 1) / planeChunkLength
+        count = shape.planes * perPlane
+    }
+
+    /// (plane index, element offset, element count) of chunk `i`.
+    @inline(__always)
+    func chunk(_ i: Int) -> (plane: Int, offset: Int, length: Int) {
+        if perPlane == 1 { return (i, i * spatial, spatial) }  // the common case, without a 64-bit division
+        let plane = i / perPlane, k = i - plane * perPlane
+        let start = k * planeChunkLength
+        return (plane, plane * spatial + start, min(planeChunkLength, spatial - start))
+    }
+}

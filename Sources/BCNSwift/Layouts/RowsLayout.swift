@@ -1,0 +1,306 @@
+/// Rows: [B, C, S] with S < `smallPlane` ([B, C] input, 2x2 or 3x3 maps, and channels-last with S = 1, which
+/// is the same memory).
+///
+/// Planes this short hold fewer values than the numbers the stored layouts keep per plane, so nothing is kept
+/// per plane: each pass computes the plane moments (p = x, q = 0 when S = 1) and gradient sums of a block of
+/// whole channel groups where the stages need them, in per-thread scratch, and hands them to the same stages as
+/// every layout. With S = 1 every map is per value, and the stages' four-lane loops are the element loops.
+/// Work is cut into column blocks of whole groups (their numbers stay in L1), grouped into panels of about 512
+/// values a row for the passes that sum over samples: a panel's rows are read sample by sample, a contiguous
+/// stretch each, which the hardware prefetches (a block's few hundred bytes a row, 4 KB apart, it does not).
+/// The cut is the same whatever the thread count, and sums over samples run in sample order inside a panel,
+/// so results never depend on it.
+struct RowsLayout {
+    let shape: NormalizationShape
+    let units: Units
+
+    init(plan: NormalizationPlan, shape: NormalizationShape) {
+        self.shape = shape
+        units = Units(plan: plan, shape: shape)
+    }
+
+    /// Channels per column block: whole groups, about 64 channels.
+    var blockChannels: Int { let K = units.groupSize; return max(K, (64 / K) * K) }
+    var blocks: Int { (shape.channels + blockChannels - 1) / blockChannels }
+    /// Blocks per panel, and panels: the parallel work items of the passes that sum over samples.
+    var panelBlocks: Int { max(1, 512 / (blockChannels * shape.spatial)) }
+    var panels: Int { (blocks + panelBlocks - 1) / panelBlocks }
+    /// The channels of panel i.
+    func panel(_ i: Int) -> (first: Int, count: Int) {
+        let c0 = i * panelBlocks * blockChannels
+        return (c0, min(panelBlocks * blockChannels, shape.channels - c0))
+    }
+
+    /// A thread's scratch, in blocks of `blockChannels` Doubles: p, q, T, U of a block's planes, then the unit
+    /// stage's arrays (A, M, m and r forward; ȳ, F, H, Σ dy₁, Σ dy₁ (x - p), P, Q, R backward), then the
+    /// panel's groups' sums (backward).
+    private var slotLength: Int { 13 * blockChannels + 2 * panelBlocks * blockChannels }
+
+    private func scratch(_ cost: Int, count: Int, arena: inout ScratchArena) -> UnsafeMutablePointer<Double> {
+        arena.take(parallelSlots(count, cost: cost) * slotLength, of: Double.self)
+    }
+
+    private func scratchBytes(_ cost: Int, count: Int) -> Int {
+        ScratchArena.bytes(parallelSlots(count, cost: cost) * slotLength, of: Double.self)
+    }
+
+    /// Plane moments of sample b's channels c0..<c0+n, into `p` and `q` (q nil when S = 1: all zero).
+    @inline(__always)
+    func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, sample b: Int, first c0: Int, count n: Int,
+                                              p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>)
+        -> (UnsafePointer<Double>, UnsafePointer<Double>?)
+    {
+        let S = shape.spatial, first = b * shape.channels + c0
+        if S == 1 {
+            let row = x + first
+            Lanes.map(n, into: p) { T._load4Wide(row, $0) } scalar: { Double(row[$0]) }
+            return (UnsafePointer(p), nil)
+        }
+        // Planes of 2 to 15 values: the corrected two-pass algorithm in Float64, every value widened exactly
+        // (Float32 deviations would round them relative to the plane's spread, which a channel norm of small
+        // groups magnifies).
+        let invS = 1 / Double(S)
+        for k in 0..<n {
+            let plane = x + (first + k) * S
+            var total = 0.0
+            for i in 0..<S { total += Double(plane[i]) }
+            let c = total * invS
+            var d = 0.0, squares = 0.0
+            for i in 0..<S { let e = Double(plane[i]) - c; d += e; squares.addProduct(e, e) }
+            p[k] = c + d * invS; q[k] = max(squares - d * d * invS, 0)
+        }
+        return (UnsafePointer(p), UnsafePointer(q))
+    }
+
+    /// T = Σ dy and U = Σ dy (x - p) of sample b's channels c0..<c0+n.
+    @inline(__always)
+    func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, sample b: Int,
+                                              first c0: Int, count n: Int, p: UnsafePointer<Double>,
+                                              t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>) {
+        let S = shape.spatial, first = b * shape.channels + c0
+        if S == 1 {  // U = dy (x - p) = 0: the stages take one-value planes without it
+            let dyr = dy + first
+            Lanes.map(n, into: t) { T._load4Wide(dyr, $0) } scalar: { Double(dyr[$0]) }
+            return
+        }
+        for k in 0..<n {  // in Float64, as the moments
+            let at = (first + k) * S
+            var sum = 0.0, dot = 0.0
+            for i in 0..<S { let g = Double(dy[at + i]); sum += g; dot.addProduct(g, Double(x[at + i]) - p[k]) }
+            t[k] = sum; u[k] = dot
+        }
+    }
+
+    /// The unit of the group starting at channel c (relative offset k0 in the block's plane numbers).
+    @inline(__always)
+    func unit(channel c: Int, p: UnsafePointer<Double>, q: UnsafePointer<Double>?, context ctx: NormalizationContext)
+        -> NormalizationUnit
+    {
+        NormalizationUnit(planes: units.groupSize, spatial: shape.spatial, groupEps: units.groupEps(ctx), p: p,
+                          q: q, mu: ctx.mu + c, a: ctx.a + c, beta: ctx.beta + c)
+    }
+
+    // MARK: forward
+
+    private var momentsCost: Int { 2 * shape.batch * shape.spatial * panelBlocks * blockChannels }
+    /// Doubles of a thread's scratch for phase (a): the merge's four rows, and the panel's plane moments of
+    /// every sample (S > 1).
+    private var momentsSlot: Int {
+        (4 + (shape.spatial == 1 ? 0 : 2 * shape.batch)) * panelBlocks * blockChannels
+    }
+
+    /// Phase (a): the batch's moments per channel, panel by panel (nothing without `channelMoments`). With
+    /// S = 1 the plane means are the input's rows themselves.
+    func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, into channelMoments: UnsafeMutablePointer<Moments>?,
+                                              arena: inout ScratchArena) {
+        guard let channelMoments else { return }
+        let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = momentsSlot
+        let width = panelBlocks * blockChannels
+        let scratch = arena.take(parallelSlots(panels, cost: momentsCost) * slotLength, of: Double.self)
+        parallelFor(panels, cost: momentsCost) { range, slot in
+            let merge = scratch + slot * slotLength, p = merge + 4 * width, q = p + B * width
+            for i in range {
+                let (c0, n) = panel(i)
+                if S == 1 {
+                    BatchNormStage.batchMoments(batch: B, spatial: 1, width: n, p: x + c0, q: nil, stride: C,
+                                                scratch: merge, into: channelMoments + c0)
+                    continue
+                }
+                for b in 0..<B {
+                    _ = planeMoments(x, sample: b, first: c0, count: n, p: p + b * n, q: q + b * n)
+                }
+                BatchNormStage.batchMoments(batch: B, spatial: S, width: n, p: UnsafePointer(p), q: UnsafePointer(q),
+                                            stride: n, scratch: merge, into: channelMoments + c0)
+            }
+        }
+    }
+
+    func localMomentsBytes() -> Int {
+        ScratchArena.bytes(parallelSlots(panels, cost: momentsCost) * momentsSlot, of: Double.self)
+    }
+
+    private var applyCost: Int { 3 * blockChannels * shape.spatial }
+
+    /// Phase (c): every unit's m, r and output, one (sample, column block) at a time: the block's group
+    /// moments first, then their r together, then the maps (groups of a few values would otherwise each wait
+    /// on their own reduction, square root and division).
+    func apply<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
+                                       bias: UnsafePointer<T>?, context ctx: NormalizationContext,
+                                       arena: inout ScratchArena) {
+        let width = blockChannels, C = shape.channels, S = shape.spatial, K = units.groupSize, G = plan.groups
+        let scratch = scratch(applyCost, count: blocks * shape.batch, arena: &arena)
+        parallelFor(blocks * shape.batch, cost: applyCost) { range, slot in
+            let p = scratch + slot * slotLength, q = p + width, scales = q + width, offsets = scales + width
+            let means = offsets + width, inverses = means + width
+            for item in range {
+                // sample-major: a thread's consecutive items are consecutive memory
+                let b = item / blocks, c0 = (item - b * blocks) * width, n = min(width, C - c0)
+                let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
+                let stageScales = S == 1 ? nil : scales  // with S = 1, x - p = 0: out = M
+                if let eps = units.groupEps(ctx) {
+                    let groups = n / K, g0 = c0 / K
+                    for j in 0..<groups {
+                        let moments = unit(channel: c0 + j * K, p: pb + j * K, q: qb.map { $0 + j * K }, context: ctx)
+                            .groupMoments(offsets + j * K)
+                        means[j] = moments.mean; inverses[j] = moments.variance
+                    }
+                    Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
+                        scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
+                    for j in 0..<groups {
+                        let g = g0 + j
+                        unit(channel: c0 + j * K, p: pb + j * K, q: nil, context: ctx).coefficients(
+                            mean: means[j], r: inverses[j], weight: ctx.w[g], bias: bias.map { Double($0[g]) } ?? 0,
+                            offsets: offsets + j * K, scales: stageScales.map { $0 + j * K })
+                        ctx.m[b * G + g] = means[j]; ctx.r[b * G + g] = inverses[j]
+                    }
+                } else {
+                    NormalizationUnit(planes: n, spatial: S, groupEps: nil, p: pb, q: nil, mu: ctx.mu + c0,
+                                      a: ctx.a + c0, beta: ctx.beta + c0)
+                        .batchNormMaps(offsets: offsets, scales: stageScales)
+                }
+                let first = b * C + c0
+                if S == 1 {
+                    let out = y + first
+                    var k = 0
+                    while k + 4 <= n { T._store4Narrow(offsets.lanes(k), out, k); k += 4 }
+                    while k < n { out[k] = T(offsets[k]); k += 1 }
+                } else {  // in Float64, rounded once per value
+                    for k in 0..<n {
+                        let at = (first + k) * S, centre = pb[k], scale = scales[k], offset = offsets[k]
+                        for i in at..<(at + S) { y[i] = T(offset.addingProduct(Double(x[i]) - centre, scale)) }
+                    }
+                }
+            }
+        }
+    }
+
+    func applyBytes() -> Int { scratchBytes(applyCost, count: blocks * shape.batch) }
+
+    // MARK: backward
+
+    private var gradientCost: Int { 4 * shape.batch * shape.spatial * panelBlocks * blockChannels }
+
+    /// Runs every unit's backward, panel by panel (in parallel), sample by sample in order inside a panel, and
+    /// block by block of the panel for each sample; then `body(b, c, K, the unit's p, E, its gradient arrays,
+    /// scratch for its P, Q, R)` with c its first channel. Each group's ΣT and r W, summed over the samples,
+    /// go to `group(g, ΣT, r W)` once its panel is done (so threads never write next to each other per unit).
+    private func forEachUnitGradient<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
+        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
+        _ body: (_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double,
+                 _ gradient: NormalizationUnit.Gradient, _ coefficients: UnsafeMutablePointer<Double>) -> Void
+    ) {
+        let width = blockChannels, K = units.groupSize, G = plan.groups
+        parallelFor(panels, cost: gradientCost) { range, slot in
+            let p = scratch + slot * slotLength, q = p + width, t = q + width, u = t + width
+            let yBar = u + width
+            let out = NormalizationUnit.Gradient(yBar + width, planes: width, oneValuePlanes: shape.spatial == 1)
+            let coefficients = yBar + 5 * width, groupSums = coefficients + 3 * width  // [ΣT | r W] per group
+            for i in range {
+                let (panelFirst, panelCount) = panel(i), groups = panelCount / K
+                groupSums.update(repeating: 0, count: 2 * groups)
+                for b in 0..<shape.batch {
+                    var c0 = panelFirst
+                    while c0 < panelFirst + panelCount {
+                        let n = min(width, panelFirst + panelCount - c0)
+                        let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
+                        gradientSums(x, dy, sample: b, first: c0, count: n, p: pb, t: t, u: u)
+                        for k0 in Swift.stride(from: 0, to: n, by: K) {
+                            let c = c0 + k0, g = c / K, bg = b * G + g, gradient = out.advanced(by: k0)
+                            let (e, bias, weight) = unit(channel: c, p: pb + k0, q: qb.map { $0 + k0 }, context: ctx)
+                                .backward(t: t + k0, u: shape.spatial == 1 ? nil : u + k0, m: G > 0 ? ctx.m[bg] : 0,
+                                          r: G > 0 ? ctx.r[bg] : 0,
+                                          weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: gradient)
+                            let j = (c - panelFirst) / K
+                            groupSums[j] += bias; groupSums[groups + j] += weight
+                            body(b, c, K, pb + k0, e, gradient, coefficients)
+                        }
+                        c0 += n
+                    }
+                }
+                if G > 0 { for j in 0..<groups { group(panelFirst / K + j, groupSums[j], groupSums[groups + j]) } }
+            }
+        }
+    }
+
+    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]).
+    func gradientSums<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+                                              context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
+                                              arena: inout ScratchArena) {
+        let C = shape.channels
+        for i in 0..<(2 * C) { sums[i] = 0 }
+        let scratch = scratch(gradientCost, count: panels, arena: &arena)
+        forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch) { _, c, K, p, _, g, _ in
+            BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: p, mu: ctx.mu + c, s1: sums + c, s2: sums + C + c)
+        }
+    }
+
+    func gradientSumsBytes() -> Int { scratchBytes(gradientCost, count: panels) }
+
+    /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
+    /// statistics; nil otherwise).
+    func finishBackward<T: NormalizationScalar>(
+        plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
+        sums: UnsafePointer<Double>?, arena: inout ScratchArena
+    ) {
+        let C = shape.channels, G = plan.groups, S = shape.spatial, hasBN = plan.batchNorm != nil
+        let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
+                                                                             through: through, context: ctx,
+                                                                             arena: &arena)
+        let scratch = scratch(gradientCost, count: panels, arena: &arena)
+        forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
+                            group: { g, bias, weight in groupGradients[g] += weight; groupGradients[G + g] += bias }
+        ) { b, c, K, p, e, g, coefficients in
+            let first = b * C + c
+            if hasBN {
+                BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: p, mu: ctx.mu + c, s1: local + c,
+                                       s2: local + C + c)
+            }
+            if S == 1 {  // one value per plane: dy₁ = Σ dy₁, and dx = a [dy₁ - S₁/n - (x - μ) k] per value
+                BatchNormStage.dxValues(K, dy1: g.sum, x: p, mu: ctx.mu + c, a: hasBN ? ctx.a + c : nil,
+                                        s1n: terms + c, k: terms + C + c, into: dx + first)
+                return
+            }
+            let P = coefficients, Q = P + K, R = Q + K
+            if hasBN {
+                BatchNormStage.dxMaps(K, e: e, gradient: g, p: p, mu: ctx.mu + c, a: ctx.a + c, s1n: terms + c,
+                                      k: terms + C + c, P: P, Q: Q, R: R)
+            } else {  // dx = dy₁
+                P.update(repeating: e, count: K); Q.update(from: g.f!, count: K); R.update(from: g.h!, count: K)
+            }
+            for k in 0..<K {  // in Float64, rounded once per value
+                let at = (first + k) * S, centre = p[k], pk = P[k], qk = Q[k], rk = R[k]
+                for i in at..<(at + S) {
+                    dx[i] = T(rk.addingProduct(Double(x[i]) - centre, qk).addingProduct(Double(dy[i]), pk))
+                }
+            }
+        }
+        BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
+                                    invSigma: ctx.invSigma)
+    }
+
+    func finishBackwardBytes(plan: NormalizationPlan) -> Int {
+        BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes()
+    }
+}

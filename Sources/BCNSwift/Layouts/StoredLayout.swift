@@ -1,0 +1,212 @@
+/// A memory layout whose plane moments are kept in the context: planes ([B, C, S], S ≥ 16) and channels-last
+/// ([B, S, C]). Such a layout supplies only the passes that touch the data; the phases around them (below) are
+/// the same for both and call the stages (`BatchNormStage`, `NormalizationUnit`) for every number in between.
+protocol StoredLayout {
+    var shape: NormalizationShape { get }
+
+    /// Bytes of call scratch the passes take from the arena (beyond what the phases below reserve).
+    func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int
+
+    /// Forward pass 1: p (mean) and q (centred sum of squares) of every plane (b, c), into B·C slots each.
+    func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
+                                              q: UnsafeMutablePointer<Double>, arena: inout ScratchArena)
+
+    /// True when `mapPlane` maps one plane at a time (each unit right after its coefficients, while its planes
+    /// are in cache); false when all coefficients come first and `map` sweeps the data once.
+    var mapsPerPlane: Bool { get }
+
+    /// Forward pass 2 on plane `plane`: out = scale (x - p) + offset.
+    func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
+                                          centre: Double, scale: Double, offset: Double)
+
+    /// Forward pass 2 over every plane: out = A (x - p) + M with A, M per plane.
+    func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
+                                     scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
+                                     arena: inout ScratchArena)
+
+    /// Backward pass 1: T = Σ dy and U = Σ dy (x - p) of every plane.
+    func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
+                                              t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
+                                              arena: inout ScratchArena)
+
+    /// Backward pass 2: dx = P dy + Q (x - p) + R with P, Q, R per plane (`coefficients` holds P, Q, R in
+    /// blocks of B·C). dx may alias dy.
+    func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
+                                         p: UnsafePointer<Double>, coefficients: UnsafePointer<Double>,
+                                         arena: inout ScratchArena)
+}
+
+/// The units of a shape: sample b's groups of K channels (single channels without a channel-norm stage).
+struct Units {
+    let channels: Int, groupSize: Int, count: Int
+    let hasChannelNorm: Bool
+
+    init(plan: NormalizationPlan, shape: NormalizationShape) {
+        channels = shape.channels
+        groupSize = plan.channelNorm.map { shape.channels / $0.groups } ?? 1
+        count = shape.planes / groupSize
+        hasChannelNorm = plan.channelNorm != nil
+    }
+
+    /// The channel norm's eps as the forward recorded it in the context (nil without that stage).
+    @inline(__always)
+    func groupEps(_ ctx: NormalizationContext) -> Double? { hasChannelNorm ? ctx.groupEps : nil }
+
+    /// (first plane, first channel, group) of unit `u`.
+    @inline(__always)
+    func locate(_ u: Int) -> (plane: Int, channel: Int, group: Int) {
+        let perSample = channels / groupSize, b = u / perSample, g = u - b * perSample
+        return (b * channels + g * groupSize, g * groupSize, g)
+    }
+
+    /// Unit `u` over the context's plane moments.
+    @inline(__always)
+    func unit(_ u: Int, spatial: Int, context ctx: NormalizationContext) -> NormalizationUnit {
+        let (plane, c0, _) = locate(u)
+        return NormalizationUnit(planes: groupSize, spatial: spatial, groupEps: groupEps(ctx), p: ctx.p + plane,
+                                 q: ctx.q + plane, mu: ctx.mu + c0, a: ctx.a + c0, beta: ctx.beta + c0)
+    }
+}
+
+extension StoredLayout {
+    /// Phase (a): plane moments into the context, and the batch's moments per channel into `channelMoments`.
+    func localMoments<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, context ctx: NormalizationContext, into channelMoments: UnsafeMutablePointer<Moments>?,
+        arena: inout ScratchArena
+    ) {
+        planeMoments(x, p: ctx.p, q: ctx.q, arena: &arena)
+        guard let channelMoments else { return }
+        let C = shape.channels
+        BatchNormStage.batchMoments(batch: shape.batch, spatial: shape.spatial, width: C, p: UnsafePointer(ctx.p),
+                                    q: UnsafePointer(ctx.q), stride: C, scratch: arena.take(4 * C, of: Double.self),
+                                    into: channelMoments)
+    }
+
+    /// Arena bytes of `localMoments`.
+    func localMomentsBytes<T: NormalizationScalar>(_: T.Type) -> Int {
+        scratchBytes(T.self) + ScratchArena.bytes(4 * shape.channels, of: Double.self)
+    }
+
+    /// Phase (c), after the batch-norm stage is in the context: each unit's m, r and map, and the output.
+    func apply<T: NormalizationScalar>(
+        plan: NormalizationPlan, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
+        context ctx: NormalizationContext, arena: inout ScratchArena
+    ) {
+        let units = Units(plan: plan, shape: shape), K = units.groupSize, S = shape.spatial, G = plan.groups
+        let p = UnsafePointer(ctx.p)
+        /// Unit u's m, r into the context and its planes' maps into `scales`, `offsets`.
+        func coefficients(_ u: Int, scales: UnsafeMutablePointer<Double>, offsets: UnsafeMutablePointer<Double>) {
+            let g = units.locate(u).group
+            let (m, r) = units.unit(u, spatial: S, context: ctx).forward(
+                weight: G > 0 ? ctx.w[g] : 1, bias: bias.map { Double($0[g]) } ?? 0, scales: scales, offsets: offsets)
+            if G > 0 { ctx.m[u] = m; ctx.r[u] = r }
+        }
+        if mapsPerPlane {  // each unit maps its planes while they are in cache
+            let slots = parallelSlots(units.count, cost: K * S)
+            let scratch = arena.take(2 * slots * K, of: Double.self)
+            parallelFor(units.count, cost: K * S) { range, slot in
+                let scales = scratch + 2 * slot * K, offsets = scales + K
+                for u in range {
+                    coefficients(u, scales: scales, offsets: offsets)
+                    let first = units.locate(u).plane
+                    for k in 0..<K {
+                        mapPlane(first + k, x, y, centre: p[first + k], scale: scales[k], offset: offsets[k])
+                    }
+                }
+            }
+            return
+        }
+        let scales = arena.take(2 * shape.planes, of: Double.self), offsets = scales + shape.planes
+        parallelFor(units.count, cost: 4 * K) { range, _ in
+            for u in range {
+                let first = units.locate(u).plane
+                coefficients(u, scales: scales + first, offsets: offsets + first)
+            }
+        }
+        map(x, y, p: p, scale: scales, offset: offsets, arena: &arena)
+    }
+
+    func applyBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        let units = Units(plan: plan, shape: shape)
+        let slots = parallelSlots(units.count, cost: units.groupSize * shape.spatial)
+        return scratchBytes(T.self) + ScratchArena.bytes(2 * (mapsPerPlane ? slots * units.groupSize : shape.planes),
+                                                         of: Double.self)
+    }
+
+    /// Backward phase (a): T and U of every plane into `t`, `u`, and with `sums` the batch's S₁ = Σ dy₁ and
+    /// S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values).
+    func gradientSums<T: NormalizationScalar>(
+        plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
+        t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>, into sums: UnsafeMutablePointer<Double>?,
+        arena: inout ScratchArena
+    ) {
+        gradientSums(x, dy, p: ctx.p, t: t, u: u, arena: &arena)
+        guard let sums else { return }
+        let C = shape.channels
+        for i in 0..<(2 * C) { sums[i] = 0 }
+        let scratch = arena.take(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
+        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch) { first, c0, K, _, g, _, _ in
+            BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: sums + c0,
+                                   s2: sums + C + c0)
+        }
+    }
+
+    func gradientSumsBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        scratchBytes(T.self) + ScratchArena.bytes(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
+    }
+
+    /// Backward phase (c): with `sums` the batch's S₁, S₂ (through batch statistics; nil otherwise), dx, and
+    /// the parameter gradients (each process's own share: S₁, S₂ of its planes for dβ, dγ).
+    func finishBackward<T: NormalizationScalar>(
+        plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
+        t: UnsafePointer<Double>, u: UnsafePointer<Double>, sums: UnsafePointer<Double>?, arena: inout ScratchArena
+    ) {
+        let C = shape.channels, G = plan.groups, planes = shape.planes
+        let coefficients = arena.take(3 * planes, of: Double.self)
+        let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
+                                                                             through: through, context: ctx,
+                                                                             arena: &arena)
+        let scratch = arena.take(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
+        let P = coefficients, Q = P + planes, R = Q + planes
+        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch) { first, c0, K, e, g, bias, weight in
+            if G > 0 { groupGradients[c0 / K] += weight; groupGradients[G + c0 / K] += bias }
+            guard plan.batchNorm != nil else {
+                (P + first).update(repeating: e, count: K)  // P = E, Q = F, R = H: dx = dy₁
+                (Q + first).update(from: g.f!, count: K); (R + first).update(from: g.h!, count: K)
+                return
+            }
+            BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: local + c0,
+                                   s2: local + C + c0)
+            BatchNormStage.dxMaps(K, e: e, gradient: g, p: ctx.p + first, mu: ctx.mu + c0, a: ctx.a + c0,
+                                  s1n: terms + c0, k: terms + C + c0, P: P + first, Q: Q + first, R: R + first)
+        }
+        BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
+                                    invSigma: ctx.invSigma)
+        combine(dy, x, dx, p: ctx.p, coefficients: coefficients, arena: &arena)
+    }
+
+    func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        scratchBytes(T.self) + ScratchArena.bytes(3 * shape.planes, of: Double.self)
+            + BatchNormStage.backwardScratchBytes(plan: plan)
+            + ScratchArena.bytes(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
+    }
+
+    /// Every unit's backward in order (sample-major, so per-channel sums add up in a fixed order):
+    /// `body(first plane, first channel, K, E, the unit's gradient arrays, ΣT, r W)`. `scratch`: 5·K Doubles.
+    func forEachUnitGradient(
+        plan: NormalizationPlan, context ctx: NormalizationContext, t: UnsafePointer<Double>,
+        u: UnsafePointer<Double>, scratch: UnsafeMutablePointer<Double>,
+        _ body: (Int, Int, Int, Double, NormalizationUnit.Gradient, Double, Double) -> Void
+    ) {
+        let units = Units(plan: plan, shape: shape), G = plan.groups, K = units.groupSize
+        let out = NormalizationUnit.Gradient(scratch + K, planes: K)
+        for unit in 0..<units.count {
+            let (first, c0, g) = units.locate(unit)
+            let (e, biasGradient, weightGradient) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
+                t: t + first, u: u + first, m: G > 0 ? ctx.m[unit] : 0, r: G > 0 ? ctx.r[unit] : 0,
+                weight: G > 0 ? ctx.w[g] : 1, yBar: scratch, into: out)
+            body(first, c0, K, e, out, biasGradient, weightGradient)
+        }
+    }
+}

@@ -1,0 +1,60 @@
+import Synchronization
+
+/// The scratch memory of one engine call: a single block, sized up front and carved into typed regions.
+///
+/// A call adds up what its phases need (O(B·C) numbers plus a small block per thread), takes one block, and
+/// hands out regions from it in order; nothing else is allocated while it computes. The block goes back to a
+/// one-slot cache when the call ends, so a stream of calls on similar shapes allocates nothing at all. A block
+/// larger than `cacheLimit` bytes is freed instead of cached, so one huge call does not pin its scratch.
+struct ScratchArena: ~Copyable {
+    /// Bytes a cached block may hold at most.
+    static let cacheLimit = 16 << 20
+
+    private static let cached = Atomic<Int>(0)  // address of a block (its first 8 bytes: its size), or 0
+    private static let alignment = 64
+
+    private let block: UnsafeMutableRawPointer
+    private let capacity: Int
+    private var used: Int
+
+    /// A block of at least `bytes` bytes (plus room to align each region).
+    init(bytes: Int) {
+        let need = bytes + Self.alignment
+        let taken = Self.cached.exchange(0, ordering: .acquiringAndReleasing)
+        if taken != 0, let block = UnsafeMutableRawPointer(bitPattern: taken),
+           block.load(as: Int.self) >= need {
+            self.block = block
+            capacity = block.load(as: Int.self)
+        } else {
+            if taken != 0 { UnsafeMutableRawPointer(bitPattern: taken)?.deallocate() }
+            let size = max(need, 4096)
+            block = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: Self.alignment)
+            block.storeBytes(of: size, as: Int.self)
+            capacity = size
+        }
+        used = Self.alignment  // the first line holds the size
+    }
+
+    deinit {
+        if capacity <= Self.cacheLimit,
+           Self.cached.compareExchange(expected: 0, desired: Int(bitPattern: block),
+                                       ordering: .acquiringAndReleasing).exchanged {
+            return
+        }
+        block.deallocate()
+    }
+
+    /// Bytes to reserve for `count` values of `T`, rounded up to the alignment of every region.
+    static func bytes<T>(_ count: Int, of _: T.Type) -> Int {
+        (count * MemoryLayout<T>.stride + alignment - 1) / alignment * alignment
+    }
+
+    /// The next `count` values of `T`, uninitialized, 64-byte aligned.
+    mutating func take<T>(_ count: Int, of _: T.Type) -> UnsafeMutablePointer<T> {
+        let size = Self.bytes(count, of: T.self)
+        precondition(used + size <= capacity, "ScratchArena: regions exceed the size reserved up front")
+        let region = (block + used).bindMemory(to: T.self, capacity: max(count, 1))
+        used += size
+        return region
+    }
+}
