@@ -1,8 +1,14 @@
 /*
- * libFuzzer target for the bcnswift C ABI (see run.sh). Bytes become flags, sizes, scalars, null choices,
- * context lengths and element values. Buffers always hold what the declared sizes promise (the one contract a
- * C ABI cannot check); everything else is hostile. The library must return a status, never crash, never touch
- * memory out of bounds (AddressSanitizer), and leave outputs and buffers alone when it fails.
+ * libFuzzer target for the bcnswift C ABI (see run.sh). Bytes become flags (memory format included), sizes,
+ * scalars, null choices, context lengths, element values, and a path through the calls: the single forward and
+ * backward, or the statistics phases (moments, merge of several sets, finish; backward sums, merge, finish),
+ * with moment and sum sets that are sometimes not moments at all. Sizes reach every layout: rows (S < 16),
+ * planes (S up to 64) and channels-last.
+ *
+ * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
+ * is hostile. The library must return a status, never crash, never touch memory out of bounds
+ * (AddressSanitizer), and when it refuses a call, leave every buffer it was given exactly as it was: outputs,
+ * running buffers, gradients, moments, sums and the context.
  */
 #include <math.h>
 #include <stdint.h>
@@ -18,10 +24,11 @@ static uint8_t u8(Stream *s) {
     return *s->p++;
 }
 
-static int64_t size_value(Stream *s) {
+/* A size: usually small and valid (1..limit), sometimes hostile. */
+static int64_t size_value(Stream *s, int64_t limit) {
     static const int64_t special[] = {0, -1, INT64_MIN, INT64_MAX, (int64_t)1 << 40, (int64_t)1 << 62};
     uint8_t b = u8(s);
-    if (b < 240) return b % 9 + 1;                       /* small, valid */
+    if (b < 240) return b % limit + 1;
     return special[b % 6];
 }
 
@@ -34,72 +41,203 @@ static void abort_if(int cond) {
     if (cond) abort();
 }
 
+/* A buffer and a copy of it, to prove a refused call left it alone. */
+typedef struct { unsigned char *p, *copy; size_t bytes; } Watched;
+
+static Watched watch(size_t bytes) {
+    Watched w = {calloc(bytes + 1, 1), malloc(bytes + 1), bytes};
+    return w;
+}
+static void snap(Watched *w) { memcpy(w->copy, w->p, w->bytes); }
+static int same(const Watched *w) { return memcmp(w->copy, w->p, w->bytes) == 0; }
+static void drop(Watched *w) { free(w->p); free(w->copy); }
+
+typedef struct {
+    uint32_t flags; int64_t b, c, sp, g; double eps, bn_eps, momentum; int dbl; size_t esz, n, nc, ng;
+    Watched x, y, dy, dx, w, bb, rm, rv, gw, gb, g1, g2, g3, g4, ctx, moments, sums;
+    int64_t nbt, ctx_len; uint8_t nulls;
+} Call;
+
+#define P(call, ptr, bit) (((call)->nulls >> (bit)) & 1 ? NULL : (void *)(ptr).p)
+
+static void snap_all(Call *k) {
+    Watched *all[] = {&k->y, &k->dx, &k->rm, &k->rv, &k->g1, &k->g2, &k->g3, &k->g4, &k->ctx, &k->moments, &k->sums};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) snap(all[i]);
+}
+
+/* After a refused call: nothing the caller owns changed. */
+static void check_untouched(Call *k, int64_t nbt_before) {
+    Watched *all[] = {&k->y, &k->dx, &k->rm, &k->rv, &k->g1, &k->g2, &k->g3, &k->g4, &k->ctx, &k->moments, &k->sums};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) abort_if(!same(all[i]));
+    abort_if(k->nbt != nbt_before);
+}
+
+static int32_t forward(Call *k, int finish, const double *moments, char *msg, int64_t cap) {
+    if (k->dbl)
+        return finish ? bcn_norm_finish_f64(k->flags, k->b, k->c, k->sp, k->g, k->eps, k->bn_eps, k->momentum,
+                                            P(k, k->x, 0), P(k, k->y, 1), P(k, k->w, 2), (double *)k->bb.p,
+                                            P(k, k->rm, 3), (double *)k->rv.p, &k->nbt, P(k, k->gw, 4),
+                                            (double *)k->gb.p, moments, P(k, k->ctx, 5), k->ctx_len, msg, cap)
+                      : bcn_norm_forward_f64(k->flags, k->b, k->c, k->sp, k->g, k->eps, k->bn_eps, k->momentum,
+                                             P(k, k->x, 0), P(k, k->y, 1), P(k, k->w, 2), (double *)k->bb.p,
+                                             P(k, k->rm, 3), (double *)k->rv.p, &k->nbt, P(k, k->gw, 4),
+                                             (double *)k->gb.p, P(k, k->ctx, 5), k->ctx_len, msg, cap);
+    return finish ? bcn_norm_finish_f32(k->flags, k->b, k->c, k->sp, k->g, k->eps, k->bn_eps, k->momentum,
+                                        P(k, k->x, 0), P(k, k->y, 1), P(k, k->w, 2), (float *)k->bb.p, P(k, k->rm, 3),
+                                        (float *)k->rv.p, &k->nbt, P(k, k->gw, 4), (float *)k->gb.p, moments,
+                                        P(k, k->ctx, 5), k->ctx_len, msg, cap)
+                  : bcn_norm_forward_f32(k->flags, k->b, k->c, k->sp, k->g, k->eps, k->bn_eps, k->momentum,
+                                         P(k, k->x, 0), P(k, k->y, 1), P(k, k->w, 2), (float *)k->bb.p,
+                                         P(k, k->rm, 3), (float *)k->rv.p, &k->nbt, P(k, k->gw, 4),
+                                         (float *)k->gb.p, P(k, k->ctx, 5), k->ctx_len, msg, cap);
+}
+
+static int32_t moments_phase(Call *k, char *msg) {
+    return k->dbl ? bcn_norm_moments_f64(k->flags, k->b, k->c, k->sp, k->g, P(k, k->x, 0), P(k, k->moments, 6),
+                                         P(k, k->ctx, 5), k->ctx_len, msg, 64)
+                  : bcn_norm_moments_f32(k->flags, k->b, k->c, k->sp, k->g, P(k, k->x, 0), P(k, k->moments, 6),
+                                         P(k, k->ctx, 5), k->ctx_len, msg, 64);
+}
+
+static int32_t backward(Call *k, uint32_t flags, int phase, const double *sums, char *msg) {
+    if (phase == 1)
+        return k->dbl ? bcn_norm_backward_sums_f64(flags, k->b, k->c, k->sp, k->g, (double *)k->x.p, P(k, k->dy, 7),
+                                                   P(k, k->sums, 6), P(k, k->ctx, 5), k->ctx_len, msg, 64)
+                      : bcn_norm_backward_sums_f32(flags, k->b, k->c, k->sp, k->g, (float *)k->x.p, P(k, k->dy, 7),
+                                                   P(k, k->sums, 6), P(k, k->ctx, 5), k->ctx_len, msg, 64);
+    if (phase == 2)
+        return k->dbl ? bcn_norm_backward_finish_f64(flags, k->b, k->c, k->sp, k->g, (double *)k->x.p, P(k, k->dy, 7),
+                                                     P(k, k->dx, 1), (double *)k->g1.p, (double *)k->g2.p,
+                                                     (double *)k->g3.p, (double *)k->g4.p, sums, P(k, k->ctx, 5),
+                                                     k->ctx_len, msg, 64)
+                      : bcn_norm_backward_finish_f32(flags, k->b, k->c, k->sp, k->g, (float *)k->x.p, P(k, k->dy, 7),
+                                                     P(k, k->dx, 1), (float *)k->g1.p, (float *)k->g2.p,
+                                                     (float *)k->g3.p, (float *)k->g4.p, sums, P(k, k->ctx, 5),
+                                                     k->ctx_len, msg, 64);
+    return k->dbl ? bcn_norm_backward_f64(flags, k->b, k->c, k->sp, k->g, (double *)k->x.p, P(k, k->dy, 7),
+                                          P(k, k->dx, 1), (double *)k->g1.p, (double *)k->g2.p, (double *)k->g3.p,
+                                          (double *)k->g4.p, P(k, k->ctx, 5), k->ctx_len, msg, 64)
+                  : bcn_norm_backward_f32(flags, k->b, k->c, k->sp, k->g, (float *)k->x.p, P(k, k->dy, 7),
+                                          P(k, k->dx, 1), (float *)k->g1.p, (float *)k->g2.p, (float *)k->g3.p,
+                                          (float *)k->g4.p, P(k, k->ctx, 5), k->ctx_len, msg, 64);
+}
+
+/* `sets` copies of `set` (width·c doubles each), some perturbed into non-moments, merged; checks that a refused
+ * merge wrote nothing. Returns the merged set (caller frees) or NULL. */
+static double *merged_sets(Stream *s, const double *set, int64_t c, int width) {
+    int64_t sets = u8(s) % 4;  /* 0 sets is refused */
+    size_t len = (size_t)(width * c);
+    double *all = malloc((size_t)(sets ? sets : 1) * len * sizeof(double) + 1);
+    for (int64_t i = 0; i < sets; i++) memcpy(all + i * len, set, len * sizeof(double));
+    if (sets && (u8(s) & 3) == 0) all[u8(s) % (sets * len)] = scalar(s); /* a count of -1, NaN, 0.5, ... */
+    double *out = malloc(len * sizeof(double) + 1);
+    for (size_t i = 0; i < len; i++) out[i] = 1234.5;
+    char msg[64];
+    int32_t st = width == 3 ? bcn_moments_merge(sets, c, all, out, msg, sizeof msg)
+                            : bcn_sums_merge(sets, c, all, out, msg, sizeof msg);
+    free(all);
+    if (st != BCN_OK) {
+        for (size_t i = 0; i < len; i++) abort_if(out[i] != 1234.5);
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     Stream s = {data, size};
-    uint32_t flags = u8(&s);
-    if (u8(&s) > 250) flags |= 1u << (8 + u8(&s) % 24); /* sometimes an unknown bit */
-    int64_t b = size_value(&s), c = size_value(&s), sp = size_value(&s), g = size_value(&s);
-    double eps = scalar(&s), bn_eps = scalar(&s), momentum = scalar(&s);
-    uint8_t nulls = u8(&s), ctx_mode = u8(&s), dbl = u8(&s) & 1;
+    Call k;
+    memset(&k, 0, sizeof k);
+    k.flags = u8(&s) | ((uint32_t)(u8(&s) & 1) << 8); /* the normalization bits and BCN_CHANNELS_LAST */
+    if (u8(&s) > 250) k.flags |= 1u << (9 + u8(&s) % 23); /* sometimes an unknown bit */
+    k.b = size_value(&s, 6); k.c = size_value(&s, 8); k.sp = size_value(&s, 64); k.g = size_value(&s, 8);
+    k.eps = scalar(&s); k.bn_eps = scalar(&s); k.momentum = scalar(&s);
+    k.nulls = u8(&s) & u8(&s); /* each pointer null with probability 1/4 */
+    uint8_t ctx_mode = u8(&s), path = u8(&s);
+    k.dbl = u8(&s) & 1;
 
     /* Buffers follow the declared sizes when those are small; otherwise the library must refuse the sizes
      * before touching anything, so small placeholder buffers must suffice. */
-    int sane = b > 0 && c > 0 && sp > 0 && b <= 9 && c <= 9 && sp <= 9;
-    size_t n = sane ? (size_t)(b * c * sp) : 4, nc = sane ? (size_t)c : 4;
-    size_t ng = (g > 0 && g <= 9) ? (size_t)g : 4;
-    if (!sane && !(b <= 0 || c <= 0 || sp <= 0 || (b > 9 && c > 9 && sp > 9))) return 0; /* would be a caller bug */
-    if (!sane && (b > 0 && c > 0 && sp > 0)) {
-        /* all three huge: their product overflows or exceeds the limit, which must be refused */
-        if (!((b >= ((int64_t)1 << 40)) && (c >= ((int64_t)1 << 40)) && (sp >= ((int64_t)1 << 40)))) return 0;
+    int sane = k.b > 0 && k.c > 0 && k.sp > 0 && k.b <= 6 && k.c <= 8 && k.sp <= 64;
+    if (!sane && k.b > 0 && k.c > 0 && k.sp > 0) {
+        /* sizes that are positive but beyond the buffers: only products that must be refused are allowed */
+        if (!(k.b >= ((int64_t)1 << 40) && k.c >= ((int64_t)1 << 40) && k.sp >= ((int64_t)1 << 40))) return 0;
     }
-    size_t esz = dbl ? sizeof(double) : sizeof(float);
-    unsigned char *x = calloc(n, esz), *y = calloc(n, esz), *dy = calloc(n, esz), *dx = calloc(n, esz);
-    unsigned char *w = calloc(nc, esz), *bb = calloc(nc, esz), *rm = calloc(nc, esz), *rv = calloc(nc, esz);
-    unsigned char *gw = calloc(ng, esz), *gb = calloc(ng, esz), *g1 = calloc(nc, esz), *g2 = calloc(nc, esz);
-    unsigned char *g3 = calloc(ng, esz), *g4 = calloc(ng, esz);
-    for (size_t i = 0; i < n; i++) {
+    k.esz = k.dbl ? sizeof(double) : sizeof(float);
+    k.n = sane ? (size_t)(k.b * k.c * k.sp) : 4;
+    k.nc = sane ? (size_t)k.c : 4;
+    k.ng = (k.g > 0 && k.g <= 8) ? (size_t)k.g : 4;
+    if (k.c > 0 && k.c <= 8 && (size_t)k.c > k.nc) k.nc = (size_t)k.c;
+    k.x = watch(k.n * k.esz); k.y = watch(k.n * k.esz); k.dy = watch(k.n * k.esz); k.dx = watch(k.n * k.esz);
+    k.w = watch(k.nc * k.esz); k.bb = watch(k.nc * k.esz); k.rm = watch(k.nc * k.esz); k.rv = watch(k.nc * k.esz);
+    k.gw = watch(k.ng * k.esz); k.gb = watch(k.ng * k.esz); k.g1 = watch(k.nc * k.esz); k.g2 = watch(k.nc * k.esz);
+    k.g3 = watch(k.ng * k.esz); k.g4 = watch(k.ng * k.esz);
+    k.moments = watch(3 * k.nc * sizeof(double)); k.sums = watch(2 * k.nc * sizeof(double));
+    for (size_t i = 0; i < k.n; i++) {
         double v = (double)(int8_t)u8(&s) * 0.37 + (u8(&s) == 255 ? NAN : 0.0);
-        if (dbl) { ((double *)x)[i] = v; ((double *)dy)[i] = -v; } else { ((float *)x)[i] = (float)v; ((float *)dy)[i] = (float)-v; }
+        if (k.dbl) { ((double *)k.x.p)[i] = v; ((double *)k.dy.p)[i] = 1 - v; }
+        else { ((float *)k.x.p)[i] = (float)v; ((float *)k.dy.p)[i] = (float)(1 - v); }
     }
-    for (size_t i = 0; i < nc; i++) {
-        if (dbl) { ((double *)w)[i] = 1; ((double *)rv)[i] = 1; } else { ((float *)w)[i] = 1; ((float *)rv)[i] = 1; }
+    for (size_t i = 0; i < k.nc; i++) {
+        if (k.dbl) { ((double *)k.w.p)[i] = 1; ((double *)k.rv.p)[i] = 1; }
+        else { ((float *)k.w.p)[i] = 1; ((float *)k.rv.p)[i] = 1; }
     }
-    int64_t nbt = 0;
-    int64_t need = bcn_context_length(b, c, (flags & BCN_CHANNEL_NORM) ? g : 0);
-    int64_t ctx_len = need > 0 && need < 100000 ? need : 64;
-    if (ctx_mode % 4 == 1) ctx_len = ctx_len > 0 ? ctx_len - 1 : 0; /* one short */
-    if (ctx_mode % 4 == 2) ctx_len = -ctx_len;
-    double *ctx = calloc((size_t)(need > 0 && need < 100000 ? need : 64) + 1, sizeof(double));
-    unsigned char *rm_before = malloc(nc * esz), *rv_before = malloc(nc * esz), *y_before = malloc(n * esz);
-    memcpy(rm_before, rm, nc * esz); memcpy(rv_before, rv, nc * esz); memcpy(y_before, y, n * esz);
+    int64_t need = bcn_context_length(k.b, k.c, (k.flags & BCN_CHANNEL_NORM) ? k.g : 0);
+    size_t ctx_doubles = need > 0 && need < 100000 ? (size_t)need : 64;
+    k.ctx_len = (int64_t)ctx_doubles;
+    if (ctx_mode % 4 == 1) k.ctx_len -= 1; /* one short */
+    if (ctx_mode % 4 == 2) k.ctx_len = -k.ctx_len;
+    k.ctx = watch(ctx_doubles * sizeof(double));
     char msg[64];
-#define P(ptr, bit) ((nulls >> (bit)) & 1 ? NULL : (ptr))
-    int32_t st = dbl ? bcn_norm_forward_f64(flags, b, c, sp, g, eps, bn_eps, momentum, (double *)P(x, 0), (double *)P(y, 1),
-                                            (double *)P(w, 2), (double *)bb, (double *)P(rm, 3), (double *)rv, &nbt,
-                                            (double *)P(gw, 4), (double *)gb, P(ctx, 5), ctx_len, msg, (int64_t)(u8(&s) % 65))
-                     : bcn_norm_forward_f32(flags, b, c, sp, g, eps, bn_eps, momentum, (float *)P(x, 0), (float *)P(y, 1),
-                                            (float *)P(w, 2), (float *)bb, (float *)P(rm, 3), (float *)rv, &nbt,
-                                            (float *)P(gw, 4), (float *)gb, P(ctx, 5), ctx_len, msg, (int64_t)(u8(&s) % 65));
-    if (st != BCN_OK) { /* a failed call writes nothing */
-        abort_if(memcmp(rm, rm_before, nc * esz) != 0 || memcmp(rv, rv_before, nc * esz) != 0);
-        abort_if(memcmp(y, y_before, n * esz) != 0 || nbt != 0);
+    int64_t cap = u8(&s) % 65;
+
+    snap_all(&k);
+    int32_t st;
+    if (path % 2 == 0) {
+        st = forward(&k, 0, NULL, msg, cap); /* the single forward */
+    } else {
+        st = moments_phase(&k, msg);
+        if (st == BCN_OK) {
+            abort_if(!sane);
+            double *m = NULL;
+            if (!((k.nulls >> 6) & 1)) m = merged_sets(&s, (const double *)k.moments.p, k.c, 3);
+            snap_all(&k);
+            st = forward(&k, 1, (u8(&s) & 7) ? m : NULL, msg, cap);
+            free(m);
+        }
+    }
+    if (st != BCN_OK) {
+        check_untouched(&k, 0);
     } else {
         abort_if(!sane);
-        if (u8(&s) & 1) ((unsigned char *)ctx)[u8(&s) % (size_t)(ctx_len * 8)] ^= (unsigned char)(1u << (u8(&s) % 8));
-        if (dbl)
-            bcn_norm_backward_f64(flags & ~(uint32_t)(u8(&s) & BCN_BATCH_NORM), b, c, sp, g, (double *)x, (double *)P(dy, 6), (double *)dx,
-                                  (double *)g1, (double *)g2, (double *)g3, (double *)g4, ctx, ctx_len, msg, sizeof msg);
-        else
-            bcn_norm_backward_f32(flags & ~(uint32_t)(u8(&s) & BCN_BATCH_NORM), b, c, sp, g, (float *)x, (float *)P(dy, 6), (float *)dx,
-                                  (float *)g1, (float *)g2, (float *)g3, (float *)g4, ctx, ctx_len, msg, sizeof msg);
+        if (u8(&s) & 1) k.ctx.p[u8(&s) % (ctx_doubles * 8)] ^= (unsigned char)(1u << (u8(&s) % 8));
+        uint32_t bflags = k.flags & ~(uint32_t)(u8(&s) & (BCN_BATCH_NORM | BCN_CHANNELS_LAST));
+        snap_all(&k);
+        if ((path >> 1) % 2 == 0) {
+            st = backward(&k, bflags, 0, NULL, msg);
+            if (st != BCN_OK) check_untouched(&k, k.nbt);
+        } else {
+            st = backward(&k, bflags, 1, NULL, msg);
+            if (st != BCN_OK) {
+                check_untouched(&k, k.nbt);
+            } else {
+                double *sm = (k.nulls >> 6) & 1 ? NULL : merged_sets(&s, (const double *)k.sums.p, k.c, 2);
+                snap_all(&k);
+                st = backward(&k, bflags, 2, (u8(&s) & 7) ? sm : NULL, msg);
+                if (st != BCN_OK) check_untouched(&k, k.nbt);
+                free(sm);
+            }
+        }
     }
     /* Weight Standardization on the same buffers, viewed as [b, c*sp]. */
     if (sane) {
         uint32_t wflags = u8(&s) % 5;
-        if (dbl) bcn_ws_forward_f64(wflags, b, c * sp, eps, (double *)x, (double *)y, msg, sizeof msg);
-        else bcn_ws_backward_f32(wflags, b, c * sp, eps, (float *)x, (float *)dy, (float *)dx, msg, sizeof msg);
+        if (k.dbl) bcn_ws_forward_f64(wflags, k.b, k.c * k.sp, k.eps, (double *)k.x.p, (double *)k.y.p, msg, sizeof msg);
+        else bcn_ws_backward_f32(wflags, k.b, k.c * k.sp, k.eps, (float *)k.x.p, (float *)k.dy.p, (float *)k.dx.p,
+                                 msg, sizeof msg);
     }
-    free(x); free(y); free(dy); free(dx); free(w); free(bb); free(rm); free(rv); free(gw); free(gb);
-    free(g1); free(g2); free(g3); free(g4); free(ctx); free(rm_before); free(rv_before); free(y_before);
+    Watched *all[] = {&k.x, &k.y, &k.dy, &k.dx, &k.w, &k.bb, &k.rm, &k.rv, &k.gw, &k.gb, &k.g1, &k.g2, &k.g3, &k.g4,
+                      &k.ctx, &k.moments, &k.sums};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) drop(all[i]);
     return 0;
 }

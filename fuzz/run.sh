@@ -10,7 +10,7 @@ swift build -c release --product BCNSwiftC --scratch-path "$scratch" \
 lib=$(swift build -c release --scratch-path "$scratch" --show-bin-path)/libBCNSwiftC.a
 runtime=$(dirname "$(dirname "$(readlink -f "$(command -v swiftc)")")")/lib/swift/linux
 mkdir -p "$scratch/fuzz"
-clang -g -O1 -fsanitize=fuzzer,address -ISources/BCNSwiftC/include fuzz/fuzz_abi.c "$lib" \
+clang -g -O1 -fsanitize=fuzzer,address -ISources/CBCNSwift/include fuzz/fuzz_abi.c "$lib" \
     -L"$runtime" -Wl,-rpath,"$runtime" -lswiftCore -lswift_Concurrency -lswiftSynchronization -lswiftDispatch \
     -ldispatch -lBlocksRuntime -lswiftGlibc -lm -o "$scratch/fuzz/fuzz_abi" 2> >(grep -v "Cannot export local symbol" >&2)
 mkdir -p "$scratch/fuzz/corpus"

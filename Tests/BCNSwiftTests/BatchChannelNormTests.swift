@@ -75,44 +75,6 @@ final class BatchChannelNormTests: XCTestCase {
         }
     }
 
-    /// The fused backward against central finite differences of the Float64 reference forward.
-    func testGradientsByFiniteDifferences() throws {
-        let shape = [2, 4, 3], B = 2, C = 4, S = 3, G = 2
-        for estimate in [false, true] {
-            let layer = try BatchChannelNorm<Double>(channels: C, groups: G, estimate: estimate)
-            var ref = ReferenceBCN(channels: C, groups: G, kind: estimate ? .estimated(aroundRunningMean: false) : .batch,
-                                   unbiased: !estimate)
-            randomize(layer, &ref)
-            let x = input(B * C * S, channels: C, spatial: S)
-            let w = (0..<x.count).map { _ in rng.normal() }
-            _ = try layer.forward(x, shape: shape)
-            let dx = try layer.backward(w)
-            // With estimates, the gradient stops at the (updated) running statistics: differentiate eval there.
-            _ = ref.forward(x, batch: B, spatial: S, training: true)
-            let frozen = ref
-            let training = !estimate
-            func loss(_ xv: [Double]) -> Double {
-                var r = frozen
-                if training { r.runningMean = ref.runningMean } // unused by batch statistics
-                let y = r.forward(xv, batch: B, spatial: S, training: training)
-                return zip(y, w).reduce(0) { $0 + $1.0 * $1.1 }
-            }
-            let h = 1e-6
-            for i in stride(from: 0, to: x.count, by: 5) {
-                var xp = x, xm = x
-                xp[i] += h; xm[i] -= h
-                let fd = (loss(xp) - loss(xm)) / (2 * h)
-                XCTAssertEqual(dx[i], fd, accuracy: 1e-5 * max(1, abs(fd)), "estimate \(estimate), element \(i)")
-            }
-            // dL/dbias of the channel norm is Σ w over the group
-            for g in 0..<G {
-                var s = 0.0
-                for b in 0..<B { for i in 0..<(C / G * S) { s += w[(b * C + g * C / G) * S + i] } }
-                XCTAssertEqual(layer.gradBias[g], s, accuracy: 1e-9)
-            }
-        }
-    }
-
     func testResultsDoNotDependOnThreadCount() throws {
         let shape = [4, 16, 64, 65]  // large enough to run on several threads, planes split in chunks
         let x = input(shape.reduce(1, *), channels: 16, spatial: 64 * 65).map { Float($0) }

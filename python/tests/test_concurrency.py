@@ -162,3 +162,15 @@ def test_forked_child_computes_with_threads(rng):
         np.testing.assert_array_equal(layer(x), expected)  # the parent's pool still works
     finally:
         bcnswift.set_num_threads(0)
+
+
+def test_test_seeds_do_not_depend_on_hash_randomization():
+    """The rng fixture's seeds come from the test id alone: the same under any PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from conftest import seed_of; print(seed_of('a/b.py::t[x]'))"
+    here = os.path.dirname(os.path.abspath(__file__))
+    seeds = {subprocess.run([sys.executable, "-c", code, here], env={**os.environ, "PYTHONHASHSEED": str(h)},
+                            capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}
+    assert len(seeds) == 1 and seeds.pop().strip().isdigit()

@@ -184,6 +184,15 @@ def test_threads_setting():
         bcnswift.set_num_threads(-1)
     with pytest.raises(TypeError, match="threads"):
         bcnswift.set_num_threads(1.5)
+    with pytest.raises(TypeError, match="threads"):
+        bcnswift.set_num_threads(True)
+    with pytest.raises(TypeError, match="threads"):
+        bcnswift.set_num_threads(np.float64(2))
+    for integral in (np.int64(2), np.int32(2), np.uint8(2)):  # any integral type, as operator.index takes
+        bcnswift.set_num_threads(integral)
+        assert bcnswift.get_num_threads() == 2
+    bcnswift.set_num_threads(0)
+    assert bcnswift.get_num_threads() == n
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -5,6 +5,7 @@ import pytest
 
 import bcnswift
 from bcnswift import reference as R
+from conftest import random_input
 
 
 def test_constant_channel_at_1e7_gives_exactly_the_bias(rng):
@@ -128,3 +129,29 @@ def test_float32_tiny_groups_regression():
     pair = Pair(convention, 8, 4, np.float32, rng)
     for step in range(3):
         pair.step(random_input(rng, (2, 8)), rng.normal(0.3, 1.0, (2, 8)), f"step {step}")
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+@pytest.mark.parametrize("shape", [(4, 8, 3), (2, 8, 2, 2), (2, 8, 5, 5)], ids=str)
+def test_one_channel_per_group_bn_gradients_exist_only_through_eps(shape, estimate, rng):
+    """With one channel per group the channel norm cancels the batch norm's affine but for eps: dγ is of order
+    eps·r² and dβ is 0. Written as 1 - r²v they lost up to 9 digits (errors of 1e-8 relative to dγ itself at
+    eps = 1e-8); written as eps·r² they agree with an extended-precision run of the authors' code."""
+    C, L = shape[1], np.longdouble
+    kw = dict(variance_around="running_mean") if estimate else {}
+    layer = bcnswift.BatchChannelNorm(C, C, eps=1e-8, bn_eps=1e-5, estimate=estimate, dtype=np.float64, **kw)
+    ref = R.AuthorsBCNorm(C, C, 1e-8, estimate=estimate)
+    if estimate:
+        ref.bn.estbn_moving_speed[:] = 0.1
+    gamma, beta = rng.uniform(0.5, 1.5, C), rng.normal(0.3, 0.5, C)
+    layer.bn.weight[...], layer.bn.bias[...] = gamma, beta
+    ref.bn.weight, ref.bn.bias = gamma.astype(L), beta.astype(L)
+    x, dy = random_input(rng, shape), rng.normal(0.3, 1.0, shape)
+    layer(x)
+    layer.backward(dy)
+    ref(x.astype(L))
+    ref.backward(dy.astype(L))
+    scale = float(np.abs(ref.grads["bn.weight"]).max())
+    for key in ("bn.weight", "bn.bias"):
+        err = float(np.abs(layer.grads[key] - ref.grads[key]).max()) / scale
+        assert err < 1e-10, f"{key}: error {err:.1e} relative to max |dγ| = {scale:.1e}"

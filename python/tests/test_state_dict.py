@@ -99,3 +99,22 @@ def test_bad_state_dicts_change_nothing():
         layer.load_state_dict({**good, "weight": np.array(["a"] * 4)})
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.0, 0.25, 1.0])
+def test_estbn_moving_speed_round_trip_keeps_momentum(momentum, rng):
+    """The authors' EstBN keeps its update rate in estbn_moving_speed; a cumulative average (momentum=None),
+    which EstBN cannot express, is written as NaN, so that a round trip keeps it (it once came back as 0.0)."""
+    a = bcnswift.BatchChannelNorm(8, 4, momentum=momentum, estimate=True, variance_around="running_mean",
+                                  dtype=np.float64)
+    a(random_input(rng, (2, 8, 3)))
+    state = a.state_dict()
+    speed = state["bn.estbn_moving_speed"][0]
+    assert np.isnan(speed) if momentum is None else speed == momentum
+    b = bcnswift.BatchChannelNorm(8, 4, momentum=0.5, estimate=True, variance_around="running_mean",
+                                  dtype=np.float64)
+    b.load_state_dict(state)
+    assert b.momentum == momentum
+    x = random_input(rng, (2, 8, 3))
+    np.testing.assert_array_equal(a(x), b(x))  # the next update uses the same factor
+    np.testing.assert_array_equal(a.running_var, b.running_var)

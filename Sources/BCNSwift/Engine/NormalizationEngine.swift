@@ -151,10 +151,11 @@ public enum NormalizationEngine {
             for g in 0..<plan.groups { ctx.w[g] = Double(weight[g]) }
             ctx.groupEps = cn.eps
         }
+        let bias = plan.channelNorm != nil ? state.cnBias : nil  // a caller may pass one it does not use
         switch layout {
-        case .planes(let l): l.apply(plan: plan, x: x, y: y, bias: state.cnBias, context: ctx, arena: &arena)
-        case .channelsLast(let l): l.apply(plan: plan, x: x, y: y, bias: state.cnBias, context: ctx, arena: &arena)
-        case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: state.cnBias, context: ctx, arena: &arena)
+        case .planes(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
+        case .channelsLast(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
+        case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
         }
         update?.commit(state, channels: plan.channels)
         ctx.writeHeader(flags.union([.moments, .forward]), format: ctx.shape.format)

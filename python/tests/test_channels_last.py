@@ -1,0 +1,161 @@
+"""Channels-last memory and channel_axis=-1: normalized where the data lie (no copy), outputs and gradients in
+the input's layout, results equal to the [B, C, *] path on the same logical tensor, bitwise thread-invariant."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import bcnswift
+from bcnswift.layers import memory_format
+from conftest import random_input
+
+LAYERS = {
+    "BCN batch": lambda C, dt, **kw: bcnswift.BatchChannelNorm(C, 4, estimate=False, dtype=dt, **kw),
+    "BCN estimate": lambda C, dt, **kw: bcnswift.BatchChannelNorm(C, 4, estimate=True, dtype=dt, **kw),
+    "authors EstBN": lambda C, dt, **kw: bcnswift.BatchChannelNorm(C, 4, variance_around="running_mean", dtype=dt,
+                                                                   **kw),
+    "BatchNorm": lambda C, dt, **kw: bcnswift.BatchNorm(C, dtype=dt, **kw),
+    "EstimatedBatchNorm": lambda C, dt, **kw: bcnswift.EstimatedBatchNorm(C, dtype=dt, **kw),
+    "ChannelNorm": lambda C, dt, **kw: bcnswift.ChannelNorm(C, 4, dtype=dt, **kw),
+}
+# every layout: channels-last planes of 2 to 15 values, of 16 and more, ranks 3 to 5
+SHAPES = [(3, 8, 5), (2, 8, 3, 3), (2, 8, 20), (2, 16, 6, 7), (1, 8, 2, 3, 4), (2, 8, 70, 70)]
+
+
+def channels_last(x):
+    """The same logical [B, C, *] tensor with channels-last memory (what PyTorch's channels_last holds)."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+
+
+def tolerance(dtype):
+    return 1e-13 if np.dtype(dtype) == np.float64 else 2e-6
+
+
+def assert_rel(actual, expected, dtype, what):
+    scale = max(1.0, float(np.abs(expected).max()))
+    err = float(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64)).max()) / scale
+    assert err <= tolerance(dtype), f"{what}: relative error {err:.2e}"
+
+
+def run_steps(layer, xs, dys):
+    out = []
+    for step, (x, dy) in enumerate(zip(xs, dys)):
+        layer.train(step < 2)
+        layer.zero_grad()
+        y = layer(x)
+        dx = layer.backward(dy)
+        out.append((y, dx, {k: v.copy() for k, v in layer.grads.items()}, layer.state_dict()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", LAYERS)
+def test_channels_last_matches_channels_first(name, shape, dtype, rng):
+    C = shape[1]
+    xs = [random_input(rng, shape).astype(dtype) for _ in range(3)]
+    dys = [rng.normal(0.3, 1.0, shape).astype(dtype) for _ in range(3)]
+    first = run_steps(LAYERS[name](C, dtype), xs, dys)
+    last = run_steps(LAYERS[name](C, dtype), [channels_last(x) for x in xs], [channels_last(d) for d in dys])
+    for step, ((y, dx, g, st), (yl, dxl, gl, stl)) in enumerate(zip(first, last)):
+        assert memory_format(yl) == "last" and memory_format(dxl) == "last", "layout not kept"
+        assert yl.dtype == dtype and yl.shape == shape
+        assert_rel(yl, y, dtype, f"{name} step {step}: y")
+        assert_rel(dxl, dx, dtype, f"{name} step {step}: dx")
+        for k in g:
+            assert_rel(gl[k], g[k], dtype, f"{name} step {step}: grad {k}")
+        for k in st:
+            assert_rel(stl[k], st[k], dtype, f"{name} step {step}: {k}")
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_channel_axis_last(name, rng):
+    """channel_axis=-1 takes [B, *, C] data (flax, Keras): C-contiguous [B, H, W, C] is channels-last memory."""
+    shape = (3, 8, 6, 5)
+    x = random_input(rng, shape)
+    dy = rng.normal(0.3, 1.0, shape)
+    a = LAYERS[name](8, np.float64)
+    b = LAYERS[name](8, np.float64, channel_axis=-1)
+    y, dx = a(x), a.backward(dy)
+    x_last, dy_last = np.ascontiguousarray(np.moveaxis(x, 1, -1)), np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+    y_last = b(x_last)
+    dx_last = b.backward(dy_last)
+    assert y_last.shape == x_last.shape and y_last.flags.c_contiguous and dx_last.flags.c_contiguous
+    assert_rel(np.moveaxis(y_last, -1, 1), y, np.float64, f"{name}: y")
+    assert_rel(np.moveaxis(dx_last, -1, 1), dx, np.float64, f"{name}: dx")
+    for k in a.grads:
+        assert_rel(b.grads[k], a.grads[k], np.float64, f"{name}: grad {k}")
+    # [B, C] data is the same either way
+    x2 = random_input(rng, (4, 8))
+    np.testing.assert_array_equal(LAYERS[name](8, np.float64, channel_axis=-1)(x2), LAYERS[name](8, np.float64)(x2))
+    with pytest.raises(ValueError, match="channels \\(the last dimension\\)"):
+        b(np.ones((2, 8, 3)))
+    with pytest.raises(ValueError, match="channel_axis must be 1"):
+        LAYERS[name](8, np.float64, channel_axis=2)
+
+
+def test_other_strides_are_copied_into_a_dense_layout(rng):
+    x = random_input(rng, (2, 8, 6, 6))
+    ref = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64)(x)
+    strided = np.asfortranarray(x)  # neither C order nor channels-last
+    assert memory_format(strided) is None
+    np.testing.assert_array_equal(bcnswift.BatchChannelNorm(8, 4, dtype=np.float64)(strided), ref)
+    # a dy in the other layout is laid out like x before the backward
+    a, b = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64), bcnswift.BatchChannelNorm(8, 4, dtype=np.float64)
+    dy = rng.normal(size=x.shape)
+    a(x), b(x)
+    np.testing.assert_array_equal(a.backward(dy), b.backward(channels_last(dy)))
+
+
+def test_out_must_have_the_input_layout(rng):
+    x = channels_last(random_input(rng, (2, 8, 6, 6)).astype(np.float32))
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    out = np.empty_like(x)
+    assert layer(x, out=out) is not None and memory_format(out) == "last"
+    with pytest.raises(ValueError, match="channels-last like the input"):
+        layer(x, out=np.empty(x.shape, np.float32))
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_forward_and_backward_copy_nothing(layout, rng):
+    """tracemalloc sees the output and O(B·C) numbers, never a copy of the input (2 MB here)."""
+    shape = (4, 64, 32, 32)
+    x = random_input(rng, shape).astype(np.float32)
+    x = x if layout == "first" else channels_last(x)
+    dy = rng.normal(size=shape).astype(np.float32)
+    dy = dy if layout == "first" else channels_last(dy)
+    layer = bcnswift.BatchChannelNorm(64, 8, estimate=False)
+    layer(x), layer.backward(dy)  # warm up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        y = layer(x)
+        forward_peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        dx = layer.backward(dy)
+        backward_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    small = 64 * 1024  # the context and parameters: O(B·C) numbers
+    assert forward_peak <= y.nbytes + small, f"forward allocated {forward_peak} bytes for a {y.nbytes}-byte output"
+    assert backward_peak <= dx.nbytes + small, f"backward allocated {backward_peak} bytes"
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 64, 65), (64, 32, 3, 3)], ids=str)
+def test_channels_last_results_do_not_depend_on_thread_count(shape, rng):
+    x = channels_last(random_input(rng, shape).astype(np.float32))
+    dy = channels_last(rng.normal(size=shape).astype(np.float32))
+    results = []
+    try:
+        for threads in (1, 2, 5):
+            bcnswift.set_num_threads(threads)
+            layer = bcnswift.BatchChannelNorm(shape[1], 4, estimate=False)
+            y = layer(x)
+            results.append((y, layer.backward(dy), layer.grads["bn.weight"].copy(), layer.running_var.copy()))
+    finally:
+        bcnswift.set_num_threads(0)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
