@@ -87,12 +87,19 @@ def as_float_array(x, dtype, name="input"):
 def memory_format(a):
     """'first' if the logical [B, C, *] array `a` is C-contiguous, 'last' if its memory is channels-last
     (np.moveaxis(a, 1, -1) is C-contiguous, as for PyTorch's channels_last), else None. Rank-2 arrays and
-    arrays with one position are both at once; they count as 'first'."""
+    arrays with one position are both at once; they count as 'first'. (Read from the strides: this runs on every
+    call.)"""
     if a.flags.c_contiguous:
         return "first"
-    if a.ndim > 2 and np.moveaxis(a, 1, -1).flags.c_contiguous:
-        return "last"
-    return None
+    if a.ndim <= 2:
+        return None
+    shape, strides = a.shape, a.strides
+    expected = a.itemsize
+    for axis in (1, *range(a.ndim - 1, 1, -1), 0):  # the order of np.moveaxis(a, 1, -1), innermost first
+        if shape[axis] != 1 and strides[axis] != expected:
+            return None
+        expected *= shape[axis]
+    return "last"
 
 
 def _checked_out(out, like, name, allow=None):

@@ -1,6 +1,6 @@
-/// Reductions down the columns of a row-major block (rows of `stride` values, `columns` of them used): the
-/// sums of channels-last data, four columns per Float64 vector, every row added in order. Values widen to
-/// Float64 as they load, so these sums carry no Float32 rounding.
+/// Reductions down the columns of a row-major block (rows of `stride` values, `columns` of them used), in Float64
+/// throughout: values widen as they load, so these sums cannot overflow where `_columnSums` and
+/// `_columnGradientSums` in Float32 lanes would. The channels-last layout falls back to them for such blocks.
 enum ColumnKernels {
     @inline(__always)
     static func load(_ p: UnsafePointer<Double>, _ i: Int) -> SIMD4<Double> {
@@ -10,24 +10,6 @@ enum ColumnKernels {
     @inline(__always)
     static func store(_ v: SIMD4<Double>, _ p: UnsafeMutablePointer<Double>, _ i: Int) {
         UnsafeMutableRawPointer(p + i).storeBytes(of: v, as: SIMD4<Double>.self)
-    }
-
-    /// out[c] = Σ_r x[r, c].
-    static func sums<T: NormalizationScalar>(_ x: UnsafePointer<T>, rows: Int, columns n: Int, stride: Int,
-                                             into out: UnsafeMutablePointer<Double>) {
-        var c = 0
-        while c + 4 <= n {
-            var s = SIMD4<Double>()
-            for r in 0..<rows { s += T._load4Wide(x + r * stride, c) }
-            store(s, out, c)
-            c += 4
-        }
-        while c < n {
-            var s = 0.0
-            for r in 0..<rows { s += Double(x[r * stride + c]) }
-            out[c] = s
-            c += 1
-        }
     }
 
     /// sums[c] = Σ_r (x[r, c] - centre[c]) and squares[c] = Σ_r (x[r, c] - centre[c])².

@@ -129,33 +129,157 @@ extension Double: NormalizationScalar {
     }
 
     @inlinable
-    public static func _mapElements(
-        _ x: UnsafePointer<Double>, _ y: UnsafeMutablePointer<Double>, count n: Int,
+    public static func _mapColumns(
+        _ x: UnsafePointer<Double>, _ y: UnsafeMutablePointer<Double>, rows: Int, columns n: Int, stride: Int,
         centre: UnsafePointer<Double>, scale: UnsafePointer<Double>, offset: UnsafePointer<Double>
     ) {
-        var i = 0
-        while i + 4 <= n {
-            var v = _load4(offset, i)
-            v.addProduct(_load4(x, i) - _load4(centre, i), _load4(scale, i))
-            UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD4<Double>.self)
-            i += 4
+        var c = 0
+        while c + 4 <= n {
+            let k = _load4(centre, c), s = _load4(scale, c), o = _load4(offset, c)
+            for row in 0..<rows {
+                let at = row * stride + c
+                var v = o
+                v.addProduct(_load4(x, at) - k, s)
+                UnsafeMutableRawPointer(y + at).storeBytes(of: v, as: SIMD4<Double>.self)
+            }
+            c += 4
         }
-        while i < n { y[i] = offset[i].addingProduct(x[i] - centre[i], scale[i]); i += 1 }
+        while c < n {
+            for row in 0..<rows {
+                let at = row * stride + c
+                y[at] = offset[c].addingProduct(x[at] - centre[c], scale[c])
+            }
+            c += 1
+        }
     }
 
     @inlinable
-    public static func _combineElements(
-        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, count n: Int,
-        centre: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>, r: UnsafePointer<Double>
+    public static func _combineColumns(
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, rows: Int, columns n: Int,
+        stride: Int, centre: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>, r: UnsafePointer<Double>
     ) {
-        var i = 0
-        while i + 4 <= n {
-            var v = _load4(r, i)
-            v.addProduct(_load4(x, i) - _load4(centre, i), _load4(q, i))
-            v.addProduct(_load4(dy, i), _load4(p, i))
-            UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD4<Double>.self)
-            i += 4
+        var c = 0
+        while c + 4 <= n {
+            let k = _load4(centre, c), pv = _load4(p, c), qv = _load4(q, c), rv = _load4(r, c)
+            for row in 0..<rows {
+                let at = row * stride + c
+                var v = rv
+                v.addProduct(_load4(x, at) - k, qv)
+                v.addProduct(_load4(dy, at), pv)
+                UnsafeMutableRawPointer(dx + at).storeBytes(of: v, as: SIMD4<Double>.self)
+            }
+            c += 4
         }
-        while i < n { dx[i] = r[i].addingProduct(x[i] - centre[i], q[i]).addingProduct(dy[i], p[i]); i += 1 }
+        while c < n {
+            for row in 0..<rows {
+                let at = row * stride + c
+                dx[at] = r[c].addingProduct(x[at] - centre[c], q[c]).addingProduct(dy[at], p[c])
+            }
+            c += 1
+        }
+    }
+
+    /// out[0..<4] += v.
+    @inlinable @inline(__always)
+    static func _add(_ v: SIMD4<Double>, to out: UnsafeMutablePointer<Double>) {
+        let raw = UnsafeMutableRawPointer(out)
+        raw.storeBytes(of: raw.loadUnaligned(as: SIMD4<Double>.self) + v, as: SIMD4<Double>.self)
+    }
+
+    /// Blocks of 8 rows outermost, 16 columns (four lanes of 4) at a time, as `Float._columnSums` and for the
+    /// same reason.
+    @inlinable
+    public static func _columnSums(
+        _ x: UnsafePointer<Double>, rows: Int, columns n: Int, stride: Int, centre: UnsafePointer<Double>?,
+        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?
+    ) {
+        let wide = n & ~3
+        var r0 = 0
+        while r0 < rows {
+            let end = Swift.min(rows, r0 + 8)
+            var c = 0
+            while c + 16 <= wide {
+                let k0 = centre.map { _load4($0, c) } ?? SIMD4<Double>(), k1 = centre.map { _load4($0, c + 4) } ?? k0
+                let k2 = centre.map { _load4($0, c + 8) } ?? k0, k3 = centre.map { _load4($0, c + 12) } ?? k0
+                var s0 = SIMD4<Double>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
+                for r in r0..<end {
+                    let row = x + r * stride + c
+                    let d0 = _load4(row, 0) - k0, d1 = _load4(row, 4) - k1, d2 = _load4(row, 8) - k2
+                    let d3 = _load4(row, 12) - k3
+                    s0 += d0; s1 += d1; s2 += d2; s3 += d3
+                    q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
+                }
+                _add(s0, to: sums + c); _add(s1, to: sums + c + 4); _add(s2, to: sums + c + 8)
+                _add(s3, to: sums + c + 12)
+                if let squares {
+                    _add(q0, to: squares + c); _add(q1, to: squares + c + 4); _add(q2, to: squares + c + 8)
+                    _add(q3, to: squares + c + 12)
+                }
+                c += 16
+            }
+            while c < wide {
+                let k = centre.map { _load4($0, c) } ?? SIMD4<Double>()
+                var s = SIMD4<Double>(), q = SIMD4<Double>()
+                for r in r0..<end { let d = _load4(x + r * stride, c) - k; s += d; q.addProduct(d, d) }
+                _add(s, to: sums + c)
+                if let squares { _add(q, to: squares + c) }
+                c += 4
+            }
+            r0 = end
+        }
+        for c in wide..<n {
+            let k = centre?[c] ?? 0
+            var s = 0.0, q = 0.0
+            for r in 0..<rows { let d = x[r * stride + c] - k; s += d; q.addProduct(d, d) }
+            sums[c] += s
+            squares?[c] += q
+        }
+    }
+
+    /// As `_columnSums`: blocks of 8 rows outermost, 16 columns at a time.
+    @inlinable
+    public static func _columnGradientSums(
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, rows: Int, columns n: Int, stride: Int,
+        centre: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>
+    ) {
+        let wide = n & ~3
+        var r0 = 0
+        while r0 < rows {
+            let end = Swift.min(rows, r0 + 8)
+            var c = 0
+            while c + 16 <= wide {
+                let k0 = _load4(centre, c), k1 = _load4(centre, c + 4), k2 = _load4(centre, c + 8)
+                let k3 = _load4(centre, c + 12)
+                var s0 = SIMD4<Double>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
+                for r in r0..<end {
+                    let g = dy + r * stride + c, v = x + r * stride + c
+                    let g0 = _load4(g, 0), g1 = _load4(g, 4), g2 = _load4(g, 8), g3 = _load4(g, 12)
+                    s0 += g0; s1 += g1; s2 += g2; s3 += g3
+                    p0.addProduct(g0, _load4(v, 0) - k0); p1.addProduct(g1, _load4(v, 4) - k1)
+                    p2.addProduct(g2, _load4(v, 8) - k2); p3.addProduct(g3, _load4(v, 12) - k3)
+                }
+                _add(s0, to: sums + c); _add(s1, to: sums + c + 4); _add(s2, to: sums + c + 8)
+                _add(s3, to: sums + c + 12)
+                _add(p0, to: dots + c); _add(p1, to: dots + c + 4); _add(p2, to: dots + c + 8)
+                _add(p3, to: dots + c + 12)
+                c += 16
+            }
+            while c < wide {
+                let k = _load4(centre, c)
+                var s = SIMD4<Double>(), d = SIMD4<Double>()
+                for r in r0..<end {
+                    let g = _load4(dy + r * stride, c)
+                    s += g; d.addProduct(g, _load4(x + r * stride, c) - k)
+                }
+                _add(s, to: sums + c); _add(d, to: dots + c)
+                c += 4
+            }
+            r0 = end
+        }
+        for c in wide..<n {
+            var s = 0.0, d = 0.0
+            for r in 0..<rows { let g = dy[r * stride + c]; s += g; d.addProduct(g, x[r * stride + c] - centre[c]) }
+            sums[c] += s; dots[c] += d
+        }
     }
 }

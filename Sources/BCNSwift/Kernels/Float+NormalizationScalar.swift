@@ -290,33 +290,163 @@ extension Float: NormalizationScalar {
     }
 
     @inlinable
-    public static func _mapElements(
-        _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int,
+    public static func _mapColumns(
+        _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, columns n: Int, stride: Int,
         centre: UnsafePointer<Float>, scale: UnsafePointer<Float>, offset: UnsafePointer<Float>
     ) {
-        var i = 0
-        while i + 8 <= n {
-            var v = _load8(offset, i)
-            v.addProduct(_load8(x, i) - _load8(centre, i), _load8(scale, i))
-            UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD8<Float>.self)
-            i += 8
+        var c = 0
+        while c + 8 <= n {
+            let k = _load8(centre, c), s = _load8(scale, c), o = _load8(offset, c)
+            for row in 0..<rows {
+                let at = row * stride + c
+                var v = o
+                v.addProduct(_load8(x, at) - k, s)
+                UnsafeMutableRawPointer(y + at).storeBytes(of: v, as: SIMD8<Float>.self)
+            }
+            c += 8
         }
-        while i < n { y[i] = offset[i].addingProduct(x[i] - centre[i], scale[i]); i += 1 }
+        while c < n {
+            for row in 0..<rows {
+                let at = row * stride + c
+                y[at] = offset[c].addingProduct(x[at] - centre[c], scale[c])
+            }
+            c += 1
+        }
     }
 
     @inlinable
-    public static func _combineElements(
-        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, count n: Int,
-        centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
+    public static func _combineColumns(
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int, columns n: Int,
+        stride: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
     ) {
-        var i = 0
-        while i + 8 <= n {
-            var v = _load8(r, i)
-            v.addProduct(_load8(x, i) - _load8(centre, i), _load8(q, i))
-            v.addProduct(_load8(dy, i), _load8(p, i))
-            UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD8<Float>.self)
-            i += 8
+        var c = 0
+        while c + 8 <= n {
+            let k = _load8(centre, c), pv = _load8(p, c), qv = _load8(q, c), rv = _load8(r, c)
+            for row in 0..<rows {
+                let at = row * stride + c
+                var v = rv
+                v.addProduct(_load8(x, at) - k, qv)
+                v.addProduct(_load8(dy, at), pv)
+                UnsafeMutableRawPointer(dx + at).storeBytes(of: v, as: SIMD8<Float>.self)
+            }
+            c += 8
         }
-        while i < n { dx[i] = r[i].addingProduct(x[i] - centre[i], q[i]).addingProduct(dy[i], p[i]); i += 1 }
+        while c < n {
+            for row in 0..<rows {
+                let at = row * stride + c
+                dx[at] = r[c].addingProduct(x[at] - centre[c], q[c]).addingProduct(dy[at], p[c])
+            }
+            c += 1
+        }
+    }
+
+    /// Adds the lane sums of `s` to `out[0..<8]` in Float64.
+    @inlinable @inline(__always)
+    static func _flush8(_ s: SIMD8<Float>, into out: UnsafeMutablePointer<Double>) {
+        let raw = UnsafeMutableRawPointer(out)
+        raw.storeBytes(of: raw.loadUnaligned(as: SIMD8<Double>.self) + SIMD8<Double>(s), as: SIMD8<Double>.self)
+    }
+
+    /// Blocks of 8 rows run outermost, and in each, 32 columns (four lanes of 8) at a time down its rows: a
+    /// block (8 rows, read in order) stays in L1 while its columns are summed, in Float32, then added to the
+    /// Float64 totals. (Walking one strip of columns down all the rows instead touches many distant lines at
+    /// once, which the prefetcher does not follow and a power-of-two row stride makes collide in L1.)
+    @inlinable
+    public static func _columnSums(
+        _ x: UnsafePointer<Float>, rows: Int, columns n: Int, stride: Int, centre: UnsafePointer<Float>?,
+        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?
+    ) {
+        let wide = n & ~7  // columns in lanes of 8; the rest in Float64
+        var r0 = 0
+        while r0 < rows {
+            let end = Swift.min(rows, r0 + 8)
+            var c = 0
+            while c + 32 <= wide {
+                let k0 = centre.map { _load8($0, c) } ?? SIMD8<Float>(), k1 = centre.map { _load8($0, c + 8) } ?? k0
+                let k2 = centre.map { _load8($0, c + 16) } ?? k0, k3 = centre.map { _load8($0, c + 24) } ?? k0
+                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
+                for r in r0..<end {
+                    let row = x + r * stride + c
+                    let d0 = _load8(row, 0) - k0, d1 = _load8(row, 8) - k1
+                    let d2 = _load8(row, 16) - k2, d3 = _load8(row, 24) - k3
+                    s0 += d0; s1 += d1; s2 += d2; s3 += d3
+                    q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
+                }
+                _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
+                _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
+                if let squares {
+                    _flush8(q0, into: squares + c); _flush8(q1, into: squares + c + 8)
+                    _flush8(q2, into: squares + c + 16); _flush8(q3, into: squares + c + 24)
+                }
+                c += 32
+            }
+            while c < wide {
+                let k = centre.map { _load8($0, c) } ?? SIMD8<Float>()
+                var s = SIMD8<Float>(), q = SIMD8<Float>()
+                for r in r0..<end { let d = _load8(x + r * stride, c) - k; s += d; q.addProduct(d, d) }
+                _flush8(s, into: sums + c)
+                if let squares { _flush8(q, into: squares + c) }
+                c += 8
+            }
+            r0 = end
+        }
+        for c in wide..<n {  // remaining columns in Float64
+            let k = centre.map { Double($0[c]) } ?? 0
+            var s = 0.0, q = 0.0
+            for r in 0..<rows { let d = Double(x[r * stride + c]) - k; s += d; q.addProduct(d, d) }
+            sums[c] += s
+            squares?[c] += q
+        }
+    }
+
+    /// As `_columnSums`: blocks of 8 rows outermost, 32 columns at a time in Float32.
+    @inlinable
+    public static func _columnGradientSums(
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, rows: Int, columns n: Int, stride: Int,
+        centre: UnsafePointer<Float>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>
+    ) {
+        let wide = n & ~7
+        var r0 = 0
+        while r0 < rows {
+            let end = Swift.min(rows, r0 + 8)
+            var c = 0
+            while c + 32 <= wide {
+                let k0 = _load8(centre, c), k1 = _load8(centre, c + 8), k2 = _load8(centre, c + 16)
+                let k3 = _load8(centre, c + 24)
+                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
+                for r in r0..<end {
+                    let g = dy + r * stride + c, v = x + r * stride + c
+                    let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
+                    s0 += g0; s1 += g1; s2 += g2; s3 += g3
+                    p0.addProduct(g0, _load8(v, 0) - k0); p1.addProduct(g1, _load8(v, 8) - k1)
+                    p2.addProduct(g2, _load8(v, 16) - k2); p3.addProduct(g3, _load8(v, 24) - k3)
+                }
+                _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
+                _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
+                _flush8(p0, into: dots + c); _flush8(p1, into: dots + c + 8)
+                _flush8(p2, into: dots + c + 16); _flush8(p3, into: dots + c + 24)
+                c += 32
+            }
+            while c < wide {
+                let k = _load8(centre, c)
+                var s = SIMD8<Float>(), d = SIMD8<Float>()
+                for r in r0..<end {
+                    let g = _load8(dy + r * stride, c)
+                    s += g; d.addProduct(g, _load8(x + r * stride, c) - k)
+                }
+                _flush8(s, into: sums + c); _flush8(d, into: dots + c)
+                c += 8
+            }
+            r0 = end
+        }
+        for c in wide..<n {
+            let k = Double(centre[c])
+            var s = 0.0, d = 0.0
+            for r in 0..<rows {
+                let g = Double(dy[r * stride + c])
+                s += g; d.addProduct(g, Double(x[r * stride + c]) - k)
+            }
+            sums[c] += s; dots[c] += d
+        }
     }
 }

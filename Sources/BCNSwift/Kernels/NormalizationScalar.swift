@@ -34,16 +34,30 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, count: Int,
         centre: Double, p: Double, q: Double, r: Double)
 
-    /// y[i] = offset[i] + scale[i] · (x[i] - centre[i]) in the lanes of Self, constants per element (a row of
-    /// channels-last data against its channels' constants). `y` may alias `x`.
-    static func _mapElements(
-        _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, count: Int,
+    /// y[r, c] = offset[c] + scale[c] · (x[r, c] - centre[c]) over `rows` rows (`stride` apart) of `columns`
+    /// columns, in the lanes of Self: rows of channels-last data against their channels' constants, which each
+    /// lane loads once for all the rows. `y` may alias `x`.
+    static func _mapColumns(
+        _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, rows: Int, columns: Int, stride: Int,
         centre: UnsafePointer<Self>, scale: UnsafePointer<Self>, offset: UnsafePointer<Self>)
 
-    /// dx[i] = r[i] + q[i] · (x[i] - centre[i]) + p[i] · dy[i] in the lanes of Self. `dx` may alias `dy`.
-    static func _combineElements(
-        _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, count: Int,
-        centre: UnsafePointer<Self>, p: UnsafePointer<Self>, q: UnsafePointer<Self>, r: UnsafePointer<Self>)
+    /// Column sums of a block of `rows` rows (`stride` apart) and `columns` columns: for each column c,
+    /// sums[c] += Σ (x - centre[c]) and, when `squares` is given, squares[c] += Σ (x - centre[c])² (no centre: 0).
+    /// Float accumulates 8 rows at a time in Float32 lanes, then in Float64; Double in Float64 throughout.
+    static func _columnSums(
+        _ x: UnsafePointer<Self>, rows: Int, columns: Int, stride: Int, centre: UnsafePointer<Self>?,
+        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?)
+
+    /// Column gradient sums: sums[c] += Σ dy and dots[c] += Σ dy (x - centre[c]), accumulated as `_columnSums`.
+    static func _columnGradientSums(
+        _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, rows: Int, columns: Int, stride: Int,
+        centre: UnsafePointer<Self>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>)
+
+    /// dx[r, c] = r[c] + q[c] · (x[r, c] - centre[c]) + p[c] · dy[r, c], as `_mapColumns`. `dx` may alias `dy`.
+    static func _combineColumns(
+        _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, rows: Int,
+        columns: Int, stride: Int, centre: UnsafePointer<Self>, p: UnsafePointer<Self>, q: UnsafePointer<Self>,
+        r: UnsafePointer<Self>)
 }
 
 extension NormalizationScalar {

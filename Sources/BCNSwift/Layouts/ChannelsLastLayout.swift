@@ -1,58 +1,91 @@
-/// Channels-last: [B, S, C] (S ≥ 2), each sample an S×C matrix whose columns are its planes. The passes run
-/// along rows, vectorized across channels, and stream down the S rows; per-(b, c) constants of the maps are
-/// kept in T so the element loops stay at the lanes of T. Work items are (sample, column block) for the sums and
-/// (sample, row block) for the maps, a fixed partition, so results never depend on the thread count.
+/// Channels-last: [B, S, C] (S ≥ 2), each sample an S×C matrix whose columns are its planes. Every pass reads
+/// memory in order: work items are (sample, stretch of rows) with all channels, vectorized across channels
+/// (`_columnSums`, `_columnGradientSums`, `_mapColumns`, `_combineColumns`). The sums of each stretch are kept
+/// apart and added per plane in stretch order, and per-(b, c) constants of the maps are kept in T so the element
+/// loops stay at the lanes of T. The partition is fixed, so results never depend on the thread count.
 struct ChannelsLastLayout: StoredLayout {
     let shape: NormalizationShape
 
-    /// Channels per column block of the sums: its accumulators stay in registers and L1.
-    static let blockChannels = 64
-
-    private var columnBlocks: Int { (shape.channels + Self.blockChannels - 1) / Self.blockChannels }
-    /// Rows per chunk of a column block's moments: about `planeChunkLength` values, in L1 for the second pass.
-    private var chunkRows: Int { max(1, planeChunkLength / min(shape.channels, Self.blockChannels)) }
+    /// Rows per stretch: about 32K values, so that the stretches' sums (2 numbers per channel) add little
+    /// traffic to the input's.
+    private var stretchRows: Int { max(1, 32768 / shape.channels) }
+    private var stretches: Int { (shape.spatial + stretchRows - 1) / stretchRows }
     /// Rows per work item of the maps: about `planeChunkLength` values.
     private var mapRows: Int { max(1, planeChunkLength / shape.channels) }
+    private var sumsCost: Int { 2 * stretchRows * shape.channels }
 
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
-        let slots = parallelSlots(shape.batch * columnBlocks, cost: shape.spatial * Self.blockChannels)
-        return ScratchArena.bytes(slots * 5 * Self.blockChannels, of: Double.self)
+        ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
             + ScratchArena.bytes(4 * shape.planes, of: T.self)
     }
 
-    /// Each column block's moments chunk by chunk of rows (a corrected two-pass in Float64 while the chunk is
-    /// in L1: mean c, then mean = c + Σ(x - c)/n, M2 = Σ(x - c)² - (Σ(x - c))²/n), chunks merged in order (Chan).
-    func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
-                                              q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
-        let S = shape.spatial, C = shape.channels, blocks = columnBlocks, chunkRows = self.chunkRows
-        let width = Self.blockChannels
-        let slots = parallelSlots(shape.batch * blocks, cost: S * width)
-        let scratch = arena.take(slots * 5 * width, of: Double.self)
-        parallelFor(shape.batch * blocks, cost: S * width) { range, slot in
-            let count = scratch + slot * 5 * width, mean = count + width, m2 = mean + width
-            let sum = m2 + width, squares = sum + width
+    /// Runs `body(b, first row, rows, the stretch's two C-sized partial sums)` over every (sample, stretch) in
+    /// parallel, then `finish(b, partials of the sample's stretches)` per sample: partials are added per
+    /// channel in stretch order.
+    private func stretchSums(_ partials: UnsafeMutablePointer<Double>,
+                             _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void,
+                             finish: (Int, UnsafePointer<Double>) -> Void) {
+        let C = shape.channels, S = shape.spatial, n = stretches, rowsPer = stretchRows
+        parallelFor(shape.batch * n, cost: sumsCost) { range, _ in
             for item in range {
-                let b = item / blocks, c0 = (item - b * blocks) * width, n = min(width, C - c0)
-                let base = x + b * S * C + c0
-                for c in 0..<n { count[c] = 0; mean[c] = 0; m2[c] = 0 }
-                var r0 = 0
-                while r0 < S {
-                    let rows = min(chunkRows, S - r0), chunk = base + r0 * C, m = Double(rows), invM = 1 / m
-                    ColumnKernels.sums(chunk, rows: rows, columns: n, stride: C, into: sum)
-                    for c in 0..<n { sum[c] *= invM }  // the chunk's approximate mean, the centre
-                    ColumnKernels.centredSums(chunk, rows: rows, columns: n, stride: C, centre: sum,
-                                              sums: squares, squares: squares + n)
-                    for c in 0..<n {
-                        let d = squares[c], s2 = squares[n + c]
-                        var acc = Moments(count: count[c], mean: mean[c], m2: m2[c])
-                        acc.merge(Moments(count: m, mean: sum[c] + d * invM, m2: max(s2 - d * d * invM, 0)))
-                        count[c] = acc.count; mean[c] = acc.mean; m2[c] = acc.m2
-                    }
-                    r0 += rows
-                }
-                for c in 0..<n { p[b * C + c0 + c] = mean[c]; q[b * C + c0 + c] = m2[c] }
+                let b = item / n, r0 = (item - b * n) * rowsPer, part = partials + 2 * C * item
+                part.update(repeating: 0, count: 2 * C)
+                body(b, r0, min(rowsPer, S - r0), part, part + C)
             }
         }
+        for b in 0..<shape.batch { finish(b, partials + 2 * C * n * b) }
+    }
+
+    /// Σ over a sample's stretches of the partials at `offset` (0 or C) into `out`, in stretch order.
+    private func addStretches(_ parts: UnsafePointer<Double>, offset: Int, into out: UnsafeMutablePointer<Double>) {
+        let C = shape.channels
+        out.update(from: parts + offset, count: C)
+        for k in 1..<stretches {
+            let part = parts + 2 * C * k + offset
+            for c in 0..<C { out[c] += part[c] }
+        }
+    }
+
+    /// Every plane's moments in one read of the input in order: sums of d = x - k in the lanes of T
+    /// (`_columnSums`), each stretch apart and added in order, around k = the mean of eight rows spread through
+    /// the sample, rounded to T; mean = k + Σd/n, M2 = Σd² - (Σd)²/n, kept when k was within a standard deviation
+    /// of the mean ((Σd)²/n at most half of Σd², the rule of the plane kernels). A plane where it was not (or
+    /// whose Float32 squares overflowed) is summed again alone, in Float64, around the mean found: the corrected
+    /// two-pass algorithm, for the few planes that need it.
+    func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
+                                              q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
+        let C = shape.channels, S = shape.spatial, B = shape.batch, invS = 1 / Double(S)
+        let partials = arena.take(2 * B * stretches * C, of: Double.self)
+        let centre = arena.take(shape.planes, of: T.self)
+        let picks = min(8, S)
+        for b in 0..<B {  // the shift: eight rows spread through the sample (cheap, serial)
+            let pb = p + b * C
+            pb.update(repeating: 0, count: C)
+            for j in 0..<picks {
+                T._columnSums(x + (b * S + j * S / picks) * C, rows: 1, columns: C, stride: C, centre: nil, sums: pb,
+                              squares: nil)
+            }
+            for c in 0..<C { centre[b * C + c] = T(pb[c] / Double(picks)) }
+        }
+        stretchSums(partials, { b, r0, rows, deviation, squares in
+            T._columnSums(x + (b * S + r0) * C, rows: rows, columns: C, stride: C, centre: centre + b * C,
+                          sums: deviation, squares: squares)
+        }, finish: { b, parts in
+            let pb = p + b * C, qb = q + b * C
+            addStretches(parts, offset: 0, into: pb)  // Σd
+            addStretches(parts, offset: C, into: qb)  // Σd²
+            for c in 0..<C {
+                let d = pb[c], squares = qb[c], m2 = squares - d * d * invS
+                pb[c] = Double(centre[b * C + c]) + d * invS
+                qb[c] = max(m2, 0)
+                guard !(m2 >= 0.5 * squares) else { continue }  // kept; the rest (NaN too) again, in Float64
+                var k = pb[c].isFinite ? pb[c] : 0, deviation = 0.0, again = 0.0
+                ColumnKernels.centredSums(x + b * S * C + c, rows: S, columns: 1, stride: C, centre: &k,
+                                          sums: &deviation, squares: &again)
+                pb[c] = k + deviation * invS
+                qb[c] = max(again - deviation * deviation * invS, 0)
+            }
+        })
     }
 
     var mapsPerPlane: Bool { false }
@@ -78,36 +111,43 @@ struct ChannelsLastLayout: StoredLayout {
             for item in range {
                 let b = item / perSample, r0 = (item - b * perSample) * rowsPerItem
                 let constants = b * C
-                for row in r0..<min(S, r0 + rowsPerItem) {
-                    let at = (b * S + row) * C
-                    T._mapElements(x + at, y + at, count: C, centre: cT + constants, scale: sT + constants,
-                                   offset: oT + constants)
+                var row = r0
+                let end = min(S, r0 + rowsPerItem)
+                while row < end {  // two rows at a time: memory nearly in order, the constants loaded once
+                    let at = (b * S + row) * C, rows = min(2, end - row)
+                    T._mapColumns(x + at, y + at, rows: rows, columns: C, stride: C, centre: cT + constants,
+                                  scale: sT + constants, offset: oT + constants)
+                    row += rows
                 }
             }
         }
     }
 
-    /// T and U per column block in Float64, chunk of rows by chunk (each in L1 while its columns are summed),
-    /// chunks added in order.
+    /// T and U of every plane in one read of (x, dy) in order: each stretch summed in the lanes of T around the
+    /// centre rounded to T, stretches added in order, then U = Σ dy (x - cf) - (p - cf) T. A sample whose Float32
+    /// sums overflow is summed again in Float64.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
-        let S = shape.spatial, C = shape.channels, blocks = columnBlocks, width = Self.blockChannels
-        let chunkRows = self.chunkRows
-        parallelFor(shape.batch * blocks, cost: 2 * S * width) { range, _ in
-            for item in range {
-                let b = item / blocks, c0 = (item - b * blocks) * width, n = min(width, C - c0)
-                let plane = b * C + c0
-                for c in 0..<n { t[plane + c] = 0; u[plane + c] = 0 }
-                var r0 = 0
-                while r0 < S {
-                    let rows = min(chunkRows, S - r0), at = (b * S + r0) * C + c0
-                    ColumnKernels.gradientSums(dy + at, x + at, rows: rows, columns: n, stride: C,
-                                               centre: p + plane, sums: t + plane, dots: u + plane)
-                    r0 += rows
-                }
+        let C = shape.channels, S = shape.spatial
+        let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
+        let centre = arena.take(shape.planes, of: T.self)
+        for i in 0..<shape.planes { centre[i] = T(p[i]) }
+        stretchSums(partials, { b, r0, rows, sum, dot in
+            let at = (b * S + r0) * C
+            T._columnGradientSums(dy + at, x + at, rows: rows, columns: C, stride: C, centre: centre + b * C,
+                                  sums: sum, dots: dot)
+        }, finish: { b, parts in
+            let tb = t + b * C, ub = u + b * C, pb = p + b * C
+            addStretches(parts, offset: 0, into: tb)
+            addStretches(parts, offset: C, into: ub)
+            for c in 0..<C { ub[c] -= (pb[c] - Double(centre[b * C + c])) * tb[c] }
+            if (0..<C).contains(where: { !(tb[$0].isFinite && ub[$0].isFinite) }) {
+                tb.update(repeating: 0, count: C); ub.update(repeating: 0, count: C)
+                ColumnKernels.gradientSums(dy + b * S * C, x + b * S * C, rows: S, columns: C, stride: C,
+                                           centre: pb, sums: tb, dots: ub)
             }
-        }
+        })
     }
 
     /// dx = P dy + Q (x - p) + R with the constants in T as in `map` (the centre's residue folded into R).
@@ -126,10 +166,14 @@ struct ChannelsLastLayout: StoredLayout {
             for item in range {
                 let b = item / perSample, r0 = (item - b * perSample) * rowsPerItem
                 let constants = b * C
-                for row in r0..<min(S, r0 + rowsPerItem) {
-                    let at = (b * S + row) * C
-                    T._combineElements(dy + at, x + at, dx + at, count: C, centre: cT + constants,
-                                       p: pT + constants, q: qT + constants, r: rT + constants)
+                var row = r0
+                let end = min(S, r0 + rowsPerItem)
+                while row < end {
+                    let at = (b * S + row) * C, rows = min(2, end - row)
+                    T._combineColumns(dy + at, x + at, dx + at, rows: rows, columns: C, stride: C,
+                                      centre: cT + constants, p: pT + constants, q: qT + constants,
+                                      r: rT + constants)
+                    row += rows
                 }
             }
         }

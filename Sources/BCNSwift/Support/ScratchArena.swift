@@ -16,6 +16,8 @@ struct ScratchArena: ~Copyable {
     private let block: UnsafeMutableRawPointer
     private let capacity: Int
     private var used: Int
+    /// Regions that did not fit the block (a sizing mistake: debug builds stop at it, release builds stay safe).
+    private var overflow: [UnsafeMutableRawPointer] = []
 
     /// A block of at least `bytes` bytes (plus room to align each region).
     init(bytes: Int) {
@@ -36,6 +38,7 @@ struct ScratchArena: ~Copyable {
     }
 
     deinit {
+        for region in overflow { region.deallocate() }
         if capacity <= Self.cacheLimit,
            Self.cached.compareExchange(expected: 0, desired: Int(bitPattern: block),
                                        ordering: .acquiringAndReleasing).exchanged {
@@ -49,10 +52,16 @@ struct ScratchArena: ~Copyable {
         (count * MemoryLayout<T>.stride + alignment - 1) / alignment * alignment
     }
 
-    /// The next `count` values of `T`, uninitialized, 64-byte aligned.
+    /// The next `count` values of `T`, uninitialized, 64-byte aligned. A region beyond the size reserved up
+    /// front gets memory of its own (and trips an assertion in debug builds, where the tests run).
     mutating func take<T>(_ count: Int, of _: T.Type) -> UnsafeMutablePointer<T> {
         let size = Self.bytes(count, of: T.self)
-        precondition(used + size <= capacity, "ScratchArena: regions exceed the size reserved up front")
+        guard used + size <= capacity else {
+            assertionFailure("ScratchArena: regions exceed the size reserved up front")
+            let region = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: Self.alignment)
+            overflow.append(region)
+            return region.bindMemory(to: T.self, capacity: max(count, 1))
+        }
         let region = (block + used).bindMemory(to: T.self, capacity: max(count, 1))
         used += size
         return region
