@@ -2,7 +2,7 @@
  * libFuzzer target for the bcnswift C ABI (see run.sh). Bytes become flags (memory format included), sizes,
  * scalars, null choices, context lengths, element values, and a path through the calls: the single forward and
  * backward, or the statistics phases (moments, merge of several sets, finish; backward sums, merge, finish),
- * with moment and sum sets that are sometimes not moments at all. Sizes reach every layout: rows (S < 16),
+ * with moment and sum sets that are sometimes not moments at all, and the running update alone. Sizes reach every layout: rows (S < 16),
  * planes (S up to 64) and channels-last.
  *
  * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef FUZZ_DEBUG
+#include <stdio.h>
+#endif
 #include "bcnswift.h"
 
 typedef struct { const uint8_t *p; size_t n; } Stream;
@@ -68,7 +71,12 @@ static void snap_all(Call *k) {
 /* After a refused call: nothing the caller owns changed. */
 static void check_untouched(Call *k, int64_t nbt_before) {
     Watched *all[] = {&k->y, &k->dx, &k->rm, &k->rv, &k->g1, &k->g2, &k->g3, &k->g4, &k->ctx, &k->moments, &k->sums};
-    for (size_t i = 0; i < sizeof all / sizeof *all; i++) abort_if(!same(all[i]));
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) {
+#ifdef FUZZ_DEBUG
+        if (!same(all[i])) fprintf(stderr, "buffer %zu changed\n", i);
+#endif
+        abort_if(!same(all[i]));
+    }
     abort_if(k->nbt != nbt_before);
 }
 
@@ -193,6 +201,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     snap_all(&k);
     int32_t st;
+    int64_t nbt_before = 0; /* the batch count before the call that may fail (the update alone moves it) */
     if (path % 2 == 0) {
         st = forward(&k, 0, NULL, msg, cap); /* the single forward */
     } else {
@@ -201,13 +210,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             abort_if(!sane);
             double *m = NULL;
             if (!((k.nulls >> 6) & 1)) m = merged_sets(&s, (const double *)k.moments.p, k.c, 3);
+            if ((path >> 2) & 1) { /* the running update alone first, as a process without a share would */
+                snap_all(&k);
+                int64_t nbt = k.nbt;
+                int32_t u = k.dbl ? bcn_running_update_f64(k.flags, k.c, k.momentum, m, P(&k, k.rm, 3),
+                                                           (double *)k.rv.p, &k.nbt, msg, cap)
+                                  : bcn_running_update_f32(k.flags, k.c, k.momentum, m, P(&k, k.rm, 3),
+                                                           (float *)k.rv.p, &k.nbt, msg, cap);
+#ifdef FUZZ_DEBUG
+                fprintf(stderr, "update: flags %x c %lld status %d: %s\n", k.flags, (long long)k.c, u, msg);
+#endif
+                if (u != BCN_OK) check_untouched(&k, nbt);
+            }
             snap_all(&k);
+            nbt_before = k.nbt;
             st = forward(&k, 1, (u8(&s) & 7) ? m : NULL, msg, cap);
             free(m);
         }
     }
     if (st != BCN_OK) {
-        check_untouched(&k, 0);
+        check_untouched(&k, nbt_before);
     } else {
         abort_if(!sane);
         if (u8(&s) & 1) k.ctx.p[u8(&s) % (ctx_doubles * 8)] ^= (unsigned char)(1u << (u8(&s) % 8));

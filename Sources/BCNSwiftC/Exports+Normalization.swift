@@ -216,3 +216,23 @@ public func bcn_norm_backward_f64(
                                                 cnBias: gCnBias), nil, finishOnly: false, context, contextLength)
     }
 }
+
+/// The running update alone: only the batch-norm stage's flags matter (the channel-norm stage, training bit
+/// and memory format are ignored, so a layer passes the flags it passes everywhere).
+func runningUpdate<T: NormalizationScalar>(
+    _ flags: UInt32, _ channels: Int64, _ momentum: Double, _ moments: UnsafePointer<Double>?,
+    _ runningMean: UnsafeMutablePointer<T>?, _ runningVar: UnsafeMutablePointer<T>?,
+    _ numBatchesTracked: UnsafeMutablePointer<Int64>?
+) throws(BCNError) {
+    guard flags & Flag.batchNorm != 0 else {
+        throw BCNError(.invalidArgument, "flags select no batch-norm stage, which alone has running buffers")
+    }
+    let (plan, _) = try describe(flags & ~Flag.channelNorm, 1, channels, 1, 1, momentum: momentum)
+    let m = try nonNull(moments, "moments")
+    try withMoments(m, count: plan.channels) { (batch) throws(BCNError) in
+        try NormalizationEngine.updateRunningBuffers(
+            plan: plan, batchMoments: batch!,
+            state: state(nil, nil, try nonNull(runningMean, "running_mean"), try nonNull(runningVar, "running_var"),
+                         try nonNull(numBatchesTracked, "num_batches_tracked"), nil, nil))
+    }
+}

@@ -163,3 +163,27 @@ public func bcn_norm_backward_finish_f64(
                                                 cnBias: gCnBias), sums, finishOnly: true, context, contextLength)
     }
 }
+
+@_cdecl("bcn_running_update_f32")
+public func bcn_running_update_f32(
+    _ flags: UInt32, _ channels: Int64, _ momentum: Double, _ moments: UnsafePointer<Double>?,
+    _ runningMean: UnsafeMutablePointer<Float>?, _ runningVar: UnsafeMutablePointer<Float>?,
+    _ numBatchesTracked: UnsafeMutablePointer<Int64>?,
+    _ message: UnsafeMutablePointer<CChar>?, _ messageCapacity: Int64
+) -> Int32 {
+    guarded(message, messageCapacity) { () throws(BCNError) in
+        try runningUpdate(flags, channels, momentum, moments, runningMean, runningVar, numBatchesTracked)
+    }
+}
+
+@_cdecl("bcn_running_update_f64")
+public func bcn_running_update_f64(
+    _ flags: UInt32, _ channels: Int64, _ momentum: Double, _ moments: UnsafePointer<Double>?,
+    _ runningMean: UnsafeMutablePointer<Double>?, _ runningVar: UnsafeMutablePointer<Double>?,
+    _ numBatchesTracked: UnsafeMutablePointer<Int64>?,
+    _ message: UnsafeMutablePointer<CChar>?, _ messageCapacity: Int64
+) -> Int32 {
+    guarded(message, messageCapacity) { () throws(BCNError) in
+        try runningUpdate(flags, channels, momentum, moments, runningMean, runningVar, numBatchesTracked)
+    }
+}

@@ -216,6 +216,76 @@ final class CABIPhaseTests: XCTestCase {
                        -BCN_ERR_NO_FORWARD)
     }
 
+    /// The update alone from a shard's moments leaves the buffers where a training forward leaves them, bit for
+    /// bit, for every running-buffer convention; in Float32 too.
+    func testRunningUpdateAloneIsTheForwardsUpdate() {
+        let conventions: [(String, UInt32)] = [
+            ("PyTorch", UInt32(BCN_UNBIASED_RUNNING_VAR)), ("labml", UInt32(BCN_ESTIMATED)),
+            ("authors' EstBN", UInt32(BCN_ESTIMATED | BCN_VARIANCE_AROUND_RUNNING_MEAN)),
+            ("cumulative", UInt32(BCN_CUMULATIVE_AVERAGE | BCN_UNBIASED_RUNNING_VAR)),
+        ]
+        for (name, convention) in conventions {
+            for (layout, format, S) in Self.layouts {
+                let flags = UInt32(BCN_BATCH_NORM | BCN_CHANNEL_NORM) | convention | format | training
+                var forwarded = shard(flags, 3, 8, S, 4), updated = forwarded
+                XCTAssertEqual(forward(&forwarded).0, BCN_OK)
+                let (a, m) = moments(&updated)
+                XCTAssertEqual(bcn_running_update_f64(flags, 8, 0.1, m, &updated.rm, &updated.rv, &updated.nbt, nil, 0),
+                               BCN_OK)
+                XCTAssertEqual(a, BCN_OK)
+                XCTAssertEqual(updated.rm, forwarded.rm, "\(name), \(layout)")
+                XCTAssertEqual(updated.rv, forwarded.rv, "\(name), \(layout)")
+                XCTAssertEqual(updated.nbt, forwarded.nbt, "\(name), \(layout)")
+                // Float32 buffers: the forward's rounding of the Float64 update
+                let x32 = updated.x.map { Float($0) }
+                var y32 = [Float](repeating: 0, count: x32.count), ctx = updated.ctx
+                var rm1 = [Float](repeating: 0.3, count: 8), rv1 = [Float](repeating: 1.7, count: 8), n1: Int64 = 3
+                var rm2 = rm1, rv2 = rv1, n2 = n1
+                let w = [Float](repeating: 1, count: 8), g = [Float](repeating: 1, count: 4)
+                XCTAssertEqual(bcn_norm_forward_f32(flags, 3, 8, Int64(S), 4, 1e-5, 1e-5, 0.1, x32, &y32, w, w, &rm1,
+                                                    &rv1, &n1, g, g, &ctx, Int64(ctx.count), nil, 0), BCN_OK)
+                var m32 = [Double](repeating: 0, count: 24)
+                XCTAssertEqual(bcn_norm_moments_f32(flags, 3, 8, Int64(S), 4, x32, &m32, &ctx, Int64(ctx.count),
+                                                    nil, 0), BCN_OK)
+                XCTAssertEqual(bcn_running_update_f32(flags, 8, 0.1, m32, &rm2, &rv2, &n2, nil, 0), BCN_OK)
+                XCTAssertEqual(rm1, rm2, "\(name), \(layout), Float"); XCTAssertEqual(rv1, rv2, "\(name), \(layout), Float")
+                XCTAssertEqual(n1, n2)
+            }
+        }
+    }
+
+    func testRunningUpdateRefusalsWriteNothing() {
+        var s = shard(UInt32(BCN_BATCH_NORM | BCN_UNBIASED_RUNNING_VAR) | training, 2, 8, 5, 4)
+        let (_, m) = moments(&s)
+        let rm = s.rm, rv = s.rv, nbt = s.nbt
+        var message = [CChar](repeating: 0, count: 256)
+        var runningMean = s.rm, runningVar = s.rv, count = s.nbt
+        func update(_ flags: UInt32, _ channels: Int64 = 8, _ momentum: Double = 0.1, moments: [Double]) -> Int32 {
+            bcn_running_update_f64(flags, channels, momentum, moments, &runningMean, &runningVar, &count, &message, 256)
+        }
+        XCTAssertEqual(update(UInt32(BCN_CHANNEL_NORM), moments: m), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertTrue(String(cString: message).contains("batch-norm"), String(cString: message))
+        XCTAssertEqual(update(UInt32(BCN_BATCH_NORM), 0, moments: m), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(update(UInt32(BCN_BATCH_NORM), 8, 1.5, moments: m), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(update(UInt32(BCN_BATCH_NORM), 8, .nan, moments: m), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(update(1 << 30, moments: m), BCN_ERR_INVALID_ARGUMENT)
+        var one = m
+        for c in 0..<8 { one[3 * c] = 1; one[3 * c + 2] = 0 }
+        XCTAssertEqual(update(UInt32(BCN_BATCH_NORM | BCN_UNBIASED_RUNNING_VAR), moments: one), BCN_ERR_DEGENERATE)
+        var nan = m
+        nan[4] = .nan
+        XCTAssertEqual(update(UInt32(BCN_BATCH_NORM | BCN_NAN_RAISE), moments: nan), BCN_ERR_NONFINITE)
+        XCTAssertEqual(bcn_running_update_f64(UInt32(BCN_BATCH_NORM), 8, 0.1, nil, &runningMean, &runningVar,
+                                              &count, nil, 0), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(bcn_running_update_f64(UInt32(BCN_BATCH_NORM), 8, 0.1, m, &runningMean, nil, &count, nil, 0),
+                       BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(runningMean, rm); XCTAssertEqual(runningVar, rv); XCTAssertEqual(count, nbt)
+        // one value per channel is fine for biased estimates
+        XCTAssertEqual(update(UInt32(BCN_BATCH_NORM | BCN_ESTIMATED), moments: one), BCN_OK)
+        XCTAssertEqual(count, nbt + 1)
+        XCTAssertNotEqual(runningMean, rm)
+    }
+
     func testNonFiniteMomentsPhaseWritesNothing() {
         var s = shard(UInt32(BCN_BATCH_NORM | BCN_CHANNEL_NORM | BCN_NAN_RAISE) | training, 2, 8, 20, 4)
         s.x[5 * 20 + 3] = Double.nan

@@ -235,6 +235,38 @@ static PyObject *norm_moments(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* running_update(flags, momentum, moments, running_mean, running_var, num_batches_tracked): the running
+ * buffers' update alone from the batch's moments (3*C doubles); C is the running mean's length. */
+static PyObject *running_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 6, "running_update") < 0) return NULL;
+    uint32_t flags;
+    if (parse_flags(args[0], &flags) < 0) return NULL;
+    double momentum = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyArray_Check(args[3])) {
+        PyErr_Format(PyExc_TypeError, "running_mean must be a numpy array, got %s", Py_TYPE(args[3])->tp_name);
+        return NULL;
+    }
+    int typenum = PyArray_TYPE((PyArrayObject *)args[3]);
+    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
+        PyErr_SetString(PyExc_TypeError, "running_mean must be float32 or float64");
+        return NULL;
+    }
+    npy_intp c = PyArray_SIZE((PyArrayObject *)args[3]);
+    void *moments, *rm, *rv, *nbt;
+    if (take_doubles(args[2], "moments", 3 * c, 0, 0, &moments) < 0 ||
+        take(args[3], "running_mean", typenum, 1, c, 0, 0, &rm) < 0 ||
+        take(args[4], "running_var", typenum, 1, c, 0, 0, &rv) < 0 ||
+        take(args[5], "num_batches_tracked", NPY_INT64, 1, 1, 0, 0, &nbt) < 0)
+        return NULL;
+    char message[MESSAGE_CAPACITY];
+    int32_t status = typenum == NPY_FLOAT32
+        ? bcn_running_update_f32(flags, (int64_t)c, momentum, moments, rm, rv, nbt, message, MESSAGE_CAPACITY)
+        : bcn_running_update_f64(flags, (int64_t)c, momentum, moments, rm, rv, nbt, message, MESSAGE_CAPACITY);
+    if (status != BCN_OK) return raise_status(status, message);
+    Py_RETURN_NONE;
+}
+
 /* merge(kind, sets) with sets a C-contiguous float64 array [n, width*C] (width 3: moments, 2: gradient sums);
  * returns a new [width*C] array. */
 static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -424,6 +456,7 @@ static PyObject *get_num_threads(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"norm_forward", FASTCALL(norm_forward), "fused normalization forward (or its phase (c))"},
     {"norm_moments", FASTCALL(norm_moments), "forward phase (a): plane moments and the batch's moments"},
+    {"running_update", FASTCALL(running_update), "the running buffers' update alone, from the batch's moments"},
     {"merge", FASTCALL(merge), "phase (b): merge moment sets (width 3) or gradient sums (width 2)"},
     {"norm_backward", FASTCALL(norm_backward), "fused normalization backward (or its phase (c))"},
     {"norm_backward_sums", FASTCALL(norm_backward_sums), "backward phase (a): plane and per-channel sums"},

@@ -63,15 +63,46 @@ enum BatchNormStage {
         }
     }
 
+    /// The running-buffer update from the batch's moments per channel: with factor f = momentum (or
+    /// 1/num_batches_tracked), running ← (1 - f) running + f·batch, the variance folded in being the biased one,
+    /// times n/(n-1) if unbiased, plus (mean - running mean)² when measured around the running mean (the authors'
+    /// EstBN). The new values go to `newMean` and `newVar` in Float64 (C each), and rounded to T into `staged`
+    /// (2·C values), which the returned update commits once nothing can fail.
+    static func runningUpdate<T: NormalizationScalar>(
+        _ bn: BatchNormOptions, batch: UnsafePointer<Moments>, state: NormalizationState<T>, channels C: Int,
+        newMean: UnsafeMutablePointer<Double>, newVar: UnsafeMutablePointer<Double>, staged: UnsafeMutablePointer<T>
+    ) -> RunningUpdate<T> {
+        let rm = state.runningMean!, rv = state.runningVar!, nbt = state.numBatchesTracked!
+        // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable, except
+        // when the cumulative average needs the count.
+        let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
+        let count = counts ? nbt.pointee &+ 1 : nbt.pointee
+        let factor = bn.momentum ?? 1 / Double(count)
+        let update = RunningUpdate<T>(mean: staged, variance: staged + C, count: count)
+        for c in 0..<C {
+            let moments = batch[c], n = moments.count
+            let oldMean = Double(rm[c]), oldVar = Double(rv[c])
+            var folded = moments.variance
+            if bn.statistics == .estimated && bn.varianceCentre == .runningMean {
+                let d = moments.mean - oldMean
+                folded += d * d  // (1/n) Σ (x - μ_old)² = biased variance + (mean - μ_old)²
+            }
+            if bn.unbiasedRunningVariance { folded *= n / (n - 1) }
+            newMean[c] = (1 - factor) * oldMean + factor * moments.mean
+            newVar[c] = (1 - factor) * oldVar + factor * folded
+            update.mean[c] = T(newMean[c])
+            update.variance[c] = T(newVar[c])
+        }
+        return update
+    }
+
     /// The stage's map into the context: μ, 1/σ, a = γ/σ and β per channel (0, 1, 1, 0 without the stage).
     ///
-    /// In training, `batch` holds the batch's moments per channel and the running update is staged in
-    /// `staged` (2·C values) and returned: with factor f = momentum (or 1/num_batches_tracked), running ←
-    /// (1 - f) running + f·batch, the variance folded in being the biased one, times n/(n-1) if unbiased, plus
-    /// (mean - running mean)² when measured around the running mean (the authors' EstBN). Batch statistics
-    /// normalize with the batch's mean and biased variance; estimates with the new running values, before they
-    /// are rounded to T (in Float32 a mean of 100 rounds by 4e-6, which a spread of 0.01 would magnify to 4e-4).
-    /// In eval the running buffers are the statistics.
+    /// In training, `batch` holds the batch's moments per channel; the running update (`runningUpdate`) is
+    /// staged in `staged` (2·C values) and returned. Batch statistics normalize with the batch's mean and biased
+    /// variance; estimates with the new running values, before they are rounded to T (in Float32 a mean of 100
+    /// rounds by 4e-6, which a spread of 0.01 would magnify to 4e-4). In eval the running buffers are the
+    /// statistics.
     static func finish<T: NormalizationScalar>(
         plan: NormalizationPlan, training: Bool, batch: UnsafePointer<Moments>?, state: NormalizationState<T>,
         context ctx: NormalizationContext, staged: UnsafeMutablePointer<T>
@@ -79,44 +110,27 @@ enum BatchNormStage {
         let C = plan.channels
         let mu = ctx.mu, invSigma = ctx.invSigma, a = ctx.a, beta = ctx.beta
         guard let bn = plan.batchNorm, let gamma = state.bnWeight, let bias = state.bnBias,
-              let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else {
+              let rm = state.runningMean, let rv = state.runningVar else {
             for c in 0..<C { mu[c] = 0; invSigma[c] = 1; a[c] = 1; beta[c] = 0 }
             return ([], nil)
         }
         var flags: NormalizationContext.Flags = [.batchNorm]
         var update: RunningUpdate<T>? = nil
         if training, let batch {
-            // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable,
-            // except when the cumulative average needs the count.
-            let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
-            let count = counts ? nbt.pointee &+ 1 : nbt.pointee
-            let factor = bn.momentum ?? 1 / Double(count)
-            let u = RunningUpdate<T>(mean: staged, variance: staged + C, count: count)
+            // the new estimates in Float64, in the slots of μ and 1/σ until they become those
+            update = runningUpdate(bn, batch: batch, state: state, channels: C, newMean: mu, newVar: invSigma,
+                                   staged: staged)
             for c in 0..<C {
-                let moments = batch[c], n = moments.count
-                let oldMean = Double(rm[c]), oldVar = Double(rv[c])
-                var folded = moments.variance
-                if bn.statistics == .estimated && bn.varianceCentre == .runningMean {
-                    let d = moments.mean - oldMean
-                    folded += d * d  // (1/n) Σ (x - μ_old)² = biased variance + (mean - μ_old)²
-                }
-                if bn.unbiasedRunningVariance { folded *= n / (n - 1) }
-                let newMean = (1 - factor) * oldMean + factor * moments.mean
-                let newVar = (1 - factor) * oldVar + factor * folded
-                u.mean[c] = T(newMean)
-                u.variance[c] = T(newVar)
                 switch bn.statistics {
                 case .batch:
-                    mu[c] = moments.mean
-                    invSigma[c] = 1 / (moments.variance + bn.eps).squareRoot()
+                    mu[c] = batch[c].mean
+                    invSigma[c] = 1 / (batch[c].variance + bn.eps).squareRoot()
                 case .estimated:
-                    mu[c] = newMean
-                    invSigma[c] = 1 / (newVar + bn.eps).squareRoot()
+                    invSigma[c] = 1 / (invSigma[c] + bn.eps).squareRoot()
                 }
             }
             if bn.statistics == .batch { flags.insert(.gradientThroughBatchStatistics) }
             ctx.statisticsCount = batch[0].count
-            update = u
         } else {
             for c in 0..<C {
                 mu[c] = Double(rm[c])

@@ -116,6 +116,36 @@ public enum NormalizationEngine {
                arena: &arena)
     }
 
+    /// The running-buffer update alone, from the batch's moments per channel (count, mean, M2; C of them, from
+    /// phase (a) or merged by phase (b)): what a process holding no share of a batch runs so its buffers follow
+    /// the others', and what a framework calls that keeps the buffers' update apart from the (differentiable)
+    /// normalization. The stage's weights are not read (may be nil). Writes nothing unless it succeeds.
+    @_specialize(where T == Float)
+    @_specialize(where T == Double)
+    public static func updateRunningBuffers<T: NormalizationScalar>(
+        plan: NormalizationPlan, batchMoments: UnsafePointer<Moments>, state: NormalizationState<T>
+    ) throws(BCNError) {
+        try plan.validate()
+        guard let bn = plan.batchNorm else {
+            throw BCNError(.invalidArgument, "only a batch-norm stage has running buffers")
+        }
+        guard state.runningMean != nil, state.runningVar != nil, state.numBatchesTracked != nil else {
+            throw BCNError(.invalidArgument, "the running mean, running variance and batch count must not be null")
+        }
+        let C = plan.channels
+        try checkBatchMoments(bn, batchMoments, channels: C)
+        if plan.nanPolicy == .raise,
+           let c = (0..<C).first(where: { !batchMoments[$0].mean.isFinite || !batchMoments[$0].m2.isFinite }) {
+            throw BCNError(.nonFinite, "batch moments of channel \(c) hold NaN or infinity")
+        }
+        var arena = ScratchArena(bytes: ScratchArena.bytes(2 * C, of: Double.self)
+                                        + ScratchArena.bytes(2 * C, of: T.self))
+        let values = arena.take(2 * C, of: Double.self)
+        BatchNormStage.runningUpdate(bn, batch: batchMoments, state: state, channels: C, newMean: values,
+                                     newVar: values + C, staged: arena.take(2 * C, of: T.self))
+            .commit(state, channels: C)
+    }
+
     // MARK: the phases on a layout
 
     static func localMoments<T: NormalizationScalar>(

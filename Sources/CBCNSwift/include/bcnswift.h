@@ -193,6 +193,21 @@ int32_t bcn_norm_finish_f64(uint32_t flags, int64_t batch, int64_t channels, int
                             char *message, int64_t message_capacity);
 
 /*
+ * The running-buffer update alone, from the batch's moments per channel (3*channels doubles, from phase (a) or
+ * merged by phase (b)), exactly as phase (c) would make it in training: for a process that holds no share of a
+ * batch but keeps its buffers in step, or a framework that separates the buffers' update from the normalization
+ * (then normalize with BCN_ESTIMATED in eval mode on the updated buffers). Only the batch-norm flags count:
+ * BCN_BATCH_NORM is required, BCN_CHANNEL_NORM, BCN_TRAINING and BCN_CHANNELS_LAST are ignored. With
+ * BCN_NAN_RAISE, non-finite moments fail with BCN_ERR_NONFINITE.
+ */
+int32_t bcn_running_update_f32(uint32_t flags, int64_t channels, double momentum, const double *moments,
+                               float *running_mean, float *running_var, int64_t *num_batches_tracked,
+                               char *message, int64_t message_capacity);
+int32_t bcn_running_update_f64(uint32_t flags, int64_t channels, double momentum, const double *moments,
+                               double *running_mean, double *running_var, int64_t *num_batches_tracked,
+                               char *message, int64_t message_capacity);
+
+/*
  * 1 if the backward of the forward that filled `context` needs the whole batch's gradient sums (a batch-norm
  * stage trained with batch statistics), 0 if not, or a negative status (-BCN_ERR_NO_FORWARD, ...) if the context
  * holds no such forward.

@@ -1,0 +1,68 @@
+"""The statistics phases through the extension: moments, merge and the running update alone agree with the
+fused forward, for every convention with running buffers."""
+import numpy as np
+import pytest
+
+import bcnswift
+from bcnswift import _ext
+
+from conftest import CONVENTIONS, Pair, random_input
+
+BN_CONVENTIONS = [c for c in CONVENTIONS if "ChannelNorm" not in c.name or "Batch" in c.name]
+
+
+def _moments(layer, x):
+    flags = layer._call_flags()
+    m = np.empty(3 * x.shape[1])
+    ctx = np.empty(_ext.context_length(x.shape[0], x.shape[1], layer.num_groups))
+    _ext.norm_moments(flags, layer.num_groups, x, m, ctx)
+    return m
+
+
+@pytest.mark.parametrize("convention", BN_CONVENTIONS, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_update_alone_is_the_forwards_update(convention, dtype, rng):
+    pair = Pair(convention, 8, 4, dtype, rng, momentum=0.3)
+    alone = convention.make(8, 4, dtype, 0.3)
+    # (not estbn_moving_speed: a float32 buffer would round the momentum)
+    alone.load_state_dict({k: v for k, v in pair.ours.state_dict().items() if "moving_speed" not in k})
+    for step in range(3):
+        x = random_input(rng, (3, 8, 5, 4)).astype(dtype)
+        pair.ours(x)
+        flags = alone._call_flags()
+        momentum = 0.0 if alone.momentum is None else alone.momentum
+        _ext.running_update(flags, momentum, _moments(alone, x), alone.running_mean, alone.running_var,
+                            alone.num_batches_tracked)
+        for key, value in pair.ours.state_dict().items():
+            np.testing.assert_array_equal(alone.state_dict()[key], value, err_msg=f"{convention}: {key}, step {step}")
+
+
+def test_running_update_refusals_change_nothing(rng):
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+    x = random_input(rng, (2, 8, 3))
+    m = _moments(layer, x)
+    before = layer.state_dict()
+    flags = layer._call_flags()
+    rm, rv, nbt = layer.running_mean, layer.running_var, layer.num_batches_tracked
+    with pytest.raises(ValueError, match="batch-norm"):
+        _ext.running_update(_ext.BCN_CHANNEL_NORM, 0.1, m, rm, rv, nbt)
+    with pytest.raises(ValueError, match="momentum"):
+        _ext.running_update(flags, 2.0, m, rm, rv, nbt)
+    with pytest.raises(ValueError, match="moments has 21 elements"):
+        _ext.running_update(flags, 0.1, m[:21], rm, rv, nbt)
+    with pytest.raises(TypeError, match="running_var has dtype float32"):
+        _ext.running_update(flags, 0.1, m, rm, rv.astype(np.float32), nbt)
+    bad = m.copy()
+    bad[3] = 2.5  # channel 1's count is not channel 0's
+    with pytest.raises(ValueError, match="channel 1"):
+        _ext.running_update(flags, 0.1, bad, rm, rv, nbt)
+    one = m.copy()
+    one[0::3], one[2::3] = 1, 0
+    with pytest.raises(ValueError, match="more than 1 value"):
+        _ext.running_update(flags, 0.1, one, rm, rv, nbt)
+    nan = m.copy()
+    nan[1] = np.nan
+    with pytest.raises(FloatingPointError, match="channel 0"):
+        _ext.running_update(flags | _ext.BCN_NAN_RAISE, 0.1, nan, rm, rv, nbt)
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
