@@ -4,6 +4,7 @@ np.copyto of the same tensor, measured in one run with the same thread count.
     python3 -m bcnswift.bench                 # the shapes of the README table
     python3 -m bcnswift.bench --quick         # fewer repetitions
     python3 -m bcnswift.bench --no-reference  # skip the (slow) numpy reference
+    python3 -m bcnswift.bench --torch         # PyTorch training steps (bcnswift/torch/bench.py)
 
 Times are medians over repeats; ratios are computed from medians measured in this same run. `fwd` and
 `fwd+bwd` write into preallocated outputs (`out=`), as `np.copyto` does, so their ratios to the copy compare the
@@ -45,55 +46,8 @@ def median_time(fn, min_seconds=0.02, repeats=7):
 
 
 def torch_bcnorm(num_channels, num_groups, estimate):
-    """The authors' BCNorm and EstBN, as in their repository."""
-    import torch
-    from torch import nn
-    from torch.nn import Parameter
-
-    class EstBN(nn.Module):
-        def __init__(self, num_features):
-            super().__init__()
-            self.num_features = num_features
-            self.weight = Parameter(torch.ones(num_features))
-            self.bias = Parameter(torch.zeros(num_features))
-            self.register_buffer('running_mean', torch.zeros(num_features))
-            self.register_buffer('running_var', torch.ones(num_features))
-            self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
-            self.register_buffer('estbn_moving_speed', torch.zeros(1))
-
-        def forward(self, inp):
-            ms = self.estbn_moving_speed.item()
-            if self.training:
-                with torch.no_grad():
-                    inp_t = inp.transpose(0, 1).contiguous().view(self.num_features, -1)
-                    running_mean = inp_t.mean(dim=1)
-                    inp_t = inp_t - self.running_mean.view(-1, 1)
-                    running_var = torch.mean(inp_t * inp_t, dim=1)
-                    self.running_mean.data.mul_(1 - ms).add_(ms * running_mean.data)
-                    self.running_var.data.mul_(1 - ms).add_(ms * running_var.data)
-            out = inp - self.running_mean.view(1, -1, 1, 1)
-            out = out / torch.sqrt(self.running_var + 1e-5).view(1, -1, 1, 1)
-            weight = self.weight.view(1, -1, 1, 1)
-            bias = self.bias.view(1, -1, 1, 1)
-            return weight * out + bias
-
-    class BCNorm(nn.Module):
-        def __init__(self, num_channels, num_groups, eps, estimate=False):
-            super().__init__()
-            self.num_channels = num_channels
-            self.num_groups = num_groups
-            self.eps = eps
-            self.weight = Parameter(torch.ones(1, num_groups, 1))
-            self.bias = Parameter(torch.zeros(1, num_groups, 1))
-            self.bn = EstBN(num_channels) if estimate else nn.BatchNorm2d(num_channels)
-
-        def forward(self, inp):
-            out = self.bn(inp)
-            out = out.view(1, inp.size(0) * self.num_groups, -1)
-            out = torch.batch_norm(out, None, None, None, None, True, 0, self.eps, True)
-            out = out.view(inp.size(0), self.num_groups, -1)
-            out = self.weight * out + self.bias
-            return out.view_as(inp)
+    """The authors' BCNorm (with EstBN moving at speed 0.1 when estimating), as in their repository."""
+    from bcnswift.torch.reference import BCNorm
 
     m = BCNorm(num_channels, num_groups, 1e-5, estimate)
     if estimate:
@@ -188,9 +142,19 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--threads", type=int, default=0, help="worker threads (default: bcnswift's default)")
+    p.add_argument("--torch", action="store_true",
+                   help="instead: PyTorch training steps, the authors' modules against bcnswift.torch")
+    p.add_argument("--models", default="small,resnet18", help="with --torch: models to run")
+    p.add_argument("--estimate", action="store_true", help="with --torch: BCN with estimated statistics")
+    p.add_argument("--json", metavar="FILE", help="with --torch: also write the results as JSON")
     a = p.parse_args(argv)
     if a.threads:
         bcnswift.set_num_threads(a.threads)
+    if a.torch:
+        from bcnswift.torch import bench as torch_bench
+        torch_bench.run(models=a.models.split(","), repeats=7 if a.quick else 15, estimate=a.estimate,
+                        json_path=a.json)
+        return
     run(SHAPES, quick=a.quick, reference=not a.no_reference, use_torch=not a.no_torch)
 
 

@@ -1,0 +1,23 @@
+"""bcnswift.torch: Batch-Channel Normalization and Weight Standardization for PyTorch, on bcnswift's kernels.
+
+    import torch, bcnswift.torch as bt
+    model = bt.convert(torchvision_model, num_groups=32)       # BN/GN -> the authors' BCNorm, Conv2d -> WS
+    norm = bt.BCNorm(64, 32, 1e-5, estimate=True)               # the authors' module, state dict and all
+    model = torch.compile(model, fullgraph=True)                # custom ops: no graph break
+
+The modules carry the documents' names, arguments and state-dict keys (the authors' BCNorm/EstBN, labml's
+BatchChannelNorm/BatchNorm/EstimatedBatchNorm/ChannelNorm, WS Conv1d/2d/3d/ConvTranspose2d/Linear); CPU float32
+and float64 tensors run on the fused Swift kernels through the custom ops in ``bcnswift::`` (see _ops.py), and
+everything else (CUDA, MPS, half precision, or BCNSWIFT_TORCH_COMPOSED=1) on the same math composed of torch
+operations. Importing bcnswift alone never imports torch; this module needs torch >= 2.4.
+"""
+from . import _ops  # registers the custom ops
+from .convert import convert, fold_weight_standardization, largest_divisor_at_most
+from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, weight_standardization
+from .modules import BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, EstimatedBatchNorm
+from .weight_standardized import Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear
+
+__all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "Conv1d",
+           "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
+           "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
+           "largest_divisor_at_most"]

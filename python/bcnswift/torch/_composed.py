@@ -1,0 +1,96 @@
+"""The same normalization composed of plain torch operations: for tensors the Swift kernels do not take (CUDA,
+MPS, bfloat16 and float16 as autocast makes them, mixed dtypes), and on request (BCNSWIFT_TORCH_COMPOSED=1).
+
+It follows the documents' formulas, in the input's precision (at least float32), differentiable by autograd
+to any order; the running buffers are updated in place without gradient, as every document does.
+"""
+import torch
+
+from .. import _ext
+
+
+def _compute_dtype(x):
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _channel_view(t, x):
+    """A per-channel vector broadcast against [B, C, *]."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def running_update_(running_mean, running_var, num_batches_tracked, x, flags, momentum, moving_speed):
+    """The documents' running update from the batch x ([B, C, *]); returns nothing, writes the buffers."""
+    with torch.no_grad():
+        xs = x.detach().to(_compute_dtype(x)).transpose(0, 1).reshape(x.shape[1], -1)
+        n = xs.shape[1]
+        mean = xs.mean(dim=1)
+        estimated = bool(flags & _ext.BCN_ESTIMATED)
+        around_running = estimated and bool(flags & _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN)
+        centre = running_mean.to(xs.dtype) if around_running else mean
+        var = ((xs - centre[:, None]) ** 2).mean(dim=1)
+        if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
+            var = var * (n / (n - 1))
+        counts = not around_running or bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
+        if counts:
+            num_batches_tracked.add_(1)
+        if flags & _ext.BCN_CUMULATIVE_AVERAGE:
+            factor = 1.0 / float(num_batches_tracked)
+        elif moving_speed is not None:
+            factor = moving_speed.reshape(-1)[0].to(xs.dtype)
+        else:
+            factor = momentum
+        running_mean.copy_((1 - factor) * running_mean.to(xs.dtype) + factor * mean)
+        running_var.copy_((1 - factor) * running_var.to(xs.dtype) + factor * var)
+
+
+def normalize(x, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps):
+    """y for x ([B, C, *]); batch statistics when flags has BCN_TRAINING, else the running buffers as they are."""
+    dt = _compute_dtype(x)
+    out_dtype = x.dtype
+    y = x.to(dt)
+    if flags & _ext.BCN_BATCH_NORM:
+        if flags & _ext.BCN_TRAINING:
+            dims = [0] + list(range(2, x.dim()))
+            mean = y.mean(dim=dims, keepdim=True)
+            var = ((y - mean) ** 2).mean(dim=dims, keepdim=True)
+            y = (y - mean) / torch.sqrt(var + bn_eps)
+        else:
+            y = (y - _channel_view(running_mean.to(dt), y)) / _channel_view(torch.sqrt(running_var.to(dt) + bn_eps), y)
+        if bn_weight is not None:
+            y = _channel_view(bn_weight.to(dt), y) * y
+        if bn_bias is not None:
+            y = y + _channel_view(bn_bias.to(dt), y)
+    if flags & _ext.BCN_CHANNEL_NORM:
+        shape = y.shape
+        g = y.reshape(shape[0], groups, -1)
+        mean = g.mean(dim=-1, keepdim=True)
+        var = ((g - mean) ** 2).mean(dim=-1, keepdim=True)
+        g = (g - mean) / torch.sqrt(var + eps)
+        if cn_weight is not None:
+            g = cn_weight.to(dt).reshape(1, groups, 1) * g
+        if cn_bias is not None:
+            g = g + cn_bias.to(dt).reshape(1, groups, 1)
+        y = g.reshape(shape)
+    y = y.to(out_dtype)
+    if x.dim() >= 4 and x.is_contiguous(memory_format=_memory_format(x)) and not x.is_contiguous():
+        y = y.contiguous(memory_format=_memory_format(x))
+    return y
+
+
+def _memory_format(x):
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d if x.dim() == 5 else torch.contiguous_format
+
+
+def weight_standardization(w, eps, flags):
+    """Each w[o] standardized over its fan-in: (w - mean) / sqrt(var + eps) with BCN_WS_EPS_IN_SQRT (labml),
+    else (w - mean) / (std + eps) (the authors'); var and std unbiased with BCN_WS_UNBIASED."""
+    dt = _compute_dtype(w)
+    flat = w.to(dt).reshape(w.shape[0], -1)
+    unbiased = bool(flags & _ext.BCN_WS_UNBIASED)
+    mean = flat.mean(dim=1, keepdim=True)
+    var = flat.var(dim=1, keepdim=True, unbiased=unbiased)
+    if flags & _ext.BCN_WS_EPS_IN_SQRT:
+        out = (flat - mean) / torch.sqrt(var + eps)
+    else:
+        out = (flat - mean) / (torch.sqrt(var) + eps)
+    return out.reshape(w.shape).to(w.dtype)

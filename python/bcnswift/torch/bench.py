@@ -1,0 +1,133 @@
+"""The benchmark a PyTorch user cares about: one training step of a ResNet with WS convolutions and BCN, with
+the authors' modules and with bcnswift.torch, eager and compiled (``python -m bcnswift.bench --torch``).
+
+Models (CIFAR-style: 3x3 stem, 4 stages of 2 basic blocks, strides 1, 2, 2, 2, average pool, linear to 10):
+  small     widths 32, 64, 128, 256, 16 groups
+  resnet18  widths 64, 128, 256, 512, 32 groups
+A step is forward, cross-entropy, backward and SGD (momentum 0.9) on a batch of 8 32x32 images, with the
+default thread counts. Each model runs four ways: the authors' modules (reference.py: BCNorm on nn.BatchNorm2d,
+their WS Conv2d) eager and under torch.compile, and bcnswift.torch eager and compiled.
+
+The normalization's share of a step is 1 - t(same model, normalization layers replaced by nn.Identity) / t(step),
+each measured the same way (eager or compiled), in the same run. Times are medians of repeated steps after a
+warm-up (which includes compiling).
+"""
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from . import BCNorm, Conv2d, largest_divisor_at_most
+from . import reference as R
+
+MODELS = {"small": ((32, 64, 128, 256), 16), "resnet18": ((64, 128, 256, 512), 32)}
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride, conv, norm):
+        super().__init__()
+        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = conv(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.bn2 = norm(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), norm(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def resnet(widths, conv, norm, classes=10):
+    layers = [conv(3, widths[0], 3, padding=1, bias=False), norm(widths[0]), nn.ReLU()]
+    cin = widths[0]
+    for i, w in enumerate(widths):
+        for j in range(2):
+            layers.append(_Block(cin, w, 2 if (i > 0 and j == 0) else 1, conv, norm))
+            cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def build(model, way, estimate, normalization=True):
+    """The model `model` ("small", "resnet18") built the `way` ("authors", "bcnswift"); with
+    normalization=False, the same model with every normalization layer an nn.Identity."""
+    widths, groups = MODELS[model]
+    if not normalization:
+        def norm(c):
+            return nn.Identity()
+    elif way == "authors":
+        def norm(c):
+            m = R.BCNorm(c, largest_divisor_at_most(c, groups), 1e-5, estimate=estimate)
+            if estimate:
+                m.bn.estbn_moving_speed.fill_(0.1)
+            return m
+    else:
+        def norm(c):
+            m = BCNorm(c, largest_divisor_at_most(c, groups), 1e-5, estimate=estimate)
+            if estimate:
+                m.bn.estbn_moving_speed.fill_(0.1)
+            return m
+    conv = R.AuthorsConv2d if way == "authors" else Conv2d
+    torch.manual_seed(0)
+    return resnet(widths, conv, norm)
+
+
+def step_time(model, compiled, repeats, warmup, batch=8):
+    """Median seconds of one training step."""
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32) + 0.5
+    target = torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    run = torch.compile(model) if compiled else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(run(x), target).backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
+                                         "bcnswift compiled"), repeats=15, warmup=3, estimate=False,
+        json_path=None):
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); training step: batch 8, 32x32, "
+          f"SGD; BCN estimate={estimate}; median of {repeats} steps")
+    results = {}
+    for model in models:
+        for way in ways:
+            who, mode = way.split()
+            compiled = mode == "compiled"
+            t = step_time(build(model, who, estimate), compiled, repeats, warmup)
+            t_bare = step_time(build(model, who, estimate, normalization=False), compiled, repeats, warmup)
+            share = max(0.0, 1 - t_bare / t)
+            results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": share}
+            print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {share * 100:.0f}%", flush=True)
+            torch._dynamo.reset()
+    ratios = {}
+    for model in models:
+        def ms(way):
+            return results.get(f"{model} {way}", {}).get("ms_per_step")
+        for num, den in (("authors eager", "bcnswift eager"), ("authors compiled", "bcnswift compiled"),
+                         ("bcnswift eager", "bcnswift compiled")):
+            if ms(num) and ms(den):
+                key = f"{model}: {num} / {den}"
+                ratios[key] = ms(num) / ms(den)
+                print(f"{key} = {ratios[key]:.2f}x")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "estimate": estimate,
+                       "repeats": repeats, "results": results, "ratios": ratios}, f, indent=2)
+    return results, ratios

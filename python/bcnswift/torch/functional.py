@@ -1,0 +1,108 @@
+"""The functional form of bcnswift.torch: one fused call per layer, on the Swift kernels when they take the
+tensors (CPU float32/float64, every tensor of the input's dtype) and composed of torch operations otherwise.
+
+``batch_channel_norm(x, bn, cn)`` normalizes x ([B, C, *]) with a batch-norm stage described by ``bn``
+(a ``BatchNormStage``), a channel-norm stage described by ``cn`` (a ``ChannelNormStage``), or both fused.
+Modules build the stages from their parameters and buffers on every call; the running buffers in ``bn`` are
+updated in place when ``bn.training`` and ``bn.track_running_stats`` (as torch.nn.BatchNorm2d does).
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _ext
+from . import _composed, _ops
+
+#: True when BCNSWIFT_TORCH_COMPOSED is set (to anything but "" or "0") at import: every call then takes the
+#: composed pure-torch path, which tests and debugging compare against the kernels.
+COMPOSED = os.environ.get("BCNSWIFT_TORCH_COMPOSED", "") not in ("", "0")
+
+
+class BatchNormStage(NamedTuple):
+    """A batch-norm stage: its convention (ABI flags: BCN_BATCH_NORM plus BCN_ESTIMATED,
+    BCN_UNBIASED_RUNNING_VAR, BCN_VARIANCE_AROUND_RUNNING_MEAN as the document says), its parameters (None:
+    not affine) and buffers (None: no running statistics), and the mode."""
+    flags: int
+    eps: float
+    momentum: Optional[float]  # None: cumulative average (1/num_batches_tracked)
+    moving_speed: Optional[torch.Tensor]  # the authors' EstBN: the update rate is this buffer's value
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    training: bool
+    track_running_stats: bool
+
+
+class ChannelNormStage(NamedTuple):
+    """A channel-norm stage: per sample, statistics over each of `groups` groups of channels, then a per-group
+    affine (None: not affine)."""
+    groups: int
+    eps: float
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def _fast(x, tensors):
+    if COMPOSED or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == x.dtype) for t in tensors)
+
+
+def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNormStage]):
+    """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring."""
+    if x.dim() < 2:
+        raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    flags, groups, eps = 0, 1, 1e-5
+    tensors = []
+    if cn is not None:
+        flags |= _ext.BCN_CHANNEL_NORM
+        groups, eps = cn.groups, cn.eps
+        tensors += [cn.weight, cn.bias]
+    if bn is None:
+        if not _fast(x, tensors):
+            return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
+        return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)[0]
+    flags |= bn.flags
+    batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    if bn.momentum is None:
+        flags |= _ext.BCN_CUMULATIVE_AVERAGE
+    momentum = 0.0 if bn.momentum is None else float(bn.momentum)
+    estimated = update and bool(flags & _ext.BCN_ESTIMATED)
+    tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    cn_weight, cn_bias = (cn.weight, cn.bias) if cn is not None else (None, None)
+    buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    if not _fast(x, tensors):
+        if update:
+            _composed.running_update_(*buffers, x, flags, momentum, bn.moving_speed)
+        train = batch_statistics and not estimated
+        return _composed.normalize(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight, cn_bias,
+                                   flags | (_ext.BCN_TRAINING if train else 0), groups, eps, bn.eps)
+    if not update:
+        train = _ext.BCN_TRAINING if batch_statistics else 0
+        return _ops.normalize(x, None, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
+                              cn_bias, flags | train, groups, eps, bn.eps)[0]
+    # training with running buffers: one pass for the moments, the buffers' update, then the normalization
+    # with the batch's statistics, or (estimated) with the updated buffers, held constant as the documents do
+    context, moments = _ops.moments(x.detach(), flags, groups)
+    _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
+    if estimated:
+        return _ops.normalize(x, context, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
+                              cn_bias, flags, groups, eps, bn.eps)[0]
+    return _ops.normalize(x, context, moments, bn.weight, bn.bias, None, None, cn_weight, cn_bias,
+                          flags | _ext.BCN_TRAINING, groups, eps, bn.eps)[0]
+
+
+def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True):
+    """w with each output channel (w[o]) standardized over its fan-in: (w - mean) / (std + eps) (the authors'
+    convolution; eps_in_sqrt=False) or (w - mean) / sqrt(var + eps) (labml; eps_in_sqrt=True), with the unbiased
+    std and var unless unbiased=False. Differentiable."""
+    flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
+    if COMPOSED or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
+        return _composed.weight_standardization(w, eps, flags)
+    return _ops.weight_standardization(w, float(eps), flags)

@@ -1,0 +1,204 @@
+"""The documents' normalization modules, under their own names, arguments and state-dict keys, each one fused
+call (functional.batch_channel_norm).
+
+The authors' (seed 003): ``BCNorm(num_channels, num_groups, eps, estimate=False)`` holding ``bn``, a real
+``torch.nn.BatchNorm2d`` (estimate=False) or ``EstBN`` (estimate=True), and the per-group ``weight``/``bias``
+of shape (1, G, 1).
+
+labml's (seeds 000, 001, 004): ``BatchChannelNorm(channels, groups, eps, momentum, estimate=True)`` holding
+``batch_norm`` (``EstimatedBatchNorm`` or ``BatchNorm``) and ``channel_norm`` (``ChannelNorm``), with
+``scale``/``shift`` parameters and ``exp_mean``/``exp_var`` buffers.
+
+Every module takes input of any rank >= 2 ([B, C, *]), in C order or channels_last memory (kept by the
+output), and runs on any device and dtype (the kernels take CPU float32/float64; the rest is composed).
+"""
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import _ext
+from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
+
+_TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
+_AUTHORS_ESTBN = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
+_LABML_BN = _ext.BCN_BATCH_NORM
+_LABML_ESTIMATED = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED
+
+
+def _check_channels(x, channels, who):
+    if x.dim() < 2 or x.shape[1] != channels:
+        raise ValueError(f"{who} expects an input [B, {channels}, *], got shape {tuple(x.shape)}")
+
+
+def _check_groups(channels, groups):
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+        raise ValueError(f"the number of groups must be a positive int, got {groups!r}")
+    if channels % groups:
+        raise ValueError(f"the channel count ({channels}) must be divisible by the number of groups ({groups})")
+
+
+def torch_batch_norm_stage(bn):
+    """The stage of a torch.nn.BatchNorm{1,2,3}d (any _BatchNorm): batch statistics in training, running
+    variance stored unbiased, momentum None for a cumulative average, as PyTorch does."""
+    return BatchNormStage(_TORCH_BN, bn.eps, bn.momentum, None, bn.weight, bn.bias, bn.running_mean,
+                          bn.running_var, bn.num_batches_tracked, bn.training, bn.track_running_stats)
+
+
+class EstBN(nn.Module):
+    """The authors' estimated batch norm (seed 003): in training, first fold the batch into the running buffers,
+    the variance measured around the running mean before its update, at the rate held in the buffer
+    ``estbn_moving_speed`` (which starts at 0, freezing the estimates until set); then normalize with them,
+    held constant for the gradient. ``num_batches_tracked`` never advances (as in the authors' code).
+
+    Args:
+        num_features: C.
+        eps: added to running_var (the authors' code fixes it at 1e-5; ``convert`` keeps a replaced layer's).
+    """
+
+    def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("estbn_moving_speed", torch.zeros(1, **kw))
+
+    def stage(self):
+        return BatchNormStage(_AUTHORS_ESTBN, self.eps, 0.0, self.estbn_moving_speed, self.weight, self.bias,
+                              self.running_mean, self.running_var, self.num_batches_tracked, self.training, True)
+
+    def forward(self, x):
+        _check_channels(x, self.num_features, "EstBN")
+        return batch_channel_norm(x, self.stage(), None)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class BCNorm(nn.Module):
+    """The authors' Batch-Channel Normalization (seed 003): ``bn`` (nn.BatchNorm2d, or EstBN with estimate=True),
+    then per sample a normalization over each of num_groups groups of channels with eps and a per-group affine
+    ``weight``, ``bias`` of shape (1, num_groups, 1). Fused into one call.
+
+    ``bn`` may be any torch.nn batch norm (its momentum, eps, affine and track_running_stats are honoured) or
+    EstBN; any other module there runs on its own, followed by the fused channel norm.
+    """
+
+    def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, device=None, dtype=None):
+        super().__init__()
+        _check_groups(num_channels, num_groups)
+        kw = {"device": device, "dtype": dtype}
+        self.num_channels = num_channels
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(1, num_groups, 1, **kw))
+        self.bias = nn.Parameter(torch.zeros(1, num_groups, 1, **kw))
+        self.bn = EstBN(num_channels, **kw) if estimate else nn.BatchNorm2d(num_channels, **kw)
+
+    def forward(self, x):
+        _check_channels(x, self.num_channels, "BCNorm")
+        cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
+        if isinstance(self.bn, EstBN):
+            return batch_channel_norm(x, self.bn.stage(), cn)
+        if isinstance(self.bn, _BatchNorm):
+            return batch_channel_norm(x, torch_batch_norm_stage(self.bn), cn)
+        return batch_channel_norm(self.bn(x), None, cn)
+
+    def extra_repr(self):
+        return f"{self.num_channels}, {self.num_groups}, eps={self.eps}"
+
+
+class BatchNorm(nn.Module):
+    """labml's BatchNorm (seed 001): batch statistics in training (and always without running statistics),
+    running variance stored biased; ``scale``/``shift`` parameters, ``exp_mean``/``exp_var`` buffers."""
+
+    def __init__(self, channels, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.channels, self.eps, self.momentum = channels, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.scale = nn.Parameter(torch.ones(channels, **kw))
+            self.shift = nn.Parameter(torch.zeros(channels, **kw))
+        else:
+            self.scale = self.shift = None
+        if track_running_stats:
+            self.register_buffer("exp_mean", torch.zeros(channels, **kw))
+            self.register_buffer("exp_var", torch.ones(channels, **kw))
+        else:
+            self.exp_mean = self.exp_var = None
+        # labml keeps no count; this one (not in the state dict) serves momentum=None, a cumulative average
+        self.register_buffer("_count", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+
+    _flags = _LABML_BN
+
+    def stage(self):
+        return BatchNormStage(self._flags, self.eps, self.momentum, None, self.scale, self.shift, self.exp_mean,
+                              self.exp_var, self._count, self.training, self.track_running_stats)
+
+    def forward(self, x):
+        _check_channels(x, self.channels, type(self).__name__)
+        return batch_channel_norm(x, self.stage(), None)
+
+    def extra_repr(self):
+        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+
+class EstimatedBatchNorm(BatchNorm):
+    """labml's EstimatedBatchNorm (seeds 000, 004): in training, first fold the batch's mean and biased variance
+    into ``exp_mean``/``exp_var`` at rate momentum, then normalize with them, held constant for the gradient."""
+
+    def __init__(self, channels, eps=1e-5, momentum=0.1, affine=True, device=None, dtype=None):
+        super().__init__(channels, eps=eps, momentum=momentum, affine=affine, track_running_stats=True,
+                         device=device, dtype=dtype)
+
+    _flags = _LABML_ESTIMATED
+
+
+class ChannelNorm(nn.Module):
+    """labml's ChannelNorm (seed 000): per sample, each of `groups` groups of channels normalized, then a
+    per-group affine ``scale``, ``shift`` of shape (groups,)."""
+
+    def __init__(self, channels, groups, eps=1e-5, affine=True, device=None, dtype=None):
+        super().__init__()
+        _check_groups(channels, groups)
+        kw = {"device": device, "dtype": dtype}
+        self.channels, self.groups, self.eps, self.affine = channels, groups, eps, affine
+        if affine:
+            self.scale = nn.Parameter(torch.ones(groups, **kw))
+            self.shift = nn.Parameter(torch.zeros(groups, **kw))
+        else:
+            self.scale = self.shift = None
+
+    def stage(self):
+        return ChannelNormStage(self.groups, self.eps, self.scale, self.shift)
+
+    def forward(self, x):
+        _check_channels(x, self.channels, "ChannelNorm")
+        return batch_channel_norm(x, None, self.stage())
+
+    def extra_repr(self):
+        return f"{self.channels}, {self.groups}, eps={self.eps}, affine={self.affine}"
+
+
+class BatchChannelNorm(nn.Module):
+    """labml's BatchChannelNorm (seed 000): ``batch_norm`` (EstimatedBatchNorm with estimate=True, else labml's
+    BatchNorm) then ``channel_norm`` (ChannelNorm), fused into one call."""
+
+    def __init__(self, channels, groups, eps=1e-5, momentum=0.1, estimate=True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        if estimate:
+            self.batch_norm = EstimatedBatchNorm(channels, eps=eps, momentum=momentum, **kw)
+        else:
+            self.batch_norm = BatchNorm(channels, eps=eps, momentum=momentum, **kw)
+        self.channel_norm = ChannelNorm(channels, groups, eps, **kw)
+
+    def forward(self, x):
+        _check_channels(x, self.channel_norm.channels, "BatchChannelNorm")
+        return batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage())

@@ -1,0 +1,119 @@
+"""Weight-Standardized layers: subclasses of the torch layers whose weight is standardized per output channel,
+over its fan-in, on every forward (Qiao et al.).
+
+``convention="authors"`` (the default): (w - mean) / (std + eps), std unbiased, as the authors' Conv2d.
+``convention="labml"``: (w - mean) / sqrt(var + eps), var unbiased, as labml's weight_standardization (seed 004).
+The output channels are dim 0 of the weight, except for ConvTranspose2d, whose weight is [in, out/groups, ...]:
+there they are dim 1.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .functional import weight_standardization
+
+CONVENTIONS = {"authors": False, "labml": True}  # convention -> eps inside the square root
+
+
+class _WeightStandardized:
+    """What every WS layer shares: the convention, eps, and the standardized weight."""
+
+    _output_dim = 0
+
+    def _setup_ws(self, convention, eps):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.convention, self.ws_eps = convention, float(eps)
+
+    def standardized_weight(self):
+        """The weight the layer computes with (differentiable with respect to ``weight``)."""
+        w = self.weight
+        if self._output_dim:
+            w = w.transpose(0, self._output_dim)
+        w = weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention])
+        return w.transpose(0, self._output_dim) if self._output_dim else w
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, convention={self.convention!r}, ws_eps={self.ws_eps}"
+
+
+class Conv1d(_WeightStandardized, nn.Conv1d):
+    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_ws(convention, eps)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class Conv2d(_WeightStandardized, nn.Conv2d):
+    """nn.Conv2d with Weight Standardization; same arguments, plus ``convention`` and ``eps``."""
+
+    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_ws(convention, eps)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class Conv3d(_WeightStandardized, nn.Conv3d):
+    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_ws(convention, eps)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class ConvTranspose2d(_WeightStandardized, nn.ConvTranspose2d):
+    _output_dim = 1
+
+    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_ws(convention, eps)
+
+    def forward(self, x, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2d")
+        num_spatial_dims = 2
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                              num_spatial_dims, self.dilation)
+        return F.conv_transpose2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)
+
+
+class Linear(_WeightStandardized, nn.Linear):
+    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_ws(convention, eps)
+
+    def forward(self, x):
+        return F.linear(x, self.standardized_weight(), self.bias)
+
+
+#: each WS layer and the torch layer it folds into
+PLAIN = {Conv1d: nn.Conv1d, Conv2d: nn.Conv2d, Conv3d: nn.Conv3d, ConvTranspose2d: nn.ConvTranspose2d,
+         Linear: nn.Linear}
+
+
+def plain_copy(layer):
+    """The torch layer (nn.Conv2d, ...) computing what the WS `layer` computes now: its standardized weight."""
+    plain = PLAIN[type(layer)]
+    w = layer.weight
+    kw = {"device": w.device, "dtype": w.dtype}
+    if plain is nn.Linear:
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
+    else:
+        extra = {"output_padding": layer.output_padding} if plain is nn.ConvTranspose2d else {}
+        out = plain(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                    padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                    bias=layer.bias is not None, padding_mode=layer.padding_mode, **extra, **kw)
+    with torch.no_grad():
+        out.weight.copy_(layer.standardized_weight())
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+    out.train(layer.training)
+    return out

@@ -1,0 +1,312 @@
+"""bcnswift.torch's modules: the documents' names, state dicts and initial values; checkpoints both ways; the
+composed path against the kernels; other dtypes; module life (eval, no_grad, copies, pickling, saving);
+convert and fold_weight_standardization; the Weight-Standardized layers."""
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require
+from test_torch_ops import LAYOUTS, gen, rand_input  # noqa: F401 (gen is a fixture)
+
+torch = require("torch")
+from bcnswift.torch import reference as R  # noqa: E402
+import bcnswift.torch as bt  # noqa: E402
+from bcnswift.torch import functional  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _authors_est(C, G):
+    m = R.BCNorm(C, G, 1e-5, estimate=True)
+    m.bn.estbn_moving_speed.fill_(0.2)
+    return m
+
+
+def _ours_authors_est(C, G):
+    m = bt.BCNorm(C, G, 1e-5, estimate=True)
+    m.bn.estbn_moving_speed.fill_(0.2)
+    return m
+
+
+def _estbn(cls):
+    def make(C, G):
+        m = cls(C)
+        m.estbn_moving_speed.fill_(0.2)
+        return m
+    return make
+
+
+#: (name, reference factory, bcnswift factory), each (C, G) -> module
+PAIRS = [
+    ("authors BCNorm", lambda C, G: R.BCNorm(C, G, 1e-5), lambda C, G: bt.BCNorm(C, G, 1e-5)),
+    ("authors BCNorm estimate", _authors_est, _ours_authors_est),
+    ("authors EstBN", _estbn(R.EstBN), _estbn(bt.EstBN)),
+    ("labml BatchChannelNorm", lambda C, G: R.LabmlBatchChannelNorm(C, G),
+     lambda C, G: bt.BatchChannelNorm(C, G)),
+    ("labml BatchChannelNorm batch", lambda C, G: R.LabmlBatchChannelNorm(C, G, estimate=False),
+     lambda C, G: bt.BatchChannelNorm(C, G, estimate=False)),
+    ("labml BatchNorm", lambda C, G: R.LabmlBatchNorm(C), lambda C, G: bt.BatchNorm(C)),
+    ("labml EstimatedBatchNorm", lambda C, G: R.LabmlEstimatedBatchNorm(C),
+     lambda C, G: bt.EstimatedBatchNorm(C)),
+    ("labml ChannelNorm", lambda C, G: R.LabmlChannelNorm(C, G), lambda C, G: bt.ChannelNorm(C, G)),
+]
+IDS = [p[0] for p in PAIRS]
+
+
+def randomize(module, gen):
+    """Parameters and floating buffers drawn away from their initial values (variances positive)."""
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point() or "moving_speed" in name:
+                continue
+            lo = 0.5 if any(k in name for k in ("var", "weight", "scale")) else -0.5
+            t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) + lo)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_states_equal(a, b, what, rtol=0.0, atol=0.0):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        torch.testing.assert_close(a[k].to(b[k].dtype), b[k], rtol=rtol, atol=atol, msg=f"{what}: {k}")
+
+
+@pytest.mark.parametrize("name,make_ref,make_ours", PAIRS, ids=IDS)
+def test_fresh_modules_hold_the_documents_state(name, make_ref, make_ours):
+    ref, ours = make_ref(8, 4), make_ours(8, 4)
+    assert list(ours.state_dict()) == list(ref.state_dict()), name
+    assert_states_equal(_state(ours), _state(ref), name)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+
+@pytest.mark.parametrize("name,make_ref,make_ours", PAIRS, ids=IDS)
+def test_checkpoints_load_both_ways_and_give_the_same_outputs(name, make_ref, make_ours, gen):
+    ref, ours = make_ref(8, 4).double(), make_ours(8, 4).double()
+    randomize(ref, gen)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    for step in range(3):
+        x = rand_input(gen, (2, 8, 3, 4))
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12, msg=f"{name}: step {step}")
+    back = make_ref(8, 4).double()
+    back.load_state_dict(ours.state_dict(), strict=True)
+    assert_states_equal(_state(back), _state(ref), name, rtol=1e-13, atol=1e-13)
+    ours.eval(), ref.eval()
+    x = rand_input(gen, (2, 8, 3, 4))
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12, msg=f"{name}: eval")
+
+
+# ---- the composed path --------------------------------------------------------------------------------------
+
+def _run(module, x, dy):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}, _state(module)
+
+
+@pytest.mark.parametrize("name,make_ref,make_ours", PAIRS, ids=IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_composed_path_matches_the_kernels(name, make_ref, make_ours, layout, dtype, gen, monkeypatch):
+    fast = make_ours(8, 4).to(dtype)
+    randomize(fast, gen)
+    composed = copy.deepcopy(fast)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for mode in ("train", "eval"):
+        fast.train(mode == "train"), composed.train(mode == "train")
+        x = rand_input(gen, (2, 8, 3, 5), dtype, layout)
+        dy = rand_input(gen, (2, 8, 3, 5), dtype, layout)
+        a = _run(fast, x, dy)
+        monkeypatch.setattr(functional, "COMPOSED", True)
+        b = _run(composed, x, dy)
+        monkeypatch.setattr(functional, "COMPOSED", False)
+        for what, u, v in (("output", a[0], b[0]), ("dx", a[1], b[1])):
+            torch.testing.assert_close(u, v, **tol, msg=f"{name}, {mode}: {what}")
+        assert a[0].stride() == b[0].stride() == x.stride(), f"{name}: layouts"
+        for k in a[2]:
+            torch.testing.assert_close(a[2][k], b[2][k], **tol, msg=f"{name}, {mode}: grad {k}")
+        assert_states_equal(a[3], b[3], f"{name}, {mode}", **tol)
+        fast.zero_grad(), composed.zero_grad()
+
+
+def test_composed_path_is_forced_by_the_environment():
+    code = ("import torch, bcnswift.torch as bt, bcnswift.torch._ops as ops\n"
+            "calls = []\n"
+            "real = ops._ext.norm_forward\n"
+            "ops._ext.norm_forward = lambda *a: calls.append(1) or real(*a)\n"
+            "bt.BCNorm(4, 2)(torch.randn(2, 4, 3) + 1)\n"
+            "print(bt.functional.COMPOSED, len(calls))\n")
+    for value, expected in (("1", "True 0"), ("0", "False 1")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "BCNSWIFT_TORCH_COMPOSED": value})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_takes_the_composed_path(dtype, gen):
+    ours = bt.BCNorm(8, 4, estimate=True)
+    ours.bn.estbn_moving_speed.fill_(0.1)
+    single = copy.deepcopy(ours)
+    x = rand_input(gen, (2, 8, 4, 4), torch.float32)
+    y = ours.to(dtype)(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), single(x.to(dtype).float()), rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_runs_and_stays_close(gen):
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU())
+    x = rand_input(gen, (2, 3, 6, 6), torch.float32)
+    expected = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().sum().backward()
+    torch.testing.assert_close(y.float(), expected, rtol=0.1, atol=0.1)
+    assert model[0].weight.grad is not None and torch.isfinite(model[0].weight.grad).all()
+
+
+# ---- module life --------------------------------------------------------------------------------------------
+
+def test_no_grad_inference_mode_eval_copies_pickles_and_saves(gen):
+    m = bt.BCNorm(8, 4, estimate=True)
+    m.bn.estbn_moving_speed.fill_(0.1)
+    x = rand_input(gen, (2, 8, 3, 3), torch.float32)
+    with torch.no_grad():
+        y = m(x)
+    assert not y.requires_grad
+    with torch.inference_mode():
+        m(x)
+    assert m.bn.running_mean.abs().sum() > 0  # both updated the estimates
+    m.eval()
+    before = _state(m)
+    y1 = m(x)
+    assert_states_equal(_state(m), before, "eval changes nothing")
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(clone(x), y1, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = bt.BCNorm(8, 4, estimate=True).eval()
+    fresh.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(fresh(x), y1, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), y1, rtol=0, atol=0)
+
+
+def test_track_running_stats_false_and_no_affine_follow_torch(gen):
+    m = bt.BCNorm(8, 4)
+    m.bn = nn.BatchNorm2d(8, affine=False, track_running_stats=False)
+    ref = R.BCNorm(8, 4, 1e-5)
+    ref.bn = nn.BatchNorm2d(8, affine=False, track_running_stats=False)
+    for mode in (True, False):
+        m.train(mode), ref.train(mode)
+        x = rand_input(gen, (2, 8, 3, 3), torch.float32)
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    m.bn = nn.BatchNorm2d(8, momentum=None)  # cumulative average
+    ref.bn = nn.BatchNorm2d(8, momentum=None)
+    m.train(), ref.train()
+    for _ in range(3):
+        x = rand_input(gen, (2, 8, 3, 3), torch.float32)
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert_states_equal(_state(m), _state(ref), "cumulative", rtol=1e-6, atol=1e-6)
+
+
+# ---- convert and fold ---------------------------------------------------------------------------------------
+
+def test_convert_swaps_layers_and_keeps_what_it_should(gen):
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, bias=False), nn.BatchNorm2d(24, eps=1e-3, momentum=0.3), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(24, 20, 1), nn.GroupNorm(5, 20, eps=1e-4)))
+    randomize(model, gen)
+    model[1].num_batches_tracked.fill_(7)
+    original = copy.deepcopy(model)
+    converted = bt.convert(model, num_groups=7, estimate=True, momentum=0.05)
+    assert converted is model
+    assert type(model[0]) is bt.Conv2d and type(model[3][0]) is bt.Conv2d
+    assert torch.equal(model[0].weight, original[0].weight) and torch.equal(model[3][0].bias, original[3][0].bias)
+    bn = model[1]
+    assert type(bn) is bt.BCNorm and bn.num_groups == 6 and bn.eps == 1e-3 and bn.bn.eps == 1e-3
+    assert isinstance(bn.bn, bt.EstBN) and float(bn.bn.estbn_moving_speed) == pytest.approx(0.05)
+    for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn.bn, k), getattr(original[1], k)), k
+    gn = model[3][1]
+    assert type(gn) is bt.BCNorm and gn.num_groups == 5 and gn.eps == 1e-4
+    assert torch.equal(gn.bn.weight, original[3][1].weight) and torch.equal(gn.bn.bias, original[3][1].bias)
+    # estimate=False keeps a BatchNorm2d (its momentum too); existing BCNorms are left alone
+    again = bt.convert(copy.deepcopy(original), num_groups=32, estimate=False, weight_standardization=False)
+    assert type(again[0]) is nn.Conv2d and isinstance(again[1].bn, nn.BatchNorm2d)
+    assert again[1].bn.momentum == 0.3 and again[1].num_groups == 24
+    nested = nn.Sequential(bt.BCNorm(8, 4))
+    assert type(bt.convert(nested)[0].bn) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="num_groups"):
+        bt.convert(model, num_groups=0)
+
+
+def test_largest_divisor_at_most():
+    assert [bt.largest_divisor_at_most(c, g) for c, g in ((64, 32), (24, 7), (7, 32), (20, 5), (1, 8))] == \
+        [32, 6, 7, 5, 1]
+
+
+def test_fold_weight_standardization_gives_plain_layers_with_the_same_outputs(gen):
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU(),
+                          bt.ConvTranspose2d(8, 4, 3, stride=2, output_padding=1),
+                          nn.Flatten(), bt.Linear(4 * 14 * 14, 5, convention="labml")).double().eval()
+    x = rand_input(gen, (2, 3, 6, 6))
+    expected = model(x)
+    folded = bt.fold_weight_standardization(model)
+    assert [type(m) for m in folded] == [nn.Conv2d, bt.BCNorm, nn.ReLU, nn.ConvTranspose2d, nn.Flatten, nn.Linear]
+    torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- Weight Standardization ---------------------------------------------------------------------------------
+
+def _reference_ws(w, eps, convention):
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    if convention == "labml":
+        out = (flat - mean) / torch.sqrt(flat.var(dim=1, keepdim=True) + eps)
+    else:
+        out = (flat - mean) / (flat.std(dim=1, keepdim=True) + eps)
+    return out.reshape(w.shape)
+
+
+@pytest.mark.parametrize("convention", ["authors", "labml"])
+@pytest.mark.parametrize("layer,shape", [
+    (lambda c: bt.Conv1d(3, 5, 3, convention=c), (2, 3, 7)),
+    (lambda c: bt.Conv2d(3, 5, 3, groups=1, convention=c), (2, 3, 6, 6)),
+    (lambda c: bt.Conv3d(3, 5, 2, convention=c), (2, 3, 4, 4, 4)),
+    (lambda c: bt.ConvTranspose2d(3, 6, 3, groups=3, convention=c), (2, 3, 4, 4)),
+    (lambda c: bt.Linear(7, 5, convention=c), (4, 7)),
+], ids=["Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear"])
+def test_weight_standardized_layers_match_the_formula(convention, layer, shape, gen):
+    m = layer(convention).double()
+    x = rand_input(gen, shape)
+    w = m.weight
+    if isinstance(m, nn.ConvTranspose2d):  # output channels on dim 1
+        expected_w = _reference_ws(w.transpose(0, 1), 1e-5, convention).transpose(0, 1)
+    else:
+        expected_w = _reference_ws(w, 1e-5, convention)
+    torch.testing.assert_close(m.standardized_weight(), expected_w, rtol=1e-12, atol=1e-12)
+    plain = copy.deepcopy(m)
+    plain.__class__ = type(m).__mro__[2]  # the torch layer, computing with the reference's weight
+    with torch.no_grad():
+        plain.weight.copy_(expected_w)
+    torch.testing.assert_close(m(x), plain(x), rtol=1e-12, atol=1e-12)
+
+
+def test_weight_standardization_against_the_transcribed_convolutions(gen):
+    for ours, ref in ((bt.Conv2d(4, 6, 3), R.AuthorsConv2d(4, 6, 3)),
+                      (bt.Conv2d(4, 6, 3, convention="labml"), R.LabmlConv2d(4, 6, 3))):
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        ours.double(), ref.double()
+        x = rand_input(gen, (2, 4, 7, 7))
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="convention"):
+        bt.Conv2d(4, 6, 3, convention="tf")

@@ -1,0 +1,227 @@
+"""bcnswift.torch's custom ops: torch.library.opcheck on every op in every configuration the modules use,
+gradcheck in float64, no copies on the way to the kernels, errors, and the ops' refusal of a second derivative."""
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import require, seed_of
+
+torch = require("torch")
+import bcnswift.torch as bt  # noqa: E402
+from bcnswift import _ext  # noqa: E402
+from bcnswift.torch import _ops  # noqa: E402
+
+BN, CN, TR = _ext.BCN_BATCH_NORM, _ext.BCN_CHANNEL_NORM, _ext.BCN_TRAINING
+TORCH_BN = BN | _ext.BCN_UNBIASED_RUNNING_VAR
+AUTHORS_EST = BN | _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
+DTYPES = [torch.float32, torch.float64]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+@pytest.fixture
+def gen(request):
+    seed = seed_of(request.node.nodeid)
+    print(f"torch seed {seed} (torch.Generator().manual_seed({seed}), from {request.node.nodeid!r})")
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_input(gen, shape, dtype=torch.float64, layout="contiguous"):
+    """Random [B, C, *] input with per-channel means around 1.5 and scales 0.5..2.5."""
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    mean = (torch.randn(C, generator=gen, dtype=torch.float64) + 1.5).reshape(view)
+    scale = (torch.rand(C, generator=gen, dtype=torch.float64) * 2 + 0.5).reshape(view)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + mean).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def parameters(gen, C, G, dtype):
+    def u(n, lo, hi):
+        return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+    return {"bw": u(C, 0.5, 1.5), "bb": u(C, -0.5, 0.5), "rm": u(C, -1, 1), "rv": u(C, 0.5, 2),
+            "cw": u(G, 0.5, 1.5), "cb": u(G, -0.5, 0.5)}
+
+
+def test_import_bcnswift_does_not_import_torch():
+    code = "import sys, bcnswift; bcnswift.BatchChannelNorm(4, 2); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("B,C,G", [(1, 1, 0), (2, 8, 4), (7, 96, 32), (3, 5, 0), (1000, 1, 1)])
+def test_context_length_formula_is_the_librarys(B, C, G):
+    assert _ops.context_length(B, C, G) == _ext.context_length(B, C, G)
+
+
+# ---- opcheck ------------------------------------------------------------------------------------------------
+
+STAGES = {"BCN batch statistics": TORCH_BN | CN, "BCN estimated": AUTHORS_EST | CN,
+          "BN batch statistics": TORCH_BN, "BN estimated": AUTHORS_EST, "CN": CN}
+
+
+def op_calls(stage, dtype, layout, training, gen):
+    """The ops and arguments batch_channel_norm runs for this configuration (parameters requiring grad)."""
+    flags = STAGES[stage]
+    p = parameters(gen, 8, 4, dtype)
+    x = rand_input(gen, (3, 8, 4, 5), dtype, layout).requires_grad_()
+    bw, bb, cw, cb = (p[k].requires_grad_() for k in ("bw", "bb", "cw", "cb"))
+    if not flags & BN:
+        return [(_ops.normalize, (x, None, None, None, None, None, None, cw, cb, flags, 4, 1e-5, 1e-5))]
+    cn = (cw, cb) if flags & CN else (None, None)
+    if not training:
+        return [(_ops.normalize, (x, None, None, bw, bb, p["rm"], p["rv"], *cn, flags, 4, 1e-5, 1e-3))]
+    ctx, m = _ops.moments(x.detach(), flags, 4)
+    calls = [(_ops.moments, (x.detach(), flags, 4)),
+             (_ops.update_running_, (p["rm"], p["rv"], torch.tensor(3), m, flags, 0.1,
+                                     torch.full((1,), 0.25, dtype=dtype) if flags & _ext.BCN_ESTIMATED else None))]
+    if flags & _ext.BCN_ESTIMATED:
+        calls.append((_ops.normalize, (x, ctx, None, bw, bb, p["rm"], p["rv"], *cn, flags, 4, 1e-5, 1e-3)))
+    else:
+        calls.append((_ops.normalize, (x, ctx, m, bw, bb, None, None, *cn, flags | TR, 4, 1e-5, 1e-3)))
+    return calls
+
+
+CONFIGS = [(s, d, l, t) for s, d, l, t in itertools.product(STAGES, DTYPES, LAYOUTS, [True, False])
+           if not (s == "CN" and not t)]
+
+
+@pytest.mark.parametrize("stage,dtype,layout,training", CONFIGS)
+def test_opcheck_normalization_ops(stage, dtype, layout, training, gen):
+    for op, args in op_calls(stage, dtype, layout, training, gen):
+        torch.library.opcheck(op, args)
+    # the backward op, on the context of the normalization above
+    op, args = op_calls(stage, dtype, layout, training, gen)[-1]
+    y, ctx = op(*args)
+    x = args[0].detach()
+    dy = rand_input(gen, tuple(x.shape), dtype, layout)
+    torch.library.opcheck(_ops.normalize_backward, (dy, x, ctx, args[9], 4, True, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("flags", [_ext.BCN_WS_UNBIASED, _ext.BCN_WS_UNBIASED | _ext.BCN_WS_EPS_IN_SQRT])
+def test_opcheck_weight_standardization_ops(dtype, layout, flags, gen):
+    w = rand_input(gen, (6, 3, 3, 3), dtype, layout).requires_grad_()
+    torch.library.opcheck(_ops.weight_standardization, (w, 1e-5, flags))
+    g = rand_input(gen, (6, 3, 3, 3), dtype, layout)
+    torch.library.opcheck(_ops.weight_standardization_backward, (g, w.detach(), 1e-5, flags))
+
+
+# ---- gradcheck ----------------------------------------------------------------------------------------------
+
+def _modules():
+    """(name, module factory) for gradcheck: each stage alone and fused, both estimate modes, both documents."""
+    def est_bn():
+        m = bt.EstBN(6)
+        return m  # moving speed 0: the documents treat the updated estimates as constants
+
+    return [("BCNorm", lambda: bt.BCNorm(6, 3)), ("BCNorm estimate", lambda: bt.BCNorm(6, 3, estimate=True)),
+            ("EstBN", est_bn), ("labml BatchChannelNorm", lambda: bt.BatchChannelNorm(6, 3, momentum=0.0)),
+            ("labml BatchChannelNorm, batch", lambda: bt.BatchChannelNorm(6, 3, estimate=False)),
+            ("labml BatchNorm", lambda: bt.BatchNorm(6)), ("labml ChannelNorm", lambda: bt.ChannelNorm(6, 2)),
+            ("labml EstimatedBatchNorm", lambda: bt.EstimatedBatchNorm(6, momentum=0.0))]
+
+
+@pytest.mark.parametrize("name,make", _modules(), ids=[n for n, _ in _modules()])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(name, make, training, layout, gen):
+    m = make().double().train(training)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) + 0.5)
+        for b in m.buffers():
+            if b.is_floating_point() and b.numel() > 1:
+                b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) + 0.5)
+    x = rand_input(gen, (2, 6, 3, 4), torch.float64, layout).requires_grad_()
+    params = [p for p in m.parameters()]
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("convention", ["authors", "labml"])
+def test_gradcheck_weight_standardization(convention, gen):
+    conv = bt.Conv2d(3, 4, 3, convention=convention).double()
+    x = rand_input(gen, (2, 3, 5, 5))
+    w = conv.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: torch.func.functional_call(conv, {"weight": w}, (x,)), (w,))
+
+
+def test_second_derivative_is_a_clear_error(gen):
+    m = bt.BCNorm(6, 3).double()
+    x = rand_input(gen, (2, 6, 3, 3)).requires_grad_()
+    (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        g.sum().backward()
+    w = bt.Conv2d(3, 4, 3).double()
+    (gw,) = torch.autograd.grad(w(rand_input(gen, (2, 3, 5, 5))).sum(), w.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        gw.square().sum().backward()
+
+
+# ---- no copies ----------------------------------------------------------------------------------------------
+
+class _Recorder:
+    """Wraps _ext functions in bcnswift.torch._ops, recording the data address of every array passed."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in ("norm_forward", "norm_moments", "norm_backward"):
+            real = getattr(_ext, name)
+
+            def wrapped(*args, _real=real, _name=name):
+                self.calls.append((_name, [a.ctypes.data for a in args if isinstance(a, np.ndarray)]))
+                return _real(*args)
+            monkeypatch.setattr(_ops._ext, name, wrapped)
+
+    def addresses(self, name):
+        return {a for n, addrs in self.calls if n == name for a in addrs}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("estimate", [False, True])
+def test_input_and_output_gradient_reach_the_kernels_without_a_copy(dtype, layout, estimate, gen, monkeypatch):
+    m = bt.BCNorm(8, 4, estimate=estimate).to(dtype)
+    x = rand_input(gen, (2, 8, 5, 6), dtype, layout).requires_grad_()
+    rec = _Recorder(monkeypatch)
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                           torch.contiguous_format)
+    dy = rand_input(gen, (2, 8, 5, 6), dtype, layout)
+    y.backward(dy)
+    assert x.data_ptr() in rec.addresses("norm_moments")
+    assert x.data_ptr() in rec.addresses("norm_forward")
+    assert {x.data_ptr(), dy.data_ptr()} <= rec.addresses("norm_backward")
+    assert x.grad.stride() == x.stride()
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error_and_changes_no_buffer(gen):
+    m = bt.BCNorm(8, 4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\[B, 8, \*\]"):
+        m(torch.ones(2, 6, 3, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.randn(1, 8, 1, 1, generator=gen) + 1)
+    with pytest.raises(TypeError, match="floating"):
+        m(torch.ones(2, 8, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="divisible"):
+        bt.BCNorm(8, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel group"):
+        bt.ChannelNorm(8, 8)(torch.randn(2, 8, 1, generator=gen))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(TypeError, match="CPU float32 or float64"):
+        _ops.moments(torch.ones(2, 8, 3, dtype=torch.float16), CN, 4)
