@@ -310,3 +310,28 @@ def test_weight_standardization_against_the_transcribed_convolutions(gen):
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="convention"):
         bt.Conv2d(4, 6, 3, convention="tf")
+
+
+@pytest.mark.parametrize("name,make_ref,make_ours", PAIRS, ids=IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_ours, layout, gen, monkeypatch):
+    """Eager mode makes one call per layer; torch.compile traces the ops (moments, update_running_,
+    normalize): here the ops run eagerly, as if traced, and must agree bit for bit."""
+    eager = make_ours(8, 4)
+    randomize(eager, gen)
+    traced = copy.deepcopy(eager)
+    for mode in ("train", "eval"):
+        eager.train(mode == "train"), traced.train(mode == "train")
+        x = rand_input(gen, (2, 8, 3, 5), torch.float32, layout)
+        dy = rand_input(gen, (2, 8, 3, 5), torch.float32, layout)
+        a = _run(eager, x, dy)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        b = _run(traced, x, dy)
+        monkeypatch.undo()
+        for what, u, v in (("output", a[0], b[0]), ("dx", a[1], b[1])):
+            assert torch.equal(u, v), f"{name}, {mode}: {what}"
+        for k in a[2]:
+            assert torch.equal(a[2][k], b[2][k]), f"{name}, {mode}: grad {k}"
+        for k in a[3]:
+            assert torch.equal(a[3][k], b[3][k]), f"{name}, {mode}: {k}"
+        eager.zero_grad(), traced.zero_grad()

@@ -17,6 +17,12 @@ Mutation and differentiation live in separate ops, as torch.library requires:
 Tensors reach the kernels without a copy when they are CPU float32/float64 and dense in C order or channels-last
 (``tensor.numpy()`` shares memory); outputs take the input's memory format. Flags are the C ABI's (bcnswift.h);
 the memory-format flag is set here, from the strides.
+
+Each op is one plain function (``_moments``, ...), reached two ways: as the registered custom op, which
+torch.compile and torch.export trace, and in eager mode directly, through ``torch.autograd.Function``
+(``eager_forward``, ``weight_standardization_route``): a trip through the dispatcher costs tens of
+microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
+one call per layer where the ops make three. Both give the same bits.
 """
 from typing import Optional
 
@@ -41,15 +47,17 @@ def _groups(flags, groups):
 
 def _array(t):
     """A numpy view of a CPU tensor's memory (no copy)."""
-    return t.detach().numpy()
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _param(t):
-    return None if t is None else _array(t.contiguous())
+    return None if t is None else _array(t if t.is_contiguous() else t.contiguous())
 
 
 def _layout(x):
     """(x or a dense copy, flags for its memory format): the kernels read [B, C, *] in C order or channels-last."""
+    if x.is_contiguous():
+        return x, 0
     form = memory_format(_array(x)) if x.dim() >= 2 else None
     if form is None:
         x = x.contiguous()
@@ -68,7 +76,7 @@ def _output(x):
 
 
 def _check_input(x, name="input"):
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
         raise TypeError(f"bcnswift ops take CPU float32 or float64 tensors, got {name} {x.dtype} on {x.device}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
@@ -78,8 +86,7 @@ def _check_input(x, name="input"):
 
 # ---- forward phase (a) --------------------------------------------------------------------------------------
 
-@torch.library.custom_op("bcnswift::moments", mutates_args=(), device_types="cpu")
-def moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_input(x)
     x, form = _layout(x)
     B, C = x.shape[0], x.shape[1]
@@ -88,6 +95,9 @@ def moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, tor
     m = torch.empty(3 * C, dtype=torch.float64)
     _ext.norm_moments(flags | form, groups, _array(x), _array(m), _array(ctx))
     return ctx, m
+
+
+moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=(), device_types="cpu")
 
 
 @moments.register_fake
@@ -99,9 +109,7 @@ def _(x, flags, groups):
 
 # ---- the running update alone -------------------------------------------------------------------------------
 
-@torch.library.custom_op("bcnswift::update_running_",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"), device_types="cpu")
-def update_running_(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
+def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
                     moments: torch.Tensor, flags: int, momentum: float,
                     moving_speed: Optional[torch.Tensor]) -> None:
     """momentum, or with `moving_speed` (a one-element tensor: the authors' EstBN buffer) its value; with
@@ -115,6 +123,11 @@ def update_running_(running_mean: torch.Tensor, running_var: torch.Tensor, num_b
                         _array(running_var), _array(num_batches_tracked))
 
 
+update_running_ = torch.library.custom_op(
+    "bcnswift::update_running_", _update_running, mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+    device_types="cpu")
+
+
 @update_running_.register_fake
 def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, moving_speed):
     return None
@@ -122,49 +135,62 @@ def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, 
 
 # ---- the normalization --------------------------------------------------------------------------------------
 
-@torch.library.custom_op("bcnswift::normalize", mutates_args=(), device_types="cpu")
-def normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Optional[torch.Tensor],
-              bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
-              running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-              cn_weight: Optional[torch.Tensor], cn_bias: Optional[torch.Tensor],
-              flags: int, groups: int, eps: float, bn_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                    cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, write_buffers):
+    """(y, context): phase (c) on a ``moments`` context, or the whole forward without one. With
+    write_buffers, a training forward updates the running buffers given, in place, at `momentum` (the eager
+    route's single call); without, the kernel's update goes to scratch copies (the functional op)."""
     _check_input(x)
     x, form = _layout(x)
-    flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
+    if not write_buffers:
+        flags, momentum = flags & ~_ext.BCN_CUMULATIVE_AVERAGE, 0.1
+    flags |= form
     B, C = x.shape[0], x.shape[1]
     y = _output(x)
-    bn = bool(flags & _ext.BCN_BATCH_NORM)
+    xa = _array(x)
     bw = bb = rm = rv = nbt = None
-    if bn:
-        dt = _array(x).dtype
+    if flags & _ext.BCN_BATCH_NORM:
+        dt = xa.dtype
         bw = np.ones(C, dt) if bn_weight is None else _param(bn_weight)
         bb = np.zeros(C, dt) if bn_bias is None else _param(bn_bias)
-        if flags & _ext.BCN_TRAINING:
-            # this op is functional: any update the kernel makes goes to scratch copies (update_running_ makes
-            # the real one); batch statistics do not read the buffers at all
+        if write_buffers:
+            rm, rv, nbt = _array(running_mean), _array(running_var), _array(num_batches_tracked)
+        elif flags & _ext.BCN_TRAINING:
+            # functional: batch statistics do not read the buffers, and the real update is update_running_'s
             rm = np.zeros(C, dt) if running_mean is None else _array(running_mean).copy()
             rv = np.ones(C, dt) if running_var is None else _array(running_var).copy()
         else:
             if running_mean is None or running_var is None:
                 raise ValueError("normalizing with running statistics (eval) needs running_mean and running_var")
             rm, rv = _param(running_mean), _param(running_var)
-        nbt = np.zeros((), np.int64)
-    cn = bool(flags & _ext.BCN_CHANNEL_NORM)
-    cw, cb = (_param(cn_weight), _param(cn_bias)) if cn else (None, None)
-    if cn and (cw is None or cb is None):
-        dt = _array(x).dtype
-        cw = np.ones(groups, dt) if cw is None else cw
-        cb = np.zeros(groups, dt) if cb is None else cb
+        if nbt is None:
+            nbt = np.zeros((), np.int64)
+    cw = cb = None
+    if flags & _ext.BCN_CHANNEL_NORM:
+        cw = np.ones(groups, xa.dtype) if cn_weight is None else _param(cn_weight)
+        cb = np.zeros(groups, xa.dtype) if cn_bias is None else _param(cn_bias)
     if context is None:
-        out_ctx = torch.zeros(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
-        _ext.norm_forward(flags, groups, eps, bn_eps, 0.1, _array(x), _array(y), bw, bb, rm, rv, nbt, cw, cb,
+        out_ctx = torch.from_numpy(np.zeros(context_length(B, C, _groups(flags, groups))))
+        _ext.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                           _array(out_ctx))
     else:
-        out_ctx = context.clone()
+        out_ctx = context.clone() if not write_buffers else context
         m = None if moments is None else _array(moments.contiguous())
-        _ext.norm_forward(flags, groups, eps, bn_eps, 0.1, _array(x), _array(y), bw, bb, rm, rv, nbt, cw, cb,
+        _ext.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                           _array(out_ctx), m)
     return y, out_ctx
+
+
+def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Optional[torch.Tensor],
+               bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+               running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+               cn_weight: Optional[torch.Tensor], cn_bias: Optional[torch.Tensor],
+               flags: int, groups: int, eps: float, bn_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, None, cn_weight,
+                           cn_bias, flags, groups, eps, bn_eps, 0.1, False)
+
+
+normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_args=(), device_types="cpu")
 
 
 @normalize.register_fake
@@ -174,8 +200,7 @@ def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_wei
     return _output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
 
 
-@torch.library.custom_op("bcnswift::normalize_backward", mutates_args=(), device_types="cpu")
-def normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor, flags: int, groups: int,
+def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor, flags: int, groups: int,
                        bn_affine: bool, cn_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor, torch.Tensor]:
     """dx and the parameter gradients (empty tensors for a stage that is absent or not affine)."""
@@ -183,15 +208,20 @@ def normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor,
     x, form = _layout(x)
     flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
     C = x.shape[1]
-    dy = _like(dy.to(x.dtype), x)
+    dy = _like(dy if dy.dtype == x.dtype else dy.to(x.dtype), x)
     dx = _output(x)
     bn = bool(flags & _ext.BCN_BATCH_NORM) and bn_affine
     cn = bool(flags & _ext.BCN_CHANNEL_NORM) and cn_affine
-    grads = [x.new_zeros(C if bn else 0), x.new_zeros(C if bn else 0),
-             x.new_zeros(groups if cn else 0), x.new_zeros(groups if cn else 0)]
-    arrays = [_array(g) if g.numel() else None for g in grads]
-    _ext.norm_backward(flags, groups, _array(x), _array(dy), _array(dx), *arrays, _array(context))
-    return (dx, *grads)
+    dt = _array(x).dtype
+    arrays = [np.zeros(C if bn else 0, dt), np.zeros(C if bn else 0, dt),
+              np.zeros(groups if cn else 0, dt), np.zeros(groups if cn else 0, dt)]
+    _ext.norm_backward(flags, groups, _array(x), _array(dy), _array(dx), *(a if a.size else None for a in arrays),
+                       _array(context))
+    return (dx, *(torch.from_numpy(a) for a in arrays))
+
+
+normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _normalize_backward, mutates_args=(),
+                                            device_types="cpu")
 
 
 @normalize_backward.register_fake
@@ -203,32 +233,43 @@ def _(dy, x, context, flags, groups, bn_affine, cn_affine):
             x.new_empty(groups if cn else 0), x.new_empty(groups if cn else 0))
 
 
-def _normalize_setup(ctx, inputs, output):
-    x, _, _, bn_weight, bn_bias, _, _, cn_weight, cn_bias, flags, groups, _, _ = inputs
-    ctx.save_for_backward(x, output[1])
-    ctx.mark_non_differentiable(output[1])  # the context is bookkeeping, not a value
+def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias):
+    """What a backward needs from its forward."""
+    ctx.save_for_backward(x, context)
     ctx.flags, ctx.groups = flags, groups
     ctx.shapes = [None if t is None else t.shape for t in (bn_weight, bn_bias, cn_weight, cn_bias)]
-    ctx.bn_affine = bn_weight is not None
-    ctx.cn_affine = cn_weight is not None
+    ctx.bn_affine, ctx.cn_affine = bn_weight is not None, cn_weight is not None
 
 
-def _normalize_grad(ctx, dy, _dcontext):
+def _normalize_setup(ctx, inputs, output):
+    x, _, _, bn_weight, bn_bias, _, _, cn_weight, cn_bias, flags, groups, _, _ = inputs
+    _save(ctx, x, output[1], flags, groups, bn_weight, bn_bias, cn_weight, cn_bias)
+    ctx.mark_non_differentiable(output[1])  # the context is bookkeeping, not a value
+
+
+def _normalize_gradients(ctx, dy, backward):
     x, context = ctx.saved_tensors
-    dx, dbw, dbb, dcw, dcb = normalize_backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine,
-                                                ctx.cn_affine)
-    grads = [None if shape is None else g.reshape(shape) for g, shape in zip((dbw, dbb, dcw, dcb), ctx.shapes)]
+    dx, dbw, dbb, dcw, dcb = backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
+    grads = [None if shape is None else g if g.shape == shape else g.view(shape)
+             for g, shape in zip((dbw, dbb, dcw, dcb), ctx.shapes)]
     # x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps,
     # bn_eps
     return dx, None, None, grads[0], grads[1], None, None, grads[2], grads[3], None, None, None, None
 
 
+def _normalize_grad(ctx, dy, _dcontext):
+    return _normalize_gradients(ctx, dy, normalize_backward)
+
+
 torch.library.register_autograd("bcnswift::normalize", _normalize_grad, setup_context=_normalize_setup)
 
 
+_NO_SECOND_DERIVATIVE = ("bcnswift.torch's kernels have no second derivative (double backward); set "
+                         "BCNSWIFT_TORCH_COMPOSED=1 for the composed pure-torch path, which has")
+
+
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("bcnswift.torch's kernels have no second derivative (double backward); set "
-                       "BCNSWIFT_TORCH_COMPOSED=1 for the composed pure-torch path, which has")
+    raise RuntimeError(_NO_SECOND_DERIVATIVE)
 
 
 torch.library.register_autograd("bcnswift::normalize_backward", _no_double_backward,
@@ -249,8 +290,7 @@ def _ws_output(w):
     return torch.empty_like(w)
 
 
-@torch.library.custom_op("bcnswift::weight_standardization", mutates_args=(), device_types="cpu")
-def weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
     _check_weight(w)
     out = _ws_output(w)
     dense = out if out.is_contiguous() else torch.empty_like(w, memory_format=torch.contiguous_format)
@@ -258,18 +298,26 @@ def weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Ten
     return out if dense is out else out.copy_(dense)
 
 
+weight_standardization = torch.library.custom_op("bcnswift::weight_standardization", _weight_standardization,
+                                                mutates_args=(), device_types="cpu")
+
+
 @weight_standardization.register_fake
 def _(w, eps, flags):
     return _ws_output(w)
 
 
-@torch.library.custom_op("bcnswift::weight_standardization_backward", mutates_args=(), device_types="cpu")
-def weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
     _check_weight(w)
     out = _ws_output(w)
     dense = out if out.is_contiguous() else torch.empty_like(w, memory_format=torch.contiguous_format)
     _ext.ws_backward(flags, eps, _array(w.contiguous()), _array(grad.to(w.dtype).contiguous()), _array(dense))
     return out if dense is out else out.copy_(dense)
+
+
+weight_standardization_backward = torch.library.custom_op(
+    "bcnswift::weight_standardization_backward", _weight_standardization_backward, mutates_args=(),
+    device_types="cpu")
 
 
 @weight_standardization_backward.register_fake
@@ -291,3 +339,87 @@ def _ws_grad(ctx, grad):
 torch.library.register_autograd("bcnswift::weight_standardization", _ws_grad, setup_context=_ws_setup)
 torch.library.register_autograd("bcnswift::weight_standardization_backward", _no_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# ---- the eager route ----------------------------------------------------------------------------------------
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """g, whose derivative raises: marks a gradient the kernels computed when create_graph=True. `anchor` (the
+    forward's input, which requires grad then) attaches it to the graph, as a gradient computed by torch would
+    be."""
+
+    @staticmethod
+    def forward(ctx, g, anchor):
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+
+def _first_order_only(grads, anchor):
+    if not torch.is_grad_enabled() or not anchor.requires_grad:  # create_graph=False
+        return grads
+    return tuple(g if g is None else _NoSecondDerivative.apply(g, anchor) for g in grads)
+
+
+class _EagerForward(torch.autograd.Function):
+    """A whole training or eval forward in one call, running buffers updated in place (what moments,
+    update_running_ and normalize compute together, bit for bit, without the dispatcher)."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed,
+                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, update):
+        if moving_speed is not None:
+            momentum = float(moving_speed.reshape(-1)[0])
+        if update and flags & _ext.BCN_ESTIMATED:
+            # the estimates first, rounded to the buffers' dtype, then the eval normalization with them
+            context, m = _moments(x, flags, groups)
+            _update_running(running_mean, running_var, num_batches_tracked, m, flags, momentum, None)
+            y, context = _normalize_impl(x, context, None, bn_weight, bn_bias, running_mean, running_var, None,
+                                         cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False)
+        else:
+            train = _ext.BCN_TRAINING if update else 0
+            y, context = _normalize_impl(x, None, None, bn_weight, bn_bias, running_mean, running_var,
+                                         num_batches_tracked, cn_weight, cn_bias, flags | train, groups, eps,
+                                         bn_eps, momentum, update)
+        if update:  # written through numpy: tell autograd, as an in-place torch op would
+            torch.autograd.graph.increment_version((running_mean, running_var, num_batches_tracked))
+        _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        g = _normalize_gradients(ctx, dy, _normalize_backward)
+        # x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight, cn_bias,
+        # and the 6 options
+        grads = (g[0], g[3], g[4], None, None, None, None, g[7], g[8]) + (None,) * 6
+        return _first_order_only(grads, ctx.saved_tensors[0])
+
+
+def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,
+                  cn_bias, flags, groups, eps, bn_eps, momentum, update):
+    """The eager route's forward: `update` trains with running buffers (updated in place); otherwise flags
+    say batch statistics (BCN_TRAINING) or running ones."""
+    return _EagerForward.apply(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                               moving_speed, cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, update)
+
+
+class _EagerWeightStandardization(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, eps, flags):
+        out = _weight_standardization(w, eps, flags)
+        _ws_setup(ctx, (w, eps, flags), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return _first_order_only((_weight_standardization_backward(grad, w, ctx.eps, ctx.flags), None, None), w)
+
+
+def weight_standardization_route(w, eps, flags):
+    """The op while torch.compile traces, the direct call in eager mode."""
+    if torch.compiler.is_compiling():
+        return weight_standardization(w, eps, flags)
+    return _EagerWeightStandardization.apply(w, eps, flags)

@@ -66,7 +66,11 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     if bn is None:
         if not _fast(x, tensors):
             return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
-        return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)[0]
+        if not torch.compiler.is_compiling():
+            return _ops.eager_forward(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
+                                      eps, 0.0, False)
+        return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
+                              eps)[0]
     flags |= bn.flags
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
@@ -77,25 +81,25 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
     cn_weight, cn_bias = (cn.weight, cn.bias) if cn is not None else (None, None)
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors):
         if update:
             _composed.running_update_(*buffers, x, flags, momentum, bn.moving_speed)
-        train = batch_statistics and not estimated
         return _composed.normalize(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight, cn_bias,
-                                   flags | (_ext.BCN_TRAINING if train else 0), groups, eps, bn.eps)
+                                   flags | train, groups, eps, bn.eps)
+    if not torch.compiler.is_compiling():
+        return _ops.eager_forward(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias,
+                                  flags | (0 if update else train), groups, eps, bn.eps, momentum, update)
     if not update:
-        train = _ext.BCN_TRAINING if batch_statistics else 0
         return _ops.normalize(x, None, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
                               cn_bias, flags | train, groups, eps, bn.eps)[0]
-    # training with running buffers: one pass for the moments, the buffers' update, then the normalization
+    # traced: one pass for the moments, the buffers' update (the one op that mutates), then the normalization
     # with the batch's statistics, or (estimated) with the updated buffers, held constant as the documents do
     context, moments = _ops.moments(x.detach(), flags, groups)
     _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
-    if estimated:
-        return _ops.normalize(x, context, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
-                              cn_bias, flags, groups, eps, bn.eps)[0]
-    return _ops.normalize(x, context, moments, bn.weight, bn.bias, None, None, cn_weight, cn_bias,
-                          flags | _ext.BCN_TRAINING, groups, eps, bn.eps)[0]
+    return _ops.normalize(x, context, None if estimated else moments, bn.weight, bn.bias,
+                          bn.running_mean if estimated else None, bn.running_var if estimated else None,
+                          cn_weight, cn_bias, flags | train, groups, eps, bn.eps)[0]
 
 
 def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True):
@@ -105,4 +109,4 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True):
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
     if COMPOSED or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
         return _composed.weight_standardization(w, eps, flags)
-    return _ops.weight_standardization(w, float(eps), flags)
+    return _ops.weight_standardization_route(w, float(eps), flags)
