@@ -11,11 +11,13 @@ import numpy as np
 
 from . import _ext
 from .layers import BatchChannelNorm, BatchNorm, ChannelNorm, EstimatedBatchNorm
+from .sync_layers import SyncBatchChannelNorm, SyncBatchNorm
 from .weight_standardization import (WeightStandardization, weight_standardization,
                                      weight_standardization_backward)
 
 __version__ = "0.1.0"
-__all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "WeightStandardization",
+__all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "SyncBatchChannelNorm",
+           "SyncBatchNorm", "WeightStandardization",
            "weight_standardization", "weight_standardization_backward", "set_num_threads", "get_num_threads"]
 
 

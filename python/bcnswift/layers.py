@@ -208,7 +208,7 @@ class _Normalization:
         """The array as the caller lays it out ([B, *, C] with channel_axis=-1)."""
         return a if self.channel_axis == 1 else np.moveaxis(a, 1, -1)
 
-    def _input(self, x):
+    def _input(self, x, allow_empty=False):
         """(logical [B, C, *] view of x, memory format): x where it lies when it is C-contiguous or
         channels-last, else a copy in the memory order natural for the channel axis."""
         x = as_float_array(x, self.dtype)
@@ -218,7 +218,7 @@ class _Normalization:
             where = "dimension 1" if self.channel_axis == 1 else "the last dimension"
             raise ValueError(f"input has {x.shape[self.channel_axis]} channels ({where}) but the layer has "
                              f"{self.num_channels}")
-        if x.size == 0:
+        if x.size == 0 and not allow_empty:
             raise ValueError(f"input must not be empty, got shape {x.shape}")
         logical = self._logical(x)
         form = memory_format(logical)
@@ -234,27 +234,61 @@ class _Normalization:
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} and nan_policy is 'raise'") from None
 
+    def _prepare_forward(self, x, out, allow_empty=False):
+        """(logical x, y to fill, call flags, an empty context): everything a forward checks before it runs."""
+        x, form = self._input(x, allow_empty)
+        y = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out")
+        flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
+        ctx = np.empty(_ext.context_length(x.shape[0], x.shape[1], self.num_groups))
+        return x, y, flags, ctx
+
+    def _finish_forward(self, x, y, flags, ctx, moments=None):
+        """The whole forward, or with the batch's `moments` (merged from elsewhere) phase (c) on a context that
+        phase (a) filled."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        bn, cn = self._has_bn, self._has_cn
+        self._call(_ext.norm_forward, flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
+                   self.bn_weight if bn else None, self.bn_bias if bn else None,
+                   self.running_mean if bn else None, self.running_var if bn else None,
+                   self.num_batches_tracked if bn else None,
+                   self.weight if cn else None, self.bias if cn else None, ctx,
+                   *(() if moments is None else (moments,)))
+
     def forward(self, x, out=None):
         """Normalize x ([B, C, *], or [B, *, C] with channel_axis=-1); returns a new array of the layer's dtype,
         x's shape and x's memory layout (C order or channels-last), or fills `out` (that dtype, shape and layout,
         not overlapping x) and returns it. Reusing `out` saves allocating, which matters above 32 MB, where
         every fresh allocation is new pages the kernel must zero."""
-        x, form = self._input(x)
-        y = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out")
-        flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
-        ctx = np.empty(_ext.context_length(x.shape[0], x.shape[1], self.num_groups))
-        momentum = 0.0 if self.momentum is None else self.momentum
-        bn, cn = self._has_bn, self._has_cn
+        x, y, flags, ctx = self._prepare_forward(x, out)
         with self._lock:
-            self._call(_ext.norm_forward, flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
-                       self.bn_weight if bn else None, self.bn_bias if bn else None,
-                       self.running_mean if bn else None, self.running_var if bn else None,
-                       self.num_batches_tracked if bn else None,
-                       self.weight if cn else None, self.bias if cn else None, ctx)
+            self._finish_forward(x, y, flags, ctx)
             self._saved = (x, ctx, flags)
         return self._user(y)
 
     __call__ = forward
+
+    def _prepare_backward(self, dy, out):
+        """(x, context, flags of the last forward, dy in x's layout, dx to fill); call with the lock held."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before any forward()")
+        x, ctx, flags = self._saved[:3]
+        dy = self._logical(as_float_array(dy, self.dtype, "dy"))
+        if dy.shape != x.shape:
+            raise ValueError(f"dy has shape {self._user(dy).shape}, the last forward's output has shape "
+                             f"{self._user(x).shape}")
+        if memory_format(dy) != memory_format(x):
+            dy = _relaid(dy, x)
+        dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out", allow=dy)
+        return x, ctx, flags, dy, dx
+
+    def _finish_backward(self, x, ctx, flags, dy, dx, sums=None):
+        """The whole backward, or with the batch's gradient `sums` (merged from elsewhere) its phase (c)."""
+        g = self.grads
+        self._call(_ext.norm_backward, flags, self.num_groups, x, dy, dx,
+                   g.get(self._bn_prefix + "weight") if self._has_bn else None,
+                   g.get(self._bn_prefix + "bias") if self._has_bn else None,
+                   g.get("weight") if self._has_cn else None,
+                   g.get("bias") if self._has_cn else None, ctx, *(() if sums is None else (sums,)))
 
     def backward(self, dy, out=None):
         """Gradient with respect to the input of the last forward; adds parameter gradients to `grads`.
@@ -264,22 +298,8 @@ class _Normalization:
         given, receives dx (as in `forward`; it may be dy itself).
         """
         with self._lock:
-            if self._saved is None:
-                raise RuntimeError("backward() called before any forward()")
-            x, ctx, flags = self._saved
-            dy = self._logical(as_float_array(dy, self.dtype, "dy"))
-            if dy.shape != x.shape:
-                raise ValueError(f"dy has shape {self._user(dy).shape}, the last forward's output has shape "
-                                 f"{self._user(x).shape}")
-            if memory_format(dy) != memory_format(x):
-                dy = _relaid(dy, x)
-            dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out", allow=dy)
-            g = self.grads
-            self._call(_ext.norm_backward, flags, self.num_groups, x, dy, dx,
-                       g.get(self._bn_prefix + "weight") if self._has_bn else None,
-                       g.get(self._bn_prefix + "bias") if self._has_bn else None,
-                       g.get("weight") if self._has_cn else None,
-                       g.get("bias") if self._has_cn else None, ctx)
+            x, ctx, flags, dy, dx = self._prepare_backward(dy, out)
+            self._finish_backward(x, ctx, flags, dy, dx)
         return self._user(dx)
 
     def zero_grad(self):

@@ -1,0 +1,205 @@
+"""Batch statistics across processes: the exchange behind the synchronized layers (numpy and torch).
+
+A synchronized training forward runs the statistics phases of the engine (docs/ARCHITECTURE.md) around two
+allgathers: (a) each process computes its batch's moments per channel (count, mean, M2, float64; an empty batch
+has count 0); every process sends a fixed-size *header* (status, the layer's configuration, an error message),
+then, when every header says OK and every configuration agrees, its moments; (b) every process merges all the
+moment sets in rank order with Chan's formula (``_ext.merge``), so all hold bitwise the same statistics; (c) each
+finishes locally: running buffers, coefficients, output. The backward with batch statistics does the same with its
+2C per-channel gradient sums, in one allgather (header and sums together: the forward already agreed on C).
+
+Failing together: an error before the exchange (wrong channel count, NaN with nan_policy="raise", a bad dy) is
+caught and sent in the header instead of moments; then every rank raises the same exception type, naming the
+failing rank and its message, and no rank changes anything. Layers that disagree on anything that changes the
+math (channels, groups, dtype, the convention's flags, eps, bn_eps, momentum) make every rank raise ValueError.
+After the merge every rank decides alike, since all hold the same bits: a degenerate batch (one value per channel
+over all ranks together) raises on every rank.
+
+A transport is anything with mpi4py's ``Get_rank()``, ``Get_size()`` and ``Allgather(sendbuf, recvbuf)`` over
+numpy buffers (recvbuf is [size, len(sendbuf)]): an mpi4py communicator, or ``bcnswift.torch``'s adapter over
+torch.distributed. With ``timeout`` (seconds) and a transport that has ``Iallgather`` (mpi4py), the exchange polls
+and raises TimeoutError when some rank has not arrived in time; the collective is then still pending, so the
+communicator must not be used again (end the job, e.g. ``comm.Abort()``).
+"""
+import struct
+import time
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _ext
+
+# magic, status, phase, channels, groups, flags, itemsize, eps, bn_eps, momentum, local count; then the message
+_FIELDS = struct.Struct("<8siiqqIIdddq")
+_MAGIC = b"bcnsync1"
+_MESSAGE_BYTES = 256
+HEADER_BYTES = _FIELDS.size + _MESSAGE_BYTES
+
+#: flags that change the math and so must agree (not the memory layout or the NaN policy, which are local)
+_AGREED_FLAGS = (_ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_UNBIASED_RUNNING_VAR
+                 | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN | _ext.BCN_CUMULATIVE_AVERAGE | _ext.BCN_CHANNEL_NORM
+                 | _ext.BCN_TRAINING)
+_FLAG_WORDS = [(_ext.BCN_BATCH_NORM, "the batch-norm stage", ("absent", "present")),
+               (_ext.BCN_CHANNEL_NORM, "the channel-norm stage", ("absent", "present")),
+               (_ext.BCN_ESTIMATED, "estimate", (False, True)),
+               (_ext.BCN_UNBIASED_RUNNING_VAR, "unbiased_running_var", (False, True)),
+               (_ext.BCN_VARIANCE_AROUND_RUNNING_MEAN, "variance_around", ("'batch'", "'running_mean'")),
+               (_ext.BCN_TRAINING, "training", (False, True))]
+_ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError}
+_MOMENTS, _SUMS = 1, 2
+
+
+class LayerConfig(NamedTuple):
+    """What every rank's layer must agree on."""
+    channels: int
+    groups: int
+    flags: int
+    itemsize: int  # 4: float32, 8: float64
+    eps: float
+    bn_eps: float
+    momentum: Optional[float]
+
+
+def _error_code(error):
+    for code, kind in _ERRORS.items():
+        if isinstance(error, kind) and kind is not RuntimeError:
+            return code
+    return 4
+
+
+def _header(config, phase, error, count):
+    message = b"" if error is None else f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
+    momentum = float("nan") if config.momentum is None else config.momentum
+    fields = _FIELDS.pack(_MAGIC, 0 if error is None else _error_code(error), phase, config.channels,
+                          config.groups, config.flags & _AGREED_FLAGS, config.itemsize, config.eps, config.bn_eps,
+                          momentum, count)
+    return np.frombuffer(fields + message.ljust(_MESSAGE_BYTES, b"\0"), np.uint8)
+
+
+def _disagreement(a, b):
+    """(what, value on a, value on b) for the first difference between two unpacked headers' configurations."""
+    def momentum(row):  # momentum=None travels as the cumulative-average flag (and a NaN)
+        return None if row[5] & _ext.BCN_CUMULATIVE_AVERAGE else row[9]
+
+    for what, u, v in (("channels", a[3], b[3]), ("groups", a[4], b[4]),
+                       ("dtype", f"float{8 * a[6]}", f"float{8 * b[6]}"), ("eps", a[7], b[7]),
+                       ("bn_eps", a[8], b[8]), ("momentum", momentum(a), momentum(b))):
+        if u != v:
+            return what, u, v
+    for bit, what, words in _FLAG_WORDS:
+        if (a[5] ^ b[5]) & bit:
+            return what, words[bool(a[5] & bit)], words[bool(b[5] & bit)]
+    return None
+
+
+class Synchronizer:
+    """The exchange for one transport (see the module docstring); layers share it."""
+
+    def __init__(self, comm, timeout=None):
+        for method in ("Allgather", "Get_rank", "Get_size"):
+            if not callable(getattr(comm, method, None)):
+                raise TypeError(f"comm must be an mpi4py communicator or have Allgather, Get_rank and Get_size; "
+                                f"{type(comm).__name__} has no {method}()")
+        if timeout is not None and not (float(timeout) > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.comm = comm
+        self.timeout = None if timeout is None else float(timeout)
+
+    @property
+    def rank(self):
+        return self.comm.Get_rank()
+
+    @property
+    def size(self):
+        return self.comm.Get_size()
+
+    def _allgather(self, send):
+        recv = np.empty((self.size, send.size), send.dtype)
+        if self.timeout is None or not hasattr(self.comm, "Iallgather"):
+            self.comm.Allgather(send, recv)
+            return recv
+        request = self.comm.Iallgather(send, recv)
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-6
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: some rank did not reach the statistics exchange within "
+                                   f"{self.timeout:g} s; the exchange is still pending, so this communicator "
+                                   "cannot be used again (end the job, e.g. comm.Abort())")
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        return recv
+
+    def _check(self, headers):
+        """Raises on every rank, alike, if some rank failed or the layers disagree."""
+        rows = [_FIELDS.unpack(bytes(h[:_FIELDS.size])) for h in headers]
+        for rank, row in enumerate(rows):
+            if row[0] != _MAGIC:
+                raise RuntimeError(f"rank {rank} sent no bcnswift statistics header: the ranks are not running "
+                                   "the same layer at the same time")
+        failed = [r for r, row in enumerate(rows) if row[1] != 0]
+        if failed:
+            r = failed[0]
+            message = bytes(headers[r][_FIELDS.size:]).rstrip(b"\0").decode(errors="replace")
+            others = f" (ranks {', '.join(map(str, failed))} failed)" if len(failed) > 1 else ""
+            raise _ERRORS[rows[r][1]](f"rank {r} of {len(rows)} failed{others}: {message}; no rank changed "
+                                      "anything")
+        if any(row[2] != rows[0][2] for row in rows):
+            raise RuntimeError("the ranks are in different phases (a forward against a backward): every rank "
+                               "must call the layer in the same order and mode")
+        for rank, row in enumerate(rows[1:], 1):
+            diff = _disagreement(rows[0], row)
+            if diff:
+                what, u, v = diff
+                raise ValueError(f"the synchronized layers disagree across ranks: {what} is {u} on rank 0 but "
+                                 f"{v} on rank {rank}; nothing was computed")
+
+    def moments(self, config, local):
+        """The batch's moments over every rank, merged in rank order (3C float64). `local()` returns this
+        rank's (3C float64, count 0 for an empty batch) or raises; then every rank raises alike."""
+        error, m = None, None
+        try:
+            m = local()
+        except (ValueError, TypeError, FloatingPointError, RuntimeError) as e:
+            error = e
+        count = 0 if m is None else int(m[0])
+        headers = self._allgather(_header(config, _MOMENTS, error, count))
+        try:
+            self._check(headers)
+        except Exception as e:
+            if error is not None:  # this rank's own error: keep its traceback
+                raise e from error
+            raise
+        sets = self._allgather(np.ascontiguousarray(m, np.float64))
+        return _ext.merge(3, sets)
+
+    def gradient_sums(self, config, local):
+        """The backward's per-channel sums over every rank, added in rank order (2C float64), in one exchange
+        with the header. `local()` returns this rank's (zeros for an empty batch) or raises."""
+        error, sums = None, None
+        try:
+            sums = np.ascontiguousarray(local(), np.float64)
+            if sums.size != 2 * config.channels:
+                raise ValueError(f"gradient sums have {sums.size} values, expected {2 * config.channels}")
+        except (ValueError, TypeError, FloatingPointError, RuntimeError) as e:
+            error, sums = e, np.zeros(2 * config.channels)
+        send = np.concatenate([_header(config, _SUMS, error, 0), sums.view(np.uint8)])
+        gathered = self._allgather(send)
+        try:
+            self._check(gathered[:, :HEADER_BYTES])
+        except Exception as e:
+            if error is not None:
+                raise e from error
+            raise
+        return _ext.merge(2, np.ascontiguousarray(gathered[:, HEADER_BYTES:]).view(np.float64))
+
+
+def mpi_world():
+    """mpi4py's COMM_WORLD, imported only now; a clear ImportError without mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError("synchronized layers need a communicator: pass comm= (any object with Allgather, "
+                          "Get_rank, Get_size), or install mpi4py and an MPI (pip install \"bcnswift[mpi]\")"
+                          ) from e
+    return MPI.COMM_WORLD

@@ -1,0 +1,135 @@
+"""SyncBatchChannelNorm and SyncBatchNorm: the numpy layers with batch statistics over every process of a
+communicator (the exchange is distributed.py's).
+
+In training each forward merges the moments of every rank's batch, so every rank normalizes with, and folds into
+its running buffers, the statistics of the concatenated batch, bit for bit alike; with batch statistics the
+backward merges the 2C gradient sums likewise. Estimate mode needs no backward exchange; eval and the channel norm
+exchange nothing. A rank may hold an empty batch ([0, C, *]): it contributes nothing, and its buffers still
+follow. Parameter gradients are each rank's local contribution (sum them across ranks, as for PyTorch's
+SyncBatchNorm). Every rank must call the layer in the same order and mode.
+"""
+import numpy as np
+
+from . import _ext
+from .distributed import LayerConfig, Synchronizer, mpi_world
+from .layers import BatchChannelNorm, BatchNorm
+
+
+class _Synchronized:
+    """The synchronized forward and backward over a layer's own phases."""
+
+    def _sync_setup(self, comm, timeout):
+        self._comm, self._timeout = comm, timeout
+        self._synchronizer = Synchronizer(mpi_world() if comm is None else comm, timeout)
+
+    @property
+    def comm(self):
+        return self.synchronizer.comm
+
+    @property
+    def synchronizer(self):
+        if self._synchronizer is None:  # unpickled: the copy finds its own communicator
+            self._synchronizer = Synchronizer(mpi_world() if self._comm is None else self._comm, self._timeout)
+        return self._synchronizer
+
+    def _config(self):
+        return LayerConfig(self.num_channels, self.num_groups, self._call_flags(), self.dtype.itemsize, self.eps,
+                           self.bn_eps, self.momentum)
+
+    def forward(self, x, out=None):
+        """As the layer's forward; in training, with the statistics of every rank's batch together. x may be
+        empty ([0, C, *]) on some ranks."""
+        if not self.training:
+            return super().forward(x, out)
+        local = {}
+
+        def moments():
+            xl, y, flags, ctx = self._prepare_forward(x, out, allow_empty=True)
+            m = np.zeros(3 * self.num_channels)
+            if xl.size:
+                self._call(_ext.norm_moments, flags, self.num_groups, xl, m, ctx)
+            local.update(x=xl, y=y, flags=flags, ctx=ctx)
+            return m
+
+        with self._lock:
+            merged = self.synchronizer.moments(self._config(), moments)
+            xl, y, flags, ctx = local["x"], local["y"], local["flags"], local["ctx"]
+            if xl.size:
+                self._finish_forward(xl, y, flags, ctx, merged)
+            else:  # nothing to normalize; the buffers follow the others' (phase (c'))
+                self._call(_ext.running_update, flags, 0.0 if self.momentum is None else self.momentum, merged,
+                           self.running_mean, self.running_var, self.num_batches_tracked)
+            self._saved = (xl, ctx, flags, True)
+        return self._user(y)
+
+    __call__ = forward
+
+    def backward(self, dy, out=None):
+        """As the layer's backward; after a training forward with batch statistics, with the gradient sums of
+        every rank's batch together. Parameter gradients are this rank's contribution."""
+        with self._lock:
+            saved = self._saved
+            if saved is None or len(saved) < 4 or saved[2] & _ext.BCN_ESTIMATED:
+                x, ctx, flags, dy, dx = self._prepare_backward(dy, out)
+                if x.size:
+                    self._finish_backward(x, ctx, flags, dy, dx)
+                return self._user(dx)
+            local = {}
+
+            def sums():
+                x, ctx, flags, dyl, dx = self._prepare_backward(dy, out)
+                s = np.zeros(2 * self.num_channels)
+                if x.size:
+                    self._call(_ext.norm_backward_sums, flags, self.num_groups, x, dyl, s, ctx)
+                local.update(x=x, ctx=ctx, flags=flags, dy=dyl, dx=dx)
+                return s
+
+            merged = self.synchronizer.gradient_sums(self._config(), sums)
+            if local["x"].size:
+                self._finish_backward(local["x"], local["ctx"], local["flags"], local["dy"], local["dx"], merged)
+        return self._user(local["dx"])
+
+    def __getstate__(self):  # a communicator does not pickle; the copy finds its own (comm=None: COMM_WORLD)
+        state = super().__getstate__()
+        state["_synchronizer"] = None
+        if state["_comm"] is not None and not _picklable(state["_comm"]):
+            state["_comm"] = None
+        return state
+
+
+def _picklable(obj):
+    import pickle
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:
+        return False
+
+
+class SyncBatchChannelNorm(_Synchronized, BatchChannelNorm):
+    """BatchChannelNorm with batch statistics over every process of `comm` (see the module docstring).
+
+    Args: as BatchChannelNorm, plus
+        comm: an mpi4py communicator (default: MPI.COMM_WORLD, imported only then), or any object with
+            mpi4py's Allgather(sendbuf, recvbuf), Get_rank() and Get_size() over numpy buffers.
+        timeout: seconds to wait for the other ranks at each exchange (needs the transport's Iallgather, as
+            mpi4py's); None waits forever. After a TimeoutError the communicator is unusable: end the job.
+    """
+
+    def __init__(self, num_channels, num_groups, eps=1e-5, momentum=0.1, estimate=True,
+                 unbiased_running_var=None, variance_around="batch", dtype=np.float32, *, bn_eps=None,
+                 nan_policy="propagate", channel_axis=1, comm=None, timeout=None):
+        super().__init__(num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
+                         dtype, bn_eps=bn_eps, nan_policy=nan_policy, channel_axis=channel_axis)
+        self._sync_setup(comm, timeout)
+
+
+class SyncBatchNorm(_Synchronized, BatchNorm):
+    """BatchNorm with batch statistics over every process of `comm`; `comm` and `timeout` as for
+    SyncBatchChannelNorm."""
+
+    def __init__(self, num_channels, eps=1e-5, momentum=0.1, unbiased_running_var=None, dtype=np.float32, *,
+                 nan_policy="propagate", channel_axis=1, comm=None, timeout=None):
+        super().__init__(num_channels, eps, momentum, unbiased_running_var, dtype, nan_policy=nan_policy,
+                         channel_axis=channel_axis)
+        self._sync_setup(comm, timeout)

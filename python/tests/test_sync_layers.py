@@ -1,0 +1,160 @@
+"""The synchronized numpy layers over an in-process transport: threads as ranks, with a transport that has only
+Allgather, Get_rank and Get_size (no mpi4py), as a user's own transport would. The same scenarios run over real
+MPI processes in test_sync_mpi.py."""
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import bcnswift
+import sync_scenarios as S
+
+
+class ThreadGroup:
+    """`size` ranks in one process; Allgather through a barrier (bounded, so a bug cannot hang the suite)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots = [None] * size
+
+    def run(self, scenario, *args, **kwargs):
+        results = [None] * self.size
+
+        def rank(r):
+            try:
+                results[r] = scenario(r, self.size, _Comm(self, r), *args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - reported to the test thread
+                results[r] = e
+                self.barrier.abort()
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+            assert not t.is_alive(), "a rank hung"
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+
+class _Comm:
+    def __init__(self, group, rank):
+        self.group, self.rank = group, rank
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.group.size
+
+    def Allgather(self, send, recv):
+        g = self.group
+        g.slots[self.rank] = np.array(send, copy=True)
+        g.barrier.wait()
+        for r in range(g.size):
+            recv[r] = g.slots[r].reshape(recv[r].shape)
+        g.barrier.wait()
+
+
+def _assert_equal_to_single_process(results, tol):
+    for rank, res in enumerate(results):
+        for what, err in res["errors"].items():
+            assert err <= tol, f"rank {rank}: {what} differs from one process by {err:.3g} (seed {S.SEED})"
+        assert res.get("identical", True), f"rank {rank}: buffers differ from rank 0's"
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("kind,estimate", [("bcn", False), ("bcn", True), ("bn", False)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_equals_one_process_on_the_concatenated_batch(size, kind, estimate, dtype):
+    results = ThreadGroup(size).run(S.equality, kind=kind, estimate=estimate, dtype=dtype)
+    _assert_equal_to_single_process(results, 1e-12 if dtype == np.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[3, 0], [0, 2, 1], [1, 1, 1, 1]])
+def test_uneven_and_empty_batches(sizes):
+    results = ThreadGroup(len(sizes)).run(S.equality, sizes=sizes, estimate=False)
+    _assert_equal_to_single_process(results, 1e-12)
+    results = ThreadGroup(len(sizes)).run(S.equality, sizes=sizes, estimate=True, momentum=None)
+    _assert_equal_to_single_process(results, 1e-12)
+
+
+def test_different_spatial_sizes():
+    results = ThreadGroup(3).run(S.spatial)
+    _assert_equal_to_single_process(results, 1e-12)
+    assert results[1]["shape"] == [0, 6, 3, 3]
+
+
+@pytest.mark.parametrize("case", S.FAILURES)
+def test_every_rank_fails_together_and_changes_nothing(case):
+    size = 3
+    results = ThreadGroup(size).run(S.failure, case)
+    kinds = {r["raised"] for r in results}
+    assert len(kinds) == 1 and None not in kinds, f"{case}: ranks raised {[r['raised'] for r in results]}"
+    expected = {"nan": "FloatingPointError"}.get(case, "ValueError")
+    assert kinds == {expected}, f"{case}: {results[0]['message']}"
+    for rank, r in enumerate(results):
+        assert r["unchanged"], f"{case}: rank {rank} changed its buffers or gradients"
+        if case in ("wrong_input_channels", "nan", "bad_dy"):
+            assert f"rank {size - 1} of {size} failed" in r["message"], r["message"]
+        elif case == "degenerate":
+            assert "more than 1 value" in r["message"] or "one value" in r["message"], r["message"]
+        else:
+            assert "disagree across ranks" in r["message"] and f"rank {size - 1}" in r["message"], r["message"]
+
+
+def test_eval_and_channel_statistics_exchange_nothing():
+    class Counting(_Comm):
+        calls = 0
+
+        def Allgather(self, send, recv):
+            Counting.calls += 1
+            recv[0] = send
+
+    rng = np.random.default_rng(S.SEED)
+    layer = bcnswift.SyncBatchChannelNorm(8, 4, estimate=True, dtype=np.float64, comm=Counting(ThreadGroup(1), 0))
+    x = rng.normal(size=(2, 8, 3)) + 1.5
+    layer(x)
+    assert Counting.calls == 2  # header, then moments
+    layer.backward(x - 1.0)
+    assert Counting.calls == 2  # estimate mode: no backward exchange
+    layer.eval()
+    layer(x)
+    assert Counting.calls == 2
+    batch = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=Counting(ThreadGroup(1), 0))
+    batch(x)
+    batch.backward(x)
+    assert Counting.calls == 5  # two for the forward, one (header and sums together) for the backward
+
+
+def test_one_rank_equals_the_plain_layer_bit_for_bit():
+    rng = np.random.default_rng(S.SEED + 1)
+    x, dy = rng.normal(size=(3, 8, 5)) + 2.0, rng.normal(size=(3, 8, 5)) - 0.5
+    for estimate in (False, True):
+        sync = bcnswift.SyncBatchChannelNorm(8, 2, estimate=estimate, comm=_Comm(ThreadGroup(1), 0))
+        plain = bcnswift.BatchChannelNorm(8, 2, estimate=estimate)
+        np.testing.assert_array_equal(sync(x), plain(x))
+        np.testing.assert_array_equal(sync.backward(dy), plain.backward(dy))
+        for k, v in plain.state_dict().items():
+            np.testing.assert_array_equal(sync.state_dict()[k], v, err_msg=k)
+        for k, v in plain.grads.items():
+            np.testing.assert_array_equal(sync.grads[k], v, err_msg=k)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="Allgather"):
+        bcnswift.SyncBatchChannelNorm(8, 4, comm=object())
+    with pytest.raises(ValueError, match="timeout"):
+        bcnswift.SyncBatchNorm(8, comm=_Comm(ThreadGroup(1), 0), timeout=0)
+
+
+def test_pickle_and_deepcopy_keep_the_state():
+    import copy
+    layer = bcnswift.SyncBatchChannelNorm(8, 4, comm=_Comm(ThreadGroup(1), 0))
+    layer(np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.0)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[k], v)

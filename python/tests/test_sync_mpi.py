@@ -1,0 +1,83 @@
+"""The synchronized numpy layers over real MPI processes: pytest starts `mpiexec -n 2` and `-n 4` (the `mpich`
+wheel's, next to this interpreter) on this machine, with hard timeouts, and asserts on what every rank reports
+(mpi_worker.py runs sync_scenarios.py's scenarios)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require
+
+require("mpi4py")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOL = {"f64": 1e-12, "f32": 1e-5}
+
+
+def mpiexec():
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = beside if os.path.exists(beside) else shutil.which("mpiexec")
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("mpiexec is required under CI=true (pip install '.[test]' brings the mpich wheel)")
+        pytest.skip("no mpiexec (pip install mpich)")
+    return found
+
+
+def launch(n, mode, timeout=180):
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               BCNSWIFT_NUM_THREADS="1")
+    # loopback only: hydra launches the ranks on this host, and they talk through shared memory
+    cmd = [mpiexec(), "-n", str(n), "-hosts", "127.0.0.1", sys.executable, os.path.join(HERE, "mpi_worker.py"), mode]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def reports(request):
+    proc = launch(request.param, "all")
+    assert proc.returncode == 0, f"mpiexec -n {request.param} failed:\n{proc.stdout}\n{proc.stderr}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return request.param, {s["name"]: s["ranks"] for s in json.loads(lines[-1])["results"]}
+
+
+def test_every_rank_equals_one_process_and_holds_the_same_buffers(reports):
+    n, results = reports
+    for name, ranks in results.items():
+        if name.startswith("failure"):
+            continue
+        assert len(ranks) == n
+        tol = TOL["f32" if "f32" in name else "f64"]
+        for rank, res in enumerate(ranks):
+            for what, err in res["errors"].items():
+                assert err <= tol, f"{name}, rank {rank} of {n}: {what} off by {err:.3g}"
+            assert res.get("identical", True), f"{name}: rank {rank}'s buffers differ from rank 0's"
+
+
+def test_failures_raise_on_every_rank_and_change_nothing(reports):
+    n, results = reports
+    failures = {k: v for k, v in results.items() if k.startswith("failure")}
+    assert len(failures) == 14
+    for name, ranks in failures.items():
+        raised = {r["raised"] for r in ranks}
+        assert raised == {"FloatingPointError" if name.endswith("nan") else "ValueError"}, f"{name}: {ranks}"
+        assert all(r["unchanged"] for r in ranks), f"{name}: some rank changed its state"
+        assert len({r["message"] for r in ranks}) == 1, f"{name}: ranks raised different messages"
+        if name.endswith(("wrong_input_channels", "nan", "bad_dy")):
+            assert f"rank {n - 1} of {n} failed" in ranks[0]["message"]
+
+
+def test_a_rank_that_never_arrives_times_out():
+    proc = launch(2, "timeout", timeout=60)
+    report = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert report and report[0]["raised"] == "TimeoutError", proc.stdout + proc.stderr
+    assert 1.9 <= report[0]["seconds"] < 10 and report[0]["running_mean_unchanged"]
+
+
+def test_a_rank_that_dies_ends_the_job_instead_of_hanging():
+    # MPICH's launcher kills the other ranks when one exits early: an error, not a hang
+    proc = launch(2, "dead", timeout=60)
+    assert proc.returncode != 0
+    assert '"raised": null' not in proc.stdout
