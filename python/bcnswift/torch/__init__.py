@@ -12,6 +12,7 @@ everything else (CUDA, MPS, half precision, or BCNSWIFT_TORCH_COMPOSED=1) on the
 operations. Importing bcnswift alone never imports torch; this module needs torch >= 2.4.
 """
 from . import _ops  # registers the custom ops
+from .distributed import SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
 from .convert import convert, fold_weight_standardization, largest_divisor_at_most
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, weight_standardization
 from .modules import BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, EstimatedBatchNorm
@@ -20,4 +21,4 @@ from .weight_standardized import Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear
 __all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "Conv1d",
            "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
            "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
-           "largest_divisor_at_most"]
+           "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm"]

@@ -200,10 +200,10 @@ def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_wei
     return _output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
 
 
-def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor, flags: int, groups: int,
-                       bn_affine: bool, cn_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
-    """dx and the parameter gradients (empty tensors for a stage that is absent or not affine)."""
+def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None):
+    """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias); empty tensors for a stage that is absent or not
+    affine. With `merge_sums` (the synchronized layers), the backward runs as its phases: the local gradient
+    sums (x, dy in one layout), merge_sums(sums) -> the merged sums of every process, then the finish."""
     _check_input(x)
     x, form = _layout(x)
     flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
@@ -215,9 +215,21 @@ def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor
     dt = _array(x).dtype
     arrays = [np.zeros(C if bn else 0, dt), np.zeros(C if bn else 0, dt),
               np.zeros(groups if cn else 0, dt), np.zeros(groups if cn else 0, dt)]
+    merged = ()
+    if merge_sums is not None:
+        sums = np.zeros(2 * C)
+        _ext.norm_backward_sums(flags, groups, _array(x), _array(dy), sums, _array(context))
+        merged = (merge_sums(sums),)
     _ext.norm_backward(flags, groups, _array(x), _array(dy), _array(dx), *(a if a.size else None for a in arrays),
-                       _array(context))
+                       _array(context), *merged)
     return (dx, *(torch.from_numpy(a) for a in arrays))
+
+
+def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor, flags: int, groups: int,
+                       bn_affine: bool, cn_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    """dx and the parameter gradients (empty tensors for a stage that is absent or not affine)."""
+    return backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine)
 
 
 normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _normalize_backward, mutates_args=(),

@@ -1,0 +1,200 @@
+"""Synchronized BCN over torch.distributed: SyncBCNorm (the authors'), SyncBatchChannelNorm (labml's) and
+convert_sync_batch_channel_norm, the analogue of nn.SyncBatchNorm.convert_sync_batchnorm.
+
+The exchange is bcnswift.distributed's (the numpy layers' too): in a training forward every rank's batch
+moments are allgathered and merged in rank order, so every rank normalizes with, and folds into its buffers, the
+statistics of the concatenated batch, bit for bit alike; with batch statistics the backward merges the 2C
+gradient sums. Estimate mode needs no backward exchange; eval exchanges nothing. A rank's batch may be empty.
+Parameter gradients are each rank's contribution, which DistributedDataParallel sums (averages) as for
+nn.SyncBatchNorm. A failing rank, or layers that disagree, make every rank raise. A rank that never arrives
+turns into gloo's timeout error (``init_process_group(timeout=...)``). CPU float32/float64 tensors; the process
+group may use any backend whose all_gather_into_tensor takes CPU tensors (gloo).
+"""
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import _ext
+from ..distributed import LayerConfig, Synchronizer
+from . import _ops
+from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
+from .functional import ChannelNormStage
+
+
+class ProcessGroupTransport:
+    """A torch.distributed process group as a bcnswift transport (mpi4py's Allgather over numpy buffers)."""
+
+    def __init__(self, group=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("synchronized BCN needs torch.distributed: call "
+                               "torch.distributed.init_process_group('gloo', ...) first")
+        self.group = group
+
+    def Get_rank(self):
+        return dist.get_rank(self.group)
+
+    def Get_size(self):
+        return dist.get_world_size(self.group)
+
+    def Allgather(self, send, recv):
+        send = np.require(send, requirements=["C", "W"])  # torch wants writable memory, though it only reads
+        dist.all_gather_into_tensor(torch.from_numpy(recv).view(-1), torch.from_numpy(send), group=self.group)
+
+
+def _scratch_buffers(C, dtype):
+    return torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype), torch.zeros((), dtype=torch.long)
+
+
+class _SyncForward(torch.autograd.Function):
+    """A training forward with the statistics of every rank; its backward merges the gradient sums (batch
+    statistics) or is local (estimate mode)."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed,
+                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, channels, synchronizer):
+        if moving_speed is not None:
+            momentum = float(moving_speed.reshape(-1)[0])
+        estimated = bool(flags & _ext.BCN_ESTIMATED)
+        cumulative = bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
+        config = LayerConfig(channels, groups if flags & _ext.BCN_CHANNEL_NORM else 0, flags | _ext.BCN_TRAINING,
+                             x.element_size(), eps, bn_eps, None if cumulative else momentum)
+        local = {}
+
+        def moments():
+            if x.dim() < 2 or x.shape[1] != channels:
+                raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
+            if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"synchronized BCN runs on CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+            if x.numel() == 0:
+                return np.zeros(3 * channels)
+            local["context"], m = _ops._moments(x, flags, groups)
+            return m.numpy()
+
+        merged = torch.from_numpy(synchronizer.moments(config, moments))
+        buffers = (running_mean, running_var, num_batches_tracked)
+        if "context" not in local:  # an empty batch: only the buffers follow the others'
+            _ops._update_running(*buffers, merged, flags, momentum, None)
+            y, context = torch.empty_like(x), None
+        elif estimated:  # as one process: the estimates first, then the eval normalization with them
+            _ops._update_running(*buffers, merged, flags, momentum, None)
+            y, context = _ops._normalize_impl(x, local["context"], None, bn_weight, bn_bias, running_mean,
+                                              running_var, None, cn_weight, cn_bias, flags, groups, eps, bn_eps,
+                                              momentum, False)
+        else:
+            y, context = _ops._normalize_impl(x, local["context"], merged, bn_weight, bn_bias, *buffers, cn_weight,
+                                              cn_bias, flags | _ext.BCN_TRAINING, groups, eps, bn_eps, momentum,
+                                              True)
+        torch.autograd.graph.increment_version(buffers)
+        train = 0 if estimated else _ext.BCN_TRAINING
+        _ops._save(ctx, x, context, flags | train, groups, bn_weight, bn_bias, cn_weight, cn_bias)
+        ctx.synchronizer, ctx.config, ctx.empty = synchronizer, config, context is None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x = ctx.saved_tensors[0]
+        exchange = not ctx.flags & _ext.BCN_ESTIMATED
+        if ctx.empty:
+            if exchange:  # take part in the exchange, contributing nothing
+                ctx.synchronizer.gradient_sums(ctx.config, lambda: np.zeros(2 * ctx.config.channels))
+            shapes = ctx.shapes
+            g = [None if s is None else torch.zeros(s, dtype=x.dtype) for s in shapes]
+            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 7
+
+        def merge(sums):
+            return ctx.synchronizer.gradient_sums(ctx.config, lambda: sums)
+
+        def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
+            return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine,
+                                      merge if exchange else None)
+
+        g = _ops._normalize_gradients(ctx, dy, backward)
+        grads = (g[0], g[3], g[4], None, None, None, None, g[7], g[8]) + (None,) * 7
+        return _ops._first_order_only(grads, x)
+
+
+def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
+    """The training forward of a batch-norm stage `bn` (a functional.BatchNormStage) and an optional
+    channel-norm stage `cn`, with the statistics of every rank of `process_group`."""
+    flags = bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if bn.momentum is None else 0)
+    groups, eps = 1, bn.eps
+    cn_weight = cn_bias = None
+    if cn is not None:
+        flags |= _ext.BCN_CHANNEL_NORM
+        groups, eps, cn_weight, cn_bias = cn.groups, cn.eps, cn.weight, cn.bias
+    buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    if not bn.track_running_stats or bn.running_mean is None:  # batch statistics, nothing to keep
+        buffers = _scratch_buffers(channels, x.dtype)
+    synchronizer = Synchronizer(ProcessGroupTransport(process_group))
+    momentum = 0.0 if bn.momentum is None else float(bn.momentum)
+    return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
+                              eps, bn.eps, momentum, channels, synchronizer)
+
+
+def _empty_or(x, channels):
+    """An empty batch outside training (a rank with no data under DDP's uneven inputs): an empty output."""
+    if x.dim() < 2 or x.shape[1] != channels:
+        raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
+    return x.clone()
+
+
+class SyncBCNorm(BCNorm):
+    """The authors' BCNorm with batch statistics over every rank of `process_group` (None: the default group)
+    in training; the same arguments, parameters and state dict as BCNorm otherwise."""
+
+    def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, process_group=None, device=None,
+                 dtype=None):
+        super().__init__(num_channels, num_groups, eps, estimate, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, x):
+        if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)):
+            return _empty_or(x, self.num_channels) if x.numel() == 0 else super().forward(x)
+        stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
+        cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
+        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group)
+
+
+class SyncBatchChannelNorm(BatchChannelNorm):
+    """labml's BatchChannelNorm with batch statistics over every rank of `process_group` in training."""
+
+    def __init__(self, channels, groups, eps=1e-5, momentum=0.1, estimate=True, process_group=None, device=None,
+                 dtype=None):
+        super().__init__(channels, groups, eps, momentum, estimate, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, x):
+        if not self.training:
+            return _empty_or(x, self.channel_norm.channels) if x.numel() == 0 else super().forward(x)
+        return sync_batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(),
+                                       self.channel_norm.channels, self.process_group)
+
+
+def _synchronized(module, process_group):
+    if isinstance(module, (SyncBCNorm, SyncBatchChannelNorm)):
+        return None
+    if isinstance(module, BCNorm):
+        new = SyncBCNorm.__new__(SyncBCNorm)
+    elif isinstance(module, BatchChannelNorm):
+        new = SyncBatchChannelNorm.__new__(SyncBatchChannelNorm)
+    else:
+        return None
+    new.__dict__.update(module.__dict__)  # the same parameters, buffers and submodules, shared
+    new.process_group = process_group
+    return new
+
+
+def convert_sync_batch_channel_norm(module, process_group=None):
+    """Every BCNorm and BatchChannelNorm in `module` replaced by its synchronized form, sharing its parameters,
+    buffers and submodules (as nn.SyncBatchNorm.convert_sync_batchnorm); returns the module (a new one when
+    `module` itself is converted)."""
+    new = _synchronized(module, process_group)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        converted = convert_sync_batch_channel_norm(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

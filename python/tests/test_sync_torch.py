@@ -1,0 +1,88 @@
+"""bcnswift.torch's synchronized modules over torch.distributed (gloo on 127.0.0.1), 2 and 4 processes started by
+torch_dist_worker.py under a hard timeout; every rank reports, and the assertions are here."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require
+
+require("torch")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n, mode, tmp_path, timeout=300):
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, os.path.join(HERE, "torch_dist_worker.py"), str(n), mode, str(tmp_path),
+           str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    reports = []
+    for r in range(n):
+        path = tmp_path / f"rank{r}.json"
+        assert path.exists(), f"rank {r} reported nothing (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+        reports.append(json.loads(path.read_text()))
+    return reports
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def reports(request, tmp_path_factory):
+    return request.param, launch(request.param, "all", tmp_path_factory.mktemp(f"gloo{request.param}"))
+
+
+def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
+    n, ranks = reports
+    for name in ranks[0]:
+        if name.startswith("failure"):
+            continue
+        tol = 1e-5 if "float32" in name else 1e-12
+        for rank, report in enumerate(ranks):
+            for what, err in report[name]["errors"].items():
+                assert err <= tol, f"{name}, rank {rank} of {n}: {what} off by {err:.3g}"
+            assert report[name]["identical"], f"{name}: rank {rank}'s buffers differ from the others'"
+    assert "ddp" in ranks[0] and "uneven, one rank empty" in ranks[0]
+
+
+def test_failures_raise_on_every_rank_and_change_nothing(reports):
+    n, ranks = reports
+    for case, words in (("failure channels", f"rank {n - 1} of {n} failed"), ("failure groups", "disagree")):
+        raised = [r[case] for r in ranks]
+        assert {r["raised"] for r in raised} == {"ValueError"}, raised
+        assert all(words in r["message"] and r["unchanged"] for r in raised), raised
+
+
+def test_a_rank_that_never_arrives_is_gloos_timeout_error(tmp_path):
+    ranks = launch(2, "timeout", tmp_path, timeout=120)
+    waiting = ranks[0]
+    assert waiting["raised"] == "RuntimeError" and "Timed out" in waiting["message"], waiting
+    assert waiting["seconds"] < 30 and waiting["unchanged"]
+
+
+def test_convert_shares_parameters_and_keeps_the_state_dict():
+    torch = require("torch")
+    import bcnswift.torch as bt
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bt.BCNorm(8, 4, estimate=True),
+                                bt.BatchChannelNorm(8, 2))
+    import copy
+    reference = copy.deepcopy(model).eval()
+    keys = list(model.state_dict())
+    weight = model[1].weight
+    converted = bt.convert_sync_batch_channel_norm(model)
+    assert isinstance(converted[1], bt.SyncBCNorm) and isinstance(converted[2], bt.SyncBatchChannelNorm)
+    assert converted[1].weight is weight and list(converted.state_dict()) == keys
+    assert isinstance(bt.convert_sync_batch_channel_norm(bt.BCNorm(8, 4)), bt.SyncBCNorm)
+    # eval needs no process group and exchanges nothing
+    converted.eval()
+    x = torch.randn(2, 3, 5, 5) + 1.0
+    assert torch.equal(converted(x), reference(x))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        converted.train()(x)

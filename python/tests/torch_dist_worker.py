@@ -1,0 +1,182 @@
+"""Started by test_sync_torch.py: `python torch_dist_worker.py N MODE OUTDIR PORT` spawns N processes that join a
+gloo process group on 127.0.0.1:PORT and run MODE; each rank writes OUTDIR/rank<r>.json for the test to assert on.
+
+MODE "all": synchronized modules against one process on the concatenated batch (outputs, input gradients,
+all-reduced parameter gradients, buffers), identity across ranks, uneven and empty batches, DDP training steps,
+and failures. MODE "timeout": the last rank never arrives; the others must get gloo's timeout error.
+"""
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+SEED = zlib.crc32(b"bcnswift torch sync")
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if b.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def batches(seed, sizes, C, dtype):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(C, generator=g, dtype=torch.float64).view(1, C, 1, 1) + 2.0
+    xs = [(torch.randn(b, C, 3, 4, generator=g, dtype=torch.float64) * 1.5 + mean).to(dtype) for b in sizes]
+    dys = [(torch.randn(b, C, 3, 4, generator=g, dtype=torch.float64) + 0.3).to(dtype) for b in sizes]
+    return xs, dys
+
+
+def identical_across_ranks(t):
+    t = t.detach().contiguous()
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def make(kind, C, G, dtype):
+    import bcnswift.torch as bt
+    if kind == "authors batch":
+        return bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)
+    if kind == "authors estimate":
+        a, b = bt.SyncBCNorm(C, G, estimate=True, dtype=dtype), bt.BCNorm(C, G, estimate=True, dtype=dtype)
+        a.bn.estbn_moving_speed.fill_(0.1)
+        b.bn.estbn_moving_speed.fill_(0.1)
+        return a, b
+    estimate = kind == "labml estimate"
+    return (bt.SyncBatchChannelNorm(C, G, estimate=estimate, dtype=dtype),
+            bt.BatchChannelNorm(C, G, estimate=estimate, dtype=dtype))
+
+
+def equality(rank, size, kind, dtype, sizes, steps=2):
+    C, G = 8, 4
+    ours, single = make(kind, C, G, dtype)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    err = {"y": 0.0, "dx": 0.0, "grads": 0.0, "buffers": 0.0, "eval": 0.0}
+    same = True
+    for step in range(steps):
+        xs, dys = batches(SEED + step, sizes, C, dtype)
+        x = xs[rank].clone().requires_grad_()
+        x_all = torch.cat(xs).requires_grad_()
+        for m in (ours, single):
+            m.zero_grad(set_to_none=True)
+        y = ours(x)
+        y.backward(dys[rank])
+        y_all = single(x_all)
+        y_all.backward(torch.cat(dys))
+        err["y"] = max(err["y"], rel(y, y_all[lo:hi]))
+        err["dx"] = max(err["dx"], rel(x.grad, x_all.grad[lo:hi]))
+        for (name, p), (_, q) in zip(ours.named_parameters(), single.named_parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g)  # each rank's grads are its contribution; their sum is the whole batch's
+            err["grads"] = max(err["grads"], rel(g, q.grad))
+        for (name, b), (_, c) in zip(ours.named_buffers(), single.named_buffers()):
+            err["buffers"] = max(err["buffers"], rel(b, c))
+            same &= identical_across_ranks(b)
+    ours.eval()
+    single.eval()
+    xs, _ = batches(SEED + 99, sizes, C, dtype)
+    with torch.no_grad():
+        err["eval"] = rel(ours(xs[rank]), single(torch.cat(xs))[lo:hi])
+    return {"errors": err, "identical": same}
+
+
+def ddp(rank, size, steps=3):
+    """WS conv + BCNorm + linear, trained with DDP over the ranks, against one process on the whole batch."""
+    import bcnswift.torch as bt
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5)).double()
+    single = copy.deepcopy(model)
+    synced = DistributedDataParallel(bt.convert_sync_batch_channel_norm(model))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (synced, single)]
+    g = torch.Generator().manual_seed(SEED)
+    per = 2
+    for step in range(steps):
+        x = torch.randn(per * size, 3, 6, 6, generator=g, dtype=torch.float64) + 0.7
+        t = torch.randint(0, 5, (per * size,), generator=g)
+        for m, opt, xb, tb in ((synced, opts[0], x[rank * per:(rank + 1) * per], t[rank * per:(rank + 1) * per]),
+                               (single, opts[1], x, t)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(xb), tb).backward()
+            opt.step()
+    err = max(rel(p, q) for p, q in zip(synced.module.state_dict().values(), single.state_dict().values())
+              if p.is_floating_point())
+    return {"errors": {"params and buffers after DDP steps": err},
+            "identical": all(identical_across_ranks(p) for p in synced.module.state_dict().values())}
+
+
+def failure(rank, size, case):
+    import bcnswift.torch as bt
+    C = 8
+    bad = rank == size - 1
+    layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, dtype=torch.float64)
+    xs, _ = batches(SEED, [2] * size, C, torch.float64)
+    x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
+    before = copy.deepcopy(layer.state_dict())
+    try:
+        layer(x)
+        out = {"raised": None, "message": ""}
+    except Exception as e:  # noqa: BLE001
+        out = {"raised": type(e).__name__, "message": str(e)}
+    out["unchanged"] = all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    return out
+
+
+def run_all(rank, size):
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        for kind in ("authors batch", "authors estimate", "labml batch", "labml estimate"):
+            out[f"{kind} {str(dtype)[6:]}"] = equality(rank, size, kind, dtype, [2 + r % 2 for r in range(size)])
+    out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
+    out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
+    out["ddp"] = ddp(rank, size)
+    for case in ("channels", "groups"):
+        out[f"failure {case}"] = failure(rank, size, case)
+    return out
+
+
+def run_timeout(rank, size):
+    import bcnswift.torch as bt
+    layer = bt.SyncBCNorm(8, 4, dtype=torch.float64)
+    if rank == size - 1:
+        time.sleep(8)
+        return {"raised": None}
+    t0 = time.monotonic()
+    try:
+        layer(batches(SEED, [2], 8, torch.float64)[0][0])
+        return {"raised": None}
+    except Exception as e:  # noqa: BLE001
+        return {"raised": type(e).__name__, "message": str(e)[:300], "seconds": time.monotonic() - t0,
+                "unchanged": bool((layer.bn.running_mean == 0).all())}
+
+
+def main(rank, size, mode, outdir, port):
+    timeout = 3 if mode == "timeout" else 60
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    torch.set_num_threads(1)
+    result = {"all": run_all, "timeout": run_timeout}[mode](rank, size)
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    if mode == "all":
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # a timed-out collective may still be pending: leave without waiting for it
+
+
+if __name__ == "__main__":
+    n, mode, outdir, port = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ["BCNSWIFT_NUM_THREADS"] = "1"
+    mp.start_processes(main, args=(n, mode, outdir, port), nprocs=n, start_method="spawn")
