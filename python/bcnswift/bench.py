@@ -5,6 +5,7 @@ np.copyto of the same tensor, measured in one run with the same thread count.
     python3 -m bcnswift.bench --quick         # fewer repetitions
     python3 -m bcnswift.bench --no-reference  # skip the (slow) numpy reference
     python3 -m bcnswift.bench --torch         # PyTorch training steps (bcnswift/torch/bench.py)
+    python3 -m bcnswift.bench --sync          # synchronized against local statistics, 2 and 4 MPI ranks
 
 Times are medians over repeats; ratios are computed from medians measured in this same run. `fwd` and
 `fwd+bwd` write into preallocated outputs (`out=`), as `np.copyto` does, so their ratios to the copy compare the
@@ -142,6 +143,8 @@ def main(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--threads", type=int, default=0, help="worker threads (default: bcnswift's default)")
+    p.add_argument("--sync", action="store_true",
+                   help="the extra time of SyncBatchChannelNorm over a local layer, under mpiexec -n 2 and -n 4")
     p.add_argument("--torch", action="store_true",
                    help="instead: PyTorch training steps, the authors' modules against bcnswift.torch")
     p.add_argument("--models", default="small,resnet18", help="with --torch: models to run")
@@ -150,6 +153,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads:
         bcnswift.set_num_threads(a.threads)
+    if a.sync:
+        from bcnswift import bench_sync
+        bench_sync.launch()
+        return
     if a.torch:
         from bcnswift.torch import bench as torch_bench
         torch_bench.run(models=a.models.split(","), repeats=7 if a.quick else 15, estimate=a.estimate,

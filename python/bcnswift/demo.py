@@ -124,8 +124,12 @@ class Linear:
 class Norm:
     """A bcnswift normalization layer as a network layer (parameters and gradients by state-dict name)."""
 
-    def __init__(self, variant, channels, groups, dtype):
-        if variant == "BN":
+    def __init__(self, variant, channels, groups, dtype, comm=None):
+        if variant == "SyncBN":
+            self.layer = bcnswift.SyncBatchNorm(channels, dtype=dtype, comm=comm)
+        elif variant == "SyncBCN+WS":
+            self.layer = bcnswift.SyncBatchChannelNorm(channels, groups, estimate=False, dtype=dtype, comm=comm)
+        elif variant == "BN":
             self.layer = bcnswift.BatchNorm(channels, dtype=dtype)
         elif variant == "GN":
             self.layer = bcnswift.ChannelNorm(channels, groups, dtype=dtype)
@@ -145,10 +149,10 @@ class Norm:
 
 
 class Network:
-    def __init__(self, variant, rng, dtype=np.float32):
+    def __init__(self, variant, rng, dtype=np.float32, comm=None):
         ws = variant.endswith("+WS")
-        self.conv1, self.norm1 = Conv3x3(1, 16, rng, dtype, ws), Norm(variant, 16, 4, dtype)
-        self.conv2, self.norm2 = Conv3x3(16, 32, rng, dtype, ws), Norm(variant, 32, 8, dtype)
+        self.conv1, self.norm1 = Conv3x3(1, 16, rng, dtype, ws), Norm(variant, 16, 4, dtype, comm)
+        self.conv2, self.norm2 = Conv3x3(16, 32, rng, dtype, ws), Norm(variant, 32, 8, dtype, comm)
         self.relu1, self.pool, self.relu2, self.gap = ReLU(), MaxPool2(), ReLU(), GlobalAvgPool()
         self.fc = Linear(32, 10, rng, dtype)
         self.trainable = {"conv1": self.conv1, "norm1": self.norm1, "conv2": self.conv2, "norm2": self.norm2,
@@ -293,7 +297,14 @@ def main(argv=None):
     p.add_argument("--out", default=".", help="directory for the accuracy plot (demo_accuracy.png)")
     p.add_argument("--json", help="write the final table here as a JSON list")
     p.add_argument("--quick", action="store_true", help="one epoch on 300 training images, batch sizes 2 and 32")
+    p.add_argument("--distributed", action="store_true",
+                   help="under mpiexec: one image per process, local against synchronized statistics "
+                        "(bcnswift.demo_distributed)")
     a = p.parse_args(argv)
+    if a.distributed:
+        from . import demo_distributed
+        return demo_distributed.main([arg for arg in (argv if argv is not None else __import__("sys").argv[1:])
+                                      if arg != "--distributed"])
     if a.epochs < 1 or any(b < 1 for b in a.batch_sizes):
         p.error("epochs and batch sizes must be positive")
 

@@ -81,3 +81,15 @@ def test_a_rank_that_dies_ends_the_job_instead_of_hanging():
     proc = launch(2, "dead", timeout=60)
     assert proc.returncode != 0
     assert '"raised": null' not in proc.stdout
+
+
+def test_the_distributed_demo_trains_like_one_process(tmp_path):
+    env = dict(os.environ, BCNSWIFT_NUM_THREADS="1")
+    proc = subprocess.run([mpiexec(), "-n", "2", "-hosts", "127.0.0.1", sys.executable, "-m", "bcnswift.demo",
+                           "--distributed", "--quick", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["max_loss_gap_sync_vs_one_process"] < 1e-9
+    assert [r["variant"] for r in result["table"]] == ["BN", "SyncBN", "BCN-est+WS", "SyncBCN+WS",
+                                                       "BCN-batch+WS (one process)"]

@@ -1,0 +1,87 @@
+"""The cost of synchronized statistics: a SyncBatchChannelNorm training step against a local BatchChannelNorm on
+the same per-process batch, under MPI; rank 0 prints medians.
+
+    python3 -m bcnswift.bench --sync                      # starts mpiexec -n 2 and -n 4 itself
+    mpiexec -n 4 python3 -m bcnswift.bench_sync           # one rank count
+
+Each repeat starts on a barrier and takes the slowest rank's time. The extra time of the synchronized layer
+should be close to its three allgathers (the forward's header and moments, the backward's header with sums: a
+few kilobytes each at C = 256), timed alone in the same run.
+"""
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import bcnswift
+from .distributed import HEADER_BYTES, mpi_world
+
+
+def slowest(comm, fn, repeats):
+    """Median over repeats of the slowest rank's seconds for fn()."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        t = np.array([time.perf_counter() - t0])
+        worst = np.empty(1)
+        comm.Allreduce(t, worst, op=__import__("mpi4py").MPI.MAX)
+        samples.append(worst[0])
+    return statistics.median(samples)
+
+
+def main(shape=(2, 256, 14, 14), groups=32, repeats=200):
+    comm = mpi_world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    C = shape[1]
+    rng = np.random.default_rng(rank)
+    x = (rng.normal(size=shape) + 1.0).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    local = bcnswift.BatchChannelNorm(C, groups, estimate=False)
+    synced = bcnswift.SyncBatchChannelNorm(C, groups, estimate=False, comm=comm)
+    y, dx = np.empty_like(x), np.empty_like(x)
+
+    def step(layer):
+        return lambda: (layer(x, out=y), layer.backward(dy, out=dx))
+
+    header = np.zeros(HEADER_BYTES, np.uint8)
+    moments = np.zeros(3 * C)
+    both = np.zeros(HEADER_BYTES + 16 * C, np.uint8)
+    gathers = [(a, np.empty((size, a.size), a.dtype)) for a in (header, moments, both)]
+
+    def exchanges():
+        for send, recv in gathers:
+            comm.Allgather(send, recv)
+
+    t_local = slowest(comm, step(local), repeats)
+    t_sync = slowest(comm, step(synced), repeats)
+    t_gather = slowest(comm, exchanges, repeats)
+    if rank == 0:
+        print(f"{size} ranks, [{', '.join(map(str, shape))}] per rank, G = {groups}, float32, forward+backward, "
+              f"{bcnswift.get_num_threads()} thread(s) per rank, median of {repeats}: local {t_local * 1e6:.0f} us, "
+              f"synchronized {t_sync * 1e6:.0f} us, extra {(t_sync - t_local) * 1e6:.0f} us; "
+              f"the three allgathers alone {t_gather * 1e6:.0f} us", flush=True)
+    return t_local, t_sync, t_gather
+
+
+def launch(ranks=(2, 4)):
+    """Runs this module under mpiexec (the one next to the interpreter, from the mpich wheel) for each count."""
+    import os
+    import shutil
+    import subprocess
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = beside if os.path.exists(beside) else shutil.which("mpiexec")
+    if mpiexec is None:
+        print("no mpiexec: pip install '.[mpi]'")
+        return
+    env = dict(os.environ, BCNSWIFT_NUM_THREADS=os.environ.get("BCNSWIFT_NUM_THREADS", "1"))
+    for n in ranks:
+        subprocess.run([mpiexec, "-n", str(n), "-hosts", "127.0.0.1", sys.executable, "-m", "bcnswift.bench_sync"],
+                       env=env, timeout=600, check=True)
+
+
+if __name__ == "__main__":
+    main()
