@@ -1,17 +1,18 @@
-"""Builds the Swift static library (the C ABI), then the CPython extension that links it.
+"""Builds the Swift static library (the C ABI) once per ISA path, then one CPython extension per path that links
+it, and bcnswift._cpu, which tells at import time which path the CPU runs (bcnswift/_ext.py chooses).
 
-The result is one self-contained shared object: the Swift runtime is linked statically (with swiftrt.o, without
-which protocol conformances silently go missing) and every symbol but PyInit__ext is hidden.
+Each extension is one self-contained shared object: the Swift runtime is linked statically (with swiftrt.o,
+without which protocol conformances silently go missing), every symbol but its PyInit_ is hidden, debug info is
+stripped, and no RUNPATH points at the build host.
 
 Environment:
-  BCNSWIFT_CPU_FLAGS   flags for `swift build` selecting CPU features. Default on x86_64: "-Xcc -march=x86-64-v3"
-                       (AVX2 + FMA); elsewhere none. Set it to "" for a portable build, or e.g. "-Xcc -march=native".
+  BCNSWIFT_ISAS        the ISA paths to build, comma-separated. Default on x86_64: "baseline,x86-64-v3"
+                       (x86-64 with SSE2; AVX2 + FMA + BMI); elsewhere "baseline" (the compiler's portable default).
   BCNSWIFT_SWIFT       the swift driver to use (default: `swift` on PATH).
 """
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,24 +24,57 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
-def swift_build_flags():
-    if "BCNSWIFT_CPU_FLAGS" in os.environ:
-        cpu = shlex.split(os.environ["BCNSWIFT_CPU_FLAGS"])
-    elif platform.machine().lower() in ("x86_64", "amd64"):
-        cpu = ["-Xcc", "-march=x86-64-v3"]
-    else:
-        cpu = []
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+#: the CPU flags of each path; the clang importer's -march sets the target CPU of Swift's code generation too
+ISA_FLAGS = {"baseline": ["-Xcc", "-march=x86-64"] if X86 else [], "x86-64-v3": ["-Xcc", "-march=x86-64-v3"]}
+
+
+#: functions of the static Swift runtime bound to their oldest glibc version (python/bcnswift/_glibc_compat.c)
+GLIBC_WRAPPED = ["dlopen", "dlsym", "dlerror", "dladdr", "pthread_create", "pthread_attr_getstack",
+                 "pthread_getattr_np", "pthread_once", "pthread_key_create", "pthread_setspecific", "pthread_sigmask",
+                 "expf", "logf", "exp2f", "log2f", "exp", "log", "exp2", "log2", "stat"]
+
+
+#: libstdc++ stays shared: a static one from a new GCC refers to new glibc functions (arc4random, 2.36)
+STDCXX = "-lstdc++"
+
+
+def isa_paths():
+    default = "baseline,x86-64-v3" if X86 else "baseline"
+    paths = [p.strip() for p in os.environ.get("BCNSWIFT_ISAS", default).split(",") if p.strip()]
+    for p in paths:
+        if p not in ISA_FLAGS or (p != "baseline" and not X86):
+            raise RuntimeError(f"bcnswift: BCNSWIFT_ISAS names {p!r}; this machine can build "
+                               f"{'baseline, x86-64-v3' if X86 else 'baseline'}")
+    return paths
+
+
+def module_name(path):
+    return "_ext_" + path.replace("-", "_")
+
+
+def swift_build_flags(path):
     # Release (-O) with exclusivity checks off: the kernels own their buffers; bounds are checked at the ABI.
-    return ["-c", "release", "-Xswiftc", "-enforce-exclusivity=unchecked"] + cpu
+    return (["-c", "release", "-Xswiftc", "-enforce-exclusivity=unchecked",
+             "--scratch-path", str(ROOT / ".build" / f"isa-{path}")] + ISA_FLAGS[path])
 
 
 class SwiftBuildExt(build_ext):
     def build_extension(self, ext):
+        # no RUNPATH: the interpreter's link flags may carry one pointing at the build host
+        self.compiler.linker_so = [a for a in self.compiler.linker_so if "-rpath" not in a]
+        ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--strip-all"]  # .symtab too: the dynamic PyInit_ stays
+        if ext.name == "bcnswift._cpu":
+            return super().build_extension(ext)
+        path = ext.isa
         swift = os.environ.get("BCNSWIFT_SWIFT", "swift")
         driver = shutil.which(swift)
         if driver is None:
             raise RuntimeError(f"bcnswift: the Swift driver {swift!r} is not on PATH; install a Swift toolchain")
-        base = [swift, "build", "--package-path", str(ROOT)] + swift_build_flags()
+        version = subprocess.check_output([swift, "--version"], text=True, stderr=subprocess.STDOUT).splitlines()[0]
+        ext.define_macros = [("BCN_MODULE", module_name(path)), ("BCN_ISA", f'"{path}"'),
+                             ("BCN_SWIFT_VERSION", '"' + version.replace('"', "'") + '"')]
+        base = [swift, "build", "--package-path", str(ROOT)] + swift_build_flags(path)
         subprocess.check_call(base + ["--product", "BCNSwiftC"])
         bin_dir = Path(subprocess.check_output(base + ["--show-bin-path"], text=True).strip())
         archive = bin_dir / "libBCNSwiftC.a"
@@ -56,7 +90,7 @@ class SwiftBuildExt(build_ext):
                 raise RuntimeError(f"bcnswift: {needed} not found; is a Swift toolchain with static libraries installed?")
 
         # The runtime libraries the objects ask for (swift-autolink-extract reads their autolink entries).
-        tmp = Path(self.build_temp) / "swift-objects"
+        tmp = Path(self.build_temp) / f"swift-objects-{path}"
         tmp.mkdir(parents=True, exist_ok=True)
         for old in tmp.glob("*.o"):
             old.unlink()
@@ -66,26 +100,50 @@ class SwiftBuildExt(build_ext):
                                        text=True).split()
         libs = [flag[2:] for flag in libs if flag.startswith("-l")]
 
-        version_script = Path(self.build_temp) / "bcnswift.map"
-        version_script.write_text("{ global: PyInit__ext; local: *; };\n")
+        version_script = Path(self.build_temp) / f"bcnswift-{path}.map"
+        version_script.write_text(f"{{ global: PyInit_{module_name(path)}; local: *; }};\n")
         ext.extra_objects = [str(archive), str(swiftrt)]
         ext.depends = list(ext.depends) + [str(archive)]  # relink whenever the Swift library changed
         ext.library_dirs = [str(static_dir)]
         # A group: the static runtime libraries refer to each other in both directions.
-        ext.extra_link_args = (["-Wl,--start-group"] + [f"-l{lib}" for lib in libs] + ["-Wl,--end-group"]
-                               + ["-lstdc++", "-lm", "-ldl", "-lpthread",
+        if X86 and system == "linux":  # the manylinux floor: see _glibc_compat.c
+            ext.sources = list(ext.sources) + ["python/bcnswift/_glibc_compat.c"]
+            ext.extra_link_args += [f"-Wl,--wrap={name}" for name in GLIBC_WRAPPED] + [
+                "-Wl,--no-as-needed", "-ldl", "-lpthread", "-Wl,--as-needed"]
+        ext.extra_link_args += (["-Wl,--start-group"] + [f"-l{lib}" for lib in libs] + ["-Wl,--end-group"]
+                               + [STDCXX, "-lm", "-ldl", "-lpthread",
                                   f"-Wl,--version-script={version_script}", "-Wl,--exclude-libs,ALL"])
-        super().build_extension(ext)
+        # each path's objects apart: the same _ext.c compiles once per path
+        build_temp, self.build_temp = self.build_temp, str(Path(self.build_temp) / path)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = build_temp
+        check_no_wrapped_left(Path(self.get_ext_fullpath(ext.name)))
+
+
+def check_no_wrapped_left(so):
+    """A --wrap with no __wrap_ definition links (a shared object may leave symbols undefined) but fails at
+    import: refuse it here."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return
+    undefined = subprocess.check_output([nm, "-D", "--undefined-only", str(so)], text=True).split()
+    left = [name for name in undefined if name.startswith("__wrap_")]
+    if left:
+        raise RuntimeError(f"bcnswift: {so.name} leaves {', '.join(left)} undefined (_glibc_compat.c)")
+
+
+def kernels(path):
+    ext = Extension(f"bcnswift.{module_name(path)}", sources=["python/bcnswift/_ext.c"],
+                    include_dirs=[numpy.get_include(), str(ROOT / "Sources" / "CBCNSwift" / "include")],
+                    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Werror=implicit-function-declaration"])
+    ext.isa = path
+    return ext
 
 
 setup(
-    ext_modules=[
-        Extension(
-            "bcnswift._ext",
-            sources=["python/bcnswift/_ext.c"],
-            include_dirs=[numpy.get_include(), str(ROOT / "Sources" / "CBCNSwift" / "include")],
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Werror=implicit-function-declaration"],
-        )
-    ],
+    ext_modules=[Extension("bcnswift._cpu", sources=["python/bcnswift/_cpu.c"], extra_compile_args=["-O2", "-Wall"])]
+    + [kernels(path) for path in isa_paths()],
     cmdclass={"build_ext": SwiftBuildExt},
 )

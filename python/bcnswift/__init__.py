@@ -6,6 +6,9 @@
     dx = layer.backward(dy); layer.grads              # gradients
 """
 import operator
+import os
+import platform
+import sys
 
 import numpy as np
 
@@ -18,7 +21,9 @@ from .weight_standardization import (WeightStandardization, weight_standardizati
 __version__ = "0.1.0"
 __all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "SyncBatchChannelNorm",
            "SyncBatchNorm", "WeightStandardization",
-           "weight_standardization", "weight_standardization_backward", "set_num_threads", "get_num_threads"]
+           "weight_standardization", "weight_standardization_backward", "set_num_threads", "get_num_threads", "build_info"]
+
+_threads_source = None  # set by set_num_threads(n > 0)
 
 
 def set_num_threads(n):
@@ -31,8 +36,36 @@ def set_num_threads(n):
     except TypeError:
         raise TypeError(f"number of threads must be an int, got {type(n).__name__} {n!r}") from None
     _ext.set_num_threads(n)
+    global _threads_source
+    _threads_source = f"set_num_threads({n})" if n > 0 else None
 
 
 def get_num_threads():
     """Worker threads in force."""
     return _ext.get_num_threads()
+
+
+def build_info():
+    """What this installation is and runs on, for bug reports (``python -m bcnswift`` prints it): version, C ABI
+    version, the ISA path in use, the paths this CPU allows and the paths built, the Swift compiler, the thread
+    count and where it comes from."""
+    if _threads_source is not None:
+        source = _threads_source
+    elif os.environ.get("BCNSWIFT_NUM_THREADS", "").strip():
+        source = f"BCNSWIFT_NUM_THREADS={os.environ['BCNSWIFT_NUM_THREADS'].strip()}"
+    else:
+        source = "default: all cores"
+    return {
+        "version": __version__,
+        "abi_version": _ext.ABI_VERSION,
+        "isa": _ext.ISA,
+        "isa_forced": bool(os.environ.get("BCNSWIFT_ISA", "").strip()),
+        "isa_allowed": list(_ext.ISA_ALLOWED),
+        "isa_built": list(_ext.ISA_BUILT),
+        "swift_version": _ext.SWIFT_VERSION,
+        "threads": get_num_threads(),
+        "threads_source": source,
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+    }

@@ -467,13 +467,34 @@ static PyMethodDef methods[] = {
     {"get_num_threads", get_num_threads, METH_NOARGS, "worker threads in force"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "bcnswift._ext",
+/* One kernel build per ISA path: setup.py compiles this file once per path, as bcnswift._ext_<path>, with the
+ * path's name and the Swift compiler's version; bcnswift/_ext.py loads the one the CPU runs. */
+#ifndef BCN_MODULE
+#define BCN_MODULE _ext
+#endif
+#ifndef BCN_ISA
+#define BCN_ISA "unknown"
+#endif
+#ifndef BCN_SWIFT_VERSION
+#define BCN_SWIFT_VERSION "unknown"
+#endif
+#define BCN_STR(x) #x
+#define BCN_XSTR(x) BCN_STR(x)
+#define BCN_CAT(a, b) a##b
+#define BCN_INIT(name) BCN_CAT(PyInit_, name)
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "bcnswift." BCN_XSTR(BCN_MODULE),
                                     "C extension over the bcnswift C ABI", -1, methods};
 
-PyMODINIT_FUNC PyInit__ext(void) {
+PyMODINIT_FUNC BCN_INIT(BCN_MODULE)(void) {
     import_array();
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    if (PyModule_AddStringConstant(m, "ISA", BCN_ISA) < 0 ||
+        PyModule_AddStringConstant(m, "SWIFT_VERSION", BCN_SWIFT_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyModule_AddIntConstant(m, "ABI_VERSION", bcn_abi_version());
     if (bcn_abi_version() != BCN_ABI_VERSION) {
         PyErr_Format(PyExc_ImportError, "bcnswift: the extension was built for ABI %d but links ABI %d",

@@ -1,0 +1,151 @@
+"""Runtime CPU dispatch: every ISA path built passes the parity suite, the paths agree within its tolerances, a
+forced path the CPU lacks is an ImportError (never an illegal instruction), and on a CPU without AVX (qemu's
+Nehalem) the baseline path runs. build_info() reports all of it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bcnswift
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: the suite each path must pass (the current path runs the whole suite anyway)
+PARITY_SUITE = ["test_parity.py", "test_gradients.py", "test_weight_standardization.py", "test_phases.py",
+                "test_channels_last.py", "test_numerics.py", "test_concurrency.py", "test_sync_layers.py"]
+
+
+def run_python(code, isa=None, prefix=(), timeout=300):
+    env = dict(os.environ)
+    env.pop("BCNSWIFT_ISA", None)
+    if isa:
+        env["BCNSWIFT_ISA"] = isa
+    return subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=HERE)
+
+
+def test_build_info_reports_the_paths():
+    info = bcnswift.build_info()
+    assert info["version"] == bcnswift.__version__ and info["abi_version"] == 2
+    assert info["isa"] in info["isa_built"] and info["isa"] in info["isa_allowed"]
+    assert "baseline" in info["isa_built"] and "baseline" in info["isa_allowed"]
+    if info["machine"] in ("x86_64", "AMD64"):
+        assert info["isa_built"] == ["x86-64-v3", "baseline"]
+    assert info["swift_version"].startswith("Swift version")
+    assert info["threads"] == bcnswift.get_num_threads() >= 1
+    printed = subprocess.run([sys.executable, "-m", "bcnswift"], capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0 and f"isa: {info['isa']}" in printed.stdout
+
+
+def test_threads_source_follows_set_num_threads():
+    before = bcnswift.get_num_threads()
+    try:
+        bcnswift.set_num_threads(1)
+        assert bcnswift.build_info()["threads_source"] == "set_num_threads(1)"
+    finally:
+        bcnswift.set_num_threads(0)
+    assert bcnswift.get_num_threads() == before
+
+
+@pytest.mark.parametrize("isa", [p for p in bcnswift.build_info()["isa_built"]
+                                 if p in bcnswift.build_info()["isa_allowed"]])
+def test_every_built_path_passes_the_parity_suite(isa):
+    env = dict(os.environ, BCNSWIFT_ISA=isa)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PARITY_SUITE],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=HERE)
+    assert proc.returncode == 0, f"BCNSWIFT_ISA={isa}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    check = run_python("from bcnswift import _ext; print(_ext.ISA)", isa)
+    assert check.stdout.strip() == isa
+
+
+_FORWARD_BACKWARD = """
+import json, numpy as np, bcnswift
+rng = np.random.default_rng(7)
+x = rng.normal(size=(4, 16, 5, 6)) * 2 + 1.5
+dy = rng.normal(size=x.shape) - 0.3
+out = {}
+for dtype in ("float32", "float64"):
+    layer = bcnswift.BatchChannelNorm(16, 4, estimate=False, dtype=dtype)
+    y = layer(x.astype(dtype)); dx = layer.backward(dy.astype(dtype))
+    w = bcnswift.weight_standardization(x.reshape(16, -1).astype(dtype))
+    out[dtype] = [y.tolist(), dx.tolist(), w.tolist(), layer.running_var.tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_the_paths_agree_within_the_parity_tolerances():
+    results = {}
+    for isa in [p for p in bcnswift.build_info()["isa_built"] if p in bcnswift.build_info()["isa_allowed"]]:
+        proc = run_python(_FORWARD_BACKWARD, isa)
+        assert proc.returncode == 0, proc.stderr
+        results[isa] = json.loads(proc.stdout)
+    paths = list(results)
+    for other in paths[1:]:
+        for dtype, rtol in (("float32", 2e-6), ("float64", 1e-13)):
+            for a, b in zip(results[paths[0]][dtype], results[other][dtype]):
+                np.testing.assert_allclose(np.array(a), np.array(b), rtol=rtol, atol=rtol,
+                                           err_msg=f"{paths[0]} against {other}, {dtype}")
+
+
+def test_forcing_a_path_that_cannot_load_is_an_import_error():
+    proc = run_python("import bcnswift", "x86-64-v9")
+    assert proc.returncode != 0 and "ImportError: BCNSWIFT_ISA='x86-64-v9' names no ISA path" in proc.stderr
+
+
+# ---- an old CPU, emulated --------------------------------------------------------------------------------
+
+_OLD_CPU_CHECK = """
+import numpy as np, bcnswift
+info = bcnswift.build_info()
+assert info["isa"] == "baseline" and info["isa_allowed"] == ["baseline"], info
+rng = np.random.default_rng(11)
+x = rng.normal(size=(3, 8, 4, 5)) * 1.5 + 2.0
+dy = rng.normal(size=x.shape) + 0.2
+layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+y = layer(x)
+dx = layer.backward(dy)
+# the reference: batch norm with batch statistics, then per-sample groups, in float64
+m = x.mean(axis=(0, 2, 3), keepdims=True); v = x.var(axis=(0, 2, 3), keepdims=True)
+h = (x - m) / np.sqrt(v + 1e-5)
+g = h.reshape(3, 4, -1); gm = g.mean(-1, keepdims=True); gv = g.var(-1, keepdims=True)
+expected = ((g - gm) / np.sqrt(gv + 1e-5)).reshape(x.shape)
+assert np.allclose(y, expected, rtol=1e-12, atol=1e-12), abs(y - expected).max()
+eps = 1e-6; k = (1, 2, 3, 1)
+xp = x.copy(); xp[k] += eps; xm = x.copy(); xm[k] -= eps
+f = lambda a: float((bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)(a) * dy).sum())
+fd = (f(xp) - f(xm)) / (2 * eps)
+assert abs(fd - dx[k]) < 1e-6 * max(1, abs(fd)), (fd, dx[k])
+w = rng.normal(size=(6, 3, 3, 3)) + 0.5
+ws = bcnswift.weight_standardization(w, eps=1e-5, unbiased=True, eps_in_sqrt=False)  # the authors' form
+flat = w.reshape(6, -1)
+exp = (flat - flat.mean(1, keepdims=True)) / (flat.std(1, ddof=1, keepdims=True) + 1e-5)
+assert np.allclose(ws.reshape(6, -1), exp, rtol=1e-12, atol=1e-12)
+print("old cpu ok", info["isa"])
+"""
+
+
+def qemu():
+    found = shutil.which("qemu-x86_64")
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("qemu-x86_64 is required under CI=true (.ci/run installs Debian's qemu-user)")
+        pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user)")
+    if bcnswift.build_info()["machine"] not in ("x86_64", "AMD64"):
+        pytest.skip("x86_64 only")
+    return found
+
+
+def test_on_a_cpu_without_avx_the_baseline_path_runs():
+    proc = run_python(_OLD_CPU_CHECK, prefix=(qemu(), "-cpu", "Nehalem"), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "old cpu ok baseline" in proc.stdout
+
+
+def test_on_a_cpu_without_avx_forcing_avx2_is_an_import_error_not_a_crash():
+    proc = run_python("import bcnswift", "x86-64-v3", prefix=(qemu(), "-cpu", "Nehalem"), timeout=600)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "ImportError: BCNSWIFT_ISA='x86-64-v3': this CPU (or its OS) lacks avx, avx2" in proc.stderr
+    assert "lzcnt" in proc.stderr
