@@ -1,0 +1,81 @@
+"""The sdist builds from source, and what it builds is what the wheel promises: the kernels of a path as a
+stripped extension without RUNPATH that exports only its PyInit_, and a manylinux_2_27 policy (auditwheel).
+Builds one path only (BCNSWIFT_ISAS=baseline) to keep the suite short; scripts/build_wheel.sh builds both."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tool(name):
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{name} is required under CI=true")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    require("build")
+    tool("swift")
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    sdist = next(out.glob("bcnswift-*.tar.gz"))
+    env = dict(os.environ, BCNSWIFT_ISAS="baseline")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(sdist),
+                           "-w", str(out)], capture_output=True, text=True, timeout=1200, env=env, cwd=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return sdist, next(out.glob("bcnswift-*.whl")), out
+
+
+def test_the_sdist_carries_the_swift_package(built):
+    sdist, _, _ = built
+    names = tarfile.open(sdist).getnames()
+    for needed in ("Package.swift", "Sources/CBCNSwift/include/bcnswift.h", "Sources/BCNSwiftC",
+                   "Sources/BCNSwift/Engine/NormalizationEngine.swift", "python/bcnswift/_ext.c",
+                   "python/bcnswift/_cpu.c", "python/bcnswift/_glibc_compat.c", "setup.py"):
+        assert any(n.endswith("bcnswift-0.1.0/" + needed) for n in names), f"the sdist lacks {needed}"
+    assert not any(n.endswith((".so", ".o", ".a")) or "/.build/" in n for n in names)
+
+
+def test_the_extensions_are_stripped_self_contained_and_export_only_pyinit(built):
+    _, wheel, out = built
+    unpacked = out / "unpacked"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    kernels = next(unpacked.glob("bcnswift/_ext_baseline*.so"))
+    assert next(unpacked.glob("bcnswift/_cpu*.so"))
+    readelf = tool("readelf")
+    dynamic = subprocess.run([readelf, "-d", str(kernels)], capture_output=True, text=True, check=True).stdout
+    assert "RUNPATH" not in dynamic and "RPATH" not in dynamic
+    needed = set(re.findall(r"Shared library: \[(.+?)\]", dynamic))
+    assert needed <= {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2",
+                      "libdl.so.2", "libpthread.so.0"}, needed
+    sections = subprocess.run([readelf, "-S", str(kernels)], capture_output=True, text=True, check=True).stdout
+    assert ".debug_info" not in sections and ".symtab" not in sections
+    exported = subprocess.run([tool("nm"), "-D", "--defined-only", str(kernels)], capture_output=True, text=True,
+                              check=True).stdout.split()
+    assert [s for s in exported if s.startswith("PyInit")] == ["PyInit__ext_baseline"]
+    functions = [exported[i + 2] for i in range(0, len(exported) - 2, 3) if exported[i + 1] in "TtWw"]
+    assert functions == ["PyInit__ext_baseline"], functions[:10]
+
+
+def test_auditwheel_finds_the_manylinux_2_27_policy(built):
+    require("auditwheel")
+    _, wheel, _ = built
+    proc = subprocess.run([sys.executable, "-m", "auditwheel", "show", str(wheel)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'platform tag: "manylinux_2_27_x86_64"' in " ".join(proc.stdout.split()), proc.stdout
