@@ -176,7 +176,7 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        for name in ("norm_forward", "norm_moments", "norm_backward"):
+        for name in ("norm_forward", "norm_moments", "norm_backward", "ws_forward", "ws_backward"):
             real = getattr(_ext, name)
 
             def wrapped(*args, _real=real, _name=name):
@@ -240,3 +240,21 @@ def test_bad_input_is_a_clear_error_and_changes_no_buffer(gen):
         assert torch.equal(v, before[k]), k
     with pytest.raises(TypeError, match="CPU float32 or float64"):
         _ops.moments(torch.ones(2, 8, 3, dtype=torch.float16), CN, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_weights_are_standardized_where_they_lie(dtype, gen, monkeypatch):
+    """Each output channel of a channels_last weight is still one dense block (its fan-in in another order), so
+    WS and its gradient run on the weight's memory and keep its layout; values match the C-order weight's."""
+    w = rand_input(gen, (6, 4, 3, 3), dtype, "contiguous")
+    g = rand_input(gen, (6, 4, 3, 3), dtype, "contiguous")
+    wl, gl = w.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+    rec = _Recorder(monkeypatch)
+    out = _ops._weight_standardization(wl, 1e-5, _ext.BCN_WS_UNBIASED)
+    dw = _ops._weight_standardization_backward(gl, wl, 1e-5, _ext.BCN_WS_UNBIASED)
+    assert wl.data_ptr() in rec.addresses("ws_forward") and gl.data_ptr() in rec.addresses("ws_backward")
+    assert out.is_contiguous(memory_format=torch.channels_last) and dw.stride() == wl.stride()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, _ops._weight_standardization(w, 1e-5, _ext.BCN_WS_UNBIASED), rtol=tol, atol=tol)
+    torch.testing.assert_close(dw, _ops._weight_standardization_backward(g, w, 1e-5, _ext.BCN_WS_UNBIASED),
+                               rtol=tol, atol=tol)

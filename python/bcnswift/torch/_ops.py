@@ -298,20 +298,38 @@ def _check_weight(w):
 
 
 def _ws_output(w):
-    """An output like w; computed in C order, then laid out as w is (conv weights may be channels_last)."""
-    return torch.empty_like(w)
+    """An output like w, in w's memory layout when that is dense (else C order), as the kernels write it."""
+    return torch.empty_like(w) if _rows(w) is not None else torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+def _rows(t):
+    """t as [O, fan-in] over its own memory when each t[o] is one dense block, in C order or any other (a
+    channels_last weight's block is [kh, kw, I]), else None. Standardization per output channel does not care in
+    which order a block holds its fan-in, so such weights need no copy."""
+    O = t.shape[0]
+    fan = t.numel() // O
+    if O > 1 and t.stride(0) != fan:
+        return None
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(1, t.dim()) if t.shape[d] != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return t.as_strided((O, fan), (fan, 1))
 
 
 def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
     _check_weight(w)
-    out = _ws_output(w)
-    dense = out if out.is_contiguous() else torch.empty_like(w, memory_format=torch.contiguous_format)
-    _ext.ws_forward(flags, eps, _array(w.contiguous()), _array(dense))
-    return out if dense is out else out.copy_(dense)
+    if _rows(w) is None:
+        w = w.contiguous()
+    out = torch.empty_like(w)  # in w's own layout
+    _ext.ws_forward(flags, eps, _array(_rows(w)), _array(_rows(out)))
+    return out
 
 
 weight_standardization = torch.library.custom_op("bcnswift::weight_standardization", _weight_standardization,
-                                                mutates_args=(), device_types="cpu")
+                                                mutates_args=(), device_types="cpu",
+                                                )
 
 
 @weight_standardization.register_fake
@@ -321,15 +339,17 @@ def _(w, eps, flags):
 
 def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
     _check_weight(w)
-    out = _ws_output(w)
-    dense = out if out.is_contiguous() else torch.empty_like(w, memory_format=torch.contiguous_format)
-    _ext.ws_backward(flags, eps, _array(w.contiguous()), _array(grad.to(w.dtype).contiguous()), _array(dense))
-    return out if dense is out else out.copy_(dense)
+    if _rows(w) is None:
+        w = w.contiguous()
+    grad = _like(grad if grad.dtype == w.dtype else grad.to(w.dtype), w)
+    out = torch.empty_like(w)
+    _ext.ws_backward(flags, eps, _array(_rows(w)), _array(_rows(grad)), _array(_rows(out)))
+    return out
 
 
 weight_standardization_backward = torch.library.custom_op(
     "bcnswift::weight_standardization_backward", _weight_standardization_backward, mutates_args=(),
-    device_types="cpu")
+    device_types="cpu", )
 
 
 @weight_standardization_backward.register_fake
