@@ -6,6 +6,7 @@ np.copyto of the same tensor, measured in one run with the same thread count.
     python3 -m bcnswift.bench --no-reference  # skip the (slow) numpy reference
     python3 -m bcnswift.bench --torch         # PyTorch training steps (bcnswift/torch/bench.py)
     python3 -m bcnswift.bench --sync          # synchronized against local statistics, 2 and 4 MPI ranks
+    python3 -m bcnswift.bench --rows --eval --channels-last --peers --json bench.json   # the other tables
 
 Times are medians over repeats; ratios are computed from medians measured in this same run. `fwd` and
 `fwd+bwd` write into preallocated outputs (`out=`), as `np.copyto` does, so their ratios to the copy compare the
@@ -134,6 +135,58 @@ def run(shapes, quick=False, reference=True, use_torch=True):
     return rows
 
 
+def print_table(title, rows):
+    """A markdown table of dicts (floats: 1 decimal for times, 2 for ratios); returns the rows."""
+    print(f"\n{title}\n")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"{v:.1f}" if isinstance(v, float) and c.endswith(" us") else
+                         f"{v:.2f}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |", flush=True)
+    return rows
+
+
+def run_modes(modes, quick=False, use_torch=True, shapes=None):
+    """The tables named in `modes` ("rows", "eval", "channels_last", "peers"), times in microseconds."""
+    from . import bench_modes as M
+    repeats = 5 if quick else 11
+    torch = None
+    if use_torch:
+        try:
+            import torch  # noqa: F811
+            torch.set_num_threads(bcnswift.get_num_threads())
+        except ImportError:
+            torch = None
+
+    def timer(fn):
+        return median_time(fn, repeats=repeats) * 1e6
+
+    def copy_timer(x):
+        out = np.empty_like(x)
+        return timer(lambda: np.copyto(out, x))
+
+    big = shapes or [s for s in SHAPES if np.prod(s[0]) >= 8 * 256 * 14 * 14]
+    print(f"bcnswift {bcnswift.__version__} ({bcnswift.build_info()['isa']}), {bcnswift.get_num_threads()} "
+          f"thread(s), float32, medians of {repeats} repeats, times in us, ratios from this run")
+    tables = {}
+    if "rows" in modes:
+        tables["rows"] = print_table("Row path (training)", M.rows_table(timer, copy_timer, torch))
+    if "eval" in modes:
+        tables["eval"] = print_table("Eval forward", M.eval_table(big, timer, copy_timer))
+    if "channels_last" in modes:
+        tables["channels_last"] = print_table("Channels-last against NCHW (training)",
+                                              M.channels_last_table(big, timer))
+    if "peers" in modes:
+        tables["peers"] = print_table("Peers: BCN with batch statistics",
+                                      M.peers_table(big + [((256, 1024), 32)], timer, torch))
+    return tables
+
+
 def main(argv=None):
     if "OPENBLAS_NUM_THREADS" not in os.environ and argv is None:
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
@@ -149,7 +202,12 @@ def main(argv=None):
                    help="instead: PyTorch training steps, the authors' modules against bcnswift.torch")
     p.add_argument("--models", default="small,resnet18", help="with --torch: models to run")
     p.add_argument("--estimate", action="store_true", help="with --torch: BCN with estimated statistics")
-    p.add_argument("--json", metavar="FILE", help="with --torch: also write the results as JSON")
+    p.add_argument("--rows", action="store_true", help="the row path: [B, C] and small maps against copy and torch")
+    p.add_argument("--eval", action="store_true", help="eval forward against copy")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input against NCHW")
+    p.add_argument("--peers", action="store_true",
+                   help="the authors' BCNorm eager and compiled, JAX jit, ONNX Runtime (whichever is installed)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = p.parse_args(argv)
     if a.threads:
         bcnswift.set_num_threads(a.threads)
@@ -162,7 +220,17 @@ def main(argv=None):
         torch_bench.run(models=a.models.split(","), repeats=7 if a.quick else 15, estimate=a.estimate,
                         json_path=a.json)
         return
-    run(SHAPES, quick=a.quick, reference=not a.no_reference, use_torch=not a.no_torch)
+    modes = [m for m, on in (("rows", a.rows), ("eval", a.eval), ("channels_last", a.channels_last),
+                             ("peers", a.peers)) if on]
+    if modes:
+        tables = run_modes(modes, quick=a.quick, use_torch=not a.no_torch)
+    else:
+        rows = run(SHAPES, quick=a.quick, reference=not a.no_reference, use_torch=not a.no_torch)
+        tables = {"main": rows}
+    if a.json:
+        import json
+        with open(a.json, "w") as f:
+            json.dump({"build_info": bcnswift.build_info(), "tables": tables}, f, indent=2)
 
 
 if __name__ == "__main__":

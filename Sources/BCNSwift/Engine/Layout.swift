@@ -16,4 +16,11 @@ enum Layout {
             self = .planes(PlanesLayout(shape: shape))
         }
     }
+
+    /// True when each unit can measure its own planes right before mapping them (planes short enough to map
+    /// one at a time), which forward calls without batch statistics use to read x from memory once.
+    var measuresPerUnit: Bool {
+        if case .planes(let l) = self { return l.mapsPerPlane }
+        return false
+    }
 }

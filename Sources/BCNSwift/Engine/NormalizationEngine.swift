@@ -42,9 +42,12 @@ public enum NormalizationEngine {
         var arena = ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
                                  + localMomentsBytes(layout, T.self) + finishBytes(layout, T.self, plan: plan))
         let moments = batchStatistics ? arena.take(C, of: Moments.self) : nil
-        localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
+        // Without batch statistics no plane's map waits for the whole batch: each unit's planes are measured
+        // and mapped while they are in cache (one read of x from memory instead of two; the same bits).
+        let fused = !batchStatistics && layout.measuresPerUnit
+        if !fused { localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena) }
         finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
-               arena: &arena)
+               measure: fused, arena: &arena)
     }
 
     /// Phase (a): pass 1 over `x`, its plane moments into `context`, and with `moments` the batch's moments per
@@ -113,7 +116,7 @@ public enum NormalizationEngine {
         let layout = Layout(plan: plan, shape: shape)
         var arena = ScratchArena(bytes: finishBytes(layout, T.self, plan: plan))
         finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: batch, context: ctx,
-               arena: &arena)
+               measure: false, arena: &arena)
     }
 
     /// The running-buffer update alone, from the batch's moments per channel (count, mean, M2; C of them, from
@@ -168,11 +171,12 @@ public enum NormalizationEngine {
     }
 
     /// The batch-norm stage into the context, the channel norm's weights, the output; then the running
-    /// buffers and the header. Nothing here can fail.
+    /// buffers and the header. With `measure`, pass 1 runs here too, unit by unit (`Layout.measuresPerUnit`).
+    /// Nothing here can fail.
     static func finish<T: NormalizationScalar>(
         _ layout: Layout, plan: NormalizationPlan, training: Bool, x: UnsafePointer<T>,
         y: UnsafeMutablePointer<T>, state: NormalizationState<T>, batch: UnsafePointer<Moments>?,
-        context ctx: NormalizationContext, arena: inout ScratchArena
+        context ctx: NormalizationContext, measure: Bool, arena: inout ScratchArena
     ) {
         var (flags, update) = BatchNormStage.finish(plan: plan, training: training, batch: batch, state: state,
                                                     context: ctx, staged: arena.take(2 * plan.channels, of: T.self))
@@ -183,8 +187,10 @@ public enum NormalizationEngine {
         }
         let bias = plan.channelNorm != nil ? state.cnBias : nil  // a caller may pass one it does not use
         switch layout {
-        case .planes(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
-        case .channelsLast(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
+        case .planes(let l):
+            l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, measure: measure, arena: &arena)
+        case .channelsLast(let l):
+            l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, measure: false, arena: &arena)
         case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
         }
         update?.commit(state, channels: plan.channels)

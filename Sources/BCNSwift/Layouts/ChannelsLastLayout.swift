@@ -90,6 +90,11 @@ struct ChannelsLastLayout: StoredLayout {
 
     var mapsPerPlane: Bool { false }
 
+    func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
+                                              p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>) {
+        preconditionFailure("channels-last measures all planes in one sweep (mapsPerPlane is false)")
+    }
+
     func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
                                           centre: Double, scale: Double, offset: Double) {
         preconditionFailure("channels-last maps every plane in one sweep")

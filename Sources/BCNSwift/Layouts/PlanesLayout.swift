@@ -38,6 +38,15 @@ struct PlanesLayout: StoredLayout {
         }
     }
 
+    func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
+                                              p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>) {
+        let s = shape.spatial
+        for i in first..<(first + count) {
+            let m = T._chunkMoments(x + i * s, count: s)
+            p[i] = m.mean; q[i] = m.m2
+        }
+    }
+
     /// A unit maps its planes as soon as it knows their coefficients, unless planes span several chunks.
     var mapsPerPlane: Bool { chunks.perPlane == 1 }
 

@@ -15,6 +15,11 @@ protocol StoredLayout {
     /// are in cache); false when all coefficients come first and `map` sweeps the data once.
     var mapsPerPlane: Bool { get }
 
+    /// Forward pass 1 on `count` planes from `first` alone (used only when `mapsPerPlane`): the same numbers
+    /// `planeMoments` gives them.
+    func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
+                                              p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>)
+
     /// Forward pass 2 on plane `plane`: out = scale (x - p) + offset.
     func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
                                           centre: Double, scale: Double, offset: Double)
@@ -87,10 +92,11 @@ extension StoredLayout {
         scratchBytes(T.self) + ScratchArena.bytes(4 * shape.channels, of: Double.self)
     }
 
-    /// Phase (c), after the batch-norm stage is in the context: each unit's m, r and map, and the output.
+    /// Phase (c), after the batch-norm stage is in the context: each unit's m, r and map, and the output. With
+    /// `measure` (only when `mapsPerPlane`), each unit first measures its own planes (pass 1) into the context.
     func apply<T: NormalizationScalar>(
         plan: NormalizationPlan, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
-        context ctx: NormalizationContext, arena: inout ScratchArena
+        context ctx: NormalizationContext, measure: Bool, arena: inout ScratchArena
     ) {
         let units = Units(plan: plan, shape: shape), K = units.groupSize, S = shape.spatial, G = plan.groups
         let p = UnsafePointer(ctx.p)
@@ -104,11 +110,12 @@ extension StoredLayout {
         if mapsPerPlane {  // each unit maps its planes while they are in cache
             let slots = parallelSlots(units.count, cost: K * S)
             let scratch = arena.take(2 * slots * K, of: Double.self)
-            parallelFor(units.count, cost: K * S) { range, slot in
+            parallelFor(units.count, cost: (measure ? 2 : 1) * K * S) { range, slot in
                 let scales = scratch + 2 * slot * K, offsets = scales + K
                 for u in range {
-                    coefficients(u, scales: scales, offsets: offsets)
                     let first = units.locate(u).plane
+                    if measure { planeMoments(first: first, count: K, x, p: ctx.p, q: ctx.q) }
+                    coefficients(u, scales: scales, offsets: offsets)
                     for k in 0..<K {
                         mapPlane(first + k, x, y, centre: p[first + k], scale: scales[k], offset: offsets[k])
                     }
