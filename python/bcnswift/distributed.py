@@ -160,7 +160,7 @@ class Synchronizer:
         error, m = None, None
         try:
             m = local()
-        except (ValueError, TypeError, FloatingPointError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - any local failure must reach the others, or they would wait
             error = e
         count = 0 if m is None else int(m[0])
         headers = self._allgather(_header(config, _MOMENTS, error, count))
@@ -181,7 +181,7 @@ class Synchronizer:
             sums = np.ascontiguousarray(local(), np.float64)
             if sums.size != 2 * config.channels:
                 raise ValueError(f"gradient sums have {sums.size} values, expected {2 * config.channels}")
-        except (ValueError, TypeError, FloatingPointError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - any local failure must reach the others, or they would wait
             error, sums = e, np.zeros(2 * config.channels)
         send = np.concatenate([_header(config, _SUMS, error, 0), sums.view(np.uint8)])
         gathered = self._allgather(send)
