@@ -262,7 +262,8 @@ def train_run(variant, batch_size, data, epochs, seed, base_lr=0.1, log=print):
     return curve, time.perf_counter() - t0
 
 
-def plot(results, path):
+def save_figure(path, title, xlabel, ylabel, draw, legend_size=7, legend_columns=2):
+    """A line chart drawn by draw(ax), saved as PNG at `path`; None (and a hint) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -271,21 +272,29 @@ def plot(results, path):
         print("matplotlib is not installed: no plot (python3 -m pip install '.[demo]')")
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = dict(zip(VARIANTS, ["tab:red", "tab:gray", "tab:blue", "tab:green"]))
-    styles = {1: ":", 2: "--"}
-    for r in results:
-        epochs = np.arange(1, len(r["curve"]) + 1)
-        ax.plot(epochs, 100 * np.array(r["curve"]), styles.get(r["batch_size"], "-"), marker="o", markersize=3,
-                color=colors.get(r["variant"]), label=f"{r['variant']}, batch {r['batch_size']}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy, eval mode (%)")
-    ax.set_title("Digits 8x8: micro-batch training with bcnswift normalizations")
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=legend_size, ncol=legend_columns)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot(results, path):
+    colors = dict(zip(VARIANTS, ["tab:red", "tab:gray", "tab:blue", "tab:green"]))
+    styles = {1: ":", 2: "--"}
+
+    def draw(ax):
+        for r in results:
+            epochs = np.arange(1, len(r["curve"]) + 1)
+            ax.plot(epochs, 100 * np.array(r["curve"]), styles.get(r["batch_size"], "-"), marker="o",
+                    markersize=3, color=colors.get(r["variant"]), label=f"{r['variant']}, batch {r['batch_size']}")
+    return save_figure(path, "Digits 8x8: micro-batch training with bcnswift normalizations", "epoch",
+                       "test accuracy, eval mode (%)", draw)
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import bcnswift
-from .demo import SGD, Network, evaluate, load_data, softmax_cross_entropy
+from .demo import SGD, Network, evaluate, load_data, save_figure, softmax_cross_entropy
 from .distributed import mpi_world
 
 VARIANTS = ["BN", "SyncBN", "BCN-est+WS", "SyncBCN+WS"]
@@ -65,26 +65,14 @@ def train(variant, data, epochs, seed, comm, ranks, per_rank=1, log=print):
 
 
 def plot(curves, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, losses in curves.items():
-        k = max(1, len(losses) // 60)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smooth)) + k, smooth, "--" if "one process" in name else "-", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (moving average of {k} steps)")
-    ax.set_title("Digits 8x8, one image per process: local against synchronized statistics")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    k = max(1, max(len(v) for v in curves.values()) // 60)
+
+    def draw(ax):
+        for name, losses in curves.items():
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smooth)) + k, smooth, "--" if "one process" in name else "-", label=name)
+    return save_figure(path, "Digits 8x8, one image per process: local against synchronized statistics", "step",
+                       f"training loss (moving average of {k} steps)", draw, legend_size=8, legend_columns=1)
 
 
 def main(argv=None):

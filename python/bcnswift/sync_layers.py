@@ -40,6 +40,9 @@ class _Synchronized:
         """As the layer's forward; in training, with the statistics of every rank's batch together. x may be
         empty ([0, C, *]) on some ranks."""
         if not self.training:
+            if getattr(x, "size", 1) == 0:  # a rank with no share of an eval batch (DDP's uneven inputs)
+                xl, y, _, _ = self._prepare_forward(x, out, allow_empty=True)
+                return self._user(y)
             return super().forward(x, out)
         local = {}
 

@@ -158,3 +158,11 @@ def test_pickle_and_deepcopy_keep_the_state():
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         for k, v in layer.state_dict().items():
             np.testing.assert_array_equal(clone.state_dict()[k], v)
+
+
+def test_an_empty_batch_in_eval_gives_an_empty_output():
+    layer = bcnswift.SyncBatchChannelNorm(8, 4, comm=_Comm(ThreadGroup(1), 0)).eval()
+    y = layer(np.zeros((0, 8, 3, 3), np.float32))
+    assert y.shape == (0, 8, 3, 3) and y.dtype == np.float32
+    with pytest.raises(ValueError, match="channels"):
+        layer(np.zeros((0, 7, 3, 3), np.float32))

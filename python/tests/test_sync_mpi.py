@@ -78,9 +78,8 @@ def test_a_rank_that_never_arrives_times_out():
 
 def test_a_rank_that_dies_ends_the_job_instead_of_hanging():
     # MPICH's launcher kills the other ranks when one exits early: an error, not a hang
-    proc = launch(2, "dead", timeout=60)
-    assert proc.returncode != 0
-    assert '"raised": null' not in proc.stdout
+    proc = launch(2, "dead", timeout=120)
+    assert proc.returncode != 0 and '"raised": null' not in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_the_distributed_demo_trains_like_one_process(tmp_path):
