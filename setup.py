@@ -9,6 +9,7 @@ Environment:
   BCNSWIFT_ISAS        the ISA paths to build, comma-separated. Default on x86_64: "baseline,x86-64-v3"
                        (x86-64 with SSE2; AVX2 + FMA + BMI); elsewhere "baseline" (the compiler's portable default).
   BCNSWIFT_SWIFT       the swift driver to use (default: `swift` on PATH).
+  BCNSWIFT_STRIP       0 keeps the symbols in the extensions (for perf and callgrind); default: stripped.
 """
 import json
 import os
@@ -63,7 +64,8 @@ class SwiftBuildExt(build_ext):
     def build_extension(self, ext):
         # no RUNPATH: the interpreter's link flags may carry one pointing at the build host
         self.compiler.linker_so = [a for a in self.compiler.linker_so if "-rpath" not in a]
-        ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--strip-all"]  # .symtab too: the dynamic PyInit_ stays
+        if os.environ.get("BCNSWIFT_STRIP", "1") != "0":  # BCNSWIFT_STRIP=0 keeps symbols, for profilers
+            ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--strip-all"]  # .symtab too: PyInit_ stays
         if ext.name == "bcnswift._cpu":
             return super().build_extension(ext)
         path = ext.isa
