@@ -2,7 +2,7 @@
 prints one JSON line: {"results": [[rank 0's result, rank 1's, ...] per scenario]}.
 
     mpiexec -n 4 python mpi_worker.py all          # equality and failure scenarios
-    mpiexec -n 2 python mpi_worker.py timeout      # the last rank never arrives; rank 0 times out
+    mpiexec -n 2 python mpi_worker.py timeout FILE # the last rank never arrives; rank 0 times out, reports in FILE
     mpiexec -n 2 python mpi_worker.py dead         # the last rank dies before the exchange
 """
 import json
@@ -47,11 +47,13 @@ def run_timeout():
     t0 = time.monotonic()
     try:
         layer(x)
-        print(json.dumps({"rank": rank, "raised": None}), flush=True)
+        report = {"rank": rank, "raised": None}
     except TimeoutError as e:
-        print(json.dumps({"rank": rank, "raised": "TimeoutError", "seconds": time.monotonic() - t0,
-                          "message": str(e), "running_mean_unchanged": bool((layer.running_mean == 0).all())}),
-              flush=True)
+        report = {"rank": rank, "raised": "TimeoutError", "seconds": time.monotonic() - t0, "message": str(e),
+                  "running_mean_unchanged": bool((layer.running_mean == 0).all())}
+    # a file, not stdout: the launcher may tear down before it forwards the output of an aborting job
+    with open(sys.argv[2], "w") as f:
+        json.dump(report, f)
     comm.Abort(0)  # the collective is still pending: end the job, as the docs say
 
 
