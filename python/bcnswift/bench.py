@@ -47,17 +47,8 @@ def median_time(fn, min_seconds=0.02, repeats=7):
     return statistics.median(samples)
 
 
-def torch_bcnorm(num_channels, num_groups, estimate):
-    """The authors' BCNorm (with EstBN moving at speed 0.1 when estimating), as in their repository."""
-    from bcnswift.torch.reference import BCNorm
-
-    m = BCNorm(num_channels, num_groups, 1e-5, estimate)
-    if estimate:
-        m.bn.estbn_moving_speed.fill_(0.1)
-    return m
-
-
 def run(shapes, quick=False, reference=True, use_torch=True):
+    from . import bench_modes as M
     threads = bcnswift.get_num_threads()
     torch = None
     if use_torch:
@@ -67,6 +58,9 @@ def run(shapes, quick=False, reference=True, use_torch=True):
         except ImportError:
             torch = None
     repeats = 5 if quick else 11
+
+    def timer(fn):
+        return median_time(fn, repeats=repeats)
     print(f"bcnswift {bcnswift.__version__}, numpy {np.__version__} (OPENBLAS_NUM_THREADS="
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
           + (f", torch {torch.__version__}" if torch else ", torch not installed")
@@ -84,41 +78,18 @@ def run(shapes, quick=False, reference=True, use_torch=True):
     for shape, G in shapes:
         x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
         dy = rng.normal(size=shape).astype(np.float32)
-        out, grad = np.empty_like(x), np.empty_like(x)
+        out = np.empty_like(x)
         copy_t = median_time(lambda: np.copyto(out, x), repeats=repeats)
         for estimate in (True, False):
-            layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate)
-            # Into preallocated outputs, as np.copyto writes into one: the ratios to the copy compare the work.
-            fwd = median_time(lambda: layer(x, out=out), repeats=repeats)
-
-            def fb():
-                layer(x, out=out)
-                layer.backward(dy, out=grad)
-            fb_t = median_time(fb, repeats=repeats)
-            # Allocating calls, as users (and PyTorch) make them: what the PyTorch ratios compare.
-            fwd_a = median_time(lambda: layer(x), repeats=repeats)
-
-            def fb_alloc():
-                layer(x)
-                layer.backward(dy)
-            fb_a = median_time(fb_alloc, repeats=repeats)
+            # Into preallocated outputs (as np.copyto writes into one: the ratios to the copy compare the work),
+            # then allocating, as users (and PyTorch) call: what the PyTorch ratios compare.
+            fwd, fb_t, fwd_a, fb_a = M.ours_times(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy,
+                                                  timer)
             row = [str(list(shape)), str(G), str(estimate), f"{copy_t * 1e6:.1f}", f"{fwd * 1e6:.1f}",
                    f"{fwd / copy_t:.2f}", f"{fb_t * 1e6:.1f}", f"{fb_t / copy_t:.2f}", f"{fwd_a * 1e6:.1f}",
                    f"{fb_a * 1e6:.1f}"]
             if torch:
-                m = torch_bcnorm(shape[1], G, estimate)
-                tx = torch.from_numpy(x).requires_grad_(True)
-                tdy = torch.from_numpy(dy)
-
-                def tf():
-                    with torch.no_grad():
-                        m(tx)
-
-                def tfb():
-                    tx.grad = None
-                    m(tx).backward(tdy)
-                t_f = median_time(tf, repeats=repeats)
-                t_fb = median_time(tfb, repeats=repeats)
+                t_f, t_fb = M.torch_times(torch, M.torch_bcnorm(shape[1], G, estimate), x, dy, timer)
                 row += [f"{t_f * 1e6:.1f}", f"{t_fb * 1e6:.1f}", f"{t_f / fwd_a:.1f}", f"{t_fb / fb_a:.1f}"]
             if reference:
                 ref = (R.LabmlBatchChannelNorm(shape[1], G, estimate=True) if estimate

@@ -18,7 +18,7 @@ def _inputs(shape, seed=0):
     return x, dy
 
 
-def _ours(layer, x, dy, timer):
+def ours_times(layer, x, dy, timer):
     """(fwd, f+b) into preallocated outputs, and (fwd, f+b) allocating."""
     out, grad = np.empty_like(x), np.empty_like(x)
 
@@ -32,13 +32,21 @@ def _ours(layer, x, dy, timer):
     return (timer(lambda: layer(x, out=out)), timer(fb), timer(lambda: layer(x)), timer(fb_alloc))
 
 
+def torch_bcnorm(num_channels, num_groups, estimate):
+    """The authors' BCNorm (with EstBN moving at speed 0.1 when estimating), as in their repository."""
+    from bcnswift.torch.reference import BCNorm
+
+    m = BCNorm(num_channels, num_groups, 1e-5, estimate)
+    if estimate:
+        m.bn.estbn_moving_speed.fill_(0.1)
+    return m
+
+
 def _authors_eager(torch, shape, G, estimate, x, dy, timer):
-    from .bench import torch_bcnorm
-    m = torch_bcnorm(shape[1], G, estimate)
-    return _torch_times(torch, m, x, dy, timer)
+    return torch_times(torch, torch_bcnorm(shape[1], G, estimate), x, dy, timer)
 
 
-def _torch_times(torch, m, x, dy, timer):
+def torch_times(torch, m, x, dy, timer):
     """(fwd, f+b) of a torch module; [B, C] as [B, C, 1, 1], which the authors' BatchNorm2d needs."""
     if x.ndim == 2:
         x, dy = x[:, :, None, None], dy[:, :, None, None]
@@ -61,7 +69,7 @@ def rows_table(timer, copy_timer, torch=None):
         x, dy = _inputs(shape)
         copy_t = copy_timer(x)
         for estimate in (True, False):
-            fwd, fb, fwd_a, fb_a = _ours(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy, timer)
+            fwd, fb, fwd_a, fb_a = ours_times(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy, timer)
             row = {"shape": list(shape), "G": G, "estimate": estimate, "copy us": copy_t, "fwd us": fwd,
                    "fwd/copy": fwd / copy_t, "fwd+bwd us": fb, "f+b/copy": fb / copy_t}
             if torch is not None:
@@ -97,8 +105,8 @@ def channels_last_table(shapes, timer):
         last = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)  # same values, channels-last memory
         dy_last = np.moveaxis(np.ascontiguousarray(np.moveaxis(dy, 1, -1)), -1, 1)
         for estimate in (True, False):
-            first = _ours(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy, timer)
-            cl = _ours(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), last, dy_last, timer)
+            first = ours_times(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy, timer)
+            cl = ours_times(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), last, dy_last, timer)
             out.append({"shape": list(shape), "G": G, "estimate": estimate, "NCHW fwd us": first[0],
                         "CL fwd us": cl[0], "CL/NCHW fwd": cl[0] / first[0], "NCHW f+b us": first[1],
                         "CL f+b us": cl[1], "CL/NCHW f+b": cl[1] / first[1]})
@@ -164,7 +172,7 @@ def peers_table(shapes, timer, torch=None):
     for shape, G in shapes:
         x, dy = _inputs(shape)
         layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=False)
-        _, _, fwd, fb = _ours(layer, x, dy, timer)
+        _, _, fwd, fb = ours_times(layer, x, dy, timer)
         layer.eval()
         fwd_eval = timer(lambda: layer(x))
         row = {"shape": list(shape), "G": G, "bcnswift fwd us": fwd, "bcnswift f+b us": fb,
@@ -186,9 +194,8 @@ def peers_table(shapes, timer, torch=None):
             peer("authors eager", lambda: _authors_eager(torch, shape, G, False, x, dy, timer))
 
             def compiled():
-                from .bench import torch_bcnorm
                 torch._dynamo.reset()
-                return _torch_times(torch, torch.compile(torch_bcnorm(shape[1], G, False)), x, dy, timer)
+                return torch_times(torch, torch.compile(torch_bcnorm(shape[1], G, False)), x, dy, timer)
             peer("authors compiled", compiled)
         if _importable("jax"):
             peer("jax jit", lambda: _jax_bcn(shape, G, x, dy, timer))

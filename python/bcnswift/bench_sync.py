@@ -20,6 +20,7 @@ from .distributed import HEADER_BYTES, mpi_world
 
 def slowest(comm, fn, repeats):
     """Median over repeats of the slowest rank's seconds for fn()."""
+    from mpi4py import MPI
     fn()
     samples = []
     for _ in range(repeats):
@@ -28,7 +29,7 @@ def slowest(comm, fn, repeats):
         fn()
         t = np.array([time.perf_counter() - t0])
         worst = np.empty(1)
-        comm.Allreduce(t, worst, op=__import__("mpi4py").MPI.MAX)
+        comm.Allreduce(t, worst, op=MPI.MAX)
         samples.append(worst[0])
     return statistics.median(samples)
 

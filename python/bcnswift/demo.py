@@ -20,6 +20,7 @@ suffers. Needs scikit-learn; matplotlib (optional) draws the test-accuracy curve
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.distributed:
         from . import demo_distributed
-        return demo_distributed.main([arg for arg in (argv if argv is not None else __import__("sys").argv[1:])
+        return demo_distributed.main([arg for arg in (sys.argv[1:] if argv is None else argv)
                                       if arg != "--distributed"])
     if a.epochs < 1 or any(b < 1 for b in a.batch_sizes):
         p.error("epochs and batch sizes must be positive")

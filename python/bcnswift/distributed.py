@@ -67,12 +67,12 @@ def _error_code(error):
     return 4
 
 
-def _header(config, phase, error, count):
+def _pack_header(config, phase, error):
     message = b"" if error is None else f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
     momentum = float("nan") if config.momentum is None else config.momentum
     fields = _FIELDS.pack(_MAGIC, 0 if error is None else _error_code(error), phase, config.channels,
                           config.groups, config.flags & _AGREED_FLAGS, config.itemsize, config.eps, config.bn_eps,
-                          momentum, count)
+                          momentum, 0)
     return np.frombuffer(fields + message.ljust(_MESSAGE_BYTES, b"\0"), np.uint8)
 
 
@@ -108,13 +108,13 @@ class Synchronizer:
 
     def _header(self, config, phase, error):
         if error is not None:
-            return _header(config, phase, error, 0)
+            return _pack_header(config, phase, error)
         key = (config, phase)
         header = self._ok_headers.get(key)
         if header is None:
             if len(self._ok_headers) > 64:  # layers of many configurations: keep the cache small
                 self._ok_headers.clear()
-            header = self._ok_headers[key] = _header(config, phase, None, 0)
+            header = self._ok_headers[key] = _pack_header(config, phase, None)
         return header
 
     @property
