@@ -40,25 +40,43 @@ struct NormalizationUnit {
     /// mean's rounding when the group's spread is small against it. One plane gives its ȳ and Σ a² q exactly.
     @inline(__always)
     func groupMoments(_ yBar: UnsafeMutablePointer<Double>) -> Moments {
+        groupMoments(stagedMeans, stagedMean, storingInto: yBar)
+    }
+
+    /// `groupMoments` from the planes' staged means given by `staged` (planes k..<k+4) and `stagedOne` (plane
+    /// k), stored into `yBar` when given; without it a second pass computes them again.
+    @inline(__always)
+    func groupMoments(_ staged: (Int) -> SIMD4<Double>, _ stagedOne: (Int) -> Double,
+                      storingInto yBar: UnsafeMutablePointer<Double>?) -> Moments {
         let K = planes, invK = 1 / Double(K), a = self.a, q = self.q
-        let shift = K >= 4 ? Lanes.reduce(stagedMeans(0)) * 0.25 : stagedMean(0), sv = SIMD4(repeating: shift)
+        let shift = K >= 4 ? Lanes.reduce(staged(0)) * 0.25 : stagedOne(0), sv = SIMD4(repeating: shift)
         var d = 0.0, squares = 0.0, within = 0.0
-        Lanes.accumulate(K, { k in
-            let y = stagedMeans(k), e = y - sv
-            yBar.storeLanes(y, k)
-            let aa = a.lanes(k) * a.lanes(k)
-            return (e, e * e, q.map { $0.lanes(k) * aa } ?? SIMD4())
-        }, scalar: { k in
-            let y = stagedMean(k), e = y - shift
-            yBar[k] = y
-            return (e, e * e, q.map { $0[k] * (a[k] * a[k]) } ?? 0)
-        }, into: &d, &squares, &within)
+        if let q {
+            Lanes.accumulate(K, { k in
+                let y = staged(k), e = y - sv
+                yBar?.storeLanes(y, k)
+                return (e, e * e, q.lanes(k) * (a.lanes(k) * a.lanes(k)))
+            }, scalar: { k in
+                let y = stagedOne(k), e = y - shift
+                yBar?[k] = y
+                return (e, e * e, q[k] * (a[k] * a[k]))
+            }, into: &d, &squares, &within)
+        } else {  // within = 0: the two sums alone, in the same order
+            (d, squares) = Lanes.sums(K) { k in
+                let y = staged(k), e = y - sv
+                yBar?.storeLanes(y, k)
+                return (e, e * e)
+            } scalar: { k in
+                let y = stagedOne(k), e = y - shift
+                yBar?[k] = y
+                return (e, e * e)
+            }
+        }
         var mean = shift + d * invK, between = squares - d * d * invK
         if !(between >= 0.5 * squares) {
             let c = mean, cv = SIMD4(repeating: c)
-            var d2 = 0.0, s2 = 0.0, unused = 0.0
-            Lanes.accumulate(K, { k in let e = yBar.lanes(k) - cv; return (e, e * e, SIMD4()) },
-                             scalar: { k in let e = yBar[k] - c; return (e, e * e, 0) }, into: &d2, &s2, &unused)
+            let (d2, s2) = Lanes.sums(K) { k in let e = (yBar?.lanes(k) ?? staged(k)) - cv; return (e, e * e) }
+                scalar: { k in let e = (yBar?[k] ?? stagedOne(k)) - c; return (e, e * e) }
             mean = c + d2 * invK
             between = max(s2 - d2 * d2 * invK, 0)
         }
@@ -106,6 +124,42 @@ struct NormalizationUnit {
         let group = groupMoments(offsets), r = Self.inverseDeviation(group.variance, eps: eps)
         coefficients(mean: group.mean, r: r, weight: w, bias: bias, offsets: offsets, scales: scales)
         return (group.mean, r)
+    }
+
+    /// ȳ of one-value planes k..<k+4 whose values are `x` itself (S = 1, so p = x): the operations of
+    /// `stagedMeans`, without widening the values into plane means first.
+    @inline(__always)
+    func stagedValues<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ k: Int) -> SIMD4<Double> {
+        beta.lanes(k).addingProduct(a.lanes(k), T._load4Wide(x, k) - mu.lanes(k))
+    }
+
+    @inline(__always)
+    func stagedValue<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ k: Int) -> Double {
+        beta[k].addingProduct(a[k], Double(x[k]) - mu[k])
+    }
+
+    /// The group's moments of y₁ for a unit of one-value planes (S = 1) whose values are `x` (K of them): the
+    /// numbers `groupMoments` gives on planes p = x, with the staged means computed again instead of stored.
+    @inline(__always)
+    func valueMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>) -> Moments {
+        groupMoments({ stagedValues(x, $0) }, { stagedValue(x, $0) }, storingInto: nil)
+    }
+
+    /// The output of a unit of one-value planes, value by value from `x` into `y` (K each), rounded once to T:
+    /// every plane's map is the constant M = r w (ȳ - m) + bias, or ȳ itself without a channel-norm stage
+    /// (then m and r are not read). The numbers of `coefficients` on planes p = x.
+    @inline(__always)
+    func mapValues<T: NormalizationScalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, mean m: Double,
+                                           r: Double, weight w: Double, bias: Double) {
+        var k = 0
+        guard groupEps != nil else {
+            while k + 4 <= planes { T._store4Narrow(stagedValues(x, k), y, k); k += 4 }
+            while k < planes { y[k] = T(stagedValue(x, k)); k += 1 }
+            return
+        }
+        let rw = r * w, rwv = SIMD4(repeating: rw), mv = SIMD4(repeating: m), bv = SIMD4(repeating: bias)
+        while k + 4 <= planes { T._store4Narrow(rwv * (stagedValues(x, k) - mv) + bv, y, k); k += 4 }
+        while k < planes { y[k] = T(rw * (stagedValue(x, k) - m) + bias); k += 1 }
     }
 
     /// What the backward leaves per plane: dy₁ = E dy + F (x - p) + H, and the totals the batch-norm stage sums.
@@ -214,13 +268,19 @@ enum Lanes {
         while k < n { let (x, y, z) = scalar(k); a += x; b += y; c += z; k += 1 }
     }
 
-    /// Two sums in one pass.
+    /// Two sums in one pass, as `accumulate` adds them.
     @inline(__always)
     static func sums(_ n: Int, _ vector: (Int) -> (SIMD4<Double>, SIMD4<Double>),
                      scalar: (Int) -> (Double, Double)) -> (Double, Double) {
-        var a = 0.0, b = 0.0, unused = 0.0
-        accumulate(n, { k in let (x, y) = vector(k); return (x, y, SIMD4()) },
-                   scalar: { k in let (x, y) = scalar(k); return (x, y, 0) }, into: &a, &b, &unused)
+        var a0 = SIMD4<Double>(), a1 = a0, b0 = a0, b1 = a0, k = 0
+        while k + 8 <= n {
+            let (x0, y0) = vector(k), (x1, y1) = vector(k + 4)
+            a0 += x0; b0 += y0; a1 += x1; b1 += y1
+            k += 8
+        }
+        if k + 4 <= n { let (x, y) = vector(k); a0 += x; b0 += y; k += 4 }
+        var a = 0 + reduce(a0 + a1), b = 0 + reduce(b0 + b1)  // 0 + : a -0 sum is +0, as `accumulate`'s
+        while k < n { let (x, y) = scalar(k); a += x; b += y; k += 1 }
         return (a, b)
     }
 

@@ -148,6 +148,7 @@ struct RowsLayout {
                                        bias: UnsafePointer<T>?, context ctx: NormalizationContext,
                                        arena: inout ScratchArena) {
         let width = blockChannels, C = shape.channels, S = shape.spatial, K = units.groupSize, G = plan.groups
+        if S == 1 { return applyValues(plan: plan, x: x, y: y, bias: bias, context: ctx) }
         let scratch = scratch(applyCost, count: blocks * shape.batch, arena: &arena)
         parallelFor(blocks * shape.batch, cost: applyCost) { range, slot in
             let p = scratch + slot * slotLength, q = p + width, scales = q + width, offsets = scales + width
@@ -194,7 +195,54 @@ struct RowsLayout {
         }
     }
 
-    func applyBytes() -> Int { scratchBytes(applyCost, count: blocks * shape.batch) }
+    /// Channels per item of `applyValues`: whole groups, about 512 values of a row.
+    private var valueBlockChannels: Int { let K = units.groupSize; return max(K, (512 / K) * K) }
+
+    /// Phase (c) with one-value planes (S = 1): units from x straight to y (`valueMoments`, `mapValues`), the
+    /// same numbers as the planes' maps without any scratch. An item is a stretch of a row: the moments of all
+    /// its groups first (into the context's m and r), then their r together, then the outputs, so that each
+    /// group's reduction, square root and division overlap the others' instead of stalling its own output.
+    private func applyValues<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>,
+                                                     y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
+                                                     context ctx: NormalizationContext) {
+        let width = valueBlockChannels, C = shape.channels, K = units.groupSize, G = plan.groups
+        let perRow = (C + width - 1) / width
+        parallelFor(perRow * shape.batch, cost: 3 * width) { range, _ in
+            for item in range {
+                let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
+                guard let eps = units.groupEps(ctx) else {  // the batch-norm stage alone: no group couples channels
+                    valueUnit(channel: c0, planes: n, context: ctx)
+                        .mapValues(x + first, into: y + first, mean: 0, r: 0, weight: 1, bias: 0)
+                    continue
+                }
+                let groups = n / K, g0 = c0 / K, means = ctx.m + b * G + g0, inverses = ctx.r + b * G + g0
+                for j in 0..<groups {
+                    let moments = valueUnit(channel: c0 + j * K, planes: K, context: ctx).valueMoments(x + first + j * K)
+                    means[j] = moments.mean; inverses[j] = moments.variance
+                }
+                Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
+                    scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
+                for j in 0..<groups {
+                    let g = g0 + j
+                    valueUnit(channel: c0 + j * K, planes: K, context: ctx)
+                        .mapValues(x + first + j * K, into: y + first + j * K, mean: means[j], r: inverses[j],
+                                   weight: ctx.w[g], bias: bias.map { Double($0[g]) } ?? 0)
+                }
+            }
+        }
+    }
+
+    /// The unit of `planes` one-value planes from channel c, for the `values:` methods, which read the plane
+    /// means from the input itself (`p` is not read).
+    @inline(__always)
+    func valueUnit(channel c: Int, planes: Int, context ctx: NormalizationContext) -> NormalizationUnit {
+        NormalizationUnit(planes: planes, spatial: 1, groupEps: units.groupEps(ctx), p: ctx.mu + c, q: nil,
+                          mu: ctx.mu + c, a: ctx.a + c, beta: ctx.beta + c)
+    }
+
+    func applyBytes() -> Int {
+        shape.spatial == 1 ? 0 : scratchBytes(applyCost, count: blocks * shape.batch)
+    }
 
     // MARK: backward
 
