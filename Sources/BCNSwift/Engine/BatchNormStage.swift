@@ -159,39 +159,43 @@ enum BatchNormStage {
     }
 
     /// Adds a unit's planes to the channel sums: S₁ += Σ dy₁, S₂ += Σ dy₁ (x - p) + (p - μ) Σ dy₁, for its K
-    /// planes (means `p`) of channels with centres `mu` (`dot` nil: one-value planes, Σ dy₁ (x - p) = 0).
+    /// planes (means `p`) of channels with centres `mu`.
     @inline(__always)
-    static func addSums(_ K: Int, sum: UnsafePointer<Double>, dot: UnsafePointer<Double>?, p: UnsafePointer<Double>,
+    static func addSums(_ K: Int, sum: UnsafePointer<Double>, dot: UnsafePointer<Double>, p: UnsafePointer<Double>,
                         mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>) {
         Lanes.map(K, into: s1) { s1.lanes($0) + sum.lanes($0) } scalar: { s1[$0] + sum[$0] }
-        if let dot {
-            Lanes.map(K, into: s2) { s2.lanes($0) + (dot.lanes($0) + (p.lanes($0) - mu.lanes($0)) * sum.lanes($0)) }
-                scalar: { s2[$0] + (dot[$0] + (p[$0] - mu[$0]) * sum[$0]) }
-        } else {
-            Lanes.map(K, into: s2) { s2.lanes($0) + (p.lanes($0) - mu.lanes($0)) * sum.lanes($0) }
-                scalar: { s2[$0] + (p[$0] - mu[$0]) * sum[$0] }
-        }
+        Lanes.map(K, into: s2) { s2.lanes($0) + (dot.lanes($0) + (p.lanes($0) - mu.lanes($0)) * sum.lanes($0)) }
+            scalar: { s2[$0] + (dot[$0] + (p[$0] - mu[$0]) * sum[$0]) }
     }
 
-    /// dx = a [dy₁ - S₁/n - (x - μ) k] value by value, for planes of one value (dy₁ = Σ dy₁, x = p), rounded
-    /// once to T; without a batch-norm stage (`a` nil) dx = dy₁.
+    /// The sums of four planes of one value each (x = p, so Σ dy₁ (x - p) = 0): S₁ += dy₁, S₂ += (x - μ) dy₁,
+    /// into `s1` and `s2` at k.
     @inline(__always)
-    static func dxValues<T: NormalizationScalar>(
-        _ K: Int, dy1: UnsafePointer<Double>, x: UnsafePointer<Double>, mu: UnsafePointer<Double>,
-        a: UnsafePointer<Double>?, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>, into dx: UnsafeMutablePointer<T>
-    ) {
-        var i = 0
-        guard let a else {
-            while i + 4 <= K { T._store4Narrow(dy1.lanes(i), dx, i); i += 4 }
-            while i < K { dx[i] = T(dy1[i]); i += 1 }
-            return
-        }
-        while i + 4 <= K {
-            let v = a.lanes(i) * (dy1.lanes(i) - s1n.lanes(i) - (x.lanes(i) - mu.lanes(i)) * k.lanes(i))
-            T._store4Narrow(v, dx, i)
-            i += 4
-        }
-        while i < K { dx[i] = T(a[i] * (dy1[i] - s1n[i] - (x[i] - mu[i]) * k[i])); i += 1 }
+    static func addValueSums(_ dy1: SIMD4<Double>, x: SIMD4<Double>, mu: SIMD4<Double>,
+                             s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>, _ k: Int) {
+        s1.storeLanes(s1.lanes(k) + dy1, k)
+        s2.storeLanes(s2.lanes(k) + (x - mu) * dy1, k)
+    }
+
+    /// `addValueSums` of one value.
+    @inline(__always)
+    static func addValueSums(_ dy1: Double, x: Double, mu: Double, s1: inout Double, s2: inout Double) {
+        s1 += dy1
+        s2 += (x - mu) * dy1
+    }
+
+    /// dx = a [dy₁ - S₁/n - (x - μ) k] of four one-value planes (dy₁ is the value's own), with `s1n` and `k`
+    /// the channels' S₁/n and k from `dxTerms`.
+    @inline(__always)
+    static func dxValues(_ dy1: SIMD4<Double>, x: SIMD4<Double>, mu: SIMD4<Double>, a: SIMD4<Double>,
+                         s1n: SIMD4<Double>, k: SIMD4<Double>) -> SIMD4<Double> {
+        a * (dy1 - s1n - (x - mu) * k)
+    }
+
+    /// `dxValues` of one value.
+    @inline(__always)
+    static func dxValue(_ dy1: Double, x: Double, mu: Double, a: Double, s1n: Double, k: Double) -> Double {
+        a * (dy1 - s1n - (x - mu) * k)
     }
 
     /// dx = a [dy₁ - S₁/n - (x - μ) k] for dy₁ = E dy + F (x - p) + H, per plane of a unit: the map
@@ -204,7 +208,7 @@ enum BatchNormStage {
                        R: UnsafeMutablePointer<Double>) {
         let e4 = SIMD4(repeating: e)
         Lanes.map(K, into: P) { e4 * a.lanes($0) } scalar: { e * a[$0] }
-        let f = g.f!, h = g.h!  // planes of several values have them
+        let f = g.f, h = g.h
         Lanes.map(K, into: Q) { a.lanes($0) * (f.lanes($0) - k.lanes($0)) } scalar: { a[$0] * (f[$0] - k[$0]) }
         Lanes.map(K, into: R) { i in
             a.lanes(i) * (h.lanes(i) - s1n.lanes(i) - (p.lanes(i) - mu.lanes(i)) * k.lanes(i))

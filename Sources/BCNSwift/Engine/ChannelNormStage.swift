@@ -164,15 +164,14 @@ struct NormalizationUnit {
 
     /// What the backward leaves per plane: dy₁ = E dy + F (x - p) + H, and the totals the batch-norm stage sums.
     struct Gradient {
-        /// Σ dy₁ per plane (K values, caller's scratch; with one-value planes, dy₁ itself).
+        /// Σ dy₁ per plane (K values, caller's scratch).
         var sum: UnsafeMutablePointer<Double>
-        /// F, H and Σ dy₁ (x - p) per plane; nil for one-value planes, where x = p makes them moot (dy₁ = Σ dy₁,
-        /// Σ dy₁ (x - p) = 0). E is returned.
-        var f, h, dot: UnsafeMutablePointer<Double>?
+        /// F, H and Σ dy₁ (x - p) per plane. E is returned.
+        var f, h, dot: UnsafeMutablePointer<Double>
     }
 
-    /// The backward, given each plane's T = Σ dy and U = Σ dy (x - p) (`u` nil for one-value planes, where
-    /// U = 0) and the forward's m, r, w.
+    /// The backward, given each plane's T = Σ dy and U = Σ dy (x - p) and the forward's m, r, w (one-value
+    /// planes: `valueBackward`).
     ///
     /// With W = Σ_k (a U + e T), e = ȳ - m, N = K·S:
     ///   E = r w,  F = -r³ w W a / N,  H = -r w ΣT / N - r³ w W e / N,
@@ -184,25 +183,20 @@ struct NormalizationUnit {
     /// values of scratch) and returns (E, ΣT, r W): ΣT and r W are the group bias's and weight's gradients.
     /// Without a channel-norm stage dy₁ = dy.
     @inline(__always)
-    func backward(t: UnsafePointer<Double>, u: UnsafePointer<Double>?, m: Double, r: Double, weight w: Double,
+    func backward(t: UnsafePointer<Double>, u: UnsafePointer<Double>, m: Double, r: Double, weight w: Double,
                   yBar: UnsafeMutablePointer<Double>, into out: Gradient) -> (e: Double, biasGradient: Double,
                                                                             weightGradient: Double) {
         guard let eps = groupEps else {
             out.sum.update(from: t, count: planes)
-            out.f?.update(repeating: 0, count: planes); out.h?.update(repeating: 0, count: planes)
-            if let dot = out.dot { if let u { dot.update(from: u, count: planes) } else { dot.update(repeating: 0, count: planes) } }
+            out.f.update(repeating: 0, count: planes); out.h.update(repeating: 0, count: planes)
+            out.dot.update(from: u, count: planes)
             return (1, 0, 0)
         }
         let K = planes, a = self.a, q = self.q, mv = SIMD4(repeating: m)
-        var m2 = 0.0
-        if u != nil {  // the group's M2 is needed for Σ dy₁ (x - p)
-            m2 = groupMoments(yBar).m2
-        } else {
-            Lanes.map(K, into: yBar) { stagedMeans($0) } scalar: { stagedMean($0) }
-        }
+        let m2 = groupMoments(yBar).m2  // the group's M2, for Σ dy₁ (x - p)
         let (tg, wg) = Lanes.sums(K) { k in
-            (t.lanes(k), (u.map { a.lanes(k) * $0.lanes(k) } ?? SIMD4()) + (yBar.lanes(k) - mv) * t.lanes(k))
-        } scalar: { k in (t[k], (u.map { a[k] * $0[k] } ?? 0) + (yBar[k] - m) * t[k]) }
+            (t.lanes(k), a.lanes(k) * u.lanes(k) + (yBar.lanes(k) - mv) * t.lanes(k))
+        } scalar: { k in (t[k], a[k] * u[k] + (yBar[k] - m) * t[k]) }
         let invN = 1 / Double(K * spatial), invK = 1 / Double(K)
         let rw = r * w, r3w = rw * r * r
         let r3wW = r3w * wg * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = r3w * wg * invK
@@ -211,7 +205,7 @@ struct NormalizationUnit {
         Lanes.map(K, into: out.sum) { v.rw4 * (t.lanes($0) - v.meanT4) - v.r3wWK4 * (yBar.lanes($0) - v.m4) } scalar: {
             rw * (t[$0] - meanT) - r3wWK * (yBar[$0] - m)
         }
-        guard let u, let f = out.f, let h = out.h, let dot = out.dot else { return (rw, tg, r * wg) }
+        let f = out.f, h = out.h, dot = out.dot
         Lanes.map(K, into: f) { -v.r3wW4 * a.lanes($0) } scalar: { -r3wW * a[$0] }
         Lanes.map(K, into: h) { v.hConst4 - v.r3wW4 * (yBar.lanes($0) - v.m4) } scalar: {
             hConst - r3wW * (yBar[$0] - m)
@@ -230,15 +224,57 @@ struct NormalizationUnit {
     }
 }
 
+extension NormalizationUnit {
+    /// The backward of a unit of one-value planes (S = 1) from its values `x` and gradients `dy` (K each, value
+    /// `first` onwards of the tensor, from channel `channel`): the numbers `backward` gives on planes p = x with
+    /// T = dy and U = 0, without scratch. Hands each value's dy₁ to `sink`, and returns (ΣT, r W); without a
+    /// channel-norm stage dy₁ = dy.
+    @inline(__always)
+    func valueBackward<T: NormalizationScalar, Sink: ValueGradientSink>(
+        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, first i: Int, channel c: Int, m: Double, r: Double,
+        weight w: Double, into sink: Sink
+    ) -> (biasGradient: Double, weightGradient: Double) {
+        let K = planes, x = x + i, dy = dy + i
+        var k = 0
+        guard groupEps != nil else {
+            while k + 4 <= K { sink.lanes(i &+ k, c &+ k, T._load4Wide(dy, k)); k += 4 }
+            while k < K { sink.one(i + k, c + k, Double(dy[k])); k += 1 }
+            return (0, 0)
+        }
+        let mv = SIMD4(repeating: m)
+        let (tg, wg) = Lanes.sums(K) { k in
+            let t = T._load4Wide(dy, k)
+            return (t, SIMD4() + (stagedValues(x, k) - mv) * t)
+        } scalar: { k in
+            let t = Double(dy[k])
+            return (t, 0 + (stagedValue(x, k) - m) * t)
+        }
+        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r, meanT = tg * invK, r3wWK = r3w * wg * invK
+        let rw4 = SIMD4(repeating: rw), meanT4 = SIMD4(repeating: meanT), r3wWK4 = SIMD4(repeating: r3wWK)
+        while k + 4 <= K {
+            sink.lanes(i &+ k, c &+ k, rw4 * (T._load4Wide(dy, k) - meanT4) - r3wWK4 * (stagedValues(x, k) - mv))
+            k += 4
+        }
+        while k < K { sink.one(i + k, c + k, rw * (Double(dy[k]) - meanT) - r3wWK * (stagedValue(x, k) - m)); k += 1 }
+        return (tg, r * wg)
+    }
+}
+
+/// What the backward of one-value planes does with each value's dy₁: `lanes` for values i..<i+4 of the tensor
+/// (channels c..<c+4), `one` for value i (channel c).
+protocol ValueGradientSink {
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>)
+    func one(_ i: Int, _ c: Int, _ dy1: Double)
+}
+
 extension NormalizationUnit.Gradient {
-    /// The arrays in 4·K Doubles of scratch (only Σ dy₁ for one-value planes).
-    init(_ scratch: UnsafeMutablePointer<Double>, planes K: Int, oneValuePlanes: Bool = false) {
-        self.init(sum: scratch, f: oneValuePlanes ? nil : scratch + K, h: oneValuePlanes ? nil : scratch + 2 * K,
-                  dot: oneValuePlanes ? nil : scratch + 3 * K)
+    /// The arrays in 4·K Doubles of scratch.
+    init(_ scratch: UnsafeMutablePointer<Double>, planes K: Int) {
+        self.init(sum: scratch, f: scratch + K, h: scratch + 2 * K, dot: scratch + 3 * K)
     }
 
     /// The arrays from plane k on.
-    func advanced(by k: Int) -> Self { Self(sum: sum + k, f: f.map { $0 + k }, h: h.map { $0 + k }, dot: dot.map { $0 + k }) }
+    func advanced(by k: Int) -> Self { Self(sum: sum + k, f: f + k, h: h + k, dot: dot + k) }
 }
 
 /// Loops over K Doubles four lanes at a time, with a scalar tail that does the same operations per element, so

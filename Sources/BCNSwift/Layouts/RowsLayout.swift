@@ -2,9 +2,10 @@
 /// is the same memory).
 ///
 /// Planes this short hold fewer values than the numbers the stored layouts keep per plane, so nothing is kept
-/// per plane: each pass computes the plane moments (p = x, q = 0 when S = 1) and gradient sums of a block of
-/// whole channel groups where the stages need them, in per-thread scratch, and hands them to the same stages as
-/// every layout. With S = 1 every map is per value, and the stages' four-lane loops are the element loops.
+/// per plane: each pass computes the plane moments and gradient sums of a block of whole channel groups where
+/// the stages need them, in per-thread scratch, and hands them to the same stages as every layout. With S = 1
+/// every value is a plane and its own mean: the unit's `values:` methods read x and dy directly, and the
+/// passes keep nothing at all (`applyValues`, `forEachValueGradient`).
 /// Work is cut into column blocks of whole groups (their numbers stay in L1), grouped into panels of about 512
 /// values a row for the passes that sum over samples: a panel's rows are read sample by sample, a contiguous
 /// stretch each, which the hardware prefetches (a block's few hundred bytes a row, 4 KB apart, it does not).
@@ -44,18 +45,14 @@ struct RowsLayout {
         ScratchArena.bytes(parallelSlots(count, cost: cost) * slotLength, of: Double.self)
     }
 
-    /// Plane moments of sample b's channels c0..<c0+n, into `p` and `q` (q nil when S = 1: all zero).
+    /// Plane moments of sample b's channels c0..<c0+n, into `p` and `q` (planes of 2 to 15 values; one-value
+    /// planes are their own means, which the `values:` methods read from x).
     @inline(__always)
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, sample b: Int, first c0: Int, count n: Int,
                                               p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>)
-        -> (UnsafePointer<Double>, UnsafePointer<Double>?)
+        -> (UnsafePointer<Double>, UnsafePointer<Double>)
     {
         let S = shape.spatial, first = b * shape.channels + c0
-        if S == 1 {
-            let row = x + first
-            Lanes.map(n, into: p) { T._load4Wide(row, $0) } scalar: { Double(row[$0]) }
-            return (UnsafePointer(p), nil)
-        }
         // Planes of 2 to 15 values: the corrected two-pass algorithm in Float64, every value widened exactly
         // (Float32 deviations would round them relative to the plane's spread, which a channel norm of small
         // groups magnifies).
@@ -78,11 +75,6 @@ struct RowsLayout {
                                               first c0: Int, count n: Int, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>) {
         let S = shape.spatial, first = b * shape.channels + c0
-        if S == 1 {  // U = dy (x - p) = 0: the stages take one-value planes without it
-            let dyr = dy + first
-            Lanes.map(n, into: t) { T._load4Wide(dyr, $0) } scalar: { Double(dyr[$0]) }
-            return
-        }
         for k in 0..<n {  // in Float64, as the moments
             let at = (first + k) * S
             var sum = 0.0, dot = 0.0
@@ -93,7 +85,7 @@ struct RowsLayout {
 
     /// The unit of the group starting at channel c (relative offset k0 in the block's plane numbers).
     @inline(__always)
-    func unit(channel c: Int, p: UnsafePointer<Double>, q: UnsafePointer<Double>?, context ctx: NormalizationContext)
+    func unit(channel c: Int, p: UnsafePointer<Double>, q: UnsafePointer<Double>, context ctx: NormalizationContext)
         -> NormalizationUnit
     {
         NormalizationUnit(planes: units.groupSize, spatial: shape.spatial, groupEps: units.groupEps(ctx), p: p,
@@ -157,11 +149,10 @@ struct RowsLayout {
                 // sample-major: a thread's consecutive items are consecutive memory
                 let b = item / blocks, c0 = (item - b * blocks) * width, n = min(width, C - c0)
                 let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
-                let stageScales = S == 1 ? nil : scales  // with S = 1, x - p = 0: out = M
                 if let eps = units.groupEps(ctx) {
                     let groups = n / K, g0 = c0 / K
                     for j in 0..<groups {
-                        let moments = unit(channel: c0 + j * K, p: pb + j * K, q: qb.map { $0 + j * K }, context: ctx)
+                        let moments = unit(channel: c0 + j * K, p: pb + j * K, q: qb + j * K, context: ctx)
                             .groupMoments(offsets + j * K)
                         means[j] = moments.mean; inverses[j] = moments.variance
                     }
@@ -169,27 +160,20 @@ struct RowsLayout {
                         scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
                     for j in 0..<groups {
                         let g = g0 + j
-                        unit(channel: c0 + j * K, p: pb + j * K, q: nil, context: ctx).coefficients(
+                        unit(channel: c0 + j * K, p: pb + j * K, q: qb + j * K, context: ctx).coefficients(
                             mean: means[j], r: inverses[j], weight: ctx.w[g], bias: bias.map { Double($0[g]) } ?? 0,
-                            offsets: offsets + j * K, scales: stageScales.map { $0 + j * K })
+                            offsets: offsets + j * K, scales: scales + j * K)
                         ctx.m[b * G + g] = means[j]; ctx.r[b * G + g] = inverses[j]
                     }
                 } else {
                     NormalizationUnit(planes: n, spatial: S, groupEps: nil, p: pb, q: nil, mu: ctx.mu + c0,
                                       a: ctx.a + c0, beta: ctx.beta + c0)
-                        .batchNormMaps(offsets: offsets, scales: stageScales)
+                        .batchNormMaps(offsets: offsets, scales: scales)
                 }
                 let first = b * C + c0
-                if S == 1 {
-                    let out = y + first
-                    var k = 0
-                    while k + 4 <= n { T._store4Narrow(offsets.lanes(k), out, k); k += 4 }
-                    while k < n { out[k] = T(offsets[k]); k += 1 }
-                } else {  // in Float64, rounded once per value
-                    for k in 0..<n {
-                        let at = (first + k) * S, centre = pb[k], scale = scales[k], offset = offsets[k]
-                        for i in at..<(at + S) { y[i] = T(offset.addingProduct(Double(x[i]) - centre, scale)) }
-                    }
+                for k in 0..<n {  // in Float64, rounded once per value
+                    let at = (first + k) * S, centre = pb[k], scale = scales[k], offset = offsets[k]
+                    for i in at..<(at + S) { y[i] = T(offset.addingProduct(Double(x[i]) - centre, scale)) }
                 }
             }
         }
@@ -249,20 +233,20 @@ struct RowsLayout {
     private var gradientCost: Int { 4 * shape.batch * shape.spatial * panelBlocks * blockChannels }
 
     /// Runs every unit's backward, panel by panel (in parallel), sample by sample in order inside a panel, and
-    /// block by block of the panel for each sample; then `body(b, c, K, the unit's p, E, its gradient arrays,
-    /// scratch for its P, Q, R)` with c its first channel. Each group's ΣT and r W, summed over the samples,
-    /// go to `group(g, ΣT, r W)` once its panel is done (so threads never write next to each other per unit).
-    private func forEachUnitGradient<T: NormalizationScalar>(
+    /// block by block of the panel for each sample; then `sink.unit(b, c, K, the unit's p, E, its gradient
+    /// arrays, scratch for its P, Q, R)` with c its first channel. Each group's ΣT and r W, summed over the
+    /// samples, go to `group(g, ΣT, r W)` once its panel is done (so threads never write next to each other per
+    /// unit). The sink is a type, not a closure: a closure captured by the parallel body would be called per unit
+    /// instead of inlined.
+    private func forEachUnitGradient<T: NormalizationScalar, Sink: PlaneGradientSink>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
-        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
-        _ body: (_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double,
-                 _ gradient: NormalizationUnit.Gradient, _ coefficients: UnsafeMutablePointer<Double>) -> Void
+        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in }, into sink: Sink
     ) {
         let width = blockChannels, K = units.groupSize, G = plan.groups
         parallelFor(panels, cost: gradientCost) { range, slot in
             let p = scratch + slot * slotLength, q = p + width, t = q + width, u = t + width
             let yBar = u + width
-            let out = NormalizationUnit.Gradient(yBar + width, planes: width, oneValuePlanes: shape.spatial == 1)
+            let out = NormalizationUnit.Gradient(yBar + width, planes: width)
             let coefficients = yBar + 5 * width, groupSums = coefficients + 3 * width  // [ΣT | r W] per group
             for i in range {
                 let (panelFirst, panelCount) = panel(i), groups = panelCount / K
@@ -275,18 +259,53 @@ struct RowsLayout {
                         gradientSums(x, dy, sample: b, first: c0, count: n, p: pb, t: t, u: u)
                         for k0 in Swift.stride(from: 0, to: n, by: K) {
                             let c = c0 + k0, g = c / K, bg = b * G + g, gradient = out.advanced(by: k0)
-                            let (e, bias, weight) = unit(channel: c, p: pb + k0, q: qb.map { $0 + k0 }, context: ctx)
-                                .backward(t: t + k0, u: shape.spatial == 1 ? nil : u + k0, m: G > 0 ? ctx.m[bg] : 0,
+                            let (e, bias, weight) = unit(channel: c, p: pb + k0, q: qb + k0, context: ctx)
+                                .backward(t: t + k0, u: u + k0, m: G > 0 ? ctx.m[bg] : 0,
                                           r: G > 0 ? ctx.r[bg] : 0,
                                           weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: gradient)
                             let j = (c - panelFirst) / K
                             groupSums[j] += bias; groupSums[groups + j] += weight
-                            body(b, c, K, pb + k0, e, gradient, coefficients)
+                            sink.unit(b, c, K, pb + k0, e, gradient, coefficients)
                         }
                         c0 += n
                     }
                 }
                 if G > 0 { for j in 0..<groups { group(panelFirst / K + j, groupSums[j], groupSums[groups + j]) } }
+            }
+        }
+    }
+
+    /// `forEachUnitGradient` for one-value planes (S = 1): every unit's dy₁ from x and dy (`valueBackward`),
+    /// handed to `sink` four values or one at a time, panel by panel and sample by sample in order inside a
+    /// panel. Each group's ΣT and r W, summed over the samples, go to `group(g, ΣT, r W)` once its panel is done.
+    /// (The sink is a type, not a closure: a closure captured by the parallel body would be called per value.)
+    private func forEachValueGradient<T: NormalizationScalar, Sink: ValueGradientSink>(
+        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
+        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
+        into sink: Sink
+    ) {
+        let C = shape.channels, K = units.groupSize, G = plan.groups, slotLength = slotLength
+        parallelFor(panels, cost: gradientCost) { range, slot in
+            let groupSums = scratch + slot * slotLength  // [ΣT | r W] per group of the panel
+            for i in range {
+                let (c0, n) = panel(i), groups = G > 0 ? n / K : 0, g0 = c0 / K
+                groupSums.update(repeating: 0, count: 2 * groups)
+                for b in 0..<shape.batch {
+                    let first = b * C + c0
+                    guard G > 0 else {  // the batch-norm stage alone: dy₁ = dy
+                        _ = valueUnit(channel: c0, planes: n, context: ctx)
+                            .valueBackward(x, dy, first: first, channel: c0, m: 0, r: 0, weight: 1, into: sink)
+                        continue
+                    }
+                    for j in 0..<groups {
+                        let g = g0 + j, at = first + j * K, c = c0 + j * K
+                        let (bias, weight) = valueUnit(channel: c, planes: K, context: ctx)
+                            .valueBackward(x, dy, first: at, channel: c, m: ctx.m[b * G + g], r: ctx.r[b * G + g],
+                                           weight: ctx.w[g], into: sink)
+                        groupSums[j] += bias; groupSums[groups + j] += weight
+                    }
+                }
+                for j in 0..<groups { group(g0 + j, groupSums[j], groupSums[groups + j]) }
             }
         }
     }
@@ -298,9 +317,12 @@ struct RowsLayout {
         let C = shape.channels
         for i in 0..<(2 * C) { sums[i] = 0 }
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
-        forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch) { _, c, K, p, _, g, _ in
-            BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: p, mu: ctx.mu + c, s1: sums + c, s2: sums + C + c)
+        if shape.spatial == 1 {
+            let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
+            return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, into: sink)
         }
+        forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
+                            into: PlaneSums(mu: ctx.mu, s1: sums, s2: sums + C))
     }
 
     func gradientSumsBytes() -> Int { scratchBytes(gradientCost, count: panels) }
@@ -317,32 +339,21 @@ struct RowsLayout {
                                                                              through: through, context: ctx,
                                                                              arena: &arena)
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
-        forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
-                            group: { g, bias, weight in groupGradients[g] += weight; groupGradients[G + g] += bias }
-        ) { b, c, K, p, e, g, coefficients in
-            let first = b * C + c
-            if hasBN {
-                BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: p, mu: ctx.mu + c, s1: local + c,
-                                       s2: local + C + c)
-            }
-            if S == 1 {  // one value per plane: dy₁ = Σ dy₁, and dx = a [dy₁ - S₁/n - (x - μ) k] per value
-                BatchNormStage.dxValues(K, dy1: g.sum, x: p, mu: ctx.mu + c, a: hasBN ? ctx.a + c : nil,
-                                        s1n: terms + c, k: terms + C + c, into: dx + first)
-                return
-            }
-            let P = coefficients, Q = P + K, R = Q + K
-            if hasBN {
-                BatchNormStage.dxMaps(K, e: e, gradient: g, p: p, mu: ctx.mu + c, a: ctx.a + c, s1n: terms + c,
-                                      k: terms + C + c, P: P, Q: Q, R: R)
-            } else {  // dx = dy₁
-                P.update(repeating: e, count: K); Q.update(from: g.f!, count: K); R.update(from: g.h!, count: K)
-            }
-            for k in 0..<K {  // in Float64, rounded once per value
-                let at = (first + k) * S, centre = p[k], pk = P[k], qk = Q[k], rk = R[k]
-                for i in at..<(at + S) {
-                    dx[i] = T(rk.addingProduct(Double(x[i]) - centre, qk).addingProduct(Double(dy[i]), pk))
-                }
-            }
+        let addGroup = { (g: Int, bias: Double, weight: Double) in
+            groupGradients[g] += weight; groupGradients[G + g] += bias
+        }
+        if S == 1 && hasBN {
+            let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C), dx: dx,
+                                          a: ctx.a, s1n: terms, k: terms + C)
+            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup, into: sink)
+        } else if S == 1 {
+            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                 into: ValueCopy(dx: dx))
+        } else {
+            let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
+                                          x: x, dy: dy, dx: dx, channels: C, spatial: S, a: ctx.a, s1n: terms,
+                                          k: terms + C)
+            forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup, into: sink)
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
@@ -350,5 +361,99 @@ struct RowsLayout {
 
     func finishBackwardBytes(plan: NormalizationPlan) -> Int {
         BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes()
+    }
+}
+
+/// The batch-norm stage's channel sums S₁ and S₂ (`BatchNormStage.addValueSums`).
+struct ValueSums<T: NormalizationScalar>: ValueGradientSink {
+    let x: UnsafePointer<T>, mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {
+        BatchNormStage.addValueSums(dy1, x: T._load4Wide(x, i), mu: mu.lanes(c), s1: s1 + c, s2: s2 + c, 0)
+    }
+
+    @inline(__always)
+    func one(_ i: Int, _ c: Int, _ dy1: Double) {
+        BatchNormStage.addValueSums(dy1, x: Double(x[i]), mu: mu[c], s1: &s1[c], s2: &s2[c])
+    }
+}
+
+/// The channel sums, and dx through the batch-norm stage (`BatchNormStage.dxValues`).
+struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
+    let sums: ValueSums<T>, dx: UnsafeMutablePointer<T>
+    /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
+    let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {
+        sums.lanes(i, c, dy1)
+        let v = BatchNormStage.dxValues(dy1, x: T._load4Wide(sums.x, i), mu: sums.mu.lanes(c), a: a.lanes(c),
+                                        s1n: s1n.lanes(c), k: k.lanes(c))
+        T._store4Narrow(v, dx, i)
+    }
+
+    @inline(__always)
+    func one(_ i: Int, _ c: Int, _ dy1: Double) {
+        sums.one(i, c, dy1)
+        dx[i] = T(BatchNormStage.dxValue(dy1, x: Double(sums.x[i]), mu: sums.mu[c], a: a[c], s1n: s1n[c], k: k[c]))
+    }
+}
+
+/// dx = dy₁, without a batch-norm stage.
+struct ValueCopy<T: NormalizationScalar>: ValueGradientSink {
+    let dx: UnsafeMutablePointer<T>
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) { T._store4Narrow(dy1, dx, i) }
+
+    @inline(__always)
+    func one(_ i: Int, _ c: Int, _ dy1: Double) { dx[i] = T(dy1) }
+}
+
+/// What the backward of planes of several values does with each unit's gradient: `unit(b, c, K, p, E,
+/// gradient, scratch for P, Q, R)` for sample b's K planes from channel c (means `p`).
+protocol PlaneGradientSink {
+    func unit(_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double, _ g: NormalizationUnit.Gradient,
+              _ coefficients: UnsafeMutablePointer<Double>)
+}
+
+/// The batch-norm stage's channel sums S₁ and S₂ (`BatchNormStage.addSums`).
+struct PlaneSums: PlaneGradientSink {
+    let mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>
+
+    @inline(__always)
+    func unit(_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double, _ g: NormalizationUnit.Gradient,
+              _ coefficients: UnsafeMutablePointer<Double>) {
+        BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: p, mu: mu + c, s1: s1 + c, s2: s2 + c)
+    }
+}
+
+/// The channel sums (`sums`, nil without a batch-norm stage) and dx = P dy + Q (x - p) + R per plane
+/// (`BatchNormStage.dxMaps`; dx = dy₁ without the stage).
+struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
+    let sums: PlaneSums?
+    let x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>
+    let channels: Int, spatial: Int
+    /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
+    let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
+
+    @inline(__always)
+    func unit(_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double, _ g: NormalizationUnit.Gradient,
+              _ coefficients: UnsafeMutablePointer<Double>) {
+        let P = coefficients, Q = P + K, R = Q + K, S = spatial, first = b * channels + c
+        if let sums {
+            sums.unit(b, c, K, p, e, g, coefficients)
+            BatchNormStage.dxMaps(K, e: e, gradient: g, p: p, mu: sums.mu + c, a: a + c, s1n: s1n + c, k: k + c,
+                                  P: P, Q: Q, R: R)
+        } else {  // dx = dy₁
+            P.update(repeating: e, count: K); Q.update(from: g.f, count: K); R.update(from: g.h, count: K)
+        }
+        for j in 0..<K {  // in Float64, rounded once per value
+            let at = (first + j) * S, centre = p[j], pj = P[j], qj = Q[j], rj = R[j]
+            for i in at..<(at + S) {
+                dx[i] = T(rj.addingProduct(Double(x[i]) - centre, qj).addingProduct(Double(dy[i]), pj))
+            }
+        }
     }
 }

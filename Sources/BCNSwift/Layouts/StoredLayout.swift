@@ -180,7 +180,7 @@ extension StoredLayout {
             if G > 0 { groupGradients[c0 / K] += weight; groupGradients[G + c0 / K] += bias }
             guard plan.batchNorm != nil else {
                 (P + first).update(repeating: e, count: K)  // P = E, Q = F, R = H: dx = dy₁
-                (Q + first).update(from: g.f!, count: K); (R + first).update(from: g.h!, count: K)
+                (Q + first).update(from: g.f, count: K); (R + first).update(from: g.h, count: K)
                 return
             }
             BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: local + c0,
