@@ -14,39 +14,84 @@ enum BatchNormStage {
     ///   - width: channels to merge (a block of them; rows of `p`, `q` and `out` are indexed from 0).
     ///   - p: plane means, sample b's at `p + b·stride`; of type T, since with S = 1 they are the input itself.
     ///   - q: plane M2s at the same stride, or nil when all are zero (S = 1).
-    ///   - scratch: 4·`width` Doubles.
     static func batchMoments<T: NormalizationScalar>(
         batch B: Int, spatial: Int, width: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int,
-        scratch: UnsafeMutablePointer<Double>, into out: UnsafeMutablePointer<Moments>
+        into out: UnsafeMutablePointer<Moments>
     ) {
-        let centre = scratch, within = scratch + width, deviation = within + width, between = deviation + width
+        // Eight channels at a time down all the samples, their sums in registers (two chains of four lanes);
+        // then four, then one. Each channel's sums run in sample order whatever the strip.
+        var c = 0
+        while c + 8 <= width {
+            let (low, high) = stripMoments(batch: B, spatial: spatial, p: p + c, q: q.map { $0 + c }, stride: stride,
+                                           lanes: 2)
+            storeMoments(low, into: out + c); storeMoments(high, into: out + c + 4)
+            c += 8
+        }
+        if c + 4 <= width {
+            let (low, _) = stripMoments(batch: B, spatial: spatial, p: p + c, q: q.map { $0 + c }, stride: stride,
+                                        lanes: 1)
+            storeMoments(low, into: out + c)
+            c += 4
+        }
         let S = Double(spatial), invB = 1 / Double(B)
-        scratch.update(repeating: 0, count: 4 * width)
+        while c < width {
+            var centre = 0.0, within = 0.0, deviation = 0.0, between = 0.0
+            for b in 0..<B { centre += Double(p[b * stride + c]) }
+            centre *= invB
+            for b in 0..<B {
+                if let q { within += q[b * stride + c] }
+                let d = Double(p[b * stride + c]) - centre
+                deviation += d; between += d * d
+            }
+            out[c] = Moments(count: Double(B) * S, mean: centre + deviation * invB,
+                             m2: within + S * max(between - deviation * deviation * invB, 0))
+            c += 1
+        }
+    }
+
+    /// The sums `batchMoments` needs for four channels (`lanes` 1) or eight (2), in registers.
+    private struct StripSums {
+        var count: Double, invB: Double, spatial: Double
+        var centre, within, deviation, between: SIMD4<Double>
+    }
+
+    @inline(__always)
+    private static func stripMoments<T: NormalizationScalar>(
+        batch B: Int, spatial: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, lanes: Int
+    ) -> (StripSums, StripSums) {
+        let invB = 1 / Double(B), zero = SIMD4<Double>()
+        var c0 = zero, c1 = zero
         for b in 0..<B {
             let row = p + b * stride
-            Lanes.map(width, into: centre) { centre.lanes($0) + T._load4Wide(row, $0) } scalar: { centre[$0] + Double(row[$0]) }
+            c0 += T._load4Wide(row, 0)
+            if lanes == 2 { c1 += T._load4Wide(row, 4) }
         }
-        Lanes.map(width, into: centre) { centre.lanes($0) * SIMD4(repeating: invB) } scalar: { centre[$0] * invB }
+        c0 *= SIMD4(repeating: invB); c1 *= SIMD4(repeating: invB)
+        var w0 = zero, w1 = zero, d0 = zero, d1 = zero, e0 = zero, e1 = zero
         for b in 0..<B {
             let row = p + b * stride
             if let q {
                 let m2 = q + b * stride
-                Lanes.map(width, into: within) { within.lanes($0) + m2.lanes($0) } scalar: { within[$0] + m2[$0] }
+                w0 += m2.lanes(0)
+                if lanes == 2 { w1 += m2.lanes(4) }
             }
-            for k in Swift.stride(from: 0, to: width - 3, by: 4) {
-                let d = T._load4Wide(row, k) - centre.lanes(k)
-                deviation.storeLanes(deviation.lanes(k) + d, k)
-                between.storeLanes(between.lanes(k) + d * d, k)
-            }
-            for k in (width & ~3)..<width {
-                let d = Double(row[k]) - centre[k]
-                deviation[k] += d; between[k] += d * d
-            }
+            let x0 = T._load4Wide(row, 0) - c0
+            d0 += x0; e0 += x0 * x0
+            if lanes == 2 { let x1 = T._load4Wide(row, 4) - c1; d1 += x1; e1 += x1 * x1 }
         }
-        for c in 0..<width {
-            let d = deviation[c]
-            out[c] = Moments(count: Double(B) * S, mean: centre[c] + d * invB,
-                             m2: within[c] + S * max(between[c] - d * d * invB, 0))
+        let count = Double(B) * Double(spatial)
+        return (StripSums(count: count, invB: invB, spatial: Double(spatial), centre: c0, within: w0, deviation: d0,
+                          between: e0),
+                StripSums(count: count, invB: invB, spatial: Double(spatial), centre: c1, within: w1, deviation: d1,
+                          between: e1))
+    }
+
+    @inline(__always)
+    private static func storeMoments(_ s: StripSums, into out: UnsafeMutablePointer<Moments>) {
+        for k in 0..<4 {
+            let d = s.deviation[k]
+            out[k] = Moments(count: s.count, mean: s.centre[k] + d * s.invB,
+                             m2: s.within[k] + s.spatial * max(s.between[k] - d * d * s.invB, 0))
         }
     }
 

@@ -95,11 +95,8 @@ struct RowsLayout {
     // MARK: forward
 
     private var momentsCost: Int { 2 * shape.batch * shape.spatial * panelBlocks * blockChannels }
-    /// Doubles of a thread's scratch for phase (a): the merge's four rows, and the panel's plane moments of
-    /// every sample (S > 1).
-    private var momentsSlot: Int {
-        (4 + (shape.spatial == 1 ? 0 : 2 * shape.batch)) * panelBlocks * blockChannels
-    }
+    /// Doubles of a thread's scratch for phase (a): the panel's plane moments of every sample (none when S = 1).
+    private var momentsSlot: Int { (shape.spatial == 1 ? 0 : 2 * shape.batch) * panelBlocks * blockChannels }
 
     /// Phase (a): the batch's moments per channel, panel by panel (nothing without `channelMoments`). With
     /// S = 1 the plane means are the input's rows themselves.
@@ -110,19 +107,19 @@ struct RowsLayout {
         let width = panelBlocks * blockChannels
         let scratch = arena.take(parallelSlots(panels, cost: momentsCost) * slotLength, of: Double.self)
         parallelFor(panels, cost: momentsCost) { range, slot in
-            let merge = scratch + slot * slotLength, p = merge + 4 * width, q = p + B * width
+            let p = scratch + slot * slotLength, q = p + B * width
             for i in range {
                 let (c0, n) = panel(i)
                 if S == 1 {
                     BatchNormStage.batchMoments(batch: B, spatial: 1, width: n, p: x + c0, q: nil, stride: C,
-                                                scratch: merge, into: channelMoments + c0)
+                                                into: channelMoments + c0)
                     continue
                 }
                 for b in 0..<B {
                     _ = planeMoments(x, sample: b, first: c0, count: n, p: p + b * n, q: q + b * n)
                 }
                 BatchNormStage.batchMoments(batch: B, spatial: S, width: n, p: UnsafePointer(p), q: UnsafePointer(q),
-                                            stride: n, scratch: merge, into: channelMoments + c0)
+                                            stride: n, into: channelMoments + c0)
             }
         }
     }

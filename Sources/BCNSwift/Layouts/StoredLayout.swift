@@ -83,13 +83,12 @@ extension StoredLayout {
         guard let channelMoments else { return }
         let C = shape.channels
         BatchNormStage.batchMoments(batch: shape.batch, spatial: shape.spatial, width: C, p: UnsafePointer(ctx.p),
-                                    q: UnsafePointer(ctx.q), stride: C, scratch: arena.take(4 * C, of: Double.self),
-                                    into: channelMoments)
+                                    q: UnsafePointer(ctx.q), stride: C, into: channelMoments)
     }
 
     /// Arena bytes of `localMoments`.
     func localMomentsBytes<T: NormalizationScalar>(_: T.Type) -> Int {
-        scratchBytes(T.self) + ScratchArena.bytes(4 * shape.channels, of: Double.self)
+        scratchBytes(T.self)
     }
 
     /// Phase (c), after the batch-norm stage is in the context: each unit's m, r and map, and the output. With
