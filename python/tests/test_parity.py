@@ -91,6 +91,9 @@ def test_vector_and_chunked_planes(convention, shape, dtype, rng):
 # Rows wider than one column block of the row path (~512 values): blocks of whole groups, a partial last block,
 # groups wider than a block, and batch norm alone over several blocks.
 WIDE_ROWS = [((5, 600), 4), ((3, 96, 3, 3), 32), ((4, 700), 7), ((2, 1200), 2)]
+# The row path's loops take four planes (S > 1) or four values (S = 1) at a time: channel counts and groups
+# that leave a remainder run the scalar tails too.
+WIDE_ROWS += [((3, 30, 3), 5), ((7, 30), 3), ((4, 10, 2, 2), 5), ((5, 18, 7), 6)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
