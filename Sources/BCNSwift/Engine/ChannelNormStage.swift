@@ -200,11 +200,9 @@ struct NormalizationUnit {
         let invN = 1 / Double(K * spatial), invK = 1 / Double(K)
         let rw = r * w, r3w = rw * r * r
         let r3wW = r3w * wg * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = r3w * wg * invK
-        let v = Lanes.Constants(rw: rw, r3w: r3w, r3wW: r3wW, hConst: hConst, meanT: meanT, r3wWK: r3wWK, wg: wg,
-                                invN: invN, m: m)
-        Lanes.map(K, into: out.sum) { v.rw4 * (t.lanes($0) - v.meanT4) - v.r3wWK4 * (yBar.lanes($0) - v.m4) } scalar: {
-            rw * (t[$0] - meanT) - r3wWK * (yBar[$0] - m)
-        }
+        let v = Lanes.Constants(r3w: r3w, r3wW: r3wW, hConst: hConst, wg: wg, invN: invN, m: m)
+        let sumGradient = SumGradient(rw: rw, meanT: meanT, r3wWK: r3wWK, m: m)
+        Lanes.map(K, into: out.sum) { sumGradient(t.lanes($0), yBar.lanes($0)) } scalar: { sumGradient(t[$0], yBar[$0]) }
         let f = out.f, h = out.h, dot = out.dot
         Lanes.map(K, into: f) { -v.r3wW4 * a.lanes($0) } scalar: { -r3wW * a[$0] }
         Lanes.map(K, into: h) { v.hConst4 - v.r3wW4 * (yBar.lanes($0) - v.m4) } scalar: {
@@ -241,6 +239,8 @@ extension NormalizationUnit {
             while k < K { sink.one(i + k, c + k, Double(dy[k])); k += 1 }
             return (0, 0)
         }
+        // W = Σ (a U + e T) with U = 0; the zero is still added, as the general form adds a U, so that a sum of
+        // zero terms has the same sign.
         let mv = SIMD4(repeating: m)
         let (tg, wg) = Lanes.sums(K) { k in
             let t = T._load4Wide(dy, k)
@@ -249,15 +249,34 @@ extension NormalizationUnit {
             let t = Double(dy[k])
             return (t, 0 + (stagedValue(x, k) - m) * t)
         }
-        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r, meanT = tg * invK, r3wWK = r3w * wg * invK
-        let rw4 = SIMD4(repeating: rw), meanT4 = SIMD4(repeating: meanT), r3wWK4 = SIMD4(repeating: r3wWK)
-        while k + 4 <= K {
-            sink.lanes(i &+ k, c &+ k, rw4 * (T._load4Wide(dy, k) - meanT4) - r3wWK4 * (stagedValues(x, k) - mv))
-            k += 4
-        }
-        while k < K { sink.one(i + k, c + k, rw * (Double(dy[k]) - meanT) - r3wWK * (stagedValue(x, k) - m)); k += 1 }
+        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
+        let sumGradient = SumGradient(rw: rw, meanT: tg * invK, r3wWK: r3w * wg * invK, m: m)
+        // Wrapping index arithmetic: the unit lies inside the tensor (checked at the ABI), and the overflow checks
+        // cost 7% of this loop's instructions.
+        while k + 4 <= K { sink.lanes(i &+ k, c &+ k, sumGradient(T._load4Wide(dy, k), stagedValues(x, k))); k += 4 }
+        while k < K { sink.one(i + k, c + k, sumGradient(Double(dy[k]), stagedValue(x, k))); k += 1 }
         return (tg, r * wg)
     }
+}
+
+/// Σ dy₁ of a plane from its T and ȳ (dy₁ itself for a one-value plane): r w (T - ΣT/K) - r³ w W (ȳ - m)/K,
+/// four planes or one with the same operations.
+struct SumGradient {
+    let rw: SIMD4<Double>, meanT: SIMD4<Double>, r3wWK: SIMD4<Double>, m: SIMD4<Double>
+
+    @inline(__always)
+    init(rw: Double, meanT: Double, r3wWK: Double, m: Double) {
+        self.rw = SIMD4(repeating: rw); self.meanT = SIMD4(repeating: meanT)
+        self.r3wWK = SIMD4(repeating: r3wWK); self.m = SIMD4(repeating: m)
+    }
+
+    @inline(__always)
+    func callAsFunction(_ t: SIMD4<Double>, _ yBar: SIMD4<Double>) -> SIMD4<Double> {
+        rw * (t - meanT) - r3wWK * (yBar - m)
+    }
+
+    @inline(__always)
+    func callAsFunction(_ t: Double, _ yBar: Double) -> Double { rw[0] * (t - meanT[0]) - r3wWK[0] * (yBar - m[0]) }
 }
 
 /// What the backward of one-value planes does with each value's dy₁: `lanes` for values i..<i+4 of the tensor
@@ -325,12 +344,10 @@ enum Lanes {
 
     /// Scalars of the unit backward, also as lanes.
     struct Constants {
-        let rw4, r3w4, r3wW4, hConst4, meanT4, r3wWK4, wg4, invN4, m4: SIMD4<Double>
+        let r3w4, r3wW4, hConst4, wg4, invN4, m4: SIMD4<Double>
         @inline(__always)
-        init(rw: Double, r3w: Double, r3wW: Double, hConst: Double, meanT: Double, r3wWK: Double, wg: Double,
-             invN: Double, m: Double) {
-            rw4 = SIMD4(repeating: rw); r3w4 = SIMD4(repeating: r3w); r3wW4 = SIMD4(repeating: r3wW)
-            hConst4 = SIMD4(repeating: hConst); meanT4 = SIMD4(repeating: meanT); r3wWK4 = SIMD4(repeating: r3wWK)
+        init(r3w: Double, r3wW: Double, hConst: Double, wg: Double, invN: Double, m: Double) {
+            r3w4 = SIMD4(repeating: r3w); r3wW4 = SIMD4(repeating: r3wW); hConst4 = SIMD4(repeating: hConst)
             wg4 = SIMD4(repeating: wg); invN4 = SIMD4(repeating: invN); m4 = SIMD4(repeating: m)
         }
     }
