@@ -225,13 +225,14 @@ struct NormalizationUnit {
 extension NormalizationUnit {
     /// The backward of a unit of one-value planes (S = 1) from its values `x` and gradients `dy` (K each, value
     /// `first` onwards of the tensor, from channel `channel`): the numbers `backward` gives on planes p = x with
-    /// T = dy and U = 0, without scratch. Hands each value's dy₁ to `sink`, and returns (ΣT, r W); without a
-    /// channel-norm stage dy₁ = dy.
+    /// T = dy and U = 0, without scratch. Hands each value's dy₁ to `sink`, and returns the unit's ΣT and W
+    /// (the group bias's gradient, and its weight's over r), summed here unless `known` (from an earlier pass
+    /// over the same x and dy). Without a channel-norm stage dy₁ = dy.
     @inline(__always)
     func valueBackward<T: NormalizationScalar, Sink: ValueGradientSink>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, first i: Int, channel c: Int, m: Double, r: Double,
-        weight w: Double, into sink: Sink
-    ) -> (biasGradient: Double, weightGradient: Double) {
+        weight w: Double, known: (t: Double, w: Double)? = nil, into sink: Sink
+    ) -> (t: Double, w: Double) {
         let K = planes, x = x + i, dy = dy + i
         var k = 0
         guard groupEps != nil else {
@@ -242,7 +243,7 @@ extension NormalizationUnit {
         // W = Σ (a U + e T) with U = 0; the zero is still added, as the general form adds a U, so that a sum of
         // zero terms has the same sign.
         let mv = SIMD4(repeating: m)
-        let (tg, wg) = Lanes.sums(K) { k in
+        let (tg, wg) = known ?? Lanes.sums(K) { k in
             let t = T._load4Wide(dy, k)
             return (t, SIMD4() + (stagedValues(x, k) - mv) * t)
         } scalar: { k in
@@ -255,7 +256,7 @@ extension NormalizationUnit {
         // cost 7% of this loop's instructions.
         while k + 4 <= K { sink.lanes(i &+ k, c &+ k, sumGradient(T._load4Wide(dy, k), stagedValues(x, k))); k += 4 }
         while k < K { sink.one(i + k, c + k, sumGradient(Double(dy[k]), stagedValue(x, k))); k += 1 }
-        return (tg, r * wg)
+        return (tg, wg)
     }
 }
 

@@ -29,11 +29,17 @@ extension NormalizationEngine {
         case .channelsLast(let l):
             storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
         case .rows(let l):
-            var arena = ScratchArena(bytes: sumsBytes + l.gradientSumsBytes() + l.finishBackwardBytes(plan: plan))
+            // With one value per plane, phase (a) keeps each unit's ΣT and W for phase (c) (2·B·G Doubles).
+            let kept = through ? l.unitSumsCount(plan: plan) : 0
+            var arena = ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
+                                     + l.gradientSumsBytes() + l.finishBackwardBytes(plan: plan))
             let sums = through ? arena.take(2 * C, of: Double.self) : nil
-            if let sums { l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena) }
+            let unitSums = kept > 0 ? arena.take(kept, of: Double.self) : nil
+            if let sums {
+                l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, unitSums: unitSums, arena: &arena)
+            }
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
-                             sums: sums, arena: &arena)
+                             sums: sums, unitSums: unitSums, arena: &arena)
         }
     }
 

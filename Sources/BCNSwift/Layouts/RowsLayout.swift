@@ -312,7 +312,7 @@ struct RowsLayout {
     private func forEachValueGradient<T: NormalizationScalar, Sink: ValueGradientSink>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
         scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
-        into sink: Sink
+        unitSums: UnitSums = .none, into sink: Sink
     ) {
         let C = shape.channels, K = units.groupSize, G = plan.groups, slotLength = slotLength
         parallelFor(panels, cost: gradientCost) { range, slot in
@@ -328,11 +328,14 @@ struct RowsLayout {
                         continue
                     }
                     for j in 0..<groups {
-                        let g = g0 + j, at = first + j * K, c = c0 + j * K
-                        let (bias, weight) = valueUnit(channel: c, planes: K, context: ctx)
-                            .valueBackward(x, dy, first: at, channel: c, m: ctx.m[b * G + g], r: ctx.r[b * G + g],
-                                           weight: ctx.w[g], into: sink)
-                        groupSums[j] += bias; groupSums[groups + j] += weight
+                        let g = g0 + j, bg = b * G + g, at = first + j * K, c = c0 + j * K, r = ctx.r[bg]
+                        var known: (t: Double, w: Double)? = nil
+                        if case .reuse(let kept) = unitSums { known = (kept[2 * bg], kept[2 * bg + 1]) }
+                        let (t, w) = valueUnit(channel: c, planes: K, context: ctx)
+                            .valueBackward(x, dy, first: at, channel: c, m: ctx.m[bg], r: r, weight: ctx.w[g],
+                                           known: known, into: sink)
+                        if case .record(let kept) = unitSums { kept[2 * bg] = t; kept[2 * bg + 1] = w }
+                        groupSums[j] += t; groupSums[groups + j] += r * w
                     }
                 }
                 for j in 0..<groups { group(g0 + j, groupSums[j], groupSums[groups + j]) }
@@ -340,16 +343,32 @@ struct RowsLayout {
         }
     }
 
-    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]).
+    /// Each unit's (ΣT, W) of the one-value-plane backward, kept between its phases within one call: phase (a)
+    /// records them (2·B·G Doubles), phase (c) reads them instead of summing x and dy again (the same numbers).
+    enum UnitSums {
+        case none
+        case record(UnsafeMutablePointer<Double>)
+        case reuse(UnsafePointer<Double>)
+    }
+
+    /// Doubles `UnitSums` needs: 2·B·G for one-value planes with a channel norm, else none.
+    func unitSumsCount(plan: NormalizationPlan) -> Int {
+        shape.spatial == 1 && plan.groups > 0 ? 2 * shape.batch * plan.groups : 0
+    }
+
+    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with
+    /// `unitSums` (`unitSumsCount` Doubles) each unit's ΣT and W too, for `finishBackward` in the same call.
     func gradientSums<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>,
                                               context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
+                                              unitSums: UnsafeMutablePointer<Double>? = nil,
                                               arena: inout ScratchArena) {
         let C = shape.channels
         for i in 0..<(2 * C) { sums[i] = 0 }
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
         if shape.spatial == 1 {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
-            return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, into: sink)
+            return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
+                                        unitSums: unitSums.map { .record($0) } ?? .none, into: sink)
         }
         forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
                             into: PlaneSums(mu: ctx.mu, s1: sums, s2: sums + C))
@@ -358,11 +377,11 @@ struct RowsLayout {
     func gradientSumsBytes() -> Int { scratchBytes(gradientCost, count: panels) }
 
     /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
-    /// statistics; nil otherwise).
+    /// statistics; nil otherwise), and `unitSums` what `gradientSums` recorded of these x and dy, if anything.
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
-        sums: UnsafePointer<Double>?, arena: inout ScratchArena
+        sums: UnsafePointer<Double>?, unitSums: UnsafePointer<Double>? = nil, arena: inout ScratchArena
     ) {
         let C = shape.channels, G = plan.groups, S = shape.spatial, hasBN = plan.batchNorm != nil
         let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
@@ -375,10 +394,11 @@ struct RowsLayout {
         if S == 1 && hasBN {
             let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C), dx: dx,
                                           a: ctx.a, s1n: terms, k: terms + C)
-            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup, into: sink)
+            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                 unitSums: unitSums.map { .reuse($0) } ?? .none, into: sink)
         } else if S == 1 {
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 into: ValueCopy(dx: dx))
+                                 unitSums: unitSums.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
         } else {
             let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
                                           x: x, dy: dy, dx: dx, channels: C, spatial: S, a: ctx.a, s1n: terms,
