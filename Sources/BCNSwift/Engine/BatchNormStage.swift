@@ -22,18 +22,19 @@ enum BatchNormStage {
         // then four, then one. Each channel's sums run in sample order whatever the strip.
         var c = 0
         while c + 8 <= width {
-            let (low, high) = stripMoments(batch: B, spatial: spatial, p: p + c, q: q.map { $0 + c }, stride: stride,
-                                           lanes: 2)
-            storeMoments(low, into: out + c); storeMoments(high, into: out + c + 4)
+            let (low, high) = stripMoments(batch: B, p: p + c, q: q.map { $0 + c }, stride: stride, lanes: 2)
+            for k in 0..<4 {
+                out[c + k] = low.moments(k, batch: B, spatial: spatial)
+                out[c + 4 + k] = high.moments(k, batch: B, spatial: spatial)
+            }
             c += 8
         }
         if c + 4 <= width {
-            let (low, _) = stripMoments(batch: B, spatial: spatial, p: p + c, q: q.map { $0 + c }, stride: stride,
-                                        lanes: 1)
-            storeMoments(low, into: out + c)
+            let (low, _) = stripMoments(batch: B, p: p + c, q: q.map { $0 + c }, stride: stride, lanes: 1)
+            for k in 0..<4 { out[c + k] = low.moments(k, batch: B, spatial: spatial) }
             c += 4
         }
-        let S = Double(spatial), invB = 1 / Double(B)
+        let invB = 1 / Double(B)
         while c < width {
             var centre = 0.0, within = 0.0, deviation = 0.0, between = 0.0
             for b in 0..<B { centre += Double(p[b * stride + c]) }
@@ -43,21 +44,35 @@ enum BatchNormStage {
                 let d = Double(p[b * stride + c]) - centre
                 deviation += d; between += d * d
             }
-            out[c] = Moments(count: Double(B) * S, mean: centre + deviation * invB,
-                             m2: within + S * max(between - deviation * deviation * invB, 0))
+            out[c] = StripSums.moments(centre: centre, within: within, deviation: deviation, between: between,
+                                       batch: B, spatial: spatial)
             c += 1
         }
     }
 
-    /// The sums `batchMoments` needs for four channels (`lanes` 1) or eight (2), in registers.
+    /// The sums `batchMoments` keeps for four channels, in registers: centre c = Σ p / B, Σ q, d = Σ (p - c) and
+    /// Σ (p - c)².
     private struct StripSums {
-        var count: Double, invB: Double, spatial: Double
         var centre, within, deviation, between: SIMD4<Double>
+
+        /// Channel k's moments: μ = c + d/B, M2 = Σ q + S (Σ (p - c)² - d²/B).
+        @inline(__always)
+        func moments(_ k: Int, batch B: Int, spatial: Int) -> Moments {
+            Self.moments(centre: centre[k], within: within[k], deviation: deviation[k], between: between[k],
+                         batch: B, spatial: spatial)
+        }
+
+        @inline(__always)
+        static func moments(centre: Double, within: Double, deviation d: Double, between: Double, batch B: Int,
+                            spatial: Int) -> Moments {
+            let S = Double(spatial), invB = 1 / Double(B)
+            return Moments(count: Double(B) * S, mean: centre + d * invB, m2: within + S * max(between - d * d * invB, 0))
+        }
     }
 
     @inline(__always)
     private static func stripMoments<T: NormalizationScalar>(
-        batch B: Int, spatial: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, lanes: Int
+        batch B: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, lanes: Int
     ) -> (StripSums, StripSums) {
         let invB = 1 / Double(B), zero = SIMD4<Double>()
         var c0 = zero, c1 = zero
@@ -79,20 +94,8 @@ enum BatchNormStage {
             d0 += x0; e0 += x0 * x0
             if lanes == 2 { let x1 = T._load4Wide(row, 4) - c1; d1 += x1; e1 += x1 * x1 }
         }
-        let count = Double(B) * Double(spatial)
-        return (StripSums(count: count, invB: invB, spatial: Double(spatial), centre: c0, within: w0, deviation: d0,
-                          between: e0),
-                StripSums(count: count, invB: invB, spatial: Double(spatial), centre: c1, within: w1, deviation: d1,
-                          between: e1))
-    }
-
-    @inline(__always)
-    private static func storeMoments(_ s: StripSums, into out: UnsafeMutablePointer<Moments>) {
-        for k in 0..<4 {
-            let d = s.deviation[k]
-            out[k] = Moments(count: s.count, mean: s.centre[k] + d * s.invB,
-                             m2: s.within[k] + s.spatial * max(s.between[k] - d * d * s.invB, 0))
-        }
+        return (StripSums(centre: c0, within: w0, deviation: d0, between: e0),
+                StripSums(centre: c1, within: w1, deviation: d1, between: e1))
     }
 
     /// New running-buffer values, staged until nothing can fail, then committed.

@@ -35,13 +35,13 @@ struct RowsLayout {
     /// A thread's scratch, in blocks of `blockChannels` Doubles: p, q, T, U of a block's planes, then the unit
     /// stage's arrays (A, M, m and r forward; ȳ, F, H, Σ dy₁, Σ dy₁ (x - p), P, Q, R backward), then the
     /// panel's groups' sums (backward).
-    private var slotLength: Int { 13 * blockChannels + 2 * panelBlocks * blockChannels }
+    var slotLength: Int { 13 * blockChannels + 2 * panelBlocks * blockChannels }
 
-    private func scratch(_ cost: Int, count: Int, arena: inout ScratchArena) -> UnsafeMutablePointer<Double> {
+    func scratch(_ cost: Int, count: Int, arena: inout ScratchArena) -> UnsafeMutablePointer<Double> {
         arena.take(parallelSlots(count, cost: cost) * slotLength, of: Double.self)
     }
 
-    private func scratchBytes(_ cost: Int, count: Int) -> Int {
+    func scratchBytes(_ cost: Int, count: Int) -> Int {
         ScratchArena.bytes(parallelSlots(count, cost: cost) * slotLength, of: Double.self)
     }
 
@@ -220,11 +220,11 @@ struct RowsLayout {
                                                      y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
                                                      context ctx: NormalizationContext) {
         let width = valueBlockChannels, C = shape.channels, K = units.groupSize, G = plan.groups
-        let perRow = (C + width - 1) / width
+        let perRow = (C + width - 1) / width, groupEps = units.groupEps(ctx)
         parallelFor(perRow * shape.batch, cost: 3 * width) { range, _ in
             for item in range {
                 let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
-                guard let eps = units.groupEps(ctx) else {  // the batch-norm stage alone: no group couples channels
+                guard let eps = groupEps else {  // the batch-norm stage alone: no group couples channels
                     valueUnit(channel: c0, planes: n, context: ctx)
                         .mapValues(x + first, into: y + first, mean: 0, r: 0, weight: 1, bias: 0)
                     continue
@@ -256,254 +256,5 @@ struct RowsLayout {
 
     func applyBytes() -> Int {
         shape.spatial == 1 ? 0 : scratchBytes(applyCost, count: blocks * shape.batch)
-    }
-
-    // MARK: backward
-
-    private var gradientCost: Int { 4 * shape.batch * shape.spatial * panelBlocks * blockChannels }
-
-    /// Runs every unit's backward, panel by panel (in parallel), sample by sample in order inside a panel, and
-    /// block by block of the panel for each sample; then `sink.unit(b, c, K, the unit's p, E, its gradient
-    /// arrays, scratch for its P, Q, R)` with c its first channel. Each group's ΣT and r W, summed over the
-    /// samples, go to `group(g, ΣT, r W)` once its panel is done (so threads never write next to each other per
-    /// unit). The sink is a type, not a closure: a closure captured by the parallel body would be called per unit
-    /// instead of inlined.
-    private func forEachUnitGradient<T: NormalizationScalar, Sink: PlaneGradientSink>(
-        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
-        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in }, into sink: Sink
-    ) {
-        let width = blockChannels, K = units.groupSize, G = plan.groups
-        parallelFor(panels, cost: gradientCost) { range, slot in
-            let p = scratch + slot * slotLength, q = p + width, t = q + width, u = t + width
-            let yBar = u + width
-            let out = NormalizationUnit.Gradient(yBar + width, planes: width)
-            let coefficients = yBar + 5 * width, groupSums = coefficients + 3 * width  // [ΣT | r W] per group
-            for i in range {
-                let (panelFirst, panelCount) = panel(i), groups = panelCount / K
-                groupSums.update(repeating: 0, count: 2 * groups)
-                for b in 0..<shape.batch {
-                    var c0 = panelFirst
-                    while c0 < panelFirst + panelCount {
-                        let n = min(width, panelFirst + panelCount - c0)
-                        let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
-                        gradientSums(x, dy, sample: b, first: c0, count: n, p: pb, t: t, u: u)
-                        for k0 in Swift.stride(from: 0, to: n, by: K) {
-                            let c = c0 + k0, g = c / K, bg = b * G + g, gradient = out.advanced(by: k0)
-                            let (e, bias, weight) = unit(channel: c, p: pb + k0, q: qb + k0, context: ctx)
-                                .backward(t: t + k0, u: u + k0, m: G > 0 ? ctx.m[bg] : 0,
-                                          r: G > 0 ? ctx.r[bg] : 0,
-                                          weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: gradient)
-                            let j = (c - panelFirst) / K
-                            groupSums[j] += bias; groupSums[groups + j] += weight
-                            sink.unit(b, c, K, pb + k0, e, gradient, coefficients)
-                        }
-                        c0 += n
-                    }
-                }
-                if G > 0 { for j in 0..<groups { group(panelFirst / K + j, groupSums[j], groupSums[groups + j]) } }
-            }
-        }
-    }
-
-    /// `forEachUnitGradient` for one-value planes (S = 1): every unit's dy₁ from x and dy (`valueBackward`),
-    /// handed to `sink` four values or one at a time, panel by panel and sample by sample in order inside a
-    /// panel. Each group's ΣT and r W, summed over the samples, go to `group(g, ΣT, r W)` once its panel is done.
-    /// (The sink is a type, not a closure: a closure captured by the parallel body would be called per value.)
-    private func forEachValueGradient<T: NormalizationScalar, Sink: ValueGradientSink>(
-        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
-        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
-        unitSums: UnitSums = .none, into sink: Sink
-    ) {
-        let C = shape.channels, K = units.groupSize, G = plan.groups, slotLength = slotLength
-        parallelFor(panels, cost: gradientCost) { range, slot in
-            let groupSums = scratch + slot * slotLength  // [ΣT | r W] per group of the panel
-            for i in range {
-                let (c0, n) = panel(i), groups = G > 0 ? n / K : 0, g0 = c0 / K
-                groupSums.update(repeating: 0, count: 2 * groups)
-                for b in 0..<shape.batch {
-                    let first = b * C + c0
-                    guard G > 0 else {  // the batch-norm stage alone: dy₁ = dy
-                        _ = valueUnit(channel: c0, planes: n, context: ctx)
-                            .valueBackward(x, dy, first: first, channel: c0, m: 0, r: 0, weight: 1, into: sink)
-                        continue
-                    }
-                    for j in 0..<groups {
-                        let g = g0 + j, bg = b * G + g, at = first + j * K, c = c0 + j * K, r = ctx.r[bg]
-                        var known: (t: Double, w: Double)? = nil
-                        if case .reuse(let kept) = unitSums { known = (kept[2 * bg], kept[2 * bg + 1]) }
-                        let (t, w) = valueUnit(channel: c, planes: K, context: ctx)
-                            .valueBackward(x, dy, first: at, channel: c, m: ctx.m[bg], r: r, weight: ctx.w[g],
-                                           known: known, into: sink)
-                        if case .record(let kept) = unitSums { kept[2 * bg] = t; kept[2 * bg + 1] = w }
-                        groupSums[j] += t; groupSums[groups + j] += r * w
-                    }
-                }
-                for j in 0..<groups { group(g0 + j, groupSums[j], groupSums[groups + j]) }
-            }
-        }
-    }
-
-    /// Each unit's (ΣT, W) of the one-value-plane backward, kept between its phases within one call: phase (a)
-    /// records them (2·B·G Doubles), phase (c) reads them instead of summing x and dy again (the same numbers).
-    enum UnitSums {
-        case none
-        case record(UnsafeMutablePointer<Double>)
-        case reuse(UnsafePointer<Double>)
-    }
-
-    /// Doubles `UnitSums` needs: 2·B·G for one-value planes with a channel norm, else none.
-    func unitSumsCount(plan: NormalizationPlan) -> Int {
-        shape.spatial == 1 && plan.groups > 0 ? 2 * shape.batch * plan.groups : 0
-    }
-
-    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with
-    /// `unitSums` (`unitSumsCount` Doubles) each unit's ΣT and W too, for `finishBackward` in the same call.
-    func gradientSums<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>,
-                                              context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
-                                              unitSums: UnsafeMutablePointer<Double>? = nil,
-                                              arena: inout ScratchArena) {
-        let C = shape.channels
-        for i in 0..<(2 * C) { sums[i] = 0 }
-        let scratch = scratch(gradientCost, count: panels, arena: &arena)
-        if shape.spatial == 1 {
-            let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
-            return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
-                                        unitSums: unitSums.map { .record($0) } ?? .none, into: sink)
-        }
-        forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
-                            into: PlaneSums(mu: ctx.mu, s1: sums, s2: sums + C))
-    }
-
-    func gradientSumsBytes() -> Int { scratchBytes(gradientCost, count: panels) }
-
-    /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
-    /// statistics; nil otherwise), and `unitSums` what `gradientSums` recorded of these x and dy, if anything.
-    func finishBackward<T: NormalizationScalar>(
-        plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
-        dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
-        sums: UnsafePointer<Double>?, unitSums: UnsafePointer<Double>? = nil, arena: inout ScratchArena
-    ) {
-        let C = shape.channels, G = plan.groups, S = shape.spatial, hasBN = plan.batchNorm != nil
-        let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
-                                                                             through: through, context: ctx,
-                                                                             arena: &arena)
-        let scratch = scratch(gradientCost, count: panels, arena: &arena)
-        let addGroup = { (g: Int, bias: Double, weight: Double) in
-            groupGradients[g] += weight; groupGradients[G + g] += bias
-        }
-        if S == 1 && hasBN {
-            let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C), dx: dx,
-                                          a: ctx.a, s1n: terms, k: terms + C)
-            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 unitSums: unitSums.map { .reuse($0) } ?? .none, into: sink)
-        } else if S == 1 {
-            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 unitSums: unitSums.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
-        } else {
-            let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
-                                          x: x, dy: dy, dx: dx, channels: C, spatial: S, a: ctx.a, s1n: terms,
-                                          k: terms + C)
-            forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup, into: sink)
-        }
-        BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
-                                    invSigma: ctx.invSigma)
-    }
-
-    func finishBackwardBytes(plan: NormalizationPlan) -> Int {
-        BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes()
-    }
-}
-
-/// The batch-norm stage's channel sums S₁ and S₂ (`BatchNormStage.addValueSums`).
-struct ValueSums<T: NormalizationScalar>: ValueGradientSink {
-    let x: UnsafePointer<T>, mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>
-
-    @inline(__always)
-    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {
-        BatchNormStage.addValueSums(dy1, x: T._load4Wide(x, i), mu: mu.lanes(c), s1: s1 + c, s2: s2 + c, 0)
-    }
-
-    @inline(__always)
-    func one(_ i: Int, _ c: Int, _ dy1: Double) {
-        BatchNormStage.addValueSums(dy1, x: Double(x[i]), mu: mu[c], s1: &s1[c], s2: &s2[c])
-    }
-}
-
-/// The channel sums, and dx through the batch-norm stage (`BatchNormStage.dxValues`).
-struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
-    let sums: ValueSums<T>, dx: UnsafeMutablePointer<T>
-    /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
-    let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
-
-    @inline(__always)
-    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {
-        sums.lanes(i, c, dy1)
-        let v = BatchNormStage.dxValues(dy1, x: T._load4Wide(sums.x, i), mu: sums.mu.lanes(c), a: a.lanes(c),
-                                        s1n: s1n.lanes(c), k: k.lanes(c))
-        T._store4Narrow(v, dx, i)
-    }
-
-    @inline(__always)
-    func one(_ i: Int, _ c: Int, _ dy1: Double) {
-        sums.one(i, c, dy1)
-        dx[i] = T(BatchNormStage.dxValue(dy1, x: Double(sums.x[i]), mu: sums.mu[c], a: a[c], s1n: s1n[c], k: k[c]))
-    }
-}
-
-/// dx = dy₁, without a batch-norm stage.
-struct ValueCopy<T: NormalizationScalar>: ValueGradientSink {
-    let dx: UnsafeMutablePointer<T>
-
-    @inline(__always)
-    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) { T._store4Narrow(dy1, dx, i) }
-
-    @inline(__always)
-    func one(_ i: Int, _ c: Int, _ dy1: Double) { dx[i] = T(dy1) }
-}
-
-/// What the backward of planes of several values does with each unit's gradient: `unit(b, c, K, p, E,
-/// gradient, scratch for P, Q, R)` for sample b's K planes from channel c (means `p`).
-protocol PlaneGradientSink {
-    func unit(_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double, _ g: NormalizationUnit.Gradient,
-              _ coefficients: UnsafeMutablePointer<Double>)
-}
-
-/// The batch-norm stage's channel sums S₁ and S₂ (`BatchNormStage.addSums`).
-struct PlaneSums: PlaneGradientSink {
-    let mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>
-
-    @inline(__always)
-    func unit(_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double, _ g: NormalizationUnit.Gradient,
-              _ coefficients: UnsafeMutablePointer<Double>) {
-        BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: p, mu: mu + c, s1: s1 + c, s2: s2 + c)
-    }
-}
-
-/// The channel sums (`sums`, nil without a batch-norm stage) and dx = P dy + Q (x - p) + R per plane
-/// (`BatchNormStage.dxMaps`; dx = dy₁ without the stage).
-struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
-    let sums: PlaneSums?
-    let x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>
-    let channels: Int, spatial: Int
-    /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
-    let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
-
-    @inline(__always)
-    func unit(_ b: Int, _ c: Int, _ K: Int, _ p: UnsafePointer<Double>, _ e: Double, _ g: NormalizationUnit.Gradient,
-              _ coefficients: UnsafeMutablePointer<Double>) {
-        let P = coefficients, Q = P + K, R = Q + K, S = spatial, first = b * channels + c
-        if let sums {
-            sums.unit(b, c, K, p, e, g, coefficients)
-            BatchNormStage.dxMaps(K, e: e, gradient: g, p: p, mu: sums.mu + c, a: a + c, s1n: s1n + c, k: k + c,
-                                  P: P, Q: Q, R: R)
-        } else {  // dx = dy₁
-            P.update(repeating: e, count: K); Q.update(from: g.f, count: K); R.update(from: g.h, count: K)
-        }
-        for j in 0..<K {  // in Float64, rounded once per value
-            let at = (first + j) * S, centre = p[j], pj = P[j], qj = Q[j], rj = R[j]
-            for i in at..<(at + S) {
-                dx[i] = T(rj.addingProduct(Double(x[i]) - centre, qj).addingProduct(Double(dy[i]), pj))
-            }
-        }
     }
 }
