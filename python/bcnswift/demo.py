@@ -285,6 +285,18 @@ def save_figure(path, title, xlabel, ylabel, draw, legend_size=7, legend_columns
     return path
 
 
+def write_outputs(out_dir, figure, draw_figure, label, json_path, data):
+    """A demo's files: the figure `draw_figure(path)` saves (it returns the path, or None without matplotlib) as
+    `figure` in `out_dir`, announced as `label: path`, and `data` as JSON at `json_path` when one is given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = draw_figure(out / figure)
+    if png:
+        print(f"{label}: {png}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
+
+
 def plot(results, path):
     colors = dict(zip(VARIANTS, ["tab:red", "tab:gray", "tab:blue", "tab:green"]))
     styles = {1: ":", 2: "--"}
@@ -336,14 +348,9 @@ def main(argv=None):
     print("|---|---|---|---|")
     for r in results:
         print(f"| {r['variant']} | {r['batch_size']} | {100 * r['test_accuracy']:.1f}% | {r['seconds']:.1f} s |")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    png = plot(results, out / "demo_accuracy.png")
-    if png:
-        print(f"\ntest accuracy curves: {png}")
+    table = [{k: r[k] for k in ("variant", "batch_size", "test_accuracy", "seconds")} for r in results]
+    write_outputs(a.out, "demo_accuracy.png", lambda path: plot(results, path), "\ntest accuracy curves", a.json, table)
     if a.json:
-        Path(a.json).write_text(json.dumps([{k: r[k] for k in ("variant", "batch_size", "test_accuracy", "seconds")}
-                                            for r in results], indent=2) + "\n")
         print(f"table: {a.json}")
     return results
 

@@ -14,14 +14,12 @@ Rank 0 then trains BCN-batch+WS in one process with batch N on the same global b
 its loss curve to rounding. Rank 0 prints the table and saves the loss curves (demo_distributed.png).
 """
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 import bcnswift
-from .demo import SGD, Network, evaluate, load_data, save_figure, softmax_cross_entropy
+from .demo import SGD, Network, evaluate, load_data, save_figure, softmax_cross_entropy, write_outputs
 from .distributed import mpi_world
 
 VARIANTS = ["BN", "SyncBN", "BCN-est+WS", "SyncBCN+WS"]
@@ -118,13 +116,7 @@ def main(argv=None):
     if "max_loss_gap_sync_vs_one_process" in result:
         print(f"\nSyncBCN+WS over {ranks} x 1 images against one process with batch {ranks}: largest difference of "
               f"the per-step loss over {len(synced)} steps = {result['max_loss_gap_sync_vs_one_process']:.2e}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    png = plot(curves, out / "demo_distributed.png")
-    if png:
-        print(f"loss curves: {png}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_outputs(a.out, "demo_distributed.png", lambda path: plot(curves, path), "loss curves", a.json, result)
     return result
 
 
