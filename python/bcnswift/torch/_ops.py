@@ -30,7 +30,10 @@ import numpy as np
 import torch
 
 from .. import _ext
-from ..layers import memory_format
+
+# inductor may hand the ops any layout it likes (channels_last, as its convolutions prefer): the kernels read
+# C order and channels-last in place, copy anything else, and the fake kernels promise the same output strides
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
 _CONTEXT_HEADER = 10  # doubles before the context's arrays (NormalizationContext.headerLength)
 
@@ -54,14 +57,28 @@ def _param(t):
     return None if t is None else _array(t if t.is_contiguous() else t.contiguous())
 
 
+def _form(t):
+    """'first' if t is in C order, 'last' if its memory is channels-last ([B, *, C] in C order, as
+    torch.channels_last), else None: what the kernels read in place. From the strides alone, so that the fake
+    kernels, which see no memory, decide as the real ones do (layers.memory_format is the numpy twin)."""
+    if t.is_contiguous():
+        return "first"
+    if t.dim() <= 2:
+        return None
+    expected = 1
+    for d in (1, *range(t.dim() - 1, 1, -1), 0):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return "last"
+
+
 def _layout(x):
-    """(x or a dense copy, flags for its memory format): the kernels read [B, C, *] in C order or channels-last."""
-    if x.is_contiguous():
-        return x, 0
-    form = memory_format(_array(x)) if x.dim() >= 2 else None
+    """(x or a C-order copy, flags for its memory format): the kernels read [B, C, *] in C order or
+    channels-last."""
+    form = _form(x)
     if form is None:
-        x = x.contiguous()
-        form = "first"
+        return x.contiguous(), 0
     return x, _ext.BCN_CHANNELS_LAST if form == "last" else 0
 
 
@@ -71,8 +88,9 @@ def _like(t, x):
 
 
 def _output(x):
-    """An uninitialized tensor shaped like x, in x's memory format (what the fake kernels promise)."""
-    return torch.empty_like(x)
+    """An uninitialized tensor shaped like x, in the layout the kernels write for it: x's own when they read x
+    in place, else C order (what the real and the fake kernels both return)."""
+    return torch.empty_like(x) if _form(x) else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _check_input(x, name="input"):
@@ -97,7 +115,8 @@ def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, to
     return ctx, m
 
 
-moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=(), device_types="cpu")
+moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=(), device_types="cpu",
+                                  tags=_ANY_LAYOUT)
 
 
 @moments.register_fake
@@ -190,7 +209,8 @@ def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Option
                            cn_bias, flags, groups, eps, bn_eps, 0.1, False)
 
 
-normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_args=(), device_types="cpu")
+normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_args=(), device_types="cpu",
+                                    tags=_ANY_LAYOUT)
 
 
 @normalize.register_fake
@@ -233,7 +253,7 @@ def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor
 
 
 normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _normalize_backward, mutates_args=(),
-                                            device_types="cpu")
+                                            device_types="cpu", tags=_ANY_LAYOUT)
 
 
 @normalize_backward.register_fake
@@ -328,8 +348,7 @@ def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Te
 
 
 weight_standardization = torch.library.custom_op("bcnswift::weight_standardization", _weight_standardization,
-                                                mutates_args=(), device_types="cpu",
-                                                )
+                                                mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
 
 
 @weight_standardization.register_fake
@@ -349,7 +368,7 @@ def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: f
 
 weight_standardization_backward = torch.library.custom_op(
     "bcnswift::weight_standardization_backward", _weight_standardization_backward, mutates_args=(),
-    device_types="cpu", )
+    device_types="cpu", tags=_ANY_LAYOUT)
 
 
 @weight_standardization_backward.register_fake
