@@ -102,17 +102,20 @@ def memory_format(a):
     return "last"
 
 
-def _checked_out(out, like, name, allow=None):
-    """`out` if it can receive a result shaped, typed and laid out like `like` without overlapping it (except
-    `allow`)."""
+def _checked_out(out, like, form, name, allow=None):
+    """`out` if it can receive a result shaped, typed and laid out like `like` (whose memory_format is `form`)
+    without overlapping it (except `allow`). Runs on every call that passes out=, so the cheap tests come first:
+    two different arrays that each allocated their own memory cannot overlap."""
     if type(out) is not np.ndarray:
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
-    if not (out.flags.aligned and out.flags.writeable) or memory_format(out) != memory_format(like):
-        layout = "C-contiguous" if memory_format(like) == "first" else "channels-last"
+    flags = out.flags
+    if not (flags.aligned and flags.writeable) or memory_format(out) != form:
+        layout = "C-contiguous" if form == "first" else "channels-last"
         raise ValueError(f"{name} must be aligned, writeable and {layout} like the input")
-    if out is not allow and np.may_share_memory(out, like):
+    if out is not allow and not (flags.owndata and like.flags.owndata and out is not like) \
+            and np.may_share_memory(out, like):
         raise ValueError(f"{name} must not overlap the input (backward needs the input unchanged)")
     return out
 
@@ -237,7 +240,7 @@ class _Normalization:
     def _prepare_forward(self, x, out, allow_empty=False):
         """(logical x, y to fill, call flags, an empty context): everything a forward checks before it runs."""
         x, form = self._input(x, allow_empty)
-        y = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out")
+        y = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, form, "out")
         flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
         ctx = np.empty(_ext.context_length(x.shape[0], x.shape[1], self.num_groups))
         return x, y, flags, ctx
@@ -276,9 +279,10 @@ class _Normalization:
         if dy.shape != x.shape:
             raise ValueError(f"dy has shape {self._user(dy).shape}, the last forward's output has shape "
                              f"{self._user(x).shape}")
-        if memory_format(dy) != memory_format(x):
+        form = memory_format(x)
+        if memory_format(dy) != form:
             dy = _relaid(dy, x)
-        dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, "out", allow=dy)
+        dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, form, "out", allow=dy)
         return x, ctx, flags, dy, dx
 
     def _finish_backward(self, x, ctx, flags, dy, dx, sums=None):

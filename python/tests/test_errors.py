@@ -219,6 +219,13 @@ def test_out_arguments(rng):
     before = {k: v.copy() for k, v in a.state_dict().items()}
     with pytest.raises(ValueError, match="overlap"):
         a(x, out=x)
+    shared = np.concatenate([x.ravel(), x.ravel()[:1]])  # views that own no memory and overlap by all but one
+    with pytest.raises(ValueError, match="overlap"):
+        a(shared[:-1].reshape(x.shape), out=shared[1:].reshape(x.shape))
+    c = bcnswift.BatchChannelNorm(8, 4, estimate=False)
+    c(x)
+    with pytest.raises(ValueError, match="overlap"):
+        c.backward(dy, out=x)  # dx over the input that the backward reads
     with pytest.raises(ValueError, match="dtype float32 and shape"):
         a(x, out=np.empty((2, 8, 4), np.float32))
     with pytest.raises(ValueError, match="dtype float32"):
