@@ -208,10 +208,10 @@ extension Float: NormalizationScalar {
             while i + 8 <= n {
                 var v = o
                 v.addProduct(_load8(x, i) - c, s)
-                UnsafeMutableRawPointer(y + i).storeBytes(of: v, as: SIMD8<Float>.self)
+                _store8(v, y, i)
                 i += 8
             }
-            UnsafeMutableRawPointer(y + n - 8).storeBytes(of: tail, as: SIMD8<Float>.self)
+            _store8(tail, y, n - 8)
             return
         }
         // Planes shorter than 8 (such as [B, C] input) in Float64: there a tiny channel group can make scale and
@@ -283,10 +283,10 @@ extension Float: NormalizationScalar {
                 var v = rv
                 v.addProduct(_load8(x, i) - c, qv)
                 v.addProduct(_load8(dy, i), pv)
-                UnsafeMutableRawPointer(dx + i).storeBytes(of: v, as: SIMD8<Float>.self)
+                _store8(v, dx, i)
                 i += 8
             }
-            UnsafeMutableRawPointer(dx + n - 8).storeBytes(of: tail, as: SIMD8<Float>.self)
+            _store8(tail, dx, n - 8)
             return
         }
         for i in 0..<n {  // in Float64, as in `_scaleShift`
@@ -324,7 +324,7 @@ extension Float: NormalizationScalar {
                 let at = row * stride + c
                 var v = o
                 v.addProduct(_load8(x, at) - k, s)
-                UnsafeMutableRawPointer(y + at).storeBytes(of: v, as: SIMD8<Float>.self)
+                _store8(v, y, at)
             }
             c += 8
         }
@@ -363,7 +363,7 @@ extension Float: NormalizationScalar {
                 var v = rv
                 v.addProduct(_load8(x, at) - k, qv)
                 v.addProduct(_load8(dy, at), pv)
-                UnsafeMutableRawPointer(dx + at).storeBytes(of: v, as: SIMD8<Float>.self)
+                _store8(v, dx, at)
             }
             c += 8
         }
