@@ -262,3 +262,27 @@ def test_channels_last_weights_are_standardized_where_they_lie(dtype, gen, monke
     torch.testing.assert_close(out, _ops._weight_standardization(w, 1e-5, _ext.BCN_WS_UNBIASED), rtol=tol, atol=tol)
     torch.testing.assert_close(dw, _ops._weight_standardization_backward(g, w, 1e-5, _ext.BCN_WS_UNBIASED),
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strides_of_size_one_axes_cost_no_copy(dtype, gen, monkeypatch):
+    """A 1x1 convolution's weight gradient arrives (from inductor's graph) with other strides on its axes of
+    size 1 than the weight has: the same memory layout, so the WS backward and the normalization's backward
+    read it in place, and the results are those of the plain layout."""
+    w = rand_input(gen, (6, 4, 1, 1), dtype)
+    g = rand_input(gen, (6, 4, 1, 1), dtype)
+    g_odd = torch.empty_strided((6, 4, 1, 1), (4, 1, 4, 4), dtype=dtype).copy_(g)
+    x = rand_input(gen, (3, 8, 1, 1), dtype)
+    dy = rand_input(gen, (3, 8, 1, 1), dtype)
+    dy_odd = torch.empty_strided((3, 8, 1, 1), (8, 1, 8, 8), dtype=dtype).copy_(dy)
+    assert g_odd.stride() != w.stride() and dy_odd.stride() != x.stride()
+    ctx = _ops.normalize(x, None, None, None, None, None, None, None, None, TORCH_BN | CN | TR, 4, 1e-5, 1e-5)[1]
+    rec = _Recorder(monkeypatch)
+    dw = _ops._weight_standardization_backward(g_odd, w, 1e-5, _ext.BCN_WS_UNBIASED)
+    dx = _ops._normalize_backward(dy_odd, x, ctx, TORCH_BN | CN | TR, 4, False, False)[0]
+    assert g_odd.data_ptr() in rec.addresses("ws_backward")
+    assert dy_odd.data_ptr() in rec.addresses("norm_backward")
+    torch.testing.assert_close(dw, _ops._weight_standardization_backward(g, w, 1e-5, _ext.BCN_WS_UNBIASED),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(dx, _ops._normalize_backward(dy, x, ctx, TORCH_BN | CN | TR, 4, False, False)[0],
+                               rtol=0, atol=0)

@@ -83,8 +83,11 @@ def _layout(x):
 
 
 def _like(t, x):
-    """`t` in x's memory layout (a copy only when they differ)."""
-    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+    """`t` in x's memory layout (a copy only when they differ). The stride of an axis of size 1 says nothing
+    about the layout (torch gives a [O, I, 1, 1] weight's gradient other ones than the weight's), so it is not
+    compared."""
+    same = all(a == b for a, b, n in zip(t.stride(), x.stride(), x.shape) if n != 1)
+    return t if same else torch.empty_like(x).copy_(t)
 
 
 def _output(x):
