@@ -91,15 +91,22 @@ def memory_format(a):
     call.)"""
     if a.flags.c_contiguous:
         return "first"
-    if a.ndim <= 2:
-        return None
-    shape, strides = a.shape, a.strides
-    expected = a.itemsize
-    for axis in (1, *range(a.ndim - 1, 1, -1), 0):  # the order of np.moveaxis(a, 1, -1), innermost first
+    return "last" if channels_last_strides(a.shape, a.strides, a.itemsize) else None
+
+
+def channels_last_strides(shape, strides, unit):
+    """True when strides (in units of `unit`) lay out the logical [B, C, *] shape channels-last: dense in the
+    order of np.moveaxis(a, 1, -1), innermost first. Axes of size 1 may have any stride. Rank 2 never counts
+    (it has no channels-last order apart from C order). Shared by numpy arrays and torch tensors (fake ones too,
+    which have strides but no memory)."""
+    if len(shape) <= 2:
+        return False
+    expected = unit
+    for axis in (1, *range(len(shape) - 1, 1, -1), 0):
         if shape[axis] != 1 and strides[axis] != expected:
-            return None
+            return False
         expected *= shape[axis]
-    return "last"
+    return True
 
 
 def _checked_out(out, like, form, name, allow=None):

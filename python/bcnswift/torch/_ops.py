@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import _ext
+from ..layers import channels_last_strides
 
 # inductor may hand the ops any layout it likes (channels_last, as its convolutions prefer): the kernels read
 # C order and channels-last in place, copy anything else, and the fake kernels promise the same output strides
@@ -60,17 +61,10 @@ def _param(t):
 def _form(t):
     """'first' if t is in C order, 'last' if its memory is channels-last ([B, *, C] in C order, as
     torch.channels_last), else None: what the kernels read in place. From the strides alone, so that the fake
-    kernels, which see no memory, decide as the real ones do (layers.memory_format is the numpy twin)."""
+    kernels, which see no memory, decide as the real ones do."""
     if t.is_contiguous():
         return "first"
-    if t.dim() <= 2:
-        return None
-    expected = 1
-    for d in (1, *range(t.dim() - 1, 1, -1), 0):
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            return None
-        expected *= t.shape[d]
-    return "last"
+    return "last" if channels_last_strides(t.shape, t.stride(), 1) else None
 
 
 def _layout(x):
