@@ -295,6 +295,14 @@ extension NormalizationUnit.Gradient {
 
     /// The arrays from plane k on.
     func advanced(by k: Int) -> Self { Self(sum: sum + k, f: f + k, h: h + k, dot: dot + k) }
+
+    /// dy₁ = E dy + F (x - p) + H of K planes as the map dx = P dy + Q (x - p) + R (P = E, Q = F, R = H): dx
+    /// itself when no batch-norm stage comes before (`BatchNormStage.dxMaps` otherwise).
+    @inline(__always)
+    func maps(_ K: Int, e: Double, P: UnsafeMutablePointer<Double>, Q: UnsafeMutablePointer<Double>,
+              R: UnsafeMutablePointer<Double>) {
+        P.update(repeating: e, count: K); Q.update(from: f, count: K); R.update(from: h, count: K)
+    }
 }
 
 /// Loops over K Doubles four lanes at a time, with a scalar tail that does the same operations per element, so

@@ -105,7 +105,7 @@ extension RowsLayout {
                                               unitSums: UnsafeMutablePointer<Double>? = nil,
                                               arena: inout ScratchArena) {
         let C = shape.channels
-        for i in 0..<(2 * C) { sums[i] = 0 }
+        sums.update(repeating: 0, count: 2 * C)
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
         if shape.spatial == 1 {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
@@ -239,7 +239,7 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
             BatchNormStage.dxMaps(K, e: e, gradient: g, p: p, mu: sums.mu + c, a: a + c, s1n: s1n + c, k: k + c,
                                   P: P, Q: Q, R: R)
         } else {  // dx = dy₁
-            P.update(repeating: e, count: K); Q.update(from: g.f, count: K); R.update(from: g.h, count: K)
+            g.maps(K, e: e, P: P, Q: Q, R: R)
         }
         for j in 0..<K {  // in Float64, rounded once per value
             let at = (first + j) * S, centre = p[j], pj = P[j], qj = Q[j], rj = R[j]

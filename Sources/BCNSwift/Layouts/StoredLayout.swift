@@ -177,11 +177,7 @@ extension StoredLayout {
         let P = coefficients, Q = P + planes, R = Q + planes
         forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch) { first, c0, K, e, g, bias, weight in
             if G > 0 { groupGradients[c0 / K] += weight; groupGradients[G + c0 / K] += bias }
-            guard plan.batchNorm != nil else {
-                (P + first).update(repeating: e, count: K)  // P = E, Q = F, R = H: dx = dy₁
-                (Q + first).update(from: g.f, count: K); (R + first).update(from: g.h, count: K)
-                return
-            }
+            guard plan.batchNorm != nil else { return g.maps(K, e: e, P: P + first, Q: Q + first, R: R + first) }
             BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: local + c0,
                                    s2: local + C + c0)
             BatchNormStage.dxMaps(K, e: e, gradient: g, p: ctx.p + first, mu: ctx.mu + c0, a: ctx.a + c0,
