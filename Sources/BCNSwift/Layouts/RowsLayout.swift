@@ -59,7 +59,7 @@ struct RowsLayout {
         // Four planes at a time, one in each lane (value i of each per step): the same operations per plane.
         let invS = 1 / Double(S), invS4 = SIMD4(repeating: invS)
         var k = 0
-        while k + 4 <= n {
+        while k &+ 4 <= n {
             let at = (first + k) * S
             var total = SIMD4<Double>()
             for i in 0..<S { total += planeLanes(x, at, i) }
@@ -68,7 +68,7 @@ struct RowsLayout {
             for i in 0..<S { let e = planeLanes(x, at, i) - c; d += e; squares.addProduct(e, e) }
             p.storeLanes(c + d * invS4, k)
             q.storeLanes(pointwiseMax(squares - d * d * invS4, SIMD4()), k)
-            k += 4
+            k &+= 4
         }
         while k < n {
             let plane = x + (first + k) * S
@@ -78,7 +78,7 @@ struct RowsLayout {
             var d = 0.0, squares = 0.0
             for i in 0..<S { let e = Double(plane[i]) - c; d += e; squares.addProduct(e, e) }
             p[k] = c + d * invS; q[k] = max(squares - d * d * invS, 0)
-            k += 1
+            k &+= 1
         }
         return (UnsafePointer(p), UnsafePointer(q))
     }
@@ -97,7 +97,7 @@ struct RowsLayout {
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>) {
         let S = shape.spatial, first = b * shape.channels + c0
         var k = 0
-        while k + 4 <= n {  // in Float64, as the moments, four planes at a time
+        while k &+ 4 <= n {  // in Float64, as the moments, four planes at a time
             let at = (first + k) * S, centre = p.lanes(k)
             var sum = SIMD4<Double>(), dot = sum
             for i in 0..<S {
@@ -105,14 +105,14 @@ struct RowsLayout {
                 sum += g; dot.addProduct(g, planeLanes(x, at, i) - centre)
             }
             t.storeLanes(sum, k); u.storeLanes(dot, k)
-            k += 4
+            k &+= 4
         }
         while k < n {
             let at = (first + k) * S
             var sum = 0.0, dot = 0.0
             for i in 0..<S { let g = Double(dy[at + i]); sum += g; dot.addProduct(g, Double(x[at + i]) - p[k]) }
             t[k] = sum; u[k] = dot
-            k += 1
+            k &+= 1
         }
     }
 
