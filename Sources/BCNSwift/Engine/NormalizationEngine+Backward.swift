@@ -39,7 +39,7 @@ extension NormalizationEngine {
                 l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, unitSums: unitSums, arena: &arena)
             }
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
-                             sums: sums, unitSums: unitSums, arena: &arena)
+                             sums: sums, unitSums: unitSums, sumsAreLocal: true, arena: &arena)
         }
     }
 

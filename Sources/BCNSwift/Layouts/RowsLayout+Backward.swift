@@ -120,10 +120,14 @@ extension RowsLayout {
 
     /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
     /// statistics; nil otherwise), and `unitSums` what `gradientSums` recorded of these x and dy, if anything.
+    /// `sumsAreLocal`: `sums` are this process's own, from `gradientSums` in the same call (no merge), so with
+    /// one-value planes the parameter gradients take them instead of summing every dy₁ again (bit for bit the
+    /// same numbers: the same values added in the same order).
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
-        sums: UnsafePointer<Double>?, unitSums: UnsafePointer<Double>? = nil, arena: inout ScratchArena
+        sums: UnsafePointer<Double>?, unitSums: UnsafePointer<Double>? = nil, sumsAreLocal: Bool = false,
+        arena: inout ScratchArena
     ) {
         let C = shape.channels, G = plan.groups, S = shape.spatial, hasBN = plan.batchNorm != nil
         let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
@@ -134,8 +138,10 @@ extension RowsLayout {
             groupGradients[g] += weight; groupGradients[G + g] += bias
         }
         if S == 1 && hasBN {
-            let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C), dx: dx,
-                                          a: ctx.a, s1n: terms, k: terms + C)
+            let known = sumsAreLocal ? sums : nil
+            if let known { local.update(from: known, count: 2 * C) }
+            let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C),
+                                          addsSums: known == nil, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                  unitSums: unitSums.map { .reuse($0) } ?? .none, into: sink)
         } else if S == 1 {
@@ -171,15 +177,16 @@ struct ValueSums<T: NormalizationScalar>: ValueGradientSink {
     }
 }
 
-/// The channel sums, and dx through the batch-norm stage (`BatchNormStage.dxValues`).
+/// The channel sums (unless `addsSums` is false: known already), and dx through the batch-norm stage
+/// (`BatchNormStage.dxValues`).
 struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
-    let sums: ValueSums<T>, dx: UnsafeMutablePointer<T>
+    let sums: ValueSums<T>, addsSums: Bool, dx: UnsafeMutablePointer<T>
     /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
     let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
 
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {
-        sums.lanes(i, c, dy1)
+        if addsSums { sums.lanes(i, c, dy1) }
         let v = BatchNormStage.dxValues(dy1, x: T._load4Wide(sums.x, i), mu: sums.mu.lanes(c), a: a.lanes(c),
                                         s1n: s1n.lanes(c), k: k.lanes(c))
         T._store4Narrow(v, dx, i)
@@ -187,7 +194,7 @@ struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
 
     @inline(__always)
     func one(_ i: Int, _ c: Int, _ dy1: Double) {
-        sums.one(i, c, dy1)
+        if addsSums { sums.one(i, c, dy1) }
         dx[i] = T(BatchNormStage.dxValue(dy1, x: Double(sums.x[i]), mu: sums.mu[c], a: a[c], s1n: s1n[c], k: k[c]))
     }
 }
