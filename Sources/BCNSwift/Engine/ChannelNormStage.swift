@@ -313,8 +313,10 @@ extension NormalizationUnit.Gradient {
 /// Loops over K Doubles four lanes at a time, with a scalar tail that does the same operations per element, so
 /// an element's result never depends on its position. Reductions keep four lane sums, added pairwise at the end.
 ///
-/// Loop indices here and in the units' value loops use wrapping arithmetic (`&+`): they stay below a count that
-/// fits the tensor, and Swift's overflow checks on them were 5-8% of the rows layout's instructions (callgrind).
+/// The loop counters here and in the units' value loops wrap (`&+`): they stay below a count that fits the
+/// tensor, and Swift's overflow checks on them were 5-8% of the rows layout's instructions (callgrind). Offsets
+/// computed from them inside a step (`k + 4`, a tail's `i + k`) keep their checks: wrapping those too changed
+/// the register allocation of the hot loops for the worse (backward [256, 1024]: 6.63M -> 6.86M instructions).
 enum Lanes {
     @inline(__always)
     static func map(_ n: Int, into out: UnsafeMutablePointer<Double>, _ vector: (Int) -> SIMD4<Double>,
