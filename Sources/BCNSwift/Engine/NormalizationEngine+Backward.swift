@@ -49,13 +49,19 @@ extension NormalizationEngine {
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext
     ) {
         let C = l.shape.channels, planes = l.shape.planes
-        var arena = ScratchArena(bytes: ScratchArena.bytes(2 * C + 2 * planes, of: Double.self)
+        // Through batch statistics phase (a) runs every unit's backward for the sums; phase (c) reuses them.
+        let units = Units(plan: plan, shape: l.shape).count
+        let keptCount = through ? KeptUnitGradients.count(planes: planes, units: units) : 0
+        var arena = ScratchArena(bytes: ScratchArena.bytes(2 * planes, of: Double.self)
+                                 + ScratchArena.bytes(2 * C, of: Double.self)
+                                 + ScratchArena.bytes(keptCount, of: Double.self)
                                  + l.gradientSumsBytes(T.self, plan: plan) + l.finishBackwardBytes(T.self, plan: plan))
         let t = arena.take(2 * planes, of: Double.self), u = t + planes
         let sums = through ? arena.take(2 * C, of: Double.self) : nil
-        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, arena: &arena)
+        let kept = through ? KeptUnitGradients(storage: arena.take(keptCount, of: Double.self), planes: planes) : nil
+        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, keep: kept, arena: &arena)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
-                         t: t, u: u, sums: sums, arena: &arena)
+                         t: t, u: u, sums: sums, kept: kept, arena: &arena)
     }
 
     /// Backward phase (a): pass 1 over (x, dy), its plane sums into `context`, and with `sums` the batch's

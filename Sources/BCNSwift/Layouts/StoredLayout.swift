@@ -73,6 +73,24 @@ struct Units {
     }
 }
 
+/// One call's unit gradients, kept by backward phase (a) for phase (c) of the same call so that each unit's
+/// backward runs once: F, H, Σ dy₁ and Σ dy₁ (x - p) per plane, and (E, ΣT, r W) per unit. (The phased C ABI
+/// computes them again in phase (c): its context has room for T and U only.)
+struct KeptUnitGradients {
+    let storage: UnsafeMutablePointer<Double>, planes: Int
+
+    static func count(planes: Int, units: Int) -> Int { 4 * planes + 3 * units }
+
+    /// The arrays of the unit whose first plane is `first`.
+    func gradient(first: Int) -> NormalizationUnit.Gradient {
+        .init(sum: storage + first, f: storage + planes + first, h: storage + 2 * planes + first,
+              dot: storage + 3 * planes + first)
+    }
+
+    /// (E, ΣT, r W) of unit `u`.
+    func scalars(_ u: Int) -> UnsafeMutablePointer<Double> { storage + 4 * planes + 3 * u }
+}
+
 extension StoredLayout {
     /// Phase (a): plane moments into the context, and the batch's moments per channel into `channelMoments`.
     func localMoments<T: NormalizationScalar>(
@@ -144,14 +162,15 @@ extension StoredLayout {
     func gradientSums<T: NormalizationScalar>(
         plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
         t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>, into sums: UnsafeMutablePointer<Double>?,
-        arena: inout ScratchArena
+        keep: KeptUnitGradients? = nil, arena: inout ScratchArena
     ) {
         gradientSums(x, dy, p: ctx.p, t: t, u: u, arena: &arena)
         guard let sums else { return }
         let C = shape.channels
         for i in 0..<(2 * C) { sums[i] = 0 }
         let scratch = arena.take(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
-        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch) { first, c0, K, _, g, _, _ in
+        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch,
+                            kept: keep.map { .computeAndKeep($0) } ?? .compute) { first, c0, K, _, g, _, _ in
             BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: sums + c0,
                                    s2: sums + C + c0)
         }
@@ -166,7 +185,8 @@ extension StoredLayout {
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
-        t: UnsafePointer<Double>, u: UnsafePointer<Double>, sums: UnsafePointer<Double>?, arena: inout ScratchArena
+        t: UnsafePointer<Double>, u: UnsafePointer<Double>, sums: UnsafePointer<Double>?,
+        kept: KeptUnitGradients? = nil, arena: inout ScratchArena
     ) {
         let C = shape.channels, G = plan.groups, planes = shape.planes
         let coefficients = arena.take(3 * planes, of: Double.self)
@@ -175,7 +195,8 @@ extension StoredLayout {
                                                                              arena: &arena)
         let scratch = arena.take(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
         let P = coefficients, Q = P + planes, R = Q + planes
-        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch) { first, c0, K, e, g, bias, weight in
+        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch,
+                            kept: kept.map { .reuse($0) } ?? .compute) { first, c0, K, e, g, bias, weight in
             if G > 0 { groupGradients[c0 / K] += weight; groupGradients[G + c0 / K] += bias }
             guard plan.batchNorm != nil else { return g.maps(K, e: e, P: P + first, Q: Q + first, R: R + first) }
             BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: local + c0,
@@ -196,19 +217,39 @@ extension StoredLayout {
 
     /// Every unit's backward in order (sample-major, so per-channel sums add up in a fixed order):
     /// `body(first plane, first channel, K, E, the unit's gradient arrays, ΣT, r W)`. `scratch`: 5·K Doubles.
+    /// `kept`: compute each unit's gradient into scratch (`.compute`) or into `KeptUnitGradients`
+    /// (`.computeAndKeep`), or take it from there, as an earlier call with `.computeAndKeep` left it (`.reuse`).
     func forEachUnitGradient(
         plan: NormalizationPlan, context ctx: NormalizationContext, t: UnsafePointer<Double>,
-        u: UnsafePointer<Double>, scratch: UnsafeMutablePointer<Double>,
+        u: UnsafePointer<Double>, scratch: UnsafeMutablePointer<Double>, kept: UnitGradientSource = .compute,
         _ body: (Int, Int, Int, Double, NormalizationUnit.Gradient, Double, Double) -> Void
     ) {
         let units = Units(plan: plan, shape: shape), G = plan.groups, K = units.groupSize
-        let out = NormalizationUnit.Gradient(scratch + K, planes: K)
+        let inScratch = NormalizationUnit.Gradient(scratch + K, planes: K)
         for unit in 0..<units.count {
             let (first, c0, g) = units.locate(unit)
+            if case .reuse(let store) = kept {
+                let v = store.scalars(unit)
+                body(first, c0, K, v[0], store.gradient(first: first), v[1], v[2])
+                continue
+            }
+            var out = inScratch
+            if case .computeAndKeep(let store) = kept { out = store.gradient(first: first) }
             let (e, biasGradient, weightGradient) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
                 t: t + first, u: u + first, m: G > 0 ? ctx.m[unit] : 0, r: G > 0 ? ctx.r[unit] : 0,
                 weight: G > 0 ? ctx.w[g] : 1, yBar: scratch, into: out)
+            if case .computeAndKeep(let store) = kept {
+                let v = store.scalars(unit)
+                v[0] = e; v[1] = biasGradient; v[2] = weightGradient
+            }
             body(first, c0, K, e, out, biasGradient, weightGradient)
         }
     }
+}
+
+/// Where `forEachUnitGradient` finds each unit's gradient.
+enum UnitGradientSource {
+    case compute
+    case computeAndKeep(KeptUnitGradients)
+    case reuse(KeptUnitGradients)
 }
