@@ -47,6 +47,27 @@ def median_time(fn, min_seconds=0.02, repeats=7):
     return statistics.median(samples)
 
 
+def paired_median_times(fns, min_seconds=0.02, repeats=7):
+    """Median seconds per call of each of `fns`, their repeats interleaved (the order reversed every other
+    round), so that a slow phase of the machine falls on all of them alike: for ratios between them."""
+    inner = []
+    for fn in fns:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        inner.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7))))
+    samples = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            fn, n = fns[i], inner[i]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[i].append((time.perf_counter() - t0) / n)
+    return [statistics.median(s) for s in samples]
+
+
 def run(shapes, quick=False, reference=True, use_torch=True):
     from . import bench_modes as M
     threads = bcnswift.get_num_threads()
@@ -137,6 +158,9 @@ def run_modes(modes, quick=False, use_torch=True, shapes=None):
     def timer(fn):
         return median_time(fn, repeats=repeats) * 1e6
 
+    def paired_timer(*fns):
+        return [t * 1e6 for t in paired_median_times(fns, repeats=repeats)]
+
     def copy_timer(x):
         out = np.empty_like(x)
         return timer(lambda: np.copyto(out, x))
@@ -151,7 +175,7 @@ def run_modes(modes, quick=False, use_torch=True, shapes=None):
         tables["eval"] = print_table("Eval forward", M.eval_table(big, timer, copy_timer))
     if "channels_last" in modes:
         tables["channels_last"] = print_table("Channels-last against NCHW (training)",
-                                              M.channels_last_table(big, timer))
+                                              M.channels_last_table(big, paired_timer))
     if "peers" in modes:
         tables["peers"] = print_table("Peers: BCN with batch statistics",
                                       M.peers_table(big + [((256, 1024), 32)], timer, torch))
