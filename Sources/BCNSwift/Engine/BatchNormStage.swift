@@ -256,7 +256,23 @@ enum BatchNormStage {
                        R: UnsafeMutablePointer<Double>) {
         let e4 = SIMD4(repeating: e)
         Lanes.map(K, into: P) { e4 * a.lanes($0) } scalar: { e * a[$0] }
-        let f = g.f, h = g.h
+        dxMaps(K, f: g.f, h: g.h, p: p, mu: mu, a: a, s1n: s1n, k: k, Q: Q, R: R)
+    }
+
+    /// `dxMaps` of K planes whose E differ, in place: E, F, H become P, Q, R.
+    @inline(__always)
+    static func dxMaps(_ K: Int, e: UnsafeMutablePointer<Double>, f: UnsafeMutablePointer<Double>,
+                       h: UnsafeMutablePointer<Double>, p: UnsafePointer<Double>, mu: UnsafePointer<Double>,
+                       a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>) {
+        Lanes.map(K, into: e) { e.lanes($0) * a.lanes($0) } scalar: { e[$0] * a[$0] }
+        dxMaps(K, f: f, h: h, p: p, mu: mu, a: a, s1n: s1n, k: k, Q: f, R: h)
+    }
+
+    /// Q = a (F - k) and R = a (H - S₁/n - (p - μ) k) of `dxMaps` (Q and R may be F and H).
+    @inline(__always)
+    static func dxMaps(_ K: Int, f: UnsafePointer<Double>, h: UnsafePointer<Double>, p: UnsafePointer<Double>,
+                       mu: UnsafePointer<Double>, a: UnsafePointer<Double>, s1n: UnsafePointer<Double>,
+                       k: UnsafePointer<Double>, Q: UnsafeMutablePointer<Double>, R: UnsafeMutablePointer<Double>) {
         Lanes.map(K, into: Q) { a.lanes($0) * (f.lanes($0) - k.lanes($0)) } scalar: { a[$0] * (f[$0] - k[$0]) }
         Lanes.map(K, into: R) { i in
             a.lanes(i) * (h.lanes(i) - s1n.lanes(i) - (p.lanes(i) - mu.lanes(i)) * k.lanes(i))

@@ -48,20 +48,19 @@ extension NormalizationEngine {
         _ l: L, plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext
     ) {
-        let C = l.shape.channels, planes = l.shape.planes
-        // Through batch statistics phase (a) runs every unit's backward for the sums; phase (c) reuses them.
-        let units = Units(plan: plan, shape: l.shape).count
-        let keptCount = through ? KeptUnitGradients.count(planes: planes, units: units) : 0
+        let C = l.shape.channels, planes = l.shape.planes, unitGradients = l.unitGradientsCount(plan: plan)
         var arena = ScratchArena(bytes: ScratchArena.bytes(2 * planes, of: Double.self)
                                  + ScratchArena.bytes(2 * C, of: Double.self)
-                                 + ScratchArena.bytes(keptCount, of: Double.self)
+                                 + ScratchArena.bytes(unitGradients, of: Double.self)
                                  + l.gradientSumsBytes(T.self, plan: plan) + l.finishBackwardBytes(T.self, plan: plan))
         let t = arena.take(2 * planes, of: Double.self), u = t + planes
         let sums = through ? arena.take(2 * C, of: Double.self) : nil
-        let kept = through ? KeptUnitGradients(storage: arena.take(keptCount, of: Double.self), planes: planes) : nil
-        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, keep: kept, arena: &arena)
+        let gradient = UnitGradients(storage: arena.take(unitGradients, of: Double.self), planes: planes)
+        // Through batch statistics, phase (a) computes every unit's gradient for the sums, and phase (c) reuses them.
+        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
+                       arena: &arena)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
-                         t: t, u: u, sums: sums, kept: kept, arena: &arena)
+                         t: t, u: u, sums: sums, unitGradients: gradient, computed: through, arena: &arena)
     }
 
     /// Backward phase (a): pass 1 over (x, dy), its plane sums into `context`, and with `sums` the batch's
@@ -93,8 +92,11 @@ extension NormalizationEngine {
         _ l: L, plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
         into sums: UnsafeMutablePointer<Double>?
     ) {
-        var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan))
-        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, arena: &arena)
+        let count = sums == nil ? 0 : l.unitGradientsCount(plan: plan)
+        var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan) + ScratchArena.bytes(count, of: Double.self))
+        let gradient = UnitGradients(storage: arena.take(count, of: Double.self), planes: l.shape.planes)
+        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, unitGradients: gradient,
+                       arena: &arena)
     }
 
     /// True when the forward that filled `context` used batch statistics in training: its backward then needs
@@ -157,9 +159,11 @@ extension NormalizationEngine {
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
         sums: UnsafePointer<Double>?
     ) {
-        var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan))
+        let count = l.unitGradientsCount(plan: plan)
+        var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan) + ScratchArena.bytes(count, of: Double.self))
+        let gradient = UnitGradients(storage: arena.take(count, of: Double.self), planes: l.shape.planes)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
-                         t: ctx.t, u: ctx.u, sums: sums, arena: &arena)
+                         t: ctx.t, u: ctx.u, sums: sums, unitGradients: gradient, arena: &arena)
     }
 
     /// The context of a finished forward of this plan, shape and memory format, and whether its gradients flow

@@ -73,22 +73,28 @@ struct Units {
     }
 }
 
-/// One call's unit gradients, kept by backward phase (a) for phase (c) of the same call so that each unit's
-/// backward runs once: F, H, Σ dy₁ and Σ dy₁ (x - p) per plane, and (E, ΣT, r W) per unit. (The phased C ABI
-/// computes them again in phase (c): its context has room for T and U only.)
-struct KeptUnitGradients {
+/// Every unit's gradient in one backward: E, F, H, Σ dy₁ and Σ dy₁ (x - p) per plane (B·C values each, in that
+/// order, so that [E | F | H] is already the map dx = P dy + Q (x - p) + R of a layer without a batch-norm stage),
+/// and ΣT and r W per unit (its group bias's and weight's gradients). Per-plane arrays let the batch-norm stage
+/// run over whole samples, C channels at a time, however few channels a group holds.
+struct UnitGradients {
     let storage: UnsafeMutablePointer<Double>, planes: Int
 
-    static func count(planes: Int, units: Int) -> Int { 4 * planes + 3 * units }
+    static func count(planes: Int, units: Int) -> Int { 5 * planes + 2 * units }
+
+    /// [E | F | H]: 3·B·C values.
+    var maps: UnsafeMutablePointer<Double> { storage }
+    var sum: UnsafeMutablePointer<Double> { storage + 3 * planes }
+    var dot: UnsafeMutablePointer<Double> { storage + 4 * planes }
+    var biasGradient: UnsafeMutablePointer<Double> { storage + 5 * planes }
+
+    /// r W of unit u is `weightGradient[u]`.
+    func weightGradient(units: Int) -> UnsafeMutablePointer<Double> { storage + 5 * planes + units }
 
     /// The arrays of the unit whose first plane is `first`.
     func gradient(first: Int) -> NormalizationUnit.Gradient {
-        .init(sum: storage + first, f: storage + planes + first, h: storage + 2 * planes + first,
-              dot: storage + 3 * planes + first)
+        .init(sum: sum + first, f: storage + planes + first, h: storage + 2 * planes + first, dot: dot + first)
     }
-
-    /// (E, ΣT, r W) of unit `u`.
-    func scalars(_ u: Int) -> UnsafeMutablePointer<Double> { storage + 4 * planes + 3 * u }
 }
 
 extension StoredLayout {
@@ -158,98 +164,99 @@ extension StoredLayout {
     }
 
     /// Backward phase (a): T and U of every plane into `t`, `u`, and with `sums` the batch's S₁ = Σ dy₁ and
-    /// S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values).
+    /// S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values), for which every unit's gradient goes to
+    /// `unitGradients` (where phase (c) of the same call may take them).
     func gradientSums<T: NormalizationScalar>(
         plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
         t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>, into sums: UnsafeMutablePointer<Double>?,
-        keep: KeptUnitGradients? = nil, arena: inout ScratchArena
+        unitGradients gradient: UnitGradients, arena: inout ScratchArena
     ) {
         gradientSums(x, dy, p: ctx.p, t: t, u: u, arena: &arena)
         guard let sums else { return }
-        let C = shape.channels
-        for i in 0..<(2 * C) { sums[i] = 0 }
-        let scratch = arena.take(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
-        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch,
-                            kept: keep.map { .computeAndKeep($0) } ?? .compute) { first, c0, K, _, g, _, _ in
-            BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: sums + c0,
-                                   s2: sums + C + c0)
-        }
+        unitGradients(plan: plan, context: ctx, t: t, u: u, into: gradient, arena: &arena)
+        channelSums(gradient, context: ctx, into: sums)
     }
 
+    /// Arena bytes of `gradientSums`, besides its `UnitGradients` (`unitGradientsCount` Doubles).
     func gradientSumsBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
-        scratchBytes(T.self) + ScratchArena.bytes(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
+        scratchBytes(T.self) + unitGradientsBytes(plan: plan)
     }
 
     /// Backward phase (c): with `sums` the batch's S₁, S₂ (through batch statistics; nil otherwise), dx, and
-    /// the parameter gradients (each process's own share: S₁, S₂ of its planes for dβ, dγ).
+    /// the parameter gradients (each process's own share: S₁, S₂ of its planes for dβ, dγ). The units'
+    /// gradients go to `unitGradients` (then overwritten), unless `computed`: phase (a) of the same call left
+    /// them there.
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
         t: UnsafePointer<Double>, u: UnsafePointer<Double>, sums: UnsafePointer<Double>?,
-        kept: KeptUnitGradients? = nil, arena: inout ScratchArena
+        unitGradients gradient: UnitGradients, computed: Bool = false, arena: inout ScratchArena
     ) {
         let C = shape.channels, G = plan.groups, planes = shape.planes
-        let coefficients = arena.take(3 * planes, of: Double.self)
+        if !computed { unitGradients(plan: plan, context: ctx, t: t, u: u, into: gradient, arena: &arena) }
         let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
                                                                              through: through, context: ctx,
                                                                              arena: &arena)
-        let scratch = arena.take(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
-        let P = coefficients, Q = P + planes, R = Q + planes
-        forEachUnitGradient(plan: plan, context: ctx, t: t, u: u, scratch: scratch,
-                            kept: kept.map { .reuse($0) } ?? .compute) { first, c0, K, e, g, bias, weight in
-            if G > 0 { groupGradients[c0 / K] += weight; groupGradients[G + c0 / K] += bias }
-            guard plan.batchNorm != nil else { return g.maps(K, e: e, P: P + first, Q: Q + first, R: R + first) }
-            BatchNormStage.addSums(K, sum: g.sum, dot: g.dot, p: ctx.p + first, mu: ctx.mu + c0, s1: local + c0,
-                                   s2: local + C + c0)
-            BatchNormStage.dxMaps(K, e: e, gradient: g, p: ctx.p + first, mu: ctx.mu + c0, a: ctx.a + c0,
-                                  s1n: terms + c0, k: terms + C + c0, P: P + first, Q: Q + first, R: R + first)
+        if G > 0 {  // units in order, so each group's gradients add up over samples in a fixed order
+            let units = Units(plan: plan, shape: shape), weight = gradient.weightGradient(units: units.count)
+            for unit in 0..<units.count {
+                let g = units.locate(unit).group
+                groupGradients[g] += weight[unit]; groupGradients[G + g] += gradient.biasGradient[unit]
+            }
+        }
+        let maps = gradient.maps  // [E | F | H], made [P | Q | R] in place when a batch-norm stage comes first
+        if plan.batchNorm != nil {
+            channelSums(gradient, context: ctx, into: local)
+            for b in 0..<shape.batch {
+                let at = b * C
+                BatchNormStage.dxMaps(C, e: maps + at, f: maps + planes + at, h: maps + 2 * planes + at,
+                                      p: ctx.p + at, mu: ctx.mu, a: ctx.a, s1n: terms, k: terms + C)
+            }
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
-        combine(dy, x, dx, p: ctx.p, coefficients: coefficients, arena: &arena)
+        combine(dy, x, dx, p: ctx.p, coefficients: maps, arena: &arena)
     }
 
+    /// Arena bytes of `finishBackward`, besides its `UnitGradients`.
     func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
-        scratchBytes(T.self) + ScratchArena.bytes(3 * shape.planes, of: Double.self)
-            + BatchNormStage.backwardScratchBytes(plan: plan)
-            + ScratchArena.bytes(5 * Units(plan: plan, shape: shape).groupSize, of: Double.self)
+        scratchBytes(T.self) + unitGradientsBytes(plan: plan) + BatchNormStage.backwardScratchBytes(plan: plan)
     }
 
-    /// Every unit's backward in order (sample-major, so per-channel sums add up in a fixed order):
-    /// `body(first plane, first channel, K, E, the unit's gradient arrays, ΣT, r W)`. `scratch`: 5·K Doubles.
-    /// `kept`: compute each unit's gradient into scratch (`.compute`) or into `KeptUnitGradients`
-    /// (`.computeAndKeep`), or take it from there, as an earlier call with `.computeAndKeep` left it (`.reuse`).
-    func forEachUnitGradient(
-        plan: NormalizationPlan, context ctx: NormalizationContext, t: UnsafePointer<Double>,
-        u: UnsafePointer<Double>, scratch: UnsafeMutablePointer<Double>, kept: UnitGradientSource = .compute,
-        _ body: (Int, Int, Int, Double, NormalizationUnit.Gradient, Double, Double) -> Void
-    ) {
+    /// Doubles of a `UnitGradients` of this shape.
+    func unitGradientsCount(plan: NormalizationPlan) -> Int {
+        UnitGradients.count(planes: shape.planes, units: Units(plan: plan, shape: shape).count)
+    }
+
+    /// Every unit's backward (`NormalizationUnit.backward`) into `out`.
+    func unitGradients(plan: NormalizationPlan, context ctx: NormalizationContext, t: UnsafePointer<Double>,
+                       u: UnsafePointer<Double>, into out: UnitGradients, arena: inout ScratchArena) {
         let units = Units(plan: plan, shape: shape), G = plan.groups, K = units.groupSize
-        let inScratch = NormalizationUnit.Gradient(scratch + K, planes: K)
+        let yBar = arena.take(K, of: Double.self), weight = out.weightGradient(units: units.count)
         for unit in 0..<units.count {
-            let (first, c0, g) = units.locate(unit)
-            if case .reuse(let store) = kept {
-                let v = store.scalars(unit)
-                body(first, c0, K, v[0], store.gradient(first: first), v[1], v[2])
-                continue
-            }
-            var out = inScratch
-            if case .computeAndKeep(let store) = kept { out = store.gradient(first: first) }
-            let (e, biasGradient, weightGradient) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
+            let (first, _, g) = units.locate(unit)
+            let (e, bias, w) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
                 t: t + first, u: u + first, m: G > 0 ? ctx.m[unit] : 0, r: G > 0 ? ctx.r[unit] : 0,
-                weight: G > 0 ? ctx.w[g] : 1, yBar: scratch, into: out)
-            if case .computeAndKeep(let store) = kept {
-                let v = store.scalars(unit)
-                v[0] = e; v[1] = biasGradient; v[2] = weightGradient
-            }
-            body(first, c0, K, e, out, biasGradient, weightGradient)
+                weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: out.gradient(first: first))
+            out.maps.advanced(by: first).update(repeating: e, count: K)
+            out.biasGradient[unit] = bias; weight[unit] = w
         }
     }
-}
 
-/// Where `forEachUnitGradient` finds each unit's gradient.
-enum UnitGradientSource {
-    case compute
-    case computeAndKeep(KeptUnitGradients)
-    case reuse(KeptUnitGradients)
+    func unitGradientsBytes(plan: NormalizationPlan) -> Int {
+        ScratchArena.bytes(Units(plan: plan, shape: shape).groupSize, of: Double.self)
+    }
+
+    /// The batch-norm stage's S₁ += Σ dy₁ and S₂ += Σ dy₁ (x - μ) per channel from every plane's, samples in
+    /// order, into `sums` ([S₁ | S₂], zeroed first).
+    func channelSums(_ gradient: UnitGradients, context ctx: NormalizationContext,
+                     into sums: UnsafeMutablePointer<Double>) {
+        let C = shape.channels
+        sums.update(repeating: 0, count: 2 * C)
+        for b in 0..<shape.batch {
+            let at = b * C
+            BatchNormStage.addSums(C, sum: gradient.sum + at, dot: gradient.dot + at, p: ctx.p + at, mu: ctx.mu,
+                                   s1: sums, s2: sums + C)
+        }
+    }
 }
