@@ -73,6 +73,10 @@ struct Units {
     }
 }
 
+/// `parallelFor`'s cost of one unit's backward: about 550 + 25·K instructions for K planes (callgrind, K = 2 to
+/// 16), what a sweep spends on some 256 values. So 256 units or more take the workers.
+let unitGradientCost = 256
+
 /// Every unit's gradient in one backward: E, F, H, Σ dy₁ and Σ dy₁ (x - p) per plane (B·C values each, in that
 /// order, so that [E | F | H] is already the map dx = P dy + Q (x - p) + R of a layer without a batch-norm stage),
 /// and ΣT and r W per unit (its group bias's and weight's gradients). Per-plane arrays let the batch-norm stage
@@ -228,23 +232,28 @@ extension StoredLayout {
         UnitGradients.count(planes: shape.planes, units: Units(plan: plan, shape: shape).count)
     }
 
-    /// Every unit's backward (`NormalizationUnit.backward`) into `out`.
+    /// Every unit's backward (`NormalizationUnit.backward`) into `out`, units in parallel (each writes only its
+    /// own slots).
     func unitGradients(plan: NormalizationPlan, context ctx: NormalizationContext, t: UnsafePointer<Double>,
                        u: UnsafePointer<Double>, into out: UnitGradients, arena: inout ScratchArena) {
         let units = Units(plan: plan, shape: shape), G = plan.groups, K = units.groupSize
-        let yBar = arena.take(K, of: Double.self), weight = out.weightGradient(units: units.count)
-        for unit in 0..<units.count {
-            let (first, _, g) = units.locate(unit)
-            let (e, bias, w) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
-                t: t + first, u: u + first, m: G > 0 ? ctx.m[unit] : 0, r: G > 0 ? ctx.r[unit] : 0,
-                weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: out.gradient(first: first))
-            out.maps.advanced(by: first).update(repeating: e, count: K)
-            out.biasGradient[unit] = bias; weight[unit] = w
+        let yBar = arena.take(parallelSlots(units.count, cost: unitGradientCost) * K, of: Double.self)
+        let weight = out.weightGradient(units: units.count)
+        parallelFor(units.count, cost: unitGradientCost) { range, slot in
+            for unit in range {
+                let (first, _, g) = units.locate(unit)
+                let (e, bias, w) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
+                    t: t + first, u: u + first, m: G > 0 ? ctx.m[unit] : 0, r: G > 0 ? ctx.r[unit] : 0,
+                    weight: G > 0 ? ctx.w[g] : 1, yBar: yBar + slot * K, into: out.gradient(first: first))
+                out.maps.advanced(by: first).update(repeating: e, count: K)
+                out.biasGradient[unit] = bias; weight[unit] = w
+            }
         }
     }
 
     func unitGradientsBytes(plan: NormalizationPlan) -> Int {
-        ScratchArena.bytes(Units(plan: plan, shape: shape).groupSize, of: Double.self)
+        let units = Units(plan: plan, shape: shape), K = units.groupSize
+        return ScratchArena.bytes(parallelSlots(units.count, cost: unitGradientCost) * K, of: Double.self)
     }
 
     /// The batch-norm stage's S₁ += Σ dy₁ and S₂ += Σ dy₁ (x - μ) per channel from every plane's, samples in
