@@ -143,7 +143,7 @@ def test_forward_and_backward_copy_nothing(layout, rng):
     assert backward_peak <= dx.nbytes + small, f"backward allocated {backward_peak} bytes"
 
 
-@pytest.mark.parametrize("shape", [(4, 16, 64, 65), (64, 32, 3, 3)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 16, 64, 65), (64, 32, 3, 3), (64, 64, 4, 5)], ids=str)  # the last: 256 units
 def test_channels_last_results_do_not_depend_on_thread_count(shape, rng):
     x = channels_last(random_input(rng, shape).astype(np.float32))
     dy = channels_last(rng.normal(size=shape).astype(np.float32))
@@ -153,7 +153,8 @@ def test_channels_last_results_do_not_depend_on_thread_count(shape, rng):
             bcnswift.set_num_threads(threads)
             layer = bcnswift.BatchChannelNorm(shape[1], 4, estimate=False)
             y = layer(x)
-            results.append((y, layer.backward(dy), layer.grads["bn.weight"].copy(), layer.running_var.copy()))
+            results.append((y, layer.backward(dy), layer.grads["bn.weight"].copy(), layer.grads["weight"].copy(),
+                            layer.running_var.copy()))
     finally:
         bcnswift.set_num_threads(0)
     for other in results[1:]:

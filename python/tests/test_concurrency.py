@@ -75,7 +75,9 @@ def test_one_layer_from_many_threads_loses_no_update(rng):
         np.testing.assert_allclose(shared.grads[k], serial.grads[k], rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 32, 40, 40), (512, 256)], ids=["planes", "rows"])
+# (40, 64, 16, 16): 320 units, enough for the backward's units to run on the workers too
+@pytest.mark.parametrize("shape", [(2, 32, 40, 40), (40, 64, 16, 16), (512, 256)],
+                         ids=["planes", "planes-many-units", "rows"])
 def test_thread_count_does_not_change_a_bit(shape, rng):
     x = random_input(rng, shape).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
