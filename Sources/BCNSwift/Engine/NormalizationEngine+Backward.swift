@@ -29,17 +29,17 @@ extension NormalizationEngine {
         case .channelsLast(let l):
             storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
         case .rows(let l):
-            // With one value per plane, phase (a) keeps each unit's ΣT and W for phase (c) (2·B·G Doubles).
-            let kept = through ? l.unitSumsCount(plan: plan) : 0
+            // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
+            let kept = through ? l.memoCount(plan: plan) : 0
             var arena = ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
                                      + l.gradientSumsBytes() + l.finishBackwardBytes(plan: plan))
             let sums = through ? arena.take(2 * C, of: Double.self) : nil
-            let unitSums = kept > 0 ? arena.take(kept, of: Double.self) : nil
+            let memo = kept > 0 ? arena.take(kept, of: Double.self) : nil
             if let sums {
-                l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, unitSums: unitSums, arena: &arena)
+                l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &arena)
             }
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
-                             sums: sums, unitSums: unitSums, sumsAreLocal: true, arena: &arena)
+                             sums: sums, memo: memo, sumsAreLocal: true, arena: &arena)
         }
     }
 

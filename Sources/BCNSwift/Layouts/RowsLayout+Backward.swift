@@ -9,13 +9,15 @@ extension RowsLayout {
     /// arrays, scratch for its P, Q, R)` with c its first channel. Each group's ΣT and r W, summed over the
     /// samples, go to `group(g, ΣT, r W)` once its panel is done (so threads never write next to each other per
     /// unit). The sink is a type, not a closure: a closure captured by the parallel body would be called per unit
-    /// instead of inlined.
+    /// instead of inlined. `memo`: each unit's p and gradient go to a `PlaneMemo` (`.record`), or come from one
+    /// that an earlier pass over the same x and dy recorded (`.reuse`), which reads neither x nor dy.
     private func forEachUnitGradient<T: NormalizationScalar, Sink: PlaneGradientSink>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
-        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in }, into sink: Sink
+        scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
+        memo: PhaseMemo<PlaneMemo> = .none, into sink: Sink
     ) {
-        let width = blockChannels, K = units.groupSize, G = plan.groups
-        parallelFor(panels, cost: gradientCost) { range, slot in
+        let width = blockChannels, K = units.groupSize, G = plan.groups, C = shape.channels
+        parallelFor(panels, cost: memo.reuses ? gradientCost / 2 : gradientCost) { range, slot in
             let p = scratch + slot * slotLength, q = p + width, t = q + width, u = t + width
             let yBar = u + width
             let out = NormalizationUnit.Gradient(yBar + width, planes: width)
@@ -24,17 +26,34 @@ extension RowsLayout {
                 let (panelFirst, panelCount) = panel(i), groups = panelCount / K
                 groupSums.update(repeating: 0, count: 2 * groups)
                 for b in 0..<shape.batch {
+                    if case .reuse(let kept) = memo {
+                        for c in Swift.stride(from: panelFirst, to: panelFirst + panelCount, by: K) {
+                            let at = b * C + c, unit = at / K, j = (c - panelFirst) / K
+                            groupSums[j] += kept.gradients.biasGradient[unit]
+                            groupSums[groups + j] += kept.weightGradient[unit]
+                            sink.unit(b, c, K, kept.p + at, kept.gradients.maps[at],
+                                      kept.gradients.gradient(first: at), coefficients)
+                        }
+                        continue
+                    }
                     var c0 = panelFirst
                     while c0 < panelFirst + panelCount {
                         let n = min(width, panelFirst + panelCount - c0)
                         let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
                         gradientSums(x, dy, sample: b, first: c0, count: n, p: pb, t: t, u: u)
                         for k0 in Swift.stride(from: 0, to: n, by: K) {
-                            let c = c0 + k0, g = c / K, bg = b * G + g, gradient = out.advanced(by: k0)
+                            let c = c0 + k0, g = c / K, bg = b * G + g, at = b * C + c
+                            var gradient = out.advanced(by: k0)
+                            if case .record(let kept) = memo { gradient = kept.gradients.gradient(first: at) }
                             let (e, bias, weight) = unit(channel: c, p: pb + k0, q: qb + k0, context: ctx)
                                 .backward(t: t + k0, u: u + k0, m: G > 0 ? ctx.m[bg] : 0,
                                           r: G > 0 ? ctx.r[bg] : 0,
                                           weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: gradient)
+                            if case .record(let kept) = memo {
+                                (kept.p + at).update(from: pb + k0, count: K)
+                                (kept.gradients.maps + at).update(repeating: e, count: K)
+                                kept.gradients.biasGradient[at / K] = bias; kept.weightGradient[at / K] = weight
+                            }
                             let j = (c - panelFirst) / K
                             groupSums[j] += bias; groupSums[groups + j] += weight
                             sink.unit(b, c, K, pb + k0, e, gradient, coefficients)
@@ -54,7 +73,7 @@ extension RowsLayout {
     private func forEachValueGradient<T: NormalizationScalar, Sink: ValueGradientSink>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
         scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
-        unitSums: UnitSums = .none, into sink: Sink
+        unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = .none, into sink: Sink
     ) {
         let C = shape.channels, K = units.groupSize, G = plan.groups, slotLength = slotLength
         parallelFor(panels, cost: gradientCost) { range, slot in
@@ -85,24 +104,36 @@ extension RowsLayout {
         }
     }
 
-    /// Each unit's (ΣT, W) of the one-value-plane backward, kept between its phases within one call: phase (a)
-    /// records them (2·B·G Doubles), phase (c) reads them instead of summing x and dy again (the same numbers).
-    enum UnitSums {
-        case none
-        case record(UnsafeMutablePointer<Double>)
-        case reuse(UnsafePointer<Double>)
+    /// Each unit's p and gradient for planes of several values (`UnitGradients` and p per plane), kept between
+    /// the phases of one call.
+    struct PlaneMemo {
+        let gradients: UnitGradients, p: UnsafeMutablePointer<Double>, weightGradient: UnsafeMutablePointer<Double>
+
+        /// Over `memoCount` Doubles at `storage`.
+        init(_ storage: UnsafeMutablePointer<Double>, planes: Int, units: Int) {
+            gradients = UnitGradients(storage: storage, planes: planes)
+            p = storage + UnitGradients.count(planes: planes, units: units)
+            weightGradient = gradients.weightGradient(units: units)
+        }
     }
 
-    /// Doubles `UnitSums` needs: 2·B·G for one-value planes with a channel norm, else none.
-    func unitSumsCount(plan: NormalizationPlan) -> Int {
-        shape.spatial == 1 && plan.groups > 0 ? 2 * shape.batch * plan.groups : 0
+    /// Doubles of what phase (a) of one call keeps for its phase (c), which then reads neither x nor dy for it
+    /// (the same numbers): with one-value planes each unit's ΣT and W (2·B·G, with a channel norm; the
+    /// channel sums are `finishBackward`'s `sumsAreLocal`), else a `PlaneMemo` (6·B·C + 2·B·G).
+    func memoCount(plan: NormalizationPlan) -> Int {
+        if shape.spatial == 1 { return plan.groups > 0 ? 2 * shape.batch * plan.groups : 0 }
+        return UnitGradients.count(planes: shape.planes, units: units.count) + shape.planes
     }
 
-    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with
-    /// `unitSums` (`unitSumsCount` Doubles) each unit's ΣT and W too, for `finishBackward` in the same call.
+    private func planeMemo(_ storage: UnsafeMutablePointer<Double>) -> PlaneMemo {
+        PlaneMemo(storage, planes: shape.planes, units: units.count)
+    }
+
+    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with `memo`
+    /// (`memoCount` Doubles) what `finishBackward` in the same call can reuse.
     func gradientSums<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>,
                                               context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
-                                              unitSums: UnsafeMutablePointer<Double>? = nil,
+                                              memo: UnsafeMutablePointer<Double>? = nil,
                                               arena: inout ScratchArena) {
         let C = shape.channels
         sums.update(repeating: 0, count: 2 * C)
@@ -110,23 +141,24 @@ extension RowsLayout {
         if shape.spatial == 1 {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
             return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
-                                        unitSums: unitSums.map { .record($0) } ?? .none, into: sink)
+                                        unitSums: memo.map { .record($0) } ?? .none, into: sink)
         }
         forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
+                            memo: memo.map { .record(planeMemo($0)) } ?? .none,
                             into: PlaneSums(mu: ctx.mu, s1: sums, s2: sums + C))
     }
 
     func gradientSumsBytes() -> Int { scratchBytes(gradientCost, count: panels) }
 
     /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
-    /// statistics; nil otherwise), and `unitSums` what `gradientSums` recorded of these x and dy, if anything.
+    /// statistics; nil otherwise), and `memo` what `gradientSums` recorded of these x and dy, if anything.
     /// `sumsAreLocal`: `sums` are this process's own, from `gradientSums` in the same call (no merge), so with
     /// one-value planes the parameter gradients take them instead of summing every dy₁ again (bit for bit the
     /// same numbers: the same values added in the same order).
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
-        sums: UnsafePointer<Double>?, unitSums: UnsafePointer<Double>? = nil, sumsAreLocal: Bool = false,
+        sums: UnsafePointer<Double>?, memo: UnsafeMutablePointer<Double>? = nil, sumsAreLocal: Bool = false,
         arena: inout ScratchArena
     ) {
         let C = shape.channels, G = plan.groups, S = shape.spatial, hasBN = plan.batchNorm != nil
@@ -143,15 +175,16 @@ extension RowsLayout {
             let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C),
                                           addsSums: known == nil, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 unitSums: unitSums.map { .reuse($0) } ?? .none, into: sink)
+                                 unitSums: memo.map { .reuse($0) } ?? .none, into: sink)
         } else if S == 1 {
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 unitSums: unitSums.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
+                                 unitSums: memo.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
         } else {
             let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
                                           x: x, dy: dy, dx: dx, channels: C, spatial: S, a: ctx.a, s1n: terms,
                                           k: terms + C)
-            forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup, into: sink)
+            forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                memo: memo.map { .reuse(planeMemo($0)) } ?? .none, into: sink)
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)

@@ -73,6 +73,16 @@ struct Units {
     }
 }
 
+/// What one phase of a call keeps for a later phase of the same call: `.record` it into the storage, or
+/// `.reuse` what an earlier phase recorded there (the same numbers, not computed again).
+enum PhaseMemo<Storage> {
+    case none
+    case record(Storage)
+    case reuse(Storage)
+
+    var reuses: Bool { if case .reuse = self { return true } else { return false } }
+}
+
 /// `parallelFor`'s cost of one unit's backward: about 550 + 25·K instructions for K planes (callgrind, K = 2 to
 /// 16), what a sweep spends on some 256 values. So 256 units or more take the workers.
 let unitGradientCost = 256
