@@ -39,6 +39,18 @@ public enum NormalizationEngine {
         try checkFinite(plan: plan, shape: shape, x)
         let layout = Layout(plan: plan, shape: shape), C = shape.channels
         let batchStatistics = training && plan.batchNorm != nil
+        if batchStatistics, case .rows(let l) = layout, l.momentsMemoCount > 0 {
+            // Short planes keep no moments in the context; phase (a) measures them for the batch anyway, so
+            // it keeps them for phase (c) of this call.
+            let count = l.momentsMemoCount
+            var arena = ScratchArena(bytes: ScratchArena.bytes(C, of: Moments.self)
+                                     + ScratchArena.bytes(count, of: Double.self) + finishBytes(layout, T.self, plan: plan))
+            let moments = arena.take(C, of: Moments.self), memo = arena.take(count, of: Double.self)
+            l.localMoments(x, into: moments, memo: memo, arena: &arena)
+            finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
+                   measure: false, memo: memo, arena: &arena)
+            return
+        }
         var arena = ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
                                  + localMomentsBytes(layout, T.self) + finishBytes(layout, T.self, plan: plan))
         let moments = batchStatistics ? arena.take(C, of: Moments.self) : nil
@@ -172,11 +184,12 @@ public enum NormalizationEngine {
 
     /// The batch-norm stage into the context, the channel norm's weights, the output; then the running
     /// buffers and the header. With `measure`, pass 1 runs here too, unit by unit (`Layout.measuresPerUnit`).
-    /// Nothing here can fail.
+    /// `memo`: the rows layout's plane moments, kept by phase (a) of the same call. Nothing here can fail.
     static func finish<T: NormalizationScalar>(
         _ layout: Layout, plan: NormalizationPlan, training: Bool, x: UnsafePointer<T>,
         y: UnsafeMutablePointer<T>, state: NormalizationState<T>, batch: UnsafePointer<Moments>?,
-        context ctx: NormalizationContext, measure: Bool, arena: inout ScratchArena
+        context ctx: NormalizationContext, measure: Bool, memo: UnsafePointer<Double>? = nil,
+        arena: inout ScratchArena
     ) {
         var (flags, update) = BatchNormStage.finish(plan: plan, training: training, batch: batch, state: state,
                                                     context: ctx, staged: arena.take(2 * plan.channels, of: T.self))
@@ -191,7 +204,7 @@ public enum NormalizationEngine {
             l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, measure: measure, arena: &arena)
         case .channelsLast(let l):
             l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, measure: false, arena: &arena)
-        case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena)
+        case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, memo: memo, arena: &arena)
         }
         update?.commit(state, channels: plan.channels)
         ctx.writeHeader(flags.union([.moments, .forward]), format: ctx.shape.format)

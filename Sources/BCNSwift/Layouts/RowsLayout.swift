@@ -132,15 +132,17 @@ struct RowsLayout {
     private var momentsSlot: Int { (shape.spatial == 1 ? 0 : 2 * shape.batch) * panelBlocks * blockChannels }
 
     /// Phase (a): the batch's moments per channel, panel by panel (nothing without `channelMoments`). With
-    /// S = 1 the plane means are the input's rows themselves.
+    /// S = 1 the plane means are the input's rows themselves. `memo` (`momentsMemoCount` Doubles, planes of 2
+    /// to 15 values): every plane's p and q, kept there for `apply` in the same call.
     func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, into channelMoments: UnsafeMutablePointer<Moments>?,
-                                              arena: inout ScratchArena) {
+                                              memo: UnsafeMutablePointer<Double>? = nil, arena: inout ScratchArena) {
         guard let channelMoments else { return }
-        let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = momentsSlot
+        let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = memo == nil ? momentsSlot : 0
         let width = panelBlocks * blockChannels
         let scratch = arena.take(parallelSlots(panels, cost: momentsCost) * slotLength, of: Double.self)
         parallelFor(panels, cost: momentsCost) { range, slot in
-            let p = scratch + slot * slotLength, q = p + B * width
+            // [B, width] per thread, or [B, C] for the whole call in `memo`
+            let p = memo ?? scratch + slot * slotLength, q = p + B * (memo == nil ? width : C)
             for i in range {
                 let (c0, n) = panel(i)
                 if S == 1 {
@@ -148,27 +150,34 @@ struct RowsLayout {
                                                 into: channelMoments + c0)
                     continue
                 }
+                let (at, stride) = memo == nil ? (0, n) : (c0, C)
                 for b in 0..<B {
-                    _ = planeMoments(x, sample: b, first: c0, count: n, p: p + b * n, q: q + b * n)
+                    _ = planeMoments(x, sample: b, first: c0, count: n, p: p + at + b * stride,
+                                     q: q + at + b * stride)
                 }
-                BatchNormStage.batchMoments(batch: B, spatial: S, width: n, p: UnsafePointer(p), q: UnsafePointer(q),
-                                            stride: n, into: channelMoments + c0)
+                BatchNormStage.batchMoments(batch: B, spatial: S, width: n, p: UnsafePointer(p + at),
+                                            q: UnsafePointer(q + at), stride: stride, into: channelMoments + c0)
             }
         }
     }
 
+    /// Arena bytes of `localMoments` (without a memo: with one it needs none).
     func localMomentsBytes() -> Int {
         ScratchArena.bytes(parallelSlots(panels, cost: momentsCost) * momentsSlot, of: Double.self)
     }
+
+    /// Doubles of `localMoments`' memo: p and q of every plane (2·B·C) for planes of 2 to 15 values, else none.
+    var momentsMemoCount: Int { shape.spatial == 1 ? 0 : 2 * shape.planes }
 
     private var applyCost: Int { 3 * blockChannels * shape.spatial }
 
     /// Phase (c): every unit's m, r and output, one (sample, column block) at a time: the block's group
     /// moments first, then their r together, then the maps (groups of a few values would otherwise each wait
-    /// on their own reduction, square root and division).
+    /// on their own reduction, square root and division). `memo`: the plane moments `localMoments` kept in the
+    /// same call, instead of measuring x again.
     func apply<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
                                        bias: UnsafePointer<T>?, context ctx: NormalizationContext,
-                                       arena: inout ScratchArena) {
+                                       memo: UnsafePointer<Double>? = nil, arena: inout ScratchArena) {
         let width = blockChannels, C = shape.channels, S = shape.spatial, K = units.groupSize, G = plan.groups
         if S == 1 { return applyValues(plan: plan, x: x, y: y, bias: bias, context: ctx) }
         let scratch = scratch(applyCost, count: blocks * shape.batch, arena: &arena)
@@ -178,7 +187,8 @@ struct RowsLayout {
             for item in range {
                 // sample-major: a thread's consecutive items are consecutive memory
                 let b = item / blocks, c0 = (item - b * blocks) * width, n = min(width, C - c0)
-                let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
+                let (pb, qb) = memo.map { ($0 + b * C + c0, $0 + shape.planes + b * C + c0) }
+                    ?? planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
                 if let eps = units.groupEps(ctx) {
                     let groups = n / K, g0 = c0 / K
                     for j in 0..<groups {
