@@ -127,6 +127,11 @@ def _checked_out(out, like, form, name, allow=None):
     return out
 
 
+def _nan_raised(e):
+    """Re-raises an extension's FloatingPointError worded for Python."""
+    raise FloatingPointError(f"{e} and nan_policy is 'raise'") from None
+
+
 def _relaid(a, like):
     """A copy of `a` in the memory layout of `like`."""
     b = np.empty_like(like)
@@ -242,7 +247,7 @@ class _Normalization:
         try:
             return function(*args)
         except FloatingPointError as e:
-            raise FloatingPointError(f"{e} and nan_policy is 'raise'") from None
+            _nan_raised(e)
 
     def _prepare_forward(self, x, out, allow_empty=False):
         """(logical x, y to fill, call flags, an empty context): everything a forward checks before it runs."""
@@ -257,12 +262,15 @@ class _Normalization:
         phase (a) filled."""
         momentum = 0.0 if self.momentum is None else self.momentum
         bn, cn = self._has_bn, self._has_cn
-        self._call(_ext.norm_forward, flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
-                   self.bn_weight if bn else None, self.bn_bias if bn else None,
-                   self.running_mean if bn else None, self.running_var if bn else None,
-                   self.num_batches_tracked if bn else None,
-                   self.weight if cn else None, self.bias if cn else None, ctx,
-                   *(() if moments is None else (moments,)))
+        try:  # not through _call: this runs on every call, and the extra frame is a tenth of a tiny call's time
+            _ext.norm_forward(flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
+                              self.bn_weight if bn else None, self.bn_bias if bn else None,
+                              self.running_mean if bn else None, self.running_var if bn else None,
+                              self.num_batches_tracked if bn else None,
+                              self.weight if cn else None, self.bias if cn else None, ctx,
+                              *(() if moments is None else (moments,)))
+        except FloatingPointError as e:
+            _nan_raised(e)
 
     def forward(self, x, out=None):
         """Normalize x ([B, C, *], or [B, *, C] with channel_axis=-1); returns a new array of the layer's dtype,
@@ -286,7 +294,7 @@ class _Normalization:
         if dy.shape != x.shape:
             raise ValueError(f"dy has shape {self._user(dy).shape}, the last forward's output has shape "
                              f"{self._user(x).shape}")
-        form = memory_format(x)
+        form = "last" if flags & _ext.BCN_CHANNELS_LAST else "first"  # x's, as the forward found it
         if memory_format(dy) != form:
             dy = _relaid(dy, x)
         dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, form, "out", allow=dy)
@@ -294,12 +302,14 @@ class _Normalization:
 
     def _finish_backward(self, x, ctx, flags, dy, dx, sums=None):
         """The whole backward, or with the batch's gradient `sums` (merged from elsewhere) its phase (c)."""
-        g = self.grads
-        self._call(_ext.norm_backward, flags, self.num_groups, x, dy, dx,
-                   g.get(self._bn_prefix + "weight") if self._has_bn else None,
-                   g.get(self._bn_prefix + "bias") if self._has_bn else None,
-                   g.get("weight") if self._has_cn else None,
-                   g.get("bias") if self._has_cn else None, ctx, *(() if sums is None else (sums,)))
+        g, bn, cn, prefix = self.grads, self._has_bn, self._has_cn, self._bn_prefix
+        try:  # not through _call, as in _finish_forward
+            _ext.norm_backward(flags, self.num_groups, x, dy, dx,
+                               g.get(prefix + "weight") if bn else None, g.get(prefix + "bias") if bn else None,
+                               g.get("weight") if cn else None, g.get("bias") if cn else None,
+                               ctx, *(() if sums is None else (sums,)))
+        except FloatingPointError as e:
+            _nan_raised(e)
 
     def backward(self, dy, out=None):
         """Gradient with respect to the input of the last forward; adds parameter gradients to `grads`.
