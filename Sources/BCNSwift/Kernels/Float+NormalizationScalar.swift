@@ -411,14 +411,14 @@ extension Float: NormalizationScalar {
         let wide = n & ~7  // columns in lanes of 8; the rest in Float64
         var r0 = 0
         while r0 < rows {
-            let end = Swift.min(rows, r0 + 8)
+            let end = Swift.min(rows, r0 &+ 8)
             var c = 0
-            while c + 32 <= wide {
+            while c &+ 32 <= wide {
                 let k0 = centre.map { _load8($0, c) } ?? SIMD8<Float>(), k1 = centre.map { _load8($0, c + 8) } ?? k0
                 let k2 = centre.map { _load8($0, c + 16) } ?? k0, k3 = centre.map { _load8($0, c + 24) } ?? k0
                 var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
                 for r in r0..<end {
-                    let row = x + r * stride + c
+                    let row = x + (r &* stride &+ c)  // offsets inside the block: they wrap unchecked
                     let d0 = _load8(row, 0) - k0, d1 = _load8(row, 8) - k1
                     let d2 = _load8(row, 16) - k2, d3 = _load8(row, 24) - k3
                     s0 += d0; s1 += d1; s2 += d2; s3 += d3
@@ -430,7 +430,7 @@ extension Float: NormalizationScalar {
                     _flush8(q0, into: squares + c); _flush8(q1, into: squares + c + 8)
                     _flush8(q2, into: squares + c + 16); _flush8(q3, into: squares + c + 24)
                 }
-                c += 32
+                c &+= 32
             }
             while c < wide {
                 let k = centre.map { _load8($0, c) } ?? SIMD8<Float>()
@@ -460,14 +460,14 @@ extension Float: NormalizationScalar {
         let wide = n & ~7
         var r0 = 0
         while r0 < rows {
-            let end = Swift.min(rows, r0 + 8)
+            let end = Swift.min(rows, r0 &+ 8)
             var c = 0
-            while c + 32 <= wide {
+            while c &+ 32 <= wide {
                 let k0 = _load8(centre, c), k1 = _load8(centre, c + 8), k2 = _load8(centre, c + 16)
                 let k3 = _load8(centre, c + 24)
                 var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
                 for r in r0..<end {
-                    let g = dy + r * stride + c, v = x + r * stride + c
+                    let at = r &* stride &+ c, g = dy + at, v = x + at  // as in `_columnSums`
                     let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
                     s0 += g0; s1 += g1; s2 += g2; s3 += g3
                     p0.addProduct(g0, _load8(v, 0) - k0); p1.addProduct(g1, _load8(v, 8) - k1)
@@ -477,7 +477,7 @@ extension Float: NormalizationScalar {
                 _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
                 _flush8(p0, into: dots + c); _flush8(p1, into: dots + c + 8)
                 _flush8(p2, into: dots + c + 16); _flush8(p3, into: dots + c + 24)
-                c += 32
+                c &+= 32
             }
             while c < wide {
                 let k = _load8(centre, c)
