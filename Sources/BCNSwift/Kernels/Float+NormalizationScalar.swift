@@ -164,16 +164,16 @@ extension Float: NormalizationScalar {
         while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane
             var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), s2 = SIMD8<Float>(), s3 = SIMD8<Float>()
             var q0 = SIMD8<Float>(), q1 = SIMD8<Float>(), q2 = SIMD8<Float>(), q3 = SIMD8<Float>()
-            let end = Swift.min(full, i + 256)
-            while i + 32 <= end {
+            let end = Swift.min(full, i &+ 256)  // i < n: the counters wrap unchecked, as in `_scaleShift`
+            while i &+ 32 <= end {
                 var d0 = ncs, d1 = ncs, d2 = ncs, d3 = ncs
-                d0.addProduct(_load8(x, i), s); d1.addProduct(_load8(x, i + 8), s)
-                d2.addProduct(_load8(x, i + 16), s); d3.addProduct(_load8(x, i + 24), s)
+                d0.addProduct(_load8(x, i), s); d1.addProduct(_load8(x, i &+ 8), s)
+                d2.addProduct(_load8(x, i &+ 16), s); d3.addProduct(_load8(x, i &+ 24), s)
                 s0 += d0; s1 += d1; s2 += d2; s3 += d3
                 q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
-                i += 32
+                i &+= 32
             }
-            while i < end { var d = ncs; d.addProduct(_load8(x, i), s); s1 += d; q1.addProduct(d, d); i += 8 }
+            while i < end { var d = ncs; d.addProduct(_load8(x, i), s); s1 += d; q1.addProduct(d, d); i &+= 8 }
             if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out
                 var d = ncs
                 d.addProduct(_load8(x, n - 8), s)
@@ -240,12 +240,12 @@ extension Float: NormalizationScalar {
         var i = 0
         while i < full {  // blocks of 128: two chains of at most 8 terms per lane (9 with the tail)
             var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), p0 = SIMD8<Float>(), p1 = SIMD8<Float>()
-            let end = Swift.min(full, i + 128)
-            while i + 16 <= end {
-                let g0 = _load8(dy, i), g1 = _load8(dy, i + 8)
+            let end = Swift.min(full, i &+ 128)  // counters wrap unchecked, as above
+            while i &+ 16 <= end {
+                let g0 = _load8(dy, i), g1 = _load8(dy, i &+ 8)
                 s0 += g0; s1 += g1
-                p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i + 8) - c)
-                i += 16
+                p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i &+ 8) - c)
+                i &+= 16
             }
             if i < end { let g = _load8(dy, i); s0 += g; p0.addProduct(g, _load8(x, i) - c); i += 8 }
             if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out
