@@ -56,7 +56,7 @@ extension NormalizationEngine {
         let t = arena.take(2 * planes, of: Double.self), u = t + planes
         let sums = through ? arena.take(2 * C, of: Double.self) : nil
         let gradient = UnitGradients(storage: arena.take(unitGradients, of: Double.self), planes: planes)
-        // Through batch statistics, phase (a) computes every unit's gradient for the sums, and phase (c) reuses them.
+        // Through batch statistics, phase (a) computes every unit's gradient for the sums; phase (c) reuses them.
         l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
                        arena: &arena)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
@@ -93,7 +93,8 @@ extension NormalizationEngine {
         into sums: UnsafeMutablePointer<Double>?
     ) {
         let count = sums == nil ? 0 : l.unitGradientsCount(plan: plan)
-        var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan) + ScratchArena.bytes(count, of: Double.self))
+        var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan)
+                                 + ScratchArena.bytes(count, of: Double.self))
         let gradient = UnitGradients(storage: arena.take(count, of: Double.self), planes: l.shape.planes)
         l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, unitGradients: gradient,
                        arena: &arena)
@@ -160,7 +161,8 @@ extension NormalizationEngine {
         sums: UnsafePointer<Double>?
     ) {
         let count = l.unitGradientsCount(plan: plan)
-        var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan) + ScratchArena.bytes(count, of: Double.self))
+        var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan)
+                                 + ScratchArena.bytes(count, of: Double.self))
         let gradient = UnitGradients(storage: arena.take(count, of: Double.self), planes: l.shape.planes)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                          t: ctx.t, u: ctx.u, sums: sums, unitGradients: gradient, arena: &arena)

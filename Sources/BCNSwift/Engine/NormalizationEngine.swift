@@ -44,7 +44,8 @@ public enum NormalizationEngine {
             // it keeps them for phase (c) of this call.
             let count = l.momentsMemoCount
             var arena = ScratchArena(bytes: ScratchArena.bytes(C, of: Moments.self)
-                                     + ScratchArena.bytes(count, of: Double.self) + finishBytes(layout, T.self, plan: plan))
+                                     + ScratchArena.bytes(count, of: Double.self)
+                                     + finishBytes(layout, T.self, plan: plan))
             let moments = arena.take(C, of: Moments.self), memo = arena.take(count, of: Double.self)
             l.localMoments(x, into: moments, memo: memo, arena: &arena)
             finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
