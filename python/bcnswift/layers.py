@@ -117,8 +117,9 @@ def _checked_out(out, like, form, name, allow=None):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
-    flags = out.flags
-    if not (flags.aligned and flags.writeable) or memory_format(out) != form:
+    flags = out.flags  # read once: each read of an array's flags builds a new object
+    laid_out = flags.c_contiguous if form == "first" else memory_format(out) == "last"
+    if not (flags.aligned and flags.writeable and laid_out):
         layout = "C-contiguous" if form == "first" else "channels-last"
         raise ValueError(f"{name} must be aligned, writeable and {layout} like the input")
     if out is not allow and not (flags.owndata and like.flags.owndata and out is not like) \
