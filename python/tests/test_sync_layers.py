@@ -130,12 +130,17 @@ def test_eval_and_channel_statistics_exchange_nothing():
     assert Counting.calls == 5  # two for the forward, one (header and sums together) for the backward
 
 
-def test_one_rank_equals_the_plain_layer_bit_for_bit():
+# The plain layer's single call keeps numbers between its phases that the sync layer's phased calls compute
+# again: on planes (each unit's gradient), on short planes (plane moments and gradients), and not at all on short
+# planes whose memo would exceed RowsLayout.memoLimit (16 MB: the last shape, 1.06M planes of 2 values).
+@pytest.mark.parametrize("shape", [(3, 8, 5), (3, 8, 20), (1040, 1024, 2)], ids=["rows", "planes", "rows-no-memo"])
+def test_one_rank_equals_the_plain_layer_bit_for_bit(shape):
     rng = np.random.default_rng(S.SEED + 1)
-    x, dy = rng.normal(size=(3, 8, 5)) + 2.0, rng.normal(size=(3, 8, 5)) - 0.5
+    x, dy = rng.normal(size=shape) + 2.0, rng.normal(size=shape) - 0.5
+    C = shape[1]
     for estimate in (False, True):
-        sync = bcnswift.SyncBatchChannelNorm(8, 2, estimate=estimate, comm=_Comm(ThreadGroup(1), 0))
-        plain = bcnswift.BatchChannelNorm(8, 2, estimate=estimate)
+        sync = bcnswift.SyncBatchChannelNorm(C, 2, estimate=estimate, comm=_Comm(ThreadGroup(1), 0))
+        plain = bcnswift.BatchChannelNorm(C, 2, estimate=estimate)
         np.testing.assert_array_equal(sync(x), plain(x))
         np.testing.assert_array_equal(sync.backward(dy), plain.backward(dy))
         for k, v in plain.state_dict().items():

@@ -119,10 +119,11 @@ extension RowsLayout {
 
     /// Doubles of what phase (a) of one call keeps for its phase (c), which then reads neither x nor dy for it
     /// (the same numbers): with one-value planes each unit's ΣT and W (2·B·G, with a channel norm; the
-    /// channel sums are `finishBackward`'s `sumsAreLocal`), else a `PlaneMemo` (6·B·C + 2·B·G).
+    /// channel sums are `finishBackward`'s `sumsAreLocal`), else a `PlaneMemo` (6·B·C + 2·B·G) up to
+    /// `memoLimit`.
     func memoCount(plan: NormalizationPlan) -> Int {
         if shape.spatial == 1 { return plan.groups > 0 ? 2 * shape.batch * plan.groups : 0 }
-        return UnitGradients.count(planes: shape.planes, units: units.count) + shape.planes
+        return RowsLayout.memo(UnitGradients.count(planes: shape.planes, units: units.count) + shape.planes)
     }
 
     private func planeMemo(_ storage: UnsafeMutablePointer<Double>) -> PlaneMemo {

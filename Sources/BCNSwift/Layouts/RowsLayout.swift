@@ -166,8 +166,17 @@ struct RowsLayout {
         ScratchArena.bytes(parallelSlots(panels, cost: momentsCost) * momentsSlot, of: Double.self)
     }
 
-    /// Doubles of `localMoments`' memo: p and q of every plane (2·B·C) for planes of 2 to 15 values, else none.
-    var momentsMemoCount: Int { shape.spatial == 1 ? 0 : 2 * shape.planes }
+    /// Doubles of `localMoments`' memo: p and q of every plane (2·B·C) for planes of 2 to 15 values, else none;
+    /// none either above `memoLimit`.
+    var momentsMemoCount: Int { shape.spatial == 1 ? 0 : RowsLayout.memo(2 * shape.planes) }
+
+    /// Bytes a memo kept between one call's phases may take: the scratch arena's cache limit. A plane of 2 to 15
+    /// values holds 8 to 60 bytes of Float32, and a backward's memo 48 bytes of Doubles per plane, so a large
+    /// input would need several times its own size; above this the phases measure again (the same bits).
+    static let memoLimit = ScratchArena.cacheLimit
+
+    /// `count` Doubles if they fit `memoLimit`, else 0 (no memo).
+    static func memo(_ count: Int) -> Int { count <= memoLimit / MemoryLayout<Double>.stride ? count : 0 }
 
     private var applyCost: Int { 3 * blockChannels * shape.spatial }
 
