@@ -23,4 +23,11 @@ enum Layout {
         if case .planes(let l) = self { return l.mapsPerPlane }
         return false
     }
+
+    /// Doubles of the plane moments a single call's phase (a) keeps for its phase (c): only the rows layout,
+    /// which keeps none in the context (`RowsLayout.momentsMemoCount`).
+    var momentsMemoCount: Int {
+        if case .rows(let l) = self { return l.momentsMemoCount }
+        return 0
+    }
 }

@@ -39,28 +39,19 @@ public enum NormalizationEngine {
         try checkFinite(plan: plan, shape: shape, x)
         let layout = Layout(plan: plan, shape: shape), C = shape.channels
         let batchStatistics = training && plan.batchNorm != nil
-        if batchStatistics, case .rows(let l) = layout, l.momentsMemoCount > 0 {
-            // Short planes keep no moments in the context; phase (a) measures them for the batch anyway, so
-            // it keeps them for phase (c) of this call.
-            let count = l.momentsMemoCount
-            var arena = ScratchArena(bytes: ScratchArena.bytes(C, of: Moments.self)
-                                     + ScratchArena.bytes(count, of: Double.self)
-                                     + finishBytes(layout, T.self, plan: plan))
-            let moments = arena.take(C, of: Moments.self), memo = arena.take(count, of: Double.self)
-            l.localMoments(x, into: moments, memo: memo, arena: &arena)
-            finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
-                   measure: false, memo: memo, arena: &arena)
-            return
-        }
+        // Short planes keep no moments in the context; a single call keeps phase (a)'s for its phase (c).
+        let memoCount = batchStatistics ? layout.momentsMemoCount : 0
         var arena = ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
+                                 + ScratchArena.bytes(memoCount, of: Double.self)
                                  + localMomentsBytes(layout, T.self) + finishBytes(layout, T.self, plan: plan))
         let moments = batchStatistics ? arena.take(C, of: Moments.self) : nil
+        let memo = memoCount > 0 ? arena.take(memoCount, of: Double.self) : nil
         // Without batch statistics no plane's map waits for the whole batch: each unit's planes are measured
         // and mapped while they are in cache (one read of x from memory instead of two; the same bits).
         let fused = !batchStatistics && layout.measuresPerUnit
-        if !fused { localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena) }
+        if !fused { localMoments(layout, plan: plan, x: x, context: ctx, into: moments, memo: memo, arena: &arena) }
         finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
-               measure: fused, arena: &arena)
+               measure: fused, memo: memo, arena: &arena)
     }
 
     /// Phase (a): pass 1 over `x`, its plane moments into `context`, and with `moments` the batch's moments per
@@ -166,12 +157,13 @@ public enum NormalizationEngine {
 
     static func localMoments<T: NormalizationScalar>(
         _ layout: Layout, plan: NormalizationPlan, x: UnsafePointer<T>, context ctx: NormalizationContext,
-        into moments: UnsafeMutablePointer<Moments>?, arena: inout ScratchArena
+        into moments: UnsafeMutablePointer<Moments>?, memo: UnsafeMutablePointer<Double>? = nil,
+        arena: inout ScratchArena
     ) {
         switch layout {
         case .planes(let l): l.localMoments(x, context: ctx, into: moments, arena: &arena)
         case .channelsLast(let l): l.localMoments(x, context: ctx, into: moments, arena: &arena)
-        case .rows(let l): l.localMoments(x, into: moments, arena: &arena)
+        case .rows(let l): l.localMoments(x, into: moments, memo: memo, arena: &arena)
         }
     }
 
