@@ -153,9 +153,9 @@ extension RowsLayout {
 
     /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
     /// statistics; nil otherwise), and `memo` what `gradientSums` recorded of these x and dy, if anything.
-    /// `sumsAreLocal`: `sums` are this process's own, from `gradientSums` in the same call (no merge), so with
-    /// one-value planes the parameter gradients take them instead of summing every dy₁ again (bit for bit the
-    /// same numbers: the same values added in the same order).
+    /// `sumsAreLocal`: `sums` are this process's own, from `gradientSums` in the same call (no merge), so the
+    /// parameter gradients take them instead of summing every dy₁ again (bit for bit the same numbers: the same
+    /// values added in the same order).
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
@@ -170,9 +170,9 @@ extension RowsLayout {
         let addGroup = { (g: Int, bias: Double, weight: Double) in
             groupGradients[g] += weight; groupGradients[G + g] += bias
         }
+        let known = hasBN && sumsAreLocal ? sums : nil
+        if let known { local.update(from: known, count: 2 * C) }
         if S == 1 && hasBN {
-            let known = sumsAreLocal ? sums : nil
-            if let known { local.update(from: known, count: 2 * C) }
             let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C),
                                           addsSums: known == nil, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
@@ -182,8 +182,8 @@ extension RowsLayout {
                                  unitSums: memo.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
         } else {
             let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
-                                          x: x, dy: dy, dx: dx, channels: C, spatial: S, a: ctx.a, s1n: terms,
-                                          k: terms + C)
+                                          addsSums: known == nil, x: x, dy: dy, dx: dx, channels: C, spatial: S,
+                                          a: ctx.a, s1n: terms, k: terms + C)
             forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                 memo: memo.map { .reuse(planeMemo($0)) } ?? .none, into: sink)
         }
@@ -262,10 +262,10 @@ struct PlaneSums: PlaneGradientSink {
     }
 }
 
-/// The channel sums (`sums`, nil without a batch-norm stage) and dx = P dy + Q (x - p) + R per plane
-/// (`BatchNormStage.dxMaps`; dx = dy₁ without the stage).
+/// The channel sums (`sums`, nil without a batch-norm stage; not added when `addsSums` is false: known
+/// already) and dx = P dy + Q (x - p) + R per plane (`BatchNormStage.dxMaps`; dx = dy₁ without the stage).
 struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
-    let sums: PlaneSums?
+    let sums: PlaneSums?, addsSums: Bool
     let x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>
     let channels: Int, spatial: Int
     /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
@@ -276,7 +276,7 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
               _ coefficients: UnsafeMutablePointer<Double>) {
         let P = coefficients, Q = P + K, R = Q + K, S = spatial, first = b * channels + c
         if let sums {
-            sums.unit(b, c, K, p, e, g, coefficients)
+            if addsSums { sums.unit(b, c, K, p, e, g, coefficients) }
             BatchNormStage.dxMaps(K, e: e, gradient: g, p: p, mu: sums.mu + c, a: a + c, s1n: s1n + c, k: k + c,
                                   P: P, Q: Q, R: R)
         } else {  // dx = dy₁

@@ -165,7 +165,7 @@ extension StoredLayout {
     /// Backward phase (c): with `sums` the batch's S₁, S₂ (through batch statistics; nil otherwise), dx, and
     /// the parameter gradients (each process's own share: S₁, S₂ of its planes for dβ, dγ). The units'
     /// gradients go to `unitGradients` (then overwritten), unless `computed`: phase (a) of the same call left
-    /// them there.
+    /// them there, and `sums` are its own (not merged).
     func finishBackward<T: NormalizationScalar>(
         plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
@@ -186,7 +186,10 @@ extension StoredLayout {
         }
         let maps = gradient.maps  // [E | F | H], made [P | Q | R] in place when a batch-norm stage comes first
         if plan.batchNorm != nil {
-            channelSums(gradient, context: ctx, into: local)
+            // this process's S₁, S₂ for dβ, dγ: phase (a) of this call summed the same numbers into `sums`
+            if computed, let sums { local.update(from: sums, count: 2 * C) } else {
+                channelSums(gradient, context: ctx, into: local)
+            }
             for b in 0..<shape.batch {
                 let at = b * C
                 BatchNormStage.dxMaps(C, e: maps + at, f: maps + planes + at, h: maps + 2 * planes + at,
