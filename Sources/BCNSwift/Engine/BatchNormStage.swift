@@ -18,9 +18,20 @@ enum BatchNormStage {
         batch B: Int, spatial: Int, width: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int,
         into out: UnsafeMutablePointer<Moments>
     ) {
-        // Eight channels at a time down all the samples, their sums in registers (two chains of four lanes);
-        // then four, then one. Each channel's sums run in sample order whatever the strip.
+        // Sixteen channels at a time down all the samples when there are no M2s (S = 1: a whole cache line of
+        // Float32 a row, so each line is fetched once a pass), eight otherwise, their sums in registers (chains of
+        // four lanes); then four, then one. Each channel's sums run in sample order whatever the strip.
         var c = 0
+        while q == nil && c + 16 <= width {
+            let (s0, s1, s2, s3) = wideStripMoments(batch: B, p: p + c, stride: stride)
+            for k in 0..<4 {
+                out[c + k] = s0.moments(k, batch: B, spatial: spatial)
+                out[c + 4 + k] = s1.moments(k, batch: B, spatial: spatial)
+                out[c + 8 + k] = s2.moments(k, batch: B, spatial: spatial)
+                out[c + 12 + k] = s3.moments(k, batch: B, spatial: spatial)
+            }
+            c += 16
+        }
         while c + 8 <= width {
             let (low, high) = stripMoments(batch: B, p: p + c, q: q.map { $0 + c }, stride: stride, lanes: 2)
             for k in 0..<4 {
@@ -96,6 +107,33 @@ enum BatchNormStage {
         }
         return (StripSums(centre: c0, within: w0, deviation: d0, between: e0),
                 StripSums(centre: c1, within: w1, deviation: d1, between: e1))
+    }
+
+    /// `stripMoments` of sixteen channels without M2s: four chains, the same operations per channel.
+    @inline(__always)
+    private static func wideStripMoments<T: NormalizationScalar>(batch B: Int, p: UnsafePointer<T>, stride: Int)
+        -> (StripSums, StripSums, StripSums, StripSums)
+    {
+        let invB = SIMD4(repeating: 1 / Double(B)), zero = SIMD4<Double>()
+        var c0 = zero, c1 = zero, c2 = zero, c3 = zero
+        for b in 0..<B {
+            let row = p + b * stride
+            c0 += T._load4Wide(row, 0); c1 += T._load4Wide(row, 4)
+            c2 += T._load4Wide(row, 8); c3 += T._load4Wide(row, 12)
+        }
+        c0 *= invB; c1 *= invB; c2 *= invB; c3 *= invB
+        var d0 = zero, d1 = zero, d2 = zero, d3 = zero, e0 = zero, e1 = zero, e2 = zero, e3 = zero
+        for b in 0..<B {
+            let row = p + b * stride
+            let x0 = T._load4Wide(row, 0) - c0, x1 = T._load4Wide(row, 4) - c1
+            let x2 = T._load4Wide(row, 8) - c2, x3 = T._load4Wide(row, 12) - c3
+            d0 += x0; e0 += x0 * x0; d1 += x1; e1 += x1 * x1
+            d2 += x2; e2 += x2 * x2; d3 += x3; e3 += x3 * x3
+        }
+        return (StripSums(centre: c0, within: zero, deviation: d0, between: e0),
+                StripSums(centre: c1, within: zero, deviation: d1, between: e1),
+                StripSums(centre: c2, within: zero, deviation: d2, between: e2),
+                StripSums(centre: c3, within: zero, deviation: d3, between: e3))
     }
 
     /// New running-buffer values, staged until nothing can fail, then committed.
