@@ -173,10 +173,17 @@ extension RowsLayout {
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
         if S == 1 && hasBN {
-            let sink = ValueInputGradient(sums: ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C),
-                                          addsSums: known == nil, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
-            forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 unitSums: memo.map { .reuse($0) } ?? .none, into: sink)
+            // The sums are a sink of their own, so that a call which knows them runs a loop without them.
+            let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
+            let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
+            if known == nil {
+                let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
+                forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                     unitSums: unitSums, into: ValueSinkPair(first: sums, second: input))
+            } else {
+                forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                     unitSums: unitSums, into: input)
+            }
         } else if S == 1 {
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                  unitSums: memo.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
@@ -211,26 +218,34 @@ struct ValueSums<T: NormalizationScalar>: ValueGradientSink {
     }
 }
 
-/// The channel sums (unless `addsSums` is false: known already), and dx through the batch-norm stage
-/// (`BatchNormStage.dxValues`).
+/// dx through the batch-norm stage (`BatchNormStage.dxValues`).
 struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
-    let sums: ValueSums<T>, addsSums: Bool, dx: UnsafeMutablePointer<T>
+    let x: UnsafePointer<T>, mu: UnsafePointer<Double>, dx: UnsafeMutablePointer<T>
     /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
     let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
 
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {
-        if addsSums { sums.lanes(i, c, dy1) }
-        let v = BatchNormStage.dxValues(dy1, x: T._load4Wide(sums.x, i), mu: sums.mu.lanes(c), a: a.lanes(c),
+        let v = BatchNormStage.dxValues(dy1, x: T._load4Wide(x, i), mu: mu.lanes(c), a: a.lanes(c),
                                         s1n: s1n.lanes(c), k: k.lanes(c))
         T._store4Narrow(v, dx, i)
     }
 
     @inline(__always)
     func one(_ i: Int, _ c: Int, _ dy1: Double) {
-        if addsSums { sums.one(i, c, dy1) }
-        dx[i] = T(BatchNormStage.dxValue(dy1, x: Double(sums.x[i]), mu: sums.mu[c], a: a[c], s1n: s1n[c], k: k[c]))
+        dx[i] = T(BatchNormStage.dxValue(dy1, x: Double(x[i]), mu: mu[c], a: a[c], s1n: s1n[c], k: k[c]))
     }
+}
+
+/// Two sinks for every value, `first` then `second`.
+struct ValueSinkPair<First: ValueGradientSink, Second: ValueGradientSink>: ValueGradientSink {
+    let first: First, second: Second
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) { first.lanes(i, c, dy1); second.lanes(i, c, dy1) }
+
+    @inline(__always)
+    func one(_ i: Int, _ c: Int, _ dy1: Double) { first.one(i, c, dy1); second.one(i, c, dy1) }
 }
 
 /// dx = dy₁, without a batch-norm stage.

@@ -249,17 +249,23 @@ struct RowsLayout {
                     continue
                 }
                 let groups = n / K, g0 = c0 / K, means = ctx.m + b * G + g0, inverses = ctx.r + b * G + g0
-                for j in 0..<groups {
-                    let moments = valueUnit(channel: c0 + j * K, planes: K, context: ctx).valueMoments(x + first + j * K)
+                // offsets inside the item wrap unchecked (the item lies inside the tensor)
+                var j = 0
+                while j < groups {
+                    let at = j &* K
+                    let moments = valueUnit(channel: c0 &+ at, planes: K, context: ctx).valueMoments(x + (first &+ at))
                     means[j] = moments.mean; inverses[j] = moments.variance
+                    j &+= 1
                 }
                 Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
                     scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
-                for j in 0..<groups {
-                    let g = g0 + j
-                    valueUnit(channel: c0 + j * K, planes: K, context: ctx)
-                        .mapValues(x + first + j * K, into: y + first + j * K, mean: means[j], r: inverses[j],
+                j = 0
+                while j < groups {
+                    let g = g0 &+ j, at = j &* K
+                    valueUnit(channel: c0 &+ at, planes: K, context: ctx)
+                        .mapValues(x + (first &+ at), into: y + (first &+ at), mean: means[j], r: inverses[j],
                                    weight: ctx.w[g], bias: bias.map { Double($0[g]) } ?? 0)
+                    j &+= 1
                 }
             }
         }
