@@ -249,11 +249,12 @@ struct RowsLayout {
                     continue
                 }
                 let groups = n / K, g0 = c0 / K, means = ctx.m + b * G + g0, inverses = ctx.r + b * G + g0
-                // offsets inside the item wrap unchecked (the item lies inside the tensor)
+                // One unit value for the item's groups (its pointers at c0), each group from its offset; offsets
+                // inside the item wrap unchecked (the item lies inside the tensor).
+                let unit = valueUnit(channel: c0, planes: K, context: ctx), xs = x + first, ys = y + first
                 var j = 0
                 while j < groups {
-                    let at = j &* K
-                    let moments = valueUnit(channel: c0 &+ at, planes: K, context: ctx).valueMoments(x + (first &+ at))
+                    let moments = unit.valueMoments(xs, from: j &* K)
                     means[j] = moments.mean; inverses[j] = moments.variance
                     j &+= 1
                 }
@@ -261,10 +262,9 @@ struct RowsLayout {
                     scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
                 j = 0
                 while j < groups {
-                    let g = g0 &+ j, at = j &* K
-                    valueUnit(channel: c0 &+ at, planes: K, context: ctx)
-                        .mapValues(x + (first &+ at), into: y + (first &+ at), mean: means[j], r: inverses[j],
-                                   weight: ctx.w[g], bias: bias.map { Double($0[g]) } ?? 0)
+                    let g = g0 &+ j
+                    unit.mapValues(xs, into: ys, from: j &* K, mean: means[j], r: inverses[j], weight: ctx.w[g],
+                                   bias: bias.map { Double($0[g]) } ?? 0)
                     j &+= 1
                 }
             }
