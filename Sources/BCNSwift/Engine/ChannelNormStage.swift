@@ -181,7 +181,7 @@ struct NormalizationUnit {
     }
 
     /// The backward, given each plane's T = Σ dy and U = Σ dy (x - p) and the forward's m, r, w (one-value
-    /// planes: `valueBackward`).
+    /// planes: `valueSums` and `valueGradients`).
     ///
     /// With W = Σ_k (a U + e T), e = ȳ - m, N = K·S:
     ///   E = r w,  F = -r³ w W a / N,  H = -r w ΣT / N - r³ w W e / N,
@@ -233,39 +233,46 @@ struct NormalizationUnit {
 }
 
 extension NormalizationUnit {
-    /// The backward of a unit of one-value planes (S = 1) from its values `x` and gradients `dy` (K each, value
-    /// `first` onwards of the tensor, from channel `channel`): the numbers `backward` gives on planes p = x with
-    /// T = dy and U = 0, without scratch. Hands each value's dy₁ to `sink`, and returns the unit's ΣT and W
-    /// (the group bias's gradient, and its weight's over r), summed here unless `known` (from an earlier pass
-    /// over the same x and dy). Without a channel-norm stage dy₁ = dy.
+    /// The backward of a unit of one-value planes (S = 1), from values `x` and gradients `dy` (K each, from value
+    /// `first` + k0 of the tensor and channel `channel` + k0, where the unit's a, β and μ are those of `channel`:
+    /// the offset k0 lets one unit value serve a row's consecutive groups, as in `valueMoments`): the numbers
+    /// `backward` gives on planes p = x with T = dy and U = 0, without scratch, in two steps. `valueSums` gives
+    /// the unit's ΣT and W (the group bias's gradient, and its weight's over r), `SumGradient(t:w:...)` turns
+    /// them into the constants of dy₁, and `valueGradients` hands each value's dy₁ to a sink. Rows run the first
+    /// two for all their groups before the third, so that the value loops run back to back. Without a
+    /// channel-norm stage dy₁ = dy (`valueGradients` with no constants).
+    ///
+    /// W = Σ (a U + e T) with U = 0; the zero is still added, as the general form adds a U, so that a sum of zero
+    /// terms has the same sign.
     @inline(__always)
-    func valueBackward<T: NormalizationScalar, Sink: ValueGradientSink>(
-        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, first i: Int, channel c: Int, m: Double, r: Double,
-        weight w: Double, known: (t: Double, w: Double)? = nil, into sink: Sink
-    ) -> (t: Double, w: Double) {
-        let K = planes, x = x + i, dy = dy + i
-        var k = 0
-        guard groupEps != nil else {
-            while k &+ 4 <= K { sink.lanes(i &+ k, c &+ k, T._load4Wide(dy, k)); k &+= 4 }
-            while k < K { sink.one(i + k, c + k, Double(dy[k])); k &+= 1 }
-            return (0, 0)
-        }
-        // W = Σ (a U + e T) with U = 0; the zero is still added, as the general form adds a U, so that a sum of
-        // zero terms has the same sign.
-        let mv = SIMD4(repeating: m)
-        let (tg, wg) = known ?? Lanes.sums(K) { k in
-            let t = T._load4Wide(dy, k)
+    func valueSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, first i: Int,
+                                           from k0: Int, m: Double) -> (t: Double, w: Double) {
+        let x = x + i, dy = dy + i, mv = SIMD4(repeating: m)
+        return Lanes.sums(planes) { j in
+            let k = k0 &+ j, t = T._load4Wide(dy, k)
             return (t, SIMD4() + (stagedValues(x, k) - mv) * t)
-        } scalar: { k in
-            let t = Double(dy[k])
+        } scalar: { j in
+            let k = k0 &+ j, t = Double(dy[k])
             return (t, 0 + (stagedValue(x, k) - m) * t)
         }
-        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
-        let sumGradient = SumGradient(rw: rw, meanT: tg * invK, r3wWK: r3w * wg * invK, m: m)
+    }
+
+    /// Each value's dy₁ = r w (dy - ΣT/K) - r³ w W (ȳ - m)/K (`gradient`; dy itself when nil), handed to `sink`.
+    @inline(__always)
+    func valueGradients<T: NormalizationScalar, Sink: ValueGradientSink>(
+        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, first i: Int, channel c: Int, from k0: Int,
+        _ gradient: SumGradient?, into sink: Sink
+    ) {
+        let x = x + i, dy = dy + i, end = k0 &+ planes
+        var k = k0
         // Wrapping index arithmetic (see `Lanes`): the unit lies inside the tensor (checked at the ABI).
-        while k &+ 4 <= K { sink.lanes(i &+ k, c &+ k, sumGradient(T._load4Wide(dy, k), stagedValues(x, k))); k &+= 4 }
-        while k < K { sink.one(i + k, c + k, sumGradient(Double(dy[k]), stagedValue(x, k))); k &+= 1 }
-        return (tg, wg)
+        guard let gradient else {
+            while k &+ 4 <= end { sink.lanes(i &+ k, c &+ k, T._load4Wide(dy, k)); k &+= 4 }
+            while k < end { sink.one(i + k, c + k, Double(dy[k])); k &+= 1 }
+            return
+        }
+        while k &+ 4 <= end { sink.lanes(i &+ k, c &+ k, gradient(T._load4Wide(dy, k), stagedValues(x, k))); k &+= 4 }
+        while k < end { sink.one(i + k, c + k, gradient(Double(dy[k]), stagedValue(x, k))); k &+= 1 }
     }
 }
 
@@ -278,6 +285,21 @@ struct SumGradient {
     init(rw: Double, meanT: Double, r3wWK: Double, m: Double) {
         self.rw = SIMD4(repeating: rw); self.meanT = SIMD4(repeating: meanT)
         self.r3wWK = SIMD4(repeating: r3wWK); self.m = SIMD4(repeating: m)
+    }
+
+    /// The constants of a group of K planes from its ΣT and W, and the forward's m and r, with weight w, as
+    /// four Doubles (r w, ΣT/K, r³ w W/K, m) at `out`.
+    @inline(__always)
+    static func store(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double,
+                      into out: UnsafeMutablePointer<Double>) {
+        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
+        out[0] = rw; out[1] = t * invK; out[2] = r3w * wg * invK; out[3] = m
+    }
+
+    /// The constants that `store` wrote at `constants`.
+    @inline(__always)
+    init(_ constants: UnsafePointer<Double>) {
+        self.init(rw: constants[0], meanT: constants[1], r3wWK: constants[2], m: constants[3])
     }
 
     @inline(__always)

@@ -66,37 +66,52 @@ extension RowsLayout {
         }
     }
 
-    /// `forEachUnitGradient` for one-value planes (S = 1): every unit's dy₁ from x and dy (`valueBackward`),
-    /// handed to `sink` four values or one at a time, panel by panel and sample by sample in order inside a
-    /// panel. Each group's ΣT and r W, summed over the samples, go to `group(g, ΣT, r W)` once its panel is done.
-    /// (The sink is a type, not a closure: a closure captured by the parallel body would be called per value.)
+    /// `forEachUnitGradient` for one-value planes (S = 1): every unit's dy₁ from x and dy, handed to `sink` four
+    /// values or one at a time, panel by panel and sample by sample in order inside a panel: first every group's
+    /// ΣT and W of the sample's stretch and the constants of its dy₁ (`valueSums`, `SumGradient`), then the
+    /// values (`valueGradients`). Each group's ΣT and r W, summed over the samples, go to `group(g, ΣT, r W)`
+    /// once its panel is done. (The sink is a type, not a closure: a closure captured by the parallel body would
+    /// be called per value.)
     private func forEachValueGradient<T: NormalizationScalar, Sink: ValueGradientSink>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, plan: NormalizationPlan, context ctx: NormalizationContext,
         scratch: UnsafeMutablePointer<Double>, group: (Int, Double, Double) -> Void = { _, _, _ in },
         unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = .none, into sink: Sink
     ) {
         let C = shape.channels, K = units.groupSize, G = plan.groups, slotLength = slotLength
+        let width = panelBlocks * blockChannels
         parallelFor(panels, cost: gradientCost) { range, slot in
-            let groupSums = scratch + slot * slotLength  // [ΣT | r W] per group of the panel
+            // [ΣT | r W] per group of the panel, then each group's `SumGradient` for the current sample
+            let groupSums = scratch + slot * slotLength, constants = groupSums + 2 * width
             for i in range {
                 let (c0, n) = panel(i), groups = G > 0 ? n / K : 0, g0 = c0 / K
                 groupSums.update(repeating: 0, count: 2 * groups)
                 for b in 0..<shape.batch {
-                    let first = b * C + c0
+                    let first = b &* C &+ c0
+                    // one unit value for the panel's groups of this sample, each from its offset (wrapping: the
+                    // panel lies inside the tensor)
                     guard G > 0 else {  // the batch-norm stage alone: dy₁ = dy
-                        _ = valueUnit(channel: c0, planes: n, context: ctx)
-                            .valueBackward(x, dy, first: first, channel: c0, m: 0, r: 0, weight: 1, into: sink)
+                        valueUnit(channel: c0, planes: n, context: ctx)
+                            .valueGradients(x, dy, first: first, channel: c0, from: 0, nil, into: sink)
                         continue
                     }
+                    let unit = valueUnit(channel: c0, planes: K, context: ctx)
                     for j in 0..<groups {
-                        let g = g0 + j, bg = b * G + g, at = first + j * K, c = c0 + j * K, r = ctx.r[bg]
-                        var known: (t: Double, w: Double)? = nil
-                        if case .reuse(let kept) = unitSums { known = (kept[2 * bg], kept[2 * bg + 1]) }
-                        let (t, w) = valueUnit(channel: c, planes: K, context: ctx)
-                            .valueBackward(x, dy, first: at, channel: c, m: ctx.m[bg], r: r, weight: ctx.w[g],
-                                           known: known, into: sink)
-                        if case .record(let kept) = unitSums { kept[2 * bg] = t; kept[2 * bg + 1] = w }
-                        groupSums[j] += t; groupSums[groups + j] += r * w
+                        let g = g0 &+ j, bg = b &* G &+ g, r = ctx.r[bg], m = ctx.m[bg]
+                        let (t, w): (Double, Double)
+                        switch unitSums {
+                        case .reuse(let kept): (t, w) = (kept[2 &* bg], kept[2 &* bg &+ 1])
+                        case .record(let kept):
+                            (t, w) = unit.valueSums(x, dy, first: first, from: j &* K, m: m)
+                            kept[2 &* bg] = t; kept[2 &* bg &+ 1] = w
+                        case .none: (t, w) = unit.valueSums(x, dy, first: first, from: j &* K, m: m)
+                        }
+                        groupSums[j] += t; groupSums[groups &+ j] += r * w
+                        SumGradient.store(t: t, w: w, planes: K, m: m, r: r, weight: ctx.w[g],
+                                          into: constants + 4 &* j)
+                    }
+                    for j in 0..<groups {
+                        unit.valueGradients(x, dy, first: first, channel: c0, from: j &* K,
+                                            SumGradient(constants + 4 &* j), into: sink)
                     }
                 }
                 for j in 0..<groups { group(g0 + j, groupSums[j], groupSums[groups + j]) }

@@ -34,8 +34,11 @@ struct RowsLayout {
 
     /// A thread's scratch, in blocks of `blockChannels` Doubles: p, q, T, U of a block's planes, then the unit
     /// stage's arrays (A, M, m and r forward; ȳ, F, H, Σ dy₁, Σ dy₁ (x - p), P, Q, R backward), then the
-    /// panel's groups' sums (backward).
-    var slotLength: Int { 13 * blockChannels + 2 * panelBlocks * blockChannels }
+    /// panel's groups' sums (backward); with one-value planes, which use none of the 13 blocks, the panel's
+    /// groups' sums and the constants of their dy₁ (`SumGradient.store`, 4 Doubles a group).
+    var slotLength: Int {
+        shape.spatial == 1 ? 6 * panelBlocks * blockChannels : 13 * blockChannels + 2 * panelBlocks * blockChannels
+    }
 
     func scratch(_ cost: Int, count: Int, arena: inout ScratchArena) -> UnsafeMutablePointer<Double> {
         arena.take(parallelSlots(count, cost: cost) * slotLength, of: Double.self)
