@@ -140,36 +140,39 @@ struct NormalizationUnit {
 
     /// The group's moments of y₁ for a unit of one-value planes (S = 1) whose values are x[k0..<k0+K] (and
     /// whose a, β, μ are the unit's from k0 on): the numbers `groupMoments` gives on planes p = x, with the
-    /// staged means computed again instead of stored. The offset lets one unit value serve a row's consecutive
-    /// groups from fixed pointers (per-group pointers spilled registers: 10% of the pass's instructions).
+    /// staged means (y₁ itself) stored into `yBar` (K values) for `mapValues`. The offset lets one unit value
+    /// serve a row's consecutive groups from fixed pointers (per-group pointers spilled registers).
     @inline(__always)
-    func valueMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, from k0: Int = 0) -> Moments {
-        groupMoments({ stagedValues(x, k0 &+ $0) }, { stagedValue(x, k0 &+ $0) }, storingInto: nil)
+    func valueMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, from k0: Int = 0,
+                                              storingInto yBar: UnsafeMutablePointer<Double>) -> Moments {
+        groupMoments({ stagedValues(x, k0 &+ $0) }, { stagedValue(x, k0 &+ $0) }, storingInto: yBar)
     }
 
-    /// The output of a unit of one-value planes, value by value from x[k0..<k0+K] into y (the same offsets,
-    /// as in `valueMoments`), rounded once to T: every plane's map is the constant M = r w (ȳ - m) + bias, or
-    /// ȳ itself without a channel-norm stage (then m and r are not read). The numbers of `coefficients` on
-    /// planes p = x.
+    /// The output of a unit of one-value planes from the staged means `valueMoments` stored (K values) into
+    /// `y` (K values), rounded once to T: every plane's map is the constant M = r w (ȳ - m) + bias, the numbers
+    /// of `coefficients` on planes p = x.
     @inline(__always)
-    func mapValues<T: NormalizationScalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>, from k0: Int = 0,
+    func mapValues<T: NormalizationScalar>(staged yBar: UnsafePointer<Double>, into y: UnsafeMutablePointer<T>,
                                            mean m: Double, r: Double, weight w: Double, bias: Double) {
-        var k = k0
-        let end = k0 &+ planes
-        guard groupEps != nil else {
-            while k &+ 4 <= end { T._store4Narrow(stagedValues(x, k), y, k); k &+= 4 }
-            while k < end { y[k] = T(stagedValue(x, k)); k &+= 1 }
-            return
-        }
         let rw = r * w, rwv = SIMD4(repeating: rw), mv = SIMD4(repeating: m), bv = SIMD4(repeating: bias)
+        var k = 0
         // eight values a step (two independent lanes of four, half the loop's bookkeeping), then four
-        while k &+ 8 <= end {
-            T._store4Narrow(rwv * (stagedValues(x, k) - mv) + bv, y, k)
-            T._store4Narrow(rwv * (stagedValues(x, k &+ 4) - mv) + bv, y, k &+ 4)
+        while k &+ 8 <= planes {
+            T._store4Narrow(rwv * (yBar.lanes(k) - mv) + bv, y, k)
+            T._store4Narrow(rwv * (yBar.lanes(k &+ 4) - mv) + bv, y, k &+ 4)
             k &+= 8
         }
-        if k &+ 4 <= end { T._store4Narrow(rwv * (stagedValues(x, k) - mv) + bv, y, k); k &+= 4 }
-        while k < end { y[k] = T(rw * (stagedValue(x, k) - m) + bias); k &+= 1 }
+        if k &+ 4 <= planes { T._store4Narrow(rwv * (yBar.lanes(k) - mv) + bv, y, k); k &+= 4 }
+        while k < planes { y[k] = T(rw * (yBar[k] - m) + bias); k &+= 1 }
+    }
+
+    /// Without a channel-norm stage, the output of one-value planes is y₁ = ȳ itself, from `x` into `y`
+    /// (`planes` values each; any number of them: no group couples them).
+    @inline(__always)
+    func batchNormValues<T: NormalizationScalar>(_ x: UnsafePointer<T>, into y: UnsafeMutablePointer<T>) {
+        var k = 0
+        while k &+ 4 <= planes { T._store4Narrow(stagedValues(x, k), y, k); k &+= 4 }
+        while k < planes { y[k] = T(stagedValue(x, k)); k &+= 1 }
     }
 
     /// What the backward leaves per plane: dy₁ = E dy + F (x - p) + H, and the totals the batch-norm stage sums.

@@ -191,7 +191,7 @@ struct RowsLayout {
                                        bias: UnsafePointer<T>?, context ctx: NormalizationContext,
                                        memo: UnsafePointer<Double>? = nil, arena: inout ScratchArena) {
         let width = blockChannels, C = shape.channels, S = shape.spatial, K = units.groupSize, G = plan.groups
-        if S == 1 { return applyValues(plan: plan, x: x, y: y, bias: bias, context: ctx) }
+        if S == 1 { return applyValues(plan: plan, x: x, y: y, bias: bias, context: ctx, arena: &arena) }
         let scratch = scratch(applyCost, count: blocks * shape.batch, arena: &arena)
         parallelFor(blocks * shape.batch, cost: applyCost) { range, slot in
             let p = scratch + slot * slotLength, q = p + width, scales = q + width, offsets = scales + width
@@ -233,31 +233,36 @@ struct RowsLayout {
 
     /// Channels per item of `applyValues`: whole groups, about 512 values of a row.
     private var valueBlockChannels: Int { let K = units.groupSize; return max(K, (512 / K) * K) }
+    private var valueCost: Int { 3 * valueBlockChannels }
+    private var valueItems: Int { (shape.channels + valueBlockChannels - 1) / valueBlockChannels * shape.batch }
 
     /// Phase (c) with one-value planes (S = 1): units from x straight to y (`valueMoments`, `mapValues`), the
-    /// same numbers as the planes' maps without any scratch. An item is a stretch of a row: the moments of all
-    /// its groups first (into the context's m and r), then their r together, then the outputs, so that each
-    /// group's reduction, square root and division overlap the others' instead of stalling its own output.
+    /// same numbers as the planes' maps, with an item's staged means (y₁, one Double a value) in the thread's
+    /// scratch between the two. An item is a stretch of a row: the moments of all its groups first (into the
+    /// context's m and r), then their r together, then the outputs, so that each group's reduction, square root
+    /// and division overlap the others' instead of stalling its own output.
     private func applyValues<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>,
                                                      y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
-                                                     context ctx: NormalizationContext) {
+                                                     context ctx: NormalizationContext, arena: inout ScratchArena) {
         let width = valueBlockChannels, C = shape.channels, K = units.groupSize, G = plan.groups
         let perRow = (C + width - 1) / width, groupEps = units.groupEps(ctx)
-        parallelFor(perRow * shape.batch, cost: 3 * width) { range, _ in
+        let scratch = groupEps == nil ? nil : arena.take(parallelSlots(valueItems, cost: valueCost) * width,
+                                                         of: Double.self)
+        parallelFor(valueItems, cost: valueCost) { range, slot in
             for item in range {
                 let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
-                guard let eps = groupEps else {  // the batch-norm stage alone: no group couples channels
-                    valueUnit(channel: c0, planes: n, context: ctx)
-                        .mapValues(x + first, into: y + first, mean: 0, r: 0, weight: 1, bias: 0)
+                guard let eps = groupEps, let scratch else {  // the batch-norm stage alone: no group couples channels
+                    valueUnit(channel: c0, planes: n, context: ctx).batchNormValues(x + first, into: y + first)
                     continue
                 }
                 let groups = n / K, g0 = c0 / K, means = ctx.m + b * G + g0, inverses = ctx.r + b * G + g0
                 // One unit value for the item's groups (its pointers at c0), each group from its offset; offsets
                 // inside the item wrap unchecked (the item lies inside the tensor).
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), xs = x + first, ys = y + first
+                let staged = scratch + slot * width
                 var j = 0
                 while j < groups {
-                    let moments = unit.valueMoments(xs, from: j &* K)
+                    let moments = unit.valueMoments(xs, from: j &* K, storingInto: staged + j &* K)
                     means[j] = moments.mean; inverses[j] = moments.variance
                     j &+= 1
                 }
@@ -265,9 +270,9 @@ struct RowsLayout {
                     scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
                 j = 0
                 while j < groups {
-                    let g = g0 &+ j
-                    unit.mapValues(xs, into: ys, from: j &* K, mean: means[j], r: inverses[j], weight: ctx.w[g],
-                                   bias: bias.map { Double($0[g]) } ?? 0)
+                    let g = g0 &+ j, at = j &* K
+                    unit.mapValues(staged: staged + at, into: ys + at, mean: means[j], r: inverses[j],
+                                   weight: ctx.w[g], bias: bias.map { Double($0[g]) } ?? 0)
                     j &+= 1
                 }
             }
@@ -283,6 +288,8 @@ struct RowsLayout {
     }
 
     func applyBytes() -> Int {
-        shape.spatial == 1 ? 0 : scratchBytes(applyCost, count: blocks * shape.batch)
+        shape.spatial == 1 ? ScratchArena.bytes(parallelSlots(valueItems, cost: valueCost) * valueBlockChannels,
+                                                of: Double.self)
+            : scratchBytes(applyCost, count: blocks * shape.batch)
     }
 }
