@@ -312,11 +312,9 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
         } else {  // dx = dy₁
             g.maps(K, e: e, P: P, Q: Q, R: R)
         }
-        for j in 0..<K {  // in Float64, rounded once per value
-            let at = (first + j) * S, centre = p[j], pj = P[j], qj = Q[j], rj = R[j]
-            for i in at..<(at + S) {
-                dx[i] = T(rj.addingProduct(Double(x[i]) - centre, qj).addingProduct(Double(dy[i]), pj))
-            }
+        for j in 0..<K {
+            RowsLayout.combinePlane(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
+                                    r: R[j])
         }
     }
 }
