@@ -153,7 +153,7 @@ extension Float: NormalizationScalar {
     }
 
     /// (Σ (x - c)·s, Σ ((x - c)·s)²) with (x - c)·s computed as x·s - c·s by one FMA.
-    @inlinable
+    @inlinable @inline(__always)
     static func _scaledDeviationSums(_ x: UnsafePointer<Float>, count n: Int, centre: Float, scale: Float)
         -> (Double, Double)
     {
@@ -230,7 +230,7 @@ extension Float: NormalizationScalar {
 
     /// Float32 blocks as in `_scaledDeviationSums`, then Σdy(x-c) = Σdy(x-cf) - r Σdy. Products that overflow
     /// Float32 (|dy·(x-c)| > 3e38) are detected and the chunk is summed again in Float64.
-    @inlinable
+    @inlinable @inline(__always)
     public static func _gradientSums(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
     ) -> (sum: Double, dot: Double) {
@@ -275,7 +275,7 @@ extension Float: NormalizationScalar {
         return (sum, dot)
     }
 
-    @inlinable
+    @inlinable @inline(__always)
     public static func _combine(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, count n: Int,
         centre: Double, p: Double, q: Double, r: Double
