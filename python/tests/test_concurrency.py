@@ -76,8 +76,9 @@ def test_one_layer_from_many_threads_loses_no_update(rng):
 
 
 # (40, 64, 16, 16): 320 units, enough for the backward's units to run on the workers too
-@pytest.mark.parametrize("shape", [(2, 32, 40, 40), (40, 64, 16, 16), (512, 256)],
-                         ids=["planes", "planes-many-units", "rows"])
+# (256, 264) and (64, 264, 3, 3): groups of 33 channels, so blocks and panels end off the lanes
+@pytest.mark.parametrize("shape", [(2, 32, 40, 40), (40, 64, 16, 16), (512, 256), (256, 264), (64, 264, 3, 3)],
+                         ids=["planes", "planes-many-units", "rows", "rows-odd-groups", "rows-short-planes"])
 def test_thread_count_does_not_change_a_bit(shape, rng):
     x = random_input(rng, shape).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
