@@ -92,7 +92,7 @@ extension Double: NormalizationScalar {
         while i < n { y[i] = offset.addingProduct(x[i] - centre, scale); i += 1 }
     }
 
-    @inlinable
+    @inlinable @inline(__always)
     public static func _gradientSums(
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, count n: Int, centre: Double
     ) -> (sum: Double, dot: Double) {
@@ -110,7 +110,7 @@ extension Double: NormalizationScalar {
         return (sum, dot)
     }
 
-    @inlinable
+    @inlinable @inline(__always)
     public static func _combine(
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, count n: Int,
         centre: Double, p: Double, q: Double, r: Double
