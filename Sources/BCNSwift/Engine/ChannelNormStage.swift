@@ -240,7 +240,7 @@ extension NormalizationUnit {
     /// `first` + k0 of the tensor and channel `channel` + k0, where the unit's a, β and μ are those of `channel`:
     /// the offset k0 lets one unit value serve a row's consecutive groups, as in `valueMoments`): the numbers
     /// `backward` gives on planes p = x with T = dy and U = 0, without scratch, in two steps. `valueSums` gives
-    /// the unit's ΣT and W (the group bias's gradient, and its weight's over r), `SumGradient(t:w:...)` turns
+    /// the unit's ΣT and W (the group bias's gradient, and its weight's over r), `SumGradient.store` turns
     /// them into the constants of dy₁, and `valueGradients` hands each value's dy₁ to a sink. Rows run the first
     /// two for all their groups before the third, so that the value loops run back to back. Without a
     /// channel-norm stage dy₁ = dy (`valueGradients` with no constants).

@@ -87,13 +87,13 @@ extension RowsLayout {
                 groupSums.update(repeating: 0, count: 2 * groups)
                 for b in 0..<shape.batch {
                     let first = b &* C &+ c0
-                    // one unit value for the panel's groups of this sample, each from its offset (wrapping: the
-                    // panel lies inside the tensor)
                     guard G > 0 else {  // the batch-norm stage alone: dy₁ = dy
                         valueUnit(channel: c0, planes: n, context: ctx)
                             .valueGradients(x, dy, first: first, channel: c0, from: 0, nil, into: sink)
                         continue
                     }
+                    // one unit value for the panel's groups of this sample, each from its offset (wrapping: the
+                    // panel lies inside the tensor)
                     let unit = valueUnit(channel: c0, planes: K, context: ctx)
                     for j in 0..<groups {
                         let g = g0 &+ j, bg = b &* G &+ g, r = ctx.r[bg], m = ctx.m[bg]
