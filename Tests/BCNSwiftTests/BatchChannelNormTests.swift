@@ -75,21 +75,27 @@ final class BatchChannelNormTests: XCTestCase {
         }
     }
 
+    /// Also the per-thread scratch of every layout: this debug build stops at any region beyond the size a call
+    /// reserved up front (`ScratchArena`).
     func testResultsDoNotDependOnThreadCount() throws {
-        let shape = [4, 16, 64, 65]  // large enough to run on several threads, planes split in chunks
-        let x = input(shape.reduce(1, *), channels: 16, spatial: 64 * 65).map { Float($0) }
-        let dy = (0..<x.count).map { _ in Float(rng.normal()) }
-        var results: [[Float]] = []
-        for threads in [1, 2, 16] {
-            BCNThreads.count = threads
-            let layer = try BatchChannelNorm<Float>(channels: 16, groups: 4, estimate: false)
-            let y = try layer.forward(x, shape: shape)
-            let dx = try layer.backward(dy)
-            results.append(y + dx + layer.runningVar + layer.gradBnWeight + layer.gradWeight)
+        // planes split in chunks; rows of one value per plane and of 9, in groups of 33 channels (blocks and
+        // panels that end off the lanes); all large enough to run on several threads
+        for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8)] {
+            let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
+            let x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
+            let dy = (0..<x.count).map { _ in Float(rng.normal(0.3, 1)) }
+            var results: [[Float]] = []
+            for threads in [1, 2, 16] {
+                BCNThreads.count = threads
+                let layer = try BatchChannelNorm<Float>(channels: C, groups: groups, estimate: false)
+                let y = try layer.forward(x, shape: shape)
+                let dx = try layer.backward(dy)
+                results.append(y + dx + layer.runningVar + layer.gradBnWeight + layer.gradWeight)
+            }
+            BCNThreads.count = 0
+            XCTAssertEqual(results[0], results[1], "\(shape)")
+            XCTAssertEqual(results[0], results[2], "\(shape)")
         }
-        BCNThreads.count = 0
-        XCTAssertEqual(results[0], results[1])
-        XCTAssertEqual(results[0], results[2])
     }
 
     func testErrorsChangeNothing() throws {
