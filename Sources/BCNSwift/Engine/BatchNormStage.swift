@@ -23,26 +23,17 @@ enum BatchNormStage {
         // four lanes); then four, then one. Each channel's sums run in sample order whatever the strip.
         var c = 0
         while q == nil && c + 16 <= width {
-            let (s0, s1, s2, s3) = wideStripMoments(batch: B, p: p + c, stride: stride)
-            for k in 0..<4 {
-                out[c + k] = s0.moments(k, batch: B, spatial: spatial)
-                out[c + 4 + k] = s1.moments(k, batch: B, spatial: spatial)
-                out[c + 8 + k] = s2.moments(k, batch: B, spatial: spatial)
-                out[c + 12 + k] = s3.moments(k, batch: B, spatial: spatial)
-            }
+            stripMoments(batch: B, spatial: spatial, p: p + c, q: nil, stride: stride, chains: 4, into: out + c)
             c += 16
         }
         while c + 8 <= width {
-            let (low, high) = stripMoments(batch: B, p: p + c, q: q.map { $0 + c }, stride: stride, lanes: 2)
-            for k in 0..<4 {
-                out[c + k] = low.moments(k, batch: B, spatial: spatial)
-                out[c + 4 + k] = high.moments(k, batch: B, spatial: spatial)
-            }
+            stripMoments(batch: B, spatial: spatial, p: p + c, q: q.map { $0 + c }, stride: stride, chains: 2,
+                         into: out + c)
             c += 8
         }
         if c + 4 <= width {
-            let (low, _) = stripMoments(batch: B, p: p + c, q: q.map { $0 + c }, stride: stride, lanes: 1)
-            for k in 0..<4 { out[c + k] = low.moments(k, batch: B, spatial: spatial) }
+            stripMoments(batch: B, spatial: spatial, p: p + c, q: q.map { $0 + c }, stride: stride, chains: 1,
+                         into: out + c)
             c += 4
         }
         let invB = 1 / Double(B)
@@ -81,59 +72,51 @@ enum BatchNormStage {
         }
     }
 
+    /// The moments of 4·`chains` channels (1, 2 or 4 chains of four lanes) into `out`, their sums in registers.
     @inline(__always)
     private static func stripMoments<T: NormalizationScalar>(
-        batch B: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, lanes: Int
-    ) -> (StripSums, StripSums) {
-        let invB = 1 / Double(B), zero = SIMD4<Double>()
-        var c0 = zero, c1 = zero
+        batch B: Int, spatial: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, chains: Int,
+        into out: UnsafeMutablePointer<Moments>
+    ) {
+        let invB = SIMD4(repeating: 1 / Double(B)), zero = SIMD4<Double>()
+        var c0 = zero, c1 = zero, c2 = zero, c3 = zero
         for b in 0..<B {
             let row = p + b * stride
             c0 += T._load4Wide(row, 0)
-            if lanes == 2 { c1 += T._load4Wide(row, 4) }
+            if chains > 1 { c1 += T._load4Wide(row, 4) }
+            if chains > 2 { c2 += T._load4Wide(row, 8); c3 += T._load4Wide(row, 12) }
         }
-        c0 *= SIMD4(repeating: invB); c1 *= SIMD4(repeating: invB)
-        var w0 = zero, w1 = zero, d0 = zero, d1 = zero, e0 = zero, e1 = zero
+        c0 *= invB; c1 *= invB; c2 *= invB; c3 *= invB
+        var w0 = zero, w1 = zero, w2 = zero, w3 = zero, d0 = zero, d1 = zero, d2 = zero, d3 = zero
+        var e0 = zero, e1 = zero, e2 = zero, e3 = zero
         for b in 0..<B {
             let row = p + b * stride
             if let q {
                 let m2 = q + b * stride
                 w0 += m2.lanes(0)
-                if lanes == 2 { w1 += m2.lanes(4) }
+                if chains > 1 { w1 += m2.lanes(4) }
+                if chains > 2 { w2 += m2.lanes(8); w3 += m2.lanes(12) }
             }
             let x0 = T._load4Wide(row, 0) - c0
             d0 += x0; e0 += x0 * x0
-            if lanes == 2 { let x1 = T._load4Wide(row, 4) - c1; d1 += x1; e1 += x1 * x1 }
+            if chains > 1 { let x1 = T._load4Wide(row, 4) - c1; d1 += x1; e1 += x1 * x1 }
+            if chains > 2 {
+                let x2 = T._load4Wide(row, 8) - c2, x3 = T._load4Wide(row, 12) - c3
+                d2 += x2; e2 += x2 * x2; d3 += x3; e3 += x3 * x3
+            }
         }
-        return (StripSums(centre: c0, within: w0, deviation: d0, between: e0),
-                StripSums(centre: c1, within: w1, deviation: d1, between: e1))
-    }
-
-    /// `stripMoments` of sixteen channels without M2s: four chains, the same operations per channel.
-    @inline(__always)
-    private static func wideStripMoments<T: NormalizationScalar>(batch B: Int, p: UnsafePointer<T>, stride: Int)
-        -> (StripSums, StripSums, StripSums, StripSums)
-    {
-        let invB = SIMD4(repeating: 1 / Double(B)), zero = SIMD4<Double>()
-        var c0 = zero, c1 = zero, c2 = zero, c3 = zero
-        for b in 0..<B {
-            let row = p + b * stride
-            c0 += T._load4Wide(row, 0); c1 += T._load4Wide(row, 4)
-            c2 += T._load4Wide(row, 8); c3 += T._load4Wide(row, 12)
+        let s0 = StripSums(centre: c0, within: w0, deviation: d0, between: e0)
+        let s1 = StripSums(centre: c1, within: w1, deviation: d1, between: e1)
+        let s2 = StripSums(centre: c2, within: w2, deviation: d2, between: e2)
+        let s3 = StripSums(centre: c3, within: w3, deviation: d3, between: e3)
+        for k in 0..<4 {
+            out[k] = s0.moments(k, batch: B, spatial: spatial)
+            if chains > 1 { out[4 + k] = s1.moments(k, batch: B, spatial: spatial) }
+            if chains > 2 {
+                out[8 + k] = s2.moments(k, batch: B, spatial: spatial)
+                out[12 + k] = s3.moments(k, batch: B, spatial: spatial)
+            }
         }
-        c0 *= invB; c1 *= invB; c2 *= invB; c3 *= invB
-        var d0 = zero, d1 = zero, d2 = zero, d3 = zero, e0 = zero, e1 = zero, e2 = zero, e3 = zero
-        for b in 0..<B {
-            let row = p + b * stride
-            let x0 = T._load4Wide(row, 0) - c0, x1 = T._load4Wide(row, 4) - c1
-            let x2 = T._load4Wide(row, 8) - c2, x3 = T._load4Wide(row, 12) - c3
-            d0 += x0; e0 += x0 * x0; d1 += x1; e1 += x1 * x1
-            d2 += x2; e2 += x2 * x2; d3 += x3; e3 += x3 * x3
-        }
-        return (StripSums(centre: c0, within: zero, deviation: d0, between: e0),
-                StripSums(centre: c1, within: zero, deviation: d1, between: e1),
-                StripSums(centre: c2, within: zero, deviation: d2, between: e2),
-                StripSums(centre: c3, within: zero, deviation: d3, between: e3))
     }
 
     /// New running-buffer values, staged until nothing can fail, then committed.
