@@ -55,7 +55,7 @@ extension NormalizationEngine {
                                  + l.gradientSumsBytes(T.self, plan: plan) + l.finishBackwardBytes(T.self, plan: plan))
         let t = arena.take(2 * planes, of: Double.self), u = t + planes
         let sums = through ? arena.take(2 * C, of: Double.self) : nil
-        let gradient = UnitGradients(storage: arena.take(unitGradients, of: Double.self), planes: planes)
+        let gradient = UnitGradients(storage: arena.take(unitGradients, of: Double.self), plan: plan, shape: l.shape)
         // Through batch statistics, phase (a) computes every unit's gradient for the sums; phase (c) reuses them.
         l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
                        arena: &arena)
@@ -95,7 +95,7 @@ extension NormalizationEngine {
         let count = sums == nil ? 0 : l.unitGradientsCount(plan: plan)
         var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan)
                                  + ScratchArena.bytes(count, of: Double.self))
-        let gradient = UnitGradients(storage: arena.take(count, of: Double.self), planes: l.shape.planes)
+        let gradient = UnitGradients(storage: arena.take(count, of: Double.self), plan: plan, shape: l.shape)
         l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, unitGradients: gradient,
                        arena: &arena)
     }
@@ -163,7 +163,7 @@ extension NormalizationEngine {
         let count = l.unitGradientsCount(plan: plan)
         var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan)
                                  + ScratchArena.bytes(count, of: Double.self))
-        let gradient = UnitGradients(storage: arena.take(count, of: Double.self), planes: l.shape.planes)
+        let gradient = UnitGradients(storage: arena.take(count, of: Double.self), plan: plan, shape: l.shape)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                          t: ctx.t, u: ctx.u, sums: sums, unitGradients: gradient, arena: &arena)
     }

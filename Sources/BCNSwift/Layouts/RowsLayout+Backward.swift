@@ -30,7 +30,7 @@ extension RowsLayout {
                         for c in Swift.stride(from: panelFirst, to: panelFirst + panelCount, by: K) {
                             let at = b * C + c, unit = at / K, j = (c - panelFirst) / K
                             groupSums[j] += kept.gradients.biasGradient[unit]
-                            groupSums[groups + j] += kept.weightGradient[unit]
+                            groupSums[groups + j] += kept.gradients.weightGradient[unit]
                             sink.unit(b, c, K, kept.p + at, kept.gradients.maps[at],
                                       kept.gradients.gradient(first: at), coefficients)
                         }
@@ -51,8 +51,8 @@ extension RowsLayout {
                                           weight: G > 0 ? ctx.w[g] : 1, yBar: yBar, into: gradient)
                             if case .record(let kept) = memo {
                                 (kept.p + at).update(from: pb + k0, count: K)
-                                (kept.gradients.maps + at).update(repeating: e, count: K)
-                                kept.gradients.biasGradient[at / K] = bias; kept.weightGradient[at / K] = weight
+                                kept.gradients.record(unit: at / K, first: at, planes: K, e: e, bias: bias,
+                                                      weight: weight)
                             }
                             let j = (c - panelFirst) / K
                             groupSums[j] += bias; groupSums[groups + j] += weight
@@ -122,13 +122,12 @@ extension RowsLayout {
     /// Each unit's p and gradient for planes of several values (`UnitGradients` and p per plane), kept between
     /// the phases of one call.
     struct PlaneMemo {
-        let gradients: UnitGradients, p: UnsafeMutablePointer<Double>, weightGradient: UnsafeMutablePointer<Double>
+        let gradients: UnitGradients, p: UnsafeMutablePointer<Double>
 
         /// Over `memoCount` Doubles at `storage`.
         init(_ storage: UnsafeMutablePointer<Double>, planes: Int, units: Int) {
-            gradients = UnitGradients(storage: storage, planes: planes)
+            gradients = UnitGradients(storage: storage, planes: planes, units: units)
             p = storage + UnitGradients.count(planes: planes, units: units)
-            weightGradient = gradients.weightGradient(units: units)
         }
     }
 

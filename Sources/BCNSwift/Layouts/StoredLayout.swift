@@ -178,7 +178,7 @@ extension StoredLayout {
                                                                              through: through, context: ctx,
                                                                              arena: &arena)
         if G > 0 {  // units in order, so each group's gradients add up over samples in a fixed order
-            let units = Units(plan: plan, shape: shape), weight = gradient.weightGradient(units: units.count)
+            let units = Units(plan: plan, shape: shape), weight = gradient.weightGradient
             for unit in 0..<units.count {
                 let g = units.locate(unit).group
                 groupGradients[g] += weight[unit]; groupGradients[G + g] += gradient.biasGradient[unit]
@@ -217,15 +217,13 @@ extension StoredLayout {
                        u: UnsafePointer<Double>, into out: UnitGradients, arena: inout ScratchArena) {
         let units = Units(plan: plan, shape: shape), G = plan.groups, K = units.groupSize
         let yBar = arena.take(parallelSlots(units.count, cost: unitGradientCost) * K, of: Double.self)
-        let weight = out.weightGradient(units: units.count)
         parallelFor(units.count, cost: unitGradientCost) { range, slot in
             for unit in range {
                 let (first, _, g) = units.locate(unit)
                 let (e, bias, w) = units.unit(unit, spatial: shape.spatial, context: ctx).backward(
                     t: t + first, u: u + first, m: G > 0 ? ctx.m[unit] : 0, r: G > 0 ? ctx.r[unit] : 0,
                     weight: G > 0 ? ctx.w[g] : 1, yBar: yBar + slot * K, into: out.gradient(first: first))
-                out.maps.advanced(by: first).update(repeating: e, count: K)
-                out.biasGradient[unit] = bias; weight[unit] = w
+                out.record(unit: unit, first: first, planes: K, e: e, bias: bias, weight: w)
             }
         }
     }
