@@ -33,23 +33,13 @@ SHAPES = [((2, 64, 56, 56), 32), ((1, 256, 56, 56), 32), ((2, 512, 28, 28), 32),
 
 def median_time(fn, min_seconds=0.02, repeats=7):
     """Median seconds per call: each repeat runs fn enough times to last min_seconds."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_seconds / one))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+    return paired_median_times([fn], min_seconds, repeats)[0]
 
 
 def paired_median_times(fns, min_seconds=0.02, repeats=7):
-    """Median seconds per call of each of `fns`, their repeats interleaved (the order reversed every other
-    round), so that a slow phase of the machine falls on all of them alike: for ratios between them."""
+    """Median seconds per call of each of `fns`: each repeat runs a function enough times to last min_seconds,
+    the functions' repeats interleaved (the order reversed every other round), so that a slow phase of the
+    machine falls on all of them alike: for ratios between them."""
     inner = []
     for fn in fns:
         fn()
