@@ -131,9 +131,11 @@ def test_eval_and_channel_statistics_exchange_nothing():
 
 
 # The plain layer's single call keeps numbers between its phases that the sync layer's phased calls compute
-# again: on planes (each unit's gradient), on short planes (plane moments and gradients), and not at all on short
-# planes whose memo would exceed RowsLayout.memoLimit (16 MB: the last shape, 1.06M planes of 2 values).
-@pytest.mark.parametrize("shape", [(3, 8, 5), (3, 8, 20), (1040, 1024, 2)], ids=["rows", "planes", "rows-no-memo"])
+# again: on planes (each unit's gradient), on short planes (plane moments and gradients), on one-value planes
+# (each unit's sums), and not at all on short planes whose memo would exceed RowsLayout.memoLimit (16 MB: the
+# last shape, 1.06M planes of 2 values).
+@pytest.mark.parametrize("shape", [(3, 8, 5), (3, 8, 20), (6, 8), (1040, 1024, 2)],
+                         ids=["rows", "planes", "rows-one-value", "rows-no-memo"])
 def test_one_rank_equals_the_plain_layer_bit_for_bit(shape):
     rng = np.random.default_rng(S.SEED + 1)
     x, dy = rng.normal(size=shape) + 2.0, rng.normal(size=shape) - 0.5
