@@ -353,12 +353,21 @@ extension Float: NormalizationScalar {
         }
     }
 
-    @inlinable
+    @inlinable @inline(__always)  // once a row: inlined, as the row loop was before its one-row path
     public static func _combineColumns(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int, columns n: Int,
         stride: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
     ) {
         var c = 0
+        if rows == 1 {  // one row: the constants as memory operands, 32 columns a step
+            while c &+ 32 <= n {
+                _combineColumn8(dy, x, dx, c, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dy, x, dx, c &+ 8, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dy, x, dx, c &+ 16, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dy, x, dx, c &+ 24, centre: centre, p: p, q: q, r: r)
+                c &+= 32
+            }
+        }
         // 16 columns at a time (the constants of 32 would not fit the registers), as in `_mapColumns`
         while c + 16 <= n {
             let k0 = _load8(centre, c), k1 = _load8(centre, c + 8), p0 = _load8(p, c), p1 = _load8(p, c + 8)
@@ -390,6 +399,19 @@ extension Float: NormalizationScalar {
             }
             c += 1
         }
+    }
+
+    /// dx[i..<i+8] = r + (x - centre) · q + dy · p, as every value of `_combineColumns`. Alone in a row (the
+    /// channels-last combine walks one row at a time), the constants cannot stay in registers across rows; read
+    /// as operands of the arithmetic, they cost no instruction of their own.
+    @inlinable @inline(__always)
+    static func _combineColumn8(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
+                                _ i: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>,
+                                q: UnsafePointer<Float>, r: UnsafePointer<Float>) {
+        var v = _load8(r, i)
+        v.addProduct(_load8(x, i) - _load8(centre, i), _load8(q, i))
+        v.addProduct(_load8(dy, i), _load8(p, i))
+        _store8(v, dx, i)
     }
 
     /// Adds the lane sums of `s` to `out[0..<8]` in Float64.
