@@ -8,8 +8,18 @@ public func bcn_set_num_threads(_ n: Int32) -> Int32 {
     return Int32(clamping: BCNThreads.count)
 }
 
+/// The threads the calling thread's next call uses: its own setting if it has one, else the process's.
 @_cdecl("bcn_get_num_threads")
 public func bcn_get_num_threads() -> Int32 { Int32(clamping: BCNThreads.count) }
+
+/// Sets the calling thread's own worker threads (n <= 0: none, back to the process's); returns the setting it
+/// replaced, so that a caller can restore it.
+@_cdecl("bcn_set_calling_thread_num_threads")
+public func bcn_set_calling_thread_num_threads(_ n: Int32) -> Int32 {
+    let previous = BCNThreads.callingThreadCount
+    BCNThreads.callingThreadCount = Int(max(n, 0))
+    return Int32(clamping: previous)
+}
 
 /// BCN_ABI_VERSION of this library (bcnswift.h).
 @_cdecl("bcn_abi_version")

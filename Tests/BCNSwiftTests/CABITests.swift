@@ -151,6 +151,11 @@ final class CABITests: XCTestCase {
         XCTAssertEqual(bcn_abi_version(), BCN_ABI_VERSION)
         let n = bcn_get_num_threads()
         XCTAssertEqual(bcn_set_num_threads(3), 3)
+        XCTAssertEqual(bcn_set_calling_thread_num_threads(1), 0)  // returns the setting it replaced (0: none)
+        XCTAssertEqual(bcn_get_num_threads(), 1)  // this thread's own count wins
+        XCTAssertEqual(bcn_set_calling_thread_num_threads(-2), 1)  // negative: none, as 0
+        XCTAssertEqual(bcn_get_num_threads(), 3)
+        XCTAssertEqual(bcn_set_calling_thread_num_threads(0), 0)
         XCTAssertEqual(bcn_set_num_threads(0), n)
     }
 

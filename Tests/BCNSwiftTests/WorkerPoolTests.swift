@@ -86,3 +86,35 @@ extension WorkerPoolTests {
         #endif
     }
 }
+
+extension WorkerPoolTests {
+    /// A calling thread's own count overrides the process's for that thread alone, decides how many slots a
+    /// job gets, and `withCallingThreadCount` restores the setting it replaced, also when the body throws.
+    func testCallingThreadCountIsThisThreadsAlone() throws {
+        struct Failure: Error {}
+        defer { BCNThreads.count = 0; BCNThreads.callingThreadCount = 0 }
+        BCNThreads.count = 2
+        XCTAssertEqual(BCNThreads.callingThreadCount, 0)
+        XCTAssertEqual(parallelSlots(1_000, cost: 1 << 12), 2)
+        BCNThreads.withCallingThreadCount(1) {
+            XCTAssertEqual(BCNThreads.count, 1)
+            XCTAssertEqual(parallelSlots(1_000, cost: 1 << 12), 1)
+            checkJob(count: 1_000, cost: 1 << 12)
+            final class Seen: Sendable { let count = Atomic<Int>(-1) }
+            let seen = Seen(), done = DispatchSemaphore(value: 0)
+            Thread {  // another thread: the process's count
+                seen.count.store(BCNThreads.count, ordering: .relaxed)
+                done.signal()
+            }.start()
+            done.wait()
+            XCTAssertEqual(seen.count.load(ordering: .relaxed), 2)
+            BCNThreads.withCallingThreadCount(3) { XCTAssertEqual(BCNThreads.count, 3) }
+            XCTAssertEqual(BCNThreads.count, 1)
+        }
+        XCTAssertEqual(BCNThreads.count, 2)
+        XCTAssertThrowsError(try BCNThreads.withCallingThreadCount(1) { throw Failure() })
+        XCTAssertEqual(BCNThreads.callingThreadCount, 0)
+        BCNThreads.callingThreadCount = -4  // negative: no setting
+        XCTAssertEqual(BCNThreads.callingThreadCount, 0)
+    }
+}

@@ -21,35 +21,71 @@ from .weight_standardization import (WeightStandardization, weight_standardizati
 __version__ = "0.1.0"
 __all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "SyncBatchChannelNorm",
            "SyncBatchNorm", "WeightStandardization",
-           "weight_standardization", "weight_standardization_backward", "set_num_threads", "get_num_threads", "build_info"]
+           "weight_standardization", "weight_standardization_backward", "set_num_threads", "get_num_threads",
+           "num_threads", "build_info"]
 
 _threads_source = None  # set by set_num_threads(n > 0)
 
 
-def set_num_threads(n):
-    """Worker threads for later calls (n >= 1), or 0 for the default: BCNSWIFT_NUM_THREADS, else all cores.
-    Results are bitwise identical for every thread count. A call uses at most 256 threads."""
+def _thread_count(n):
+    """n as a thread count: any integral type (np.int64 too) in [0, 4096]; bool, float and str refused."""
     if isinstance(n, (bool, np.bool_)):
         raise TypeError(f"number of threads must be an int, got {n!r}")
     try:
-        n = operator.index(n)  # any integral type (np.int64 too); float and str refused
+        n = operator.index(n)
     except TypeError:
         raise TypeError(f"number of threads must be an int, got {type(n).__name__} {n!r}") from None
+    if not 0 <= n <= 4096:
+        raise ValueError(f"number of threads must be in [0, 4096], got {n}")
+    return n
+
+
+def set_num_threads(n):
+    """Worker threads for later calls (n >= 1), or 0 for the default: BCNSWIFT_NUM_THREADS, else all cores.
+    Results are bitwise identical for every thread count. A call uses at most 256 threads. A thread inside
+    `num_threads` keeps its own count."""
+    n = _thread_count(n)
     _ext.set_num_threads(n)
     global _threads_source
     _threads_source = f"set_num_threads({n})" if n > 0 else None
 
 
 def get_num_threads():
-    """Worker threads in force."""
+    """Worker threads the calling thread's next call uses (its `num_threads` block's, if it is in one)."""
     return _ext.get_num_threads()
+
+
+class num_threads:
+    """Context manager: bcnswift's worker threads for the calls made from this thread inside the block, n >= 1
+    (0: the process's count, as set_num_threads sets it). Other threads keep theirs; on exit the thread's
+    previous setting comes back. Results are bitwise identical for every thread count.
+
+        with bcnswift.num_threads(1):   # run on this thread alone, e.g. inside another library's thread pool
+            y = layer(x)
+    """
+
+    def __init__(self, n):
+        self.n = _thread_count(n)
+        self._saved = []  # a stack, so that one instance may be entered again inside itself
+
+    def __enter__(self):
+        self._saved.append(_ext.set_calling_thread_num_threads(self.n))
+        return self
+
+    def __exit__(self, *exc):
+        _ext.set_calling_thread_num_threads(self._saved.pop())
+        return False
 
 
 def build_info():
     """What this installation is and runs on, for bug reports (``python -m bcnswift`` prints it): version, C ABI
     version, the ISA path in use, the paths this CPU allows and the paths built, the Swift compiler, the thread
     count and where it comes from."""
-    if _threads_source is not None:
+    local = _ext.set_calling_thread_num_threads(0)  # read this thread's own count (0: none), then put it back
+    _ext.set_calling_thread_num_threads(local)
+    if local:
+        source = f"num_threads({local}) on this thread"
+    elif _threads_source is not None:
         source = _threads_source
     elif os.environ.get("BCNSWIFT_NUM_THREADS", "").strip():
         source = f"BCNSWIFT_NUM_THREADS={os.environ['BCNSWIFT_NUM_THREADS'].strip()}"

@@ -452,6 +452,17 @@ static PyObject *get_num_threads(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(bcn_get_num_threads());
 }
 
+/* The calling thread's own count; the caller (bcnswift.num_threads) has checked n. */
+static PyObject *set_calling_thread_num_threads(PyObject *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0: none), got %ld", n);
+        return NULL;
+    }
+    return PyLong_FromLong(bcn_set_calling_thread_num_threads((int32_t)n));
+}
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 static PyMethodDef methods[] = {
     {"norm_forward", FASTCALL(norm_forward), "fused normalization forward (or its phase (c))"},
@@ -464,7 +475,9 @@ static PyMethodDef methods[] = {
     {"ws_backward", FASTCALL(ws_backward), "weight standardization backward"},
     {"context_length", context_length, METH_VARARGS, "doubles a forward context needs"},
     {"set_num_threads", set_num_threads, METH_O, "set worker threads (0: default)"},
-    {"get_num_threads", get_num_threads, METH_NOARGS, "worker threads in force"},
+    {"get_num_threads", get_num_threads, METH_NOARGS, "worker threads in force for the calling thread"},
+    {"set_calling_thread_num_threads", set_calling_thread_num_threads, METH_O,
+     "set the calling thread's own worker threads (0: none); returns the previous setting"},
     {NULL, NULL, 0, NULL}};
 
 /* One kernel build per ISA path: setup.py compiles this file once per path, as bcnswift._ext_<path>, with the

@@ -177,3 +177,46 @@ def test_test_seeds_do_not_depend_on_hash_randomization():
     seeds = {subprocess.run([sys.executable, "-c", code, here], env={**os.environ, "PYTHONHASHSEED": str(h)},
                             capture_output=True, text=True, check=True).stdout for h in (1, 2, 3)}
     assert len(seeds) == 1 and seeds.pop().strip().isdigit()
+
+
+def test_num_threads_is_this_threads_alone(rng):
+    """`num_threads(n)` sets the count for calls from this thread only, nests, and restores the thread's
+    previous setting on exit, also after an exception; results are bitwise those of any other count."""
+    x = random_input(rng, (4, 64, 28, 28)).astype(np.float32)  # large enough for the worker pool
+    dy = rng.normal(size=x.shape).astype(np.float32)
+
+    def step():
+        layer = bcnswift.BatchChannelNorm(64, 8, estimate=False)
+        return layer(x), layer.backward(dy)
+
+    try:
+        bcnswift.set_num_threads(2)
+        expected = step()
+        seen = {}
+        with bcnswift.num_threads(1) as limit:
+            assert bcnswift.get_num_threads() == 1
+            assert bcnswift.build_info()["threads_source"] == "num_threads(1) on this thread"
+            other = threading.Thread(target=lambda: seen.update(count=bcnswift.get_num_threads()))
+            other.start()
+            other.join()
+            for got, want in zip(step(), expected):
+                np.testing.assert_array_equal(got, want)
+            with bcnswift.num_threads(np.int64(3)):
+                assert bcnswift.get_num_threads() == 3
+            with limit:  # the same instance again, inside itself
+                assert bcnswift.get_num_threads() == 1
+            assert bcnswift.get_num_threads() == 1
+        assert seen["count"] == 2  # the other thread kept the process's count
+        assert bcnswift.get_num_threads() == 2
+        assert bcnswift.build_info()["threads_source"] == "set_num_threads(2)"
+        with pytest.raises(KeyError):
+            with bcnswift.num_threads(1):
+                raise KeyError("inside")
+        assert bcnswift.get_num_threads() == 2
+        with bcnswift.num_threads(0):  # 0: the process's count
+            assert bcnswift.get_num_threads() == 2
+    finally:
+        bcnswift.set_num_threads(0)
+    for bad, error in ((-1, ValueError), (5000, ValueError), (1.0, TypeError), (True, TypeError), ("2", TypeError)):
+        with pytest.raises(error, match="threads"):
+            bcnswift.num_threads(bad)

@@ -1,6 +1,7 @@
 """bcnswift.torch's custom ops: torch.library.opcheck on every op in every configuration the modules use,
 gradcheck in float64, no copies on the way to the kernels, errors, and the ops' refusal of a second derivative."""
 import itertools
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import require, seed_of
 
 torch = require("torch")
+import bcnswift  # noqa: E402
 import bcnswift.torch as bt  # noqa: E402
 from bcnswift import _ext  # noqa: E402
 from bcnswift.torch import _ops  # noqa: E402
@@ -223,6 +225,58 @@ def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, monk
     assert x.data_ptr() in rec.addresses("norm_moments") & rec.addresses("norm_forward")
     assert {x.data_ptr(), dy.data_ptr()} <= rec.addresses("norm_backward")
     assert y.stride() == dx.stride() == x.stride()
+
+
+def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, monkeypatch):
+    """Every kernel call of the ops runs under bcnswift.torch's thread count (1 by default: beside torch's own
+    pool), set for the calling thread only; afterwards the thread's count is the process's again."""
+    seen = []
+    names = ("norm_moments", "running_update", "norm_forward", "norm_backward_sums", "norm_backward", "ws_forward",
+             "ws_backward")
+    for name in names:
+        def wrapped(*args, _real=getattr(_ext, name), _name=name):
+            seen.append((_name, _ext.get_num_threads()))
+            return _real(*args)
+        monkeypatch.setattr(_ops._ext, name, wrapped)
+    conv = bt.Conv2d(4, 8, 3, padding=1).double()
+    x = rand_input(gen, (2, 4, 6, 6)).requires_grad_()
+    saved = bt.get_num_threads()
+    try:
+        bcnswift.set_num_threads(2)
+        for torch_threads, expected in ((1, 1), (3, 3), (0, 2)):  # 0: bcnswift's process-wide count
+            bt.set_num_threads(torch_threads)
+            assert bt.get_num_threads() == torch_threads
+            seen.clear()
+            for estimate in (False, True):
+                norm = bt.BCNorm(8, 4, estimate=estimate).double()
+                if estimate:
+                    norm.bn.estbn_moving_speed.fill_(0.1)
+                norm(conv(x)).sum().backward()  # the eager route
+                ctx, m = _ops.moments(x, TORCH_BN | CN, 2)  # the registered ops
+                buffers = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                           torch.zeros((), dtype=torch.int64))
+                _ops.update_running_(*buffers, m, TORCH_BN, 0.1, None)
+                y, ctx = _ops.normalize(x, ctx, m, None, None, None, None, None, None, TORCH_BN | CN | TR, 2,
+                                        1e-5, 1e-5)
+                _ops.normalize_backward(torch.ones_like(y), x, ctx, TORCH_BN | CN | TR, 2, False, False)
+            assert {n for n, _ in seen} == set(names) - {"norm_backward_sums"}  # that one is SyncBCN's
+            assert {count for _, count in seen} == {expected}, seen
+            assert bcnswift.get_num_threads() == 2
+        for bad in (-1, 1.5, True):
+            with pytest.raises((TypeError, ValueError), match="threads"):
+                bt.set_num_threads(bad)
+    finally:
+        bt.set_num_threads(saved)
+        bcnswift.set_num_threads(0)
+
+
+def test_default_torch_thread_count_comes_from_the_environment():
+    code = "import bcnswift.torch as bt; print(bt.get_num_threads())"
+    for env, expected in (("", "1"), ("4", "4"), ("0", "0"), ("many", "1")):
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "BCNSWIFT_TORCH_NUM_THREADS": env})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == expected, (env, out.stdout, out.stderr)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------

@@ -11,20 +11,50 @@ import Darwin
 ///
 /// Work is always cut into the same pieces whatever this number is (see `parallelFor`), so results are bitwise
 /// identical for any thread count; only the wall time changes. A call uses at most 256 threads.
+///
+/// There are two settings: one for the process (`count`'s setter) and one per calling thread
+/// (`callingThreadCount`), which overrides it for the calls that thread makes. The second is for a caller that
+/// runs inside another thread pool: PyTorch's intra-op threads keep polling after each parallel operation, so
+/// bcnswift's workers would compete with them for the same cores (see docs/PYTORCH.md).
 public enum BCNThreads {
     private static let requested = Atomic<Int>(0)
     private static let cores: Int = {
         let n = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
         return n > 0 ? n : 1
     }()
+    /// Holds each thread's `callingThreadCount` as a pointer's bit pattern (nil: 0, no setting).
+    private static let callingThreadKey: pthread_key_t = {
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, nil) == 0, "bcnswift: no thread-specific key left")
+        return key
+    }()
 
-    /// Threads used by the next call: the value set, else `BCNSWIFT_NUM_THREADS`, else the core count.
+    /// Threads used by the next call from this thread: `callingThreadCount` when it is set, else the value set
+    /// for the process, else `BCNSWIFT_NUM_THREADS`, else the core count. Setting it sets the process's value
+    /// (0 restores the default).
     public static var count: Int {
         get {
+            let local = callingThreadCount
+            if local > 0 { return local }
             let n = requested.load(ordering: .relaxed)
             return n > 0 ? n : defaultCount
         }
         set { requested.store(max(0, newValue), ordering: .relaxed) }
+    }
+
+    /// This thread's own thread count, which overrides the process's for the calls this thread makes; 0 (the
+    /// default) means none. Other threads, including bcnswift's workers, never see it.
+    public static var callingThreadCount: Int {
+        get { Int(bitPattern: pthread_getspecific(callingThreadKey)) }
+        set { _ = pthread_setspecific(callingThreadKey, UnsafeRawPointer(bitPattern: max(0, newValue))) }
+    }
+
+    /// Runs `body` with this thread's count set to `n` (0: none), then restores the setting it replaced.
+    public static func withCallingThreadCount<R>(_ n: Int, _ body: () throws -> R) rethrows -> R {
+        let saved = callingThreadCount
+        callingThreadCount = n
+        defer { callingThreadCount = saved }
+        return try body()
     }
 
     /// `BCNSWIFT_NUM_THREADS` when it is a positive integer, else all online cores.

@@ -77,7 +77,13 @@ int32_t bcn_abi_version(void);
 /* Worker threads for later calls; n <= 0 restores the default (env BCNSWIFT_NUM_THREADS, else all cores).
  * Returns the count in force. Results are bitwise identical for every thread count. */
 int32_t bcn_set_num_threads(int32_t n);
+/* The threads the calling thread's next call uses (its own setting if it has one, else the above). */
 int32_t bcn_get_num_threads(void);
+/* Worker threads for later calls made from the calling thread only, overriding bcn_set_num_threads there;
+ * n <= 0 removes the override. Returns the calling thread's previous override (0: none), so that it can be
+ * restored. For callers inside another thread pool (PyTorch's intra-op threads poll for work after each
+ * operation; bcnswift's workers would compete with them for the cores): run on the calling thread with n = 1. */
+int32_t bcn_set_calling_thread_num_threads(int32_t n);
 
 /*
  * Length, in doubles, of the context buffer a forward fills for its backward: O(batch * channels).

@@ -10,8 +10,12 @@ BatchChannelNorm/BatchNorm/EstimatedBatchNorm/ChannelNorm, WS Conv1d/2d/3d/ConvT
 and float64 tensors run on the fused Swift kernels through the custom ops in ``bcnswift::`` (see _ops.py), and
 everything else (CUDA, MPS, half precision, or BCNSWIFT_TORCH_COMPOSED=1) on the same math composed of torch
 operations. Importing bcnswift alone never imports torch; this module needs torch >= 2.4.
+
+The kernels run on the calling thread by default, beside torch's own thread pool rather than against it:
+``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THREADS) changes that.
 """
 from . import _ops  # registers the custom ops
+from ._ops import get_num_threads, set_num_threads
 from .distributed import SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
 from .convert import convert, fold_weight_standardization, largest_divisor_at_most
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, weight_standardization
@@ -21,4 +25,5 @@ from .weight_standardized import Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear
 __all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm", "Conv1d",
            "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
            "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
-           "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm"]
+           "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm",
+           "set_num_threads", "get_num_threads"]

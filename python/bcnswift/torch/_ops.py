@@ -24,17 +24,71 @@ torch.compile and torch.export trace, and in eager mode directly, through ``torc
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
 one call per layer where the ops make three. Both give the same bits.
 """
+import os
+import types
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .. import _ext
+from .. import _ext, _thread_count
 from ..layers import channels_last_strides
 
 # inductor may hand the ops any layout it likes (channels_last, as its convolutions prefer): the kernels read
 # C order and channels-last in place, copy anything else, and the fake kernels promise the same output strides
 _ANY_LAYOUT = (torch.Tag.flexible_layout,)
+
+# ---- threads ------------------------------------------------------------------------------------------------
+# PyTorch's intra-op threads (OpenMP) keep polling for a while after each parallel operation. bcnswift's own
+# workers, woken for a kernel right after one, would compete with them for the same cores, and torch's next
+# operation with bcnswift's polling workers. In a training step the kernels do better alone on the calling
+# thread (docs/PYTORCH.md, "Threads"), so that is the default here, for these ops only.
+
+def _default_threads():
+    raw = os.environ.get("BCNSWIFT_TORCH_NUM_THREADS", "").strip()
+    if not raw:
+        return 1
+    try:
+        return _thread_count(int(raw))
+    except (TypeError, ValueError):
+        warnings.warn(f"BCNSWIFT_TORCH_NUM_THREADS={raw!r} is not a thread count in [0, 4096]; using 1")
+        return 1
+
+
+_threads = _default_threads()
+
+
+def set_num_threads(n):
+    """Threads for the kernels of bcnswift.torch's operations: 1 (the default, or BCNSWIFT_TORCH_NUM_THREADS)
+    runs them on the calling thread, beside torch's own thread pool; n > 1 uses bcnswift's workers too; 0 uses
+    bcnswift's process-wide count (bcnswift.set_num_threads). Results are bitwise identical for every count."""
+    global _threads
+    _threads = _thread_count(n)
+
+
+def get_num_threads():
+    """The thread count bcnswift.torch's kernels run with (0: bcnswift's process-wide count)."""
+    return _threads
+
+
+def _with_torch_threads(name):
+    """The extension's kernel `name`, run under this module's thread count, set for the calling thread only and
+    restored after."""
+    def run(*args):
+        saved = _ext.set_calling_thread_num_threads(_threads)
+        try:
+            return getattr(_ext, name)(*args)
+        finally:
+            _ext.set_calling_thread_num_threads(saved)
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+# every kernel call of these ops goes through here
+_kernels = types.SimpleNamespace(**{name: _with_torch_threads(name) for name in (
+    "norm_moments", "running_update", "norm_forward", "norm_backward_sums", "norm_backward", "ws_forward",
+    "ws_backward")})
 
 _CONTEXT_HEADER = 10  # doubles before the context's arrays (NormalizationContext.headerLength)
 
@@ -108,7 +162,7 @@ def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, to
     # zeros, not empty: the kernels leave parts of a context unused, and an output must be deterministic
     ctx = torch.zeros(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
     m = torch.empty(3 * C, dtype=torch.float64)
-    _ext.norm_moments(flags | form, groups, _array(x), _array(m), _array(ctx))
+    _kernels.norm_moments(flags | form, groups, _array(x), _array(m), _array(ctx))
     return ctx, m
 
 
@@ -135,7 +189,7 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_b
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    _ext.running_update(flags, momentum, _array(moments.contiguous()), _array(running_mean),
+    _kernels.running_update(flags, momentum, _array(moments.contiguous()), _array(running_mean),
                         _array(running_var), _array(num_batches_tracked))
 
 
@@ -187,12 +241,12 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         cb = np.zeros(groups, xa.dtype) if cn_bias is None else _param(cn_bias)
     if context is None:
         out_ctx = torch.from_numpy(np.zeros(context_length(B, C, _groups(flags, groups))))
-        _ext.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
+        _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                           _array(out_ctx))
     else:
         out_ctx = context.clone() if not write_buffers else context
         m = None if moments is None else _array(moments.contiguous())
-        _ext.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
+        _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                           _array(out_ctx), m)
     return y, out_ctx
 
@@ -235,10 +289,10 @@ def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sum
     merged = ()
     if merge_sums is not None:
         sums = np.zeros(2 * C)
-        _ext.norm_backward_sums(flags, groups, _array(x), _array(dy), sums, _array(context))
+        _kernels.norm_backward_sums(flags, groups, _array(x), _array(dy), sums, _array(context))
         merged = (merge_sums(sums),)
-    _ext.norm_backward(flags, groups, _array(x), _array(dy), _array(dx), *(a if a.size else None for a in arrays),
-                       _array(context), *merged)
+    _kernels.norm_backward(flags, groups, _array(x), _array(dy), _array(dx),
+                           *(a if a.size else None for a in arrays), _array(context), *merged)
     return (dx, *(torch.from_numpy(a) for a in arrays))
 
 
@@ -340,7 +394,7 @@ def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Te
     if _rows(w) is None:
         w = w.contiguous()
     out = torch.empty_like(w)  # in w's own layout
-    _ext.ws_forward(flags, eps, _array(_rows(w)), _array(_rows(out)))
+    _kernels.ws_forward(flags, eps, _array(_rows(w)), _array(_rows(out)))
     return out
 
 
@@ -359,7 +413,7 @@ def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: f
         w = w.contiguous()
     grad = _like(grad if grad.dtype == w.dtype else grad.to(w.dtype), w)
     out = torch.empty_like(w)
-    _ext.ws_backward(flags, eps, _array(_rows(w)), _array(_rows(grad)), _array(_rows(out)))
+    _kernels.ws_backward(flags, eps, _array(_rows(w)), _array(_rows(grad)), _array(_rows(out)))
     return out
 
 
