@@ -10,7 +10,9 @@ their WS Conv2d) eager and under torch.compile, and bcnswift.torch eager and com
 
 The normalization's share of a step is 1 - t(same model, normalization layers replaced by nn.Identity) / t(step),
 each measured the same way (eager or compiled), in the same run. Times are medians of repeated steps after a
-warm-up (which includes compiling).
+warm-up (which includes compiling). Every way of a model and its model without normalization take one step each
+in turn, the order reversed every other round, so that the machine's slow phases fall on all of them alike:
+a share is a difference of two times, and timed apart, minutes of drift swamped it.
 """
 import json
 import statistics
@@ -20,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import BCNorm, Conv2d, largest_divisor_at_most
+from . import BCNorm, Conv2d, get_num_threads, largest_divisor_at_most
 from . import reference as R
 
 MODELS = {"small": ((32, 64, 128, 256), 16), "resnet18": ((64, 128, 256, 512), 32)}
@@ -78,8 +80,8 @@ def build(model, way, estimate, normalization=True):
     return resnet(widths, conv, norm)
 
 
-def step_time(model, compiled, repeats, warmup, batch=8):
-    """Median seconds of one training step."""
+def stepper(model, compiled, batch=8):
+    """One training step of `model` as a function of no arguments (compiled with torch.compile if asked)."""
     torch.manual_seed(1)
     x = torch.randn(batch, 3, 32, 32) + 0.5
     target = torch.randint(0, 10, (batch,))
@@ -96,33 +98,47 @@ def step_time(model, compiled, repeats, warmup, batch=8):
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(run(x), target).backward()
         opt.step()
+    return step
 
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+
+def interleaved_medians(steps, repeats, warmup):
+    """Median seconds of each step function, timed one step each in turn (the order reversed every other
+    round), so that the machine's slow phases fall on all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            steps[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
                                          "bcnswift compiled"), repeats=15, warmup=3, estimate=False,
         json_path=None):
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); training step: batch 8, 32x32, "
-          f"SGD; BCN estimate={estimate}; median of {repeats} steps")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
+          f"{get_num_threads() or 'bcnswift default'} thread(s); training step: batch 8, 32x32, SGD; BCN "
+          f"estimate={estimate}; median of {repeats} steps, every way and its model without normalization timed "
+          f"in turn")
     results = {}
     for model in models:
+        steps = {}
         for way in ways:
             who, mode = way.split()
             compiled = mode == "compiled"
-            t = step_time(build(model, who, estimate), compiled, repeats, warmup)
-            t_bare = step_time(build(model, who, estimate, normalization=False), compiled, repeats, warmup)
+            steps[way] = stepper(build(model, who, estimate), compiled)
+            steps[way + " bare"] = stepper(build(model, who, estimate, normalization=False), compiled)
+        medians = interleaved_medians(steps, repeats, warmup)
+        for way in ways:
+            t, t_bare = medians[way], medians[way + " bare"]
             share = max(0.0, 1 - t_bare / t)
             results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": share}
             print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {share * 100:.0f}%", flush=True)
-            torch._dynamo.reset()
+        torch._dynamo.reset()
     ratios = {}
     for model in models:
         def ms(way):
@@ -135,6 +151,7 @@ def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled",
                 print(f"{key} = {ratios[key]:.2f}x")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "estimate": estimate,
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "bcnswift_torch_threads": get_num_threads(), "estimate": estimate,
                        "repeats": repeats, "results": results, "ratios": ratios}, f, indent=2)
     return results, ratios
