@@ -22,11 +22,11 @@ public enum BCNThreads {
         let n = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
         return n > 0 ? n : 1
     }()
-    /// Holds each thread's `callingThreadCount` as a pointer's bit pattern (nil: 0, no setting).
-    private static let callingThreadKey: pthread_key_t = {
+    /// Holds each thread's `callingThreadCount` as a pointer's bit pattern (nil: 0, no setting); nil when the
+    /// process has no thread-specific key left (PTHREAD_KEYS_MAX), and then there is no per-thread setting.
+    private static let callingThreadKey: pthread_key_t? = {
         var key = pthread_key_t()
-        precondition(pthread_key_create(&key, nil) == 0, "bcnswift: no thread-specific key left")
-        return key
+        return pthread_key_create(&key, nil) == 0 ? key : nil
     }()
 
     /// Threads used by the next call from this thread: `callingThreadCount` when it is set, else the value set
@@ -45,8 +45,11 @@ public enum BCNThreads {
     /// This thread's own thread count, which overrides the process's for the calls this thread makes; 0 (the
     /// default) means none. Other threads, including bcnswift's workers, never see it.
     public static var callingThreadCount: Int {
-        get { Int(bitPattern: pthread_getspecific(callingThreadKey)) }
-        set { _ = pthread_setspecific(callingThreadKey, UnsafeRawPointer(bitPattern: max(0, newValue))) }
+        get { callingThreadKey.map { Int(bitPattern: pthread_getspecific($0)) } ?? 0 }
+        set {
+            guard let key = callingThreadKey else { return }  // see callingThreadKey
+            _ = pthread_setspecific(key, UnsafeRawPointer(bitPattern: max(0, newValue)))
+        }
     }
 
     /// Runs `body` with this thread's count set to `n` (0: none), then restores the setting it replaced.

@@ -82,7 +82,9 @@ int32_t bcn_get_num_threads(void);
 /* Worker threads for later calls made from the calling thread only, overriding bcn_set_num_threads there;
  * n <= 0 removes the override. Returns the calling thread's previous override (0: none), so that it can be
  * restored. For callers inside another thread pool (PyTorch's intra-op threads poll for work after each
- * operation; bcnswift's workers would compete with them for the cores): run on the calling thread with n = 1. */
+ * operation; bcnswift's workers would compete with them for the cores): run on the calling thread with n = 1.
+ * (A process that has used up its thread-specific keys, PTHREAD_KEYS_MAX, has no per-thread setting: then this
+ * does nothing and returns 0.) */
 int32_t bcn_set_calling_thread_num_threads(int32_t n);
 
 /*
