@@ -452,7 +452,7 @@ static PyObject *get_num_threads(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(bcn_get_num_threads());
 }
 
-/* The calling thread's own count; the caller (bcnswift.num_threads) has checked n. */
+/* The calling thread's own count (0: none); returns the setting it replaced. */
 static PyObject *set_calling_thread_num_threads(PyObject *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;

@@ -190,7 +190,7 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_b
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     _kernels.running_update(flags, momentum, _array(moments.contiguous()), _array(running_mean),
-                        _array(running_var), _array(num_batches_tracked))
+                            _array(running_var), _array(num_batches_tracked))
 
 
 update_running_ = torch.library.custom_op(
@@ -242,12 +242,12 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
     if context is None:
         out_ctx = torch.from_numpy(np.zeros(context_length(B, C, _groups(flags, groups))))
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
-                          _array(out_ctx))
+                              _array(out_ctx))
     else:
         out_ctx = context.clone() if not write_buffers else context
         m = None if moments is None else _array(moments.contiguous())
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
-                          _array(out_ctx), m)
+                              _array(out_ctx), m)
     return y, out_ctx
 
 
