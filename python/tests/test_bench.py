@@ -1,5 +1,6 @@
 """The benchmark script runs and prints a complete row per shape and mode (no timing is asserted)."""
 from bcnswift import bench
+from conftest import require
 
 
 def test_bench_runs_on_small_shapes(capsys):
@@ -32,3 +33,31 @@ def test_paired_timer_interleaves_its_functions():
     assert len(times) == 2 and all(t > 0 for t in times)
     # two warm-up calls each, then one call per repeat, in the order a b, b a, a b, b a
     assert "".join(calls) == "aabb" + "ab" "ba" "ab" "ba"
+
+
+def test_torch_steps_take_turns():
+    require("torch")
+    from bcnswift.torch import bench as torch_bench
+    calls = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in ("a", "a bare", "b", "b bare")}
+    medians = torch_bench.interleaved_medians(steps, repeats=3, warmup=1)
+    assert set(medians) == set(steps) and all(t > 0 for t in medians.values())
+    order = ["a", "a bare", "b", "b bare"]
+    assert calls == order + order + order[::-1] + order  # warm-up, then each round, every other one reversed
+
+
+def test_torch_bench_runs_a_model(tmp_path, capsys):
+    require("torch")
+    import json
+    from bcnswift.torch import bench as torch_bench
+    path = tmp_path / "torch.json"
+    results, ratios = torch_bench.run(models=("small",), ways=("authors eager", "bcnswift eager"), repeats=1,
+                                      warmup=1, json_path=str(path))
+    printed = capsys.readouterr().out
+    for way in ("authors eager", "bcnswift eager"):
+        r = results[f"small {way}"]
+        assert r["ms_per_step"] > 0 and 0 <= r["normalization_share"] < 1
+        assert f"small {way}: " in printed
+    assert ratios["small: authors eager / bcnswift eager"] > 0
+    saved = json.loads(path.read_text())
+    assert saved["results"] == results and saved["bcnswift_torch_threads"] == torch_bench.get_num_threads()
