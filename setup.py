@@ -30,9 +30,11 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {"baseline": ["-Xcc", "-march=x86-64"] if X86 else [], "x86-64-v3": ["-Xcc", "-march=x86-64-v3"]}
 
 
-#: functions of the static Swift runtime bound to their oldest glibc version (python/bcnswift/_glibc_compat.c)
+#: functions of the static Swift runtime (and the core's per-thread thread count: pthread_getspecific) bound to
+#: their oldest glibc version (python/bcnswift/_glibc_compat.c)
 GLIBC_WRAPPED = ["dlopen", "dlsym", "dlerror", "dladdr", "pthread_create", "pthread_attr_getstack",
-                 "pthread_getattr_np", "pthread_once", "pthread_key_create", "pthread_setspecific", "pthread_sigmask",
+                 "pthread_getattr_np", "pthread_once", "pthread_key_create", "pthread_getspecific",
+                 "pthread_setspecific", "pthread_sigmask",
                  "expf", "logf", "exp2f", "log2f", "exp", "log", "exp2", "log2", "stat"]
 
 

@@ -25,6 +25,7 @@ OLD(int, pthread_attr_getstack, (const pthread_attr_t *a, void **s, size_t *n), 
 OLD(int, pthread_getattr_np, (pthread_t t, pthread_attr_t *a), (t, a))
 OLD(int, pthread_once, (pthread_once_t *o, void (*f)(void)), (o, f))
 OLD(int, pthread_key_create, (pthread_key_t *k, void (*d)(void *)), (k, d))
+OLD(void *, pthread_getspecific, (pthread_key_t k), (k))
 OLD(int, pthread_setspecific, (pthread_key_t k, const void *v), (k, v))
 OLD(int, pthread_sigmask, (int how, const void *set, void *old), (how, set, old))
 OLD(float, expf, (float x), (x))
