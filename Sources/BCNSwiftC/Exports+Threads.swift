@@ -1,11 +1,12 @@
 import BCNSwift
 import CBCNSwift
 
-/// Sets the worker threads for later calls; n <= 0 restores the default. Returns the count now in force.
+/// Sets the process's worker threads for later calls; n <= 0 restores the default. Returns the process's count
+/// now in force (a thread with its own setting keeps using that).
 @_cdecl("bcn_set_num_threads")
 public func bcn_set_num_threads(_ n: Int32) -> Int32 {
     BCNThreads.count = Int(max(n, 0))
-    return Int32(clamping: BCNThreads.count)
+    return Int32(clamping: BCNThreads.processCount)
 }
 
 /// The threads the calling thread's next call uses: its own setting if it has one, else the process's.

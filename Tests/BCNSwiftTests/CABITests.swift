@@ -153,6 +153,9 @@ final class CABITests: XCTestCase {
         XCTAssertEqual(bcn_set_num_threads(3), 3)
         XCTAssertEqual(bcn_set_calling_thread_num_threads(1), 0)  // returns the setting it replaced (0: none)
         XCTAssertEqual(bcn_get_num_threads(), 1)  // this thread's own count wins
+        XCTAssertEqual(bcn_set_num_threads(4), 4)  // the process's, whatever this thread's own is
+        XCTAssertEqual(bcn_get_num_threads(), 1)
+        XCTAssertEqual(bcn_set_num_threads(3), 3)
         XCTAssertEqual(bcn_set_calling_thread_num_threads(-2), 1)  // negative: none, as 0
         XCTAssertEqual(bcn_get_num_threads(), 3)
         XCTAssertEqual(bcn_set_calling_thread_num_threads(0), 0)

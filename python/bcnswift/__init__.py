@@ -9,6 +9,7 @@ import operator
 import os
 import platform
 import sys
+import threading
 
 import numpy as np
 
@@ -66,14 +67,17 @@ class num_threads:
 
     def __init__(self, n):
         self.n = _thread_count(n)
-        self._saved = []  # a stack, so that one instance may be entered again inside itself
+        # per thread, a stack of the settings replaced: one instance may be entered inside itself, and by
+        # several threads at once
+        self._local = threading.local()
 
     def __enter__(self):
-        self._saved.append(_ext.set_calling_thread_num_threads(self.n))
+        saved = self._local.__dict__.setdefault("saved", [])
+        saved.append(_ext.set_calling_thread_num_threads(self.n))
         return self
 
     def __exit__(self, *exc):
-        _ext.set_calling_thread_num_threads(self._saved.pop())
+        _ext.set_calling_thread_num_threads(self._local.saved.pop())
         return False
 
 

@@ -220,3 +220,29 @@ def test_num_threads_is_this_threads_alone(rng):
     for bad, error in ((-1, ValueError), (5000, ValueError), (1.0, TypeError), (True, TypeError), ("2", TypeError)):
         with pytest.raises(error, match="threads"):
             bcnswift.num_threads(bad)
+
+
+def test_one_num_threads_instance_entered_by_two_threads():
+    """One instance (say, a module-level limit) entered by two threads whose blocks overlap and end in the other
+    order: each thread gets its own previous setting back."""
+    limit = bcnswift.num_threads(1)
+    entered, first_left = threading.Barrier(2, timeout=30), threading.Event()
+    after = {}
+
+    def run(name, own, leave_first):
+        with bcnswift.num_threads(own):
+            with limit:
+                entered.wait()  # both inside the same instance's block
+                if not leave_first:
+                    assert first_left.wait(timeout=30)
+                after[name + " inside"] = bcnswift.get_num_threads()
+            if leave_first:
+                first_left.set()
+            after[name] = bcnswift.get_num_threads()
+
+    threads = [threading.Thread(target=run, args=("a", 3, True)), threading.Thread(target=run, args=("b", 4, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert after == {"a inside": 1, "b inside": 1, "a": 3, "b": 4}

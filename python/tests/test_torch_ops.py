@@ -243,7 +243,7 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
     saved = bt.get_num_threads()
     try:
         bcnswift.set_num_threads(2)
-        for torch_threads, expected in ((1, 1), (3, 3), (0, 2)):  # 0: bcnswift's process-wide count
+        for torch_threads, expected in ((1, 1), (3, 3), (0, 2)):  # 0: as bcnswift chooses (the process's)
             bt.set_num_threads(torch_threads)
             assert bt.get_num_threads() == torch_threads
             seen.clear()
@@ -262,6 +262,21 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
             assert {n for n, _ in seen} == set(names) - {"norm_backward_sums"}  # that one is SyncBCN's
             assert {count for _, count in seen} == {expected}, seen
             assert bcnswift.get_num_threads() == 2
+        with bcnswift.num_threads(5):  # the caller's own setting: used with 0, given back after each kernel
+            for torch_threads, expected in ((1, 1), (0, 5)):
+                bt.set_num_threads(torch_threads)
+                seen.clear()
+                bt.BCNorm(8, 4).double()(conv(x)).sum().backward()
+                assert {count for _, count in seen} == {expected}, seen
+                assert bcnswift.get_num_threads() == 5
+            bt.set_num_threads(1)
+
+            def failing(*args):
+                raise FloatingPointError("a kernel that fails")
+            monkeypatch.setattr(_ops._ext, "norm_forward", failing)
+            with pytest.raises(FloatingPointError, match="a kernel that fails"):
+                bt.BCNorm(4, 2).double()(x.detach())
+            assert bcnswift.get_num_threads() == 5  # restored after the failure too
         for bad in (-1, 1.5, True):
             with pytest.raises((TypeError, ValueError), match="threads"):
                 bt.set_num_threads(bad)

@@ -35,11 +35,16 @@ public enum BCNThreads {
     public static var count: Int {
         get {
             let local = callingThreadCount
-            if local > 0 { return local }
-            let n = requested.load(ordering: .relaxed)
-            return n > 0 ? n : defaultCount
+            return local > 0 ? local : processCount
         }
         set { requested.store(max(0, newValue), ordering: .relaxed) }
+    }
+
+    /// The process's count, which a thread without its own setting uses: the value set, else
+    /// `BCNSWIFT_NUM_THREADS`, else the core count.
+    public static var processCount: Int {
+        let n = requested.load(ordering: .relaxed)
+        return n > 0 ? n : defaultCount
     }
 
     /// This thread's own thread count, which overrides the process's for the calls this thread makes; 0 (the

@@ -75,7 +75,8 @@ extern "C" {
 int32_t bcn_abi_version(void);
 
 /* Worker threads for later calls; n <= 0 restores the default (env BCNSWIFT_NUM_THREADS, else all cores).
- * Returns the count in force. Results are bitwise identical for every thread count. */
+ * Returns the process's count now in force (a thread with its own setting, below, keeps using that). Results
+ * are bitwise identical for every thread count. */
 int32_t bcn_set_num_threads(int32_t n);
 /* The threads the calling thread's next call uses (its own setting if it has one, else the above). */
 int32_t bcn_get_num_threads(void);

@@ -61,21 +61,24 @@ _threads = _default_threads()
 
 def set_num_threads(n):
     """Threads for the kernels of bcnswift.torch's operations: 1 (the default, or BCNSWIFT_TORCH_NUM_THREADS)
-    runs them on the calling thread, beside torch's own thread pool; n > 1 uses bcnswift's workers too; 0 uses
-    bcnswift's process-wide count (bcnswift.set_num_threads). Results are bitwise identical for every count."""
+    runs them on the calling thread, beside torch's own thread pool; n > 1 uses bcnswift's workers too; 0 leaves
+    the choice to bcnswift (the calling thread's bcnswift.num_threads block, else bcnswift.set_num_threads's
+    count). Results are bitwise identical for every count."""
     global _threads
     _threads = _thread_count(n)
 
 
 def get_num_threads():
-    """The thread count bcnswift.torch's kernels run with (0: bcnswift's process-wide count)."""
+    """The thread count bcnswift.torch's kernels run with (0: as bcnswift chooses; see set_num_threads)."""
     return _threads
 
 
 def _with_torch_threads(name):
     """The extension's kernel `name`, run under this module's thread count, set for the calling thread only and
-    restored after."""
+    restored after (with 0, the calling thread's setting is left as it is)."""
     def run(*args):
+        if not _threads:
+            return getattr(_ext, name)(*args)
         saved = _ext.set_calling_thread_num_threads(_threads)
         try:
             return getattr(_ext, name)(*args)
