@@ -438,14 +438,20 @@ static PyObject *context_length(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bcn_context_length(b, c, g));
 }
 
-static PyObject *set_num_threads(PyObject *self, PyObject *arg) {
+/* A thread count in [0, 4096] (0 means `zero`), or -1 with an exception set. */
+static long thread_count(PyObject *arg, const char *zero) {
     long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n == -1 && PyErr_Occurred()) return -1;
     if (n < 0 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0: default), got %ld", n);
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0: %s), got %ld", zero, n);
+        return -1;
     }
-    return PyLong_FromLong(bcn_set_num_threads((int32_t)n));
+    return n;
+}
+
+static PyObject *set_num_threads(PyObject *self, PyObject *arg) {
+    long n = thread_count(arg, "default");
+    return n < 0 ? NULL : PyLong_FromLong(bcn_set_num_threads((int32_t)n));
 }
 
 static PyObject *get_num_threads(PyObject *self, PyObject *unused) {
@@ -454,13 +460,8 @@ static PyObject *get_num_threads(PyObject *self, PyObject *unused) {
 
 /* The calling thread's own count (0: none); returns the setting it replaced. */
 static PyObject *set_calling_thread_num_threads(PyObject *self, PyObject *arg) {
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0: none), got %ld", n);
-        return NULL;
-    }
-    return PyLong_FromLong(bcn_set_calling_thread_num_threads((int32_t)n));
+    long n = thread_count(arg, "none");
+    return n < 0 ? NULL : PyLong_FromLong(bcn_set_calling_thread_num_threads((int32_t)n));
 }
 
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
