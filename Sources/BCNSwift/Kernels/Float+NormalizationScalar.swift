@@ -47,9 +47,11 @@ extension Float: NormalizationScalar {
     /// unlike `_flush`, without handing LLVM's SLP vectorizer scalar lanes to regroup.
     @inlinable @inline(__always)
     static func _hsum2(_ a: SIMD8<Float>, _ b: SIMD8<Float>) -> (Float, Float) {
-        let t = SIMD8<Float>(lowHalf: a.lowHalf, highHalf: b.lowHalf) + SIMD8<Float>(lowHalf: a.highHalf, highHalf: b.highHalf)
+        let t = SIMD8<Float>(lowHalf: a.lowHalf, highHalf: b.lowHalf)
+            + SIMD8<Float>(lowHalf: a.highHalf, highHalf: b.highHalf)  // (a.lo + a.hi, b.lo + b.hi)
         let pairs = unsafeBitCast(t, to: SIMD4<UInt64>.self)  // (t0 t1), (t2 t3), (t4 t5), (t6 t7)
-        let c = unsafeBitCast(pairs.evenHalf, to: SIMD4<Float>.self) + unsafeBitCast(pairs.oddHalf, to: SIMD4<Float>.self)
+        let c = unsafeBitCast(pairs.evenHalf, to: SIMD4<Float>.self)
+            + unsafeBitCast(pairs.oddHalf, to: SIMD4<Float>.self)  // (t0 + t2, t1 + t3, t4 + t6, t5 + t7)
         let d = c.evenHalf + c.oddHalf  // (c0 + c1, c2 + c3)
         return (d[0], d[1])
     }
@@ -432,9 +434,9 @@ extension Float: NormalizationScalar {
     /// channels-last combine walks one row at a time), the constants cannot stay in registers across rows; read
     /// as operands of the arithmetic, they cost no instruction of their own.
     @inlinable @inline(__always)
-    static func _combineColumn8(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
-                                _ i: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>,
-                                q: UnsafePointer<Float>, r: UnsafePointer<Float>) {
+    static func _combineColumn8(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
+                                _ dx: UnsafeMutablePointer<Float>, _ i: Int, centre: UnsafePointer<Float>,
+                                p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>) {
         var v = _load8(r, i)
         v.addProduct(_load8(x, i) - _load8(centre, i), _load8(q, i))
         v.addProduct(_load8(dy, i), _load8(p, i))
