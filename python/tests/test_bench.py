@@ -43,7 +43,9 @@ def test_torch_steps_take_turns():
     medians = torch_bench.interleaved_medians(steps, repeats=3, warmup=1)
     assert set(medians) == set(steps) and all(t > 0 for t in medians.values())
     order = ["a", "a bare", "b", "b bare"]
-    assert calls == order + order + order[::-1] + order  # warm-up, then each round, every other one reversed
+    # the warm-up step each, the shared paired timer's two first calls each, then one step a round in turn,
+    # every other round reversed
+    assert calls == order + [n for n in order for _ in range(2)] + order + order[::-1] + order
 
 
 def test_torch_bench_runs_a_model(tmp_path, capsys):

@@ -15,13 +15,12 @@ in turn, the order reversed every other round, so that the machine's slow phases
 a share is a difference of two times, and timed apart, minutes of drift swamped it.
 """
 import json
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
+from ..bench import paired_median_times
 from . import BCNorm, Conv2d, get_num_threads, largest_divisor_at_most
 from . import reference as R
 
@@ -102,19 +101,14 @@ def stepper(model, compiled, batch=8):
 
 
 def interleaved_medians(steps, repeats, warmup):
-    """Median seconds of each step function, timed one step each in turn (the order reversed every other
-    round), so that the machine's slow phases fall on all of them alike."""
+    """Median seconds of each step function after `warmup` steps each (compiling, when compiled): one step
+    each in turn, the order reversed every other round (`bcnswift.bench.paired_median_times`), so that the
+    machine's slow phases fall on all of them alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    samples = {name: [] for name in steps}
-    order = list(steps)
-    for r in range(repeats):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            steps[name]()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    times = paired_median_times(list(steps.values()), min_seconds=0.0, repeats=repeats)
+    return dict(zip(steps, times))
 
 
 def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
