@@ -355,3 +355,36 @@ def test_strides_of_size_one_axes_cost_no_copy(dtype, gen, monkeypatch):
                                rtol=0, atol=0)
     torch.testing.assert_close(dx, _ops._normalize_backward(dy, x, ctx, TORCH_BN | CN | TR, 4, False, False)[0],
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("forward_layout", LAYOUTS)
+@pytest.mark.parametrize("stage", ["BCN batch statistics", "BCN estimated"])
+def test_ops_continue_a_context_made_in_the_other_layout(forward_layout, stage, gen):
+    """The ops take any layout (flexible_layout), and inductor may hand a later phase the same x in another
+    layout than the phase that made the context saw (it can recompute a saved tensor for the backward). The
+    phase continues in the context's layout and returns its output in the layout promised for x as given:
+    the values are those of one layout throughout, to the bit."""
+    other = "contiguous" if forward_layout == "channels_last" else "channels_last"
+    flags = STAGES[stage]
+    p = parameters(gen, 8, 4, torch.float64)
+    x = rand_input(gen, (3, 8, 4, 5), torch.float64, forward_layout)
+    other_format = torch.channels_last if other == "channels_last" else torch.contiguous_format
+    x_other = x.contiguous(memory_format=other_format)
+    dy = rand_input(gen, (3, 8, 4, 5), torch.float64, forward_layout)
+    dy_other = dy.contiguous(memory_format=other_format)
+    ctx, m = _ops.moments(x, flags, 4)
+    if flags & _ext.BCN_ESTIMATED:
+        args = (None, p["bw"], p["bb"], p["rm"], p["rv"], p["cw"], p["cb"], flags, 4, 1e-5, 1e-3)
+    else:
+        args = (m, p["bw"], p["bb"], None, None, p["cw"], p["cb"], flags | TR, 4, 1e-5, 1e-3)
+    y, ctx_y = _ops.normalize(x, ctx, *args)
+    y_other, ctx_other = _ops.normalize(x_other, ctx, *args)
+    assert _ops._form(y_other) == _ops._form(x_other) != _ops._form(y)
+    torch.testing.assert_close(y_other, y, rtol=0, atol=0)
+    torch.testing.assert_close(ctx_other, ctx_y, rtol=0, atol=0)
+    train = 0 if flags & _ext.BCN_ESTIMATED else TR
+    grads = _ops.normalize_backward(dy, x, ctx_y, flags | train, 4, True, True)
+    grads_other = _ops.normalize_backward(dy_other, x_other, ctx_y, flags | train, 4, True, True)
+    assert _ops._form(grads_other[0]) == _ops._form(x_other)
+    for g, g_other in zip(grads, grads_other):
+        torch.testing.assert_close(g_other, g, rtol=0, atol=0)

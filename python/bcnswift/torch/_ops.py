@@ -94,6 +94,7 @@ _kernels = types.SimpleNamespace(**{name: _with_torch_threads(name) for name in 
     "ws_backward")})
 
 _CONTEXT_HEADER = 10  # doubles before the context's arrays (NormalizationContext.headerLength)
+_CONTEXT_FORMAT = 6  # the header's memory format: 0 C order, 1 channels-last (NormalizationContext.writeHeader)
 
 
 def context_length(batch, channels, groups):
@@ -139,6 +140,27 @@ def _like(t, x):
     compared."""
     same = all(a == b for a, b, n in zip(t.stride(), x.stride(), x.shape) if n != 1)
     return t if same else torch.empty_like(x).copy_(t)
+
+
+def _in_layout(t, channels_last):
+    """t dense in C order, or channels-last ([B, *, C] in C order), copied only if it is not already."""
+    if not channels_last:
+        return t.contiguous()
+    return t if _form(t) == "last" else t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _context_layout(x, context):
+    """(x, its memory-format flag, relaid): x as `_layout` gives it, unless `context` (a numpy view) holds
+    phases run on x in the other layout. A compiler may hand an op x in another layout than the op that made
+    the context had (the ops take any layout, and inductor may recompute a saved tensor for the backward):
+    then x is relaid (relaid=True) in the layout the context's header records, and the caller gives its output
+    the layout promised for x as it came."""
+    x, form = _layout(x)
+    if context is None or context.size <= _CONTEXT_FORMAT or x.dim() <= 2:
+        return x, form, False
+    if context[_CONTEXT_FORMAT] != (0.0 if form else 1.0):  # x's own layout, or no header the kernels accept
+        return x, form, False
+    return _in_layout(x, not form), form ^ _ext.BCN_CHANNELS_LAST, True
 
 
 def _output(x):
@@ -214,7 +236,8 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
     write_buffers, a training forward updates the running buffers given, in place, at `momentum` (the eager
     route's single call); without, the kernel's update goes to scratch copies (the functional op)."""
     _check_input(x)
-    x, form = _layout(x)
+    given = x
+    x, form, relaid = _context_layout(x, None if context is None else _array(context))
     if not write_buffers:
         flags, momentum = flags & ~_ext.BCN_CUMULATIVE_AVERAGE, 0.1
     flags |= form
@@ -251,6 +274,8 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         m = None if moments is None else _array(moments.contiguous())
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                               _array(out_ctx), m)
+    if relaid:
+        y = _output(given).copy_(y)
     return y, out_ctx
 
 
@@ -274,28 +299,36 @@ def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_wei
     return _output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
 
 
-def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None):
+def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None, shapes=None):
     """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias); empty tensors for a stage that is absent or not
     affine. With `merge_sums` (the synchronized layers), the backward runs as its phases: the local gradient
-    sums (x, dy in one layout), merge_sums(sums) -> the merged sums of every process, then the finish."""
+    sums (x, dy in one layout), merge_sums(sums) -> the merged sums of every process, then the finish. With
+    `shapes` (the four parameters' shapes, None where absent), the gradients take them (a torch view costs more
+    than the kernel on small layers)."""
     _check_input(x)
-    x, form = _layout(x)
+    given = x
+    ca = _array(context)
+    x, form, relaid = _context_layout(x, ca)
     flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
     C = x.shape[1]
     dy = _like(dy if dy.dtype == x.dtype else dy.to(x.dtype), x)
     dx = torch.empty_like(x)  # _output(x), as in _normalize_impl
     bn = bool(flags & _ext.BCN_BATCH_NORM) and bn_affine
     cn = bool(flags & _ext.BCN_CHANNEL_NORM) and cn_affine
-    dt = _array(x).dtype
-    arrays = [np.zeros(C if bn else 0, dt), np.zeros(C if bn else 0, dt),
-              np.zeros(groups if cn else 0, dt), np.zeros(groups if cn else 0, dt)]
+    xa, dya = _array(x), _array(dy)
+    sizes = (C if bn else 0, C if bn else 0, groups if cn else 0, groups if cn else 0)
+    if shapes is not None:
+        sizes = [shape if n and shape is not None else n for n, shape in zip(sizes, shapes)]
+    arrays = [np.zeros(n, xa.dtype) for n in sizes]
     merged = ()
     if merge_sums is not None:
         sums = np.zeros(2 * C)
-        _kernels.norm_backward_sums(flags, groups, _array(x), _array(dy), sums, _array(context))
+        _kernels.norm_backward_sums(flags, groups, xa, dya, sums, ca)
         merged = (merge_sums(sums),)
-    _kernels.norm_backward(flags, groups, _array(x), _array(dy), _array(dx),
-                           *(a if a.size else None for a in arrays), _array(context), *merged)
+    _kernels.norm_backward(flags, groups, xa, dya, _array(dx), *(a if a.size else None for a in arrays), ca,
+                           *merged)
+    if relaid:
+        dx = _output(given).copy_(dx)
     return (dx, *(torch.from_numpy(a) for a in arrays))
 
 
