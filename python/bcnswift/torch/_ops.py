@@ -170,7 +170,7 @@ def _output(x):
 
 
 def _check_input(x, name="input"):
-    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
+    if x.dtype not in (torch.float32, torch.float64) or not x.is_cpu:
         raise TypeError(f"bcnswift ops take CPU float32 or float64 tensors, got {name} {x.dtype} on {x.device}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
@@ -266,9 +266,10 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         cw = np.ones(groups, xa.dtype) if cn_weight is None else _param(cn_weight)
         cb = np.zeros(groups, xa.dtype) if cn_bias is None else _param(cn_bias)
     if context is None:
-        out_ctx = torch.from_numpy(np.zeros(context_length(B, C, _groups(flags, groups))))
+        ctx_array = np.zeros(context_length(B, C, _groups(flags, groups)))
+        out_ctx = torch.from_numpy(ctx_array)
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
-                              _array(out_ctx))
+                              ctx_array)
     else:
         out_ctx = context.clone() if not write_buffers else context
         m = None if moments is None else _array(moments.contiguous())
@@ -528,7 +529,7 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        g = _normalize_gradients(ctx, dy, _normalize_backward)
+        g = _normalize_gradients(ctx, dy, lambda *args: backward_impl(*args, shapes=ctx.shapes))
         # x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight, cn_bias,
         # and the 6 options
         grads = (g[0], g[3], g[4], None, None, None, None, g[7], g[8]) + (None,) * 6

@@ -108,7 +108,7 @@ class _SyncForward(torch.autograd.Function):
 
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine,
-                                      merge if exchange else None)
+                                      merge if exchange else None, ctx.shapes)
 
         g = _ops._normalize_gradients(ctx, dy, backward)
         grads = (g[0], g[3], g[4], None, None, None, None, g[7], g[8]) + (None,) * 7
