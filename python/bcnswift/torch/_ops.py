@@ -185,10 +185,11 @@ def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, to
     x, form = _layout(x)
     B, C = x.shape[0], x.shape[1]
     # zeros, not empty: the kernels leave parts of a context unused, and an output must be deterministic
-    ctx = torch.zeros(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
-    m = torch.empty(3 * C, dtype=torch.float64)
-    _kernels.norm_moments(flags | form, groups, _array(x), _array(m), _array(ctx))
-    return ctx, m
+    # (made in numpy and lent to torch: a torch tensor's numpy view costs 2 us)
+    ctx = np.zeros(context_length(B, C, _groups(flags, groups)))
+    m = np.empty(3 * C)
+    _kernels.norm_moments(flags | form, groups, _array(x), m, ctx)
+    return torch.from_numpy(ctx), torch.from_numpy(m)
 
 
 moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=(), device_types="cpu",
@@ -237,7 +238,8 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
     route's single call); without, the kernel's update goes to scratch copies (the functional op)."""
     _check_input(x)
     given = x
-    x, form, relaid = _context_layout(x, None if context is None else _array(context))
+    context_array = None if context is None else _array(context)
+    x, form, relaid = _context_layout(x, context_array)
     if not write_buffers:
         flags, momentum = flags & ~_ext.BCN_CUMULATIVE_AVERAGE, 0.1
     flags |= form
@@ -271,10 +273,14 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                               ctx_array)
     else:
-        out_ctx = context.clone() if not write_buffers else context
+        if write_buffers:
+            out_ctx = context
+        else:  # functional: continue a copy
+            context_array = context_array.copy()
+            out_ctx = torch.from_numpy(context_array)
         m = None if moments is None else _array(moments.contiguous())
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
-                              _array(out_ctx), m)
+                              context_array, m)
     if relaid:
         y = _output(given).copy_(y)
     return y, out_ctx
