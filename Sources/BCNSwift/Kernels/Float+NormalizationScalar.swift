@@ -312,10 +312,15 @@ extension Float: NormalizationScalar {
         let cf = Float(centre), pf = Float(p), qf = Float(q), rf = Float(r - q * (centre - Double(cf)))
         let c = SIMD8<Float>(repeating: cf), pv = SIMD8<Float>(repeating: pf)
         let qv = SIMD8<Float>(repeating: qf), rv = SIMD8<Float>(repeating: rf)
-        if n >= 8 {  // overlapping tail computed first, as in `_scaleShift` (dx may alias dy)
+        if n >= 8 {
+            // A tail (n not a multiple of 8) as one overlapping vector, computed first as in `_scaleShift` (dx may
+            // alias dy). Planes of 16 values have none, and computing one anyway cost them a third of the map.
+            let ragged = n & 7 != 0
             var tail = rv
-            tail.addProduct(_load8(x, n - 8) - c, qv)
-            tail.addProduct(_load8(dy, n - 8), pv)
+            if ragged {
+                tail.addProduct(_load8(x, n - 8) - c, qv)
+                tail.addProduct(_load8(dy, n - 8), pv)
+            }
             var i = 0
             while i &+ 16 <= n {  // two vectors a step, as `_scaleShift` takes four
                 var v0 = rv, v1 = rv
@@ -331,7 +336,7 @@ extension Float: NormalizationScalar {
                 _store8(v, dx, i)
                 i &+= 8
             }
-            _store8(tail, dx, n - 8)
+            if ragged { _store8(tail, dx, n - 8) }
             return
         }
         for i in 0..<n {  // in Float64, as in `_scaleShift`
