@@ -16,6 +16,7 @@ from test_torch_ops import LAYOUTS, gen, rand_input  # noqa: F401 (gen is a fixt
 torch = require("torch")
 from bcnswift.torch import reference as R  # noqa: E402
 import bcnswift.torch as bt  # noqa: E402
+from bcnswift import _ext  # noqa: E402
 from bcnswift.torch import functional  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -335,3 +336,32 @@ def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_
         for k in a[3]:
             assert torch.equal(a[3][k], b[3][k]), f"{name}, {mode}: {k}"
         eager.zero_grad(), traced.zero_grad()
+
+
+@pytest.mark.parametrize("present", ["weight", "bias"])
+def test_a_stage_with_one_affine_parameter_gets_its_gradient(present, gen, monkeypatch):
+    """The functional form takes a stage with only a weight or only a bias (None for the other): the kernels'
+    gradient of the one given matches the composed path's (it used to fail for a bias alone)."""
+    C, G = 8, 4
+    x = rand_input(gen, (3, C, 4, 5), torch.float64)
+    dy = rand_input(gen, (3, C, 4, 5), torch.float64)
+
+    def run():
+        xg = x.clone().requires_grad_()
+        bn_p = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        cn_p = (torch.rand(1, G, 1, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        bn_w, bn_b = (bn_p, None) if present == "weight" else (None, bn_p)
+        cn_w, cn_b = (cn_p, None) if present == "weight" else (None, cn_p)
+        bn = functional.BatchNormStage(_ext.BCN_BATCH_NORM, 1e-5, 0.1, None, bn_w, bn_b, None, None, None, True,
+                                       False)
+        functional.batch_channel_norm(xg, bn, functional.ChannelNormStage(G, 1e-5, cn_w, cn_b)).backward(dy)
+        return xg.grad, bn_p.grad, cn_p.grad
+
+    state = gen.get_state()
+    fast = run()
+    gen.set_state(state)
+    monkeypatch.setattr(functional, "COMPOSED", True)
+    composed = run()
+    for what, u, v in zip(("dx", f"batch norm {present}", f"channel norm {present}"), fast, composed):
+        assert u is not None and u.shape == v.shape, what
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10, msg=what)

@@ -357,34 +357,63 @@ def test_strides_of_size_one_axes_cost_no_copy(dtype, gen, monkeypatch):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("forward_layout", LAYOUTS)
+def _laid_out(t, layout):
+    """t's values in `layout`: C order, channels-last ([B, *, C] in C order, any rank), or permuted (dense in
+    neither)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("shape,forward_layout,given_layout", [
+    ((3, 8, 4, 5), "contiguous", "channels_last"), ((3, 8, 4, 5), "channels_last", "contiguous"),
+    ((3, 8, 4, 5), "channels_last", "permuted"), ((3, 8, 20), "contiguous", "channels_last"),
+    ((3, 8, 20), "channels_last", "contiguous")])
 @pytest.mark.parametrize("stage", ["BCN batch statistics", "BCN estimated"])
-def test_ops_continue_a_context_made_in_the_other_layout(forward_layout, stage, gen):
+def test_ops_continue_a_context_made_in_the_other_layout(shape, forward_layout, given_layout, stage, gen):
     """The ops take any layout (flexible_layout), and inductor may hand a later phase the same x in another
     layout than the phase that made the context saw (it can recompute a saved tensor for the backward). The
-    phase continues in the context's layout and returns its output in the layout promised for x as given:
-    the values are those of one layout throughout, to the bit."""
-    other = "contiguous" if forward_layout == "channels_last" else "channels_last"
+    phase continues in the context's layout and returns its output in the layout promised for x as given
+    (`_output`), leaving the context it was given alone: the values are those of one layout throughout, to
+    the bit."""
     flags = STAGES[stage]
     p = parameters(gen, 8, 4, torch.float64)
-    x = rand_input(gen, (3, 8, 4, 5), torch.float64, forward_layout)
-    other_format = torch.channels_last if other == "channels_last" else torch.contiguous_format
-    x_other = x.contiguous(memory_format=other_format)
-    dy = rand_input(gen, (3, 8, 4, 5), torch.float64, forward_layout)
-    dy_other = dy.contiguous(memory_format=other_format)
+    x = _laid_out(rand_input(gen, shape, torch.float64), forward_layout)
+    dy = _laid_out(rand_input(gen, shape, torch.float64), forward_layout)
+    x_given, dy_given = _laid_out(x, given_layout), _laid_out(dy, given_layout)
     ctx, m = _ops.moments(x, flags, 4)
+    ctx_before = ctx.clone()
     if flags & _ext.BCN_ESTIMATED:
         args = (None, p["bw"], p["bb"], p["rm"], p["rv"], p["cw"], p["cb"], flags, 4, 1e-5, 1e-3)
     else:
         args = (m, p["bw"], p["bb"], None, None, p["cw"], p["cb"], flags | TR, 4, 1e-5, 1e-3)
     y, ctx_y = _ops.normalize(x, ctx, *args)
-    y_other, ctx_other = _ops.normalize(x_other, ctx, *args)
-    assert _ops._form(y_other) == _ops._form(x_other) != _ops._form(y)
-    torch.testing.assert_close(y_other, y, rtol=0, atol=0)
-    torch.testing.assert_close(ctx_other, ctx_y, rtol=0, atol=0)
+    y_given, ctx_given = _ops.normalize(x_given, ctx, *args)
+    assert torch.equal(ctx, ctx_before), "normalize changed the context it was given"
+    assert y_given.stride() == _ops._output(x_given).stride() != y.stride()
+    torch.testing.assert_close(y_given, y, rtol=0, atol=0)
+    torch.testing.assert_close(ctx_given, ctx_y, rtol=0, atol=0)
     train = 0 if flags & _ext.BCN_ESTIMATED else TR
+    ctx_y_before = ctx_y.clone()
     grads = _ops.normalize_backward(dy, x, ctx_y, flags | train, 4, True, True)
-    grads_other = _ops.normalize_backward(dy_other, x_other, ctx_y, flags | train, 4, True, True)
-    assert _ops._form(grads_other[0]) == _ops._form(x_other)
-    for g, g_other in zip(grads, grads_other):
-        torch.testing.assert_close(g_other, g, rtol=0, atol=0)
+    grads_given = _ops.normalize_backward(dy_given, x_given, ctx_y, flags | train, 4, True, True)
+    assert torch.equal(ctx_y, ctx_y_before), "normalize_backward changed the context"
+    assert grads_given[0].stride() == _ops._output(x_given).stride()
+    for g, g_given in zip(grads, grads_given):
+        torch.testing.assert_close(g_given, g, rtol=0, atol=0)
+
+
+def test_a_context_of_any_dense_shape_is_read_as_its_values(gen):
+    """The kernels take a context by its values (dtype, density and length are checked), so a [1, N] view
+    of one works as the flat tensor does, header included."""
+    flags = STAGES["BCN batch statistics"]
+    p = parameters(gen, 8, 4, torch.float64)
+    x = rand_input(gen, (3, 8, 4, 5), torch.float64)
+    ctx, m = _ops.moments(x, flags, 4)
+    args = (m, p["bw"], p["bb"], None, None, p["cw"], p["cb"], flags | TR, 4, 1e-5, 1e-3)
+    y, ctx_y = _ops.normalize(x, ctx, *args)
+    y2, ctx_y2 = _ops.normalize(x, ctx.view(1, -1), *args)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    torch.testing.assert_close(ctx_y2.reshape(-1), ctx_y, rtol=0, atol=0)

@@ -142,25 +142,22 @@ def _like(t, x):
     return t if same else torch.empty_like(x).copy_(t)
 
 
-def _in_layout(t, channels_last):
-    """t dense in C order, or channels-last ([B, *, C] in C order), copied only if it is not already."""
-    if not channels_last:
-        return t.contiguous()
-    return t if _form(t) == "last" else t.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
 def _context_layout(x, context):
     """(x, its memory-format flag, relaid): x as `_layout` gives it, unless `context` (a numpy view) holds
     phases run on x in the other layout. A compiler may hand an op x in another layout than the op that made
     the context had (the ops take any layout, and inductor may recompute a saved tensor for the backward):
-    then x is relaid (relaid=True) in the layout the context's header records, and the caller gives its output
-    the layout promised for x as it came."""
-    x, form = _layout(x)
-    if context is None or context.size <= _CONTEXT_FORMAT or x.dim() <= 2:
-        return x, form, False
-    if context[_CONTEXT_FORMAT] != (0.0 if form else 1.0):  # x's own layout, or no header the kernels accept
-        return x, form, False
-    return _in_layout(x, not form), form ^ _ext.BCN_CHANNELS_LAST, True
+    then x is laid out (once) as the context's header records, relaid=True, and the caller gives its output
+    the layout promised for x as it came (`_output`)."""
+    form = _form(x)
+    natural = form or "first"  # where `_layout` puts x: a C-order copy when it is in neither layout
+    want = natural
+    if context is not None and x.dim() > 2:
+        header = context.reshape(-1)
+        if header.size > _CONTEXT_FORMAT and header[_CONTEXT_FORMAT] in (0.0, 1.0):
+            want = "last" if header[_CONTEXT_FORMAT] == 1.0 else "first"
+    if want != form:
+        x = x.contiguous() if want == "first" else x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x, _ext.BCN_CHANNELS_LAST if want == "last" else 0, want != natural
 
 
 def _output(x):
@@ -364,7 +361,9 @@ def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias
     ctx.save_for_backward(x, context)
     ctx.flags, ctx.groups = flags, groups
     ctx.shapes = [None if t is None else t.shape for t in (bn_weight, bn_bias, cn_weight, cn_bias)]
-    ctx.bn_affine, ctx.cn_affine = bn_weight is not None, cn_weight is not None
+    # a stage is affine when either parameter is given (the kernels then compute both gradients)
+    ctx.bn_affine = bn_weight is not None or bn_bias is not None
+    ctx.cn_affine = cn_weight is not None or cn_bias is not None
 
 
 def _normalize_setup(ctx, inputs, output):
@@ -405,7 +404,7 @@ torch.library.register_autograd("bcnswift::normalize_backward", _no_double_backw
 # ---- Weight Standardization ---------------------------------------------------------------------------------
 
 def _check_weight(w):
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
+    if not w.is_cpu or w.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"bcnswift ops take CPU float32 or float64 tensors, got a weight {w.dtype} on {w.device}")
     if w.dim() < 2 or w.numel() == 0:
         raise ValueError(f"weight must have rank >= 2 ([out_channels, ...]) and values, got shape {tuple(w.shape)}")

@@ -112,6 +112,6 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True):
     convolution; eps_in_sqrt=False) or (w - mean) / sqrt(var + eps) (labml; eps_in_sqrt=True), with the unbiased
     std and var unless unbiased=False. Differentiable."""
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
-    if COMPOSED or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
+    if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64):
         return _composed.weight_standardization(w, eps, flags)
     return _ops.weight_standardization_route(w, float(eps), flags)
