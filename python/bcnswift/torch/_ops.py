@@ -128,10 +128,7 @@ def _form(t):
 def _layout(x):
     """(x or a C-order copy, flags for its memory format): the kernels read [B, C, *] in C order or
     channels-last."""
-    form = _form(x)
-    if form is None:
-        return x.contiguous(), 0
-    return x, _ext.BCN_CHANNELS_LAST if form == "last" else 0
+    return _context_layout(x, None)[:2]
 
 
 def _like(t, x):
@@ -143,13 +140,13 @@ def _like(t, x):
 
 
 def _context_layout(x, context):
-    """(x, its memory-format flag, relaid): x as `_layout` gives it, unless `context` (a numpy view) holds
-    phases run on x in the other layout. A compiler may hand an op x in another layout than the op that made
-    the context had (the ops take any layout, and inductor may recompute a saved tensor for the backward):
-    then x is laid out (once) as the context's header records, relaid=True, and the caller gives its output
-    the layout promised for x as it came (`_output`)."""
+    """(x, its memory-format flag, relaid): x where it lies if the kernels read that layout, else a C-order
+    copy; unless `context` (a numpy view) holds phases run on x in the other layout. A compiler may hand an op
+    x in another layout than the op that made the context had (the ops take any layout, and inductor may
+    recompute a saved tensor for the backward): then x is laid out (once) as the context's header records,
+    relaid=True, and the caller gives its output the layout promised for x as it came (`_output`)."""
     form = _form(x)
-    natural = form or "first"  # where `_layout` puts x: a C-order copy when it is in neither layout
+    natural = form or "first"  # where x goes without a context: where it lies, or a C-order copy
     want = natural
     if context is not None and x.dim() > 2:
         header = context.reshape(-1)
