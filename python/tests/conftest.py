@@ -2,6 +2,7 @@
 import copy
 import importlib
 import os
+import shutil
 import zlib
 
 import numpy as np
@@ -11,15 +12,27 @@ import bcnswift
 from bcnswift import reference as R
 
 
+def _missing(what, hint):
+    """Under CI (CI=true) a missing dependency fails the test, so that CI never passes by skipping; elsewhere
+    the test (or test module) skips."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is required under CI=true ({hint})", pytrace=False)
+    pytest.skip(f"{what} is missing ({hint})", allow_module_level=True)
+
+
 def require(module):
-    """An optional dependency the tests need (torch, mpi4py): imported, or the test module skips; under CI
-    (CI=true) a missing one fails instead, so that CI never passes by skipping."""
+    """An optional dependency the tests need (torch, mpi4py, hypothesis, ...): imported, or `_missing`."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{module} is required under CI=true (pip install '.[test]'): {e}", pytrace=False)
-        pytest.skip(f"{module} is not installed (pip install '.[test]')", allow_module_level=True)
+        _missing(f"the Python module {module}", f"pip install '.[test]': {e}")
+
+
+def require_tool(*commands, hint):
+    """Commands the test runs (clang, swift): present on PATH, or `_missing`."""
+    absent = [c for c in commands if shutil.which(c) is None]
+    if absent:
+        _missing(f"the command(s) {', '.join(absent)}", hint)
 
 
 def seed_of(name):

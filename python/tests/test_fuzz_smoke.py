@@ -1,17 +1,15 @@
 """A short libFuzzer run of the C ABI under AddressSanitizer (fuzz/run.sh --smoke; the long run is manual)."""
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(shutil.which("clang") is None or shutil.which("swift") is None,
-                    reason="needs the Swift toolchain's clang with libFuzzer")
 def test_c_abi_survives_20000_fuzzed_calls():
+    require_tool("clang", "swift", hint="the Swift toolchain's clang, with libFuzzer")
     run = subprocess.run(["bash", str(ROOT / "fuzz" / "run.sh"), "--smoke"], cwd=ROOT, capture_output=True,
                          text=True, timeout=1500, env={**os.environ})
     out = run.stdout + run.stderr

@@ -1,11 +1,10 @@
 """Property-based: random shapes, conventions, modes and dtypes against the reference (hypothesis)."""
 import numpy as np
-import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
+from conftest import CONVENTIONS, Pair, random_input, require
+
+hypothesis = require("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from conftest import CONVENTIONS, Pair, random_input  # noqa: E402
 
 
 @st.composite

@@ -1,0 +1,45 @@
+"""The rule that CI never passes by skipping: under CI=true a missing optional dependency fails its tests."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require, require_tool
+
+ABSENT_MODULE = "bcnswift_tests_no_such_module"
+ABSENT_COMMAND = "bcnswift-tests-no-such-command"
+
+
+@pytest.mark.parametrize("ci", ["true", "True"])
+def test_a_missing_dependency_fails_under_ci(monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception, match="required under CI=true"):
+        require(ABSENT_MODULE)
+    with pytest.raises(pytest.fail.Exception, match=f"{ABSENT_COMMAND} is required under CI=true"):
+        require_tool("python3", ABSENT_COMMAND, hint="a test")
+
+
+@pytest.mark.parametrize("ci", [None, "", "false", "1"])
+def test_a_missing_dependency_skips_elsewhere(monkeypatch, ci):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.skip.Exception, match=ABSENT_MODULE):
+        require(ABSENT_MODULE)
+    with pytest.raises(pytest.skip.Exception, match=ABSENT_COMMAND):
+        require_tool(ABSENT_COMMAND, hint="a test")
+
+
+def test_present_dependencies_pass(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    assert require("numpy") is np
+    assert require_tool("python3", hint="a test") is None
+
+
+def test_every_optional_dependency_goes_through_require():
+    """pytest's own importorskip and skipif would skip under CI too."""
+    here = Path(__file__).resolve().parent
+    offenders = [f"{p.name}:{i}" for p in sorted(here.glob("*.py")) if p.name != Path(__file__).name
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if "importorskip" in line]
+    assert not offenders, f"use conftest.require instead of pytest.importorskip: {offenders}"
