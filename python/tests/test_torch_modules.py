@@ -17,7 +17,7 @@ torch = require("torch")
 from bcnswift.torch import reference as R  # noqa: E402
 import bcnswift.torch as bt  # noqa: E402
 from bcnswift import _ext  # noqa: E402
-from bcnswift.torch import functional  # noqa: E402
+from bcnswift.torch import _ops, functional  # noqa: E402
 from torch import nn  # noqa: E402
 
 
@@ -86,6 +86,24 @@ def test_fresh_modules_hold_the_documents_state(name, make_ref, make_ours):
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
 
 
+@pytest.mark.parametrize("make_ref,make_ours", [
+    (lambda: R.BCNorm(8, 4, 1e-5, estimate=True), lambda: bt.BCNorm(8, 4, 1e-5, estimate=True)),
+    (lambda: R.EstBN(8), lambda: bt.EstBN(8)),
+], ids=["BCNorm estimate", "EstBN"])
+def test_fresh_estbn_has_moving_speed_zero_and_freezes_its_estimates(make_ref, make_ours, gen):
+    """Seed 003's EstBN starts with estbn_moving_speed = 0: training forwards then leave the estimates as they
+    are, in both implementations. (The PAIRS above set the speed to 0.2 on both sides, to compare updates.)"""
+    ref, ours = make_ref().double(), make_ours().double()
+    assert_states_equal(_state(ours), _state(ref), "fresh")
+    speeds = [v for k, v in ours.state_dict().items() if k.endswith("estbn_moving_speed")]
+    assert len(speeds) == 1 and speeds[0].tolist() == [0.0]
+    before = _state(ours)
+    x = rand_input(gen, (2, 8, 3, 3))
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_states_equal(_state(ours), before, "after a training forward")
+    assert_states_equal(_state(ref), before, "the reference, after a training forward")
+
+
 @pytest.mark.parametrize("name,make_ref,make_ours", PAIRS, ids=IDS)
 def test_checkpoints_load_both_ways_and_give_the_same_outputs(name, make_ref, make_ours, gen):
     ref, ours = make_ref(8, 4).double(), make_ours(8, 4).double()
@@ -148,6 +166,55 @@ def test_composed_path_is_forced_by_the_environment():
                              env={**os.environ, "BCNSWIFT_TORCH_COMPOSED": value})
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(bt.Conv2d(3, 8, 3), bt.BCNorm(8, 4)),
+    lambda: nn.Sequential(bt.Conv2d(3, 8, 3, convention="labml"), bt.BCNorm(8, 4, estimate=True)),
+    lambda: nn.Sequential(bt.ConvTranspose2d(3, 8, 3), bt.BatchChannelNorm(8, 4)),
+    lambda: nn.Sequential(bt.Conv2d(3, 8, 3), bt.BatchChannelNorm(8, 4, estimate=False), bt.ChannelNorm(8, 2)),
+], ids=["authors", "authors estimate + labml WS", "labml + ConvTranspose2d", "labml batch + ChannelNorm"])
+def test_a_model_on_another_device_takes_the_composed_path(make, monkeypatch):
+    """Tensors off the CPU never reach the kernels: here on PyTorch's meta device (shapes without memory,
+    where any kernel call would fail), forward and backward in training and eval. A GPU takes the same route."""
+    monkeypatch.setattr(_ops, "_kernels", None)  # any kernel call would raise
+    model = make().to("meta")
+    for training in (True, False):
+        model.train(training)
+        x = torch.empty(2, 3, 6, 6, device="meta", requires_grad=True)
+        y = model(x)
+        y.sum().backward()
+        assert y.device.type == "meta" and x.grad.shape == x.shape
+        assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (lambda: bt.Conv2d(3, 5, 3), (2, 3, 6, 6)),
+    (lambda: bt.Conv2d(3, 5, 3, convention="labml"), (2, 3, 6, 6)),
+    (lambda: bt.ConvTranspose2d(3, 6, 3, groups=3), (2, 3, 4, 4)),
+    (lambda: bt.Linear(7, 5), (4, 7)),
+], ids=["Conv2d", "Conv2d labml", "ConvTranspose2d", "Linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_standardization_composed_path_matches_the_kernels(layer, shape, dtype, gen, monkeypatch):
+    fast = layer().to(dtype)
+    with torch.no_grad():
+        fast.weight.copy_(rand_input(gen, tuple(fast.weight.shape), dtype))
+    composed = copy.deepcopy(fast)
+    x = rand_input(gen, shape, dtype)
+    with torch.no_grad():
+        dy = rand_input(gen, tuple(fast(x).shape), dtype)
+    calls = []
+    real = _ops._kernels.ws_forward
+    monkeypatch.setattr(_ops._kernels, "ws_forward", lambda *a: calls.append(1) or real(*a))
+    a = _run(fast, x, dy)
+    monkeypatch.setattr(functional, "COMPOSED", True)
+    b = _run(composed, x, dy)
+    assert len(calls) == 1  # the kernels ran for `fast` alone
+    rel = 1e-12 if dtype == torch.float64 else 1e-5  # relative to each quantity's largest magnitude
+    for what, u, v in (("output", a[0], b[0]), ("dx", a[1], b[1]), ("weight grad", a[2]["weight"],
+                                                                    b[2]["weight"])):
+        torch.testing.assert_close(u, v, rtol=rel, atol=rel * float(v.abs().max()), msg=what)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

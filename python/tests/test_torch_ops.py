@@ -163,7 +163,12 @@ def test_gradcheck_weight_standardization(convention, gen):
     assert torch.autograd.gradcheck(lambda w: torch.func.functional_call(conv, {"weight": w}, (x,)), (w,))
 
 
-def test_second_derivative_is_a_clear_error(gen):
+@pytest.mark.parametrize("route", ["eager", "ops"])
+def test_second_derivative_is_a_clear_error(route, gen, monkeypatch):
+    """Both routes: the eager autograd.Functions, and the registered ops torch.compile traces (their backward
+    ops carry the error), here run as if traced."""
+    if route == "ops":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     m = bt.BCNorm(6, 3).double()
     x = rand_input(gen, (2, 6, 3, 3)).requires_grad_()
     (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
