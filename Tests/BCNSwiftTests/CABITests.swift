@@ -82,7 +82,7 @@ final class CABITests: XCTestCase {
             ("Expected more than 1 value per channel", BCN_ERR_DEGENERATE,
              { self.forward(flags: bn | cn | training, batch: 1, spatial: 1, groups: 1, buffers: &$0) }),
             ("NaN or infinity (channel 1 of sample 0)", BCN_ERR_NONFINITE, { buffers in
-                buffers.x[9] = .nan  // plane (0, 1) of [2, 4, 8]: the plane layout
+                buffers.x[9] = .nan  // plane (0, 1) of [2, 4, 8]: the rows layout (S < 16); planes: below
                 return self.forward(flags: all | nanRaise, buffers: &buffers)
             }),
             ("NaN or infinity (channel 1 of sample 0)", BCN_ERR_NONFINITE, { buffers in
@@ -105,6 +105,40 @@ final class CABITests: XCTestCase {
             XCTAssertEqual(buf.nbt, 0, expected)
             XCTAssertEqual(buf.y, [Float](repeating: -7, count: 64), expected)
             XCTAssertEqual(buf.ctx, context, "\(expected): the context changed")
+        }
+    }
+
+    /// A non-finite value under BCN_NAN_RAISE, in every layout (planes need S >= 16) and mode: the call fails
+    /// with its position and writes nothing, neither the output nor the buffers nor the context.
+    func testNonFiniteInputFailsInEveryLayoutAndModeWritingNothing() {
+        let modes: [(String, UInt32)] = [
+            ("batch statistics", bn | cn | training), ("estimates", bn | estimated | cn | training), ("eval", bn | cn),
+            ("channel norm alone", cn), ("batch norm alone", bn | training),
+        ]
+        // (name, S, flags, index of x[1, 2, 13]) for [2, 4, S] in C order or channels-last
+        let layouts: [(String, Int, UInt32, Int)] = [
+            ("planes", 20, 0, (1 * 4 + 2) * 20 + 13), ("planes of one chunk's tail", 21, 0, (1 * 4 + 2) * 21 + 20),
+            ("channels-last", 20, channelsLast, (1 * 20 + 13) * 4 + 2), ("rows", 8, 0, (1 * 4 + 2) * 8 + 5),
+            ("one-value rows", 1, 0, 1 * 4 + 2),
+        ]
+        for (mode, flags) in modes {
+            for (layout, S, layoutFlag, at) in layouts {
+                for bad in [Float.nan, .infinity, -.infinity] {
+                    let what = "\(mode), \(layout), \(bad)"
+                    var buf = Buffers(b: 2, c: 4, s: S, g: 2)
+                    buf.x[at] = bad
+                    let context = buf.ctx
+                    let (status, message) = forward(flags: flags | nanRaise | layoutFlag, spatial: Int64(S),
+                                                    buffers: &buf)
+                    XCTAssertEqual(status, BCN_ERR_NONFINITE, "\(what): \(message)")
+                    XCTAssertTrue(message.contains("NaN or infinity (channel 2 of sample 1)"), "\(what): \(message)")
+                    XCTAssertEqual(buf.y, [Float](repeating: -7, count: 8 * S), what)
+                    XCTAssertEqual(buf.rm, [Float](repeating: 0.5, count: 4), what)
+                    XCTAssertEqual(buf.rv, [Float](repeating: 2, count: 4), what)
+                    XCTAssertEqual(buf.nbt, 0, what)
+                    XCTAssertEqual(buf.ctx, context, "\(what): the context changed")
+                }
+            }
         }
     }
 
