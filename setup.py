@@ -85,10 +85,8 @@ class SwiftBuildExt(build_ext):
 
         swiftc = Path(driver).resolve().parent / "swiftc"
         info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True))
-        resource = Path(info["paths"]["runtimeResourcePath"])  # <toolchain>/usr/lib/swift
-        arch, system = info["target"]["arch"], info["target"]["platform"]  # x86_64, linux
-        static_dir = resource.parent / "swift_static" / system
-        swiftrt = static_dir / arch / "swiftrt.o"
+        resource = Path(info["paths"]["runtimeResourcePath"])
+        static_dir, swiftrt, system = static_runtime(info)
         for needed in (archive, swiftrt, static_dir / "libswiftCore.a"):
             if not needed.exists():
                 raise RuntimeError(f"bcnswift: {needed} not found; is a Swift toolchain with static libraries installed?")
@@ -126,6 +124,16 @@ class SwiftBuildExt(build_ext):
         check_no_wrapped_left(Path(self.get_ext_fullpath(ext.name)))
 
 
+def static_runtime(info):
+    """(directory of the static runtime libraries, swiftrt.o, platform) of the toolchain `info` describes (the
+    JSON of `swiftc -print-target-info`): <resource dir>/../swift_static/<platform>, with the platform as the
+    toolchain names it (linux, macosx, ...) rather than assumed."""
+    resource = Path(info["paths"]["runtimeResourcePath"])  # <toolchain>/usr/lib/swift
+    arch, system = info["target"]["arch"], info["target"]["platform"]  # x86_64, linux
+    static_dir = resource.parent / "swift_static" / system
+    return static_dir, static_dir / arch / "swiftrt.o", system
+
+
 def check_no_wrapped_left(so):
     """A --wrap with no __wrap_ definition links (a shared object may leave symbols undefined) but fails at
     import: refuse it here."""
@@ -146,8 +154,9 @@ def kernels(path):
     return ext
 
 
-setup(
-    ext_modules=[Extension("bcnswift._cpu", sources=["python/bcnswift/_cpu.c"], extra_compile_args=["-O2", "-Wall"])]
-    + [kernels(path) for path in isa_paths()],
-    cmdclass={"build_ext": SwiftBuildExt},
-)
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; tests import it
+    setup(
+        ext_modules=[Extension("bcnswift._cpu", sources=["python/bcnswift/_cpu.c"],
+                               extra_compile_args=["-O2", "-Wall"])] + [kernels(path) for path in isa_paths()],
+        cmdclass={"build_ext": SwiftBuildExt},
+    )

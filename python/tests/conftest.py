@@ -29,10 +29,12 @@ def require(module):
 
 
 def require_tool(*commands, hint):
-    """Commands the test runs (clang, swift): present on PATH, or `_missing`."""
-    absent = [c for c in commands if shutil.which(c) is None]
+    """Commands the test runs (clang, swift): their paths on PATH (one command: its path alone), or `_missing`."""
+    paths = [shutil.which(c) for c in commands]
+    absent = [c for c, path in zip(commands, paths) if path is None]
     if absent:
         _missing(f"the command(s) {', '.join(absent)}", hint)
+    return paths[0] if len(paths) == 1 else paths
 
 
 def seed_of(name):

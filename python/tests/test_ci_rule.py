@@ -1,4 +1,5 @@
 """The rule that CI never passes by skipping: under CI=true a missing optional dependency fails its tests."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ def test_a_missing_dependency_skips_elsewhere(monkeypatch, ci):
 def test_present_dependencies_pass(monkeypatch):
     monkeypatch.setenv("CI", "true")
     assert require("numpy") is np
-    assert require_tool("python3", hint="a test") is None
+    assert require_tool("python3", hint="a test") == shutil.which("python3")
+    assert require_tool("python3", "sh", hint="a test") == [shutil.which("python3"), shutil.which("sh")]
 
 
 def test_every_optional_dependency_goes_through_require():

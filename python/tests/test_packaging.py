@@ -1,9 +1,10 @@
 """The sdist builds from source, and what it builds is what the wheel promises: the kernels of a path as a
 stripped extension without RUNPATH that exports only its PyInit_, and a manylinux_2_27 policy (auditwheel).
 Builds one path only (BCNSWIFT_ISAS=baseline) to keep the suite short; scripts/build_wheel.sh builds both."""
+import importlib.util
+import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import require, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def tool(name):
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{name} is required under CI=true")
-        pytest.skip(f"{name} is not installed")
-    return found
+    return require_tool(name, hint="the build and binary tools the packaging checks run")
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +75,26 @@ def test_auditwheel_finds_the_manylinux_2_27_policy(built):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert 'platform tag: "manylinux_2_27_x86_64"' in " ".join(proc.stdout.split()), proc.stdout
+
+
+def _setup_module():
+    """setup.py as a module: importing it defines its functions without running setup()."""
+    spec = importlib.util.spec_from_file_location("bcnswift_setup_under_test", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_static_runtime_is_found_where_the_toolchain_says():
+    """The platform directory comes from `swiftc -print-target-info`, not a hard-coded 'linux'."""
+    setup = _setup_module()
+    for arch, system in (("x86_64", "linux"), ("aarch64", "linux"), ("arm64", "macosx")):
+        info = {"paths": {"runtimeResourcePath": "/toolchain/usr/lib/swift"},
+                "target": {"arch": arch, "platform": system}}
+        static_dir, swiftrt, found = setup.static_runtime(info)
+        assert static_dir == Path("/toolchain/usr/lib/swift_static") / system and found == system
+        assert swiftrt == static_dir / arch / "swiftrt.o"
+    swiftc = Path(tool("swift")).resolve().parent / "swiftc"
+    info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True, timeout=120))
+    static_dir, swiftrt, _ = setup.static_runtime(info)
+    assert swiftrt.is_file() and (static_dir / "libswiftCore.a").is_file()
