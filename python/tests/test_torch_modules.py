@@ -245,13 +245,20 @@ def test_no_grad_inference_mode_eval_copies_pickles_and_saves(gen):
     m = bt.BCNorm(8, 4, estimate=True)
     m.bn.estbn_moving_speed.fill_(0.1)
     x = rand_input(gen, (2, 8, 3, 3), torch.float32)
+    twin = copy.deepcopy(m)  # runs each step with autograd: no_grad and inference_mode must change nothing else
     with torch.no_grad():
         y = m(x)
     assert not y.requires_grad
+    torch.testing.assert_close(y, twin(x).detach(), rtol=0, atol=0)
     with torch.inference_mode():
-        m(x)
-    assert m.bn.running_mean.abs().sum() > 0  # both updated the estimates
-    m.eval()
+        y = m(x)
+    assert y.is_inference()
+    torch.testing.assert_close(y.clone(), twin(x).detach(), rtol=0, atol=0)
+    assert_states_equal(_state(m), _state(twin), "no_grad and inference_mode update the estimates as autograd does")
+    assert m.bn.running_mean.abs().sum() > 0
+    m.eval(), twin.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), twin(x).detach(), rtol=0, atol=0)
     before = _state(m)
     y1 = m(x)
     assert_states_equal(_state(m), before, "eval changes nothing")
