@@ -460,6 +460,7 @@ class _Normalization:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.dtype = np.dtype(self.dtype.name)  # numpy's own instance, which the forward's fast path compares by `is`
         self._lock = threading.Lock()
         if isinstance(self, BatchChannelNorm):
             self.bn = _BatchNormView(self)

@@ -1,4 +1,5 @@
 """state_dict / load_state_dict: names, shapes, aliases, round trips both ways, clear errors that change nothing."""
+import copy
 import pickle
 
 import numpy as np
@@ -118,3 +119,24 @@ def test_estbn_moving_speed_round_trip_keeps_momentum(momentum, rng):
     x = random_input(rng, (2, 8, 3))
     np.testing.assert_array_equal(a(x), b(x))  # the next update uses the same factor
     np.testing.assert_array_equal(a.running_var, b.running_var)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copies_keep_the_common_input_on_the_fast_path(dtype, rng, monkeypatch):
+    """White-box: an aligned C-order input and dy of the layer's dtype skip the worded checks (as_float_array),
+    in copies and unpickled layers too, whose dtype numpy would otherwise unpickle as another instance than its
+    own (the fast path compares dtypes by identity)."""
+    from bcnswift import layers
+    x, dy = (random_input(rng, (2, 8, 3, 3)).astype(dtype) for _ in range(2))
+    layer = bcnswift.BatchChannelNorm(8, 4, dtype=dtype)
+    copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the common input took the full path")
+
+    monkeypatch.setattr(layers, "as_float_array", refuse)
+    y = layer(x)
+    dx = layer.backward(dy)
+    for each in copies:
+        np.testing.assert_array_equal(each(x), y)
+        np.testing.assert_array_equal(each.backward(dy), dx)
