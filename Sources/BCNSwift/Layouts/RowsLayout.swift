@@ -4,8 +4,9 @@
 /// Planes this short hold fewer values than the numbers the stored layouts keep per plane, so nothing is kept
 /// per plane: each pass computes the plane moments and gradient sums of a block of whole channel groups where
 /// the stages need them, in per-thread scratch, and hands them to the same stages as every layout. With S = 1
-/// every value is a plane and its own mean: the unit's `values:` methods read x and dy directly, and the
-/// passes keep nothing at all (`applyValues`, `forEachValueGradient`).
+/// every value is a plane and its own mean: the unit's value methods (`valueMoments`, `mapValues`, `valueSums`,
+/// `valueGradients`) read x and dy directly, and the passes keep nothing at all (`applyValues`,
+/// `forEachValueGradient`).
 /// Work is cut into column blocks of whole groups (their numbers stay in L1), grouped into panels of about 512
 /// values a row for the passes that sum over samples: a panel's rows are read sample by sample, a contiguous
 /// stretch each, which the hardware prefetches (a block's few hundred bytes a row, 4 KB apart, it does not).
@@ -49,7 +50,7 @@ struct RowsLayout {
     }
 
     /// Plane moments of sample b's channels c0..<c0+n, into `p` and `q` (planes of 2 to 15 values; one-value
-    /// planes are their own means, which the `values:` methods read from x).
+    /// planes are their own means, which the value methods read from x).
     @inline(__always)
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, sample b: Int, first c0: Int, count n: Int,
                                               p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>)
@@ -315,7 +316,7 @@ struct RowsLayout {
         }
     }
 
-    /// The unit of `planes` one-value planes from channel c, for the `values:` methods, which read the plane
+    /// The unit of `planes` one-value planes from channel c, for the value methods, which read the plane
     /// means from the input itself (`p` is not read).
     @inline(__always)
     func valueUnit(channel c: Int, planes: Int, context ctx: NormalizationContext) -> NormalizationUnit {
