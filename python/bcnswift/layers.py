@@ -267,7 +267,7 @@ class _Normalization:
         flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
         return x, y, flags, np.empty(self._context_length(x.shape[0]))
 
-    _context_size = (None, 0)  # (batch, doubles) of the last context made: one attribute, so threads agree
+    _context_size = (None, 0)  # (batch, doubles) for the last batch size: one attribute, so threads agree
 
     def _context_length(self, batch):
         """Doubles of a context for `batch` samples (C and G are the layer's: only the batch size varies)."""
@@ -455,6 +455,7 @@ class _Normalization:
         state = dict(self.__dict__)
         del state["_lock"]
         state["_saved"] = None
+        state.pop("_context_size", None)  # the extension that unpickles it may size contexts otherwise
         state.pop("bn", None)
         return state
 

@@ -49,12 +49,12 @@ def test_network_gradients_by_finite_differences(variant, training):
 
 def test_quick_run_writes_table_and_plot(tmp_path):
     require("sklearn")
-    require("matplotlib")  # the plot is checked below
     out = tmp_path / "out"
     results = demo.main(["--quick", "--out", str(out), "--json", str(tmp_path / "table.json")])
     table = json.loads((tmp_path / "table.json").read_text())
     assert len(table) == len(demo.VARIANTS) * 2 == len(results)
     assert {tuple(sorted(r)) for r in table} == {("batch_size", "seconds", "test_accuracy", "variant")}
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] >= 0 for r in table)
+    require("matplotlib")  # the demo plots when it can; CI requires it
     png = out / "demo_accuracy.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

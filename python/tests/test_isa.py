@@ -3,7 +3,6 @@ forced path the CPU lacks is an ImportError (never an illegal instruction), and 
 Nehalem) the baseline path runs. build_info() reports all of it."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 import bcnswift
+from conftest import require_tool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: the suite each path must pass (the current path runs the whole suite anyway)
@@ -128,14 +128,9 @@ print("old cpu ok", info["isa"])
 
 
 def qemu():
-    found = shutil.which("qemu-x86_64")
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("qemu-x86_64 is required under CI=true (.ci/run installs Debian's qemu-user)")
-        pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user)")
     if bcnswift.build_info()["machine"] not in ("x86_64", "AMD64"):
         pytest.skip("x86_64 only")
-    return found
+    return require_tool("qemu-x86_64", hint="Debian's qemu-user, which .ci/run installs")
 
 
 def test_on_a_cpu_without_avx_the_baseline_path_runs():

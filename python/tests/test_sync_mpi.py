@@ -3,13 +3,12 @@ wheel's, next to this interpreter) on this machine, with hard timeouts, and asse
 (mpi_worker.py runs sync_scenarios.py's scenarios)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import require
+from conftest import require, require_tool
 
 require("mpi4py")
 
@@ -18,13 +17,11 @@ TOL = {"f64": 1e-12, "f32": 1e-5}
 
 
 def mpiexec():
+    """The mpiexec of the mpich wheel, beside the interpreter, else the one on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    found = beside if os.path.exists(beside) else shutil.which("mpiexec")
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("mpiexec is required under CI=true (pip install '.[test]' brings the mpich wheel)")
-        pytest.skip("no mpiexec (pip install mpich)")
-    return found
+    if os.path.exists(beside):
+        return beside
+    return require_tool("mpiexec", hint="pip install '.[test]' brings the mpich wheel")
 
 
 def launch(n, mode, timeout=180, *extra):

@@ -169,6 +169,12 @@ def test_second_derivative_is_a_clear_error(route, gen, monkeypatch):
     ops carry the error), here run as if traced."""
     if route == "ops":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+        def eager(*args):
+            raise AssertionError("the eager route ran")
+
+        monkeypatch.setattr(_ops, "eager_forward", eager)
+        monkeypatch.setattr(_ops._EagerWeightStandardization, "apply", eager)
     m = bt.BCNorm(6, 3).double()
     x = rand_input(gen, (2, 6, 3, 3)).requires_grad_()
     (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
