@@ -85,7 +85,6 @@ class SwiftBuildExt(build_ext):
 
         swiftc = Path(driver).resolve().parent / "swiftc"
         info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True))
-        resource = Path(info["paths"]["runtimeResourcePath"])
         static_dir, swiftrt, system = static_runtime(info)
         for needed in (archive, swiftrt, static_dir / "libswiftCore.a"):
             if not needed.exists():
@@ -97,7 +96,7 @@ class SwiftBuildExt(build_ext):
         for old in tmp.glob("*.o"):
             old.unlink()
         subprocess.check_call(["ar", "x", str(archive)], cwd=tmp)
-        extract = resource.parent.parent / "bin" / "swift-autolink-extract"
+        extract = swiftc.parent / "swift-autolink-extract"  # the toolchain's bin, beside swiftc
         libs = subprocess.check_output([str(extract)] + sorted(str(p) for p in tmp.glob("*.o")) + ["-o", "-"],
                                        text=True).split()
         libs = [flag[2:] for flag in libs if flag.startswith("-l")]
