@@ -143,7 +143,12 @@ def test_forward_and_backward_copy_nothing(layout, rng):
     assert backward_peak <= dx.nbytes + small, f"backward allocated {backward_peak} bytes"
 
 
-@pytest.mark.parametrize("shape", [(4, 16, 64, 65), (64, 32, 3, 3), (64, 64, 4, 5)], ids=str)  # the last: 256 units
+# (1, 512, 36, 36): more rows than 16 stretches of 32K values, so each stretch takes a sixteenth of the sample
+CAPPED = (1, 512, 36, 36)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 64, 65), (64, 32, 3, 3), (64, 64, 4, 5), CAPPED],
+                         ids=str)  # (64, 64, 4, 5): 256 units
 def test_channels_last_results_do_not_depend_on_thread_count(shape, rng):
     x = channels_last(random_input(rng, shape).astype(np.float32))
     dy = channels_last(rng.normal(size=shape).astype(np.float32))
@@ -160,3 +165,16 @@ def test_channels_last_results_do_not_depend_on_thread_count(shape, rng):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+def test_channels_last_with_capped_stretches_matches_channels_first(rng):
+    xs = [random_input(rng, CAPPED) for _ in range(3)]
+    dys = [rng.normal(0.3, 1.0, CAPPED) for _ in range(3)]
+    make = LAYERS["BCN batch"]
+    first = run_steps(make(CAPPED[1], np.float64), xs, dys)
+    last = run_steps(make(CAPPED[1], np.float64), [channels_last(x) for x in xs], [channels_last(d) for d in dys])
+    for step, ((y, dx, g, _), (yl, dxl, gl, _)) in enumerate(zip(first, last)):
+        assert_rel(yl, y, np.float64, f"step {step}: y")
+        assert_rel(dxl, dx, np.float64, f"step {step}: dx")
+        for k in g:
+            assert_rel(gl[k], g[k], np.float64, f"step {step}: grad {k}")

@@ -7,8 +7,15 @@ struct ChannelsLastLayout: StoredLayout {
     let shape: NormalizationShape
 
     /// Rows per stretch: about 32K values, so that the stretches' sums (2 numbers per channel) add little
-    /// traffic to the input's.
-    private var stretchRows: Int { max(1, 32768 / shape.channels) }
+    /// traffic to the input's; and at most `maxStretches` stretches a sample, so that their partial sums stay
+    /// O(B·C) however many channels there are (at thousands of channels, 32K-value stretches would leave partials
+    /// as large as the input).
+    private var stretchRows: Int {
+        let most = ChannelsLastLayout.maxStretches
+        return max(1, 32768 / shape.channels, (shape.spatial + most - 1) / most)
+    }
+    /// Stretches a sample at most: work items enough for 16 threads on one sample.
+    static let maxStretches = 16
     private var stretches: Int { (shape.spatial + stretchRows - 1) / stretchRows }
     /// Rows per work item of the maps: about `planeChunkLength` values.
     private var mapRows: Int { max(1, planeChunkLength / shape.channels) }
