@@ -125,12 +125,6 @@ def _form(t):
     return "last" if channels_last_strides(t.shape, t.stride(), 1) else None
 
 
-def _layout(x):
-    """(x or a C-order copy, flags for its memory format): the kernels read [B, C, *] in C order or
-    channels-last."""
-    return _context_layout(x, None)[:2]
-
-
 def _like(t, x):
     """`t` in x's memory layout (a copy only when they differ). The stride of an axis of size 1 says nothing
     about the layout (torch gives a [O, I, 1, 1] weight's gradient other ones than the weight's), so it is not
@@ -176,7 +170,7 @@ def _check_input(x, name="input"):
 
 def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_input(x)
-    x, form = _layout(x)
+    x, form, _ = _context_layout(x, None)  # where it lies, or a C-order copy
     B, C = x.shape[0], x.shape[1]
     # zeros, not empty: the kernels leave parts of a context unused, and an output must be deterministic
     # (made in numpy and lent to torch: a torch tensor's numpy view costs 2 us)
