@@ -5,7 +5,7 @@ import pytest
 
 import bcnswift
 from bcnswift import reference as R
-from conftest import random_input
+from conftest import _get, _set, random_input
 
 
 def test_constant_channel_at_1e7_gives_exactly_the_bias(rng):
@@ -155,3 +155,60 @@ def test_one_channel_per_group_bn_gradients_exist_only_through_eps(shape, estima
     for key in ("bn.weight", "bn.bias"):
         err = float(np.abs(layer.grads[key] - ref.grads[key]).max()) / scale
         assert err < 1e-10, f"{key}: error {err:.1e} relative to max |dγ| = {scale:.1e}"
+
+
+def _rows_float32_error(x, G, estimate):
+    """bcnswift's float32 output on [B, C] x (a training step, then eval) and the documents' float64 output on the
+    same values, for BatchChannelNorm with G groups."""
+    C = x.shape[1]
+    layer = bcnswift.BatchChannelNorm(C, G, estimate=estimate, unbiased_running_var=False)  # labml's convention
+    ref = R.LabmlBatchChannelNorm(C, G, estimate=estimate)
+    x64 = x.astype(np.float64)
+    out = [layer(x), ref.forward(x64)]
+    layer.eval(); ref.train(False)
+    for name, path in (("bn.running_mean", "batch_norm.exp_mean"), ("bn.running_var", "batch_norm.exp_var")):
+        # eval normalizes with the running buffers, which bcnswift keeps in float32: both use those values
+        _set(ref, path, layer.state_dict()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+    out += [layer(x), ref.forward(x64)]
+    return out
+
+
+@pytest.mark.parametrize("K", [8, 16, 24, 64, 72, 128, 512], ids=lambda k: f"K={k}")
+@pytest.mark.parametrize("estimate", [False, True])
+def test_float32_rows_in_float32_lanes_stay_within_8_ulps(K, estimate, rng):
+    """[B, C] float32 with groups of whole 8-lane vectors: the channel-norm stage runs in Float32 lanes (sums
+    flushed to Float64 every 64 values: K = 72 and 128 cross that, K = 512 is a whole item). Its error against
+    the documents' float64 code stays within 8 ulps of the output's scale (about 4 measured)."""
+    G = max(2, 1024 // K)
+    x = random_input(rng, (64, G * K)).astype(np.float32)
+    y, truth, y_eval, truth_eval = _rows_float32_error(x, G, estimate)
+    for got, want in ((y, truth), (y_eval, truth_eval)):
+        scale = np.maximum(1.0, np.abs(want))
+        assert np.max(np.abs(got - want) / scale) <= 8 * np.finfo(np.float32).eps
+
+
+def test_float32_rows_take_float64_where_float32_would_round_visibly(rng):
+    """A group whose mean lies more than 4 standard deviations from 0 would lose up to |mean|/σ ulps in Float32
+    (ȳ itself is rounded relative to the mean); such groups take the Float64 path, correctly rounded. Groups
+    alternate in each row: even ones sit 8 σ off 0 (alternating sign by sample), odd ones near 0."""
+    B, C, G = 64, 1024, 32
+    K = C // G
+    offset = np.where(np.arange(G) % 2 == 0, 8.0, 0.0)[None, :] * np.where(np.arange(B) % 2 == 0, 1, -1)[:, None]
+    x = (rng.normal(0.5, 1.0, (B, G, K)) + offset[..., None]).reshape(B, C).astype(np.float32)
+    for got, want in zip(*[iter(_rows_float32_error(x, G, estimate=False))] * 2):
+        err = np.abs(got.astype(np.float64) - want).reshape(B, G, K)
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64).reshape(B, G, K)
+        assert np.all(err[:, 0::2] <= ulp[:, 0::2]), "groups 8 σ off 0: within an ulp (Float64 path)"
+        assert np.max(err[:, 1::2] / np.maximum(1.0, np.abs(want.reshape(B, G, K)[:, 1::2]))) \
+            <= 8 * np.finfo(np.float32).eps
+
+
+def test_float32_rows_nan_reaches_the_same_outputs_as_float64(rng):
+    """A NaN in one value of a [B, C] float32 input (default policy: propagate) spoils its channel's batch
+    statistics, hence every group holding that channel: the Float32 lanes give the same NaNs as float64."""
+    x = random_input(rng, (16, 256)).astype(np.float32)
+    x[3, 70] = np.nan
+    y = bcnswift.BatchChannelNorm(256, 8, estimate=False)(x)
+    y64 = bcnswift.BatchChannelNorm(256, 8, estimate=False, dtype=np.float64)(x.astype(np.float64))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y64))
+    assert np.isnan(y[:, 64:96]).all() and not np.isnan(np.delete(y, np.s_[64:96], axis=1)).any()

@@ -283,8 +283,13 @@ struct RowsLayout {
                                                      context ctx: NormalizationContext, arena: inout ScratchArena) {
         let width = valueBlockChannels, C = shape.channels, K = units.groupSize, G = plan.groups
         let perRow = (C + width - 1) / width, groupEps = units.groupEps(ctx)
-        let scratch = groupEps == nil ? nil : arena.take(parallelSlots(valueItems, cost: valueCost) * width,
-                                                         of: Double.self)
+        let slots = parallelSlots(valueItems, cost: valueCost)
+        let scratch = groupEps == nil ? nil : arena.take(slots * width, of: Double.self)
+        // Float input and groups of whole Float32 vectors: the groups take Float32 lanes where they can
+        let lanes32 = floatLanes(T.self)
+        let constants = lanes32 ? Float.ValueConstants(count: C, mu: ctx.mu, a: ctx.a, beta: ctx.beta,
+                                                       storage: arena.take(4 * C, of: Float.self)) : nil
+        let scratch32 = lanes32 ? arena.take(slots * width, of: Float.self) : nil
         parallelFor(valueItems, cost: valueCost) { range, slot in
             for item in range {
                 let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
@@ -297,6 +302,12 @@ struct RowsLayout {
                 // inside the item wrap unchecked (the item lies inside the tensor).
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), xs = x + first, ys = y + first
                 let staged = scratch + slot * width
+                if let constants, let scratch32 {
+                    valueGroups32(xs, ys, groups: groups, first: c0, unit: unit, constants: constants.advanced(by: c0),
+                                  staged: staged, staged32: scratch32 + slot * width, bias: bias, context: ctx,
+                                  means: means, inverses: inverses, eps: eps)
+                    continue
+                }
                 var j = 0
                 while j < groups {
                     let moments = unit.valueMoments(xs, from: j &* K, storingInto: staged + j &* K)
@@ -316,6 +327,57 @@ struct RowsLayout {
         }
     }
 
+    /// Whether `applyValues` runs Float32 lanes (`valueGroups32`) on input of type T: Float input with a
+    /// channel-norm stage whose groups are whole vectors of eight.
+    private func floatLanes<T: NormalizationScalar>(_: T.Type) -> Bool {
+        T.self == Float.self && units.hasChannelNorm && units.groupSize & 7 == 0
+    }
+
+    /// `applyValues` on one item of Float input, `groups` groups from channel c0 of a row (xs, ys), in Float32
+    /// lanes (`Float._valueGroupSums`, `Float._valueGroupMap`); a group `RowRounding` refuses runs the Float64
+    /// value methods instead, from its Float64 staged means in `staged`. The same order of phases as
+    /// `applyValues`: every group's moments, then their r together, then the outputs.
+    @inline(__always)
+    private func valueGroups32<T: NormalizationScalar>(
+        _ xs: UnsafePointer<T>, _ ys: UnsafeMutablePointer<T>, groups: Int, first c0: Int, unit: NormalizationUnit,
+        constants: Float.ValueConstants, staged: UnsafeMutablePointer<Double>, staged32: UnsafeMutablePointer<Float>,
+        bias: UnsafePointer<T>?, context ctx: NormalizationContext, means: UnsafeMutablePointer<Double>,
+        inverses: UnsafeMutablePointer<Double>, eps: Double
+    ) {
+        let K = units.groupSize, g0 = c0 / K, invK = 1 / Double(K)
+        let xf = UnsafeRawPointer(xs).assumingMemoryBound(to: Float.self)
+        let yf = UnsafeMutableRawPointer(ys).assumingMemoryBound(to: Float.self)
+        var wide: UInt64 = 0  // the groups on the Float64 path (at most 64: an item holds at most 512 channels)
+        var j = 0
+        while j < groups {
+            let at = j &* K
+            let (shift, d, squares) = Float._valueGroupSums(xf, from: at, count: K, constants,
+                                                            staged: staged32 + at)
+            let mean = shift + d * invK, between = squares - d * d * invK
+            if RowRounding.accepts(count: K, mean: mean, squares: squares, between: between) {
+                means[j] = mean; inverses[j] = Moments(count: Double(K), mean: mean, m2: between).variance
+            } else {
+                let moments = unit.valueMoments(xs, from: at, storingInto: staged + at)
+                means[j] = moments.mean; inverses[j] = moments.variance
+                wide |= 1 << UInt64(j)
+            }
+            j &+= 1
+        }
+        Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
+            scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
+        j = 0
+        while j < groups {
+            let g = g0 &+ j, at = j &* K, w = ctx.w[g], b = bias.map { Double($0[g]) } ?? 0
+            if wide & (1 << UInt64(j)) != 0 {
+                unit.mapValues(staged: staged + at, into: ys + at, mean: means[j], r: inverses[j], weight: w, bias: b)
+            } else {
+                Float._valueGroupMap(staged32 + at, into: yf + at, count: K, mean: means[j], scale: inverses[j] * w,
+                                     bias: b)
+            }
+            j &+= 1
+        }
+    }
+
     /// The unit of `planes` one-value planes from channel c, for the value methods, which read the plane
     /// means from the input itself (`p` is not read).
     @inline(__always)
@@ -324,9 +386,11 @@ struct RowsLayout {
                           mu: ctx.mu + c, a: ctx.a + c, beta: ctx.beta + c)
     }
 
-    func applyBytes() -> Int {
-        shape.spatial == 1 ? ScratchArena.bytes(parallelSlots(valueItems, cost: valueCost) * valueBlockChannels,
-                                                of: Double.self)
-            : scratchBytes(applyCost, count: blocks * shape.batch)
+    func applyBytes<T: NormalizationScalar>(_: T.Type) -> Int {
+        guard shape.spatial == 1 else { return scratchBytes(applyCost, count: blocks * shape.batch) }
+        let staged = parallelSlots(valueItems, cost: valueCost) * valueBlockChannels
+        return ScratchArena.bytes(staged, of: Double.self)
+            + (floatLanes(T.self) ? ScratchArena.bytes(4 * shape.channels, of: Float.self)
+                + ScratchArena.bytes(staged, of: Float.self) : 0)
     }
 }

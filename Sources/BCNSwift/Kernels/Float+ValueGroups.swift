@@ -1,0 +1,101 @@
+// The channel-norm stage on rows of one-value planes ([B, C] input, S = 1) in Float32 lanes: eight values a
+// step where the Float64 path (`NormalizationUnit.valueMoments`, `mapValues`) takes four, with the group's
+// reductions, the shift rule and everything after them in Float64. Groups this path cannot keep exact enough
+// go back to the Float64 path (`RowRounding.accepts`).
+
+extension Float {
+    /// The batch-norm stage's per-channel constants, rounded to Float32 once a call: μ as the sum of two Floats
+    /// (so that x - μ rounds once, relative to itself, however far x and μ are from 0), a and β to nearest.
+    struct ValueConstants {
+        let muHigh, muLow, a, beta: UnsafeMutablePointer<Float>
+
+        /// The constants of `count` channels from the context's Float64 μ, a, β, into `storage` (4·count Floats).
+        init(count n: Int, mu: UnsafePointer<Double>, a a64: UnsafePointer<Double>, beta b64: UnsafePointer<Double>,
+             storage: UnsafeMutablePointer<Float>) {
+            muHigh = storage; muLow = storage + n; a = muLow + n; beta = a + n
+            for c in 0..<n {
+                let high = Float(mu[c])
+                muHigh[c] = high; muLow[c] = Float(mu[c] - Double(high))
+                a[c] = Float(a64[c]); beta[c] = Float(b64[c])
+            }
+        }
+
+        private init(_ muHigh: UnsafeMutablePointer<Float>, _ muLow: UnsafeMutablePointer<Float>,
+                     _ a: UnsafeMutablePointer<Float>, _ beta: UnsafeMutablePointer<Float>) {
+            self.muHigh = muHigh; self.muLow = muLow; self.a = a; self.beta = beta
+        }
+
+        /// The constants from channel c on.
+        @inline(__always)
+        func advanced(by c: Int) -> Self { Self(muHigh + c, muLow + c, a + c, beta + c) }
+
+        /// ȳ = β + a (x - μ) of the eight values from k (channels k..<k+8), rounded once by the fused
+        /// multiply-add after x - μ.
+        @inline(__always)
+        func staged(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> {
+            let d = (Float._load8(x, k) - Float._load8(muHigh, k)) - Float._load8(muLow, k)
+            return Float._load8(beta, k).addingProduct(Float._load8(a, k), d)
+        }
+    }
+
+    /// One group of K one-value planes from x[k0] (K a multiple of 8): its ȳ into `staged` (K Floats), and the
+    /// sums of `groupMoments`'s one pass, shifted by the mean of its first eight ȳ: (shift, Σ(ȳ - shift),
+    /// Σ(ȳ - shift)²), the lanes summed in Float32 over at most 64 values (8 terms a lane), then in Float64.
+    @inline(__always)
+    static func _valueGroupSums(_ x: UnsafePointer<Float>, from k0: Int, count K: Int, _ c: ValueConstants,
+                                staged: UnsafeMutablePointer<Float>) -> (shift: Double, d: Double, squares: Double) {
+        // The first vector's sum by `_hsum2`'s vector operations: `_hsum` here let LLVM compute its eight
+        // values one by one, then regroup them (about 60 instructions instead of 10).
+        let first = c.staged(x, k0)
+        _store8(first, staged, 0)
+        let shift = _hsum2(first, first).0 * 0.125, sv = SIMD8(repeating: shift)
+        var d = 0.0, squares = 0.0, e = first - sv, dv = e, qv = e * e, i = 8
+        while i < K {
+            if i & 63 == 0 {
+                let (ds, qs) = _hsum2(dv, qv)
+                d += Double(ds); squares += Double(qs); dv = SIMD8(); qv = dv
+            }
+            let y = c.staged(x, k0 &+ i)
+            _store8(y, staged, i)
+            e = y - sv; dv += e; qv.addProduct(e, e)
+            i &+= 8
+        }
+        let (ds, qs) = _hsum2(dv, qv)
+        d += Double(ds); squares += Double(qs)
+        return (Double(shift), d, squares)
+    }
+
+    /// out = bias + rw (ȳ - m) of K staged values (a multiple of 8) into y, in Float32: m as the sum of two
+    /// Floats, so that ȳ - m rounds once.
+    @inline(__always)
+    static func _valueGroupMap(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count K: Int,
+                               mean m: Double, scale rw: Double, bias: Double) {
+        let high = Float(m), mh = SIMD8(repeating: high), ml = SIMD8(repeating: Float(m - Double(high)))
+        let s = SIMD8(repeating: Float(rw)), b = SIMD8(repeating: Float(bias))
+        var i = 0
+        while i < K {
+            _store8(b.addingProduct(s, (_load8(staged, i) - mh) - ml), y, i)
+            i &+= 8
+        }
+    }
+}
+
+/// When a group of one-value planes may take the Float32 lanes.
+enum RowRounding {
+    /// Whether a group's Float32 sums (`Float._valueGroupSums`: K values, mean `mean`, Σ(ȳ - shift)² =
+    /// `squares`, M2 = `between`) are kept. ȳ itself was rounded to Float32, about 1.5 ulp of the larger of |ȳ|,
+    /// |a (x - μ)| and |β|, and the channel norm magnifies that by 1/σ of the group: measured on [256, 1024],
+    /// G = 32, the output's largest error is 4 ulps of 1 where |mean|/σ < 1, 6 below 4, 18 below 16 and 59
+    /// below 64 (the Float64 path's: 0.5). The Float64 path takes the group instead when:
+    /// - its standard deviation is below |mean|/4 (a constant group among them, which the Float64 path gives
+    ///   exactly its bias);
+    /// - the shift lay further than a standard deviation from the mean ((Σd)²/K above half of Σd²: the rule of
+    ///   `groupMoments`, which then runs a corrected second pass);
+    /// - its mean square left Float32's comfortable range (1e-30 to 1e36), or a value is NaN or infinite.
+    @inline(__always)
+    static func accepts(count K: Int, mean: Double, squares: Double, between: Double) -> Bool {
+        let meanSquare = squares / Double(K)
+        return between >= 0.5 * squares && between >= Double(K) * mean * mean * 0.0625
+            && meanSquare > 1e-30 && meanSquare < 1e36
+    }
+}
