@@ -80,6 +80,48 @@ extension Float {
     }
 }
 
+extension Float {
+    /// Every group of one item (`groups` groups of K one-value planes from x, one row's stretch; the constants
+    /// from its first channel): `_valueGroupSums`, then the group's mean and variance into `means` and
+    /// `variances` where `RowRounding` accepts it. Returns the groups it refused (bit j for group j, at most 64),
+    /// whose entries the caller fills from the Float64 path. Out of line: inlined into the parallel loop, the
+    /// pointers it advances per group spilled around every group.
+    @inline(never)
+    static func _valueItemMoments(_ x: UnsafePointer<Float>, groups: Int, size K: Int, _ c: ValueConstants,
+                                  staged: UnsafeMutablePointer<Float>, means: UnsafeMutablePointer<Double>,
+                                  variances: UnsafeMutablePointer<Double>) -> UInt64 {
+        let invK = 1 / Double(K)
+        var refused: UInt64 = 0, j = 0, at = 0
+        while j < groups {
+            let (shift, d, squares) = _valueGroupSums(x, from: at, count: K, c, staged: staged + at)
+            let mean = shift + d * invK, between = squares - d * d * invK
+            if RowRounding.accepts(count: K, mean: mean, squares: squares, between: between) {
+                means[j] = mean; variances[j] = Moments(count: Double(K), mean: mean, m2: between).variance
+            } else {
+                refused |= 1 << UInt64(j)
+            }
+            j &+= 1; at &+= K
+        }
+        return refused
+    }
+
+    /// `_valueGroupMap` of every group of one item but those in `skipping` (bit j for group j): group j's
+    /// staged values to y with mean `means[j]`, scale `inverses[j]` · `weights[j]` and bias `bias[j]` (0 without).
+    @inline(never)
+    static func _valueItemMaps(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, groups: Int,
+                               size K: Int, means: UnsafePointer<Double>, inverses: UnsafePointer<Double>,
+                               weights: UnsafePointer<Double>, bias: UnsafePointer<Float>?, skipping: UInt64) {
+        var j = 0, at = 0
+        while j < groups {
+            if skipping & (1 << UInt64(j)) == 0 {
+                _valueGroupMap(staged + at, into: y + at, count: K, mean: means[j], scale: inverses[j] * weights[j],
+                               bias: bias.map { Double($0[j]) } ?? 0)
+            }
+            j &+= 1; at &+= K
+        }
+    }
+}
+
 /// When a group of one-value planes may take the Float32 lanes.
 enum RowRounding {
     /// Whether a group's Float32 sums (`Float._valueGroupSums`: K values, mean `mean`, Σ(ȳ - shift)² =

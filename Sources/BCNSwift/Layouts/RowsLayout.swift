@@ -344,37 +344,31 @@ struct RowsLayout {
         bias: UnsafePointer<T>?, context ctx: NormalizationContext, means: UnsafeMutablePointer<Double>,
         inverses: UnsafeMutablePointer<Double>, eps: Double
     ) {
-        let K = units.groupSize, g0 = c0 / K, invK = 1 / Double(K)
+        let K = units.groupSize, g0 = c0 / K
         let xf = UnsafeRawPointer(xs).assumingMemoryBound(to: Float.self)
         let yf = UnsafeMutableRawPointer(ys).assumingMemoryBound(to: Float.self)
-        var wide: UInt64 = 0  // the groups on the Float64 path (at most 64: an item holds at most 512 channels)
-        var j = 0
-        while j < groups {
-            let at = j &* K
-            let (shift, d, squares) = Float._valueGroupSums(xf, from: at, count: K, constants,
-                                                            staged: staged32 + at)
-            let mean = shift + d * invK, between = squares - d * d * invK
-            if RowRounding.accepts(count: K, mean: mean, squares: squares, between: between) {
-                means[j] = mean; inverses[j] = Moments(count: Double(K), mean: mean, m2: between).variance
-            } else {
-                let moments = unit.valueMoments(xs, from: at, storingInto: staged + at)
-                means[j] = moments.mean; inverses[j] = moments.variance
-                wide |= 1 << UInt64(j)
-            }
-            j &+= 1
+        // the groups on the Float64 path (at most 64: an item holds at most 512 channels)
+        let wide = Float._valueItemMoments(xf, groups: groups, size: K, constants, staged: staged32, means: means,
+                                           variances: inverses)
+        var rest = wide
+        while rest != 0 {
+            let j = rest.trailingZeroBitCount, at = j * K
+            let moments = unit.valueMoments(xs, from: at, storingInto: staged + at)
+            means[j] = moments.mean; inverses[j] = moments.variance
+            rest &= rest - 1
         }
         Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
             scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
-        j = 0
-        while j < groups {
-            let g = g0 &+ j, at = j &* K, w = ctx.w[g], b = bias.map { Double($0[g]) } ?? 0
-            if wide & (1 << UInt64(j)) != 0 {
-                unit.mapValues(staged: staged + at, into: ys + at, mean: means[j], r: inverses[j], weight: w, bias: b)
-            } else {
-                Float._valueGroupMap(staged32 + at, into: yf + at, count: K, mean: means[j], scale: inverses[j] * w,
-                                     bias: b)
-            }
-            j &+= 1
+        Float._valueItemMaps(staged32, into: yf, groups: groups, size: K, means: means, inverses: inverses,
+                             weights: ctx.w + g0,
+                             bias: bias.map { UnsafeRawPointer($0 + g0).assumingMemoryBound(to: Float.self) },
+                             skipping: wide)
+        rest = wide
+        while rest != 0 {
+            let j = rest.trailingZeroBitCount, g = g0 + j, at = j * K
+            unit.mapValues(staged: staged + at, into: ys + at, mean: means[j], r: inverses[j], weight: ctx.w[g],
+                           bias: bias.map { Double($0[g]) } ?? 0)
+            rest &= rest - 1
         }
     }
 
