@@ -78,32 +78,46 @@ enum BatchNormStage {
         batch B: Int, spatial: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, chains: Int,
         into out: UnsafeMutablePointer<Moments>
     ) {
-        let invB = SIMD4(repeating: 1 / Double(B)), zero = SIMD4<Double>()
+        // The shift: the mean of the first (up to) eight samples. One pass of shifted sums, kept when every
+        // channel's shift lay within a standard deviation of its mean ((Σd)²/B at most half of Σd², the rule of
+        // the plane kernels); else the pass again around the means found (the corrected two-pass algorithm).
+        // A first pass over all the samples for an exact mean cost 0.6 instructions a value of the 2.6.
+        let picks = min(B, 8), invB = SIMD4(repeating: 1 / Double(B)), zero = SIMD4<Double>()
         var c0 = zero, c1 = zero, c2 = zero, c3 = zero
-        for b in 0..<B {
+        for b in 0..<picks {
             let row = p + b * stride
             c0 += T._load4Wide(row, 0)
             if chains > 1 { c1 += T._load4Wide(row, 4) }
             if chains > 2 { c2 += T._load4Wide(row, 8); c3 += T._load4Wide(row, 12) }
         }
-        c0 *= invB; c1 *= invB; c2 *= invB; c3 *= invB
+        let invPicks = SIMD4(repeating: 1 / Double(picks))
+        c0 *= invPicks; c1 *= invPicks; c2 *= invPicks; c3 *= invPicks
         var w0 = zero, w1 = zero, w2 = zero, w3 = zero, d0 = zero, d1 = zero, d2 = zero, d3 = zero
         var e0 = zero, e1 = zero, e2 = zero, e3 = zero
-        for b in 0..<B {
-            let row = p + b * stride
-            if let q {
-                let m2 = q + b * stride
-                w0 += m2.lanes(0)
-                if chains > 1 { w1 += m2.lanes(4) }
-                if chains > 2 { w2 += m2.lanes(8); w3 += m2.lanes(12) }
+        for pass in 0..<2 {
+            w0 = zero; w1 = zero; w2 = zero; w3 = zero; d0 = zero; d1 = zero; d2 = zero; d3 = zero
+            e0 = zero; e1 = zero; e2 = zero; e3 = zero
+            for b in 0..<B {
+                let row = p + b * stride
+                if let q {
+                    let m2 = q + b * stride
+                    w0 += m2.lanes(0)
+                    if chains > 1 { w1 += m2.lanes(4) }
+                    if chains > 2 { w2 += m2.lanes(8); w3 += m2.lanes(12) }
+                }
+                let x0 = T._load4Wide(row, 0) - c0
+                d0 += x0; e0.addProduct(x0, x0)
+                if chains > 1 { let x1 = T._load4Wide(row, 4) - c1; d1 += x1; e1.addProduct(x1, x1) }
+                if chains > 2 {
+                    let x2 = T._load4Wide(row, 8) - c2, x3 = T._load4Wide(row, 12) - c3
+                    d2 += x2; e2.addProduct(x2, x2); d3 += x3; e3.addProduct(x3, x3)
+                }
             }
-            let x0 = T._load4Wide(row, 0) - c0
-            d0 += x0; e0 += x0 * x0
-            if chains > 1 { let x1 = T._load4Wide(row, 4) - c1; d1 += x1; e1 += x1 * x1 }
-            if chains > 2 {
-                let x2 = T._load4Wide(row, 8) - c2, x3 = T._load4Wide(row, 12) - c3
-                d2 += x2; e2 += x2 * x2; d3 += x3; e3 += x3 * x3
-            }
+            // NaN fails the rule too, and a second pass keeps it
+            let kept = (e0 - d0 * d0 * invB .>= 0.5 * e0) .& (e1 - d1 * d1 * invB .>= 0.5 * e1)
+                .& (e2 - d2 * d2 * invB .>= 0.5 * e2) .& (e3 - d3 * d3 * invB .>= 0.5 * e3)
+            if pass == 1 || all(kept) { break }
+            c0 += d0 * invB; c1 += d1 * invB; c2 += d2 * invB; c3 += d3 * invB
         }
         let s0 = StripSums(centre: c0, within: w0, deviation: d0, between: e0)
         let s1 = StripSums(centre: c1, within: w1, deviation: d1, between: e1)
