@@ -79,10 +79,12 @@ final class BatchChannelNormTests: XCTestCase {
     /// reserved up front (`ScratchArena`).
     func testResultsDoNotDependOnThreadCount() throws {
         // planes split in chunks; rows of one value per plane and of 9, in groups of 33 channels (blocks and
-        // panels that end off the lanes); all large enough to run on several threads
-        for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8)] {
+        // panels that end off the lanes); rows of one value in groups of 64 (the Float32 lanes, with the
+        // Float64 path for the channels offset below); all large enough to run on several threads
+        for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([256, 512], 8)] {
             let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
-            let x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
+            var x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
+            if S == 1 { for b in Swift.stride(from: 0, to: shape[0], by: 3) { for c in 0..<C / 2 { x[b * C + c] += 50 } } }
             let dy = (0..<x.count).map { _ in Float(rng.normal(0.3, 1)) }
             var results: [[Float]] = []
             for threads in [1, 2, 16] {
