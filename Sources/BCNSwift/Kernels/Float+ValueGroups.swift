@@ -1,11 +1,12 @@
-// The channel-norm stage on rows of one-value planes ([B, C] input, S = 1) in Float32 lanes: eight values a
-// step where the Float64 path (`NormalizationUnit.valueMoments`, `mapValues`) takes four, with the group's
-// reductions, the shift rule and everything after them in Float64. Groups this path cannot keep exact enough
-// go back to the Float64 path (`RowRounding.accepts`).
+// The channel-norm stage on rows of one-value planes ([B, C] Float input, S = 1) in Float32 lanes: eight values a
+// step where the Float64 path (`NormalizationUnit.valueMoments`, `mapValues`) takes four. The group's sums run in
+// Float32 lanes flushed to Float64 every 64 values; the shift rule, m, r and the coefficients stay Float64. This
+// is the Float32 transcription of those value methods' algebra, for the groups `RowRounding.accepts`; the rest
+// take the Float64 path.
 
 extension Float {
     /// The batch-norm stage's per-channel constants, rounded to Float32 once a call: μ as the sum of two Floats
-    /// (so that x - μ rounds once, relative to itself, however far x and μ are from 0), a and β to nearest.
+    /// (so that x - μ's rounding stays relative to x - μ, however far x and μ are from 0), a and β to nearest.
     struct ValueConstants {
         let muHigh, muLow, a, beta: UnsafeMutablePointer<Float>
 
@@ -29,8 +30,8 @@ extension Float {
         @inline(__always)
         func advanced(by c: Int) -> Self { Self(muHigh + c, muLow + c, a + c, beta + c) }
 
-        /// ȳ = β + a (x - μ) of the eight values from k (channels k..<k+8), rounded once by the fused
-        /// multiply-add after x - μ.
+        /// ȳ = β + a (x - μ) of the eight values from k (channels k..<k+8): x - μ in two steps (μ's two
+        /// Floats), then one fused multiply-add.
         @inline(__always)
         func staged(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> {
             let d = (Float._load8(x, k) - Float._load8(muHigh, k)) - Float._load8(muLow, k)
@@ -66,7 +67,7 @@ extension Float {
     }
 
     /// out = bias + rw (ȳ - m) of K staged values (a multiple of 8) into y, in Float32: m as the sum of two
-    /// Floats, so that ȳ - m rounds once.
+    /// Floats, so that ȳ - m's rounding stays relative to ȳ - m.
     @inline(__always)
     static func _valueGroupMap(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count K: Int,
                                mean m: Double, scale rw: Double, bias: Double) {
@@ -88,14 +89,17 @@ extension Float {
     /// pointers it advances per group spilled around every group.
     @inline(never)
     static func _valueItemMoments(_ x: UnsafePointer<Float>, groups: Int, size K: Int, _ c: ValueConstants,
-                                  staged: UnsafeMutablePointer<Float>, means: UnsafeMutablePointer<Double>,
-                                  variances: UnsafeMutablePointer<Double>) -> UInt64 {
+                                  betaReach: UnsafePointer<Double>, staged: UnsafeMutablePointer<Float>,
+                                  means: UnsafeMutablePointer<Double>, variances: UnsafeMutablePointer<Double>)
+        -> UInt64
+    {
+        precondition(groups <= 64, "an item of one-value planes holds at most 64 groups")
         let invK = 1 / Double(K)
         var refused: UInt64 = 0, j = 0, at = 0
         while j < groups {
             let (shift, d, squares) = _valueGroupSums(x, from: at, count: K, c, staged: staged + at)
             let mean = shift + d * invK, between = squares - d * d * invK
-            if RowRounding.accepts(count: K, mean: mean, squares: squares, between: between) {
+            if RowRounding.accepts(count: K, mean: mean, squares: squares, between: between, beta: betaReach[j]) {
                 means[j] = mean; variances[j] = Moments(count: Double(K), mean: mean, m2: between).variance
             } else {
                 refused |= 1 << UInt64(j)
@@ -124,20 +128,29 @@ extension Float {
 
 /// When a group of one-value planes may take the Float32 lanes.
 enum RowRounding {
-    /// Whether a group's Float32 sums (`Float._valueGroupSums`: K values, mean `mean`, Σ(ȳ - shift)² =
-    /// `squares`, M2 = `between`) are kept. ȳ itself was rounded to Float32, about 1.5 ulp of the larger of |ȳ|,
-    /// |a (x - μ)| and |β|, and the channel norm magnifies that by 1/σ of the group: measured on [256, 1024],
-    /// G = 32, the output's largest error is 4 ulps of 1 where |mean|/σ < 1, 6 below 4, 18 below 16 and 59
-    /// below 64 (the Float64 path's: 0.5). The Float64 path takes the group instead when:
-    /// - its standard deviation is below |mean|/4 (a constant group among them, which the Float64 path gives
-    ///   exactly its bias);
+    /// Whether a group of one-value planes of Float input keeps the Float32 lanes' result: its Float32 sums
+    /// (`Float._valueGroupSums`: K values, mean `mean`, Σ(ȳ - shift)² = `squares`, M2 = `between`), and `beta`,
+    /// the largest |β| of its channels. Each ȳ = β + a (x - μ) was rounded in Float32, within about 2 ulps of the
+    /// larger of |ȳ| and |β| (|a (x - μ)| is at most their sum), and the channel norm magnifies that by 1/σ
+    /// of the group. Measured on [256, 1024], G = 32, β = 0, the output's largest error is 4 ulps of 1 where
+    /// |mean|/σ < 1, 6 below 4, 18 below 16 and 59 below 64 (the Float64 path's: 0.5). So the Float64 path takes
+    /// the group instead when:
+    /// - its standard deviation is below |mean|/4 or below |β|/4 (β cancelling a (x - μ): eval, with inputs
+    ///   far from the running mean and a bias that brings them back);
     /// - the shift lay further than a standard deviation from the mean ((Σd)²/K above half of Σd²: the rule of
     ///   `groupMoments`, which then runs a corrected second pass);
-    /// - its mean square left Float32's comfortable range (1e-30 to 1e36), or a value is NaN or infinite.
+    /// - its mean square left Float32's comfortable range (1e-30 to 1e36: a constant group among them, which
+    ///   the Float64 path gives exactly its bias), or a value is NaN or infinite.
     @inline(__always)
-    static func accepts(count K: Int, mean: Double, squares: Double, between: Double) -> Bool {
-        let meanSquare = squares / Double(K)
-        return between >= 0.5 * squares && between >= Double(K) * mean * mean * 0.0625
+    static func accepts(count K: Int, mean: Double, squares: Double, between: Double, beta: Double) -> Bool {
+        let meanSquare = squares / Double(K), reach = max(abs(mean), beta)
+        return between >= 0.5 * squares && between >= Double(K) * reach * reach * 0.0625
             && meanSquare > 1e-30 && meanSquare < 1e36
+    }
+
+    /// The largest |β| of each of `groups` groups of K channels, into `out`: the reach `accepts` needs.
+    static func betaReach(_ beta: UnsafePointer<Double>, groups: Int, size K: Int,
+                          into out: UnsafeMutablePointer<Double>) {
+        for g in 0..<groups { out[g] = (0..<K).reduce(0) { max($0, abs(beta[g * K + $1])) } }
     }
 }

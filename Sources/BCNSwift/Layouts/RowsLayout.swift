@@ -275,9 +275,10 @@ struct RowsLayout {
 
     /// Phase (c) with one-value planes (S = 1): units from x straight to y (`valueMoments`, `mapValues`), the
     /// same numbers as the planes' maps, with an item's staged means (y₁, one Double a value) in the thread's
-    /// scratch between the two. An item is a stretch of a row: the moments of all its groups first (into the
-    /// context's m and r), then their r together, then the outputs, so that each group's reduction, square root
-    /// and division overlap the others' instead of stalling its own output.
+    /// scratch between the two; for Float input with groups of whole 8-lane vectors, Float32 lanes where
+    /// `RowRounding` allows (`valueGroups32`). An item is a stretch of a row: the moments of all its groups
+    /// first (into the context's m and r), then their r together, then the outputs, so that each group's
+    /// reduction, square root and division overlap the others' instead of stalling its own output.
     private func applyValues<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>,
                                                      y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
                                                      context ctx: NormalizationContext, arena: inout ScratchArena) {
@@ -290,6 +291,8 @@ struct RowsLayout {
         let constants = lanes32 ? Float.ValueConstants(count: C, mu: ctx.mu, a: ctx.a, beta: ctx.beta,
                                                        storage: arena.take(4 * C, of: Float.self)) : nil
         let scratch32 = lanes32 ? arena.take(slots * width, of: Float.self) : nil
+        let betaReach = lanes32 ? arena.take(G, of: Double.self) : nil
+        if let betaReach { RowRounding.betaReach(ctx.beta, groups: G, size: K, into: betaReach) }
         parallelFor(valueItems, cost: valueCost) { range, slot in
             for item in range {
                 let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
@@ -302,10 +305,10 @@ struct RowsLayout {
                 // inside the item wrap unchecked (the item lies inside the tensor).
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), xs = x + first, ys = y + first
                 let staged = scratch + slot * width
-                if let constants, let scratch32 {
+                if let constants, let scratch32, let betaReach {
                     valueGroups32(xs, ys, groups: groups, first: c0, unit: unit, constants: constants.advanced(by: c0),
-                                  staged: staged, staged32: scratch32 + slot * width, bias: bias, context: ctx,
-                                  means: means, inverses: inverses, eps: eps)
+                                  betaReach: betaReach + g0, staged: staged, staged32: scratch32 + slot * width,
+                                  bias: bias, context: ctx, means: means, inverses: inverses, eps: eps)
                     continue
                 }
                 var j = 0
@@ -340,7 +343,8 @@ struct RowsLayout {
     @inline(__always)
     private func valueGroups32<T: NormalizationScalar>(
         _ xs: UnsafePointer<T>, _ ys: UnsafeMutablePointer<T>, groups: Int, first c0: Int, unit: NormalizationUnit,
-        constants: Float.ValueConstants, staged: UnsafeMutablePointer<Double>, staged32: UnsafeMutablePointer<Float>,
+        constants: Float.ValueConstants, betaReach: UnsafePointer<Double>, staged: UnsafeMutablePointer<Double>,
+        staged32: UnsafeMutablePointer<Float>,
         bias: UnsafePointer<T>?, context ctx: NormalizationContext, means: UnsafeMutablePointer<Double>,
         inverses: UnsafeMutablePointer<Double>, eps: Double
     ) {
@@ -348,8 +352,8 @@ struct RowsLayout {
         let xf = UnsafeRawPointer(xs).assumingMemoryBound(to: Float.self)
         let yf = UnsafeMutableRawPointer(ys).assumingMemoryBound(to: Float.self)
         // the groups on the Float64 path (at most 64: an item holds at most 512 channels)
-        let wide = Float._valueItemMoments(xf, groups: groups, size: K, constants, staged: staged32, means: means,
-                                           variances: inverses)
+        let wide = Float._valueItemMoments(xf, groups: groups, size: K, constants, betaReach: betaReach,
+                                           staged: staged32, means: means, variances: inverses)
         var rest = wide
         while rest != 0 {
             let j = rest.trailingZeroBitCount, at = j * K
@@ -385,6 +389,7 @@ struct RowsLayout {
         let staged = parallelSlots(valueItems, cost: valueCost) * valueBlockChannels
         return ScratchArena.bytes(staged, of: Double.self)
             + (floatLanes(T.self) ? ScratchArena.bytes(4 * shape.channels, of: Float.self)
-                + ScratchArena.bytes(staged, of: Float.self) : 0)
+                + ScratchArena.bytes(staged, of: Float.self)
+                + ScratchArena.bytes(shape.channels / units.groupSize, of: Double.self) : 0)
     }
 }
