@@ -7,8 +7,11 @@
 enum BatchNormStage {
     /// Moments per channel of B samples from their plane moments (Chan's formula for B sets of S values):
     ///   μ = Σ_b p / B,  M2 = Σ_b q + S Σ_b (p - μ)²,
-    /// with μ corrected as in the corrected two-pass algorithm (c = Σ p / B, d = Σ (p - c): μ = c + d/B,
-    /// Σ (p - μ)² = Σ (p - c)² - d²/B): the channel norm magnifies μ's rounding when a group's spread is small.
+    /// as shifted sums around c = the mean of the first (up to) eight samples' p: d = Σ (p - c), μ = c + d/B,
+    /// Σ (p - μ)² = Σ (p - c)² - d²/B, kept when c lay within a standard deviation of μ (d²/B at most half of
+    /// Σ (p - c)², the rule of the plane kernels); otherwise summed again around the μ found: the corrected
+    /// two-pass algorithm, since the channel norm magnifies μ's rounding when a group's spread is small. Each
+    /// channel's numbers depend on its own values alone, whichever strip or tail computes them.
     ///
     /// - Parameters:
     ///   - width: channels to merge (a block of them; rows of `p`, `q` and `out` are indexed from 0).
@@ -20,7 +23,7 @@ enum BatchNormStage {
     ) {
         // Sixteen channels at a time down all the samples when there are no M2s (S = 1: a whole cache line of
         // Float32 a row, so each line is fetched once a pass), eight otherwise, their sums in registers (chains of
-        // four lanes); then four, then one. Each channel's sums run in sample order whatever the strip.
+        // four lanes); then four, then one, with the same operations per channel.
         var c = 0
         while q == nil && c + 16 <= width {
             stripMoments(batch: B, spatial: spatial, p: p + c, q: nil, stride: stride, chains: 4, into: out + c)
@@ -36,26 +39,49 @@ enum BatchNormStage {
                          into: out + c)
             c += 4
         }
-        let invB = 1 / Double(B)
+        let picks = min(B, 8), invB = 1 / Double(B)
         while c < width {
-            var centre = 0.0, within = 0.0, deviation = 0.0, between = 0.0
-            for b in 0..<B { centre += Double(p[b * stride + c]) }
-            centre *= invB
-            for b in 0..<B {
-                if let q { within += q[b * stride + c] }
-                let d = Double(p[b * stride + c]) - centre
-                deviation += d; between += d * d
+            var centre = 0.0
+            for b in 0..<picks { centre += Double(p[b * stride + c]) }
+            centre *= 1 / Double(picks)
+            func sums(around k: Double) -> StripSums {
+                var within = 0.0, deviation = 0.0, between = 0.0
+                for b in 0..<B {
+                    if let q { within += q[b * stride + c] }
+                    let d = Double(p[b * stride + c]) - k
+                    deviation += d; between.addProduct(d, d)
+                }
+                return StripSums(centre: SIMD4(repeating: k), within: SIMD4(repeating: within),
+                                 deviation: SIMD4(repeating: deviation), between: SIMD4(repeating: between))
             }
-            out[c] = StripSums.moments(centre: centre, within: within, deviation: deviation, between: between,
-                                       batch: B, spatial: spatial)
+            var strip = sums(around: centre)
+            if !strip.kept(invB)[0] { strip = sums(around: centre + strip.deviation[0] * invB) }
+            out[c] = strip.moments(0, batch: B, spatial: spatial)
             c += 1
         }
     }
 
-    /// The sums `batchMoments` keeps for four channels, in registers: centre c = Σ p / B, Σ q, d = Σ (p - c) and
+    /// The sums `batchMoments` keeps for four channels, in registers: centre c, Σ q, d = Σ (p - c) and
     /// Σ (p - c)².
     private struct StripSums {
         var centre, within, deviation, between: SIMD4<Double>
+
+        /// The lanes whose centre lay within a standard deviation of the mean: d²/B at most half of Σ (p - c)²
+        /// (false for NaN).
+        @inline(__always)
+        func kept(_ invB: Double) -> SIMDMask<SIMD4<Int64>> {
+            between - deviation * deviation * invB .>= 0.5 * between
+        }
+
+        /// These sums in the lanes of `mask`, `other`'s in the rest.
+        @inline(__always)
+        func keeping(_ mask: SIMDMask<SIMD4<Int64>>, else other: StripSums) -> StripSums {
+            let rest = .!mask
+            return StripSums(centre: centre.replacing(with: other.centre, where: rest),
+                             within: within.replacing(with: other.within, where: rest),
+                             deviation: deviation.replacing(with: other.deviation, where: rest),
+                             between: between.replacing(with: other.between, where: rest))
+        }
 
         /// Channel k's moments: μ = c + d/B, M2 = Σ q + S (Σ (p - c)² - d²/B).
         @inline(__always)
@@ -78,11 +104,10 @@ enum BatchNormStage {
         batch B: Int, spatial: Int, p: UnsafePointer<T>, q: UnsafePointer<Double>?, stride: Int, chains: Int,
         into out: UnsafeMutablePointer<Moments>
     ) {
-        // The shift: the mean of the first (up to) eight samples. One pass of shifted sums, kept when every
-        // channel's shift lay within a standard deviation of its mean ((Σd)²/B at most half of Σd², the rule of
-        // the plane kernels); else the pass again around the means found (the corrected two-pass algorithm).
-        // A first pass over all the samples for an exact mean cost 0.6 instructions a value of the 2.6.
-        let picks = min(B, 8), invB = SIMD4(repeating: 1 / Double(B)), zero = SIMD4<Double>()
+        // One pass of shifted sums around the mean of the first (up to) eight samples, and for the lanes that
+        // fail the rule (NaN too) a second one around the means found. (An exact mean first, a pass over every
+        // sample, cost 0.6 instructions a value of the 2.6.)
+        let picks = min(B, 8), invB = 1 / Double(B), invB4 = SIMD4(repeating: invB), zero = SIMD4<Double>()
         var c0 = zero, c1 = zero, c2 = zero, c3 = zero
         for b in 0..<picks {
             let row = p + b * stride
@@ -92,11 +117,12 @@ enum BatchNormStage {
         }
         let invPicks = SIMD4(repeating: 1 / Double(picks))
         c0 *= invPicks; c1 *= invPicks; c2 *= invPicks; c3 *= invPicks
-        var w0 = zero, w1 = zero, w2 = zero, w3 = zero, d0 = zero, d1 = zero, d2 = zero, d3 = zero
-        var e0 = zero, e1 = zero, e2 = zero, e3 = zero
-        for pass in 0..<2 {
-            w0 = zero; w1 = zero; w2 = zero; w3 = zero; d0 = zero; d1 = zero; d2 = zero; d3 = zero
-            e0 = zero; e1 = zero; e2 = zero; e3 = zero
+        @inline(__always)
+        func sums(_ c0: SIMD4<Double>, _ c1: SIMD4<Double>, _ c2: SIMD4<Double>, _ c3: SIMD4<Double>)
+            -> (StripSums, StripSums, StripSums, StripSums)
+        {
+            var w0 = zero, w1 = zero, w2 = zero, w3 = zero, d0 = zero, d1 = zero, d2 = zero, d3 = zero
+            var e0 = zero, e1 = zero, e2 = zero, e3 = zero
             for b in 0..<B {
                 let row = p + b * stride
                 if let q {
@@ -113,16 +139,19 @@ enum BatchNormStage {
                     d2 += x2; e2.addProduct(x2, x2); d3 += x3; e3.addProduct(x3, x3)
                 }
             }
-            // NaN fails the rule too, and a second pass keeps it
-            let kept = (e0 - d0 * d0 * invB .>= 0.5 * e0) .& (e1 - d1 * d1 * invB .>= 0.5 * e1)
-                .& (e2 - d2 * d2 * invB .>= 0.5 * e2) .& (e3 - d3 * d3 * invB .>= 0.5 * e3)
-            if pass == 1 || all(kept) { break }
-            c0 += d0 * invB; c1 += d1 * invB; c2 += d2 * invB; c3 += d3 * invB
+            return (StripSums(centre: c0, within: w0, deviation: d0, between: e0),
+                    StripSums(centre: c1, within: w1, deviation: d1, between: e1),
+                    StripSums(centre: c2, within: w2, deviation: d2, between: e2),
+                    StripSums(centre: c3, within: w3, deviation: d3, between: e3))
         }
-        let s0 = StripSums(centre: c0, within: w0, deviation: d0, between: e0)
-        let s1 = StripSums(centre: c1, within: w1, deviation: d1, between: e1)
-        let s2 = StripSums(centre: c2, within: w2, deviation: d2, between: e2)
-        let s3 = StripSums(centre: c3, within: w3, deviation: d3, between: e3)
+        var (s0, s1, s2, s3) = sums(c0, c1, c2, c3)
+        let k0 = s0.kept(invB), k1 = s1.kept(invB), k2 = s2.kept(invB), k3 = s3.kept(invB)
+        if !all(k0 .& k1 .& k2 .& k3) {  // unused chains are all zeros, which pass
+            let (t0, t1, t2, t3) = sums(c0 + s0.deviation * invB4, c1 + s1.deviation * invB4,
+                                        c2 + s2.deviation * invB4, c3 + s3.deviation * invB4)
+            s0 = s0.keeping(k0, else: t0); s1 = s1.keeping(k1, else: t1)
+            s2 = s2.keeping(k2, else: t2); s3 = s3.keeping(k3, else: t3)
+        }
         for k in 0..<4 {
             out[k] = s0.moments(k, batch: B, spatial: spatial)
             if chains > 1 { out[4 + k] = s1.moments(k, batch: B, spatial: spatial) }
