@@ -1,5 +1,6 @@
 /// The channel-norm stage on one unit, sample b's group of K channels (one channel without that stage), from its
-/// planes' numbers: the only place its algebra is written. Every layout calls it, per unit, in its own order.
+/// planes' numbers: the only place its algebra is written, but for its Float32 transcription for [B, C] Float
+/// input (Kernels/Float+ValueGroups.swift). Every layout calls it, per unit, in its own order.
 ///
 /// With the batch-norm stage y₁ = a (x - μ) + β, plane k of the unit (mean p, centred sum of squares q over S
 /// values) has mean ȳ = a (p - μ) + β and centred sum a² q after it. The group (N = K·S values) has mean m and
