@@ -252,3 +252,19 @@ def test_float32_rows_nan_reaches_the_same_outputs_as_float64(rng):
     y64 = bcnswift.BatchChannelNorm(256, 8, estimate=False, dtype=np.float64)(x.astype(np.float64))
     np.testing.assert_array_equal(np.isnan(y), np.isnan(y64))
     assert np.isnan(y[:, 64:96]).all() and not np.isnan(np.delete(y, np.s_[64:96], axis=1)).any()
+
+
+def test_batch_moments_sum_again_where_the_first_samples_mislead(rng):
+    """Batch moments are sums shifted by the mean of the first eight samples, kept when that shift lies within a
+    standard deviation of the mean; else summed again around the mean found. Here the first eight samples of
+    channels 0-7 and 16 sit 1e6 away (their shift 180 σ off the mean): one pass would lose the variance to
+    3.6e-12; the second pass keeps it to 1e-13, in the strips of four channels and in the scalar tail (C = 17),
+    while channels 8-15 keep their first pass."""
+    B, C = 2 ** 18, 17
+    x = rng.normal(0.5, 1.0, (B, C))
+    x[:8, list(range(8)) + [16]] += 1e6
+    layer = bcnswift.BatchNorm(C, momentum=1.0, unbiased_running_var=False, dtype=np.float64)
+    layer(x)
+    wide = x.astype(np.longdouble)
+    np.testing.assert_allclose(layer.running_var, wide.var(axis=0).astype(np.float64), rtol=1e-13)
+    np.testing.assert_allclose(layer.running_mean, wide.mean(axis=0).astype(np.float64), rtol=1e-13)

@@ -1,4 +1,5 @@
-/// The batch-norm stage as [C] numbers in Float64: the only place its algebra is written.
+/// The batch-norm stage as [C] numbers in Float64: the only place its algebra is written (y₁ has a Float32
+/// transcription for [B, C] Float input, `Float.ValueConstants.staged`).
 ///
 /// Forward: the batch's moments per channel merged from plane moments, the running-buffer update, and the map
 /// y₁ = a (x - μ) + β with a = γ/σ. Backward: with S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel (n = B·S
