@@ -92,6 +92,13 @@ struct NormalizationUnit {
         1 / (variance + SIMD4(repeating: eps)).squareRoot()
     }
 
+    /// `inverseDeviation` of `count` groups' variances, in place: several groups' square roots and divisions
+    /// at once, instead of each stalling its own group's output.
+    @inline(__always)
+    static func inverseDeviations(_ v: UnsafeMutablePointer<Double>, count n: Int, eps: Double) {
+        Lanes.map(n, into: v) { inverseDeviation(v.lanes($0), eps: eps) } scalar: { inverseDeviation(v[$0], eps: eps) }
+    }
+
     /// Each plane's map out = A (x - p) + M from the group's m and r: M = r w (ȳ - m) + bias into `offsets`
     /// (which holds ȳ on entry, from `groupMoments`), and A = r w a into `scales` when given.
     @inline(__always)

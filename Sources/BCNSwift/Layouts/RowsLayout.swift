@@ -209,8 +209,7 @@ struct RowsLayout {
                             .groupMoments(offsets + j * K)
                         means[j] = moments.mean; inverses[j] = moments.variance
                     }
-                    Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
-                        scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
+                    NormalizationUnit.inverseDeviations(inverses, count: groups, eps: eps)
                     for j in 0..<groups {
                         let g = g0 + j
                         unit(channel: c0 + j * K, p: pb + j * K, q: qb + j * K, context: ctx).coefficients(
@@ -317,8 +316,7 @@ struct RowsLayout {
                     means[j] = moments.mean; inverses[j] = moments.variance
                     j &+= 1
                 }
-                Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
-                    scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
+                NormalizationUnit.inverseDeviations(inverses, count: groups, eps: eps)
                 j = 0
                 while j < groups {
                     let g = g0 &+ j, at = j &* K
@@ -361,8 +359,7 @@ struct RowsLayout {
             means[j] = moments.mean; inverses[j] = moments.variance
             rest &= rest - 1
         }
-        Lanes.map(groups, into: inverses) { NormalizationUnit.inverseDeviation(inverses.lanes($0), eps: eps) }
-            scalar: { NormalizationUnit.inverseDeviation(inverses[$0], eps: eps) }
+        NormalizationUnit.inverseDeviations(inverses, count: groups, eps: eps)
         Float._valueItemMaps(staged32, into: yf, groups: groups, size: K, means: means, inverses: inverses,
                              weights: ctx.w + g0,
                              bias: bias.map { UnsafeRawPointer($0 + g0).assumingMemoryBound(to: Float.self) },
