@@ -335,16 +335,15 @@ struct RowsLayout {
     }
 
     /// `applyValues` on one item of Float input, `groups` groups from channel c0 of a row (xs, ys), in Float32
-    /// lanes (`Float._valueGroupSums`, `Float._valueGroupMap`); a group `RowRounding` refuses runs the Float64
-    /// value methods instead, from its Float64 staged means in `staged`. The same order of phases as
-    /// `applyValues`: every group's moments, then their r together, then the outputs.
+    /// lanes (`Float._valueItemMoments`, `Float._valueItemMaps`; `betaReach`: the groups' largest |β|); a group
+    /// `RowRounding` refuses runs the Float64 value methods instead, from its Float64 staged means in `staged`.
+    /// The same order of phases as `applyValues`: every group's moments, then their r together, then the outputs.
     @inline(__always)
     private func valueGroups32<T: NormalizationScalar>(
         _ xs: UnsafePointer<T>, _ ys: UnsafeMutablePointer<T>, groups: Int, first c0: Int, unit: NormalizationUnit,
         constants: Float.ValueConstants, betaReach: UnsafePointer<Double>, staged: UnsafeMutablePointer<Double>,
-        staged32: UnsafeMutablePointer<Float>,
-        bias: UnsafePointer<T>?, context ctx: NormalizationContext, means: UnsafeMutablePointer<Double>,
-        inverses: UnsafeMutablePointer<Double>, eps: Double
+        staged32: UnsafeMutablePointer<Float>, bias: UnsafePointer<T>?, context ctx: NormalizationContext,
+        means: UnsafeMutablePointer<Double>, inverses: UnsafeMutablePointer<Double>, eps: Double
     ) {
         let K = units.groupSize, g0 = c0 / K
         let xf = UnsafeRawPointer(xs).assumingMemoryBound(to: Float.self)
