@@ -148,9 +148,15 @@ enum RowRounding {
             && meanSquare > 1e-30 && meanSquare < 1e36
     }
 
-    /// The largest |β| of each of `groups` groups of K channels, into `out`: the reach `accepts` needs.
+    /// The largest |β| of each of `groups` groups of K channels, into `out`: the reach
+    /// `accepts` needs. (A NaN β makes the group's sums NaN, which `accepts` refuses anyway.)
     static func betaReach(_ beta: UnsafePointer<Double>, groups: Int, size K: Int,
                           into out: UnsafeMutablePointer<Double>) {
-        for g in 0..<groups { out[g] = (0..<K).reduce(0) { max($0, abs(beta[g * K + $1])) } }
+        var c = 0
+        for g in 0..<groups {
+            var reach = 0.0
+            for _ in 0..<K { reach = max(reach, abs(beta[c])); c &+= 1 }
+            out[g] = reach
+        }
     }
 }
