@@ -79,8 +79,10 @@ final class BatchChannelNormTests: XCTestCase {
     /// reserved up front (`ScratchArena`).
     func testResultsDoNotDependOnThreadCount() throws {
         // planes split in chunks; rows of one value per plane and of 9, in groups of 33 channels (blocks and
-        // panels that end off the lanes); rows of one value in groups of 64 (the Float32 lanes, with the
-        // Float64 path for the channels offset below); all large enough to run on several threads
+        // panels that end off the lanes); rows of one value in groups of 64 (the Float32 lanes, forward and
+        // backward, with the Float64 path for the channels offset below); all large enough to run on several
+        // threads; a training step, then an eval step (whose backward sums the batch-norm stage's gradients
+        // beside dx)
         for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([256, 512], 8)] {
             let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
             var x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
@@ -94,7 +96,10 @@ final class BatchChannelNormTests: XCTestCase {
                 let layer = try BatchChannelNorm<Float>(channels: C, groups: groups, estimate: false)
                 let y = try layer.forward(x, shape: shape)
                 let dx = try layer.backward(dy)
-                results.append(y + dx + layer.runningVar + layer.gradBnWeight + layer.gradWeight)
+                layer.training = false
+                let yEval = try layer.forward(x, shape: shape)
+                let dxEval = try layer.backward(dy)
+                results.append(y + dx + yEval + dxEval + layer.runningVar + layer.gradBnWeight + layer.gradWeight)
             }
             BCNThreads.count = 0
             XCTAssertEqual(results[0], results[1], "\(shape)")

@@ -268,3 +268,100 @@ def test_batch_moments_sum_again_where_the_first_samples_mislead(rng):
     wide = x.astype(np.longdouble)
     np.testing.assert_allclose(layer.running_var, wide.var(axis=0).astype(np.float64), rtol=1e-13)
     np.testing.assert_allclose(layer.running_mean, wide.mean(axis=0).astype(np.float64), rtol=1e-13)
+
+
+def _rows_float32_gradients(x, dy, G, estimate, rng=None, evaluate=False):
+    """bcnswift's float32 gradients on [B, C] x and dy (a training step; with `evaluate`, a training step, then
+    eval's) and the documents' float64 gradients of the same values, for BatchChannelNorm with G groups
+    (parameters drawn at random with `rng`, else the initial ones): (dx, dx_ref, {key: (bcnswift's,
+    reference's)}) with bcnswift's gradient keys."""
+    C = x.shape[1]
+    layer = bcnswift.BatchChannelNorm(C, G, estimate=estimate, unbiased_running_var=False)  # labml's convention
+    ref = R.LabmlBatchChannelNorm(C, G, estimate=estimate)
+    for name, array in layer.parameters().items() if rng is not None else ():
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+    for name, path in _LABML_PARAMETERS.items():
+        _set(ref, path, layer.parameters()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+    if evaluate:
+        layer(x); ref.forward(x.astype(np.float64))
+        layer.eval(); ref.train(False)
+        for name, path in (("bn.running_mean", "batch_norm.exp_mean"), ("bn.running_var", "batch_norm.exp_var")):
+            _set(ref, path, layer.state_dict()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+    layer.zero_grad()
+    layer(x); ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    grads = {name: (layer.grads[name], ref.grads[path]) for name, path in _LABML_PARAMETERS.items()}
+    return dx, dx_ref, grads
+
+
+def _ulps_of_scale(got, want):
+    """The largest error in float32 ulps of the array's scale (its largest magnitude)."""
+    want = np.asarray(want, np.float64)
+    return float(np.max(np.abs(np.asarray(got, np.float64).reshape(want.shape) - want))
+                 / (np.abs(want).max() * np.finfo(np.float32).eps))
+
+
+@pytest.mark.parametrize("K", [8, 16, 24, 64, 72, 128, 512], ids=lambda k: f"K={k}")
+@pytest.mark.parametrize("estimate", [False, True])
+@pytest.mark.parametrize("evaluate", [False, True], ids=["training", "eval"])
+def test_float32_rows_backward_in_float32_lanes_stays_within_8_ulps(K, estimate, evaluate, rng):
+    """The backward of [B, C] float32 with groups of whole 8-lane vectors runs its channel-norm stage in Float32
+    lanes (sums flushed to Float64 every 64 values, the batch-norm stage's channel sums every 8 samples), with
+    random parameters and gradients. dx and every parameter gradient stay within 8 ulps of their scale against
+    the documents' float64 code (at most 4 measured), through batch statistics and through estimates."""
+    G = max(2, 1024 // K)
+    x = random_input(rng, (64, G * K)).astype(np.float32)
+    dy = (rng.normal(0.3, 1.0, x.shape)).astype(np.float32)
+    dx, dx_ref, grads = _rows_float32_gradients(x, dy, G, estimate, rng, evaluate)
+    assert _ulps_of_scale(dx, dx_ref) <= 8
+    for name, (got, want) in grads.items():
+        assert _ulps_of_scale(got, want) <= 8, name
+
+
+@pytest.mark.parametrize("K", [32, 8], ids=lambda k: f"K={k}")
+def test_float32_rows_backward_takes_float64_where_float32_would_round_visibly(K, rng):
+    """The backward's Float32 lanes round e = ȳ - m relative to max(|m|, |β|), which r magnifies: groups with
+    r max(|m|, |β|) > 4 take the Float64 path. As in the forward's test (and with its initial parameters, which
+    keep the groups' spread that of the input), even groups sit 20 σ off 0 (sign alternating by sample; with
+    K = 8 the item's mask fills 64 bits): their dx stays within an ulp of its scale, group by group; the rest
+    within 8."""
+    B, C = 64, 1024
+    G = C // K
+    offset = np.where(np.arange(G) % 2 == 0, 20.0, 0.0)[None, :] * np.where(np.arange(B) % 2 == 0, 1, -1)[:, None]
+    x = (rng.normal(0.5, 1.0, (B, G, K)) + offset[..., None]).reshape(B, C).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, (B, C)).astype(np.float32)
+    dx, dx_ref, _ = _rows_float32_gradients(x, dy, G, False)
+    dx, dx_ref = dx.reshape(B, G, K), dx_ref.reshape(B, G, K)
+    far = max(_ulps_of_scale(dx[:, g], dx_ref[:, g]) for g in range(0, G, 2))
+    near = max(_ulps_of_scale(dx[:, g], dx_ref[:, g]) for g in range(1, G, 2))
+    assert far <= 1 and near <= 8, (far, near)
+
+
+def test_float32_rows_backward_of_tiny_gradients_takes_float64(rng):
+    """Gradients at the bottom of Float32's range (1e-38, some subnormal) would lose bits to subnormal products in
+    the Float32 lanes: the batch-norm stage's (x - μ) dy₁, with x - μ about 1e-3 here. Groups whose dy has a mean
+    square below 1e-24 take the Float64 path instead: dx within an ulp of its scale and the parameters' gradients
+    within 2 (without that bound: dx 4 ulps and the batch-norm weight's gradient over 100)."""
+    B, C, G = 64, 256, 8
+    x = (random_input(rng, (B, C)) * 1e-3).astype(np.float32)
+    dy = (rng.normal(0.3, 1.0, (B, C)) * 1e-38).astype(np.float32)
+    dx, dx_ref, grads = _rows_float32_gradients(x, dy, G, False)
+    assert _ulps_of_scale(dx, dx_ref) <= 1
+    for name, (got, want) in grads.items():
+        assert _ulps_of_scale(got, want) <= 2, name
+
+
+def test_float32_rows_backward_nan_reaches_the_same_outputs_as_float64(rng):
+    """A NaN in one gradient value of a [B, C] float32 backward spoils its group's sums, hence (through the batch
+    statistics) its channels' dx in every sample: the Float32 lanes give the same NaNs as float64."""
+    B, C, G = 16, 256, 8
+    x = random_input(rng, (B, C)).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, (B, C)).astype(np.float32)
+    dy[3, 70] = np.nan
+    dxs = []
+    for dtype in (np.float32, np.float64):
+        layer = bcnswift.BatchChannelNorm(C, G, estimate=False, dtype=dtype)
+        layer(x.astype(dtype))
+        dxs.append(layer.backward(dy.astype(dtype)))
+    np.testing.assert_array_equal(np.isnan(dxs[0]), np.isnan(dxs[1]))
+    assert np.isnan(dxs[0][3]).any()

@@ -32,7 +32,8 @@ extension NormalizationEngine {
             // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
             let kept = through ? l.memoCount(plan: plan) : 0
             var arena = ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
-                                     + l.gradientSumsBytes() + l.finishBackwardBytes(plan: plan))
+                                     + l.gradientSumsBytes(T.self, plan: plan)
+                                     + l.finishBackwardBytes(T.self, plan: plan))
             let sums = through ? arena.take(2 * C, of: Double.self) : nil
             let memo = kept > 0 ? arena.take(kept, of: Double.self) : nil
             if let sums {
@@ -80,7 +81,7 @@ extension NormalizationEngine {
         case .channelsLast(let l): storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
         case .rows(let l):
             if let sums {
-                var arena = ScratchArena(bytes: l.gradientSumsBytes())
+                var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan))
                 l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena)
             }
         }
@@ -149,7 +150,7 @@ extension NormalizationEngine {
             storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
                                  context: ctx, sums: sums)
         case .rows(let l):
-            var arena = ScratchArena(bytes: l.finishBackwardBytes(plan: plan))
+            var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan))
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                              sums: sums, arena: &arena)
         }

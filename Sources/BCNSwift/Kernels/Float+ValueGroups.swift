@@ -148,6 +148,25 @@ enum RowRounding {
             && meanSquare > 1e-30 && meanSquare < 1e36
     }
 
+    /// Whether the backward of a group of one-value planes may take the Float32 lanes (`Float._valueItemGradients`),
+    /// from the forward's m and r and the largest |β| of its channels. e = ȳ - m is rounded within about 2 ulps
+    /// of the larger of |ȳ| and |β|, and dy₁ magnifies e by r: so r · max(|m|, |β|) ≤ 4, the forward's rule
+    /// (`accepts`, with 1/r ≥ σ). r beyond 1e-12...1e12 (and NaN) takes the Float64 path, so that no Float32
+    /// product of e, dy and the constants leaves Float32's range where the Float64 path's would not.
+    @inline(__always)
+    static func acceptsGradient(m: Double, r: Double, beta: Double) -> Bool {
+        r >= 1e-12 && r <= 1e12 && r * max(abs(m), beta) <= 4
+    }
+
+    /// Whether a group's Float32 sums (`Float._valueGroupGradientSums`: K values, ΣT, W and Σ dy²) are kept: all
+    /// finite, and dy's mean square within 1e-24...1e24 (so that dy², e dy and dy₁'s products stay in Float32's
+    /// normal range).
+    @inline(__always)
+    static func acceptsGradientSums(count K: Int, t: Double, w: Double, squares: Double) -> Bool {
+        let meanSquare = squares / Double(K)
+        return t.isFinite && w.isFinite && meanSquare >= 1e-24 && meanSquare <= 1e24
+    }
+
     /// The largest |β| of each of `groups` groups of K channels, into `out`: the reach
     /// `accepts` needs. (A NaN β makes the group's sums NaN, which `accepts` refuses anyway.)
     static func betaReach(_ beta: UnsafePointer<Double>, groups: Int, size K: Int,

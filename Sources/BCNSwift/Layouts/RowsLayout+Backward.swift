@@ -2,7 +2,7 @@
 /// forward's plane moments are (RowsLayout.swift), and handed to sinks that add the batch-norm stage's channel
 /// sums and write dx.
 extension RowsLayout {
-    private var gradientCost: Int { 4 * shape.batch * shape.spatial * panelBlocks * blockChannels }
+    var gradientCost: Int { 4 * shape.batch * shape.spatial * panelBlocks * blockChannels }
 
     /// Runs every unit's backward, panel by panel (in parallel), sample by sample in order inside a panel, and
     /// block by block of the panel for each sample; then `sink.unit(b, c, K, the unit's p, E, its gradient
@@ -132,11 +132,11 @@ extension RowsLayout {
     }
 
     /// Doubles of what phase (a) of one call keeps for its phase (c), which then reads neither x nor dy for it
-    /// (the same numbers): with one-value planes each unit's ΣT and W (2·B·G, with a channel norm; the
-    /// channel sums are `finishBackward`'s `sumsAreLocal`), else a `PlaneMemo` (6·B·C + 2·B·G) up to
-    /// `memoLimit`.
+    /// (the same numbers): with one-value planes each unit's ΣT and W, and which groups took the Float32 lanes
+    /// (3·B·G, with a channel norm; the channel sums are `finishBackward`'s `sumsAreLocal`), else a `PlaneMemo`
+    /// (6·B·C + 2·B·G) up to `memoLimit`.
     func memoCount(plan: NormalizationPlan) -> Int {
-        if shape.spatial == 1 { return plan.groups > 0 ? 2 * shape.batch * plan.groups : 0 }
+        if shape.spatial == 1 { return plan.groups > 0 ? 3 * shape.batch * plan.groups : 0 }
         return RowsLayout.memo(UnitGradients.count(planes: shape.planes, units: units.count) + shape.planes)
     }
 
@@ -155,15 +155,34 @@ extension RowsLayout {
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
         if shape.spatial == 1 {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
-            return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
-                                        unitSums: memo.map { .record($0) } ?? .none, into: sink)
+            let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .record($0) } ?? .none
+            if floatGradientLanes(T.self) {
+                let lanes = FloatGradientLanes(context: ctx, channels: C, groups: plan.groups, size: units.groupSize,
+                                               arena: &arena)
+                let partials = arena.take(2 * C, of: Float.self)
+                partials.update(repeating: 0, count: 2 * C)
+                return forEachValueGradient32(Self.floats(x), Self.floats(dy), plan: plan, context: ctx, lanes: lanes,
+                                              scratch: scratch, unitSums: unitSums,
+                                              into: FloatValueSums(s1: partials, s2: partials + C, sum1: sums,
+                                                                   sum2: sums + C), sink)
+            }
+            return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, unitSums: unitSums,
+                                        into: sink)
         }
         forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch,
                             memo: memo.map { .record(planeMemo($0)) } ?? .none,
                             into: PlaneSums(mu: ctx.mu, s1: sums, s2: sums + C))
     }
 
-    func gradientSumsBytes() -> Int { scratchBytes(gradientCost, count: panels) }
+    func gradientSumsBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        scratchBytes(gradientCost, count: panels) + floatGradientBytes(T.self, plan: plan)
+    }
+
+    /// x or dy of a call whose T is Float (`floatGradientLanes`).
+    @inline(__always)
+    static func floats<T: NormalizationScalar>(_ p: UnsafePointer<T>) -> UnsafePointer<Float> {
+        UnsafeRawPointer(p).assumingMemoryBound(to: Float.self)
+    }
 
     /// Backward phase (c): dx and the parameter gradients, with `sums` the batch's S₁, S₂ (through batch
     /// statistics; nil otherwise), and `memo` what `gradientSums` recorded of these x and dy, if anything.
@@ -186,10 +205,35 @@ extension RowsLayout {
         }
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
-        if S == 1 && hasBN {
+        let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
+        if floatGradientLanes(T.self) {
+            let lanes = FloatGradientLanes(context: ctx, channels: C, groups: G, size: units.groupSize, arena: &arena)
+            let xf = Self.floats(x), dyf = Self.floats(dy)
+            let dxf = UnsafeMutableRawPointer(dx).assumingMemoryBound(to: Float.self)
+            let storage = arena.take(3 * C, of: Float.self)
+            let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
+            let input32 = FloatInputGradient(dx: dxf, constants: .init(count: C, a: ctx.a, s1n: terms, k: terms + C,
+                                                                       storage: storage))
+            if !hasBN {
+                forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
+                                       group: addGroup, unitSums: unitSums, into: FloatValueCopy(dx: dxf),
+                                       ValueCopy(dx: dx))
+            } else if known == nil {  // the sums too: their partials in the arena after dx's constants
+                let partials = arena.take(2 * C, of: Float.self)
+                partials.update(repeating: 0, count: 2 * C)
+                let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
+                let sums32 = FloatValueSums(s1: partials, s2: partials + C, sum1: local, sum2: local + C)
+                forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
+                                       group: addGroup, unitSums: unitSums,
+                                       into: FloatSinkPair(first: sums32, second: input32),
+                                       ValueSinkPair(first: sums, second: input))
+            } else {
+                forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
+                                       group: addGroup, unitSums: unitSums, into: input32, input)
+            }
+        } else if S == 1 && hasBN {
             // The sums are a sink of their own, so that a call which knows them runs a loop without them.
             let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
-            let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
             if known == nil {
                 let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
                 forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
@@ -200,7 +244,7 @@ extension RowsLayout {
             }
         } else if S == 1 {
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                 unitSums: memo.map { .reuse($0) } ?? .none, into: ValueCopy(dx: dx))
+                                 unitSums: unitSums, into: ValueCopy(dx: dx))
         } else {
             let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
                                           addsSums: known == nil, x: x, dy: dy, dx: dx, channels: C, spatial: S,
@@ -212,8 +256,10 @@ extension RowsLayout {
                                     invSigma: ctx.invSigma)
     }
 
-    func finishBackwardBytes(plan: NormalizationPlan) -> Int {
-        BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes()
+    func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        // with the Float32 lanes and the sums unknown, their partials too (2·C Floats)
+        BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes(T.self, plan: plan)
+            + (floatGradientLanes(T.self) ? ScratchArena.bytes(2 * shape.channels, of: Float.self) : 0)
     }
 }
 

@@ -330,7 +330,7 @@ struct RowsLayout {
 
     /// Whether `applyValues` runs Float32 lanes (`valueGroups32`) on input of type T: Float input with a
     /// channel-norm stage whose groups are whole vectors of eight.
-    private func floatLanes<T: NormalizationScalar>(_: T.Type) -> Bool {
+    func floatLanes<T: NormalizationScalar>(_: T.Type) -> Bool {
         T.self == Float.self && units.hasChannelNorm && units.groupSize & 7 == 0
     }
 

@@ -1,0 +1,174 @@
+/// The rows layout's backward of one-value planes (S = 1) of Float input in Float32 lanes
+/// (`Float+ValueGradients.swift`), for groups of whole 8-lane vectors: `forEachValueGradient`'s walk, with each
+/// group's sums and values in Float32 where `RowRounding` lets it, and the Float64 value methods for the rest.
+extension RowsLayout {
+    /// Whether the backward runs Float32 lanes on input of type T: one-value planes under `floatLanes`' rule.
+    func floatGradientLanes<T: NormalizationScalar>(_: T.Type) -> Bool { shape.spatial == 1 && floatLanes(T.self) }
+
+    /// What the Float32 lanes of one backward call need: ȳ's constants (`Float.ValueConstants`) and each
+    /// group's largest |β| (`RowRounding.betaReach`).
+    struct FloatGradientLanes {
+        let constants: Float.ValueConstants, betaReach: UnsafeMutablePointer<Double>
+
+        init(context ctx: NormalizationContext, channels C: Int, groups G: Int, size K: Int,
+             arena: inout ScratchArena) {
+            constants = Float.ValueConstants(count: C, mu: ctx.mu, a: ctx.a, beta: ctx.beta,
+                                             storage: arena.take(4 * C, of: Float.self))
+            betaReach = arena.take(G, of: Double.self)
+            RowRounding.betaReach(ctx.beta, groups: G, size: K, into: betaReach)
+        }
+
+        static func bytes(channels C: Int, groups G: Int) -> Int {
+            ScratchArena.bytes(4 * C, of: Float.self) + ScratchArena.bytes(G, of: Double.self)
+        }
+    }
+
+    /// Scratch of the Float32 lanes beyond `FloatGradientLanes`: the Float32 partial sums of S₁ and S₂
+    /// (`FloatValueSums`) or the Float32 constants of dx (`Float.InputGradientConstants`), 3·C Floats.
+    func floatGradientBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        guard floatGradientLanes(T.self) else { return 0 }
+        return FloatGradientLanes.bytes(channels: shape.channels, groups: plan.groups)
+            + ScratchArena.bytes(3 * shape.channels, of: Float.self)
+    }
+
+    /// Where a memo of one-value planes (`memoCount`: 2 numbers per unit, then one per unit) keeps which groups
+    /// took the Float32 lanes: for each panel's sample, a mask of its groups at its first unit.
+    @inline(__always)
+    private static func floatGroups(_ kept: UnsafeMutablePointer<Double>, units: Int) -> UnsafeMutablePointer<UInt64> {
+        UnsafeMutableRawPointer(kept + 2 &* units).assumingMemoryBound(to: UInt64.self)
+    }
+
+    /// The groups of a panel as a mask (at most 64: a panel holds at most 512 channels, K ≥ 8 here).
+    @inline(__always)
+    private static func mask(_ groups: Int) -> UInt64 { groups >= 64 ? ~0 : (1 << UInt64(groups)) &- 1 }
+
+    /// `forEachValueGradient` in Float32 lanes: per sample of a panel, every group's ΣT and W
+    /// (`Float._valueItemGradientSums` for the groups `RowRounding.acceptsGradient` lets through and whose sums
+    /// it keeps, the Float64 `valueSums` for the rest), then the values: Float32 lanes to `sink32`, the other
+    /// groups' Float64 values to `sink`. Samples and groups in the same order as `forEachValueGradient`, so
+    /// results never depend on the thread count. `unitSums` keeps (or reads) each unit's ΣT and W as there, and
+    /// which groups took the Float32 lanes (`floatGroups`).
+    func forEachValueGradient32<Sink32: FloatValueSink, Sink: ValueGradientSink>(
+        _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, plan: NormalizationPlan,
+        context ctx: NormalizationContext, lanes: FloatGradientLanes, scratch: UnsafeMutablePointer<Double>,
+        group: (Int, Double, Double) -> Void = { _, _, _ in },
+        unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = .none, into sink32: Sink32, _ sink: Sink
+    ) {
+        let C = shape.channels, K = units.groupSize, G = plan.groups, B = shape.batch, slotLength = slotLength
+        let width = panelBlocks * blockChannels
+        parallelFor(panels, cost: gradientCost) { range, slot in
+            // [ΣT | r W] per group of the panel, then per group of the current sample: the Float64 constants of
+            // its dy₁ (`SumGradient.store`, 4 Doubles), ΣT, W, and the Float32 constants (6 Floats): 9 Doubles
+            // a group, inside the slot's 4·width (groups ≤ width / 8)
+            let groupSums = scratch + slot * slotLength, wide = groupSums + 2 * width
+            for i in range {
+                let (c0, n) = panel(i), groups = n / K, g0 = c0 / K, all = Self.mask(groups)
+                let t = wide + 4 * groups, w = t + groups
+                let narrow = UnsafeMutableRawPointer(w + groups).assumingMemoryBound(to: Float.self)
+                let unit = valueUnit(channel: c0, planes: K, context: ctx), constants = lanes.constants.advanced(by: c0)
+                groupSums.update(repeating: 0, count: 2 * groups)
+                for b in 0..<B {
+                    let first = b &* C &+ c0, bg0 = b &* G &+ g0
+                    let floats: UInt64
+                    if case .reuse(let kept) = unitSums {
+                        floats = Self.floatGroups(kept, units: B &* G)[bg0]
+                        for j in 0..<groups { t[j] = kept[2 &* (bg0 &+ j)]; w[j] = kept[2 &* (bg0 &+ j) &+ 1] }
+                    } else {
+                        floats = Float._valueItemGradientSums(x + first, dy + first, groups: groups, size: K, constants,
+                                                              means: ctx.m + bg0, inverses: ctx.r + bg0,
+                                                              betaReach: lanes.betaReach + g0, t: t, w: w)
+                        var rest = all & ~floats
+                        while rest != 0 {
+                            let j = rest.trailingZeroBitCount
+                            (t[j], w[j]) = unit.valueSums(x, dy, first: first, from: j &* K, m: ctx.m[bg0 &+ j])
+                            rest &= rest &- 1
+                        }
+                        if case .record(let kept) = unitSums {
+                            Self.floatGroups(kept, units: B &* G)[bg0] = floats
+                            for j in 0..<groups { kept[2 &* (bg0 &+ j)] = t[j]; kept[2 &* (bg0 &+ j) &+ 1] = w[j] }
+                        }
+                    }
+                    for j in 0..<groups {
+                        let g = g0 &+ j, bg = bg0 &+ j, r = ctx.r[bg], m = ctx.m[bg]
+                        groupSums[j] += t[j]; groupSums[groups &+ j] += r * w[j]
+                        if floats & (1 << UInt64(j)) != 0 {
+                            Float.GradientConstants.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g],
+                                                          into: narrow + Float.GradientConstants.count &* j)
+                        } else {
+                            SumGradient.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g],
+                                              into: wide + 4 &* j)
+                        }
+                    }
+                    Float._valueItemGradients(x + first, dy + first, first: first, channel: c0, size: K, constants,
+                                              constants: narrow, groups: floats, into: sink32)
+                    var rest = all & ~floats
+                    while rest != 0 {
+                        let j = rest.trailingZeroBitCount
+                        unit.valueGradients(x, dy, first: first, channel: c0, from: j &* K,
+                                            SumGradient(wide + 4 &* j), into: sink)
+                        rest &= rest &- 1
+                    }
+                    if b & 7 == 7 || b == B &- 1 { sink32.flush(first: c0, count: n) }
+                }
+                for j in 0..<groups { group(g0 + j, groupSums[j], groupSums[groups + j]) }
+            }
+        }
+    }
+}
+
+/// S₁ and S₂ per channel (`ValueSums`) in Float32 partials `s1`, `s2` (C Floats each, zero to begin with), added
+/// to the Float64 sums `sum1`, `sum2` (and zeroed) every eighth sample: at most 8 terms a partial.
+struct FloatValueSums: FloatValueSink {
+    let s1: UnsafeMutablePointer<Float>, s2: UnsafeMutablePointer<Float>
+    let sum1: UnsafeMutablePointer<Double>, sum2: UnsafeMutablePointer<Double>
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) {
+        Float._store8(Float._load8(s1, c) + dy1, s1, c)
+        Float._store8(Float._load8(s2, c).addingProduct(z, dy1), s2, c)
+    }
+
+    func flush(first c0: Int, count n: Int) {
+        for c in c0..<c0 + n {
+            sum1[c] += Double(s1[c]); sum2[c] += Double(s2[c])
+            s1[c] = 0; s2[c] = 0
+        }
+    }
+}
+
+/// dx = a ((dy₁ - S₁/n) - (x - μ) k) through the batch-norm stage (`ValueInputGradient`), with the constants in
+/// Float32.
+struct FloatInputGradient: FloatValueSink {
+    let dx: UnsafeMutablePointer<Float>, constants: Float.InputGradientConstants
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) {
+        let k = constants
+        Float._store8(Float._load8(k.a, c) * (dy1 - Float._load8(k.s1n, c)).addingProduct(z, -Float._load8(k.k, c)),
+                      dx, i)
+    }
+
+    func flush(first c0: Int, count n: Int) {}
+}
+
+/// dx = dy₁, without a batch-norm stage.
+struct FloatValueCopy: FloatValueSink {
+    let dx: UnsafeMutablePointer<Float>
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) { Float._store8(dy1, dx, i) }
+
+    func flush(first c0: Int, count n: Int) {}
+}
+
+/// Two sinks for every value, `first` then `second`.
+struct FloatSinkPair<First: FloatValueSink, Second: FloatValueSink>: FloatValueSink {
+    let first: First, second: Second
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) {
+        first.lanes(i, c, dy1, z); second.lanes(i, c, dy1, z)
+    }
+
+    func flush(first c0: Int, count n: Int) { first.flush(first: c0, count: n); second.flush(first: c0, count: n) }
+}
