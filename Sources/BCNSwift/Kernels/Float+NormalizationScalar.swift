@@ -60,8 +60,10 @@ extension Float: NormalizationScalar {
     /// operations (`_hsum2`'s, one level wider).
     @inlinable @inline(__always)
     static func _hsum4(_ a: SIMD8<Float>, _ b: SIMD8<Float>, _ c: SIMD8<Float>, _ d: SIMD8<Float>) -> SIMD4<Float> {
-        let x = SIMD8<Float>(lowHalf: a.lowHalf, highHalf: b.lowHalf) + SIMD8<Float>(lowHalf: a.highHalf, highHalf: b.highHalf)
-        let y = SIMD8<Float>(lowHalf: c.lowHalf, highHalf: d.lowHalf) + SIMD8<Float>(lowHalf: c.highHalf, highHalf: d.highHalf)
+        let x = SIMD8<Float>(lowHalf: a.lowHalf, highHalf: b.lowHalf)
+            + SIMD8<Float>(lowHalf: a.highHalf, highHalf: b.highHalf)  // (a.lo + a.hi, b.lo + b.hi)
+        let y = SIMD8<Float>(lowHalf: c.lowHalf, highHalf: d.lowHalf)
+            + SIMD8<Float>(lowHalf: c.highHalf, highHalf: d.highHalf)
         let xp = unsafeBitCast(x, to: SIMD4<UInt64>.self), yp = unsafeBitCast(y, to: SIMD4<UInt64>.self)
         let u = unsafeBitCast(SIMD4<UInt64>(xp[0], xp[2], yp[0], yp[2]), to: SIMD8<Float>.self)  // (a0 a1 b0 b1 ...)
         let v = unsafeBitCast(SIMD4<UInt64>(xp[1], xp[3], yp[1], yp[3]), to: SIMD8<Float>.self)  // (a2 a3 b2 b3 ...)
