@@ -340,7 +340,7 @@ def test_float32_rows_backward_takes_float64_where_float32_would_round_visibly(K
 def test_float32_rows_backward_of_tiny_gradients_takes_float64(rng):
     """Gradients at the bottom of Float32's range (1e-38, some subnormal) would lose bits to subnormal products in
     the Float32 lanes: the batch-norm stage's (x - μ) dy₁, with x - μ about 1e-3 here. Groups whose dy has a mean
-    square below 1e-24 take the Float64 path instead: dx within an ulp of its scale and the parameters' gradients
+    square below 1e-20 take the Float64 path instead: dx within an ulp of its scale and the parameters' gradients
     within 2 (without that bound: dx 4 ulps and the batch-norm weight's gradient over 100)."""
     B, C, G = 64, 256, 8
     x = (random_input(rng, (B, C)) * 1e-3).astype(np.float32)
@@ -351,17 +351,40 @@ def test_float32_rows_backward_of_tiny_gradients_takes_float64(rng):
         assert _ulps_of_scale(got, want) <= 2, name
 
 
-def test_float32_rows_backward_nan_reaches_the_same_outputs_as_float64(rng):
-    """A NaN in one gradient value of a [B, C] float32 backward spoils its group's sums, hence (through the batch
-    statistics) its channels' dx in every sample: the Float32 lanes give the same NaNs as float64."""
+def test_float32_rows_backward_of_inputs_with_a_tiny_spread_takes_float64(rng):
+    """Inputs whose spread (1e-32) sits far below the batch norm's sqrt(eps): x - μ is about 1e-32, so with dy
+    about 1e-11 (inside the gradient's own range) the batch-norm stage's (x - μ) dy₁ would be subnormal in
+    Float32. Groups whose x - μ has a mean square below 1e-20 take the Float64 path: every gradient within 2 ulps
+    of its scale (without that bound: 49 ulps on the batch-norm weight's gradient, 16 on the groups')."""
+    B, C, G = 64, 256, 8
+    x = (random_input(rng, (B, C)) * 1e-32).astype(np.float32)
+    dy = (rng.normal(0.3, 1.0, (B, C)) * 1e-11).astype(np.float32)
+    dx, dx_ref, grads = _rows_float32_gradients(x, dy, G, False)
+    assert _ulps_of_scale(dx, dx_ref) <= 1
+    for name, (got, want) in grads.items():
+        assert _ulps_of_scale(got, want) <= 2, name
+
+
+@pytest.mark.parametrize("where,bad,evaluate", [("dy", np.nan, False), ("dy", np.nan, True), ("dy", np.inf, False),
+                                                ("dy", np.inf, True), ("x", np.nan, False), ("x", np.inf, True)],
+                         ids=["nan-dy", "nan-dy-eval", "inf-dy", "inf-dy-eval", "nan-x", "inf-x-eval"])
+def test_float32_rows_backward_non_finite_values_reach_the_same_outputs_as_float64(where, bad, evaluate, rng):
+    """A NaN or an infinity in one value of a [B, C] float32 backward (in dy, or in x, whose forward spoils its
+    group's m and r) reaches exactly the outputs that float64 makes non-finite: in training through the batch
+    statistics every sample of the group's channels, in eval (fixed statistics) the one sample's group."""
     B, C, G = 16, 256, 8
     x = random_input(rng, (B, C)).astype(np.float32)
     dy = rng.normal(0.3, 1.0, (B, C)).astype(np.float32)
-    dy[3, 70] = np.nan
-    dxs = []
+    (dy if where == "dy" else x)[3, 70] = bad
+    results = []
     for dtype in (np.float32, np.float64):
         layer = bcnswift.BatchChannelNorm(C, G, estimate=False, dtype=dtype)
+        if evaluate:
+            layer(random_input(np.random.default_rng(1), (B, C)).astype(dtype))
+            layer.eval()
         layer(x.astype(dtype))
-        dxs.append(layer.backward(dy.astype(dtype)))
-    np.testing.assert_array_equal(np.isnan(dxs[0]), np.isnan(dxs[1]))
-    assert np.isnan(dxs[0][3]).any()
+        dx = layer.backward(dy.astype(dtype))
+        results.append([~np.isfinite(dx)] + [~np.isfinite(np.asarray(v)) for v in layer.grads.values()])
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    assert results[0][0][3].any() and not results[0][0][(3 + 1) % B, :64].any()

@@ -298,13 +298,22 @@ struct SumGradient {
         self.r3wWK = SIMD4(repeating: r3wWK); self.m = SIMD4(repeating: m)
     }
 
-    /// The constants of a group of K planes from its ΣT and W, and the forward's m and r, with weight w, as
-    /// four Doubles (r w, ΣT/K, r³ w W/K, m) at `out`.
+    /// The constants of a group of K planes from its ΣT and W, and the forward's m and r, with weight w:
+    /// (r w, ΣT/K, r³ w W/K, m).
+    @inline(__always)
+    static func terms(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double)
+        -> (rw: Double, meanT: Double, r3wWK: Double, m: Double)
+    {
+        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
+        return (rw, t * invK, r3w * wg * invK, m)
+    }
+
+    /// `terms` as four Doubles at `out`.
     @inline(__always)
     static func store(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double,
                       into out: UnsafeMutablePointer<Double>) {
-        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
-        out[0] = rw; out[1] = t * invK; out[2] = r3w * wg * invK; out[3] = m
+        let c = terms(t: t, w: wg, planes: K, m: m, r: r, weight: w)
+        out[0] = c.rw; out[1] = c.meanT; out[2] = c.r3wWK; out[3] = c.m
     }
 
     /// The constants that `store` wrote at `constants`.

@@ -31,11 +31,20 @@ extension Float {
         func advanced(by c: Int) -> Self { Self(muHigh + c, muLow + c, a + c, beta + c) }
 
         /// ȳ = β + a (x - μ) of the eight values from k (channels k..<k+8): x - μ in two steps (μ's two
-        /// Floats), then one fused multiply-add.
+        /// Floats, `centred`), then one fused multiply-add.
         @inline(__always)
-        func staged(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> {
-            let d = (Float._load8(x, k) - Float._load8(muHigh, k)) - Float._load8(muLow, k)
-            return Float._load8(beta, k).addingProduct(Float._load8(a, k), d)
+        func staged(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> { staged(centred: centred(x, k), k) }
+
+        /// x - μ of the eight values from k, in two steps (μ's two Floats).
+        @inline(__always)
+        func centred(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> {
+            (Float._load8(x, k) - Float._load8(muHigh, k)) - Float._load8(muLow, k)
+        }
+
+        /// ȳ = β + a d of the eight values from k, from their d = x - μ (`centred`).
+        @inline(__always)
+        func staged(centred d: SIMD8<Float>, _ k: Int) -> SIMD8<Float> {
+            Float._load8(beta, k).addingProduct(Float._load8(a, k), d)
         }
     }
 
@@ -149,22 +158,26 @@ enum RowRounding {
     }
 
     /// Whether the backward of a group of one-value planes may take the Float32 lanes (`Float._valueItemGradients`),
-    /// from the forward's m and r and the largest |β| of its channels. e = ȳ - m is rounded within about 2 ulps
-    /// of the larger of |ȳ| and |β|, and dy₁ magnifies e by r: so r · max(|m|, |β|) ≤ 4, the forward's rule
-    /// (`accepts`, with 1/r ≥ σ). r beyond 1e-12...1e12 (and NaN) takes the Float64 path, so that no Float32
-    /// product of e, dy and the constants leaves Float32's range where the Float64 path's would not.
+    /// from the forward's m and r, the group's weight w and the largest |β| of its channels. e = ȳ - m is rounded
+    /// within about 2 ulps of the larger of |ȳ| and |β|, and dy₁ magnifies e by r: so r · max(|m|, |β|) ≤ 4, the
+    /// forward's rule (`accepts`, with 1/r ≥ σ). r and r |w| within 1e-10...1e10 (not NaN), so that with the sums'
+    /// ranges (`acceptsGradientSums`) the scale of every Float32 product and constant (the group's root mean
+    /// squares times these factors) stays within about 1e-30...1e30: far from overflow, and what a subnormal
+    /// value loses is far below an ulp of that scale.
     @inline(__always)
-    static func acceptsGradient(m: Double, r: Double, beta: Double) -> Bool {
-        r >= 1e-12 && r <= 1e12 && r * max(abs(m), beta) <= 4
+    static func acceptsGradient(m: Double, r: Double, weight w: Double, beta: Double) -> Bool {
+        let rw = r * abs(w)
+        return r >= 1e-10 && r <= 1e10 && rw >= 1e-10 && rw <= 1e10 && r * max(abs(m), beta) <= 4
     }
 
-    /// Whether a group's Float32 sums (`Float._valueGroupGradientSums`: K values, ΣT, W and Σ dy²) are kept: all
-    /// finite, and dy's mean square within 1e-24...1e24 (so that dy², e dy and dy₁'s products stay in Float32's
-    /// normal range).
+    /// Whether a group's Float32 sums (`Float._valueGroupGradientSums`: K values, ΣT, W, Σ dy² and Σ (x - μ)²) are
+    /// kept: ΣT and W finite, and the mean squares of dy and of x - μ within 1e-20...1e20 (with
+    /// `acceptsGradient`'s ranges, what keeps dy₁, the batch-norm stage's (x - μ) dy₁ and the constants of dy₁ in
+    /// Float32's normal range: near 1e-38, (x - μ) dy₁ would be subnormal).
     @inline(__always)
-    static func acceptsGradientSums(count K: Int, t: Double, w: Double, squares: Double) -> Bool {
-        let meanSquare = squares / Double(K)
-        return t.isFinite && w.isFinite && meanSquare >= 1e-24 && meanSquare <= 1e24
+    static func acceptsGradientSums(count K: Int, t: Double, w: Double, squares: Double, centred: Double) -> Bool {
+        let invK = 1 / Double(K), dy = squares * invK, z = centred * invK
+        return t.isFinite && w.isFinite && dy >= 1e-20 && dy <= 1e20 && z >= 1e-20 && z <= 1e20
     }
 
     /// The largest |β| of each of `groups` groups of K channels, into `out`: the reach

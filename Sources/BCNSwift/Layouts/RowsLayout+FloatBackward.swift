@@ -32,13 +32,15 @@ extension RowsLayout {
     }
 
     /// Where a memo of one-value planes (`memoCount`: 2 numbers per unit, then one per unit) keeps which groups
-    /// took the Float32 lanes: for each panel's sample, a mask of its groups at its first unit.
+    /// took the Float32 lanes: for each panel's sample, a mask of its groups (a UInt64's bits, in raw memory) at
+    /// its first unit.
     @inline(__always)
-    private static func floatGroups(_ kept: UnsafeMutablePointer<Double>, units: Int) -> UnsafeMutablePointer<UInt64> {
-        UnsafeMutableRawPointer(kept + 2 &* units).assumingMemoryBound(to: UInt64.self)
+    private static func floatGroups(_ kept: UnsafeMutablePointer<Double>, units: Int) -> UnsafeMutableRawPointer {
+        UnsafeMutableRawPointer(kept + 2 &* units)
     }
 
-    /// The groups of a panel as a mask (at most 64: a panel holds at most 512 channels, K ≥ 8 here).
+    /// The groups of a panel as a mask: at most 64, since a panel of one-value planes holds one group (of more
+    /// than 512 channels) or at most 512 channels, in groups of at least 8 here.
     @inline(__always)
     private static func mask(_ groups: Int) -> UInt64 { groups >= 64 ? ~0 : (1 << UInt64(groups)) &- 1 }
 
@@ -58,25 +60,26 @@ extension RowsLayout {
         let width = panelBlocks * blockChannels
         parallelFor(panels, cost: gradientCost) { range, slot in
             // [ΣT | r W] per group of the panel, then per group of the current sample: the Float64 constants of
-            // its dy₁ (`SumGradient.store`, 4 Doubles), ΣT, W, and the Float32 constants (6 Floats): 9 Doubles
-            // a group, inside the slot's 4·width (groups ≤ width / 8)
+            // its dy₁ (`SumGradient.store`, 4 Doubles), ΣT, W, and the Float32 constants (`GradientConstants`, 6
+            // Floats in raw memory): 9 Doubles a group, inside the slot's 4·width (groups ≤ width / 8)
             let groupSums = scratch + slot * slotLength, wide = groupSums + 2 * width
             for i in range {
                 let (c0, n) = panel(i), groups = n / K, g0 = c0 / K, all = Self.mask(groups)
                 let t = wide + 4 * groups, w = t + groups
-                let narrow = UnsafeMutableRawPointer(w + groups).assumingMemoryBound(to: Float.self)
+                let narrow = UnsafeMutableRawPointer(w + groups)
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), constants = lanes.constants.advanced(by: c0)
                 groupSums.update(repeating: 0, count: 2 * groups)
                 for b in 0..<B {
                     let first = b &* C &+ c0, bg0 = b &* G &+ g0
                     let floats: UInt64
                     if case .reuse(let kept) = unitSums {
-                        floats = Self.floatGroups(kept, units: B &* G)[bg0]
+                        floats = Self.floatGroups(kept, units: B &* G).load(fromByteOffset: 8 &* bg0, as: UInt64.self)
                         for j in 0..<groups { t[j] = kept[2 &* (bg0 &+ j)]; w[j] = kept[2 &* (bg0 &+ j) &+ 1] }
                     } else {
                         floats = Float._valueItemGradientSums(x + first, dy + first, groups: groups, size: K, constants,
                                                               means: ctx.m + bg0, inverses: ctx.r + bg0,
-                                                              betaReach: lanes.betaReach + g0, t: t, w: w)
+                                                              weights: ctx.w + g0, betaReach: lanes.betaReach + g0,
+                                                              t: t, w: w)
                         var rest = all & ~floats
                         while rest != 0 {
                             let j = rest.trailingZeroBitCount
@@ -84,7 +87,8 @@ extension RowsLayout {
                             rest &= rest &- 1
                         }
                         if case .record(let kept) = unitSums {
-                            Self.floatGroups(kept, units: B &* G)[bg0] = floats
+                            Self.floatGroups(kept, units: B &* G).storeBytes(of: floats, toByteOffset: 8 &* bg0,
+                                                                             as: UInt64.self)
                             for j in 0..<groups { kept[2 &* (bg0 &+ j)] = t[j]; kept[2 &* (bg0 &+ j) &+ 1] = w[j] }
                         }
                     }
@@ -93,7 +97,7 @@ extension RowsLayout {
                         groupSums[j] += t[j]; groupSums[groups &+ j] += r * w[j]
                         if floats & (1 << UInt64(j)) != 0 {
                             Float.GradientConstants.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g],
-                                                          into: narrow + Float.GradientConstants.count &* j)
+                                                          into: narrow + Float.GradientConstants.bytes &* j)
                         } else {
                             SumGradient.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g],
                                               into: wide + 4 &* j)
