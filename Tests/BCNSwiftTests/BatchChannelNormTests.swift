@@ -81,13 +81,17 @@ final class BatchChannelNormTests: XCTestCase {
         // planes split in chunks; rows of one value per plane and of 9, in groups of 33 channels (blocks and
         // panels that end off the lanes); rows of one value in groups of 64 (the Float32 lanes, forward and
         // backward, with the Float64 path for the channels offset below; four panels of 512 channels, so that
-        // the backward too runs on several threads); all large enough to run on several threads; a training
-        // step, then an eval step (whose backward sums the batch-norm stage's gradients beside dx)
-        for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([64, 2048], 32)] {
+        // the backward too runs on several threads); planes of 4 in units of 32 values (the forward's value view
+        // of short planes, `RowsValueView`); all large enough to run on several threads; a training step, then an
+        // eval step (whose backward sums the batch-norm stage's gradients beside dx)
+        for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([64, 2048], 32),
+                                ([64, 256, 2, 2], 32)] {
             let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
             var x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
-            if S == 1 {  // every third sample's first C/2 channels far off: groups on the Float64 path
-                for b in Swift.stride(from: 0, to: shape[0], by: 3) { for c in 0..<C / 2 { x[b * C + c] += 50 } }
+            if S < 16 {  // every third sample's first C/2 channels far off: groups on the Float64 path
+                for b in Swift.stride(from: 0, to: shape[0], by: 3) {
+                    for i in 0..<C / 2 * S { x[b * C * S + i] += 50 }
+                }
             }
             let dy = (0..<x.count).map { _ in Float(rng.normal(0.3, 1)) }
             var results: [[Float]] = []

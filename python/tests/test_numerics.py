@@ -209,6 +209,41 @@ def test_float32_rows_in_float32_lanes_stay_within_8_ulps(K, estimate, rng):
     assert _scaled_error(y, truth) <= 8 and _scaled_error(y_eval, truth_eval) <= 8
 
 
+@pytest.mark.parametrize("K,spatial", [(8, (2, 2)), (2, (2, 2)), (16, (3,)), (4, (2,)), (8, (3, 3))],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("estimate", [False, True])
+def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, estimate, rng):
+    """Planes of 2 to 4 values whose units (K planes of S values) are whole 8-lane vectors run the channel norm's
+    forward on the same Float32 lanes, as one-value planes of a [B, C·S] view (planes of 9, the last case, keep
+    the planes layout's Float64 maps); with random parameters, training then eval, within 8 ulps of the output's
+    scale against the documents' float64 code. Their gradients, still Float64, take this forward's m and r: within
+    8 ulps of their scale too."""
+    G = max(2, 256 // K)
+    x = random_input(rng, (32, G * K) + spatial).astype(np.float32)
+    y, truth, y_eval, truth_eval = _rows_float32_error(x, G, estimate, rng)
+    assert _scaled_error(y, truth) <= 8 and _scaled_error(y_eval, truth_eval) <= 8
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    dx, dx_ref, grads = _rows_float32_gradients(x, dy, G, estimate, rng)
+    assert _ulps_of_scale(dx, dx_ref) <= 8
+    for name, (got, want) in grads.items():
+        assert _ulps_of_scale(got, want) <= 8, name
+
+
+def test_float32_short_planes_take_float64_where_float32_would_round_visibly(rng):
+    """As for one-value planes: [64, 256, 2, 2] in groups of 8 channels (units of 32 values), every other group 20
+    standard deviations off 0 (sign alternating by sample) takes the Float64 path, within an ulp; the rest within
+    8 ulps of the scale."""
+    B, C, K, S = 64, 256, 8, 4
+    G = C // K
+    offset = np.where(np.arange(G) % 2 == 0, 20.0, 0.0)[None, :] * np.where(np.arange(B) % 2 == 0, 1, -1)[:, None]
+    x = (rng.normal(0.5, 1.0, (B, G, K, S)) + offset[..., None, None]).reshape(B, C, 2, 2).astype(np.float32)
+    for got, want in zip(*[iter(_rows_float32_error(x, G, estimate=False))] * 2):
+        err = np.abs(got.astype(np.float64) - want).reshape(B, G, K * S)
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64).reshape(B, G, K * S)
+        assert np.all(err[:, 0::2] <= ulp[:, 0::2]), "groups 20 σ off 0: within an ulp (Float64 path)"
+        assert _scaled_error(got.reshape(B, G, K * S)[:, 1::2], want.reshape(B, G, K * S)[:, 1::2]) <= 8
+
+
 @pytest.mark.parametrize("K", [32, 8], ids=lambda k: f"K={k}")
 def test_float32_rows_take_float64_where_float32_would_round_visibly(K, rng):
     """A group whose mean lies more than 4 standard deviations from 0 would lose up to |mean|/σ ulps in Float32

@@ -208,7 +208,7 @@ public enum NormalizationEngine {
         switch layout {
         case .planes(let l): return staged + l.applyBytes(T.self, plan: plan)
         case .channelsLast(let l): return staged + l.applyBytes(T.self, plan: plan)
-        case .rows(let l): return staged + l.applyBytes(T.self)
+        case .rows(let l): return staged + l.applyBytes(T.self, plan: plan)
         }
     }
 }

@@ -61,6 +61,17 @@ public struct NormalizationContext {
         m = beta + C; r = m + bg; w = r + bg
     }
 
+    /// The same context seen as one-value planes of a [B, C·S] view of its [B, C, S] input (`RowsLayout`'s value
+    /// view of short planes): the same header, m, r and w; μ, a and β per value of a row (each channel's repeated
+    /// S times, in storage the caller owns). Only the channel-norm stage's value methods read it; it is never
+    /// stamped (`writeHeader` would write the view's shape).
+    init(valuesOf ctx: NormalizationContext, shape: NormalizationShape, mu: UnsafeMutablePointer<Double>,
+         a: UnsafeMutablePointer<Double>, beta: UnsafeMutablePointer<Double>) {
+        base = ctx.base; self.shape = shape; groups = ctx.groups
+        p = ctx.p; q = ctx.q; t = ctx.t; u = ctx.u; invSigma = ctx.invSigma; m = ctx.m; r = ctx.r; w = ctx.w
+        self.mu = mu; self.a = a; self.beta = beta
+    }
+
     /// Stamps the header: what is valid now, for this shape and memory format (`groupEps` is left alone).
     func writeHeader(_ flags: Flags, format: MemoryFormat) {
         base[0] = Self.magic
