@@ -229,6 +229,31 @@ def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, es
         assert _ulps_of_scale(got, want) <= 8, name
 
 
+@pytest.mark.parametrize("layer_type", ["ChannelNorm", "BatchChannelNorm eval"])
+def test_float32_planes_of_four_are_the_rows_of_their_values_bit_for_bit(layer_type, rng):
+    """The value view, exactly: a [B, C, 2, 2] float32 input in groups of 8 channels (units of 32 values) gives
+    bit for bit what the same values give as [B, 4C] rows in the same groups, whose channel norm runs on those
+    Float32 lanes (the planes layout's Float64 maps differ in the last bits). In eval, with the batch norm's
+    running statistics and affine repeated for the four values of each channel."""
+    B, C, G = 16, 64, 8
+    x = random_input(rng, (B, C, 2, 2)).astype(np.float32)
+    if layer_type == "ChannelNorm":
+        planes, rows = bcnswift.ChannelNorm(C, G), bcnswift.ChannelNorm(4 * C, G)
+    else:
+        planes = bcnswift.BatchChannelNorm(C, G, estimate=False)
+        rows = bcnswift.BatchChannelNorm(4 * C, G, estimate=False)
+        planes.eval(), rows.eval()
+        for name, array in planes.parameters().items():
+            array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+        planes.running_mean[...] = rng.normal(0.5, 0.5, C)
+        planes.running_var[...] = rng.uniform(0.5, 2.0, C)
+        for name in ("bn_weight", "bn_bias", "running_mean", "running_var"):
+            getattr(rows, name)[...] = np.repeat(getattr(planes, name), 4)
+    for name in ("weight", "bias"):
+        getattr(rows, name)[...] = getattr(planes, name)
+    np.testing.assert_array_equal(planes(x).reshape(B, 4 * C), rows(x.reshape(B, 4 * C)))
+
+
 def test_float32_short_planes_take_float64_where_float32_would_round_visibly(rng):
     """As for one-value planes: [64, 256, 2, 2] in groups of 8 channels (units of 32 values), every other group 20
     standard deviations off 0 (sign alternating by sample) takes the Float64 path, within an ulp; the rest within
@@ -262,17 +287,20 @@ def test_float32_rows_take_float64_where_float32_would_round_visibly(K, rng):
         assert _scaled_error(got.reshape(B, G, K)[:, 1::2], want.reshape(B, G, K)[:, 1::2]) <= 8
 
 
-def test_float32_rows_eval_with_a_cancelling_bias_takes_float64(rng):
+@pytest.mark.parametrize("spatial", [(), (2, 2)], ids=["rows", "planes-of-4"])
+def test_float32_rows_eval_with_a_cancelling_bias_takes_float64(spatial, rng):
     """Eval on inputs 100 away from the running mean, with a batch-norm bias that brings them back to 0: ȳ is
     small and centred, but a (x - μ) and β are each about 100, and their Float32 rounding would cost about 80
-    ulps of the output. The guard counts |β|, so these groups take the Float64 path: within an ulp."""
-    B, C, G = 64, 1024, 32
-    x = random_input(rng, (B, C)).astype(np.float32)
+    ulps of the output. The guard counts |β|, so these groups take the Float64 path: within an ulp. Also for
+    planes of 4 values, through the value view, whose largest |β| per group comes from the channels."""
+    B, C, G = 64, 1024 // max(1, int(np.prod(spatial))), 32
+    x = random_input(rng, (B, C) + spatial).astype(np.float32)
+    bcast = (slice(None),) + (None,) * len(spatial)
 
     def cancel(layer):
         a = layer.bn_weight.astype(np.float64) / np.sqrt(layer.running_var.astype(np.float64) + layer.bn_eps)
         layer.bn_bias[...] = -100 * a
-        return (layer.running_mean + 100 + rng.normal(0, 1, (B, C))).astype(np.float32)
+        return (layer.running_mean[bcast] + 100 + rng.normal(0, 1, (B, C) + spatial)).astype(np.float32)
     _, _, got, want = _rows_float32_error(x, G, estimate=False, rng=rng, set_eval=cancel)
     ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
     assert np.all(np.abs(got.astype(np.float64) - want) <= ulp)

@@ -1,8 +1,8 @@
-// The channel-norm stage on rows of one-value planes ([B, C] Float input, S = 1) in Float32 lanes: eight values a
-// step where the Float64 path (`NormalizationUnit.valueMoments`, `mapValues`) takes four. The group's sums run in
-// Float32 lanes flushed to Float64 every 64 values; the shift rule, m, r and the coefficients stay Float64. This
-// is the Float32 transcription of those value methods' algebra, for the groups `RowRounding.accepts`; the rest
-// take the Float64 path.
+// The channel-norm stage on rows of one-value planes ([B, C] Float input, S = 1, and short planes seen as such by
+// `RowsValueView`) in Float32 lanes: eight values a step where the Float64 path (`NormalizationUnit.valueMoments`,
+// `mapValues`) takes four. The group's sums run in Float32 lanes flushed to Float64 every 64 values; the shift rule, m,
+// r and the coefficients stay Float64. This is the Float32 transcription of those value methods' algebra, for the
+// groups `RowRounding.accepts`; the rest take the Float64 path.
 
 extension Float {
     /// The batch-norm stage's per-channel constants, rounded to Float32 once a call: μ as the sum of two Floats

@@ -137,7 +137,8 @@ struct RowsLayout {
 
     /// Phase (a): the batch's moments per channel, panel by panel (nothing without `channelMoments`). With
     /// S = 1 the plane means are the input's rows themselves. `memo` (`momentsMemoCount` Doubles, planes of 2
-    /// to 15 values): every plane's p and q, kept there for `apply` in the same call.
+    /// to 15 values): every plane's p and q, kept there for `apply` in the same call (which the value view of
+    /// short planes, `valueView`, does not read).
     func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, into channelMoments: UnsafeMutablePointer<Moments>?,
                                               memo: UnsafeMutablePointer<Double>? = nil, arena: inout ScratchArena) {
         guard let channelMoments else { return }
@@ -187,7 +188,8 @@ struct RowsLayout {
     /// Phase (c): every unit's m, r and output, one (sample, column block) at a time: the block's group
     /// moments first, then their r together, then the maps (groups of a few values would otherwise each wait
     /// on their own reduction, square root and division). `memo`: the plane moments `localMoments` kept in the
-    /// same call, instead of measuring x again.
+    /// same call, instead of measuring x again. One-value planes, and short planes of Float input that the value
+    /// view takes (`valueView`), run `applyValues` instead (the view measures its groups from x, memo or not).
     func apply<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
                                        bias: UnsafePointer<T>?, context ctx: NormalizationContext,
                                        memo: UnsafePointer<Double>? = nil, arena: inout ScratchArena) {
@@ -275,14 +277,14 @@ struct RowsLayout {
     private var valueCost: Int { 3 * valueBlockChannels }
     private var valueItems: Int { (shape.channels + valueBlockChannels - 1) / valueBlockChannels * shape.batch }
 
-    /// Phase (c) with one-value planes (S = 1): units from x straight to y (`valueMoments`, `mapValues`), the
-    /// same numbers as the planes' maps, with an item's staged means (y₁, one Double a value) in the thread's
-    /// scratch between the two; for Float input with groups of whole 8-lane vectors, Float32 lanes where
-    /// `RowRounding` allows (`valueGroups32`). An item is a stretch of a row: the moments of all its groups
-    /// first (into the context's m and r), then their r together, then the outputs, so that each group's
-    /// reduction, square root and division overlap the others' instead of stalling its own output.
-    /// `lanes`: the Float32 lanes' constants and each group's largest |β|, when the caller built them (the value
-    /// view of short planes builds them per channel, not per value).
+    /// Phase (c) with one-value planes (S = 1, or the value view of short planes, `RowsValueView`): units from x
+    /// straight to y (`valueMoments`, `mapValues`), the same numbers as the planes' maps, with an item's staged means
+    /// (y₁, one Double a value) in the thread's scratch between the two; for Float input with groups of whole 8-lane
+    /// vectors, Float32 lanes where `RowRounding` allows (`valueGroups32`). An item is a stretch of a row: the moments
+    /// of all its groups first (into the context's m and r), then their r together, then the outputs, so that each
+    /// group's reduction, square root and division overlap the others' instead of stalling its own output. `lanes`: the
+    /// Float32 lanes' constants and each group's largest |β|, when the caller built them (the value view of short
+    /// planes builds them per channel, not per value).
     func applyValues<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>,
                                              y: UnsafeMutablePointer<T>, bias: UnsafePointer<T>?,
                                              context ctx: NormalizationContext,
