@@ -400,28 +400,17 @@ def test_float32_rows_backward_takes_float64_where_float32_would_round_visibly(K
     assert far <= 1 and near <= 8, (far, near)
 
 
-def test_float32_rows_backward_of_tiny_gradients_takes_float64(rng):
-    """Gradients at the bottom of Float32's range (1e-38, some subnormal) would lose bits to subnormal products in
-    the Float32 lanes: the batch-norm stage's (x - μ) dy₁, with x - μ about 1e-3 here. Groups whose dy has a mean
-    square below 1e-20 take the Float64 path instead: dx within an ulp of its scale and the parameters' gradients
-    within 2 (without that bound: dx 4 ulps and the batch-norm weight's gradient over 100)."""
+@pytest.mark.parametrize("x_scale,dy_scale", [(1e-3, 1e-38), (1e-32, 1e-11)], ids=["tiny-dy", "tiny-spread"])
+def test_float32_rows_backward_near_float32_underflow_takes_float64(x_scale, dy_scale, rng):
+    """The batch-norm stage's (x - μ) dy₁ would be subnormal in the Float32 lanes: with gradients at the bottom of
+    Float32's range (dy about 1e-38, some subnormal; x - μ about 1e-3), or with inputs whose spread (1e-32) sits
+    far below the batch norm's sqrt(eps) (dy about 1e-11, inside its own range). Groups whose dy or x - μ has a
+    mean square below 1e-20 take the Float64 path: dx within an ulp of its scale, the parameters' gradients
+    within 2. Without those bounds: dx 4 ulps and the batch-norm weight's gradient over 100 (tiny dy); 49 ulps on
+    that gradient and 16 on the groups' (tiny spread)."""
     B, C, G = 64, 256, 8
-    x = (random_input(rng, (B, C)) * 1e-3).astype(np.float32)
-    dy = (rng.normal(0.3, 1.0, (B, C)) * 1e-38).astype(np.float32)
-    dx, dx_ref, grads = _rows_float32_gradients(x, dy, G, False)
-    assert _ulps_of_scale(dx, dx_ref) <= 1
-    for name, (got, want) in grads.items():
-        assert _ulps_of_scale(got, want) <= 2, name
-
-
-def test_float32_rows_backward_of_inputs_with_a_tiny_spread_takes_float64(rng):
-    """Inputs whose spread (1e-32) sits far below the batch norm's sqrt(eps): x - μ is about 1e-32, so with dy
-    about 1e-11 (inside the gradient's own range) the batch-norm stage's (x - μ) dy₁ would be subnormal in
-    Float32. Groups whose x - μ has a mean square below 1e-20 take the Float64 path: every gradient within 2 ulps
-    of its scale (without that bound: 49 ulps on the batch-norm weight's gradient, 16 on the groups')."""
-    B, C, G = 64, 256, 8
-    x = (random_input(rng, (B, C)) * 1e-32).astype(np.float32)
-    dy = (rng.normal(0.3, 1.0, (B, C)) * 1e-11).astype(np.float32)
+    x = (random_input(rng, (B, C)) * x_scale).astype(np.float32)
+    dy = (rng.normal(0.3, 1.0, (B, C)) * dy_scale).astype(np.float32)
     dx, dx_ref, grads = _rows_float32_gradients(x, dy, G, False)
     assert _ulps_of_scale(dx, dx_ref) <= 1
     for name, (got, want) in grads.items():
