@@ -26,8 +26,8 @@ enum Layout {
 
     /// Doubles of the plane moments a single call's phase (a) keeps for its phase (c): only the rows layout,
     /// which keeps none in the context (`RowsLayout.momentsMemoCount`).
-    var momentsMemoCount: Int {
-        if case .rows(let l) = self { return l.momentsMemoCount }
+    func momentsMemoCount<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        if case .rows(let l) = self { return l.momentsMemoCount(T.self, plan: plan) }
         return 0
     }
 }

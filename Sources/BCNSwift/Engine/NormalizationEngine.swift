@@ -40,7 +40,7 @@ public enum NormalizationEngine {
         let layout = Layout(plan: plan, shape: shape), C = shape.channels
         let batchStatistics = training && plan.batchNorm != nil
         // Short planes keep no moments in the context; a single call keeps phase (a)'s for its phase (c).
-        let memoCount = batchStatistics ? layout.momentsMemoCount : 0
+        let memoCount = batchStatistics ? layout.momentsMemoCount(T.self, plan: plan) : 0
         var arena = ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
                                  + ScratchArena.bytes(memoCount, of: Double.self)
                                  + localMomentsBytes(layout, T.self) + finishBytes(layout, T.self, plan: plan))

@@ -173,7 +173,10 @@ struct RowsLayout {
 
     /// Doubles of `localMoments`' memo: p and q of every plane (2·B·C) for planes of 2 to 15 values, else none;
     /// none either above `memoLimit`.
-    var momentsMemoCount: Int { shape.spatial == 1 ? 0 : RowsLayout.memo(2 * shape.planes) }
+    /// None for one-value planes, nor where the value view runs the output (it measures its groups from x).
+    func momentsMemoCount<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        shape.spatial == 1 || valueView(plan: plan, T.self) != nil ? 0 : RowsLayout.memo(2 * shape.planes)
+    }
 
     /// Bytes a memo kept between one call's phases may take: the scratch arena's cache limit. A plane of 2 to 15
     /// values holds 8 to 60 bytes of Float32, and a backward's memo 48 bytes of Doubles per plane, so a large
