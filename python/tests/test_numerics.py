@@ -161,34 +161,42 @@ _LABML_PARAMETERS = {"weight": "channel_norm.scale", "bias": "channel_norm.shift
                      "bn.bias": "batch_norm.shift"}
 
 
+def _labml_pair(C, G, estimate, rng=None):
+    """bcnswift's BatchChannelNorm (labml's convention) and the documents' float64 LabmlBatchChannelNorm with the
+    same parameters: drawn at random with `rng` (float32 values on both sides), else the initial ones."""
+    layer = bcnswift.BatchChannelNorm(C, G, estimate=estimate, unbiased_running_var=False)
+    ref = R.LabmlBatchChannelNorm(C, G, estimate=estimate)
+    for name, array in layer.parameters().items() if rng is not None else ():
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+    _copy_parameters(layer, ref)
+    return layer, ref
+
+
+def _copy_parameters(layer, ref):
+    for name, path in _LABML_PARAMETERS.items():
+        _set(ref, path, layer.parameters()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+
+
+def _to_eval(layer, ref):
+    """Both into eval, the reference on bcnswift's running buffers: bcnswift keeps them in float32, and eval
+    normalizes with them, so both use those values."""
+    layer.eval(); ref.train(False)
+    for name, path in (("bn.running_mean", "batch_norm.exp_mean"), ("bn.running_var", "batch_norm.exp_var")):
+        _set(ref, path, layer.state_dict()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+
+
 def _rows_float32_error(x, G, estimate, rng=None, set_eval=None):
     """bcnswift's float32 output on [B, C] x (a training step, then eval) and the documents' float64 output on the
     same values, for BatchChannelNorm with G groups: [y, truth, y_eval, truth_eval]. With `rng`, every parameter
     is drawn at random (the same float32 values on both sides); `set_eval(layer)` may change them in place
     before eval, and returns the eval input."""
-    C = x.shape[1]
-    layer = bcnswift.BatchChannelNorm(C, G, estimate=estimate, unbiased_running_var=False)  # labml's convention
-    ref = R.LabmlBatchChannelNorm(C, G, estimate=estimate)
-
-    def copy_parameters():
-        for name, path in _LABML_PARAMETERS.items():
-            value = layer.parameters()[name].astype(np.float64)
-            _set(ref, path, value.reshape(np.shape(_get(ref, path))))
-    if rng is not None:
-        for name, array in layer.parameters().items():
-            array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
-        copy_parameters()
-    x64 = x.astype(np.float64)
-    out = [layer(x), ref.forward(x64)]
-    layer.eval(); ref.train(False)
-    for name, path in (("bn.running_mean", "batch_norm.exp_mean"), ("bn.running_var", "batch_norm.exp_var")):
-        # eval normalizes with the running buffers, which bcnswift keeps in float32: both use those values
-        _set(ref, path, layer.state_dict()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+    layer, ref = _labml_pair(x.shape[1], G, estimate, rng)
+    out = [layer(x), ref.forward(x.astype(np.float64))]
+    _to_eval(layer, ref)
     if set_eval is not None:
         x = set_eval(layer)
-        x64 = x.astype(np.float64)
-        copy_parameters()
-    out += [layer(x), ref.forward(x64)]
+        _copy_parameters(layer, ref)
+    out += [layer(x), ref.forward(x.astype(np.float64))]
     return out
 
 
@@ -338,18 +346,10 @@ def _rows_float32_gradients(x, dy, G, estimate, rng=None, evaluate=False):
     eval's) and the documents' float64 gradients of the same values, for BatchChannelNorm with G groups
     (parameters drawn at random with `rng`, else the initial ones): (dx, dx_ref, {key: (bcnswift's,
     reference's)}) with bcnswift's gradient keys."""
-    C = x.shape[1]
-    layer = bcnswift.BatchChannelNorm(C, G, estimate=estimate, unbiased_running_var=False)  # labml's convention
-    ref = R.LabmlBatchChannelNorm(C, G, estimate=estimate)
-    for name, array in layer.parameters().items() if rng is not None else ():
-        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
-    for name, path in _LABML_PARAMETERS.items():
-        _set(ref, path, layer.parameters()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+    layer, ref = _labml_pair(x.shape[1], G, estimate, rng)
     if evaluate:
         layer(x); ref.forward(x.astype(np.float64))
-        layer.eval(); ref.train(False)
-        for name, path in (("bn.running_mean", "batch_norm.exp_mean"), ("bn.running_var", "batch_norm.exp_var")):
-            _set(ref, path, layer.state_dict()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+        _to_eval(layer, ref)
     layer.zero_grad()
     layer(x); ref.forward(x.astype(np.float64))
     dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
