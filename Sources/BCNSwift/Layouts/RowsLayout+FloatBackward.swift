@@ -65,6 +65,7 @@ extension RowsLayout {
             let groupSums = scratch + slot * slotLength, wide = groupSums + 2 * width
             for i in range {
                 let (c0, n) = panel(i), groups = n / K, g0 = c0 / K, all = Self.mask(groups)
+                precondition(groups <= 64, "a panel of one-value planes holds at most 64 groups")
                 let t = wide + 4 * groups, w = t + groups
                 let narrow = UnsafeMutableRawPointer(w + groups)
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), constants = lanes.constants.advanced(by: c0)

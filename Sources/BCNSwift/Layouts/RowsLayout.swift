@@ -299,15 +299,17 @@ struct RowsLayout {
         let scratch = groupEps == nil ? nil : arena.take(slots * width, of: Double.self)
         // Float input and groups of whole Float32 vectors: the groups take Float32 lanes where they can
         let lanes32 = floatLanes(T.self)
-        let constants = !lanes32 ? nil : lanes?.0 ?? Float.ValueConstants(count: C, mu: ctx.mu, a: ctx.a,
-                                                                           beta: ctx.beta,
-                                                                           storage: arena.take(4 * C, of: Float.self))
-        let scratch32 = lanes32 ? arena.take(slots * width, of: Float.self) : nil
-        let betaReach: UnsafePointer<Double>? = !lanes32 ? nil : lanes?.1 ?? {
+        var constants: Float.ValueConstants?, betaReach: UnsafePointer<Double>?
+        if lanes32, let lanes {
+            (constants, betaReach) = lanes
+        } else if lanes32 {
+            constants = Float.ValueConstants(count: C, mu: ctx.mu, a: ctx.a, beta: ctx.beta,
+                                             storage: arena.take(4 * C, of: Float.self))
             let reach = arena.take(G, of: Double.self)
             RowRounding.betaReach(ctx.beta, groups: G, size: K, into: reach)
-            return UnsafePointer(reach)
-        }()
+            betaReach = UnsafePointer(reach)
+        }
+        let scratch32 = lanes32 ? arena.take(slots * width, of: Float.self) : nil
         parallelFor(valueItems, cost: valueCost) { range, slot in
             for item in range {
                 let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
