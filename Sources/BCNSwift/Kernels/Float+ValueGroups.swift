@@ -37,6 +37,13 @@ extension Float {
         @inline(__always)
         func staged(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> { staged(centred: centred(x, k), k) }
 
+        /// μ's two Floats, a and β of the eight channels from k: `staged`'s constants, for a caller that applies
+        /// them to several rows.
+        @inline(__always)
+        func lanes(_ k: Int) -> (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>) {
+            (Float._load8(muHigh, k), Float._load8(muLow, k), Float._load8(a, k), Float._load8(beta, k))
+        }
+
         /// x - μ of the eight values from k, in two steps (μ's two Floats).
         @inline(__always)
         func centred(_ x: UnsafePointer<Float>, _ k: Int) -> SIMD8<Float> {
@@ -50,16 +57,54 @@ extension Float {
         }
     }
 
-    /// One group of K one-value planes from x[k0] (K a multiple of 8): its ȳ into `staged` (K Floats), and the
-    /// sums of `groupMoments`'s one pass, shifted by the mean of its first eight ȳ: (shift, Σ(ȳ - shift),
-    /// Σ(ȳ - shift)²), the lanes summed in Float32 over at most 64 values (8 terms a lane), then in Float64.
+    /// ȳ = β + a (x - μ) of n values (a multiple of 8) of each of `rows` rows of x, `stride` values apart, into
+    /// `staged` (n values a row; the constants from x's first channel). The constants' four loads serve up to four
+    /// rows: with one row they were four of a step's five loads, and the loads bound this pass.
+    @inline(never)
+    static func _stageRows(_ x: UnsafePointer<Float>, rows: Int, stride: Int, count n: Int, _ c: ValueConstants,
+                           into staged: UnsafeMutablePointer<Float>) {
+        var r = 0
+        while r < rows {
+            let xr = x + r &* stride, out = staged + r &* n, left = rows &- r
+            var k = 0
+            if left >= 4 {
+                let x1 = xr + stride, x2 = x1 + stride, x3 = x2 + stride
+                let o1 = out + n, o2 = o1 + n, o3 = o2 + n
+                while k < n {
+                    let (h, l, a, b) = c.lanes(k)
+                    _store8(b.addingProduct(a, (_load8(xr, k) - h) - l), out, k)
+                    _store8(b.addingProduct(a, (_load8(x1, k) - h) - l), o1, k)
+                    _store8(b.addingProduct(a, (_load8(x2, k) - h) - l), o2, k)
+                    _store8(b.addingProduct(a, (_load8(x3, k) - h) - l), o3, k)
+                    k &+= 8
+                }
+                r &+= 4
+            } else if left >= 2 {
+                let x1 = xr + stride, o1 = out + n
+                while k < n {
+                    let (h, l, a, b) = c.lanes(k)
+                    _store8(b.addingProduct(a, (_load8(xr, k) - h) - l), out, k)
+                    _store8(b.addingProduct(a, (_load8(x1, k) - h) - l), o1, k)
+                    k &+= 8
+                }
+                r &+= 2
+            } else {
+                while k < n { _store8(c.staged(xr, k), out, k); k &+= 8 }
+                r &+= 1
+            }
+        }
+    }
+
+    /// The sums of `groupMoments`'s one pass over one group's K staged values ȳ (K a multiple of 8), shifted by
+    /// the mean of its first eight: (shift, Σ(ȳ - shift), Σ(ȳ - shift)²), the lanes summed in Float32 over at
+    /// most 64 values (8 terms a lane), then in Float64.
     @inline(__always)
-    static func _valueGroupSums(_ x: UnsafePointer<Float>, from k0: Int, count K: Int, _ c: ValueConstants,
-                                staged: UnsafeMutablePointer<Float>) -> (shift: Double, d: Double, squares: Double) {
+    static func _stagedGroupSums(_ staged: UnsafePointer<Float>, count K: Int)
+        -> (shift: Double, d: Double, squares: Double)
+    {
         // The first vector's sum by `_hsum2`'s vector operations: `_hsum` here let LLVM compute its eight
         // values one by one, then regroup them (about 60 instructions instead of 10).
-        let first = c.staged(x, k0)
-        _store8(first, staged, 0)
+        let first = _load8(staged, 0)
         let shift = _hsum2(first, first).0 * 0.125, sv = SIMD8(repeating: shift)
         var d = 0.0, squares = 0.0, e = first - sv, dv = e, qv = e * e, i = 8
         while i < K {
@@ -67,14 +112,43 @@ extension Float {
                 let (ds, qs) = _hsum2(dv, qv)
                 d += Double(ds); squares += Double(qs); dv = SIMD8(); qv = dv
             }
-            let y = c.staged(x, k0 &+ i)
-            _store8(y, staged, i)
-            e = y - sv; dv += e; qv.addProduct(e, e)
+            e = _load8(staged, i) - sv; dv += e; qv.addProduct(e, e)
             i &+= 8
         }
         let (ds, qs) = _hsum2(dv, qv)
         d += Double(ds); squares += Double(qs)
         return (Double(shift), d, squares)
+    }
+
+    /// `_stagedGroupSums` of the four groups of K ≤ 64 staged values from `staged` (one Float32 partial a lane, so
+    /// no flush), the same sums bit for bit: the four groups step together (four independent chains), and their
+    /// horizontal sums run in the same vector operations (`_hsum4`), so that per group the shift and the two final
+    /// sums cost what one of them did.
+    @inline(__always)
+    static func _stagedQuadSums(_ staged: UnsafePointer<Float>, count K: Int) -> GroupSums {
+        let p0 = staged, p1 = p0 + K, p2 = p1 + K, p3 = p2 + K
+        let f0 = _load8(p0, 0), f1 = _load8(p1, 0), f2 = _load8(p2, 0), f3 = _load8(p3, 0)
+        let shifts = _hsum4(f0, f1, f2, f3) * 0.125
+        let s0 = SIMD8(repeating: shifts[0]), s1 = SIMD8(repeating: shifts[1])
+        let s2 = SIMD8(repeating: shifts[2]), s3 = SIMD8(repeating: shifts[3])
+        var e0 = f0 - s0, e1 = f1 - s1, e2 = f2 - s2, e3 = f3 - s3
+        var d0 = e0, d1 = e1, d2 = e2, d3 = e3, q0 = e0 * e0, q1 = e1 * e1, q2 = e2 * e2, q3 = e3 * e3
+        var i = 8
+        while i < K {
+            e0 = _load8(p0, i) - s0; d0 += e0; q0.addProduct(e0, e0)
+            e1 = _load8(p1, i) - s1; d1 += e1; q1.addProduct(e1, e1)
+            e2 = _load8(p2, i) - s2; d2 += e2; q2.addProduct(e2, e2)
+            e3 = _load8(p3, i) - s3; d3 += e3; q3.addProduct(e3, e3)
+            i &+= 8
+        }
+        // 0 + d, as `_stagedGroupSums`'s Float64 totals start (a -0 sum becomes +0)
+        return GroupSums(shift: SIMD4<Double>(shifts), d: SIMD4<Double>() + SIMD4<Double>(_hsum4(d0, d1, d2, d3)),
+                         squares: SIMD4<Double>(_hsum4(q0, q1, q2, q3)))
+    }
+
+    /// Four groups' `_stagedGroupSums`, lane l for group l.
+    struct GroupSums {
+        var shift = SIMD4<Double>(), d = SIMD4<Double>(), squares = SIMD4<Double>()
     }
 
     /// out = bias + rw (ȳ - m) of K staged values (a multiple of 8) into y, in Float32: m as the sum of two
@@ -93,29 +167,42 @@ extension Float {
 }
 
 extension Float {
-    /// Every group of one item (`groups` groups of K one-value planes from x, one row's stretch; the constants
-    /// from its first channel): `_valueGroupSums`, then the group's mean and variance into `means` and
-    /// `variances` where `RowRounding` accepts it. Returns the groups it refused (bit j for group j, at most 64),
-    /// whose entries the caller fills from the Float64 path. Out of line: inlined into the parallel loop, the
-    /// pointers it advances per group spilled around every group.
+    /// Every group of one item (`groups` groups of K one-value planes, one row's stretch, staged by `_stageRows`):
+    /// `_stagedGroupSums` (four groups at a time, `_stagedQuadSums`, where K ≤ 64), then the groups' means and
+    /// variances, four at a time, into `means` and `variances` where `RowRounding` accepts them. Returns the groups
+    /// it refused (bit j for group j, at most 64), whose entries the caller fills from the Float64 path. Out of
+    /// line: inlined into the parallel loop, the pointers it advances per group spilled around every group.
     @inline(never)
-    static func _valueItemMoments(_ x: UnsafePointer<Float>, groups: Int, size K: Int, _ c: ValueConstants,
-                                  betaReach: UnsafePointer<Double>, staged: UnsafeMutablePointer<Float>,
-                                  means: UnsafeMutablePointer<Double>, variances: UnsafeMutablePointer<Double>)
-        -> UInt64
-    {
+    static func _valueItemMoments(_ staged: UnsafePointer<Float>, groups: Int, size K: Int,
+                                  betaReach: UnsafePointer<Double>, means: UnsafeMutablePointer<Double>,
+                                  variances: UnsafeMutablePointer<Double>) -> UInt64 {
         precondition(groups <= 64, "an item of one-value planes holds at most 64 groups")
         let invK = 1 / Double(K)
-        var refused: UInt64 = 0, j = 0, at = 0
+        var refused: UInt64 = 0, j = 0
         while j < groups {
-            let (shift, d, squares) = _valueGroupSums(x, from: at, count: K, c, staged: staged + at)
-            let mean = shift + d * invK, between = squares - d * d * invK
-            if RowRounding.accepts(count: K, mean: mean, squares: squares, between: between, beta: betaReach[j]) {
-                means[j] = mean; variances[j] = Moments(count: Double(K), mean: mean, m2: between).variance
+            let n = min(4, groups &- j), at = j &* K
+            var sums = GroupSums(), reach = SIMD4<Double>()
+            if n == 4 && K <= 64 {
+                sums = _stagedQuadSums(staged + at, count: K)
+                reach = UnsafeRawPointer(betaReach + j).loadUnaligned(as: SIMD4<Double>.self)
             } else {
-                refused |= 1 << UInt64(j)
+                for l in 0..<n {
+                    let (shift, d, squares) = _stagedGroupSums(staged + (at &+ l &* K), count: K)
+                    sums.shift[l] = shift; sums.d[l] = d; sums.squares[l] = squares; reach[l] = betaReach[j &+ l]
+                }
             }
-            j &+= 1; at &+= K
+            let mean = sums.shift + sums.d * invK, between = sums.squares - sums.d * sums.d * invK
+            let kept = RowRounding.accepts(count: K, mean: mean, squares: sums.squares, between: between, beta: reach)
+            let variance = between / Double(K)  // `Moments.variance`, with K > 0
+            if n == 4 {
+                UnsafeMutableRawPointer(means + j).storeBytes(of: mean, as: SIMD4<Double>.self)
+                UnsafeMutableRawPointer(variances + j).storeBytes(of: variance, as: SIMD4<Double>.self)
+                refused |= SIMD4<UInt64>(1, 2, 4, 8).replacing(with: 0, where: kept).wrappedSum() << UInt64(j)
+            } else {
+                for l in 0..<n { means[j &+ l] = mean[l]; variances[j &+ l] = variance[l] }
+                for l in 0..<n where !kept[l] { refused |= 1 << UInt64(j &+ l) }
+            }
+            j &+= 4
         }
         return refused
     }
@@ -126,13 +213,49 @@ extension Float {
     static func _valueItemMaps(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, groups: Int,
                                size K: Int, means: UnsafePointer<Double>, inverses: UnsafePointer<Double>,
                                weights: UnsafePointer<Double>, bias: UnsafePointer<Float>?, skipping: UInt64) {
-        var j = 0, at = 0
+        var j = 0
         while j < groups {
+            let at = j &* K
+            if groups &- j >= 4 && skipping >> UInt64(j) & 15 == 0 {
+                _valueQuadMap(staged + at, into: y + at, count: K, means: means + j, inverses: inverses + j,
+                              weights: weights + j, bias: bias.map { $0 + j })
+                j &+= 4
+                continue
+            }
             if skipping & (1 << UInt64(j)) == 0 {
                 _valueGroupMap(staged + at, into: y + at, count: K, mean: means[j], scale: inverses[j] * weights[j],
                                bias: bias.map { Double($0[j]) } ?? 0)
             }
-            j &+= 1; at &+= K
+            j &+= 1
+        }
+    }
+
+    /// `_valueGroupMap` of the four groups from `staged` (K values each) into y, the same numbers: their constants
+    /// rounded in one vector operation each, and the four groups stepping together.
+    @inline(__always)
+    static func _valueQuadMap(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count K: Int,
+                              means: UnsafePointer<Double>, inverses: UnsafePointer<Double>,
+                              weights: UnsafePointer<Double>, bias: UnsafePointer<Float>?) {
+        @inline(__always) func load4(_ p: UnsafePointer<Double>) -> SIMD4<Double> {
+            UnsafeRawPointer(p).loadUnaligned(as: SIMD4<Double>.self)
+        }
+        let m = load4(means), high = SIMD4<Float>(m), low = SIMD4<Float>(m - SIMD4<Double>(high))
+        let scale = SIMD4<Float>(load4(inverses) * load4(weights))
+        let shift = bias.map { UnsafeRawPointer($0).loadUnaligned(as: SIMD4<Float>.self) } ?? SIMD4()
+        @inline(__always) func lanes(_ l: Int) -> (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>) {
+            (SIMD8(repeating: high[l]), SIMD8(repeating: low[l]), SIMD8(repeating: scale[l]),
+             SIMD8(repeating: shift[l]))
+        }
+        let (h0, l0, s0, b0) = lanes(0), (h1, l1, s1, b1) = lanes(1)
+        let (h2, l2, s2, b2) = lanes(2), (h3, l3, s3, b3) = lanes(3)
+        let p1 = staged + K, p2 = p1 + K, p3 = p2 + K, y1 = y + K, y2 = y1 + K, y3 = y2 + K
+        var i = 0
+        while i < K {
+            _store8(b0.addingProduct(s0, (_load8(staged, i) - h0) - l0), y, i)
+            _store8(b1.addingProduct(s1, (_load8(p1, i) - h1) - l1), y1, i)
+            _store8(b2.addingProduct(s2, (_load8(p2, i) - h2) - l2), y2, i)
+            _store8(b3.addingProduct(s3, (_load8(p3, i) - h3) - l3), y3, i)
+            i &+= 8
         }
     }
 }
@@ -140,7 +263,7 @@ extension Float {
 /// When a group of one-value planes may take the Float32 lanes.
 enum RowRounding {
     /// Whether a group of one-value planes of Float input keeps the Float32 lanes' result: its Float32 sums
-    /// (`Float._valueGroupSums`: K values, mean `mean`, Σ(ȳ - shift)² = `squares`, M2 = `between`), and `beta`,
+    /// (`Float._stagedGroupSums`: K values, mean `mean`, Σ(ȳ - shift)² = `squares`, M2 = `between`), and `beta`,
     /// the largest |β| of its channels. Each ȳ = β + a (x - μ) was rounded in Float32, within about 2 ulps of the
     /// larger of |ȳ| and |β| (|a (x - μ)| is at most their sum), and the channel norm magnifies that by 1/σ
     /// of the group. Measured on [256, 1024], G = 32, β = 0, the output's largest error is 4 ulps of 1 where
@@ -152,11 +275,14 @@ enum RowRounding {
     ///   `groupMoments`, which then runs a corrected second pass);
     /// - its mean square left Float32's comfortable range (1e-30 to 1e36: a constant group among them, which
     ///   the Float64 path gives exactly its bias), or a value is NaN or infinite.
+    /// (Four groups at a time, lane l for group l; a NaN mean or β leaves `between` NaN, which fails.)
     @inline(__always)
-    static func accepts(count K: Int, mean: Double, squares: Double, between: Double, beta: Double) -> Bool {
-        let meanSquare = squares / Double(K), reach = max(abs(mean), beta)
-        return between >= 0.5 * squares && between >= Double(K) * reach * reach * 0.0625
-            && meanSquare > 1e-30 && meanSquare < 1e36
+    static func accepts(count K: Int, mean: SIMD4<Double>, squares: SIMD4<Double>, between: SIMD4<Double>,
+                        beta: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
+        let meanSquare = squares / Double(K), size = mean.replacing(with: -mean, where: mean .< 0)
+        let reach = size.replacing(with: beta, where: beta .>= size)  // Swift.max(size, beta)
+        return between .>= 0.5 * squares .& between .>= Double(K) * reach * reach * 0.0625
+            .& meanSquare .> 1e-30 .& meanSquare .< 1e36
     }
 
     /// Whether the backward of a group of one-value planes may take the Float32 lanes (`Float._valueItemGradients`),

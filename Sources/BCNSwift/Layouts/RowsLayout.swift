@@ -277,15 +277,21 @@ struct RowsLayout {
 
     /// Channels per item of `applyValues`: whole groups, about 512 values of a row.
     private var valueBlockChannels: Int { let K = units.groupSize; return max(K, (512 / K) * K) }
-    private var valueCost: Int { 3 * valueBlockChannels }
-    private var valueItems: Int { (shape.channels + valueBlockChannels - 1) / valueBlockChannels * shape.batch }
+    /// Rows per item of `applyValues` on input of type T: four in Float32 lanes (`Float._stageRows`), one else.
+    private func valueRows<T: NormalizationScalar>(_: T.Type) -> Int { floatLanes(T.self) ? 4 : 1 }
+    private func valueCost<T: NormalizationScalar>(_: T.Type) -> Int { 3 * valueRows(T.self) * valueBlockChannels }
+    private func valueItems<T: NormalizationScalar>(_: T.Type) -> Int {
+        let R = valueRows(T.self)
+        return (shape.channels + valueBlockChannels - 1) / valueBlockChannels * ((shape.batch + R - 1) / R)
+    }
 
     /// Phase (c) with one-value planes (S = 1, or the value view of short planes, `RowsValueView`): units from x
     /// straight to y (`valueMoments`, `mapValues`), the same numbers as the planes' maps, with an item's staged means
     /// (y₁, one Double a value) in the thread's scratch between the two; for Float input with groups of whole 8-lane
-    /// vectors, Float32 lanes where `RowRounding` allows (`valueGroups32`). An item is a stretch of a row: the moments
-    /// of all its groups first (into the context's m and r), then their r together, then the outputs, so that each
-    /// group's reduction, square root and division overlap the others' instead of stalling its own output. `lanes`: the
+    /// vectors, Float32 lanes where `RowRounding` allows (`valueGroups32`). An item is a stretch of a row (of up to
+    /// four rows in Float32 lanes, staged together: `Float._stageRows`): per row, the moments of all its groups first
+    /// (into the context's m and r), then their r together, then the outputs, so that each group's reduction, square
+    /// root and division overlap the others' instead of stalling its own output. `lanes`: the
     /// Float32 lanes' constants and each group's largest |β|, when the caller built them (the value view of short
     /// planes builds them per channel, not per value).
     func applyValues<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>,
@@ -294,8 +300,8 @@ struct RowsLayout {
                                              lanes: (Float.ValueConstants, UnsafePointer<Double>)? = nil,
                                              arena: inout ScratchArena) {
         let width = valueBlockChannels, C = shape.channels, K = units.groupSize, G = plan.groups
-        let perRow = (C + width - 1) / width, groupEps = units.groupEps(ctx)
-        let slots = parallelSlots(valueItems, cost: valueCost)
+        let perRow = (C + width - 1) / width, groupEps = units.groupEps(ctx), R = valueRows(T.self)
+        let items = valueItems(T.self), cost = valueCost(T.self), slots = parallelSlots(items, cost: cost)
         let scratch = groupEps == nil ? nil : arena.take(slots * width, of: Double.self)
         // Float input and groups of whole Float32 vectors: the groups take Float32 lanes where they can
         let lanes32 = floatLanes(T.self)
@@ -309,25 +315,33 @@ struct RowsLayout {
             RowRounding.betaReach(ctx.beta, groups: G, size: K, into: reach)
             betaReach = UnsafePointer(reach)
         }
-        let scratch32 = lanes32 ? arena.take(slots * width, of: Float.self) : nil
-        parallelFor(valueItems, cost: valueCost) { range, slot in
+        let scratch32 = lanes32 ? arena.take(slots * R * width, of: Float.self) : nil
+        parallelFor(items, cost: cost) { range, slot in
             for item in range {
-                let b = item / perRow, c0 = (item - b * perRow) * width, n = min(width, C - c0), first = b * C + c0
+                let b0 = item / perRow * R, c0 = item % perRow * width, n = min(width, C - c0)
+                let rows = min(R, shape.batch - b0), first = b0 * C + c0
                 guard let eps = groupEps, let scratch else {  // the batch-norm stage alone: no group couples channels
-                    valueUnit(channel: c0, planes: n, context: ctx).batchNormValues(x + first, into: y + first)
+                    let unit = valueUnit(channel: c0, planes: n, context: ctx)
+                    for r in 0..<rows { unit.batchNormValues(x + first + r * C, into: y + first + r * C) }
                     continue
                 }
-                let groups = n / K, g0 = c0 / K, means = ctx.m + b * G + g0, inverses = ctx.r + b * G + g0
+                let groups = n / K, g0 = c0 / K, staged = scratch + slot * width
                 // One unit value for the item's groups (its pointers at c0), each group from its offset; offsets
                 // inside the item wrap unchecked (the item lies inside the tensor).
-                let unit = valueUnit(channel: c0, planes: K, context: ctx), xs = x + first, ys = y + first
-                let staged = scratch + slot * width
+                let unit = valueUnit(channel: c0, planes: K, context: ctx)
                 if let constants, let scratch32, let betaReach {
-                    valueGroups32(xs, ys, groups: groups, first: c0, unit: unit, constants: constants.advanced(by: c0),
-                                  betaReach: betaReach + g0, staged: staged, staged32: scratch32 + slot * width,
-                                  bias: bias, context: ctx, means: means, inverses: inverses, eps: eps)
+                    let staged32 = scratch32 + slot * R * width
+                    Float._stageRows(UnsafeRawPointer(x + first).assumingMemoryBound(to: Float.self), rows: rows,
+                                     stride: C, count: groups * K, constants.advanced(by: c0), into: staged32)
+                    for r in 0..<rows {
+                        let at = first + r * C, row = (b0 + r) * G + g0
+                        valueGroups32(x + at, y + at, groups: groups, first: c0, unit: unit,
+                                      betaReach: betaReach + g0, staged: staged, staged32: staged32 + r * groups * K,
+                                      bias: bias, context: ctx, means: ctx.m + row, inverses: ctx.r + row, eps: eps)
+                    }
                     continue
                 }
+                let means = ctx.m + b0 * G + g0, inverses = ctx.r + b0 * G + g0, xs = x + first, ys = y + first
                 var j = 0
                 while j < groups {
                     let moments = unit.valueMoments(xs, from: j &* K, storingInto: staged + j &* K)
@@ -359,16 +373,15 @@ struct RowsLayout {
     @inline(__always)
     private func valueGroups32<T: NormalizationScalar>(
         _ xs: UnsafePointer<T>, _ ys: UnsafeMutablePointer<T>, groups: Int, first c0: Int, unit: NormalizationUnit,
-        constants: Float.ValueConstants, betaReach: UnsafePointer<Double>, staged: UnsafeMutablePointer<Double>,
+        betaReach: UnsafePointer<Double>, staged: UnsafeMutablePointer<Double>,
         staged32: UnsafeMutablePointer<Float>, bias: UnsafePointer<T>?, context ctx: NormalizationContext,
         means: UnsafeMutablePointer<Double>, inverses: UnsafeMutablePointer<Double>, eps: Double
     ) {
         let K = units.groupSize, g0 = c0 / K
-        let xf = UnsafeRawPointer(xs).assumingMemoryBound(to: Float.self)
         let yf = UnsafeMutableRawPointer(ys).assumingMemoryBound(to: Float.self)
         // the groups on the Float64 path (at most 64: an item holds at most 512 channels)
-        let wide = Float._valueItemMoments(xf, groups: groups, size: K, constants, betaReach: betaReach,
-                                           staged: staged32, means: means, variances: inverses)
+        let wide = Float._valueItemMoments(staged32, groups: groups, size: K, betaReach: betaReach, means: means,
+                                           variances: inverses)
         var rest = wide
         while rest != 0 {
             let j = rest.trailingZeroBitCount, at = j * K
@@ -403,10 +416,10 @@ struct RowsLayout {
             let planes = scratchBytes(applyCost, count: blocks * shape.batch)
             return max(planes, valueView(plan: plan, T.self)?.bytes ?? 0)
         }
-        let staged = parallelSlots(valueItems, cost: valueCost) * valueBlockChannels
-        return ScratchArena.bytes(staged, of: Double.self)
+        let slots = parallelSlots(valueItems(T.self), cost: valueCost(T.self))
+        return ScratchArena.bytes(slots * valueBlockChannels, of: Double.self)
             + (floatLanes(T.self) ? ScratchArena.bytes(4 * shape.channels, of: Float.self)
-                + ScratchArena.bytes(staged, of: Float.self)
+                + ScratchArena.bytes(slots * valueRows(T.self) * valueBlockChannels, of: Float.self)
                 + ScratchArena.bytes(shape.channels / units.groupSize, of: Double.self) : 0)
     }
 }
