@@ -233,27 +233,32 @@ enum BatchNormStage {
             // the new estimates in Float64, in the slots of μ and 1/σ until they become those
             update = runningUpdate(bn, batch: batch, state: state, channels: C, newMean: mu, newVar: invSigma,
                                    staged: staged)
-            for c in 0..<C {
-                switch bn.statistics {
-                case .batch:
-                    mu[c] = batch[c].mean
-                    invSigma[c] = 1 / (batch[c].variance + bn.eps).squareRoot()
-                case .estimated:
-                    invSigma[c] = 1 / (invSigma[c] + bn.eps).squareRoot()
+            // Four channels a step: one square root and one division of four lanes (the same roundings) where
+            // one channel's took about ten cycles, serially, a tenth of a [64, 2048] eval call.
+            let eps = bn.eps
+            switch bn.statistics {
+            case .batch:
+                @inline(__always) func lanes(_ k: Int, _ f: (Moments) -> Double) -> SIMD4<Double> {
+                    SIMD4(f(batch[k]), f(batch[k &+ 1]), f(batch[k &+ 2]), f(batch[k &+ 3]))
                 }
+                Lanes.map(C, into: mu) { lanes($0) { $0.mean } } scalar: { batch[$0].mean }
+                Lanes.map(C, into: invSigma) { 1 / (lanes($0) { $0.variance } + eps).squareRoot() }
+                    scalar: { 1 / (batch[$0].variance + eps).squareRoot() }
+                flags.insert(.gradientThroughBatchStatistics)
+            case .estimated:
+                Lanes.map(C, into: invSigma) { 1 / (invSigma.lanes($0) + eps).squareRoot() }
+                    scalar: { 1 / (invSigma[$0] + eps).squareRoot() }
             }
-            if bn.statistics == .batch { flags.insert(.gradientThroughBatchStatistics) }
             ctx.statisticsCount = batch[0].count
         } else {
-            for c in 0..<C {
-                mu[c] = Double(rm[c])
-                invSigma[c] = 1 / (Double(rv[c]) + bn.eps).squareRoot()
-            }
+            let eps = bn.eps
+            Lanes.map(C, into: mu) { T._load4Wide(rm, $0) } scalar: { Double(rm[$0]) }
+            Lanes.map(C, into: invSigma) { 1 / (T._load4Wide(rv, $0) + eps).squareRoot() }
+                scalar: { 1 / (Double(rv[$0]) + eps).squareRoot() }
         }
-        for c in 0..<C {
-            a[c] = Double(gamma[c]) * invSigma[c]
-            beta[c] = Double(bias[c])
-        }
+        Lanes.map(C, into: a) { T._load4Wide(gamma, $0) * invSigma.lanes($0) }
+            scalar: { Double(gamma[$0]) * invSigma[$0] }
+        Lanes.map(C, into: beta) { T._load4Wide(bias, $0) } scalar: { Double(bias[$0]) }
         return (flags, update)
     }
 
