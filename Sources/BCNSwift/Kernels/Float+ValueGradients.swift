@@ -27,6 +27,27 @@ extension Float {
             out.storeBytes(of: Float(c.m - Double(mHigh)), toByteOffset: 20, as: Float.self)
         }
 
+        /// `store` of four groups, lane l for the group at `out` + l · `bytes`: the same numbers, computed in the
+        /// same vector operations.
+        @inline(__always)
+        static func store(t: SIMD4<Double>, w wg: SIMD4<Double>, planes K: Int, m: SIMD4<Double>, r: SIMD4<Double>,
+                          weight w: SIMD4<Double>, into out: UnsafeMutableRawPointer) {
+            let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r  // `SumGradient.terms`, lane by lane
+            let meanT = t * invK, r3wWK = r3w * wg * invK
+            let tHigh = SIMD4<Float>(meanT), mHigh = SIMD4<Float>(m)
+            let rows = (SIMD4<Float>(rw), tHigh, SIMD4<Float>(meanT - SIMD4<Double>(tHigh)), SIMD4<Float>(r3wWK), mHigh,
+                        SIMD4<Float>(m - SIMD4<Double>(mHigh)))
+            for l in 0..<4 {
+                let group = out + l &* bytes
+                group.storeBytes(of: rows.0[l], toByteOffset: 0, as: Float.self)
+                group.storeBytes(of: rows.1[l], toByteOffset: 4, as: Float.self)
+                group.storeBytes(of: rows.2[l], toByteOffset: 8, as: Float.self)
+                group.storeBytes(of: rows.3[l], toByteOffset: 12, as: Float.self)
+                group.storeBytes(of: rows.4[l], toByteOffset: 16, as: Float.self)
+                group.storeBytes(of: rows.5[l], toByteOffset: 20, as: Float.self)
+            }
+        }
+
         /// Constant i of the group whose constants are at `constants`, in every lane.
         @inline(__always)
         static func load(_ constants: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
@@ -72,12 +93,33 @@ extension Float {
                                        betaReach: UnsafePointer<Double>, t: UnsafeMutablePointer<Double>,
                                        w: UnsafeMutablePointer<Double>) -> UInt64 {
         var kept: UInt64 = 0, j = 0, at = 0
+        // Four groups at a time where they are whole: the guards of four in the same vector operations
+        while groups &- j >= 4 {
+            let open = RowRounding.acceptsGradient(m: means.lanes(j), r: inverses.lanes(j), weight: weights.lanes(j),
+                                                   beta: betaReach.lanes(j))
+            var sums = (SIMD4<Double>(), SIMD4<Double>(), SIMD4<Double>(), SIMD4<Double>())
+            if open[0] { sums.0 = _valueGroupGradientSums(x, dy, from: at, count: K, c, mean: means[j]) }
+            if open[1] { sums.1 = _valueGroupGradientSums(x, dy, from: at &+ K, count: K, c, mean: means[j &+ 1]) }
+            if open[2] {
+                sums.2 = _valueGroupGradientSums(x, dy, from: at &+ 2 &* K, count: K, c, mean: means[j &+ 2])
+            }
+            if open[3] {
+                sums.3 = _valueGroupGradientSums(x, dy, from: at &+ 3 &* K, count: K, c, mean: means[j &+ 3])
+            }
+            let tg = SIMD4(sums.0[0], sums.1[0], sums.2[0], sums.3[0])
+            let wg = SIMD4(sums.0[1], sums.1[1], sums.2[1], sums.3[1])
+            let keep = open .& RowRounding.acceptsGradientSums(
+                count: K, t: tg, w: wg, squares: SIMD4(sums.0[2], sums.1[2], sums.2[2], sums.3[2]),
+                centred: SIMD4(sums.0[3], sums.1[3], sums.2[3], sums.3[3]))
+            t.storeLanes(tg, j); w.storeLanes(wg, j)  // the caller overwrites the groups it does not keep
+            kept |= SIMD4<UInt64>(1, 2, 4, 8).replacing(with: 0, where: .!keep).wrappedSum() << UInt64(j)
+            j &+= 4; at &+= 4 &* K
+        }
         while j < groups {
             let m = means[j]
             if RowRounding.acceptsGradient(m: m, r: inverses[j], weight: weights[j], beta: betaReach[j]) {
                 let sums = _valueGroupGradientSums(x, dy, from: at, count: K, c, mean: m)
-                if RowRounding.acceptsGradientSums(count: K, t: sums[0], w: sums[1], squares: sums[2],
-                                                   centred: sums[3]) {
+                if RowRounding.acceptsGradientSums(count: K, sums) {
                     t[j] = sums[0]; w[j] = sums[1]; kept |= 1 << UInt64(j)
                 }
             }

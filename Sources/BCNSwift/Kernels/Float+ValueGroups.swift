@@ -279,7 +279,7 @@ enum RowRounding {
     @inline(__always)
     static func accepts(count K: Int, mean: SIMD4<Double>, squares: SIMD4<Double>, between: SIMD4<Double>,
                         beta: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
-        let meanSquare = squares / Double(K), size = mean.replacing(with: -mean, where: mean .< 0)
+        let meanSquare = squares / Double(K), size = magnitude(mean)
         let reach = size.replacing(with: beta, where: beta .>= size)  // Swift.max(size, beta)
         return between .>= 0.5 * squares .& between .>= Double(K) * reach * reach * 0.0625
             .& meanSquare .> 1e-30 .& meanSquare .< 1e36
@@ -292,21 +292,48 @@ enum RowRounding {
     /// ranges (`acceptsGradientSums`) the scale of every Float32 product and constant (the group's root mean
     /// squares times these factors) stays within about 1e-30...1e30: far from overflow, and what a subnormal
     /// value loses is far below an ulp of that scale.
+    /// (Four groups at a time, lane l for group l.)
     @inline(__always)
-    static func acceptsGradient(m: Double, r: Double, weight w: Double, beta: Double) -> Bool {
-        let rw = r * abs(w)
-        return r >= 1e-10 && r <= 1e10 && rw >= 1e-10 && rw <= 1e10 && r * max(abs(m), beta) <= 4
+    static func acceptsGradient(m: SIMD4<Double>, r: SIMD4<Double>, weight w: SIMD4<Double>,
+                                beta: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
+        let rw = r * magnitude(w), size = magnitude(m)
+        let reach = size.replacing(with: beta, where: beta .>= size)  // Swift.max(size, beta)
+        return r .>= 1e-10 .& r .<= 1e10 .& rw .>= 1e-10 .& rw .<= 1e10 .& r * reach .<= 4
     }
 
     /// Whether a group's Float32 sums (`Float._valueGroupGradientSums`: K values, ΣT, W, Σ dy² and Σ (x - μ)²) are
     /// kept: ΣT and W finite, and the mean squares of dy and of x - μ within 1e-20...1e20 (with
     /// `acceptsGradient`'s ranges, what keeps dy₁, the batch-norm stage's (x - μ) dy₁ and the constants of dy₁ in
     /// Float32's normal range: near 1e-38, (x - μ) dy₁ would be subnormal).
+    /// (Four groups at a time, lane l for group l.)
     @inline(__always)
-    static func acceptsGradientSums(count K: Int, t: Double, w: Double, squares: Double, centred: Double) -> Bool {
+    static func acceptsGradientSums(count K: Int, t: SIMD4<Double>, w: SIMD4<Double>, squares: SIMD4<Double>,
+                                    centred: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
         let invK = 1 / Double(K), dy = squares * invK, z = centred * invK
-        return t.isFinite && w.isFinite && dy >= 1e-20 && dy <= 1e20 && z >= 1e-20 && z <= 1e20
+        return finite(t) .& finite(w) .& dy .>= 1e-20 .& dy .<= 1e20 .& z .>= 1e-20 .& z .<= 1e20
     }
+
+    /// `acceptsGradient` of one group.
+    @inline(__always)
+    static func acceptsGradient(m: Double, r: Double, weight w: Double, beta: Double) -> Bool {
+        acceptsGradient(m: SIMD4(repeating: m), r: SIMD4(repeating: r), weight: SIMD4(repeating: w),
+                        beta: SIMD4(repeating: beta))[0]
+    }
+
+    /// `acceptsGradientSums` of one group, from its (ΣT, W, Σ dy², Σ (x - μ)²).
+    @inline(__always)
+    static func acceptsGradientSums(count K: Int, _ sums: SIMD4<Double>) -> Bool {
+        acceptsGradientSums(count: K, t: SIMD4(repeating: sums[0]), w: SIMD4(repeating: sums[1]),
+                            squares: SIMD4(repeating: sums[2]), centred: SIMD4(repeating: sums[3]))[0]
+    }
+
+    /// |v| lane by lane (the sign of a NaN aside).
+    @inline(__always)
+    static func magnitude(_ v: SIMD4<Double>) -> SIMD4<Double> { v.replacing(with: -v, where: v .< 0) }
+
+    /// Whether each lane is finite: neither infinite nor NaN (|v| below infinity is false for both).
+    @inline(__always)
+    static func finite(_ v: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> { magnitude(v) .< .infinity }
 
     /// The largest |β| of each of `groups` groups of K channels, into `out`: the reach
     /// `accepts` needs. (A NaN β makes the group's sums NaN, which `accepts` refuses anyway.)

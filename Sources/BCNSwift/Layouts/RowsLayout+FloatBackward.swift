@@ -44,6 +44,33 @@ extension RowsLayout {
     @inline(__always)
     private static func mask(_ groups: Int) -> UInt64 { groups >= 64 ? ~0 : (1 << UInt64(groups)) &- 1 }
 
+    /// The memo's (ΣT, W) pairs of n units (`unitSums`) from ΣT and W apart, four units a step.
+    @inline(__always)
+    private static func zip(_ t: UnsafePointer<Double>, _ w: UnsafePointer<Double>,
+                            into pairs: UnsafeMutablePointer<Double>, count n: Int) {
+        var j = 0
+        while j &+ 4 <= n {
+            let tj = t.lanes(j), wj = w.lanes(j)
+            pairs.storeLanes(SIMD4(tj[0], wj[0], tj[1], wj[1]), 2 &* j)
+            pairs.storeLanes(SIMD4(tj[2], wj[2], tj[3], wj[3]), 2 &* j &+ 4)
+            j &+= 4
+        }
+        for j in j..<n { pairs[2 &* j] = t[j]; pairs[2 &* j &+ 1] = w[j] }
+    }
+
+    /// `zip` undone: ΣT and W of n units from the memo's pairs.
+    @inline(__always)
+    private static func unzip(_ pairs: UnsafePointer<Double>, into t: UnsafeMutablePointer<Double>,
+                              _ w: UnsafeMutablePointer<Double>, count n: Int) {
+        var j = 0
+        while j &+ 4 <= n {
+            let a = pairs.lanes(2 &* j), b = pairs.lanes(2 &* j &+ 4)
+            t.storeLanes(SIMD4(a[0], a[2], b[0], b[2]), j); w.storeLanes(SIMD4(a[1], a[3], b[1], b[3]), j)
+            j &+= 4
+        }
+        for j in j..<n { t[j] = pairs[2 &* j]; w[j] = pairs[2 &* j &+ 1] }
+    }
+
     /// `forEachValueGradient` in Float32 lanes: per sample of a panel, every group's ΣT and W
     /// (`Float._valueItemGradientSums` for the groups `RowRounding.acceptsGradient` lets through and whose sums
     /// it keeps, the Float64 `valueSums` for the rest), then the values: Float32 lanes to `sink32`, the other
@@ -75,7 +102,7 @@ extension RowsLayout {
                     let floats: UInt64
                     if case .reuse(let kept) = unitSums {
                         floats = Self.floatGroups(kept, units: B &* G).load(fromByteOffset: 8 &* bg0, as: UInt64.self)
-                        for j in 0..<groups { t[j] = kept[2 &* (bg0 &+ j)]; w[j] = kept[2 &* (bg0 &+ j) &+ 1] }
+                        Self.unzip(kept + 2 &* bg0, into: t, w, count: groups)
                     } else {
                         floats = Float._valueItemGradientSums(x + first, dy + first, groups: groups, size: K, constants,
                                                               means: ctx.m + bg0, inverses: ctx.r + bg0,
@@ -90,10 +117,29 @@ extension RowsLayout {
                         if case .record(let kept) = unitSums {
                             Self.floatGroups(kept, units: B &* G).storeBytes(of: floats, toByteOffset: 8 &* bg0,
                                                                              as: UInt64.self)
-                            for j in 0..<groups { kept[2 &* (bg0 &+ j)] = t[j]; kept[2 &* (bg0 &+ j) &+ 1] = w[j] }
+                            Self.zip(t, w, into: kept + 2 &* bg0, count: groups)
                         }
                     }
-                    for j in 0..<groups {
+                    // Four groups at a time where they are whole: their sums and Float32 constants in vector
+                    // operations (the Float32 constants of a group on the Float64 path go unused)
+                    var j = 0
+                    while groups &- j >= 4 {
+                        let bg = bg0 &+ j, tj = t.lanes(j), wj = w.lanes(j), r = ctx.r.lanes(bg)
+                        groupSums.storeLanes(groupSums.lanes(j) + tj, j)
+                        groupSums.storeLanes(groupSums.lanes(groups &+ j) + r * wj, groups &+ j)
+                        Float.GradientConstants.store(t: tj, w: wj, planes: K, m: ctx.m.lanes(bg), r: r,
+                                                      weight: ctx.w.lanes(g0 &+ j),
+                                                      into: narrow + Float.GradientConstants.bytes &* j)
+                        var rest = ~floats >> UInt64(j) & 15
+                        while rest != 0 {
+                            let l = j &+ rest.trailingZeroBitCount
+                            SumGradient.store(t: t[l], w: w[l], planes: K, m: ctx.m[bg0 &+ l], r: ctx.r[bg0 &+ l],
+                                              weight: ctx.w[g0 &+ l], into: wide + 4 &* l)
+                            rest &= rest &- 1
+                        }
+                        j &+= 4
+                    }
+                    for j in j..<groups {
                         let g = g0 &+ j, bg = bg0 &+ j, r = ctx.r[bg], m = ctx.m[bg]
                         groupSums[j] += t[j]; groupSums[groups &+ j] += r * w[j]
                         if floats & (1 << UInt64(j)) != 0 {
@@ -134,10 +180,14 @@ struct FloatValueSums: FloatValueSink {
     }
 
     func flush(first c0: Int, count n: Int) {
-        for c in c0..<c0 + n {
-            sum1[c] += Double(s1[c]); sum2[c] += Double(s2[c])
-            s1[c] = 0; s2[c] = 0
+        var c = c0
+        while c &+ 4 <= c0 &+ n {  // four channels a step (the same additions)
+            sum1.storeLanes(sum1.lanes(c) + Float._load4Wide(s1, c), c)
+            sum2.storeLanes(sum2.lanes(c) + Float._load4Wide(s2, c), c)
+            c &+= 4
         }
+        for c in c..<c0 + n { sum1[c] += Double(s1[c]); sum2[c] += Double(s2[c]) }
+        (s1 + c0).update(repeating: 0, count: n); (s2 + c0).update(repeating: 0, count: n)
     }
 }
 
