@@ -207,32 +207,8 @@ extension RowsLayout {
         if let known { local.update(from: known, count: 2 * C) }
         let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
         if floatGradientLanes(T.self) {
-            let lanes = FloatGradientLanes(context: ctx, channels: C, groups: G, size: units.groupSize, arena: &arena)
-            let xf = Self.floats(x), dyf = Self.floats(dy)
-            let dxf = UnsafeMutableRawPointer(dx).assumingMemoryBound(to: Float.self)
-            if !hasBN {  // dx = dy₁
-                forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
-                                       group: addGroup, unitSums: unitSums, into: FloatValueCopy(dx: dxf),
-                                       ValueCopy(dx: dx))
-            } else {
-                let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
-                let input32 = FloatInputGradient(dx: dxf, constants: .init(count: C, a: ctx.a, s1n: terms,
-                                                                           k: terms + C,
-                                                                           storage: arena.take(3 * C, of: Float.self)))
-                if known == nil {  // the sums too: their partials in the arena after dx's constants
-                    let partials = arena.take(2 * C, of: Float.self)
-                    partials.update(repeating: 0, count: 2 * C)
-                    let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
-                    let sums32 = FloatValueSums(s1: partials, s2: partials + C, sum1: local, sum2: local + C)
-                    forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
-                                           group: addGroup, unitSums: unitSums,
-                                           into: FloatSinkPair(first: sums32, second: input32),
-                                           ValueSinkPair(first: sums, second: input))
-                } else {
-                    forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
-                                           group: addGroup, unitSums: unitSums, into: input32, input)
-                }
-            }
+            valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms, sums: hasBN && known == nil ? local : nil,
+                             group: addGroup, unitSums: unitSums, scratch: scratch, arena: &arena)
         } else if S == 1 && hasBN {
             // The sums are a sink of their own, so that a call which knows them runs a loop without them.
             let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)

@@ -44,6 +44,42 @@ extension RowsLayout {
     @inline(__always)
     private static func mask(_ groups: Int) -> UInt64 { groups >= 64 ? ~0 : (1 << UInt64(groups)) &- 1 }
 
+    /// Phase (c)'s values in Float32 lanes (`forEachValueGradient32`): dx = dy₁ without a batch-norm stage, else
+    /// dx = a ((dy₁ - S₁/n) - (x - μ) k) from `terms` ([S₁/n | k] per channel), with `sums` ([S₁ | S₂], added to)
+    /// the channel sums too when the call does not know them yet; each group's gradients to `group`.
+    func valueGradients32<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, plan: NormalizationPlan,
+        context ctx: NormalizationContext, terms: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>?,
+        group: (Int, Double, Double) -> Void, unitSums: PhaseMemo<UnsafeMutablePointer<Double>>,
+        scratch: UnsafeMutablePointer<Double>, arena: inout ScratchArena
+    ) {
+        let C = shape.channels
+        let lanes = FloatGradientLanes(context: ctx, channels: C, groups: plan.groups, size: units.groupSize,
+                                       arena: &arena)
+        let xf = Self.floats(x), dyf = Self.floats(dy)
+        let dxf = UnsafeMutableRawPointer(dx).assumingMemoryBound(to: Float.self)
+        guard plan.batchNorm != nil else {  // dx = dy₁
+            return forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
+                                          group: group, unitSums: unitSums, into: FloatValueCopy(dx: dxf),
+                                          ValueCopy(dx: dx))
+        }
+        let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
+        let input32 = FloatInputGradient(dx: dxf, constants: .init(count: C, a: ctx.a, s1n: terms, k: terms + C,
+                                                                   storage: arena.take(3 * C, of: Float.self)))
+        guard let sums else {
+            return forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
+                                          group: group, unitSums: unitSums, into: input32, input)
+        }
+        // the sums too: their partials in the arena after dx's constants
+        let partials = arena.take(2 * C, of: Float.self)
+        partials.update(repeating: 0, count: 2 * C)
+        let sums64 = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
+        let sums32 = FloatValueSums(s1: partials, s2: partials + C, sum1: sums, sum2: sums + C)
+        forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch, group: group,
+                               unitSums: unitSums, into: FloatSinkPair(first: sums32, second: input32),
+                               ValueSinkPair(first: sums64, second: input))
+    }
+
     /// The memo's (ΣT, W) pairs of n units (`unitSums`) from ΣT and W apart, four units a step.
     @inline(__always)
     private static func zip(_ t: UnsafePointer<Double>, _ w: UnsafePointer<Double>,
