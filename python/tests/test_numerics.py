@@ -221,11 +221,11 @@ def test_float32_rows_in_float32_lanes_stay_within_8_ulps(K, estimate, rng):
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("estimate", [False, True])
 def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, estimate, rng):
-    """Planes of 2 to 4 values whose units (K planes of S values) are whole 8-lane vectors run the channel norm's
-    forward on the same Float32 lanes, as one-value planes of a [B, C·S] view (planes of 9, the last case, keep
-    the planes layout's Float64 maps); with random parameters, training then eval, within 8 ulps of the output's
-    scale against the documents' float64 code. Their gradients, still Float64, take this forward's m and r: within
-    8 ulps of their scale too."""
+    """Planes of 2 to 4 values whose units (K planes of S values) are whole 8-lane vectors run the channel norm
+    on the same Float32 lanes, forward and backward, as one-value planes of a [B, C·S] view (planes of 9, the
+    last case, keep the planes layout's Float64 maps and gradients; the view's batch-norm sums are added over each
+    plane's values); with random parameters, training then eval, within 8 ulps of the output's scale against the
+    documents' float64 code, and dx and every parameter gradient within 8 ulps of their scale."""
     G = max(2, 256 // K)
     x = random_input(rng, (32, G * K) + spatial).astype(np.float32)
     y, truth, y_eval, truth_eval = _rows_float32_error(x, G, estimate, rng)
@@ -241,8 +241,9 @@ def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, es
 def test_float32_planes_of_four_are_the_rows_of_their_values_bit_for_bit(layer_type, rng):
     """The value view, exactly: a [B, C, 2, 2] float32 input in groups of 8 channels (units of 32 values) gives
     bit for bit what the same values give as [B, 4C] rows in the same groups, whose channel norm runs on those
-    Float32 lanes (the planes layout's Float64 maps differ in the last bits). In eval, with the batch norm's
-    running statistics and affine repeated for the four values of each channel."""
+    Float32 lanes (the planes layout's Float64 maps differ in the last bits), forward and backward: dx and the
+    channel norm's gradients. In eval, with the batch norm's running statistics and affine repeated for the four
+    values of each channel (whose own gradients differ: a channel's adds its four values' sums before scaling)."""
     B, C, G = 16, 64, 8
     x = random_input(rng, (B, C, 2, 2)).astype(np.float32)
     if layer_type == "ChannelNorm":
@@ -260,6 +261,10 @@ def test_float32_planes_of_four_are_the_rows_of_their_values_bit_for_bit(layer_t
     for name in ("weight", "bias"):
         getattr(rows, name)[...] = getattr(planes, name)
     np.testing.assert_array_equal(planes(x).reshape(B, 4 * C), rows(x.reshape(B, 4 * C)))
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    np.testing.assert_array_equal(planes.backward(dy).reshape(B, 4 * C), rows.backward(dy.reshape(B, 4 * C)))
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(planes.grads[name], rows.grads[name], err_msg=name)
 
 
 def test_float32_short_planes_take_float64_where_float32_would_round_visibly(rng):

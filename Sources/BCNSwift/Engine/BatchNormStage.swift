@@ -368,6 +368,14 @@ enum BatchNormStage {
         return (local, terms, groups)
     }
 
+    /// What a layout calls with each group's bias and weight gradients (group g, ΣT, r W): adds them to the
+    /// groups' part of `backwardScratch` ([dw | dbias], G each).
+    static func groupGradientAdder(_ groups: UnsafeMutablePointer<Double>, groups G: Int)
+        -> (Int, Double, Double) -> Void
+    {
+        { g, bias, weight in groups[g] += weight; groups[G + g] += bias }
+    }
+
     static func backwardScratchBytes(plan: NormalizationPlan) -> Int {
         2 * ScratchArena.bytes(2 * plan.channels, of: Double.self)
             + ScratchArena.bytes(2 * max(plan.groups, 1), of: Double.self)

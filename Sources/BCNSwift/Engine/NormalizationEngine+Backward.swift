@@ -30,7 +30,7 @@ extension NormalizationEngine {
             storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
         case .rows(let l):
             // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
-            let kept = through ? l.memoCount(plan: plan) : 0
+            let kept = through ? l.memoCount(plan: plan, T.self) : 0
             var arena = ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
                                      + l.gradientSumsBytes(T.self, plan: plan)
                                      + l.finishBackwardBytes(T.self, plan: plan))

@@ -133,9 +133,10 @@ extension RowsLayout {
 
     /// Doubles of what phase (a) of one call keeps for its phase (c), which then reads neither x nor dy for it
     /// (the same numbers): with one-value planes each unit's ΣT and W, and which groups took the Float32 lanes
-    /// (3·B·G, with a channel norm; the channel sums are `finishBackward`'s `sumsAreLocal`), else a `PlaneMemo`
-    /// (6·B·C + 2·B·G) up to `memoLimit`.
-    func memoCount(plan: NormalizationPlan) -> Int {
+    /// (3·B·G, with a channel norm; the channel sums are `finishBackward`'s `sumsAreLocal`; the value view of
+    /// short planes keeps the same for its units), else a `PlaneMemo` (6·B·C + 2·B·G) up to `memoLimit`.
+    func memoCount<T: NormalizationScalar>(plan: NormalizationPlan, _: T.Type) -> Int {
+        if let view = valueView(plan: plan, T.self) { return view.layout.memoCount(plan: view.plan, Float.self) }
         if shape.spatial == 1 { return plan.groups > 0 ? 3 * shape.batch * plan.groups : 0 }
         return RowsLayout.memo(UnitGradients.count(planes: shape.planes, units: units.count) + shape.planes)
     }
@@ -150,6 +151,9 @@ extension RowsLayout {
                                               context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
                                               memo: UnsafeMutablePointer<Double>? = nil,
                                               arena: inout ScratchArena) {
+        if let view = valueView(plan: plan, T.self) {
+            return view.gradientSums(x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &arena)
+        }
         let C = shape.channels
         sums.update(repeating: 0, count: 2 * C)
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
@@ -175,7 +179,8 @@ extension RowsLayout {
     }
 
     func gradientSumsBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
-        scratchBytes(gradientCost, count: panels) + floatGradientBytes(T.self, plan: plan)
+        if let view = valueView(plan: plan, T.self) { return view.gradientSumsBytes }
+        return scratchBytes(gradientCost, count: panels) + floatGradientBytes(T.self, plan: plan)
     }
 
     /// x or dy of a call whose T is Float (`floatGradientLanes`).
@@ -195,20 +200,22 @@ extension RowsLayout {
         sums: UnsafePointer<Double>?, memo: UnsafeMutablePointer<Double>? = nil, sumsAreLocal: Bool = false,
         arena: inout ScratchArena
     ) {
+        if let view = valueView(plan: plan, T.self) {
+            return view.finishBackward(through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
+                                       sums: sums, memo: memo, sumsAreLocal: sumsAreLocal, arena: &arena)
+        }
         let C = shape.channels, G = plan.groups, S = shape.spatial, hasBN = plan.batchNorm != nil
         let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: plan, channels: C, sums: sums,
                                                                              through: through, context: ctx,
                                                                              arena: &arena)
         let scratch = scratch(gradientCost, count: panels, arena: &arena)
-        let addGroup = { (g: Int, bias: Double, weight: Double) in
-            groupGradients[g] += weight; groupGradients[G + g] += bias
-        }
+        let addGroup = BatchNormStage.groupGradientAdder(groupGradients, groups: G)
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
         let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
         if floatGradientLanes(T.self) {
-            valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms, sums: hasBN && known == nil ? local : nil,
-                             group: addGroup, unitSums: unitSums, scratch: scratch, arena: &arena)
+            valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms,
+                             sums: hasBN && known == nil ? local : nil, group: addGroup, unitSums: unitSums, scratch: scratch, arena: &arena)
         } else if S == 1 && hasBN {
             // The sums are a sink of their own, so that a call which knows them runs a loop without them.
             let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
@@ -235,8 +242,9 @@ extension RowsLayout {
     }
 
     func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
+        if let view = valueView(plan: plan, T.self) { return view.finishBackwardBytes }
         // with the Float32 lanes and the sums unknown, their partials too (2·C Floats)
-        BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes(T.self, plan: plan)
+        return BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes(T.self, plan: plan)
             + (floatGradientLanes(T.self) ? ScratchArena.bytes(2 * shape.channels, of: Float.self) : 0)
     }
 }

@@ -1,7 +1,8 @@
 /// Short planes of Float input seen as one-value planes: a [B, C, S] input whose units (K planes of S values) are
 /// whole 8-lane vectors is, to the channel-norm stage, a [B, C·S] input in groups of K·S values whose batch-norm
-/// constants μ, a, β repeat each channel's S times. Its output then runs `applyValues`, in Float32 lanes where
-/// `RowRounding` accepts a group (the batch statistics, per channel, stay the short planes' own).
+/// constants μ, a, β repeat each channel's S times. Its output then runs `applyValues`, and its backward
+/// `forEachValueGradient32`, in Float32 lanes where `RowRounding` accepts a group (the batch statistics and the
+/// batch-norm stage's gradient sums, per channel, stay the short planes' own).
 struct RowsValueView {
     /// The [B, C·S] layout and plan of the view, the plan of the planes themselves, and S.
     let layout: RowsLayout, plan: NormalizationPlan, planes: NormalizationPlan, spatial: Int
@@ -46,7 +47,8 @@ extension RowsLayout {
     /// The view measures the groups again from x (where a training forward has the planes' moments in `memo`
     /// already) and builds per-value constants on one thread, which longer planes pay for: A/B against the
     /// planes layout, training forward 0.70-0.91 for S = 2 to 4, 0.94 for 6, 1.11-1.50 from 8 up; eval 0.50-0.52
-    /// for S = 4, 0.68-0.74 for 9, but 1.06 for 12 on 16 samples.
+    /// for S = 4, 0.68-0.74 for 9, but 1.06 for 12 on 16 samples. Its backward, forward+backward: 0.58 on
+    /// [64, 512, 2, 2], 0.80 on [16, 256, 4].
     func valueView<T: NormalizationScalar>(plan: NormalizationPlan, _: T.Type) -> RowsValueView? {
         let S = shape.spatial
         guard T.self == Float.self, S > 1, S <= 4, units.hasChannelNorm, (units.groupSize * S) & 7 == 0,
@@ -56,5 +58,77 @@ extension RowsLayout {
         viewPlan.channels = viewShape.channels
         return RowsValueView(layout: RowsLayout(plan: viewPlan, shape: viewShape), plan: viewPlan, planes: plan,
                              spatial: S)
+    }
+}
+
+/// The backward through the view: its units' sums and values in Float32 lanes where `RowRounding` lets them
+/// (`RowsLayout.forEachValueGradient32` on the [B, C·S] view), the batch-norm stage's sums S₁, S₂ per value of a
+/// plane, then added over the plane's S values in order: the channel's.
+extension RowsValueView {
+    private var values: Int { layout.shape.channels }
+
+    /// Scratch of `gradientSums`: the per-value constants and sums, and what the view's phase (a) takes.
+    var gradientSumsBytes: Int {
+        ScratchArena.bytes(3 * values, of: Double.self) + ScratchArena.bytes(2 * values, of: Double.self)
+            + layout.gradientSumsBytes(Float.self, plan: plan)
+    }
+
+    /// Scratch of `finishBackward`: the planes' batch-norm scratch, the per-value constants, terms and sums, and
+    /// what the view's phase (c) takes.
+    var finishBackwardBytes: Int {
+        BatchNormStage.backwardScratchBytes(plan: planes) + ScratchArena.bytes(3 * values, of: Double.self)
+            + 2 * ScratchArena.bytes(2 * values, of: Double.self) + layout.finishBackwardBytes(Float.self, plan: plan)
+    }
+
+    /// Backward phase (a) (`RowsLayout.gradientSums`): the planes' S₁, S₂ per channel into `sums` ([S₁ | S₂]),
+    /// and with `memo` (the view's `memoCount`) what `finishBackward` in the same call reuses.
+    func gradientSums<T: NormalizationScalar>(x: UnsafePointer<T>, dy: UnsafePointer<T>,
+                                              context ctx: NormalizationContext,
+                                              into sums: UnsafeMutablePointer<Double>,
+                                              memo: UnsafeMutablePointer<Double>?, arena: inout ScratchArena) {
+        let view = context(ctx, arena: &arena), perValue = arena.take(2 * values, of: Double.self)
+        layout.gradientSums(plan: plan, x: x, dy: dy, context: view, into: perValue, memo: memo, arena: &arena)
+        fold(perValue, into: sums)
+    }
+
+    /// Backward phase (c) (`RowsLayout.finishBackward`, whose arguments these are): dx and the parameter
+    /// gradients, the batch-norm stage's terms S₁/n and k repeated over each plane's values.
+    func finishBackward<T: NormalizationScalar>(
+        through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>,
+        gradients: NormalizationGradients<T>, context ctx: NormalizationContext, sums: UnsafePointer<Double>?,
+        memo: UnsafeMutablePointer<Double>?, sumsAreLocal: Bool, arena: inout ScratchArena
+    ) {
+        let n = values, S = spatial, C = n / S, G = plan.groups, hasBN = planes.batchNorm != nil
+        let (local, terms, groupGradients) = BatchNormStage.backwardScratch(plan: planes, channels: C, sums: sums,
+                                                                             through: through, context: ctx,
+                                                                             arena: &arena)
+        let known = hasBN && sumsAreLocal ? sums : nil
+        if let known { local.update(from: known, count: 2 * C) }
+        let view = context(ctx, arena: &arena), perValue = arena.take(2 * n, of: Double.self)
+        var i = 0
+        for c in 0..<C {  // [S₁/n | k] of each value
+            for _ in 0..<S { perValue[i] = terms[c]; perValue[n + i] = terms[C + c]; i &+= 1 }
+        }
+        let valueSums = hasBN && known == nil ? arena.take(2 * n, of: Double.self) : nil
+        valueSums?.update(repeating: 0, count: 2 * n)
+        let scratch = layout.scratch(layout.gradientCost, count: layout.panels, arena: &arena)
+        layout.valueGradients32(x, dy, dx, plan: plan, context: view, terms: perValue, sums: valueSums,
+                                group: BatchNormStage.groupGradientAdder(groupGradients, groups: G),
+                                unitSums: memo.map { .reuse($0) } ?? .none, scratch: scratch, arena: &arena)
+        if let valueSums { fold(valueSums, into: local) }
+        BatchNormStage.addGradients(gradients, plan: planes, local: local, groups: groupGradients,
+                                    invSigma: ctx.invSigma)
+    }
+
+    /// [S₁ | S₂] per channel (2·C, written) from the view's per value (2·C·S): each plane's S values added in order.
+    private func fold(_ perValue: UnsafePointer<Double>, into sums: UnsafeMutablePointer<Double>) {
+        let n = values, S = spatial, C = n / S
+        for half in 0..<2 {
+            for c in 0..<C {
+                var total = 0.0
+                for s in 0..<S { total += perValue[half * n + c * S + s] }
+                sums[half * C + c] = total
+            }
+        }
     }
 }
