@@ -17,6 +17,7 @@ final class FloatValueGradientTests: XCTestCase {
         func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) {
             for l in 0..<8 { self.dy1[i + l] = dy1[l]; self.z[i + l] = z[l]; channels[i + l] = c + l }
         }
+        func prepare(first c0: Int, count n: Int) {}
         func flush(first c0: Int, count n: Int) {}
     }
 

@@ -223,9 +223,10 @@ def test_float32_rows_in_float32_lanes_stay_within_8_ulps(K, estimate, rng):
 def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, estimate, rng):
     """Planes of 2 to 4 values whose units (K planes of S values) are whole 8-lane vectors run the channel norm
     on the same Float32 lanes, forward and backward, as one-value planes of a [B, C·S] view (planes of 9, the
-    last case, keep the planes layout's Float64 maps and gradients; the view's batch-norm sums are added over each
-    plane's values); with random parameters, training then eval, within 8 ulps of the output's scale against the
-    documents' float64 code, and dx and every parameter gradient within 8 ulps of their scale."""
+    last case, keep the planes layout's Float64 maps, and take the view backward only, from 16 samples; the
+    view's batch-norm sums are added over each plane's values); with random parameters, training then eval,
+    within 8 ulps of the output's scale against the documents' float64 code, and dx and every parameter gradient
+    within 8 ulps of their scale."""
     G = max(2, 256 // K)
     x = random_input(rng, (32, G * K) + spatial).astype(np.float32)
     y, truth, y_eval, truth_eval = _rows_float32_error(x, G, estimate, rng)

@@ -157,10 +157,12 @@ extension Float {
 }
 
 /// What the Float32 backward of one-value planes does with each value's dy₁: `lanes` for values i..<i+8 of the
-/// tensor (channels c..<c+8), with z = x - μ of the batch-norm stage; `flush` after every eighth sample and the
-/// last, for the channels c0..<c0+n of a panel (sinks that sum over samples keep Float32 partials until then).
+/// tensor (channels c..<c+8), with z = x - μ of the batch-norm stage; `prepare` as a panel (channels c0..<c0+n)
+/// begins, and `flush` after its every eighth sample and its last (sinks that sum over samples keep Float32
+/// partials until then).
 protocol FloatValueSink {
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>)
+    func prepare(first c0: Int, count n: Int)
     func flush(first c0: Int, count n: Int)
 }
 
@@ -170,11 +172,15 @@ extension Float {
     struct InputGradientConstants {
         let a, s1n, k: UnsafeMutablePointer<Float>
 
-        /// From the Float64 a, S₁/n and k of `count` channels, into `storage` (3·count Floats).
-        init(count n: Int, a a64: UnsafePointer<Double>, s1n s64: UnsafePointer<Double>, k k64: UnsafePointer<Double>,
-             storage: UnsafeMutablePointer<Float>) {
+        /// Room for the constants of `count` channels in `storage` (3·count Floats), to be filled by `fill`.
+        init(count n: Int, storage: UnsafeMutablePointer<Float>) {
             a = storage; s1n = storage + n; k = s1n + n
-            for c in 0..<n { a[c] = Float(a64[c]); s1n[c] = Float(s64[c]); k[c] = Float(k64[c]) }
+        }
+
+        /// The constants of channels c0..<c0+n from the Float64 a, S₁/n and k.
+        func fill(first c0: Int, count n: Int, a a64: UnsafePointer<Double>, s1n s64: UnsafePointer<Double>,
+                  k k64: UnsafePointer<Double>) {
+            for c in c0..<c0 &+ n { a[c] = Float(a64[c]); s1n[c] = Float(s64[c]); k[c] = Float(k64[c]) }
         }
     }
 }

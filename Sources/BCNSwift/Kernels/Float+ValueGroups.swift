@@ -14,12 +14,26 @@ extension Float {
         /// (the values of a channel's short plane, `RowsValueView`), into `storage` (4·count·repeating Floats).
         init(count n: Int, repeating S: Int = 1, mu: UnsafePointer<Double>, a a64: UnsafePointer<Double>,
              beta b64: UnsafePointer<Double>, storage: UnsafeMutablePointer<Float>) {
-            let values = n * S
-            muHigh = storage; muLow = storage + values; a = muLow + values; beta = a + values
+            self.init(count: n * S, storage: storage)
             var i = 0
             for c in 0..<n {
                 let high = Float(mu[c]), low = Float(mu[c] - Double(high)), ac = Float(a64[c]), bc = Float(b64[c])
                 for _ in 0..<S { muHigh[i] = high; muLow[i] = low; a[i] = ac; beta[i] = bc; i &+= 1 }
+            }
+        }
+
+        /// Room for the constants of `count` channels in `storage` (4·count Floats), to be filled by `fill`.
+        init(count n: Int, storage: UnsafeMutablePointer<Float>) {
+            muHigh = storage; muLow = storage + n; a = muLow + n; beta = a + n
+        }
+
+        /// The constants of channels c0..<c0+n from the context's Float64 μ, a, β, as `init` rounds them: a
+        /// parallel pass fills the channels it is about to read.
+        func fill(first c0: Int, count n: Int, mu: UnsafePointer<Double>, a a64: UnsafePointer<Double>,
+                  beta b64: UnsafePointer<Double>) {
+            for c in c0..<c0 &+ n {
+                let high = Float(mu[c])
+                muHigh[c] = high; muLow[c] = Float(mu[c] - Double(high)); a[c] = Float(a64[c]); beta[c] = Float(b64[c])
             }
         }
 

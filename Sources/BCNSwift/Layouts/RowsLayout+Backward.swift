@@ -136,7 +136,9 @@ extension RowsLayout {
     /// (3·B·G, with a channel norm; the channel sums are `finishBackward`'s `sumsAreLocal`; the value view of
     /// short planes keeps the same for its units), else a `PlaneMemo` (6·B·C + 2·B·G) up to `memoLimit`.
     func memoCount<T: NormalizationScalar>(plan: NormalizationPlan, _: T.Type) -> Int {
-        if let view = valueView(plan: plan, T.self) { return view.layout.memoCount(plan: view.plan, Float.self) }
+        if let view = valueView(plan: plan, T.self, backward: true) {
+            return view.layout.memoCount(plan: view.plan, Float.self)
+        }
         if shape.spatial == 1 { return plan.groups > 0 ? 3 * shape.batch * plan.groups : 0 }
         return RowsLayout.memo(UnitGradients.count(planes: shape.planes, units: units.count) + shape.planes)
     }
@@ -151,7 +153,7 @@ extension RowsLayout {
                                               context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
                                               memo: UnsafeMutablePointer<Double>? = nil,
                                               arena: inout ScratchArena) {
-        if let view = valueView(plan: plan, T.self) {
+        if let view = valueView(plan: plan, T.self, backward: true) {
             return view.gradientSums(x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &arena)
         }
         let C = shape.channels
@@ -161,8 +163,7 @@ extension RowsLayout {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
             let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .record($0) } ?? .none
             if floatGradientLanes(T.self) {
-                let lanes = FloatGradientLanes(context: ctx, channels: C, groups: plan.groups, size: units.groupSize,
-                                               arena: &arena)
+                let lanes = FloatGradientLanes(channels: C, groups: plan.groups, arena: &arena)
                 let partials = arena.take(2 * C, of: Float.self)
                 partials.update(repeating: 0, count: 2 * C)
                 return forEachValueGradient32(Self.floats(x), Self.floats(dy), plan: plan, context: ctx, lanes: lanes,
@@ -179,7 +180,7 @@ extension RowsLayout {
     }
 
     func gradientSumsBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
-        if let view = valueView(plan: plan, T.self) { return view.gradientSumsBytes }
+        if let view = valueView(plan: plan, T.self, backward: true) { return view.gradientSumsBytes }
         return scratchBytes(gradientCost, count: panels) + floatGradientBytes(T.self, plan: plan)
     }
 
@@ -200,7 +201,7 @@ extension RowsLayout {
         sums: UnsafePointer<Double>?, memo: UnsafeMutablePointer<Double>? = nil, sumsAreLocal: Bool = false,
         arena: inout ScratchArena
     ) {
-        if let view = valueView(plan: plan, T.self) {
+        if let view = valueView(plan: plan, T.self, backward: true) {
             return view.finishBackward(through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                                        sums: sums, memo: memo, sumsAreLocal: sumsAreLocal, arena: &arena)
         }
@@ -242,7 +243,7 @@ extension RowsLayout {
     }
 
     func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
-        if let view = valueView(plan: plan, T.self) { return view.finishBackwardBytes }
+        if let view = valueView(plan: plan, T.self, backward: true) { return view.finishBackwardBytes }
         // with the Float32 lanes and the sums unknown, their partials too (2·C Floats)
         return BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes(T.self, plan: plan)
             + (floatGradientLanes(T.self) ? ScratchArena.bytes(2 * shape.channels, of: Float.self) : 0)

@@ -6,16 +6,20 @@ extension RowsLayout {
     func floatGradientLanes<T: NormalizationScalar>(_: T.Type) -> Bool { shape.spatial == 1 && floatLanes(T.self) }
 
     /// What the Float32 lanes of one backward call need: ȳ's constants (`Float.ValueConstants`) and each
-    /// group's largest |β| (`RowRounding.betaReach`).
+    /// group's largest |β| (`RowRounding.betaReach`), each panel's filled by `prepare` in the parallel pass (on
+    /// one thread before it, these O(C) conversions took a third of a small batch's call).
     struct FloatGradientLanes {
         let constants: Float.ValueConstants, betaReach: UnsafeMutablePointer<Double>
 
-        init(context ctx: NormalizationContext, channels C: Int, groups G: Int, size K: Int,
-             arena: inout ScratchArena) {
-            constants = Float.ValueConstants(count: C, mu: ctx.mu, a: ctx.a, beta: ctx.beta,
-                                             storage: arena.take(4 * C, of: Float.self))
+        init(channels C: Int, groups G: Int, arena: inout ScratchArena) {
+            constants = Float.ValueConstants(count: C, storage: arena.take(4 * C, of: Float.self))
             betaReach = arena.take(G, of: Double.self)
-            RowRounding.betaReach(ctx.beta, groups: G, size: K, into: betaReach)
+        }
+
+        /// The constants of channels c0..<c0+n, whole groups of K, from the context.
+        func prepare(first c0: Int, count n: Int, size K: Int, context ctx: NormalizationContext) {
+            constants.fill(first: c0, count: n, mu: ctx.mu, a: ctx.a, beta: ctx.beta)
+            RowRounding.betaReach(ctx.beta + c0, groups: n / K, size: K, into: betaReach + c0 / K)
         }
 
         static func bytes(channels C: Int, groups G: Int) -> Int {
@@ -54,8 +58,7 @@ extension RowsLayout {
         scratch: UnsafeMutablePointer<Double>, arena: inout ScratchArena
     ) {
         let C = shape.channels
-        let lanes = FloatGradientLanes(context: ctx, channels: C, groups: plan.groups, size: units.groupSize,
-                                       arena: &arena)
+        let lanes = FloatGradientLanes(channels: C, groups: plan.groups, arena: &arena)
         let xf = Self.floats(x), dyf = Self.floats(dy)
         let dxf = UnsafeMutableRawPointer(dx).assumingMemoryBound(to: Float.self)
         guard plan.batchNorm != nil else {  // dx = dy₁
@@ -64,8 +67,8 @@ extension RowsLayout {
                                           ValueCopy(dx: dx))
         }
         let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
-        let input32 = FloatInputGradient(dx: dxf, constants: .init(count: C, a: ctx.a, s1n: terms, k: terms + C,
-                                                                   storage: arena.take(3 * C, of: Float.self)))
+        let constants = Float.InputGradientConstants(count: C, storage: arena.take(3 * C, of: Float.self))
+        let input32 = FloatInputGradient(dx: dxf, constants: constants, a: ctx.a, s1n: terms, k: terms + C)
         guard let sums else {
             return forEachValueGradient32(xf, dyf, plan: plan, context: ctx, lanes: lanes, scratch: scratch,
                                           group: group, unitSums: unitSums, into: input32, input)
@@ -131,6 +134,8 @@ extension RowsLayout {
                 precondition(groups <= 64, "a panel of one-value planes holds at most 64 groups")
                 let t = wide + 4 * groups, w = t + groups
                 let narrow = UnsafeMutableRawPointer(w + groups)
+                lanes.prepare(first: c0, count: n, size: K, context: ctx)
+                sink32.prepare(first: c0, count: n)
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), constants = lanes.constants.advanced(by: c0)
                 groupSums.update(repeating: 0, count: 2 * groups)
                 for b in 0..<B {
@@ -215,6 +220,8 @@ struct FloatValueSums: FloatValueSink {
         Float._store8(Float._load8(s2, c).addingProduct(z, dy1), s2, c)
     }
 
+    func prepare(first c0: Int, count n: Int) {}
+
     func flush(first c0: Int, count n: Int) {
         var c = c0
         while c &+ 4 <= c0 &+ n {  // four channels a step (the same additions)
@@ -228,9 +235,12 @@ struct FloatValueSums: FloatValueSink {
 }
 
 /// dx = a ((dy₁ - S₁/n) - (x - μ) k) through the batch-norm stage (`ValueInputGradient`), with the constants in
-/// Float32.
+/// Float32, each panel's rounded from `a`, `s1n`, `k` (per channel, Float64) as the panel begins.
 struct FloatInputGradient: FloatValueSink {
     let dx: UnsafeMutablePointer<Float>, constants: Float.InputGradientConstants
+    let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
+
+    func prepare(first c0: Int, count n: Int) { constants.fill(first: c0, count: n, a: a, s1n: s1n, k: k) }
 
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) {
@@ -249,6 +259,8 @@ struct FloatValueCopy: FloatValueSink {
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) { Float._store8(dy1, dx, i) }
 
+    func prepare(first c0: Int, count n: Int) {}
+
     func flush(first c0: Int, count n: Int) {}
 }
 
@@ -259,6 +271,10 @@ struct FloatSinkPair<First: FloatValueSink, Second: FloatValueSink>: FloatValueS
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) {
         first.lanes(i, c, dy1, z); second.lanes(i, c, dy1, z)
+    }
+
+    func prepare(first c0: Int, count n: Int) {
+        first.prepare(first: c0, count: n); second.prepare(first: c0, count: n)
     }
 
     func flush(first c0: Int, count n: Int) { first.flush(first: c0, count: n); second.flush(first: c0, count: n) }

@@ -16,15 +16,24 @@ struct RowsValueView {
     func context(_ ctx: NormalizationContext, arena: inout ScratchArena) -> NormalizationContext {
         // Built per channel, each value a store: this runs before the parallel passes, on one thread (an integer
         // division per value, or conversions per value, left the other thread waiting for a tenth of the call).
-        let n = layout.shape.channels, S = spatial, C = n / S
-        let constants = arena.take(3 * n, of: Double.self)
-        var i = 0
-        for c in 0..<C {
-            let (mu, a, beta) = (ctx.mu[c], ctx.a[c], ctx.beta[c])
-            for _ in 0..<S { constants[i] = mu; constants[n + i] = a; constants[2 * n + i] = beta; i &+= 1 }
-        }
+        let n = layout.shape.channels, constants = arena.take(3 * n, of: Double.self)
+        repeatPerValue(ctx.mu, into: constants); repeatPerValue(ctx.a, into: constants + n)
+        repeatPerValue(ctx.beta, into: constants + 2 * n)
         return NormalizationContext(valuesOf: ctx, shape: layout.shape, mu: constants, a: constants + n,
                                     beta: constants + 2 * n)
+    }
+
+    /// Each of C per-channel numbers S times in a row, into `out` (C·S): a channel's value for each of its plane's.
+    private func repeatPerValue(_ perChannel: UnsafePointer<Double>, into out: UnsafeMutablePointer<Double>) {
+        let C = values / spatial
+        @inline(__always) func repeatValues(_ S: Int) {
+            var i = 0
+            for c in 0..<C {
+                let v = perChannel[c]
+                for _ in 0..<S { out[i] = v; i &+= 1 }
+            }
+        }
+        Self.withConstant(spatial, repeatValues)
     }
 
     /// The output of every unit, and its m and r in the context, as `RowsLayout.apply` writes them.
@@ -47,11 +56,18 @@ extension RowsLayout {
     /// The view measures the groups again from x (where a training forward has the planes' moments in `memo`
     /// already) and builds per-value constants on one thread, which longer planes pay for: A/B against the
     /// planes layout, training forward 0.70-0.91 for S = 2 to 4, 0.94 for 6, 1.11-1.50 from 8 up; eval 0.50-0.52
-    /// for S = 4, 0.68-0.74 for 9, but 1.06 for 12 on 16 samples. Its backward, forward+backward: 0.58 on
-    /// [64, 512, 2, 2], 0.80 on [16, 256, 4].
-    func valueView<T: NormalizationScalar>(plan: NormalizationPlan, _: T.Type) -> RowsValueView? {
-        let S = shape.spatial
-        guard T.self == Float.self, S > 1, S <= 4, units.hasChannelNorm, (units.groupSize * S) & 7 == 0,
+    /// for S = 4, 0.68-0.74 for 9, but 1.06 for 12 on 16 samples. The `backward` takes the view for planes of
+    /// up to 15 values, but only from 8 samples (S ≤ 4) or 16 (longer): it fills O(C·S) per-value numbers per
+    /// phase on one thread, which a small batch does not pay back. Forward+backward against the planes layout
+    /// (fresh process pairs, 2 threads): 0.41-0.58 on [64, 512, 2, 2], 0.65 on [16, 256, 2, 2], 0.85-0.93 on
+    /// [8, 512 or 2048, 2, 2], 0.72-0.79 on [32, 256 or 512, 3, 3], 0.88-0.91 on [16, 256 or 512, 3, 3]; but
+    /// 1.22 on [4, 1024, 2, 2], 1.11 on [8, 1024, 2, 3] and 1.04-1.18 on [8, 256 or 512, 3, 3].
+    func valueView<T: NormalizationScalar>(plan: NormalizationPlan, _: T.Type, backward: Bool = false)
+        -> RowsValueView?
+    {
+        let S = shape.spatial, B = shape.batch
+        let fits = backward ? (S <= 4 && B >= 8) || (S <= 15 && B >= 16) : S <= 4
+        guard T.self == Float.self, S > 1, fits, units.hasChannelNorm, (units.groupSize * S) & 7 == 0,
               let viewShape = try? NormalizationShape(batch: shape.batch, channels: shape.channels * S, spatial: 1)
         else { return nil }
         var viewPlan = plan
@@ -105,10 +121,7 @@ extension RowsValueView {
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
         let view = context(ctx, arena: &arena), perValue = arena.take(2 * n, of: Double.self)
-        var i = 0
-        for c in 0..<C {  // [S₁/n | k] of each value
-            for _ in 0..<S { perValue[i] = terms[c]; perValue[n + i] = terms[C + c]; i &+= 1 }
-        }
+        repeatPerValue(terms, into: perValue); repeatPerValue(terms + C, into: perValue + n)  // [S₁/n | k]
         let valueSums = hasBN && known == nil ? arena.take(2 * n, of: Double.self) : nil
         valueSums?.update(repeating: 0, count: 2 * n)
         let scratch = layout.scratch(layout.gradientCost, count: layout.panels, arena: &arena)
@@ -122,13 +135,28 @@ extension RowsValueView {
 
     /// [S₁ | S₂] per channel (2·C, written) from the view's per value (2·C·S): each plane's S values added in order.
     private func fold(_ perValue: UnsafePointer<Double>, into sums: UnsafeMutablePointer<Double>) {
-        let n = values, S = spatial, C = n / S
-        for half in 0..<2 {
-            for c in 0..<C {
+        let count = 2 * values / spatial  // both halves at once: a plane's values never straddle them
+        @inline(__always) func fold(_ S: Int) {
+            var i = 0
+            for c in 0..<count {
                 var total = 0.0
-                for s in 0..<S { total += perValue[half * n + c * S + s] }
-                sums[half * C + c] = total
+                for _ in 0..<S { total += perValue[i]; i &+= 1 }
+                sums[c] = total
             }
+        }
+        Self.withConstant(spatial, fold)
+    }
+
+    /// `body(S)` with S a constant where it is 2, 3 or 4 (the view's planes), so that loops over a plane's values
+    /// unroll (with S unknown, repeating and folding the O(C·S) per-value numbers cost 7 instructions a value,
+    /// a third of a small batch's backward).
+    @inline(__always)
+    static func withConstant(_ S: Int, _ body: (Int) -> Void) {
+        switch S {
+        case 2: body(2)
+        case 3: body(3)
+        case 4: body(4)
+        default: body(S)
         }
     }
 }
