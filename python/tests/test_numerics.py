@@ -283,6 +283,25 @@ def test_float32_short_planes_take_float64_where_float32_would_round_visibly(rng
         assert _scaled_error(got.reshape(B, G, K * S)[:, 1::2], want.reshape(B, G, K * S)[:, 1::2]) <= 8
 
 
+@pytest.mark.parametrize("B", [7, 5, 3])
+def test_float32_rows_in_eval_are_each_row_alone_bit_for_bit(B, rng):
+    """In eval a row's output depends on that row alone. The Float32 lanes stage rows four at a time, then two,
+    then one (B = 7 takes all three), and refuse groups 40 off 0 (group 0 of every third row) to the Float64
+    path row by row: every row must come out bit for bit as it does alone."""
+    C, G = 256, 8
+    x = random_input(rng, (B, C)).astype(np.float32)
+    x[::3, :32] += 40
+    layer = bcnswift.BatchChannelNorm(C, G, estimate=False)
+    for name, array in layer.parameters().items():
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+    layer.running_mean[...] = rng.normal(0.5, 0.5, C)
+    layer.running_var[...] = rng.uniform(0.5, 2.0, C)
+    layer.eval()
+    y = layer(x)
+    for i in range(B):
+        np.testing.assert_array_equal(y[i:i + 1], layer(x[i:i + 1]), err_msg=f"row {i}")
+
+
 @pytest.mark.parametrize("K", [32, 8], ids=lambda k: f"K={k}")
 def test_float32_rows_take_float64_where_float32_would_round_visibly(K, rng):
     """A group whose mean lies more than 4 standard deviations from 0 would lose up to |mean|/σ ulps in Float32

@@ -1,4 +1,5 @@
-// The backward of rows of one-value planes ([B, C] Float input, S = 1) in Float32 lanes: eight values a step
+// The backward of rows of one-value planes ([B, C] Float input, S = 1, and short planes seen as such by
+// `RowsValueView`) in Float32 lanes: eight values a step
 // where the Float64 path (`NormalizationUnit.valueSums`, `valueGradients`) takes four. The Float32 transcription of
 // those value methods' algebra, for the groups `RowRounding.acceptsGradient` and `acceptsGradientSums` let through;
 // the group's sums run in Float32 lanes flushed to Float64 every 64 values, its constants come from Float64 (m, r,
@@ -18,13 +19,13 @@ extension Float {
         static func store(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double,
                           into out: UnsafeMutableRawPointer) {
             let c = SumGradient.terms(t: t, w: wg, planes: K, m: m, r: r, weight: w)
-            let tHigh = Float(c.meanT), mHigh = Float(c.m)
+            let meanT = Float._split(c.meanT), mean = Float._split(c.m)
             out.storeBytes(of: Float(c.rw), toByteOffset: 0, as: Float.self)
-            out.storeBytes(of: tHigh, toByteOffset: 4, as: Float.self)
-            out.storeBytes(of: Float(c.meanT - Double(tHigh)), toByteOffset: 8, as: Float.self)
+            out.storeBytes(of: meanT.high, toByteOffset: 4, as: Float.self)
+            out.storeBytes(of: meanT.low, toByteOffset: 8, as: Float.self)
             out.storeBytes(of: Float(c.r3wWK), toByteOffset: 12, as: Float.self)
-            out.storeBytes(of: mHigh, toByteOffset: 16, as: Float.self)
-            out.storeBytes(of: Float(c.m - Double(mHigh)), toByteOffset: 20, as: Float.self)
+            out.storeBytes(of: mean.high, toByteOffset: 16, as: Float.self)
+            out.storeBytes(of: mean.low, toByteOffset: 20, as: Float.self)
         }
 
         /// `store` of four groups, lane l for the group at `out` + l · `bytes`: the same numbers, computed in the
@@ -34,9 +35,8 @@ extension Float {
                           weight w: SIMD4<Double>, into out: UnsafeMutableRawPointer) {
             let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r  // `SumGradient.terms`, lane by lane
             let meanT = t * invK, r3wWK = r3w * wg * invK
-            let tHigh = SIMD4<Float>(meanT), mHigh = SIMD4<Float>(m)
-            let rows = (SIMD4<Float>(rw), tHigh, SIMD4<Float>(meanT - SIMD4<Double>(tHigh)), SIMD4<Float>(r3wWK), mHigh,
-                        SIMD4<Float>(m - SIMD4<Double>(mHigh)))
+            let t = Float._split(meanT), mean = Float._split(m)
+            let rows = (SIMD4<Float>(rw), t.high, t.low, SIMD4<Float>(r3wWK), mean.high, mean.low)
             for l in 0..<4 {
                 let group = out + l &* bytes
                 group.storeBytes(of: rows.0[l], toByteOffset: 0, as: Float.self)
@@ -61,7 +61,7 @@ extension Float {
     @inline(__always)
     static func _valueGroupGradientSums(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, from k0: Int,
                                         count K: Int, _ c: ValueConstants, mean m: Double) -> SIMD4<Double> {
-        let high = Float(m), mh = SIMD8(repeating: high), ml = SIMD8(repeating: Float(m - Double(high)))
+        let (high, low) = _split(m), mh = SIMD8(repeating: high), ml = SIMD8(repeating: low)
         // The first eight values outside the loop, so that its flush test is one bit test. One loop that
         // flushes every 64 values: nested loops per block, or a countdown to each flush, let LLVM's SLP
         // vectorizer split the lanes into halves and merge the reductions (23 instructions a step, not 17).
@@ -112,7 +112,7 @@ extension Float {
                 count: K, t: tg, w: wg, squares: SIMD4(sums.0[2], sums.1[2], sums.2[2], sums.3[2]),
                 centred: SIMD4(sums.0[3], sums.1[3], sums.2[3], sums.3[3]))
             t.storeLanes(tg, j); w.storeLanes(wg, j)  // the caller overwrites the groups it does not keep
-            kept |= SIMD4<UInt64>(1, 2, 4, 8).replacing(with: 0, where: .!keep).wrappedSum() << UInt64(j)
+            kept |= RowRounding.bits(keep) << UInt64(j)
             j &+= 4; at &+= 4 &* K
         }
         while j < groups {

@@ -5,7 +5,23 @@
 // groups `RowRounding.accepts`; the rest take the Float64 path.
 
 extension Float {
-    /// The batch-norm stage's per-channel constants, rounded to Float32 once a call: μ as the sum of two Floats
+    /// v as the sum of two Floats, high = v rounded and low = the rest rounded: subtracting both from a Float
+    /// rounds relative to the difference, however far both lie from 0.
+    @inline(__always)
+    static func _split(_ v: Double) -> (high: Float, low: Float) {
+        let high = Float(v)
+        return (high, Float(v - Double(high)))
+    }
+
+    /// `_split` of four numbers, lane by lane.
+    @inline(__always)
+    static func _split(_ v: SIMD4<Double>) -> (high: SIMD4<Float>, low: SIMD4<Float>) {
+        let high = SIMD4<Float>(v)
+        return (high, SIMD4<Float>(v - SIMD4<Double>(high)))
+    }
+
+    /// The batch-norm stage's per-channel constants, rounded to Float32 (once a call, or per panel: `fill`): μ as
+    /// the sum of two Floats
     /// (so that x - μ's rounding stays relative to x - μ, however far x and μ are from 0), a and β to nearest.
     struct ValueConstants {
         let muHigh, muLow, a, beta: UnsafeMutablePointer<Float>
@@ -17,7 +33,7 @@ extension Float {
             self.init(count: n * S, storage: storage)
             var i = 0
             for c in 0..<n {
-                let high = Float(mu[c]), low = Float(mu[c] - Double(high)), ac = Float(a64[c]), bc = Float(b64[c])
+                let (high, low) = Float._split(mu[c]), ac = Float(a64[c]), bc = Float(b64[c])
                 for _ in 0..<S { muHigh[i] = high; muLow[i] = low; a[i] = ac; beta[i] = bc; i &+= 1 }
             }
         }
@@ -32,8 +48,7 @@ extension Float {
         func fill(first c0: Int, count n: Int, mu: UnsafePointer<Double>, a a64: UnsafePointer<Double>,
                   beta b64: UnsafePointer<Double>) {
             for c in c0..<c0 &+ n {
-                let high = Float(mu[c])
-                muHigh[c] = high; muLow[c] = Float(mu[c] - Double(high)); a[c] = Float(a64[c]); beta[c] = Float(b64[c])
+                (muHigh[c], muLow[c]) = Float._split(mu[c]); a[c] = Float(a64[c]); beta[c] = Float(b64[c])
             }
         }
 
@@ -170,7 +185,7 @@ extension Float {
     @inline(__always)
     static func _valueGroupMap(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count K: Int,
                                mean m: Double, scale rw: Double, bias: Double) {
-        let high = Float(m), mh = SIMD8(repeating: high), ml = SIMD8(repeating: Float(m - Double(high)))
+        let (high, low) = _split(m), mh = SIMD8(repeating: high), ml = SIMD8(repeating: low)
         let s = SIMD8(repeating: Float(rw)), b = SIMD8(repeating: Float(bias))
         var i = 0
         while i < K {
@@ -198,7 +213,7 @@ extension Float {
             var sums = GroupSums(), reach = SIMD4<Double>()
             if n == 4 && K <= 64 {
                 sums = _stagedQuadSums(staged + at, count: K)
-                reach = UnsafeRawPointer(betaReach + j).loadUnaligned(as: SIMD4<Double>.self)
+                reach = betaReach.lanes(j)
             } else {
                 for l in 0..<n {
                     let (shift, d, squares) = _stagedGroupSums(staged + (at &+ l &* K), count: K)
@@ -209,9 +224,8 @@ extension Float {
             let kept = RowRounding.accepts(count: K, mean: mean, squares: sums.squares, between: between, beta: reach)
             let variance = between / Double(K)  // `Moments.variance`, with K > 0
             if n == 4 {
-                UnsafeMutableRawPointer(means + j).storeBytes(of: mean, as: SIMD4<Double>.self)
-                UnsafeMutableRawPointer(variances + j).storeBytes(of: variance, as: SIMD4<Double>.self)
-                refused |= SIMD4<UInt64>(1, 2, 4, 8).replacing(with: 0, where: kept).wrappedSum() << UInt64(j)
+                means.storeLanes(mean, j); variances.storeLanes(variance, j)
+                refused |= RowRounding.bits(.!kept) << UInt64(j)
             } else {
                 for l in 0..<n { means[j &+ l] = mean[l]; variances[j &+ l] = variance[l] }
                 for l in 0..<n where !kept[l] { refused |= 1 << UInt64(j &+ l) }
@@ -250,11 +264,7 @@ extension Float {
     static func _valueQuadMap(_ staged: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count K: Int,
                               means: UnsafePointer<Double>, inverses: UnsafePointer<Double>,
                               weights: UnsafePointer<Double>, bias: UnsafePointer<Float>?) {
-        @inline(__always) func load4(_ p: UnsafePointer<Double>) -> SIMD4<Double> {
-            UnsafeRawPointer(p).loadUnaligned(as: SIMD4<Double>.self)
-        }
-        let m = load4(means), high = SIMD4<Float>(m), low = SIMD4<Float>(m - SIMD4<Double>(high))
-        let scale = SIMD4<Float>(load4(inverses) * load4(weights))
+        let (high, low) = _split(means.lanes(0)), scale = SIMD4<Float>(inverses.lanes(0) * weights.lanes(0))
         let shift = bias.map { UnsafeRawPointer($0).loadUnaligned(as: SIMD4<Float>.self) } ?? SIMD4()
         @inline(__always) func lanes(_ l: Int) -> (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>) {
             (SIMD8(repeating: high[l]), SIMD8(repeating: low[l]), SIMD8(repeating: scale[l]),
@@ -293,8 +303,7 @@ enum RowRounding {
     @inline(__always)
     static func accepts(count K: Int, mean: SIMD4<Double>, squares: SIMD4<Double>, between: SIMD4<Double>,
                         beta: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
-        let meanSquare = squares / Double(K), size = magnitude(mean)
-        let reach = size.replacing(with: beta, where: beta .>= size)  // Swift.max(size, beta)
+        let meanSquare = squares / Double(K), reach = reach(mean, beta)
         return between .>= 0.5 * squares .& between .>= Double(K) * reach * reach * 0.0625
             .& meanSquare .> 1e-30 .& meanSquare .< 1e36
     }
@@ -310,8 +319,7 @@ enum RowRounding {
     @inline(__always)
     static func acceptsGradient(m: SIMD4<Double>, r: SIMD4<Double>, weight w: SIMD4<Double>,
                                 beta: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
-        let rw = r * magnitude(w), size = magnitude(m)
-        let reach = size.replacing(with: beta, where: beta .>= size)  // Swift.max(size, beta)
+        let rw = r * magnitude(w), reach = reach(m, beta)
         return r .>= 1e-10 .& r .<= 1e10 .& rw .>= 1e-10 .& rw .<= 1e10 .& r * reach .<= 4
     }
 
@@ -339,6 +347,20 @@ enum RowRounding {
     static func acceptsGradientSums(count K: Int, _ sums: SIMD4<Double>) -> Bool {
         acceptsGradientSums(count: K, t: SIMD4(repeating: sums[0]), w: SIMD4(repeating: sums[1]),
                             squares: SIMD4(repeating: sums[2]), centred: SIMD4(repeating: sums[3]))[0]
+    }
+
+    /// max(|m|, β) lane by lane, as `Swift.max` takes it (β where β >= |m|, so a NaN β gives |m|): the largest
+    /// magnitude a group's ȳ - m rounds relative to.
+    @inline(__always)
+    static func reach(_ m: SIMD4<Double>, _ beta: SIMD4<Double>) -> SIMD4<Double> {
+        let size = magnitude(m)
+        return size.replacing(with: beta, where: beta .>= size)
+    }
+
+    /// Bit l set where lane l of `mask` is: four groups' decisions as the bits of their item's mask.
+    @inline(__always)
+    static func bits(_ mask: SIMDMask<SIMD4<Int64>>) -> UInt64 {
+        SIMD4<UInt64>(1, 2, 4, 8).replacing(with: 0, where: .!mask).wrappedSum()
     }
 
     /// |v| lane by lane (the sign of a NaN aside).

@@ -341,6 +341,7 @@ struct RowsLayout {
                     }
                     continue
                 }
+                assert(rows == 1, "items of several rows run only in Float32 lanes")
                 let means = ctx.m + b0 * G + g0, inverses = ctx.r + b0 * G + g0, xs = x + first, ys = y + first
                 var j = 0
                 while j < groups {

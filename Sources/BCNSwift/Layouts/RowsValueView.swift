@@ -92,8 +92,11 @@ extension RowsValueView {
     /// Scratch of `finishBackward`: the planes' batch-norm scratch, the per-value constants, terms and sums, and
     /// what the view's phase (c) takes.
     var finishBackwardBytes: Int {
+        // the view's phase (c) as `RowsLayout.finishBackward` takes it, less the batch-norm scratch it leaves to
+        // the planes: its pass scratch and Float32 constants, and the channel sums' Float32 partials
         BatchNormStage.backwardScratchBytes(plan: planes) + ScratchArena.bytes(3 * values, of: Double.self)
-            + 2 * ScratchArena.bytes(2 * values, of: Double.self) + layout.finishBackwardBytes(Float.self, plan: plan)
+            + 2 * ScratchArena.bytes(2 * values, of: Double.self) + layout.gradientSumsBytes(Float.self, plan: plan)
+            + ScratchArena.bytes(2 * values, of: Float.self)
     }
 
     /// Backward phase (a) (`RowsLayout.gradientSums`): the planes' S₁, S₂ per channel into `sums` ([S₁ | S₂]),

@@ -63,8 +63,9 @@ public struct NormalizationContext {
 
     /// The same context seen as one-value planes of a [B, C·S] view of its [B, C, S] input (`RowsLayout`'s value
     /// view of short planes): the same header, m, r and w; μ, a and β per value of a row (each channel's repeated
-    /// S times, in storage the caller owns). Only the channel-norm stage's value methods read it; it is never
-    /// stamped (`writeHeader` would write the view's shape).
+    /// S times, in storage the caller owns). The channel-norm stage's value methods and the rows' value sinks read
+    /// it; it is never stamped (`writeHeader` would write the view's shape). Its invSigma, p, q, t and u are still
+    /// the planes' (per channel, or per plane): the batch-norm stage's backward takes the planes' own context.
     init(valuesOf ctx: NormalizationContext, shape: NormalizationShape, mu: UnsafeMutablePointer<Double>,
          a: UnsafeMutablePointer<Double>, beta: UnsafeMutablePointer<Double>) {
         base = ctx.base; self.shape = shape; groups = ctx.groups
