@@ -220,15 +220,17 @@ def test_float32_rows_in_float32_lanes_stay_within_8_ulps(K, estimate, rng):
 @pytest.mark.parametrize("K,spatial", [(8, (2, 2)), (2, (2, 2)), (16, (3,)), (4, (2,)), (8, (3, 3))],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("estimate", [False, True])
-def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, estimate, rng):
+@pytest.mark.parametrize("B", [32, 3])
+def test_float32_short_planes_in_float32_lanes_stay_within_8_ulps(K, spatial, estimate, B, rng):
     """Planes of 2 to 4 values whose units (K planes of S values) are whole 8-lane vectors run the channel norm
     on the same Float32 lanes, forward and backward, as one-value planes of a [B, C·S] view (planes of 9, the
     last case, keep the planes layout's Float64 maps, and take the view backward only, from 16 samples; the
     view's batch-norm sums are added over each plane's values); with random parameters, training then eval,
     within 8 ulps of the output's scale against the documents' float64 code, and dx and every parameter gradient
-    within 8 ulps of their scale."""
+    within 8 ulps of their scale. On 3 samples too: planes of up to 4 values take the view backward on any
+    batch (whose per-value context each panel fills), planes of 9 keep the planes' backward there."""
     G = max(2, 256 // K)
-    x = random_input(rng, (32, G * K) + spatial).astype(np.float32)
+    x = random_input(rng, (B, G * K) + spatial).astype(np.float32)
     y, truth, y_eval, truth_eval = _rows_float32_error(x, G, estimate, rng)
     assert _scaled_error(y, truth) <= 8 and _scaled_error(y_eval, truth_eval) <= 8
     dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)

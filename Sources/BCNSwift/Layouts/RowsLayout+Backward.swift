@@ -148,11 +148,12 @@ extension RowsLayout {
     }
 
     /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with `memo`
-    /// (`memoCount` Doubles) what `finishBackward` in the same call can reuse.
+    /// (`memoCount` Doubles) what `finishBackward` in the same call can reuse. `expansion`: the value view's (its
+    /// per-value context, filled panel by panel).
     func gradientSums<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>,
                                               context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
                                               memo: UnsafeMutablePointer<Double>? = nil,
-                                              arena: inout ScratchArena) {
+                                              expansion: ValueExpansion? = nil, arena: inout ScratchArena) {
         if let view = valueView(plan: plan, T.self, backward: true) {
             return view.gradientSums(x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &arena)
         }
@@ -163,7 +164,7 @@ extension RowsLayout {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
             let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .record($0) } ?? .none
             if floatGradientLanes(T.self) {
-                let lanes = FloatGradientLanes(channels: C, groups: plan.groups, arena: &arena)
+                let lanes = FloatGradientLanes(channels: C, groups: plan.groups, expansion: expansion, arena: &arena)
                 let partials = arena.take(2 * C, of: Float.self)
                 partials.update(repeating: 0, count: 2 * C)
                 return forEachValueGradient32(Self.floats(x), Self.floats(dy), plan: plan, context: ctx, lanes: lanes,

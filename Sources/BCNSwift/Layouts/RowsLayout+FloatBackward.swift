@@ -10,14 +10,18 @@ extension RowsLayout {
     /// one thread before it, these O(C) conversions took a third of a small batch's call).
     struct FloatGradientLanes {
         let constants: Float.ValueConstants, betaReach: UnsafeMutablePointer<Double>
+        /// The value view's per-value context, which each panel fills first (nil for one-value planes).
+        let expansion: ValueExpansion?
 
-        init(channels C: Int, groups G: Int, arena: inout ScratchArena) {
+        init(channels C: Int, groups G: Int, expansion: ValueExpansion?, arena: inout ScratchArena) {
             constants = Float.ValueConstants(count: C, storage: arena.take(4 * C, of: Float.self))
             betaReach = arena.take(G, of: Double.self)
+            self.expansion = expansion
         }
 
         /// The constants of channels c0..<c0+n, whole groups of K, from the context.
         func prepare(first c0: Int, count n: Int, size K: Int, context ctx: NormalizationContext) {
+            expansion?.expand(first: c0, count: n)
             constants.fill(first: c0, count: n, mu: ctx.mu, a: ctx.a, beta: ctx.beta)
             RowRounding.betaReach(ctx.beta + c0, groups: n / K, size: K, into: betaReach + c0 / K)
         }
@@ -50,15 +54,16 @@ extension RowsLayout {
 
     /// Phase (c)'s values in Float32 lanes (`forEachValueGradient32`): dx = dy₁ without a batch-norm stage, else
     /// dx = a ((dy₁ - S₁/n) - (x - μ) k) from `terms` ([S₁/n | k] per channel), with `sums` ([S₁ | S₂], added to)
-    /// the channel sums too when the call does not know them yet; each group's gradients to `group`.
+    /// the channel sums too when the call does not know them yet; each group's gradients to `group`. `expansion`:
+    /// the value view's, to fill its per-value context (and terms) panel by panel.
     func valueGradients32<T: NormalizationScalar>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, plan: NormalizationPlan,
         context ctx: NormalizationContext, terms: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>?,
         group: (Int, Double, Double) -> Void, unitSums: PhaseMemo<UnsafeMutablePointer<Double>>,
-        scratch: UnsafeMutablePointer<Double>, arena: inout ScratchArena
+        scratch: UnsafeMutablePointer<Double>, expansion: ValueExpansion? = nil, arena: inout ScratchArena
     ) {
         let C = shape.channels
-        let lanes = FloatGradientLanes(channels: C, groups: plan.groups, arena: &arena)
+        let lanes = FloatGradientLanes(channels: C, groups: plan.groups, expansion: expansion, arena: &arena)
         let xf = Self.floats(x), dyf = Self.floats(dy)
         let dxf = UnsafeMutableRawPointer(dx).assumingMemoryBound(to: Float.self)
         guard plan.batchNorm != nil else {  // dx = dy₁

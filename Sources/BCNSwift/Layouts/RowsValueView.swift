@@ -16,24 +16,22 @@ struct RowsValueView {
     func context(_ ctx: NormalizationContext, arena: inout ScratchArena) -> NormalizationContext {
         // Built per channel, each value a store: this runs before the parallel passes, on one thread (an integer
         // division per value, or conversions per value, left the other thread waiting for a tenth of the call).
-        let n = layout.shape.channels, constants = arena.take(3 * n, of: Double.self)
-        repeatPerValue(ctx.mu, into: constants); repeatPerValue(ctx.a, into: constants + n)
-        repeatPerValue(ctx.beta, into: constants + 2 * n)
-        return NormalizationContext(valuesOf: ctx, shape: layout.shape, mu: constants, a: constants + n,
-                                    beta: constants + 2 * n)
+        let (view, expansion) = emptyContext(ctx, arena: &arena)
+        expansion.expand(first: 0, count: layout.shape.channels)
+        return view
     }
 
-    /// Each of C per-channel numbers S times in a row, into `out` (C·S): a channel's value for each of its plane's.
-    private func repeatPerValue(_ perChannel: UnsafePointer<Double>, into out: UnsafeMutablePointer<Double>) {
-        let C = values / spatial
-        @inline(__always) func repeatValues(_ S: Int) {
-            var i = 0
-            for c in 0..<C {
-                let v = perChannel[c]
-                for _ in 0..<S { out[i] = v; i &+= 1 }
-            }
-        }
-        Self.withConstant(spatial, repeatValues)
+    /// `context` with its per-value numbers not filled yet: the expansion that fills them, channel range by
+    /// channel range (the backward's panels, in its parallel pass).
+    func emptyContext(_ ctx: NormalizationContext, arena: inout ScratchArena)
+        -> (NormalizationContext, ValueExpansion)
+    {
+        let n = layout.shape.channels, constants = arena.take(3 * n, of: Double.self)
+        let view = NormalizationContext(valuesOf: ctx, shape: layout.shape, mu: constants, a: constants + n,
+                                        beta: constants + 2 * n)
+        let channels = (mu: UnsafePointer(ctx.mu), a: UnsafePointer(ctx.a), beta: UnsafePointer(ctx.beta))
+        return (view, ValueExpansion(spatial: spatial, channelCount: n / spatial, channels: channels,
+                                     values: (view.mu, view.a, view.beta)))
     }
 
     /// The output of every unit, and its m and r in the context, as `RowsLayout.apply` writes them.
@@ -57,16 +55,17 @@ extension RowsLayout {
     /// already) and builds per-value constants on one thread, which longer planes pay for: A/B against the
     /// planes layout, training forward 0.70-0.91 for S = 2 to 4, 0.94 for 6, 1.11-1.50 from 8 up; eval 0.50-0.52
     /// for S = 4, 0.68-0.74 for 9, but 1.06 for 12 on 16 samples. The `backward` takes the view for planes of
-    /// up to 15 values, but only from 8 samples (S ≤ 4) or 16 (longer): it fills O(C·S) per-value numbers per
-    /// phase on one thread, which a small batch does not pay back. Forward+backward against the planes layout
-    /// (fresh process pairs, 2 threads): 0.41-0.58 on [64, 512, 2, 2], 0.65 on [16, 256, 2, 2], 0.85-0.93 on
-    /// [8, 512 or 2048, 2, 2], 0.72-0.79 on [32, 256 or 512, 3, 3], 0.88-0.91 on [16, 256 or 512, 3, 3]; but
-    /// 1.22 on [4, 1024, 2, 2], 1.11 on [8, 1024, 2, 3] and 1.04-1.18 on [8, 256 or 512, 3, 3].
+    /// up to 4 values, and of up to 15 from 16 samples. Forward+backward against the planes layout (fresh process
+    /// pairs, 2 threads): 0.41-0.58 on [64, 512, 2, 2], 0.65 on [16, 256, 2, 2], 0.85-0.93 on [8, 512 or 2048,
+    /// 2, 2], 0.88 on [4, 512 or 1024, 2, 2], 1.03 on [2, 512, 2, 2]; 0.72-0.79 on [32, 256 or 512, 3, 3],
+    /// 0.88-0.91 on [16, 256 or 512, 3, 3]; but on 8 samples 0.94 for [8, 256, 3, 3], 1.07-1.11 for
+    /// [8, 1024, 2, 3] and [8, 512, 3, 3], whose long groups (144-192 values) make 11-16 panels, split unevenly
+    /// over two threads.
     func valueView<T: NormalizationScalar>(plan: NormalizationPlan, _: T.Type, backward: Bool = false)
         -> RowsValueView?
     {
         let S = shape.spatial, B = shape.batch
-        let fits = backward ? (S <= 4 && B >= 8) || (S <= 15 && B >= 16) : S <= 4
+        let fits = backward ? S <= 4 || (S <= 15 && B >= 16) : S <= 4
         guard T.self == Float.self, S > 1, fits, units.hasChannelNorm, (units.groupSize * S) & 7 == 0,
               let viewShape = try? NormalizationShape(batch: shape.batch, channels: shape.channels * S, spatial: 1)
         else { return nil }
@@ -105,8 +104,9 @@ extension RowsValueView {
                                               context ctx: NormalizationContext,
                                               into sums: UnsafeMutablePointer<Double>,
                                               memo: UnsafeMutablePointer<Double>?, arena: inout ScratchArena) {
-        let view = context(ctx, arena: &arena), perValue = arena.take(2 * values, of: Double.self)
-        layout.gradientSums(plan: plan, x: x, dy: dy, context: view, into: perValue, memo: memo, arena: &arena)
+        let (view, expansion) = emptyContext(ctx, arena: &arena), perValue = arena.take(2 * values, of: Double.self)
+        layout.gradientSums(plan: plan, x: x, dy: dy, context: view, into: perValue, memo: memo,
+                            expansion: expansion, arena: &arena)
         fold(perValue, into: sums)
     }
 
@@ -123,14 +123,16 @@ extension RowsValueView {
                                                                              arena: &arena)
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
-        let view = context(ctx, arena: &arena), perValue = arena.take(2 * n, of: Double.self)
-        repeatPerValue(terms, into: perValue); repeatPerValue(terms + C, into: perValue + n)  // [S₁/n | k]
+        var (view, expansion) = emptyContext(ctx, arena: &arena)
+        let perValue = arena.take(2 * n, of: Double.self)
+        expansion.terms = (UnsafePointer(terms), perValue)  // [S₁/n | k] of each value, as the panels need them
         let valueSums = hasBN && known == nil ? arena.take(2 * n, of: Double.self) : nil
         valueSums?.update(repeating: 0, count: 2 * n)
         let scratch = layout.scratch(layout.gradientCost, count: layout.panels, arena: &arena)
         layout.valueGradients32(x, dy, dx, plan: plan, context: view, terms: perValue, sums: valueSums,
                                 group: BatchNormStage.groupGradientAdder(groupGradients, groups: G),
-                                unitSums: memo.map { .reuse($0) } ?? .none, scratch: scratch, arena: &arena)
+                                unitSums: memo.map { .reuse($0) } ?? .none, scratch: scratch,
+                                expansion: expansion, arena: &arena)
         if let valueSums { fold(valueSums, into: local) }
         BatchNormStage.addGradients(gradients, plan: planes, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
@@ -160,6 +162,37 @@ extension RowsValueView {
         case 3: body(3)
         case 4: body(4)
         default: body(S)
+        }
+    }
+}
+
+/// The per-value numbers of a `RowsValueView`'s context (μ, a, β; in the backward's phase (c) also the batch-norm
+/// stage's [S₁/n | k]), each a channel's repeated over the S values of its plane, filled for a range of the
+/// view's channels at a time: in the backward, by each panel as it begins (`RowsLayout.FloatGradientLanes`), so
+/// that these O(C·S) stores run in parallel.
+struct ValueExpansion {
+    let spatial: Int, channelCount: Int
+    let channels: (mu: UnsafePointer<Double>, a: UnsafePointer<Double>, beta: UnsafePointer<Double>)
+    let values: (mu: UnsafeMutablePointer<Double>, a: UnsafeMutablePointer<Double>, beta: UnsafeMutablePointer<Double>)
+    /// [S₁/n | k] per channel (2·C) and per value (2·C·S), when a phase (c) needs them.
+    var terms: (channels: UnsafePointer<Double>, values: UnsafeMutablePointer<Double>)? = nil
+
+    /// The view's values c0..<c0+n (whole planes: c0 and n multiples of S).
+    func expand(first c0: Int, count n: Int) {
+        let S = spatial, first = c0 / S, count = n / S
+        @inline(__always) func repeated(_ from: UnsafePointer<Double>, _ to: UnsafeMutablePointer<Double>) {
+            RowsValueView.withConstant(S) { S in
+                var i = c0
+                for c in first..<first &+ count {
+                    let v = from[c]
+                    for _ in 0..<S { to[i] = v; i &+= 1 }
+                }
+            }
+        }
+        repeated(channels.mu, values.mu); repeated(channels.a, values.a); repeated(channels.beta, values.beta)
+        if let terms {
+            let C = channelCount, perValue = C * S
+            repeated(terms.channels, terms.values); repeated(terms.channels + C, terms.values + perValue)
         }
     }
 }
