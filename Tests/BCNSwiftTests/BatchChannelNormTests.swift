@@ -81,11 +81,13 @@ final class BatchChannelNormTests: XCTestCase {
         // planes split in chunks; rows of one value per plane and of 9, in groups of 33 channels (blocks and
         // panels that end off the lanes); rows of one value in groups of 64 (the Float32 lanes, forward and
         // backward, with the Float64 path for the channels offset below; four panels of 512 channels, so that
-        // the backward too runs on several threads); planes of 4 in units of 32 values (the forward's value view
-        // of short planes, `RowsValueView`); all large enough to run on several threads; a training step, then an
-        // eval step (whose backward sums the batch-norm stage's gradients beside dx)
+        // the backward too runs on several threads); planes of 4 in units of 32 values (the value view of short
+        // planes, `RowsValueView`, forward and backward), on 15 samples too (rows staged four, two and one at a
+        // time; the view's per-value context filled panel by panel); planes of 9 on 16 samples (the view's
+        // backward only); all large enough to run on several threads; a training step, then an eval step (whose
+        // backward sums the batch-norm stage's gradients beside dx)
         for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([64, 2048], 32),
-                                ([64, 256, 2, 2], 32)] {
+                                ([64, 256, 2, 2], 32), ([15, 512, 2, 2], 32), ([16, 256, 3, 3], 32)] {
             let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
             var x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
             if S < 16 {  // every third sample's first C/2 channels far off: groups on the Float64 path
