@@ -21,8 +21,8 @@ extension Float {
     }
 
     /// The batch-norm stage's per-channel constants, rounded to Float32 (once a call, or per panel: `fill`): μ as
-    /// the sum of two Floats
-    /// (so that x - μ's rounding stays relative to x - μ, however far x and μ are from 0), a and β to nearest.
+    /// the sum of two Floats (`_split`, so that x - μ's rounding stays relative to x - μ, however far x and μ are
+    /// from 0), a and β to nearest.
     struct ValueConstants {
         let muHigh, muLow, a, beta: UnsafeMutablePointer<Float>
 
