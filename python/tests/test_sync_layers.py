@@ -155,9 +155,10 @@ def test_one_rank_equals_the_plain_layer_bit_for_bit(shape):
                          ids=["rows", "planes-of-4", "planes-of-4-on-3-samples", "planes-of-9"])
 def test_one_rank_equals_the_plain_layer_bit_for_bit_in_float32_lanes(B, spatial):
     """[B, C] float32 with groups of 32 channels, or short planes through the value view (groups of 128 or 288
-    values; the view's backward fills its per-value context panel by panel): the backward's Float32 lanes. The plain layer's single call records which groups took them; the sync layer's
-    separate phases decide again from the same data, and must take the same path: group 0 sits 20 standard
-    deviations off 0 (sign alternating by sample), so it takes the Float64 path beside group 1's Float32 lanes."""
+    values; the view's backward fills its per-value context panel by panel): the backward's Float32 lanes. The
+    plain layer's single call records which groups took them; the sync layer's separate phases decide again
+    from the same data, and must take the same path: group 0 sits 20 standard deviations off 0 (sign alternating
+    by sample), so it takes the Float64 path beside group 1's Float32 lanes."""
     rng = np.random.default_rng(S.SEED + 2)
     C = 64
     x = rng.normal(0.5, 1.0, (B, C) + spatial) + 2.0

@@ -217,7 +217,8 @@ extension RowsLayout {
         let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
         if floatGradientLanes(T.self) {
             valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms,
-                             sums: hasBN && known == nil ? local : nil, group: addGroup, unitSums: unitSums, scratch: scratch, arena: &arena)
+                             sums: hasBN && known == nil ? local : nil, group: addGroup, unitSums: unitSums,
+                             scratch: scratch, arena: &arena)
         } else if S == 1 && hasBN {
             // The sums are a sink of their own, so that a call which knows them runs a loop without them.
             let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
