@@ -304,6 +304,17 @@ struct SumGradient {
     static func terms(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double)
         -> (rw: Double, meanT: Double, r3wWK: Double, m: Double)
     {
+        let c = terms(t: SIMD4(repeating: t), w: SIMD4(repeating: wg), planes: K, m: SIMD4(repeating: m),
+                      r: SIMD4(repeating: r), weight: SIMD4(repeating: w))
+        return (c.rw[0], c.meanT[0], c.r3wWK[0], c.m[0])
+    }
+
+    /// `terms` of four groups, lane l for group l.
+    @inline(__always)
+    static func terms(t: SIMD4<Double>, w wg: SIMD4<Double>, planes K: Int, m: SIMD4<Double>, r: SIMD4<Double>,
+                      weight w: SIMD4<Double>)
+        -> (rw: SIMD4<Double>, meanT: SIMD4<Double>, r3wWK: SIMD4<Double>, m: SIMD4<Double>)
+    {
         let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
         return (rw, t * invK, r3w * wg * invK, m)
     }

@@ -33,10 +33,9 @@ extension Float {
         @inline(__always)
         static func store(t: SIMD4<Double>, w wg: SIMD4<Double>, planes K: Int, m: SIMD4<Double>, r: SIMD4<Double>,
                           weight w: SIMD4<Double>, into out: UnsafeMutableRawPointer) {
-            let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r  // `SumGradient.terms`, lane by lane
-            let meanT = t * invK, r3wWK = r3w * wg * invK
-            let t = Float._split(meanT), mean = Float._split(m)
-            let rows = (SIMD4<Float>(rw), t.high, t.low, SIMD4<Float>(r3wWK), mean.high, mean.low)
+            let c = SumGradient.terms(t: t, w: wg, planes: K, m: m, r: r, weight: w)
+            let t = Float._split(c.meanT), mean = Float._split(c.m)
+            let rows = (SIMD4<Float>(c.rw), t.high, t.low, SIMD4<Float>(c.r3wWK), mean.high, mean.low)
             for l in 0..<4 {
                 let group = out + l &* bytes
                 group.storeBytes(of: rows.0[l], toByteOffset: 0, as: Float.self)
