@@ -108,19 +108,78 @@ extension Float: NormalizationScalar {
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
-        let m = Double(n), invM = 1 / m
         if n >= 16 {
             let k = _hsum(_load8(x, 0)) * 0.125
             if k.isFinite {
                 let (d, q) = _scaledDeviationSums(x, count: n, centre: k, scale: 1)
-                let meanSquare = q * invM
-                if meanSquare > 1e-30, meanSquare < 1e36 {  // false for NaN too
-                    let m2 = q - d * d * invM, mean = Double(k) + d * invM
-                    if m2 >= 0.5 * q { return Moments(count: m, mean: mean, m2: m2) }
-                    return _correctedMoments(x, count: n, centre: mean, meanSquare: meanSquare)
-                }
+                if let moments = _shiftedMoments(x, count: n, shift: k, sum: d, squares: q) { return moments }
             }
         }
+        return _unshiftedMoments(x, count: n)
+    }
+
+    /// The moments from the one pass's Σd and Σd² (d = x - k): kept, or corrected by a second pass (see
+    /// `_chunkMoments`); nil when Σd²/n leaves Float32's comfortable range (or is NaN).
+    @inlinable @inline(__always)
+    static func _shiftedMoments(_ x: UnsafePointer<Float>, count n: Int, shift k: Float, sum d: Double,
+                                squares q: Double) -> Moments? {
+        let m = Double(n), invM = 1 / m
+        let meanSquare = q * invM
+        guard meanSquare > 1e-30, meanSquare < 1e36 else { return nil }  // false for NaN too
+        let m2 = q - d * d * invM, mean = Double(k) + d * invM
+        if m2 >= 0.5 * q { return Moments(count: m, mean: mean, m2: m2) }
+        return _correctedMoments(x, count: n, centre: mean, meanSquare: meanSquare)
+    }
+
+    /// `_chunkMoments` of `planes` consecutive planes of `spatial` values, into mean[i] and m2[i]: the same
+    /// numbers, two planes a step when a plane is one block (16 to 256 values). The pair's shifts come from one
+    /// reduction, and their four lane sums from another, each lane summed as `_hsum` sums it; a plane whose
+    /// one-pass sums fall outside Float32's comfortable range takes `_chunkMoments` alone. (A plane of 196
+    /// values spent about half of its ~230 instructions around the loop: shift, reduction, checks.)
+    @inlinable
+    public static func _planeMoments(_ x: UnsafePointer<Float>, planes: Int, spatial n: Int,
+                                     mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>) {
+        var i = 0
+        if n >= 16 && n <= 256 {
+            let full = n & ~7, one = SIMD8<Float>(repeating: 1)
+            while i &+ 2 <= planes {  // the planes lie inside the tensor (checked at the ABI): offsets wrap unchecked
+                let x0 = x + i &* n, x1 = x0 + n
+                let (h0, h1) = _hsum2(_load8(x0, 0), _load8(x1, 0))
+                let k0 = h0 * 0.125, k1 = h1 * 0.125
+                if k0.isFinite && k1.isFinite {
+                    var j0 = 0, j1 = 0
+                    let (a0, b0) = _deviationBlock(x0, &j0, end: full, full: full, count: n,
+                                                   shift: SIMD8(repeating: -k0), scale: one)
+                    let (a1, b1) = _deviationBlock(x1, &j1, end: full, full: full, count: n,
+                                                   shift: SIMD8(repeating: -k1), scale: one)
+                    let h = _hsum4(a0, b0, a1, b1)
+                    // 0 + s, as `_scaledDeviationSums` adds a block's sums to zero totals (-0 becomes +0)
+                    let m0 = _shiftedMoments(x0, count: n, shift: k0, sum: 0 + Double(h[0]), squares: 0 + Double(h[1]))
+                        ?? _unshiftedMoments(x0, count: n)
+                    let m1 = _shiftedMoments(x1, count: n, shift: k1, sum: 0 + Double(h[2]), squares: 0 + Double(h[3]))
+                        ?? _unshiftedMoments(x1, count: n)
+                    mean[i] = m0.mean; m2[i] = m0.m2; mean[i &+ 1] = m1.mean; m2[i &+ 1] = m1.m2
+                } else {
+                    for j in i..<(i &+ 2) {
+                        let m = _chunkMoments(x + j &* n, count: n)
+                        mean[j] = m.mean; m2[j] = m.m2
+                    }
+                }
+                i &+= 2
+            }
+        }
+        while i < planes {
+            let m = _chunkMoments(x + i &* n, count: n)
+            mean[i] = m.mean; m2[i] = m.m2
+            i &+= 1
+        }
+    }
+
+    /// The moments without the one pass's shift: Float32 block sums for the centre, then the corrected pass; or
+    /// all in Float64 for extreme magnitudes and non-finite values.
+    @inlinable
+    static func _unshiftedMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
+        let invM = 1 / Double(n)
         let (total, squares) = _blockSums(x, count: n)
         let meanSquare = squares * invM
         guard total.isFinite, meanSquare.isFinite, meanSquare > 1e-30, meanSquare < 1e36 else {

@@ -13,6 +13,11 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     /// and M2 = 0. NaN or infinity in the input gives a non-finite mean or M2.
     static func _chunkMoments(_ x: UnsafePointer<Self>, count: Int) -> Moments
 
+    /// `_chunkMoments` of `planes` consecutive planes of `spatial` values each, into mean[i] and m2[i] (the same
+    /// numbers; Float shares the work around the loop between pairs of short planes).
+    static func _planeMoments(_ x: UnsafePointer<Self>, planes: Int, spatial: Int,
+                              mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>)
+
     /// y[i] = scale · (x[i] - centre) + offset. `y` may alias `x`.
     static func _scaleShift(
         _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, count: Int,
@@ -61,6 +66,15 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
 }
 
 extension NormalizationScalar {
+    @inlinable
+    public static func _planeMoments(_ x: UnsafePointer<Self>, planes: Int, spatial s: Int,
+                                     mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>) {
+        for i in 0..<planes {
+            let m = _chunkMoments(x + i * s, count: s)
+            mean[i] = m.mean; m2[i] = m.m2
+        }
+    }
+
     /// The index of the first NaN or infinity among `count` values, or nil: blocks are screened by Σ 0·x in
     /// Float64 (NaN for any non-finite term), and only a failing block is searched.
     static func _firstNonFinite(_ x: UnsafePointer<Self>, count: Int) -> Int? {

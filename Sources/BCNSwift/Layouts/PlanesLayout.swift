@@ -17,10 +17,8 @@ struct PlanesLayout: StoredLayout {
         if chunks.perPlane == 1 {
             let s = shape.spatial
             parallelFor(shape.planes, cost: s) { range, _ in
-                for i in range {
-                    let m = T._chunkMoments(x + i * s, count: s)
-                    p[i] = m.mean; q[i] = m.m2
-                }
+                let i = range.lowerBound
+                T._planeMoments(x + i * s, planes: range.count, spatial: s, mean: p + i, m2: q + i)
             }
             return
         }
@@ -40,11 +38,8 @@ struct PlanesLayout: StoredLayout {
 
     func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
                                               p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>) {
-        let s = shape.spatial
-        for i in first..<(first + count) {
-            let m = T._chunkMoments(x + i * s, count: s)
-            p[i] = m.mean; q[i] = m.m2
-        }
+        T._planeMoments(x + first * shape.spatial, planes: count, spatial: shape.spatial, mean: p + first,
+                        m2: q + first)
     }
 
     /// A unit maps its planes as soon as it knows their coefficients, unless planes span several chunks.
