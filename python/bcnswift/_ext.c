@@ -438,6 +438,23 @@ static PyObject *context_length(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bcn_context_length(b, c, g));
 }
 
+/* memory_facts(a): an ndarray's memory flags as the bits MEMORY_C_ORDER, MEMORY_ALIGNED, MEMORY_WRITEABLE and
+ * MEMORY_OWNDATA, in one call. The layers check them on every call, and numpy's `a.flags` builds a new object
+ * on each read (about 900 instructions, as much as a tiny kernel's setup). */
+enum { MEMORY_C_ORDER = 1, MEMORY_ALIGNED = 2, MEMORY_WRITEABLE = 4, MEMORY_OWNDATA = 8 };
+
+static PyObject *memory_facts(PyObject *self, PyObject *arg) {
+    if (!PyArray_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "memory_facts takes a numpy array, got %s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)arg;
+    long bits = (PyArray_IS_C_CONTIGUOUS(a) ? MEMORY_C_ORDER : 0) | (PyArray_ISALIGNED(a) ? MEMORY_ALIGNED : 0) |
+                (PyArray_ISWRITEABLE(a) ? MEMORY_WRITEABLE : 0) |
+                (PyArray_CHKFLAGS(a, NPY_ARRAY_OWNDATA) ? MEMORY_OWNDATA : 0);
+    return PyLong_FromLong(bits);
+}
+
 /* A thread count in [0, 4096] (0 means `zero`), or -1 with an exception set. */
 static long thread_count(PyObject *arg, const char *zero) {
     long n = PyLong_AsLong(arg);
@@ -475,6 +492,7 @@ static PyMethodDef methods[] = {
     {"ws_forward", FASTCALL(ws_forward), "weight standardization forward"},
     {"ws_backward", FASTCALL(ws_backward), "weight standardization backward"},
     {"context_length", context_length, METH_VARARGS, "doubles a forward context needs"},
+    {"memory_facts", memory_facts, METH_O, "an array's memory flags as bits (MEMORY_C_ORDER, MEMORY_ALIGNED, ...)"},
     {"set_num_threads", set_num_threads, METH_O, "set worker threads (0: default)"},
     {"get_num_threads", get_num_threads, METH_NOARGS, "worker threads in force for the calling thread"},
     {"set_calling_thread_num_threads", set_calling_thread_num_threads, METH_O,
@@ -521,6 +539,7 @@ PyMODINIT_FUNC BCN_INIT(BCN_MODULE)(void) {
     FLAG(BCN_VARIANCE_AROUND_RUNNING_MEAN); FLAG(BCN_CUMULATIVE_AVERAGE); FLAG(BCN_CHANNEL_NORM);
     FLAG(BCN_NAN_RAISE); FLAG(BCN_TRAINING); FLAG(BCN_CHANNELS_LAST); FLAG(BCN_WS_UNBIASED);
     FLAG(BCN_WS_EPS_IN_SQRT);
+    FLAG(MEMORY_C_ORDER); FLAG(MEMORY_ALIGNED); FLAG(MEMORY_WRITEABLE); FLAG(MEMORY_OWNDATA);
 #undef FLAG
     return m;
 }

@@ -84,12 +84,19 @@ def as_float_array(x, dtype, name="input"):
     return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
+# Bits of _ext.memory_facts(a), which the checks on every call read: numpy's `a.flags` builds a new object on
+# each read, about 900 instructions (a tenth of a tiny call's Python).
+_C_ORDER, _ALIGNED, _WRITEABLE, _OWNDATA = (_ext.MEMORY_C_ORDER, _ext.MEMORY_ALIGNED, _ext.MEMORY_WRITEABLE,
+                                            _ext.MEMORY_OWNDATA)
+_ALIGNED_C_ORDER = _C_ORDER | _ALIGNED
+
+
 def memory_format(a):
     """'first' if the logical [B, C, *] array `a` is C-contiguous, 'last' if its memory is channels-last
     (np.moveaxis(a, 1, -1) is C-contiguous, as for PyTorch's channels_last), else None. Rank-2 arrays and
     arrays with one position are both at once; they count as 'first'. (Read from the strides: this runs on every
     call.)"""
-    if a.flags.c_contiguous:
+    if _ext.memory_facts(a) & _C_ORDER:
         return "first"
     return "last" if channels_last_strides(a.shape, a.strides, a.itemsize) else None
 
@@ -117,20 +124,19 @@ def _checked_out(out, like, form, name, allow=None):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
-    flags = out.flags  # read once: each read of an array's flags builds a new object
-    laid_out = flags.c_contiguous if form == "first" else memory_format(out) == "last"
-    if not (flags.aligned and flags.writeable and laid_out):
+    facts = _ext.memory_facts(out)
+    laid_out = facts & _C_ORDER if form == "first" else memory_format(out) == "last"
+    if not (facts & _ALIGNED and facts & _WRITEABLE and laid_out):
         layout = "C-contiguous" if form == "first" else "channels-last"
         raise ValueError(f"{name} must be aligned, writeable and {layout} like the input")
-    if out is not allow and not (flags.owndata and like.flags.owndata and out is not like) \
+    if out is not allow and not (facts & _OWNDATA and _ext.memory_facts(like) & _OWNDATA and out is not like) \
             and np.may_share_memory(out, like):
         raise ValueError(f"{name} must not overlap the input (backward needs the input unchanged)")
     return out
 
 
 def _aligned_c_order(a):
-    flags = a.flags  # read once: each read of an array's flags builds a new object
-    return flags.c_contiguous and flags.aligned
+    return _ext.memory_facts(a) & _ALIGNED_C_ORDER == _ALIGNED_C_ORDER
 
 
 def _nan_raised(e):
@@ -151,6 +157,13 @@ class _Normalization:
     _has_bn = False
     _has_cn = False
     _bn_prefix = ""  # state-dict prefix of the batch-norm entries ("bn." inside BatchChannelNorm)
+    _gradient_keys = (None, None, None, None)  # grads keys of bn weight, bn bias, cn weight, cn bias (or None)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        b = cls._bn_prefix
+        cls._gradient_keys = (b + "weight" if cls._has_bn else None, b + "bias" if cls._has_bn else None,
+                              "weight" if cls._has_cn else None, "bias" if cls._has_cn else None)
 
     def _setup(self, num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
                dtype, bn_eps, nan_policy, channel_axis):
@@ -282,13 +295,12 @@ class _Normalization:
         phase (a) filled."""
         momentum = 0.0 if self.momentum is None else self.momentum
         bn, cn = self._has_bn, self._has_cn
+        args = (flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
+                self.bn_weight if bn else None, self.bn_bias if bn else None,
+                self.running_mean if bn else None, self.running_var if bn else None,
+                self.num_batches_tracked if bn else None, self.weight if cn else None, self.bias if cn else None, ctx)
         try:  # not through _call: this runs on every call, and the extra frame is a tenth of a tiny call's time
-            _ext.norm_forward(flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
-                              self.bn_weight if bn else None, self.bn_bias if bn else None,
-                              self.running_mean if bn else None, self.running_var if bn else None,
-                              self.num_batches_tracked if bn else None,
-                              self.weight if cn else None, self.bias if cn else None, ctx,
-                              *(() if moments is None else (moments,)))
+            _ext.norm_forward(*args) if moments is None else _ext.norm_forward(*args, moments)
         except FloatingPointError as e:
             _nan_raised(e)
 
@@ -324,12 +336,15 @@ class _Normalization:
 
     def _finish_backward(self, x, ctx, flags, dy, dx, sums=None):
         """The whole backward, or with the batch's gradient `sums` (merged from elsewhere) its phase (c)."""
-        g, bn, cn, prefix = self.grads, self._has_bn, self._has_cn, self._bn_prefix
+        g = self.grads
+        bw, bb, cw, cb = self._gradient_keys
         try:  # not through _call, as in _finish_forward
-            _ext.norm_backward(flags, self.num_groups, x, dy, dx,
-                               g.get(prefix + "weight") if bn else None, g.get(prefix + "bias") if bn else None,
-                               g.get("weight") if cn else None, g.get("bias") if cn else None,
-                               ctx, *(() if sums is None else (sums,)))
+            if sums is None:  # two calls rather than *args: this runs on every backward
+                _ext.norm_backward(flags, self.num_groups, x, dy, dx, g.get(bw), g.get(bb), g.get(cw), g.get(cb),
+                                   ctx)  # (get(None) is None: an absent stage)
+            else:
+                _ext.norm_backward(flags, self.num_groups, x, dy, dx, g.get(bw), g.get(bb), g.get(cw), g.get(cb),
+                                   ctx, sums)
         except FloatingPointError as e:
             _nan_raised(e)
 

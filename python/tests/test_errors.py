@@ -173,6 +173,23 @@ def test_every_memory_layout(dtype, rng):
         np.testing.assert_array_equal(x, keep, err_msg=f"{name}: input was written")
 
 
+def test_memory_facts_agree_with_numpys_flags(rng):
+    """The layers read an array's flags through _ext.memory_facts (numpy's `flags` object costs ~900
+    instructions a read); its bits must say what numpy's flags say, in every layout."""
+    from bcnswift import _ext
+    base = random_input(rng, (2, 6, 4, 5)).astype(np.float32)
+    cases = [("C order", base), ("1-D", base.ravel()), ("0-d", np.full((), 2.5)),
+             ("view of all", base[:]), *_layouts(base)]
+    for name, a in cases:
+        bits = _ext.memory_facts(a)
+        expected = {_ext.MEMORY_C_ORDER: a.flags.c_contiguous, _ext.MEMORY_ALIGNED: a.flags.aligned,
+                    _ext.MEMORY_WRITEABLE: a.flags.writeable, _ext.MEMORY_OWNDATA: a.flags.owndata}
+        for bit, flag in expected.items():
+            assert bool(bits & bit) == flag, f"{name}: bit {bit} says {bool(bits & bit)}, numpy says {flag}"
+    with pytest.raises(TypeError, match="numpy array, got list"):
+        _ext.memory_facts([1.0, 2.0])
+
+
 def test_threads_setting():
     n = bcnswift.get_num_threads()
     assert n >= 1
