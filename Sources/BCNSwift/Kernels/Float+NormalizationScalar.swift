@@ -248,17 +248,22 @@ extension Float: NormalizationScalar {
         var ts = 0.0, tq = 0.0
         let full = n & ~7
         var i = 0
-        if full > 0 && full <= 256 {  // one block: `_flush`'s sums inline (a plane of 16 spent ~110 instructions
-            // of block loop and flush around 14 of work)
-            let (a, b) = _deviationBlock(x, &i, end: full, full: full, count: n, shift: ncs, scale: s)
-            let (ha, hb) = _hsum2(a, b)
-            ts += Double(ha); tq += Double(hb)
-            return (ts, tq)
-        }
+        // Blocks two at a time, their four lane sums in one reduction, inline, added to the totals block by
+        // block (an out-of-line `_flush` a block cost a plane of 16 ~110 instructions around 14 of work, and a
+        // long plane ~50 a block).
         while i < full {
-            let end = Swift.min(full, i &+ 256)  // i < n: the counters wrap unchecked, as in `_scaleShift`
-            let (a, b) = _deviationBlock(x, &i, end: end, full: full, count: n, shift: ncs, scale: s)
-            _flush(a, b, into: &ts, &tq)
+            let (a, b) = _deviationBlock(x, &i, end: Swift.min(full, i &+ 256), full: full, count: n, shift: ncs,
+                                         scale: s)  // i < n: the counters wrap unchecked, as in `_scaleShift`
+            if i < full {
+                let (c, d) = _deviationBlock(x, &i, end: Swift.min(full, i &+ 256), full: full, count: n,
+                                             shift: ncs, scale: s)
+                let h = _hsum4(a, b, c, d)
+                ts += Double(h[0]); tq += Double(h[1])
+                ts += Double(h[2]); tq += Double(h[3])
+            } else {
+                let (ha, hb) = _hsum2(a, b)
+                ts += Double(ha); tq += Double(hb)
+            }
         }
         while i < n {  // only when n < 8
             let d = Double((-(centre * scale)).addingProduct(x[i], scale))
@@ -341,12 +346,14 @@ extension Float: NormalizationScalar {
         var ts = 0.0, td = 0.0
         let full = n & ~7
         var i = 0
-        if full > 0 && full <= 256 {
-            // one or two blocks (planes up to 16x16): their lane sums in one reduction, inline, added to the
-            // totals in the order `_flush` adds them (a plane of 196 spent ~80 instructions on two flush calls)
-            let (s, p) = _gradientBlock(dy, x, &i, end: Swift.min(full, 128), full: full, count: n, centre: c)
+        // blocks two at a time, reduced as in `_scaledDeviationSums` (a plane of 196 spent ~80 instructions on
+        // two out-of-line `_flush` calls)
+        while i < full {
+            let (s, p) = _gradientBlock(dy, x, &i, end: Swift.min(full, i &+ 128), full: full, count: n,
+                                        centre: c)  // counters wrap unchecked, as above
             if i < full {
-                let (s2, p2) = _gradientBlock(dy, x, &i, end: full, full: full, count: n, centre: c)
+                let (s2, p2) = _gradientBlock(dy, x, &i, end: Swift.min(full, i &+ 128), full: full, count: n,
+                                              centre: c)
                 let h = _hsum4(s, p, s2, p2)
                 ts += Double(h[0]); td += Double(h[1])
                 ts += Double(h[2]); td += Double(h[3])
@@ -354,11 +361,6 @@ extension Float: NormalizationScalar {
                 let (hs, hp) = _hsum2(s, p)
                 ts += Double(hs); td += Double(hp)
             }
-        }
-        while i < full {
-            let end = Swift.min(full, i &+ 128)  // counters wrap unchecked, as above
-            let (s, p) = _gradientBlock(dy, x, &i, end: end, full: full, count: n, centre: c)
-            _flush(s, p, into: &ts, &td)
         }
         while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }  // n < 8
         if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
