@@ -71,6 +71,41 @@ final class FloatKernelTests: XCTestCase {
         }
     }
 
+    /// `_planeMoments` (pairs of short planes) gives each plane exactly `_chunkMoments`' numbers: planes whose
+    /// one pass is kept, corrected, refused for range (a pair's partner then goes on alone), or not finite (both
+    /// of its pair fall back), odd plane counts and odd first planes, across the pair path's lengths and beyond.
+    func testPlaneMomentsEqualChunkMomentsBitForBit() {
+        func bits(_ v: Double) -> UInt64 { v.isNaN ? 0x7FF8_0000_0000_0000 : v.bitPattern }
+        for n in [8, 15, 16, 17, 63, 64, 100, 196, 255, 256, 257, 263, 264, 300] {
+            let planes = 9
+            var x = [Float]()
+            for plane in 0..<planes {
+                x += (0..<n).map { i -> Float in
+                    switch plane {
+                    case 2: return i == 3 ? .nan : Float(rng.normal(1, 1))              // shift not finite
+                    case 3: return Float(rng.normal(1e20, 1e19))                          // out of range: unshifted
+                    case 4: return Float(i < 8 ? rng.normal(1000, 1) : rng.normal(-2, 0.01))  // corrected
+                    case 5: return 2.5                                                    // constant
+                    case 6: return i < n / 2 ? 0 : Float(rng.normal(4, 1))
+                    default: return Float(rng.normal(3 - Double(plane), 2))
+                    }
+                }
+            }
+            for first in [0, 1] {
+                let count = planes - first
+                var mean = [Double](repeating: -1, count: count), m2 = mean
+                x.withUnsafeBufferPointer { xs in
+                    Float._planeMoments(xs.baseAddress! + first * n, planes: count, spatial: n, mean: &mean, m2: &m2)
+                    for k in 0..<count {
+                        let want = Float._chunkMoments(xs.baseAddress! + (first + k) * n, count: n)
+                        XCTAssertEqual(bits(mean[k]), bits(want.mean), "mean, n = \(n), plane \(first + k)")
+                        XCTAssertEqual(bits(m2[k]), bits(want.m2), "M2, n = \(n), plane \(first + k)")
+                    }
+                }
+            }
+        }
+    }
+
     func testScaleShiftEveryTailInPlaceAndOutOfPlace() {
         for n in lengths {
             let x = (0..<n).map { _ in Float(rng.normal(2, 3)) }

@@ -1,6 +1,6 @@
 // Float kernels. Reductions run in Float32 blocks (256 elements over four 8-lane accumulators, or 128 over two),
-// so each lane sums at most 8 terms and a block's rounding stays below ~8 ulps of its terms; blocks flush to
-// Float64. Inner loops have no conversion, which is what keeps the passes at memory speed. Exactness comes from
+// so each lane sums at most 8 terms of a full block (10 in a block that ends a plane: its last vectors and tail)
+// and a block's rounding stays below ~10 ulps of its terms; blocks flush to Float64. Inner loops have no conversion, which is what keeps the passes at memory speed. Exactness comes from
 // the algorithms around them (a corrected second pass, centring, power-of-two scaling), not from wide accumulators.
 
 extension Float: NormalizationScalar {
@@ -108,8 +108,8 @@ extension Float: NormalizationScalar {
     @inlinable
     public static func _chunkMoments(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
         if n == 0 { return Moments() }
-        if n >= 16 {
-            let k = _hsum(_load8(x, 0)) * 0.125
+        if n >= _shiftedMinimum {
+            let k = _hsum(_load8(x, 0)) * 0.125  // the mean of the first eight values
             if k.isFinite {
                 let (d, q) = _scaledDeviationSums(x, count: n, centre: k, scale: 1)
                 if let moments = _shiftedMoments(x, count: n, shift: k, sum: d, squares: q) { return moments }
@@ -132,19 +132,23 @@ extension Float: NormalizationScalar {
     }
 
     /// `_chunkMoments` of `planes` consecutive planes of `spatial` values, into mean[i] and m2[i]: the same
-    /// numbers, two planes a step when a plane is one block (16 to 256 values). The pair's shifts come from one
-    /// reduction, and their four lane sums from another, each lane summed as `_hsum` sums it; a plane whose
-    /// one-pass sums fall outside Float32's comfortable range takes `_chunkMoments` alone. (A plane of 196
-    /// values spent about half of its ~230 instructions around the loop: shift, reduction, checks.)
+    /// numbers, two planes a step when a plane's one pass is one block (16 to 263 values). The pair's shifts come
+    /// from one reduction and their four lane sums from another, each lane summed as `_hsum` sums it; when a
+    /// shift is not finite both planes take `_chunkMoments`, and a plane whose one-pass sums leave Float32's
+    /// comfortable range takes `_unshiftedMoments`, as `_chunkMoments` would. (A plane of 196 values spent about
+    /// half of its ~230 instructions around the loop: shift, reduction, checks.)
     @inlinable
     public static func _planeMoments(_ x: UnsafePointer<Float>, planes: Int, spatial n: Int,
                                      mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>) {
+        @inline(__always)
+        func store(_ j: Int, _ m: Moments) { mean[j] = m.mean; m2[j] = m.m2 }
+        let full = n & ~7
         var i = 0
-        if n >= 16 && n <= 256 {
-            let full = n & ~7, one = SIMD8<Float>(repeating: 1)
+        if n >= _shiftedMinimum && full <= _deviationBlockLength {
+            let one = SIMD8<Float>(repeating: 1)
             while i &+ 2 <= planes {  // the planes lie inside the tensor (checked at the ABI): offsets wrap unchecked
                 let x0 = x + i &* n, x1 = x0 + n
-                let (h0, h1) = _hsum2(_load8(x0, 0), _load8(x1, 0))
+                let (h0, h1) = _hsum2(_load8(x0, 0), _load8(x1, 0))  // the shifts `_chunkMoments` takes
                 let k0 = h0 * 0.125, k1 = h1 * 0.125
                 if k0.isFinite && k1.isFinite {
                     var j0 = 0, j1 = 0
@@ -158,19 +162,15 @@ extension Float: NormalizationScalar {
                         ?? _unshiftedMoments(x0, count: n)
                     let m1 = _shiftedMoments(x1, count: n, shift: k1, sum: 0 + Double(h[2]), squares: 0 + Double(h[3]))
                         ?? _unshiftedMoments(x1, count: n)
-                    mean[i] = m0.mean; m2[i] = m0.m2; mean[i &+ 1] = m1.mean; m2[i &+ 1] = m1.m2
+                    store(i, m0); store(i &+ 1, m1)
                 } else {
-                    for j in i..<(i &+ 2) {
-                        let m = _chunkMoments(x + j &* n, count: n)
-                        mean[j] = m.mean; m2[j] = m.m2
-                    }
+                    store(i, _chunkMoments(x0, count: n)); store(i &+ 1, _chunkMoments(x1, count: n))
                 }
                 i &+= 2
             }
         }
         while i < planes {
-            let m = _chunkMoments(x + i &* n, count: n)
-            mean[i] = m.mean; m2[i] = m.m2
+            store(i, _chunkMoments(x + i &* n, count: n))
             i &+= 1
         }
     }
@@ -208,7 +208,7 @@ extension Float: NormalizationScalar {
         var ts = 0.0, tq = 0.0
         let full = n & ~7
         var i = 0
-        while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane
+        while i < full {  // blocks of 256: four independent chains of at most 8 terms per lane (s0: 10 in a last one)
             var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), s2 = SIMD8<Float>(), s3 = SIMD8<Float>()
             var q0 = SIMD8<Float>(), q1 = SIMD8<Float>(), q2 = SIMD8<Float>(), q3 = SIMD8<Float>()
             let end = Swift.min(full, i + 256)
@@ -239,31 +239,44 @@ extension Float: NormalizationScalar {
         return Moments(count: m, mean: c + d / m, m2: Swift.max(q - d * d / m, 0))
     }
 
+    /// Values a block of `_scaledDeviationSums` covers (four chains of eight terms per lane), and the plane length
+    /// up to which `_chunkMoments` measures with no shift (`_planeMoments` relies on both).
+    @inlinable static var _deviationBlockLength: Int { 256 }
+    @inlinable static var _shiftedMinimum: Int { 16 }
+
+    /// Two Float64 totals of the block sums of `full` values (and the tail that `block` takes with the last
+    /// one), blocks of `length` values two at a time: `block(&i, end)` sums one from i, the pair's four lane sums
+    /// are reduced in one `_hsum4` (each lane as `_hsum` sums it) and added to the totals block by block, in
+    /// order; an odd last block uses `_hsum2`. (An out-of-line `_flush` a block cost a plane of 16 ~110
+    /// instructions around 14 of work, and a plane of 196 ~80 in the backward.) Returns where i stopped.
+    @inlinable @inline(__always)
+    static func _blockTotals(full: Int, length: Int,
+                             _ block: (inout Int, Int) -> (SIMD8<Float>, SIMD8<Float>)) -> (Double, Double, Int) {
+        var ta = 0.0, tb = 0.0, i = 0
+        while i < full {
+            let (a, b) = block(&i, Swift.min(full, i &+ length))  // i < n: the counters wrap unchecked
+            if i < full {
+                let (c, d) = block(&i, Swift.min(full, i &+ length))
+                let h = _hsum4(a, b, c, d)
+                ta += Double(h[0]); tb += Double(h[1])
+                ta += Double(h[2]); tb += Double(h[3])
+            } else {
+                let (ha, hb) = _hsum2(a, b)
+                ta += Double(ha); tb += Double(hb)
+            }
+        }
+        return (ta, tb, i)
+    }
+
     /// (Σ (x - c)·s, Σ ((x - c)·s)²) with (x - c)·s computed as x·s - c·s by one FMA.
     @inlinable @inline(__always)
     static func _scaledDeviationSums(_ x: UnsafePointer<Float>, count n: Int, centre: Float, scale: Float)
         -> (Double, Double)
     {
         let s = SIMD8<Float>(repeating: scale), ncs = SIMD8<Float>(repeating: -(centre * scale))
-        var ts = 0.0, tq = 0.0
         let full = n & ~7
-        var i = 0
-        // Blocks two at a time, their four lane sums in one reduction, inline, added to the totals block by
-        // block (an out-of-line `_flush` a block cost a plane of 16 ~110 instructions around 14 of work, and a
-        // long plane ~50 a block).
-        while i < full {
-            let (a, b) = _deviationBlock(x, &i, end: Swift.min(full, i &+ 256), full: full, count: n, shift: ncs,
-                                         scale: s)  // i < n: the counters wrap unchecked, as in `_scaleShift`
-            if i < full {
-                let (c, d) = _deviationBlock(x, &i, end: Swift.min(full, i &+ 256), full: full, count: n,
-                                             shift: ncs, scale: s)
-                let h = _hsum4(a, b, c, d)
-                ts += Double(h[0]); tq += Double(h[1])
-                ts += Double(h[2]); tq += Double(h[3])
-            } else {
-                let (ha, hb) = _hsum2(a, b)
-                ts += Double(ha); tq += Double(hb)
-            }
+        var (ts, tq, i) = _blockTotals(full: full, length: _deviationBlockLength) { i, end in
+            _deviationBlock(x, &i, end: end, full: full, count: n, shift: ncs, scale: s)
         }
         while i < n {  // only when n < 8
             let d = Double((-(centre * scale)).addingProduct(x[i], scale))
@@ -273,13 +286,15 @@ extension Float: NormalizationScalar {
     }
 
     /// One block of `_scaledDeviationSums`, from i to `end` (at most 256 values; with the overlapping tail when
-    /// it ends the full vectors): four independent chains of at most 8 terms per lane, returned added pairwise.
+    /// it ends the full vectors): four independent chains of at most 8 terms per lane (a block that ends a plane
+    /// gives its last one to three vectors to s1, up to 10 terms, and its tail to s2), returned added pairwise.
     @inlinable @inline(__always)
     static func _deviationBlock(_ x: UnsafePointer<Float>, _ i: inout Int, end: Int, full: Int, count n: Int,
                                 shift ncs: SIMD8<Float>, scale s: SIMD8<Float>) -> (SIMD8<Float>, SIMD8<Float>) {
         var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), s2 = SIMD8<Float>(), s3 = SIMD8<Float>()
         var q0 = SIMD8<Float>(), q1 = SIMD8<Float>(), q2 = SIMD8<Float>(), q3 = SIMD8<Float>()
-        while i &+ 32 <= end {
+        let last = end &- 32  // one compare a step (with `i &+ 32 <= end` LLVM kept a second counter)
+        while i <= last {
             var d0 = ncs, d1 = ncs, d2 = ncs, d3 = ncs
             d0.addProduct(_load8(x, i), s); d1.addProduct(_load8(x, i &+ 8), s)
             d2.addProduct(_load8(x, i &+ 16), s); d3.addProduct(_load8(x, i &+ 24), s)
@@ -315,7 +330,8 @@ extension Float: NormalizationScalar {
             var i = 0
             // Four vectors a step: one add, compare and branch for 32 values (i stays below n, so it wraps
             // unchecked); the same operations per value as the loop of one below.
-            while i &+ 32 <= n {
+            let last = n &- 32
+            while i <= last {
                 var v0 = o, v1 = o, v2 = o, v3 = o
                 v0.addProduct(_load8(x, i) - c, s); v1.addProduct(_load8(x, i &+ 8) - c, s)
                 v2.addProduct(_load8(x, i &+ 16) - c, s); v3.addProduct(_load8(x, i &+ 24) - c, s)
@@ -343,24 +359,9 @@ extension Float: NormalizationScalar {
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
     ) -> (sum: Double, dot: Double) {
         let cf = Float(centre), c = SIMD8<Float>(repeating: cf)
-        var ts = 0.0, td = 0.0
         let full = n & ~7
-        var i = 0
-        // blocks two at a time, reduced as in `_scaledDeviationSums` (a plane of 196 spent ~80 instructions on
-        // two out-of-line `_flush` calls)
-        while i < full {
-            let (s, p) = _gradientBlock(dy, x, &i, end: Swift.min(full, i &+ 128), full: full, count: n,
-                                        centre: c)  // counters wrap unchecked, as above
-            if i < full {
-                let (s2, p2) = _gradientBlock(dy, x, &i, end: Swift.min(full, i &+ 128), full: full, count: n,
-                                              centre: c)
-                let h = _hsum4(s, p, s2, p2)
-                ts += Double(h[0]); td += Double(h[1])
-                ts += Double(h[2]); td += Double(h[3])
-            } else {
-                let (hs, hp) = _hsum2(s, p)
-                ts += Double(hs); td += Double(hp)
-            }
+        var (ts, td, i) = _blockTotals(full: full, length: 128) { i, end in
+            _gradientBlock(dy, x, &i, end: end, full: full, count: n, centre: c)
         }
         while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }  // n < 8
         if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
@@ -375,7 +376,8 @@ extension Float: NormalizationScalar {
     static func _gradientBlock(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ i: inout Int, end: Int,
                                full: Int, count n: Int, centre c: SIMD8<Float>) -> (SIMD8<Float>, SIMD8<Float>) {
         var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), p0 = SIMD8<Float>(), p1 = SIMD8<Float>()
-        while i &+ 32 <= end {
+        let last = end &- 32
+        while i <= last {
             let g0 = _load8(dy, i), g1 = _load8(dy, i &+ 8), g2 = _load8(dy, i &+ 16), g3 = _load8(dy, i &+ 24)
             s0 += g0; s1 += g1
             p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i &+ 8) - c)
@@ -431,7 +433,8 @@ extension Float: NormalizationScalar {
                 tail.addProduct(_load8(dy, n - 8), pv)
             }
             var i = 0
-            while i &+ 32 <= n {  // four vectors a step, as `_scaleShift` takes
+            let last = n &- 32
+            while i <= last {  // four vectors a step, as `_scaleShift` takes
                 var v0 = rv, v1 = rv, v2 = rv, v3 = rv
                 v0.addProduct(_load8(x, i) - c, qv); v1.addProduct(_load8(x, i &+ 8) - c, qv)
                 v2.addProduct(_load8(x, i &+ 16) - c, qv); v3.addProduct(_load8(x, i &+ 24) - c, qv)

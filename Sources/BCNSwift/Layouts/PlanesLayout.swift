@@ -10,7 +10,8 @@ struct PlanesLayout: StoredLayout {
         return perPlane == 1 ? 0 : ScratchArena.bytes(PlaneChunks(shape).count, of: Moments.self)
     }
 
-    /// Mean and M2 of every plane: each chunk by `_chunkMoments`, chunks merged in order (Chan).
+    /// Mean and M2 of every plane: by `_planeMoments` when a plane is one chunk, else each chunk by
+    /// `_chunkMoments`, chunks merged in order (Chan).
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
         let chunks = self.chunks
