@@ -59,9 +59,9 @@ def paired_median_times(fns, min_seconds=0.02, repeats=7):
 
 
 def warm_up(seconds=0.5):
-    """Runs a forward+backward for `seconds` before anything is timed. The first table row measured in a fresh
-    process ran at up to 1.9x its twin row (the same work with the other estimate mode) on this VM: the workers
-    and the machine's clock had not settled yet."""
+    """Runs a forward+backward for `seconds` before anything is timed: on the machine docs/PERFORMANCE.md was
+    measured on, the first row a fresh process timed ran at up to 1.9x its twin row (the same work in the other
+    estimate mode)."""
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(2, 64, 56, 56)) + 1).astype(np.float32)
     layer = bcnswift.BatchChannelNorm(64, 32)
@@ -96,7 +96,7 @@ def run(shapes, quick=False, reference=True, use_torch=True):
         cols += ["numpy fwd us", "numpy f+b us"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    warm_up()
+    warm_up(0.1 if quick else 0.5)
     rng = np.random.default_rng(0)
     rows = []
     for shape, G in shapes:
@@ -172,7 +172,7 @@ def run_modes(modes, quick=False, use_torch=True, shapes=None):
     print(f"bcnswift {bcnswift.__version__} ({bcnswift.build_info()['isa']}), {bcnswift.get_num_threads()} "
           f"thread(s), float32, medians of {repeats} repeats, times in us, ratios from this run")
     tables = {}
-    warm_up()
+    warm_up(0.1 if quick else 0.5)
     if "rows" in modes:
         tables["rows"] = print_table("Row path (training)", M.rows_table(timer, copy_timer, torch))
     if "eval" in modes:

@@ -157,7 +157,8 @@ class _Normalization:
     _has_bn = False
     _has_cn = False
     _bn_prefix = ""  # state-dict prefix of the batch-norm entries ("bn." inside BatchChannelNorm)
-    _gradient_keys = (None, None, None, None)  # grads keys of bn weight, bn bias, cn weight, cn bias (or None)
+    # state-dict names of the bn weight, bn bias, cn weight and cn bias (None: no such stage), the keys of `grads`
+    _gradient_keys = (None, None, None, None)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -300,7 +301,10 @@ class _Normalization:
                 self.running_mean if bn else None, self.running_var if bn else None,
                 self.num_batches_tracked if bn else None, self.weight if cn else None, self.bias if cn else None, ctx)
         try:  # not through _call: this runs on every call, and the extra frame is a tenth of a tiny call's time
-            _ext.norm_forward(*args) if moments is None else _ext.norm_forward(*args, moments)
+            if moments is None:
+                _ext.norm_forward(*args)
+            else:
+                _ext.norm_forward(*args, moments)
         except FloatingPointError as e:
             _nan_raised(e)
 
@@ -368,11 +372,12 @@ class _Normalization:
     # ---- state --------------------------------------------------------------------------------------------
 
     def _parameters(self):
+        bn_weight, bn_bias, cn_weight, cn_bias = self._gradient_keys  # the names `grads` and backward use
         p = {}
         if self._has_cn:
-            p["weight"], p["bias"] = self.weight, self.bias
+            p[cn_weight], p[cn_bias] = self.weight, self.bias
         if self._has_bn:
-            p[self._bn_prefix + "weight"], p[self._bn_prefix + "bias"] = self.bn_weight, self.bn_bias
+            p[bn_weight], p[bn_bias] = self.bn_weight, self.bn_bias
         return p
 
     def _buffers(self):

@@ -178,8 +178,11 @@ def test_memory_facts_agree_with_numpys_flags(rng):
     instructions a read); its bits must say what numpy's flags say, in every layout."""
     from bcnswift import _ext
     base = random_input(rng, (2, 6, 4, 5)).astype(np.float32)
+    class Sub(np.ndarray):
+        pass
     cases = [("C order", base), ("1-D", base.ravel()), ("0-d", np.full((), 2.5)),
-             ("view of all", base[:]), *_layouts(base)]
+             ("view of all", base[:]), ("subclass view", base.view(Sub)),
+             ("subclass, Fortran order", np.asfortranarray(base).view(Sub)), *_layouts(base)]
     for name, a in cases:
         bits = _ext.memory_facts(a)
         expected = {_ext.MEMORY_C_ORDER: a.flags.c_contiguous, _ext.MEMORY_ALIGNED: a.flags.aligned,
