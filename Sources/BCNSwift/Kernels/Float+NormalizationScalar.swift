@@ -1,7 +1,8 @@
 // Float kernels. Reductions run in Float32 blocks (256 elements over four 8-lane accumulators, or 128 over two),
 // so each lane sums at most 8 terms of a full block (10 in a block that ends a plane: its last vectors and tail)
-// and a block's rounding stays below ~10 ulps of its terms; blocks flush to Float64. Inner loops have no conversion, which is what keeps the passes at memory speed. Exactness comes from
-// the algorithms around them (a corrected second pass, centring, power-of-two scaling), not from wide accumulators.
+// and a block's rounding stays below ~10 ulps of its terms; blocks flush to Float64. Inner loops have no
+// conversion, which is what keeps the passes at memory speed. Exactness comes from the algorithms around them (a
+// corrected second pass, centring, power-of-two scaling), not from wide accumulators.
 
 extension Float: NormalizationScalar {
     @inlinable @inline(__always)
