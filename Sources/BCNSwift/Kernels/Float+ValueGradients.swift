@@ -165,6 +165,12 @@ protocol FloatValueSink {
     func flush(first c0: Int, count n: Int)
 }
 
+extension FloatValueSink {
+    /// Nothing to fill or flush: sinks that keep no per-panel constants or partials.
+    func prepare(first c0: Int, count n: Int) {}
+    func flush(first c0: Int, count n: Int) {}
+}
+
 extension Float {
     /// The batch-norm stage's a, S₁/n and k per channel (`BatchNormStage.dxTerms`), rounded to Float32 once a
     /// call, for dx = a ((dy₁ - S₁/n) - (x - μ) k).

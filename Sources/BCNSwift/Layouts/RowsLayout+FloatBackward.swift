@@ -225,8 +225,6 @@ struct FloatValueSums: FloatValueSink {
         Float._store8(Float._load8(s2, c).addingProduct(z, dy1), s2, c)
     }
 
-    func prepare(first c0: Int, count n: Int) {}
-
     func flush(first c0: Int, count n: Int) {
         var c = c0
         while c &+ 4 <= c0 &+ n {  // four channels a step (the same additions)
@@ -253,8 +251,6 @@ struct FloatInputGradient: FloatValueSink {
         Float._store8(Float._load8(k.a, c) * (dy1 - Float._load8(k.s1n, c)).addingProduct(z, -Float._load8(k.k, c)),
                       dx, i)
     }
-
-    func flush(first c0: Int, count n: Int) {}
 }
 
 /// dx = dy₁, without a batch-norm stage.
@@ -263,10 +259,6 @@ struct FloatValueCopy: FloatValueSink {
 
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>) { Float._store8(dy1, dx, i) }
-
-    func prepare(first c0: Int, count n: Int) {}
-
-    func flush(first c0: Int, count n: Int) {}
 }
 
 /// Two sinks for every value, `first` then `second`.

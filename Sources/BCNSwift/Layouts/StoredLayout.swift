@@ -178,10 +178,10 @@ extension StoredLayout {
                                                                              through: through, context: ctx,
                                                                              arena: &arena)
         if G > 0 {  // units in order, so each group's gradients add up over samples in a fixed order
-            let units = Units(plan: plan, shape: shape), weight = gradient.weightGradient
+            let units = Units(plan: plan, shape: shape)
+            let add = BatchNormStage.groupGradientAdder(groupGradients, groups: G)
             for unit in 0..<units.count {
-                let g = units.locate(unit).group
-                groupGradients[g] += weight[unit]; groupGradients[G + g] += gradient.biasGradient[unit]
+                add(units.locate(unit).group, gradient.biasGradient[unit], gradient.weightGradient[unit])
             }
         }
         let maps = gradient.maps  // [E | F | H], made [P | Q | R] in place when a batch-norm stage comes first
