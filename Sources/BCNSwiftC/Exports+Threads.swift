@@ -25,3 +25,12 @@ public func bcn_set_calling_thread_num_threads(_ n: Int32) -> Int32 {
 /// BCN_ABI_VERSION of this library (bcnswift.h).
 @_cdecl("bcn_abi_version")
 public func bcn_abi_version() -> Int32 { BCN_ABI_VERSION }
+
+/// Sets the team the calling thread's later calls run their parallel work on (nil: bcnswift's own workers);
+/// returns the team it replaced, so that a caller can restore it.
+@_cdecl("bcn_set_calling_thread_team")
+public func bcn_set_calling_thread_team(_ team: BCNThreadTeam?) -> BCNThreadTeam? {
+    let previous = BCNThreads.callingThreadTeam
+    BCNThreads.callingThreadTeam = team
+    return previous
+}

@@ -481,6 +481,16 @@ static PyObject *set_calling_thread_num_threads(PyObject *self, PyObject *arg) {
     return n < 0 ? NULL : PyLong_FromLong(bcn_set_calling_thread_num_threads((int32_t)n));
 }
 
+/* The calling thread's team (bcn_set_calling_thread_team) from an address (0: none), e.g. an OpenMP runtime's
+ * GOMP_parallel found with ctypes; returns the address it replaced. The address must be such a function: this
+ * is for bcnswift.torch, which takes it from the runtime PyTorch has loaded. */
+static PyObject *set_calling_thread_team(PyObject *self, PyObject *arg) {
+    void *address = PyLong_AsVoidPtr(arg);
+    if (address == NULL && PyErr_Occurred()) return NULL;
+    bcn_thread_team previous = bcn_set_calling_thread_team((bcn_thread_team)address);
+    return PyLong_FromVoidPtr((void *)previous);
+}
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 static PyMethodDef methods[] = {
     {"norm_forward", FASTCALL(norm_forward), "fused normalization forward (or its phase (c))"},
@@ -497,6 +507,8 @@ static PyMethodDef methods[] = {
     {"get_num_threads", get_num_threads, METH_NOARGS, "worker threads in force for the calling thread"},
     {"set_calling_thread_num_threads", set_calling_thread_num_threads, METH_O,
      "set the calling thread's own worker threads (0: none); returns the previous setting"},
+    {"set_calling_thread_team", set_calling_thread_team, METH_O,
+     "set the calling thread's team (a GOMP_parallel address, 0: none); returns the previous one"},
     {NULL, NULL, 0, NULL}};
 
 /* One kernel build per ISA path: setup.py compiles this file once per path, as bcnswift._ext_<path>, with the

@@ -104,6 +104,10 @@ func parallelFor(_ count: Int, cost: Int, _ body: (Range<Int>, Int) -> Void) {
     }
     // About 8 ranges per thread, none under ~16K element visits.
     let grain = max(1, count / (threads * 8), (1 << 14) / max(cost, 1))
+    if let team = BCNThreads.callingThreadTeam {
+        runOnTeam(team, count: count, grain: grain, threads: threads, body)
+        return
+    }
     // The pool indexes in 32 bits; larger counts (far beyond any real tensor's planes) go in segments.
     var base = 0
     while base < count {

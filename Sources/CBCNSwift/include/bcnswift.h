@@ -87,6 +87,17 @@ int32_t bcn_get_num_threads(void);
  * (A process that has used up its thread-specific keys, PTHREAD_KEYS_MAX, has no per-thread setting: then this
  * does nothing and returns 0.) */
 int32_t bcn_set_calling_thread_num_threads(int32_t n);
+/* Another runtime's thread team: a function with the contract of GOMP_parallel, which libgomp, LLVM's libomp
+ * and Intel's libiomp5 all export. It runs fn(data) on up to num_threads threads, the calling thread among
+ * them, and returns once every one has returned. */
+typedef void (*bcn_thread_team)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+/* The team on which later calls made from the calling thread run their parallel work, with the thread count
+ * above (bcn_get_num_threads), instead of bcnswift's workers; NULL (the default) goes back to the workers.
+ * Returns the calling thread's previous team, so that it can be restored. For callers inside an OpenMP
+ * program (PyTorch's CPU operations): its team's threads, still polling after the operation before, take the
+ * kernel's work at once, where bcnswift's workers would compete with them for the cores. Results are bitwise
+ * identical whatever runs them. (Without a thread-specific key left, this does nothing and returns NULL.) */
+bcn_thread_team bcn_set_calling_thread_team(bcn_thread_team team);
 
 /*
  * Length, in doubles, of the context buffer a forward fills for its backward: O(batch * channels).
