@@ -62,4 +62,4 @@ def test_torch_bench_runs_a_model(tmp_path, capsys):
         assert f"small {way}: " in printed
     assert ratios["small: authors eager / bcnswift eager"] > 0
     saved = json.loads(path.read_text())
-    assert saved["results"] == results and saved["bcnswift_torch_threads"] == torch_bench.get_num_threads()
+    assert saved["results"] == results and saved["bcnswift_torch_threads"] == torch_bench._kernel_threads()

@@ -14,7 +14,7 @@ torch = require("torch")
 import bcnswift  # noqa: E402
 import bcnswift.torch as bt  # noqa: E402
 from bcnswift import _ext  # noqa: E402
-from bcnswift.torch import _ops  # noqa: E402
+from bcnswift.torch import _ops, _threads  # noqa: E402
 
 BN, CN, TR = _ext.BCN_BATCH_NORM, _ext.BCN_CHANNEL_NORM, _ext.BCN_TRAINING
 TORCH_BN = BN | _ext.BCN_UNBIASED_RUNNING_VAR
@@ -238,15 +238,52 @@ def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, monk
     assert y.stride() == dx.stride() == x.stride()
 
 
+def calling_thread_team():
+    """The calling thread's team (bcn_set_calling_thread_team) as an address, 0 for none."""
+    team = _ext.set_calling_thread_team(0)
+    _ext.set_calling_thread_team(team)
+    return team
+
+
+def test_kept_parameter_views_follow_their_tensors(gen):
+    """The eager route keeps a numpy view of each parameter and buffer (_ops._held): a tensor moved to other
+    memory (param.data = ..., module.double()) is read from there, and its view goes when the tensor goes."""
+    import gc
+    x = rand_input(gen, (4, 8, 3, 3), torch.float32)
+
+    def fresh_output(m):  # the same state in a module the kernels have never seen
+        twin = bt.BCNorm(8, 4).to(next(m.parameters()).dtype)
+        twin.load_state_dict(m.state_dict())
+        return twin(x.to(twin.weight.dtype))
+
+    m = bt.BCNorm(8, 4)
+    before = m(x)
+    kept = len(_ops._held_views)
+    with torch.no_grad():
+        m.bn.weight.data = torch.linspace(0.5, 2.0, 8)  # new memory for a parameter
+        m.bn.running_mean.data = torch.full((8,), 0.25)  # and for a buffer
+    after = m(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh_output(m))
+    assert m.bn.running_mean[0].item() != 0.25  # the update went to the buffer's new memory
+    m.double()
+    assert torch.equal(m(x.double()), fresh_output(m))
+    assert len(_ops._held_views) >= kept
+    del m
+    gc.collect()
+    assert len(_ops._held_views) < kept, "the views of a module's tensors go with the module"
+
+
 def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, monkeypatch):
-    """Every kernel call of the ops runs under bcnswift.torch's thread count (1 by default: beside torch's own
-    pool), set for the calling thread only; afterwards the thread's count is the process's again."""
+    """Every kernel call of the ops runs under bcnswift.torch's threads (by default torch's own OpenMP team,
+    torch.get_num_threads() of its threads), set for the calling thread only; afterwards the thread's count and
+    team are its own again."""
     seen = []
     names = ("norm_moments", "running_update", "norm_forward", "norm_backward_sums", "norm_backward", "ws_forward",
              "ws_backward")
     for name in names:
         def wrapped(*args, _real=getattr(_ext, name), _name=name):
-            seen.append((_name, _ext.get_num_threads()))
+            seen.append((_name, _ext.get_num_threads(), calling_thread_team()))
             return _real(*args)
         monkeypatch.setattr(_ops._ext, name, wrapped)
     conv = bt.Conv2d(4, 8, 3, padding=1).double()
@@ -254,9 +291,14 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
     saved = bt.get_num_threads()
     try:
         bcnswift.set_num_threads(2)
-        for torch_threads, expected in ((1, 1), (3, 3), (0, 2)):  # 0: as bcnswift chooses (the process's)
+        team = _threads._find_openmp_team()
+        assert team, "torch runs on OpenMP here (torch.__config__.parallel_info()): its GOMP_parallel is found"
+        # None: torch's team with torch's count; 0: as bcnswift chooses (the process's), on its workers
+        for torch_threads, expected in ((None, (torch.get_num_threads(), team)), (1, (1, 0)), (3, (3, 0)),
+                                        (0, (2, 0))):
             bt.set_num_threads(torch_threads)
             assert bt.get_num_threads() == torch_threads
+            assert bt.uses_torch_threads() == (torch_threads is None)
             seen.clear()
             for estimate in (False, True):
                 norm = bt.BCNorm(8, 4, estimate=estimate).double()
@@ -270,17 +312,17 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
                 y, ctx = _ops.normalize(x, ctx, m, None, None, None, None, None, None, TORCH_BN | CN | TR, 2,
                                         1e-5, 1e-5)
                 _ops.normalize_backward(torch.ones_like(y), x, ctx, TORCH_BN | CN | TR, 2, False, False)
-            assert {n for n, _ in seen} == set(names) - {"norm_backward_sums"}  # that one is SyncBCN's
-            assert {count for _, count in seen} == {expected}, seen
-            assert bcnswift.get_num_threads() == 2
+            assert {n for n, _, _ in seen} == set(names) - {"norm_backward_sums"}  # that one is SyncBCN's
+            assert {(count, team) for _, count, team in seen} == {expected}, seen
+            assert bcnswift.get_num_threads() == 2 and calling_thread_team() == 0
         with bcnswift.num_threads(5):  # the caller's own setting: used with 0, given back after each kernel
             for torch_threads, expected in ((1, 1), (0, 5)):
                 bt.set_num_threads(torch_threads)
                 seen.clear()
                 bt.BCNorm(8, 4).double()(conv(x)).sum().backward()
-                assert {count for _, count in seen} == {expected}, seen
+                assert {count for _, count, _ in seen} == {expected}, seen
                 assert bcnswift.get_num_threads() == 5
-            bt.set_num_threads(1)
+            bt.set_num_threads(None)
 
             def failing(*args):
                 raise FloatingPointError("a kernel that fails")
@@ -288,6 +330,7 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
             with pytest.raises(FloatingPointError, match="a kernel that fails"):
                 bt.BCNorm(4, 2).double()(x.detach())
             assert bcnswift.get_num_threads() == 5  # restored after the failure too
+            assert calling_thread_team() == 0
         for bad in (-1, 1.5, True):
             with pytest.raises((TypeError, ValueError), match="threads"):
                 bt.set_num_threads(bad)
@@ -296,9 +339,42 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
         bcnswift.set_num_threads(0)
 
 
+def test_torch_threads_give_the_calling_threads_bits(gen):
+    """On torch's OpenMP team (the default: bcn_set_calling_thread_team with the runtime's GOMP_parallel) the
+    kernels give the bits they give on the calling thread alone: BCN forward and backward in both memory
+    layouts, training and eval, and Weight Standardization, on tensors large enough for two threads."""
+    saved, saved_torch = bt.get_num_threads(), torch.get_num_threads()
+    torch.set_num_threads(2)  # a team of two even where torch would take one core
+    try:
+        x0 = rand_input(gen, (8, 64, 16, 16), torch.float32)
+        dy = torch.randn(x0.shape, generator=gen, dtype=torch.float32) + 0.3
+        w0 = torch.randn(256, 128, 3, 3, generator=gen, dtype=torch.float32) * 0.1 + 0.02
+        runs = []
+        for threads in (None, 1):
+            bt.set_num_threads(threads)
+            assert bt.uses_torch_threads() == (threads is None)
+            out = []
+            for layout in (torch.contiguous_format, torch.channels_last):
+                norm = bt.BCNorm(64, 16)
+                x = x0.clone(memory_format=layout).requires_grad_()
+                y = norm(x)
+                y.backward(dy.contiguous(memory_format=layout))
+                norm.eval()
+                out += [y, x.grad, norm(x.detach()), norm.bn.running_var, norm.weight.grad, norm.bn.weight.grad]
+            w = w0.clone().requires_grad_()
+            ws = bt.weight_standardization(w)
+            ws.backward(torch.ones_like(ws))
+            runs.append(out + [ws, w.grad])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+    finally:
+        bt.set_num_threads(saved)
+        torch.set_num_threads(saved_torch)
+
+
 def test_default_torch_thread_count_comes_from_the_environment():
     code = "import bcnswift.torch as bt; print(bt.get_num_threads())"
-    for env, expected in (("", "1"), ("4", "4"), ("0", "0"), ("many", "1")):
+    for env, expected in (("", "None"), ("4", "4"), ("0", "0"), ("many", "None")):
         out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "BCNSWIFT_TORCH_NUM_THREADS": env})
         assert out.returncode == 0, out.stderr

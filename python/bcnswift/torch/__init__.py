@@ -11,11 +11,11 @@ and float64 tensors run on the fused Swift kernels through the custom ops in ``b
 everything else (CUDA, MPS, half precision, or BCNSWIFT_TORCH_COMPOSED=1) on the same math composed of torch
 operations. Importing bcnswift alone never imports torch; this module needs torch >= 2.4.
 
-The kernels run on the calling thread by default, beside torch's own thread pool rather than against it:
-``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THREADS) changes that.
+The kernels run on torch's own OpenMP threads by default, with torch's thread count, rather than on threads
+that would compete with them: ``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THREADS) changes that.
 """
 from . import _ops  # registers the custom ops
-from ._ops import get_num_threads, set_num_threads
+from ._threads import get_num_threads, set_num_threads, uses_torch_threads
 from .distributed import SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
 from .convert import convert, fold_weight_standardization, largest_divisor_at_most
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, weight_standardization
@@ -26,4 +26,4 @@ __all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNo
            "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
            "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
            "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm",
-           "set_num_threads", "get_num_threads"]
+           "set_num_threads", "get_num_threads", "uses_torch_threads"]

@@ -27,69 +27,22 @@ one call per layer where the ops make three. Both give the same bits.
 import os
 import types
 import warnings
+import weakref
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .. import _ext, _thread_count
+from .. import _ext
 from ..layers import channels_last_strides
+from ._threads import _kernel
 
 # inductor may hand the ops any layout it likes (channels_last, as its convolutions prefer): the kernels read
 # C order and channels-last in place, copy anything else, and the fake kernels promise the same output strides
 _ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
-# ---- threads ------------------------------------------------------------------------------------------------
-# PyTorch's intra-op threads (OpenMP) keep polling for a while after each parallel operation. bcnswift's own
-# workers, woken for a kernel right after one, would compete with them for the same cores, and torch's next
-# operation with bcnswift's polling workers. In a training step the kernels do better alone on the calling
-# thread (docs/PYTORCH.md, "Threads"), so that is the default here, for these ops only.
-
-def _default_threads():
-    raw = os.environ.get("BCNSWIFT_TORCH_NUM_THREADS", "").strip()
-    if not raw:
-        return 1
-    try:
-        return _thread_count(int(raw))
-    except (TypeError, ValueError):
-        warnings.warn(f"BCNSWIFT_TORCH_NUM_THREADS={raw!r} is not a thread count in [0, 4096]; using 1")
-        return 1
-
-
-_threads = _default_threads()
-
-
-def set_num_threads(n):
-    """Threads for the kernels of bcnswift.torch's operations: 1 (the default, or BCNSWIFT_TORCH_NUM_THREADS)
-    runs them on the calling thread, beside torch's own thread pool; n > 1 uses bcnswift's workers too; 0 leaves
-    the choice to bcnswift (the calling thread's bcnswift.num_threads block, else bcnswift.set_num_threads's
-    count). Results are bitwise identical for every count."""
-    global _threads
-    _threads = _thread_count(n)
-
-
-def get_num_threads():
-    """The thread count bcnswift.torch's kernels run with (0: as bcnswift chooses; see set_num_threads)."""
-    return _threads
-
-
-def _with_torch_threads(name):
-    """The extension's kernel `name`, run under this module's thread count, set for the calling thread only and
-    restored after (with 0, the calling thread's setting is left as it is)."""
-    def run(*args):
-        if not _threads:
-            return getattr(_ext, name)(*args)
-        saved = _ext.set_calling_thread_num_threads(_threads)
-        try:
-            return getattr(_ext, name)(*args)
-        finally:
-            _ext.set_calling_thread_num_threads(saved)
-    run.__name__ = run.__qualname__ = name
-    return run
-
-
-# every kernel call of these ops goes through here
-_kernels = types.SimpleNamespace(**{name: _with_torch_threads(name) for name in (
+# every kernel call of these ops goes through here, on the threads _threads.py chooses
+_kernels = types.SimpleNamespace(**{name: _kernel(name) for name in (
     "norm_moments", "running_update", "norm_forward", "norm_backward_sums", "norm_backward", "ws_forward",
     "ws_backward")})
 
@@ -112,8 +65,26 @@ def _array(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _param(t):
-    return None if t is None else _array(t if t.is_contiguous() else t.contiguous())
+# A tensor's numpy view costs about a microsecond, three in a training step (where the convolutions between two
+# layers have evicted Python's caches), and a layer hands the kernels seven parameters and buffers: each gets its
+# view once, kept while the tensor lives on the same memory (param.data = ..., module.double() move it).
+_held_views = {}  # id(tensor) -> (weak reference to it, its data_ptr, its numpy view)
+
+
+def _held(t):
+    """A numpy view of `t`, a parameter or buffer (None stays None), made once per tensor and memory. A tensor
+    that is not contiguous is copied, and the copy not kept."""
+    if t is None:
+        return None
+    key = id(t)
+    entry = _held_views.get(key)
+    if entry is not None and entry[0]() is t and entry[1] == t.data_ptr():
+        return entry[2]
+    if not t.is_contiguous():
+        return _array(t.contiguous())
+    view = _array(t)
+    _held_views[key] = (weakref.ref(t, lambda _, key=key: _held_views.pop(key, None)), t.data_ptr(), view)
+    return view
 
 
 def _form(t):
@@ -129,8 +100,10 @@ def _like(t, x):
     """`t` in x's memory layout (a copy only when they differ). The stride of an axis of size 1 says nothing
     about the layout (torch gives a [O, I, 1, 1] weight's gradient other ones than the weight's), so it is not
     compared."""
-    same = all(a == b for a, b, n in zip(t.stride(), x.stride(), x.shape) if n != 1)
-    return t if same else torch.empty_like(x).copy_(t)
+    ts, xs = t.stride(), x.stride()
+    if ts == xs or all(a == b for a, b, n in zip(ts, xs, x.shape) if n != 1):
+        return t
+    return torch.empty_like(x).copy_(t)
 
 
 def _context_layout(x, context):
@@ -168,7 +141,8 @@ def _check_input(x, name="input"):
 
 # ---- forward phase (a) --------------------------------------------------------------------------------------
 
-def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moment_arrays(x, flags, groups):
+    """(context, moments) of x as numpy arrays: `moments`'s work, for the callers that keep them in numpy."""
     _check_input(x)
     x, form, _ = _context_layout(x, None)  # where it lies, or a C-order copy
     B, C = x.shape[0], x.shape[1]
@@ -177,6 +151,11 @@ def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, to
     ctx = np.zeros(context_length(B, C, _groups(flags, groups)))
     m = np.empty(3 * C)
     _kernels.norm_moments(flags | form, groups, _array(x), m, ctx)
+    return ctx, m
+
+
+def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ctx, m = moment_arrays(x, flags, groups)
     return torch.from_numpy(ctx), torch.from_numpy(m)
 
 
@@ -193,6 +172,15 @@ def _(x, flags, groups):
 
 # ---- the running update alone -------------------------------------------------------------------------------
 
+def running_update(running_mean, running_var, num_batches_tracked, moments, flags, momentum):
+    """The running buffers' update from `moments` (a numpy array), in place: `update_running_`'s work."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    _kernels.running_update(flags, momentum, moments, _held(running_mean), _held(running_var),
+                            _held(num_batches_tracked))
+
+
 def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
                     moments: torch.Tensor, flags: int, momentum: float,
                     moving_speed: Optional[torch.Tensor]) -> None:
@@ -200,11 +188,7 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_b
     BCN_CUMULATIVE_AVERAGE in flags, neither (1/num_batches_tracked)."""
     if moving_speed is not None:
         momentum = float(moving_speed.reshape(-1)[0])
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    _kernels.running_update(flags, momentum, _array(moments.contiguous()), _array(running_mean),
-                            _array(running_var), _array(num_batches_tracked))
+    running_update(running_mean, running_var, num_batches_tracked, _array(moments.contiguous()), flags, momentum)
 
 
 update_running_ = torch.library.custom_op(
@@ -221,13 +205,13 @@ def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, 
 
 def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                     cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, write_buffers):
-    """(y, context): phase (c) on a ``moments`` context, or the whole forward without one. With
-    write_buffers, a training forward updates the running buffers given, in place, at `momentum` (the eager
-    route's single call); without, the kernel's update goes to scratch copies (the functional op)."""
+    """(y, context): phase (c) on a ``moments`` context, continued in place, or the whole forward without one
+    (a new context); the context and `moments` are numpy arrays. With write_buffers, a training forward updates
+    the running buffers given, in place, at `momentum` (the eager route's single call); without, the kernel's
+    update goes to scratch copies (the functional op)."""
     _check_input(x)
     given = x
-    context_array = None if context is None else _array(context)
-    x, form, relaid = _context_layout(x, context_array)
+    x, form, relaid = _context_layout(x, context)
     if not write_buffers:
         flags, momentum = flags & ~_ext.BCN_CUMULATIVE_AVERAGE, 0.1
     flags |= form
@@ -237,10 +221,10 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
     bw = bb = rm = rv = nbt = None
     if flags & _ext.BCN_BATCH_NORM:
         dt = xa.dtype
-        bw = np.ones(C, dt) if bn_weight is None else _param(bn_weight)
-        bb = np.zeros(C, dt) if bn_bias is None else _param(bn_bias)
+        bw = np.ones(C, dt) if bn_weight is None else _held(bn_weight)
+        bb = np.zeros(C, dt) if bn_bias is None else _held(bn_bias)
         if write_buffers:
-            rm, rv, nbt = _array(running_mean), _array(running_var), _array(num_batches_tracked)
+            rm, rv, nbt = _held(running_mean), _held(running_var), _held(num_batches_tracked)
         elif flags & _ext.BCN_TRAINING:
             # functional: batch statistics do not read the buffers, and the real update is update_running_'s
             rm = np.zeros(C, dt) if running_mean is None else _array(running_mean).copy()
@@ -248,30 +232,23 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         else:
             if running_mean is None or running_var is None:
                 raise ValueError("normalizing with running statistics (eval) needs running_mean and running_var")
-            rm, rv = _param(running_mean), _param(running_var)
+            rm, rv = _held(running_mean), _held(running_var)
         if nbt is None:
             nbt = np.zeros((), np.int64)
     cw = cb = None
     if flags & _ext.BCN_CHANNEL_NORM:
-        cw = np.ones(groups, xa.dtype) if cn_weight is None else _param(cn_weight)
-        cb = np.zeros(groups, xa.dtype) if cn_bias is None else _param(cn_bias)
+        cw = np.ones(groups, xa.dtype) if cn_weight is None else _held(cn_weight)
+        cb = np.zeros(groups, xa.dtype) if cn_bias is None else _held(cn_bias)
     if context is None:
-        ctx_array = np.zeros(context_length(B, C, _groups(flags, groups)))
-        out_ctx = torch.from_numpy(ctx_array)
+        context = np.zeros(context_length(B, C, _groups(flags, groups)))
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
-                              ctx_array)
+                              context)
     else:
-        if write_buffers:
-            out_ctx = context
-        else:  # functional: continue a copy
-            context_array = context_array.copy()
-            out_ctx = torch.from_numpy(context_array)
-        m = None if moments is None else _array(moments.contiguous())
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
-                              context_array, m)
+                              context, moments)
     if relaid:
         y = _output(given).copy_(y)
-    return y, out_ctx
+    return y, context
 
 
 def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Optional[torch.Tensor],
@@ -279,8 +256,12 @@ def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Option
                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                cn_weight: Optional[torch.Tensor], cn_bias: Optional[torch.Tensor],
                flags: int, groups: int, eps: float, bn_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, None, cn_weight,
-                           cn_bias, flags, groups, eps, bn_eps, 0.1, False)
+    # functional: a given context is continued in a copy
+    context = None if context is None else _array(context).copy()
+    moments = None if moments is None else _array(moments.contiguous())
+    y, context = _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, None,
+                                 cn_weight, cn_bias, flags, groups, eps, bn_eps, 0.1, False)
+    return y, torch.from_numpy(context)
 
 
 normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_args=(), device_types="cpu",
@@ -295,14 +276,14 @@ def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_wei
 
 
 def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None, shapes=None):
-    """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias); empty tensors for a stage that is absent or not
-    affine. With `merge_sums` (the synchronized layers), the backward runs as its phases: the local gradient
+    """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) from the forward's context (a numpy array); empty
+    tensors for a stage that is absent or not affine. With `merge_sums` (the synchronized layers), the backward runs as its phases: the local gradient
     sums (x, dy in one layout), merge_sums(sums) -> the merged sums of every process, then the finish. With
     `shapes` (the four parameters' shapes, None where absent), the gradients take them (a torch view costs more
     than the kernel on small layers)."""
     _check_input(x)
     given = x
-    ca = _array(context)
+    ca = context
     x, form, relaid = _context_layout(x, ca)
     flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
     C = x.shape[1]
@@ -314,24 +295,26 @@ def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sum
     sizes = (C if bn else 0, C if bn else 0, groups if cn else 0, groups if cn else 0)
     if shapes is not None:
         sizes = [shape if n and shape is not None else n for n, shape in zip(sizes, shapes)]
-    arrays = [np.zeros(n, xa.dtype) for n in sizes]
+    dt = xa.dtype
+    arrays = [np.zeros(n, dt) for n in sizes]
     merged = ()
     if merge_sums is not None:
         sums = np.zeros(2 * C)
         _kernels.norm_backward_sums(flags, groups, xa, dya, sums, ca)
         merged = (merge_sums(sums),)
-    _kernels.norm_backward(flags, groups, xa, dya, _array(dx), *(a if a.size else None for a in arrays), ca,
-                           *merged)
+    a, b, c, d = arrays
+    _kernels.norm_backward(flags, groups, xa, dya, _array(dx), a if bn else None, b if bn else None,
+                           c if cn else None, d if cn else None, ca, *merged)
     if relaid:
         dx = _output(given).copy_(dx)
-    return (dx, *(torch.from_numpy(a) for a in arrays))
+    return dx, torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), torch.from_numpy(d)
 
 
 def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor, flags: int, groups: int,
                        bn_affine: bool, cn_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor, torch.Tensor]:
     """dx and the parameter gradients (empty tensors for a stage that is absent or not affine)."""
-    return backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine)
+    return backward_impl(dy, x, _array(context), flags, groups, bn_affine, cn_affine)
 
 
 normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _normalize_backward, mutates_args=(),
@@ -348,8 +331,13 @@ def _(dy, x, context, flags, groups, bn_affine, cn_affine):
 
 
 def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias):
-    """What a backward needs from its forward."""
-    ctx.save_for_backward(x, context)
+    """What a backward needs from its forward. `context` is the op's output tensor (saved for backward, as
+    torch.compile traces it), or on the eager routes a numpy array, kept as it is."""
+    if isinstance(context, torch.Tensor):
+        ctx.save_for_backward(x, context)
+    else:
+        ctx.save_for_backward(x)
+        ctx.context = context
     ctx.flags, ctx.groups = flags, groups
     ctx.shapes = [None if t is None else t.shape for t in (bn_weight, bn_bias, cn_weight, cn_bias)]
     # a stage is affine when either parameter is given (the kernels then compute both gradients)
@@ -364,7 +352,8 @@ def _normalize_setup(ctx, inputs, output):
 
 
 def _normalize_gradients(ctx, dy, backward):
-    x, context = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, context = saved if len(saved) == 2 else (saved[0], ctx.context)
     dx, dbw, dbb, dcw, dcb = backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
     grads = [None if shape is None else g if g.shape == shape else g.view(shape)
              for g, shape in zip((dbw, dbb, dcw, dcb), ctx.shapes)]
@@ -500,17 +489,20 @@ def _first_order_only(grads, anchor):
 
 class _EagerForward(torch.autograd.Function):
     """A whole training or eval forward in one call, running buffers updated in place (what moments,
-    update_running_ and normalize compute together, bit for bit, without the dispatcher)."""
+    update_running_ and normalize compute together, bit for bit, without the dispatcher). The arguments are
+    the tensors that may need gradients, then the rest in one tuple: autograd handles each argument of a
+    Function, and a layer has fifteen."""
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed,
-                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, update):
+    def forward(ctx, x, bn_weight, bn_bias, cn_weight, cn_bias, options):
+        running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, \
+            update = options
         if moving_speed is not None:
             momentum = float(moving_speed.reshape(-1)[0])
         if update and flags & _ext.BCN_ESTIMATED:
             # the estimates first, rounded to the buffers' dtype, then the eval normalization with them
-            context, m = _moments(x, flags, groups)
-            _update_running(running_mean, running_var, num_batches_tracked, m, flags, momentum, None)
+            context, m = moment_arrays(x, flags, groups)
+            running_update(running_mean, running_var, num_batches_tracked, m, flags, momentum)
             y, context = _normalize_impl(x, context, None, bn_weight, bn_bias, running_mean, running_var, None,
                                          cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False)
         else:
@@ -526,18 +518,16 @@ class _EagerForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g = _normalize_gradients(ctx, dy, lambda *args: backward_impl(*args, shapes=ctx.shapes))
-        # x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight, cn_bias,
-        # and the 6 options
-        grads = (g[0], g[3], g[4], None, None, None, None, g[7], g[8]) + (None,) * 6
-        return _first_order_only(grads, ctx.saved_tensors[0])
+        # x, bn_weight, bn_bias, cn_weight, cn_bias, options
+        return _first_order_only((g[0], g[3], g[4], g[7], g[8], None), ctx.saved_tensors[0])
 
 
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,
                   cn_bias, flags, groups, eps, bn_eps, momentum, update):
     """The eager route's forward: `update` trains with running buffers (updated in place); otherwise flags
     say batch statistics (BCN_TRAINING) or running ones."""
-    return _EagerForward.apply(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                               moving_speed, cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, update)
+    return _EagerForward.apply(x, bn_weight, bn_bias, cn_weight, cn_bias, (
+        running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update))
 
 
 class _EagerWeightStandardization(torch.autograd.Function):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..bench import paired_median_times
-from . import BCNorm, Conv2d, get_num_threads, largest_divisor_at_most
+from . import BCNorm, Conv2d, get_num_threads, largest_divisor_at_most, uses_torch_threads
 from . import reference as R
 
 MODELS = {"small": ((32, 64, 128, 256), 16), "resnet18": ((64, 128, 256, 512), 32)}
@@ -111,11 +111,21 @@ def interleaved_medians(steps, repeats, warmup):
     return dict(zip(steps, times))
 
 
+def _kernel_threads():
+    """Where bcnswift.torch's kernels run (set_num_threads), in words."""
+    n = get_num_threads()
+    if uses_torch_threads():
+        return "torch's OpenMP threads"
+    if n is None or n == 1:
+        return "the calling thread"
+    return f"{n} bcnswift threads" if n else "bcnswift's default threads"
+
+
 def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
                                          "bcnswift compiled"), repeats=15, warmup=3, estimate=False,
         json_path=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
-          f"{get_num_threads() or 'bcnswift default'} thread(s); training step: batch 8, 32x32, SGD; BCN "
+          f"{_kernel_threads()}; training step: batch 8, 32x32, SGD; BCN "
           f"estimate={estimate}; median of {repeats} steps, every way and its model without normalization timed "
           f"in turn")
     results = {}
@@ -146,6 +156,6 @@ def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled",
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "bcnswift_torch_threads": get_num_threads(), "estimate": estimate,
+                       "bcnswift_torch_threads": _kernel_threads(), "estimate": estimate,
                        "repeats": repeats, "results": results, "ratios": ratios}, f, indent=2)
     return results, ratios

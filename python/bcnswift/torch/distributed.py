@@ -69,16 +69,16 @@ class _SyncForward(torch.autograd.Function):
                 raise TypeError(f"synchronized BCN runs on CPU float32/float64 tensors, got {x.dtype} on {x.device}")
             if x.numel() == 0:
                 return np.zeros(3 * channels)
-            local["context"], m = _ops._moments(x, flags, groups)
-            return m.numpy()
+            local["context"], m = _ops.moment_arrays(x, flags, groups)
+            return m
 
-        merged = torch.from_numpy(synchronizer.moments(config, moments))
+        merged = synchronizer.moments(config, moments)
         buffers = (running_mean, running_var, num_batches_tracked)
         if "context" not in local:  # an empty batch: only the buffers follow the others'
-            _ops._update_running(*buffers, merged, flags, momentum, None)
+            _ops.running_update(*buffers, merged, flags, momentum)
             y, context = torch.empty_like(x), None
         elif estimated:  # as one process: the estimates first, then the eval normalization with them
-            _ops._update_running(*buffers, merged, flags, momentum, None)
+            _ops.running_update(*buffers, merged, flags, momentum)
             y, context = _ops._normalize_impl(x, local["context"], None, bn_weight, bn_bias, running_mean,
                                               running_var, None, cn_weight, cn_bias, flags, groups, eps, bn_eps,
                                               momentum, False)

@@ -102,11 +102,12 @@ class BCNorm(nn.Module):
     def forward(self, x):
         _check_channels(x, self.num_channels, "BCNorm")
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
-        if isinstance(self.bn, EstBN):
-            return batch_channel_norm(x, self.bn.stage(), cn)
-        if isinstance(self.bn, _BatchNorm):
-            return batch_channel_norm(x, torch_batch_norm_stage(self.bn), cn)
-        return batch_channel_norm(self.bn(x), None, cn)
+        bn = self.bn  # a submodule: each read goes through nn.Module.__getattr__
+        if isinstance(bn, EstBN):
+            return batch_channel_norm(x, bn.stage(), cn)
+        if isinstance(bn, _BatchNorm):
+            return batch_channel_norm(x, torch_batch_norm_stage(bn), cn)
+        return batch_channel_norm(bn(x), None, cn)
 
     def extra_repr(self):
         return f"{self.num_channels}, {self.num_groups}, eps={self.eps}"
