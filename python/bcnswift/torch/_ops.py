@@ -411,12 +411,20 @@ def _rows(t):
     return t.as_strided((O, fan), (fan, 1))
 
 
+def _row_array(t, held=False):
+    """A numpy view of t as [O, fan-in] (`_rows`; t must have one), through `_held` for a parameter."""
+    if t.is_contiguous():  # the common case: a reshaped view, no torch view made
+        return (_held(t) if held else _array(t)).reshape(t.shape[0], -1)
+    return _array(_rows(t))
+
+
 def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
     _check_weight(w)
-    if _rows(w) is None:
+    in_place = w.is_contiguous() or _rows(w) is not None  # else standardize a C-order copy
+    if not in_place:
         w = w.contiguous()
     out = torch.empty_like(w)  # in w's own layout
-    _kernels.ws_forward(flags, eps, _array(_rows(w)), _array(_rows(out)))
+    _kernels.ws_forward(flags, eps, _row_array(w, held=in_place), _row_array(out))
     return out
 
 
@@ -431,11 +439,12 @@ def _(w, eps, flags):
 
 def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
     _check_weight(w)
-    if _rows(w) is None:
+    in_place = w.is_contiguous() or _rows(w) is not None  # else standardize a C-order copy
+    if not in_place:
         w = w.contiguous()
     grad = _like(grad if grad.dtype == w.dtype else grad.to(w.dtype), w)
     out = torch.empty_like(w)
-    _kernels.ws_backward(flags, eps, _array(_rows(w)), _array(_rows(grad)), _array(_rows(out)))
+    _kernels.ws_backward(flags, eps, _row_array(w, held=in_place), _row_array(grad), _row_array(out))
     return out
 
 
