@@ -158,24 +158,21 @@ extension Double: NormalizationScalar {
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, rows: Int, columns n: Int,
         stride: Int, centre: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>, r: UnsafePointer<Double>
     ) {
-        var c = 0
-        while c + 4 <= n {
-            let k = _load4(centre, c), pv = _load4(p, c), qv = _load4(q, c), rv = _load4(r, c)
-            for row in 0..<rows {
-                let at = row * stride + c
-                var v = rv
-                v.addProduct(_load4(x, at) - k, qv)
-                v.addProduct(_load4(dy, at), pv)
-                UnsafeMutableRawPointer(dx + at).storeBytes(of: v, as: SIMD4<Double>.self)
+        var dyRow = dy, xRow = x, dxRow = dx
+        for _ in 0..<rows {  // row by row, as Float's
+            var c = 0
+            while c &+ 4 <= n {
+                var v = _load4(r, c)
+                v.addProduct(_load4(xRow, c) - _load4(centre, c), _load4(q, c))
+                v.addProduct(_load4(dyRow, c), _load4(p, c))
+                UnsafeMutableRawPointer(dxRow + c).storeBytes(of: v, as: SIMD4<Double>.self)
+                c &+= 4
             }
-            c += 4
-        }
-        while c < n {
-            for row in 0..<rows {
-                let at = row * stride + c
-                dx[at] = r[c].addingProduct(x[at] - centre[c], q[c]).addingProduct(dy[at], p[c])
+            while c < n {
+                dxRow[c] = r[c].addingProduct(xRow[c] - centre[c], q[c]).addingProduct(dyRow[c], p[c])
+                c &+= 1
             }
-            c += 1
+            dyRow += stride; xRow += stride; dxRow += stride
         }
     }
 

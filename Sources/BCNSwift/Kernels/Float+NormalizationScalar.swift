@@ -502,57 +502,39 @@ extension Float: NormalizationScalar {
         }
     }
 
-    @inlinable @inline(__always)  // once a row: inlined, as the row loop was before its one-row path
+    /// Row by row, each row's columns in order, 32 at a time, the constants read as operands of the arithmetic:
+    /// three streams (dy, x, dx) in order, as the plane layout reads them. Holding constants in registers meant
+    /// walking a strip of columns down the rows, which ran 1.1-1.5x slower here (A/B, C = 64..512); and a call per
+    /// row paid its setup per row (a 32-channel row: 28 instructions of work, about 60 around them).
+    @inlinable
     public static func _combineColumns(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int, columns n: Int,
         stride: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
     ) {
-        var c = 0
-        if rows == 1 {  // one row: the constants as memory operands, 32 columns a step
+        var dyRow = dy, xRow = x, dxRow = dx
+        for _ in 0..<rows {
+            var c = 0
             while c &+ 32 <= n {
-                _combineColumn8(dy, x, dx, c, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dy, x, dx, c &+ 8, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dy, x, dx, c &+ 16, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dy, x, dx, c &+ 24, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c &+ 8, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c &+ 16, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c &+ 24, centre: centre, p: p, q: q, r: r)
                 c &+= 32
             }
-        }
-        // 16 columns at a time (the constants of 32 would not fit the registers), as in `_mapColumns`
-        while c + 16 <= n {
-            let k0 = _load8(centre, c), k1 = _load8(centre, c + 8), p0 = _load8(p, c), p1 = _load8(p, c + 8)
-            let q0 = _load8(q, c), q1 = _load8(q, c + 8), r0 = _load8(r, c), r1 = _load8(r, c + 8)
-            for row in 0..<rows {
-                let at = row &* stride &+ c
-                var v0 = r0, v1 = r1
-                v0.addProduct(_load8(x, at) - k0, q0); v1.addProduct(_load8(x, at &+ 8) - k1, q1)
-                v0.addProduct(_load8(dy, at), p0); v1.addProduct(_load8(dy, at &+ 8), p1)
-                _store8(v0, dx, at); _store8(v1, dx, at &+ 8)
+            while c &+ 8 <= n {
+                _combineColumn8(dyRow, xRow, dxRow, c, centre: centre, p: p, q: q, r: r)
+                c &+= 8
             }
-            c += 16
-        }
-        while c + 8 <= n {
-            let k = _load8(centre, c), pv = _load8(p, c), qv = _load8(q, c), rv = _load8(r, c)
-            for row in 0..<rows {
-                let at = row * stride + c
-                var v = rv
-                v.addProduct(_load8(x, at) - k, qv)
-                v.addProduct(_load8(dy, at), pv)
-                _store8(v, dx, at)
+            while c < n {
+                dxRow[c] = r[c].addingProduct(xRow[c] - centre[c], q[c]).addingProduct(dyRow[c], p[c])
+                c &+= 1
             }
-            c += 8
-        }
-        while c < n {
-            for row in 0..<rows {
-                let at = row * stride + c
-                dx[at] = r[c].addingProduct(x[at] - centre[c], q[c]).addingProduct(dy[at], p[c])
-            }
-            c += 1
+            dyRow += stride; xRow += stride; dxRow += stride
         }
     }
 
-    /// dx[i..<i+8] = r + (x - centre) · q + dy · p, as every value of `_combineColumns`. Alone in a row (the
-    /// channels-last combine walks one row at a time), the constants cannot stay in registers across rows; read
-    /// as operands of the arithmetic, they cost no instruction of their own.
+    /// dx[i..<i+8] = r + (x - centre) · q + dy · p, as every value of `_combineColumns`: the constants read as
+    /// operands of the arithmetic, at no instruction of their own.
     @inlinable @inline(__always)
     static func _combineColumn8(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
                                 _ dx: UnsafeMutablePointer<Float>, _ i: Int, centre: UnsafePointer<Float>,

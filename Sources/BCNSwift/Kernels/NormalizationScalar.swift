@@ -58,7 +58,8 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, rows: Int, columns: Int, stride: Int,
         centre: UnsafePointer<Self>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>)
 
-    /// dx[r, c] = r[c] + q[c] · (x[r, c] - centre[c]) + p[c] · dy[r, c], as `_mapColumns`. `dx` may alias `dy`.
+    /// dx[r, c] = r[c] + q[c] · (x[r, c] - centre[c]) + p[c] · dy[r, c] over `rows` rows (`stride` apart) of
+    /// `columns` columns, row by row. `dx` may alias `dy`.
     static func _combineColumns(
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, rows: Int,
         columns: Int, stride: Int, centre: UnsafePointer<Self>, p: UnsafePointer<Self>, q: UnsafePointer<Self>,

@@ -182,15 +182,10 @@ struct ChannelsLastLayout: StoredLayout {
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
             for item in range {
                 let b = item / perSample, r0 = (item - b * perSample) * rowsPerItem
-                let constants = b * C
-                // one row at a time: three streams (dy, x, dx) in order, as the plane layout reads them; two
-                // rows interleaved, as `map` takes them, ran 1.1-1.5x slower here (A/B, C = 64..512)
-                for row in r0..<min(S, r0 + rowsPerItem) {
-                    let at = (b * S + row) * C
-                    T._combineColumns(dy + at, x + at, dx + at, rows: 1, columns: C, stride: C,
-                                      centre: cT + constants, p: pT + constants, q: qT + constants,
-                                      r: rT + constants)
-                }
+                let constants = b * C, at = (b * S + r0) * C
+                T._combineColumns(dy + at, x + at, dx + at, rows: min(S, r0 + rowsPerItem) - r0, columns: C,
+                                  stride: C, centre: cT + constants, p: pT + constants, q: qT + constants,
+                                  r: rT + constants)
             }
         }
     }
