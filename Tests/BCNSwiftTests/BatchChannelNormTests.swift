@@ -86,8 +86,12 @@ final class BatchChannelNormTests: XCTestCase {
         // time; the view's per-value context filled panel by panel); planes of 9 on 16 samples (the view's
         // backward only); all large enough to run on several threads; a training step, then an eval step (whose
         // backward sums the batch-norm stage's gradients beside dx)
+        // [2, 64, 16, 16] in 32 groups: the eval forward measures and maps each unit in one loop whose cost
+        // (65536) takes two threads where the measuring alone (32768) would take one: its scratch must have two
+        // slots (it had one, and the second thread wrote past it)
         for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([64, 2048], 32),
-                                ([64, 256, 2, 2], 32), ([15, 512, 2, 2], 32), ([16, 256, 3, 3], 32)] {
+                                ([64, 256, 2, 2], 32), ([15, 512, 2, 2], 32), ([16, 256, 3, 3], 32),
+                                ([2, 64, 16, 16], 32)] {
             let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
             var x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
             if S < 16 {  // every third sample's first C/2 channels far off: groups on the Float64 path

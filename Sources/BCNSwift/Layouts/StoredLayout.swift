@@ -111,9 +111,11 @@ extension StoredLayout {
             if G > 0 { ctx.m[u] = m; ctx.r[u] = r }
         }
         if mapsPerPlane {  // each unit maps its planes while they are in cache
-            let slots = parallelSlots(units.count, cost: K * S)
+            // the slots from the loop's own cost: with `measure` it may run on more threads than without
+            let cost = (measure ? 2 : 1) * K * S, slots = parallelSlots(units.count, cost: cost)
             let scratch = arena.take(2 * slots * K, of: Double.self)
-            parallelFor(units.count, cost: (measure ? 2 : 1) * K * S) { range, slot in
+            parallelFor(units.count, cost: cost) { range, slot in
+                assert(slot < slots, "a thread's slot beyond the scratch reserved for the call")
                 let scales = scratch + 2 * slot * K, offsets = scales + K
                 for u in range {
                     let first = units.locate(u).plane
@@ -138,7 +140,8 @@ extension StoredLayout {
 
     func applyBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
         let units = Units(plan: plan, shape: shape)
-        let slots = parallelSlots(units.count, cost: units.groupSize * shape.spatial)
+        // `apply`'s largest cost (with `measure`), so that its slots fit either way
+        let slots = parallelSlots(units.count, cost: 2 * units.groupSize * shape.spatial)
         return scratchBytes(T.self) + ScratchArena.bytes(2 * (mapsPerPlane ? slots * units.groupSize : shape.planes),
                                                          of: Double.self)
     }
