@@ -47,6 +47,8 @@ private let exactTeam: BCNThreadTeam = { fn, data, threads, _ in runRegion(fn, d
 private let generousTeam: BCNThreadTeam = { fn, data, threads, _ in runRegion(fn, data, threads: Int(threads) + 3) }
 /// A runtime in a nested region, which runs it on the caller alone.
 private let soloTeam: BCNThreadTeam = { fn, data, _, _ in runRegion(fn, data, threads: 1) }
+/// A runtime that runs the region on no thread at all: the caller must still do the work.
+private let idleTeam: BCNThreadTeam = { _, _, _, _ in teamCalls.add(1, ordering: .relaxed) }
 
 /// `parallelFor` on another runtime's team (`BCNThreads.callingThreadTeam`, `bcn_set_calling_thread_team`):
 /// every index once, on slots below the call's count, and the same bits as bcnswift's own workers.
@@ -58,7 +60,7 @@ extension WorkerPoolTests {
 
     func testTeamVisitsEveryIndexOnceOnSlotsOfItsOwn() {
         defer { restoreThreads() }
-        for team in [exactTeam, generousTeam, soloTeam] {
+        for team in [exactTeam, generousTeam, soloTeam, idleTeam] {
             BCNThreads.callingThreadTeam = team
             for threads in [2, 3, 8] {
                 BCNThreads.count = threads

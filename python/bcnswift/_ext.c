@@ -485,9 +485,18 @@ static PyObject *set_calling_thread_num_threads(PyObject *self, PyObject *arg) {
  * GOMP_parallel found with ctypes; returns the address it replaced. The address must be such a function: this
  * is for bcnswift.torch, which takes it from the runtime PyTorch has loaded. */
 static PyObject *set_calling_thread_team(PyObject *self, PyObject *arg) {
-    void *address = PyLong_AsVoidPtr(arg);
-    if (address == NULL && PyErr_Occurred()) return NULL;
-    bcn_thread_team previous = bcn_set_calling_thread_team((bcn_thread_team)address);
+    if (!PyLong_CheckExact(arg)) {  /* not bool, not float: an address */
+        PyErr_Format(PyExc_TypeError, "a team is a function's address (int; 0: none), got %.80s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(arg);
+    if ((value == (unsigned long long)-1 && PyErr_Occurred()) || value > UINTPTR_MAX) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "a team's address must be an int in [0, UINTPTR_MAX]");
+        return NULL;
+    }
+    bcn_thread_team previous = bcn_set_calling_thread_team((bcn_thread_team)(uintptr_t)value);
     return PyLong_FromVoidPtr((void *)previous);
 }
 

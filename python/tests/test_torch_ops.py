@@ -1,5 +1,6 @@
 """bcnswift.torch's custom ops: torch.library.opcheck on every op in every configuration the modules use,
 gradcheck in float64, no copies on the way to the kernels, errors, and the ops' refusal of a second derivative."""
+import copy
 import itertools
 import os
 import subprocess
@@ -246,32 +247,58 @@ def calling_thread_team():
 
 
 def test_kept_parameter_views_follow_their_tensors(gen):
-    """The eager route keeps a numpy view of each parameter and buffer (_ops._held): a tensor moved to other
-    memory (param.data = ..., module.double()) is read from there, and its view goes when the tensor goes."""
-    import gc
+    """bcnswift's modules keep a numpy view of each parameter and buffer they hand the kernels (`KernelViews`,
+    _ops._held): a tensor moved to other memory (param.data = ...) is read from there; moving the module (.to(),
+    .double(), with torch's swap_tensors too) drops the views, which pickles and deep copies leave out."""
+    import pickle
     x = rand_input(gen, (4, 8, 3, 3), torch.float32)
 
     def fresh_output(m):  # the same state in a module the kernels have never seen
         twin = bt.BCNorm(8, 4).to(next(m.parameters()).dtype)
         twin.load_state_dict(m.state_dict())
-        return twin(x.to(twin.weight.dtype))
+        return twin(x.to(twin.weight.dtype)).detach()
 
+    # outputs detached: a live graph holds the parameters, and swap_tensors refuses them then (torch's rule)
     m = bt.BCNorm(8, 4)
-    before = m(x)
-    kept = len(_ops._held_views)
+    before = m(x).detach()
+    assert {"bn_weight", "bn_bias", "running_mean", "running_var", "cn_weight"} <= set(m.kernel_views())
     with torch.no_grad():
         m.bn.weight.data = torch.linspace(0.5, 2.0, 8)  # new memory for a parameter
         m.bn.running_mean.data = torch.full((8,), 0.25)  # and for a buffer
-    after = m(x)
+    after = m(x).detach()
     assert not torch.equal(before, after)
     assert torch.equal(after, fresh_output(m))
     assert m.bn.running_mean[0].item() != 0.25  # the update went to the buffer's new memory
+    assert "_kernel_views" not in copy.deepcopy(m).__dict__
+    assert "_kernel_views" not in pickle.loads(pickle.dumps(m)).__dict__
     m.double()
-    assert torch.equal(m(x.double()), fresh_output(m))
-    assert len(_ops._held_views) >= kept
-    del m
-    gc.collect()
-    assert len(_ops._held_views) < kept, "the views of a module's tensors go with the module"
+    assert "_kernel_views" not in m.__dict__  # the float32 views (and their memory) are gone
+    assert torch.equal(m(x.double()).detach(), fresh_output(m))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:  # swap_tensors refuses tensors with weak references: the views hold none
+        m.float()
+        conv = bt.Conv2d(8, 8, 3, padding=1)
+        conv(x).sum().backward()
+        conv.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert torch.equal(m(x).detach(), fresh_output(m))
+    w = conv.weight.detach()  # the authors' standardization, composed here: the kernels read the double weight
+    flat = w.reshape(w.shape[0], -1)
+    ws = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + conv.ws_eps)
+    expected = torch.nn.functional.conv2d(x.double(), ws.reshape(w.shape), conv.bias, padding=1)
+    torch.testing.assert_close(conv(x.double()).detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_running_buffer_the_kernels_cannot_write_is_an_error(gen):
+    """A running buffer that is not contiguous cannot be updated in place: a clear error, nothing written
+    (a view of a C-order copy would take the update and lose it)."""
+    m = bt.BCNorm(8, 4)
+    m.bn.running_mean = torch.zeros(16)[::2]
+    with pytest.raises(ValueError, match="running_mean"):
+        m(rand_input(gen, (4, 8, 3, 3), torch.float32))
+    assert torch.equal(m.bn.running_mean, torch.zeros(8))
 
 
 def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, monkeypatch):
@@ -292,6 +319,8 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
     try:
         bcnswift.set_num_threads(2)
         team = _threads._find_openmp_team()
+        if not sys.platform.startswith("linux"):
+            pytest.skip("tested where CI runs: Linux, whose torch wheels run on OpenMP")
         assert team, "torch runs on OpenMP here (torch.__config__.parallel_info()): its GOMP_parallel is found"
         # None: torch's team with torch's count; 0: as bcnswift chooses (the process's), on its workers
         for torch_threads, expected in ((None, (torch.get_num_threads(), team)), (1, (1, 0)), (3, (3, 0)),
@@ -339,10 +368,31 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
         bcnswift.set_num_threads(0)
 
 
-def test_torch_threads_give_the_calling_threads_bits(gen):
+def test_a_team_address_is_checked():
+    for bad, error in ((-1, ValueError), (1 << 70, ValueError), (True, TypeError), (1.5, TypeError), ("0", TypeError)):
+        with pytest.raises(error, match="team"):
+            _ext.set_calling_thread_team(bad)
+    assert calling_thread_team() == 0
+
+
+def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
     """On torch's OpenMP team (the default: bcn_set_calling_thread_team with the runtime's GOMP_parallel) the
     kernels give the bits they give on the calling thread alone: BCN forward and backward in both memory
-    layouts, training and eval, and Weight Standardization, on tensors large enough for two threads."""
+    layouts, training and eval, and Weight Standardization, on tensors large enough for two threads. The team
+    is reached through a counting wrapper around GOMP_parallel, to see that the kernels really ran there."""
+    import ctypes
+    address = _threads._find_openmp_team()
+    if not sys.platform.startswith("linux"):
+        pytest.skip("tested where CI runs: Linux, whose torch wheels run on OpenMP")
+    assert address, "torch runs on OpenMP here: its GOMP_parallel is found"
+    team = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+    gomp_parallel, regions = team(address), []
+
+    @team
+    def counting(fn, data, threads, flags):
+        regions.append(threads)
+        gomp_parallel(fn, data, threads, flags)
+    monkeypatch.setattr(_threads, "_team", ctypes.cast(counting, ctypes.c_void_p).value)
     saved, saved_torch = bt.get_num_threads(), torch.get_num_threads()
     torch.set_num_threads(2)  # a team of two even where torch would take one core
     try:
@@ -365,6 +415,8 @@ def test_torch_threads_give_the_calling_threads_bits(gen):
             ws = bt.weight_standardization(w)
             ws.backward(torch.ones_like(ws))
             runs.append(out + [ws, w.grad])
+            if threads is None:
+                assert regions and set(regions) == {2}, regions  # every parallel kernel ran on the team
         for a, b in zip(*runs):
             assert torch.equal(a, b)
     finally:

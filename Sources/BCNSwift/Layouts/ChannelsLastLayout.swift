@@ -125,10 +125,11 @@ struct ChannelsLastLayout: StoredLayout {
                 let constants = b * C
                 var row = r0
                 let end = min(S, r0 + rowsPerItem)
-                // Rows of up to 32 channels eight at a time: one strip of columns is then the whole row, memory is
-                // read in order, and the constants' twelve loads serve eight rows (C = 32: 0.93x the time of two
-                // at a time). Wider rows two at a time: walking a strip down more of them read memory out of order,
-                // which cost large tensors (C = 64: [32, 64, 32, 32] 1.05x with four, 1.08x with eight).
+                // Rows of up to 32 channels eight at a time: a row of 32 Floats is then one strip of columns, so
+                // memory is read in order while the strip's constants serve eight rows (C = 32: 0.93x the time of
+                // two at a time; narrower rows take the 8-lane and one-value loops, a few strips in under a KB).
+                // Wider rows two at a time: walking a strip down more of them read memory out of order, which cost
+                // large tensors (C = 64: [32, 64, 32, 32] 1.05x with four, 1.08x with eight).
                 let block = C <= 32 ? 8 : 2
                 while row < end {
                     let at = (b * S + row) * C, rows = min(block, end - row)

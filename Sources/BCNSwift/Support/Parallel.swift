@@ -15,7 +15,8 @@ import Darwin
 /// There are two settings: one for the process (`count`'s setter) and one per calling thread
 /// (`callingThreadCount`), which overrides it for the calls that thread makes. The second is for a caller that
 /// runs inside another thread pool: PyTorch's intra-op threads keep polling after each parallel operation, so
-/// bcnswift's workers would compete with them for the same cores (see docs/PYTORCH.md).
+/// bcnswift's workers would compete with them for the same cores (see docs/PYTORCH.md). Such a caller can also
+/// lend its pool's threads (`callingThreadTeam`, ThreadTeam.swift): then the count is its team's size.
 public enum BCNThreads {
     private static let requested = Atomic<Int>(0)
     private static let cores: Int = {

@@ -68,7 +68,8 @@ private let teamEntry: @convention(c) (UnsafeMutableRawPointer?) -> Void = { raw
 }
 
 /// Runs `body` over `0..<count` in ranges of `grain` on `team` with up to `threads` threads. The runtime's
-/// return is its barrier: every range has run, and its writes are visible, when this returns.
+/// return is its barrier: every range its threads took has run, and its writes are visible. Whatever no thread
+/// took (a runtime that ran `fn` on no thread at all) then runs here, on slot 0, which no thread holds any more.
 func runOnTeam(_ team: BCNThreadTeam, count: Int, grain: Int, threads: Int, _ body: WorkerPool.Body) {
     withoutActuallyEscaping(body) { body in
         var held: WorkerPool.Body = body
@@ -76,6 +77,11 @@ func runOnTeam(_ team: BCNThreadTeam, count: Int, grain: Int, threads: Int, _ bo
             let job = TeamJob(body: pointer, count: count, grain: grain, threads: threads)
             withExtendedLifetime(job) {
                 team(teamEntry, Unmanaged.passUnretained(job).toOpaque(), UInt32(threads), 0)
+                while true {
+                    let start = job.next.wrappingAdd(grain, ordering: .relaxed).oldValue
+                    if start >= count { break }
+                    body(start..<min(start + grain, count), 0)
+                }
             }
         }
     }

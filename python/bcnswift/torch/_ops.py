@@ -24,10 +24,7 @@ torch.compile and torch.export trace, and in eager mode directly, through ``torc
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
 one call per layer where the ops make three. Both give the same bits.
 """
-import os
 import types
-import warnings
-import weakref
 from typing import Optional
 
 import numpy as np
@@ -65,25 +62,53 @@ def _array(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
+def _param(t):
+    return None if t is None else _array(t if t.is_contiguous() else t.contiguous())
+
+
 # A tensor's numpy view costs about a microsecond, three in a training step (where the convolutions between two
-# layers have evicted Python's caches), and a layer hands the kernels seven parameters and buffers: each gets its
-# view once, kept while the tensor lives on the same memory (param.data = ..., module.double() move it).
-_held_views = {}  # id(tensor) -> (weak reference to it, its data_ptr, its numpy view)
+# layers have evicted Python's caches), and a layer hands the kernels seven parameters and buffers. bcnswift's
+# modules keep each one's view in a dict of their own (`KernelViews`), cleared when the module moves (.to(),
+# .double(): nn.Module._apply); a tensor moved by other means (param.data = ...) is caught by its data_ptr. No
+# weak references: torch.utils.swap_tensors refuses a tensor that has one.
+
+class KernelViews:
+    """For a module whose forward hands its parameters and buffers to the kernels: a dict in which `_held` keeps
+    their numpy views between calls (`kernel_views()`), emptied when the module's tensors move (`_apply`: .to(),
+    .double(), .cuda(), ...) and left out of pickles and deep copies."""
+
+    def kernel_views(self):
+        views = self.__dict__.get("_kernel_views")
+        if views is None:
+            views = self.__dict__["_kernel_views"] = {}
+        return views
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_kernel_views", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_kernel_views" in state:
+            state = {k: v for k, v in state.items() if k != "_kernel_views"}
+        return state
 
 
-def _held(t):
-    """A numpy view of `t`, a parameter or buffer (None stays None), made once per tensor and memory. A tensor
-    that is not contiguous is copied, and the copy not kept."""
+def _held(t, views, role, writes=False):
+    """A numpy view of `t`, a parameter or buffer (None stays None), kept in `views` under `role` while it is the
+    same tensor on the same memory (without `views`, made afresh). A tensor that is not contiguous is read from
+    a C-order copy, not kept; one the kernels write (`writes`) is passed as it is, for the kernels to refuse."""
     if t is None:
         return None
-    key = id(t)
-    entry = _held_views.get(key)
-    if entry is not None and entry[0]() is t and entry[1] == t.data_ptr():
-        return entry[2]
+    if views is not None:
+        entry = views.get(role)
+        if entry is not None and entry[0] is t and entry[1] == t.data_ptr():
+            return entry[2]
     if not t.is_contiguous():
-        return _array(t.contiguous())
+        return _array(t) if writes else _array(t.contiguous())
     view = _array(t)
-    _held_views[key] = (weakref.ref(t, lambda _, key=key: _held_views.pop(key, None)), t.data_ptr(), view)
+    if views is not None:
+        views[role] = (t, t.data_ptr(), view)
     return view
 
 
@@ -172,13 +197,14 @@ def _(x, flags, groups):
 
 # ---- the running update alone -------------------------------------------------------------------------------
 
-def running_update(running_mean, running_var, num_batches_tracked, moments, flags, momentum):
+def running_update(running_mean, running_var, num_batches_tracked, moments, flags, momentum, views=None):
     """The running buffers' update from `moments` (a numpy array), in place: `update_running_`'s work."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    _kernels.running_update(flags, momentum, moments, _held(running_mean), _held(running_var),
-                            _held(num_batches_tracked))
+    _kernels.running_update(flags, momentum, moments, _held(running_mean, views, "running_mean", True),
+                            _held(running_var, views, "running_var", True),
+                            _held(num_batches_tracked, views, "num_batches_tracked", True))
 
 
 def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
@@ -204,11 +230,11 @@ def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, 
 # ---- the normalization --------------------------------------------------------------------------------------
 
 def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                    cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, write_buffers):
+                    cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, write_buffers, views=None):
     """(y, context): phase (c) on a ``moments`` context, continued in place, or the whole forward without one
     (a new context); the context and `moments` are numpy arrays. With write_buffers, a training forward updates
     the running buffers given, in place, at `momentum` (the eager route's single call); without, the kernel's
-    update goes to scratch copies (the functional op)."""
+    update goes to scratch copies (the functional op). `views`: the calling module's `KernelViews`, or None."""
     _check_input(x)
     given = x
     x, form, relaid = _context_layout(x, context)
@@ -221,10 +247,12 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
     bw = bb = rm = rv = nbt = None
     if flags & _ext.BCN_BATCH_NORM:
         dt = xa.dtype
-        bw = np.ones(C, dt) if bn_weight is None else _held(bn_weight)
-        bb = np.zeros(C, dt) if bn_bias is None else _held(bn_bias)
+        bw = np.ones(C, dt) if bn_weight is None else _held(bn_weight, views, "bn_weight")
+        bb = np.zeros(C, dt) if bn_bias is None else _held(bn_bias, views, "bn_bias")
         if write_buffers:
-            rm, rv, nbt = _held(running_mean), _held(running_var), _held(num_batches_tracked)
+            rm = _held(running_mean, views, "running_mean", True)
+            rv = _held(running_var, views, "running_var", True)
+            nbt = _held(num_batches_tracked, views, "num_batches_tracked", True)
         elif flags & _ext.BCN_TRAINING:
             # functional: batch statistics do not read the buffers, and the real update is update_running_'s
             rm = np.zeros(C, dt) if running_mean is None else _array(running_mean).copy()
@@ -232,13 +260,13 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         else:
             if running_mean is None or running_var is None:
                 raise ValueError("normalizing with running statistics (eval) needs running_mean and running_var")
-            rm, rv = _held(running_mean), _held(running_var)
+            rm, rv = _held(running_mean, views, "running_mean"), _held(running_var, views, "running_var")
         if nbt is None:
             nbt = np.zeros((), np.int64)
     cw = cb = None
     if flags & _ext.BCN_CHANNEL_NORM:
-        cw = np.ones(groups, xa.dtype) if cn_weight is None else _held(cn_weight)
-        cb = np.zeros(groups, xa.dtype) if cn_bias is None else _held(cn_bias)
+        cw = np.ones(groups, xa.dtype) if cn_weight is None else _held(cn_weight, views, "cn_weight")
+        cb = np.zeros(groups, xa.dtype) if cn_bias is None else _held(cn_bias, views, "cn_bias")
     if context is None:
         context = np.zeros(context_length(B, C, _groups(flags, groups)))
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
@@ -277,10 +305,10 @@ def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_wei
 
 def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None, shapes=None):
     """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) from the forward's context (a numpy array); empty
-    tensors for a stage that is absent or not affine. With `merge_sums` (the synchronized layers), the backward runs as its phases: the local gradient
-    sums (x, dy in one layout), merge_sums(sums) -> the merged sums of every process, then the finish. With
-    `shapes` (the four parameters' shapes, None where absent), the gradients take them (a torch view costs more
-    than the kernel on small layers)."""
+    tensors for a stage that is absent or not affine. With `merge_sums` (the synchronized layers), the backward
+    runs as its phases: the local gradient sums (x, dy in one layout), merge_sums(sums) -> the merged sums of
+    every process, then the finish. With `shapes` (the four parameters' shapes, None where absent), the gradients
+    take them (a torch view costs more than the kernel on small layers)."""
     _check_input(x)
     given = x
     ca = context
@@ -411,21 +439,30 @@ def _rows(t):
     return t.as_strided((O, fan), (fan, 1))
 
 
-def _row_array(t, held=False):
-    """A numpy view of t as [O, fan-in] (`_rows`; t must have one), through `_held` for a parameter."""
+def _row_array(t, views=None):
+    """A numpy view of t as [O, fan-in] (`_rows`; t must have one), kept in `views` for a layer's weight."""
     if t.is_contiguous():  # the common case: a reshaped view, no torch view made
-        return (_held(t) if held else _array(t)).reshape(t.shape[0], -1)
+        return _held(t, views, "weight").reshape(t.shape[0], -1)
     return _array(_rows(t))
 
 
-def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+def _standardizable(w):
+    """w, or a C-order copy when its output channels are not dense blocks the kernels can read in place."""
+    return w if w.is_contiguous() or _rows(w) is not None else w.contiguous()
+
+
+def weight_standardization_impl(w, eps, flags, views=None):
+    """`weight_standardization`'s work; `views`: the calling layer's `KernelViews`, or None."""
     _check_weight(w)
-    in_place = w.is_contiguous() or _rows(w) is not None  # else standardize a C-order copy
-    if not in_place:
-        w = w.contiguous()
+    given = w
+    w = _standardizable(w)
     out = torch.empty_like(w)  # in w's own layout
-    _kernels.ws_forward(flags, eps, _row_array(w, held=in_place), _row_array(out))
+    _kernels.ws_forward(flags, eps, _row_array(w, views if w is given else None), _row_array(out))
     return out
+
+
+def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+    return weight_standardization_impl(w, eps, flags)
 
 
 weight_standardization = torch.library.custom_op("bcnswift::weight_standardization", _weight_standardization,
@@ -437,15 +474,20 @@ def _(w, eps, flags):
     return _ws_output(w)
 
 
-def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+def weight_standardization_backward_impl(grad, w, eps, flags, views=None):
+    """`weight_standardization_backward`'s work; `views` as in `weight_standardization_impl`."""
     _check_weight(w)
-    in_place = w.is_contiguous() or _rows(w) is not None  # else standardize a C-order copy
-    if not in_place:
-        w = w.contiguous()
+    given = w
+    w = _standardizable(w)
     grad = _like(grad if grad.dtype == w.dtype else grad.to(w.dtype), w)
     out = torch.empty_like(w)
-    _kernels.ws_backward(flags, eps, _row_array(w, held=in_place), _row_array(grad), _row_array(out))
+    _kernels.ws_backward(flags, eps, _row_array(w, views if w is given else None), _row_array(grad),
+                         _row_array(out))
     return out
+
+
+def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+    return weight_standardization_backward_impl(grad, w, eps, flags)
 
 
 weight_standardization_backward = torch.library.custom_op(
@@ -505,20 +547,20 @@ class _EagerForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, cn_weight, cn_bias, options):
         running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, \
-            update = options
+            update, views = options
         if moving_speed is not None:
             momentum = float(moving_speed.reshape(-1)[0])
         if update and flags & _ext.BCN_ESTIMATED:
             # the estimates first, rounded to the buffers' dtype, then the eval normalization with them
             context, m = moment_arrays(x, flags, groups)
-            running_update(running_mean, running_var, num_batches_tracked, m, flags, momentum)
+            running_update(running_mean, running_var, num_batches_tracked, m, flags, momentum, views)
             y, context = _normalize_impl(x, context, None, bn_weight, bn_bias, running_mean, running_var, None,
-                                         cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False)
+                                         cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False, views)
         else:
             train = _ext.BCN_TRAINING if update else 0
             y, context = _normalize_impl(x, None, None, bn_weight, bn_bias, running_mean, running_var,
                                          num_batches_tracked, cn_weight, cn_bias, flags | train, groups, eps,
-                                         bn_eps, momentum, update)
+                                         bn_eps, momentum, update, views)
         if update:  # written through numpy: tell autograd, as an in-place torch op would
             torch.autograd.graph.increment_version((running_mean, running_var, num_batches_tracked))
         _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias)
@@ -532,28 +574,31 @@ class _EagerForward(torch.autograd.Function):
 
 
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,
-                  cn_bias, flags, groups, eps, bn_eps, momentum, update):
+                  cn_bias, flags, groups, eps, bn_eps, momentum, update, views=None):
     """The eager route's forward: `update` trains with running buffers (updated in place); otherwise flags
-    say batch statistics (BCN_TRAINING) or running ones."""
+    say batch statistics (BCN_TRAINING) or running ones. `views`: the calling module's `KernelViews`."""
     return _EagerForward.apply(x, bn_weight, bn_bias, cn_weight, cn_bias, (
-        running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update))
+        running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update,
+        views))
 
 
 class _EagerWeightStandardization(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, eps, flags):
-        out = _weight_standardization(w, eps, flags)
+    def forward(ctx, w, eps, flags, views):
+        out = weight_standardization_impl(w, eps, flags, views)
         _ws_setup(ctx, (w, eps, flags), out)
+        ctx.views = views
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
-        return _first_order_only((_weight_standardization_backward(grad, w, ctx.eps, ctx.flags), None, None), w)
+        dw = weight_standardization_backward_impl(grad, w, ctx.eps, ctx.flags, ctx.views)
+        return _first_order_only((dw, None, None, None), w)
 
 
-def weight_standardization_route(w, eps, flags):
-    """The op while torch.compile traces, the direct call in eager mode."""
+def weight_standardization_route(w, eps, flags, views=None):
+    """The op while torch.compile traces, the direct call in eager mode (`views`: the layer's `KernelViews`)."""
     if torch.compiler.is_compiling():
         return weight_standardization(w, eps, flags)
-    return _EagerWeightStandardization.apply(w, eps, flags)
+    return _EagerWeightStandardization.apply(w, eps, flags, views)

@@ -4,10 +4,12 @@ PyTorch's CPU operations run on an OpenMP team whose threads keep polling for a 
 bcnswift's own workers, woken for a kernel right after a convolution, would compete with them for the same cores,
 and torch's next operation with bcnswift's polling workers. So by default the kernels run on torch's team
 itself: the extension hands their ranges to the OpenMP runtime's ``GOMP_parallel`` (``bcn_set_calling_thread_team``
-in the C ABI), whose threads, still polling, take them at once. Without such a runtime in the process the kernels
-run on the calling thread alone. Results are bitwise identical whatever runs them (docs/PYTORCH.md, "Threads").
+in the C ABI), whose threads, still polling, take them at once. Without such a runtime (a torch with another
+parallel backend, or Windows) the kernels run on the calling thread alone. Results are bitwise identical
+whatever runs them (docs/PYTORCH.md, "Threads").
 """
 import ctypes
+import glob
 import os
 import warnings
 
@@ -15,27 +17,18 @@ import torch
 
 from .. import _ext, _thread_count
 
-# the runtimes that export GOMP_parallel: GNU's, Intel's and LLVM's
-_OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
-
 
 def _find_openmp_team():
-    """The address of GOMP_parallel in the OpenMP runtime PyTorch runs its operations on, or 0: torch built
-    without OpenMP, or no such runtime loaded (only libraries already in the process are looked at, torch's own
-    first)."""
+    """The address of GOMP_parallel as torch's own CPU library resolves it, or 0. dlsym on libtorch_cpu searches
+    that library and the ones it links, so this is the OpenMP runtime torch runs its operations on (GNU's libgomp,
+    LLVM's libomp or Intel's libiomp5: all export the symbol), whatever else the process has loaded. 0: torch
+    built with another parallel backend, a platform without dlopen's RTLD_NOLOAD (Windows), or no such symbol."""
     noload = getattr(os, "RTLD_NOLOAD", None)
     if noload is None or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return 0
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {fields[5] for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
-    except OSError:
-        return 0
-    paths = [p.strip() for p in paths if os.path.basename(p.strip()).startswith(_OPENMP_RUNTIMES)]
-    here = os.path.dirname(torch.__file__)
-    for path in sorted(paths, key=lambda p: (not p.startswith(here), p)):
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))):
         try:
-            runtime = ctypes.CDLL(path, mode=noload | os.RTLD_LAZY)
+            runtime = ctypes.CDLL(path, mode=noload | os.RTLD_LAZY)  # only as already loaded: torch's own
             address = ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
         except (OSError, AttributeError):
             continue

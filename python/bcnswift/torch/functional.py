@@ -56,8 +56,10 @@ def _fast(x, tensors):
     return True
 
 
-def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNormStage]):
-    """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring."""
+def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNormStage], *, views=None):
+    """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring. `views`: a
+    dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'
+    tensors (bcnswift's modules pass their own, `KernelViews`); None makes them afresh on each call."""
     if x.dim() < 2:
         raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -73,7 +75,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
             return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
         if not torch.compiler.is_compiling():
             return _ops.eager_forward(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
-                                      eps, 0.0, False)
+                                      eps, 0.0, False, views)
         return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                               eps)[0]
     flags |= bn.flags
@@ -94,7 +96,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
                                    flags | train, groups, eps, bn.eps)
     if not torch.compiler.is_compiling():
         return _ops.eager_forward(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias,
-                                  flags | (0 if update else train), groups, eps, bn.eps, momentum, update)
+                                  flags | (0 if update else train), groups, eps, bn.eps, momentum, update, views)
     if not update:
         return _ops.normalize(x, None, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
                               cn_bias, flags | train, groups, eps, bn.eps)[0]
@@ -107,11 +109,11 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
                           cn_weight, cn_bias, flags | train, groups, eps, bn.eps)[0]
 
 
-def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True):
+def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, views=None):
     """w with each output channel (w[o]) standardized over its fan-in: (w - mean) / (std + eps) (the authors'
     convolution; eps_in_sqrt=False) or (w - mean) / sqrt(var + eps) (labml; eps_in_sqrt=True), with the unbiased
-    std and var unless unbiased=False. Differentiable."""
+    std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
     if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64):
         return _composed.weight_standardization(w, eps, flags)
-    return _ops.weight_standardization_route(w, float(eps), flags)
+    return _ops.weight_standardization_route(w, float(eps), flags, views)

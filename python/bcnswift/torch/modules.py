@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
+from ._ops import KernelViews
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
 
 _TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
@@ -44,7 +45,7 @@ def torch_batch_norm_stage(bn):
                           bn.running_var, bn.num_batches_tracked, bn.training, bn.track_running_stats)
 
 
-class EstBN(nn.Module):
+class EstBN(KernelViews, nn.Module):
     """The authors' estimated batch norm (seed 003): in training, first fold the batch into the running buffers,
     the variance measured around the running mean before its update, at the rate held in the buffer
     ``estbn_moving_speed`` (which starts at 0, freezing the estimates until set); then normalize with them,
@@ -73,13 +74,13 @@ class EstBN(nn.Module):
 
     def forward(self, x):
         _check_channels(x, self.num_features, "EstBN")
-        return batch_channel_norm(x, self.stage(), None)
+        return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}"
 
 
-class BCNorm(nn.Module):
+class BCNorm(KernelViews, nn.Module):
     """The authors' Batch-Channel Normalization (seed 003): ``bn`` (nn.BatchNorm2d, or EstBN with estimate=True),
     then per sample a normalization over each of num_groups groups of channels with eps and a per-group affine
     ``weight``, ``bias`` of shape (1, num_groups, 1). Fused into one call.
@@ -104,16 +105,16 @@ class BCNorm(nn.Module):
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
         bn = self.bn  # a submodule: each read goes through nn.Module.__getattr__
         if isinstance(bn, EstBN):
-            return batch_channel_norm(x, bn.stage(), cn)
+            return batch_channel_norm(x, bn.stage(), cn, views=self.kernel_views())
         if isinstance(bn, _BatchNorm):
-            return batch_channel_norm(x, torch_batch_norm_stage(bn), cn)
-        return batch_channel_norm(bn(x), None, cn)
+            return batch_channel_norm(x, torch_batch_norm_stage(bn), cn, views=self.kernel_views())
+        return batch_channel_norm(bn(x), None, cn, views=self.kernel_views())
 
     def extra_repr(self):
         return f"{self.num_channels}, {self.num_groups}, eps={self.eps}"
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(KernelViews, nn.Module):
     """labml's BatchNorm (seed 001): batch statistics in training (and always without running statistics),
     running variance stored biased; ``scale``/``shift`` parameters, ``exp_mean``/``exp_var`` buffers."""
 
@@ -144,7 +145,7 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         _check_channels(x, self.channels, type(self).__name__)
-        return batch_channel_norm(x, self.stage(), None)
+        return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
     def extra_repr(self):
         return f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
@@ -161,7 +162,7 @@ class EstimatedBatchNorm(BatchNorm):
     _flags = _LABML_ESTIMATED
 
 
-class ChannelNorm(nn.Module):
+class ChannelNorm(KernelViews, nn.Module):
     """labml's ChannelNorm (seed 000): per sample, each of `groups` groups of channels normalized, then a
     per-group affine ``scale``, ``shift`` of shape (groups,)."""
 
@@ -181,13 +182,13 @@ class ChannelNorm(nn.Module):
 
     def forward(self, x):
         _check_channels(x, self.channels, "ChannelNorm")
-        return batch_channel_norm(x, None, self.stage())
+        return batch_channel_norm(x, None, self.stage(), views=self.kernel_views())
 
     def extra_repr(self):
         return f"{self.channels}, {self.groups}, eps={self.eps}, affine={self.affine}"
 
 
-class BatchChannelNorm(nn.Module):
+class BatchChannelNorm(KernelViews, nn.Module):
     """labml's BatchChannelNorm (seed 000): ``batch_norm`` (EstimatedBatchNorm with estimate=True, else labml's
     BatchNorm) then ``channel_norm`` (ChannelNorm), fused into one call."""
 
@@ -202,4 +203,4 @@ class BatchChannelNorm(nn.Module):
 
     def forward(self, x):
         _check_channels(x, self.channel_norm.channels, "BatchChannelNorm")
-        return batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage())
+        return batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(), views=self.kernel_views())

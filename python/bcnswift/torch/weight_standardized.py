@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._ops import KernelViews
 from .functional import weight_standardization
 
 CONVENTIONS = {"authors": False, "labml": True}  # convention -> eps inside the square root
 
 
-class _WeightStandardized:
+class _WeightStandardized(KernelViews):
     """What every WS layer shares: the convention, eps, and the standardized weight."""
 
     _output_dim = 0
@@ -32,7 +33,8 @@ class _WeightStandardized:
         w = self.weight
         if self._output_dim:
             w = w.transpose(0, self._output_dim)
-        w = weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention])
+        w = weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention],
+                                   views=self.kernel_views())
         return w.transpose(0, self._output_dim) if self._output_dim else w
 
     def extra_repr(self):
