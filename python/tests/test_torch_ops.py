@@ -424,6 +424,31 @@ def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
         torch.set_num_threads(saved_torch)
 
 
+def test_a_forked_child_runs_the_kernels_on_its_calling_thread():
+    """GNU OpenMP cannot start a parallel region in a process forked after the parent's team ran (torch's own
+    parallel operations hang there): a forked child runs the kernels on its calling thread, and finishes."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    code = """if True:
+        import os, torch, bcnswift.torch as bt
+        torch.set_num_threads(2)
+        x = torch.randn(8, 64, 32, 32) + 0.5
+        m = bt.BCNorm(64, 16)
+        expected = m(x).detach()  # on torch's team, in the parent
+        assert bt.uses_torch_threads()
+        pid = os.fork()
+        if pid == 0:
+            # compared in numpy: torch.equal on this size is itself a parallel operation, which would hang
+            ok = not bt.uses_torch_threads() and (m(x).detach().numpy() == expected.numpy()).all()
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0", out.stdout
+
+
 def test_default_torch_thread_count_comes_from_the_environment():
     code = "import bcnswift.torch as bt; print(bt.get_num_threads())"
     for env, expected in (("", "None"), ("4", "4"), ("0", "0"), ("many", "None")):

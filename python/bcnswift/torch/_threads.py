@@ -47,6 +47,18 @@ def _openmp_team():
     return _team
 
 
+def _forget_team():
+    """In a process forked from this one, GNU OpenMP cannot start a parallel region once the parent's team has
+    run: torch's own parallel operations hang there. The kernels then run on the calling thread, so that
+    bcnswift.torch at least does not (PyTorch's DataLoader workers set one thread anyway)."""
+    global _team
+    _team = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_team)
+
+
 def _default_threads():
     raw = os.environ.get("BCNSWIFT_TORCH_NUM_THREADS", "").strip()
     if not raw:
