@@ -82,14 +82,21 @@ def op_calls(stage, dtype, layout, training, gen):
     if not training:
         return [(_ops.normalize, (x, None, None, bw, bb, p["rm"], p["rv"], *cn, flags, 4, 1e-5, 1e-3))]
     ctx, m = _ops.moments(x.detach(), flags, 4)
-    calls = [(_ops.moments, (x.detach(), flags, 4)),
-             (_ops.update_running_, (p["rm"], p["rv"], torch.tensor(3), m, flags, 0.1,
-                                     torch.full((1,), 0.25, dtype=dtype) if flags & _ext.BCN_ESTIMATED else None))]
+    speed = torch.full((1,), 0.25, dtype=dtype) if flags & _ext.BCN_ESTIMATED else None
+    update = (_ops.update_running_, (p["rm"], p["rv"], torch.tensor(3), m, flags, 0.1, speed))
     if flags & _ext.BCN_ESTIMATED:
-        calls.append((_ops.normalize, (x, ctx, None, bw, bb, p["rm"], p["rv"], *cn, flags, 4, 1e-5, 1e-3)))
-    else:
-        calls.append((_ops.normalize, (x, ctx, m, bw, bb, None, None, *cn, flags | TR, 4, 1e-5, 1e-3)))
-    return calls
+        return [(_ops.moments, (x.detach(), flags, 4)), update,
+                (_ops.normalize, (x, ctx, None, bw, bb, p["rm"], p["rv"], *cn, flags, 4, 1e-5, 1e-3))]
+    # batch statistics: the normalization measures the batch, then the update takes its moments; normalize
+    # continuing a moments context is checked too (the phases torch.export or a user may call)
+    return [(_ops.normalize_batch, (x, bw, bb, *cn, flags | TR, 4, 1e-5, 1e-3)), update,
+            (_ops.normalize, (x, ctx, m, bw, bb, None, None, *cn, flags | TR, 4, 1e-5, 1e-3))]
+
+
+def normalizing_calls(calls):
+    """The calls among `calls` that normalize, each with its flags: what a backward continues."""
+    flags_at = {_ops.normalize: 9, _ops.normalize_batch: 5}
+    return [(op, args, args[flags_at[op]]) for op, args in calls if op in flags_at]
 
 
 # "permuted": the fake kernels must promise the strides the real ones give when they copy (inductor may hand the
@@ -102,12 +109,12 @@ CONFIGS = [(s, d, l, t) for s, d, l, t in itertools.product(STAGES, DTYPES, LAYO
 def test_opcheck_normalization_ops(stage, dtype, layout, training, gen):
     for op, args in op_calls(stage, dtype, layout, training, gen):
         torch.library.opcheck(op, args)
-    # the backward op, on the context of the normalization above
-    op, args = op_calls(stage, dtype, layout, training, gen)[-1]
-    y, ctx = op(*args)
-    x = args[0].detach()
-    dy = rand_input(gen, tuple(x.shape), dtype, layout)
-    torch.library.opcheck(_ops.normalize_backward, (dy, x, ctx, args[9], 4, True, True))
+    # the backward op, on the context of each normalization above
+    for op, args, flags in normalizing_calls(op_calls(stage, dtype, layout, training, gen)):
+        ctx = op(*args)[1]
+        x = args[0].detach()
+        dy = rand_input(gen, tuple(x.shape), dtype, layout)
+        torch.library.opcheck(_ops.normalize_backward, (dy, x, ctx, flags, 4, True, True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,6 +10,9 @@ Mutation and differentiation live in separate ops, as torch.library requires:
   flags, groups, eps, bn_eps) -> (y, context)``: functional; continues a ``moments`` context (phase (c)) or runs
   the whole forward. Training with batch statistics normalizes with ``moments`` and leaves the running buffers
   alone (the update is ``update_running_``'s); differentiable through ``normalize_backward``.
+- ``bcnswift::normalize_batch(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps) -> (y,
+  context, moments)``: ``moments`` then ``normalize`` with the batch's moments in one op, whose moments then go to
+  ``update_running_``: a traced training forward with batch statistics makes two calls a layer, not three.
 - ``bcnswift::normalize_backward(dy, x, context, flags, groups, bn_affine, cn_affine) -> (dx, d_bn_weight,
   d_bn_bias, d_cn_weight, d_cn_bias)``; a second derivative raises.
 - ``bcnswift::weight_standardization(w, eps, flags)`` and ``bcnswift::weight_standardization_backward``.
@@ -22,7 +25,7 @@ Each op is one plain function (``_moments``, ...), reached two ways: as the regi
 torch.compile and torch.export trace, and in eager mode directly, through ``torch.autograd.Function``
 (``eager_forward``, ``weight_standardization_route``): a trip through the dispatcher costs tens of
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
-one call per layer where the ops make three. Both give the same bits.
+one call per layer where the ops make two or three. Both give the same bits.
 """
 import types
 from typing import Optional
@@ -395,6 +398,47 @@ def _normalize_grad(ctx, dy, _dcontext):
 
 
 torch.library.register_autograd("bcnswift::normalize", _normalize_grad, setup_context=_normalize_setup)
+
+
+# ---- a training forward with batch statistics in one op -----------------------------------------------------
+
+def _normalize_batch(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                     cn_weight: Optional[torch.Tensor], cn_bias: Optional[torch.Tensor], flags: int, groups: int,
+                     eps: float, bn_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, context, moments): `moments` then `normalize` with the batch's moments (flags with BCN_TRAINING), in
+    one op, so that a traced training step makes two calls a layer (this, then update_running_ with the
+    moments it returns) instead of three: a trip through the dispatcher costs more than a small layer's kernel."""
+    context, m = moment_arrays(x, flags & ~_ext.BCN_TRAINING, groups)
+    y, context = _normalize_impl(x, context, m, bn_weight, bn_bias, None, None, None, cn_weight, cn_bias, flags,
+                                 groups, eps, bn_eps, 0.1, False)
+    return y, torch.from_numpy(context), torch.from_numpy(m)
+
+
+normalize_batch = torch.library.custom_op("bcnswift::normalize_batch", _normalize_batch, mutates_args=(),
+                                          device_types="cpu", tags=_ANY_LAYOUT)
+
+
+@normalize_batch.register_fake
+def _(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps):
+    B, C = x.shape[0], x.shape[1]
+    return (_output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64),
+            x.new_empty(3 * C, dtype=torch.float64))
+
+
+def _normalize_batch_setup(ctx, inputs, output):
+    x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, _, _ = inputs
+    _save(ctx, x, output[1], flags, groups, bn_weight, bn_bias, cn_weight, cn_bias)
+    ctx.mark_non_differentiable(output[1], output[2])  # bookkeeping and statistics, not values
+
+
+def _normalize_batch_grad(ctx, dy, _dcontext, _dmoments):
+    g = _normalize_gradients(ctx, dy, normalize_backward)
+    # x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps
+    return g[0], g[3], g[4], g[7], g[8], None, None, None, None
+
+
+torch.library.register_autograd("bcnswift::normalize_batch", _normalize_batch_grad,
+                                setup_context=_normalize_batch_setup)
 
 
 _NO_SECOND_DERIVATIVE = ("bcnswift.torch's kernels have no second derivative (double backward); set "

@@ -100,13 +100,19 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     if not update:
         return _ops.normalize(x, None, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
                               cn_bias, flags | train, groups, eps, bn.eps)[0]
-    # traced: one pass for the moments, the buffers' update (the one op that mutates), then the normalization
-    # with the batch's statistics, or (estimated) with the updated buffers, held constant as the documents do
+    # traced: the functional normalization, then the buffers' update (the one op that mutates). With batch
+    # statistics the normalization measures the batch and returns its moments for the update; estimated, the
+    # moments come first, then the update, then the normalization with the updated buffers, held constant as the
+    # documents do
+    if not estimated:
+        y, _, moments = _ops.normalize_batch(x, bn.weight, bn.bias, cn_weight, cn_bias, flags | train, groups, eps,
+                                             bn.eps)
+        _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
+        return y
     context, moments = _ops.moments(x.detach(), flags, groups)
     _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
-    return _ops.normalize(x, context, None if estimated else moments, bn.weight, bn.bias,
-                          bn.running_mean if estimated else None, bn.running_var if estimated else None,
-                          cn_weight, cn_bias, flags | train, groups, eps, bn.eps)[0]
+    return _ops.normalize(x, context, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
+                          cn_bias, flags | train, groups, eps, bn.eps)[0]
 
 
 def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, views=None):
