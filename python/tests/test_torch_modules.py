@@ -391,8 +391,9 @@ def test_weight_standardization_against_the_transcribed_convolutions(gen):
 @pytest.mark.parametrize("name,make_ref,make_ours", PAIRS, ids=IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_ours, layout, gen, monkeypatch):
-    """Eager mode makes one call per layer; torch.compile traces the ops (moments, update_running_,
-    normalize): here the ops run eagerly, as if traced, and must agree bit for bit."""
+    """Eager mode makes one call per layer; torch.compile traces the ops (normalize_batch and update_running_,
+    or moments, update_running_ and normalize): here the ops run eagerly, as if traced, and must agree bit for
+    bit."""
     eager = make_ours(8, 4)
     randomize(eager, gen)
     traced = copy.deepcopy(eager)

@@ -291,11 +291,33 @@ def test_kept_parameter_views_follow_their_tensors(gen):
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
     assert torch.equal(m(x).detach(), fresh_output(m))
+    # a weight computed for the call (torch.func.functional_call, a parametrization) is used, not kept: its
+    # graph would stay alive with it
+    doubled = (m.bn.weight * 2).detach().requires_grad_() * 1
+    y = torch.func.functional_call(m, {"bn.weight": doubled}, (x,))
+    assert m.kernel_views()["bn_weight"][0] is m.bn.weight
+    assert not torch.equal(y.detach(), m(x).detach())
     w = conv.weight.detach()  # the authors' standardization, composed here: the kernels read the double weight
     flat = w.reshape(w.shape[0], -1)
     ws = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + conv.ws_eps)
     expected = torch.nn.functional.conv2d(x.double(), ws.reshape(w.shape), conv.bias, padding=1)
     torch.testing.assert_close(conv(x.double()).detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_traced_module_keeps_no_views(gen):
+    """Under torch.compile the modules take the ops' route, which uses no views: tracing must not write the
+    module's __dict__ (a side effect that torch.export reports, and a guard that recompiles after .to())."""
+    torch._dynamo.reset()
+    m = bt.BCNorm(8, 4)
+    torch.compile(m, backend="eager", fullgraph=True)(rand_input(gen, (4, 8, 3, 3), torch.float32))
+    assert "_kernel_views" not in m.__dict__
+
+
+def test_normalize_batch_takes_batch_statistics_only(gen):
+    x = rand_input(gen, (3, 8, 4, 5), torch.float32)
+    for flags in (TORCH_BN | CN, AUTHORS_EST | CN | TR, CN | TR):
+        with pytest.raises(ValueError, match="batch statistics"):
+            _ops.normalize_batch(x, None, None, None, None, flags, 4, 1e-5, 1e-5)
 
 
 def test_a_running_buffer_the_kernels_cannot_write_is_an_error(gen):
@@ -434,10 +456,10 @@ def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
 def test_a_forked_child_runs_the_kernels_on_its_calling_thread():
     """GNU OpenMP cannot start a parallel region in a process forked after the parent's team ran (torch's own
     parallel operations hang there): a forked child runs the kernels on its calling thread, and finishes."""
-    if not hasattr(os, "fork"):
-        pytest.skip("no os.fork on this platform")
+    if not hasattr(os, "fork") or not _threads._find_openmp_team():
+        pytest.skip("no os.fork, or a torch without OpenMP, on this platform")
     code = """if True:
-        import os, torch, bcnswift.torch as bt
+        import os, signal, torch, bcnswift.torch as bt
         torch.set_num_threads(2)
         x = torch.randn(8, 64, 32, 32) + 0.5
         m = bt.BCNorm(64, 16)
@@ -445,6 +467,7 @@ def test_a_forked_child_runs_the_kernels_on_its_calling_thread():
         assert bt.uses_torch_threads()
         pid = os.fork()
         if pid == 0:
+            signal.alarm(60)  # a hung child ends, whatever becomes of this process
             # compared in numpy: torch.equal on this size is itself a parallel operation, which would hang
             ok = not bt.uses_torch_threads() and (m(x).detach().numpy() == expected.numpy()).all()
             os._exit(0 if ok else 3)

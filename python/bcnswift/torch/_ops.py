@@ -65,10 +65,6 @@ def _array(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _param(t):
-    return None if t is None else _array(t if t.is_contiguous() else t.contiguous())
-
-
 # A tensor's numpy view costs about a microsecond, three in a training step (where the convolutions between two
 # layers have evicted Python's caches), and a layer hands the kernels seven parameters and buffers. bcnswift's
 # modules keep each one's view in a dict of their own (`KernelViews`), cleared when the module moves (.to(),
@@ -81,6 +77,8 @@ class KernelViews:
     .double(), .cuda(), ...) and left out of pickles and deep copies."""
 
     def kernel_views(self):
+        if torch.compiler.is_compiling():  # the traced route takes no views; and a trace must not write __dict__
+            return None
         views = self.__dict__.get("_kernel_views")
         if views is None:
             views = self.__dict__["_kernel_views"] = {}
@@ -99,18 +97,20 @@ class KernelViews:
 
 def _held(t, views, role, writes=False):
     """A numpy view of `t`, a parameter or buffer (None stays None), kept in `views` under `role` while it is the
-    same tensor on the same memory (without `views`, made afresh). A tensor that is not contiguous is read from
-    a C-order copy, not kept; one the kernels write (`writes`) is passed as it is, for the kernels to refuse."""
+    same tensor on the same memory and size (without `views`, made afresh). Only leaves are kept: a tensor
+    computed on each call (torch.func.functional_call, a parametrization) would keep its graph alive. A tensor
+    that is not contiguous is read from a C-order copy, not kept; one the kernels write (`writes`) is passed as
+    it is, for the kernels to refuse."""
     if t is None:
         return None
     if views is not None:
         entry = views.get(role)
-        if entry is not None and entry[0] is t and entry[1] == t.data_ptr():
+        if entry is not None and entry[0] is t and entry[1] == t.data_ptr() and entry[2].size == t.numel():
             return entry[2]
     if not t.is_contiguous():
         return _array(t) if writes else _array(t.contiguous())
     view = _array(t)
-    if views is not None:
+    if views is not None and t.grad_fn is None:
         views[role] = (t, t.data_ptr(), view)
     return view
 
@@ -408,6 +408,9 @@ def _normalize_batch(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias
     """(y, context, moments): `moments` then `normalize` with the batch's moments (flags with BCN_TRAINING), in
     one op, so that a traced training step makes two calls a layer (this, then update_running_ with the
     moments it returns) instead of three: a trip through the dispatcher costs more than a small layer's kernel."""
+    if not flags & _ext.BCN_TRAINING or not flags & _ext.BCN_BATCH_NORM or flags & _ext.BCN_ESTIMATED:
+        raise ValueError("normalize_batch normalizes with batch statistics: flags need BCN_BATCH_NORM and "
+                         "BCN_TRAINING, without BCN_ESTIMATED")
     context, m = moment_arrays(x, flags & ~_ext.BCN_TRAINING, groups)
     y, context = _normalize_impl(x, context, m, bn_weight, bn_bias, None, None, None, cn_weight, cn_bias, flags,
                                  groups, eps, bn_eps, 0.1, False)

@@ -26,7 +26,12 @@ def _find_openmp_team():
     noload = getattr(os, "RTLD_NOLOAD", None)
     if noload is None or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return 0
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))):
+    # torch's CPU library where the wheels put it, then its extension module (whose dependencies include it,
+    # wherever a distribution installs it)
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")))
+    for path in paths + [getattr(torch._C, "__file__", "")]:
+        if not path:
+            continue
         try:
             runtime = ctypes.CDLL(path, mode=noload | os.RTLD_LAZY)  # only as already loaded: torch's own
             address = ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
@@ -49,8 +54,9 @@ def _openmp_team():
 
 def _forget_team():
     """In a process forked from this one, GNU OpenMP cannot start a parallel region once the parent's team has
-    run: torch's own parallel operations hang there. The kernels then run on the calling thread, so that
-    bcnswift.torch at least does not (PyTorch's DataLoader workers set one thread anyway)."""
+    run (torch's own parallel operations hang there), and whether it has run (for torch or for us) is not known
+    here. So every forked child runs the kernels on its calling thread, and bcnswift.torch at least does not
+    hang (PyTorch's DataLoader workers set one thread anyway)."""
     global _team
     _team = 0
 

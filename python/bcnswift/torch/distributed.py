@@ -182,6 +182,7 @@ def _synchronized(module, process_group):
     else:
         return None
     new.__dict__.update(module.__dict__)  # the same parameters, buffers and submodules, shared
+    new.__dict__.pop("_kernel_views", None)  # but views of its own (KernelViews)
     new.process_group = process_group
     return new
 
