@@ -314,8 +314,7 @@ def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sum
     take them (a torch view costs more than the kernel on small layers)."""
     _check_input(x)
     given = x
-    ca = context
-    x, form, relaid = _context_layout(x, ca)
+    x, form, relaid = _context_layout(x, context)
     flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
     C = x.shape[1]
     dy = _like(dy if dy.dtype == x.dtype else dy.to(x.dtype), x)
@@ -326,16 +325,14 @@ def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sum
     sizes = (C if bn else 0, C if bn else 0, groups if cn else 0, groups if cn else 0)
     if shapes is not None:
         sizes = [shape if n and shape is not None else n for n, shape in zip(sizes, shapes)]
-    dt = xa.dtype
-    arrays = [np.zeros(n, dt) for n in sizes]
+    a, b, c, d = (np.zeros(n, xa.dtype) for n in sizes)
     merged = ()
     if merge_sums is not None:
         sums = np.zeros(2 * C)
-        _kernels.norm_backward_sums(flags, groups, xa, dya, sums, ca)
+        _kernels.norm_backward_sums(flags, groups, xa, dya, sums, context)
         merged = (merge_sums(sums),)
-    a, b, c, d = arrays
     _kernels.norm_backward(flags, groups, xa, dya, _array(dx), a if bn else None, b if bn else None,
-                           c if cn else None, d if cn else None, ca, *merged)
+                           c if cn else None, d if cn else None, context, *merged)
     if relaid:
         dx = _output(given).copy_(dx)
     return dx, torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), torch.from_numpy(d)
@@ -383,18 +380,21 @@ def _normalize_setup(ctx, inputs, output):
 
 
 def _normalize_gradients(ctx, dy, backward):
+    """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) of a forward `_save`d in ctx, each parameter's in its
+    shape (None for a parameter not given), by `backward` (the op, or `backward_impl` itself); each caller lays
+    them out for its own inputs."""
     saved = ctx.saved_tensors
     x, context = saved if len(saved) == 2 else (saved[0], ctx.context)
-    dx, dbw, dbb, dcw, dcb = backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
-    grads = [None if shape is None else g if g.shape == shape else g.view(shape)
-             for g, shape in zip((dbw, dbb, dcw, dcb), ctx.shapes)]
-    # x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps,
-    # bn_eps
-    return dx, None, None, grads[0], grads[1], None, None, grads[2], grads[3], None, None, None, None
+    dx, *params = backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
+    return (dx, *(None if shape is None else g if g.shape == shape else g.view(shape)
+                  for g, shape in zip(params, ctx.shapes)))
 
 
 def _normalize_grad(ctx, dy, _dcontext):
-    return _normalize_gradients(ctx, dy, normalize_backward)
+    dx, dbw, dbb, dcw, dcb = _normalize_gradients(ctx, dy, normalize_backward)
+    # x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps,
+    # bn_eps
+    return dx, None, None, dbw, dbb, None, None, dcw, dcb, None, None, None, None
 
 
 torch.library.register_autograd("bcnswift::normalize", _normalize_grad, setup_context=_normalize_setup)
@@ -435,9 +435,8 @@ def _normalize_batch_setup(ctx, inputs, output):
 
 
 def _normalize_batch_grad(ctx, dy, _dcontext, _dmoments):
-    g = _normalize_gradients(ctx, dy, normalize_backward)
-    # x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps
-    return g[0], g[3], g[4], g[7], g[8], None, None, None, None
+    # x, bn_weight, bn_bias, cn_weight, cn_bias, then flags, groups, eps, bn_eps
+    return (*_normalize_gradients(ctx, dy, normalize_backward), None, None, None, None)
 
 
 torch.library.register_autograd("bcnswift::normalize_batch", _normalize_batch_grad,
@@ -493,18 +492,21 @@ def _row_array(t, views=None):
     return _array(_rows(t))
 
 
-def _standardizable(w):
-    """w, or a C-order copy when its output channels are not dense blocks the kernels can read in place."""
-    return w if w.is_contiguous() or _rows(w) is not None else w.contiguous()
+def _weight_rows(w, views):
+    """(w as the kernels read it, its rows as a numpy array): w itself when its output channels are dense blocks
+    (its view kept in `views`), else a C-order copy."""
+    _check_weight(w)
+    if w.is_contiguous() or _rows(w) is not None:
+        return w, _row_array(w, views)
+    w = w.contiguous()
+    return w, _row_array(w)
 
 
 def weight_standardization_impl(w, eps, flags, views=None):
     """`weight_standardization`'s work; `views`: the calling layer's `KernelViews`, or None."""
-    _check_weight(w)
-    given = w
-    w = _standardizable(w)
+    w, rows = _weight_rows(w, views)
     out = torch.empty_like(w)  # in w's own layout
-    _kernels.ws_forward(flags, eps, _row_array(w, views if w is given else None), _row_array(out))
+    _kernels.ws_forward(flags, eps, rows, _row_array(out))
     return out
 
 
@@ -523,13 +525,10 @@ def _(w, eps, flags):
 
 def weight_standardization_backward_impl(grad, w, eps, flags, views=None):
     """`weight_standardization_backward`'s work; `views` as in `weight_standardization_impl`."""
-    _check_weight(w)
-    given = w
-    w = _standardizable(w)
+    w, rows = _weight_rows(w, views)
     grad = _like(grad if grad.dtype == w.dtype else grad.to(w.dtype), w)
     out = torch.empty_like(w)
-    _kernels.ws_backward(flags, eps, _row_array(w, views if w is given else None), _row_array(grad),
-                         _row_array(out))
+    _kernels.ws_backward(flags, eps, rows, _row_array(grad), _row_array(out))
     return out
 
 
@@ -616,8 +615,8 @@ class _EagerForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g = _normalize_gradients(ctx, dy, lambda *args: backward_impl(*args, shapes=ctx.shapes))
-        # x, bn_weight, bn_bias, cn_weight, cn_bias, options
-        return _first_order_only((g[0], g[3], g[4], g[7], g[8], None), ctx.saved_tensors[0])
+        # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
+        return _first_order_only((*g, None), ctx.saved_tensors[0])
 
 
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,

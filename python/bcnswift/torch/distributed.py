@@ -110,8 +110,8 @@ class _SyncForward(torch.autograd.Function):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine,
                                       merge if exchange else None, ctx.shapes)
 
-        g = _ops._normalize_gradients(ctx, dy, backward)
-        grads = (g[0], g[3], g[4], None, None, None, None, g[7], g[8]) + (None,) * 7
+        dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
+        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 7
         return _ops._first_order_only(grads, x)
 
 
