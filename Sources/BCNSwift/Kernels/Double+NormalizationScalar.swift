@@ -184,16 +184,38 @@ extension Double: NormalizationScalar {
     }
 
     /// Blocks of 8 rows outermost, 16 columns (four lanes of 4) at a time, as `Float._columnSums` and for the
-    /// same reason.
+    /// same reason; with `partials`, each block's rows in order, as there.
     @inlinable
     public static func _columnSums(
         _ x: UnsafePointer<Double>, rows: Int, columns n: Int, stride: Int, centre: UnsafePointer<Double>?,
-        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?
+        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?,
+        partials: UnsafeMutablePointer<Double>?
     ) {
         let wide = n & ~3
         var r0 = 0
         while r0 < rows {
             let end = Swift.min(rows, r0 + 8)
+            if let partials {
+                let s = partials, q = partials + wide
+                s.update(repeating: 0, count: 2 &* wide)
+                for r in r0..<end {
+                    let row = x + r &* stride
+                    var c = 0
+                    while c < wide {
+                        let d = _load4(row, c) - (centre.map { _load4($0, c) } ?? SIMD4())
+                        _store4Narrow(_load4(s, c) + d, s, c); _store4Narrow(_load4(q, c).addingProduct(d, d), q, c)
+                        c &+= 4
+                    }
+                }
+                var c = 0
+                while c < wide {
+                    _add(_load4(s, c), to: sums + c)
+                    if let squares { _add(_load4(q, c), to: squares + c) }
+                    c &+= 4
+                }
+                r0 = end
+                continue
+            }
             var c = 0
             while c + 16 <= wide {
                 let k0 = centre.map { _load4($0, c) } ?? SIMD4<Double>(), k1 = centre.map { _load4($0, c + 4) } ?? k0
@@ -233,16 +255,36 @@ extension Double: NormalizationScalar {
         }
     }
 
-    /// As `_columnSums`: blocks of 8 rows outermost, 16 columns at a time.
+    /// As `_columnSums`: blocks of 8 rows outermost, 16 columns at a time, or with `partials` each block's rows
+    /// in order.
     @inlinable
     public static func _columnGradientSums(
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, rows: Int, columns n: Int, stride: Int,
-        centre: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>
+        centre: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>,
+        partials: UnsafeMutablePointer<Double>?
     ) {
         let wide = n & ~3
         var r0 = 0
         while r0 < rows {
             let end = Swift.min(rows, r0 + 8)
+            if let partials {
+                let s = partials, p = partials + wide
+                s.update(repeating: 0, count: 2 &* wide)
+                for r in r0..<end {
+                    let at = r &* stride, g = dy + at, v = x + at
+                    var c = 0
+                    while c < wide {
+                        let gc = _load4(g, c)
+                        _store4Narrow(_load4(s, c) + gc, s, c)
+                        _store4Narrow(_load4(p, c).addingProduct(gc, _load4(v, c) - _load4(centre, c)), p, c)
+                        c &+= 4
+                    }
+                }
+                var c = 0
+                while c < wide { _add(_load4(s, c), to: sums + c); _add(_load4(p, c), to: dots + c); c &+= 4 }
+                r0 = end
+                continue
+            }
             var c = 0
             while c + 16 <= wide {
                 let k0 = _load4(centre, c), k1 = _load4(centre, c + 4), k2 = _load4(centre, c + 8)

@@ -556,15 +556,39 @@ extension Float: NormalizationScalar {
     /// block (8 rows, read in order) stays in L1 while its columns are summed, in Float32, then added to the
     /// Float64 totals. (Walking one strip of columns down all the rows instead touches many distant lines at
     /// once, which the prefetcher does not follow and a power-of-two row stride makes collide in L1.)
+    /// With `partials`, a block's rows are read in order instead, each against the block's partial sums there:
+    /// the same operations on each lane, in the same order.
     @inlinable
     public static func _columnSums(
         _ x: UnsafePointer<Float>, rows: Int, columns n: Int, stride: Int, centre: UnsafePointer<Float>?,
-        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?
+        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?,
+        partials: UnsafeMutablePointer<Float>?
     ) {
         let wide = n & ~7  // columns in lanes of 8; the rest in Float64
         var r0 = 0
         while r0 < rows {
             let end = Swift.min(rows, r0 &+ 8)
+            if let partials {
+                let s = partials, q = partials + wide
+                s.update(repeating: 0, count: 2 &* wide)
+                for r in r0..<end {
+                    let row = x + r &* stride
+                    var c = 0
+                    while c < wide {
+                        let d = _load8(row, c) - (centre.map { _load8($0, c) } ?? SIMD8())
+                        _store8(_load8(s, c) + d, s, c); _store8(_load8(q, c).addingProduct(d, d), q, c)
+                        c &+= 8
+                    }
+                }
+                var c = 0
+                while c < wide {
+                    _flush8(_load8(s, c), into: sums + c)
+                    if let squares { _flush8(_load8(q, c), into: squares + c) }
+                    c &+= 8
+                }
+                r0 = end
+                continue
+            }
             var c = 0
             while c &+ 32 <= wide {
                 let k0 = centre.map { _load8($0, c) } ?? SIMD8<Float>(), k1 = centre.map { _load8($0, c + 8) } ?? k0
@@ -604,16 +628,36 @@ extension Float: NormalizationScalar {
         }
     }
 
-    /// As `_columnSums`: blocks of 8 rows outermost, 32 columns at a time in Float32.
+    /// As `_columnSums`: blocks of 8 rows outermost, 32 columns at a time in Float32, or with `partials` each
+    /// block's rows in order.
     @inlinable
     public static func _columnGradientSums(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, rows: Int, columns n: Int, stride: Int,
-        centre: UnsafePointer<Float>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>
+        centre: UnsafePointer<Float>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>,
+        partials: UnsafeMutablePointer<Float>?
     ) {
         let wide = n & ~7
         var r0 = 0
         while r0 < rows {
             let end = Swift.min(rows, r0 &+ 8)
+            if let partials {
+                let s = partials, p = partials + wide
+                s.update(repeating: 0, count: 2 &* wide)
+                for r in r0..<end {
+                    let at = r &* stride, g = dy + at, v = x + at
+                    var c = 0
+                    while c < wide {
+                        let gc = _load8(g, c)
+                        _store8(_load8(s, c) + gc, s, c)
+                        _store8(_load8(p, c).addingProduct(gc, _load8(v, c) - _load8(centre, c)), p, c)
+                        c &+= 8
+                    }
+                }
+                var c = 0
+                while c < wide { _flush8(_load8(s, c), into: sums + c); _flush8(_load8(p, c), into: dots + c); c &+= 8 }
+                r0 = end
+                continue
+            }
             var c = 0
             while c &+ 32 <= wide {
                 let k0 = _load8(centre, c), k1 = _load8(centre, c + 8), k2 = _load8(centre, c + 16)

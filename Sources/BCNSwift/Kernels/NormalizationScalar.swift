@@ -49,14 +49,20 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     /// Column sums of a block of `rows` rows (`stride` apart) and `columns` columns: for each column c,
     /// sums[c] += Σ (x - centre[c]) and, when `squares` is given, squares[c] += Σ (x - centre[c])² (no centre: 0).
     /// Float accumulates 8 rows at a time in Float32 lanes, then in Float64; Double in Float64 throughout.
+    /// A block of 8 rows is read a strip of columns at a time down its rows, with the strip's sums in registers;
+    /// with `partials` (2·columns values) row by row in order, with the block's sums there. Both give the same
+    /// bits; input streaming from memory needs the second (the hardware prefetcher does not follow the first).
     static func _columnSums(
         _ x: UnsafePointer<Self>, rows: Int, columns: Int, stride: Int, centre: UnsafePointer<Self>?,
-        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?)
+        sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?,
+        partials: UnsafeMutablePointer<Self>?)
 
-    /// Column gradient sums: sums[c] += Σ dy and dots[c] += Σ dy (x - centre[c]), accumulated as `_columnSums`.
+    /// Column gradient sums: sums[c] += Σ dy and dots[c] += Σ dy (x - centre[c]), accumulated as `_columnSums`
+    /// (`partials` as there).
     static func _columnGradientSums(
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, rows: Int, columns: Int, stride: Int,
-        centre: UnsafePointer<Self>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>)
+        centre: UnsafePointer<Self>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>,
+        partials: UnsafeMutablePointer<Self>?)
 
     /// dx[r, c] = r[c] + q[c] · (x[r, c] - centre[c]) + p[c] · dy[r, c] over `rows` rows (`stride` apart) of
     /// `columns` columns, row by row. `dx` may alias `dy`.

@@ -21,23 +21,45 @@ struct ChannelsLastLayout: StoredLayout {
     private var mapRows: Int { max(1, planeChunkLength / shape.channels) }
     private var sumsCost: Int { 2 * stretchRows * shape.channels }
 
+    /// Bytes of input above which it is taken to stream from memory rather than cache (here, 32 MB of L3: an
+    /// input this large and its output no longer fit together). The sums then read each block of rows in order
+    /// (`_columnSums`' `partials`): [64, 128, 32, 32] Float forward on one thread 0.55-0.6x the time. Below it
+    /// that costs loads and stores a step (L2-resident blocks: 1.2-1.35x the time).
+    static let streamingBytes = 16 << 20
+
+    /// Whether the input streams from memory (`streamingBytes`).
+    private func streaming<T>(_: T.Type) -> Bool {
+        shape.planes * shape.spatial * MemoryLayout<T>.stride > ChannelsLastLayout.streamingBytes
+    }
+
+    /// Values of T of the sums' block partials (2·C a thread), when the input streams from memory; else 0.
+    private func blockPartialsCount<T>(_: T.Type) -> Int {
+        streaming(T.self) ? parallelSlots(shape.batch * stretches, cost: sumsCost) * 2 * shape.channels : 0
+    }
+
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
             + ScratchArena.bytes(4 * shape.planes, of: T.self)
+            + ScratchArena.bytes(blockPartialsCount(T.self), of: T.self)
     }
 
-    /// Runs `body(b, first row, rows, the stretch's two C-sized partial sums)` over every (sample, stretch) in
-    /// parallel, then `finish(b, partials of the sample's stretches)` per sample: partials are added per
-    /// channel in stretch order.
-    private func stretchSums(_ partials: UnsafeMutablePointer<Double>,
-                             _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>) -> Void,
-                             finish: (Int, UnsafePointer<Double>) -> Void) {
+    /// Runs `body(b, first row, rows, the stretch's two C-sized partial sums, the thread's block partials)` over
+    /// every (sample, stretch) in parallel, then `finish(b, partials of the sample's stretches)` per sample:
+    /// partials are added per channel in stretch order. Block partials (for `_columnSums`, nil unless the input
+    /// streams from memory) come from `arena`.
+    private func stretchSums<T>(
+        _ partials: UnsafeMutablePointer<Double>, _: T.Type, arena: inout ScratchArena,
+        _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, UnsafeMutablePointer<T>?)
+            -> Void,
+        finish: (Int, UnsafePointer<Double>) -> Void
+    ) {
         let C = shape.channels, S = shape.spatial, n = stretches, rowsPer = stretchRows
-        parallelFor(shape.batch * n, cost: sumsCost) { range, _ in
+        let blocks = blockPartialsCount(T.self), blockPartials = blocks == 0 ? nil : arena.take(blocks, of: T.self)
+        parallelFor(shape.batch * n, cost: sumsCost) { range, slot in
             for item in range {
                 let b = item / n, r0 = (item - b * n) * rowsPer, part = partials + 2 * C * item
                 part.update(repeating: 0, count: 2 * C)
-                body(b, r0, min(rowsPer, S - r0), part, part + C)
+                body(b, r0, min(rowsPer, S - r0), part, part + C, blockPartials.map { $0 + slot * 2 * C })
             }
         }
         for b in 0..<shape.batch { finish(b, partials + 2 * C * n * b) }
@@ -70,13 +92,13 @@ struct ChannelsLastLayout: StoredLayout {
             pb.update(repeating: 0, count: C)
             for j in 0..<picks {
                 T._columnSums(x + (b * S + j * S / picks) * C, rows: 1, columns: C, stride: C, centre: nil, sums: pb,
-                              squares: nil)
+                              squares: nil, partials: nil)
             }
             for c in 0..<C { centre[b * C + c] = T(pb[c] / Double(picks)) }
         }
-        stretchSums(partials, { b, r0, rows, deviation, squares in
+        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, deviation, squares, blockPartials in
             T._columnSums(x + (b * S + r0) * C, rows: rows, columns: C, stride: C, centre: centre + b * C,
-                          sums: deviation, squares: squares)
+                          sums: deviation, squares: squares, partials: blockPartials)
         }, finish: { b, parts in
             let pb = p + b * C, qb = q + b * C
             addStretches(parts, offset: 0, into: pb)  // Σd
@@ -151,10 +173,10 @@ struct ChannelsLastLayout: StoredLayout {
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
         let centre = arena.take(shape.planes, of: T.self)
         for i in 0..<shape.planes { centre[i] = T(p[i]) }
-        stretchSums(partials, { b, r0, rows, sum, dot in
+        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, sum, dot, blockPartials in
             let at = (b * S + r0) * C
             T._columnGradientSums(dy + at, x + at, rows: rows, columns: C, stride: C, centre: centre + b * C,
-                                  sums: sum, dots: dot)
+                                  sums: sum, dots: dot, partials: blockPartials)
         }, finish: { b, parts in
             let tb = t + b * C, ub = u + b * C, pb = p + b * C
             addStretches(parts, offset: 0, into: tb)
