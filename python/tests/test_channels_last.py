@@ -7,6 +7,7 @@ import pytest
 
 import bcnswift
 from bcnswift.layers import memory_format
+from bcnswift import reference as R
 from conftest import random_input
 
 LAYERS = {
@@ -178,3 +179,30 @@ def test_channels_last_with_capped_stretches_matches_channels_first(rng):
         assert_rel(dxl, dx, np.float64, f"step {step}: dx")
         for k in g:
             assert_rel(gl[k], g[k], np.float64, f"step {step}: grad {k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_channels_last_moments_of_drifting_planes(dtype, rng):
+    """Each stretch of rows measures its planes around a shift of its own, sums again in Float64 where the shift
+    was off, and a sample's stretches merge by Chan's formula: planes far from zero with a small spread, whose
+    mean drifts across the rows, and every third channel's first value far off (the first of the shift's rows,
+    so that stretch is summed again). The data are ill-conditioned (an offset 1e5 times the spread, eps a tenth
+    of the variance), so both layouts are held to an extended-precision run of labml's layer: channels-last at
+    most a little less accurate than [B, C, *]."""
+    B, C, H, W = 2, 64, 40, 40  # 1600 rows of 64 channels: four stretches a sample
+    drift = np.linspace(-1.0, 1.0, H * W).reshape(1, 1, H, W) * rng.uniform(0.01, 0.05, (1, C, 1, 1))
+    x = 1e3 + rng.normal(0.0, 0.01, (B, C, H, W)) + drift
+    x[:, ::3, 0, 0] += 50.0
+    x, dy = x.astype(dtype), rng.normal(0.3, 1.0, x.shape).astype(dtype)
+    ref = R.LabmlBatchChannelNorm(C, 4, estimate=False)
+    want = {"y": ref(x.astype(np.longdouble)), "dx": ref.backward(dy.astype(np.longdouble)),
+            "running_mean": ref.batch_norm.exp_mean, "running_var": ref.batch_norm.exp_var}
+    errors = {}
+    for layout, (xs, dys) in {"first": (x, dy), "last": (channels_last(x), channels_last(dy))}.items():
+        layer = bcnswift.BatchChannelNorm(C, 4, estimate=False, unbiased_running_var=False, dtype=dtype)
+        got = {"y": layer(xs), "dx": layer.backward(dys), "running_mean": layer.running_mean,
+               "running_var": layer.running_var}
+        errors[layout] = {k: float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max()) for k in want}
+    for k in want:
+        first, last = errors["first"][k], errors["last"][k]
+        assert last <= 1.5 * first + 4 * np.finfo(dtype).eps, f"{k}: channels-last {last:.2e}, [B, C, *] {first:.2e}"

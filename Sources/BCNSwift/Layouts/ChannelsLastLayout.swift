@@ -1,8 +1,9 @@
 /// Channels-last: [B, S, C] (S ≥ 2), each sample an S×C matrix whose columns are its planes. Every pass reads
 /// memory in order: work items are (sample, stretch of rows) with all channels, vectorized across channels
-/// (`_columnSums`, `_columnGradientSums`, `_mapColumns`, `_combineColumns`). The sums of each stretch are kept
-/// apart and added per plane in stretch order, and per-(b, c) constants of the maps are kept in T so the element
-/// loops stay at the lanes of T. The partition is fixed, so results never depend on the thread count.
+/// (`_columnSums`, `_columnGradientSums`, `_mapColumns`, `_combineColumns`). Each stretch's moments or sums are
+/// kept apart and combined per plane in stretch order (in parallel over blocks of channels), and per-(b, c)
+/// constants of the maps are kept in T so the element loops stay at the lanes of T. The partition is fixed, so
+/// results never depend on the thread count.
 struct ChannelsLastLayout: StoredLayout {
     let shape: NormalizationShape
 
@@ -32,89 +33,161 @@ struct ChannelsLastLayout: StoredLayout {
         shape.planes * shape.spatial * MemoryLayout<T>.stride > ChannelsLastLayout.streamingBytes
     }
 
-    /// Values of T of the sums' block partials (2·C a thread), when the input streams from memory; else 0.
-    private func blockPartialsCount<T>(_: T.Type) -> Int {
-        streaming(T.self) ? parallelSlots(shape.batch * stretches, cost: sumsCost) * 2 * shape.channels : 0
-    }
+    /// Values of T of a thread's scratch in the sums: a stretch's shift (C), then the block partials of
+    /// `_columnSums` (2·C) when the input streams from memory.
+    private func slotLength<T>(_: T.Type) -> Int { (streaming(T.self) ? 3 : 1) * shape.channels }
+    private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
             + ScratchArena.bytes(4 * shape.planes, of: T.self)
-            + ScratchArena.bytes(blockPartialsCount(T.self), of: T.self)
+            + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self)
     }
 
-    /// Runs `body(b, first row, rows, the stretch's two C-sized partial sums, the thread's block partials)` over
-    /// every (sample, stretch) in parallel, then `finish(b, partials of the sample's stretches)` per sample:
-    /// partials are added per channel in stretch order. Block partials (for `_columnSums`, nil unless the input
-    /// streams from memory) come from `arena`.
+    /// A thread's scratch in `stretchSums`: C values of T for a stretch's shift, and the block partials of
+    /// `_columnSums` (nil unless the input streams from memory).
+    private struct SlotScratch<T> {
+        let shift: UnsafeMutablePointer<T>, blockPartials: UnsafeMutablePointer<T>?
+    }
+
+    /// Channels per work item of a `stretchSums` finish.
+    private static let finishChannels = 64
+
+    /// Runs `body(b, first row, rows, the stretch's two C-sized partials (zero), the thread's scratch)` over every
+    /// (sample, stretch) in parallel, then `finish(b, c0, n, the partials of sample b's stretches)` over every
+    /// (sample, block of channels c0..<c0+n) in parallel, which combines them per channel in stretch order.
     private func stretchSums<T>(
         _ partials: UnsafeMutablePointer<Double>, _: T.Type, arena: inout ScratchArena,
-        _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, UnsafeMutablePointer<T>?)
-            -> Void,
-        finish: (Int, UnsafePointer<Double>) -> Void
+        _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, SlotScratch<T>) -> Void,
+        finish: (Int, Int, Int, UnsafePointer<Double>) -> Void
     ) {
-        let C = shape.channels, S = shape.spatial, n = stretches, rowsPer = stretchRows
-        let blocks = blockPartialsCount(T.self), blockPartials = blocks == 0 ? nil : arena.take(blocks, of: T.self)
+        let C = shape.channels, S = shape.spatial, n = stretches, rowsPer = stretchRows, length = slotLength(T.self)
+        let scratch = arena.take(sumsSlots * length, of: T.self), streams = streaming(T.self)
         parallelFor(shape.batch * n, cost: sumsCost) { range, slot in
+            let mine = scratch + slot * length
+            let slotScratch = SlotScratch(shift: mine, blockPartials: streams ? mine + C : nil)
             for item in range {
                 let b = item / n, r0 = (item - b * n) * rowsPer, part = partials + 2 * C * item
                 part.update(repeating: 0, count: 2 * C)
-                body(b, r0, min(rowsPer, S - r0), part, part + C, blockPartials.map { $0 + slot * 2 * C })
+                body(b, r0, min(rowsPer, S - r0), part, part + C, slotScratch)
             }
         }
-        for b in 0..<shape.batch { finish(b, partials + 2 * C * n * b) }
+        let width = ChannelsLastLayout.finishChannels, blocks = (C + width - 1) / width
+        parallelFor(shape.batch * blocks, cost: 4 * n * width) { range, _ in
+            for item in range {
+                let b = item / blocks, c0 = (item - b * blocks) * width
+                finish(b, c0, min(width, C - c0), partials + 2 * C * n * b)
+            }
+        }
     }
 
-    /// Σ over a sample's stretches of the partials at `offset` (0 or C) into `out`, in stretch order.
-    private func addStretches(_ parts: UnsafePointer<Double>, offset: Int, into out: UnsafeMutablePointer<Double>) {
+    /// Σ over a sample's stretches of channels c0..<c0+n of the partials at `offset` (0 or C) into `out`, in
+    /// stretch order.
+    private func addStretches(_ parts: UnsafePointer<Double>, offset: Int, first c0: Int, count n: Int,
+                              into out: UnsafeMutablePointer<Double>) {
         let C = shape.channels
-        out.update(from: parts + offset, count: C)
+        (out + c0).update(from: parts + offset + c0, count: n)
         for k in 1..<stretches {
             let part = parts + 2 * C * k + offset
-            for c in 0..<C { out[c] += part[c] }
+            for c in c0..<c0 + n { out[c] += part[c] }
         }
     }
 
-    /// Every plane's moments in one read of the input in order: sums of d = x - k in the lanes of T
-    /// (`_columnSums`), each stretch apart and added in order, around k = the mean of eight rows spread through
-    /// the sample, rounded to T; mean = k + Σd/n, M2 = Σd² - (Σd)²/n, kept when k was within a standard deviation
-    /// of the mean ((Σd)²/n at most half of Σd², the rule of the plane kernels). A plane where it was not (or
-    /// whose Float32 squares overflowed) is summed again alone, in Float64, around the mean found: the corrected
-    /// two-pass algorithm, for the few planes that need it.
+    /// Every plane's moments in one read of the input in order, a stretch of rows a work item: the stretch's sums
+    /// of d = x - k in the lanes of T (`_columnSums`) around its own k, the mean of up to eight of its rows spread
+    /// through it, rounded to T; its mean = k + Σd/n and M2 = Σd² - (Σd)²/n, kept when k was within a standard
+    /// deviation of the mean ((Σd)²/n at most half of Σd², the rule of the plane kernels). A plane where it was
+    /// not (or whose Float32 squares overflowed) is summed again over the stretch, in Float64, around the mean
+    /// found: the corrected two-pass algorithm, for the few planes that need it. A sample's stretches then merge
+    /// in order by Chan's formula (`Moments.merge`). Each stretch finding its own k leaves no serial pass before
+    /// the sweep, and puts the planes summed again in parallel (on [2, 512, 28, 28], a sample-wide k and the
+    /// stretches' sums added left 15-35 µs of a 125 µs forward on one thread).
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
-        let C = shape.channels, S = shape.spatial, B = shape.batch, invS = 1 / Double(S)
+        let C = shape.channels, S = shape.spatial, B = shape.batch, rowsPer = stretchRows
         let partials = arena.take(2 * B * stretches * C, of: Double.self)
-        let centre = arena.take(shape.planes, of: T.self)
-        let picks = min(8, S)
-        for b in 0..<B {  // the shift: eight rows spread through the sample (cheap, serial)
-            let pb = p + b * C
-            pb.update(repeating: 0, count: C)
-            for j in 0..<picks {
-                T._columnSums(x + (b * S + j * S / picks) * C, rows: 1, columns: C, stride: C, centre: nil, sums: pb,
-                              squares: nil, partials: nil)
-            }
-            for c in 0..<C { centre[b * C + c] = T(pb[c] / Double(picks)) }
-        }
-        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, deviation, squares, blockPartials in
-            T._columnSums(x + (b * S + r0) * C, rows: rows, columns: C, stride: C, centre: centre + b * C,
-                          sums: deviation, squares: squares, partials: blockPartials)
-        }, finish: { b, parts in
+        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, mean, m2, scratch in
+            let first = x + (b * S + r0) * C
+            ChannelsLastLayout.shift(first, rows: rows, columns: C, into: scratch.shift)
+            T._columnSums(first, rows: rows, columns: C, stride: C, centre: scratch.shift, sums: mean, squares: m2,
+                          partials: scratch.blockPartials)
+            ChannelsLastLayout.stretchMoments(first, rows: rows, columns: C, shift: scratch.shift, mean: mean, m2: m2)
+        }, finish: { b, c0, n, parts in
             let pb = p + b * C, qb = q + b * C
-            addStretches(parts, offset: 0, into: pb)  // Σd
-            addStretches(parts, offset: C, into: qb)  // Σd²
-            for c in 0..<C {
-                let d = pb[c], squares = qb[c], m2 = squares - d * d * invS
-                pb[c] = Double(centre[b * C + c]) + d * invS
-                qb[c] = max(m2, 0)
-                guard !(m2 >= 0.5 * squares) else { continue }  // kept; the rest (NaN too) again, in Float64
-                var k = pb[c].isFinite ? pb[c] : 0, deviation = 0.0, again = 0.0
-                ColumnKernels.centredSums(x + b * S * C + c, rows: S, columns: 1, stride: C, centre: &k,
-                                          sums: &deviation, squares: &again)
-                pb[c] = k + deviation * invS
-                qb[c] = max(again - deviation * deviation * invS, 0)
+            (pb + c0).update(from: parts + c0, count: n)
+            (qb + c0).update(from: parts + C + c0, count: n)
+            var count = Double(min(rowsPer, S))
+            for k in 1..<stretches {
+                let part = parts + 2 * C * k, rows = Double(min(rowsPer, S - k * rowsPer))
+                let weights = Moments.mergeWeights(count, rows)
+                var c = c0
+                while c + 4 <= c0 + n {
+                    let (mean, m2) = Moments.merged(mean: pb.lanes(c), m2: qb.lanes(c), with: part.lanes(c),
+                                                    part.lanes(C + c), weights)
+                    pb.storeLanes(mean, c); qb.storeLanes(m2, c)
+                    c += 4
+                }
+                for c in c..<c0 + n {
+                    (pb[c], qb[c]) = Moments.merged(mean: pb[c], m2: qb[c], with: part[c], part[C + c], weights)
+                }
+                count += rows
             }
         })
+    }
+
+    /// A stretch's shift k per channel: the mean of eight of its rows spread through it (all of a shorter
+    /// stretch's), in T, as any value near the mean serves: the eight rows summed pairwise, a loop LLVM runs in
+    /// T's lanes (in Float64 lanes, or with a division per channel, the shift cost a third of the stretch's sums).
+    static func shift<T: NormalizationScalar>(_ x: UnsafePointer<T>, rows: Int, columns C: Int,
+                                                      into k: UnsafeMutablePointer<T>) {
+        guard rows >= 8 else {
+            let inverse = 1 / T(rows)
+            for c in 0..<C {
+                var total = x[c] * inverse
+                for r in 1..<rows { total = total.addingProduct(x[r * C + c], inverse) }
+                k[c] = total
+            }
+            return
+        }
+        @inline(__always) func row(_ j: Int) -> UnsafePointer<T> { x + j * rows / 8 * C }
+        let r0 = row(0), r1 = row(1), r2 = row(2), r3 = row(3), r4 = row(4), r5 = row(5), r6 = row(6), r7 = row(7)
+        @inline(__always) func pair(_ a: T, _ b: T) -> T { (a * 0.125).addingProduct(b, 0.125) }
+        for c in 0..<C {  // each value an eighth first, so that no sum overflows T
+            k[c] = (pair(r0[c], r1[c]) + pair(r2[c], r3[c])) + (pair(r4[c], r5[c]) + pair(r6[c], r7[c]))
+        }
+    }
+
+    /// A stretch's mean and M2 per channel from its sums around the shift k (`mean` holds Σd, `m2` Σd² on entry):
+    /// mean = k + Σd/n, M2 = Σd² - (Σd)²/n, four channels a step; a channel where k was not within a standard
+    /// deviation of the mean ((Σd)²/n above half of Σd², or NaN) is summed again over the stretch, in Float64,
+    /// around the mean found (`ColumnKernels.centredSums`).
+    static func stretchMoments<T: NormalizationScalar>(
+        _ x: UnsafePointer<T>, rows: Int, columns C: Int, shift k: UnsafePointer<T>,
+        mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>
+    ) {
+        let invN = 1 / Double(rows)
+        func again(_ c: Int) {
+            var centre = mean[c].isFinite ? mean[c] : 0, sum = 0.0, squares = 0.0
+            ColumnKernels.centredSums(x + c, rows: rows, columns: 1, stride: C, centre: &centre, sums: &sum,
+                                      squares: &squares)
+            mean[c] = centre + sum * invN
+            m2[c] = max(squares - sum * sum * invN, 0)
+        }
+        var c = 0
+        while c + 4 <= C {
+            let d = mean.lanes(c), squares = m2.lanes(c), deviation = squares - d * d * invN
+            mean.storeLanes(T._load4Wide(k, c) + d * invN, c)
+            m2.storeLanes(deviation.replacing(with: 0, where: deviation .< 0), c)
+            let kept = deviation .>= 0.5 * squares
+            if !all(kept) { for l in 0..<4 where !kept[l] { again(c + l) } }
+            c += 4
+        }
+        for c in c..<C {
+            let d = mean[c], squares = m2[c], deviation = squares - d * d * invN
+            mean[c] = Double(k[c]) + d * invN
+            m2[c] = max(deviation, 0)
+            if !(deviation >= 0.5 * squares) { again(c) }
+        }
     }
 
     var mapsPerPlane: Bool { false }
@@ -167,8 +240,8 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// T and U of every plane in one read of (x, dy) in order: each stretch summed in the lanes of T around the
-    /// centre rounded to T, stretches added in order, then U = Σ dy (x - cf) - (p - cf) T. A sample whose Float32
-    /// sums overflow is summed again in Float64.
+    /// centre rounded to T, stretches added in order, then U = Σ dy (x - cf) - (p - cf) T. A sample's block of
+    /// channels whose Float32 sums overflow is summed again in Float64.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
@@ -176,19 +249,19 @@ struct ChannelsLastLayout: StoredLayout {
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
         let centre = arena.take(shape.planes, of: T.self)
         for i in 0..<shape.planes { centre[i] = T(p[i]) }
-        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, sum, dot, blockPartials in
+        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, sum, dot, scratch in
             let at = (b * S + r0) * C
             T._columnGradientSums(dy + at, x + at, rows: rows, columns: C, stride: C, centre: centre + b * C,
-                                  sums: sum, dots: dot, partials: blockPartials)
-        }, finish: { b, parts in
-            let tb = t + b * C, ub = u + b * C, pb = p + b * C
-            addStretches(parts, offset: 0, into: tb)
-            addStretches(parts, offset: C, into: ub)
-            for c in 0..<C { ub[c] -= (pb[c] - Double(centre[b * C + c])) * tb[c] }
-            if (0..<C).contains(where: { !(tb[$0].isFinite && ub[$0].isFinite) }) {
-                tb.update(repeating: 0, count: C); ub.update(repeating: 0, count: C)
-                ColumnKernels.gradientSums(dy + b * S * C, x + b * S * C, rows: S, columns: C, stride: C,
-                                           centre: pb, sums: tb, dots: ub)
+                                  sums: sum, dots: dot, partials: scratch.blockPartials)
+        }, finish: { b, c0, n, parts in
+            let tb = t + b * C, ub = u + b * C, pb = p + b * C, channels = c0..<c0 + n
+            addStretches(parts, offset: 0, first: c0, count: n, into: tb)
+            addStretches(parts, offset: C, first: c0, count: n, into: ub)
+            for c in channels { ub[c] -= (pb[c] - Double(centre[b * C + c])) * tb[c] }
+            if channels.contains(where: { !(tb[$0].isFinite && ub[$0].isFinite) }) {
+                (tb + c0).update(repeating: 0, count: n); (ub + c0).update(repeating: 0, count: n)
+                ColumnKernels.gradientSums(dy + b * S * C + c0, x + b * S * C + c0, rows: S, columns: n, stride: C,
+                                           centre: pb + c0, sums: tb + c0, dots: ub + c0)
             }
         })
     }

@@ -23,11 +23,35 @@ public struct Moments: Equatable, Sendable {
     public mutating func merge(_ other: Moments) {
         if other.count == 0 { return }
         if count == 0 { self = other; return }
-        let n = count + other.count
-        let delta = other.mean - mean
-        mean += delta * (other.count / n)
-        m2 += other.m2 + delta * delta * (count * other.count / n)
-        count = n
+        (mean, m2) = Moments.merged(mean: mean, m2: m2, with: other.mean, other.m2,
+                                    Moments.mergeWeights(count, other.count))
+        count += other.count
+    }
+
+    /// The weights of `merge` for sets of nₐ and n_b values (both > 0): (n_b/n, nₐ·n_b/n). Sets of the same
+    /// sizes (the planes of one stretch of rows) share them, so they are computed once for all.
+    @inlinable
+    static func mergeWeights(_ a: Double, _ b: Double) -> (mean: Double, m2: Double) {
+        let n = a + b
+        return (b / n, a * b / n)
+    }
+
+    /// `merge` of a set's (mean, M2) with another's (`otherMean`, `otherM2`), given their `mergeWeights`.
+    @inlinable
+    static func merged(mean: Double, m2: Double, with otherMean: Double, _ otherM2: Double,
+                       _ weights: (mean: Double, m2: Double)) -> (mean: Double, m2: Double) {
+        let delta = otherMean - mean
+        return (mean + delta * weights.mean, m2 + (otherM2 + delta * delta * weights.m2))
+    }
+
+    /// `merged` of four pairs of sets of the same sizes, lane by lane: the same operations on each lane.
+    @inlinable
+    static func merged(mean: SIMD4<Double>, m2: SIMD4<Double>, with otherMean: SIMD4<Double>,
+                       _ otherM2: SIMD4<Double>, _ weights: (mean: Double, m2: Double))
+        -> (mean: SIMD4<Double>, m2: SIMD4<Double>)
+    {
+        let delta = otherMean - mean
+        return (mean + delta * weights.mean, m2 + (otherM2 + delta * delta * weights.m2))
     }
 }
 
