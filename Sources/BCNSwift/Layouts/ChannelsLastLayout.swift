@@ -33,9 +33,17 @@ struct ChannelsLastLayout: StoredLayout {
         shape.planes * shape.spatial * MemoryLayout<T>.stride > ChannelsLastLayout.streamingBytes
     }
 
-    /// Values of T of a thread's scratch in the sums: a stretch's shift (C), then the block partials of
-    /// `_columnSums` (2·C) when the input streams from memory.
-    private func slotLength<T>(_: T.Type) -> Int { (streaming(T.self) ? 3 : 1) * shape.channels }
+    /// Whether the gradient sums read each block's rows in order (`_columnGradientSums`' `partials`): input
+    /// streaming from memory, or rows of 128 channels or more, whose blocks the two inputs' strips walk in 16 or
+    /// more streams of lines at once, too many for the hardware prefetcher from L3. A/B, forward+backward, fresh
+    /// process pairs: [8, 256, 14, 14] 0.90, [1, 256, 56, 56] 0.89, [2, 512, 28, 28] 0.95, [2, 128, 56, 56]
+    /// 0.97, [4, 256, 8, 8] 0.99; but [2, 64, 56, 56] 1.04 and [8, 32, 32, 32] 1.10. (The moments' one input
+    /// gains only when it streams from memory: [2, 512, 28, 28] forward 1.09 in order.)
+    private func gradientsInOrder<T>(_: T.Type) -> Bool { streaming(T.self) || shape.channels >= 128 }
+
+    /// Values of T of a thread's scratch in the sums: a stretch's shift (C), then the block partials (2·C) when
+    /// a pass reads its blocks' rows in order.
+    private func slotLength<T>(_: T.Type) -> Int { (gradientsInOrder(T.self) ? 3 : 1) * shape.channels }
     private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
@@ -44,8 +52,8 @@ struct ChannelsLastLayout: StoredLayout {
             + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self)
     }
 
-    /// A thread's scratch in `stretchSums`: C values of T for a stretch's shift, and the block partials of
-    /// `_columnSums` (nil unless the input streams from memory).
+    /// A thread's scratch in `stretchSums`: C values of T for a stretch's shift, and the block partials of the
+    /// column kernels (nil unless the pass reads its blocks' rows in order).
     private struct SlotScratch<T> {
         let shift: UnsafeMutablePointer<T>, blockPartials: UnsafeMutablePointer<T>?
     }
@@ -56,16 +64,18 @@ struct ChannelsLastLayout: StoredLayout {
     /// Runs `body(b, first row, rows, the stretch's two C-sized partials (zero), the thread's scratch)` over every
     /// (sample, stretch) in parallel, then `finish(b, c0, n, the partials of sample b's stretches)` over every
     /// (sample, block of channels c0..<c0+n) in parallel, which combines them per channel in stretch order.
+    /// `inOrder`: the body gets block partials.
     private func stretchSums<T>(
-        _ partials: UnsafeMutablePointer<Double>, _: T.Type, arena: inout ScratchArena,
+        _ partials: UnsafeMutablePointer<Double>, _: T.Type, inOrder: Bool, arena: inout ScratchArena,
         _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, SlotScratch<T>) -> Void,
         finish: (Int, Int, Int, UnsafePointer<Double>) -> Void
     ) {
         let C = shape.channels, S = shape.spatial, n = stretches, rowsPer = stretchRows, length = slotLength(T.self)
-        let scratch = arena.take(sumsSlots * length, of: T.self), streams = streaming(T.self)
+        let scratch = arena.take(sumsSlots * length, of: T.self)
+        assert(!inOrder || length >= 3 * C, "block partials without their scratch")
         parallelFor(shape.batch * n, cost: sumsCost) { range, slot in
             let mine = scratch + slot * length
-            let slotScratch = SlotScratch(shift: mine, blockPartials: streams ? mine + C : nil)
+            let slotScratch = SlotScratch(shift: mine, blockPartials: inOrder ? mine + C : nil)
             for item in range {
                 let b = item / n, r0 = (item - b * n) * rowsPer, part = partials + 2 * C * item
                 part.update(repeating: 0, count: 2 * C)
@@ -106,7 +116,7 @@ struct ChannelsLastLayout: StoredLayout {
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
         let C = shape.channels, S = shape.spatial, B = shape.batch, rowsPer = stretchRows
         let partials = arena.take(2 * B * stretches * C, of: Double.self)
-        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, mean, m2, scratch in
+        stretchSums(partials, T.self, inOrder: streaming(T.self), arena: &arena, { b, r0, rows, mean, m2, scratch in
             let first = x + (b * S + r0) * C
             ChannelsLastLayout.shift(first, rows: rows, columns: C, into: scratch.shift)
             T._columnSums(first, rows: rows, columns: C, stride: C, centre: scratch.shift, sums: mean, squares: m2,
@@ -249,7 +259,8 @@ struct ChannelsLastLayout: StoredLayout {
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
         let centre = arena.take(shape.planes, of: T.self)
         for i in 0..<shape.planes { centre[i] = T(p[i]) }
-        stretchSums(partials, T.self, arena: &arena, { b, r0, rows, sum, dot, scratch in
+        let inOrder = gradientsInOrder(T.self)
+        stretchSums(partials, T.self, inOrder: inOrder, arena: &arena, { b, r0, rows, sum, dot, scratch in
             let at = (b * S + r0) * C
             T._columnGradientSums(dy + at, x + at, rows: rows, columns: C, stride: C, centre: centre + b * C,
                                   sums: sum, dots: dot, partials: scratch.blockPartials)
