@@ -197,13 +197,13 @@ extension Double: NormalizationScalar {
             let end = Swift.min(rows, r0 + 8)
             if let partials {
                 let s = partials, q = partials + wide
-                s.update(repeating: 0, count: 2 &* wide)
                 for r in r0..<end {
-                    let row = x + r &* stride
+                    let row = x + r &* stride, first = r == r0  // the first row starts the sums, from +0
                     var c = 0
                     while c < wide {
                         let d = _load4(row, c) - (centre.map { _load4($0, c) } ?? SIMD4())
-                        _store4Narrow(_load4(s, c) + d, s, c); _store4Narrow(_load4(q, c).addingProduct(d, d), q, c)
+                        let (s0, q0) = first ? (SIMD4(), SIMD4()) : (_load4(s, c), _load4(q, c))
+                        _store4Narrow(s0 + d, s, c); _store4Narrow(q0.addingProduct(d, d), q, c)
                         c &+= 4
                     }
                 }
@@ -269,14 +269,13 @@ extension Double: NormalizationScalar {
             let end = Swift.min(rows, r0 + 8)
             if let partials {
                 let s = partials, p = partials + wide
-                s.update(repeating: 0, count: 2 &* wide)
                 for r in r0..<end {
-                    let at = r &* stride, g = dy + at, v = x + at
+                    let at = r &* stride, g = dy + at, v = x + at, first = r == r0  // as in `_columnSums`
                     var c = 0
                     while c < wide {
-                        let gc = _load4(g, c)
-                        _store4Narrow(_load4(s, c) + gc, s, c)
-                        _store4Narrow(_load4(p, c).addingProduct(gc, _load4(v, c) - _load4(centre, c)), p, c)
+                        let gc = _load4(g, c), (s0, p0) = first ? (SIMD4(), SIMD4()) : (_load4(s, c), _load4(p, c))
+                        _store4Narrow(s0 + gc, s, c)
+                        _store4Narrow(p0.addingProduct(gc, _load4(v, c) - _load4(centre, c)), p, c)
                         c &+= 4
                     }
                 }

@@ -570,13 +570,13 @@ extension Float: NormalizationScalar {
             let end = Swift.min(rows, r0 &+ 8)
             if let partials {
                 let s = partials, q = partials + wide
-                s.update(repeating: 0, count: 2 &* wide)
                 for r in r0..<end {
-                    let row = x + r &* stride
+                    let row = x + r &* stride, first = r == r0  // the first row starts the sums, from +0
                     var c = 0
                     while c < wide {
                         let d = _load8(row, c) - (centre.map { _load8($0, c) } ?? SIMD8())
-                        _store8(_load8(s, c) + d, s, c); _store8(_load8(q, c).addingProduct(d, d), q, c)
+                        let (s0, q0) = first ? (SIMD8(), SIMD8()) : (_load8(s, c), _load8(q, c))
+                        _store8(s0 + d, s, c); _store8(q0.addingProduct(d, d), q, c)
                         c &+= 8
                     }
                 }
@@ -642,14 +642,12 @@ extension Float: NormalizationScalar {
             let end = Swift.min(rows, r0 &+ 8)
             if let partials {
                 let s = partials, p = partials + wide
-                s.update(repeating: 0, count: 2 &* wide)
                 for r in r0..<end {
-                    let at = r &* stride, g = dy + at, v = x + at
+                    let at = r &* stride, g = dy + at, v = x + at, first = r == r0  // as in `_columnSums`
                     var c = 0
                     while c < wide {
-                        let gc = _load8(g, c)
-                        _store8(_load8(s, c) + gc, s, c)
-                        _store8(_load8(p, c).addingProduct(gc, _load8(v, c) - _load8(centre, c)), p, c)
+                        let gc = _load8(g, c), (s0, p0) = first ? (SIMD8(), SIMD8()) : (_load8(s, c), _load8(p, c))
+                        _store8(s0 + gc, s, c); _store8(p0.addingProduct(gc, _load8(v, c) - _load8(centre, c)), p, c)
                         c &+= 8
                     }
                 }
