@@ -71,7 +71,7 @@ final class ChannelsLastLayoutTests: XCTestCase {
         }
     }
 
-    /// Whole samples of several stretches (5000 rows of 8 channels: 4096 and 904), planes far from zero whose
+    /// Whole samples of several stretches (20000 rows of 8 channels: 8192, 8192, 3616), planes far from zero whose
     /// mean drifts across the rows: the stretches' moments merged in order, against two-pass moments of the
     /// sample's plane, in Double and in Float.
     func testPlaneMomentsMergeStretches() throws {
@@ -80,7 +80,7 @@ final class ChannelsLastLayoutTests: XCTestCase {
     }
 
     func checkPlaneMoments<T: NormalizationScalar>(_: T.Type, tolerance: Double) throws {
-        let B = 2, C = 8, S = 5000
+        let B = 2, C = 8, S = 20000
         let layout = ChannelsLastLayout(shape: try NormalizationShape(batch: B, channels: C, spatial: S))
         let x = (0..<B * S * C).map { i in
             let row = i / C % S, c = i % C

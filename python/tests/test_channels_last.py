@@ -144,8 +144,8 @@ def test_forward_and_backward_copy_nothing(layout, rng):
     assert backward_peak <= dx.nbytes + small, f"backward allocated {backward_peak} bytes"
 
 
-# (1, 512, 36, 36): more rows than 16 stretches of 32K values, so each stretch takes a sixteenth of the sample
-CAPPED = (1, 512, 36, 36)
+# (1, 512, 48, 48): more rows than 16 stretches of 64K values, so each stretch takes a sixteenth of the sample
+CAPPED = (1, 512, 48, 48)
 
 
 @pytest.mark.parametrize("shape", [(4, 16, 64, 65), (64, 32, 3, 3), (64, 64, 4, 5), CAPPED],
@@ -189,7 +189,7 @@ def test_channels_last_moments_of_drifting_planes(dtype, rng):
     so that stretch is summed again). The data are ill-conditioned (an offset 1e5 times the spread, eps a tenth
     of the variance), so both layouts are held to an extended-precision run of labml's layer: channels-last at
     most a little less accurate than [B, C, *]."""
-    B, C, H, W = 2, 64, 40, 40  # 1600 rows of 64 channels: four stretches a sample
+    B, C, H, W = 2, 64, 40, 40  # 1600 rows of 64 channels: two stretches a sample (1024 and 576 rows)
     drift = np.linspace(-1.0, 1.0, H * W).reshape(1, 1, H, W) * rng.uniform(0.01, 0.05, (1, C, 1, 1))
     x = 1e3 + rng.normal(0.0, 0.01, (B, C, H, W)) + drift
     x[:, ::3, 0, 0] += 50.0
