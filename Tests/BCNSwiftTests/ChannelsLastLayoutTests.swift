@@ -79,13 +79,25 @@ final class ChannelsLastLayoutTests: XCTestCase {
         try checkPlaneMoments(Float.self, tolerance: 4e-6)
     }
 
-    func checkPlaneMoments<T: NormalizationScalar>(_: T.Type, tolerance: Double) throws {
-        let B = 2, C = 8, S = 20000
-        let layout = ChannelsLastLayout(shape: try NormalizationShape(batch: B, channels: C, spatial: S))
-        let x = (0..<B * S * C).map { i in
-            let row = i / C % S, c = i % C
-            return T(1e3 + Double(c) + Double(row) / Double(S) * 0.3 + rng.normal(0, 0.05))
+    /// A plane of 1e20 ± 3e19 in Float: its squares around the shift overflow Float32 while Σd stays finite, so
+    /// the stretch is summed again in Float64 (it was kept with M2 = inf, and the layer's output was NaN).
+    func testPlaneMomentsWhoseSquaresOverflowFloat() throws {
+        let B = 1, C = 8, S = 64
+        let x = (0..<B * S * C).map { i in Float(i % C == 0 ? rng.normal(1e20, 3e19) : rng.normal(2, 1)) }
+        let (p, q) = try planeMoments(x, batch: B, channels: C, spatial: S)
+        for c in 0..<C {
+            let want = exactMoments(x, rows: S, columns: C, c)
+            XCTAssert(q[c].isFinite, "c \(c): M2 \(q[c])")
+            XCTAssertEqual(p[c], want.mean, accuracy: 1e-6 * (want.m2 / Double(S)).squareRoot(), "c \(c)")
+            XCTAssertEqual(q[c], want.m2, accuracy: 4e-6 * want.m2, "c \(c)")
         }
+    }
+
+    /// `planeMoments` of a [B, S, C] input (p and q of every plane, b-major).
+    func planeMoments<T: NormalizationScalar>(_ x: [T], batch B: Int, channels C: Int, spatial S: Int) throws
+        -> (p: [Double], q: [Double])
+    {
+        let layout = ChannelsLastLayout(shape: try NormalizationShape(batch: B, channels: C, spatial: S))
         var p = [Double](repeating: .nan, count: B * C), q = p
         var arena = ScratchArena(bytes: layout.scratchBytes(T.self))
         x.withUnsafeBufferPointer { xs in
@@ -95,6 +107,16 @@ final class ChannelsLastLayoutTests: XCTestCase {
                 }
             }
         }
+        return (p, q)
+    }
+
+    func checkPlaneMoments<T: NormalizationScalar>(_: T.Type, tolerance: Double) throws {
+        let B = 2, C = 8, S = 20000
+        let x = (0..<B * S * C).map { i in
+            let row = i / C % S, c = i % C
+            return T(1e3 + Double(c) + Double(row) / Double(S) * 0.3 + rng.normal(0, 0.05))
+        }
+        let (p, q) = try planeMoments(x, batch: B, channels: C, spatial: S)
         for b in 0..<B {
             for c in 0..<C {
                 let want = exactMoments(x, rows: S, columns: C, c, first: b * S), what = "\(T.self) b \(b) c \(c)"

@@ -206,3 +206,35 @@ def test_channels_last_moments_of_drifting_planes(dtype, rng):
     for k in want:
         first, last = errors["first"][k], errors["last"][k]
         assert last <= 1.5 * first + 4 * np.finfo(dtype).eps, f"{k}: channels-last {last:.2e}, [B, C, *] {first:.2e}"
+
+
+def test_channels_last_input_streaming_from_memory_matches_channels_first(rng):
+    """Above 16 MB of input the column sums read each block's rows in order (the same bits as the strips the
+    smaller inputs take): a 17.5 MB float32 input against the [B, C, *] path."""
+    shape = (1, 128, 190, 180)
+    x = random_input(rng, shape).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
+    assert x.nbytes > 16 << 20
+    first = run_steps(LAYERS["BCN batch"](128, np.float32), [x], [dy])
+    last = run_steps(LAYERS["BCN batch"](128, np.float32), [channels_last(x)], [channels_last(dy)])
+    (y, dx, g, _), (yl, dxl, gl, _) = first[0], last[0]
+    assert_rel(yl, y, np.float32, "y")
+    assert_rel(dxl, dx, np.float32, "dx")
+    for k in g:
+        assert_rel(gl[k], g[k], np.float32, f"grad {k}")
+
+
+def test_channels_last_planes_whose_float32_squares_overflow(rng):
+    """A plane of 1e20 ± 3e19: its squares around the shift overflow Float32 while their sum of deviations stays
+    finite, so its stretch is summed again in Float64 (it was kept with an infinite M2: y was NaN)."""
+    shape = (2, 8, 8, 8)
+    x = random_input(rng, shape)
+    x[:, 0] = rng.normal(1e20, 3e19, x[:, 0].shape)
+    x = x.astype(np.float32)
+    dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
+    first = run_steps(LAYERS["BCN batch"](8, np.float32), [x], [dy])
+    last = run_steps(LAYERS["BCN batch"](8, np.float32), [channels_last(x)], [channels_last(dy)])
+    (y, dx, _, st), (yl, dxl, _, stl) = first[0], last[0]
+    assert np.isfinite(yl).all() and np.isfinite(stl["bn.running_var"]).all()
+    assert_rel(yl, y, np.float32, "y")
+    assert_rel(dxl, dx, np.float32, "dx")

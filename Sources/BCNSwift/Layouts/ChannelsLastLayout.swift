@@ -72,9 +72,10 @@ struct ChannelsLastLayout: StoredLayout {
         finish: (Int, Int, Int, UnsafePointer<Double>) -> Void
     ) {
         let C = shape.channels, S = shape.spatial, n = stretches, rowsPer = stretchRows, length = slotLength(T.self)
-        let scratch = arena.take(sumsSlots * length, of: T.self)
+        let slots = sumsSlots, scratch = arena.take(slots * length, of: T.self)
         assert(!inOrder || length >= 3 * C, "block partials without their scratch")
         parallelFor(shape.batch * n, cost: sumsCost) { range, slot in
+            assert(slot < slots, "a thread's slot beyond the scratch reserved for the call")
             let mine = scratch + slot * length
             let slotScratch = SlotScratch(shift: mine, blockPartials: inOrder ? mine + C : nil)
             for item in range {
@@ -150,7 +151,7 @@ struct ChannelsLastLayout: StoredLayout {
     /// stretch's), in T, as any value near the mean serves: the eight rows summed pairwise, a loop LLVM runs in
     /// T's lanes (in Float64 lanes, or with a division per channel, the shift cost a third of the stretch's sums).
     static func shift<T: NormalizationScalar>(_ x: UnsafePointer<T>, rows: Int, columns C: Int,
-                                                      into k: UnsafeMutablePointer<T>) {
+                                              into k: UnsafeMutablePointer<T>) {
         guard rows >= 8 else {
             let inverse = 1 / T(rows)
             for c in 0..<C {
@@ -170,7 +171,8 @@ struct ChannelsLastLayout: StoredLayout {
 
     /// A stretch's mean and M2 per channel from its sums around the shift k (`mean` holds Σd, `m2` Σd² on entry):
     /// mean = k + Σd/n, M2 = Σd² - (Σd)²/n, four channels a step; a channel where k was not within a standard
-    /// deviation of the mean ((Σd)²/n above half of Σd², or NaN) is summed again over the stretch, in Float64,
+    /// deviation of the mean ((Σd)²/n above half of Σd², or NaN), or whose squares overflowed T's lanes (|x - k|
+    /// above about 1.8e19 in Float32, while Σd stays finite), is summed again over the stretch, in Float64,
     /// around the mean found (`ColumnKernels.centredSums`).
     static func stretchMoments<T: NormalizationScalar>(
         _ x: UnsafePointer<T>, rows: Int, columns C: Int, shift k: UnsafePointer<T>,
@@ -189,7 +191,7 @@ struct ChannelsLastLayout: StoredLayout {
             let d = mean.lanes(c), squares = m2.lanes(c), deviation = squares - d * d * invN
             mean.storeLanes(T._load4Wide(k, c) + d * invN, c)
             m2.storeLanes(deviation.replacing(with: 0, where: deviation .< 0), c)
-            let kept = deviation .>= 0.5 * squares
+            let kept = (deviation .>= 0.5 * squares) .& (squares .< .infinity)
             if !all(kept) { for l in 0..<4 where !kept[l] { again(c + l) } }
             c += 4
         }
@@ -197,7 +199,7 @@ struct ChannelsLastLayout: StoredLayout {
             let d = mean[c], squares = m2[c], deviation = squares - d * d * invN
             mean[c] = Double(k[c]) + d * invN
             m2[c] = max(deviation, 0)
-            if !(deviation >= 0.5 * squares) { again(c) }
+            if !(deviation >= 0.5 * squares && squares < .infinity) { again(c) }
         }
     }
 
@@ -251,8 +253,8 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// T and U of every plane in one read of (x, dy) in order: each stretch summed in the lanes of T around the
-    /// centre rounded to T, stretches added in order, then U = Σ dy (x - cf) - (p - cf) T. A sample's block of
-    /// channels whose Float32 sums overflow is summed again in Float64.
+    /// centre rounded to T, stretches added in order, then U = Σ dy (x - cf) - (p - cf) T. A plane whose sums in
+    /// T's lanes overflow is summed again in Float64.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
@@ -270,10 +272,10 @@ struct ChannelsLastLayout: StoredLayout {
             addStretches(parts, offset: 0, first: c0, count: n, into: tb)
             addStretches(parts, offset: C, first: c0, count: n, into: ub)
             for c in channels { ub[c] -= (pb[c] - Double(centre[b * C + c])) * tb[c] }
-            if channels.contains(where: { !(tb[$0].isFinite && ub[$0].isFinite) }) {
-                (tb + c0).update(repeating: 0, count: n); (ub + c0).update(repeating: 0, count: n)
-                ColumnKernels.gradientSums(dy + b * S * C + c0, x + b * S * C + c0, rows: S, columns: n, stride: C,
-                                           centre: pb + c0, sums: tb + c0, dots: ub + c0)
+            for c in channels where !(tb[c].isFinite && ub[c].isFinite) {  // overflowed T's lanes: in Float64
+                tb[c] = 0; ub[c] = 0
+                ColumnKernels.gradientSums(dy + b * S * C + c, x + b * S * C + c, rows: S, columns: 1, stride: C,
+                                           centre: pb + c, sums: tb + c, dots: ub + c)
             }
         })
     }
