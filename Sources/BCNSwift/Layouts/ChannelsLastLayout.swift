@@ -106,14 +106,14 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// Every plane's moments in one read of the input in order, a stretch of rows a work item: the stretch's sums
-    /// of d = x - k in the lanes of T (`_columnSums`) around its own k, the mean of up to eight of its rows spread
-    /// through it, rounded to T; its mean = k + Σd/n and M2 = Σd² - (Σd)²/n, kept when k was within a standard
-    /// deviation of the mean ((Σd)²/n at most half of Σd², the rule of the plane kernels). A plane where it was
-    /// not (or whose Float32 squares overflowed) is summed again over the stretch, in Float64, around the mean
-    /// found: the corrected two-pass algorithm, for the few planes that need it. A sample's stretches then merge
-    /// in order by Chan's formula (`Moments.merge`). Each stretch finding its own k leaves no serial pass before
-    /// the sweep, and puts the planes summed again in parallel (on [2, 512, 28, 28], a sample-wide k and the
-    /// stretches' sums added left 15-35 µs of a 125 µs forward on one thread).
+    /// of d = x - k in the lanes of T (`_columnSums`) around its own k (`shift`: the mean of up to eight of its
+    /// rows, in T); its mean = k + Σd/n and M2 = Σd² - (Σd)²/n, kept when k was within a standard deviation of
+    /// the mean ((Σd)²/n at most half of Σd², the rule of the plane kernels). A plane where it was not (or whose
+    /// squares overflowed T's lanes) is summed again over the stretch, in Float64, around the mean found: the
+    /// corrected two-pass algorithm, for the few planes that need it (`stretchMoments`). A sample's stretches then
+    /// merge in order by Chan's formula (`Moments.merge`). Each stretch finding its own k leaves no serial pass
+    /// before the sweep, and puts the planes summed again in parallel (timed inside [2, 512, 28, 28]'s forward on
+    /// two threads, a sample-wide k and the stretches' sums added on the calling thread took 15-35 µs of 125-150).
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
         let C = shape.channels, S = shape.spatial, B = shape.batch, rowsPer = stretchRows
