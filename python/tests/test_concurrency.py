@@ -246,3 +246,48 @@ def test_one_num_threads_instance_entered_by_two_threads():
     for t in threads:
         t.join(timeout=60)
     assert after == {"a inside": 1, "b inside": 1, "a": 3, "b": 4}
+
+
+def test_thread_count_changed_during_calls_changes_no_bit(rng):
+    """Another thread switching the process's thread count between 1 and 16 while calls run: each call sizes its
+    per-thread scratch and runs its loops with one count (it pins it), so every result keeps its bits. (Before,
+    a count raised between the two handed out slots beyond the scratch: about one call in seven came out wrong.)
+    Shapes above the parallel threshold in every layout: rows, short planes, planes, channels-last."""
+    def channels_last(a):
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+    cases = []
+    for shape, G, last in [((256, 1024), 32, False), ((64, 512, 2, 2), 32, False), ((32, 256, 3, 3), 32, False),
+                           ((8, 64, 32, 32), 8, False), ((8, 64, 32, 32), 8, True)]:
+        x = random_input(rng, shape).astype(np.float32)
+        dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
+        cases.append((shape, G) + ((channels_last(x), channels_last(dy)) if last else (x, dy)))
+
+    def run(shape, G, x, dy):
+        layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=False)
+        y = layer(x)
+        return [y, layer.backward(dy), layer.running_var.copy(), layer.grads["bn.weight"].copy()]
+
+    want = [run(*case) for case in cases]
+    stop = threading.Event()
+
+    def toggle():
+        i = 0
+        while not stop.is_set():
+            bcnswift.set_num_threads((1, 16)[i % 2])
+            i += 1
+
+    toggler = threading.Thread(target=toggle, daemon=True)
+    toggler.start()
+    try:
+        end, calls = time.monotonic() + 1.5, 0
+        while time.monotonic() < end:
+            for case, expected in zip(cases, want):
+                for got, exp in zip(run(*case), expected):
+                    np.testing.assert_array_equal(got, exp, err_msg=f"{case[0]} after {calls} calls")
+                calls += 1
+    finally:
+        stop.set()
+        toggler.join(timeout=10)
+        bcnswift.set_num_threads(0)
+    assert calls >= len(cases)

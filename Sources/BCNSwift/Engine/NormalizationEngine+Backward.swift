@@ -18,6 +18,8 @@ extension NormalizationEngine {
         x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>,
         gradients: NormalizationGradients<T>, context: UnsafeBufferPointer<Double>
     ) throws(BCNError) {
+        let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
+        defer { BCNThreads.unpin(pinned) }
         // The context is only read here: T and U go to the call's scratch.
         let buffer = UnsafeMutableBufferPointer(mutating: context)
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, buffer)
@@ -73,6 +75,8 @@ extension NormalizationEngine {
         plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         context: UnsafeMutableBufferPointer<Double>, into sums: UnsafeMutablePointer<Double>?
     ) throws(BCNError) {
+        let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
+        defer { BCNThreads.unpin(pinned) }
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
         let sums = through ? sums : nil
         let layout = Layout(plan: plan, shape: shape)
@@ -134,6 +138,8 @@ extension NormalizationEngine {
         gradients: NormalizationGradients<T>, batchSums: UnsafePointer<Double>?,
         context: UnsafeMutableBufferPointer<Double>
     ) throws(BCNError) {
+        let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
+        defer { BCNThreads.unpin(pinned) }
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
         guard ctx.readFlags(format: shape.format)?.contains(.gradientSums) == true else {
             throw BCNError(.noForward, "context holds no gradient sums of this input: run localGradientSums first")

@@ -33,6 +33,8 @@ public enum NormalizationEngine {
         x: UnsafePointer<T>, y: UnsafeMutablePointer<T>,
         state: NormalizationState<T>, context: UnsafeMutableBufferPointer<Double>
     ) throws(BCNError) {
+        let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
+        defer { BCNThreads.unpin(pinned) }
         let ctx = try checkedContext(plan: plan, shape: shape, context)
         try checkState(plan: plan, state: state)
         try checkDegenerate(plan: plan, shape: shape, training: training)
@@ -62,6 +64,8 @@ public enum NormalizationEngine {
         plan: NormalizationPlan, shape: NormalizationShape, x: UnsafePointer<T>,
         context: UnsafeMutableBufferPointer<Double>, into moments: UnsafeMutablePointer<Moments>?
     ) throws(BCNError) {
+        let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
+        defer { BCNThreads.unpin(pinned) }
         let ctx = try checkedContext(plan: plan, shape: shape, context)
         try checkGroups(plan: plan, shape: shape)
         try checkFinite(plan: plan, shape: shape, x)
@@ -104,6 +108,8 @@ public enum NormalizationEngine {
         x: UnsafePointer<T>, y: UnsafeMutablePointer<T>, state: NormalizationState<T>,
         batchMoments: UnsafePointer<Moments>?, context: UnsafeMutableBufferPointer<Double>
     ) throws(BCNError) {
+        let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
+        defer { BCNThreads.unpin(pinned) }
         let ctx = try checkedContext(plan: plan, shape: shape, context)
         guard let flags = ctx.readFlags(format: shape.format), flags.contains(.moments) else {
             throw BCNError(.noForward, "context holds no moments of an input of this shape: run localMoments first")
