@@ -51,7 +51,8 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     /// Float accumulates 8 rows at a time in Float32 lanes, then in Float64; Double in Float64 throughout.
     /// A block of 8 rows is read a strip of columns at a time down its rows, with the strip's sums in registers;
     /// with `partials` (2·columns values) row by row in order, with the block's sums there. Both give the same
-    /// bits; input streaming from memory needs the second (the hardware prefetcher does not follow the first).
+    /// bits; the second is for reads the hardware prefetcher does not follow in the first order (input from
+    /// memory, or the gradient sums' two inputs of wide rows: `ChannelsLastLayout`).
     static func _columnSums(
         _ x: UnsafePointer<Self>, rows: Int, columns: Int, stride: Int, centre: UnsafePointer<Self>?,
         sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?,
