@@ -71,13 +71,15 @@ final class FloatKernelTests: XCTestCase {
         }
     }
 
-    /// `_planeMoments` (pairs of short planes) gives each plane exactly `_chunkMoments`' numbers: planes whose
-    /// one pass is kept, corrected, refused for range (a pair's partner then goes on alone), or not finite (both
-    /// of its pair fall back), odd plane counts and odd first planes, across the pair path's lengths and beyond.
+    /// `_planeMoments` (pairs of short planes, and octets of 16, 24 or 32 values) gives each plane exactly
+    /// `_chunkMoments`' numbers: planes whose one pass is kept, corrected, refused for range (a pair's partner
+    /// then goes on alone), or not finite (both of its pair fall back; in an octet, that plane alone), zero
+    /// planes of either sign, plane counts that leave pairs and single planes after the octets, and odd first
+    /// planes, across the pair and octet paths' lengths and beyond.
     func testPlaneMomentsEqualChunkMomentsBitForBit() {
         func bits(_ v: Double) -> UInt64 { v.isNaN ? 0x7FF8_0000_0000_0000 : v.bitPattern }
-        for n in [8, 15, 16, 17, 63, 64, 100, 196, 255, 256, 257, 263, 264, 300] {
-            let planes = 9
+        for n in [8, 15, 16, 17, 24, 32, 63, 64, 100, 196, 255, 256, 257, 263, 264, 300] {
+            let planes = 19
             var x = [Float]()
             for plane in 0..<planes {
                 x += (0..<n).map { i -> Float in
@@ -87,11 +89,16 @@ final class FloatKernelTests: XCTestCase {
                     case 4: return Float(i < 8 ? rng.normal(1000, 1) : rng.normal(-2, 0.01))  // corrected
                     case 5: return 2.5                                                    // constant
                     case 6: return i < n / 2 ? 0 : Float(rng.normal(4, 1))
+                    case 10: return i == 0 ? .infinity : Float(rng.normal(1, 1))         // shift infinite
+                    case 11: return -0.0                                                  // zeros, negative
+                    case 12: return 0                                                     // zeros
+                    case 13: return i == n - 1 ? -.infinity : Float(rng.normal(-1, 3))   // past the shift's values
+                    case 14: return Float(rng.normal(-3e-20, 1e-21))                      // below the range
                     default: return Float(rng.normal(3 - Double(plane), 2))
                     }
                 }
             }
-            for first in [0, 1] {
+            for first in [0, 1, 2, 3] {
                 let count = planes - first
                 var mean = [Double](repeating: -1, count: count), m2 = mean
                 x.withUnsafeBufferPointer { xs in

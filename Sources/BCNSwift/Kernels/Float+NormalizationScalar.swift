@@ -146,6 +146,7 @@ extension Float: NormalizationScalar {
         let full = n & ~7
         var i = 0
         if n >= _shiftedMinimum && full <= _deviationBlockLength {
+            i = _planeOctets(x, planes: planes, spatial: n, mean: mean, m2: m2)
             let one = SIMD8<Float>(repeating: 1)
             while i &+ 2 <= planes {  // the planes lie inside the tensor (checked at the ABI): offsets wrap unchecked
                 let x0 = x + i &* n, x1 = x0 + n
