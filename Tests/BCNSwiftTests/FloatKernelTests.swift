@@ -113,6 +113,50 @@ final class FloatKernelTests: XCTestCase {
         }
     }
 
+    /// `_planeGradientSums` (octets of planes of 16, 24 or 32 values) gives each plane exactly `_gradientSums`'
+    /// numbers: ordinary planes, centres far from Float's grid, sums that overflow Float32 (the Float64 fallback),
+    /// non-finite values, zeros of either sign, and plane counts and first planes that leave single planes after
+    /// the octets; lengths on and off the octet path.
+    func testPlaneGradientSumsEqualGradientSumsBitForBit() {
+        func bits(_ v: Double) -> UInt64 { v.isNaN ? 0x7FF8_0000_0000_0000 : v.bitPattern }
+        for n in [8, 15, 16, 17, 24, 32, 40, 64, 196] {
+            let planes = 19
+            var x = [Float](), dy = [Float](), centres = [Double]()
+            for plane in 0..<planes {
+                x += (0..<n).map { _ in Float(plane == 3 ? rng.normal(1e5, 1) : rng.normal(2 - Double(plane), 2)) }
+                dy += (0..<n).map { i -> Float in
+                    switch plane {
+                    case 2: return i == 5 ? .nan : Float(rng.normal(0.5, 1))
+                    case 4: return Float(rng.normal(3e38, 1e37))                     // Σ dy overflows Float32
+                    case 9: return i == n - 1 ? -.infinity : Float(rng.normal(0, 1))
+                    case 10: return -0.0
+                    case 11: return 0
+                    default: return Float(rng.normal(0.3, 1))
+                    }
+                }
+                centres.append(plane == 3 ? 1e5 + 1.0 / 3 : rng.normal(2 - Double(plane), 0.5))
+            }
+            for first in [0, 1, 3] {
+                let count = planes - first
+                var sums = [Double](repeating: -1, count: count), dots = sums
+                x.withUnsafeBufferPointer { xs in
+                    dy.withUnsafeBufferPointer { gs in
+                        let x0 = xs.baseAddress! + first * n, g0 = gs.baseAddress! + first * n
+                        centres.withUnsafeBufferPointer {
+                            Float._planeGradientSums(g0, x0, planes: count, spatial: n, centres: $0.baseAddress! + first,
+                                                     sums: &sums, dots: &dots)
+                        }
+                        for k in 0..<count {
+                            let want = Float._gradientSums(g0 + k * n, x0 + k * n, count: n, centre: centres[first + k])
+                            XCTAssertEqual(bits(sums[k]), bits(want.sum), "Σ dy, n = \(n), plane \(first + k)")
+                            XCTAssertEqual(bits(dots[k]), bits(want.dot), "Σ dy (x - c), n = \(n), plane \(first + k)")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     func testScaleShiftEveryTailInPlaceAndOutOfPlace() {
         for n in lengths {
             let x = (0..<n).map { _ in Float(rng.normal(2, 3)) }

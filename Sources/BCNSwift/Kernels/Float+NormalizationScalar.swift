@@ -403,6 +403,18 @@ extension Float: NormalizationScalar {
         return (s0 + s1, p0 + p1)
     }
 
+    @inlinable
+    public static func _planeGradientSums(
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, planes: Int, spatial n: Int,
+        centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>
+    ) {
+        var i = _planeGradientOctets(dy, x, planes: planes, spatial: n, centres: centres, sums: sums, dots: dots)
+        while i < planes {
+            (sums[i], dots[i]) = _gradientSums(dy + i &* n, x + i &* n, count: n, centre: centres[i])
+            i &+= 1
+        }
+    }
+
     /// The same sums accumulated in Float64 throughout: the fallback for Float32 overflow.
     @inlinable
     static func _gradientSumsWide(

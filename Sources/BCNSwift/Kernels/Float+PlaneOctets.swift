@@ -1,8 +1,10 @@
-// Short planes eight at a time. A plane of 16 to a few dozen values holds two to a few vectors, and the per-plane
-// kernels (`_planeMoments`) spent most of their instructions around them: a shift from one reduction, the sums
-// from another, checks and Float64 algebra, about 100 instructions for a plane of 16 values. Here eight planes
-// share each reduction (`_hsum8`: one vector of eight sums), with every value and every sum computed exactly as
-// the per-plane kernels compute them, so the results are theirs bit for bit.
+// Short planes eight at a time. A plane of 16 to 32 values (4x4 maps: the last stage of a ResNet on 32x32 images)
+// holds two to four vectors, and the per-plane kernels spent most of their instructions around them: a shift from
+// one reduction, the sums from another, checks and Float64 algebra, about 100 instructions a plane of 16 values
+// for the moments and as many for the gradient sums. Here eight planes share each reduction (`_hsum8`: one vector
+// of eight sums) and their Float64 algebra runs in lanes, with each plane's values summed by the per-plane
+// kernels' own blocks (`_deviationBlock`, `_gradientBlock`), so the results are theirs bit for bit. (From 49
+// values on, the pairs of `_planeMoments` gain little from octets: 1-3% of a forward.)
 
 extension Float {
     /// (Σv₀, ..., Σv₇) over the lanes of eight vectors, each summed exactly as `_hsum` sums it
@@ -32,12 +34,16 @@ extension Float {
             + SIMD8(z[1], z[3], w[1], w[3], z[5], z[7], w[5], w[7])
     }
 
-    /// `_planeOctetMoments` of the planes from 0, eight at a time, where it takes planes of n values (two to four
-    /// whole vectors: 16, 24 or 32); returns the planes done (a multiple of 8, 0 for other n).
+    /// Whether the octet kernels take planes of n values: two to four whole vectors (a specialized copy each).
+    @inlinable @inline(__always)
+    static func _octetPlanes(_ n: Int) -> Bool { n == 16 || n == 24 || n == 32 }
+
+    /// `_planeOctetMoments` of the planes from 0, eight at a time, where it takes planes of n values
+    /// (`_octetPlanes`); returns the planes done (a multiple of 8, 0 for other n).
     @inlinable @inline(__always)
     static func _planeOctets(_ x: UnsafePointer<Float>, planes: Int, spatial n: Int,
                              mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>) -> Int {
-        guard n == 16 || n == 24 || n == 32 else { return 0 }
+        guard _octetPlanes(n) else { return 0 }
         var i = 0
         while i &+ 8 <= planes {
             _planeOctetMoments(x + i &* n, spatial: n, mean: mean + i, m2: m2 + i)
@@ -46,14 +52,12 @@ extension Float {
         return i
     }
 
-    /// `_planeMoments` of eight planes of n values from x (16, 24 or 32: `_planeOctets`), into mean[0..<8] and m2[0..<8]: each
-    /// plane's shift k (the mean of its first eight values), its sums d = Σ(x - k) and q = Σ(x - k)² and its moments
-    /// exactly as `_deviationBlock` and `_shiftedMoments` compute them, the eight shifts and the sums each from one
-    /// `_hsum8`, the moments in Float64 lanes. (A -0 lane where `_deviationBlock` has +0 changes no sum but the sign
-    /// of a zero total, which `_shiftedMoments`' 0 + d turns to +0 either way.) A plane whose sums fail
-    /// `_shiftedMoments`' checks takes its fallbacks: the same numbers.
-    /// Out of line (inlined into the parallel loop, its generic SIMD conversions and stores were left as calls),
-    /// with a copy of the octet's code for each n.
+    /// `_planeMoments` of eight planes of n values from x (`_octetPlanes`), into mean[0..<8] and m2[0..<8]: each
+    /// plane's shift k (the mean of its first eight values), its sums d = Σ(x - k) and q = Σ(x - k)² and its
+    /// moments exactly as `_deviationBlock` and `_shiftedMoments` compute them, the eight shifts and the sums each
+    /// from one `_hsum8`, the moments in Float64 lanes. A plane whose sums fail `_shiftedMoments`' checks takes its
+    /// fallbacks: the same numbers. Out of line (inlined into the parallel loop, its generic SIMD conversions and
+    /// stores were left as calls), with a copy of the octet's code for each n.
     @inlinable @inline(never)
     static func _planeOctetMoments(_ x: UnsafePointer<Float>, spatial n: Int, mean: UnsafeMutablePointer<Double>,
                                    m2: UnsafeMutablePointer<Double>) {
@@ -64,6 +68,7 @@ extension Float {
         }
     }
 
+    /// `_planeOctetMoments` for one n (a constant where it is inlined).
     @inlinable @inline(__always)
     static func _planeOctet(_ x: UnsafePointer<Float>, spatial n: Int, mean: UnsafeMutablePointer<Double>,
                             m2: UnsafeMutablePointer<Double>) {
@@ -73,17 +78,12 @@ extension Float {
         // infinite or NaN, which fail the checks below: the plane then takes `_unshiftedMoments`, as in
         // `_chunkMoments`.
         let k = _hsum8(first(0), first(1), first(2), first(3), first(4), first(5), first(6), first(7)) * 0.125
-        // d and q of plane p: `_deviationBlock`'s one chain (n = 16, 24) or four chains added pairwise (n = 32)
+        // d and q of plane p, by `_deviationBlock` itself (with n a constant, its loops and idle chains fold away)
+        let full = n & ~7, one = SIMD8<Float>(repeating: 1)
         @inline(__always) func sums(_ p: Int) -> (SIMD8<Float>, SIMD8<Float>) {
-            let v = plane(p), c = SIMD8(repeating: k[p])
-            let d0 = _load8(v, 0) - c, d1 = _load8(v, 8) - c
-            if n == 32 {
-                let d2 = _load8(v, 16) - c, d3 = _load8(v, 24) - c
-                return ((d0 + d1) + (d2 + d3), (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
-            }
-            var s = d0 + d1, q = (d0 * d0).addingProduct(d1, d1)
-            if n == 24 { let d2 = _load8(v, 16) - c; s += d2; q.addProduct(d2, d2) }
-            return (s, q)
+            var i = 0
+            return _deviationBlock(plane(p), &i, end: full, full: full, count: n, shift: SIMD8(repeating: -k[p]),
+                                   scale: one)
         }
         let (s0, q0) = sums(0), (s1, q1) = sums(1), (s2, q2) = sums(2), (s3, q3) = sums(3)
         let (s4, q4) = sums(4), (s5, q5) = sums(5), (s6, q6) = sums(6), (s7, q7) = sums(7)
@@ -109,5 +109,74 @@ extension Float {
         }
         moments(0, kLow, dLow, qLow)
         moments(4, kHigh, dHigh, qHigh)
+    }
+
+    /// `_gradientSums` of the planes from 0, eight at a time, where the octets take planes of n values
+    /// (`_octetPlanes`): (Σdy, Σdy (x - centre)) of plane i into sums[i] and dots[i]. Returns the planes done.
+    @inlinable @inline(__always)
+    static func _planeGradientOctets(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, planes: Int,
+                                     spatial n: Int, centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
+                                     dots: UnsafeMutablePointer<Double>) -> Int {
+        guard _octetPlanes(n) else { return 0 }
+        var i = 0
+        while i &+ 8 <= planes {
+            let at = i &* n
+            _planeOctetGradientSums(dy + at, x + at, spatial: n, centres: centres + i, sums: sums + i, dots: dots + i)
+            i &+= 8
+        }
+        return i
+    }
+
+    /// `_gradientSums` of eight planes of n values (`_octetPlanes`), exactly as it computes them: each plane's
+    /// block (`_gradientBlock`) around its centre rounded to Float, the block's lane sums reduced as `_hsum2`
+    /// reduces them (here by `_hsum8`, eight planes at once), then in Float64 lanes Σdy (x - centre) =
+    /// Σdy (x - cf) - (centre - cf) Σdy. A plane whose Float32 sums are not finite takes `_gradientSumsWide`, as
+    /// there. Out of line, a copy for each n, as `_planeOctetMoments`.
+    @inlinable @inline(never)
+    static func _planeOctetGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, spatial n: Int,
+                                        centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
+                                        dots: UnsafeMutablePointer<Double>) {
+        switch n {
+        case 16: _planeGradientOctet(dy, x, spatial: 16, centres: centres, sums: sums, dots: dots)
+        case 24: _planeGradientOctet(dy, x, spatial: 24, centres: centres, sums: sums, dots: dots)
+        default: _planeGradientOctet(dy, x, spatial: 32, centres: centres, sums: sums, dots: dots)
+        }
+    }
+
+    /// `_planeOctetGradientSums` for one n (a constant where it is inlined).
+    @inlinable @inline(__always)
+    static func _planeGradientOctet(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, spatial n: Int,
+                                    centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
+                                    dots: UnsafeMutablePointer<Double>) {
+        @inline(__always) func centreLanes(_ at: Int) -> SIMD4<Double> {
+            UnsafeRawPointer(centres + at).loadUnaligned(as: SIMD4<Double>.self)
+        }
+        let full = n & ~7
+        @inline(__always) func block(_ p: Int) -> (SIMD8<Float>, SIMD8<Float>) {
+            var i = 0
+            let at = p &* n
+            return _gradientBlock(dy + at, x + at, &i, end: full, full: full, count: n,
+                                  centre: SIMD8(repeating: Float(centres[p])))
+        }
+        let (s0, d0) = block(0), (s1, d1) = block(1), (s2, d2) = block(2), (s3, d3) = block(3)
+        let (s4, d4) = block(4), (s5, d5) = block(5), (s6, d6) = block(6), (s7, d7) = block(7)
+        let (sLow, sHigh) = unsafeBitCast(_hsum8(s0, s1, s2, s3, s4, s5, s6, s7), to: (SIMD4<Float>, SIMD4<Float>).self)
+        let (dLow, dHigh) = unsafeBitCast(_hsum8(d0, d1, d2, d3, d4, d5, d6, d7), to: (SIMD4<Float>, SIMD4<Float>).self)
+        // four planes a step: 0 + s, as `_blockTotals` adds a block's sums to zero totals (-0 becomes +0)
+        @inline(__always) func finish(_ at: Int, _ centre: SIMD4<Double>, _ ss: SIMD4<Float>, _ ds: SIMD4<Float>) {
+            let t = SIMD4<Double>() + SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
+            let u = d - (centre - SIMD4<Double>(SIMD4<Float>(centre))) * t
+            UnsafeMutableRawPointer(sums + at).storeBytes(of: t, as: SIMD4<Double>.self)
+            UnsafeMutableRawPointer(dots + at).storeBytes(of: u, as: SIMD4<Double>.self)
+            let finite = t - t .== SIMD4() .& d - d .== SIMD4()  // false for infinity and NaN
+            if !all(finite) {
+                for l in 0..<4 where !finite[l] {
+                    let p = at &+ l
+                    (sums[p], dots[p]) = _gradientSumsWide(dy + p &* n, x + p &* n, count: n, centre: centre[l])
+                }
+            }
+        }
+        finish(0, centreLanes(0), sLow, dLow)
+        finish(4, centreLanes(4), sHigh, dHigh)
     }
 }

@@ -65,7 +65,8 @@ struct PlanesLayout: StoredLayout {
         }
     }
 
-    /// T and U of every plane; chunk partials added in a fixed order.
+    /// T and U of every plane: by `_planeGradientSums` when a plane is one chunk, else chunk partials added in a
+    /// fixed order.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
@@ -73,9 +74,9 @@ struct PlanesLayout: StoredLayout {
         if chunks.perPlane == 1 {
             let s = shape.spatial
             parallelFor(shape.planes, cost: 2 * s) { range, _ in
-                for i in range {
-                    (t[i], u[i]) = T._gradientSums(dy + i * s, x + i * s, count: s, centre: p[i])
-                }
+                let i = range.lowerBound
+                T._planeGradientSums(dy + i * s, x + i * s, planes: range.count, spatial: s, centres: p + i,
+                                     sums: t + i, dots: u + i)
             }
             return
         }
