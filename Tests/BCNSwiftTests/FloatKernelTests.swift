@@ -157,6 +157,69 @@ final class FloatKernelTests: XCTestCase {
         }
     }
 
+    /// `_scaleShiftPlanes` and `_combinePlanes` (four planes' constants at a time for planes of 16 to 32 values)
+    /// give each plane exactly `_scaleShift`'s and `_combine`'s values, out of place and in place, for plane
+    /// counts and first planes that leave single planes after the quads, and lengths on and off that path.
+    func testPlaneMapsEqualPerPlaneMapsBitForBit() {
+        for n in [8, 15, 16, 24, 32, 40, 64] {
+            let planes = 11
+            let x = (0..<planes * n).map { i in Float(rng.normal(Double(i / n) - 4, 2)) }
+            let dy = (0..<planes * n).map { _ in Float(rng.normal(0.3, 1)) }
+            // centres off Float's grid and far from 0 in some planes: the constants' Float64 residue matters
+            let centres: [Double] = (0..<planes).map { k -> Double in
+                k % 3 == 0 ? 1e4 + 1.0 / 3 : rng.normal(Double(k) - 4, 0.5)
+            }
+            let scales = (0..<planes).map { _ in rng.normal(0.7, 0.3) }
+            let offsets = (0..<planes).map { _ in rng.normal(1, 1) }
+            let rs = (0..<planes).map { _ in rng.normal(0, 1) }
+            for first in [0, 1, 3] {
+                let count = planes - first, at = first * n
+                var want = [Float](repeating: 0, count: count * n), dxWant = want
+                for k in 0..<count {
+                    let p = first + k
+                    x.withUnsafeBufferPointer { xs in
+                        dy.withUnsafeBufferPointer { gs in
+                            want.withUnsafeMutableBufferPointer {
+                                Float._scaleShift(xs.baseAddress! + p * n, $0.baseAddress! + k * n, count: n,
+                                                  centre: centres[p], scale: scales[p], offset: offsets[p])
+                            }
+                            dxWant.withUnsafeMutableBufferPointer {
+                                Float._combine(gs.baseAddress! + p * n, xs.baseAddress! + p * n, $0.baseAddress! + k * n,
+                                               count: n, centre: centres[p], p: scales[p], q: offsets[p], r: rs[p])
+                            }
+                        }
+                    }
+                }
+                var y = [Float](repeating: .nan, count: count * n), inPlace = Array(x[at...])
+                var dx = y, dxInPlace = Array(dy[at...])
+                x.withUnsafeBufferPointer { xs in
+                    let x0 = xs.baseAddress! + at
+                    Float._scaleShiftPlanes(x0, &y, planes: count, spatial: n, centres: Array(centres[first...]),
+                                            scales: Array(scales[first...]), offsets: Array(offsets[first...]))
+                    inPlace.withUnsafeMutableBufferPointer {
+                        Float._scaleShiftPlanes($0.baseAddress!, $0.baseAddress!, planes: count, spatial: n,
+                                                centres: Array(centres[first...]), scales: Array(scales[first...]),
+                                                offsets: Array(offsets[first...]))
+                    }
+                    dy.withUnsafeBufferPointer { gs in
+                        Float._combinePlanes(gs.baseAddress! + at, x0, &dx, planes: count, spatial: n,
+                                             centres: Array(centres[first...]), p: Array(scales[first...]),
+                                             q: Array(offsets[first...]), r: Array(rs[first...]))
+                    }
+                    dxInPlace.withUnsafeMutableBufferPointer {
+                        Float._combinePlanes($0.baseAddress!, x0, $0.baseAddress!, planes: count, spatial: n,
+                                             centres: Array(centres[first...]), p: Array(scales[first...]),
+                                             q: Array(offsets[first...]), r: Array(rs[first...]))
+                    }
+                }
+                XCTAssertEqual(y.map(\.bitPattern), want.map(\.bitPattern), "map, n = \(n), first \(first)")
+                XCTAssertEqual(inPlace.map(\.bitPattern), want.map(\.bitPattern), "map in place, n = \(n)")
+                XCTAssertEqual(dx.map(\.bitPattern), dxWant.map(\.bitPattern), "combine, n = \(n), first \(first)")
+                XCTAssertEqual(dxInPlace.map(\.bitPattern), dxWant.map(\.bitPattern), "combine in place, n = \(n)")
+            }
+        }
+    }
+
     func testScaleShiftEveryTailInPlaceAndOutOfPlace() {
         for n in lengths {
             let x = (0..<n).map { _ in Float(rng.normal(2, 3)) }

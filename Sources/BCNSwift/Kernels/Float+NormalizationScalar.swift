@@ -404,6 +404,32 @@ extension Float: NormalizationScalar {
     }
 
     @inlinable
+    public static func _scaleShiftPlanes(
+        _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int, spatial n: Int,
+        centres: UnsafePointer<Double>, scales: UnsafePointer<Double>, offsets: UnsafePointer<Double>
+    ) {
+        var i = _scaleShiftQuads(x, y, planes: planes, spatial: n, centres: centres, scales: scales, offsets: offsets)
+        while i < planes {
+            _scaleShift(x + i &* n, y + i &* n, count: n, centre: centres[i], scale: scales[i], offset: offsets[i])
+            i &+= 1
+        }
+    }
+
+    @inlinable
+    public static func _combinePlanes(
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, planes: Int,
+        spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>,
+        r: UnsafePointer<Double>
+    ) {
+        var i = _combineQuads(dy, x, dx, planes: planes, spatial: n, centres: centres, p: p, q: q, r: r)
+        while i < planes {
+            let at = i &* n
+            _combine(dy + at, x + at, dx + at, count: n, centre: centres[i], p: p[i], q: q[i], r: r[i])
+            i &+= 1
+        }
+    }
+
+    @inlinable
     public static func _planeGradientSums(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, planes: Int, spatial n: Int,
         centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>

@@ -179,4 +179,73 @@ extension Float {
         finish(0, centreLanes(0), sLow, dLow)
         finish(4, centreLanes(4), sHigh, dHigh)
     }
+
+    /// The per-plane constants of `_scaleShift` for the four planes from `at`, in Float64 lanes and rounded as
+    /// there: c = Float(centre), s = Float(scale), o = Float(offset - scale (centre - c)).
+    @inlinable @inline(__always)
+    static func _scaleShiftConstants(_ centres: UnsafePointer<Double>, _ scales: UnsafePointer<Double>,
+                                     _ offsets: UnsafePointer<Double>, _ at: Int)
+        -> (SIMD4<Float>, SIMD4<Float>, SIMD4<Float>)
+    {
+        @inline(__always) func lanes(_ p: UnsafePointer<Double>) -> SIMD4<Double> {
+            UnsafeRawPointer(p + at).loadUnaligned(as: SIMD4<Double>.self)
+        }
+        let centre = lanes(centres), scale = lanes(scales), c = SIMD4<Float>(centre)
+        return (c, SIMD4<Float>(scale), SIMD4<Float>(lanes(offsets) - scale * (centre - SIMD4<Double>(c))))
+    }
+
+    /// `_scaleShift` of `planes` planes of n values (`_octetPlanes`: whole vectors), four at a time, with the same
+    /// numbers: their constants rounded in Float64 lanes (`_scaleShiftConstants`), then each plane's vectors.
+    /// Returns the planes done (a multiple of 4, 0 for other n). y may alias x.
+    @inlinable @inline(__always)
+    static func _scaleShiftQuads(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int,
+                                 spatial n: Int, centres: UnsafePointer<Double>, scales: UnsafePointer<Double>,
+                                 offsets: UnsafePointer<Double>) -> Int {
+        guard _octetPlanes(n) else { return 0 }
+        var i = 0
+        while i &+ 4 <= planes {
+            let (c, s, o) = _scaleShiftConstants(centres, scales, offsets, i)
+            for l in 0..<4 {
+                let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), sl = SIMD8(repeating: s[l])
+                let ol = SIMD8(repeating: o[l])
+                var k = 0
+                while k < n { _store8(ol.addingProduct(_load8(x, at &+ k) - cl, sl), y, at &+ k); k &+= 8 }
+            }
+            i &+= 4
+        }
+        return i
+    }
+
+    /// `_combine` of `planes` planes of n values (`_octetPlanes`), four at a time, with the same numbers: their
+    /// constants rounded in Float64 lanes (c = Float(centre), Float(p), Float(q), Float(r - q (centre - c))),
+    /// then each plane's vectors. Returns the planes done (a multiple of 4, 0 for other n). dx may alias dy.
+    @inlinable @inline(__always)
+    static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
+                              planes: Int, spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>,
+                              q: UnsafePointer<Double>, r: UnsafePointer<Double>) -> Int {
+        guard _octetPlanes(n) else { return 0 }
+        @inline(__always) func lanes(_ v: UnsafePointer<Double>, _ at: Int) -> SIMD4<Double> {
+            UnsafeRawPointer(v + at).loadUnaligned(as: SIMD4<Double>.self)
+        }
+        var i = 0
+        while i &+ 4 <= planes {
+            let centre = lanes(centres, i), qd = lanes(q, i), c = SIMD4<Float>(centre)
+            let pf = SIMD4<Float>(lanes(p, i)), qf = SIMD4<Float>(qd)
+            let rf = SIMD4<Float>(lanes(r, i) - qd * (centre - SIMD4<Double>(c)))
+            for l in 0..<4 {
+                let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), pl = SIMD8(repeating: pf[l])
+                let ql = SIMD8(repeating: qf[l]), rl = SIMD8(repeating: rf[l])
+                var k = 0
+                while k < n {
+                    var v = rl
+                    v.addProduct(_load8(x, at &+ k) - cl, ql)
+                    v.addProduct(_load8(dy, at &+ k), pl)
+                    _store8(v, dx, at &+ k)
+                    k &+= 8
+                }
+            }
+            i &+= 4
+        }
+        return i
+    }
 }

@@ -23,6 +23,20 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
         _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, count: Int,
         centre: Double, scale: Double, offset: Double)
 
+    /// `_scaleShift` of `planes` consecutive planes of `spatial` values each, plane i with centres[i], scales[i]
+    /// and offsets[i] (the same numbers; Float rounds four planes' constants at once for planes of 16 to 32
+    /// values). `y` may alias `x`.
+    static func _scaleShiftPlanes(
+        _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, planes: Int, spatial: Int,
+        centres: UnsafePointer<Double>, scales: UnsafePointer<Double>, offsets: UnsafePointer<Double>)
+
+    /// `_combine` of `planes` consecutive planes of `spatial` values each, plane i with centres[i], p[i], q[i]
+    /// and r[i] (the same numbers, as `_scaleShiftPlanes`). `dx` may alias `dy`.
+    static func _combinePlanes(
+        _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, planes: Int,
+        spatial: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>,
+        r: UnsafePointer<Double>)
+
     /// (Σ dy[i], Σ dy[i] · (x[i] - centre)), accumulated in Float64.
     static func _gradientSums(
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, count: Int, centre: Double
@@ -87,6 +101,27 @@ extension NormalizationScalar {
         for i in 0..<planes {
             let m = _chunkMoments(x + i * s, count: s)
             mean[i] = m.mean; m2[i] = m.m2
+        }
+    }
+
+    @inlinable
+    public static func _scaleShiftPlanes(
+        _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, planes: Int, spatial s: Int,
+        centres: UnsafePointer<Double>, scales: UnsafePointer<Double>, offsets: UnsafePointer<Double>
+    ) {
+        for i in 0..<planes {
+            _scaleShift(x + i * s, y + i * s, count: s, centre: centres[i], scale: scales[i], offset: offsets[i])
+        }
+    }
+
+    @inlinable
+    public static func _combinePlanes(
+        _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, _ dx: UnsafeMutablePointer<Self>, planes: Int,
+        spatial s: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>,
+        r: UnsafePointer<Double>
+    ) {
+        for i in 0..<planes {
+            _combine(dy + i * s, x + i * s, dx + i * s, count: s, centre: centres[i], p: p[i], q: q[i], r: r[i])
         }
     }
 

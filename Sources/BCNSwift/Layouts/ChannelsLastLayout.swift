@@ -210,8 +210,9 @@ struct ChannelsLastLayout: StoredLayout {
         preconditionFailure("channels-last measures all planes in one sweep (mapsPerPlane is false)")
     }
 
-    func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
-                                          centre: Double, scale: Double, offset: Double) {
+    func mapPlanes<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
+                                           centres: UnsafePointer<Double>, scales: UnsafePointer<Double>,
+                                           offsets: UnsafePointer<Double>) {
         preconditionFailure("channels-last maps every plane in one sweep")
     }
 

@@ -46,10 +46,12 @@ struct PlanesLayout: StoredLayout {
     /// A unit maps its planes as soon as it knows their coefficients, unless planes span several chunks.
     var mapsPerPlane: Bool { chunks.perPlane == 1 }
 
-    func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
-                                          centre: Double, scale: Double, offset: Double) {
-        let s = shape.spatial
-        T._scaleShift(x + plane * s, y + plane * s, count: s, centre: centre, scale: scale, offset: offset)
+    func mapPlanes<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
+                                           centres: UnsafePointer<Double>, scales: UnsafePointer<Double>,
+                                           offsets: UnsafePointer<Double>) {
+        let at = first * shape.spatial
+        T._scaleShiftPlanes(x + at, y + at, planes: count, spatial: shape.spatial, centres: centres, scales: scales,
+                            offsets: offsets)
     }
 
     func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
@@ -102,6 +104,15 @@ struct PlanesLayout: StoredLayout {
                                          arena: inout ScratchArena) {
         let chunks = self.chunks, planes = shape.planes
         let P = coefficients, Q = P + planes, R = Q + planes
+        if chunks.perPlane == 1 {  // planes of one chunk: runs of them at a time (`_combinePlanes`)
+            let s = shape.spatial
+            parallelFor(planes, cost: 2 * s) { range, _ in
+                let i = range.lowerBound, at = i * s
+                T._combinePlanes(dy + at, x + at, dx + at, planes: range.count, spatial: s, centres: p + i, p: P + i,
+                                 q: Q + i, r: R + i)
+            }
+            return
+        }
         parallelFor(chunks.count, cost: 2 * min(shape.spatial, planeChunkLength)) { range, _ in
             for i in range {
                 let c = chunks.chunk(i)

@@ -11,8 +11,8 @@ protocol StoredLayout {
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena)
 
-    /// True when `mapPlane` maps one plane at a time (each unit right after its coefficients, while its planes
-    /// are in cache); false when all coefficients come first and `map` sweeps the data once.
+    /// True when `mapPlanes` maps a unit's planes (each unit right after its coefficients, while its planes are
+    /// in cache); false when all coefficients come first and `map` sweeps the data once.
     var mapsPerPlane: Bool { get }
 
     /// Forward pass 1 on `count` planes from `first` alone (used only when `mapsPerPlane`): the same numbers
@@ -20,9 +20,11 @@ protocol StoredLayout {
     func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
                                               p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>)
 
-    /// Forward pass 2 on plane `plane`: out = scale (x - p) + offset.
-    func mapPlane<T: NormalizationScalar>(_ plane: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
-                                          centre: Double, scale: Double, offset: Double)
+    /// Forward pass 2 on `count` planes from `first` (used only when `mapsPerPlane`): out = scale (x - p) + offset,
+    /// plane first + k with centres[k], scales[k] and offsets[k].
+    func mapPlanes<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
+                                           centres: UnsafePointer<Double>, scales: UnsafePointer<Double>,
+                                           offsets: UnsafePointer<Double>)
 
     /// Forward pass 2 over every plane: out = A (x - p) + M with A, M per plane.
     func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
@@ -121,9 +123,7 @@ extension StoredLayout {
                     let first = units.locate(u).plane
                     if measure { planeMoments(first: first, count: K, x, p: ctx.p, q: ctx.q) }
                     coefficients(u, scales: scales, offsets: offsets)
-                    for k in 0..<K {
-                        mapPlane(first + k, x, y, centre: p[first + k], scale: scales[k], offset: offsets[k])
-                    }
+                    mapPlanes(first: first, count: K, x, y, centres: p + first, scales: scales, offsets: offsets)
                 }
             }
             return
