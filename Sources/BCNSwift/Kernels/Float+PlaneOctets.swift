@@ -196,12 +196,25 @@ extension Float {
 
     /// `_scaleShift` of `planes` planes of n values (`_octetPlanes`: whole vectors), four at a time, with the same
     /// numbers: their constants rounded in Float64 lanes (`_scaleShiftConstants`), then each plane's vectors.
-    /// Returns the planes done (a multiple of 4, 0 for other n). y may alias x.
-    @inlinable @inline(__always)
+    /// Returns the planes done (a multiple of 4, 0 for other n). y may alias x. Out of line, with a copy for each
+    /// n (whose vector loop then unrolls: looping over a plane's two vectors cost as much as their work).
+    @inlinable @inline(never)
     static func _scaleShiftQuads(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int,
                                  spatial n: Int, centres: UnsafePointer<Double>, scales: UnsafePointer<Double>,
                                  offsets: UnsafePointer<Double>) -> Int {
-        guard _octetPlanes(n) else { return 0 }
+        switch n {
+        case 16: return _scaleShiftQuads(x, y, planes, 16, centres, scales, offsets)
+        case 24: return _scaleShiftQuads(x, y, planes, 24, centres, scales, offsets)
+        case 32: return _scaleShiftQuads(x, y, planes, 32, centres, scales, offsets)
+        default: return 0
+        }
+    }
+
+    /// `_scaleShiftQuads` for one n (a constant where it is inlined).
+    @inlinable @inline(__always)
+    static func _scaleShiftQuads(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ planes: Int,
+                                 _ n: Int, _ centres: UnsafePointer<Double>, _ scales: UnsafePointer<Double>,
+                                 _ offsets: UnsafePointer<Double>) -> Int {
         var i = 0
         while i &+ 4 <= planes {
             let (c, s, o) = _scaleShiftConstants(centres, scales, offsets, i)
@@ -218,12 +231,25 @@ extension Float {
 
     /// `_combine` of `planes` planes of n values (`_octetPlanes`), four at a time, with the same numbers: their
     /// constants rounded in Float64 lanes (c = Float(centre), Float(p), Float(q), Float(r - q (centre - c))),
-    /// then each plane's vectors. Returns the planes done (a multiple of 4, 0 for other n). dx may alias dy.
-    @inlinable @inline(__always)
+    /// then each plane's vectors. Returns the planes done (a multiple of 4, 0 for other n). dx may alias dy. Out
+    /// of line, a copy for each n, as `_scaleShiftQuads`.
+    @inlinable @inline(never)
     static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
                               planes: Int, spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>,
                               q: UnsafePointer<Double>, r: UnsafePointer<Double>) -> Int {
-        guard _octetPlanes(n) else { return 0 }
+        switch n {
+        case 16: return _combineQuads(dy, x, dx, planes, 16, centres, p, q, r)
+        case 24: return _combineQuads(dy, x, dx, planes, 24, centres, p, q, r)
+        case 32: return _combineQuads(dy, x, dx, planes, 32, centres, p, q, r)
+        default: return 0
+        }
+    }
+
+    /// `_combineQuads` for one n (a constant where it is inlined).
+    @inlinable @inline(__always)
+    static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
+                              _ planes: Int, _ n: Int, _ centres: UnsafePointer<Double>, _ p: UnsafePointer<Double>,
+                              _ q: UnsafePointer<Double>, _ r: UnsafePointer<Double>) -> Int {
         @inline(__always) func lanes(_ v: UnsafePointer<Double>, _ at: Int) -> SIMD4<Double> {
             UnsafeRawPointer(v + at).loadUnaligned(as: SIMD4<Double>.self)
         }
