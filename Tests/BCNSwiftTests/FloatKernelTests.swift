@@ -143,8 +143,8 @@ final class FloatKernelTests: XCTestCase {
                     dy.withUnsafeBufferPointer { gs in
                         let x0 = xs.baseAddress! + first * n, g0 = gs.baseAddress! + first * n
                         centres.withUnsafeBufferPointer {
-                            Float._planeGradientSums(g0, x0, planes: count, spatial: n, centres: $0.baseAddress! + first,
-                                                     sums: &sums, dots: &dots)
+                            Float._planeGradientSums(g0, x0, planes: count, spatial: n,
+                                                     centres: $0.baseAddress! + first, sums: &sums, dots: &dots)
                         }
                         for k in 0..<count {
                             let want = Float._gradientSums(g0 + k * n, x0 + k * n, count: n, centre: centres[first + k])
@@ -184,8 +184,9 @@ final class FloatKernelTests: XCTestCase {
                                                   centre: centres[p], scale: scales[p], offset: offsets[p])
                             }
                             dxWant.withUnsafeMutableBufferPointer {
-                                Float._combine(gs.baseAddress! + p * n, xs.baseAddress! + p * n, $0.baseAddress! + k * n,
-                                               count: n, centre: centres[p], p: scales[p], q: offsets[p], r: rs[p])
+                                Float._combine(gs.baseAddress! + p * n, xs.baseAddress! + p * n,
+                                               $0.baseAddress! + k * n, count: n, centre: centres[p], p: scales[p],
+                                               q: offsets[p], r: rs[p])
                             }
                         }
                     }

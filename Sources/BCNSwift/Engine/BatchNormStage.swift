@@ -71,7 +71,7 @@ enum BatchNormStage {
         /// (false for NaN).
         @inline(__always)
         func kept(_ invB: Double) -> SIMDMask<SIMD4<Int64>> {
-            between - deviation * deviation * invB .>= 0.5 * between
+            ShiftRule.keeps(m2: between - deviation * deviation * invB, squares: between)
         }
 
         /// These sums in the lanes of `mask`, `other`'s in the rest.

@@ -74,7 +74,7 @@ struct NormalizationUnit {
             }
         }
         var mean = shift + d * invK, between = squares - d * d * invK
-        if !(between >= 0.5 * squares) {
+        if !ShiftRule.keeps(m2: between, squares: squares) {
             let c = mean, cv = SIMD4(repeating: c)
             let (d2, s2) = Lanes.sums(K) { k in let e = (yBar?.lanes(k) ?? staged(k)) - cv; return (e, e * e) }
                 scalar: { k in let e = (yBar?[k] ?? stagedOne(k)) - c; return (e, e * e) }

@@ -34,7 +34,7 @@ extension Double: NormalizationScalar {
         if n >= 8, case let k = _hsum(_load4(x, 0)) * 0.25, k.isFinite {
             let (d, q) = _centredSums(x, count: n, centre: k)
             let m2 = q - d * d / m
-            if q.isFinite && m2 >= 0.5 * q { return Moments(count: m, mean: k + d / m, m2: m2) }
+            if q.isFinite && ShiftRule.keeps(m2: m2, squares: q) { return Moments(count: m, mean: k + d / m, m2: m2) }
             c = k + d / m
             if !c.isFinite { c = _sum(x, count: n) / m }
         } else {

@@ -128,7 +128,7 @@ extension Float: NormalizationScalar {
         let meanSquare = q * invM
         guard meanSquare > 1e-30, meanSquare < 1e36 else { return nil }  // false for NaN too
         let m2 = q - d * d * invM, mean = Double(k) + d * invM
-        if m2 >= 0.5 * q { return Moments(count: m, mean: mean, m2: m2) }
+        if ShiftRule.keeps(m2: m2, squares: q) { return Moments(count: m, mean: mean, m2: m2) }
         return _correctedMoments(x, count: n, centre: mean, meanSquare: meanSquare)
     }
 

@@ -97,7 +97,7 @@ extension Float {
             let meanSquare = q * invM, deviation = q - d * d * invM
             UnsafeMutableRawPointer(mean + at).storeBytes(of: SIMD4<Double>(k) + d * invM, as: SIMD4<Double>.self)
             UnsafeMutableRawPointer(m2 + at).storeBytes(of: deviation, as: SIMD4<Double>.self)
-            let kept = meanSquare .> 1e-30 .& meanSquare .< 1e36 .& deviation .>= 0.5 * q
+            let kept = meanSquare .> 1e-30 .& meanSquare .< 1e36 .& ShiftRule.keeps(m2: deviation, squares: q)
             if !all(kept) {
                 for l in 0..<4 where !kept[l] {
                     let p = at &+ l

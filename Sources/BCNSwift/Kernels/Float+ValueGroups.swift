@@ -304,7 +304,7 @@ enum RowRounding {
     static func accepts(count K: Int, mean: SIMD4<Double>, squares: SIMD4<Double>, between: SIMD4<Double>,
                         beta: SIMD4<Double>) -> SIMDMask<SIMD4<Int64>> {
         let meanSquare = squares / Double(K), reach = reach(mean, beta)
-        return between .>= 0.5 * squares .& between .>= Double(K) * reach * reach * 0.0625
+        return ShiftRule.keeps(m2: between, squares: squares) .& between .>= Double(K) * reach * reach * 0.0625
             .& meanSquare .> 1e-30 .& meanSquare .< 1e36
     }
 

@@ -191,7 +191,7 @@ struct ChannelsLastLayout: StoredLayout {
             let d = mean.lanes(c), squares = m2.lanes(c), deviation = squares - d * d * invN
             mean.storeLanes(T._load4Wide(k, c) + d * invN, c)
             m2.storeLanes(deviation.replacing(with: 0, where: deviation .< 0), c)
-            let kept = (deviation .>= 0.5 * squares) .& (squares .< .infinity)
+            let kept = ShiftRule.keeps(m2: deviation, squares: squares) .& (squares .< .infinity)
             if !all(kept) { for l in 0..<4 where !kept[l] { again(c + l) } }
             c += 4
         }
@@ -199,7 +199,7 @@ struct ChannelsLastLayout: StoredLayout {
             let d = mean[c], squares = m2[c], deviation = squares - d * d * invN
             mean[c] = Double(k[c]) + d * invN
             m2[c] = max(deviation, 0)
-            if !(deviation >= 0.5 * squares && squares < .infinity) { again(c) }
+            if !(ShiftRule.keeps(m2: deviation, squares: squares) && squares < .infinity) { again(c) }
         }
     }
 
