@@ -94,6 +94,7 @@ final class FloatKernelTests: XCTestCase {
                     case 12: return 0                                                     // zeros
                     case 13: return i == n - 1 ? -.infinity : Float(rng.normal(-1, 3))   // past the shift's values
                     case 14: return Float(rng.normal(-3e-20, 1e-21))                      // below the range
+                    case 15: return Float(rng.normal(3e38, 1e36))                         // the shift overflows
                     default: return Float(rng.normal(3 - Double(plane), 2))
                     }
                 }

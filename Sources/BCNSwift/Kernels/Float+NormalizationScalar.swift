@@ -133,7 +133,8 @@ extension Float: NormalizationScalar {
     }
 
     /// `_chunkMoments` of `planes` consecutive planes of `spatial` values, into mean[i] and m2[i]: the same
-    /// numbers, two planes a step when a plane's one pass is one block (16 to 263 values). The pair's shifts come
+    /// numbers, eight planes a step for planes of 16, 24 or 32 values (`_planeOctets`), then two planes a step
+    /// when a plane's one pass is one block (16 to 263 values). The pair's shifts come
     /// from one reduction and their four lane sums from another, each lane summed as `_hsum` sums it; when a
     /// shift is not finite both planes take `_chunkMoments`, and a plane whose one-pass sums leave Float32's
     /// comfortable range takes `_unshiftedMoments`, as `_chunkMoments` would. (A plane of 196 values spent about

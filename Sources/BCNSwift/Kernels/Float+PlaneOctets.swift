@@ -1,34 +1,36 @@
-// Short planes eight at a time. A plane of 16 to 32 values (4x4 maps: the last stage of a ResNet on 32x32 images)
-// holds two to four vectors, and the per-plane kernels spent most of their instructions around them: a shift from
-// one reduction, the sums from another, checks and Float64 algebra, about 100 instructions a plane of 16 values
-// for the moments and as many for the gradient sums. Here eight planes share each reduction (`_hsum8`: one vector
-// of eight sums) and their Float64 algebra runs in lanes, with each plane's values summed by the per-plane
-// kernels' own blocks (`_deviationBlock`, `_gradientBlock`), so the results are theirs bit for bit. (From 49
-// values on, the pairs of `_planeMoments` gain little from octets: 1-3% of a forward.)
+// Short planes eight at a time. A plane of 16, 24 or 32 values (4x4 maps: the last stage of a ResNet on 32x32
+// images) holds two to four vectors, and the per-plane kernels spent most of their instructions around them: a
+// shift from one reduction, the sums from another, checks and Float64 algebra, about 100 instructions a plane of
+// 16 values for the moments and as many for the gradient sums. Here eight planes share each reduction (`_hsum8`:
+// one vector of eight sums) and their Float64 algebra runs in lanes, with each plane's values summed by the
+// per-plane kernels' own blocks (`_deviationBlock`, `_gradientBlock`), so the results are theirs bit for bit.
+// Other lengths keep the per-plane kernels: octets of 49 and 64 values gained 1-3% of a forward over
+// `_planeMoments`' pairs.
 
 extension Float {
-    /// (Σv₀, ..., Σv₇) over the lanes of eight vectors, each summed exactly as `_hsum` sums it
-    /// (((v₀ + v₄) + (v₂ + v₆)) + ((v₁ + v₅) + (v₃ + v₇)) lane by lane): the halves of each pair added, then
-    /// their pairs, then their lanes, one vector operation a step for all eight.
+    /// The lane sums of eight vectors v0...v7, lane p of the result for vp, each summed exactly as `_hsum` sums
+    /// it: with lanes e₀...e₇ of one vector, ((e₀ + e₄) + (e₂ + e₆)) + ((e₁ + e₅) + (e₃ + e₇)). Each step is one
+    /// vector operation for all eight: half against half, then pair against pair, then lane against lane.
     @inlinable @inline(__always)
     static func _hsum8(_ v0: SIMD8<Float>, _ v1: SIMD8<Float>, _ v2: SIMD8<Float>, _ v3: SIMD8<Float>,
                        _ v4: SIMD8<Float>, _ v5: SIMD8<Float>, _ v6: SIMD8<Float>, _ v7: SIMD8<Float>)
         -> SIMD8<Float>
     {
-        // (a.lo + a.hi | b.lo + b.hi): t_i = v_i + v_{i+4} of a, then of b
+        // (a.lo + a.hi | b.lo + b.hi): tᵢ = eᵢ + eᵢ₊₄ of a, then of b
         // (in 64-bit lanes: `lowHalf` and `highHalf`, generic, were left as calls in some specializations)
         @inline(__always) func halves(_ a: SIMD8<Float>, _ b: SIMD8<Float>) -> SIMD8<Float> {
             let u = unsafeBitCast(a, to: SIMD4<UInt64>.self), v = unsafeBitCast(b, to: SIMD4<UInt64>.self)
             return unsafeBitCast(SIMD4<UInt64>(u[0], u[1], v[0], v[1]), to: SIMD8<Float>.self)
                 + unsafeBitCast(SIMD4<UInt64>(u[2], u[3], v[2], v[3]), to: SIMD8<Float>.self)
         }
-        // x = (a | c), y = (b | d) of `halves` -> (a₀ a₁ b₀ b₁ | c₀ c₁ d₀ d₁), c₀ = t₀ + t₂, c₁ = t₁ + t₃
+        // x = (a | c), y = (b | d) of `halves` -> (a₀ a₁ b₀ b₁ | c₀ c₁ d₀ d₁), each vector's s₀ = t₀ + t₂ and
+        // s₁ = t₁ + t₃
         @inline(__always) func pairs(_ x: SIMD8<Float>, _ y: SIMD8<Float>) -> SIMD8<Float> {
             let u = unsafeBitCast(x, to: SIMD4<UInt64>.self), v = unsafeBitCast(y, to: SIMD4<UInt64>.self)
             return unsafeBitCast(SIMD4<UInt64>(u[0], v[0], u[2], v[2]), to: SIMD8<Float>.self)
                 + unsafeBitCast(SIMD4<UInt64>(u[1], v[1], u[3], v[3]), to: SIMD8<Float>.self)
         }
-        let z = pairs(halves(v0, v4), halves(v1, v5))  // (v0 v1 | v4 v5), two partial sums each
+        let z = pairs(halves(v0, v4), halves(v1, v5))  // (v0 v1 | v4 v5), s₀ and s₁ of each
         let w = pairs(halves(v2, v6), halves(v3, v7))  // (v2 v3 | v6 v7)
         return SIMD8(z[0], z[2], w[0], w[2], z[4], z[6], w[4], w[6])
             + SIMD8(z[1], z[3], w[1], w[3], z[5], z[7], w[5], w[7])

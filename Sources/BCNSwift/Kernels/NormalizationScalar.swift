@@ -14,7 +14,8 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     static func _chunkMoments(_ x: UnsafePointer<Self>, count: Int) -> Moments
 
     /// `_chunkMoments` of `planes` consecutive planes of `spatial` values each, into mean[i] and m2[i] (the same
-    /// numbers; Float shares the work around the loop between pairs of short planes).
+    /// numbers; Float shares the work around the loop between eight planes of 16, 24 or 32 values, and between
+    /// pairs of other planes of one block).
     static func _planeMoments(_ x: UnsafePointer<Self>, planes: Int, spatial: Int,
                               mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>)
 
@@ -24,7 +25,7 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
         centre: Double, scale: Double, offset: Double)
 
     /// `_scaleShift` of `planes` consecutive planes of `spatial` values each, plane i with centres[i], scales[i]
-    /// and offsets[i] (the same numbers; Float rounds four planes' constants at once for planes of 16 to 32
+    /// and offsets[i] (the same numbers; Float rounds four planes' constants at once for planes of 16, 24 or 32
     /// values). `y` may alias `x`.
     static func _scaleShiftPlanes(
         _ x: UnsafePointer<Self>, _ y: UnsafeMutablePointer<Self>, planes: Int, spatial: Int,
@@ -44,7 +45,7 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
 
     /// `_gradientSums` of `planes` consecutive planes of `spatial` values each (of dy and x), around
     /// centres[i], into sums[i] and dots[i] (the same numbers; Float shares the work around the loop between
-    /// eight planes of 16 to 32 values).
+    /// eight planes of 16, 24 or 32 values).
     static func _planeGradientSums(
         _ dy: UnsafePointer<Self>, _ x: UnsafePointer<Self>, planes: Int, spatial: Int,
         centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>)
