@@ -96,6 +96,40 @@ final class ColumnKernelTests: XCTestCase {
     }
 
     /// Float sums 8 rows in Float32 before Float64: a few ulps of Float32 relative to the terms' magnitude.
+    /// `_combineColumns` gives every value dx = r + q (x - centre) + p dy as Float computes it one value at a time
+    /// (two fused multiply-adds), for every column count and row stride of the shapes (rows of exactly 32
+    /// channels back to back take their own loop), out of place and with dx aliasing dy.
+    func testFloatCombineColumnsEveryShapeInPlaceAndOut() {
+        forEachShape { n, rows, stride in
+            let count = (rows - 1) * stride + n
+            func draws(_ count: Int, _ mean: Double, _ deviation: Double) -> [Float] {
+                (0..<count).map { _ in Float(rng.normal(mean, deviation)) }
+            }
+            let x = draws(count, 1, 2), dy = draws(count, 0, 1), centre = draws(n, 1, 0.5), p = draws(n, 1, 0.3)
+            let q = draws(n, -0.2, 0.1), r = draws(n, 0, 0.1)
+            var want = [Float](repeating: .nan, count: count)
+            for row in 0..<rows {
+                for c in 0..<n {
+                    let i = row * stride + c
+                    want[i] = r[c].addingProduct(x[i] - centre[c], q[c]).addingProduct(dy[i], p[c])
+                }
+            }
+            var out = [Float](repeating: .nan, count: count), inPlace = dy
+            Float._combineColumns(dy, x, &out, rows: rows, columns: n, stride: stride, centre: centre, p: p, q: q, r: r)
+            inPlace.withUnsafeMutableBufferPointer {
+                Float._combineColumns($0.baseAddress!, x, $0.baseAddress!, rows: rows, columns: n, stride: stride,
+                                      centre: centre, p: p, q: q, r: r)
+            }
+            for row in 0..<rows {
+                for c in 0..<n {
+                    let i = row * stride + c
+                    XCTAssertEqual(out[i].bitPattern, want[i].bitPattern, "\(rows) rows of \(n) (stride \(stride))")
+                    XCTAssertEqual(inPlace[i].bitPattern, want[i].bitPattern, "in place, \(rows) rows of \(n)")
+                }
+            }
+        }
+    }
+
     func testFloatSumsInOrderEqualInRegisters() { checkSums(Float.self, tolerance: 16 * Double(Float.ulpOfOne)) }
     func testDoubleSumsInOrderEqualInRegisters() { checkSums(Double.self, tolerance: 64 * Double.ulpOfOne) }
     func testFloatGradientSumsInOrderEqualInRegisters() {

@@ -551,6 +551,22 @@ extension Float: NormalizationScalar {
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int, columns n: Int,
         stride: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
     ) {
+        if n == 32 && stride == 32 {
+            // Rows of 32 channels back to back (a ResNet's first stage): one loop over the rows with the four
+            // vectors of a row inline. The general loop kept its row counters on the stack and tested its column
+            // tails every row: 23 instructions around a row's 28.
+            var at = 0
+            let end = rows &* 32
+            while at < end {
+                let dyRow = dy + at, xRow = x + at, dxRow = dx + at
+                _combineColumn8(dyRow, xRow, dxRow, 0, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 8, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 16, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 24, centre: centre, p: p, q: q, r: r)
+                at &+= 32
+            }
+            return
+        }
         var dyRow = dy, xRow = x, dxRow = dx
         for _ in 0..<rows {
             var c = 0
