@@ -621,6 +621,30 @@ extension Float: NormalizationScalar {
         partials: UnsafeMutablePointer<Float>?
     ) {
         let wide = n & ~7  // columns in lanes of 8; the rest in Float64
+        if n == 32, partials == nil, let centre, let squares {
+            // Rows of exactly 32 columns, one strip: its centres loaded once for all the blocks, and no column
+            // loops or tails around each block (they cost a third of a block's instructions on 32 channels). The
+            // same operations on each lane, in the same order, as the strip loop below.
+            let k0 = _load8(centre, 0), k1 = _load8(centre, 8), k2 = _load8(centre, 16), k3 = _load8(centre, 24)
+            var r0 = 0
+            while r0 < rows {
+                let end = Swift.min(rows, r0 &+ 8)
+                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
+                for r in r0..<end {
+                    let row = x + r &* stride
+                    let d0 = _load8(row, 0) - k0, d1 = _load8(row, 8) - k1
+                    let d2 = _load8(row, 16) - k2, d3 = _load8(row, 24) - k3
+                    s0 += d0; s1 += d1; s2 += d2; s3 += d3
+                    q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
+                }
+                _flush8(s0, into: sums); _flush8(s1, into: sums + 8)
+                _flush8(s2, into: sums + 16); _flush8(s3, into: sums + 24)
+                _flush8(q0, into: squares); _flush8(q1, into: squares + 8)
+                _flush8(q2, into: squares + 16); _flush8(q3, into: squares + 24)
+                r0 = end
+            }
+            return
+        }
         var r0 = 0
         while r0 < rows {
             let end = Swift.min(rows, r0 &+ 8)
@@ -693,6 +717,27 @@ extension Float: NormalizationScalar {
         partials: UnsafeMutablePointer<Float>?
     ) {
         let wide = n & ~7
+        if n == 32 && partials == nil {  // one strip, its centres loaded once, as in `_columnSums`
+            let k0 = _load8(centre, 0), k1 = _load8(centre, 8), k2 = _load8(centre, 16), k3 = _load8(centre, 24)
+            var r0 = 0
+            while r0 < rows {
+                let end = Swift.min(rows, r0 &+ 8)
+                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
+                for r in r0..<end {
+                    let at = r &* stride, g = dy + at, v = x + at
+                    let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
+                    s0 += g0; s1 += g1; s2 += g2; s3 += g3
+                    p0.addProduct(g0, _load8(v, 0) - k0); p1.addProduct(g1, _load8(v, 8) - k1)
+                    p2.addProduct(g2, _load8(v, 16) - k2); p3.addProduct(g3, _load8(v, 24) - k3)
+                }
+                _flush8(s0, into: sums); _flush8(s1, into: sums + 8)
+                _flush8(s2, into: sums + 16); _flush8(s3, into: sums + 24)
+                _flush8(p0, into: dots); _flush8(p1, into: dots + 8)
+                _flush8(p2, into: dots + 16); _flush8(p3, into: dots + 24)
+                r0 = end
+            }
+            return
+        }
         var r0 = 0
         while r0 < rows {
             let end = Swift.min(rows, r0 &+ 8)
