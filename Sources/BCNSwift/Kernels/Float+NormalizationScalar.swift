@@ -504,6 +504,25 @@ extension Float: NormalizationScalar {
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, columns n: Int, stride: Int,
         centre: UnsafePointer<Float>, scale: UnsafePointer<Float>, offset: UnsafePointer<Float>
     ) {
+        if n == 64 && stride == 64 {
+            // Rows of 64 channels back to back: row by row, the constants read as operands, as `_combineColumns`
+            // does. Two strips' constants do not fit the registers, so strips down a few rows reloaded them every
+            // call (of two rows, to keep memory in order), which cost as much as the map. The same operations.
+            var at = 0
+            let end = rows &* 64
+            while at < end {
+                let row = x + at, out = y + at
+                var c = 0
+                while c < 64 {
+                    var v = _load8(offset, c)
+                    v.addProduct(_load8(row, c) - _load8(centre, c), _load8(scale, c))
+                    _store8(v, out, c)
+                    c &+= 8
+                }
+                at &+= 64
+            }
+            return
+        }
         var c = 0
         // 32 columns at a time: four independent loads and stores a row, so the memory system has several
         // lines in flight (one lane of 8 a row stalled on every load: 2x the plane layout's time for the same

@@ -243,7 +243,9 @@ struct ChannelsLastLayout: StoredLayout {
                 // on [2, 512, 28, 28]); but walking a strip down them reads memory out of order, which costs input
                 // streaming from memory (four rows: [64, 128, 32, 32] 1.2x) and C = 64 ([32, 64, 32, 32] 1.05x
                 // with four, 1.08x with eight). So four rows from 128 channels on cached input, else two.
-                let block = C <= 32 ? rowsPerItem : (C >= 128 && !streaming(T.self) ? 4 : 2)
+                // (Float rows of exactly 64 channels go row by row, constants as operands: `_mapColumns`.)
+                let whole = C <= 32 || (C == 64 && T.self == Float.self)
+                let block = whole ? rowsPerItem : (C >= 128 && !streaming(T.self) ? 4 : 2)
                 while row < end {
                     let at = (b * S + row) * C, rows = min(block, end - row)
                     T._mapColumns(x + at, y + at, rows: rows, columns: C, stride: C, centre: cT + constants,
