@@ -130,6 +130,40 @@ final class ColumnKernelTests: XCTestCase {
         }
     }
 
+    /// `_mapColumns` gives every value y = offset + scale (x - centre) as Float computes it one value at a time
+    /// (one fused multiply-add), for every column count and row stride of the shapes (rows of exactly 64
+    /// channels back to back go row by row), out of place and in place.
+    func testFloatMapColumnsEveryShapeInPlaceAndOut() {
+        forEachShape { n, rows, stride in
+            let count = (rows - 1) * stride + n
+            let x = (0..<count).map { _ in Float(rng.normal(1, 2)) }
+            let centre = (0..<n).map { _ in Float(rng.normal(1, 0.5)) }
+            let scale = (0..<n).map { _ in Float(rng.normal(1, 0.3)) }
+            let offset = (0..<n).map { _ in Float(rng.normal(0, 1)) }
+            var want = [Float](repeating: .nan, count: count)
+            for row in 0..<rows {
+                for c in 0..<n {
+                    let i = row * stride + c
+                    want[i] = offset[c].addingProduct(x[i] - centre[c], scale[c])
+                }
+            }
+            var out = [Float](repeating: .nan, count: count), inPlace = x
+            Float._mapColumns(x, &out, rows: rows, columns: n, stride: stride, centre: centre, scale: scale,
+                              offset: offset)
+            inPlace.withUnsafeMutableBufferPointer {
+                Float._mapColumns($0.baseAddress!, $0.baseAddress!, rows: rows, columns: n, stride: stride,
+                                  centre: centre, scale: scale, offset: offset)
+            }
+            for row in 0..<rows {
+                for c in 0..<n {
+                    let i = row * stride + c
+                    XCTAssertEqual(out[i].bitPattern, want[i].bitPattern, "\(rows) rows of \(n) (stride \(stride))")
+                    XCTAssertEqual(inPlace[i].bitPattern, want[i].bitPattern, "in place, \(rows) rows of \(n)")
+                }
+            }
+        }
+    }
+
     func testFloatSumsInOrderEqualInRegisters() { checkSums(Float.self, tolerance: 16 * Double(Float.ulpOfOne)) }
     func testDoubleSumsInOrderEqualInRegisters() { checkSums(Double.self, tolerance: 64 * Double.ulpOfOne) }
     func testFloatGradientSumsInOrderEqualInRegisters() {
