@@ -5,7 +5,8 @@ import XCTest
 /// White-box tests of the column kernels of channels-last input (`_columnSums`, `_columnGradientSums`): their
 /// two reading orders, a strip of columns down a block's rows (sums in registers) and each row in order (sums in
 /// `partials`), give the same bits, for every tail of columns and rows, with row strides wider than the rows, for
-/// Float and Double; and both are the column sums, against Float64 sums of the same values.
+/// Float and Double; and both are the column sums, against Float64 sums of the same values. Float's maps
+/// (`_mapColumns`, `_combineColumns`) give each value's bits as one value at a time, in place and out.
 final class ColumnKernelTests: XCTestCase {
     var rng = SplitMix64(seed: 0xC01_5EED)
     let columnCounts = Array(1...40) + [63, 64, 65, 96, 128, 257]
