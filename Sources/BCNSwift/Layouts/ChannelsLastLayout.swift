@@ -234,18 +234,20 @@ struct ChannelsLastLayout: StoredLayout {
                 let constants = b * C
                 var row = r0
                 let end = min(S, r0 + rowsPerItem)
-                // Rows of up to 32 channels all in one call: a row of 32 Floats is one strip of columns, so memory
-                // is read in order while the strip's constants serve every row of the item (eight rows a call,
-                // C = 32: 0.93x the time of two at a time, and its setup, about 60 instructions a call, was still
-                // a quarter of the map's; narrower rows take the 8-lane and one-value loops).
+                // Rows of 8 or 32 channels all in one call: such a row is one strip of columns, so memory is read in
+                // order while the strip's constants serve every row of the item (eight rows a call, C = 32: 0.93x
+                // the time of two at a time, and its setup, about 60 instructions a call, was still a quarter of
+                // the map's: all in one, forward 0.96x, and 0.85x on 8 channels). Other rows of up to 32 channels
+                // take several 8-lane strips or one value at a time, each strip walking the call's rows again:
+                // eight rows a call (all in one, 16 channels: 1.015x).
                 // Wider rows: the loads of x and of the strip's constants bound the map, so more rows a strip are
                 // faster while the input is cached (C ≥ 128, four rows: 0.93-0.98x the time of two; eight: 1.06x
                 // on [2, 512, 28, 28]); but walking a strip down them reads memory out of order, which costs input
                 // streaming from memory (four rows: [64, 128, 32, 32] 1.2x) and C = 64 ([32, 64, 32, 32] 1.05x
                 // with four, 1.08x with eight). So four rows from 128 channels on cached input, else two.
                 // (Float rows of exactly 64 channels go row by row, constants as operands: `_mapColumns`.)
-                let whole = C <= 32 || (C == 64 && T.self == Float.self)
-                let block = whole ? rowsPerItem : (C >= 128 && !streaming(T.self) ? 4 : 2)
+                let whole = C == 8 || C == 32 || (C == 64 && T.self == Float.self)
+                let block = whole ? rowsPerItem : (C <= 32 ? 8 : (C >= 128 && !streaming(T.self) ? 4 : 2))
                 while row < end {
                     let at = (b * S + row) * C, rows = min(block, end - row)
                     T._mapColumns(x + at, y + at, rows: rows, columns: C, stride: C, centre: cT + constants,
