@@ -627,6 +627,50 @@ extension Float: NormalizationScalar {
         raw.storeBytes(of: raw.loadUnaligned(as: SIMD8<Double>.self) + SIMD8<Double>(s), as: SIMD8<Double>.self)
     }
 
+    /// One block's strip of 32 columns from column c, rows `rows` (`stride` apart): Σ (x - k) and, with `squares`,
+    /// Σ (x - k)² per column in Float32 lanes, four independent chains of one term a row, added to the Float64
+    /// totals from `sums + c` and `squares + c` (`_flush8`). `_columnSums`' one body for a strip, whichever
+    /// loop runs it.
+    @inlinable @inline(__always)
+    static func _columnStrip(_ x: UnsafePointer<Float>, rows: Range<Int>, stride: Int, column c: Int,
+                             centres k: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
+                             sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?) {
+        var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
+        for r in rows {
+            let row = x + (r &* stride &+ c)  // offsets inside the block: they wrap unchecked
+            let d0 = _load8(row, 0) - k.0, d1 = _load8(row, 8) - k.1
+            let d2 = _load8(row, 16) - k.2, d3 = _load8(row, 24) - k.3
+            s0 += d0; s1 += d1; s2 += d2; s3 += d3
+            q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
+        }
+        _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
+        _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
+        if let squares {
+            _flush8(q0, into: squares + c); _flush8(q1, into: squares + c + 8)
+            _flush8(q2, into: squares + c + 16); _flush8(q3, into: squares + c + 24)
+        }
+    }
+
+    /// One block's strip of 32 columns of `_columnGradientSums`, as `_columnStrip`: Σ dy and Σ dy (x - k), into
+    /// `sums + c` and `dots + c`.
+    @inlinable @inline(__always)
+    static func _gradientStrip(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, rows: Range<Int>, stride: Int,
+                               column c: Int, centres k: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
+                               sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>) {
+        var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
+        for r in rows {
+            let at = r &* stride &+ c, g = dy + at, v = x + at  // as in `_columnStrip`
+            let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
+            s0 += g0; s1 += g1; s2 += g2; s3 += g3
+            p0.addProduct(g0, _load8(v, 0) - k.0); p1.addProduct(g1, _load8(v, 8) - k.1)
+            p2.addProduct(g2, _load8(v, 16) - k.2); p3.addProduct(g3, _load8(v, 24) - k.3)
+        }
+        _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
+        _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
+        _flush8(p0, into: dots + c); _flush8(p1, into: dots + c + 8)
+        _flush8(p2, into: dots + c + 16); _flush8(p3, into: dots + c + 24)
+    }
+
     /// Blocks of 8 rows run outermost, and in each, 32 columns (four lanes of 8) at a time down its rows: a
     /// block (8 rows, read in order) stays in L1 while its columns are summed, in Float32, then added to the
     /// Float64 totals. (Walking one strip of columns down all the rows instead touches many distant lines at
@@ -640,26 +684,14 @@ extension Float: NormalizationScalar {
         partials: UnsafeMutablePointer<Float>?
     ) {
         let wide = n & ~7  // columns in lanes of 8; the rest in Float64
-        if n == 32, partials == nil, let centre, let squares {
+        if n == 32, partials == nil, let centre {
             // Rows of exactly 32 columns, one strip: its centres loaded once for all the blocks, and no column
-            // loops or tails around each block (they cost a third of a block's instructions on 32 channels). The
-            // same operations on each lane, in the same order, as the strip loop below.
-            let k0 = _load8(centre, 0), k1 = _load8(centre, 8), k2 = _load8(centre, 16), k3 = _load8(centre, 24)
+            // loops or tails around each block (they cost a third of a block's instructions on 32 channels).
+            let k = (_load8(centre, 0), _load8(centre, 8), _load8(centre, 16), _load8(centre, 24))
             var r0 = 0
             while r0 < rows {
                 let end = Swift.min(rows, r0 &+ 8)
-                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
-                for r in r0..<end {
-                    let row = x + r &* stride
-                    let d0 = _load8(row, 0) - k0, d1 = _load8(row, 8) - k1
-                    let d2 = _load8(row, 16) - k2, d3 = _load8(row, 24) - k3
-                    s0 += d0; s1 += d1; s2 += d2; s3 += d3
-                    q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
-                }
-                _flush8(s0, into: sums); _flush8(s1, into: sums + 8)
-                _flush8(s2, into: sums + 16); _flush8(s3, into: sums + 24)
-                _flush8(q0, into: squares); _flush8(q1, into: squares + 8)
-                _flush8(q2, into: squares + 16); _flush8(q3, into: squares + 24)
+                _columnStrip(x, rows: r0..<end, stride: stride, column: 0, centres: k, sums: sums, squares: squares)
                 r0 = end
             }
             return
@@ -692,20 +724,8 @@ extension Float: NormalizationScalar {
             while c &+ 32 <= wide {
                 let k0 = centre.map { _load8($0, c) } ?? SIMD8<Float>(), k1 = centre.map { _load8($0, c + 8) } ?? k0
                 let k2 = centre.map { _load8($0, c + 16) } ?? k0, k3 = centre.map { _load8($0, c + 24) } ?? k0
-                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
-                for r in r0..<end {
-                    let row = x + (r &* stride &+ c)  // offsets inside the block: they wrap unchecked
-                    let d0 = _load8(row, 0) - k0, d1 = _load8(row, 8) - k1
-                    let d2 = _load8(row, 16) - k2, d3 = _load8(row, 24) - k3
-                    s0 += d0; s1 += d1; s2 += d2; s3 += d3
-                    q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
-                }
-                _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
-                _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
-                if let squares {
-                    _flush8(q0, into: squares + c); _flush8(q1, into: squares + c + 8)
-                    _flush8(q2, into: squares + c + 16); _flush8(q3, into: squares + c + 24)
-                }
+                _columnStrip(x, rows: r0..<end, stride: stride, column: c, centres: (k0, k1, k2, k3), sums: sums,
+                             squares: squares)
                 c &+= 32
             }
             while c < wide {
@@ -737,22 +757,11 @@ extension Float: NormalizationScalar {
     ) {
         let wide = n & ~7
         if n == 32 && partials == nil {  // one strip, its centres loaded once, as in `_columnSums`
-            let k0 = _load8(centre, 0), k1 = _load8(centre, 8), k2 = _load8(centre, 16), k3 = _load8(centre, 24)
+            let k = (_load8(centre, 0), _load8(centre, 8), _load8(centre, 16), _load8(centre, 24))
             var r0 = 0
             while r0 < rows {
                 let end = Swift.min(rows, r0 &+ 8)
-                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
-                for r in r0..<end {
-                    let at = r &* stride, g = dy + at, v = x + at
-                    let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
-                    s0 += g0; s1 += g1; s2 += g2; s3 += g3
-                    p0.addProduct(g0, _load8(v, 0) - k0); p1.addProduct(g1, _load8(v, 8) - k1)
-                    p2.addProduct(g2, _load8(v, 16) - k2); p3.addProduct(g3, _load8(v, 24) - k3)
-                }
-                _flush8(s0, into: sums); _flush8(s1, into: sums + 8)
-                _flush8(s2, into: sums + 16); _flush8(s3, into: sums + 24)
-                _flush8(p0, into: dots); _flush8(p1, into: dots + 8)
-                _flush8(p2, into: dots + 16); _flush8(p3, into: dots + 24)
+                _gradientStrip(dy, x, rows: r0..<end, stride: stride, column: 0, centres: k, sums: sums, dots: dots)
                 r0 = end
             }
             return
@@ -778,20 +787,8 @@ extension Float: NormalizationScalar {
             }
             var c = 0
             while c &+ 32 <= wide {
-                let k0 = _load8(centre, c), k1 = _load8(centre, c + 8), k2 = _load8(centre, c + 16)
-                let k3 = _load8(centre, c + 24)
-                var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
-                for r in r0..<end {
-                    let at = r &* stride &+ c, g = dy + at, v = x + at  // as in `_columnSums`
-                    let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
-                    s0 += g0; s1 += g1; s2 += g2; s3 += g3
-                    p0.addProduct(g0, _load8(v, 0) - k0); p1.addProduct(g1, _load8(v, 8) - k1)
-                    p2.addProduct(g2, _load8(v, 16) - k2); p3.addProduct(g3, _load8(v, 24) - k3)
-                }
-                _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
-                _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
-                _flush8(p0, into: dots + c); _flush8(p1, into: dots + c + 8)
-                _flush8(p2, into: dots + c + 16); _flush8(p3, into: dots + c + 24)
+                let k = (_load8(centre, c), _load8(centre, c + 8), _load8(centre, c + 16), _load8(centre, c + 24))
+                _gradientStrip(dy, x, rows: r0..<end, stride: stride, column: c, centres: k, sums: sums, dots: dots)
                 c &+= 32
             }
             while c < wide {
