@@ -414,6 +414,32 @@ def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_
         eager.zero_grad(), traced.zero_grad()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
+    """The eager backward skips its checks of x when x still lies as the forward read it. A saved-tensor hook
+    may hand x back in another memory layout (torch.autograd.graph.save_on_cpu copies into C order, dropping
+    channels_last): the backward then lays x out again and gives the same bits as without the hook."""
+    module = bt.BCNorm(8, 4)
+    randomize(module, gen)
+    x = rand_input(gen, (2, 8, 3, 5), torch.float32, layout)
+    dy = rand_input(gen, (2, 8, 3, 5), torch.float32, layout)
+    other = torch.channels_last if layout == "contiguous" else torch.contiguous_format
+    plain = _run(copy.deepcopy(module), x, dy)
+    unpacked = []
+
+    def unpack(t):
+        unpacked.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(memory_format=other), unpack):
+        hooked = _run(module, x, dy)
+    assert any(t.shape == x.shape and t.stride() != x.stride() for t in unpacked), "the hook moved no x"
+    for what, u, v in (("output", plain[0], hooked[0]), ("dx", plain[1], hooked[1])):
+        assert torch.equal(u, v), what
+    for k in plain[2]:
+        assert torch.equal(plain[2][k], hooked[2][k]), f"grad {k}"
+
+
 @pytest.mark.parametrize("present", ["weight", "bias"])
 def test_a_stage_with_one_affine_parameter_gets_its_gradient(present, gen, monkeypatch):
     """The functional form takes a stage with only a weight or only a bias (None for the other): the kernels'

@@ -124,6 +124,9 @@ def _form(t):
     return "last" if channels_last_strides(t.shape, t.stride(), 1) else None
 
 
+_LAYOUT_FLAGS = {"first": 0, "last": _ext.BCN_CHANNELS_LAST}  # `_form`'s answers as the kernels' flag
+
+
 def _like(t, x):
     """`t` in x's memory layout (a copy only when they differ). The stride of an axis of size 1 says nothing
     about the layout (torch gives a [O, I, 1, 1] weight's gradient other ones than the weight's), so it is not
@@ -234,10 +237,11 @@ def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, 
 
 def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
                     cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, write_buffers, views=None):
-    """(y, context): phase (c) on a ``moments`` context, continued in place, or the whole forward without one
-    (a new context); the context and `moments` are numpy arrays. With write_buffers, a training forward updates
-    the running buffers given, in place, at `momentum` (the eager route's single call); without, the kernel's
-    update goes to scratch copies (the functional op). `views`: the calling module's `KernelViews`, or None."""
+    """(y, context, laid): phase (c) on a ``moments`` context, continued in place, or the whole forward without
+    one (a new context); the context and `moments` are numpy arrays. With write_buffers, a training forward
+    updates the running buffers given, in place, at `momentum` (the eager route's single call); without, the
+    kernel's update goes to scratch copies (the functional op). `views`: the calling module's `KernelViews`, or
+    None. `laid`: x as the kernels read it, its numpy view and its layout flag."""
     _check_input(x)
     given = x
     x, form, relaid = _context_layout(x, context)
@@ -279,7 +283,7 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
                               context, moments)
     if relaid:
         y = _output(given).copy_(y)
-    return y, context
+    return y, context, (x, xa, form)
 
 
 def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Optional[torch.Tensor],
@@ -290,8 +294,8 @@ def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Option
     # functional: a given context is continued in a copy
     context = None if context is None else _array(context).copy()
     moments = None if moments is None else _array(moments.contiguous())
-    y, context = _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, None,
-                                 cn_weight, cn_bias, flags, groups, eps, bn_eps, 0.1, False)
+    y, context, _ = _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, running_var, None,
+                                    cn_weight, cn_bias, flags, groups, eps, bn_eps, 0.1, False)
     return y, torch.from_numpy(context)
 
 
@@ -306,36 +310,57 @@ def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_wei
     return _output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
 
 
-def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None, shapes=None):
+def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sums=None, shapes=None, form=None):
     """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) from the forward's context (a numpy array); empty
     tensors for a stage that is absent or not affine. With `merge_sums` (the synchronized layers), the backward
     runs as its phases: the local gradient sums (x, dy in one layout), merge_sums(sums) -> the merged sums of
-    every process, then the finish. With `shapes` (the four parameters' shapes, None where absent), the gradients
-    take them (a torch view costs more than the kernel on small layers)."""
-    _check_input(x)
-    given = x
-    x, form, relaid = _context_layout(x, context)
+    every process, then the finish. With `shapes` (the four parameters' shapes, None where absent), each
+    gradient takes its parameter's shape, and is None for a parameter not given (a torch view costs more than
+    the kernel on small layers). `form`: the layout flag with which the forward read this x in place (the eager
+    routes `_save` it), which spares the checks of x and of its context's layout while x still lies so (a
+    saved-tensor hook may have moved it)."""
+    given, relaid = x, False
+    if form is None or _LAYOUT_FLAGS.get(_form(x)) != form:
+        _check_input(x)
+        x, form, relaid = _context_layout(x, context)
+    xa = _array(x)
     flags = (flags & ~_ext.BCN_CUMULATIVE_AVERAGE) | form
     C = x.shape[1]
     dy = _like(dy if dy.dtype == x.dtype else dy.to(x.dtype), x)
     dx = torch.empty_like(x)  # _output(x), as in _normalize_impl
     bn = bool(flags & _ext.BCN_BATCH_NORM) and bn_affine
     cn = bool(flags & _ext.BCN_CHANNEL_NORM) and cn_affine
-    xa, dya = _array(x), _array(dy)
-    sizes = (C if bn else 0, C if bn else 0, groups if cn else 0, groups if cn else 0)
-    if shapes is not None:
-        sizes = [shape if n and shape is not None else n for n, shape in zip(sizes, shapes)]
-    a, b, c, d = (np.zeros(n, xa.dtype) for n in sizes)
+    dya = _array(dy)
+    arrays, grads = _parameter_gradients(C if bn else 0, groups if cn else 0, shapes, xa.dtype)
     merged = ()
     if merge_sums is not None:
         sums = np.zeros(2 * C)
         _kernels.norm_backward_sums(flags, groups, xa, dya, sums, context)
         merged = (merge_sums(sums),)
-    _kernels.norm_backward(flags, groups, xa, dya, _array(dx), a if bn else None, b if bn else None,
-                           c if cn else None, d if cn else None, context, *merged)
+    _kernels.norm_backward(flags, groups, xa, dya, _array(dx), *arrays, context, *merged)
     if relaid:
         dx = _output(given).copy_(dx)
-    return dx, torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), torch.from_numpy(d)
+    return (dx, *grads)
+
+
+def _parameter_gradients(bn_size, cn_size, shapes, dtype):
+    """(the four arrays the kernels add the parameter gradients to: zeroed, None for a stage that computes none;
+    the four gradients to return). Without `shapes`, 1-D tensors, empty for a stage that computes none; with
+    them (the parameters' shapes, None where absent), each in its parameter's shape, None where absent."""
+    if shapes is None:
+        arrays = [np.zeros(n, dtype) for n in (bn_size, bn_size, cn_size, cn_size)]
+        grads = [torch.from_numpy(a) for a in arrays]
+        return [a if a.size else None for a in arrays], grads
+    arrays, grads = [], []
+    for n, shape in zip((bn_size, bn_size, cn_size, cn_size), shapes):
+        if shape is None:  # not given; a stage is affine when either parameter is: then this one's is scratch
+            arrays.append(np.zeros(n, dtype) if n else None)
+            grads.append(None)
+        else:
+            g = np.zeros(shape, dtype)
+            arrays.append(g if n else None)
+            grads.append(torch.from_numpy(g))
+    return arrays, grads
 
 
 def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor, flags: int, groups: int,
@@ -358,14 +383,17 @@ def _(dy, x, context, flags, groups, bn_affine, cn_affine):
             x.new_empty(groups if cn else 0), x.new_empty(groups if cn else 0))
 
 
-def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias):
+def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias, laid=None):
     """What a backward needs from its forward. `context` is the op's output tensor (saved for backward, as
-    torch.compile traces it), or on the eager routes a numpy array, kept as it is."""
+    torch.compile traces it), or on the eager routes a numpy array, kept as it is, with `laid` (what
+    `_normalize_impl` returned for x): its layout flag where the kernels read x in place. Only x itself is kept
+    (saved, so that autograd checks it was not modified and saved-tensor hooks may pack it)."""
     if isinstance(context, torch.Tensor):
         ctx.save_for_backward(x, context)
     else:
         ctx.save_for_backward(x)
         ctx.context = context
+        ctx.form = laid[2] if laid is not None and laid[0] is x else None
     ctx.flags, ctx.groups = flags, groups
     ctx.shapes = [None if t is None else t.shape for t in (bn_weight, bn_bias, cn_weight, cn_bias)]
     # a stage is affine when either parameter is given (the kernels then compute both gradients)
@@ -412,8 +440,8 @@ def _normalize_batch(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias
         raise ValueError("normalize_batch normalizes with batch statistics: flags need BCN_BATCH_NORM and "
                          "BCN_TRAINING, without BCN_ESTIMATED")
     context, m = moment_arrays(x, flags & ~_ext.BCN_TRAINING, groups)
-    y, context = _normalize_impl(x, context, m, bn_weight, bn_bias, None, None, None, cn_weight, cn_bias, flags,
-                                 groups, eps, bn_eps, 0.1, False)
+    y, context, _ = _normalize_impl(x, context, m, bn_weight, bn_bias, None, None, None, cn_weight, cn_bias,
+                                    flags, groups, eps, bn_eps, 0.1, False)
     return y, torch.from_numpy(context), torch.from_numpy(m)
 
 
@@ -600,23 +628,26 @@ class _EagerForward(torch.autograd.Function):
             # the estimates first, rounded to the buffers' dtype, then the eval normalization with them
             context, m = moment_arrays(x, flags, groups)
             running_update(running_mean, running_var, num_batches_tracked, m, flags, momentum, views)
-            y, context = _normalize_impl(x, context, None, bn_weight, bn_bias, running_mean, running_var, None,
-                                         cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False, views)
+            y, context, laid = _normalize_impl(x, context, None, bn_weight, bn_bias, running_mean, running_var,
+                                               None, cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False,
+                                               views)
         else:
             train = _ext.BCN_TRAINING if update else 0
-            y, context = _normalize_impl(x, None, None, bn_weight, bn_bias, running_mean, running_var,
-                                         num_batches_tracked, cn_weight, cn_bias, flags | train, groups, eps,
-                                         bn_eps, momentum, update, views)
+            y, context, laid = _normalize_impl(x, None, None, bn_weight, bn_bias, running_mean, running_var,
+                                               num_batches_tracked, cn_weight, cn_bias, flags | train, groups, eps,
+                                               bn_eps, momentum, update, views)
         if update:  # written through numpy: tell autograd, as an in-place torch op would
             torch.autograd.graph.increment_version((running_mean, running_var, num_batches_tracked))
-        _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias)
+        _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias, laid)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        g = _normalize_gradients(ctx, dy, lambda *args: backward_impl(*args, shapes=ctx.shapes))
+        x = ctx.saved_tensors[0]  # unpacked for autograd's check that x was not modified in place
+        g = backward_impl(dy, x, ctx.context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
+                          shapes=ctx.shapes, form=ctx.form)
         # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
-        return _first_order_only((*g, None), ctx.saved_tensors[0])
+        return _first_order_only((*g, None), x)
 
 
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,

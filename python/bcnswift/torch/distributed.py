@@ -79,13 +79,13 @@ class _SyncForward(torch.autograd.Function):
             y, context = torch.empty_like(x), None
         elif estimated:  # as one process: the estimates first, then the eval normalization with them
             _ops.running_update(*buffers, merged, flags, momentum)
-            y, context = _ops._normalize_impl(x, local["context"], None, bn_weight, bn_bias, running_mean,
-                                              running_var, None, cn_weight, cn_bias, flags, groups, eps, bn_eps,
-                                              momentum, False)
+            y, context, _ = _ops._normalize_impl(x, local["context"], None, bn_weight, bn_bias, running_mean,
+                                                 running_var, None, cn_weight, cn_bias, flags, groups, eps, bn_eps,
+                                                 momentum, False)
         else:
-            y, context = _ops._normalize_impl(x, local["context"], merged, bn_weight, bn_bias, *buffers, cn_weight,
-                                              cn_bias, flags | _ext.BCN_TRAINING, groups, eps, bn_eps, momentum,
-                                              True)
+            y, context, _ = _ops._normalize_impl(x, local["context"], merged, bn_weight, bn_bias, *buffers,
+                                                 cn_weight, cn_bias, flags | _ext.BCN_TRAINING, groups, eps, bn_eps,
+                                                 momentum, True)
         torch.autograd.graph.increment_version(buffers)
         train = 0 if estimated else _ext.BCN_TRAINING
         _ops._save(ctx, x, context, flags | train, groups, bn_weight, bn_bias, cn_weight, cn_bias)
