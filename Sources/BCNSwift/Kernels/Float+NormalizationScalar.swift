@@ -316,14 +316,14 @@ extension Float: NormalizationScalar {
         return ((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3))
     }
 
-    /// x - cf is exact near the centre; the residue centre - cf, which Float cannot hold, goes into the offset
-    /// (in Float64), so a mean of 100 with spread 0.01 loses nothing to rounding the centre.
+    /// About cf = Float(centre), the residue folded into the offset (`CentreResidue`).
     @inlinable
     public static func _scaleShift(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int,
         centre: Double, scale: Double, offset: Double
     ) {
-        let cf = Float(centre), sf = Float(scale), of = Float(offset - scale * (centre - Double(cf)))
+        let cf = Float(centre), sf = Float(scale)
+        let of = Float(CentreResidue.offset(offset, slope: scale, centre: centre, rounded: Double(cf)))
         let c = SIMD8<Float>(repeating: cf), s = SIMD8<Float>(repeating: sf), o = SIMD8<Float>(repeating: of)
         if n >= 8 {
             // The tail as one overlapping vector, computed before the loop overwrites x (y may alias it) and
@@ -368,7 +368,7 @@ extension Float: NormalizationScalar {
         }
         while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }  // n < 8
         if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
-        return (ts, td - (centre - Double(cf)) * ts)
+        return (ts, CentreResidue.dot(td, sum: ts, centre: centre, rounded: Double(cf)))
     }
 
     /// One block of `_gradientSums` (Σdy, Σdy(x - c)), from i to `end` (at most 128 values; with the overlapping
@@ -461,7 +461,8 @@ extension Float: NormalizationScalar {
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, count n: Int,
         centre: Double, p: Double, q: Double, r: Double
     ) {
-        let cf = Float(centre), pf = Float(p), qf = Float(q), rf = Float(r - q * (centre - Double(cf)))
+        let cf = Float(centre), pf = Float(p), qf = Float(q)
+        let rf = Float(CentreResidue.offset(r, slope: q, centre: centre, rounded: Double(cf)))
         let c = SIMD8<Float>(repeating: cf), pv = SIMD8<Float>(repeating: pf)
         let qv = SIMD8<Float>(repeating: qf), rv = SIMD8<Float>(repeating: rf)
         if n >= 8 {

@@ -167,7 +167,7 @@ extension Float {
         // four planes a step: 0 + s, as `_blockTotals` adds a block's sums to zero totals (-0 becomes +0)
         @inline(__always) func finish(_ at: Int, _ centre: SIMD4<Double>, _ ss: SIMD4<Float>, _ ds: SIMD4<Float>) {
             let t = SIMD4<Double>() + SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
-            let u = d - (centre - SIMD4<Double>(SIMD4<Float>(centre))) * t
+            let u = CentreResidue.dot(d, sum: t, centre: centre, rounded: SIMD4<Double>(SIMD4<Float>(centre)))
             UnsafeMutableRawPointer(sums + at).storeBytes(of: t, as: SIMD4<Double>.self)
             UnsafeMutableRawPointer(dots + at).storeBytes(of: u, as: SIMD4<Double>.self)
             let finite = t - t .== SIMD4() .& d - d .== SIMD4()  // false for infinity and NaN
@@ -193,7 +193,8 @@ extension Float {
             UnsafeRawPointer(p + at).loadUnaligned(as: SIMD4<Double>.self)
         }
         let centre = lanes(centres), scale = lanes(scales), c = SIMD4<Float>(centre)
-        return (c, SIMD4<Float>(scale), SIMD4<Float>(lanes(offsets) - scale * (centre - SIMD4<Double>(c))))
+        let offset = CentreResidue.offset(lanes(offsets), slope: scale, centre: centre, rounded: SIMD4<Double>(c))
+        return (c, SIMD4<Float>(scale), SIMD4<Float>(offset))
     }
 
     /// `_scaleShift` of `planes` planes of n values (`_octetPlanes`: whole vectors), four at a time, with the same
@@ -258,8 +259,8 @@ extension Float {
         var i = 0
         while i &+ 4 <= planes {
             let centre = lanes(centres, i), qd = lanes(q, i), c = SIMD4<Float>(centre)
-            let pf = SIMD4<Float>(lanes(p, i)), qf = SIMD4<Float>(qd)
-            let rf = SIMD4<Float>(lanes(r, i) - qd * (centre - SIMD4<Double>(c)))
+            let rd = CentreResidue.offset(lanes(r, i), slope: qd, centre: centre, rounded: SIMD4<Double>(c))
+            let pf = SIMD4<Float>(lanes(p, i)), qf = SIMD4<Float>(qd), rf = SIMD4<Float>(rd)
             for l in 0..<4 {
                 let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), pl = SIMD8(repeating: pf[l])
                 let ql = SIMD8(repeating: qf[l]), rl = SIMD8(repeating: rf[l])

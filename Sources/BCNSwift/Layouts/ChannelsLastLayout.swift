@@ -225,7 +225,8 @@ struct ChannelsLastLayout: StoredLayout {
         let k = arena.take(3 * planes, of: T.self), cT = k, sT = k + planes, oT = sT + planes
         for i in 0..<planes {
             let cf = T(p[i])
-            cT[i] = cf; sT[i] = T(scale[i]); oT[i] = T(offset[i] - scale[i] * (p[i] - Double(cf)))
+            cT[i] = cf; sT[i] = T(scale[i])
+            oT[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
         }
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: rowsPerItem * C) { range, _ in
@@ -277,7 +278,9 @@ struct ChannelsLastLayout: StoredLayout {
             let tb = t + b * C, ub = u + b * C, pb = p + b * C, channels = c0..<c0 + n
             addStretches(parts, offset: 0, first: c0, count: n, into: tb)
             addStretches(parts, offset: C, first: c0, count: n, into: ub)
-            for c in channels { ub[c] -= (pb[c] - Double(centre[b * C + c])) * tb[c] }
+            for c in channels {
+                ub[c] = CentreResidue.dot(ub[c], sum: tb[c], centre: pb[c], rounded: Double(centre[b * C + c]))
+            }
             for c in channels where !(tb[c].isFinite && ub[c].isFinite) {  // overflowed T's lanes: in Float64
                 tb[c] = 0; ub[c] = 0
                 ColumnKernels.gradientSums(dy + b * S * C + c, x + b * S * C + c, rows: S, columns: 1, stride: C,
@@ -295,7 +298,8 @@ struct ChannelsLastLayout: StoredLayout {
         let k = arena.take(4 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
         for i in 0..<planes {
             let cf = T(p[i])
-            cT[i] = cf; pT[i] = T(P[i]); qT[i] = T(Q[i]); rT[i] = T(R[i] - Q[i] * (p[i] - Double(cf)))
+            cT[i] = cf; pT[i] = T(P[i]); qT[i] = T(Q[i])
+            rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf)))
         }
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
