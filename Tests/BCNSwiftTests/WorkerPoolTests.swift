@@ -43,6 +43,29 @@ final class WorkerPoolTests: XCTestCase {
         }
     }
 
+    /// With two threads the caller claims ranges from the front and the worker from the back, so each runs one
+    /// contiguous part of the job (a prefix and a suffix), and two sweeps of a call over the same tensor give
+    /// each thread about the same part: what keeps the first sweep's data in the second's cache.
+    func testTwoThreadsSplitAJobIntoAPrefixAndASuffix() {
+        defer { BCNThreads.count = 0 }
+        BCNThreads.count = 2
+        var sawWorker = false
+        for job in 0..<500 {
+            let count = 64 + job % 200
+            let owner = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
+            defer { owner.deallocate() }
+            owner.initialize(repeating: -1)
+            parallelFor(count, cost: 1 << 12) { range, slot in
+                for i in range { owner[i] = slot }
+            }
+            XCTAssertFalse(owner.contains(-1), "job \(job): an index was not visited")
+            let split = owner.firstIndex { $0 != 0 } ?? count
+            XCTAssertTrue(owner[split...].allSatisfy { $0 == 1 }, "job \(job): slots \(Array(owner))")
+            sawWorker = sawWorker || split < count
+        }
+        XCTAssertTrue(sawWorker, "the worker never took a range")
+    }
+
     func testJobsAfterWorkersSleep() {
         defer { BCNThreads.count = 0 }
         BCNThreads.count = 2

@@ -105,11 +105,12 @@ func parallelSlots(_ count: Int, cost: Int) -> Int {
 
 /// Runs `body` over `0..<count`, cut into contiguous ranges, on up to `BCNThreads.count` threads.
 ///
-/// Threads (the caller and `WorkerPool`'s workers) claim ranges from a shared counter, so a worker that wakes
-/// late simply takes fewer. `body` must make each index's result depend on that index alone (write to its own
-/// slot); then the result is independent of which thread ran which range, which is what makes the thread count
-/// invisible in the output. Its second argument is the running thread's slot, below `parallelSlots(count,
-/// cost:)`: scratch indexed by it is private to the range being run.
+/// Threads (the caller and `WorkerPool`'s workers) claim ranges from shared counters (the caller from the front,
+/// a worker from the back: see `WorkerPool`), so a worker that wakes late simply takes fewer. `body` must make
+/// each index's result depend on that index alone (write to its own slot); then the result is independent of
+/// which thread ran which range, which is what makes the thread count invisible in the output. Its second
+/// argument is the running thread's slot, below `parallelSlots(count, cost:)`: scratch indexed by it is private
+/// to the range being run.
 /// - Parameters:
 ///   - count: number of work items.
 ///   - cost: approximate element visits per item, used only to decide whether threads are worth waking.

@@ -15,10 +15,17 @@ import Darwin
 /// cores) before sleeping, each on its own condition variable so that a job wakes only the workers it uses.
 ///
 /// Protocol (all atomics sequentially consistent):
-/// - `state` packs a generation (high 32 bits) and the next unclaimed index (low 32). An odd generation means
-///   the job description is being written; an even one publishes it.
+/// - `state` packs a generation (high 32 bits) and the ranges claimed so far (low 32): from the front (low 16
+///   bits) and from the back (the next 16). An odd generation means the job description is being written; an
+///   even one publishes it.
 /// - A worker increments `inFlight` before it reads the description or claims anything and decrements it when
 ///   done; it claims ranges by compare-and-swap on `state`, which fails once the generation has moved on.
+/// - The caller and the even workers claim from the front, the odd workers from the back. With two threads each
+///   runs about the same part of a job's ranges every time, so a call's second sweep over a tensor (a forward's
+///   normalization after its moments, a backward's dx after its sums) finds the part it reads in its own core's
+///   cache, as the first sweep left it. With one counter, whichever thread came first took the next range, and
+///   the two sweeps split the tensor differently: two threads, forward+backward, [2, 512, 28, 28] ran 1.28x and
+///   [8, 32, 32, 32] 1.15x the time they take now, eval [2, 512, 28, 28] 1.22x.
 /// - The submitting thread claims ranges too; once none are left it waits for `inFlight == 0`. Then no worker
 ///   is running a range or can claim one, and the caller's closure (on its stack) may go away.
 /// One job runs at a time: a caller that finds the pool busy (another thread's call, or a nested one) runs its
@@ -60,6 +67,7 @@ final class WorkerPool: @unchecked Sendable {
     private let jobBody = Atomic<Int>(0)     // address of a `Body` on the submitting thread's stack
     private let jobCount = Atomic<Int>(0)
     private let jobGrain = Atomic<Int>(0)
+    private let jobRanges = Atomic<Int>(0)
     private let jobWorkers = Atomic<Int>(0)  // workers 0..<jobWorkers may join
 
     private init() {
@@ -76,8 +84,9 @@ final class WorkerPool: @unchecked Sendable {
     }
 
     /// Runs `body` over `0..<count` in ranges of `grain` on the calling thread and up to `threads - 1` workers.
-    /// `count` must be below 2³¹.
+    /// `count` must be below 2³¹; a grain that would make more than 65535 ranges (the counters' width) is widened.
     func run(count: Int, grain: Int, threads: Int, _ body: Body) {
+        let grain = max(grain, (count + 0xfffe) / 0xffff), ranges = (count + grain - 1) / grain
         guard busy.compareExchange(expected: false, desired: true, ordering: .sequentiallyConsistent).exchanged
         else {
             var i = 0
@@ -96,6 +105,7 @@ final class WorkerPool: @unchecked Sendable {
                 jobBody.store(Int(bitPattern: job), ordering: .sequentiallyConsistent)
                 jobCount.store(count, ordering: .sequentiallyConsistent)
                 jobGrain.store(grain, ordering: .sequentiallyConsistent)
+                jobRanges.store(ranges, ordering: .sequentiallyConsistent)
                 jobWorkers.store(helpers, ordering: .sequentiallyConsistent)
                 let published = UInt32(truncatingIfNeeded: generation &+ 2)
                 state.store(UInt64(published) << 32, ordering: .sequentiallyConsistent)
@@ -106,23 +116,26 @@ final class WorkerPool: @unchecked Sendable {
                     pthread_cond_signal(sleeper.wake)
                     pthread_mutex_unlock(sleeper.mutex)
                 }
-                claimAndRun(generation: published, count: count, grain: grain, slot: 0, body: job)
+                claimAndRun(generation: published, count: count, grain: grain, ranges: ranges, slot: 0, body: job)
                 while inFlight.load(ordering: .sequentiallyConsistent) != 0 {}
             }
         }
     }
 
-    /// Claims ranges of the job of `generation` until none are left or the generation has moved on.
-    private func claimAndRun(generation: UInt32, count: Int, grain: Int, slot: Int, body: UnsafePointer<Body>) {
+    /// Claims ranges of the job of `generation` until none are left or the generation has moved on: from the
+    /// front on an even slot, from the back on an odd one (see the protocol above).
+    private func claimAndRun(generation: UInt32, count: Int, grain: Int, ranges: Int, slot: Int,
+                             body: UnsafePointer<Body>) {
+        let fromBack = slot & 1 == 1, step: UInt64 = fromBack ? 1 << 16 : 1
         var s = state.load(ordering: .sequentiallyConsistent)
         while UInt32(truncatingIfNeeded: s >> 32) == generation {
-            let start = Int(s & 0xffff_ffff)
-            if start >= count { return }
-            let end = min(start + grain, count)
-            let (exchanged, current) = state.compareExchange(
-                expected: s, desired: (s & ~0xffff_ffff) | UInt64(end), ordering: .sequentiallyConsistent)
+            let front = Int(s & 0xffff), back = Int(s >> 16 & 0xffff)
+            if front + back >= ranges { return }
+            let (exchanged, current) = state.compareExchange(expected: s, desired: s + step,
+                                                             ordering: .sequentiallyConsistent)
             if exchanged {
-                body.pointee(start..<end, slot)
+                let start = (fromBack ? ranges - 1 - back : front) * grain
+                body.pointee(start..<min(start + grain, count), slot)
                 s = state.load(ordering: .sequentiallyConsistent)
             } else {
                 s = current
@@ -199,9 +212,11 @@ final class WorkerPool: @unchecked Sendable {
             let body = jobBody.load(ordering: .sequentiallyConsistent)
             let count = jobCount.load(ordering: .sequentiallyConsistent)
             let grain = jobGrain.load(ordering: .sequentiallyConsistent)
+            let ranges = jobRanges.load(ordering: .sequentiallyConsistent)
             let allowed = jobWorkers.load(ordering: .sequentiallyConsistent)
             if self.generation() == generation && id < allowed, let job = UnsafePointer<Body>(bitPattern: body) {
-                claimAndRun(generation: generation, count: count, grain: grain, slot: id + 1, body: job)
+                claimAndRun(generation: generation, count: count, grain: grain, ranges: ranges, slot: id + 1,
+                            body: job)
             }
             inFlight.subtract(1, ordering: .sequentiallyConsistent)
         }
