@@ -75,6 +75,32 @@ extension WorkerPoolTests {
         }
     }
 
+    /// On a team of two, the calling thread claims ranges from the front and the other from the back, as on
+    /// bcnswift's workers: the caller runs a prefix of the job, the team's other thread a suffix.
+    func testTeamOfTwoSplitsAJobIntoTheCallersPrefixAndASuffix() {
+        defer { restoreThreads() }
+        BCNThreads.callingThreadTeam = exactTeam
+        BCNThreads.count = 2
+        let caller = pthread_self()
+        var sawOther = false
+        for job in 0..<200 {
+            let count = 64 + job % 200
+            let onCaller = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
+            defer { onCaller.deallocate() }
+            onCaller.initialize(repeating: -1)
+            parallelFor(count, cost: 1 << 12) { range, _ in
+                let mine = pthread_equal(pthread_self(), caller) != 0
+                for i in range { onCaller[i] = mine ? 1 : 0 }
+                usleep(20)  // time for the team's thread, made afresh for each region here, to start
+            }
+            XCTAssertFalse(onCaller.contains(-1), "job \(job): an index was not visited")
+            let split = onCaller.firstIndex { $0 != 1 } ?? count
+            XCTAssertTrue(onCaller[split...].allSatisfy { $0 == 0 }, "job \(job): \(Array(onCaller))")
+            sawOther = sawOther || split < count
+        }
+        XCTAssertTrue(sawOther, "the team's other thread never took a range")
+    }
+
     func testTeamIsTheCallingThreadsSettingAndTheABIReturnsThePrevious() {
         defer { restoreThreads() }
         XCTAssertNil(bcn_set_calling_thread_team(exactTeam))

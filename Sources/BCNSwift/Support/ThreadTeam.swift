@@ -43,28 +43,48 @@ extension BCNThreads {
 /// One `parallelFor` on a team: its body, and the counters its threads claim ranges and slots from.
 private final class TeamJob {
     let body: UnsafePointer<WorkerPool.Body>
-    let count: Int, grain: Int, threads: Int
-    let next = Atomic<Int>(0)
+    let count: Int, grain: Int, threads: Int, ranges: Int
+    /// The thread that runs the job: the one the runtime's region returns to.
+    let caller = pthread_self()
+    /// Ranges claimed from the front (low 32 bits) and from the back (high 32 bits).
+    let claimed = Atomic<UInt64>(0)
     let slots = Atomic<Int>(0)
 
     init(body: UnsafePointer<WorkerPool.Body>, count: Int, grain: Int, threads: Int) {
         self.body = body; self.count = count; self.grain = grain; self.threads = threads
+        ranges = (count + grain - 1) / grain
+    }
+
+    /// The next range from the front (the calling thread) or from the back (the team's others), nil when none is
+    /// left: as on bcnswift's workers (`WorkerPool`), each sweep of a call then gives the caller and another
+    /// thread of a team of two about the same part of the tensor, still in that core's cache.
+    func claim(fromBack: Bool) -> Range<Int>? {
+        var s = claimed.load(ordering: .relaxed)
+        while true {
+            let front = Int(s & 0xffff_ffff), back = Int(s >> 32)
+            if front + back >= ranges { return nil }
+            let (exchanged, current) = claimed.compareExchange(expected: s, desired: s + (fromBack ? 1 << 32 : 1),
+                                                               ordering: .relaxed)
+            if exchanged {
+                let start = (fromBack ? ranges - 1 - back : front) * grain
+                return start..<min(start + grain, count)
+            }
+            s = current
+        }
     }
 }
 
 /// What each thread of the team runs: take the next slot (so scratch indexed by it is private, whichever of the
-/// runtime's threads arrive), then claim ranges until none are left. A thread beyond the slots asked for (a
-/// runtime that gave more than `num_threads`) takes no range; the others take its share.
+/// runtime's threads arrive), then claim ranges until none are left, from the front on the calling thread and
+/// from the back on the others. A thread beyond the slots asked for (a runtime that gave more than
+/// `num_threads`) takes no range; the others take its share.
 private let teamEntry: @convention(c) (UnsafeMutableRawPointer?) -> Void = { raw in
     guard let raw else { return }
     let job = Unmanaged<TeamJob>.fromOpaque(raw).takeUnretainedValue()
     let slot = job.slots.wrappingAdd(1, ordering: .relaxed).oldValue
     guard slot < job.threads else { return }
-    while true {
-        let start = job.next.wrappingAdd(job.grain, ordering: .relaxed).oldValue
-        if start >= job.count { return }
-        job.body.pointee(start..<min(start + job.grain, job.count), slot)
-    }
+    let fromBack = pthread_equal(pthread_self(), job.caller) == 0
+    while let range = job.claim(fromBack: fromBack) { job.body.pointee(range, slot) }
 }
 
 /// Runs `body` over `0..<count` in ranges of `grain` on `team` with up to `threads` threads. The runtime's
@@ -77,11 +97,7 @@ func runOnTeam(_ team: BCNThreadTeam, count: Int, grain: Int, threads: Int, _ bo
             let job = TeamJob(body: pointer, count: count, grain: grain, threads: threads)
             withExtendedLifetime(job) {
                 team(teamEntry, Unmanaged.passUnretained(job).toOpaque(), UInt32(threads), 0)
-                while true {
-                    let start = job.next.wrappingAdd(grain, ordering: .relaxed).oldValue
-                    if start >= count { break }
-                    body(start..<min(start + grain, count), 0)
-                }
+                while let range = job.claim(fromBack: false) { body(range, 0) }
             }
         }
     }
