@@ -81,24 +81,7 @@ extension WorkerPoolTests {
         defer { restoreThreads() }
         BCNThreads.callingThreadTeam = exactTeam
         BCNThreads.count = 2
-        let caller = pthread_self()
-        var sawOther = false
-        for job in 0..<200 {
-            let count = 64 + job % 200
-            let onCaller = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
-            defer { onCaller.deallocate() }
-            onCaller.initialize(repeating: -1)
-            parallelFor(count, cost: 1 << 12) { range, _ in
-                let mine = pthread_equal(pthread_self(), caller) != 0
-                for i in range { onCaller[i] = mine ? 1 : 0 }
-                usleep(20)  // time for the team's thread, made afresh for each region here, to start
-            }
-            XCTAssertFalse(onCaller.contains(-1), "job \(job): an index was not visited")
-            let split = onCaller.firstIndex { $0 != 1 } ?? count
-            XCTAssertTrue(onCaller[split...].allSatisfy { $0 == 0 }, "job \(job): \(Array(onCaller))")
-            sawOther = sawOther || split < count
-        }
-        XCTAssertTrue(sawOther, "the team's other thread never took a range")
+        checkCallerPrefixes(jobs: 200, pause: 20)  // the team's thread is made afresh for each region here
     }
 
     func testTeamIsTheCallingThreadsSettingAndTheABIReturnsThePrevious() {

@@ -49,21 +49,32 @@ final class WorkerPoolTests: XCTestCase {
     func testTwoThreadsSplitAJobIntoAPrefixAndASuffix() {
         defer { BCNThreads.count = 0 }
         BCNThreads.count = 2
-        var sawWorker = false
-        for job in 0..<500 {
+        checkCallerPrefixes(jobs: 500)
+    }
+
+    /// Runs `jobs` jobs on the current threads and checks that the indices the calling thread ran form a prefix of
+    /// each job and the other threads' a suffix, and that another thread ran some. `pause`: microseconds each range
+    /// waits (time for threads that start late).
+    func checkCallerPrefixes(jobs: Int, pause: UInt32 = 0, file: StaticString = #filePath, line: UInt = #line) {
+        let caller = pthread_self()
+        var sawOther = false
+        for job in 0..<jobs {
             let count = 64 + job % 200
-            let owner = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
-            defer { owner.deallocate() }
-            owner.initialize(repeating: -1)
-            parallelFor(count, cost: 1 << 12) { range, slot in
-                for i in range { owner[i] = slot }
+            let onCaller = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
+            defer { onCaller.deallocate() }
+            onCaller.initialize(repeating: -1)
+            parallelFor(count, cost: 1 << 12) { range, _ in
+                let mine = pthread_equal(pthread_self(), caller) != 0
+                for i in range { onCaller[i] = mine ? 1 : 0 }
+                if pause > 0 { usleep(pause) }
             }
-            XCTAssertFalse(owner.contains(-1), "job \(job): an index was not visited")
-            let split = owner.firstIndex { $0 != 0 } ?? count
-            XCTAssertTrue(owner[split...].allSatisfy { $0 == 1 }, "job \(job): slots \(Array(owner))")
-            sawWorker = sawWorker || split < count
+            XCTAssertFalse(onCaller.contains(-1), "job \(job): an index was not visited", file: file, line: line)
+            let split = onCaller.firstIndex { $0 != 1 } ?? count
+            XCTAssertTrue(onCaller[split...].allSatisfy { $0 == 0 }, "job \(job): \(Array(onCaller))", file: file,
+                          line: line)
+            sawOther = sawOther || split < count
         }
-        XCTAssertTrue(sawWorker, "the worker never took a range")
+        XCTAssertTrue(sawOther, "no other thread took a range", file: file, line: line)
     }
 
     func testJobsAfterWorkersSleep() {
