@@ -431,15 +431,15 @@ enum Lanes {
 
 extension UnsafePointer where Pointee == Double {
     /// Four Doubles from `self + i`.
-    @inline(__always)
+    @usableFromInline @inline(__always)
     func lanes(_ i: Int) -> SIMD4<Double> { UnsafeRawPointer(self + i).loadUnaligned(as: SIMD4<Double>.self) }
 }
 
 extension UnsafeMutablePointer where Pointee == Double {
-    @inline(__always)
+    @usableFromInline @inline(__always)
     func lanes(_ i: Int) -> SIMD4<Double> { UnsafeRawPointer(self + i).loadUnaligned(as: SIMD4<Double>.self) }
 
-    @inline(__always)
+    @usableFromInline @inline(__always)
     func storeLanes(_ v: SIMD4<Double>, _ i: Int) {
         UnsafeMutableRawPointer(self + i).storeBytes(of: v, as: SIMD4<Double>.self)
     }

@@ -409,10 +409,10 @@ extension Float: NormalizationScalar {
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int, spatial n: Int,
         centres: UnsafePointer<Double>, scales: UnsafePointer<Double>, offsets: UnsafePointer<Double>
     ) {
-        var i = _scaleShiftQuads(x, y, planes: planes, spatial: n, centres: centres, scales: scales, offsets: offsets)
-        while i < planes {
+        let quads = _scaleShiftQuads(x, y, planes: planes, spatial: n, centres: centres, scales: scales,
+                                     offsets: offsets)
+        for i in quads..<planes {  // the rest (every plane of other n) one at a time
             _scaleShift(x + i &* n, y + i &* n, count: n, centre: centres[i], scale: scales[i], offset: offsets[i])
-            i &+= 1
         }
     }
 
@@ -422,11 +422,9 @@ extension Float: NormalizationScalar {
         spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>,
         r: UnsafePointer<Double>
     ) {
-        var i = _combineQuads(dy, x, dx, planes: planes, spatial: n, centres: centres, p: p, q: q, r: r)
-        while i < planes {
+        for i in _combineQuads(dy, x, dx, planes: planes, spatial: n, centres: centres, p: p, q: q, r: r)..<planes {
             let at = i &* n
             _combine(dy + at, x + at, dx + at, count: n, centre: centres[i], p: p[i], q: q[i], r: r[i])
-            i &+= 1
         }
     }
 
@@ -435,10 +433,9 @@ extension Float: NormalizationScalar {
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, planes: Int, spatial n: Int,
         centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>
     ) {
-        var i = _planeGradientOctets(dy, x, planes: planes, spatial: n, centres: centres, sums: sums, dots: dots)
-        while i < planes {
+        let octets = _planeGradientOctets(dy, x, planes: planes, spatial: n, centres: centres, sums: sums, dots: dots)
+        for i in octets..<planes {
             (sums[i], dots[i]) = _gradientSums(dy + i &* n, x + i &* n, count: n, centre: centres[i])
-            i &+= 1
         }
     }
 

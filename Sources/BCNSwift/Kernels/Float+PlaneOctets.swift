@@ -97,8 +97,8 @@ extension Float {
         @inline(__always) func moments(_ at: Int, _ k: SIMD4<Float>, _ ds: SIMD4<Float>, _ qs: SIMD4<Float>) {
             let d = SIMD4<Double>() + SIMD4<Double>(ds), q = SIMD4<Double>() + SIMD4<Double>(qs)
             let meanSquare = q * invM, deviation = q - d * d * invM
-            UnsafeMutableRawPointer(mean + at).storeBytes(of: SIMD4<Double>(k) + d * invM, as: SIMD4<Double>.self)
-            UnsafeMutableRawPointer(m2 + at).storeBytes(of: deviation, as: SIMD4<Double>.self)
+            mean.storeLanes(SIMD4<Double>(k) + d * invM, at)
+            m2.storeLanes(deviation, at)
             let kept = meanSquare .> 1e-30 .& meanSquare .< 1e36 .& ShiftRule.keeps(m2: deviation, squares: q)
             if !all(kept) {
                 for l in 0..<4 where !kept[l] {
@@ -150,9 +150,6 @@ extension Float {
     static func _planeGradientOctet(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, spatial n: Int,
                                     centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
                                     dots: UnsafeMutablePointer<Double>) {
-        @inline(__always) func centreLanes(_ at: Int) -> SIMD4<Double> {
-            UnsafeRawPointer(centres + at).loadUnaligned(as: SIMD4<Double>.self)
-        }
         let full = n & ~7
         @inline(__always) func block(_ p: Int) -> (SIMD8<Float>, SIMD8<Float>) {
             var i = 0
@@ -168,8 +165,8 @@ extension Float {
         @inline(__always) func finish(_ at: Int, _ centre: SIMD4<Double>, _ ss: SIMD4<Float>, _ ds: SIMD4<Float>) {
             let t = SIMD4<Double>() + SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
             let u = CentreResidue.dot(d, sum: t, centre: centre, rounded: SIMD4<Double>(SIMD4<Float>(centre)))
-            UnsafeMutableRawPointer(sums + at).storeBytes(of: t, as: SIMD4<Double>.self)
-            UnsafeMutableRawPointer(dots + at).storeBytes(of: u, as: SIMD4<Double>.self)
+            sums.storeLanes(t, at)
+            dots.storeLanes(u, at)
             let finite = t - t .== SIMD4() .& d - d .== SIMD4()  // false for infinity and NaN
             if !all(finite) {
                 for l in 0..<4 where !finite[l] {
@@ -178,8 +175,8 @@ extension Float {
                 }
             }
         }
-        finish(0, centreLanes(0), sLow, dLow)
-        finish(4, centreLanes(4), sHigh, dHigh)
+        finish(0, centres.lanes(0), sLow, dLow)
+        finish(4, centres.lanes(4), sHigh, dHigh)
     }
 
     /// The per-plane constants of `_scaleShift` for the four planes from `at`, in Float64 lanes and rounded as
@@ -189,11 +186,8 @@ extension Float {
                                      _ offsets: UnsafePointer<Double>, _ at: Int)
         -> (SIMD4<Float>, SIMD4<Float>, SIMD4<Float>)
     {
-        @inline(__always) func lanes(_ p: UnsafePointer<Double>) -> SIMD4<Double> {
-            UnsafeRawPointer(p + at).loadUnaligned(as: SIMD4<Double>.self)
-        }
-        let centre = lanes(centres), scale = lanes(scales), c = SIMD4<Float>(centre)
-        let offset = CentreResidue.offset(lanes(offsets), slope: scale, centre: centre, rounded: SIMD4<Double>(c))
+        let centre = centres.lanes(at), scale = scales.lanes(at), c = SIMD4<Float>(centre)
+        let offset = CentreResidue.offset(offsets.lanes(at), slope: scale, centre: centre, rounded: SIMD4<Double>(c))
         return (c, SIMD4<Float>(scale), SIMD4<Float>(offset))
     }
 
@@ -253,14 +247,11 @@ extension Float {
     static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
                               _ planes: Int, _ n: Int, _ centres: UnsafePointer<Double>, _ p: UnsafePointer<Double>,
                               _ q: UnsafePointer<Double>, _ r: UnsafePointer<Double>) -> Int {
-        @inline(__always) func lanes(_ v: UnsafePointer<Double>, _ at: Int) -> SIMD4<Double> {
-            UnsafeRawPointer(v + at).loadUnaligned(as: SIMD4<Double>.self)
-        }
         var i = 0
         while i &+ 4 <= planes {
-            let centre = lanes(centres, i), qd = lanes(q, i), c = SIMD4<Float>(centre)
-            let rd = CentreResidue.offset(lanes(r, i), slope: qd, centre: centre, rounded: SIMD4<Double>(c))
-            let pf = SIMD4<Float>(lanes(p, i)), qf = SIMD4<Float>(qd), rf = SIMD4<Float>(rd)
+            let centre = centres.lanes(i), qd = q.lanes(i), c = SIMD4<Float>(centre)
+            let rd = CentreResidue.offset(r.lanes(i), slope: qd, centre: centre, rounded: SIMD4<Double>(c))
+            let pf = SIMD4<Float>(p.lanes(i)), qf = SIMD4<Float>(qd), rf = SIMD4<Float>(rd)
             for l in 0..<4 {
                 let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), pl = SIMD8(repeating: pf[l])
                 let ql = SIMD8(repeating: qf[l]), rl = SIMD8(repeating: rf[l])
