@@ -502,23 +502,33 @@ extension Float: NormalizationScalar {
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, rows: Int, columns n: Int, stride: Int,
         centre: UnsafePointer<Float>, scale: UnsafePointer<Float>, offset: UnsafePointer<Float>
     ) {
-        if n == 64 && stride == 64 {
-            // Rows of 64 channels back to back: row by row, the constants read as operands, as `_combineColumns`
-            // does. Two strips' constants do not fit the registers, so strips down a few rows reloaded them every
-            // call (of two rows, to keep memory in order), which cost as much as the map. The same operations.
-            var at = 0
-            let end = rows &* 64
-            while at < end {
-                let row = x + at, out = y + at
-                var c = 0
-                while c < 64 {
-                    var v = _load8(offset, c)
-                    v.addProduct(_load8(row, c) - _load8(centre, c), _load8(scale, c))
-                    _store8(v, out, c)
-                    c &+= 8
+        if n >= 64 && n & 31 == 0 && stride == n {
+            // Rows of 64 channels or more (a multiple of 32) back to back: row by row, memory in order, the
+            // constants read as operands, as `_combineColumns` does. Strips down a few rows kept a strip's
+            // constants in registers (two strips' do not fit) but walked several rows at once, out of order:
+            // with the input in L3 or memory (as it comes from the layer before), 1.08-1.2x the time on 128 to 512
+            // channels; in cache the same or 1.03x. The same operations.
+            @inline(__always) func rowsOf(_ n: Int) {  // called with n = 64 too, which LLVM unrolls
+                var at = 0
+                let end = rows &* n
+                while at < end {
+                    let row = x + at, out = y + at
+                    var c = 0
+                    while c < n {
+                        var v0 = _load8(offset, c), v1 = _load8(offset, c &+ 8)
+                        var v2 = _load8(offset, c &+ 16), v3 = _load8(offset, c &+ 24)
+                        v0.addProduct(_load8(row, c) - _load8(centre, c), _load8(scale, c))
+                        v1.addProduct(_load8(row, c &+ 8) - _load8(centre, c &+ 8), _load8(scale, c &+ 8))
+                        v2.addProduct(_load8(row, c &+ 16) - _load8(centre, c &+ 16), _load8(scale, c &+ 16))
+                        v3.addProduct(_load8(row, c &+ 24) - _load8(centre, c &+ 24), _load8(scale, c &+ 24))
+                        _store8(v0, out, c); _store8(v1, out, c &+ 8)
+                        _store8(v2, out, c &+ 16); _store8(v3, out, c &+ 24)
+                        c &+= 32
+                    }
+                    at &+= n
                 }
-                at &+= 64
             }
+            if n == 64 { rowsOf(64) } else { rowsOf(n) }
             return
         }
         var c = 0

@@ -241,13 +241,12 @@ struct ChannelsLastLayout: StoredLayout {
                 // the map's: all in one, forward 0.96x, and 0.85x on 8 channels). Other rows of up to 32 channels
                 // take several 8-lane strips or one value at a time, each strip walking the call's rows again:
                 // eight rows a call (all in one, 16 channels: 1.015x).
-                // Wider rows: the loads of x and of the strip's constants bound the map, so more rows a strip are
-                // faster while the input is cached (C ≥ 128, four rows: 0.93-0.98x the time of two; eight: 1.06x
-                // on [2, 512, 28, 28]); but walking a strip down them reads memory out of order, which costs input
-                // streaming from memory (four rows: [64, 128, 32, 32] 1.2x) and C = 64 ([32, 64, 32, 32] 1.05x
-                // with four, 1.08x with eight). So four rows from 128 channels on cached input, else two.
-                // (Float rows of exactly 64 channels go row by row, constants as operands: `_mapColumns`.)
-                let whole = C == 8 || C == 32 || (C == 64 && T.self == Float.self)
+                // Wider rows: walking a strip down several rows reads memory out of order, which costs input
+                // coming from L3 or memory (four rows: [64, 128, 32, 32] 1.2x). Float rows of a multiple of 32
+                // channels from 64 up go row by row, constants as operands (`_mapColumns`), all in one call; the
+                // other wide rows, four rows a strip from 128 channels on cached input (0.93-0.98x the time of
+                // two, eight 1.06x on [2, 512, 28, 28]), else two.
+                let whole = C == 8 || C == 32 || (C >= 64 && C % 32 == 0 && T.self == Float.self)
                 let block = whole ? rowsPerItem : (C <= 32 ? 8 : (C >= 128 && !streaming(T.self) ? 4 : 2))
                 while row < end {
                     let at = (b * S + row) * C, rows = min(block, end - row)
