@@ -506,8 +506,8 @@ extension Float: NormalizationScalar {
             // Rows of 64 channels or more (a multiple of 32) back to back: row by row, memory in order, the
             // constants read as operands, as `_combineColumns` does. Strips down a few rows kept a strip's
             // constants in registers (two strips' do not fit) but walked several rows at once, out of order:
-            // with the input in L3 or memory (as it comes from the layer before), 1.08-1.2x the time on 128 to 512
-            // channels; in cache the same or 1.03x. The same operations.
+            // with the input in memory, 1.08-1.2x the time on 128 to 512 channels; in L3 the same or 1.03x.
+            // The same operations.
             @inline(__always) func rowsOf(_ n: Int) {  // called with n = 64 too, which LLVM unrolls
                 var at = 0
                 let end = rows &* n
