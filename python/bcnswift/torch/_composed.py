@@ -9,6 +9,12 @@ import torch
 from .. import _ext
 
 
+def transforms_active():
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active: its wrapped tensors have no memory the
+    kernels could read (so this route takes every call), and under vmap no memory format to keep."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _compute_dtype(x):
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -18,8 +24,9 @@ def _channel_view(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def running_update_(running_mean, running_var, num_batches_tracked, x, flags, momentum, moving_speed):
-    """The documents' running update from the batch x ([B, C, *]); returns nothing, writes the buffers."""
+def running_update(running_mean, running_var, num_batches_tracked, x, flags, momentum, moving_speed):
+    """The documents' running update from the batch x ([B, C, *]): (running_mean, running_var,
+    num_batches_tracked) as they become, in new tensors; `commit_running` writes them."""
     with torch.no_grad():
         xs = x.detach().to(_compute_dtype(x)).transpose(0, 1).reshape(x.shape[1], -1)
         n = xs.shape[1]
@@ -31,16 +38,24 @@ def running_update_(running_mean, running_var, num_batches_tracked, x, flags, mo
         if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
             var = var * (n / (n - 1))
         counts = not around_running or bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
-        if counts:
-            num_batches_tracked.add_(1)
+        count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
         if flags & _ext.BCN_CUMULATIVE_AVERAGE:
-            factor = 1.0 / float(num_batches_tracked)
+            factor = 1.0 / float(count)
         elif moving_speed is not None:
             factor = moving_speed.reshape(-1)[0].to(xs.dtype)
         else:
             factor = momentum
-        running_mean.copy_((1 - factor) * running_mean.to(xs.dtype) + factor * mean)
-        running_var.copy_((1 - factor) * running_var.to(xs.dtype) + factor * var)
+        mean = ((1 - factor) * running_mean.to(xs.dtype) + factor * mean).to(running_mean.dtype)
+        var = ((1 - factor) * running_var.to(xs.dtype) + factor * var).to(running_var.dtype)
+        return mean, var, count
+
+
+def commit_running(buffers, staged):
+    """Writes `running_update`'s (mean, var, count) into the buffers (running_mean, running_var,
+    num_batches_tracked), in place."""
+    with torch.no_grad():
+        for buffer, value in zip(buffers, staged):
+            buffer.copy_(value)
 
 
 def normalize(x, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps):
@@ -72,7 +87,8 @@ def normalize(x, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bi
             g = g + cn_bias.to(dt).reshape(1, groups, 1)
         y = g.reshape(shape)
     y = y.to(out_dtype)
-    if x.dim() >= 4 and x.is_contiguous(memory_format=_memory_format(x)) and not x.is_contiguous():
+    if x.dim() >= 4 and not transforms_active() and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=_memory_format(x)):
         y = y.contiguous(memory_format=_memory_format(x))
     return y
 

@@ -607,7 +607,9 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 
 def _first_order_only(grads, anchor):
-    if not torch.is_grad_enabled() or not anchor.requires_grad:  # create_graph=False
+    """`grads` as the backward returns them; with create_graph=True each marked (`_NoSecondDerivative`) and
+    attached through `anchor`, one of the forward's inputs that requires grad (None: none)."""
+    if not torch.is_grad_enabled() or anchor is None or not anchor.requires_grad:  # create_graph=False
         return grads
     return tuple(g if g is None else _NoSecondDerivative.apply(g, anchor) for g in grads)
 
@@ -639,6 +641,9 @@ class _EagerForward(torch.autograd.Function):
         if update:  # written through numpy: tell autograd, as an in-place torch op would
             torch.autograd.graph.increment_version((running_mean, running_var, num_batches_tracked))
         _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias, laid)
+        # what attaches the gradients to a second backward's graph: x, else a parameter (x may need none)
+        ctx.anchor = None if x.requires_grad else next(
+            (t for t in (bn_weight, bn_bias, cn_weight, cn_bias) if t is not None and t.requires_grad), None)
         return y
 
     @staticmethod
@@ -647,7 +652,7 @@ class _EagerForward(torch.autograd.Function):
         g = backward_impl(dy, x, ctx.context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
                           shapes=ctx.shapes, form=ctx.form)
         # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
-        return _first_order_only((*g, None), x)
+        return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor)
 
 
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,

@@ -133,13 +133,6 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
                               eps, bn.eps, momentum, channels, synchronizer)
 
 
-def _empty_or(x, channels):
-    """An empty batch outside training (a rank with no data under DDP's uneven inputs): an empty output."""
-    if x.dim() < 2 or x.shape[1] != channels:
-        raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
-    return x.clone()
-
-
 class SyncBCNorm(BCNorm):
     """The authors' BCNorm with batch statistics over every rank of `process_group` (None: the default group)
     in training; the same arguments, parameters and state dict as BCNorm otherwise."""
@@ -151,7 +144,7 @@ class SyncBCNorm(BCNorm):
 
     def forward(self, x):
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)):
-            return _empty_or(x, self.num_channels) if x.numel() == 0 else super().forward(x)
+            return super().forward(x)  # an empty batch too (a rank without data): an empty output
         stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
         return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group)
@@ -167,7 +160,7 @@ class SyncBatchChannelNorm(BatchChannelNorm):
 
     def forward(self, x):
         if not self.training:
-            return _empty_or(x, self.channel_norm.channels) if x.numel() == 0 else super().forward(x)
+            return super().forward(x)
         return sync_batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(),
                                        self.channel_norm.channels, self.process_group)
 

@@ -49,6 +49,8 @@ def _fast(x, tensors):
     # is_cpu: device.type builds a device object, about 1 us a tensor, on every call of every layer
     if COMPOSED or not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
         return False
+    if _composed.transforms_active():  # torch.func's wrapped tensors have no memory for the kernels
+        return False
     dtype = x.dtype
     for t in tensors:
         if t is not None and (not t.is_cpu or t.dtype != dtype):
@@ -56,14 +58,65 @@ def _fast(x, tensors):
     return True
 
 
+def _check_sizes(x, bn, cn):
+    """Each parameter and buffer holds one value per channel (batch norm) or per group (channel norm), worded as
+    the kernels word it: checked before any route runs, so that no call fails after updating a buffer."""
+    C = x.shape[1]
+    if cn is not None:
+        if C % cn.groups:
+            raise ValueError(f"the channel count ({C}) must be divisible by the number of groups ({cn.groups})")
+        sized = [("cn_weight", cn.weight, cn.groups), ("cn_bias", cn.bias, cn.groups)]
+    else:
+        sized = []
+    if bn is not None:
+        sized += [(name, t, C) for name, t in (("bn_weight", bn.weight), ("bn_bias", bn.bias),
+                                                ("running_mean", bn.running_mean), ("running_var", bn.running_var))]
+    for name, t, n in sized:
+        if t is not None and t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+
+
+def _check_values(x, flags, groups, training, update):
+    """The statistics a call needs are defined (the kernels' checks, worded as they word them; the composed route
+    would divide by zero or normalize by eps alone): more than one value per channel group, and per channel when
+    training with batch statistics or updating an unbiased running variance."""
+    B, C = x.shape[0], x.shape[1]
+    S = x.numel() // (B * C)  # called with values only
+    size = f"input of size [{B}, {C}, {S}] ([B, C, S])"
+    if flags & _ext.BCN_CHANNEL_NORM and (C // groups) * S == 1:
+        raise ValueError(f"Expected more than 1 value per channel group, got {C // groups} channel(s) per group and "
+                         f"spatial size {S}")
+    if flags & _ext.BCN_BATCH_NORM and B * S == 1:
+        if training:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {size}")
+        if update and flags & _ext.BCN_UNBIASED_RUNNING_VAR:
+            raise ValueError(f"an unbiased running variance needs more than 1 value per channel, got {size}")
+
+
+def _empty_output(x, tensors):
+    """The output for an input without values ([0, C, *] or a zero-sized spatial axis): x's shape and layout, no
+    statistics measured and no buffer changed; in autograd's graph, so that each parameter gets a zero gradient, as
+    torch's batch norm gives it."""
+    y = x.clone()
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            y = y + t.sum() * 0
+    return y
+
+
 def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNormStage], *, views=None):
     """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring. `views`: a
     dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'
-    tensors (bcnswift's modules pass their own, `KernelViews`); None makes them afresh on each call."""
+    tensors (bcnswift's modules pass their own, `KernelViews`); None makes them afresh on each call. An input
+    without values gives an empty output and changes no buffer."""
     if x.dim() < 2:
         raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    _check_sizes(x, bn, cn)
+    if x.numel() == 0:
+        stages = ([cn.weight, cn.bias] if cn else []) + ([bn.weight, bn.bias] if bn else [])
+        return _empty_output(x, stages)
     flags, groups, eps = 0, 1, 1e-5
     tensors = []
     if cn is not None:
@@ -72,6 +125,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         tensors += [cn.weight, cn.bias]
     if bn is None:
         if not _fast(x, tensors):
+            _check_values(x, flags, groups, False, False)
             return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
         if not torch.compiler.is_compiling():
             return _ops.eager_forward(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
@@ -90,10 +144,16 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors):
-        if update:
-            _composed.running_update_(*buffers, x, flags, momentum, bn.moving_speed)
-        return _composed.normalize(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight, cn_bias,
-                                   flags | train, groups, eps, bn.eps)
+        _check_values(x, flags, groups, bool(train), update)
+        # the update staged, the normalization run, and only then the buffers written: a call that fails
+        # changes nothing
+        staged = _composed.running_update(*buffers, x, flags, momentum, bn.moving_speed) if update else None
+        running = staged[:2] if staged is not None and estimated else (bn.running_mean, bn.running_var)
+        y = _composed.normalize(x, bn.weight, bn.bias, *running, cn_weight, cn_bias, flags | train, groups, eps,
+                                bn.eps)
+        if staged is not None:
+            _composed.commit_running(buffers, staged)
+        return y
     if not torch.compiler.is_compiling():
         return _ops.eager_forward(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias,
                                   flags | (0 if update else train), groups, eps, bn.eps, momentum, update, views)
@@ -120,6 +180,7 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     convolution; eps_in_sqrt=False) or (w - mean) / sqrt(var + eps) (labml; eps_in_sqrt=True), with the unbiased
     std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
-    if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64):
+    if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) \
+            or _composed.transforms_active():
         return _composed.weight_standardization(w, eps, flags)
     return _ops.weight_standardization_route(w, float(eps), flags, views)

@@ -86,7 +86,9 @@ class BCNorm(KernelViews, nn.Module):
     ``weight``, ``bias`` of shape (1, num_groups, 1). Fused into one call.
 
     ``bn`` may be any torch.nn batch norm (its momentum, eps, affine and track_running_stats are honoured) or
-    EstBN; any other module there runs on its own, followed by the fused channel norm.
+    EstBN; any other module there (nn.SyncBatchNorm too, which synchronizes its own statistics) runs on its own,
+    followed by the fused channel norm. ``bcnswift.torch.convert_sync_batch_channel_norm`` makes a model's
+    BCNorms synchronize the fused way.
     """
 
     def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, device=None, dtype=None):
@@ -106,8 +108,9 @@ class BCNorm(KernelViews, nn.Module):
         bn = self.bn  # a submodule: each read goes through nn.Module.__getattr__
         if isinstance(bn, EstBN):
             return batch_channel_norm(x, bn.stage(), cn, views=self.kernel_views())
-        if isinstance(bn, _BatchNorm):
+        if isinstance(bn, _BatchNorm) and not isinstance(bn, nn.SyncBatchNorm):
             return batch_channel_norm(x, torch_batch_norm_stage(bn), cn, views=self.kernel_views())
+        # any other module (nn.SyncBatchNorm among them: its statistics are its process group's) runs on its own
         return batch_channel_norm(bn(x), None, cn, views=self.kernel_views())
 
     def extra_repr(self):

@@ -1,0 +1,180 @@
+"""bcnswift.torch at the edges a PyTorch user meets: calls that raise change no buffer, inputs without values,
+degenerate statistics worded alike on both routes, torch.func transforms, an nn.SyncBatchNorm inside BCNorm,
+grouped WS ConvTranspose2d, second derivatives through the parameters alone, convert's fidelity to the layers it
+replaces, and labml's cumulative average across checkpoints."""
+import copy
+
+import pytest
+
+from conftest import require
+from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
+
+torch = require("torch")
+import bcnswift.torch as bt  # noqa: E402
+from bcnswift.torch import functional  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import functional_call, grad, vmap  # noqa: E402
+
+ROUTES = ["kernels", "composed"]
+
+
+def _est(C, G):
+    m = bt.BCNorm(C, G, estimate=True)
+    m.bn.estbn_moving_speed.fill_(0.2)
+    return m
+
+
+def _estbn(C, G):
+    m = bt.EstBN(C)
+    m.estbn_moving_speed.fill_(0.2)
+    return m
+
+
+#: (name, factory (C, G) -> module, a parameter of it to give a wrong size, its size then)
+MODULES = [
+    ("BCNorm", lambda C, G: bt.BCNorm(C, G), lambda m: m.weight, (1, 3, 1)),
+    ("BCNorm estimate", _est, lambda m: m.weight, (1, 3, 1)),
+    ("EstBN", _estbn, lambda m: m.weight, (5,)),
+    ("labml BatchChannelNorm", lambda C, G: bt.BatchChannelNorm(C, G), lambda m: m.channel_norm.scale, (3,)),
+    ("labml BatchChannelNorm batch", lambda C, G: bt.BatchChannelNorm(C, G, estimate=False),
+     lambda m: m.batch_norm.scale, (5,)),
+]
+MODULE_IDS = [m[0] for m in MODULES]
+
+
+def _buffers(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _assert_unchanged(m, before, what):
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{what}: {k} changed"
+
+
+@pytest.fixture(params=ROUTES)
+def route(request, monkeypatch):
+    """The kernels' route, or the composed one (as CUDA, half precision or BCNSWIFT_TORCH_COMPOSED=1 take)."""
+    monkeypatch.setattr(functional, "COMPOSED", request.param == "composed")
+    return request.param
+
+
+@pytest.mark.parametrize("name,make,param,size", MODULES, ids=MODULE_IDS)
+def test_a_call_that_raises_changes_no_buffer(name, make, param, size, route, gen):
+    m = make(8, 4).double()
+    m(rand_input(gen, (4, 8, 5, 5)))  # buffers away from their initial values
+    param(m).data = torch.ones(size, dtype=torch.float64)
+    before = _buffers(m)
+    with pytest.raises(ValueError, match="elements, expected"):
+        m(rand_input(gen, (4, 8, 5, 5)))
+    _assert_unchanged(m, before, f"{name} on the {route} route")
+
+
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES] + [
+    ("ChannelNorm", lambda C, G: bt.ChannelNorm(C, G))], ids=MODULE_IDS + ["ChannelNorm"])
+@pytest.mark.parametrize("shape,layout", [((0, 8, 4, 4), "contiguous"), ((0, 8, 4, 4), "channels_last"),
+                                          ((3, 8, 0, 4), "channels_last"), ((0, 8), "contiguous")],
+                         ids=["no samples", "no samples channels_last", "no pixels channels_last", "rows"])
+def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name, make, shape, layout, route, gen):
+    m = make(8, 4).double()
+    m(rand_input(gen, (4, 8, 5, 5)))
+    for training in (True, False):
+        m.train(training)
+        before = _buffers(m)
+        x = rand_input(gen, shape, layout=layout).requires_grad_()
+        y = m(x)
+        assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+        _assert_unchanged(m, before, f"{name}, training={training}")
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        for k, p in m.named_parameters():
+            assert p.grad is not None and not p.grad.any(), f"{name}: {k} gets a zero gradient"
+        m.zero_grad()
+
+
+@pytest.mark.parametrize("make,shape,message", [
+    (lambda: bt.BCNorm(8, 4), (1, 8, 1, 1), "more than 1 value per channel when training"),
+    (lambda: bt.BatchChannelNorm(8, 4, estimate=False), (1, 8), "more than 1 value per channel when training"),
+    (lambda: bt.ChannelNorm(8, 8), (2, 8, 1), "more than 1 value per channel group"),
+], ids=["BCNorm one value", "labml rows of one sample", "ChannelNorm groups of one value"])
+def test_degenerate_statistics_raise_alike_on_both_routes(make, shape, message, route, gen):
+    m = make().double()
+    before = _buffers(m)
+    with pytest.raises(ValueError, match=message):
+        m(rand_input(gen, shape))
+    _assert_unchanged(m, before, route)
+
+
+def _trained(make, gen):
+    m = make().double()
+    m(rand_input(gen, (4, 8, 5, 5)))
+    return m
+
+
+def _batch_statistics_only():
+    m = bt.BCNorm(8, 4)
+    m.bn = nn.BatchNorm2d(8, track_running_stats=False)  # training without a buffer to update
+    return m
+
+
+def test_torch_func_grad_and_vmap_run_the_same_math(gen):
+    """torch.func's wrapped tensors take the composed route; their gradients and per-sample results are those of
+    the kernels' route without a transform (float64). A training forward that updates running buffers is
+    refused under grad, as torch's own batch norm is."""
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    for make in (lambda: bt.BCNorm(8, 4), lambda: bt.BCNorm(8, 4, estimate=True), lambda: bt.BatchChannelNorm(8, 4),
+                 _batch_statistics_only):
+        m = _trained(make, gen)
+        x = rand_input(gen, (3, 8, 4, 5))
+        updates = any(True for _ in m.buffers()) and make is not _batch_statistics_only
+        for training in (False, True):
+            m.train(training)
+            if training and updates:
+                with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+                    grad(lambda x: m(x).pow(2).sum())(x)
+                continue
+            transformed = grad(lambda x: m(x).pow(2).sum())(x)
+            xr = x.clone().requires_grad_()
+            m(xr).pow(2).sum().backward()
+            torch.testing.assert_close(transformed, xr.grad, **tol, msg=f"{m}: grad, training={training}")
+            m.zero_grad()
+        m.eval()
+        per_sample = vmap(m)(x.unsqueeze(1))
+        torch.testing.assert_close(per_sample.squeeze(1), torch.cat([m(x[i:i + 1]) for i in range(3)]), **tol)
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        sample_grads = vmap(grad(lambda p, xi: functional_call(m, p, (xi[None],)).pow(2).sum()),
+                            in_dims=(None, 0))(params, x)
+        for i in range(3):
+            m.zero_grad()
+            m(x[i:i + 1]).pow(2).sum().backward()
+            for k, p in m.named_parameters():
+                torch.testing.assert_close(sample_grads[k][i], p.grad, **tol, msg=f"sample {i}: {k}")
+    conv = bt.Conv2d(8, 4, 3).double()
+    x = rand_input(gen, (2, 8, 5, 5))
+    transformed = grad(lambda w: functional_call(conv, {"weight": w, "bias": conv.bias}, (x,)).sum())(conv.weight)
+    conv(x).sum().backward()
+    torch.testing.assert_close(transformed, conv.weight.grad, **tol)
+
+
+def test_a_sync_batch_norm_inside_bcnorm_runs_as_its_own_module(gen, monkeypatch):
+    """nn.SyncBatchNorm.convert_sync_batchnorm puts one in BCNorm.bn: its forward (which synchronizes over its
+    process group) runs, and without a group it normalizes as BatchNorm2d does."""
+    plain = bt.BCNorm(8, 4).double()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(copy.deepcopy(plain)))[0]
+    assert isinstance(synced.bn, nn.SyncBatchNorm)
+    calls = []
+    real = nn.SyncBatchNorm.forward
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", lambda self, x: calls.append(1) or real(self, x))
+    x = rand_input(gen, (4, 8, 5, 5))
+    torch.testing.assert_close(synced(x), plain(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(synced.bn.running_mean, plain.bn.running_mean, rtol=1e-12, atol=1e-14)
+    assert calls == [1]
+
+
+def test_a_second_derivative_through_the_parameters_alone_raises_the_documented_error(gen):
+    m = bt.BCNorm(8, 4).double()
+    x = rand_input(gen, (4, 8, 5, 5))  # requires no grad: only the parameters do
+    g = torch.autograd.grad(m(x).pow(2).sum(), m.bn.weight, create_graph=True)[0]
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        g.pow(2).sum().backward()
+
