@@ -7,6 +7,7 @@ import copy
 import pytest
 
 from conftest import require
+from test_torch_modules import reference_ws_transposed
 from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
 
 torch = require("torch")
@@ -170,6 +171,20 @@ def test_a_sync_batch_norm_inside_bcnorm_runs_as_its_own_module(gen, monkeypatch
     assert calls == [1]
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("convention", ["authors", "labml"])
+def test_ws_conv_transpose_standardizes_each_output_channel_over_its_groups_inputs(groups, convention, route, gen):
+    layer = bt.ConvTranspose2d(6, 12, 3, groups=groups, convention=convention).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64) * 0.3 + 0.1)
+    w = layer.weight.detach()
+    expected = reference_ws_transposed(w, groups, 1e-5, convention)
+    torch.testing.assert_close(layer.standardized_weight().detach(), expected, rtol=1e-12, atol=1e-12)
+    x = rand_input(gen, (2, 6, 4, 4))
+    torch.testing.assert_close(bt.fold_weight_standardization(copy.deepcopy(layer))(x), layer(x), rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_a_second_derivative_through_the_parameters_alone_raises_the_documented_error(gen):
     m = bt.BCNorm(8, 4).double()
     x = rand_input(gen, (4, 8, 5, 5))  # requires no grad: only the parameters do
@@ -177,4 +192,11 @@ def test_a_second_derivative_through_the_parameters_alone_raises_the_documented_
     assert g.requires_grad
     with pytest.raises(RuntimeError, match="no second derivative"):
         g.pow(2).sum().backward()
+
+
+def test_ws_layers_refuse_a_fan_in_of_one_in_their_own_words(gen):
+    for layer in (bt.Conv2d(4, 4, 1, groups=4), bt.Linear(1, 3)):
+        with pytest.raises(ValueError, match="Weight Standardization needs a fan-in of at least 2") as e:
+            layer.standardized_weight()
+        assert "unbiased=False" not in str(e.value)  # an argument the layers do not have
 

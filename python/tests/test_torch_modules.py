@@ -353,6 +353,18 @@ def _reference_ws(w, eps, convention):
     return out.reshape(w.shape)
 
 
+def reference_ws_transposed(w, groups, eps, convention):
+    """`_reference_ws` of a ConvTranspose weight [in, out/groups, *k], output channel by output channel: channel
+    k·(out/groups) + j reads, and is standardized over, w[k·in/groups:(k+1)·in/groups, j]."""
+    out = torch.empty_like(w)
+    per_group = w.shape[0] // groups
+    for k in range(groups):
+        block = slice(k * per_group, (k + 1) * per_group)
+        for j in range(w.shape[1]):
+            out[block, j] = _reference_ws(w[block, j].unsqueeze(0), eps, convention)[0]
+    return out
+
+
 @pytest.mark.parametrize("convention", ["authors", "labml"])
 @pytest.mark.parametrize("layer,shape", [
     (lambda c: bt.Conv1d(3, 5, 3, convention=c), (2, 3, 7)),
@@ -365,8 +377,8 @@ def test_weight_standardized_layers_match_the_formula(convention, layer, shape, 
     m = layer(convention).double()
     x = rand_input(gen, shape)
     w = m.weight
-    if isinstance(m, nn.ConvTranspose2d):  # output channels on dim 1
-        expected_w = _reference_ws(w.transpose(0, 1), 1e-5, convention).transpose(0, 1)
+    if isinstance(m, nn.ConvTranspose2d):  # output channels on dim 1, each over its group's inputs
+        expected_w = reference_ws_transposed(w, m.groups, 1e-5, convention)
     else:
         expected_w = _reference_ws(w, 1e-5, convention)
     torch.testing.assert_close(m.standardized_weight(), expected_w, rtol=1e-12, atol=1e-12)

@@ -4,7 +4,8 @@ over its fan-in, on every forward (Qiao et al.).
 ``convention="authors"`` (the default): (w - mean) / (std + eps), std unbiased, as the authors' Conv2d.
 ``convention="labml"``: (w - mean) / sqrt(var + eps), var unbiased, as labml's weight_standardization (seed 004).
 The output channels are dim 0 of the weight, except for ConvTranspose2d, whose weight is [in, out/groups, ...]:
-there they are dim 1.
+there output channel k·(out/groups) + j reads w[k·in/groups:(k+1)·in/groups, j] (its group's inputs), so its fan-in
+is that block.
 """
 import torch
 from torch import nn
@@ -31,11 +32,24 @@ class _WeightStandardized(KernelViews):
     def standardized_weight(self):
         """The weight the layer computes with (differentiable with respect to ``weight``)."""
         w = self.weight
-        if self._output_dim:
-            w = w.transpose(0, self._output_dim)
-        w = weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention],
-                                   views=self.kernel_views())
-        return w.transpose(0, self._output_dim) if self._output_dim else w
+        if not self._output_dim:
+            return self._standardized(w)
+        # [in, out/groups, *k]: output channel (k, j)'s fan-in is w[k·in/g:(k+1)·in/g, j], rows of [out, in/g, *k]
+        g, kernel = self.groups, w.shape[2:]
+        if g == 1:
+            return self._standardized(w.transpose(0, 1)).transpose(0, 1)
+        blocks = (g, w.shape[0] // g, w.shape[1]) + kernel
+        rows = w.reshape(blocks).transpose(1, 2).reshape((g * w.shape[1], w.shape[0] // g) + kernel)
+        return self._standardized(rows).reshape(blocks[:1] + blocks[2:3] + blocks[1:2] + kernel).transpose(1, 2) \
+            .reshape(w.shape)
+
+    def _standardized(self, w):
+        """`w` ([out, fan-in...]) standardized per row; both conventions divide by an unbiased deviation."""
+        if w.numel() and w[0].numel() < 2:
+            raise ValueError(f"{type(self).__name__}: Weight Standardization needs a fan-in of at least 2 per output "
+                             f"channel (its unbiased deviation), got weight of shape {tuple(self.weight.shape)}")
+        return weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention],
+                                      views=self.kernel_views())
 
     def extra_repr(self):
         return f"{super().extra_repr()}, convention={self.convention!r}, ws_eps={self.ws_eps}"
