@@ -200,3 +200,51 @@ def test_ws_layers_refuse_a_fan_in_of_one_in_their_own_words(gen):
             layer.standardized_weight()
         assert "unbiased=False" not in str(e.value)  # an argument the layers do not have
 
+
+def test_convert_keeps_affine_and_running_statistics_settings(gen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=False),
+                          nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8, affine=False)).double()
+    converted = bt.convert(copy.deepcopy(model), num_groups=4, estimate=False, weight_standardization=False)
+    bn, gn = converted[1].bn, converted[3].bn
+    assert not bn.affine and not bn.track_running_stats and bn.running_mean is None
+    assert not gn.affine and gn.track_running_stats
+    assert {p.dtype for p in converted.parameters()} == {torch.float64}  # the GroupNorm's too: from the model
+    converted.eval()
+    x = rand_input(gen, (2, 3, 7, 7))
+    # without running statistics, eval normalizes with the batch's, as the replaced layer did
+    y = converted[1](converted[0](x))
+    reference = bt.BCNorm(8, 4).double()
+    reference.bn = nn.BatchNorm2d(8, affine=False).double()  # training: batch statistics
+    torch.testing.assert_close(y, reference(converted[0](x)), rtol=1e-10, atol=1e-12)
+
+
+def test_convert_and_fold_keep_a_shared_layer_one_layer():
+    bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), bn, conv, nn.Sequential(conv, bn))
+    converted = bt.convert(model, num_groups=4)
+    assert isinstance(converted[1], bt.BCNorm) and converted[1] is converted[3] is converted[5][1]
+    assert isinstance(converted[4], bt.Conv2d) and converted[4] is converted[5][0]
+    folded = bt.fold_weight_standardization(converted)
+    assert type(folded[4]) is nn.Conv2d and folded[4] is folded[5][0]
+
+
+@pytest.mark.parametrize("make", [lambda m: bt.BatchNorm(8, momentum=m),
+                                  lambda m: bt.BatchChannelNorm(8, 4, momentum=m, estimate=False)],
+                         ids=["BatchNorm", "BatchChannelNorm"])
+def test_labml_cumulative_average_carries_on_across_a_checkpoint(make, gen):
+    batches = [rand_input(gen, (4, 8, 3, 3)) for _ in range(3)]
+    straight = make(None).double()
+    for x in batches:
+        straight(x)
+    first = make(None).double()
+    for x in batches[:2]:
+        first(x)
+    state = first.state_dict()
+    assert any(k.endswith("_count") for k in state)
+    resumed = make(None).double()
+    resumed.load_state_dict(state, strict=True)
+    resumed(batches[2])
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # with a momentum (all labml's code knows) the state dict is labml's own
+    assert not any(k.endswith("_count") for k in make(0.1).state_dict())

@@ -1,5 +1,7 @@
 """Model surgery: swap an existing model's normalization for the authors' BCNorm (and its convolutions for
 Weight-Standardized ones), and fold Weight Standardization away for inference."""
+import itertools
+
 import torch
 from torch import nn
 
@@ -12,18 +14,28 @@ def largest_divisor_at_most(channels, limit):
     return max(d for d in range(1, min(channels, max(limit, 1)) + 1) if channels % d == 0)
 
 
-def _bcnorm_for(layer, num_groups, estimate, momentum):
+def _reference(module, default):
+    """A parameter or buffer of `module` (its own first, then its children's), whose device and dtype a layer made
+    for it takes; else `default` (one of an enclosing module's)."""
+    return next(itertools.chain(module.parameters(), module.buffers()), default)
+
+
+def _bcnorm_for(layer, num_groups, estimate, momentum, like):
     C = layer.num_features if isinstance(layer, nn.BatchNorm2d) else layer.num_channels
-    ref = layer.weight if layer.weight is not None else next(iter(layer.buffers()), None)
+    ref = _reference(layer, like)  # a GroupNorm without affine has no tensor of its own
     kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     new = BCNorm(C, largest_divisor_at_most(C, num_groups), eps=layer.eps, estimate=estimate, **kw)
+    if not estimate:
+        # the replaced layer's affine and track_running_stats (EstBN, the authors' module, has both always)
+        tracks = layer.track_running_stats if isinstance(layer, nn.BatchNorm2d) else True
+        new.bn = nn.BatchNorm2d(C, layer.eps, affine=layer.affine, track_running_stats=tracks, **kw)
     bn = new.bn
     bn.eps = layer.eps
     with torch.no_grad():
         if layer.weight is not None:  # BatchNorm2d's affine, or GroupNorm's per-channel affine
             bn.weight.copy_(layer.weight)
             bn.bias.copy_(layer.bias)
-        if isinstance(layer, nn.BatchNorm2d) and layer.running_mean is not None:
+        if isinstance(layer, nn.BatchNorm2d) and layer.running_mean is not None and bn.running_mean is not None:
             bn.running_mean.copy_(layer.running_mean)
             bn.running_var.copy_(layer.running_var)
             bn.num_batches_tracked.copy_(layer.num_batches_tracked)
@@ -55,8 +67,14 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
       count that is at most `num_groups` as its number of groups;
     - a BatchNorm2d's affine, running statistics and count go to ``bn.*`` (its momentum too, with
       estimate=False); a GroupNorm's per-channel affine goes to ``bn.weight``, ``bn.bias``;
+    - with estimate=False, ``bn`` is an nn.BatchNorm2d with the replaced layer's ``affine`` and
+      ``track_running_stats`` (a GroupNorm's affine, and running statistics);
     - with estimate=True, ``bn`` is EstBN with its moving speed set to `momentum` (the authors' 0 would freeze
-      the estimates).
+      the estimates); EstBN always has an affine (from 1 and 0 when the replaced layer had none) and estimates.
+
+    Each new layer takes the device and dtype of the replaced one (of an enclosing module's tensors when it has
+    none). A layer that appears at several places in `model` is replaced by one new layer at all of them. Only
+    layers of exactly these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise.
 
     Returns the converted model: `model` itself, changed in place, unless `model` is itself one of the layers
     replaced. Layers already inside a BCNorm are left alone.
@@ -67,16 +85,33 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if estimate and momentum is None:
         raise ValueError("estimate=True needs a momentum (EstBN has no cumulative average)")
-    if type(model) in (nn.BatchNorm2d, nn.GroupNorm):
-        return _bcnorm_for(model, num_groups, estimate, momentum)
-    if weight_standardization and type(model) is nn.Conv2d:
-        return _ws_conv_for(model)
-    if isinstance(model, (BCNorm, EstBN)):
-        return model
-    for name, child in model.named_children():
-        new = convert(child, num_groups, estimate, weight_standardization, momentum)
-        if new is not child:
-            setattr(model, name, new)
+
+    def swap(layer, like):
+        if type(layer) in (nn.BatchNorm2d, nn.GroupNorm):
+            return _bcnorm_for(layer, num_groups, estimate, momentum, like)
+        if weight_standardization and type(layer) is nn.Conv2d:
+            return _ws_conv_for(layer)
+        return layer if isinstance(layer, (BCNorm, EstBN)) else None
+    return _replace(model, swap, None, {})
+
+
+def _replace(model, swap, like, done):
+    """`model` with every layer for which swap(layer, like) gives a module replaced by it, at every place a module
+    holds it (nn.Module.named_children yields a child held twice once), and not descended into; swap gives None
+    to descend. `like`: a tensor of the nearest enclosing module that has one (`_reference`). `done`: what each
+    layer met so far became (by id), so that a layer shared between places stays one layer."""
+    if id(model) in done:
+        return done[id(model)]
+    new = swap(model, like)
+    if new is not None:
+        done[id(model)] = new
+        return new
+    like = _reference(model, like)
+    for name, child in list(model._modules.items()):
+        if child is not None:
+            replaced = _replace(child, swap, like, done)
+            if replaced is not child:
+                setattr(model, name, replaced)
     return model
 
 
@@ -84,10 +119,4 @@ def fold_weight_standardization(model):
     """For inference: replaces every Weight-Standardized layer in `model` by the plain torch layer holding its
     standardized weight (the same outputs, without standardizing on every call). Returns the model (in place,
     unless `model` is itself such a layer)."""
-    if type(model) in PLAIN:
-        return plain_copy(model)
-    for name, child in model.named_children():
-        new = fold_weight_standardization(child)
-        if new is not child:
-            setattr(model, name, new)
-    return model
+    return _replace(model, lambda layer, like: plain_copy(layer) if type(layer) in PLAIN else None, None, {})

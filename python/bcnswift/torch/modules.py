@@ -137,8 +137,11 @@ class BatchNorm(KernelViews, nn.Module):
             self.register_buffer("exp_var", torch.ones(channels, **kw))
         else:
             self.exp_mean = self.exp_var = None
-        # labml keeps no count; this one (not in the state dict) serves momentum=None, a cumulative average
-        self.register_buffer("_count", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+        # labml keeps no count; this one serves momentum=None, a cumulative average (an extension of labml's
+        # modules, whose update needs a momentum), and is in the state dict only then, so that a checkpoint carries
+        # the average on while labml's own checkpoints load strictly
+        self.register_buffer("_count", torch.tensor(0, dtype=torch.long, device=device),
+                             persistent=momentum is None)
 
     _flags = _LABML_BN
 
