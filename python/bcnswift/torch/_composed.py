@@ -9,10 +9,9 @@ import torch
 from .. import _ext
 
 
-def transforms_active():
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active: its wrapped tensors have no memory the
-    kernels could read (so this route takes every call), and under vmap no memory format to keep."""
-    return torch._C._are_functorch_transforms_active()
+#: transforms_active(): whether a torch.func transform (grad, vmap, jacrev, ...) is active. Its wrapped tensors
+#: have no memory the kernels could read (so this route takes every call), and under vmap no memory format to keep.
+transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _compute_dtype(x):

@@ -18,6 +18,8 @@ from . import _composed, _ops
 #: composed pure-torch path, which tests and debugging compare against the kernels.
 COMPOSED = os.environ.get("BCNSWIFT_TORCH_COMPOSED", "") not in ("", "0")
 
+_transforms_active = _composed.transforms_active  # one C call (see there); bound once, as every call asks it
+
 
 class BatchNormStage(NamedTuple):
     """A batch-norm stage: its convention (ABI flags: BCN_BATCH_NORM plus BCN_ESTIMATED,
@@ -49,7 +51,7 @@ def _fast(x, tensors):
     # is_cpu: device.type builds a device object, about 1 us a tensor, on every call of every layer
     if COMPOSED or not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
         return False
-    if _composed.transforms_active():  # torch.func's wrapped tensors have no memory for the kernels
+    if _transforms_active():  # torch.func's wrapped tensors have no memory for the kernels
         return False
     dtype = x.dtype
     for t in tensors:
@@ -60,7 +62,9 @@ def _fast(x, tensors):
 
 def _check_sizes(x, bn, cn):
     """Each parameter and buffer holds one value per channel (batch norm) or per group (channel norm), worded as
-    the kernels word it: checked before any route runs, so that no call fails after updating a buffer."""
+    the kernels word it, before any route that would update a buffer first runs: the composed route, the
+    estimated forward and a traced one. (The kernels' one-call forward checks the same before it writes; the
+    check costs a layer's eager call about a tenth of its Python, so that route does without it.)"""
     C = x.shape[1]
     if cn is not None:
         if C % cn.groups:
@@ -113,8 +117,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
-    _check_sizes(x, bn, cn)
-    if x.numel() == 0:
+    if 0 in x.shape:  # no values (cheaper than numel() on every call)
+        _check_sizes(x, bn, cn)
         stages = ([cn.weight, cn.bias] if cn else []) + ([bn.weight, bn.bias] if bn else [])
         return _empty_output(x, stages)
     flags, groups, eps = 0, 1, 1e-5
@@ -125,6 +129,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         tensors += [cn.weight, cn.bias]
     if bn is None:
         if not _fast(x, tensors):
+            _check_sizes(x, bn, cn)
             _check_values(x, flags, groups, False, False)
             return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
         if not torch.compiler.is_compiling():
@@ -144,6 +149,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors):
+        _check_sizes(x, bn, cn)
         _check_values(x, flags, groups, bool(train), update)
         # the update staged, the normalization run, and only then the buffers written: a call that fails
         # changes nothing
@@ -154,7 +160,10 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         if staged is not None:
             _composed.commit_running(buffers, staged)
         return y
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if estimated or compiling:  # the buffers' update comes before the normalization's own checks
+        _check_sizes(x, bn, cn)
+    if not compiling:
         return _ops.eager_forward(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias,
                                   flags | (0 if update else train), groups, eps, bn.eps, momentum, update, views)
     if not update:
@@ -180,7 +189,6 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     convolution; eps_in_sqrt=False) or (w - mean) / sqrt(var + eps) (labml; eps_in_sqrt=True), with the unbiased
     std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
-    if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) \
-            or _composed.transforms_active():
+    if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active():
         return _composed.weight_standardization(w, eps, flags)
     return _ops.weight_standardization_route(w, float(eps), flags, views)
