@@ -118,9 +118,10 @@ def channels_last_strides(shape, strides, unit):
 
 def _checked_out(out, like, form, name, allow=None):
     """`out` if it can receive a result shaped, typed and laid out like `like` (whose memory_format is `form`)
-    without overlapping it (except `allow`). Runs on every call that passes out=, so the cheap tests come first:
-    two different arrays that each allocated their own memory cannot overlap."""
-    if type(out) is not np.ndarray:
+    without overlapping it, nor `allow` (backward's dy) unless it is exactly `allow` (the same array or the same
+    memory with the same strides, which the kernels may overwrite in place). Runs on every call that passes out=,
+    so the cheap tests come first: two different arrays that each allocated their own memory cannot overlap."""
+    if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != like.dtype or out.shape != like.shape:
         raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
@@ -130,10 +131,18 @@ def _checked_out(out, like, form, name, allow=None):
     if not (facts & _ALIGNED and facts & _WRITEABLE and laid_out):
         layout = "C-contiguous" if form == "first" else "channels-last"
         raise ValueError(f"{name} must be aligned, writeable and {layout} like the input")
-    if out is not allow and not (facts & _OWNDATA and _ext.memory_facts(like) & _OWNDATA and out is not like) \
+    if not (facts & _OWNDATA and _ext.memory_facts(like) & _OWNDATA and out is not like) \
             and np.may_share_memory(out, like):
         raise ValueError(f"{name} must not overlap the input (backward needs the input unchanged)")
+    if allow is not None and out is not allow and np.may_share_memory(out, allow) and not _same_memory(out, allow):
+        raise ValueError(f"{name} must be dy itself or not overlap it (dy is read while dx is written)")
     return out
+
+
+def _same_memory(a, b):
+    """Whether a and b are views of the same memory with the same data pointer, shape and strides."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides)
 
 
 def _aligned_c_order(a):
@@ -244,6 +253,11 @@ class _Normalization:
         """The array as the caller lays it out ([B, *, C] with channel_axis=-1)."""
         return a if self.channel_axis == 1 else np.moveaxis(a, 1, -1)
 
+
+    def _result(self, a, out):
+        """What forward and backward return: `out` itself when given (not a view of it in the user's axis
+        order), else `a` in the user's axis order."""
+        return self._user(a) if out is None else out
     def _input(self, x, allow_empty=False):
         """(logical [B, C, *] view of x, memory format): x where it lies when it is C-contiguous or
         channels-last, else a copy in the memory order natural for the channel axis."""
@@ -318,7 +332,7 @@ class _Normalization:
         with self._lock:
             self._finish_forward(x, y, flags, ctx)
             self._saved = (x, ctx, flags)
-        return self._user(y)
+        return self._result(y, out)
 
     __call__ = forward
 
@@ -363,12 +377,13 @@ class _Normalization:
         with self._lock:
             x, ctx, flags, dy, dx = self._prepare_backward(dy, out)
             self._finish_backward(x, ctx, flags, dy, dx)
-        return self._user(dx)
+        return self._result(dx, out)
 
     def zero_grad(self):
         """Sets every parameter gradient to zero."""
-        for v in self.grads.values():
-            v.fill(0)
+        with self._lock:  # not while a backward adds to them
+            for v in self.grads.values():
+                v.fill(0)
 
     # ---- state --------------------------------------------------------------------------------------------
 
@@ -396,7 +411,12 @@ class _Normalization:
         return self._parameters()
 
     def state_dict(self):
-        """Copies of the parameters and buffers, keyed as the authors' PyTorch modules name them."""
+        """Copies of the parameters and buffers, keyed as the authors' PyTorch modules name them; taken between
+        calls (under the layer's lock), never halfway through a forward's update."""
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self):
         d = {k: v.copy() for k, v in self._parameters().items()}
         for k, v in self._buffers().items():
             if k.endswith("estbn_moving_speed"):
@@ -426,7 +446,12 @@ class _Normalization:
         weight and bias. An unknown key (KeyError), a missing one when strict (KeyError) or a wrong shape
         (ValueError) changes nothing. num_batches_tracked and estbn_moving_speed are optional: when absent they
         keep their values; estbn_moving_speed, when given, sets momentum (NaN: momentum=None, as state_dict()
-        writes it for a cumulative average)."""
+        writes it for a cumulative average). Every entry is checked before any is written, between calls (under
+        the layer's lock)."""
+        with self._lock:
+            self._load_state_dict(state_dict, strict)
+
+    def _load_state_dict(self, state_dict, strict):
         params, buffers, aliases = self._parameters(), self._buffers(), self._aliases()
         targets = {**params, **buffers}
         staged, unknown = {}, []
@@ -450,8 +475,7 @@ class _Normalization:
                 raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):
-                speed = float(value.reshape(-1)[0])
-                self.momentum = None if np.isnan(speed) else _momentum(speed)
+                self.momentum = value  # checked by _convert_entry
             else:
                 targets[name][...] = value
 
@@ -459,14 +483,18 @@ class _Normalization:
         arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"state dict entry {key!r} must hold numbers, got dtype {arr.dtype}")
-        if name.endswith("estbn_moving_speed"):
+        if name.endswith("estbn_moving_speed"):  # the momentum it sets (NaN: None), checked before any write
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
-            return arr.astype(np.float64)
+            speed = float(arr.reshape(-1)[0])
+            return None if np.isnan(speed) else _momentum(speed)
         if name.endswith("num_batches_tracked"):
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
-            return arr.astype(np.int64).reshape(())
+            count = arr.reshape(-1)[0]
+            if not (np.isfinite(count) and count >= 0 and count == np.floor(count) and count < 2 ** 63):
+                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
+            return np.array(count).astype(np.int64).reshape(())
         if arr.shape != target.shape and not (name in ("weight", "bias") and arr.shape == (target.size,)):
             raise ValueError(f"state dict entry {key!r} has shape {arr.shape}, expected {target.shape}"
                              + (f" or ({target.size},)" if name in ("weight", "bias") else ""))

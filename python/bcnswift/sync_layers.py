@@ -42,7 +42,7 @@ class _Synchronized:
         if not self.training:
             if getattr(x, "size", 1) == 0:  # a rank with no share of an eval batch (DDP's uneven inputs)
                 xl, y, _, _ = self._prepare_forward(x, out, allow_empty=True)
-                return self._user(y)
+                return self._result(y, out)
             return super().forward(x, out)
         local = {}
 
@@ -63,7 +63,7 @@ class _Synchronized:
                 self._call(_ext.running_update, flags, 0.0 if self.momentum is None else self.momentum, merged,
                            self.running_mean, self.running_var, self.num_batches_tracked)
             self._saved = (xl, ctx, flags, True)
-        return self._user(y)
+        return self._result(y, out)
 
     __call__ = forward
 
@@ -76,7 +76,7 @@ class _Synchronized:
                 x, ctx, flags, dy, dx = self._prepare_backward(dy, out)
                 if x.size:
                     self._finish_backward(x, ctx, flags, dy, dx)
-                return self._user(dx)
+                return self._result(dx, out)
             local = {}
 
             def sums():
@@ -90,7 +90,7 @@ class _Synchronized:
             merged = self.synchronizer.gradient_sums(self._config(), sums)
             if local["x"].size:
                 self._finish_backward(local["x"], local["ctx"], local["flags"], local["dy"], local["dx"], merged)
-        return self._user(local["dx"])
+        return self._result(local["dx"], out)
 
     def __getstate__(self):  # a communicator does not pickle; the copy finds its own (comm=None: COMM_WORLD)
         state = super().__getstate__()

@@ -24,7 +24,7 @@ def _weight(w, name="w"):
     dt = w.dtype if isinstance(w, np.ndarray) and w.dtype in (np.float32, np.float64) else np.float64
     if isinstance(w, np.ndarray) and w.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {w.dtype}")
-    w = as_float_array(w, _dtype(dt), name)
+    w = np.ascontiguousarray(as_float_array(w, _dtype(dt), name))  # the kernels read rows in C order
     if w.ndim < 2:
         raise ValueError(f"{name} must have rank >= 2 ([out_channels, ...]), got shape {w.shape}")
     if w.size == 0:
@@ -33,7 +33,8 @@ def _weight(w, name="w"):
 
 
 def weight_standardization(w, eps=1e-5, unbiased=True, eps_in_sqrt=True):
-    """Standardized copy of weight w ([O, ...], float32 or float64; other floats become float64)."""
+    """Standardized copy of weight w ([O, ...], float32 or float64; other floats become float64), in C order (w
+    in any other layout is read through a C-order copy)."""
     flags, eps = _flags(unbiased, eps_in_sqrt), _positive_float(eps, "eps")
     w = _weight(w)
     out = np.empty_like(w)
@@ -45,7 +46,7 @@ def weight_standardization_backward(w, dw_hat, eps=1e-5, unbiased=True, eps_in_s
     """Gradient with respect to w of weight_standardization(w, ...), given the gradient dw_hat of its output."""
     flags, eps = _flags(unbiased, eps_in_sqrt), _positive_float(eps, "eps")
     w = _weight(w)
-    g = as_float_array(dw_hat, w.dtype, "dw_hat")
+    g = np.ascontiguousarray(as_float_array(dw_hat, w.dtype, "dw_hat"))
     if g.shape != w.shape:
         raise ValueError(f"dw_hat has shape {g.shape}, expected the weight's shape {w.shape}")
     dw = np.empty_like(w)

@@ -291,3 +291,18 @@ def test_thread_count_changed_during_calls_changes_no_bit(rng):
         toggler.join(timeout=10)
         bcnswift.set_num_threads(0)
     assert calls >= len(cases)
+
+
+def test_state_dict_load_and_zero_grad_wait_for_a_running_call(rng):
+    """They take the layer's lock, as forward and backward do: never a half-updated buffer (a forward of a large
+    layer in another thread gave torn state_dict() snapshots before)."""
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    state = layer.state_dict()
+    for call in (layer.state_dict, lambda: layer.load_state_dict(state), layer.zero_grad):
+        done = threading.Event()
+        with layer._lock:  # a call in progress
+            t = threading.Thread(target=lambda: (call(), done.set()), daemon=True)
+            t.start()
+            assert not done.wait(0.2), f"{call} ran during a call"
+        assert done.wait(30), f"{call} did not run after the call"
+        t.join(30)

@@ -100,6 +100,19 @@ def test_bad_state_dicts_change_nothing():
         layer.load_state_dict({**good, "weight": np.array(["a"] * 4)})
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+    # the authors' EstBN: a moving speed out of range, or a batch count that is not a count, found after
+    # entries that come before it in the dict are checked, still changes nothing
+    est = bcnswift.BatchChannelNorm(8, 4, momentum=0.25, variance_around="running_mean", dtype=np.float64)
+    before = est.state_dict()
+    changed = {k: v + 1 for k, v in before.items()}
+    for key, bad, message in (("bn.estbn_moving_speed", np.array([2.0]), "momentum"),
+                              ("bn.estbn_moving_speed", np.array([np.inf]), "momentum"),
+                              ("bn.num_batches_tracked", np.array(np.nan), "whole number"),
+                              ("bn.num_batches_tracked", np.array(-3), "whole number")):
+        with pytest.raises(ValueError, match=message):
+            est.load_state_dict({**changed, key: bad})
+        for k, v in est.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=f"{key}={bad}: {k}")
 
 
 @pytest.mark.parametrize("momentum", [None, 0.0, 0.25, 1.0])

@@ -72,3 +72,17 @@ def test_bad_arguments():
         bcnswift.WeightStandardization().backward(w)
     with pytest.raises(ValueError, match="empty"):
         bcnswift.weight_standardization(np.ones((0, 3)))
+
+
+@pytest.mark.parametrize("layout", ["fortran", "sliced", "reversed", "transposed"])
+def test_any_memory_layout_gives_the_c_order_results(layout, rng):
+    w = rng.normal(0.05, 0.3, (6, 4, 3, 3))
+    g = rng.normal(0.1, 1.0, w.shape)
+    arrange = {"fortran": np.asfortranarray, "sliced": lambda a: np.repeat(a, 2, axis=1)[:, ::2],
+               "reversed": lambda a: a[::-1].copy()[::-1], "transposed": lambda a: a.T.copy().T}[layout]
+    wl, gl = arrange(w), arrange(g)
+    np.testing.assert_array_equal(wl, w)
+    assert not wl.flags.c_contiguous
+    np.testing.assert_array_equal(bcnswift.weight_standardization(wl), bcnswift.weight_standardization(w))
+    np.testing.assert_array_equal(bcnswift.weight_standardization_backward(wl, gl),
+                                  bcnswift.weight_standardization_backward(w, g))
