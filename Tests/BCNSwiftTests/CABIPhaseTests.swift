@@ -189,6 +189,9 @@ final class CABIPhaseTests: XCTestCase {
         let (status, merged) = merge([m, negative], channels: 8, width: 3)
         XCTAssertEqual(status, BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(merged, [Double](repeating: -1, count: 24))
+        var endless = m
+        endless[0] = .infinity  // a count of values must be a whole number
+        XCTAssertEqual(merge([m, endless], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(0, 8, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(Int64.max, Int64.max, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         // an empty set contributes nothing

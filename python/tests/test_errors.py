@@ -256,3 +256,52 @@ def test_out_arguments(rng):
         a(x, out=[0.0])
     for k, v in a.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_out_must_be_dy_itself_or_apart_from_it(rng):
+    """dx may overwrite dy in place, but not dy shifted (the kernels read dy while they write dx), and never the
+    input, not even when dy is the input."""
+    x = random_input(rng, (3, 8, 5)).astype(np.float32)
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False)
+    layer(x)
+    before = {k: v.copy() for k, v in layer.grads.items()}
+    shared = np.concatenate([rng.normal(size=x.size), [0.0]]).astype(np.float32)
+    dy, shifted = shared[:-1].reshape(x.shape), shared[1:].reshape(x.shape)
+    with pytest.raises(ValueError, match="dy itself or not overlap it"):
+        layer.backward(dy, out=shifted)
+    with pytest.raises(ValueError, match="overlap the input"):
+        layer.backward(x, out=x)
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, before[k])
+    same = np.ndarray(x.shape, x.dtype, buffer=shared, offset=0)  # dy's memory, another array object
+    reference = bcnswift.BatchChannelNorm(8, 4, estimate=False)
+    reference(x)
+    expected = reference.backward(dy.copy())
+    assert layer.backward(dy, out=same) is same
+    np.testing.assert_array_equal(same, expected)
+
+
+def test_out_may_be_an_array_subclass_and_is_returned_itself(rng, tmp_path):
+    x = random_input(rng, (2, 8, 5)).astype(np.float32)
+    mapped = np.memmap(tmp_path / "y.bin", dtype=np.float32, mode="w+", shape=x.shape)
+    a, b = bcnswift.BatchChannelNorm(8, 4), bcnswift.BatchChannelNorm(8, 4)
+    assert a(x, out=mapped) is mapped
+    np.testing.assert_array_equal(mapped, b(x))
+    last = bcnswift.BatchChannelNorm(8, 4, channel_axis=-1)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    out = np.empty_like(xl)
+    assert last(xl, out=out) is out
+    dxl = np.empty_like(xl)
+    assert last.backward(np.ones_like(xl), out=dxl) is dxl
+
+
+def test_a_cumulative_average_refuses_a_count_that_is_not_one(rng):
+    x = random_input(rng, (4, 3, 5))
+    for count in (-1, np.iinfo(np.int64).max):
+        layer = bcnswift.BatchNorm(3, momentum=None, dtype=np.float64)
+        layer.num_batches_tracked[...] = count
+        before = {k: v.copy() for k, v in layer.state_dict().items()}
+        with pytest.raises(ValueError, match="num_batches_tracked must count batches"):
+            layer(x)
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])

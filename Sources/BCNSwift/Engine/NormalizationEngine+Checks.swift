@@ -30,6 +30,17 @@ extension NormalizationEngine {
         }
     }
 
+    /// A cumulative average (momentum nil) weighs each update by 1/num_batches_tracked, the count it advances: a
+    /// negative count, or one about to wrap, would leave the running buffers NaN or wrong without a word.
+    static func checkCount<T>(plan: NormalizationPlan, state: NormalizationState<T>,
+                              updating: Bool) throws(BCNError) {
+        guard updating, let bn = plan.batchNorm, bn.momentum == nil, let count = state.numBatchesTracked else { return }
+        guard count.pointee >= 0, count.pointee < Int64.max else {
+            throw BCNError(.invalidArgument, "num_batches_tracked must count batches (0 to 2^63 - 2) for a "
+                                             + "cumulative average, got \(count.pointee)")
+        }
+    }
+
     /// A channel group of one value per sample has no variance to normalize by.
     static func checkGroups(plan: NormalizationPlan, shape: NormalizationShape) throws(BCNError) {
         if let cn = plan.channelNorm, (shape.channels / cn.groups) * shape.spatial == 1 {
@@ -60,7 +71,8 @@ extension NormalizationEngine {
     /// Moments handed to phase (c) must be moments, and as many values as training needs.
     static func checkBatchMoments(_ bn: BatchNormOptions, _ batch: UnsafePointer<Moments>, channels: Int) throws(BCNError) {
         let n = batch[0].count
-        for c in 0..<channels where !(batch[c].count == n && n >= 1 && n == n.rounded() && !(batch[c].m2 < 0)) {
+        for c in 0..<channels
+        where !(batch[c].count == n && n >= 1 && n.isFinite && n == n.rounded() && !(batch[c].m2 < 0)) {
             throw BCNError(.invalidArgument,
                            "batch moments of channel \(c) (count \(batch[c].count), M2 \(batch[c].m2)) are not moments of the same \(n) values")
         }

@@ -37,6 +37,7 @@ public enum NormalizationEngine {
         defer { BCNThreads.unpin(pinned) }
         let ctx = try checkedContext(plan: plan, shape: shape, context)
         try checkState(plan: plan, state: state)
+        try checkCount(plan: plan, state: state, updating: training)
         try checkDegenerate(plan: plan, shape: shape, training: training)
         try checkFinite(plan: plan, shape: shape, x)
         let layout = Layout(plan: plan, shape: shape), C = shape.channels
@@ -85,7 +86,7 @@ public enum NormalizationEngine {
         }
         for i in 0..<(sets * channels) {
             let part = moments[i]
-            guard part.count >= 0, part.count == part.count.rounded(), !(part.m2 < 0) else {
+            guard part.count >= 0, part.count.isFinite, part.count == part.count.rounded(), !(part.m2 < 0) else {
                 throw BCNError(.invalidArgument,
                                "moment set \(i / channels), channel \(i % channels): count \(part.count) and M2 \(part.m2) are not moments")
             }
@@ -115,6 +116,7 @@ public enum NormalizationEngine {
             throw BCNError(.noForward, "context holds no moments of an input of this shape: run localMoments first")
         }
         try checkState(plan: plan, state: state)
+        try checkCount(plan: plan, state: state, updating: training)
         try checkGroups(plan: plan, shape: shape)
         let batch = training && plan.batchNorm != nil ? batchMoments : nil
         if training, let bn = plan.batchNorm {
@@ -147,6 +149,7 @@ public enum NormalizationEngine {
         }
         let C = plan.channels
         try checkBatchMoments(bn, batchMoments, channels: C)
+        try checkCount(plan: plan, state: state, updating: true)
         if plan.nanPolicy == .raise,
            let c = (0..<C).first(where: { !batchMoments[$0].mean.isFinite || !batchMoments[$0].m2.isFinite }) {
             throw BCNError(.nonFinite, "batch moments of channel \(c) hold NaN or infinity")

@@ -45,8 +45,9 @@ extern "C" {
 
 /* ---- status codes ---------------------------------------------------------------------------------------- */
 #define BCN_OK                      0
-#define BCN_ERR_INVALID_ARGUMENT    1 /* a size, flag, eps, momentum or pointer is out of range or NULL        */
-#define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (channel count, zero-size dims)      */
+#define BCN_ERR_INVALID_ARGUMENT    1 /* a size (zero-size dims too), flag, eps, momentum, count or pointer is
+                                         out of range or NULL                                                  */
+#define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (its channel count)                  */
 #define BCN_ERR_DEGENERATE          3 /* training statistics undefined: one value per channel or per group     */
 #define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and the input holds NaN or infinity                    */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
