@@ -63,8 +63,8 @@ def _fast(x, tensors):
 def _check_sizes(x, bn, cn):
     """Each parameter and buffer holds one value per channel (batch norm) or per group (channel norm), worded as
     the kernels word it, before any route that would update a buffer first runs: the composed route, the
-    estimated forward and a traced one. (The kernels' one-call forward checks the same before it writes; the
-    check costs a layer's eager call about a tenth of its Python, so that route does without it.)"""
+    estimated forward and a traced one. (The kernels' one-call forward, the common route, checks the same before
+    it writes, so it does without this.)"""
     C = x.shape[1]
     if cn is not None:
         if C % cn.groups:

@@ -45,7 +45,7 @@ class _WeightStandardized(KernelViews):
 
     def _standardized(self, w):
         """`w` ([out, fan-in...]) standardized per row; both conventions divide by an unbiased deviation."""
-        if w.numel() and w[0].numel() < 2:
+        if w.numel() < 2 * w.shape[0]:  # a fan-in below 2 (integers only: this runs on every forward)
             raise ValueError(f"{type(self).__name__}: Weight Standardization needs a fan-in of at least 2 per output "
                              f"channel (its unbiased deviation), got weight of shape {tuple(self.weight.shape)}")
         return weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention],
