@@ -253,11 +253,11 @@ class _Normalization:
         """The array as the caller lays it out ([B, *, C] with channel_axis=-1)."""
         return a if self.channel_axis == 1 else np.moveaxis(a, 1, -1)
 
-
     def _result(self, a, out):
         """What forward and backward return: `out` itself when given (not a view of it in the user's axis
         order), else `a` in the user's axis order."""
         return self._user(a) if out is None else out
+
     def _input(self, x, allow_empty=False):
         """(logical [B, C, *] view of x, memory format): x where it lies when it is C-contiguous or
         channels-last, else a copy in the memory order natural for the channel axis."""
