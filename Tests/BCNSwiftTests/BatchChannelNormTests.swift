@@ -139,6 +139,43 @@ final class BatchChannelNormTests: XCTestCase {
         XCTAssertThrowsError(try BatchChannelNorm<Float>(channels: 4, groups: 2, momentum: 1.5))
     }
 
+    /// What a review reached through the public API: a phase (c) under `.raise` fed moments holding NaN (merged
+    /// from another process, say), merges whose sizes overflow, and a layer of more channels than any buffer
+    /// could hold; each throws and writes nothing.
+    func testPhasesAndSizesThatWouldCorruptOrTrapThrow() throws {
+        let plan = NormalizationPlan(channels: 2, batchNorm: BatchNormOptions(statistics: .batch), channelNorm: nil,
+                                     nanPolicy: .raise)
+        let shape = try NormalizationShape(batch: 2, channels: 2, spatial: 3)
+        let x: [Float] = (0..<12).map { _ in Float(rng.normal(1.5, 1)) }
+        var ctx = [Double](repeating: 0, count: NormalizationContext.length(batch: 2, channels: 2, groups: 0)!)
+        var moments = [Moments](repeating: Moments(), count: 2)
+        try ctx.withUnsafeMutableBufferPointer { (c) throws(BCNError) in
+            try NormalizationEngine.localMoments(plan: plan, shape: shape, x: x, context: c, into: &moments)
+        }
+        moments[1].mean = .nan
+        var w: [Float] = [1, 1], b: [Float] = [0, 0], rm: [Float] = [0.5, 0.5], rv: [Float] = [1, 1]
+        var count: Int64 = 3
+        var y = [Float](repeating: 7, count: 12)
+        XCTAssertThrowsError(try ctx.withUnsafeMutableBufferPointer { (c) throws(BCNError) in
+            try NormalizationEngine.finishForward(
+                plan: plan, shape: shape, training: true, x: x, y: &y,
+                state: NormalizationState(bnWeight: &w, bnBias: &b, runningMean: &rm, runningVar: &rv,
+                                          numBatchesTracked: &count),
+                batchMoments: moments, context: c)
+        }) { XCTAssertEqual(($0 as? BCNError)?.kind, .nonFinite) }
+        XCTAssertEqual(rm, [0.5, 0.5]); XCTAssertEqual(rv, [1, 1]); XCTAssertEqual(count, 3)
+        XCTAssertEqual(y, [Float](repeating: 7, count: 12))
+
+        var merged = [Moments](repeating: Moments(), count: 2), sums = [Double](repeating: 0, count: 4)
+        XCTAssertThrowsError(try NormalizationEngine.mergeMoments(sets: Int.max, channels: 2, moments, into: &merged))
+        XCTAssertThrowsError(try NormalizationEngine.mergeGradientSums(sets: 1, channels: Int.max, sums, into: &sums))
+        XCTAssertThrowsError(try NormalizationEngine.mergeGradientSums(sets: Int.max / 2, channels: 2, sums,
+                                                                       into: &sums))
+        XCTAssertThrowsError(try BatchChannelNorm<Float>(channels: Int.max / 4, groups: 1)) {
+            XCTAssertEqual(($0 as? BCNError)?.kind, .invalidArgument)
+        }
+    }
+
     func testWeightStandardizationMatchesReference() throws {
         for shape in [[6, 5], [4, 3, 3], [3, 2, 3, 3], [2, 2, 2, 2, 3]] {
             let n = shape.reduce(1, *)

@@ -116,7 +116,8 @@ extension NormalizationEngine {
     /// `sums + i·2·channels`), added in set order, into `merged` (which may be the first set).
     public static func mergeGradientSums(sets: Int, channels: Int, _ sums: UnsafePointer<Double>,
                                          into merged: UnsafeMutablePointer<Double>) throws(BCNError) {
-        guard sets >= 1, channels >= 1 else {
+        guard sets >= 1, channels >= 1, channels <= Int.max / 2,
+              !sets.multipliedReportingOverflow(by: 2 * channels).overflow else {
             throw BCNError(.invalidArgument, "need at least one set of at least one channel, got \(sets) x \(channels)")
         }
         let n = 2 * channels

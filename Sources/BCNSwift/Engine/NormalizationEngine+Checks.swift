@@ -79,6 +79,15 @@ extension NormalizationEngine {
         if n == 1 { try degenerate(bn, values: n, dims: "\(Int(n)) value per channel over the whole batch") }
     }
 
+    /// With `.raise`, batch moments (from phase (a), or merged from other processes) that hold NaN or infinity.
+    static func checkFiniteMoments(plan: NormalizationPlan, _ batch: UnsafePointer<Moments>,
+                                   channels: Int) throws(BCNError) {
+        guard plan.nanPolicy == .raise,
+              let c = (0..<channels).first(where: { !batch[$0].mean.isFinite || !batch[$0].m2.isFinite })
+        else { return }
+        throw BCNError(.nonFinite, "batch moments of channel \(c) hold NaN or infinity")
+    }
+
     /// With `.raise`, the first NaN or infinity in x (in memory order) as an error naming its sample and channel.
     static func checkFinite<T: NormalizationScalar>(plan: NormalizationPlan, shape: NormalizationShape,
                                                     _ x: UnsafePointer<T>) throws(BCNError) {

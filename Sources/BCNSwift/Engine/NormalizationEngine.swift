@@ -81,7 +81,7 @@ public enum NormalizationEngine {
     /// the first set). Empty sets (count 0) contribute nothing; one set merges to itself, bit for bit.
     public static func mergeMoments(sets: Int, channels: Int, _ moments: UnsafePointer<Moments>,
                                     into merged: UnsafeMutablePointer<Moments>) throws(BCNError) {
-        guard sets >= 1, channels >= 1 else {
+        guard sets >= 1, channels >= 1, !sets.multipliedReportingOverflow(by: channels).overflow else {
             throw BCNError(.invalidArgument, "need at least one set of at least one channel, got \(sets) x \(channels)")
         }
         for i in 0..<(sets * channels) {
@@ -124,6 +124,7 @@ public enum NormalizationEngine {
                 throw BCNError(.invalidArgument, "training a batch-norm stage needs the batch's moments")
             }
             try checkBatchMoments(bn, batch, channels: shape.channels)
+            try checkFiniteMoments(plan: plan, batch, channels: shape.channels)
         }
         let layout = Layout(plan: plan, shape: shape)
         var arena = ScratchArena(bytes: finishBytes(layout, T.self, plan: plan))
@@ -150,10 +151,7 @@ public enum NormalizationEngine {
         let C = plan.channels
         try checkBatchMoments(bn, batchMoments, channels: C)
         try checkCount(plan: plan, state: state, updating: true)
-        if plan.nanPolicy == .raise,
-           let c = (0..<C).first(where: { !batchMoments[$0].mean.isFinite || !batchMoments[$0].m2.isFinite }) {
-            throw BCNError(.nonFinite, "batch moments of channel \(c) hold NaN or infinity")
-        }
+        try checkFiniteMoments(plan: plan, batchMoments, channels: C)
         var arena = ScratchArena(bytes: ScratchArena.bytes(2 * C, of: Double.self)
                                         + ScratchArena.bytes(2 * C, of: T.self))
         let values = arena.take(2 * C, of: Double.self)

@@ -102,9 +102,13 @@ public struct NormalizationPlan: Equatable, Sendable {
         self.nanPolicy = nanPolicy
     }
 
+    /// Channels a plan may have at most: 2^32, beyond any network, and far below where the O(C) buffers of a
+    /// layer or a call (a few C-sized arrays) would overflow their byte counts.
+    public static let maxChannels = 1 << 32
+
     public func validate() throws(BCNError) {
-        guard channels > 0 else {
-            throw BCNError(.invalidArgument, "channels must be positive, got \(channels)")
+        guard channels > 0, channels <= Self.maxChannels else {
+            throw BCNError(.invalidArgument, "channels must be positive and at most 2^32, got \(channels)")
         }
         try batchNorm?.validate()
         try channelNorm?.validate(channels: channels)
