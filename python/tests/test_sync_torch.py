@@ -60,6 +60,13 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised
 
 
+def test_a_backward_that_fails_before_the_exchange_raises_on_every_rank(reports):
+    n, ranks = reports
+    raised = [r["failure backward"] for r in ranks]
+    assert {r["raised"] for r in raised} == {"TypeError"}, raised
+    assert all(f"rank {n - 1} of {n} failed" in r["message"] for r in raised[:-1]), raised
+
+
 def test_a_rank_that_never_arrives_is_gloos_timeout_error(tmp_path):
     ranks = launch(2, "timeout", tmp_path, timeout=120)
     waiting = ranks[0]

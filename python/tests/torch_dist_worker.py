@@ -133,6 +133,24 @@ def failure(rank, size, case):
     return out
 
 
+def failure_in_backward(rank, size):
+    """The last rank's backward fails before the exchange (a saved-tensor hook hands x back in float16, which the
+    kernels refuse): every rank must raise, none wait for it."""
+    import bcnswift.torch as bt
+    C = 8
+    layer = bt.SyncBCNorm(C, 4, dtype=torch.float64)
+    xs, _ = batches(SEED, [2] * size, C, torch.float64)
+    x = xs[rank].clone().requires_grad_()
+    bad = rank == size - 1
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, (lambda t: t.half()) if bad else (lambda t: t)):
+        y = layer(x)
+    try:
+        y.sum().backward()
+        return {"raised": None, "message": ""}
+    except Exception as e:  # noqa: BLE001
+        return {"raised": type(e).__name__, "message": str(e)}
+
+
 def run_all(rank, size):
     out = {}
     for dtype in (torch.float64, torch.float32):
@@ -143,6 +161,7 @@ def run_all(rank, size):
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups"):
         out[f"failure {case}"] = failure(rank, size, case)
+    out["failure backward"] = failure_in_backward(rank, size)
     return out
 
 
