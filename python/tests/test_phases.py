@@ -66,3 +66,24 @@ def test_running_update_refusals_change_nothing(rng):
         _ext.running_update(flags | _ext.BCN_NAN_RAISE, 0.1, nan, rm, rv, nbt)
     for key, value in layer.state_dict().items():
         np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_gradient_sums_holding_nan_are_refused_under_raise(rng):
+    """Phase (c) of the backward refuses merged sums holding NaN under nan_policy="raise", as the forward's
+    refuses such moments, writing neither dx nor a gradient."""
+    x = random_input(rng, (4, 8, 5))
+    dy = rng.normal(0.2, 1.0, x.shape)
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64, nan_policy="raise")
+    layer(x)
+    with layer._lock:
+        xl, ctx, flags, dyl, dx = layer._prepare_backward(dy, None)
+    sums = np.zeros(16)
+    _ext.norm_backward_sums(flags, layer.num_groups, xl, dyl, sums, ctx)
+    sums[3] = np.nan
+    dx[...] = 7.0
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    with pytest.raises(FloatingPointError, match="gradient sums"):
+        layer._finish_backward(xl, ctx, flags, dyl, dx, sums)
+    assert (dx == 7.0).all()
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, grads[k])

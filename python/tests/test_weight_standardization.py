@@ -86,3 +86,15 @@ def test_any_memory_layout_gives_the_c_order_results(layout, rng):
     np.testing.assert_array_equal(bcnswift.weight_standardization(wl), bcnswift.weight_standardization(w))
     np.testing.assert_array_equal(bcnswift.weight_standardization_backward(wl, gl),
                                   bcnswift.weight_standardization_backward(w, g))
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_a_constant_row_has_a_finite_gradient_at_any_eps(eps_in_sqrt, rng):
+    """The header's promise: grad_w = (g - mean(g)) / den for a constant row, never NaN, even where den³
+    underflows (eps 1e-300 in the square root)."""
+    w = np.full((2, 6), 0.75)
+    g = rng.normal(0.3, 1.0, w.shape)
+    for eps in (1e-5, 1e-300):
+        dw = bcnswift.weight_standardization_backward(w, g, eps=eps, eps_in_sqrt=eps_in_sqrt)
+        den = np.sqrt(eps) if eps_in_sqrt else eps
+        np.testing.assert_allclose(dw, (g - g.mean(axis=1, keepdims=True)) / den, rtol=1e-12)

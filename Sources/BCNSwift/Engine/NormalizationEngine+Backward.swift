@@ -149,6 +149,7 @@ extension NormalizationEngine {
             throw BCNError(.invalidArgument, "a forward with batch statistics needs the batch's gradient sums")
         }
         let sums = through ? batchSums : nil
+        if let sums { try checkFiniteSums(plan: plan, sums, channels: shape.channels) }
         switch Layout(plan: plan, shape: shape) {
         case .planes(let l):
             storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,

@@ -88,6 +88,14 @@ extension NormalizationEngine {
         throw BCNError(.nonFinite, "batch moments of channel \(c) hold NaN or infinity")
     }
 
+    /// With `.raise`, the backward's batch gradient sums ([S₁ | S₂], 2·C; merged from other processes, say) that
+    /// hold NaN or infinity, as `checkFiniteMoments` refuses the forward's.
+    static func checkFiniteSums(plan: NormalizationPlan, _ sums: UnsafePointer<Double>,
+                                channels: Int) throws(BCNError) {
+        guard plan.nanPolicy == .raise, let i = (0..<2 * channels).first(where: { !sums[$0].isFinite }) else { return }
+        throw BCNError(.nonFinite, "batch gradient sums of channel \(i % channels) hold NaN or infinity")
+    }
+
     /// With `.raise`, the first NaN or infinity in x (in memory order) as an error naming its sample and channel.
     static func checkFinite<T: NormalizationScalar>(plan: NormalizationPlan, shape: NormalizationShape,
                                                     _ x: UnsafePointer<T>) throws(BCNError) {

@@ -104,8 +104,10 @@ public enum WeightStandardization {
                 } else {
                     k = st.std > 0 ? 1 / (st.den * st.den * st.std * nu) : 0
                 }
+                // Σ g (w - mean) is 0 exactly for a constant row, whose term then vanishes, even where k overflows
+                // (eps below about 1e-206 in the square root: den³ underflows to 0)
                 T._combine(g, row, gradW + o * fanIn, count: fanIn, centre: st.mean,
-                           p: 1 / st.den, q: -dot * k, r: -sum / st.count / st.den)
+                           p: 1 / st.den, q: dot == 0 ? 0 : -dot * k, r: -sum / st.count / st.den)
             }
         }
     }
