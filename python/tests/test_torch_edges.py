@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from conftest import require
-from test_torch_modules import reference_ws_transposed
+from test_torch_modules import _state, assert_states_equal, reference_ws_transposed
 from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
 
 torch = require("torch")
@@ -43,13 +43,8 @@ MODULES = [
 MODULE_IDS = [m[0] for m in MODULES]
 
 
-def _buffers(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
 def _assert_unchanged(m, before, what):
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, before[k]), f"{what}: {k} changed"
+    assert_states_equal(_state(m), before, f"{what}: changed")
 
 
 @pytest.fixture(params=ROUTES)
@@ -64,7 +59,7 @@ def test_a_call_that_raises_changes_no_buffer(name, make, param, size, route, ge
     m = make(8, 4).double()
     m(rand_input(gen, (4, 8, 5, 5)))  # buffers away from their initial values
     param(m).data = torch.ones(size, dtype=torch.float64)
-    before = _buffers(m)
+    before = _state(m)
     with pytest.raises(ValueError, match="elements, expected"):
         m(rand_input(gen, (4, 8, 5, 5)))
     _assert_unchanged(m, before, f"{name} on the {route} route")
@@ -80,7 +75,7 @@ def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name,
     m(rand_input(gen, (4, 8, 5, 5)))
     for training in (True, False):
         m.train(training)
-        before = _buffers(m)
+        before = _state(m)
         x = rand_input(gen, shape, layout=layout).requires_grad_()
         y = m(x)
         assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
@@ -99,7 +94,7 @@ def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name,
 ], ids=["BCNorm one value", "labml rows of one sample", "ChannelNorm groups of one value"])
 def test_degenerate_statistics_raise_alike_on_both_routes(make, shape, message, route, gen):
     m = make().double()
-    before = _buffers(m)
+    before = _state(m)
     with pytest.raises(ValueError, match=message):
         m(rand_input(gen, shape))
     _assert_unchanged(m, before, route)
