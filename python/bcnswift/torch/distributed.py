@@ -94,35 +94,39 @@ class _SyncForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x = ctx.saved_tensors[0]
         exchange = not ctx.flags & _ext.BCN_ESTIMATED
-        if ctx.empty:
-            if exchange:  # take part in the exchange, contributing nothing
-                ctx.synchronizer.gradient_sums(ctx.config, lambda: np.zeros(2 * ctx.config.channels))
-            shapes = ctx.shapes
-            g = [None if s is None else torch.zeros(s, dtype=x.dtype) for s in shapes]
-            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 7
-
         joined = []
 
         def merge(sums):
             joined.append(True)
             return ctx.synchronizer.gradient_sums(ctx.config, lambda: sums)
 
-        def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
-            try:
-                return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine,
-                                          merge if exchange else None, ctx.shapes)
-            except Exception as e:
-                if not exchange or joined:
-                    raise
-                # failed before the exchange (its local sums): join it with the failure, so that every rank
-                # raises instead of waiting for this one until the process group's timeout
-
-                def failed():
-                    raise e
-                ctx.synchronizer.gradient_sums(ctx.config, failed)
+        try:
+            return _SyncForward._gradients(ctx, dy, merge if exchange else None)
+        except Exception as e:
+            if not exchange or joined:
                 raise
+            # failed before the exchange (unpacking x, its checks, its local sums): join it with the failure,
+            # so that every rank raises instead of waiting for this one until the process group's timeout
+
+            def failed():
+                raise e
+            ctx.synchronizer.gradient_sums(ctx.config, failed)
+            raise
+
+    @staticmethod
+    def _gradients(ctx, dy, merge):
+        """The backward's gradients, the batch's gradient sums exchanged through `merge` (None: estimated)."""
+        x = ctx.saved_tensors[0]
+        if ctx.empty:
+            if merge is not None:  # take part in the exchange, contributing nothing
+                merge(np.zeros(2 * ctx.config.channels))
+            shapes = ctx.shapes
+            g = [None if s is None else torch.zeros(s, dtype=x.dtype) for s in shapes]
+            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 7
+
+        def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
+            return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
         dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
         grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 7
