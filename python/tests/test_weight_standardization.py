@@ -98,3 +98,67 @@ def test_a_constant_row_has_a_finite_gradient_at_any_eps(eps_in_sqrt, rng):
         dw = bcnswift.weight_standardization_backward(w, g, eps=eps, eps_in_sqrt=eps_in_sqrt)
         den = np.sqrt(eps) if eps_in_sqrt else eps
         np.testing.assert_allclose(dw, (g - g.mean(axis=1, keepdims=True)) / den, rtol=1e-12)
+
+
+def _ws_decimal(w, eps, unbiased, eps_in_sqrt):
+    """ŵ of one row in 60-digit decimal arithmetic: the documents' formula, with no range to overflow."""
+    n = len(w)
+    mean = sum(w) / n
+    var = sum((v - mean) ** 2 for v in w) / (n - (1 if unbiased else 0))
+    den = (var + eps).sqrt() if eps_in_sqrt else var.sqrt() + eps
+    return [(v - mean) / den for v in w]
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-300, 5e-324])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+def test_extreme_magnitudes_match_a_decimal_reference(eps_in_sqrt, unbiased, eps, rng):
+    """Weights from 1e-300 to 1e300 and eps down to the smallest double: M2 and den³ of a row would overflow or
+    underflow in Float64 (a NaN forward from about 1e154, a backward that dropped its second term from about 1e103);
+    such rows are rescaled by a power of two. The reference is the formula in 60 digits, its gradient by central
+    differences there, independent of the kernel's algebra."""
+    import decimal
+    ctx = decimal.Context(prec=60)
+    for magnitude in (1e-300, 1e-170, 1e-100, 1.0, 1e100, 1e150, 1e200, 1e300):
+        w = rng.normal(0.5, 1.0, (3, 9)) * magnitude
+        g = rng.normal(0.2, 1.0, w.shape)
+        out = bcnswift.weight_standardization(w, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+        dw = bcnswift.weight_standardization_backward(w, g, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+        with decimal.localcontext(ctx):
+            d_eps = decimal.Decimal(eps)
+            for o in range(w.shape[0]):
+                row = [decimal.Decimal(v) for v in w[o]]
+                ref = _ws_decimal(row, d_eps, unbiased, eps_in_sqrt)
+                ref_dw = []
+                h = decimal.Decimal(magnitude) * decimal.Decimal("1e-25")
+                for i in range(len(row)):
+                    up, down = list(row), list(row)
+                    up[i] += h
+                    down[i] -= h
+                    f = _ws_decimal(up, d_eps, unbiased, eps_in_sqrt)
+                    b = _ws_decimal(down, d_eps, unbiased, eps_in_sqrt)
+                    ref_dw.append(sum(decimal.Decimal(gj) * (fj - bj) for gj, fj, bj in zip(g[o], f, b)) / (2 * h))
+                what = f"magnitude {magnitude:g}, row {o}"
+                ref, ref_dw = np.array([float(v) for v in ref]), np.array([float(v) for v in ref_dw])
+                assert np.isfinite(ref).all() and np.isfinite(ref_dw).all(), what
+                np.testing.assert_allclose(out[o], ref, rtol=0, atol=1e-13 * np.abs(ref).max(), err_msg=what)
+                np.testing.assert_allclose(dw[o], ref_dw, rtol=0, atol=1e-12 * np.abs(ref_dw).max(), err_msg=what)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+def test_constant_rows_at_extreme_magnitudes_and_eps(eps_in_sqrt, rng):
+    """A constant row standardizes to 0 and its gradient is (g - mean(g)) / den, at any magnitude and eps:
+    never NaN; infinite only where that quotient overflows (the authors' den = eps below about 1e-308)."""
+    g = rng.normal(0.3, 1.0, (4, 6))
+    for value in (0.0, 0.7, -3e-300, 2.5e300):
+        w = np.full((4, 6), value)
+        for eps in (1e-5, 1e-300, 5e-324):
+            what = f"value {value}, eps {eps}"
+            out = bcnswift.weight_standardization(w, eps=eps, eps_in_sqrt=eps_in_sqrt)
+            np.testing.assert_array_equal(out, 0, err_msg=what)
+            dw = bcnswift.weight_standardization_backward(w, g, eps=eps, eps_in_sqrt=eps_in_sqrt)
+            den = np.sqrt(eps) if eps_in_sqrt else eps
+            with np.errstate(over="ignore"):
+                expected = (g - g.mean(axis=1, keepdims=True)) / den
+            assert not np.isnan(dw).any(), what
+            np.testing.assert_allclose(dw, expected, rtol=1e-12, err_msg=what)

@@ -38,7 +38,12 @@ public enum WeightStandardization {
     /// Mean and denominator of one output channel.
     @usableFromInline
     struct RowStatistics {
-        var count: Double, mean: Double, std: Double, den: Double
+        var count: Double, mean: Double, m2: Double, std: Double, den: Double
+
+        /// Whether the SIMD path's formulas keep their precision in Float64: M2 at most 2^600, so that den³ and
+        /// Σ g (w - mean) stay finite, and M2 at least 2^-600 or den at least 2^-300, so that 1/den and den³ do
+        /// not overflow or lose bits and the variance beside eps is not subnormal. Other rows take `ScaledRow`.
+        var fitsFloat64: Bool { m2 <= 0x1p600 && (m2 >= 0x1p-600 || den >= 0x1p-300) }
     }
 
     static func rowStatistics<T: NormalizationScalar>(
@@ -53,7 +58,7 @@ public enum WeightStandardization {
         let variance = m.m2 / (m.count - (options.unbiased ? 1 : 0))
         let std = variance.squareRoot()
         let den = options.epsInsideSquareRoot ? (variance + options.eps).squareRoot() : std + options.eps
-        return RowStatistics(count: m.count, mean: m.mean, std: std, den: den)
+        return RowStatistics(count: m.count, mean: m.mean, m2: m.m2, std: std, den: den)
     }
 
     /// ŵ = (w - mean) / den per output channel. `wHat` may alias `w`.
@@ -68,6 +73,10 @@ public enum WeightStandardization {
             for o in range {
                 let row = w + o * fanIn
                 let st = rowStatistics(row, fanIn: fanIn, options: options)
+                if !st.fitsFloat64, let scaled = ScaledRow(row, count: fanIn, options: options) {
+                    scaled.standardize(into: wHat + o * fanIn)
+                    continue
+                }
                 T._scaleShift(row, wHat + o * fanIn, count: fanIn, centre: st.mean, scale: 1 / st.den, offset: 0)
             }
         }
@@ -89,6 +98,10 @@ public enum WeightStandardization {
             for o in range {
                 let row = w + o * fanIn, g = gradWHat + o * fanIn
                 let st = rowStatistics(row, fanIn: fanIn, options: options)
+                if !st.fitsFloat64, let scaled = ScaledRow(row, count: fanIn, options: options) {
+                    scaled.gradient(g, into: gradW + o * fanIn, epsInsideSquareRoot: options.epsInsideSquareRoot)
+                    continue
+                }
                 var sum = 0.0, dot = 0.0
                 var start = 0
                 while start < fanIn {
@@ -104,8 +117,7 @@ public enum WeightStandardization {
                 } else {
                     k = st.std > 0 ? 1 / (st.den * st.den * st.std * nu) : 0
                 }
-                // Σ g (w - mean) is 0 exactly for a constant row, whose term then vanishes, even where k overflows
-                // (eps below about 1e-206 in the square root: den³ underflows to 0)
+                // Σ g (w - mean) is 0 exactly for a constant row, whose term then vanishes
                 T._combine(g, row, gradW + o * fanIn, count: fanIn, centre: st.mean,
                            p: 1 / st.den, q: dot == 0 ? 0 : -dot * k, r: -sum / st.count / st.den)
             }

@@ -1,0 +1,96 @@
+extension WeightStandardization {
+    /// One output channel whose moments fall outside `RowStatistics.fitsFloat64`, computed in scalar Float64 on
+    /// w' = s·w, where s is the power of two that puts the largest |w| in [1/2, 1) (a constant row keeps s = 1):
+    /// weights around 1e90 and beyond, whose M2 or den³ would overflow, and tiny weights or constant rows whose
+    /// den is below 2^-300 (eps below about 1e-180), where 1/den and den³ would lose their precision.
+    ///
+    /// ŵ is scale-free: ŵ = (w' - mean') / den' with den' = s·den, which is √(var' + s²·eps) (labml) or
+    /// √var' + s·eps (the authors'). When s²·eps (s·eps) overflows, the variance is negligible beside eps and
+    /// den' = √eps·s (eps·s); it is held as den.a · den.b, each finite, and divided by one factor at a time.
+    /// The gradient, with ν = n - ddof and c = Σ g ŵ / ν:
+    ///   dw = ((g - mean(g)) - c·ŵ) / den          (labml, eps inside the root),
+    ///   dw = ((g - mean(g)) - c·z) / den,  z = (w' - mean') / √var'  (0 for a constant row; the authors').
+    /// Nothing here overflows unless the result does.
+    struct ScaledRow<T: NormalizationScalar> {
+        let w: UnsafePointer<T>
+        let count: Int
+        let scale: Double
+        let centre: Double
+        /// den' = den.a · den.b, den.b either 1 or `scale`.
+        let den: (a: Double, b: Double)
+        /// 1 / √var' (0 for a constant row).
+        let inverseDeviation: Double
+        let nu: Double
+
+        /// nil when the row holds NaN or an infinity, which the SIMD path passes on as it does for any row.
+        init?(_ w: UnsafePointer<T>, count n: Int, options: WeightStandardizationOptions) {
+            var largest = 0.0, constant = true
+            let first = Double(w[0])
+            for i in 0..<n {
+                let v = Double(w[i])
+                guard v.isFinite else { return nil }
+                largest = Swift.max(largest, v.magnitude)
+                constant = constant && v == first
+            }
+            self.w = w
+            self.count = n
+            nu = Double(n) - (options.unbiased ? 1 : 0)
+            var m2 = 0.0
+            if constant || largest == 0 {
+                scale = 1
+                centre = first
+            } else {
+                scale = Double(sign: .plus, exponent: Swift.min(Swift.max(-largest.exponent - 1, -1024), 1000),
+                               significand: 1)
+                var sum = 0.0
+                for i in 0..<n { sum += Double(w[i]) * scale }
+                var c = sum / Double(n), d = 0.0
+                for i in 0..<n {
+                    let e = Double(w[i]) * scale - c
+                    d += e; m2 += e * e
+                }
+                m2 = Swift.max(m2 - d * d / Double(n), 0)
+                c += d / Double(n)
+                centre = c
+            }
+            let variance = m2 / nu
+            inverseDeviation = variance > 0 ? 1 / variance.squareRoot() : 0
+            if options.epsInsideSquareRoot {
+                let t = options.eps * scale * scale
+                den = t.isFinite ? ((variance + t).squareRoot(), 1) : (options.eps.squareRoot(), scale)
+            } else {
+                let t = options.eps * scale
+                den = t.isFinite ? (variance.squareRoot() + t, 1) : (options.eps, scale)
+            }
+        }
+
+        @inline(__always)
+        func centred(_ i: Int) -> Double { Double(w[i]) * scale - centre }
+
+        @inline(__always)
+        func standardized(_ i: Int) -> Double { centred(i) / den.a / den.b }
+
+        /// x / den, where den = den.a · den.b / s.
+        @inline(__always)
+        func dividedByDen(_ x: Double) -> Double { den.b == 1 ? x / den.a * scale : x / den.a }
+
+        /// ŵ into `out` (which may be the row itself).
+        func standardize(into out: UnsafeMutablePointer<T>) {
+            for i in 0..<count { out[i] = T(standardized(i)) }
+        }
+
+        /// dw from dŵ = `g` into `out` (which may be `g`).
+        func gradient(_ g: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, epsInsideSquareRoot: Bool) {
+            var sum = 0.0, dot = 0.0
+            for i in 0..<count {
+                let gi = Double(g[i])
+                sum += gi; dot += gi * standardized(i)
+            }
+            let mean = sum / Double(count), c = dot / nu
+            for i in 0..<count {
+                let v = epsInsideSquareRoot ? standardized(i) : centred(i) * inverseDeviation
+                out[i] = T(dividedByDen((Double(g[i]) - mean) - c * v))
+            }
+        }
+    }
+}
