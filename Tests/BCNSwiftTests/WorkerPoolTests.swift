@@ -111,6 +111,8 @@ extension WorkerPoolTests {
     func testHugeThreadCountIsCapped() {
         defer { BCNThreads.count = 0 }
         BCNThreads.count = 100_000
+        XCTAssertEqual(BCNThreads.count, 256)  // held and reported as the cap
+        BCNThreads.withCallingThreadCount(1_000) { XCTAssertEqual(BCNThreads.count, 256) }
         for _ in 0..<20 { checkJob(count: 50_000, cost: 1 << 12) }
         #if os(Linux)
         // 255 workers at most, plus this process's other threads (XCTest's, Dispatch's): far below 50,000.

@@ -43,8 +43,8 @@ def _thread_count(n):
 
 def set_num_threads(n):
     """Worker threads for later calls (n >= 1), or 0 for the default: BCNSWIFT_NUM_THREADS, else all cores.
-    Results are bitwise identical for every thread count. A call uses at most 256 threads. A thread inside
-    `num_threads` keeps its own count."""
+    Results are bitwise identical for every thread count. A call uses at most 256 threads (a larger n is
+    taken as 256). A thread inside `num_threads` keeps its own count."""
     n = _thread_count(n)
     _ext.set_num_threads(n)
     global _threads_source

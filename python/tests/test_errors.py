@@ -211,6 +211,10 @@ def test_threads_setting():
     for integral in (np.int64(2), np.int32(2), np.uint8(2)):  # any integral type, as operator.index takes
         bcnswift.set_num_threads(integral)
         assert bcnswift.get_num_threads() == 2
+    bcnswift.set_num_threads(1_000)  # a call uses at most 256: the count says so
+    assert bcnswift.get_num_threads() == 256
+    with bcnswift.num_threads(4096):
+        assert bcnswift.get_num_threads() == 256
     bcnswift.set_num_threads(0)
     assert bcnswift.get_num_threads() == n
 

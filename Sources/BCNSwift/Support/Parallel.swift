@@ -10,7 +10,8 @@ import Darwin
 /// The number of worker threads bcnswift uses; 0 means "all cores".
 ///
 /// Work is always cut into the same pieces whatever this number is (see `parallelFor`), so results are bitwise
-/// identical for any thread count; only the wall time changes. A call uses at most 256 threads.
+/// identical for any thread count; only the wall time changes. A call uses at most `maximum` (256) threads, and
+/// a larger count asked for is held (and reported) as that.
 ///
 /// There are two settings: one for the process (`count`'s setter) and one per calling thread
 /// (`callingThreadCount`), which overrides it for the calls that thread makes. The second is for a caller that
@@ -18,6 +19,9 @@ import Darwin
 /// bcnswift's workers would compete with them for the same cores (see docs/PYTORCH.md). Such a caller can also
 /// lend its pool's threads (`callingThreadTeam`, ThreadTeam.swift): then the count is its team's size.
 public enum BCNThreads {
+    /// The most threads a call uses: the caller and `WorkerPool.maxWorkers` workers. Every setting is clamped to it.
+    public static let maximum = WorkerPool.maxWorkers + 1
+
     private static let requested = Atomic<Int>(0)
     private static let cores: Int = {
         let n = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
@@ -38,7 +42,7 @@ public enum BCNThreads {
             let local = callingThreadCount
             return local > 0 ? local : processCount
         }
-        set { requested.store(max(0, newValue), ordering: .relaxed) }
+        set { requested.store(min(max(0, newValue), maximum), ordering: .relaxed) }
     }
 
     /// The process's count, which a thread without its own setting uses: the value set, else
@@ -54,7 +58,7 @@ public enum BCNThreads {
         get { callingThreadKey.map { Int(bitPattern: pthread_getspecific($0)) } ?? 0 }
         set {
             guard let key = callingThreadKey else { return }  // see callingThreadKey
-            _ = pthread_setspecific(key, UnsafeRawPointer(bitPattern: max(0, newValue)))
+            _ = pthread_setspecific(key, UnsafeRawPointer(bitPattern: min(max(0, newValue), maximum)))
         }
     }
 
@@ -85,8 +89,8 @@ public enum BCNThreads {
 
     /// `BCNSWIFT_NUM_THREADS` when it is a positive integer, else all online cores.
     public static let defaultCount: Int = {
-        if let raw = getenv("BCNSWIFT_NUM_THREADS"), let n = Int(String(cString: raw)), n > 0 { return n }
-        return cores
+        if let raw = getenv("BCNSWIFT_NUM_THREADS"), let n = Int(String(cString: raw)), n > 0 { return min(n, maximum) }
+        return min(cores, maximum)
     }()
 }
 
@@ -96,7 +100,7 @@ let parallelThreshold = 1 << 16
 /// How many threads `parallelFor(count, cost:)` may run `body` on: its slots are `0..<parallelSlots(count, cost:)`.
 /// Sizes per-thread scratch before the call.
 func parallelSlots(_ count: Int, cost: Int) -> Int {
-    let threads = min(BCNThreads.count, max(count, 1), WorkerPool.maxWorkers + 1)
+    let threads = min(BCNThreads.count, max(count, 1))
     if threads <= 1 || count.multipliedReportingOverflow(by: max(cost, 1)).partialValue < parallelThreshold {
         return 1
     }

@@ -76,6 +76,7 @@ extern "C" {
 int32_t bcn_abi_version(void);
 
 /* Worker threads for later calls; n <= 0 restores the default (env BCNSWIFT_NUM_THREADS, else all cores).
+ * A call uses at most 256 threads: every setting above that (these, the environment's) is taken as 256.
  * Returns the process's count now in force (a thread with its own setting, below, keeps using that). Results
  * are bitwise identical for every thread count. */
 int32_t bcn_set_num_threads(int32_t n);
