@@ -501,7 +501,9 @@ class _Normalization:
         return arr.astype(self.dtype).reshape(target.shape)
 
     def __getstate__(self):  # copy and pickle: everything but the lock and the last forward
-        state = dict(self.__dict__)
+        with self._lock:  # arrays copied here: a forward beside copy.deepcopy or pickle.dumps tears none
+            state = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.__dict__.items()}
+            state["grads"] = {k: v.copy() for k, v in self.grads.items()}
         del state["_lock"]
         state["_saved"] = None
         state.pop("_context_size", None)  # the extension that unpickles it may size contexts otherwise

@@ -75,6 +75,8 @@ class WeightStandardization:
     forward = __call__
 
     def backward(self, dw_hat):
+        """Gradient with respect to the last call's w, which is kept by reference, not copied: do not modify
+        it in place in between (an optimizer's step comes after the backward)."""
         with self._lock:
             w = self._last
         if w is None:

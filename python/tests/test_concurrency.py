@@ -1,5 +1,7 @@
 """Several Python threads: different layers run in parallel with serial results; one layer serializes its calls."""
+import copy
 import os
+import pickle
 import signal
 import threading
 import time
@@ -295,10 +297,12 @@ def test_thread_count_changed_during_calls_changes_no_bit(rng):
 
 def test_state_dict_load_and_zero_grad_wait_for_a_running_call(rng):
     """They take the layer's lock, as forward and backward do: never a half-updated buffer (a forward of a large
-    layer in another thread gave torn state_dict() snapshots before)."""
+    layer in another thread gave torn state_dict() snapshots before). So do copy and pickle, which copy the
+    arrays under it."""
     layer = bcnswift.BatchChannelNorm(8, 4)
     state = layer.state_dict()
-    for call in (layer.state_dict, lambda: layer.load_state_dict(state), layer.zero_grad):
+    for call in (layer.state_dict, lambda: layer.load_state_dict(state), layer.zero_grad,
+                 lambda: copy.deepcopy(layer), lambda: pickle.dumps(layer)):
         done = threading.Event()
         with layer._lock:  # a call in progress
             t = threading.Thread(target=lambda: (call(), done.set()), daemon=True)
