@@ -196,6 +196,13 @@ def test_ws_layers_refuse_a_fan_in_of_one_in_their_own_words(gen):
         assert "unbiased=False" not in str(e.value)  # an argument the layers do not have
 
 
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf"), float("nan")])
+def test_ws_layers_refuse_a_bad_eps_at_construction(eps):
+    for make in (lambda: bt.Conv2d(4, 4, 3, eps=eps), lambda: bt.Linear(4, 3, eps=eps)):
+        with pytest.raises(ValueError, match="eps must be a positive finite number"):
+            make()
+
+
 def test_convert_keeps_affine_and_running_statistics_settings(gen):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=False),
                           nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8, affine=False)).double()

@@ -25,8 +25,8 @@ class _WeightStandardized(KernelViews):
     def _setup_ws(self, convention, eps):
         if convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        if not 0 < eps < float("inf"):  # the kernels refuse others at the first forward; say so here
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         self.convention, self.ws_eps = convention, float(eps)
 
     def standardized_weight(self):
