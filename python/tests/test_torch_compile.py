@@ -90,3 +90,54 @@ def test_compiled_convolutions_hand_their_channels_last_memory_to_the_kernels(ge
     ye.backward(dy)
     torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(x.grad, xe.grad, rtol=1e-9, atol=1e-10)
+
+
+def _assert_same_buffers(model, reference, what):
+    for (name, b), r in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, r, rtol=1e-10, atol=1e-10, msg=f"{what}: buffer {name}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_exported_program_records_the_ops_and_matches_eager(training, gen):
+    """torch.export of a model using every module: the graph holds bcnswift's ops (the kernels run when it runs),
+    and the exported module's outputs (and in training its buffers' updates) are eager's."""
+    torch.manual_seed(0)
+    eager = every_module_model().double().train(training)
+    exported_from = copy.deepcopy(eager)
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    program = torch.export.export(exported_from, (x0,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"bcnswift.weight_standardization.default"} < targets
+    assert ("bcnswift.update_running_.default" in targets) == training
+    module = program.module()
+    for step in range(2):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
+        _assert_same_buffers(module, eager, f"call {step}")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_trace_records_the_ops_and_matches_eager(training, gen):
+    """torch.jit.trace (deprecated by torch, still used) sees only dispatcher calls: the modules take the custom
+    ops while it traces (the eager route's numpy calls once failed inside torch with "unordered_map::at"). The
+    traced module then gives eager's outputs, input and parameter gradients and buffer updates, also on a batch of
+    another size."""
+    torch.manual_seed(0)
+    eager = every_module_model().double().train(training)
+    traced_from = copy.deepcopy(eager)
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    traced = torch.jit.trace(traced_from, x0, check_trace=False)
+    if training:
+        eager(x0)  # the trace ran one forward, which updated the buffers
+    for step, batch in enumerate((2, 3)):
+        x = rand_input(gen, (batch, 3, 8, 8), torch.float64)
+        xe, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yt = eager(xe), traced(xt)
+        torch.testing.assert_close(yt, ye, rtol=1e-10, atol=1e-10, msg=f"call {step}: output")
+        g = torch.randn(ye.shape, generator=gen, dtype=ye.dtype)
+        ye.backward(g), yt.backward(g)
+        torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-9, atol=1e-10, msg=f"call {step}: input gradient")
+        for (name, pe), pt in zip(eager.named_parameters(), traced_from.parameters()):
+            torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"call {step}: grad {name}")
+        _assert_same_buffers(traced_from, eager, f"call {step}")

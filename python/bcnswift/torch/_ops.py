@@ -71,13 +71,20 @@ def _array(t):
 # .double(): nn.Module._apply); a tensor moved by other means (param.data = ...) is caught by its data_ptr. No
 # weak references: torch.utils.swap_tensors refuses a tensor that has one.
 
+def traced():
+    """Whether this call is being traced into a graph: by torch.compile or torch.export (dynamo), or by
+    torch.jit.trace. Traced calls take the custom ops, which a graph records; the eager routes' numpy calls
+    would be invisible to it (jit.trace recorded the output as a constant, or failed inside torch)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class KernelViews:
     """For a module whose forward hands its parameters and buffers to the kernels: a dict in which `_held` keeps
     their numpy views between calls (`kernel_views()`), emptied when the module's tensors move (`_apply`: .to(),
     .double(), .cuda(), ...) and left out of pickles and deep copies."""
 
     def kernel_views(self):
-        if torch.compiler.is_compiling():  # the traced route takes no views; and a trace must not write __dict__
+        if traced():  # the traced route takes no views; and a trace must not write __dict__
             return None
         views = self.__dict__.get("_kernel_views")
         if views is None:
@@ -681,6 +688,6 @@ class _EagerWeightStandardization(torch.autograd.Function):
 
 def weight_standardization_route(w, eps, flags, views=None):
     """The op while torch.compile traces, the direct call in eager mode (`views`: the layer's `KernelViews`)."""
-    if torch.compiler.is_compiling():
+    if traced():
         return weight_standardization(w, eps, flags)
     return _EagerWeightStandardization.apply(w, eps, flags, views)

@@ -132,7 +132,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
             _check_sizes(x, bn, cn)
             _check_values(x, flags, groups, False, False)
             return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
-        if not torch.compiler.is_compiling():
+        if not _ops.traced():
             return _ops.eager_forward(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                                       eps, 0.0, False, views)
         return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
@@ -160,7 +160,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         if staged is not None:
             _composed.commit_running(buffers, staged)
         return y
-    compiling = torch.compiler.is_compiling()
+    compiling = _ops.traced()
     if estimated or compiling:  # the buffers' update comes before the normalization's own checks
         _check_sizes(x, bn, cn)
     if not compiling:
