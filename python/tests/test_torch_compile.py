@@ -141,3 +141,36 @@ def test_jit_trace_records_the_ops_and_matches_eager(training, gen):
         for (name, pe), pt in zip(eager.named_parameters(), traced_from.parameters()):
             torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"call {step}: grad {name}")
         _assert_same_buffers(traced_from, eager, f"call {step}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_keeps_the_modules_as_leaves(training, gen):
+    """torch.fx's symbolic tracing keeps torch.nn's modules as leaves and traces into others, whose shape checks
+    a Proxy cannot answer ("symbolically traced variables cannot be used as inputs to control flow", as every
+    FX-based tool met before). bcnswift's modules record themselves as one call_module node each, as torch.nn's
+    do, and the GraphModule gives eager's outputs, gradients and buffer updates."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(every_module_model(), nn.Unflatten(1, (10, 1, 1)),
+                          bt.ConvTranspose2d(10, 4, 2, stride=2)).double().train(training)
+    traced_from = copy.deepcopy(eager)
+    graph_module = torch.fx.symbolic_trace(traced_from)
+    def ours(m):
+        return type(m).__module__.startswith("bcnswift")
+    # every module of ours that the model calls (not those inside another of ours, which fuses their work)
+    called = {type(m) for name, m in eager.named_modules() if ours(m) and not any(
+        ours(eager.get_submodule(".".join(name.split(".")[:i]))) for i in range(1, name.count(".") + 1))}
+    assert bt.BCNorm in called and bt.ConvTranspose2d in called
+    recorded = {type(graph_module.get_submodule(n.target)) for n in graph_module.graph.nodes if n.op == "call_module"}
+    assert called <= recorded and not [n for n in graph_module.graph.nodes if n.op == "call_function"
+                                     and "bcnswift" in str(n.target)]
+    for step in range(2):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        xe, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yg = eager(xe), graph_module(xg)
+        torch.testing.assert_close(yg, ye, rtol=0, atol=0, msg=f"call {step}: output")
+        g = torch.randn(ye.shape, generator=gen, dtype=ye.dtype)
+        ye.backward(g), yg.backward(g)
+        torch.testing.assert_close(xg.grad, xe.grad, rtol=0, atol=0, msg=f"call {step}: input gradient")
+        for (name, pe), pg in zip(eager.named_parameters(), graph_module.parameters()):
+            torch.testing.assert_close(pg.grad, pe.grad, rtol=0, atol=0, msg=f"call {step}: grad {name}")
+        _assert_same_buffers(graph_module, eager, f"call {step}")

@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.fx import Proxy as FxProxy
 
 from .. import _ext
 from ..layers import channels_last_strides
@@ -70,6 +71,15 @@ def _array(t):
 # modules keep each one's view in a dict of their own (`KernelViews`), cleared when the module moves (.to(),
 # .double(): nn.Module._apply); a tensor moved by other means (param.data = ...) is caught by its data_ptr. No
 # weak references: torch.utils.swap_tensors refuses a tensor that has one.
+
+def fx_leaf(module, *args, **kwargs):
+    """`module`'s call recorded as one call_module node, as torch.fx records torch.nn's own modules. FX's
+    symbolic tracing keeps only modules defined in torch.nn as leaves and runs the forward of others on Proxy
+    inputs, which the modules' checks of shapes and devices cannot answer: so each module's forward hands a Proxy
+    input here. The GraphModule then calls the module itself."""
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+
 
 def traced():
     """Whether this call is being traced into a graph: by torch.compile or torch.export (dynamo), or by

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _ext
 from ..distributed import LayerConfig, Synchronizer
 from . import _ops
+from ._ops import FxProxy, fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
 from .functional import ChannelNormStage
 
@@ -161,6 +162,8 @@ class SyncBCNorm(BCNorm):
         self.process_group = process_group
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)):
             return super().forward(x)  # an empty batch too (a rank without data): an empty output
         stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
@@ -177,6 +180,8 @@ class SyncBatchChannelNorm(BatchChannelNorm):
         self.process_group = process_group
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         if not self.training:
             return super().forward(x)
         return sync_batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(),

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
-from ._ops import KernelViews
+from ._ops import FxProxy, KernelViews, fx_leaf
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
 
 _TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
@@ -73,6 +73,8 @@ class EstBN(KernelViews, nn.Module):
                               self.running_mean, self.running_var, self.num_batches_tracked, self.training, True)
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         _check_channels(x, self.num_features, "EstBN")
         return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
@@ -103,6 +105,8 @@ class BCNorm(KernelViews, nn.Module):
         self.bn = EstBN(num_channels, **kw) if estimate else nn.BatchNorm2d(num_channels, **kw)
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         _check_channels(x, self.num_channels, "BCNorm")
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
         bn = self.bn  # a submodule: each read goes through nn.Module.__getattr__
@@ -150,6 +154,8 @@ class BatchNorm(KernelViews, nn.Module):
                               self.exp_var, self._count, self.training, self.track_running_stats)
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         _check_channels(x, self.channels, type(self).__name__)
         return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
@@ -187,6 +193,8 @@ class ChannelNorm(KernelViews, nn.Module):
         return ChannelNormStage(self.groups, self.eps, self.scale, self.shift)
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         _check_channels(x, self.channels, "ChannelNorm")
         return batch_channel_norm(x, None, self.stage(), views=self.kernel_views())
 
@@ -208,5 +216,7 @@ class BatchChannelNorm(KernelViews, nn.Module):
         self.channel_norm = ChannelNorm(channels, groups, eps, **kw)
 
     def forward(self, x):
+        if isinstance(x, FxProxy):
+            return fx_leaf(self, x)
         _check_channels(x, self.channel_norm.channels, "BatchChannelNorm")
         return batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(), views=self.kernel_views())
