@@ -101,12 +101,54 @@ def test_a_constant_row_has_a_finite_gradient_at_any_eps(eps_in_sqrt, rng):
 
 
 def _ws_decimal(w, eps, unbiased, eps_in_sqrt):
-    """ŵ of one row in 60-digit decimal arithmetic: the documents' formula, with no range to overflow."""
+    """ŵ of one row in decimal arithmetic (80 digits: the context `_assert_matches_decimal` sets), the documents'
+    formula, with no range to overflow."""
     n = len(w)
     mean = sum(w) / n
     var = sum((v - mean) ** 2 for v in w) / (n - (1 if unbiased else 0))
     den = (var + eps).sqrt() if eps_in_sqrt else var.sqrt() + eps
     return [(v - mean) / den for v in w]
+
+
+def _assert_matches_decimal(w, g, eps, unbiased, eps_in_sqrt, tolerance, what):
+    """Both directions of every row of w (float32 or float64) against the formula in 80 digits, the gradient by
+    central differences there (independent of the kernel's algebra), each within `tolerance` of the row's largest
+    reference value. Rows whose values are all equal get the documented limit, (g - mean(g)) / den."""
+    import decimal
+    with np.errstate(all="ignore"):
+        out = bcnswift.weight_standardization(w, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+        dw = bcnswift.weight_standardization_backward(w, g, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+    with decimal.localcontext(decimal.Context(prec=80)):  # a row spread over ulps, then perturbed by 1e-25 of that
+        D = decimal.Decimal
+        d_eps = D(eps)
+        for o in range(w.shape[0]):
+            row, grad = [D(float(v)) for v in w[o]], [D(float(v)) for v in g[o]]
+            ref = _ws_decimal(row, d_eps, unbiased, eps_in_sqrt)
+            spread = max(abs(v - sum(row) / len(row)) for v in row)
+            if spread == 0:
+                den = d_eps.sqrt() if eps_in_sqrt else d_eps
+                ref_dw = [(gj - sum(grad) / len(grad)) / den for gj in grad]
+            else:
+                h, ref_dw = spread * D("1e-25"), []
+                for i in range(len(row)):
+                    up, down = list(row), list(row)
+                    up[i] += h
+                    down[i] -= h
+                    f = _ws_decimal(up, d_eps, unbiased, eps_in_sqrt)
+                    b = _ws_decimal(down, d_eps, unbiased, eps_in_sqrt)
+                    ref_dw.append(sum(gj * (fj - bj) for gj, fj, bj in zip(grad, f, b)) / (2 * h))
+            where = f"{what}, row {o} of {w.dtype}"
+            for got, expected, name in ((out[o], ref, "w_hat"), (dw[o], ref_dw, "dw")):
+                expected = np.array([float(v) for v in expected])
+                assert np.isfinite(expected).all(), where
+                with np.errstate(over="ignore"):  # infinite only where the value overflows the dtype itself
+                    overflows = ~np.isfinite(expected.astype(got.dtype))
+                assert not np.isnan(got).any(), f"{where}: {name} {got}"
+                np.testing.assert_array_equal(got[overflows], np.sign(expected[overflows]) * np.inf, where)
+                kept = ~overflows & (np.abs(expected) <= np.finfo(got.dtype).max)
+                if kept.any():  # to the dtype's own resolution at the bottom (a value below it rounds to 0)
+                    atol = max(tolerance * np.abs(expected[kept]).max(), np.finfo(got.dtype).smallest_subnormal)
+                    np.testing.assert_allclose(got[kept], expected[kept], rtol=0, atol=atol, err_msg=f"{where}: {name}")
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-300, 5e-324])
@@ -115,34 +157,46 @@ def _ws_decimal(w, eps, unbiased, eps_in_sqrt):
 def test_extreme_magnitudes_match_a_decimal_reference(eps_in_sqrt, unbiased, eps, rng):
     """Weights from 1e-300 to 1e300 and eps down to the smallest double: M2 and den³ of a row would overflow or
     underflow in Float64 (a NaN forward from about 1e154, a backward that dropped its second term from about 1e103);
-    such rows are rescaled by a power of two. The reference is the formula in 60 digits, its gradient by central
-    differences there, independent of the kernel's algebra."""
-    import decimal
-    ctx = decimal.Context(prec=60)
+    such rows are rescaled by a power of two."""
     for magnitude in (1e-300, 1e-170, 1e-100, 1.0, 1e100, 1e150, 1e200, 1e300):
         w = rng.normal(0.5, 1.0, (3, 9)) * magnitude
         g = rng.normal(0.2, 1.0, w.shape)
-        out = bcnswift.weight_standardization(w, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
-        dw = bcnswift.weight_standardization_backward(w, g, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
-        with decimal.localcontext(ctx):
-            d_eps = decimal.Decimal(eps)
-            for o in range(w.shape[0]):
-                row = [decimal.Decimal(v) for v in w[o]]
-                ref = _ws_decimal(row, d_eps, unbiased, eps_in_sqrt)
-                ref_dw = []
-                h = decimal.Decimal(magnitude) * decimal.Decimal("1e-25")
-                for i in range(len(row)):
-                    up, down = list(row), list(row)
-                    up[i] += h
-                    down[i] -= h
-                    f = _ws_decimal(up, d_eps, unbiased, eps_in_sqrt)
-                    b = _ws_decimal(down, d_eps, unbiased, eps_in_sqrt)
-                    ref_dw.append(sum(decimal.Decimal(gj) * (fj - bj) for gj, fj, bj in zip(g[o], f, b)) / (2 * h))
-                what = f"magnitude {magnitude:g}, row {o}"
-                ref, ref_dw = np.array([float(v) for v in ref]), np.array([float(v) for v in ref_dw])
-                assert np.isfinite(ref).all() and np.isfinite(ref_dw).all(), what
-                np.testing.assert_allclose(out[o], ref, rtol=0, atol=1e-13 * np.abs(ref).max(), err_msg=what)
-                np.testing.assert_allclose(dw[o], ref_dw, rtol=0, atol=1e-12 * np.abs(ref_dw).max(), err_msg=what)
+        _assert_matches_decimal(w, g, eps, unbiased, eps_in_sqrt, 1e-12, f"magnitude {magnitude:g}")
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+def test_float32_rows_beyond_float32_constants_match_a_decimal_reference(eps_in_sqrt):
+    """Float32 lanes take 1/den, w - mean and the gradient's constants in Float32: tiny or huge weights, a huge
+    eps, or values of both signs near the largest float gave NaN, infinities or a dropped term (a review's
+    reproducers); such rows run in Float64."""
+    big = np.finfo(np.float32).max
+    g = np.array([[.5, -1, 2, .25, -.75, 1.5, -2, .3]] * 2, np.float32)
+    steps = np.arange(1, 9, dtype=np.float32)
+    cases = [(np.full((2, 8), .7, np.float32), 1e-100), (steps * np.float32(1e-40), 1e-100),
+             (steps * np.float32(1e-25), 1e-100), (np.array([[big] * 5 + [-big] * 3], np.float32), 1e-5),
+             ((steps + (steps == 8)) * np.float32(1e25), 1e-5), ((steps + (steps == 8)) * np.float32(1e37), 1e100),
+             (steps * np.float32(3e-3), 1e-5)]  # and an ordinary row
+    for w, eps in cases:
+        w = np.broadcast_to(w, (2, 8)).copy()
+        for unbiased in (True, False):
+            _assert_matches_decimal(w, g, eps, unbiased, eps_in_sqrt, 1e-6, f"{w[0, :2]}..., eps {eps}")
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+def test_rows_spread_over_a_few_ulps_and_huge_gradients_match_a_decimal_reference(eps_in_sqrt, rng):
+    """A row spread over a few ulps of its mean lost w - mean to the mean's rounding (ŵ off by up to its whole
+    size); a gradient near 1e300 overflowed Σ g (w - mean). Both now keep their precision."""
+    def below(v, k):  # the k-th double below v
+        for _ in range(k):
+            v = np.nextafter(v, 0)
+        return v
+    # (two values would make ŵ = ±1 whatever w is: a zero gradient, where the reference has only its own rounding)
+    for w, eps in ((np.array([[1.0, below(1.0, 1), 1.0, below(1.0, 3)], [1e200, below(1e200, 2), 1e200, 1e200]]),
+                    1e-300), (np.array([[3.0 + k * 2 ** -51 for k in range(6)]]), 1e-310)):
+        g = rng.normal(0.2, 1.0, w.shape)
+        _assert_matches_decimal(w, g, eps, False, eps_in_sqrt, 1e-12, f"{w[0, :2]}...")
+    w, g = np.array([[0.0, 1e90, -0.5e90, 0.3e90]]), np.array([[1e300, -1e300, .5e300, .2e300]])
+    _assert_matches_decimal(w, g, 1e-5, True, eps_in_sqrt, 1e-12, "huge gradient")
 
 
 @pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])

@@ -1,8 +1,11 @@
 extension WeightStandardization {
-    /// One output channel whose moments fall outside `RowStatistics.fitsFloat64`, computed in scalar Float64 on
-    /// w' = s·w, where s is the power of two that puts the largest |w| in [1/2, 1) (a constant row keeps s = 1):
-    /// weights around 1e90 and beyond, whose M2 or den³ would overflow, and tiny weights or constant rows whose
-    /// den is below 2^-300 (eps below about 1e-180), where 1/den and den³ would lose their precision.
+    /// One output channel outside `RowStatistics.fits` (or whose gradient's constants are outside
+    /// `gradientFits`), computed in scalar Float64 on w' = s·w, where s is the power of two that puts the largest
+    /// |w| in [1/2, 1) (a constant row keeps s = 1): Float64 weights around 1e90 and beyond, whose M2 or den³ would
+    /// overflow, tiny weights or constant rows whose den is below 2^-300 (eps below about 1e-180), where 1/den and
+    /// den³ would lose their precision, rows spread over a few ulps of their mean, and Float32 rows whose 1/den,
+    /// w - mean or gradient constants leave Float32's normal range. The mean is kept as two Float64s (`centre`,
+    /// `centreLow`), so w' - mean rounds once, relative to itself.
     ///
     /// ŵ is scale-free: ŵ = (w' - mean') / den' with den' = s·den, which is √(var' + s²·eps) (labml) or
     /// √var' + s·eps (the authors'). When s²·eps (s·eps) overflows, the variance is negligible beside eps and
@@ -15,7 +18,7 @@ extension WeightStandardization {
         let w: UnsafePointer<T>
         let count: Int
         let scale: Double
-        let centre: Double
+        let centre: Double, centreLow: Double
         /// den' = den.a · den.b, den.b either 1 or `scale`.
         let den: (a: Double, b: Double)
         /// 1 / √var' (0 for a constant row).
@@ -39,19 +42,21 @@ extension WeightStandardization {
             if constant || largest == 0 {
                 scale = 1
                 centre = first
+                centreLow = 0
             } else {
                 scale = Double(sign: .plus, exponent: Swift.min(Swift.max(-largest.exponent - 1, -1024), 1000),
                                significand: 1)
                 var sum = 0.0
                 for i in 0..<n { sum += Double(w[i]) * scale }
-                var c = sum / Double(n), d = 0.0
+                let c = sum / Double(n)
+                var d = 0.0
                 for i in 0..<n {
                     let e = Double(w[i]) * scale - c
                     d += e; m2 += e * e
                 }
                 m2 = Swift.max(m2 - d * d / Double(n), 0)
-                c += d / Double(n)
                 centre = c
+                centreLow = d / Double(n)
             }
             let variance = m2 / nu
             inverseDeviation = variance > 0 ? 1 / variance.squareRoot() : 0
@@ -65,7 +70,7 @@ extension WeightStandardization {
         }
 
         @inline(__always)
-        func centred(_ i: Int) -> Double { Double(w[i]) * scale - centre }
+        func centred(_ i: Int) -> Double { (Double(w[i]) * scale - centre) - centreLow }
 
         @inline(__always)
         func standardized(_ i: Int) -> Double { centred(i) / den.a / den.b }
