@@ -56,6 +56,10 @@ def test_fan_in_one_unbiased_is_an_error():
         bcnswift.weight_standardization(np.ones((4, 1)))
     out = bcnswift.weight_standardization(np.arange(4.0).reshape(4, 1), unbiased=False)
     np.testing.assert_array_equal(out, 0)
+    for dtype in (np.float32, np.float64):  # w_hat does not depend on w: its gradient is 0, not rounding noise
+        w = np.array([[3.0], [-0.1], [1e30], [7.0]], dtype)
+        dw = bcnswift.weight_standardization_backward(w, np.array([[0.7], [-2.0], [1.0], [0.0]], dtype), unbiased=False)
+        np.testing.assert_array_equal(dw, 0)
 
 
 def test_bad_arguments():

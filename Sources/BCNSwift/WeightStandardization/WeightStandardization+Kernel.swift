@@ -112,6 +112,10 @@ public enum WeightStandardization {
     ) throws(BCNError) {
         try options.validate(outChannels: outChannels, fanIn: fanIn)
         let ddof: Double = options.unbiased ? 1 : 0
+        if fanIn == 1 {  // (biased) w_hat is 0 whatever w is: dw is exactly 0, not p·g + r's rounding
+            gradW.update(repeating: 0, count: outChannels)
+            return
+        }
         parallelFor(outChannels, cost: 4 * fanIn) { range, _ in
             for o in range {
                 let row = w + o * fanIn, g = gradWHat + o * fanIn
