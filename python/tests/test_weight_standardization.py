@@ -204,6 +204,25 @@ def test_rows_spread_over_a_few_ulps_and_huge_gradients_match_a_decimal_referenc
 
 
 @pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+def test_underflowing_moments_sums_and_quotients_match_a_decimal_reference(eps_in_sqrt):
+    """A second review's reproducers: a row whose M2 underflows to 0 (tiny or subnormal values) passed for a
+    constant one; Σ g (w - mean) underflowed (tiny g) or q did (huge eps), dropping the gradient's second term; the
+    scaled path's division over- or underflowed where its result does not."""
+    w = np.array([[1, 2, 3, 4, 5, 6, 7, 9.0]])
+    g = np.array([[.5, -1, 2, .25, -.75, 1.5, -2, .3]])
+    tiny = np.nextafter(1e-200, 1)
+    cases = [(np.array([[1e-200, 1e-200, tiny]]), g[:, :3], 1e-5, 1e-12),
+             (np.array([[1, 2, 0, -1]]) * 5e-324, g[:, :4], 1e-100, 1e-12),
+             ((w * 1e-9).astype(np.float32), (g * 1e-38).astype(np.float32), 1e-20, 1e-6),
+             ((w * 1e-3).astype(np.float32), (g * 1e-40).astype(np.float32), 1e-5, 1e-6),
+             (w * 1e-80, g * 1e-250, 1e-170, 1e-12), (w * 1e52, g * 1e-232, 1e99, 1e-12),
+             (w * 1e-150, g * 1e-300, 1e-250, 1e-12), (1e80 * (1 + w[:, :3] * 1e-7), g[:, :3] * 1e306, 1e-107, 1e-12)]
+    for wc, gc, eps, tolerance in cases:
+        for unbiased in (True, False):
+            _assert_matches_decimal(wc, gc, eps, unbiased, eps_in_sqrt, tolerance, f"{wc[0, :2]}..., eps {eps}")
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
 def test_constant_rows_at_extreme_magnitudes_and_eps(eps_in_sqrt, rng):
     """A constant row standardizes to 0 and its gradient is (g - mean(g)) / den, at any magnitude and eps:
     never NaN; infinite only where that quotient overflows (the authors' den = eps below about 1e-308)."""

@@ -35,50 +35,6 @@ public struct WeightStandardizationOptions: Equatable, Sendable {
 
 /// Weight Standardization of a weight [O, fan-in], each output channel over its fan-in.
 public enum WeightStandardization {
-    /// Mean and denominator of one output channel.
-    @usableFromInline
-    struct RowStatistics {
-        var count: Double, mean: Double, m2: Double, std: Double, den: Double
-
-        /// Whether the SIMD kernels keep their precision on this row of elements of type T; other rows take
-        /// `ScaledRow`. Float32 lanes form w - mean (at most √M2) and take 1/den in Float32: both normal there.
-        /// Float64 ones need M2 at most 2^600, so that den³ and Σ g (w - mean) stay finite; M2 at least 2^-600 or
-        /// den at least 2^-300, so that 1/den and den³ keep their bits and the variance beside eps is not
-        /// subnormal; and a spread of at least 2^-13 of |mean| (or none), so that the mean's rounding to Float64
-        /// stays below 2^-40 of w - mean. (A Float row's spread is at least an ulp of Float32: 2^29 of that.)
-        @inline(__always)
-        func fits<T: NormalizationScalar>(_: T.Type) -> Bool {
-            if T.self == Float.self { return m2 <= 0x1p250 && den >= 0x1p-126 && den <= 0x1p126 }
-            return m2 <= 0x1p600 && (m2 >= 0x1p-600 || den >= 0x1p-300)
-                && (m2 == 0 || m2 >= count * mean * mean * 0x1p-26)
-        }
-
-        /// Whether the backward's constants (`_combine`'s q and r from Σ g and Σ g (w - mean)) keep their
-        /// precision in the lanes of T: finite, and in Float32 lanes q normal unless the dot is 0, r not overflowing.
-        @inline(__always)
-        static func gradientFits<T: NormalizationScalar>(_: T.Type, sum: Double, dot: Double, q: Double,
-                                                         r: Double) -> Bool {
-            guard sum.isFinite, dot.isFinite, q.isFinite, r.isFinite else { return false }
-            guard T.self == Float.self else { return true }
-            return (dot == 0 || (q.magnitude >= 0x1p-126 && q.magnitude <= 0x1p126)) && r.magnitude <= 0x1p126
-        }
-    }
-
-    static func rowStatistics<T: NormalizationScalar>(
-        _ w: UnsafePointer<T>, fanIn: Int, options: WeightStandardizationOptions
-    ) -> RowStatistics {
-        var m = Moments()
-        var start = 0
-        while start < fanIn {
-            m.merge(T._chunkMoments(w + start, count: min(planeChunkLength, fanIn - start)))
-            start += planeChunkLength
-        }
-        let variance = m.m2 / (m.count - (options.unbiased ? 1 : 0))
-        let std = variance.squareRoot()
-        let den = options.epsInsideSquareRoot ? (variance + options.eps).squareRoot() : std + options.eps
-        return RowStatistics(count: m.count, mean: m.mean, m2: m.m2, std: std, den: den)
-    }
-
     /// ŵ = (w - mean) / den per output channel. `wHat` may alias `w`.
     @_specialize(where T == Float)
     @_specialize(where T == Double)
@@ -91,7 +47,7 @@ public enum WeightStandardization {
             for o in range {
                 let row = w + o * fanIn
                 let st = rowStatistics(row, fanIn: fanIn, options: options)
-                if !st.fits(T.self), let scaled = ScaledRow(row, count: fanIn, options: options) {
+                if !st.fits(row), let scaled = ScaledRow(row, count: fanIn, options: options) {
                     scaled.standardize(into: wHat + o * fanIn)
                     continue
                 }
@@ -137,7 +93,7 @@ public enum WeightStandardization {
                 }
                 // Σ g (w - mean) is 0 exactly for a constant row, whose term then vanishes
                 let q = dot == 0 ? 0 : -dot * k, r = -sum / st.count / st.den
-                if !(st.fits(T.self) && RowStatistics.gradientFits(T.self, sum: sum, dot: dot, q: q, r: r)),
+                if !(st.fits(row) && st.gradientFits(g, sum: sum, dot: dot, q: q, r: r)),
                    let scaled = ScaledRow(row, count: fanIn, options: options) {
                     scaled.gradient(g, into: gradW + o * fanIn, epsInsideSquareRoot: options.epsInsideSquareRoot)
                     continue

@@ -1,5 +1,5 @@
 extension WeightStandardization {
-    /// One output channel outside `RowStatistics.fits` (or whose gradient's constants are outside
+    /// One output channel outside `RowStatistics.fits` (or whose gradient's sums or constants are outside
     /// `gradientFits`), computed in scalar Float64 on w' = s·w, where s is the power of two that puts the largest
     /// |w| in [1/2, 1) (a constant row keeps s = 1): Float64 weights around 1e90 and beyond, whose M2 or den³ would
     /// overflow, tiny weights or constant rows whose den is below 2^-300 (eps below about 1e-180), where 1/den and
@@ -75,9 +75,15 @@ extension WeightStandardization {
         @inline(__always)
         func standardized(_ i: Int) -> Double { centred(i) / den.a / den.b }
 
-        /// x / den, where den = den.a · den.b / s.
+        /// x / den, where den = den.a · den.b / s: x / den.a then times s, unless that quotient over- or
+        /// underflows where the result need not (then x · s first).
         @inline(__always)
-        func dividedByDen(_ x: Double) -> Double { den.b == 1 ? x / den.a * scale : x / den.a }
+        func dividedByDen(_ x: Double) -> Double {
+            let quotient = x / den.a
+            guard den.b == 1 else { return quotient }
+            if quotient.isFinite && (quotient.magnitude >= 0x1p-1000 || x == 0) { return quotient * scale }
+            return x * scale / den.a
+        }
 
         /// ŵ into `out` (which may be the row itself).
         func standardize(into out: UnsafeMutablePointer<T>) {
