@@ -24,6 +24,23 @@ def test_constant_channel_at_1e7_gives_exactly_the_bias(rng):
     assert (cn(np.full((2, 4, 5), 0.7)) == 0.125).all()  # constant, not exactly representable: still exact
 
 
+@pytest.mark.parametrize("spatial", [(3, 3), (16, 16), (70, 70)])  # rows, planes (one chunk), planes of chunks
+def test_a_dead_channel_of_zeros_has_zero_moments_exactly(spatial, rng):
+    """A channel of zeros (a dead filter's output) measures mean 0 and variance 0 exactly (its moments skip the
+    Float64 passes): its output is the bias, the running mean stays 0 and the running variance decays to 0."""
+    x = rng.normal(0.5, 1.0, (2, 4) + spatial).astype(np.float32)
+    x[:, 1] = 0
+    bn = bcnswift.BatchNorm(4, dtype=np.float32)
+    bn.bias[...] = [0.25, -1.5, 0.75, 2.0]
+    y = bn(x)
+    assert (y[:, 1] == np.float32(-1.5)).all()
+    assert bn.running_mean[1] == 0 and bn.running_var[1] == np.float32(0.9)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 2, 3), keepdims=True), x64.var(axis=(0, 2, 3), keepdims=True)
+    expected = (x64 - mean) / np.sqrt(var + 1e-5) + bn.bias.reshape(1, 4, 1, 1)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("mean,std", [(100.0, 0.01), (1e4, 1.0), (-3e3, 0.1)])
 @pytest.mark.parametrize("estimate", [False, True])
 def test_large_mean_small_spread_keeps_1e4_relative(mean, std, estimate, rng):

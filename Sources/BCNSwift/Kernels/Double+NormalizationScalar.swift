@@ -45,6 +45,23 @@ extension Double: NormalizationScalar {
     }
 
     @inlinable
+    public static func _allEqual(_ x: UnsafePointer<Double>, count n: Int, to value: Double) -> Bool {
+        let v = SIMD4<Double>(repeating: value)
+        var i = 0
+        while i &+ 16 <= n {
+            let differ = (_load4(x, i) .!= v) .| (_load4(x, i &+ 4) .!= v) .| (_load4(x, i &+ 8) .!= v)
+                .| (_load4(x, i &+ 12) .!= v)
+            if any(differ) { return false }
+            i &+= 16
+        }
+        while i < n {
+            if x[i] != value { return false }
+            i &+= 1
+        }
+        return true
+    }
+
+    @inlinable
     static func _sum(_ x: UnsafePointer<Double>, count n: Int) -> Double {
         var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()
         var i = 0

@@ -12,7 +12,7 @@ extension WeightStandardization {
         /// 2^29 times that rounding.) A constant row (M2 = 0, every value its mean) fits with den at least 2^-300.
         func fits<T: NormalizationScalar>(_ row: UnsafePointer<T>) -> Bool {
             if T.self == Float.self { return m2 <= 0x1p250 && den >= 0x1p-126 && den <= 0x1p126 }
-            if m2 == 0 { return den >= 0x1p-300 && Self.allEqual(row, Int(count)) }  // else M2 underflowed
+            if m2 == 0 { return den >= 0x1p-300 && T._allEqual(row, count: Int(count), to: row[0]) }  // else M2 underflowed
             return m2 >= 0x1p-600 && m2 <= 0x1p600 && m2 >= count * mean * mean * 0x1p-26
         }
 
@@ -25,16 +25,9 @@ extension WeightStandardization {
             guard sum.isFinite, dot.isFinite, q.isFinite, r.isFinite else { return false }
             let float = T.self == Float.self
             guard !float || r.magnitude <= 0x1p126 else { return false }
-            if dot == 0 { return m2 == 0 || Self.allEqual(g, Int(count), to: 0) }
+            if dot == 0 { return m2 == 0 || T._allEqual(g, count: Int(count), to: 0) }
             let (floor, qMin, qMax) = float ? (0x1p-100, 0x1p-126, 0x1p126) : (0x1p-960, 0x1p-1000, Double.infinity)
             return dot.magnitude >= count * floor && q.magnitude >= qMin && q.magnitude <= qMax
-        }
-
-        /// Whether the n values from p all equal `value` (the first value when nil).
-        static func allEqual<T: NormalizationScalar>(_ p: UnsafePointer<T>, _ n: Int, to value: T? = nil) -> Bool {
-            let v = value ?? p[0]
-            for i in 0..<n where p[i] != v { return false }
-            return true
         }
     }
 
