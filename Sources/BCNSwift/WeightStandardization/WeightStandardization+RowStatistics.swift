@@ -12,7 +12,8 @@ extension WeightStandardization {
         /// 2^29 times that rounding.) A constant row (M2 = 0, every value its mean) fits with den at least 2^-300.
         func fits<T: NormalizationScalar>(_ row: UnsafePointer<T>) -> Bool {
             if T.self == Float.self { return m2 <= 0x1p250 && den >= 0x1p-126 && den <= 0x1p126 }
-            if m2 == 0 { return den >= 0x1p-300 && T._allEqual(row, count: Int(count), to: row[0]) }  // else M2 underflowed
+            // M2 = 0 for a constant row, or from values so close that their squares underflowed
+            if m2 == 0 { return den >= 0x1p-300 && T._allEqual(row, count: Int(count), to: row[0]) }
             return m2 >= 0x1p-600 && m2 <= 0x1p600 && m2 >= count * mean * mean * 0x1p-26
         }
 
