@@ -27,6 +27,7 @@ torch.compile and torch.export trace, and in eager mode directly, through ``torc
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
 one call per layer where the ops make two or three. Both give the same bits.
 """
+import functools
 import types
 from typing import Optional
 
@@ -72,13 +73,18 @@ def _array(t):
 # .double(): nn.Module._apply); a tensor moved by other means (param.data = ...) is caught by its data_ptr. No
 # weak references: torch.utils.swap_tensors refuses a tensor that has one.
 
-def fx_leaf(module, *args, **kwargs):
-    """`module`'s call recorded as one call_module node, as torch.fx records torch.nn's own modules. FX's
-    symbolic tracing keeps only modules defined in torch.nn as leaves and runs the forward of others on Proxy
-    inputs, which the modules' checks of shapes and devices cannot answer: so each module's forward hands a Proxy
-    input here. The GraphModule then calls the module itself."""
-    tracer = args[0].tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+def fx_leaf(forward):
+    """A module's `forward` that torch.fx records as one call_module node, as it records torch.nn's own modules.
+    FX's symbolic tracing keeps only modules defined in torch.nn as leaves and runs the forward of others on Proxy
+    inputs, which the modules' checks of shapes and devices cannot answer. The GraphModule then calls the module
+    itself."""
+    @functools.wraps(forward)
+    def leaf_forward(self, x, *args, **kwargs):
+        if isinstance(x, FxProxy):
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x, *args), kwargs)
+        return forward(self, x, *args, **kwargs)
+    return leaf_forward
 
 
 def traced():

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _ext
 from ..distributed import LayerConfig, Synchronizer
 from . import _ops
-from ._ops import FxProxy, fx_leaf
+from ._ops import fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
 from .functional import ChannelNormStage
 
@@ -161,9 +161,8 @@ class SyncBCNorm(BCNorm):
         super().__init__(num_channels, num_groups, eps, estimate, device=device, dtype=dtype)
         self.process_group = process_group
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)):
             return super().forward(x)  # an empty batch too (a rank without data): an empty output
         stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
@@ -179,9 +178,8 @@ class SyncBatchChannelNorm(BatchChannelNorm):
         super().__init__(channels, groups, eps, momentum, estimate, device=device, dtype=dtype)
         self.process_group = process_group
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         if not self.training:
             return super().forward(x)
         return sync_batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(),

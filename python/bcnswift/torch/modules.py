@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
-from ._ops import FxProxy, KernelViews, fx_leaf
+from ._ops import KernelViews, fx_leaf
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
 
 _TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
@@ -72,9 +72,8 @@ class EstBN(KernelViews, nn.Module):
         return BatchNormStage(_AUTHORS_ESTBN, self.eps, 0.0, self.estbn_moving_speed, self.weight, self.bias,
                               self.running_mean, self.running_var, self.num_batches_tracked, self.training, True)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         _check_channels(x, self.num_features, "EstBN")
         return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
@@ -104,9 +103,8 @@ class BCNorm(KernelViews, nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, num_groups, 1, **kw))
         self.bn = EstBN(num_channels, **kw) if estimate else nn.BatchNorm2d(num_channels, **kw)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         _check_channels(x, self.num_channels, "BCNorm")
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
         bn = self.bn  # a submodule: each read goes through nn.Module.__getattr__
@@ -153,9 +151,8 @@ class BatchNorm(KernelViews, nn.Module):
         return BatchNormStage(self._flags, self.eps, self.momentum, None, self.scale, self.shift, self.exp_mean,
                               self.exp_var, self._count, self.training, self.track_running_stats)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         _check_channels(x, self.channels, type(self).__name__)
         return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
@@ -192,9 +189,8 @@ class ChannelNorm(KernelViews, nn.Module):
     def stage(self):
         return ChannelNormStage(self.groups, self.eps, self.scale, self.shift)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         _check_channels(x, self.channels, "ChannelNorm")
         return batch_channel_norm(x, None, self.stage(), views=self.kernel_views())
 
@@ -215,8 +211,7 @@ class BatchChannelNorm(KernelViews, nn.Module):
             self.batch_norm = BatchNorm(channels, eps=eps, momentum=momentum, **kw)
         self.channel_norm = ChannelNorm(channels, groups, eps, **kw)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         _check_channels(x, self.channel_norm.channels, "BatchChannelNorm")
         return batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(), views=self.kernel_views())

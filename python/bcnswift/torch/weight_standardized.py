@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._ops import FxProxy, KernelViews, fx_leaf
+from ._ops import KernelViews, fx_leaf
 from .functional import weight_standardization
 
 CONVENTIONS = {"authors": False, "labml": True}  # convention -> eps inside the square root
@@ -60,9 +60,8 @@ class Conv1d(_WeightStandardized, nn.Conv1d):
         super().__init__(*args, **kwargs)
         self._setup_ws(convention, eps)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
@@ -73,9 +72,8 @@ class Conv2d(_WeightStandardized, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._setup_ws(convention, eps)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
@@ -84,9 +82,8 @@ class Conv3d(_WeightStandardized, nn.Conv3d):
         super().__init__(*args, **kwargs)
         self._setup_ws(convention, eps)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
@@ -97,9 +94,8 @@ class ConvTranspose2d(_WeightStandardized, nn.ConvTranspose2d):
         super().__init__(*args, **kwargs)
         self._setup_ws(convention, eps)
 
+    @fx_leaf
     def forward(self, x, output_size=None):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x, output_size)
         if self.padding_mode != "zeros":
             raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2d")
         num_spatial_dims = 2
@@ -114,9 +110,8 @@ class Linear(_WeightStandardized, nn.Linear):
         super().__init__(*args, **kwargs)
         self._setup_ws(convention, eps)
 
+    @fx_leaf
     def forward(self, x):
-        if isinstance(x, FxProxy):
-            return fx_leaf(self, x)
         return F.linear(x, self.standardized_weight(), self.bias)
 
 
