@@ -39,7 +39,7 @@ extension WeightStandardization {
             self.count = n
             nu = Double(n) - (options.unbiased ? 1 : 0)
             var m2 = 0.0
-            if constant || largest == 0 {
+            if constant {  // (a row of zeros too)
                 scale = 1
                 centre = first
                 centreLow = 0
