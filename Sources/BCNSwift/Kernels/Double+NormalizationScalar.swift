@@ -61,6 +61,11 @@ extension Double: NormalizationScalar {
         return true
     }
 
+    /// Double maps keep their constants as they are.
+    @inlinable @inline(__always)
+    public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, offsets: UnsafePointer<Double>,
+                                 slopes s1: UnsafePointer<Double>, _ s2: UnsafePointer<Double>?) -> Bool { true }
+
     @inlinable
     static func _sum(_ x: UnsafePointer<Double>, count n: Int) -> Double {
         var a0 = SIMD4<Double>(), a1 = SIMD4<Double>(), a2 = SIMD4<Double>(), a3 = SIMD4<Double>()

@@ -249,6 +249,13 @@ extension Float: NormalizationScalar {
         return true
     }
 
+    /// By `MapRange`: Float32 lanes round the constants.
+    @inlinable
+    public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, offsets: UnsafePointer<Double>,
+                                 slopes s1: UnsafePointer<Double>, _ s2: UnsafePointer<Double>?) -> Bool {
+        MapRange.keeps(count: count, centres: centres, offsets: offsets, slopes: s1, s2)
+    }
+
     /// Two-pass moments with every sum in Float64: for chunks of extreme magnitude, and NaN or infinity.
     @inlinable
     static func _chunkMomentsWide(_ x: UnsafePointer<Float>, count n: Int) -> Moments {
@@ -336,7 +343,8 @@ extension Float: NormalizationScalar {
         return ((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3))
     }
 
-    /// About cf = Float(centre), the residue folded into the offset (`CentreResidue`).
+    /// About cf = Float(centre), the residue folded into the offset (`CentreResidue`); in Float64, rounded once,
+    /// for planes shorter than a vector and for constants `MapRange` refuses.
     @inlinable
     public static func _scaleShift(
         _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int,
@@ -345,7 +353,7 @@ extension Float: NormalizationScalar {
         let cf = Float(centre), sf = Float(scale)
         let of = Float(CentreResidue.offset(offset, slope: scale, centre: centre, rounded: Double(cf)))
         let c = SIMD8<Float>(repeating: cf), s = SIMD8<Float>(repeating: sf), o = SIMD8<Float>(repeating: of)
-        if n >= 8 {
+        if n >= 8 && MapRange.keeps(centre: centre, offset: offset, slopes: scale, 0) {
             // The tail as one overlapping vector, computed before the loop overwrites x (y may alias it) and
             // stored after: the lanes it shares with the last full vector get the same values again.
             var tail = o
@@ -371,7 +379,7 @@ extension Float: NormalizationScalar {
             return
         }
         // Planes shorter than 8 (such as [B, C] input) in Float64: there a tiny channel group can make scale and
-        // offset large and cancelling, and Float rounding would show.
+        // offset large and cancelling, and Float rounding would show. So do constants out of `MapRange`.
         for i in 0..<n { y[i] = Float(offset.addingProduct(Double(x[i]) - centre, scale)) }
     }
 
@@ -482,7 +490,7 @@ extension Float: NormalizationScalar {
         let rf = Float(CentreResidue.offset(r, slope: q, centre: centre, rounded: Double(cf)))
         let c = SIMD8<Float>(repeating: cf), pv = SIMD8<Float>(repeating: pf)
         let qv = SIMD8<Float>(repeating: qf), rv = SIMD8<Float>(repeating: rf)
-        if n >= 8 {
+        if n >= 8 && MapRange.keeps(centre: centre, offset: r, slopes: q, p) {
             // A tail (n not a multiple of 8) as one overlapping vector, computed first as in `_scaleShift` (dx may
             // alias dy). Planes of 16 values have none, and computing one anyway cost them a third of the map.
             let ragged = n & 7 != 0
@@ -512,7 +520,7 @@ extension Float: NormalizationScalar {
             if ragged { _store8(tail, dx, n - 8) }
             return
         }
-        for i in 0..<n {  // in Float64, as in `_scaleShift`
+        for i in 0..<n {  // in Float64, as in `_scaleShift` (short planes, constants out of `MapRange`)
             dx[i] = Float(r.addingProduct(Double(x[i]) - centre, q).addingProduct(Double(dy[i]), p))
         }
     }

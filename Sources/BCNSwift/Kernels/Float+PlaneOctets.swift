@@ -193,7 +193,9 @@ extension Float {
 
     /// `_scaleShift` of `planes` planes of n values (`_octetPlanes`: whole vectors), four at a time, with the same
     /// numbers: their constants rounded in Float64 lanes (`_scaleShiftConstants`), then each plane's vectors.
-    /// Returns the planes done (a multiple of 4, 0 for other n). y may alias x. Out of line, with a copy for each
+    /// Returns the planes done (a multiple of 4, 0 for other n): it stops at four planes whose constants `MapRange`
+    /// refuses, for the caller to map one at a time (with a call here, every call saved registers it did not
+    /// use: 15 instructions). y may alias x. Out of line, with a copy for each
     /// n (whose vector loop then unrolls: looping over a plane's two vectors cost as much as their work).
     @inlinable @inline(never)
     static func _scaleShiftQuads(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, planes: Int,
@@ -214,6 +216,9 @@ extension Float {
                                  _ offsets: UnsafePointer<Double>) -> Int {
         var i = 0
         while i &+ 4 <= planes {
+            guard MapRange.keeps(c: centres.lanes(i), o: offsets.lanes(i), s1: scales.lanes(i), s2: SIMD4()) else {
+                return i  // the caller maps the rest one at a time
+            }
             let (c, s, o) = _scaleShiftConstants(centres, scales, offsets, i)
             for l in 0..<4 {
                 let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), sl = SIMD8(repeating: s[l])
@@ -228,8 +233,8 @@ extension Float {
 
     /// `_combine` of `planes` planes of n values (`_octetPlanes`), four at a time, with the same numbers: their
     /// constants rounded in Float64 lanes (c = Float(centre), Float(p), Float(q), Float(r - q (centre - c))),
-    /// then each plane's vectors. Returns the planes done (a multiple of 4, 0 for other n). dx may alias dy. Out
-    /// of line, a copy for each n, as `_scaleShiftQuads`.
+    /// then each plane's vectors. Returns the planes done (a multiple of 4, 0 for other n), stopping as
+    /// `_scaleShiftQuads` does. dx may alias dy. Out of line, a copy for each n, as `_scaleShiftQuads`.
     @inlinable @inline(never)
     static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
                               planes: Int, spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>,
@@ -249,6 +254,9 @@ extension Float {
                               _ q: UnsafePointer<Double>, _ r: UnsafePointer<Double>) -> Int {
         var i = 0
         while i &+ 4 <= planes {
+            guard MapRange.keeps(c: centres.lanes(i), o: r.lanes(i), s1: q.lanes(i), s2: p.lanes(i)) else {
+                return i  // as in `_scaleShiftQuads`
+            }
             let centre = centres.lanes(i), qd = q.lanes(i), c = SIMD4<Float>(centre)
             let rd = CentreResidue.offset(r.lanes(i), slope: qd, centre: centre, rounded: SIMD4<Double>(c))
             let pf = SIMD4<Float>(p.lanes(i)), qf = SIMD4<Float>(qd), rf = SIMD4<Float>(rd)

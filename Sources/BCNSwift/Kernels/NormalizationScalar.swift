@@ -57,6 +57,12 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     /// (a scalar loop with an early exit at each value took eleven instructions a value).
     static func _allEqual(_ x: UnsafePointer<Self>, count: Int, to value: Self) -> Bool
 
+    /// Whether `count` maps, map i about centres[i] with offsets[i] and slopes (`_scaleShift`'s scale; `_combine`'s
+    /// q and p), keep their precision with their constants rounded to Self: always for Double, by `MapRange` for
+    /// Float. The layouts that round constants themselves (channels-last) ask it.
+    static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, offsets: UnsafePointer<Double>,
+                          slopes s1: UnsafePointer<Double>, _ s2: UnsafePointer<Double>?) -> Bool
+
     /// Stores four Float64 values to `p + i`, each rounded once to `Self`.
     static func _store4Narrow(_ v: SIMD4<Double>, _ p: UnsafeMutablePointer<Self>, _ i: Int)
 

@@ -217,7 +217,8 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// out = A (x - p) + M: the constants of every (b, c) in T first (centre rounded to T, its residue folded
-    /// into the offset in Float64, as `_scaleShift` does), then rows of C values at a time.
+    /// into the offset in Float64, as `_scaleShift` does), then rows of C values at a time. If a plane's
+    /// constants would lose precision in T (`_mapKeeps`), every value is mapped in Float64 instead, rounded once.
     func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
                                      scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
                                      arena: inout ScratchArena) {
@@ -228,6 +229,7 @@ struct ChannelsLastLayout: StoredLayout {
             cT[i] = cf; sT[i] = T(scale[i])
             oT[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
         }
+        let keeps = T._mapKeeps(count: planes, centres: p, offsets: offset, slopes: scale, nil)
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: rowsPerItem * C) { range, _ in
             for item in range {
@@ -235,6 +237,16 @@ struct ChannelsLastLayout: StoredLayout {
                 let constants = b * C
                 var row = r0
                 let end = min(S, r0 + rowsPerItem)
+                if !keeps {
+                    for row in r0..<end {
+                        let at = (b * S + row) * C
+                        for c in 0..<C {
+                            let i = constants + c
+                            y[at + c] = T(offset[i].addingProduct(Double(x[at + c]) - p[i], scale[i]))
+                        }
+                    }
+                    continue
+                }
                 // Rows of 8 or 32 channels all in one call: such a row is one strip of columns, so memory is read in
                 // order while the strip's constants serve every row of the item (eight rows a call, C = 32: 0.93x
                 // the time of two at a time, and its setup, about 60 instructions a call, was still a quarter of
@@ -288,7 +300,8 @@ struct ChannelsLastLayout: StoredLayout {
         })
     }
 
-    /// dx = P dy + Q (x - p) + R with the constants in T as in `map` (the centre's residue folded into R).
+    /// dx = P dy + Q (x - p) + R with the constants in T as in `map` (the centre's residue folded into R), or in
+    /// Float64 as there.
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
                                          p: UnsafePointer<Double>, coefficients: UnsafePointer<Double>,
                                          arena: inout ScratchArena) {
@@ -300,11 +313,22 @@ struct ChannelsLastLayout: StoredLayout {
             cT[i] = cf; pT[i] = T(P[i]); qT[i] = T(Q[i])
             rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf)))
         }
+        let keeps = T._mapKeeps(count: planes, centres: p, offsets: R, slopes: Q, P)
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
             for item in range {
                 let b = item / perSample, r0 = (item - b * perSample) * rowsPerItem
                 let constants = b * C, at = (b * S + r0) * C
+                if !keeps {
+                    for row in r0..<min(S, r0 + rowsPerItem) {
+                        let at = (b * S + row) * C
+                        for c in 0..<C {
+                            let i = constants + c, v = at + c
+                            dx[v] = T(R[i].addingProduct(Double(x[v]) - p[i], Q[i]).addingProduct(Double(dy[v]), P[i]))
+                        }
+                    }
+                    continue
+                }
                 T._combineColumns(dy + at, x + at, dx + at, rows: min(S, r0 + rowsPerItem) - r0, columns: C,
                                   stride: C, centre: cT + constants, p: pT + constants, q: qT + constants,
                                   r: rT + constants)
