@@ -124,6 +124,38 @@ def test_nan_policy_raise_changes_nothing(bad, layer_type, rng):
     np.testing.assert_array_equal(layer.backward(np.ones_like(good)), make_backward(make, good))
 
 
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn", "bcn channels-last"])
+def test_nan_policy_raise_screens_the_backwards_dy_and_changes_nothing(bad, layer_type, rng):
+    """With nan_policy="raise" a NaN or infinity in dy raises before dx or any parameter gradient is written,
+    naming the value's sample and channel (in memory order, either layout); the same backward with a finite dy
+    then runs as if the failed one had not happened."""
+    make = {"bcn": lambda: bcnswift.BatchChannelNorm(4, 2, nan_policy="raise"),
+            "bn": lambda: bcnswift.BatchNorm(4, nan_policy="raise"),
+            "cn": lambda: bcnswift.ChannelNorm(4, 2, nan_policy="raise")}[layer_type.split()[0]]
+    x = rng.normal(1.0, 1.0, (2, 4, 3, 5)).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    if layer_type.endswith("channels-last"):
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer = make()
+    layer(x)
+    bad_dy = dy.copy(order="K")  # in dy's layout
+    bad_dy[1, 2, 0, 3] = bad
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    out = np.full_like(x, 7.0)
+    with pytest.raises(FloatingPointError, match=r"dy holds NaN or infinity \(channel 2 of sample 1\) and "
+                                                 r"nan_policy is .raise.$"):
+        layer.backward(bad_dy, out=out)
+    assert (out == 7.0).all()
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, grads[k], err_msg=k)
+    twin = make()
+    twin(x)
+    np.testing.assert_array_equal(layer.backward(dy), twin.backward(dy))
+    for k, v in layer.grads.items():
+        np.testing.assert_array_equal(v, twin.grads[k], err_msg=k)
+
+
 def make_backward(make, x):
     layer = make()
     layer(x)

@@ -10,7 +10,8 @@ extension NormalizationEngine {
     /// - Parameters:
     ///   - x: the input of that forward, unchanged since.
     ///   - dx: may alias `dy`.
-    /// - Throws: `.noForward` if `context` was not filled by a forward of this plan, shape and memory format.
+    /// - Throws: `.noForward` if `context` was not filled by a forward of this plan, shape and memory format;
+    ///   `.nonFinite` with `NanPolicy.raise` if dy holds NaN or infinity (before anything is written).
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public static func backward<T: NormalizationScalar>(
@@ -23,6 +24,7 @@ extension NormalizationEngine {
         // The context is only read here: T and U go to the call's scratch.
         let buffer = UnsafeMutableBufferPointer(mutating: context)
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, buffer)
+        try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")
         let layout = Layout(plan: plan, shape: shape), C = shape.channels
         let sumsBytes = ScratchArena.bytes(2 * C, of: Double.self)
         switch layout {
@@ -78,6 +80,7 @@ extension NormalizationEngine {
         let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
         defer { BCNThreads.unpin(pinned) }
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
+        try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")
         let sums = through ? sums : nil
         let layout = Layout(plan: plan, shape: shape)
         switch layout {

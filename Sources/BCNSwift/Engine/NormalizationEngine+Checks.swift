@@ -96,12 +96,13 @@ extension NormalizationEngine {
         throw BCNError(.nonFinite, "batch gradient sums of channel \(i % channels) hold NaN or infinity")
     }
 
-    /// With `.raise`, the first NaN or infinity in x (in memory order) as an error naming its sample and channel.
+    /// With `.raise`, the first NaN or infinity in x (in memory order) as an error naming its sample and channel;
+    /// `what` names the tensor (the forward's input; the backward's dy).
     static func checkFinite<T: NormalizationScalar>(plan: NormalizationPlan, shape: NormalizationShape,
-                                                    _ x: UnsafePointer<T>) throws(BCNError) {
+                                                    _ x: UnsafePointer<T>, what: String = "input") throws(BCNError) {
         guard plan.nanPolicy == .raise, let i = T._firstNonFinite(x, count: shape.count) else { return }
         let C = shape.channels, S = shape.spatial
         let (b, c) = shape.format == .channelsLast ? (i / (S * C), i % C) : (i / (S * C), (i / S) % C)
-        throw BCNError(.nonFinite, "input holds NaN or infinity (channel \(c) of sample \(b))")
+        throw BCNError(.nonFinite, "\(what) holds NaN or infinity (channel \(c) of sample \(b))")
     }
 }

@@ -16,7 +16,7 @@ public enum VarianceCentre: Int32, Sendable {
     case runningMean = 1
 }
 
-/// What to do when the input holds NaN or ±infinity.
+/// What to do when the input (or, in a backward, dy) holds NaN or ±infinity.
 public enum NaNPolicy: Int32, Sendable {
     /// Let it flow into outputs and running buffers, as PyTorch does by default.
     case propagate = 0

@@ -49,7 +49,7 @@ extern "C" {
                                          out of range or NULL                                                  */
 #define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (its channel count)                  */
 #define BCN_ERR_DEGENERATE          3 /* training statistics undefined: one value per channel or per group     */
-#define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and the input holds NaN or infinity                    */
+#define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
                                          flags' stages, shape, groups and memory format                        */
 
@@ -64,7 +64,7 @@ extern "C" {
 #define BCN_CUMULATIVE_AVERAGE      (1u << 4) /* ignore momentum; update factor 1/num_batches_tracked           */
 #define BCN_CHANNEL_NORM            (1u << 5) /* a channel-norm stage: per sample, per group of channels/groups
                                                  channels; per group affine cn_weight, cn_bias                  */
-#define BCN_NAN_RAISE               (1u << 6) /* fail with BCN_ERR_NONFINITE on NaN/inf input, writing nothing  */
+#define BCN_NAN_RAISE               (1u << 6) /* BCN_ERR_NONFINITE on NaN/inf in x (or dy), writing nothing     */
 #define BCN_TRAINING                (1u << 7) /* training mode; else eval (running statistics, no update)       */
 #define BCN_CHANNELS_LAST           (1u << 8) /* x, y, dy, dx are [batch, spatial, channels] in memory           */
 
