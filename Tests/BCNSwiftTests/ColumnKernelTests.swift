@@ -65,6 +65,7 @@ final class ColumnKernelTests: XCTestCase {
             let x = (0..<rows * stride).map { _ in T(rng.normal(-1.5, 2)) }
             let dy = (0..<rows * stride).map { _ in T(rng.normal(0.5, 1)) }
             let centre = (0..<n).map { _ in T(rng.normal(-1, 1)) }
+            let shift = (0..<n).map { _ in T(rng.normal(0.5, 1)) }
             let start = (0..<2 * n).map { _ in rng.normal(-1, 1) }
             var inRegisters = start, inOrder = start, partials = [T](repeating: .nan, count: 2 * n)
             for (out, withPartials) in [(0, false), (1, true)] {
@@ -74,8 +75,8 @@ final class ColumnKernelTests: XCTestCase {
                         sums.withUnsafeMutableBufferPointer { s in
                             partials.withUnsafeMutableBufferPointer { p in
                                 T._columnGradientSums(g.baseAddress!, xs.baseAddress!, rows: rows, columns: n,
-                                                      stride: stride, centre: centre, sums: s.baseAddress!,
-                                                      dots: s.baseAddress! + n,
+                                                      stride: stride, centre: centre, dyShift: shift,
+                                                      sums: s.baseAddress!, dots: s.baseAddress! + n,
                                                       partials: withPartials ? p.baseAddress! : nil)
                             }
                         }
@@ -86,7 +87,7 @@ final class ColumnKernelTests: XCTestCase {
             let what = "\(T.self) columns \(n) rows \(rows) stride \(stride)"
             XCTAssertEqual(inOrder.map(\.bitPattern), inRegisters.map(\.bitPattern), what)
             for c in 0..<n {
-                let g = (0..<rows).map { Double(dy[$0 * stride + c]) }
+                let g = (0..<rows).map { Double(dy[$0 * stride + c]) - Double(shift[c]) }  // about the shift
                 let e = (0..<rows).map { Double(x[$0 * stride + c]) - Double(centre[c]) }
                 let dot = zip(g, e).reduce(0) { $0 + $1.0 * $1.1 }
                 let scale = zip(g, e).reduce(0) { $0 + abs($1.0) * (abs($1.1) + 1) } + 1
@@ -97,8 +98,8 @@ final class ColumnKernelTests: XCTestCase {
     }
 
     /// Float sums 8 rows in Float32 before Float64: a few ulps of Float32 relative to the terms' magnitude.
-    /// `_combineColumns` gives every value dx = r + q (x - centre) + p dy as Float computes it one value at a time
-    /// (two fused multiply-adds), for every column count and row stride of the shapes (rows of exactly 32
+    /// `_combineColumns` gives every value dx = r + q (x - centre) + p (dy - dyCentre) as Float computes it one value
+    /// at a time (two fused multiply-adds), for every column count and row stride of the shapes (rows of exactly 32
     /// channels back to back take their own loop), out of place and with dx aliasing dy.
     func testFloatCombineColumnsEveryShapeInPlaceAndOut() {
         forEachShape { n, rows, stride in
@@ -107,19 +108,20 @@ final class ColumnKernelTests: XCTestCase {
                 (0..<count).map { _ in Float(rng.normal(mean, deviation)) }
             }
             let x = draws(count, 1, 2), dy = draws(count, 0, 1), centre = draws(n, 1, 0.5), p = draws(n, 1, 0.3)
-            let q = draws(n, -0.2, 0.1), r = draws(n, 0, 0.1)
+            let q = draws(n, -0.2, 0.1), r = draws(n, 0, 0.1), dyCentre = draws(n, 0, 0.5)
             var want = [Float](repeating: .nan, count: count)
             for row in 0..<rows {
                 for c in 0..<n {
                     let i = row * stride + c
-                    want[i] = r[c].addingProduct(x[i] - centre[c], q[c]).addingProduct(dy[i], p[c])
+                    want[i] = r[c].addingProduct(x[i] - centre[c], q[c]).addingProduct(dy[i] - dyCentre[c], p[c])
                 }
             }
             var out = [Float](repeating: .nan, count: count), inPlace = dy
-            Float._combineColumns(dy, x, &out, rows: rows, columns: n, stride: stride, centre: centre, p: p, q: q, r: r)
+            Float._combineColumns(dy, x, &out, rows: rows, columns: n, stride: stride, centre: centre,
+                                  dyCentre: dyCentre, p: p, q: q, r: r)
             inPlace.withUnsafeMutableBufferPointer {
                 Float._combineColumns($0.baseAddress!, x, $0.baseAddress!, rows: rows, columns: n, stride: stride,
-                                      centre: centre, p: p, q: q, r: r)
+                                      centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
             }
             for row in 0..<rows {
                 for c in 0..<n {

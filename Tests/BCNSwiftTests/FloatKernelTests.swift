@@ -148,9 +148,12 @@ final class FloatKernelTests: XCTestCase {
                                                      centres: $0.baseAddress! + first, sums: &sums, dots: &dots)
                         }
                         for k in 0..<count {
-                            let want = Float._gradientSums(g0 + k * n, x0 + k * n, count: n, centre: centres[first + k])
+                            let shift = Float._earlyMean(g0 + k * n, count: n)  // as `_planeGradientSums` takes
+                            let want = Float._gradientSums(g0 + k * n, x0 + k * n, count: n, centre: centres[first + k],
+                                                           dyShift: shift)
                             XCTAssertEqual(bits(sums[k]), bits(want.sum), "Σ dy, n = \(n), plane \(first + k)")
-                            XCTAssertEqual(bits(dots[k]), bits(want.dot), "Σ dy (x - c), n = \(n), plane \(first + k)")
+                            XCTAssertEqual(bits(dots[k]), bits(want.dot),
+                                           "Σ (dy - s)(x - c), n = \(n), plane \(first + k)")
                         }
                     }
                 }
@@ -173,6 +176,7 @@ final class FloatKernelTests: XCTestCase {
             let scales = (0..<planes).map { _ in rng.normal(0.7, 0.3) }
             let offsets = (0..<planes).map { _ in rng.normal(1, 1) }
             let rs = (0..<planes).map { _ in rng.normal(0, 1) }
+            let dySums = (0..<planes).map { k in dy[k * n..<(k + 1) * n].reduce(0.0) { $0 + Double($1) } }
             for first in [0, 1, 3] {
                 let count = planes - first, at = first * n
                 var want = [Float](repeating: 0, count: count * n), dxWant = want
@@ -186,8 +190,8 @@ final class FloatKernelTests: XCTestCase {
                             }
                             dxWant.withUnsafeMutableBufferPointer {
                                 Float._combine(gs.baseAddress! + p * n, xs.baseAddress! + p * n,
-                                               $0.baseAddress! + k * n, count: n, centre: centres[p], p: scales[p],
-                                               q: offsets[p], r: rs[p])
+                                               $0.baseAddress! + k * n, count: n, centre: centres[p],
+                                               dyMean: dySums[p] / Double(n), p: scales[p], q: offsets[p], r: rs[p])
                             }
                         }
                     }
@@ -205,13 +209,15 @@ final class FloatKernelTests: XCTestCase {
                     }
                     dy.withUnsafeBufferPointer { gs in
                         Float._combinePlanes(gs.baseAddress! + at, x0, &dx, planes: count, spatial: n,
-                                             centres: Array(centres[first...]), p: Array(scales[first...]),
-                                             q: Array(offsets[first...]), r: Array(rs[first...]))
+                                             centres: Array(centres[first...]), dySums: Array(dySums[first...]),
+                                             p: Array(scales[first...]), q: Array(offsets[first...]),
+                                             r: Array(rs[first...]))
                     }
                     dxInPlace.withUnsafeMutableBufferPointer {
                         Float._combinePlanes($0.baseAddress!, x0, $0.baseAddress!, planes: count, spatial: n,
-                                             centres: Array(centres[first...]), p: Array(scales[first...]),
-                                             q: Array(offsets[first...]), r: Array(rs[first...]))
+                                             centres: Array(centres[first...]), dySums: Array(dySums[first...]),
+                                             p: Array(scales[first...]), q: Array(offsets[first...]),
+                                             r: Array(rs[first...]))
                     }
                 }
                 XCTAssertEqual(y.map(\.bitPattern), want.map(\.bitPattern), "map, n = \(n), first \(first)")
@@ -248,16 +254,18 @@ final class FloatKernelTests: XCTestCase {
     func testGradientSumsAndCombineEveryTail() {
         for n in lengths {
             let x = (0..<n).map { _ in Float(rng.normal(-1, 2)) }, dy = (0..<n).map { _ in Float(rng.normal(0.5, 1)) }
-            let centre = rng.normal(-1, 0.1)
+            let centre = rng.normal(-1, 0.1), shift = Float(rng.normal(0.5, 1))
             let sums = dy.withUnsafeBufferPointer { g in
-                x.withUnsafeBufferPointer { Float._gradientSums(g.baseAddress!, $0.baseAddress!, count: n, centre: centre) }
+                x.withUnsafeBufferPointer {
+                    Float._gradientSums(g.baseAddress!, $0.baseAddress!, count: n, centre: centre, dyShift: shift)
+                }
             }
-            let sum = dy.reduce(0.0) { $0 + Double($1) }
-            let dot = zip(dy, x).reduce(0.0) { $0 + Double($1.0) * (Double($1.1) - centre) }
-            let sumScale = dy.reduce(0.0) { $0 + abs(Double($1)) }
-            let dotScale = zip(dy, x).reduce(0.0) { $0 + abs(Double($1.0) * (Double($1.1) - centre)) }
+            let sum = dy.reduce(0.0) { $0 + Double($1) }, s = Double(shift)
+            let dot = zip(dy, x).reduce(0.0) { $0 + (Double($1.0) - s) * (Double($1.1) - centre) }
+            let sumScale = dy.reduce(0.0) { $0 + abs(Double($1) - s) } + abs(s) * Double(n)
+            let dotScale = zip(dy, x).reduce(0.0) { $0 + abs((Double($1.0) - s) * (Double($1.1) - centre)) }
             XCTAssertLessThanOrEqual(abs(sums.sum - sum), 16 * eps * sumScale, "Σdy, n = \(n)")
-            XCTAssertLessThanOrEqual(abs(sums.dot - dot), 16 * eps * dotScale, "Σdy(x-c), n = \(n)")
+            XCTAssertLessThanOrEqual(abs(sums.dot - dot), 16 * eps * dotScale, "Σ(dy-s)(x-c), n = \(n)")
 
             let p = rng.normal(0.7, 0.1), q = rng.normal(-0.2, 0.1), r = rng.normal(0.1, 0.1)
             let want = (0..<n).map { p * Double(dy[$0]) + q * (Double(x[$0]) - centre) + r }
@@ -266,7 +274,7 @@ final class FloatKernelTests: XCTestCase {
                 x.withUnsafeBufferPointer { xs in
                     dx.withUnsafeMutableBufferPointer {
                         Float._combine(g.baseAddress!, xs.baseAddress!, $0.baseAddress!, count: n, centre: centre,
-                                       p: p, q: q, r: r)
+                                       dyMean: sum / Double(max(n, 1)), p: p, q: q, r: r)
                     }
                 }
             }
@@ -274,7 +282,7 @@ final class FloatKernelTests: XCTestCase {
             x.withUnsafeBufferPointer { xs in
                 inPlace.withUnsafeMutableBufferPointer {
                     Float._combine($0.baseAddress!, xs.baseAddress!, $0.baseAddress!, count: n, centre: centre,
-                                   p: p, q: q, r: r)
+                                   dyMean: sum / Double(max(n, 1)), p: p, q: q, r: r)
                 }
             }
             XCTAssertTrue(dx.last!.isNaN, "wrote past the end, n = \(n)")

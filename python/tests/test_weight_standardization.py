@@ -239,3 +239,17 @@ def test_constant_rows_at_extreme_magnitudes_and_eps(eps_in_sqrt, rng):
                 expected = (g - g.mean(axis=1, keepdims=True)) / den
             assert not np.isnan(dw).any(), what
             np.testing.assert_allclose(dw, expected, rtol=1e-12, err_msg=what)
+
+
+@pytest.mark.parametrize("offset", [10.0, 1e3, 1e5], ids=["10", "1e3", "1e5"])
+@pytest.mark.parametrize("fan_in", [9, 576, 5000], ids=["9", "576", "chunked"])
+def test_float32_gradients_far_off_zero_keep_their_precision(offset, fan_in, rng):
+    """dŵ `offset` times its spread off 0: dw = (dŵ - mean) / den - ... cancels the mean, and the Float32 lanes
+    sum and map about it (`_gradientSums`' shift, `_combine`'s dyMean; rows of 5000 span two chunks, which share
+    the row's shift), so dw keeps its precision: within 4 ulps of its scale against the float64 reference (at
+    most 0.9 measured). Summed and mapped about 0, it lost about offset/2 ulps."""
+    w = (rng.normal(0.02, 0.1, (16, fan_in))).astype(np.float32)
+    g = (rng.normal(0.3, 1.0, w.shape) + offset).astype(np.float32)
+    dw = bcnswift.weight_standardization_backward(w, g)
+    ref = R.ws_backward(w.astype(np.float64), g.astype(np.float64))
+    assert np.abs(dw - ref).max() <= 4 * np.finfo(np.float32).eps * np.abs(ref).max()

@@ -35,18 +35,19 @@ enum ColumnKernels {
         }
     }
 
-    /// sums[c] += Σ_r dy[r, c] and dots[c] += Σ_r dy[r, c] (x[r, c] - centre[c]).
+    /// sums[c] += Σ_r dy[r, c] and dots[c] += Σ_r (dy[r, c] - dyShift[c]) (x[r, c] - centre[c]).
     static func gradientSums<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, rows: Int,
                                                      columns n: Int, stride: Int, centre: UnsafePointer<Double>,
+                                                     dyShift: UnsafePointer<Double>,
                                                      sums: UnsafeMutablePointer<Double>,
                                                      dots: UnsafeMutablePointer<Double>) {
         var c = 0
         while c + 4 <= n {
-            let k = load(centre, c)
+            let k = load(centre, c), h = load(dyShift, c)
             var s = SIMD4<Double>(), d = SIMD4<Double>()
             for r in 0..<rows {
                 let g = T._load4Wide(dy + r * stride, c)
-                s += g; d.addProduct(g, T._load4Wide(x + r * stride, c) - k)
+                s += g; d.addProduct(g - h, T._load4Wide(x + r * stride, c) - k)
             }
             store(load(sums, c) + s, sums, c); store(load(dots, c) + d, dots, c)
             c += 4
@@ -55,7 +56,7 @@ enum ColumnKernels {
             var s = 0.0, d = 0.0
             for r in 0..<rows {
                 let g = Double(dy[r * stride + c])
-                s += g; d.addProduct(g, Double(x[r * stride + c]) - centre[c])
+                s += g; d.addProduct(g - dyShift[c], Double(x[r * stride + c]) - centre[c])
             }
             sums[c] += s; dots[c] += d
             c += 1

@@ -63,8 +63,9 @@ extension Double: NormalizationScalar {
 
     /// Double maps keep their constants as they are.
     @inlinable @inline(__always)
-    public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, offsets: UnsafePointer<Double>,
-                                 slopes s1: UnsafePointer<Double>, _ s2: UnsafePointer<Double>?) -> Bool { true }
+    public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, dyCentres: UnsafePointer<Double>?,
+                                 offsets: UnsafePointer<Double>, slopes s1: UnsafePointer<Double>,
+                                 _ s2: UnsafePointer<Double>?) -> Bool { true }
 
     @inlinable
     static func _sum(_ x: UnsafePointer<Double>, count n: Int) -> Double {
@@ -116,26 +117,26 @@ extension Double: NormalizationScalar {
 
     @inlinable @inline(__always)
     public static func _gradientSums(
-        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, count n: Int, centre: Double
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, count n: Int, centre: Double, dyShift: Double
     ) -> (sum: Double, dot: Double) {
-        let c = SIMD4<Double>(repeating: centre)
+        let c = SIMD4<Double>(repeating: centre), k = SIMD4<Double>(repeating: dyShift)
         var s0 = SIMD4<Double>(), s1 = SIMD4<Double>(), d0 = SIMD4<Double>(), d1 = SIMD4<Double>()
         var i = 0
         while i + 8 <= n {
             let g0 = _load4(dy, i), g1 = _load4(dy, i + 4)
             s0 += g0; s1 += g1
-            d0.addProduct(g0, _load4(x, i) - c); d1.addProduct(g1, _load4(x, i + 4) - c)
+            d0.addProduct(g0 - k, _load4(x, i) - c); d1.addProduct(g1 - k, _load4(x, i + 4) - c)
             i += 8
         }
         var sum = _hsum(s0 + s1), dot = _hsum(d0 + d1)
-        while i < n { sum += dy[i]; dot.addProduct(dy[i], x[i] - centre); i += 1 }
+        while i < n { sum += dy[i]; dot.addProduct(dy[i] - dyShift, x[i] - centre); i += 1 }
         return (sum, dot)
     }
 
     @inlinable @inline(__always)
     public static func _combine(
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, count n: Int,
-        centre: Double, p: Double, q: Double, r: Double
+        centre: Double, dyMean: Double, p: Double, q: Double, r: Double
     ) {
         let c = SIMD4<Double>(repeating: centre), pv = SIMD4<Double>(repeating: p)
         let qv = SIMD4<Double>(repeating: q), rv = SIMD4<Double>(repeating: r)
@@ -178,7 +179,8 @@ extension Double: NormalizationScalar {
     @inlinable
     public static func _combineColumns(
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, rows: Int, columns n: Int,
-        stride: Int, centre: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>, r: UnsafePointer<Double>
+        stride: Int, centre: UnsafePointer<Double>, dyCentre: UnsafePointer<Double>, p: UnsafePointer<Double>,
+        q: UnsafePointer<Double>, r: UnsafePointer<Double>
     ) {
         var dyRow = dy, xRow = x, dxRow = dx
         for _ in 0..<rows {  // row by row, as Float's
@@ -186,12 +188,12 @@ extension Double: NormalizationScalar {
             while c &+ 4 <= n {
                 var v = _load4(r, c)
                 v.addProduct(_load4(xRow, c) - _load4(centre, c), _load4(q, c))
-                v.addProduct(_load4(dyRow, c), _load4(p, c))
+                v.addProduct(_load4(dyRow, c) - _load4(dyCentre, c), _load4(p, c))
                 UnsafeMutableRawPointer(dxRow + c).storeBytes(of: v, as: SIMD4<Double>.self)
                 c &+= 4
             }
             while c < n {
-                dxRow[c] = r[c].addingProduct(xRow[c] - centre[c], q[c]).addingProduct(dyRow[c], p[c])
+                dxRow[c] = r[c].addingProduct(xRow[c] - centre[c], q[c]).addingProduct(dyRow[c] - dyCentre[c], p[c])
                 c &+= 1
             }
             dyRow += stride; xRow += stride; dxRow += stride
@@ -282,8 +284,8 @@ extension Double: NormalizationScalar {
     @inlinable
     public static func _columnGradientSums(
         _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, rows: Int, columns n: Int, stride: Int,
-        centre: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>,
-        partials: UnsafeMutablePointer<Double>?
+        centre: UnsafePointer<Double>, dyShift: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
+        dots: UnsafeMutablePointer<Double>, partials: UnsafeMutablePointer<Double>?
     ) {
         let wide = n & ~3
         var r0 = 0
@@ -295,9 +297,10 @@ extension Double: NormalizationScalar {
                     let at = r &* stride, g = dy + at, v = x + at, first = r == r0  // as in `_columnSums`
                     var c = 0
                     while c < wide {
-                        let gc = _load4(g, c), (s0, p0) = first ? (SIMD4(), SIMD4()) : (_load4(s, c), _load4(p, c))
-                        _store4Narrow(s0 + gc, s, c)
-                        _store4Narrow(p0.addingProduct(gc, _load4(v, c) - _load4(centre, c)), p, c)
+                        let ec = _load4(g, c) - _load4(dyShift, c)
+                        let (s0, p0) = first ? (SIMD4(), SIMD4()) : (_load4(s, c), _load4(p, c))
+                        _store4Narrow(s0 + ec, s, c)
+                        _store4Narrow(p0.addingProduct(ec, _load4(v, c) - _load4(centre, c)), p, c)
                         c &+= 4
                     }
                 }
@@ -310,13 +313,16 @@ extension Double: NormalizationScalar {
             while c + 16 <= wide {
                 let k0 = _load4(centre, c), k1 = _load4(centre, c + 4), k2 = _load4(centre, c + 8)
                 let k3 = _load4(centre, c + 12)
+                let h0 = _load4(dyShift, c), h1 = _load4(dyShift, c + 4), h2 = _load4(dyShift, c + 8)
+                let h3 = _load4(dyShift, c + 12)
                 var s0 = SIMD4<Double>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
                 for r in r0..<end {
                     let g = dy + r * stride + c, v = x + r * stride + c
-                    let g0 = _load4(g, 0), g1 = _load4(g, 4), g2 = _load4(g, 8), g3 = _load4(g, 12)
-                    s0 += g0; s1 += g1; s2 += g2; s3 += g3
-                    p0.addProduct(g0, _load4(v, 0) - k0); p1.addProduct(g1, _load4(v, 4) - k1)
-                    p2.addProduct(g2, _load4(v, 8) - k2); p3.addProduct(g3, _load4(v, 12) - k3)
+                    let e0 = _load4(g, 0) - h0, e1 = _load4(g, 4) - h1, e2 = _load4(g, 8) - h2
+                    let e3 = _load4(g, 12) - h3
+                    s0 += e0; s1 += e1; s2 += e2; s3 += e3
+                    p0.addProduct(e0, _load4(v, 0) - k0); p1.addProduct(e1, _load4(v, 4) - k1)
+                    p2.addProduct(e2, _load4(v, 8) - k2); p3.addProduct(e3, _load4(v, 12) - k3)
                 }
                 _add(s0, to: sums + c); _add(s1, to: sums + c + 4); _add(s2, to: sums + c + 8)
                 _add(s3, to: sums + c + 12)
@@ -325,11 +331,11 @@ extension Double: NormalizationScalar {
                 c += 16
             }
             while c < wide {
-                let k = _load4(centre, c)
+                let k = _load4(centre, c), h = _load4(dyShift, c)
                 var s = SIMD4<Double>(), d = SIMD4<Double>()
                 for r in r0..<end {
-                    let g = _load4(dy + r * stride, c)
-                    s += g; d.addProduct(g, _load4(x + r * stride, c) - k)
+                    let e = _load4(dy + r * stride, c) - h
+                    s += e; d.addProduct(e, _load4(x + r * stride, c) - k)
                 }
                 _add(s, to: sums + c); _add(d, to: dots + c)
                 c += 4
@@ -338,7 +344,10 @@ extension Double: NormalizationScalar {
         }
         for c in wide..<n {
             var s = 0.0, d = 0.0
-            for r in 0..<rows { let g = dy[r * stride + c]; s += g; d.addProduct(g, x[r * stride + c] - centre[c]) }
+            for r in 0..<rows {
+                let e = dy[r * stride + c] - dyShift[c]
+                s += e; d.addProduct(e, x[r * stride + c] - centre[c])
+            }
             sums[c] += s; dots[c] += d
         }
     }

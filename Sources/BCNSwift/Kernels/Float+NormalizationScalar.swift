@@ -251,9 +251,10 @@ extension Float: NormalizationScalar {
 
     /// By `MapRange`: Float32 lanes round the constants.
     @inlinable
-    public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, offsets: UnsafePointer<Double>,
-                                 slopes s1: UnsafePointer<Double>, _ s2: UnsafePointer<Double>?) -> Bool {
-        MapRange.keeps(count: count, centres: centres, offsets: offsets, slopes: s1, s2)
+    public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, dyCentres: UnsafePointer<Double>?,
+                                 offsets: UnsafePointer<Double>, slopes s1: UnsafePointer<Double>,
+                                 _ s2: UnsafePointer<Double>?) -> Bool {
+        MapRange.keeps(count: count, centres: centres, dyCentres: dyCentres, offsets: offsets, slopes: s1, s2)
     }
 
     /// Two-pass moments with every sum in Float64: for chunks of extreme magnitude, and NaN or infinity.
@@ -383,50 +384,55 @@ extension Float: NormalizationScalar {
         for i in 0..<n { y[i] = Float(offset.addingProduct(Double(x[i]) - centre, scale)) }
     }
 
-    /// Float32 blocks as in `_scaledDeviationSums`, then Σdy(x-c) = Σdy(x-cf) - r Σdy. Products that overflow
-    /// Float32 (|dy·(x-c)| > 3e38) are detected and the chunk is summed again in Float64.
+    /// Float32 blocks of Σ(dy - s) and Σ(dy - s)(x - cf) with s = dyShift, as in `_scaledDeviationSums`, then
+    /// Σ dy = Σ(dy - s) + n s and Σ(dy - s)(x - c) = Σ(dy - s)(x - cf) - (c - cf) Σ(dy - s). Products that
+    /// overflow Float32 (|dy·(x-c)| > 3e38) are detected and the chunk is summed again in Float64.
     @inlinable @inline(__always)
     public static func _gradientSums(
-        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double, dyShift: Float
     ) -> (sum: Double, dot: Double) {
-        let cf = Float(centre), c = SIMD8<Float>(repeating: cf)
+        let cf = Float(centre), c = SIMD8<Float>(repeating: cf), k = SIMD8<Float>(repeating: dyShift)
         let full = n & ~7
         var (ts, td, i) = _blockTotals(full: full, length: 128) { i, end in
-            _gradientBlock(dy, x, &i, end: end, full: full, count: n, centre: c)
+            _gradientBlock(dy, x, &i, end: end, full: full, count: n, centre: c, shift: k)
         }
-        while i < n { let g = Double(dy[i]); ts += g; td.addProduct(g, Double(x[i] - cf)); i += 1 }  // n < 8
-        if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre) }
-        return (ts, CentreResidue.dot(td, sum: ts, centre: centre, rounded: Double(cf)))
+        let shift = Double(dyShift)
+        while i < n { let e = Double(dy[i]) - shift; ts += e; td.addProduct(e, Double(x[i] - cf)); i += 1 }  // n < 8
+        if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre, dyShift: shift) }
+        // ts = Σ(dy - s): Σ dy = ts + n s keeps dy's spread too, where summing dy itself rounded it to dy's size
+        return (ts + Double(n) * shift, CentreResidue.dot(td, sum: ts, centre: centre, rounded: Double(cf)))
     }
 
-    /// One block of `_gradientSums` (Σdy, Σdy(x - c)), from i to `end` (at most 128 values; with the overlapping
-    /// tail when it ends the full vectors): two chains of at most 8 terms per lane (9 with the tail), returned
-    /// added. The loop takes four vectors a step, each chain its two in turn: the same terms in the same order
-    /// as a step of two, with half the loop's bookkeeping.
+    /// One block of `_gradientSums` (Σdy, Σ(dy - k)(x - c)), from i to `end` (at most 128 values; with the
+    /// overlapping tail when it ends the full vectors): two chains of at most 8 terms per lane (9 with the tail),
+    /// returned added. The loop takes four vectors a step, each chain its two in turn: the same terms in the same
+    /// order as a step of two, with half the loop's bookkeeping.
     @inlinable @inline(__always)
     static func _gradientBlock(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ i: inout Int, end: Int,
-                               full: Int, count n: Int, centre c: SIMD8<Float>) -> (SIMD8<Float>, SIMD8<Float>) {
+                               full: Int, count n: Int, centre c: SIMD8<Float>, shift k: SIMD8<Float>)
+        -> (SIMD8<Float>, SIMD8<Float>)
+    {
         var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), p0 = SIMD8<Float>(), p1 = SIMD8<Float>()
         let last = end &- 32
         while i <= last {
             let g0 = _load8(dy, i), g1 = _load8(dy, i &+ 8), g2 = _load8(dy, i &+ 16), g3 = _load8(dy, i &+ 24)
-            s0 += g0; s1 += g1
-            p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i &+ 8) - c)
-            s0 += g2; s1 += g3
-            p0.addProduct(g2, _load8(x, i &+ 16) - c); p1.addProduct(g3, _load8(x, i &+ 24) - c)
+            let e0 = g0 - k, e1 = g1 - k, e2 = g2 - k, e3 = g3 - k
+            s0 += e0; s1 += e1
+            p0.addProduct(e0, _load8(x, i) - c); p1.addProduct(e1, _load8(x, i &+ 8) - c)
+            s0 += e2; s1 += e3
+            p0.addProduct(e2, _load8(x, i &+ 16) - c); p1.addProduct(e3, _load8(x, i &+ 24) - c)
             i &+= 32
         }
         if i &+ 16 <= end {
-            let g0 = _load8(dy, i), g1 = _load8(dy, i &+ 8)
-            s0 += g0; s1 += g1
-            p0.addProduct(g0, _load8(x, i) - c); p1.addProduct(g1, _load8(x, i &+ 8) - c)
+            let e0 = _load8(dy, i) - k, e1 = _load8(dy, i &+ 8) - k
+            s0 += e0; s1 += e1
+            p0.addProduct(e0, _load8(x, i) - c); p1.addProduct(e1, _load8(x, i &+ 8) - c)
             i &+= 16
         }
-        if i < end { let g = _load8(dy, i); s0 += g; p0.addProduct(g, _load8(x, i) - c); i &+= 8 }
-        if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out
-            var g = _load8(dy, n &- 8)
-            g.replace(with: 0, where: _visitedLanes(n))
-            s1 += g; p1.addProduct(g, _load8(x, n &- 8) - c)
+        if i < end { let e = _load8(dy, i) - k; s0 += e; p0.addProduct(e, _load8(x, i) - c); i &+= 8 }
+        if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out (both terms)
+            let e = (_load8(dy, n &- 8) - k).replacing(with: 0, where: _visitedLanes(n))
+            s1 += e; p1.addProduct(e, _load8(x, n &- 8) - c)
             i = n
         }
         return (s0 + s1, p0 + p1)
@@ -447,12 +453,15 @@ extension Float: NormalizationScalar {
     @inlinable
     public static func _combinePlanes(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, planes: Int,
-        spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>,
-        r: UnsafePointer<Double>
+        spatial n: Int, centres: UnsafePointer<Double>, dySums: UnsafePointer<Double>, p: UnsafePointer<Double>,
+        q: UnsafePointer<Double>, r: UnsafePointer<Double>
     ) {
-        for i in _combineQuads(dy, x, dx, planes: planes, spatial: n, centres: centres, p: p, q: q, r: r)..<planes {
+        let invN = 1 / Double(n)
+        for i in _combineQuads(dy, x, dx, planes: planes, spatial: n, centres: centres, dySums: dySums, p: p, q: q,
+                               r: r)..<planes {
             let at = i &* n
-            _combine(dy + at, x + at, dx + at, count: n, centre: centres[i], p: p[i], q: q[i], r: r[i])
+            _combine(dy + at, x + at, dx + at, count: n, centre: centres[i], dyMean: dySums[i] * invN, p: p[i],
+                     q: q[i], r: r[i])
         }
     }
 
@@ -463,20 +472,22 @@ extension Float: NormalizationScalar {
     ) {
         let octets = _planeGradientOctets(dy, x, planes: planes, spatial: n, centres: centres, sums: sums, dots: dots)
         for i in octets..<planes {
-            (sums[i], dots[i]) = _gradientSums(dy + i &* n, x + i &* n, count: n, centre: centres[i])
+            let plane = dy + i &* n
+            (sums[i], dots[i]) = _gradientSums(plane, x + i &* n, count: n, centre: centres[i],
+                                               dyShift: _earlyMean(plane, count: n))
         }
     }
 
     /// The same sums accumulated in Float64 throughout: the fallback for Float32 overflow.
     @inlinable
     static func _gradientSumsWide(
-        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, count n: Int, centre: Double, dyShift: Double
     ) -> (sum: Double, dot: Double) {
         var sum = 0.0, dot = 0.0
         for i in 0..<n {
             let g = Double(dy[i])
             sum += g
-            dot.addProduct(g, Double(x[i]) - centre)
+            dot.addProduct(g - dyShift, Double(x[i]) - centre)
         }
         return (sum, dot)
     }
@@ -484,20 +495,21 @@ extension Float: NormalizationScalar {
     @inlinable @inline(__always)
     public static func _combine(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, count n: Int,
-        centre: Double, p: Double, q: Double, r: Double
+        centre: Double, dyMean: Double, p: Double, q: Double, r: Double
     ) {
-        let cf = Float(centre), pf = Float(p), qf = Float(q)
-        let rf = Float(CentreResidue.offset(r, slope: q, centre: centre, rounded: Double(cf)))
-        let c = SIMD8<Float>(repeating: cf), pv = SIMD8<Float>(repeating: pf)
+        // about cf = Float(centre) and df = Float(dyMean): r + q (x - c) + p dy = r' + q (x - cf) + p (dy - df)
+        let cf = Float(centre), df = Float(dyMean), pf = Float(p), qf = Float(q)
+        let rf = Float(CentreResidue.offset(r, slope: q, centre: centre, rounded: Double(cf)) + p * Double(df))
+        let c = SIMD8<Float>(repeating: cf), d = SIMD8<Float>(repeating: df), pv = SIMD8<Float>(repeating: pf)
         let qv = SIMD8<Float>(repeating: qf), rv = SIMD8<Float>(repeating: rf)
-        if n >= 8 && MapRange.keeps(centre: centre, offset: r, slopes: q, p) {
+        if n >= 8 && MapRange.keeps(centre: centre, dyCentre: dyMean, offset: r, slopes: q, p) {
             // A tail (n not a multiple of 8) as one overlapping vector, computed first as in `_scaleShift` (dx may
             // alias dy). Planes of 16 values have none, and computing one anyway cost them a third of the map.
             let ragged = n & 7 != 0
             var tail = rv
             if ragged {
                 tail.addProduct(_load8(x, n - 8) - c, qv)
-                tail.addProduct(_load8(dy, n - 8), pv)
+                tail.addProduct(_load8(dy, n - 8) - d, pv)
             }
             var i = 0
             let last = n &- 32
@@ -505,15 +517,15 @@ extension Float: NormalizationScalar {
                 var v0 = rv, v1 = rv, v2 = rv, v3 = rv
                 v0.addProduct(_load8(x, i) - c, qv); v1.addProduct(_load8(x, i &+ 8) - c, qv)
                 v2.addProduct(_load8(x, i &+ 16) - c, qv); v3.addProduct(_load8(x, i &+ 24) - c, qv)
-                v0.addProduct(_load8(dy, i), pv); v1.addProduct(_load8(dy, i &+ 8), pv)
-                v2.addProduct(_load8(dy, i &+ 16), pv); v3.addProduct(_load8(dy, i &+ 24), pv)
+                v0.addProduct(_load8(dy, i) - d, pv); v1.addProduct(_load8(dy, i &+ 8) - d, pv)
+                v2.addProduct(_load8(dy, i &+ 16) - d, pv); v3.addProduct(_load8(dy, i &+ 24) - d, pv)
                 _store8(v0, dx, i); _store8(v1, dx, i &+ 8); _store8(v2, dx, i &+ 16); _store8(v3, dx, i &+ 24)
                 i &+= 32
             }
             while i &+ 8 <= n {
                 var v = rv
                 v.addProduct(_load8(x, i) - c, qv)
-                v.addProduct(_load8(dy, i), pv)
+                v.addProduct(_load8(dy, i) - d, pv)
                 _store8(v, dx, i)
                 i &+= 8
             }
@@ -604,7 +616,8 @@ extension Float: NormalizationScalar {
     @inlinable
     public static func _combineColumns(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int, columns n: Int,
-        stride: Int, centre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
+        stride: Int, centre: UnsafePointer<Float>, dyCentre: UnsafePointer<Float>, p: UnsafePointer<Float>,
+        q: UnsafePointer<Float>, r: UnsafePointer<Float>
     ) {
         if n == 32 && stride == 32 {
             // Rows of 32 channels back to back (a ResNet's first stage): one loop over the rows with the four
@@ -614,10 +627,10 @@ extension Float: NormalizationScalar {
             let end = rows &* 32
             while at < end {
                 let dyRow = dy + at, xRow = x + at, dxRow = dx + at
-                _combineColumn8(dyRow, xRow, dxRow, 0, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dyRow, xRow, dxRow, 8, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dyRow, xRow, dxRow, 16, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dyRow, xRow, dxRow, 24, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 0, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 8, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 16, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, 24, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
                 at &+= 32
             }
             return
@@ -626,33 +639,34 @@ extension Float: NormalizationScalar {
         for _ in 0..<rows {
             var c = 0
             while c &+ 32 <= n {
-                _combineColumn8(dyRow, xRow, dxRow, c, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dyRow, xRow, dxRow, c &+ 8, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dyRow, xRow, dxRow, c &+ 16, centre: centre, p: p, q: q, r: r)
-                _combineColumn8(dyRow, xRow, dxRow, c &+ 24, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c &+ 8, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c &+ 16, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c &+ 24, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
                 c &+= 32
             }
             while c &+ 8 <= n {
-                _combineColumn8(dyRow, xRow, dxRow, c, centre: centre, p: p, q: q, r: r)
+                _combineColumn8(dyRow, xRow, dxRow, c, centre: centre, dyCentre: dyCentre, p: p, q: q, r: r)
                 c &+= 8
             }
             while c < n {
-                dxRow[c] = r[c].addingProduct(xRow[c] - centre[c], q[c]).addingProduct(dyRow[c], p[c])
+                dxRow[c] = r[c].addingProduct(xRow[c] - centre[c], q[c]).addingProduct(dyRow[c] - dyCentre[c], p[c])
                 c &+= 1
             }
             dyRow += stride; xRow += stride; dxRow += stride
         }
     }
 
-    /// dx[i..<i+8] = r + (x - centre) · q + dy · p, as every value of `_combineColumns`: the constants read as
-    /// operands of the arithmetic, at no instruction of their own.
+    /// dx[i..<i+8] = r + (x - centre) · q + (dy - dyCentre) · p, as every value of `_combineColumns`: the
+    /// constants read as operands of the arithmetic, at no instruction of their own.
     @inlinable @inline(__always)
     static func _combineColumn8(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
                                 _ dx: UnsafeMutablePointer<Float>, _ i: Int, centre: UnsafePointer<Float>,
-                                p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>) {
+                                dyCentre: UnsafePointer<Float>, p: UnsafePointer<Float>, q: UnsafePointer<Float>,
+                                r: UnsafePointer<Float>) {
         var v = _load8(r, i)
         v.addProduct(_load8(x, i) - _load8(centre, i), _load8(q, i))
-        v.addProduct(_load8(dy, i), _load8(p, i))
+        v.addProduct(_load8(dy, i) - _load8(dyCentre, i), _load8(p, i))
         _store8(v, dx, i)
     }
 
@@ -692,14 +706,16 @@ extension Float: NormalizationScalar {
     @inlinable @inline(__always)
     static func _gradientStrip(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, rows: Range<Int>, stride: Int,
                                column c: Int, centres k: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
+                               shifts h: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
                                sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>) {
         var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
         for r in rows {
             let at = r &* stride &+ c, g = dy + at, v = x + at  // as in `_columnStrip`
             let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
-            s0 += g0; s1 += g1; s2 += g2; s3 += g3
-            p0.addProduct(g0, _load8(v, 0) - k.0); p1.addProduct(g1, _load8(v, 8) - k.1)
-            p2.addProduct(g2, _load8(v, 16) - k.2); p3.addProduct(g3, _load8(v, 24) - k.3)
+            let e0 = g0 - h.0, e1 = g1 - h.1, e2 = g2 - h.2, e3 = g3 - h.3
+            s0 += e0; s1 += e1; s2 += e2; s3 += e3
+            p0.addProduct(e0, _load8(v, 0) - k.0); p1.addProduct(e1, _load8(v, 8) - k.1)
+            p2.addProduct(e2, _load8(v, 16) - k.2); p3.addProduct(e3, _load8(v, 24) - k.3)
         }
         _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
         _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
@@ -788,16 +804,18 @@ extension Float: NormalizationScalar {
     @inlinable
     public static func _columnGradientSums(
         _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, rows: Int, columns n: Int, stride: Int,
-        centre: UnsafePointer<Float>, sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>,
-        partials: UnsafeMutablePointer<Float>?
+        centre: UnsafePointer<Float>, dyShift: UnsafePointer<Float>, sums: UnsafeMutablePointer<Double>,
+        dots: UnsafeMutablePointer<Double>, partials: UnsafeMutablePointer<Float>?
     ) {
         let wide = n & ~7
         if n == 32 && partials == nil {  // one strip, its centres loaded once, as in `_columnSums`
             let k = (_load8(centre, 0), _load8(centre, 8), _load8(centre, 16), _load8(centre, 24))
+            let h = (_load8(dyShift, 0), _load8(dyShift, 8), _load8(dyShift, 16), _load8(dyShift, 24))
             var r0 = 0
             while r0 < rows {
                 let end = Swift.min(rows, r0 &+ 8)
-                _gradientStrip(dy, x, rows: r0..<end, stride: stride, column: 0, centres: k, sums: sums, dots: dots)
+                _gradientStrip(dy, x, rows: r0..<end, stride: stride, column: 0, centres: k, shifts: h, sums: sums,
+                               dots: dots)
                 r0 = end
             }
             return
@@ -811,8 +829,9 @@ extension Float: NormalizationScalar {
                     let at = r &* stride, g = dy + at, v = x + at, first = r == r0  // as in `_columnSums`
                     var c = 0
                     while c < wide {
-                        let gc = _load8(g, c), (s0, p0) = first ? (SIMD8(), SIMD8()) : (_load8(s, c), _load8(p, c))
-                        _store8(s0 + gc, s, c); _store8(p0.addingProduct(gc, _load8(v, c) - _load8(centre, c)), p, c)
+                        let ec = _load8(g, c) - _load8(dyShift, c)
+                        let (s0, p0) = first ? (SIMD8(), SIMD8()) : (_load8(s, c), _load8(p, c))
+                        _store8(s0 + ec, s, c); _store8(p0.addingProduct(ec, _load8(v, c) - _load8(centre, c)), p, c)
                         c &+= 8
                     }
                 }
@@ -824,15 +843,17 @@ extension Float: NormalizationScalar {
             var c = 0
             while c &+ 32 <= wide {
                 let k = (_load8(centre, c), _load8(centre, c + 8), _load8(centre, c + 16), _load8(centre, c + 24))
-                _gradientStrip(dy, x, rows: r0..<end, stride: stride, column: c, centres: k, sums: sums, dots: dots)
+                let h = (_load8(dyShift, c), _load8(dyShift, c + 8), _load8(dyShift, c + 16), _load8(dyShift, c + 24))
+                _gradientStrip(dy, x, rows: r0..<end, stride: stride, column: c, centres: k, shifts: h, sums: sums,
+                               dots: dots)
                 c &+= 32
             }
             while c < wide {
-                let k = _load8(centre, c)
+                let k = _load8(centre, c), h = _load8(dyShift, c)
                 var s = SIMD8<Float>(), d = SIMD8<Float>()
                 for r in r0..<end {
-                    let g = _load8(dy + r * stride, c)
-                    s += g; d.addProduct(g, _load8(x + r * stride, c) - k)
+                    let e = _load8(dy + r * stride, c) - h
+                    s += e; d.addProduct(e, _load8(x + r * stride, c) - k)
                 }
                 _flush8(s, into: sums + c); _flush8(d, into: dots + c)
                 c += 8
@@ -840,11 +861,11 @@ extension Float: NormalizationScalar {
             r0 = end
         }
         for c in wide..<n {
-            let k = Double(centre[c])
+            let k = Double(centre[c]), h = Double(dyShift[c])
             var s = 0.0, d = 0.0
             for r in 0..<rows {
-                let g = Double(dy[r * stride + c])
-                s += g; d.addProduct(g, Double(x[r * stride + c]) - k)
+                let e = Double(dy[r * stride + c]) - h
+                s += e; d.addProduct(e, Double(x[r * stride + c]) - k)
             }
             sums[c] += s; dots[c] += d
         }

@@ -130,10 +130,11 @@ extension Float {
     }
 
     /// `_gradientSums` of eight planes of n values (`_octetPlanes`), exactly as it computes them: each plane's
-    /// block (`_gradientBlock`) around its centre rounded to Float, the block's lane sums reduced as `_hsum2`
-    /// reduces them (here by `_hsum8`, eight planes at once), then in Float64 lanes Σdy (x - centre) =
-    /// Σdy (x - cf) - (centre - cf) Σdy. A plane whose Float32 sums are not finite takes `_gradientSumsWide`, as
-    /// there. Out of line, a copy for each n, as `_planeOctetMoments`.
+    /// block (`_gradientBlock`) around its centre rounded to Float and its dy shift s, the block's lane sums
+    /// reduced as `_hsum2` reduces them (here by `_hsum8`, eight planes at once), then in Float64 lanes
+    /// Σ dy = Σ(dy - s) + n s and Σ(dy - s)(x - centre) = Σ(dy - s)(x - cf) - (centre - cf) Σ(dy - s). A plane
+    /// whose Float32 sums are not finite takes `_gradientSumsWide`, as there. Out of line, a copy for each n, as
+    /// `_planeOctetMoments`.
     @inlinable @inline(never)
     static func _planeOctetGradientSums(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, spatial n: Int,
                                         centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
@@ -151,32 +152,39 @@ extension Float {
                                     centres: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>,
                                     dots: UnsafeMutablePointer<Double>) {
         let full = n & ~7
+        // each plane's dy shift (`_earlyMean`), as `_planeGradientSums` takes it
+        var shifts = SIMD8<Float>()
+        for p in 0..<8 { shifts[p] = _earlyMean(dy + p &* n, count: n) }
         @inline(__always) func block(_ p: Int) -> (SIMD8<Float>, SIMD8<Float>) {
             var i = 0
             let at = p &* n
             return _gradientBlock(dy + at, x + at, &i, end: full, full: full, count: n,
-                                  centre: SIMD8(repeating: Float(centres[p])))
+                                  centre: SIMD8(repeating: Float(centres[p])), shift: SIMD8(repeating: shifts[p]))
         }
         let (s0, d0) = block(0), (s1, d1) = block(1), (s2, d2) = block(2), (s3, d3) = block(3)
         let (s4, d4) = block(4), (s5, d5) = block(5), (s6, d6) = block(6), (s7, d7) = block(7)
         let (sLow, sHigh) = unsafeBitCast(_hsum8(s0, s1, s2, s3, s4, s5, s6, s7), to: (SIMD4<Float>, SIMD4<Float>).self)
         let (dLow, dHigh) = unsafeBitCast(_hsum8(d0, d1, d2, d3, d4, d5, d6, d7), to: (SIMD4<Float>, SIMD4<Float>).self)
         // four planes a step: 0 + s, as `_blockTotals` adds a block's sums to zero totals (-0 becomes +0)
-        @inline(__always) func finish(_ at: Int, _ centre: SIMD4<Double>, _ ss: SIMD4<Float>, _ ds: SIMD4<Float>) {
-            let t = SIMD4<Double>() + SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
-            let u = CentreResidue.dot(d, sum: t, centre: centre, rounded: SIMD4<Double>(SIMD4<Float>(centre)))
+        let count = SIMD4<Double>(repeating: Double(n))
+        @inline(__always) func finish(_ at: Int, _ centre: SIMD4<Double>, _ ss: SIMD4<Float>, _ ds: SIMD4<Float>,
+                                      _ shift: SIMD4<Float>) {
+            let shifted = SIMD4<Double>() + SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
+            let t = shifted + count * SIMD4<Double>(shift)
+            let u = CentreResidue.dot(d, sum: shifted, centre: centre, rounded: SIMD4<Double>(SIMD4<Float>(centre)))
             sums.storeLanes(t, at)
             dots.storeLanes(u, at)
             let finite = t - t .== SIMD4() .& d - d .== SIMD4()  // false for infinity and NaN
             if !all(finite) {
                 for l in 0..<4 where !finite[l] {
                     let p = at &+ l
-                    (sums[p], dots[p]) = _gradientSumsWide(dy + p &* n, x + p &* n, count: n, centre: centre[l])
+                    (sums[p], dots[p]) = _gradientSumsWide(dy + p &* n, x + p &* n, count: n, centre: centre[l],
+                                                           dyShift: Double(shift[l]))
                 }
             }
         }
-        finish(0, centres.lanes(0), sLow, dLow)
-        finish(4, centres.lanes(4), sHigh, dHigh)
+        finish(0, centres.lanes(0), sLow, dLow, shifts.lowHalf)
+        finish(4, centres.lanes(4), sHigh, dHigh, shifts.highHalf)
     }
 
     /// The per-plane constants of `_scaleShift` for the four planes from `at`, in Float64 lanes and rounded as
@@ -232,17 +240,19 @@ extension Float {
     }
 
     /// `_combine` of `planes` planes of n values (`_octetPlanes`), four at a time, with the same numbers: their
-    /// constants rounded in Float64 lanes (c = Float(centre), Float(p), Float(q), Float(r - q (centre - c))),
-    /// then each plane's vectors. Returns the planes done (a multiple of 4, 0 for other n), stopping as
-    /// `_scaleShiftQuads` does. dx may alias dy. Out of line, a copy for each n, as `_scaleShiftQuads`.
+    /// constants rounded in Float64 lanes (c = Float(centre), d = Float(dySums / n), Float(p), Float(q),
+    /// Float(r - q (centre - c) + p d)), then each plane's vectors. Returns the planes done (a multiple of 4, 0 for
+    /// other n), stopping as `_scaleShiftQuads` does. dx may alias dy. Out of line, a copy for each n, as
+    /// `_scaleShiftQuads`.
     @inlinable @inline(never)
     static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
-                              planes: Int, spatial n: Int, centres: UnsafePointer<Double>, p: UnsafePointer<Double>,
-                              q: UnsafePointer<Double>, r: UnsafePointer<Double>) -> Int {
+                              planes: Int, spatial n: Int, centres: UnsafePointer<Double>,
+                              dySums: UnsafePointer<Double>, p: UnsafePointer<Double>, q: UnsafePointer<Double>,
+                              r: UnsafePointer<Double>) -> Int {
         switch n {
-        case 16: return _combineQuads(dy, x, dx, planes, 16, centres, p, q, r)
-        case 24: return _combineQuads(dy, x, dx, planes, 24, centres, p, q, r)
-        case 32: return _combineQuads(dy, x, dx, planes, 32, centres, p, q, r)
+        case 16: return _combineQuads(dy, x, dx, planes, 16, centres, dySums, p, q, r)
+        case 24: return _combineQuads(dy, x, dx, planes, 24, centres, dySums, p, q, r)
+        case 32: return _combineQuads(dy, x, dx, planes, 32, centres, dySums, p, q, r)
         default: return 0
         }
     }
@@ -250,24 +260,28 @@ extension Float {
     /// `_combineQuads` for one n (a constant where it is inlined).
     @inlinable @inline(__always)
     static func _combineQuads(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>,
-                              _ planes: Int, _ n: Int, _ centres: UnsafePointer<Double>, _ p: UnsafePointer<Double>,
-                              _ q: UnsafePointer<Double>, _ r: UnsafePointer<Double>) -> Int {
+                              _ planes: Int, _ n: Int, _ centres: UnsafePointer<Double>,
+                              _ dySums: UnsafePointer<Double>, _ p: UnsafePointer<Double>, _ q: UnsafePointer<Double>,
+                              _ r: UnsafePointer<Double>) -> Int {
         var i = 0
+        let invN = SIMD4<Double>(repeating: 1 / Double(n))
         while i &+ 4 <= planes {
-            guard MapRange.keeps(c: centres.lanes(i), o: r.lanes(i), s1: q.lanes(i), s2: p.lanes(i)) else {
+            let centre = centres.lanes(i), mean = dySums.lanes(i) * invN, pd = p.lanes(i), qd = q.lanes(i)
+            guard MapRange.keeps(c: centre, dyCentre: mean, o: r.lanes(i), s1: qd, s2: pd) else {
                 return i  // as in `_scaleShiftQuads`
             }
-            let centre = centres.lanes(i), qd = q.lanes(i), c = SIMD4<Float>(centre)
+            let c = SIMD4<Float>(centre), d = SIMD4<Float>(mean)
             let rd = CentreResidue.offset(r.lanes(i), slope: qd, centre: centre, rounded: SIMD4<Double>(c))
-            let pf = SIMD4<Float>(p.lanes(i)), qf = SIMD4<Float>(qd), rf = SIMD4<Float>(rd)
+                + pd * SIMD4<Double>(d)
+            let pf = SIMD4<Float>(pd), qf = SIMD4<Float>(qd), rf = SIMD4<Float>(rd)
             for l in 0..<4 {
-                let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), pl = SIMD8(repeating: pf[l])
-                let ql = SIMD8(repeating: qf[l]), rl = SIMD8(repeating: rf[l])
+                let at = (i &+ l) &* n, cl = SIMD8(repeating: c[l]), dl = SIMD8(repeating: d[l])
+                let pl = SIMD8(repeating: pf[l]), ql = SIMD8(repeating: qf[l]), rl = SIMD8(repeating: rf[l])
                 var k = 0
                 while k < n {
                     var v = rl
                     v.addProduct(_load8(x, at &+ k) - cl, ql)
-                    v.addProduct(_load8(dy, at &+ k), pl)
+                    v.addProduct(_load8(dy, at &+ k) - dl, pl)
                     _store8(v, dx, at &+ k)
                     k &+= 8
                 }

@@ -49,7 +49,7 @@ struct ChannelsLastLayout: StoredLayout {
 
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
-            + ScratchArena.bytes(4 * shape.planes, of: T.self)
+            + ScratchArena.bytes(5 * shape.planes, of: T.self)
             + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self)
     }
 
@@ -229,7 +229,7 @@ struct ChannelsLastLayout: StoredLayout {
             cT[i] = cf; sT[i] = T(scale[i])
             oT[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
         }
-        let keeps = T._mapKeeps(count: planes, centres: p, offsets: offset, slopes: scale, nil)
+        let keeps = T._mapKeeps(count: planes, centres: p, dyCentres: nil, offsets: offset, slopes: scale, nil)
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: rowsPerItem * C) { range, _ in
             for item in range {
@@ -271,49 +271,63 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// T and U of every plane in one read of (x, dy) in order: each stretch summed in the lanes of T around the
-    /// centre rounded to T, stretches added in order, then U = Σ dy (x - cf) - (p - cf) T. A plane whose sums in
-    /// T's lanes overflow is summed again in Float64.
+    /// centre rounded to T and the plane's dy shift s (the mean of its first rows), stretches added in order,
+    /// then T = Σ (dy - s) + S s and U = Σ (dy - s)(x - cf) - (p - cf) Σ (dy - s). A plane whose sums in T's lanes
+    /// overflow is summed again in Float64.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
         let C = shape.channels, S = shape.spatial
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
-        let centre = arena.take(shape.planes, of: T.self)
+        let centre = arena.take(shape.planes, of: T.self), shift = arena.take(shape.planes, of: T.self)
         for i in 0..<shape.planes { centre[i] = T(p[i]) }
+        // each plane's dy shift: the mean of its first (up to) eight values, summed a row at a time across the
+        // channels (each plane's values one by one, C apart, cost 25 instructions a plane: 3% of a backward)
+        let first = min(8, S), scale = 1 / T(first)
+        for b in 0..<shape.batch {
+            let s = shift + b * C, rows = dy + b * S * C
+            s.update(from: rows, count: C)
+            for r in 1..<first { let row = rows + r * C; for c in 0..<C { s[c] += row[c] } }
+            for c in 0..<C { s[c] *= scale }
+        }
         let inOrder = gradientsInOrder(T.self)
         stretchSums(partials, T.self, inOrder: inOrder, arena: &arena, { b, r0, rows, sum, dot, scratch in
             let at = (b * S + r0) * C
             T._columnGradientSums(dy + at, x + at, rows: rows, columns: C, stride: C, centre: centre + b * C,
-                                  sums: sum, dots: dot, partials: scratch.blockPartials)
+                                  dyShift: shift + b * C, sums: sum, dots: dot, partials: scratch.blockPartials)
         }, finish: { b, c0, n, parts in
             let tb = t + b * C, ub = u + b * C, pb = p + b * C, channels = c0..<c0 + n
             addStretches(parts, offset: 0, first: c0, count: n, into: tb)
             addStretches(parts, offset: C, first: c0, count: n, into: ub)
-            for c in channels {
-                ub[c] = CentreResidue.dot(ub[c], sum: tb[c], centre: pb[c], rounded: Double(centre[b * C + c]))
+            for c in channels {  // the stretches summed dy - s: T = Σ (dy - s) + S s
+                let i = b * C + c, shifted = tb[c]
+                tb[c] = shifted + Double(S) * Double(shift[i])
+                ub[c] = CentreResidue.dot(ub[c], sum: shifted, centre: pb[c], rounded: Double(centre[i]))
             }
             for c in channels where !(tb[c].isFinite && ub[c].isFinite) {  // overflowed T's lanes: in Float64
                 tb[c] = 0; ub[c] = 0
+                var s = Double(shift[b * C + c])
                 ColumnKernels.gradientSums(dy + b * S * C + c, x + b * S * C + c, rows: S, columns: 1, stride: C,
-                                           centre: pb + c, sums: tb + c, dots: ub + c)
+                                           centre: pb + c, dyShift: &s, sums: tb + c, dots: ub + c)
             }
         })
     }
 
-    /// dx = P dy + Q (x - p) + R with the constants in T as in `map` (the centre's residue folded into R), or in
-    /// Float64 as there.
+    /// dx = P dy + Q (x - p) + R with the constants in T as in `map`, about each plane's x mean p and dy mean
+    /// T/S (`dySums` / S; the centres' residues folded into R, as `_combine` does), or in Float64 as there.
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
-                                         p: UnsafePointer<Double>, coefficients: UnsafePointer<Double>,
-                                         arena: inout ScratchArena) {
+                                         p: UnsafePointer<Double>, dySums t: UnsafePointer<Double>,
+                                         coefficients: UnsafePointer<Double>, arena: inout ScratchArena) {
         let planes = shape.planes, C = shape.channels, S = shape.spatial
         let P = coefficients, Q = P + planes, R = Q + planes
-        let k = arena.take(4 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
+        let k = arena.take(5 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
+        let dT = rT + planes, invS = 1 / Double(S)
         for i in 0..<planes {
-            let cf = T(p[i])
-            cT[i] = cf; pT[i] = T(P[i]); qT[i] = T(Q[i])
-            rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf)))
+            let cf = T(p[i]), df = T(t[i] * invS)
+            cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i])
+            rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf)) + P[i] * Double(df))
         }
-        let keeps = T._mapKeeps(count: planes, centres: p, offsets: R, slopes: Q, P)
+        let keeps = T._mapKeeps(count: planes, centres: p, dyCentres: t, offsets: R, slopes: Q, P)  // |T| ≥ |T/S|
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
             for item in range {
@@ -330,8 +344,8 @@ struct ChannelsLastLayout: StoredLayout {
                     continue
                 }
                 T._combineColumns(dy + at, x + at, dx + at, rows: min(S, r0 + rowsPerItem) - r0, columns: C,
-                                  stride: C, centre: cT + constants, p: pT + constants, q: qT + constants,
-                                  r: rT + constants)
+                                  stride: C, centre: cT + constants, dyCentre: dT + constants, p: pT + constants,
+                                  q: qT + constants, r: rT + constants)
             }
         }
     }

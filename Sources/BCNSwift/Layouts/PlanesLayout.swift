@@ -82,13 +82,16 @@ struct PlanesLayout: StoredLayout {
             }
             return
         }
-        // (Σdy, Σdy(x - p)) per chunk, in the Moments-sized slots planeMoments used
+        // (Σdy, Σ(dy - s)(x - p)) per chunk, in the Moments-sized slots planeMoments used; s, the plane's dy shift,
+        // is the same for its every chunk (`_earlyMean` of the plane's start), so that the chunks' dots add up
         let parts = UnsafeMutableRawPointer(arena.take(chunks.count, of: Moments.self))
             .bindMemory(to: (Double, Double).self, capacity: chunks.count)
         parallelFor(chunks.count, cost: 2 * planeChunkLength) { range, _ in
             for i in range {
                 let c = chunks.chunk(i)
-                let r = T._gradientSums(dy + c.offset, x + c.offset, count: c.length, centre: p[c.plane])
+                let shift = T._earlyMean(dy + c.plane * shape.spatial, count: shape.spatial)
+                let r = T._gradientSums(dy + c.offset, x + c.offset, count: c.length, centre: p[c.plane],
+                                        dyShift: shift)
                 parts[i] = (r.sum, r.dot)
             }
         }
@@ -100,24 +103,24 @@ struct PlanesLayout: StoredLayout {
     }
 
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
-                                         p: UnsafePointer<Double>, coefficients: UnsafePointer<Double>,
-                                         arena: inout ScratchArena) {
+                                         p: UnsafePointer<Double>, dySums t: UnsafePointer<Double>,
+                                         coefficients: UnsafePointer<Double>, arena: inout ScratchArena) {
         let chunks = self.chunks, planes = shape.planes
         let P = coefficients, Q = P + planes, R = Q + planes
         if chunks.perPlane == 1 {  // planes of one chunk: runs of them at a time (`_combinePlanes`)
             let s = shape.spatial
             parallelFor(planes, cost: 2 * s) { range, _ in
                 let i = range.lowerBound, at = i * s
-                T._combinePlanes(dy + at, x + at, dx + at, planes: range.count, spatial: s, centres: p + i, p: P + i,
-                                 q: Q + i, r: R + i)
+                T._combinePlanes(dy + at, x + at, dx + at, planes: range.count, spatial: s, centres: p + i,
+                                 dySums: t + i, p: P + i, q: Q + i, r: R + i)
             }
             return
         }
         parallelFor(chunks.count, cost: 2 * min(shape.spatial, planeChunkLength)) { range, _ in
             for i in range {
                 let c = chunks.chunk(i)
-                T._combine(dy + c.offset, x + c.offset, dx + c.offset, count: c.length,
-                           centre: p[c.plane], p: P[c.plane], q: Q[c.plane], r: R[c.plane])
+                T._combine(dy + c.offset, x + c.offset, dx + c.offset, count: c.length, centre: p[c.plane],
+                           dyMean: t[c.plane] / Double(shape.spatial), p: P[c.plane], q: Q[c.plane], r: R[c.plane])
             }
         }
     }

@@ -37,10 +37,10 @@ protocol StoredLayout {
                                               arena: inout ScratchArena)
 
     /// Backward pass 2: dx = P dy + Q (x - p) + R with P, Q, R per plane (`coefficients` holds P, Q, R in
-    /// blocks of B·C). dx may alias dy.
+    /// blocks of B·C), the lanes centred at each plane's x mean p and dy mean `dySums`/S (T). dx may alias dy.
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
-                                         p: UnsafePointer<Double>, coefficients: UnsafePointer<Double>,
-                                         arena: inout ScratchArena)
+                                         p: UnsafePointer<Double>, dySums: UnsafePointer<Double>,
+                                         coefficients: UnsafePointer<Double>, arena: inout ScratchArena)
 }
 
 /// The units of a shape: sample b's groups of K channels (single channels without a channel-norm stage).
@@ -201,7 +201,7 @@ extension StoredLayout {
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
-        combine(dy, x, dx, p: ctx.p, coefficients: maps, arena: &arena)
+        combine(dy, x, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
     }
 
     /// Arena bytes of `finishBackward`, besides its `UnitGradients`.

@@ -5,7 +5,8 @@
 /// constant rounded to Float, x - cf in Float (`CentreResidue` puts c - cf back in the offset). That keeps the
 /// Float64 map's precision, up to the output's own rounding, when
 /// - |c| < 2^101, so that x - cf cannot overflow for any finite Float x (|x| + 2^101 rounds to at most the
-///   largest Float), where x - c would not: activations near ±3e38 with a mean of the other sign;
+///   largest Float), where x - c would not: activations near ±3e38 with a mean of the other sign; and so for
+///   the backward's centre of dy (`_combine`'s dyMean);
 /// - each slope (s; q and p) is 0 or within 2^-126...2^101. A slope below Float's normal range keeps fewer bits,
 ///   down to none: a batch spread over 1e19 or more makes the backward's q about 1/σ², which rounded to 0 dropped
 ///   its whole term (12% of the largest |dx| at a spread of 1e30). One from 2^101 up may overflow its product;
@@ -20,26 +21,31 @@ enum MapRange {
     /// Whether a Float32 map about `centre` with this offset and slopes keeps its precision: the largest
     /// magnitude below 2^101, the smallest nonzero slope at least 2^-126 (two comparisons).
     @inlinable @inline(__always)
-    static func keeps(centre c: Double, offset o: Double, slopes s1: Double, _ s2: Double) -> Bool {
+    static func keeps(centre c: Double, dyCentre c2: Double = 0, offset o: Double, slopes s1: Double,
+                      _ s2: Double) -> Bool {
         @inline(__always) func larger(_ a: Double, _ b: Double) -> Double { a > b ? a : b }
         let a1 = s1.magnitude, a2 = s2.magnitude
-        let largest = larger(larger(c.magnitude, o.magnitude), larger(a1, a2))
+        let largest = larger(larger(larger(c.magnitude, c2.magnitude), o.magnitude), larger(a1, a2))
         let smallest = a1 == 0 ? (a2 == 0 ? 1 : a2) : (a2 == 0 || a1 < a2 ? a1 : a2)
         return largest < 0x1p101 && smallest >= 0x1p-126
     }
 
-    /// Whether every one of `count` maps keeps it, map i with centres[i], offsets[i], slopes[i] and (when
-    /// given) second slopes[i]: four maps a step, one test at the end.
+    /// Whether every one of `count` maps keeps it, map i with centres[i], (when given) dy's centre at most
+    /// dyCentres[i] in magnitude, offsets[i], slopes[i] and (when given) second slopes[i]: four maps a step, one
+    /// test at the end.
     @inlinable
-    static func keeps(count: Int, centres: UnsafePointer<Double>, offsets: UnsafePointer<Double>,
-                      slopes s1: UnsafePointer<Double>, _ s2: UnsafePointer<Double>?) -> Bool {
+    static func keeps(count: Int, centres: UnsafePointer<Double>, dyCentres: UnsafePointer<Double>?,
+                      offsets: UnsafePointer<Double>, slopes s1: UnsafePointer<Double>,
+                      _ s2: UnsafePointer<Double>?) -> Bool {
         var kept = SIMDMask<SIMD4<Int64>>(repeating: true), i = 0
         while i &+ 4 <= count {
             kept .&= lanes(c: centres.lanes(i), o: offsets.lanes(i), s1: s1.lanes(i), s2: s2?.lanes(i) ?? SIMD4())
+            if let dyCentres { kept .&= lanes(c: dyCentres.lanes(i), o: SIMD4(), s1: SIMD4(), s2: SIMD4()) }
             i &+= 4
         }
         while i < count {
-            if !keeps(centre: centres[i], offset: offsets[i], slopes: s1[i], s2?[i] ?? 0) { return false }
+            if !keeps(centre: centres[i], dyCentre: dyCentres?[i] ?? 0, offset: offsets[i], slopes: s1[i],
+                      s2?[i] ?? 0) { return false }
             i &+= 1
         }
         return kept == SIMDMask(repeating: true)
@@ -48,8 +54,10 @@ enum MapRange {
     /// Whether all four maps keep it (lane l for map l; `keeps` on the biased exponent fields: 1023 + ⌊log2 |v|⌋
     /// for normal v, 0 for 0 and subnormals, 2047 for infinity and NaN).
     @inlinable @inline(__always)
-    static func keeps(c: SIMD4<Double>, o: SIMD4<Double>, s1: SIMD4<Double>, s2: SIMD4<Double>) -> Bool {
-        lanes(c: c, o: o, s1: s1, s2: s2) == SIMDMask(repeating: true)
+    static func keeps(c: SIMD4<Double>, dyCentre c2: SIMD4<Double> = SIMD4(), o: SIMD4<Double>, s1: SIMD4<Double>,
+                      s2: SIMD4<Double>) -> Bool {
+        (lanes(c: c, o: o, s1: s1, s2: s2) .& lanes(c: c2, o: c2, s1: SIMD4(), s2: SIMD4()))
+            == SIMDMask(repeating: true)
     }
 
     /// `keeps`, lane by lane.

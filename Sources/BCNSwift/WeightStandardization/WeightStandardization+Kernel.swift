@@ -78,9 +78,10 @@ public enum WeightStandardization {
                 let st = rowStatistics(row, fanIn: fanIn, options: options)
                 var sum = 0.0, dot = 0.0
                 var start = 0
+                let shift = T._earlyMean(g, count: fanIn)  // one for the row's every chunk, so that their dots add
                 while start < fanIn {
                     let r = T._gradientSums(g + start, row + start, count: min(planeChunkLength, fanIn - start),
-                                            centre: st.mean)
+                                            centre: st.mean, dyShift: shift)
                     sum += r.sum; dot += r.dot
                     start += planeChunkLength
                 }
@@ -98,7 +99,8 @@ public enum WeightStandardization {
                     scaled.gradient(g, into: gradW + o * fanIn, epsInsideSquareRoot: options.epsInsideSquareRoot)
                     continue
                 }
-                T._combine(g, row, gradW + o * fanIn, count: fanIn, centre: st.mean, p: 1 / st.den, q: q, r: r)
+                T._combine(g, row, gradW + o * fanIn, count: fanIn, centre: st.mean, dyMean: sum / st.count,
+                           p: 1 / st.den, q: q, r: r)
             }
         }
     }

@@ -18,15 +18,16 @@ extension WeightStandardization {
         }
 
         /// Whether the backward's sums and constants (`_combine`'s q and r) keep their precision in the lanes of
-        /// T: finite; Σ g (w - mean) at least 2^-100 (Float32 lanes) or 2^-960 (Float64) a value, so that the
-        /// products it sums did not underflow, unless it is 0 because the row is constant or g is 0; q normal in
+        /// T: finite; Σ g (w - mean) (summed as Σ (g - s)(w - mean), s near g's mean: `_gradientSums`) at least
+        /// 2^-100 (Float32 lanes) or 2^-960 (Float64) a value, so that the products it sums did not underflow,
+        /// unless it is 0 because the row is constant or g is (each term is then 0); q normal in
         /// the lanes' type (with a margin of 2^22 in Float64); r within Float32's range in Float32 lanes.
         func gradientFits<T: NormalizationScalar>(_ g: UnsafePointer<T>, sum: Double, dot: Double, q: Double,
                                                   r: Double) -> Bool {
             guard sum.isFinite, dot.isFinite, q.isFinite, r.isFinite else { return false }
             let float = T.self == Float.self
             guard !float || r.magnitude <= 0x1p126 else { return false }
-            if dot == 0 { return m2 == 0 || T._allEqual(g, count: Int(count), to: 0) }
+            if dot == 0 { return m2 == 0 || T._allEqual(g, count: Int(count), to: g[0]) }
             let (floor, qMin, qMax) = float ? (0x1p-100, 0x1p-126, 0x1p126) : (0x1p-960, 0x1p-1000, Double.infinity)
             return dot.magnitude >= count * floor && q.magnitude >= qMin && q.magnitude <= qMax
         }
