@@ -551,35 +551,75 @@ def test_float32_planes_at_extreme_magnitudes_keep_the_float64_precision(spatial
 
 @pytest.mark.parametrize("spatial", [(14, 14), (4, 4), (5, 5), (70, 70)], ids=["S=196", "S=16", "S=25", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
-@pytest.mark.parametrize("offset", [10.0, 1e3, 1e5], ids=["10", "1e3", "1e5"])
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e3, 1e5], ids=["0", "10", "1e3", "1e5"])
 def test_float32_gradients_far_off_zero_keep_the_float64_precision(spatial, layout, offset, rng):
     """An output gradient `offset` times its spread off 0 (a following layer that adds its inputs up): the
     normalization cancels dy's mean, so dx and the parameters' gradients are of the size of dy's spread. The
     Float32 lanes sum dy and dy (x - p) about a shift near dy's mean and map dx about dy's mean per plane
     (`_gradientSums`' dyShift, `_combine`'s dyMean), so that their rounding is of the spread's size too: within
-    4 ulps of their scale against the documents' float64 code (at most 2.5 measured). Before, summed and mapped
-    about 0, they lost about offset/2 ulps of dx and up to 5 times offset of the batch norm's bias gradient
-    (Σ dy rounded to dy's size). Planes of 4900 values span two chunks, whose sums share their plane's shift;
-    with 2 samples their batch-norm bias gradient is a sum of few planes that mostly cancel, 4.7 ulps of its
-    scale with no offset at all: within 8 there."""
+    4 ulps of their scale against the documents' float64 code (at most 2.5 measured), as with no offset. Before,
+    summed and mapped about 0, they lost about offset/2 ulps of dx and up to 5 times offset of the batch norm's
+    bias gradient (Σ dy rounded to dy's size). Planes of 4900 values span two chunks, whose sums share their
+    plane's shift; with 2 samples their bias gradients sum few planes that mostly cancel, up to 4.4 ulps of
+    their scale with or without an offset, before as now: within 8 there."""
     chunked = spatial == (70, 70)
     B, C, G = (8, 64, 32) if not chunked else (2, 16, 4)
     x = random_input(rng, (B, C) + spatial).astype(np.float32)
     dy = (rng.normal(0.3, 1.0, x.shape) + offset).astype(np.float32)
+    _assert_backward_within(x, dy, layout, C, G, 8 if chunked else 4)
+
+
+def _assert_backward_within(x, dy, layout, C, G, tolerance):
+    """dx and every parameter gradient of bcnswift's float32 BatchChannelNorm (random parameters, batch
+    statistics) within `tolerance` ulps of their scale against the documents' float64 code, in `layout`."""
     if layout == "channels-last":
         x, dy = _channels_last(x), _channels_last(dy)
-    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
+    layer, ref = _labml_pair(C, G, estimate=False, rng=np.random.default_rng(7))
     layer(x), ref.forward(x.astype(np.float64))
     dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    tolerance = 8 if chunked else 4
+    assert np.isfinite(dx).all()
     assert _ulps_of_scale(dx, dx_ref) <= tolerance
     for name, path in _LABML_PARAMETERS.items():
         assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= tolerance, name
 
 
+@pytest.mark.parametrize("spatial", [(28, 28), (14, 14), (4, 4), (70, 70)], ids=["S=784", "S=196", "S=16", "chunked"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_float32_sparse_gradients_keep_the_float64_precision(spatial, layout, rng):
+    """Sparse dy (a max-pool's or ReLU's backward: 2% nonzero, and one large value at each plane's start) is not
+    shifted: a shift drawn from eight values would move its zeros off 0, and the sums of dy - s drifted by it in
+    each Float32 block (bias gradients 17 to 800 ulps off). `_earlyMean` shifts only where the eight values' mean
+    lies further from 0 than their spread: within 4 ulps of the scale, as before the shift."""
+    B, C, G = 4, 16, 4
+    shape = (B, C) + spatial
+    x = rng.normal(0.0, 1.0, shape).astype(np.float32)
+    dy = rng.normal(0.0, 1.0, shape) * (rng.random(shape) < 0.02)
+    dy[:, :, 0, 0] = rng.normal(0.0, 30.0, (B, C))
+    _assert_backward_within(x, dy.astype(np.float32), layout, C, G, 4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn"])
+def test_float32_gradients_near_the_largest_float_stay_finite(layout, layer_type, rng):
+    """dy about 5e37 (eight of them add up beyond the largest float): the shift is their mean taken without
+    overflowing (each value scaled by 1/8 first), so dx stays finite, within 4 ulps of the float64 layer's. (A
+    shift summed first overflowed to infinity: every dx NaN.)"""
+    x = rng.normal(0.0, 1.0, (2, 4, 5, 5)).astype(np.float32)
+    dy = (rng.normal(1.0, 0.1, x.shape) * 5e37).astype(np.float32)
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    make = {"bcn": lambda dt: bcnswift.BatchChannelNorm(4, 2, dtype=dt), "bn": lambda dt: bcnswift.BatchNorm(4, dtype=dt),
+            "cn": lambda dt: bcnswift.ChannelNorm(4, 2, dtype=dt)}[layer_type]
+    layer, wide = make(np.float32), make(np.float64)
+    layer(x), wide(x.astype(np.float64))
+    dx, dx_wide = layer.backward(dy), wide.backward(dy.astype(np.float64))
+    assert np.isfinite(dx).all()
+    assert _ulps_of_scale(dx, dx_wide) <= 4
+
+
 @pytest.mark.parametrize("shape,G", [((64, 256), 32), ((64, 64, 2, 2), 32), ((32, 128, 3, 3), 16)],
                          ids=["rows", "2x2", "3x3"])
-@pytest.mark.parametrize("offset", [1e3, 1e5], ids=["1e3", "1e5"])
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e5], ids=["0", "1e3", "1e5"])
 def test_float32_rows_backward_far_off_zero_keeps_the_float64_precision(shape, G, offset, rng):
     """As for planes, on the row path's Float32 lanes ([B, C] in groups of 8 channels, and short planes through
     their value view): each group's ΣT and W are summed about a shift near dy's mean (`_valueGroupGradientSums`),

@@ -241,7 +241,7 @@ def test_constant_rows_at_extreme_magnitudes_and_eps(eps_in_sqrt, rng):
             np.testing.assert_allclose(dw, expected, rtol=1e-12, err_msg=what)
 
 
-@pytest.mark.parametrize("offset", [10.0, 1e3, 1e5], ids=["10", "1e3", "1e5"])
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e3, 1e5], ids=["0", "10", "1e3", "1e5"])
 @pytest.mark.parametrize("fan_in", [9, 576, 5000], ids=["9", "576", "chunked"])
 def test_float32_gradients_far_off_zero_keep_their_precision(offset, fan_in, rng):
     """dŵ `offset` times its spread off 0: dw = (dŵ - mean) / den - ... cancels the mean, and the Float32 lanes

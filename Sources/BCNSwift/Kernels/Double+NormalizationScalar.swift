@@ -61,6 +61,14 @@ extension Double: NormalizationScalar {
         return true
     }
 
+    @inlinable @inline(__always)
+    public static func _shift(_ v: SIMD8<Double>) -> Double {
+        let eighth = SIMD4<Double>(repeating: 0.125), m = _hsum(v.lowHalf * eighth + v.highHalf * eighth)
+        let e = v - SIMD8(repeating: v[0]), a = e.replacing(with: -e, where: e .< 0)
+        let d = _hsum(a.lowHalf * eighth + a.highHalf * eighth)
+        return m.magnitude > 2 * d ? m : 0
+    }
+
     /// Double maps keep their constants as they are.
     @inlinable @inline(__always)
     public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, dyCentres: UnsafePointer<Double>?,

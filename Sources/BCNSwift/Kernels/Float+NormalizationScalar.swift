@@ -249,6 +249,14 @@ extension Float: NormalizationScalar {
         return true
     }
 
+    @inlinable @inline(__always)
+    public static func _shift(_ v: SIMD8<Float>) -> Float {
+        let eighth = SIMD8<Float>(repeating: 0.125), e = v - SIMD8(repeating: v[0])
+        let magnitude = unsafeBitCast(unsafeBitCast(e, to: SIMD8<UInt32>.self) & 0x7fff_ffff, to: SIMD8<Float>.self)
+        let (m, d) = _hsum2(v * eighth, magnitude * eighth)
+        return m.magnitude > 2 * d ? m : 0
+    }
+
     /// By `MapRange`: Float32 lanes round the constants.
     @inlinable
     public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, dyCentres: UnsafePointer<Double>?,

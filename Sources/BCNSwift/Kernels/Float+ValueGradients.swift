@@ -57,7 +57,7 @@ extension Float {
     /// ΣT = Σ dy, W = Σ (ȳ - m) dy, Σ dy² and Σ (x - μ)² of one group of K one-value planes from k0 (K a multiple
     /// of 8), with x - μ and ȳ = β + a (x - μ) from `c` (`ValueConstants`) and m as two Floats; the lanes summed
     /// in Float32 over at most 64 values (8 terms a lane), then in Float64. The squares are for the guard's ranges.
-    /// T and W are summed about s, the mean of the group's first eight dy (as `_gradientSums` shifts dy):
+    /// T and W are summed about s, the group's first eight dy's `_shift` (as `_gradientSums` shifts dy):
     /// ΣT = Σ (dy - s) + K s and W = Σ (ȳ - m)(dy - s), which is W with m the mean of ȳ, so that a gradient far
     /// off 0 against its spread rounds to its spread (1000 times: 350 ulps of dx before).
     @inline(__always)
@@ -67,7 +67,7 @@ extension Float {
         // The first eight values outside the loop, so that its flush test is one bit test. One loop that
         // flushes every 64 values: nested loops per block, or a countdown to each flush, let LLVM's SLP
         // vectorizer split the lanes into halves and merge the reductions (23 instructions a step, not 17).
-        let first = _load8(dy, k0), shift = _hsum(first) * 0.125, sv = SIMD8(repeating: shift)
+        let first = _load8(dy, k0), shift = _shift(first), sv = SIMD8(repeating: shift)
         var tv = first - sv, z = c.centred(x, k0), e = (c.staged(centred: z, k0) - mh) - ml
         var wv = e * tv, qv = first * first, zv = z * z, i = 8, sums = SIMD4<Double>()
         while i < K {

@@ -62,6 +62,11 @@ public protocol NormalizationScalar: BinaryFloatingPoint, SIMDScalar, Codable, S
     /// (a scalar loop with an early exit at each value took eleven instructions a value).
     static func _allEqual(_ x: UnsafePointer<Self>, count: Int, to value: Self) -> Bool
 
+    /// `_earlyMean` of eight values: their mean m if |m| exceeds twice their mean distance from the first, else 0,
+    /// both in one vector reduction (`SIMD.sum()` reduces lane by lane, and a generic min and max cost 146
+    /// instructions a shift: on [256, 1024] rows, a shift a group, a quarter of the backward).
+    static func _shift(_ v: SIMD8<Self>) -> Self
+
     /// Whether `count` maps, map i about centres[i] (and dy about dyCentres[i], or a value at least as large) with
     /// offsets[i] and slopes (`_scaleShift`'s scale; `_combine`'s q and p), keep their precision with their
     /// constants rounded to Self: always for Double, by `MapRange` for Float. The layouts that round constants
@@ -160,17 +165,24 @@ extension NormalizationScalar {
         }
     }
 
-    /// The mean of the first min(8, count) values (`stride` apart), in Self (0 for none): a shift near the
-    /// values' mean, for sums whose terms would otherwise carry it (`_gradientSums`' dyShift). Eight contiguous
-    /// values in one vector (a widened loop cost 25 instructions, for planes of 196 values 6% of a backward).
+    /// A shift for sums of dy (`_gradientSums`' dyShift): the mean m of the first min(8, count) values
+    /// (`stride` apart) when it lies further from 0 than twice their mean distance d from the first, else 0. A shift
+    /// helps dy far off 0 against its spread; but one drawn from a few values misses the mean by about σ/√8, and
+    /// in dy near 0 (or sparse: a max-pool's or ReLU's backward, which it would move off 0) the sums of dy - s
+    /// then drifted by that within each Float32 block: a bias gradient 4 to 30 ulps off where it was within 1.
+    /// With no shift those sums are what they were. Each value is scaled by 1/k before adding, so that the sum
+    /// cannot overflow; NaN or infinity gives 0. Eight contiguous values in one vector (`_shift`).
     @inlinable
     public static func _earlyMean(_ v: UnsafePointer<Self>, count: Int, stride: Int = 1) -> Self {
-        if stride == 1 && count >= 8 { return UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Self>.self).sum() / 8 }
+        if stride == 1 && count >= 8 { return _shift(UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Self>.self)) }
         let k = Swift.min(8, count)
-        var s: Self = 0
-        for i in 0..<k { s += v[i * stride] }
-        return k == 0 ? 0 : s / Self(k)
+        guard k > 0 else { return 0 }
+        let scale = 1 / Self(k)
+        var m: Self = 0, d: Self = 0
+        for i in 0..<k { let value = v[i * stride]; m += value * scale; d += (value - v[0]).magnitude * scale }
+        return m.magnitude > 2 * d ? m : 0
     }
+
 
     /// The index of the first NaN or infinity among `count` values, or nil: blocks are screened by Σ 0·x in
     /// Float64 (NaN for any non-finite term), and only a failing block is searched.

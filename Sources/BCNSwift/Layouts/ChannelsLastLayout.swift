@@ -47,9 +47,12 @@ struct ChannelsLastLayout: StoredLayout {
     private func slotLength<T>(_: T.Type) -> Int { (gradientsInOrder(T.self) ? 3 : 1) * shape.channels }
     private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
+    /// The stretches' partials, the larger of the gradient sums' regions of T (centres, shifts, a sample's
+    /// deviations) and the combine's (five constants, and dy's means in Double), and the slots.
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
-            + ScratchArena.bytes(5 * shape.planes, of: T.self)
+            + max(2 * ScratchArena.bytes(shape.planes, of: T.self) + ScratchArena.bytes(shape.channels, of: T.self),
+                  ScratchArena.bytes(5 * shape.planes, of: T.self) + ScratchArena.bytes(shape.planes, of: Double.self))
             + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self)
     }
 
@@ -280,15 +283,20 @@ struct ChannelsLastLayout: StoredLayout {
         let C = shape.channels, S = shape.spatial
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
         let centre = arena.take(shape.planes, of: T.self), shift = arena.take(shape.planes, of: T.self)
+        let deviation = arena.take(C, of: T.self)
         for i in 0..<shape.planes { centre[i] = T(p[i]) }
-        // each plane's dy shift: the mean of its first (up to) eight values, summed a row at a time across the
-        // channels (each plane's values one by one, C apart, cost 25 instructions a plane: 3% of a backward)
+        // each plane's dy shift by `_earlyMean`'s rule on its first (up to) eight values, read a row at a time
+        // across the channels (each plane's values one by one, C apart, cost 25 instructions a plane: 3% of a
+        // backward)
         let first = min(8, S), scale = 1 / T(first)
         for b in 0..<shape.batch {
-            let s = shift + b * C, rows = dy + b * S * C
-            s.update(from: rows, count: C)
-            for r in 1..<first { let row = rows + r * C; for c in 0..<C { s[c] += row[c] } }
-            for c in 0..<C { s[c] *= scale }
+            let m = shift + b * C, rows = dy + b * S * C
+            for c in 0..<C { m[c] = rows[c] * scale; deviation[c] = 0 }
+            for r in 1..<first {
+                let row = rows + r * C
+                for c in 0..<C { m[c] += row[c] * scale; deviation[c] += (row[c] - rows[c]).magnitude * scale }
+            }
+            for c in 0..<C where !(m[c].magnitude > 2 * deviation[c]) { m[c] = 0 }
         }
         let inOrder = gradientsInOrder(T.self)
         stretchSums(partials, T.self, inOrder: inOrder, arena: &arena, { b, r0, rows, sum, dot, scratch in
@@ -321,13 +329,13 @@ struct ChannelsLastLayout: StoredLayout {
         let planes = shape.planes, C = shape.channels, S = shape.spatial
         let P = coefficients, Q = P + planes, R = Q + planes
         let k = arena.take(5 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
-        let dT = rT + planes, invS = 1 / Double(S)
+        let dT = rT + planes, means = arena.take(planes, of: Double.self), invS = 1 / Double(S)
         for i in 0..<planes {
-            let cf = T(p[i]), df = T(t[i] * invS)
-            cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i])
+            let cf = T(p[i]), mean = t[i] * invS, df = T(mean)
+            cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i]); means[i] = mean
             rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf)) + P[i] * Double(df))
         }
-        let keeps = T._mapKeeps(count: planes, centres: p, dyCentres: t, offsets: R, slopes: Q, P)  // |T| ≥ |T/S|
+        let keeps = T._mapKeeps(count: planes, centres: p, dyCentres: means, offsets: R, slopes: Q, P)
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
             for item in range {
