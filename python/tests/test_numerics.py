@@ -608,7 +608,8 @@ def test_float32_gradients_near_the_largest_float_stay_finite(layout, layer_type
     dy = (rng.normal(1.0, 0.1, x.shape) * 5e37).astype(np.float32)
     if layout == "channels-last":
         x, dy = _channels_last(x), _channels_last(dy)
-    make = {"bcn": lambda dt: bcnswift.BatchChannelNorm(4, 2, dtype=dt), "bn": lambda dt: bcnswift.BatchNorm(4, dtype=dt),
+    make = {"bcn": lambda dt: bcnswift.BatchChannelNorm(4, 2, dtype=dt),
+            "bn": lambda dt: bcnswift.BatchNorm(4, dtype=dt),
             "cn": lambda dt: bcnswift.ChannelNorm(4, 2, dtype=dt)}[layer_type]
     layer, wide = make(np.float32), make(np.float64)
     layer(x), wide(x.astype(np.float64))

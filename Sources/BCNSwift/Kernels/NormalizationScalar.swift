@@ -166,10 +166,11 @@ extension NormalizationScalar {
     }
 
     /// A shift for sums of dy (`_gradientSums`' dyShift): the mean m of the first min(8, count) values
-    /// (`stride` apart) when it lies further from 0 than twice their mean distance d from the first, else 0. A shift
-    /// helps dy far off 0 against its spread; but one drawn from a few values misses the mean by about σ/√8, and
-    /// in dy near 0 (or sparse: a max-pool's or ReLU's backward, which it would move off 0) the sums of dy - s
-    /// then drifted by that within each Float32 block: a bias gradient 4 to 30 ulps off where it was within 1.
+    /// (`stride` apart) when it lies further from 0 than twice their mean distance d from the first, else 0. A
+    /// shift helps dy far off 0 against its spread; but one drawn from a few values misses the mean by about
+    /// σ/√8, and in dy near 0 (or sparse: a max-pool's or ReLU's backward, which it would move off 0) the sums of
+    /// dy - s then drifted by that within each Float32 block: a bias gradient 4 to 30 ulps off where it was
+    /// within 1.
     /// With no shift those sums are what they were. Each value is scaled by 1/k before adding, so that the sum
     /// cannot overflow; NaN or infinity gives 0. Eight contiguous values in one vector (`_shift`).
     @inlinable
@@ -182,7 +183,6 @@ extension NormalizationScalar {
         for i in 0..<k { let value = v[i * stride]; m += value * scale; d += (value - v[0]).magnitude * scale }
         return m.magnitude > 2 * d ? m : 0
     }
-
 
     /// The index of the first NaN or infinity among `count` values, or nil: blocks are screened by Σ 0·x in
     /// Float64 (NaN for any non-finite term), and only a failing block is searched.
