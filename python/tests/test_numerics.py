@@ -589,7 +589,8 @@ def test_float32_sparse_gradients_keep_the_float64_precision(spatial, layout, rn
     """Sparse dy (a max-pool's or ReLU's backward: 2% nonzero, and one large value at each plane's start) is not
     shifted: a shift drawn from eight values would move its zeros off 0, and the sums of dy - s drifted by it in
     each Float32 block (bias gradients 17 to 800 ulps off). `_earlyMean` shifts only where the eight values' mean
-    lies further from 0 than their spread: within 4 ulps of the scale, as before the shift."""
+    lies further from 0 than twice their mean distance from the first: within 4 ulps of the scale, as before the
+    shift."""
     B, C, G = 4, 16, 4
     shape = (B, C) + spatial
     x = rng.normal(0.0, 1.0, shape).astype(np.float32)
