@@ -66,7 +66,7 @@ extension Double: NormalizationScalar {
         let eighth = SIMD4<Double>(repeating: 0.125), m = _hsum(v.lowHalf * eighth + v.highHalf * eighth)
         let e = v - SIMD8(repeating: v[0]), a = e.replacing(with: -e, where: e .< 0)
         let d = _hsum(a.lowHalf * eighth + a.highHalf * eighth)
-        return m.magnitude > 2 * d ? m : 0
+        return _shift(mean: m, distance: d)
     }
 
     /// Double maps keep their constants as they are.

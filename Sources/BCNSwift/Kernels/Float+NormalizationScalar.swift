@@ -254,7 +254,7 @@ extension Float: NormalizationScalar {
         let eighth = SIMD8<Float>(repeating: 0.125), e = v - SIMD8(repeating: v[0])
         let magnitude = unsafeBitCast(unsafeBitCast(e, to: SIMD8<UInt32>.self) & 0x7fff_ffff, to: SIMD8<Float>.self)
         let (m, d) = _hsum2(v * eighth, magnitude * eighth)
-        return m.magnitude > 2 * d ? m : 0
+        return _shift(mean: m, distance: d)
     }
 
     /// By `MapRange`: Float32 lanes round the constants.

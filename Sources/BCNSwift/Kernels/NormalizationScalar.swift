@@ -181,8 +181,13 @@ extension NormalizationScalar {
         let scale = 1 / Self(k)
         var m: Self = 0, d: Self = 0
         for i in 0..<k { let value = v[i * stride]; m += value * scale; d += (value - v[0]).magnitude * scale }
-        return m.magnitude > 2 * d ? m : 0
+        return _shift(mean: m, distance: d)
     }
+
+    /// `_earlyMean`'s rule, for a few values' mean m and mean distance d from the first: m if |m| > 2 d, else 0
+    /// (NaN gives 0).
+    @inlinable @inline(__always)
+    public static func _shift(mean m: Self, distance d: Self) -> Self { m.magnitude > 2 * d ? m : 0 }
 
     /// The index of the first NaN or infinity among `count` values, or nil: blocks are screened by Σ 0·x in
     /// Float64 (NaN for any non-finite term), and only a failing block is searched.

@@ -296,7 +296,7 @@ struct ChannelsLastLayout: StoredLayout {
                 let row = rows + r * C
                 for c in 0..<C { m[c] += row[c] * scale; deviation[c] += (row[c] - rows[c]).magnitude * scale }
             }
-            for c in 0..<C where !(m[c].magnitude > 2 * deviation[c]) { m[c] = 0 }
+            for c in 0..<C { m[c] = T._shift(mean: m[c], distance: deviation[c]) }
         }
         let inOrder = gradientsInOrder(T.self)
         stretchSums(partials, T.self, inOrder: inOrder, arena: &arena, { b, r0, rows, sum, dot, scratch in
