@@ -678,11 +678,26 @@ extension Float: NormalizationScalar {
         _store8(v, dx, i)
     }
 
-    /// Adds the lane sums of `s` to `out[0..<8]` in Float64.
+    /// Adds the lane sums of `s` to `out[0..<8]` in Float64, a half at a time: the generic
+    /// `SIMD8<Double>(SIMD8<Float>)` is not always inlined, and its call cost the channels-last gradient sums a
+    /// quarter of their instructions.
     @inlinable @inline(__always)
     static func _flush8(_ s: SIMD8<Float>, into out: UnsafeMutablePointer<Double>) {
+        let (lo, hi) = unsafeBitCast(s, to: (SIMD4<Float>, SIMD4<Float>).self)
         let raw = UnsafeMutableRawPointer(out)
-        raw.storeBytes(of: raw.loadUnaligned(as: SIMD8<Double>.self) + SIMD8<Double>(s), as: SIMD8<Double>.self)
+        raw.storeBytes(of: raw.loadUnaligned(as: SIMD4<Double>.self) + SIMD4<Double>(lo), as: SIMD4<Double>.self)
+        raw.storeBytes(of: raw.loadUnaligned(fromByteOffset: 32, as: SIMD4<Double>.self) + SIMD4<Double>(hi),
+                       toByteOffset: 32, as: SIMD4<Double>.self)
+    }
+
+    /// `_flush8` of the eight lane sums stored at `s`, widened as they load: in a loop of 8-lane arithmetic,
+    /// `_flush8`'s halves led LLVM to split all of the loop's vectors into 4-lane halves.
+    @inlinable @inline(__always)
+    static func _flush8(stored s: UnsafePointer<Float>, into out: UnsafeMutablePointer<Double>) {
+        let raw = UnsafeMutableRawPointer(out)
+        raw.storeBytes(of: raw.loadUnaligned(as: SIMD4<Double>.self) + _load4Wide(s, 0), as: SIMD4<Double>.self)
+        raw.storeBytes(of: raw.loadUnaligned(fromByteOffset: 32, as: SIMD4<Double>.self) + _load4Wide(s, 4),
+                       toByteOffset: 32, as: SIMD4<Double>.self)
     }
 
     /// One block's strip of 32 columns from column c, rows `rows` (`stride` apart): Σ (x - k) and, with `squares`,
@@ -693,16 +708,18 @@ extension Float: NormalizationScalar {
     static func _columnStrip(_ x: UnsafePointer<Float>, rows: Range<Int>, stride: Int, column c: Int,
                              centres k: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
                              sums: UnsafeMutablePointer<Double>, squares: UnsafeMutablePointer<Double>?) {
+        // Σ (k - x), negated as it is flushed: negation is exact, and k - x takes x as the operand of the
+        // subtraction, one load instruction fewer a vector than x - k
         var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0
         for r in rows {
             let row = x + (r &* stride &+ c)  // offsets inside the block: they wrap unchecked
-            let d0 = _load8(row, 0) - k.0, d1 = _load8(row, 8) - k.1
-            let d2 = _load8(row, 16) - k.2, d3 = _load8(row, 24) - k.3
+            let d0 = k.0 - _load8(row, 0), d1 = k.1 - _load8(row, 8)
+            let d2 = k.2 - _load8(row, 16), d3 = k.3 - _load8(row, 24)
             s0 += d0; s1 += d1; s2 += d2; s3 += d3
             q0.addProduct(d0, d0); q1.addProduct(d1, d1); q2.addProduct(d2, d2); q3.addProduct(d3, d3)
         }
-        _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
-        _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
+        _flush8(-s0, into: sums + c); _flush8(-s1, into: sums + c + 8)
+        _flush8(-s2, into: sums + c + 16); _flush8(-s3, into: sums + c + 24)
         if let squares {
             _flush8(q0, into: squares + c); _flush8(q1, into: squares + c + 8)
             _flush8(q2, into: squares + c + 16); _flush8(q3, into: squares + c + 24)
@@ -716,17 +733,17 @@ extension Float: NormalizationScalar {
                                column c: Int, centres k: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
                                shifts h: (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>),
                                sums: UnsafeMutablePointer<Double>, dots: UnsafeMutablePointer<Double>) {
+        // Σ (s - dy) negated as it is flushed, and Σ (s - dy)(k - x), the same dot (as in `_columnStrip`)
         var s0 = SIMD8<Float>(), s1 = s0, s2 = s0, s3 = s0, p0 = s0, p1 = s0, p2 = s0, p3 = s0
         for r in rows {
             let at = r &* stride &+ c, g = dy + at, v = x + at  // as in `_columnStrip`
-            let g0 = _load8(g, 0), g1 = _load8(g, 8), g2 = _load8(g, 16), g3 = _load8(g, 24)
-            let e0 = g0 - h.0, e1 = g1 - h.1, e2 = g2 - h.2, e3 = g3 - h.3
+            let e0 = h.0 - _load8(g, 0), e1 = h.1 - _load8(g, 8), e2 = h.2 - _load8(g, 16), e3 = h.3 - _load8(g, 24)
             s0 += e0; s1 += e1; s2 += e2; s3 += e3
-            p0.addProduct(e0, _load8(v, 0) - k.0); p1.addProduct(e1, _load8(v, 8) - k.1)
-            p2.addProduct(e2, _load8(v, 16) - k.2); p3.addProduct(e3, _load8(v, 24) - k.3)
+            p0.addProduct(e0, k.0 - _load8(v, 0)); p1.addProduct(e1, k.1 - _load8(v, 8))
+            p2.addProduct(e2, k.2 - _load8(v, 16)); p3.addProduct(e3, k.3 - _load8(v, 24))
         }
-        _flush8(s0, into: sums + c); _flush8(s1, into: sums + c + 8)
-        _flush8(s2, into: sums + c + 16); _flush8(s3, into: sums + c + 24)
+        _flush8(-s0, into: sums + c); _flush8(-s1, into: sums + c + 8)
+        _flush8(-s2, into: sums + c + 16); _flush8(-s3, into: sums + c + 24)
         _flush8(p0, into: dots + c); _flush8(p1, into: dots + c + 8)
         _flush8(p2, into: dots + c + 16); _flush8(p3, into: dots + c + 24)
     }
@@ -807,6 +824,32 @@ extension Float: NormalizationScalar {
         }
     }
 
+    /// `count` rows from row r (`stride` apart) of `_columnGradientSums`' block read in order, 8 columns at a time
+    /// across `columns`, each lane's sums carried down the rows in registers: with `first`, from 0, else from the
+    /// block's `partials` ([S | P], stored there again; with `sums`, which ends the block, then added to `sums`
+    /// and `dots`). The same operations on each lane in the same order as the strip (`_gradientStrip`),
+    /// with two instructions fewer a vector: S is carried negated, as Σ (s - dy) (negation is exact), so that dy
+    /// and x are operands of the subtractions, and Σ (s - dy)(k - x) is the same dot.
+    @inlinable @inline(__always)
+    static func _gradientRows(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, from r: Int, _ count: Int,
+                              stride: Int, columns wide: Int, centre: UnsafePointer<Float>,
+                              dyShift: UnsafePointer<Float>, partials: UnsafeMutablePointer<Float>, first: Bool,
+                              sums: UnsafeMutablePointer<Double>?, dots: UnsafeMutablePointer<Double>) {
+        let g = dy + r &* stride, v = x + r &* stride, s = partials, p = partials + wide
+        var c = 0
+        while c < wide {
+            let h = _load8(dyShift, c), k = _load8(centre, c)
+            var sn = first ? SIMD8<Float>() : _load8(s, c), pc = first ? SIMD8<Float>() : _load8(p, c)
+            for j in 0..<count {
+                let at = j &* stride &+ c, e = h - _load8(g, at)
+                sn += e; pc.addProduct(e, k - _load8(v, at))
+            }
+            _store8(sums == nil ? sn : -sn, s, c); _store8(pc, p, c)
+            if let sums { _flush8(stored: s + c, into: sums + c); _flush8(stored: p + c, into: dots + c) }
+            c &+= 8
+        }
+    }
+
     /// As `_columnSums`: blocks of 8 rows outermost, 32 columns at a time in Float32, or with `partials` each
     /// block's rows in order.
     @inlinable
@@ -832,19 +875,20 @@ extension Float: NormalizationScalar {
         while r0 < rows {
             let end = Swift.min(rows, r0 &+ 8)
             if let partials {
-                let s = partials, p = partials + wide
-                for r in r0..<end {
-                    let at = r &* stride, g = dy + at, v = x + at, first = r == r0  // as in `_columnSums`
-                    var c = 0
-                    while c < wide {
-                        let ec = _load8(g, c) - _load8(dyShift, c)
-                        let (s0, p0) = first ? (SIMD8(), SIMD8()) : (_load8(s, c), _load8(p, c))
-                        _store8(s0 + ec, s, c); _store8(p0.addingProduct(ec, _load8(v, c) - _load8(centre, c)), p, c)
-                        c &+= 8
+                if end &- r0 == 8 {  // a whole block: two sweeps of four rows (eight rows at once were
+                    // sixteen streams of loads, too many for the prefetcher; sweeps of two rows ran 1.0-1.1x the
+                    // time of these)
+                    _gradientRows(dy, x, from: r0, 4, stride: stride, columns: wide, centre: centre, dyShift: dyShift,
+                                  partials: partials, first: true, sums: nil, dots: dots)
+                    _gradientRows(dy, x, from: r0 &+ 4, 4, stride: stride, columns: wide, centre: centre,
+                                  dyShift: dyShift, partials: partials, first: false, sums: sums, dots: dots)
+                } else {  // the stretch's last rows, one sweep each
+                    for r in r0..<end {
+                        _gradientRows(dy, x, from: r, 1, stride: stride, columns: wide, centre: centre,
+                                      dyShift: dyShift, partials: partials, first: r == r0,
+                                      sums: r == end &- 1 ? sums : nil, dots: dots)
                     }
                 }
-                var c = 0
-                while c < wide { _flush8(_load8(s, c), into: sums + c); _flush8(_load8(p, c), into: dots + c); c &+= 8 }
                 r0 = end
                 continue
             }
