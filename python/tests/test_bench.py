@@ -63,3 +63,53 @@ def test_torch_bench_runs_a_model(tmp_path, capsys):
     assert ratios["small: authors eager / bcnswift eager"] > 0
     saved = json.loads(path.read_text())
     assert saved["results"] == results and saved["bcnswift_torch_threads"] == torch_bench._kernel_threads()
+
+
+def _ab_builds():
+    """scripts/ab_builds.py, the developers' A/B of two builds, as a module."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "ab_builds.py"
+    spec = importlib.util.spec_from_file_location("ab_builds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_ab_builds_compares_a_build_with_itself():
+    """Both processes run and agree on the bits; the printed ratio is a positive number (no time asserted)."""
+    import os
+    import subprocess
+    import sys
+    import bcnswift
+    path, _ = _ab_builds()
+    package_dir = os.path.dirname(os.path.dirname(bcnswift.__file__))
+    done = subprocess.run([sys.executable, str(path), package_dir, package_dir, "2x8x4x4:fb", "3x16:eval",
+                           "--channels-last", "--groups", "4", "--rounds", "2", "--reps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if ": new/old " in line]
+    assert [line.split(":")[0] for line in lines] == ["2x8x4x4", "3x16"]
+    for line in lines:
+        assert float(line.split("new/old ")[1].split()[0]) > 0 and line.endswith("bits same")
+
+
+def test_ab_builds_reports_builds_that_differ():
+    """A 'new build' whose forward output is one ulp off anywhere is reported, for every kind."""
+    import types
+    import numpy as np
+    from bcnswift import _ext
+    _, ab = _ab_builds()
+    old = ab.load_kernels(__import__("os").path.dirname(__import__("os").path.dirname(_ext.__file__)), _ext.ISA)
+
+    def off_by_one_ulp(*args):
+        old.norm_forward(*args)
+        y = args[6]
+        y.reshape(-1)[5] = np.nextafter(y.reshape(-1)[5], np.inf)
+
+    new = types.SimpleNamespace(**{k: getattr(old, k) for k in dir(old) if not k.startswith("__")})
+    new.norm_forward = off_by_one_ulp
+    options = types.SimpleNamespace(dtype="float32", channels_last=False, groups=4, estimate=False, reps=1, rounds=1)
+    for kind in ("fwd", "fb", "eval"):
+        assert ab.compare(old, old, f"2x8x4x4:{kind}", options)["same"]
+        assert not ab.compare(old, new, f"2x8x4x4:{kind}", options)["same"]
