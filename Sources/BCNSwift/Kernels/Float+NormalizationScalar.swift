@@ -401,9 +401,10 @@ extension Float: NormalizationScalar {
     ) -> (sum: Double, dot: Double) {
         let cf = Float(centre), c = SIMD8<Float>(repeating: cf), k = SIMD8<Float>(repeating: dyShift)
         let full = n & ~7
-        var (ts, td, i) = _blockTotals(full: full, length: 128) { i, end in
+        var (negated, td, i) = _blockTotals(full: full, length: 128) { i, end in
             _gradientBlock(dy, x, &i, end: end, full: full, count: n, centre: c, shift: k)
         }
+        var ts = 0 - negated  // the blocks sum s - dy (`_gradientBlock`); 0 - t maps a zero to +0, as 0 + t does
         let shift = Double(dyShift)
         while i < n { let e = Double(dy[i]) - shift; ts += e; td.addProduct(e, Double(x[i] - cf)); i += 1 }  // n < 8
         if !(ts.isFinite && td.isFinite) { return _gradientSumsWide(dy, x, count: n, centre: centre, dyShift: shift) }
@@ -411,10 +412,12 @@ extension Float: NormalizationScalar {
         return (ts + Double(n) * shift, CentreResidue.dot(td, sum: ts, centre: centre, rounded: Double(cf)))
     }
 
-    /// One block of `_gradientSums` (Σdy, Σ(dy - k)(x - c)), from i to `end` (at most 128 values; with the
-    /// overlapping tail when it ends the full vectors): two chains of at most 8 terms per lane (9 with the tail),
-    /// returned added. The loop takes four vectors a step, each chain its two in turn: the same terms in the same
-    /// order as a step of two, with half the loop's bookkeeping.
+    /// One block of `_gradientSums`: (Σ(k - dy), Σ(k - dy)(c - x)), the negated sum of dy - k and the dot of
+    /// dy - k and x - c, from i to `end` (at most 128 values; with the overlapping tail when it ends the full
+    /// vectors): two chains of at most 8 terms per lane (9 with the tail), returned added. Negating both
+    /// differences is exact and leaves their product as it was; k - dy and c - x take dy and x as an operand of
+    /// the subtraction, two load instructions fewer a vector. The loop takes four vectors a step, each chain its
+    /// two in turn: the same terms in the same order as a step of two, with half the loop's bookkeeping.
     @inlinable @inline(__always)
     static func _gradientBlock(_ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ i: inout Int, end: Int,
                                full: Int, count n: Int, centre c: SIMD8<Float>, shift k: SIMD8<Float>)
@@ -423,24 +426,24 @@ extension Float: NormalizationScalar {
         var s0 = SIMD8<Float>(), s1 = SIMD8<Float>(), p0 = SIMD8<Float>(), p1 = SIMD8<Float>()
         let last = end &- 32
         while i <= last {
-            let g0 = _load8(dy, i), g1 = _load8(dy, i &+ 8), g2 = _load8(dy, i &+ 16), g3 = _load8(dy, i &+ 24)
-            let e0 = g0 - k, e1 = g1 - k, e2 = g2 - k, e3 = g3 - k
+            let e0 = k - _load8(dy, i), e1 = k - _load8(dy, i &+ 8)
+            let e2 = k - _load8(dy, i &+ 16), e3 = k - _load8(dy, i &+ 24)
             s0 += e0; s1 += e1
-            p0.addProduct(e0, _load8(x, i) - c); p1.addProduct(e1, _load8(x, i &+ 8) - c)
+            p0.addProduct(e0, c - _load8(x, i)); p1.addProduct(e1, c - _load8(x, i &+ 8))
             s0 += e2; s1 += e3
-            p0.addProduct(e2, _load8(x, i &+ 16) - c); p1.addProduct(e3, _load8(x, i &+ 24) - c)
+            p0.addProduct(e2, c - _load8(x, i &+ 16)); p1.addProduct(e3, c - _load8(x, i &+ 24))
             i &+= 32
         }
         if i &+ 16 <= end {
-            let e0 = _load8(dy, i) - k, e1 = _load8(dy, i &+ 8) - k
+            let e0 = k - _load8(dy, i), e1 = k - _load8(dy, i &+ 8)
             s0 += e0; s1 += e1
-            p0.addProduct(e0, _load8(x, i) - c); p1.addProduct(e1, _load8(x, i &+ 8) - c)
+            p0.addProduct(e0, c - _load8(x, i)); p1.addProduct(e1, c - _load8(x, i &+ 8))
             i &+= 16
         }
-        if i < end { let e = _load8(dy, i) - k; s0 += e; p0.addProduct(e, _load8(x, i) - c); i &+= 8 }
+        if i < end { let e = k - _load8(dy, i); s0 += e; p0.addProduct(e, c - _load8(x, i)); i &+= 8 }
         if i == full && i < n {  // the tail as one overlapping vector, its visited lanes masked out (both terms)
-            let e = (_load8(dy, n &- 8) - k).replacing(with: 0, where: _visitedLanes(n))
-            s1 += e; p1.addProduct(e, _load8(x, n &- 8) - c)
+            let e = (k - _load8(dy, n &- 8)).replacing(with: 0, where: _visitedLanes(n))
+            s1 += e; p1.addProduct(e, c - _load8(x, n &- 8))
             i = n
         }
         return (s0 + s1, p0 + p1)

@@ -165,11 +165,12 @@ extension Float {
         let (s4, d4) = block(4), (s5, d5) = block(5), (s6, d6) = block(6), (s7, d7) = block(7)
         let (sLow, sHigh) = unsafeBitCast(_hsum8(s0, s1, s2, s3, s4, s5, s6, s7), to: (SIMD4<Float>, SIMD4<Float>).self)
         let (dLow, dHigh) = unsafeBitCast(_hsum8(d0, d1, d2, d3, d4, d5, d6, d7), to: (SIMD4<Float>, SIMD4<Float>).self)
-        // four planes a step: 0 + s, as `_blockTotals` adds a block's sums to zero totals (-0 becomes +0)
+        // four planes a step: 0 + d, as `_blockTotals` adds a block's sums to zero totals (-0 becomes +0), and
+        // 0 - s for the blocks' negated sums, as `_gradientSums` takes them
         let count = SIMD4<Double>(repeating: Double(n))
         @inline(__always) func finish(_ at: Int, _ centre: SIMD4<Double>, _ ss: SIMD4<Float>, _ ds: SIMD4<Float>,
                                       _ shift: SIMD4<Float>) {
-            let shifted = SIMD4<Double>() + SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
+            let shifted = SIMD4<Double>() - SIMD4<Double>(ss), d = SIMD4<Double>() + SIMD4<Double>(ds)
             let t = shifted + count * SIMD4<Double>(shift)
             let u = CentreResidue.dot(d, sum: shifted, centre: centre, rounded: SIMD4<Double>(SIMD4<Float>(centre)))
             sums.storeLanes(t, at)
