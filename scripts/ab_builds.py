@@ -5,9 +5,10 @@ On a shared machine the speed of a process moves by 10-20% with where it runs an
 build measured 1.19x apart), which hides the effect of most kernel changes when each build runs in its own
 process. Here both builds' extension modules are loaded side by side (each carries its own Swift runtime; only
 PyInit_* is exported, so they do not collide) and called on the same arrays, round by round, the order reversed
-every other round. Within a process the build loaded first measured up to 5% faster than the same code loaded
-second, so two processes run, each build loaded first in one: the geometric mean of their ratios cancels that
-bias, which is printed too. The Python around the kernels is left out: this compares kernels, not wrappers. It also
+every other round, each round a block of calls per build (so that the other build's worker threads, which poll
+for 0.2 ms after a job, are asleep for all but its first call). Within a process the build loaded first measured
+up to 12% faster than the same code loaded second, so two processes run, each build loaded first in one: the
+geometric mean of their ratios cancels that bias, which is printed too. The Python around the kernels is left out: this compares kernels, not wrappers. It also
 checks that both builds give the same bits (outputs, gradients, running buffers, context).
 
     python3 scripts/ab_builds.py OLD NEW 8x256x14x14:fb 256x1024:fwd [--channels-last] [--estimate] [--groups 32]
