@@ -1,5 +1,15 @@
 """The benchmark script runs and prints a complete row per shape and mode (no timing is asserted)."""
-from bcnswift import bench
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+
+import bcnswift
+from bcnswift import _ext, bench
 from conftest import require
 
 
@@ -67,8 +77,6 @@ def test_torch_bench_runs_a_model(tmp_path, capsys):
 
 def _ab_builds():
     """scripts/ab_builds.py, the developers' A/B of two builds, as a module."""
-    import importlib.util
-    import pathlib
     path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "ab_builds.py"
     spec = importlib.util.spec_from_file_location("ab_builds", path)
     module = importlib.util.module_from_spec(spec)
@@ -78,10 +86,6 @@ def _ab_builds():
 
 def test_ab_builds_compares_a_build_with_itself():
     """Both processes run and agree on the bits; the printed ratio is a positive number (no time asserted)."""
-    import os
-    import subprocess
-    import sys
-    import bcnswift
     path, _ = _ab_builds()
     package_dir = os.path.dirname(os.path.dirname(bcnswift.__file__))
     done = subprocess.run([sys.executable, str(path), package_dir, package_dir, "2x8x4x4:fb", "3x16:eval",
@@ -95,12 +99,9 @@ def test_ab_builds_compares_a_build_with_itself():
 
 
 def test_ab_builds_reports_builds_that_differ():
-    """A 'new build' whose forward output is one ulp off anywhere is reported, for every kind."""
-    import types
-    import numpy as np
-    from bcnswift import _ext
+    """A 'new build' whose forward output is one ulp off in one value is reported, for every kind."""
     _, ab = _ab_builds()
-    old = ab.load_kernels(__import__("os").path.dirname(__import__("os").path.dirname(_ext.__file__)), _ext.ISA)
+    old = ab.load_kernels(os.path.dirname(os.path.dirname(_ext.__file__)), _ext.ISA)
 
     def off_by_one_ulp(*args):
         old.norm_forward(*args)
