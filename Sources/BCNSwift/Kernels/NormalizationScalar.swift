@@ -165,23 +165,21 @@ extension NormalizationScalar {
         }
     }
 
-    /// A shift for sums of dy (`_gradientSums`' dyShift): the mean m of the first min(8, count) values
-    /// (`stride` apart) when it lies further from 0 than twice their mean distance d from the first, else 0. A
-    /// shift helps dy far off 0 against its spread; but one drawn from a few values misses the mean by about
-    /// σ/√8, and in dy near 0 (or sparse: a max-pool's or ReLU's backward, which it would move off 0) the sums of
-    /// dy - s then drifted by that within each Float32 block: a bias gradient 4 to 30 ulps off where it was
-    /// within 1.
-    /// With no shift those sums are what they were. Each value is scaled by 1/k before adding, so that the sum
-    /// cannot overflow; NaN or infinity gives 0. Eight contiguous values in one vector (`_shift`), inline: out of
-    /// line, its call and its test for the general case cost a plane 38 instructions where `_shift` takes 20.
+    /// A shift for sums of dy (`_gradientSums`' dyShift): the mean m of the first min(8, count) values when it
+    /// lies further from 0 than twice their mean distance d from the first, else 0. A shift helps dy far off 0
+    /// against its spread; but one drawn from a few values misses the mean by about σ/√8, and in dy near 0 (or
+    /// sparse: a max-pool's or ReLU's backward, which it would move off 0) the sums of dy - s then drifted by that
+    /// within each Float32 block: a bias gradient 4 to 30 ulps off where it was within 1.
+    /// With no shift those sums are what they were. Each value is scaled by 1/min(8, count) before adding, so that
+    /// the sum cannot overflow; NaN or infinity gives 0. Eight values in one vector (`_shift`), inline: out of
+    /// line, its call cost a plane 38 instructions where `_shift` takes 20.
     @inlinable @inline(__always)
-    public static func _earlyMean(_ v: UnsafePointer<Self>, count: Int, stride: Int = 1) -> Self {
-        if stride == 1 && count >= 8 { return _shift(UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Self>.self)) }
-        let k = Swift.min(8, count)
-        guard k > 0 else { return 0 }
-        let scale = 1 / Self(k)
+    public static func _earlyMean(_ v: UnsafePointer<Self>, count: Int) -> Self {
+        if count >= 8 { return _shift(UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Self>.self)) }
+        guard count > 0 else { return 0 }
+        let scale = 1 / Self(count)
         var m: Self = 0, d: Self = 0
-        for i in 0..<k { let value = v[i * stride]; m += value * scale; d += (value - v[0]).magnitude * scale }
+        for i in 0..<count { let value = v[i]; m += value * scale; d += (value - v[0]).magnitude * scale }
         return _shift(mean: m, distance: d)
     }
 
