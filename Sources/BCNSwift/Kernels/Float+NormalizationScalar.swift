@@ -389,7 +389,7 @@ extension Float: NormalizationScalar {
         }
         // Planes shorter than 8 (such as [B, C] input) in Float64: there a tiny channel group can make scale and
         // offset large and cancelling, and Float rounding would show. So do constants out of `MapRange`.
-        for i in 0..<n { y[i] = Float(offset.addingProduct(Double(x[i]) - centre, scale)) }
+        WideMap.values(x, y, at: 0, count: n, centre: centre, scale: scale, offset: offset)
     }
 
     /// Float32 blocks of Σ(dy - s) and Σ(dy - s)(x - cf) with s = dyShift, as in `_scaledDeviationSums`, then
@@ -543,9 +543,8 @@ extension Float: NormalizationScalar {
             if ragged { _store8(tail, dx, n - 8) }
             return
         }
-        for i in 0..<n {  // in Float64, as in `_scaleShift` (short planes, constants out of `MapRange`)
-            dx[i] = Float(r.addingProduct(Double(x[i]) - centre, q).addingProduct(Double(dy[i]), p))
-        }
+        // in Float64, as in `_scaleShift` (short planes, constants out of `MapRange`)
+        WideMap.gradients(dy, x, dx, at: 0, count: n, centre: centre, p: p, q: q, r: r)
     }
 
     @inlinable

@@ -245,7 +245,7 @@ struct ChannelsLastLayout: StoredLayout {
                         let at = (b * S + row) * C
                         for c in 0..<C {
                             let i = constants + c
-                            y[at + c] = T(offset[i].addingProduct(Double(x[at + c]) - p[i], scale[i]))
+                            y[at + c] = WideMap.value(x[at + c], centre: p[i], scale: scale[i], offset: offset[i])
                         }
                     }
                     continue
@@ -346,7 +346,7 @@ struct ChannelsLastLayout: StoredLayout {
                         let at = (b * S + row) * C
                         for c in 0..<C {
                             let i = constants + c, v = at + c
-                            dx[v] = T(R[i].addingProduct(Double(x[v]) - p[i], Q[i]).addingProduct(Double(dy[v]), P[i]))
+                            dx[v] = WideMap.gradient(dy[v], x[v], centre: p[i], p: P[i], q: Q[i], r: R[i])
                         }
                     }
                     continue

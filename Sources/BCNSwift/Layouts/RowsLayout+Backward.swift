@@ -347,7 +347,7 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
             g.maps(K, e: e, P: P, Q: Q, R: R)
         }
         for j in 0..<K {
-            RowsLayout.combinePlane(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
+            WideMap.gradients(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
                                     r: R[j])
         }
     }

@@ -232,57 +232,11 @@ struct RowsLayout {
                 }
                 let first = b * C + c0
                 for k in 0..<n {
-                    RowsLayout.mapPlane(x, y, at: (first &+ k) &* S, count: S, centre: pb[k], scale: scales[k],
+                    WideMap.values(x, y, at: (first &+ k) &* S, count: S, centre: pb[k], scale: scales[k],
                                         offset: offsets[k])
                 }
             }
         }
-    }
-
-    /// out = offset + scale (x - centre) on the short plane of values at..<at+S, in Float64 rounded once per
-    /// value: four values a step, with the same operations on each value. (A `for` over the plane's range cost
-    /// 56 instructions a plane of four: range and overflow checks, and a vector loop's prologue.) A plane whose
-    /// length is not a multiple of 4 ends with one vector over its last four values, overlapping the step
-    /// before: it is computed before the steps (y may alias x) and stored after them, so the values it shares
-    /// are written twice with the same bits. (One value at a time, the last value of a 3x3 plane cost about 15
-    /// instructions, as much as a step.) Planes of fewer than 4 values run one value at a time. Offsets wrap
-    /// unchecked: the plane lies inside the tensor.
-    @inline(__always)
-    static func mapPlane<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, at: Int,
-                                                 count S: Int, centre: Double, scale: Double, offset: Double) {
-        var i = at
-        let end = at &+ S
-        if S >= 4 {
-            let c = SIMD4(repeating: centre), s = SIMD4(repeating: scale), o = SIMD4(repeating: offset)
-            let ragged = S & 3 != 0, last = end &- 4
-            let tail = ragged ? o.addingProduct(T._load4Wide(x, last) - c, s) : o
-            while i &+ 4 <= end { T._store4Narrow(o.addingProduct(T._load4Wide(x, i) - c, s), y, i); i &+= 4 }
-            if ragged { T._store4Narrow(tail, y, last) }
-            return
-        }
-        while i < end { y[i] = T(offset.addingProduct(Double(x[i]) - centre, scale)); i &+= 1 }
-    }
-
-    /// dx = r + q (x - centre) + p dy on the short plane of values at..<at+S, as `mapPlane` (two fused
-    /// multiply-adds, rounded once to T; the overlapping last vector as there, since dx may alias dy).
-    @inline(__always)
-    static func combinePlane<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>,
-                                                     _ dx: UnsafeMutablePointer<T>, at: Int, count S: Int,
-                                                     centre: Double, p: Double, q: Double, r: Double) {
-        var i = at
-        let end = at &+ S
-        if S >= 4 {
-            let c = SIMD4(repeating: centre), pv = SIMD4(repeating: p), qv = SIMD4(repeating: q)
-            let rv = SIMD4(repeating: r)
-            @inline(__always) func value(_ i: Int) -> SIMD4<Double> {
-                rv.addingProduct(T._load4Wide(x, i) - c, qv).addingProduct(T._load4Wide(dy, i), pv)
-            }
-            let ragged = S & 3 != 0, last = end &- 4, tail = ragged ? value(last) : rv
-            while i &+ 4 <= end { T._store4Narrow(value(i), dx, i); i &+= 4 }
-            if ragged { T._store4Narrow(tail, dx, last) }
-            return
-        }
-        while i < end { dx[i] = T(r.addingProduct(Double(x[i]) - centre, q).addingProduct(Double(dy[i]), p)); i &+= 1 }
     }
 
     /// Channels per item of `applyValues`: whole groups, about 512 values of a row.
