@@ -120,7 +120,10 @@ def _checked_out(out, like, form, name, allow=None):
     """`out` if it can receive a result shaped, typed and laid out like `like` (whose memory_format is `form`)
     without overlapping it, nor `allow` (backward's dy) unless it is exactly `allow` (the same array or the same
     memory with the same strides, which the kernels may overwrite in place). Runs on every call that passes out=,
-    so the cheap tests come first: two different arrays that each allocated their own memory cannot overlap."""
+    so the cheap tests come first: two different arrays that each allocated their own memory cannot overlap, and
+    the common case (an array like `like` in fresh memory, such as np.empty_like makes) is one C call."""
+    if _ext.fresh_output(out, like, allow):
+        return out
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
     if out.dtype != like.dtype or out.shape != like.shape:

@@ -193,6 +193,38 @@ def test_memory_facts_agree_with_numpys_flags(rng):
         _ext.memory_facts([1.0, 2.0])
 
 
+def test_fresh_output_accepts_only_what_needs_no_further_check(rng):
+    """out= checks start with one C call, _ext.fresh_output, which may only say yes when every check would pass
+    and no overlap is possible: anything else goes on to the full checks (which word the errors above)."""
+    from bcnswift import _ext
+    x = random_input(rng, (2, 6, 4, 5)).astype(np.float32)
+    last = np.empty_like(np.moveaxis(np.empty((2, 4, 5, 6), np.float32), -1, 1))  # channels-last, owning memory
+    last[...] = x
+    dy = np.empty_like(x)
+    readonly = np.empty_like(x)
+    readonly.flags.writeable = False
+    for like, out, allow in ((x, np.empty_like(x), None), (last, np.empty_like(last), None),
+                             (x, dy, dy), (x, np.empty_like(x), dy)):
+        assert _ext.fresh_output(out, like, allow) is True
+    refused = {
+        "out is the input": (x, x, None),
+        "out a view": (x, np.empty_like(x)[:], None),
+        "input a view": (x[:], np.empty_like(x), None),
+        "other layout": (x, np.empty_like(last), None),
+        "other dtype": (x, np.empty(x.shape, np.float64), None),
+        "other byte order": (x, np.empty(x.shape, ">f4"), None),
+        "other shape": (x, np.empty((2, 6, 20), np.float32), None),
+        "read-only": (x, readonly, None),
+        "dy a view": (x, np.empty_like(x), dy[:]),
+        "not an array": (x, [0.0], None),
+        "input not an array": ([0.0], np.empty(1), None),
+    }
+    for name, (like, out, allow) in refused.items():
+        assert _ext.fresh_output(out, like, allow) is False, name
+    with pytest.raises(TypeError, match="3 arguments"):
+        _ext.fresh_output(x, x)
+
+
 def test_threads_setting():
     n = bcnswift.get_num_threads()
     assert n >= 1
