@@ -231,14 +231,19 @@ struct NormalizationUnit {
         }
         // Σ dy₁ (x - p) needs the plane's own a² q and a U taken out of M2 and W.
         let m2v = SIMD4(repeating: m2), epsv = SIMD4(repeating: eps)
-        Lanes.map(K, into: dot) { k in
-            let ak = a.lanes(k), qk = q?.lanes(k) ?? SIMD4(), uk = u.lanes(k)
-            let others = (m2v - qk * (ak * ak)) * v.invN4, wOthers = v.wg4 - ak * uk
-            return v.r3w4 * (uk * (epsv + others) - ak * qk * wOthers * v.invN4)
-        } scalar: { k in
-            let qk = q?[k] ?? 0, others = (m2 - qk * (a[k] * a[k])) * invN, wOthers = wg - a[k] * u[k]
-            return r3w * (u[k] * (eps + others) - a[k] * qk * wOthers * invN)
+        @inline(__always)
+        func dots(_ q4: (Int) -> SIMD4<Double>, _ q1: (Int) -> Double) {
+            Lanes.map(K, into: dot) { k in
+                let ak = a.lanes(k), qk = q4(k), uk = u.lanes(k)
+                let others = (m2v - qk * (ak * ak)) * v.invN4, wOthers = v.wg4 - ak * uk
+                return v.r3w4 * (uk * (epsv + others) - ak * qk * wOthers * v.invN4)
+            } scalar: { k in
+                let qk = q1(k), others = (m2 - qk * (a[k] * a[k])) * invN, wOthers = wg - a[k] * u[k]
+                return r3w * (u[k] * (eps + others) - a[k] * qk * wOthers * invN)
+            }
         }
+        // q tested once, not per load: `q?.lanes(k) ?? 0` became masked loads (see BatchNormStage.backwardScratch)
+        if let q { dots({ q.lanes($0) }, { q[$0] }) } else { dots({ _ in SIMD4() }, { _ in 0 }) }
         return (rw, tg, r * wg)
     }
 }
