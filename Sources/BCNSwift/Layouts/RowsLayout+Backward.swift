@@ -348,7 +348,7 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
         }
         for j in 0..<K {
             WideMap.gradients(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
-                                    r: R[j])
+                              r: R[j])
         }
     }
 }

@@ -233,7 +233,7 @@ struct RowsLayout {
                 let first = b * C + c0
                 for k in 0..<n {
                     WideMap.values(x, y, at: (first &+ k) &* S, count: S, centre: pb[k], scale: scales[k],
-                                        offset: offsets[k])
+                                   offset: offsets[k])
                 }
             }
         }
