@@ -63,16 +63,24 @@ struct RowsLayout {
         // Four planes at a time, one in each lane (value i of each per step): the same operations per plane.
         let invS = 1 / Double(S), invS4 = SIMD4(repeating: invS)
         var k = 0
-        while k &+ 4 <= n {
-            let at = (first + k) * S
-            var total = SIMD4<Double>()
-            for i in 0..<S { total += planeLanes(x, at, i) }
-            let c = total * invS4
-            var d = SIMD4<Double>(), squares = d
-            for i in 0..<S { let e = planeLanes(x, at, i) - c; d += e; squares.addProduct(e, e) }
-            p.storeLanes(c + d * invS4, k)
-            q.storeLanes(pointwiseMax(squares - d * d * invS4, SIMD4()), k)
-            k &+= 4
+        RowsLayout.withShortPlane(S) { S in
+            while k &+ 4 <= n {
+                let at = (first &+ k) &* S
+                var total = SIMD4<Double>()
+                for i in 0..<S { total += Self.planeLanes(x, at, i, spatial: S) }
+                let c = total * invS4
+                var d = SIMD4<Double>(), squares = d
+                for i in 0..<S {
+                    let e = Self.planeLanes(x, at, i, spatial: S) - c
+                    d += e; squares.addProduct(e, e)
+                }
+                p.storeLanes(c + d * invS4, k)
+                // max(M2, 0) lane by lane as `FloatingPoint.maximum` takes it (NaN gives 0), which
+                // `pointwiseMax` calls out of line, one lane at a time
+                let m2 = squares - d * d * invS4
+                q.storeLanes(SIMD4().replacing(with: m2, where: m2 .> SIMD4()), k)
+                k &+= 4
+            }
         }
         while k < n {
             let plane = x + (first + k) * S
@@ -89,9 +97,24 @@ struct RowsLayout {
 
     /// Value i of the four planes of S values from `at`, widened: one plane per lane.
     @inline(__always)
-    func planeLanes<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ at: Int, _ i: Int) -> SIMD4<Double> {
-        let S = shape.spatial, v = x + at + i
-        return SIMD4(Double(v[0]), Double(v[S]), Double(v[2 * S]), Double(v[3 * S]))
+    static func planeLanes<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ at: Int, _ i: Int, spatial S: Int)
+        -> SIMD4<Double>
+    {
+        let v = x + (at &+ i)
+        return SIMD4(Double(v[0]), Double(v[S]), Double(v[2 &* S]), Double(v[3 &* S]))
+    }
+
+    /// `body(S)` with S a constant for the planes of 2x2 and 3x3 maps and [B, C, 2..4] (with S unknown, a plane's
+    /// loops of a few values cost as much again as their work).
+    @inline(__always)
+    static func withShortPlane(_ S: Int, _ body: (Int) -> Void) {
+        switch S {
+        case 2: body(2)
+        case 3: body(3)
+        case 4: body(4)
+        case 9: body(9)
+        default: body(S)
+        }
     }
 
     /// T = Σ dy and U = Σ dy (x - p) of sample b's channels c0..<c0+n.
@@ -101,15 +124,17 @@ struct RowsLayout {
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>) {
         let S = shape.spatial, first = b * shape.channels + c0
         var k = 0
-        while k &+ 4 <= n {  // in Float64, as the moments, four planes at a time
-            let at = (first + k) * S, centre = p.lanes(k)
-            var sum = SIMD4<Double>(), dot = sum
-            for i in 0..<S {
-                let g = planeLanes(dy, at, i)
-                sum += g; dot.addProduct(g, planeLanes(x, at, i) - centre)
+        RowsLayout.withShortPlane(S) { S in
+            while k &+ 4 <= n {  // in Float64, as the moments, four planes at a time
+                let at = (first &+ k) &* S, centre = p.lanes(k)
+                var sum = SIMD4<Double>(), dot = sum
+                for i in 0..<S {
+                    let g = Self.planeLanes(dy, at, i, spatial: S)
+                    sum += g; dot.addProduct(g, Self.planeLanes(x, at, i, spatial: S) - centre)
+                }
+                t.storeLanes(sum, k); u.storeLanes(dot, k)
+                k &+= 4
             }
-            t.storeLanes(sum, k); u.storeLanes(dot, k)
-            k &+= 4
         }
         while k < n {
             let at = (first + k) * S
