@@ -346,9 +346,11 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
         } else {  // dx = dy₁
             g.maps(K, e: e, P: P, Q: Q, R: R)
         }
-        for j in 0..<K {
-            WideMap.gradients(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
-                              r: R[j])
+        RowsLayout.withShortPlane(S) { S in
+            for j in 0..<K {
+                WideMap.gradients(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
+                                  r: R[j])
+            }
         }
     }
 }

@@ -305,9 +305,11 @@ struct RowsLayout {
                         .batchNormMaps(offsets: offsets, scales: scales)
                 }
                 let first = b * C + c0
-                for k in 0..<n {
-                    WideMap.values(x, y, at: (first &+ k) &* S, count: S, centre: pb[k], scale: scales[k],
-                                   offset: offsets[k])
+                Self.withShortPlane(S) { S in
+                    for k in 0..<n {
+                        WideMap.values(x, y, at: (first &+ k) &* S, count: S, centre: pb[k], scale: scales[k],
+                                       offset: offsets[k])
+                    }
                 }
             }
         }
