@@ -211,9 +211,9 @@ struct RowsLayout {
     /// The batch's moments of channels c0..<c0+n of planes of 2 to 4 values, by columns: each of a plane's S
     /// positions is a column of B values, whose moments `BatchNormStage.batchMoments` takes as it takes [B, C]
     /// input's (16 columns a strip down the samples, Float32 rows widened as they load), into `columns`
-    /// (n·S); then a channel's S columns merge in order (`Moments.merge`, Chan's formula). Walking four planes
-    /// at a time instead, their values gathered into lanes, cost 4 instructions a value before the merge over
-    /// samples; this costs about 1.
+    /// (n·S); then a channel's S columns merge around the first one's mean. Walking four planes at a time
+    /// instead, their values gathered into lanes, cost 4 instructions a value before the merge over samples;
+    /// this costs about 1.
     private func columnMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, first c0: Int, count n: Int,
                                                        columns: UnsafeMutablePointer<Moments>,
                                                        into out: UnsafeMutablePointer<Moments>) {
@@ -224,7 +224,8 @@ struct RowsLayout {
         // values do in `BatchNormStage.batchMoments`: d = Σ (mean - c), μ = c + d/S, M2 = Σ M2 + B (Σ (mean - c)²
         // - d²/S). Chan's merge one column at a time instead rounds each partial mean (by 1/3 for the third),
         // and the next column's distance from it carried that rounding: 1e-10 of M2 where the spread was 1e-8
-        // of the mean.
+        // of the mean. With c one of the means, Σ (mean - c)² is at most S + 1 times the difference taken from
+        // it, so the subtraction loses at most a few bits of the between-columns term.
         let B = Double(shape.batch), invS = 1 / Double(S)
         Self.withShortPlane(S) { S in
             for k in 0..<n {
