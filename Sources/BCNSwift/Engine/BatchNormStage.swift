@@ -87,16 +87,21 @@ enum BatchNormStage {
         /// Channel k's moments: μ = c + d/B, M2 = Σ q + S (Σ (p - c)² - d²/B).
         @inline(__always)
         func moments(_ k: Int, batch B: Int, spatial: Int) -> Moments {
-            Self.moments(centre: centre[k], within: within[k], deviation: deviation[k], between: between[k],
-                         batch: B, spatial: spatial)
+            BatchNormStage.moments(centre: centre[k], within: within[k], deviation: deviation[k],
+                                   between: between[k], sets: B, size: spatial)
         }
+    }
 
-        @inline(__always)
-        static func moments(centre: Double, within: Double, deviation d: Double, between: Double, batch B: Int,
-                            spatial: Int) -> Moments {
-            let S = Double(spatial), invB = 1 / Double(B)
-            return Moments(count: Double(B) * S, mean: centre + d * invB, m2: within + S * max(between - d * d * invB, 0))
-        }
+    /// The moments of `sets` sets of `size` values each from their sums around a centre c: `within` = Σ of
+    /// their M2s, d = Σ (mean - c) and `between` = Σ (mean - c)²; μ = c + d/sets, M2 = within + size ·
+    /// (between - d²/sets). The batch's planes merge so (`batchMoments`), and so do a short plane's columns
+    /// (`RowsLayout.columnMoments`).
+    @inline(__always)
+    static func moments(centre: Double, within: Double, deviation d: Double, between: Double, sets: Int,
+                        size: Int) -> Moments {
+        let n = Double(size), inverse = 1 / Double(sets)
+        return Moments(count: Double(sets) * n, mean: centre + d * inverse,
+                       m2: within + n * max(between - d * d * inverse, 0))
     }
 
     /// The moments of 4·`chains` channels (1, 2 or 4 chains of four lanes) into `out`, their sums in registers.

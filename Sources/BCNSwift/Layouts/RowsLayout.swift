@@ -104,8 +104,10 @@ struct RowsLayout {
         return SIMD4(Double(v[0]), Double(v[S]), Double(v[2 &* S]), Double(v[3 &* S]))
     }
 
-    /// `body(S)` with S a constant for the planes of 2x2 and 3x3 maps and [B, C, 2..4] (with S unknown, a plane's
-    /// loops of a few values cost as much again as their work).
+    /// `body(S)` with S a constant for the planes of 2x2 and 3x3 maps and [B, C, 2..4], so that loops over a
+    /// plane's values unroll: with S unknown they cost as much again as their work (the planes' moments and maps),
+    /// and repeating and folding the value view's O(C·S) per-value numbers cost 7 instructions a value, a third of
+    /// a small batch's backward.
     @inline(__always)
     static func withShortPlane(_ S: Int, _ body: (Int) -> Void) {
         switch S {
@@ -226,7 +228,6 @@ struct RowsLayout {
         // and the next column's distance from it carried that rounding: 1e-10 of M2 where the spread was 1e-8
         // of the mean. With c one of the means, Σ (mean - c)² is at most S + 1 times the difference taken from
         // it, so the subtraction loses at most a few bits of the between-columns term.
-        let B = Double(shape.batch), invS = 1 / Double(S)
         Self.withShortPlane(S) { S in
             for k in 0..<n {
                 let plane = columns + k &* S, centre = plane[0].mean
@@ -235,8 +236,8 @@ struct RowsLayout {
                     let d = plane[i].mean - centre
                     within += plane[i].m2; deviation += d; between.addProduct(d, d)
                 }
-                out[k] = Moments(count: Double(S) * B, mean: centre + deviation * invS,
-                                 m2: within + B * max(between - deviation * deviation * invS, 0))
+                out[k] = BatchNormStage.moments(centre: centre, within: within, deviation: deviation,
+                                                between: between, sets: S, size: shape.batch)
             }
         }
     }

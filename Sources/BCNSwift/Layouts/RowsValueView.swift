@@ -149,20 +149,7 @@ extension RowsValueView {
                 sums[c] = total
             }
         }
-        Self.withConstant(spatial, fold)
-    }
-
-    /// `body(S)` with S a constant where it is 2, 3 or 4 (the view's planes), so that loops over a plane's values
-    /// unroll (with S unknown, repeating and folding the O(C·S) per-value numbers cost 7 instructions a value,
-    /// a third of a small batch's backward).
-    @inline(__always)
-    static func withConstant(_ S: Int, _ body: (Int) -> Void) {
-        switch S {
-        case 2: body(2)
-        case 3: body(3)
-        case 4: body(4)
-        default: body(S)
-        }
+        RowsLayout.withShortPlane(spatial, fold)
     }
 }
 
@@ -181,7 +168,7 @@ struct ValueExpansion {
     func expand(first c0: Int, count n: Int) {
         let S = spatial, first = c0 / S, count = n / S
         @inline(__always) func repeated(_ from: UnsafePointer<Double>, _ to: UnsafeMutablePointer<Double>) {
-            RowsValueView.withConstant(S) { S in
+            RowsLayout.withShortPlane(S) { S in
                 var i = c0
                 for c in first..<first &+ count {
                     let v = from[c]
