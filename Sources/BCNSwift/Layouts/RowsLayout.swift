@@ -159,13 +159,10 @@ struct RowsLayout {
     // MARK: forward
 
     private var momentsCost: Int { 2 * shape.batch * shape.spatial * panelBlocks * blockChannels }
-    /// Doubles of a thread's scratch for phase (a): the panel's plane moments of every sample (none when S = 1),
-    /// or with planes of 2 to 4 values, at least its columns' moments (`columnMoments`).
-    private var momentsSlot: Int {
-        let S = shape.spatial, width = panelBlocks * blockChannels
-        guard S > 1 else { return 0 }
-        return max(2 * shape.batch, byColumns ? 3 * S : 0) * width
-    }
+    /// Doubles of a thread's scratch for phase (a): the panel's plane moments of every sample (none when S = 1).
+    /// Its columns' moments (`columnMoments`: 3·S a channel) fit the same room, since `byColumns` asks for 8
+    /// samples and S ≤ 4.
+    private var momentsSlot: Int { (shape.spatial == 1 ? 0 : 2 * shape.batch) * panelBlocks * blockChannels }
 
     /// Whether `localMoments` may take the batch moments by columns (`columnMoments`) when no memo asks for the
     /// plane moments: planes of 2 to 4 values, from 8 samples. Per column that costs a strip's setup and the
@@ -195,6 +192,7 @@ struct RowsLayout {
                     continue
                 }
                 if memo == nil && byColumns {
+                    assert(3 * S <= 2 * B, "the columns' moments beyond the slot (`momentsSlot`)")
                     let columns = UnsafeMutableRawPointer(p).bindMemory(to: Moments.self, capacity: n * S)
                     columnMoments(x, first: c0, count: n, columns: columns, into: channelMoments + c0)
                     continue
