@@ -48,7 +48,7 @@ enum MapRange {
                       s2?[i] ?? 0) { return false }
             i &+= 1
         }
-        return kept == SIMDMask(repeating: true)
+        return all(kept)
     }
 
     /// Whether all four maps keep it (lane l for map l; `keeps` on the biased exponent fields: 1023 + ⌊log2 |v|⌋
@@ -56,8 +56,7 @@ enum MapRange {
     @inlinable @inline(__always)
     static func keeps(c: SIMD4<Double>, dyCentre c2: SIMD4<Double> = SIMD4(), o: SIMD4<Double>, s1: SIMD4<Double>,
                       s2: SIMD4<Double>) -> Bool {
-        (lanes(c: c, o: o, s1: s1, s2: s2) .& lanes(c: c2, o: c2, s1: SIMD4(), s2: SIMD4()))
-            == SIMDMask(repeating: true)
+        all(lanes(c: c, o: o, s1: s1, s2: s2) .& lanes(c: c2, o: c2, s1: SIMD4(), s2: SIMD4()))
     }
 
     /// `keeps`, lane by lane.
