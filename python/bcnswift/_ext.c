@@ -13,6 +13,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 #include "bcnswift.h"
+#include "_c_api.h"
 
 #define MESSAGE_CAPACITY 512
 
@@ -529,6 +530,16 @@ static PyObject *set_calling_thread_team(PyObject *self, PyObject *arg) {
     return PyLong_FromVoidPtr((void *)previous);
 }
 
+/* The C ABI as a table (_c_api.h) for native code in this process, exported as the capsule `_C_API`. */
+static const bcn_c_api c_api = {
+    sizeof(bcn_c_api), BCN_ABI_VERSION, BCN_BATCH_NORM, BCN_ESTIMATED, BCN_CUMULATIVE_AVERAGE, BCN_CHANNEL_NORM,
+    BCN_TRAINING, BCN_CHANNELS_LAST, BCN_OK, BCN_ERR_NO_FORWARD, bcn_get_num_threads,
+    bcn_set_calling_thread_num_threads, bcn_set_calling_thread_team,
+    bcn_context_length, bcn_norm_forward_f32, bcn_norm_forward_f64, bcn_norm_moments_f32, bcn_norm_moments_f64,
+    bcn_norm_finish_f32, bcn_norm_finish_f64, bcn_running_update_f32, bcn_running_update_f64,
+    bcn_norm_backward_f32, bcn_norm_backward_f64, bcn_ws_forward_f32, bcn_ws_forward_f64, bcn_ws_backward_f32,
+    bcn_ws_backward_f64};
+
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 static PyMethodDef methods[] = {
     {"norm_forward", FASTCALL(norm_forward), "fused normalization forward (or its phase (c))"},
@@ -592,5 +603,12 @@ PyMODINIT_FUNC BCN_INIT(BCN_MODULE)(void) {
     FLAG(BCN_WS_EPS_IN_SQRT);
     FLAG(MEMORY_C_ORDER); FLAG(MEMORY_ALIGNED); FLAG(MEMORY_WRITEABLE); FLAG(MEMORY_OWNDATA);
 #undef FLAG
+    /* const by contract: readers only call through the table */
+    PyObject *capsule = PyCapsule_New((void *)&c_api, BCN_C_API_CAPSULE, NULL);
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }
