@@ -43,6 +43,14 @@ def seed_of(name):
 
 
 @pytest.fixture
+def kernel_calls(monkeypatch):
+    """bcnswift.torch's kernel calls during the test (torch_kernel_calls.KernelCalls): torch tests only."""
+    calls = importlib.import_module("torch_kernel_calls").KernelCalls(monkeypatch)
+    yield calls
+    calls.stop()
+
+
+@pytest.fixture
 def rng(request):
     """A fresh generator per test, seeded from the test's id so a failure reproduces; the seed is printed, and
     pytest shows it with a failing test's output."""

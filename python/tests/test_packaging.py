@@ -42,7 +42,8 @@ def test_the_sdist_carries_the_swift_package(built):
     names = tarfile.open(sdist).getnames()
     for needed in ("Package.swift", "Sources/CBCNSwift/include/bcnswift.h", "Sources/BCNSwiftC",
                    "Sources/BCNSwift/Engine/NormalizationEngine.swift", "python/bcnswift/_ext.c",
-                   "python/bcnswift/_cpu.c", "python/bcnswift/_glibc_compat.c", "setup.py"):
+                   "python/bcnswift/_cpu.c", "python/bcnswift/_glibc_compat.c", "python/bcnswift/_c_api.h",
+                   "python/bcnswift/torch/native_ops.cpp", "setup.py"):
         assert any(n.endswith("bcnswift-0.1.0/" + needed) for n in names), f"the sdist lacks {needed}"
     assert not any(n.endswith((".so", ".o", ".a")) or "/.build/" in n for n in names)
 
@@ -66,6 +67,13 @@ def test_the_extensions_are_stripped_self_contained_and_export_only_pyinit(built
     assert [s for s in exported if s.startswith("PyInit")] == ["PyInit__ext_baseline"]
     functions = [exported[i + 2] for i in range(0, len(exported) - 2, 3) if exported[i + 1] in "TtWw"]
     assert functions == ["PyInit__ext_baseline"], functions[:10]
+
+
+def test_the_wheel_carries_the_sources_of_the_native_operators(built):
+    """bcnswift.torch builds its native operators where it is used (bcnswift/torch/_native.py), from these."""
+    _, wheel, _ = built
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"bcnswift/_c_api.h", "bcnswift/torch/native_ops.cpp"} <= set(names)
 
 
 def test_auditwheel_finds_the_manylinux_2_27_policy(built):

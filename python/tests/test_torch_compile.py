@@ -25,7 +25,7 @@ def every_module_model():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, monkeypatch):
+def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel_calls):
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = every_module_model().double()
@@ -33,9 +33,7 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, monkey
     compiled = torch.compile(compiled_module, fullgraph=True)
     if layout == "channels_last":
         eager, compiled_module = (m.to(memory_format=torch.channels_last) for m in (eager, compiled_module))
-    kernel_calls = []
-    real = _ops._ext.norm_forward
-    monkeypatch.setattr(_ops._ext, "norm_forward", lambda *a: kernel_calls.append(1) or real(*a))
+    kernel_calls.clear()
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)
     opt_c = torch.optim.SGD(compiled_module.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):
@@ -54,11 +52,11 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, monkey
     x = rand_input(gen, (2, 3, 8, 8), torch.float64, layout)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-10, msg="eval")
     # every normalization in both models ran on the kernels: 5 fused calls per forward
-    assert len(kernel_calls) == 2 * 5 * 4
+    assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4
 
 
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_compiled_convolutions_hand_their_channels_last_memory_to_the_kernels(gen, monkeypatch):
+def test_compiled_convolutions_hand_their_channels_last_memory_to_the_kernels(gen, monkeypatch, kernel_calls):
     """Inductor lays convolution outputs out channels-last on the CPU when it judges that faster (forced here).
     The ops take any layout (tagged flexible_layout), so the kernels read that memory in place: no conversion to
     C order before each normalization and back after it, which once cost the compiled "small" ResNet a fifth of
@@ -73,15 +71,12 @@ def test_compiled_convolutions_hand_their_channels_last_memory_to_the_kernels(ge
                           bt.Conv2d(16, 16, 3, padding=1, bias=False), est).double()
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True)
-    flags_seen = []
-    for name in ("norm_moments", "norm_forward", "norm_backward"):
-        real = getattr(_ops._ext, name)
-        monkeypatch.setattr(_ops._ext, name, lambda flags, *a, _real=real, _name=name:
-                            flags_seen.append((_name, flags)) or _real(flags, *a))
+    kernel_calls.clear()
     x = rand_input(gen, (2, 3, 8, 8), torch.float64).requires_grad_()  # C order in, as a user passes it
     dy = rand_input(gen, (2, 16, 8, 8), torch.float64)
     yc = compiled(x)
     yc.backward(dy)
+    flags_seen = [(c.name, c.flags) for c in kernel_calls.calls if c.name.startswith("norm_")]
     assert {name for name, _ in flags_seen} == {"norm_moments", "norm_forward", "norm_backward"}
     in_c_order = [(name, flags) for name, flags in flags_seen if not flags & _ops._ext.BCN_CHANNELS_LAST]
     assert not in_c_order, f"kernels given C-order copies: {in_c_order}"

@@ -156,14 +156,15 @@ def test_composed_path_matches_the_kernels(name, make_ref, make_ours, layout, dt
 
 
 def test_composed_path_is_forced_by_the_environment():
-    code = ("import torch, bcnswift.torch as bt, bcnswift.torch._ops as ops\n"
-            "calls = []\n"
-            "real = ops._ext.norm_forward\n"
-            "ops._ext.norm_forward = lambda *a: calls.append(1) or real(*a)\n"
-            "bt.BCNorm(4, 2)(torch.randn(2, 4, 3) + 1)\n"
-            "print(bt.functional.COMPOSED, len(calls))\n")
+    code = ("import pytest, torch, bcnswift.torch as bt\n"
+            "from torch_kernel_calls import KernelCalls\n"
+            "with pytest.MonkeyPatch.context() as patch:\n"
+            "    calls = KernelCalls(patch)\n"
+            "    bt.BCNorm(4, 2)(torch.randn(2, 4, 3) + 1)\n"
+            "    print(bt.functional.COMPOSED, len(calls.named('norm_forward')))\n")
     for value, expected in (("1", "True 0"), ("0", "False 1")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=os.path.dirname(os.path.abspath(__file__)),
                              env={**os.environ, "BCNSWIFT_TORCH_COMPOSED": value})
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == expected
@@ -175,10 +176,10 @@ def test_composed_path_is_forced_by_the_environment():
     lambda: nn.Sequential(bt.ConvTranspose2d(3, 8, 3), bt.BatchChannelNorm(8, 4)),
     lambda: nn.Sequential(bt.Conv2d(3, 8, 3), bt.BatchChannelNorm(8, 4, estimate=False), bt.ChannelNorm(8, 2)),
 ], ids=["authors", "authors estimate + labml WS", "labml + ConvTranspose2d", "labml batch + ChannelNorm"])
-def test_a_model_on_another_device_takes_the_composed_path(make, monkeypatch):
+def test_a_model_on_another_device_takes_the_composed_path(make, monkeypatch, kernel_calls):
     """Tensors off the CPU never reach the kernels: here on PyTorch's meta device (shapes without memory,
     where any kernel call would fail), forward and backward in training and eval. A GPU takes the same route."""
-    monkeypatch.setattr(_ops, "_kernels", None)  # any kernel call would raise
+    monkeypatch.setattr(_ops, "_kernels", None)  # any Python kernel call would raise
     model = make().to("meta")
     for training in (True, False):
         model.train(training)
@@ -188,6 +189,7 @@ def test_a_model_on_another_device_takes_the_composed_path(make, monkeypatch):
         assert y.device.type == "meta" and x.grad.shape == x.shape
         assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
         model.zero_grad()
+    assert not kernel_calls.calls
 
 
 @pytest.mark.parametrize("layer,shape", [

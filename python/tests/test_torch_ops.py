@@ -16,6 +16,7 @@ import bcnswift  # noqa: E402
 import bcnswift.torch as bt  # noqa: E402
 from bcnswift import _ext  # noqa: E402
 from bcnswift.torch import _ops, _threads  # noqa: E402
+from torch_kernel_calls import calling_thread_team  # noqa: E402
 
 BN, CN, TR = _ext.BCN_BATCH_NORM, _ext.BCN_CHANNEL_NORM, _ext.BCN_TRAINING
 TORCH_BN = BN | _ext.BCN_UNBIASED_RUNNING_VAR
@@ -196,30 +197,13 @@ def test_second_derivative_is_a_clear_error(route, gen, monkeypatch):
 
 # ---- no copies ----------------------------------------------------------------------------------------------
 
-class _Recorder:
-    """Wraps _ext functions in bcnswift.torch._ops, recording the data address of every array passed."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        for name in ("norm_forward", "norm_moments", "norm_backward", "ws_forward", "ws_backward"):
-            real = getattr(_ext, name)
-
-            def wrapped(*args, _real=real, _name=name):
-                self.calls.append((_name, [a.ctypes.data for a in args if isinstance(a, np.ndarray)]))
-                return _real(*args)
-            monkeypatch.setattr(_ops._ext, name, wrapped)
-
-    def addresses(self, name):
-        return {a for n, addrs in self.calls if n == name for a in addrs}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("estimate", [False, True])
-def test_input_and_output_gradient_reach_the_kernels_without_a_copy(dtype, layout, estimate, gen, monkeypatch):
+def test_input_and_output_gradient_reach_the_kernels_without_a_copy(dtype, layout, estimate, gen, kernel_calls):
     m = bt.BCNorm(8, 4, estimate=estimate).to(dtype)
     x = rand_input(gen, (2, 8, 5, 6), dtype, layout).requires_grad_()
-    rec = _Recorder(monkeypatch)
+    rec = kernel_calls
     y = m(x)
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
                            torch.contiguous_format)
@@ -234,23 +218,16 @@ def test_input_and_output_gradient_reach_the_kernels_without_a_copy(dtype, layou
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, monkeypatch):
+def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, kernel_calls):
     x = rand_input(gen, (2, 8, 5, 6), dtype, layout)
     dy = rand_input(gen, (2, 8, 5, 6), dtype, layout)
-    rec = _Recorder(monkeypatch)
+    rec = kernel_calls
     ctx, m = _ops.moments(x, TORCH_BN | CN, 4)
     y, ctx = _ops.normalize(x, ctx, m, None, None, None, None, None, None, TORCH_BN | CN | TR, 4, 1e-5, 1e-5)
     dx = _ops.normalize_backward(dy, x, ctx, TORCH_BN | CN | TR, 4, False, False)[0]
     assert x.data_ptr() in rec.addresses("norm_moments") & rec.addresses("norm_forward")
     assert {x.data_ptr(), dy.data_ptr()} <= rec.addresses("norm_backward")
     assert y.stride() == dx.stride() == x.stride()
-
-
-def calling_thread_team():
-    """The calling thread's team (bcn_set_calling_thread_team) as an address, 0 for none."""
-    team = _ext.set_calling_thread_team(0)
-    _ext.set_calling_thread_team(team)
-    return team
 
 
 def test_kept_parameter_views_follow_their_tensors(gen):
@@ -330,34 +307,26 @@ def test_a_running_buffer_the_kernels_cannot_write_is_an_error(gen):
     assert torch.equal(m.bn.running_mean, torch.zeros(8))
 
 
-def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, monkeypatch):
-    """Every kernel call of the ops runs under bcnswift.torch's threads (by default torch's own OpenMP team,
-    torch.get_num_threads() of its threads), set for the calling thread only; afterwards the thread's count and
-    team are its own again."""
-    seen = []
-    names = ("norm_moments", "running_update", "norm_forward", "norm_backward_sums", "norm_backward", "ws_forward",
-             "ws_backward")
-    for name in names:
-        def wrapped(*args, _real=getattr(_ext, name), _name=name):
-            seen.append((_name, _ext.get_num_threads(), calling_thread_team()))
-            return _real(*args)
-        monkeypatch.setattr(_ops._ext, name, wrapped)
+def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, kernel_calls):
+    """Every kernel call of the ops runs under bcnswift.torch's threads (by default torch's own threads,
+    torch.get_num_threads() of them), set for the calling thread only; afterwards the thread's count and team are
+    its own again, after a failing call too. Python kernels and native ones alike."""
+    names = {"norm_moments", "running_update", "norm_forward", "norm_backward", "ws_forward", "ws_backward"}
     conv = bt.Conv2d(4, 8, 3, padding=1).double()
     x = rand_input(gen, (2, 4, 6, 6)).requires_grad_()
     saved = bt.get_num_threads()
     try:
         bcnswift.set_num_threads(2)
-        team = _threads._find_openmp_team()
         if not sys.platform.startswith("linux"):
             pytest.skip("tested where CI runs: Linux, whose torch wheels run on OpenMP")
-        assert team, "torch runs on OpenMP here (torch.__config__.parallel_info()): its GOMP_parallel is found"
+        assert _threads._find_openmp_team(), "torch runs on OpenMP here (torch.__config__.parallel_info())"
         # None: torch's team with torch's count; 0: as bcnswift chooses (the process's), on its workers
-        for torch_threads, expected in ((None, (torch.get_num_threads(), team)), (1, (1, 0)), (3, (3, 0)),
-                                        (0, (2, 0))):
+        for torch_threads, expected in ((None, (torch.get_num_threads(), "torch")), (1, (1, "none")),
+                                        (3, (3, "none")), (0, (2, "none"))):
             bt.set_num_threads(torch_threads)
             assert bt.get_num_threads() == torch_threads
             assert bt.uses_torch_threads() == (torch_threads is None)
-            seen.clear()
+            kernel_calls.clear()
             for estimate in (False, True):
                 norm = bt.BCNorm(8, 4, estimate=estimate).double()
                 if estimate:
@@ -370,23 +339,20 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, mo
                 y, ctx = _ops.normalize(x, ctx, m, None, None, None, None, None, None, TORCH_BN | CN | TR, 2,
                                         1e-5, 1e-5)
                 _ops.normalize_backward(torch.ones_like(y), x, ctx, TORCH_BN | CN | TR, 2, False, False)
-            assert {n for n, _, _ in seen} == set(names) - {"norm_backward_sums"}  # that one is SyncBCN's
-            assert {(count, team) for _, count, team in seen} == {expected}, seen
+            calls = kernel_calls.calls
+            assert {c.name for c in calls} == names, calls
+            assert {(c.threads, c.team) for c in calls} == {expected}, calls
             assert bcnswift.get_num_threads() == 2 and calling_thread_team() == 0
         with bcnswift.num_threads(5):  # the caller's own setting: used with 0, given back after each kernel
             for torch_threads, expected in ((1, 1), (0, 5)):
                 bt.set_num_threads(torch_threads)
-                seen.clear()
+                kernel_calls.clear()
                 bt.BCNorm(8, 4).double()(conv(x)).sum().backward()
-                assert {count for _, count, _ in seen} == {expected}, seen
+                assert {c.threads for c in kernel_calls.calls} == {expected}, kernel_calls.calls
                 assert bcnswift.get_num_threads() == 5
             bt.set_num_threads(None)
-
-            def failing(*args):
-                raise FloatingPointError("a kernel that fails")
-            monkeypatch.setattr(_ops._ext, "norm_forward", failing)
-            with pytest.raises(FloatingPointError, match="a kernel that fails"):
-                bt.BCNorm(4, 2).double()(x.detach())
+            with pytest.raises(ValueError, match="more than 1 value per channel"):  # the kernel refuses it
+                bt.BCNorm(4, 2).double()(torch.ones(1, 4, 1, dtype=torch.float64))
             assert bcnswift.get_num_threads() == 5  # restored after the failure too
             assert calling_thread_team() == 0
         for bad in (-1, 1.5, True):
@@ -510,13 +476,13 @@ def test_bad_input_is_a_clear_error_and_changes_no_buffer(gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_last_weights_are_standardized_where_they_lie(dtype, gen, monkeypatch):
+def test_channels_last_weights_are_standardized_where_they_lie(dtype, gen, kernel_calls):
     """Each output channel of a channels_last weight is still one dense block (its fan-in in another order), so
     WS and its gradient run on the weight's memory and keep its layout; values match the C-order weight's."""
     w = rand_input(gen, (6, 4, 3, 3), dtype, "contiguous")
     g = rand_input(gen, (6, 4, 3, 3), dtype, "contiguous")
     wl, gl = w.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
-    rec = _Recorder(monkeypatch)
+    rec = kernel_calls
     out = _ops._weight_standardization(wl, 1e-5, _ext.BCN_WS_UNBIASED)
     dw = _ops._weight_standardization_backward(gl, wl, 1e-5, _ext.BCN_WS_UNBIASED)
     assert wl.data_ptr() in rec.addresses("ws_forward") and gl.data_ptr() in rec.addresses("ws_backward")
@@ -528,7 +494,7 @@ def test_channels_last_weights_are_standardized_where_they_lie(dtype, gen, monke
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_strides_of_size_one_axes_cost_no_copy(dtype, gen, monkeypatch):
+def test_strides_of_size_one_axes_cost_no_copy(dtype, gen, kernel_calls):
     """A 1x1 convolution's weight gradient arrives (from inductor's graph) with other strides on its axes of
     size 1 than the weight has: the same memory layout, so the WS backward and the normalization's backward
     read it in place, and the results are those of the plain layout."""
@@ -540,9 +506,9 @@ def test_strides_of_size_one_axes_cost_no_copy(dtype, gen, monkeypatch):
     dy_odd = torch.empty_strided((3, 8, 1, 1), (8, 1, 8, 8), dtype=dtype).copy_(dy)
     assert g_odd.stride() != w.stride() and dy_odd.stride() != x.stride()
     ctx = _ops.normalize(x, None, None, None, None, None, None, None, None, TORCH_BN | CN | TR, 4, 1e-5, 1e-5)[1]
-    rec = _Recorder(monkeypatch)
+    rec = kernel_calls
     dw = _ops._weight_standardization_backward(g_odd, w, 1e-5, _ext.BCN_WS_UNBIASED)
-    dx = _ops._normalize_backward(dy_odd, x, ctx, TORCH_BN | CN | TR, 4, False, False)[0]
+    dx = _ops.normalize_backward(dy_odd, x, ctx, TORCH_BN | CN | TR, 4, False, False)[0]
     assert g_odd.data_ptr() in rec.addresses("ws_backward")
     assert dy_odd.data_ptr() in rec.addresses("norm_backward")
     torch.testing.assert_close(dw, _ops._weight_standardization_backward(g, w, 1e-5, _ext.BCN_WS_UNBIASED),

@@ -13,8 +13,12 @@ operations. Importing bcnswift alone never imports torch; this module needs torc
 
 The kernels run on torch's own OpenMP threads by default, with torch's thread count, rather than on threads
 that would compete with them: ``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THREADS) changes that.
+
+The ops' CPU kernels are C++ where a C++ compiler is (built once per torch installation on first import, about
+15 seconds, and cached; BCNSWIFT_TORCH_NATIVE=0 keeps the Python kernels): ``uses_native_operators()``.
 """
 from . import _ops  # registers the custom ops
+from ._native import uses_native_operators
 from ._threads import get_num_threads, set_num_threads, uses_torch_threads
 from .distributed import SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
 from .convert import convert, fold_weight_standardization, largest_divisor_at_most
@@ -26,4 +30,4 @@ __all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNo
            "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
            "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
            "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm",
-           "set_num_threads", "get_num_threads", "uses_torch_threads"]
+           "set_num_threads", "get_num_threads", "uses_torch_threads", "uses_native_operators"]

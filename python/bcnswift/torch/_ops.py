@@ -37,11 +37,18 @@ from torch.fx import Proxy as FxProxy
 
 from .. import _ext
 from ..layers import channels_last_strides
+from . import _native
 from ._threads import _kernel
 
 # inductor may hand the ops any layout it likes (channels_last, as its convolutions prefer): the kernels read
 # C order and channels-last in place, copy anything else, and the fake kernels promise the same output strides
 _ANY_LAYOUT = (torch.Tag.flexible_layout,)
+
+# The ops' Python kernels serve every device (torch's CompositeExplicitAutograd: on another device than the CPU
+# they raise a clear TypeError), so that the native library's CPU kernels (native_ops.cpp, loaded at the end of
+# this module when it builds) take the CPU without displacing them: the dispatcher prefers a kernel for the
+# device to a composite one.
+_EVERY_DEVICE = None
 
 # every kernel call of these ops goes through here, on the threads _threads.py chooses
 _kernels = types.SimpleNamespace(**{name: _kernel(name) for name in (
@@ -213,7 +220,7 @@ def _moments(x: torch.Tensor, flags: int, groups: int) -> tuple[torch.Tensor, to
     return torch.from_numpy(ctx), torch.from_numpy(m)
 
 
-moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=(), device_types="cpu",
+moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=(), device_types=_EVERY_DEVICE,
                                   tags=_ANY_LAYOUT)
 
 
@@ -248,7 +255,7 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_b
 
 update_running_ = torch.library.custom_op(
     "bcnswift::update_running_", _update_running, mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-    device_types="cpu")
+    device_types=_EVERY_DEVICE)
 
 
 @update_running_.register_fake
@@ -322,7 +329,7 @@ def _normalize(x: torch.Tensor, context: Optional[torch.Tensor], moments: Option
     return y, torch.from_numpy(context)
 
 
-normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_args=(), device_types="cpu",
+normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_args=(), device_types=_EVERY_DEVICE,
                                     tags=_ANY_LAYOUT)
 
 
@@ -394,7 +401,7 @@ def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor
 
 
 normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _normalize_backward, mutates_args=(),
-                                            device_types="cpu", tags=_ANY_LAYOUT)
+                                            device_types=_EVERY_DEVICE, tags=_ANY_LAYOUT)
 
 
 @normalize_backward.register_fake
@@ -437,7 +444,8 @@ def _normalize_gradients(ctx, dy, backward):
     saved = ctx.saved_tensors
     x, context = saved if len(saved) == 2 else (saved[0], ctx.context)
     dx, *params = backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
-    return (dx, *(None if shape is None else g if g.shape == shape else g.view(shape)
+    # the gradients come 1-D (comparing a torch.Size costs microseconds: it goes through symbolic shapes' sym_eq)
+    return (dx, *(None if shape is None else g if len(shape) == 1 else g.view(shape)
                   for g, shape in zip(params, ctx.shapes)))
 
 
@@ -469,7 +477,7 @@ def _normalize_batch(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias
 
 
 normalize_batch = torch.library.custom_op("bcnswift::normalize_batch", _normalize_batch, mutates_args=(),
-                                          device_types="cpu", tags=_ANY_LAYOUT)
+                                          device_types=_EVERY_DEVICE, tags=_ANY_LAYOUT)
 
 
 @normalize_batch.register_fake
@@ -566,7 +574,7 @@ def _weight_standardization(w: torch.Tensor, eps: float, flags: int) -> torch.Te
 
 
 weight_standardization = torch.library.custom_op("bcnswift::weight_standardization", _weight_standardization,
-                                                mutates_args=(), device_types="cpu", tags=_ANY_LAYOUT)
+                                                mutates_args=(), device_types=_EVERY_DEVICE, tags=_ANY_LAYOUT)
 
 
 @weight_standardization.register_fake
@@ -589,7 +597,7 @@ def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: f
 
 weight_standardization_backward = torch.library.custom_op(
     "bcnswift::weight_standardization_backward", _weight_standardization_backward, mutates_args=(),
-    device_types="cpu", tags=_ANY_LAYOUT)
+    device_types=_EVERY_DEVICE, tags=_ANY_LAYOUT)
 
 
 @weight_standardization_backward.register_fake
@@ -707,3 +715,12 @@ def weight_standardization_route(w, eps, flags, views=None):
     if traced():
         return weight_standardization(w, eps, flags)
     return _EagerWeightStandardization.apply(w, eps, flags, views)
+
+
+# ---- the native kernels -------------------------------------------------------------------------------------
+
+#: whether the normalization ops run their C++ kernels (native_ops.cpp; see _native.py) on the CPU; False: their
+#: Python kernels above. The eager route keeps its own Python kernels (`_EagerForward`): one fused kernel call a
+#: forward with the modules' kept views costs no more there than the ops' C++ kernels (measured in a training
+#: step), where every trip through the dispatcher costs the ops tens of microseconds in Python.
+NATIVE = _native.load()

@@ -58,7 +58,7 @@ def _forget_team():
     here. So every forked child runs the kernels on its calling thread, and bcnswift.torch at least does not
     hang (PyTorch's DataLoader workers set one thread anyway)."""
     global _team
-    _team = 0
+    _team = 0  # (native_ops.cpp's own fork handler does the same for the native kernels)
 
 
 if hasattr(os, "register_at_fork"):
@@ -80,6 +80,16 @@ def _default_threads():
 _threads = _default_threads()
 
 
+#: whether the native operators (native_ops.cpp) are in use: their kernels take the setting from `sync_native`
+native = False
+
+
+def sync_native():
+    """Hands the setting to the native operators (when in use), which keep their own copy (-1: torch's threads)."""
+    if native:
+        torch.ops.bcnswift._native_threads(-1 if _threads is None else _threads)
+
+
 def set_num_threads(n):
     """Threads for the kernels of bcnswift.torch's operations. None (the default, when BCNSWIFT_TORCH_NUM_THREADS
     is unset): torch's own OpenMP threads, torch.get_num_threads() of them (the calling thread alone if torch runs
@@ -88,6 +98,7 @@ def set_num_threads(n):
     identical for every choice."""
     global _threads
     _threads = None if n is None else _thread_count(n)
+    sync_native()
 
 
 def get_num_threads():
@@ -96,7 +107,8 @@ def get_num_threads():
 
 
 def uses_torch_threads():
-    """Whether the kernels run on torch's own OpenMP threads now (set_num_threads(None) and a runtime found)."""
+    """Whether the kernels run on torch's own OpenMP threads now (set_num_threads(None) and a runtime found; the
+    native kernels find the same one)."""
     return _threads is None and bool(_openmp_team())
 
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..bench import paired_median_times
-from . import BCNorm, Conv2d, get_num_threads, largest_divisor_at_most, uses_torch_threads
+from . import BCNorm, Conv2d, _native, get_num_threads, largest_divisor_at_most, uses_native_operators, \
+    uses_torch_threads
 from . import reference as R
 
 MODELS = {"small": ((32, 64, 128, 256), 16), "resnet18": ((64, 128, 256, 512), 32)}
@@ -124,8 +125,9 @@ def _kernel_threads():
 def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
                                          "bcnswift compiled"), repeats=15, warmup=3, estimate=False,
         json_path=None):
+    ops = "native" if uses_native_operators() else f"Python ({_native.reason})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
-          f"{_kernel_threads()}; training step: batch 8, 32x32, SGD; BCN "
+          f"{_kernel_threads()}, its ops' kernels {ops}; training step: batch 8, 32x32, SGD; BCN "
           f"estimate={estimate}; median of {repeats} steps, every way and its model without normalization timed "
           f"in turn")
     results = {}
@@ -156,6 +158,7 @@ def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled",
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "bcnswift_torch_threads": _kernel_threads(), "estimate": estimate,
+                       "bcnswift_torch_threads": _kernel_threads(), "native_operators": uses_native_operators(),
+                       "estimate": estimate,
                        "repeats": repeats, "results": results, "ratios": ratios}, f, indent=2)
     return results, ratios

@@ -1,0 +1,720 @@
+// bcnswift.torch's native operators: the CPU kernels of the ops that _ops.py defines (moments, update_running_,
+// normalize, normalize_batch, normalize_backward, weight_standardization and its backward), in C++.
+//
+// Why: a kernel written in Python costs its op tens of microseconds a call around the Swift kernels (numpy views
+// of every tensor, the checks, the outputs, the thread settings), several times that in a training step, where
+// the convolutions between two layers have evicted Python's caches; on a small network's layers that is more
+// than the kernels themselves. Under torch.compile every layer calls these ops, forward and backward
+// (docs/PYTORCH.md, "Native operators"). Here the same work costs a few microseconds.
+//
+// The contract is the Python kernels' (_ops.py): the same checks in the same order with the same messages and
+// exception types, the same layouts (C order or channels-last read in place, anything else copied; outputs in
+// the layout the fake kernels promise), the same calls of the same C ABI, so the same bits. _ops.py's kernels
+// stay as the fallback when this file cannot be built (no C++ compiler), and the tests run both.
+//
+// The C ABI comes from bcnswift._ext (the build for this CPU) as a table of function pointers (_c_api.h), which
+// is looked up once, under the GIL. Kernels run on torch's own OpenMP threads (its GOMP_parallel as the ABI's
+// thread team), as _threads.py runs the Python kernels; set_num_threads' setting reaches this file through
+// bcnswift::_native_threads. Built by _native.py; compiled against the torch it runs with.
+#include <Python.h>
+#include <dlfcn.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "_c_api.h"
+
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+constexpr int kMessageCapacity = 512;
+constexpr int kContextHeader = 10;  // doubles before the context's arrays (NormalizationContext.headerLength)
+constexpr int kContextFormat = 6;   // the header's memory format: 0 C order, 1 channels-last
+
+// ---- the C ABI, from bcnswift._ext ------------------------------------------------------------------------
+
+const bcn_c_api *api_table = nullptr;
+std::string api_failure;
+std::once_flag api_once;
+
+void load_api() {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *module = PyImport_ImportModule("bcnswift._ext");
+    PyObject *capsule = module ? PyObject_GetAttrString(module, "_C_API") : nullptr;
+    auto *table = capsule ? static_cast<const bcn_c_api *>(PyCapsule_GetPointer(capsule, BCN_C_API_CAPSULE)) : nullptr;
+    if (!table) {
+        api_failure = "bcnswift._ext exports no C API table (_C_API); reinstall bcnswift";
+    } else if (table->size < sizeof(bcn_c_api) || table->abi_version != 2) {
+        api_failure = "bcnswift._ext's C API table is not the one this file was built for; reinstall bcnswift";
+    } else {
+        api_table = table;
+    }
+    PyErr_Clear();
+    Py_XDECREF(capsule);
+    Py_XDECREF(module);  // the module stays in sys.modules, and with it the table
+    PyGILState_Release(gil);
+}
+
+const bcn_c_api &api() {
+    std::call_once(api_once, load_api);
+    TORCH_CHECK(api_table, "bcnswift.torch's native operators: ", api_failure);
+    return *api_table;
+}
+
+bool has(int64_t flags, uint32_t flag) { return (static_cast<uint64_t>(flags) & flag) != 0; }
+
+// ---- the tests' probe (bcnswift::_native_probe) ---------------------------------------------------------
+
+// While on, each kernel call appends (kind, flags, x's address, dy's address or 0, the thread count in force,
+// whether a team runs it), and each parallel region on torch's threads (team_region, its thread count): what the
+// tests of the Python kernels learn by wrapping bcnswift._ext's functions and GOMP_parallel.
+enum ProbeKind : int64_t {
+    probe_moments = 0, probe_forward = 1, probe_running_update = 2, probe_backward = 3, probe_team_region = 4,
+    probe_ws_forward = 5, probe_ws_backward = 6
+};
+std::atomic<bool> probing{false};
+std::mutex probe_mutex;
+std::vector<int64_t> probe_log;
+
+void probe(ProbeKind kind, uint32_t flags, const void *x, const void *dy, bool team) {
+    if (!probing.load(std::memory_order_relaxed)) return;
+    std::lock_guard<std::mutex> hold(probe_mutex);
+    probe_log.insert(probe_log.end(), {kind, static_cast<int64_t>(flags), static_cast<int64_t>(
+        reinterpret_cast<uintptr_t>(x)), static_cast<int64_t>(reinterpret_cast<uintptr_t>(dy)),
+        api().get_num_threads(), team ? 1 : 0});
+}
+
+// ---- threads --------------------------------------------------------------------------------------------
+
+// _threads.set_num_threads: -1 (None) torch's threads, 0 bcnswift's choice, n > 0 that many of bcnswift's.
+std::atomic<int64_t> thread_setting{-1};
+// In a process forked from this one, torch's OpenMP team may not start again (GNU OpenMP hangs once the
+// parent's has run): the kernels run on the calling thread, as _threads._forget_team does in Python.
+std::atomic<bool> forked{false};
+
+// torch's OpenMP team: GOMP_parallel as torch's CPU library resolves it (dlsym on it searches it and the libraries
+// it links: the runtime torch runs its operations on, which libgomp, libomp and libiomp5 all serve), or null for
+// a torch with another parallel backend. As _threads._find_openmp_team finds it for the Python kernels.
+// (at::parallel_for cannot stand in: it is inline, and without -fopenmp its region here would run serially;
+// with it, this file would bring a second OpenMP runtime.)
+bcn_c_api_team find_torch_team() {
+    if (at::get_parallel_info().find("parallel backend: OpenMP") == std::string::npos) return nullptr;
+    void *library = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+    if (!library) return nullptr;
+    void *symbol = dlsym(library, "GOMP_parallel");
+    dlclose(library);  // torch holds it loaded
+    return reinterpret_cast<bcn_c_api_team>(symbol);
+}
+
+bcn_c_api_team torch_gomp_parallel = nullptr;
+std::once_flag torch_team_once;
+
+// The team the kernels get: torch's GOMP_parallel, each region probed (one relaxed load when the probe is off).
+void torch_team(void (*fn)(void *), void *data, uint32_t n, uint32_t flags) {
+    probe(probe_team_region, 0, nullptr, nullptr, true);
+    torch_gomp_parallel(fn, data, n, flags);
+}
+
+bcn_c_api_team torch_threads_team() {
+    std::call_once(torch_team_once, [] { torch_gomp_parallel = find_torch_team(); });
+    return torch_gomp_parallel ? &torch_team : nullptr;
+}
+
+// The calling thread's thread count and team for one kernel call (as _threads._kernel sets them), restored after.
+class ThreadScope {
+  public:
+    ThreadScope() {
+        int64_t setting = thread_setting.load(std::memory_order_relaxed);
+        if (setting == 0) return;
+        bcn_c_api_team team = nullptr;
+        int32_t threads = static_cast<int32_t>(setting);
+        if (setting < 0) {
+            team = forked.load(std::memory_order_relaxed) ? nullptr : torch_threads_team();
+            threads = team ? static_cast<int32_t>(at::get_num_threads()) : 1;
+        }
+        saved_threads_ = api().set_calling_thread_num_threads(threads);
+        saved_team_ = api().set_calling_thread_team(team);
+        active_ = true;
+        team_ = team != nullptr;
+    }
+    bool team() const { return team_; }
+    ~ThreadScope() {
+        if (!active_) return;
+        api().set_calling_thread_team(saved_team_);
+        api().set_calling_thread_num_threads(saved_threads_);
+    }
+    ThreadScope(const ThreadScope &) = delete;
+    ThreadScope &operator=(const ThreadScope &) = delete;
+
+  private:
+    bool active_ = false, team_ = false;
+    int32_t saved_threads_ = 0;
+    bcn_c_api_team saved_team_ = nullptr;
+};
+
+// A failed kernel call: its message as the Python kernels raise it (_ext.c's raise_status; these ops never ask
+// for BCN_NAN_RAISE, whose FloatingPointError torch could not raise).
+[[noreturn]] void fail(int32_t status, const char *message) {
+    std::string text = message[0] ? message : "bcnswift: unknown error";
+    if (status == api().status_no_forward) TORCH_CHECK(false, text);
+    TORCH_CHECK_VALUE(false, text);
+}
+
+void check(int32_t status, const char *message) {
+    if (status != api().status_ok) fail(status, message);
+}
+
+// ---- names and shapes as Python prints them ---------------------------------------------------------------
+
+const char *numpy_name(c10::ScalarType t) {
+    switch (t) {
+        case c10::kFloat: return "float32";
+        case c10::kDouble: return "float64";
+        case c10::kHalf: return "float16";
+        case c10::kBFloat16: return "bfloat16";
+        case c10::kLong: return "int64";
+        case c10::kInt: return "int32";
+        case c10::kShort: return "int16";
+        case c10::kChar: return "int8";
+        case c10::kByte: return "uint8";
+        case c10::kBool: return "bool";
+        case c10::kComplexFloat: return "complex64";
+        case c10::kComplexDouble: return "complex128";
+        default: return c10::toString(t);
+    }
+}
+
+std::string torch_name(c10::ScalarType t) { return std::string("torch.") + numpy_name(t); }
+
+std::string shape_of(const Tensor &t) {  // tuple(t.shape)
+    std::ostringstream out;
+    out << "(";
+    for (int64_t i = 0; i < t.dim(); ++i) out << (i ? ", " : "") << t.size(i);
+    out << (t.dim() == 1 ? ",)" : ")");
+    return out.str();
+}
+
+// ---- layouts (_ops._form, _context_layout, _output, _like) -----------------------------------------------
+
+enum class Form { none, first, last };
+
+bool channels_last_strides(const Tensor &t) {  // layers.channels_last_strides
+    int64_t n = t.dim();
+    if (n <= 2) return false;
+    int64_t expected = 1;
+    auto visit = [&](int64_t axis) {
+        if (t.size(axis) != 1 && t.stride(axis) != expected) return false;
+        expected *= t.size(axis);
+        return true;
+    };
+    if (!visit(1)) return false;
+    for (int64_t axis = n - 1; axis > 1; --axis)
+        if (!visit(axis)) return false;
+    return visit(0);
+}
+
+Form form_of(const Tensor &t) {
+    if (t.is_contiguous()) return Form::first;
+    return channels_last_strides(t) ? Form::last : Form::none;
+}
+
+Tensor output_like(const Tensor &x) {
+    return form_of(x) != Form::none ? at::empty_like(x) : at::empty_like(x, at::MemoryFormat::Contiguous);
+}
+
+struct Laid {
+    Tensor x;          // where the kernels read it
+    uint32_t flag;     // its memory-format flag
+    bool relaid;       // laid out otherwise than it would be without the context
+};
+
+// x where it lies if the kernels read that layout, else a C-order copy; unless `context` holds phases run on x
+// in the other layout (its header's memory format), which then decides.
+Laid context_layout(const Tensor &x, const Tensor *context) {
+    Form form = form_of(x), natural = form == Form::none ? Form::first : form, want = natural;
+    if (context && x.dim() > 2 && context->numel() > kContextFormat) {
+        double recorded = context->scalar_type() == c10::kDouble && context->is_contiguous()
+            ? context->data_ptr<double>()[kContextFormat]
+            : context->reshape(-1)[kContextFormat].item<double>();
+        if (recorded == 0.0 || recorded == 1.0) want = recorded == 1.0 ? Form::last : Form::first;
+    }
+    Tensor laid = x;
+    if (want != form)
+        laid = want == Form::first ? x.contiguous() : x.movedim(1, -1).contiguous().movedim(-1, 1);
+    return {laid, want == Form::last ? api().channels_last : 0u, want != natural};
+}
+
+// t in x's memory layout, a copy only when they differ; the stride of an axis of size 1 says nothing about the
+// layout, so it is not compared (_ops._like, axes paired as zip pairs them)
+Tensor like(const Tensor &t, const Tensor &x) {
+    bool same = true;
+    for (int64_t i = 0; same && i < std::min(t.dim(), x.dim()); ++i)
+        if (x.size(i) != 1 && t.stride(i) != x.stride(i)) same = false;
+    return same ? t : at::empty_like(x).copy_(t);
+}
+
+// ---- what the kernels read and write (_ext.c's checks) --------------------------------------------------
+
+void check_input(const Tensor &x, const char *name = "input") {
+    TORCH_CHECK_TYPE((x.scalar_type() == c10::kFloat || x.scalar_type() == c10::kDouble) && x.device().is_cpu(),
+                     "bcnswift ops take CPU float32 or float64 tensors, got ", name, " ", torch_name(x.scalar_type()),
+                     " on ", x.device().str());
+    TORCH_CHECK_VALUE(x.dim() >= 2, name, " must have rank >= 2 ([B, C, *]), got shape ", shape_of(x));
+    TORCH_CHECK_VALUE(x.numel() != 0, name, " must not be empty, got shape ", shape_of(x));
+}
+
+bool dense(const Tensor &t, bool channels_last) {
+    return channels_last && t.dim() >= 3 ? channels_last_strides(t) : t.is_contiguous();
+}
+
+// t's memory for the kernels: dtype `dtype`, aligned, dense (C order, or channels-last), `size` elements (any
+// when size < 0); an undefined tensor gives nullptr.
+void *take(const Tensor &t, const char *name, c10::ScalarType dtype, int64_t size, bool channels_last = false) {
+    if (!t.defined()) return nullptr;
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " has dtype ", numpy_name(t.scalar_type()), ", expected ",
+                     numpy_name(dtype));
+    auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
+    TORCH_CHECK_VALUE(address % t.element_size() == 0 && dense(t, channels_last), name, " must be aligned and ",
+                      channels_last ? "dense in channels-last order" : "C-contiguous");
+    TORCH_CHECK_VALUE(size < 0 || t.numel() == size, name, " has ", t.numel(), " elements, expected ", size);
+    return t.data_ptr();
+}
+
+// A parameter the kernels only read (_ops._held without views): a C-order copy when it is not contiguous.
+Tensor readable(const OptionalTensor &t) {
+    if (!t) return Tensor();
+    return t->is_contiguous() ? *t : t->contiguous();
+}
+
+int64_t context_length(int64_t batch, int64_t channels, int64_t groups) {
+    return kContextHeader + 4 * batch * channels + 4 * channels + 2 * batch * groups + groups;
+}
+
+struct Shape {
+    int64_t batch, channels, spatial;
+};
+
+Shape shape_of_input(const Tensor &x) { return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1))}; }
+
+int64_t checked_groups(int64_t flags, int64_t groups) {  // _ext.c's parse_groups; 0 without a channel norm
+    if (!has(flags, api().channel_norm)) return 0;
+    TORCH_CHECK_VALUE(groups > 0, "num_groups must be positive, got ", groups);
+    return groups;
+}
+
+// ---- allocation ------------------------------------------------------------------------------------------
+
+// Outputs straight from the CPU allocator: at::empty and its kin pass the dispatcher, about a microsecond each,
+// which a small layer's call paid several times.
+Tensor new_empty(int64_t n, c10::ScalarType dtype) { return Tensor(at::detail::empty_cpu({n}, dtype)); }
+
+Tensor new_zeros(int64_t n, c10::ScalarType dtype) {
+    Tensor t = new_empty(n, dtype);
+    if (n > 0) std::memset(t.data_ptr(), 0, static_cast<size_t>(n) * t.element_size());
+    return t;
+}
+
+// Uninitialized, x's sizes and strides: x is dense (C order or channels-last), so this is its memory layout.
+Tensor new_like(const Tensor &x) {
+    return Tensor(at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type()));
+}
+
+// Per-thread scratch the kernels read or write but nobody keeps: the parameters of an absent affine (ones, zeros)
+// and the running buffers of a functional forward (_ops._normalize_impl's np.ones, np.zeros and copies). Six
+// slots of each dtype; a kernel call uses each slot once.
+thread_local std::vector<float> scratch_floats[6];
+thread_local std::vector<double> scratch_doubles[6];
+
+void *scratch(int slot, c10::ScalarType dtype, int64_t n, double value) {
+    if (dtype == c10::kFloat) {
+        scratch_floats[slot].assign(static_cast<size_t>(n), static_cast<float>(value));
+        return scratch_floats[slot].data();
+    }
+    scratch_doubles[slot].assign(static_cast<size_t>(n), value);
+    return scratch_doubles[slot].data();
+}
+
+void *scratch_copy(int slot, c10::ScalarType dtype, int64_t n, const void *from) {
+    void *to = scratch(slot, dtype, n, 0);
+    std::memcpy(to, from, static_cast<size_t>(n) * (dtype == c10::kFloat ? sizeof(float) : sizeof(double)));
+    return to;
+}
+
+// ---- the ops' kernels ---------------------------------------------------------------------------------------
+
+// The tensors a kernel makes (outputs, scratch, copies) skip autograd's kernels, as under the dispatcher's own
+// call of a CPU kernel; the eager route calls these below autograd directly (_ops._native_kernels), where every
+// allocation would otherwise pass through them.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// _ops.moment_arrays on x laid out for the kernels: (context, moments)
+std::tuple<Tensor, Tensor> moments_of(const Laid &laid, int64_t flags, int64_t groups) {
+    const Tensor &x = laid.x;
+    Shape s = shape_of_input(x);
+    int64_t g = checked_groups(flags, groups);
+    Tensor context = new_zeros(context_length(s.batch, s.channels, g), at::kDouble);
+    Tensor moments = new_empty(3 * s.channels, at::kDouble);
+    uint32_t f = static_cast<uint32_t>(flags) | laid.flag;
+    char message[kMessageCapacity] = "";
+    int32_t status;
+    {
+        ThreadScope threads;
+        probe(probe_moments, f, x.data_ptr(), nullptr, threads.team());
+        auto *m = moments.data_ptr<double>();
+        auto *c = context.data_ptr<double>();
+        status = x.scalar_type() == c10::kFloat
+            ? api().norm_moments_f32(f, s.batch, s.channels, s.spatial, groups, x.data_ptr<float>(), m, c,
+                                     context.numel(), message, kMessageCapacity)
+            : api().norm_moments_f64(f, s.batch, s.channels, s.spatial, groups, x.data_ptr<double>(), m, c,
+                                     context.numel(), message, kMessageCapacity);
+    }
+    check(status, message);
+    return {context, moments};
+}
+
+std::tuple<Tensor, Tensor> moments_op(const Tensor &x, int64_t flags, int64_t groups) {
+    BelowAutograd below;
+    check_input(x);
+    return moments_of(context_layout(x, nullptr), flags, groups);
+}
+
+template <class T>
+int32_t forward_call(bool finish, uint32_t f, Shape s, int64_t groups, double eps, double bn_eps, double momentum,
+                     const Tensor &x, Tensor &y, void *bw, void *bb, void *rm, void *rv, void *nbt, void *cw,
+                     void *cb, const double *moments, double *context, int64_t length, char *message) {
+    auto T_ = [](void *p) { return static_cast<T *>(p); };
+    const T *xp = x.data_ptr<T>();
+    T *yp = y.data_ptr<T>();
+    auto *nb = static_cast<int64_t *>(nbt);
+    if constexpr (std::is_same_v<T, float>) {
+        return finish ? api().norm_finish_f32(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp, yp,
+                                              T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), moments, context,
+                                              length, message, kMessageCapacity)
+                      : api().norm_forward_f32(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp,
+                                               yp, T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), context, length,
+                                               message, kMessageCapacity);
+    } else {
+        return finish ? api().norm_finish_f64(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp, yp,
+                                              T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), moments, context,
+                                              length, message, kMessageCapacity)
+                      : api().norm_forward_f64(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp,
+                                               yp, T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), context, length,
+                                               message, kMessageCapacity);
+    }
+}
+
+// _ops._normalize_impl with write_buffers=False (the functional ops): phase (c) on `context` (continued in
+// place) with `moments`, or the whole forward into a new context; the running buffers' update, if any, goes
+// to scratch copies. Returns (y, context).
+std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid, Tensor context, const Tensor &moments,
+                                          const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
+                                          const OptionalTensor &running_mean, const OptionalTensor &running_var,
+                                          const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, int64_t flags,
+                                          int64_t groups, double eps, double bn_eps) {
+    const bcn_c_api &a = api();
+    const Tensor &x = laid.x;
+    uint32_t f = (static_cast<uint32_t>(flags) & ~a.cumulative_average) | laid.flag;
+    Shape s = shape_of_input(x);
+    int64_t g = checked_groups(f, groups), c = s.channels;
+    auto dtype = x.scalar_type();
+    Tensor y = new_like(x);  // x lies where the kernels read it, so y takes its layout
+    bool bn = has(f, a.batch_norm), cn = has(f, a.channel_norm);
+    // parameters given are taken as they are (a C-order copy of one that is not contiguous); absent ones, and the
+    // running buffers that a functional forward must not touch, are per-thread scratch
+    Tensor bw = readable(bn_weight), bb = readable(bn_bias), cw = readable(cn_weight), cb = readable(cn_bias);
+    Tensor rm, rv;
+    int64_t nbt = 0;
+    bool training = has(f, a.training);
+    if (bn && !training) {
+        TORCH_CHECK_VALUE(running_mean && running_var,
+                          "normalizing with running statistics (eval) needs running_mean and running_var");
+        rm = readable(running_mean);
+        rv = readable(running_var);
+    } else if (bn) {  // batch statistics read no buffer; the real update is update_running_'s: on copies
+        rm = readable(running_mean);
+        rv = readable(running_var);
+    }
+    bool finish = context.defined();
+    if (!finish) context = new_zeros(context_length(s.batch, c, g), at::kDouble);
+    void *pbw = !bn ? nullptr : bw.defined() ? take(bw, "bn_weight", dtype, c) : scratch(0, dtype, c, 1);
+    void *pbb = !bn ? nullptr : bb.defined() ? take(bb, "bn_bias", dtype, c) : scratch(1, dtype, c, 0);
+    void *prm = !bn ? nullptr : rm.defined() ? take(rm, "running_mean", dtype, c) : scratch(2, dtype, c, 0);
+    void *prv = !bn ? nullptr : rv.defined() ? take(rv, "running_var", dtype, c) : scratch(3, dtype, c, 1);
+    if (bn && training) {
+        if (rm.defined()) prm = scratch_copy(2, dtype, c, prm);
+        if (rv.defined()) prv = scratch_copy(3, dtype, c, prv);
+    }
+    void *pcw = !cn ? nullptr : cw.defined() ? take(cw, "cn_weight", dtype, g) : scratch(4, dtype, g, 1);
+    void *pcb = !cn ? nullptr : cb.defined() ? take(cb, "cn_bias", dtype, g) : scratch(5, dtype, g, 0);
+    auto *pctx = static_cast<double *>(take(context, "context", at::kDouble, -1));
+    const double *pm = finish && moments.defined()
+        ? static_cast<const double *>(take(moments, "moments", at::kDouble, 3 * c)) : nullptr;
+    char message[kMessageCapacity] = "";
+    int32_t status;
+    {
+        ThreadScope threads;
+        probe(probe_forward, f, x.data_ptr(), nullptr, threads.team());
+        status = dtype == c10::kFloat
+            ? forward_call<float>(finish, f, s, groups, eps, bn_eps, 0.1, x, y, pbw, pbb, prm, prv, bn ? &nbt : nullptr,
+                                  pcw, pcb, pm, pctx, context.numel(), message)
+            : forward_call<double>(finish, f, s, groups, eps, bn_eps, 0.1, x, y, pbw, pbb, prm, prv,
+                                   bn ? &nbt : nullptr, pcw, pcb, pm, pctx, context.numel(), message);
+    }
+    check(status, message);
+    if (laid.relaid) y = output_like(given).copy_(y);
+    return {y, context};
+}
+
+std::tuple<Tensor, Tensor> normalize_op(const Tensor &x, const OptionalTensor &context, const OptionalTensor &moments,
+                                        const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
+                                        const OptionalTensor &running_mean, const OptionalTensor &running_var,
+                                        const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, int64_t flags,
+                                        int64_t groups, double eps, double bn_eps) {
+    BelowAutograd below;
+    check_input(x);
+    // functional: a given context is continued in a copy
+    Tensor ctx = context ? context->clone(at::MemoryFormat::Contiguous) : Tensor();
+    Tensor m = moments ? moments->contiguous() : Tensor();
+    Laid laid = context_layout(x, context ? &ctx : nullptr);
+    return normalize_laid(x, laid, ctx, m, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags,
+                          groups, eps, bn_eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> normalize_batch_op(const Tensor &x, const OptionalTensor &bn_weight,
+                                                      const OptionalTensor &bn_bias, const OptionalTensor &cn_weight,
+                                                      const OptionalTensor &cn_bias, int64_t flags, int64_t groups,
+                                                      double eps, double bn_eps) {
+    BelowAutograd below;
+    const bcn_c_api &a = api();
+    TORCH_CHECK_VALUE(has(flags, a.training) && has(flags, a.batch_norm) && !has(flags, a.estimated),
+                      "normalize_batch normalizes with batch statistics: flags need BCN_BATCH_NORM and BCN_TRAINING, "
+                      "without BCN_ESTIMATED");
+    check_input(x);
+    Laid laid = context_layout(x, nullptr);
+    auto [context, moments] = moments_of(laid, flags & ~static_cast<int64_t>(a.training), groups);
+    auto [y, ctx] = normalize_laid(x, laid, context, moments, bn_weight, bn_bias, std::nullopt, std::nullopt, cn_weight,
+                                   cn_bias, flags, groups, eps, bn_eps);
+    return {y, ctx, moments};
+}
+
+void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_batches_tracked, const Tensor &moments,
+                       int64_t flags, double momentum, const OptionalTensor &moving_speed) {
+    BelowAutograd below;
+    if (moving_speed) momentum = moving_speed->reshape(-1)[0].item<double>();
+    TORCH_CHECK_VALUE(running_mean.is_contiguous(), "running_mean must be contiguous");
+    TORCH_CHECK_VALUE(running_var.is_contiguous(), "running_var must be contiguous");
+    auto dtype = running_mean.scalar_type();
+    TORCH_CHECK_TYPE(dtype == c10::kFloat || dtype == c10::kDouble, "running_mean must be float32 or float64");
+    int64_t c = running_mean.numel();
+    Tensor m = moments.contiguous();
+    auto *pm = static_cast<const double *>(take(m, "moments", at::kDouble, 3 * c));
+    void *rm = take(running_mean, "running_mean", dtype, c), *rv = take(running_var, "running_var", dtype, c);
+    auto *nbt = static_cast<int64_t *>(take(num_batches_tracked, "num_batches_tracked", at::kLong, 1));
+    char message[kMessageCapacity] = "";
+    auto f = static_cast<uint32_t>(flags);
+    int32_t status;
+    {
+        ThreadScope threads;
+        probe(probe_running_update, f, rm, nullptr, threads.team());
+        status = dtype == c10::kFloat
+            ? api().running_update_f32(f, c, momentum, pm, static_cast<float *>(rm), static_cast<float *>(rv), nbt,
+                                       message, kMessageCapacity)
+            : api().running_update_f64(f, c, momentum, pm, static_cast<double *>(rm), static_cast<double *>(rv), nbt,
+                                       message, kMessageCapacity);
+    }
+    check(status, message);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const Tensor &dy_given, const Tensor &x_given,
+                                                                         const Tensor &context, int64_t flags,
+                                                                         int64_t groups, bool bn_affine,
+                                                                         bool cn_affine) {
+    BelowAutograd below;
+    const bcn_c_api &a = api();
+    check_input(x_given);
+    Laid laid = context_layout(x_given, &context);
+    const Tensor &x = laid.x;
+    uint32_t f = (static_cast<uint32_t>(flags) & ~a.cumulative_average) | laid.flag;
+    Shape s = shape_of_input(x);
+    auto dtype = x.scalar_type();
+    Tensor dy = like(dy_given.scalar_type() == dtype ? dy_given : dy_given.to(dtype), x);
+    Tensor dx = new_like(x);
+    bool bn = has(f, a.batch_norm) && bn_affine, cn = has(f, a.channel_norm) && cn_affine;
+    int64_t g = checked_groups(f, groups);
+    Tensor gbw = new_zeros(bn ? s.channels : 0, dtype), gbb = new_zeros(bn ? s.channels : 0, dtype);
+    Tensor gcw = new_zeros(cn ? g : 0, dtype), gcb = new_zeros(cn ? g : 0, dtype);
+    bool channels_last = laid.flag != 0;
+    int64_t n = x.numel();
+    const void *px = take(x, "x", dtype, -1, channels_last);
+    const void *pdy = take(dy, "dy", dtype, n, channels_last);
+    void *pdx = take(dx, "dx", dtype, n, channels_last);
+    auto *pctx = static_cast<const double *>(take(context, "context", at::kDouble, -1));
+    auto data = [](Tensor &t) { return t.numel() ? t.data_ptr() : nullptr; };
+    void *p1 = data(gbw), *p2 = data(gbb), *p3 = data(gcw), *p4 = data(gcb);
+    char message[kMessageCapacity] = "";
+    int32_t status;
+    {
+        ThreadScope threads;
+        probe(probe_backward, f, px, pdy, threads.team());
+        status = dtype == c10::kFloat
+            ? a.norm_backward_f32(f, s.batch, s.channels, s.spatial, groups, static_cast<const float *>(px),
+                                  static_cast<const float *>(pdy), static_cast<float *>(pdx), static_cast<float *>(p1),
+                                  static_cast<float *>(p2), static_cast<float *>(p3), static_cast<float *>(p4), pctx,
+                                  context.numel(), message, kMessageCapacity)
+            : a.norm_backward_f64(f, s.batch, s.channels, s.spatial, groups, static_cast<const double *>(px),
+                                  static_cast<const double *>(pdy), static_cast<double *>(pdx),
+                                  static_cast<double *>(p1), static_cast<double *>(p2), static_cast<double *>(p3),
+                                  static_cast<double *>(p4), pctx, context.numel(), message, kMessageCapacity);
+    }
+    check(status, message);
+    if (laid.relaid) dx = output_like(x_given).copy_(dx);
+    return {dx, gbw, gbb, gcw, gcb};
+}
+
+// ---- Weight Standardization (_ops._weight_standardization and its backward) ------------------------------
+
+// t as [O, fan-in] rows over its own memory, when each t[o] is one dense block in C order or any other (a
+// channels_last weight's block is [kh, kw, I]): standardization per output channel does not care in which order
+// a block holds its fan-in (_ops._rows).
+bool dense_rows(const Tensor &t) {
+    int64_t rows = t.size(0), fan = t.numel() / rows;
+    if (rows > 1 && t.stride(0) != fan) return false;
+    std::vector<std::pair<int64_t, int64_t>> axes;  // (stride, size) of the axes of the fan-in that count
+    for (int64_t d = 1; d < t.dim(); ++d)
+        if (t.size(d) != 1) axes.emplace_back(t.stride(d), t.size(d));
+    std::sort(axes.begin(), axes.end());
+    int64_t expected = 1;
+    for (auto [stride, size] : axes) {
+        if (stride != expected) return false;
+        expected *= size;
+    }
+    return true;
+}
+
+void check_weight(const Tensor &w) {  // _ops._check_weight
+    TORCH_CHECK_TYPE(w.device().is_cpu() && (w.scalar_type() == c10::kFloat || w.scalar_type() == c10::kDouble),
+                     "bcnswift ops take CPU float32 or float64 tensors, got a weight ", torch_name(w.scalar_type()),
+                     " on ", w.device().str());
+    TORCH_CHECK_VALUE(w.dim() >= 2 && w.numel() != 0, "weight must have rank >= 2 ([out_channels, ...]) and values, "
+                      "got shape ", shape_of(w));
+}
+
+// w where its rows lie (dense per output channel, in any order of the fan-in), else a C-order copy
+Tensor weight_rows(const Tensor &w) {
+    check_weight(w);
+    return w.is_contiguous() || dense_rows(w) ? w : w.contiguous();
+}
+
+Tensor ws_forward_op(const Tensor &given, double eps, int64_t flags) {
+    BelowAutograd below;
+    Tensor w = weight_rows(given);
+    Tensor out = new_like(w);  // in w's own layout
+    int64_t rows = w.size(0), fan = w.numel() / rows;
+    char message[kMessageCapacity] = "";
+    int32_t status;
+    auto f = static_cast<uint32_t>(flags);
+    {
+        ThreadScope threads;
+        probe(probe_ws_forward, f, w.data_ptr(), nullptr, threads.team());
+        status = w.scalar_type() == c10::kFloat
+            ? api().ws_forward_f32(f, rows, fan, eps, w.data_ptr<float>(), out.data_ptr<float>(), message,
+                                   kMessageCapacity)
+            : api().ws_forward_f64(f, rows, fan, eps, w.data_ptr<double>(), out.data_ptr<double>(), message,
+                                   kMessageCapacity);
+    }
+    check(status, message);
+    return out;
+}
+
+Tensor ws_backward_op(const Tensor &grad_given, const Tensor &given, double eps, int64_t flags) {
+    BelowAutograd below;
+    Tensor w = weight_rows(given);
+    Tensor grad = like(grad_given.scalar_type() == w.scalar_type() ? grad_given : grad_given.to(w.scalar_type()), w);
+    Tensor out = new_like(w);
+    int64_t rows = w.size(0), fan = w.numel() / rows;
+    // grad in w's layout, unless _like passed a tensor of another size through (as the Python kernel does, for
+    // the sizes' check to refuse): dense rows of the same count
+    TORCH_CHECK_VALUE(grad.numel() == w.numel(), "grad_w_hat has ", grad.numel(), " elements, expected ", w.numel());
+    TORCH_CHECK_VALUE(grad.is_contiguous() || dense_rows(grad), "grad_w_hat must be aligned and C-contiguous");
+    char message[kMessageCapacity] = "";
+    int32_t status;
+    auto f = static_cast<uint32_t>(flags);
+    {
+        ThreadScope threads;
+        probe(probe_ws_backward, f, w.data_ptr(), grad.data_ptr(), threads.team());
+        status = w.scalar_type() == c10::kFloat
+            ? api().ws_backward_f32(f, rows, fan, eps, w.data_ptr<float>(), grad.data_ptr<float>(),
+                                    out.data_ptr<float>(), message, kMessageCapacity)
+            : api().ws_backward_f64(f, rows, fan, eps, w.data_ptr<double>(), grad.data_ptr<double>(),
+                                    out.data_ptr<double>(), message, kMessageCapacity);
+    }
+    check(status, message);
+    return out;
+}
+
+// bcnswift::_native_threads(setting): _threads.set_num_threads' setting (-1: torch's threads; clamped).
+void native_threads_op(int64_t setting) { thread_setting.store(setting < 0 ? -1 : std::min<int64_t>(setting, 4096)); }
+
+// bcnswift::_native_probe(bool on) -> int[]: starts (on) or stops recording the kernel calls (`probe`), and
+// returns what was recorded since the last call, six numbers a call. For the tests.
+std::vector<int64_t> native_probe_op(bool on) {
+    std::lock_guard<std::mutex> hold(probe_mutex);
+    probing.store(on);
+    std::vector<int64_t> log;
+    log.swap(probe_log);
+    return log;
+}
+
+// bcnswift::_native_enable() -> int: finds the C ABI's table, then registers the ops' CPU kernels (once), and
+// returns the ABI's version. Until it has run the ops keep their Python kernels, so a table that is missing or
+// of another version (a raise here) leaves them working.
+int64_t native_enable_op() {
+    static std::once_flag once;
+    static torch::Library *kernels = nullptr;  // held for the process's lifetime, as TORCH_LIBRARY_IMPL holds its
+    int64_t version = api().abi_version;
+    std::call_once(once, [] {
+        kernels = new torch::Library(torch::Library::IMPL, "bcnswift", c10::DispatchKey::CPU, __FILE__, __LINE__);
+        kernels->impl("moments", &moments_op);
+        kernels->impl("update_running_", &update_running_op);
+        kernels->impl("normalize", &normalize_op);
+        kernels->impl("normalize_batch", &normalize_batch_op);
+        kernels->impl("normalize_backward", &normalize_backward_op);
+        kernels->impl("weight_standardization", &ws_forward_op);
+        kernels->impl("weight_standardization_backward", &ws_backward_op);
+    });
+    return version;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(bcnswift, m) {  // private: _native.py's; no tensors, so kernels for every dispatch key
+    m.def("_native_threads(int setting) -> ()", &native_threads_op);
+    m.def("_native_enable() -> int", &native_enable_op);
+    m.def("_native_probe(bool on) -> int[]", &native_probe_op);
+}
+
+namespace {
+struct ForkHandler {
+    ForkHandler() { pthread_atfork(nullptr, nullptr, [] { forked.store(true); }); }
+} fork_handler;
+}  // namespace

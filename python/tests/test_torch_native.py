@@ -1,0 +1,292 @@
+"""bcnswift.torch's native operators (native_ops.cpp, built and loaded by _native.py): they are in use where a C++
+compiler is (required under CI), give the bits and the errors of the ops' Python kernels, run on torch's threads,
+and bcnswift.torch works without them (the Python kernels then serve, tested here in a subprocess)."""
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import _missing, require, seed_of
+
+torch = require("torch")
+from bcnswift import _ext  # noqa: E402
+from bcnswift.torch import _native, _ops  # noqa: E402
+
+BN, CN, TR = _ext.BCN_BATCH_NORM, _ext.BCN_CHANNEL_NORM, _ext.BCN_TRAINING
+TORCH_BN = BN | _ext.BCN_UNBIASED_RUNNING_VAR
+LABML_EST = BN | _ext.BCN_ESTIMATED
+AUTHORS_EST = LABML_EST | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def gen(request):
+    seed = seed_of(request.node.nodeid)
+    print(f"torch seed {seed} (torch.Generator().manual_seed({seed}), from {request.node.nodeid!r})")
+    return torch.Generator().manual_seed(seed)
+
+
+def need_native():
+    """The native operators, or `_missing` (under CI=true a failure: CI never passes on the Python kernels alone)."""
+    if not _ops.NATIVE:
+        _missing("bcnswift.torch's native operators", f"a C++ compiler on PATH or $CXX: {_native.reason}")
+
+
+def test_the_native_operators_are_in_use():
+    """Where a C++ compiler is, bcnswift.torch builds its native operators and its ops run them."""
+    need_native()
+    import bcnswift.torch as bt
+    assert bt.uses_native_operators() and _native.reason is None
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "permuted":  # dense, in neither layout the kernels read: copied
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t.contiguous()
+
+
+def _input(gen, shape, dtype, layout):
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    mean = (torch.randn(C, generator=gen, dtype=torch.float64) * 3 + 2).reshape(view)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + mean
+    return _layout(x.to(dtype), layout)
+
+
+def _same(a, b, what):
+    """a and b the same bits (values, dtypes, shapes, strides), or the same tuples of them; an error is a failure."""
+    for result in (a, b):
+        if isinstance(result, Exception):
+            raise AssertionError(f"{what}: {type(result).__name__}: {result}") from result
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        # the memory layout (an axis of size 1, or of an empty tensor, has any stride)
+        assert a.numel() == 0 or all(u == v for u, v, n in zip(a.stride(), b.stride(), a.shape) if n > 1), what
+        assert torch.equal(a, b), what
+    else:
+        assert len(a) == len(b), what
+        for i, (u, v) in enumerate(zip(a, b)):
+            _same(u, v, f"{what}[{i}]")
+
+
+def _native_and_python(name, *args):
+    """The op's result by its native kernel (the dispatcher's CPU kernel) and by its Python kernel, or the error
+    each raises."""
+    def run(f):
+        try:
+            return f(*args)
+        except Exception as error:  # noqa: BLE001 - compared below
+            return error
+    return run(getattr(torch.ops.bcnswift, name).default), run(getattr(_ops, "_" + name.rstrip("_")))
+
+
+CONFIGS = [(flags, estimated) for flags, estimated in ((TORCH_BN | CN, False), (AUTHORS_EST | CN, True),
+                                                       (LABML_EST | CN, True), (TORCH_BN, False), (CN, False))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+@pytest.mark.parametrize("shape", [(4, 8, 3, 5), (6, 16), (3, 8, 2, 2), (2, 8, 1, 7)])
+def test_native_kernels_give_the_python_kernels_bits(shape, layout, dtype, gen):
+    """Every op, in training (batch statistics, and the estimated update) and eval, with and without affine
+    parameters, each stage alone: the native kernels' outputs (values, dtypes, strides) and the running buffers
+    they update are the Python kernels', bit for bit."""
+    need_native()
+    if layout != "contiguous" and len(shape) == 2:
+        return  # rank 2 has one layout
+    C, G = shape[1], 4
+    x = _input(gen, shape, dtype, layout)
+    dy = _input(gen, shape, dtype, layout)
+
+    def p(n, lo, hi):
+        return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+    for (flags, estimated), affine in itertools.product(CONFIGS, (True, False)):
+        bw, bb = (p(C, 0.5, 1.5), p(C, -0.5, 0.5)) if affine else (None, None)
+        cw, cb = (p(G, 0.5, 1.5).reshape(1, G, 1), p(G, -0.5, 0.5)) if affine else (None, None)
+        rm, rv = p(C, -1, 1), p(C, 0.5, 2)
+        what = f"flags {flags}, affine {affine}"
+        for train in ((0, TR) if flags & BN else (0,)):
+            f = flags | (0 if estimated else train)
+            ctx, m = _native_and_python("moments", x, flags, G)
+            _same(ctx, m, f"{what}: moments")
+            context, moments = ctx
+            if flags & BN:
+                buffers = [(rm.clone(), rv.clone(), torch.tensor(3)) for _ in range(2)]
+                for (brm, brv, bn_), op in zip(buffers, (torch.ops.bcnswift.update_running_.default,
+                                                          _ops._update_running)):
+                    op(brm, brv, bn_, moments, flags, 0.1, torch.tensor([0.25], dtype=dtype) if estimated else None)
+                _same(buffers[0], buffers[1], f"{what}: update_running_")
+            given = (context, None) if estimated else (None, None)
+            out = _native_and_python("normalize", x, *given, bw, bb, rm, rv, cw, cb, f, G, 1e-5, 1e-3)
+            _same(*out, f"{what}, train {train}: normalize")
+            y, context_y = out[0]
+            if train and not estimated:
+                _same(*_native_and_python("normalize_batch", x, bw, bb, cw, cb, f, G, 1e-5, 1e-3),
+                      f"{what}: normalize_batch")
+            for bn_affine, cn_affine in ((True, True), (False, True), (True, False)):
+                _same(*_native_and_python("normalize_backward", dy, x, context_y, f, G, bn_affine, cn_affine),
+                      f"{what}, train {train}, affine {bn_affine, cn_affine}: normalize_backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", [((6, 4, 3, 3), "contiguous"), ((6, 4, 3, 3), "channels_last"),
+                                          ((6, 4, 3, 3), "permuted"), ((5, 7), "contiguous"),
+                                          ((6, 4, 1, 1), "odd strides"), ((1, 3, 2, 2), "contiguous")])
+def test_native_weight_standardization_gives_the_python_kernels_bits(shape, layout, dtype, gen):
+    """Weight Standardization and its backward, both conventions, weights in every layout (each output channel
+    one dense block, or not), gradients in their own layouts: the Python kernels' bits and output strides."""
+    need_native()
+    w = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * 0.2 + 0.05
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) + 0.3
+    if layout == "odd strides":  # a 1x1 kernel's weight as inductor may lay it out: the same memory order
+        w = torch.empty_strided(shape, (4, 1, 4, 4), dtype=dtype).copy_(w)
+    elif len(shape) == 4:
+        w = _layout(w, layout)
+    for flags in (0, _ext.BCN_WS_UNBIASED, _ext.BCN_WS_UNBIASED | _ext.BCN_WS_EPS_IN_SQRT):
+        _same(*_native_and_python("weight_standardization", w, 1e-5, flags), f"forward, flags {flags}")
+        for g in (grad, _layout(grad, "channels_last") if len(shape) == 4 else grad.t().contiguous().t()):
+            _same(*_native_and_python("weight_standardization_backward", g, w, 1e-5, flags),
+                  f"backward, flags {flags}")
+
+
+def _bad_calls(x):
+    """Calls of the ops that must fail, each with what the Python kernels raise for it."""
+    C = x.shape[1]
+    f = TORCH_BN | CN | TR
+    ctx, m = _ops._moments(x, TORCH_BN | CN, 4)
+    ones = torch.ones(C)
+    yield "normalize", (x.to(torch.float16), None, None, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x[0, 0, 0], None, None, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x[:0], None, None, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, ones.double(), None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, torch.ones(C + 1), None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, None, None, None, None, torch.ones(3), None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, TORCH_BN | CN, 4, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, f, 3, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, f, 0, 1e-5, 1e-5)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, f, 4, -1.0, 1e-5)
+    yield "normalize", (x, ctx.float(), m, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x, ctx[:5], m, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x, ctx, m[:3], None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize", (x[:1, :, :1, :1], None, None, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "normalize_batch", (x, None, None, None, None, TORCH_BN | CN, 4, 1e-5, 1e-5)
+    yield "moments", (x.int(), TORCH_BN | CN, 4)
+    yield "update_running_", (torch.zeros(2 * C)[::2], torch.ones(C), torch.tensor(0), m, TORCH_BN, 0.1, None)
+    yield "update_running_", (torch.zeros(C, dtype=torch.int32), torch.ones(C), torch.tensor(0), m, TORCH_BN, 0.1,
+                              None)
+    yield "update_running_", (torch.zeros(C), torch.ones(C + 1), torch.tensor(0), m, TORCH_BN, 0.1, None)
+    yield "update_running_", (torch.zeros(C), torch.ones(C), torch.tensor(0.0), m, TORCH_BN, 0.1, None)
+    yield "update_running_", (torch.zeros(C), torch.ones(C), torch.tensor(0), m[:-1], TORCH_BN, 0.1, None)
+    yield "update_running_", (torch.zeros(C), torch.ones(C), torch.tensor(0), m, TORCH_BN, 2.0, None)
+    yield "normalize_backward", (x, x, ctx, CN | TR, 4, True, True)  # a context of other stages
+    yield "normalize_backward", (x[:1], x, ctx, f, 4, True, True)
+    yield "normalize_backward", (x, x, ctx.float(), f, 4, True, True)
+    w = torch.randn(6, 4, 3, 3)
+    yield "weight_standardization", (w.half(), 1e-5, 1)
+    yield "weight_standardization", (w[0, 0, 0], 1e-5, 1)
+    yield "weight_standardization", (w[:0], 1e-5, 1)
+    yield "weight_standardization", (w, -1.0, 1)
+    yield "weight_standardization", (w[:, :1, :1, :1], 1e-5, 1)  # a fan-in of one value, unbiased
+    yield "weight_standardization_backward", (w[:3], w, 1e-5, 1)
+
+
+def test_native_kernels_raise_the_python_kernels_errors(gen):
+    """Bad input gets the same exception type and message from both kernels, and neither changes a buffer."""
+    need_native()
+    x = _input(gen, (4, 8, 3, 5), torch.float32, "contiguous")
+    for name, args in _bad_calls(x):
+        before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        native, python = _native_and_python(name, *args)
+        assert isinstance(python, Exception), f"{name}{tuple(type(a).__name__ for a in args)}: no error"
+        assert type(native) is type(python) and str(native) == str(python), (name, native, python)
+        for a, b in zip(args, before):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), f"{name} changed an argument"
+
+
+def test_native_kernels_run_on_torch_threads_with_the_calling_threads_bits(gen, kernel_calls):
+    """By default the native kernels run on torch's OpenMP threads (its GOMP_parallel, as the Python kernels):
+    every call under torch's thread count, parallel regions there, and the bits of the calling thread alone."""
+    need_native()
+    import bcnswift.torch as bt
+    saved, saved_torch = bt.get_num_threads(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    x = _input(gen, (8, 64, 16, 16), torch.float32, "channels_last")
+    dy = _input(gen, (8, 64, 16, 16), torch.float32, "channels_last")
+    f = TORCH_BN | CN | TR
+    try:
+        runs = []
+        for threads in (None, 1):
+            bt.set_num_threads(threads)
+            kernel_calls.clear()
+            y, ctx, m = _ops.normalize_batch(x, None, None, None, None, f, 16, 1e-5, 1e-5)
+            grads = _ops.normalize_backward(dy, x, ctx, f, 16, False, False)
+            runs.append((y, m, *grads))
+            calls = kernel_calls.calls
+            assert calls and all(c.native for c in calls)
+            if threads is None:
+                assert {(c.threads, c.team) for c in calls} == {(2, "torch")}, calls
+                assert kernel_calls.team_regions and set(kernel_calls.team_regions) == {2}
+            else:
+                assert {(c.threads, c.team) for c in calls} == {(1, "none")} and not kernel_calls.team_regions
+        _same(runs[0], runs[1], "torch's threads against the calling thread")
+    finally:
+        bt.set_num_threads(saved)
+        torch.set_num_threads(saved_torch)
+
+
+def _subprocess(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=TESTS,
+                          env={**os.environ, **env})
+
+
+def test_without_a_compiler_the_python_kernels_serve(tmp_path):
+    """A build that fails (here a compiler that always fails, and an empty cache) warns once, and the ops run
+    their Python kernels; BCNSWIFT_TORCH_NATIVE=0 does not try, and says nothing."""
+    code = ("import warnings, torch\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import bcnswift.torch as bt\n"
+            "from bcnswift.torch import _ops, _native\n"
+            "m = bt.BCNorm(8, 4)\n"
+            "y = torch.compile(m, backend='eager', fullgraph=True)(torch.randn(4, 8, 3, 3) + 1)\n"
+            "warned = [w for w in caught if 'native' in str(w.message)]\n"
+            "print(bt.uses_native_operators(), bool(_native.reason), len(warned), bool(y.isfinite().all()))\n")
+    failing = _subprocess(code, CXX="false", BCNSWIFT_CACHE_DIR=str(tmp_path))
+    assert failing.returncode == 0, failing.stderr
+    assert failing.stdout.split() == ["False", "True", "1", "True"], failing.stdout
+    off = _subprocess(code, BCNSWIFT_TORCH_NATIVE="0", BCNSWIFT_CACHE_DIR=str(tmp_path))
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["False", "True", "0", "True"], off.stdout
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_the_library_is_built_once_and_kept(tmp_path):
+    """A fresh cache gets the library (one build), and the next process loads it without building again."""
+    need_native()
+    code = "from bcnswift.torch import _ops, _native; print(_ops.NATIVE, _native.reason)"
+    first = _subprocess(code, BCNSWIFT_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.split() == ["True", "None"], first.stderr
+    built = list(tmp_path.glob("torch-native-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat()
+    second = _subprocess(code, BCNSWIFT_CACHE_DIR=str(tmp_path))
+    assert second.returncode == 0 and second.stdout.split() == ["True", "None"], second.stderr
+    again = built[0].stat()  # a build would have replaced the file (os.replace: a new inode)
+    assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
+    assert list(tmp_path.glob("torch-native-*.so")) == built
+
+
+def test_the_python_kernels_pass_the_op_tests():
+    """The ops' tests again, on the Python kernels alone (BCNSWIFT_TORCH_NATIVE=0): the fallback of every machine
+    without a C++ compiler."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "test_torch_ops.py", "test_torch_compile.py"], capture_output=True, text=True,
+                         timeout=900, cwd=TESTS, env={**os.environ, "BCNSWIFT_TORCH_NATIVE": "0"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
