@@ -421,21 +421,26 @@ def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
 
 def test_a_forked_child_runs_the_kernels_on_its_calling_thread():
     """GNU OpenMP cannot start a parallel region in a process forked after the parent's team ran (torch's own
-    parallel operations hang there): a forked child runs the kernels on its calling thread, and finishes."""
+    parallel operations hang there): a forked child runs the kernels on its calling thread, and finishes. The
+    eager route's kernels and the ops' (native where built) alike."""
     if not hasattr(os, "fork") or not _threads._find_openmp_team():
         pytest.skip("no os.fork, or a torch without OpenMP, on this platform")
     code = """if True:
         import os, signal, torch, bcnswift.torch as bt
+        from bcnswift import _ext
         torch.set_num_threads(2)
         x = torch.randn(8, 64, 32, 32) + 0.5
         m = bt.BCNorm(64, 16)
-        expected = m(x).detach()  # on torch's team, in the parent
-        assert bt.uses_torch_threads()
+        flags = _ext.BCN_BATCH_NORM | _ext.BCN_CHANNEL_NORM | _ext.BCN_TRAINING
+        op = torch.ops.bcnswift.normalize_batch.default
+        expected, expected_op = m(x).detach(), op(x, None, None, None, None, flags, 16, 1e-5, 1e-5)[0]
+        assert bt.uses_torch_threads()  # the parent's kernels ran on torch's team
         pid = os.fork()
         if pid == 0:
             signal.alarm(60)  # a hung child ends, whatever becomes of this process
             # compared in numpy: torch.equal on this size is itself a parallel operation, which would hang
             ok = not bt.uses_torch_threads() and (m(x).detach().numpy() == expected.numpy()).all()
+            ok = ok and (op(x, None, None, None, None, flags, 16, 1e-5, 1e-5)[0].numpy() == expected_op.numpy()).all()
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status))
