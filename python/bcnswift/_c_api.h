@@ -1,7 +1,7 @@
 /*
  * The kernels' C ABI as a table of function pointers, which bcnswift._ext exports as the capsule
  * `bcnswift._ext._C_API` (named "bcnswift._C_API") for other native code in the same process: bcnswift.torch's
- * native operators (torch/native/ops.cpp), which cannot link the kernels themselves (the extension hides every
+ * native operators (torch/native_ops.cpp), which cannot link the kernels themselves (the extension hides every
  * symbol but its PyInit_*, and loads the build for the CPU at run time). Each entry is the bcnswift.h function of
  * the same name, without its `bcn_` prefix; the compiler checks that they match where _ext.c fills the table.
  *
@@ -14,6 +14,8 @@
 #include <stdint.h>
 
 #define BCN_C_API_CAPSULE "bcnswift._C_API"
+/* The bcnswift.h ABI version whose signatures and flags this table carries (its `abi_version` field). */
+#define BCN_C_API_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {

@@ -531,6 +531,7 @@ static PyObject *set_calling_thread_team(PyObject *self, PyObject *arg) {
 }
 
 /* The C ABI as a table (_c_api.h) for native code in this process, exported as the capsule `_C_API`. */
+_Static_assert(BCN_C_API_ABI_VERSION == BCN_ABI_VERSION, "_c_api.h describes another ABI than bcnswift.h");
 static const bcn_c_api c_api = {
     sizeof(bcn_c_api), BCN_ABI_VERSION, BCN_BATCH_NORM, BCN_ESTIMATED, BCN_CUMULATIVE_AVERAGE, BCN_CHANNEL_NORM,
     BCN_TRAINING, BCN_CHANNELS_LAST, BCN_OK, BCN_ERR_NO_FORWARD, bcn_get_num_threads,

@@ -91,7 +91,7 @@ CONFIGS = [(flags, estimated) for flags, estimated in ((TORCH_BN | CN, False), (
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
-@pytest.mark.parametrize("shape", [(4, 8, 3, 5), (6, 16), (3, 8, 2, 2), (2, 8, 1, 7)])
+@pytest.mark.parametrize("shape", [(4, 8, 3, 5), (6, 16), (3, 8, 2, 2), (2, 8, 1, 7), (3, 8, 7), (2, 8, 2, 3, 2)])
 def test_native_kernels_give_the_python_kernels_bits(shape, layout, dtype, gen):
     """Every op, in training (batch statistics, and the estimated update) and eval, with and without affine
     parameters, each stage alone: the native kernels' outputs (values, dtypes, strides) and the running buffers
@@ -106,7 +106,8 @@ def test_native_kernels_give_the_python_kernels_bits(shape, layout, dtype, gen):
     def p(n, lo, hi):
         return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
     for (flags, estimated), affine in itertools.product(CONFIGS, (True, False)):
-        bw, bb = (p(C, 0.5, 1.5), p(C, -0.5, 0.5)) if affine else (None, None)
+        # one parameter strided (read from a C-order copy), where it has values
+        bw, bb = (p(2 * C, 0.5, 1.5)[::2], p(C, -0.5, 0.5)) if affine else (None, None)
         cw, cb = (p(G, 0.5, 1.5).reshape(1, G, 1), p(G, -0.5, 0.5)) if affine else (None, None)
         rm, rv = p(C, -1, 1), p(C, 0.5, 2)
         what = f"flags {flags}, affine {affine}"
@@ -128,6 +129,9 @@ def test_native_kernels_give_the_python_kernels_bits(shape, layout, dtype, gen):
             if train and not estimated:
                 _same(*_native_and_python("normalize_batch", x, bw, bb, cw, cb, f, G, 1e-5, 1e-3),
                       f"{what}: normalize_batch")
+                # phase (c) on the moments' context with the batch's moments (what normalize_batch chains)
+                _same(*_native_and_python("normalize", x, context, moments, bw, bb, None, None, cw, cb, f, G, 1e-5,
+                                          1e-3), f"{what}: normalize with moments")
             for bn_affine, cn_affine in ((True, True), (False, True), (True, False)):
                 _same(*_native_and_python("normalize_backward", dy, x, context_y, f, G, bn_affine, cn_affine),
                       f"{what}, train {train}, affine {bn_affine, cn_affine}: normalize_backward")
@@ -152,6 +156,24 @@ def test_native_weight_standardization_gives_the_python_kernels_bits(shape, layo
         for g in (grad, _layout(grad, "channels_last") if len(shape) == 4 else grad.t().contiguous().t()):
             _same(*_native_and_python("weight_standardization_backward", g, w, 1e-5, flags),
                   f"backward, flags {flags}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_kernels_continue_a_context_made_in_the_other_layout(dtype, gen):
+    """x laid out otherwise than when its context was made (inductor may recompute a saved tensor): both kernels
+    continue in the layout the context records and give the output the layout promised for x as it came."""
+    need_native()
+    x = _input(gen, (4, 8, 3, 5), dtype, "channels_last")
+    dy = _input(gen, (4, 8, 3, 5), dtype, "contiguous")
+    f = TORCH_BN | CN
+    for made, given in (("channels_last", "contiguous"), ("contiguous", "channels_last"), ("permuted", "permuted")):
+        context, moments = torch.ops.bcnswift.moments.default(_layout(x, made), f, 4)
+        xg = _layout(x, given)
+        out = _native_and_python("normalize", xg, context, moments, None, None, None, None, None, None, f | TR, 4,
+                                 1e-5, 1e-5)
+        _same(*out, f"normalize: context made {made}, x given {given}")
+        _same(*_native_and_python("normalize_backward", _layout(dy, given), xg, out[0][1], f | TR, 4, False, False),
+              f"normalize_backward: context made {made}, x given {given}")
 
 
 def _bad_calls(x):
@@ -185,8 +207,26 @@ def _bad_calls(x):
     yield "update_running_", (torch.zeros(C), torch.ones(C), torch.tensor(0), m, TORCH_BN, 2.0, None)
     yield "normalize_backward", (x, x, ctx, CN | TR, 4, True, True)  # a context of other stages
     yield "normalize_backward", (x[:1], x, ctx, f, 4, True, True)
+    yield "normalize_backward", (x[0], x, ctx, f, 4, True, True)  # broadcasts to x's shape: refused all the same
     yield "normalize_backward", (x, x, ctx.float(), f, 4, True, True)
+    # memory the kernels must not read: misaligned, or not in the layout the flags declare; groups that cannot be
+    misaligned = torch.frombuffer(bytearray(4 * x.numel() + 1), dtype=torch.float32, offset=1).reshape(x.shape)
+    misaligned.copy_(x)
+    cl = _ext.BCN_CHANNELS_LAST
+    yield "normalize", (misaligned, None, None, None, None, None, None, None, None, f, 4, 1e-5, 1e-5)
+    yield "moments", (misaligned, TORCH_BN | CN, 4)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, f | cl, 4, 1e-5, 1e-5)
+    yield "moments", (x, TORCH_BN | CN | cl, 4)
+    yield "normalize_backward", (x, x, ctx, f | cl, 4, True, True)
+    yield "normalize_backward", (x, misaligned, ctx, f, 4, True, True)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, f, 1 << 20, 1e-5, 1e-5)
+    yield "normalize_batch", (x, None, None, None, None, f, 1 << 20, 1e-5, 1e-5)
     w = torch.randn(6, 4, 3, 3)
+    w_misaligned = torch.frombuffer(bytearray(4 * w.numel() + 1), dtype=torch.float32, offset=1).reshape(w.shape)
+    w_misaligned.copy_(w)
+    yield "weight_standardization", (w_misaligned, 1e-5, 1)
+    yield "weight_standardization_backward", (w_misaligned, w, 1e-5, 1)
+    yield "weight_standardization_backward", (w[0], w, 1e-5, 1)
     yield "weight_standardization", (w.half(), 1e-5, 1)
     yield "weight_standardization", (w[0, 0, 0], 1e-5, 1)
     yield "weight_standardization", (w[:0], 1e-5, 1)
@@ -214,6 +254,10 @@ def test_native_kernels_run_on_torch_threads_with_the_calling_threads_bits(gen, 
     every call under torch's thread count, parallel regions there, and the bits of the calling thread alone."""
     need_native()
     import bcnswift.torch as bt
+    from bcnswift.torch import _threads
+    if not sys.platform.startswith("linux"):
+        pytest.skip("tested where CI runs: Linux, whose torch wheels run on OpenMP")
+    assert _threads._find_openmp_team(), "torch runs on OpenMP here (torch.__config__.parallel_info())"
     saved, saved_torch = bt.get_num_threads(), torch.get_num_threads()
     torch.set_num_threads(2)
     x = _input(gen, (8, 64, 16, 16), torch.float32, "channels_last")
@@ -266,6 +310,25 @@ def test_without_a_compiler_the_python_kernels_serve(tmp_path):
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_processes_launched_together_build_once_and_share_a_failure(tmp_path):
+    """Processes that start together (an mpiexec launch) wait for one build; when it fails, they fail with its
+    words instead of running the compiler again, one after another."""
+    counter = tmp_path / "runs"
+    compiler = tmp_path / "slow-failing-c++"
+    # slow enough that all three reach the lock while it builds, however their imports of torch interleave
+    compiler.write_text(f"#!/bin/sh\necho run >> {counter}\nsleep 8\necho 'an error of this compiler' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    code = ("import warnings\nwarnings.simplefilter('ignore')\n"
+            "from bcnswift.torch import _native\nprint(_native.uses_native_operators(), _native.reason.count('an error'))")
+    env = {**os.environ, "CXX": str(compiler), "BCNSWIFT_CACHE_DIR": str(tmp_path / "cache")}
+    launched = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=TESTS, env=env) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in launched]
+    assert all(p.returncode == 0 for p in launched), [err for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [["False", "1"]] * 3, outputs
+    assert counter.read_text().split() == ["run"]  # one build for the three
+
+
 def test_the_library_is_built_once_and_kept(tmp_path):
     """A fresh cache gets the library (one build), and the next process loads it without building again."""
     need_native()
@@ -280,6 +343,10 @@ def test_the_library_is_built_once_and_kept(tmp_path):
     again = built[0].stat()  # a build would have replaced the file (os.replace: a new inode)
     assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
     assert list(tmp_path.glob("torch-native-*.so")) == built
+    built[0].write_bytes(b"cut short")  # a kept library that does not load is built again, once
+    third = _subprocess(code, BCNSWIFT_CACHE_DIR=str(tmp_path))
+    assert third.returncode == 0 and third.stdout.split() == ["True", "None"], third.stderr
+    assert built[0].stat().st_size > 1000
 
 
 def test_the_python_kernels_pass_the_op_tests():

@@ -8,15 +8,19 @@ compiler, or with ``BCNSWIFT_TORCH_NATIVE=0``, the ops keep their Python kernels
 was tried and failed). The build takes about 15 seconds, once: the library is kept under
 ``$BCNSWIFT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bcnswift``, else ``~/.cache/bcnswift``), named by a hash of
 its source, the torch it is built against and the compiler, so another torch or a new bcnswift builds afresh.
-Processes that start together (an mpiexec or torchrun launch) build it once, under a file lock.
+Processes that start together (an mpiexec or torchrun launch) build it once, under a file lock; when that build
+fails, the processes that waited for it fail with its words instead of building again, one after another. A kept
+library that does not load is built again, once.
 """
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +34,7 @@ HEADER = Path(__file__).resolve().parent.parent / "_c_api.h"
 ENVIRONMENT = "BCNSWIFT_TORCH_NATIVE"
 _BUILD_SECONDS = 600
 
-#: why the native operators are not in use (None: they are), for bcnswift.torch.native_info()
+#: why the native operators are not in use (None: they are), for uses_native_operators() and the warning
 reason = "not loaded yet"
 
 
@@ -46,10 +50,12 @@ def wanted():
 
 
 def _compiler():
-    cxx = os.environ.get("CXX", "").strip()
+    """The compiler's command as a list ($CXX may hold a launcher and flags: "ccache g++"), or None."""
+    cxx = shlex.split(os.environ.get("CXX", ""))
     if cxx:
-        return shutil.which(cxx) or cxx
-    return next((found for name in ("c++", "g++", "clang++") if (found := shutil.which(name))), None)
+        return [shutil.which(cxx[0]) or cxx[0], *cxx[1:]]
+    found = next((path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None)
+    return [found] if found else None
 
 
 def _cache_dir():
@@ -64,41 +70,68 @@ def _command(cxx, output):
     root = Path(torch.__file__).resolve().parent
     include, lib = root / "include", root / "lib"
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return [*cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
             f"-I{sysconfig.get_paths()['include']}", f"-I{HEADER.parent}", str(SOURCE), "-o", str(output),
             f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
 
 
+def _stamp(path):
+    """A file's identity for the cache key: path, size, modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _library_path(cxx):
-    """Where the library built by `cxx` for this torch lives: named by a hash of everything that shapes it."""
-    resolved = Path(cxx).resolve()
-    stat = resolved.stat()
+    """Where the library built by `cxx` for this torch lives: named by a hash of everything that shapes it (its
+    sources, the compiler and its flags, torch's version, files and CPU library, Python's version)."""
+    torch_cpu = sorted((Path(torch.__file__).resolve().parent / "lib").glob("libtorch_cpu.*"))
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), HEADER.read_bytes(), torch.__version__.encode(), torch.__file__.encode(),
-                 f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}".encode(), sys.version.encode(),
-                 " ".join(_command("c++", "out")).encode()):
+                 _stamp(cxx[0]).encode(), " ".join(cxx[1:]).encode(), sys.version.encode(),
+                 " ".join(_stamp(p) for p in torch_cpu).encode(), " ".join(_command(["c++"], "out")).encode()):
         key.update(part)
         key.update(b"\0")
     return _cache_dir() / f"torch-native-{torch.__version__.split('+')[0]}-{key.hexdigest()[:16]}.so"
 
 
-def _build(cxx, path):
-    """Compiles the library to `path` unless another process already has (the lock makes the others wait)."""
+def _build(cxx, path, replace=False):
+    """Compiles the library to `path` unless another process already has (or, with `replace`, the one there does
+    not load): one process builds, under a lock, while the others wait for it. A build that failed while a
+    process waited fails that process too, with its words, rather than running again in every process of a
+    launch. A lock held longer than a build can take is given up on."""
     import fcntl  # POSIX; on other systems the import fails and the Python kernels serve
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    failed = path.with_suffix(".failed")
+    started = time.time()
     with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
+        deadline = started + _BUILD_SECONDS + 60
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"another process has held {lock.name} for {_BUILD_SECONDS + 60} s")
+                time.sleep(0.2)
+        if failed.exists() and failed.stat().st_mtime >= started - 1:
+            raise RuntimeError(failed.read_text())
+        if path.exists() and (not replace or path.stat().st_mtime >= started - 1):  # built meanwhile
             return
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             built = Path(scratch) / path.name
             done = subprocess.run(_command(cxx, built), capture_output=True, text=True, timeout=_BUILD_SECONDS)
             if done.returncode != 0:
                 tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
-                raise RuntimeError(f"{cxx} failed (exit {done.returncode}):\n{tail}")
+                message = f"{' '.join(cxx)} failed (exit {done.returncode}):\n{tail}"
+                failed.write_text(message)
+                raise RuntimeError(message)
+            with open(built, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(built, path)
+        failed.unlink(missing_ok=True)
 
 
 def load():
@@ -118,7 +151,11 @@ def load():
         path = _library_path(cxx)
         if not path.exists():
             _build(cxx, path)
-        torch.ops.load_library(str(path))
+        try:
+            torch.ops.load_library(str(path))
+        except OSError:  # a library that does not load (cut short, say): built again, once
+            _build(cxx, path, replace=True)
+            torch.ops.load_library(str(path))
         # finds the kernels' C ABI table (now, under the GIL, not on a first call), then registers the CPU kernels
         torch.ops.bcnswift._native_enable()
     except Exception as error:  # noqa: BLE001 - any failure leaves the Python kernels in place

@@ -397,7 +397,15 @@ def _normalize_backward(dy: torch.Tensor, x: torch.Tensor, context: torch.Tensor
                        bn_affine: bool, cn_affine: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor, torch.Tensor]:
     """dx and the parameter gradients (empty tensors for a stage that is absent or not affine)."""
+    _check_same_shape(dy, x, "dy", "input")
     return backward_impl(dy, x, _array(context), flags, groups, bn_affine, cn_affine)
+
+
+def _check_same_shape(grad, t, name, of):
+    """A gradient given to an op (autograd checks the ones it hands over) has its tensor's shape: one that merely
+    broadcasts to it would be copied into that shape and taken for the gradient of every sample."""
+    if tuple(grad.shape) != tuple(t.shape):
+        raise ValueError(f"{name} must have the {of}'s shape {tuple(t.shape)}, got {tuple(grad.shape)}")
 
 
 normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _normalize_backward, mutates_args=(),
@@ -592,6 +600,7 @@ def weight_standardization_backward_impl(grad, w, eps, flags, views=None):
 
 
 def _weight_standardization_backward(grad: torch.Tensor, w: torch.Tensor, eps: float, flags: int) -> torch.Tensor:
+    _check_same_shape(grad, w, "grad", "weight")
     return weight_standardization_backward_impl(grad, w, eps, flags)
 
 

@@ -53,6 +53,8 @@ constexpr int kContextFormat = 6;   // the header's memory format: 0 C order, 1 
 
 // ---- the C ABI, from bcnswift._ext ------------------------------------------------------------------------
 
+// Found by _native.py's call of bcnswift::_native_enable, from Python, before any kernel is registered: so a
+// kernel never takes the GIL here while a thread that holds it waits on `api_once`.
 const bcn_c_api *api_table = nullptr;
 std::string api_failure;
 std::once_flag api_once;
@@ -64,7 +66,18 @@ void load_api() {
     auto *table = capsule ? static_cast<const bcn_c_api *>(PyCapsule_GetPointer(capsule, BCN_C_API_CAPSULE)) : nullptr;
     if (!table) {
         api_failure = "bcnswift._ext exports no C API table (_C_API); reinstall bcnswift";
-    } else if (table->size < sizeof(bcn_c_api) || table->abi_version != 2) {
+        if (PyErr_Occurred()) {  // the import's or the lookup's own words
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyObject *text = value ? PyObject_Str(value) : nullptr;
+            const char *utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
+            if (utf8) api_failure += std::string(": ") + utf8;
+            Py_XDECREF(text);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
+        }
+    } else if (table->size < sizeof(bcn_c_api) || table->abi_version != BCN_C_API_ABI_VERSION) {
         api_failure = "bcnswift._ext's C API table is not the one this file was built for; reinstall bcnswift";
     } else {
         api_table = table;
@@ -275,6 +288,13 @@ Tensor like(const Tensor &t, const Tensor &x) {
 
 // ---- what the kernels read and write (_ext.c's checks) --------------------------------------------------
 
+// A gradient given to an op has its tensor's shape (_ops._check_same_shape): one that merely broadcasts to it
+// would be copied into that shape and taken for the gradient of every sample.
+void same_shape(const Tensor &grad, const Tensor &t, const char *name, const char *of) {
+    TORCH_CHECK_VALUE(grad.sizes() == t.sizes(), name, " must have the ", of, "'s shape ", shape_of(t), ", got ",
+                      shape_of(grad));
+}
+
 void check_input(const Tensor &x, const char *name = "input") {
     TORCH_CHECK_TYPE((x.scalar_type() == c10::kFloat || x.scalar_type() == c10::kDouble) && x.device().is_cpu(),
                      "bcnswift ops take CPU float32 or float64 tensors, got ", name, " ", torch_name(x.scalar_type()),
@@ -287,14 +307,15 @@ bool dense(const Tensor &t, bool channels_last) {
     return channels_last && t.dim() >= 3 ? channels_last_strides(t) : t.is_contiguous();
 }
 
+bool aligned(const Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0; }
+
 // t's memory for the kernels: dtype `dtype`, aligned, dense (C order, or channels-last), `size` elements (any
 // when size < 0); an undefined tensor gives nullptr.
 void *take(const Tensor &t, const char *name, c10::ScalarType dtype, int64_t size, bool channels_last = false) {
     if (!t.defined()) return nullptr;
     TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " has dtype ", numpy_name(t.scalar_type()), ", expected ",
                      numpy_name(dtype));
-    auto address = reinterpret_cast<uintptr_t>(t.data_ptr());
-    TORCH_CHECK_VALUE(address % t.element_size() == 0 && dense(t, channels_last), name, " must be aligned and ",
+    TORCH_CHECK_VALUE(aligned(t) && dense(t, channels_last), name, " must be aligned and ",
                       channels_last ? "dense in channels-last order" : "C-contiguous");
     TORCH_CHECK_VALUE(size < 0 || t.numel() == size, name, " has ", t.numel(), " elements, expected ", size);
     return t.data_ptr();
@@ -321,6 +342,11 @@ int64_t checked_groups(int64_t flags, int64_t groups) {  // _ext.c's parse_group
     TORCH_CHECK_VALUE(groups > 0, "num_groups must be positive, got ", groups);
     return groups;
 }
+
+// The groups to size contexts, scratch and gradients by: g when it divides the channels, else 0, for a call the
+// C ABI will refuse (it checks the groups before it touches any buffer) and which need not allocate g values
+// first, nor overflow a context's length.
+int64_t sizing_groups(int64_t g, int64_t channels) { return g > 0 && channels % g == 0 ? g : 0; }
 
 // ---- allocation ------------------------------------------------------------------------------------------
 
@@ -362,9 +388,8 @@ void *scratch_copy(int slot, c10::ScalarType dtype, int64_t n, const void *from)
 
 // ---- the ops' kernels ---------------------------------------------------------------------------------------
 
-// The tensors a kernel makes (outputs, scratch, copies) skip autograd's kernels, as under the dispatcher's own
-// call of a CPU kernel; the eager route calls these below autograd directly (_ops._native_kernels), where every
-// allocation would otherwise pass through them.
+// The tensors a kernel makes (outputs, scratch, copies) skip autograd's kernels: called below autograd directly
+// (the op's redispatch, or a caller's), every allocation would otherwise pass through them.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // _ops.moment_arrays on x laid out for the kernels: (context, moments)
@@ -372,9 +397,10 @@ std::tuple<Tensor, Tensor> moments_of(const Laid &laid, int64_t flags, int64_t g
     const Tensor &x = laid.x;
     Shape s = shape_of_input(x);
     int64_t g = checked_groups(flags, groups);
-    Tensor context = new_zeros(context_length(s.batch, s.channels, g), at::kDouble);
-    Tensor moments = new_empty(3 * s.channels, at::kDouble);
     uint32_t f = static_cast<uint32_t>(flags) | laid.flag;
+    take(x, "x", x.scalar_type(), -1, has(f, api().channels_last));  // as the flags say it lies (a caller's too)
+    Tensor context = new_zeros(context_length(s.batch, s.channels, sizing_groups(g, s.channels)), at::kDouble);
+    Tensor moments = new_empty(3 * s.channels, at::kDouble);
     char message[kMessageCapacity] = "";
     int32_t status;
     {
@@ -435,7 +461,7 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
     const Tensor &x = laid.x;
     uint32_t f = (static_cast<uint32_t>(flags) & ~a.cumulative_average) | laid.flag;
     Shape s = shape_of_input(x);
-    int64_t g = checked_groups(f, groups), c = s.channels;
+    int64_t g = checked_groups(f, groups), c = s.channels, sized = sizing_groups(g, c);
     auto dtype = x.scalar_type();
     Tensor y = new_like(x);  // x lies where the kernels read it, so y takes its layout
     bool bn = has(f, a.batch_norm), cn = has(f, a.channel_norm);
@@ -455,7 +481,8 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
         rv = readable(running_var);
     }
     bool finish = context.defined();
-    if (!finish) context = new_zeros(context_length(s.batch, c, g), at::kDouble);
+    if (!finish) context = new_zeros(context_length(s.batch, c, sized), at::kDouble);
+    take(x, "x", dtype, -1, has(f, a.channels_last));  // as the flags say it lies (a caller's too)
     void *pbw = !bn ? nullptr : bw.defined() ? take(bw, "bn_weight", dtype, c) : scratch(0, dtype, c, 1);
     void *pbb = !bn ? nullptr : bb.defined() ? take(bb, "bn_bias", dtype, c) : scratch(1, dtype, c, 0);
     void *prm = !bn ? nullptr : rm.defined() ? take(rm, "running_mean", dtype, c) : scratch(2, dtype, c, 0);
@@ -464,8 +491,9 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
         if (rm.defined()) prm = scratch_copy(2, dtype, c, prm);
         if (rv.defined()) prv = scratch_copy(3, dtype, c, prv);
     }
-    void *pcw = !cn ? nullptr : cw.defined() ? take(cw, "cn_weight", dtype, g) : scratch(4, dtype, g, 1);
-    void *pcb = !cn ? nullptr : cb.defined() ? take(cb, "cn_bias", dtype, g) : scratch(5, dtype, g, 0);
+    int64_t held = std::max<int64_t>(sized, 1);
+    void *pcw = !cn ? nullptr : cw.defined() ? take(cw, "cn_weight", dtype, g) : scratch(4, dtype, held, 1);
+    void *pcb = !cn ? nullptr : cb.defined() ? take(cb, "cn_bias", dtype, g) : scratch(5, dtype, held, 0);
     auto *pctx = static_cast<double *>(take(context, "context", at::kDouble, -1));
     const double *pm = finish && moments.defined()
         ? static_cast<const double *>(take(moments, "moments", at::kDouble, 3 * c)) : nullptr;
@@ -551,6 +579,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
                                                                          bool cn_affine) {
     BelowAutograd below;
     const bcn_c_api &a = api();
+    same_shape(dy_given, x_given, "dy", "input");
     check_input(x_given);
     Laid laid = context_layout(x_given, &context);
     const Tensor &x = laid.x;
@@ -560,10 +589,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
     Tensor dy = like(dy_given.scalar_type() == dtype ? dy_given : dy_given.to(dtype), x);
     Tensor dx = new_like(x);
     bool bn = has(f, a.batch_norm) && bn_affine, cn = has(f, a.channel_norm) && cn_affine;
-    int64_t g = checked_groups(f, groups);
+    int64_t g = sizing_groups(checked_groups(f, groups), s.channels);
     Tensor gbw = new_zeros(bn ? s.channels : 0, dtype), gbb = new_zeros(bn ? s.channels : 0, dtype);
     Tensor gcw = new_zeros(cn ? g : 0, dtype), gcb = new_zeros(cn ? g : 0, dtype);
-    bool channels_last = laid.flag != 0;
+    bool channels_last = has(f, a.channels_last);  // as the flags say x lies (a caller's flags too)
     int64_t n = x.numel();
     const void *px = take(x, "x", dtype, -1, channels_last);
     const void *pdy = take(dy, "dy", dtype, n, channels_last);
@@ -619,10 +648,13 @@ void check_weight(const Tensor &w) {  // _ops._check_weight
                       "got shape ", shape_of(w));
 }
 
-// w where its rows lie (dense per output channel, in any order of the fan-in), else a C-order copy
+// w where its rows lie (dense per output channel, in any order of the fan-in), else a C-order copy; aligned, as
+// _ext.c's take checks every array
 Tensor weight_rows(const Tensor &w) {
     check_weight(w);
-    return w.is_contiguous() || dense_rows(w) ? w : w.contiguous();
+    Tensor rows = w.is_contiguous() || dense_rows(w) ? w : w.contiguous();
+    TORCH_CHECK_VALUE(aligned(rows), "w must be aligned and C-contiguous");
+    return rows;
 }
 
 Tensor ws_forward_op(const Tensor &given, double eps, int64_t flags) {
@@ -648,6 +680,7 @@ Tensor ws_forward_op(const Tensor &given, double eps, int64_t flags) {
 
 Tensor ws_backward_op(const Tensor &grad_given, const Tensor &given, double eps, int64_t flags) {
     BelowAutograd below;
+    same_shape(grad_given, given, "grad", "weight");
     Tensor w = weight_rows(given);
     Tensor grad = like(grad_given.scalar_type() == w.scalar_type() ? grad_given : grad_given.to(w.scalar_type()), w);
     Tensor out = new_like(w);
@@ -655,7 +688,8 @@ Tensor ws_backward_op(const Tensor &grad_given, const Tensor &given, double eps,
     // grad in w's layout, unless _like passed a tensor of another size through (as the Python kernel does, for
     // the sizes' check to refuse): dense rows of the same count
     TORCH_CHECK_VALUE(grad.numel() == w.numel(), "grad_w_hat has ", grad.numel(), " elements, expected ", w.numel());
-    TORCH_CHECK_VALUE(grad.is_contiguous() || dense_rows(grad), "grad_w_hat must be aligned and C-contiguous");
+    TORCH_CHECK_VALUE((grad.is_contiguous() || dense_rows(grad)) && aligned(grad),
+                      "grad_w_hat must be aligned and C-contiguous");
     char message[kMessageCapacity] = "";
     int32_t status;
     auto f = static_cast<uint32_t>(flags);
