@@ -29,6 +29,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -424,6 +425,16 @@ std::tuple<Tensor, Tensor> moments_op(const Tensor &x, int64_t flags, int64_t gr
     return moments_of(context_layout(x, nullptr), flags, groups);
 }
 
+// The entry of an f32/f64 pair of the table that takes T.
+template <class T, class F32, class F64>
+auto pick(F32 f32, F64 f64) {
+    if constexpr (std::is_same_v<T, float>) {
+        return f32;
+    } else {
+        return f64;
+    }
+}
+
 template <class T>
 int32_t forward_call(bool finish, uint32_t f, Shape s, int64_t groups, double eps, double bn_eps, double momentum,
                      const Tensor &x, Tensor &y, void *bw, void *bb, void *rm, void *rv, void *nbt, void *cw,
@@ -432,21 +443,13 @@ int32_t forward_call(bool finish, uint32_t f, Shape s, int64_t groups, double ep
     const T *xp = x.data_ptr<T>();
     T *yp = y.data_ptr<T>();
     auto *nb = static_cast<int64_t *>(nbt);
-    if constexpr (std::is_same_v<T, float>) {
-        return finish ? api().norm_finish_f32(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp, yp,
-                                              T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), moments, context,
-                                              length, message, kMessageCapacity)
-                      : api().norm_forward_f32(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp,
-                                               yp, T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), context, length,
-                                               message, kMessageCapacity);
-    } else {
-        return finish ? api().norm_finish_f64(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp, yp,
-                                              T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), moments, context,
-                                              length, message, kMessageCapacity)
-                      : api().norm_forward_f64(f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp,
-                                               yp, T_(bw), T_(bb), T_(rm), T_(rv), nb, T_(cw), T_(cb), context, length,
-                                               message, kMessageCapacity);
-    }
+    if (finish)
+        return pick<T>(api().norm_finish_f32, api().norm_finish_f64)(
+            f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp, yp, T_(bw), T_(bb), T_(rm), T_(rv),
+            nb, T_(cw), T_(cb), moments, context, length, message, kMessageCapacity);
+    return pick<T>(api().norm_forward_f32, api().norm_forward_f64)(
+        f, s.batch, s.channels, s.spatial, groups, eps, bn_eps, momentum, xp, yp, T_(bw), T_(bb), T_(rm), T_(rv), nb,
+        T_(cw), T_(cb), context, length, message, kMessageCapacity);
 }
 
 // _ops._normalize_impl with write_buffers=False (the functional ops): phase (c) on `context` (continued in
