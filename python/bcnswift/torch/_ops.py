@@ -25,7 +25,9 @@ Each op is one plain function (``_moments``, ...), reached two ways: as the regi
 torch.compile and torch.export trace, and in eager mode directly, through ``torch.autograd.Function``
 (``eager_forward``, ``weight_standardization_route``): a trip through the dispatcher costs tens of
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
-one call per layer where the ops make two or three. Both give the same bits.
+one call per layer where the ops make two or three. Both give the same bits. Where a C++ compiler is, the ops'
+CPU kernels are native_ops.cpp's instead (_native.py builds it; ``NATIVE`` below): the same work in C++, the same
+bits, errors and layouts; the functions here then serve other devices (with a TypeError), and the eager route.
 """
 import functools
 import types
@@ -728,8 +730,8 @@ def weight_standardization_route(w, eps, flags, views=None):
 
 # ---- the native kernels -------------------------------------------------------------------------------------
 
-#: whether the normalization ops run their C++ kernels (native_ops.cpp; see _native.py) on the CPU; False: their
-#: Python kernels above. The eager route keeps its own Python kernels (`_EagerForward`): one fused kernel call a
+#: whether the ops run their C++ kernels (native_ops.cpp; see _native.py) on the CPU; False: their Python kernels
+#: above. The eager route keeps its own Python kernels (`_EagerForward`): one fused kernel call a
 #: forward with the modules' kept views costs no more there than the ops' C++ kernels (measured in a training
 #: step), where every trip through the dispatcher costs the ops tens of microseconds in Python.
 NATIVE = _native.load()
