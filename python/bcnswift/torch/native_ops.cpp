@@ -688,11 +688,8 @@ Tensor ws_backward_op(const Tensor &grad_given, const Tensor &given, double eps,
     Tensor grad = like(grad_given.scalar_type() == w.scalar_type() ? grad_given : grad_given.to(w.scalar_type()), w);
     Tensor out = new_like(w);
     int64_t rows = w.size(0), fan = w.numel() / rows;
-    // grad in w's layout, unless _like passed a tensor of another size through (as the Python kernel does, for
-    // the sizes' check to refuse): dense rows of the same count
-    TORCH_CHECK_VALUE(grad.numel() == w.numel(), "grad_w_hat has ", grad.numel(), " elements, expected ", w.numel());
-    TORCH_CHECK_VALUE((grad.is_contiguous() || dense_rows(grad)) && aligned(grad),
-                      "grad_w_hat must be aligned and C-contiguous");
+    // grad has w's shape, so like() gave it w's strides (its rows in the same order); aligned, as _ext.c checks
+    TORCH_CHECK_VALUE(aligned(grad), "grad_w_hat must be aligned and C-contiguous");
     char message[kMessageCapacity] = "";
     int32_t status;
     auto f = static_cast<uint32_t>(flags);
