@@ -3,7 +3,7 @@ once per torch installation with the system's C++ compiler (the one torch.compil
 loaded when bcnswift.torch is imported.
 
 Their Python kernels (_ops.py) cost an op tens of microseconds a call around the Swift kernels, several times
-that in a training step; the C++ ones about a microsecond, with the same checks, layouts and bits. Without a
+that in a training step; the C++ ones a few microseconds, with the same checks, layouts and bits. Without a
 compiler, or with ``BCNSWIFT_TORCH_NATIVE=0``, the ops keep their Python kernels (one warning when a build
 was tried and failed). The build takes about 10 seconds here, once: the library is kept under
 ``$BCNSWIFT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bcnswift``, else ``~/.cache/bcnswift``), named by a hash of
@@ -165,6 +165,5 @@ def load():
                       f"{error}", RuntimeWarning, stacklevel=3)
         return False
     reason = None
-    _threads.native = True
     _threads.sync_native()
     return True

@@ -80,14 +80,14 @@ def _default_threads():
 _threads = _default_threads()
 
 
-#: whether the native operators (native_ops.cpp) are in use: their kernels take the setting from `sync_native`
-native = False
-
-
 def sync_native():
-    """Hands the setting to the native operators (when in use), which keep their own copy (-1: torch's threads)."""
-    if native:
-        torch.ops.bcnswift._native_threads(-1 if _threads is None else _threads)
+    """Hands the setting to the native operators (native_ops.cpp) when they are loaded: they keep their own copy
+    (-1: torch's threads)."""
+    try:
+        op = torch.ops.bcnswift._native_threads
+    except AttributeError:  # not loaded (_native.py hands them the setting once they are)
+        return
+    op(-1 if _threads is None else _threads)
 
 
 def set_num_threads(n):
