@@ -89,4 +89,53 @@ final class FloatValueGradientTests: XCTestCase {
         }
         XCTAssertTrue(out.dy1[(first + 2 * K)...].allSatisfy(\.isNaN), "refused groups reach no sink")
     }
+
+    /// Groups of up to 64 values take the four-group kernel (`_valueQuadsGradientSums`), the rest of an item one
+    /// group at a time: both give, bit for bit, what `_valueGroupGradientSums` gives each group alone, and the
+    /// item's kept groups and their T and W land at their own indices. Among the groups: dy near 0, far off it
+    /// and near the edge of `_shift`'s rule, and, refused, a NaN dy, an infinite x and a dy of signed zeros.
+    func testFourGroupSumsMatchOneGroupAtATimeBitForBit() {
+        for K in [8, 16, 24, 64, 72] {
+            for groups in [1, 4, 7, 9] {
+                let C = K * groups
+                let mu = (0..<C).map { _ in rng.normal(0.5, 1) }, a = (0..<C).map { _ in rng.normal(1, 0.3) }
+                let beta = (0..<C).map { _ in rng.normal(0.1, 0.3) }
+                var x = (0..<C).map { c in Float(mu[c] + rng.normal(0.3, 1.5)) }
+                // dy's mean near 0 (shift 0), far off it (shift kept), and near the shift rule's edge
+                var dy = (0..<C).map { c in Float(rng.normal([0.2, 40, 2.5][c / K % 3], 1)) }
+                if groups > 4 { dy[2 * K + 3] = .nan; x[4 * K + 1] = .infinity }
+                if groups > 5 { for i in 0..<K { dy[5 * K + i] = i % 2 == 0 ? -0.0 : 0 } }
+                let m = (0..<groups).map { _ in rng.normal(0.2, 0.5) }
+                let r = (0..<groups).map { _ in abs(rng.normal(1, 0.3)) }, weight = r.map { 1.5 - $0 / 2 }
+                let reach = (0..<groups).map { g in beta[g * K..<(g + 1) * K].map(abs).max()! }
+                var storage = [Float](repeating: 0, count: 4 * C), t = [Double](repeating: 7, count: groups), w = t
+                let what = "K = \(K), \(groups) groups (seed 0xB4C3)"
+                storage.withUnsafeMutableBufferPointer { s in
+                    let c = Float.ValueConstants(count: C, mu: mu, a: a, beta: beta, storage: s.baseAddress!)
+                    x.withUnsafeBufferPointer { xs in
+                        dy.withUnsafeBufferPointer { dys in
+                            let kept = Float._valueItemGradientSums(xs.baseAddress!, dys.baseAddress!, groups: groups,
+                                                                    size: K, c, means: m, inverses: r, weights: weight,
+                                                                    betaReach: reach, t: &t, w: &w)
+                            for g in 0..<groups {
+                                let want = Float._valueGroupGradientSums(xs.baseAddress!, dys.baseAddress!,
+                                                                         from: g * K, count: K, c, mean: m[g])
+                                let open = RowRounding.acceptsGradient(m: m[g], r: r[g], weight: weight[g],
+                                                                       beta: reach[g])
+                                let keep = open && RowRounding.acceptsGradientSums(count: K, want)
+                                XCTAssertEqual(kept >> UInt64(g) & 1 == 1, keep, "group \(g) kept, \(what)")
+                                guard keep else { continue }
+                                XCTAssertEqual(t[g].bitPattern, want[0].bitPattern, "T of group \(g), \(what)")
+                                XCTAssertEqual(w[g].bitPattern, want[1].bitPattern, "W of group \(g), \(what)")
+                            }
+                            XCTAssertEqual(kept >> UInt64(groups), 0, "no bits beyond the item's groups, \(what)")
+                            if groups > 5 && K <= 64 {
+                                XCTAssertEqual(kept & 0b11_1111, 0b00_1011, "groups 0, 1 and 3 kept, \(what)")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

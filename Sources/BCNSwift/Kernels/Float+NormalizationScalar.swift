@@ -257,6 +257,23 @@ extension Float: NormalizationScalar {
         return _shift(mean: m, distance: d)
     }
 
+    /// `_shift` of four vectors, lane l for the l-th: the same numbers, their reductions in the same vector
+    /// operations (`_hsum4`).
+    @inlinable @inline(__always)
+    static func _shift(_ a: SIMD8<Float>, _ b: SIMD8<Float>, _ c: SIMD8<Float>, _ d: SIMD8<Float>) -> SIMD4<Float> {
+        let eighth = SIMD8<Float>(repeating: 0.125)
+        @inline(__always) func distance(_ v: SIMD8<Float>) -> SIMD8<Float> {
+            let e = v - SIMD8(repeating: v[0])
+            return unsafeBitCast(unsafeBitCast(e, to: SIMD8<UInt32>.self) & 0x7fff_ffff, to: SIMD8<Float>.self)
+                * eighth
+        }
+        let m = _hsum4(a * eighth, b * eighth, c * eighth, d * eighth)
+        let distances = _hsum4(distance(a), distance(b), distance(c), distance(d))
+        // `_shift(mean:distance:)` lane by lane: m where |m| > 2 d, else 0 (NaN gives 0)
+        let size = unsafeBitCast(unsafeBitCast(m, to: SIMD4<UInt32>.self) & 0x7fff_ffff, to: SIMD4<Float>.self)
+        return SIMD4().replacing(with: m, where: size .> 2 * distances)
+    }
+
     /// By `MapRange`: Float32 lanes round the constants.
     @inlinable
     public static func _mapKeeps(count: Int, centres: UnsafePointer<Double>, dyCentres: UnsafePointer<Double>?,

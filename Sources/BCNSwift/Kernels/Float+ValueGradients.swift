@@ -54,6 +54,36 @@ extension Float {
         }
     }
 
+    /// The Float32 lane sums of one group's backward sums (`_valueGroupGradientSums`): T = Σ (dy - s), W =
+    /// Σ (ȳ - m)(dy - s), Σ dy² and Σ (x - μ)², eight lanes each, with s the group's shift and m as two Floats.
+    struct GradientLanes {
+        var t, w, squares, centred: SIMD8<Float>
+
+        /// The sums of the eight values from k, whose dy are `first`.
+        @inline(__always)
+        init(first: SIMD8<Float>, _ x: UnsafePointer<Float>, _ k: Int, _ c: ValueConstants, shift s: SIMD8<Float>,
+             mean mh: SIMD8<Float>, _ ml: SIMD8<Float>) {
+            let z = c.centred(x, k), e = (c.staged(centred: z, k) - mh) - ml
+            t = first - s; w = e * t; squares = first * first; centred = z * z
+        }
+
+        /// Adds the eight values from k.
+        @inline(__always)
+        mutating func add(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, _ k: Int, _ c: ValueConstants,
+                          shift s: SIMD8<Float>, mean mh: SIMD8<Float>, _ ml: SIMD8<Float>) {
+            let g = _load8(dy, k), d = g - s, z = c.centred(x, k), e = (c.staged(centred: z, k) - mh) - ml
+            t += d; w.addProduct(e, d); squares.addProduct(g, g); centred.addProduct(z, z)
+        }
+
+        /// Every lane 0 (after a flush).
+        @inline(__always)
+        mutating func clear() { t = SIMD8(); w = t; squares = t; centred = t }
+
+        /// The four sums over the lanes (`_hsum4`).
+        @inline(__always)
+        var total: SIMD4<Float> { _hsum4(t, w, squares, centred) }
+    }
+
     /// ΣT = Σ dy, W = Σ (ȳ - m) dy, Σ dy² and Σ (x - μ)² of one group of K one-value planes from k0 (K a multiple
     /// of 8), with x - μ and ȳ = β + a (x - μ) from `c` (`ValueConstants`) and m as two Floats; the lanes summed
     /// in Float32 over at most 64 values (8 terms a lane), then in Float64. The squares are for the guard's ranges.
@@ -68,33 +98,109 @@ extension Float {
         // flushes every 64 values: nested loops per block, or a countdown to each flush, let LLVM's SLP
         // vectorizer split the lanes into halves and merge the reductions (23 instructions a step, not 17).
         let first = _load8(dy, k0), shift = _shift(first), sv = SIMD8(repeating: shift)
-        var tv = first - sv, z = c.centred(x, k0), e = (c.staged(centred: z, k0) - mh) - ml
-        var wv = e * tv, qv = first * first, zv = z * z, i = 8, sums = SIMD4<Double>()
+        var lanes = GradientLanes(first: first, x, k0, c, shift: sv, mean: mh, ml), i = 8, sums = SIMD4<Double>()
         while i < K {
             if i & 63 == 0 {
-                sums += SIMD4<Double>(_hsum4(tv, wv, qv, zv))
-                tv = SIMD8(); wv = tv; qv = tv; zv = tv
+                sums += SIMD4<Double>(lanes.total)
+                lanes.clear()
             }
-            let g = _load8(dy, k0 &+ i), d = g - sv
-            z = c.centred(x, k0 &+ i)
-            e = (c.staged(centred: z, k0 &+ i) - mh) - ml
-            tv += d; wv.addProduct(e, d); qv.addProduct(g, g); zv.addProduct(z, z)
+            lanes.add(x, dy, k0 &+ i, c, shift: sv, mean: mh, ml)
             i &+= 8
         }
-        return sums + SIMD4<Double>(_hsum4(tv, wv, qv, zv)) + SIMD4(Double(K) * Double(shift), 0, 0, 0)
+        return sums + SIMD4<Double>(lanes.total) + SIMD4(Double(K) * Double(shift), 0, 0, 0)
+    }
+
+    /// `_valueGroupGradientSums` of the four groups of K ≤ 64 values from k0 (group l from k0 + l·K, mean m[l]),
+    /// the same sums bit for bit: one Float32 partial a lane (so no flush), and what `_valueGroupGradientSums` does
+    /// once a group (its shift, its m's two Floats, its four lane sums) done for the four in the same vector
+    /// operations. Lane l of each result is group l's. Per group of 32 that work was
+    /// about 140 instructions, against 60 for the values.
+    @inline(__always)
+    static func _valueQuadGradientSums(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, from k0: Int,
+                                       count K: Int, _ c: ValueConstants, means m: SIMD4<Double>)
+        -> (t: SIMD4<Double>, w: SIMD4<Double>, squares: SIMD4<Double>, centred: SIMD4<Double>)
+    {
+        let k1 = k0 &+ K, k2 = k1 &+ K, k3 = k2 &+ K
+        let (high, low) = _split(m)
+        let f0 = _load8(dy, k0), f1 = _load8(dy, k1), f2 = _load8(dy, k2), f3 = _load8(dy, k3)
+        let shift = _shift(f0, f1, f2, f3)
+        // The four groups one after another: stepping together, their sixteen sums and twelve constants were
+        // spilled from the registers in every step.
+        @inline(__always)
+        func lanes(_ first: SIMD8<Float>, _ k: Int, _ l: Int) -> GradientLanes {
+            let s = SIMD8(repeating: shift[l]), mh = SIMD8(repeating: high[l]), ml = SIMD8(repeating: low[l])
+            var lanes = GradientLanes(first: first, x, k, c, shift: s, mean: mh, ml), i = 8
+            while i < K { lanes.add(x, dy, k &+ i, c, shift: s, mean: mh, ml); i &+= 8 }
+            return lanes
+        }
+        let v0 = lanes(f0, k0, 0), v1 = lanes(f1, k1, 1), v2 = lanes(f2, k2, 2), v3 = lanes(f3, k3, 3)
+        // 0 + sum, as `_valueGroupGradientSums`'s Float64 totals start (a -0 sum becomes +0)
+        @inline(__always)
+        func total(_ a: SIMD8<Float>, _ b: SIMD8<Float>, _ c: SIMD8<Float>, _ d: SIMD8<Float>) -> SIMD4<Double> {
+            SIMD4<Double>() + SIMD4<Double>(_hsum4(a, b, c, d))
+        }
+        return (total(v0.t, v1.t, v2.t, v3.t) + Double(K) * SIMD4<Double>(shift), total(v0.w, v1.w, v2.w, v3.w),
+                total(v0.squares, v1.squares, v2.squares, v3.squares),
+                total(v0.centred, v1.centred, v2.centred, v3.centred))
+    }
+
+    /// `_valueItemGradientSums` of the first 4·`quads` groups of an item of groups of K ≤ 64 values
+    /// (`_valueQuadGradientSums`): every group's sums, then the guards, cheaper than skipping the groups
+    /// `RowRounding.acceptsGradient` shuts.
+    @inline(never)
+    static func _valueQuadsGradientSums(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, quads: Int,
+                                        size K: Int, _ c: ValueConstants, means: UnsafePointer<Double>,
+                                        inverses: UnsafePointer<Double>, weights: UnsafePointer<Double>,
+                                        betaReach: UnsafePointer<Double>, t: UnsafeMutablePointer<Double>,
+                                        w: UnsafeMutablePointer<Double>) -> UInt64 {
+        var kept: UInt64 = 0, j = 0, at = 0
+        for _ in 0..<quads {
+            let open = RowRounding.acceptsGradient(m: means.lanes(j), r: inverses.lanes(j), weight: weights.lanes(j),
+                                                   beta: betaReach.lanes(j))
+            let sums = _valueQuadGradientSums(x, dy, from: at, count: K, c, means: means.lanes(j))
+            let keep = open .& RowRounding.acceptsGradientSums(count: K, t: sums.t, w: sums.w, squares: sums.squares,
+                                                                centred: sums.centred)
+            t.storeLanes(sums.t, j); w.storeLanes(sums.w, j)  // the caller overwrites the groups it does not keep
+            kept |= RowRounding.bits(keep) << UInt64(j)
+            j &+= 4; at &+= 4 &* K
+        }
+        return kept
     }
 
     /// Every group of one item (`groups` groups of K one-value planes from x and dy, one row's stretch; the
     /// constants from its first channel; the forward's m and r, the weights and the groups' largest |β| from its
     /// first group) that `RowRounding.acceptsGradient` lets through: `_valueGroupGradientSums`, its ΣT and W into
     /// `t[j]` and `w[j]` where `RowRounding.acceptsGradientSums` keeps them. Returns the groups it kept (bit j for
-    /// group j). Out of line, as `_valueItemMoments` is.
-    @inline(never)
+    /// group j). Groups of up to 64 values go four at a time (`_valueQuadsGradientSums`), the rest one at a time
+    /// (`_valueGroupsGradientSums`); each out of line, as `_valueItemMoments` is. (A test for K ≤ 64 inside the
+    /// one-at-a-time kernel made its groups of 128 values 20% slower.)
+    @inline(__always)
     static func _valueItemGradientSums(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, groups: Int, size K: Int,
                                        _ c: ValueConstants, means: UnsafePointer<Double>,
                                        inverses: UnsafePointer<Double>, weights: UnsafePointer<Double>,
                                        betaReach: UnsafePointer<Double>, t: UnsafeMutablePointer<Double>,
                                        w: UnsafeMutablePointer<Double>) -> UInt64 {
+        let j = K <= 64 ? groups & ~3 : 0, at = j &* K
+        var kept: UInt64 = 0
+        if j > 0 {
+            kept = _valueQuadsGradientSums(x, dy, quads: j >> 2, size: K, c, means: means, inverses: inverses,
+                                           weights: weights, betaReach: betaReach, t: t, w: w)
+        }
+        if j < groups {
+            kept |= _valueGroupsGradientSums(x + at, dy + at, groups: groups &- j, size: K, c.advanced(by: at),
+                                             means: means + j, inverses: inverses + j, weights: weights + j,
+                                             betaReach: betaReach + j, t: t + j, w: w + j) << UInt64(j)
+        }
+        return kept
+    }
+
+    /// `_valueItemGradientSums` one group at a time, but for the guards of four whole groups.
+    @inline(never)
+    static func _valueGroupsGradientSums(_ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, groups: Int,
+                                         size K: Int, _ c: ValueConstants, means: UnsafePointer<Double>,
+                                         inverses: UnsafePointer<Double>, weights: UnsafePointer<Double>,
+                                         betaReach: UnsafePointer<Double>, t: UnsafeMutablePointer<Double>,
+                                         w: UnsafeMutablePointer<Double>) -> UInt64 {
         var kept: UInt64 = 0, j = 0, at = 0
         // Four groups at a time where they are whole: the guards of four in the same vector operations
         while groups &- j >= 4 {
