@@ -12,12 +12,11 @@ enum Flag {
     static let nanRaise = UInt32(BCN_NAN_RAISE)
     static let training = UInt32(BCN_TRAINING)
     static let channelsLast = UInt32(BCN_CHANNELS_LAST)
-    static let all = batchNorm | estimated | unbiasedRunningVar | varianceAroundRunningMean | cumulativeAverage
-        | channelNorm | nanRaise | training | channelsLast
+    static let all = UInt32(BCN_FLAGS_ALL)
 
     static let wsUnbiased = UInt32(BCN_WS_UNBIASED)
     static let wsEpsInSqrt = UInt32(BCN_WS_EPS_IN_SQRT)
-    static let wsAll = wsUnbiased | wsEpsInSqrt
+    static let wsAll = UInt32(BCN_WS_FLAGS_ALL)
 }
 
 /// The header's status code for an error.

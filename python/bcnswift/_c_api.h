@@ -64,6 +64,9 @@ typedef struct bcn_c_api {
                                int64_t);
     int32_t (*ws_backward_f64)(uint32_t, int64_t, int64_t, double, const double *, const double *, double *, char *,
                                int64_t);
+    /* every normalization flag and every Weight Standardization flag (BCN_FLAGS_ALL, BCN_WS_FLAGS_ALL): a caller
+     * refuses other bits before it reads any array by the flags' memory order */
+    uint32_t flags_all, ws_flags_all;
 } bcn_c_api;
 
 #ifdef __cplusplus

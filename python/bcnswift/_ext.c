@@ -117,9 +117,20 @@ static int take_like(PyObject *obj, const char *name, uint32_t flags, int typenu
     return take(obj, name, typenum, writeable, n, 0, (flags & BCN_CHANNELS_LAST) != 0, data);
 }
 
-static int parse_flags(PyObject *obj, uint32_t *flags) {
-    unsigned long v = PyLong_AsUnsignedLong(obj);
-    if (v == (unsigned long)-1 && PyErr_Occurred()) return -1;
+/* flags: a combination of the flags in `known` (BCN_FLAGS_ALL or BCN_WS_FLAGS_ALL). Other bits are refused here,
+ * as the C ABI refuses them, but before any array is read in the memory order the flags declare; and a value
+ * beyond 32 bits, which a cast would silently cut to its low bits. */
+static int parse_flags(PyObject *obj, uint32_t known, uint32_t *flags) {
+    long long v = PyLong_AsLongLong(obj);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || v > (long long)UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "flags must be a combination of bcnswift's flags, got %lld", v);
+        return -1;
+    }
+    if ((uint32_t)v & ~known) {
+        PyErr_Format(PyExc_ValueError, "unknown flag bits 0x%x", (unsigned)((uint32_t)v & ~known));
+        return -1;
+    }
     *flags = (uint32_t)v;
     return 0;
 }
@@ -178,7 +189,7 @@ static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t 
     uint32_t flags;
     int64_t groups, b, c, s, ctx_len;
     npy_intp g;
-    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0) return NULL;
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0) return NULL;
     double eps = PyFloat_AsDouble(args[2]), bn_eps = PyFloat_AsDouble(args[3]), momentum = PyFloat_AsDouble(args[4]);
     if (PyErr_Occurred()) return NULL;
     int typenum;
@@ -220,7 +231,7 @@ static PyObject *norm_moments(PyObject *self, PyObject *const *args, Py_ssize_t 
     npy_intp g;
     int typenum;
     void *x, *moments, *ctx;
-    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
         take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
         take_doubles(args[3], "moments", (npy_intp)(3 * c), 1, 1, &moments) < 0 ||
         take_context(args[4], 1, &ctx, &ctx_len) < 0)
@@ -241,7 +252,7 @@ static PyObject *norm_moments(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyObject *running_update(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 6, "running_update") < 0) return NULL;
     uint32_t flags;
-    if (parse_flags(args[0], &flags) < 0) return NULL;
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0) return NULL;
     double momentum = PyFloat_AsDouble(args[1]);
     if (PyErr_Occurred()) return NULL;
     if (!PyArray_Check(args[3])) {
@@ -313,7 +324,7 @@ static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t
     int typenum;
     void *x, *dy, *dx, *gbw, *gbb, *gcw, *gcb, *ctx, *sums = NULL;
     int finish = nargs == 11;
-    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
         take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0)
         return NULL;
     npy_intp n = (npy_intp)(b * c * s);
@@ -351,7 +362,7 @@ static PyObject *norm_backward_sums(PyObject *self, PyObject *const *args, Py_ss
     npy_intp g;
     int typenum;
     void *x, *dy, *sums, *ctx;
-    if (parse_flags(args[0], &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
         take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
         take_like(args[3], "dy", flags, typenum, (npy_intp)(b * c * s), 0, &dy) < 0 ||
         take_doubles(args[4], "sums", (npy_intp)(2 * c), 1, 1, &sums) < 0 || take_context(args[5], 1, &ctx, &ctx_len) < 0)
@@ -370,7 +381,7 @@ static PyObject *norm_backward_sums(PyObject *self, PyObject *const *args, Py_ss
 
 /* ws_forward(flags, eps, w, w_hat) and ws_backward(flags, eps, w, grad_w_hat, grad_w); w is [O, ...]. */
 static int ws_common(PyObject *const *args, uint32_t *flags, double *eps, int *typenum, int64_t *o, int64_t *fan) {
-    if (parse_flags(args[0], flags) < 0) return -1;
+    if (parse_flags(args[0], BCN_WS_FLAGS_ALL, flags) < 0) return -1;
     *eps = PyFloat_AsDouble(args[1]);
     if (PyErr_Occurred()) return -1;
     if (!PyArray_Check(args[2])) {
@@ -539,7 +550,7 @@ static const bcn_c_api c_api = {
     bcn_context_length, bcn_norm_forward_f32, bcn_norm_forward_f64, bcn_norm_moments_f32, bcn_norm_moments_f64,
     bcn_norm_finish_f32, bcn_norm_finish_f64, bcn_running_update_f32, bcn_running_update_f64,
     bcn_norm_backward_f32, bcn_norm_backward_f64, bcn_ws_forward_f32, bcn_ws_forward_f64, bcn_ws_backward_f32,
-    bcn_ws_backward_f64};
+    bcn_ws_backward_f64, BCN_FLAGS_ALL, BCN_WS_FLAGS_ALL};
 
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 static PyMethodDef methods[] = {

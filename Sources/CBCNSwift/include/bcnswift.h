@@ -67,10 +67,12 @@ extern "C" {
 #define BCN_NAN_RAISE               (1u << 6) /* BCN_ERR_NONFINITE on NaN/inf in x (or dy), writing nothing     */
 #define BCN_TRAINING                (1u << 7) /* training mode; else eval (running statistics, no update)       */
 #define BCN_CHANNELS_LAST           (1u << 8) /* x, y, dy, dx are [batch, spatial, channels] in memory           */
+#define BCN_FLAGS_ALL               0x1ffu    /* every flag above (calls refuse other bits)                    */
 
 /* ---- Weight Standardization flags ------------------------------------------------------------------------ */
 #define BCN_WS_UNBIASED             (1u << 0) /* variance over fan_in - 1 (torch default); else over fan_in     */
 #define BCN_WS_EPS_IN_SQRT          (1u << 1) /* (w - mean) / sqrt(var + eps) (labml); else / (std + eps)      */
+#define BCN_WS_FLAGS_ALL            0x3u      /* every flag above (calls refuse other bits)                    */
 
 /* BCN_ABI_VERSION of the library linked. */
 int32_t bcn_abi_version(void);
