@@ -225,6 +225,17 @@ def _bad_calls(x):
     yield "normalize_backward", (x, misaligned, ctx, f, 4, True, True)
     yield "normalize", (x, None, None, None, None, None, None, None, None, f, 1 << 20, 1e-5, 1e-5)
     yield "normalize_batch", (x, None, None, None, None, f, 1 << 20, 1e-5, 1e-5)
+    # flags outside 32 bits (which a cast would cut to their low bits), with unknown bits (which decided the
+    # layout checks before the kernels refused them), or negative; groups below 1 without a context
+    for flags in (f | 1 << 40, f | 1 << 12, 0xFFFF_FFFF, -1):
+        yield "normalize", (x, None, None, None, None, None, None, None, None, flags, 4, 1e-5, 1e-5)
+        yield "moments", (x, flags, 4)
+        yield "normalize_backward", (x, x, ctx, flags, 4, True, True)
+        yield "update_running_", (torch.zeros(C), torch.ones(C), torch.tensor(0), m, flags, 0.1, None)
+        yield "weight_standardization", (torch.randn(6, 4, 3, 3), 1e-5, flags)
+    yield "normalize", (x, None, None, None, None, None, None, None, None, f, -2, 1e-5, 1e-5)
+    yield "normalize_batch", (x, None, None, None, None, f, -2, 1e-5, 1e-5)
+    yield "moments", (x, TORCH_BN | CN, -2)
     w = torch.randn(6, 4, 3, 3)
     w_misaligned = torch.frombuffer(bytearray(4 * w.numel() + 1), dtype=torch.float32, offset=1).reshape(w.shape)
     w_misaligned.copy_(w)

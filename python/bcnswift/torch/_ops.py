@@ -67,8 +67,21 @@ def context_length(batch, channels, groups):
     return _CONTEXT_HEADER + 4 * batch * channels + 4 * channels + 2 * batch * groups + groups
 
 
+def _check_flags(flags):
+    """flags within the 32 bits the kernels take, checked before the kernels' callers add or clear bits in them
+    (_ext refuses the rest: unknown bits)."""
+    if not 0 <= flags <= 0xFFFF_FFFF:
+        raise ValueError(f"flags must be a combination of bcnswift's flags, got {flags}")
+
+
 def _groups(flags, groups):
-    return groups if flags & _ext.BCN_CHANNEL_NORM else 0
+    """The groups a context holds: 0 without a channel norm; with one, `groups`, refused unless positive (as the
+    kernels refuse it, but before a context's size is computed from it)."""
+    if not flags & _ext.BCN_CHANNEL_NORM:
+        return 0
+    if groups <= 0:
+        raise ValueError(f"num_groups must be positive, got {groups}")
+    return groups
 
 
 def _array(t):
@@ -275,6 +288,8 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
     kernel's update goes to scratch copies (the functional op). `views`: the calling module's `KernelViews`, or
     None. `laid`: x as the kernels read it, its numpy view and its layout flag."""
     _check_input(x)
+    _check_flags(flags)
+    g = _groups(flags, groups)
     given = x
     x, form, relaid = _context_layout(x, context)
     if not write_buffers:
@@ -307,7 +322,7 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         cw = np.ones(groups, xa.dtype) if cn_weight is None else _held(cn_weight, views, "cn_weight")
         cb = np.zeros(groups, xa.dtype) if cn_bias is None else _held(cn_bias, views, "cn_bias")
     if context is None:
-        context = np.zeros(context_length(B, C, _groups(flags, groups)))
+        context = np.zeros(context_length(B, C, g))
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                               context)
     else:
@@ -352,6 +367,7 @@ def backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge_sum
     routes `_save` it), which spares the checks of x and of its context's layout while x still lies so (a
     saved-tensor hook may have moved it)."""
     given, relaid = x, False
+    _check_flags(flags)
     if form is None or _LAYOUT_FLAGS.get(_form(x)) != form:
         _check_input(x)
         x, form, relaid = _context_layout(x, context)

@@ -338,6 +338,20 @@ struct Shape {
 
 Shape shape_of_input(const Tensor &x) { return {x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1))}; }
 
+// flags as the kernels take them: a combination of the flags in `known` (the table's flags_all or ws_flags_all),
+// refused otherwise before any array is read in the memory order they declare (_ext.c's parse_flags)
+uint32_t checked_flags(int64_t flags, uint32_t known) {
+    TORCH_CHECK_VALUE(flags >= 0 && flags <= static_cast<int64_t>(UINT32_MAX),
+                      "flags must be a combination of bcnswift's flags, got ", flags);
+    auto f = static_cast<uint32_t>(flags);
+    if (f & ~known) {
+        std::ostringstream bits;
+        bits << std::hex << (f & ~known);
+        TORCH_CHECK_VALUE(false, "unknown flag bits 0x", bits.str());
+    }
+    return f;
+}
+
 int64_t checked_groups(int64_t flags, int64_t groups) {  // _ext.c's parse_groups; 0 without a channel norm
     if (!has(flags, api().channel_norm)) return 0;
     TORCH_CHECK_VALUE(groups > 0, "num_groups must be positive, got ", groups);
@@ -397,8 +411,8 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 std::tuple<Tensor, Tensor> moments_of(const Laid &laid, int64_t flags, int64_t groups) {
     const Tensor &x = laid.x;
     Shape s = shape_of_input(x);
+    uint32_t f = checked_flags(flags, api().flags_all) | laid.flag;
     int64_t g = checked_groups(flags, groups);
-    uint32_t f = static_cast<uint32_t>(flags) | laid.flag;
     take(x, "x", x.scalar_type(), -1, has(f, api().channels_last));  // as the flags say it lies (a caller's too)
     Tensor context = new_zeros(context_length(s.batch, s.channels, sizing_groups(g, s.channels)), at::kDouble);
     Tensor moments = new_empty(3 * s.channels, at::kDouble);
@@ -462,7 +476,7 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
                                           int64_t groups, double eps, double bn_eps) {
     const bcn_c_api &a = api();
     const Tensor &x = laid.x;
-    uint32_t f = (static_cast<uint32_t>(flags) & ~a.cumulative_average) | laid.flag;
+    uint32_t f = (checked_flags(flags, a.flags_all) & ~a.cumulative_average) | laid.flag;
     Shape s = shape_of_input(x);
     int64_t g = checked_groups(f, groups), c = s.channels, sized = sizing_groups(g, c);
     auto dtype = x.scalar_type();
@@ -554,6 +568,7 @@ void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_ba
     if (moving_speed) momentum = moving_speed->reshape(-1)[0].item<double>();
     TORCH_CHECK_VALUE(running_mean.is_contiguous(), "running_mean must be contiguous");
     TORCH_CHECK_VALUE(running_var.is_contiguous(), "running_var must be contiguous");
+    uint32_t f = checked_flags(flags, api().flags_all);
     auto dtype = running_mean.scalar_type();
     TORCH_CHECK_TYPE(dtype == c10::kFloat || dtype == c10::kDouble, "running_mean must be float32 or float64");
     int64_t c = running_mean.numel();
@@ -562,7 +577,6 @@ void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_ba
     void *rm = take(running_mean, "running_mean", dtype, c), *rv = take(running_var, "running_var", dtype, c);
     auto *nbt = static_cast<int64_t *>(take(num_batches_tracked, "num_batches_tracked", at::kLong, 1));
     char message[kMessageCapacity] = "";
-    auto f = static_cast<uint32_t>(flags);
     int32_t status;
     {
         ThreadScope threads;
@@ -586,7 +600,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
     check_input(x_given);
     Laid laid = context_layout(x_given, &context);
     const Tensor &x = laid.x;
-    uint32_t f = (static_cast<uint32_t>(flags) & ~a.cumulative_average) | laid.flag;
+    uint32_t f = (checked_flags(flags, a.flags_all) & ~a.cumulative_average) | laid.flag;
     Shape s = shape_of_input(x);
     auto dtype = x.scalar_type();
     Tensor dy = like(dy_given.scalar_type() == dtype ? dy_given : dy_given.to(dtype), x);
@@ -663,11 +677,11 @@ Tensor weight_rows(const Tensor &w) {
 Tensor ws_forward_op(const Tensor &given, double eps, int64_t flags) {
     BelowAutograd below;
     Tensor w = weight_rows(given);
+    uint32_t f = checked_flags(flags, api().ws_flags_all);
     Tensor out = new_like(w);  // in w's own layout
     int64_t rows = w.size(0), fan = w.numel() / rows;
     char message[kMessageCapacity] = "";
     int32_t status;
-    auto f = static_cast<uint32_t>(flags);
     {
         ThreadScope threads;
         probe(probe_ws_forward, f, w.data_ptr(), nullptr, threads.team());
@@ -688,11 +702,11 @@ Tensor ws_backward_op(const Tensor &grad_given, const Tensor &given, double eps,
     Tensor grad = like(grad_given.scalar_type() == w.scalar_type() ? grad_given : grad_given.to(w.scalar_type()), w);
     Tensor out = new_like(w);
     int64_t rows = w.size(0), fan = w.numel() / rows;
+    uint32_t f = checked_flags(flags, api().ws_flags_all);
     // grad has w's shape, so like() gave it w's strides (its rows in the same order); aligned, as _ext.c checks
     TORCH_CHECK_VALUE(aligned(grad), "grad_w_hat must be aligned and C-contiguous");
     char message[kMessageCapacity] = "";
     int32_t status;
-    auto f = static_cast<uint32_t>(flags);
     {
         ThreadScope threads;
         probe(probe_ws_backward, f, w.data_ptr(), grad.data_ptr(), threads.team());
