@@ -43,7 +43,7 @@ final class FloatValueGradientTests: XCTestCase {
             reach.append(beta[g * K..<(g + 1) * K].map(abs).max()!)
         }
         var storage = [Float](repeating: 0, count: 4 * C), t = [Double](repeating: .nan, count: groups), w = t
-        var constants = [UInt8](repeating: 0, count: groups * Float.GradientConstants.bytes)
+        var constants = [UInt8](repeating: 0, count: Float.GradientConstants.bytes(groups: groups))
         let out = Collected(first + C)
         let kept = storage.withUnsafeMutableBufferPointer { s in
             let lanes = Float.ValueConstants(count: C, mu: mu, a: a, beta: beta, storage: s.baseAddress!)
@@ -52,13 +52,13 @@ final class FloatValueGradientTests: XCTestCase {
                                                     groups: groups, size: K, lanes, means: m, inverses: r,
                                                     weights: weight, betaReach: reach, t: &t, w: &w)
             constants.withUnsafeMutableBytes { raw in
+                let table = Float.GradientConstants(raw.baseAddress!, groups: groups)
                 for g in 0..<groups where kept & (1 << UInt64(g)) != 0 {
-                    Float.GradientConstants.store(t: t[g], w: w[g], planes: K, m: m[g], r: r[g], weight: weight[g],
-                                                  into: raw.baseAddress! + g * Float.GradientConstants.bytes)
+                    table.store(t: t[g], w: w[g], planes: K, m: m[g], r: r[g], weight: weight[g], group: g)
                 }
                 Float._valueItemGradients(x.withUnsafeBufferPointer { $0.baseAddress! + first },
                                           dy.withUnsafeBufferPointer { $0.baseAddress! + first }, first: first,
-                                          channel: 0, size: K, lanes, constants: UnsafeRawPointer(raw.baseAddress!),
+                                          channel: 0, size: K, lanes, constants: table,
                                           groups: kept, into: out)
             }
             return kept

@@ -6,52 +6,50 @@
 // T, W: `SumGradient.terms`), and each value's dy₁ and x - μ go to a `FloatValueSink`.
 
 extension Float {
-    /// One group's dy₁ = r w (dy - T/K) - r³ w W/K · e with e = ȳ - m, as six Floats in raw memory: r w, T/K as
-    /// two Floats, r³ w W/K, m as two Floats (so that dy - T/K and ȳ - m round relative to their own size,
-    /// however far dy and ȳ sit from 0).
-    enum GradientConstants {
+    /// The dy₁ = r w (dy - T/K) - r³ w W/K · e (e = ȳ - m) of an item's groups, as six Floats a group: r w, T/K as
+    /// two Floats, r³ w W/K, m as two Floats (so that dy - T/K and ȳ - m round relative to their own size, however
+    /// far dy and ȳ sit from 0). One row of `groups` Floats per constant, constant i of group j at i·groups + j: four
+    /// groups' constants are then six vector stores. (A group's six Floats side by side took 24 scalar stores for
+    /// four groups, and LLVM then computed the four groups' constants one lane at a time too.)
+    struct GradientConstants {
         static let count = 6
-        static let bytes = 4 * count
+        let base: UnsafeMutablePointer<Float>, groups: Int
 
-        /// The constants from the group's ΣT and W, the forward's m and r, and the weight w (`SumGradient.terms`,
-        /// split into Floats), at `out`.
-        @inline(__always)
-        static func store(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double,
-                          into out: UnsafeMutableRawPointer) {
-            let c = SumGradient.terms(t: t, w: wg, planes: K, m: m, r: r, weight: w)
-            let meanT = Float._split(c.meanT), mean = Float._split(c.m)
-            out.storeBytes(of: Float(c.rw), toByteOffset: 0, as: Float.self)
-            out.storeBytes(of: meanT.high, toByteOffset: 4, as: Float.self)
-            out.storeBytes(of: meanT.low, toByteOffset: 8, as: Float.self)
-            out.storeBytes(of: Float(c.r3wWK), toByteOffset: 12, as: Float.self)
-            out.storeBytes(of: mean.high, toByteOffset: 16, as: Float.self)
-            out.storeBytes(of: mean.low, toByteOffset: 20, as: Float.self)
+        /// The table of `groups` groups in `storage` (`bytes(groups:)`).
+        init(_ storage: UnsafeMutableRawPointer, groups: Int) {
+            base = storage.bindMemory(to: Float.self, capacity: GradientConstants.count * groups)
+            self.groups = groups
         }
 
-        /// `store` of four groups, lane l for the group at `out` + l · `bytes`: the same numbers, computed in the
-        /// same vector operations.
+        static func bytes(groups: Int) -> Int { 4 * count * groups }
+
+        /// Group j's constants from its ΣT and W, the forward's m and r, and the weight w (`SumGradient.terms`,
+        /// split into Floats).
         @inline(__always)
-        static func store(t: SIMD4<Double>, w wg: SIMD4<Double>, planes K: Int, m: SIMD4<Double>, r: SIMD4<Double>,
-                          weight w: SIMD4<Double>, into out: UnsafeMutableRawPointer) {
+        func store(t: Double, w wg: Double, planes K: Int, m: Double, r: Double, weight w: Double, group j: Int) {
             let c = SumGradient.terms(t: t, w: wg, planes: K, m: m, r: r, weight: w)
-            let t = Float._split(c.meanT), mean = Float._split(c.m)
-            let rows = (SIMD4<Float>(c.rw), t.high, t.low, SIMD4<Float>(c.r3wWK), mean.high, mean.low)
-            for l in 0..<4 {
-                let group = out + l &* bytes
-                group.storeBytes(of: rows.0[l], toByteOffset: 0, as: Float.self)
-                group.storeBytes(of: rows.1[l], toByteOffset: 4, as: Float.self)
-                group.storeBytes(of: rows.2[l], toByteOffset: 8, as: Float.self)
-                group.storeBytes(of: rows.3[l], toByteOffset: 12, as: Float.self)
-                group.storeBytes(of: rows.4[l], toByteOffset: 16, as: Float.self)
-                group.storeBytes(of: rows.5[l], toByteOffset: 20, as: Float.self)
+            let meanT = Float._split(c.meanT), mean = Float._split(c.m), n = groups, g = base + j
+            g[0] = Float(c.rw); g[n] = meanT.high; g[2 &* n] = meanT.low; g[3 &* n] = Float(c.r3wWK)
+            g[4 &* n] = mean.high; g[5 &* n] = mean.low
+        }
+
+        /// `store` of groups j..<j+4, lane l for group j + l: the same numbers, computed in the same vector
+        /// operations.
+        @inline(__always)
+        func store(t: SIMD4<Double>, w wg: SIMD4<Double>, planes K: Int, m: SIMD4<Double>, r: SIMD4<Double>,
+                   weight w: SIMD4<Double>, groups j: Int) {
+            let c = SumGradient.terms(t: t, w: wg, planes: K, m: m, r: r, weight: w)
+            let meanT = Float._split(c.meanT), mean = Float._split(c.m), n = groups
+            @inline(__always) func row(_ i: Int, _ v: SIMD4<Float>) {
+                UnsafeMutableRawPointer(base + (i &* n &+ j)).storeBytes(of: v, as: SIMD4<Float>.self)
             }
+            row(0, SIMD4<Float>(c.rw)); row(1, meanT.high); row(2, meanT.low); row(3, SIMD4<Float>(c.r3wWK))
+            row(4, mean.high); row(5, mean.low)
         }
 
-        /// Constant i of the group whose constants are at `constants`, in every lane.
+        /// Constant i of group j, in every lane.
         @inline(__always)
-        static func load(_ constants: UnsafeRawPointer, _ i: Int) -> SIMD8<Float> {
-            SIMD8(repeating: constants.load(fromByteOffset: i &* 4, as: Float.self))
-        }
+        func load(_ j: Int, _ i: Int) -> SIMD8<Float> { SIMD8(repeating: base[i &* groups &+ j]) }
     }
 
     /// The Float32 lane sums of one group's backward sums (`_valueGroupGradientSums`): T = Σ (dy - s), W =
@@ -238,20 +236,19 @@ extension Float {
     }
 
     /// Each value's dy₁ and x - μ for every group of one item in `groups` (bit j for group j), with group j's
-    /// `GradientConstants` at `constants` + j · `GradientConstants.bytes`, handed to `sink` eight values at a time:
+    /// constants from `constants`, handed to `sink` eight values at a time:
     /// values first + k of the tensor, channels c0 + k. x - μ and ȳ as in `ValueConstants`, then
     /// dy₁ = r w ((dy - T/K high) - T/K low) - r³ w W/K · ((ȳ - m high) - m low).
     @inline(never)
     static func _valueItemGradients<Sink: FloatValueSink>(
         _ x: UnsafePointer<Float>, _ dy: UnsafePointer<Float>, first: Int, channel c0: Int, size K: Int,
-        _ c: ValueConstants, constants: UnsafeRawPointer, groups: UInt64, into sink: Sink
+        _ c: ValueConstants, constants g: GradientConstants, groups: UInt64, into sink: Sink
     ) {
         var rest = groups
         while rest != 0 {
-            let j = rest.trailingZeroBitCount, g = constants + GradientConstants.bytes &* j
-            let rw = GradientConstants.load(g, 0), th = GradientConstants.load(g, 1)
-            let tl = GradientConstants.load(g, 2), r3wWK = GradientConstants.load(g, 3)
-            let mh = GradientConstants.load(g, 4), ml = GradientConstants.load(g, 5)
+            let j = rest.trailingZeroBitCount
+            let rw = g.load(j, 0), th = g.load(j, 1), tl = g.load(j, 2), r3wWK = g.load(j, 3)
+            let mh = g.load(j, 4), ml = g.load(j, 5)
             var k = j &* K
             let end = k &+ K
             while k < end {

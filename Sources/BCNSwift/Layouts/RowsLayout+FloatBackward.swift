@@ -132,13 +132,13 @@ extension RowsLayout {
         parallelFor(panels, cost: gradientCost) { range, slot in
             // [ΣT | r W] per group of the panel, then per group of the current sample: the Float64 constants of
             // its dy₁ (`SumGradient.store`, 4 Doubles), ΣT, W, and the Float32 constants (`GradientConstants`, 6
-            // Floats in raw memory): 9 Doubles a group, inside the slot's 4·width (groups ≤ width / 8)
+            // Floats): 9 Doubles a group, inside the slot's 4·width (groups ≤ width / 8)
             let groupSums = scratch + slot * slotLength, wide = groupSums + 2 * width
             for i in range {
                 let (c0, n) = panel(i), groups = n / K, g0 = c0 / K, all = Self.mask(groups)
                 precondition(groups <= 64, "a panel of one-value planes holds at most 64 groups")
                 let t = wide + 4 * groups, w = t + groups
-                let narrow = UnsafeMutableRawPointer(w + groups)
+                let narrow = Float.GradientConstants(UnsafeMutableRawPointer(w + groups), groups: groups)
                 lanes.prepare(first: c0, count: n, size: K, context: ctx)
                 sink32.prepare(first: c0, count: n)
                 let unit = valueUnit(channel: c0, planes: K, context: ctx), constants = lanes.constants.advanced(by: c0)
@@ -173,9 +173,8 @@ extension RowsLayout {
                         let bg = bg0 &+ j, tj = t.lanes(j), wj = w.lanes(j), r = ctx.r.lanes(bg)
                         groupSums.storeLanes(groupSums.lanes(j) + tj, j)
                         groupSums.storeLanes(groupSums.lanes(groups &+ j) + r * wj, groups &+ j)
-                        Float.GradientConstants.store(t: tj, w: wj, planes: K, m: ctx.m.lanes(bg), r: r,
-                                                      weight: ctx.w.lanes(g0 &+ j),
-                                                      into: narrow + Float.GradientConstants.bytes &* j)
+                        narrow.store(t: tj, w: wj, planes: K, m: ctx.m.lanes(bg), r: r, weight: ctx.w.lanes(g0 &+ j),
+                                     groups: j)
                         var rest = ~floats >> UInt64(j) & 15
                         while rest != 0 {
                             let l = j &+ rest.trailingZeroBitCount
@@ -189,8 +188,7 @@ extension RowsLayout {
                         let g = g0 &+ j, bg = bg0 &+ j, r = ctx.r[bg], m = ctx.m[bg]
                         groupSums[j] += t[j]; groupSums[groups &+ j] += r * w[j]
                         if floats & (1 << UInt64(j)) != 0 {
-                            Float.GradientConstants.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g],
-                                                          into: narrow + Float.GradientConstants.bytes &* j)
+                            narrow.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g], group: j)
                         } else {
                             SumGradient.store(t: t[j], w: w[j], planes: K, m: m, r: r, weight: ctx.w[g],
                                               into: wide + 4 &* j)
