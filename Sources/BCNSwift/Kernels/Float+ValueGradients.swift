@@ -6,11 +6,11 @@
 // T, W: `SumGradient.terms`), and each value's dy₁ and x - μ go to a `FloatValueSink`.
 
 extension Float {
-    /// The dy₁ = r w (dy - T/K) - r³ w W/K · e (e = ȳ - m) of an item's groups, as six Floats a group: r w, T/K as
-    /// two Floats, r³ w W/K, m as two Floats (so that dy - T/K and ȳ - m round relative to their own size, however
-    /// far dy and ȳ sit from 0). One row of `groups` Floats per constant, constant i of group j at i·groups + j: four
-    /// groups' constants are then six vector stores. (A group's six Floats side by side took 24 scalar stores for
-    /// four groups, and LLVM then computed the four groups' constants one lane at a time too.)
+    /// The constants of dy₁ = r w (dy - T/K) - r³ w W/K · e (e = ȳ - m) for each of an item's groups, six Floats a
+    /// group: r w, T/K as two Floats, r³ w W/K, m as two Floats (so that dy - T/K and ȳ - m round relative to their
+    /// own size, however far dy and ȳ sit from 0). One row of `groups` Floats per constant, constant i of group j at
+    /// i·groups + j: four groups' constants are then six vector stores. (A group's six Floats side by side took 24
+    /// scalar stores for four groups, and LLVM then computed the four groups' constants one lane at a time too.)
     struct GradientConstants {
         static let count = 6
         let base: UnsafeMutablePointer<Float>, groups: Int
