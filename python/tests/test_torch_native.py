@@ -325,6 +325,34 @@ def test_without_a_compiler_the_python_kernels_serve(tmp_path):
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_a_cache_other_users_may_write_is_not_used(tmp_path):
+    """A cache directory every user may write (another could have put their code there) is neither built into
+    nor loaded from, nor is a kept library every user may write: one warning, and the Python kernels serve."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from bcnswift.torch import _native\n"
+            "print(_native.uses_native_operators(), [str(w.message) for w in caught if 'native' in str(w.message)])")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = _subprocess(code, BCNSWIFT_CACHE_DIR=str(shared))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False ") and f"every user may write {shared}" in out.stdout, out.stdout
+    assert not list(shared.iterdir()), "built into a directory every user may write"
+    # a private directory whose kept library every user may write
+    private = tmp_path / "private"
+    built = _subprocess(code, BCNSWIFT_CACHE_DIR=str(private))
+    assert built.returncode == 0 and built.stdout.startswith("True "), built.stdout + built.stderr
+    (library,) = private.glob("*.so")
+    library.chmod(0o666)
+    out = _subprocess(code, BCNSWIFT_CACHE_DIR=str(private))
+    assert out.stdout.startswith("False ") and f"every user may write {library}" in out.stdout, out.stdout
+    library.chmod(0o644)
+    again = _subprocess(code, BCNSWIFT_CACHE_DIR=str(private))
+    assert again.stdout.startswith("True "), again.stdout + again.stderr
+
+
 def test_processes_launched_together_build_once_and_share_a_failure(tmp_path):
     """Processes that start together (an mpiexec launch) wait for one build; when it fails, they fail with its
     words instead of running the compiler again, one after another."""

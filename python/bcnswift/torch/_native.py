@@ -10,7 +10,8 @@ was tried and failed). The build takes about 10 seconds here, once: the library 
 its source, the torch it is built against and the compiler, so another torch or a new bcnswift builds afresh.
 Processes that start together (an mpiexec or torchrun launch) build it once, under a file lock; when that build
 fails, the processes that waited for it fail with its words instead of building again, one after another. A kept
-library that does not load is built again, once.
+library that does not load is built again, once. A cache directory or library that belongs to another user, or
+that every user may write, is not used (another user could have put their code there): the Python kernels serve.
 """
 import hashlib
 import os
@@ -64,6 +65,20 @@ def _cache_dir():
         return Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(base) if base else Path.home() / ".cache") / "bcnswift"
+
+
+def _foreign(path):
+    """Why code at `path` (the cache directory, or a library in it) may not be the user's own, or None: it
+    belongs to another user, or every user may write it (and so replace what it holds)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    if hasattr(os, "getuid") and status.st_uid != os.getuid():
+        return f"{path} belongs to another user"
+    if status.st_mode & 0o002:
+        return f"every user may write {path}"
+    return None
 
 
 def _command(cxx, output):
@@ -149,8 +164,14 @@ def load():
         return False
     try:
         path = _library_path(cxx)
-        if not path.exists():
-            _build(cxx, path)
+        unsafe = _foreign(path.parent)  # before building into it, and the library before loading it
+        if not unsafe:
+            if not path.exists():
+                _build(cxx, path)
+            unsafe = _foreign(path)
+        if unsafe:
+            raise RuntimeError(f"{unsafe}; not loading a library from it (set BCNSWIFT_CACHE_DIR to a directory "
+                               f"of your own)")
         try:
             torch.ops.load_library(str(path))
         except OSError:  # a library that does not load (cut short, say): built again, once
