@@ -230,6 +230,7 @@ def _bad_calls(x):
     for flags in (f | 1 << 40, f | 1 << 12, 0xFFFF_FFFF, -1):
         yield "normalize", (x, None, None, None, None, None, None, None, None, flags, 4, 1e-5, 1e-5)
         yield "moments", (x, flags, 4)
+        yield "normalize_batch", (x, None, None, None, None, flags, 4, 1e-5, 1e-5)
         yield "normalize_backward", (x, x, ctx, flags, 4, True, True)
         yield "update_running_", (torch.zeros(C), torch.ones(C), torch.tensor(0), m, flags, 0.1, None)
         yield "weight_standardization", (torch.randn(6, 4, 3, 3), 1e-5, flags)

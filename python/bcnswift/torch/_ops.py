@@ -68,10 +68,12 @@ def context_length(batch, channels, groups):
 
 
 def _check_flags(flags):
-    """flags within the 32 bits the kernels take, checked before the kernels' callers add or clear bits in them
-    (_ext refuses the rest: unknown bits)."""
+    """flags as the kernels take them (_ext's parse_flags, the native kernels' checked_flags), checked before
+    the kernels' callers add or clear bits in them."""
     if not 0 <= flags <= 0xFFFF_FFFF:
         raise ValueError(f"flags must be a combination of bcnswift's flags, got {flags}")
+    if flags & ~_ext.BCN_FLAGS_ALL:
+        raise ValueError(f"unknown flag bits {flags & ~_ext.BCN_FLAGS_ALL:#x}")
 
 
 def _groups(flags, groups):
@@ -220,6 +222,7 @@ def _check_input(x, name="input"):
 def moment_arrays(x, flags, groups):
     """(context, moments) of x as numpy arrays: `moments`'s work, for the callers that keep them in numpy."""
     _check_input(x)
+    _check_flags(flags)
     x, form, _ = _context_layout(x, None)  # where it lies, or a C-order copy
     B, C = x.shape[0], x.shape[1]
     # zeros, not empty: the kernels leave parts of a context unused, and an output must be deterministic
@@ -493,6 +496,7 @@ def _normalize_batch(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias
     """(y, context, moments): `moments` then `normalize` with the batch's moments (flags with BCN_TRAINING), in
     one op, so that a traced training step makes two calls a layer (this, then update_running_ with the
     moments it returns) instead of three: a trip through the dispatcher costs more than a small layer's kernel."""
+    _check_flags(flags)
     if not flags & _ext.BCN_TRAINING or not flags & _ext.BCN_BATCH_NORM or flags & _ext.BCN_ESTIMATED:
         raise ValueError("normalize_batch normalizes with batch statistics: flags need BCN_BATCH_NORM and "
                          "BCN_TRAINING, without BCN_ESTIMATED")

@@ -551,6 +551,7 @@ std::tuple<Tensor, Tensor, Tensor> normalize_batch_op(const Tensor &x, const Opt
                                                       double eps, double bn_eps) {
     BelowAutograd below;
     const bcn_c_api &a = api();
+    checked_flags(flags, a.flags_all);
     TORCH_CHECK_VALUE(has(flags, a.training) && has(flags, a.batch_norm) && !has(flags, a.estimated),
                       "normalize_batch normalizes with batch statistics: flags need BCN_BATCH_NORM and BCN_TRAINING, "
                       "without BCN_ESTIMATED");
