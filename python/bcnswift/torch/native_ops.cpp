@@ -49,7 +49,6 @@ using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
 
 constexpr int kMessageCapacity = 512;
-constexpr int kContextHeader = 10;  // doubles before the context's arrays (NormalizationContext.headerLength)
 constexpr int kContextFormat = 6;   // the header's memory format: 0 C order, 1 channels-last
 
 // ---- the C ABI, from bcnswift._ext ------------------------------------------------------------------------
@@ -328,8 +327,12 @@ Tensor readable(const OptionalTensor &t) {
     return t->is_contiguous() ? *t : t->contiguous();
 }
 
+// Doubles a context holds: NormalizationContext.length, through the C ABI (-1 for sizes it cannot hold)
 int64_t context_length(int64_t batch, int64_t channels, int64_t groups) {
-    return kContextHeader + 4 * batch * channels + 4 * channels + 2 * batch * groups + groups;
+    int64_t length = api().context_length(batch, channels, groups);
+    TORCH_CHECK_VALUE(length >= 0, "a context for ", batch, " samples of ", channels, " channels in ", groups,
+                      " groups overflows");
+    return length;
 }
 
 struct Shape {
@@ -488,12 +491,9 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
     Tensor rm, rv;
     int64_t nbt = 0;
     bool training = has(f, a.training);
-    if (bn && !training) {
-        TORCH_CHECK_VALUE(running_mean && running_var,
+    if (bn) {  // with batch statistics no buffer is read; the real update is update_running_'s: on copies (below)
+        TORCH_CHECK_VALUE(training || (running_mean && running_var),
                           "normalizing with running statistics (eval) needs running_mean and running_var");
-        rm = readable(running_mean);
-        rv = readable(running_var);
-    } else if (bn) {  // batch statistics read no buffer; the real update is update_running_'s: on copies
         rm = readable(running_mean);
         rv = readable(running_var);
     }
