@@ -144,7 +144,9 @@ class Synchronizer:
 
     def _check(self, headers, mine):
         """Raises on every rank, alike, if some rank failed or the layers disagree."""
-        if (headers == mine).all():  # every rank OK, with this rank's configuration: the usual case
+        # every rank OK, with this rank's configuration: the usual case. (Every rank may also have failed alike,
+        # with the same words: this rank's status, the int after the magic, tells.)
+        if (headers == mine).all() and not mine[8:12].any():
             return
         rows = [_FIELDS.unpack(bytes(h[:_FIELDS.size])) for h in headers]
         for rank, row in enumerate(rows):

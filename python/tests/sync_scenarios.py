@@ -138,7 +138,7 @@ def failure(rank, size, comm, case, seed=SEED):
         x = x[:, :C - 1]
     if case == "channels" and bad:
         x = np.concatenate([x, x[:, :4] + 1.0], axis=1)
-    if case == "nan" and bad:
+    if case == "nan" and bad or case == "all_nan":  # all_nan: every rank fails, in the same words
         x = x.copy()
         x[1, 2, 0, 1] = np.nan
     if case == "degenerate":
@@ -162,5 +162,5 @@ def failure(rank, size, comm, case, seed=SEED):
     return result
 
 
-FAILURES = ["wrong_input_channels", "nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps", "momentum",
+FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps", "momentum",
             "momentum_none", "estimate", "dtype", "unbiased", "variance_around"]

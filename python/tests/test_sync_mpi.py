@@ -57,13 +57,16 @@ def test_every_rank_equals_one_process_and_holds_the_same_buffers(reports):
 def test_failures_raise_on_every_rank_and_change_nothing(reports):
     n, results = reports
     failures = {k: v for k, v in results.items() if k.startswith("failure")}
-    assert len(failures) == 14
+    assert len(failures) == 15
     for name, ranks in failures.items():
         raised = {r["raised"] for r in ranks}
         assert raised == {"FloatingPointError" if name.endswith("nan") else "ValueError"}, f"{name}: {ranks}"
         assert all(r["unchanged"] for r in ranks), f"{name}: some rank changed its state"
         assert len({r["message"] for r in ranks}) == 1, f"{name}: ranks raised different messages"
-        if name.endswith(("wrong_input_channels", "nan", "bad_dy")):
+        if name.endswith("all_nan"):
+            every = ", ".join(map(str, range(n)))
+            assert f"rank 0 of {n} failed (ranks {every} failed)" in ranks[0]["message"], ranks[0]["message"]
+        elif name.endswith(("wrong_input_channels", "nan", "bad_dy")):
             assert f"rank {n - 1} of {n} failed" in ranks[0]["message"]
 
 
