@@ -54,7 +54,8 @@ def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
 
 def test_failures_raise_on_every_rank_and_change_nothing(reports):
     n, ranks = reports
-    for case, words in (("failure channels", f"rank {n - 1} of {n} failed"), ("failure groups", "disagree")):
+    for case, words in (("failure channels", f"rank {n - 1} of {n} failed"), ("failure groups", "disagree"),
+                        ("failure eps", "eps must be a positive finite number, got 0.0")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {"ValueError"}, raised
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

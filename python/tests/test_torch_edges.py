@@ -65,6 +65,52 @@ def test_a_call_that_raises_changes_no_buffer(name, make, param, size, route, ge
     _assert_unchanged(m, before, f"{name} on the {route} route")
 
 
+def _set_cn_eps(m, value):
+    if isinstance(m, bt.BatchChannelNorm):
+        m.channel_norm.eps = value
+    else:
+        m.eps = value
+
+
+def _bn(m):
+    return m.batch_norm if isinstance(m, bt.BatchChannelNorm) else m.bn if isinstance(m, bt.BCNorm) else m
+
+
+def _set_bn_eps(m, value):
+    _bn(m).eps = value
+
+
+def _set_momentum(m, value):
+    _bn(m).momentum = value
+
+
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+@pytest.mark.parametrize("setting,value,message", [
+    (_set_cn_eps, 0.0, "eps must be a positive finite number, got 0.0"),
+    (_set_bn_eps, float("nan"), "eps must be a positive finite number, got nan"),
+    (_set_bn_eps, -1e-5, "eps must be a positive finite number, got -1e-05"),
+    (_set_momentum, 1.5, r"momentum must be in \[0, 1\]"),
+], ids=["channel-norm eps 0", "batch-norm eps nan", "batch-norm eps negative", "momentum 1.5"])
+def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer(name, make, setting, value,
+                                                                                  message, route, gen):
+    m = make(8, 4).double()
+    m(rand_input(gen, (4, 8, 5, 5)))
+    if setting is _set_cn_eps and name == "EstBN":
+        setting = _set_bn_eps  # no channel norm
+    if setting is _set_momentum and isinstance(_bn(m), bt.EstBN):
+        m = _bn(m) if name == "EstBN" else m
+        _bn(m).estbn_moving_speed.fill_(value)  # the authors' EstBN takes its rate from this buffer
+    else:
+        setting(m, value)
+    before = _state(m)
+    # momentum serves the buffers' update alone: eval refuses only a bad eps
+    for training in (True, False) if setting is not _set_momentum else (True,):
+        m.train(training)
+        with pytest.raises(ValueError, match=message):
+            m(rand_input(gen, (4, 8, 5, 5)))
+        _assert_unchanged(m, before, f"{name} on the {route} route, training={training}")
+
+
 @pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES] + [
     ("ChannelNorm", lambda C, G: bt.ChannelNorm(C, G))], ids=MODULE_IDS + ["ChannelNorm"])
 @pytest.mark.parametrize("shape,layout", [((0, 8, 4, 4), "contiguous"), ((0, 8, 4, 4), "channels_last"),

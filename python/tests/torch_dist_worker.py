@@ -120,7 +120,10 @@ def failure(rank, size, case):
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
-    layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, dtype=torch.float64)
+    layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=case == "eps", dtype=torch.float64)
+    if case == "eps":  # estimate mode updates the buffers before it normalizes: a bad eps must stop it first
+        layer.bn.estbn_moving_speed.fill_(0.2)
+        layer.bn.eps = 0.0
     xs, _ = batches(SEED, [2] * size, C, torch.float64)
     x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
     before = copy.deepcopy(layer.state_dict())
@@ -159,7 +162,7 @@ def run_all(rank, size):
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
-    for case in ("channels", "groups"):
+    for case in ("channels", "groups", "eps"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     return out

@@ -21,7 +21,7 @@ from ..distributed import LayerConfig, Synchronizer
 from . import _ops
 from ._ops import fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
-from .functional import ChannelNormStage
+from .functional import ChannelNormStage, _check_scalars
 
 
 class ProcessGroupTransport:
@@ -68,6 +68,9 @@ class _SyncForward(torch.autograd.Function):
                 raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
             if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"synchronized BCN runs on CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+            # before the update of the buffers, which precedes the normalization's own checks (failing here,
+            # inside the exchange, every rank fails together)
+            _check_scalars(flags, eps, bn_eps, momentum)
             if x.numel() == 0:
                 return np.zeros(3 * channels)
             local["context"], m = _ops.moment_arrays(x, flags, groups)

@@ -6,6 +6,7 @@ tensors (CPU float32/float64, every tensor of the input's dtype) and composed of
 Modules build the stages from their parameters and buffers on every call; the running buffers in ``bn`` are
 updated in place when ``bn.training`` and ``bn.track_running_stats`` (as torch.nn.BatchNorm2d does).
 """
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -80,6 +81,19 @@ def _check_sizes(x, bn, cn):
             raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
 
 
+def _check_scalars(flags, eps, bn_eps, momentum):
+    """Each stage's eps and the momentum (None: no update of the buffers, which alone uses it), worded as the kernels word them, before any route that would update a
+    buffer before the kernels' own checks run (the estimated forward, a traced one) or that has none (the composed
+    route, which would divide by zero or average with any weight)."""
+    if flags & _ext.BCN_CHANNEL_NORM and not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if flags & _ext.BCN_BATCH_NORM:
+        if not 0 < bn_eps < math.inf:
+            raise ValueError(f"eps must be a positive finite number, got {bn_eps!r}")
+        if momentum is not None and not flags & _ext.BCN_CUMULATIVE_AVERAGE and not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1] or nil, got {momentum!r}")
+
+
 def _check_values(x, flags, groups, training, update):
     """The statistics a call needs are defined (the kernels' checks, worded as they word them; the composed route
     would divide by zero or normalize by eps alone): more than one value per channel group, and per channel when
@@ -113,6 +127,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'
     tensors (bcnswift's modules pass their own, `KernelViews`); None makes them afresh on each call. An input
     without values gives an empty output and changes no buffer."""
+    if bn is None and cn is None:
+        raise ValueError("batch_channel_norm needs a batch-norm stage, a channel-norm stage or both; got neither")
     if x.dim() < 2:
         raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -130,6 +146,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     if bn is None:
         if not _fast(x, tensors):
             _check_sizes(x, bn, cn)
+            _check_scalars(flags, eps, None, None)
             _check_values(x, flags, groups, False, False)
             return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
         if not _ops.traced():
@@ -150,6 +167,10 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors):
         _check_sizes(x, bn, cn)
+        # a moving speed in a buffer is the rate: checked where reading it waits for no GPU
+        speed = bn.moving_speed
+        rate = float(speed.reshape(-1)[0]) if update and speed is not None and speed.is_cpu else momentum
+        _check_scalars(flags, eps, bn.eps, rate if update else None)
         _check_values(x, flags, groups, bool(train), update)
         # the update staged, the normalization run, and only then the buffers written: a call that fails
         # changes nothing
@@ -163,6 +184,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     compiling = _ops.traced()
     if estimated or compiling:  # the buffers' update comes before the normalization's own checks
         _check_sizes(x, bn, cn)
+        _check_scalars(flags, eps, bn.eps, momentum if update else None)
     if not compiling:
         return _ops.eager_forward(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias,
                                   flags | (0 if update else train), groups, eps, bn.eps, momentum, update, views)
