@@ -266,6 +266,75 @@ def test_convert_keeps_affine_and_running_statistics_settings(gen):
     torch.testing.assert_close(y, reference(converted[0](x)), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimate", [True, False])
+def test_convert_moves_the_replaced_layers_parameters_themselves(estimate, gen):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3),
+                          nn.BatchNorm2d(8, bias=False), nn.Conv2d(8, 8, 3, bias=False),
+                          nn.GroupNorm(2, 8, bias=False)).double().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3 + 0.5)
+    model[2].requires_grad_(False)
+    model[3].requires_grad_(False)
+    before = dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before the conversion
+    x = rand_input(gen, (4, 3, 11, 11), layout="channels_last")
+    converted = bt.convert(model, num_groups=4, estimate=estimate, momentum=0.1)
+    after = {**dict(converted.named_parameters()), "3.bn.bias": converted[3].bn.bias,
+             "5.bn.bias": converted[5].bn.bias}
+    moved = {"0.weight": "0.weight", "0.bias": "0.bias", "1.weight": "1.bn.weight", "1.bias": "1.bn.bias",
+             "2.weight": "2.weight", "2.bias": "2.bias", "3.weight": "3.bn.weight", "4.weight": "4.weight",
+             "5.weight": "5.bn.weight"}
+    for old, new in moved.items():
+        assert after[new] is before[old], f"{old} -> {new}: not the same Parameter"
+    assert after["3.bn.bias"] is None and after["5.bn.bias"] is None  # bias=False: none, as in the layer
+    assert "3.bn.bias" not in converted.state_dict() and "5.bn.bias" not in converted.state_dict()
+    assert converted[2].weight.is_contiguous(memory_format=torch.channels_last)
+    # frozen layers stay frozen, with the new per-group affine of the frozen norm; the others train
+    assert not any(p.requires_grad for p in (converted[2].weight, converted[3].bn.weight, converted[3].weight,
+                                             converted[3].bias))
+    assert all(p.requires_grad for p in (converted[1].weight, converted[1].bias, converted[1].bn.weight))
+    # a norm without bias computes as one with a zero bias
+    with_bias = copy.deepcopy(converted[3])
+    with_bias.bn.bias = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    h = rand_input(gen, (4, 8, 7, 7))
+    torch.testing.assert_close(converted[3](h), with_bias(h), rtol=0, atol=0)
+    # the optimizer built before the conversion trains the converted layers
+    weight = converted[0].weight.detach().clone()
+    converted(x).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(converted[0].weight, weight)
+
+
+def test_convert_that_raises_changes_nothing_and_counts_may_be_numpy_ints():
+    import numpy as np
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Sequential(nn.BatchNorm2d(0)))
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="has no channels to normalize"):
+        bt.convert(model, num_groups=np.int64(4))
+    assert [type(m) for m in model.modules()] == kinds
+    converted = bt.convert(model[:2], num_groups=np.int64(4))
+    assert converted[1].num_groups == 4 and type(converted[1].num_groups) is int
+    m = bt.BCNorm(8, np.int32(2))
+    assert m.num_groups == 2 and type(m.num_groups) is int and type(bt.ChannelNorm(8, np.int64(4)).groups) is int
+    for bad in (0, -2, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            bt.convert(nn.Sequential(nn.BatchNorm2d(8)), num_groups=bad)
+        with pytest.raises(ValueError, match="must be a positive int"):
+            bt.BCNorm(8, bad)
+
+
+def test_fold_keeps_the_weights_memory_format_and_frozen_state_and_moves_the_bias(gen):
+    layer = bt.Conv2d(4, 6, 3).double().to(memory_format=torch.channels_last)
+    layer.weight.requires_grad_(False)
+    plain = bt.fold_weight_standardization(layer)
+    assert type(plain) is nn.Conv2d and plain.bias is layer.bias
+    assert plain.weight.is_contiguous(memory_format=torch.channels_last) and not plain.weight.requires_grad
+    torch.testing.assert_close(plain.weight, layer.standardized_weight(), rtol=0, atol=0)
+    x = rand_input(gen, (2, 4, 6, 6))
+    torch.testing.assert_close(plain(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
 def test_convert_and_fold_keep_a_shared_layer_one_layer():
     bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), bn, conv, nn.Sequential(conv, bn))

@@ -5,7 +5,7 @@ import itertools
 import torch
 from torch import nn
 
-from .modules import BCNorm, EstBN
+from .modules import BCNorm, EstBN, positive_int
 from .weight_standardized import PLAIN, Conv2d, plain_copy
 
 
@@ -20,8 +20,19 @@ def _reference(module, default):
     return next(itertools.chain(module.parameters(), module.buffers()), default)
 
 
+def _take_parameter(module, name, parameter):
+    """`parameter` (a Parameter of the replaced layer, or None: none) as `module.name`: the same object, so that
+    its requires_grad, memory format and an optimizer built before the swap stay with it."""
+    if parameter is None:
+        module.register_parameter(name, None)
+    else:
+        setattr(module, name, parameter)
+
+
 def _bcnorm_for(layer, num_groups, estimate, momentum, like):
     C = layer.num_features if isinstance(layer, nn.BatchNorm2d) else layer.num_channels
+    if C < 1:
+        raise ValueError(f"cannot convert {layer}: it has no channels to normalize")
     ref = _reference(layer, like)  # a GroupNorm without affine has no tensor of its own
     kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     new = BCNorm(C, largest_divisor_at_most(C, num_groups), eps=layer.eps, estimate=estimate, **kw)
@@ -31,10 +42,12 @@ def _bcnorm_for(layer, num_groups, estimate, momentum, like):
         new.bn = nn.BatchNorm2d(C, layer.eps, affine=layer.affine, track_running_stats=tracks, **kw)
     bn = new.bn
     bn.eps = layer.eps
+    if layer.weight is not None:  # BatchNorm2d's affine, or GroupNorm's per-channel affine (bias=False: no bias)
+        _take_parameter(bn, "weight", layer.weight)
+        _take_parameter(bn, "bias", layer.bias)
+        for p in (new.weight, new.bias):  # the new per-group affine: frozen with the layer's
+            p.requires_grad_(layer.weight.requires_grad)
     with torch.no_grad():
-        if layer.weight is not None:  # BatchNorm2d's affine, or GroupNorm's per-channel affine
-            bn.weight.copy_(layer.weight)
-            bn.bias.copy_(layer.bias)
         if isinstance(layer, nn.BatchNorm2d) and layer.running_mean is not None and bn.running_mean is not None:
             bn.running_mean.copy_(layer.running_mean)
             bn.running_var.copy_(layer.running_var)
@@ -50,11 +63,9 @@ def _bcnorm_for(layer, num_groups, estimate, momentum, like):
 def _ws_conv_for(conv):
     new = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                 padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
+                 padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype)
+    _take_parameter(new, "weight", conv.weight)
+    _take_parameter(new, "bias", conv.bias)
     new.train(conv.training)
     return new
 
@@ -72,15 +83,18 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     - with estimate=True, ``bn`` is EstBN with its moving speed set to `momentum` (the authors' 0 would freeze
       the estimates); EstBN always has an affine (from 1 and 0 when the replaced layer had none) and estimates.
 
-    Each new layer takes the device and dtype of the replaced one (of an enclosing module's tensors when it has
-    none). A layer that appears at several places in `model` is replaced by one new layer at all of them. Only
-    layers of exactly these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise.
+    The replaced layers' parameters move to the new ones as the same Parameter objects (a norm's weight and
+    bias, a convolution's weight and bias), so their requires_grad, memory format and an optimizer that already
+    holds them carry over; a norm without a bias (``bias=False``) gives a ``bn`` without one. The new per-group
+    ``weight`` and ``bias`` of a BCNorm are frozen when the replaced layer's weight is. Each new layer takes the
+    device and dtype of the replaced one (of an enclosing module's tensors when it has none). A layer that
+    appears at several places in `model` is replaced by one new layer at all of them. Only layers of exactly
+    these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise.
 
     Returns the converted model: `model` itself, changed in place, unless `model` is itself one of the layers
-    replaced. Layers already inside a BCNorm are left alone.
+    replaced. Layers already inside a BCNorm are left alone. A conversion that raises changes nothing.
     """
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    num_groups = positive_int(num_groups, "num_groups")
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if estimate and momentum is None:
@@ -92,31 +106,41 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
         if weight_standardization and type(layer) is nn.Conv2d:
             return _ws_conv_for(layer)
         return layer if isinstance(layer, (BCNorm, EstBN)) else None
-    return _replace(model, swap, None, {})
+    return _replace(model, swap)
 
 
-def _replace(model, swap, like, done):
+def _replace(model, swap):
     """`model` with every layer for which swap(layer, like) gives a module replaced by it, at every place a module
-    holds it (nn.Module.named_children yields a child held twice once), and not descended into; swap gives None
-    to descend. `like`: a tensor of the nearest enclosing module that has one (`_reference`). `done`: what each
-    layer met so far became (by id), so that a layer shared between places stays one layer."""
-    if id(model) in done:
-        return done[id(model)]
-    new = swap(model, like)
-    if new is not None:
-        done[id(model)] = new
-        return new
-    like = _reference(model, like)
-    for name, child in list(model._modules.items()):
-        if child is not None:
-            replaced = _replace(child, swap, like, done)
-            if replaced is not child:
-                setattr(model, name, replaced)
-    return model
+    holds it, and not descended into; swap gives None to descend. `like`: a tensor of the nearest enclosing module
+    that has one (`_reference`). Every replacement is made before any is put in place, so that a swap that raises
+    leaves `model` as it was."""
+    done, edits = {}, []  # what each layer met so far becomes (by id: a shared layer stays one), and where
+
+    def walk(module, like):
+        if id(module) in done:
+            return done[id(module)]
+        new = swap(module, like)
+        if new is not None:
+            done[id(module)] = new
+            return new
+        done[id(module)] = module
+        like = _reference(module, like)
+        # nn.Module.named_children yields a child held twice once: every place is edited here
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                replaced = walk(child, like)
+                if replaced is not child:
+                    edits.append((module, name, replaced))
+        return module
+
+    result = walk(model, None)
+    for module, name, replaced in edits:
+        setattr(module, name, replaced)
+    return result
 
 
 def fold_weight_standardization(model):
     """For inference: replaces every Weight-Standardized layer in `model` by the plain torch layer holding its
     standardized weight (the same outputs, without standardizing on every call). Returns the model (in place,
     unless `model` is itself such a layer)."""
-    return _replace(model, lambda layer, like: plain_copy(layer) if type(layer) in PLAIN else None, None, {})
+    return _replace(model, lambda layer, like: plain_copy(layer) if type(layer) in PLAIN else None)

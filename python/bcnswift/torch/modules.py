@@ -12,6 +12,8 @@ labml's (seeds 000, 001, 004): ``BatchChannelNorm(channels, groups, eps, momentu
 Every module takes input of any rank >= 2 ([B, C, *]), in C order or channels_last memory (kept by the
 output), and runs on any device and dtype (the kernels take CPU float32/float64; the rest is composed).
 """
+import operator
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -31,11 +33,23 @@ def _check_channels(x, channels, who):
         raise ValueError(f"{who} expects an input [B, {channels}, *], got shape {tuple(x.shape)}")
 
 
+def positive_int(value, what):
+    """`value` as an int (any integer type: numpy's too) if it is one above 0, else a ValueError naming `what`."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or isinstance(value, bool) or n <= 0:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return n
+
+
 def _check_groups(channels, groups):
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
-        raise ValueError(f"the number of groups must be a positive int, got {groups!r}")
-    if channels % groups:
-        raise ValueError(f"the channel count ({channels}) must be divisible by the number of groups ({groups})")
+    """The number of groups as an int, if it is positive and divides channels."""
+    n = positive_int(groups, "the number of groups")
+    if channels % n:
+        raise ValueError(f"the channel count ({channels}) must be divisible by the number of groups ({n})")
+    return n
 
 
 def torch_batch_norm_stage(bn):
@@ -94,7 +108,7 @@ class BCNorm(KernelViews, nn.Module):
 
     def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, device=None, dtype=None):
         super().__init__()
-        _check_groups(num_channels, num_groups)
+        num_groups = _check_groups(num_channels, num_groups)
         kw = {"device": device, "dtype": dtype}
         self.num_channels = num_channels
         self.num_groups = num_groups
@@ -177,7 +191,7 @@ class ChannelNorm(KernelViews, nn.Module):
 
     def __init__(self, channels, groups, eps=1e-5, affine=True, device=None, dtype=None):
         super().__init__()
-        _check_groups(channels, groups)
+        groups = _check_groups(channels, groups)
         kw = {"device": device, "dtype": dtype}
         self.channels, self.groups, self.eps, self.affine = channels, groups, eps, affine
         if affine:

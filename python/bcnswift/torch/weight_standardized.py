@@ -121,10 +121,11 @@ PLAIN = {Conv1d: nn.Conv1d, Conv2d: nn.Conv2d, Conv3d: nn.Conv3d, ConvTranspose2
 
 
 def plain_copy(layer):
-    """The torch layer (nn.Conv2d, ...) computing what the WS `layer` computes now: its standardized weight."""
+    """The torch layer (nn.Conv2d, ...) computing what the WS `layer` computes now: its standardized weight (a
+    new Parameter in the weight's memory format, frozen if the weight is) and its bias (the same Parameter)."""
     plain = PLAIN[type(layer)]
     w = layer.weight
-    kw = {"device": w.device, "dtype": w.dtype}
+    kw = {"device": "meta", "dtype": w.dtype}  # every parameter comes from `layer`: none is made here
     if plain is nn.Linear:
         out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
     else:
@@ -133,8 +134,10 @@ def plain_copy(layer):
                     padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                     bias=layer.bias is not None, padding_mode=layer.padding_mode, **extra, **kw)
     with torch.no_grad():
-        out.weight.copy_(layer.standardized_weight())
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias)
+        standardized = torch.empty_like(w)  # w's strides: channels_last stays channels_last
+        standardized.copy_(layer.standardized_weight())
+    out.weight = nn.Parameter(standardized, requires_grad=w.requires_grad)
+    if layer.bias is not None:
+        out.bias = layer.bias
     out.train(layer.training)
     return out
