@@ -335,6 +335,63 @@ def test_fold_keeps_the_weights_memory_format_and_frozen_state_and_moves_the_bia
     torch.testing.assert_close(plain(x), layer(x), rtol=1e-12, atol=1e-12)
 
 
+def _stage_child(m):
+    return m.batch_norm if isinstance(m, bt.BatchChannelNorm) else m.bn
+
+
+def _channel_norm_alone(m, h):
+    """The channel-norm stage of `m` alone on h (the batch-norm stage's output), through the functional form."""
+    if isinstance(m, bt.BatchChannelNorm):
+        return m.channel_norm(h)
+    return functional.batch_channel_norm(h, None, functional.ChannelNormStage(m.num_groups, m.eps, m.weight,
+                                                                              m.bias))
+
+
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(8, 4), lambda: _est(8, 4), lambda: bt.BatchChannelNorm(8, 4),
+                                  lambda: bt.BatchChannelNorm(8, 4, estimate=False)],
+                         ids=["BCNorm", "BCNorm estimate", "labml", "labml batch"])
+def test_a_stage_module_with_hooks_is_called_and_its_hooks_honoured(make, route, gen):
+    m, plain = make().double(), make().double()
+    child = _stage_child(m)
+    seen = []
+    child.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()) or out.flip(1))
+    backward_calls = []
+    child.register_full_backward_hook(lambda mod, gin, gout: backward_calls.append(len(gout)))
+    for training in (True, False):
+        m.train(training)
+        plain.train(training)
+        x = rand_input(gen, (4, 8, 5, 5)).requires_grad_()
+        y = m(x)
+        h = _stage_child(plain)(x)  # the same stage, unhooked, then the hook's change
+        torch.testing.assert_close(seen[-1], h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y, _channel_norm_alone(plain, h.flip(1)), rtol=1e-12, atol=1e-12)
+        y.square().sum().backward()
+        assert backward_calls, "the stage's full backward hook ran"
+        assert_states_equal(_state(m), _state(plain), f"training={training}", rtol=1e-12, atol=1e-12)
+    assert len(seen) == 2
+
+
+def test_a_global_hook_or_a_subclass_forward_makes_the_stage_run_itself(gen):
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda mod, args: calls.append(type(mod).__name__))
+    try:
+        bt.BCNorm(8, 4).double()(rand_input(gen, (4, 8, 5, 5)))
+    finally:
+        handle.remove()
+    assert calls == ["BCNorm", "BatchNorm2d"], calls
+
+    class Shifted(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + torch.arange(8, dtype=x.dtype).reshape(1, 8, 1, 1)
+
+    m = bt.BCNorm(8, 4).double()
+    m.bn = Shifted(8).double()
+    x = rand_input(gen, (4, 8, 5, 5))
+    reference = Shifted(8).double()
+    torch.testing.assert_close(m(x), _channel_norm_alone(m, reference(x)), rtol=1e-12, atol=1e-12)
+
+
 def test_convert_and_fold_keep_a_shared_layer_one_layer():
     bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), bn, conv, nn.Sequential(conv, bn))

@@ -16,6 +16,7 @@ import operator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module  # the registries of every module's hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
@@ -50,6 +51,16 @@ def _check_groups(channels, groups):
     if channels % n:
         raise ValueError(f"the channel count ({channels}) must be divisible by the number of groups ({n})")
     return n
+
+
+def runs_itself(child, fused_forward):
+    """Whether a stage's module must be called itself instead of fused into its parent's one call: hooks on it
+    (its own, or every module's), or a forward of its class other than `fused_forward`, the one whose math the
+    fused call computes (a subclass may override it). Then the parent calls it, as the documents' modules do."""
+    return (type(child).forward is not fused_forward or bool(
+        child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks
+        or _module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks))
 
 
 def torch_batch_norm_stage(bn):
@@ -101,9 +112,9 @@ class BCNorm(KernelViews, nn.Module):
     ``weight``, ``bias`` of shape (1, num_groups, 1). Fused into one call.
 
     ``bn`` may be any torch.nn batch norm (its momentum, eps, affine and track_running_stats are honoured) or
-    EstBN; any other module there (nn.SyncBatchNorm too, which synchronizes its own statistics) runs on its own,
-    followed by the fused channel norm. ``bcnswift.torch.convert_sync_batch_channel_norm`` makes a model's
-    BCNorms synchronize the fused way.
+    EstBN; any other module there (nn.SyncBatchNorm too, which synchronizes its own statistics), and ``bn`` when
+    it has hooks or a subclass's own forward, runs on its own (is called), followed by the fused channel norm.
+    ``bcnswift.torch.convert_sync_batch_channel_norm`` makes a model's BCNorms synchronize the fused way.
     """
 
     def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, device=None, dtype=None):
@@ -122,11 +133,12 @@ class BCNorm(KernelViews, nn.Module):
         _check_channels(x, self.num_channels, "BCNorm")
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
         bn = self.bn  # a submodule: each read goes through nn.Module.__getattr__
-        if isinstance(bn, EstBN):
+        if isinstance(bn, EstBN) and not runs_itself(bn, EstBN.forward):
             return batch_channel_norm(x, bn.stage(), cn, views=self.kernel_views())
-        if isinstance(bn, _BatchNorm) and not isinstance(bn, nn.SyncBatchNorm):
+        if isinstance(bn, _BatchNorm) and not runs_itself(bn, _BatchNorm.forward):
             return batch_channel_norm(x, torch_batch_norm_stage(bn), cn, views=self.kernel_views())
-        # any other module (nn.SyncBatchNorm among them: its statistics are its process group's) runs on its own
+        # any other module (nn.SyncBatchNorm among them: its statistics are its process group's, and its forward
+        # its own), or one with hooks, runs on its own
         return batch_channel_norm(bn(x), None, cn, views=self.kernel_views())
 
     def extra_repr(self):
@@ -227,5 +239,8 @@ class BatchChannelNorm(KernelViews, nn.Module):
 
     @fx_leaf
     def forward(self, x):
-        _check_channels(x, self.channel_norm.channels, "BatchChannelNorm")
-        return batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(), views=self.kernel_views())
+        batch_norm, channel_norm = self.batch_norm, self.channel_norm
+        _check_channels(x, channel_norm.channels, "BatchChannelNorm")
+        if runs_itself(batch_norm, BatchNorm.forward) or runs_itself(channel_norm, ChannelNorm.forward):
+            return channel_norm(batch_norm(x))  # hooks or a forward of their own: each stage called, as labml's
+        return batch_channel_norm(x, batch_norm.stage(), channel_norm.stage(), views=self.kernel_views())
