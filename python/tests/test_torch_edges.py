@@ -392,6 +392,25 @@ def test_a_global_hook_or_a_subclass_forward_makes_the_stage_run_itself(gen):
     torch.testing.assert_close(m(x), _channel_norm_alone(m, reference(x)), rtol=1e-12, atol=1e-12)
 
 
+def test_an_untracked_batch_norm_with_buffers_normalizes_as_torch_does(route, gen):
+    """torch.nn.BatchNorm2d with track_running_stats=False but buffers (switched off after construction): training
+    takes the batch's statistics and leaves the buffers alone; eval takes the buffers."""
+    m = bt.BCNorm(8, 4).double()
+    with torch.no_grad():
+        m.bn.running_mean.copy_(torch.randn(8, generator=gen, dtype=torch.float64) + 2)
+        m.bn.running_var.copy_(torch.rand(8, generator=gen, dtype=torch.float64) + 0.5)
+    m.bn.track_running_stats = False
+    torch_bn = copy.deepcopy(m.bn)
+    for training in (True, False):
+        m.train(training)
+        torch_bn.train(training)
+        x = rand_input(gen, (4, 8, 5, 5))
+        before = _state(m)
+        torch.testing.assert_close(m(x), _channel_norm_alone(m, torch_bn(x)), rtol=1e-12, atol=1e-12)
+        _assert_unchanged(m, before, f"training={training}")
+        assert torch.equal(m.bn.running_mean, torch_bn.running_mean)
+
+
 def test_convert_and_fold_keep_a_shared_layer_one_layer():
     bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), bn, conv, nn.Sequential(conv, bn))

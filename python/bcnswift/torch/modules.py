@@ -65,9 +65,12 @@ def runs_itself(child, fused_forward):
 
 def torch_batch_norm_stage(bn):
     """The stage of a torch.nn.BatchNorm{1,2,3}d (any _BatchNorm): batch statistics in training, running
-    variance stored unbiased, momentum None for a cumulative average, as PyTorch does."""
+    variance stored unbiased, momentum None for a cumulative average, as PyTorch does. Also as PyTorch does, eval
+    normalizes with the running buffers whenever they exist, track_running_stats or not (labml's BatchNorm, and
+    the stage's own rule, take the batch's without it): so the stage says "tracked" in eval."""
     return BatchNormStage(_TORCH_BN, bn.eps, bn.momentum, None, bn.weight, bn.bias, bn.running_mean,
-                          bn.running_var, bn.num_batches_tracked, bn.training, bn.track_running_stats)
+                          bn.running_var, bn.num_batches_tracked, bn.training,
+                          bn.track_running_stats or not bn.training)
 
 
 class EstBN(KernelViews, nn.Module):
