@@ -411,6 +411,53 @@ def test_an_untracked_batch_norm_with_buffers_normalizes_as_torch_does(route, ge
         assert torch.equal(m.bn.running_mean, torch_bn.running_mean)
 
 
+RESETTABLE = [
+    ("BCNorm", lambda **kw: bt.BCNorm(8, 4, **kw)),
+    ("BCNorm estimate", lambda **kw: bt.BCNorm(8, 4, estimate=True, **kw)),
+    ("EstBN", lambda **kw: bt.EstBN(8, **kw)),
+    ("labml BatchChannelNorm", lambda **kw: bt.BatchChannelNorm(8, 4, **kw)),
+    ("labml BatchChannelNorm cumulative", lambda **kw: bt.BatchChannelNorm(8, 4, momentum=None, estimate=False,
+                                                                           **kw)),
+    ("labml BatchNorm", lambda **kw: bt.BatchNorm(8, **kw)),
+    ("ChannelNorm", lambda **kw: bt.ChannelNorm(8, 4, **kw)),
+]
+
+
+def _every_tensor(m):
+    """Parameters and buffers, the state dict's non-persistent ones too (labml's count)."""
+    return {**{k: v.detach().clone() for k, v in m.named_parameters()},
+            **{k: v.clone() for k, v in m.named_buffers()}}
+
+
+@pytest.mark.parametrize("name,make", RESETTABLE, ids=[r[0] for r in RESETTABLE])
+def test_reset_parameters_on_each_module_gives_a_fresh_one(name, make, gen):
+    """Deferred initialization (meta device, to_empty, then each module's reset_parameters: FSDP's way), and
+    reset_running_stats after training."""
+    fresh = make(dtype=torch.float64)
+    deferred = make(device="meta", dtype=torch.float64).to_empty(device="cpu")
+    with torch.no_grad():
+        for t in _every_tensor(deferred).values():
+            assert t.is_meta is False
+        for p in deferred.parameters():
+            p.fill_(float("nan"))  # what to_empty's memory may hold
+    deferred.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    assert_states_equal(_every_tensor(deferred), _every_tensor(fresh), f"{name} after reset_parameters")
+    trained = make(dtype=torch.float64)
+    for child in trained.modules():
+        if isinstance(child, bt.EstBN):
+            child.estbn_moving_speed.fill_(0.3)
+    for _ in range(2):
+        trained(rand_input(gen, (4, 8, 5, 5)))
+    trained.apply(lambda m: m.reset_running_stats() if hasattr(m, "reset_running_stats") else None)
+    after = _every_tensor(trained)
+    for k, v in _every_tensor(fresh).items():
+        if "running" in k or "exp_" in k or "count" in k or "num_batches" in k:
+            assert torch.equal(after[k], v), f"{name}: {k} after reset_running_stats"
+    if "estimate" in name or name == "EstBN":
+        speed = [v for k, v in after.items() if k.endswith("estbn_moving_speed")]
+        assert speed and float(speed[0]) == 0.3, "the moving speed is a setting, not a statistic"
+
+
 def test_convert_and_fold_keep_a_shared_layer_one_layer():
     bn, conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), bn, conv, nn.Sequential(conv, bn))

@@ -34,6 +34,13 @@ def _check_channels(x, channels, who):
         raise ValueError(f"{who} expects an input [B, {channels}, *], got shape {tuple(x.shape)}")
 
 
+def _fill(parameter, value):
+    """A parameter (None: the module has none) set to `value` everywhere, outside autograd (reset_parameters)."""
+    if parameter is not None:
+        with torch.no_grad():
+            parameter.fill_(value)
+
+
 def positive_int(value, what):
     """`value` as an int (any integer type: numpy's too) if it is one above 0, else a ValueError naming `what`."""
     try:
@@ -96,6 +103,21 @@ class EstBN(KernelViews, nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("estbn_moving_speed", torch.zeros(1, **kw))
 
+    def reset_running_stats(self):
+        """The estimates and the count at their initial values (mean 0, variance 1, count 0); the moving speed, a
+        setting, stays."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self):
+        """Everything at a fresh module's values, as the authors' code makes it: the estimates, weight 1, bias 0,
+        and the moving speed 0 (so `to_empty` then reset gives a fresh module)."""
+        self.reset_running_stats()
+        _fill(self.weight, 1)
+        _fill(self.bias, 0)
+        self.estbn_moving_speed.zero_()
+
     def stage(self):
         return BatchNormStage(_AUTHORS_ESTBN, self.eps, 0.0, self.estbn_moving_speed, self.weight, self.bias,
                               self.running_mean, self.running_var, self.num_batches_tracked, self.training, True)
@@ -130,6 +152,11 @@ class BCNorm(KernelViews, nn.Module):
         self.weight = nn.Parameter(torch.ones(1, num_groups, 1, **kw))
         self.bias = nn.Parameter(torch.zeros(1, num_groups, 1, **kw))
         self.bn = EstBN(num_channels, **kw) if estimate else nn.BatchNorm2d(num_channels, **kw)
+
+    def reset_parameters(self):
+        """The per-group affine at weight 1, bias 0 (``bn`` has its own reset_parameters)."""
+        _fill(self.weight, 1)
+        _fill(self.bias, 0)
 
     @fx_leaf
     def forward(self, x):
@@ -176,6 +203,19 @@ class BatchNorm(KernelViews, nn.Module):
 
     _flags = _LABML_BN
 
+    def reset_running_stats(self):
+        """exp_mean 0, exp_var 1 and the count of a cumulative average 0 (nothing without running statistics)."""
+        if self.exp_mean is not None:
+            self.exp_mean.zero_()
+            self.exp_var.fill_(1)
+        self._count.zero_()
+
+    def reset_parameters(self):
+        """The running statistics, and scale 1, shift 0, as labml's constructor makes them."""
+        self.reset_running_stats()
+        _fill(self.scale, 1)
+        _fill(self.shift, 0)
+
     def stage(self):
         return BatchNormStage(self._flags, self.eps, self.momentum, None, self.scale, self.shift, self.exp_mean,
                               self.exp_var, self._count, self.training, self.track_running_stats)
@@ -214,6 +254,11 @@ class ChannelNorm(KernelViews, nn.Module):
             self.shift = nn.Parameter(torch.zeros(groups, **kw))
         else:
             self.scale = self.shift = None
+
+    def reset_parameters(self):
+        """scale 1, shift 0, as labml's constructor makes them."""
+        _fill(self.scale, 1)
+        _fill(self.shift, 0)
 
     def stage(self):
         return ChannelNormStage(self.groups, self.eps, self.scale, self.shift)
