@@ -111,6 +111,16 @@ def test_exported_program_records_the_ops_and_matches_eager(training, gen):
         _assert_same_buffers(module, eager, f"call {step}")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(8, 4), lambda: bt.BatchChannelNorm(8, 4),
+                                  lambda: nn.Sequential(bt.Conv2d(3, 8, 3), nn.ReLU()), every_module_model],
+                         ids=["BCNorm", "labml", "WS conv inside Sequential", "every module"])
+def test_torch_jit_script_refuses_in_words_that_name_the_ways_that_work(make):
+    with pytest.raises(RuntimeError, match=r"cannot be compiled by TorchScript \(torch.jit.script\).*"
+                                           r"torch.compile, torch.export and torch.jit.trace"):
+        torch.jit.script(make())
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_jit_trace_records_the_ops_and_matches_eager(training, gen):

@@ -135,6 +135,13 @@ class KernelViews:
         self.__dict__.pop("_kernel_views", None)
         return super()._apply(fn, *args, **kwargs)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script asks every module this before it compiles: say why it cannot, instead of TorchScript's
+        # own errors about the Python inside (an undefined name, a missing attribute, at a wrapper's line)
+        raise RuntimeError(f"{type(self).__name__}: bcnswift.torch's modules cannot be compiled by TorchScript "
+                           f"(torch.jit.script): their forward is Python that hands the tensors to bcnswift's "
+                           f"kernels. torch.compile, torch.export and torch.jit.trace record their custom ops.")
+
     def __getstate__(self):
         state = super().__getstate__()
         if "_kernel_views" in state:
