@@ -162,5 +162,5 @@ def failure(rank, size, comm, case, seed=SEED):
     return result
 
 
-FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps", "momentum",
-            "momentum_none", "estimate", "dtype", "unbiased", "variance_around"]
+FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps",
+            "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around"]

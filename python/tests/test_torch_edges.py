@@ -197,6 +197,58 @@ def test_torch_func_grad_and_vmap_run_the_same_math(gen):
     torch.testing.assert_close(transformed, conv.weight.grad, **tol)
 
 
+def _jacobian_times(f, x, v):
+    """J(f)(x) v by reverse mode (the kernels' backward), one output value at a time."""
+    J = torch.autograd.functional.jacobian(f, x)
+    return (J.reshape(x.numel(), x.numel()) @ v.reshape(-1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(4, 2), lambda: _est(4, 2), lambda: bt.BatchChannelNorm(4, 2),
+                                  lambda: bt.ChannelNorm(4, 2)],
+                         ids=["BCNorm", "BCNorm estimate", "labml", "ChannelNorm"])
+def test_forward_mode_ad_gives_the_jacobians_product(make, gen):
+    """Dual tensors (torch.autograd.forward_ad) take the composed route, whose torch operations carry tangents;
+    the tangent is J v from the kernels' backward (float64), in training and eval, and no buffer turns dual."""
+    forward_ad = torch.autograd.forward_ad
+    for training in (True, False):
+        m = make().double().train(training)
+        reference = copy.deepcopy(m)
+        x, v = rand_input(gen, (2, 4, 3, 3)), torch.randn((2, 4, 3, 3), generator=gen, dtype=torch.float64)
+        with forward_ad.dual_level():
+            tangent = forward_ad.unpack_dual(m(forward_ad.make_dual(x, v))).tangent
+            assert all(forward_ad.unpack_dual(b).tangent is None for b in m.buffers())
+        torch.testing.assert_close(tangent, _jacobian_times(reference, x, v), rtol=1e-10, atol=1e-12,
+                                   msg=f"training={training}")
+        assert_states_equal(_state(m), _state(reference), f"training={training}: buffers", rtol=1e-12, atol=1e-12)
+    conv = bt.Conv2d(3, 4, 3).double()
+    x, v = rand_input(gen, (2, 3, 5, 5)), torch.randn((2, 3, 5, 5), generator=gen, dtype=torch.float64)
+    w_tangent = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+    with forward_ad.dual_level():
+        dual_w = forward_ad.make_dual(conv.weight.detach(), w_tangent)
+        out = functional_call(conv, {"weight": dual_w, "bias": conv.bias.detach()}, (forward_ad.make_dual(x, v),))
+        tangent = forward_ad.unpack_dual(out).tangent
+    jw, jx = torch.autograd.functional.jacobian(
+        lambda w, xi: functional_call(conv, {"weight": w, "bias": conv.bias.detach()}, (xi,)),
+        (conv.weight.detach(), x))
+    n = out.numel()
+    expected = jw.reshape(n, -1) @ w_tangent.reshape(-1) + jx.reshape(n, -1) @ v.reshape(-1)
+    torch.testing.assert_close(tangent, expected.reshape(out.shape), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(4, 2), lambda: bt.BatchChannelNorm(4, 2)], ids=["BCNorm", "labml"])
+def test_a_jacobian_vector_product_by_double_backward_raises_instead_of_giving_zero(make, gen):
+    """torch.autograd.functional.jvp differentiates the backward with respect to the output gradient, which the
+    kernels' backward does not record: it must raise the documented error (it returned zeros)."""
+    m = make().double()
+    x, v = rand_input(gen, (2, 4, 3, 3)), torch.randn((2, 4, 3, 3), generator=gen, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.functional.jvp(m, x, v)
+    conv = bt.Conv2d(3, 4, 3).double()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.functional.jvp(lambda w: functional_call(conv, {"weight": w}, (rand_input(gen, (2, 3, 5, 5)),)),
+                                      conv.weight.detach(), torch.ones_like(conv.weight))
+
+
 def test_a_sync_batch_norm_inside_bcnorm_runs_as_its_own_module(gen, monkeypatch):
     """nn.SyncBatchNorm.convert_sync_batchnorm puts one in BCNorm.bn: its forward (which synchronizes over its
     process group) runs, and without a group it normalizes as BatchNorm2d does."""

@@ -5,13 +5,20 @@ It follows the documents' formulas, in the input's precision (at least float32),
 to any order; the running buffers are updated in place without gradient, as every document does.
 """
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
 
 
-#: transforms_active(): whether a torch.func transform (grad, vmap, jacrev, ...) is active. Its wrapped tensors
-#: have no memory the kernels could read (so this route takes every call), and under vmap no memory format to keep.
-transforms_active = torch._C._are_functorch_transforms_active
+# A torch.func transform's (grad, vmap, jacrev, ...) wrapped tensors have no memory the kernels could read (so
+# this route takes every call under one), and under vmap no memory format to keep.
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def transforms_active():
+    """Whether a torch.func transform (as above) or forward-mode AD (torch.autograd.forward_ad.dual_level, whose
+    dual tensors carry tangents the kernels would drop: their autograd Functions have no jvp) is active."""
+    return _forward_ad._current_level >= 0 or _functorch_active()
 
 
 def _compute_dtype(x):

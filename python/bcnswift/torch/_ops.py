@@ -662,12 +662,12 @@ torch.library.register_autograd("bcnswift::weight_standardization_backward", _no
 # ---- the eager route ----------------------------------------------------------------------------------------
 
 class _NoSecondDerivative(torch.autograd.Function):
-    """g, whose derivative raises: marks a gradient the kernels computed when create_graph=True. `anchor` (the
-    forward's input, which requires grad then) attaches it to the graph, as a gradient computed by torch would
-    be."""
+    """g, whose derivative raises: marks a gradient the kernels computed when create_graph=True. The anchors
+    (the forward's input, and the output gradient when it requires grad) attach it to the graph, as a gradient
+    computed by torch would be."""
 
     @staticmethod
-    def forward(ctx, g, anchor):
+    def forward(ctx, g, *anchors):
         return g.clone()
 
     @staticmethod
@@ -675,12 +675,15 @@ class _NoSecondDerivative(torch.autograd.Function):
         raise RuntimeError(_NO_SECOND_DERIVATIVE)
 
 
-def _first_order_only(grads, anchor):
+def _first_order_only(grads, anchor, dy):
     """`grads` as the backward returns them; with create_graph=True each marked (`_NoSecondDerivative`) and
-    attached through `anchor`, one of the forward's inputs that requires grad (None: none)."""
-    if not torch.is_grad_enabled() or anchor is None or not anchor.requires_grad:  # create_graph=False
+    attached through `anchor` (one of the forward's inputs that requires grad; None: none) and `dy`, the output
+    gradient. Its derivative with respect to dy is what the double-backward form of a Jacobian-vector product
+    (torch.autograd.functional.jvp) takes: without dy in the graph that product came out 0, silently."""
+    anchors = tuple(t for t in (anchor, dy) if t is not None and t.requires_grad)
+    if not torch.is_grad_enabled() or not anchors:  # create_graph=False
         return grads
-    return tuple(g if g is None else _NoSecondDerivative.apply(g, anchor) for g in grads)
+    return tuple(g if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
 
 
 class _EagerForward(torch.autograd.Function):
@@ -721,7 +724,7 @@ class _EagerForward(torch.autograd.Function):
         g = backward_impl(dy, x, ctx.context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
                           shapes=ctx.shapes, form=ctx.form)
         # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
-        return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor)
+        return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
 
 
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,
@@ -745,7 +748,7 @@ class _EagerWeightStandardization(torch.autograd.Function):
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
         dw = weight_standardization_backward_impl(grad, w, ctx.eps, ctx.flags, ctx.views)
-        return _first_order_only((dw, None, None, None), w)
+        return _first_order_only((dw, None, None, None), w, grad)
 
 
 def weight_standardization_route(w, eps, flags, views=None):

@@ -134,7 +134,7 @@ class _SyncForward(torch.autograd.Function):
 
         dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
         grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 7
-        return _ops._first_order_only(grads, x)
+        return _ops._first_order_only(grads, x, dy)
 
 
 def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):

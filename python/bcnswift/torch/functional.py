@@ -19,7 +19,7 @@ from . import _composed, _ops
 #: composed pure-torch path, which tests and debugging compare against the kernels.
 COMPOSED = os.environ.get("BCNSWIFT_TORCH_COMPOSED", "") not in ("", "0")
 
-_transforms_active = _composed.transforms_active  # one C call (see there); bound once, as every call asks it
+_transforms_active = _composed.transforms_active  # bound once, as every call asks it
 
 
 class BatchNormStage(NamedTuple):
@@ -52,7 +52,7 @@ def _fast(x, tensors):
     # is_cpu: device.type builds a device object, about 1 us a tensor, on every call of every layer
     if COMPOSED or not x.is_cpu or x.dtype not in (torch.float32, torch.float64):
         return False
-    if _transforms_active():  # torch.func's wrapped tensors have no memory for the kernels
+    if _transforms_active():  # torch.func's wrapped tensors have no memory for the kernels; dual ones' tangents
         return False
     dtype = x.dtype
     for t in tensors:
@@ -82,9 +82,10 @@ def _check_sizes(x, bn, cn):
 
 
 def _check_scalars(flags, eps, bn_eps, momentum):
-    """Each stage's eps and the momentum (None: no update of the buffers, which alone uses it), worded as the kernels word them, before any route that would update a
-    buffer before the kernels' own checks run (the estimated forward, a traced one) or that has none (the composed
-    route, which would divide by zero or average with any weight)."""
+    """Each stage's eps and the momentum (None: no update of the buffers, which alone uses it), worded as the
+    kernels word them, before any route that would update a buffer before the kernels' own checks run (the
+    estimated forward, a traced one) or that has none (the composed route, which would divide by zero or average
+    with any weight)."""
     if flags & _ext.BCN_CHANNEL_NORM and not 0 < eps < math.inf:
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if flags & _ext.BCN_BATCH_NORM:
