@@ -294,6 +294,31 @@ def test_ws_layers_refuse_a_fan_in_of_one_in_their_own_words(gen):
         assert "unbiased=False" not in str(e.value)  # an argument the layers do not have
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["kernels", "composed"])
+@pytest.mark.parametrize("weight,kw,error,message", [
+    ((3, 1), {}, ValueError, r"an unbiased standard deviation needs a fan-in of at least 2, got 1 \(pass unbiased"),
+    ((3, 4), dict(eps=0.0), ValueError, "eps must be a positive finite number, got 0.0"),
+    ((0, 4), {}, ValueError, r"weight must have rank >= 2 \(\[out_channels, ...\]\) and values, got shape \(0, 4\)"),
+    ((3,), {}, ValueError, r"weight must have rank >= 2"),
+], ids=["fan-in 1", "eps 0", "no values", "rank 1"])
+def test_functional_weight_standardization_refuses_alike_on_both_routes(weight, kw, error, message, dtype, gen):
+    w = (torch.randn(weight, generator=gen) + 0.5).to(dtype)
+    with pytest.raises(error, match=message):
+        bt.weight_standardization(w, **kw)
+
+
+def test_reprs_show_the_constructor_arguments():
+    assert repr(bt.BatchNorm(8, momentum=None, affine=False, track_running_stats=False)) == \
+        "BatchNorm(8, eps=1e-05, momentum=None, affine=False, track_running_stats=False)"
+    assert repr(bt.BCNorm(8, 4, eps=1e-3)).startswith("BCNorm(\n  8, 4, eps=0.001\n  (bn): BatchNorm2d(8, eps=")
+    assert repr(bt.ChannelNorm(8, 2, affine=False)) == "ChannelNorm(8, 2, eps=1e-05, affine=False)"
+
+
+def test_functional_weight_standardization_refuses_integers():
+    with pytest.raises(TypeError, match="expected a floating-point weight, got torch.int64"):
+        bt.weight_standardization(torch.arange(12).reshape(3, 4))
+
+
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf"), float("nan")])
 def test_ws_layers_refuse_a_bad_eps_at_construction(eps):
     for make in (lambda: bt.Conv2d(4, 4, 3, eps=eps), lambda: bt.Linear(4, 3, eps=eps)):

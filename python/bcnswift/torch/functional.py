@@ -207,11 +207,25 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
                           cn_bias, flags | train, groups, eps, bn.eps)[0]
 
 
+def _check_ws_arguments(w, eps, unbiased):
+    """What the kernels refuse, in their words, for the composed route (which would return NaN or infinity)."""
+    if w.dim() < 2 or w.numel() == 0:
+        raise ValueError(f"weight must have rank >= 2 ([out_channels, ...]) and values, got shape {tuple(w.shape)}")
+    if unbiased and w.numel() < 2 * w.shape[0]:
+        raise ValueError(f"an unbiased standard deviation needs a fan-in of at least 2, got {w.numel() // w.shape[0]} "
+                         f"(pass unbiased=False)")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+
+
 def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, views=None):
     """w with each output channel (w[o]) standardized over its fan-in: (w - mean) / (std + eps) (the authors'
     convolution; eps_in_sqrt=False) or (w - mean) / sqrt(var + eps) (labml; eps_in_sqrt=True), with the unbiased
     std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
+    if not w.is_floating_point():
+        raise TypeError(f"expected a floating-point weight, got {w.dtype}")
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
     if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active():
+        _check_ws_arguments(w, eps, unbiased)
         return _composed.weight_standardization(w, eps, flags)
     return _ops.weight_standardization_route(w, float(eps), flags, views)

@@ -226,7 +226,8 @@ class BatchNorm(KernelViews, nn.Module):
         return batch_channel_norm(x, self.stage(), None, views=self.kernel_views())
 
     def extra_repr(self):
-        return f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        return (f"{self.channels}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
 
 
 class EstimatedBatchNorm(BatchNorm):
