@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _ext
+from .layers import real_number
 
 # magic, status, phase, channels, groups, flags, itemsize, eps, bn_eps, momentum, (reserved, 0); then the message
 _FIELDS = struct.Struct("<8siiqqIIdddq")
@@ -100,10 +101,11 @@ class Synchronizer:
             if not callable(getattr(comm, method, None)):
                 raise TypeError(f"comm must be an mpi4py communicator or have Allgather, Get_rank and Get_size; "
                                 f"{type(comm).__name__} has no {method}()")
-        if timeout is not None and not (float(timeout) > 0):
+        seconds = None if timeout is None else real_number(timeout, "timeout", "a number of seconds or None")
+        if seconds is not None and not seconds > 0:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self.comm = comm
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = seconds
         self._ok_headers = {}  # (config, phase) -> this rank's header when all is well, packed once
 
     def _header(self, config, phase, error):

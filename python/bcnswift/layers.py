@@ -26,11 +26,21 @@ def _positive_int(value, name):
     return int(value)
 
 
-def _positive_float(value, name):
+def real_number(value, what, expected="a number"):
+    """`value` as a float if it is a real number (Python's or numpy's, a 0-d array or a one-value tensor too), else
+    a TypeError: "<what> must be <expected>". Strings and bools are not numbers here, as they are not ints for
+    _positive_int."""
+    refused = isinstance(value, (str, bytes, bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_
     try:
-        v = float(value)
+        if not refused:
+            return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+        pass
+    raise TypeError(f"{what} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _positive_float(value, name):
+    v = real_number(value, name)
     if not (v > 0 and np.isfinite(v)):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return v
@@ -39,17 +49,14 @@ def _positive_float(value, name):
 def _momentum(value):
     if value is None:
         return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a number or None, got {type(value).__name__} {value!r}") from None
+    v = real_number(value, "momentum", "a number or None")
     if not (0.0 <= v <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] or None, got {value!r}")
     return v
 
 
 def _choice(value, name, choices):
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
 
@@ -116,23 +123,29 @@ def channels_last_strides(shape, strides, unit):
     return True
 
 
-def _checked_out(out, like, form, name, allow=None):
+def _checked_out(out, like, form, name, allow=None, channel_axis=1):
     """`out` if it can receive a result shaped, typed and laid out like `like` (whose memory_format is `form`)
     without overlapping it, nor `allow` (backward's dy) unless it is exactly `allow` (the same array or the same
-    memory with the same strides, which the kernels may overwrite in place). Runs on every call that passes out=,
-    so the cheap tests come first: two different arrays that each allocated their own memory cannot overlap, and
-    the common case (an array like `like` in fresh memory, such as np.empty_like makes) is one C call."""
+    memory with the same strides, which the kernels may overwrite in place). `out` and `like` are logical
+    [B, C, *] views; messages word shapes and layouts in the caller's axis order (`channel_axis`). Runs on every
+    call that passes out=, so the cheap tests come first: two different arrays that each allocated their own
+    memory cannot overlap, and the common case (an array like `like` in fresh memory, such as np.empty_like makes)
+    is one C call."""
     if _ext.fresh_output(out, like, allow):
         return out
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    shown = (lambda a: a.shape) if channel_axis == 1 else (lambda a: np.moveaxis(a, 1, -1).shape)
     if out.dtype != like.dtype or out.shape != like.shape:
-        raise ValueError(f"{name} must have dtype {like.dtype} and shape {like.shape}, got {out.dtype} {out.shape}")
+        raise ValueError(f"{name} must have dtype {like.dtype} and shape {shown(like)}, got {out.dtype} "
+                         f"{shown(out)}")
     facts = _ext.memory_facts(out)  # memory_format(out), without reading the facts twice:
     laid_out = facts & _C_ORDER if form == "first" else \
         not facts & _C_ORDER and channels_last_strides(out.shape, out.strides, out.itemsize)
     if not (facts & _ALIGNED and facts & _WRITEABLE and laid_out):
-        layout = "C-contiguous" if form == "first" else "channels-last"
+        # in the caller's axis order: with channel_axis=-1, logical channels-last memory is C order
+        layout = "C-contiguous" if (form == "first") == (channel_axis == 1) else \
+            ("channels-last" if channel_axis == 1 else "in the memory order [B, C, *] (channels first)")
         raise ValueError(f"{name} must be aligned, writeable and {layout} like the input")
     if not (facts & _OWNDATA and _ext.memory_facts(like) & _OWNDATA and out is not like) \
             and np.may_share_memory(out, like):
@@ -182,7 +195,8 @@ class _Normalization:
     def _setup(self, num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
                dtype, bn_eps, nan_policy, channel_axis):
         self.num_channels = _positive_int(num_channels, "num_channels")
-        if isinstance(channel_axis, (bool, np.bool_)) or channel_axis not in (1, -1):
+        if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)) \
+                or channel_axis not in (1, -1):
             raise ValueError(f"channel_axis must be 1 ([B, C, *]) or -1 ([B, *, C]), got {channel_axis!r}")
         self.channel_axis = int(channel_axis)
         self.eps = _positive_float(eps, "eps")
@@ -232,7 +246,10 @@ class _Normalization:
     # ---- torch.nn.Module-like mode switches --------------------------------------------------------------
 
     def train(self, mode=True):
-        """Training mode (batch statistics, running buffers updated); returns self."""
+        """Training mode (batch statistics, running buffers updated); returns self. `mode` must be a bool, as
+        torch.nn.Module.train asks (train("False") would otherwise mean training)."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError(f"training mode is expected to be a bool, got {type(mode).__name__} {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -255,6 +272,18 @@ class _Normalization:
     def _user(self, a):
         """The array as the caller lays it out ([B, *, C] with channel_axis=-1)."""
         return a if self.channel_axis == 1 else np.moveaxis(a, 1, -1)
+
+    def _out(self, out, like, form, allow=None):
+        """`out` checked to receive a result like the logical `like` (`_checked_out`), as its logical view. Only
+        an array has a view: anything else (a list, a tensor) is refused before np.moveaxis would copy it into an
+        array the result would then go to, unseen."""
+        if self.channel_axis != 1:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+            if out.ndim != like.ndim:
+                raise ValueError(f"out must have dtype {like.dtype} and shape {self._user(like).shape}, got "
+                                 f"{out.dtype} {out.shape}")
+        return _checked_out(self._logical(out), like, form, "out", allow, self.channel_axis)
 
     def _result(self, a, out):
         """What forward and backward return: `out` itself when given (not a view of it in the user's axis
@@ -295,7 +324,7 @@ class _Normalization:
     def _prepare_forward(self, x, out, allow_empty=False):
         """(logical x, y to fill, call flags, an empty context): everything a forward checks before it runs."""
         x, form = self._input(x, allow_empty)
-        y = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, form, "out")
+        y = np.empty_like(x) if out is None else self._out(out, x, form)
         flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
         return x, y, flags, np.empty(self._context_length(x.shape[0]))
 
@@ -353,7 +382,7 @@ class _Normalization:
                                  f"{self._user(x).shape}")
             if memory_format(dy) != form:
                 dy = _relaid(dy, x)
-        dx = np.empty_like(x) if out is None else _checked_out(self._logical(out), x, form, "out", allow=dy)
+        dx = np.empty_like(x) if out is None else self._out(out, x, form, allow=dy)
         return x, ctx, flags, dy, dx
 
     def _finish_backward(self, x, ctx, flags, dy, dx, sums=None):
@@ -455,6 +484,8 @@ class _Normalization:
             self._load_state_dict(state_dict, strict)
 
     def _load_state_dict(self, state_dict, strict):
+        if not hasattr(state_dict, "items"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
         params, buffers, aliases = self._parameters(), self._buffers(), self._aliases()
         targets = {**params, **buffers}
         staged, unknown = {}, []
@@ -489,13 +520,22 @@ class _Normalization:
         if name.endswith("estbn_moving_speed"):  # the momentum it sets (NaN: None), checked before any write
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
-            speed = float(arr.reshape(-1)[0])
-            return None if np.isnan(speed) else _momentum(speed)
+            value = arr.reshape(-1)[0]
+            if np.isnan(value):
+                return None
+            # A float32 speed (state_dict() of a float32 layer, a torch EstBN) is this layer's momentum if that
+            # rounds to it (a round trip keeps the layer), else the shortest decimal that rounds to it: the momentum
+            # it was most likely written from (0.1, not 0.10000000149...)
+            if arr.dtype == np.float32:
+                if self.momentum is not None and np.float32(self.momentum) == value:
+                    return self.momentum
+                return _momentum(float(str(value)))
+            return _momentum(float(value))
         if name.endswith("num_batches_tracked"):
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
             count = arr.reshape(-1)[0]
-            if not (np.isfinite(count) and count >= 0 and count == np.floor(count) and count < 2 ** 63):
+            if arr.dtype.kind == "b" or not (np.isfinite(count) and count >= 0 and count == np.floor(count) and count < 2 ** 63):
                 raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
             return np.array(count).astype(np.int64).reshape(())
         if arr.shape != target.shape and not (name in ("weight", "bias") and arr.shape == (target.size,)):
@@ -521,15 +561,26 @@ class _Normalization:
             self.bn = _BatchNormView(self)
 
     def __repr__(self):
+        """The constructor call that makes this layer: every argument the class takes, keywords last, the
+        keyword-only ones only when not their default."""
         fields = [f"num_channels={self.num_channels}"]
         if self._has_cn:
             fields.append(f"num_groups={self.num_groups}")
         fields.append(f"eps={self.eps}")
         if self._has_bn:
-            fields += [f"momentum={self.momentum}", f"estimate={self.estimate}",
-                       f"unbiased_running_var={self.unbiased_running_var}",
-                       f"variance_around={self.variance_around!r}"]
+            fields.append(f"momentum={self.momentum}")
+            if self._has_cn:  # BatchChannelNorm; BatchNorm and EstimatedBatchNorm take no estimate=
+                fields.append(f"estimate={self.estimate}")
+            fields.append(f"unbiased_running_var={self.unbiased_running_var}")
+            if self.estimate:  # BatchNorm takes no variance_around=
+                fields.append(f"variance_around={self.variance_around!r}")
         fields.append(f"dtype={self.dtype.name}")
+        if self._has_bn and self._has_cn and self.bn_eps != self.eps:
+            fields.append(f"bn_eps={self.bn_eps}")
+        if self.nan_policy != "propagate":
+            fields.append(f"nan_policy={self.nan_policy!r}")
+        if self.channel_axis != 1:
+            fields.append(f"channel_axis={self.channel_axis}")
         return f"{type(self).__name__}({', '.join(fields)})"
 
 

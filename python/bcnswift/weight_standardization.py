@@ -21,7 +21,8 @@ def _flags(unbiased, eps_in_sqrt):
 
 
 def _weight(w, name="w"):
-    dt = w.dtype if isinstance(w, np.ndarray) and w.dtype in (np.float32, np.float64) else np.float64
+    # float32 and float64 in either byte order keep their width ('>f4' == float32 is False in numpy)
+    dt = np.float32 if isinstance(w, np.ndarray) and w.dtype.kind == "f" and w.dtype.itemsize == 4 else np.float64
     if isinstance(w, np.ndarray) and w.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {w.dtype}")
     w = np.ascontiguousarray(as_float_array(w, _dtype(dt), name))  # the kernels read rows in C order

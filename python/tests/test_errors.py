@@ -35,10 +35,81 @@ def assert_unchanged(layer, before):
     (dict(num_channels=4, num_groups=2, dtype="nonsense"), TypeError, "dtype"),
     (dict(num_channels=4, num_groups=2, estimate="yes"), TypeError, "estimate must be a bool"),
     (dict(num_channels=4, num_groups=2, bn_eps=0.0), ValueError, "bn_eps"),
+    (dict(num_channels=4, num_groups=2, eps="1e-5"), TypeError, "eps must be a number, got str '1e-5'"),
+    (dict(num_channels=4, num_groups=2, eps=True), TypeError, "eps must be a number, got bool True"),
+    (dict(num_channels=4, num_groups=2, bn_eps=np.bool_(True)), TypeError, "bn_eps must be a number"),
+    (dict(num_channels=4, num_groups=2, momentum="0.1"), TypeError, "momentum must be a number or None, got str"),
+    (dict(num_channels=4, num_groups=2, momentum=True), TypeError, "momentum must be a number or None, got bool"),
+    (dict(num_channels=4, num_groups=2, variance_around=["batch"]), ValueError, "variance_around must be one of"),
+    (dict(num_channels=4, num_groups=2, nan_policy=[]), ValueError, "nan_policy must be one of"),
+    (dict(num_channels=4, num_groups=2, channel_axis=1.0), ValueError, r"channel_axis must be 1 .* got 1.0"),
+    (dict(num_channels=4, num_groups=2, channel_axis=np.array([1])), ValueError, "channel_axis must be 1"),
 ])
 def test_construction_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         bcnswift.BatchChannelNorm(**kwargs)
+
+
+def test_numbers_of_numpy_types_are_taken():
+    layer = bcnswift.BatchChannelNorm(np.int64(8), np.int32(4), eps=np.float32(1e-3), momentum=np.float64(0.2),
+                                      channel_axis=np.int64(-1))
+    assert (layer.num_channels, layer.num_groups, layer.channel_axis) == (8, 4, -1)
+    assert layer.eps == float(np.float32(1e-3)) and layer.momentum == 0.2
+
+
+def test_train_takes_a_bool_only():
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    for mode in ("False", 0, None):
+        with pytest.raises(ValueError, match="training mode is expected to be a bool"):
+            layer.train(mode)
+    assert layer.training and not layer.train(np.bool_(False)).training
+
+
+def test_weight_standardization_and_timeouts_take_numbers_only():
+    w = np.random.default_rng(0).normal(0.5, 1, (4, 9))
+    with pytest.raises(TypeError, match="eps must be a number, got str"):
+        bcnswift.weight_standardization(w, eps="1e-5")
+
+    class Comm:
+        def Allgather(self, send, recv):
+            recv[0] = send
+
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 1
+    for timeout in ("5", True):
+        with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+            bcnswift.SyncBatchChannelNorm(8, 4, comm=Comm(), timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        bcnswift.SyncBatchChannelNorm(8, 4, comm=Comm(), timeout=0)
+
+
+@pytest.mark.parametrize("layer", [
+    bcnswift.BatchChannelNorm(8, 4),
+    bcnswift.BatchChannelNorm(8, 2, eps=1e-3, momentum=None, estimate=False, dtype=np.float64, bn_eps=1e-4,
+                              nan_policy="raise", channel_axis=-1),
+    bcnswift.BatchChannelNorm(8, 4, variance_around="running_mean", unbiased_running_var=True),
+    bcnswift.BatchNorm(6, momentum=0.3, nan_policy="raise"),
+    bcnswift.EstimatedBatchNorm(6, variance_around="running_mean", channel_axis=-1),
+    bcnswift.ChannelNorm(6, 3, eps=1e-4, dtype=np.float64),
+], ids=lambda layer: type(layer).__name__)
+def test_repr_is_the_call_that_makes_the_layer(layer):
+    """Every argument that tells two layers apart shows, and only arguments the class takes (BatchNorm's repr
+    once showed estimate= and variance_around=, which BatchNorm() refuses)."""
+    namespace = {"float32": np.float32, "float64": np.float64, **{name: getattr(bcnswift, name) for name in (
+        "BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm")}}
+    again = eval(repr(layer), namespace)
+    assert repr(again) == repr(layer)
+    assert again._flags == layer._flags and again.bn_eps == layer.bn_eps and again.channel_axis == layer.channel_axis
+
+
+def test_weight_standardization_keeps_float32_in_either_byte_order():
+    w = np.random.default_rng(0).normal(0.5, 1, (4, 9)).astype(">f4")
+    out = bcnswift.weight_standardization(w)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, bcnswift.weight_standardization(w.astype(np.float32)))
 
 
 def test_part_construction_errors():
@@ -292,6 +363,30 @@ def test_out_arguments(rng):
         a(x, out=[0.0])
     for k, v in a.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_out_arguments_with_channels_last_axis_are_checked_in_the_callers_order(rng):
+    """channel_axis=-1: out= is refused unless it is an array (a list was copied, filled, and dropped: the call
+    returned the list unchanged), and errors word shapes and layouts as the caller lays them out."""
+    layer = bcnswift.BatchChannelNorm(8, 4, channel_axis=-1)
+    x = random_input(rng, (2, 3, 3, 8)).astype(np.float32)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match="out must be a numpy array, got list"):
+        layer(x, out=[[0.0] * 8] * 2)
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 3, 8\), got float32 \(2, 3, 3, 7\)"):
+        layer(x, out=np.empty((2, 3, 3, 7), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 3, 8\), got float32 \(8,\)"):
+        layer(x, out=np.empty(8, np.float32))
+    with pytest.raises(ValueError, match="C-contiguous like the input"):
+        layer(x, out=np.empty((2, 8, 3, 3), np.float32).transpose(0, 2, 3, 1))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    out = np.empty_like(x)
+    assert layer(x, out=out) is out
+    dx = np.empty_like(x)
+    assert layer.backward(random_input(rng, x.shape).astype(np.float32), out=dx) is dx
+    with pytest.raises(TypeError, match="out must be a numpy array"):
+        layer.backward(random_input(rng, x.shape).astype(np.float32), out=list(dx))
 
 
 def test_out_must_be_dy_itself_or_apart_from_it(rng):

@@ -134,6 +134,41 @@ def test_estbn_moving_speed_round_trip_keeps_momentum(momentum, rng):
     np.testing.assert_array_equal(a.running_var, b.running_var)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 1 / 3, 0.05])
+def test_a_float32_moving_speed_gives_the_momentum_it_was_written_from(momentum, rng):
+    """A float32 layer writes estbn_moving_speed in float32 (as a float32 torch EstBN holds it): loading it back
+    must not make 0.1 into 0.10000000149 (the layers then drifted apart, and synchronized ranks disagreed)."""
+    make = lambda m: bcnswift.BatchChannelNorm(8, 4, momentum=m, variance_around="running_mean")  # noqa: E731
+    a = make(momentum)
+    a(random_input(rng, (2, 8, 3)).astype(np.float32))
+    again = make(momentum)
+    again.load_state_dict(a.state_dict())
+    assert again.momentum == momentum  # its own rounding read back: the same layer
+    fresh = make(0.7)
+    fresh.load_state_dict(a.state_dict())
+    assert fresh.momentum == float(str(np.float32(momentum)))  # the shortest decimal of the float32: 0.1, not 0.1000..
+    if momentum != 1 / 3:
+        assert fresh.momentum == momentum
+    x = random_input(rng, (2, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(a(x), again(x))
+    np.testing.assert_array_equal(a.running_var, again.running_var)  # the update used the same factor
+
+
+def test_state_dicts_of_the_wrong_kind_are_refused_in_words():
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    for bad in (None, [("weight", np.ones(4))], "weights"):
+        with pytest.raises(TypeError, match="state_dict must be a mapping of names to arrays"):
+            layer.load_state_dict(bad)
+    for count in (True, np.array(True), np.array([False])):
+        state = layer.state_dict()
+        state["bn.num_batches_tracked"] = count
+        with pytest.raises(ValueError, match="must be a whole number of batches"):
+            layer.load_state_dict(state)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_copies_keep_the_common_input_on_the_fast_path(dtype, rng, monkeypatch):
     """White-box: an aligned C-order input and dy of the layer's dtype skip the worded checks (as_float_array),
