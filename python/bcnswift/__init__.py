@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import threading
+import warnings
 
 import numpy as np
 
@@ -26,6 +27,23 @@ __all__ = ["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm", "ChannelNorm",
            "num_threads", "build_info"]
 
 _threads_source = None  # set by set_num_threads(n > 0)
+
+
+def _environment_threads():
+    """(raw BCNSWIFT_NUM_THREADS or None, whether the kernels take it): they read it once, as Swift's Int() parses
+    a string (an optional sign and digits, nothing around them), and take it when it is above 0; otherwise they
+    use every core."""
+    raw = os.environ.get("BCNSWIFT_NUM_THREADS")
+    if raw is None or raw == "":
+        return None, False
+    digits = raw[1:] if raw[:1] in "+-" else raw
+    return raw, digits.isascii() and digits.isdigit() and int(raw) > 0
+
+
+_raw_threads, _taken = _environment_threads()
+if _raw_threads is not None and not _taken:
+    warnings.warn(f"BCNSWIFT_NUM_THREADS={_raw_threads!r} is not a positive integer; bcnswift ignores it and uses "
+                  f"every core", RuntimeWarning, stacklevel=2)
 
 
 def _thread_count(n):
@@ -91,8 +109,10 @@ def build_info():
         source = f"num_threads({local}) on this thread"
     elif _threads_source is not None:
         source = _threads_source
-    elif os.environ.get("BCNSWIFT_NUM_THREADS", "").strip():
-        source = f"BCNSWIFT_NUM_THREADS={os.environ['BCNSWIFT_NUM_THREADS'].strip()}"
+    elif _taken:
+        source = f"BCNSWIFT_NUM_THREADS={_raw_threads}"
+    elif _raw_threads is not None:
+        source = f"default: all cores (BCNSWIFT_NUM_THREADS={_raw_threads!r} ignored: not a positive integer)"
     else:
         source = "default: all cores"
     return {

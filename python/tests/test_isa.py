@@ -67,6 +67,26 @@ def test_threads_source_follows_set_num_threads():
     assert bcnswift.get_num_threads() == before
 
 
+@pytest.mark.parametrize("value,taken", [("3", True), (" 3 ", False), ("abc", False), ("-1", False), ("1.5", False),
+                                         ("0", False)])
+def test_build_info_says_whether_the_kernels_took_bcnswift_num_threads(value, taken):
+    """The kernels parse BCNSWIFT_NUM_THREADS as Swift's Int() does: build_info reported ' 3 ' as taken while they
+    used every core. A value they ignore now says so, in build_info and in a warning at import."""
+    code = ("import warnings, bcnswift, json; print(json.dumps([bcnswift.get_num_threads(), "
+            "bcnswift.build_info()['threads_source']]))")
+    env = dict(os.environ, BCNSWIFT_NUM_THREADS=value)
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr
+    threads, source = json.loads(proc.stdout)
+    if taken:
+        assert (threads, source) == (3, "BCNSWIFT_NUM_THREADS=3") and "RuntimeWarning" not in proc.stderr
+    else:
+        assert threads == os.cpu_count() or threads == min(os.cpu_count(), 256)
+        assert source == f"default: all cores (BCNSWIFT_NUM_THREADS={value!r} ignored: not a positive integer)"
+        assert f"BCNSWIFT_NUM_THREADS={value!r} is not a positive integer" in proc.stderr
+
+
 @pytest.mark.parametrize("isa", [p for p in bcnswift.build_info()["isa_built"]
                                  if p in bcnswift.build_info()["isa_allowed"]])
 def test_every_built_path_passes_the_parity_suite(isa):
