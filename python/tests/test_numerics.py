@@ -137,6 +137,47 @@ def test_nan_and_inf_propagate_by_default(bad, rng):
     assert np.isfinite(layer.bn.running_mean[[0, 1, 3]]).all()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("shape,channels_last", [
+    ((6, 4), False), ((2, 4, 3), False), ((2, 4, 2, 2), False), ((2, 4, 20), False), ((2, 4, 5, 5), False),
+    ((2, 4, 3), True), ((2, 4, 2, 2), True), ((2, 4, 5, 5), True)],
+    ids=["rows", "planes of 3", "planes of 2x2", "planes of 20", "planes of 5x5", "channels-last 3",
+         "channels-last 2x2", "channels-last 5x5"])
+@pytest.mark.parametrize("layer_type", ["bn", "estimated bn"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_eval_a_non_finite_value_stays_its_own_as_in_pytorch(bad, shape, channels_last, layer_type, dtype, rng):
+    """Eval's batch norm is a map value by value: y = a (x - running_mean) + bias. The kernels centre each plane's
+    map on its mean, which a non-finite value made NaN for the whole plane (and the backward's x - p too); such a
+    plane is mapped about the running mean now. dx = a dy, but at the bad value itself (0 times it)."""
+    make = bcnswift.BatchNorm if layer_type == "bn" else bcnswift.EstimatedBatchNorm
+    layer = make(4, dtype=dtype)
+    layer(random_input(rng, shape).astype(dtype))  # running statistics away from 0 and 1
+    layer.eval()
+    x = random_input(rng, shape).astype(dtype)
+    bad_at = (1, 2) + (1,) * (len(shape) - 2)
+    x[bad_at] = bad
+    if channels_last:
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    view = (1, 4) + (1,) * (len(shape) - 2)
+    wide = lambda v: v.astype(np.float64).reshape(view)  # noqa: E731
+    a = wide(layer.bn_weight) / np.sqrt(wide(layer.running_var) + layer.eps)
+    expected = (x.astype(np.float64) - wide(layer.running_mean)) * a + wide(layer.bn_bias)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-6)
+    y = layer(x)
+    finite = np.isfinite(expected)
+    assert (~finite).sum() == 1 and np.array_equal(np.isfinite(y), finite), "only the bad value is not finite"
+    np.testing.assert_allclose(y[finite], expected[finite], **tol)
+    assert np.isnan(y[bad_at]) if np.isnan(bad) else y[bad_at] == np.sign(bad) * np.inf
+    dy = random_input(rng, shape).astype(dtype)
+    dx = layer.backward(dy)
+    others = np.ones(shape, bool)
+    others[bad_at] = False
+    np.testing.assert_allclose(dx[others], (a * dy)[others], **tol)
+    assert not np.isfinite(layer.grads["weight"][2]) and np.isfinite(layer.grads["weight"][[0, 1, 3]]).all()
+    np.testing.assert_allclose(layer.grads["bias"],
+                               dy.astype(np.float64).sum(axis=tuple(i for i in range(len(shape)) if i != 1)), **tol)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn"])
 def test_nan_policy_raise_changes_nothing(bad, layer_type, rng):

@@ -111,6 +111,16 @@ struct NormalizationUnit {
         }
     }
 
+    /// Without a channel-norm stage, a plane whose mean p is NaN or infinite (a non-finite value in it) is mapped
+    /// about its channel's μ instead, when μ is finite (eval, or training with estimates that are): then
+    /// y₁ = a (x - μ) + β value by value, and the non-finite value stays its own, as in PyTorch, where x - p made
+    /// every value of the plane NaN (and the backward's x - p likewise). The plane's p becomes μ for both
+    /// directions. With batch statistics, μ is not finite either and nothing changes.
+    @inline(__always)
+    static func recentre(_ p: UnsafeMutablePointer<Double>, channel mu: Double) {
+        if !p.pointee.isFinite && mu.isFinite { p.pointee = mu }
+    }
+
     /// Without a channel-norm stage the map is y₁ itself: A = a into `scales` (when given), M = ȳ into
     /// `offsets`, for every plane (any number of them: no group couples them).
     @inline(__always)

@@ -40,6 +40,9 @@ extension RowsLayout {
                     while c0 < panelFirst + panelCount {
                         let n = min(width, panelFirst + panelCount - c0)
                         let (pb, qb) = planeMoments(x, sample: b, first: c0, count: n, p: p, q: q)
+                        if G == 0 {  // as the forward mapped them (`NormalizationUnit.recentre`)
+                            for k in 0..<n { NormalizationUnit.recentre(p + k, channel: ctx.mu[c0 + k]) }
+                        }
                         gradientSums(x, dy, sample: b, first: c0, count: n, p: pb, t: t, u: u)
                         for k0 in Swift.stride(from: 0, to: n, by: K) {
                             let c = c0 + k0, g = c / K, bg = b * G + g, at = b * C + c

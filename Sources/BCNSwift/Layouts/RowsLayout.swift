@@ -300,6 +300,9 @@ struct RowsLayout {
                         ctx.m[b * G + g] = means[j]; ctx.r[b * G + g] = inverses[j]
                     }
                 } else {
+                    if memo == nil {  // (a memo is batch statistics': μ is then not finite where p is not)
+                        for k in 0..<n { NormalizationUnit.recentre(p + k, channel: ctx.mu[c0 + k]) }
+                    }
                     NormalizationUnit(planes: n, spatial: S, groupEps: nil, p: pb, q: nil, mu: ctx.mu + c0,
                                       a: ctx.a + c0, beta: ctx.beta + c0)
                         .batchNormMaps(offsets: offsets, scales: scales)

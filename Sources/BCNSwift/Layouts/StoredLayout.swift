@@ -107,7 +107,8 @@ extension StoredLayout {
         let p = UnsafePointer(ctx.p)
         /// Unit u's m, r into the context and its planes' maps into `scales`, `offsets`.
         func coefficients(_ u: Int, scales: UnsafeMutablePointer<Double>, offsets: UnsafeMutablePointer<Double>) {
-            let g = units.locate(u).group
+            let (plane, c, g) = units.locate(u)
+            if G == 0 { NormalizationUnit.recentre(ctx.p + plane, channel: ctx.mu[c]) }  // one plane a unit
             let (m, r) = units.unit(u, spatial: S, context: ctx).forward(
                 weight: G > 0 ? ctx.w[g] : 1, bias: bias.map { Double($0[g]) } ?? 0, scales: scales, offsets: offsets)
             if G > 0 { ctx.m[u] = m; ctx.r[u] = r }
