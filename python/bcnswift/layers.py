@@ -86,8 +86,11 @@ def as_float_array(x, dtype, name="input"):
         arr = np.asarray(x)
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} cannot be converted to an array: {e}") from None
-    if arr.dtype.kind not in "fiu":  # lists of ints convert, as numpy functions do; bools, complex, text do not
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    # Lists of ints convert, as numpy functions do; bools, complex and text do not. What carries a dtype of its own
+    # (a torch tensor, a buffer: they become arrays of that dtype) is held to the arrays' rule: floats only.
+    if arr.dtype.kind not in "fiu" or (arr.dtype.kind != "f" and not isinstance(x, (list, tuple))):
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}" if arr.dtype.kind not in "fiu"
+                        else f"{name} must be a floating-point array, got dtype {arr.dtype}")
     return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
@@ -290,9 +293,9 @@ class _Normalization:
         order), else `a` in the user's axis order."""
         return self._user(a) if out is None else out
 
-    def _input(self, x, allow_empty=False):
+    def _input(self, x):
         """(logical [B, C, *] view of x, memory format): x where it lies when it is C-contiguous or
-        channels-last, else a copy in the memory order natural for the channel axis."""
+        channels-last, else a copy in the memory order natural for the channel axis. x may hold no values."""
         if type(x) is np.ndarray and x.dtype is self.dtype and self.channel_axis == 1:
             # the common case, in a few reads: the full path below takes about 2K instructions more (callgrind),
             # of the 54K a tiny call makes
@@ -305,8 +308,6 @@ class _Normalization:
             where = "dimension 1" if self.channel_axis == 1 else "the last dimension"
             raise ValueError(f"input has {x.shape[self.channel_axis]} channels ({where}) but the layer has "
                              f"{self.num_channels}")
-        if x.size == 0 and not allow_empty:
-            raise ValueError(f"input must not be empty, got shape {x.shape}")
         logical = self._logical(x)
         form = memory_format(logical)
         if form is None:
@@ -321,9 +322,9 @@ class _Normalization:
         except FloatingPointError as e:
             _nan_raised(e)
 
-    def _prepare_forward(self, x, out, allow_empty=False):
+    def _prepare_forward(self, x, out):
         """(logical x, y to fill, call flags, an empty context): everything a forward checks before it runs."""
-        x, form = self._input(x, allow_empty)
+        x, form = self._input(x)
         y = np.empty_like(x) if out is None else self._out(out, x, form)
         flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
         return x, y, flags, np.empty(self._context_length(x.shape[0]))
@@ -359,10 +360,12 @@ class _Normalization:
         """Normalize x ([B, C, *], or [B, *, C] with channel_axis=-1); returns a new array of the layer's dtype,
         x's shape and x's memory layout (C order or channels-last), or fills `out` (that dtype, shape and layout,
         not overlapping x) and returns it. Reusing `out` saves allocating, which matters above 32 MB, where
-        every fresh allocation is new pages the kernel must zero."""
+        every fresh allocation is new pages the kernel must zero. An input without values ([0, C, *], or a
+        spatial size of 0) gives an empty output and changes no buffer, as torch's batch norm does."""
         x, y, flags, ctx = self._prepare_forward(x, out)
         with self._lock:
-            self._finish_forward(x, y, flags, ctx)
+            if x.size:
+                self._finish_forward(x, y, flags, ctx)
             self._saved = (x, ctx, flags)
         return self._result(y, out)
 
@@ -404,11 +407,13 @@ class _Normalization:
 
         The last forward's input must not have been modified since (it is kept by reference, not copied).
         dx has that input's shape and memory layout; dy in another layout is copied into it first. `out`, if
-        given, receives dx (as in `forward`; it may be dy itself).
+        given, receives dx (as in `forward`; it may be dy itself). After a forward of an input without values,
+        dx is empty and the gradients stay as they are.
         """
         with self._lock:
             x, ctx, flags, dy, dx = self._prepare_backward(dy, out)
-            self._finish_backward(x, ctx, flags, dy, dx)
+            if x.size:
+                self._finish_backward(x, ctx, flags, dy, dx)
         return self._result(dx, out)
 
     def zero_grad(self):

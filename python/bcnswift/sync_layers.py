@@ -41,13 +41,13 @@ class _Synchronized:
         empty ([0, C, *]) on some ranks."""
         if not self.training:
             if getattr(x, "size", 1) == 0:  # a rank with no share of an eval batch (DDP's uneven inputs)
-                xl, y, _, _ = self._prepare_forward(x, out, allow_empty=True)
+                xl, y, _, _ = self._prepare_forward(x, out)
                 return self._result(y, out)
             return super().forward(x, out)
         local = {}
 
         def moments():
-            xl, y, flags, ctx = self._prepare_forward(x, out, allow_empty=True)
+            xl, y, flags, ctx = self._prepare_forward(x, out)
             m = np.zeros(3 * self.num_channels)
             if xl.size:
                 self._call(_ext.norm_moments, flags, self.num_groups, xl, m, ctx)
