@@ -27,6 +27,7 @@ func status(_ kind: BCNError.Kind) -> Int32 {
     case .degenerateStatistics: return BCN_ERR_DEGENERATE
     case .nonFinite: return BCN_ERR_NONFINITE
     case .noForward: return BCN_ERR_NO_FORWARD
+    case .outOfMemory: return BCN_ERR_OUT_OF_MEMORY
     }
 }
 

@@ -99,7 +99,7 @@ final class ChannelsLastLayoutTests: XCTestCase {
     {
         let layout = ChannelsLastLayout(shape: try NormalizationShape(batch: B, channels: C, spatial: S))
         var p = [Double](repeating: .nan, count: B * C), q = p
-        var arena = ScratchArena(bytes: layout.scratchBytes(T.self))
+        var arena = try ScratchArena(bytes: layout.scratchBytes(T.self))
         x.withUnsafeBufferPointer { xs in
             p.withUnsafeMutableBufferPointer { ps in
                 q.withUnsafeMutableBufferPointer { qs in

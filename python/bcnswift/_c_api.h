@@ -67,6 +67,8 @@ typedef struct bcn_c_api {
     /* every normalization flag and every Weight Standardization flag (BCN_FLAGS_ALL, BCN_WS_FLAGS_ALL): a caller
      * refuses other bits before it reads any array by the flags' memory order */
     uint32_t flags_all, ws_flags_all;
+    /* BCN_ERR_OUT_OF_MEMORY: a call's scratch memory could not be allocated */
+    int32_t status_out_of_memory;
 } bcn_c_api;
 
 #ifdef __cplusplus

@@ -21,6 +21,7 @@ static PyObject *raise_status(int32_t status, const char *message) {
     PyObject *type = PyExc_ValueError;
     if (status == BCN_ERR_NONFINITE) type = PyExc_FloatingPointError;
     else if (status == BCN_ERR_NO_FORWARD) type = PyExc_RuntimeError;
+    else if (status == BCN_ERR_OUT_OF_MEMORY) type = PyExc_MemoryError;
     PyErr_SetString(type, message[0] ? message : "bcnswift: unknown error");
     return NULL;
 }
@@ -550,7 +551,7 @@ static const bcn_c_api c_api = {
     bcn_context_length, bcn_norm_forward_f32, bcn_norm_forward_f64, bcn_norm_moments_f32, bcn_norm_moments_f64,
     bcn_norm_finish_f32, bcn_norm_finish_f64, bcn_running_update_f32, bcn_running_update_f64,
     bcn_norm_backward_f32, bcn_norm_backward_f64, bcn_ws_forward_f32, bcn_ws_forward_f64, bcn_ws_backward_f32,
-    bcn_ws_backward_f64, BCN_FLAGS_ALL, BCN_WS_FLAGS_ALL};
+    bcn_ws_backward_f64, BCN_FLAGS_ALL, BCN_WS_FLAGS_ALL, BCN_ERR_OUT_OF_MEMORY};
 
 #define FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL
 static PyMethodDef methods[] = {

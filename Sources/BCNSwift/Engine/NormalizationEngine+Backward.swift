@@ -29,13 +29,13 @@ extension NormalizationEngine {
         let sumsBytes = ScratchArena.bytes(2 * C, of: Double.self)
         switch layout {
         case .planes(let l):
-            storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
+            try storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
         case .channelsLast(let l):
-            storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
+            try storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
         case .rows(let l):
             // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
             let kept = through ? l.memoCount(plan: plan, T.self) : 0
-            var arena = ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
+            var arena = try ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
                                      + l.gradientSumsBytes(T.self, plan: plan)
                                      + l.finishBackwardBytes(T.self, plan: plan))
             let sums = through ? arena.take(2 * C, of: Double.self) : nil
@@ -52,9 +52,9 @@ extension NormalizationEngine {
     static func storedBackward<L: StoredLayout, T: NormalizationScalar>(
         _ l: L, plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext
-    ) {
+    ) throws(BCNError) {
         let C = l.shape.channels, planes = l.shape.planes, unitGradients = l.unitGradientsCount(plan: plan)
-        var arena = ScratchArena(bytes: ScratchArena.bytes(2 * planes, of: Double.self)
+        var arena = try ScratchArena(bytes: ScratchArena.bytes(2 * planes, of: Double.self)
                                  + ScratchArena.bytes(2 * C, of: Double.self)
                                  + ScratchArena.bytes(unitGradients, of: Double.self)
                                  + l.gradientSumsBytes(T.self, plan: plan) + l.finishBackwardBytes(T.self, plan: plan))
@@ -84,11 +84,11 @@ extension NormalizationEngine {
         let sums = through ? sums : nil
         let layout = Layout(plan: plan, shape: shape)
         switch layout {
-        case .planes(let l): storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
-        case .channelsLast(let l): storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
+        case .planes(let l): try storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
+        case .channelsLast(let l): try storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
         case .rows(let l):
             if let sums {
-                var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan))
+                var arena = try ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan))
                 l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena)
             }
         }
@@ -99,9 +99,9 @@ extension NormalizationEngine {
     static func storedGradientSums<L: StoredLayout, T: NormalizationScalar>(
         _ l: L, plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
         into sums: UnsafeMutablePointer<Double>?
-    ) {
+    ) throws(BCNError) {
         let count = sums == nil ? 0 : l.unitGradientsCount(plan: plan)
-        var arena = ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan)
+        var arena = try ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan)
                                  + ScratchArena.bytes(count, of: Double.self))
         let gradient = UnitGradients(storage: arena.take(count, of: Double.self), plan: plan, shape: l.shape)
         l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, unitGradients: gradient,
@@ -155,13 +155,13 @@ extension NormalizationEngine {
         if let sums { try checkFiniteSums(plan: plan, sums, channels: shape.channels) }
         switch Layout(plan: plan, shape: shape) {
         case .planes(let l):
-            storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
+            try storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
                                  context: ctx, sums: sums)
         case .channelsLast(let l):
-            storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
+            try storedFinishBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
                                  context: ctx, sums: sums)
         case .rows(let l):
-            var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan))
+            var arena = try ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan))
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                              sums: sums, arena: &arena)
         }
@@ -171,9 +171,9 @@ extension NormalizationEngine {
         _ l: L, plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
         dx: UnsafeMutablePointer<T>, gradients: NormalizationGradients<T>, context ctx: NormalizationContext,
         sums: UnsafePointer<Double>?
-    ) {
+    ) throws(BCNError) {
         let count = l.unitGradientsCount(plan: plan)
-        var arena = ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan)
+        var arena = try ScratchArena(bytes: l.finishBackwardBytes(T.self, plan: plan)
                                  + ScratchArena.bytes(count, of: Double.self))
         let gradient = UnitGradients(storage: arena.take(count, of: Double.self), plan: plan, shape: l.shape)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,

@@ -44,7 +44,7 @@ public enum NormalizationEngine {
         let batchStatistics = training && plan.batchNorm != nil
         // Short planes keep no moments in the context; a single call keeps phase (a)'s for its phase (c).
         let memoCount = batchStatistics ? layout.momentsMemoCount(T.self, plan: plan) : 0
-        var arena = ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
+        var arena = try ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
                                  + ScratchArena.bytes(memoCount, of: Double.self)
                                  + localMomentsBytes(layout, T.self) + finishBytes(layout, T.self, plan: plan))
         let moments = batchStatistics ? arena.take(C, of: Moments.self) : nil
@@ -71,7 +71,7 @@ public enum NormalizationEngine {
         try checkGroups(plan: plan, shape: shape)
         try checkFinite(plan: plan, shape: shape, x)
         let layout = Layout(plan: plan, shape: shape)
-        var arena = ScratchArena(bytes: localMomentsBytes(layout, T.self))
+        var arena = try ScratchArena(bytes: localMomentsBytes(layout, T.self))
         localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
         ctx.writeHeader(.moments, format: shape.format)
     }
@@ -127,7 +127,7 @@ public enum NormalizationEngine {
             try checkFiniteMoments(plan: plan, batch, channels: shape.channels)
         }
         let layout = Layout(plan: plan, shape: shape)
-        var arena = ScratchArena(bytes: finishBytes(layout, T.self, plan: plan))
+        var arena = try ScratchArena(bytes: finishBytes(layout, T.self, plan: plan))
         finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: batch, context: ctx,
                measure: false, arena: &arena)
     }
@@ -152,7 +152,7 @@ public enum NormalizationEngine {
         try checkBatchMoments(bn, batchMoments, channels: C)
         try checkCount(plan: plan, state: state, updating: true)
         try checkFiniteMoments(plan: plan, batchMoments, channels: C)
-        var arena = ScratchArena(bytes: ScratchArena.bytes(2 * C, of: Double.self)
+        var arena = try ScratchArena(bytes: ScratchArena.bytes(2 * C, of: Double.self)
                                         + ScratchArena.bytes(2 * C, of: T.self))
         let values = arena.take(2 * C, of: Double.self)
         BatchNormStage.runningUpdate(bn, batch: batchMoments, state: state, channels: C, newMean: values,

@@ -15,6 +15,8 @@ public struct BCNError: Error, Equatable, CustomStringConvertible, Sendable {
         case nonFinite = 4
         /// `backward` was called with no forward to differentiate.
         case noForward = 5
+        /// The call's scratch memory could not be allocated (nothing was written).
+        case outOfMemory = 6
     }
 
     public let kind: Kind

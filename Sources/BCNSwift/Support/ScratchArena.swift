@@ -1,4 +1,11 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// The scratch memory of one engine call: a single block, sized up front and carved into typed regions.
 ///
@@ -20,17 +27,23 @@ struct ScratchArena: ~Copyable {
     private var overflow: [UnsafeMutableRawPointer] = []
 
     /// A block of at least `bytes` bytes (plus room to align each region).
-    init(bytes: Int) {
-        let need = bytes + Self.alignment
+    /// - Throws: `.outOfMemory` when the block cannot be allocated: before the call writes anything, as every
+    ///   failure (`UnsafeMutableRawPointer.allocate` would stop the process instead).
+    init(bytes: Int) throws(BCNError) {
+        let (need, overflow) = bytes.addingReportingOverflow(Self.alignment)
         let taken = Self.cached.exchange(0, ordering: .acquiringAndReleasing)
-        if taken != 0, let block = UnsafeMutableRawPointer(bitPattern: taken),
+        if !overflow, taken != 0, let block = UnsafeMutableRawPointer(bitPattern: taken),
            block.load(as: Int.self) >= need {
             self.block = block
             capacity = block.load(as: Int.self)
         } else {
-            if taken != 0 { UnsafeMutableRawPointer(bitPattern: taken)?.deallocate() }
+            if taken != 0 { free(UnsafeMutableRawPointer(bitPattern: taken)) }
             let size = max(need, 4096)
-            block = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: Self.alignment)
+            var memory: UnsafeMutableRawPointer?
+            guard !overflow, posix_memalign(&memory, Self.alignment, size) == 0, let memory else {
+                throw BCNError(.outOfMemory, "could not allocate \(bytes) bytes of scratch memory for this call")
+            }
+            block = memory
             block.storeBytes(of: size, as: Int.self)
             capacity = size
         }
@@ -44,7 +57,7 @@ struct ScratchArena: ~Copyable {
                                        ordering: .acquiringAndReleasing).exchanged {
             return
         }
-        block.deallocate()
+        free(block)
     }
 
     /// Bytes to reserve for `count` values of `T`, rounded up to the alignment of every region.

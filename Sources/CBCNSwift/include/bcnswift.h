@@ -52,6 +52,8 @@ extern "C" {
 #define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
                                          flags' stages, shape, groups and memory format                        */
+#define BCN_ERR_OUT_OF_MEMORY       6 /* the call's scratch memory (O(B*C) numbers and a block per thread)
+                                         could not be allocated                                                */
 
 /* ---- normalization flags (bitwise or) ------------------------------------------------------------------- */
 #define BCN_BATCH_NORM              (1u << 0) /* a batch-norm stage (per channel affine bn_weight, bn_bias)     */

@@ -190,6 +190,7 @@ class ThreadScope {
 [[noreturn]] void fail(int32_t status, const char *message) {
     std::string text = message[0] ? message : "bcnswift: unknown error";
     if (status == api().status_no_forward) TORCH_CHECK(false, text);
+    if (status == api().status_out_of_memory) TORCH_CHECK_WITH(OutOfMemoryError, false, text);
     TORCH_CHECK_VALUE(false, text);
 }
 
