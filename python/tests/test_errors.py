@@ -479,3 +479,19 @@ def test_a_cumulative_average_refuses_a_count_that_is_not_one(rng):
             layer(x)
         for k, v in layer.state_dict().items():
             np.testing.assert_array_equal(v, before[k])
+
+
+def test_a_count_at_its_largest_stays_there_with_a_momentum(rng):
+    """With a momentum the count only counts: at 2^63 - 1 (loaded, never trained to) it once wrapped to -2^63, and
+    the layer's own state dict no longer loaded."""
+    largest = np.iinfo(np.int64).max
+    layer = bcnswift.BatchNorm(3, momentum=0.1, dtype=np.float64)
+    state = layer.state_dict()
+    state["num_batches_tracked"] = np.array(largest)
+    layer.load_state_dict(state)
+    layer(random_input(rng, (4, 3, 5)))
+    assert int(layer.num_batches_tracked) == largest
+    layer.load_state_dict(layer.state_dict())
+    ordinary = bcnswift.BatchNorm(3, momentum=0.1, dtype=np.float64)
+    ordinary(random_input(rng, (4, 3, 5)))
+    assert int(ordinary.num_batches_tracked) == 1

@@ -194,7 +194,9 @@ enum BatchNormStage {
         // The authors' EstBN never advances num_batches_tracked; keep its state dicts interchangeable, except
         // when the cumulative average needs the count.
         let counts = !(bn.statistics == .estimated && bn.varianceCentre == .runningMean) || bn.momentum == nil
-        let count = counts ? nbt.pointee &+ 1 : nbt.pointee
+        // At 2^63 - 1 (a count loaded, never reached by training) the count stays: wrapping to -2^63 made the
+        // layer's own state dict unloadable, and a cumulative average refuses that count before it gets here.
+        let count = counts && nbt.pointee < Int64.max ? nbt.pointee + 1 : nbt.pointee
         let factor = bn.momentum ?? 1 / Double(count)
         let update = RunningUpdate<T>(mean: staged, variance: staged + C, count: count)
         for c in 0..<C {
