@@ -540,7 +540,8 @@ class _Normalization:
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
             count = arr.reshape(-1)[0]
-            if arr.dtype.kind == "b" or not (np.isfinite(count) and count >= 0 and count == np.floor(count) and count < 2 ** 63):
+            if arr.dtype.kind == "b" or not (np.isfinite(count) and count >= 0 and count == np.floor(count)
+                                             and count < 2 ** 63):
                 raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
             return np.array(count).astype(np.int64).reshape(())
         if arr.shape != target.shape and not (name in ("weight", "bias") and arr.shape == (target.size,)):

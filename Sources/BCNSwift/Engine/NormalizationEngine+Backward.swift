@@ -29,9 +29,11 @@ extension NormalizationEngine {
         let sumsBytes = ScratchArena.bytes(2 * C, of: Double.self)
         switch layout {
         case .planes(let l):
-            try storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
+            try storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
+                               context: ctx)
         case .channelsLast(let l):
-            try storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx)
+            try storedBackward(l, plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients,
+                               context: ctx)
         case .rows(let l):
             // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
             let kept = through ? l.memoCount(plan: plan, T.self) : 0
