@@ -203,6 +203,8 @@ def _jacobian_times(f, x, v):
     return (J.reshape(x.numel(), x.numel()) @ v.reshape(-1)).reshape(x.shape)
 
 
+# torch's forward_ad.make_dual loads its jvp decompositions through torch.jit.script, which warns of its deprecation
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("make", [lambda: bt.BCNorm(4, 2), lambda: _est(4, 2), lambda: bt.BatchChannelNorm(4, 2),
                                   lambda: bt.ChannelNorm(4, 2)],
                          ids=["BCNorm", "BCNorm estimate", "labml", "ChannelNorm"])
