@@ -59,9 +59,10 @@ class _Synchronized:
             xl, y, flags, ctx = local["x"], local["y"], local["flags"], local["ctx"]
             if xl.size:
                 self._finish_forward(xl, y, flags, ctx, merged)
-            else:  # nothing to normalize; the buffers follow the others' (phase (c'))
+            elif merged[0]:  # nothing to normalize; the buffers follow the others' (phase (c'))
                 self._call(_ext.running_update, flags, 0.0 if self.momentum is None else self.momentum, merged,
                            self.running_mean, self.running_var, self.num_batches_tracked)
+            # (no rank had a value: nothing to fold in, as a single layer given an empty batch changes nothing)
             self._saved = (xl, ctx, flags, True)
         return self._result(y, out)
 

@@ -197,3 +197,20 @@ def test_an_empty_batch_in_eval_gives_an_empty_output():
     assert y.shape == (0, 8, 3, 3) and y.dtype == np.float32
     with pytest.raises(ValueError, match="channels"):
         layer(np.zeros((0, 7, 3, 3), np.float32))
+
+
+def _all_empty(rank, size, comm):
+    layer = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=comm)
+    layer(np.random.default_rng(rank).normal(2.0, 1.0, (3, 8, 4)))  # buffers away from their initial values
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    y = layer(np.zeros((0, 8, 4)))
+    dx = layer.backward(np.zeros((0, 8, 4)))
+    return {"shapes": (y.shape, dx.shape),
+            "unchanged": all(np.array_equal(v, before[k]) for k, v in layer.state_dict().items())}
+
+
+def test_a_training_batch_empty_on_every_rank_changes_nothing():
+    """As a single layer given an empty batch: an empty output, no buffer moved. (It raised 'batch moments of
+    channel 0 (count 0.0, M2 0.0) are not moments of the same 0.0 values': the merged moments had no value.)"""
+    for r in ThreadGroup(3).run(_all_empty):
+        assert r["shapes"] == ((0, 8, 4), (0, 8, 4)) and r["unchanged"], r

@@ -42,7 +42,7 @@ def reports(request, tmp_path_factory):
 def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
     n, ranks = reports
     for name in ranks[0]:
-        if name.startswith("failure"):
+        if name.startswith("failure") or name == "all empty":
             continue
         tol = 1e-5 if "float32" in name else 1e-12
         for rank, report in enumerate(ranks):
@@ -66,6 +66,13 @@ def test_a_backward_that_fails_before_the_exchange_raises_on_every_rank(reports)
     raised = [r["failure backward"] for r in ranks]
     assert {r["raised"] for r in raised} == {"TypeError"}, raised
     assert all(f"rank {n - 1} of {n} failed" in r["message"] for r in raised[:-1]), raised
+
+
+def test_a_training_batch_empty_on_every_rank_changes_nothing(reports):
+    n, ranks = reports
+    for rank, report in enumerate(ranks):
+        r = report["all empty"]
+        assert r["raised"] is None and r["shape"] == [0, 8, 3, 3] and r["unchanged"], f"rank {rank} of {n}: {r}"
 
 
 def test_a_rank_that_never_arrives_is_gloos_timeout_error(tmp_path):

@@ -136,6 +136,23 @@ def failure(rank, size, case):
     return out
 
 
+def all_empty(rank, size):
+    """A training batch empty on every rank: an empty output and no buffer moved, as one process given one."""
+    import bcnswift.torch as bt
+    layer = bt.SyncBCNorm(8, 4, dtype=torch.float64)
+    xs, _ = batches(SEED, [2] * size, 8, torch.float64)
+    layer(xs[rank])
+    before = copy.deepcopy(layer.state_dict())
+    try:
+        y = layer(torch.zeros(0, 8, 3, 3, dtype=torch.float64, requires_grad=True))
+        y.sum().backward()
+        out = {"raised": None, "message": "", "shape": list(y.shape)}
+    except Exception as e:  # noqa: BLE001
+        out = {"raised": type(e).__name__, "message": str(e), "shape": None}
+    out["unchanged"] = all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    return out
+
+
 def failure_in_backward(rank, size):
     """The last rank's backward fails before the exchange (a saved-tensor hook hands x back in float16, which the
     kernels refuse): every rank must raise, none wait for it."""
@@ -165,6 +182,7 @@ def run_all(rank, size):
     for case in ("channels", "groups", "eps"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
+    out["all empty"] = all_empty(rank, size)
     return out
 
 

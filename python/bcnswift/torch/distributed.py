@@ -78,8 +78,9 @@ class _SyncForward(torch.autograd.Function):
 
         merged = synchronizer.moments(config, moments)
         buffers = (running_mean, running_var, num_batches_tracked)
-        if "context" not in local:  # an empty batch: only the buffers follow the others'
-            _ops.running_update(*buffers, merged, flags, momentum)
+        if "context" not in local:  # an empty batch: only the buffers follow the others' (if any rank had values)
+            if merged[0]:
+                _ops.running_update(*buffers, merged, flags, momentum)
             y, context = torch.empty_like(x), None
         elif estimated:  # as one process: the estimates first, then the eval normalization with them
             _ops.running_update(*buffers, merged, flags, momentum)
