@@ -188,10 +188,9 @@ extension NormalizationEngine {
                                _ buffer: UnsafeMutableBufferPointer<Double>) throws(BCNError)
         -> (NormalizationContext, through: Bool)
     {
-        try plan.validate()
-        guard shape.channels == plan.channels,
-              let ctx = NormalizationContext(buffer, shape: shape, groups: plan.groups),
-              let flags = ctx.readFlags(format: shape.format), flags.contains(.forward),
+        // the plan, the channel count and the context's length, as the forward checks them (the same words)
+        let ctx = try checkedContext(plan: plan, shape: shape, buffer)
+        guard let flags = ctx.readFlags(format: shape.format), flags.contains(.forward),
               flags.contains(.batchNorm) == (plan.batchNorm != nil),
               flags.contains(.channelNorm) == (plan.channelNorm != nil) else {
             // formatted here, on failure only: it cost about 1.5K instructions a call

@@ -151,7 +151,8 @@ int32_t bcn_norm_forward_f64(uint32_t flags, int64_t batch, int64_t channels, in
 
 /*
  * Backward of the forward that filled `context` (same flags' stage bits and BCN_CHANNELS_LAST, shape and groups;
- * otherwise BCN_ERR_NO_FORWARD). x must be that forward's input, unchanged. The context is only read.
+ * otherwise BCN_ERR_NO_FORWARD; a context shorter than bcn_context_length gives BCN_ERR_INVALID_ARGUMENT, as in
+ * the forward). x must be that forward's input, unchanged. The context is only read.
  *
  *   dy             in,  batch*channels*spatial elements: gradient of the loss with respect to y.
  *   dx             out, same size; may equal dy.
