@@ -117,6 +117,15 @@ final class BatchChannelNormTests: XCTestCase {
         }
     }
 
+    func testAPlanWithoutStagesIsRefused() {
+        // neither stage would be the identity, which no caller means: the C ABI refuses such flags too
+        XCTAssertThrowsError(try NormalizationLayer<Float>(plan: NormalizationPlan(channels: 4, batchNorm: nil,
+                                                                                 channelNorm: nil))) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument)
+            XCTAssertEqual((error as? BCNError)?.message, "a plan needs a batch-norm stage, a channel-norm stage or both")
+        }
+    }
+
     func testErrorsChangeNothing() throws {
         let layer = try BatchChannelNorm<Float>(channels: 4, groups: 2, estimate: false)
         XCTAssertThrowsError(try layer.forward([1, 2, 3, 4], shape: [1, 4])) { error in

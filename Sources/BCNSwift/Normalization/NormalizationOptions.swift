@@ -106,9 +106,14 @@ public struct NormalizationPlan: Equatable, Sendable {
     /// layer or a call (a few C-sized arrays) would overflow their byte counts.
     public static let maxChannels = 1 << 32
 
+    /// Throws unless `channels` is in 1...2^32, at least one stage is present (neither would be the identity,
+    /// which no caller means), and each stage's options are valid.
     public func validate() throws(BCNError) {
         guard channels > 0, channels <= Self.maxChannels else {
             throw BCNError(.invalidArgument, "channels must be positive and at most 2^32, got \(channels)")
+        }
+        guard batchNorm != nil || channelNorm != nil else {
+            throw BCNError(.invalidArgument, "a plan needs a batch-norm stage, a channel-norm stage or both")
         }
         try batchNorm?.validate()
         try channelNorm?.validate(channels: channels)
