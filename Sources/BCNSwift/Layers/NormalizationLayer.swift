@@ -8,13 +8,20 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     /// Training mode: batch statistics (or their estimates) and running-buffer updates. Eval when false.
     public var training = true
 
-    /// Batch-norm stage (C each; empty without that stage).
+    /// The batch-norm stage's affine γ (C values; empty without that stage): y₁ = γ (x - μ) / √(σ² + eps) + β.
     public var bnWeight: [Scalar]
+    /// The batch-norm stage's β (C values; empty without that stage).
     public var bnBias: [Scalar]
+    /// Running estimates of each channel's mean and variance (C values each; empty without a batch-norm stage):
+    /// eval normalizes with them, and so does training with estimated statistics.
     public var runningMean: [Scalar]
     public var runningVar: [Scalar]
+    /// Training forwards counted, as PyTorch counts them (momentum nil: the update factor is 1 / this count).
+    /// The authors' EstBN convention (`varianceCentre: .runningMean`) never advances it, as their code does not,
+    /// unless momentum is nil.
     public var numBatchesTracked: Int64 = 0
-    /// Channel-norm stage (G each; empty without that stage).
+    /// The channel-norm stage's per-group affine w, b (G values each; empty without that stage): per sample and
+    /// group, y = w (y₁ - m) / √(v + eps) + b, with m and v the group's mean and variance.
     public var weight: [Scalar]
     public var bias: [Scalar]
 
@@ -159,12 +166,25 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
 
 /// Batch-Channel Normalization: a batch norm (batch statistics, or estimated ones), then a channel norm with
 /// a per-group affine, fused into one pass forward and one backward.
+///
+/// y₁ = γ (x - μ) / √(σ² + bnEps) + β per channel (μ, σ² the batch's, or the running estimates), then per sample
+/// and group of C/G channels y = w (y₁ - m) / √(v + eps) + b, with m, v the group's mean and (biased) variance.
 public final class BatchChannelNorm<Scalar: NormalizationScalar>: NormalizationLayer<Scalar> {
     /// - Parameters:
-    ///   - channels: C > 0. - groups: G > 0 dividing C. - eps: > 0, both stages' eps unless `bnEps` is given.
-    ///   - momentum: in [0, 1], or nil for a cumulative average. - estimate: estimated statistics (default).
-    ///   - unbiasedRunningVariance: nil picks true with batch statistics, false when estimating.
-    ///   - varianceCentre: `.runningMean` is the authors' EstBN.
+    ///   - channels: C, in 1...2^32.
+    ///   - groups: G > 0, dividing C.
+    ///   - eps: > 0 and finite; both stages' unless `bnEps` is given.
+    ///   - momentum: the running buffers' update rate, in [0, 1]; nil for a cumulative average (1 / count).
+    ///   - estimate: true (the default): training first folds the batch into the running buffers, then
+    ///     normalizes with them, held constant for the gradient (labml, the authors' EstBN); false: batch
+    ///     statistics, which the gradient flows through (the authors' `nn.BatchNorm2d`).
+    ///   - unbiasedRunningVariance: whether the running variance folds in σ² n/(n-1); nil picks true with batch
+    ///     statistics and false when estimating, as the documents do.
+    ///   - varianceCentre: `.batchMean` (labml), or `.runningMean`: the variance measured around the running mean
+    ///     before its update (the authors' EstBN; with `estimate` only).
+    ///   - bnEps: the batch-norm stage's eps, > 0 and finite, when it differs from the channel norm's.
+    ///   - nanPolicy: `.propagate` (NaN and infinity flow through, as in PyTorch) or `.raise`.
+    /// - Throws: `BCNError.invalidArgument` for any value outside those ranges.
     public init(channels: Int, groups: Int, eps: Double = 1e-5, momentum: Double? = 0.1, estimate: Bool = true,
                 unbiasedRunningVariance: Bool? = nil, varianceCentre: VarianceCentre = .batchMean,
                 bnEps: Double? = nil, nanPolicy: NaNPolicy = .propagate) throws(BCNError) {
@@ -177,8 +197,16 @@ public final class BatchChannelNorm<Scalar: NormalizationScalar>: NormalizationL
     }
 }
 
-/// Batch normalization with batch statistics in training (gradients flow through them).
+/// Batch normalization with batch statistics in training (gradients flow through them):
+/// y = γ (x - μ) / √(σ² + eps) + β per channel, μ and σ² the batch's in training and the running ones in eval.
 public final class BatchNorm<Scalar: NormalizationScalar>: NormalizationLayer<Scalar> {
+    /// - Parameters:
+    ///   - channels: C, in 1...2^32.
+    ///   - eps: > 0 and finite.
+    ///   - momentum: the running buffers' update rate, in [0, 1]; nil for a cumulative average (1 / count).
+    ///   - unbiasedRunningVariance: fold σ² n/(n-1) into the running variance (PyTorch) or σ² (labml).
+    ///   - nanPolicy: `.propagate` or `.raise`.
+    /// - Throws: `BCNError.invalidArgument` for any value outside those ranges.
     public init(channels: Int, eps: Double = 1e-5, momentum: Double? = 0.1, unbiasedRunningVariance: Bool = true,
                 nanPolicy: NaNPolicy = .propagate) throws(BCNError) {
         try super.init(plan: NormalizationPlan(
@@ -190,8 +218,16 @@ public final class BatchNorm<Scalar: NormalizationScalar>: NormalizationLayer<Sc
 }
 
 /// Batch normalization with estimated statistics: training folds the batch into the running buffers first, then
-/// normalizes with them; gradients treat them as constants.
+/// normalizes with them; gradients treat them as constants. y = γ (x - μ̂) / √(σ̂² + eps) + β per channel.
 public final class EstimatedBatchNorm<Scalar: NormalizationScalar>: NormalizationLayer<Scalar> {
+    /// - Parameters:
+    ///   - channels: C, in 1...2^32.
+    ///   - eps: > 0 and finite.
+    ///   - momentum: the estimates' update rate, in [0, 1]; nil for a cumulative average (1 / count).
+    ///   - unbiasedRunningVariance: fold σ² n/(n-1) into the running variance, or σ² (both documents: false).
+    ///   - varianceCentre: `.batchMean` (labml) or `.runningMean` (the authors' EstBN).
+    ///   - nanPolicy: `.propagate` or `.raise`.
+    /// - Throws: `BCNError.invalidArgument` for any value outside those ranges.
     public init(channels: Int, eps: Double = 1e-5, momentum: Double? = 0.1, unbiasedRunningVariance: Bool = false,
                 varianceCentre: VarianceCentre = .batchMean, nanPolicy: NaNPolicy = .propagate) throws(BCNError) {
         try super.init(plan: NormalizationPlan(
@@ -203,8 +239,15 @@ public final class EstimatedBatchNorm<Scalar: NormalizationScalar>: Normalizatio
     }
 }
 
-/// Channel normalization: per sample, statistics over each group of C/G channels, then a per-group affine.
+/// Channel normalization: per sample, statistics over each group of C/G channels, then a per-group affine:
+/// y = w (x - m) / √(v + eps) + b, with m, v the group's mean and (biased) variance.
 public final class ChannelNorm<Scalar: NormalizationScalar>: NormalizationLayer<Scalar> {
+    /// - Parameters:
+    ///   - channels: C, in 1...2^32.
+    ///   - groups: G > 0, dividing C.
+    ///   - eps: > 0 and finite.
+    ///   - nanPolicy: `.propagate` or `.raise`.
+    /// - Throws: `BCNError.invalidArgument` for any value outside those ranges.
     public init(channels: Int, groups: Int, eps: Double = 1e-5, nanPolicy: NaNPolicy = .propagate) throws(BCNError) {
         try super.init(plan: NormalizationPlan(channels: channels, batchNorm: nil,
                                                channelNorm: ChannelNormOptions(groups: groups, eps: eps),

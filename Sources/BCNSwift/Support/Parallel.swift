@@ -54,6 +54,10 @@ public enum BCNThreads {
 
     /// This thread's own thread count, which overrides the process's for the calls this thread makes; 0 (the
     /// default) means none. Other threads, including bcnswift's workers, never see it.
+    ///
+    /// It belongs to the OS thread, not to a Swift task: the cooperative pool runs other tasks on the same thread
+    /// and may resume a task on another one. In async code set it only through `withCallingThreadCount` around
+    /// synchronous work, which restores the thread's setting before any other task can run there.
     public static var callingThreadCount: Int {
         get { callingThreadKey.map { Int(bitPattern: pthread_getspecific($0)) } ?? 0 }
         set {
