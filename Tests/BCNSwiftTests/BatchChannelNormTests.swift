@@ -117,6 +117,31 @@ final class BatchChannelNormTests: XCTestCase {
         }
     }
 
+    func testAnInputWithoutValuesGivesAnEmptyOutputAndChangesNothing() throws {
+        let layer = try BatchChannelNorm<Double>(channels: 4, groups: 2, estimate: false)
+        let x: [Double] = (0..<24).map { 1.5 + Double($0 % 7) * 0.25 }
+        _ = try layer.forward(x, shape: [2, 4, 3])
+        _ = try layer.backward(x.map { $0 - 1 })
+        let state = (layer.runningMean, layer.runningVar, layer.numBatchesTracked, layer.gradBnWeight, layer.gradWeight)
+        for shape in [[0, 4, 3], [2, 4, 0], [0, 4]] {
+            let formats: [MemoryFormat] = shape.count == 2 ? [.channelsFirst] : [.channelsFirst, .channelsLast]
+            for format in formats {
+                XCTAssertEqual(try layer.forward([], shape: shape, format: format), [])
+                XCTAssertEqual(try layer.backward([]), [])
+            }
+        }
+        XCTAssertEqual(layer.runningMean, state.0)
+        XCTAssertEqual(layer.runningVar, state.1)
+        XCTAssertEqual(layer.numBatchesTracked, state.2)
+        XCTAssertEqual(layer.gradBnWeight, state.3)
+        XCTAssertEqual(layer.gradWeight, state.4)
+        XCTAssertThrowsError(try layer.forward([], shape: [0, 3, 2])) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .shapeMismatch)
+        }
+        XCTAssertThrowsError(try layer.forward([1], shape: [0, 4, 2]))
+        XCTAssertThrowsError(try layer.forward([], shape: [-1, 4, 0]))
+    }
+
     func testAPlanWithoutStagesIsRefused() {
         // neither stage would be the identity, which no caller means: the C ABI refuses such flags too
         XCTAssertThrowsError(try NormalizationLayer<Float>(plan: NormalizationPlan(channels: 4, batchNorm: nil,

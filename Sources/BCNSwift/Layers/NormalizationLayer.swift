@@ -32,7 +32,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     public private(set) var gradBias: [Scalar]
 
     /// The last forward's input (kept by reference, as arrays are) and shape, for `backward`.
-    private var saved: (x: [Scalar], shape: NormalizationShape)?
+    private var saved: (x: [Scalar], shape: NormalizationShape?)?  // shape nil: an input without values
     /// What the last forward left for its backward; reused from call to call.
     private var context = UnsafeMutableBufferPointer<Double>(start: nil, count: 0)
     /// The engine takes raw pointers: parameters, buffers and gradients are copied here for a call, and what
@@ -64,11 +64,23 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     }
 
     /// Normalizes `x` of logical shape `shape` ([B, C, *], in memory as `format` says); in training also
-    /// updates the running buffers. The output has x's memory layout.
+    /// updates the running buffers. The output has x's memory layout. An input without values (a batch or a
+    /// spatial size of 0) gives an empty output and changes nothing, as PyTorch's batch norm does.
     /// - Throws: `BCNError` (and changes nothing) for a bad shape, degenerate statistics, or NaN with `.raise`.
     public func forward(_ x: [Scalar], shape: [Int], format: MemoryFormat = .channelsFirst) throws(BCNError)
         -> [Scalar]
     {
+        if shape.count >= 2, shape.contains(0), shape.allSatisfy({ $0 >= 0 }) {
+            guard shape[1] == plan.channels else {
+                throw BCNError(.shapeMismatch, "input has \(shape[1]) channels but the layer has \(plan.channels)")
+            }
+            guard x.isEmpty else {
+                throw BCNError(.shapeMismatch, "input has \(x.count) elements, shape \(shape) needs 0")
+            }
+            try checkParameterSizes()
+            saved = (x, nil)
+            return []
+        }
         let s = try NormalizationShape(dimensions: shape, format: format)
         guard x.count == s.count else {
             throw BCNError(.shapeMismatch, "input has \(x.count) elements, shape \(shape) needs \(s.count)")
@@ -120,6 +132,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         guard dy.count == saved.x.count else {
             throw BCNError(.shapeMismatch, "dy has \(dy.count) elements, the last forward's output has \(saved.x.count)")
         }
+        guard let shape = saved.shape else { return [] }  // an input without values: no gradient to add
         let C = gradBnWeight.count, G = gradWeight.count, g = staging.baseAddress!
         for (offset, values) in [(0, gradBnWeight), (C, gradBnBias), (2 * C, gradWeight), (2 * C + G, gradBias)] {
             for i in values.indices { g[offset + i] = values[i] }
@@ -132,7 +145,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
             dy.withUnsafeBufferPointer { dyb in
                 dx.withUnsafeMutableBufferPointer { dxb in
                     do throws(BCNError) {
-                        try NormalizationEngine.backward(plan: plan, shape: saved.shape, x: xb.baseAddress!,
+                        try NormalizationEngine.backward(plan: plan, shape: shape, x: xb.baseAddress!,
                                                          dy: dyb.baseAddress!, dx: dxb.baseAddress!,
                                                          gradients: gradients, context: UnsafeBufferPointer(context))
                     } catch { failure = error }
