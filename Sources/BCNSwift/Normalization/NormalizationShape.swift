@@ -44,7 +44,7 @@ public struct NormalizationShape: Equatable, Sendable {
         var s = 1
         for d in dimensions.dropFirst(2) {
             guard d > 0 else {
-                throw BCNError(.shapeMismatch, "input must have no zero-size dimension, got shape \(dimensions)")
+                throw BCNError(.shapeMismatch, "input dimensions must be positive, got shape \(dimensions)")
             }
             let (p, o) = s.multipliedReportingOverflow(by: d)
             guard !o else { throw BCNError(.invalidArgument, "input shape \(dimensions) is too large") }

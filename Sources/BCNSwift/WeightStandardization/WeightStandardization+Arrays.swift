@@ -6,7 +6,7 @@ extension WeightStandardization {
         }
         var fanIn = 1
         for d in shape.dropFirst() {
-            guard d > 0 else { throw BCNError(.shapeMismatch, "weight shape \(shape) has a zero-size dimension") }
+            guard d > 0 else { throw BCNError(.shapeMismatch, "weight dimensions must be positive, got shape \(shape)") }
             let (p, o) = fanIn.multipliedReportingOverflow(by: d)
             guard !o else { throw BCNError(.invalidArgument, "weight shape \(shape) is too large") }
             fanIn = p
