@@ -168,8 +168,10 @@ final class CABITests: XCTestCase {
         var garbage = [Double](repeating: .nan, count: 4096)
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, &garbage,
                                              4096, &message, 256), BCN_ERR_NO_FORWARD)
+        // a context shorter than this shape's: refused as the forward refuses it
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, buf.ctx,
-                                             10, &message, 256), BCN_ERR_NO_FORWARD)
+                                             10, &message, 256), BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertTrue(String(cString: message).hasPrefix("context holds 10 values"), String(cString: message))
         XCTAssertEqual(dx, [Float](repeating: 0, count: 64))
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, buf.ctx,
                                              Int64(buf.ctx.count), &message, 256), BCN_OK)
