@@ -265,6 +265,153 @@ def test_native_kernels_raise_the_python_kernels_errors(gen):
                 assert torch.equal(a, b), f"{name} changed an argument"
 
 
+def _eager_routes(monkeypatch, make):
+    """The eager route's forward and backward by the native op (`_eager_normalize`, its C++ autograd node) and by
+    the Python one (`_EagerForward`), each on fresh copies from `make()` -> (x, dy, parameters, buffers, the rest
+    of eager_forward's arguments): (y, the gradients of x and of each parameter, the buffers and their versions)
+    of each, or the error each raised, with every tensor argument after the failed call."""
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(_ops, "NATIVE", native)
+        x, dy, (bw, bb, cw, cb), (rm, rv, nbt, speed), rest = make()
+        buffers = [t for t in (rm, rv, nbt) if t is not None]
+        versions = [t._version for t in buffers]
+        try:
+            y = _ops.eager_forward(x, bw, bb, rm, rv, nbt, speed, cw, cb, *rest)
+            y.backward(dy)
+            grads = tuple(None if t is None else t.grad for t in (x, bw, bb, cw, cb))
+            results.append((y, grads, buffers, [t._version - v for t, v in zip(buffers, versions)]))
+        except Exception as error:  # noqa: BLE001 - compared by the caller
+            results.append((error, [t for t in (x, bw, bb, cw, cb, *buffers) if t is not None]))
+    return results
+
+
+def _same_or_none(a, b, what):
+    assert (a is None) == (b is None), what
+    if a is not None:
+        _same(a, b, what)
+
+
+EAGER_CONFIGS = [  # flags, momentum (None: cumulative average), update, moving speed
+    (TORCH_BN | CN, 0.3, True, False), (TORCH_BN | CN, None, True, False), (TORCH_BN | CN | TR, 0.1, False, False),
+    (TORCH_BN | CN, 0.1, False, False), (AUTHORS_EST | CN, 0.0, True, True), (LABML_EST | CN, 0.2, True, False),
+    (LABML_EST | CN, 0.2, False, False), (TORCH_BN, 0.1, True, False), (CN, 0.0, False, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", [((4, 8, 3, 5), "contiguous"), ((4, 8, 3, 5), "channels_last"),
+                                          ((4, 8, 3, 5), "permuted"), ((6, 16), "contiguous"),
+                                          ((3, 8, 2, 2), "channels_last")])
+def test_the_native_eager_route_gives_the_python_routes_bits(shape, layout, dtype, gen, monkeypatch):
+    """The eager route (a module's forward in one call, its backward through autograd) by the native op and by
+    the Python autograd.Function: outputs, input and parameter gradients (each in its parameter's shape, None for
+    one not given), running buffers and their versions (bumped once by an update), bit for bit, in every mode,
+    with parameters given, absent, and given for one stage's half."""
+    need_native()
+    C, G = shape[1], 4
+    x0, dy0 = _input(gen, shape, dtype, layout), _input(gen, shape, dtype, layout)
+
+    def p(n, lo, hi):
+        return (torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+    params0 = (p(C, 0.5, 1.5), p(C, -0.5, 0.5), p(G, 0.5, 1.5).reshape(1, G, 1), p(G, -0.5, 0.5).reshape(1, G, 1))
+    buffers0 = (p(C, -1, 1), p(C, 0.5, 2), torch.tensor(5), torch.tensor([0.25], dtype=dtype))
+    for (flags, momentum, update, speed), given, x_grad in itertools.product(
+            EAGER_CONFIGS, ((1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 0, 1)), (True, False)):
+        if not x_grad and not any(given):
+            continue  # nothing requires grad: no backward
+        if momentum is None:
+            flags |= _ext.BCN_CUMULATIVE_AVERAGE
+
+        def make():
+            x = x0.clone(memory_format=torch.preserve_format).requires_grad_(x_grad)
+            params = [t.clone().requires_grad_() if g else None for t, g in zip(params0, given)]
+            if not flags & BN:
+                params[:2] = [None, None]
+            if not flags & CN:
+                params[2:] = [None, None]
+            rm, rv, nbt, ms = (t.clone() for t in buffers0)
+            buffers = (rm, rv, nbt, ms if speed else None) if flags & BN else (None,) * 4
+            return x, dy0, params, buffers, (flags, G, 1e-5, 1e-3, momentum or 0.0, update)
+        native, python = _eager_routes(monkeypatch, make)
+        what = f"flags {flags}, momentum {momentum}, update {update}, given {given}, x grad {x_grad}"
+        assert len(native) == len(python) == 4, (what, native[0], python[0])
+        _same(native[0], python[0], f"{what}: y")
+        for name, a, b in zip(("x", "bn_weight", "bn_bias", "cn_weight", "cn_bias"), native[1], python[1]):
+            _same_or_none(a, b, f"{what}: the gradient of {name}")
+        _same(native[2], python[2], f"{what}: buffers")
+        assert native[3] == python[3] == [1 if update else 0] * len(native[3]), what
+
+
+def test_the_native_eager_route_raises_the_python_routes_errors(gen, monkeypatch):
+    """Bad input to the eager route: the same exception type and message from both, and no buffer or parameter
+    changed by either."""
+    need_native()
+    x0 = _input(gen, (4, 8, 3, 5), torch.float32, "contiguous")
+    C = 8
+
+    def misaligned(n):
+        t = torch.frombuffer(bytearray(4 * n + 1), dtype=torch.float32, offset=1)
+        return t.copy_(torch.zeros(n))
+
+    def call(x=x0, rm=lambda: torch.linspace(-1, 1, C), rv=lambda: torch.linspace(0.5, 2, C),
+             nbt=lambda: torch.tensor(3), flags=TORCH_BN | CN, groups=4, eps=1e-5, momentum=0.1, update=True,
+             bw=None, speed=None):
+        def make():  # fresh buffers each time (a clone of a strided or misaligned one would be neither)
+            buffers = (rm(), rv(), nbt(), speed)
+            return x.clone().requires_grad_(), torch.ones_like(x), (bw, None, None, None), buffers, (
+                flags, groups, eps, 1e-5, momentum, update)
+        return make
+    # (an estimated forward's eps: batch_channel_norm checks it before the update, as both routes' update comes
+    # before the normalization's own checks)
+    for make in (call(x=x0.half()), call(x=x0[:, :, 0, 0][0]), call(groups=3), call(eps=-1.0),
+                 call(rm=lambda: torch.zeros(C + 1)), call(rm=lambda: torch.zeros(2 * C)[::2]),
+                 call(rv=lambda: torch.ones(C).double()), call(nbt=lambda: torch.tensor(3.0)),
+                 call(rm=lambda: misaligned(C)), call(momentum=1.5), call(flags=AUTHORS_EST | CN, momentum=2.0),
+                 call(bw=torch.ones(C + 1, requires_grad=True)), call(x=x0[:1, :, :1, :1]),
+                 call(flags=TORCH_BN | CN | 1 << 12), call(flags=AUTHORS_EST | CN, rm=lambda: torch.zeros(C - 1)),
+                 call(flags=AUTHORS_EST | CN, rm=lambda: torch.zeros(2 * C)[::2]),
+                 call(flags=AUTHORS_EST | CN, speed=torch.tensor([1.5]))):
+        native, python = _eager_routes(monkeypatch, make)
+        assert len(python) == 2 and isinstance(python[0], Exception), python
+        assert type(native[0]) is type(python[0]) and str(native[0]) == str(python[0]), (native[0], python[0])
+        fresh = make()
+        unchanged = [t for t in (fresh[0], *fresh[2], *fresh[3][:3]) if t is not None]
+        for route in (native, python):
+            assert len(route[1]) == len(unchanged)
+            for a, b in zip(route[1], unchanged):
+                assert torch.equal(a.detach(), b.detach()), (route[0], "changed a tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_native_eager_weight_standardization_gives_the_python_routes_bits(dtype, gen, monkeypatch):
+    """A WS layer's eager route by the native op (`_eager_weight_standardization`) and by the Python
+    autograd.Function: the standardized weight and its gradient, bit for bit, in every layout and convention; the
+    same errors for bad weights."""
+    need_native()
+    w0 = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64).to(dtype) * 0.2 + 0.05
+    g0 = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64).to(dtype) + 0.3
+
+    def both(w, grad, eps, flags):
+        out = []
+        for native in (True, False):
+            monkeypatch.setattr(_ops, "NATIVE", native)
+            wr = w.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+            try:
+                y = _ops.weight_standardization_route(wr, eps, flags)
+                y.backward(grad)
+                out.append((y, wr.grad))
+            except Exception as error:  # noqa: BLE001 - compared below
+                out.append(error)
+        return out
+    for layout, flags in itertools.product(("contiguous", "channels_last", "permuted"),
+                                           (0, _ext.BCN_WS_UNBIASED, _ext.BCN_WS_UNBIASED | _ext.BCN_WS_EPS_IN_SQRT)):
+        _same(*both(_layout(w0, layout), _layout(g0, "channels_last"), 1e-5, flags), f"{layout}, flags {flags}")
+    for w, eps, flags in ((w0.half(), 1e-5, 1), (w0, -1.0, 1), (w0[:, :1, :1, :1], 1e-5, 1), (w0, 1e-5, 1 << 12)):
+        native, python = both(w, torch.ones_like(w), eps, flags)
+        assert isinstance(python, Exception), (w.shape, eps, flags)
+        assert type(native) is type(python) and str(native) == str(python), (native, python)
+
+
 def test_native_kernels_run_on_torch_threads_with_the_calling_threads_bits(gen, kernel_calls):
     """By default the native kernels run on torch's OpenMP threads (its GOMP_parallel, as the Python kernels):
     every call under torch's thread count, parallel regions there, and the bits of the calling thread alone."""

@@ -230,11 +230,18 @@ def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, kern
     assert y.stride() == dx.stride() == x.stride()
 
 
-def test_kept_parameter_views_follow_their_tensors(gen):
-    """bcnswift's modules keep a numpy view of each parameter and buffer they hand the kernels (`KernelViews`,
-    _ops._held): a tensor moved to other memory (param.data = ...) is read from there; moving the module (.to(),
-    .double(), with torch's swap_tensors too) drops the views, which pickles and deep copies leave out."""
+# the native route where it is built (test_torch_native.py requires it under CI; the ops' tests also run without)
+@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+def test_kept_parameter_views_follow_their_tensors(route, gen, monkeypatch):
+    """The eager route's Python kernels (which serve where the native library is not built) keep a numpy view of
+    each parameter and buffer a module hands them (`KernelViews`, _ops._held): a tensor moved to other memory
+    (param.data = ...) is read from there; moving the module (.to(), .double(), with torch's swap_tensors too)
+    drops the views, which pickles and deep copies leave out. The native route keeps no views of the norms' tensors
+    (the WS layers' it keeps), and reads each tensor where it lies on every call."""
     import pickle
+    python = route == "python"
+    if python:
+        monkeypatch.setattr(_ops, "NATIVE", False)
     x = rand_input(gen, (4, 8, 3, 3), torch.float32)
 
     def fresh_output(m):  # the same state in a module the kernels have never seen
@@ -245,7 +252,8 @@ def test_kept_parameter_views_follow_their_tensors(gen):
     # outputs detached: a live graph holds the parameters, and swap_tensors refuses them then (torch's rule)
     m = bt.BCNorm(8, 4)
     before = m(x).detach()
-    assert {"bn_weight", "bn_bias", "running_mean", "running_var", "cn_weight"} <= set(m.kernel_views())
+    kept = {"bn_weight", "bn_bias", "running_mean", "running_var", "cn_weight"}
+    assert kept <= set(m.kernel_views()) if python else not kept & set(m.kernel_views())
     with torch.no_grad():
         m.bn.weight.data = torch.linspace(0.5, 2.0, 8)  # new memory for a parameter
         m.bn.running_mean.data = torch.full((8,), 0.25)  # and for a buffer
@@ -272,7 +280,8 @@ def test_kept_parameter_views_follow_their_tensors(gen):
     # graph would stay alive with it
     doubled = (m.bn.weight * 2).detach().requires_grad_() * 1
     y = torch.func.functional_call(m, {"bn.weight": doubled}, (x,))
-    assert m.kernel_views()["bn_weight"][0] is m.bn.weight
+    if python:
+        assert m.kernel_views()["bn_weight"][0] is m.bn.weight
     assert not torch.equal(y.detach(), m(x).detach())
     w = conv.weight.detach()  # the authors' standardization, composed here: the kernels read the double weight
     flat = w.reshape(w.shape[0], -1)
@@ -370,11 +379,12 @@ def test_a_team_address_is_checked():
     assert calling_thread_team() == 0
 
 
-def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
+def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch, kernel_calls):
     """On torch's OpenMP team (the default: bcn_set_calling_thread_team with the runtime's GOMP_parallel) the
     kernels give the bits they give on the calling thread alone: BCN forward and backward in both memory
     layouts, training and eval, and Weight Standardization, on tensors large enough for two threads. The team
-    is reached through a counting wrapper around GOMP_parallel, to see that the kernels really ran there."""
+    is reached through a counting wrapper around GOMP_parallel (the Python kernels'; the native ones' regions
+    are probed), to see that the kernels really ran there."""
     import ctypes
     address = _threads._find_openmp_team()
     if not sys.platform.startswith("linux"):
@@ -396,6 +406,8 @@ def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
         w0 = torch.randn(256, 128, 3, 3, generator=gen, dtype=torch.float32) * 0.1 + 0.02
         runs = []
         for threads in (None, 1):
+            kernel_calls.clear()
+            regions.clear()
             bt.set_num_threads(threads)
             assert bt.uses_torch_threads() == (threads is None)
             out = []
@@ -410,8 +422,11 @@ def test_torch_threads_give_the_calling_threads_bits(gen, monkeypatch):
             ws = bt.weight_standardization(w)
             ws.backward(torch.ones_like(ws))
             runs.append(out + [ws, w.grad])
-            if threads is None:
-                assert regions and set(regions) == {2}, regions  # every parallel kernel ran on the team
+            team_regions = regions + kernel_calls.team_regions
+            if threads is None:  # every parallel kernel ran on the team
+                assert team_regions and set(team_regions) == {2}, team_regions
+            else:
+                assert not team_regions, team_regions
         for a, b in zip(*runs):
             assert torch.equal(a, b)
     finally:

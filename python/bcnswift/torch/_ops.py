@@ -27,7 +27,9 @@ torch.compile and torch.export trace, and in eager mode directly, through ``torc
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
 one call per layer where the ops make two or three. Both give the same bits. Where a C++ compiler is, the ops'
 CPU kernels are native_ops.cpp's instead (_native.py builds it; ``NATIVE`` below): the same work in C++, the same
-bits, errors and layouts; the functions here then serve other devices (with a TypeError), and the eager route.
+bits, errors and layouts; the functions here then serve other devices (with a TypeError). The eager route then
+takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_standardization``, autograd Functions in
+C++ whose backward runs no Python; the autograd.Functions here are its fallback.
 """
 import functools
 import types
@@ -730,7 +732,12 @@ class _EagerForward(torch.autograd.Function):
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,
                   cn_bias, flags, groups, eps, bn_eps, momentum, update, views=None):
     """The eager route's forward: `update` trains with running buffers (updated in place); otherwise flags
-    say batch statistics (BCN_TRAINING) or running ones. `views`: the calling module's `KernelViews`."""
+    say batch statistics (BCN_TRAINING) or running ones. `views`: the calling module's `KernelViews`. With the
+    native library, the whole forward is its op `_eager_normalize`, whose backward is a node of autograd's graph
+    in C++ (native_ops.cpp): the same kernel calls, without the Python around them."""
+    if NATIVE:
+        return _eager_normalize(x, bn_weight, bn_bias, cn_weight, cn_bias, running_mean, running_var,
+                                num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update)
     return _EagerForward.apply(x, bn_weight, bn_bias, cn_weight, cn_bias, (
         running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update,
         views))
@@ -755,13 +762,15 @@ def weight_standardization_route(w, eps, flags, views=None):
     """The op while torch.compile traces, the direct call in eager mode (`views`: the layer's `KernelViews`)."""
     if traced():
         return weight_standardization(w, eps, flags)
+    if NATIVE:  # its backward a C++ node of autograd's graph, as eager_forward's
+        return _eager_weight_standardization(w, eps, flags)
     return _EagerWeightStandardization.apply(w, eps, flags, views)
 
 
 # ---- the native kernels -------------------------------------------------------------------------------------
 
-#: whether the ops run their C++ kernels (native_ops.cpp; see _native.py) on the CPU; False: their Python kernels
-#: above. The eager route keeps its own Python kernels (`_EagerForward`): one fused kernel call a
-#: forward with the modules' kept views costs no more there than the ops' C++ kernels (measured in a training
-#: step), where every trip through the dispatcher costs the ops tens of microseconds in Python.
+#: whether the ops run their C++ kernels (native_ops.cpp; see _native.py) on the CPU, and the eager route the
+#: library's C++ autograd Functions; False: the Python kernels and autograd.Functions above.
 NATIVE = _native.load()
+_eager_normalize = torch.ops.bcnswift._eager_normalize.default if NATIVE else None
+_eager_weight_standardization = torch.ops.bcnswift._eager_weight_standardization.default if NATIVE else None

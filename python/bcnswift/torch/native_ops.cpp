@@ -1,5 +1,6 @@
 // bcnswift.torch's native operators: the CPU kernels of the ops that _ops.py defines (moments, update_running_,
-// normalize, normalize_batch, normalize_backward, weight_standardization and its backward), in C++.
+// normalize, normalize_batch, normalize_backward, weight_standardization and its backward), in C++; and the eager
+// route's own ops (_eager_normalize, _eager_weight_standardization), autograd Functions whose backward is C++.
 //
 // Why: a kernel written in Python costs its op tens of microseconds a call around the Swift kernels (numpy views
 // of every tensor, the checks, the outputs, the thread settings), several times that in a training step, where
@@ -21,6 +22,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -39,6 +41,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "_c_api.h"
@@ -470,17 +473,25 @@ int32_t forward_call(bool finish, uint32_t f, Shape s, int64_t groups, double ep
         T_(cw), T_(cb), context, length, message, kMessageCapacity);
 }
 
-// _ops._normalize_impl with write_buffers=False (the functional ops): phase (c) on `context` (continued in
-// place) with `moments`, or the whole forward into a new context; the running buffers' update, if any, goes
-// to scratch copies. Returns (y, context).
+// The running buffers that the eager route's training forward updates in place, in its one kernel call
+// (_ops._normalize_impl with write_buffers=True), at `momentum` (or 1/count with BCN_CUMULATIVE_AVERAGE).
+struct Written {
+    Tensor running_mean, running_var, num_batches_tracked;
+    double momentum;
+};
+
+// _ops._normalize_impl: phase (c) on `context` (continued in place) with `moments`, or the whole forward into a
+// new context. Without `written` (the functional ops) the running buffers' update, if any, goes to scratch
+// copies; with it, to the buffers it names. Returns (y, context).
 std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid, Tensor context, const Tensor &moments,
                                           const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
                                           const OptionalTensor &running_mean, const OptionalTensor &running_var,
                                           const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, int64_t flags,
-                                          int64_t groups, double eps, double bn_eps) {
+                                          int64_t groups, double eps, double bn_eps, const Written *written = nullptr) {
     const bcn_c_api &a = api();
     const Tensor &x = laid.x;
-    uint32_t f = (checked_flags(flags, a.flags_all) & ~a.cumulative_average) | laid.flag;
+    uint32_t f = checked_flags(flags, a.flags_all) | laid.flag;
+    if (!written) f &= ~a.cumulative_average;
     Shape s = shape_of_input(x);
     int64_t g = checked_groups(f, groups), c = s.channels, sized = sizing_groups(g, c);
     auto dtype = x.scalar_type();
@@ -503,9 +514,18 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
     take(x, "x", dtype, -1, has(f, a.channels_last));  // as the flags say it lies (a caller's too)
     void *pbw = !bn ? nullptr : bw.defined() ? take(bw, "bn_weight", dtype, c) : scratch(0, dtype, c, 1);
     void *pbb = !bn ? nullptr : bb.defined() ? take(bb, "bn_bias", dtype, c) : scratch(1, dtype, c, 0);
-    void *prm = !bn ? nullptr : rm.defined() ? take(rm, "running_mean", dtype, c) : scratch(2, dtype, c, 0);
-    void *prv = !bn ? nullptr : rv.defined() ? take(rv, "running_var", dtype, c) : scratch(3, dtype, c, 1);
-    if (bn && training) {
+    void *prm = nullptr, *prv = nullptr;
+    int64_t *pnbt = bn ? &nbt : nullptr;
+    if (bn && written) {  // the buffers themselves, as they are: the kernels refuse one they cannot write
+        prm = take(written->running_mean, "running_mean", dtype, c);
+        prv = take(written->running_var, "running_var", dtype, c);
+        if (written->num_batches_tracked.defined())  // a stage without a count updates a scratch one
+            pnbt = static_cast<int64_t *>(take(written->num_batches_tracked, "num_batches_tracked", at::kLong, 1));
+    } else if (bn) {
+        prm = rm.defined() ? take(rm, "running_mean", dtype, c) : scratch(2, dtype, c, 0);
+        prv = rv.defined() ? take(rv, "running_var", dtype, c) : scratch(3, dtype, c, 1);
+    }
+    if (bn && training && !written) {
         if (rm.defined()) prm = scratch_copy(2, dtype, c, prm);
         if (rv.defined()) prv = scratch_copy(3, dtype, c, prv);
     }
@@ -515,16 +535,17 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
     auto *pctx = static_cast<double *>(take(context, "context", at::kDouble, -1));
     const double *pm = finish && moments.defined()
         ? static_cast<const double *>(take(moments, "moments", at::kDouble, 3 * c)) : nullptr;
+    double momentum = written ? written->momentum : 0.1;  // 0.1: a scratch update's rate, as good as any
     char message[kMessageCapacity] = "";
     int32_t status;
     {
         ThreadScope threads;
         probe(probe_forward, f, x.data_ptr(), nullptr, threads.team());
         status = dtype == c10::kFloat
-            ? forward_call<float>(finish, f, s, groups, eps, bn_eps, 0.1, x, y, pbw, pbb, prm, prv, bn ? &nbt : nullptr,
-                                  pcw, pcb, pm, pctx, context.numel(), message)
-            : forward_call<double>(finish, f, s, groups, eps, bn_eps, 0.1, x, y, pbw, pbb, prm, prv,
-                                   bn ? &nbt : nullptr, pcw, pcb, pm, pctx, context.numel(), message);
+            ? forward_call<float>(finish, f, s, groups, eps, bn_eps, momentum, x, y, pbw, pbb, prm, prv, pnbt, pcw,
+                                  pcb, pm, pctx, context.numel(), message)
+            : forward_call<double>(finish, f, s, groups, eps, bn_eps, momentum, x, y, pbw, pbb, prm, prv, pnbt, pcw,
+                                   pcb, pm, pctx, context.numel(), message);
     }
     check(status, message);
     if (laid.relaid) y = output_like(given).copy_(y);
@@ -592,11 +613,31 @@ void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_ba
     check(status, message);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const Tensor &dy_given, const Tensor &x_given,
-                                                                         const Tensor &context, int64_t flags,
-                                                                         int64_t groups, bool bn_affine,
-                                                                         bool cn_affine) {
-    BelowAutograd below;
+// The four parameters' gradients of a backward: (d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias).
+using ParameterGradients = std::array<Tensor, 4>;
+
+// The four parameters' shapes as a forward saw them; none for a parameter not given.
+using ParameterShapes = std::array<std::optional<std::vector<int64_t>>, 4>;
+
+// Zeroed gradients for the kernels to add to, of bn_size (C) or cn_size (G) values, 0 for a stage that computes
+// none. Without `shapes`, 1-D (the op's outputs); with them (the eager route's), each in its parameter's shape.
+ParameterGradients zeroed_gradients(int64_t bn_size, int64_t cn_size, c10::ScalarType dtype,
+                                    const ParameterShapes *shapes) {
+    ParameterGradients gradients;
+    for (int i = 0; i < 4; ++i) {
+        int64_t n = i < 2 ? bn_size : cn_size;
+        const auto *shape = shapes && (*shapes)[i] && n ? &*(*shapes)[i] : nullptr;
+        gradients[i] = shape ? Tensor(at::detail::empty_cpu(*shape, dtype)) : new_empty(n, dtype);
+        if (n) std::memset(gradients[i].data_ptr(), 0, static_cast<size_t>(n) * gradients[i].element_size());
+    }
+    return gradients;
+}
+
+// _ops.backward_impl: (dx, the parameter gradients as `zeroed_gradients` makes them); with `shapes`, the
+// gradients of the parameters not given are then undefined (when their stage is affine, they went to scratch).
+std::tuple<Tensor, ParameterGradients> backward_of(const Tensor &dy_given, const Tensor &x_given,
+                                                   const Tensor &context, int64_t flags, int64_t groups,
+                                                   bool bn_affine, bool cn_affine, const ParameterShapes *shapes) {
     const bcn_c_api &a = api();
     same_shape(dy_given, x_given, "dy", "input");
     check_input(x_given);
@@ -609,8 +650,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
     Tensor dx = new_like(x);
     bool bn = has(f, a.batch_norm) && bn_affine, cn = has(f, a.channel_norm) && cn_affine;
     int64_t g = sizing_groups(checked_groups(f, groups), s.channels);
-    Tensor gbw = new_zeros(bn ? s.channels : 0, dtype), gbb = new_zeros(bn ? s.channels : 0, dtype);
-    Tensor gcw = new_zeros(cn ? g : 0, dtype), gcb = new_zeros(cn ? g : 0, dtype);
+    ParameterGradients grads = zeroed_gradients(bn ? s.channels : 0, cn ? g : 0, dtype, shapes);
     bool channels_last = has(f, a.channels_last);  // as the flags say x lies (a caller's flags too)
     int64_t n = x.numel();
     const void *px = take(x, "x", dtype, -1, channels_last);
@@ -618,7 +658,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
     void *pdx = take(dx, "dx", dtype, n, channels_last);
     auto *pctx = static_cast<const double *>(take(context, "context", at::kDouble, -1));
     auto data = [](Tensor &t) { return t.numel() ? t.data_ptr() : nullptr; };
-    void *p1 = data(gbw), *p2 = data(gbb), *p3 = data(gcw), *p4 = data(gcb);
+    void *p1 = data(grads[0]), *p2 = data(grads[1]), *p3 = data(grads[2]), *p4 = data(grads[3]);
     char message[kMessageCapacity] = "";
     int32_t status;
     {
@@ -636,7 +676,160 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
     }
     check(status, message);
     if (laid.relaid) dx = output_like(x_given).copy_(dx);
-    return {dx, gbw, gbb, gcw, gcb};
+    if (shapes)
+        for (int i = 0; i < 4; ++i)
+            if (!(*shapes)[i]) grads[i] = Tensor();
+    return {dx, grads};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const Tensor &dy, const Tensor &x,
+                                                                         const Tensor &context, int64_t flags,
+                                                                         int64_t groups, bool bn_affine,
+                                                                         bool cn_affine) {
+    BelowAutograd below;
+    auto [dx, g] = backward_of(dy, x, context, flags, groups, bn_affine, cn_affine, nullptr);
+    return {dx, g[0], g[1], g[2], g[3]};
+}
+
+// ---- the eager route (bcnswift::_eager_normalize) ------------------------------------------------------------
+
+// _ops._EagerForward in C++: a module's whole forward in one op call, and its backward a node of autograd's graph
+// that runs no Python. In eager mode the Python route's autograd.Function, its numpy views and its bookkeeping
+// cost a small layer several times its kernels, forward and backward, in a training step (docs/PYTORCH.md,
+// "Native operators"). Same kernel calls with the same flags as the Python route, so the same bits.
+
+constexpr const char *kNoSecondDerivative =
+    "bcnswift.torch's kernels have no second derivative (double backward); set BCNSWIFT_TORCH_COMPOSED=1 for the "
+    "composed pure-torch path, which has";  // _ops._NO_SECOND_DERIVATIVE
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+}  // namespace
+
+// The eager route's autograd Functions, named outside the anonymous namespace: autograd names their nodes after
+// them (a graph shows torch::autograd::CppNode<bcnswift::EagerNormalize>).
+namespace bcnswift {
+
+// _ops._NoSecondDerivative: g, whose derivative raises. Applied to a backward's gradients when it builds a graph
+// (create_graph=True), with anchors (the forward's input or a parameter, and the output gradient, those that
+// require grad) that attach it to that graph, as a gradient computed by torch would be.
+struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
+    static Tensor forward(AutogradContext *, const Tensor &g, at::TensorList /*anchors*/) { return g.clone(); }
+    static variable_list backward(AutogradContext *, variable_list) {
+        TORCH_CHECK(false, kNoSecondDerivative);
+        return {};
+    }
+};
+
+// The arguments of an eager forward besides the tensors that may need gradients.
+struct EagerCall {
+    OptionalTensor running_mean, running_var, num_batches_tracked, moving_speed;
+    int64_t flags, groups;
+    double eps, bn_eps, momentum;
+    bool update;  // training with running buffers: they are updated in place
+};
+
+double first_value(const Tensor &t) {  // float(t.reshape(-1)[0]), without the dispatcher for the common case
+    if (t.numel() >= 1 && t.device().is_cpu() && t.scalar_type() == c10::kFloat) return t.data_ptr<float>()[0];
+    if (t.numel() >= 1 && t.device().is_cpu() && t.scalar_type() == c10::kDouble) return t.data_ptr<double>()[0];
+    return t.reshape(-1)[0].item<double>();
+}
+
+struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &bn_weight,
+                          const OptionalTensor &bn_bias, const OptionalTensor &cn_weight, const OptionalTensor &cn_bias,
+                          const EagerCall &call) {
+        BelowAutograd below;
+        const bcn_c_api &a = api();
+        double momentum = call.moving_speed ? first_value(*call.moving_speed) : call.momentum;
+        check_input(x);
+        Laid laid = context_layout(x, nullptr);  // where it lies, or a C-order copy
+        Tensor y, context;
+        if (call.update && has(call.flags, a.estimated)) {
+            // the estimates first, rounded to the buffers' dtype, then the eval normalization with them
+            auto [measured, moments] = moments_of(laid, call.flags, call.groups);
+            Tensor rm = call.running_mean.value_or(Tensor()), rv = call.running_var.value_or(Tensor());
+            Tensor nbt = call.num_batches_tracked.value_or(Tensor());
+            update_running_op(rm, rv, nbt, moments, call.flags, momentum, std::nullopt);
+            std::tie(y, context) = normalize_laid(x, laid, measured, Tensor(), bn_weight, bn_bias, call.running_mean,
+                                                  call.running_var, cn_weight, cn_bias, call.flags, call.groups,
+                                                  call.eps, call.bn_eps);
+        } else if (call.update) {  // one call: the normalization and the buffers' update
+            Written written{call.running_mean.value_or(Tensor()), call.running_var.value_or(Tensor()),
+                            call.num_batches_tracked.value_or(Tensor()), momentum};
+            std::tie(y, context) = normalize_laid(x, laid, Tensor(), Tensor(), bn_weight, bn_bias, std::nullopt,
+                                                  std::nullopt, cn_weight, cn_bias, call.flags | a.training,
+                                                  call.groups, call.eps, call.bn_eps, &written);
+        } else {
+            std::tie(y, context) = normalize_laid(x, laid, Tensor(), Tensor(), bn_weight, bn_bias, call.running_mean,
+                                                  call.running_var, cn_weight, cn_bias, call.flags, call.groups,
+                                                  call.eps, call.bn_eps);
+        }
+        if (call.update)  // written through their memory: tell autograd, as an in-place torch op would
+            for (const OptionalTensor *t : {&call.running_mean, &call.running_var, &call.num_batches_tracked})
+                if (*t && t->value().defined() && !t->value().is_inference())
+                    torch::autograd::impl::bump_version(t->value());
+        ctx->save_for_backward({x});
+        auto &saved = ctx->saved_data;
+        saved["context"] = context;
+        saved["flags"] = call.flags;
+        saved["groups"] = call.groups;
+        // a stage is affine when either parameter is given (the kernels then compute both gradients)
+        saved["bn_affine"] = bn_weight.has_value() || bn_bias.has_value();
+        saved["cn_affine"] = cn_weight.has_value() || cn_bias.has_value();
+        const OptionalTensor *parameters[] = {&bn_weight, &bn_bias, &cn_weight, &cn_bias};
+        c10::List<std::optional<std::vector<int64_t>>> shapes;  // ska's map holds IValues
+        Tensor anchor;  // what attaches the gradients to a second backward's graph: x, else a parameter
+        for (const OptionalTensor *p : parameters) {
+            shapes.push_back(*p ? std::optional<std::vector<int64_t>>((*p)->sizes().vec()) : std::nullopt);
+            if (!x.requires_grad() && !anchor.defined() && *p && (*p)->requires_grad()) anchor = **p;
+        }
+        saved["shapes"] = shapes;
+        if (anchor.defined()) saved["anchor"] = anchor;
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
+        Tensor x = ctx->get_saved_variables()[0];  // checks that x was not modified in place since
+        const Tensor &dy = grad_outputs[0];
+        auto &saved = ctx->saved_data;
+        ParameterShapes shapes;
+        auto listed = saved["shapes"].to<c10::List<std::optional<std::vector<int64_t>>>>();
+        for (int i = 0; i < 4; ++i) shapes[i] = listed.get(i);
+        Tensor dx;
+        ParameterGradients g;
+        {
+            BelowAutograd below;
+            std::tie(dx, g) = backward_of(dy, x, saved["context"].toTensor(), saved["flags"].toInt(),
+                                          saved["groups"].toInt(), saved["bn_affine"].toBool(),
+                                          saved["cn_affine"].toBool(), &shapes);
+        }
+        variable_list grads = {dx, g[0], g[1], g[2], g[3], Tensor()};  // x, the parameters, then EagerCall
+        if (!at::GradMode::is_enabled()) return grads;  // create_graph=False
+        auto it = saved.find("anchor");
+        std::vector<Tensor> anchors;
+        for (const Tensor &t : {it == saved.end() ? x : it->second.toTensor(), dy})
+            if (t.defined() && t.requires_grad()) anchors.push_back(t);
+        if (anchors.empty()) return grads;
+        for (Tensor &t : grads)
+            if (t.defined()) t = NoSecondDerivative::apply(t, at::TensorList(anchors));
+        return grads;
+    }
+};
+
+}  // namespace bcnswift
+
+namespace {
+
+Tensor eager_normalize_op(const Tensor &x, const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
+                          const OptionalTensor &cn_weight, const OptionalTensor &cn_bias,
+                          const OptionalTensor &running_mean, const OptionalTensor &running_var,
+                          const OptionalTensor &num_batches_tracked, const OptionalTensor &moving_speed, int64_t flags,
+                          int64_t groups, double eps, double bn_eps, double momentum, bool update) {
+    bcnswift::EagerCall call{running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps,
+                             momentum, update};
+    return bcnswift::EagerNormalize::apply(x, bn_weight, bn_bias, cn_weight, cn_bias, call);
 }
 
 // ---- Weight Standardization (_ops._weight_standardization and its backward) ------------------------------
@@ -722,6 +915,43 @@ Tensor ws_backward_op(const Tensor &grad_given, const Tensor &given, double eps,
     return out;
 }
 
+}  // namespace
+
+namespace bcnswift {
+
+// _ops._EagerWeightStandardization in C++ (bcnswift::_eager_weight_standardization): a WS layer's weight, whose
+// backward is a node of autograd's graph that runs no Python, as the eager norms' (EagerNormalize).
+struct EagerWeightStandardization : public torch::autograd::Function<EagerWeightStandardization> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &w, double eps, int64_t flags) {
+        Tensor out = ws_forward_op(w, eps, flags);
+        ctx->save_for_backward({w});
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["flags"] = flags;
+        return out;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
+        Tensor w = ctx->get_saved_variables()[0];
+        const Tensor &grad = grad_outputs[0];
+        Tensor dw = ws_backward_op(grad, w, ctx->saved_data["eps"].toDouble(), ctx->saved_data["flags"].toInt());
+        if (at::GradMode::is_enabled()) {  // create_graph=True: attached, but without a derivative of its own
+            std::vector<Tensor> anchors;
+            for (const Tensor &t : {w, grad})
+                if (t.requires_grad()) anchors.push_back(t);
+            if (!anchors.empty()) dw = NoSecondDerivative::apply(dw, at::TensorList(anchors));
+        }
+        return {dw, Tensor(), Tensor()};  // w, then eps and flags
+    }
+};
+
+}  // namespace bcnswift
+
+namespace {
+
+Tensor eager_weight_standardization_op(const Tensor &w, double eps, int64_t flags) {
+    return bcnswift::EagerWeightStandardization::apply(w, eps, flags);
+}
+
 // bcnswift::_native_threads(setting): _threads.set_num_threads' setting (-1: torch's threads; clamped).
 void native_threads_op(int64_t setting) { thread_setting.store(setting < 0 ? -1 : std::min<int64_t>(setting, 4096)); }
 
@@ -740,7 +970,8 @@ std::vector<int64_t> native_probe_op(bool on) {
 // of another version (a raise here) leaves them working.
 int64_t native_enable_op() {
     static std::once_flag once;
-    static torch::Library *kernels = nullptr;  // held for the process's lifetime, as TORCH_LIBRARY_IMPL holds its
+    // held for the process's lifetime, as TORCH_LIBRARY_IMPL holds its own Library
+    static torch::Library *kernels = nullptr, *eager = nullptr;
     int64_t version = api().abi_version;
     std::call_once(once, [] {
         kernels = new torch::Library(torch::Library::IMPL, "bcnswift", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -751,16 +982,28 @@ int64_t native_enable_op() {
         kernels->impl("normalize_backward", &normalize_backward_op);
         kernels->impl("weight_standardization", &ws_forward_op);
         kernels->impl("weight_standardization_backward", &ws_backward_op);
+        // the eager route's op: its own autograd node, so a kernel above autograd (for the CPU tensors it takes)
+        eager = new torch::Library(torch::Library::IMPL, "bcnswift", c10::DispatchKey::CompositeImplicitAutograd,
+                                   __FILE__, __LINE__);
+        eager->impl("_eager_normalize", &eager_normalize_op);
+        eager->impl("_eager_weight_standardization", &eager_weight_standardization_op);
     });
     return version;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(bcnswift, m) {  // private: _native.py's; no tensors, so kernels for every dispatch key
+// Private ops. _native.py's take no tensors, so their kernels serve every dispatch key; the eager route's get
+// theirs from _native_enable, with the ops' CPU kernels.
+TORCH_LIBRARY_FRAGMENT(bcnswift, m) {
     m.def("_native_threads(int setting) -> ()", &native_threads_op);
     m.def("_native_enable() -> int", &native_enable_op);
     m.def("_native_probe(bool on) -> int[]", &native_probe_op);
+    // the eager route's whole forward (_ops.eager_forward), and a WS layer's weight
+    m.def("_eager_normalize(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor? cn_weight, Tensor? cn_bias, "
+          "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, Tensor? moving_speed, "
+          "int flags, int groups, float eps, float bn_eps, float momentum, bool update) -> Tensor");
+    m.def("_eager_weight_standardization(Tensor w, float eps, int flags) -> Tensor");
 }
 
 namespace {
