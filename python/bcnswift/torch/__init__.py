@@ -15,7 +15,7 @@ The kernels run on torch's own OpenMP threads by default, with torch's thread co
 that would compete with them: ``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THREADS) changes that.
 
 The ops' CPU kernels are C++ where a C++ compiler is (built once per torch installation on first import, about
-10 seconds, and cached; BCNSWIFT_TORCH_NATIVE=0 keeps the Python kernels): ``uses_native_operators()``.
+20 seconds, and cached; BCNSWIFT_TORCH_NATIVE=0 keeps the Python kernels): ``uses_native_operators()``.
 """
 from . import _ops  # registers the custom ops
 from ._native import uses_native_operators

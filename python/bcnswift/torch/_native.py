@@ -5,7 +5,7 @@ loaded when bcnswift.torch is imported.
 Their Python kernels (_ops.py) cost an op tens of microseconds a call around the Swift kernels, several times
 that in a training step; the C++ ones a few microseconds, with the same checks, layouts and bits. Without a
 compiler, or with ``BCNSWIFT_TORCH_NATIVE=0``, the ops keep their Python kernels (one warning when a build
-was tried and failed). The build takes about 10 seconds here, once: the library is kept under
+was tried and failed). The build takes about 20 seconds here, once: the library is kept under
 ``$BCNSWIFT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bcnswift``, else ``~/.cache/bcnswift``), named by a hash of
 its source, the torch it is built against and the compiler, so another torch or a new bcnswift builds afresh.
 Processes that start together (an mpiexec or torchrun launch) build it once, under a file lock; when that build
