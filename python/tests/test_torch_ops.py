@@ -195,6 +195,54 @@ def test_second_derivative_is_a_clear_error(route, gen, monkeypatch):
         gw.square().sum().backward()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_ops_called_directly_differentiate_as_the_eager_route(dtype, layout, gen):
+    """The ops' autograd (native_ops.cpp's for CPU tensors where it is built, else the Python formulas), called
+    directly with tensors that require grad: the eager route's bits for outputs and every gradient, each in its
+    parameter's shape; outputs that need none under no_grad; the moments not differentiable; update_running_
+    bumping each buffer's version once."""
+    C, G = 8, 4
+    x0 = rand_input(gen, (3, C, 4, 5), dtype, layout)
+    dy = rand_input(gen, (3, C, 4, 5), dtype, layout)
+    p = parameters(gen, C, G, dtype)
+    flags = TORCH_BN | CN
+
+    def leaves():
+        return [t.clone().requires_grad_() for t in (x0, p["bw"], p["bb"], p["cw"].reshape(1, G, 1),
+                                                      p["cb"].reshape(1, G, 1))]
+    runs = []
+    for way in ("normalize_batch", "normalize", "eager"):
+        x, bw, bb, cw, cb = leaves()
+        if way == "normalize_batch":
+            y = _ops.normalize_batch(x, bw, bb, cw, cb, flags | TR, G, 1e-5, 1e-3)[0]
+        elif way == "normalize":
+            y = _ops.normalize(x, None, None, bw, bb, None, None, cw, cb, flags | TR, G, 1e-5, 1e-3)[0]
+        else:
+            y = _ops.eager_forward(x, bw, bb, None, None, None, None, cw, cb, flags | TR, G, 1e-5, 1e-3, 0.1, False)
+        y.backward(dy)
+        runs.append((way, [y.detach(), *(t.grad for t in (x, bw, bb, cw, cb))]))
+    for way, results in runs[:-1]:
+        for name, a, b in zip(("y", "x", "bn_weight", "bn_bias", "cn_weight", "cn_bias"), results, runs[-1][1]):
+            assert a.shape == b.shape and torch.equal(a, b), f"{way}: {name}"
+    with torch.no_grad():
+        x, bw, bb, cw, cb = leaves()
+        assert not any(t.requires_grad for t in _ops.normalize_batch(x, bw, bb, cw, cb, flags | TR, G, 1e-5, 1e-3))
+    w = (torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float64) * 0.2 + 0.05).to(dtype)
+    ws = [w.clone().requires_grad_() for _ in range(2)]
+    _ops.weight_standardization(ws[0], 1e-5, _ext.BCN_WS_UNBIASED).backward(torch.ones_like(w))
+    _ops.weight_standardization_route(ws[1], 1e-5, _ext.BCN_WS_UNBIASED).backward(torch.ones_like(w))
+    assert torch.equal(ws[0].grad, ws[1].grad)
+    context, moments = _ops.moments(x0.clone().requires_grad_(), flags, G)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        moments.sum().backward()
+    rm, rv, nbt = p["rm"].clone(), p["rv"].clone(), torch.tensor(2)
+    before = [t._version for t in (rm, rv, nbt)]
+    _ops.update_running_(rm, rv, nbt, _ops.moments(x0, flags, G)[1], flags, 0.1, None)
+    assert [t._version for t in (rm, rv, nbt)] == [v + 1 for v in before]
+    assert int(nbt) == 3
+
+
 # ---- no copies ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)

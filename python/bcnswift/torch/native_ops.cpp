@@ -952,6 +952,297 @@ Tensor eager_weight_standardization_op(const Tensor &w, double eps, int64_t flag
     return bcnswift::EagerWeightStandardization::apply(w, eps, flags);
 }
 
+// ---- the ops' autograd kernels on the CPU ---------------------------------------------------------------
+
+// _ops.py's register_autograd formulas, in C++ for CPU tensors (the dispatcher's AutogradCPU; other devices keep
+// the Python ones). torch.library runs an op's Python autograd kernel on every call, and a compiled graph calls
+// the ops with gradients off: there the kernel only redispatches, and that Python cost more than the CPU kernel
+// of a small layer (in a compiled training step of "small", 40 us a call: docs/PERFORMANCE.md). So with nothing
+// to differentiate these redispatch in C++; otherwise they build the same graph as the formulas in Python: x and
+// the context saved, the context and moments not differentiable, the backward the op normalize_backward (whose
+// own kernel here makes a second derivative raise), each parameter's gradient in its parameter's shape.
+
+using OpSymInt = c10::SymInt;
+
+bool any_requires_grad(std::initializer_list<const Tensor *> tensors) {
+    if (!at::GradMode::is_enabled()) return false;
+    for (const Tensor *t : tensors)
+        if (t->defined() && t->requires_grad()) return true;
+    return false;
+}
+
+const Tensor &or_undefined(const OptionalTensor &t) {
+    static const Tensor undefined;
+    return t ? *t : undefined;
+}
+
+// The typed handle of one of _ops.py's ops (defined there, in Python, before this library loads).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> handle(const char *name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using MomentsSig = std::tuple<Tensor, Tensor>(const Tensor &, OpSymInt, OpSymInt);
+using UpdateSig = void(Tensor &, Tensor &, Tensor &, const Tensor &, OpSymInt, double, const OptionalTensor &);
+using NormalizeSig = std::tuple<Tensor, Tensor>(const Tensor &, const OptionalTensor &, const OptionalTensor &,
+                                                const OptionalTensor &, const OptionalTensor &, const OptionalTensor &,
+                                                const OptionalTensor &, const OptionalTensor &, const OptionalTensor &,
+                                                OpSymInt, OpSymInt, double, double);
+using NormalizeBatchSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor &, const OptionalTensor &,
+                                                             const OptionalTensor &, const OptionalTensor &,
+                                                             const OptionalTensor &, OpSymInt, OpSymInt, double,
+                                                             double);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor &, const Tensor &, const Tensor &,
+                                                                       OpSymInt, OpSymInt, bool, bool);
+using WSSig = Tensor(const Tensor &, double, OpSymInt);
+using WSBackwardSig = Tensor(const Tensor &, const Tensor &, double, OpSymInt);
+
+}  // namespace
+
+namespace bcnswift {
+
+// What `_ops._save` keeps of a forward for `_normalize_gradients`: x and the context (saved: an in-place change of
+// either is caught), flags, groups, which stages are affine, and each parameter's shape (none where not given).
+void save_normalization(AutogradContext *ctx, const Tensor &x, const Tensor &context, const OpSymInt &flags,
+                        const OpSymInt &groups, const OptionalTensor *const (&parameters)[4]) {
+    ctx->save_for_backward({x, context});
+    auto &saved = ctx->saved_data;
+    saved["flags"] = flags;
+    saved["groups"] = groups;
+    saved["bn_affine"] = parameters[0]->has_value() || parameters[1]->has_value();
+    saved["cn_affine"] = parameters[2]->has_value() || parameters[3]->has_value();
+    const char *keys[] = {"shape0", "shape1", "shape2", "shape3"};
+    for (int i = 0; i < 4; ++i)
+        saved[keys[i]] = *parameters[i] ? c10::IValue((*parameters[i])->sym_sizes()) : c10::IValue();
+}
+
+// `_normalize_gradients`: (dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) by the op normalize_backward, each
+// parameter's in its shape (undefined where not given).
+variable_list normalization_gradients(AutogradContext *ctx, const Tensor &dy) {
+    static auto backward = handle<BackwardSig>("bcnswift::normalize_backward");
+    auto saved_tensors = ctx->get_saved_variables();
+    auto &saved = ctx->saved_data;
+    auto [dx, g0, g1, g2, g3] = backward.call(dy, saved_tensors[0], saved_tensors[1], saved["flags"].toSymInt(),
+                                              saved["groups"].toSymInt(), saved["bn_affine"].toBool(),
+                                              saved["cn_affine"].toBool());
+    variable_list grads = {dx};
+    const char *keys[] = {"shape0", "shape1", "shape2", "shape3"};
+    Tensor params[] = {g0, g1, g2, g3};
+    for (int i = 0; i < 4; ++i) {
+        const c10::IValue &shape = saved[keys[i]];
+        if (shape.isNone()) {
+            grads.emplace_back();
+            continue;
+        }
+        auto sizes = shape.toSymIntVector();
+        grads.push_back(sizes.size() == 1 ? params[i] : params[i].view_symint(sizes));
+    }
+    return grads;
+}
+
+struct NormalizeOp : public torch::autograd::Function<NormalizeOp> {
+    static variable_list forward(AutogradContext *ctx, c10::DispatchKeySet ks, const Tensor &x,
+                                 const OptionalTensor &context, const OptionalTensor &moments,
+                                 const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
+                                 const OptionalTensor &running_mean, const OptionalTensor &running_var,
+                                 const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, OpSymInt flags,
+                                 OpSymInt groups, double eps, double bn_eps) {
+        static auto op = handle<NormalizeSig>("bcnswift::normalize");
+        at::AutoDispatchBelowAutograd below;
+        auto [y, made] = op.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight, bn_bias,
+                                       running_mean, running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps);
+        save_normalization(ctx, x, made, flags, groups, {&bn_weight, &bn_bias, &cn_weight, &cn_bias});
+        ctx->mark_non_differentiable({made});  // the context is bookkeeping, not a value
+        return {y, made};
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        variable_list g = normalization_gradients(ctx, grads[0]);
+        // ks, x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, then flags,
+        // groups, eps, bn_eps
+        return {Tensor(), g[0], Tensor(), Tensor(), g[1], g[2], Tensor(), Tensor(), g[3], g[4],
+                Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+struct NormalizeBatchOp : public torch::autograd::Function<NormalizeBatchOp> {
+    static variable_list forward(AutogradContext *ctx, c10::DispatchKeySet ks, const Tensor &x,
+                                 const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
+                                 const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, OpSymInt flags,
+                                 OpSymInt groups, double eps, double bn_eps) {
+        static auto op = handle<NormalizeBatchSig>("bcnswift::normalize_batch");
+        at::AutoDispatchBelowAutograd below;
+        auto [y, context, moments] = op.redispatch(ks & c10::after_autograd_keyset, x, bn_weight, bn_bias, cn_weight,
+                                                   cn_bias, flags, groups, eps, bn_eps);
+        save_normalization(ctx, x, context, flags, groups, {&bn_weight, &bn_bias, &cn_weight, &cn_bias});
+        ctx->mark_non_differentiable({context, moments});  // bookkeeping and statistics, not values
+        return {y, context, moments};
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        variable_list g = normalization_gradients(ctx, grads[0]);
+        // ks, x, bn_weight, bn_bias, cn_weight, cn_bias, then flags, groups, eps, bn_eps
+        return {Tensor(), g[0], g[1], g[2], g[3], g[4], Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+struct WeightStandardizationOp : public torch::autograd::Function<WeightStandardizationOp> {
+    static Tensor forward(AutogradContext *ctx, c10::DispatchKeySet ks, const Tensor &w, double eps, OpSymInt flags) {
+        static auto op = handle<WSSig>("bcnswift::weight_standardization");
+        at::AutoDispatchBelowAutograd below;
+        Tensor out = op.redispatch(ks & c10::after_autograd_keyset, w, eps, flags);
+        ctx->save_for_backward({w});
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["flags"] = flags;
+        return out;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        static auto backward = handle<WSBackwardSig>("bcnswift::weight_standardization_backward");
+        Tensor dw = backward.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["eps"].toDouble(),
+                                  ctx->saved_data["flags"].toSymInt());
+        return {Tensor(), dw, Tensor(), Tensor()};  // ks, w, eps, flags
+    }
+};
+
+// An op whose outputs have no derivative: differentiating them raises `message` (the backward ops' second
+// derivative, as _ops._no_double_backward; the moments, as torch.library says of an op without a formula).
+template <class Op>
+struct Underivable : public torch::autograd::Function<Underivable<Op>> {
+    template <class... Args>
+    static variable_list forward(AutogradContext *, c10::DispatchKeySet ks, const Args &...args) {
+        at::AutoDispatchBelowAutograd below;
+        auto out = Op::handle().redispatch(ks & c10::after_autograd_keyset, args...);
+        if constexpr (std::is_same_v<decltype(out), Tensor>) {
+            return {out};
+        } else {
+            return std::apply([](auto &...t) { return variable_list{t...}; }, out);
+        }
+    }
+    static variable_list backward(AutogradContext *, variable_list) {
+        TORCH_CHECK(false, Op::message());
+        return {};
+    }
+};
+
+}  // namespace bcnswift
+
+namespace {
+
+struct MomentsOp {
+    static c10::TypedOperatorHandle<MomentsSig> handle() {
+        static auto op = ::handle<MomentsSig>("bcnswift::moments");
+        return op;
+    }
+    static const char *message() {
+        return "Trying to backward through bcnswift.moments.default but no autograd formula was registered. Please "
+               "use register_autograd to add one.";  // torch.library's words for it
+    }
+};
+struct BackwardOp {
+    static c10::TypedOperatorHandle<BackwardSig> handle() {
+        static auto op = ::handle<BackwardSig>("bcnswift::normalize_backward");
+        return op;
+    }
+    static const char *message() { return kNoSecondDerivative; }
+};
+struct WSBackwardOp {
+    static c10::TypedOperatorHandle<WSBackwardSig> handle() {
+        static auto op = ::handle<WSBackwardSig>("bcnswift::weight_standardization_backward");
+        return op;
+    }
+    static const char *message() { return kNoSecondDerivative; }
+};
+
+std::tuple<Tensor, Tensor> moments_autograd(c10::DispatchKeySet ks, const Tensor &x, OpSymInt flags, OpSymInt groups) {
+    if (!any_requires_grad({&x})) {
+        at::AutoDispatchBelowAutograd below;
+        return MomentsOp::handle().redispatch(ks & c10::after_autograd_keyset, x, flags, groups);
+    }
+    auto out = bcnswift::Underivable<MomentsOp>::apply(ks, x, flags, groups);
+    return {out[0], out[1]};
+}
+
+// update_running_ differentiates nothing; it mutates its first three arguments, whose versions it bumps, as
+// torch.library's ADInplaceOrView kernel for it (Python) does, which this one passes by.
+void update_running_autograd(c10::DispatchKeySet ks, Tensor &running_mean, Tensor &running_var,
+                             Tensor &num_batches_tracked, const Tensor &moments, OpSymInt flags, double momentum,
+                             const OptionalTensor &moving_speed) {
+    static auto op = handle<UpdateSig>("bcnswift::update_running_");
+    {
+        at::AutoDispatchBelowADInplaceOrView below;
+        op.redispatch(ks & c10::after_ADInplaceOrView_keyset, running_mean, running_var, num_batches_tracked, moments,
+                      flags, momentum, moving_speed);
+    }
+    for (Tensor *t : {&running_mean, &running_var, &num_batches_tracked})
+        if (t->defined() && !t->is_inference()) torch::autograd::impl::bump_version(*t);
+}
+
+std::tuple<Tensor, Tensor> normalize_autograd(c10::DispatchKeySet ks, const Tensor &x, const OptionalTensor &context,
+                                              const OptionalTensor &moments, const OptionalTensor &bn_weight,
+                                              const OptionalTensor &bn_bias, const OptionalTensor &running_mean,
+                                              const OptionalTensor &running_var, const OptionalTensor &cn_weight,
+                                              const OptionalTensor &cn_bias, OpSymInt flags, OpSymInt groups,
+                                              double eps, double bn_eps) {
+    if (!any_requires_grad({&x, &or_undefined(bn_weight), &or_undefined(bn_bias), &or_undefined(cn_weight),
+                            &or_undefined(cn_bias)})) {
+        static auto op = handle<NormalizeSig>("bcnswift::normalize");
+        at::AutoDispatchBelowAutograd below;
+        return op.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight, bn_bias, running_mean,
+                             running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps);
+    }
+    auto out = bcnswift::NormalizeOp::apply(ks, x, context, moments, bn_weight, bn_bias, running_mean, running_var,
+                                            cn_weight, cn_bias, flags, groups, eps, bn_eps);
+    return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> normalize_batch_autograd(c10::DispatchKeySet ks, const Tensor &x,
+                                                            const OptionalTensor &bn_weight,
+                                                            const OptionalTensor &bn_bias,
+                                                            const OptionalTensor &cn_weight,
+                                                            const OptionalTensor &cn_bias, OpSymInt flags,
+                                                            OpSymInt groups, double eps, double bn_eps) {
+    if (!any_requires_grad({&x, &or_undefined(bn_weight), &or_undefined(bn_bias), &or_undefined(cn_weight),
+                            &or_undefined(cn_bias)})) {
+        static auto op = handle<NormalizeBatchSig>("bcnswift::normalize_batch");
+        at::AutoDispatchBelowAutograd below;
+        return op.redispatch(ks & c10::after_autograd_keyset, x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups,
+                             eps, bn_eps);
+    }
+    auto out = bcnswift::NormalizeBatchOp::apply(ks, x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps,
+                                                 bn_eps);
+    return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_autograd(
+    c10::DispatchKeySet ks, const Tensor &dy, const Tensor &x, const Tensor &context, OpSymInt flags, OpSymInt groups,
+    bool bn_affine, bool cn_affine) {
+    if (!any_requires_grad({&dy, &x, &context})) {
+        at::AutoDispatchBelowAutograd below;
+        return BackwardOp::handle().redispatch(ks & c10::after_autograd_keyset, dy, x, context, flags, groups,
+                                               bn_affine, cn_affine);
+    }
+    auto out = bcnswift::Underivable<BackwardOp>::apply(ks, dy, x, context, flags, groups, bn_affine, cn_affine);
+    return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+Tensor ws_autograd(c10::DispatchKeySet ks, const Tensor &w, double eps, OpSymInt flags) {
+    if (!any_requires_grad({&w})) {
+        static auto op = handle<WSSig>("bcnswift::weight_standardization");
+        at::AutoDispatchBelowAutograd below;
+        return op.redispatch(ks & c10::after_autograd_keyset, w, eps, flags);
+    }
+    return bcnswift::WeightStandardizationOp::apply(ks, w, eps, flags);
+}
+
+Tensor ws_backward_autograd(c10::DispatchKeySet ks, const Tensor &grad, const Tensor &w, double eps, OpSymInt flags) {
+    if (!any_requires_grad({&grad, &w})) {
+        at::AutoDispatchBelowAutograd below;
+        return WSBackwardOp::handle().redispatch(ks & c10::after_autograd_keyset, grad, w, eps, flags);
+    }
+    return bcnswift::Underivable<WSBackwardOp>::apply(ks, grad, w, eps, flags)[0];
+}
+
 // bcnswift::_native_threads(setting): _threads.set_num_threads' setting (-1: torch's threads; clamped).
 void native_threads_op(int64_t setting) { thread_setting.store(setting < 0 ? -1 : std::min<int64_t>(setting, 4096)); }
 
@@ -971,7 +1262,7 @@ std::vector<int64_t> native_probe_op(bool on) {
 int64_t native_enable_op() {
     static std::once_flag once;
     // held for the process's lifetime, as TORCH_LIBRARY_IMPL holds its own Library
-    static torch::Library *kernels = nullptr, *eager = nullptr;
+    static torch::Library *kernels = nullptr, *eager = nullptr, *autograd = nullptr;
     int64_t version = api().abi_version;
     std::call_once(once, [] {
         kernels = new torch::Library(torch::Library::IMPL, "bcnswift", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -987,6 +1278,16 @@ int64_t native_enable_op() {
                                    __FILE__, __LINE__);
         eager->impl("_eager_normalize", &eager_normalize_op);
         eager->impl("_eager_weight_standardization", &eager_weight_standardization_op);
+        // the ops' autograd formulas for CPU tensors (the Python ones, at the Autograd alias, serve the rest)
+        autograd = new torch::Library(torch::Library::IMPL, "bcnswift", c10::DispatchKey::AutogradCPU, __FILE__,
+                                      __LINE__);
+        autograd->impl("moments", &moments_autograd);
+        autograd->impl("update_running_", &update_running_autograd);
+        autograd->impl("normalize", &normalize_autograd);
+        autograd->impl("normalize_batch", &normalize_batch_autograd);
+        autograd->impl("normalize_backward", &normalize_backward_autograd);
+        autograd->impl("weight_standardization", &ws_autograd);
+        autograd->impl("weight_standardization_backward", &ws_backward_autograd);
     });
     return version;
 }
