@@ -722,6 +722,20 @@ struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative>
     }
 };
 
+// _ops._first_order_only: with create_graph=True (grad mode on in a backward) each gradient marked so that its
+// derivative raises, attached to the graph through `anchor` and the output gradient `dy` (those that require
+// grad); else the gradients as they are.
+variable_list first_order_only(variable_list grads, const Tensor &anchor, const Tensor &dy) {
+    if (!at::GradMode::is_enabled()) return grads;
+    std::vector<Tensor> anchors;
+    for (const Tensor &t : {anchor, dy})
+        if (t.defined() && t.requires_grad()) anchors.push_back(t);
+    if (anchors.empty()) return grads;
+    for (Tensor &g : grads)
+        if (g.defined()) g = NoSecondDerivative::apply(g, at::TensorList(anchors));
+    return grads;
+}
+
 // The arguments of an eager forward besides the tensors that may need gradients.
 struct EagerCall {
     OptionalTensor running_mean, running_var, num_batches_tracked, moving_speed;
@@ -805,16 +819,10 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
                                           saved["groups"].toInt(), saved["bn_affine"].toBool(),
                                           saved["cn_affine"].toBool(), &shapes);
         }
-        variable_list grads = {dx, g[0], g[1], g[2], g[3], Tensor()};  // x, the parameters, then EagerCall
-        if (!at::GradMode::is_enabled()) return grads;  // create_graph=False
-        auto it = saved.find("anchor");
-        std::vector<Tensor> anchors;
-        for (const Tensor &t : {it == saved.end() ? x : it->second.toTensor(), dy})
-            if (t.defined() && t.requires_grad()) anchors.push_back(t);
-        if (anchors.empty()) return grads;
-        for (Tensor &t : grads)
-            if (t.defined()) t = NoSecondDerivative::apply(t, at::TensorList(anchors));
-        return grads;
+        auto anchor = saved.find("anchor");
+        // x, the parameters, then EagerCall
+        return first_order_only({dx, g[0], g[1], g[2], g[3], Tensor()},
+                                anchor == saved.end() ? x : anchor->second.toTensor(), dy);
     }
 };
 
@@ -934,13 +942,7 @@ struct EagerWeightStandardization : public torch::autograd::Function<EagerWeight
         Tensor w = ctx->get_saved_variables()[0];
         const Tensor &grad = grad_outputs[0];
         Tensor dw = ws_backward_op(grad, w, ctx->saved_data["eps"].toDouble(), ctx->saved_data["flags"].toInt());
-        if (at::GradMode::is_enabled()) {  // create_graph=True: attached, but without a derivative of its own
-            std::vector<Tensor> anchors;
-            for (const Tensor &t : {w, grad})
-                if (t.requires_grad()) anchors.push_back(t);
-            if (!anchors.empty()) dw = NoSecondDerivative::apply(dw, at::TensorList(anchors));
-        }
-        return {dw, Tensor(), Tensor()};  // w, then eps and flags
+        return first_order_only({dw, Tensor(), Tensor()}, w, grad);  // w, then eps and flags
     }
 };
 
