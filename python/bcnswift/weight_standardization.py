@@ -25,12 +25,12 @@ def _weight(w, name="w"):
     dt = np.float32 if isinstance(w, np.ndarray) and w.dtype.kind == "f" and w.dtype.itemsize == 4 else np.float64
     if isinstance(w, np.ndarray) and w.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {w.dtype}")
-    w = np.ascontiguousarray(as_float_array(w, _dtype(dt), name))  # the kernels read rows in C order
-    if w.ndim < 2:
+    w = as_float_array(w, _dtype(dt), name)
+    if w.ndim < 2:  # checked before the C-order copy, which makes a 0-d array 1-d
         raise ValueError(f"{name} must have rank >= 2 ([out_channels, ...]), got shape {w.shape}")
     if w.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {w.shape}")
-    return w
+    return np.ascontiguousarray(w)  # the kernels read rows in C order
 
 
 def weight_standardization(w, eps=1e-5, unbiased=True, eps_in_sqrt=True):
@@ -47,9 +47,10 @@ def weight_standardization_backward(w, dw_hat, eps=1e-5, unbiased=True, eps_in_s
     """Gradient with respect to w of weight_standardization(w, ...), given the gradient dw_hat of its output."""
     flags, eps = _flags(unbiased, eps_in_sqrt), _positive_float(eps, "eps")
     w = _weight(w)
-    g = np.ascontiguousarray(as_float_array(dw_hat, w.dtype, "dw_hat"))
+    g = as_float_array(dw_hat, w.dtype, "dw_hat")
     if g.shape != w.shape:
         raise ValueError(f"dw_hat has shape {g.shape}, expected the weight's shape {w.shape}")
+    g = np.ascontiguousarray(g)
     dw = np.empty_like(w)
     _ext.ws_backward(flags, eps, w, g, dw)
     return dw

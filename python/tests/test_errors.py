@@ -1,4 +1,6 @@
 """Bad input gets a clear exception naming what is wrong, and a failed call changes no running buffer."""
+import re
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,18 @@ def test_repr_is_the_call_that_makes_the_layer(layer):
     again = eval(repr(layer), namespace)
     assert repr(again) == repr(layer)
     assert again._flags == layer._flags and again.bn_eps == layer.bn_eps and again.channel_axis == layer.channel_axis
+
+
+@pytest.mark.parametrize("w", [np.float32(3.0), np.array(3.0), 2.5, np.ones(4)], ids=["np.float32", "0-d", "float",
+                                                                                 "1-d"])
+def test_a_weight_below_rank_2_is_reported_with_its_own_shape(w):
+    """The message names the shape given (a 0-d weight is (), not the (1,) of numpy's C-order copy), for the
+    weight and for the gradient given to the backward."""
+    shape = re.escape(str(np.shape(w)))
+    with pytest.raises(ValueError, match=rf"w must have rank >= 2 \(\[out_channels, ...\]\), got shape {shape}$"):
+        bcnswift.weight_standardization(w)
+    with pytest.raises(ValueError, match=rf"dw_hat has shape {shape}, expected the weight's shape \(2, 3\)$"):
+        bcnswift.weight_standardization_backward(np.ones((2, 3)) + np.arange(3), w)
 
 
 def test_weight_standardization_keeps_float32_in_either_byte_order():
