@@ -241,4 +241,22 @@ final class BatchChannelNormTests: XCTestCase {
         }
         XCTAssertThrowsError(try WeightStandardization.standardize([1.0, 2.0], shape: [2, 1]))
     }
+
+    /// A weight whose count does not match its shape is refused with both numbers; a shape with a dimension
+    /// below 1, or one whose count overflows, in its own words.
+    func testWeightStandardizationNamesTheCountItsShapeNeeds() {
+        func message(_ w: [Double], _ shape: [Int]) -> String? {
+            do {
+                _ = try WeightStandardization.standardize(w, shape: shape)
+                return nil
+            } catch {
+                return error.message
+            }
+        }
+        let w = (0..<7).map { Double($0) + 0.5 }
+        XCTAssertEqual(message(w, [2, 3]), "weight has 7 elements, shape [2, 3] needs 6")
+        XCTAssertEqual(message(w, [0, 3]), "weight dimensions must be positive, got shape [0, 3]")
+        XCTAssertEqual(message(w, [-2, 3]), "weight dimensions must be positive, got shape [-2, 3]")
+        XCTAssertEqual(message(w, [Int.max, 3]), "weight shape [\(Int.max), 3] is too large")
+    }
 }

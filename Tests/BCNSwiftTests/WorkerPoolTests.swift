@@ -54,11 +54,15 @@ final class WorkerPoolTests: XCTestCase {
 
     /// Runs `jobs` jobs on the current threads and checks that the indices the calling thread ran form a prefix of
     /// each job and the other threads' a suffix, and that another thread ran some. `pause`: microseconds each range
-    /// waits (time for threads that start late).
+    /// waits (time for threads that start late). On a loaded machine a worker may get no core for all of `jobs`
+    /// short jobs, so until one has run a range the jobs go on, for up to 10 seconds.
     func checkCallerPrefixes(jobs: Int, pause: UInt32 = 0, file: StaticString = #filePath, line: UInt = #line) {
         let caller = pthread_self()
         var sawOther = false
-        for job in 0..<jobs {
+        let deadline = DispatchTime.now().uptimeNanoseconds + 10_000_000_000
+        var job = 0
+        while job < jobs || (!sawOther && DispatchTime.now().uptimeNanoseconds < deadline) {
+            defer { job += 1 }
             let count = 64 + job % 200
             let onCaller = UnsafeMutableBufferPointer<Int>.allocate(capacity: count)
             defer { onCaller.deallocate() }

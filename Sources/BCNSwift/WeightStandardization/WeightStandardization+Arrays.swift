@@ -11,9 +11,13 @@ extension WeightStandardization {
             guard !o else { throw BCNError(.invalidArgument, "weight shape \(shape) is too large") }
             fanIn = p
         }
-        guard shape[0] > 0, !shape[0].multipliedReportingOverflow(by: fanIn).overflow,
-              shape[0] * fanIn == count else {
-            throw BCNError(.shapeMismatch, "weight has \(count) elements, shape \(shape) needs a different count")
+        guard shape[0] > 0 else {
+            throw BCNError(.shapeMismatch, "weight dimensions must be positive, got shape \(shape)")
+        }
+        let (needed, overflow) = shape[0].multipliedReportingOverflow(by: fanIn)
+        guard !overflow else { throw BCNError(.invalidArgument, "weight shape \(shape) is too large") }
+        guard needed == count else {
+            throw BCNError(.shapeMismatch, "weight has \(count) elements, shape \(shape) needs \(needed)")
         }
         return (shape[0], fanIn)
     }
