@@ -292,10 +292,12 @@ def _same_or_none(a, b, what):
         _same(a, b, what)
 
 
-EAGER_CONFIGS = [  # flags, momentum (None: cumulative average), update, moving speed
+EAGER_CONFIGS = [  # flags, momentum (None: cumulative average), update, moving speed ("no count": a stage without
+    # num_batches_tracked); parameters are given to a stage the flags leave out too (their gradients are zeros)
     (TORCH_BN | CN, 0.3, True, False), (TORCH_BN | CN, None, True, False), (TORCH_BN | CN | TR, 0.1, False, False),
     (TORCH_BN | CN, 0.1, False, False), (AUTHORS_EST | CN, 0.0, True, True), (LABML_EST | CN, 0.2, True, False),
-    (LABML_EST | CN, 0.2, False, False), (TORCH_BN, 0.1, True, False), (CN, 0.0, False, False)]
+    (LABML_EST | CN, 0.2, False, False), (TORCH_BN, 0.1, True, False), (CN, 0.0, False, False),
+    (TORCH_BN | CN, 0.3, True, "no count")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -325,12 +327,9 @@ def test_the_native_eager_route_gives_the_python_routes_bits(shape, layout, dtyp
         def make():
             x = x0.clone(memory_format=torch.preserve_format).requires_grad_(x_grad)
             params = [t.clone().requires_grad_() if g else None for t, g in zip(params0, given)]
-            if not flags & BN:
-                params[:2] = [None, None]
-            if not flags & CN:
-                params[2:] = [None, None]
             rm, rv, nbt, ms = (t.clone() for t in buffers0)
-            buffers = (rm, rv, nbt, ms if speed else None) if flags & BN else (None,) * 4
+            buffers = (rm, rv, None if speed == "no count" else nbt, ms if speed is True else None) if flags & BN \
+                else (None,) * 4
             return x, dy0, params, buffers, (flags, G, 1e-5, 1e-3, momentum or 0.0, update)
         native, python = _eager_routes(monkeypatch, make)
         what = f"flags {flags}, momentum {momentum}, update {update}, given {given}, x grad {x_grad}"

@@ -236,6 +236,12 @@ def test_the_ops_called_directly_differentiate_as_the_eager_route(dtype, layout,
     context, moments = _ops.moments(x0.clone().requires_grad_(), flags, G)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         moments.sum().backward()
+    # an argument that gets no gradient, requiring one, still puts the output in the graph (torch.library's rule)
+    rm = p["rm"].clone().requires_grad_()
+    y = _ops.normalize(x0, None, None, None, None, rm, p["rv"], None, None, flags, G, 1e-5, 1e-3)[0]
+    assert y.requires_grad
+    y.sum().backward()
+    assert rm.grad is None
     rm, rv, nbt = p["rm"].clone(), p["rv"].clone(), torch.tensor(2)
     before = [t._version for t in (rm, rv, nbt)]
     _ops.update_running_(rm, rv, nbt, _ops.moments(x0, flags, G)[1], flags, 0.1, None)

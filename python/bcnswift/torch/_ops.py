@@ -713,8 +713,9 @@ class _EagerForward(torch.autograd.Function):
             y, context, laid = _normalize_impl(x, None, None, bn_weight, bn_bias, running_mean, running_var,
                                                num_batches_tracked, cn_weight, cn_bias, flags | train, groups, eps,
                                                bn_eps, momentum, update, views)
-        if update:  # written through numpy: tell autograd, as an in-place torch op would
-            torch.autograd.graph.increment_version((running_mean, running_var, num_batches_tracked))
+        if update:  # written through numpy: tell autograd, as an in-place torch op would (a stage may keep no count)
+            torch.autograd.graph.increment_version(
+                [t for t in (running_mean, running_var, num_batches_tracked) if t is not None])
         _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias, laid)
         # what attaches the gradients to a second backward's graph: x, else a parameter (x may need none)
         ctx.anchor = None if x.requires_grad else next(

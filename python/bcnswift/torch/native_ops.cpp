@@ -620,15 +620,16 @@ using ParameterGradients = std::array<Tensor, 4>;
 using ParameterShapes = std::array<std::optional<std::vector<int64_t>>, 4>;
 
 // Zeroed gradients for the kernels to add to, of bn_size (C) or cn_size (G) values, 0 for a stage that computes
-// none. Without `shapes`, 1-D (the op's outputs); with them (the eager route's), each in its parameter's shape.
+// none. Without `shapes`, 1-D (the op's outputs); with them (the eager route's), each parameter's in its shape,
+// zeros too where its stage computes none (as _ops._parameter_gradients gives them).
 ParameterGradients zeroed_gradients(int64_t bn_size, int64_t cn_size, c10::ScalarType dtype,
                                     const ParameterShapes *shapes) {
     ParameterGradients gradients;
     for (int i = 0; i < 4; ++i) {
-        int64_t n = i < 2 ? bn_size : cn_size;
-        const auto *shape = shapes && (*shapes)[i] && n ? &*(*shapes)[i] : nullptr;
-        gradients[i] = shape ? Tensor(at::detail::empty_cpu(*shape, dtype)) : new_empty(n, dtype);
-        if (n) std::memset(gradients[i].data_ptr(), 0, static_cast<size_t>(n) * gradients[i].element_size());
+        const auto *shape = shapes && (*shapes)[i] ? &*(*shapes)[i] : nullptr;
+        Tensor &g = gradients[i];
+        g = shape ? Tensor(at::detail::empty_cpu(*shape, dtype)) : new_empty(i < 2 ? bn_size : cn_size, dtype);
+        if (g.numel()) std::memset(g.data_ptr(), 0, static_cast<size_t>(g.numel()) * g.element_size());
     }
     return gradients;
 }
@@ -657,8 +658,10 @@ std::tuple<Tensor, ParameterGradients> backward_of(const Tensor &dy_given, const
     const void *pdy = take(dy, "dy", dtype, n, channels_last);
     void *pdx = take(dx, "dx", dtype, n, channels_last);
     auto *pctx = static_cast<const double *>(take(context, "context", at::kDouble, -1));
-    auto data = [](Tensor &t) { return t.numel() ? t.data_ptr() : nullptr; };
-    void *p1 = data(grads[0]), *p2 = data(grads[1]), *p3 = data(grads[2]), *p4 = data(grads[3]);
+    // the kernels add to the gradients of the stages that compute them (a parameter given to a stage that does
+    // not run gets its zeros)
+    auto data = [](Tensor &t, bool computed) { return computed && t.numel() ? t.data_ptr() : nullptr; };
+    void *p1 = data(grads[0], bn), *p2 = data(grads[1], bn), *p3 = data(grads[2], cn), *p4 = data(grads[3], cn);
     char message[kMessageCapacity] = "";
     int32_t status;
     {
@@ -1186,8 +1189,10 @@ std::tuple<Tensor, Tensor> normalize_autograd(c10::DispatchKeySet ks, const Tens
                                               const OptionalTensor &running_var, const OptionalTensor &cn_weight,
                                               const OptionalTensor &cn_bias, OpSymInt flags, OpSymInt groups,
                                               double eps, double bn_eps) {
-    if (!any_requires_grad({&x, &or_undefined(bn_weight), &or_undefined(bn_bias), &or_undefined(cn_weight),
-                            &or_undefined(cn_bias)})) {
+    // every tensor argument, as torch.library's kernel asks (the context, moments and buffers get no gradient)
+    if (!any_requires_grad({&x, &or_undefined(context), &or_undefined(moments), &or_undefined(bn_weight),
+                            &or_undefined(bn_bias), &or_undefined(running_mean), &or_undefined(running_var),
+                            &or_undefined(cn_weight), &or_undefined(cn_bias)})) {
         static auto op = handle<NormalizeSig>("bcnswift::normalize");
         at::AutoDispatchBelowAutograd below;
         return op.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight, bn_bias, running_mean,
