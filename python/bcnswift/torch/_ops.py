@@ -27,9 +27,9 @@ torch.compile and torch.export trace, and in eager mode directly, through ``torc
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
 one call per layer where the ops make two or three. Both give the same bits. Where a C++ compiler is, the ops'
 CPU kernels are native_ops.cpp's instead (_native.py builds it; ``NATIVE`` below): the same work in C++, the same
-bits, errors and layouts; the functions here then serve other devices (with a TypeError). So are the autograd
-formulas below for CPU tensors (torch.library's Python autograd kernel costs every call). The eager route then
-takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_standardization``, autograd Functions in
+bits, errors and layouts; the functions here then serve other devices (with a TypeError). For CPU tensors the
+library has the autograd formulas below in C++ too (torch.library runs their Python on every call). The eager route
+then takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_standardization``, autograd Functions in
 C++ whose backward runs no Python; the autograd.Functions here are its fallback.
 """
 import functools
