@@ -454,6 +454,28 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
         assert torch.equal(plain[2][k], hooked[2][k]), f"grad {k}"
 
 
+@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+def test_saved_tensor_hooks_see_only_the_input_of_an_eager_layer(route, gen, monkeypatch):
+    """A memory-saving pack hook that stores saved tensors in half precision (a common pattern) sees x alone: the
+    forward's context, float64 bookkeeping the backward needs exact, is kept aside on both eager routes, so the
+    backward still runs and its gradients follow x's rounding."""
+    monkeypatch.setattr(_ops, "NATIVE", route == "native")
+    module = bt.BCNorm(8, 4)
+    randomize(module, gen)
+    x = rand_input(gen, (2, 8, 3, 5), torch.float32)
+    dy = rand_input(gen, (2, 8, 3, 5), torch.float32)
+    seen = []
+
+    def pack(t):
+        seen.append((tuple(t.shape), t.dtype))
+        return t.to(torch.float16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.to(torch.float32)):
+        hooked = _run(copy.deepcopy(module), x, dy)
+    assert seen == [((2, 8, 3, 5), torch.float32)], seen
+    rounded = _run(module, x.half().float(), dy)  # what the backward saw of x: its half-precision rounding
+    torch.testing.assert_close(hooked[1], rounded[1], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("present", ["weight", "bias"])
 def test_a_stage_with_one_affine_parameter_gets_its_gradient(present, gen, monkeypatch):
     """The functional form takes a stage with only a weight or only a bias (None for the other): the kernels'
