@@ -3,6 +3,7 @@ gradcheck in float64, no copies on the way to the kernels, errors, and the ops' 
 import copy
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -247,6 +248,23 @@ def test_the_ops_called_directly_differentiate_as_the_eager_route(dtype, layout,
     _ops.update_running_(rm, rv, nbt, _ops.moments(x0, flags, G)[1], flags, 0.1, None)
     assert [t._version for t in (rm, rv, nbt)] == [v + 1 for v in before]
     assert int(nbt) == 3
+
+
+def test_out_of_memory_in_the_python_kernels_is_torchs_out_of_memory_error(gen, monkeypatch):
+    """bcnswift._ext raises MemoryError when a kernel's scratch cannot be allocated (BCN_ERR_OUT_OF_MEMORY); the
+    ops' Python kernels and the Python eager route raise it as torch.OutOfMemoryError, with the kernels' words,
+    as the native kernels do (and as torch's own operations do)."""
+    words = "bcnswift: out of memory: the call's scratch (12345 bytes) could not be allocated"
+
+    def refuse(*args):
+        raise MemoryError(words)
+    monkeypatch.setattr(_ops._ext, "norm_forward", refuse)
+    monkeypatch.setattr(_ops, "NATIVE", False)
+    x = rand_input(gen, (3, 8, 4, 5), torch.float32)
+    with pytest.raises(torch.OutOfMemoryError, match=f"^{re.escape(words)}$"):
+        _ops._normalize(x, None, None, None, None, None, None, None, None, TORCH_BN | CN | TR, 4, 1e-5, 1e-5)
+    with pytest.raises(torch.OutOfMemoryError, match=f"^{re.escape(words)}$"):
+        bt.BCNorm(8, 4)(x)
 
 
 # ---- no copies ----------------------------------------------------------------------------------------------

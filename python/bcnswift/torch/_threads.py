@@ -112,6 +112,15 @@ def uses_torch_threads():
     return _threads is None and bool(_openmp_team())
 
 
+def _call(name, args):
+    """bcnswift._ext's `name`; out of memory (its MemoryError) raised as torch raises it, torch.OutOfMemoryError,
+    the native kernels' type for it."""
+    try:
+        return getattr(_ext, name)(*args)
+    except MemoryError as error:
+        raise torch.OutOfMemoryError(str(error)) from error
+
+
 def _kernel(name):
     """The extension's kernel `name`, run on this module's threads: the calling thread's thread count and team
     set for the call and restored after (with 0, the calling thread's own settings are left as they are)."""
@@ -121,11 +130,11 @@ def _kernel(name):
             team = _openmp_team()
             threads = torch.get_num_threads() if team else 1
         if not threads:
-            return getattr(_ext, name)(*args)
+            return _call(name, args)
         saved_threads = _ext.set_calling_thread_num_threads(threads)
         saved_team = _ext.set_calling_thread_team(team)
         try:
-            return getattr(_ext, name)(*args)
+            return _call(name, args)
         finally:
             _ext.set_calling_thread_team(saved_team)
             _ext.set_calling_thread_num_threads(saved_threads)
