@@ -983,7 +983,7 @@ const Tensor &or_undefined(const OptionalTensor &t) {
 
 // The typed handle of one of _ops.py's ops (defined there, in Python, before this library loads).
 template <class Signature>
-c10::TypedOperatorHandle<Signature> handle(const char *name) {
+c10::TypedOperatorHandle<Signature> find_op(const char *name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
@@ -1001,6 +1001,24 @@ using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Ten
                                                                        OpSymInt, OpSymInt, bool, bool);
 using WSSig = Tensor(const Tensor &, double, OpSymInt);
 using WSBackwardSig = Tensor(const Tensor &, const Tensor &, double, OpSymInt);
+
+// The ops the autograd kernels redispatch to and call, each looked up once.
+struct Ops {
+    c10::TypedOperatorHandle<MomentsSig> moments = find_op<MomentsSig>("bcnswift::moments");
+    c10::TypedOperatorHandle<UpdateSig> update_running = find_op<UpdateSig>("bcnswift::update_running_");
+    c10::TypedOperatorHandle<NormalizeSig> normalize = find_op<NormalizeSig>("bcnswift::normalize");
+    c10::TypedOperatorHandle<NormalizeBatchSig> normalize_batch =
+        find_op<NormalizeBatchSig>("bcnswift::normalize_batch");
+    c10::TypedOperatorHandle<BackwardSig> backward = find_op<BackwardSig>("bcnswift::normalize_backward");
+    c10::TypedOperatorHandle<WSSig> ws = find_op<WSSig>("bcnswift::weight_standardization");
+    c10::TypedOperatorHandle<WSBackwardSig> ws_backward =
+        find_op<WSBackwardSig>("bcnswift::weight_standardization_backward");
+};
+
+const Ops &ops() {
+    static const Ops found;
+    return found;
+}
 
 }  // namespace
 
@@ -1024,10 +1042,9 @@ void save_normalization(AutogradContext *ctx, const Tensor &x, const Tensor &con
 // `_normalize_gradients`: (dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) by the op normalize_backward, each
 // parameter's in its shape (undefined where not given).
 variable_list normalization_gradients(AutogradContext *ctx, const Tensor &dy) {
-    static auto backward = handle<BackwardSig>("bcnswift::normalize_backward");
     auto saved_tensors = ctx->get_saved_variables();
     auto &saved = ctx->saved_data;
-    auto [dx, g0, g1, g2, g3] = backward.call(dy, saved_tensors[0], saved_tensors[1], saved["flags"].toSymInt(),
+    auto [dx, g0, g1, g2, g3] = ops().backward.call(dy, saved_tensors[0], saved_tensors[1], saved["flags"].toSymInt(),
                                               saved["groups"].toSymInt(), saved["bn_affine"].toBool(),
                                               saved["cn_affine"].toBool());
     variable_list grads = {dx};
@@ -1052,10 +1069,10 @@ struct NormalizeOp : public torch::autograd::Function<NormalizeOp> {
                                  const OptionalTensor &running_mean, const OptionalTensor &running_var,
                                  const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, OpSymInt flags,
                                  OpSymInt groups, double eps, double bn_eps) {
-        static auto op = handle<NormalizeSig>("bcnswift::normalize");
         at::AutoDispatchBelowAutograd below;
-        auto [y, made] = op.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight, bn_bias,
-                                       running_mean, running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps);
+        auto [y, made] = ops().normalize.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight,
+                                                    bn_bias, running_mean, running_var, cn_weight, cn_bias, flags,
+                                                    groups, eps, bn_eps);
         save_normalization(ctx, x, made, flags, groups, {&bn_weight, &bn_bias, &cn_weight, &cn_bias});
         ctx->mark_non_differentiable({made});  // the context is bookkeeping, not a value
         return {y, made};
@@ -1075,10 +1092,10 @@ struct NormalizeBatchOp : public torch::autograd::Function<NormalizeBatchOp> {
                                  const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
                                  const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, OpSymInt flags,
                                  OpSymInt groups, double eps, double bn_eps) {
-        static auto op = handle<NormalizeBatchSig>("bcnswift::normalize_batch");
         at::AutoDispatchBelowAutograd below;
-        auto [y, context, moments] = op.redispatch(ks & c10::after_autograd_keyset, x, bn_weight, bn_bias, cn_weight,
-                                                   cn_bias, flags, groups, eps, bn_eps);
+        auto [y, context, moments] = ops().normalize_batch.redispatch(ks & c10::after_autograd_keyset, x, bn_weight,
+                                                                      bn_bias, cn_weight, cn_bias, flags, groups, eps,
+                                                                      bn_eps);
         save_normalization(ctx, x, context, flags, groups, {&bn_weight, &bn_bias, &cn_weight, &cn_bias});
         ctx->mark_non_differentiable({context, moments});  // bookkeeping and statistics, not values
         return {y, context, moments};
@@ -1093,9 +1110,8 @@ struct NormalizeBatchOp : public torch::autograd::Function<NormalizeBatchOp> {
 
 struct WeightStandardizationOp : public torch::autograd::Function<WeightStandardizationOp> {
     static Tensor forward(AutogradContext *ctx, c10::DispatchKeySet ks, const Tensor &w, double eps, OpSymInt flags) {
-        static auto op = handle<WSSig>("bcnswift::weight_standardization");
         at::AutoDispatchBelowAutograd below;
-        Tensor out = op.redispatch(ks & c10::after_autograd_keyset, w, eps, flags);
+        Tensor out = ops().ws.redispatch(ks & c10::after_autograd_keyset, w, eps, flags);
         ctx->save_for_backward({w});
         ctx->saved_data["eps"] = eps;
         ctx->saved_data["flags"] = flags;
@@ -1103,8 +1119,7 @@ struct WeightStandardizationOp : public torch::autograd::Function<WeightStandard
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        static auto backward = handle<WSBackwardSig>("bcnswift::weight_standardization_backward");
-        Tensor dw = backward.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["eps"].toDouble(),
+        Tensor dw = ops().ws_backward.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["eps"].toDouble(),
                                   ctx->saved_data["flags"].toSymInt());
         return {Tensor(), dw, Tensor(), Tensor()};  // ks, w, eps, flags
     }
@@ -1135,27 +1150,18 @@ struct Underivable : public torch::autograd::Function<Underivable<Op>> {
 namespace {
 
 struct MomentsOp {
-    static c10::TypedOperatorHandle<MomentsSig> handle() {
-        static auto op = ::handle<MomentsSig>("bcnswift::moments");
-        return op;
-    }
+    static const auto &handle() { return ops().moments; }
     static const char *message() {
         return "Trying to backward through bcnswift.moments.default but no autograd formula was registered. Please "
                "use register_autograd to add one.";  // torch.library's words for it
     }
 };
 struct BackwardOp {
-    static c10::TypedOperatorHandle<BackwardSig> handle() {
-        static auto op = ::handle<BackwardSig>("bcnswift::normalize_backward");
-        return op;
-    }
+    static const auto &handle() { return ops().backward; }
     static const char *message() { return kNoSecondDerivative; }
 };
 struct WSBackwardOp {
-    static c10::TypedOperatorHandle<WSBackwardSig> handle() {
-        static auto op = ::handle<WSBackwardSig>("bcnswift::weight_standardization_backward");
-        return op;
-    }
+    static const auto &handle() { return ops().ws_backward; }
     static const char *message() { return kNoSecondDerivative; }
 };
 
@@ -1173,11 +1179,10 @@ std::tuple<Tensor, Tensor> moments_autograd(c10::DispatchKeySet ks, const Tensor
 void update_running_autograd(c10::DispatchKeySet ks, Tensor &running_mean, Tensor &running_var,
                              Tensor &num_batches_tracked, const Tensor &moments, OpSymInt flags, double momentum,
                              const OptionalTensor &moving_speed) {
-    static auto op = handle<UpdateSig>("bcnswift::update_running_");
     {
         at::AutoDispatchBelowADInplaceOrView below;
-        op.redispatch(ks & c10::after_ADInplaceOrView_keyset, running_mean, running_var, num_batches_tracked, moments,
-                      flags, momentum, moving_speed);
+        ops().update_running.redispatch(ks & c10::after_ADInplaceOrView_keyset, running_mean, running_var,
+                                        num_batches_tracked, moments, flags, momentum, moving_speed);
     }
     for (Tensor *t : {&running_mean, &running_var, &num_batches_tracked})
         if (t->defined() && !t->is_inference()) torch::autograd::impl::bump_version(*t);
@@ -1193,10 +1198,9 @@ std::tuple<Tensor, Tensor> normalize_autograd(c10::DispatchKeySet ks, const Tens
     if (!any_requires_grad({&x, &or_undefined(context), &or_undefined(moments), &or_undefined(bn_weight),
                             &or_undefined(bn_bias), &or_undefined(running_mean), &or_undefined(running_var),
                             &or_undefined(cn_weight), &or_undefined(cn_bias)})) {
-        static auto op = handle<NormalizeSig>("bcnswift::normalize");
         at::AutoDispatchBelowAutograd below;
-        return op.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight, bn_bias, running_mean,
-                             running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps);
+        return ops().normalize.redispatch(ks & c10::after_autograd_keyset, x, context, moments, bn_weight, bn_bias,
+                                          running_mean, running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps);
     }
     auto out = bcnswift::NormalizeOp::apply(ks, x, context, moments, bn_weight, bn_bias, running_mean, running_var,
                                             cn_weight, cn_bias, flags, groups, eps, bn_eps);
@@ -1211,10 +1215,9 @@ std::tuple<Tensor, Tensor, Tensor> normalize_batch_autograd(c10::DispatchKeySet 
                                                             OpSymInt groups, double eps, double bn_eps) {
     if (!any_requires_grad({&x, &or_undefined(bn_weight), &or_undefined(bn_bias), &or_undefined(cn_weight),
                             &or_undefined(cn_bias)})) {
-        static auto op = handle<NormalizeBatchSig>("bcnswift::normalize_batch");
         at::AutoDispatchBelowAutograd below;
-        return op.redispatch(ks & c10::after_autograd_keyset, x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups,
-                             eps, bn_eps);
+        return ops().normalize_batch.redispatch(ks & c10::after_autograd_keyset, x, bn_weight, bn_bias, cn_weight,
+                                                cn_bias, flags, groups, eps, bn_eps);
     }
     auto out = bcnswift::NormalizeBatchOp::apply(ks, x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps,
                                                  bn_eps);
@@ -1235,9 +1238,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_autograd(
 
 Tensor ws_autograd(c10::DispatchKeySet ks, const Tensor &w, double eps, OpSymInt flags) {
     if (!any_requires_grad({&w})) {
-        static auto op = handle<WSSig>("bcnswift::weight_standardization");
         at::AutoDispatchBelowAutograd below;
-        return op.redispatch(ks & c10::after_autograd_keyset, w, eps, flags);
+        return ops().ws.redispatch(ks & c10::after_autograd_keyset, w, eps, flags);
     }
     return bcnswift::WeightStandardizationOp::apply(ks, w, eps, flags);
 }
