@@ -1,6 +1,9 @@
 import BCNSwift
 import BCNSwiftTestSupport
 import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
 
 final class BatchChannelNormTests: XCTestCase {
     var rng = SplitMix64(seed: 0x5EED)
@@ -149,6 +152,24 @@ final class BatchChannelNormTests: XCTestCase {
             XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument)
             XCTAssertEqual((error as? BCNError)?.message, "a plan needs a batch-norm stage, a channel-norm stage or both")
         }
+    }
+
+    func testALayerBeyondMemoryThrowsInsteadOfStoppingTheProcess() throws {
+        // 2^31 channels of Double: about 200 GB of arrays. Under an address-space limit malloc refuses them
+        // whatever the kernel's overcommit policy, and the layer must say so; Swift arrays would stop the process.
+        var saved = rlimit()
+        XCTAssertEqual(getrlimit(Int32(RLIMIT_AS.rawValue), &saved), 0)
+        var limited = saved
+        limited.rlim_cur = min(saved.rlim_max, 1 << 37)  // 128 GB: far above this process, far below the layer
+        XCTAssertEqual(setrlimit(Int32(RLIMIT_AS.rawValue), &limited), 0)
+        defer { XCTAssertEqual(setrlimit(Int32(RLIMIT_AS.rawValue), &saved), 0) }
+        XCTAssertThrowsError(try BatchChannelNorm<Double>(channels: 1 << 31, groups: 1 << 20)) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .outOfMemory)
+            XCTAssertEqual((error as? BCNError)?.message, "could not allocate \((12 << 31) * 8 + (6 << 20) * 8) "
+                           + "bytes for a layer of 2147483648 channels (its parameters, buffers and gradients)")
+        }
+        // and a layer that fits is made as before
+        XCTAssertEqual(try BatchChannelNorm<Double>(channels: 64, groups: 8).runningVar, [Double](repeating: 1, count: 64))
     }
 
     func testErrorsChangeNothing() throws {

@@ -40,10 +40,17 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     private var staging = UnsafeMutableBufferPointer<Scalar>(start: nil, count: 0)
     private var counter = UnsafeMutablePointer<Int64>.allocate(capacity: 1)
 
+    /// A layer for `plan`, with the documents' initial values: γ, w = 1; β, b = 0; running mean 0, variance 1.
+    /// - Throws: `.invalidArgument` for a plan `validate()` refuses; `.outOfMemory` when its arrays cannot be
+    ///   allocated.
     public init(plan: NormalizationPlan) throws(BCNError) {
         try plan.validate()
         self.plan = plan
         let C = plan.batchNorm == nil ? 0 : plan.channels, G = plan.groups
+        // ten arrays (6C + 4G values) and the staging block (6C + 2G), which would stop the process if memory
+        // ran out; C <= 2^32, so the count cannot overflow
+        try requireMemory((12 * C + 6 * G) * MemoryLayout<Scalar>.stride,
+                          for: "a layer of \(plan.channels) channels (its parameters, buffers and gradients)")
         bnWeight = [Scalar](repeating: 1, count: C)
         bnBias = [Scalar](repeating: 0, count: C)
         runningMean = [Scalar](repeating: 0, count: C)
