@@ -17,6 +17,7 @@ worker threads spin while idle and take cores from whatever runs next (bcnswift,
 the benchmark runs with OPENBLAS_NUM_THREADS=1 unless it is set (it re-executes itself to apply it).
 """
 import argparse
+import math
 import os
 import sys
 import statistics
@@ -36,10 +37,11 @@ def median_time(fn, min_seconds=0.02, repeats=7):
     return paired_median_times([fn], min_seconds, repeats)[0]
 
 
-def paired_median_times(fns, min_seconds=0.02, repeats=7):
-    """Median seconds per call of each of `fns`: each repeat runs a function enough times to last min_seconds,
-    the functions' repeats interleaved (the order reversed every other round), so that a slow phase of the
-    machine falls on all of them alike: for ratios between them."""
+def paired_samples(fns, min_seconds=0.02, repeats=7):
+    """Seconds per call of each of `fns`, one list per function with one sample per repeat: each repeat runs a
+    function enough times to last min_seconds, the functions' repeats interleaved (the order reversed every other
+    round), so that a slow phase of the machine falls on all of them alike. Sample r of every list comes from
+    round r: for ratios between them, round by round."""
     inner = []
     for fn in fns:
         fn()
@@ -55,7 +57,29 @@ def paired_median_times(fns, min_seconds=0.02, repeats=7):
             for _ in range(n):
                 fn()
             samples[i].append((time.perf_counter() - t0) / n)
-    return [statistics.median(s) for s in samples]
+    return samples
+
+
+def paired_median_times(fns, min_seconds=0.02, repeats=7):
+    """Median seconds per call of each of `fns`, timed by `paired_samples`: for ratios between them."""
+    return [statistics.median(s) for s in paired_samples(fns, min_seconds, repeats)]
+
+
+def median_interval(values, confidence=0.95):
+    """(low, high): a distribution-free confidence interval for the median of the population `values` were
+    drawn from, the k-th smallest and k-th largest value, k the largest with P(Binomial(n, 1/2) < k) <=
+    (1 - confidence) / 2. Too few values for that confidence (n < 6 at 95%) give the whole range."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2 ** n
+        if below > (1 - confidence) / 2:
+            break
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else (xs[0], xs[-1])
 
 
 def warm_up(seconds=0.5):
@@ -201,6 +225,8 @@ def main(argv=None):
                    help="instead: PyTorch training steps, the authors' modules against bcnswift.torch")
     p.add_argument("--models", default="small,resnet18", help="with --torch: models to run")
     p.add_argument("--estimate", action="store_true", help="with --torch: BCN with estimated statistics")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="with --torch: rounds of steps (default 41, 15 with --quick)")
     p.add_argument("--rows", action="store_true", help="the row path: [B, C] and small maps against copy and torch")
     p.add_argument("--eval", action="store_true", help="eval forward against copy")
     p.add_argument("--channels-last", action="store_true", help="channels-last input against NCHW")
@@ -216,7 +242,8 @@ def main(argv=None):
         return
     if a.torch:
         from bcnswift.torch import bench as torch_bench
-        torch_bench.run(models=a.models.split(","), repeats=7 if a.quick else 15, estimate=a.estimate,
+        rounds = a.rounds or (15 if a.quick else 41)
+        torch_bench.run(models=a.models.split(","), repeats=rounds, estimate=a.estimate,
                         json_path=a.json)
         return
     modes = [m for m, on in (("rows", a.rows), ("eval", a.eval), ("channels_last", a.channels_last),

@@ -1,5 +1,6 @@
 """The benchmark script runs and prints a complete row per shape and mode (no timing is asserted)."""
 import importlib.util
+import math
 import os
 import pathlib
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import types
 
 import numpy as np
+import pytest
 
 import bcnswift
 from bcnswift import _ext, bench
@@ -45,17 +47,92 @@ def test_paired_timer_interleaves_its_functions():
     assert "".join(calls) == "aabb" + "ab" "ba" "ab" "ba"
 
 
+def test_paired_samples_come_one_a_round():
+    fns = [lambda: None, lambda: sum(range(100))]
+    samples = bench.paired_samples(fns, min_seconds=0.0, repeats=5)
+    assert [len(s) for s in samples] == [5, 5] and all(t > 0 for s in samples for t in s)
+
+
+def _binomial_below(n, k):
+    """P(Binomial(n, 1/2) < k), summed term by term."""
+    return sum(math.comb(n, j) for j in range(k)) / 2 ** n
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 6, 9, 10, 17, 41, 100, 101):
+        values = list(rng.normal(3.0, 1.0, n))
+        low, high = bench.median_interval(values)
+        xs = sorted(values)
+        k = xs.index(low) + 1  # the interval is the k-th smallest and the k-th largest value
+        assert high == xs[n - k], (n, k)
+        if k > 1 or _binomial_below(n, 1) <= 0.025:
+            # the largest k whose tails each hold at most 2.5%: so the interval covers the median at >= 95%
+            assert _binomial_below(n, k) <= 0.025 < _binomial_below(n, k + 1), (n, k)
+        else:  # too few values for 95%: the whole range
+            assert (low, high) == (xs[0], xs[-1]), n
+    # at 50%: P(Binomial(9, 1/2) < 3) = 46/512 <= 25% < P(... < 4) = 130/512, so the 3rd and the 7th of nine
+    assert bench.median_interval([9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0], confidence=0.5) == (3.0, 7.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        bench.median_interval([])
+
+
 def test_torch_steps_take_turns():
     require("torch")
     from bcnswift.torch import bench as torch_bench
     calls = []
     steps = {name: (lambda n=name: calls.append(n)) for name in ("a", "a bare", "b", "b bare")}
-    medians = torch_bench.interleaved_medians(steps, repeats=3, warmup=1)
-    assert set(medians) == set(steps) and all(t > 0 for t in medians.values())
+    times = torch_bench.interleaved_times(steps, repeats=3, warmup=1)
+    assert set(times) == set(steps) and all(len(ts) == 3 and min(ts) > 0 for ts in times.values())
     order = ["a", "a bare", "b", "b bare"]
     # the warm-up step each, the shared paired timer's two first calls each, then one step a round in turn,
     # every other round reversed
     assert calls == order + [n for n in order for _ in range(2)] + order + order[::-1] + order
+
+
+def test_the_normalization_share_is_taken_round_by_round():
+    require("torch")
+    from bcnswift.torch import bench as torch_bench
+    # rounds in a slow and a fast phase: each round's share is 20%, the medians' ratio says 60%
+    times = [10.0, 1.0, 10.0, 1.0, 10.0]
+    bare = [8.0, 0.8, 8.0, 0.8, 8.0]
+    share, low, high = torch_bench.normalization_share(times, bare)
+    assert math.isclose(share, 0.2) and math.isclose(low, 0.2) and math.isclose(high, 0.2)
+    share, low, high = torch_bench.normalization_share([1.0, 1.0, 1.0], [0.9, 1.1, 0.95])
+    assert math.isclose(share, 0.05) and low < 0 < share < high
+
+
+def test_models_without_normalization_keep_their_numbers_in_range():
+    # with nn.Identity for every normalization, a standardized convolution multiplies its input's scale by about
+    # sqrt(fan-in): unscaled, "small"'s output started near 1e19 and its steps ran on NaN within five
+    require("torch")
+    import torch
+    from bcnswift.torch import bench as torch_bench
+    for way in ("authors", "bcnswift"):
+        step = torch_bench.stepper(torch_bench.build("small", way, False, normalization=False), False)
+        for _ in range(8):
+            step()
+            assert torch.isfinite(step.loss) and step.loss < 10, (way, float(step.loss))
+        x = torch.randn(8, 3, 32, 32) + 0.5
+        net = torch_bench.build("small", way, False, normalization=False)
+        with torch.no_grad():
+            out = net[:-3](x)  # the last stage's output, before pooling
+        assert 0.05 < float(out.std()) < 20, (way, float(out.std()))
+
+
+def test_the_bench_refuses_steps_that_diverged(monkeypatch):
+    require("torch")
+    import torch
+    from bcnswift.torch import bench as torch_bench
+    calls = []
+
+    def diverged():
+        calls.append(1)
+        diverged.loss = torch.tensor(float("nan"))
+    monkeypatch.setattr(torch_bench, "stepper", lambda model, compiled: diverged)
+    with pytest.raises(RuntimeError, match="the loss is nan after the timed steps"):
+        torch_bench.run(models=("small",), ways=("bcnswift eager",), repeats=1, warmup=0)
+    assert calls
 
 
 def test_torch_bench_runs_a_model(tmp_path, capsys):
@@ -69,6 +146,8 @@ def test_torch_bench_runs_a_model(tmp_path, capsys):
     for way in ("authors eager", "bcnswift eager"):
         r = results[f"small {way}"]
         assert r["ms_per_step"] > 0 and 0 <= r["normalization_share"] < 1
+        low, high = r["normalization_share_ci95"]
+        assert low <= high
         assert f"small {way}: " in printed
     assert ratios["small: authors eager / bcnswift eager"] > 0
     saved = json.loads(path.read_text())

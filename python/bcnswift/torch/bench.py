@@ -9,18 +9,21 @@ default thread counts. Each model runs four ways: the authors' modules (referenc
 their WS Conv2d) eager and under torch.compile, and bcnswift.torch eager and compiled.
 
 The normalization's share of a step is 1 - t(same model, normalization layers replaced by nn.Identity) / t(step),
-each measured the same way (eager or compiled), in the same run. Times are medians of repeated steps after a
-warm-up (which includes compiling). Every way of a model and its model without normalization take one step each
-in turn, the order reversed every other round, so that the machine's slow phases fall on all of them alike:
-a share is a difference of two times, and timed apart, minutes of drift swamped it.
+each measured the same way (eager or compiled), in the same run. Every way of a model and its model without
+normalization take one step each in turn, the order reversed every other round, so that the machine's slow phases
+fall on all of them alike. A share is a difference of two times, each of which moves by 5-10% from one step to
+the next on a busy machine, so it is taken round by round (a step and its model's bare step, a few milliseconds
+apart) and the median of the rounds' shares is reported, with a distribution-free 95% confidence interval for it.
+Step times are medians of the rounds' steps, after a warm-up (which includes compiling).
 """
 import json
+import statistics
 import warnings
 
 import torch
 from torch import nn
 
-from ..bench import paired_median_times
+from ..bench import median_interval, paired_samples
 from . import BCNorm, Conv2d, _native, get_num_threads, largest_divisor_at_most, uses_native_operators, \
     uses_torch_threads
 from . import reference as R
@@ -58,7 +61,8 @@ def resnet(widths, conv, norm, classes=10):
 
 def build(model, way, estimate, normalization=True):
     """The model `model` ("small", "resnet18") built the `way` ("authors", "bcnswift"); with
-    normalization=False, the same model with every normalization layer an nn.Identity."""
+    normalization=False, the same model with every normalization layer an nn.Identity (and its convolutions'
+    WS eps raised to keep its activations in range: `_keep_in_range`)."""
     widths, groups = MODELS[model]
     if not normalization:
         def norm(c):
@@ -77,7 +81,28 @@ def build(model, way, estimate, normalization=True):
             return m
     conv = R.AuthorsConv2d if way == "authors" else Conv2d
     torch.manual_seed(0)
-    return resnet(widths, conv, norm)
+    net = resnet(widths, conv, norm)
+    return net if normalization else _keep_in_range(net)
+
+
+def _keep_in_range(net):
+    """A model without normalization whose steps compute on numbers, as its normalized twin's do.
+
+    With nothing to normalize them, a standardized convolution multiplies its input's scale by about
+    sqrt(fan-in): the output of "small" starts near 1e19, and a few SGD steps later every value is NaN. Such a
+    step is not the normalized step minus its normalization (resnet18's took 8% longer on NaN than on numbers),
+    and the share came out low, at times below 0. Each convolution's WS eps (an addition per output channel,
+    whatever its value) is raised here to std(w)·(sqrt(fan-in) - 1), so that (w - mean) / (std + eps) has a
+    standard deviation of 1/sqrt(fan-in) and the convolution keeps its input's scale."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            eps = float(m.weight.detach().flatten(1).std(dim=1).mean()) * (fan_in ** 0.5 - 1)
+            if isinstance(m, R.AuthorsConv2d):
+                m.std_eps = eps
+            else:
+                m.ws_eps = eps
+    return net
 
 
 def stepper(model, compiled, batch=8):
@@ -96,20 +121,30 @@ def stepper(model, compiled, batch=8):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(run(x), target).backward()
+        loss = nn.functional.cross_entropy(run(x), target)
+        loss.backward()
         opt.step()
+        step.loss = loss.detach()  # checked after timing: a step on NaN is not the step under test
     return step
 
 
-def interleaved_medians(steps, repeats, warmup):
-    """Median seconds of each step function after `warmup` steps each (compiling, when compiled): one step
-    each in turn, the order reversed every other round (`bcnswift.bench.paired_median_times`), so that the
-    machine's slow phases fall on all of them alike."""
+def interleaved_times(steps, repeats, warmup):
+    """Seconds of each step function, one per round, after `warmup` steps each (compiling, when compiled): one
+    step each in turn, the order reversed every other round (`bcnswift.bench.paired_samples`), so that the
+    machine's slow phases fall on all of them alike. Time r of every step comes from round r."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times = paired_median_times(list(steps.values()), min_seconds=0.0, repeats=repeats)
+    times = paired_samples(list(steps.values()), min_seconds=0.0, repeats=repeats)
     return dict(zip(steps, times))
+
+
+def normalization_share(times, bare_times):
+    """(median, low, high): the median over rounds of 1 - t_bare / t, a round's step and its bare step timed
+    next to each other, and a 95% confidence interval for it (`bcnswift.bench.median_interval`). Noise can make
+    a round's share, and the interval's low end, negative."""
+    shares = [1 - b / t for t, b in zip(times, bare_times)]
+    return (statistics.median(shares), *median_interval(shares))
 
 
 def _kernel_threads():
@@ -123,13 +158,13 @@ def _kernel_threads():
 
 
 def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
-                                         "bcnswift compiled"), repeats=15, warmup=3, estimate=False,
+                                         "bcnswift compiled"), repeats=41, warmup=3, estimate=False,
         json_path=None):
     ops = "native" if uses_native_operators() else f"Python ({_native.reason})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
           f"{_kernel_threads()}, its ops' kernels {ops}; training step: batch 8, 32x32, SGD; BCN "
-          f"estimate={estimate}; median of {repeats} steps, every way and its model without normalization timed "
-          f"in turn")
+          f"estimate={estimate}; {repeats} rounds, in each of which every way and its model without "
+          f"normalization take a step in turn; medians over the rounds")
     results = {}
     for model in models:
         steps = {}
@@ -138,12 +173,18 @@ def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled",
             compiled = mode == "compiled"
             steps[way] = stepper(build(model, who, estimate), compiled)
             steps[way + " bare"] = stepper(build(model, who, estimate, normalization=False), compiled)
-        medians = interleaved_medians(steps, repeats, warmup)
+        times = interleaved_times(steps, repeats, warmup)
+        for name, step in steps.items():
+            if not torch.isfinite(step.loss):
+                raise RuntimeError(f"{model} {name}: the loss is {float(step.loss)} after the timed steps; "
+                                   f"their times would not be those of the step under test")
         for way in ways:
-            t, t_bare = medians[way], medians[way + " bare"]
-            share = max(0.0, 1 - t_bare / t)
-            results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": share}
-            print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {share * 100:.0f}%", flush=True)
+            share, low, high = normalization_share(times[way], times[way + " bare"])
+            t = statistics.median(times[way])
+            results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": max(0.0, share),
+                                         "normalization_share_ci95": [low, high]}
+            print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {max(0.0, share) * 100:.0f}% "
+                  f"(95% CI {low * 100:.0f}..{high * 100:.0f}%)", flush=True)
         torch._dynamo.reset()
     ratios = {}
     for model in models:

@@ -66,13 +66,15 @@ class EstBN(nn.Module):
 
 
 class AuthorsConv2d(nn.Conv2d):
-    """Weight Standardization as the authors' convolution computes it."""
+    """Weight Standardization as the authors' convolution computes it. (Their 1e-5 is `std_eps`, so that the
+    benchmark's models without normalization can keep their activations in range: bench.build.)"""
+    std_eps = 1e-5
 
     def forward(self, x):
         weight = self.weight
         weight_mean = weight.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
         weight = weight - weight_mean
-        std = weight.view(weight.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + 1e-5
+        std = weight.view(weight.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + self.std_eps
         weight = weight / std.expand_as(weight)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
