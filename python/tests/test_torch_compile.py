@@ -56,6 +56,42 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel
 
 
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin")  # the Python route's kernels
+@pytest.mark.parametrize("forward", ["eager", "compiled"])
+def test_compiled_autograd_gives_eager_gradients(forward, gen, kernel_calls):
+    # compiled autograd traces the backward graph as the autograd engine would run it. With a compiled forward
+    # the graph holds the ops' registered formulas and compiles whole. With an eager one it holds the eager
+    # route's nodes: C++ Functions (CppNode<bcnswift::EagerNormalize>, ...) that hand data pointers to the
+    # kernels, which no tracer can follow, so compiled autograd runs each in eager mode, a graph break apiece
+    # (without the native library, the Python autograd.Functions, which dynamo gives up tracing alike)
+    from torch._dynamo import compiled_autograd
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = every_module_model().double()
+    traced_module = copy.deepcopy(eager)
+    run = torch.compile(traced_module, fullgraph=True) if forward == "compiled" else traced_module
+    backward_graphs = []
+
+    def compiler(graph):
+        backward_graphs.append(graph)
+        return torch.compile(graph, backend="eager", fullgraph=forward == "compiled")
+    for step in range(2):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        target = torch.randint(0, 10, (2,), generator=gen)
+        nn.functional.cross_entropy(eager(x), target).backward()
+        kernel_calls.clear()
+        with compiled_autograd._enable(compiler):
+            nn.functional.cross_entropy(run(x), target).backward()
+        # the normalizations' backward ran on the kernels inside the compiled backward: 5 fused layers
+        assert len(kernel_calls.named("norm_backward")) == 5, f"step {step}"
+        for (name, pe), pc in zip(eager.named_parameters(), traced_module.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
+        for (name, be), bc in zip(eager.named_buffers(), traced_module.buffers()):
+            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+    assert backward_graphs, "compiled autograd compiled no backward graph"
+
+
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compiled_convolutions_hand_their_channels_last_memory_to_the_kernels(gen, monkeypatch, kernel_calls):
     """Inductor lays convolution outputs out channels-last on the CPU when it judges that faster (forced here).
     The ops take any layout (tagged flexible_layout), so the kernels read that memory in place: no conversion to
