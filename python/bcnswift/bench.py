@@ -224,6 +224,9 @@ def main(argv=None):
     p.add_argument("--torch", action="store_true",
                    help="instead: PyTorch training steps, the authors' modules against bcnswift.torch")
     p.add_argument("--models", default="small,resnet18", help="with --torch: models to run")
+    p.add_argument("--ways", help="with --torch: comma-separated '<who> <mode>' (default: authors and bcnswift, "
+                                  "eager and compiled); who: authors, bcnswift, batchnorm2d or groupnorm (torch's "
+                                  "own, for scale); mode: eager or compiled")
     p.add_argument("--estimate", action="store_true", help="with --torch: BCN with estimated statistics")
     p.add_argument("--rounds", type=int, default=0,
                    help="with --torch: rounds of steps (default 41, 15 with --quick)")
@@ -243,8 +246,8 @@ def main(argv=None):
     if a.torch:
         from bcnswift.torch import bench as torch_bench
         rounds = a.rounds or (15 if a.quick else 41)
-        torch_bench.run(models=a.models.split(","), repeats=rounds, estimate=a.estimate,
-                        json_path=a.json)
+        ways = a.ways.split(",") if a.ways else torch_bench.WAYS
+        torch_bench.run(models=a.models.split(","), ways=ways, repeats=rounds, estimate=a.estimate, json_path=a.json)
         return
     modes = [m for m, on in (("rows", a.rows), ("eval", a.eval), ("channels_last", a.channels_last),
                              ("peers", a.peers)) if on]

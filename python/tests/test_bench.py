@@ -135,6 +135,21 @@ def test_the_bench_refuses_steps_that_diverged(monkeypatch):
     assert calls
 
 
+def test_torch_bench_builds_torch_s_own_normalizations_for_scale():
+    require("torch")
+    from torch import nn
+    from bcnswift.torch import Conv2d, bench as torch_bench
+    for who, kind in (("batchnorm2d", nn.BatchNorm2d), ("groupnorm", nn.GroupNorm)):
+        net = torch_bench.build("small", who, False)
+        norms = [m for m in net.modules() if isinstance(m, kind)]
+        assert len(norms) == 20 and all(isinstance(m, Conv2d) for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)} == {16}
+    with pytest.raises(ValueError, match="unknown way 'layernorm eager'"):
+        torch_bench.run(models=("small",), ways=("layernorm eager",), repeats=1, warmup=0)
+    with pytest.raises(ValueError, match="unknown way 'bcnswift'"):
+        torch_bench.run(models=("small",), ways=("bcnswift",), repeats=1, warmup=0)
+
+
 def test_torch_bench_runs_a_model(tmp_path, capsys):
     require("torch")
     import json

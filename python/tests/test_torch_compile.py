@@ -24,12 +24,17 @@ def every_module_model():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), bt.Linear(16, 10))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel_calls):
+def twin_models():
+    """The every-module model in float64 and a deep copy, dynamo's caches cleared first."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = every_module_model().double()
-    compiled_module = copy.deepcopy(eager)
+    return eager, copy.deepcopy(eager)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel_calls):
+    eager, compiled_module = twin_models()
     compiled = torch.compile(compiled_module, fullgraph=True)
     if layout == "channels_last":
         eager, compiled_module = (m.to(memory_format=torch.channels_last) for m in (eager, compiled_module))
@@ -65,10 +70,7 @@ def test_compiled_autograd_gives_eager_gradients(forward, gen, kernel_calls):
     # kernels, which no tracer can follow, so compiled autograd runs each in eager mode, a graph break apiece
     # (without the native library, the Python autograd.Functions, which dynamo gives up tracing alike)
     from torch._dynamo import compiled_autograd
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    eager = every_module_model().double()
-    traced_module = copy.deepcopy(eager)
+    eager, traced_module = twin_models()
     run = torch.compile(traced_module, fullgraph=True) if forward == "compiled" else traced_module
     backward_graphs = []
 

@@ -6,7 +6,9 @@ Models (CIFAR-style: 3x3 stem, 4 stages of 2 basic blocks, strides 1, 2, 2, 2, a
   resnet18  widths 64, 128, 256, 512, 32 groups
 A step is forward, cross-entropy, backward and SGD (momentum 0.9) on a batch of 8 32x32 images, with the
 default thread counts. Each model runs four ways: the authors' modules (reference.py: BCNorm on nn.BatchNorm2d,
-their WS Conv2d) eager and under torch.compile, and bcnswift.torch eager and compiled.
+their WS Conv2d) eager and under torch.compile, and bcnswift.torch eager and compiled. `--ways` picks others, among
+them, for scale, "batchnorm2d eager" and "groupnorm eager": bcnswift's WS convolutions with torch's own
+nn.BatchNorm2d or nn.GroupNorm, each half of BCN's work, where BCN was.
 
 The normalization's share of a step is 1 - t(same model, normalization layers replaced by nn.Identity) / t(step),
 each measured the same way (eager or compiled), in the same run. Every way of a model and its model without
@@ -29,6 +31,10 @@ from . import BCNorm, Conv2d, _native, get_num_threads, largest_divisor_at_most,
 from . import reference as R
 
 MODELS = {"small": ((32, 64, 128, 256), 16), "resnet18": ((64, 128, 256, 512), 32)}
+#: whose modules a way runs (`build`), and how (`stepper`)
+WHO = ("authors", "bcnswift", "batchnorm2d", "groupnorm")
+MODES = ("eager", "compiled")
+WAYS = ("authors eager", "authors compiled", "bcnswift eager", "bcnswift compiled")
 
 
 class _Block(nn.Module):
@@ -60,25 +66,28 @@ def resnet(widths, conv, norm, classes=10):
 
 
 def build(model, way, estimate, normalization=True):
-    """The model `model` ("small", "resnet18") built the `way` ("authors", "bcnswift"); with
-    normalization=False, the same model with every normalization layer an nn.Identity (and its convolutions'
-    WS eps raised to keep its activations in range: `_keep_in_range`)."""
+    """The model `model` ("small", "resnet18") built the `way` ("authors", "bcnswift"; or, for scale,
+    "batchnorm2d" and "groupnorm": bcnswift's WS convolutions with torch's nn.BatchNorm2d or nn.GroupNorm in
+    place of BCN, each half of BCN's work); with normalization=False, the same model with every normalization
+    layer an nn.Identity (and its convolutions' WS eps raised to keep its activations in range:
+    `_keep_in_range`)."""
     widths, groups = MODELS[model]
-    if not normalization:
-        def norm(c):
+    if way not in WHO:
+        raise ValueError(f"unknown way {way!r}: expected one of {', '.join(WHO)}")
+    bcn = R.BCNorm if way == "authors" else BCNorm
+
+    def norm(c):
+        g = largest_divisor_at_most(c, groups)
+        if not normalization:
             return nn.Identity()
-    elif way == "authors":
-        def norm(c):
-            m = R.BCNorm(c, largest_divisor_at_most(c, groups), 1e-5, estimate=estimate)
-            if estimate:
-                m.bn.estbn_moving_speed.fill_(0.1)
-            return m
-    else:
-        def norm(c):
-            m = BCNorm(c, largest_divisor_at_most(c, groups), 1e-5, estimate=estimate)
-            if estimate:
-                m.bn.estbn_moving_speed.fill_(0.1)
-            return m
+        if way == "batchnorm2d":
+            return nn.BatchNorm2d(c)
+        if way == "groupnorm":
+            return nn.GroupNorm(g, c)
+        m = bcn(c, g, 1e-5, estimate=estimate)
+        if estimate:
+            m.bn.estbn_moving_speed.fill_(0.1)
+        return m
     conv = R.AuthorsConv2d if way == "authors" else Conv2d
     torch.manual_seed(0)
     net = resnet(widths, conv, norm)
@@ -157,9 +166,7 @@ def _kernel_threads():
     return f"{n} bcnswift threads" if n else "bcnswift's default threads"
 
 
-def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled", "bcnswift eager",
-                                         "bcnswift compiled"), repeats=41, warmup=3, estimate=False,
-        json_path=None):
+def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=False, json_path=None):
     ops = "native" if uses_native_operators() else f"Python ({_native.reason})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
           f"{_kernel_threads()}, its ops' kernels {ops}; training step: batch 8, 32x32, SGD; BCN "
@@ -169,7 +176,10 @@ def run(models=("small", "resnet18"), ways=("authors eager", "authors compiled",
     for model in models:
         steps = {}
         for way in ways:
-            who, mode = way.split()
+            who, mode = way.split() if len(way.split()) == 2 else (way, None)
+            if who not in WHO or mode not in MODES:
+                raise ValueError(f"unknown way {way!r}: expected '<who> <mode>' with who one of {', '.join(WHO)} "
+                                 f"and mode one of {', '.join(MODES)}")
             compiled = mode == "compiled"
             steps[way] = stepper(build(model, who, estimate), compiled)
             steps[way + " bare"] = stepper(build(model, who, estimate, normalization=False), compiled)
