@@ -37,21 +37,30 @@ def median_time(fn, min_seconds=0.02, repeats=7):
     return paired_median_times([fn], min_seconds, repeats)[0]
 
 
-def paired_samples(fns, min_seconds=0.02, repeats=7):
+def paired_samples(fns, min_seconds=0.02, repeats=7, pairs=False):
     """Seconds per call of each of `fns`, one list per function with one sample per repeat: each repeat runs a
-    function enough times to last min_seconds, the functions' repeats interleaved (the order reversed every other
-    round), so that a slow phase of the machine falls on all of them alike. Sample r of every list comes from
-    round r: for ratios between them, round by round."""
+    function enough times to last min_seconds, the functions' repeats interleaved, so that a slow phase of the
+    machine falls on all of them alike. Sample r of every list comes from round r: for ratios between them, round
+    by round. Every other round runs them in reverse order; with pairs=True, fns are pairs (0, 1), (2, 3), ...
+    and every other round swaps the two of each pair instead, so that a pair's two alternate and no function runs
+    twice in a row across rounds (a reversed list starts with the function the round before ended with, which
+    then runs on its own warm caches)."""
     inner = []
     for fn in fns:
         fn()
         t0 = time.perf_counter()
         fn()
         inner.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7))))
+    if pairs and len(fns) % 2:
+        raise ValueError(f"pairs=True needs an even number of functions, got {len(fns)}")
+    forward = list(range(len(fns)))
+    if pairs:
+        backward = [i ^ 1 for i in forward]  # each pair swapped
+    else:
+        backward = forward[::-1]
     samples = [[] for _ in fns]
     for r in range(repeats):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
+        for i in (forward if r % 2 == 0 else backward):
             fn, n = fns[i], inner[i]
             t0 = time.perf_counter()
             for _ in range(n):
@@ -210,6 +219,13 @@ def run_modes(modes, quick=False, use_torch=True, shapes=None):
     return tables
 
 
+def _positive(text):
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of rounds, got {text}")
+    return n
+
+
 def main(argv=None):
     if "OPENBLAS_NUM_THREADS" not in os.environ and argv is None:
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
@@ -227,8 +243,9 @@ def main(argv=None):
     p.add_argument("--ways", help="with --torch: comma-separated '<who> <mode>' (default: authors and bcnswift, "
                                   "eager and compiled); who: authors, bcnswift, batchnorm2d or groupnorm (torch's "
                                   "own, for scale); mode: eager or compiled")
-    p.add_argument("--estimate", action="store_true", help="with --torch: BCN with estimated statistics")
-    p.add_argument("--rounds", type=int, default=0,
+    p.add_argument("--estimate", action="store_true",
+                   help="with --torch: BCN with estimated statistics (the batchnorm2d and groupnorm ways have none)")
+    p.add_argument("--rounds", type=_positive, default=0,
                    help="with --torch: rounds of steps (default 41, 15 with --quick)")
     p.add_argument("--rows", action="store_true", help="the row path: [B, C] and small maps against copy and torch")
     p.add_argument("--eval", action="store_true", help="eval forward against copy")

@@ -99,10 +99,11 @@ def _keep_in_range(net):
 
     With nothing to normalize them, a standardized convolution multiplies its input's scale by about
     sqrt(fan-in): the output of "small" starts near 1e19, and a few SGD steps later every value is NaN. Such a
-    step is not the normalized step minus its normalization (resnet18's took 8% longer on NaN than on numbers),
-    and the share came out low, at times below 0. Each convolution's WS eps (an addition per output channel,
-    whatever its value) is raised here to std(w)·(sqrt(fan-in) - 1), so that (w - mean) / (std + eps) has a
-    standard deviation of 1/sqrt(fan-in) and the convolution keeps its input's scale."""
+    step is not the normalized step minus its normalization (bcnswift's resnet18 bare step took 8-12% longer on
+    NaN than on numbers in two runs), and the share came out low, at times below 0. Each convolution's WS eps (an
+    addition per output channel, whatever its value) is raised here to std(w)·(sqrt(fan-in) - 1), so that
+    (w - mean) / (std + eps) has a standard deviation of 1/sqrt(fan-in) and the convolution keeps its input's
+    scale."""
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             fan_in = m.weight[0].numel()
@@ -126,6 +127,9 @@ def stepper(model, compiled, batch=8):
         # version of bcnswift (or of this benchmark's models) could stand in for the one under test
         from torch._inductor import config
         run = config.patch(force_disable_caches=True)(run)
+        # dynamo keeps 8 compiled graphs per code object (every model's forward is the same code) and runs any
+        # beyond them eagerly, saying so only in a log: a step timed as compiled must be compiled
+        run = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)(run)
         warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
 
     def step():
@@ -139,21 +143,27 @@ def stepper(model, compiled, batch=8):
 
 def interleaved_times(steps, repeats, warmup):
     """Seconds of each step function, one per round, after `warmup` steps each (compiling, when compiled): one
-    step each in turn, the order reversed every other round (`bcnswift.bench.paired_samples`), so that the
-    machine's slow phases fall on all of them alike. Time r of every step comes from round r."""
+    step each in turn, so that the machine's slow phases fall on all of them alike. `steps` holds pairs (a way,
+    then its bare model), whose two swap places every other round (`bcnswift.bench.paired_samples` with
+    pairs=True). Time r of every step comes from round r."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times = paired_samples(list(steps.values()), min_seconds=0.0, repeats=repeats)
+    times = paired_samples(list(steps.values()), min_seconds=0.0, repeats=repeats, pairs=True)
     return dict(zip(steps, times))
 
 
 def normalization_share(times, bare_times):
     """(median, low, high): the median over rounds of 1 - t_bare / t, a round's step and its bare step timed
     next to each other, and a 95% confidence interval for it (`bcnswift.bench.median_interval`). Noise can make
-    a round's share, and the interval's low end, negative."""
+    a round's share negative, and so the median and the interval."""
     shares = [1 - b / t for t, b in zip(times, bare_times)]
     return (statistics.median(shares), *median_interval(shares))
+
+
+def _percent(share):
+    """A share in whole percent, without the "-0" of a share just below 0."""
+    return f"{round(share * 100)}"
 
 
 def _kernel_threads():
@@ -176,7 +186,7 @@ def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=
     for model in models:
         steps = {}
         for way in ways:
-            who, mode = way.split() if len(way.split()) == 2 else (way, None)
+            who, _, mode = way.partition(" ")
             if who not in WHO or mode not in MODES:
                 raise ValueError(f"unknown way {way!r}: expected '<who> <mode>' with who one of {', '.join(WHO)} "
                                  f"and mode one of {', '.join(MODES)}")
@@ -191,10 +201,10 @@ def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=
         for way in ways:
             share, low, high = normalization_share(times[way], times[way + " bare"])
             t = statistics.median(times[way])
-            results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": max(0.0, share),
+            results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": share,
                                          "normalization_share_ci95": [low, high]}
-            print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {max(0.0, share) * 100:.0f}% "
-                  f"(95% CI {low * 100:.0f}..{high * 100:.0f}%)", flush=True)
+            print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {_percent(share)}% "
+                  f"(95% CI {_percent(low)}..{_percent(high)}%)", flush=True)
         torch._dynamo.reset()
     ratios = {}
     for model in models:
