@@ -158,7 +158,7 @@ final class BatchChannelNormTests: XCTestCase {
         // 2^31 channels of Double: about 200 GB of arrays. Under an address-space limit malloc refuses them
         // whatever the kernel's overcommit policy, and the layer must say so; Swift arrays would stop the process.
         #if canImport(Glibc)
-        let needed = (12 << 31) * 8 + (6 << 20) * 8
+        let needed = (10 << 31) * 8 + (6 << 20) * 8
         // the limit: this process's address space now plus 64 GB (a sanitizer's shadow is already far larger)
         guard let mapped = Self.addressSpaceInUse(), mapped + (1 << 36) < needed / 2 else {
             throw XCTSkip("this process already maps too much address space for a limit below the layer's size")

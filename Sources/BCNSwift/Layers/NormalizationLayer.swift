@@ -47,9 +47,9 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         try plan.validate()
         self.plan = plan
         let C = plan.batchNorm == nil ? 0 : plan.channels, G = plan.groups
-        // ten arrays (6C + 4G values) and the staging block (6C + 2G), which would stop the process if memory
+        // ten arrays (6C + 4G values) and the staging block (4C + 2G), which would stop the process if memory
         // ran out; C <= 2^32, so the count cannot overflow
-        try requireMemory((12 * C + 6 * G) * MemoryLayout<Scalar>.stride,
+        try requireMemory((10 * C + 6 * G) * MemoryLayout<Scalar>.stride,
                           for: "a layer of \(plan.channels) channels (its parameters, buffers and gradients)")
         bnWeight = [Scalar](repeating: 1, count: C)
         bnBias = [Scalar](repeating: 0, count: C)
@@ -61,7 +61,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         gradBnBias = [Scalar](repeating: 0, count: C)
         gradWeight = [Scalar](repeating: 0, count: G)
         gradBias = [Scalar](repeating: 0, count: G)
-        staging = .allocate(capacity: 6 * C + 2 * G)
+        staging = .allocate(capacity: 4 * C + 2 * G)  // a forward's parameters and buffers, or a backward's gradients
     }
 
     deinit {
