@@ -38,7 +38,8 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     /// The engine takes raw pointers: parameters, buffers and gradients are copied here for a call, and what
     /// the call changed is copied back only if it succeeded.
     private var staging = UnsafeMutableBufferPointer<Scalar>(start: nil, count: 0)
-    private var counter = UnsafeMutablePointer<Int64>.allocate(capacity: 1)
+    /// Allocated once init can no longer throw: a throwing init runs no deinit, and would leak it.
+    private let counter: UnsafeMutablePointer<Int64>
 
     /// A layer for `plan`, with the documents' initial values: γ, w = 1; β, b = 0; running mean 0, variance 1.
     /// - Throws: `.invalidArgument` for a plan `validate()` refuses; `.outOfMemory` when its arrays cannot be
@@ -62,6 +63,8 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         gradWeight = [Scalar](repeating: 0, count: G)
         gradBias = [Scalar](repeating: 0, count: G)
         staging = .allocate(capacity: 4 * C + 2 * G)  // a forward's parameters and buffers, or a backward's gradients
+        counter = .allocate(capacity: 1)
+        counter.initialize(to: 0)
     }
 
     deinit {
