@@ -13,9 +13,10 @@ nn.BatchNorm2d or nn.GroupNorm, each half of BCN's work, where BCN was.
 The normalization's share of a step is 1 - t(same model, normalization layers replaced by nn.Identity) / t(step),
 each measured the same way (eager or compiled), in the same run. Every way of a model and its model without
 normalization take one step each in turn, so that the machine's slow phases fall on all of them alike; every other
-round each way's pair swaps places (the bare model first), so that neither runs after itself or always first. A share is a difference of two times, each of which moves by 5-10% from one step to
-the next on a busy machine, so it is taken round by round (a step and its model's bare step, a few milliseconds
-apart) and the median of the rounds' shares is reported, with a distribution-free 95% confidence interval for it.
+round each way's pair swaps places (the bare model first), so that neither runs after itself or always first. A
+share is a difference of two times, each of which moves by 5-10% from one step to the next on a busy machine, so
+it is taken round by round (a step and its model's bare step, a few milliseconds apart) and the median of the
+rounds' shares is reported, with a distribution-free 95% confidence interval for it.
 Step times are medians of the rounds' steps, after a warm-up (which includes compiling).
 """
 import json

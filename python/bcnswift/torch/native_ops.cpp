@@ -1044,9 +1044,9 @@ void save_normalization(AutogradContext *ctx, const Tensor &x, const Tensor &con
 variable_list normalization_gradients(AutogradContext *ctx, const Tensor &dy) {
     auto saved_tensors = ctx->get_saved_variables();
     auto &saved = ctx->saved_data;
-    auto [dx, g0, g1, g2, g3] = ops().backward.call(dy, saved_tensors[0], saved_tensors[1], saved["flags"].toSymInt(),
-                                              saved["groups"].toSymInt(), saved["bn_affine"].toBool(),
-                                              saved["cn_affine"].toBool());
+    auto [dx, g0, g1, g2, g3] = ops().backward.call(dy, saved_tensors[0], saved_tensors[1],
+                                                    saved["flags"].toSymInt(), saved["groups"].toSymInt(),
+                                                    saved["bn_affine"].toBool(), saved["cn_affine"].toBool());
     variable_list grads = {dx};
     const char *keys[] = {"shape0", "shape1", "shape2", "shape3"};
     Tensor params[] = {g0, g1, g2, g3};
@@ -1119,8 +1119,8 @@ struct WeightStandardizationOp : public torch::autograd::Function<WeightStandard
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        Tensor dw = ops().ws_backward.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["eps"].toDouble(),
-                                  ctx->saved_data["flags"].toSymInt());
+        Tensor dw = ops().ws_backward.call(grads[0], ctx->get_saved_variables()[0],
+                                           ctx->saved_data["eps"].toDouble(), ctx->saved_data["flags"].toSymInt());
         return {Tensor(), dw, Tensor(), Tensor()};  // ks, w, eps, flags
     }
 };
