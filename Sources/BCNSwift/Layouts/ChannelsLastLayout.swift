@@ -47,13 +47,15 @@ struct ChannelsLastLayout: StoredLayout {
     private func slotLength<T>(_: T.Type) -> Int { (gradientsInOrder(T.self) ? 3 : 1) * shape.channels }
     private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
-    /// The stretches' partials, the larger of the gradient sums' regions of T (centres, shifts, a sample's
-    /// deviations) and the combine's (five constants, and dy's means in Double), and the slots.
+    /// The stretches' partials, the gradient sums' centres and shifts (one of T a plane each) and the slots, or
+    /// the maps' constants (five of T a plane, dy's means in Double, and a flag a block of planes), whichever is
+    /// larger: the maps come after the sums.
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
-        ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
-            + max(2 * ScratchArena.bytes(shape.planes, of: T.self) + ScratchArena.bytes(shape.channels, of: T.self),
-                  ScratchArena.bytes(5 * shape.planes, of: T.self) + ScratchArena.bytes(shape.planes, of: Double.self))
-            + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self)
+        max(ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
+                + 2 * ScratchArena.bytes(shape.planes, of: T.self)
+                + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self),
+            ScratchArena.bytes(5 * shape.planes, of: T.self) + ScratchArena.bytes(shape.planes, of: Double.self)
+                + ScratchArena.bytes(constantBlocks, of: Bool.self))
     }
 
     /// A thread's scratch in `stretchSums`: C values of T for a stretch's shift, and the block partials of the
@@ -68,9 +70,11 @@ struct ChannelsLastLayout: StoredLayout {
     /// Runs `body(b, first row, rows, the stretch's two C-sized partials (zero), the thread's scratch)` over every
     /// (sample, stretch) in parallel, then `finish(b, c0, n, the partials of sample b's stretches)` over every
     /// (sample, block of channels c0..<c0+n) in parallel, which combines them per channel in stretch order.
-    /// `inOrder`: the body gets block partials.
+    /// `inOrder`: the body gets block partials. `finishCost`: a finish's work per channel beside its stretches'
+    /// additions.
     private func stretchSums<T>(
-        _ partials: UnsafeMutablePointer<Double>, _: T.Type, inOrder: Bool, arena: inout ScratchArena,
+        _ partials: UnsafeMutablePointer<Double>, _: T.Type, inOrder: Bool, finishCost: Int = 0,
+        arena: inout ScratchArena,
         _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, SlotScratch<T>) -> Void,
         finish: (Int, Int, Int, UnsafePointer<Double>) -> Void
     ) {
@@ -88,7 +92,7 @@ struct ChannelsLastLayout: StoredLayout {
             }
         }
         let width = ChannelsLastLayout.finishChannels, blocks = (C + width - 1) / width
-        parallelFor(shape.batch * blocks, cost: 4 * n * width) { range, _ in
+        parallelFor(shape.batch * blocks, cost: (4 * n + finishCost) * width) { range, _ in
             for item in range {
                 let b = item / blocks, c0 = (item - b * blocks) * width
                 finish(b, c0, min(width, C - c0), partials + 2 * C * n * b)
@@ -208,6 +212,26 @@ struct ChannelsLastLayout: StoredLayout {
 
     var mapsPerPlane: Bool { false }
 
+    /// Planes a work item of the maps' constants (`planeBlocks`).
+    private static let constantPlanes = 256
+    private var constantBlocks: Int { (shape.planes + Self.constantPlanes - 1) / Self.constantPlanes }
+
+    /// Runs `body(planes)` over blocks of planes in parallel and tells whether it returned true for every block:
+    /// the maps' per-plane constants and the test that they keep their precision (`_mapKeeps`), 20-40
+    /// instructions a plane, which on the calling thread alone took 3-6 us of [8, 256, 14, 14]'s forward and
+    /// backward on two threads.
+    private func planeBlocks(arena: inout ScratchArena, _ body: (Range<Int>) -> Bool) -> Bool {
+        let planes = shape.planes, width = Self.constantPlanes, blocks = constantBlocks
+        let kept = arena.take(blocks, of: Bool.self)
+        parallelFor(blocks, cost: 32 * width) { range, _ in
+            for block in range {
+                let first = block * width
+                kept[block] = body(first..<min(planes, first + width))
+            }
+        }
+        return (0..<blocks).allSatisfy { kept[$0] }
+    }
+
     func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
                                               p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>) {
         preconditionFailure("channels-last measures all planes in one sweep (mapsPerPlane is false)")
@@ -227,12 +251,16 @@ struct ChannelsLastLayout: StoredLayout {
                                      arena: inout ScratchArena) {
         let planes = shape.planes, C = shape.channels, S = shape.spatial
         let k = arena.take(3 * planes, of: T.self), cT = k, sT = k + planes, oT = sT + planes
-        for i in 0..<planes {
-            let cf = T(p[i])
-            cT[i] = cf; sT[i] = T(scale[i])
-            oT[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
+        let keeps = planeBlocks(arena: &arena) { block in
+            for i in block {
+                let cf = T(p[i])
+                cT[i] = cf; sT[i] = T(scale[i])
+                oT[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
+            }
+            let i = block.lowerBound
+            return T._mapKeeps(count: block.count, centres: p + i, dyCentres: nil, offsets: offset + i,
+                               slopes: scale + i, nil)
         }
-        let keeps = T._mapKeeps(count: planes, centres: p, dyCentres: nil, offsets: offset, slopes: scale, nil)
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: rowsPerItem * C) { range, _ in
             for item in range {
@@ -274,32 +302,30 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// T and U of every plane in one read of (x, dy) in order: each stretch summed in the lanes of T around the
-    /// centre rounded to T and the plane's dy shift s (the mean of its first rows), stretches added in order,
-    /// then T = Σ (dy - s) + S s and U = Σ (dy - s)(x - cf) - (p - cf) Σ (dy - s). A plane whose sums in T's lanes
-    /// overflow is summed again in Float64.
+    /// centre rounded to T and the plane's dy shift s (`dyShift`), stretches added in order, then
+    /// T = Σ (dy - s) + S s and U = Σ (dy - s)(x - cf) - (p - cf) Σ (dy - s). A plane whose sums in T's lanes
+    /// overflow is summed again in Float64. A sample of one stretch rounds its centres and finds its shifts in
+    /// that stretch's work item: on the calling thread, before the sweep, they took [8, 256, 14, 14]'s backward
+    /// 6-8 us on two threads. Those of longer samples are found there still: each of a sample's stretches finding
+    /// them again cost it 8 of its 128 or more rows.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
         let C = shape.channels, S = shape.spatial
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
         let centre = arena.take(shape.planes, of: T.self), shift = arena.take(shape.planes, of: T.self)
-        let deviation = arena.take(C, of: T.self)
-        for i in 0..<shape.planes { centre[i] = T(p[i]) }
-        // each plane's dy shift by `_earlyMean`'s rule on its first (up to) eight values, read a row at a time
-        // across the channels (each plane's values one by one, C apart, cost 25 instructions a plane: 3% of a
-        // backward)
-        let first = min(8, S), scale = 1 / T(first)
-        for b in 0..<shape.batch {
-            let m = shift + b * C, rows = dy + b * S * C
-            for c in 0..<C { m[c] = rows[c] * scale; deviation[c] = 0 }
-            for r in 1..<first {
-                let row = rows + r * C
-                for c in 0..<C { m[c] += row[c] * scale; deviation[c] += (row[c] - rows[c]).magnitude * scale }
+        let own = stretches == 1  // each sample's one work item prepares it
+        if !own {
+            for b in 0..<shape.batch {
+                ChannelsLastLayout.prepare(b, p: p, dy: dy, spatial: S, channels: C, centre: centre, shift: shift)
             }
-            for c in 0..<C { m[c] = T._shift(mean: m[c], distance: deviation[c]) }
         }
         let inOrder = gradientsInOrder(T.self)
-        stretchSums(partials, T.self, inOrder: inOrder, arena: &arena, { b, r0, rows, sum, dot, scratch in
+        stretchSums(partials, T.self, inOrder: inOrder, finishCost: 32, arena: &arena, {
+            b, r0, rows, sum, dot, scratch in
+            if own {
+                ChannelsLastLayout.prepare(b, p: p, dy: dy, spatial: S, channels: C, centre: centre, shift: shift)
+            }
             let at = (b * S + r0) * C
             T._columnGradientSums(dy + at, x + at, rows: rows, columns: C, stride: C, centre: centre + b * C,
                                   dyShift: shift + b * C, sums: sum, dots: dot, partials: scratch.blockPartials)
@@ -321,6 +347,40 @@ struct ChannelsLastLayout: StoredLayout {
         })
     }
 
+    /// Sample b's centres `p` rounded to T and its dy shifts (`dyShift`), into its C slots of each.
+    @inline(never)
+    static func prepare<T: NormalizationScalar>(_ b: Int, p: UnsafePointer<Double>, dy: UnsafePointer<T>,
+                                                spatial S: Int, channels C: Int, centre: UnsafeMutablePointer<T>,
+                                                shift: UnsafeMutablePointer<T>) {
+        let k = centre + b * C
+        var c = 0
+        while c + 4 <= C { T._store4Narrow((p + b * C).lanes(c), k, c); c += 4 }
+        while c < C { k[c] = T(p[b * C + c]); c += 1 }
+        dyShift(dy + b * S * C, rows: S, columns: C, into: shift + b * C)
+    }
+
+    /// A sample's dy shift per channel (`dy` at its first row) by `_earlyMean`'s rule on its first (up to) eight
+    /// values, read a row at a time across 64 channels (each plane's values one by one, C apart, cost 25
+    /// instructions a plane: 3% of a backward).
+    static func dyShift<T: NormalizationScalar>(_ dy: UnsafePointer<T>, rows S: Int, columns C: Int,
+                                                into shift: UnsafeMutablePointer<T>) {
+        let first = min(8, S), scale = 1 / T(first), width = 64
+        withUnsafeTemporaryAllocation(of: T.self, capacity: width) { spread in
+            let deviation = spread.baseAddress!
+            var c0 = 0
+            while c0 < C {
+                let n = min(width, C - c0), m = shift + c0, top = dy + c0
+                for c in 0..<n { m[c] = top[c] * scale; deviation[c] = 0 }
+                for r in 1..<first {
+                    let row = top + r * C
+                    for c in 0..<n { m[c] += row[c] * scale; deviation[c] += (row[c] - top[c]).magnitude * scale }
+                }
+                for c in 0..<n { m[c] = T._shift(mean: m[c], distance: deviation[c]) }
+                c0 += n
+            }
+        }
+    }
+
     /// dx = P dy + Q (x - p) + R with the constants in T as in `map`, about each plane's x mean p and dy mean
     /// T/S (`dySums` / S; the centres' residues folded into R, as `_combine` does), or in Float64 as there.
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
@@ -330,12 +390,17 @@ struct ChannelsLastLayout: StoredLayout {
         let P = coefficients, Q = P + planes, R = Q + planes
         let k = arena.take(5 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
         let dT = rT + planes, means = arena.take(planes, of: Double.self), invS = 1 / Double(S)
-        for i in 0..<planes {
-            let cf = T(p[i]), mean = t[i] * invS, df = T(mean)
-            cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i]); means[i] = mean
-            rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf)) + P[i] * Double(df))
+        let keeps = planeBlocks(arena: &arena) { block in
+            for i in block {
+                let cf = T(p[i]), mean = t[i] * invS, df = T(mean)
+                cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i]); means[i] = mean
+                rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf))
+                          + P[i] * Double(df))
+            }
+            let i = block.lowerBound
+            return T._mapKeeps(count: block.count, centres: p + i, dyCentres: means + i, offsets: R + i,
+                               slopes: Q + i, P + i)
         }
-        let keeps = T._mapKeeps(count: planes, centres: p, dyCentres: means, offsets: R, slopes: Q, P)
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
             for item in range {

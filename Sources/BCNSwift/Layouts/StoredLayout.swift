@@ -75,6 +75,12 @@ struct Units {
     }
 }
 
+/// `parallelFor`'s cost of one unit's coefficients (its m, r and its planes' maps) when they all come before one
+/// sweep (`mapsPerPlane` false): about 290 + 5·K instructions for K planes (callgrind, K = 2 to 16), but of
+/// divisions and square roots: the 256 units of [8, 256, 14, 14] took 9 us on the calling thread, about what the
+/// sweep after them spends on 256 values a unit. So 256 units or more take the workers.
+let unitCoefficientsCost = 256
+
 /// `parallelFor`'s cost of one unit's backward: about 550 + 25·K instructions for K planes (callgrind, K = 2 to
 /// 16), what a sweep spends on some 256 values. So 256 units or more take the workers.
 let unitGradientCost = 256
@@ -130,7 +136,7 @@ extension StoredLayout {
             return
         }
         let scales = arena.take(2 * shape.planes, of: Double.self), offsets = scales + shape.planes
-        parallelFor(units.count, cost: 4 * K) { range, _ in
+        parallelFor(units.count, cost: unitCoefficientsCost) { range, _ in
             for u in range {
                 let first = units.locate(u).plane
                 coefficients(u, scales: scales + first, offsets: offsets + first)
