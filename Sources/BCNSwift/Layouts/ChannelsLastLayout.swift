@@ -48,8 +48,9 @@ struct ChannelsLastLayout: StoredLayout {
     private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
     /// The stretches' partials, the gradient sums' centres and shifts (one of T a plane each) and the slots, or
-    /// the maps' constants (five of T a plane, dy's means in Double, and a flag a block of planes), whichever is
-    /// larger: the maps come after the sums.
+    /// the maps' constants (up to five of T a plane, dy's means in Double, and a flag a block of planes),
+    /// whichever is larger: every phase reserves this for itself (`StoredLayout`'s `...Bytes`), and each uses one
+    /// of the two.
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         max(ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
                 + 2 * ScratchArena.bytes(shape.planes, of: T.self)
@@ -307,7 +308,7 @@ struct ChannelsLastLayout: StoredLayout {
     /// overflow is summed again in Float64. A sample of one stretch rounds its centres and finds its shifts in
     /// that stretch's work item: on the calling thread, before the sweep, they took [8, 256, 14, 14]'s backward
     /// 6-8 us on two threads. Those of longer samples are found there still: each of a sample's stretches finding
-    /// them again cost it 8 of its 128 or more rows.
+    /// them again read 8 rows more than its own (128 rows on [2, 512, 28, 28]: 1.02-1.04x the time).
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
                                               arena: inout ScratchArena) {
@@ -321,7 +322,9 @@ struct ChannelsLastLayout: StoredLayout {
             }
         }
         let inOrder = gradientsInOrder(T.self)
-        stretchSums(partials, T.self, inOrder: inOrder, finishCost: 32, arena: &arena, {
+        // a finish's corrections, 32 a channel, where each sample is one stretch (2048 planes then take the
+        // workers); with several, counting them measured 1.02x the time on [2, 512, 28, 28], and they stay serial
+        stretchSums(partials, T.self, inOrder: inOrder, finishCost: own ? 32 : 0, arena: &arena, {
             b, r0, rows, sum, dot, scratch in
             if own {
                 ChannelsLastLayout.prepare(b, p: p, dy: dy, spatial: S, channels: C, centre: centre, shift: shift)
@@ -348,10 +351,10 @@ struct ChannelsLastLayout: StoredLayout {
     }
 
     /// Sample b's centres `p` rounded to T and its dy shifts (`dyShift`), into its C slots of each.
-    @inline(never)
-    static func prepare<T: NormalizationScalar>(_ b: Int, p: UnsafePointer<Double>, dy: UnsafePointer<T>,
-                                                spatial S: Int, channels C: Int, centre: UnsafeMutablePointer<T>,
-                                                shift: UnsafeMutablePointer<T>) {
+    private static func prepare<T: NormalizationScalar>(_ b: Int, p: UnsafePointer<Double>, dy: UnsafePointer<T>,
+                                                        spatial S: Int, channels C: Int,
+                                                        centre: UnsafeMutablePointer<T>,
+                                                        shift: UnsafeMutablePointer<T>) {
         let k = centre + b * C
         var c = 0
         while c + 4 <= C { T._store4Narrow((p + b * C).lanes(c), k, c); c += 4 }
@@ -362,8 +365,8 @@ struct ChannelsLastLayout: StoredLayout {
     /// A sample's dy shift per channel (`dy` at its first row) by `_earlyMean`'s rule on its first (up to) eight
     /// values, read a row at a time across 64 channels (each plane's values one by one, C apart, cost 25
     /// instructions a plane: 3% of a backward).
-    static func dyShift<T: NormalizationScalar>(_ dy: UnsafePointer<T>, rows S: Int, columns C: Int,
-                                                into shift: UnsafeMutablePointer<T>) {
+    private static func dyShift<T: NormalizationScalar>(_ dy: UnsafePointer<T>, rows S: Int, columns C: Int,
+                                                        into shift: UnsafeMutablePointer<T>) {
         let first = min(8, S), scale = 1 / T(first), width = 64
         withUnsafeTemporaryAllocation(of: T.self, capacity: width) { spread in
             let deviation = spread.baseAddress!
