@@ -22,6 +22,9 @@ struct ScratchArena: ~Copyable {
 
     private let block: UnsafeMutableRawPointer
     private let capacity: Int
+    /// What the call reserved (its bytes, plus the first line): debug builds hold its regions to it, whatever the
+    /// capacity of the block (a cached block may be larger, and would hide a region the sizing left out).
+    private let reserved: Int
     private var used: Int
     /// Regions that did not fit the block (a sizing mistake: debug builds stop at it, release builds stay safe).
     private var overflow: [UnsafeMutableRawPointer] = []
@@ -48,6 +51,7 @@ struct ScratchArena: ~Copyable {
             capacity = size
         }
         used = Self.alignment  // the first line holds the size
+        reserved = need
     }
 
     deinit {
@@ -66,11 +70,12 @@ struct ScratchArena: ~Copyable {
     }
 
     /// The next `count` values of `T`, uninitialized, 64-byte aligned. A region beyond the size reserved up
-    /// front gets memory of its own (and trips an assertion in debug builds, where the tests run).
+    /// front trips an assertion in debug builds, where the tests run, even when the block (a larger one from the
+    /// cache) has room; one beyond the block gets memory of its own.
     mutating func take<T>(_ count: Int, of _: T.Type) -> UnsafeMutablePointer<T> {
         let size = Self.bytes(count, of: T.self)
+        assert(used + size <= reserved, "ScratchArena: regions exceed the size reserved up front")
         guard used + size <= capacity else {
-            assertionFailure("ScratchArena: regions exceed the size reserved up front")
             let region = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: Self.alignment)
             overflow.append(region)
             return region.bindMemory(to: T.self, capacity: max(count, 1))
