@@ -91,10 +91,17 @@ final class BatchChannelNormTests: XCTestCase {
         // backward sums the batch-norm stage's gradients beside dx)
         // [2, 64, 16, 16] in 32 groups: the eval forward measures and maps each unit in one loop whose cost
         // (65536) takes two threads where the measuring alone (32768) would take one: its scratch must have two
-        // slots (it had one, and the second thread wrote past it)
-        for (shape, groups) in [([4, 16, 64, 65], 4), ([512, 264], 8), ([64, 264, 3, 3], 8), ([64, 2048], 32),
-                                ([64, 256, 2, 2], 32), ([15, 512, 2, 2], 32), ([16, 256, 3, 3], 32),
-                                ([2, 64, 16, 16], 32)] {
+        // slots (it had one, and the second thread wrote past it); channels-last with one stretch a sample and
+        // 2048 planes (each sample's work item finds its dy shifts; the units' coefficients, the maps' constants
+        // and the gradient sums' finish on several threads), and with two stretches a sample
+        let shapes: [([Int], Int, MemoryFormat)] = [
+            ([4, 16, 64, 65], 4, .channelsFirst), ([512, 264], 8, .channelsFirst), ([64, 264, 3, 3], 8, .channelsFirst),
+            ([64, 2048], 32, .channelsFirst), ([64, 256, 2, 2], 32, .channelsFirst),
+            ([15, 512, 2, 2], 32, .channelsFirst), ([16, 256, 3, 3], 32, .channelsFirst),
+            ([2, 64, 16, 16], 32, .channelsFirst), ([8, 256, 4, 4], 32, .channelsLast),
+            ([2, 64, 40, 40], 32, .channelsLast),
+        ]
+        for (shape, groups, format) in shapes {
             let C = shape[1], S = shape.dropFirst(2).reduce(1, *)
             var x = input(shape.reduce(1, *), channels: C, spatial: S).map { Float($0) }
             if S < 16 {  // every third sample's first C/2 channels far off: groups on the Float64 path
@@ -107,16 +114,16 @@ final class BatchChannelNormTests: XCTestCase {
             for threads in [1, 2, 16] {
                 BCNThreads.count = threads
                 let layer = try BatchChannelNorm<Float>(channels: C, groups: groups, estimate: false)
-                let y = try layer.forward(x, shape: shape)
+                let y = try layer.forward(x, shape: shape, format: format)
                 let dx = try layer.backward(dy)
                 layer.training = false
-                let yEval = try layer.forward(x, shape: shape)
+                let yEval = try layer.forward(x, shape: shape, format: format)
                 let dxEval = try layer.backward(dy)
                 results.append(y + dx + yEval + dxEval + layer.runningVar + layer.gradBnWeight + layer.gradWeight)
             }
             BCNThreads.count = 0
-            XCTAssertEqual(results[0], results[1], "\(shape)")
-            XCTAssertEqual(results[0], results[2], "\(shape)")
+            XCTAssertEqual(results[0], results[1], "\(shape) \(format)")
+            XCTAssertEqual(results[0], results[2], "\(shape) \(format)")
         }
     }
 
