@@ -37,14 +37,17 @@ extension NormalizationEngine {
         case .rows(let l):
             // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
             let kept = through ? l.memoCount(plan: plan, T.self) : 0
+            // phase (c) reuses phase (a)'s scratch (`release`): the sums and the memo come before it
             var arena = try ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
-                                     + l.gradientSumsBytes(T.self, plan: plan)
-                                     + l.finishBackwardBytes(T.self, plan: plan))
+                                     + max(l.gradientSumsBytes(T.self, plan: plan),
+                                           l.finishBackwardBytes(T.self, plan: plan)))
             let sums = through ? arena.take(2 * C, of: Double.self) : nil
             let memo = kept > 0 ? arena.take(kept, of: Double.self) : nil
+            let mark = arena.mark
             if let sums {
                 l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &arena)
             }
+            arena.release(to: mark)
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                              sums: sums, memo: memo, sumsAreLocal: true, arena: &arena)
         }
@@ -59,13 +62,17 @@ extension NormalizationEngine {
         var arena = try ScratchArena(bytes: ScratchArena.bytes(2 * planes, of: Double.self)
                                  + ScratchArena.bytes(2 * C, of: Double.self)
                                  + ScratchArena.bytes(unitGradients, of: Double.self)
-                                 + l.gradientSumsBytes(T.self, plan: plan) + l.finishBackwardBytes(T.self, plan: plan))
+                                 + max(l.gradientSumsBytes(T.self, plan: plan),
+                                       l.finishBackwardBytes(T.self, plan: plan)))
         let t = arena.take(2 * planes, of: Double.self), u = t + planes
         let sums = through ? arena.take(2 * C, of: Double.self) : nil
         let gradient = UnitGradients(storage: arena.take(unitGradients, of: Double.self), plan: plan, shape: l.shape)
-        // Through batch statistics, phase (a) computes every unit's gradient for the sums; phase (c) reuses them.
+        // Through batch statistics, phase (a) computes every unit's gradient for the sums; phase (c) reuses them,
+        // and its scratch (`release`): T, U, the sums and the gradients come before it.
+        let mark = arena.mark
         l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
                        arena: &arena)
+        arena.release(to: mark)
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                          t: t, u: u, sums: sums, unitGradients: gradient, computed: through, arena: &arena)
     }

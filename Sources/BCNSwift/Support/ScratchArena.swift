@@ -9,8 +9,9 @@ import Darwin
 
 /// The scratch memory of one engine call: a single block, sized up front and carved into typed regions.
 ///
-/// A call adds up what its phases need (O(B·C) numbers plus a small block per thread), takes one block, and
-/// hands out regions from it in order; nothing else is allocated while it computes. The block goes back to a
+/// A call adds up what it needs (O(B·C) numbers plus a small block per thread), takes one block, and hands out
+/// regions from it in order; nothing else is allocated while it computes. A phase's own regions go back when it
+/// ends (`release(to:)`), for the next phase of the call to reuse. The block goes back to a
 /// one-slot cache when the call ends, so a stream of calls on similar shapes allocates nothing at all. A block
 /// larger than `cacheLimit` bytes is freed instead of cached, so one huge call does not pin its scratch.
 struct ScratchArena: ~Copyable {
@@ -67,6 +68,16 @@ struct ScratchArena: ~Copyable {
     /// Bytes to reserve for `count` values of `T`, rounded up to the alignment of every region.
     static func bytes<T>(_ count: Int, of _: T.Type) -> Int {
         (count * MemoryLayout<T>.stride + alignment - 1) / alignment * alignment
+    }
+
+    /// Where the next region starts: `release(to:)` hands back every region taken after it.
+    var mark: Int { used }
+
+    /// Hands back every region taken since `mark`, for the next phase of the call to reuse: a call's phases run
+    /// one after another, and what one leaves for the next lies in regions taken before the mark.
+    mutating func release(to mark: Int) {
+        precondition(mark >= Self.alignment && mark <= used, "ScratchArena: a mark from another point of the call")
+        used = mark
     }
 
     /// The next `count` values of `T`, uninitialized, 64-byte aligned. A region beyond the size reserved up
