@@ -11,9 +11,9 @@ import Darwin
 ///
 /// A call adds up what it needs (O(B·C) numbers plus a small block per thread), takes one block, and hands out
 /// regions from it in order; nothing else is allocated while it computes. A phase's own regions go back when it
-/// ends (`release(to:)`), for the next phase of the call to reuse. The block goes back to a
-/// one-slot cache when the call ends, so a stream of calls on similar shapes allocates nothing at all. A block
-/// larger than `cacheLimit` bytes is freed instead of cached, so one huge call does not pin its scratch.
+/// ends (`release(to:)`), for the next phase of the call to reuse. The block goes back to a one-slot cache when
+/// the call ends, so a stream of calls on similar shapes allocates nothing at all. A block larger than
+/// `cacheLimit` bytes is freed instead of cached, so one huge call does not pin its scratch.
 struct ScratchArena: ~Copyable {
     /// Bytes a cached block may hold at most.
     static let cacheLimit = 16 << 20
