@@ -37,17 +37,17 @@ extension NormalizationEngine {
         case .rows(let l):
             // Phase (a) keeps what phase (c) would compute again from x and dy (`RowsLayout.memoCount`).
             let kept = through ? l.memoCount(plan: plan, T.self) : 0
-            // phase (c) reuses phase (a)'s scratch (`release`): the sums and the memo come before it
+            // phase (c) reuses phase (a)'s scratch (`ScratchArena.phase`): the sums and the memo come before it
             var arena = try ScratchArena(bytes: sumsBytes + ScratchArena.bytes(kept, of: Double.self)
                                      + max(l.gradientSumsBytes(T.self, plan: plan),
                                            l.finishBackwardBytes(T.self, plan: plan)))
             let sums = through ? arena.take(2 * C, of: Double.self) : nil
             let memo = kept > 0 ? arena.take(kept, of: Double.self) : nil
-            let mark = arena.mark
             if let sums {
-                l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &arena)
+                arena.phase {
+                    l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, memo: memo, arena: &$0)
+                }
             }
-            arena.release(to: mark)
             l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                              sums: sums, memo: memo, sumsAreLocal: true, arena: &arena)
         }
@@ -68,11 +68,11 @@ extension NormalizationEngine {
         let sums = through ? arena.take(2 * C, of: Double.self) : nil
         let gradient = UnitGradients(storage: arena.take(unitGradients, of: Double.self), plan: plan, shape: l.shape)
         // Through batch statistics, phase (a) computes every unit's gradient for the sums; phase (c) reuses them,
-        // and its scratch (`release`): T, U, the sums and the gradients come before it.
-        let mark = arena.mark
-        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
-                       arena: &arena)
-        arena.release(to: mark)
+        // and its scratch (`ScratchArena.phase`): T, U, the sums and the gradients come before it.
+        arena.phase {
+            l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
+                           arena: &$0)
+        }
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                          t: t, u: u, sums: sums, unitGradients: gradient, computed: through, arena: &arena)
     }

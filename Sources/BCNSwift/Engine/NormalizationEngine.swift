@@ -44,7 +44,7 @@ public enum NormalizationEngine {
         let batchStatistics = training && plan.batchNorm != nil
         // Short planes keep no moments in the context; a single call keeps phase (a)'s for its phase (c).
         let memoCount = batchStatistics ? layout.momentsMemoCount(T.self, plan: plan) : 0
-        // phase (c) reuses phase (a)'s scratch (`release`): the moments and the memo come before it
+        // phase (c) reuses phase (a)'s scratch (`ScratchArena.phase`): the moments and the memo come before it
         var arena = try ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
                                  + ScratchArena.bytes(memoCount, of: Double.self)
                                  + max(localMomentsBytes(layout, T.self), finishBytes(layout, T.self, plan: plan)))
@@ -52,9 +52,10 @@ public enum NormalizationEngine {
         let memo = memoCount > 0 ? arena.take(memoCount, of: Double.self) : nil
         // Without batch statistics no plane's map waits for the whole batch: each unit's planes are measured
         // and mapped while they are in cache (one read of x from memory instead of two; the same bits).
-        let fused = !batchStatistics && layout.measuresPerUnit, mark = arena.mark
-        if !fused { localMoments(layout, plan: plan, x: x, context: ctx, into: moments, memo: memo, arena: &arena) }
-        arena.release(to: mark)
+        let fused = !batchStatistics && layout.measuresPerUnit
+        if !fused {
+            arena.phase { localMoments(layout, plan: plan, x: x, context: ctx, into: moments, memo: memo, arena: &$0) }
+        }
         finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
                measure: fused, memo: memo, arena: &arena)
     }

@@ -11,7 +11,7 @@ import Darwin
 ///
 /// A call adds up what it needs (O(B·C) numbers plus a small block per thread), takes one block, and hands out
 /// regions from it in order; nothing else is allocated while it computes. A phase's own regions go back when it
-/// ends (`release(to:)`), for the next phase of the call to reuse. The block goes back to a one-slot cache when
+/// ends (`phase`), for the next phase of the call to reuse. The block goes back to a one-slot cache when
 /// the call ends, so a stream of calls on similar shapes allocates nothing at all. A block larger than
 /// `cacheLimit` bytes is freed instead of cached, so one huge call does not pin its scratch.
 struct ScratchArena: ~Copyable {
@@ -70,14 +70,13 @@ struct ScratchArena: ~Copyable {
         (count * MemoryLayout<T>.stride + alignment - 1) / alignment * alignment
     }
 
-    /// Where the next region starts: `release(to:)` hands back every region taken after it.
-    var mark: Int { used }
-
-    /// Hands back every region taken since `mark`, for the next phase of the call to reuse: a call's phases run
-    /// one after another, and what one leaves for the next lies in regions taken before the mark.
-    mutating func release(to mark: Int) {
-        precondition(mark >= Self.alignment && mark <= used, "ScratchArena: a mark from another point of the call")
-        used = mark
+    /// Runs one phase of the call on this arena, then hands back every region the phase took, for the next
+    /// phase to reuse: a call's phases run one after another, and what one leaves for the next lies in regions
+    /// taken before it.
+    mutating func phase(_ body: (inout ScratchArena) -> Void) {
+        let start = used
+        body(&self)
+        used = start
     }
 
     /// The next `count` values of `T`, uninitialized, 64-byte aligned. A region beyond the size reserved up
