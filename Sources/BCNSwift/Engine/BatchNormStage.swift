@@ -116,7 +116,7 @@ enum BatchNormStage {
         let picks = min(B, 8), invB = 1 / Double(B), invB4 = SIMD4(repeating: invB), zero = SIMD4<Double>()
         var c0 = zero, c1 = zero, c2 = zero, c3 = zero
         for b in 0..<picks {
-            let row = p + b * stride
+            let row = p + b &* stride
             c0 += T._load4Wide(row, 0)
             if chains > 1 { c1 += T._load4Wide(row, 4) }
             if chains > 2 { c2 += T._load4Wide(row, 8); c3 += T._load4Wide(row, 12) }
@@ -130,9 +130,9 @@ enum BatchNormStage {
             var w0 = zero, w1 = zero, w2 = zero, w3 = zero, d0 = zero, d1 = zero, d2 = zero, d3 = zero
             var e0 = zero, e1 = zero, e2 = zero, e3 = zero
             for b in 0..<B {
-                let row = p + b * stride
+                let row = p + b &* stride
                 if let q {
-                    let m2 = q + b * stride
+                    let m2 = q + b &* stride
                     w0 += m2.lanes(0)
                     if chains > 1 { w1 += m2.lanes(4) }
                     if chains > 2 { w2 += m2.lanes(8); w3 += m2.lanes(12) }
