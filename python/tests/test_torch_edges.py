@@ -298,7 +298,8 @@ def test_ws_layers_refuse_a_fan_in_of_one_in_their_own_words(gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["kernels", "composed"])
 @pytest.mark.parametrize("weight,kw,error,message", [
-    ((3, 1), {}, ValueError, r"an unbiased standard deviation needs a fan-in of at least 2, got 1 \(pass unbiased"),
+    ((3, 1), {}, ValueError,
+     r"an unbiased standard deviation needs a fan-in of at least 2, got 1 \(turn unbiased off\)"),
     ((3, 4), dict(eps=0.0), ValueError, "eps must be a positive finite number, got 0.0"),
     ((0, 4), {}, ValueError, r"weight must have rank >= 2 \(\[out_channels, ...\]\) and values, got shape \(0, 4\)"),
     ((3,), {}, ValueError, r"weight must have rank >= 2"),

@@ -28,7 +28,7 @@ public struct WeightStandardizationOptions: Equatable, Sendable {
         }
         if unbiased && fanIn == 1 {
             throw BCNError(.degenerateStatistics,
-                           "an unbiased standard deviation needs a fan-in of at least 2, got 1 (pass unbiased=False)")
+                           "an unbiased standard deviation needs a fan-in of at least 2, got 1 (turn unbiased off)")
         }
     }
 }

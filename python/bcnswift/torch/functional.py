@@ -213,7 +213,7 @@ def _check_ws_arguments(w, eps, unbiased):
         raise ValueError(f"weight must have rank >= 2 ([out_channels, ...]) and values, got shape {tuple(w.shape)}")
     if unbiased and w.numel() < 2 * w.shape[0]:
         raise ValueError(f"an unbiased standard deviation needs a fan-in of at least 2, got {w.numel() // w.shape[0]} "
-                         f"(pass unbiased=False)")
+                         f"(turn unbiased off)")
     if not 0 < eps < math.inf:
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
