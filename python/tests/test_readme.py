@@ -93,6 +93,8 @@ def test_the_swift_example_builds_as_a_dependency_and_runs(tmp_path):
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     out = subprocess.run([str(demo / ".build" / "debug" / "Demo")], capture_output=True, text=True, timeout=60,
                          check=True).stdout.strip().split("\n")
-    assert [line.split(" ")[0] for line in out] == ["y[0..<4]", "running", "grad", "standardized", "error:"], out
+    assert [line.split(" ")[0] for line in out] == ["y[0..<4]", "running", "grad", "restored:", "standardized",
+                                                    "error:"], out
+    assert out[3] == "restored: true", out  # a state loaded into a fresh layer
     assert out[-1] == "error: input has 3 channels but the layer has 8", out
-    assert abs(float(out[3].rsplit(" ", 1)[1])) < 1e-12, out  # a standardized row has mean 0
+    assert abs(float(out[4].rsplit(" ", 1)[1])) < 1e-12, out  # a standardized row has mean 0

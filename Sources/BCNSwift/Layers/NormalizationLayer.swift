@@ -176,15 +176,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         for i in gradWeight.indices { gradWeight[i] = 0; gradBias[i] = 0 }
     }
 
-    private func checkParameterSizes() throws(BCNError) {
-        let C = plan.batchNorm == nil ? 0 : plan.channels, G = plan.groups
-        for (name, count, expected) in [("bnWeight", bnWeight.count, C), ("bnBias", bnBias.count, C),
-                                        ("runningMean", runningMean.count, C), ("runningVar", runningVar.count, C),
-                                        ("weight", weight.count, G), ("bias", bias.count, G)]
-        where count != expected {
-            throw BCNError(.shapeMismatch, "\(name) has \(count) elements, expected \(expected)")
-        }
-    }
+    private func checkParameterSizes() throws(BCNError) { try state.checkSizes(for: plan) }
 }
 
 /// Batch-Channel Normalization: a batch norm (batch statistics, or estimated ones), then a channel norm with
