@@ -189,6 +189,53 @@ final class BatchChannelNormTests: XCTestCase {
         #endif
     }
 
+    /// A call whose own arrays (the output, dx, a weight's) the system will not map throws `.outOfMemory` and
+    /// changes nothing, where Swift arrays would stop the process: an input of 64 MB under an address-space
+    /// limit 32 MB above what the process maps, so the input fits and its output does not.
+    func testACallWhoseArraysCannotBeAllocatedThrows() throws {
+        #if canImport(Glibc)
+        let shape = [16, 64, 128, 128], count = shape.reduce(1, *)  // 2^24 Floats
+        let layer = try BatchChannelNorm<Float>(channels: 64, groups: 8)
+        let small = (0..<(2 * 64 * 9)).map { _ in Float(rng.normal(2, 1)) }
+        _ = try layer.forward(small, shape: [2, 64, 3, 3])
+        let kept = layer.state, x = [Float](repeating: 1.5, count: count), dy = x
+        var saved = rlimit()
+        guard getrlimit(Int32(RLIMIT_AS.rawValue), &saved) == 0 else { throw XCTSkip("getrlimit failed") }
+        func limited(_ body: () throws -> Void) throws {
+            guard let mapped = Self.addressSpaceInUse() else { throw XCTSkip("/proc/self/statm is unreadable") }
+            var limit = saved
+            limit.rlim_cur = min(saved.rlim_max, rlim_t(mapped + (32 << 20)))
+            guard setrlimit(Int32(RLIMIT_AS.rawValue), &limit) == 0 else { throw XCTSkip("setrlimit failed") }
+            defer { XCTAssertEqual(setrlimit(Int32(RLIMIT_AS.rawValue), &saved), 0) }
+            try body()
+        }
+        func refused(_ call: @autoclosure () throws -> [Float], _ what: String) {
+            XCTAssertThrowsError(try call()) { error in
+                XCTAssertEqual((error as? BCNError)?.kind, .outOfMemory, what)
+                XCTAssertTrue((error as? BCNError)?.message.hasSuffix(what) ?? false, "\(error)")
+            }
+        }
+        try limited {
+            refused(try layer.forward(x, shape: shape), "the output of a forward of shape \(shape)")
+            refused(try WeightStandardization.standardize(x, shape: [64, count / 64]),
+                    "the standardized weight of shape [64, \(count / 64)]")
+            refused(try WeightStandardization.gradient(x, dy, shape: [64, count / 64]),
+                    "the gradient of a weight of shape [64, \(count / 64)]")
+        }
+        XCTAssertEqual(layer.state, kept)
+        // the backward of the 64 MB forward, once it could run, refused as memory runs out again
+        layer.training = false
+        _ = try layer.forward(x, shape: shape)
+        let gradients = (layer.gradBnWeight, layer.gradWeight)
+        try limited { refused(try layer.backward(dy), "the input gradient of \(count) values") }
+        XCTAssertEqual(layer.gradBnWeight, gradients.0)
+        XCTAssertEqual(layer.gradWeight, gradients.1)
+        XCTAssertEqual(try layer.backward(dy).count, count)  // and runs once memory is there
+        #else
+        throw XCTSkip("RLIMIT_AS is Linux's: other systems do not enforce it")
+        #endif
+    }
+
     #if canImport(Glibc)
     /// Bytes of address space this process maps now: the first field of /proc/self/statm, in pages.
     static func addressSpaceInUse() -> Int? {

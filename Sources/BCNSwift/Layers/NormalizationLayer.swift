@@ -98,10 +98,16 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         try checkParameterSizes()
         guard let length = NormalizationContext.length(batch: s.batch, channels: s.channels, groups: plan.groups)
         else { throw BCNError(.invalidArgument, "input shape \(shape) is too large") }
+        let C = bnWeight.count, G = weight.count, p = staging.baseAddress!
+        // the output, the running buffers' new arrays and a larger context, which would stop the process if
+        // memory ran out (the engine's own scratch throws by itself)
+        let grows = context.count < length
+        let arrays = Self.bytes(s.count + 2 * C, of: Scalar.self)  // s.count <= Int.max / 16, C <= 2^32
+        let (bytes, overflow) = arrays.addingReportingOverflow(grows ? Self.bytes(length, of: Double.self) : 0)
+        try requireArrayMemory(overflow ? .max : bytes, for: "the output of a forward of shape \(shape)")
         // A larger context replaces the old one only once the forward succeeded: a failed call keeps the last
         // forward differentiable.
-        let target = context.count >= length ? context : .allocate(capacity: length)
-        let C = bnWeight.count, G = weight.count, p = staging.baseAddress!
+        let target = grows ? .allocate(capacity: length) : context
         for (offset, values) in [(0, bnWeight), (C, bnBias), (2 * C, runningMean), (3 * C, runningVar),
                                  (4 * C, weight), (4 * C + G, bias)] {
             for i in values.indices { p[offset + i] = values[i] }
@@ -144,6 +150,9 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         }
         guard let shape = saved.shape else { return [] }  // an input without values: no gradient to add
         let C = gradBnWeight.count, G = gradWeight.count, g = staging.baseAddress!
+        // dx and the gradients' new arrays (dy.count is the forward's element count, <= Int.max / 16)
+        try requireArrayMemory(Self.bytes(dy.count + 2 * (C + G), of: Scalar.self),
+                               for: "the input gradient of \(dy.count) values")
         for (offset, values) in [(0, gradBnWeight), (C, gradBnBias), (2 * C, gradWeight), (2 * C + G, gradBias)] {
             for i in values.indices { g[offset + i] = values[i] }
         }
@@ -177,6 +186,12 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     }
 
     private func checkParameterSizes() throws(BCNError) { try state.checkSizes(for: plan) }
+
+    /// Bytes of `count` values of type V (Int.max where that overflows, which no system maps).
+    private static func bytes<V>(_ count: Int, of _: V.Type) -> Int {
+        let (bytes, overflow) = count.multipliedReportingOverflow(by: MemoryLayout<V>.stride)
+        return overflow ? .max : bytes
+    }
 }
 
 /// Batch-Channel Normalization: a batch norm (batch statistics, or estimated ones), then a channel norm with

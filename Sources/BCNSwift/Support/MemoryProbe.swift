@@ -22,3 +22,11 @@ func requireMemory(_ bytes: Int, for what: @autoclosure () -> String) throws(BCN
     }
     munmap(region, bytes)
 }
+
+/// `requireMemory` for the arrays a call returns or keeps (an output, a gradient, a buffer's copy), asked only
+/// from 1 MB up: malloc maps blocks that large itself, and an input that size can leave no room for its output.
+/// Below that, a heap without room for one more small block leaves the process nothing to recover with, and two
+/// system calls a call would weigh on small layers.
+func requireArrayMemory(_ bytes: Int, for what: @autoclosure () -> String) throws(BCNError) {
+    if bytes >= 1 << 20 { try requireMemory(bytes, for: what()) }
+}
