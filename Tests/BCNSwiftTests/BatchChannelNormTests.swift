@@ -216,13 +216,15 @@ final class BatchChannelNormTests: XCTestCase {
             }
         }
         try limited {
-            refused(try layer.forward(x, shape: shape), "the output of a forward of shape \(shape)")
+            refused(try layer.forward(x, shape: shape), "the output and context of a forward of shape \(shape)")
             refused(try WeightStandardization.standardize(x, shape: [64, count / 64]),
                     "the standardized weight of shape [64, \(count / 64)]")
             refused(try WeightStandardization.gradient(x, dy, shape: [64, count / 64]),
                     "the gradient of a weight of shape [64, \(count / 64)]")
         }
         XCTAssertEqual(layer.state, kept)
+        // the refused forward left the last one differentiable
+        XCTAssertEqual(try layer.backward(small).count, small.count)
         // the backward of the 64 MB forward, once it could run, refused as memory runs out again
         layer.training = false
         _ = try layer.forward(x, shape: shape)

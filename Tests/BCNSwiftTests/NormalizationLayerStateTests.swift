@@ -13,6 +13,18 @@ final class NormalizationLayerStateTests: XCTestCase {
     /// Values around a mean far from 0 (2.5), so that no stage sees a centred input.
     func input(_ count: Int) -> [Double] { (0..<count).map { _ in rng.normal(2.5, 1.5) } }
 
+    /// Every value's bits (widened exactly to Double): equal where IEEE equality would also take -0 for +0.
+    func bits<T: NormalizationScalar>(_ values: [T]) -> [UInt64] { values.map { Double($0).bitPattern } }
+
+    func bits<T: NormalizationScalar>(_ s: NormalizationLayerState<T>) -> [[UInt64]] {
+        [bits(s.bnWeight), bits(s.bnBias), bits(s.runningMean), bits(s.runningVar), [UInt64(s.numBatchesTracked)],
+         bits(s.weight), bits(s.bias)]
+    }
+
+    func gradients<T: NormalizationScalar>(_ layer: NormalizationLayer<T>) -> [[UInt64]] {
+        [bits(layer.gradBnWeight), bits(layer.gradBnBias), bits(layer.gradWeight), bits(layer.gradBias)]
+    }
+
     /// Random parameters, then `steps` training forwards and backwards: every array of the state differs from a
     /// fresh layer's, and the count of batches has moved.
     func trained<T: NormalizationScalar>(_ layer: NormalizationLayer<T>, shape: [Int], steps: Int = 3) throws {
@@ -47,16 +59,19 @@ final class NormalizationLayerStateTests: XCTestCase {
             XCTAssertNotEqual(state, target.state, why)
             let decoded = try JSONDecoder().decode(NormalizationLayerState<T>.self,
                                                    from: JSONEncoder().encode(state))
-            XCTAssertEqual(decoded, state, "JSON round trip, \(why)")
+            XCTAssertEqual(bits(decoded), bits(state), "JSON round trip, \(why)")
             try target.load(decoded)
-            XCTAssertEqual(target.state, state, why)
-            // the same outputs and buffers, training then eval, bit for bit
+            XCTAssertEqual(bits(target.state), bits(state), why)
+            target.zeroGradients(); source.zeroGradients()
+            // the same outputs, gradients and buffers, training then eval, bit for bit
             for training in [true, false] {
                 source.training = training; target.training = training
                 let x = input(count).map { T($0) }, dy = input(count).map { T($0) }
-                XCTAssertEqual(try target.forward(x, shape: shape), try source.forward(x, shape: shape), why)
-                XCTAssertEqual(try target.backward(dy), try source.backward(dy), why)
-                XCTAssertEqual(target.state, source.state, "after a forward, training \(training), \(why)")
+                XCTAssertEqual(bits(try target.forward(x, shape: shape)), bits(try source.forward(x, shape: shape)),
+                               why)
+                XCTAssertEqual(bits(try target.backward(dy)), bits(try source.backward(dy)), why)
+                XCTAssertEqual(gradients(target), gradients(source), why)
+                XCTAssertEqual(bits(target.state), bits(source.state), "after a forward, training \(training), \(why)")
             }
         }
     }
@@ -66,13 +81,41 @@ final class NormalizationLayerStateTests: XCTestCase {
         try checkRoundTrip(Double.self)
     }
 
-    func testAStateIsACopy() throws {
-        let layer = try BatchChannelNorm<Double>(channels: 4, groups: 2)
-        let before = layer.state
-        try trained(layer, shape: [2, 4, 3])
-        XCTAssertEqual(before.runningMean, [0, 0, 0, 0])
-        XCTAssertEqual(before.numBatchesTracked, 0)
-        XCTAssertNotEqual(layer.state.runningMean, before.runningMean)
+    /// A state taken before more training brings the layer back to where it was: the same buffers, and the same
+    /// outputs as a fresh layer loaded with it.
+    func testLoadingAnEarlierStateUndoesLaterTraining() throws {
+        let shape = [2, 4, 3], layer = try BatchChannelNorm<Double>(channels: 4, groups: 2)
+        try trained(layer, shape: shape)
+        let earlier = layer.state
+        try trained(layer, shape: shape, steps: 2)
+        XCTAssertNotEqual(bits(layer.state), bits(earlier))
+        try layer.load(earlier)
+        XCTAssertEqual(bits(layer.state), bits(earlier), "seed \(Self.seed)")
+        let fresh = try BatchChannelNorm<Double>(channels: 4, groups: 2)
+        try fresh.load(earlier)
+        let x = input(24)
+        XCTAssertEqual(bits(try layer.forward(x, shape: shape)), bits(try fresh.forward(x, shape: shape)))
+        XCTAssertEqual(bits(layer.state), bits(fresh.state))
+    }
+
+    /// `load` between a forward and its backward: the backward differentiates that forward, with the parameters
+    /// it used, as a layer that loaded nothing does; the loaded parameters serve the next forward.
+    func testABackwardAfterALoadDifferentiatesTheForwardBeforeIt() throws {
+        let shape = [3, 8, 5], count = 120
+        let layer = try BatchChannelNorm<Float>(channels: 8, groups: 4)
+        let twin = try BatchChannelNorm<Float>(channels: 8, groups: 4)
+        try trained(layer, shape: shape)
+        try twin.load(layer.state)
+        let other = try BatchChannelNorm<Float>(channels: 8, groups: 4)
+        try trained(other, shape: shape)
+        layer.zeroGradients()
+        let x = input(count).map { Float($0) }, dy = input(count).map { Float($0) }
+        _ = try layer.forward(x, shape: shape)
+        _ = try twin.forward(x, shape: shape)
+        try layer.load(other.state)
+        XCTAssertEqual(bits(try layer.backward(dy)), bits(try twin.backward(dy)), "seed \(Self.seed)")
+        XCTAssertEqual(gradients(layer), gradients(twin))
+        XCTAssertEqual(bits(layer.state), bits(other.state))
     }
 
     func testAStateThePlanCannotHoldIsRefusedAndChangesNothing() throws {
@@ -99,6 +142,20 @@ final class NormalizationLayerStateTests: XCTestCase {
             }
             XCTAssertEqual(layer.state, kept, name)
         }
+        // A cumulative average (momentum nil) advances the count, so it must stay below 2^63 - 1; a momentum
+        // keeps a count there as it is
+        let cumulative = try BatchChannelNorm<Float>(channels: 4, groups: 2, momentum: nil)
+        var full = cumulative.state
+        full.numBatchesTracked = .max
+        XCTAssertThrowsError(try cumulative.load(full)) { error in
+            XCTAssertEqual((error as? BCNError)?.message, "numBatchesTracked must count batches (0 to 2^63 - 2 for a "
+                           + "cumulative average), got 9223372036854775807")
+        }
+        XCTAssertEqual(cumulative.numBatchesTracked, 0)
+        full.bnWeight = kept.bnWeight
+        try layer.load(full)
+        XCTAssertEqual(layer.numBatchesTracked, .max)
+        try layer.load(kept)
         // A stage the plan does not have holds no values: a channel norm's state has no batch-norm arrays
         let channelNorm = try ChannelNorm<Float>(channels: 4, groups: 2)
         XCTAssertThrowsError(try channelNorm.load(kept)) { error in

@@ -1,22 +1,36 @@
 /// What a layer learns and tracks besides its plan: its parameters and running buffers, as one value to keep,
-/// compare, encode (`Codable`) and load into a layer of the same plan (`NormalizationLayer.load(_:)`).
+/// compare, encode (`Codable`) and load into a layer of the same plan (`NormalizationLayer.load(_:)`). (The
+/// engine's raw-pointer view of the same arrays is `NormalizationState`.)
 ///
-/// Each field is the layer's property of the same name. Their PyTorch state-dict keys, as the authors' `BCNorm`
-/// and bcnswift's Python layers write them: `bnWeight` `bn.weight`, `bnBias` `bn.bias`, `runningMean`
-/// `bn.running_mean`, `runningVar` `bn.running_var`, `numBatchesTracked` `bn.num_batches_tracked`, and
-/// `weight`, `bias` the channel norm's `weight`, `bias` (G values, shaped (1, G, 1) there). A layer without a
-/// stage has empty arrays for it. Gradients are not state: a new layer's are zero.
-public struct NormalizationLayerState<Scalar: NormalizationScalar>: Equatable, Sendable, Codable {
-    /// The batch-norm stage's γ and β, C values each (empty without that stage).
+/// Each field is the layer's property of the same name, and `Codable` keys them by these Swift names. Their
+/// PyTorch state-dict keys, as the authors' modules and bcnswift's Python layers write them:
+/// - `BatchChannelNorm`: `bnWeight` `bn.weight`, `bnBias` `bn.bias`, `runningMean` `bn.running_mean`,
+///   `runningVar` `bn.running_var`, `numBatchesTracked` `bn.num_batches_tracked`; `weight`, `bias` the channel
+///   norm's `weight`, `bias` (G values, shaped (1, G, 1) there);
+/// - `BatchNorm`, `EstimatedBatchNorm`: the same without `bn.` (`bnWeight` is `weight`);
+/// - `ChannelNorm`: `weight`, `bias`.
+/// The authors' EstBN also writes `bn.estbn_moving_speed`: that is the momentum, part of the plan, not of the
+/// state. A layer without a stage has empty arrays for it. Gradients are not state.
+///
+/// `==` compares values as IEEE numbers: a state holding NaN (running buffers after a NaN input, under the default
+/// `.propagate`) is not equal to itself. Foundation's `JSONEncoder` refuses NaN and infinity unless given a
+/// `nonConformingFloatEncodingStrategy`.
+public struct NormalizationLayerState<Scalar: NormalizationScalar>: Hashable, Sendable, Codable {
+    /// The batch-norm stage's γ, C values (empty without that stage).
     public var bnWeight: [Scalar]
+    /// The batch-norm stage's β, C values (empty without that stage).
     public var bnBias: [Scalar]
-    /// The running estimates of each channel's mean and variance, C values each (empty without that stage).
+    /// The running estimate of each channel's mean, C values (empty without that stage).
     public var runningMean: [Scalar]
+    /// The running estimate of each channel's variance, C values (empty without that stage).
     public var runningVar: [Scalar]
-    /// Training forwards counted, ≥ 0.
+    /// Training forwards counted: 0 to 2^63 - 1, and below 2^63 - 1 for a cumulative average (momentum nil),
+    /// which advances it. (The authors' EstBN convention, `varianceCentre: .runningMean`, does not, unless
+    /// momentum is nil.)
     public var numBatchesTracked: Int64
-    /// The channel-norm stage's per-group w and b, G values each (empty without that stage).
+    /// The channel-norm stage's per-group w, G values (empty without that stage).
     public var weight: [Scalar]
+    /// The channel-norm stage's per-group b, G values (empty without that stage).
     public var bias: [Scalar]
 
     public init(bnWeight: [Scalar], bnBias: [Scalar], runningMean: [Scalar], runningVar: [Scalar],
@@ -31,12 +45,16 @@ public struct NormalizationLayerState<Scalar: NormalizationScalar>: Equatable, S
     }
 
     /// Checks that `plan`'s layer can hold this state: C values in each array of the batch-norm stage and G in
-    /// each of the channel norm's (none where the plan has no such stage), and a count of batches ≥ 0.
-    /// - Throws: `.shapeMismatch` naming the first array of another size; `.invalidArgument` for a negative count.
+    /// each of the channel norm's (none where the plan has no such stage), and a count of batches in range
+    /// (`numBatchesTracked`), as the next training forward would check it.
+    /// - Throws: `.shapeMismatch` naming the first array of another size; `.invalidArgument` for the count.
     public func validate(for plan: NormalizationPlan) throws(BCNError) {
         try checkSizes(for: plan)
-        guard numBatchesTracked >= 0 else {
-            throw BCNError(.invalidArgument, "numBatchesTracked must be >= 0, got \(numBatchesTracked)")
+        let cumulative = plan.batchNorm.map { $0.momentum == nil } ?? false
+        guard numBatchesTracked >= 0, !cumulative || numBatchesTracked < Int64.max else {
+            throw BCNError(.invalidArgument, "numBatchesTracked must count batches (0 to 2^63 - "
+                                             + (cumulative ? "2 for a cumulative average" : "1")
+                                             + "), got \(numBatchesTracked)")
         }
     }
 

@@ -102,9 +102,9 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         // the output, the running buffers' new arrays and a larger context, which would stop the process if
         // memory ran out (the engine's own scratch throws by itself)
         let grows = context.count < length
-        let arrays = Self.bytes(s.count + 2 * C, of: Scalar.self)  // s.count <= Int.max / 16, C <= 2^32
-        let (bytes, overflow) = arrays.addingReportingOverflow(grows ? Self.bytes(length, of: Double.self) : 0)
-        try requireArrayMemory(overflow ? .max : bytes, for: "the output of a forward of shape \(shape)")
+        try requireArrayMemory(arrayBytes(s.count, of: Scalar.self), arrayBytes(2 * C, of: Scalar.self),
+                               grows ? arrayBytes(length, of: Double.self) : 0,
+                               for: "the output and context of a forward of shape \(shape)")
         // A larger context replaces the old one only once the forward succeeded: a failed call keeps the last
         // forward differentiable.
         let target = grows ? .allocate(capacity: length) : context
@@ -113,7 +113,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
             for i in values.indices { p[offset + i] = values[i] }
         }
         counter.pointee = numBatchesTracked
-        let state = NormalizationState<Scalar>(
+        let pointers = NormalizationState<Scalar>(
             bnWeight: p, bnBias: p + C, runningMean: p + 2 * C, runningVar: p + 3 * C,
             numBatchesTracked: counter, cnWeight: p + 4 * C, cnBias: p + 4 * C + G)
         var y = [Scalar](repeating: 0, count: s.count)
@@ -122,7 +122,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
             y.withUnsafeMutableBufferPointer { yb in
                 do throws(BCNError) {
                     try NormalizationEngine.forward(plan: plan, shape: s, training: training, x: xb.baseAddress!,
-                                                    y: yb.baseAddress!, state: state, context: target)
+                                                    y: yb.baseAddress!, state: pointers, context: target)
                 } catch { failure = error }
             }
         }
@@ -150,8 +150,8 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
         }
         guard let shape = saved.shape else { return [] }  // an input without values: no gradient to add
         let C = gradBnWeight.count, G = gradWeight.count, g = staging.baseAddress!
-        // dx and the gradients' new arrays (dy.count is the forward's element count, <= Int.max / 16)
-        try requireArrayMemory(Self.bytes(dy.count + 2 * (C + G), of: Scalar.self),
+        // dx and the gradients' new arrays
+        try requireArrayMemory(arrayBytes(dy.count, of: Scalar.self), arrayBytes(2 * (C + G), of: Scalar.self),
                                for: "the input gradient of \(dy.count) values")
         for (offset, values) in [(0, gradBnWeight), (C, gradBnBias), (2 * C, gradWeight), (2 * C + G, gradBias)] {
             for i in values.indices { g[offset + i] = values[i] }
@@ -186,12 +186,6 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     }
 
     private func checkParameterSizes() throws(BCNError) { try state.checkSizes(for: plan) }
-
-    /// Bytes of `count` values of type V (Int.max where that overflows, which no system maps).
-    private static func bytes<V>(_ count: Int, of _: V.Type) -> Int {
-        let (bytes, overflow) = count.multipliedReportingOverflow(by: MemoryLayout<V>.stride)
-        return overflow ? .max : bytes
-    }
 }
 
 /// Batch-Channel Normalization: a batch norm (batch statistics, or estimated ones), then a channel norm with

@@ -2,7 +2,8 @@
 ///
 /// Batch-norm pointers address C elements and are required when the plan has a batch-norm stage; channel-norm
 /// pointers address G elements and are required when it has a channel-norm stage. The engine reads parameters,
-/// and writes the running buffers only after every check of a training forward has passed.
+/// and writes the running buffers only after every check of a training forward has passed. (The Swift layers' own
+/// arrays, as one value to save and load, are `NormalizationLayerState`.)
 public struct NormalizationState<T: NormalizationScalar> {
     public var bnWeight: UnsafePointer<T>?
     public var bnBias: UnsafePointer<T>?

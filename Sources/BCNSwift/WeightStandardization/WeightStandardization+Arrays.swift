@@ -27,7 +27,7 @@ extension WeightStandardization {
         _ w: [T], shape: [Int], options: WeightStandardizationOptions = .init()
     ) throws(BCNError) -> [T] {
         let (o, n) = try rows(of: shape, count: w.count)
-        try requireArrayMemory(w.count * MemoryLayout<T>.stride, for: "the standardized weight of shape \(shape)")
+        try requireArrayMemory(arrayBytes(w.count, of: T.self), for: "the standardized weight of shape \(shape)")
         var out = [T](repeating: 0, count: w.count)
         try w.withUnsafeBufferPointer { (wp) throws(BCNError) in
             try out.withUnsafeMutableBufferPointer { (op) throws(BCNError) in
@@ -45,7 +45,7 @@ extension WeightStandardization {
         guard gradWHat.count == w.count else {
             throw BCNError(.shapeMismatch, "gradient has \(gradWHat.count) elements, the weight has \(w.count)")
         }
-        try requireArrayMemory(w.count * MemoryLayout<T>.stride, for: "the gradient of a weight of shape \(shape)")
+        try requireArrayMemory(arrayBytes(w.count, of: T.self), for: "the gradient of a weight of shape \(shape)")
         var out = [T](repeating: 0, count: w.count)
         try w.withUnsafeBufferPointer { (wp) throws(BCNError) in
             try gradWHat.withUnsafeBufferPointer { (gp) throws(BCNError) in
