@@ -568,3 +568,41 @@ def test_labml_cumulative_average_carries_on_across_a_checkpoint(make, gen):
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0, msg=k)
     # with a momentum (all labml's code knows) the state dict is labml's own
     assert not any(k.endswith("_count") for k in make(0.1).state_dict())
+
+
+def _est_bn(C):
+    m = bt.EstBN(C)
+    m.estbn_moving_speed.fill_(0.5)  # 0 would freeze the estimates at 0 and 1
+    return m, lambda: (m.weight, m.running_var, m.eps)
+
+
+def _labml_estimated(C):
+    m = bt.EstimatedBatchNorm(C)
+    return m, lambda: (m.scale, m.exp_var, m.eps)
+
+
+@pytest.mark.parametrize("make", [_est_bn, _labml_estimated], ids=["authors EstBN", "labml EstimatedBatchNorm"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_in_eval_the_input_gradient_at_a_non_finite_value_is_a_dy_as_torch_gives_it(make, channels_last, bad, route,
+                                                                                      gen):
+    """In eval a batch norm alone is an affine map value by value: its input gradient a·dy does not depend on x,
+    and torch's autograd gives it at a NaN or infinite input too. So do both routes (the kernels' map reads dy
+    where it would read x there)."""
+    m, parameters = make(6)
+    m.double()
+    with torch.no_grad():
+        parameters()[0].copy_(torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    m(rand_input(gen, (4, 6, 5, 5)))  # estimates away from 0 and 1
+    m.eval()
+    x = rand_input(gen, (2, 6, 5, 5))
+    x[1, 2, 3, 4] = bad
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = rand_input(gen, (2, 6, 5, 5))
+    m(x).backward(dy)
+    weight, running_var, eps = parameters()
+    a = (weight / torch.sqrt(running_var + eps)).detach().view(1, 6, 1, 1)
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, a * dy, rtol=1e-12, atol=1e-12)

@@ -273,6 +273,16 @@ enum BatchNormStage {
 
     // MARK: backward
 
+    /// The input the backward's dx map should read where it reads x: x itself, or dy when dx = a·dy does not
+    /// depend on x. That is a plan without a channel norm (E = 1, F = H = 0) whose backward does not pass
+    /// through batch statistics (`dxTerms`' k = S₁/n = 0): the map's Q = a (F - k) is then 0, and Q (x - p)
+    /// with x in place is 0 for finite x but NaN at a non-finite one, where PyTorch gives a·dy. With dy in x's
+    /// place the term is 0 there too, and every other dx is what it was.
+    static func mapInput<T>(plan: NormalizationPlan, through: Bool, sums: UnsafePointer<Double>?,
+                            x: UnsafePointer<T>, dy: UnsafePointer<T>) -> UnsafePointer<T> {
+        plan.channelNorm == nil && !(through && sums != nil) ? dy : x
+    }
+
     /// Per channel, from the batch's S₁ and S₂ (n = B·S values): k = S₂/(σ² n) and S₁/n with batch statistics,
     /// zero otherwise; written over `sums` ([S₁ | S₂]) so the plane maps need no division.
     static func dxTerms(sums: UnsafeMutablePointer<Double>, channels C: Int, values n: Double, through: Bool,

@@ -217,6 +217,7 @@ extension RowsLayout {
         let addGroup = BatchNormStage.groupGradientAdder(groupGradients, groups: G)
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
+        let input = BatchNormStage.mapInput(plan: plan, through: through, sums: sums, x: x, dy: dy)  // dx's x
         let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
         if floatGradientLanes(T.self) {
             valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms,
@@ -224,21 +225,21 @@ extension RowsLayout {
                              scratch: scratch, arena: &arena)
         } else if S == 1 && hasBN {
             // The sums are a sink of their own, so that a call which knows them runs a loop without them.
-            let input = ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
+            let dxSink = ValueInputGradient(x: input, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
             if known == nil {
                 let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
                 forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                     unitSums: unitSums, into: ValueSinkPair(first: sums, second: input))
+                                     unitSums: unitSums, into: ValueSinkPair(first: sums, second: dxSink))
             } else {
                 forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                     unitSums: unitSums, into: input)
+                                     unitSums: unitSums, into: dxSink)
             }
         } else if S == 1 {
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                  unitSums: unitSums, into: ValueCopy(dx: dx))
         } else {
             let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
-                                          addsSums: known == nil, x: x, dy: dy, dx: dx, channels: C, spatial: S,
+                                          addsSums: known == nil, x: input, dy: dy, dx: dx, channels: C, spatial: S,
                                           a: ctx.a, s1n: terms, k: terms + C)
             forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                 memo: memo.map { .reuse(planeMemo($0)) } ?? .none, into: sink)
@@ -270,7 +271,8 @@ struct ValueSums<T: NormalizationScalar>: ValueGradientSink {
     }
 }
 
-/// dx through the batch-norm stage (`BatchNormStage.dxValues`).
+/// dx through the batch-norm stage (`BatchNormStage.dxValues`). `x`: the input, or dy where dx does not depend on
+/// it (`BatchNormStage.mapInput`).
 struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
     let x: UnsafePointer<T>, mu: UnsafePointer<Double>, dx: UnsafeMutablePointer<T>
     /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
@@ -330,7 +332,8 @@ struct PlaneSums: PlaneGradientSink {
 }
 
 /// The channel sums (`sums`, nil without a batch-norm stage; not added when `addsSums` is false: known
-/// already) and dx = P dy + Q (x - p) + R per plane (`BatchNormStage.dxMaps`; dx = dy₁ without the stage).
+/// already) and dx = P dy + Q (x - p) + R per plane (`BatchNormStage.dxMaps`; dx = dy₁ without the stage). `x`: the
+/// input, or dy where dx does not depend on it (`BatchNormStage.mapInput`); the sums come from the unit's gradient.
 struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
     let sums: PlaneSums?, addsSums: Bool
     let x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>

@@ -208,7 +208,8 @@ extension StoredLayout {
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
-        combine(dy, x, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
+        let input = BatchNormStage.mapInput(plan: plan, through: through, sums: sums, x: x, dy: dy)
+        combine(dy, input, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
     }
 
     /// Arena bytes of `finishBackward`, besides its `UnitGradients`.
