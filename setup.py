@@ -88,7 +88,8 @@ class SwiftBuildExt(build_ext):
         static_dir, swiftrt, system = static_runtime(info)
         for needed in (archive, swiftrt, static_dir / "libswiftCore.a"):
             if not needed.exists():
-                raise RuntimeError(f"bcnswift: {needed} not found; is a Swift toolchain with static libraries installed?")
+                raise RuntimeError(f"bcnswift: {needed} not found; "
+                                   "is a Swift toolchain with static libraries installed?")
 
         # The runtime libraries the objects ask for (swift-autolink-extract reads their autolink entries).
         tmp = Path(self.build_temp) / f"swift-objects-{path}"

@@ -2,8 +2,8 @@
  * libFuzzer target for the bcnswift C ABI (see run.sh). Bytes become flags (memory format included), sizes,
  * scalars, null choices, context lengths, element values, and a path through the calls: the single forward and
  * backward, or the statistics phases (moments, merge of several sets, finish; backward sums, merge, finish),
- * with moment and sum sets that are sometimes not moments at all, and the running update alone. Sizes reach every layout: rows (S < 16),
- * planes (S up to 64) and channels-last.
+ * with moment and sum sets that are sometimes not moments at all, and the running update alone. Sizes reach every
+ * layout: rows (S < 16), planes (S up to 64) and channels-last.
  *
  * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
  * is hostile. The library must return a status, never crash, never touch memory out of bounds
@@ -254,7 +254,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* Weight Standardization on the same buffers, viewed as [b, c*sp]. */
     if (sane) {
         uint32_t wflags = u8(&s) % 5;
-        if (k.dbl) bcn_ws_forward_f64(wflags, k.b, k.c * k.sp, k.eps, (double *)k.x.p, (double *)k.y.p, msg, sizeof msg);
+        if (k.dbl) bcn_ws_forward_f64(wflags, k.b, k.c * k.sp, k.eps, (double *)k.x.p, (double *)k.y.p,
+                                      msg, sizeof msg);
         else bcn_ws_backward_f32(wflags, k.b, k.c * k.sp, k.eps, (float *)k.x.p, (float *)k.dy.p, (float *)k.dx.p,
                                  msg, sizeof msg);
     }

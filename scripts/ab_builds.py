@@ -8,8 +8,9 @@ PyInit_* is exported, so they do not collide) and called on the same arrays, rou
 every other round, each round a block of calls per build (so that the other build's worker threads, which poll
 for 0.2 ms after a job, are asleep for all but its first call). Within a process the build loaded first measured
 up to 12% faster than the same code loaded second, so two processes run, each build loaded first in one: the
-geometric mean of their ratios cancels that bias, which is printed too. The Python around the kernels is left out: this compares kernels, not wrappers. It also
-checks that both builds give the same bits (outputs, gradients, running buffers, context).
+geometric mean of their ratios cancels that bias, which is printed too. The Python around the kernels is left
+out: this compares kernels, not wrappers. It also checks that both builds give the same bits (outputs, gradients,
+running buffers, context).
 
     python3 scripts/ab_builds.py OLD NEW 8x256x14x14:fb 256x1024:fwd [--channels-last] [--estimate] [--groups 32]
         [--threads 1] [--rounds 21]

@@ -9,7 +9,8 @@ final class BatchChannelNormTests: XCTestCase {
     var rng = SplitMix64(seed: 0x5EED)
 
     func input(_ count: Int, channels C: Int, spatial S: Int) -> [Double] {
-        let means = (0..<C).map { _ in rng.normal(2, 1) }, stds = (0..<C).map { _ in Double.random(in: 0.5...3, using: &rng) }
+        let means = (0..<C).map { _ in rng.normal(2, 1) },
+            stds = (0..<C).map { _ in Double.random(in: 0.5...3, using: &rng) }
         return (0..<count).map { i in rng.normal(means[(i / S) % C], stds[(i / S) % C]) }
     }
 
@@ -20,7 +21,8 @@ final class BatchChannelNormTests: XCTestCase {
             let g = T(Double.random(in: 0.5...1.5, using: &rng)), b = T(rng.normal(0.3, 0.5))
             let m = T(rng.normal(0.5, 0.5)), v = T(Double.random(in: 0.5...2, using: &rng))
             layer.bnWeight[c] = g; layer.bnBias[c] = b; layer.runningMean[c] = m; layer.runningVar[c] = v
-            ref.gamma[c] = Double(g); ref.beta[c] = Double(b); ref.runningMean[c] = Double(m); ref.runningVar[c] = Double(v)
+            ref.gamma[c] = Double(g); ref.beta[c] = Double(b)
+            ref.runningMean[c] = Double(m); ref.runningVar[c] = Double(v)
         }
         for g in 0..<G {
             let w = T(Double.random(in: 0.5...1.5, using: &rng)), b = T(rng.normal(0.3, 0.5))
@@ -29,7 +31,8 @@ final class BatchChannelNormTests: XCTestCase {
     }
 
     func check<T: NormalizationScalar>(_ type: T.Type, tolerance: Double, kind: ReferenceBCN.BatchNormKind,
-                                       groups: Int, shape: [Int], file: StaticString = #filePath, line: UInt = #line) throws {
+                                       groups: Int, shape: [Int], file: StaticString = #filePath,
+                                       line: UInt = #line) throws {
         let C = shape[1], S = shape.dropFirst(2).reduce(1, *), B = shape[0]
         let layer: NormalizationLayer<T>
         var ref: ReferenceBCN
@@ -157,7 +160,8 @@ final class BatchChannelNormTests: XCTestCase {
         XCTAssertThrowsError(try NormalizationLayer<Float>(plan: NormalizationPlan(channels: 4, batchNorm: nil,
                                                                                  channelNorm: nil))) { error in
             XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument)
-            XCTAssertEqual((error as? BCNError)?.message, "a plan needs a batch-norm stage, a channel-norm stage or both")
+            XCTAssertEqual((error as? BCNError)?.message,
+                           "a plan needs a batch-norm stage, a channel-norm stage or both")
         }
     }
 
@@ -320,11 +324,16 @@ final class BatchChannelNormTests: XCTestCase {
                     let opts = WeightStandardizationOptions(eps: 1e-5, unbiased: unbiased, epsInsideSquareRoot: inside)
                     let ref = referenceWeightStandardization(w, outChannels: shape[0], eps: 1e-5, unbiased: unbiased,
                                                              epsInsideSquareRoot: inside)
-                    XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(w, shape: shape, options: opts), ref), 1e-12)
+                    XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(w, shape: shape,
+                                                                                           options: opts), ref), 1e-12)
                     let wf = w.map { Float($0) }
-                    XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(wf, shape: shape, options: opts),
-                                                     referenceWeightStandardization(wf.map { Double($0) }, outChannels: shape[0], eps: 1e-5,
-                                                                                    unbiased: unbiased, epsInsideSquareRoot: inside)), 1e-5)
+                    XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(wf, shape: shape,
+                                                                                           options: opts),
+                                                     referenceWeightStandardization(wf.map { Double($0) },
+                                                                                    outChannels: shape[0], eps: 1e-5,
+                                                                                    unbiased: unbiased,
+                                                                                    epsInsideSquareRoot: inside)),
+                                      1e-5)
                     // gradient by finite differences of the reference
                     let g = (0..<n).map { _ in rng.normal() }
                     let dw = try WeightStandardization.gradient(w, g, shape: shape, options: opts)
@@ -333,7 +342,8 @@ final class BatchChannelNormTests: XCTestCase {
                         p[i] += 1e-6; m[i] -= 1e-6
                         func f(_ v: [Double]) -> Double {
                             zip(referenceWeightStandardization(v, outChannels: shape[0], eps: 1e-5, unbiased: unbiased,
-                                                               epsInsideSquareRoot: inside), g).reduce(0) { $0 + $1.0 * $1.1 }
+                                                               epsInsideSquareRoot: inside),
+                                g).reduce(0) { $0 + $1.0 * $1.1 }
                         }
                         XCTAssertEqual(dw[i], (f(p) - f(m)) / 2e-6, accuracy: 1e-5)
                     }

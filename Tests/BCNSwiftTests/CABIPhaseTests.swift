@@ -251,7 +251,8 @@ final class CABIPhaseTests: XCTestCase {
                 XCTAssertEqual(bcn_norm_moments_f32(flags, 3, 8, Int64(S), 4, x32, &m32, &ctx, Int64(ctx.count),
                                                     nil, 0), BCN_OK)
                 XCTAssertEqual(bcn_running_update_f32(flags, 8, 0.1, m32, &rm2, &rv2, &n2, nil, 0), BCN_OK)
-                XCTAssertEqual(rm1, rm2, "\(name), \(layout), Float"); XCTAssertEqual(rv1, rv2, "\(name), \(layout), Float")
+                XCTAssertEqual(rm1, rm2, "\(name), \(layout), Float")
+                XCTAssertEqual(rv1, rv2, "\(name), \(layout), Float")
                 XCTAssertEqual(n1, n2)
             }
         }

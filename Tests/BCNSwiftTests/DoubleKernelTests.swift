@@ -18,8 +18,10 @@ final class DoubleKernelTests: XCTestCase {
     func check(_ x: [Double], _ what: String, line: UInt = #line) {
         let got = x.withUnsafeBufferPointer { Double._chunkMoments($0.baseAddress!, count: $0.count) }
         let want = exactMoments(x), std = (want.m2 / Double(x.count)).squareRoot(), eps = Double.ulpOfOne
-        XCTAssertLessThanOrEqual(abs(got.mean - want.mean), 32 * eps * (std + 1e-300), "\(what), n = \(x.count)", line: line)
-        XCTAssertLessThanOrEqual(abs(got.m2 - want.m2), 64 * eps * want.m2 + 1e-300, "\(what), n = \(x.count)", line: line)
+        XCTAssertLessThanOrEqual(abs(got.mean - want.mean), 32 * eps * (std + 1e-300), "\(what), n = \(x.count)",
+                                 line: line)
+        XCTAssertLessThanOrEqual(abs(got.m2 - want.m2), 64 * eps * want.m2 + 1e-300, "\(what), n = \(x.count)",
+                                 line: line)
     }
 
     func testMomentsEveryPath() {

@@ -15,7 +15,8 @@ final class FloatKernelTests: XCTestCase {
     func exactMoments(_ x: [Float]) -> (mean: Double, m2: Double) {
         let v = x.map(Double.init), mean = v.reduce(0, +) / Double(v.count)
         let d = v.map { $0 - mean }, correction = d.reduce(0, +)
-        return (mean + correction / Double(v.count), d.reduce(0) { $0 + $1 * $1 } - correction * correction / Double(v.count))
+        return (mean + correction / Double(v.count),
+                d.reduce(0) { $0 + $1 * $1 } - correction * correction / Double(v.count))
     }
 
     func checkMoments(_ x: [Float], _ what: String, m2Ulps: Double = 64, meanUlps: Double = 32,
@@ -37,7 +38,8 @@ final class FloatKernelTests: XCTestCase {
             checkMoments((0..<n).map { _ in Float(rng.normal(100, 0.01)) }, "normal(100, 0.01)")
             checkMoments((0..<n).map { _ in Float(rng.normal(-1e4, 1)) }, "normal(-1e4, 1)")
             // the first eight values far from the rest: the one-pass result is rejected and corrected
-            checkMoments((0..<n).map { i in Float(i < 8 ? rng.normal(1000, 1) : rng.normal(-2, 0.01)) }, "outlying head")
+            checkMoments((0..<n).map { i in Float(i < 8 ? rng.normal(1000, 1) : rng.normal(-2, 0.01)) },
+                         "outlying head")
             // a step: half zeros (as after a ReLU), half positive
             checkMoments((0..<n).map { i in i < n / 2 ? 0 : Float(rng.normal(4, 1)) }, "zeros then values")
         }

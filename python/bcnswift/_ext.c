@@ -329,11 +329,13 @@ static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t
         take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0)
         return NULL;
     npy_intp n = (npy_intp)(b * c * s);
-    if (take_like(args[3], "dy", flags, typenum, n, 0, &dy) < 0 || take_like(args[4], "dx", flags, typenum, n, 1, &dx) < 0 ||
+    if (take_like(args[3], "dy", flags, typenum, n, 0, &dy) < 0 ||
+        take_like(args[4], "dx", flags, typenum, n, 1, &dx) < 0 ||
         take(args[5], "grad_bn_weight", typenum, 1, c, 1, 0, &gbw) < 0 ||
         take(args[6], "grad_bn_bias", typenum, 1, c, 1, 0, &gbb) < 0 ||
         take(args[7], "grad_cn_weight", typenum, 1, g, 1, 0, &gcw) < 0 ||
-        take(args[8], "grad_cn_bias", typenum, 1, g, 1, 0, &gcb) < 0 || take_context(args[9], finish, &ctx, &ctx_len) < 0)
+        take(args[8], "grad_cn_bias", typenum, 1, g, 1, 0, &gcb) < 0 ||
+        take_context(args[9], finish, &ctx, &ctx_len) < 0)
         return NULL;
     if (finish && take_doubles(args[10], "sums", (npy_intp)(2 * c), 0, 1, &sums) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
@@ -366,14 +368,17 @@ static PyObject *norm_backward_sums(PyObject *self, PyObject *const *args, Py_ss
     if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
         take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
         take_like(args[3], "dy", flags, typenum, (npy_intp)(b * c * s), 0, &dy) < 0 ||
-        take_doubles(args[4], "sums", (npy_intp)(2 * c), 1, 1, &sums) < 0 || take_context(args[5], 1, &ctx, &ctx_len) < 0)
+        take_doubles(args[4], "sums", (npy_intp)(2 * c), 1, 1, &sums) < 0 ||
+        take_context(args[5], 1, &ctx, &ctx_len) < 0)
         return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status, needs;
     Py_BEGIN_ALLOW_THREADS
     status = typenum == NPY_FLOAT32
-                 ? bcn_norm_backward_sums_f32(flags, b, c, s, groups, x, dy, sums, ctx, ctx_len, message, MESSAGE_CAPACITY)
-                 : bcn_norm_backward_sums_f64(flags, b, c, s, groups, x, dy, sums, ctx, ctx_len, message, MESSAGE_CAPACITY);
+                 ? bcn_norm_backward_sums_f32(flags, b, c, s, groups, x, dy, sums, ctx, ctx_len, message,
+                                              MESSAGE_CAPACITY)
+                 : bcn_norm_backward_sums_f64(flags, b, c, s, groups, x, dy, sums, ctx, ctx_len, message,
+                                              MESSAGE_CAPACITY);
     needs = status == BCN_OK ? bcn_norm_needs_gradient_sums(flags, b, c, s, groups, ctx, ctx_len) : 0;
     Py_END_ALLOW_THREADS
     if (status != BCN_OK) return raise_status(status, message);

@@ -25,7 +25,8 @@ def main():
     g = y.reshape(B, G, -1)
     print(f"output {y.shape}: per (sample, group) mean within {np.abs(g.mean(-1)).max():.1e} of 0, "
           f"std {g.std(-1).min():.4f}..{g.std(-1).max():.4f}")
-    print(f"running_mean moved to {layer.bn.running_mean[:3].round(4)}... after {int(layer.bn.num_batches_tracked)} batch(es)")
+    print(f"running_mean moved to {layer.bn.running_mean[:3].round(4)}... "
+          f"after {int(layer.bn.num_batches_tracked)} batch(es)")
     print(f"forward {1e3 * (t1 - t0):.2f} ms, backward {1e3 * (t2 - t1):.2f} ms")
     print("gradients:", {k: (v.shape, float(np.abs(v).max().round(3))) for k, v in layer.grads.items()})
 

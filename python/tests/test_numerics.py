@@ -133,7 +133,8 @@ def test_nan_and_inf_propagate_by_default(bad, rng):
     y = layer(x)
     assert np.isnan(y[:, 2:4]).all()          # the channel's statistics, then its group, as in PyTorch
     assert np.isfinite(y[:, 0:2]).all()       # the other group of each sample is untouched
-    assert not np.isfinite(layer.bn.running_mean[2]) and np.isnan(layer.bn.running_var[2])  # as PyTorch: mean inf or nan
+    # as PyTorch: mean inf or nan
+    assert not np.isfinite(layer.bn.running_mean[2]) and np.isnan(layer.bn.running_var[2])
     assert np.isfinite(layer.bn.running_mean[[0, 1, 3]]).all()
 
 

@@ -22,8 +22,8 @@ def cases(draw):
         if trailing is None:
             channels *= 2  # two channels per group
     shape = (batch, channels) + (trailing or ())
-    batch_stats = "estimate=False" in convention.name or "BatchNorm2d" in convention.name or convention.name == "labml BatchNorm" \
-        or "batch statistics" in convention.name
+    batch_stats = "estimate=False" in convention.name or "BatchNorm2d" in convention.name \
+        or convention.name == "labml BatchNorm" or "batch statistics" in convention.name
     if batch_stats and batch * int(np.prod(shape[2:], dtype=int)) == 1:
         shape = (2,) + shape[1:]
     return convention, groups, shape, draw(st.sampled_from([np.float32, np.float64])), \

@@ -17,7 +17,8 @@ def test_keys_and_shapes():
         "weight": (1, 4, 1), "bias": (1, 4, 1), "bn.weight": (8,), "bn.bias": (8,), "bn.running_mean": (8,),
         "bn.running_var": (8,), "bn.num_batches_tracked": ()}
     assert d["bn.num_batches_tracked"].dtype == np.int64 and d["weight"].dtype == np.float32
-    assert {k: v.shape for k, v in layer.grads.items()} == {k: d[k].shape for k in ("weight", "bias", "bn.weight", "bn.bias")}
+    assert {k: v.shape for k, v in layer.grads.items()} == {
+        k: d[k].shape for k in ("weight", "bias", "bn.weight", "bn.bias")}
     est = bcnswift.BatchChannelNorm(8, 4, momentum=0.25, variance_around="running_mean").state_dict()
     assert est["bn.estbn_moving_speed"].shape == (1,) and est["bn.estbn_moving_speed"][0] == 0.25
     assert set(bcnswift.BatchNorm(3).state_dict()) == {"weight", "bias", "running_mean", "running_var",

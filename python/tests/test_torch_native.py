@@ -509,7 +509,8 @@ def test_processes_launched_together_build_once_and_share_a_failure(tmp_path):
     compiler.write_text(f"#!/bin/sh\necho run >> {counter}\nsleep 8\necho 'an error of this compiler' >&2\nexit 1\n")
     compiler.chmod(0o755)
     code = ("import warnings\nwarnings.simplefilter('ignore')\n"
-            "from bcnswift.torch import _native\nprint(_native.uses_native_operators(), _native.reason.count('an error'))")
+            "from bcnswift.torch import _native\n"
+            "print(_native.uses_native_operators(), _native.reason.count('an error'))")
     env = {**os.environ, "CXX": str(compiler), "BCNSWIFT_CACHE_DIR": str(tmp_path / "cache")}
     launched = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, cwd=TESTS, env=env) for _ in range(3)]

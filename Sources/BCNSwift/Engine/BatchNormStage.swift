@@ -2,9 +2,9 @@
 /// transcription for [B, C] Float input, `Float.ValueConstants.staged`).
 ///
 /// Forward: the batch's moments per channel merged from plane moments, the running-buffer update, and the map
-/// y₁ = a (x - μ) + β with a = γ/σ. Backward: with S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel (n = B·S
-/// values), dγ = S₂/σ, dβ = S₁, and dx = a [dy₁ - S₁/n - (x - μ) S₂/(σ² n)] with batch statistics (the
-/// statistics depend on x), dx = a dy₁ otherwise.
+/// y₁ = a (x - μ) + β with a = γ/σ. Backward: with S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel
+/// (n = B·S values), dγ = S₂/σ, dβ = S₁, and dx = a [dy₁ - S₁/n - (x - μ) S₂/(σ² n)] with batch
+/// statistics (the statistics depend on x), dx = a dy₁ otherwise.
 enum BatchNormStage {
     /// Moments per channel of B samples from their plane moments (Chan's formula for B sets of S values):
     ///   μ = Σ_b p / B,  M2 = Σ_b q + S Σ_b (p - μ)²,
@@ -177,7 +177,8 @@ enum BatchNormStage {
         let count: Int64
 
         func commit(_ state: NormalizationState<T>, channels: Int) {
-            guard let rm = state.runningMean, let rv = state.runningVar, let nbt = state.numBatchesTracked else { return }
+            guard let rm = state.runningMean, let rv = state.runningVar,
+                  let nbt = state.numBatchesTracked else { return }
             for c in 0..<channels { rm[c] = mean[c]; rv[c] = variance[c] }
             nbt.pointee = count
         }
@@ -283,8 +284,8 @@ enum BatchNormStage {
         plan.channelNorm == nil && !(through && sums != nil) ? dy : x
     }
 
-    /// Per channel, from the batch's S₁ and S₂ (n = B·S values): k = S₂/(σ² n) and S₁/n with batch statistics,
-    /// zero otherwise; written over `sums` ([S₁ | S₂]) so the plane maps need no division.
+    /// Per channel, from the batch's S₁ and S₂ (n = B·S values): k = S₂/(σ² n) and S₁/n with batch
+    /// statistics, zero otherwise; written over `sums` ([S₁ | S₂]) so the plane maps need no division.
     static func dxTerms(sums: UnsafeMutablePointer<Double>, channels C: Int, values n: Double, through: Bool,
                         invSigma: UnsafePointer<Double>) {
         let invn = 1 / n
@@ -295,8 +296,8 @@ enum BatchNormStage {
         }
     }
 
-    /// Adds a unit's planes to the channel sums: S₁ += Σ dy₁, S₂ += Σ dy₁ (x - p) + (p - μ) Σ dy₁, for its K
-    /// planes (means `p`) of channels with centres `mu`.
+    /// Adds a unit's planes to the channel sums: S₁ += Σ dy₁, S₂ += Σ dy₁ (x - p) + (p - μ) Σ dy₁, for
+    /// its K planes (means `p`) of channels with centres `mu`.
     @inline(__always)
     static func addSums(_ K: Int, sum: UnsafePointer<Double>, dot: UnsafePointer<Double>, p: UnsafePointer<Double>,
                         mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>) {
@@ -305,8 +306,8 @@ enum BatchNormStage {
             scalar: { s2[$0] + (dot[$0] + (p[$0] - mu[$0]) * sum[$0]) }
     }
 
-    /// The sums of four planes of one value each (x = p, so Σ dy₁ (x - p) = 0): S₁ += dy₁, S₂ += (x - μ) dy₁,
-    /// into `s1` and `s2` at k.
+    /// The sums of four planes of one value each (x = p, so Σ dy₁ (x - p) = 0): S₁ += dy₁,
+    /// S₂ += (x - μ) dy₁, into `s1` and `s2` at k.
     @inline(__always)
     static func addValueSums(_ dy1: SIMD4<Double>, x: SIMD4<Double>, mu: SIMD4<Double>,
                              s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>, _ k: Int) {
@@ -422,7 +423,8 @@ enum BatchNormStage {
 }
 
 /// target[i] += delta[i] for a gradient accumulator in T (nothing when it is nil).
-func addGradient<T: NormalizationScalar>(_ target: UnsafeMutablePointer<T>?, _ delta: UnsafePointer<Double>, _ count: Int) {
+func addGradient<T: NormalizationScalar>(_ target: UnsafeMutablePointer<T>?, _ delta: UnsafePointer<Double>,
+                                         _ count: Int) {
     guard let target else { return }
     for i in 0..<count { target[i] = T(Double(target[i]) + delta[i]) }
 }

@@ -233,7 +233,8 @@ struct NormalizationUnit {
         let r3wW = r3w * wg * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = r3w * wg * invK
         let v = Lanes.Constants(r3w: r3w, r3wW: r3wW, hConst: hConst, wg: wg, invN: invN, m: m)
         let sumGradient = SumGradient(rw: rw, meanT: meanT, r3wWK: r3wWK, m: m)
-        Lanes.map(K, into: out.sum) { sumGradient(t.lanes($0), yBar.lanes($0)) } scalar: { sumGradient(t[$0], yBar[$0]) }
+        Lanes.map(K, into: out.sum) { sumGradient(t.lanes($0), yBar.lanes($0)) }
+            scalar: { sumGradient(t[$0], yBar[$0]) }
         let f = out.f, h = out.h, dot = out.dot
         Lanes.map(K, into: f) { -v.r3wW4 * a.lanes($0) } scalar: { -r3wW * a[$0] }
         Lanes.map(K, into: h) { v.hConst4 - v.r3wW4 * (yBar.lanes($0) - v.m4) } scalar: {

@@ -78,8 +78,8 @@ extension NormalizationEngine {
     }
 
     /// Backward phase (a): pass 1 over (x, dy), its plane sums into `context`, and with `sums` the batch's
-    /// S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values), which `mergeGradientSums` can add
-    /// up over processes. Only a forward with batch statistics in training needs them (`needsGradientSums`).
+    /// S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values), which `mergeGradientSums`
+    /// can add up over processes. Only a forward with batch statistics in training needs them (`needsGradientSums`).
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public static func localGradientSums<T: NormalizationScalar>(
@@ -202,7 +202,8 @@ extension NormalizationEngine {
               flags.contains(.channelNorm) == (plan.channelNorm != nil) else {
             // formatted here, on failure only: it cost about 1.5K instructions a call
             let dims = "[\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S])"
-            throw BCNError(.noForward, "no forward of this layer with input shape \(dims) and this memory format to differentiate")
+            throw BCNError(.noForward,
+                           "no forward of this layer with input shape \(dims) and this memory format to differentiate")
         }
         return (ctx, flags.contains(.gradientThroughBatchStatistics))
     }

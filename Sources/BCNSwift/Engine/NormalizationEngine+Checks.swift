@@ -10,7 +10,8 @@ extension NormalizationEngine {
         guard let ctx = NormalizationContext(buffer, shape: shape, groups: plan.groups) else {
             let needed = NormalizationContext.length(batch: shape.batch, channels: shape.channels, groups: plan.groups)
             throw BCNError(.invalidArgument,
-                           "context holds \(buffer.count) values, this shape needs \(needed.map(String.init) ?? "too many")")
+                           "context holds \(buffer.count) values, "
+                           + "this shape needs \(needed.map(String.init) ?? "too many")")
         }
         return ctx
     }
@@ -20,7 +21,8 @@ extension NormalizationEngine {
             guard state.bnWeight != nil, state.bnBias != nil, state.runningMean != nil, state.runningVar != nil,
                   state.numBatchesTracked != nil else {
                 throw BCNError(.invalidArgument,
-                               "the batch-norm weight, bias, running mean, running variance and batch count must not be null")
+                               "the batch-norm weight, bias, running mean, running variance and batch count "
+                               + "must not be null")
             }
         }
         if plan.channelNorm != nil {
@@ -45,7 +47,8 @@ extension NormalizationEngine {
     static func checkGroups(plan: NormalizationPlan, shape: NormalizationShape) throws(BCNError) {
         if let cn = plan.channelNorm, (shape.channels / cn.groups) * shape.spatial == 1 {
             throw BCNError(.degenerateStatistics,
-                           "Expected more than 1 value per channel group, got \(shape.channels / cn.groups) channel(s) per group and spatial size \(shape.spatial)")
+                           "Expected more than 1 value per channel group, got \(shape.channels / cn.groups) "
+                           + "channel(s) per group and spatial size \(shape.spatial)")
         }
     }
 
@@ -54,7 +57,8 @@ extension NormalizationEngine {
     static func checkDegenerate(plan: NormalizationPlan, shape: NormalizationShape, training: Bool) throws(BCNError) {
         try checkGroups(plan: plan, shape: shape)
         if let bn = plan.batchNorm, training, shape.batch * shape.spatial == 1 {
-            try degenerate(bn, values: 1, dims: "input of size [\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S])")
+            try degenerate(bn, values: 1,
+                           dims: "input of size [\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S])")
         }
     }
 
@@ -69,12 +73,14 @@ extension NormalizationEngine {
     }
 
     /// Moments handed to phase (c) must be moments, and as many values as training needs.
-    static func checkBatchMoments(_ bn: BatchNormOptions, _ batch: UnsafePointer<Moments>, channels: Int) throws(BCNError) {
+    static func checkBatchMoments(_ bn: BatchNormOptions, _ batch: UnsafePointer<Moments>,
+                                  channels: Int) throws(BCNError) {
         let n = batch[0].count
         for c in 0..<channels
         where !(batch[c].count == n && n >= 1 && n.isFinite && n == n.rounded() && !(batch[c].m2 < 0)) {
             throw BCNError(.invalidArgument,
-                           "batch moments of channel \(c) (count \(batch[c].count), M2 \(batch[c].m2)) are not moments of the same \(n) values")
+                           "batch moments of channel \(c) (count \(batch[c].count), M2 \(batch[c].m2)) "
+                           + "are not moments of the same \(n) values")
         }
         if n == 1 { try degenerate(bn, values: n, dims: "\(Int(n)) value per channel over the whole batch") }
     }

@@ -91,7 +91,8 @@ public enum NormalizationEngine {
             let part = moments[i]
             guard part.count >= 0, part.count.isFinite, part.count == part.count.rounded(), !(part.m2 < 0) else {
                 throw BCNError(.invalidArgument,
-                               "moment set \(i / channels), channel \(i % channels): count \(part.count) and M2 \(part.m2) are not moments")
+                               "moment set \(i / channels), channel \(i % channels): "
+                               + "count \(part.count) and M2 \(part.m2) are not moments")
             }
         }
         for c in 0..<channels {

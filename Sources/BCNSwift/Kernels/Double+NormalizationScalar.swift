@@ -186,9 +186,9 @@ extension Double: NormalizationScalar {
 
     @inlinable
     public static func _combineColumns(
-        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, rows: Int, columns n: Int,
-        stride: Int, centre: UnsafePointer<Double>, dyCentre: UnsafePointer<Double>, p: UnsafePointer<Double>,
-        q: UnsafePointer<Double>, r: UnsafePointer<Double>
+        _ dy: UnsafePointer<Double>, _ x: UnsafePointer<Double>, _ dx: UnsafeMutablePointer<Double>, rows: Int,
+        columns n: Int, stride: Int, centre: UnsafePointer<Double>, dyCentre: UnsafePointer<Double>,
+        p: UnsafePointer<Double>, q: UnsafePointer<Double>, r: UnsafePointer<Double>
     ) {
         var dyRow = dy, xRow = x, dxRow = dx
         for _ in 0..<rows {  // row by row, as Float's

@@ -642,9 +642,9 @@ extension Float: NormalizationScalar {
     /// row paid its setup per row (a 32-channel row: 28 instructions of work, about 60 around them).
     @inlinable
     public static func _combineColumns(
-        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int, columns n: Int,
-        stride: Int, centre: UnsafePointer<Float>, dyCentre: UnsafePointer<Float>, p: UnsafePointer<Float>,
-        q: UnsafePointer<Float>, r: UnsafePointer<Float>
+        _ dy: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ dx: UnsafeMutablePointer<Float>, rows: Int,
+        columns n: Int, stride: Int, centre: UnsafePointer<Float>, dyCentre: UnsafePointer<Float>,
+        p: UnsafePointer<Float>, q: UnsafePointer<Float>, r: UnsafePointer<Float>
     ) {
         if n == 32 && stride == 32 {
             // Rows of 32 channels back to back (a ResNet's first stage): one loop over the rows with the four

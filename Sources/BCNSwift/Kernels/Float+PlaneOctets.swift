@@ -9,8 +9,9 @@
 
 extension Float {
     /// The lane sums of eight vectors v0...v7, lane p of the result for vp, each summed exactly as `_hsum` sums
-    /// it: with lanes e₀...e₇ of one vector, ((e₀ + e₄) + (e₂ + e₆)) + ((e₁ + e₅) + (e₃ + e₇)). Each step is one
-    /// vector operation for all eight: half against half, then pair against pair, then lane against lane.
+    /// it: with lanes e₀...e₇ of one vector, ((e₀ + e₄) + (e₂ + e₆)) + ((e₁ + e₅) + (e₃ + e₇)).
+    /// Each step is one vector operation for all eight: half against half, then pair against pair, then
+    /// lane against lane.
     @inlinable @inline(__always)
     static func _hsum8(_ v0: SIMD8<Float>, _ v1: SIMD8<Float>, _ v2: SIMD8<Float>, _ v3: SIMD8<Float>,
                        _ v4: SIMD8<Float>, _ v5: SIMD8<Float>, _ v6: SIMD8<Float>, _ v7: SIMD8<Float>)
@@ -23,8 +24,8 @@ extension Float {
             return unsafeBitCast(SIMD4<UInt64>(u[0], u[1], v[0], v[1]), to: SIMD8<Float>.self)
                 + unsafeBitCast(SIMD4<UInt64>(u[2], u[3], v[2], v[3]), to: SIMD8<Float>.self)
         }
-        // x = (a | c), y = (b | d) of `halves` -> (a₀ a₁ b₀ b₁ | c₀ c₁ d₀ d₁), each vector's s₀ = t₀ + t₂ and
-        // s₁ = t₁ + t₃
+        // x = (a | c), y = (b | d) of `halves` -> (a₀ a₁ b₀ b₁ | c₀ c₁ d₀ d₁), each vector's
+        // s₀ = t₀ + t₂ and s₁ = t₁ + t₃
         @inline(__always) func pairs(_ x: SIMD8<Float>, _ y: SIMD8<Float>) -> SIMD8<Float> {
             let u = unsafeBitCast(x, to: SIMD4<UInt64>.self), v = unsafeBitCast(y, to: SIMD4<UInt64>.self)
             return unsafeBitCast(SIMD4<UInt64>(u[0], v[0], u[2], v[2]), to: SIMD8<Float>.self)

@@ -82,10 +82,10 @@ extension Float {
         var total: SIMD4<Float> { _hsum4(t, w, squares, centred) }
     }
 
-    /// ΣT = Σ dy, W = Σ (ȳ - m) dy, Σ dy² and Σ (x - μ)² of one group of K one-value planes from k0 (K a multiple
-    /// of 8), with x - μ and ȳ = β + a (x - μ) from `c` (`ValueConstants`) and m as two Floats; the lanes summed
-    /// in Float32 over at most 64 values (8 terms a lane), then in Float64. The squares are for the guard's ranges.
-    /// T and W are summed about s, the group's first eight dy's `_shift` (as `_gradientSums` shifts dy):
+    /// ΣT = Σ dy, W = Σ (ȳ - m) dy, Σ dy² and Σ (x - μ)² of one group of K one-value planes from k0 (K a
+    /// multiple of 8), with x - μ and ȳ = β + a (x - μ) from `c` (`ValueConstants`) and m as two Floats; the lanes
+    /// summed in Float32 over at most 64 values (8 terms a lane), then in Float64. The squares are for the guard's
+    /// ranges. T and W are summed about s, the group's first eight dy's `_shift` (as `_gradientSums` shifts dy):
     /// ΣT = Σ (dy - s) + K s and W = Σ (ȳ - m)(dy - s), which is W with m the mean of ȳ, so that a gradient far
     /// off 0 against its spread rounds to its spread (1000 times: 350 ulps of dx before).
     @inline(__always)

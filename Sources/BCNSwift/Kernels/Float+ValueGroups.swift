@@ -310,9 +310,9 @@ enum RowRounding {
 
     /// Whether the backward of a group of one-value planes may take the Float32 lanes (`Float._valueItemGradients`),
     /// from the forward's m and r, the group's weight w and the largest |β| of its channels. e = ȳ - m is rounded
-    /// within about 2 ulps of the larger of |ȳ| and |β|, and dy₁ magnifies e by r: so r · max(|m|, |β|) ≤ 4, the
-    /// forward's rule (`accepts`, with 1/r ≥ σ). r and r |w| within 1e-10...1e10 (not NaN), so that with the sums'
-    /// ranges (`acceptsGradientSums`) the scale of every Float32 product and constant (the group's root mean
+    /// within about 2 ulps of the larger of |ȳ| and |β|, and dy₁ magnifies e by r: so r · max(|m|, |β|) ≤ 4,
+    /// the forward's rule (`accepts`, with 1/r ≥ σ). r and r |w| within 1e-10...1e10 (not NaN), so that with the
+    /// sums' ranges (`acceptsGradientSums`) the scale of every Float32 product and constant (the group's root mean
     /// squares times these factors) stays within about 1e-30...1e30: far from overflow, and what a subnormal
     /// value loses is far below an ulp of that scale.
     /// (Four groups at a time, lane l for group l.)
@@ -323,10 +323,10 @@ enum RowRounding {
         return r .>= 1e-10 .& r .<= 1e10 .& rw .>= 1e-10 .& rw .<= 1e10 .& r * reach .<= 4
     }
 
-    /// Whether a group's Float32 sums (`Float._valueGroupGradientSums`: K values, ΣT, W, Σ dy² and Σ (x - μ)²) are
-    /// kept: ΣT and W finite, and the mean squares of dy and of x - μ within 1e-20...1e20 (with
-    /// `acceptsGradient`'s ranges, what keeps dy₁, the batch-norm stage's (x - μ) dy₁ and the constants of dy₁ in
-    /// Float32's normal range: near 1e-38, (x - μ) dy₁ would be subnormal).
+    /// Whether a group's Float32 sums (`Float._valueGroupGradientSums`: K values, ΣT, W, Σ dy² and Σ (x - μ)²)
+    /// are kept: ΣT and W finite, and the mean squares of dy and of x - μ within 1e-20...1e20 (with
+    /// `acceptsGradient`'s ranges, what keeps dy₁, the batch-norm stage's (x - μ) dy₁ and the constants of dy₁
+    /// in Float32's normal range: near 1e-38, (x - μ) dy₁ would be subnormal).
     /// (Four groups at a time, lane l for group l.)
     @inline(__always)
     static func acceptsGradientSums(count K: Int, t: SIMD4<Double>, w: SIMD4<Double>, squares: SIMD4<Double>,

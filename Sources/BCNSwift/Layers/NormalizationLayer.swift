@@ -8,7 +8,8 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     /// Training mode: batch statistics (or their estimates) and running-buffer updates. Eval when false.
     public var training = true
 
-    /// The batch-norm stage's affine γ (C values; empty without that stage): y₁ = γ (x - μ) / √(σ² + eps) + β.
+    /// The batch-norm stage's affine γ (C values; empty without that stage):
+    /// y₁ = γ (x - μ) / √(σ² + eps) + β.
     public var bnWeight: [Scalar]
     /// The batch-norm stage's β (C values; empty without that stage).
     public var bnBias: [Scalar]
@@ -146,7 +147,8 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     public func backward(_ dy: [Scalar]) throws(BCNError) -> [Scalar] {
         guard let saved else { throw BCNError(.noForward, "backward() called before any forward()") }
         guard dy.count == saved.x.count else {
-            throw BCNError(.shapeMismatch, "dy has \(dy.count) elements, the last forward's output has \(saved.x.count)")
+            throw BCNError(.shapeMismatch,
+                           "dy has \(dy.count) elements, the last forward's output has \(saved.x.count)")
         }
         guard let shape = saved.shape else { return [] }  // an input without values: no gradient to add
         let C = gradBnWeight.count, G = gradWeight.count, g = staging.baseAddress!
@@ -191,8 +193,9 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
 /// Batch-Channel Normalization: a batch norm (batch statistics, or estimated ones), then a channel norm with
 /// a per-group affine, fused into one pass forward and one backward.
 ///
-/// y₁ = γ (x - μ) / √(σ² + bnEps) + β per channel (μ, σ² the batch's, or the running estimates), then per sample
-/// and group of C/G channels y = w (y₁ - m) / √(v + eps) + b, with m, v the group's mean and (biased) variance.
+/// y₁ = γ (x - μ) / √(σ² + bnEps) + β per channel (μ, σ² the batch's, or the running estimates), then per
+/// sample and group of C/G channels y = w (y₁ - m) / √(v + eps) + b, with m, v the group's mean and
+/// (biased) variance.
 public final class BatchChannelNorm<Scalar: NormalizationScalar>: NormalizationLayer<Scalar> {
     /// - Parameters:
     ///   - channels: C, in 1...2^32.
@@ -222,7 +225,8 @@ public final class BatchChannelNorm<Scalar: NormalizationScalar>: NormalizationL
 }
 
 /// Batch normalization with batch statistics in training (gradients flow through them):
-/// y = γ (x - μ) / √(σ² + eps) + β per channel, μ and σ² the batch's in training and the running ones in eval.
+/// y = γ (x - μ) / √(σ² + eps) + β per channel, μ and σ² the batch's in training and the running ones
+/// in eval.
 public final class BatchNorm<Scalar: NormalizationScalar>: NormalizationLayer<Scalar> {
     /// - Parameters:
     ///   - channels: C, in 1...2^32.

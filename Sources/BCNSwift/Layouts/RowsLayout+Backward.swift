@@ -150,11 +150,12 @@ extension RowsLayout {
         PlaneMemo(storage, planes: shape.planes, units: units.count)
     }
 
-    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with `memo`
-    /// (`memoCount` Doubles) what `finishBackward` in the same call can reuse. `expansion`: the value view's (its
-    /// per-value context, filled panel by panel).
+    /// Backward phase (a): S₁ = Σ dy₁ and S₂ = Σ dy₁ (x - μ) per channel into `sums` ([S₁ | S₂]); with
+    /// `memo` (`memoCount` Doubles) what `finishBackward` in the same call can reuse. `expansion`: the value view's
+    /// (its per-value context, filled panel by panel).
     func gradientSums<T: NormalizationScalar>(plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>,
-                                              context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>,
+                                              context ctx: NormalizationContext,
+                                              into sums: UnsafeMutablePointer<Double>,
                                               memo: UnsafeMutablePointer<Double>? = nil,
                                               expansion: ValueExpansion? = nil, arena: inout ScratchArena) {
         if let view = valueView(plan: plan, T.self, backward: true) {
@@ -258,7 +259,8 @@ extension RowsLayout {
 
 /// The batch-norm stage's channel sums S₁ and S₂ (`BatchNormStage.addValueSums`).
 struct ValueSums<T: NormalizationScalar>: ValueGradientSink {
-    let x: UnsafePointer<T>, mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>, s2: UnsafeMutablePointer<Double>
+    let x: UnsafePointer<T>, mu: UnsafePointer<Double>, s1: UnsafeMutablePointer<Double>,
+        s2: UnsafeMutablePointer<Double>
 
     @inline(__always)
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) {

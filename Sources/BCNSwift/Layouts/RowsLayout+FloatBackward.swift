@@ -53,9 +53,9 @@ extension RowsLayout {
     private static func mask(_ groups: Int) -> UInt64 { groups >= 64 ? ~0 : (1 << UInt64(groups)) &- 1 }
 
     /// Phase (c)'s values in Float32 lanes (`forEachValueGradient32`): dx = dy₁ without a batch-norm stage, else
-    /// dx = a ((dy₁ - S₁/n) - (x - μ) k) from `terms` ([S₁/n | k] per channel), with `sums` ([S₁ | S₂], added to)
-    /// the channel sums too when the call does not know them yet; each group's gradients to `group`. `expansion`:
-    /// the value view's, to fill its per-value context (and terms) panel by panel.
+    /// dx = a ((dy₁ - S₁/n) - (x - μ) k) from `terms` ([S₁/n | k] per channel), with `sums` ([S₁ | S₂],
+    /// added to) the channel sums too when the call does not know them yet; each group's gradients to `group`.
+    /// `expansion`: the value view's, to fill its per-value context (and terms) panel by panel.
     func valueGradients32<T: NormalizationScalar>(
         _ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>, plan: NormalizationPlan,
         context ctx: NormalizationContext, terms: UnsafePointer<Double>, sums: UnsafeMutablePointer<Double>?,

@@ -175,7 +175,8 @@ struct RowsLayout {
     /// to 15 values): every plane's p and q, kept there for `apply` in the same call (which the value view of
     /// short planes, `valueView`, does not read). Without a memo, planes of 2 to 4 values may go by columns
     /// (`byColumns`, `columnMoments`).
-    func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, into channelMoments: UnsafeMutablePointer<Moments>?,
+    func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>,
+                                              into channelMoments: UnsafeMutablePointer<Moments>?,
                                               memo: UnsafeMutablePointer<Double>? = nil, arena: inout ScratchArena) {
         guard let channelMoments else { return }
         let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = memo == nil ? momentsSlot : 0

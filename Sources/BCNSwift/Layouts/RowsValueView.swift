@@ -138,7 +138,8 @@ extension RowsValueView {
                                     invSigma: ctx.invSigma)
     }
 
-    /// [S₁ | S₂] per channel (2·C, written) from the view's per value (2·C·S): each plane's S values added in order.
+    /// [S₁ | S₂] per channel (2·C, written) from the view's per value (2·C·S): each plane's S values
+    /// added in order.
     private func fold(_ perValue: UnsafePointer<Double>, into sums: UnsafeMutablePointer<Double>) {
         let count = 2 * values / spatial  // both halves at once: a plane's values never straddle them
         @inline(__always) func fold(_ S: Int) {

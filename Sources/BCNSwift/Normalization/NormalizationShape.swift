@@ -22,7 +22,8 @@ public struct NormalizationShape: Equatable, Sendable {
     public init(batch: Int, channels: Int, spatial: Int, format: MemoryFormat = .channelsFirst) throws(BCNError) {
         guard batch > 0, channels > 0, spatial > 0 else {
             throw BCNError(.shapeMismatch,
-                           "input must have a positive batch, channel and spatial size, got [\(batch), \(channels), \(spatial)]")
+                           "input must have a positive batch, channel and spatial size, "
+                           + "got [\(batch), \(channels), \(spatial)]")
         }
         let (bc, o1) = batch.multipliedReportingOverflow(by: channels)
         let (n, o2) = bc.multipliedReportingOverflow(by: spatial)

@@ -6,7 +6,9 @@ extension WeightStandardization {
         }
         var fanIn = 1
         for d in shape.dropFirst() {
-            guard d > 0 else { throw BCNError(.shapeMismatch, "weight dimensions must be positive, got shape \(shape)") }
+            guard d > 0 else {
+                throw BCNError(.shapeMismatch, "weight dimensions must be positive, got shape \(shape)")
+            }
             let (p, o) = fanIn.multipliedReportingOverflow(by: d)
             guard !o else { throw BCNError(.invalidArgument, "weight shape \(shape) is too large") }
             fanIn = p
