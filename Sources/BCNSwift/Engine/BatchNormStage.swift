@@ -276,9 +276,9 @@ enum BatchNormStage {
 
     /// The input the backward's dx map should read where it reads x: x itself, or dy when dx = a·dy does not
     /// depend on x. That is a plan without a channel norm (E = 1, F = H = 0) whose backward does not pass
-    /// through batch statistics (`dxTerms`' k = S₁/n = 0): the map's Q = a (F - k) is then 0, and Q (x - p)
-    /// with x in place is 0 for finite x but NaN at a non-finite one, where PyTorch gives a·dy. With dy in x's
-    /// place the term is 0 there too, and every other dx is what it was.
+    /// through batch statistics (`dxTerms` gives k = 0 and S₁/n = 0): the map's Q = a (F - k) is then 0,
+    /// and Q (x - p) with x in place is 0 for finite x but NaN at a non-finite one, where PyTorch gives a·dy.
+    /// With dy in x's place the term is 0 there too, and every other dx is what it was.
     static func mapInput<T>(plan: NormalizationPlan, through: Bool, sums: UnsafePointer<Double>?,
                             x: UnsafePointer<T>, dy: UnsafePointer<T>) -> UnsafePointer<T> {
         plan.channelNorm == nil && !(through && sums != nil) ? dy : x
