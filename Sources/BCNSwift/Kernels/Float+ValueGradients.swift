@@ -270,12 +270,15 @@ protocol FloatValueSink {
     func lanes(_ i: Int, _ c: Int, _ dy1: SIMD8<Float>, _ z: SIMD8<Float>)
     func prepare(first c0: Int, count n: Int)
     func flush(first c0: Int, count n: Int)
+    /// The sink that work items running in thread slot `slot` use: sinks with partials give each slot its own.
+    func slot(_ slot: Int) -> Self
 }
 
 extension FloatValueSink {
     /// Nothing to fill or flush: sinks that keep no per-panel constants or partials.
     func prepare(first c0: Int, count n: Int) {}
     func flush(first c0: Int, count n: Int) {}
+    func slot(_ slot: Int) -> Self { self }
 }
 
 extension Float {

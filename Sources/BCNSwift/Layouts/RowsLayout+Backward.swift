@@ -169,12 +169,10 @@ extension RowsLayout {
             let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .record($0) } ?? .none
             if floatGradientLanes(T.self) {
                 let lanes = FloatGradientLanes(channels: C, groups: plan.groups, expansion: expansion, arena: &arena)
-                let partials = arena.take(2 * C, of: Float.self)
-                partials.update(repeating: 0, count: 2 * C)
+                let partials = floatPartials(arena: &arena)
                 return forEachValueGradient32(Self.floats(x), Self.floats(dy), plan: plan, context: ctx, lanes: lanes,
                                               scratch: scratch, unitSums: unitSums,
-                                              into: FloatValueSums(s1: partials, s2: partials + C, sum1: sums,
-                                                                   sum2: sums + C), sink)
+                                              into: FloatValueSums(partials: partials, channels: C, sums: sums), sink)
             }
             return forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, unitSums: unitSums,
                                         into: sink)
@@ -251,9 +249,9 @@ extension RowsLayout {
 
     func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
         if let view = valueView(plan: plan, T.self, backward: true) { return view.finishBackwardBytes }
-        // with the Float32 lanes and the sums unknown, their partials too (2·C Floats)
+        // with the Float32 lanes and the sums unknown, their partials too (`floatPartials`)
         return BatchNormStage.backwardScratchBytes(plan: plan) + gradientSumsBytes(T.self, plan: plan)
-            + (floatGradientLanes(T.self) ? ScratchArena.bytes(2 * shape.channels, of: Float.self) : 0)
+            + (floatGradientLanes(T.self) ? floatPartialsBytes : 0)
     }
 }
 

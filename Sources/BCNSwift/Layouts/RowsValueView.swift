@@ -95,7 +95,7 @@ extension RowsValueView {
         // the planes: its pass scratch and Float32 constants, and the channel sums' Float32 partials
         BatchNormStage.backwardScratchBytes(plan: planes) + ScratchArena.bytes(3 * values, of: Double.self)
             + 2 * ScratchArena.bytes(2 * values, of: Double.self) + layout.gradientSumsBytes(Float.self, plan: plan)
-            + ScratchArena.bytes(2 * values, of: Float.self)
+            + layout.floatPartialsBytes
     }
 
     /// Backward phase (a) (`RowsLayout.gradientSums`): the planes' S₁, S₂ per channel into `sums` ([S₁ | S₂]),
