@@ -41,15 +41,14 @@ extension RowsLayout {
 
     /// `FloatValueSums`' partials, zeroed: 2·C Floats for each thread slot of the passes over panels.
     func floatPartials(arena: inout ScratchArena) -> UnsafeMutablePointer<Float> {
-        let count = parallelSlots(panels, cost: gradientCost) * 2 * shape.channels
-        let partials = arena.take(count, of: Float.self)
-        partials.update(repeating: 0, count: count)
+        let partials = arena.take(floatPartialsCount, of: Float.self)
+        partials.update(repeating: 0, count: floatPartialsCount)
         return partials
     }
 
-    var floatPartialsBytes: Int {
-        ScratchArena.bytes(parallelSlots(panels, cost: gradientCost) * 2 * shape.channels, of: Float.self)
-    }
+    var floatPartialsBytes: Int { ScratchArena.bytes(floatPartialsCount, of: Float.self) }
+
+    private var floatPartialsCount: Int { parallelSlots(panels, cost: gradientCost) * 2 * shape.channels }
 
     /// Where a memo of one-value planes (`memoCount`: 2 numbers per unit, then one per unit) keeps which groups
     /// took the Float32 lanes: for each panel's sample, a mask of its groups (a UInt64's bits, in raw memory) at
