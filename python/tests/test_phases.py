@@ -87,3 +87,74 @@ def test_gradient_sums_holding_nan_are_refused_under_raise(rng):
     assert (dx == 7.0).all()
     for k, v in layer.grads.items():
         np.testing.assert_array_equal(v, grads[k])
+
+
+def _one_non_finite(a, rng):
+    """A copy of `a` with one value (sample 1, channel 2) NaN or an infinity."""
+    bad = a.copy()
+    bad[(1, 2) + (0,) * (a.ndim - 2)] = rng.choice([np.nan, np.inf, -np.inf])
+    return bad
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 5), (6, 8)], ids=["planes", "rows"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_raise_given_to_phase_c_alone_still_refuses_a_non_finite_x(shape, training, rng):
+    """nan_policy="raise" promises that a non-finite x writes nothing. Phase (c) keeps that promise on its own
+    when phase (a) ran without it (it then reads x for NaN itself), and when an earlier phase (a) of another x
+    under "raise" stamped the same context: y, the running buffers and the context's use stay as they were."""
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64, nan_policy="raise")
+    layer.train(training)
+    raising = layer._call_flags()
+    plain = raising & ~_ext.BCN_NAN_RAISE
+    assert raising & _ext.BCN_NAN_RAISE
+    good = random_input(rng, shape)
+    bad = _one_non_finite(good, rng)
+    ctx = np.empty(_ext.context_length(shape[0], 8, layer.num_groups))
+    for first in ("plain", "stale"):
+        if first == "stale":  # a checked x stamps the context, then an unchecked one replaces it
+            _ext.norm_moments(raising, layer.num_groups, good, np.empty(24), ctx)
+        m = np.empty(24)
+        _ext.norm_moments(plain, layer.num_groups, bad, m, ctx)
+        before = {k: v.copy() for k, v in layer.state_dict().items()}
+        y = np.full(shape, 7.0)
+        with pytest.raises(FloatingPointError, match="input holds NaN or infinity"):
+            layer._finish_forward(bad, y, raising, ctx, m)  # phase (c): with moments
+        assert (y == 7.0).all(), first
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=f"{first}: {k}")
+    # the same phases on the finite x still run, and give the fused forward's numbers
+    m = np.empty(24)
+    _ext.norm_moments(plain, layer.num_groups, good, m, ctx)
+    y, fused = np.empty(shape), bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+    fused.load_state_dict(layer.state_dict())
+    fused.train(training)
+    layer._finish_forward(good, y, raising, ctx, m)
+    np.testing.assert_array_equal(y, fused(good))
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 5), (6, 8)], ids=["planes", "rows"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_raise_given_to_backward_phase_c_alone_still_refuses_a_non_finite_dy(shape, training, rng):
+    """The backward's twin: phase (c) under "raise" refuses a non-finite dy that its phase (a) did not check
+    (run without "raise", or under it for another dy before), writing neither dx nor a parameter gradient."""
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64, nan_policy="raise")
+    layer.train(training)
+    x = random_input(rng, shape)
+    layer(x)
+    dy = rng.normal(0.3, 1.0, shape)
+    with layer._lock:
+        xl, ctx, raising, dyl, dx = layer._prepare_backward(dy, None)
+    plain = raising & ~_ext.BCN_NAN_RAISE
+    bad = _one_non_finite(dyl, rng)
+    for first in ("plain", "stale"):
+        if first == "stale":
+            _ext.norm_backward_sums(raising, layer.num_groups, xl, dyl, np.zeros(16), ctx)
+        sums = np.zeros(16)
+        _ext.norm_backward_sums(plain, layer.num_groups, xl, bad, sums, ctx)
+        grads = {k: v.copy() for k, v in layer.grads.items()}
+        dx[...] = 7.0
+        with pytest.raises(FloatingPointError, match="output gradient dy holds NaN or infinity"):
+            layer._finish_backward(xl, ctx, raising, bad, dx, sums)
+        assert (dx == 7.0).all(), first
+        for k, v in layer.grads.items():
+            np.testing.assert_array_equal(v, grads[k], err_msg=f"{first}: {k}")
