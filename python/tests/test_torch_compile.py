@@ -186,6 +186,18 @@ def test_jit_trace_records_the_ops_and_matches_eager(training, gen):
         _assert_same_buffers(traced_from, eager, f"call {step}")
 
 
+@pytest.mark.parametrize("make", [lambda: bt.Conv2d(4, 6, 3), lambda: bt.Linear(5, 3), lambda: bt.ChannelNorm(8, 2),
+                                  lambda: bt.BCNorm(8, 4)], ids=["Conv2d", "Linear", "ChannelNorm", "BCNorm"])
+def test_fx_symbolic_trace_of_a_module_alone_says_how_to_trace_it(make):
+    """A module FX keeps as a leaf cannot be the root of its own trace (its graph would call itself): a TraceError
+    that says to wrap it, not an AttributeError about a submodule named ''; wrapped, it traces."""
+    module = make().double()
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"nn\.Sequential\(" + type(module).__name__):
+        torch.fx.symbolic_trace(module)
+    graph_module = torch.fx.symbolic_trace(nn.Sequential(module))
+    assert [n.op for n in graph_module.graph.nodes] == ["placeholder", "call_module", "output"]
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace_keeps_the_modules_as_leaves(training, gen):
     """torch.fx's symbolic tracing keeps torch.nn's modules as leaves and traces into others, whose shape checks

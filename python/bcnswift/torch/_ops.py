@@ -104,12 +104,19 @@ def fx_leaf(forward):
     """A module's `forward` that torch.fx records as one call_module node, as it records torch.nn's own modules.
     FX's symbolic tracing keeps only modules defined in torch.nn as leaves and runs the forward of others on Proxy
     inputs, which the modules' checks of shapes and devices cannot answer. The GraphModule then calls the module
-    itself."""
+    itself. So the module cannot be the root of a trace (its graph would call itself): that is a TraceError
+    saying what to do, as torch.nn's own modules that FX cannot trace raise one."""
     @functools.wraps(forward)
     def leaf_forward(self, x, *args, **kwargs):
         if isinstance(x, FxProxy):
             tracer = x.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x, *args), kwargs)
+            path = tracer.path_of_module(self)
+            if not path:  # the module traced is this one
+                raise torch.fx.proxy.TraceError(
+                    f"torch.fx.symbolic_trace cannot trace bcnswift.torch's {type(self).__name__} on its own: FX "
+                    "keeps it as a leaf (one call_module node), which needs a module around it. Trace "
+                    f"nn.Sequential({type(self).__name__}(...)) instead, or use torch.export or torch.compile")
+            return tracer.create_proxy("call_module", path, (x, *args), kwargs)
         return forward(self, x, *args, **kwargs)
     return leaf_forward
 
