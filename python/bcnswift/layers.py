@@ -361,7 +361,8 @@ class _Normalization:
         x's shape and x's memory layout (C order or channels-last), or fills `out` (that dtype, shape and layout,
         not overlapping x) and returns it. Reusing `out` saves allocating, which matters above 32 MB, where
         every fresh allocation is new pages the kernel must zero. An input without values ([0, C, *], or a
-        spatial size of 0) gives an empty output and changes no buffer, as torch's batch norm does."""
+        spatial size of 0) gives an empty output and changes no buffer (torch's batch norm leaves its running
+        statistics too, though it counts the call in num_batches_tracked)."""
         x, y, flags, ctx = self._prepare_forward(x, out)
         with self._lock:
             if x.size:

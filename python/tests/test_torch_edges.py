@@ -117,12 +117,21 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
                                           ((3, 8, 0, 4), "channels_last"), ((0, 8), "contiguous")],
                          ids=["no samples", "no samples channels_last", "no pixels channels_last", "rows"])
 def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name, make, shape, layout, route, gen):
+    """...but for a BCNorm on an nn.BatchNorm2d in training, whose count advances as that nn.BatchNorm2d's own
+    forward advances it (run beside it on the same input)."""
     m = make(8, 4).double()
     m(rand_input(gen, (4, 8, 5, 5)))
     for training in (True, False):
         m.train(training)
         before = _state(m)
         x = rand_input(gen, shape, layout=layout).requires_grad_()
+        if isinstance(_bn(m), nn.BatchNorm2d):  # torch's batch norm of x's rank beside it (BatchNorm1d for rows)
+            torch_bn = (nn.BatchNorm1d if x.dim() == 2 else nn.BatchNorm2d)(8).double().train(training)
+            torch_bn.load_state_dict(_bn(m).state_dict())
+            torch_bn(x.detach())
+            count = before["bn.num_batches_tracked"]
+            assert torch_bn.num_batches_tracked == count + training, "torch counts a training call of no values"
+            before["bn.num_batches_tracked"] = torch_bn.num_batches_tracked.clone()
         y = m(x)
         assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
         _assert_unchanged(m, before, f"{name}, training={training}")
@@ -402,6 +411,56 @@ def test_convert_that_raises_changes_nothing_and_counts_may_be_numpy_ints():
             bt.convert(nn.Sequential(nn.BatchNorm2d(8)), num_groups=bad)
         with pytest.raises(ValueError, match="must be a positive int"):
             bt.BCNorm(8, bad)
+
+
+def test_convert_leaves_convolutions_of_one_input_value_plain(gen):
+    """A 1x1 depthwise convolution (a fan-in of 1) has no standardized weight (an unbiased deviation of one
+    value), so convert keeps it a plain nn.Conv2d, and the converted model runs; the others become WS Conv2d."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 1, groups=8), nn.Conv2d(8, 8, 3, groups=8, padding=1),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)).double()
+    weights = [m.weight for m in model[:3]]
+    bt.convert(model, num_groups=4)
+    assert [type(m) for m in model] == [nn.Conv2d, bt.Conv2d, bt.Conv2d, bt.BCNorm]
+    assert [m.weight for m in model[:3]] == weights
+    assert model(rand_input(gen, (2, 8, 4, 4))).isfinite().all()
+
+
+def test_momentum_and_groups_that_are_not_numbers_are_named(gen):
+    """A momentum that is not a number is a TypeError naming it, as the numpy layers word it (float() said only
+    "could not convert string to float"), on every route; a module's group count set to 0 after construction is
+    the kernels' ValueError on every route, not a ZeroDivisionError."""
+    with pytest.raises(TypeError, match="momentum must be a number or None, got str 'a'"):
+        bt.convert(nn.Sequential(nn.BatchNorm2d(4)), momentum="a")
+    x = rand_input(gen, (2, 8, 3, 3))
+    for make in (lambda: bt.BatchNorm(8, momentum="a"), lambda: bt.BatchChannelNorm(8, 4, estimate=False)):
+        m = make()
+        if isinstance(m, bt.BatchChannelNorm):
+            m.batch_norm.momentum = "a"
+        for composed in (False, True):
+            functional.COMPOSED = composed
+            try:
+                with pytest.raises(TypeError, match="momentum must be a number or None"):
+                    m(x)
+            finally:
+                functional.COMPOSED = False
+    for make, set_zero in ((lambda: bt.BatchChannelNorm(8, 4), lambda m: setattr(m.channel_norm, "groups", 0)),
+                           (lambda: bt.BatchChannelNorm(8, 4, estimate=False),
+                            lambda m: setattr(m.channel_norm, "groups", 0)),
+                           (lambda: bt.BCNorm(8, 4), lambda m: setattr(m, "num_groups", 0))):
+        m = make()
+        set_zero(m)
+        before = _state(m)
+        for composed in (False, True):
+            functional.COMPOSED = composed
+            try:
+                with pytest.raises(ValueError, match="num_groups must be positive, got 0"):
+                    m(x)
+                with pytest.raises(ValueError, match="num_groups must be positive, got 0"):
+                    m.bfloat16()(x.bfloat16())
+                m.double()
+            finally:
+                functional.COMPOSED = False
+        _assert_unchanged(m, before, type(m).__name__)
 
 
 def test_fold_keeps_the_weights_memory_format_and_frozen_state_and_moves_the_bias(gen):

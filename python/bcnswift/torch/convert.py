@@ -5,6 +5,7 @@ import itertools
 import torch
 from torch import nn
 
+from ..layers import real_number
 from .modules import BCNorm, EstBN, positive_int
 from .weight_standardized import PLAIN, Conv2d, plain_copy
 
@@ -60,6 +61,11 @@ def _bcnorm_for(layer, num_groups, estimate, momentum, like):
     return new
 
 
+def _fan_in(conv):
+    """The values each output channel of `conv`'s weight standardizes over: in/groups · the kernel's size."""
+    return conv.weight[0].numel()
+
+
 def _ws_conv_for(conv):
     new = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
@@ -91,11 +97,16 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     appears at several places in `model` is replaced by one new layer at all of them. Only layers of exactly
     these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise.
 
+    A convolution with a fan-in of 1 (a 1x1 depthwise one: one weight per output channel) stays a plain
+    nn.Conv2d: its unbiased deviation, over one value, is undefined, so the WS Conv2d refuses it on every call.
+
     Returns the converted model: `model` itself, changed in place, unless `model` is itself one of the layers
     replaced. Layers already inside a BCNorm are left alone. A conversion that raises changes nothing.
     """
     num_groups = positive_int(num_groups, "num_groups")
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+    if momentum is not None:
+        momentum = real_number(momentum, "momentum", "a number or None")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if estimate and momentum is None:
         raise ValueError("estimate=True needs a momentum (EstBN has no cumulative average)")
@@ -103,7 +114,7 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     def swap(layer, like):
         if type(layer) in (nn.BatchNorm2d, nn.GroupNorm):
             return _bcnorm_for(layer, num_groups, estimate, momentum, like)
-        if weight_standardization and type(layer) is nn.Conv2d:
+        if weight_standardization and type(layer) is nn.Conv2d and _fan_in(layer) >= 2:
             return _ws_conv_for(layer)
         return layer if isinstance(layer, (BCNorm, EstBN)) else None
     return _replace(model, swap)

@@ -21,7 +21,7 @@ from ..distributed import LayerConfig, Synchronizer
 from . import _ops
 from ._ops import fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
-from .functional import ChannelNormStage, _check_scalars
+from .functional import ChannelNormStage, _check_scalars, batch_norm_momentum
 
 
 class ProcessGroupTransport:
@@ -151,7 +151,7 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
     if not bn.track_running_stats or bn.running_mean is None:  # batch statistics, nothing to keep
         buffers = _scratch_buffers(channels, x.dtype)
     synchronizer = Synchronizer(ProcessGroupTransport(process_group))
-    momentum = 0.0 if bn.momentum is None else float(bn.momentum)
+    momentum = batch_norm_momentum(bn)
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
                               eps, bn.eps, momentum, channels, synchronizer)
 

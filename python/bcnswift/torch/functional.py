@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _ext
+from ..layers import real_number
 from . import _composed, _ops
 
 #: True when BCNSWIFT_TORCH_COMPOSED is set (to anything but "" or "0") at import: every call then takes the
@@ -20,6 +21,10 @@ from . import _composed, _ops
 COMPOSED = os.environ.get("BCNSWIFT_TORCH_COMPOSED", "") not in ("", "0")
 
 _transforms_active = _composed.transforms_active  # bound once, as every call asks it
+
+
+#: torch.nn.BatchNorm's convention: batch statistics in training, running variance stored unbiased
+TORCH_BATCH_NORM = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
 
 
 class BatchNormStage(NamedTuple):
@@ -68,6 +73,8 @@ def _check_sizes(x, bn, cn):
     it writes, so it does without this.)"""
     C = x.shape[1]
     if cn is not None:
+        if not cn.groups > 0:  # a module's num_groups set after construction: not a modulo by zero below
+            raise ValueError(f"num_groups must be positive, got {cn.groups}")
         if C % cn.groups:
             raise ValueError(f"the channel count ({C}) must be divisible by the number of groups ({cn.groups})")
         sized = [("cn_weight", cn.weight, cn.groups), ("cn_bias", cn.bias, cn.groups)]
@@ -79,6 +86,12 @@ def _check_sizes(x, bn, cn):
     for name, t, n in sized:
         if t is not None and t.numel() != n:
             raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+
+
+def batch_norm_momentum(bn):
+    """A batch-norm stage's momentum as a float (0.0 for None, whose flag says cumulative average); anything but
+    a number is a TypeError naming it, as the numpy layers word it (float() would say only "could not convert")."""
+    return 0.0 if bn.momentum is None else real_number(bn.momentum, "momentum", "a number or None")
 
 
 def _check_scalars(flags, eps, bn_eps, momentum):
@@ -127,7 +140,9 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring. `views`: a
     dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'
     tensors (bcnswift's modules pass their own, `KernelViews`); None makes them afresh on each call. An input
-    without values gives an empty output and changes no buffer."""
+    without values gives an empty output and changes no buffer, but for a stage of torch's convention
+    (`TORCH_BATCH_NORM`) in training: its num_batches_tracked counts the call, as torch.nn.BatchNorm's forward
+    counts every call."""
     if bn is None and cn is None:
         raise ValueError("batch_channel_norm needs a batch-norm stage, a channel-norm stage or both; got neither")
     if x.dim() < 2:
@@ -136,6 +151,9 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
     if 0 in x.shape:  # no values (cheaper than numel() on every call)
         _check_sizes(x, bn, cn)
+        if bn is not None and bn.flags == TORCH_BATCH_NORM and bn.training and bn.track_running_stats \
+                and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)  # torch.nn.BatchNorm counts every training call, empty ones too
         stages = ([cn.weight, cn.bias] if cn else []) + ([bn.weight, bn.bias] if bn else [])
         return _empty_output(x, stages)
     flags, groups, eps = 0, 1, 1e-5
@@ -160,7 +178,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     if bn.momentum is None:
         flags |= _ext.BCN_CUMULATIVE_AVERAGE
-    momentum = 0.0 if bn.momentum is None else float(bn.momentum)
+    momentum = batch_norm_momentum(bn)
     estimated = update and bool(flags & _ext.BCN_ESTIMATED)
     tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
     cn_weight, cn_bias = (cn.weight, cn.bias) if cn is not None else (None, None)
