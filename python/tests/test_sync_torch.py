@@ -68,11 +68,12 @@ def test_a_backward_that_fails_before_the_exchange_raises_on_every_rank(reports)
     assert all(f"rank {n - 1} of {n} failed" in r["message"] for r in raised[:-1]), raised
 
 
-def test_a_training_batch_empty_on_every_rank_changes_nothing(reports):
+def test_a_training_batch_empty_on_every_rank_changes_what_one_process_changes(reports):
     n, ranks = reports
     for rank, report in enumerate(ranks):
         r = report["all empty"]
-        assert r["raised"] is None and r["shape"] == [0, 8, 3, 3] and r["unchanged"], f"rank {rank} of {n}: {r}"
+        assert r["raised"] is None and r["shape"] == [0, 8, 3, 3] and r["as one process"], f"rank {rank} of {n}: {r}"
+        assert r["count"] == 2, f"rank {rank} of {n}: the count of one batch, then of the empty one: {r}"
 
 
 def test_a_rank_that_never_arrives_is_gloos_timeout_error(tmp_path):

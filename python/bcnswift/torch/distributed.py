@@ -21,7 +21,7 @@ from ..distributed import LayerConfig, Synchronizer
 from . import _ops
 from ._ops import fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
-from .functional import ChannelNormStage, _check_scalars, batch_norm_momentum
+from .functional import TORCH_BATCH_NORM, ChannelNormStage, _check_scalars, batch_norm_momentum
 
 
 class ProcessGroupTransport:
@@ -54,7 +54,7 @@ class _SyncForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed,
-                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, channels, synchronizer):
+                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, channels, synchronizer, counts_empty):
         if moving_speed is not None:
             momentum = float(moving_speed.reshape(-1)[0])
         estimated = bool(flags & _ext.BCN_ESTIMATED)
@@ -81,6 +81,8 @@ class _SyncForward(torch.autograd.Function):
         if "context" not in local:  # an empty batch: only the buffers follow the others' (if any rank had values)
             if merged[0]:
                 _ops.running_update(*buffers, merged, flags, momentum)
+            elif counts_empty:  # no rank had a value: as one process, torch's convention counts the call
+                num_batches_tracked.add_(1)
             y, context = torch.empty_like(x), None
         elif estimated:  # as one process: the estimates first, then the eval normalization with them
             _ops.running_update(*buffers, merged, flags, momentum)
@@ -128,13 +130,13 @@ class _SyncForward(torch.autograd.Function):
                 merge(np.zeros(2 * ctx.config.channels))
             shapes = ctx.shapes
             g = [None if s is None else torch.zeros(s, dtype=x.dtype) for s in shapes]
-            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 7
+            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 8
 
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
         dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
-        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 7
+        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 8
         return _ops._first_order_only(grads, x, dy)
 
 
@@ -148,12 +150,15 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
         flags |= _ext.BCN_CHANNEL_NORM
         groups, eps, cn_weight, cn_bias = cn.groups, cn.eps, cn.weight, cn.bias
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-    if not bn.track_running_stats or bn.running_mean is None:  # batch statistics, nothing to keep
+    kept = bn.track_running_stats and bn.running_mean is not None
+    if not kept:  # batch statistics, nothing to keep
         buffers = _scratch_buffers(channels, x.dtype)
     synchronizer = Synchronizer(ProcessGroupTransport(process_group))
     momentum = batch_norm_momentum(bn)
+    # an empty batch on every rank: what batch_channel_norm does with one in one process
+    counts_empty = kept and bn.flags == TORCH_BATCH_NORM and bn.num_batches_tracked is not None
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
-                              eps, bn.eps, momentum, channels, synchronizer)
+                              eps, bn.eps, momentum, channels, synchronizer, counts_empty)
 
 
 class SyncBCNorm(BCNorm):
