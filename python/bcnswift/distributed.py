@@ -11,7 +11,8 @@ finishes locally: running buffers, coefficients, output. The backward with batch
 Failing together: an error before the exchange (wrong channel count, NaN with nan_policy="raise", a bad dy) is
 caught and sent in the header instead of moments; then every rank raises the same exception type, naming the
 failing rank and its message, and no rank changes anything. Layers that disagree on anything that changes the
-math (channels, groups, dtype, the convention's flags, eps, bn_eps, momentum) make every rank raise ValueError.
+math (channels, groups, dtype, the convention's flags, eps, bn_eps, momentum) or on nan_policy make every rank
+raise ValueError.
 After the merge every rank decides alike, since all hold the same bits: a degenerate batch (one value per channel
 over all ranks together) raises on every rank.
 
@@ -36,16 +37,18 @@ _MAGIC = b"bcnsync1"
 _MESSAGE_BYTES = 256
 HEADER_BYTES = _FIELDS.size + _MESSAGE_BYTES
 
-#: flags that change the math and so must agree (not the memory layout or the NaN policy, which are local)
+#: flags that must agree: those that change the math, and the NaN policy (a rank that propagates a NaN into
+#: the merged moments would fold it into its buffers while a raising rank refuses them); not the memory layout
 _AGREED_FLAGS = (_ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_UNBIASED_RUNNING_VAR
                  | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN | _ext.BCN_CUMULATIVE_AVERAGE | _ext.BCN_CHANNEL_NORM
-                 | _ext.BCN_TRAINING)
+                 | _ext.BCN_TRAINING | _ext.BCN_NAN_RAISE)
 _FLAG_WORDS = [(_ext.BCN_BATCH_NORM, "the batch-norm stage", ("absent", "present")),
                (_ext.BCN_CHANNEL_NORM, "the channel-norm stage", ("absent", "present")),
                (_ext.BCN_ESTIMATED, "estimate", (False, True)),
                (_ext.BCN_UNBIASED_RUNNING_VAR, "unbiased_running_var", (False, True)),
                (_ext.BCN_VARIANCE_AROUND_RUNNING_MEAN, "variance_around", ("'batch'", "'running_mean'")),
-               (_ext.BCN_TRAINING, "training", (False, True))]
+               (_ext.BCN_TRAINING, "training", (False, True)),
+               (_ext.BCN_NAN_RAISE, "nan_policy", ("'propagate'", "'raise'"))]
 _ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError}
 _MOMENTS, _SUMS = 1, 2
 

@@ -39,11 +39,8 @@ class _Synchronized:
     def forward(self, x, out=None):
         """As the layer's forward; in training, with the statistics of every rank's batch together. x may be
         empty ([0, C, *]) on some ranks."""
-        if not self.training:
-            if getattr(x, "size", 1) == 0:  # a rank with no share of an eval batch (DDP's uneven inputs)
-                xl, y, _, _ = self._prepare_forward(x, out)
-                return self._result(y, out)
-            return super().forward(x, out)
+        if not self.training:  # the layer's own forward, an empty batch too (DDP's uneven inputs): it records
+            return super().forward(x, out)  # this forward for the backward, which then exchanges nothing
         local = {}
 
         def moments():

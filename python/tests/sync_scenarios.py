@@ -48,7 +48,7 @@ def _state(layer):
 def equality(rank, size, comm, kind="bcn", estimate=False, dtype=np.float64, sizes=None, S=(3, 4), steps=2,
              momentum=0.1, seed=SEED):
     """`steps` training forward+backward steps of a synchronized layer against one process on the concatenated
-    batch; then an eval forward."""
+    batch; then an eval forward and backward (local on every rank, an empty one's too)."""
     C, G = 8, 4
     sizes = sizes or [2 + r % 2 for r in range(size)]
     kw = dict(dtype=dtype, momentum=momentum)
@@ -83,8 +83,11 @@ def equality(rank, size, comm, kind="bcn", estimate=False, dtype=np.float64, siz
             identical &= bool((copies == copies[0]).all())
     ours.eval()
     single.eval()
-    xs, _ = inputs(seed + 99, sizes, C, S, dtype)
-    errors["eval"] = rel(ours(xs[rank]), single(np.concatenate(xs))[lo:hi]) if sizes[rank] else 0.0
+    xs, dys = inputs(seed + 99, sizes, C, S, dtype)
+    y, dx = ours(xs[rank]), ours.backward(dys[rank])
+    y_all, dx_all = single(np.concatenate(xs)), single.backward(np.concatenate(dys))
+    errors["eval"] = max(rel(y, y_all[lo:hi]), rel(dx, dx_all[lo:hi]))
+    errors["eval shapes"] = float(y.shape != xs[rank].shape or dx.shape != xs[rank].shape)
     return {"errors": errors, "identical": identical}
 
 
@@ -131,14 +134,15 @@ def failure(rank, size, comm, case, seed=SEED):
         kw["estimate"] = True
     channels = C + 4 if case == "channels" and bad else C
     groups = 2 if case == "groups" and bad else G
-    layer = bcnswift.SyncBatchChannelNorm(channels, groups, nan_policy="raise", **kw)
+    policy = "propagate" if case == "nan_policy" and bad else "raise"
+    layer = bcnswift.SyncBatchChannelNorm(channels, groups, nan_policy=policy, **kw)
     xs, dys = inputs(seed, [2] * size, C, (3, 3), np.float64)
     x, dy = xs[rank], dys[rank]
     if case == "wrong_input_channels" and bad:
         x = x[:, :C - 1]
     if case == "channels" and bad:
         x = np.concatenate([x, x[:, :4] + 1.0], axis=1)
-    if case == "nan" and bad or case == "all_nan":  # all_nan: every rank fails, in the same words
+    if case in ("nan", "nan_policy") and bad or case == "all_nan":  # all_nan: every rank fails, in the same words
         x = x.copy()
         x[1, 2, 0, 1] = np.nan
     if case == "degenerate":
@@ -163,4 +167,4 @@ def failure(rank, size, comm, case, seed=SEED):
 
 
 FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps",
-            "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around"]
+            "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around", "nan_policy"]

@@ -57,7 +57,7 @@ def test_every_rank_equals_one_process_and_holds_the_same_buffers(reports):
 def test_failures_raise_on_every_rank_and_change_nothing(reports):
     n, results = reports
     failures = {k: v for k, v in results.items() if k.startswith("failure")}
-    assert len(failures) == 15
+    assert len(failures) == 16
     for name, ranks in failures.items():
         raised = {r["raised"] for r in ranks}
         assert raised == {"FloatingPointError" if name.endswith("nan") else "ValueError"}, f"{name}: {ranks}"
