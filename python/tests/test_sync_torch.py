@@ -54,10 +54,15 @@ def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
 
 def test_failures_raise_on_every_rank_and_change_nothing(reports):
     n, ranks = reports
-    for case, words in (("failure channels", f"rank {n - 1} of {n} failed"), ("failure groups", "disagree"),
-                        ("failure eps", "eps must be a positive finite number, got 0.0")):
+    for case, kind, words in (
+            ("failure channels", "ValueError", f"rank {n - 1} of {n} failed"),
+            ("failure groups", "ValueError", "disagree"),
+            ("failure eps", "ValueError", "eps must be a positive finite number, got 0.0"),
+            ("failure input dtype", "TypeError", "bn_weight has dtype float32, expected float64 (the input's)"),
+            ("failure module dtype", "ValueError", "dtype"),
+            ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor")):
         raised = [r[case] for r in ranks]
-        assert {r["raised"] for r in raised} == {"ValueError"}, raised
+        assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised
 
 

@@ -117,15 +117,24 @@ def ddp(rank, size, steps=3):
 
 
 def failure(rank, size, case):
+    """channels, groups: the last rank's input or layer differs; eps: estimate mode, which updates its buffers
+    before it normalizes, with eps 0 everywhere; input dtype: a float32 module in estimate mode given float64 on
+    every rank; module dtype: the last rank's module is float32, the others' float64 (each given its own dtype);
+    not a tensor: the last rank passes a numpy array, raising before any tensor work, yet inside the exchange."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
-    layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=case == "eps", dtype=torch.float64)
-    if case == "eps":  # estimate mode updates the buffers before it normalizes: a bad eps must stop it first
+    dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
+    estimate = case in ("eps", "input dtype")
+    layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
+    if estimate:  # estimate mode updates the buffers before it normalizes: a failure must stop it first
         layer.bn.estbn_moving_speed.fill_(0.2)
+    if case == "eps":
         layer.bn.eps = 0.0
-    xs, _ = batches(SEED, [2] * size, C, torch.float64)
+    xs, _ = batches(SEED, [2] * size, C, torch.float64 if case == "input dtype" else dtype)
     x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
+    if case == "not a tensor" and bad:
+        x = x.numpy()
     before = copy.deepcopy(layer.state_dict())
     try:
         layer(x)
@@ -184,7 +193,7 @@ def run_all(rank, size):
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
-    for case in ("channels", "groups", "eps"):
+    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["all empty"] = all_empty(rank, size)

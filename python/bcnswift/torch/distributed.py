@@ -44,6 +44,14 @@ class ProcessGroupTransport:
         dist.all_gather_into_tensor(torch.from_numpy(recv).view(-1), torch.from_numpy(send), group=self.group)
 
 
+def _agreed_itemsize(x, *tensors):
+    """The bytes of a value of the module's dtype (its first parameter or buffer), which every rank's layer must
+    agree on; x's, for a module that holds none (nothing of its own to get out of step), 0 when x is no tensor.
+    Reads nothing of x that could raise: this runs before the exchange."""
+    t = next((t for t in tensors if t is not None), x if isinstance(x, torch.Tensor) else None)
+    return 0 if t is None else t.element_size()
+
+
 def _scratch_buffers(C, dtype):
     return torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype), torch.zeros((), dtype=torch.long)
 
@@ -54,20 +62,32 @@ class _SyncForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed,
-                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, channels, synchronizer, counts_empty):
+                cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, channels, synchronizer, counts_empty,
+                itemsize):
         if moving_speed is not None:
             momentum = float(moving_speed.reshape(-1)[0])
         estimated = bool(flags & _ext.BCN_ESTIMATED)
         cumulative = bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
+        # itemsize: the module's (`_agreed_itemsize`), so that ranks whose modules differ in dtype disagree
         config = LayerConfig(channels, groups if flags & _ext.BCN_CHANNEL_NORM else 0, flags | _ext.BCN_TRAINING,
-                             x.element_size(), eps, bn_eps, None if cumulative else momentum)
+                             itemsize, eps, bn_eps, None if cumulative else momentum)
         local = {}
+        held = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                ("running_var", running_var), ("cn_weight", cn_weight), ("cn_bias", cn_bias))
 
         def moments():
+            # everything about x is checked here, inside the exchange: a rank that raised before it would leave
+            # the others waiting in the allgather
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
             if x.dim() < 2 or x.shape[1] != channels:
                 raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
             if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"synchronized BCN runs on CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+            for name, t in held:  # before the estimates' update, which the kernels' own check would follow
+                if t is not None and t.dtype != x.dtype:
+                    raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
+                                    f"{str(x.dtype).replace('torch.', '')} (the input's)")
             # before the update of the buffers, which precedes the normalization's own checks (failing here,
             # inside the exchange, every rank fails together)
             _check_scalars(flags, eps, bn_eps, momentum)
@@ -130,13 +150,13 @@ class _SyncForward(torch.autograd.Function):
                 merge(np.zeros(2 * ctx.config.channels))
             shapes = ctx.shapes
             g = [None if s is None else torch.zeros(s, dtype=x.dtype) for s in shapes]
-            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 8
+            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 9
 
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
         dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
-        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 8
+        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 9
         return _ops._first_order_only(grads, x, dy)
 
 
@@ -151,14 +171,16 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
         groups, eps, cn_weight, cn_bias = cn.groups, cn.eps, cn.weight, cn.bias
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     kept = bn.track_running_stats and bn.running_mean is not None
-    if not kept:  # batch statistics, nothing to keep
-        buffers = _scratch_buffers(channels, x.dtype)
+    itemsize = _agreed_itemsize(x, bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
+    if not kept:  # batch statistics, nothing to keep (x's dtype; any dtype if x is not a tensor: that fails
+        # inside the exchange, on every rank)
+        buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
     synchronizer = Synchronizer(ProcessGroupTransport(process_group))
     momentum = batch_norm_momentum(bn)
     # an empty batch on every rank: what batch_channel_norm does with one in one process
     counts_empty = kept and bn.flags == TORCH_BATCH_NORM and bn.num_batches_tracked is not None
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
-                              eps, bn.eps, momentum, channels, synchronizer, counts_empty)
+                              eps, bn.eps, momentum, channels, synchronizer, counts_empty, itemsize)
 
 
 class SyncBCNorm(BCNorm):
