@@ -99,9 +99,9 @@ def _one_non_finite(a, rng):
 @pytest.mark.parametrize("shape", [(4, 8, 5), (6, 8)], ids=["planes", "rows"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 def test_raise_given_to_phase_c_alone_still_refuses_a_non_finite_x(shape, training, rng):
-    """nan_policy="raise" promises that a non-finite x writes nothing. Phase (c) keeps that promise on its own
-    when phase (a) ran without it (it then reads x for NaN itself), and when an earlier phase (a) of another x
-    under "raise" stamped the same context: y, the running buffers and the context's use stay as they were."""
+    """nan_policy="raise" promises that a non-finite x writes nothing. Phase (c) keeps that promise on its own,
+    whatever phase (a) screened: nothing (it ran without "raise"), another x (a checked x, then this one
+    unchecked), or another x before this one was refused; y and the running buffers stay as they were."""
     layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64, nan_policy="raise")
     layer.train(training)
     raising = layer._call_flags()
@@ -110,11 +110,15 @@ def test_raise_given_to_phase_c_alone_still_refuses_a_non_finite_x(shape, traini
     good = random_input(rng, shape)
     bad = _one_non_finite(good, rng)
     ctx = np.empty(_ext.context_length(shape[0], 8, layer.num_groups))
-    for first in ("plain", "stale"):
-        if first == "stale":  # a checked x stamps the context, then an unchecked one replaces it
-            _ext.norm_moments(raising, layer.num_groups, good, np.empty(24), ctx)
+    for first in ("plain", "stale", "refused"):
         m = np.empty(24)
-        _ext.norm_moments(plain, layer.num_groups, bad, m, ctx)
+        if first != "plain":  # a checked x's phase (a) on the same context first
+            _ext.norm_moments(raising, layer.num_groups, good, m, ctx)
+        if first == "refused":
+            with pytest.raises(FloatingPointError):
+                _ext.norm_moments(raising, layer.num_groups, bad, np.empty(24), ctx)
+        else:
+            _ext.norm_moments(plain, layer.num_groups, bad, m, ctx)
         before = {k: v.copy() for k, v in layer.state_dict().items()}
         y = np.full(shape, 7.0)
         with pytest.raises(FloatingPointError, match="input holds NaN or infinity"):
@@ -136,7 +140,8 @@ def test_raise_given_to_phase_c_alone_still_refuses_a_non_finite_x(shape, traini
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 def test_raise_given_to_backward_phase_c_alone_still_refuses_a_non_finite_dy(shape, training, rng):
     """The backward's twin: phase (c) under "raise" refuses a non-finite dy that its phase (a) did not check
-    (run without "raise", or under it for another dy before), writing neither dx nor a parameter gradient."""
+    (run without "raise", after another dy under it, or refused after another dy), writing neither dx nor a
+    parameter gradient."""
     layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64, nan_policy="raise")
     layer.train(training)
     x = random_input(rng, shape)
@@ -146,11 +151,15 @@ def test_raise_given_to_backward_phase_c_alone_still_refuses_a_non_finite_dy(sha
         xl, ctx, raising, dyl, dx = layer._prepare_backward(dy, None)
     plain = raising & ~_ext.BCN_NAN_RAISE
     bad = _one_non_finite(dyl, rng)
-    for first in ("plain", "stale"):
-        if first == "stale":
-            _ext.norm_backward_sums(raising, layer.num_groups, xl, dyl, np.zeros(16), ctx)
+    for first in ("plain", "stale", "refused"):
         sums = np.zeros(16)
-        _ext.norm_backward_sums(plain, layer.num_groups, xl, bad, sums, ctx)
+        if first != "plain":
+            _ext.norm_backward_sums(raising, layer.num_groups, xl, dyl, sums, ctx)
+        if first == "refused":
+            with pytest.raises(FloatingPointError):
+                _ext.norm_backward_sums(raising, layer.num_groups, xl, bad, np.zeros(16), ctx)
+        else:
+            _ext.norm_backward_sums(plain, layer.num_groups, xl, bad, sums, ctx)
         grads = {k: v.copy() for k, v in layer.grads.items()}
         dx[...] = 7.0
         with pytest.raises(FloatingPointError, match="output gradient dy holds NaN or infinity"):

@@ -101,9 +101,8 @@ extension NormalizationEngine {
                 l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena)
             }
         }
-        let flags = ctx.readFlags(format: shape.format) ?? [], checked = plan.nanPolicy == .raise
-        let done: NormalizationContext.Flags = checked ? [.gradientSums, .finiteGradient] : .gradientSums
-        ctx.writeHeader(flags.subtracting(.finiteGradient).union(done), format: shape.format)
+        let flags = ctx.readFlags(format: shape.format) ?? []
+        ctx.writeHeader(flags.union(.gradientSums), format: shape.format)
     }
 
     static func storedGradientSums<L: StoredLayout, T: NormalizationScalar>(
@@ -155,13 +154,11 @@ extension NormalizationEngine {
         let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
         defer { BCNThreads.unpin(pinned) }
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
-        guard let flags = ctx.readFlags(format: shape.format), flags.contains(.gradientSums) else {
+        guard ctx.readFlags(format: shape.format)?.contains(.gradientSums) == true else {
             throw BCNError(.noForward, "context holds no gradient sums of this input: run localGradientSums first")
         }
-        // `.raise` promises nothing written for a non-finite dy, whether or not phase (a) ran under it
-        if !flags.contains(.finiteGradient) {
-            try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")
-        }
+        // as `finishForward` screens x: whatever its phase (a) screened
+        try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")
         if through && batchSums == nil {
             throw BCNError(.invalidArgument, "a forward with batch statistics needs the batch's gradient sums")
         }

@@ -76,7 +76,7 @@ public enum NormalizationEngine {
         let layout = Layout(plan: plan, shape: shape)
         var arena = try ScratchArena(bytes: localMomentsBytes(layout, T.self))
         localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
-        ctx.writeHeader(plan.nanPolicy == .raise ? [.moments, .finiteInput] : .moments, format: shape.format)
+        ctx.writeHeader(.moments, format: shape.format)
     }
 
     /// Phase (b): the moments of the union of `sets` moment sets of `channels` channels each (set i at
@@ -122,8 +122,9 @@ public enum NormalizationEngine {
         try checkState(plan: plan, state: state)
         try checkCount(plan: plan, state: state, updating: training)
         try checkGroups(plan: plan, shape: shape)
-        // `.raise` promises nothing written for a non-finite x, whether or not phase (a) ran under it
-        if !flags.contains(.finiteInput) { try checkFinite(plan: plan, shape: shape, x) }
+        // `.raise` promises nothing written for a non-finite x. Phase (a) under it screened an x, but maybe not this
+        // one, or not at all: a mark in the context could not tell (a refused phase (a) writes nothing to clear it)
+        try checkFinite(plan: plan, shape: shape, x)
         let batch = training && plan.batchNorm != nil ? batchMoments : nil
         if training, let bn = plan.batchNorm {
             guard let batch else {

@@ -29,12 +29,7 @@ public struct NormalizationContext {
         public static let channelNorm = Flags(rawValue: 16)
         /// Backward phase (a) ran: `t` and `u` hold this dy's plane sums.
         public static let gradientSums = Flags(rawValue: 32)
-        /// Phase (a) ran under `NaNPolicy.raise` and found x finite, so phase (c) under it need not read x again
-        /// for that (a phase (a) without it, or a whole forward, leaves this out).
-        public static let finiteInput = Flags(rawValue: 64)
-        /// Backward phase (a) ran under `.raise` and found dy finite (the same for backward phase (c)).
-        public static let finiteGradient = Flags(rawValue: 128)
-        static let all = Flags(rawValue: 255)
+        static let all = Flags(rawValue: 63)
     }
 
     let base: UnsafeMutablePointer<Double>

@@ -201,7 +201,7 @@ int32_t bcn_moments_merge(int64_t sets, int64_t channels, const double *moments,
  * context. `moments` is the batch's moments per channel (3*channels doubles, from phase (a) or merged by phase
  * (b)); required when training with BCN_BATCH_NORM, ignored (may be NULL) otherwise. Other arguments as in
  * bcn_norm_forward_*. BCN_ERR_DEGENERATE when the moments' count is 1 and the statistics need more. With
- * BCN_NAN_RAISE, x is read for NaN and infinity here unless phase (a) ran with that flag too.
+ * BCN_NAN_RAISE, x is read for NaN and infinity here too, whatever phase (a) was given.
  */
 int32_t bcn_norm_finish_f32(uint32_t flags, int64_t batch, int64_t channels, int64_t spatial, int64_t groups,
                             double eps, double bn_eps, double momentum,
@@ -266,7 +266,7 @@ int32_t bcn_sums_merge(int64_t sets, int64_t channels, const double *sums, doubl
  * share, which data-parallel training sums over processes), continuing backward phase (a) on the same x, dy and
  * context. `sums` is the batch's S1, S2 (2*channels doubles, from phase (a) or merged by phase (b)); required
  * when bcn_norm_needs_gradient_sums says 1, ignored (may be NULL) otherwise. With BCN_NAN_RAISE, dy is read for
- * NaN and infinity here unless backward phase (a) ran with that flag too.
+ * NaN and infinity here too, whatever backward phase (a) was given.
  */
 int32_t bcn_norm_backward_finish_f32(uint32_t flags, int64_t batch, int64_t channels, int64_t spatial,
                                      int64_t groups, const float *x, const float *dy, float *dx,
