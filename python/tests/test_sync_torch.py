@@ -60,7 +60,9 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure eps", "ValueError", "eps must be a positive finite number, got 0.0"),
             ("failure input dtype", "TypeError", "bn_weight has dtype float32, expected float64 (the input's)"),
             ("failure module dtype", "ValueError", "dtype"),
-            ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor")):
+            ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor"),
+            ("failure momentum", "TypeError", f"rank {n - 1} of {n} failed: TypeError: momentum must be a number"),
+            ("failure sizes", "ValueError", f"rank {n - 1} of {n} failed: ValueError: cn_weight has 3 elements")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

@@ -13,6 +13,7 @@ from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
 from bcnswift.torch import functional  # noqa: E402
+from bcnswift.torch.modules import torch_batch_norm_stage  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
@@ -319,6 +320,43 @@ def test_functional_weight_standardization_refuses_alike_on_both_routes(weight, 
         bt.weight_standardization(w, **kw)
 
 
+@pytest.mark.parametrize("convention", ["authors", "labml"])
+def test_composed_weight_standardization_of_a_constant_filter_and_of_huge_weights(convention, gen, monkeypatch):
+    """The composed route (torch.func, half precision, other devices) against the kernels: a constant filter's
+    gradient is the finite limit (g - mean(g)) / eps for the authors' std + eps (sqrt's derivative at 0 made it
+    NaN), and float32 weights near 1e30 standardize to numbers of order 1 (their squares overflowed to zeros)."""
+    eps_in_sqrt = convention == "labml"
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3
+    w[1] = 0.0  # a zero-initialised output channel
+    w[2] = 2.5  # a constant one
+    huge = (torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3) * 1e30
+    g = torch.randn(w.shape, generator=gen, dtype=torch.float32)
+    results = {}
+    for composed in (False, True):
+        monkeypatch.setattr(functional, "COMPOSED", composed)
+        wc = w.clone().requires_grad_()
+        bt.weight_standardization(wc, 1e-5, eps_in_sqrt=eps_in_sqrt).backward(g)
+        results[composed] = (wc.grad, bt.weight_standardization(huge, 1e-5, eps_in_sqrt=eps_in_sqrt))
+    (grad_k, huge_k), (grad_c, huge_c) = results[False], results[True]
+    assert grad_c.isfinite().all() and huge_c.abs().amax() > 0.5, (grad_c, huge_c)
+    torch.testing.assert_close(grad_c, grad_k, rtol=2e-4, atol=0)
+    torch.testing.assert_close(huge_c, huge_k, rtol=1e-5, atol=1e-6)
+
+
+def test_ws_arguments_that_are_not_what_they_claim_are_refused():
+    """A bool or a string eps, a convention that is not a string, and a non-bool eps_in_sqrt are refused in
+    words, as the numpy API refuses them (True was eps 1.0; "no" was labml's convention)."""
+    for eps in (True, "1e-5"):
+        with pytest.raises(TypeError, match="eps must be a number"):
+            bt.Conv2d(4, 6, 3, eps=eps)
+        with pytest.raises(TypeError, match="eps must be a number"):
+            bt.weight_standardization(torch.randn(3, 4), eps=eps)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        bt.Conv2d(4, 6, 3, convention=["authors"])
+    with pytest.raises(TypeError, match="eps_in_sqrt must be a bool, got 'no'"):
+        bt.weight_standardization(torch.randn(3, 4), eps_in_sqrt="no")
+
+
 def test_reprs_show_the_constructor_arguments():
     assert repr(bt.BatchNorm(8, momentum=None, affine=False, track_running_stats=False)) == \
         "BatchNorm(8, eps=1e-05, momentum=None, affine=False, track_running_stats=False)"
@@ -425,42 +463,44 @@ def test_convert_leaves_convolutions_of_one_input_value_plain(gen):
     assert model(rand_input(gen, (2, 8, 4, 4))).isfinite().all()
 
 
-def test_momentum_and_groups_that_are_not_numbers_are_named(gen):
+def test_a_momentum_that_is_not_a_number_and_a_group_count_of_0_are_named(route, gen):
     """A momentum that is not a number is a TypeError naming it, as the numpy layers word it (float() said only
-    "could not convert string to float"), on every route; a module's group count set to 0 after construction is
-    the kernels' ValueError on every route, not a ZeroDivisionError."""
+    "could not convert string to float"), an empty batch's call included; a module's group count set to 0 after
+    construction is the kernels' ValueError, not a ZeroDivisionError. Float64 modules and input, so that the
+    kernels' route is the kernels' (a float32 module given float64 takes the composed one)."""
     with pytest.raises(TypeError, match="momentum must be a number or None, got str 'a'"):
         bt.convert(nn.Sequential(nn.BatchNorm2d(4)), momentum="a")
     x = rand_input(gen, (2, 8, 3, 3))
-    for make in (lambda: bt.BatchNorm(8, momentum="a"), lambda: bt.BatchChannelNorm(8, 4, estimate=False)):
-        m = make()
-        if isinstance(m, bt.BatchChannelNorm):
-            m.batch_norm.momentum = "a"
-        for composed in (False, True):
-            functional.COMPOSED = composed
-            try:
-                with pytest.raises(TypeError, match="momentum must be a number or None"):
-                    m(x)
-            finally:
-                functional.COMPOSED = False
+    for m in (bt.BatchNorm(8, momentum="a").double(), bt.BCNorm(8, 4).double()):
+        _bn(m).momentum = "a"
+        before = _state(m)
+        for batch in (x, x[:0]):
+            with pytest.raises(TypeError, match="momentum must be a number or None"):
+                m(batch)
+        _assert_unchanged(m, before, f"{type(m).__name__} on the {route} route")
     for make, set_zero in ((lambda: bt.BatchChannelNorm(8, 4), lambda m: setattr(m.channel_norm, "groups", 0)),
                            (lambda: bt.BatchChannelNorm(8, 4, estimate=False),
                             lambda m: setattr(m.channel_norm, "groups", 0)),
                            (lambda: bt.BCNorm(8, 4), lambda m: setattr(m, "num_groups", 0))):
-        m = make()
+        m = make().double()
         set_zero(m)
         before = _state(m)
-        for composed in (False, True):
-            functional.COMPOSED = composed
-            try:
-                with pytest.raises(ValueError, match="num_groups must be positive, got 0"):
-                    m(x)
-                with pytest.raises(ValueError, match="num_groups must be positive, got 0"):
-                    m.bfloat16()(x.bfloat16())
-                m.double()
-            finally:
-                functional.COMPOSED = False
-        _assert_unchanged(m, before, type(m).__name__)
+        with pytest.raises(ValueError, match="num_groups must be positive, got 0"):
+            m(x)
+        _assert_unchanged(m, before, f"{type(m).__name__} on the {route} route")
+
+
+def test_only_torch_batch_norms_count_a_call_without_values(gen):
+    """The count of an empty training call is torch.nn.BatchNorm's (`torch_batch_norm_stage`), not a convention's:
+    a stage built with the same flags but without counts_every_call (labml's BatchNorm with an unbiased running
+    variance, say) counts nothing, as the numpy layers with those flags count nothing."""
+    m = bt.BCNorm(8, 4).double()
+    stage = torch_batch_norm_stage(m.bn)._replace(counts_every_call=False)
+    before = m.bn.num_batches_tracked.clone()
+    functional.batch_channel_norm(rand_input(gen, (0, 8, 3, 3)), stage, None)
+    assert torch.equal(m.bn.num_batches_tracked, before)
+    functional.batch_channel_norm(rand_input(gen, (0, 8, 3, 3)), torch_batch_norm_stage(m.bn), None)
+    assert m.bn.num_batches_tracked == before + 1
 
 
 def test_fold_keeps_the_weights_memory_format_and_frozen_state_and_moves_the_bias(gen):

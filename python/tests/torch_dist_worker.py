@@ -120,12 +120,14 @@ def failure(rank, size, case):
     """channels, groups: the last rank's input or layer differs; eps: estimate mode, which updates its buffers
     before it normalizes, with eps 0 everywhere; input dtype: a float32 module in estimate mode given float64 on
     every rank; module dtype: the last rank's module is float32, the others' float64 (each given its own dtype);
-    not a tensor: the last rank passes a numpy array, raising before any tensor work, yet inside the exchange."""
+    not a tensor: the last rank passes a numpy array, raising before any tensor work, yet inside the exchange;
+    momentum: the last rank's momentum is not a number; sizes: estimate mode, the last rank's per-group weight
+    has 3 values for 4 groups (caught before the estimates' update)."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
     dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
-    estimate = case in ("eps", "input dtype")
+    estimate = case in ("eps", "input dtype", "sizes")
     layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
     if estimate:  # estimate mode updates the buffers before it normalizes: a failure must stop it first
         layer.bn.estbn_moving_speed.fill_(0.2)
@@ -135,6 +137,10 @@ def failure(rank, size, case):
     x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
     if case == "not a tensor" and bad:
         x = x.numpy()
+    if case == "momentum" and bad:
+        layer.bn.momentum = "a"
+    if case == "sizes" and bad:
+        layer.weight = torch.nn.Parameter(torch.ones(1, 3, 1, dtype=dtype))
     before = copy.deepcopy(layer.state_dict())
     try:
         layer(x)
@@ -193,7 +199,7 @@ def run_all(rank, size):
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
-    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor"):
+    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["all empty"] = all_empty(rank, size)

@@ -105,14 +105,24 @@ def _memory_format(x):
 
 def weight_standardization(w, eps, flags):
     """Each w[o] standardized over its fan-in: (w - mean) / sqrt(var + eps) with BCN_WS_EPS_IN_SQRT (labml),
-    else (w - mean) / (std + eps) (the authors'); var and std unbiased with BCN_WS_UNBIASED."""
+    else (w - mean) / (std + eps) (the authors'); var and std unbiased with BCN_WS_UNBIASED.
+
+    A row whose deviations d = w - mean exceed 1 is divided by the largest |d|, s, first: d/s over
+    sqrt(var(d/s) + eps/s²) or std(d/s) + eps/s is the same number, and its squares stay in range where w's would
+    overflow (float32 |w| from about 1e19; the kernels rescale the same way). Other rows keep s = 1, where eps/s²
+    cannot overflow. s is a constant for the gradient, which does not depend on it. The authors' std has a zero
+    gradient where var is 0 (a constant filter: (g - mean(g)) / eps, as torch.std gives), not sqrt's 0 · inf."""
     dt = _compute_dtype(w)
     flat = w.to(dt).reshape(w.shape[0], -1)
     unbiased = bool(flags & _ext.BCN_WS_UNBIASED)
-    mean = flat.mean(dim=1, keepdim=True)
-    var = flat.var(dim=1, keepdim=True, unbiased=unbiased)
+    d = flat - flat.mean(dim=1, keepdim=True)
+    s = d.detach().abs().amax(dim=1, keepdim=True).clamp_min(1)
+    z = d / s
+    var = z.var(dim=1, keepdim=True, unbiased=unbiased)
     if flags & _ext.BCN_WS_EPS_IN_SQRT:
-        out = (flat - mean) / torch.sqrt(var + eps)
+        out = z / torch.sqrt(var + eps / (s * s))
     else:
-        out = (flat - mean) / (torch.sqrt(var) + eps)
+        positive = var > 0
+        std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0)
+        out = z / (std + eps / s)
     return out.reshape(w.shape).to(w.dtype)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..layers import real_number
+from .functional import standardizable
 from .modules import BCNorm, EstBN, positive_int
 from .weight_standardized import PLAIN, Conv2d, plain_copy
 
@@ -61,11 +62,6 @@ def _bcnorm_for(layer, num_groups, estimate, momentum, like):
     return new
 
 
-def _fan_in(conv):
-    """The values each output channel of `conv`'s weight standardizes over: in/groups · the kernel's size."""
-    return conv.weight[0].numel()
-
-
 def _ws_conv_for(conv):
     new = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
@@ -114,7 +110,7 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     def swap(layer, like):
         if type(layer) in (nn.BatchNorm2d, nn.GroupNorm):
             return _bcnorm_for(layer, num_groups, estimate, momentum, like)
-        if weight_standardization and type(layer) is nn.Conv2d and _fan_in(layer) >= 2:
+        if weight_standardization and type(layer) is nn.Conv2d and standardizable(layer.weight):
             return _ws_conv_for(layer)
         return layer if isinstance(layer, (BCNorm, EstBN)) else None
     return _replace(model, swap)

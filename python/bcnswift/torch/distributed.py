@@ -10,6 +10,8 @@ nn.SyncBatchNorm. A failing rank, or layers that disagree, make every rank raise
 turns into gloo's timeout error (``init_process_group(timeout=...)``). CPU float32/float64 tensors; the process
 group may use any backend whose all_gather_into_tensor takes CPU tensors (gloo).
 """
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,10 +20,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
 from ..distributed import LayerConfig, Synchronizer
+from ..layers import real_number
 from . import _ops
 from ._ops import fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
-from .functional import TORCH_BATCH_NORM, ChannelNormStage, _check_scalars, batch_norm_momentum
+from .functional import ChannelNormStage, _check_scalars, _check_sizes, batch_norm_momentum, counts_empty_call
 
 
 class ProcessGroupTransport:
@@ -63,9 +66,7 @@ class _SyncForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed,
                 cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, channels, synchronizer, counts_empty,
-                itemsize):
-        if moving_speed is not None:
-            momentum = float(moving_speed.reshape(-1)[0])
+                itemsize, precheck):
         estimated = bool(flags & _ext.BCN_ESTIMATED)
         cumulative = bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
         # itemsize: the module's (`_agreed_itemsize`), so that ranks whose modules differ in dtype disagree
@@ -88,6 +89,7 @@ class _SyncForward(torch.autograd.Function):
                 if t is not None and t.dtype != x.dtype:
                     raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
                                     f"{str(x.dtype).replace('torch.', '')} (the input's)")
+            precheck(x)
             # before the update of the buffers, which precedes the normalization's own checks (failing here,
             # inside the exchange, every rank fails together)
             _check_scalars(flags, eps, bn_eps, momentum)
@@ -150,13 +152,13 @@ class _SyncForward(torch.autograd.Function):
                 merge(np.zeros(2 * ctx.config.channels))
             shapes = ctx.shapes
             g = [None if s is None else torch.zeros(s, dtype=x.dtype) for s in shapes]
-            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 9
+            return (torch.zeros_like(x), g[0], g[1], None, None, None, None, g[2], g[3]) + (None,) * 10
 
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
         dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
-        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 9
+        grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 10
         return _ops._first_order_only(grads, x, dy)
 
 
@@ -176,11 +178,28 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
         # inside the exchange, on every rank)
         buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
     synchronizer = Synchronizer(ProcessGroupTransport(process_group))
-    momentum = batch_norm_momentum(bn)
-    # an empty batch on every rank: what batch_channel_norm does with one in one process
-    counts_empty = kept and bn.flags == TORCH_BATCH_NORM and bn.num_batches_tracked is not None
+    # What could raise on one rank alone is turned into numbers the header can carry (NaN where it failed), and the
+    # error is raised inside the exchange (`precheck`), where every rank fails together: a rank raising before it
+    # would leave the others waiting in the allgather.
+    try:
+        momentum = batch_norm_momentum(bn)
+        if bn.moving_speed is not None:  # EstBN's rate is this buffer's value
+            momentum = float(bn.moving_speed.reshape(-1)[0])
+        eps, bn_eps = real_number(eps, "eps"), real_number(bn.eps, "eps")
+        counts_empty = kept and counts_empty_call(bn)  # (an empty batch on every rank: as one process counts it)
+        early = None
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
+        momentum, eps, bn_eps, counts_empty, early = math.nan, math.nan, math.nan, False, e
+
+    def precheck(x):
+        """Inside the exchange, x a CPU tensor of the module's dtype: the scalars, then every parameter and buffer
+        holds one value per channel (or group), before estimate mode's update of the buffers."""
+        if early is not None:
+            raise early
+        _check_sizes(x, bn, cn)
+
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
-                              eps, bn.eps, momentum, channels, synchronizer, counts_empty, itemsize)
+                              eps, bn_eps, momentum, channels, synchronizer, counts_empty, itemsize, precheck)
 
 
 class SyncBCNorm(BCNorm):

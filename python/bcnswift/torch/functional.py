@@ -10,6 +10,7 @@ import math
 import os
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from .. import _ext
@@ -21,10 +22,6 @@ from . import _composed, _ops
 COMPOSED = os.environ.get("BCNSWIFT_TORCH_COMPOSED", "") not in ("", "0")
 
 _transforms_active = _composed.transforms_active  # bound once, as every call asks it
-
-
-#: torch.nn.BatchNorm's convention: batch statistics in training, running variance stored unbiased
-TORCH_BATCH_NORM = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
 
 
 class BatchNormStage(NamedTuple):
@@ -42,6 +39,9 @@ class BatchNormStage(NamedTuple):
     num_batches_tracked: Optional[torch.Tensor]
     training: bool
     track_running_stats: bool
+    #: torch.nn.BatchNorm's forward counts every training call in num_batches_tracked, one without values too
+    #: (which momentum=None then divides by); the documents' other batch norms count none (`counts_empty_call`)
+    counts_every_call: bool = False
 
 
 class ChannelNormStage(NamedTuple):
@@ -86,6 +86,13 @@ def _check_sizes(x, bn, cn):
     for name, t, n in sized:
         if t is not None and t.numel() != n:
             raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+
+
+def counts_empty_call(bn):
+    """Whether a call of `bn` without values advances its count: in training, for a stage that counts every
+    call (`BatchNormStage.counts_every_call`) and tracks running statistics, as torch.nn.BatchNorm's forward
+    decides."""
+    return bn.counts_every_call and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
 
 
 def batch_norm_momentum(bn):
@@ -140,9 +147,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring. `views`: a
     dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'
     tensors (bcnswift's modules pass their own, `KernelViews`); None makes them afresh on each call. An input
-    without values gives an empty output and changes no buffer, but for a stage of torch's convention
-    (`TORCH_BATCH_NORM`) in training: its num_batches_tracked counts the call, as torch.nn.BatchNorm's forward
-    counts every call."""
+    without values gives an empty output and changes no buffer, but for a stage that counts every call (torch's
+    batch norms, `counts_empty_call`): its num_batches_tracked counts it."""
     if bn is None and cn is None:
         raise ValueError("batch_channel_norm needs a batch-norm stage, a channel-norm stage or both; got neither")
     if x.dim() < 2:
@@ -151,9 +157,10 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
     if 0 in x.shape:  # no values (cheaper than numel() on every call)
         _check_sizes(x, bn, cn)
-        if bn is not None and bn.flags == TORCH_BATCH_NORM and bn.training and bn.track_running_stats \
-                and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)  # torch.nn.BatchNorm counts every training call, empty ones too
+        if bn is not None:
+            batch_norm_momentum(bn)  # a momentum that is not a number, refused as on a call with values
+            if counts_empty_call(bn):
+                bn.num_batches_tracked.add_(1)
         stages = ([cn.weight, cn.bias] if cn else []) + ([bn.weight, bn.bias] if bn else [])
         return _empty_output(x, stages)
     flags, groups, eps = 0, 1, 1e-5
@@ -225,11 +232,17 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
                           cn_bias, flags | train, groups, eps, bn.eps)[0]
 
 
+def standardizable(w):
+    """Whether each output channel of `w` ([out, ...]: rows of its fan-in) has at least 2 values, as an unbiased
+    deviation needs (a 1x1 depthwise convolution's has 1)."""
+    return w.numel() >= 2 * w.shape[0]
+
+
 def _check_ws_arguments(w, eps, unbiased):
     """What the kernels refuse, in their words, for the composed route (which would return NaN or infinity)."""
     if w.dim() < 2 or w.numel() == 0:
         raise ValueError(f"weight must have rank >= 2 ([out_channels, ...]) and values, got shape {tuple(w.shape)}")
-    if unbiased and w.numel() < 2 * w.shape[0]:
+    if unbiased and not standardizable(w):
         raise ValueError(f"an unbiased standard deviation needs a fan-in of at least 2, got {w.numel() // w.shape[0]} "
                          f"(turn unbiased off)")
     if not 0 < eps < math.inf:
@@ -242,6 +255,10 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
     if not w.is_floating_point():
         raise TypeError(f"expected a floating-point weight, got {w.dtype}")
+    for name, value in (("eps_in_sqrt", eps_in_sqrt), ("unbiased", unbiased)):
+        if not isinstance(value, (bool, np.bool_)):  # as the numpy API: "no" would be True
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    eps = real_number(eps, "eps")  # not a bool or a string
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
     if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active():
         _check_ws_arguments(w, eps, unbiased)

@@ -21,9 +21,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
 from ._ops import KernelViews, fx_leaf
-from .functional import TORCH_BATCH_NORM as _TORCH_BN
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
 
+_TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
 _AUTHORS_ESTBN = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
 _LABML_BN = _ext.BCN_BATCH_NORM
 _LABML_ESTIMATED = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED
@@ -77,7 +77,7 @@ def torch_batch_norm_stage(bn):
     the stage's own rule, take the batch's without it): so the stage says "tracked" in eval."""
     return BatchNormStage(_TORCH_BN, bn.eps, bn.momentum, None, bn.weight, bn.bias, bn.running_mean,
                           bn.running_var, bn.num_batches_tracked, bn.training,
-                          bn.track_running_stats or not bn.training)
+                          bn.track_running_stats or not bn.training, counts_every_call=True)
 
 
 class EstBN(KernelViews, nn.Module):

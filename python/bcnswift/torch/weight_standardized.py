@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._ops import KernelViews, fx_leaf
-from .functional import weight_standardization
+from ..layers import real_number
+from .functional import standardizable, weight_standardization
 
 CONVENTIONS = {"authors": False, "labml": True}  # convention -> eps inside the square root
 
@@ -23,11 +24,12 @@ class _WeightStandardized(KernelViews):
     _output_dim = 0
 
     def _setup_ws(self, convention, eps):
-        if convention not in CONVENTIONS:
+        if not isinstance(convention, str) or convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+        eps = real_number(eps, "eps")  # not a bool or a string
         if not 0 < eps < float("inf"):  # the kernels refuse others at the first forward; say so here
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-        self.convention, self.ws_eps = convention, float(eps)
+        self.convention, self.ws_eps = convention, eps
 
     def standardized_weight(self):
         """The weight the layer computes with (differentiable with respect to ``weight``)."""
@@ -45,7 +47,7 @@ class _WeightStandardized(KernelViews):
 
     def _standardized(self, w):
         """`w` ([out, fan-in...]) standardized per row; both conventions divide by an unbiased deviation."""
-        if w.numel() < 2 * w.shape[0]:  # a fan-in below 2 (integers only: this runs on every forward)
+        if not standardizable(w):  # a fan-in below 2 (integers only: this runs on every forward)
             raise ValueError(f"{type(self).__name__}: Weight Standardization needs a fan-in of at least 2 per output "
                              f"channel (its unbiased deviation), got weight of shape {tuple(self.weight.shape)}")
         return weight_standardization(w, self.ws_eps, eps_in_sqrt=CONVENTIONS[self.convention],
