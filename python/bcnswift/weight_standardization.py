@@ -3,6 +3,9 @@
   eps_in_sqrt=True  (labml):               w_hat = (w - mean) / sqrt(var + eps)
   eps_in_sqrt=False (the authors' conv):   w_hat = (w - mean) / (std + eps)
 with var and std unbiased (over fan_in - 1, torch's default) or, with unbiased=False, biased (TensorFlow).
+
+The default here is labml's (eps_in_sqrt=True); bcnswift.torch's WS layers and its weight_standardization default
+to the authors' (eps_in_sqrt=False). With the same arguments both give the same bits.
 """
 import threading
 
