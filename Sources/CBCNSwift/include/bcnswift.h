@@ -296,10 +296,12 @@ int32_t bcn_ws_forward_f64(uint32_t flags, int64_t out_channels, int64_t fan_in,
 
 /* Gradient of Weight Standardization: grad_w from grad_w_hat at weight w (grad_w may equal grad_w_hat).
  * A constant row has grad_w = (grad_w_hat - mean(grad_w_hat)) / den: never NaN, and finite unless that quotient
- * overflows (den = eps below about 1e-308). Both directions hold their precision at any finite weight and eps:
- * a row whose moments or constants would overflow or underflow in the kernels' precision (Float32 for float
- * input), or whose spread is a few ulps of its mean, runs in scalar double on the row rescaled by a power of two.
- * (A result beyond the output type's range overflows or underflows as the exact value would.) */
+ * overflows (den = eps below about 1e-308). Both directions keep their precision at any finite weight and eps
+ * (relative to the largest value of the result's row): a row whose moments or constants would overflow or
+ * underflow in the kernels' precision (Float32 for float input), or whose spread is a few ulps of its mean, runs
+ * in scalar double on the row rescaled by a power of two. (A result beyond the output type's range overflows or
+ * underflows as the exact value would.) A gradient that is itself a cancellation, as with a fan-in of 2, where it
+ * is of order eps / variance against inputs of order 1 / std, keeps that precision only against those inputs. */
 int32_t bcn_ws_backward_f32(uint32_t flags, int64_t out_channels, int64_t fan_in, double eps,
                             const float *w, const float *grad_w_hat, float *grad_w,
                             char *message, int64_t message_capacity);
