@@ -176,6 +176,12 @@ def test_in_eval_a_non_finite_value_stays_its_own_as_in_pytorch(bad, shape, chan
     assert not np.isfinite(layer.grads["weight"][2]) and np.isfinite(layer.grads["weight"][[0, 1, 3]]).all()
     np.testing.assert_allclose(layer.grads["bias"],
                                dy.astype(np.float64).sum(axis=tuple(i for i in range(len(shape)) if i != 1)), **tol)
+    # a non-finite dy stays its own as well (the backward's map centred dy on its plane's mean, NaN for all of it)
+    dy[(0, 1) + (0,) * (len(shape) - 2)] = bad
+    dx, expected = layer.backward(dy), a * dy.astype(np.float64)
+    finite = np.isfinite(expected)
+    assert np.array_equal(np.isfinite(dx), finite), f"only dy's bad value: {np.argwhere(~np.isfinite(dx))}"
+    np.testing.assert_allclose(dx[finite], expected[finite], **tol)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
