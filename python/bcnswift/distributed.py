@@ -64,6 +64,25 @@ class LayerConfig(NamedTuple):
     momentum: Optional[float]
 
 
+#: the configuration a header carries in place of one it cannot (`Synchronizer._header`), with an error
+_UNSENT = LayerConfig(0, 0, 0, 0, float("nan"), float("nan"), None)
+
+
+def _unsendable(config):
+    """A TypeError naming the first field of `config` that a header cannot carry."""
+    for name in LayerConfig._fields:
+        value = getattr(config, name)
+        try:
+            if name in ("eps", "bn_eps", "momentum"):
+                struct.pack("<d", float("nan") if value is None and name == "momentum" else value)
+            else:
+                struct.pack("<q", value)
+        except (struct.error, TypeError, ValueError, OverflowError):
+            expected = "an int" if name not in ("eps", "bn_eps", "momentum") else "a number"
+            return TypeError(f"the layer's {name} must be {expected}, got {value!r}")
+    return TypeError(f"the layer's settings cannot be exchanged: {config}")
+
+
 def _error_code(error):
     for code, kind in _ERRORS.items():
         if isinstance(error, kind) and kind is not RuntimeError:
@@ -112,15 +131,21 @@ class Synchronizer:
         self._ok_headers = {}  # (config, phase) -> this rank's header when all is well, packed once
 
     def _header(self, config, phase, error):
-        if error is not None:
-            return _pack_header(config, phase, error)
-        key = (config, phase)
-        header = self._ok_headers.get(key)
-        if header is None:
-            if len(self._ok_headers) > 64:  # layers of many configurations: keep the cache small
-                self._ok_headers.clear()
-            header = self._ok_headers[key] = _pack_header(config, phase, None)
-        return header
+        """This rank's header. It cannot fail: a setting a header cannot carry (groups 4.0, a momentum of "a"
+        or 10**400, set on one rank after construction) is sent as this rank's error, so that every rank fails
+        together rather than the others waiting in the allgather for this one."""
+        try:
+            if error is not None:
+                return _pack_header(config, phase, error)
+            key = (config, phase)
+            header = self._ok_headers.get(key)
+            if header is None:
+                if len(self._ok_headers) > 64:  # layers of many configurations: keep the cache small
+                    self._ok_headers.clear()
+                header = self._ok_headers[key] = _pack_header(config, phase, None)
+            return header
+        except (struct.error, TypeError, ValueError, OverflowError):
+            return _pack_header(_UNSENT, phase, error if error is not None else _unsendable(config))
 
     @property
     def rank(self):

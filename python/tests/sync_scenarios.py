@@ -147,6 +147,8 @@ def failure(rank, size, comm, case, seed=SEED):
         x[1, 2, 0, 1] = np.nan
     if case == "degenerate":
         x = x[:1, :, :1, :1] if rank == 0 else x[:0]
+    if case == "momentum_type" and bad:  # set after construction: a header cannot carry it
+        layer.momentum = "a"
     before = {k: v.copy() for k, v in layer.state_dict().items()}
     result = {"raised": None, "message": ""}
     try:
@@ -167,4 +169,5 @@ def failure(rank, size, comm, case, seed=SEED):
 
 
 FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps",
-            "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around", "nan_policy"]
+            "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around", "nan_policy",
+            "momentum_type"]

@@ -94,12 +94,16 @@ def test_every_rank_fails_together_and_changes_nothing(case):
     results = ThreadGroup(size).run(S.failure, case)
     kinds = {r["raised"] for r in results}
     assert len(kinds) == 1 and None not in kinds, f"{case}: ranks raised {[r['raised'] for r in results]}"
-    expected = {"nan": "FloatingPointError", "all_nan": "FloatingPointError"}.get(case, "ValueError")
+    expected = {"nan": "FloatingPointError", "all_nan": "FloatingPointError", "momentum_type": "TypeError"}.get(
+        case, "ValueError")
     assert kinds == {expected}, f"{case}: {results[0]['message']}"
     for rank, r in enumerate(results):
         assert r["unchanged"], f"{case}: rank {rank} changed its buffers or gradients"
         if case in ("wrong_input_channels", "nan", "bad_dy"):
             assert f"rank {size - 1} of {size} failed" in r["message"], r["message"]
+        elif case == "momentum_type":
+            assert f"rank {size - 1} of {size} failed: TypeError: the layer's momentum must be a number, got 'a'" \
+                in r["message"], r["message"]
         elif case == "all_nan":
             assert f"rank 0 of {size} failed (ranks 0, 1, 2 failed)" in r["message"], r["message"]
         elif case == "degenerate":

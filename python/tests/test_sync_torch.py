@@ -62,7 +62,8 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure module dtype", "ValueError", "dtype"),
             ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor"),
             ("failure momentum", "TypeError", f"rank {n - 1} of {n} failed: TypeError: momentum must be a number"),
-            ("failure sizes", "ValueError", f"rank {n - 1} of {n} failed: ValueError: cn_weight has 3 elements")):
+            ("failure sizes", "ValueError", f"rank {n - 1} of {n} failed: ValueError: cn_weight has 3 elements"),
+            ("failure groups type", "TypeError", f"rank {n - 1} of {n} failed: TypeError")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

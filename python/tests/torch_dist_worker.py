@@ -139,6 +139,8 @@ def failure(rank, size, case):
         x = x.numpy()
     if case == "momentum" and bad:
         layer.bn.momentum = "a"
+    if case == "groups type" and bad:  # a header cannot carry it: the rank's error instead, on every rank
+        layer.num_groups = 4.0
     if case == "sizes" and bad:
         layer.weight = torch.nn.Parameter(torch.ones(1, 3, 1, dtype=dtype))
     before = copy.deepcopy(layer.state_dict())
@@ -199,7 +201,8 @@ def run_all(rank, size):
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
-    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes"):
+    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
+                 "groups type"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["all empty"] = all_empty(rank, size)
