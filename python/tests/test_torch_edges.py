@@ -324,21 +324,29 @@ def test_functional_weight_standardization_refuses_alike_on_both_routes(weight, 
 def test_composed_weight_standardization_of_a_constant_filter_and_of_huge_weights(convention, gen, monkeypatch):
     """The composed route (torch.func, half precision, other devices) against the kernels: a constant filter's
     gradient is the finite limit (g - mean(g)) / eps for the authors' std + eps (sqrt's derivative at 0 made it
-    NaN), and float32 weights near 1e30 standardize to numbers of order 1 (their squares overflowed to zeros)."""
+    NaN), also where the mean of its value rounds (0.1); float32 weights near 1e30, and rows whose sum passes
+    Float's range, standardize to numbers of order 1 (their squares, or their mean, overflowed: zeros or NaN);
+    a spread of a few ulps of the mean keeps its digits (its deviations were 11% off about a float32 mean)."""
     eps_in_sqrt = convention == "labml"
-    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3
+    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3
     w[1] = 0.0  # a zero-initialised output channel
     w[2] = 2.5  # a constant one
-    huge = (torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3) * 1e30
+    w[3] = 0.1  # a constant one whose float32 mean rounds
+    w[4] = 1e4 + torch.randn(3, 3, 3, generator=gen) * 1e-3  # far from 0 against its spread
+    huge = (torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3) * 1e30
+    huge[3] = 5e37 + torch.randn(3, 3, 3, generator=gen) * 1e36  # their sum passes 3.4e38
+    huge[4, 0, 0, 0] = 3e38
     g = torch.randn(w.shape, generator=gen, dtype=torch.float32)
     results = {}
     for composed in (False, True):
         monkeypatch.setattr(functional, "COMPOSED", composed)
         wc = w.clone().requires_grad_()
-        bt.weight_standardization(wc, 1e-5, eps_in_sqrt=eps_in_sqrt).backward(g)
-        results[composed] = (wc.grad, bt.weight_standardization(huge, 1e-5, eps_in_sqrt=eps_in_sqrt))
-    (grad_k, huge_k), (grad_c, huge_c) = results[False], results[True]
+        out = bt.weight_standardization(wc, 1e-5, eps_in_sqrt=eps_in_sqrt)
+        out.backward(g)
+        results[composed] = (out.detach(), wc.grad, bt.weight_standardization(huge, 1e-5, eps_in_sqrt=eps_in_sqrt))
+    (out_k, grad_k, huge_k), (out_c, grad_c, huge_c) = results[False], results[True]
     assert grad_c.isfinite().all() and huge_c.abs().amax() > 0.5, (grad_c, huge_c)
+    torch.testing.assert_close(out_c, out_k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad_k, rtol=2e-4, atol=0)
     torch.testing.assert_close(huge_c, huge_k, rtol=1e-5, atol=1e-6)
 

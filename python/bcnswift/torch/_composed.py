@@ -4,6 +4,8 @@ MPS, bfloat16 and float16 as autocast makes them, mixed dtypes), and on request 
 It follows the documents' formulas, in the input's precision (at least float32), differentiable by autograd
 to any order; the running buffers are updated in place without gradient, as every document does.
 """
+import math
+
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
@@ -107,22 +109,29 @@ def weight_standardization(w, eps, flags):
     """Each w[o] standardized over its fan-in: (w - mean) / sqrt(var + eps) with BCN_WS_EPS_IN_SQRT (labml),
     else (w - mean) / (std + eps) (the authors'); var and std unbiased with BCN_WS_UNBIASED.
 
-    A row whose deviations d = w - mean exceed 1 is divided by the largest |d|, s, first: d/s over
-    sqrt(var(d/s) + eps/s²) or std(d/s) + eps/s is the same number, and its squares stay in range where w's would
-    overflow (float32 |w| from about 1e19; the kernels rescale the same way). Other rows keep s = 1, where eps/s²
-    cannot overflow. s is a constant for the gradient, which does not depend on it. The authors' std has a zero
-    gradient where var is 0 (a constant filter: (g - mean(g)) / eps, as torch.std gives), not sqrt's 0 · inf."""
+    A row whose largest |w| is 1 or more is divided first by a power of two q at least that large (exact), and
+    eps by q (or q² under the root): the same number, with the row's sum and squares in range where w's would
+    overflow (float32 from about 1e19, its mean from near 3e38; the kernels rescale the same way). Other rows
+    keep q = 1, where eps/q² cannot overflow. q is a constant for the gradient, which does not depend on it. The
+    deviations are taken about the mean corrected once (mean + mean(w - mean), the corrected two-pass
+    algorithm), so that a spread of a few ulps of the mean keeps its digits and a constant row is 0. The authors'
+    std has a zero gradient where var is 0 (a constant filter: (g - mean(g)) / eps, as torch.std gives), not
+    sqrt's 0 · inf."""
     dt = _compute_dtype(w)
     flat = w.to(dt).reshape(w.shape[0], -1)
     unbiased = bool(flags & _ext.BCN_WS_UNBIASED)
-    d = flat - flat.mean(dim=1, keepdim=True)
-    s = d.detach().abs().amax(dim=1, keepdim=True).clamp_min(1)
-    z = d / s
-    var = z.var(dim=1, keepdim=True, unbiased=unbiased)
+    big = flat.detach().abs().amax(dim=1, keepdim=True)
+    top = math.frexp(torch.finfo(dt).max)[1] - 1  # the largest finite power of two's exponent (127, 1023)
+    exponent = torch.ceil(torch.log2(big)).clamp_max(top)
+    q = torch.where(big >= 1, torch.exp2(exponent), 1)
+    z = flat / q
+    d = z - z.mean(dim=1, keepdim=True)
+    d = d - d.mean(dim=1, keepdim=True)
+    var = d.var(dim=1, keepdim=True, unbiased=unbiased)
     if flags & _ext.BCN_WS_EPS_IN_SQRT:
-        out = z / torch.sqrt(var + eps / (s * s))
+        out = d / torch.sqrt(var + eps / (q * q))
     else:
         positive = var > 0
         std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0)
-        out = z / (std + eps / s)
+        out = d / (std + eps / q)
     return out.reshape(w.shape).to(w.dtype)
