@@ -64,23 +64,43 @@ class LayerConfig(NamedTuple):
     momentum: Optional[float]
 
 
-#: the configuration a header carries in place of one it cannot (`Synchronizer._header`), with an error
-_UNSENT = LayerConfig(0, 0, 0, 0, float("nan"), float("nan"), None)
+#: the configuration a header carries in place of one it cannot (`Synchronizer._header`), or of one a layer
+#: could not even build, with an error
+UNSENT = LayerConfig(0, 0, 0, 0, float("nan"), float("nan"), None)
+
+#: how each field travels in the header (momentum None as NaN)
+_FIELD_FORMATS = {"channels": "<q", "groups": "<q", "flags": "<I", "itemsize": "<I", "eps": "<d", "bn_eps": "<d",
+                  "momentum": "<d"}
+
+
+def _shown(value):
+    """repr(value), shortened; never raises (an int of 5000 digits, a __repr__ that fails)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _unsendable(config):
     """A TypeError naming the first field of `config` that a header cannot carry."""
-    for name in LayerConfig._fields:
+    for name, form in _FIELD_FORMATS.items():
         value = getattr(config, name)
         try:
-            if name in ("eps", "bn_eps", "momentum"):
-                struct.pack("<d", float("nan") if value is None and name == "momentum" else value)
-            else:
-                struct.pack("<q", value)
-        except (struct.error, TypeError, ValueError, OverflowError):
-            expected = "an int" if name not in ("eps", "bn_eps", "momentum") else "a number"
-            return TypeError(f"the layer's {name} must be {expected}, got {value!r}")
-    return TypeError(f"the layer's settings cannot be exchanged: {config}")
+            struct.pack(form, float("nan") if value is None and name == "momentum" else value)
+        except Exception:  # noqa: BLE001
+            expected = "a number" if form == "<d" else "an int"
+            return TypeError(f"the layer's {name} must be {expected}, got {_shown(value)}")
+    return TypeError("the layer's settings cannot be exchanged")
+
+
+def _error_text(error):
+    """The header's message for `error`: UTF-8, cut to its room; never raises, whatever its str does."""
+    try:
+        text = f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001
+        text = type(error).__name__
+    return text.encode("utf-8", "backslashreplace")[:_MESSAGE_BYTES]
 
 
 def _error_code(error):
@@ -91,7 +111,7 @@ def _error_code(error):
 
 
 def _pack_header(config, phase, error):
-    message = b"" if error is None else f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
+    message = b"" if error is None else _error_text(error)
     momentum = float("nan") if config.momentum is None else config.momentum
     fields = _FIELDS.pack(_MAGIC, 0 if error is None else _error_code(error), phase, config.channels,
                           config.groups, config.flags & _AGREED_FLAGS, config.itemsize, config.eps, config.bn_eps,
@@ -138,14 +158,17 @@ class Synchronizer:
             if error is not None:
                 return _pack_header(config, phase, error)
             key = (config, phase)
-            header = self._ok_headers.get(key)
+            try:
+                header = self._ok_headers.get(key)
+            except TypeError:  # a field that cannot be hashed (a 0-d array): packed, not kept
+                return _pack_header(config, phase, None)
             if header is None:
                 if len(self._ok_headers) > 64:  # layers of many configurations: keep the cache small
                     self._ok_headers.clear()
                 header = self._ok_headers[key] = _pack_header(config, phase, None)
             return header
-        except (struct.error, TypeError, ValueError, OverflowError):
-            return _pack_header(_UNSENT, phase, error if error is not None else _unsendable(config))
+        except Exception:  # noqa: BLE001 - whatever it is, the others must hear of it
+            return _pack_header(UNSENT, phase, error if error is not None else _unsendable(config))
 
     @property
     def rank(self):
@@ -205,7 +228,9 @@ class Synchronizer:
         rank's (3C float64, count 0 for an empty batch) or raises; then every rank raises alike."""
         error, m = None, None
         try:
-            m = local()
+            m = np.ascontiguousarray(local(), np.float64)
+            if m.size != 3 * config.channels:
+                raise ValueError(f"moments have {m.size} values, expected {3 * config.channels}")
         except Exception as e:  # noqa: BLE001 - any local failure must reach the others, or they would wait
             error = e
         mine = self._header(config, _MOMENTS, error)
@@ -216,12 +241,12 @@ class Synchronizer:
             if error is not None:  # this rank's own error: keep its traceback
                 raise e from error
             raise
-        sets = self._allgather(np.ascontiguousarray(m, np.float64))
-        return _ext.merge(3, sets)
+        return _ext.merge(3, self._allgather(m))
 
     def gradient_sums(self, config, local):
         """The backward's per-channel sums over every rank, added in rank order (2C float64), in one exchange
-        with the header. `local()` returns this rank's (zeros for an empty batch) or raises."""
+        with the header. `local()` returns this rank's (zeros for an empty batch) or raises. `config` must be the
+        forward's, which every rank agreed on: its channel count sizes what every rank sends."""
         error, sums = None, None
         try:
             sums = np.ascontiguousarray(local(), np.float64)

@@ -11,7 +11,7 @@ SyncBatchNorm). Every rank must call the layer in the same order and mode.
 import numpy as np
 
 from . import _ext
-from .distributed import LayerConfig, Synchronizer, mpi_world
+from .distributed import UNSENT, LayerConfig, Synchronizer, mpi_world
 from .layers import BatchChannelNorm, BatchNorm
 
 
@@ -42,8 +42,14 @@ class _Synchronized:
         if not self.training:  # the layer's own forward, an empty batch too (DDP's uneven inputs): it records
             return super().forward(x, out)  # this forward for the backward, which then exchanges nothing
         local = {}
+        try:  # a setting changed after construction may not even make a configuration: fail every rank with it
+            config, unmade = self._config(), None
+        except Exception as e:  # noqa: BLE001
+            config, unmade = UNSENT, e
 
         def moments():
+            if unmade is not None:
+                raise unmade
             xl, y, flags, ctx = self._prepare_forward(x, out)
             m = np.zeros(3 * self.num_channels)
             if xl.size:
@@ -52,7 +58,7 @@ class _Synchronized:
             return m
 
         with self._lock:
-            merged = self.synchronizer.moments(self._config(), moments)
+            merged = self.synchronizer.moments(config, moments)
             xl, y, flags, ctx = local["x"], local["y"], local["flags"], local["ctx"]
             if xl.size:
                 self._finish_forward(xl, y, flags, ctx, merged)
@@ -60,7 +66,7 @@ class _Synchronized:
                 self._call(_ext.running_update, flags, 0.0 if self.momentum is None else self.momentum, merged,
                            self.running_mean, self.running_var, self.num_batches_tracked)
             # (no rank had a value: nothing to fold in, as a single layer given an empty batch changes nothing)
-            self._saved = (xl, ctx, flags, True)
+            self._saved = (xl, ctx, flags, True, config)  # the backward exchanges with the agreed configuration
         return self._result(y, out)
 
     __call__ = forward
@@ -85,7 +91,7 @@ class _Synchronized:
                 local.update(x=x, ctx=ctx, flags=flags, dy=dyl, dx=dx)
                 return s
 
-            merged = self.synchronizer.gradient_sums(self._config(), sums)
+            merged = self.synchronizer.gradient_sums(saved[4], sums)
             if local["x"].size:
                 self._finish_backward(local["x"], local["ctx"], local["flags"], local["dy"], local["dx"], merged)
         return self._result(local["dx"], out)

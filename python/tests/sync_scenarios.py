@@ -149,6 +149,8 @@ def failure(rank, size, comm, case, seed=SEED):
         x = x[:1, :, :1, :1] if rank == 0 else x[:0]
     if case == "momentum_type" and bad:  # set after construction: a header cannot carry it
         layer.momentum = "a"
+    if case == "config_type" and bad:  # set after construction: no configuration can be made of it
+        layer.dtype = "float64"
     before = {k: v.copy() for k, v in layer.state_dict().items()}
     result = {"raised": None, "message": ""}
     try:
@@ -170,4 +172,4 @@ def failure(rank, size, comm, case, seed=SEED):
 
 FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps",
             "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around", "nan_policy",
-            "momentum_type"]
+            "momentum_type", "config_type"]

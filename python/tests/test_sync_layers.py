@@ -94,13 +94,15 @@ def test_every_rank_fails_together_and_changes_nothing(case):
     results = ThreadGroup(size).run(S.failure, case)
     kinds = {r["raised"] for r in results}
     assert len(kinds) == 1 and None not in kinds, f"{case}: ranks raised {[r['raised'] for r in results]}"
-    expected = {"nan": "FloatingPointError", "all_nan": "FloatingPointError", "momentum_type": "TypeError"}.get(
-        case, "ValueError")
+    expected = {"nan": "FloatingPointError", "all_nan": "FloatingPointError", "momentum_type": "TypeError",
+                "config_type": "RuntimeError"}.get(case, "ValueError")
     assert kinds == {expected}, f"{case}: {results[0]['message']}"
     for rank, r in enumerate(results):
         assert r["unchanged"], f"{case}: rank {rank} changed its buffers or gradients"
         if case in ("wrong_input_channels", "nan", "bad_dy"):
             assert f"rank {size - 1} of {size} failed" in r["message"], r["message"]
+        elif case == "config_type":
+            assert f"rank {size - 1} of {size} failed: AttributeError" in r["message"], r["message"]
         elif case == "momentum_type":
             assert f"rank {size - 1} of {size} failed: TypeError: the layer's momentum must be a number, got 'a'" \
                 in r["message"], r["message"]
@@ -218,3 +220,48 @@ def test_a_training_batch_empty_on_every_rank_changes_nothing():
     channel 0 (count 0.0, M2 0.0) are not moments of the same 0.0 values': the merged moments had no value.)"""
     for r in ThreadGroup(3).run(_all_empty):
         assert r["shapes"] == ((0, 8, 4), (0, 8, 4)) and r["unchanged"], r
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no words for it")
+
+
+def _exchange(rank, size, comm, case):
+    """One moments exchange of the Synchronizer itself, the last rank bringing what a header cannot carry as it
+    is: what every rank raised."""
+    from bcnswift.distributed import LayerConfig, Synchronizer
+    bad = rank == size - 1
+    config = LayerConfig(4, 2, 0, 8, 1e-5, 1e-5, 0.1)
+    if bad and case == "groups of 5000 digits":
+        config = config._replace(groups=10 ** 5000)
+    if bad and case == "a momentum array":
+        config = config._replace(momentum=np.array(0.1))
+
+    def local():
+        if bad and case == "a lone surrogate":
+            raise ValueError("bad \udcff value")
+        if bad and case == "a str that raises":
+            raise _Unprintable()
+        return np.zeros(12)
+
+    try:
+        Synchronizer(comm).moments(config, local)
+        return {"raised": None, "message": ""}
+    except Exception as e:  # noqa: BLE001 - the test asserts on the type
+        return {"raised": type(e).__name__, "message": str(e)}
+
+
+@pytest.mark.parametrize("case,kind,words", [
+    ("groups of 5000 digits", "TypeError", "the layer's groups must be an int, got a int"),
+    ("a lone surrogate", "ValueError", "ValueError: bad \\udcff value"),
+    ("a str that raises", "RuntimeError", "failed: _Unprintable;"),
+    ("a momentum array", None, ""),
+])
+def test_a_header_is_sent_whatever_this_rank_brings(case, kind, words):
+    """Synchronizer._header never raises: an unprintable error, a value no repr can show, an unhashable setting
+    reach every rank as this rank's failure (or, for a 0-d array momentum that packs, as a setting), never a
+    rank that raised alone while the others waited (the barrier here gives up after 60 s)."""
+    results = ThreadGroup(2).run(_exchange, case)
+    assert [r["raised"] for r in results] == [kind, kind], results
+    assert all(words in r["message"] for r in results), results
