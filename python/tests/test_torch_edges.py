@@ -328,14 +328,16 @@ def test_composed_weight_standardization_of_a_constant_filter_and_of_huge_weight
     Float's range, standardize to numbers of order 1 (their squares, or their mean, overflowed: zeros or NaN);
     a spread of a few ulps of the mean keeps its digits (its deviations were 11% off about a float32 mean)."""
     eps_in_sqrt = convention == "labml"
-    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3
+    w = torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3
     w[1] = 0.0  # a zero-initialised output channel
     w[2] = 2.5  # a constant one
     w[3] = 0.1  # a constant one whose float32 mean rounds
     w[4] = 1e4 + torch.randn(3, 3, 3, generator=gen) * 1e-3  # far from 0 against its spread
-    huge = (torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3) * 1e30
+    w[5] = 1e33  # a constant one so large that eps over its scale underflows
+    huge = (torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float32) + 0.3) * 1e30
     huge[3] = 5e37 + torch.randn(3, 3, 3, generator=gen) * 1e36  # their sum passes 3.4e38
     huge[4, 0, 0, 0] = 3e38
+    huge[5] = 1e20  # constant
     g = torch.randn(w.shape, generator=gen, dtype=torch.float32)
     results = {}
     for composed in (False, True):

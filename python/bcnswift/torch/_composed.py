@@ -114,9 +114,9 @@ def weight_standardization(w, eps, flags):
     overflow (float32 from about 1e19, its mean from near 3e38; the kernels rescale the same way). Other rows
     keep q = 1, where eps/q² cannot overflow. q is a constant for the gradient, which does not depend on it. The
     deviations are taken about the mean corrected once (mean + mean(w - mean), the corrected two-pass
-    algorithm), so that a spread of a few ulps of the mean keeps its digits and a constant row is 0. The authors'
-    std has a zero gradient where var is 0 (a constant filter: (g - mean(g)) / eps, as torch.std gives), not
-    sqrt's 0 · inf."""
+    algorithm), so that a spread of a few ulps of the mean keeps its digits. A constant row (var 0) is 0 with the
+    kernels' gradient, (g - mean(g)) / eps, or / sqrt(eps) under the root, as torch.std gives it: taken apart, since
+    sqrt's 0 · inf made it NaN, and eps / q (or q²) can underflow to 0 for such a row, which then made 0 / 0."""
     dt = _compute_dtype(w)
     flat = w.to(dt).reshape(w.shape[0], -1)
     unbiased = bool(flags & _ext.BCN_WS_UNBIASED)
@@ -128,10 +128,11 @@ def weight_standardization(w, eps, flags):
     d = z - z.mean(dim=1, keepdim=True)
     d = d - d.mean(dim=1, keepdim=True)
     var = d.var(dim=1, keepdim=True, unbiased=unbiased)
+    positive, one = var > 0, torch.ones_like(var)  # every sqrt below of a positive number: no NaN gradient
     if flags & _ext.BCN_WS_EPS_IN_SQRT:
-        out = d / torch.sqrt(var + eps / (q * q))
+        denominator, floor = torch.sqrt(torch.where(positive, var + eps / (q * q), one)), math.sqrt(eps)
     else:
-        positive = var > 0
-        std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0)
-        out = d / (std + eps / q)
+        denominator, floor = torch.sqrt(torch.where(positive, var, one)) + eps / q, eps
+    constant = flat - flat.detach()  # 0, with the gradient of w
+    out = torch.where(positive, d / denominator, (constant - constant.mean(dim=1, keepdim=True)) / floor)
     return out.reshape(w.shape).to(w.dtype)
