@@ -98,7 +98,11 @@ def counts_empty_call(bn):
 def batch_norm_momentum(bn):
     """A batch-norm stage's momentum as a float (0.0 for None, whose flag says cumulative average); anything but
     a number is a TypeError naming it, as the numpy layers word it (float() would say only "could not convert")."""
-    return 0.0 if bn.momentum is None else real_number(bn.momentum, "momentum", "a number or None")
+    momentum = bn.momentum
+    if momentum is None:
+        return 0.0
+    # a float passes with one test: this runs on every call of every layer
+    return momentum if type(momentum) is float else real_number(momentum, "momentum", "a number or None")
 
 
 def _check_scalars(flags, eps, bn_eps, momentum):
@@ -255,10 +259,12 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
     if not w.is_floating_point():
         raise TypeError(f"expected a floating-point weight, got {w.dtype}")
-    for name, value in (("eps_in_sqrt", eps_in_sqrt), ("unbiased", unbiased)):
-        if not isinstance(value, (bool, np.bool_)):  # as the numpy API: "no" would be True
-            raise TypeError(f"{name} must be a bool, got {value!r}")
-    eps = real_number(eps, "eps")  # not a bool or a string
+    if type(eps_in_sqrt) is not bool or type(unbiased) is not bool:  # (the WS layers pass bools and a float)
+        for name, value in (("eps_in_sqrt", eps_in_sqrt), ("unbiased", unbiased)):
+            if not isinstance(value, (bool, np.bool_)):  # as the numpy API: "no" would be True
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+    if type(eps) is not float:
+        eps = real_number(eps, "eps")  # not a bool or a string
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
     if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active():
         _check_ws_arguments(w, eps, unbiased)
