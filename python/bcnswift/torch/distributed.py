@@ -103,7 +103,7 @@ class _SyncForward(torch.autograd.Function):
         if "context" not in local:  # an empty batch: only the buffers follow the others' (if any rank had values)
             if merged[0]:
                 _ops.running_update(*buffers, merged, flags, momentum)
-            elif counts_empty:  # no rank had a value: as one process, torch's convention counts the call
+            elif counts_empty:  # no rank had a value: as in one process, a torch batch norm counts the call
                 num_batches_tracked.add_(1)
             y, context = torch.empty_like(x), None
         elif estimated:  # as one process: the estimates first, then the eval normalization with them
