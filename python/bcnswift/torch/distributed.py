@@ -73,8 +73,6 @@ class _SyncForward(torch.autograd.Function):
         config = LayerConfig(channels, groups if flags & _ext.BCN_CHANNEL_NORM else 0, flags | _ext.BCN_TRAINING,
                              itemsize, eps, bn_eps, None if cumulative else momentum)
         local = {}
-        held = (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                ("running_var", running_var), ("cn_weight", cn_weight), ("cn_bias", cn_bias))
 
         def moments():
             # everything about x is checked here, inside the exchange: a rank that raised before it would leave
@@ -85,10 +83,6 @@ class _SyncForward(torch.autograd.Function):
                 raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
             if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"synchronized BCN runs on CPU float32/float64 tensors, got {x.dtype} on {x.device}")
-            for name, t in held:  # before the estimates' update, which the kernels' own check would follow
-                if t is not None and t.dtype != x.dtype:
-                    raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
-                                    f"{str(x.dtype).replace('torch.', '')} (the input's)")
             precheck(x)
             # before the update of the buffers, which precedes the normalization's own checks (failing here,
             # inside the exchange, every rank fails together)
@@ -191,9 +185,17 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
     except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         momentum, eps, bn_eps, counts_empty, early = math.nan, math.nan, math.nan, False, e
 
+    held = (("bn_weight", bn.weight), ("bn_bias", bn.bias), ("running_mean", buffers[0]),
+            ("running_var", buffers[1]), ("cn_weight", cn_weight), ("cn_bias", cn_bias))
+
     def precheck(x):
-        """Inside the exchange, x a CPU tensor of the module's dtype: the scalars, then every parameter and buffer
-        holds one value per channel (or group), before estimate mode's update of the buffers."""
+        """Inside the exchange, x a CPU float tensor, before estimate mode's update of the buffers: every parameter
+        and buffer has x's dtype (the kernels' own check would come after that update), the scalars convert, and
+        each holds one value per channel (or group)."""
+        for name, t in held:
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
+                                f"{str(x.dtype).replace('torch.', '')} (the input's)")
         if early is not None:
             raise early
         _check_sizes(x, bn, cn)
