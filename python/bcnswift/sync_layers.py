@@ -66,7 +66,8 @@ class _Synchronized:
                 self._call(_ext.running_update, flags, 0.0 if self.momentum is None else self.momentum, merged,
                            self.running_mean, self.running_var, self.num_batches_tracked)
             # (no rank had a value: nothing to fold in, as a single layer given an empty batch changes nothing)
-            self._saved = (xl, ctx, flags, True, config)  # the backward exchanges with the agreed configuration
+            # a fourth element: a training forward's, whose backward exchanges with this agreed configuration
+            self._saved = (xl, ctx, flags, config)
         return self._result(y, out)
 
     __call__ = forward
@@ -91,7 +92,7 @@ class _Synchronized:
                 local.update(x=x, ctx=ctx, flags=flags, dy=dyl, dx=dx)
                 return s
 
-            merged = self.synchronizer.gradient_sums(saved[4], sums)
+            merged = self.synchronizer.gradient_sums(saved[3], sums)
             if local["x"].size:
                 self._finish_backward(local["x"], local["ctx"], local["flags"], local["dy"], local["dx"], merged)
         return self._result(local["dx"], out)
