@@ -9,7 +9,7 @@ Environment:
   BCNSWIFT_ISAS        the ISA paths to build, comma-separated. Default on x86_64: "baseline,x86-64-v3"
                        (x86-64 with SSE2; AVX2 + FMA + BMI); elsewhere "baseline" (the compiler's portable default).
   BCNSWIFT_SWIFT       the swift driver to use (default: `swift` on PATH).
-  BCNSWIFT_STRIP       0 keeps the symbols in the extensions (for perf and callgrind); default: stripped.
+  BCNSWIFT_STRIP       0 keeps the symbols in the extensions (for perf and callgrind); 1, the default, strips them.
 """
 import json
 import os
@@ -43,13 +43,28 @@ STDCXX = "-lstdc++"
 
 
 def isa_paths():
-    default = "baseline,x86-64-v3" if X86 else "baseline"
-    paths = [p.strip() for p in os.environ.get("BCNSWIFT_ISAS", default).split(",") if p.strip()]
+    """The ISA paths BCNSWIFT_ISAS names, each once, in its order; RuntimeError if it names none, or one this
+    machine cannot build (an empty list would install a package without kernels, which no CPU can import)."""
+    buildable = "baseline, x86-64-v3" if X86 else "baseline"
+    value = os.environ.get("BCNSWIFT_ISAS", "baseline,x86-64-v3" if X86 else "baseline")
+    paths = list(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
+    if not paths:
+        raise RuntimeError(f"bcnswift: BCNSWIFT_ISAS={value!r} names no ISA path; name one or more of {buildable}, "
+                           "or unset it for all of them")
     for p in paths:
         if p not in ISA_FLAGS or (p != "baseline" and not X86):
-            raise RuntimeError(f"bcnswift: BCNSWIFT_ISAS names {p!r}; this machine can build "
-                               f"{'baseline, x86-64-v3' if X86 else 'baseline'}")
+            raise RuntimeError(f"bcnswift: BCNSWIFT_ISAS names {p!r}; this machine can build {buildable}")
     return paths
+
+
+def strip_symbols():
+    """BCNSWIFT_STRIP: 1 (the default) strips the extensions, 0 keeps their symbols (for perf and callgrind)."""
+    value = os.environ.get("BCNSWIFT_STRIP", "1").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise RuntimeError(f"bcnswift: BCNSWIFT_STRIP={value!r}; use 1 to strip the extensions or 0 to keep symbols")
 
 
 def module_name(path):
@@ -63,10 +78,15 @@ def swift_build_flags(path):
 
 
 class SwiftBuildExt(build_ext):
+    def run(self):
+        # the settings are checked here, where they matter, so that an sdist never depends on them
+        isa_paths(); strip_symbols()
+        super().run()
+
     def build_extension(self, ext):
         # no RUNPATH: the interpreter's link flags may carry one pointing at the build host
         self.compiler.linker_so = [a for a in self.compiler.linker_so if "-rpath" not in a]
-        if os.environ.get("BCNSWIFT_STRIP", "1") != "0":  # BCNSWIFT_STRIP=0 keeps symbols, for profilers
+        if strip_symbols():
             ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--strip-all"]  # .symtab too: PyInit_ stays
         if ext.name == "bcnswift._cpu":
             return super().build_extension(ext)
@@ -154,9 +174,17 @@ def kernels(path):
     return ext
 
 
+def requested_kernels():
+    """The kernel extensions to build; none if BCNSWIFT_ISAS is bad, which build_ext then reports (`run`)."""
+    try:
+        return [kernels(path) for path in isa_paths()]
+    except RuntimeError:
+        return []
+
+
 if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; tests import it
     setup(
         ext_modules=[Extension("bcnswift._cpu", sources=["python/bcnswift/_cpu.c"],
-                               extra_compile_args=["-O2", "-Wall"])] + [kernels(path) for path in isa_paths()],
+                               extra_compile_args=["-O2", "-Wall"])] + requested_kernels(),
         cmdclass={"build_ext": SwiftBuildExt},
     )

@@ -43,7 +43,9 @@ def test_the_sdist_carries_the_swift_package(built):
     for needed in ("Package.swift", "Sources/CBCNSwift/include/bcnswift.h", "Sources/BCNSwiftC",
                    "Sources/BCNSwift/Engine/NormalizationEngine.swift", "python/bcnswift/_ext.c",
                    "python/bcnswift/_cpu.c", "python/bcnswift/_glibc_compat.c", "python/bcnswift/_c_api.h",
-                   "python/bcnswift/torch/native_ops.cpp", "setup.py"):
+                   "python/bcnswift/torch/native_ops.cpp", "setup.py",
+                   # what test_fuzz_smoke.py and test_bench.py run, so that the suite passes from the sdist
+                   "fuzz/run.sh", "fuzz/fuzz_abi.c", "scripts/ab_builds.py", "scripts/build_wheel.sh", ".ci/run"):
         assert any(n.endswith("bcnswift-0.1.0/" + needed) for n in names), f"the sdist lacks {needed}"
     assert not any(n.endswith((".so", ".o", ".a")) or "/.build/" in n for n in names)
 
@@ -106,3 +108,38 @@ def test_the_static_runtime_is_found_where_the_toolchain_says():
     info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True, timeout=120))
     static_dir, swiftrt, _ = setup.static_runtime(info)
     assert swiftrt.is_file() and (static_dir / "libswiftCore.a").is_file()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("baseline", ["baseline"]), (" baseline , baseline ", ["baseline"]),
+    ("x86-64-v3,baseline,x86-64-v3", ["x86-64-v3", "baseline"]),
+    ("", None), (",", None), (" , ", None), ("foo", None), ("baseline,avx512", None)])
+def test_isa_paths_refuse_an_empty_or_unknown_list_and_build_each_path_once(monkeypatch, value, expected):
+    """An empty BCNSWIFT_ISAS once built a package with no kernels, which installed and then could not import."""
+    setup = _setup_module()
+    monkeypatch.setattr(setup, "X86", True)
+    monkeypatch.setenv("BCNSWIFT_ISAS", value)
+    if expected is None:
+        with pytest.raises(RuntimeError, match="BCNSWIFT_ISAS"):
+            setup.isa_paths()
+        assert setup.requested_kernels() == []  # setup() still runs (an sdist needs no ISA) ...
+        command = setup.SwiftBuildExt.__new__(setup.SwiftBuildExt)
+        with pytest.raises(RuntimeError, match="BCNSWIFT_ISAS"):  # ... and build_ext stops before building
+            command.run()
+    else:
+        assert setup.isa_paths() == expected
+        assert [e.name for e in setup.requested_kernels()] == [f"bcnswift._ext_{p.replace('-', '_')}"
+                                                               for p in expected]
+
+
+@pytest.mark.parametrize("value, strip", [("1", True), ("yes", True), ("ON", True), ("0", False), ("false", False),
+                                          (" off ", False), ("no", False), ("2", None), ("", None)])
+def test_strip_setting_reads_words_and_refuses_the_rest(monkeypatch, value, strip):
+    """BCNSWIFT_STRIP=false once stripped the extensions: only the exact "0" kept their symbols."""
+    setup = _setup_module()
+    monkeypatch.setenv("BCNSWIFT_STRIP", value)
+    if strip is None:
+        with pytest.raises(RuntimeError, match="BCNSWIFT_STRIP"):
+            setup.strip_symbols()
+    else:
+        assert setup.strip_symbols() is strip
