@@ -39,6 +39,20 @@ def reports(request, tmp_path_factory):
     return request.param, launch(request.param, "all", tmp_path_factory.mktemp(f"gloo{request.param}"))
 
 
+def test_compiled_ddp_training_runs_the_exchange_eagerly_and_graph_captures_refuse_it(tmp_path):
+    """torch.compile of a model with synchronized layers crashed inside dynamo (numpy on the exchange's bytes), and
+    torch.export blamed the ranks; the exchange now runs eagerly under torch.compile (a graph break), and a full
+    graph or an export of a training forward is refused on every rank with words that say why."""
+    for rank, report in enumerate(launch(2, "compile", tmp_path, timeout=600)):
+        err = report["compiled ddp"]["errors"]["params and buffers after DDP steps"]
+        assert err <= 1e-12 and report["compiled ddp"]["identical"], (rank, err)
+        assert report["fullgraph"]["raised"] == "Unsupported", report["fullgraph"]
+        assert "torch.compiler.disable" in report["fullgraph"]["message"]
+        assert report["export"]["raised"] == "GraphCaptureError", report["export"]
+        assert "export the model in eval mode" in report["export"]["message"]
+        assert report["unchanged"] and report["eval export"]
+
+
 def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
     n, ranks = reports
     for name in ranks[0]:

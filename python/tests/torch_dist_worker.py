@@ -3,7 +3,8 @@ gloo process group on 127.0.0.1:PORT and run MODE; each rank writes OUTDIR/rank<
 
 MODE "all": synchronized modules against one process on the concatenated batch (outputs, input gradients,
 all-reduced parameter gradients, buffers), identity across ranks, uneven and empty batches, DDP training steps,
-and failures. MODE "timeout": the last rank never arrives; the others must get gloo's timeout error.
+and failures. MODE "compile": DDP training steps under torch.compile, and graph captures refused. MODE "timeout":
+the last rank never arrives; the others must get gloo's timeout error.
 """
 import copy
 import datetime
@@ -90,15 +91,19 @@ def equality(rank, size, kind, dtype, sizes, steps=2):
     return {"errors": err, "identical": same}
 
 
-def ddp(rank, size, steps=3):
-    """WS conv + BCNorm + linear, trained with DDP over the ranks, against one process on the whole batch."""
+def ddp(rank, size, steps=3, compiled=False):
+    """WS conv + BCNorm + linear, trained with DDP over the ranks (under torch.compile if `compiled`: the
+    synchronized forward runs eagerly there, a graph break), against one process on the whole batch."""
     import bcnswift.torch as bt
     from torch.nn.parallel import DistributedDataParallel
     torch.manual_seed(0)
     model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(8, 5)).double()
     single = copy.deepcopy(model)
-    synced = DistributedDataParallel(bt.convert_sync_batch_channel_norm(model))
+    module = bt.convert_sync_batch_channel_norm(model)
+    synced = DistributedDataParallel(module)
+    if compiled:
+        synced = torch.compile(synced)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (synced, single)]
     g = torch.Generator().manual_seed(SEED)
     per = 2
@@ -110,10 +115,31 @@ def ddp(rank, size, steps=3):
             opt.zero_grad()
             nn.functional.cross_entropy(m(xb), tb).backward()
             opt.step()
-    err = max(rel(p, q) for p, q in zip(synced.module.state_dict().values(), single.state_dict().values())
+    err = max(rel(p, q) for p, q in zip(module.state_dict().values(), single.state_dict().values())
               if p.is_floating_point())
     return {"errors": {"params and buffers after DDP steps": err},
-            "identical": all(identical_across_ranks(p) for p in synced.module.state_dict().values())}
+            "identical": all(identical_across_ranks(p) for p in module.state_dict().values())}
+
+
+def run_compile(rank, size):
+    """Compiled DDP training against one process; a full graph and an export of a synchronized training forward
+    refused on every rank, changing nothing (they crashed inside dynamo, or blamed the ranks)."""
+    import bcnswift.torch as bt
+    out = {"compiled ddp": ddp(rank, size, compiled=True)}
+    layer = bt.SyncBCNorm(8, 4, dtype=torch.float64)
+    x = batches(SEED, [2], 8, torch.float64)[0][0]
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for name, capture in (("fullgraph", lambda: torch.compile(layer, fullgraph=True)(x)),
+                          ("export", lambda: torch.export.export(layer, (x,)))):
+        try:
+            capture()
+            out[name] = {"raised": None}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"raised": type(e).__name__, "message": str(e)[:300]}
+    out["unchanged"] = all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    layer.eval()
+    out["eval export"] = torch.export.export(layer, (x,)).module()(x).shape == x.shape
+    return out
 
 
 def failure(rank, size, case):
@@ -229,10 +255,10 @@ def main(rank, size, mode, outdir, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=timeout))
     torch.set_num_threads(1)
-    result = {"all": run_all, "timeout": run_timeout}[mode](rank, size)
+    result = {"all": run_all, "timeout": run_timeout, "compile": run_compile}[mode](rank, size)
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    if mode == "all":
+    if mode != "timeout":
         dist.destroy_process_group()
     else:
         os._exit(0)  # a timed-out collective may still be pending: leave without waiting for it

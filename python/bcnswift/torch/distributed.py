@@ -156,9 +156,20 @@ class _SyncForward(torch.autograd.Function):
         return _ops._first_order_only(grads, x, dy)
 
 
+class GraphCaptureError(RuntimeError):
+    """A synchronized training forward inside a graph capture (torch.export, or a traced fake input)."""
+
+
+@torch.compiler.disable  # torch.compile runs it eagerly, a graph break (fullgraph=True: torch's error saying so)
 def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
     """The training forward of a batch-norm stage `bn` (a functional.BatchNormStage) and an optional
-    channel-norm stage `cn`, with the statistics of every rank of `process_group`."""
+    channel-norm stage `cn`, with the statistics of every rank of `process_group`. It exchanges numbers between
+    processes as it runs, so no graph can hold it: `torch.compile` runs it eagerly, and an export refuses it."""
+    if torch.compiler.is_exporting() or _fake(x):
+        raise GraphCaptureError(
+            "a synchronized BCN layer exchanges its batch statistics between processes as it runs, so a graph cannot "
+            "hold its training forward: export the model in eval mode, or built with the local modules (BCNorm, "
+            "BatchChannelNorm)")
     flags = bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if bn.momentum is None else 0)
     groups, eps = 1, bn.eps
     cn_weight = cn_bias = None
@@ -202,6 +213,12 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
 
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
                               eps, bn_eps, momentum, channels, synchronizer, counts_empty, itemsize, precheck)
+
+
+def _fake(x):
+    """Whether x is a tracing stand-in without values (a fake or meta tensor)."""
+    from torch._subclasses.fake_tensor import is_fake
+    return isinstance(x, torch.Tensor) and (is_fake(x) or x.is_meta)
 
 
 class SyncBCNorm(BCNorm):
