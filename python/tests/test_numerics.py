@@ -176,12 +176,39 @@ def test_in_eval_a_non_finite_value_stays_its_own_as_in_pytorch(bad, shape, chan
     assert not np.isfinite(layer.grads["weight"][2]) and np.isfinite(layer.grads["weight"][[0, 1, 3]]).all()
     np.testing.assert_allclose(layer.grads["bias"],
                                dy.astype(np.float64).sum(axis=tuple(i for i in range(len(shape)) if i != 1)), **tol)
-    # a non-finite dy stays its own as well (the backward's map centred dy on its plane's mean, NaN for all of it)
+    # a non-finite dy stays its own as well (the backward's map centred dy on its plane's mean, NaN for all of
+    # it), and is a dy there too: ±inf, not the NaN of 0·inf that reading dy in x's place once made of it
     dy[(0, 1) + (0,) * (len(shape) - 2)] = bad
     dx, expected = layer.backward(dy), a * dy.astype(np.float64)
     finite = np.isfinite(expected)
     assert np.array_equal(np.isfinite(dx), finite), f"only dy's bad value: {np.argwhere(~np.isfinite(dx))}"
     np.testing.assert_allclose(dx[finite], expected[finite], **tol)
+    np.testing.assert_array_equal(dx[~finite], expected[~finite].astype(dtype))  # NaN where NaN, else a·dy's ±inf
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+@pytest.mark.parametrize("shape,channels_last", [((6, 4), False), ((2, 4, 3), False), ((2, 4, 5, 5), False),
+                                                 ((2, 4, 5, 5), True)],
+                         ids=["rows", "planes of 3", "planes of 5x5", "channels-last 5x5"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_estimates_in_training_map_an_infinite_dy_to_an_infinite_dx(bad, shape, channels_last, dtype, rng):
+    """In training with estimates the backward does not pass through batch statistics either: dx = a·dy value by
+    value. An infinite dy gave NaN in its own dx (0·inf from the term in x the map leaves at 0); the other values
+    are those of the same dy with a finite value there."""
+    layer = bcnswift.EstimatedBatchNorm(4, dtype=dtype)
+    x = random_input(rng, shape).astype(dtype)
+    dy = random_input(rng, shape).astype(dtype)
+    if channels_last:
+        x, dy = (np.moveaxis(np.ascontiguousarray(np.moveaxis(v, 1, -1)), -1, 1) for v in (x, dy))
+    layer(x)
+    at = (1, 2) + (0,) * (len(shape) - 2)
+    finite_dx = layer.backward(dy).copy()
+    dy[at] = bad
+    dx = layer.backward(dy)
+    assert dx[at] == np.copysign(np.inf, bad * layer.bn_weight[2]), dx[at]  # a = γ/σ: γ's sign
+    others = np.ones(dx.shape, bool)
+    others[at] = False
+    np.testing.assert_array_equal(dx[others], finite_dx[others])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -274,14 +274,13 @@ enum BatchNormStage {
 
     // MARK: backward
 
-    /// The input the backward's dx map should read where it reads x: x itself, or dy when dx = a·dy does not
-    /// depend on x. That is a plan without a channel norm (E = 1, F = H = 0) whose backward does not pass
-    /// through batch statistics (`dxTerms` gives k = 0 and S₁/n = 0): the map's Q = a (F - k) is then 0,
-    /// and Q (x - p) with x in place is 0 for finite x but NaN at a non-finite one, where PyTorch gives a·dy.
-    /// With dy in x's place the term is 0 there too, and every other dx is what it was.
-    static func mapInput<T>(plan: NormalizationPlan, through: Bool, sums: UnsafePointer<Double>?,
-                            x: UnsafePointer<T>, dy: UnsafePointer<T>) -> UnsafePointer<T> {
-        plan.channelNorm == nil && !(through && sums != nil) ? dy : x
+    /// Whether the backward's dx is a·dy, value by value: a plan without a channel norm (E = 1, F = H = 0) whose
+    /// backward does not pass through batch statistics (`dxTerms` gives k = 0 and S₁/n = 0), so that P = a,
+    /// Q = 0 and R = 0. Such a dx is then mapped from dy alone, as y is from x (PyTorch gives a·dy there too):
+    /// the map dx = P dy + Q (x - p) + R would make Q (x - p) = 0·∞ = NaN at a non-finite x, and with dy in x's
+    /// place, at a non-finite dy.
+    static func scalesOnly(plan: NormalizationPlan, through: Bool, sums: UnsafePointer<Double>?) -> Bool {
+        plan.channelNorm == nil && !(through && sums != nil)
     }
 
     /// Per channel, from the batch's S₁ and S₂ (n = B·S values): k = S₂/(σ² n) and S₁/n with batch

@@ -216,7 +216,7 @@ extension RowsLayout {
         let addGroup = BatchNormStage.groupGradientAdder(groupGradients, groups: G)
         let known = hasBN && sumsAreLocal ? sums : nil
         if let known { local.update(from: known, count: 2 * C) }
-        let input = BatchNormStage.mapInput(plan: plan, through: through, sums: sums, x: x, dy: dy)  // dx's x
+        let scalesOnly = BatchNormStage.scalesOnly(plan: plan, through: through, sums: sums)
         let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
         if floatGradientLanes(T.self) {
             valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms,
@@ -224,21 +224,26 @@ extension RowsLayout {
                              scratch: scratch, arena: &arena)
         } else if S == 1 && hasBN {
             // The sums are a sink of their own, so that a call which knows them runs a loop without them.
-            let dxSink = ValueInputGradient(x: input, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C)
-            if known == nil {
-                let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
-                forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                     unitSums: unitSums, into: ValueSinkPair(first: sums, second: dxSink))
-            } else {
-                forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
-                                     unitSums: unitSums, into: dxSink)
+            func run<Sink: ValueGradientSink>(_ dxSink: Sink) {
+                if known == nil {
+                    let sums = ValueSums(x: x, mu: ctx.mu, s1: local, s2: local + C)
+                    forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                         unitSums: unitSums, into: ValueSinkPair(first: sums, second: dxSink))
+                } else {
+                    forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
+                                         unitSums: unitSums, into: dxSink)
+                }
+            }
+            if scalesOnly { run(ValueScaledGradient(dx: dx, a: ctx.a)) } else {
+                run(ValueInputGradient(x: x, mu: ctx.mu, dx: dx, a: ctx.a, s1n: terms, k: terms + C))
             }
         } else if S == 1 {
             forEachValueGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                  unitSums: unitSums, into: ValueCopy(dx: dx))
         } else {
             let sink = PlaneInputGradient(sums: hasBN ? PlaneSums(mu: ctx.mu, s1: local, s2: local + C) : nil,
-                                          addsSums: known == nil, x: input, dy: dy, dx: dx, channels: C, spatial: S,
+                                          addsSums: known == nil, x: x, dy: dy, dx: dx, channels: C, spatial: S,
+                                          scalesOnly: scalesOnly,
                                           a: ctx.a, s1n: terms, k: terms + C)
             forEachUnitGradient(x, dy, plan: plan, context: ctx, scratch: scratch, group: addGroup,
                                 memo: memo.map { .reuse(planeMemo($0)) } ?? .none, into: sink)
@@ -291,6 +296,17 @@ struct ValueInputGradient<T: NormalizationScalar>: ValueGradientSink {
     }
 }
 
+/// dx = a dy₁ (`BatchNormStage.scalesOnly`).
+struct ValueScaledGradient<T: NormalizationScalar>: ValueGradientSink {
+    let dx: UnsafeMutablePointer<T>, a: UnsafePointer<Double>
+
+    @inline(__always)
+    func lanes(_ i: Int, _ c: Int, _ dy1: SIMD4<Double>) { T._store4Narrow(a.lanes(c) * dy1, dx, i) }
+
+    @inline(__always)
+    func one(_ i: Int, _ c: Int, _ dy1: Double) { dx[i] = T(a[c] * dy1) }
+}
+
 /// Two sinks for every value, `first` then `second`.
 struct ValueSinkPair<First: ValueGradientSink, Second: ValueGradientSink>: ValueGradientSink {
     let first: First, second: Second
@@ -338,6 +354,8 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
     let sums: PlaneSums?, addsSums: Bool
     let x: UnsafePointer<T>, dy: UnsafePointer<T>, dx: UnsafeMutablePointer<T>
     let channels: Int, spatial: Int
+    /// Whether dx = P dy (`BatchNormStage.scalesOnly`): mapped from dy alone.
+    let scalesOnly: Bool
     /// The stage's a per channel, and S₁/n and k of the batch (`BatchNormStage.dxTerms`).
     let a: UnsafePointer<Double>, s1n: UnsafePointer<Double>, k: UnsafePointer<Double>
 
@@ -354,8 +372,12 @@ struct PlaneInputGradient<T: NormalizationScalar>: PlaneGradientSink {
         }
         RowsLayout.withShortPlane(S) { S in
             for j in 0..<K {
-                WideMap.gradients(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
-                                  r: R[j])
+                if scalesOnly {
+                    WideMap.values(dy, dx, at: (first &+ j) &* S, count: S, centre: 0, scale: P[j], offset: 0)
+                } else {
+                    WideMap.gradients(dy, x, dx, at: (first &+ j) &* S, count: S, centre: p[j], p: P[j], q: Q[j],
+                                      r: R[j])
+                }
             }
         }
     }

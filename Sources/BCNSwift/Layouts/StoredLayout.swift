@@ -208,13 +208,20 @@ extension StoredLayout {
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
-        let input = BatchNormStage.mapInput(plan: plan, through: through, sums: sums, x: x, dy: dy)
-        combine(dy, input, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
+        if BatchNormStage.scalesOnly(plan: plan, through: through, sums: sums) {  // dx = P dy, as y = A x
+            let zeros = arena.take(planes, of: Double.self)
+            zeros.update(repeating: 0, count: planes)
+            map(dy, dx, p: zeros, scale: maps, offset: zeros, arena: &arena)
+        } else {
+            combine(dy, x, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
+        }
     }
 
-    /// Arena bytes of `finishBackward`, besides its `UnitGradients`.
+    /// Arena bytes of `finishBackward`, besides its `UnitGradients`: with a plan of `scalesOnly`, its map's zero
+    /// centres and offsets too.
     func finishBackwardBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
         scratchBytes(T.self) + unitGradientsBytes(plan: plan) + BatchNormStage.backwardScratchBytes(plan: plan)
+            + (plan.channelNorm == nil ? ScratchArena.bytes(shape.planes, of: Double.self) : 0)
     }
 
     /// Doubles of a `UnitGradients` of this shape.
