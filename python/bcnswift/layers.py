@@ -30,7 +30,8 @@ def real_number(value, what, expected="a number"):
     """`value` as a float if it is a real number (Python's or numpy's, a 0-d array or a one-value tensor too), else
     a TypeError: "<what> must be <expected>". Strings and bools are not numbers here, as they are not ints for
     _positive_int."""
-    refused = isinstance(value, (str, bytes, bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_
+    dtype = getattr(value, "dtype", None)  # numpy's bool, or torch's (which numpy's == does not see)
+    refused = isinstance(value, (str, bytes, bool, np.bool_)) or dtype == np.bool_ or str(dtype) == "torch.bool"
     try:
         if not refused:
             return float(value)
@@ -62,6 +63,8 @@ def _choice(value, name, choices):
 
 
 def _dtype(value):
+    if value is None:  # np.dtype(None) is float64: a default nobody asked for
+        raise TypeError("dtype must be float32 or float64, got None")
     try:
         dt = np.dtype(value)
     except TypeError:
@@ -225,10 +228,13 @@ class _Normalization:
             flags |= _ext.BCN_BATCH_NORM | _VARIANCE_AROUND[self.variance_around]
             flags |= _ext.BCN_ESTIMATED if self.estimate else 0
             flags |= _ext.BCN_UNBIASED_RUNNING_VAR if self.unbiased_running_var else 0
-            self.bn_weight = np.ones(C, dt)
-            self.bn_bias = np.zeros(C, dt)
-            self.running_mean = np.zeros(C, dt)
-            self.running_var = np.ones(C, dt)
+            try:
+                self.bn_weight = np.ones(C, dt)
+                self.bn_bias = np.zeros(C, dt)
+                self.running_mean = np.zeros(C, dt)
+                self.running_var = np.ones(C, dt)
+            except (MemoryError, ValueError) as e:  # numpy's "array is too big" names no argument
+                raise type(e)(f"num_channels={C}: its parameters and buffers do not fit in memory ({e})") from None
             self.num_batches_tracked = np.zeros((), np.int64)
         else:
             self.momentum, self.bn_eps = None, self.eps

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bcnswift
-from conftest import random_input
+from conftest import random_input, require
 
 
 def snapshot(layer):
@@ -46,6 +46,10 @@ def assert_unchanged(layer, before):
     (dict(num_channels=4, num_groups=2, nan_policy=[]), ValueError, "nan_policy must be one of"),
     (dict(num_channels=4, num_groups=2, channel_axis=1.0), ValueError, r"channel_axis must be 1 .* got 1.0"),
     (dict(num_channels=4, num_groups=2, channel_axis=np.array([1])), ValueError, "channel_axis must be 1"),
+    # np.dtype(None) is float64, which None once gave silently
+    (dict(num_channels=4, num_groups=2, dtype=None), TypeError, "dtype must be float32 or float64, got None"),
+    # numpy's own error named no argument
+    (dict(num_channels=2 ** 62, num_groups=1), (MemoryError, ValueError), f"num_channels={2 ** 62}: its parameters"),
 ])
 def test_construction_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -57,6 +61,15 @@ def test_numbers_of_numpy_types_are_taken():
                                       channel_axis=np.int64(-1))
     assert (layer.num_channels, layer.num_groups, layer.channel_axis) == (8, 4, -1)
     assert layer.eps == float(np.float32(1e-3)) and layer.momentum == 0.2
+
+
+def test_a_torch_bool_is_not_a_number():
+    """A one-value torch bool tensor converted by float() to 1.0, so eps=torch.tensor(True) gave eps 1."""
+    torch = require("torch")
+    for kwargs in (dict(eps=torch.tensor(True)), dict(momentum=torch.tensor([False]))):
+        with pytest.raises(TypeError, match="must be a number"):
+            bcnswift.BatchChannelNorm(4, 2, **kwargs)
+    assert bcnswift.BatchChannelNorm(4, 2, eps=torch.tensor(1e-3, dtype=torch.float64)).eps == 1e-3
 
 
 def test_train_takes_a_bool_only():
