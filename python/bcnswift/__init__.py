@@ -37,7 +37,7 @@ def _environment_threads():
     if raw is None or raw == "":
         return None, False
     digits = raw[1:] if raw[:1] in "+-" else raw
-    return raw, digits.isascii() and digits.isdigit() and int(raw) > 0
+    return raw, digits.isascii() and digits.isdigit() and 0 < int(raw) < 2 ** 63  # beyond Int, Int() gives nil
 
 
 _raw_threads, _taken = _environment_threads()

@@ -68,7 +68,7 @@ def test_threads_source_follows_set_num_threads():
 
 
 @pytest.mark.parametrize("value,taken", [("3", True), (" 3 ", False), ("abc", False), ("-1", False), ("1.5", False),
-                                         ("0", False)])
+                                         ("0", False), ("99999999999999999999", False)])
 def test_build_info_says_whether_the_kernels_took_bcnswift_num_threads(value, taken):
     """The kernels parse BCNSWIFT_NUM_THREADS as Swift's Int() does: build_info reported ' 3 ' as taken while they
     used every core. A value they ignore now says so, in build_info and in a warning at import."""
