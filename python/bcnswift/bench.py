@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import bcnswift
-from bcnswift import reference as R
+from bcnswift import _cli, reference as R
 
 SHAPES = [((2, 64, 56, 56), 32), ((1, 256, 56, 56), 32), ((2, 512, 28, 28), 32), ((8, 256, 14, 14), 32),
           ((32, 64, 32, 32), 32), ((64, 128, 32, 32), 32), ((2, 32, 8, 8), 8)]
@@ -219,33 +219,45 @@ def run_modes(modes, quick=False, use_torch=True, shapes=None):
     return tables
 
 
-def _positive(text):
-    n = int(text)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of rounds, got {text}")
-    return n
+def _positive(what):
+    """An argparse type: a positive int, the error naming `what`."""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text}")
+        return n
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
 
 
-def main(argv=None):
-    if "OPENBLAS_NUM_THREADS" not in os.environ and argv is None:
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
-        os.execv(sys.executable, [sys.executable, "-m", "bcnswift.bench"] + sys.argv[1:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+#: the flags that only --torch reads, with their defaults (None: not given)
+TORCH_FLAGS = ("models", "ways", "estimate", "rounds")
+
+
+def parse_arguments(argv=None):
+    """The command line, checked before any work: one mode (--sync, --torch, or the tables), no flag the mode
+    ignores, thread counts and torch models and ways that exist, and a --json path that can be written."""
+    p = argparse.ArgumentParser(prog="python3 -m bcnswift.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
-    p.add_argument("--threads", type=int, default=0, help="worker threads (default: bcnswift's default)")
+    p.add_argument("--threads", type=_positive("threads"),
+                   help="worker threads, 1 to 4096 (default: bcnswift's default; with --sync, per rank: 1)")
     p.add_argument("--sync", action="store_true",
                    help="the extra time of SyncBatchChannelNorm over a local layer, under mpiexec -n 2 and -n 4")
     p.add_argument("--torch", action="store_true",
                    help="instead: PyTorch training steps, the authors' modules against bcnswift.torch")
-    p.add_argument("--models", default="small,resnet18", help="with --torch: models to run")
+    p.add_argument("--models", help="with --torch: models to run, comma-separated (default: small,resnet18)")
     p.add_argument("--ways", help="with --torch: comma-separated '<who> <mode>' (default: authors and bcnswift, "
                                   "eager and compiled); who: authors, bcnswift, batchnorm2d or groupnorm (torch's "
                                   "own, for scale); mode: eager or compiled")
-    p.add_argument("--estimate", action="store_true",
+    p.add_argument("--estimate", action="store_true", default=None,
                    help="with --torch: BCN with estimated statistics (the batchnorm2d and groupnorm ways have none)")
-    p.add_argument("--rounds", type=_positive, default=0,
+    p.add_argument("--rounds", type=_positive("rounds"),
                    help="with --torch: rounds of steps (default 41, 15 with --quick)")
     p.add_argument("--rows", action="store_true", help="the row path: [B, C] and small maps against copy and torch")
     p.add_argument("--eval", action="store_true", help="eval forward against copy")
@@ -254,17 +266,58 @@ def main(argv=None):
                    help="the authors' BCNorm eager and compiled, JAX jit, ONNX Runtime (whichever is installed)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = p.parse_args(argv)
-    if a.threads:
-        bcnswift.set_num_threads(a.threads)
+    tables = [f"--{name.replace('_', '-')}" for name in ("rows", "eval", "channels_last", "peers")
+              if getattr(a, name)]
+    modes = [flag for flag, on in (("--sync", a.sync), ("--torch", a.torch)) if on] + (tables and ["tables"])
+    if len(modes) > 1:
+        p.error(f"choose one of --sync, --torch and the tables ({', '.join(tables) or '--rows ...'}): "
+                f"got {', '.join(m if m != 'tables' else ' '.join(tables) for m in modes)}")
+    if a.torch and a.no_torch:
+        p.error("--torch and --no-torch contradict each other")
+    if not a.torch:
+        given = [f"--{name}" for name in TORCH_FLAGS if getattr(a, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)} only apply with --torch")
+    if a.sync and (a.no_reference or a.no_torch):
+        p.error("--no-reference and --no-torch do not apply with --sync")
+    if a.threads is not None and a.threads > 4096:
+        p.error(f"--threads must be at most 4096, got {a.threads}")
+    if a.torch:
+        try:
+            from bcnswift.torch import bench as torch_bench
+        except ImportError as e:
+            p.error(f"--torch needs PyTorch (python3 -m pip install '.[torch]'): {e}")
+        a.models = (a.models or ",".join(torch_bench.MODELS)).split(",")
+        unknown = [m for m in a.models if m not in torch_bench.MODELS]
+        if unknown:
+            p.error(f"unknown --models {', '.join(map(repr, unknown))}: choose from {', '.join(torch_bench.MODELS)}")
+        a.ways = a.ways.split(",") if a.ways else list(torch_bench.WAYS)
+        try:
+            for way in a.ways:
+                torch_bench.check_way(way)
+        except ValueError as e:
+            p.error(str(e))
+    problem = _cli.output_file_problem(a.json)
+    if problem:
+        p.error(f"--json: {problem}")
+    return a
+
+
+def main(argv=None):
+    if "OPENBLAS_NUM_THREADS" not in os.environ and argv is None:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "bcnswift.bench"] + sys.argv[1:])
+    a = parse_arguments(argv)
     if a.sync:
         from bcnswift import bench_sync
-        bench_sync.launch()
+        bench_sync.launch(threads=a.threads or 1, quick=a.quick, json_path=a.json)
         return
+    if a.threads:
+        bcnswift.set_num_threads(a.threads)
     if a.torch:
         from bcnswift.torch import bench as torch_bench
         rounds = a.rounds or (15 if a.quick else 41)
-        ways = a.ways.split(",") if a.ways else torch_bench.WAYS
-        torch_bench.run(models=a.models.split(","), ways=ways, repeats=rounds, estimate=a.estimate, json_path=a.json)
+        torch_bench.run(models=a.models, ways=a.ways, repeats=rounds, estimate=bool(a.estimate), json_path=a.json)
         return
     modes = [m for m, on in (("rows", a.rows), ("eval", a.eval), ("channels_last", a.channels_last),
                              ("peers", a.peers)) if on]

@@ -8,6 +8,7 @@ Each repeat starts on a barrier and takes the slowest rank's time. The extra tim
 should be close to its three allgathers (the forward's header and moments, the backward's header with sums: a
 few kilobytes each at C = 256), timed alone in the same run.
 """
+import json
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ def slowest(comm, fn, repeats):
     return statistics.median(samples)
 
 
-def main(shape=(2, 256, 14, 14), groups=32, repeats=200):
+def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
     comm = mpi_world()
     rank, size = comm.Get_rank(), comm.Get_size()
     C = shape[1]
@@ -65,24 +66,55 @@ def main(shape=(2, 256, 14, 14), groups=32, repeats=200):
               f"{bcnswift.get_num_threads()} thread(s) per rank, median of {repeats}: local {t_local * 1e6:.0f} us, "
               f"synchronized {t_sync * 1e6:.0f} us, extra {(t_sync - t_local) * 1e6:.0f} us; "
               f"the three allgathers alone {t_gather * 1e6:.0f} us", flush=True)
+        if json_path:
+            result = {"ranks": size, "shape_per_rank": list(shape), "groups": groups,
+                      "threads_per_rank": bcnswift.get_num_threads(), "repeats": repeats,
+                      "local_us": t_local * 1e6, "synchronized_us": t_sync * 1e6,
+                      "extra_us": (t_sync - t_local) * 1e6, "allgathers_us": t_gather * 1e6}
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=2)
     return t_local, t_sync, t_gather
 
 
-def launch(ranks=(2, 4)):
-    """Runs this module under mpiexec (the one next to the interpreter, from the mpich wheel) for each count."""
+def launch(ranks=(2, 4), threads=1, quick=False, json_path=None):
+    """Runs this module under mpiexec (the one next to the interpreter, from the mpich wheel) for each count, with
+    `threads` kernel threads a rank, 50 repeats if `quick` (else 200), and the results of all counts as one JSON
+    list at `json_path`. Exits with an error if there is no mpiexec: a benchmark that ran nothing must not pass."""
     import os
     import shutil
     import subprocess
+    import tempfile
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     mpiexec = beside if os.path.exists(beside) else shutil.which("mpiexec")
     if mpiexec is None:
-        print("no mpiexec: pip install '.[mpi]'")
-        return
-    env = dict(os.environ, BCNSWIFT_NUM_THREADS=os.environ.get("BCNSWIFT_NUM_THREADS", "1"))
-    for n in ranks:
-        subprocess.run([mpiexec, "-n", str(n), "-hosts", "127.0.0.1", sys.executable, "-m", "bcnswift.bench_sync"],
-                       env=env, timeout=600, check=True)
+        sys.exit("bcnswift.bench --sync: no mpiexec beside the interpreter or on PATH: pip install '.[mpi]'")
+    env = dict(os.environ, BCNSWIFT_NUM_THREADS=str(threads))
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for n in ranks:
+            part = os.path.join(scratch, f"{n}.json")
+            subprocess.run([mpiexec, "-n", str(n), "-hosts", "127.0.0.1", sys.executable, "-m",
+                            "bcnswift.bench_sync", "--repeats", str(50 if quick else 200), "--json", part],
+                           env=env, timeout=600, check=True)
+            with open(part) as f:
+                results.append(json.load(f))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"build_info": bcnswift.build_info(), "sync": results}, f, indent=2)
+    return results
+
+
+def _command_line(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python3 -m bcnswift.bench_sync", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=200, help="timed repeats a figure (default 200)")
+    p.add_argument("--json", metavar="FILE", help="rank 0 writes its figures here")
+    a = p.parse_args(argv)
+    if a.repeats < 1:
+        p.error(f"--repeats must be positive, got {a.repeats}")
+    return main(repeats=a.repeats, json_path=a.json)
 
 
 if __name__ == "__main__":
-    main()
+    _command_line()

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import bcnswift
+from . import _cli
 
 VARIANTS = ["BN", "GN", "BCN-est+WS", "BCN-batch+WS"]
 
@@ -285,6 +286,16 @@ def save_figure(path, title, xlabel, ylabel, draw, legend_size=7, legend_columns
     return path
 
 
+def output_problems(out_dir, json_path):
+    """Why the demo's outputs (a figure in `out_dir`, JSON at `json_path`) could not be written, or None: checked
+    before training, so that a bad path does not fail after minutes of it."""
+    problem = _cli.output_directory_problem(out_dir)
+    if problem:
+        return f"--out: {problem}"
+    problem = _cli.output_file_problem(json_path)
+    return problem and f"--json: {problem}"
+
+
 def write_outputs(out_dir, figure, draw_figure, label, json_path, data):
     """A demo's files: the figure `draw_figure(path)` saves (it returns the path, or None without matplotlib) as
     `figure` in `out_dir`, announced as `label: path`, and `data` as JSON at `json_path` when one is given."""
@@ -311,7 +322,13 @@ def plot(results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = sys.argv[1:] if argv is None else list(argv)
+    distributed = [arg for arg in args if len(arg) > 3 and "--distributed".startswith(arg)]  # as argparse reads
+    if distributed:  # its own flags and variants: demo_distributed's parser reads them all
+        from . import demo_distributed
+        return demo_distributed.main([arg for arg in args if arg not in distributed])
+    p = argparse.ArgumentParser(prog="python3 -m bcnswift.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 32])
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
@@ -320,15 +337,14 @@ def main(argv=None):
     p.add_argument("--json", help="write the final table here as a JSON list")
     p.add_argument("--quick", action="store_true", help="one epoch on 300 training images, batch sizes 2 and 32")
     p.add_argument("--distributed", action="store_true",
-                   help="under mpiexec: one image per process, local against synchronized statistics "
-                        "(bcnswift.demo_distributed)")
-    a = p.parse_args(argv)
-    if a.distributed:
-        from . import demo_distributed
-        return demo_distributed.main([arg for arg in (sys.argv[1:] if argv is None else argv)
-                                      if arg != "--distributed"])
+                   help="under mpiexec: one image per process, local against synchronized statistics, with "
+                        "bcnswift.demo_distributed's own flags (python3 -m bcnswift.demo --distributed --help)")
+    a = p.parse_args(args)
     if a.epochs < 1 or any(b < 1 for b in a.batch_sizes):
         p.error("epochs and batch sizes must be positive")
+    problem = output_problems(a.out, a.json)
+    if problem:
+        p.error(problem)
 
     data = load_data(a.seed)
     if a.quick:

@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 import bcnswift
-from .demo import SGD, Network, evaluate, load_data, save_figure, softmax_cross_entropy, write_outputs
+from .demo import (SGD, Network, evaluate, load_data, output_problems, save_figure, softmax_cross_entropy,
+                   write_outputs)
 from .distributed import mpi_world
 
 VARIANTS = ["BN", "SyncBN", "BCN-est+WS", "SyncBCN+WS"]
@@ -74,16 +75,23 @@ def plot(curves, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python3 -m bcnswift.demo --distributed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--out", default=".", help="directory for demo_distributed.png")
     p.add_argument("--json", help="write the table and the curves' agreement here")
     p.add_argument("--quick", action="store_true", help="one epoch on 200 training images")
-    a, _ = p.parse_known_args(argv)
+    a = p.parse_args(argv)
+    if a.epochs < 1:
+        p.error(f"--epochs must be positive, got {a.epochs}")
     comm = mpi_world()
     rank, ranks = comm.Get_rank(), comm.Get_size()
+    # rank 0 writes the outputs: it checks their paths, and every rank stops if they cannot be written
+    problem = comm.bcast(output_problems(a.out, a.json) if rank == 0 else None, root=0)
+    if problem:
+        p.error(problem)
     data = load_data(a.seed)
     if a.quick:
         x_train, x_test, y_train, y_test = data

@@ -218,3 +218,68 @@ def test_ab_builds_reports_builds_that_differ():
     for kind in ("fwd", "fb", "eval"):
         assert ab.compare(old, old, f"2x8x4x4:{kind}", options)["same"]
         assert not ab.compare(old, new, f"2x8x4x4:{kind}", options)["same"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--torch", "--no-torch"], "contradict"),
+    (["--rows", "--torch"], "choose one of"),
+    (["--sync", "--torch"], "choose one of"),
+    (["--sync", "--eval"], "choose one of"),
+    (["--rows", "--models", "small"], "--models only apply with --torch"),
+    (["--estimate"], "--estimate only apply with --torch"),
+    (["--rounds", "3", "--ways", "authors eager"], "--ways, --rounds only apply with --torch"),
+    (["--sync", "--no-reference"], "do not apply with --sync"),
+    (["--threads", "-1"], "positive number of threads"),
+    (["--threads", "0"], "positive number of threads"),
+    (["--threads", "100000"], "at most 4096"),
+    (["--rounds", "x"], "positive number of rounds, got 'x'"),
+    (["--torch", "--models", "nosuch"], "unknown --models 'nosuch'"),
+    (["--torch", "--ways", "authors eager,foo"], "unknown way 'foo'"),
+    (["--rows", "--json", "/nonexistent-dir/x.json"], "--json: cannot write /nonexistent-dir/x.json"),
+])
+def test_bench_refuses_bad_command_lines_before_any_work(argv, message, capsys):
+    """Each of these ran (ignoring flags), ran the wrong mode, or failed with a traceback after the run."""
+    if "--torch" in argv and "--no-torch" not in argv:
+        require("torch")
+    with pytest.raises(SystemExit) as raised:
+        bench.parse_arguments(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("usage: python3 -m bcnswift.bench"), err
+
+
+def test_bench_checks_the_json_path_without_leaving_a_file(tmp_path):
+    target = tmp_path / "results.json"
+    a = bench.parse_arguments(["--rows", "--json", str(target)])
+    assert a.json == str(target) and not target.exists()
+    target.write_text("kept")  # an existing file is opened to append, so it keeps its contents until the run
+    bench.parse_arguments(["--eval", "--json", str(target)])
+    assert target.read_text() == "kept"
+
+
+def test_bench_sync_fails_without_mpiexec(monkeypatch, tmp_path):
+    """It printed a hint and exited 0, so a run that measured nothing passed."""
+    from bcnswift import bench_sync
+    import shutil
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3"))  # no mpiexec beside it
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as raised:
+        bench_sync.launch(ranks=(2,))
+    assert "no mpiexec" in str(raised.value.code)
+
+
+def test_bench_sync_passes_threads_repeats_and_json_through(tmp_path):
+    """--threads, --quick and --json were ignored by --sync: every rank ran 1 thread, 200 repeats, no file."""
+    require("mpi4py")
+    target = tmp_path / "sync.json"
+    proc = subprocess.run([sys.executable, "-m", "bcnswift.bench", "--sync", "--quick", "--threads", "2", "--json",
+                           str(target)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+    written = json.loads(target.read_text())
+    assert [r["ranks"] for r in written["sync"]] == [2, 4]
+    for r in written["sync"]:
+        assert r["threads_per_rank"] == 2 and r["repeats"] == 50
+        assert r["local_us"] > 0 and r["synchronized_us"] > 0 and r["allgathers_us"] > 0
+    assert "2 thread(s) per rank" in proc.stdout

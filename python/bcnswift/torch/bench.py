@@ -177,6 +177,15 @@ def _kernel_threads():
     return f"{n} bcnswift threads" if n else "bcnswift's default threads"
 
 
+def check_way(way):
+    """(who, mode) of a way '<who> <mode>'; ValueError naming the choices if it is not one."""
+    who, _, mode = way.partition(" ")
+    if who not in WHO or mode not in MODES:
+        raise ValueError(f"unknown way {way!r}: expected '<who> <mode>' with who one of {', '.join(WHO)} "
+                         f"and mode one of {', '.join(MODES)}")
+    return who, mode
+
+
 def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=False, json_path=None):
     ops = "native" if uses_native_operators() else f"Python ({_native.reason})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
@@ -187,10 +196,7 @@ def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=
     for model in models:
         steps = {}
         for way in ways:
-            who, _, mode = way.partition(" ")
-            if who not in WHO or mode not in MODES:
-                raise ValueError(f"unknown way {way!r}: expected '<who> <mode>' with who one of {', '.join(WHO)} "
-                                 f"and mode one of {', '.join(MODES)}")
+            who, mode = check_way(way)
             compiled = mode == "compiled"
             steps[way] = stepper(build(model, who, estimate), compiled)
             steps[way + " bare"] = stepper(build(model, who, estimate, normalization=False), compiled)
