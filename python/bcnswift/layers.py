@@ -554,7 +554,12 @@ class _Normalization:
         if arr.shape != target.shape and not (name in ("weight", "bias") and arr.shape == (target.size,)):
             raise ValueError(f"state dict entry {key!r} has shape {arr.shape}, expected {target.shape}"
                              + (f" or ({target.size},)" if name in ("weight", "bias") else ""))
-        return arr.astype(self.dtype).reshape(target.shape)
+        with np.errstate(over="ignore"):
+            converted = arr.astype(self.dtype)
+        if arr.dtype.kind == "f" and (np.isfinite(arr) & ~np.isfinite(converted)).any():
+            raise ValueError(f"state dict entry {key!r} holds values beyond {self.dtype}'s range (largest magnitude "
+                             f"{np.abs(arr[np.isfinite(arr)]).max():.3g}): this layer would hold infinities")
+        return converted.reshape(target.shape)
 
     def __getstate__(self):  # copy and pickle: everything but the lock and the last forward
         with self._lock:  # arrays copied here: a forward beside copy.deepcopy or pickle.dumps tears none
