@@ -246,7 +246,8 @@ def parse_arguments(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the numpy reference")
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--threads", type=_positive("threads"),
-                   help="worker threads, 1 to 4096 (default: bcnswift's default; with --sync, per rank: 1)")
+                   help="worker threads, 1 to 4096 (default: bcnswift's default; with --sync, per rank: "
+                        "BCNSWIFT_NUM_THREADS, else 1)")
     p.add_argument("--sync", action="store_true",
                    help="the extra time of SyncBatchChannelNorm over a local layer, under mpiexec -n 2 and -n 4")
     p.add_argument("--torch", action="store_true",
@@ -310,7 +311,7 @@ def main(argv=None):
     a = parse_arguments(argv)
     if a.sync:
         from bcnswift import bench_sync
-        bench_sync.launch(threads=a.threads or 1, quick=a.quick, json_path=a.json)
+        bench_sync.launch(threads=a.threads, quick=a.quick, json_path=a.json)
         return
     if a.threads:
         bcnswift.set_num_threads(a.threads)

@@ -76,10 +76,10 @@ def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
     return t_local, t_sync, t_gather
 
 
-def launch(ranks=(2, 4), threads=1, quick=False, json_path=None):
+def launch(ranks=(2, 4), threads=None, quick=False, json_path=None):
     """Runs this module under mpiexec (the one next to the interpreter, from the mpich wheel) for each count, with
-    `threads` kernel threads a rank, 50 repeats if `quick` (else 200), and the results of all counts as one JSON
-    list at `json_path`. Exits with an error if there is no mpiexec: a benchmark that ran nothing must not pass."""
+    `threads` kernel threads a rank (None: BCNSWIFT_NUM_THREADS, else 1), 50 repeats if `quick` (else 200), and
+    the results of all counts as one JSON list at `json_path`. Exits with an error if there is no mpiexec: a benchmark that ran nothing must not pass."""
     import os
     import shutil
     import subprocess
@@ -88,7 +88,8 @@ def launch(ranks=(2, 4), threads=1, quick=False, json_path=None):
     mpiexec = beside if os.path.exists(beside) else shutil.which("mpiexec")
     if mpiexec is None:
         sys.exit("bcnswift.bench --sync: no mpiexec beside the interpreter or on PATH: pip install '.[mpi]'")
-    env = dict(os.environ, BCNSWIFT_NUM_THREADS=str(threads))
+    env = dict(os.environ, BCNSWIFT_NUM_THREADS=str(threads) if threads else
+               os.environ.get("BCNSWIFT_NUM_THREADS", "1"))
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for n in ranks:
