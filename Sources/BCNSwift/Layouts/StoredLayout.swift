@@ -211,9 +211,22 @@ extension StoredLayout {
         if BatchNormStage.scalesOnly(plan: plan, through: through, sums: sums) {  // dx = P dy, as y = A x
             let zeros = arena.take(planes, of: Double.self)
             zeros.update(repeating: 0, count: planes)
-            map(dy, dx, p: zeros, scale: maps, offset: zeros, arena: &arena)
+            mapEveryPlane(dy, dx, p: zeros, scale: maps, offset: zeros, arena: &arena)
         } else {
             combine(dy, x, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
+        }
+    }
+
+    /// `map`, or where a layout maps planes apart (`mapsPerPlane`: planes of one chunk, which `mapPlanes` takes
+    /// eight at a time when they are short), `mapPlanes` over every plane, in parallel.
+    func mapEveryPlane<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
+                                               p: UnsafePointer<Double>, scale: UnsafePointer<Double>,
+                                               offset: UnsafePointer<Double>, arena: inout ScratchArena) {
+        guard mapsPerPlane else { return map(x, y, p: p, scale: scale, offset: offset, arena: &arena) }
+        parallelFor(shape.planes, cost: shape.spatial) { range, _ in
+            let first = range.lowerBound
+            mapPlanes(first: first, count: range.count, x, y, centres: p + first, scales: scale + first,
+                      offsets: offset + first)
         }
     }
 
