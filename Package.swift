@@ -5,6 +5,9 @@ import PackageDescription
 
 let package = Package(
     name: "BCNSwift",
+    // Synchronization's Atomic, which the thread pool's state words are, needs these (Linux has no floor). Built
+    // and tested on Linux only.
+    platforms: [.macOS(.v15), .iOS(.v18), .tvOS(.v18), .watchOS(.v11), .visionOS(.v2)],
     products: [
         // The Swift API: `import BCNSwift`.
         .library(name: "BCNSwift", targets: ["BCNSwift"]),

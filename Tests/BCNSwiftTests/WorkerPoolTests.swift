@@ -154,6 +154,18 @@ extension WorkerPoolTests {
         XCTAssertEqual(BCNThreads.count, 2)
         XCTAssertThrowsError(try BCNThreads.withCallingThreadCount(1) { throw Failure() })
         XCTAssertEqual(BCNThreads.callingThreadCount, 0)
+        // a body of layer calls throws BCNError, typed, as the calls do (with rethrows it became `any Error`, and
+        // this `do throws(BCNError)` did not compile)
+        do throws(BCNError) {
+            let layer = try BatchChannelNorm<Float>(channels: 4, groups: 2)
+            _ = try BCNThreads.withCallingThreadCount(2) { () throws(BCNError) -> [Float] in
+                try layer.forward([1, 2, 3], shape: [1, 3])
+            }
+            XCTFail("three channels in a four-channel layer")
+        } catch {
+            XCTAssertEqual(error.kind, .shapeMismatch)
+        }
+        XCTAssertEqual(BCNThreads.callingThreadCount, 0)
         BCNThreads.callingThreadCount = -4  // negative: no setting
         XCTAssertEqual(BCNThreads.callingThreadCount, 0)
     }

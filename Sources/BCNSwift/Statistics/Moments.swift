@@ -57,4 +57,4 @@ public struct Moments: Equatable, Sendable {
 
 /// Elements per chunk of a plane: 4096 Floats (16 KiB) or Doubles (32 KiB) stay in L1 between a chunk's two
 /// passes. The partition of work into chunks depends on this constant alone, never on the thread count.
-public let planeChunkLength = 4096
+let planeChunkLength = 4096

@@ -66,8 +66,9 @@ public enum BCNThreads {
         }
     }
 
-    /// Runs `body` with this thread's count set to `n` (0: none), then restores the setting it replaced.
-    public static func withCallingThreadCount<R>(_ n: Int, _ body: () throws -> R) rethrows -> R {
+    /// Runs `body` with this thread's count set to `n` (0: none), then restores the setting it replaced. It throws
+    /// what `body` throws, typed: a body of layer calls throws `BCNError`, as they do.
+    public static func withCallingThreadCount<R, E: Error>(_ n: Int, _ body: () throws(E) -> R) throws(E) -> R {
         let saved = callingThreadCount
         callingThreadCount = n
         defer { callingThreadCount = saved }
