@@ -45,6 +45,15 @@ def identical_across_ranks(t):
 
 
 def make(kind, C, G, dtype):
+    """(synchronized module, the same local one); a kind ending in " frozen" has its batch-norm stage in eval
+    inside a training module (the frozen-BN idiom), which exchanges nothing: it did, and trained the stage."""
+    if kind.endswith(" frozen"):
+        pair = make(kind[:-len(" frozen")], C, G, dtype)
+        for m in pair:
+            (m.bn if hasattr(m, "bn") else m.batch_norm).eval()
+            if hasattr(m, "bn"):
+                m.bn.running_mean.fill_(1.5)  # away from the fresh buffers, so that using them shows
+        return pair
     import bcnswift.torch as bt
     if kind == "authors batch":
         return bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)
@@ -224,6 +233,8 @@ def run_all(rank, size):
     for dtype in (torch.float64, torch.float32):
         for kind in ("authors batch", "authors estimate", "labml batch", "labml estimate"):
             out[f"{kind} {str(dtype)[6:]}"] = equality(rank, size, kind, dtype, [2 + r % 2 for r in range(size)])
+    for kind in ("authors batch frozen", "authors estimate frozen", "labml batch frozen"):
+        out[kind] = equality(rank, size, kind, torch.float64, [2 + r % 2 for r in range(size)])
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)

@@ -232,8 +232,11 @@ class SyncBCNorm(BCNorm):
 
     @fx_leaf
     def forward(self, x):
-        if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)):
-            return super().forward(x)  # an empty batch too (a rank without data): an empty output
+        # statistics are exchanged only where the batch-norm stage trains: not in eval, nor with the stage frozen
+        # (`model.bn.eval()`, as nn.SyncBatchNorm exchanges only when it trains itself); an empty batch too (a rank
+        # without data) runs here, to an empty output
+        if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)) or not self.bn.training:
+            return super().forward(x)
         stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
         return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group)
@@ -249,7 +252,7 @@ class SyncBatchChannelNorm(BatchChannelNorm):
 
     @fx_leaf
     def forward(self, x):
-        if not self.training:
+        if not self.training or not self.batch_norm.training:  # as SyncBCNorm: the stage frozen exchanges nothing
             return super().forward(x)
         return sync_batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(),
                                        self.channel_norm.channels, self.process_group)
