@@ -445,7 +445,8 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
         unpacked.append(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(memory_format=other), unpack):
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t.contiguous(memory_format=other) if t.dim() == 4 else t, unpack):  # x (the context: 1-D)
         hooked = _run(module, x, dy)
     assert any(t.shape == x.shape and t.stride() != x.stride() for t in unpacked), "the hook moved no x"
     for what, u, v in (("output", plain[0], hooked[0]), ("dx", plain[1], hooked[1])):
@@ -454,11 +455,14 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
         assert torch.equal(plain[2][k], hooked[2][k]), f"grad {k}"
 
 
+@pytest.mark.parametrize("restores", ["float32", "the dtype it packed"])
 @pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
-def test_saved_tensor_hooks_see_only_the_input_of_an_eager_layer(route, gen, monkeypatch):
-    """A memory-saving pack hook that stores saved tensors in half precision (a common pattern) sees x alone: the
-    forward's context, float64 bookkeeping the backward needs exact, is kept aside on both eager routes, so the
-    backward still runs and its gradients follow x's rounding."""
+def test_saved_tensor_hooks_that_round_leave_the_context_exact(route, restores, gen, monkeypatch):
+    """A memory-saving pack hook that stores saved tensors in half precision (a common pattern) also rounds the
+    stamped copy of the forward's context, which the eager routes save so that a recomputing checkpoint replaces
+    it: the backward sees the stamp broken (or the dtype changed) and takes the context kept aside, exact, on both
+    routes. Here the hook rounds the float64 tensors alone (the context), so the gradients are those without it,
+    bit for bit."""
     monkeypatch.setattr(_ops, "NATIVE", route == "native")
     module = bt.BCNorm(8, 4)
     randomize(module, gen)
@@ -468,12 +472,19 @@ def test_saved_tensor_hooks_see_only_the_input_of_an_eager_layer(route, gen, mon
 
     def pack(t):
         seen.append((tuple(t.shape), t.dtype))
-        return t.to(torch.float16)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.to(torch.float32)):
-        hooked = _run(copy.deepcopy(module), x, dy)
-    assert seen == [((2, 8, 3, 5), torch.float32)], seen
-    rounded = _run(module, x.half().float(), dy)  # what the backward saw of x: its half-precision rounding
-    torch.testing.assert_close(hooked[1], rounded[1], rtol=1e-3, atol=1e-3)
+        return t.dtype, t.to(torch.float16) if t.dtype == torch.float64 else t
+
+    def unpack(packed):
+        dtype, t = packed
+        return t.to(torch.float32 if restores == "float32" and dtype == torch.float64 else dtype)
+    plain = _run(copy.deepcopy(module), x, dy)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        hooked = _run(module, x, dy)
+    assert seen[0] == ((2, 8, 3, 5), torch.float32) and [dtype for _, dtype in seen[1:]] == [torch.float64], seen
+    for what, u, v in (("output", plain[0], hooked[0]), ("dx", plain[1], hooked[1])):
+        assert torch.equal(u, v), what
+    for k in plain[2]:
+        assert torch.equal(plain[2][k], hooked[2][k]), f"grad {k}"
 
 
 @pytest.mark.parametrize("present", ["weight", "bias"])

@@ -94,6 +94,19 @@ def _array(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
+#: The value the eager routes write after a context's last double (`_new_context`): 2⁵³ - 1, which every
+#: narrower float rounds, so that a context a saved-tensor hook stored in less precision is seen to be one
+_STAMP = float(2 ** 53 - 1)
+
+
+def _new_context(length):
+    """A zeroed context of `length` doubles (the kernels' own), a view of `length` + 1 whose last is `_STAMP`:
+    what the eager routes save for their backward (`_save`)."""
+    full = np.zeros(length + 1)
+    full[length] = _STAMP
+    return full[:length]
+
+
 # A tensor's numpy view costs about a microsecond, three in a training step (where the convolutions between two
 # layers have evicted Python's caches), and a layer hands the kernels seven parameters and buffers. bcnswift's
 # modules keep each one's view in a dict of their own (`KernelViews`), cleared when the module moves (.to(),
@@ -244,7 +257,7 @@ def moment_arrays(x, flags, groups):
     B, C = x.shape[0], x.shape[1]
     # zeros, not empty: the kernels leave parts of a context unused, and an output must be deterministic
     # (made in numpy and lent to torch: a torch tensor's numpy view costs 2 us)
-    ctx = np.zeros(context_length(B, C, _groups(flags, groups)))
+    ctx = _new_context(context_length(B, C, _groups(flags, groups)))
     m = np.empty(3 * C)
     _kernels.norm_moments(flags | form, groups, _array(x), m, ctx)
     return ctx, m
@@ -342,7 +355,7 @@ def _normalize_impl(x, context, moments, bn_weight, bn_bias, running_mean, runni
         cw = np.ones(groups, xa.dtype) if cn_weight is None else _held(cn_weight, views, "cn_weight")
         cb = np.zeros(groups, xa.dtype) if cn_bias is None else _held(cn_bias, views, "cn_bias")
     if context is None:
-        context = np.zeros(context_length(B, C, g))
+        context = _new_context(context_length(B, C, g))
         _kernels.norm_forward(flags, groups, eps, bn_eps, momentum, xa, _array(y), bw, bb, rm, rv, nbt, cw, cb,
                               context)
     else:
@@ -460,21 +473,41 @@ def _(dy, x, context, flags, groups, bn_affine, cn_affine):
 
 
 def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias, laid=None):
-    """What a backward needs from its forward. `context` is the op's output tensor (saved for backward, as
-    torch.compile traces it), or on the eager routes a numpy array, kept as it is, with `laid` (what
-    `_normalize_impl` returned for x): its layout flag where the kernels read x in place. Only x itself is kept
-    (saved, so that autograd checks it was not modified and saved-tensor hooks may pack it)."""
+    """What a backward needs from its forward. x and the context are saved for backward: autograd checks x was
+    not modified, saved-tensor hooks may pack both, and a recomputing checkpoint (`use_reentrant=False`) replaces
+    both, as it replaces the documents' modules' saved tensors (with estimates, the recomputation moves them
+    again, and its coefficients are the ones the layers after it saved). `context` is the op's output tensor (as
+    torch.compile traces it), or on the eager routes a numpy array (None: no values), which is also kept aside,
+    exact: a hook that stores saved tensors in half precision rounds the saved one, whose stamp (`_new_context`)
+    then no longer holds, and the backward takes the one aside (`_saved_context`). `laid` (what `_normalize_impl`
+    returned for x): its layout flag where the kernels read x in place."""
+    ctx.context = None if isinstance(context, torch.Tensor) else context
+    full = None if ctx.context is None else context.base
     if isinstance(context, torch.Tensor):
         ctx.save_for_backward(x, context)
+    elif isinstance(full, np.ndarray) and full.size == context.size + 1 and full[-1] == _STAMP:
+        ctx.save_for_backward(x, torch.from_numpy(full))
     else:
         ctx.save_for_backward(x)
-        ctx.context = context
-        ctx.form = laid[2] if laid is not None and laid[0] is x else None
+    ctx.form = laid[2] if laid is not None and laid[0] is x else None
     ctx.flags, ctx.groups = flags, groups
     ctx.shapes = [None if t is None else t.shape for t in (bn_weight, bn_bias, cn_weight, cn_bias)]
     # a stage is affine when either parameter is given (the kernels then compute both gradients)
     ctx.bn_affine = bn_weight is not None or bn_bias is not None
     ctx.cn_affine = cn_weight is not None or cn_bias is not None
+
+
+def _saved_context(ctx, saved):
+    """The eager routes' context for the backward (`_save`): the saved one if it came back float64 with its stamp
+    (the same memory, or a recomputing checkpoint's own), else the one kept aside."""
+    aside = ctx.context
+    if len(saved) == 2 and aside is not None:
+        full, n = saved[1], aside.size
+        if full.dtype == torch.float64 and full.is_cpu and full.is_contiguous() and full.numel() == n + 1:
+            values = _array(full)
+            if values[n] == _STAMP:
+                return values[:n]
+    return aside
 
 
 def _normalize_setup(ctx, inputs, output):
@@ -488,8 +521,8 @@ def _normalize_gradients(ctx, dy, backward):
     shape (None for a parameter not given), by `backward` (the op, or `backward_impl` itself); each caller lays
     them out for its own inputs."""
     saved = ctx.saved_tensors
-    x, context = saved if len(saved) == 2 else (saved[0], ctx.context)
-    dx, *params = backward(dy, x, context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
+    context = saved[1] if ctx.context is None and len(saved) == 2 else _saved_context(ctx, saved)
+    dx, *params = backward(dy, saved[0], context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
     # the gradients come 1-D (comparing a torch.Size costs microseconds: it goes through symbolic shapes' sym_eq)
     return (dx, *(None if shape is None else g if len(shape) == 1 else g.view(shape)
                   for g, shape in zip(params, ctx.shapes)))
@@ -731,8 +764,9 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x = ctx.saved_tensors[0]  # unpacked for autograd's check that x was not modified in place
-        g = backward_impl(dy, x, ctx.context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
+        saved = ctx.saved_tensors  # unpacked for autograd's check that x was not modified in place
+        x = saved[0]
+        g = backward_impl(dy, x, _saved_context(ctx, saved), ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
                           shapes=ctx.shapes, form=ctx.form)
         # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
         return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)

@@ -414,14 +414,26 @@ void *scratch_copy(int slot, c10::ScalarType dtype, int64_t n, const void *from)
 // (the op's redispatch, or a caller's), every allocation would otherwise pass through them.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
-// _ops.moment_arrays on x laid out for the kernels: (context, moments)
-std::tuple<Tensor, Tensor> moments_of(const Laid &laid, int64_t flags, int64_t groups) {
+// _ops._STAMP: after the last double of a context the eager op saves (new_context)
+constexpr double kContextStamp = 9007199254740991.0;  // 2^53 - 1, which every narrower float rounds
+
+// A zeroed context of `length` doubles; with `stamped`, a view of a tensor one longer whose last double is the
+// stamp, that tensor into *stamped (_ops._new_context)
+Tensor new_context(int64_t length, Tensor *stamped) {
+    if (!stamped) return new_zeros(length, at::kDouble);
+    *stamped = new_zeros(length + 1, at::kDouble);
+    stamped->data_ptr<double>()[length] = kContextStamp;
+    return stamped->narrow(0, 0, length);
+}
+
+// _ops.moment_arrays on x laid out for the kernels: (context, moments); `stamped` as new_context's
+std::tuple<Tensor, Tensor> moments_of(const Laid &laid, int64_t flags, int64_t groups, Tensor *stamped = nullptr) {
     const Tensor &x = laid.x;
     Shape s = shape_of_input(x);
     uint32_t f = checked_flags(flags, api().flags_all) | laid.flag;
     int64_t g = checked_groups(flags, groups);
     take(x, "x", x.scalar_type(), -1, has(f, api().channels_last));  // as the flags say it lies (a caller's too)
-    Tensor context = new_zeros(context_length(s.batch, s.channels, sizing_groups(g, s.channels)), at::kDouble);
+    Tensor context = new_context(context_length(s.batch, s.channels, sizing_groups(g, s.channels)), stamped);
     Tensor moments = new_empty(3 * s.channels, at::kDouble);
     char message[kMessageCapacity] = "";
     int32_t status;
@@ -487,7 +499,8 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
                                           const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
                                           const OptionalTensor &running_mean, const OptionalTensor &running_var,
                                           const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, int64_t flags,
-                                          int64_t groups, double eps, double bn_eps, const Written *written = nullptr) {
+                                          int64_t groups, double eps, double bn_eps, const Written *written = nullptr,
+                                          Tensor *stamped = nullptr) {
     const bcn_c_api &a = api();
     const Tensor &x = laid.x;
     uint32_t f = checked_flags(flags, a.flags_all) | laid.flag;
@@ -510,7 +523,7 @@ std::tuple<Tensor, Tensor> normalize_laid(const Tensor &given, const Laid &laid,
         rv = readable(running_var);
     }
     bool finish = context.defined();
-    if (!finish) context = new_zeros(context_length(s.batch, c, sized), at::kDouble);
+    if (!finish) context = new_context(context_length(s.batch, c, sized), stamped);
     take(x, "x", dtype, -1, has(f, a.channels_last));  // as the flags say it lies (a caller's too)
     void *pbw = !bn ? nullptr : bw.defined() ? take(bw, "bn_weight", dtype, c) : scratch(0, dtype, c, 1);
     void *pbb = !bn ? nullptr : bb.defined() ? take(bb, "bn_bias", dtype, c) : scratch(1, dtype, c, 0);
@@ -762,10 +775,10 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         double momentum = call.moving_speed ? first_value(*call.moving_speed) : call.momentum;
         check_input(x);
         Laid laid = context_layout(x, nullptr);  // where it lies, or a C-order copy
-        Tensor y, context;
+        Tensor y, context, stamped;  // the context, and the stamped tensor it is a view of (new_context)
         if (call.update && has(call.flags, a.estimated)) {
             // the estimates first, rounded to the buffers' dtype, then the eval normalization with them
-            auto [measured, moments] = moments_of(laid, call.flags, call.groups);
+            auto [measured, moments] = moments_of(laid, call.flags, call.groups, &stamped);
             Tensor rm = call.running_mean.value_or(Tensor()), rv = call.running_var.value_or(Tensor());
             Tensor nbt = call.num_batches_tracked.value_or(Tensor());
             update_running_op(rm, rv, nbt, moments, call.flags, momentum, std::nullopt);
@@ -777,17 +790,19 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
                             call.num_batches_tracked.value_or(Tensor()), momentum};
             std::tie(y, context) = normalize_laid(x, laid, Tensor(), Tensor(), bn_weight, bn_bias, std::nullopt,
                                                   std::nullopt, cn_weight, cn_bias, call.flags | a.training,
-                                                  call.groups, call.eps, call.bn_eps, &written);
+                                                  call.groups, call.eps, call.bn_eps, &written, &stamped);
         } else {
             std::tie(y, context) = normalize_laid(x, laid, Tensor(), Tensor(), bn_weight, bn_bias, call.running_mean,
                                                   call.running_var, cn_weight, cn_bias, call.flags, call.groups,
-                                                  call.eps, call.bn_eps);
+                                                  call.eps, call.bn_eps, nullptr, &stamped);
         }
         if (call.update)  // written through their memory: tell autograd, as an in-place torch op would
             for (const OptionalTensor *t : {&call.running_mean, &call.running_var, &call.num_batches_tracked})
                 if (*t && t->value().defined() && !t->value().is_inference())
                     torch::autograd::impl::bump_version(t->value());
-        ctx->save_for_backward({x});
+        // the context, stamped, beside x, so that a recomputing checkpoint replaces both; and aside, exact, for a
+        // saved-tensor hook that rounds what it stores (_ops._save)
+        ctx->save_for_backward({x, stamped});
         auto &saved = ctx->saved_data;
         saved["context"] = context;
         saved["flags"] = call.flags;
@@ -808,9 +823,18 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
-        Tensor x = ctx->get_saved_variables()[0];  // checks that x was not modified in place since
-        const Tensor &dy = grad_outputs[0];
+        auto variables = ctx->get_saved_variables();  // checks that x was not modified in place since
+        const Tensor &x = variables[0];
         auto &saved = ctx->saved_data;
+        // the saved context if it came back float64 with its stamp (the same memory, or a recomputing checkpoint's
+        // own), else the one kept aside (_ops._saved_context)
+        Tensor context = saved["context"].toTensor();
+        const Tensor &full = variables[1];
+        int64_t n = context.numel();
+        if (full.scalar_type() == at::kDouble && full.is_cpu() && full.is_contiguous() && full.numel() == n + 1 &&
+            full.data_ptr<double>()[n] == kContextStamp)
+            context = full.narrow(0, 0, n);
+        const Tensor &dy = grad_outputs[0];
         ParameterShapes shapes;
         auto listed = saved["shapes"].to<c10::List<std::optional<std::vector<int64_t>>>>();
         for (int i = 0; i < 4; ++i) shapes[i] = listed.get(i);
@@ -818,7 +842,7 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         ParameterGradients g;
         {
             BelowAutograd below;
-            std::tie(dx, g) = backward_of(dy, x, saved["context"].toTensor(), saved["flags"].toInt(),
+            std::tie(dx, g) = backward_of(dy, x, context, saved["flags"].toInt(),
                                           saved["groups"].toInt(), saved["bn_affine"].toBool(),
                                           saved["cn_affine"].toBool(), &shapes);
         }
