@@ -455,14 +455,16 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
         assert torch.equal(plain[2][k], hooked[2][k]), f"grad {k}"
 
 
-@pytest.mark.parametrize("restores", ["float32", "the dtype it packed"])
+@pytest.mark.parametrize("restores", ["float32", "the dtype it packed", "scaled by the largest magnitude",
+                                      "a copy"])
 @pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
 def test_saved_tensor_hooks_that_round_leave_the_context_exact(route, restores, gen, monkeypatch):
     """A memory-saving pack hook that stores saved tensors in half precision (a common pattern) also rounds the
     stamped copy of the forward's context, which the eager routes save so that a recomputing checkpoint replaces
-    it: the backward sees the stamp broken (or the dtype changed) and takes the context kept aside, exact, on both
-    routes. Here the hook rounds the float64 tensors alone (the context), so the gradients are those without it,
-    bit for bit."""
+    it: the backward sees the stamps broken (or the dtype changed) and takes the context kept aside, exact, on both
+    routes; an exact copy keeps them, and is taken. Here the hook rounds the float64 tensors alone (the context),
+    so the gradients are those without it, bit for bit. (A single stamp of 2⁵³ - 1, the context's largest value,
+    survived a hook that scales by the largest magnitude, and the backward took the rounded context.)"""
     monkeypatch.setattr(_ops, "NATIVE", route == "native")
     module = bt.BCNorm(8, 4)
     randomize(module, gen)
@@ -471,16 +473,23 @@ def test_saved_tensor_hooks_that_round_leave_the_context_exact(route, restores, 
     seen = []
 
     def pack(t):
-        seen.append((tuple(t.shape), t.dtype))
-        return t.dtype, t.to(torch.float16) if t.dtype == torch.float64 else t
+        seen.append((tuple(t.shape), t.dtype, t[-len(_ops._STAMP):].tolist() if t.dtype == torch.float64 else None))
+        if t.dtype != torch.float64:
+            return t.dtype, t, None
+        if restores == "a copy":
+            return t.dtype, t.clone(), None
+        scale = t.abs().max() if restores == "scaled by the largest magnitude" else None
+        return t.dtype, (t if scale is None else t / scale).to(torch.float16), scale
 
     def unpack(packed):
-        dtype, t = packed
-        return t.to(torch.float32 if restores == "float32" and dtype == torch.float64 else dtype)
+        dtype, t, scale = packed
+        t = t.to(torch.float32 if restores == "float32" and dtype == torch.float64 else dtype)
+        return t if scale is None else t * scale
     plain = _run(copy.deepcopy(module), x, dy)
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         hooked = _run(module, x, dy)
-    assert seen[0] == ((2, 8, 3, 5), torch.float32) and [dtype for _, dtype in seen[1:]] == [torch.float64], seen
+    assert seen[0][:2] == ((2, 8, 3, 5), torch.float32) and [s[1] for s in seen[1:]] == [torch.float64], seen
+    assert tuple(seen[1][2]) == _ops._STAMP, "the route's stamps are not _ops._STAMP"  # native_ops.cpp's too
     for what, u, v in (("output", plain[0], hooked[0]), ("dx", plain[1], hooked[1])):
         assert torch.equal(u, v), what
     for k in plain[2]:

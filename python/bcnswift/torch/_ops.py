@@ -33,6 +33,7 @@ then takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_stand
 C++ whose backward runs no Python; the autograd.Functions here are its fallback.
 """
 import functools
+import sys
 import types
 from typing import Optional
 
@@ -94,16 +95,18 @@ def _array(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-#: The value the eager routes write after a context's last double (`_new_context`): 2⁵³ - 1, which every
-#: narrower float rounds, so that a context a saved-tensor hook stored in less precision is seen to be one
-_STAMP = float(2 ** 53 - 1)
+#: What the eager routes write after a context's last double (`_new_context`, and native_ops.cpp's
+#: kContextStamps): the largest magnitude (a narrower float makes it infinite, and a hook that scales by the
+#: largest magnitude then loses the rest) and 1 + 2⁻⁵², which needs a double's whole mantissa (any rounding, a
+#: scaling by a range, a quantization changes it). A context a saved-tensor hook stored lossily is seen to be one.
+_STAMP = (-sys.float_info.max, 1 + 2 ** -52)
 
 
 def _new_context(length):
-    """A zeroed context of `length` doubles (the kernels' own), a view of `length` + 1 whose last is `_STAMP`:
-    what the eager routes save for their backward (`_save`)."""
-    full = np.zeros(length + 1)
-    full[length] = _STAMP
+    """A zeroed context of `length` doubles (the kernels' own), a view of a buffer that ends with `_STAMP`: what
+    the eager routes save for their backward (`_save`)."""
+    full = np.zeros(length + len(_STAMP))
+    full[length:] = _STAMP
     return full[:length]
 
 
@@ -485,8 +488,10 @@ def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias
     full = None if ctx.context is None else context.base
     if isinstance(context, torch.Tensor):
         ctx.save_for_backward(x, context)
-    elif isinstance(full, np.ndarray) and full.size == context.size + 1 and full[-1] == _STAMP:
-        ctx.save_for_backward(x, torch.from_numpy(full))
+    elif isinstance(full, np.ndarray) and full.size == context.size + len(_STAMP):  # `_new_context`'s
+        stamped = torch.from_numpy(full)
+        ctx.save_for_backward(x, stamped)
+        ctx.stamped_at = stamped.data_ptr()  # where it lies: where it comes back unless a hook copied it
     else:
         ctx.save_for_backward(x)
     ctx.form = laid[2] if laid is not None and laid[0] is x else None
@@ -498,14 +503,17 @@ def _save(ctx, x, context, flags, groups, bn_weight, bn_bias, cn_weight, cn_bias
 
 
 def _saved_context(ctx, saved):
-    """The eager routes' context for the backward (`_save`): the saved one if it came back float64 with its stamp
-    (the same memory, or a recomputing checkpoint's own), else the one kept aside."""
+    """The eager routes' context for the backward (`_save`): the one kept aside if the saved one comes back in
+    its own memory (no hook, or one that kept it) or lost its stamp (a hook that stored it lossily); else the
+    saved one, a copy with its stamp (a recomputing checkpoint's own, or a hook's exact copy)."""
     aside = ctx.context
     if len(saved) == 2 and aside is not None:
         full, n = saved[1], aside.size
-        if full.dtype == torch.float64 and full.is_cpu and full.is_contiguous() and full.numel() == n + 1:
+        if full.data_ptr() == ctx.stamped_at:
+            return aside
+        if full.dtype == torch.float64 and full.is_cpu and full.is_contiguous() and full.numel() == n + len(_STAMP):
             values = _array(full)
-            if values[n] == _STAMP:
+            if tuple(values[n:].tolist()) == _STAMP:
                 return values[:n]
     return aside
 
@@ -516,11 +524,12 @@ def _normalize_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])  # the context is bookkeeping, not a value
 
 
-def _normalize_gradients(ctx, dy, backward):
+def _normalize_gradients(ctx, dy, backward, saved=None):
     """(dx, d_bn_weight, d_bn_bias, d_cn_weight, d_cn_bias) of a forward `_save`d in ctx, each parameter's in its
     shape (None for a parameter not given), by `backward` (the op, or `backward_impl` itself); each caller lays
-    them out for its own inputs."""
-    saved = ctx.saved_tensors
+    them out for its own inputs. `saved`: ctx.saved_tensors if the caller unpacked them already (each unpacking
+    runs the saved-tensor hooks again)."""
+    saved = ctx.saved_tensors if saved is None else saved
     context = saved[1] if ctx.context is None and len(saved) == 2 else _saved_context(ctx, saved)
     dx, *params = backward(dy, saved[0], context, ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine)
     # the gradients come 1-D (comparing a torch.Size costs microseconds: it goes through symbolic shapes' sym_eq)

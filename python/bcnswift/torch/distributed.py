@@ -140,7 +140,8 @@ class _SyncForward(torch.autograd.Function):
     @staticmethod
     def _gradients(ctx, dy, merge):
         """The backward's gradients, the batch's gradient sums exchanged through `merge` (None: estimated)."""
-        x = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors
+        x = saved[0]
         if ctx.empty:
             if merge is not None:  # take part in the exchange, contributing nothing
                 merge(np.zeros(2 * ctx.config.channels))
@@ -151,7 +152,7 @@ class _SyncForward(torch.autograd.Function):
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
-        dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward)
+        dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward, saved)
         grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 10
         return _ops._first_order_only(grads, x, dy)
 

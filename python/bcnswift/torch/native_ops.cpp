@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -414,16 +415,30 @@ void *scratch_copy(int slot, c10::ScalarType dtype, int64_t n, const void *from)
 // (the op's redispatch, or a caller's), every allocation would otherwise pass through them.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
-// _ops._STAMP: after the last double of a context the eager op saves (new_context)
-constexpr double kContextStamp = 9007199254740991.0;  // 2^53 - 1, which every narrower float rounds
+// _ops._STAMP: after the last double of a context the eager op saves (new_context): the largest magnitude and
+// 1 + 2^-52, which a saved-tensor hook that stores the context lossily changes
+constexpr double kContextStamps[] = {-std::numeric_limits<double>::max(), 1.0 + 0x1p-52};
+constexpr int64_t kStampCount = 2;
 
-// A zeroed context of `length` doubles; with `stamped`, a view of a tensor one longer whose last double is the
-// stamp, that tensor into *stamped (_ops._new_context)
+// A zeroed context of `length` doubles; with `stamped`, a view of a tensor that ends with the stamps, that tensor
+// into *stamped (_ops._new_context)
 Tensor new_context(int64_t length, Tensor *stamped) {
     if (!stamped) return new_zeros(length, at::kDouble);
-    *stamped = new_zeros(length + 1, at::kDouble);
-    stamped->data_ptr<double>()[length] = kContextStamp;
+    *stamped = new_zeros(length + kStampCount, at::kDouble);
+    std::copy(kContextStamps, kContextStamps + kStampCount, stamped->data_ptr<double>() + length);
     return stamped->narrow(0, 0, length);
+}
+
+// _ops._saved_context: the context kept aside if the saved `stamped` comes back in its own memory (at `at`) or
+// without its stamps; else the saved one, a copy with its stamps (a recomputing checkpoint's own, or a hook's)
+Tensor saved_context(const Tensor &aside, const Tensor &stamped, int64_t at) {
+    int64_t n = aside.numel();
+    if (reinterpret_cast<int64_t>(stamped.data_ptr()) == at) return aside;
+    if (stamped.scalar_type() != at::kDouble || !stamped.is_cpu() || !stamped.is_contiguous() ||
+        stamped.numel() != n + kStampCount)
+        return aside;
+    const double *tail = stamped.data_ptr<double>() + n;
+    return std::equal(tail, tail + kStampCount, kContextStamps) ? stamped.narrow(0, 0, n) : aside;
 }
 
 // _ops.moment_arrays on x laid out for the kernels: (context, moments); `stamped` as new_context's
@@ -805,6 +820,7 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         ctx->save_for_backward({x, stamped});
         auto &saved = ctx->saved_data;
         saved["context"] = context;
+        saved["stamped_at"] = reinterpret_cast<int64_t>(stamped.data_ptr());
         saved["flags"] = call.flags;
         saved["groups"] = call.groups;
         // a stage is affine when either parameter is given (the kernels then compute both gradients)
@@ -826,14 +842,7 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         auto variables = ctx->get_saved_variables();  // checks that x was not modified in place since
         const Tensor &x = variables[0];
         auto &saved = ctx->saved_data;
-        // the saved context if it came back float64 with its stamp (the same memory, or a recomputing checkpoint's
-        // own), else the one kept aside (_ops._saved_context)
-        Tensor context = saved["context"].toTensor();
-        const Tensor &full = variables[1];
-        int64_t n = context.numel();
-        if (full.scalar_type() == at::kDouble && full.is_cpu() && full.is_contiguous() && full.numel() == n + 1 &&
-            full.data_ptr<double>()[n] == kContextStamp)
-            context = full.narrow(0, 0, n);
+        Tensor context = saved_context(saved["context"].toTensor(), variables[1], saved["stamped_at"].toInt());
         const Tensor &dy = grad_outputs[0];
         ParameterShapes shapes;
         auto listed = saved["shapes"].to<c10::List<std::optional<std::vector<int64_t>>>>();
