@@ -233,8 +233,10 @@ class _Normalization:
                 self.bn_bias = np.zeros(C, dt)
                 self.running_mean = np.zeros(C, dt)
                 self.running_var = np.ones(C, dt)
-            except (MemoryError, ValueError) as e:  # numpy's "array is too big" names no argument
-                raise type(e)(f"num_channels={C}: its parameters and buffers do not fit in memory ({e})") from None
+            except (MemoryError, ValueError) as e:  # numpy's errors name no argument (and its MemoryError
+                # subclass takes other arguments than a message)
+                kind = MemoryError if isinstance(e, MemoryError) else ValueError
+                raise kind(f"num_channels={C}: its parameters and buffers do not fit in memory ({e})") from None
             self.num_batches_tracked = np.zeros((), np.int64)
         else:
             self.momentum, self.bn_eps = None, self.eps

@@ -50,6 +50,7 @@ def assert_unchanged(layer, before):
     (dict(num_channels=4, num_groups=2, dtype=None), TypeError, "dtype must be float32 or float64, got None"),
     # numpy's own error named no argument
     (dict(num_channels=2 ** 62, num_groups=1), (MemoryError, ValueError), f"num_channels={2 ** 62}: its parameters"),
+    (dict(num_channels=2 ** 40, num_groups=1), MemoryError, f"num_channels={2 ** 40}: its parameters"),
 ])
 def test_construction_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
