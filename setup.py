@@ -46,7 +46,7 @@ def isa_paths():
     """The ISA paths BCNSWIFT_ISAS names, each once, in its order; RuntimeError if it names none, or one this
     machine cannot build (an empty list would install a package without kernels, which no CPU can import)."""
     buildable = "baseline, x86-64-v3" if X86 else "baseline"
-    value = os.environ.get("BCNSWIFT_ISAS", "baseline,x86-64-v3" if X86 else "baseline")
+    value = os.environ.get("BCNSWIFT_ISAS", buildable)
     paths = list(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
     if not paths:
         raise RuntimeError(f"bcnswift: BCNSWIFT_ISAS={value!r} names no ISA path; name one or more of {buildable}, "
@@ -58,9 +58,10 @@ def isa_paths():
 
 
 def strip_symbols():
-    """BCNSWIFT_STRIP: 1 (the default) strips the extensions, 0 keeps their symbols (for perf and callgrind)."""
-    value = os.environ.get("BCNSWIFT_STRIP", "1").strip().lower()
-    if value in ("1", "true", "yes", "on"):
+    """BCNSWIFT_STRIP: 1 (the default, also when empty) strips the extensions, 0 keeps their symbols (for perf and
+    callgrind)."""
+    value = os.environ.get("BCNSWIFT_STRIP", "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
@@ -80,7 +81,8 @@ def swift_build_flags(path):
 class SwiftBuildExt(build_ext):
     def run(self):
         # the settings are checked here, where they matter, so that an sdist never depends on them
-        isa_paths(); strip_symbols()
+        isa_paths()
+        strip_symbols()
         super().run()
 
     def build_extension(self, ext):

@@ -9,6 +9,8 @@ def output_file_problem(path):
     if path is None:
         return None
     target = Path(path)
+    if target.is_symlink() and not target.exists():  # opening it would make its target, which we could not tidy
+        return f"cannot write {path}: a symbolic link to nothing"
     existed = target.exists()
     try:
         with open(target, "a"):

@@ -233,7 +233,7 @@ def _positive(what):
     return parse
 
 
-#: the flags that only --torch reads, with their defaults (None: not given)
+#: the flags that only --torch reads (each defaults to None, so that one given shows)
 TORCH_FLAGS = ("models", "ways", "estimate", "rounds")
 
 
@@ -275,6 +275,8 @@ def parse_arguments(argv=None):
                 f"got {', '.join(m if m != 'tables' else ' '.join(tables) for m in modes)}")
     if a.torch and a.no_torch:
         p.error("--torch and --no-torch contradict each other")
+    if a.torch and a.no_reference:
+        p.error("--no-reference does not apply with --torch (its steps have no numpy reference)")
     if not a.torch:
         given = [f"--{name}" for name in TORCH_FLAGS if getattr(a, name) is not None]
         if given:
@@ -288,11 +290,11 @@ def parse_arguments(argv=None):
             from bcnswift.torch import bench as torch_bench
         except ImportError as e:
             p.error(f"--torch needs PyTorch (python3 -m pip install '.[torch]'): {e}")
-        a.models = (a.models or ",".join(torch_bench.MODELS)).split(",")
+        a.models = ",".join(torch_bench.MODELS).split(",") if a.models is None else a.models.split(",")
         unknown = [m for m in a.models if m not in torch_bench.MODELS]
         if unknown:
             p.error(f"unknown --models {', '.join(map(repr, unknown))}: choose from {', '.join(torch_bench.MODELS)}")
-        a.ways = a.ways.split(",") if a.ways else list(torch_bench.WAYS)
+        a.ways = list(torch_bench.WAYS) if a.ways is None else a.ways.split(",")
         try:
             for way in a.ways:
                 torch_bench.check_way(way)

@@ -78,8 +78,9 @@ def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
 
 def launch(ranks=(2, 4), threads=None, quick=False, json_path=None):
     """Runs this module under mpiexec (the one next to the interpreter, from the mpich wheel) for each count, with
-    `threads` kernel threads a rank (None: BCNSWIFT_NUM_THREADS, else 1), 50 repeats if `quick` (else 200), and
-    the results of all counts as one JSON list at `json_path`. Exits with an error if there is no mpiexec: a benchmark that ran nothing must not pass."""
+    `threads` kernel threads a rank (None: BCNSWIFT_NUM_THREADS, else 1) and 50 repeats if `quick` (else 200);
+    returns each count's figures, and writes them at `json_path` ({"build_info", "sync": [one per count]}). Exits
+    with an error if there is no mpiexec: a benchmark that ran nothing must not pass."""
     import os
     import shutil
     import subprocess

@@ -235,6 +235,8 @@ def test_ab_builds_reports_builds_that_differ():
     (["--rounds", "x"], "positive number of rounds, got 'x'"),
     (["--torch", "--models", "nosuch"], "unknown --models 'nosuch'"),
     (["--torch", "--ways", "authors eager,foo"], "unknown way 'foo'"),
+    (["--torch", "--models", ""], "unknown --models ''"),
+    (["--torch", "--no-reference"], "--no-reference does not apply with --torch"),
     (["--rows", "--json", "/nonexistent-dir/x.json"], "--json: cannot write /nonexistent-dir/x.json"),
 ])
 def test_bench_refuses_bad_command_lines_before_any_work(argv, message, capsys):

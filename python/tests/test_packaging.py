@@ -133,7 +133,7 @@ def test_isa_paths_refuse_an_empty_or_unknown_list_and_build_each_path_once(monk
 
 
 @pytest.mark.parametrize("value, strip", [("1", True), ("yes", True), ("ON", True), ("0", False), ("false", False),
-                                          (" off ", False), ("no", False), ("2", None), ("", None)])
+                                          (" off ", False), ("no", False), ("2", None), ("", True)])
 def test_strip_setting_reads_words_and_refuses_the_rest(monkeypatch, value, strip):
     """BCNSWIFT_STRIP=false once stripped the extensions: only the exact "0" kept their symbols."""
     setup = _setup_module()
