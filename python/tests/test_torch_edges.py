@@ -719,13 +719,15 @@ def test_in_eval_the_input_gradient_at_a_non_finite_value_is_a_dy_as_torch_gives
 
 
 def _speed(m, speed):
-    m.estbn_moving_speed.fill_(speed)
+    """m (an EstBN, or a BCNorm whose bn is one) with the moving speed `speed`."""
+    (m.bn if isinstance(m, (bt.BCNorm, R.BCNorm)) else m).estbn_moving_speed.fill_(speed)
     return m
 
 
 #: (name, bcnswift module, the documents' module) with estimates moving fast, so that a recomputation shows
 CHECKPOINTED = [
-    ("BCNorm estimate", lambda: bt.BCNorm(8, 4, estimate=True), lambda: R.BCNorm(8, 4, 1e-5, estimate=True)),
+    ("BCNorm estimate", lambda: _speed(bt.BCNorm(8, 4, estimate=True), 0.5),
+     lambda: _speed(R.BCNorm(8, 4, 1e-5, estimate=True), 0.5)),
     ("EstBN", lambda: _speed(bt.EstBN(8), 0.5), lambda: _speed(R.EstBN(8), 0.5)),
     ("labml BatchChannelNorm", lambda: bt.BatchChannelNorm(8, 4, momentum=0.5),
      lambda: R.LabmlBatchChannelNorm(8, 4, momentum=0.5)),
@@ -745,8 +747,6 @@ def test_a_recomputing_checkpoint_gives_the_documents_gradients(name, make, make
     monkeypatch.setattr(_ops, "NATIVE", way == "native")
     monkeypatch.setattr(functional, "COMPOSED", way == "composed")
     ours, reference = make().double(), make_reference().double()
-    if name == "BCNorm estimate":
-        ours.bn.estbn_moving_speed.fill_(0.5)
     reference.load_state_dict(ours.state_dict())
     x0 = rand_input(gen, (4, 8, 6, 6), torch.float64)
     w = torch.arange(1.0, 9.0, dtype=torch.float64).view(1, 8, 1, 1)
