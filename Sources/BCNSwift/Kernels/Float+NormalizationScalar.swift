@@ -526,7 +526,6 @@ extension Float: NormalizationScalar {
         centre: Double, dyMean: Double, p: Double, q: Double, r: Double
     ) {
         // about cf = Float(centre) and df = Float(dyMean): r + q (x - c) + p dy = r' + q (x - cf) + p (dy - df)
-        let dyMean = CentreResidue.dyCentre(mean: dyMean)
         let cf = Float(centre), df = Float(dyMean), pf = Float(p), qf = Float(q)
         let rf = Float(CentreResidue.offset(r, slope: q, centre: centre, rounded: Double(cf)) + p * Double(df))
         let c = SIMD8<Float>(repeating: cf), d = SIMD8<Float>(repeating: df), pv = SIMD8<Float>(repeating: pf)

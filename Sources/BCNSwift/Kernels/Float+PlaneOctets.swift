@@ -268,8 +268,7 @@ extension Float {
         var i = 0
         let invN = SIMD4<Double>(repeating: 1 / Double(n))
         while i &+ 4 <= planes {
-            let centre = centres.lanes(i), mean = CentreResidue.dyCentre(mean: dySums.lanes(i) * invN)
-            let pd = p.lanes(i), qd = q.lanes(i)
+            let centre = centres.lanes(i), mean = dySums.lanes(i) * invN, pd = p.lanes(i), qd = q.lanes(i)
             guard MapRange.keeps(c: centre, dyCentre: mean, o: r.lanes(i), s1: qd, s2: pd) else {
                 return i  // as in `_scaleShiftQuads`
             }

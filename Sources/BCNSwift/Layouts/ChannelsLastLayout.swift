@@ -395,7 +395,7 @@ struct ChannelsLastLayout: StoredLayout {
         let dT = rT + planes, means = arena.take(planes, of: Double.self), invS = 1 / Double(S)
         let keeps = planeBlocks(arena: &arena) { block in
             for i in block {
-                let cf = T(p[i]), mean = CentreResidue.dyCentre(mean: t[i] * invS), df = T(mean)
+                let cf = T(p[i]), mean = t[i] * invS, df = T(mean)
                 cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i]); means[i] = mean
                 rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf))
                           + P[i] * Double(df))

@@ -32,16 +32,4 @@ enum CentreResidue {
                     rounded cf: SIMD4<Double>) -> SIMD4<Double> {
         d - (c - cf) * t
     }
-
-    /// The centre a backward map takes dy about: its plane's mean m, so that dy far from 0 against its spread keeps
-    /// its digits; 0 where m is not finite (a NaN or an infinity among the plane's dy), so that the map stays value
-    /// by value: dx = a dy of an eval batch norm then keeps the plane's other values (about m, all were NaN).
-    @inlinable @inline(__always)
-    static func dyCentre(mean m: Double) -> Double { m.isFinite ? m : 0 }
-
-    /// `dyCentre`, lane by lane (m - m is 0 exactly for a finite m, NaN otherwise).
-    @inlinable @inline(__always)
-    static func dyCentre(mean m: SIMD4<Double>) -> SIMD4<Double> {
-        m.replacing(with: 0, where: .!((m - m) .== SIMD4<Double>()))
-    }
 }
