@@ -172,6 +172,11 @@ final class CABIPhaseTests: XCTestCase {
         let rm = s.rm, nbt = s.nbt
         // finish before moments: the context holds none
         XCTAssertEqual(finish(&s, [Double](repeating: 1, count: 24)).0, BCN_ERR_NO_FORWARD)
+        // moments of a float32 input do not continue into a float64 finish
+        let x32 = s.x.map(Float.init)
+        XCTAssertEqual(bcn_norm_moments_f32(flags, 2, 8, 5, 4, x32, nil, &s.ctx, Int64(s.ctx.count), nil, 0), BCN_OK)
+        XCTAssertEqual(finish(&s, [Double](repeating: 1, count: 24)).0, BCN_ERR_NO_FORWARD)
+        XCTAssertEqual(s.rm, rm); XCTAssertEqual(s.nbt, nbt)
         let (a, m) = moments(&s)
         XCTAssertEqual(a, BCN_OK)
         // training needs the moments; moments of one value in all are degenerate for batch statistics

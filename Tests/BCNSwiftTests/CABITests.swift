@@ -166,6 +166,18 @@ final class CABITests: XCTestCase {
         // another memory format
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn | channelsLast, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil,
                                              nil, buf.ctx, Int64(buf.ctx.count), &message, 256), BCN_ERR_NO_FORWARD)
+        // another element type: a float64 backward would read the float32 input as garbage
+        var x64 = buf.x.map(Double.init), dy64 = buf.y.map(Double.init), dx64 = [Double](repeating: 7, count: 64)
+        let context = buf.ctx
+        XCTAssertEqual(bcn_norm_backward_f64(bn | cn, 2, 4, 8, 2, &x64, &dy64, &dx64, nil, nil, nil, nil, buf.ctx,
+                                             Int64(buf.ctx.count), &message, 256), BCN_ERR_NO_FORWARD)
+        XCTAssertTrue(String(cString: message).contains("float64 input"), String(cString: message))
+        XCTAssertEqual(bcn_norm_backward_sums_f64(bn | cn, 2, 4, 8, 2, &x64, &dy64, nil, &buf.ctx,
+                                                  Int64(buf.ctx.count), &message, 256), BCN_ERR_NO_FORWARD)
+        XCTAssertEqual(dx64, [Double](repeating: 7, count: 64))
+        XCTAssertEqual(buf.ctx, context, "a refused phase wrote the context")
+        // whether the backward needs the batch's sums reads no input: either element type answers
+        XCTAssertEqual(bcn_norm_needs_gradient_sums(bn | cn, 2, 4, 8, 2, buf.ctx, Int64(buf.ctx.count)), 1)
         var garbage = [Double](repeating: .nan, count: 4096)
         XCTAssertEqual(bcn_norm_backward_f32(bn | cn, 2, 4, 8, 2, buf.x, buf.y, &dx, nil, nil, nil, nil, &garbage,
                                              4096, &message, 256), BCN_ERR_NO_FORWARD)

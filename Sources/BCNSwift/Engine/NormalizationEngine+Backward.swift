@@ -23,7 +23,7 @@ extension NormalizationEngine {
         defer { BCNThreads.unpin(pinned) }
         // The context is only read here: T and U go to the call's scratch.
         let buffer = UnsafeMutableBufferPointer(mutating: context)
-        let (ctx, through) = try forwardContext(plan: plan, shape: shape, buffer)
+        let (ctx, through) = try forwardContext(plan: plan, shape: shape, buffer, of: T.self)
         try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")
         let layout = Layout(plan: plan, shape: shape), C = shape.channels
         let sumsBytes = ScratchArena.bytes(2 * C, of: Double.self)
@@ -88,7 +88,7 @@ extension NormalizationEngine {
     ) throws(BCNError) {
         let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
         defer { BCNThreads.unpin(pinned) }
-        let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
+        let (ctx, through) = try forwardContext(plan: plan, shape: shape, context, of: T.self)
         try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")
         let sums = through ? sums : nil
         let layout = Layout(plan: plan, shape: shape)
@@ -101,8 +101,8 @@ extension NormalizationEngine {
                 l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, into: sums, arena: &arena)
             }
         }
-        let flags = ctx.readFlags(format: shape.format) ?? []
-        ctx.writeHeader(flags.union(.gradientSums), format: shape.format)
+        let flags = ctx.readFlags(format: shape.format, element: nil) ?? []  // forwardContext read it
+        ctx.writeHeader(flags.union(.gradientSums), format: shape.format, of: T.self)
     }
 
     static func storedGradientSums<L: StoredLayout, T: NormalizationScalar>(
@@ -121,7 +121,9 @@ extension NormalizationEngine {
     /// the whole batch's gradient sums.
     public static func needsGradientSums(plan: NormalizationPlan, shape: NormalizationShape,
                                          context: UnsafeBufferPointer<Double>) throws(BCNError) -> Bool {
-        try forwardContext(plan: plan, shape: shape, UnsafeMutableBufferPointer(mutating: context)).through
+        // either element type: this call reads no input
+        try forwardContext(plan: plan, shape: shape, UnsafeMutableBufferPointer(mutating: context), element: nil)
+            .through
     }
 
     /// Backward phase (b): the element-wise sum of `sets` sum vectors of `2·channels` values (set i at
@@ -153,8 +155,8 @@ extension NormalizationEngine {
     ) throws(BCNError) {
         let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
         defer { BCNThreads.unpin(pinned) }
-        let (ctx, through) = try forwardContext(plan: plan, shape: shape, context)
-        guard ctx.readFlags(format: shape.format)?.contains(.gradientSums) == true else {
+        let (ctx, through) = try forwardContext(plan: plan, shape: shape, context, of: T.self)
+        guard ctx.readFlags(format: shape.format, element: nil)?.contains(.gradientSums) == true else {
             throw BCNError(.noForward, "context holds no gradient sums of this input: run localGradientSums first")
         }
         // as `finishForward` screens x: whatever its phase (a) screened
@@ -191,21 +193,29 @@ extension NormalizationEngine {
                          t: ctx.t, u: ctx.u, sums: sums, unitGradients: gradient, arena: &arena)
     }
 
-    /// The context of a finished forward of this plan, shape and memory format, and whether its gradients flow
-    /// through batch statistics.
+    /// `forwardContext(plan:shape:_:element:)` for input of type T.
+    static func forwardContext<T: NormalizationScalar>(
+        plan: NormalizationPlan, shape: NormalizationShape, _ buffer: UnsafeMutableBufferPointer<Double>, of _: T.Type
+    ) throws(BCNError) -> (NormalizationContext, through: Bool) {
+        try forwardContext(plan: plan, shape: shape, buffer, element: NormalizationContext.element(T.self))
+    }
+
+    /// The context of a finished forward of this plan, shape and memory format, on input of `element`'s type
+    /// (`NormalizationContext.element`; nil: either), and whether its gradients flow through batch statistics.
     static func forwardContext(plan: NormalizationPlan, shape: NormalizationShape,
-                               _ buffer: UnsafeMutableBufferPointer<Double>) throws(BCNError)
+                               _ buffer: UnsafeMutableBufferPointer<Double>, element: Double?) throws(BCNError)
         -> (NormalizationContext, through: Bool)
     {
         // the plan, the channel count and the context's length, as the forward checks them (the same words)
         let ctx = try checkedContext(plan: plan, shape: shape, buffer)
-        guard let flags = ctx.readFlags(format: shape.format), flags.contains(.forward),
+        guard let flags = ctx.readFlags(format: shape.format, element: element), flags.contains(.forward),
               flags.contains(.batchNorm) == (plan.batchNorm != nil),
               flags.contains(.channelNorm) == (plan.channelNorm != nil) else {
             // formatted here, on failure only: it cost about 1.5K instructions a call
             let dims = "[\(shape.batch), \(shape.channels), \(shape.spatial)] ([B, C, S])"
-            throw BCNError(.noForward,
-                           "no forward of this layer with input shape \(dims) and this memory format to differentiate")
+            let type = element == 4 ? "float32 " : element == 8 ? "float64 " : ""
+            throw BCNError(.noForward, "no forward of this layer with \(type)input of shape \(dims) and this memory "
+                                       + "format to differentiate")
         }
         return (ctx, flags.contains(.gradientThroughBatchStatistics))
     }

@@ -76,7 +76,7 @@ public enum NormalizationEngine {
         let layout = Layout(plan: plan, shape: shape)
         var arena = try ScratchArena(bytes: localMomentsBytes(layout, T.self))
         localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
-        ctx.writeHeader(.moments, format: shape.format)
+        ctx.writeHeader(.moments, format: shape.format, of: T.self)
     }
 
     /// Phase (b): the moments of the union of `sets` moment sets of `channels` channels each (set i at
@@ -116,8 +116,10 @@ public enum NormalizationEngine {
         let pinned = BCNThreads.pin()  // one thread count for the scratch and the loops
         defer { BCNThreads.unpin(pinned) }
         let ctx = try checkedContext(plan: plan, shape: shape, context)
-        guard let flags = ctx.readFlags(format: shape.format), flags.contains(.moments) else {
-            throw BCNError(.noForward, "context holds no moments of an input of this shape: run localMoments first")
+        guard let flags = ctx.readFlags(format: shape.format, element: NormalizationContext.element(T.self)),
+              flags.contains(.moments) else {
+            throw BCNError(.noForward, "context holds no moments of an input of this shape and element type: "
+                                       + "run localMoments first")
         }
         try checkState(plan: plan, state: state)
         try checkCount(plan: plan, state: state, updating: training)
@@ -214,7 +216,7 @@ public enum NormalizationEngine {
         case .rows(let l): l.apply(plan: plan, x: x, y: y, bias: bias, context: ctx, memo: memo, arena: &arena)
         }
         update?.commit(state, channels: plan.channels)
-        ctx.writeHeader(flags.union([.moments, .forward]), format: ctx.shape.format)
+        ctx.writeHeader(flags.union([.moments, .forward]), format: ctx.shape.format, of: T.self)
     }
 
     static func finishBytes<T: NormalizationScalar>(_ layout: Layout, _: T.Type, plan: NormalizationPlan) -> Int {

@@ -3,14 +3,15 @@
 ///
 /// Layout, in Doubles:
 /// - header (10): magic, B, C, S, G, flags, memory format, the channel norm's eps, the number of values the batch
-///   statistics rest on (B·S, or the whole batch's over processes), 0; the backward needs the last two;
+///   statistics rest on (B·S, or the whole batch's over processes; the backward needs these two), and the byte
+///   size of the input's elements (4 Float, 8 Double: a later phase of the other type would read x as garbage);
 /// - per plane (b, c), B·C each: `p` mean and `q` centred sum of squares of the plane (written by the forward's
 ///   moments on the layouts that keep them), `t` = Σ dy and `u` = Σ dy (x - p) (written by the backward);
 /// - per channel, C each: the batch-norm stage y₁ = a (x - μ) + β as `mu`, `invSigma` (1/σ), `a` (γ/σ) and
 ///   `beta` (μ = 0, 1/σ = 1, a = 1, β = 0 without that stage);
 /// - per (sample, group), B·G each: `m` mean and `r` = 1/√(v + eps) of y₁ over the group; per group: `w`.
 ///
-/// The header lets a later phase refuse a buffer that another shape, layer or memory format filled.
+/// The header lets a later phase refuse a buffer that another shape, layer, memory format or element type filled.
 public struct NormalizationContext {
     public static let magic: Double = 0x4243_4E32  // "BCN2"
     public static let headerLength = 10
@@ -73,12 +74,17 @@ public struct NormalizationContext {
         self.mu = mu; self.a = a; self.beta = beta
     }
 
-    /// Stamps the header: what is valid now, for this shape and memory format (`groupEps` is left alone).
-    func writeHeader(_ flags: Flags, format: MemoryFormat) {
+    /// Stamps the header: what is valid now, for this shape, memory format and element type (`groupEps` and
+    /// `statisticsCount` are left alone).
+    func writeHeader<T: NormalizationScalar>(_ flags: Flags, format: MemoryFormat, of _: T.Type) {
         base[0] = Self.magic
         base[1] = Double(shape.batch); base[2] = Double(shape.channels); base[3] = Double(shape.spatial)
         base[4] = Double(groups); base[5] = Double(flags.rawValue); base[6] = Double(format.rawValue)
+        base[9] = Self.element(T.self)
     }
+
+    /// The header's word for an element type: its size in bytes.
+    static func element<T: NormalizationScalar>(_: T.Type) -> Double { Double(MemoryLayout<T>.size) }
 
     /// The channel-norm stage's eps of the forward that filled the context (its backward needs it).
     var groupEps: Double {
@@ -93,11 +99,13 @@ public struct NormalizationContext {
         nonmutating set { base[8] = newValue }
     }
 
-    /// The header's flags if it was written for this shape, group count and memory format, else nil.
-    func readFlags(format: MemoryFormat) -> Flags? {
+    /// The header's flags if it was written for this shape, group count and memory format, and for input of
+    /// `element`'s size (`element(_:)`; nil: either type), else nil.
+    func readFlags(format: MemoryFormat, element: Double?) -> Flags? {
         guard base[0] == Self.magic, base[1] == Double(shape.batch), base[2] == Double(shape.channels),
               base[3] == Double(shape.spatial), base[4] == Double(groups), base[6] == Double(format.rawValue),
-              base[5] >= 0, base[5] <= Double(Flags.all.rawValue), base[5] == base[5].rounded()
+              base[5] >= 0, base[5] <= Double(Flags.all.rawValue), base[5] == base[5].rounded(),
+              element == nil || base[9] == element
         else { return nil }
         return Flags(rawValue: Int(base[5]))
     }

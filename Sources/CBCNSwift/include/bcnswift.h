@@ -51,7 +51,8 @@ extern "C" {
 #define BCN_ERR_DEGENERATE          3 /* training statistics undefined: one value per channel or per group     */
 #define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
-                                         flags' stages, shape, groups and memory format                        */
+                                         shape, groups, memory format and element type (f32 or f64); for a
+                                         backward, also for this flags' stages                                  */
 #define BCN_ERR_OUT_OF_MEMORY       6 /* the call's scratch memory (O(B*C) numbers and a block per thread)
                                          could not be allocated                                                */
 
@@ -150,9 +151,9 @@ int32_t bcn_norm_forward_f64(uint32_t flags, int64_t batch, int64_t channels, in
                              char *message, int64_t message_capacity);
 
 /*
- * Backward of the forward that filled `context` (same flags' stage bits and BCN_CHANNELS_LAST, shape and groups;
- * otherwise BCN_ERR_NO_FORWARD; a context shorter than bcn_context_length gives BCN_ERR_INVALID_ARGUMENT, as in
- * the forward). x must be that forward's input, unchanged. The context is only read.
+ * Backward of the forward that filled `context` (same flags' stage bits and BCN_CHANNELS_LAST, shape, groups
+ * and element type; otherwise BCN_ERR_NO_FORWARD; a context shorter than bcn_context_length gives
+ * BCN_ERR_INVALID_ARGUMENT, as in the forward). x must be that forward's input, unchanged. The context is only read.
  *
  *   dy             in,  batch*channels*spatial elements: gradient of the loss with respect to y.
  *   dx             out, same size; may equal dy.
@@ -198,8 +199,10 @@ int32_t bcn_moments_merge(int64_t sets, int64_t channels, const double *moments,
 
 /*
  * Forward phase (c): running buffers, coefficients and the output y, continuing phase (a) on the same x and
- * context. `moments` is the batch's moments per channel (3*channels doubles, from phase (a) or merged by phase
- * (b)); required when training with BCN_BATCH_NORM, ignored (may be NULL) otherwise. Other arguments as in
+ * context (of the same shape, groups, memory format and element type: otherwise BCN_ERR_NO_FORWARD; the plane
+ * moments do not depend on the stages, so phase (a)'s flags need not name the same ones). `moments` is the
+ * batch's moments per channel (3*channels doubles, from phase (a) or merged by phase (b)); required when
+ * training with BCN_BATCH_NORM, ignored (may be NULL) otherwise. Other arguments as in
  * bcn_norm_forward_*. BCN_ERR_DEGENERATE when the moments' count is 1 and the statistics need more. With
  * BCN_NAN_RAISE, x is read for NaN and infinity here too, whatever phase (a) was given.
  */
@@ -238,7 +241,7 @@ int32_t bcn_running_update_f64(uint32_t flags, int64_t channels, double momentum
 /*
  * 1 if the backward of the forward that filled `context` needs the whole batch's gradient sums (a batch-norm
  * stage trained with batch statistics), 0 if not, or a negative status (-BCN_ERR_NO_FORWARD, ...) if the context
- * holds no such forward.
+ * holds no such forward (of either element type: this reads no input).
  */
 int32_t bcn_norm_needs_gradient_sums(uint32_t flags, int64_t batch, int64_t channels, int64_t spatial,
                                      int64_t groups, const double *context, int64_t context_length);
