@@ -57,7 +57,7 @@ public struct BatchNormOptions: Equatable, Sendable {
             throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
         }
         if let m = momentum, !(m >= 0 && m <= 1) {
-            throw BCNError(.invalidArgument, "momentum must be in [0, 1] or nil, got \(m)")
+            throw BCNError(.invalidArgument, "momentum must be in [0, 1], got \(m)")
         }
     }
 }
