@@ -229,3 +229,41 @@ def test_fx_symbolic_trace_keeps_the_modules_as_leaves(training, gen):
         for (name, pe), pg in zip(eager.named_parameters(), graph_module.parameters()):
             torch.testing.assert_close(pg.grad, pe.grad, rtol=0, atol=0, msg=f"call {step}: grad {name}")
         _assert_same_buffers(graph_module, eager, f"call {step}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_make_fx_records_the_ops_and_its_graph_replays_the_model(training, gen):
+    """make_fx sees the modules op by op, under a torch dispatch mode: they take the custom ops there, as they do
+    while dynamo traces. (The eager routes work below the dispatcher: make_fx recorded a stored tensor in their
+    place, silently, and its graph then returned that tensor whatever its input.) The graph holds the ops, and
+    replayed on a new input gives the model's output and buffer updates."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    model = every_module_model().double().train(training)
+    replayed = copy.deepcopy(model)
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    graph = make_fx(replayed)(x0)
+    ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert {o for o in ops if o.startswith("bcnswift.")} >= {"bcnswift.weight_standardization.default"}, ops
+    assert any(o.startswith("bcnswift.normalize") for o in ops), ops
+    for name, buffer in replayed.named_buffers():  # the trace ran one forward: run it again from the start
+        buffer.copy_(dict(model.named_buffers())[name])
+    x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    torch.testing.assert_close(graph(x), model(x), rtol=1e-12, atol=1e-12)
+    _assert_same_buffers(replayed, model, "replayed graph")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fake_tensor_mode_gives_the_real_shapes_and_strides(layout, gen):
+    """Under FakeTensorMode (shape and memory planning) every module runs on its fake kernels: outputs of the
+    real shape and strides, channels_last kept. (It failed inside torch: the eager route read fake memory.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = every_module_model()[:-3].to(memory_format=fmt)
+    x = rand_input(gen, (4, 3, 8, 8), torch.float32).contiguous(memory_format=fmt)
+    real = model(x)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = model(mode.from_tensor(x))
+    assert fake.shape == real.shape and fake.stride() == real.stride() and fake.dtype == real.dtype

@@ -138,10 +138,16 @@ def fx_leaf(forward):
 
 
 def traced():
-    """Whether this call is being traced into a graph: by torch.compile or torch.export (dynamo), or by
-    torch.jit.trace. Traced calls take the custom ops, which a graph records; the eager routes' numpy calls
-    would be invisible to it (jit.trace recorded the output as a constant, or failed inside torch)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Whether this call is being traced into a graph, or watched op by op: by torch.compile or torch.export
+    (dynamo), by torch.jit.trace, or under a torch dispatch mode (make_fx, FakeTensorMode, FlopCounterMode,
+    selective activation checkpointing, ...). Such calls take the custom ops, which a graph records and a mode
+    sees (with their fake kernels' shapes and strides); the eager routes' kernels, below autograd on raw memory,
+    would be invisible to it (jit.trace recorded the output as a constant; make_fx silently recorded a stored
+    tensor in the op's place, and FakeTensorMode failed inside torch)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _dispatch_modes() > 0
+
+
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 class KernelViews:
