@@ -8,6 +8,8 @@ exchange nothing. A rank may hold an empty batch ([0, C, *]): it contributes not
 follow. Parameter gradients are each rank's local contribution (sum them across ranks, as for PyTorch's
 SyncBatchNorm). Every rank must call the layer in the same order and mode.
 """
+import copy
+
 import numpy as np
 
 from . import _ext
@@ -24,11 +26,23 @@ class _Synchronized:
 
     @property
     def comm(self):
+        """The communicator (or transport) of the exchanges; settable, as after unpickling a layer whose own did
+        not pickle."""
         return self.synchronizer.comm
+
+    @comm.setter
+    def comm(self, comm):
+        synchronizer = Synchronizer(mpi_world() if comm is None else comm, self._timeout)  # checked first
+        with self._lock:
+            self._comm, self._synchronizer, self._comm_lost = comm, synchronizer, False
 
     @property
     def synchronizer(self):
         if self._synchronizer is None:  # unpickled: the copy finds its own communicator
+            if getattr(self, "_comm_lost", False):
+                raise RuntimeError(f"this {type(self).__name__} was unpickled from a layer whose communicator did "
+                                   "not pickle (mpi4py's do not, but for COMM_WORLD): set its `comm` to the one "
+                                   "to exchange over before training it (eval needs none)")
             self._synchronizer = Synchronizer(mpi_world() if self._comm is None else self._comm, self._timeout)
         return self._synchronizer
 
@@ -97,12 +111,29 @@ class _Synchronized:
                 self._finish_backward(local["x"], local["ctx"], local["flags"], local["dy"], local["dx"], merged)
         return self._result(local["dx"], out)
 
-    def __getstate__(self):  # a communicator does not pickle; the copy finds its own (comm=None: COMM_WORLD)
+    def __getstate__(self):
+        """For pickling: the communicator goes along if it pickles (None, COMM_WORLD, a picklable transport).
+        Another (an mpi4py sub-communicator, say) cannot: the copy is marked, and refuses to train until given
+        one (`comm`), where it once took COMM_WORLD in its place, silently exchanging with other processes."""
         state = super().__getstate__()
         state["_synchronizer"] = None
         if state["_comm"] is not None and not _picklable(state["_comm"]):
-            state["_comm"] = None
+            state["_comm"], state["_comm_lost"] = None, True
         return state
+
+    def __deepcopy__(self, memo):
+        """A copy in this process keeps the communicator itself (it names processes; it is not copied), with a
+        synchronizer of its own over it."""
+        state = super().__getstate__()  # arrays copied
+        comm = state.pop("_comm")
+        state["_synchronizer"] = None
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__({"_comm": comm, **copy.deepcopy(state, memo)})
+        return clone
+
+    def __copy__(self):  # as the layers' own copies: the arrays copied too
+        return self.__deepcopy__({})
 
 
 def _picklable(obj):

@@ -192,9 +192,36 @@ def test_pickle_and_deepcopy_keep_the_state():
     import copy
     layer = bcnswift.SyncBatchChannelNorm(8, 4, comm=_Comm(ThreadGroup(1), 0))
     layer(np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.0)
-    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+    for clone in (copy.deepcopy(layer), copy.copy(layer), pickle.loads(pickle.dumps(layer))):
         for k, v in layer.state_dict().items():
             np.testing.assert_array_equal(clone.state_dict()[k], v)
+            assert not np.shares_memory(clone.state_dict()[k], v), k
+
+
+def test_a_copy_keeps_the_communicator_and_an_unpickled_one_without_it_refuses_to_train():
+    """A copy in the process exchanges over the same communicator. A communicator that does not pickle (mpi4py's
+    sub-communicators) cannot go along into a pickle: the unpickled layer refuses to train until given one, where
+    it once took COMM_WORLD in its place, exchanging with processes its original never did."""
+    import copy
+    comm = _Comm(ThreadGroup(1), 0)  # holds a lock: it does not pickle
+    layer = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=comm)
+    x = np.random.default_rng(S.SEED).normal(1.0, 2.0, (2, 8, 3))
+    for clone in (copy.deepcopy(layer), copy.copy(layer)):
+        assert clone.comm is comm and clone.synchronizer is not layer.synchronizer
+        np.testing.assert_array_equal(clone(x), layer.forward(x))
+    clone = pickle.loads(pickle.dumps(layer))
+    before = {k: v.copy() for k, v in clone.state_dict().items()}
+    with pytest.raises(RuntimeError, match="communicator did not pickle .* set its `comm`"):
+        clone(x)
+    for k, v in clone.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    clone.eval()
+    np.testing.assert_array_equal(clone(x), layer.eval()(x))  # eval exchanges nothing
+    with pytest.raises(TypeError, match="Allgather"):
+        clone.comm = object()
+    clone.comm = comm
+    clone.train(), layer.train()
+    np.testing.assert_array_equal(clone(x), layer(x))
 
 
 def test_an_empty_batch_in_eval_gives_an_empty_output():
