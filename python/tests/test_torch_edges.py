@@ -91,7 +91,7 @@ def _set_momentum(m, value):
     (_set_cn_eps, 0.0, "eps must be a positive finite number, got 0.0"),
     (_set_bn_eps, float("nan"), "eps must be a positive finite number, got nan"),
     (_set_bn_eps, -1e-5, "eps must be a positive finite number, got -1e-05"),
-    (_set_momentum, 1.5, r"momentum must be in \[0, 1\]"),
+    (_set_momentum, 1.5, r"momentum must be in \[0, 1\](?: or None)?, got 1.5"),
 ], ids=["channel-norm eps 0", "batch-norm eps nan", "batch-norm eps negative", "momentum 1.5"])
 def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer(name, make, setting, value,
                                                                                   message, route, gen):
@@ -102,6 +102,7 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
     if setting is _set_momentum and isinstance(_bn(m), bt.EstBN):
         m = _bn(m) if name == "EstBN" else m
         _bn(m).estbn_moving_speed.fill_(value)  # the authors' EstBN takes its rate from this buffer
+        message = r"estbn_moving_speed must be in \[0, 1\], got 1.5"  # named: the user set no momentum
     else:
         setting(m, value)
     before = _state(m)

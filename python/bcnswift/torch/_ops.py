@@ -300,13 +300,23 @@ def running_update(running_mean, running_var, num_batches_tracked, moments, flag
                             _held(num_batches_tracked, views, "num_batches_tracked", True))
 
 
+def moving_speed_value(speed):
+    """The rate an EstBN's ``estbn_moving_speed`` buffer holds, as a float in [0, 1]; otherwise a ValueError naming
+    the buffer (the kernels would name a momentum the user never set). The authors' code takes any value; a rate
+    outside [0, 1] would move the estimates away from the batch's statistics."""
+    value = float(speed.reshape(-1)[0])
+    if not 0 <= value <= 1:
+        raise ValueError(f"estbn_moving_speed must be in [0, 1], got {value!r}")
+    return value
+
+
 def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked: torch.Tensor,
                     moments: torch.Tensor, flags: int, momentum: float,
                     moving_speed: Optional[torch.Tensor]) -> None:
     """momentum, or with `moving_speed` (a one-element tensor: the authors' EstBN buffer) its value; with
     BCN_CUMULATIVE_AVERAGE in flags, neither (1/num_batches_tracked)."""
     if moving_speed is not None:
-        momentum = float(moving_speed.reshape(-1)[0])
+        momentum = moving_speed_value(moving_speed)
     running_update(running_mean, running_var, num_batches_tracked, _array(moments.contiguous()), flags, momentum)
 
 
@@ -755,7 +765,7 @@ class _EagerForward(torch.autograd.Function):
         running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, \
             update, views = options
         if moving_speed is not None:
-            momentum = float(moving_speed.reshape(-1)[0])
+            momentum = moving_speed_value(moving_speed)
         if update and flags & _ext.BCN_ESTIMATED:
             # the estimates first, rounded to the buffers' dtype, then the eval normalization with them
             context, m = moment_arrays(x, flags, groups)

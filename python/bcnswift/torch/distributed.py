@@ -190,7 +190,7 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
     try:
         momentum = batch_norm_momentum(bn)
         if bn.moving_speed is not None:  # EstBN's rate is this buffer's value
-            momentum = float(bn.moving_speed.reshape(-1)[0])
+            momentum = _ops.moving_speed_value(bn.moving_speed)
         eps, bn_eps = real_number(eps, "eps"), real_number(bn.eps, "eps")
         counts_empty = kept and counts_empty_call(bn)  # (an empty batch on every rank: as one process counts it)
         early = None

@@ -116,7 +116,7 @@ def _check_scalars(flags, eps, bn_eps, momentum):
         if not 0 < bn_eps < math.inf:
             raise ValueError(f"eps must be a positive finite number, got {bn_eps!r}")
         if momentum is not None and not flags & _ext.BCN_CUMULATIVE_AVERAGE and not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be in [0, 1] or nil, got {momentum!r}")
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
 
 
 def _check_values(x, flags, groups, training, update):
@@ -199,7 +199,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         _check_sizes(x, bn, cn)
         # a moving speed in a buffer is the rate: checked where reading it waits for no GPU
         speed = bn.moving_speed
-        rate = float(speed.reshape(-1)[0]) if update and speed is not None and speed.is_cpu else momentum
+        rate = _ops.moving_speed_value(speed) if update and speed is not None and speed.is_cpu else momentum
         _check_scalars(flags, eps, bn.eps, rate if update else None)
         _check_values(x, flags, groups, bool(train), update)
         # the update staged, the normalization run, and only then the buffers written: a call that fails

@@ -613,10 +613,24 @@ std::tuple<Tensor, Tensor, Tensor> normalize_batch_op(const Tensor &x, const Opt
     return {y, ctx, moments};
 }
 
+double first_value(const Tensor &t) {  // float(t.reshape(-1)[0]), without the dispatcher for the common case
+    if (t.numel() >= 1 && t.device().is_cpu() && t.scalar_type() == c10::kFloat) return t.data_ptr<float>()[0];
+    if (t.numel() >= 1 && t.device().is_cpu() && t.scalar_type() == c10::kDouble) return t.data_ptr<double>()[0];
+    return t.reshape(-1)[0].item<double>();
+}
+
+// An EstBN's rate, from its estbn_moving_speed buffer: in [0, 1], else a ValueError naming the buffer (the kernels
+// would name a momentum the user never set); _ops.moving_speed_value words it alike.
+double moving_speed_value(const Tensor &speed) {
+    double value = first_value(speed);
+    TORCH_CHECK_VALUE(value >= 0 && value <= 1, "estbn_moving_speed must be in [0, 1], got ", value);
+    return value;
+}
+
 void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_batches_tracked, const Tensor &moments,
                        int64_t flags, double momentum, const OptionalTensor &moving_speed) {
     BelowAutograd below;
-    if (moving_speed) momentum = moving_speed->reshape(-1)[0].item<double>();
+    if (moving_speed) momentum = moving_speed_value(*moving_speed);
     TORCH_CHECK_VALUE(running_mean.is_contiguous(), "running_mean must be contiguous");
     TORCH_CHECK_VALUE(running_var.is_contiguous(), "running_var must be contiguous");
     uint32_t f = checked_flags(flags, api().flags_all);
@@ -775,19 +789,13 @@ struct EagerCall {
     bool update;  // training with running buffers: they are updated in place
 };
 
-double first_value(const Tensor &t) {  // float(t.reshape(-1)[0]), without the dispatcher for the common case
-    if (t.numel() >= 1 && t.device().is_cpu() && t.scalar_type() == c10::kFloat) return t.data_ptr<float>()[0];
-    if (t.numel() >= 1 && t.device().is_cpu() && t.scalar_type() == c10::kDouble) return t.data_ptr<double>()[0];
-    return t.reshape(-1)[0].item<double>();
-}
-
 struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &bn_weight,
                           const OptionalTensor &bn_bias, const OptionalTensor &cn_weight, const OptionalTensor &cn_bias,
                           const EagerCall &call) {
         BelowAutograd below;
         const bcn_c_api &a = api();
-        double momentum = call.moving_speed ? first_value(*call.moving_speed) : call.momentum;
+        double momentum = call.moving_speed ? moving_speed_value(*call.moving_speed) : call.momentum;
         check_input(x);
         Laid laid = context_layout(x, nullptr);  // where it lies, or a C-order copy
         Tensor y, context, stamped;  // the context, and the stamped tensor it is a view of (new_context)
