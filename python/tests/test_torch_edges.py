@@ -124,12 +124,16 @@ def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name,
     forward advances it (run beside it on the same input)."""
     m = make(8, 4).double()
     m(rand_input(gen, (4, 8, 5, 5)))
+    if isinstance(_bn(m), nn.BatchNorm2d) and len(shape) == 2:  # rows: a bn that takes them, as torch's would
+        rows = nn.BatchNorm1d(8).double()
+        rows.load_state_dict(m.bn.state_dict())
+        m.bn = rows
     for training in (True, False):
         m.train(training)
         before = _state(m)
         x = rand_input(gen, shape, layout=layout).requires_grad_()
-        if isinstance(_bn(m), nn.BatchNorm2d):  # torch's batch norm of x's rank beside it (BatchNorm1d for rows)
-            torch_bn = (nn.BatchNorm1d if x.dim() == 2 else nn.BatchNorm2d)(8).double().train(training)
+        if isinstance(_bn(m), nn.modules.batchnorm._BatchNorm):  # torch's batch norm beside it, on the same x
+            torch_bn = type(_bn(m))(8).double().train(training)
             torch_bn.load_state_dict(_bn(m).state_dict())
             torch_bn(x.detach())
             count = before["bn.num_batches_tracked"]
@@ -143,6 +147,33 @@ def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name,
         for k, p in m.named_parameters():
             assert p.grad is not None and not p.grad.any(), f"{name}: {k} gets a zero gradient"
         m.zero_grad()
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
+@pytest.mark.parametrize("shape", [(4, 8), (4, 8, 5), (2, 8, 3, 3, 3)], ids=["2-D", "3-D", "5-D"])
+def test_a_bcnorm_takes_the_ranks_its_torch_batch_norm_takes(shape, hooked, route, gen):
+    """The authors' BCNorm calls its nn.BatchNorm2d, which takes 4-D input only; so does bcnswift's, whether its
+    bn has a hook (then it is called) or not (then its rank check runs alone): a hook changes nothing but its
+    call. A BatchNorm1d or 3d in its place takes its own ranks."""
+    m = bt.BCNorm(8, 4).double()
+    calls = []
+    if hooked:
+        m.bn.register_forward_hook(lambda *_: calls.append(1))
+    before = _state(m)
+    with pytest.raises(ValueError, match=f"expected 4D input \\(got {len(shape)}D input\\)"):
+        m(rand_input(gen, shape))
+    _assert_unchanged(m, before, f"{route}, hooked={hooked}")
+    assert not calls
+    # the authors' module (transcribed) with the same batch norm in its place
+    reference = R.BCNorm(8, 4, m.eps).double()
+    reference.bn = (nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm3d)(8).double()
+    m.bn = copy.deepcopy(reference.bn)
+    if hooked:
+        m.bn.register_forward_hook(lambda *_: calls.append(1))
+    x = rand_input(gen, shape)
+    torch.testing.assert_close(m(x), reference(x), rtol=1e-10, atol=1e-12)
+    assert len(calls) == hooked
+    assert_states_equal(_state(m), _state(reference), f"{route}: buffers", rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("make,shape,message", [

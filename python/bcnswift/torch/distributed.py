@@ -162,9 +162,10 @@ class GraphCaptureError(RuntimeError):
 
 
 @torch.compiler.disable  # torch.compile runs it eagerly, a graph break (fullgraph=True: torch's error saying so)
-def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
+def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, check_input=None):
     """The training forward of a batch-norm stage `bn` (a functional.BatchNormStage) and an optional
-    channel-norm stage `cn`, with the statistics of every rank of `process_group`. It exchanges numbers between
+    channel-norm stage `cn`, with the statistics of every rank of `process_group`; `check_input(x)`, if given,
+    raises for an input the stage's module refuses (inside the exchange, on every rank). It exchanges numbers between
     processes as it runs, so no graph can hold it: `torch.compile` runs it eagerly, and an export refuses it."""
     if torch.compiler.is_exporting() or _fake(x):
         raise GraphCaptureError(
@@ -210,6 +211,8 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
                                 f"{str(x.dtype).replace('torch.', '')} (the input's)")
         if early is not None:
             raise early
+        if check_input is not None:
+            check_input(x)
         _check_sizes(x, bn, cn)
 
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
@@ -238,9 +241,12 @@ class SyncBCNorm(BCNorm):
         # without data) runs here, to an empty output
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)) or not self.bn.training:
             return super().forward(x)
-        stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
+        estimated = isinstance(self.bn, EstBN)
+        stage = self.bn.stage() if estimated else torch_batch_norm_stage(self.bn)
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
-        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group)
+        # a torch batch norm's rank check (BCNorm.forward) runs inside the exchange, where every rank fails with it
+        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group,
+                                       None if estimated else self.bn._check_input_dim)
 
 
 class SyncBatchChannelNorm(BatchChannelNorm):
