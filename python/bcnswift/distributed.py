@@ -124,15 +124,19 @@ def _disagreement(a, b):
     def momentum(row):  # momentum=None travels as the cumulative-average flag (and a NaN)
         return None if row[5] & _ext.BCN_CUMULATIVE_AVERAGE else row[9]
 
-    for what, u, v in (("channels", a[3], b[3]), ("groups", a[4], b[4]),
-                       ("dtype", f"float{8 * a[6]}", f"float{8 * b[6]}"), ("eps", a[7], b[7]),
-                       ("bn_eps", a[8], b[8]), ("momentum", momentum(a), momentum(b))):
-        if u != v:
-            return what, u, v
-    for bit, what, words in _FLAG_WORDS:
-        if (a[5] ^ b[5]) & bit:
-            return what, words[bool(a[5] & bit)], words[bool(b[5] & bit)]
-    return None
+    def scalars(*fields):
+        for what, u, v in fields:
+            if u != v:
+                return what, u, v
+        return None
+
+    # the settings first, then the numbers they give meaning to: an estimating layer against one with batch
+    # statistics is named as such, not by the moving speed the estimating one reads as its momentum
+    return (scalars(("channels", a[3], b[3]), ("groups", a[4], b[4]),
+                    ("dtype", f"float{8 * a[6]}", f"float{8 * b[6]}"))
+            or next(((what, words[bool(a[5] & bit)], words[bool(b[5] & bit)])
+                     for bit, what, words in _FLAG_WORDS if (a[5] ^ b[5]) & bit), None)
+            or scalars(("eps", a[7], b[7]), ("bn_eps", a[8], b[8]), ("momentum", momentum(a), momentum(b))))
 
 
 class Synchronizer:

@@ -110,8 +110,10 @@ def test_every_rank_fails_together_and_changes_nothing(case):
             assert f"rank 0 of {size} failed (ranks 0, 1, 2 failed)" in r["message"], r["message"]
         elif case == "degenerate":
             assert "more than 1 value" in r["message"] or "one value" in r["message"], r["message"]
-        else:
+        else:  # the setting that differs is named
             assert "disagree across ranks" in r["message"] and f"rank {size - 1}" in r["message"], r["message"]
+            named = {"momentum_none": "momentum", "unbiased": "unbiased_running_var"}.get(case, case)
+            assert f": {named} is " in r["message"], r["message"]
 
 
 def test_eval_and_channel_statistics_exchange_nothing():

@@ -56,7 +56,7 @@ def test_compiled_ddp_training_runs_the_exchange_eagerly_and_graph_captures_refu
 def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
     n, ranks = reports
     for name in ranks[0]:
-        if name.startswith("failure") or name == "all empty":
+        if name.startswith("failure") or name in ("all empty", "outside the group"):
             continue
         tol = 1e-5 if "float32" in name else 1e-12
         for rank, report in enumerate(ranks):
@@ -77,10 +77,22 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor"),
             ("failure momentum", "TypeError", f"rank {n - 1} of {n} failed: TypeError: momentum must be a number"),
             ("failure sizes", "ValueError", f"rank {n - 1} of {n} failed: ValueError: cn_weight has 3 elements"),
-            ("failure groups type", "TypeError", f"rank {n - 1} of {n} failed: TypeError")):
+            ("failure groups type", "TypeError", f"rank {n - 1} of {n} failed: TypeError"),
+            ("failure estimate", "ValueError", f"estimate is False on rank 0 but True on rank {n - 1}"),
+            ("failure speed", "ValueError", f"rank {n - 1} of {n} failed: ValueError: estbn_moving_speed must be in "
+                                            "[0, 1], got 1.5"),
+            ("failure rank", "ValueError", f"rank {n - 1} of {n} failed: ValueError: expected 4D input (got 3D")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised
+
+
+def test_a_process_outside_the_modules_group_is_told_so(reports):
+    n, ranks = reports
+    members, outsider = [r["outside the group"] for r in ranks[:-1]], ranks[-1]["outside the group"]
+    assert all(r["raised"] is None for r in members), members
+    assert outsider["raised"] == "RuntimeError" and outsider["unchanged"], outsider
+    assert f"(global rank {n - 1}) is not a member of the module's process_group" in outsider["message"], outsider
 
 
 def test_a_backward_that_fails_before_the_exchange_raises_on_every_rank(reports):

@@ -157,21 +157,27 @@ def failure(rank, size, case):
     every rank; module dtype: the last rank's module is float32, the others' float64 (each given its own dtype);
     not a tensor: the last rank passes a numpy array, raising before any tensor work, yet inside the exchange;
     momentum: the last rank's momentum is not a number; sizes: estimate mode, the last rank's per-group weight
-    has 3 values for 4 groups (caught before the estimates' update)."""
+    has 3 values for 4 groups (caught before the estimates' update); estimate: only the last rank estimates (its
+    moving speed 0.2, which the exchange compares as its momentum: the message must name estimate); speed: the
+    last rank's moving speed is 1.5; rank: the last rank's input is 3-D, which the nn.BatchNorm2d refuses."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
     dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
-    estimate = case in ("eps", "input dtype", "sizes")
+    estimate = case in ("eps", "input dtype", "sizes", "speed") or case == "estimate" and bad
     layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
     if estimate:  # estimate mode updates the buffers before it normalizes: a failure must stop it first
         layer.bn.estbn_moving_speed.fill_(0.2)
     if case == "eps":
         layer.bn.eps = 0.0
+    if case == "speed" and bad:
+        layer.bn.estbn_moving_speed.fill_(1.5)
     xs, _ = batches(SEED, [2] * size, C, torch.float64 if case == "input dtype" else dtype)
     x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
     if case == "not a tensor" and bad:
         x = x.numpy()
+    if case == "rank" and bad:
+        x = x.flatten(2)
     if case == "momentum" and bad:
         layer.bn.momentum = "a"
     if case == "groups type" and bad:  # a header cannot carry it: the rank's error instead, on every rank
@@ -228,6 +234,22 @@ def failure_in_backward(rank, size):
         return {"raised": type(e).__name__, "message": str(e)}
 
 
+def outside_the_group(rank, size):
+    """A module on a process group without the last rank, called on every rank: its members train together, the
+    last rank gets a RuntimeError saying it is no member (its rank and size in the group were -1: it raised a
+    numpy error about negative dimensions)."""
+    import bcnswift.torch as bt
+    group = dist.new_group(list(range(size - 1)))  # every rank takes part in making it
+    layer = bt.SyncBCNorm(8, 4, dtype=torch.float64, process_group=group)
+    try:
+        layer(batches(SEED, [2] * size, 8, torch.float64)[0][rank])
+        out = {"raised": None, "message": ""}
+    except Exception as e:  # noqa: BLE001
+        out = {"raised": type(e).__name__, "message": str(e)}
+    out["unchanged"] = bool((layer.bn.num_batches_tracked == 0).item())
+    return out
+
+
 def run_all(rank, size):
     out = {}
     for dtype in (torch.float64, torch.float32):
@@ -239,9 +261,10 @@ def run_all(rank, size):
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
-                 "groups type"):
+                 "groups type", "estimate", "speed", "rank"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
+    out["outside the group"] = outside_the_group(rank, size)
     out["all empty"] = all_empty(rank, size)
     return out
 

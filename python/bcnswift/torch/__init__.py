@@ -20,7 +20,7 @@ The ops' CPU kernels are C++ where a C++ compiler is (built once per torch insta
 from . import _ops  # registers the custom ops
 from ._native import uses_native_operators
 from ._threads import get_num_threads, set_num_threads, uses_torch_threads
-from .distributed import SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
+from .distributed import GraphCaptureError, SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
 from .convert import convert, fold_weight_standardization, largest_divisor_at_most
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, weight_standardization
 from .modules import BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, EstimatedBatchNorm
@@ -30,4 +30,5 @@ __all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNo
            "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
            "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
            "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm",
+           "GraphCaptureError",
            "set_num_threads", "get_num_threads", "uses_torch_threads", "uses_native_operators"]

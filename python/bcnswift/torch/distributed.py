@@ -34,6 +34,9 @@ class ProcessGroupTransport:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("synchronized BCN needs torch.distributed: call "
                                "torch.distributed.init_process_group('gloo', ...) first")
+        if dist.get_rank(group) < 0:  # its rank and size would be -1
+            raise RuntimeError(f"this process (global rank {dist.get_rank()}) is not a member of the module's "
+                               "process_group: only its members may run the module in training")
         self.group = group
 
     def Get_rank(self):
