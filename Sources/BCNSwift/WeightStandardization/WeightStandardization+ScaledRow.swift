@@ -90,17 +90,25 @@ extension WeightStandardization {
             for i in 0..<count { out[i] = T(standardized(i)) }
         }
 
-        /// dw from dŵ = `g` into `out` (which may be `g`).
+        /// dw from dŵ = `g` into `out` (which may be `g`). dw is linear in g: a g whose sums could overflow (Σ g
+        /// has n terms, Σ g ŵ n terms of |ŵ| < √n) is taken as t·g, t the power of two that puts its largest
+        /// |g| in [1/2, 1), and each result divided by t last, so that it overflows only where the exact value
+        /// does. (Double g from about 2^1000 / n^1.5; any other g runs with t = 1, bit for bit as before.)
         func gradient(_ g: UnsafePointer<T>, into out: UnsafeMutablePointer<T>, epsInsideSquareRoot: Bool) {
+            var largest = 0.0
+            for i in 0..<count { largest = Swift.max(largest, Double(g[i]).magnitude) }
+            let n = Double(count)
+            let t = largest.isFinite && largest > 0x1p1000 / (n * n.squareRoot() + n)
+                ? Double(sign: .plus, exponent: -largest.exponent - 1, significand: 1) : 1
             var sum = 0.0, dot = 0.0
             for i in 0..<count {
-                let gi = Double(g[i])
+                let gi = Double(g[i]) * t
                 sum += gi; dot += gi * standardized(i)
             }
-            let mean = sum / Double(count), c = dot / nu
+            let mean = sum / n, c = dot / nu
             for i in 0..<count {
                 let v = epsInsideSquareRoot ? standardized(i) : centred(i) * inverseDeviation
-                out[i] = T(dividedByDen((Double(g[i]) - mean) - c * v))
+                out[i] = T(dividedByDen((Double(g[i]) * t - mean) - c * v) / t)
             }
         }
     }
