@@ -112,6 +112,9 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
         with pytest.raises(ValueError, match=message):
             m(rand_input(gen, (4, 8, 5, 5)))
         _assert_unchanged(m, before, f"{name} on the {route} route, training={training}")
+    if setting is _set_momentum:  # the rate of an update alone: eval, which updates nothing, runs
+        assert m.eval()(rand_input(gen, (4, 8, 5, 5))).isfinite().all()
+        _assert_unchanged(m, before, f"{name} on the {route} route in eval")
 
 
 @pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES] + [

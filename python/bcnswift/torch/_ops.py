@@ -764,7 +764,7 @@ class _EagerForward(torch.autograd.Function):
     def forward(ctx, x, bn_weight, bn_bias, cn_weight, cn_bias, options):
         running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, \
             update, views = options
-        if moving_speed is not None:
+        if moving_speed is not None and update:  # the rate of the estimates' update alone
             momentum = moving_speed_value(moving_speed)
         if update and flags & _ext.BCN_ESTIMATED:
             # the estimates first, rounded to the buffers' dtype, then the eval normalization with them

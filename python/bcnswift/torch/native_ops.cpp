@@ -795,7 +795,8 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
                           const EagerCall &call) {
         BelowAutograd below;
         const bcn_c_api &a = api();
-        double momentum = call.moving_speed ? moving_speed_value(*call.moving_speed) : call.momentum;
+        // the speed is the rate of the estimates' update alone: read (and checked) only for one
+        double momentum = call.moving_speed && call.update ? moving_speed_value(*call.moving_speed) : call.momentum;
         check_input(x);
         Laid laid = context_layout(x, nullptr);  // where it lies, or a C-order copy
         Tensor y, context, stamped;  // the context, and the stamped tensor it is a view of (new_context)
