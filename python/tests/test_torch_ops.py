@@ -669,3 +669,65 @@ def test_a_context_of_any_dense_shape_is_read_as_its_values(gen):
     y2, ctx_y2 = _ops.normalize(x, ctx.view(1, -1), *args)
     torch.testing.assert_close(y2, y, rtol=0, atol=0)
     torch.testing.assert_close(ctx_y2.reshape(-1), ctx_y, rtol=0, atol=0)
+
+
+def test_a_meta_tensor_among_cpu_tensors_is_refused_by_every_op(gen):
+    """The fake kernels serve the Meta key, which the dispatcher picks when any argument is a meta tensor: a CPU
+    call with one meta argument returned uninitialized CPU memory (normalize, the backwards) or did nothing
+    (update_running_). Each op now refuses it, as torch's own ops refuse tensors on two devices."""
+    meta = {"device": "meta", "dtype": torch.float64}
+    x = rand_input(gen, (2, 4, 3, 3))
+    ctx, m = _ops.moments(x, TORCH_BN, 1)
+    rm, rv, nbt = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.tensor(0)
+    _, context = _ops.normalize(x, None, None, None, None, None, None, None, None, TORCH_BN | TR, 1, 1e-5, 1e-5)
+    calls = {
+        "normalize": lambda: _ops.normalize(x, None, None, torch.ones(4, **meta), None, None, None, None, None,
+                                            TORCH_BN | TR, 1, 1e-5, 1e-5),
+        "normalize_batch": lambda: _ops.normalize_batch(x, None, None, torch.ones(2, **meta), None,
+                                                        TORCH_BN | CN | TR, 2, 1e-5, 1e-5),
+        "normalize_backward": lambda: _ops.normalize_backward(torch.ones(2, 4, 3, 3, **meta), x, context,
+                                                              TORCH_BN | TR, 1, False, False),
+        "update_running_ speed": lambda: _ops.update_running_(rm, rv, nbt, m, TORCH_BN | TR, 0.1,
+                                                              torch.ones(1, **meta)),
+        "update_running_ buffer": lambda: _ops.update_running_(torch.zeros(4, **meta), rv, nbt, m, TORCH_BN | TR,
+                                                               0.1, None),
+        "weight_standardization_backward": lambda: _ops.weight_standardization_backward(
+            torch.ones(4, 9, **meta), rand_input(gen, (4, 9)), 1e-5, 0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="bcnswift ops take every tensor on one device: .* is on meta"):
+            call()
+        assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and nbt == 0, f"{name} changed a buffer"
+
+
+@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("bad", ["bn_weight size", "cn_weight dtype", "bn_eps", "eps"])
+def test_an_estimated_update_checks_the_normalization_first(route, bad, gen, monkeypatch):
+    """With estimates the eager route folds the batch into the buffers before it normalizes with them, and the
+    normalization checks its parameters and eps: a call refused there had already moved the buffers. They are now
+    checked first. (The modules check the same before calling; this is the op called directly.)"""
+    if route == "python":
+        monkeypatch.setattr(_ops, "NATIVE", False)
+    x = rand_input(gen, (2, 4, 3, 3))
+    rm, rv, nbt = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.tensor(0)
+    bw = torch.ones(3 if bad == "bn_weight size" else 4, dtype=torch.float64)
+    cw = torch.ones(2, dtype=torch.float32 if bad == "cn_weight dtype" else torch.float64)
+    eps, bn_eps = (-1.0 if bad == "eps" else 1e-5), (0.0 if bad == "bn_eps" else 1e-5)
+    flags = BN | CN | _ext.BCN_ESTIMATED
+    with pytest.raises((ValueError, TypeError), match="bn_weight has 3 elements|cn_weight has dtype float32|eps must"):
+        _ops.eager_forward(x, bw, None, rm, rv, nbt, None, cw, None, flags, 2, eps, bn_eps, 0.1, True)
+    assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and torch.equal(rv, torch.ones(4, dtype=torch.float64))
+    assert nbt == 0
+    _ops.eager_forward(x, bw[:4] if bw.numel() == 4 else torch.ones(4, dtype=torch.float64), None, rm, rv, nbt, None,
+                       cw.double(), None, flags, 2, 1e-5, 1e-5, 0.1, True)
+    assert not torch.equal(rm, torch.zeros(4, dtype=torch.float64)), "a good call updates the estimates"
+
+
+def test_a_moving_speed_holds_one_value(gen):
+    x = rand_input(gen, (2, 4, 3, 3))
+    _, m = _ops.moments(x, TORCH_BN, 1)
+    rm, rv, nbt = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.tensor(0)
+    for speed in (torch.tensor([0.5, 9.0]), torch.zeros(0)):
+        with pytest.raises(ValueError, match=f"estbn_moving_speed must hold one value, got {speed.numel()}"):
+            _ops.update_running_(rm, rv, nbt, m, TORCH_BN | TR, 0.1, speed)
+    assert torch.equal(rm, torch.zeros(4, dtype=torch.float64))

@@ -33,6 +33,7 @@ then takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_stand
 C++ whose backward runs no Python; the autograd.Functions here are its fallback.
 """
 import functools
+import math
 import sys
 import types
 from typing import Optional
@@ -281,6 +282,16 @@ moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=()
                                   tags=_ANY_LAYOUT)
 
 
+def _one_device(like, **tensors):
+    """The fake kernels also serve the Meta key, which the dispatcher picks when any argument is a meta tensor: a
+    CPU call with one meta argument reached them and returned uninitialized CPU memory (or, for update_running_,
+    did nothing). As torch's own ops, every tensor argument must be on one device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != like.device:
+            raise RuntimeError(f"bcnswift ops take every tensor on one device: {name} is on {t.device}, but the "
+                               f"input is on {like.device}")
+
+
 @moments.register_fake
 def _(x, flags, groups):
     B, C = x.shape[0], x.shape[1]
@@ -301,9 +312,11 @@ def running_update(running_mean, running_var, num_batches_tracked, moments, flag
 
 
 def moving_speed_value(speed):
-    """The rate an EstBN's ``estbn_moving_speed`` buffer holds, as a float in [0, 1]; otherwise a ValueError naming
-    the buffer (the kernels would name a momentum the user never set). The authors' code takes any value; a rate
-    outside [0, 1] would move the estimates away from the batch's statistics."""
+    """The rate an EstBN's ``estbn_moving_speed`` buffer holds (one value), as a float in [0, 1]; otherwise a
+    ValueError naming the buffer (the kernels would name a momentum the user never set). The authors' code takes
+    any value; a rate outside [0, 1] would move the estimates away from the batch's statistics."""
+    if speed.numel() != 1:
+        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
     value = float(speed.reshape(-1)[0])
     if not 0 <= value <= 1:
         raise ValueError(f"estbn_moving_speed must be in [0, 1], got {value!r}")
@@ -327,6 +340,8 @@ update_running_ = torch.library.custom_op(
 
 @update_running_.register_fake
 def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, moving_speed):
+    _one_device(running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked, moments=moments,
+                moving_speed=moving_speed)
     return None
 
 
@@ -405,6 +420,8 @@ normalize = torch.library.custom_op("bcnswift::normalize", _normalize, mutates_a
 @normalize.register_fake
 def _(x, context, moments, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps,
       bn_eps):
+    _one_device(x, context=context, moments=moments, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                running_var=running_var, cn_weight=cn_weight, cn_bias=cn_bias)
     B, C = x.shape[0], x.shape[1]
     return _output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64)
 
@@ -484,6 +501,7 @@ normalize_backward = torch.library.custom_op("bcnswift::normalize_backward", _no
 
 @normalize_backward.register_fake
 def _(dy, x, context, flags, groups, bn_affine, cn_affine):
+    _one_device(x, dy=dy, context=context)
     C = x.shape[1]
     bn = bool(flags & _ext.BCN_BATCH_NORM) and bn_affine
     cn = bool(flags & _ext.BCN_CHANNEL_NORM) and cn_affine
@@ -587,6 +605,7 @@ normalize_batch = torch.library.custom_op("bcnswift::normalize_batch", _normaliz
 
 @normalize_batch.register_fake
 def _(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps):
+    _one_device(x, bn_weight=bn_weight, bn_bias=bn_bias, cn_weight=cn_weight, cn_bias=cn_bias)
     B, C = x.shape[0], x.shape[1]
     return (_output(x), x.new_empty(context_length(B, C, _groups(flags, groups)), dtype=torch.float64),
             x.new_empty(3 * C, dtype=torch.float64))
@@ -708,6 +727,7 @@ weight_standardization_backward = torch.library.custom_op(
 
 @weight_standardization_backward.register_fake
 def _(grad, w, eps, flags):
+    _one_device(w, grad=grad)
     return _ws_output(w)
 
 
@@ -754,6 +774,25 @@ def _first_order_only(grads, anchor, dy):
     return tuple(g if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
 
 
+def _check_before_estimates(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps):
+    """What the normalization after an estimated update checks, checked before it (the update writes the buffers,
+    and a call that fails must change none): each parameter's dtype and size, and each stage's eps. Phase (a)
+    checked the rest. native_ops.cpp's check_before_estimates is the C++ route's, in the same words."""
+    C = x.shape[1]
+    for stage, (count, eps_of_stage, parameters) in (
+            (_ext.BCN_BATCH_NORM, (C, bn_eps, (("bn_weight", bn_weight), ("bn_bias", bn_bias)))),
+            (_ext.BCN_CHANNEL_NORM, (_groups(flags, groups), eps, (("cn_weight", cn_weight), ("cn_bias", cn_bias))))):
+        if not flags & stage:
+            continue
+        for name, t in parameters:
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {str(t.dtype)[6:]}, expected {str(x.dtype)[6:]}")
+            if t is not None and t.numel() != count:
+                raise ValueError(f"{name} has {t.numel()} elements, expected {count}")
+        if not 0 < eps_of_stage < math.inf:
+            raise ValueError(f"eps must be a positive finite number, got {eps_of_stage!r}")
+
+
 class _EagerForward(torch.autograd.Function):
     """A whole training or eval forward in one call, running buffers updated in place (what moments,
     update_running_ and normalize compute together, bit for bit, without the dispatcher). The arguments are
@@ -769,6 +808,7 @@ class _EagerForward(torch.autograd.Function):
         if update and flags & _ext.BCN_ESTIMATED:
             # the estimates first, rounded to the buffers' dtype, then the eval normalization with them
             context, m = moment_arrays(x, flags, groups)
+            _check_before_estimates(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps)
             running_update(running_mean, running_var, num_batches_tracked, m, flags, momentum, views)
             y, context, laid = _normalize_impl(x, context, None, bn_weight, bn_bias, running_mean, running_var,
                                                None, cn_weight, cn_bias, flags, groups, eps, bn_eps, momentum, False,

@@ -318,6 +318,8 @@ bool aligned(const Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr())
 // when size < 0); an undefined tensor gives nullptr.
 void *take(const Tensor &t, const char *name, c10::ScalarType dtype, int64_t size, bool channels_last = false) {
     if (!t.defined()) return nullptr;
+    TORCH_CHECK(t.device().is_cpu(), "bcnswift ops take every tensor on one device: ", name, " is on ",
+                t.device().str(), ", but the input is on cpu");  // a meta tensor's memory is none
     TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " has dtype ", numpy_name(t.scalar_type()), ", expected ",
                      numpy_name(dtype));
     TORCH_CHECK_VALUE(aligned(t) && dense(t, channels_last), name, " must be aligned and ",
@@ -619,9 +621,10 @@ double first_value(const Tensor &t) {  // float(t.reshape(-1)[0]), without the d
     return t.reshape(-1)[0].item<double>();
 }
 
-// An EstBN's rate, from its estbn_moving_speed buffer: in [0, 1], else a ValueError naming the buffer (the kernels
-// would name a momentum the user never set); _ops.moving_speed_value words it alike.
+// An EstBN's rate, from its estbn_moving_speed buffer (one value): in [0, 1], else a ValueError naming the buffer
+// (the kernels would name a momentum the user never set); _ops.moving_speed_value words it alike.
 double moving_speed_value(const Tensor &speed) {
+    TORCH_CHECK_VALUE(speed.numel() == 1, "estbn_moving_speed must hold one value, got ", speed.numel());
     double value = first_value(speed);
     TORCH_CHECK_VALUE(value >= 0 && value <= 1, "estbn_moving_speed must be in [0, 1], got ", value);
     return value;
@@ -631,6 +634,8 @@ void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_ba
                        int64_t flags, double momentum, const OptionalTensor &moving_speed) {
     BelowAutograd below;
     if (moving_speed) momentum = moving_speed_value(*moving_speed);
+    TORCH_CHECK_VALUE(running_mean.defined() && running_var.defined(),
+                      "updating the running statistics needs running_mean and running_var");
     TORCH_CHECK_VALUE(running_mean.is_contiguous(), "running_mean must be contiguous");
     TORCH_CHECK_VALUE(running_var.is_contiguous(), "running_var must be contiguous");
     uint32_t f = checked_flags(flags, api().flags_all);
@@ -789,6 +794,28 @@ struct EagerCall {
     bool update;  // training with running buffers: they are updated in place
 };
 
+// What the normalization after an estimated update checks, checked before it (the update writes the buffers, and
+// a call that fails must change none): each parameter's dtype and size, and each stage's eps. Phase (a) checked
+// the rest (groups, a non-finite x under BCN_NAN_RAISE). _ops._check_before_estimates is the Python route's.
+void check_before_estimates(const Tensor &x, const OptionalTensor &bn_weight, const OptionalTensor &bn_bias,
+                            const OptionalTensor &cn_weight, const OptionalTensor &cn_bias, const EagerCall &call) {
+    const bcn_c_api &a = api();
+    auto dtype = x.scalar_type();
+    int64_t c = x.size(1), g = checked_groups(call.flags, call.groups);
+    if (has(call.flags, a.batch_norm)) {
+        take(readable(bn_weight), "bn_weight", dtype, c);
+        take(readable(bn_bias), "bn_bias", dtype, c);
+        TORCH_CHECK_VALUE(call.bn_eps > 0 && std::isfinite(call.bn_eps), "eps must be a positive finite number, got ",
+                          call.bn_eps);
+    }
+    if (g > 0) {
+        take(readable(cn_weight), "cn_weight", dtype, g);
+        take(readable(cn_bias), "cn_bias", dtype, g);
+        TORCH_CHECK_VALUE(call.eps > 0 && std::isfinite(call.eps), "eps must be a positive finite number, got ",
+                          call.eps);
+    }
+}
+
 struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &bn_weight,
                           const OptionalTensor &bn_bias, const OptionalTensor &cn_weight, const OptionalTensor &cn_bias,
@@ -803,6 +830,7 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         if (call.update && has(call.flags, a.estimated)) {
             // the estimates first, rounded to the buffers' dtype, then the eval normalization with them
             auto [measured, moments] = moments_of(laid, call.flags, call.groups, &stamped);
+            check_before_estimates(x, bn_weight, bn_bias, cn_weight, cn_bias, call);
             Tensor rm = call.running_mean.value_or(Tensor()), rv = call.running_var.value_or(Tensor());
             Tensor nbt = call.num_batches_tracked.value_or(Tensor());
             update_running_op(rm, rv, nbt, moments, call.flags, momentum, std::nullopt);
