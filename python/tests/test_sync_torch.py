@@ -48,8 +48,9 @@ def test_compiled_ddp_training_runs_the_exchange_eagerly_and_graph_captures_refu
         assert err <= 1e-12 and report["compiled ddp"]["identical"], (rank, err)
         assert report["fullgraph"]["raised"] == "Unsupported", report["fullgraph"]
         assert "torch.compiler.disable" in report["fullgraph"]["message"]
-        assert report["export"]["raised"] == "GraphCaptureError", report["export"]
-        assert "export the model in eval mode" in report["export"]["message"]
+        for capture in ("export", "make_fx"):  # (make_fx failed in the exchange, blaming the ranks)
+            assert report[capture]["raised"] == "GraphCaptureError", report[capture]
+            assert "export the model in eval mode" in report[capture]["message"]
         assert report["unchanged"] and report["eval export"]
 
 
@@ -80,8 +81,7 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure groups type", "TypeError", f"rank {n - 1} of {n} failed: TypeError"),
             ("failure estimate", "ValueError", f"estimate is False on rank 0 but True on rank {n - 1}"),
             ("failure speed", "ValueError", f"rank {n - 1} of {n} failed: ValueError: estbn_moving_speed must be in "
-                                            "[0, 1], got 1.5"),
-            ("failure rank", "ValueError", f"rank {n - 1} of {n} failed: ValueError: expected 4D input (got 3D")):
+                                            "[0, 1], got 1.5")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

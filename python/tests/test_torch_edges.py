@@ -127,16 +127,12 @@ def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name,
     forward advances it (run beside it on the same input)."""
     m = make(8, 4).double()
     m(rand_input(gen, (4, 8, 5, 5)))
-    if isinstance(_bn(m), nn.BatchNorm2d) and len(shape) == 2:  # rows: a bn that takes them, as torch's would
-        rows = nn.BatchNorm1d(8).double()
-        rows.load_state_dict(m.bn.state_dict())
-        m.bn = rows
     for training in (True, False):
         m.train(training)
         before = _state(m)
         x = rand_input(gen, shape, layout=layout).requires_grad_()
-        if isinstance(_bn(m), nn.modules.batchnorm._BatchNorm):  # torch's batch norm beside it, on the same x
-            torch_bn = type(_bn(m))(8).double().train(training)
+        if isinstance(_bn(m), nn.BatchNorm2d):  # torch's batch norm of x's rank beside it (BatchNorm1d for rows)
+            torch_bn = (nn.BatchNorm1d if x.dim() == 2 else nn.BatchNorm2d)(8).double().train(training)
             torch_bn.load_state_dict(_bn(m).state_dict())
             torch_bn(x.detach())
             count = before["bn.num_batches_tracked"]
@@ -154,29 +150,47 @@ def test_an_input_without_values_gives_an_empty_output_and_changes_nothing(name,
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["plain", "hooked"])
 @pytest.mark.parametrize("shape", [(4, 8), (4, 8, 5), (2, 8, 3, 3, 3)], ids=["2-D", "3-D", "5-D"])
-def test_a_bcnorm_takes_the_ranks_its_torch_batch_norm_takes(shape, hooked, route, gen):
-    """The authors' BCNorm calls its nn.BatchNorm2d, which takes 4-D input only; so does bcnswift's, whether its
-    bn has a hook (then it is called) or not (then its rank check runs alone): a hook changes nothing but its
-    call. A BatchNorm1d or 3d in its place takes its own ranks."""
+def test_a_bcnorm_takes_any_rank_but_a_hooked_torch_batch_norm_takes_its_own(shape, hooked, route, gen):
+    """bcnswift's BCNorm fuses its nn.BatchNorm2d and takes [B, C, *] of any rank (so that `convert` keeps a
+    GroupNorm's ranks): the authors' module computes the same with a BatchNorm1d or 3d in its place. A hook on bn
+    makes BCNorm call it, as the documents' module does, and then the module's own rank check decides (torch's
+    ValueError, nothing changed), as documented."""
     m = bt.BCNorm(8, 4).double()
     calls = []
     if hooked:
         m.bn.register_forward_hook(lambda *_: calls.append(1))
-    before = _state(m)
-    with pytest.raises(ValueError, match=f"expected 4D input \\(got {len(shape)}D input\\)"):
-        m(rand_input(gen, shape))
-    _assert_unchanged(m, before, f"{route}, hooked={hooked}")
-    assert not calls
-    # the authors' module (transcribed) with the same batch norm in its place
+        before = _state(m)
+        with pytest.raises(ValueError, match=f"expected 4D input \\(got {len(shape)}D input\\)"):
+            m(rand_input(gen, shape))
+        _assert_unchanged(m, before, f"{route}, hooked")
+        assert not calls
+    # the authors' module (transcribed) with a batch norm of x's rank in its place, the same state
     reference = R.BCNorm(8, 4, m.eps).double()
     reference.bn = (nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm3d)(8).double()
-    m.bn = copy.deepcopy(reference.bn)
-    if hooked:
+    if hooked:  # a batch norm that takes x's rank, hooked
+        m.bn = copy.deepcopy(reference.bn)
         m.bn.register_forward_hook(lambda *_: calls.append(1))
     x = rand_input(gen, shape)
     torch.testing.assert_close(m(x), reference(x), rtol=1e-10, atol=1e-12)
     assert len(calls) == hooked
     assert_states_equal(_state(m), _state(reference), f"{route}: buffers", rtol=1e-12, atol=1e-12)
+
+
+def test_convert_keeps_a_group_norms_ranks(route, gen):
+    """A GroupNorm after a Conv1d or a Linear becomes a BCNorm on an nn.BatchNorm2d (estimate=False), which takes
+    the GroupNorm's [B, C, L] and [B, C] input: the authors' module with a BatchNorm1d of the same state computes
+    the same."""
+    for layer, shape in ((nn.Conv1d(4, 8, 3), (2, 4, 10)), (nn.Linear(4, 8), (3, 4))):
+        model = bt.convert(nn.Sequential(layer, nn.GroupNorm(2, 8)).double(), num_groups=2, estimate=False,
+                           weight_standardization=False)
+        norm = model[1]
+        reference = R.BCNorm(8, 2, norm.eps).double()
+        reference.bn = nn.BatchNorm1d(8, eps=norm.bn.eps).double()
+        reference.load_state_dict(norm.state_dict())
+        x = rand_input(gen, shape)
+        torch.testing.assert_close(model(x), reference(model[0](x)), rtol=1e-10, atol=1e-12)
+        assert_states_equal(_state(norm), _state(reference), f"{route}: {type(layer).__name__}", rtol=1e-12,
+                            atol=1e-12)
 
 
 @pytest.mark.parametrize("make,shape,message", [

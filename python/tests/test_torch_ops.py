@@ -433,7 +433,7 @@ def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, ke
                 assert bcnswift.get_num_threads() == 5
             bt.set_num_threads(None)
             with pytest.raises(ValueError, match="more than 1 value per channel"):  # the kernel refuses it
-                bt.BCNorm(4, 2).double()(torch.ones(1, 4, 1, 1, dtype=torch.float64))
+                bt.BCNorm(4, 2).double()(torch.ones(1, 4, 1, dtype=torch.float64))
             assert bcnswift.get_num_threads() == 5  # restored after the failure too
             assert calling_thread_team() == 0
         for bad in (-1, 1.5, True):

@@ -165,12 +165,11 @@ class GraphCaptureError(RuntimeError):
 
 
 @torch.compiler.disable  # torch.compile runs it eagerly, a graph break (fullgraph=True: torch's error saying so)
-def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, check_input=None):
+def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
     """The training forward of a batch-norm stage `bn` (a functional.BatchNormStage) and an optional
-    channel-norm stage `cn`, with the statistics of every rank of `process_group`; `check_input(x)`, if given,
-    raises for an input the stage's module refuses (inside the exchange, on every rank). It exchanges numbers between
+    channel-norm stage `cn`, with the statistics of every rank of `process_group`. It exchanges numbers between
     processes as it runs, so no graph can hold it: `torch.compile` runs it eagerly, and an export refuses it."""
-    if torch.compiler.is_exporting() or _fake(x):
+    if torch.compiler.is_exporting() or _fake(x) or _recorded():
         raise GraphCaptureError(
             "a synchronized BCN layer exchanges its batch statistics between processes as it runs, so a graph cannot "
             "hold its training forward: export the model in eval mode, or built with the local modules (BCNorm, "
@@ -214,12 +213,17 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, check_input
                                 f"{str(x.dtype).replace('torch.', '')} (the input's)")
         if early is not None:
             raise early
-        if check_input is not None:
-            check_input(x)
         _check_sizes(x, bn, cn)
 
     return _SyncForward.apply(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias, flags, groups,
                               eps, bn_eps, momentum, channels, synchronizer, counts_empty, itemsize, precheck)
+
+
+def _recorded():
+    """Whether make_fx (its proxy mode) records this call into a graph, which could not hold the exchange: it failed
+    in the exchange, blaming the ranks. Other dispatch modes (FlopCounterMode, ...) only watch: the call runs."""
+    key = getattr(torch._C, "_TorchDispatchModeKey", None)
+    return key is not None and torch._C._get_dispatch_mode(key.PROXY) is not None
 
 
 def _fake(x):
@@ -244,12 +248,9 @@ class SyncBCNorm(BCNorm):
         # without data) runs here, to an empty output
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)) or not self.bn.training:
             return super().forward(x)
-        estimated = isinstance(self.bn, EstBN)
-        stage = self.bn.stage() if estimated else torch_batch_norm_stage(self.bn)
+        stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
-        # a torch batch norm's rank check (BCNorm.forward) runs inside the exchange, where every rank fails with it
-        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group,
-                                       None if estimated else self.bn._check_input_dim)
+        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group)
 
 
 class SyncBatchChannelNorm(BatchChannelNorm):

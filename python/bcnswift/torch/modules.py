@@ -9,9 +9,8 @@ labml's (seeds 000, 001, 004): ``BatchChannelNorm(channels, groups, eps, momentu
 ``batch_norm`` (``EstimatedBatchNorm`` or ``BatchNorm``) and ``channel_norm`` (``ChannelNorm``), with
 ``scale``/``shift`` parameters and ``exp_mean``/``exp_var`` buffers.
 
-Every module takes input of any rank >= 2 ([B, C, *]; a BCNorm whose bn is a torch batch norm, the ranks that
-takes), in C order or channels_last memory (kept by the output), and runs on any device and dtype (the kernels take
-CPU float32/float64; the rest is composed).
+Every module takes input of any rank >= 2 ([B, C, *]), in C order or channels_last memory (kept by the
+output), and runs on any device and dtype (the kernels take CPU float32/float64; the rest is composed).
 """
 import operator
 
@@ -75,8 +74,7 @@ def torch_batch_norm_stage(bn):
     """The stage of a torch.nn.BatchNorm{1,2,3}d (any _BatchNorm): batch statistics in training, running
     variance stored unbiased, momentum None for a cumulative average, as PyTorch does. Also as PyTorch does, eval
     normalizes with the running buffers whenever they exist, track_running_stats or not (labml's BatchNorm, and
-    the stage's own rule, take the batch's without it): so the stage says "tracked" in eval. The caller checks the
-    input's rank as the module's own forward would (`_check_input_dim`)."""
+    the stage's own rule, take the batch's without it): so the stage says "tracked" in eval."""
     return BatchNormStage(_TORCH_BN, bn.eps, bn.momentum, None, bn.weight, bn.bias, bn.running_mean,
                           bn.running_var, bn.num_batches_tracked, bn.training,
                           bn.track_running_stats or not bn.training, counts_every_call=True)
@@ -168,9 +166,6 @@ class BCNorm(KernelViews, nn.Module):
         if isinstance(bn, EstBN) and not runs_itself(bn, EstBN.forward):
             return batch_channel_norm(x, bn.stage(), cn, views=self.kernel_views())
         if isinstance(bn, _BatchNorm) and not runs_itself(bn, _BatchNorm.forward):
-            # the ranks its own forward takes (nn.BatchNorm2d: 4-D, as in the authors' code), so that a hook on bn,
-            # which makes this call it, changes nothing but the hook's call
-            bn._check_input_dim(x)
             return batch_channel_norm(x, torch_batch_norm_stage(bn), cn, views=self.kernel_views())
         # any other module (nn.SyncBatchNorm among them: its statistics are its process group's, and its forward
         # its own), or one with hooks, runs on its own
