@@ -723,11 +723,16 @@ def test_an_estimated_update_checks_the_normalization_first(route, bad, gen, mon
     assert not torch.equal(rm, torch.zeros(4, dtype=torch.float64)), "a good call updates the estimates"
 
 
-def test_a_moving_speed_holds_one_value(gen):
+def test_a_moving_speed_holds_one_value_and_an_update_needs_its_buffers(gen):
+    """A speed of two values used the first; an empty one raised an IndexError; no buffers gave 'running_mean must
+    be float32 or float64' (native) or an AttributeError (Python). Both kernels now say what is wrong (the Python
+    ones when test_torch_native.py runs this file without the native library)."""
     x = rand_input(gen, (2, 4, 3, 3))
     _, m = _ops.moments(x, TORCH_BN, 1)
     rm, rv, nbt = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.tensor(0)
     for speed in (torch.tensor([0.5, 9.0]), torch.zeros(0)):
         with pytest.raises(ValueError, match=f"estbn_moving_speed must hold one value, got {speed.numel()}"):
             _ops.update_running_(rm, rv, nbt, m, TORCH_BN | TR, 0.1, speed)
+    with pytest.raises(ValueError, match="updating the running statistics needs running_mean and running_var"):
+        _ops.update_running_(None, None, None, m, TORCH_BN | TR, 0.1, None)
     assert torch.equal(rm, torch.zeros(4, dtype=torch.float64))

@@ -282,14 +282,14 @@ moments = torch.library.custom_op("bcnswift::moments", _moments, mutates_args=()
                                   tags=_ANY_LAYOUT)
 
 
-def _one_device(like, **tensors):
+def _one_device(like, like_name="the input", **tensors):
     """The fake kernels also serve the Meta key, which the dispatcher picks when any argument is a meta tensor: a
     CPU call with one meta argument reached them and returned uninitialized CPU memory (or, for update_running_,
     did nothing). As torch's own ops, every tensor argument must be on one device."""
     for name, t in tensors.items():
         if t is not None and t.device != like.device:
-            raise RuntimeError(f"bcnswift ops take every tensor on one device: {name} is on {t.device}, but the "
-                               f"input is on {like.device}")
+            raise RuntimeError(f"bcnswift ops take every tensor on one device: {name} is on {t.device}, but "
+                               f"{like_name} is on {like.device}")
 
 
 @moments.register_fake
@@ -330,6 +330,8 @@ def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor, num_b
     BCN_CUMULATIVE_AVERAGE in flags, neither (1/num_batches_tracked)."""
     if moving_speed is not None:
         momentum = moving_speed_value(moving_speed)
+    if running_mean is None or running_var is None:  # (the native kernel words it alike)
+        raise ValueError("updating the running statistics needs running_mean and running_var")
     running_update(running_mean, running_var, num_batches_tracked, _array(moments.contiguous()), flags, momentum)
 
 
@@ -340,8 +342,8 @@ update_running_ = torch.library.custom_op(
 
 @update_running_.register_fake
 def _(running_mean, running_var, num_batches_tracked, moments, flags, momentum, moving_speed):
-    _one_device(running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked, moments=moments,
-                moving_speed=moving_speed)
+    _one_device(running_mean, "running_mean", running_var=running_var, num_batches_tracked=num_batches_tracked,
+                moments=moments, moving_speed=moving_speed)
     return None
 
 
@@ -727,7 +729,7 @@ weight_standardization_backward = torch.library.custom_op(
 
 @weight_standardization_backward.register_fake
 def _(grad, w, eps, flags):
-    _one_device(w, grad=grad)
+    _one_device(w, "w", grad=grad)
     return _ws_output(w)
 
 

@@ -319,7 +319,7 @@ bool aligned(const Tensor &t) { return reinterpret_cast<uintptr_t>(t.data_ptr())
 void *take(const Tensor &t, const char *name, c10::ScalarType dtype, int64_t size, bool channels_last = false) {
     if (!t.defined()) return nullptr;
     TORCH_CHECK(t.device().is_cpu(), "bcnswift ops take every tensor on one device: ", name, " is on ",
-                t.device().str(), ", but the input is on cpu");  // a meta tensor's memory is none
+                t.device().str(), ", but the kernels' input is on cpu");  // a meta tensor's memory is none
     TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " has dtype ", numpy_name(t.scalar_type()), ", expected ",
                      numpy_name(dtype));
     TORCH_CHECK_VALUE(aligned(t) && dense(t, channels_last), name, " must be aligned and ",
