@@ -26,9 +26,9 @@ class _Synchronized:
 
     @property
     def comm(self):
-        """The communicator (or transport) of the exchanges; settable, as after unpickling a layer whose own did
-        not pickle."""
-        return self.synchronizer.comm
+        """The communicator (or transport) of the exchanges (None after unpickling a layer whose own did not
+        pickle); settable."""
+        return None if getattr(self, "_comm_lost", False) else self.synchronizer.comm
 
     @comm.setter
     def comm(self, comm):

@@ -212,6 +212,7 @@ def test_a_copy_keeps_the_communicator_and_an_unpickled_one_without_it_refuses_t
         assert clone.comm is comm and clone.synchronizer is not layer.synchronizer
         np.testing.assert_array_equal(clone(x), layer.forward(x))
     clone = pickle.loads(pickle.dumps(layer))
+    assert clone.comm is None
     before = {k: v.copy() for k, v in clone.state_dict().items()}
     with pytest.raises(RuntimeError, match="communicator did not pickle .* set its `comm`"):
         clone(x)
