@@ -33,7 +33,6 @@ then takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_stand
 C++ whose backward runs no Python; the autograd.Functions here are its fallback.
 """
 import functools
-import math
 import sys
 import types
 from typing import Optional
@@ -778,21 +777,17 @@ def _first_order_only(grads, anchor, dy):
 
 def _check_before_estimates(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, eps, bn_eps):
     """What the normalization after an estimated update checks, checked before it (the update writes the buffers,
-    and a call that fails must change none): each parameter's dtype and size, and each stage's eps. Phase (a)
-    checked the rest. native_ops.cpp's check_before_estimates is the C++ route's, in the same words."""
-    C = x.shape[1]
-    for stage, (count, eps_of_stage, parameters) in (
-            (_ext.BCN_BATCH_NORM, (C, bn_eps, (("bn_weight", bn_weight), ("bn_bias", bn_bias)))),
-            (_ext.BCN_CHANNEL_NORM, (_groups(flags, groups), eps, (("cn_weight", cn_weight), ("cn_bias", cn_bias))))):
-        if not flags & stage:
-            continue
-        for name, t in parameters:
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {str(t.dtype)[6:]}, expected {str(x.dtype)[6:]}")
-            if t is not None and t.numel() != count:
-                raise ValueError(f"{name} has {t.numel()} elements, expected {count}")
-        if not 0 < eps_of_stage < math.inf:
-            raise ValueError(f"eps must be a positive finite number, got {eps_of_stage!r}")
+    and a call that fails must change none): each parameter's size and each stage's eps, by the checks the modules
+    run before they call (functional's), and each parameter's dtype, as the kernels word it. Phase (a) checked the
+    rest. native_ops.cpp's check_before_estimates is the C++ route's, in the same words."""
+    from .functional import _check_scalars, _check_sizes  # (functional imports this module)
+    bn = types.SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=None, running_var=None)
+    cn = types.SimpleNamespace(groups=groups, weight=cn_weight, bias=cn_bias)
+    _check_sizes(x, bn if flags & _ext.BCN_BATCH_NORM else None, cn if flags & _ext.BCN_CHANNEL_NORM else None)
+    _check_scalars(flags, eps, bn_eps, None)
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("cn_weight", cn_weight), ("cn_bias", cn_bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {str(t.dtype)[6:]}, expected {str(x.dtype)[6:]}")
 
 
 class _EagerForward(torch.autograd.Function):
