@@ -1,6 +1,6 @@
 """Micro-batch training on real images: batch norm against BCN + Weight Standardization, in one command.
 
-    python3 -m bcnswift.demo                      # every variant at batch sizes 1, 2 and 32 (about two minutes)
+    python3 -m bcnswift.demo                      # every variant at batch sizes 1, 2 and 32 (about a minute)
     python3 -m bcnswift.demo --quick              # a few seconds: the test suite's run
     python3 -m bcnswift.demo --epochs 4 --batch-sizes 1 32 --variants BN BCN-est+WS --out results --json r.json
 
