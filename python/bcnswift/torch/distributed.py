@@ -24,7 +24,8 @@ from ..layers import real_number
 from . import _ops
 from ._ops import fx_leaf
 from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
-from .functional import ChannelNormStage, _check_scalars, _check_sizes, batch_norm_momentum, counts_empty_call
+from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, batch_norm_momentum,
+                         counts_empty_call)
 
 
 class ProcessGroupTransport:
@@ -207,10 +208,7 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
         """Inside the exchange, x a CPU float tensor, before estimate mode's update of the buffers: every parameter
         and buffer has x's dtype (the kernels' own check would come after that update), the scalars convert, and
         each holds one value per channel (or group)."""
-        for name, t in held:
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
-                                f"{str(x.dtype).replace('torch.', '')} (the input's)")
+        _check_dtypes(x, held)
         if early is not None:
             raise early
         _check_sizes(x, bn, cn)

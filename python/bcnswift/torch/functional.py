@@ -88,6 +88,15 @@ def _check_sizes(x, bn, cn):
             raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
 
 
+def _check_dtypes(x, named):
+    """Each tensor of `named` ((name, tensor) pairs, None skipped) has x's dtype, worded as the kernels word it,
+    before a route that writes a buffer before the kernels' own check runs (an estimated update, the exchange)."""
+    for name, t in named:
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
+                            f"{str(x.dtype).replace('torch.', '')} (the input's)")
+
+
 def counts_empty_call(bn):
     """Whether a call of `bn` without values advances its count: in training, for a stage that counts every
     call (`BatchNormStage.counts_every_call`) and tracks running statistics, as torch.nn.BatchNorm's forward
