@@ -50,12 +50,9 @@ public struct NormalizationLayerState<Scalar: NormalizationScalar>: Hashable, Se
     /// - Throws: `.shapeMismatch` naming the first array of another size; `.invalidArgument` for the count.
     public func validate(for plan: NormalizationPlan) throws(BCNError) {
         try checkSizes(for: plan)
-        let cumulative = plan.batchNorm.map { $0.momentum == nil } ?? false
-        guard numBatchesTracked >= 0, !cumulative || numBatchesTracked < Int64.max else {
-            throw BCNError(.invalidArgument, "numBatchesTracked must count batches (0 to 2^63 - "
-                                             + (cumulative ? "2 for a cumulative average" : "1")
-                                             + "), got \(numBatchesTracked)")
-        }
+        try NormalizationEngine.checkBatchCount(numBatchesTracked,
+                                                cumulative: plan.batchNorm.map { $0.momentum == nil } ?? false,
+                                                name: "numBatchesTracked")
     }
 
     /// The sizes `validate(for:)` checks, which every forward checks too (the layer's arrays are public).

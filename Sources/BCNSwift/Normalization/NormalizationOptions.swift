@@ -20,7 +20,8 @@ public enum VarianceCentre: Int32, Sendable {
 public enum NaNPolicy: Int32, Sendable {
     /// Let it flow into outputs and running buffers, as PyTorch does by default.
     case propagate = 0
-    /// Throw `BCNError.Kind.nonFinite` before anything is written.
+    /// Throw `BCNError.Kind.nonFinite` before anything is written; also for a running-buffer update that T
+    /// cannot hold (the variance of Float input beyond about ±1.8e19), which `.propagate` stores as infinity.
     case raise = 1
 }
 
@@ -28,10 +29,12 @@ public enum NaNPolicy: Int32, Sendable {
 ///
 /// Training with `momentum = m` updates `running ← (1 - m)·running + m·batch`; with `momentum = nil` the factor
 /// is `1 / numBatchesTracked` (a cumulative average, as PyTorch). The variance folded into `runningVar` is the
-/// batch's biased variance times n/(n-1) when `unbiasedRunningVariance`, n = batch × spatial size.
+/// batch's biased variance times n/(n-1) when `unbiasedRunningVariance`, n = batch × spatial size; with
+/// `varianceCentre = .runningMean` (estimated statistics only) the biased variance plus (batch mean - running
+/// mean)², before that factor.
 public struct BatchNormOptions: Equatable, Sendable {
     public var statistics: BatchStatistics
-    /// Added to the variance under the square root; > 0.
+    /// Added to the variance under the square root; > 0 and finite.
     public var eps: Double
     /// Update rate of the running buffers in [0, 1], or nil for a cumulative average.
     public var momentum: Double?
@@ -58,6 +61,11 @@ public struct BatchNormOptions: Equatable, Sendable {
         }
         if let m = momentum, !(m >= 0 && m <= 1) {
             throw BCNError(.invalidArgument, "momentum must be in [0, 1], got \(m)")
+        }
+        // it names how estimates fold a batch in; batch statistics would ignore it without a word
+        guard varianceCentre == .batchMean || statistics == .estimated else {
+            throw BCNError(.invalidArgument, "varianceCentre .runningMean (BCN_VARIANCE_AROUND_RUNNING_MEAN) applies "
+                                             + "to estimated statistics only")
         }
     }
 }

@@ -7,7 +7,8 @@ import Musl
 import Darwin
 #endif
 
-/// The number of worker threads bcnswift uses; 0 means "all cores".
+/// The number of worker threads bcnswift uses; 0 means the default: `BCNSWIFT_NUM_THREADS` if set, else all
+/// cores.
 ///
 /// Work is always cut into the same pieces whatever this number is (see `parallelFor`), so results are bitwise
 /// identical for any thread count; only the wall time changes. A call uses at most `maximum` (256) threads, and

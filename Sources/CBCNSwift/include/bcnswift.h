@@ -49,7 +49,8 @@ extern "C" {
                                          out of range or NULL                                                  */
 #define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (its channel count)                  */
 #define BCN_ERR_DEGENERATE          3 /* training statistics undefined: one value per channel or per group     */
-#define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity */
+#define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity,
+                                         * or a running buffer would (an update beyond the element type's range) */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
                                          shape, groups, memory format and element type (f32 or f64); for a
                                          backward, also for this flags' stages                                  */
@@ -63,7 +64,8 @@ extern "C" {
                                                  the authors' EstBN); without: batch statistics (BatchNorm2d)  */
 #define BCN_UNBIASED_RUNNING_VAR    (1u << 2) /* fold var * n/(n-1) into running_var (PyTorch); else biased     */
 #define BCN_VARIANCE_AROUND_RUNNING_MEAN (1u << 3) /* with BCN_ESTIMATED: measure the folded variance around the
-                                                 running mean before its update (the authors' EstBN)           */
+                                                 running mean before its update (the authors' EstBN); refused
+                                                 (BCN_ERR_INVALID_ARGUMENT) without BCN_ESTIMATED              */
 #define BCN_CUMULATIVE_AVERAGE      (1u << 4) /* ignore momentum; update factor 1/num_batches_tracked           */
 #define BCN_CHANNEL_NORM            (1u << 5) /* a channel-norm stage: per sample, per group of channels/groups
                                                  channels; per group affine cn_weight, cn_bias                  */
