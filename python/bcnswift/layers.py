@@ -129,14 +129,16 @@ def channels_last_strides(shape, strides, unit):
     return True
 
 
-def _checked_out(out, like, form, name, allow=None, channel_axis=1):
+def _checked_out(out, like, form, name, allow=None, channel_axis=1, owned=tuple):
     """`out` if it can receive a result shaped, typed and laid out like `like` (whose memory_format is `form`)
     without overlapping it, nor `allow` (backward's dy) unless it is exactly `allow` (the same array or the same
-    memory with the same strides, which the kernels may overwrite in place). `out` and `like` are logical
-    [B, C, *] views; messages word shapes and layouts in the caller's axis order (`channel_axis`). Runs on every
-    call that passes out=, so the cheap tests come first: two different arrays that each allocated their own
+    memory with the same strides, which the kernels may overwrite in place), nor any array `owned()` returns (the
+    layer's parameters, buffers and gradients, which the call reads or writes beside out). `out` and `like` are
+    logical [B, C, *] views; messages word shapes and layouts in the caller's axis order (`channel_axis`). Runs on
+    every call that passes out=, so the cheap tests come first: two different arrays that each allocated their own
     memory cannot overlap, and the common case (an array like `like` in fresh memory, such as np.empty_like makes)
-    is one C call."""
+    is one C call. (An `owned` array overlaps such an out only if it is a view of it, which only an assignment to
+    the layer's attributes could make.)"""
     if _ext.fresh_output(out, like, allow):
         return out
     if not isinstance(out, np.ndarray):
@@ -158,6 +160,9 @@ def _checked_out(out, like, form, name, allow=None, channel_axis=1):
         raise ValueError(f"{name} must not overlap the input (backward needs the input unchanged)")
     if allow is not None and out is not allow and np.may_share_memory(out, allow) and not _same_memory(out, allow):
         raise ValueError(f"{name} must be dy itself or not overlap it (dy is read while dx is written)")
+    if any(np.may_share_memory(out, a) for a in owned()):
+        raise ValueError(f"{name} must not overlap the layer's parameters, running buffers or gradients (the call "
+                         "reads or writes them beside it)")
     return out
 
 
@@ -181,6 +186,15 @@ def _relaid(a, like):
     b = np.empty_like(like)
     b[...] = a
     return b
+
+
+def _alias(name, of=None):
+    """Another name for the attribute `name` (of the object in attribute `of`, if given), read and assigned
+    through: `layer.weight -= step` updates the array in place and then assigns it back, which a property without
+    a setter refused after the update had happened."""
+    def owner(self):
+        return self if of is None else getattr(self, of)
+    return property(lambda self: getattr(owner(self), name), lambda self, v: setattr(owner(self), name, v))
 
 
 class _Normalization:
@@ -294,7 +308,12 @@ class _Normalization:
             if out.ndim != like.ndim:
                 raise ValueError(f"out must have dtype {like.dtype} and shape {self._user(like).shape}, got "
                                  f"{out.dtype} {out.shape}")
-        return _checked_out(self._logical(out), like, form, "out", allow, self.channel_axis)
+        return _checked_out(self._logical(out), like, form, "out", allow, self.channel_axis, self._owned)
+
+    def _owned(self):
+        """The arrays a call reads or writes besides its input and output: parameters, buffers, gradients."""
+        return (*self._parameters().values(), *(v for v in self._buffers().values() if v is not None),
+                *self.grads.values())
 
     def _result(self, a, out):
         """What forward and backward return: `out` itself when given (not a view of it in the user's axis
@@ -335,7 +354,8 @@ class _Normalization:
         x, form = self._input(x)
         y = np.empty_like(x) if out is None else self._out(out, x, form)
         flags = self._call_flags() | (_ext.BCN_CHANNELS_LAST if form == "last" else 0)
-        return x, y, flags, np.empty(self._context_length(x.shape[0]))
+        # an input without values needs no context: one sized by its batch could be too large to allocate
+        return x, y, flags, np.empty(self._context_length(x.shape[0]) if x.size else 0)
 
     _context_size = (None, 0)  # (batch, doubles) for the last batch size: one attribute, so threads agree
 
@@ -528,10 +548,15 @@ class _Normalization:
                 targets[name][...] = value
 
     def _convert_entry(self, name, key, value, target):
+        if isinstance(value, int) and not isinstance(value, bool) and not -2 ** 63 <= value < 2 ** 64:
+            # (numpy would make an object array of it, refused below as not numbers)
+            raise ValueError(f"state dict entry {key!r} holds {value}, beyond any count or value this layer keeps")
         arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"state dict entry {key!r} must hold numbers, got dtype {arr.dtype}")
         if name.endswith("estbn_moving_speed"):  # the momentum it sets (NaN: None), checked before any write
+            if arr.dtype.kind == "b":  # as num_batches_tracked: True is no speed
+                raise TypeError(f"state dict entry {key!r} must hold a number, got dtype bool")
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
             value = arr.reshape(-1)[0]
@@ -553,9 +578,10 @@ class _Normalization:
                                              and count < 2 ** 63):
                 raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
             return np.array(count).astype(np.int64).reshape(())
-        if arr.shape != target.shape and not (name in ("weight", "bias") and arr.shape == (target.size,)):
+        flat = name in ("weight", "bias") and target.shape != (target.size,)  # the groups' (1, G, 1) as (G,) too
+        if arr.shape != target.shape and not (flat and arr.shape == (target.size,)):
             raise ValueError(f"state dict entry {key!r} has shape {arr.shape}, expected {target.shape}"
-                             + (f" or ({target.size},)" if name in ("weight", "bias") else ""))
+                             + (f" or ({target.size},)" if flat else ""))
         with np.errstate(over="ignore"):
             converted = arr.astype(self.dtype)
         if arr.dtype.kind == "f" and (np.isfinite(arr) & ~np.isfinite(converted)).any():
@@ -659,8 +685,8 @@ class BatchNorm(_Normalization):
         self._setup(num_channels, None, eps, momentum, False, unbiased_running_var, "batch", dtype, None,
                     nan_policy, channel_axis)
 
-    weight = property(lambda self: self.bn_weight)
-    bias = property(lambda self: self.bn_bias)
+    weight = _alias("bn_weight")
+    bias = _alias("bn_bias")
 
 
 class EstimatedBatchNorm(_Normalization):
@@ -678,8 +704,8 @@ class EstimatedBatchNorm(_Normalization):
         self._setup(num_channels, None, eps, momentum, True, unbiased_running_var, variance_around, dtype, None,
                     nan_policy, channel_axis)
 
-    weight = property(lambda self: self.bn_weight)
-    bias = property(lambda self: self.bn_bias)
+    weight = _alias("bn_weight")
+    bias = _alias("bn_bias")
 
 
 class ChannelNorm(_Normalization):
@@ -700,8 +726,8 @@ class _BatchNormView:
     def __init__(self, owner):
         self._owner = owner
 
-    weight = property(lambda self: self._owner.bn_weight)
-    bias = property(lambda self: self._owner.bn_bias)
-    running_mean = property(lambda self: self._owner.running_mean)
-    running_var = property(lambda self: self._owner.running_var)
-    num_batches_tracked = property(lambda self: self._owner.num_batches_tracked)
+    weight = _alias("bn_weight", of="_owner")
+    bias = _alias("bn_bias", of="_owner")
+    running_mean = _alias("running_mean", of="_owner")
+    running_var = _alias("running_var", of="_owner")
+    num_batches_tracked = _alias("num_batches_tracked", of="_owner")

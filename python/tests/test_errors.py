@@ -523,3 +523,97 @@ def test_a_count_at_its_largest_stays_there_with_a_momentum(rng):
     ordinary = bcnswift.BatchNorm(3, momentum=0.1, dtype=np.float64)
     ordinary(random_input(rng, (4, 3, 5)))
     assert int(ordinary.num_batches_tracked) == 1
+
+
+def test_a_negative_count_is_refused_with_a_momentum_too(rng):
+    """A review: training advanced a negative count (-5 to -4) into a state that load_state_dict refuses. Every
+    update now refuses it first, as the cumulative average did."""
+    layer = bcnswift.BatchChannelNorm(4, 2, momentum=0.1, estimate=False, dtype=np.float64)
+    layer.num_batches_tracked[...] = -5
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"num_batches_tracked must count batches \(0 to 2\^63 - 1\), got -5"):
+        layer(random_input(rng, (3, 4, 5)))
+    assert_unchanged(layer, before)
+    layer.eval()(random_input(rng, (3, 4, 5)))  # eval updates nothing, so any count does
+
+
+@pytest.mark.parametrize("make", [lambda: bcnswift.BatchChannelNorm(4, 2, dtype=np.float64),
+                                  lambda: bcnswift.BatchNorm(4, dtype=np.float64),
+                                  lambda: bcnswift.EstimatedBatchNorm(4, dtype=np.float64)],
+                         ids=["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm"])
+def test_out_must_not_overlap_the_layers_own_arrays(make, rng):
+    """A review: out= a view of the running mean (or of a gradient) was accepted, and the call wrote its result
+    and the buffer update (or the gradient) into the same memory. Now a ValueError, with nothing changed. (A
+    ChannelNorm's arrays hold G values, fewer than any output it can make.)"""
+    layer = make()
+    if isinstance(layer, bcnswift.BatchNorm):
+        layer.eval()  # batch statistics need two values per channel, and the arrays hold one per channel
+    x, dy = random_input(rng, (1, 4, 1)), rng.normal(0.5, 1.0, (1, 4, 1))
+    owned = dict(layer.parameters(), **{f"grad {k}": v for k, v in layer.grads.items()})
+    if hasattr(layer, "running_mean"):
+        owned.update(running_mean=layer.running_mean, running_var=layer.running_var)
+    tried = [name for name, array in owned.items() if array.size >= 4]  # not the groups' 2 weights and biases
+    assert len(tried) >= 4
+    for name in tried:
+        array = owned[name]
+        view = array.reshape(-1)[:4].reshape(1, 4, 1)
+        before = snapshot(layer)
+        with pytest.raises(ValueError, match="must not overlap the layer's parameters, running buffers or gradients"):
+            layer(x, out=view)
+        assert_unchanged(layer, before)
+        layer(x)
+        grads = {k: v.copy() for k, v in layer.grads.items()}
+        with pytest.raises(ValueError, match="must not overlap the layer's parameters"):
+            layer.backward(dy, out=view)
+        for k, v in layer.grads.items():
+            np.testing.assert_array_equal(v, grads[k], err_msg=f"{name}: grad {k} changed by a refused backward")
+
+
+def test_an_empty_input_of_a_huge_batch_needs_no_context(rng):
+    """A review: [2^40, 4, 0] holds no values, yet the forward first allocated a context sized by its batch
+    (160 TiB) and raised MemoryError; [0, 4, 2^40] worked."""
+    layer = bcnswift.BatchChannelNorm(4, 2)
+    for shape in ((2 ** 40, 4, 0), (0, 4, 2 ** 40)):
+        x = np.empty(shape, np.float32)
+        assert layer(x).shape == shape
+        assert layer.backward(np.empty(shape, np.float32)).shape == shape
+
+
+def test_a_running_variance_beyond_float32_is_refused_under_raise_and_stored_under_propagate(rng):
+    """A review: finite float32 values of about ±3e19 have a variance (9e38) beyond float32's range; the running
+    variance became infinite without a word under nan_policy="raise", which load_state_dict refuses for the same
+    value. "raise" now refuses the update before anything changes; "propagate" stores it, as PyTorch does."""
+    x = (np.sign(rng.normal(size=(2, 1, 4))) * 3e19 + rng.normal(1e18, 1e17, (2, 1, 4))).astype(np.float32)
+    raising = bcnswift.BatchNorm(1, momentum=1.0, nan_policy="raise")
+    before = snapshot(raising)
+    with pytest.raises(FloatingPointError, match="running mean and variance of channel 0 would be .*not finite in "
+                                                 "float32 and nan_policy is 'raise'"):
+        raising(x)
+    assert_unchanged(raising, before)
+    propagating = bcnswift.BatchNorm(1, momentum=1.0)
+    assert np.isfinite(propagating(x)).all()  # the call's own statistics are Float64
+    assert np.isinf(propagating.running_var).all() and int(propagating.num_batches_tracked) == 1
+    # float64 holds it
+    wide = bcnswift.BatchNorm(1, momentum=1.0, nan_policy="raise", dtype=np.float64)
+    wide(x.astype(np.float64))
+    assert np.isfinite(wide.running_var).all()
+
+
+def test_state_dict_entries_of_the_wrong_kind_are_named(rng):
+    """A review: a bool moving speed set momentum=1.0 (a bool count was refused), a (C,) weight of the wrong size
+    was "expected (4,) or (4,)", and a count of 2^70 was "must hold numbers, got dtype object"."""
+    est = bcnswift.BatchChannelNorm(4, 2, variance_around="running_mean")
+    before = snapshot(est)
+    with pytest.raises(TypeError, match="'bn.estbn_moving_speed' must hold a number, got dtype bool"):
+        est.load_state_dict({**before, "bn.estbn_moving_speed": np.array([True])})
+    assert est.momentum == 0.1
+    bn = bcnswift.BatchNorm(4)
+    state = bn.state_dict()
+    with pytest.raises(ValueError, match=r"has shape \(3,\), expected \(4,\)$"):
+        bn.load_state_dict({**state, "weight": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"has shape \(3,\), expected \(1, 2, 1\) or \(2,\)"):
+        est.load_state_dict({**before, "weight": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match="'num_batches_tracked' holds 1180591620717411303424, beyond"):
+        bn.load_state_dict({**state, "num_batches_tracked": 2 ** 70})
+    assert_unchanged(bn, state)
+    assert_unchanged(est, before)

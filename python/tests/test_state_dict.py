@@ -192,3 +192,40 @@ def test_copies_keep_the_common_input_on_the_fast_path(dtype, rng, monkeypatch):
     for each in copies:
         np.testing.assert_array_equal(each(x), y)
         np.testing.assert_array_equal(each.backward(dy), dx)
+
+
+def test_parameters_update_in_place_under_every_name(rng):
+    """numpy's SGD step, `layer.weight -= lr * grad`, assigns the updated array back: on BatchNorm's and
+    EstimatedBatchNorm's `weight`/`bias` and on `layer.bn.*` (properties without a setter) it raised
+    AttributeError after the update had happened, so a retry stepped twice. Each name now assigns through."""
+    x, dy = random_input(rng, (4, 3, 5)), rng.normal(0.5, 1.0, (4, 3, 5))
+
+    def trained(layer):
+        layer(x)
+        layer.backward(dy)
+        return layer, {k: v.copy() for k, v in layer.state_dict().items()}
+
+    bn, before = trained(bcnswift.BatchNorm(3, dtype=np.float64))
+    weight = bn.weight
+    bn.weight -= 0.1 * bn.grads["weight"]
+    bn.bias -= 0.1 * bn.grads["bias"]
+    assert bn.weight is weight
+    np.testing.assert_array_equal(bn.state_dict()["weight"], before["weight"] - 0.1 * bn.grads["weight"])
+    np.testing.assert_array_equal(bn.state_dict()["bias"], before["bias"] - 0.1 * bn.grads["bias"])
+
+    est, before = trained(bcnswift.EstimatedBatchNorm(3, dtype=np.float64))
+    est.weight -= 0.1 * est.grads["weight"]
+    np.testing.assert_array_equal(est.state_dict()["weight"], before["weight"] - 0.1 * est.grads["weight"])
+
+    bcn, before = trained(bcnswift.BatchChannelNorm(3, 3, dtype=np.float64))
+    bcn.bn.weight -= 0.1 * bcn.grads["bn.weight"]
+    bcn.bn.bias -= 0.1 * bcn.grads["bn.bias"]
+    np.testing.assert_array_equal(bcn.state_dict()["bn.weight"], before["bn.weight"] - 0.1 * bcn.grads["bn.weight"])
+    np.testing.assert_array_equal(bcn.state_dict()["bn.bias"], before["bn.bias"] - 0.1 * bcn.grads["bn.bias"])
+
+    # assigning another array replaces it, as on the attribute the name stands for
+    replacement = np.full(3, 2.0)
+    bcn.bn.running_var = replacement
+    assert bcn.running_var is replacement
+    bn.weight = replacement
+    assert bn.bn_weight is replacement
