@@ -729,6 +729,76 @@ def test_labml_cumulative_average_carries_on_across_a_checkpoint(make, gen):
     assert not any(k.endswith("_count") for k in make(0.1).state_dict())
 
 
+@pytest.mark.parametrize("make", [lambda m: bt.BatchNorm(8, momentum=m),
+                                  lambda m: bt.BatchChannelNorm(8, 4, momentum=m, estimate=False)],
+                         ids=["BatchNorm", "BatchChannelNorm"])
+def test_labml_count_follows_the_momentum_set_after_construction(make, gen):
+    """A review: whether the count was saved was fixed at construction, so `m.momentum = None` (torch's way to
+    switch to a cumulative average) saved no count, and a resumed average restarted silently; the other way round a
+    labml checkpoint no longer loaded strictly. The count goes with momentum=None as it is when saving, and loads
+    when present."""
+    def cumulative_later():  # the batch norm holds the momentum (labml's BatchChannelNorm has none of its own)
+        m = make(0.1).double()
+        getattr(m, "batch_norm", m).momentum = None
+        return m
+
+    batches = [rand_input(gen, (4, 8, 3, 3)) for _ in range(3)]
+    straight = cumulative_later()
+    for x in batches:
+        straight(x)
+    first = cumulative_later()
+    for x in batches[:2]:
+        first(x)
+    state = first.state_dict()
+    key = next(k for k in state if k.endswith("_count"))
+    assert int(state[key]) == 2
+    resumed = cumulative_later()
+    resumed.load_state_dict(state, strict=True)
+    resumed(batches[2])
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # a labml checkpoint (no count) loads strictly into a module made with momentum=None, whose count stays
+    cumulative = make(None).double()
+    cumulative(batches[0])
+    labml_state = {k: v for k, v in make(0.1).double().state_dict().items()}
+    cumulative.load_state_dict(labml_state, strict=True)
+    assert int(next(v for k, v in cumulative.named_buffers() if k.endswith("_count"))) == 1
+    # a count that is not one whole number >= 0 is refused, naming it
+    with pytest.raises(RuntimeError, match="the count of a cumulative average must be one whole number >= 0"):
+        resumed.load_state_dict({**state, key: torch.tensor(-1)}, strict=True)
+    with pytest.raises(RuntimeError, match="the count of a cumulative average"):
+        resumed.load_state_dict({**state, key: torch.tensor(2.0)}, strict=True)
+
+
+def test_convert_leaves_a_convolution_whose_weight_is_computed(gen):
+    """A review: convert raised TypeError ("cannot assign 'torch.FloatTensor' as parameter 'weight'") on a Conv2d
+    wrapped by torch's hook-based weight_norm or spectral_norm, whose weight is computed from other parameters;
+    such a convolution now stays as it is (as their parametrized forms, subclasses, already did), and its norm
+    is converted."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based forms are deprecated, not gone
+        for wrap in (torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm):
+            conv = wrap(nn.Conv2d(3, 4, 3).double())
+            model = bt.convert(nn.Sequential(conv, nn.BatchNorm2d(4).double()), num_groups=2)
+            assert model[0] is conv and type(model[0]) is nn.Conv2d
+            assert isinstance(model[1], bt.BCNorm)
+            assert model(rand_input(gen, (2, 3, 6, 6))).shape == (2, 4, 4, 4)
+
+
+def test_convert_takes_the_dtype_of_a_floating_tensor_only():
+    """A review: a GroupNorm without affine takes its new layer's dtype from an enclosing module's first tensor;
+    an integer buffer there (a step counter) gave an integer BCNorm, which torch refused to make."""
+    model = nn.Sequential(nn.GroupNorm(2, 4, affine=False))
+    model.register_buffer("step", torch.tensor(0))
+    converted = bt.convert(model, num_groups=2)
+    assert all(t.dtype == torch.float32 for t in converted[0].parameters())
+    model = nn.Sequential(nn.GroupNorm(2, 4, affine=False)).double()
+    model.register_buffer("step", torch.tensor(0))
+    model.register_buffer("scale", torch.tensor(1.0, dtype=torch.float64))
+    assert all(t.dtype == torch.float64 for t in bt.convert(model, num_groups=2)[0].parameters())
+
+
 def _est_bn(C):
     m = bt.EstBN(C)
     m.estbn_moving_speed.fill_(0.5)  # 0 would freeze the estimates at 0 and 1

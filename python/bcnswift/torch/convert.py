@@ -17,9 +17,11 @@ def largest_divisor_at_most(channels, limit):
 
 
 def _reference(module, default):
-    """A parameter or buffer of `module` (its own first, then its children's), whose device and dtype a layer made
-    for it takes; else `default` (one of an enclosing module's)."""
-    return next(itertools.chain(module.parameters(), module.buffers()), default)
+    """A floating-point parameter or buffer of `module` (its own first, then its children's), whose device and
+    dtype a layer made for it takes; else `default` (one of an enclosing module's). Not an integer buffer (a step
+    counter, say): a layer made in its dtype could hold no gradient."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return next((t for t in tensors if t.is_floating_point()), default)
 
 
 def _take_parameter(module, name, parameter):
@@ -91,7 +93,10 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     ``weight`` and ``bias`` of a BCNorm are frozen when the replaced layer's weight is. Each new layer takes the
     device and dtype of the replaced one (of an enclosing module's tensors when it has none). A layer that
     appears at several places in `model` is replaced by one new layer at all of them. Only layers of exactly
-    these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise.
+    these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise. A convolution whose
+    weight is computed from other parameters (torch's hook-based ``weight_norm`` or ``spectral_norm``; their
+    parametrized forms are subclasses) is not a Parameter to standardize and stays as it is. Hooks registered on a
+    replaced layer do not move to the new one (as with nn.SyncBatchNorm.convert_sync_batchnorm).
 
     A convolution with a fan-in of 1 (a 1x1 depthwise one: one weight per output channel) stays a plain
     nn.Conv2d: its unbiased deviation, over one value, is undefined, so the WS Conv2d refuses it on every call.
@@ -110,7 +115,8 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     def swap(layer, like):
         if type(layer) in (nn.BatchNorm2d, nn.GroupNorm):
             return _bcnorm_for(layer, num_groups, estimate, momentum, like)
-        if weight_standardization and type(layer) is nn.Conv2d and standardizable(layer.weight):
+        if weight_standardization and type(layer) is nn.Conv2d and isinstance(layer.weight, nn.Parameter) \
+                and standardizable(layer.weight):
             return _ws_conv_for(layer)
         return layer if isinstance(layer, (BCNorm, EstBN)) else None
     return _replace(model, swap)

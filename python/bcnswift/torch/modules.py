@@ -196,12 +196,34 @@ class BatchNorm(KernelViews, nn.Module):
         else:
             self.exp_mean = self.exp_var = None
         # labml keeps no count; this one serves momentum=None, a cumulative average (an extension of labml's
-        # modules, whose update needs a momentum), and is in the state dict only then, so that a checkpoint carries
-        # the average on while labml's own checkpoints load strictly
-        self.register_buffer("_count", torch.tensor(0, dtype=torch.long, device=device),
-                             persistent=momentum is None)
+        # modules, whose update needs a momentum). It is saved while momentum is None (`_save_to_state_dict`),
+        # so that a checkpoint carries the average on, and loaded when present, so that labml's own checkpoints
+        # load strictly: not a persistent buffer, which would fix both at construction, before `momentum = None`.
+        self.register_buffer("_count", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
 
     _flags = _LABML_BN
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.momentum is None:
+            destination[prefix + "_count"] = self._count if keep_vars else self._count.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "_count"
+        if key not in state_dict:  # labml's checkpoints, or one saved with a momentum: the count stays
+            return
+        if key in unexpected_keys:  # not a persistent buffer, so the module's loader did not expect it
+            unexpected_keys.remove(key)
+        count = state_dict[key]
+        if not (isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_floating_point()
+                and not count.is_complex() and count.dtype != torch.bool and int(count) >= 0):
+            error_msgs.append(f'{key}: the count of a cumulative average must be one whole number >= 0, got {count!r}')
+            return
+        with torch.no_grad():
+            self._count.copy_(count.reshape(()))
 
     def reset_running_stats(self):
         """exp_mean 0, exp_var 1 and the count of a cumulative average 0 (nothing without running statistics)."""
