@@ -77,7 +77,8 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     /// Normalizes `x` of logical shape `shape` ([B, C, *], in memory as `format` says); in training also
     /// updates the running buffers. The output has x's memory layout. An input without values (a batch or a
     /// spatial size of 0) gives an empty output and changes nothing, as PyTorch's batch norm does.
-    /// - Throws: `BCNError` (and changes nothing) for a bad shape, degenerate statistics, or NaN with `.raise`.
+    /// - Throws: `BCNError` (and changes nothing) for a bad shape, degenerate statistics, a count of batches out
+    ///   of range, or NaN with `.raise` (in the input, or in a running buffer's update).
     public func forward(_ x: [Scalar], shape: [Int], format: MemoryFormat = .channelsFirst) throws(BCNError)
         -> [Scalar]
     {
@@ -144,6 +145,9 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
 
     /// Gradient with respect to the input of the last forward (same memory layout); adds the parameter
     /// gradients.
+    /// - Throws: `BCNError` (and changes nothing): `.noForward` before any forward, `.shapeMismatch` for a dy
+    ///   of another size than the last forward's output, `.nonFinite` for NaN or infinity in dy with `.raise`,
+    ///   `.outOfMemory` when dx or the gradients' arrays cannot be allocated.
     public func backward(_ dy: [Scalar]) throws(BCNError) -> [Scalar] {
         guard let saved else { throw BCNError(.noForward, "backward() called before any forward()") }
         guard dy.count == saved.x.count else {
