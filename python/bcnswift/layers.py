@@ -649,8 +649,7 @@ class BatchChannelNorm(_Normalization):
         dtype: np.float32 or np.float64; parameters, buffers and outputs have this dtype.
         bn_eps: the batch norm's eps when it differs (the authors' code fixes it at 1e-5).
         nan_policy: "propagate" (as PyTorch) or "raise": FloatingPointError before anything changes, for NaN or
-            infinity in the input (or in a backward's output gradient), or a running-buffer update beyond the
-            dtype's range.
+            infinity in the input (or in a backward's output gradient).
         channel_axis: 1 for [B, C, *] input (PyTorch), -1 for [B, *, C] (flax, Keras). Either memory layout
             (C order, or channels-last as PyTorch's channels_last) is normalized where it lies; outputs and
             gradients keep the input's layout.

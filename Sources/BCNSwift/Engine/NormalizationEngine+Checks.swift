@@ -32,22 +32,15 @@ extension NormalizationEngine {
         }
     }
 
-    /// An update advances num_batches_tracked, a count of batches: a negative one would be advanced into a state
-    /// that loading refuses (`NormalizationLayerState.validate`). A cumulative average (momentum nil) also
-    /// weighs the update by 1/count, so there a count about to wrap would leave the running buffers NaN or wrong
-    /// without a word.
+    /// A cumulative average (momentum nil) weighs each update by 1/num_batches_tracked, the count it advances: a
+    /// negative count, or one about to wrap, would leave the running buffers NaN or wrong without a word. With a
+    /// momentum the count only counts, as PyTorch's does (a negative one advances too).
     static func checkCount<T>(plan: NormalizationPlan, state: NormalizationState<T>,
                               updating: Bool) throws(BCNError) {
-        guard updating, let bn = plan.batchNorm, let count = state.numBatchesTracked else { return }
-        try checkBatchCount(count.pointee, cumulative: bn.momentum == nil, name: "num_batches_tracked")
-    }
-
-    /// `checkCount`'s rule, which a layer's state (`NormalizationLayerState.validate`) follows too: a count of
-    /// batches from 0 to 2^63 - 1, and to 2^63 - 2 for a cumulative average; `name` names it in the message.
-    static func checkBatchCount(_ count: Int64, cumulative: Bool, name: String) throws(BCNError) {
-        guard count >= 0, !cumulative || count < Int64.max else {
-            throw BCNError(.invalidArgument, "\(name) must count batches (0 to 2^63 - "
-                                             + (cumulative ? "2 for a cumulative average" : "1") + "), got \(count)")
+        guard updating, let bn = plan.batchNorm, bn.momentum == nil, let count = state.numBatchesTracked else { return }
+        guard count.pointee >= 0, count.pointee < Int64.max else {
+            throw BCNError(.invalidArgument, "num_batches_tracked must count batches (0 to 2^63 - 2) for a "
+                                             + "cumulative average, got \(count.pointee)")
         }
     }
 
@@ -100,20 +93,6 @@ extension NormalizationEngine {
               let c = (0..<channels).first(where: { !batch[$0].mean.isFinite || !batch[$0].m2.isFinite })
         else { return }
         throw BCNError(.nonFinite, "batch moments of channel \(c) hold NaN or infinity")
-    }
-
-    /// With `.raise`, a staged running-buffer update that T cannot hold, from finite values: the variance of
-    /// Float32 input beyond about ±1.8e19 exceeds Float32's range, and an infinite running variance would make
-    /// every eval output its bias. `.propagate` stores it, as PyTorch does.
-    static func checkFiniteUpdate<T: NormalizationScalar>(
-        plan: NormalizationPlan, _ update: BatchNormStage.RunningUpdate<T>?, channels: Int
-    ) throws(BCNError) {
-        guard plan.nanPolicy == .raise, let update,
-              let c = (0..<channels).first(where: { !update.mean[$0].isFinite || !update.variance[$0].isFinite })
-        else { return }
-        let type = MemoryLayout<T>.size == 4 ? "float32" : "float64"
-        throw BCNError(.nonFinite, "the running mean and variance of channel \(c) would be \(update.mean[c]) and "
-                                   + "\(update.variance[c]), not finite in \(type)")
     }
 
     /// With `.raise`, the backward's batch gradient sums ([S₁ | S₂], 2·C; merged from other processes, say) that

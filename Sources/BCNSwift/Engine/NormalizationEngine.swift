@@ -56,8 +56,8 @@ public enum NormalizationEngine {
         if !fused {
             arena.phase { localMoments(layout, plan: plan, x: x, context: ctx, into: moments, memo: memo, arena: &$0) }
         }
-        try finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
-                   measure: fused, memo: memo, arena: &arena)
+        finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: moments, context: ctx,
+               measure: fused, memo: memo, arena: &arena)
     }
 
     /// Phase (a): pass 1 over `x`, its plane moments into `context`, and with `moments` the batch's moments per
@@ -137,8 +137,8 @@ public enum NormalizationEngine {
         }
         let layout = Layout(plan: plan, shape: shape)
         var arena = try ScratchArena(bytes: finishBytes(layout, T.self, plan: plan))
-        try finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: batch, context: ctx,
-                   measure: false, arena: &arena)
+        finish(layout, plan: plan, training: training, x: x, y: y, state: state, batch: batch, context: ctx,
+               measure: false, arena: &arena)
     }
 
     /// The running-buffer update alone, from the batch's moments per channel (count, mean, M2; C of them, from
@@ -164,11 +164,9 @@ public enum NormalizationEngine {
         var arena = try ScratchArena(bytes: ScratchArena.bytes(2 * C, of: Double.self)
                                         + ScratchArena.bytes(2 * C, of: T.self))
         let values = arena.take(2 * C, of: Double.self)
-        let update = BatchNormStage.runningUpdate(bn, batch: batchMoments, state: state, channels: C,
-                                                  newMean: values, newVar: values + C,
-                                                  staged: arena.take(2 * C, of: T.self))
-        try checkFiniteUpdate(plan: plan, update, channels: C)
-        update.commit(state, channels: C)
+        BatchNormStage.runningUpdate(bn, batch: batchMoments, state: state, channels: C, newMean: values,
+                                     newVar: values + C, staged: arena.take(2 * C, of: T.self))
+            .commit(state, channels: C)
     }
 
     // MARK: the phases on a layout
@@ -195,17 +193,15 @@ public enum NormalizationEngine {
 
     /// The batch-norm stage into the context, the channel norm's weights, the output; then the running
     /// buffers and the header. With `measure`, pass 1 runs here too, unit by unit (`Layout.measuresPerUnit`).
-    /// `memo`: the rows layout's plane moments, kept by phase (a) of the same call. Only the running update's
-    /// check can fail (`checkFiniteUpdate`), before y or a buffer is written.
+    /// `memo`: the rows layout's plane moments, kept by phase (a) of the same call. Nothing here can fail.
     static func finish<T: NormalizationScalar>(
         _ layout: Layout, plan: NormalizationPlan, training: Bool, x: UnsafePointer<T>,
         y: UnsafeMutablePointer<T>, state: NormalizationState<T>, batch: UnsafePointer<Moments>?,
         context ctx: NormalizationContext, measure: Bool, memo: UnsafePointer<Double>? = nil,
         arena: inout ScratchArena
-    ) throws(BCNError) {
+    ) {
         var (flags, update) = BatchNormStage.finish(plan: plan, training: training, batch: batch, state: state,
                                                     context: ctx, staged: arena.take(2 * plan.channels, of: T.self))
-        try checkFiniteUpdate(plan: plan, update, channels: plan.channels)
         if let cn = plan.channelNorm, let weight = state.cnWeight {
             flags.insert(.channelNorm)
             for g in 0..<plan.groups { ctx.w[g] = Double(weight[g]) }

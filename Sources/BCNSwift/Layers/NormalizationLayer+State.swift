@@ -46,13 +46,18 @@ public struct NormalizationLayerState<Scalar: NormalizationScalar>: Hashable, Se
 
     /// Checks that `plan`'s layer can hold this state: C values in each array of the batch-norm stage and G in
     /// each of the channel norm's (none where the plan has no such stage), and a count of batches in range
-    /// (`numBatchesTracked`), as the next training forward would check it.
+    /// (`numBatchesTracked`): 0 to 2^63 - 2 for a cumulative average, as the next training forward checks it, and
+    /// 0 to 2^63 - 1 with a momentum, where training only advances the count it holds (as PyTorch does: one set
+    /// negative by hand trains, but does not load).
     /// - Throws: `.shapeMismatch` naming the first array of another size; `.invalidArgument` for the count.
     public func validate(for plan: NormalizationPlan) throws(BCNError) {
         try checkSizes(for: plan)
-        try NormalizationEngine.checkBatchCount(numBatchesTracked,
-                                                cumulative: plan.batchNorm.map { $0.momentum == nil } ?? false,
-                                                name: "numBatchesTracked")
+        let cumulative = plan.batchNorm.map { $0.momentum == nil } ?? false
+        guard numBatchesTracked >= 0, !cumulative || numBatchesTracked < Int64.max else {
+            throw BCNError(.invalidArgument, "numBatchesTracked must count batches (0 to 2^63 - "
+                                             + (cumulative ? "2 for a cumulative average" : "1")
+                                             + "), got \(numBatchesTracked)")
+        }
     }
 
     /// The sizes `validate(for:)` checks, which every forward checks too (the layer's arrays are public).

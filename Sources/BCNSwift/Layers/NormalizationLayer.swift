@@ -78,7 +78,7 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     /// updates the running buffers. The output has x's memory layout. An input without values (a batch or a
     /// spatial size of 0) gives an empty output and changes nothing, as PyTorch's batch norm does.
     /// - Throws: `BCNError` (and changes nothing) for a bad shape, degenerate statistics, a count of batches out
-    ///   of range, or NaN with `.raise` (in the input, or in a running buffer's update).
+    ///   of range for a cumulative average, or NaN with `.raise`.
     public func forward(_ x: [Scalar], shape: [Int], format: MemoryFormat = .channelsFirst) throws(BCNError)
         -> [Scalar]
     {

@@ -20,8 +20,7 @@ public enum VarianceCentre: Int32, Sendable {
 public enum NaNPolicy: Int32, Sendable {
     /// Let it flow into outputs and running buffers, as PyTorch does by default.
     case propagate = 0
-    /// Throw `BCNError.Kind.nonFinite` before anything is written; also for a running-buffer update that T
-    /// cannot hold (the variance of Float input beyond about ±1.8e19), which `.propagate` stores as infinity.
+    /// Throw `BCNError.Kind.nonFinite` before anything is written.
     case raise = 1
 }
 

@@ -11,7 +11,7 @@ public struct BCNError: Error, Equatable, CustomStringConvertible, Sendable {
         case shapeMismatch = 2
         /// Training statistics would be undefined (one value per channel, or per group).
         case degenerateStatistics = 3
-        /// `nanPolicy == .raise` and the input holds NaN or infinity, or a running buffer would.
+        /// `nanPolicy == .raise` and the input holds NaN or infinity.
         case nonFinite = 4
         /// `backward` was called with no forward to differentiate.
         case noForward = 5

@@ -49,8 +49,7 @@ extern "C" {
                                          out of range or NULL                                                  */
 #define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (its channel count)                  */
 #define BCN_ERR_DEGENERATE          3 /* training statistics undefined: one value per channel or per group     */
-#define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity,
-                                         * or a running buffer would (an update beyond the element type's range) */
+#define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
                                          shape, groups, memory format and element type (f32 or f64); for a
                                          backward, also for this flags' stages                                  */
