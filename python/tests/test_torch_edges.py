@@ -3,6 +3,7 @@ degenerate statistics worded alike on both routes, torch.func transforms, an nn.
 grouped WS ConvTranspose2d, second derivatives through the parameters alone, convert's fidelity to the layers it
 replaces, and labml's cumulative average across checkpoints."""
 import copy
+import re
 
 import pytest
 
@@ -12,6 +13,7 @@ from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
 
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
+from bcnswift import _ext  # noqa: E402
 from bcnswift.torch import _ops, functional  # noqa: E402
 from bcnswift.torch import reference as R  # noqa: E402
 from bcnswift.torch.modules import torch_batch_norm_stage  # noqa: E402
@@ -54,6 +56,20 @@ def route(request, monkeypatch):
     """The kernels' route, or the composed one (as CUDA, half precision or BCNSWIFT_TORCH_COMPOSED=1 take)."""
     monkeypatch.setattr(functional, "COMPOSED", request.param == "composed")
     return request.param
+
+
+def test_a_variance_around_the_running_mean_needs_estimates_on_both_routes(route, gen):
+    """A review: the kernels refuse BCN_VARIANCE_AROUND_RUNNING_MEAN without BCN_ESTIMATED (BatchNormOptions), and
+    the composed route ignored it; both refuse it now, changing nothing."""
+    C = 4
+    stage = functional.BatchNormStage(
+        _ext.BCN_BATCH_NORM | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN, 1e-5, 0.1, None,
+        torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
+        torch.ones(C, dtype=torch.float64), torch.tensor(0), True, True)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="applies to estimated statistics only"):
+            functional.batch_channel_norm(rand_input(gen, (3, C, 2, 2)), stage._replace(training=training), None)
+        assert torch.equal(stage.running_mean, torch.zeros(C)) and int(stage.num_batches_tracked) == 0
 
 
 @pytest.mark.parametrize("name,make,param,size", MODULES, ids=MODULE_IDS)
@@ -763,11 +779,20 @@ def test_labml_count_follows_the_momentum_set_after_construction(make, gen):
     labml_state = {k: v for k, v in make(0.1).double().state_dict().items()}
     cumulative.load_state_dict(labml_state, strict=True)
     assert int(next(v for k, v in cumulative.named_buffers() if k.endswith("_count"))) == 1
-    # a count that is not one whole number >= 0 is refused, naming it
-    with pytest.raises(RuntimeError, match="the count of a cumulative average must be one whole number >= 0"):
-        resumed.load_state_dict({**state, key: torch.tensor(-1)}, strict=True)
-    with pytest.raises(RuntimeError, match="the count of a cumulative average"):
-        resumed.load_state_dict({**state, key: torch.tensor(2.0)}, strict=True)
+    # a count out of the range a cumulative average trains with, or not an integer tensor, is refused, naming it
+    for bad, shown in ((torch.tensor(-1), "tensor(-1)"), (torch.tensor(2 ** 63 - 1), "tensor(9223372036854775807)"),
+                       (torch.tensor(2.0), "a tensor of 1 torch.float32"), (5, "5")):
+        with pytest.raises(RuntimeError, match=re.escape(f"{key}: the count of a cumulative average must be one "
+                                                          f"integer tensor holding 0 to 2^63 - 2, got {shown}")):
+            resumed.load_state_dict({**state, key: bad}, strict=True)
+    # assign=True into a module made on the meta device (deferred initialization) takes the count, or 0 from a
+    # checkpoint without one, as torch's batch norms do with num_batches_tracked
+    for source, expected in ((state, 2), (labml_state, 0)):
+        deferred = make(None).to(device="meta", dtype=torch.float64)
+        deferred.load_state_dict(source, strict=True, assign=True)
+        count = next(v for k, v in deferred.named_buffers() if k.endswith("_count"))
+        assert not count.is_meta and int(count) == expected and count.dtype == torch.long
+        deferred(batches[0])  # trains: no buffer left on the meta device
 
 
 def test_convert_leaves_a_convolution_whose_weight_is_computed(gen):

@@ -126,6 +126,10 @@ def _check_scalars(flags, eps, bn_eps, momentum):
             raise ValueError(f"eps must be a positive finite number, got {bn_eps!r}")
         if momentum is not None and not flags & _ext.BCN_CUMULATIVE_AVERAGE and not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        if flags & _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN and not flags & _ext.BCN_ESTIMATED:
+            # as BatchNormOptions.validate refuses it: the composed route ignored it without a word
+            raise ValueError("varianceCentre .runningMean (BCN_VARIANCE_AROUND_RUNNING_MEAN) applies to estimated "
+                             "statistics only")
 
 
 def _check_values(x, flags, groups, training, update):

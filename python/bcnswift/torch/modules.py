@@ -210,20 +210,34 @@ class BatchNorm(KernelViews, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        key = prefix + "_count"
+        if key not in state_dict and self._count.is_meta:
+            # no count (labml's checkpoints) into a module made on the meta device: 0, as torch's batch norms put
+            # a num_batches_tracked there (torch's load_state_dict hands each module a copy of the dict)
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        key = prefix + "_count"
         if key not in state_dict:  # labml's checkpoints, or one saved with a momentum: the count stays
             return
         if key in unexpected_keys:  # not a persistent buffer, so the module's loader did not expect it
             unexpected_keys.remove(key)
         count = state_dict[key]
-        if not (isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_floating_point()
-                and not count.is_complex() and count.dtype != torch.bool and int(count) >= 0):
-            error_msgs.append(f'{key}: the count of a cumulative average must be one whole number >= 0, got {count!r}')
+        whole = isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_floating_point() \
+            and not count.is_complex() and count.dtype != torch.bool
+        # the range a cumulative average trains with (NormalizationEngine.checkCount); a meta count has no value
+        if not whole or not count.is_meta and not 0 <= int(count) < 2 ** 63 - 1:
+            shown = f"a tensor of {count.numel()} {count.dtype}" if isinstance(count, torch.Tensor) and not whole \
+                else repr(count)
+            error_msgs.append(f"{key}: the count of a cumulative average must be one integer tensor holding 0 to "
+                              f"2^63 - 2, got {shown}")
             return
         with torch.no_grad():
-            self._count.copy_(count.reshape(()))
+            if local_metadata.get("assign_to_params_buffers", False):  # load_state_dict(..., assign=True)
+                self._count = count.reshape(()).to(torch.long)
+            elif count.is_meta:
+                error_msgs.append(f"{key}: a count on the meta device has no value to copy (use assign=True)")
+            else:
+                self._count.copy_(count.reshape(()))
 
     def reset_running_stats(self):
         """exp_mean 0, exp_var 1 and the count of a cumulative average 0 (nothing without running statistics)."""
