@@ -81,16 +81,42 @@ def swift_build_flags(path):
 class SwiftBuildExt(build_ext):
     def run(self):
         # the settings are checked here, where they matter, so that an sdist never depends on them
-        isa_paths()
+        paths = isa_paths()
         strip_symbols()
         super().run()
+        self.remove_other_paths(paths)
+
+    def remove_other_paths(self, paths):
+        """Deletes kernel extensions of ISA paths not built this time from where the extensions went: a tree built
+        before with other BCNSWIFT_ISAS (pip builds in the source tree's build/) would otherwise ship them, and
+        bcnswift/_ext.py loads any path it finds."""
+        kept = {Path(self.get_ext_fullpath(f"bcnswift.{module_name(p)}")).name for p in paths}
+        out_dir = Path(self.get_ext_fullpath(f"bcnswift.{module_name(paths[0])}")).parent
+        suffix = Path(self.get_ext_fullpath("bcnswift._cpu")).name[len("_cpu"):]  # .cpython-311-x86_64-linux-gnu.so
+        for stale in out_dir.glob("_ext_*" + suffix):
+            if stale.name not in kept:
+                stale.unlink()
+
+    def settings_stamp(self, ext, settings):
+        """A file in build_temp holding what the link of `ext` depends on besides its inputs (strip, the Swift
+        version, the ISA flags), rewritten when that changes: in ext.depends it relinks an extension that a
+        build with other settings left (a stripped one after BCNSWIFT_STRIP=0, say), which only the Swift
+        library's date decided before."""
+        stamp = Path(self.build_temp) / f"settings-{ext.name}.json"
+        text = json.dumps(settings, sort_keys=True)
+        if not stamp.exists() or stamp.read_text() != text:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(text)
+        ext.depends = list(ext.depends) + [str(stamp)]
 
     def build_extension(self, ext):
         # no RUNPATH: the interpreter's link flags may carry one pointing at the build host
         self.compiler.linker_so = [a for a in self.compiler.linker_so if "-rpath" not in a]
-        if strip_symbols():
+        strip = strip_symbols()
+        if strip:
             ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--strip-all"]  # .symtab too: PyInit_ stays
         if ext.name == "bcnswift._cpu":
+            self.settings_stamp(ext, {"strip": strip})
             return super().build_extension(ext)
         path = ext.isa
         swift = os.environ.get("BCNSWIFT_SWIFT", "swift")
@@ -98,6 +124,7 @@ class SwiftBuildExt(build_ext):
         if driver is None:
             raise RuntimeError(f"bcnswift: the Swift driver {swift!r} is not on PATH; install a Swift toolchain")
         version = subprocess.check_output([swift, "--version"], text=True, stderr=subprocess.STDOUT).splitlines()[0]
+        self.settings_stamp(ext, {"strip": strip, "swift": version, "flags": swift_build_flags(path)})
         ext.define_macros = [("BCN_MODULE", module_name(path)), ("BCN_ISA", f'"{path}"'),
                              ("BCN_SWIFT_VERSION", '"' + version.replace('"', "'") + '"')]
         base = [swift, "build", "--package-path", str(ROOT)] + swift_build_flags(path)
@@ -105,8 +132,8 @@ class SwiftBuildExt(build_ext):
         bin_dir = Path(subprocess.check_output(base + ["--show-bin-path"], text=True).strip())
         archive = bin_dir / "libBCNSwiftC.a"
 
-        swiftc = Path(driver).resolve().parent / "swiftc"
-        info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True))
+        # the driver's own description of its toolchain: BCNSWIFT_SWIFT may be a wrapper script elsewhere
+        info = json.loads(subprocess.check_output([swift, "-print-target-info"], text=True))
         static_dir, swiftrt, system = static_runtime(info)
         for needed in (archive, swiftrt, static_dir / "libswiftCore.a"):
             if not needed.exists():
@@ -119,7 +146,7 @@ class SwiftBuildExt(build_ext):
         for old in tmp.glob("*.o"):
             old.unlink()
         subprocess.check_call(["ar", "x", str(archive)], cwd=tmp)
-        extract = swiftc.parent / "swift-autolink-extract"  # the toolchain's bin, beside swiftc
+        extract = toolchain_bin(info) / "swift-autolink-extract"
         libs = subprocess.check_output([str(extract)] + sorted(str(p) for p in tmp.glob("*.o")) + ["-o", "-"],
                                        text=True).split()
         libs = [flag[2:] for flag in libs if flag.startswith("-l")]
@@ -156,6 +183,11 @@ def static_runtime(info):
     return static_dir, static_dir / arch / "swiftrt.o", system
 
 
+def toolchain_bin(info):
+    """The bin directory of the toolchain `info` describes: <toolchain>/usr/bin, beside usr/lib/swift."""
+    return Path(info["paths"]["runtimeResourcePath"]).parent.parent / "bin"
+
+
 def check_no_wrapped_left(so):
     """A --wrap with no __wrap_ definition links (a shared object may leave symbols undefined) but fails at
     import: refuse it here."""
@@ -170,6 +202,7 @@ def check_no_wrapped_left(so):
 
 def kernels(path):
     ext = Extension(f"bcnswift.{module_name(path)}", sources=["python/bcnswift/_ext.c"],
+                    depends=["Sources/CBCNSwift/include/bcnswift.h", "python/bcnswift/_c_api.h"],  # _ext.c's
                     include_dirs=[numpy.get_include(), str(ROOT / "Sources" / "CBCNSwift" / "include")],
                     extra_compile_args=["-O2", "-std=c11", "-Wall", "-Werror=implicit-function-declaration"])
     ext.isa = path

