@@ -162,12 +162,16 @@ def test_composed_path_is_forced_by_the_environment():
             "    calls = KernelCalls(patch)\n"
             "    bt.BCNorm(4, 2)(torch.randn(2, 4, 3) + 1)\n"
             "    print(bt.functional.COMPOSED, len(calls.named('norm_forward')))\n")
-    for value, expected in (("1", "True 0"), ("0", "False 1")):
+    # the words of every bcnswift switch (bcnswift._switches): "false" was on, as was anything but "" and "0"
+    for value, expected in (("1", "True 0"), ("0", "False 1"), (" Yes ", "True 0"), ("false", "False 1"),
+                            ("off", "False 1"), ("", "False 1"), ("maybe", "False 1")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                              cwd=os.path.dirname(os.path.abspath(__file__)),
                              env={**os.environ, "BCNSWIFT_TORCH_COMPOSED": value})
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == expected
+        assert out.stdout.strip() == expected, value
+        warned = "BCNSWIFT_TORCH_COMPOSED='maybe' is neither on" in out.stderr
+        assert warned == (value == "maybe"), out.stderr
 
 
 @pytest.mark.parametrize("make", [

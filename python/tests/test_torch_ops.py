@@ -540,10 +540,13 @@ def test_a_forked_child_runs_the_kernels_on_its_calling_thread():
 def test_default_torch_thread_count_comes_from_the_environment():
     code = "import bcnswift.torch as bt; print(bt.get_num_threads())"
     for env, expected in (("", "None"), ("4", "4"), ("0", "0"), ("many", "None")):
-        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "BCNSWIFT_TORCH_NUM_THREADS": env})
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-1] == expected, (env, out.stdout, out.stderr)
+        # a RuntimeWarning, as every other bad bcnswift variable gives (it was a UserWarning)
+        warned = "RuntimeWarning: BCNSWIFT_TORCH_NUM_THREADS='many' is not a thread count" in out.stderr
+        assert warned == (env == "many"), out.stderr
 
 
 # ---- errors -------------------------------------------------------------------------------------------------

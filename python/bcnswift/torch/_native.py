@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .._switches import switch
 from . import _threads
 
 SOURCE = Path(__file__).with_name("native_ops.cpp")
@@ -47,7 +48,7 @@ def uses_native_operators():
 
 
 def wanted():
-    return os.environ.get(ENVIRONMENT, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switch(ENVIRONMENT, True)
 
 
 def _compiler():

@@ -73,7 +73,7 @@ def _default_threads():
         return _thread_count(int(raw))
     except (TypeError, ValueError):
         warnings.warn(f"BCNSWIFT_TORCH_NUM_THREADS={raw!r} is not a thread count in [0, 4096]; using torch's "
-                      f"threads")
+                      f"threads", RuntimeWarning, stacklevel=2)
         return None
 
 

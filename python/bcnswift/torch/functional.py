@@ -7,19 +7,19 @@ Modules build the stages from their parameters and buffers on every call; the ru
 updated in place when ``bn.training`` and ``bn.track_running_stats`` (as torch.nn.BatchNorm2d does).
 """
 import math
-import os
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .. import _ext
+from .._switches import switch
 from ..layers import real_number
 from . import _composed, _ops
 
-#: True when BCNSWIFT_TORCH_COMPOSED is set (to anything but "" or "0") at import: every call then takes the
+#: True when BCNSWIFT_TORCH_COMPOSED is on (1, true, yes, on: `_switches`) at import: every call then takes the
 #: composed pure-torch path, which tests and debugging compare against the kernels.
-COMPOSED = os.environ.get("BCNSWIFT_TORCH_COMPOSED", "") not in ("", "0")
+COMPOSED = switch("BCNSWIFT_TORCH_COMPOSED", False)
 
 _transforms_active = _composed.transforms_active  # bound once, as every call asks it
 
