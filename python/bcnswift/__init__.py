@@ -41,6 +41,9 @@ def _environment_threads():
 
 
 _raw_threads, _taken = _environment_threads()
+# The kernels read BCNSWIFT_NUM_THREADS once, when they first need a thread count: have them read it now, when
+# this module did, so that a change to the environment after import moves neither (build_info reports it)
+_ext.get_num_threads()
 if _raw_threads is not None and not _taken:
     warnings.warn(f"BCNSWIFT_NUM_THREADS={_raw_threads!r} is not a positive integer; bcnswift ignores it and uses "
                   f"every core", RuntimeWarning, stacklevel=2)
@@ -119,7 +122,7 @@ def build_info():
         "version": __version__,
         "abi_version": _ext.ABI_VERSION,
         "isa": _ext.ISA,
-        "isa_forced": bool(os.environ.get("BCNSWIFT_ISA", "").strip()),
+        "isa_forced": _ext.ISA_FORCED,
         "isa_allowed": list(_ext.ISA_ALLOWED),
         "isa_built": list(_ext.ISA_BUILT),
         "swift_version": _ext.SWIFT_VERSION,

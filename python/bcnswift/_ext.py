@@ -51,9 +51,10 @@ def _choose():
             raise ImportError(f"bcnswift: no kernel build this CPU can run (built: {', '.join(built) or 'none'}; "
                               f"the CPU allows {', '.join(allowed)}); reinstall bcnswift")
         chosen = usable[0]
-    return chosen, allowed, built
+    return chosen, allowed, built, bool(forced)
 
 
-ISA, ISA_ALLOWED, ISA_BUILT = _choose()
+#: ISA_FORCED: whether BCNSWIFT_ISA chose the path, as it was at import (build_info reports it)
+ISA, ISA_ALLOWED, ISA_BUILT, ISA_FORCED = _choose()
 _kernels = importlib.import_module(_module_name(ISA))
 globals().update({k: v for k, v in vars(_kernels).items() if not k.startswith("__") and k != "ISA"})

@@ -87,6 +87,22 @@ def test_build_info_says_whether_the_kernels_took_bcnswift_num_threads(value, ta
         assert f"BCNSWIFT_NUM_THREADS={value!r} is not a positive integer" in proc.stderr
 
 
+def test_build_info_reports_the_environment_as_it_was_at_import():
+    """A review: BCNSWIFT_ISA set after import made build_info say isa_forced, and BCNSWIFT_NUM_THREADS set after
+    import but before the first call moved the kernels' count while build_info reported every core."""
+    code = ("import os, json, bcnswift\n"
+            "os.environ['BCNSWIFT_ISA'] = 'baseline'; os.environ['BCNSWIFT_NUM_THREADS'] = '1'\n"
+            "info = bcnswift.build_info()\n"
+            "print(json.dumps([info['isa_forced'], info['threads'], info['threads_source']]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("BCNSWIFT_ISA", "BCNSWIFT_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=HERE)
+    assert proc.returncode == 0, proc.stderr
+    forced, threads, source = json.loads(proc.stdout)
+    assert forced is False
+    assert threads == min(os.cpu_count(), 256) and source == "default: all cores"
+
+
 @pytest.mark.parametrize("isa", [p for p in bcnswift.build_info()["isa_built"]
                                  if p in bcnswift.build_info()["isa_allowed"]])
 def test_every_built_path_passes_the_parity_suite(isa):
