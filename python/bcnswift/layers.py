@@ -576,7 +576,8 @@ class _Normalization:
             count = arr.reshape(-1)[0]
             if arr.dtype.kind == "b" or not (np.isfinite(count) and count >= 0 and count == np.floor(count)
                                              and count < 2 ** 63):
-                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
+                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got "
+                                 f"{count.item()!r}")  # -4, not numpy 2's np.int64(-4)
             return np.array(count).astype(np.int64).reshape(())
         flat = name in ("weight", "bias") and target.shape != (target.size,)  # the groups' (1, G, 1) as (G,) too
         if arr.shape != target.shape and not (flat and arr.shape == (target.size,)):
