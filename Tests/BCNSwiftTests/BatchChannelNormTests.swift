@@ -316,7 +316,8 @@ final class BatchChannelNormTests: XCTestCase {
     }
 
     /// A review: `.runningMean` with batch statistics was taken and ignored; it is refused now. (Its other
-    /// finding, a negative count that trains but does not load, is PyTorch's behaviour: `validate(for:)`.)
+    /// finding, a negative count that trains but does not load, stays: training takes it as PyTorch's does, and
+    /// `validate(for:)` says why loading does not.)
     func testAVarianceCentreWithoutEstimatesIsRefused() throws {
         XCTAssertThrowsError(try BatchChannelNorm<Float>(channels: 4, groups: 2, estimate: false,
                                                          varianceCentre: .runningMean)) { error in

@@ -541,6 +541,14 @@ class _Normalization:
             missing = [k for k in targets if k not in staged and not k.endswith(optional)]
             if missing:
                 raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
+        # a cumulative average (momentum None, after this load) advances the count it divides by: as its next
+        # training call would, refuse the largest (a review found it loaded, then failed that call)
+        speed = [v for k, v in staged.items() if k.endswith("estbn_moving_speed")]  # the momentum it sets
+        momentum = speed[0] if speed else self.momentum
+        count = next((v for k, v in staged.items() if k.endswith("num_batches_tracked")), None)
+        if self._has_bn and momentum is None and count is not None and int(count) == 2 ** 63 - 1:
+            raise ValueError(f"num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average, "
+                             f"got {int(count)}")
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):
                 self.momentum = value  # checked by _convert_entry

@@ -229,3 +229,21 @@ def test_parameters_update_in_place_under_every_name(rng):
     assert bcn.running_var is replacement
     bn.weight = replacement
     assert bn.bn_weight is replacement
+
+
+def test_a_cumulative_average_does_not_load_a_count_it_could_not_train_with():
+    """A review: momentum=None loaded num_batches_tracked = 2^63 - 1, and its next training call refused it; the
+    load refuses it now (after this load's own moving speed, which may set momentum=None), changing nothing."""
+    layer = bcnswift.BatchNorm(2, momentum=None)
+    state = layer.state_dict()
+    with pytest.raises(ValueError, match=r"\(0 to 2\^63 - 2\) for a cumulative average, got 9223372036854775807"):
+        layer.load_state_dict({**state, "num_batches_tracked": np.array(2 ** 63 - 1)})
+    assert int(layer.num_batches_tracked) == 0
+    with_momentum = bcnswift.BatchNorm(2, momentum=0.1)  # a count there only counts: it loads
+    with_momentum.load_state_dict({**state, "num_batches_tracked": np.array(2 ** 63 - 1)})
+    estimated = bcnswift.BatchChannelNorm(2, 1, variance_around="running_mean")  # its speed NaN sets None
+    full = estimated.state_dict()
+    with pytest.raises(ValueError, match="for a cumulative average"):
+        estimated.load_state_dict({**full, "bn.num_batches_tracked": np.array(2 ** 63 - 1),
+                                   "bn.estbn_moving_speed": np.array([np.nan], np.float32)})
+    assert estimated.momentum == 0.1

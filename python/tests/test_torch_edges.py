@@ -58,6 +58,19 @@ def route(request, monkeypatch):
     return request.param
 
 
+def test_a_cumulative_average_refuses_a_count_out_of_range_on_both_routes(route, gen):
+    """A review: the kernels refuse a negative count (or the largest) for momentum=None, which divides by the
+    count it advances; the composed route averaged with a factor of -1/4 (and at -1 divided by zero)."""
+    for held in (-5, -1, 2 ** 63 - 1):
+        m = bt.BCNorm(4, 2).double()
+        m.bn.momentum = None
+        m.bn.num_batches_tracked.fill_(held)
+        before = _state(m)
+        with pytest.raises(ValueError, match=re.escape(f"(0 to 2^63 - 2) for a cumulative average, got {held}")):
+            m(rand_input(gen, (3, 4, 2, 2)))
+        _assert_unchanged(m, before, f"count {held} on the {route} route")
+
+
 def test_a_variance_around_the_running_mean_needs_estimates_on_both_routes(route, gen):
     """A review: the kernels refuse BCN_VARIANCE_AROUND_RUNNING_MEAN without BCN_ESTIMATED (BatchNormOptions), and
     the composed route ignored it; both refuse it now, changing nothing."""
@@ -793,6 +806,9 @@ def test_labml_count_follows_the_momentum_set_after_construction(make, gen):
         count = next(v for k, v in deferred.named_buffers() if k.endswith("_count"))
         assert not count.is_meta and int(count) == expected and count.dtype == torch.long
         deferred(batches[0])  # trains: no buffer left on the meta device
+    # a meta module's own state dict loads into it without assign, as torch's modules' do (nothing to copy)
+    on_meta = make(None).to(device="meta")
+    on_meta.load_state_dict(on_meta.state_dict(), strict=True)
 
 
 def test_convert_leaves_a_convolution_whose_weight_is_computed(gen):

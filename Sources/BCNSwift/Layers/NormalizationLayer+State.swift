@@ -47,8 +47,8 @@ public struct NormalizationLayerState<Scalar: NormalizationScalar>: Hashable, Se
     /// Checks that `plan`'s layer can hold this state: C values in each array of the batch-norm stage and G in
     /// each of the channel norm's (none where the plan has no such stage), and a count of batches in range
     /// (`numBatchesTracked`): 0 to 2^63 - 2 for a cumulative average, as the next training forward checks it, and
-    /// 0 to 2^63 - 1 with a momentum, where training only advances the count it holds (as PyTorch does: one set
-    /// negative by hand trains, but does not load).
+    /// 0 to 2^63 - 1 with a momentum. There training only advances the count it holds, a negative one set by hand
+    /// too, as PyTorch's does; loading refuses a negative count, which PyTorch would take.
     /// - Throws: `.shapeMismatch` naming the first array of another size; `.invalidArgument` for the count.
     public func validate(for plan: NormalizationPlan) throws(BCNError) {
         try checkSizes(for: plan)

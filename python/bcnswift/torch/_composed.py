@@ -46,6 +46,14 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
         if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
             var = var * (n / (n - 1))
         counts = not around_running or bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
+        if flags & _ext.BCN_CUMULATIVE_AVERAGE:
+            # the kernels' check (NormalizationEngine.checkCount), worded alike: the factor is 1/(count + 1), so a
+            # negative count averaged with a negative weight (or divided by zero), and the largest would wrap.
+            # (This reads the count, as the factor does anyway: no further device sync.)
+            held = int(num_batches_tracked)
+            if not 0 <= held < 2 ** 63 - 1:
+                raise ValueError(f"num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative "
+                                 f"average, got {held}")
         count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
         if flags & _ext.BCN_CUMULATIVE_AVERAGE:
             factor = 1.0 / float(count)

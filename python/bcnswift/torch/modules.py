@@ -234,9 +234,9 @@ class BatchNorm(KernelViews, nn.Module):
         with torch.no_grad():
             if local_metadata.get("assign_to_params_buffers", False):  # load_state_dict(..., assign=True)
                 self._count = count.reshape(()).to(torch.long)
-            elif count.is_meta:
+            elif count.is_meta and not self._count.is_meta:
                 error_msgs.append(f"{key}: a count on the meta device has no value to copy (use assign=True)")
-            else:
+            elif not count.is_meta:  # (meta into meta: nothing to copy, as for the module's other tensors)
                 self._count.copy_(count.reshape(()))
 
     def reset_running_stats(self):
