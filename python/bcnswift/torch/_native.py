@@ -155,7 +155,7 @@ def load():
     _ops.py, after it has defined the ops (whose CPU kernels the library registers)."""
     global reason
     if not wanted():
-        reason = f"{ENVIRONMENT}=0"
+        reason = f"{ENVIRONMENT}={os.environ.get(ENVIRONMENT, '').strip()}"  # 0, off, false or no
         return False
     cxx = _compiler()
     if cxx is None:

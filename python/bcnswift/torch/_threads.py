@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from .. import _ext, _thread_count
+from .._switches import user_stacklevel
 
 
 def _find_openmp_team():
@@ -73,7 +74,7 @@ def _default_threads():
         return _thread_count(int(raw))
     except (TypeError, ValueError):
         warnings.warn(f"BCNSWIFT_TORCH_NUM_THREADS={raw!r} is not a thread count in [0, 4096]; using torch's "
-                      f"threads", RuntimeWarning, stacklevel=2)
+                      f"threads", RuntimeWarning, stacklevel=user_stacklevel())
         return None
 
 
