@@ -47,6 +47,14 @@ def _positive_float(value, name):
     return v
 
 
+def check_cumulative_count(count):
+    """The count a cumulative average (momentum None) may hold when it trains, worded as the kernels word it
+    (NormalizationEngine.checkCount): it divides by the count it advances to, so 0 to 2^63 - 2."""
+    if not 0 <= count < 2 ** 63 - 1:
+        raise ValueError(f"num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average, got "
+                         f"{count}")
+
+
 def _momentum(value):
     if value is None:
         return None
@@ -546,9 +554,8 @@ class _Normalization:
         speed = [v for k, v in staged.items() if k.endswith("estbn_moving_speed")]  # the momentum it sets
         momentum = speed[0] if speed else self.momentum
         count = next((v for k, v in staged.items() if k.endswith("num_batches_tracked")), None)
-        if self._has_bn and momentum is None and count is not None and int(count) == 2 ** 63 - 1:
-            raise ValueError(f"num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average, "
-                             f"got {int(count)}")
+        if self._has_bn and momentum is None and count is not None:
+            check_cumulative_count(int(count))
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):
                 self.momentum = value  # checked by _convert_entry

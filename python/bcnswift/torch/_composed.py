@@ -10,6 +10,7 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
+from ..layers import check_cumulative_count
 
 
 # A torch.func transform's (grad, vmap, jacrev, ...) wrapped tensors have no memory the kernels could read (so
@@ -50,10 +51,7 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
             # the kernels' check (NormalizationEngine.checkCount), worded alike: the factor is 1/(count + 1), so a
             # negative count averaged with a negative weight (or divided by zero), and the largest would wrap.
             # (This reads the count, as the factor does anyway: no further device sync.)
-            held = int(num_batches_tracked)
-            if not 0 <= held < 2 ** 63 - 1:
-                raise ValueError(f"num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative "
-                                 f"average, got {held}")
+            check_cumulative_count(int(num_batches_tracked))
         count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
         if flags & _ext.BCN_CUMULATIVE_AVERAGE:
             factor = 1.0 / float(count)
