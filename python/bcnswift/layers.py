@@ -377,9 +377,13 @@ class _Normalization:
 
     def _finish_forward(self, x, y, flags, ctx, moments=None):
         """The whole forward, or with the batch's `moments` (merged from elsewhere) phase (c) on a context that
-        phase (a) filled."""
-        momentum = 0.0 if self.momentum is None else self.momentum
-        bn, cn = self._has_bn, self._has_cn
+        phase (a) filled. Called with the lock held."""
+        momentum, bn, cn = self.momentum, self._has_bn, self._has_cn
+        # The flags were made before the lock: a load_state_dict in between may have switched momentum to or from
+        # None, so the cumulative-average bit follows the momentum read here, once
+        if bn:
+            flags = flags | _ext.BCN_CUMULATIVE_AVERAGE if momentum is None else flags & ~_ext.BCN_CUMULATIVE_AVERAGE
+        momentum = 0.0 if momentum is None else momentum
         args = (flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
                 self.bn_weight if bn else None, self.bn_bias if bn else None,
                 self.running_mean if bn else None, self.running_var if bn else None,

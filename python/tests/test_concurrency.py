@@ -310,3 +310,25 @@ def test_state_dict_load_and_zero_grad_wait_for_a_running_call(rng):
             assert not done.wait(0.2), f"{call} ran during a call"
         assert done.wait(30), f"{call} did not run after the call"
         t.join(30)
+
+
+def test_a_momentum_loaded_between_a_forwards_checks_and_its_update_is_the_one_used(rng):
+    """A review: a forward made its flags (the cumulative-average bit among them) before taking the layer's lock
+    and read momentum again under it, so a load_state_dict from another thread in between, switching momentum
+    to or from None, paired one's flag with the other's value for that call. The lock-held part now derives the
+    bit from the momentum it reads. (White-box: the two halves of `forward`, with the load between them.)"""
+    x = random_input(rng, (4, 3, 5))
+    for first, then in ((0.1, None), (None, 0.1)):
+        layer = bcnswift.BatchChannelNorm(3, 3, momentum=first, variance_around="running_mean",
+                                          dtype=np.float64)
+        reference = bcnswift.BatchChannelNorm(3, 3, momentum=then, variance_around="running_mean",
+                                              dtype=np.float64)
+        xl, y, flags, ctx = layer._prepare_forward(x, None)
+        speed = np.array([np.nan if then is None else then])  # estbn_moving_speed sets the momentum (NaN: None)
+        layer.load_state_dict({**layer.state_dict(), "bn.estbn_moving_speed": speed})
+        with layer._lock:
+            layer._finish_forward(xl, y, flags, ctx)
+        expected = reference(x)
+        np.testing.assert_array_equal(y, expected)
+        for k, v in reference.state_dict().items():
+            np.testing.assert_array_equal(layer.state_dict()[k], v, err_msg=f"{first} -> {then}: {k}")
