@@ -789,7 +789,7 @@ def test_labml_count_follows_the_momentum_set_after_construction(make, gen):
     # a labml checkpoint (no count) loads strictly into a module made with momentum=None, whose count stays
     cumulative = make(None).double()
     cumulative(batches[0])
-    labml_state = {k: v for k, v in make(0.1).double().state_dict().items()}
+    labml_state = make(0.1).double().state_dict()
     cumulative.load_state_dict(labml_state, strict=True)
     assert int(next(v for k, v in cumulative.named_buffers() if k.endswith("_count"))) == 1
     # a count out of the range a cumulative average trains with, or not an integer tensor, is refused, naming it
