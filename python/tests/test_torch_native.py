@@ -520,6 +520,31 @@ def test_processes_launched_together_build_once_and_share_a_failure(tmp_path):
     assert counter.read_text().split() == ["run"]  # one build for the three
 
 
+def test_a_failed_build_is_remembered_until_its_record_is_deleted(tmp_path):
+    """A build that failed is not run again by the next import (it costs about 20 s): that import warns with the
+    same words and names the record to delete; once it is deleted, the next import builds again."""
+    counter = tmp_path / "runs"
+    compiler = tmp_path / "failing-c++"
+    compiler.write_text(f"#!/bin/sh\necho run >> {counter}\necho 'an error of this compiler' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    code = ("import warnings\nwarnings.simplefilter('ignore')\n"
+            "from bcnswift.torch import _native\n"
+            "print(_native.uses_native_operators(), _native.reason.count('an error of this compiler'))\n"
+            "print(_native.reason)")
+    env = {"CXX": str(compiler), "BCNSWIFT_CACHE_DIR": str(tmp_path / "cache")}
+    runs = []
+    for attempt in range(3):
+        if attempt == 2:
+            (record,) = (tmp_path / "cache").glob("*.failed")
+            assert str(record) in runs[-1].stdout, runs[-1].stdout
+            record.unlink()
+        runs.append(_subprocess(code, **env))
+        assert runs[-1].returncode == 0, runs[-1].stderr
+        assert runs[-1].stdout.split()[:2] == ["False", "1"], runs[-1].stdout
+    assert "delete it to try again" not in runs[0].stdout and "delete it to try again" in runs[1].stdout
+    assert counter.read_text().split() == ["run", "run"]  # the first import and the one after the deletion
+
+
 def test_the_library_is_built_once_and_kept(tmp_path):
     """A fresh cache gets the library (one build), and the next process loads it without building again."""
     need_native()

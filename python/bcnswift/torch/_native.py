@@ -9,8 +9,9 @@ was tried and failed). The build takes about 20 seconds here, once: the library 
 ``$BCNSWIFT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bcnswift``, else ``~/.cache/bcnswift``), named by a hash of
 its source, the torch it is built against and the compiler, so another torch or a new bcnswift builds afresh.
 Processes that start together (an mpiexec or torchrun launch) build it once, under a file lock; when that build
-fails, the processes that waited for it fail with its words instead of building again, one after another. A kept
-library that does not load is built again, once. A cache directory or library that belongs to another user, or
+fails, the processes that waited for it, and later imports, fail with its words instead of building again, one
+after another (delete the ``.failed`` file it names to try again; a new compiler, torch or bcnswift tries anew).
+A kept library that does not load is built again, once. A cache directory or library that belongs to another user, or
 that every user may write, is not used (another user could have put their code there): the Python kernels serve.
 """
 import hashlib
@@ -114,9 +115,10 @@ def _library_path(cxx):
 
 def _build(cxx, path, replace=False):
     """Compiles the library to `path` unless another process already has (or, with `replace`, the one there does
-    not load): one process builds, under a lock, while the others wait for it. A build that failed while a
-    process waited fails that process too, with its words, rather than running again in every process of a
-    launch. A lock held longer than a build can take is given up on."""
+    not load): one process builds, under a lock, while the others wait for it. A build that failed fails the
+    processes that waited for it, and later imports, with its words, rather than running again in every process
+    of a launch and on every import (about 20 s each); its record (`.failed` beside the library) is what to delete
+    to try again. A lock held longer than a build can take is given up on."""
     import fcntl  # POSIX; on other systems the import fails and the Python kernels serve
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +134,14 @@ def _build(cxx, path, replace=False):
                 if time.time() > deadline:
                     raise RuntimeError(f"another process has held {lock.name} for {_BUILD_SECONDS + 60} s")
                 time.sleep(0.2)
-        if failed.exists() and failed.stat().st_mtime >= started - 1:
-            raise RuntimeError(failed.read_text())
         if path.exists() and (not replace or path.stat().st_mtime >= started - 1):  # built meanwhile
             return
+        if failed.exists():  # failed while this process waited, or remembered from an earlier import
+            words = failed.read_text()
+            if failed.stat().st_mtime < started - 1:
+                words += (f"\n(a build that failed before, not tried again while {failed} is there: delete it to "
+                          f"try again)")
+            raise RuntimeError(words)
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             built = Path(scratch) / path.name
             done = subprocess.run(_command(cxx, built), capture_output=True, text=True, timeout=_BUILD_SECONDS)
