@@ -123,17 +123,23 @@ class SwiftBuildExt(build_ext):
         driver = shutil.which(swift)
         if driver is None:
             raise RuntimeError(f"bcnswift: the Swift driver {swift!r} is not on PATH; install a Swift toolchain")
-        version = subprocess.check_output([swift, "--version"], text=True, stderr=subprocess.STDOUT).splitlines()[0]
+        # The driver leaves an empty TemporaryDirectory.* in $TMPDIR at every call; they go to build_temp.
+        scratch = Path(self.build_temp).resolve() / "swift-tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(scratch)}
+        version = subprocess.check_output([swift, "--version"], text=True, stderr=subprocess.STDOUT,
+                                          env=env).splitlines()[0]
         self.settings_stamp(ext, {"strip": strip, "swift": version, "flags": swift_build_flags(path)})
         ext.define_macros = [("BCN_MODULE", module_name(path)), ("BCN_ISA", f'"{path}"'),
                              ("BCN_SWIFT_VERSION", '"' + version.replace('"', "'") + '"')]
         base = [swift, "build", "--package-path", str(ROOT)] + swift_build_flags(path)
-        subprocess.check_call(base + ["--product", "BCNSwiftC"])
-        bin_dir = Path(subprocess.check_output(base + ["--show-bin-path"], text=True).strip())
+        subprocess.check_call(base + ["--product", "BCNSwiftC"], env=env)
+        bin_dir = Path(subprocess.check_output(base + ["--show-bin-path"], text=True, env=env).strip())
         archive = bin_dir / "libBCNSwiftC.a"
 
         # the driver's own description of its toolchain: BCNSWIFT_SWIFT may be a wrapper script elsewhere
-        info = json.loads(subprocess.check_output([swift, "-print-target-info"], text=True))
+        info = json.loads(subprocess.check_output([swift, "-print-target-info"], text=True, env=env))
+        shutil.rmtree(scratch, ignore_errors=True)
         static_dir, swiftrt, system = static_runtime(info)
         for needed in (archive, swiftrt, static_dir / "libswiftCore.a"):
             if not needed.exists():

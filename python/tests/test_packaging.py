@@ -119,7 +119,7 @@ def _setup_module():
     return module
 
 
-def test_the_static_runtime_is_found_where_the_toolchain_says():
+def test_the_static_runtime_is_found_where_the_toolchain_says(tmp_path):
     """The platform directory comes from `swiftc -print-target-info`, not a hard-coded 'linux'."""
     setup = _setup_module()
     for arch, system in (("x86_64", "linux"), ("aarch64", "linux"), ("arm64", "macosx")):
@@ -129,7 +129,8 @@ def test_the_static_runtime_is_found_where_the_toolchain_says():
         assert static_dir == Path("/toolchain/usr/lib/swift_static") / system and found == system
         assert swiftrt == static_dir / arch / "swiftrt.o"
     swiftc = Path(tool("swift")).resolve().parent / "swiftc"
-    info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True, timeout=120))
+    info = json.loads(subprocess.check_output([str(swiftc), "-print-target-info"], text=True, timeout=120,
+                                              env={**os.environ, "TMPDIR": str(tmp_path)}))
     static_dir, swiftrt, _ = setup.static_runtime(info)
     assert swiftrt.is_file() and (static_dir / "libswiftCore.a").is_file()
 

@@ -1,6 +1,7 @@
 """The README's examples run as written: the Python ones (numpy, PyTorch, MPI), the C program against the static
 library, and the Swift program as a package depending on this one. The front door must not rot. (Its shell
 commands are CI's own Quick start.)"""
+import os
 import re
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def test_the_c_example_compiles_links_and_runs(tmp_path):
                   str(tmp_path / "main.c"), "-o", str(tmp_path / "main.o")],
                  [str(swiftc), "-static-stdlib", str(tmp_path / "main.o"),
                   str(ROOT / ".build" / "release" / "libBCNSwiftC.a"), "-o", str(tmp_path / "main")]):
-        done = subprocess.run(step, capture_output=True, text=True, timeout=1200)
+        # TMPDIR: the Swift driver leaves an empty directory there at every call
+        done = subprocess.run(step, capture_output=True, text=True, timeout=1200,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
         assert done.returncode == 0, f"{step[:3]}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     out = subprocess.run([str(tmp_path / "main")], capture_output=True, text=True, timeout=60, check=True).stdout
     first, second = out.strip().split("\n")
@@ -89,7 +92,7 @@ def test_the_swift_example_builds_as_a_dependency_and_runs(tmp_path):
                                         f"targets: {targets})\n")
     (demo / "Sources" / "Demo" / "main.swift").write_text(code)
     built = subprocess.run([swift, "build", "--package-path", str(demo)], capture_output=True, text=True,
-                           timeout=1200)
+                           timeout=1200, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     out = subprocess.run([str(demo / ".build" / "debug" / "Demo")], capture_output=True, text=True, timeout=60,
                          check=True).stdout.strip().split("\n")
