@@ -7,6 +7,7 @@ succeeds. Inputs are [B, C, *] arrays (or [B, *, C] with channel_axis=-1), in C 
 converted to the layer's dtype (as numpy functions convert); integer, boolean, complex and object arrays are
 refused with TypeError.
 """
+import math
 import threading
 
 import numpy as np
@@ -592,12 +593,11 @@ class _Normalization:
         if name.endswith("num_batches_tracked"):
             if arr.size != 1:
                 raise ValueError(f"state dict entry {key!r} must hold one value, got shape {arr.shape}")
-            count = arr.reshape(-1)[0]
-            if arr.dtype.kind == "b" or not (np.isfinite(count) and count >= 0 and count == np.floor(count)
-                                             and count < 2 ** 63):
-                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got "
-                                 f"{count.item()!r}")  # -4, not numpy 2's np.int64(-4)
-            return np.array(count).astype(np.int64).reshape(())
+            # compared as a Python int or float, exactly: numpy before 2 compared an int64 with 2**63 as floats
+            count = arr.reshape(-1)[0].item()
+            if arr.dtype.kind == "b" or not (math.isfinite(count) and 0 <= count < 2 ** 63 and count == int(count)):
+                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
+            return np.array(int(count), np.int64)
         flat = name in ("weight", "bias") and target.shape != (target.size,)  # the groups' (1, G, 1) as (G,) too
         if arr.shape != target.shape and not (flat and arr.shape == (target.size,)):
             raise ValueError(f"state dict entry {key!r} has shape {arr.shape}, expected {target.shape}"
