@@ -160,13 +160,25 @@ def failure(rank, size, case):
     momentum: the last rank's momentum is not a number; sizes: estimate mode, the last rank's per-group weight
     has 3 values for 4 groups (caught before the estimates' update); estimate: only the last rank estimates (its
     moving speed 0.2, which the exchange compares as its momentum: the message must name estimate); speed: the
-    last rank's moving speed is 1.5."""
+    last rank's moving speed is 1.5; own forward: the last rank's bn is a BatchNorm2d subclass with a forward of
+    its own, which the fused exchange would skip; own forward labml: every rank's labml channel_norm is one."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
     dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
     estimate = case in ("eps", "input dtype", "sizes", "speed") or case == "estimate" and bad
     layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
+    if case == "own forward" and bad:
+        class Shifted(torch.nn.BatchNorm2d):
+            def forward(self, x):
+                return super().forward(x) + 1
+        layer.bn = Shifted(C, dtype=dtype)
+    if case == "own forward labml":
+        class ShiftedChannelNorm(bt.ChannelNorm):
+            def forward(self, x):
+                return super().forward(x) + 1
+        layer = bt.SyncBatchChannelNorm(C, 4, estimate=False, dtype=dtype)
+        layer.channel_norm = ShiftedChannelNorm(C, 4, dtype=dtype)
     if estimate:  # estimate mode updates the buffers before it normalizes: a failure must stop it first
         layer.bn.estbn_moving_speed.fill_(0.2)
     if case == "eps":
@@ -260,7 +272,7 @@ def run_all(rank, size):
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
-                 "groups type", "estimate", "speed"):
+                 "groups type", "estimate", "speed", "own forward", "own forward labml"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["outside the group"] = outside_the_group(rank, size)

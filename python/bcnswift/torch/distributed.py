@@ -23,7 +23,7 @@ from ..distributed import LayerConfig, Synchronizer
 from ..layers import real_number
 from . import _ops
 from ._ops import fx_leaf
-from .modules import BatchChannelNorm, BCNorm, EstBN, torch_batch_norm_stage
+from .modules import BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, torch_batch_norm_stage
 from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, batch_norm_momentum,
                          counts_empty_call)
 
@@ -166,10 +166,11 @@ class GraphCaptureError(RuntimeError):
 
 
 @torch.compiler.disable  # torch.compile runs it eagerly, a graph break (fullgraph=True: torch's error saying so)
-def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
+def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=None):
     """The training forward of a batch-norm stage `bn` (a functional.BatchNormStage) and an optional
     channel-norm stage `cn`, with the statistics of every rank of `process_group`. It exchanges numbers between
-    processes as it runs, so no graph can hold it: `torch.compile` runs it eagerly, and an export refuses it."""
+    processes as it runs, so no graph can hold it: `torch.compile` runs it eagerly, and an export refuses it.
+    `refused`: an error the caller found (raised inside the exchange, on every rank, like this call's own)."""
     if torch.compiler.is_exporting() or _fake(x) or _recorded():
         raise GraphCaptureError(
             "a synchronized BCN layer exchanges its batch statistics between processes as it runs, so a graph cannot "
@@ -192,6 +193,8 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None):
     # error is raised inside the exchange (`precheck`), where every rank fails together: a rank raising before it
     # would leave the others waiting in the allgather.
     try:
+        if refused is not None:
+            raise refused
         momentum = batch_norm_momentum(bn)
         if bn.moving_speed is not None:  # EstBN's rate is this buffer's value
             momentum = _ops.moving_speed_value(bn.moving_speed)
@@ -246,9 +249,12 @@ class SyncBCNorm(BCNorm):
         # without data) runs here, to an empty output
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)) or not self.bn.training:
             return super().forward(x)
-        stage = self.bn.stage() if isinstance(self.bn, EstBN) else torch_batch_norm_stage(self.bn)
+        bn = self.bn
+        estimated = isinstance(bn, EstBN)
+        stage = bn.stage() if estimated else torch_batch_norm_stage(bn)
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
-        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group)
+        refused = _own_forward(self, "bn", bn, EstBN.forward if estimated else _BatchNorm.forward)
+        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group, refused)
 
 
 class SyncBatchChannelNorm(BatchChannelNorm):
@@ -263,8 +269,22 @@ class SyncBatchChannelNorm(BatchChannelNorm):
     def forward(self, x):
         if not self.training or not self.batch_norm.training:  # as SyncBCNorm: the stage frozen exchanges nothing
             return super().forward(x)
-        return sync_batch_channel_norm(x, self.batch_norm.stage(), self.channel_norm.stage(),
-                                       self.channel_norm.channels, self.process_group)
+        batch_norm, channel_norm = self.batch_norm, self.channel_norm
+        refused = (_own_forward(self, "batch_norm", batch_norm, BatchNorm.forward)
+                   or _own_forward(self, "channel_norm", channel_norm, ChannelNorm.forward))
+        return sync_batch_channel_norm(x, batch_norm.stage(), channel_norm.stage(), channel_norm.channels,
+                                       self.process_group, refused)
+
+
+def _own_forward(module, name, stage, fused_forward):
+    """A TypeError when the stage's class overrides the forward whose math the synchronized call fuses (the
+    local modules call such a stage instead, but it would see only its own rank's statistics), else None."""
+    if type(stage).forward is fused_forward:
+        return None
+    return TypeError(f"{type(module).__name__}.{name} is a {type(stage).__qualname__}, whose class has a forward of "
+                     f"its own: a synchronized layer cannot call it (it fuses the stage's math with the statistics of "
+                     f"every rank, which a stage called alone would not see) and would skip it. Use the local "
+                     f"module, or a stage without its own forward")
 
 
 def _synchronized(module, process_group):
