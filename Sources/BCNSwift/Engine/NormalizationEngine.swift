@@ -47,7 +47,8 @@ public enum NormalizationEngine {
         // phase (c) reuses phase (a)'s scratch (`ScratchArena.phase`): the moments and the memo come before it
         var arena = try ScratchArena(bytes: (batchStatistics ? ScratchArena.bytes(C, of: Moments.self) : 0)
                                  + ScratchArena.bytes(memoCount, of: Double.self)
-                                 + max(localMomentsBytes(layout, T.self), finishBytes(layout, T.self, plan: plan)))
+                                 + max(localMomentsBytes(layout, T.self, moments: batchStatistics, memo: memoCount > 0),
+                                       finishBytes(layout, T.self, plan: plan)))
         let moments = batchStatistics ? arena.take(C, of: Moments.self) : nil
         let memo = memoCount > 0 ? arena.take(memoCount, of: Double.self) : nil
         // Without batch statistics no plane's map waits for the whole batch: each unit's planes are measured
@@ -74,7 +75,7 @@ public enum NormalizationEngine {
         try checkGroups(plan: plan, shape: shape)
         try checkFinite(plan: plan, shape: shape, x)
         let layout = Layout(plan: plan, shape: shape)
-        var arena = try ScratchArena(bytes: localMomentsBytes(layout, T.self))
+        var arena = try ScratchArena(bytes: localMomentsBytes(layout, T.self, moments: moments != nil, memo: false))
         localMoments(layout, plan: plan, x: x, context: ctx, into: moments, arena: &arena)
         ctx.writeHeader(.moments, format: shape.format, of: T.self)
     }
@@ -183,11 +184,14 @@ public enum NormalizationEngine {
         }
     }
 
-    static func localMomentsBytes<T: NormalizationScalar>(_ layout: Layout, _: T.Type) -> Int {
+    /// Arena bytes of phase (a); `moments`: the batch's moments are asked for; `memo`: the rows layout's plane
+    /// moments go to a memo of the call's own (the stored layouts ignore both: their plane moments are needed).
+    static func localMomentsBytes<T: NormalizationScalar>(_ layout: Layout, _: T.Type, moments: Bool,
+                                                          memo: Bool) -> Int {
         switch layout {
         case .planes(let l): return l.localMomentsBytes(T.self)
         case .channelsLast(let l): return l.localMomentsBytes(T.self)
-        case .rows(let l): return l.localMomentsBytes()
+        case .rows(let l): return l.localMomentsBytes(moments: moments, memo: memo)
         }
     }
 

@@ -27,6 +27,8 @@ struct RowsLayout {
     /// Blocks per panel, and panels: the parallel work items of the passes that sum over samples.
     var panelBlocks: Int { max(1, 512 / (blockChannels * shape.spatial)) }
     var panels: Int { (blocks + panelBlocks - 1) / panelBlocks }
+    /// Channels of the widest panel: a block may be wider than the whole tensor (64 channels for C = 1).
+    var panelWidth: Int { min(panelBlocks * blockChannels, shape.channels) }
     /// The channels of panel i.
     func panel(_ i: Int) -> (first: Int, count: Int) {
         let c0 = i * panelBlocks * blockChannels
@@ -158,11 +160,11 @@ struct RowsLayout {
 
     // MARK: forward
 
-    private var momentsCost: Int { 2 * shape.batch * shape.spatial * panelBlocks * blockChannels }
-    /// Doubles of a thread's scratch for phase (a): the panel's plane moments of every sample (none when S = 1).
-    /// Its columns' moments (`columnMoments`: 3·S a channel) fit the same room, since `byColumns` asks for 8
-    /// samples and S ≤ 4.
-    private var momentsSlot: Int { (shape.spatial == 1 ? 0 : 2 * shape.batch) * panelBlocks * blockChannels }
+    private var momentsCost: Int { 2 * shape.batch * shape.spatial * panelWidth }
+    /// Doubles of a thread's scratch for phase (a): the panel's plane moments of every sample (none when S = 1),
+    /// 2·B·`panelWidth`, so O(B·C) whatever the blocks' width. Its columns' moments (`columnMoments`: 3·S a
+    /// channel) fit the same room, since `byColumns` asks for 8 samples and S ≤ 4.
+    private var momentsSlot: Int { (shape.spatial == 1 ? 0 : 2 * shape.batch) * panelWidth }
 
     /// Whether `localMoments` may take the batch moments by columns (`columnMoments`) when no memo asks for the
     /// plane moments: planes of 2 to 4 values, from 8 samples. Per column that costs a strip's setup and the
@@ -180,7 +182,7 @@ struct RowsLayout {
                                               memo: UnsafeMutablePointer<Double>? = nil, arena: inout ScratchArena) {
         guard let channelMoments else { return }
         let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = memo == nil ? momentsSlot : 0
-        let width = panelBlocks * blockChannels
+        let width = panelWidth
         let scratch = arena.take(parallelSlots(panels, cost: momentsCost) * slotLength, of: Double.self)
         parallelFor(panels, cost: momentsCost) { range, slot in
             // [B, width] per thread, or [B, C] for the whole call in `memo`
@@ -241,9 +243,11 @@ struct RowsLayout {
         }
     }
 
-    /// Arena bytes of `localMoments` (without a memo: with one it needs none).
-    func localMomentsBytes() -> Int {
-        ScratchArena.bytes(parallelSlots(panels, cost: momentsCost) * momentsSlot, of: Double.self)
+    /// Arena bytes of `localMoments`: none without the batch's moments (`moments`: it returns at once) or with a
+    /// memo (`memo`: the plane moments go there).
+    func localMomentsBytes(moments: Bool, memo: Bool) -> Int {
+        guard moments && !memo else { return 0 }
+        return ScratchArena.bytes(parallelSlots(panels, cost: momentsCost) * momentsSlot, of: Double.self)
     }
 
     /// Doubles of `localMoments`' memo: p and q of every plane (2·B·C) for planes of 2 to 15 values, else none;
