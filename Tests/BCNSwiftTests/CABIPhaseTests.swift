@@ -177,6 +177,18 @@ final class CABIPhaseTests: XCTestCase {
         XCTAssertEqual(bcn_norm_moments_f32(flags, 2, 8, 5, 4, x32, nil, &s.ctx, Int64(s.ctx.count), nil, 0), BCN_OK)
         XCTAssertEqual(finish(&s, [Double](repeating: 1, count: 24)).0, BCN_ERR_NO_FORWARD)
         XCTAssertEqual(s.rm, rm); XCTAssertEqual(s.nbt, nbt)
+        // moments without the channel-norm stage record no groups: a finish with it does not continue them, and
+        // the message says what to run, in the C ABI's names
+        XCTAssertEqual(bcn_norm_moments_f64(UInt32(BCN_BATCH_NORM) | training, 2, 8, 5, 4, s.x, nil, &s.ctx,
+                                            Int64(s.ctx.count), nil, 0), BCN_OK)
+        var message = [CChar](repeating: 0, count: 256)
+        var y = [Double](repeating: 0, count: s.count)
+        XCTAssertEqual(bcn_norm_finish_f64(flags, 2, 8, 5, 4, 1e-5, 1e-5, 0.1, s.x, &y, s.w, s.b, &s.rm, &s.rv,
+                                           &s.nbt, s.cw, s.cb, [Double](repeating: 1, count: 24), &s.ctx,
+                                           Int64(s.ctx.count), &message, 256), BCN_ERR_NO_FORWARD)
+        let said = String(cString: message)
+        XCTAssertTrue(said.contains("groups") && said.contains("bcn_norm_moments_"), said)
+        XCTAssertEqual(s.rm, rm); XCTAssertEqual(s.nbt, nbt)
         let (a, m) = moments(&s)
         XCTAssertEqual(a, BCN_OK)
         // training needs the moments; moments of one value in all are degenerate for batch statistics

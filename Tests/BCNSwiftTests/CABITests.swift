@@ -24,7 +24,7 @@ final class CABITests: XCTestCase {
 
     /// Calls forward with the given sizes on buffers sized for (2, 4, 8, 2); returns status and message.
     func forward(flags: UInt32, batch: Int64 = 2, channels: Int64 = 4, spatial: Int64 = 8, groups: Int64 = 2,
-                 eps: Double = 1e-5, momentum: Double = 0.1, contextLength: Int64 = 4096,
+                 eps: Double = 1e-5, bnEps: Double? = nil, momentum: Double = 0.1, contextLength: Int64 = 4096,
                  nullX: Bool = false, nullWeights: Bool = false, buffers: inout Buffers) -> (Int32, String) {
         var message = [CChar](repeating: 0, count: 256)
         let status = buffers.x.withUnsafeBufferPointer { x in
@@ -32,7 +32,7 @@ final class CABITests: XCTestCase {
                 buffers.rm.withUnsafeMutableBufferPointer { rm in
                     buffers.rv.withUnsafeMutableBufferPointer { rv in
                         buffers.ctx.withUnsafeMutableBufferPointer { ctx in
-                            bcn_norm_forward_f32(flags, batch, channels, spatial, groups, eps, eps, momentum,
+                            bcn_norm_forward_f32(flags, batch, channels, spatial, groups, eps, bnEps ?? eps, momentum,
                                                  nullX ? nil : x.baseAddress, y.baseAddress,
                                                  nullWeights ? nil : buffers.w, buffers.b, rm.baseAddress,
                                                  rv.baseAddress, &buffers.nbt, buffers.gw, buffers.gb,
@@ -72,6 +72,11 @@ final class CABITests: XCTestCase {
              { self.forward(flags: all, groups: -2, buffers: &$0) }),
             ("eps", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, eps: 0, buffers: &$0) }),
             ("eps", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, eps: .nan, buffers: &$0) }),
+            // which of the two: the messages name the stage
+            ("the batch-norm stage's eps must be a positive finite number, got 0.0", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, bnEps: 0, buffers: &$0) }),
+            ("the channel-norm stage's eps must be a positive finite number, got -1.0", BCN_ERR_INVALID_ARGUMENT,
+             { self.forward(flags: all, eps: -1, bnEps: 1e-5, buffers: &$0) }),
             ("momentum", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, momentum: 2, buffers: &$0) }),
             ("unknown flag", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all | (1 << 20), buffers: &$0) }),
             ("neither", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: training, buffers: &$0) }),

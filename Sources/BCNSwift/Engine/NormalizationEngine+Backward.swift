@@ -157,7 +157,8 @@ extension NormalizationEngine {
         defer { BCNThreads.unpin(pinned) }
         let (ctx, through) = try forwardContext(plan: plan, shape: shape, context, of: T.self)
         guard ctx.readFlags(format: shape.format, element: nil)?.contains(.gradientSums) == true else {
-            throw BCNError(.noForward, "context holds no gradient sums of this input: run localGradientSums first")
+            throw BCNError(.noForward, "context holds no gradient sums of this input: run the backward's phase (a) "
+                                       + "first (localGradientSums; bcn_norm_backward_sums_* in C)")
         }
         // as `finishForward` screens x: whatever its phase (a) screened
         try checkFinite(plan: plan, shape: shape, dy, what: "the output gradient dy")

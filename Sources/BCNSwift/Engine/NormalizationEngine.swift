@@ -119,8 +119,9 @@ public enum NormalizationEngine {
         let ctx = try checkedContext(plan: plan, shape: shape, context)
         guard let flags = ctx.readFlags(format: shape.format, element: NormalizationContext.element(T.self)),
               flags.contains(.moments) else {
-            throw BCNError(.noForward, "context holds no moments of an input of this shape and element type: "
-                                       + "run localMoments first")
+            throw BCNError(.noForward, "context holds no moments of an input of this shape, groups (none without a "
+                                       + "channel norm), memory format and element type: run phase (a) first "
+                                       + "(localMoments; bcn_norm_moments_* in C)")
         }
         try checkState(plan: plan, state: state)
         try checkCount(plan: plan, state: state, updating: training)

@@ -55,8 +55,8 @@ public struct BatchNormOptions: Equatable, Sendable {
 
     /// Throws `.invalidArgument` naming the first option out of range.
     public func validate() throws(BCNError) {
-        guard eps > 0, eps.isFinite else {
-            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
+        guard eps > 0, eps.isFinite else {  // (the C ABI's bn_eps: named apart from the channel norm's eps)
+            throw BCNError(.invalidArgument, "the batch-norm stage's eps must be a positive finite number, got \(eps)")
         }
         if let m = momentum, !(m >= 0 && m <= 1) {
             throw BCNError(.invalidArgument, "momentum must be in [0, 1], got \(m)")
@@ -88,7 +88,8 @@ public struct ChannelNormOptions: Equatable, Sendable {
                            "channels (\(channels)) must be divisible by groups (\(groups))")
         }
         guard eps > 0, eps.isFinite else {
-            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
+            throw BCNError(.invalidArgument,
+                           "the channel-norm stage's eps must be a positive finite number, got \(eps)")
         }
     }
 }

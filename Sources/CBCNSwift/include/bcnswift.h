@@ -22,7 +22,8 @@
  * Shapes: an input has `batch` samples, `channels` channels and `spatial` positions (the product of its
  * trailing dimensions; 1 for [B, C]). In memory it is [batch, channels, spatial] (each (sample, channel) plane
  * contiguous), or with BCN_CHANNELS_LAST [batch, spatial, channels]. Outputs and gradients have the input's
- * memory layout.
+ * memory layout. Each size is at least 1, channels at most 2^32, and batch*channels*spatial (as out_channels *
+ * fan_in for Weight Standardization) at most INT64_MAX / 16: BCN_ERR_INVALID_ARGUMENT otherwise.
  *
  * Phases: a forward is (a) local moments, (b) a merge of moment sets, (c) finish; bcn_norm_forward_* runs
  * (a) and (c) on one process's batch. To normalize with statistics over several processes, run (a) on each,
@@ -47,7 +48,7 @@ extern "C" {
 #define BCN_OK                      0
 #define BCN_ERR_INVALID_ARGUMENT    1 /* a size (zero-size dims too), flag, eps, momentum, count or pointer is
                                          out of range or NULL                                                  */
-#define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (its channel count)                  */
+#define BCN_ERR_SHAPE               2 /* a shape disagrees with the layer (Swift layers; no C function returns it) */
 #define BCN_ERR_DEGENERATE          3 /* training statistics undefined: one value per channel or per group     */
 #define BCN_ERR_NONFINITE           4 /* BCN_NAN_RAISE and x (forward) or dy (backward) holds NaN or infinity */
 #define BCN_ERR_NO_FORWARD          5 /* the context was not filled by the phase this call continues, for this
@@ -192,8 +193,9 @@ int32_t bcn_norm_moments_f64(uint32_t flags, int64_t batch, int64_t channels, in
 /*
  * Phase (b): merges `sets` moment sets of `channels` channels each (set i at moments + 3*channels*i) per channel,
  * in set order, with Chan's formula, into `merged` (3*channels doubles; may equal `moments`). A set with count 0
- * contributes nothing; one set merges to itself, bit for bit. Counts must be non-negative whole numbers and M2
- * non-negative (BCN_ERR_INVALID_ARGUMENT otherwise).
+ * contributes nothing; one set merges to itself, bit for bit. `sets` must be at least 1, counts non-negative
+ * whole numbers and M2 not negative (BCN_ERR_INVALID_ARGUMENT otherwise); NaN means or M2 are not refused here
+ * and merge into NaN (phase (c) refuses them under BCN_NAN_RAISE).
  */
 int32_t bcn_moments_merge(int64_t sets, int64_t channels, const double *moments, double *merged,
                           char *message, int64_t message_capacity);
@@ -201,9 +203,10 @@ int32_t bcn_moments_merge(int64_t sets, int64_t channels, const double *moments,
 /*
  * Forward phase (c): running buffers, coefficients and the output y, continuing phase (a) on the same x and
  * context (of the same shape, groups, memory format and element type: otherwise BCN_ERR_NO_FORWARD; the plane
- * moments do not depend on the stages, so phase (a)'s flags need not name the same ones). `moments` is the
- * batch's moments per channel (3*channels doubles, from phase (a) or merged by phase (b)); required when
- * training with BCN_BATCH_NORM, ignored (may be NULL) otherwise. Other arguments as in
+ * moments do not depend on the batch-norm flags, so phase (a)'s need not name the same ones, but it records
+ * groups only with BCN_CHANNEL_NORM: both phases name that stage, with the same groups, or neither does).
+ * `moments` is the batch's moments per channel (3*channels doubles, from phase (a) or merged by phase (b));
+ * required when training with BCN_BATCH_NORM, ignored (may be NULL) otherwise. Other arguments as in
  * bcn_norm_forward_*. BCN_ERR_DEGENERATE when the moments' count is 1 and the statistics need more. With
  * BCN_NAN_RAISE, x is read for NaN and infinity here too, whatever phase (a) was given.
  */
@@ -230,7 +233,8 @@ int32_t bcn_norm_finish_f64(uint32_t flags, int64_t batch, int64_t channels, int
  * batch but keeps its buffers in step, or a framework that separates the buffers' update from the normalization
  * (then normalize with BCN_ESTIMATED in eval mode on the updated buffers). Only the batch-norm flags count:
  * BCN_BATCH_NORM is required, BCN_CHANNEL_NORM, BCN_TRAINING and BCN_CHANNELS_LAST are ignored. With
- * BCN_NAN_RAISE, non-finite moments fail with BCN_ERR_NONFINITE.
+ * BCN_NAN_RAISE, non-finite moments fail with BCN_ERR_NONFINITE. BCN_ERR_DEGENERATE when the moments' count is 1
+ * and the statistics need more (batch statistics, or an unbiased running variance), as in training.
  */
 int32_t bcn_running_update_f32(uint32_t flags, int64_t channels, double momentum, const double *moments,
                                float *running_mean, float *running_var, int64_t *num_batches_tracked,
