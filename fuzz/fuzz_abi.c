@@ -3,7 +3,11 @@
  * scalars, null choices, context lengths, element values, and a path through the calls: the single forward and
  * backward, or the statistics phases (moments, merge of several sets, finish; backward sums, merge, finish),
  * with moment and sum sets that are sometimes not moments at all, and the running update alone. Sizes reach every
- * layout: rows (S < 16), planes (S up to 64) and channels-last.
+ * layout: rows (S < 16), planes (S up to 64) and channels-last; tall inputs (up to 4096 samples of 1 or 2
+ * channels, S < 16) reach the rows layout's paths that need many samples (moments by columns from 8, the short
+ * planes' backward from 16) and the scratch sized by the batch. Messages go to buffers of any capacity or to NULL
+ * and must end inside the capacity; the forward and backward sometimes run in place (y = x, dx = dy), which the
+ * header allows where no later call reads the input.
  *
  * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
  * is hostile. The library must return a status, never crash, never touch memory out of bounds
@@ -158,7 +162,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(&k, 0, sizeof k);
     k.flags = u8(&s) | ((uint32_t)(u8(&s) & 1) << 8); /* the normalization bits and BCN_CHANNELS_LAST */
     if (u8(&s) > 250) k.flags |= 1u << (9 + u8(&s) % 23); /* sometimes an unknown bit */
-    k.b = size_value(&s, 6); k.c = size_value(&s, 8); k.sp = size_value(&s, 64); k.g = size_value(&s, 8);
+    int tall = (u8(&s) & 7) == 0;
+    if (tall) {
+        k.b = ((int64_t)u8(&s) << 8 | u8(&s)) % 4096 + 1; k.c = u8(&s) % 2 + 1; k.sp = u8(&s) % 15 + 1;
+        k.g = size_value(&s, 2);
+    } else {
+        k.b = size_value(&s, 6); k.c = size_value(&s, 8); k.sp = size_value(&s, 64); k.g = size_value(&s, 8);
+    }
     k.eps = scalar(&s); k.bn_eps = scalar(&s); k.momentum = scalar(&s);
     k.nulls = u8(&s) & u8(&s); /* each pointer null with probability 1/4 */
     uint8_t ctx_mode = u8(&s), path = u8(&s);
@@ -166,7 +176,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     /* Buffers follow the declared sizes when those are small; otherwise the library must refuse the sizes
      * before touching anything, so small placeholder buffers must suffice. */
-    int sane = k.b > 0 && k.c > 0 && k.sp > 0 && k.b <= 6 && k.c <= 8 && k.sp <= 64;
+    int sane = k.b > 0 && k.c > 0 && k.sp > 0 && (tall || (k.b <= 6 && k.c <= 8 && k.sp <= 64));
     if (!sane && k.b > 0 && k.c > 0 && k.sp > 0) {
         /* sizes that are positive but beyond the buffers: only products that must be refused are allowed */
         if (!(k.b >= ((int64_t)1 << 40) && k.c >= ((int64_t)1 << 40) && k.sp >= ((int64_t)1 << 40))) return 0;
@@ -196,14 +206,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (ctx_mode % 4 == 1) k.ctx_len -= 1; /* one short */
     if (ctx_mode % 4 == 2) k.ctx_len = -k.ctx_len;
     k.ctx = watch(ctx_doubles * sizeof(double));
-    char msg[64];
+    char text[64];
+    memset(text, 0x7f, sizeof text);
+    uint8_t mode = u8(&s);
+    char *msg = (mode & 7) == 0 ? NULL : text; /* a NULL message: the status alone */
     int64_t cap = u8(&s) % 65;
+    int in_place = sane && (mode & 0x38) == 0; /* y = x: then no backward may follow */
 
     snap_all(&k);
     int32_t st;
     int64_t nbt_before = 0; /* the batch count before the call that may fail (the update alone moves it) */
+    if (in_place) {
+        Watched own_y = k.y;
+        k.y = k.x;
+        snap(&k.x);
+        st = forward(&k, 0, NULL, msg, cap);
+        k.y = own_y;
+        if (st != BCN_OK) { abort_if(!same(&k.x)); check_untouched(&k, 0); }
+        if (msg && cap > 0) abort_if(memchr(text, 0, (size_t)cap) == NULL); /* ends inside the capacity */
+        goto ws;
+    }
     if (path % 2 == 0) {
         st = forward(&k, 0, NULL, msg, cap); /* the single forward */
+        if (msg && cap > 0) abort_if(memchr(text, 0, (size_t)cap) == NULL);
     } else {
         st = moments_phase(&k, msg);
         if (st == BCN_OK) {
@@ -236,8 +261,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         uint32_t bflags = k.flags & ~(uint32_t)(u8(&s) & (BCN_BATCH_NORM | BCN_CHANNELS_LAST));
         snap_all(&k);
         if ((path >> 1) % 2 == 0) {
+            Watched own_dx = k.dx;
+            if (mode & 0x40) k.dx = k.dy; /* dx = dy, in place */
+            snap(&k.dy);
             st = backward(&k, bflags, 0, NULL, msg);
-            if (st != BCN_OK) check_untouched(&k, k.nbt);
+            k.dx = own_dx;
+            if (st != BCN_OK) { abort_if(!same(&k.dy)); check_untouched(&k, k.nbt); }
         } else {
             st = backward(&k, bflags, 1, NULL, msg);
             if (st != BCN_OK) {
@@ -251,13 +280,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             }
         }
     }
-    /* Weight Standardization on the same buffers, viewed as [b, c*sp]. */
+ws:
+    /* Weight Standardization on the same buffers, viewed as [b, c*sp]: a refused call writes nothing. */
     if (sane) {
         uint32_t wflags = u8(&s) % 5;
-        if (k.dbl) bcn_ws_forward_f64(wflags, k.b, k.c * k.sp, k.eps, (double *)k.x.p, (double *)k.y.p,
-                                      msg, sizeof msg);
-        else bcn_ws_backward_f32(wflags, k.b, k.c * k.sp, k.eps, (float *)k.x.p, (float *)k.dy.p, (float *)k.dx.p,
-                                 msg, sizeof msg);
+        int64_t fan_in = (u8(&s) & 15) == 0 ? -k.c * k.sp : k.c * k.sp;
+        snap_all(&k);
+        if (k.dbl) st = bcn_ws_forward_f64(wflags, k.b, fan_in, k.eps, (double *)k.x.p, (double *)k.y.p,
+                                           msg, cap);
+        else st = bcn_ws_backward_f32(wflags, k.b, fan_in, k.eps, (float *)k.x.p, (float *)k.dy.p,
+                                      (float *)k.dx.p, msg, cap);
+        if (st != BCN_OK) check_untouched(&k, k.nbt);
+        if (msg && cap > 0) abort_if(memchr(text, 0, (size_t)cap) == NULL);
     }
     Watched *all[] = {&k.x, &k.y, &k.dy, &k.dx, &k.w, &k.bb, &k.rm, &k.rv, &k.gw, &k.gb, &k.g1, &k.g2, &k.g3, &k.g4,
                       &k.ctx, &k.moments, &k.sums};
