@@ -89,6 +89,14 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised
 
 
+def test_an_nn_syncbatchnorm_stage_is_fused_not_refused(reports):
+    """A stage whose class has its own forward is refused, but nn.SyncBatchNorm's forward does a batch norm's
+    math: SyncBCNorm fuses it over its own process group, as before that refusal."""
+    n, ranks = reports
+    raised = [r["failure syncbn stage"] for r in ranks]
+    assert all(r["raised"] is None and not r["unchanged"] for r in raised), raised
+
+
 def test_a_process_outside_the_modules_group_is_told_so(reports):
     n, ranks = reports
     members, outsider = [r["outside the group"] for r in ranks[:-1]], ranks[-1]["outside the group"]

@@ -161,7 +161,9 @@ def failure(rank, size, case):
     has 3 values for 4 groups (caught before the estimates' update); estimate: only the last rank estimates (its
     moving speed 0.2, which the exchange compares as its momentum: the message must name estimate); speed: the
     last rank's moving speed is 1.5; own forward: the last rank's bn is a BatchNorm2d subclass with a forward of
-    its own, which the fused exchange would skip; own forward labml: every rank's labml channel_norm is one."""
+    its own, which the fused exchange would skip; own forward labml: every rank's labml channel_norm is one;
+    syncbn stage: every rank's bn is an nn.SyncBatchNorm, whose own forward does a batch norm's math (fused, no
+    error)."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
@@ -173,6 +175,8 @@ def failure(rank, size, case):
             def forward(self, x):
                 return super().forward(x) + 1
         layer.bn = Shifted(C, dtype=dtype)
+    if case == "syncbn stage":
+        layer.bn = torch.nn.SyncBatchNorm(C, dtype=dtype)
     if case == "own forward labml":
         class ShiftedChannelNorm(bt.ChannelNorm):
             def forward(self, x):
@@ -272,7 +276,7 @@ def run_all(rank, size):
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
-                 "groups type", "estimate", "speed", "own forward", "own forward labml"):
+                 "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["outside the group"] = outside_the_group(rank, size)

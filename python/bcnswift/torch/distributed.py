@@ -253,7 +253,10 @@ class SyncBCNorm(BCNorm):
         estimated = isinstance(bn, EstBN)
         stage = bn.stage() if estimated else torch_batch_norm_stage(bn)
         cn = ChannelNormStage(self.num_groups, self.eps, self.weight, self.bias)
-        refused = _own_forward(self, "bn", bn, EstBN.forward if estimated else _BatchNorm.forward)
+        # nn.SyncBatchNorm's own forward does a batch norm's math too, over its own group: fused over this one's
+        fused = EstBN.forward if estimated else \
+            nn.SyncBatchNorm.forward if isinstance(bn, nn.SyncBatchNorm) else _BatchNorm.forward
+        refused = _own_forward(self, "bn", bn, fused)
         return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group, refused)
 
 
