@@ -348,6 +348,37 @@ def test_fold_weight_standardization_gives_plain_layers_with_the_same_outputs(ge
     torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_fold_takes_the_weight_a_computed_weights_next_call_would_use(gen):
+    """A WS layer carrying a parametrization (its class a subclass of the WS class) was left unfolded, still
+    standardizing on every call; one under torch's hook-based weight_norm or spectral_norm folded the weight the
+    hook computed at the last call, stale after an optimizer step. Each now folds what its next call computes,
+    frozen into a plain layer; a subclass with its own forward stays."""
+    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+
+    class OwnForward(bt.Conv2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.Conv2d(8, 8, 3, padding=1),
+                          bt.Conv2d(8, 8, 3, padding=1), bt.Linear(8 * 6 * 6, 5), nn.Identity()).double()
+    parametrizations.weight_norm(model[0])
+    weight_norm(model[1])
+    spectral_norm(model[2])
+    parametrizations.spectral_norm(model[3])
+    model = nn.Sequential(*model[:3], nn.Flatten(), model[3], OwnForward(1, 1, 1).double())
+    x = rand_input(gen, (2, 3, 6, 6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model[:5](x).square().sum().backward()  # the hooks compute this call's weights; the step then moves them
+    optimizer.step()
+    model.eval()
+    expected = model[:5](x)
+    folded = bt.fold_weight_standardization(model)
+    assert [type(m) for m in folded] == [nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Flatten, nn.Linear, OwnForward]
+    torch.testing.assert_close(folded[:5](x), expected, rtol=1e-12, atol=1e-12)
+    assert all(type(m.weight) is nn.Parameter and m.weight.requires_grad for m in folded[:5] if hasattr(m, "weight"))
+
+
 # ---- Weight Standardization ---------------------------------------------------------------------------------
 
 def _reference_ws(w, eps, convention):

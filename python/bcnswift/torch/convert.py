@@ -8,7 +8,7 @@ from torch import nn
 from ..layers import real_number
 from .functional import standardizable
 from .modules import BCNorm, EstBN, positive_int
-from .weight_standardized import PLAIN, Conv2d, plain_copy
+from .weight_standardized import Conv2d, plain_copy, ws_class
 
 
 def largest_divisor_at_most(channels, limit):
@@ -155,5 +155,7 @@ def _replace(model, swap):
 def fold_weight_standardization(model):
     """For inference: replaces every Weight-Standardized layer in `model` by the plain torch layer holding its
     standardized weight (the same outputs, without standardizing on every call). Returns the model (in place,
-    unless `model` is itself such a layer)."""
-    return _replace(model, lambda layer, like: plain_copy(layer) if type(layer) in PLAIN else None)
+    unless `model` is itself such a layer). A layer whose weight is computed (a parametrization such as
+    ``parametrizations.weight_norm``, or torch's hook-based ``weight_norm`` or ``spectral_norm``) folds the weight
+    its next call would compute, frozen; a subclass of a WS layer with code of its own is left as it is."""
+    return _replace(model, lambda layer, like: plain_copy(layer) if ws_class(layer) is not None else None)

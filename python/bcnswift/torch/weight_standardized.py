@@ -31,9 +31,10 @@ class _WeightStandardized(KernelViews):
             raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         self.convention, self.ws_eps = convention, eps
 
-    def standardized_weight(self):
-        """The weight the layer computes with (differentiable with respect to ``weight``)."""
-        w = self.weight
+    def standardized_weight(self, weight=None):
+        """The weight the layer computes with (differentiable with respect to ``weight``); of `weight` instead of
+        ``self.weight`` when given."""
+        w = self.weight if weight is None else weight
         if not self._output_dim:
             return self._standardized(w)
         # [in, out/groups, *k]: output channel (k, j)'s fan-in is w[k·in/g:(k+1)·in/g, j], rows of [out, in/g, *k]
@@ -122,11 +123,37 @@ PLAIN = {Conv1d: nn.Conv1d, Conv2d: nn.Conv2d, Conv3d: nn.Conv3d, ConvTranspose2
          Linear: nn.Linear}
 
 
+def ws_class(layer):
+    """The WS class of `layer` (a key of PLAIN), or None: its own class, or for a layer that carries a
+    parametrization (torch.nn.utils.parametrize makes its class a subclass of the original), the class it
+    subclassed. Other subclasses (a forward of their own, say) are not WS layers to fold."""
+    from torch.nn.utils import parametrize
+    cls = type(layer).__bases__[0] if parametrize.is_parametrized(layer) else type(layer)
+    return cls if cls in PLAIN else None
+
+
+def current_weight(layer):
+    """The weight the layer's next call computes with. torch's hook-based weight_norm and spectral_norm compute
+    it in a hook before each call, so the attribute holds the last call's, which an optimizer step since has
+    made stale; a parametrization computes it on every read."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            return hook.compute_weight(layer)
+        if isinstance(hook, SpectralNorm):
+            return hook.compute_weight(layer, do_power_iteration=False)
+    return layer.weight
+
+
 def plain_copy(layer):
     """The torch layer (nn.Conv2d, ...) computing what the WS `layer` computes now: its standardized weight (a
-    new Parameter in the weight's memory format, frozen if the weight is) and its bias (the same Parameter)."""
-    plain = PLAIN[type(layer)]
-    w = layer.weight
+    new Parameter in the weight's memory format, frozen if the weight is) and its bias (the same Parameter, or a
+    copy of a computed one). A weight computed from others (weight_norm, spectral_norm, any parametrization) is
+    standardized as the next call would compute it, and frozen into the copy."""
+    plain = PLAIN[ws_class(layer)]
+    with torch.no_grad():
+        w = current_weight(layer)
     kw = {"device": "meta", "dtype": w.dtype}  # every parameter comes from `layer`: none is made here
     if plain is nn.Linear:
         out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
@@ -137,9 +164,12 @@ def plain_copy(layer):
                     bias=layer.bias is not None, padding_mode=layer.padding_mode, **extra, **kw)
     with torch.no_grad():
         standardized = torch.empty_like(w)  # w's strides: channels_last stays channels_last
-        standardized.copy_(layer.standardized_weight())
-    out.weight = nn.Parameter(standardized, requires_grad=w.requires_grad)
-    if layer.bias is not None:
-        out.bias = layer.bias
+        standardized.copy_(layer.standardized_weight(w))
+    frozen = not any(p.requires_grad for name, p in layer.named_parameters() if "bias" not in name)
+    out.weight = nn.Parameter(standardized, requires_grad=not frozen)
+    bias = layer.bias
+    if bias is not None:
+        out.bias = bias if isinstance(bias, nn.Parameter) else \
+            nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     out.train(layer.training)
     return out
