@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy
@@ -116,7 +117,12 @@ class SwiftBuildExt(build_ext):
         if strip:
             ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--strip-all"]  # .symtab too: PyInit_ stays
         if ext.name == "bcnswift._cpu":
-            self.settings_stamp(ext, {"strip": strip})
+            if sys.platform.startswith("linux"):
+                # It calls nothing in libc, so an --as-needed link (Debian's and Ubuntu's default) records no
+                # libc.so.6; auditwheel then stops ("couldn't detect libc") whenever it reads this extension before
+                # the kernels' in the wheel, which the order of the files in the unpacked wheel decides.
+                ext.extra_link_args = list(ext.extra_link_args) + ["-Wl,--no-as-needed", "-lc", "-Wl,--as-needed"]
+            self.settings_stamp(ext, {"strip": strip, "libc": sys.platform.startswith("linux")})
             return super().build_extension(ext)
         path = ext.isa
         swift = os.environ.get("BCNSWIFT_SWIFT", "swift")

@@ -87,6 +87,21 @@ def test_the_extensions_are_stripped_self_contained_and_export_only_pyinit(built
     assert functions == ["PyInit__ext_baseline"], functions[:10]
 
 
+def test_every_extension_records_libc_so_auditwheel_finds_it_whichever_it_reads_first(built):
+    """auditwheel takes the wheel's libc from the first extension it reads that links one, and stops ("couldn't
+    detect libc") if a Python extension comes before it. _cpu calls nothing in libc, so an --as-needed link
+    recorded none: the repair of a cp39 wheel stopped so, by the order of the unpacked files."""
+    _, wheel, out = built
+    unpacked = out / "unpacked-libc"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    extensions = sorted(unpacked.glob("bcnswift/*.so"))
+    assert len(extensions) == 2, extensions  # _cpu and the one path built
+    for so in extensions:
+        dynamic = subprocess.run([tool("readelf"), "-d", str(so)], capture_output=True, text=True,
+                                 check=True).stdout
+        assert "libc.so.6" in re.findall(r"Shared library: \[(.+?)\]", dynamic), (so.name, dynamic)
+
+
 def test_the_wheel_holds_only_this_builds_paths(built):
     """A review: a path built earlier in the same tree (BCNSWIFT_ISAS then with x86-64-v3) went into a wheel built
     for baseline alone, and _ext.py would have loaded it."""
