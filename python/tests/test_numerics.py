@@ -739,3 +739,23 @@ def test_float32_rows_backward_far_off_zero_keeps_the_float64_precision(shape, G
     assert _ulps_of_scale(dx, dx_ref) <= 4
     for name, (got, want) in grads.items():
         assert _ulps_of_scale(got, want) <= 4, name
+
+
+@pytest.mark.parametrize("shape, channels_last", [((4, 4), False), ((4, 4, 2, 2), False), ((4, 4, 4, 4), False),
+                                                  ((4, 4, 4, 4), True), ((4, 4, 100), False)])
+def test_double_input_whose_variance_overflows_gives_an_infinite_running_variance_and_the_bias(shape, channels_last,
+                                                                                               rng):
+    """Deviations of double input from about 1e154 up square beyond the largest double: the variance's M2 is
+    infinite (the mean stays finite), the running variance takes the infinity, and a batch norm alone gives every
+    value its bias, as PyTorch's float64 code does; nothing raises, under either policy (a synchronized layer under
+    'raise' refuses such merged moments: test_sync_layers.py)."""
+    x = rng.normal(1.0, 1.0, shape) * 1e160
+    if channels_last:
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    for policy in ("propagate", "raise"):
+        layer = bcnswift.BatchNorm(shape[1], dtype=np.float64, nan_policy=policy)
+        layer.bias[...] = np.arange(shape[1]) + 0.25
+        y = layer(x)
+        expected = np.broadcast_to(layer.bias.reshape((1, -1) + (1,) * (len(shape) - 2)), shape)
+        np.testing.assert_array_equal(y, expected)
+        assert np.all(np.isinf(layer.running_var)) and np.all(np.isfinite(layer.running_mean)), layer.running_var

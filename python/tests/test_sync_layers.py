@@ -116,6 +116,27 @@ def test_every_rank_fails_together_and_changes_nothing(case):
             assert f": {named} is " in r["message"], r["message"]
 
 
+def test_raise_refuses_merged_moments_that_overflow_on_every_rank_and_changes_nothing():
+    """Under nan_policy='raise' the merged moments are checked too: finite double input whose variance overflows
+    (here 1e160) raises FloatingPointError on every rank, buffers unchanged, where one process, which checks only
+    its input, lets the infinity through (test_numerics.py, docs/DISTRIBUTED.md)."""
+    def scenario(rank, size, comm):
+        layer = bcnswift.SyncBatchChannelNorm(4, 2, estimate=False, dtype=np.float64, nan_policy="raise",
+                                              comm=comm)
+        before = {k: v.copy() for k, v in layer.state_dict().items()}
+        x = np.random.default_rng(rank).normal(1.0, 1.0, (4, 4, 4, 4)) * 1e160
+        try:
+            layer(x)
+            raised = None
+        except FloatingPointError as e:
+            raised = str(e)
+        unchanged = all(np.array_equal(v, before[k]) for k, v in layer.state_dict().items())
+        return {"raised": raised, "unchanged": unchanged}
+    for r in ThreadGroup(2).run(scenario):
+        assert r["raised"] and "batch moments of channel 0 hold NaN or infinity" in r["raised"], r
+        assert r["unchanged"], r
+
+
 def test_eval_and_channel_statistics_exchange_nothing():
     class Counting(_Comm):
         calls = 0
