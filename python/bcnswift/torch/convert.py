@@ -155,7 +155,8 @@ def _replace(model, swap):
 def fold_weight_standardization(model):
     """For inference: replaces every Weight-Standardized layer in `model` by the plain torch layer holding its
     standardized weight (the same outputs, without standardizing on every call). Returns the model (in place,
-    unless `model` is itself such a layer). A layer whose weight is computed (a parametrization such as
-    ``parametrizations.weight_norm``, or torch's hook-based ``weight_norm`` or ``spectral_norm``) folds the weight
-    its next call would compute, frozen; a subclass of a WS layer with code of its own is left as it is."""
+    unless `model` is itself such a layer). A layer whose weight or bias is computed (a parametrization such as
+    ``parametrizations.weight_norm``, or torch's hook-based ``weight_norm`` or ``spectral_norm``) folds what its
+    next call in eval mode would compute, as a plain Parameter; reading it changes nothing in the model. A subclass
+    of a WS layer with code of its own is left as it is."""
     return _replace(model, lambda layer, like: plain_copy(layer) if ws_class(layer) is not None else None)

@@ -132,44 +132,59 @@ def ws_class(layer):
     return cls if cls in PLAIN else None
 
 
-def current_weight(layer):
-    """The weight the layer's next call computes with. torch's hook-based weight_norm and spectral_norm compute
-    it in a hook before each call, so the attribute holds the last call's, which an optimizer step since has
-    made stale; a parametrization computes it on every read."""
+def eval_value(layer, name):
+    """Tensor `name` of `layer` ("weight" or "bias") as the layer's next call in eval mode computes it. torch's
+    hook-based weight_norm and spectral_norm compute it in a hook before each call, so the attribute holds the
+    last call's, which an optimizer step since has made stale: their hook computes it afresh (spectral_norm
+    without a power iteration, as in eval). A parametrization computes it on every read: it is read with the
+    layer in eval mode (spectral_norm's power iteration would otherwise move its vectors), then the layer's
+    modes are restored, so that reading changes nothing."""
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
     for hook in layer._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):
+        if isinstance(hook, WeightNorm) and hook.name == name:
             return hook.compute_weight(layer)
-        if isinstance(hook, SpectralNorm):
+        if isinstance(hook, SpectralNorm) and hook.name == name:
             return hook.compute_weight(layer, do_power_iteration=False)
-    return layer.weight
+    modes = [(module, module.training) for module in layer.modules()]
+    try:
+        layer.eval()
+        return getattr(layer, name)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _trained(layer, name):
+    """Whether any parameter `name` is made of requires grad: the parameter itself, a hook-based weight_norm's or
+    spectral_norm's (weight_g, weight_v, weight_orig), or a parametrization's (parametrizations.weight.*)."""
+    return any(p.requires_grad for key, p in layer.named_parameters()
+               if key == name or key.startswith((f"{name}_", f"parametrizations.{name}.")))
 
 
 def plain_copy(layer):
-    """The torch layer (nn.Conv2d, ...) computing what the WS `layer` computes now: its standardized weight (a
-    new Parameter in the weight's memory format, frozen if the weight is) and its bias (the same Parameter, or a
-    copy of a computed one). A weight computed from others (weight_norm, spectral_norm, any parametrization) is
-    standardized as the next call would compute it, and frozen into the copy."""
+    """The torch layer (nn.Conv2d, ...) computing what the WS `layer` computes now in eval mode: its standardized
+    weight (a new Parameter in the weight's memory format, which requires grad where the weight's parameters do)
+    and its bias (the same Parameter, or a new one holding a computed bias). A weight or bias computed from
+    others (weight_norm, spectral_norm, any parametrization) is taken as the next call in eval mode would compute
+    it (`eval_value`) and kept as a plain Parameter: fold is for inference."""
     plain = PLAIN[ws_class(layer)]
     with torch.no_grad():
-        w = current_weight(layer)
+        w, bias = eval_value(layer, "weight"), eval_value(layer, "bias")
     kw = {"device": "meta", "dtype": w.dtype}  # every parameter comes from `layer`: none is made here
     if plain is nn.Linear:
-        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
+        out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **kw)
     else:
         extra = {"output_padding": layer.output_padding} if plain is nn.ConvTranspose2d else {}
         out = plain(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                     padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                    bias=layer.bias is not None, padding_mode=layer.padding_mode, **extra, **kw)
+                    bias=bias is not None, padding_mode=layer.padding_mode, **extra, **kw)
     with torch.no_grad():
         standardized = torch.empty_like(w)  # w's strides: channels_last stays channels_last
         standardized.copy_(layer.standardized_weight(w))
-    frozen = not any(p.requires_grad for name, p in layer.named_parameters() if "bias" not in name)
-    out.weight = nn.Parameter(standardized, requires_grad=not frozen)
-    bias = layer.bias
+    out.weight = nn.Parameter(standardized, requires_grad=_trained(layer, "weight"))
     if bias is not None:
         out.bias = bias if isinstance(bias, nn.Parameter) else \
-            nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            nn.Parameter(bias.detach().clone(), requires_grad=_trained(layer, "bias"))
     out.train(layer.training)
     return out
