@@ -547,6 +547,17 @@ def test_a_failed_build_is_remembered_until_its_record_is_deleted(tmp_path):
     assert counter.read_text().split() == ["run", "run"]  # the first import and the one after the deletion
 
 
+def test_a_compiler_killed_by_a_signal_is_not_remembered(tmp_path):
+    """A compiler the out-of-memory killer ended may pass next time: no record, and the next import builds."""
+    counter, compiler, code = _failing_compiler(tmp_path)
+    compiler.write_text(f"#!/bin/sh\necho run >> {counter}\nkill -9 $$\n")
+    env = {"CXX": str(compiler), "BCNSWIFT_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(2):
+        run = _subprocess(code, **env)
+        assert run.returncode == 0 and run.stdout.startswith("False ") and "exit -9" in run.stdout, run.stdout
+    assert counter.read_text().split() == ["run", "run"] and not list((tmp_path / "cache").glob("*.failed"))
+
+
 def test_the_library_is_built_once_and_kept(tmp_path):
     """A fresh cache gets the library (one build), and the next process loads it without building again."""
     need_native()

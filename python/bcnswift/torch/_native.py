@@ -148,7 +148,8 @@ def _build(cxx, path, replace=False):
             if done.returncode != 0:
                 tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
                 message = f"{' '.join(cxx)} failed (exit {done.returncode}):\n{tail}"
-                failed.write_text(message)
+                if done.returncode > 0:  # the compiler's verdict; one killed by a signal (OOM) may pass next time
+                    failed.write_text(message)
                 raise RuntimeError(message)
             with open(built, "rb") as f:
                 os.fsync(f.fileno())
