@@ -7,7 +7,8 @@
  * channels, S < 16) reach the rows layout's paths that need many samples (moments by columns from 8, the short
  * planes' backward from 16) and the scratch sized by the batch. Messages go to buffers of any capacity or to NULL
  * and must end inside the capacity; the forward and backward sometimes run in place (y = x, dx = dy), which the
- * header allows where no later call reads the input.
+ * header allows where no later call reads the input. A single backward that succeeds must leave its context as
+ * it was (it is only read).
  *
  * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
  * is hostile. The library must return a status, never crash, never touch memory out of bounds
@@ -267,6 +268,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             st = backward(&k, bflags, 0, NULL, msg);
             k.dx = own_dx;
             if (st != BCN_OK) { abort_if(!same(&k.dy)); check_untouched(&k, k.nbt); }
+            else abort_if(!same(&k.ctx)); /* the single backward only reads its context (the header's promise) */
         } else {
             st = backward(&k, bflags, 1, NULL, msg);
             if (st != BCN_OK) {
