@@ -114,7 +114,11 @@ def spatial(rank, size, comm, dtype=np.float64, seed=SEED):
     part = slice(offsets[rank], offsets[rank + 1])
     errors = {"y": rel(flat(y), y_all[:, part]), "dx": rel(flat(dx), dx_all[:, part])}
     errors["buffers"] = max(rel(v, single.state_dict()[k]) for k, v in ours.state_dict().items())
-    return {"errors": errors, "shape": list(y.shape)}
+    identical = True  # every rank's buffers bitwise rank 0's, the empty rank's too
+    for v in _state(ours).values():
+        copies = gathered_bytes(comm, v)
+        identical &= bool((copies == copies[0]).all())
+    return {"errors": errors, "shape": list(y.shape), "identical": identical}
 
 
 def failure(rank, size, comm, case, seed=SEED):

@@ -39,7 +39,7 @@ def test_bcnswift_gradients_by_finite_differences(convention, training, shape, r
     batch_stats = layer._has_bn and not layer.estimate
     before = copy.deepcopy(layer)
     x = random_input(rng, shape)
-    w = rng.normal(size=shape)  # loss = sum(w * y)
+    w = rng.normal(0.4, 1.0, shape)  # loss = sum(w * y)
     y = layer(x)
     dx = layer.backward(w)
 
@@ -96,10 +96,10 @@ def test_reference_backward_by_finite_differences(name, make, params, training, 
     module = make().train(training)
     for p in params:  # random parameters, so weight-dependent terms are exercised
         v = _attr(module, p)
-        v[...] = rng.uniform(0.5, 1.5, v.shape) if p.endswith(("scale", "weight")) else rng.normal(0, 0.5, v.shape)
+        v[...] = rng.uniform(0.5, 1.5, v.shape) if p.endswith(("scale", "weight")) else rng.normal(0.3, 0.5, v.shape)
     shape = (3, 6, 2, 3)
     x = random_input(rng, shape)
-    w = rng.normal(size=shape)
+    w = rng.normal(0.4, 1.0, shape)
     module(x)
     dx = module.backward(w)
     grads = dict(module.grads)
@@ -133,7 +133,7 @@ def test_reference_backward_by_finite_differences(name, make, params, training, 
 @pytest.mark.parametrize("shape", [(5, 7), (4, 3, 3), (3, 2, 3, 3), (2, 2, 2, 2, 3)])
 def test_weight_standardization_gradients(shape, unbiased, eps_in_sqrt, rng):
     w = rng.normal(0.3, 0.2, shape)
-    g = rng.normal(size=shape)
+    g = rng.normal(0.2, 1.0, shape)
     ref = R.ws_labml if eps_in_sqrt else R.ws_authors
     idx = pick(rng, shape)
     fd = numeric_gradient(lambda v: float((ref(v, 1e-5, unbiased) * g).sum()), w, idx)

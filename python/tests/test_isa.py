@@ -136,6 +136,8 @@ def test_the_paths_agree_within_the_parity_tolerances():
         assert proc.returncode == 0, proc.stderr
         results[isa] = json.loads(proc.stdout)
     paths = list(results)
+    if bcnswift.build_info()["machine"] in ("x86_64", "AMD64"):  # else one portable path: nothing to compare
+        assert len(paths) >= 2, f"only {paths} built and allowed: the paths' agreement is not tested"
     for other in paths[1:]:
         for dtype, rtol in (("float32", 2e-6), ("float64", 1e-13)):
             for a, b in zip(results[paths[0]][dtype], results[other][dtype]):

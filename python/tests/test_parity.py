@@ -56,7 +56,7 @@ def test_momentum_values(convention, momentum, rng):
     shape = (2, 8, 4, 4)
     pair = Pair(convention, 8, 4, np.float64, rng, momentum=momentum)
     for step in range(3):
-        pair.step(random_input(rng, shape), rng.normal(size=shape), f"momentum {momentum}, step {step}")
+        pair.step(random_input(rng, shape), rng.normal(0.3, 1.0, shape), f"momentum {momentum}, step {step}")
 
 
 def test_gradients_accumulate_until_zero_grad(rng):
@@ -64,7 +64,7 @@ def test_gradients_accumulate_until_zero_grad(rng):
     # batch statistics: the second forward's gradient does not depend on the running buffers it moved
     layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
     x = random_input(rng, (2, 8, 5))
-    dy = rng.normal(size=x.shape)
+    dy = rng.normal(0.3, 1.0, x.shape)
     layer(x)
     layer.backward(dy)
     once = {k: v.copy() for k, v in layer.grads.items()}

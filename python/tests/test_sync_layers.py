@@ -63,7 +63,7 @@ def _assert_equal_to_single_process(results, tol):
     for rank, res in enumerate(results):
         for what, err in res["errors"].items():
             assert err <= tol, f"rank {rank}: {what} differs from one process by {err:.3g} (seed {S.SEED})"
-        assert res.get("identical", True), f"rank {rank}: buffers differ from rank 0's"
+        assert res["identical"], f"rank {rank}: buffers differ from rank 0's"
 
 
 @pytest.mark.parametrize("size", [2, 3])

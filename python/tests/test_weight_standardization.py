@@ -39,9 +39,9 @@ def test_standardized_rows_have_zero_mean_and_unit_std(rng):
 
 @pytest.mark.parametrize("eps_in_sqrt", [True, False])
 def test_constant_filter_is_finite(eps_in_sqrt, rng):
-    w = rng.normal(size=(4, 3, 3, 3))
+    w = rng.normal(0.1, 1.0, (4, 3, 3, 3))
     w[1] = 0.7  # one constant filter
-    g = rng.normal(size=w.shape)
+    g = rng.normal(0.2, 1.0, w.shape)
     out = bcnswift.weight_standardization(w, eps_in_sqrt=eps_in_sqrt)
     dw = bcnswift.weight_standardization_backward(w, g, eps_in_sqrt=eps_in_sqrt)
     assert np.isfinite(out).all() and np.isfinite(dw).all()
