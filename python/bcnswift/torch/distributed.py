@@ -23,7 +23,8 @@ from ..distributed import LayerConfig, Synchronizer
 from ..layers import real_number
 from . import _ops
 from ._ops import fx_leaf
-from .modules import BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, torch_batch_norm_stage
+from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
+                      torch_batch_norm_stage)
 from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, batch_norm_momentum,
                          counts_empty_call)
 
@@ -282,7 +283,7 @@ class SyncBatchChannelNorm(BatchChannelNorm):
 def _own_forward(module, name, stage, fused_forward):
     """A TypeError when the stage's class overrides the forward whose math the synchronized call fuses (the
     local modules call such a stage instead, but it would see only its own rank's statistics), else None."""
-    if type(stage).forward is fused_forward:
+    if not overrides_forward(stage, fused_forward):
         return None
     return TypeError(f"{type(module).__name__}.{name} is a {type(stage).__qualname__}, whose class has a forward of "
                      f"its own: a synchronized layer cannot call it (it fuses the stage's math with the statistics of "

@@ -60,11 +60,17 @@ def _check_groups(channels, groups):
     return n
 
 
+def overrides_forward(child, fused_forward):
+    """Whether the class of a stage's module has a forward other than `fused_forward`, the one whose math a fused
+    call computes (a subclass may override it)."""
+    return type(child).forward is not fused_forward
+
+
 def runs_itself(child, fused_forward):
     """Whether a stage's module must be called itself instead of fused into its parent's one call: hooks on it
-    (its own, or every module's), or a forward of its class other than `fused_forward`, the one whose math the
-    fused call computes (a subclass may override it). Then the parent calls it, as the documents' modules do."""
-    return (type(child).forward is not fused_forward or bool(
+    (its own, or every module's), or a forward of its own (`overrides_forward`). Then the parent calls it, as the
+    documents' modules do."""
+    return (overrides_forward(child, fused_forward) or bool(
         child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks
         or _module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
         or _module._global_backward_pre_hooks))
