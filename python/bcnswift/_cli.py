@@ -1,5 +1,6 @@
 """What the command lines (bench, demo) check before they start work that takes minutes."""
 import os
+import sys
 from pathlib import Path
 
 
@@ -31,3 +32,15 @@ def output_directory_problem(path):
     if not os.access(path, os.W_OK | os.X_OK):
         return f"cannot write in the directory {path}"
     return None
+
+
+def run(main):
+    """Call `main()` as a command line's entry point, so that a reader closing its output early (`| head`) ends
+    the command quietly with status 1, as Unix tools do, instead of with a BrokenPipeError traceback."""
+    try:
+        main()
+        sys.stdout.flush()  # inside the try: a pipe closed after the last print fails here, not at exit
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit; pointing it at /dev/null keeps that flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import bcnswift
+from . import _cli
 from .distributed import HEADER_BYTES, mpi_world
 
 
@@ -119,4 +120,4 @@ def _command_line(argv=None):
 
 
 if __name__ == "__main__":
-    _command_line()
+    _cli.run(_command_line)

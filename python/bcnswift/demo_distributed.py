@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 import bcnswift
+from . import _cli
 from .demo import (SGD, Network, evaluate, load_data, output_problems, save_figure, softmax_cross_entropy,
                    write_outputs)
 from .distributed import mpi_world
@@ -129,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)

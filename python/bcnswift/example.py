@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 import bcnswift
+from bcnswift import _cli
 
 
 def main():
@@ -46,4 +47,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    _cli.run(main)
