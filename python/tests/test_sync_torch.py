@@ -73,7 +73,7 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure channels", "ValueError", f"rank {n - 1} of {n} failed"),
             ("failure groups", "ValueError", "disagree"),
             ("failure eps", "ValueError", "eps must be a positive finite number, got 0.0"),
-            ("failure input dtype", "TypeError", "bn_weight has dtype float32, expected float64 (the input's)"),
+            ("failure input dtype", "TypeError", "the input is float64 but the module is float32: synchronized"),
             ("failure module dtype", "ValueError", "dtype"),
             ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor"),
             ("failure momentum", "TypeError", f"rank {n - 1} of {n} failed: TypeError: momentum must be a number"),

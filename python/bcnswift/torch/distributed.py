@@ -212,6 +212,12 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
         """Inside the exchange, x a CPU float tensor, before estimate mode's update of the buffers: every parameter
         and buffer has x's dtype (the kernels' own check would come after that update), the scalars convert, and
         each holds one value per channel (or group)."""
+        own = next((t for t in (bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
+                    if t is not None), None)
+        if own is not None and own.dtype != x.dtype:  # the input is the odd one: say so, not which tensor differs
+            raise TypeError(f"the input is {str(x.dtype)[6:]} but the module is {str(own.dtype)[6:]}: synchronized "
+                            f"BCN runs on the kernels alone, which take one dtype (convert the input, or the module "
+                            f"with .to(torch.{str(x.dtype)[6:]}))")
         _check_dtypes(x, held)
         if early is not None:
             raise early
