@@ -596,7 +596,7 @@ class _Normalization:
             # compared as a Python int or float, exactly: numpy before 2 compared an int64 with 2**63 as floats
             count = arr.reshape(-1)[0].item()
             if arr.dtype.kind == "b" or not (math.isfinite(count) and 0 <= count < 2 ** 63 and count == int(count)):
-                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count!r}")
+                raise ValueError(f"state dict entry {key!r} must be a whole number of batches, got {count}")
             return np.array(int(count), np.int64)
         flat = name in ("weight", "bias") and target.shape != (target.size,)  # the groups' (1, G, 1) as (G,) too
         if arr.shape != target.shape and not (flat and arr.shape == (target.size,)):

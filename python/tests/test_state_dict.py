@@ -1,6 +1,7 @@
 """state_dict / load_state_dict: names, shapes, aliases, round trips both ways, clear errors that change nothing."""
 import copy
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -169,6 +170,11 @@ def test_state_dicts_of_the_wrong_kind_are_refused_in_words():
         state["bn.num_batches_tracked"] = count
         with pytest.raises(ValueError, match="must be a whole number of batches"):
             layer.load_state_dict(state)
+    for count, shown in ((np.longdouble(-3), "-3.0"), (np.float32(2.5), "2.5"), (2 ** 63, str(2 ** 63))):
+        state = layer.state_dict()
+        state["bn.num_batches_tracked"] = count
+        with pytest.raises(ValueError, match=f"must be a whole number of batches, got {re.escape(shown)}$"):
+            layer.load_state_dict(state)  # the number as written, not numpy's repr (np.longdouble('-3.0'))
     for k, v in layer.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
