@@ -759,3 +759,40 @@ def test_double_input_whose_variance_overflows_gives_an_infinite_running_varianc
         expected = np.broadcast_to(layer.bias.reshape((1, -1) + (1,) * (len(shape) - 2)), shape)
         np.testing.assert_array_equal(y, expected)
         assert np.all(np.isinf(layer.running_var)) and np.all(np.isfinite(layer.running_mean)), layer.running_var
+
+
+def _relative_to_scale(got, want):
+    """The largest error relative to the array's scale (its largest magnitude), shapes matched."""
+    want = np.asarray(want, np.float64)
+    return float(np.max(np.abs(np.asarray(got, np.float64).reshape(want.shape) - want)) / np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype, spread, bn_weight_bound", [(np.float32, 1e-41, 1e-4), (np.float32, 1e-43, 2e-2),
+                                                            (np.float64, 1e-310, 1e-9), (np.float64, 1e-312, 1e-7)])
+@pytest.mark.parametrize("spatial", [(14, 14), (4, 4)], ids=["S=196", "S=16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_subnormal_spreads_cost_only_the_batch_norm_weight_s_gradient(dtype, spread, bn_weight_bound, spatial, layout,
+                                                                      rng):
+    """Input whose values are themselves subnormal (about `spread`): the planes' gradient sums of dy (x - p) have no
+    guard below the normal range, so the batch norm's weight gradient, which those sums make, loses what the
+    subnormal products lose: measured 0.6-3e-5 of its scale at 1e-41 and 0.05-0.45% at 1e-43 in float32, 1e-11 to
+    1e-10 at 1e-310 and up to 6e-9 at 1e-312 in float64 (the bounds here allow 3 to 16 times that). Everything else
+    keeps its usual precision: the batch norm's eps dominates such a variance, so y is its bias's channel norm."""
+    B, C, G = 8, 64, 32
+    x = (random_input(rng, (B, C) + spatial) * spread).astype(dtype)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(dtype)
+    assert np.all(np.abs(x[x != 0]) < np.finfo(dtype).smallest_normal * 1e3)  # the products below are subnormal
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer = bcnswift.BatchChannelNorm(C, G, estimate=False, unbiased_running_var=False, dtype=dtype)
+    ref = R.LabmlBatchChannelNorm(C, G, estimate=False)
+    for name, array in layer.parameters().items():
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+    _copy_parameters(layer, ref)
+    usual = 1e-6 if dtype == np.float32 else 1e-11
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert _relative_to_scale(y, y_ref) <= usual and _relative_to_scale(dx, dx_ref) <= usual
+    for name, path in _LABML_PARAMETERS.items():
+        error = _relative_to_scale(layer.grads[name], ref.grads[path])
+        assert error <= (bn_weight_bound if name == "bn.weight" else usual), (name, error)
