@@ -83,7 +83,9 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure speed", "ValueError", f"rank {n - 1} of {n} failed: ValueError: estbn_moving_speed must be in "
                                             "[0, 1], got 1.5"),
             ("failure own forward", "TypeError", f"rank {n - 1} of {n} failed: TypeError: SyncBCNorm.bn is a "),
-            ("failure own forward labml", "TypeError", "failed): TypeError: SyncBatchChannelNorm.channel_norm is a ")):
+            ("failure own forward labml", "TypeError", "failed): TypeError: SyncBatchChannelNorm.channel_norm is a "),
+            ("failure inference buffers", "RuntimeError", f"rank {n - 1} of {n} failed: RuntimeError: the running "
+                                                          "statistics are inference tensors")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

@@ -332,6 +332,30 @@ def test_no_grad_inference_mode_eval_copies_pickles_and_saves(gen):
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), y1, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("composed", [False, True], ids=["kernels", "composed"])
+@pytest.mark.parametrize("name", ["authors BCNorm", "authors BCNorm estimate", "labml BatchChannelNorm"])
+def test_buffers_made_under_inference_mode_train_only_there(gen, monkeypatch, name, composed):
+    """As torch's batch norms: a training forward outside inference mode refuses to update inference tensors in
+    place, on the kernels as on the composed route (whose copy_ torch refuses), and changes nothing."""
+    monkeypatch.setattr(functional, "COMPOSED", composed)
+    make = dict((p[0], p[2]) for p in PAIRS)[name]
+    with torch.inference_mode():
+        m = make(8, 4)
+    x = rand_input(gen, (2, 8, 3, 3), torch.float32)
+    before = _state(m)
+    with pytest.raises(RuntimeError, match="inference tensors .made under torch.inference_mode"):
+        m(x)
+    assert_states_equal(_state(m), before, "a refused forward changes nothing")
+    with torch.inference_mode():
+        y = m(x)  # inside inference mode torch updates them: so does bcnswift
+    twin = make(8, 4)
+    twin.load_state_dict(before)
+    torch.testing.assert_close(y.clone(), twin(x).detach(), rtol=0, atol=0)
+    assert_states_equal(_state(m), _state(twin), "trained under inference_mode as outside it")
+    with torch.no_grad():
+        m.eval()(x)  # eval writes nothing: allowed
+
+
 def test_track_running_stats_false_and_no_affine_follow_torch(gen):
     m = bt.BCNorm(8, 4)
     m.bn = nn.BatchNorm2d(8, affine=False, track_running_stats=False)

@@ -163,13 +163,15 @@ def failure(rank, size, case):
     last rank's moving speed is 1.5; own forward: the last rank's bn is a BatchNorm2d subclass with a forward of
     its own, which the fused exchange would skip; own forward labml: every rank's labml channel_norm is one;
     syncbn stage: every rank's bn is an nn.SyncBatchNorm, whose own forward does a batch norm's math (fused, no
-    error)."""
+    error); inference buffers: the last rank's layer was made under torch.inference_mode(), so its buffers cannot
+    be updated outside it."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
     dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
     estimate = case in ("eps", "input dtype", "sizes", "speed") or case == "estimate" and bad
-    layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
+    with torch.inference_mode(case == "inference buffers" and bad):
+        layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
     if case == "own forward" and bad:
         class Shifted(torch.nn.BatchNorm2d):
             def forward(self, x):
@@ -276,7 +278,8 @@ def run_all(rank, size):
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
-                 "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage"):
+                 "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
+                 "inference buffers"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["outside the group"] = outside_the_group(rank, size)

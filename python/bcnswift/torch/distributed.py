@@ -25,8 +25,8 @@ from . import _ops
 from ._ops import fx_leaf
 from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
                       torch_batch_norm_stage)
-from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, batch_norm_momentum,
-                         counts_empty_call)
+from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, _check_writable,
+                         batch_norm_momentum, counts_empty_call)
 
 
 class ProcessGroupTransport:
@@ -219,6 +219,8 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
                             f"BCN runs on the kernels alone, which take one dtype (convert the input, or the module "
                             f"with .to(torch.{str(x.dtype)[6:]}))")
         _check_dtypes(x, held)
+        if kept:
+            _check_writable(buffers)
         if early is not None:
             raise early
         _check_sizes(x, bn, cn)

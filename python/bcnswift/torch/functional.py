@@ -97,6 +97,19 @@ def _check_dtypes(x, named):
                             f"{str(x.dtype).replace('torch.', '')} (the input's)")
 
 
+def _check_writable(buffers):
+    """The running buffers (running_mean, running_var, num_batches_tracked) can be updated in place: not inference
+    tensors (made under torch.inference_mode()) outside inference mode, which torch refuses to write, in its batch
+    norms and in the composed route alike; the kernels, writing through data pointers, would not notice."""
+    if torch.is_inference_mode_enabled():
+        return
+    if any(t is not None and t.is_inference() for t in buffers):
+        raise RuntimeError("the running statistics are inference tensors (made under torch.inference_mode()), "
+                           "which torch does not update in place outside inference mode, as a training forward "
+                           "would: train under inference_mode, or give the layer clones of its buffers first "
+                           "(for each buffer b of its batch-norm stage, setattr(stage, name, b.clone()))")
+
+
 def counts_empty_call(bn):
     """Whether a call of `bn` without values advances its count: in training, for a stage that counts every
     call (`BatchNormStage.counts_every_call`) and tracks running statistics, as torch.nn.BatchNorm's forward
@@ -207,6 +220,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
     cn_weight, cn_bias = (cn.weight, cn.bias) if cn is not None else (None, None)
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    if update and not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference_mode_enabled)
+        _check_writable(buffers)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors):
         _check_sizes(x, bn, cn)
