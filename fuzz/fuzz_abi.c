@@ -7,8 +7,9 @@
  * channels, S < 16) reach the rows layout's paths that need many samples (moments by columns from 8, the short
  * planes' backward from 16) and the scratch sized by the batch. Messages go to buffers of any capacity or to NULL
  * and must end inside the capacity; the forward and backward sometimes run in place (y = x, dx = dy), which the
- * header allows where no later call reads the input. A single backward that succeeds must leave its context as
- * it was (it is only read).
+ * header allows where no later call reads the input. Calls that succeed must keep the header's promises: the
+ * forwards and backwards only read x (and dy, where dx is not dy), a single backward only reads its context,
+ * and backward phase (a) leaves `sums` alone after a forward without batch statistics.
  *
  * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
  * is hostile. The library must return a status, never crash, never touch memory out of bounds
@@ -157,6 +158,107 @@ static double *merged_sets(Stream *s, const double *set, int64_t c, int width) {
     return out;
 }
 
+/* A message buffer of `cap` bytes (or NULL: the status alone) must hold a terminated message after any call. */
+static void check_message(const char *msg, int64_t cap) {
+    if (msg && cap > 0) abort_if(memchr(msg, 0, (size_t)cap) == NULL);
+}
+
+/* The forward in place (y = x), which the header allows where no later call reads x: a refusal leaves x too. */
+static void forward_in_place(Call *k, char *msg, int64_t cap) {
+    Watched own_y = k->y;
+    k->y = k->x;
+    snap(&k->x);
+    int32_t st = forward(k, 0, NULL, msg, cap);
+    k->y = own_y;
+    if (st != BCN_OK) { abort_if(!same(&k->x)); check_untouched(k, 0); }
+    check_message(msg, cap);
+}
+
+/* The statistics phases: moments, their merge over sets, sometimes the running update alone, then the finish. */
+static int32_t forward_in_phases(Call *k, Stream *s, int sane, uint8_t path, char *msg, int64_t cap,
+                                 int64_t *nbt_before) {
+    int32_t st = moments_phase(k, msg);
+    check_message(msg, 64);
+    if (st != BCN_OK) return st;
+    abort_if(!sane);
+    double *m = NULL;
+    if (!((k->nulls >> 6) & 1)) m = merged_sets(s, (const double *)k->moments.p, k->c, 3);
+    if ((path >> 2) & 1) { /* the running update alone first, as a process without a share would */
+        snap_all(k);
+        int64_t nbt = k->nbt;
+        int32_t u = k->dbl ? bcn_running_update_f64(k->flags, k->c, k->momentum, m, P(k, k->rm, 3),
+                                                    (double *)k->rv.p, &k->nbt, msg, cap)
+                           : bcn_running_update_f32(k->flags, k->c, k->momentum, m, P(k, k->rm, 3),
+                                                    (float *)k->rv.p, &k->nbt, msg, cap);
+#ifdef FUZZ_DEBUG
+        fprintf(stderr, "update: flags %x c %lld status %d: %s\n", k->flags, (long long)k->c, u, msg);
+#endif
+        if (u != BCN_OK) check_untouched(k, nbt);
+        check_message(msg, cap);
+    }
+    snap_all(k);
+    *nbt_before = k->nbt;
+    st = forward(k, 1, (u8(s) & 7) ? m : NULL, msg, cap);
+    check_message(msg, cap);
+    free(m);
+    return st;
+}
+
+/* The backward of a forward that succeeded: single, or phase (a), the sums' merge and phase (c). Beyond a
+ * refusal changing nothing, the header's promises on success: both backwards only read x and dy (where dx is
+ * not dy), the single one only reads its context, and phase (a) leaves `sums` untouched when the forward used no
+ * batch statistics (bcn_norm_needs_gradient_sums, which must answer 0 or 1 for a context a forward filled). */
+static void backward_after(Call *k, Stream *s, uint8_t path, uint8_t mode, char *msg, size_t ctx_doubles) {
+    int damaged = u8(s) & 1; /* a context flipped by one bit: the library must notice or stay in bounds */
+    if (damaged) k->ctx.p[u8(s) % (ctx_doubles * 8)] ^= (unsigned char)(1u << (u8(s) % 8));
+    uint32_t bflags = k->flags & ~(uint32_t)(u8(s) & (BCN_BATCH_NORM | BCN_CHANNELS_LAST));
+    snap_all(k);
+    snap(&k->x);
+    int32_t st;
+    if ((path >> 1) % 2 == 0) {
+        Watched own_dx = k->dx;
+        int in_place = (mode & 0x40) != 0;
+        if (in_place) k->dx = k->dy; /* dx = dy, in place */
+        snap(&k->dy);
+        st = backward(k, bflags, 0, NULL, msg);
+        check_message(msg, 64);
+        k->dx = own_dx;
+        if (st != BCN_OK) { abort_if(!same(&k->dy)); check_untouched(k, k->nbt); }
+        else { abort_if(!same(&k->ctx)); abort_if(!in_place && !same(&k->dy)); }
+        abort_if(!same(&k->x));
+        return;
+    }
+    snap(&k->dy);
+    st = backward(k, bflags, 1, NULL, msg);
+    check_message(msg, 64);
+    abort_if(!same(&k->x) || !same(&k->dy));
+    if (st != BCN_OK) { check_untouched(k, k->nbt); return; }
+    int32_t needs = bcn_norm_needs_gradient_sums(bflags, k->b, k->c, k->sp, k->g, (const double *)k->ctx.p,
+                                                 k->ctx_len);
+    abort_if(!damaged && needs != 0 && needs != 1);
+    if (needs == 0) abort_if(!same(&k->sums)); /* no batch statistics: phase (a) wrote no sums */
+    double *sm = (k->nulls >> 6) & 1 ? NULL : merged_sets(s, (const double *)k->sums.p, k->c, 2);
+    snap_all(k);
+    st = backward(k, bflags, 2, (u8(s) & 7) ? sm : NULL, msg);
+    check_message(msg, 64);
+    if (st != BCN_OK) check_untouched(k, k->nbt);
+    abort_if(!same(&k->x) || !same(&k->dy));
+    free(sm);
+}
+
+/* Weight Standardization on the same buffers, viewed as [b, c*sp]: a refused call writes nothing. */
+static void weight_standardization(Call *k, Stream *s, char *msg, int64_t cap) {
+    uint32_t wflags = u8(s) % 5;
+    int64_t fan_in = (u8(s) & 15) == 0 ? -k->c * k->sp : k->c * k->sp;
+    snap_all(k);
+    int32_t st = k->dbl ? bcn_ws_forward_f64(wflags, k->b, fan_in, k->eps, (double *)k->x.p, (double *)k->y.p,
+                                             msg, cap)
+                        : bcn_ws_backward_f32(wflags, k->b, fan_in, k->eps, (float *)k->x.p, (float *)k->dy.p,
+                                              (float *)k->dx.p, msg, cap);
+    if (st != BCN_OK) check_untouched(k, k->nbt);
+    check_message(msg, cap);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     Stream s = {data, size};
     Call k;
@@ -212,89 +314,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint8_t mode = u8(&s);
     char *msg = (mode & 7) == 0 ? NULL : text; /* a NULL message: the status alone */
     int64_t cap = u8(&s) % 65;
-    int in_place = sane && (mode & 0x38) == 0; /* y = x: then no backward may follow */
 
     snap_all(&k);
-    int32_t st;
-    int64_t nbt_before = 0; /* the batch count before the call that may fail (the update alone moves it) */
-    if (in_place) {
-        Watched own_y = k.y;
-        k.y = k.x;
+    if (sane && (mode & 0x38) == 0) {
+        forward_in_place(&k, msg, cap); /* then no backward may follow */
+    } else {
+        int64_t nbt_before = 0; /* the count before the call that may fail (the update alone moves it) */
         snap(&k.x);
-        st = forward(&k, 0, NULL, msg, cap);
-        k.y = own_y;
-        if (st != BCN_OK) { abort_if(!same(&k.x)); check_untouched(&k, 0); }
-        if (msg && cap > 0) abort_if(memchr(text, 0, (size_t)cap) == NULL); /* ends inside the capacity */
-        goto ws;
+        int32_t st = path % 2 == 0 ? forward(&k, 0, NULL, msg, cap) /* the single forward */
+                                   : forward_in_phases(&k, &s, sane, path, msg, cap, &nbt_before);
+        if (path % 2 == 0) check_message(msg, cap);
+        abort_if(!same(&k.x)); /* a forward only reads x */
+        if (st != BCN_OK) check_untouched(&k, nbt_before);
+        else { abort_if(!sane); backward_after(&k, &s, path, mode, msg, ctx_doubles); }
     }
-    if (path % 2 == 0) {
-        st = forward(&k, 0, NULL, msg, cap); /* the single forward */
-        if (msg && cap > 0) abort_if(memchr(text, 0, (size_t)cap) == NULL);
-    } else {
-        st = moments_phase(&k, msg);
-        if (st == BCN_OK) {
-            abort_if(!sane);
-            double *m = NULL;
-            if (!((k.nulls >> 6) & 1)) m = merged_sets(&s, (const double *)k.moments.p, k.c, 3);
-            if ((path >> 2) & 1) { /* the running update alone first, as a process without a share would */
-                snap_all(&k);
-                int64_t nbt = k.nbt;
-                int32_t u = k.dbl ? bcn_running_update_f64(k.flags, k.c, k.momentum, m, P(&k, k.rm, 3),
-                                                           (double *)k.rv.p, &k.nbt, msg, cap)
-                                  : bcn_running_update_f32(k.flags, k.c, k.momentum, m, P(&k, k.rm, 3),
-                                                           (float *)k.rv.p, &k.nbt, msg, cap);
-#ifdef FUZZ_DEBUG
-                fprintf(stderr, "update: flags %x c %lld status %d: %s\n", k.flags, (long long)k.c, u, msg);
-#endif
-                if (u != BCN_OK) check_untouched(&k, nbt);
-            }
-            snap_all(&k);
-            nbt_before = k.nbt;
-            st = forward(&k, 1, (u8(&s) & 7) ? m : NULL, msg, cap);
-            free(m);
-        }
-    }
-    if (st != BCN_OK) {
-        check_untouched(&k, nbt_before);
-    } else {
-        abort_if(!sane);
-        if (u8(&s) & 1) k.ctx.p[u8(&s) % (ctx_doubles * 8)] ^= (unsigned char)(1u << (u8(&s) % 8));
-        uint32_t bflags = k.flags & ~(uint32_t)(u8(&s) & (BCN_BATCH_NORM | BCN_CHANNELS_LAST));
-        snap_all(&k);
-        if ((path >> 1) % 2 == 0) {
-            Watched own_dx = k.dx;
-            if (mode & 0x40) k.dx = k.dy; /* dx = dy, in place */
-            snap(&k.dy);
-            st = backward(&k, bflags, 0, NULL, msg);
-            k.dx = own_dx;
-            if (st != BCN_OK) { abort_if(!same(&k.dy)); check_untouched(&k, k.nbt); }
-            else abort_if(!same(&k.ctx)); /* the single backward only reads its context (the header's promise) */
-        } else {
-            st = backward(&k, bflags, 1, NULL, msg);
-            if (st != BCN_OK) {
-                check_untouched(&k, k.nbt);
-            } else {
-                double *sm = (k.nulls >> 6) & 1 ? NULL : merged_sets(&s, (const double *)k.sums.p, k.c, 2);
-                snap_all(&k);
-                st = backward(&k, bflags, 2, (u8(&s) & 7) ? sm : NULL, msg);
-                if (st != BCN_OK) check_untouched(&k, k.nbt);
-                free(sm);
-            }
-        }
-    }
-ws:
-    /* Weight Standardization on the same buffers, viewed as [b, c*sp]: a refused call writes nothing. */
-    if (sane) {
-        uint32_t wflags = u8(&s) % 5;
-        int64_t fan_in = (u8(&s) & 15) == 0 ? -k.c * k.sp : k.c * k.sp;
-        snap_all(&k);
-        if (k.dbl) st = bcn_ws_forward_f64(wflags, k.b, fan_in, k.eps, (double *)k.x.p, (double *)k.y.p,
-                                           msg, cap);
-        else st = bcn_ws_backward_f32(wflags, k.b, fan_in, k.eps, (float *)k.x.p, (float *)k.dy.p,
-                                      (float *)k.dx.p, msg, cap);
-        if (st != BCN_OK) check_untouched(&k, k.nbt);
-        if (msg && cap > 0) abort_if(memchr(text, 0, (size_t)cap) == NULL);
-    }
+    if (sane) weight_standardization(&k, &s, msg, cap);
     Watched *all[] = {&k.x, &k.y, &k.dy, &k.dx, &k.w, &k.bb, &k.rm, &k.rv, &k.gw, &k.gb, &k.g1, &k.g2, &k.g3, &k.g4,
                       &k.ctx, &k.moments, &k.sums};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) drop(all[i]);
