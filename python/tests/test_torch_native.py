@@ -5,6 +5,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -572,10 +573,34 @@ def test_the_library_is_built_once_and_kept(tmp_path):
     again = built[0].stat()  # a build would have replaced the file (os.replace: a new inode)
     assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
     assert list(tmp_path.glob("torch-native-*.so")) == built
+    week_ago = stamp.st_mtime - 7 * 86400  # loading marks a library used, at most once a day, for _prune
+    os.utime(built[0], (week_ago, week_ago))
+    marked = _subprocess(code, BCNSWIFT_CACHE_DIR=str(tmp_path))
+    assert marked.returncode == 0 and marked.stdout.split() == ["True", "None"], marked.stderr
+    assert built[0].stat().st_ino == stamp.st_ino and built[0].stat().st_mtime > week_ago + 6 * 86400
     built[0].write_bytes(b"cut short")  # a kept library that does not load is built again, once
     third = _subprocess(code, BCNSWIFT_CACHE_DIR=str(tmp_path))
     assert third.returncode == 0 and third.stdout.split() == ["True", "None"], third.stderr
     assert built[0].stat().st_size > 1000
+
+
+def test_a_build_removes_the_libraries_no_import_has_loaded_for_30_days(tmp_path):
+    """Every new torch, compiler or bcnswift builds a library of its own: a build removes those, and their
+    locks and failure records, untouched for 30 days; recent ones, the one built and other files stay."""
+    keep = tmp_path / "torch-native-2.9.0-aaaaaaaaaaaaaaaa.so"
+    names = {"old": ["torch-native-2.1.0-bbbbbbbbbbbbbbbb.so", "torch-native-2.1.0-bbbbbbbbbbbbbbbb.lock",
+                     "torch-native-2.2.0-cccccccccccccccc.failed"],
+             "recent": ["torch-native-2.8.0-dddddddddddddddd.so", "torch-native-2.8.0-dddddddddddddddd.lock"],
+             "own": [keep.name, keep.with_suffix(".lock").name, "torch-native-2.1.0-notes.txt", "other.so"]}
+    long_ago = time.time() - 31 * 86400
+    for kind, files in names.items():
+        for name in files:
+            (tmp_path / name).write_bytes(b"x")
+            if kind != "recent":  # the kept library's own files are old too: the build keeps them anyway
+                os.utime(tmp_path / name, (long_ago, long_ago))
+    _native._prune(keep)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(names["recent"] + names["own"]), left
 
 
 def test_the_python_kernels_pass_the_op_tests():

@@ -13,6 +13,8 @@ fails, the processes that waited for it, and later imports, fail with its words 
 after another (delete the ``.failed`` file it names to try again; a new compiler, torch or bcnswift tries anew).
 A kept library that does not load is built again, once. A cache directory or library that belongs to another user, or
 that every user may write, is not used (another user could have put their code there): the Python kernels serve.
+Each build removes the libraries (and records) of the cache that no import has loaded for 30 days: every new torch,
+compiler or bcnswift leaves one behind otherwise.
 """
 import hashlib
 import os
@@ -36,6 +38,9 @@ HEADER = Path(__file__).resolve().parent.parent / "_c_api.h"
 #: the environment variable that turns the native operators off ("0"); on by default
 ENVIRONMENT = "BCNSWIFT_TORCH_NATIVE"
 _BUILD_SECONDS = 600
+#: a kept library that no import has loaded for this long is removed by the next build (loading refreshes its
+#: modification time, at most once a day)
+_UNUSED_SECONDS = 30 * 86400
 
 #: why the native operators are not in use (None: they are), for uses_native_operators() and the warning
 reason = "not loaded yet"
@@ -155,6 +160,31 @@ def _build(cxx, path, replace=False):
                 os.fsync(f.fileno())
             os.replace(built, path)
         failed.unlink(missing_ok=True)
+        _prune(path)
+
+
+def _prune(keep):
+    """Removes the cache's libraries, locks and failure records, other than `keep`'s, untouched for
+    `_UNUSED_SECONDS` (a library is touched when loaded; a lock when a build takes it). One that another process
+    still has loaded stays mapped there; one another process is about to load fails to, and is built again."""
+    cutoff = time.time() - _UNUSED_SECONDS
+    for old in keep.parent.glob("torch-native-*"):
+        if old.stem == keep.stem or old.suffix not in (".so", ".lock", ".failed"):
+            continue
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: the cache is only tidied
+            pass
+
+
+def _mark_used(path):
+    """Refreshes a loaded library's modification time (at most once a day) so that `_prune` keeps it."""
+    try:
+        if time.time() - path.stat().st_mtime > 86400:
+            os.utime(path)
+    except OSError:  # a cache we may read but not write
+        pass
 
 
 def load():
@@ -187,6 +217,7 @@ def load():
             torch.ops.load_library(str(path))
         # finds the kernels' C ABI table (now, under the GIL, not on a first call), then registers the CPU kernels
         torch.ops.bcnswift._native_enable()
+        _mark_used(path)
     except Exception as error:  # noqa: BLE001 - any failure leaves the Python kernels in place
         reason = f"the build or load failed: {error}"
         warnings.warn(f"bcnswift.torch: its native operators could not be built or loaded, so its ops run their "
