@@ -496,11 +496,14 @@ class _Normalization:
             return self._state_dict()
 
     def _state_dict(self):
-        d = {k: v.copy() for k, v in self._parameters().items()}
-        for k, v in self._buffers().items():
+        d = {}
+        for k, v in {**self._parameters(), **self._buffers()}.items():
             if k.endswith("estbn_moving_speed"):
                 # NaN stands for momentum=None (a cumulative average), which the authors' EstBN cannot express
                 d[k] = np.array([np.nan if self.momentum is None else self.momentum], self.dtype)
+            elif not isinstance(v, np.ndarray):  # an attribute assigned by hand (layer.running_mean = [...])
+                raise TypeError(f"state dict entry {k!r} must be a numpy array, got {type(v).__name__}: assign "
+                                "arrays to a layer's parameters and buffers, or write into them ([...] = values)")
             else:
                 d[k] = v.copy()
         return d

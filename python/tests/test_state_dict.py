@@ -179,6 +179,19 @@ def test_state_dicts_of_the_wrong_kind_are_refused_in_words():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+@pytest.mark.parametrize("attribute, key, value", [("num_batches_tracked", "bn.num_batches_tracked", 5),
+                                                   ("running_mean", "bn.running_mean", [1.0] * 8),
+                                                   ("bn_weight", "bn.weight", None), ("bias", "bias", 0.5)])
+def test_a_state_dict_of_attributes_assigned_other_than_arrays_is_refused_in_words(attribute, key, value):
+    """An attribute assigned by hand something other than an array: state_dict() names the entry (it raised
+    AttributeError from inside, 'int' object has no attribute 'copy', or returned the list itself)."""
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    setattr(layer, attribute, value)
+    with pytest.raises(TypeError, match=f"state dict entry '{re.escape(key)}' must be a numpy array, got "
+                                        f"{type(value).__name__}"):
+        layer.state_dict()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_copies_keep_the_common_input_on_the_fast_path(dtype, rng, monkeypatch):
     """White-box: an aligned C-order input and dy of the layer's dtype skip the worded checks (as_float_array),
