@@ -322,7 +322,7 @@ class _Normalization:
     def _owned(self):
         """The arrays a call reads or writes besides its input and output: parameters, buffers, gradients."""
         return (*self._parameters().values(), *(v for v in self._buffers().values() if v is not None),
-                *self.grads.values())
+                *(v for v in self.grads.values() if v is not None))
 
     def _result(self, a, out):
         """What forward and backward return: `out` itself when given (not a view of it in the user's axis
@@ -434,13 +434,14 @@ class _Normalization:
         """The whole backward, or with the batch's gradient `sums` (merged from elsewhere) its phase (c)."""
         g = self.grads
         bw, bb, cw, cb = self._gradient_keys
+        gw, gb, gcw, gcb = g.get(bw), g.get(bb), g.get(cw), g.get(cb)  # (get(None) is None: an absent stage)
+        if (gw is None and bw) or (gb is None and bb) or (gcw is None and cw) or (gcb is None and cb):
+            gw, gb, gcw, gcb = self._fresh_gradients()
         try:  # not through _call, as in _finish_forward
             if sums is None:  # two calls rather than *args: this runs on every backward
-                _ext.norm_backward(flags, self.num_groups, x, dy, dx, g.get(bw), g.get(bb), g.get(cw), g.get(cb),
-                                   ctx)  # (get(None) is None: an absent stage)
+                _ext.norm_backward(flags, self.num_groups, x, dy, dx, gw, gb, gcw, gcb, ctx)
             else:
-                _ext.norm_backward(flags, self.num_groups, x, dy, dx, g.get(bw), g.get(bb), g.get(cw), g.get(cb),
-                                   ctx, sums)
+                _ext.norm_backward(flags, self.num_groups, x, dy, dx, gw, gb, gcw, gcb, ctx, sums)
         except FloatingPointError as e:
             _nan_raised(e)
 
@@ -458,11 +459,24 @@ class _Normalization:
                 self._finish_backward(x, ctx, flags, dy, dx)
         return self._result(dx, out)
 
-    def zero_grad(self):
-        """Sets every parameter gradient to zero."""
+    def _fresh_gradients(self):
+        """The four gradient arrays, where an entry of `grads` is None or missing (torch's set_to_none, or a
+        `del`) made anew as zeros, as torch makes a `.grad` that is None; None for an absent stage."""
+        params = self._parameters()
+        for k in self._gradient_keys:
+            if k is not None and self.grads.get(k) is None:
+                self.grads[k] = np.zeros_like(params[k])
+        return tuple(None if k is None else self.grads[k] for k in self._gradient_keys)
+
+    def zero_grad(self, set_to_none=False):
+        """Sets every parameter gradient to zero, or with `set_to_none` to None (the next backward makes it
+        anew, as torch does with a `.grad` that is None)."""
         with self._lock:  # not while a backward adds to them
-            for v in self.grads.values():
-                v.fill(0)
+            for k, v in self.grads.items():
+                if set_to_none:
+                    self.grads[k] = None
+                elif v is not None:
+                    v.fill(0)
 
     # ---- state --------------------------------------------------------------------------------------------
 
@@ -615,7 +629,7 @@ class _Normalization:
     def __getstate__(self):  # copy and pickle: everything but the lock and the last forward
         with self._lock:  # arrays copied here: a forward beside copy.deepcopy or pickle.dumps tears none
             state = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.__dict__.items()}
-            state["grads"] = {k: v.copy() for k, v in self.grads.items()}
+            state["grads"] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.grads.items()}
         del state["_lock"]
         state["_saved"] = None
         state.pop("_context_size", None)  # the extension that unpickles it may size contexts otherwise

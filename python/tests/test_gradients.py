@@ -142,3 +142,35 @@ def test_weight_standardization_gradients(shape, unbiased, eps_in_sqrt, rng):
     sel = tuple(np.array(idx).T)
     np.testing.assert_allclose(theirs[sel], fd, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ours[sel], fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer_type", ["BatchChannelNorm", "BatchNorm", "ChannelNorm"])
+def test_a_gradient_set_to_none_or_removed_starts_again_from_zeros(layer_type, rng):
+    """As torch's `.grad`: zero_grad(set_to_none=True), an entry set to None or deleted, and the next backward
+    makes that gradient anew from zeros (it skipped it, silently, when None; copies and zero_grad raised
+    AttributeError). Other entries keep accumulating."""
+    import pickle
+    args = (8, 4) if layer_type != "BatchNorm" else (8,)
+    options = {"estimate": False} if layer_type == "BatchChannelNorm" else {}  # each backward's gradient the same
+
+    def make(*args, **kwargs):
+        return getattr(bcnswift, layer_type)(*args, **kwargs, **options)
+    x = random_input(rng, (2, 8, 3, 3))
+    dy = rng.normal(0.3, 1.0, x.shape)
+    once = make(*args, dtype=np.float64)
+    once(x), once.backward(dy)
+    layer = make(*args, dtype=np.float64)
+    layer(x), layer.backward(dy)
+    layer.zero_grad(set_to_none=True)
+    assert all(v is None for v in layer.grads.values())
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert all(v is None for v in clone.grads.values())
+    layer.zero_grad()  # fills what is there, leaves None alone
+    layer(x), layer.backward(dy, out=np.empty_like(x))  # out= checks overlaps with the gradients it holds
+    for k, v in once.grads.items():
+        np.testing.assert_array_equal(layer.grads[k], v, err_msg=k)
+    first = sorted(layer.grads)[0]
+    del layer.grads[first]
+    layer(x), layer.backward(dy)
+    for k, v in once.grads.items():
+        np.testing.assert_allclose(layer.grads[k], v if k == first else 2 * v, rtol=1e-14, atol=0, err_msg=k)
