@@ -52,11 +52,11 @@ class ProcessGroupTransport:
         dist.all_gather_into_tensor(torch.from_numpy(recv).view(-1), torch.from_numpy(send), group=self.group)
 
 
-def _agreed_itemsize(x, *tensors):
-    """The bytes of a value of the module's dtype (its first parameter or buffer), which every rank's layer must
-    agree on; x's, for a module that holds none (nothing of its own to get out of step), 0 when x is no tensor.
-    Reads nothing of x that could raise: this runs before the exchange."""
-    t = next((t for t in tensors if t is not None), x if isinstance(x, torch.Tensor) else None)
+def _agreed_itemsize(x, own):
+    """The bytes of a value of the module's dtype (`own`: its first parameter or buffer), which every rank's layer
+    must agree on; x's, for a module that holds none (nothing of its own to get out of step), 0 when x is no
+    tensor. Reads nothing of x that could raise: this runs before the exchange."""
+    t = own if own is not None else x if isinstance(x, torch.Tensor) else None
     return 0 if t is None else t.element_size()
 
 
@@ -185,7 +185,10 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
         groups, eps, cn_weight, cn_bias = cn.groups, cn.eps, cn.weight, cn.bias
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     kept = bn.track_running_stats and bn.running_mean is not None
-    itemsize = _agreed_itemsize(x, bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
+    # the module's dtype is its first parameter or buffer's
+    own = next((t for t in (bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
+                if t is not None), None)
+    itemsize = _agreed_itemsize(x, own)
     if not kept:  # batch statistics, nothing to keep (x's dtype; any dtype if x is not a tensor: that fails
         # inside the exchange, on every rank)
         buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
@@ -212,8 +215,6 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
         """Inside the exchange, x a CPU float tensor, before estimate mode's update of the buffers: every parameter
         and buffer has x's dtype (the kernels' own check would come after that update), the scalars convert, and
         each holds one value per channel (or group)."""
-        own = next((t for t in (bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
-                    if t is not None), None)
         if own is not None and own.dtype != x.dtype:  # the input is the odd one: say so, not which tensor differs
             raise TypeError(f"the input is {str(x.dtype)[6:]} but the module is {str(own.dtype)[6:]}: synchronized "
                             f"BCN runs on the kernels alone, which take one dtype (convert the input, or the module "
