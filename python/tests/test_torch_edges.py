@@ -286,6 +286,26 @@ def test_torch_func_grad_and_vmap_run_the_same_math(gen):
     torch.testing.assert_close(transformed, conv.weight.grad, **tol)
 
 
+def test_vmap_in_training_names_the_running_statistics(gen):
+    """vmap over a training forward that would update unbatched running buffers is refused before anything runs,
+    with advice (torch's own in-place error asked for a bug report); the authors' BCNorm then takes torch's
+    replace_all_batch_norm_modules_, as a torch batch norm does, and computes each sample alone."""
+    from torch.func import replace_all_batch_norm_modules_
+    x = rand_input(gen, (3, 2, 8, 4, 5))
+    for make in (lambda: bt.BCNorm(8, 4), lambda: bt.BCNorm(8, 4, estimate=True), lambda: bt.BatchChannelNorm(8, 4),
+                 lambda: bt.EstBN(8)):
+        m = _trained(make, gen)
+        before = _state(m)
+        with pytest.raises(RuntimeError, match="under torch.func.vmap the input is batched"):
+            vmap(m)(x)
+        with pytest.raises(RuntimeError, match="under torch.func.vmap the input is batched"):
+            vmap(grad(lambda xi: m(xi).pow(2).sum()))(x)
+        _assert_unchanged(m, before, f"{m}: refused under vmap")
+    m = _trained(lambda: bt.BCNorm(8, 4), gen)
+    replace_all_batch_norm_modules_(m)
+    torch.testing.assert_close(vmap(m)(x), torch.stack([m(xi) for xi in x]), rtol=1e-10, atol=1e-12)
+
+
 def _jacobian_times(f, x, v):
     """J(f)(x) v by reverse mode (the kernels' backward), one output value at a time."""
     J = torch.autograd.functional.jacobian(f, x)

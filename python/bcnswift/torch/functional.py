@@ -110,6 +110,29 @@ def _check_writable(buffers):
                            "(for each buffer b of its batch-norm stage, setattr(stage, name, b.clone()))")
 
 
+def _batched(t):
+    """Whether t is batched by a torch.func.vmap at any of the transforms' levels wrapped around it."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _check_unbatched(x, buffers):
+    """Under torch.func.vmap a batched input cannot update running buffers that are not batched: torch refuses
+    the in-place write at the end (on the composed route, which transforms take) with advice for a bug in torch.
+    Its own batch norms say what to do instead; so does this, before anything runs."""
+    if not _composed.transforms_active() or not _batched(x):
+        return
+    if not any(t is not None and _batched(t) for t in buffers):
+        raise RuntimeError("a training forward updates the running statistics in place, and under torch.func.vmap "
+                           "the input is batched where they are not (as for torch's own batch norms): use eval "
+                           "mode, or a batch-norm stage without running statistics (for the authors' BCNorm, "
+                           "torch.func.replace_all_batch_norm_modules_(model) makes its bn one)")
+
+
 def counts_empty_call(bn):
     """Whether a call of `bn` without values advances its count: in training, for a stage that counts every
     call (`BatchNormStage.counts_every_call`) and tracks running statistics, as torch.nn.BatchNorm's forward
@@ -222,6 +245,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
     if update and not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference_mode_enabled)
         _check_writable(buffers)
+        _check_unbatched(x, buffers)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors):
         _check_sizes(x, bn, cn)
