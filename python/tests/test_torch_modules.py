@@ -356,6 +356,29 @@ def test_buffers_made_under_inference_mode_train_only_there(gen, monkeypatch, na
         m.eval()(x)  # eval writes nothing: allowed
 
 
+def test_parameters_made_under_inference_mode_differ_by_route(gen, monkeypatch):
+    """docs/PYTORCH.md: in eval, an input that requires grad and parameters made under inference mode: the
+    composed route raises as nn.BatchNorm2d does (torch will not save inference tensors for backward); the
+    kernels' route gives the gradients of the same module made outside inference mode (float64)."""
+    with torch.inference_mode():
+        m = bt.BCNorm(8, 4, dtype=torch.float64)
+        bn = nn.BatchNorm2d(8, dtype=torch.float64)
+        m(rand_input(gen, (4, 8, 3, 3)))  # running statistics other than 0 and 1
+    twin = bt.BCNorm(8, 4, dtype=torch.float64)
+    twin.load_state_dict(m.state_dict())
+    m.eval(), bn.eval(), twin.eval()
+    x = rand_input(gen, (2, 8, 3, 3)).requires_grad_()
+    for module in (bn, m):
+        monkeypatch.setattr(functional, "COMPOSED", True)
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            module(x)
+    monkeypatch.setattr(functional, "COMPOSED", False)
+    dy = rand_input(gen, (2, 8, 3, 3))
+    got = torch.autograd.grad(m(x), x, dy)[0]
+    expected = torch.autograd.grad(twin(x), x, dy)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_track_running_stats_false_and_no_affine_follow_torch(gen):
     m = bt.BCNorm(8, 4)
     m.bn = nn.BatchNorm2d(8, affine=False, track_running_stats=False)
