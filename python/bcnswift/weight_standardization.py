@@ -63,30 +63,34 @@ class WeightStandardization:
     """Callable Weight Standardization that remembers its last input for backward: w_hat = ws(w); ws.backward(g)."""
 
     def __init__(self, eps=1e-5, unbiased=True, eps_in_sqrt=True):
-        self._flags = _flags(unbiased, eps_in_sqrt)
+        _flags(unbiased, eps_in_sqrt)
         self.eps = _positive_float(eps, "eps")
         self.unbiased, self.eps_in_sqrt = bool(unbiased), bool(eps_in_sqrt)
         self._last = None
         self._lock = threading.Lock()
 
     def __call__(self, w):
+        """w standardized with the options as they are now (eps, unbiased and eps_in_sqrt may be changed between
+        calls), which backward() then uses for this call's gradient."""
+        flags, eps = _flags(self.unbiased, self.eps_in_sqrt), _positive_float(self.eps, "eps")
         w = _weight(w)
         out = np.empty_like(w)
-        _ext.ws_forward(self._flags, self.eps, w, out)
+        _ext.ws_forward(flags, eps, w, out)
         with self._lock:
-            self._last = w
+            self._last = (w, eps, self.unbiased, self.eps_in_sqrt)
         return out
 
     forward = __call__
 
     def backward(self, dw_hat):
-        """Gradient with respect to the last call's w, which is kept by reference, not copied: do not modify
-        it in place in between (an optimizer's step comes after the backward)."""
+        """Gradient with respect to the last call's w, with that call's eps and options. w is kept by reference,
+        not copied: do not modify it in place in between (an optimizer's step comes after the backward)."""
         with self._lock:
-            w = self._last
-        if w is None:
+            last = self._last
+        if last is None:
             raise RuntimeError("backward() called before any forward call")
-        return weight_standardization_backward(w, dw_hat, self.eps, self.unbiased, self.eps_in_sqrt)
+        w, eps, unbiased, eps_in_sqrt = last
+        return weight_standardization_backward(w, dw_hat, eps, unbiased, eps_in_sqrt)
 
     def __getstate__(self):  # copy and pickle without the lock
         state = dict(self.__dict__)

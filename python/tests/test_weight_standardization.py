@@ -29,6 +29,24 @@ def test_forward_and_backward_match_reference(shape, eps_in_sqrt, unbiased, dtyp
     np.testing.assert_array_equal(ws.backward(g), dw)
 
 
+def test_the_layer_s_options_may_change_between_calls_and_its_backward_keeps_the_forward_s(rng):
+    """eps, unbiased and eps_in_sqrt assigned after construction take effect at the next call; the backward is the
+    gradient of the last call, with that call's options (it read the layer's current ones, while the forward
+    kept the constructor's: a gradient of another function than the one computed)."""
+    w, g = rng.normal(0.3, 1.5, (6, 3, 3, 3)), rng.normal(0.2, 1.0, (6, 3, 3, 3))
+    ws = bcnswift.WeightStandardization(eps=1e-5, unbiased=True, eps_in_sqrt=True)
+    ws.eps, ws.unbiased, ws.eps_in_sqrt = 1e-3, False, False
+    np.testing.assert_array_equal(ws(w), bcnswift.weight_standardization(w, 1e-3, False, False))
+    ws.eps, ws.unbiased, ws.eps_in_sqrt = 0.5, True, True  # after the forward
+    np.testing.assert_array_equal(ws.backward(g), bcnswift.weight_standardization_backward(w, g, 1e-3, False, False))
+    ws.unbiased = "no"
+    with pytest.raises(TypeError, match="unbiased must be a bool"):
+        ws(w)
+    ws.unbiased, ws.eps = True, -1.0
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        ws(w)
+
+
 def test_standardized_rows_have_zero_mean_and_unit_std(rng):
     w = rng.normal(3.0, 2.0, (32, 3, 3, 3))
     out = bcnswift.weight_standardization(w, eps=1e-12)
