@@ -206,8 +206,34 @@ def _alias(name, of=None):
     return property(lambda self: getattr(owner(self), name), lambda self, v: setattr(owner(self), name, v))
 
 
+def _fixed(name, batch_norm=True):
+    """A constructor option that the layer's kernel flags are made from once, read-only afterwards: assigned, it
+    changed nothing the layer computed (while repr() showed the new value). `batch_norm`: an option of the
+    batch-norm stage, which layers without one do not have."""
+    key = "_" + name
+
+    def get(self):
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no batch-norm stage, so no {name}") from None
+
+    def refuse(self, value):
+        if batch_norm and not self._has_bn:
+            raise AttributeError(f"{type(self).__name__} has no batch-norm stage, so no {name}")
+        raise AttributeError(f"{name} is fixed when a layer is made (its kernels' flags come from it): make a new "
+                             f"{type(self).__name__} with {name}={value!r}")
+    return property(get, refuse)
+
+
 class _Normalization:
     """What every layer shares: options as ABI flags, arrays, train/eval, forward/backward, state dicts."""
+
+    estimate = _fixed("estimate")
+    variance_around = _fixed("variance_around")
+    unbiased_running_var = _fixed("unbiased_running_var")
+    nan_policy = _fixed("nan_policy", batch_norm=False)
+    _FIXED = ("estimate", "variance_around", "unbiased_running_var", "nan_policy")
 
     _has_bn = False
     _has_cn = False
@@ -230,7 +256,7 @@ class _Normalization:
         self.channel_axis = int(channel_axis)
         self.eps = _positive_float(eps, "eps")
         self.dtype = _dtype(dtype)
-        self.nan_policy = _choice(nan_policy, "nan_policy", _NAN_POLICIES)
+        self._nan_policy = _choice(nan_policy, "nan_policy", _NAN_POLICIES)
         self.training = True
         flags = _NAN_POLICIES[nan_policy]
         C, dt = self.num_channels, self.dtype
@@ -238,15 +264,15 @@ class _Normalization:
             self.momentum = _momentum(momentum)
             if not isinstance(estimate, (bool, np.bool_)):
                 raise TypeError(f"estimate must be a bool, got {estimate!r}")
-            self.estimate = bool(estimate)
-            self.variance_around = _choice(variance_around, "variance_around", _VARIANCE_AROUND)
+            self._estimate = bool(estimate)
+            self._variance_around = _choice(variance_around, "variance_around", _VARIANCE_AROUND)
             if self.variance_around == "running_mean" and not self.estimate:
                 raise ValueError("variance_around='running_mean' applies to estimated statistics (estimate=True)")
             if unbiased_running_var is None:
                 unbiased_running_var = not self.estimate
             if not isinstance(unbiased_running_var, (bool, np.bool_)):
                 raise TypeError(f"unbiased_running_var must be a bool or None, got {unbiased_running_var!r}")
-            self.unbiased_running_var = bool(unbiased_running_var)
+            self._unbiased_running_var = bool(unbiased_running_var)
             self.bn_eps = self.eps if bn_eps is None else _positive_float(bn_eps, "bn_eps")
             flags |= _ext.BCN_BATCH_NORM | _VARIANCE_AROUND[self.variance_around]
             flags |= _ext.BCN_ESTIMATED if self.estimate else 0
@@ -384,8 +410,12 @@ class _Normalization:
         # None, so the cumulative-average bit follows the momentum read here, once
         if bn:
             flags = flags | _ext.BCN_CUMULATIVE_AVERAGE if momentum is None else flags & ~_ext.BCN_CUMULATIVE_AVERAGE
-        momentum = 0.0 if momentum is None else momentum
-        args = (flags, self.num_groups, self.eps, self.bn_eps, momentum, x, y,
+        momentum, eps, bn_eps = 0.0 if momentum is None else momentum, self.eps, self.bn_eps
+        if type(eps) is not float or type(bn_eps) is not float or type(momentum) is not float:  # assigned by hand:
+            # named (the extension's float conversion says only "must be real number, not str")
+            eps, bn_eps = real_number(eps, "eps"), real_number(bn_eps, "bn_eps")
+            momentum = real_number(momentum, "momentum", "a number or None")
+        args = (flags, self.num_groups, eps, bn_eps, momentum, x, y,
                 self.bn_weight if bn else None, self.bn_bias if bn else None,
                 self.running_mean if bn else None, self.running_var if bn else None,
                 self.num_batches_tracked if bn else None, self.weight if cn else None, self.bias if cn else None, ctx)
@@ -637,6 +667,8 @@ class _Normalization:
         return state
 
     def __setstate__(self, state):
+        # the fixed options under their own names (pickles of versions before they were read-only)
+        state = {("_" + k if k in self._FIXED else k): v for k, v in state.items()}
         self.__dict__.update(state)
         self.dtype = np.dtype(self.dtype.name)  # numpy's own instance, which the forward's fast path compares by `is`
         self._lock = threading.Lock()

@@ -1,4 +1,6 @@
 """Bad input gets a clear exception naming what is wrong, and a failed call changes no running buffer."""
+import copy
+import pickle
 import re
 
 import numpy as np
@@ -79,6 +81,41 @@ def test_train_takes_a_bool_only():
         with pytest.raises(ValueError, match="training mode is expected to be a bool"):
             layer.train(mode)
     assert layer.training and not layer.train(np.bool_(False)).training
+
+
+@pytest.mark.parametrize("name,value", [("estimate", False), ("variance_around", "running_mean"),
+                                        ("unbiased_running_var", True), ("nan_policy", "raise")])
+def test_options_the_kernels_flags_come_from_are_fixed(name, value, rng):
+    """Assigned after construction, these changed nothing the layer computed while repr() showed the new value:
+    now refused, naming the option. Copies and pickles keep them."""
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    before = getattr(layer, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed when a layer is made .* make a new "
+                                             f"BatchChannelNorm with {name}="):
+        setattr(layer, name, value)
+    assert getattr(layer, name) == before
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert getattr(twin, name) == before and repr(twin) == repr(layer)
+    norm = bcnswift.ChannelNorm(8, 4)
+    if name != "nan_policy":
+        with pytest.raises(AttributeError, match=f"ChannelNorm has no batch-norm stage, so no {name}"):
+            setattr(norm, name, value)
+        assert not hasattr(norm, name)
+
+
+def test_a_hand_set_eps_or_momentum_is_named_at_the_call(rng):
+    x = random_input(rng, (4, 8, 3, 3)).astype(np.float32)
+    for name, value, exc, match in [("eps", "a", TypeError, "eps must be a number, got str 'a'"),
+                                    ("bn_eps", None, TypeError, "bn_eps must be a number, got NoneType None"),
+                                    ("momentum", "a", TypeError, "momentum must be a number or None, got str 'a'"),
+                                    ("eps", -1, ValueError, "eps must be a positive finite number, got -1.0")]:
+        layer = bcnswift.BatchChannelNorm(8, 4)
+        layer(x)
+        before = snapshot(layer)
+        setattr(layer, name, value)
+        with pytest.raises(exc, match=re.escape(match)):
+            layer(x)
+        assert_unchanged(layer, before)
 
 
 def test_weight_standardization_and_timeouts_take_numbers_only():
