@@ -121,7 +121,10 @@ def _set_momentum(m, value):
     (_set_bn_eps, float("nan"), "eps must be a positive finite number, got nan"),
     (_set_bn_eps, -1e-5, "eps must be a positive finite number, got -1e-05"),
     (_set_momentum, 1.5, r"momentum must be in \[0, 1\](?: or None)?, got 1.5"),
-], ids=["channel-norm eps 0", "batch-norm eps nan", "batch-norm eps negative", "momentum 1.5"])
+    (_set_cn_eps, "a", "eps must be a number, got str 'a'"),
+    (_set_bn_eps, None, "eps must be a number, got NoneType None"),
+], ids=["channel-norm eps 0", "batch-norm eps nan", "batch-norm eps negative", "momentum 1.5", "channel-norm eps str",
+        "batch-norm eps None"])
 def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer(name, make, setting, value,
                                                                                   message, route, gen):
     m = make(8, 4).double()
@@ -138,7 +141,7 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
     # momentum serves the buffers' update alone: eval refuses only a bad eps
     for training in (True, False) if setting is not _set_momentum else (True,):
         m.train(training)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(TypeError if "must be a number" in message else ValueError, match=message):
             m(rand_input(gen, (4, 8, 5, 5)))
         _assert_unchanged(m, before, f"{name} on the {route} route, training={training}")
     if setting is _set_momentum:  # the rate of an update alone: eval, which updates nothing, runs

@@ -140,14 +140,17 @@ def counts_empty_call(bn):
     return bn.counts_every_call and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
 
 
+def _real(value, name, expected="a number"):
+    """A stage's eps or momentum as a float: a float passes with one test (this runs on every call of every layer);
+    anything but a real number is a TypeError naming it, as the numpy layers word it (the ops' schemas raised a
+    RuntimeError naming an argument of theirs, float() "could not convert")."""
+    return value if type(value) is float else real_number(value, name, expected)
+
+
 def batch_norm_momentum(bn):
-    """A batch-norm stage's momentum as a float (0.0 for None, whose flag says cumulative average); anything but
-    a number is a TypeError naming it, as the numpy layers word it (float() would say only "could not convert")."""
+    """A batch-norm stage's momentum as a float (0.0 for None, whose flag says cumulative average; `_real`)."""
     momentum = bn.momentum
-    if momentum is None:
-        return 0.0
-    # a float passes with one test: this runs on every call of every layer
-    return momentum if type(momentum) is float else real_number(momentum, "momentum", "a number or None")
+    return 0.0 if momentum is None else _real(momentum, "momentum", "a number or None")
 
 
 def _check_scalars(flags, eps, bn_eps, momentum):
@@ -220,7 +223,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     tensors = []
     if cn is not None:
         flags |= _ext.BCN_CHANNEL_NORM
-        groups, eps = cn.groups, cn.eps
+        groups, eps = cn.groups, _real(cn.eps, "eps")
         tensors += [cn.weight, cn.bias]
     if bn is None:
         if not _fast(x, tensors):
@@ -234,6 +237,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                               eps)[0]
     flags |= bn.flags
+    bn_eps = _real(bn.eps, "eps")
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     if bn.momentum is None:
@@ -252,40 +256,40 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         # a moving speed in a buffer is the rate: checked where reading it waits for no GPU
         speed = bn.moving_speed
         rate = _ops.moving_speed_value(speed) if update and speed is not None and speed.is_cpu else momentum
-        _check_scalars(flags, eps, bn.eps, rate if update else None)
+        _check_scalars(flags, eps, bn_eps, rate if update else None)
         _check_values(x, flags, groups, bool(train), update)
         # the update staged, the normalization run, and only then the buffers written: a call that fails
         # changes nothing
         staged = _composed.running_update(*buffers, x, flags, momentum, bn.moving_speed) if update else None
         running = staged[:2] if staged is not None and estimated else (bn.running_mean, bn.running_var)
         y = _composed.normalize(x, bn.weight, bn.bias, *running, cn_weight, cn_bias, flags | train, groups, eps,
-                                bn.eps)
+                                bn_eps)
         if staged is not None:
             _composed.commit_running(buffers, staged)
         return y
     compiling = _ops.traced()
     if estimated or compiling:  # the buffers' update comes before the normalization's own checks
         _check_sizes(x, bn, cn)
-        _check_scalars(flags, eps, bn.eps, momentum if update else None)
+        _check_scalars(flags, eps, bn_eps, momentum if update else None)
     if not compiling:
         return _ops.eager_forward(x, bn.weight, bn.bias, *buffers, bn.moving_speed, cn_weight, cn_bias,
-                                  flags | (0 if update else train), groups, eps, bn.eps, momentum, update, views)
+                                  flags | (0 if update else train), groups, eps, bn_eps, momentum, update, views)
     if not update:
         return _ops.normalize(x, None, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
-                              cn_bias, flags | train, groups, eps, bn.eps)[0]
+                              cn_bias, flags | train, groups, eps, bn_eps)[0]
     # traced: the functional normalization, then the buffers' update (the one op that mutates). With batch
     # statistics the normalization measures the batch and returns its moments for the update; estimated, the
     # moments come first, then the update, then the normalization with the updated buffers, held constant as the
     # documents do
     if not estimated:
         y, _, moments = _ops.normalize_batch(x, bn.weight, bn.bias, cn_weight, cn_bias, flags | train, groups, eps,
-                                             bn.eps)
+                                             bn_eps)
         _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
         return y
     context, moments = _ops.moments(x.detach(), flags, groups)
     _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
     return _ops.normalize(x, context, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
-                          cn_bias, flags | train, groups, eps, bn.eps)[0]
+                          cn_bias, flags | train, groups, eps, bn_eps)[0]
 
 
 def standardizable(w):
