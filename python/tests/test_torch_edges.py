@@ -289,6 +289,28 @@ def test_torch_func_grad_and_vmap_run_the_same_math(gen):
     torch.testing.assert_close(transformed, conv.weight.grad, **tol)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_a_batch_norm_without_a_count_updates_as_torch_s(momentum, route, gen):
+    """BCNorm's bn with num_batches_tracked None (torch's batch norms allow it): with a momentum the update runs
+    without counting; with momentum None torch's factor is 0, so the running statistics stay. The composed route
+    raised TypeError on None + 1, and the kernels averaged with a factor of 1 (a scratch count from 0)."""
+    ours, traced, ref = bt.BCNorm(8, 4).double(), bt.BCNorm(8, 4).double(), R.BCNorm(8, 4, 1e-5).double()
+    ref.load_state_dict(ours.state_dict())
+    for m in (ours, traced, ref):
+        m.bn.num_batches_tracked, m.bn.momentum = None, momentum
+    compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)  # the traced ops' update too
+    for step in range(3):
+        x = rand_input(gen, (4, 8, 3, 3))
+        expected = ref(x)
+        for m, y in ((ours, ours(x)), (traced, compiled(x))):
+            torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12, msg=f"{route}: step {step}")
+            for k, v in ref.state_dict().items():
+                torch.testing.assert_close(m.state_dict()[k], v, rtol=1e-12, atol=1e-14, msg=f"{route}: {k}")
+    assert ours.bn.num_batches_tracked is None and traced.bn.num_batches_tracked is None
+    if momentum is None:
+        assert (ours.bn.running_mean == 0).all() and (ours.bn.running_var == 1).all()
+
+
 def test_vmap_in_training_names_the_running_statistics(gen):
     """vmap over a training forward that would update unbatched running buffers is refused before anything runs,
     with advice (torch's own in-place error asked for a bug report); the authors' BCNorm then takes torch's

@@ -52,7 +52,10 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
             # negative count averaged with a negative weight (or divided by zero), and the largest would wrap.
             # (This reads the count, as the factor does anyway: no further device sync.)
             check_cumulative_count(int(num_batches_tracked))
-        count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
+        if num_batches_tracked is None:  # a stage without a count (torch's batch norms allow it)
+            count = None
+        else:
+            count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
         if flags & _ext.BCN_CUMULATIVE_AVERAGE:
             factor = 1.0 / float(count)
         elif moving_speed is not None:
@@ -69,7 +72,8 @@ def commit_running(buffers, staged):
     num_batches_tracked), in place."""
     with torch.no_grad():
         for buffer, value in zip(buffers, staged):
-            buffer.copy_(value)
+            if buffer is not None:
+                buffer.copy_(value)
 
 
 def normalize(x, bn_weight, bn_bias, running_mean, running_var, cn_weight, cn_bias, flags, groups, eps, bn_eps):

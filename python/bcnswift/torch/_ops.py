@@ -305,9 +305,11 @@ def running_update(running_mean, running_var, num_batches_tracked, moments, flag
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    # a stage without a count (torch's batch norms allow it) updates a scratch one, as the eager route's does
+    count = np.zeros((), np.int64) if num_batches_tracked is None else _held(num_batches_tracked, views,
+                                                                               "num_batches_tracked", True)
     _kernels.running_update(flags, momentum, moments, _held(running_mean, views, "running_mean", True),
-                            _held(running_var, views, "running_var", True),
-                            _held(num_batches_tracked, views, "num_batches_tracked", True))
+                            _held(running_var, views, "running_var", True), count)
 
 
 def moving_speed_value(speed):

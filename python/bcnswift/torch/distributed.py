@@ -26,7 +26,7 @@ from ._ops import fx_leaf
 from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
                       torch_batch_norm_stage)
 from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, _check_writable,
-                         batch_norm_momentum, counts_empty_call)
+                         batch_norm_momentum, counts_empty_call, cumulative_average)
 
 
 class ProcessGroupTransport:
@@ -177,7 +177,7 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
             "a synchronized BCN layer exchanges its batch statistics between processes as it runs, so a graph cannot "
             "hold its training forward: export the model in eval mode, or built with the local modules (BCNorm, "
             "BatchChannelNorm)")
-    flags = bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if bn.momentum is None else 0)
+    flags = bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if cumulative_average(bn) else 0)
     groups, eps = 1, bn.eps
     cn_weight = cn_bias = None
     if cn is not None:

@@ -147,6 +147,13 @@ def _real(value, name, expected="a number"):
     return value if type(value) is float else real_number(value, name, expected)
 
 
+def cumulative_average(bn):
+    """Whether a batch-norm stage's update is the cumulative average (factor 1/num_batches_tracked): momentum None,
+    with a count. Without one (num_batches_tracked None), torch's batch norms update with a factor of 0, and so
+    does this: momentum None then reads as 0.0 (`batch_norm_momentum`)."""
+    return bn.momentum is None and bn.num_batches_tracked is not None
+
+
 def batch_norm_momentum(bn):
     """A batch-norm stage's momentum as a float (0.0 for None, whose flag says cumulative average; `_real`)."""
     momentum = bn.momentum
@@ -240,7 +247,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     bn_eps = _real(bn.eps, "eps")
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    if bn.momentum is None:
+    if cumulative_average(bn):
         flags |= _ext.BCN_CUMULATIVE_AVERAGE
     momentum = batch_norm_momentum(bn)
     estimated = update and bool(flags & _ext.BCN_ESTIMATED)

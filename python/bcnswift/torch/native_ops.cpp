@@ -645,7 +645,10 @@ void update_running_op(Tensor &running_mean, Tensor &running_var, Tensor &num_ba
     Tensor m = moments.contiguous();
     auto *pm = static_cast<const double *>(take(m, "moments", at::kDouble, 3 * c));
     void *rm = take(running_mean, "running_mean", dtype, c), *rv = take(running_var, "running_var", dtype, c);
-    auto *nbt = static_cast<int64_t *>(take(num_batches_tracked, "num_batches_tracked", at::kLong, 1));
+    // a stage without a count (torch's batch norms allow it) updates a scratch one, as the eager op does
+    int64_t scratch = 0;
+    auto *nbt = num_batches_tracked.defined()
+        ? static_cast<int64_t *>(take(num_batches_tracked, "num_batches_tracked", at::kLong, 1)) : &scratch;
     char message[kMessageCapacity] = "";
     int32_t status;
     {
