@@ -93,6 +93,10 @@ def as_float_array(x, dtype, name="input"):
             raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
         return np.require(x, dtype=dtype, requirements=["A"])
     if isinstance(x, np.ndarray):  # subclasses: view as a plain array
+        if isinstance(x, np.ma.MaskedArray) and np.ma.getmask(x) is not np.ma.nomask and np.ma.getmask(x).any():
+            # the plain array holds whatever lies under the mask, which the statistics would take in silently
+            raise ValueError(f"{name} has masked values, which bcnswift cannot leave out of its statistics: fill "
+                             f"them ({name}.filled(value)) or remove them first")
         return as_float_array(np.asarray(x), dtype, name)
     try:
         arr = np.asarray(x)
@@ -348,7 +352,7 @@ class _Normalization:
     def _owned(self):
         """The arrays a call reads or writes besides its input and output: parameters, buffers, gradients."""
         return (*self._parameters().values(), *(v for v in self._buffers().values() if v is not None),
-                *(v for v in self.grads.values() if v is not None))
+                *(v for v in self._gradients().values() if v is not None))
 
     def _result(self, a, out):
         """What forward and backward return: `out` itself when given (not a view of it in the user's axis
@@ -462,7 +466,7 @@ class _Normalization:
 
     def _finish_backward(self, x, ctx, flags, dy, dx, sums=None):
         """The whole backward, or with the batch's gradient `sums` (merged from elsewhere) its phase (c)."""
-        g = self.grads
+        g = self.grads if type(self.grads) is dict else self._gradients()
         bw, bb, cw, cb = self._gradient_keys
         gw, gb, gcw, gcb = g.get(bw), g.get(bb), g.get(cw), g.get(cb)  # (get(None) is None: an absent stage)
         if (gw is None and bw) or (gb is None and bb) or (gcw is None and cw) or (gcb is None and cb):
@@ -489,6 +493,13 @@ class _Normalization:
                 self._finish_backward(x, ctx, flags, dy, dx)
         return self._result(dx, out)
 
+    def _gradients(self):
+        """`grads`, which the user may have replaced: any dict, else a TypeError that says what it holds."""
+        if not isinstance(self.grads, dict):
+            raise TypeError(f"grads must be a dict of the parameters' gradients (zero_grad(set_to_none=True) sets "
+                            f"its entries to None), got {type(self.grads).__name__}")
+        return self.grads
+
     def _fresh_gradients(self):
         """The four gradient arrays, where an entry of `grads` is None or missing (torch's set_to_none, or a
         `del`) made anew as zeros, as torch makes a `.grad` that is None; None for an absent stage."""
@@ -502,7 +513,7 @@ class _Normalization:
         """Sets every parameter gradient to zero, or with `set_to_none` to None (the next backward makes it
         anew, as torch does with a `.grad` that is None)."""
         with self._lock:  # not while a backward adds to them
-            for k, v in self.grads.items():
+            for k, v in self._gradients().items():
                 if set_to_none:
                     self.grads[k] = None
                 elif v is not None:
@@ -659,7 +670,7 @@ class _Normalization:
     def __getstate__(self):  # copy and pickle: everything but the lock and the last forward
         with self._lock:  # arrays copied here: a forward beside copy.deepcopy or pickle.dumps tears none
             state = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.__dict__.items()}
-            state["grads"] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self.grads.items()}
+            state["grads"] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self._gradients().items()}
         del state["_lock"]
         state["_saved"] = None
         state.pop("_context_size", None)  # the extension that unpickles it may size contexts otherwise

@@ -222,6 +222,34 @@ def test_integer_data_is_refused_whatever_holds_it_but_lists_of_numbers_convert(
     assert layer(memoryview(np.asarray(listed, np.float64))).dtype == np.float32
 
 
+def test_masked_values_are_refused_and_a_mask_without_any_is_plain_data(rng):
+    """A masked array's plain data holds whatever lies under its mask, which the statistics took in silently."""
+    layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64, estimate=False)  # (estimates would move)
+    x = random_input(rng, (2, 8, 3))
+    np.testing.assert_array_equal(layer(np.ma.masked_array(x)), layer(x))
+    masked = np.ma.masked_array(x)
+    masked[0, 1, 2] = np.ma.masked
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"input has masked values, .* fill them \(input.filled\(value\)\)"):
+        layer(masked)
+    assert_unchanged(layer, before)
+    layer(x)
+    with pytest.raises(ValueError, match="dy has masked values"):
+        layer.backward(masked)
+    with pytest.raises(ValueError, match="w has masked values"):
+        bcnswift.weight_standardization(masked)
+
+
+def test_grads_replaced_by_something_else_than_a_dict_is_named(rng):
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    x = random_input(rng, (2, 8, 3)).astype(np.float32)
+    layer(x)
+    layer.grads = None
+    for call in (lambda: layer.backward(np.ones_like(x)), layer.zero_grad, lambda: copy.deepcopy(layer)):
+        with pytest.raises(TypeError, match="grads must be a dict of the parameters' gradients .* got NoneType"):
+            call()
+
+
 def test_part_construction_errors():
     with pytest.raises(ValueError, match="num_channels"):
         bcnswift.BatchNorm(0)
