@@ -149,6 +149,25 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
         _assert_unchanged(m, before, f"{name} on the {route} route in eval")
 
 
+@pytest.mark.parametrize("groups,exc,message", [
+    (4.0, TypeError, "num_groups must be an int, got float 4.0"), (True, TypeError, "num_groups must be an int"),
+    (0, ValueError, "num_groups must be positive, got 0"), (3, ValueError, r"channels \(8\) must be divisible by "
+                                                                      r"groups \(3\)")],
+    ids=["float", "bool", "zero", "not a divisor"])
+def test_a_hand_set_group_count_is_refused_alike_on_both_routes(groups, exc, message, route, gen):
+    """(The kernels' op schema raised a RuntimeError about its argument for a float; the composed route worded
+    the divisibility otherwise.)"""
+    m = bt.BCNorm(8, 4).double()
+    m(rand_input(gen, (4, 8, 3, 3)))
+    m.num_groups = groups
+    if groups == 3:  # parameters that fit, so that the divisibility is what fails
+        m.weight, m.bias = (nn.Parameter(torch.ones(1, 3, 1, dtype=torch.float64)) for _ in range(2))
+    before = _state(m)
+    with pytest.raises(exc, match=message):
+        m(rand_input(gen, (4, 8, 3, 3)))
+    _assert_unchanged(m, before, route)
+
+
 @pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES] + [
     ("ChannelNorm", lambda C, G: bt.ChannelNorm(C, G))], ids=MODULE_IDS + ["ChannelNorm"])
 @pytest.mark.parametrize("shape,layout", [((0, 8, 4, 4), "contiguous"), ((0, 8, 4, 4), "channels_last"),

@@ -14,7 +14,7 @@ import torch
 
 from .. import _ext
 from .._switches import switch
-from ..layers import real_number
+from ..layers import _positive_int, real_number
 from . import _composed, _ops
 
 #: True when BCNSWIFT_TORCH_COMPOSED is on (1, true, yes, on: `_switches`) at import: every call then takes the
@@ -76,7 +76,7 @@ def _check_sizes(x, bn, cn):
         if not cn.groups > 0:  # a module's num_groups set after construction: not a modulo by zero below
             raise ValueError(f"num_groups must be positive, got {cn.groups}")
         if C % cn.groups:
-            raise ValueError(f"the channel count ({C}) must be divisible by the number of groups ({cn.groups})")
+            raise ValueError(f"channels ({C}) must be divisible by groups ({cn.groups})")
         sized = [("cn_weight", cn.weight, cn.groups), ("cn_bias", cn.bias, cn.groups)]
     else:
         sized = []
@@ -230,7 +230,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     tensors = []
     if cn is not None:
         flags |= _ext.BCN_CHANNEL_NORM
-        groups, eps = cn.groups, _real(cn.eps, "eps")
+        groups, eps = cn.groups if type(cn.groups) is int else _positive_int(cn.groups, "num_groups"), \
+            _real(cn.eps, "eps")
         tensors += [cn.weight, cn.bias]
     if bn is None:
         if not _fast(x, tensors):
