@@ -124,7 +124,7 @@ def _check_unbatched(x, buffers):
     """Under torch.func.vmap a batched input cannot update running buffers that are not batched: torch refuses
     the in-place write at the end (on the composed route, which transforms take) with advice for a bug in torch.
     Its own batch norms say what to do instead; so does this, before anything runs."""
-    if not _composed.transforms_active() or not _batched(x):
+    if not _composed._functorch_active() or not _batched(x):
         return
     if not any(t is not None and _batched(t) for t in buffers):
         raise RuntimeError("a training forward updates the running statistics in place, and under torch.func.vmap "
