@@ -98,7 +98,8 @@ class WeightStandardization:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        for k, v in state.items():  # not self.__dict__.update, which slows attribute reads on CPython 3.11
+            object.__setattr__(self, k, v)
         self._lock = threading.Lock()
 
     def __repr__(self):
