@@ -125,8 +125,10 @@ def _set_momentum(m, value):
     (_set_bn_eps, None, "eps must be a number, got NoneType None"),
 ], ids=["channel-norm eps 0", "batch-norm eps nan", "batch-norm eps negative", "momentum 1.5", "channel-norm eps str",
         "batch-norm eps None"])
+@pytest.mark.parametrize("batch", [4, 0], ids=["values", "no values"])
 def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer(name, make, setting, value,
-                                                                                  message, route, gen):
+                                                                                  message, batch, route, gen):
+    """(An input without values computes nothing, but is checked as one with values: it skipped these checks.)"""
     m = make(8, 4).double()
     m(rand_input(gen, (4, 8, 5, 5)))
     if setting is _set_cn_eps and name == "EstBN":
@@ -142,7 +144,7 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
     for training in (True, False) if setting is not _set_momentum else (True,):
         m.train(training)
         with pytest.raises(TypeError if "must be a number" in message else ValueError, match=message):
-            m(rand_input(gen, (4, 8, 5, 5)))
+            m(rand_input(gen, (batch, 8, 5, 5)))
         _assert_unchanged(m, before, f"{name} on the {route} route, training={training}")
     if setting is _set_momentum:  # the rate of an update alone: eval, which updates nothing, runs
         assert m.eval()(rand_input(gen, (4, 8, 5, 5))).isfinite().all()
@@ -154,9 +156,10 @@ def test_a_bad_eps_or_momentum_raises_alike_on_both_routes_and_changes_no_buffer
     (0, ValueError, "num_groups must be positive, got 0"), (3, ValueError, r"channels \(8\) must be divisible by "
                                                                       r"groups \(3\)")],
     ids=["float", "bool", "zero", "not a divisor"])
-def test_a_hand_set_group_count_is_refused_alike_on_both_routes(groups, exc, message, route, gen):
+@pytest.mark.parametrize("batch", [4, 0], ids=["values", "no values"])
+def test_a_hand_set_group_count_is_refused_alike_on_both_routes(groups, exc, message, batch, route, gen):
     """(The kernels' op schema raised a RuntimeError about its argument for a float; the composed route worded
-    the divisibility otherwise.)"""
+    the divisibility otherwise; an input without values skipped the type's check.)"""
     m = bt.BCNorm(8, 4).double()
     m(rand_input(gen, (4, 8, 3, 3)))
     m.num_groups = groups
@@ -164,7 +167,7 @@ def test_a_hand_set_group_count_is_refused_alike_on_both_routes(groups, exc, mes
         m.weight, m.bias = (nn.Parameter(torch.ones(1, 3, 1, dtype=torch.float64)) for _ in range(2))
     before = _state(m)
     with pytest.raises(exc, match=message):
-        m(rand_input(gen, (4, 8, 3, 3)))
+        m(rand_input(gen, (batch, 8, 3, 3)))
     _assert_unchanged(m, before, route)
 
 

@@ -206,6 +206,27 @@ def _empty_output(x, tensors):
     return y
 
 
+def _check_empty_call(x, bn, cn):
+    """The checks of the stages that a call with values makes (types, sizes, eps, the momentum of an update), for
+    an input without values, which computes nothing: a stage set wrong by hand fails on its first call whatever
+    the batch."""
+    flags, eps, bn_eps, momentum = 0, 1e-5, None, None
+    if cn is not None:
+        flags |= _ext.BCN_CHANNEL_NORM
+        _positive_int(cn.groups, "num_groups")
+        eps = _real(cn.eps, "eps")
+    if bn is not None:
+        flags |= bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if cumulative_average(bn) else 0)
+        bn_eps = _real(bn.eps, "eps")
+        momentum = batch_norm_momentum(bn)  # a momentum that is not a number: refused in eval too, as with values
+        if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+            momentum = None  # no update: its range is not checked
+        elif bn.moving_speed is not None and bn.moving_speed.is_cpu:  # the rate, as the composed route reads it
+            momentum = _ops.moving_speed_value(bn.moving_speed)
+    _check_sizes(x, bn, cn)
+    _check_scalars(flags, eps, bn_eps, momentum)
+
+
 def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNormStage], *, views=None):
     """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring. `views`: a
     dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'
@@ -218,10 +239,9 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
-    if 0 in x.shape:  # no values (cheaper than numel() on every call)
-        _check_sizes(x, bn, cn)
+    if 0 in x.shape:  # no values (cheaper than numel() on every call): the stages checked as a call with values
+        _check_empty_call(x, bn, cn)
         if bn is not None:
-            batch_norm_momentum(bn)  # a momentum that is not a number, refused as on a call with values
             if counts_empty_call(bn):
                 bn.num_batches_tracked.add_(1)
         stages = ([cn.weight, cn.bias] if cn else []) + ([bn.weight, bn.bias] if bn else [])
