@@ -60,6 +60,33 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel
     assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4
 
 
+def test_one_dynamic_graph_serves_every_batch_and_image_size(gen, kernel_calls):
+    """compile(dynamic=True), as a last smaller batch or another image size leads to: the ops' fake kernels take
+    symbolic sizes without guarding on them, so one graph serves batches of 2, 3 and 5 and images of 8x8 to 3x3
+    (the rows layout's short planes included), each step equal to eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    eager, compiled_module = twin_models()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(compiled_module, fullgraph=True, dynamic=True, backend=counter)
+    first = None  # the frames compiled by the first call (the model's, and those its first call makes apart)
+    for step, (batch, side) in enumerate([(2, 8), (3, 6), (5, 3), (3, 8)]):
+        x = rand_input(gen, (batch, 3, side, side), torch.float64)
+        target = torch.randint(0, 10, (batch,), generator=gen)
+        ye, yc = eager(x), compiled(x)
+        first = counter.frame_count if first is None else first
+        torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
+        nn.functional.cross_entropy(ye, target).backward()
+        nn.functional.cross_entropy(yc, target).backward()
+        for (name, pe), pc in zip(eager.named_parameters(), compiled_module.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
+            pe.grad, pc.grad = None, None
+        for (name, be), bc in zip(eager.named_buffers(), compiled_module.buffers()):
+            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+    assert first >= 1 and counter.frame_count == first, \
+        f"recompiled for another size: {counter.frame_count - first} frames after the first call's {first}"
+    assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4  # every normalization ran on the kernels
+
+
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 @pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin")  # the Python route's kernels
 @pytest.mark.parametrize("forward", ["eager", "compiled"])
