@@ -60,6 +60,44 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel
     assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4
 
 
+def _strided_buffers(model):
+    """Every batch-norm stage's running statistics as strided views and its count as a float (test_torch_edges)."""
+    from test_torch_edges import _hand_set_buffers
+    for m in model.modules():
+        if isinstance(m, (bt.BCNorm, bt.BatchChannelNorm)):
+            _hand_set_buffers(m)
+    return model
+
+
+@pytest.mark.parametrize("why", ["BCNSWIFT_TORCH_COMPOSED", "strided buffers"])
+def test_compiled_composed_route_matches_eager(why, gen, monkeypatch, kernel_calls):
+    """The composed route traced whole (as a GPU, half precision or BCNSWIFT_TORCH_COMPOSED=1 take it, and a
+    training step on buffers set by hand in forms the kernels do not write): EstBN's moving speed, which eager
+    mode reads from its buffer to check it, broke the graph with a data-dependent guard."""
+    eager, compiled_module = twin_models()
+    if why == "BCNSWIFT_TORCH_COMPOSED":
+        monkeypatch.setattr(bt.functional, "COMPOSED", True)
+    else:
+        eager, compiled_module = _strided_buffers(eager), _strided_buffers(compiled_module)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    kernel_calls.clear()
+    for step in range(2):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        target = torch.randint(0, 10, (2,), generator=gen)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
+        nn.functional.cross_entropy(ye, target).backward()
+        nn.functional.cross_entropy(yc, target).backward()
+        for (name, pe), pc in zip(eager.named_parameters(), compiled_module.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
+        for (name, be), bc in zip(eager.named_buffers(), compiled_module.buffers()):
+            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+    # composed throughout, but for the layer without a batch-norm stage (ChannelNorm), whose kernels write no
+    # buffer: it alone runs on them with strided buffers elsewhere
+    normalizations = len(kernel_calls.named("norm_forward"))
+    assert normalizations == (0 if why == "BCNSWIFT_TORCH_COMPOSED" else 2 * 2), kernel_calls.calls
+
+
 def test_one_dynamic_graph_serves_every_batch_and_image_size(gen, kernel_calls):
     """compile(dynamic=True), as a last smaller batch or another image size leads to: the ops' fake kernels take
     symbolic sizes without guarding on them, so one graph serves batches of 2, 3 and 5 and images of 8x8 to 3x3

@@ -58,6 +58,53 @@ def route(request, monkeypatch):
     return request.param
 
 
+def _hand_set_buffers(m):
+    """m's batch-norm stage with its running statistics replaced by strided views (every other value of a tensor
+    twice as long) and its count, if any, by a float tensor: forms torch's batch norms update in place."""
+    stage = _bn(m)
+    for name, b in list(stage.named_buffers(recurse=False)):
+        if b.dim() == 1 and b.numel() > 1:  # the running statistics (EstBN's moving speed holds one value)
+            wide = torch.full((2 * b.numel(),), float("nan"), dtype=b.dtype)
+            wide[::2] = b
+            setattr(stage, name, wide[::2])
+        elif name == "num_batches_tracked":
+            setattr(stage, name, b.to(torch.float64))
+    return stage
+
+
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+def test_running_buffers_set_by_hand_as_strided_views_or_a_float_count_train_on_both_routes(name, make, route,
+                                                                                             gen):
+    """As torch's batch norms update them in place (the kernels' route refused them: the kernels write dense
+    buffers through data pointers, so such buffers take the composed route): the same outputs, gradients and
+    buffer values as the module with ordinary buffers, and the hand-set tensors updated where they lie."""
+    torch.manual_seed(0)
+    plain = make(8, 4).double()
+    hand = copy.deepcopy(plain)
+    stage = _hand_set_buffers(hand)
+    kept = {k: b for k, b in stage.named_buffers(recurse=False)}
+    assert any(not b.is_contiguous() for b in kept.values()), "no strided buffer to test"
+    initial = {k: b.clone() for k, b in kept.items()}
+    for step in range(3):
+        x = rand_input(gen, (4, 8, 3, 3))
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ys = [plain(xs[0]), hand(xs[1])]
+        torch.testing.assert_close(ys[1], ys[0], rtol=1e-12, atol=1e-12, msg=f"{name}, step {step}: output")
+        dy = rand_input(gen, (4, 8, 3, 3))
+        for y in ys:
+            y.backward(dy)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-12, atol=1e-12, msg=f"step {step}: dx")
+        for (k, p), q in zip(plain.named_parameters(), hand.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=f"step {step}: grad {k}")
+        for k, b in _bn(plain).named_buffers(recurse=False):
+            h = getattr(stage, k)
+            assert h is kept[k], f"{k} was replaced, not updated in place"
+            torch.testing.assert_close(h.to(b.dtype), b, rtol=1e-12, atol=1e-12, msg=f"step {step}: buffer {k}")
+    for k, b in kept.items():
+        if b.numel() > 1:  # the running statistics
+            assert not torch.equal(b, initial[k]), f"{k}: three training steps did not move it"
+
+
 def test_a_cumulative_average_refuses_a_count_out_of_range_on_both_routes(route, gen):
     """A review: the kernels refuse a negative count (or the largest) for momentum=None, which divides by the
     count it advances; the composed route averaged with a factor of -1/4 (and at -1 divided by zero)."""

@@ -110,6 +110,16 @@ def _check_writable(buffers):
                            "(for each buffer b of its batch-norm stage, setattr(stage, name, b.clone()))")
 
 
+def _kernels_update(buffers):
+    """Whether the kernels can update the running buffers (running_mean, running_var, num_batches_tracked) in
+    place: the statistics dense, as the kernels write them through data pointers, and the count int64. Buffers
+    assigned by hand in other forms (a strided view, a float count) take the composed route, which updates them
+    as torch's batch norms do, in any strides and dtype."""
+    mean, var, count = buffers
+    return (mean.is_contiguous() and (var is None or var.is_contiguous())
+            and (count is None or count.dtype == torch.int64))
+
+
 def _batched(t):
     """Whether t is batched by a torch.func.vmap at any of the transforms' levels wrapped around it."""
     functorch = torch._C._functorch
@@ -206,6 +216,17 @@ def _empty_output(x, tensors):
     return y
 
 
+def _update_rate(bn, momentum):
+    """The rate of a batch-norm stage's update, to check: its moving speed where a buffer holds one (EstBN's,
+    which is the rate), else its momentum. The buffer is read where that waits for no GPU and breaks no graph: on
+    the CPU, outside torch.compile (where reading a tensor's value is data-dependent). Elsewhere the composed
+    route updates with the buffer as it is, unchecked, as the authors' code does."""
+    speed = bn.moving_speed
+    if speed is None or not speed.is_cpu or torch.compiler.is_compiling():
+        return momentum
+    return _ops.moving_speed_value(speed)
+
+
 def _check_empty_call(x, bn, cn):
     """The checks of the stages that a call with values makes (types, sizes, eps, the momentum of an update), for
     an input without values, which computes nothing: a stage set wrong by hand fails on its first call whatever
@@ -221,8 +242,8 @@ def _check_empty_call(x, bn, cn):
         momentum = batch_norm_momentum(bn)  # a momentum that is not a number: refused in eval too, as with values
         if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
             momentum = None  # no update: its range is not checked
-        elif bn.moving_speed is not None and bn.moving_speed.is_cpu:  # the rate, as the composed route reads it
-            momentum = _ops.moving_speed_value(bn.moving_speed)
+        else:
+            momentum = _update_rate(bn, momentum)
     _check_sizes(x, bn, cn)
     _check_scalars(flags, eps, bn_eps, momentum)
 
@@ -279,12 +300,9 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         _check_writable(buffers)
         _check_unbatched(x, buffers)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
-    if not _fast(x, tensors):
+    if not _fast(x, tensors) or update and not _kernels_update(buffers):
         _check_sizes(x, bn, cn)
-        # a moving speed in a buffer is the rate: checked where reading it waits for no GPU
-        speed = bn.moving_speed
-        rate = _ops.moving_speed_value(speed) if update and speed is not None and speed.is_cpu else momentum
-        _check_scalars(flags, eps, bn_eps, rate if update else None)
+        _check_scalars(flags, eps, bn_eps, _update_rate(bn, momentum) if update else None)
         _check_values(x, flags, groups, bool(train), update)
         # the update staged, the normalization run, and only then the buffers written: a call that fails
         # changes nothing
