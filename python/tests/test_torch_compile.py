@@ -32,6 +32,22 @@ def twin_models():
     return eager, copy.deepcopy(eager)
 
 
+def train_step_alike(eager, module, compiled, x, target, step, optimizers=()):
+    """One training step of the eager model and of `compiled` (`module` compiled) on x: outputs, gradients and
+    buffers equal to float64's rounding. The optimizers then step (else the gradients are cleared)."""
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
+    nn.functional.cross_entropy(ye, target).backward()
+    nn.functional.cross_entropy(yc, target).backward()
+    for (name, pe), pc in zip(eager.named_parameters(), module.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
+    for opt in optimizers:
+        opt.step()
+    eager.zero_grad(), module.zero_grad()
+    for (name, be), bc in zip(eager.named_buffers(), module.buffers()):
+        torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel_calls):
     eager, compiled_module = twin_models()
@@ -44,15 +60,7 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel
     for step in range(3):
         x = rand_input(gen, (2, 3, 8, 8), torch.float64, layout)
         target = torch.randint(0, 10, (2,), generator=gen)
-        ye, yc = eager(x), compiled(x)
-        torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
-        nn.functional.cross_entropy(ye, target).backward()
-        nn.functional.cross_entropy(yc, target).backward()
-        for (name, pe), pc in zip(eager.named_parameters(), compiled_module.parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
-        opt_e.step(), opt_c.step(), opt_e.zero_grad(), opt_c.zero_grad()
-        for (name, be), bc in zip(eager.named_buffers(), compiled_module.buffers()):
-            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+        train_step_alike(eager, compiled_module, compiled, x, target, step, (opt_e, opt_c))
     eager.eval(), compiled_module.eval()
     x = rand_input(gen, (2, 3, 8, 8), torch.float64, layout)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-10, msg="eval")
@@ -84,14 +92,7 @@ def test_compiled_composed_route_matches_eager(why, gen, monkeypatch, kernel_cal
     for step in range(2):
         x = rand_input(gen, (2, 3, 8, 8), torch.float64)
         target = torch.randint(0, 10, (2,), generator=gen)
-        ye, yc = eager(x), compiled(x)
-        torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
-        nn.functional.cross_entropy(ye, target).backward()
-        nn.functional.cross_entropy(yc, target).backward()
-        for (name, pe), pc in zip(eager.named_parameters(), compiled_module.parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
-        for (name, be), bc in zip(eager.named_buffers(), compiled_module.buffers()):
-            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+        train_step_alike(eager, compiled_module, compiled, x, target, step)
     # composed throughout, but for the layer without a batch-norm stage (ChannelNorm), whose kernels write no
     # buffer: it alone runs on them with strided buffers elsewhere
     normalizations = len(kernel_calls.named("norm_forward"))
@@ -110,16 +111,8 @@ def test_one_dynamic_graph_serves_every_batch_and_image_size(gen, kernel_calls):
     for step, (batch, side) in enumerate([(2, 8), (3, 6), (5, 3), (3, 8)]):
         x = rand_input(gen, (batch, 3, side, side), torch.float64)
         target = torch.randint(0, 10, (batch,), generator=gen)
-        ye, yc = eager(x), compiled(x)
+        train_step_alike(eager, compiled_module, compiled, x, target, step)
         first = counter.frame_count if first is None else first
-        torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
-        nn.functional.cross_entropy(ye, target).backward()
-        nn.functional.cross_entropy(yc, target).backward()
-        for (name, pe), pc in zip(eager.named_parameters(), compiled_module.parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=f"step {step}: grad {name}")
-            pe.grad, pc.grad = None, None
-        for (name, be), bc in zip(eager.named_buffers(), compiled_module.buffers()):
-            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
     assert first >= 1 and counter.frame_count == first, \
         f"recompiled for another size: {counter.frame_count - first} frames after the first call's {first}"
     assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4  # every normalization ran on the kernels
