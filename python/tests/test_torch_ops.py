@@ -379,13 +379,22 @@ def test_normalize_batch_takes_batch_statistics_only(gen):
 
 
 def test_a_running_buffer_the_kernels_cannot_write_is_an_error(gen):
-    """A running buffer that is not contiguous cannot be updated in place: a clear error, nothing written
-    (a view of a C-order copy would take the update and lose it)."""
-    m = bt.BCNorm(8, 4)
-    m.bn.running_mean = torch.zeros(16)[::2]
-    with pytest.raises(ValueError, match="running_mean"):
-        m(rand_input(gen, (4, 8, 3, 3), torch.float32))
-    assert torch.equal(m.bn.running_mean, torch.zeros(8))
+    """The ops' kernels update running buffers in place through their data pointers: one that is not contiguous
+    (or a count that is not int64) is a clear error and nothing is written (a view of a C-order copy would take
+    the update and lose it). The modules hand such buffers to the composed route instead (test_torch_edges.py)."""
+    x = rand_input(gen, (4, 8, 3, 3), torch.float32)
+    moments = _ops.moments(x, TORCH_BN | CN, 4)[1]
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        buffers = {"running_mean": torch.zeros(8), "running_var": torch.ones(8), "num_batches_tracked": torch.tensor(3)}
+        if name == "num_batches_tracked":
+            buffers[name] = torch.tensor(3.0)
+        else:
+            buffers[name] = torch.full((16,), 0.5)[::2]
+        before = {k: v.clone() for k, v in buffers.items()}
+        with pytest.raises((ValueError, TypeError), match=name):
+            _ops.update_running_(*buffers.values(), moments, TORCH_BN | CN, 0.1, None)
+        for k, v in buffers.items():
+            assert torch.equal(v, before[k]), f"{name}: {k} written"
 
 
 def test_kernels_run_with_the_torch_thread_count_and_restore_the_callers(gen, kernel_calls):
