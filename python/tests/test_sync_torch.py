@@ -85,7 +85,11 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure own forward", "TypeError", f"rank {n - 1} of {n} failed: TypeError: SyncBCNorm.bn is a "),
             ("failure own forward labml", "TypeError", "failed): TypeError: SyncBatchChannelNorm.channel_norm is a "),
             ("failure inference buffers", "RuntimeError", f"rank {n - 1} of {n} failed: RuntimeError: the running "
-                                                          "statistics are inference tensors")):
+                                                          "statistics are inference tensors"),
+            ("failure strided buffers", "ValueError", f"rank {n - 1} of {n} failed: ValueError: synchronized BCN "
+                                                      "runs on the kernels alone"),
+            ("failure float count", "ValueError", f"rank {n - 1} of {n} failed: ValueError: synchronized BCN runs "
+                                                  "on the kernels alone")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

@@ -164,7 +164,9 @@ def failure(rank, size, case):
     its own, which the fused exchange would skip; own forward labml: every rank's labml channel_norm is one;
     syncbn stage: every rank's bn is an nn.SyncBatchNorm, whose own forward does a batch norm's math (fused, no
     error); inference buffers: the last rank's layer was made under torch.inference_mode(), so its buffers cannot
-    be updated outside it."""
+    be updated outside it; strided buffers, float count: the last rank's running_mean is a strided view, or its
+    num_batches_tracked a float (the local modules take those through the composed route; the kernels, which the
+    exchange runs on alone, do not)."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
@@ -201,6 +203,11 @@ def failure(rank, size, case):
         layer.num_groups = 4.0
     if case == "sizes" and bad:
         layer.weight = torch.nn.Parameter(torch.ones(1, 3, 1, dtype=dtype))
+    if case == "strided buffers" and bad:
+        wide = torch.zeros(2 * C, dtype=dtype)
+        layer.bn.running_mean = wide[::2]
+    if case == "float count" and bad:
+        layer.bn.num_batches_tracked = layer.bn.num_batches_tracked.to(dtype)
     before = copy.deepcopy(layer.state_dict())
     try:
         layer(x)
@@ -279,7 +286,7 @@ def run_all(rank, size):
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
                  "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
-                 "inference buffers"):
+                 "inference buffers", "strided buffers", "float count"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["outside the group"] = outside_the_group(rank, size)

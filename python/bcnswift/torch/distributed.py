@@ -26,7 +26,7 @@ from ._ops import fx_leaf
 from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
                       torch_batch_norm_stage)
 from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, _check_writable,
-                         batch_norm_momentum, counts_empty_call, cumulative_average)
+                         _kernels_update, batch_norm_momentum, counts_empty_call, cumulative_average)
 
 
 class ProcessGroupTransport:
@@ -222,6 +222,11 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
         _check_dtypes(x, held)
         if kept:
             _check_writable(buffers)
+            if not _kernels_update(buffers):  # (the local modules take such buffers through the composed route)
+                raise ValueError("synchronized BCN runs on the kernels alone, which update running_mean and "
+                                 "running_var in place as dense tensors and num_batches_tracked as int64; this "
+                                 "stage's buffers were set in another form (a strided view, a float count): give it "
+                                 "contiguous ones (stage.running_mean = stage.running_mean.contiguous(), ...)")
         if early is not None:
             raise early
         _check_sizes(x, bn, cn)
