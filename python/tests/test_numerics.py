@@ -741,15 +741,18 @@ def test_float32_rows_backward_far_off_zero_keeps_the_float64_precision(shape, G
         assert _ulps_of_scale(got, want) <= 4, name
 
 
+@pytest.mark.parametrize("scale", [1e160, 1e170, 1e200, 1e250, 1e300])
 @pytest.mark.parametrize("shape, channels_last", [((4, 4), False), ((4, 4, 2, 2), False), ((4, 4, 4, 4), False),
                                                   ((4, 4, 4, 4), True), ((4, 4, 100), False)])
 def test_double_input_whose_variance_overflows_gives_an_infinite_running_variance_and_the_bias(shape, channels_last,
-                                                                                               rng):
+                                                                                               scale, rng):
     """Deviations of double input from about 1e154 up square beyond the largest double: the variance's M2 is
     infinite (the mean stays finite), the running variance takes the infinity, and a batch norm alone gives every
     value its bias, as PyTorch's float64 code does; nothing raises, under either policy (a synchronized layer under
-    'raise' refuses such merged moments: test_sync_layers.py)."""
-    x = rng.normal(1.0, 1.0, shape) * 1e160
+    'raise' refuses such merged moments: test_sync_layers.py). At every scale: where the squares and the squared
+    sum of deviations both overflow, their difference was NaN (at 1e170 and 1e200, not at 1e160), and so were the
+    running variance and every output."""
+    x = rng.normal(1.0, 1.0, shape) * scale
     if channels_last:
         x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
     for policy in ("propagate", "raise"):
@@ -759,6 +762,43 @@ def test_double_input_whose_variance_overflows_gives_an_infinite_running_varianc
         expected = np.broadcast_to(layer.bias.reshape((1, -1) + (1,) * (len(shape) - 2)), shape)
         np.testing.assert_array_equal(y, expected)
         assert np.all(np.isinf(layer.running_var)) and np.all(np.isfinite(layer.running_mean)), layer.running_var
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e200, 1e300])
+@pytest.mark.parametrize("shape, channels_last", [((4, 8), False), ((4, 8, 2, 2), False), ((4, 8, 4, 4), False),
+                                                  ((4, 8, 4, 4), True), ((4, 8, 100), False)])
+def test_double_input_whose_variance_overflows_gives_bcn_the_documents_finite_values(shape, channels_last, scale,
+                                                                                      rng):
+    """After that infinite variance every value of a channel is its batch-norm bias β exactly (a = γ/∞ = 0), so the
+    channel norm normalizes the β's, finite, forward and backward, as the authors' float64 code (nn.BatchNorm2d,
+    then a batch norm over each sample's groups) computes value by value. The fused planes made each plane's M2
+    after the batch norm as a² q, 0 · ∞ for an overflowed q: NaN outputs and gradients on planes and channels-last.
+    (labml's code gives NaN here: its variance is E[x²] - E[x]², ∞ - ∞.)"""
+    x = rng.normal(1.0, 1.0, shape) * scale
+    dy = rng.normal(0.5, 1.0, shape)
+    if channels_last:
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+    ref = R.AuthorsBCNorm(8, 4, 1e-5)
+    for name, array in layer.parameters().items():
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+    ref.weight, ref.bias = layer.weight.copy(), layer.bias.copy()
+    ref.bn.weight, ref.bn.bias = layer.bn.weight.copy(), layer.bn.bias.copy()
+    y, dx = layer(x), layer.backward(dy)
+    with np.errstate(over="ignore"):  # (the reference's squares overflow, as they must)
+        y_ref, dx_ref = ref(x), ref.backward(dy)
+    assert np.isfinite(y_ref).all() and np.isfinite(dx_ref).all()  # the documents' values: finite
+
+    def close(got, want, tolerance):  # relative to want's scale; exactly, where want is all zeros (dx: a = 0)
+        return np.array_equal(got, want) if not np.any(want) else _relative_to_scale(got, want) <= tolerance
+    assert close(y, y_ref, 1e-12) and close(dx, dx_ref, 1e-12)
+    # the parameters' gradients are sums of terms that cancel (β's gradients sum to 0 over a group): both sides'
+    # rounding is of the terms' size, r w Σ |dy|, not of the result's (measured up to 4e-14 Σ |dy|)
+    terms = np.abs(dy).sum()
+    for name in ("weight", "bias", "bn.weight", "bn.bias"):
+        got, want = layer.grads[name], np.reshape(ref.grads[name], layer.grads[name].shape)
+        assert np.abs(got - want).max() <= 1e-12 * terms, (name, np.abs(got - want).max() / terms)
+    assert np.all(np.isinf(layer.running_var)) and np.all(np.isinf(ref.bn.running_var))
 
 
 def _relative_to_scale(got, want):

@@ -96,12 +96,18 @@ enum BatchNormStage {
     /// their M2s, d = Σ (mean - c) and `between` = Σ (mean - c)²; μ = c + d/sets, M2 = within + size ·
     /// (between - d²/sets). The batch's planes merge so (`batchMoments`), and so do a short plane's columns
     /// (`RowsLayout.columnMoments`).
+    ///
+    /// Double input whose deviations pass about 1e154 overflows these squares: `between` and d² both become
+    /// infinite (or a plane's M2 in `within` NaN), and their difference NaN. With a finite mean every value was
+    /// finite, and M2 is at least the square of that spread, so it is +∞ there, as PyTorch's float64 batch norm
+    /// gives it: the variance infinite, the running variance too, and a batch norm alone gives its bias. NaN or
+    /// infinite input leaves the mean non-finite and M2 as the sums make it.
     @inline(__always)
     static func moments(centre: Double, within: Double, deviation d: Double, between: Double, sets: Int,
                         size: Int) -> Moments {
         let n = Double(size), inverse = 1 / Double(sets)
-        return Moments(count: Double(sets) * n, mean: centre + d * inverse,
-                       m2: within + n * max(between - d * d * inverse, 0))
+        let mean = centre + d * inverse, m2 = within + n * max(between - d * d * inverse, 0)
+        return Moments(count: Double(sets) * n, mean: mean, m2: m2.isNaN && mean.isFinite ? .infinity : m2)
     }
 
     /// The moments of 4·`chains` channels (1, 2 or 4 chains of four lanes) into `out`, their sums in registers.

@@ -32,6 +32,19 @@ struct NormalizationUnit {
     @inline(__always)
     func stagedMean(_ k: Int) -> Double { beta[k].addingProduct(a[k], p[k] - mu[k]) }
 
+    /// A plane's M2 after the batch-norm stage, a² q (or, with `power` 1, a q, its share of Σ dy₁ (x - p)), and 0
+    /// where a = 0: every value of such a plane maps to β exactly, whatever q. That includes an overflowed q = ∞
+    /// (double input deviating by more than about 1e154), whose batch variance is infinite too, so a = γ/∞ = 0;
+    /// 0 · ∞ would make the group's moments NaN where the values are β, as PyTorch's batch norm gives them.
+    @inline(__always)
+    static func scaledM2(_ q: SIMD4<Double>, _ a: SIMD4<Double>, power: Int = 2) -> SIMD4<Double> {
+        (power == 2 ? q * (a * a) : a * q).replacing(with: 0, where: a .== 0)
+    }
+    @inline(__always)
+    static func scaledM2(_ q: Double, _ a: Double, power: Int = 2) -> Double {
+        a == 0 ? 0 : power == 2 ? q * (a * a) : a * q
+    }
+
     /// Moments of y₁ over the group from the planes' staged means (stored into `yBar`, K values) and M2s a² q:
     /// Chan's formula for K sets of S values, M2 = Σ a² q + S Σ (ȳ - mean)².
     ///
@@ -56,11 +69,11 @@ struct NormalizationUnit {
             Lanes.accumulate(K, { k in
                 let y = staged(k), e = y - sv
                 yBar?.storeLanes(y, k)
-                return (e, e * e, q.lanes(k) * (a.lanes(k) * a.lanes(k)))
+                return (e, e * e, Self.scaledM2(q.lanes(k), a.lanes(k)))
             }, scalar: { k in
                 let y = stagedOne(k), e = y - shift
                 yBar?[k] = y
-                return (e, e * e, q[k] * (a[k] * a[k]))
+                return (e, e * e, Self.scaledM2(q[k], a[k]))
             }, into: &d, &squares, &within)
         } else {  // within = 0: the two sums alone, in the same order
             (d, squares) = Lanes.sums(K) { k in
@@ -246,11 +259,11 @@ struct NormalizationUnit {
         func dots(_ q4: (Int) -> SIMD4<Double>, _ q1: (Int) -> Double) {
             Lanes.map(K, into: dot) { k in
                 let ak = a.lanes(k), qk = q4(k), uk = u.lanes(k)
-                let others = (m2v - qk * (ak * ak)) * v.invN4, wOthers = v.wg4 - ak * uk
-                return v.r3w4 * (uk * (epsv + others) - ak * qk * wOthers * v.invN4)
+                let others = (m2v - Self.scaledM2(qk, ak)) * v.invN4, wOthers = v.wg4 - ak * uk
+                return v.r3w4 * (uk * (epsv + others) - Self.scaledM2(qk, ak, power: 1) * wOthers * v.invN4)
             } scalar: { k in
-                let qk = q1(k), others = (m2 - qk * (a[k] * a[k])) * invN, wOthers = wg - a[k] * u[k]
-                return r3w * (u[k] * (eps + others) - a[k] * qk * wOthers * invN)
+                let qk = q1(k), others = (m2 - Self.scaledM2(qk, a[k])) * invN, wOthers = wg - a[k] * u[k]
+                return r3w * (u[k] * (eps + others) - Self.scaledM2(qk, a[k], power: 1) * wOthers * invN)
             }
         }
         // q tested once, not per load: `q?.lanes(k) ?? 0` became masked loads (see BatchNormStage.backwardScratch)
