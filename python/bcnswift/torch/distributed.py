@@ -226,7 +226,8 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
                 raise ValueError("synchronized BCN runs on the kernels alone, which update running_mean and "
                                  "running_var in place as dense tensors and num_batches_tracked as int64; this "
                                  "stage's buffers were set in another form (a strided view, a float count): give it "
-                                 "contiguous ones (stage.running_mean = stage.running_mean.contiguous(), ...)")
+                                 "such ones (stage.running_mean = stage.running_mean.contiguous(), "
+                                 "stage.num_batches_tracked = stage.num_batches_tracked.long(), ...)")
         if early is not None:
             raise early
         _check_sizes(x, bn, cn)
