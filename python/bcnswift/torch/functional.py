@@ -216,6 +216,11 @@ def _empty_output(x, tensors):
     return y
 
 
+def updates_running(bn):
+    """Whether a call of `bn` updates its running buffers: in training, tracking running statistics that it has."""
+    return bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
 def _update_rate(bn, momentum):
     """The rate of a batch-norm stage's update, to check: its moving speed where a buffer holds one (EstBN's,
     which is the rate), else its momentum. The buffer is read where that waits for no GPU and breaks no graph: on
@@ -240,10 +245,7 @@ def _check_empty_call(x, bn, cn):
         flags |= bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if cumulative_average(bn) else 0)
         bn_eps = _real(bn.eps, "eps")
         momentum = batch_norm_momentum(bn)  # a momentum that is not a number: refused in eval too, as with values
-        if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
-            momentum = None  # no update: its range is not checked
-        else:
-            momentum = _update_rate(bn, momentum)
+        momentum = _update_rate(bn, momentum) if updates_running(bn) else None  # no update: range unchecked
     _check_sizes(x, bn, cn)
     _check_scalars(flags, eps, bn_eps, momentum)
 
@@ -288,7 +290,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     flags |= bn.flags
     bn_eps = _real(bn.eps, "eps")
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    update = updates_running(bn)
     if cumulative_average(bn):
         flags |= _ext.BCN_CUMULATIVE_AVERAGE
     momentum = batch_norm_momentum(bn)
