@@ -230,44 +230,43 @@ class Synchronizer:
     def moments(self, config, local):
         """The batch's moments over every rank, merged in rank order (3C float64). `local()` returns this
         rank's (3C float64, count 0 for an empty batch) or raises; then every rank raises alike."""
-        error, m = None, None
-        try:
-            m = np.ascontiguousarray(local(), np.float64)
-            if m.size != 3 * config.channels:
-                raise ValueError(f"moments have {m.size} values, expected {3 * config.channels}")
-        except Exception as e:  # noqa: BLE001 - any local failure must reach the others, or they would wait
-            error = e
+        m, error = _local_values(local, 3 * config.channels, "moments")
         mine = self._header(config, _MOMENTS, error)
-        headers = self._allgather(mine)
-        try:
-            self._check(headers, mine)
-        except Exception as e:
-            if error is not None:  # this rank's own error: keep its traceback
-                raise e from error
-            raise
+        self._check_chained(self._allgather(mine), mine, error)
         return _ext.merge(3, self._allgather(m))
 
     def gradient_sums(self, config, local):
         """The backward's per-channel sums over every rank, added in rank order (2C float64), in one exchange
         with the header. `local()` returns this rank's (zeros for an empty batch) or raises. `config` must be the
         forward's, which every rank agreed on: its channel count sizes what every rank sends."""
-        error, sums = None, None
-        try:
-            sums = np.ascontiguousarray(local(), np.float64)
-            if sums.size != 2 * config.channels:
-                raise ValueError(f"gradient sums have {sums.size} values, expected {2 * config.channels}")
-        except Exception as e:  # noqa: BLE001 - any local failure must reach the others, or they would wait
-            error, sums = e, np.zeros(2 * config.channels)
+        sums, error = _local_values(local, 2 * config.channels, "gradient sums")
         mine = self._header(config, _SUMS, error)
-        send = np.concatenate([mine, sums.view(np.uint8)])
-        gathered = self._allgather(send)
+        gathered = self._allgather(np.concatenate([mine, sums.view(np.uint8)]))
+        self._check_chained(gathered[:, :HEADER_BYTES], mine, error)
+        return _ext.merge(2, np.ascontiguousarray(gathered[:, HEADER_BYTES:]).view(np.float64))
+
+    def _check_chained(self, headers, mine, error):
+        """`_check`, whose exception, when this rank failed on its own (`error`), keeps that failure's traceback
+        as its cause."""
         try:
-            self._check(gathered[:, :HEADER_BYTES], mine)
+            self._check(headers, mine)
         except Exception as e:
             if error is not None:
                 raise e from error
             raise
-        return _ext.merge(2, np.ascontiguousarray(gathered[:, HEADER_BYTES:]).view(np.float64))
+
+
+def _local_values(local, count, what):
+    """(values, None): `local()` as `count` contiguous float64 values; or (`count` zeros, the exception) when it
+    raises or gives another count. Any local failure must reach the other ranks in the header, or they would
+    wait; the zeros keep the exchange's size (a header then says not to read them)."""
+    try:
+        values = np.ascontiguousarray(local(), np.float64)
+        if values.size != count:
+            raise ValueError(f"{what} have {values.size} values, expected {count}")
+        return values, None
+    except Exception as e:  # noqa: BLE001 - see above
+        return np.zeros(count), e
 
 
 def mpi_world():

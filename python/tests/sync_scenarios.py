@@ -166,7 +166,9 @@ def failure(rank, size, comm, case, seed=SEED):
         else:
             layer(x)
     except Exception as e:  # noqa: BLE001 - the test asserts on the type
-        result = {"raised": type(e).__name__, "message": str(e)}
+        # a rank that failed on its own keeps that failure as the cause (its traceback); the others have none
+        cause = e.__cause__
+        result = {"raised": type(e).__name__, "message": str(e), "cause": cause and type(cause).__name__}
     after = layer.state_dict()
     result["unchanged"] = all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
     if case == "bad_dy":

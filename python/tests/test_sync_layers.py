@@ -99,6 +99,10 @@ def test_every_rank_fails_together_and_changes_nothing(case):
     assert kinds == {expected}, f"{case}: {results[0]['message']}"
     for rank, r in enumerate(results):
         assert r["unchanged"], f"{case}: rank {rank} changed its buffers or gradients"
+        # (a momentum of "a" fails in the header, with no local exception to keep)
+        own = case == "all_nan" or (case in ("wrong_input_channels", "nan", "bad_dy", "config_type")
+                                    and rank == size - 1)
+        assert (r["cause"] is not None) == own, f"{case}: rank {rank}'s exception has cause {r['cause']}"
         if case in ("wrong_input_channels", "nan", "bad_dy"):
             assert f"rank {size - 1} of {size} failed" in r["message"], r["message"]
         elif case == "config_type":
