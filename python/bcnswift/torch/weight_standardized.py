@@ -23,7 +23,9 @@ class _WeightStandardized(KernelViews):
 
     _output_dim = 0
 
-    def _setup_ws(self, convention, eps):
+    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
+        """The torch layer's arguments, then WS's: ``convention`` ("authors" or "labml") and ``eps``."""
+        super().__init__(*args, **kwargs)
         if not isinstance(convention, str) or convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
         eps = real_number(eps, "eps")  # not a bool or a string
@@ -58,44 +60,31 @@ class _WeightStandardized(KernelViews):
         return f"{super().extra_repr()}, convention={self.convention!r}, ws_eps={self.ws_eps}"
 
 
-class Conv1d(_WeightStandardized, nn.Conv1d):
-    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_ws(convention, eps)
+class _StandardizedConv(_WeightStandardized):
+    """The forward of the WS convolutions whose torch layer has `_conv_forward(x, weight, bias)`."""
 
     @fx_leaf
     def forward(self, x):
         return self._conv_forward(x, self.standardized_weight(), self.bias)
 
 
-class Conv2d(_WeightStandardized, nn.Conv2d):
+class Conv1d(_StandardizedConv, nn.Conv1d):
+    """nn.Conv1d with Weight Standardization; same arguments, plus ``convention`` and ``eps``."""
+
+
+class Conv2d(_StandardizedConv, nn.Conv2d):
     """nn.Conv2d with Weight Standardization; same arguments, plus ``convention`` and ``eps``."""
 
-    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_ws(convention, eps)
 
-    @fx_leaf
-    def forward(self, x):
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
-
-
-class Conv3d(_WeightStandardized, nn.Conv3d):
-    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_ws(convention, eps)
-
-    @fx_leaf
-    def forward(self, x):
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+class Conv3d(_StandardizedConv, nn.Conv3d):
+    """nn.Conv3d with Weight Standardization; same arguments, plus ``convention`` and ``eps``."""
 
 
 class ConvTranspose2d(_WeightStandardized, nn.ConvTranspose2d):
-    _output_dim = 1
+    """nn.ConvTranspose2d with Weight Standardization (per output channel: dim 1 of the weight, over its group's
+    inputs); same arguments, plus ``convention`` and ``eps``."""
 
-    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_ws(convention, eps)
+    _output_dim = 1
 
     @fx_leaf
     def forward(self, x, output_size=None):
@@ -109,9 +98,7 @@ class ConvTranspose2d(_WeightStandardized, nn.ConvTranspose2d):
 
 
 class Linear(_WeightStandardized, nn.Linear):
-    def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_ws(convention, eps)
+    """nn.Linear with Weight Standardization; same arguments, plus ``convention`` and ``eps``."""
 
     @fx_leaf
     def forward(self, x):
