@@ -99,6 +99,35 @@ def test_compiled_composed_route_matches_eager(why, gen, monkeypatch, kernel_cal
     assert normalizations == (0 if why == "BCNSWIFT_TORCH_COMPOSED" else 2 * 2), kernel_calls.calls
 
 
+@pytest.mark.parametrize("route", ["kernels", "composed"])
+@pytest.mark.parametrize("module", ["BCNorm", "EstBN"])
+def test_compiled_refuses_a_moving_speed_out_of_range_and_changes_no_buffer(route, module, gen, monkeypatch):
+    """EstBN's moving speed set by hand outside [0, 1]: refused under torch.compile on both routes, as in eager
+    mode, before any buffer is written. (The composed route traced whole checked it nowhere: eager mode reads the
+    buffer to check it, which a graph cannot.) The graph is the one compiled for a good speed: a speed is a
+    value, which no guard watches."""
+    torch._dynamo.reset()
+    if route == "composed":
+        monkeypatch.setattr(bt.functional, "COMPOSED", True)
+    m = bt.BCNorm(8, 4, estimate=True).double() if module == "BCNorm" else bt.EstBN(8).double()
+    bn = m.bn if module == "BCNorm" else m
+    bn.estbn_moving_speed.fill_(0.25)
+    compiled = torch.compile(m, fullgraph=True)
+    x = rand_input(gen, (4, 8, 5, 5), torch.float64)
+    compiled(x)  # compiled, and trains, at a speed in range
+    for speed in (1.5, -0.25, float("nan")):
+        bn.estbn_moving_speed.fill_(speed)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises((RuntimeError, ValueError), match=r"estbn_moving_speed must be in \[0, 1\]"):
+            compiled(x)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]) or (k.endswith("moving_speed") and v.isnan().all()), \
+                f"{route} route, speed {speed}: {k} changed"
+    bn.estbn_moving_speed.fill_(1.0)  # the ends of the range train
+    compiled(x)
+    torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
 def test_one_dynamic_graph_serves_every_batch_and_image_size(gen, kernel_calls):
     """compile(dynamic=True), as a last smaller batch or another image size leads to: the ops' fake kernels take
     symbolic sizes without guarding on them, so one graph serves batches of 2, 3 and 5 and images of 8x8 to 3x3

@@ -224,12 +224,22 @@ def updates_running(bn):
 def _update_rate(bn, momentum):
     """The rate of a batch-norm stage's update, to check: its moving speed where a buffer holds one (EstBN's,
     which is the rate), else its momentum. The buffer is read where that waits for no GPU and breaks no graph: on
-    the CPU, outside torch.compile (where reading a tensor's value is data-dependent). Elsewhere the composed
-    route updates with the buffer as it is, unchecked, as the authors' code does."""
+    the CPU, outside torch.compile (where reading a tensor's value is data-dependent). Traced on the CPU, the
+    graph checks it instead (`_assert_async`, a RuntimeError before the buffers are written). On a GPU the
+    composed route updates with the buffer as it is, unchecked, as the authors' code does: a device-side assert
+    there would leave the process's GPU context unusable."""
     speed = bn.moving_speed
-    if speed is None or not speed.is_cpu or torch.compiler.is_compiling():
+    if speed is None or not speed.is_cpu:
+        return momentum
+    if torch.compiler.is_compiling():
+        if speed.numel() != 1:  # a static size: checked while tracing
+            raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+        torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
         return momentum
     return _ops.moving_speed_value(speed)
+
+
+_SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
 
 
 def _check_empty_call(x, bn, cn):
