@@ -654,6 +654,41 @@ def test_convert_that_raises_changes_nothing_and_counts_may_be_numpy_ints():
             bt.BCNorm(8, bad)
 
 
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: bt.BCNorm(8, 4, eps=0), ValueError, "eps must be a positive finite number, got 0"),
+    (lambda: bt.BCNorm(8, 4, eps=float("nan")), ValueError, "eps must be a positive finite number, got nan"),
+    (lambda: bt.BCNorm(8, 4, eps="1e-5"), TypeError, "eps must be a number, got str '1e-5'"),
+    (lambda: bt.BCNorm(0, 4), ValueError, "num_channels must be a positive int, got 0"),
+    (lambda: bt.EstBN(8, eps=-1e-5), ValueError, "eps must be a positive finite number, got -1e-05"),
+    (lambda: bt.EstBN(8.0), ValueError, "num_features must be a positive int, got 8.0"),
+    (lambda: bt.BatchChannelNorm(8, 4, momentum=2), ValueError, "momentum must be in [0, 1] or None, got 2"),
+    (lambda: bt.BatchChannelNorm(8, 4, eps=float("inf")), ValueError,
+     "eps must be a positive finite number, got inf"),
+    (lambda: bt.BatchNorm(8, momentum="a"), TypeError, "momentum must be a number or None, got str 'a'"),
+    (lambda: bt.EstimatedBatchNorm(8, momentum=-0.1), ValueError, "momentum must be in [0, 1] or None, got -0.1"),
+    (lambda: bt.ChannelNorm(8, 4, eps=True), TypeError, "eps must be a number, got bool True"),
+    (lambda: bt.ChannelNorm(-8, 4), ValueError, "channels must be a positive int, got -8"),
+    (lambda: bt.Conv2d(3, 4, 3, eps=0.0), ValueError, "eps must be a positive finite number, got 0.0"),
+], ids=["BCNorm eps 0", "BCNorm eps nan", "BCNorm eps str", "BCNorm no channels", "EstBN eps negative",
+        "EstBN channels float", "labml momentum 2", "labml eps inf", "BatchNorm momentum str",
+        "EstimatedBatchNorm momentum negative", "ChannelNorm eps bool", "ChannelNorm channels negative", "WS eps 0"])
+def test_constructors_refuse_a_bad_setting_at_once(make, error, message):
+    """As the numpy layers and the WS layers do: a setting no forward would take is refused where it is given, not
+    at the first forward (a momentum only at the first training one)."""
+    with pytest.raises(error, match=re.escape(message)):
+        make()
+
+
+def test_constructors_keep_good_settings_as_plain_numbers():
+    import numpy as np
+    m = bt.BatchChannelNorm(np.int64(8), 4, eps=np.float32(1e-3), momentum=None)
+    assert type(m.channel_norm.eps) is float and m.channel_norm.eps == float(np.float32(1e-3))
+    assert m.batch_norm.momentum is None and type(m.channel_norm.channels) is int
+    m = bt.BCNorm(8, 4, eps=1, estimate=True)
+    assert m.eps == 1.0 and type(m.eps) is float and m.bn.eps == 1e-5
+    assert bt.EstimatedBatchNorm(8, momentum=1).momentum == 1.0
+
+
 def test_convert_leaves_convolutions_of_one_input_value_plain(gen):
     """A 1x1 depthwise convolution (a fan-in of 1) has no standardized weight (an unbiased deviation of one
     value), so convert keeps it a plain nn.Conv2d, and the converted model runs; the others become WS Conv2d."""
@@ -674,7 +709,7 @@ def test_a_momentum_that_is_not_a_number_and_a_group_count_of_0_are_named(route,
     with pytest.raises(TypeError, match="momentum must be a number or None, got str 'a'"):
         bt.convert(nn.Sequential(nn.BatchNorm2d(4)), momentum="a")
     x = rand_input(gen, (2, 8, 3, 3))
-    for m in (bt.BatchNorm(8, momentum="a").double(), bt.BCNorm(8, 4).double()):
+    for m in (bt.BatchNorm(8).double(), bt.BCNorm(8, 4).double()):
         _bn(m).momentum = "a"
         before = _state(m)
         for batch in (x, x[:0]):

@@ -20,6 +20,7 @@ from torch.nn.modules import module as _module  # the registries of every module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
+from ..layers import _momentum, _positive_float
 from ._ops import KernelViews, fx_leaf
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
 
@@ -100,8 +101,8 @@ class EstBN(KernelViews, nn.Module):
     def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
+        self.num_features = positive_int(num_features, "num_features")
+        self.eps = _positive_float(eps, "eps")
         self.weight = nn.Parameter(torch.ones(num_features, **kw))
         self.bias = nn.Parameter(torch.zeros(num_features, **kw))
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
@@ -150,11 +151,12 @@ class BCNorm(KernelViews, nn.Module):
 
     def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, device=None, dtype=None):
         super().__init__()
+        num_channels = positive_int(num_channels, "num_channels")
         num_groups = _check_groups(num_channels, num_groups)
         kw = {"device": device, "dtype": dtype}
         self.num_channels = num_channels
         self.num_groups = num_groups
-        self.eps = eps
+        self.eps = _positive_float(eps, "eps")
         self.weight = nn.Parameter(torch.ones(1, num_groups, 1, **kw))
         self.bias = nn.Parameter(torch.zeros(1, num_groups, 1, **kw))
         self.bn = EstBN(num_channels, **kw) if estimate else nn.BatchNorm2d(num_channels, **kw)
@@ -189,7 +191,8 @@ class BatchNorm(KernelViews, nn.Module):
                  dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.channels, self.eps, self.momentum = channels, eps, momentum
+        channels = positive_int(channels, "channels")
+        self.channels, self.eps, self.momentum = channels, _positive_float(eps, "eps"), _momentum(momentum)
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
             self.scale = nn.Parameter(torch.ones(channels, **kw))
@@ -289,9 +292,10 @@ class ChannelNorm(KernelViews, nn.Module):
 
     def __init__(self, channels, groups, eps=1e-5, affine=True, device=None, dtype=None):
         super().__init__()
+        channels = positive_int(channels, "channels")
         groups = _check_groups(channels, groups)
         kw = {"device": device, "dtype": dtype}
-        self.channels, self.groups, self.eps, self.affine = channels, groups, eps, affine
+        self.channels, self.groups, self.eps, self.affine = channels, groups, _positive_float(eps, "eps"), affine
         if affine:
             self.scale = nn.Parameter(torch.ones(groups, **kw))
             self.shift = nn.Parameter(torch.zeros(groups, **kw))

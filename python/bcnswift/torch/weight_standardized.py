@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._ops import KernelViews, fx_leaf
-from ..layers import real_number
+from ..layers import _positive_float
 from .functional import standardizable, weight_standardization
 
 CONVENTIONS = {"authors": False, "labml": True}  # convention -> eps inside the square root
@@ -28,10 +28,8 @@ class _WeightStandardized(KernelViews):
         super().__init__(*args, **kwargs)
         if not isinstance(convention, str) or convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
-        eps = real_number(eps, "eps")  # not a bool or a string
-        if not 0 < eps < float("inf"):  # the kernels refuse others at the first forward; say so here
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-        self.convention, self.ws_eps = convention, eps
+        # not a bool or a string, and above 0: the kernels refuse others at the first forward; say so here
+        self.convention, self.ws_eps = convention, _positive_float(eps, "eps")
 
     def standardized_weight(self, weight=None):
         """The weight the layer computes with (differentiable with respect to ``weight``); of `weight` instead of
