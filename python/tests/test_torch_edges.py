@@ -118,6 +118,43 @@ def test_a_cumulative_average_refuses_a_count_out_of_range_on_both_routes(route,
         _assert_unchanged(m, before, f"count {held} on the {route} route")
 
 
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES if n != "EstBN"],
+                         ids=[n for n in MODULE_IDS if n != "EstBN"])
+@pytest.mark.parametrize("hook", ["stage hook", "global hook"])
+@pytest.mark.parametrize("fault", ["channel-norm eps 0", "channel-norm weight size", "one value per group"])
+def test_a_stage_called_for_its_hooks_changes_no_buffer_when_the_channel_norm_refuses(name, make, hook, fault, route,
+                                                                                      gen):
+    """A hook on the batch-norm stage, or on every module, makes the parent call the stage's module, which updates
+    its running buffers: the channel norm's checks come before that call, so that their refusal leaves the buffers
+    as they were, and the hook never runs. (They came after it: the buffers moved, then the call raised.)"""
+    groups, shape = (8, (4, 8, 1, 1)) if fault == "one value per group" else (4, (4, 8, 5, 5))
+    m = make(8, groups).double()
+    m(rand_input(gen, (4, 8, 5, 5)))  # buffers away from their initial values
+    if fault == "channel-norm eps 0":
+        _set_cn_eps(m, 0.0)
+        message = "eps must be a positive finite number, got 0.0"
+    elif fault == "channel-norm weight size":
+        _set_cn_weight_size(m, 3)
+        message = "cn_weight has 3 elements, expected 4"
+    else:
+        message = "Expected more than 1 value per channel group, got 1 channel"
+    calls = []
+    if hook == "stage hook":
+        handle = _bn(m).register_forward_hook(lambda *_: calls.append(1))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: calls.append(1))
+    try:
+        before = _state(m)
+        for training in (True, False):
+            m.train(training)
+            with pytest.raises(ValueError, match=re.escape(message)):
+                m(rand_input(gen, shape))
+            _assert_unchanged(m, before, f"{name}, {hook}, {fault}, on the {route} route, training={training}")
+    finally:
+        handle.remove()
+    assert not calls, f"{name}: the stage ran before the channel norm refused the input"
+
+
 def test_a_variance_around_the_running_mean_needs_estimates_on_both_routes(route, gen):
     """A review: the kernels refuse BCN_VARIANCE_AROUND_RUNNING_MEAN without BCN_ESTIMATED (BatchNormOptions), and
     the composed route ignored it; both refuse it now, changing nothing."""
@@ -141,6 +178,13 @@ def test_a_call_that_raises_changes_no_buffer(name, make, param, size, route, ge
     with pytest.raises(ValueError, match="elements, expected"):
         m(rand_input(gen, (4, 8, 5, 5)))
     _assert_unchanged(m, before, f"{name} on the {route} route")
+
+
+def _set_cn_weight_size(m, size):
+    if isinstance(m, bt.BatchChannelNorm):
+        m.channel_norm.scale.data = torch.ones(size, dtype=torch.float64)
+    else:
+        m.weight.data = torch.ones(1, size, 1, dtype=torch.float64)
 
 
 def _set_cn_eps(m, value):

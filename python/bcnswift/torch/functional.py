@@ -260,6 +260,17 @@ def _check_empty_call(x, bn, cn):
     _check_scalars(flags, eps, bn_eps, momentum)
 
 
+def check_channel_norm(x, cn):
+    """The checks the channel-norm stage `cn` makes of an input shaped as x (its settings, the sizes of its affine,
+    more than one value per group), for a parent that calls its batch-norm stage's module first (one with hooks or
+    a forward of its own): that call updates the running buffers, which a refusal after it would leave changed."""
+    groups = _positive_int(cn.groups, "num_groups")
+    _check_sizes(x, None, cn)
+    _check_scalars(_ext.BCN_CHANNEL_NORM, _real(cn.eps, "eps"), None, None)
+    if 0 not in x.shape:
+        _check_values(x, _ext.BCN_CHANNEL_NORM, groups, False, False)
+
+
 def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNormStage], *, views=None):
     """y = channel_norm(batch_norm(x)) (either stage may be None), fused; see the module docstring. `views`: a
     dict the caller keeps between calls, in which the kernels' route keeps the numpy views of the stages'

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _ext
 from ..layers import _momentum, _positive_float
 from ._ops import KernelViews, fx_leaf
-from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm
+from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, check_channel_norm
 
 _TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
 _AUTHORS_ESTBN = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
@@ -176,7 +176,9 @@ class BCNorm(KernelViews, nn.Module):
         if isinstance(bn, _BatchNorm) and not runs_itself(bn, _BatchNorm.forward):
             return batch_channel_norm(x, torch_batch_norm_stage(bn), cn, views=self.kernel_views())
         # any other module (nn.SyncBatchNorm among them: its statistics are its process group's, and its forward
-        # its own), or one with hooks, runs on its own
+        # its own), or one with hooks, runs on its own; the channel norm's checks first, as its call would refuse
+        # x only after bn had updated its buffers
+        check_channel_norm(x, cn)
         return batch_channel_norm(bn(x), None, cn, views=self.kernel_views())
 
     def extra_repr(self):
@@ -337,5 +339,9 @@ class BatchChannelNorm(KernelViews, nn.Module):
         batch_norm, channel_norm = self.batch_norm, self.channel_norm
         _check_channels(x, channel_norm.channels, "BatchChannelNorm")
         if runs_itself(batch_norm, BatchNorm.forward) or runs_itself(channel_norm, ChannelNorm.forward):
-            return channel_norm(batch_norm(x))  # hooks or a forward of their own: each stage called, as labml's
+            # hooks or a forward of their own: each stage called, as labml's; the channel norm's checks first (but
+            # of a forward of its own, unknown), as its call would refuse x after batch_norm had updated its buffers
+            if not overrides_forward(channel_norm, ChannelNorm.forward):
+                check_channel_norm(x, channel_norm.stage())
+            return channel_norm(batch_norm(x))
         return batch_channel_norm(x, batch_norm.stage(), channel_norm.stage(), views=self.kernel_views())
