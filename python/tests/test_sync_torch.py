@@ -89,7 +89,11 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure strided buffers", "ValueError", f"rank {n - 1} of {n} failed: ValueError: synchronized BCN "
                                                       "runs on the kernels alone"),
             ("failure float count", "ValueError", f"rank {n - 1} of {n} failed: ValueError: synchronized BCN runs "
-                                                  "on the kernels alone")):
+                                                  "on the kernels alone"),
+            ("failure grad buffers", "RuntimeError", f"rank {n - 1} of {n} failed: RuntimeError: the running "
+                                                     "variance requires grad"),
+            ("failure lone mean", "ValueError", f"rank {n - 1} of {n} failed: ValueError: the batch-norm stage has a "
+                                                "running mean but no running variance")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

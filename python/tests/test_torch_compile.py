@@ -128,6 +128,26 @@ def test_compiled_refuses_a_moving_speed_out_of_range_and_changes_no_buffer(rout
     torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("route", ["kernels", "composed"])
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph breaks"])
+def test_compiled_refuses_running_statistics_that_require_grad(route, fullgraph, gen, monkeypatch):
+    """As in eager mode (test_torch_edges), refused while tracing, before anything runs: with fullgraph=True
+    dynamo's error carries the refusal's words; without, the refusal itself is raised."""
+    if route == "composed":
+        monkeypatch.setattr(bt.functional, "COMPOSED", True)
+    for estimate in (False, True):
+        for training in (True, False):
+            torch._dynamo.reset()
+            m = bt.BCNorm(8, 4, estimate=estimate).double().train(training)
+            m.bn.running_var.requires_grad_(True)
+            before = {k: v.clone() for k, v in m.state_dict().items()}
+            with pytest.raises(RuntimeError, match="the running variance requires grad"):
+                torch.compile(m, backend="aot_eager", fullgraph=fullgraph)(rand_input(gen, (4, 8, 5, 5),
+                                                                                      torch.float64))
+            for k, v in m.state_dict().items():
+                assert torch.equal(v, before[k]), f"estimate={estimate}, training={training}: {k} changed"
+
+
 def test_one_dynamic_graph_serves_every_batch_and_image_size(gen, kernel_calls):
     """compile(dynamic=True), as a last smaller batch or another image size leads to: the ops' fake kernels take
     symbolic sizes without guarding on them, so one graph serves batches of 2, 3 and 5 and images of 8x8 to 3x3

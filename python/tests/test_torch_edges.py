@@ -155,6 +155,58 @@ def test_a_stage_called_for_its_hooks_changes_no_buffer_when_the_channel_norm_re
     assert not calls, f"{name}: the stage ran before the channel norm refused the input"
 
 
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+@pytest.mark.parametrize("missing", ["variance", "mean"])
+@pytest.mark.parametrize("batch", [4, 0], ids=["values", "no values"])
+def test_a_stage_with_one_running_statistic_of_two_is_refused_by_name(name, make, missing, batch, route, gen):
+    """A running mean without a running variance (or the reverse), one set to None by hand: a ValueError that says
+    so, on both routes, in training and eval, and nothing changed (the composed route raised an AttributeError,
+    the kernels a message about their arguments)."""
+    m = make(8, 4).double()
+    m(rand_input(gen, (4, 8, 5, 5)))
+    stage = _bn(m)
+    mean_name, var_name = ("exp_mean", "exp_var") if isinstance(stage, bt.BatchNorm) else ("running_mean",
+                                                                                           "running_var")
+    setattr(stage, var_name if missing == "variance" else mean_name, None)
+    has = "mean" if missing == "variance" else "variance"
+    before = _state(m)
+    for training in (True, False):
+        m.train(training)
+        with pytest.raises(ValueError, match=f"the batch-norm stage has a running {has} but no running {missing}"):
+            m(rand_input(gen, (batch, 8, 5, 5)))
+        _assert_unchanged(m, before, f"{name} on the {route} route, training={training}")
+
+
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+@pytest.mark.parametrize("statistic", ["mean", "variance"])
+@pytest.mark.parametrize("kernels", ["native", "python"], ids=["native ops", "python ops"])
+def test_running_statistics_that_require_grad_are_refused_as_torch_refuses_them(name, make, statistic, kernels,
+                                                                                 route, gen, monkeypatch):
+    """A running buffer given requires_grad: torch's batch norms refuse it, in training and eval ("not
+    differentiable with respect to argument 'running_mean'"); so does every route here, before anything runs. (The
+    kernels gave it no gradient, silently, and the composed route a real one.) Either route of the kernels' calls:
+    the C++ ops', and the Python ones' (without a C++ compiler)."""
+    monkeypatch.setattr(_ops, "NATIVE", _ops.NATIVE and kernels == "native")
+    m = make(8, 4).double()
+    m(rand_input(gen, (4, 8, 5, 5)))
+    stage = _bn(m)
+    prefix = "exp" if isinstance(stage, bt.BatchNorm) else "running"
+    getattr(stage, f"{prefix}_{'mean' if statistic == 'mean' else 'var'}").requires_grad_(True)
+    before = _state(m)
+    for training in (True, False):
+        m.train(training)
+        for batch in (4, 0):
+            x = rand_input(gen, (batch, 8, 5, 5)).requires_grad_()
+            with pytest.raises(RuntimeError, match=f"the running {statistic} requires grad: running statistics are "
+                                                   f"held constant"):
+                m(x)
+            _assert_unchanged(m, before, f"{name} on the {route} route ({kernels}), training={training}")
+    torch_bn = nn.BatchNorm2d(8).double()
+    getattr(torch_bn, f"running_{'mean' if statistic == 'mean' else 'var'}").requires_grad_(True)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_"):
+        torch_bn(rand_input(gen, (4, 8, 5, 5)))  # the behaviour matched, should torch's change
+
+
 def test_a_variance_around_the_running_mean_needs_estimates_on_both_routes(route, gen):
     """A review: the kernels refuse BCN_VARIANCE_AROUND_RUNNING_MEAN without BCN_ESTIMATED (BatchNormOptions), and
     the composed route ignored it; both refuse it now, changing nothing."""

@@ -166,7 +166,8 @@ def failure(rank, size, case):
     error); inference buffers: the last rank's layer was made under torch.inference_mode(), so its buffers cannot
     be updated outside it; strided buffers, float count: the last rank's running_mean is a strided view, or its
     num_batches_tracked a float (the local modules take those through the composed route; the kernels, which the
-    exchange runs on alone, do not)."""
+    exchange runs on alone, do not); grad buffers: the last rank's running_var requires grad; lone mean: the last
+    rank's running_var is None (its running_mean kept)."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
@@ -208,6 +209,10 @@ def failure(rank, size, case):
         layer.bn.running_mean = wide[::2]
     if case == "float count" and bad:
         layer.bn.num_batches_tracked = layer.bn.num_batches_tracked.to(dtype)
+    if case == "grad buffers" and bad:
+        layer.bn.running_var.requires_grad_(True)
+    if case == "lone mean" and bad:
+        layer.bn.running_var = None
     before = copy.deepcopy(layer.state_dict())
     try:
         layer(x)
@@ -286,7 +291,7 @@ def run_all(rank, size):
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
                  "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
-                 "inference buffers", "strided buffers", "float count"):
+                 "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["outside the group"] = outside_the_group(rank, size)

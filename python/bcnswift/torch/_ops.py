@@ -834,6 +834,17 @@ class _EagerForward(torch.autograd.Function):
         return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
 
 
+def check_constant_statistics(running_mean, running_var):
+    """The running statistics do not require grad: they are updated in place and held constant, never
+    differentiated (the kernels gave them no gradient, silently, where the composed route gave one; torch's batch
+    norms refuse them, in training and eval). native_ops.cpp's eager op words the same check alike."""
+    for t, what in ((running_mean, "mean"), (running_var, "variance")):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"the running {what} requires grad: running statistics are held constant, never "
+                               f"differentiated (torch's batch norms refuse them too); turn it off with "
+                               f"requires_grad_(False)")
+
+
 def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, moving_speed, cn_weight,
                   cn_bias, flags, groups, eps, bn_eps, momentum, update, views=None):
     """The eager route's forward: `update` trains with running buffers (updated in place); otherwise flags
@@ -843,6 +854,7 @@ def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_
     if NATIVE:
         return _eager_normalize(x, bn_weight, bn_bias, cn_weight, cn_bias, running_mean, running_var,
                                 num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update)
+    check_constant_statistics(running_mean, running_var)  # (the native op checks it in C++, for nothing)
     return _EagerForward.apply(x, bn_weight, bn_bias, cn_weight, cn_bias, (
         running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update,
         views))

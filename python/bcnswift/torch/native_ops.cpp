@@ -911,6 +911,11 @@ Tensor eager_normalize_op(const Tensor &x, const OptionalTensor &bn_weight, cons
                           const OptionalTensor &running_mean, const OptionalTensor &running_var,
                           const OptionalTensor &num_batches_tracked, const OptionalTensor &moving_speed, int64_t flags,
                           int64_t groups, double eps, double bn_eps, double momentum, bool update) {
+    // as _ops.check_constant_statistics, in its words: the kernels would give these no gradient, silently
+    for (auto [t, what] : {std::pair{&running_mean, "mean"}, std::pair{&running_var, "variance"}})
+        TORCH_CHECK(!(*t && t->value().defined() && t->value().requires_grad()), "the running ", what,
+                    " requires grad: running statistics are held constant, never differentiated (torch's batch norms "
+                    "refuse them too); turn it off with requires_grad_(False)");
     bcnswift::EagerCall call{running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps,
                              momentum, update};
     return bcnswift::EagerNormalize::apply(x, bn_weight, bn_bias, cn_weight, cn_bias, call);
