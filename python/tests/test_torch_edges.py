@@ -496,6 +496,35 @@ def test_vmap_in_training_names_the_running_statistics(gen):
     torch.testing.assert_close(vmap(m)(x), torch.stack([m(xi) for xi in x]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(8, 4, estimate=True), lambda: bt.EstBN(8)],
+                         ids=["BCNorm estimate", "EstBN"])
+def test_vmap_over_stacked_estimating_modules_trains_each_with_its_own_moving_speed(make, gen):
+    """An ensemble (torch.func.stack_module_state) under vmap, in training: each model's moving speed is its own,
+    so none is one number to read; each is checked (torch's message about .item() under vmap came instead), and
+    each model's output and updated buffers are those it gets alone. A speed out of range in one model is
+    refused before any model's buffers change."""
+    from torch.func import stack_module_state
+    models = [_trained(make, gen).train() for _ in range(3)]
+    for m, speed in zip(models, (0.1, 0.3, 0.7)):
+        _bn(m).estbn_moving_speed.fill_(speed)
+    alone = copy.deepcopy(models)
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = rand_input(gen, (3, 4, 8, 3, 3))
+    y = vmap(lambda p, b, xi: functional_call(base, (p, b), (xi,)))(params, buffers, x)
+    for i, m in enumerate(alone):
+        torch.testing.assert_close(y[i], m(x[i]), rtol=1e-10, atol=1e-12, msg=f"model {i}")
+        for k, v in m.named_buffers():
+            torch.testing.assert_close(buffers[k][i], v, rtol=1e-12, atol=1e-14, msg=f"model {i}: {k}")
+    speed = next(k for k in buffers if k.endswith("estbn_moving_speed"))
+    buffers[speed][1] = 1.5
+    before = {k: v.clone() for k, v in buffers.items()}
+    with pytest.raises(ValueError, match=re.escape("estbn_moving_speed must be in [0, 1], got 1.5")):
+        vmap(lambda p, b, xi: functional_call(base, (p, b), (xi,)))(params, buffers, x)
+    for k, v in buffers.items():
+        assert torch.equal(v, before[k]), f"{k} changed by a refused call"
+
+
 def _jacobian_times(f, x, v):
     """J(f)(x) v by reverse mode (the kernels' backward), one output value at a time."""
     J = torch.autograd.functional.jacobian(f, x)

@@ -236,7 +236,23 @@ def _update_rate(bn, momentum):
             raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
         torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
         return momentum
+    if _composed._functorch_active():
+        return _wrapped_speed_value(speed)
     return _ops.moving_speed_value(speed)
+
+
+def _wrapped_speed_value(speed):
+    """`_ops.moving_speed_value` under a torch.func transform, where the buffer may be batched (vmap over the
+    stacked states of several modules: torch.func.stack_module_state) and so hold no one value to read: each
+    model's, read from the tensor beneath the transforms' wrappers."""
+    if speed.numel() != 1:  # the size each model sees
+        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(speed):
+        speed = functorch.get_unwrapped(speed)
+    for value in speed.reshape(-1, 1):  # one per model (one without vmap)
+        rate = _ops.moving_speed_value(value)
+    return rate
 
 
 _SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
