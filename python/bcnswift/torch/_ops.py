@@ -834,10 +834,16 @@ class _EagerForward(torch.autograd.Function):
         return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
 
 
-def check_constant_statistics(running_mean, running_var):
-    """The running statistics do not require grad: they are updated in place and held constant, never
-    differentiated (the kernels gave them no gradient, silently, where the composed route gave one; torch's batch
-    norms refuse them, in training and eval). native_ops.cpp's eager op words the same check alike."""
+def check_running_statistics(running_mean, running_var):
+    """A stage's running statistics come as a pair, both tensors or neither (one set to None by hand has nothing
+    to normalize with, or to update, in its place), and neither requires grad: they are updated in place and held
+    constant, never differentiated (the kernels gave them no gradient, silently, where the composed route gave
+    one; torch's batch norms refuse them, in training and eval). native_ops.cpp's eager op makes the same checks
+    in the same words, for nothing, so that the common route pays no Python for them."""
+    if (running_mean is None) is not (running_var is None):
+        has, lacks = ("mean", "variance") if running_var is None else ("variance", "mean")
+        raise ValueError(f"the batch-norm stage has a running {has} but no running {lacks} (None): give it both "
+                         f"running statistics, or neither")
     for t, what in ((running_mean, "mean"), (running_var, "variance")):
         if t is not None and t.requires_grad:
             raise RuntimeError(f"the running {what} requires grad: running statistics are held constant, never "
@@ -854,7 +860,7 @@ def eager_forward(x, bn_weight, bn_bias, running_mean, running_var, num_batches_
     if NATIVE:
         return _eager_normalize(x, bn_weight, bn_bias, cn_weight, cn_bias, running_mean, running_var,
                                 num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update)
-    check_constant_statistics(running_mean, running_var)  # (the native op checks it in C++, for nothing)
+    check_running_statistics(running_mean, running_var)  # (the native op checks them in C++)
     return _EagerForward.apply(x, bn_weight, bn_bias, cn_weight, cn_bias, (
         running_mean, running_var, num_batches_tracked, moving_speed, flags, groups, eps, bn_eps, momentum, update,
         views))

@@ -25,9 +25,8 @@ from . import _ops
 from ._ops import fx_leaf
 from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
                       torch_batch_norm_stage)
-from .functional import (ChannelNormStage, _check_dtypes, _check_running_pair, _check_scalars, _check_sizes,
-                         _check_writable, _kernels_update, batch_norm_momentum, counts_empty_call,
-                         cumulative_average)
+from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, _check_writable,
+                         _kernels_update, batch_norm_momentum, counts_empty_call, cumulative_average)
 
 
 class ProcessGroupTransport:
@@ -200,8 +199,7 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
     try:
         if refused is not None:
             raise refused
-        _check_running_pair(bn)
-        _ops.check_constant_statistics(bn.running_mean, bn.running_var)
+        _ops.check_running_statistics(bn.running_mean, bn.running_var)
         momentum = batch_norm_momentum(bn)
         if bn.moving_speed is not None:  # EstBN's rate is this buffer's value
             momentum = _ops.moving_speed_value(bn.moving_speed)

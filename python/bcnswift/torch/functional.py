@@ -258,15 +258,6 @@ def _wrapped_speed_value(speed):
 _SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
 
 
-def _check_running_pair(bn):
-    """A stage's running statistics come as a pair: both tensors, or neither (no running statistics). One without
-    the other (a buffer set to None by hand) has nothing to normalize with, or to update, in its place."""
-    if (bn.running_mean is None) is not (bn.running_var is None):
-        has, lacks = ("mean", "variance") if bn.running_var is None else ("variance", "mean")
-        raise ValueError(f"the batch-norm stage has a running {has} but no running {lacks} (None): give it both "
-                         f"running statistics, or neither")
-
-
 def _check_empty_call(x, bn, cn):
     """The checks of the stages that a call with values makes (types, sizes, eps, the momentum of an update), for
     an input without values, which computes nothing: a stage set wrong by hand fails on its first call whatever
@@ -277,8 +268,7 @@ def _check_empty_call(x, bn, cn):
         _positive_int(cn.groups, "num_groups")
         eps = _real(cn.eps, "eps")
     if bn is not None:
-        _check_running_pair(bn)
-        _ops.check_constant_statistics(bn.running_mean, bn.running_var)
+        _ops.check_running_statistics(bn.running_mean, bn.running_var)
         flags |= bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if cumulative_average(bn) else 0)
         bn_eps = _real(bn.eps, "eps")
         momentum = batch_norm_momentum(bn)  # a momentum that is not a number: refused in eval too, as with values
@@ -335,7 +325,6 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
                                       eps, 0.0, False, views)
         return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                               eps)[0]
-    _check_running_pair(bn)
     flags |= bn.flags
     bn_eps = _real(bn.eps, "eps")
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
@@ -352,7 +341,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         _check_unbatched(x, buffers)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     if not _fast(x, tensors) or update and not _kernels_update(buffers):
-        _ops.check_constant_statistics(bn.running_mean, bn.running_var)
+        _ops.check_running_statistics(bn.running_mean, bn.running_var)
         _check_sizes(x, bn, cn)
         _check_scalars(flags, eps, bn_eps, _update_rate(bn, momentum) if update else None)
         _check_values(x, flags, groups, bool(train), update)
@@ -366,8 +355,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
             _composed.commit_running(buffers, staged)
         return y
     compiling = _ops.traced()
-    if compiling:  # (while tracing: the graph holds no check of it)
-        _ops.check_constant_statistics(bn.running_mean, bn.running_var)
+    if compiling:  # (while tracing: the graph holds no check of them)
+        _ops.check_running_statistics(bn.running_mean, bn.running_var)
     if estimated or compiling:  # the buffers' update comes before the normalization's own checks
         _check_sizes(x, bn, cn)
         _check_scalars(flags, eps, bn_eps, momentum if update else None)

@@ -911,7 +911,12 @@ Tensor eager_normalize_op(const Tensor &x, const OptionalTensor &bn_weight, cons
                           const OptionalTensor &running_mean, const OptionalTensor &running_var,
                           const OptionalTensor &num_batches_tracked, const OptionalTensor &moving_speed, int64_t flags,
                           int64_t groups, double eps, double bn_eps, double momentum, bool update) {
-    // as _ops.check_constant_statistics, in its words: the kernels would give these no gradient, silently
+    // _ops.check_running_statistics, in its words: a pair, neither requiring grad (the kernels would give them no
+    // gradient, silently)
+    if (running_mean.has_value() != running_var.has_value())
+        TORCH_CHECK_VALUE(false, "the batch-norm stage has a running ", running_mean ? "mean" : "variance",
+                          " but no running ", running_mean ? "variance" : "mean",
+                          " (None): give it both running statistics, or neither");
     for (auto [t, what] : {std::pair{&running_mean, "mean"}, std::pair{&running_var, "variance"}})
         TORCH_CHECK(!(*t && t->value().defined() && t->value().requires_grad()), "the running ", what,
                     " requires grad: running statistics are held constant, never differentiated (torch's batch norms "
