@@ -20,6 +20,7 @@ suffers. Needs scikit-learn; matplotlib (optional) draws the test-accuracy curve
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -226,6 +227,27 @@ def load_data(seed=0):
     return train_test_split(x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
 
 
+def matrix_products():
+    """What runs numpy's matrix products (every convolution and the linear layer here): numpy's version, and its
+    BLAS library with the kernels it chose for this CPU and its threads, as threadpoolctl (a scikit-learn
+    dependency) reads them. The accuracies depend on those kernels' rounding (README, "The main job"). numpy's
+    BLAS is the one in numpy's own folders (a wheel's numpy.libs), or the only one loaded; scipy brings its own."""
+    words = f"numpy {np.__version__}"
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return words
+    blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    home = os.path.dirname(os.path.dirname(os.path.realpath(np.__file__)))
+    own = [lib for lib in blas if os.path.realpath(lib.get("filepath", "")).startswith(os.path.join(home, "numpy"))]
+    lib = own[0] if own else blas[0] if len(blas) == 1 else None
+    if lib is None:
+        return words
+    kernels = f"{lib['architecture']} kernels, " if lib.get("architecture") else ""
+    return (f"{words} on {lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".rstrip()
+            + f" ({kernels}{lib.get('num_threads', '?')} thread(s))")
+
+
 def evaluate(net, x, y, batch=256):
     net.train(False)
     correct = 0
@@ -352,7 +374,8 @@ def main(argv=None):
         data = (x_train[:300], x_test, y_train[:300], y_test)
         a.epochs, a.batch_sizes = 1, [2, 32]
     print(f"bcnswift {bcnswift.__version__} demo: {len(data[0])} training and {len(data[1])} test digits, "
-          f"{a.epochs} epoch(s), batch sizes {a.batch_sizes}, {bcnswift.get_num_threads()} thread(s)")
+          f"{a.epochs} epoch(s), batch sizes {a.batch_sizes}, {bcnswift.get_num_threads()} thread(s); "
+          f"matrix products: {matrix_products()}")
     results = []
     for variant in a.variants:
         for bs in a.batch_sizes:

@@ -2,6 +2,7 @@
 quick end-to-end run."""
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -49,10 +50,12 @@ def test_network_gradients_by_finite_differences(variant, training):
     assert checked >= 30
 
 
-def test_quick_run_writes_table_and_plot(tmp_path):
+def test_quick_run_writes_table_and_plot(tmp_path, capsys):
     require("sklearn")
     out = tmp_path / "out"
     results = demo.main(["--quick", "--out", str(out), "--json", str(tmp_path / "table.json")])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith(f"; matrix products: {demo.matrix_products()}"), header
     table = json.loads((tmp_path / "table.json").read_text())
     assert len(table) == len(demo.VARIANTS) * 2 == len(results)
     assert {tuple(sorted(r)) for r in table} == {("batch_size", "seconds", "test_accuracy", "variant")}
@@ -63,6 +66,39 @@ def test_quick_run_writes_table_and_plot(tmp_path):
     require("matplotlib")  # the demo plots when it can; CI requires it
     png = out / "demo_accuracy.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_header_names_what_runs_the_matrix_products(monkeypatch, capsys):
+    """The accuracies move with the BLAS kernels' rounding (README), so the demo says which ran: numpy's BLAS as
+    threadpoolctl reports it (here as this process has it, and as stand-ins report theirs, scipy's BLAS loaded
+    beside numpy's among them), or numpy alone."""
+    threadpoolctl = require("threadpoolctl")  # scikit-learn's dependency, so the demo's
+    require("scipy")  # loads scipy's own OpenBLAS beside numpy's, which the demo must not name
+    import scipy.linalg  # noqa: F401
+    home = os.path.dirname(os.path.dirname(os.path.realpath(np.__file__)))
+    blas = [lib for lib in threadpoolctl.threadpool_info() if lib.get("user_api") == "blas"]
+    numpys = [lib for lib in blas if os.path.realpath(lib["filepath"]).startswith(os.path.join(home, "numpy"))]
+    said = demo.matrix_products()
+    assert said.startswith(f"numpy {np.__version__}"), said
+    if numpys:
+        ours = numpys[0]
+        assert f" {ours['internal_api']} {ours['version']} (" in said, (said, blas)
+        assert said.endswith(f"{ours['num_threads']} thread(s))") and f"({ours['architecture']} kernels" in said, said
+    numpy_blas = {"user_api": "blas", "internal_api": "openblas", "version": "0.3.99", "architecture": "Zen",
+                  "num_threads": 3, "filepath": os.path.join(home, "numpy.libs", "libopenblas.so")}
+    other_blas = {"user_api": "blas", "internal_api": "openblas", "version": "0.3.1", "architecture": "Prescott",
+                  "num_threads": 1, "filepath": os.path.join(home, "scipy.libs", "libopenblas.so")}
+    openmp = {"user_api": "openmp", "num_threads": 9, "filepath": "/usr/lib/libgomp.so"}
+    for info, expected in [
+        ([openmp, other_blas, numpy_blas], "on openblas 0.3.99 (Zen kernels, 3 thread(s))"),
+        ([openmp, other_blas], "on openblas 0.3.1 (Prescott kernels, 1 thread(s))"),  # the only BLAS
+        ([dict(other_blas, architecture=None), dict(other_blas, filepath="/usr/lib/libblas.so")], None),  # which?
+        ([openmp], None),
+    ]:
+        monkeypatch.setattr(threadpoolctl, "threadpool_info", lambda: info)
+        assert demo.matrix_products() == f"numpy {np.__version__}" + (f" {expected}" if expected else ""), info
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # not installed: import fails
+    assert demo.matrix_products() == f"numpy {np.__version__}"
 
 
 @pytest.mark.parametrize("argv, message", [
