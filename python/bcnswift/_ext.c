@@ -182,6 +182,35 @@ static int take_context(PyObject *obj, int writeable, void **data, int64_t *leng
     return 0;
 }
 
+/* The output `out` (`what`) apart from each of `count` arrays the call reads or writes beside it (`names`), all
+ * accepted by `take` (or None): an output written over a parameter, a running buffer, a gradient or the context
+ * corrupts both. Checked before any value is read or written. The layers check their `out=` before they call,
+ * but their common case (one C call, fresh_output) cannot see an array assigned to the layer as a view of that
+ * out. Arrays `take` accepted are dense, so each is one block of PyArray_NBYTES bytes from its data pointer (axes
+ * of size 1 move nothing). */
+static int check_apart(PyObject *out, const char *what, PyObject *const *others, const char *const *names,
+                       int count) {
+    PyArrayObject *o = (PyArrayObject *)out;
+    uintptr_t p = (uintptr_t)PyArray_BYTES(o), m = (uintptr_t)PyArray_NBYTES(o);
+    for (int i = 0; i < count && m > 0; i++) {
+        if (others[i] == Py_None) continue;
+        PyArrayObject *a = (PyArrayObject *)others[i];
+        uintptr_t q = (uintptr_t)PyArray_BYTES(a), n = (uintptr_t)PyArray_NBYTES(a);
+        if (n > 0 && p < q + n && q < p + m) {
+            PyErr_Format(PyExc_ValueError, "%s must not overlap %s, which the call reads or writes beside it: "
+                         "the layer's parameters, running buffers and gradients need memory of their own", what,
+                         names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const char *const forward_beside[] = {"bn_weight", "bn_bias", "running_mean", "running_var",
+                                             "num_batches_tracked", "cn_weight", "cn_bias", "context", "moments"};
+static const char *const backward_beside[] = {"grad_bn_weight", "grad_bn_bias", "grad_cn_weight", "grad_cn_bias",
+                                              "context", "sums"};
+
 /* norm_forward(flags, groups, eps, bn_eps, momentum, x, y, bn_weight, bn_bias, running_mean, running_var,
  *              num_batches_tracked, cn_weight, cn_bias, context[, moments])
  * With the 16th argument (the batch's moments, or None) it runs phase (c) only (bcn_norm_finish_*). */
@@ -202,6 +231,7 @@ static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     int finish = nargs == 16;
     if (finish && take_doubles(args[15], "moments", (npy_intp)(3 * c), 0, 1, &moments) < 0) return NULL;
+    if (check_apart(args[6], "y (the output)", args + 7, forward_beside, finish ? 9 : 8) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
     Py_BEGIN_ALLOW_THREADS
@@ -338,6 +368,7 @@ static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t
         take_context(args[9], finish, &ctx, &ctx_len) < 0)
         return NULL;
     if (finish && take_doubles(args[10], "sums", (npy_intp)(2 * c), 0, 1, &sums) < 0) return NULL;
+    if (check_apart(args[4], "dx (the input gradient)", args + 5, backward_beside, finish ? 6 : 5) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
     Py_BEGIN_ALLOW_THREADS

@@ -151,7 +151,7 @@ def _checked_out(out, like, form, name, allow=None, channel_axis=1, owned=tuple)
     every call that passes out=, so the cheap tests come first: two different arrays that each allocated their own
     memory cannot overlap, and the common case (an array like `like` in fresh memory, such as np.empty_like makes)
     is one C call. (An `owned` array overlaps such an out only if it is a view of it, which only an assignment to
-    the layer's attributes could make.)"""
+    the layer's attributes could make; the extension refuses that, check_apart in _ext.c.)"""
     if _ext.fresh_output(out, like, allow):
         return out
     if not isinstance(out, np.ndarray):

@@ -633,6 +633,71 @@ def test_out_must_not_overlap_the_layers_own_arrays(make, rng):
             np.testing.assert_array_equal(v, grads[k], err_msg=f"{name}: grad {k} changed by a refused backward")
 
 
+@pytest.mark.parametrize("make", [lambda: bcnswift.BatchChannelNorm(4, 2, dtype=np.float64),
+                                  lambda: bcnswift.BatchNorm(4, dtype=np.float64),
+                                  lambda: bcnswift.EstimatedBatchNorm(4, dtype=np.float64)],
+                         ids=["BatchChannelNorm", "BatchNorm", "EstimatedBatchNorm"])
+@pytest.mark.parametrize("layout", ["C order", "channels-last"])
+def test_an_array_assigned_to_the_layer_as_a_view_of_out_is_refused(make, layout, rng):
+    """The other way round from the test above, left by earlier reviews: out= fresh memory of its own (the common
+    case, which the layers accept in one C call that cannot see their arrays), and one of the layer's arrays
+    assigned as a view of that out. The forward wrote its result over the parameter or buffer it read and updated
+    (a backward over the gradient it adds to). Now a ValueError before anything is read or written: the output,
+    the array and every other array keep their values. (A backward reads no parameter or running buffer: the
+    context holds what it needs.)"""
+    shape = (3, 4, 2, 5)
+    x, dy = random_input(rng, shape), rng.normal(0.5, 1.0, shape)
+    if layout == "channels-last":
+        x, dy = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1) for a in (x, dy))
+
+    def aliased(layer, assign):
+        """out in fresh memory laid out as x, and 4 contiguous values inside it given to the layer by `assign`."""
+        out = np.empty_like(x)
+        assert out.flags.owndata and out.strides == x.strides  # the extension's quick acceptance
+        out[...] = rng.normal(3.0, 1.0, shape)
+        view = np.ravel(out, order="K")[7:11]
+        assert np.shares_memory(view, out) and view.flags.c_contiguous
+        assign(view)
+        return out
+
+    def refused(layer, call, match, what):
+        before, grads = snapshot(layer), {k: v.copy() for k, v in layer.grads.items()}
+        out_before = out.copy()
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert_unchanged(layer, before)
+        np.testing.assert_array_equal(out, out_before, err_msg=f"{what}: out written")
+        for k, v in layer.grads.items():
+            np.testing.assert_array_equal(v, grads[k], err_msg=f"{what}: grad {k} changed by a refused call")
+
+    names = [n for n in ("running_mean", "running_var", "bn_weight", "bn_bias") if hasattr(make(), n)]
+    assert names
+    for name in names:
+        layer = make()
+        layer(x)
+
+        def assign(view):
+            view[...] = getattr(layer, name)
+            setattr(layer, name, view)
+        out = aliased(layer, assign)
+        # (channels-last x is a view, so the layer's full checks run first, and say it in their words)
+        refused(layer, lambda: layer(x, out=out), f"y \\(the output\\) must not overlap {name}, which the call|"
+                "out must not overlap the layer's parameters, running buffers or gradients", name)
+    layer = make()
+    layer(x)
+    for key in [k for k, v in layer.grads.items() if v.size == 4]:
+        layer.zero_grad()
+        layer.backward(dy)  # gradients of some size, so that an overwrite would show
+
+        def assign(view):
+            view[...] = layer.grads[key]
+            layer.grads[key] = view
+        out = aliased(layer, assign)
+        refused(layer, lambda: layer.backward(dy, out=out),
+                "dx \\(the input gradient\\) must not overlap grad_|"
+                "out must not overlap the layer's parameters, running buffers or gradients", f"grad {key}")
+
+
 def test_an_empty_input_of_a_huge_batch_needs_no_context(rng):
     """A review: [2^40, 4, 0] holds no values, yet the forward first allocated a context sized by its batch
     (160 TiB) and raised MemoryError; [0, 4, 2^40] worked."""
