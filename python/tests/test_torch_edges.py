@@ -704,6 +704,47 @@ def test_ws_layers_refuse_a_bad_eps_at_construction(eps):
             make()
 
 
+WS_LAYERS = [(bt.Conv1d, nn.Conv1d, (3, 4, 3), (2, 3, 9)), (bt.Conv2d, nn.Conv2d, (3, 8, 3), (2, 3, 6, 6)),
+             (bt.Conv3d, nn.Conv3d, (3, 4, 2), (2, 3, 4, 4, 4)),
+             (bt.ConvTranspose2d, nn.ConvTranspose2d, (4, 6, 3), (2, 4, 5, 5)), (bt.Linear, nn.Linear, (5, 7), (3, 5))]
+
+
+@pytest.mark.parametrize("ws, plain, args, shape", WS_LAYERS, ids=[w[0].__name__ for w in WS_LAYERS])
+def test_ws_layers_take_torch_s_arguments_by_their_names(ws, plain, args, shape, gen):
+    """A review: torch.nn.utils.skip_init refused every WS layer ("Module must support a 'device' arg"), as their
+    signature was (*args, convention, eps, **kwargs); and `conv(input=t)`, as torch's layers are called, failed
+    with "missing 1 required positional argument: 'x'". Their signature is now the torch layer's, then
+    `convention` and `eps` keyword-only; skip_init makes them uninitialized on the device asked for; the input
+    goes by torch's name."""
+    import inspect
+    torch_parameters = list(inspect.signature(plain).parameters.values())
+    ours = inspect.signature(ws).parameters
+    assert list(ours.values())[:len(torch_parameters)] == torch_parameters
+    assert [(n, p.kind, p.default) for n, p in list(ours.items())[len(torch_parameters):]] == \
+        [("convention", inspect.Parameter.KEYWORD_ONLY, "authors"), ("eps", inspect.Parameter.KEYWORD_ONLY, 1e-5)]
+    layer = torch.nn.utils.skip_init(ws, *args, convention="labml", eps=1e-3, dtype=torch.float64)
+    assert type(layer) is ws and layer.convention == "labml" and layer.ws_eps == 1e-3
+    assert layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float64
+    built = ws(*args, convention="labml", eps=1e-3, dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in built.named_parameters():
+            getattr(layer, name).copy_(p)
+    x = rand_input(gen, shape)
+    expected = built(x)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer(input=x), expected, rtol=0, atol=0)
+
+    class Subclass(ws):  # a subclass keeps the signature, unless its own __init__ says otherwise
+        pass
+
+    class Narrowed(ws):
+        def __init__(self, width):
+            super().__init__(*args)
+
+    assert inspect.signature(Subclass) == inspect.signature(ws)
+    assert list(inspect.signature(Narrowed).parameters) == ["width"]
+
+
 def test_convert_keeps_affine_and_running_statistics_settings(gen):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=False),
                           nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8, affine=False)).double()

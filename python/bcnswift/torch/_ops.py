@@ -33,6 +33,7 @@ then takes the library's own ops, ``_eager_normalize`` and ``_eager_weight_stand
 C++ whose backward runs no Python; the autograd.Functions here are its fallback.
 """
 import functools
+import inspect
 import sys
 import types
 from typing import Optional
@@ -121,9 +122,13 @@ def fx_leaf(forward):
     FX's symbolic tracing keeps only modules defined in torch.nn as leaves and runs the forward of others on Proxy
     inputs, which the modules' checks of shapes and devices cannot answer. The GraphModule then calls the module
     itself. So the module cannot be the root of a trace (its graph would call itself): that is a TraceError
-    saying what to do, as torch.nn's own modules that FX cannot trace raise one."""
+    saying what to do, as torch.nn's own modules that FX cannot trace raise one. The input is forward's first
+    argument, by position or by its name (torch's layers call it `input`)."""
+    name = list(inspect.signature(forward).parameters)[1]
+
     @functools.wraps(forward)
-    def leaf_forward(self, x, *args, **kwargs):
+    def leaf_forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs.get(name)
         if isinstance(x, FxProxy):
             tracer = x.tracer
             path = tracer.path_of_module(self)
@@ -132,8 +137,8 @@ def fx_leaf(forward):
                     f"torch.fx.symbolic_trace cannot trace bcnswift.torch's {type(self).__name__} on its own: FX "
                     "keeps it as a leaf (one call_module node), which needs a module around it. Trace "
                     f"nn.Sequential({type(self).__name__}(...)) instead, or use torch.export or torch.compile")
-            return tracer.create_proxy("call_module", path, (x, *args), kwargs)
-        return forward(self, x, *args, **kwargs)
+            return tracer.create_proxy("call_module", path, args, kwargs)
+        return forward(self, *args, **kwargs)
     return leaf_forward
 
 

@@ -7,6 +7,8 @@ The output channels are dim 0 of the weight, except for ConvTranspose2d, whose w
 there output channel k·(out/groups) + j reads w[k·in/groups:(k+1)·in/groups, j] (its group's inputs), so its fan-in
 is that block.
 """
+import inspect
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,6 +24,23 @@ class _WeightStandardized(KernelViews):
     """What every WS layer shares: the convention, eps, and the standardized weight."""
 
     _output_dim = 0
+
+    def __init_subclass__(cls, **kwargs):
+        """A WS layer's signature is its torch layer's, then ``convention`` and ``eps`` (keyword-only): tools read
+        it (torch.nn.utils.skip_init asks for ``device``), and ``__init__`` below takes *args and **kwargs."""
+        super().__init_subclass__(**kwargs)
+        if cls.__init__ is not _WeightStandardized.__init__:  # a subclass's own __init__ says what it takes
+            cls.__signature__ = None
+            return
+        layer = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.")
+                      and c is not nn.Module), None)
+        if layer is None:  # the shared bases (_StandardizedConv)
+            return
+        torch_signature = inspect.signature(layer.__init__)
+        ws = [inspect.Parameter("convention", inspect.Parameter.KEYWORD_ONLY, default="authors"),
+              inspect.Parameter("eps", inspect.Parameter.KEYWORD_ONLY, default=1e-5)]
+        taken = [p for p in list(torch_signature.parameters.values())[1:] if p.kind != p.VAR_KEYWORD]
+        cls.__signature__ = torch_signature.replace(parameters=taken + ws)
 
     def __init__(self, *args, convention="authors", eps=1e-5, **kwargs):
         """The torch layer's arguments, then WS's: ``convention`` ("authors" or "labml") and ``eps``."""
@@ -62,8 +81,8 @@ class _StandardizedConv(_WeightStandardized):
     """The forward of the WS convolutions whose torch layer has `_conv_forward(x, weight, bias)`."""
 
     @fx_leaf
-    def forward(self, x):
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+    def forward(self, input):  # torch's name, which callers may pass by keyword
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
 
 
 class Conv1d(_StandardizedConv, nn.Conv1d):
@@ -85,13 +104,13 @@ class ConvTranspose2d(_WeightStandardized, nn.ConvTranspose2d):
     _output_dim = 1
 
     @fx_leaf
-    def forward(self, x, output_size=None):
+    def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
             raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2d")
         num_spatial_dims = 2
-        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               num_spatial_dims, self.dilation)
-        return F.conv_transpose2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+        return F.conv_transpose2d(input, self.standardized_weight(), self.bias, self.stride, self.padding,
                                   output_padding, self.groups, self.dilation)
 
 
@@ -99,8 +118,8 @@ class Linear(_WeightStandardized, nn.Linear):
     """nn.Linear with Weight Standardization; same arguments, plus ``convention`` and ``eps``."""
 
     @fx_leaf
-    def forward(self, x):
-        return F.linear(x, self.standardized_weight(), self.bias)
+    def forward(self, input):
+        return F.linear(input, self.standardized_weight(), self.bias)
 
 
 #: each WS layer and the torch layer it folds into
