@@ -126,6 +126,76 @@ def test_auditwheel_finds_the_manylinux_2_27_policy(built):
     assert 'platform tag: "manylinux_2_27_x86_64"' in " ".join(proc.stdout.split()), proc.stdout
 
 
+def _interpreter(version):
+    """CPython `version` ("3.9"): pyenv's (this machine's kind carries 3.9 to 3.13), else python3.9 on PATH; one
+    that runs (pyenv's shims are on PATH for every version, and fail for one not selected)."""
+    import shutil
+    candidates = [str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))]
+    candidates += [p for p in [shutil.which(f"python{version}")] if p]
+    for python in candidates:
+        if subprocess.run([python, "-c", "import venv"], capture_output=True, timeout=60).returncode == 0:
+            return python
+    from conftest import _missing
+    _missing(f"CPython {version}", "the oldest and newest Pythons the package supports, in pyenv or on PATH")
+
+
+# What a wheel for another Python computes: one training step of BatchChannelNorm against the authors' BCNorm
+# transcribed in numpy (bcnswift.reference), float32 and float64, C order and channels-last; every result agrees.
+_SMOKE = """
+import sys, numpy as np, bcnswift
+from bcnswift import reference as R
+assert bcnswift.build_info()["python"].startswith(sys.argv[1]), bcnswift.build_info()
+rng = np.random.default_rng(5)
+for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+    for last in (False, True):
+        x, dy = rng.normal(1.5, 2.0, (4, 8, 3, 5)), rng.normal(0.5, 1.0, (4, 8, 3, 5))
+        ref = R.AuthorsBCNorm(8, 4, 1e-5)
+        y_ref, dx_ref = ref.forward(x), ref.backward(dy)
+        if last:
+            x, dy = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1) for a in (x, dy))
+        layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=dtype)
+        y, dx = layer(x.astype(dtype)), layer.backward(dy.astype(dtype))
+        pairs = [("y", y, y_ref), ("dx", dx, dx_ref)] + [(k, v, ref.grads[k]) for k, v in layer.grads.items()]
+        pairs += [(k, v, ref.state_dict()[k]) for k, v in layer.state_dict().items()]
+        for name, got, want in pairs:
+            err = np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-300)
+            assert err <= tol, (dtype, last, name, err)
+        assert y.strides == x.astype(dtype).strides, (last, y.strides)
+print("ok", np.__version__)
+"""
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.13"])
+def test_a_wheel_for_the_oldest_and_newest_python_computes_what_the_documents_say(built, version, tmp_path):
+    """CI builds and tests the running Python's wheel; requires-python says 3.9 and later. The oldest and the
+    newest supported CPython each build a wheel from the same source tree (its Swift kernels built once, so
+    each only links its extension against its own headers and numpy 2), install it in a venv of their own with
+    numpy from PyPI, and run one training step against the numpy reference of the authors' module."""
+    python = _interpreter(version)
+    _, _, out = built
+    tree = next(p for p in out.iterdir() if p.is_dir() and p.name.startswith("bcnswift-"))
+    venv = tmp_path / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    interpreter = str(venv / "bin" / "python")
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # only the venv's
+
+    def run(*args, env=clean, **kw):
+        proc = subprocess.run([interpreter, *args], capture_output=True, text=True, timeout=1200, env=env, **kw)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run("-m", "pip", "install", "-q", "setuptools>=64", "numpy>=2", "wheel")
+    run("-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(tree), "-w", str(tmp_path / "dist"),
+        env=dict(clean, BCNSWIFT_ISAS="baseline"), cwd=out)
+    wheel = next((tmp_path / "dist").glob("bcnswift-*.whl"))
+    tag = "cp" + version.replace(".", "")
+    assert wheel.name.startswith(f"bcnswift-0.1.0-{tag}-{tag}-"), wheel.name
+    run("-m", "pip", "install", "-q", "--no-deps", str(wheel))
+    said = run("-c", _SMOKE, version, cwd=tmp_path)  # not the source tree: the installed wheel
+    assert said.startswith("ok "), said
+
+
 def _setup_module():
     """setup.py as a module: importing it defines its functions without running setup()."""
     spec = importlib.util.spec_from_file_location("bcnswift_setup_under_test", ROOT / "setup.py")
