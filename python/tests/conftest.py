@@ -3,7 +3,9 @@ import copy
 import importlib
 import os
 import shutil
+import subprocess
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +37,18 @@ def require_tool(*commands, hint):
     if absent:
         _missing(f"the command(s) {', '.join(absent)}", hint)
     return paths[0] if len(paths) == 1 else paths
+
+
+def require_python(version):
+    """CPython `version` ("3.9") that runs, for tests of other Pythons' wheels: pyenv's (this machine's kind
+    carries 3.9 to 3.13), else python3.9 on PATH (pyenv's shims are on PATH for every version, and fail for one
+    not selected, so each is tried); or `_missing`."""
+    candidates = [str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))]
+    candidates += [p for p in [shutil.which(f"python{version}")] if p]
+    for python in candidates:
+        if subprocess.run([python, "-c", "import venv"], capture_output=True, timeout=60).returncode == 0:
+            return python
+    _missing(f"CPython {version}", "the oldest and newest Pythons the package supports, in pyenv or on PATH")
 
 
 def seed_of(name):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require, require_tool
+from conftest import require, require_python, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,19 +126,6 @@ def test_auditwheel_finds_the_manylinux_2_27_policy(built):
     assert 'platform tag: "manylinux_2_27_x86_64"' in " ".join(proc.stdout.split()), proc.stdout
 
 
-def _interpreter(version):
-    """CPython `version` ("3.9"): pyenv's (this machine's kind carries 3.9 to 3.13), else python3.9 on PATH; one
-    that runs (pyenv's shims are on PATH for every version, and fail for one not selected)."""
-    import shutil
-    candidates = [str(p) for p in sorted(Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"))]
-    candidates += [p for p in [shutil.which(f"python{version}")] if p]
-    for python in candidates:
-        if subprocess.run([python, "-c", "import venv"], capture_output=True, timeout=60).returncode == 0:
-            return python
-    from conftest import _missing
-    _missing(f"CPython {version}", "the oldest and newest Pythons the package supports, in pyenv or on PATH")
-
-
 # What a wheel for another Python computes: one training step of BatchChannelNorm against the authors' BCNorm
 # transcribed in numpy (bcnswift.reference), float32 and float64, C order and channels-last; every result agrees.
 _SMOKE = """
@@ -171,7 +158,7 @@ def test_a_wheel_for_the_oldest_and_newest_python_computes_what_the_documents_sa
     newest supported CPython each build a wheel from the same source tree (its Swift kernels built once, so
     each only links its extension against its own headers and numpy 2), install it in a venv of their own with
     numpy from PyPI, and run one training step against the numpy reference of the authors' module."""
-    python = _interpreter(version)
+    python = require_python(version)
     _, _, out = built
     tree = next(p for p in out.iterdir() if p.is_dir() and p.name.startswith("bcnswift-"))
     venv = tmp_path / "venv"
