@@ -8,15 +8,19 @@ np.copyto of the same tensor, measured in one run with the same thread count.
     python3 -m bcnswift.bench --sync          # synchronized against local statistics, 2 and 4 MPI ranks
     python3 -m bcnswift.bench --rows --eval --channels-last --peers --json bench.json   # the other tables
 
-Times are medians over repeats; ratios are computed from medians measured in this same run. `fwd` and
-`fwd+bwd` write into preallocated outputs (`out=`), as `np.copyto` does, so their ratios to the copy compare the
-work; `alloc` times are plain calls that allocate their outputs, as users and PyTorch make them, and the PyTorch
-ratios compare those. (Above 32 MB glibc maps every allocation afresh, and zeroing its pages costs as much as a
+A shape's calls (the copies, bcnswift's, PyTorch's) take turns, round by round (`interleaved`), so that a slow
+phase of the machine falls on all of them alike; times are medians over the rounds, and a ratio is the median of
+the rounds' ratios. `copy` is np.copyto on one thread; `copy Nt` (with PyTorch installed and N > 1 threads) is
+torch's copy_ on the benchmark's N threads, the yardstick for work spread over them. `fwd` and `fwd+bwd` write
+into preallocated outputs (`out=`), as the copies do, so their ratios to the copy compare the work; `alloc` times
+are plain calls that allocate their outputs, as users and PyTorch make them, and the PyTorch ratios compare
+those. PyTorch's forward runs under no_grad (no graph recorded), bcnswift's keeps what its backward needs. (Above 32 MB glibc maps every allocation afresh, and zeroing its pages costs as much as a
 copy.) numpy's OpenBLAS
 worker threads spin while idle and take cores from whatever runs next (bcnswift, np.copyto and torch alike), so
 the benchmark runs with OPENBLAS_NUM_THREADS=1 unless it is set (it re-executes itself to apply it).
 """
 import argparse
+import gc
 import math
 import os
 import sys
@@ -37,14 +41,27 @@ def median_time(fn, min_seconds=0.02, repeats=7):
     return paired_median_times([fn], min_seconds, repeats)[0]
 
 
-def paired_samples(fns, min_seconds=0.02, repeats=7, pairs=False):
+def paired_samples(fns, min_seconds=0.02, repeats=7, pairs=False, gap=0.0):
     """Seconds per call of each of `fns`, one list per function with one sample per repeat: each repeat runs a
     function enough times to last min_seconds, the functions' repeats interleaved, so that a slow phase of the
     machine falls on all of them alike. Sample r of every list comes from round r: for ratios between them, round
     by round. Every other round runs them in reverse order; with pairs=True, fns are pairs (0, 1), (2, 3), ...
     and every other round swaps the two of each pair instead, so that a pair's two alternate and no function runs
     twice in a row across rounds (a reversed list starts with the function the round before ended with, which
-    then runs on its own warm caches)."""
+    then runs on its own warm caches). `gap`: seconds of idleness before each function's turn, in which the
+    worker threads the one before left spinning (bcnswift's 0.2 ms, OpenMP's and ONNX Runtime's) go to sleep,
+    so that none takes a core from the next. The garbage collector is off while timing, as in timeit."""
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        return _paired_samples(fns, min_seconds, repeats, pairs, gap)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _paired_samples(fns, min_seconds, repeats, pairs, gap):
     inner = []
     for fn in fns:
         fn()
@@ -62,6 +79,8 @@ def paired_samples(fns, min_seconds=0.02, repeats=7, pairs=False):
     for r in range(repeats):
         for i in (forward if r % 2 == 0 else backward):
             fn, n = fns[i], inner[i]
+            if gap:
+                time.sleep(gap)
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
@@ -72,6 +91,53 @@ def paired_samples(fns, min_seconds=0.02, repeats=7, pairs=False):
 def paired_median_times(fns, min_seconds=0.02, repeats=7):
     """Median seconds per call of each of `fns`, timed by `paired_samples`: for ratios between them."""
     return [statistics.median(s) for s in paired_samples(fns, min_seconds, repeats)]
+
+
+def interleaved(fns, repeats=11, min_seconds=0.02, gap=0.01):
+    """{name: seconds per call, one sample per round} of the named functions `fns` (a dict), which take turns
+    round by round (`paired_samples`, with `gap`): for `ratio`."""
+    names = list(fns)
+    return dict(zip(names, paired_samples([fns[n] for n in names], min_seconds, repeats, gap=gap)))
+
+
+def ratio(a, b):
+    """The median over rounds of a[r] / b[r], a and b timed in the same rounds (`interleaved`): unlike a ratio of
+    two medians, it never sets one function's slow phase against another's fast one."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"ratio needs two equally long, non-empty lists of samples, got {len(a)} and {len(b)}")
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def copies(x, torch=None):
+    """{name: call}: np.copyto of `x` into an existing array on one thread ("copy"), and with `torch` and more
+    than one thread, torch's copy_ on them ("copy Nt", N the thread count): the yardsticks of a bcnswift call's
+    work, on one thread and on the threads bcnswift spreads it over."""
+    out = np.empty_like(x)
+    fns = {"copy": lambda: np.copyto(out, x)}
+    n = bcnswift.get_num_threads()
+    if torch is not None and n > 1:
+        tx, tout = torch.from_numpy(x), torch.from_numpy(np.empty_like(x))
+        fns[f"copy {n}t"] = lambda: tout.copy_(tx)
+    return fns
+
+
+def _copy_names(samples):
+    return [k for k in samples if k == "copy" or k.startswith("copy ")]
+
+
+def copy_times(samples):
+    """{"copy us": median, ...}: the copies' (`copies`) medians in microseconds."""
+    return {f"{k} us": statistics.median(samples[k]) * 1e6 for k in _copy_names(samples)}
+
+
+def against_copies(samples, key, prefix):
+    """{"<prefix>/copy": ratio, ...}: the call `key`'s ratio to each copy, round by round (`ratio`)."""
+    return {f"{prefix}/{k}": ratio(samples[key], samples[k]) for k in _copy_names(samples)}
+
+
+def us(samples):
+    """The median of `samples` (seconds) in microseconds."""
+    return statistics.median(samples) * 1e6
 
 
 def median_interval(values, confidence=0.95):
@@ -103,64 +169,82 @@ def warm_up(seconds=0.5):
         layer.backward(layer(x))
 
 
+def load_torch(use_torch):
+    """torch on bcnswift's thread count, or None when not asked for or not installed."""
+    if not use_torch:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(bcnswift.get_num_threads())
+    return torch
+
+
 def run(shapes, quick=False, reference=True, use_torch=True):
+    """The main table: per shape, the copies, bcnswift's calls in both estimate modes and the authors' PyTorch
+    BCNorm, interleaved (`interleaved`); then, alone, the numpy transcription of the authors' BCNorm. bcnswift
+    computes what the authors' module does (`bench_modes.authors_layer`). Rows are dicts, times in us."""
     from . import bench_modes as M
     threads = bcnswift.get_num_threads()
-    torch = None
-    if use_torch:
-        try:
-            import torch  # noqa: F811
-            torch.set_num_threads(threads)
-        except ImportError:
-            torch = None
+    torch = load_torch(use_torch)
     repeats = 5 if quick else 11
-
-    def timer(fn):
-        return median_time(fn, repeats=repeats)
-    print(f"bcnswift {bcnswift.__version__}, numpy {np.__version__} (OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
+    print(f"bcnswift {bcnswift.__version__} ({bcnswift.build_info()['isa']}), numpy {np.__version__} "
+          f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
           + (f", torch {torch.__version__}" if torch else ", torch not installed")
-          + f"; {threads} thread(s); float32, training; median of {repeats} repeats")
-    cols = ["shape", "G", "estimate", "copy us", "fwd us", "fwd/copy", "fwd+bwd us", "f+b/copy",
-            "alloc fwd us", "alloc f+b us"]
-    if torch:
-        cols += ["torch fwd us", "torch f+b us", "torch/bcn fwd", "torch/bcn f+b"]
-    if reference:
-        cols += ["numpy fwd us", "numpy f+b us"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+          + f"; {threads} thread(s); float32, training; {repeats} rounds, a shape's calls in turn; medians, and "
+            f"ratios as medians of the rounds' ratios")
     warm_up(0.1 if quick else 0.5)
-    rng = np.random.default_rng(0)
-    rows = []
+    rows, printer = [], _RowPrinter()
     for shape, G in shapes:
-        x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
-        dy = rng.normal(size=shape).astype(np.float32)
-        out = np.empty_like(x)
-        copy_t = median_time(lambda: np.copyto(out, x), repeats=repeats)
+        x, dy = M.inputs(shape)
+        fns = copies(x, torch)
         for estimate in (True, False):
-            # Into preallocated outputs (as np.copyto writes into one: the ratios to the copy compare the work),
-            # then allocating, as users (and PyTorch) call: what the PyTorch ratios compare.
-            fwd, fb_t, fwd_a, fb_a = M.ours_times(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy,
-                                                  timer)
-            row = [str(list(shape)), str(G), str(estimate), f"{copy_t * 1e6:.1f}", f"{fwd * 1e6:.1f}",
-                   f"{fwd / copy_t:.2f}", f"{fb_t * 1e6:.1f}", f"{fb_t / copy_t:.2f}", f"{fwd_a * 1e6:.1f}",
-                   f"{fb_a * 1e6:.1f}"]
+            fns.update(M.ours_calls(M.authors_layer(shape[1], G, estimate), x, dy, f"{estimate} "))
             if torch:
-                t_f, t_fb = M.torch_times(torch, M.torch_bcnorm(shape[1], G, estimate), x, dy, timer)
-                row += [f"{t_f * 1e6:.1f}", f"{t_fb * 1e6:.1f}", f"{t_f / fwd_a:.1f}", f"{t_fb / fb_a:.1f}"]
+                fns.update(M.torch_calls(torch, M.torch_bcnorm(shape[1], G, estimate), x, dy, f"{estimate} torch "))
+        samples = interleaved(fns, repeats)
+        for estimate in (True, False):
+            k = f"{estimate} "
+            row = {"shape": list(shape), "G": G, "estimate": estimate, **copy_times(samples),
+                   "fwd us": us(samples[k + "fwd"]), **against_copies(samples, k + "fwd", "fwd"),
+                   "fwd+bwd us": us(samples[k + "f+b"]), **against_copies(samples, k + "f+b", "f+b"),
+                   "alloc fwd us": us(samples[k + "alloc fwd"]), "alloc f+b us": us(samples[k + "alloc f+b"])}
+            if torch:
+                row.update({"torch fwd us": us(samples[k + "torch fwd"]), "torch f+b us": us(samples[k + "torch f+b"]),
+                            "torch/bcn fwd": ratio(samples[k + "torch fwd"], samples[k + "alloc fwd"]),
+                            "torch/bcn f+b": ratio(samples[k + "torch f+b"], samples[k + "alloc f+b"])})
             if reference:
-                ref = (R.LabmlBatchChannelNorm(shape[1], G, estimate=True) if estimate
-                       else R.AuthorsBCNorm(shape[1], G, 1e-5))
-                r_f = median_time(lambda: ref(x), repeats=3, min_seconds=0.0)
+                ref = R.AuthorsBCNorm(shape[1], G, 1e-5, estimate=estimate)
 
                 def rfb():
                     ref(x)
                     ref.backward(dy)
-                r_fb = median_time(rfb, repeats=3, min_seconds=0.0)
-                row += [f"{r_f * 1e6:.0f}", f"{r_fb * 1e6:.0f}"]
+                row["numpy fwd us"] = median_time(lambda: ref(x), repeats=3, min_seconds=0.0) * 1e6
+                row["numpy f+b us"] = median_time(rfb, repeats=3, min_seconds=0.0) * 1e6
             rows.append(row)
-            print("| " + " | ".join(row) + " |", flush=True)
+            printer(row)
     return rows
+
+
+class _RowPrinter:
+    """Prints rows (dicts) as a markdown table as they come: the header from the first row's keys."""
+    def __init__(self):
+        self.columns = None
+
+    def __call__(self, row):
+        if self.columns is None:
+            self.columns = list(row)
+            print("| " + " | ".join(self.columns) + " |")
+            print("|" + "---|" * len(self.columns))
+        print("| " + " | ".join(_cell(c, row.get(c, "")) for c in self.columns) + " |", flush=True)
+
+
+def _cell(column, v):
+    """A table cell: times (" us" columns) with 1 decimal, other floats (ratios) with 2."""
+    if isinstance(v, float):
+        return f"{v:.1f}" if column.endswith(" us") else f"{v:.2f}"
+    return str(v)
 
 
 def print_table(title, rows):
@@ -170,52 +254,36 @@ def print_table(title, rows):
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
-        cells = []
-        for c in columns:
-            v = r.get(c, "")
-            cells.append(f"{v:.1f}" if isinstance(v, float) and c.endswith(" us") else
-                         f"{v:.2f}" if isinstance(v, float) else str(v))
-        print("| " + " | ".join(cells) + " |", flush=True)
+        print("| " + " | ".join(_cell(c, r.get(c, "")) for c in columns) + " |", flush=True)
     return rows
 
 
 def run_modes(modes, quick=False, use_torch=True, shapes=None):
-    """The tables named in `modes` ("rows", "eval", "channels_last", "peers"), times in microseconds."""
+    """The tables named in `modes` ("rows", "eval", "channels_last", "peers"), times in microseconds; each
+    shape's calls interleaved (`interleaved`)."""
     from . import bench_modes as M
     repeats = 5 if quick else 11
-    torch = None
-    if use_torch:
-        try:
-            import torch  # noqa: F811
-            torch.set_num_threads(bcnswift.get_num_threads())
-        except ImportError:
-            torch = None
+    torch = load_torch(use_torch)
 
-    def timer(fn):
-        return median_time(fn, repeats=repeats) * 1e6
-
-    def paired_timer(*fns):
-        return [t * 1e6 for t in paired_median_times(fns, repeats=repeats)]
-
-    def copy_timer(x):
-        out = np.empty_like(x)
-        return timer(lambda: np.copyto(out, x))
+    def measure(fns):
+        return interleaved(fns, repeats)
 
     big = shapes or [s for s in SHAPES if np.prod(s[0]) >= 8 * 256 * 14 * 14]
     print(f"bcnswift {bcnswift.__version__} ({bcnswift.build_info()['isa']}), {bcnswift.get_num_threads()} "
-          f"thread(s), float32, medians of {repeats} repeats, times in us, ratios from this run")
+          f"thread(s), float32, {repeats} rounds, a shape's calls in turn; medians in us, and ratios as medians "
+          f"of the rounds' ratios")
     tables = {}
     warm_up(0.1 if quick else 0.5)
     if "rows" in modes:
-        tables["rows"] = print_table("Row path (training)", M.rows_table(timer, copy_timer, torch))
+        tables["rows"] = print_table("Row path (training)", M.rows_table(measure, torch))
     if "eval" in modes:
-        tables["eval"] = print_table("Eval forward", M.eval_table(big, timer, copy_timer))
+        tables["eval"] = print_table("Eval forward", M.eval_table(big, measure, torch))
     if "channels_last" in modes:
         tables["channels_last"] = print_table("Channels-last against NCHW (training)",
-                                              M.channels_last_table(big, paired_timer))
+                                              M.channels_last_table(big, measure))
     if "peers" in modes:
         tables["peers"] = print_table("Peers: BCN with batch statistics",
-                                      M.peers_table(big + [((256, 1024), 32)], timer, torch))
+                                      M.peers_table(big + [((256, 1024), 32)], measure, torch))
     return tables
 
 
@@ -247,7 +315,8 @@ def parse_arguments(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     p.add_argument("--threads", type=_positive("threads"),
                    help="worker threads, 1 to 4096 (default: bcnswift's default; with --sync, per rank: "
-                        "BCNSWIFT_NUM_THREADS, else 1)")
+                        "BCNSWIFT_NUM_THREADS, else 1; with --torch, torch's threads, on which bcnswift.torch's "
+                        "kernels run too)")
     p.add_argument("--sync", action="store_true",
                    help="the extra time of SyncBatchChannelNorm over a local layer, under mpiexec -n 2 and -n 4")
     p.add_argument("--torch", action="store_true",
@@ -320,7 +389,8 @@ def main(argv=None):
     if a.torch:
         from bcnswift.torch import bench as torch_bench
         rounds = a.rounds or (15 if a.quick else 41)
-        torch_bench.run(models=a.models, ways=a.ways, repeats=rounds, estimate=bool(a.estimate), json_path=a.json)
+        torch_bench.run(models=a.models, ways=a.ways, repeats=rounds, estimate=bool(a.estimate), json_path=a.json,
+                        threads=a.threads)
         return
     modes = [m for m, on in (("rows", a.rows), ("eval", a.eval), ("channels_last", a.channels_last),
                              ("peers", a.peers)) if on]

@@ -2,24 +2,29 @@
 PyTorch BCNorm eager and under torch.compile, a jitted JAX BCN, ONNX Runtime). Each table is a list of dicts,
 measured in one run with the same thread count; bench.py prints them and writes them with --json.
 """
+import os
+
 import numpy as np
 
 import bcnswift
+from .bench import against_copies, copies, copy_times, ratio, us
 
 #: [B, C] and small maps: the row layout (G = 32)
 ROW_SHAPES = [((256, 1024), 32), ((64, 2048), 32), ((64, 512, 2, 2), 32), ((32, 256, 3, 3), 32),
               ((8, 1024, 4, 4), 32)]
 
 
-def _inputs(shape, seed=0):
+def inputs(shape, seed=0):
+    """x (mean 1, deviation 2) and dy, float32, from `seed`."""
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
     dy = rng.normal(size=shape).astype(np.float32)
     return x, dy
 
 
-def ours_times(layer, x, dy, timer):
-    """(fwd, f+b) into preallocated outputs, and (fwd, f+b) allocating."""
+def ours_calls(layer, x, dy, prefix=""):
+    """{name: call} of `layer` on (x, dy): "fwd" and "f+b" into preallocated outputs, "alloc fwd" and
+    "alloc f+b" allocating theirs; each name after `prefix`."""
     out, grad = np.empty_like(x), np.empty_like(x)
 
     def fb():
@@ -29,7 +34,8 @@ def ours_times(layer, x, dy, timer):
     def fb_alloc():
         layer(x)
         layer.backward(dy)
-    return (timer(lambda: layer(x, out=out)), timer(fb), timer(lambda: layer(x)), timer(fb_alloc))
+    return {prefix + "fwd": lambda: layer(x, out=out), prefix + "f+b": fb, prefix + "alloc fwd": lambda: layer(x),
+            prefix + "alloc f+b": fb_alloc}
 
 
 def torch_bcnorm(num_channels, num_groups, estimate):
@@ -42,12 +48,17 @@ def torch_bcnorm(num_channels, num_groups, estimate):
     return m
 
 
-def _authors_eager(torch, shape, G, estimate, x, dy, timer):
-    return torch_times(torch, torch_bcnorm(shape[1], G, estimate), x, dy, timer)
+def authors_layer(num_channels, num_groups, estimate):
+    """bcnswift's layer that computes what the authors' BCNorm computes: with estimate, their EstBN's variance
+    about the running mean (labml's, bcnswift's default, takes it about the batch's mean)."""
+    if estimate:
+        return bcnswift.BatchChannelNorm(num_channels, num_groups, estimate=True, variance_around="running_mean")
+    return bcnswift.BatchChannelNorm(num_channels, num_groups, estimate=False)
 
 
-def torch_times(torch, m, x, dy, timer):
-    """(fwd, f+b) of a torch module; [B, C] as [B, C, 1, 1], which the authors' BatchNorm2d needs."""
+def torch_calls(torch, m, x, dy, prefix=""):
+    """{name: call}: "fwd" (under no_grad: no graph recorded) and "f+b" of a torch module, after `prefix`; [B, C]
+    as [B, C, 1, 1], which the authors' BatchNorm2d needs."""
     if x.ndim == 2:
         x, dy = x[:, :, None, None], dy[:, :, None, None]
     tx = torch.from_numpy(x).requires_grad_(True)
@@ -60,72 +71,87 @@ def torch_times(torch, m, x, dy, timer):
     def fb():
         tx.grad = None
         m(tx).backward(tdy)
-    return timer(f), timer(fb)
+    return {prefix + "fwd": f, prefix + "f+b": fb}
 
 
-def rows_table(timer, copy_timer, torch=None):
+def _alloc_and_authors(samples, k, torch):
+    """The allocating calls' medians, and the authors' eager times and ratios to them, for estimate key `k`."""
+    row = {"alloc fwd us": us(samples[k + "alloc fwd"]), "alloc f+b us": us(samples[k + "alloc f+b"])}
+    if torch is not None:
+        row.update({"authors fwd us": us(samples[k + "authors fwd"]), "authors f+b us": us(samples[k + "authors f+b"]),
+                    "authors/bcn fwd": ratio(samples[k + "authors fwd"], samples[k + "alloc fwd"]),
+                    "authors/bcn f+b": ratio(samples[k + "authors f+b"], samples[k + "alloc f+b"])})
+    return row
+
+
+def rows_table(measure, torch=None):
+    """The row path's shapes in both estimate modes against the copies and the authors' eager BCNorm, which is
+    compared with bcnswift's allocating calls (as it allocates)."""
     out = []
     for shape, G in ROW_SHAPES:
-        x, dy = _inputs(shape)
-        copy_t = copy_timer(x)
+        x, dy = inputs(shape)
+        fns = copies(x, torch)
         for estimate in (True, False):
-            fwd, fb, fwd_a, fb_a = ours_times(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), x, dy, timer)
-            row = {"shape": list(shape), "G": G, "estimate": estimate, "copy us": copy_t, "fwd us": fwd,
-                   "fwd/copy": fwd / copy_t, "fwd+bwd us": fb, "f+b/copy": fb / copy_t}
+            fns.update(ours_calls(authors_layer(shape[1], G, estimate), x, dy, f"{estimate} "))
             if torch is not None:
-                t_f, t_fb = _authors_eager(torch, shape, G, estimate, x, dy, timer)
-                row.update({"authors fwd us": t_f, "authors f+b us": t_fb, "authors/bcn fwd": t_f / fwd_a,
-                            "authors/bcn f+b": t_fb / fb_a})
-            out.append(row)
+                fns.update(torch_calls(torch, torch_bcnorm(shape[1], G, estimate), x, dy, f"{estimate} authors "))
+        samples = measure(fns)
+        for estimate in (True, False):
+            k = f"{estimate} "
+            out.append({"shape": list(shape), "G": G, "estimate": estimate, **copy_times(samples),
+                        "fwd us": us(samples[k + "fwd"]), **against_copies(samples, k + "fwd", "fwd"),
+                        "fwd+bwd us": us(samples[k + "f+b"]), **against_copies(samples, k + "f+b", "f+b"),
+                        **_alloc_and_authors(samples, k, torch)})
     return out
 
 
-def eval_table(shapes, timer, copy_timer):
+def eval_table(shapes, measure, torch=None):
     out = []
     for shape, G in shapes:
-        x, dy = _inputs(shape)
-        copy_t = copy_timer(x)
+        x, dy = inputs(shape)
+        fns = copies(x, torch)
         for estimate in (True, False):
             layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate)
             layer(x)  # running statistics from one batch, then eval
             layer.eval()
             y = np.empty_like(x)
-            fwd = timer(lambda: layer(x, out=y))
-            out.append({"shape": list(shape), "G": G, "estimate": estimate, "copy us": copy_t, "eval fwd us": fwd,
-                        "eval fwd/copy": fwd / copy_t})
+            fns[f"{estimate} eval fwd"] = lambda layer=layer, y=y: layer(x, out=y)
+        samples = measure(fns)
+        for estimate in (True, False):
+            k = f"{estimate} eval fwd"
+            out.append({"shape": list(shape), "G": G, "estimate": estimate, **copy_times(samples),
+                        "eval fwd us": us(samples[k]), **against_copies(samples, k, "eval fwd")})
     return out
 
 
-def channels_last_table(shapes, paired_timer):
-    """The same logical tensor in NCHW and in channels-last memory, each `out=` call pair timed interleaved."""
+def channels_last_table(shapes, measure):
+    """The same logical tensor in NCHW and in channels-last memory, `out=` calls, interleaved."""
     out = []
     for shape, G in shapes:
         if len(shape) < 3:
             continue
-        x, dy = _inputs(shape)
+        x, dy = inputs(shape)
         last = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)  # same values, channels-last memory
         dy_last = np.moveaxis(np.ascontiguousarray(np.moveaxis(dy, 1, -1)), -1, 1)
+        fns = {}
         for estimate in (True, False):
-            runs = []
-            for xs, dys in ((x, dy), (last, dy_last)):
-                layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate)
-                y, dx = np.empty_like(xs), np.empty_like(xs)
-
-                def fb(layer=layer, xs=xs, dys=dys, y=y, dx=dx):
-                    layer(xs, out=y)
-                    layer.backward(dys, out=dx)
-                runs.append((lambda layer=layer, xs=xs, y=y: layer(xs, out=y), fb))
-            fwd, cl_fwd = paired_timer(runs[0][0], runs[1][0])
-            fb, cl_fb = paired_timer(runs[0][1], runs[1][1])
-            out.append({"shape": list(shape), "G": G, "estimate": estimate, "NCHW fwd us": fwd,
-                        "CL fwd us": cl_fwd, "CL/NCHW fwd": cl_fwd / fwd, "NCHW f+b us": fb,
-                        "CL f+b us": cl_fb, "CL/NCHW f+b": cl_fb / fb})
+            for name, xs, dys in (("NCHW", x, dy), ("CL", last, dy_last)):
+                calls = ours_calls(bcnswift.BatchChannelNorm(shape[1], G, estimate=estimate), xs, dys)
+                fns[f"{estimate} {name} fwd"], fns[f"{estimate} {name} f+b"] = calls["fwd"], calls["f+b"]
+        samples = measure(fns)
+        for estimate in (True, False):
+            k = f"{estimate} "
+            out.append({"shape": list(shape), "G": G, "estimate": estimate,
+                        "NCHW fwd us": us(samples[k + "NCHW fwd"]), "CL fwd us": us(samples[k + "CL fwd"]),
+                        "CL/NCHW fwd": ratio(samples[k + "CL fwd"], samples[k + "NCHW fwd"]),
+                        "NCHW f+b us": us(samples[k + "NCHW f+b"]), "CL f+b us": us(samples[k + "CL f+b"]),
+                        "CL/NCHW f+b": ratio(samples[k + "CL f+b"], samples[k + "NCHW f+b"])})
     return out
 
 
 # ---- peers --------------------------------------------------------------------------------------------------
 
-def _jax_bcn(shape, G, x, dy, timer):
+def _jax_bcn(shape, G, x, dy):
     import jax
     import jax.numpy as jnp
 
@@ -145,11 +171,11 @@ def _jax_bcn(shape, G, x, dy, timer):
     jx, jdy = jnp.asarray(x), jnp.asarray(dy)
     fwd = jax.jit(bcn)
     grads = jax.jit(jax.grad(lambda x, *p: (bcn(x, *p) * jdy).sum(), argnums=(0, 1, 2, 3, 4)))
-    return (timer(lambda: fwd(jx, *params).block_until_ready()),
-            timer(lambda: jax.block_until_ready(grads(jx, *params))))
+    return {"fwd": lambda: fwd(jx, *params).block_until_ready(),
+            "f+b": lambda: jax.block_until_ready(grads(jx, *params))}
 
 
-def _onnx_bcn(shape, G, x, training, threads, timer):
+def _onnx_bcn(shape, G, x, training, threads):
     """BatchNormalization (training_mode=1: batch statistics; 0: running ones) then GroupNormalization (opset
     18, per-group scale and bias: the channel norm), forward only."""
     import onnx
@@ -171,48 +197,62 @@ def _onnx_bcn(shape, G, x, training, threads, timer):
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {"x": x}
-    return timer(lambda: session.run(None, feed))
+    return {"fwd": lambda: session.run(None, feed)}
 
 
-def peers_table(shapes, timer, torch=None):
+def peers_table(shapes, measure, torch=None):
     """BCN with batch statistics (estimate=False), float32, per shape: bcnswift's allocating calls against each
-    peer that is installed; a peer that fails records its error instead of a time."""
+    peer that is installed, all interleaved (`measure`); a peer that fails to build or to run records its error
+    instead of a time."""
     threads = bcnswift.get_num_threads()
+    if _importable("jax") and threads < (os.cpu_count() or 1):
+        print(f"(JAX runs on all {os.cpu_count()} cores: XLA takes no thread count once loaded; the others on "
+              f"{threads})")
     out = []
     for shape, G in shapes:
-        x, dy = _inputs(shape)
+        x, dy = inputs(shape)
         layer = bcnswift.BatchChannelNorm(shape[1], G, estimate=False)
-        _, _, fwd, fb = ours_times(layer, x, dy, timer)
-        layer.eval()
-        fwd_eval = timer(lambda: layer(x))
-        row = {"shape": list(shape), "G": G, "bcnswift fwd us": fwd, "bcnswift f+b us": fb,
-               "bcnswift eval fwd us": fwd_eval}
+        evaluating = bcnswift.BatchChannelNorm(shape[1], G, estimate=False)
+        evaluating(x)
+        evaluating.eval()
+        calls = ours_calls(layer, x, dy)
+        fns = {"bcnswift fwd": calls["alloc fwd"], "bcnswift f+b": calls["alloc f+b"],
+               "bcnswift eval fwd": lambda evaluating=evaluating: evaluating(x)}
+        errors = {}
 
-        def peer(name, measure, both=True, base=fwd):
+        def peer(name, build):
             try:
-                t = measure()
+                peer_calls = build()
+                for fn in peer_calls.values():
+                    fn()  # compiles, and fails here rather than in the timing
             except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not fatal
-                row[f"{name} error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                errors[f"{name} error"] = f"{type(e).__name__}: {str(e)[:120]}"
                 return
-            if both:
-                row[f"{name} fwd us"], row[f"{name} f+b us"] = t
-                row[f"{name}/bcn fwd"], row[f"{name}/bcn f+b"] = t[0] / fwd, t[1] / fb
-            else:
-                row[f"{name} fwd us"], row[f"{name}/bcn fwd"] = t, t / base
+            fns.update({f"{name} {k}": fn for k, fn in peer_calls.items()})
 
         if torch is not None:
-            peer("authors eager", lambda: _authors_eager(torch, shape, G, False, x, dy, timer))
+            peer("authors eager", lambda: torch_calls(torch, torch_bcnorm(shape[1], G, False), x, dy))
 
             def compiled():
                 torch._dynamo.reset()
-                return torch_times(torch, torch.compile(torch_bcnorm(shape[1], G, False)), x, dy, timer)
+                return torch_calls(torch, torch.compile(torch_bcnorm(shape[1], G, False)), x, dy)
             peer("authors compiled", compiled)
         if _importable("jax"):
-            peer("jax jit", lambda: _jax_bcn(shape, G, x, dy, timer))
+            peer("jax jit", lambda: _jax_bcn(shape, G, x, dy))
         if _importable("onnxruntime") and _importable("onnx"):
-            peer("onnxruntime train-form", lambda: _onnx_bcn(shape, G, x, True, threads, timer), both=False)
-            peer("onnxruntime eval-form", lambda: _onnx_bcn(shape, G, x, False, threads, timer), both=False,
-                 base=fwd_eval)
+            peer("onnxruntime train-form", lambda: _onnx_bcn(shape, G, x, True, threads))
+            peer("onnxruntime eval-form", lambda: _onnx_bcn(shape, G, x, False, threads))
+        samples = measure(fns)
+        row = {"shape": list(shape), "G": G, **{f"{k} us": us(samples[k]) for k in fns if k.startswith("bcnswift")}}
+        for key in fns:
+            name, _, kind = key.rpartition(" ")
+            if name.startswith("bcnswift"):
+                continue
+            # ONNX Runtime's eval form against bcnswift's eval forward; every other peer against the training calls
+            base = "bcnswift eval fwd" if name == "onnxruntime eval-form" else f"bcnswift {kind}"
+            row[f"{name} {kind} us"] = us(samples[key])
+            row[f"{name}/bcn {kind}"] = ratio(samples[key], samples[base])
+        row.update(errors)
         out.append(row)
     return out
 

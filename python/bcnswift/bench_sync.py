@@ -4,9 +4,11 @@ the same per-process batch, under MPI; rank 0 prints medians.
     python3 -m bcnswift.bench --sync                      # starts mpiexec -n 2 and -n 4 itself
     mpiexec -n 4 python3 -m bcnswift.bench_sync           # one rank count
 
-Each repeat starts on a barrier and takes the slowest rank's time. The extra time of the synchronized layer
-should be close to its three allgathers (the forward's header and moments, the backward's header with sums: a
-few kilobytes each at C = 256), timed alone in the same run.
+Each repeat times the local step, the synchronized step and the allgathers alone, each after a barrier and as the
+slowest rank's time, in turn (which runs first alternates). The extra time is the median of the repeats'
+differences, synchronized minus local, so that a slow phase of the machine falls on both sides of it. It should be
+close to the three allgathers (the forward's header and moments, the backward's header with sums: a few kilobytes
+each at C = 256).
 """
 import json
 import statistics
@@ -20,20 +22,24 @@ from . import _cli
 from .distributed import HEADER_BYTES, mpi_world
 
 
-def slowest(comm, fn, repeats):
-    """Median over repeats of the slowest rank's seconds for fn()."""
+def slowest_in_turn(comm, fns, repeats):
+    """Per function, the slowest rank's seconds in each repeat: every repeat runs each function once after a
+    barrier, in turn (reversed every other repeat). Sample r of every list comes from repeat r."""
     from mpi4py import MPI
-    fn()
-    samples = []
-    for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
+    for fn in fns:
         fn()
-        t = np.array([time.perf_counter() - t0])
-        worst = np.empty(1)
-        comm.Allreduce(t, worst, op=MPI.MAX)
-        samples.append(worst[0])
-    return statistics.median(samples)
+    samples = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for r in range(repeats):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fns[i]()
+            t = np.array([time.perf_counter() - t0])
+            worst = np.empty(1)
+            comm.Allreduce(t, worst, op=MPI.MAX)
+            samples[i].append(worst[0])
+    return samples
 
 
 def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
@@ -59,22 +65,22 @@ def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
         for send, recv in gathers:
             comm.Allgather(send, recv)
 
-    t_local = slowest(comm, step(local), repeats)
-    t_sync = slowest(comm, step(synced), repeats)
-    t_gather = slowest(comm, exchanges, repeats)
+    local_s, sync_s, gather_s = slowest_in_turn(comm, [step(local), step(synced), exchanges], repeats)
+    t_local, t_sync, t_gather = (statistics.median(s) for s in (local_s, sync_s, gather_s))
+    t_extra = statistics.median(b - a for a, b in zip(local_s, sync_s))
     if rank == 0:
         print(f"{size} ranks, [{', '.join(map(str, shape))}] per rank, G = {groups}, float32, forward+backward, "
               f"{bcnswift.get_num_threads()} thread(s) per rank, median of {repeats}: local {t_local * 1e6:.0f} us, "
-              f"synchronized {t_sync * 1e6:.0f} us, extra {(t_sync - t_local) * 1e6:.0f} us; "
+              f"synchronized {t_sync * 1e6:.0f} us, extra {t_extra * 1e6:.0f} us (median of the differences); "
               f"the three allgathers alone {t_gather * 1e6:.0f} us", flush=True)
         if json_path:
             result = {"ranks": size, "shape_per_rank": list(shape), "groups": groups,
                       "threads_per_rank": bcnswift.get_num_threads(), "repeats": repeats,
                       "local_us": t_local * 1e6, "synchronized_us": t_sync * 1e6,
-                      "extra_us": (t_sync - t_local) * 1e6, "allgathers_us": t_gather * 1e6}
+                      "extra_us": t_extra * 1e6, "allgathers_us": t_gather * 1e6}
             with open(json_path, "w") as f:
                 json.dump(result, f, indent=2)
-    return t_local, t_sync, t_gather
+    return t_local, t_sync, t_gather, t_extra
 
 
 def launch(ranks=(2, 4), threads=None, quick=False, json_path=None):

@@ -6,6 +6,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -22,11 +23,13 @@ def test_bench_runs_on_small_shapes(capsys):
     header = next(line for line in printed.splitlines() if line.startswith("| shape"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert len(rows) == 4  # two shapes, both estimate modes
+    assert "copy 2t us" not in columns  # no torch: no threaded copy
     for row in rows:
-        assert len(row) == len(columns)
-        times = [float(v) for c, v in zip(columns, row) if c.endswith(" us")]
-        assert times and all(t > 0 for t in times)
-        assert "| " + " | ".join(row) + " |" in printed
+        assert list(row) == columns  # raw floats, for --json
+        times = [v for c, v in row.items() if c.endswith(" us")]
+        assert len(times) == 7 and all(isinstance(t, float) and t > 0 for t in times)
+        assert row["fwd/copy"] > 0 and row["f+b/copy"] > 0
+        assert "| " + " | ".join(bench._cell(c, v) for c, v in row.items()) + " |" in printed
 
 
 def test_mode_tables_run_on_small_shapes(capsys):
@@ -34,9 +37,73 @@ def test_mode_tables_run_on_small_shapes(capsys):
     printed = capsys.readouterr().out
     assert [len(tables[m]) for m in ("eval", "channels_last")] == [2, 2]  # one shape, both estimate modes
     for row in tables["channels_last"]:
-        assert row["CL/NCHW fwd"] == row["CL fwd us"] / row["NCHW fwd us"] > 0
-        assert row["CL/NCHW f+b"] == row["CL f+b us"] / row["NCHW f+b us"] > 0
+        assert row["CL/NCHW fwd"] > 0 and row["CL/NCHW f+b"] > 0 and row["CL fwd us"] > 0
+    for row in tables["eval"]:
+        assert row["eval fwd/copy"] > 0 and row["copy us"] > 0
     assert "Channels-last against NCHW" in printed and "Eval forward" in printed
+
+
+def test_ratios_are_medians_of_the_rounds_ratios():
+    # a slow phase (round 2) that doubles both: the rounds' ratios all say 2, where the medians of each list,
+    # taken apart, would set a's slow rounds against b's fast ones and say 3
+    a, b = [2.0, 6.0, 6.0], [1.0, 3.0, 1.0]
+    assert statistics.median(a) / statistics.median(b) == 6.0
+    assert bench.ratio(a, b) == 2.0
+    assert bench.ratio([3.0, 5.0, 7.0], [1.0, 1.0, 1.0]) == 5.0
+    with pytest.raises(ValueError, match="equally long"):
+        bench.ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        bench.ratio([], [])
+
+
+def test_the_copies_and_each_call_s_ratios_to_them():
+    x = np.arange(1.0, 65.0, dtype=np.float32).reshape(4, 16)
+    fns = bench.copies(x)
+    assert list(fns) == ["copy"]
+    samples = {"copy": [1.0, 2.0, 1.0], "copy 2t": [0.5, 1.0, 0.5], "fwd": [3.0, 6.0, 3.0]}
+    assert bench.copy_times(samples) == {"copy us": 1e6, "copy 2t us": 0.5e6}
+    assert bench.against_copies(samples, "fwd", "fwd") == {"fwd/copy": 3.0, "fwd/copy 2t": 6.0}
+
+
+def test_the_threaded_copy_runs_on_the_benchmark_s_threads():
+    require("torch")
+    import torch
+    threads = bcnswift.get_num_threads()
+    try:
+        x = np.arange(1.0, 65.0, dtype=np.float32).reshape(4, 16)
+        bcnswift.set_num_threads(2)
+        fns = bench.copies(x, torch)
+        assert list(fns) == ["copy", "copy 2t"]
+        fns["copy 2t"]()
+        bcnswift.set_num_threads(1)
+        assert list(bench.copies(x, torch)) == ["copy"]  # one thread: np.copyto is that yardstick
+    finally:
+        bcnswift.set_num_threads(threads)
+
+
+def test_paired_samples_time_without_the_garbage_collector_and_with_gaps():
+    import gc
+    seen = []
+    fns = [lambda: seen.append(gc.isenabled()), lambda: seen.append(gc.isenabled())]
+    assert gc.isenabled()
+    t0 = time.perf_counter()
+    bench.paired_samples(fns, min_seconds=0.0, repeats=3, gap=0.01)
+    assert time.perf_counter() - t0 >= 6 * 0.01  # a gap before each of the 2 x 3 turns
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        bench.paired_samples(fns, min_seconds=0.0, repeats=1)
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+
+def test_interleaved_names_its_samples():
+    calls = []
+    samples = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
+                                min_seconds=0.0, gap=0.0)
+    assert list(samples) == ["a", "b"] and all(len(s) == 3 and min(s) > 0 for s in samples.values())
+    assert "".join(calls[4:]) == "ab" "ba" "ab"
 
 
 def test_paired_timer_interleaves_its_functions():

@@ -16,7 +16,9 @@ normalization take one step each in turn, so that the machine's slow phases fall
 round each way's pair swaps places (the bare model first), so that neither runs after itself or always first. A
 share is a difference of two times, each of which moves by 5-10% from one step to the next on a busy machine, so
 it is taken round by round (a step and its model's bare step, a few milliseconds apart) and the median of the
-rounds' shares is reported, with a distribution-free 95% confidence interval for it.
+rounds' shares is reported, with a distribution-free 95% confidence interval for it. That interval holds the
+noise within one run only: between processes, in other phases of the machine, the share has moved by more (run
+the benchmark several times to see it).
 Step times are medians of the rounds' steps, after a warm-up (which includes compiling).
 """
 import json
@@ -186,7 +188,13 @@ def check_way(way):
     return who, mode
 
 
-def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=False, json_path=None):
+def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=False, json_path=None,
+        threads=None):
+    """Times every way of every model (`interleaved_times`), prints a line each and the ratios, and returns
+    both. `threads`: torch's thread count for the run (None: torch's default), on which bcnswift.torch's
+    kernels run too."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     ops = "native" if uses_native_operators() else f"Python ({_native.reason})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), bcnswift.torch's kernels on "
           f"{_kernel_threads()}, its ops' kernels {ops}; training step: batch 8, 32x32, SGD; BCN "
@@ -211,7 +219,7 @@ def run(models=("small", "resnet18"), ways=WAYS, repeats=41, warmup=3, estimate=
             results[f"{model} {way}"] = {"ms_per_step": t * 1e3, "normalization_share": share,
                                          "normalization_share_ci95": [low, high]}
             print(f"{model} {way}: {t * 1e3:.1f} ms/step, normalization {_percent(share)}% "
-                  f"(95% CI {_percent(low)}..{_percent(high)}%)", flush=True)
+                  f"(this run's 95% CI {_percent(low)}..{_percent(high)}%)", flush=True)
         torch._dynamo.reset()
     ratios = {}
     for model in models:
