@@ -214,6 +214,25 @@ def test_the_bench_refuses_steps_that_diverged(monkeypatch):
     assert calls
 
 
+def test_the_torch_bench_runs_on_the_threads_asked_for(monkeypatch):
+    """--threads was accepted with --torch and ignored: the steps ran on torch's default threads."""
+    require("torch")
+    import torch
+    from bcnswift.torch import bench as torch_bench
+    seen = []
+
+    def step():
+        seen.append(torch.get_num_threads())
+        step.loss = torch.tensor(1.0)
+    monkeypatch.setattr(torch_bench, "stepper", lambda model, compiled: step)
+    before = torch.get_num_threads()
+    try:
+        torch_bench.run(models=("small",), ways=("bcnswift eager",), repeats=1, warmup=0, threads=1)
+        assert seen and set(seen) == {1}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_torch_bench_builds_torch_s_own_normalizations_for_scale():
     require("torch")
     from torch import nn
