@@ -254,6 +254,50 @@ static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* check_finish(flags, groups, x, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+ *              cn_weight, cn_bias, context): every check norm_forward's phase (c) makes of its arrays, without
+ * running it. A synchronized layer makes them before its exchange, so that a rank whose arrays the finish would
+ * refuse fails with the others (in the exchange's header), not alone after the others changed their buffers.
+ * x may hold no values (an empty rank's batch). */
+static PyObject *check_finish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 12, "check_finish") < 0) return NULL;
+    uint32_t flags;
+    int64_t groups, b, c, s, ctx_len;
+    npy_intp g;
+    int typenum;
+    void *x, *y, *ctx;
+    State st;
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
+        take_like(args[3], "y", flags, typenum, (npy_intp)(b * c * s), 1, &y) < 0 ||
+        take_state(args + 4, flags, typenum, (npy_intp)c, g, &st) < 0 || take_context(args[11], 1, &ctx, &ctx_len) < 0
+        || check_apart(args[3], "y (the output)", args + 4, forward_beside, 8) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* check_backward_finish(flags, groups, x, dx, grad_bn_weight, grad_bn_bias, grad_cn_weight, grad_cn_bias,
+ *                       context): every check norm_backward's phase (c) makes of its gradients and dx, without
+ * running it (as check_finish, for the backward's exchange). None stands for a gradient the call will make. */
+static PyObject *check_backward_finish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 9, "check_backward_finish") < 0) return NULL;
+    uint32_t flags;
+    int64_t groups, b, c, s, ctx_len;
+    npy_intp g;
+    int typenum;
+    void *x, *dx, *gbw, *gbb, *gcw, *gcb, *ctx;
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
+        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
+        take_like(args[3], "dx", flags, typenum, (npy_intp)(b * c * s), 1, &dx) < 0 ||
+        take(args[4], "grad_bn_weight", typenum, 1, c, 1, 0, &gbw) < 0 ||
+        take(args[5], "grad_bn_bias", typenum, 1, c, 1, 0, &gbb) < 0 ||
+        take(args[6], "grad_cn_weight", typenum, 1, g, 1, 0, &gcw) < 0 ||
+        take(args[7], "grad_cn_bias", typenum, 1, g, 1, 0, &gcb) < 0 || take_context(args[8], 1, &ctx, &ctx_len) < 0
+        || check_apart(args[3], "dx (the input gradient)", args + 4, backward_beside, 5) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* norm_moments(flags, groups, x, moments or None, context): forward phase (a). */
 static PyObject *norm_moments(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 5, "norm_moments") < 0) return NULL;
@@ -593,6 +637,9 @@ static const bcn_c_api c_api = {
 static PyMethodDef methods[] = {
     {"norm_forward", FASTCALL(norm_forward), "fused normalization forward (or its phase (c))"},
     {"norm_moments", FASTCALL(norm_moments), "forward phase (a): plane moments and the batch's moments"},
+    {"check_finish", FASTCALL(check_finish), "the checks of norm_forward's phase (c), without running it"},
+    {"check_backward_finish", FASTCALL(check_backward_finish),
+     "the checks of norm_backward's phase (c), without running it"},
     {"running_update", FASTCALL(running_update), "the running buffers' update alone, from the batch's moments"},
     {"merge", FASTCALL(merge), "phase (b): merge moment sets (width 3) or gradient sums (width 2)"},
     {"norm_backward", FASTCALL(norm_backward), "fused normalization backward (or its phase (c))"},

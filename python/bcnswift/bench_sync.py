@@ -7,7 +7,7 @@ the same per-process batch, under MPI; rank 0 prints medians.
 Each repeat times the local step, the synchronized step and the allgathers alone, each after a barrier and as the
 slowest rank's time, in turn (which runs first alternates). The extra time is the median of the repeats'
 differences, synchronized minus local, so that a slow phase of the machine falls on both sides of it. It should be
-close to the three allgathers (the forward's header and moments, the backward's header with sums: a few kilobytes
+close to the four allgathers (the forward's header and moments, the backward's header and sums: a few kilobytes
 each at C = 256).
 """
 import json
@@ -57,9 +57,8 @@ def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
         return lambda: (layer(x, out=y), layer.backward(dy, out=dx))
 
     header = np.zeros(HEADER_BYTES, np.uint8)
-    moments = np.zeros(3 * C)
-    both = np.zeros(HEADER_BYTES + 16 * C, np.uint8)
-    gathers = [(a, np.empty((size, a.size), a.dtype)) for a in (header, moments, both)]
+    moments, sums = np.zeros(3 * C), np.zeros(2 * C)
+    gathers = [(a, np.empty((size, a.size), a.dtype)) for a in (header, moments, header, sums)]
 
     def exchanges():
         for send, recv in gathers:
@@ -72,7 +71,7 @@ def main(shape=(2, 256, 14, 14), groups=32, repeats=200, json_path=None):
         print(f"{size} ranks, [{', '.join(map(str, shape))}] per rank, G = {groups}, float32, forward+backward, "
               f"{bcnswift.get_num_threads()} thread(s) per rank, median of {repeats}: local {t_local * 1e6:.0f} us, "
               f"synchronized {t_sync * 1e6:.0f} us, extra {t_extra * 1e6:.0f} us (median of the differences); "
-              f"the three allgathers alone {t_gather * 1e6:.0f} us", flush=True)
+              f"the four allgathers alone {t_gather * 1e6:.0f} us", flush=True)
         if json_path:
             result = {"ranks": size, "shape_per_rank": list(shape), "groups": groups,
                       "threads_per_rank": bcnswift.get_num_threads(), "repeats": repeats,

@@ -6,7 +6,9 @@ has count 0); every process sends a fixed-size *header* (status, the layer's con
 then, when every header says OK and every configuration agrees, its moments; (b) every process merges all the
 moment sets in rank order with Chan's formula (``_ext.merge``), so all hold bitwise the same statistics; (c) each
 finishes locally: running buffers, coefficients, output. The backward with batch statistics does the same with its
-2C per-channel gradient sums, in one allgather (header and sums together: the forward already agreed on C).
+2C per-channel gradient sums: a header, then the sums. Every exchange begins with the same fixed-size header, so
+that a rank in a forward meeting one in a backward is told so (RuntimeError on every rank) rather than a
+transport's collectives of two sizes meeting (undefined for MPI; gloo aborts the process).
 
 Failing together: an error before the exchange (wrong channel count, NaN with nan_policy="raise", a bad dy) is
 caught and sent in the header instead of moments; then every rank raises the same exception type, naming the
@@ -20,7 +22,9 @@ A transport is anything with mpi4py's ``Get_rank()``, ``Get_size()`` and ``Allga
 numpy buffers (recvbuf is [size, len(sendbuf)]): an mpi4py communicator, or ``bcnswift.torch``'s adapter over
 torch.distributed. With ``timeout`` (seconds) and a transport that has ``Iallgather`` (mpi4py), the exchange polls
 and raises TimeoutError when some rank has not arrived in time; the collective is then still pending, so the
-communicator must not be used again (end the job, e.g. ``comm.Abort()``).
+communicator must not be used again (end the job, e.g. ``comm.Abort()``). Its buffers are kept for the life of
+the process (`_ABANDONED`), since MPI may still write the late ranks' data into them, and every later exchange over
+that communicator raises RuntimeError at once instead of pairing with the pending one.
 """
 import struct
 import time
@@ -50,6 +54,12 @@ _FLAG_WORDS = [(_ext.BCN_BATCH_NORM, "the batch-norm stage", ("absent", "present
                (_ext.BCN_TRAINING, "training", (False, True)),
                (_ext.BCN_NAN_RAISE, "nan_policy", ("'propagate'", "'raise'"))]
 _ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError}
+
+#: (request, send, recv) of every exchange that timed out: the collective is still pending, and MPI writes into
+#: recv (and reads send) whenever it progresses, so these arrays must never return to numpy's allocator
+_ABANDONED = []
+#: communicators with an abandoned exchange pending: any later exchange over one would pair with it
+_BROKEN = []
 _MOMENTS, _SUMS = 1, 2
 
 
@@ -183,6 +193,9 @@ class Synchronizer:
         return self.comm.Get_size()
 
     def _allgather(self, send):
+        if any(self.comm is c or _same_comm(self.comm, c) for c in _BROKEN):
+            raise RuntimeError(f"rank {self.rank}: an earlier statistics exchange over this communicator timed out "
+                               "and is still pending; it cannot be used again (end the job, e.g. comm.Abort())")
         recv = np.empty((self.size, send.size), send.dtype)
         if self.timeout is None or not hasattr(self.comm, "Iallgather"):
             self.comm.Allgather(send, recv)
@@ -192,6 +205,8 @@ class Synchronizer:
         pause = 1e-6
         while not request.Test():
             if time.monotonic() > deadline:
+                _ABANDONED.append((request, send, recv))
+                _BROKEN.append(self.comm)
                 raise TimeoutError(f"rank {self.rank}: some rank did not reach the statistics exchange within "
                                    f"{self.timeout:g} s; the exchange is still pending, so this communicator "
                                    "cannot be used again (end the job, e.g. comm.Abort())")
@@ -236,14 +251,13 @@ class Synchronizer:
         return _ext.merge(3, self._allgather(m))
 
     def gradient_sums(self, config, local):
-        """The backward's per-channel sums over every rank, added in rank order (2C float64), in one exchange
-        with the header. `local()` returns this rank's (zeros for an empty batch) or raises. `config` must be the
+        """The backward's per-channel sums over every rank, added in rank order (2C float64), after a header as
+        the forward's (the same size: see the module docstring). `local()` returns this rank's (zeros for an empty batch) or raises. `config` must be the
         forward's, which every rank agreed on: its channel count sizes what every rank sends."""
         sums, error = _local_values(local, 2 * config.channels, "gradient sums")
         mine = self._header(config, _SUMS, error)
-        gathered = self._allgather(np.concatenate([mine, sums.view(np.uint8)]))
-        self._check_chained(gathered[:, :HEADER_BYTES], mine, error)
-        return _ext.merge(2, np.ascontiguousarray(gathered[:, HEADER_BYTES:]).view(np.float64))
+        self._check_chained(self._allgather(mine), mine, error)
+        return _ext.merge(2, self._allgather(sums))
 
     def _check_chained(self, headers, mine, error):
         """`_check`, whose exception, when this rank failed on its own (`error`), keeps that failure's traceback
@@ -267,6 +281,15 @@ def _local_values(local, count, what):
         return values, None
     except Exception as e:  # noqa: BLE001 - see above
         return np.zeros(count), e
+
+
+def _same_comm(a, b):
+    """Whether transports `a` and `b` are one communicator (mpi4py's compare their handles with ==); never
+    raises."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def mpi_world():

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _ext
 from .distributed import UNSENT, LayerConfig, Synchronizer, mpi_world
-from .layers import BatchChannelNorm, BatchNorm
+from .layers import BatchChannelNorm, BatchNorm, _momentum, _positive_float, check_cumulative_count
 
 
 class _Synchronized:
@@ -65,6 +65,7 @@ class _Synchronized:
             if unmade is not None:
                 raise unmade
             xl, y, flags, ctx = self._prepare_forward(x, out)
+            self._check_finish(xl, y, flags, ctx)
             m = np.zeros(3 * self.num_channels)
             if xl.size:
                 self._call(_ext.norm_moments, flags, self.num_groups, xl, m, ctx)
@@ -86,6 +87,22 @@ class _Synchronized:
 
     __call__ = forward
 
+    def _check_finish(self, x, y, flags, ctx):
+        """Every check this rank's finish will make after the exchange (the forward's phase (c), or an empty
+        rank's running update), made before it: a rank that would fail there alone, after the others changed
+        their buffers, fails in the exchange with them instead (its error in the header). The settings' values
+        (assigned after construction, say), the parameters', buffers' and output's arrays."""
+        bn, cn = self._has_bn, self._has_cn
+        _ext.check_finish(flags, self.num_groups, x, y, self.bn_weight if bn else None, self.bn_bias if bn else None,
+                          self.running_mean if bn else None, self.running_var if bn else None,
+                          self.num_batches_tracked if bn else None, self.weight if cn else None,
+                          self.bias if cn else None, ctx)
+        _positive_float(self.eps, "eps")
+        if bn:
+            _positive_float(self.bn_eps, "bn_eps")
+            if _momentum(self.momentum) is None:
+                check_cumulative_count(int(self.num_batches_tracked))
+
     def backward(self, dy, out=None):
         """As the layer's backward; after a training forward with batch statistics, with the gradient sums of
         every rank's batch together. Parameter gradients are this rank's contribution."""
@@ -100,6 +117,9 @@ class _Synchronized:
 
             def sums():
                 x, ctx, flags, dyl, dx = self._prepare_backward(dy, out)
+                g = self._gradients()
+                _ext.check_backward_finish(flags, self.num_groups, x, dx,
+                                           *(None if k is None else g.get(k) for k in self._gradient_keys), ctx)
                 s = np.zeros(2 * self.num_channels)
                 if x.size:
                     self._call(_ext.norm_backward_sums, flags, self.num_groups, x, dyl, s, ctx)

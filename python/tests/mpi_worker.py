@@ -39,10 +39,21 @@ def run_all():
 
 
 def run_timeout():
+    """Rank 0 times out; the last rank arrives late, after it, and joins the collective rank 0 abandoned. Rank 0
+    then allocates an array of that exchange's receive buffer's size and drives MPI's progress on another
+    communicator: the late rank's data must not land in that array (the abandoned buffers are kept), and a
+    second call must refuse the communicator."""
+    from bcnswift.distributed import HEADER_BYTES
+    other = comm.Dup()  # collective: every rank, first
     layer = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=comm, timeout=2.0)
     x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.0
     if rank == size - 1:
-        time.sleep(6)  # never arrives; then leaves without calling
+        time.sleep(3.5)  # late: rank 0 has given up
+        try:
+            layer(x)  # meets rank 0's pending header, then waits for moments that never come
+        except TimeoutError:
+            pass
+        time.sleep(20)  # until rank 0 ends the job
         sys.exit(0)
     t0 = time.monotonic()
     try:
@@ -51,6 +62,19 @@ def run_timeout():
     except TimeoutError as e:
         report = {"rank": rank, "raised": "TimeoutError", "seconds": time.monotonic() - t0, "message": str(e),
                   "running_mean_unchanged": bool((layer.running_mean == 0).all())}
+    # (after the except clause, which kept the exchange's frame, and so its buffers, alive through the exception)
+    fresh = np.zeros((size, HEADER_BYTES), np.uint8)  # the size of the abandoned header exchange's recv
+    if report["raised"]:
+        end = time.monotonic() + 4.0
+        while time.monotonic() < end:
+            other.Iprobe()
+            time.sleep(0.01)
+        report["fresh_untouched"] = not fresh.any()
+        try:
+            layer(x)
+            report["second_call"] = None
+        except Exception as e2:  # noqa: BLE001 - reported
+            report["second_call"] = f"{type(e2).__name__}: {e2}"
     # a file, not stdout: the launcher may tear down before it forwards the output of an aborting job
     with open(sys.argv[2], "w") as f:
         json.dump(report, f)

@@ -155,14 +155,30 @@ def failure(rank, size, comm, case, seed=SEED):
         layer.momentum = "a"
     if case == "config_type" and bad:  # set after construction: no configuration can be made of it
         layer.dtype = "float64"
+    # arrays and values that only the finish after the exchange used to refuse, on one rank (or, eps 0, on an
+    # empty rank that finishes with a running update alone, which never read eps)
+    if case == "running_var_dtype" and bad:
+        layer.bn.running_var = np.ones(C, np.float32)
+    if case == "bn_weight_size" and bad:
+        layer.bn.weight = np.ones(C - 1)
+    if case == "weight_size" and bad:
+        layer.weight = np.ones(G + 1)
+    if case == "eps_zero_empty":
+        layer.eps = 0.0
+        x = x[:0] if rank == 0 else x
     before = {k: v.copy() for k, v in layer.state_dict().items()}
     result = {"raised": None, "message": ""}
     try:
-        if case == "bad_dy":
+        if case in BACKWARD_FAILURES:
             layer(x)
+            if case == "grad_dtype" and bad:
+                layer.grads["bn.weight"] = np.zeros(C, np.float32)
             before = {k: v.copy() for k, v in layer.state_dict().items()}
             grads_before = {k: v.copy() for k, v in layer.grads.items()}
-            layer.backward(dy[:, :, :2] if bad else dy)
+            if case == "phase" and bad:  # a forward, where the others make a backward
+                layer(x)
+            else:
+                layer.backward(dy[:, :, :2] if case == "bad_dy" and bad else dy)
         else:
             layer(x)
     except Exception as e:  # noqa: BLE001 - the test asserts on the type
@@ -171,11 +187,18 @@ def failure(rank, size, comm, case, seed=SEED):
         result = {"raised": type(e).__name__, "message": str(e), "cause": cause and type(cause).__name__}
     after = layer.state_dict()
     result["unchanged"] = all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
-    if case == "bad_dy":
+    if case in BACKWARD_FAILURES:
         result["unchanged"] &= all(np.array_equal(grads_before[k], layer.grads[k]) for k in grads_before)
     return result
 
 
 FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps",
             "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around", "nan_policy",
-            "momentum_type", "config_type"]
+            "momentum_type", "config_type", "running_var_dtype", "bn_weight_size", "weight_size", "eps_zero_empty",
+            "grad_dtype", "phase"]
+#: what every rank raises in each case of FAILURES (ValueError where not named)
+RAISED = {"nan": "FloatingPointError", "all_nan": "FloatingPointError", "momentum_type": "TypeError",
+          "config_type": "RuntimeError", "running_var_dtype": "TypeError", "grad_dtype": "TypeError",
+          "phase": "RuntimeError"}
+#: the cases that fail in a backward (after a forward that every rank made)
+BACKWARD_FAILURES = ("bad_dy", "grad_dtype", "phase")

@@ -57,7 +57,7 @@ def test_compiled_ddp_training_runs_the_exchange_eagerly_and_graph_captures_refu
 def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
     n, ranks = reports
     for name in ranks[0]:
-        if name.startswith("failure") or name in ("all empty", "outside the group"):
+        if name.startswith("failure") or name in ("all empty", "outside the group", "phase mismatch"):
             continue
         tol = 1e-5 if "float32" in name else 1e-12
         for rank, report in enumerate(ranks):
@@ -120,6 +120,13 @@ def test_a_backward_that_fails_before_the_exchange_raises_on_every_rank(reports)
     raised = [r["failure backward"] for r in ranks]
     assert {r["raised"] for r in raised} == {"TypeError"}, raised
     assert all(f"rank {n - 1} of {n} failed" in r["message"] for r in raised[:-1]), raised
+
+
+def test_a_forward_meeting_a_backward_raises_on_every_rank_and_kills_none(reports):
+    n, ranks = reports
+    met = [r["phase mismatch"] for r in ranks]  # (a rank that gloo aborted would have written no report)
+    assert {r["raised"] for r in met} == {"RuntimeError"}, met
+    assert all("the ranks are in different phases" in r["message"] and r["unchanged"] for r in met), met
 
 
 def test_a_training_batch_empty_on_every_rank_changes_what_one_process_changes(reports):

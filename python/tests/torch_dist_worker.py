@@ -263,6 +263,28 @@ def failure_in_backward(rank, size):
         return {"raised": type(e).__name__, "message": str(e)}
 
 
+def phase_mismatch(rank, size):
+    """The last rank makes a forward while the others make the backward of theirs: every rank raises the same
+    RuntimeError. The backward once sent its header and sums in one allgather, larger than the forward's header
+    alone, and gloo answered collectives of two sizes by aborting the process (SIGABRT)."""
+    import bcnswift.torch as bt
+    layer = bt.SyncBCNorm(8, 4, dtype=torch.float64)
+    x = batches(SEED, [2] * size, 8, torch.float64)[0][rank].clone().requires_grad_()
+    y = layer(x)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    try:
+        if rank == size - 1:
+            layer(x)
+        else:
+            y.sum().backward()
+        out = {"raised": None, "message": ""}
+    except Exception as e:  # noqa: BLE001
+        out = {"raised": type(e).__name__, "message": str(e)}
+    out["unchanged"] = all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items()) and (
+        x.grad is None and all(p.grad is None for p in layer.parameters()))
+    return out
+
+
 def outside_the_group(rank, size):
     """A module on a process group without the last rank, called on every rank: its members train together, the
     last rank gets a RuntimeError saying it is no member (its rank and size in the group were -1: it raised a
@@ -294,6 +316,7 @@ def run_all(rank, size):
                  "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
+    out["phase mismatch"] = phase_mismatch(rank, size)
     out["outside the group"] = outside_the_group(rank, size)
     out["all empty"] = all_empty(rank, size)
     return out
