@@ -157,6 +157,16 @@ def test_convert_shares_parameters_and_keeps_the_state_dict():
     assert isinstance(converted[1], bt.SyncBCNorm) and isinstance(converted[2], bt.SyncBatchChannelNorm)
     assert converted[1].weight is weight and list(converted.state_dict()) == keys
     assert isinstance(bt.convert_sync_batch_channel_norm(bt.BCNorm(8, 4)), bt.SyncBCNorm)
+    # the same tensors, in containers of their own: what is registered on one module stays there
+    original = bt.BCNorm(8, 4, estimate=True)
+    pair = bt.convert_sync_batch_channel_norm(original)
+    fired = []
+    pair.register_forward_hook(lambda *a: fired.append("converted"))
+    pair.register_buffer("extra", torch.zeros(1))
+    pair.register_parameter("more", torch.nn.Parameter(torch.ones(1)))
+    assert "extra" not in original.state_dict() and "more" not in dict(original.named_parameters())
+    original.eval()(torch.randn(2, 8, 3) + 1.0)
+    assert not fired and pair.weight is original.weight and pair.bn is original.bn
     # eval needs no process group and exchanges nothing
     converted.eval()
     x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(4)) + 1.0

@@ -10,6 +10,7 @@ nn.SyncBatchNorm. A failing rank, or layers that disagree, make every rank raise
 turns into gloo's timeout error (``init_process_group(timeout=...)``). CPU float32/float64 tensors; the process
 group may use any backend whose all_gather_into_tensor takes CPU tensors (gloo).
 """
+import copy
 import math
 
 import numpy as np
@@ -316,7 +317,10 @@ def _synchronized(module, process_group):
         new = SyncBatchChannelNorm.__new__(SyncBatchChannelNorm)
     else:
         return None
-    new.__dict__.update(module.__dict__)  # the same parameters, buffers and submodules, shared
+    # the same parameters, buffers and submodules, in containers of its own (as nn.SyncBatchNorm's conversion
+    # makes): shared dicts would make a hook, buffer or child registered on one module appear on the other
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                         for k, v in module.__dict__.items()})
     new.__dict__.pop("_kernel_views", None)  # but views of its own (KernelViews)
     new.process_group = process_group
     return new
