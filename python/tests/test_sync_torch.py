@@ -78,6 +78,8 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor"),
             ("failure momentum", "TypeError", f"rank {n - 1} of {n} failed: TypeError: momentum must be a number"),
             ("failure sizes", "ValueError", f"rank {n - 1} of {n} failed: ValueError: cn_weight has 3 elements"),
+            ("failure param dtype", "TypeError", f"rank {n - 1} of {n} failed: TypeError: cn_weight has dtype "
+                                                 "float32"),
             ("failure groups type", "TypeError", f"rank {n - 1} of {n} failed: TypeError"),
             ("failure estimate", "ValueError", f"estimate is False on rank 0 but True on rank {n - 1}"),
             ("failure speed", "ValueError", f"rank {n - 1} of {n} failed: ValueError: estbn_moving_speed must be in "

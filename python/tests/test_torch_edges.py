@@ -1237,3 +1237,96 @@ def test_a_recomputing_checkpoint_gives_the_documents_gradients(name, make, make
         assert (grads[k] - g).abs().max() <= 1e-10 * g.abs().max().clamp_min(1e-300), f"{name}, {way}: d{k}"
     for k, v in state_ref.items():
         assert torch.allclose(state[k].double(), v.double(), rtol=1e-12, atol=1e-12), f"{name}, {way}: {k}"
+
+
+# ---- from a mutation test of the torch front end (each fails on a mutant the suite let through) ---------------
+
+def test_a_cumulative_average_trains_as_torch_s_on_both_routes(route, gen):
+    """momentum=None: the running statistics are the average of every batch's, as nn.BatchNorm2d keeps them (the
+    composed route's factor 1/count was not tested: a factor 1/(count + 1) went unnoticed)."""
+    m = bt.BCNorm(8, 4).double()
+    m.bn.momentum = None
+    torch_bn = copy.deepcopy(m.bn)
+    for step in range(3):
+        x = rand_input(gen, (4, 8, 3, 3))
+        m(x), torch_bn(x)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(m.bn, k), getattr(torch_bn, k), rtol=1e-12, atol=1e-12,
+                                       msg=f"step {step}: {k} on the {route} route")
+
+
+_COUNTED = [(n, f) for n, f, _, _ in MODULES if "num_batches_tracked" in dict(_bn(f(8, 4)).named_buffers())]
+
+
+@pytest.mark.parametrize("name,make", _COUNTED, ids=[n for n, _ in _COUNTED])
+def test_a_float_count_beside_dense_statistics_trains_as_an_int64_one(name, make, route, gen):
+    """Only the count set by hand as a float (statistics dense, as loading with assign=True can leave them): the
+    kernels, which take an int64 count, must not be handed it; the composed route counts in it, in place."""
+    plain = make(8, 4).double()
+    hand = copy.deepcopy(plain)
+    stage = _bn(hand)
+    stage.num_batches_tracked = stage.num_batches_tracked.double()
+    count = stage.num_batches_tracked
+    for step in range(2):
+        x = rand_input(gen, (4, 8, 3, 3))
+        torch.testing.assert_close(hand(x), plain(x), rtol=1e-12, atol=1e-12, msg=f"{name}, step {step}: output")
+        for k, b in _bn(plain).named_buffers(recurse=False):
+            torch.testing.assert_close(getattr(stage, k).to(b.dtype), b, rtol=1e-12, atol=1e-12,
+                                       msg=f"{name}, step {step}: {k}")
+    assert stage.num_batches_tracked is count and count.dtype == torch.float64
+    assert count.item() == _bn(plain).num_batches_tracked.item()  # 2 where the module counts (EstBN counts none)
+
+
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(8, 4), lambda: bt.BatchChannelNorm(8, 4),
+                                  lambda: bt.ChannelNorm(8, 4)], ids=["BCNorm", "labml", "ChannelNorm"])
+def test_a_float64_module_given_float32_takes_the_composed_route(make, gen, kernel_calls, monkeypatch):
+    """torch's norms refuse mixed dtypes; bcnswift's take the composed route (documented in PYTORCH.md): the
+    kernels take one dtype, so they must not be called."""
+    m = make().double()
+    twin = copy.deepcopy(m)
+    x = rand_input(gen, (4, 8, 3, 3), torch.float32)
+    y = m(x)
+    assert y.dtype == torch.float32 and not kernel_calls.calls, kernel_calls.calls
+    monkeypatch.setattr(functional, "COMPOSED", True)
+    assert torch.equal(twin(x), y)
+
+
+@pytest.mark.parametrize("registrar", ["register_module_forward_pre_hook", "register_module_forward_hook",
+                                       "register_module_full_backward_hook",
+                                       "register_module_full_backward_pre_hook"])
+def test_every_global_hook_sees_the_stage(registrar, gen):
+    """A global hook of any kind makes the batch-norm stage run itself, so that the hook sees it."""
+    calls = []
+    handle = getattr(torch.nn.modules.module, registrar)(lambda mod, *args: calls.append(type(mod).__name__))
+    try:
+        x = rand_input(gen, (4, 8, 5, 5)).requires_grad_()
+        bt.BCNorm(8, 4).double()(x).square().sum().backward()
+    finally:
+        handle.remove()
+    assert "BatchNorm2d" in calls and "BCNorm" in calls, calls
+
+
+@pytest.mark.parametrize("kind", ["register_full_backward_hook", "register_full_backward_pre_hook"])
+def test_a_backward_hook_alone_on_the_stage_runs(kind, route, gen):
+    m = bt.BCNorm(8, 4).double()
+    ran = []
+    getattr(_stage_child(m), kind)(lambda mod, *grads: ran.append(len(grads)))
+    x = rand_input(gen, (4, 8, 5, 5)).requires_grad_()
+    m(x).square().sum().backward()
+    assert ran, f"{kind} on the stage did not run ({route} route)"
+
+
+def test_an_unbiased_running_variance_of_one_value_per_channel_is_refused_on_both_routes(route, gen):
+    """A hand-built stage that estimates with an unbiased running variance, given one value per channel: the
+    kernels' ValueError, in their words, on both routes (the composed route's check was untested: without it, it
+    divides by zero), and nothing changed."""
+    C = 4
+    stage = functional.BatchNormStage(
+        _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_UNBIASED_RUNNING_VAR, 1e-5, 0.1, None,
+        torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64),
+        torch.ones(C, dtype=torch.float64), torch.tensor(0), True, True)
+    with pytest.raises(ValueError, match="an unbiased running variance needs more than 1 value per channel, got 1 "
+                                         "value per channel over the whole batch"):
+        functional.batch_channel_norm(rand_input(gen, (1, C)), stage, None)
+    assert torch.equal(stage.running_mean, torch.zeros(C, dtype=torch.float64))
+    assert torch.equal(stage.running_var, torch.ones(C, dtype=torch.float64)) and int(stage.num_batches_tracked) == 0

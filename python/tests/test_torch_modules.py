@@ -441,6 +441,21 @@ def test_fold_weight_standardization_gives_plain_layers_with_the_same_outputs(ge
     folded = bt.fold_weight_standardization(model)
     assert [type(m) for m in folded] == [nn.Conv2d, bt.BCNorm, nn.ReLU, nn.ConvTranspose2d, nn.Flatten, nn.Linear]
     torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
+    assert not any(m.training for m in folded.modules())  # an eval model folds into one
+
+
+@pytest.mark.parametrize("estimate", [False, True])
+def test_convert_keeps_each_layer_s_mode(estimate, gen):
+    """An eval model converted stays in eval (its BCNorms would otherwise normalize with batch statistics and
+    move their running buffers at inference); a training one stays in training."""
+    for training in (False, True):
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GroupNorm(4, 8)).double().train(training)
+        bt.convert(m, 4, estimate=estimate)
+        assert {c.training for c in m.modules()} == {training}, (training, m)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        m(rand_input(gen, (2, 3, 6, 6)))
+        moved = [k for k, v in m.state_dict().items() if not torch.equal(v, before[k])]
+        assert bool(moved) == training, (training, moved)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")

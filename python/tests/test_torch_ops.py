@@ -751,3 +751,18 @@ def test_a_moving_speed_holds_one_value_and_an_update_needs_its_buffers(gen):
     with pytest.raises(ValueError, match="updating the running statistics needs running_mean and running_var"):
         _ops.update_running_(None, None, None, m, TORCH_BN | TR, 0.1, None)
     assert torch.equal(rm, torch.zeros(4, dtype=torch.float64))
+
+
+def test_the_fake_kernels_refuse_a_group_count_below_one(gen):
+    """Under FakeTensorMode (tracing, torch.compile's first pass) num_groups 0 is refused as the real kernels refuse
+    it, not later at run time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    flags = _ext.BCN_BATCH_NORM | _ext.BCN_CHANNEL_NORM | _ext.BCN_TRAINING
+    x = rand_input(gen, (2, 8, 3, 3))
+    w, b = torch.ones(8, dtype=x.dtype), torch.zeros(8, dtype=x.dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for groups in (0, -2):
+            with pytest.raises(ValueError, match=f"num_groups must be positive, got {groups}"):
+                _ops.moments(x, flags, groups)
+            with pytest.raises(ValueError, match=f"num_groups must be positive, got {groups}"):
+                _ops.normalize_batch(x, w, b, w[:4], b[:4], flags, groups, 1e-5, 1e-5)

@@ -172,7 +172,7 @@ def failure(rank, size, case):
     C = 8
     bad = rank == size - 1
     dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
-    estimate = case in ("eps", "input dtype", "sizes", "speed") or case == "estimate" and bad
+    estimate = case in ("eps", "input dtype", "sizes", "speed", "param dtype") or case == "estimate" and bad
     with torch.inference_mode(case == "inference buffers" and bad):
         layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
     if case == "own forward" and bad:
@@ -202,6 +202,8 @@ def failure(rank, size, case):
         layer.bn.momentum = "a"
     if case == "groups type" and bad:  # a header cannot carry it: the rank's error instead, on every rank
         layer.num_groups = 4.0
+    if case == "param dtype" and bad:  # checked before estimate mode's update of the buffers, on every rank
+        layer.weight = torch.nn.Parameter(torch.ones(1, 4, 1, dtype=torch.float32))
     if case == "sizes" and bad:
         layer.weight = torch.nn.Parameter(torch.ones(1, 3, 1, dtype=dtype))
     if case == "strided buffers" and bad:
@@ -313,7 +315,7 @@ def run_all(rank, size):
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
                  "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
-                 "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean"):
+                 "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean", "param dtype"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["phase mismatch"] = phase_mismatch(rank, size)

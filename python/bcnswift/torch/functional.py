@@ -201,8 +201,9 @@ def _check_values(x, flags, groups, training, update):
     if flags & _ext.BCN_BATCH_NORM and B * S == 1:
         if training:
             raise ValueError(f"Expected more than 1 value per channel when training, got {size}")
-        if update and flags & _ext.BCN_UNBIASED_RUNNING_VAR:
-            raise ValueError(f"an unbiased running variance needs more than 1 value per channel, got {size}")
+        if update and flags & _ext.BCN_UNBIASED_RUNNING_VAR:  # the kernels find it in the batch's moments
+            raise ValueError("an unbiased running variance needs more than 1 value per channel, got 1 value per "
+                             "channel over the whole batch")
 
 
 def _empty_output(x, tensors):
