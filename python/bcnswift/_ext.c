@@ -211,90 +211,71 @@ static const char *const forward_beside[] = {"bn_weight", "bn_bias", "running_me
 static const char *const backward_beside[] = {"grad_bn_weight", "grad_bn_bias", "grad_cn_weight", "grad_cn_bias",
                                               "context", "sums"};
 
+/* norm_forward's arguments, taken and checked. */
+typedef struct {
+    uint32_t flags;
+    int64_t groups, b, c, s, ctx_len;
+    double eps, bn_eps, momentum;
+    int typenum, finish;
+    void *x, *y, *ctx, *moments;
+    State st;
+} ForwardCall;
+
+/* Everything norm_forward checks before its kernels run, for it and for check_finish. */
+static int take_forward(PyObject *const *args, Py_ssize_t nargs, const char *name, ForwardCall *f) {
+    if (nargs != 15 && check_nargs(nargs, 16, name) < 0) return -1;
+    npy_intp g;
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &f->flags) < 0 || parse_groups(args[1], f->flags, &f->groups, &g) < 0)
+        return -1;
+    f->eps = PyFloat_AsDouble(args[2]), f->bn_eps = PyFloat_AsDouble(args[3]), f->momentum = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred()) return -1;
+    if (take_input(args[5], "x", f->flags, 0, &f->b, &f->c, &f->s, &f->typenum, &f->x) < 0 ||
+        take_like(args[6], "y", f->flags, f->typenum, (npy_intp)(f->b * f->c * f->s), 1, &f->y) < 0 ||
+        take_state(args + 7, f->flags, f->typenum, (npy_intp)f->c, g, &f->st) < 0 ||
+        take_context(args[14], 1, &f->ctx, &f->ctx_len) < 0)
+        return -1;
+    f->finish = nargs == 16;
+    f->moments = NULL;
+    if (f->finish && take_doubles(args[15], "moments", (npy_intp)(3 * f->c), 0, 1, &f->moments) < 0) return -1;
+    return check_apart(args[6], "y (the output)", args + 7, forward_beside, f->finish ? 9 : 8);
+}
+
 /* norm_forward(flags, groups, eps, bn_eps, momentum, x, y, bn_weight, bn_bias, running_mean, running_var,
  *              num_batches_tracked, cn_weight, cn_bias, context[, moments])
  * With the 16th argument (the batch's moments, or None) it runs phase (c) only (bcn_norm_finish_*). */
 static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 15 && check_nargs(nargs, 16, "norm_forward") < 0) return NULL;
-    uint32_t flags;
-    int64_t groups, b, c, s, ctx_len;
-    npy_intp g;
-    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0) return NULL;
-    double eps = PyFloat_AsDouble(args[2]), bn_eps = PyFloat_AsDouble(args[3]), momentum = PyFloat_AsDouble(args[4]);
-    if (PyErr_Occurred()) return NULL;
-    int typenum;
-    void *x, *y, *ctx, *moments = NULL;
-    State st;
-    if (take_input(args[5], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
-        take_like(args[6], "y", flags, typenum, (npy_intp)(b * c * s), 1, &y) < 0 ||
-        take_state(args + 7, flags, typenum, (npy_intp)c, g, &st) < 0 || take_context(args[14], 1, &ctx, &ctx_len) < 0)
-        return NULL;
-    int finish = nargs == 16;
-    if (finish && take_doubles(args[15], "moments", (npy_intp)(3 * c), 0, 1, &moments) < 0) return NULL;
-    if (check_apart(args[6], "y (the output)", args + 7, forward_beside, finish ? 9 : 8) < 0) return NULL;
+    ForwardCall f;
+    if (take_forward(args, nargs, "norm_forward", &f) < 0) return NULL;
+    State st = f.st;
     char message[MESSAGE_CAPACITY];
     int32_t status;
     Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        status = finish ? bcn_norm_finish_f32(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb, st.rm,
-                                              st.rv, st.nbt, st.cw, st.cb, moments, ctx, ctx_len, message,
-                                              MESSAGE_CAPACITY)
-                        : bcn_norm_forward_f32(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb,
-                                               st.rm, st.rv, st.nbt, st.cw, st.cb, ctx, ctx_len, message,
-                                               MESSAGE_CAPACITY);
+    if (f.typenum == NPY_FLOAT32)
+        status = f.finish ? bcn_norm_finish_f32(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x, f.y,
+                                                st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.moments, f.ctx,
+                                                f.ctx_len, message, MESSAGE_CAPACITY)
+                          : bcn_norm_forward_f32(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x,
+                                                 f.y, st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.ctx,
+                                                 f.ctx_len, message, MESSAGE_CAPACITY);
     else
-        status = finish ? bcn_norm_finish_f64(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb, st.rm,
-                                              st.rv, st.nbt, st.cw, st.cb, moments, ctx, ctx_len, message,
-                                              MESSAGE_CAPACITY)
-                        : bcn_norm_forward_f64(flags, b, c, s, groups, eps, bn_eps, momentum, x, y, st.bw, st.bb,
-                                               st.rm, st.rv, st.nbt, st.cw, st.cb, ctx, ctx_len, message,
-                                               MESSAGE_CAPACITY);
+        status = f.finish ? bcn_norm_finish_f64(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x, f.y,
+                                                st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.moments, f.ctx,
+                                                f.ctx_len, message, MESSAGE_CAPACITY)
+                          : bcn_norm_forward_f64(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x,
+                                                 f.y, st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.ctx,
+                                                 f.ctx_len, message, MESSAGE_CAPACITY);
     Py_END_ALLOW_THREADS
     if (status != BCN_OK) return raise_status(status, message);
     Py_RETURN_NONE;
 }
 
-/* check_finish(flags, groups, x, y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
- *              cn_weight, cn_bias, context): every check norm_forward's phase (c) makes of its arrays, without
- * running it. A synchronized layer makes them before its exchange, so that a rank whose arrays the finish would
- * refuse fails with the others (in the exchange's header), not alone after the others changed their buffers.
- * x may hold no values (an empty rank's batch). */
+/* check_finish(<norm_forward's 16 arguments, moments None>): every check norm_forward makes of its arguments
+ * (take_forward), without running it. A synchronized layer makes them before its exchange, so that a rank whose
+ * arrays the finish would refuse fails with the others (in the exchange's header), not alone after the others
+ * changed their buffers. x may hold no values (an empty rank's batch). */
 static PyObject *check_finish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs(nargs, 12, "check_finish") < 0) return NULL;
-    uint32_t flags;
-    int64_t groups, b, c, s, ctx_len;
-    npy_intp g;
-    int typenum;
-    void *x, *y, *ctx;
-    State st;
-    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
-        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
-        take_like(args[3], "y", flags, typenum, (npy_intp)(b * c * s), 1, &y) < 0 ||
-        take_state(args + 4, flags, typenum, (npy_intp)c, g, &st) < 0 || take_context(args[11], 1, &ctx, &ctx_len) < 0
-        || check_apart(args[3], "y (the output)", args + 4, forward_beside, 8) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-/* check_backward_finish(flags, groups, x, dx, grad_bn_weight, grad_bn_bias, grad_cn_weight, grad_cn_bias,
- *                       context): every check norm_backward's phase (c) makes of its gradients and dx, without
- * running it (as check_finish, for the backward's exchange). None stands for a gradient the call will make. */
-static PyObject *check_backward_finish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs(nargs, 9, "check_backward_finish") < 0) return NULL;
-    uint32_t flags;
-    int64_t groups, b, c, s, ctx_len;
-    npy_intp g;
-    int typenum;
-    void *x, *dx, *gbw, *gbb, *gcw, *gcb, *ctx;
-    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
-        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0 ||
-        take_like(args[3], "dx", flags, typenum, (npy_intp)(b * c * s), 1, &dx) < 0 ||
-        take(args[4], "grad_bn_weight", typenum, 1, c, 1, 0, &gbw) < 0 ||
-        take(args[5], "grad_bn_bias", typenum, 1, c, 1, 0, &gbb) < 0 ||
-        take(args[6], "grad_cn_weight", typenum, 1, g, 1, 0, &gcw) < 0 ||
-        take(args[7], "grad_cn_bias", typenum, 1, g, 1, 0, &gcb) < 0 || take_context(args[8], 1, &ctx, &ctx_len) < 0
-        || check_apart(args[3], "dx (the input gradient)", args + 4, backward_beside, 5) < 0)
-        return NULL;
+    ForwardCall f;
+    if (check_nargs(nargs, 16, "check_finish") < 0 || take_forward(args, nargs, "check_finish", &f) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -389,45 +370,69 @@ static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     return out;
 }
 
+/* norm_backward's arguments, taken and checked. */
+typedef struct {
+    uint32_t flags;
+    int64_t groups, b, c, s, ctx_len;
+    int typenum, finish;
+    void *x, *dy, *dx, *gbw, *gbb, *gcw, *gcb, *ctx, *sums;
+} BackwardCall;
+
+/* Everything norm_backward checks before its kernels run, for it and for check_backward_finish. */
+static int take_backward(PyObject *const *args, Py_ssize_t nargs, const char *name, BackwardCall *k) {
+    if (nargs != 10 && check_nargs(nargs, 11, name) < 0) return -1;
+    npy_intp g;
+    k->finish = nargs == 11;
+    k->sums = NULL;
+    if (parse_flags(args[0], BCN_FLAGS_ALL, &k->flags) < 0 || parse_groups(args[1], k->flags, &k->groups, &g) < 0 ||
+        take_input(args[2], "x", k->flags, 0, &k->b, &k->c, &k->s, &k->typenum, &k->x) < 0)
+        return -1;
+    npy_intp n = (npy_intp)(k->b * k->c * k->s), c = (npy_intp)k->c;
+    int t = k->typenum;
+    if (take_like(args[3], "dy", k->flags, t, n, 0, &k->dy) < 0 ||
+        take_like(args[4], "dx", k->flags, t, n, 1, &k->dx) < 0 ||
+        take(args[5], "grad_bn_weight", t, 1, c, 1, 0, &k->gbw) < 0 ||
+        take(args[6], "grad_bn_bias", t, 1, c, 1, 0, &k->gbb) < 0 ||
+        take(args[7], "grad_cn_weight", t, 1, g, 1, 0, &k->gcw) < 0 ||
+        take(args[8], "grad_cn_bias", t, 1, g, 1, 0, &k->gcb) < 0 ||
+        take_context(args[9], k->finish, &k->ctx, &k->ctx_len) < 0)
+        return -1;
+    if (k->finish && take_doubles(args[10], "sums", 2 * c, 0, 1, &k->sums) < 0) return -1;
+    return check_apart(args[4], "dx (the input gradient)", args + 5, backward_beside, k->finish ? 6 : 5);
+}
+
 /* norm_backward(flags, groups, x, dy, dx, grad_bn_weight, grad_bn_bias, grad_cn_weight, grad_cn_bias, context
  *               [, sums]): with the 11th argument (the batch's gradient sums, or None) backward phase (c) only. */
 static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10 && check_nargs(nargs, 11, "norm_backward") < 0) return NULL;
-    uint32_t flags;
-    int64_t groups, b, c, s, ctx_len;
-    npy_intp g;
-    int typenum;
-    void *x, *dy, *dx, *gbw, *gbb, *gcw, *gcb, *ctx, *sums = NULL;
-    int finish = nargs == 11;
-    if (parse_flags(args[0], BCN_FLAGS_ALL, &flags) < 0 || parse_groups(args[1], flags, &groups, &g) < 0 ||
-        take_input(args[2], "x", flags, 0, &b, &c, &s, &typenum, &x) < 0)
-        return NULL;
-    npy_intp n = (npy_intp)(b * c * s);
-    if (take_like(args[3], "dy", flags, typenum, n, 0, &dy) < 0 ||
-        take_like(args[4], "dx", flags, typenum, n, 1, &dx) < 0 ||
-        take(args[5], "grad_bn_weight", typenum, 1, c, 1, 0, &gbw) < 0 ||
-        take(args[6], "grad_bn_bias", typenum, 1, c, 1, 0, &gbb) < 0 ||
-        take(args[7], "grad_cn_weight", typenum, 1, g, 1, 0, &gcw) < 0 ||
-        take(args[8], "grad_cn_bias", typenum, 1, g, 1, 0, &gcb) < 0 ||
-        take_context(args[9], finish, &ctx, &ctx_len) < 0)
-        return NULL;
-    if (finish && take_doubles(args[10], "sums", (npy_intp)(2 * c), 0, 1, &sums) < 0) return NULL;
-    if (check_apart(args[4], "dx (the input gradient)", args + 5, backward_beside, finish ? 6 : 5) < 0) return NULL;
+    BackwardCall k;
+    if (take_backward(args, nargs, "norm_backward", &k) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
     Py_BEGIN_ALLOW_THREADS
-    if (typenum == NPY_FLOAT32)
-        status = finish ? bcn_norm_backward_finish_f32(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, sums, ctx,
-                                                       ctx_len, message, MESSAGE_CAPACITY)
-                        : bcn_norm_backward_f32(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, ctx, ctx_len,
-                                                message, MESSAGE_CAPACITY);
+    if (k.typenum == NPY_FLOAT32)
+        status = k.finish ? bcn_norm_backward_finish_f32(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw,
+                                                         k.gbb, k.gcw, k.gcb, k.sums, k.ctx, k.ctx_len, message,
+                                                         MESSAGE_CAPACITY)
+                          : bcn_norm_backward_f32(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw, k.gbb,
+                                                  k.gcw, k.gcb, k.ctx, k.ctx_len, message, MESSAGE_CAPACITY);
     else
-        status = finish ? bcn_norm_backward_finish_f64(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, sums, ctx,
-                                                       ctx_len, message, MESSAGE_CAPACITY)
-                        : bcn_norm_backward_f64(flags, b, c, s, groups, x, dy, dx, gbw, gbb, gcw, gcb, ctx, ctx_len,
-                                                message, MESSAGE_CAPACITY);
+        status = k.finish ? bcn_norm_backward_finish_f64(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw,
+                                                         k.gbb, k.gcw, k.gcb, k.sums, k.ctx, k.ctx_len, message,
+                                                         MESSAGE_CAPACITY)
+                          : bcn_norm_backward_f64(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw, k.gbb,
+                                                  k.gcw, k.gcb, k.ctx, k.ctx_len, message, MESSAGE_CAPACITY);
     Py_END_ALLOW_THREADS
     if (status != BCN_OK) return raise_status(status, message);
+    Py_RETURN_NONE;
+}
+
+/* check_backward_finish(<norm_backward's 11 arguments, sums None>): every check norm_backward makes of its
+ * arguments (take_backward), without running it: as check_finish, for the backward's exchange. */
+static PyObject *check_backward_finish(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    BackwardCall k;
+    if (check_nargs(nargs, 11, "check_backward_finish") < 0 ||
+        take_backward(args, nargs, "check_backward_finish", &k) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 

@@ -92,13 +92,10 @@ class _Synchronized:
         rank's running update), made before it: a rank that would fail there alone, after the others changed
         their buffers, fails in the exchange with them instead (its error in the header). The settings' values
         (assigned after construction, say), the parameters', buffers' and output's arrays."""
-        bn, cn = self._has_bn, self._has_cn
-        _ext.check_finish(flags, self.num_groups, x, y, self.bn_weight if bn else None, self.bn_bias if bn else None,
-                          self.running_mean if bn else None, self.running_var if bn else None,
-                          self.num_batches_tracked if bn else None, self.weight if cn else None,
-                          self.bias if cn else None, ctx)
+        _ext.check_finish(*self._forward_arguments(x, y, flags, ctx), None)
+        # and what the engine checks of the settings' values (NormalizationEngine+Checks), in the layers' words
         _positive_float(self.eps, "eps")
-        if bn:
+        if self._has_bn:
             _positive_float(self.bn_eps, "bn_eps")
             if _momentum(self.momentum) is None:
                 check_cumulative_count(int(self.num_batches_tracked))
@@ -117,9 +114,9 @@ class _Synchronized:
 
             def sums():
                 x, ctx, flags, dyl, dx = self._prepare_backward(dy, out)
-                g = self._gradients()
-                _ext.check_backward_finish(flags, self.num_groups, x, dx,
-                                           *(None if k is None else g.get(k) for k in self._gradient_keys), ctx)
+                g = self._gradients()  # a gradient that is None is made in the finish
+                _ext.check_backward_finish(flags, self.num_groups, x, dyl, dx, *(g.get(k) for k in self._gradient_keys),
+                                           ctx, None)
                 s = np.zeros(2 * self.num_channels)
                 if x.size:
                     self._call(_ext.norm_backward_sums, flags, self.num_groups, x, dyl, s, ctx)
