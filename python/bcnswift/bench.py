@@ -14,8 +14,8 @@ the rounds' ratios. `copy` is np.copyto on one thread; `copy Nt` (with PyTorch i
 torch's copy_ on the benchmark's N threads, the yardstick for work spread over them. `fwd` and `fwd+bwd` write
 into preallocated outputs (`out=`), as the copies do, so their ratios to the copy compare the work; `alloc` times
 are plain calls that allocate their outputs, as users and PyTorch make them, and the PyTorch ratios compare
-those. PyTorch's forward runs under no_grad (no graph recorded), bcnswift's keeps what its backward needs. (Above 32 MB glibc maps every allocation afresh, and zeroing its pages costs as much as a
-copy.) numpy's OpenBLAS
+those. PyTorch's forward runs under no_grad (no graph recorded), bcnswift's keeps what its backward needs.
+(Above 32 MB glibc maps every allocation afresh, and zeroing its pages costs as much as a copy.) numpy's OpenBLAS
 worker threads spin while idle and take cores from whatever runs next (bcnswift, np.copyto and torch alike), so
 the benchmark runs with OPENBLAS_NUM_THREADS=1 unless it is set (it re-executes itself to apply it).
 """

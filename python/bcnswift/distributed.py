@@ -252,8 +252,9 @@ class Synchronizer:
 
     def gradient_sums(self, config, local):
         """The backward's per-channel sums over every rank, added in rank order (2C float64), after a header as
-        the forward's (the same size: see the module docstring). `local()` returns this rank's (zeros for an empty batch) or raises. `config` must be the
-        forward's, which every rank agreed on: its channel count sizes what every rank sends."""
+        the forward's (the same size: see the module docstring). `local()` returns this rank's (zeros for an
+        empty batch) or raises. `config` must be the forward's, which every rank agreed on: its channel count sizes
+        what every rank sends."""
         sums, error = _local_values(local, 2 * config.channels, "gradient sums")
         mine = self._header(config, _SUMS, error)
         self._check_chained(self._allgather(mine), mine, error)
