@@ -408,20 +408,13 @@ class _Normalization:
             self._context_size = (batch, doubles)
         return doubles
 
+    #: `_finish_forward`'s moments that ask for its checks alone (`_ext.check_finish`), run nothing
+    CHECK_ONLY = object()
+
     def _finish_forward(self, x, y, flags, ctx, moments=None):
         """The whole forward, or with the batch's `moments` (merged from elsewhere) phase (c) on a context that
-        phase (a) filled. Called with the lock held."""
-        args = self._forward_arguments(x, y, flags, ctx)
-        try:  # not through _call: this runs on every call, and the extra frame is a tenth of a tiny call's time
-            if moments is None:
-                _ext.norm_forward(*args)
-            else:
-                _ext.norm_forward(*args, moments)
-        except FloatingPointError as e:
-            _nan_raised(e)
-
-    def _forward_arguments(self, x, y, flags, ctx):
-        """norm_forward's arguments but the moments: the settings as read now, the parameters and buffers."""
+        phase (a) filled; with moments=CHECK_ONLY, every check of that phase (c) and nothing run (a synchronized
+        layer's, before its exchange). Called with the lock held. One frame: this runs on every call."""
         momentum, bn, cn = self.momentum, self._has_bn, self._has_cn
         # The flags were made before the lock: a load_state_dict in between may have switched momentum to or from
         # None, so the cumulative-average bit follows the momentum read here, once
@@ -432,10 +425,19 @@ class _Normalization:
             # named (the extension's float conversion says only "must be real number, not str")
             eps, bn_eps = real_number(eps, "eps"), real_number(bn_eps, "bn_eps")
             momentum = real_number(momentum, "momentum", "a number or None")
-        return (flags, self.num_groups, eps, bn_eps, momentum, x, y,
+        args = (flags, self.num_groups, eps, bn_eps, momentum, x, y,
                 self.bn_weight if bn else None, self.bn_bias if bn else None,
                 self.running_mean if bn else None, self.running_var if bn else None,
                 self.num_batches_tracked if bn else None, self.weight if cn else None, self.bias if cn else None, ctx)
+        try:  # not through _call: this runs on every call, and the extra frame is a tenth of a tiny call's time
+            if moments is None:
+                _ext.norm_forward(*args)
+            elif moments is _Normalization.CHECK_ONLY:
+                _ext.check_finish(*args, None)
+            else:
+                _ext.norm_forward(*args, moments)
+        except FloatingPointError as e:
+            _nan_raised(e)
 
     def forward(self, x, out=None):
         """Normalize x ([B, C, *], or [B, *, C] with channel_axis=-1); returns a new array of the layer's dtype,

@@ -92,7 +92,7 @@ class _Synchronized:
         rank's running update), made before it: a rank that would fail there alone, after the others changed
         their buffers, fails in the exchange with them instead (its error in the header). The settings' values
         (assigned after construction, say), the parameters', buffers' and output's arrays."""
-        _ext.check_finish(*self._forward_arguments(x, y, flags, ctx), None)
+        self._finish_forward(x, y, flags, ctx, self.CHECK_ONLY)
         # and what the engine checks of the settings' values (NormalizationEngine+Checks), in the layers' words
         _positive_float(self.eps, "eps")
         if self._has_bn:
