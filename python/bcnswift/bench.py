@@ -197,25 +197,10 @@ def run(shapes, quick=False, reference=True, use_torch=True):
     warm_up(0.1 if quick else 0.5)
     rows, printer = [], _RowPrinter()
     for shape, G in shapes:
-        x, dy = M.inputs(shape)
-        fns = copies(x, torch)
-        for estimate in (True, False):
-            fns.update(M.ours_calls(M.authors_layer(shape[1], G, estimate), x, dy, f"{estimate} "))
-            if torch:
-                fns.update(M.torch_calls(torch, M.torch_bcnorm(shape[1], G, estimate), x, dy, f"{estimate} torch "))
-        samples = interleaved(fns, repeats)
-        for estimate in (True, False):
-            k = f"{estimate} "
-            row = {"shape": list(shape), "G": G, "estimate": estimate, **copy_times(samples),
-                   "fwd us": us(samples[k + "fwd"]), **against_copies(samples, k + "fwd", "fwd"),
-                   "fwd+bwd us": us(samples[k + "f+b"]), **against_copies(samples, k + "f+b", "f+b"),
-                   "alloc fwd us": us(samples[k + "alloc fwd"]), "alloc f+b us": us(samples[k + "alloc f+b"])}
-            if torch:
-                row.update({"torch fwd us": us(samples[k + "torch fwd"]), "torch f+b us": us(samples[k + "torch f+b"]),
-                            "torch/bcn fwd": ratio(samples[k + "torch fwd"], samples[k + "alloc fwd"]),
-                            "torch/bcn f+b": ratio(samples[k + "torch f+b"], samples[k + "alloc f+b"])})
+        for row in M.training_rows(shape, G, lambda fns: interleaved(fns, repeats), torch, peer="torch"):
             if reference:
-                ref = R.AuthorsBCNorm(shape[1], G, 1e-5, estimate=estimate)
+                x, dy = M.inputs(shape)
+                ref = R.AuthorsBCNorm(shape[1], G, 1e-5, estimate=row["estimate"])
 
                 def rfb():
                     ref(x)

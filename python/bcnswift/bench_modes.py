@@ -74,35 +74,37 @@ def torch_calls(torch, m, x, dy, prefix=""):
     return {prefix + "fwd": f, prefix + "f+b": fb}
 
 
-def _alloc_and_authors(samples, k, torch):
-    """The allocating calls' medians, and the authors' eager times and ratios to them, for estimate key `k`."""
-    row = {"alloc fwd us": us(samples[k + "alloc fwd"]), "alloc f+b us": us(samples[k + "alloc f+b"])}
-    if torch is not None:
-        row.update({"authors fwd us": us(samples[k + "authors fwd"]), "authors f+b us": us(samples[k + "authors f+b"]),
-                    "authors/bcn fwd": ratio(samples[k + "authors fwd"], samples[k + "alloc fwd"]),
-                    "authors/bcn f+b": ratio(samples[k + "authors f+b"], samples[k + "alloc f+b"])})
-    return row
+def training_rows(shape, G, measure, torch=None, peer="authors"):
+    """One shape's rows, estimate True then False: the copies, bcnswift's calls (`ours_calls`, computing what the
+    authors' module does) and, with torch, the authors' eager BCNorm (columns named after `peer`), all measured
+    together (`measure`: {name: call} -> {name: samples}); the authors' ratios divide bcnswift's allocating
+    calls, as theirs allocate."""
+    x, dy = inputs(shape)
+    fns = copies(x, torch)
+    for estimate in (True, False):
+        fns.update(ours_calls(authors_layer(shape[1], G, estimate), x, dy, f"{estimate} "))
+        if torch is not None:
+            fns.update(torch_calls(torch, torch_bcnorm(shape[1], G, estimate), x, dy, f"{estimate} {peer} "))
+    samples = measure(fns)
+    rows = []
+    for estimate in (True, False):
+        k = f"{estimate} "
+        row = {"shape": list(shape), "G": G, "estimate": estimate, **copy_times(samples),
+               "fwd us": us(samples[k + "fwd"]), **against_copies(samples, k + "fwd", "fwd"),
+               "fwd+bwd us": us(samples[k + "f+b"]), **against_copies(samples, k + "f+b", "f+b"),
+               "alloc fwd us": us(samples[k + "alloc fwd"]), "alloc f+b us": us(samples[k + "alloc f+b"])}
+        if torch is not None:
+            theirs = f"{k}{peer} "
+            row.update({f"{peer} fwd us": us(samples[theirs + "fwd"]), f"{peer} f+b us": us(samples[theirs + "f+b"]),
+                        f"{peer}/bcn fwd": ratio(samples[theirs + "fwd"], samples[k + "alloc fwd"]),
+                        f"{peer}/bcn f+b": ratio(samples[theirs + "f+b"], samples[k + "alloc f+b"])})
+        rows.append(row)
+    return rows
 
 
 def rows_table(measure, torch=None):
-    """The row path's shapes in both estimate modes against the copies and the authors' eager BCNorm, which is
-    compared with bcnswift's allocating calls (as it allocates)."""
-    out = []
-    for shape, G in ROW_SHAPES:
-        x, dy = inputs(shape)
-        fns = copies(x, torch)
-        for estimate in (True, False):
-            fns.update(ours_calls(authors_layer(shape[1], G, estimate), x, dy, f"{estimate} "))
-            if torch is not None:
-                fns.update(torch_calls(torch, torch_bcnorm(shape[1], G, estimate), x, dy, f"{estimate} authors "))
-        samples = measure(fns)
-        for estimate in (True, False):
-            k = f"{estimate} "
-            out.append({"shape": list(shape), "G": G, "estimate": estimate, **copy_times(samples),
-                        "fwd us": us(samples[k + "fwd"]), **against_copies(samples, k + "fwd", "fwd"),
-                        "fwd+bwd us": us(samples[k + "f+b"]), **against_copies(samples, k + "f+b", "f+b"),
-                        **_alloc_and_authors(samples, k, torch)})
-    return out
+    """The row path's shapes (`training_rows`)."""
+    return [row for shape, G in ROW_SHAPES for row in training_rows(shape, G, measure, torch)]
 
 
 def eval_table(shapes, measure, torch=None):

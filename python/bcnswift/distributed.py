@@ -193,7 +193,7 @@ class Synchronizer:
         return self.comm.Get_size()
 
     def _allgather(self, send):
-        if any(self.comm is c or _same_comm(self.comm, c) for c in _BROKEN):
+        if any(_same_comm(self.comm, c) for c in _BROKEN):
             raise RuntimeError(f"rank {self.rank}: an earlier statistics exchange over this communicator timed out "
                                "and is still pending; it cannot be used again (end the job, e.g. comm.Abort())")
         recv = np.empty((self.size, send.size), send.dtype)
@@ -285,10 +285,10 @@ def _local_values(local, count, what):
 
 
 def _same_comm(a, b):
-    """Whether transports `a` and `b` are one communicator (mpi4py's compare their handles with ==); never
+    """Whether transports `a` and `b` are one communicator (the same object, or mpi4py's equal handles); never
     raises."""
     try:
-        return bool(a == b)
+        return a is b or bool(a == b)
     except Exception:  # noqa: BLE001
         return False
 
