@@ -22,8 +22,11 @@ def test_a_closed_output_ends_the_command_quietly(argv, status):
     assert proc.returncode == status, (proc.returncode, proc.stderr)
 
 
-@pytest.mark.parametrize("argv", [["bcnswift"], ["bcnswift.bench", "--help"]])
-def test_an_open_output_gets_everything(argv):
+@pytest.mark.parametrize("argv, last", [(["bcnswift"], "threads_source:"), (["bcnswift.bench", "--help"], "--rows"),
+                                        (["bcnswift.example"], "\nok\n")])
+def test_an_open_output_gets_everything(argv, last):
+    """Each command runs to its end: build_info, the benchmark's help, and README's first look (`example`, which
+    asserts its gradient check)."""
     proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert ("isa:" if argv == ["bcnswift"] else "--rows") in proc.stdout
+    assert last in proc.stdout, proc.stdout
