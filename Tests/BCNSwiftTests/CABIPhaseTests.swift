@@ -113,12 +113,16 @@ final class CABIPhaseTests: XCTestCase {
         ("BN", UInt32(BCN_BATCH_NORM | BCN_UNBIASED_RUNNING_VAR)), ("CN", UInt32(BCN_CHANNEL_NORM)),
     ]
 
+    /// Also on 9 samples of planes of 2 and 3 values, which a single call measures plane by plane (keeping the
+    /// planes' moments for its phase (c)) and phase (a) alone could measure by columns, in another order.
     func testPhasesChainedAreTheSingleCallsBitForBit() {
-        for (layout, format, S) in Self.layouts {
+        let layouts = Self.layouts.map { ($0.0, $0.1, $0.2, 3) }
+            + [("rows S=2, B=9", 0, 2, 9), ("rows S=3, B=9", 0, 3, 9)]
+        for (layout, format, S, B) in layouts {
             for (stage, flags) in Self.stages {
                 for mode in [training, 0] {
                     let what = "\(layout), \(stage), \(mode == 0 ? "eval" : "training")"
-                    var single = shard(flags | format | mode, 3, 8, S, 4), phased = single
+                    var single = shard(flags | format | mode, B, 8, S, 4), phased = single
                     let (s1, y1) = forward(&single)
                     let (a, m) = moments(&phased)
                     let (b, merged) = merge([m], channels: 8, width: 3)
@@ -209,6 +213,11 @@ final class CABIPhaseTests: XCTestCase {
         var endless = m
         endless[0] = .infinity  // a count of values must be a whole number
         XCTAssertEqual(merge([m, endless], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
+        var huge = m
+        for c in 0..<8 { huge[3 * c] = 1e308 }  // whole numbers, but two of them add up past Double's range
+        let (overflow, untouched) = merge([huge, huge], channels: 8, width: 3)
+        XCTAssertEqual(overflow, BCN_ERR_INVALID_ARGUMENT)
+        XCTAssertEqual(untouched, [Double](repeating: -1, count: 24))
         XCTAssertEqual(bcn_moments_merge(0, 8, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(Int64.max, Int64.max, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         // an empty set contributes nothing

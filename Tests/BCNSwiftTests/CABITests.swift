@@ -83,7 +83,7 @@ final class CABITests: XCTestCase {
             ("context holds 3", BCN_ERR_INVALID_ARGUMENT, { self.forward(flags: all, contextLength: 3, buffers: &$0) }),
             ("context_length", BCN_ERR_INVALID_ARGUMENT,
              { self.forward(flags: all, contextLength: -5, buffers: &$0) }),
-            ("must not be null", BCN_ERR_INVALID_ARGUMENT,
+            ("bn_weight must not be null: the plan has a batch-norm stage", BCN_ERR_INVALID_ARGUMENT,
              { self.forward(flags: all, nullWeights: true, buffers: &$0) }),
             ("Expected more than 1 value per channel", BCN_ERR_DEGENERATE,
              { self.forward(flags: bn | cn | training, batch: 1, spatial: 1, groups: 1, buffers: &$0) }),

@@ -11,7 +11,7 @@ extension NormalizationEngine {
     ///   - x: the input of that forward, unchanged since.
     ///   - dx: may alias `dy`.
     /// - Throws: `.noForward` if `context` was not filled by a forward of this plan, shape and memory format;
-    ///   `.nonFinite` with `NanPolicy.raise` if dy holds NaN or infinity (before anything is written).
+    ///   `.nonFinite` with `NaNPolicy.raise` if dy holds NaN or infinity (before anything is written).
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public static func backward<T: NormalizationScalar>(

@@ -17,19 +17,24 @@ extension NormalizationEngine {
     }
 
     static func checkState<T>(plan: NormalizationPlan, state: NormalizationState<T>) throws(BCNError) {
-        if plan.batchNorm != nil {
-            guard state.bnWeight != nil, state.bnBias != nil, state.runningMean != nil, state.runningVar != nil,
-                  state.numBatchesTracked != nil else {
-                throw BCNError(.invalidArgument,
-                               "the batch-norm weight, bias, running mean, running variance and batch count "
-                               + "must not be null")
-            }
+        if plan.batchNorm != nil, state.bnWeight == nil || state.bnBias == nil || state.runningMean == nil
+            || state.runningVar == nil || state.numBatchesTracked == nil {
+            throw nullPointers("a batch-norm", [("bn_weight", state.bnWeight == nil), ("bn_bias", state.bnBias == nil),
+                                                ("running_mean", state.runningMean == nil),
+                                                ("running_var", state.runningVar == nil),
+                                                ("num_batches_tracked", state.numBatchesTracked == nil)])
         }
-        if plan.channelNorm != nil {
-            guard state.cnWeight != nil, state.cnBias != nil else {
-                throw BCNError(.invalidArgument, "the channel-norm weight and bias must not be null")
-            }
+        if plan.channelNorm != nil, state.cnWeight == nil || state.cnBias == nil {
+            throw nullPointers("a channel-norm",
+                               [("cn_weight", state.cnWeight == nil), ("cn_bias", state.cnBias == nil)])
         }
+    }
+
+    /// The error for the null pointers among `pointers` (name, is null) of a stage the plan has, named as the C
+    /// ABI names them: null pointers come from there.
+    private static func nullPointers(_ stage: String, _ pointers: [(String, Bool)]) -> BCNError {
+        BCNError(.invalidArgument, pointers.filter(\.1).map(\.0).joined(separator: ", ")
+                                   + " must not be null: the plan has \(stage) stage")
     }
 
     /// A cumulative average (momentum nil) weighs each update by 1/num_batches_tracked, the count it advances: a

@@ -96,6 +96,16 @@ public enum NormalizationEngine {
                                + "count \(part.count) and M2 \(part.m2) are not moments")
             }
         }
+        // counts add exactly up to 2^53; past Double's range they would merge to an infinite count and a NaN M2
+        // (checked before `merged`, which may be the first set, is written)
+        for c in 0..<channels {
+            var total = 0.0
+            for i in 0..<sets { total += moments[i * channels + c].count }
+            guard total.isFinite else {
+                throw BCNError(.invalidArgument, "channel \(c)'s counts add up to \(total): more values than a "
+                                                 + "count holds")
+            }
+        }
         for c in 0..<channels {
             var m = Moments()
             for i in 0..<sets { m.merge(moments[i * channels + c]) }
@@ -132,7 +142,8 @@ public enum NormalizationEngine {
         let batch = training && plan.batchNorm != nil ? batchMoments : nil
         if training, let bn = plan.batchNorm {
             guard let batch else {
-                throw BCNError(.invalidArgument, "training a batch-norm stage needs the batch's moments")
+                throw BCNError(.invalidArgument,
+                               "training a batch-norm stage needs the batch's moments: moments must not be null")
             }
             try checkBatchMoments(bn, batch, channels: shape.channels)
             try checkFiniteMoments(plan: plan, batch, channels: shape.channels)
@@ -181,7 +192,7 @@ public enum NormalizationEngine {
         switch layout {
         case .planes(let l): l.localMoments(x, context: ctx, into: moments, arena: &arena)
         case .channelsLast(let l): l.localMoments(x, context: ctx, into: moments, arena: &arena)
-        case .rows(let l): l.localMoments(x, into: moments, memo: memo, arena: &arena)
+        case .rows(let l): l.localMoments(x, plan: plan, into: moments, memo: memo, arena: &arena)
         }
     }
 

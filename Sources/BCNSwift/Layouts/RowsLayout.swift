@@ -176,12 +176,16 @@ struct RowsLayout {
     /// S = 1 the plane means are the input's rows themselves. `memo` (`momentsMemoCount` Doubles, planes of 2
     /// to 15 values): every plane's p and q, kept there for `apply` in the same call (which the value view of
     /// short planes, `valueView`, does not read). Without a memo, planes of 2 to 4 values may go by columns
-    /// (`byColumns`, `columnMoments`).
-    func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>,
+    /// (`byColumns`, `columnMoments`), where a single call of this `plan` would keep no memo either: the two ways
+    /// add in different orders, so they round differently, and phase (a) alone must give the single call's bits
+    /// (for Double input, and for Float input the value view does not take, phase (a) alone took the columns
+    /// and the single call the planes).
+    func localMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, plan: NormalizationPlan,
                                               into channelMoments: UnsafeMutablePointer<Moments>?,
                                               memo: UnsafeMutablePointer<Double>? = nil, arena: inout ScratchArena) {
         guard let channelMoments else { return }
         let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = memo == nil ? momentsSlot : 0
+        let columns = memo == nil && byColumns && momentsMemoCount(T.self, plan: plan) == 0
         let width = panelWidth
         let scratch = arena.take(parallelSlots(panels, cost: momentsCost) * slotLength, of: Double.self)
         parallelFor(panels, cost: momentsCost) { range, slot in
@@ -194,7 +198,7 @@ struct RowsLayout {
                                                 into: channelMoments + c0)
                     continue
                 }
-                if memo == nil && byColumns {
+                if columns {
                     assert(3 * S <= 2 * B, "the columns' moments beyond the slot (`momentsSlot`)")
                     let columns = UnsafeMutableRawPointer(p).bindMemory(to: Moments.self, capacity: n * S)
                     columnMoments(x, first: c0, count: n, columns: columns, into: channelMoments + c0)

@@ -5,8 +5,9 @@
  * extension read them from here. Link libBCNSwiftC.a (from `swift build -c release --product BCNSwiftC`)
  * together with the Swift runtime (see setup.py for the static link line).
  *
- * Threads: every function is thread-safe and keeps no state between calls except the thread-count setting.
- * Calls on distinct buffers may run concurrently; calls that share a context buffer must not.
+ * Threads: every function is thread-safe and keeps no state between calls except the thread-count setting and
+ * each thread's own team (bcn_set_calling_thread_team). Calls on distinct buffers may run concurrently; calls
+ * that share a context buffer must not.
  *
  * Ownership: the caller owns every buffer. A pointer argument must address at least the number of elements
  * stated for it, with the element type stated; elements are contiguous. The library validates every size, flag
@@ -28,8 +29,9 @@
  * Phases: a forward is (a) local moments, (b) a merge of moment sets, (c) finish; bcn_norm_forward_* runs
  * (a) and (c) on one process's batch. To normalize with statistics over several processes, run (a) on each,
  * exchange the moments (3 doubles per channel), merge them in the same order everywhere with bcn_moments_merge,
- * and run (c) with the merged moments: every process then holds the statistics and running buffers of the
- * concatenated batch, bit for bit. The backward splits the same way around 2 doubles per channel.
+ * and run (c) with the merged moments: every process then holds the same statistics and running buffers, bit
+ * for bit, those of the concatenated batch (to rounding: the merge adds in another order than one call over the
+ * whole batch would). The backward splits the same way around 2 doubles per channel.
  */
 #ifndef BCNSWIFT_H
 #define BCNSWIFT_H
@@ -65,7 +67,9 @@ extern "C" {
 #define BCN_UNBIASED_RUNNING_VAR    (1u << 2) /* fold var * n/(n-1) into running_var (PyTorch); else biased     */
 #define BCN_VARIANCE_AROUND_RUNNING_MEAN (1u << 3) /* with BCN_ESTIMATED: measure the folded variance around the
                                                  running mean before its update (the authors' EstBN); refused
-                                                 (BCN_ERR_INVALID_ARGUMENT) without BCN_ESTIMATED              */
+                                                 (BCN_ERR_INVALID_ARGUMENT) with BCN_BATCH_NORM but without
+                                                 BCN_ESTIMATED; without a batch-norm stage ignored, as the
+                                                 other flags of that stage are                                */
 #define BCN_CUMULATIVE_AVERAGE      (1u << 4) /* ignore momentum; update factor 1/num_batches_tracked           */
 #define BCN_CHANNEL_NORM            (1u << 5) /* a channel-norm stage: per sample, per group of channels/groups
                                                  channels; per group affine cn_weight, cn_bias                  */
