@@ -33,6 +33,7 @@ public struct NormalizationLayerState<Scalar: NormalizationScalar>: Hashable, Se
     /// The channel-norm stage's per-group b, G values (empty without that stage).
     public var bias: [Scalar]
 
+    /// A state of these arrays; `validate(for:)` (which `load` runs) checks their sizes against a plan.
     public init(bnWeight: [Scalar], bnBias: [Scalar], runningMean: [Scalar], runningVar: [Scalar],
                 numBatchesTracked: Int64, weight: [Scalar], bias: [Scalar]) {
         self.bnWeight = bnWeight
@@ -76,6 +77,11 @@ extension NormalizationLayer {
     /// A copy of the layer's parameters and running buffers (arrays are values: later training leaves it as it
     /// is).
     public var state: NormalizationLayerState<Scalar> {
+        inTurn { stateInTurn }
+    }
+
+    /// `state`, for a caller already in the layer's turn.
+    var stateInTurn: NormalizationLayerState<Scalar> {
         NormalizationLayerState(bnWeight: bnWeight, bnBias: bnBias, runningMean: runningMean, runningVar: runningVar,
                                 numBatchesTracked: numBatchesTracked, weight: weight, bias: bias)
     }
@@ -85,6 +91,10 @@ extension NormalizationLayer {
     /// backward after a load differentiates the forward before it, with the parameters that forward used.
     /// - Throws: `BCNError` for a state this layer's plan cannot hold; the layer is then unchanged.
     public func load(_ state: NormalizationLayerState<Scalar>) throws(BCNError) {
+        try inTurn { () throws(BCNError) in try loadInTurn(state) }
+    }
+
+    private func loadInTurn(_ state: NormalizationLayerState<Scalar>) throws(BCNError) {
         try state.validate(for: plan)
         bnWeight = state.bnWeight
         bnBias = state.bnBias

@@ -1,9 +1,18 @@
+import Synchronization
+
 /// A normalization layer that owns its parameters, running buffers and gradients as Swift arrays.
 ///
 /// `BatchChannelNorm`, `BatchNorm`, `EstimatedBatchNorm` and `ChannelNorm` are this class with a given plan.
-/// Inputs are flat arrays in C order with a shape [B, C, *]. Not thread-safe: use one layer per thread, or
-/// serialize calls yourself.
+/// Inputs are flat arrays in C order with a shape [B, C, *] (or channels-last, `MemoryFormat`).
+///
+/// Threads: the calls on one layer (`forward`, `backward`, `zeroGradients`, `state`, `load`) take turns, as the
+/// Python layers' do, so a layer shared by threads computes what the same calls in some order would (which
+/// order, and so which running buffers each forward sees, is the threads' race). Its arrays are plain stored
+/// properties: reading or setting them while another thread calls the layer is a data race, as for any class.
+/// The class is not `Sendable`, so Swift 6's language mode refuses to share one across threads anyway; separate
+/// layers run in parallel freely.
 public class NormalizationLayer<Scalar: NormalizationScalar> {
+    /// The layer's computation, fixed at creation: its stages and their options.
     public let plan: NormalizationPlan
     /// Training mode: batch statistics (or their estimates) and running-buffer updates. Eval when false.
     public var training = true
@@ -13,24 +22,34 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     public var bnWeight: [Scalar]
     /// The batch-norm stage's β (C values; empty without that stage).
     public var bnBias: [Scalar]
-    /// Running estimates of each channel's mean and variance (C values each; empty without a batch-norm stage):
-    /// eval normalizes with them, and so does training with estimated statistics.
+    /// Running estimate of each channel's mean (C values; empty without a batch-norm stage): eval normalizes
+    /// with it and `runningVar`, and so does training with estimated statistics.
     public var runningMean: [Scalar]
+    /// Running estimate of each channel's variance (C values; empty without a batch-norm stage).
     public var runningVar: [Scalar]
-    /// Training forwards counted, as PyTorch counts them (momentum nil: the update factor is 1 / this count).
-    /// The authors' EstBN convention (`varianceCentre: .runningMean`) never advances it, as their code does not,
-    /// unless momentum is nil.
+    /// Training forwards of inputs with values (PyTorch also counts those without); with momentum nil the update
+    /// factor is 1 / this count. The authors' EstBN convention (`varianceCentre: .runningMean`) never advances
+    /// it, as their code does not, unless momentum is nil. A count set below 0 is kept and advanced, but
+    /// `load` refuses one (`NormalizationLayerState.validate(for:)`).
     public var numBatchesTracked: Int64 = 0
-    /// The channel-norm stage's per-group affine w, b (G values each; empty without that stage): per sample and
-    /// group, y = w (y₁ - m) / √(v + eps) + b, with m and v the group's mean and variance.
+    /// The channel-norm stage's per-group w (G values; empty without that stage): per sample and group,
+    /// y = w (y₁ - m) / √(v + eps) + b, with m and v the group's mean and variance. A `BatchNorm`'s or
+    /// `EstimatedBatchNorm`'s γ and β are `bnWeight` and `bnBias`; its `weight` and `bias` are empty.
     public var weight: [Scalar]
+    /// The channel-norm stage's per-group b (G values; empty without that stage).
     public var bias: [Scalar]
 
-    /// Parameter gradients, accumulated by `backward` until `zeroGradients()`; same sizes as the parameters.
+    /// dγ of the batch-norm stage, accumulated by `backward` until `zeroGradients()` (C values, or none).
     public private(set) var gradBnWeight: [Scalar]
+    /// dβ of the batch-norm stage, accumulated likewise (C values, or none).
     public private(set) var gradBnBias: [Scalar]
+    /// dw of the channel-norm stage, accumulated likewise (G values, or none).
     public private(set) var gradWeight: [Scalar]
+    /// db of the channel-norm stage, accumulated likewise (G values, or none).
     public private(set) var gradBias: [Scalar]
+
+    /// Makes the layer's calls take turns (see the class's doc): `context` and `staging` serve one call at a time.
+    private let turns = Mutex(())
 
     /// The last forward's input (kept by reference, as arrays are) and shape, for `backward`.
     private var saved: (x: [Scalar], shape: NormalizationShape?)?  // shape nil: an input without values
@@ -76,12 +95,19 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
 
     /// Normalizes `x` of logical shape `shape` ([B, C, *], in memory as `format` says); in training also
     /// updates the running buffers. The output has x's memory layout. An input without values (a batch or a
-    /// spatial size of 0) gives an empty output and changes nothing, as PyTorch's batch norm does.
-    /// - Throws: `BCNError` (and changes nothing) for a bad shape, degenerate statistics, a count of batches out
-    ///   of range for a cumulative average, or NaN with `.raise`.
+    /// spatial size of 0) gives an empty output and changes nothing (PyTorch's batch norm leaves its running
+    /// statistics too, but counts the call in num_batches_tracked).
+    /// - Throws: `BCNError`, and changes nothing: `.shapeMismatch` for a bad shape, an `x` of another count, or
+    ///   a parameter or buffer array resized to another count than the plan's; `.invalidArgument` for a shape
+    ///   too large, or a count of batches out of range for a cumulative average; `.degenerateStatistics`;
+    ///   `.nonFinite` for NaN or infinity in x with `.raise`; `.outOfMemory`.
     public func forward(_ x: [Scalar], shape: [Int], format: MemoryFormat = .channelsFirst) throws(BCNError)
         -> [Scalar]
     {
+        try inTurn { () throws(BCNError) in try forwardInTurn(x, shape: shape, format: format) }
+    }
+
+    private func forwardInTurn(_ x: [Scalar], shape: [Int], format: MemoryFormat) throws(BCNError) -> [Scalar] {
         if shape.count >= 2, shape.contains(0), shape.allSatisfy({ $0 >= 0 }) {
             guard shape[1] == plan.channels else {
                 throw BCNError(.shapeMismatch, "input has \(shape[1]) channels but the layer has \(plan.channels)")
@@ -149,6 +175,10 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
     ///   of another size than the last forward's output, `.nonFinite` for NaN or infinity in dy with `.raise`,
     ///   `.outOfMemory` when dx or the gradients' arrays cannot be allocated.
     public func backward(_ dy: [Scalar]) throws(BCNError) -> [Scalar] {
+        try inTurn { () throws(BCNError) in try backwardInTurn(dy) }
+    }
+
+    private func backwardInTurn(_ dy: [Scalar]) throws(BCNError) -> [Scalar] {
         guard let saved else { throw BCNError(.noForward, "backward() called before any forward()") }
         guard dy.count == saved.x.count else {
             throw BCNError(.shapeMismatch,
@@ -187,11 +217,18 @@ public class NormalizationLayer<Scalar: NormalizationScalar> {
 
     /// Sets every parameter gradient to zero.
     public func zeroGradients() {
-        for i in gradBnWeight.indices { gradBnWeight[i] = 0; gradBnBias[i] = 0 }
-        for i in gradWeight.indices { gradWeight[i] = 0; gradBias[i] = 0 }
+        inTurn {
+            for i in gradBnWeight.indices { gradBnWeight[i] = 0; gradBnBias[i] = 0 }
+            for i in gradWeight.indices { gradWeight[i] = 0; gradBias[i] = 0 }
+        }
     }
 
-    private func checkParameterSizes() throws(BCNError) { try state.checkSizes(for: plan) }
+    private func checkParameterSizes() throws(BCNError) { try stateInTurn.checkSizes(for: plan) }
+
+    /// `body` in the layer's turn (`turns`).
+    func inTurn<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
+        try turns.withLock { _ throws(Failure) in try body() }
+    }
 }
 
 /// Batch-Channel Normalization: a batch norm (batch statistics, or estimated ones), then a channel norm with
