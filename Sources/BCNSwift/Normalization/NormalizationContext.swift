@@ -13,7 +13,9 @@
 ///
 /// The header lets a later phase refuse a buffer that another shape, layer, memory format or element type filled.
 public struct NormalizationContext {
-    public static let magic: Double = 0x4243_4E32  // "BCN2"
+    /// The header's first Double, which marks a buffer a forward filled ("BCN2").
+    public static let magic: Double = 0x4243_4E32
+    /// Doubles before the arrays.
     public static let headerLength = 10
 
     /// What the header says has been computed, and how.

@@ -32,12 +32,15 @@ public enum NaNPolicy: Int32, Sendable {
 /// `varianceCentre = .runningMean` (estimated statistics only) the biased variance plus (batch mean - running
 /// mean)², before that factor.
 public struct BatchNormOptions: Equatable, Sendable {
+    /// Batch statistics, or their running estimates, in training.
     public var statistics: BatchStatistics
     /// Added to the variance under the square root; > 0 and finite.
     public var eps: Double
     /// Update rate of the running buffers in [0, 1], or nil for a cumulative average.
     public var momentum: Double?
+    /// Whether the variance folded into `runningVar` is the batch's times n/(n-1) (PyTorch) or the biased one.
     public var unbiasedRunningVariance: Bool
+    /// Around which mean the folded variance is measured; `.runningMean` with estimated statistics only.
     public var varianceCentre: VarianceCentre
 
     /// - Parameter unbiasedRunningVariance: nil picks the documents' choice: true with batch statistics
@@ -53,7 +56,8 @@ public struct BatchNormOptions: Equatable, Sendable {
         self.varianceCentre = varianceCentre
     }
 
-    /// Throws `.invalidArgument` naming the first option out of range.
+    /// Throws `.invalidArgument` naming the first option out of range: eps not positive and finite, momentum
+    /// outside [0, 1] (or NaN), `.runningMean` with batch statistics.
     public func validate() throws(BCNError) {
         guard eps > 0, eps.isFinite else {  // (the C ABI's bn_eps: named apart from the channel norm's eps)
             throw BCNError(.invalidArgument, "the batch-norm stage's eps must be a positive finite number, got \(eps)")
@@ -72,16 +76,21 @@ public struct BatchNormOptions: Equatable, Sendable {
 /// Options of the channel-norm stage: per sample, statistics over each group of `channels / groups` channels,
 /// then a per-group affine.
 public struct ChannelNormOptions: Equatable, Sendable {
+    /// G, the number of groups: > 0 and dividing the channel count.
     public var groups: Int
-    /// Added to the group variance under the square root; > 0.
+    /// Added to the group variance under the square root; > 0 and finite.
     public var eps: Double
 
+    /// The options; `validate(channels:)` checks them against a channel count.
     public init(groups: Int, eps: Double = 1e-5) {
         self.groups = groups
         self.eps = eps
     }
 
+    /// Throws `.invalidArgument` unless `channels` and `groups` are positive, `groups` divides `channels`, and
+    /// eps is positive and finite.
     public func validate(channels: Int) throws(BCNError) {
+        guard channels > 0 else { throw BCNError(.invalidArgument, "channels must be positive, got \(channels)") }
         guard groups > 0 else { throw BCNError(.invalidArgument, "groups must be positive, got \(groups)") }
         guard channels % groups == 0 else {
             throw BCNError(.invalidArgument,
@@ -97,11 +106,16 @@ public struct ChannelNormOptions: Equatable, Sendable {
 /// The whole computation: an optional batch-norm stage followed by an optional channel-norm stage.
 /// BatchNorm is (bn, nil), ChannelNorm (nil, cn), BatchChannelNorm (bn, cn) fused into one pass.
 public struct NormalizationPlan: Equatable, Sendable {
+    /// C, the channel count: in 1...2^32 (`maxChannels`).
     public var channels: Int
+    /// The batch-norm stage, first; nil without one.
     public var batchNorm: BatchNormOptions?
+    /// The channel-norm stage, after the batch norm; nil without one.
     public var channelNorm: ChannelNormOptions?
+    /// What NaN or infinity in an input (or a backward's dy) does.
     public var nanPolicy: NaNPolicy
 
+    /// The plan; `validate()` checks it.
     public init(channels: Int, batchNorm: BatchNormOptions?, channelNorm: ChannelNormOptions?,
                 nanPolicy: NaNPolicy = .propagate) {
         self.channels = channels

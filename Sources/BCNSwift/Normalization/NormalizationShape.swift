@@ -10,15 +10,21 @@ public enum MemoryFormat: Int32, Sendable {
 /// An input of B samples, C channels and S = Π(spatial dims) positions (S = 1 for [B, C]), in memory as
 /// [B, C, S] (B·C planes of S contiguous values) or, channels-last, as [B, S, C].
 public struct NormalizationShape: Equatable, Sendable {
+    /// B, the samples.
     public let batch: Int
+    /// C, the channels.
     public let channels: Int
+    /// S, the product of the spatial sizes (1 for [B, C]).
     public let spatial: Int
+    /// How the values lie in memory.
     public let format: MemoryFormat
 
     /// Element count B·C·S (checked not to overflow at construction).
     public let count: Int
 
-    /// Checks that every size is positive and that B·C·S fits in Int.
+    /// Throws `.shapeMismatch` unless every size is positive, and `.invalidArgument` unless B·C·S is at most
+    /// Int.max / 16, so that the byte counts of a call's arrays and scratch (a few Doubles a value) cannot
+    /// overflow.
     public init(batch: Int, channels: Int, spatial: Int, format: MemoryFormat = .channelsFirst) throws(BCNError) {
         guard batch > 0, channels > 0, spatial > 0 else {
             throw BCNError(.shapeMismatch,
@@ -54,5 +60,6 @@ public struct NormalizationShape: Equatable, Sendable {
         try self.init(batch: dimensions[0], channels: dimensions[1], spatial: s, format: format)
     }
 
+    /// B·C: the (sample, channel) planes of S values each.
     @inlinable public var planes: Int { batch * channels }
 }

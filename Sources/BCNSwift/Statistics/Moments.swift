@@ -5,10 +5,14 @@
 /// Merging never forms E[x²] - E[x]², so the variance of values with a large mean survives.
 @frozen
 public struct Moments: Equatable, Sendable {
+    /// n, the number of values (a Double, as the merge's weights are).
     public var count: Double
+    /// Their mean (0 for an empty set).
     public var mean: Double
+    /// M2 = Σ (x - mean)², ≥ 0.
     public var m2: Double
 
+    /// The moments of a set with these numbers (the empty set by default).
     @inlinable
     public init(count: Double = 0, mean: Double = 0, m2: Double = 0) {
         self.count = count
@@ -19,6 +23,8 @@ public struct Moments: Equatable, Sendable {
     /// Biased variance M2 / n (0 for an empty set).
     @inlinable public var variance: Double { count > 0 ? m2 / count : 0 }
 
+    /// The moments of this set and `other` together, by Chan's formula above (an empty set leaves the other as
+    /// it is).
     @inlinable
     public mutating func merge(_ other: Moments) {
         if other.count == 0 { return }

@@ -24,7 +24,12 @@ extension WeightStandardization {
         return (shape[0], fanIn)
     }
 
-    /// The standardized weight ŵ of `w` with shape `shape` ([O, ...]).
+    /// The standardized weight ŵ of `w` with shape `shape` ([O, ...], rank ≥ 2, in C order): per output channel
+    /// o, over its fan-in n = Π shape[1...], ŵ = (w - mean) / √(var + eps) or (w - mean) / (√var + eps) as
+    /// `options` says, var = M2 / (n - 1) when unbiased, else M2 / n.
+    /// - Throws: `BCNError` (see `WeightStandardizationOptions.validate`): `.shapeMismatch` for a rank below 2,
+    ///   a size below 1 or a `w` of another count than the shape's; `.invalidArgument` for a bad eps or a shape
+    ///   too large; `.degenerateStatistics` for a fan-in of 1 when unbiased; `.outOfMemory`.
     public static func standardize<T: NormalizationScalar>(
         _ w: [T], shape: [Int], options: WeightStandardizationOptions = .init()
     ) throws(BCNError) -> [T] {
@@ -39,7 +44,10 @@ extension WeightStandardization {
         return out
     }
 
-    /// dw, the gradient with respect to `w` given `gradWHat`, the gradient with respect to ŵ.
+    /// dw, the gradient with respect to `w` given `gradWHat`, the gradient with respect to ŵ (as many values as
+    /// `w`): per output channel, dw = (dŵ - mean(dŵ)) / den - (w - mean) · k · Σ dŵ (w - mean), with den the
+    /// forward's denominator and k as `backward` documents it.
+    /// - Throws: as `standardize`, and `.shapeMismatch` when `gradWHat` has another count than `w`.
     public static func gradient<T: NormalizationScalar>(
         _ w: [T], _ gradWHat: [T], shape: [Int], options: WeightStandardizationOptions = .init()
     ) throws(BCNError) -> [T] {

@@ -2,18 +2,24 @@
 /// - `epsInsideSquareRoot` (labml): ŵ = (w - mean) / √(var + eps);
 /// - otherwise (the authors' convolution): ŵ = (w - mean) / (√var + eps).
 public struct WeightStandardizationOptions: Equatable, Sendable {
-    /// > 0; keeps a constant filter finite.
+    /// > 0 and finite; keeps a constant filter finite.
     public var eps: Double
-    /// Divide M2 by n - 1 (torch.var/std default) rather than n (TensorFlow).
+    /// Divide M2 by n - 1 (torch.var/std default) rather than n (TensorFlow); needs a fan-in of at least 2.
     public var unbiased: Bool
+    /// Where eps goes: under the square root, √(var + eps) (labml, seed 004), or after it, √var + eps (the
+    /// authors' convolution).
     public var epsInsideSquareRoot: Bool
 
+    /// The options; `validate(outChannels:fanIn:)` checks them against a weight's shape.
     public init(eps: Double = 1e-5, unbiased: Bool = true, epsInsideSquareRoot: Bool = true) {
         self.eps = eps
         self.unbiased = unbiased
         self.epsInsideSquareRoot = epsInsideSquareRoot
     }
 
+    /// Throws `.invalidArgument` for an eps that is not positive and finite or a weight too large to address,
+    /// `.shapeMismatch` for an output channel count or fan-in below 1, and `.degenerateStatistics` for a fan-in
+    /// of 1 with `unbiased`.
     public func validate(outChannels: Int, fanIn: Int) throws(BCNError) {
         guard eps > 0, eps.isFinite else {
             throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
@@ -35,7 +41,9 @@ public struct WeightStandardizationOptions: Equatable, Sendable {
 
 /// Weight Standardization of a weight [O, fan-in], each output channel over its fan-in.
 public enum WeightStandardization {
-    /// ŵ = (w - mean) / den per output channel. `wHat` may alias `w`.
+    /// ŵ = (w - mean) / den per output channel of the [outChannels, fanIn] weight at `w` (C order), den =
+    /// √(var + eps) or √var + eps as `options` says. `wHat` may alias `w`.
+    /// - Throws: what `options.validate(outChannels:fanIn:)` throws, before anything is written.
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public static func forward<T: NormalizationScalar>(
@@ -60,6 +68,8 @@ public enum WeightStandardization {
     ///   dw = (dŵ - mean(dŵ)) / den - s (w - mean) · k,
     ///   k = 1 / (den³ ν) when eps is inside the root, 1 / (den² std ν) otherwise (0 for a constant filter,
     ///   whose w - mean is 0: the limit, where the formula would divide 0 by 0).
+    /// `gradW` may alias `gradWHat`. Throws what `options.validate(outChannels:fanIn:)` throws, before anything is
+    /// written.
     @_specialize(where T == Float)
     @_specialize(where T == Double)
     public static func backward<T: NormalizationScalar>(
