@@ -185,7 +185,7 @@ struct RowsLayout {
                                               memo: UnsafeMutablePointer<Double>? = nil, arena: inout ScratchArena) {
         guard let channelMoments else { return }
         let B = shape.batch, S = shape.spatial, C = shape.channels, slotLength = memo == nil ? momentsSlot : 0
-        let columns = memo == nil && byColumns && momentsMemoCount(T.self, plan: plan) == 0
+        let takesColumns = memo == nil && byColumns && momentsMemoCount(T.self, plan: plan) == 0
         let width = panelWidth
         let scratch = arena.take(parallelSlots(panels, cost: momentsCost) * slotLength, of: Double.self)
         parallelFor(panels, cost: momentsCost) { range, slot in
@@ -198,7 +198,7 @@ struct RowsLayout {
                                                 into: channelMoments + c0)
                     continue
                 }
-                if columns {
+                if takesColumns {
                     assert(3 * S <= 2 * B, "the columns' moments beyond the slot (`momentsSlot`)")
                     let columns = UnsafeMutableRawPointer(p).bindMemory(to: Moments.self, capacity: n * S)
                     columnMoments(x, first: c0, count: n, columns: columns, into: channelMoments + c0)

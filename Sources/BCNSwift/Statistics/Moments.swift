@@ -7,7 +7,7 @@
 public struct Moments: Equatable, Sendable {
     /// n, the number of values (a Double, as the merge's weights are).
     public var count: Double
-    /// Their mean (0 for an empty set).
+    /// Their mean (any value for an empty set, which merges as nothing).
     public var mean: Double
     /// M2 = Σ (x - mean)², ≥ 0.
     public var m2: Double
