@@ -9,7 +9,11 @@
  * and must end inside the capacity; the forward and backward sometimes run in place (y = x, dx = dy), which the
  * header allows where no later call reads the input. Calls that succeed must keep the header's promises: the
  * forwards and backwards only read x (and dy, where dx is not dy), a single backward only reads its context,
- * and backward phase (a) leaves `sums` alone after a forward without batch statistics.
+ * and backward phase (a) leaves `sums` alone after a forward without batch statistics. A context a forward of
+ * one element type filled is refused by the other's backward. Messages never pass their capacity (a negative
+ * one writes nothing). Weight Standardization runs both ways in both types; num_batches_tracked starts anywhere
+ * (negative, at the edges of int64); the calls sometimes run on another thread count or on a serial team of the
+ * caller's (bcn_set_calling_thread_num_threads, bcn_set_calling_thread_team).
  *
  * Buffers always hold what the declared sizes promise (the one contract a C ABI cannot check); everything else
  * is hostile. The library must return a status, never crash, never touch memory out of bounds
@@ -106,34 +110,34 @@ static int32_t forward(Call *k, int finish, const double *moments, char *msg, in
                                          (float *)k->gb.p, P(k, k->ctx, 5), k->ctx_len, msg, cap);
 }
 
-static int32_t moments_phase(Call *k, char *msg) {
+static int32_t moments_phase(Call *k, char *msg, int64_t cap) {
     return k->dbl ? bcn_norm_moments_f64(k->flags, k->b, k->c, k->sp, k->g, P(k, k->x, 0), P(k, k->moments, 6),
-                                         P(k, k->ctx, 5), k->ctx_len, msg, 64)
+                                         P(k, k->ctx, 5), k->ctx_len, msg, cap)
                   : bcn_norm_moments_f32(k->flags, k->b, k->c, k->sp, k->g, P(k, k->x, 0), P(k, k->moments, 6),
-                                         P(k, k->ctx, 5), k->ctx_len, msg, 64);
+                                         P(k, k->ctx, 5), k->ctx_len, msg, cap);
 }
 
-static int32_t backward(Call *k, uint32_t flags, int phase, const double *sums, char *msg) {
+static int32_t backward(Call *k, uint32_t flags, int phase, const double *sums, char *msg, int64_t cap) {
     if (phase == 1)
         return k->dbl ? bcn_norm_backward_sums_f64(flags, k->b, k->c, k->sp, k->g, (double *)k->x.p, P(k, k->dy, 7),
-                                                   P(k, k->sums, 6), P(k, k->ctx, 5), k->ctx_len, msg, 64)
+                                                   P(k, k->sums, 6), P(k, k->ctx, 5), k->ctx_len, msg, cap)
                       : bcn_norm_backward_sums_f32(flags, k->b, k->c, k->sp, k->g, (float *)k->x.p, P(k, k->dy, 7),
-                                                   P(k, k->sums, 6), P(k, k->ctx, 5), k->ctx_len, msg, 64);
+                                                   P(k, k->sums, 6), P(k, k->ctx, 5), k->ctx_len, msg, cap);
     if (phase == 2)
         return k->dbl ? bcn_norm_backward_finish_f64(flags, k->b, k->c, k->sp, k->g, (double *)k->x.p, P(k, k->dy, 7),
                                                      P(k, k->dx, 1), (double *)k->g1.p, (double *)k->g2.p,
                                                      (double *)k->g3.p, (double *)k->g4.p, sums, P(k, k->ctx, 5),
-                                                     k->ctx_len, msg, 64)
+                                                     k->ctx_len, msg, cap)
                       : bcn_norm_backward_finish_f32(flags, k->b, k->c, k->sp, k->g, (float *)k->x.p, P(k, k->dy, 7),
                                                      P(k, k->dx, 1), (float *)k->g1.p, (float *)k->g2.p,
                                                      (float *)k->g3.p, (float *)k->g4.p, sums, P(k, k->ctx, 5),
-                                                     k->ctx_len, msg, 64);
+                                                     k->ctx_len, msg, cap);
     return k->dbl ? bcn_norm_backward_f64(flags, k->b, k->c, k->sp, k->g, (double *)k->x.p, P(k, k->dy, 7),
                                           P(k, k->dx, 1), (double *)k->g1.p, (double *)k->g2.p, (double *)k->g3.p,
-                                          (double *)k->g4.p, P(k, k->ctx, 5), k->ctx_len, msg, 64)
+                                          (double *)k->g4.p, P(k, k->ctx, 5), k->ctx_len, msg, cap)
                   : bcn_norm_backward_f32(flags, k->b, k->c, k->sp, k->g, (float *)k->x.p, P(k, k->dy, 7),
                                           P(k, k->dx, 1), (float *)k->g1.p, (float *)k->g2.p, (float *)k->g3.p,
-                                          (float *)k->g4.p, P(k, k->ctx, 5), k->ctx_len, msg, 64);
+                                          (float *)k->g4.p, P(k, k->ctx, 5), k->ctx_len, msg, cap);
 }
 
 /* `sets` copies of `set` (width·c doubles each), some perturbed into non-moments, merged; checks that a refused
@@ -166,19 +170,20 @@ static void check_message(const char *msg, int64_t cap) {
 /* The forward in place (y = x), which the header allows where no later call reads x: a refusal leaves x too. */
 static void forward_in_place(Call *k, char *msg, int64_t cap) {
     Watched own_y = k->y;
+    int64_t nbt = k->nbt;
     k->y = k->x;
     snap(&k->x);
     int32_t st = forward(k, 0, NULL, msg, cap);
     k->y = own_y;
-    if (st != BCN_OK) { abort_if(!same(&k->x)); check_untouched(k, 0); }
+    if (st != BCN_OK) { abort_if(!same(&k->x)); check_untouched(k, nbt); }
     check_message(msg, cap);
 }
 
 /* The statistics phases: moments, their merge over sets, sometimes the running update alone, then the finish. */
 static int32_t forward_in_phases(Call *k, Stream *s, int sane, uint8_t path, char *msg, int64_t cap,
                                  int64_t *nbt_before) {
-    int32_t st = moments_phase(k, msg);
-    check_message(msg, 64);
+    int32_t st = moments_phase(k, msg, cap);
+    check_message(msg, cap);
     if (st != BCN_OK) return st;
     abort_if(!sane);
     double *m = NULL;
@@ -208,7 +213,8 @@ static int32_t forward_in_phases(Call *k, Stream *s, int sane, uint8_t path, cha
  * refusal changing nothing, the header's promises on success: both backwards only read x and dy (where dx is
  * not dy), the single one only reads its context, and phase (a) leaves `sums` untouched when the forward used no
  * batch statistics (bcn_norm_needs_gradient_sums, which must answer 0 or 1 for a context a forward filled). */
-static void backward_after(Call *k, Stream *s, uint8_t path, uint8_t mode, char *msg, size_t ctx_doubles) {
+static void backward_after(Call *k, Stream *s, uint8_t path, uint8_t mode, char *msg, int64_t cap,
+                           size_t ctx_doubles) {
     int damaged = u8(s) & 1; /* a context flipped by one bit: the library must notice or stay in bounds */
     if (damaged) k->ctx.p[u8(s) % (ctx_doubles * 8)] ^= (unsigned char)(1u << (u8(s) % 8));
     uint32_t bflags = k->flags & ~(uint32_t)(u8(s) & (BCN_BATCH_NORM | BCN_CHANNELS_LAST));
@@ -220,8 +226,8 @@ static void backward_after(Call *k, Stream *s, uint8_t path, uint8_t mode, char 
         int in_place = (mode & 0x40) != 0;
         if (in_place) k->dx = k->dy; /* dx = dy, in place */
         snap(&k->dy);
-        st = backward(k, bflags, 0, NULL, msg);
-        check_message(msg, 64);
+        st = backward(k, bflags, 0, NULL, msg, cap);
+        check_message(msg, cap);
         k->dx = own_dx;
         if (st != BCN_OK) { abort_if(!same(&k->dy)); check_untouched(k, k->nbt); }
         else { abort_if(!same(&k->ctx)); abort_if(!in_place && !same(&k->dy)); }
@@ -229,8 +235,8 @@ static void backward_after(Call *k, Stream *s, uint8_t path, uint8_t mode, char 
         return;
     }
     snap(&k->dy);
-    st = backward(k, bflags, 1, NULL, msg);
-    check_message(msg, 64);
+    st = backward(k, bflags, 1, NULL, msg, cap);
+    check_message(msg, cap);
     abort_if(!same(&k->x) || !same(&k->dy));
     if (st != BCN_OK) { check_untouched(k, k->nbt); return; }
     int32_t needs = bcn_norm_needs_gradient_sums(bflags, k->b, k->c, k->sp, k->g, (const double *)k->ctx.p,
@@ -239,24 +245,51 @@ static void backward_after(Call *k, Stream *s, uint8_t path, uint8_t mode, char 
     if (needs == 0) abort_if(!same(&k->sums)); /* no batch statistics: phase (a) wrote no sums */
     double *sm = (k->nulls >> 6) & 1 ? NULL : merged_sets(s, (const double *)k->sums.p, k->c, 2);
     snap_all(k);
-    st = backward(k, bflags, 2, (u8(s) & 7) ? sm : NULL, msg);
-    check_message(msg, 64);
+    st = backward(k, bflags, 2, (u8(s) & 7) ? sm : NULL, msg, cap);
+    check_message(msg, cap);
     if (st != BCN_OK) check_untouched(k, k->nbt);
     abort_if(!same(&k->x) || !same(&k->dy));
     free(sm);
 }
 
-/* Weight Standardization on the same buffers, viewed as [b, c*sp]: a refused call writes nothing. */
+/* Weight Standardization on the same buffers, viewed as [b, c*sp], forward or backward: a refused call writes
+ * nothing. */
 static void weight_standardization(Call *k, Stream *s, char *msg, int64_t cap) {
-    uint32_t wflags = u8(s) % 5;
+    uint8_t how = u8(s);
+    uint32_t wflags = how % 5;
     int64_t fan_in = (u8(s) & 15) == 0 ? -k->c * k->sp : k->c * k->sp;
     snap_all(k);
-    int32_t st = k->dbl ? bcn_ws_forward_f64(wflags, k->b, fan_in, k->eps, (double *)k->x.p, (double *)k->y.p,
-                                             msg, cap)
-                        : bcn_ws_backward_f32(wflags, k->b, fan_in, k->eps, (float *)k->x.p, (float *)k->dy.p,
-                                              (float *)k->dx.p, msg, cap);
+    int32_t st;
+    if (how & 0x80)
+        st = k->dbl ? bcn_ws_backward_f64(wflags, k->b, fan_in, k->eps, (double *)k->x.p, (double *)k->dy.p,
+                                          (double *)k->dx.p, msg, cap)
+                    : bcn_ws_backward_f32(wflags, k->b, fan_in, k->eps, (float *)k->x.p, (float *)k->dy.p,
+                                          (float *)k->dx.p, msg, cap);
+    else
+        st = k->dbl ? bcn_ws_forward_f64(wflags, k->b, fan_in, k->eps, (double *)k->x.p, (double *)k->y.p, msg, cap)
+                    : bcn_ws_forward_f32(wflags, k->b, fan_in, k->eps, (float *)k->x.p, (float *)k->y.p, msg, cap);
     if (st != BCN_OK) check_untouched(k, k->nbt);
     check_message(msg, cap);
+}
+
+/* The single backward of the other element type on a context a forward filled: refused, writing nothing (every
+ * buffer holds 8 bytes an element, so either type's view of it is in bounds). */
+static void backward_of_the_other_type(Call *k, char *msg, int64_t cap) {
+    snap_all(k);
+    snap(&k->dy);
+    k->dbl = !k->dbl;
+    int32_t st = backward(k, k->flags, 0, NULL, msg, cap);
+    k->dbl = !k->dbl;
+    abort_if(st != (P(k, k->dy, 7) && P(k, k->dx, 1) ? BCN_ERR_NO_FORWARD : BCN_ERR_INVALID_ARGUMENT));
+    check_untouched(k, k->nbt);
+    abort_if(!same(&k->dy));
+    check_message(msg, cap);
+}
+
+/* A serial team: fn once, on the calling thread (GOMP_parallel's contract allows up to num_threads). */
+static void serial_team(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags) {
+    (void)num_threads; (void)flags;
+    fn(data);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -285,14 +318,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (!(k.b >= ((int64_t)1 << 40) && k.c >= ((int64_t)1 << 40) && k.sp >= ((int64_t)1 << 40))) return 0;
     }
     k.esz = k.dbl ? sizeof(double) : sizeof(float);
+    static const int64_t counts[] = {0, 0, 0, 3, -1, INT64_MAX - 1, INT64_MAX, INT64_MIN};
+    k.nbt = counts[u8(&s) % 8];
     k.n = sane ? (size_t)(k.b * k.c * k.sp) : 4;
     k.nc = sane ? (size_t)k.c : 4;
     k.ng = (k.g > 0 && k.g <= 8) ? (size_t)k.g : 4;
     if (k.c > 0 && k.c <= 8 && (size_t)k.c > k.nc) k.nc = (size_t)k.c;
-    k.x = watch(k.n * k.esz); k.y = watch(k.n * k.esz); k.dy = watch(k.n * k.esz); k.dx = watch(k.n * k.esz);
-    k.w = watch(k.nc * k.esz); k.bb = watch(k.nc * k.esz); k.rm = watch(k.nc * k.esz); k.rv = watch(k.nc * k.esz);
-    k.gw = watch(k.ng * k.esz); k.gb = watch(k.ng * k.esz); k.g1 = watch(k.nc * k.esz); k.g2 = watch(k.nc * k.esz);
-    k.g3 = watch(k.ng * k.esz); k.g4 = watch(k.ng * k.esz);
+    const size_t e = sizeof(double); /* 8 bytes an element whatever the type: the other type's view fits too */
+    k.x = watch(k.n * e); k.y = watch(k.n * e); k.dy = watch(k.n * e); k.dx = watch(k.n * e);
+    k.w = watch(k.nc * e); k.bb = watch(k.nc * e); k.rm = watch(k.nc * e); k.rv = watch(k.nc * e);
+    k.gw = watch(k.ng * e); k.gb = watch(k.ng * e); k.g1 = watch(k.nc * e); k.g2 = watch(k.nc * e);
+    k.g3 = watch(k.ng * e); k.g4 = watch(k.ng * e);
     k.moments = watch(3 * k.nc * sizeof(double)); k.sums = watch(2 * k.nc * sizeof(double));
     for (size_t i = 0; i < k.n; i++) {
         double v = (double)(int8_t)u8(&s) * 0.37 + (u8(&s) == 255 ? NAN : 0.0);
@@ -313,22 +349,38 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(text, 0x7f, sizeof text);
     uint8_t mode = u8(&s);
     char *msg = (mode & 7) == 0 ? NULL : text; /* a NULL message: the status alone */
-    int64_t cap = u8(&s) % 65;
+    uint8_t c8 = u8(&s);
+    int64_t cap = c8 < 240 ? c8 % 65 : (c8 & 1 ? -(int64_t)(c8 % 7) : INT64_MIN); /* <= 0: nothing written */
+    uint8_t threads = u8(&s);
+    int32_t own_count = 0;
+    bcn_thread_team own_team = NULL;
+    if (threads % 4 == 1) {
+        static const int32_t hostile[] = {1, 2, 3, 300, 0, -5, INT32_MAX, INT32_MIN};
+        own_count = bcn_set_calling_thread_num_threads(hostile[(threads >> 2) % 8]);
+    }
+    if (threads % 4 == 2) own_team = bcn_set_calling_thread_team(serial_team);
 
     snap_all(&k);
     if (sane && (mode & 0x38) == 0) {
         forward_in_place(&k, msg, cap); /* then no backward may follow */
     } else {
-        int64_t nbt_before = 0; /* the count before the call that may fail (the update alone moves it) */
+        int64_t nbt_before = k.nbt; /* the count before the call that may fail (the update alone moves it) */
         snap(&k.x);
         int32_t st = path % 2 == 0 ? forward(&k, 0, NULL, msg, cap) /* the single forward */
                                    : forward_in_phases(&k, &s, sane, path, msg, cap, &nbt_before);
         if (path % 2 == 0) check_message(msg, cap);
         abort_if(!same(&k.x)); /* a forward only reads x */
         if (st != BCN_OK) check_untouched(&k, nbt_before);
-        else { abort_if(!sane); backward_after(&k, &s, path, mode, msg, ctx_doubles); }
+        else {
+            abort_if(!sane);
+            if ((u8(&s) & 15) == 0) backward_of_the_other_type(&k, msg, cap);
+            else backward_after(&k, &s, path, mode, msg, cap, ctx_doubles);
+        }
     }
     if (sane) weight_standardization(&k, &s, msg, cap);
+    for (int64_t i = cap > 0 ? cap : 0; i < (int64_t)sizeof text; i++) abort_if(text[i] != 0x7f); /* capacity kept */
+    if (threads % 4 == 1) bcn_set_calling_thread_num_threads(own_count);
+    if (threads % 4 == 2) bcn_set_calling_thread_team(own_team);
     Watched *all[] = {&k.x, &k.y, &k.dy, &k.dx, &k.w, &k.bb, &k.rm, &k.rv, &k.gw, &k.gb, &k.g1, &k.g2, &k.g3, &k.g4,
                       &k.ctx, &k.moments, &k.sums};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) drop(all[i]);
