@@ -13,6 +13,19 @@ input (nn.BatchNorm2d, EstBN's view(1, -1, 1, 1)), the same arithmetic is applie
   ws_labml, ws_authors (+ _backward)   Weight Standardization's two conventions
 
 Forward methods cache what backward needs; backward(dy) returns dx and stores parameter gradients in .grads.
+
+Where the documents' code does something a transcription cannot, or the documents disagree with themselves:
+- labml's BatchNorm (001, and 000's BatchChannelNorm with estimate=False) updates exp_mean and exp_var with autograd
+  on, so in its own code an eval-mode backward raises ("backward through the graph a second time") or, with
+  retain_graph, flows through the running averages into earlier steps. These transcriptions hold running
+  statistics constant in eval, as PyTorch's batch norms and bcnswift do.
+- 002 (a notebook) computes 001's batch norm with a two-pass variance (torch.var) where labml takes E[x²] - E[x]²;
+  it has no transcription of its own (LabmlBatchNorm stands for it, and the layers load its gamma/beta names),
+  and its BatchNorm2D cannot run eval (n_features is undefined).
+- 004 writes the folded variance about the running mean in its prose and about the batch mean in its code, as
+  000 does; the transcription follows the code. 004 calls the affine gamma and beta where 000 says scale, shift.
+- AuthorsEstBN's estbn_moving_speed is a float64; the authors' buffer is float32, where 0.1 is 0.10000000149:
+  compare bit for bit with the buffer's value, not with 0.1.
 """
 import numpy as np
 

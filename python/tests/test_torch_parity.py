@@ -1,6 +1,6 @@
-"""Training parity with the documents' own PyTorch modules (transcribed in torch_reference.py): a small CNN with
-WS convolutions and BCN, and a ResNet basic block converted by bcnswift.torch.convert, trained for 20 SGD steps
-side by side. Outputs, input gradients, every parameter gradient and every buffer agree at every step, to 1e-10
+"""Training parity with the documents' own PyTorch modules (transcribed in bcnswift/torch/reference.py): a small
+CNN with WS convolutions and BCN, and a ResNet basic block converted by bcnswift.torch.convert, trained for 20 SGD
+steps side by side. Outputs, input gradients, every parameter gradient and every buffer agree at every step, to 1e-10
 in float64 and 1e-4 in float32, relative to the largest magnitude of each quantity."""
 import pytest
 

@@ -2,8 +2,9 @@
 for the benchmark's "authors" models (the numpy transcriptions are bcnswift.reference).
 
 Only what a transcription needs was touched: labml's ``Module`` is nn.Module and its ``__call__`` is
-``forward``; labml's classes carry a ``Labml`` prefix; the authors' WS convolution, named but not printed in the
-documents, is their formula (w - mean) / (std + eps) with the unbiased std, as in their repository.
+``forward``; labml's classes carry a ``Labml`` prefix. The authors' WS convolution is not in the documents' code:
+the seeds' README gives its formula, (w - mean) / (std + eps) with the unbiased std, as in their repository.
+labml's BatchNorm keeps its running averages' autograd history, as its code does (see bcnswift.reference).
 """
 import torch
 from torch import nn
