@@ -246,25 +246,21 @@ static int take_forward(PyObject *const *args, Py_ssize_t nargs, const char *nam
 static PyObject *norm_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     ForwardCall f;
     if (take_forward(args, nargs, "norm_forward", &f) < 0) return NULL;
-    State st = f.st;
     char message[MESSAGE_CAPACITY];
     int32_t status;
+    /* The four calls share their arguments (the buffers are void *, which either type's pointer takes), and the
+     * finish adds the moments before the context. */
+#define HEAD f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x, f.y, f.st.bw, f.st.bb, f.st.rm, \
+             f.st.rv, f.st.nbt, f.st.cw, f.st.cb
+#define TAIL f.ctx, f.ctx_len, message, MESSAGE_CAPACITY
     Py_BEGIN_ALLOW_THREADS
     if (f.typenum == NPY_FLOAT32)
-        status = f.finish ? bcn_norm_finish_f32(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x, f.y,
-                                                st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.moments, f.ctx,
-                                                f.ctx_len, message, MESSAGE_CAPACITY)
-                          : bcn_norm_forward_f32(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x,
-                                                 f.y, st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.ctx,
-                                                 f.ctx_len, message, MESSAGE_CAPACITY);
+        status = f.finish ? bcn_norm_finish_f32(HEAD, f.moments, TAIL) : bcn_norm_forward_f32(HEAD, TAIL);
     else
-        status = f.finish ? bcn_norm_finish_f64(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x, f.y,
-                                                st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.moments, f.ctx,
-                                                f.ctx_len, message, MESSAGE_CAPACITY)
-                          : bcn_norm_forward_f64(f.flags, f.b, f.c, f.s, f.groups, f.eps, f.bn_eps, f.momentum, f.x,
-                                                 f.y, st.bw, st.bb, st.rm, st.rv, st.nbt, st.cw, st.cb, f.ctx,
-                                                 f.ctx_len, message, MESSAGE_CAPACITY);
+        status = f.finish ? bcn_norm_finish_f64(HEAD, f.moments, TAIL) : bcn_norm_forward_f64(HEAD, TAIL);
     Py_END_ALLOW_THREADS
+#undef HEAD
+#undef TAIL
     if (status != BCN_OK) return raise_status(status, message);
     Py_RETURN_NONE;
 }
@@ -408,20 +404,17 @@ static PyObject *norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t
     if (take_backward(args, nargs, "norm_backward", &k) < 0) return NULL;
     char message[MESSAGE_CAPACITY];
     int32_t status;
+    /* as norm_forward's: one argument list, the finish adding the sums before the context */
+#define HEAD k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw, k.gbb, k.gcw, k.gcb
+#define TAIL k.ctx, k.ctx_len, message, MESSAGE_CAPACITY
     Py_BEGIN_ALLOW_THREADS
     if (k.typenum == NPY_FLOAT32)
-        status = k.finish ? bcn_norm_backward_finish_f32(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw,
-                                                         k.gbb, k.gcw, k.gcb, k.sums, k.ctx, k.ctx_len, message,
-                                                         MESSAGE_CAPACITY)
-                          : bcn_norm_backward_f32(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw, k.gbb,
-                                                  k.gcw, k.gcb, k.ctx, k.ctx_len, message, MESSAGE_CAPACITY);
+        status = k.finish ? bcn_norm_backward_finish_f32(HEAD, k.sums, TAIL) : bcn_norm_backward_f32(HEAD, TAIL);
     else
-        status = k.finish ? bcn_norm_backward_finish_f64(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw,
-                                                         k.gbb, k.gcw, k.gcb, k.sums, k.ctx, k.ctx_len, message,
-                                                         MESSAGE_CAPACITY)
-                          : bcn_norm_backward_f64(k.flags, k.b, k.c, k.s, k.groups, k.x, k.dy, k.dx, k.gbw, k.gbb,
-                                                  k.gcw, k.gcb, k.ctx, k.ctx_len, message, MESSAGE_CAPACITY);
+        status = k.finish ? bcn_norm_backward_finish_f64(HEAD, k.sums, TAIL) : bcn_norm_backward_f64(HEAD, TAIL);
     Py_END_ALLOW_THREADS
+#undef HEAD
+#undef TAIL
     if (status != BCN_OK) return raise_status(status, message);
     Py_RETURN_NONE;
 }
