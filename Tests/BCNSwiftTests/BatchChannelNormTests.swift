@@ -165,6 +165,29 @@ final class BatchChannelNormTests: XCTestCase {
         }
     }
 
+    func testAnEpsOutOfRangeIsNamedAsTheCallerGaveIt() {
+        // one eps for both stages is `eps`; with bnEps apart, each message names its stage
+        let cases: [(() throws -> Void, String)] = [
+            ({ _ = try BatchChannelNorm<Float>(channels: 4, groups: 2, eps: -1) },
+             "eps must be a positive finite number, got -1.0"),
+            ({ _ = try BatchChannelNorm<Double>(channels: 4, groups: 2, eps: .infinity, estimate: false) },
+             "eps must be a positive finite number, got inf"),
+            ({ _ = try BatchChannelNorm<Float>(channels: 4, groups: 2, eps: 1e-5, bnEps: 0) },
+             "the batch-norm stage's eps must be a positive finite number, got 0.0"),
+            ({ _ = try BatchChannelNorm<Float>(channels: 4, groups: 2, eps: -2, bnEps: 1e-3) },
+             "the channel-norm stage's eps must be a positive finite number, got -2.0"),
+            ({ _ = try BatchNorm<Float>(channels: 4, eps: 0) }, "the batch-norm stage's eps must be"),
+            ({ _ = try ChannelNorm<Float>(channels: 4, groups: 2, eps: .nan) }, "the channel-norm stage's eps must be"),
+        ]
+        for (make, expected) in cases {
+            XCTAssertThrowsError(try make(), expected) { error in
+                XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument)
+                let message = (error as? BCNError)?.message ?? ""
+                XCTAssertTrue(message.hasPrefix(expected), "expected '\(expected)...', got '\(message)'")
+            }
+        }
+    }
+
     func testALayerBeyondMemoryThrowsInsteadOfStoppingTheProcess() throws {
         // 2^31 channels of Double: about 200 GB of arrays. Under an address-space limit malloc refuses them
         // whatever the kernel's overcommit policy, and the layer must say so; Swift arrays would stop the process.

@@ -256,6 +256,10 @@ public final class BatchChannelNorm<Scalar: NormalizationScalar>: NormalizationL
     public init(channels: Int, groups: Int, eps: Double = 1e-5, momentum: Double? = 0.1, estimate: Bool = true,
                 unbiasedRunningVariance: Bool? = nil, varianceCentre: VarianceCentre = .batchMean,
                 bnEps: Double? = nil, nanPolicy: NaNPolicy = .propagate) throws(BCNError) {
+        // One eps for both stages: name it as the caller did, not as the first stage to check it would.
+        guard bnEps != nil || (eps > 0 && eps.isFinite) else {
+            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
+        }
         try super.init(plan: NormalizationPlan(
             channels: channels,
             batchNorm: BatchNormOptions(statistics: estimate ? .estimated : .batch, eps: bnEps ?? eps,
