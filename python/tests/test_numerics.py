@@ -528,6 +528,51 @@ def test_batch_moments_sum_again_where_the_first_samples_mislead(rng):
     np.testing.assert_allclose(layer.running_mean, wide.mean(axis=0).astype(np.float64), rtol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spatial", [196, 1024, 4900], ids=lambda s: f"S={s}")
+def test_plane_moments_sum_again_where_the_first_values_mislead(spatial, dtype, rng):
+    """A plane's moments are sums shifted by the mean of its first values (eight in float32, four in float64; a
+    plane of more than 4096 values chunk by chunk), kept when that shift lies within a standard deviation of the
+    mean, else summed again around the mean found (`ShiftRule`); a group's planes merge the same way. Here each
+    plane's first eight values sit far out (3e3 in float32, 1e6 in float64, against a spread of 1), some 7 to 25
+    spreads off the mean. Measured: the running variance within 1.4 eps of the exact one, outputs within 1.4
+    ulps of their scale; with the one pass kept regardless, 14 to 90 eps (float32) and 50 to 900 eps (float64),
+    outputs 7 to 560 ulps."""
+    B, C = 2, 8
+    x = rng.normal(0.5, 1.0, (B, C, spatial))
+    x[:, :, :8] += 3e3 if dtype == np.float32 else 1e6
+    x = x.astype(dtype)
+    exact = x.astype(np.longdouble)
+    mean, var = exact.mean(axis=(0, 2)), exact.var(axis=(0, 2))
+    eps = np.finfo(dtype).eps
+    bn = bcnswift.BatchNorm(C, momentum=1.0, unbiased_running_var=False, dtype=dtype)
+    y = bn(x)
+    assert np.max(np.abs(bn.running_var - var) / var) <= 4 * eps
+    truth = ((exact - mean[:, None]) / np.sqrt(var[:, None] + 1e-5)).astype(np.float64)
+    assert _ulps_of_scale(y, truth, eps) <= 4
+    groups = exact.reshape(B, 2, -1)
+    truth = ((groups - groups.mean(-1, keepdims=True)) / np.sqrt(groups.var(-1, keepdims=True) + 1e-5))
+    assert _ulps_of_scale(bcnswift.ChannelNorm(C, 2, dtype=dtype)(x), truth.reshape(x.shape), eps) <= 4
+
+
+@pytest.mark.parametrize("mean,std", [(100.0, 0.01), (1e4, 1.0), (-3e3, 0.1)])
+@pytest.mark.parametrize("spatial", [(7, 7), (4, 4), (4, 6), (4, 8)], ids=lambda s: f"S={s[0] * s[1]}")
+def test_large_mean_small_spread_gradients_keep_float64_precision(spatial, mean, std, rng):
+    """Float32 planes whose mean sits 1e4 to 3e4 spreads from 0, forward and backward, against the documents'
+    float64 code: the Float32 maps and gradient sums work about the centre rounded to Float and put the residue
+    back in Float64 (`CentreResidue`), in planes of 49 values and in planes of 16, 24 and 32, eight at a time
+    (`_planeOctets`). Measured: within 1.5 ulps of each quantity's scale; without the residue, 900 to 16,000."""
+    B, C, G = 8, 64, 16
+    x = (mean + std * rng.normal(size=(B, C) + spatial)).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert _ulps_of_scale(y, y_ref) <= 3 and _ulps_of_scale(dx, dx_ref) <= 3
+    for name, path in _LABML_PARAMETERS.items():
+        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 3, name
+
+
 def _rows_float32_gradients(x, dy, G, estimate, rng=None, evaluate=False):
     """bcnswift's float32 gradients on [B, C] x and dy (a training step; with `evaluate`, a training step, then
     eval's) and the documents' float64 gradients of the same values, for BatchChannelNorm with G groups
@@ -544,11 +589,10 @@ def _rows_float32_gradients(x, dy, G, estimate, rng=None, evaluate=False):
     return dx, dx_ref, grads
 
 
-def _ulps_of_scale(got, want):
-    """The largest error in float32 ulps of the array's scale (its largest magnitude)."""
-    want = np.asarray(want, np.float64)
-    return float(np.max(np.abs(np.asarray(got, np.float64).reshape(want.shape) - want))
-                 / (np.abs(want).max() * np.finfo(np.float32).eps))
+def _ulps_of_scale(got, want, eps=np.finfo(np.float32).eps):
+    """The largest error in ulps (float32's, or those of `eps`) of the array's scale (its largest magnitude)."""
+    want = np.asarray(want, np.longdouble)
+    return float(np.max(np.abs(np.asarray(got, np.longdouble).reshape(want.shape) - want)) / (np.abs(want).max() * eps))
 
 
 @pytest.mark.parametrize("K", [8, 16, 24, 64, 72, 128, 512], ids=lambda k: f"K={k}")
@@ -585,6 +629,72 @@ def test_float32_rows_backward_takes_float64_where_float32_would_round_visibly(K
     far = max(_ulps_of_scale(dx[:, g], dx_ref[:, g]) for g in range(0, G, 2))
     near = max(_ulps_of_scale(dx[:, g], dx_ref[:, g]) for g in range(1, G, 2))
     assert far <= 1 and near <= 8, (far, near)
+
+
+@pytest.mark.parametrize("K", [64, 256], ids=lambda k: f"K={k}")
+@pytest.mark.parametrize("estimate", [False, True])
+def test_float32_rows_groups_whose_first_values_mislead_take_float64(K, estimate, rng):
+    """A [B, C] group's Float32 sums are shifted by the mean of its first eight values; where that shift lies
+    further than a standard deviation from the group's mean the group takes the Float64 path (`RowRounding`).
+    Sample 0 sits 1e3 out in the first eight channels of every group (about 16 after the batch norm, 7 spreads
+    off its group's mean): its outputs stay within an ulp of their scale against the documents' float64 code
+    (measured 0.4; with the Float32 lanes kept regardless, 3.7 to 9.7)."""
+    B, C = 256, 1024
+    x = rng.normal(0.5, 1.0, (B, C))
+    x[0, (np.arange(C) % K) < 8] += 1e3
+    x = x.astype(np.float32)
+    layer, ref = _labml_pair(C, C // K, estimate)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    assert _ulps_of_scale(y[0], y_ref[0]) <= 1 and _ulps_of_scale(y, y_ref) <= 4
+
+
+@pytest.mark.parametrize("case", [("y", {"bn.weight": 1e-20}), ("y", {"bn.weight": 3e18}), ("dx", {"weight": 1e12}),
+                                  ("dx", {"bn.weight": 1e12, "weight": 1e3}), ("dx", {"x": 1e11})],
+                         ids=["bn.weight=1e-20", "bn.weight=3e18", "weight=1e12", "bn.weight=1e12,weight=1e3",
+                              "x*1e11"])
+def test_float32_rows_groups_outside_float32s_comfortable_range_take_float64(case, rng):
+    """[B, C] groups whose Float32 sums or gradient constants would leave Float32's comfortable range take the
+    Float64 path (`RowRounding`): a batch-norm weight of 1e-20 or 3e18 puts the group's mean square near 1e-40
+    or 1e37; a channel-norm weight of 1e12, a batch-norm weight of 1e12 (with 1e3 after it), or inputs spread
+    over 1e11 put the backward's r |w| above 1e10, its r below 1e-10, or the mean square of x - μ above 1e20.
+    Measured against the documents' float64 code: outputs within 0.3 ulp of their scale where the forward takes
+    Float64, dx within 0.7 where the backward does; with each of those bounds removed, 1.0 to 1.5."""
+    B, C, G = 64, 512, 16
+    checked, scales = case
+    x = (rng.normal(0.5, 1.0, (B, C)) * scales.get("x", 1.0)).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, (B, C)).astype(np.float32)
+    layer, ref = _labml_pair(C, G, estimate=False)
+    for name, value in scales.items():
+        if name != "x":
+            layer.parameters()[name][...] = value
+    _copy_parameters(layer, ref)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    if checked == "y":
+        assert _ulps_of_scale(y, y_ref) <= 0.6
+    else:
+        assert _ulps_of_scale(dx, dx_ref) <= 1
+
+
+@pytest.mark.parametrize("spatial", [(4, 4), (4, 6), (4, 8), (14, 14)], ids=lambda s: f"S={s[0] * s[1]}")
+def test_float32_backward_maps_about_a_dy_centre_near_the_largest_float_take_float64(spatial, rng):
+    """Output gradients about 1e38 with one value per plane at -3e38: dy - its plane mean for that value is
+    -4e38, beyond Float's range, though dx (a channel-norm weight of 0.1 after it) is about 5e37. The backward's
+    maps keep their centre of dy below 2^101 for the Float32 lanes (`MapRange`), so these planes map in Float64:
+    dx finite and within 4 ulps of its scale against the documents' float64 code, in planes of 196 values and in
+    planes of 16, 24 and 32 (eight at a time), where the bound at 2^127 gave infinities. (The parameters'
+    gradients, sums of such values, exceed Float's range here, in both.)"""
+    B, C, G = 8, 64, 32
+    x = rng.normal(0.5, 1.0, (B, C) + spatial).astype(np.float32)
+    dy = 1e38 * (1 + 0.1 * rng.normal(size=x.shape))
+    dy.reshape(B, C, -1)[:, :, 0] = -3e38
+    dy = dy.astype(np.float32)
+    layer, ref = _labml_pair(C, G, estimate=False)
+    layer.weight[...] = 0.1
+    _copy_parameters(layer, ref)
+    layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert np.isfinite(dx).all() and _ulps_of_scale(dx, dx_ref) <= 4
 
 
 @pytest.mark.parametrize("x_scale,dy_scale", [(1e-3, 1e-38), (1e-32, 1e-11)], ids=["tiny-dy", "tiny-spread"])
@@ -643,6 +753,30 @@ def test_float32_planes_at_extreme_magnitudes_keep_the_float64_precision(spatial
     B, C, G = 8, 64, 32
     x = random_input(rng, (B, C) + spatial)
     x = (x * (largest / np.abs(x).max())).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    assert _ulps_of_scale(y, y_ref) <= 4 and _ulps_of_scale(dx, dx_ref) <= 4
+    for name, path in _LABML_PARAMETERS.items():
+        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+
+
+@pytest.mark.parametrize("spatial", [(14, 14), (4, 4), (5, 5)], ids=["S=196", "S=16", "S=25"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_float32_maps_about_a_centre_near_the_largest_float_take_float64(spatial, layout, rng):
+    """Activations about 1e38 with one value per channel at -3e38: the channel's mean is within Float's range,
+    but x - mean for that value is not (-4e38). The maps' constants must stay below 2^101 for the Float32 lanes
+    (`MapRange`), so these planes map in Float64: outputs finite and within 4 ulps of their scale against the
+    documents' float64 code, as dx and the parameters' gradients. With the bound at 2^127, the planes' outputs
+    (one at a time, and eight at a time) held infinities."""
+    B, C, G = 8, 64, 32
+    x = 1e38 * (1 + 0.1 * rng.normal(size=(B, C) + spatial))
+    x.reshape(B, C, -1)[1, :, 0] = -3e38
+    x = x.astype(np.float32)
     dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
     if layout == "channels-last":
         x, dy = _channels_last(x), _channels_last(dy)

@@ -123,13 +123,19 @@ def test_bad_state_dicts_change_nothing():
 @pytest.mark.parametrize("momentum", [None, 0.0, 0.25, 1.0])
 def test_estbn_moving_speed_round_trip_keeps_momentum(momentum, rng):
     """The authors' EstBN keeps its update rate in estbn_moving_speed; a cumulative average (momentum=None),
-    which EstBN cannot express, is written as NaN, so that a round trip keeps it (it once came back as 0.0)."""
+    which EstBN cannot express, is written as NaN, so that a round trip keeps it (it once came back as 0.0). A
+    cumulative average needs the count of batches, which EstBN's convention otherwise leaves at 0: the first
+    batch's factor is 1/1, and its mean becomes the running mean."""
     a = bcnswift.BatchChannelNorm(8, 4, momentum=momentum, estimate=True, variance_around="running_mean",
                                   dtype=np.float64)
-    a(random_input(rng, (2, 8, 3)))
+    first = random_input(rng, (2, 8, 3))
+    a(first)
     state = a.state_dict()
     speed = state["bn.estbn_moving_speed"][0]
     assert np.isnan(speed) if momentum is None else speed == momentum
+    assert state["bn.num_batches_tracked"] == (1 if momentum is None else 0)
+    if momentum is None:
+        np.testing.assert_allclose(a.running_mean, first.mean(axis=(0, 2)), rtol=1e-14)
     b = bcnswift.BatchChannelNorm(8, 4, momentum=0.5, estimate=True, variance_around="running_mean",
                                   dtype=np.float64)
     b.load_state_dict(state)
