@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bcnswift
+from bcnswift import _ext
 from conftest import random_input, require
 
 
@@ -740,3 +741,123 @@ def test_state_dict_entries_of_the_wrong_kind_are_named(rng):
         bn.load_state_dict({**state, "num_batches_tracked": 2 ** 70})
     assert_unchanged(bn, state)
     assert_unchanged(est, before)
+
+
+def _forward_args(rng, dtype=np.float64, shape=(3, 8, 5)):
+    """A valid argument list of _ext.norm_forward (BCN with batch statistics, training) as a dict in its order."""
+    B, C = shape[:2]
+    return {"flags": _ext.BCN_BATCH_NORM | _ext.BCN_CHANNEL_NORM | _ext.BCN_TRAINING, "groups": 4, "eps": 1e-5,
+            "bn_eps": 1e-5, "momentum": 0.1, "x": random_input(rng, shape).astype(dtype),
+            "y": np.full(shape, 7.0, dtype), "bn_weight": rng.normal(1.0, 0.2, C).astype(dtype),
+            "bn_bias": rng.normal(0.5, 0.2, C).astype(dtype), "running_mean": rng.normal(0.5, 1.0, C).astype(dtype),
+            "running_var": rng.uniform(0.5, 2.0, C).astype(dtype), "num_batches_tracked": np.array(5, np.int64),
+            "cn_weight": rng.normal(1.0, 0.2, 4).astype(dtype), "cn_bias": rng.normal(0.5, 0.2, 4).astype(dtype),
+            "context": np.full(_ext.context_length(B, C, 4), 3.0)}
+
+
+def _unaligned(a):
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = raw[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _overlapping(args, name):
+    """A y whose last bytes hold the first value of args[name] (moved there, values kept): one value shared."""
+    y, other = args["y"], args[name]
+    raw = np.zeros(y.nbytes + other.nbytes - other.itemsize, np.uint8)
+    args[name] = raw[y.nbytes - other.itemsize:].view(other.dtype).reshape(other.shape)
+    args[name][...] = other
+    return raw[:y.nbytes].view(y.dtype).reshape(y.shape)
+
+
+def _other_dtype(a):
+    return a.astype(np.float32 if a.dtype == np.float64 else np.float64)
+
+
+# (what is wrong, the argument, how to make it so, the exception, a phrase of its message)
+_EXTENSION_REFUSALS = [
+    ("x strided", "x", lambda a, rng: np.repeat(a["x"], 2, axis=2)[:, :, ::2], ValueError, "x must be aligned"),
+    ("x in Fortran order", "x", lambda a, rng: np.asfortranarray(a["x"]), ValueError, "C-contiguous"),
+    ("x NCHW under the channels-last flag", "flags", lambda a, rng: a["flags"] | _ext.BCN_CHANNELS_LAST, ValueError,
+     "dense in channels-last order"),
+    ("x unaligned", "x", lambda a, rng: _unaligned(a["x"]), ValueError, "x must be aligned"),
+    ("x of rank 1", "x", lambda a, rng: a["x"].ravel(), ValueError, "rank >= 2"),
+    ("x of ints", "x", lambda a, rng: a["x"].astype(np.int64), TypeError, "float32 or float64"),
+    ("y read-only", "y", lambda a, rng: _read_only(a["y"]), ValueError, "y must be writeable"),
+    ("y one value short", "y", lambda a, rng: a["y"].ravel()[:-1], ValueError, "y has 119 elements, expected 120"),
+    ("y of the other dtype", "y", lambda a, rng: _other_dtype(a["y"]), TypeError, "y has dtype"),
+    ("running_mean short", "running_mean", lambda a, rng: a["running_mean"][:-1], ValueError, "running_mean has 7"),
+    ("running_var read-only", "running_var", lambda a, rng: _read_only(a["running_var"]), ValueError, "writeable"),
+    ("running_var of the other dtype", "running_var", lambda a, rng: _other_dtype(a["running_var"]), TypeError,
+     "running_var has dtype"),
+    ("num_batches_tracked of two", "num_batches_tracked", lambda a, rng: np.array([5, 5], np.int64), ValueError,
+     "num_batches_tracked has 2 elements"),
+    ("cn_weight of one per channel", "cn_weight", lambda a, rng: np.repeat(a["cn_weight"], 2), ValueError,
+     "cn_weight has 8"),
+    ("context read-only", "context", lambda a, rng: _read_only(a["context"]), ValueError, "context must be writeable"),
+    ("an unknown flag", "flags", lambda a, rng: a["flags"] | (1 << 30), ValueError, "unknown flag bits"),
+    ("flags beyond 32 bits", "flags", lambda a, rng: a["flags"] | (1 << 32), ValueError, "combination of bcnswift"),
+    ("no groups", "groups", lambda a, rng: 0, ValueError, "num_groups must be positive, got 0"),
+    ("y over the running variance's first value", "y", lambda a, rng: _overlapping(a, "running_var"), ValueError,
+     "must not overlap running_var"),
+    ("y over the context's first value", "y", lambda a, rng: _overlapping(a, "context"), ValueError,
+     "must not overlap context"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", _EXTENSION_REFUSALS, ids=lambda c: c[0])
+def test_the_extension_refuses_what_the_layers_never_pass_it(case, dtype, rng):
+    """The layers screen every array before they call the extension, so only a direct call reaches its own checks
+    (bcnswift.torch's and the phases' callers pass arrays of their own making): each bad argument there is a clear
+    exception, before any value is read or written. The same call with that one argument good succeeds."""
+    _, name, spoil, error, phrase = case
+    args = _forward_args(rng, dtype)
+    good = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    _ext.norm_forward(*good.values())
+    assert not np.array_equal(good["y"], args["y"]) and good["num_batches_tracked"] == 6
+    args[name] = spoil(args, rng)
+    before = {k: np.array(v, copy=True) for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error, match=re.escape(phrase)):
+        _ext.norm_forward(*args.values())
+    for key, value in before.items():
+        np.testing.assert_array_equal(args[key], value, err_msg=f"{key} changed")
+
+
+def test_the_extensions_phases_and_merge_refuse_bad_arrays(rng):
+    """The statistics phases' and merge's own checks, reached only by direct calls (the layers' exchange and
+    bcnswift.torch pass arrays of their own making): clear exceptions, nothing written."""
+    args = _forward_args(rng)
+    flags, x = args["flags"], args["x"]
+    moments, ctx = np.full(24, 2.0), args["context"]
+    with pytest.raises(ValueError, match="moments has 23 elements, expected 24"):
+        _ext.norm_moments(flags, 4, x, moments[:-1], ctx)
+    with pytest.raises(ValueError, match="moments must be writeable"):
+        _ext.norm_moments(flags, 4, x, _read_only(moments), ctx)
+    with pytest.raises(ValueError, match="y .the output. must not overlap moments"):
+        _ext.norm_forward(*args.values(), args["y"].ravel()[:24])  # the finish's moments inside y
+    np.testing.assert_array_equal(moments, 2.0)
+    sums = np.full(16, 2.0)
+    with pytest.raises(ValueError, match="dy has 119 elements"):
+        _ext.norm_backward_sums(flags, 4, x, x.ravel()[:-1], sums, ctx)
+    with pytest.raises(ValueError, match="sums must be writeable"):
+        _ext.norm_backward_sums(flags, 4, x, x, _read_only(sums), ctx)
+    np.testing.assert_array_equal(sums, 2.0)
+    with pytest.raises(ValueError, match=re.escape("sets must be [n, 3 * channels]")):
+        _ext.merge(3, np.ones((2, 8)))
+    with pytest.raises(ValueError, match="merge width must be 3"):
+        _ext.merge(4, np.ones((2, 8)))
+    with pytest.raises(ValueError, match="sets must be aligned"):
+        _ext.merge(2, np.ones((2, 16))[:, ::2])
+    w = rng.normal(0.2, 1.0, (4, 3, 3, 3))
+    with pytest.raises(ValueError, match="w_hat must be writeable"):
+        _ext.ws_forward(0, 1e-5, w, _read_only(w))
+    with pytest.raises(ValueError, match="grad_w has 107 elements"):
+        _ext.ws_backward(0, 1e-5, w, w, np.empty(107))
