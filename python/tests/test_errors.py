@@ -861,3 +861,25 @@ def test_the_extensions_phases_and_merge_refuse_bad_arrays(rng):
         _ext.ws_forward(0, 1e-5, w, _read_only(w))
     with pytest.raises(ValueError, match="grad_w has 107 elements"):
         _ext.ws_backward(0, 1e-5, w, w, np.empty(107))
+
+
+@pytest.mark.parametrize("case", [("count", 2.5, "channel 3 count 2.5 values: a count must be a whole number"),
+                                  ("count", 0.0, "channel 3 count 0 values: a count must be a whole number"),
+                                  ("count", np.inf, "channel 3 count inf values"),
+                                  ("count", 14.0, "channel 3 count 14 values and channel 0's 15: every channel"),
+                                  ("m2", -1.0, "channel 3 have M2 -1.0: a sum of squared deviations cannot be")],
+                         ids=["fractional count", "no values", "endless count", "unequal counts", "negative M2"])
+def test_moments_handed_to_the_finish_that_are_not_moments_are_named(case, rng):
+    """Phase (c) takes the batch's moments from the caller (merged from other processes, say): a set that no batch
+    could have is refused, the message saying which channel and what is wrong with it, and nothing changes."""
+    field, value, phrase = case
+    args = _forward_args(rng)
+    moments = np.empty(24)
+    _ext.norm_moments(args["flags"], args["groups"], args["x"], moments, args["context"])
+    assert moments[0] == 15  # (count, mean, M2) per channel: 3 samples of 5 values
+    moments[9 + (0 if field == "count" else 2)] = value
+    before = {k: v.copy() for k, v in args.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        _ext.norm_forward(*args.values(), moments)
+    for key, kept in before.items():  # the context too: phase (a)'s planes' moments, which (c) reads
+        np.testing.assert_array_equal(args[key], kept, err_msg=f"{key} changed")

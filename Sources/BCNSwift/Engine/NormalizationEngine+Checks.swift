@@ -78,17 +78,29 @@ extension NormalizationEngine {
         }
     }
 
-    /// Moments handed to phase (c) must be moments, and as many values as training needs.
+    /// Moments handed to phase (c) must be moments (a count that is a whole number from 1 up, an M2 not below 0;
+    /// NaN passes, for the NaN policy to judge), the same count in every channel, and as many values as training
+    /// needs.
     static func checkBatchMoments(_ bn: BatchNormOptions, _ batch: UnsafePointer<Moments>,
                                   channels: Int) throws(BCNError) {
+        func counted(_ n: Double) -> String { n == n.rounded() && n.magnitude < 0x1p63 ? "\(Int64(n))" : "\(n)" }
         let n = batch[0].count
-        for c in 0..<channels
-        where !(batch[c].count == n && n >= 1 && n.isFinite && n == n.rounded() && !(batch[c].m2 < 0)) {
-            throw BCNError(.invalidArgument,
-                           "batch moments of channel \(c) (count \(batch[c].count), M2 \(batch[c].m2)) "
-                           + "are not moments of the same \(n) values")
+        for c in 0..<channels {
+            let count = batch[c].count
+            guard count >= 1, count.isFinite, count == count.rounded() else {
+                throw BCNError(.invalidArgument, "batch moments of channel \(c) count \(counted(count)) values: "
+                                                 + "a count must be a whole number from 1 up")
+            }
+            guard count == n else {
+                throw BCNError(.invalidArgument, "batch moments of channel \(c) count \(counted(count)) values and "
+                                                 + "channel 0's \(counted(n)): every channel counts the same values")
+            }
+            guard !(batch[c].m2 < 0) else {
+                throw BCNError(.invalidArgument, "batch moments of channel \(c) have M2 \(batch[c].m2): "
+                                                 + "a sum of squared deviations cannot be negative")
+            }
         }
-        if n == 1 { try degenerate(bn, values: n, dims: "\(Int(n)) value per channel over the whole batch") }
+        if n == 1 { try degenerate(bn, values: n, dims: "1 value per channel over the whole batch") }
     }
 
     /// With `.raise`, batch moments (from phase (a), or merged from other processes) that hold NaN or infinity.
