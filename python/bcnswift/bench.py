@@ -70,14 +70,9 @@ def _paired_samples(fns, min_seconds, repeats, pairs, gap):
         inner.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7))))
     if pairs and len(fns) % 2:
         raise ValueError(f"pairs=True needs an even number of functions, got {len(fns)}")
-    forward = list(range(len(fns)))
-    if pairs:
-        backward = [i ^ 1 for i in forward]  # each pair swapped
-    else:
-        backward = forward[::-1]
     samples = [[] for _ in fns]
     for r in range(repeats):
-        for i in (forward if r % 2 == 0 else backward):
+        for i in turn_order(len(fns), r, pairs):
             fn, n = fns[i], inner[i]
             if gap:
                 time.sleep(gap)
@@ -86,6 +81,15 @@ def _paired_samples(fns, min_seconds, repeats, pairs, gap):
                 fn()
             samples[i].append((time.perf_counter() - t0) / n)
     return samples
+
+
+def turn_order(count, round_number, pairs=False):
+    """The order in which round `round_number` runs `count` timed functions: as listed in even rounds; in odd ones
+    reversed, or with pairs=True with the two of each pair (0, 1), (2, 3), ... swapped."""
+    order = list(range(count))
+    if round_number % 2 == 0:
+        return order
+    return [i ^ 1 for i in order] if pairs else order[::-1]
 
 
 def paired_median_times(fns, min_seconds=0.02, repeats=7):

@@ -19,6 +19,7 @@ import numpy as np
 
 import bcnswift
 from . import _cli
+from .bench import turn_order
 from .distributed import HEADER_BYTES, mpi_world
 
 
@@ -29,9 +30,8 @@ def slowest_in_turn(comm, fns, repeats):
     for fn in fns:
         fn()
     samples = [[] for _ in fns]
-    order = list(range(len(fns)))
     for r in range(repeats):
-        for i in (order if r % 2 == 0 else order[::-1]):
+        for i in turn_order(len(fns), r):
             comm.Barrier()
             t0 = time.perf_counter()
             fns[i]()
