@@ -621,11 +621,13 @@ class _Normalization:
             if missing:
                 raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
         # a cumulative average (momentum None, after this load) advances the count it divides by: as its next
-        # training call would, refuse the largest (a review found it loaded, then failed that call)
+        # training call would, refuse the largest (a review found it loaded, then failed that call), or a negative
+        # one; the count after this load, which is the layer's own where the dict leaves it out
         speed = [v for k, v in staged.items() if k.endswith("estbn_moving_speed")]  # the momentum it sets
         momentum = speed[0] if speed else self.momentum
-        count = next((v for k, v in staged.items() if k.endswith("num_batches_tracked")), None)
-        if self._has_bn and momentum is None and count is not None:
+        if self._has_bn and momentum is None:
+            count = next((v for k, v in staged.items() if k.endswith("num_batches_tracked")),
+                         self.num_batches_tracked)
             check_cumulative_count(int(count))
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):

@@ -24,7 +24,9 @@ def test_keys_and_shapes():
     assert est["bn.estbn_moving_speed"].shape == (1,) and est["bn.estbn_moving_speed"][0] == 0.25
     assert set(bcnswift.BatchNorm(3).state_dict()) == {"weight", "bias", "running_mean", "running_var",
                                                        "num_batches_tracked"}
-    assert set(bcnswift.ChannelNorm(4, 2).state_dict()) == {"weight", "bias"}
+    norm = bcnswift.ChannelNorm(4, 2)
+    assert set(norm.state_dict()) == {"weight", "bias"}
+    assert norm.momentum is None and norm.bn_eps == norm.eps  # no running statistics, one eps
 
 
 def _trained(rng, **kw):
@@ -100,6 +102,8 @@ def test_bad_state_dicts_change_nothing():
         layer.load_state_dict({"weight": np.ones(4)})
     with pytest.raises(TypeError, match="numbers"):
         layer.load_state_dict({**good, "weight": np.array(["a"] * 4)})
+    with pytest.raises(TypeError, match="'bn.weight' must hold numbers, got dtype complex64"):
+        layer.load_state_dict({**good, "bn.weight": np.full(8, 2 + 0j, np.complex64)})
     # a float64 checkpoint's 1e300 became inf in a float32 layer, with only numpy's warning
     with pytest.raises(ValueError, match="'bn.running_var' holds values beyond float32's range .*1e\\+300"):
         layer.load_state_dict({**good, "bn.running_mean": np.full(8, 2.0), "bn.running_var": np.full(8, 1e300)})
@@ -112,8 +116,10 @@ def test_bad_state_dicts_change_nothing():
     changed = {k: v + 1 for k, v in before.items()}
     for key, bad, message in (("bn.estbn_moving_speed", np.array([2.0]), "momentum"),
                               ("bn.estbn_moving_speed", np.array([np.inf]), "momentum"),
+                              ("bn.estbn_moving_speed", np.array([0.5, 0.5]), r"one value, got shape \(2,\)"),
                               ("bn.num_batches_tracked", np.array(np.nan), "whole number"),
-                              ("bn.num_batches_tracked", np.array(-3), "whole number")):
+                              ("bn.num_batches_tracked", np.array(-3), "whole number"),
+                              ("bn.num_batches_tracked", np.array([3, 3]), r"one value, got shape \(2,\)")):
         with pytest.raises(ValueError, match=message):
             est.load_state_dict({**changed, key: bad})
         for k, v in est.state_dict().items():
@@ -272,3 +278,74 @@ def test_a_cumulative_average_does_not_load_a_count_it_could_not_train_with():
         estimated.load_state_dict({**full, "bn.num_batches_tracked": np.array(2 ** 63 - 1),
                                    "bn.estbn_moving_speed": np.array([np.nan], np.float32)})
     assert estimated.momentum == 0.1
+    # a dict that switches to a cumulative average without a count keeps the layer's, which must do too (a
+    # mutation test found it loaded at 2^63 - 1 and at -5, whose next training call then failed)
+    for kept in (2 ** 63 - 1, -5):
+        estimated.num_batches_tracked[...] = kept  # with a momentum the count only counts: it trains so
+        partial = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}
+        with pytest.raises(ValueError, match=f"for a cumulative average, got {kept}"):
+            estimated.load_state_dict({**partial, "bn.estbn_moving_speed": np.array([np.nan], np.float32)})
+        assert estimated.momentum == 0.1 and int(estimated.num_batches_tracked) == kept
+    estimated.num_batches_tracked[...] = 7
+    estimated.load_state_dict({**partial, "bn.estbn_moving_speed": np.array([np.nan], np.float32)})
+    assert estimated.momentum is None and int(estimated.num_batches_tracked) == 7
+
+
+def test_a_state_dict_holds_copies_and_an_entry_given_twice_is_refused(rng):
+    """state_dict() gives copies: changing one changes nothing in the layer. An entry given under its name and
+    under an alias (labml's or the notebooks') is refused, naming it, with nothing loaded."""
+    for layer in (bcnswift.BatchChannelNorm(8, 4, dtype=np.float64), bcnswift.BatchNorm(8, dtype=np.float64),
+                  bcnswift.ChannelNorm(8, 4, dtype=np.float64)):
+        layer(random_input(rng, (2, 8, 3)))
+        state = layer.state_dict()
+        kept = {k: v.copy() for k, v in state.items()}
+        buffers = [getattr(layer, n) for n in ("running_mean", "running_var", "num_batches_tracked")
+                   if hasattr(layer, n)]
+        live = [*layer.parameters().values(), *layer.grads.values(), *buffers]
+        for k, v in state.items():
+            assert not any(np.shares_memory(v, a) for a in live), k
+            v += 1
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, kept[k], err_msg=f"{type(layer).__name__}: {k}")
+    layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64)
+    before = layer.state_dict()
+    for key, alias in (("bn.weight", "batch_norm.scale"), ("bn.running_var", "batch_norm.exp_var"),
+                       ("weight", "channel_norm.scale")):
+        with pytest.raises(KeyError, match=f"state dict gives '{re.escape(key)}' twice"):
+            layer.load_state_dict({**before, key: before[key] + 1, alias: before[key] + 2})
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=f"{alias}: {k}")
+
+
+def test_copies_and_pickles_have_their_own_views_and_no_last_forward(rng):
+    """A copy or an unpickled layer: `bn.*` names its own arrays, and it holds no forward of the original's to
+    run a backward for (nor its input). A pickle of a version from before the options were read-only (which
+    kept `estimate`, ... under their own names) loads the same layer."""
+    layer = bcnswift.BatchChannelNorm(8, 4, variance_around="running_mean", dtype=np.float64)
+    x = random_input(rng, (2, 8, 3))
+    layer(x)
+    dy = rng.normal(0.5, 1.0, x.shape)
+    for clone in (copy.deepcopy(layer), copy.copy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.bn.running_mean is clone.running_mean and clone.bn.weight is clone.bn_weight
+        assert clone.bn.num_batches_tracked is clone.num_batches_tracked
+        with pytest.raises(RuntimeError, match="before any forward"):
+            clone.backward(dy)
+    old = layer.__getstate__()
+    for name in layer._FIXED:
+        old[name] = old.pop("_" + name)
+    clone = bcnswift.BatchChannelNorm.__new__(bcnswift.BatchChannelNorm)
+    clone.__setstate__(old)
+    assert repr(clone) == repr(layer) and clone._flags == layer._flags
+    np.testing.assert_array_equal(clone(x), layer(x))
+
+
+def test_values_beyond_the_dtype_are_refused_but_infinities_and_nans_load_as_they_are():
+    """A running variance that overflowed (test_errors.py) is in the layer's own state dict: it loads back. Only
+    finite values that the layer's dtype cannot hold are refused."""
+    layer = bcnswift.BatchNorm(4)
+    state = layer.state_dict()
+    state["running_var"] = np.array([np.inf, 1.0, 2.0, np.inf], np.float32)
+    state["running_mean"] = np.array([np.nan, 0.5, -np.inf, 1.0], np.float64)
+    layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.running_var, state["running_var"])
+    np.testing.assert_array_equal(layer.running_mean, state["running_mean"].astype(np.float32))
