@@ -108,6 +108,19 @@ def test_other_strides_are_copied_into_a_dense_layout(rng):
     np.testing.assert_array_equal(a.backward(dy), b.backward(channels_last(dy)))
 
 
+def test_axes_of_size_1_may_have_any_stride(rng):
+    """An axis of one element (a slice of a channels-last tensor) may have any stride: still channels-last,
+    normalized where it lies, the output laid out alike."""
+    x = channels_last(random_input(rng, (1, 8, 3, 5)))[:, :, 1:2]  # B's stride still spans H's 3 rows
+    assert not x.flags.c_contiguous and x.strides[0] == 3 * x.strides[2]
+    assert memory_format(x) == "last"
+    ref = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=False, dtype=np.float64)
+    y = layer(x)
+    assert memory_format(y) == "last" and not y.flags.c_contiguous
+    assert_rel(y, ref(np.ascontiguousarray(x)), np.float64, "y of a channels-last input")
+
+
 def test_out_must_have_the_input_layout(rng):
     x = channels_last(random_input(rng, (2, 8, 6, 6)).astype(np.float32))
     layer = bcnswift.BatchChannelNorm(8, 4)

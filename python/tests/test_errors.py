@@ -49,6 +49,15 @@ def assert_unchanged(layer, before):
     (dict(num_channels=4, num_groups=2, nan_policy=[]), ValueError, "nan_policy must be one of"),
     (dict(num_channels=4, num_groups=2, channel_axis=1.0), ValueError, r"channel_axis must be 1 .* got 1.0"),
     (dict(num_channels=4, num_groups=2, channel_axis=np.array([1])), ValueError, "channel_axis must be 1"),
+    # bools are not ints nor numbers, even where int(True) or float(True) would give a valid value
+    (dict(num_channels=True, num_groups=1), TypeError, "num_channels must be an int, got bool True"),
+    (dict(num_channels=4, num_groups=np.bool_(True)), TypeError, "num_groups must be an int, got bool"),
+    (dict(num_channels=4, num_groups=2, channel_axis=True), ValueError, r"channel_axis must be 1 .* got True"),
+    (dict(num_channels=4, num_groups=2, eps=np.array(True)), TypeError, "eps must be a number, got ndarray"),
+    (dict(num_channels=4, num_groups=2, unbiased_running_var="yes"), TypeError,
+     "unbiased_running_var must be a bool or None, got 'yes'"),
+    (dict(num_channels=4, num_groups=2, eps=float("inf")), ValueError, "eps must be a positive finite number, got inf"),
+    (dict(num_channels=4, num_groups=2, bn_eps=float("inf")), ValueError, "bn_eps must be a positive finite number"),
     # np.dtype(None) is float64, which None once gave silently
     (dict(num_channels=4, num_groups=2, dtype=None), TypeError, "dtype must be float32 or float64, got None"),
     # numpy's own error named no argument
@@ -65,6 +74,9 @@ def test_numbers_of_numpy_types_are_taken():
                                       channel_axis=np.int64(-1))
     assert (layer.num_channels, layer.num_groups, layer.channel_axis) == (8, 4, -1)
     assert layer.eps == float(np.float32(1e-3)) and layer.momentum == 0.2
+    # numpy bools are taken for the bool options, and kept as Python's bools
+    layer = bcnswift.BatchChannelNorm(8, 4, estimate=np.bool_(False), unbiased_running_var=np.bool_(False))
+    assert layer.estimate is False and layer.unbiased_running_var is False
 
 
 def test_a_torch_bool_is_not_a_number():
@@ -228,6 +240,7 @@ def test_masked_values_are_refused_and_a_mask_without_any_is_plain_data(rng):
     layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64, estimate=False)  # (estimates would move)
     x = random_input(rng, (2, 8, 3))
     np.testing.assert_array_equal(layer(np.ma.masked_array(x)), layer(x))
+    np.testing.assert_array_equal(layer(np.ma.masked_array(x, mask=np.zeros(x.shape, bool))), layer(x))
     masked = np.ma.masked_array(x)
     masked[0, 1, 2] = np.ma.masked
     before = snapshot(layer)
@@ -496,6 +509,12 @@ def test_out_arguments(rng):
         a(x, out=np.empty(x.shape, np.float64))
     with pytest.raises(ValueError, match="C-contiguous"):
         a(x, out=np.empty((5, 8, 2), np.float32).transpose(2, 1, 0))
+    unaligned = np.zeros(x.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(x.shape)
+    readonly = np.empty_like(x)
+    readonly.flags.writeable = False
+    for bad in (unaligned, readonly):  # named as the caller's out (the extension's own check says y)
+        with pytest.raises(ValueError, match="^out must be aligned, writeable and C-contiguous like the input$"):
+            a(x, out=bad)
     with pytest.raises(TypeError, match="numpy array"):
         a(x, out=[0.0])
     for k, v in a.state_dict().items():
@@ -737,8 +756,9 @@ def test_state_dict_entries_of_the_wrong_kind_are_named(rng):
         bn.load_state_dict({**state, "weight": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match=r"has shape \(3,\), expected \(1, 2, 1\) or \(2,\)"):
         est.load_state_dict({**before, "weight": np.ones(3, np.float32)})
-    with pytest.raises(ValueError, match="'num_batches_tracked' holds 1180591620717411303424, beyond"):
-        bn.load_state_dict({**state, "num_batches_tracked": 2 ** 70})
+    for count in (2 ** 70, 2 ** 64, -2 ** 63 - 1):
+        with pytest.raises(ValueError, match=f"'num_batches_tracked' holds {count}, beyond"):
+            bn.load_state_dict({**state, "num_batches_tracked": count})
     assert_unchanged(bn, state)
     assert_unchanged(est, before)
 

@@ -125,6 +125,15 @@ def test_every_rank_fails_together_and_changes_nothing(case):
             assert "disagree across ranks" in r["message"] and f"rank {size - 1}" in r["message"], r["message"]
             named = {"momentum_none": "momentum", "unbiased": "unbiased_running_var"}.get(case, case)
             assert f": {named} is " in r["message"], r["message"]
+            if case == "momentum_none":  # a cumulative average is named as such, not by the NaN it travels as
+                assert f"momentum is 0.1 on rank 0 but None on rank {size - 1}" in r["message"], r["message"]
+
+
+@pytest.mark.parametrize("case", ["eps", "momentum_none", "unbiased"])
+def test_two_ranks_that_disagree_both_raise_and_change_nothing(case):
+    for rank, r in enumerate(ThreadGroup(2).run(S.failure, case)):
+        assert r["raised"] == "ValueError" and r["unchanged"], (rank, r)
+        assert "disagree across ranks" in r["message"] and "on rank 1" in r["message"], (rank, r)
 
 
 def test_raise_refuses_merged_moments_that_overflow_on_every_rank_and_changes_nothing():
@@ -299,12 +308,18 @@ def _exchange(rank, size, comm, case):
         config = config._replace(groups=10 ** 5000)
     if bad and case == "a momentum array":
         config = config._replace(momentum=np.array(0.1))
+    if bad and case == "an eps beyond doubles":
+        config = config._replace(eps=10 ** 400)
 
     def local():
         if bad and case == "a lone surrogate":
             raise ValueError("bad \udcff value")
         if bad and case == "a str that raises":
             raise _Unprintable()
+        if bad and case == "a long message":
+            raise ValueError("a long message " + "é" * 400)
+        if bad and case == "a wrong count":
+            return np.zeros(5)
         return np.zeros(12)
 
     try:
@@ -319,6 +334,9 @@ def _exchange(rank, size, comm, case):
     ("a lone surrogate", "ValueError", "ValueError: bad \\udcff value"),
     ("a str that raises", "RuntimeError", "failed: _Unprintable;"),
     ("a momentum array", None, ""),
+    ("an eps beyond doubles", "TypeError", "the layer's eps must be a number, got 1000"),
+    ("a long message", "ValueError", "ValueError: a long message éé"),  # cut to the header's room
+    ("a wrong count", "ValueError", "ValueError: moments have 5 values, expected 12"),
 ])
 def test_a_header_is_sent_whatever_this_rank_brings(case, kind, words):
     """Synchronizer._header never raises: an unprintable error, a value no repr can show, an unhashable setting
@@ -347,6 +365,11 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
         def Allgather(self, send, recv):
             raise AssertionError("no exchange may run over a communicator with one pending")
 
+        def __eq__(self, other):  # as mpi4py's: another handle of the same communicator is equal
+            return isinstance(other, Stuck) and other.group is self.group
+
+        __hash__ = object.__hash__
+
     comm = Stuck(ThreadGroup(2), 0)
     x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.5
     layer = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=comm, timeout=0.05)
@@ -356,7 +379,8 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
             layer(x)
         send, recv = comm.buffers
         assert any(s is send and r is recv for _, s, r in distributed._ABANDONED)
-        for again in (layer, bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=0.05)):
+        for again in (layer, bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=0.05),
+                      bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=Stuck(comm.group, 0), timeout=0.05)):
             with pytest.raises(RuntimeError, match="timed out and is still pending; it cannot be used again"):
                 again(x)
         assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
@@ -365,3 +389,115 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
     finally:
         distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
         distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
+
+
+def _count_set_by_hand(rank, size, comm, momentum, count):
+    """A training forward where the last rank's num_batches_tracked was set by hand to `count`."""
+    layer = bcnswift.SyncBatchNorm(4, momentum=momentum, dtype=np.float64, comm=comm)
+    if rank == size - 1:
+        layer.num_batches_tracked[...] = count
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    try:
+        layer(np.random.default_rng(S.SEED + rank).normal(2.0, 1.0, (3, 4, 5)))
+        raised, message = None, ""
+    except Exception as e:  # noqa: BLE001 - the test asserts on the type
+        raised, message = type(e).__name__, str(e)
+    unchanged = all(np.array_equal(v, before[k]) for k, v in layer.state_dict().items())
+    return {"raised": raised, "message": message, "unchanged": unchanged, "count": int(layer.num_batches_tracked)}
+
+
+def test_a_count_one_rank_cannot_advance_fails_every_rank_before_the_exchange():
+    """A cumulative average (momentum None) divides by the count it advances to: a count at 2^63 - 1 on one rank
+    fails every rank together, none changed (that rank alone would otherwise fail after the others had folded the
+    batch in). With a momentum the count only counts, as in PyTorch: a negative one trains."""
+    results = ThreadGroup(2).run(_count_set_by_hand, None, 2 ** 63 - 1)
+    for r in results:
+        assert r["raised"] == "ValueError" and r["unchanged"], r
+        assert "rank 1 of 2 failed: ValueError: num_batches_tracked must count batches" in r["message"], r
+    results = ThreadGroup(2).run(_count_set_by_hand, 0.1, -5)
+    assert [(r["raised"], r["count"]) for r in results] == [(None, 1), (None, -4)], results
+
+
+def test_without_a_communicator_the_layers_exchange_over_mpi_world(monkeypatch):
+    """comm=None (the default) is mpi4py's COMM_WORLD, read when the layer is made (here a stand-in, as mpi4py
+    may be absent); an assigned comm is the one a layer then reports and exchanges over; None again is the world."""
+    from bcnswift import sync_layers
+    world, other = _Comm(ThreadGroup(1), 0), _Comm(ThreadGroup(1), 0)
+    monkeypatch.setattr(sync_layers, "mpi_world", lambda: world)
+    x = np.random.default_rng(S.SEED).normal(1.0, 2.0, (2, 8, 3))
+    for layer in (bcnswift.SyncBatchChannelNorm(8, 4, dtype=np.float64), bcnswift.SyncBatchNorm(8, dtype=np.float64)):
+        assert layer.comm is world and layer.synchronizer.comm is world
+        layer.comm = other
+        assert layer.comm is other and layer.synchronizer.comm is other
+        layer(x)
+        layer.comm = None
+        assert layer.comm is world
+
+
+class _Alone:
+    """A one-rank transport that pickles (no lock, no process handle)."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Allgather(self, send, recv):
+        recv[0] = send
+
+
+def test_a_communicator_that_pickles_goes_along_into_the_pickle():
+    layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=_Alone())
+    x = np.random.default_rng(S.SEED).normal(1.0, 2.0, (2, 8, 3))
+    layer(x)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert isinstance(clone.comm, _Alone) and clone.comm is not layer.comm
+    np.testing.assert_array_equal(clone(x), layer(x))  # it trains, over its own copy of the transport
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(clone.state_dict()[k], v, err_msg=k)
+
+
+def test_the_exchange_polls_only_with_a_timeout_and_a_transport_that_can():
+    """Without a timeout every exchange is the transport's blocking Allgather, even where it has Iallgather; with
+    one, Iallgather is polled where the transport has it, and a transport without it waits in Allgather."""
+    class Polling(_Alone):
+        polls = 0
+
+        def Iallgather(self, send, recv):
+            Polling.polls += 1
+            recv[0] = send
+
+            class Late:  # arrives at the third test, well within the timeout
+                tests = 0
+
+                def Test(self):
+                    self.tests += 1
+                    return self.tests >= 3
+            return Late()
+
+    x = np.random.default_rng(S.SEED).normal(1.0, 2.0, (2, 8, 3))
+    expected = bcnswift.BatchNorm(8, dtype=np.float64)(x)
+    for comm, timeout, polls in ((Polling(), None, 0), (Polling(), 60.0, 2), (_Alone(), 60.0, 2)):
+        layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=timeout)
+        np.testing.assert_array_equal(layer(x), expected)
+        assert Polling.polls == polls, (type(comm).__name__, timeout)
+
+
+def test_a_rank_that_sends_something_else_than_a_header_is_named():
+    """A transport whose other rank is in another collective of the same size (no bcnswift header): every rank
+    raises, naming it, and nothing changes."""
+    class Stranger(_Alone):
+        def Get_size(self):
+            return 2
+
+        def Allgather(self, send, recv):
+            recv[0] = send
+            recv[1] = 7  # whatever the other collective sends
+
+    layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=Stranger())
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="rank 1 sent no bcnswift statistics header"):
+        layer(np.random.default_rng(S.SEED).normal(1.0, 2.0, (2, 8, 3)))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)

@@ -1,4 +1,7 @@
 """Weight Standardization against both documents' formulas, ranks 2 to 5, float32 and float64."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -95,6 +98,38 @@ def test_bad_arguments():
         bcnswift.WeightStandardization().backward(w)
     with pytest.raises(ValueError, match="empty"):
         bcnswift.weight_standardization(np.ones((0, 3)))
+    for kwargs, name in ((dict(unbiased="yes"), "unbiased"), (dict(eps_in_sqrt=1), "eps_in_sqrt")):
+        with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+            bcnswift.WeightStandardization(**kwargs)  # at construction, not at the first call
+        with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+            bcnswift.weight_standardization(w + np.arange(3), **kwargs)
+        with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+            bcnswift.weight_standardization_backward(w + np.arange(3), w, **kwargs)
+
+
+def test_the_defaults_are_labml_s(rng):
+    """weight_standardization, its backward and WeightStandardization default to labml's formula: eps 1e-5
+    inside the square root, the unbiased variance. (Rows of a small spread, where eps shows.)"""
+    w = rng.normal(0.3, 0.05, (6, 3, 3, 3)) + rng.normal(0.0, 0.5, (6, 1, 1, 1))
+    g = rng.normal(0.2, 1.0, w.shape)
+    assert_close(bcnswift.weight_standardization(w), R.ws_labml(w, 1e-5, True), np.float64, "w_hat")
+    assert_close(bcnswift.weight_standardization_backward(w, g), R.ws_backward(w, g, 1e-5, True, True), np.float64,
+                 "dw")
+    ws = bcnswift.WeightStandardization()
+    assert (ws.eps, ws.unbiased, ws.eps_in_sqrt) == (1e-5, True, True)
+    np.testing.assert_array_equal(ws(w), bcnswift.weight_standardization(w))
+    np.testing.assert_array_equal(ws.backward(g), bcnswift.weight_standardization_backward(w, g))
+
+
+def test_the_layer_copies_and_pickles_with_its_options_and_its_last_call(rng):
+    w, g = rng.normal(0.3, 1.5, (4, 2, 3, 3)), rng.normal(0.2, 1.0, (4, 2, 3, 3))
+    ws = bcnswift.WeightStandardization(eps=1e-3, unbiased=False, eps_in_sqrt=False)
+    ws(w)
+    dw = ws.backward(g)
+    for clone in (copy.deepcopy(ws), pickle.loads(pickle.dumps(ws))):
+        assert repr(clone) == repr(ws)
+        np.testing.assert_array_equal(clone.backward(g), dw)
+        np.testing.assert_array_equal(clone(w * 2.0), bcnswift.weight_standardization(w * 2.0, 1e-3, False, False))
 
 
 @pytest.mark.parametrize("layout", ["fortran", "sliced", "reversed", "transposed"])
