@@ -105,12 +105,14 @@ def _unsendable(config):
 
 
 def _error_text(error):
-    """The header's message for `error`: UTF-8, cut to its room; never raises, whatever its str does."""
+    """The header's message for `error`: UTF-8, cut to its room at a character's boundary (a cut inside one
+    reached the other ranks as U+FFFD); never raises, whatever its str does."""
     try:
         text = f"{type(error).__name__}: {error}"
     except Exception:  # noqa: BLE001
         text = type(error).__name__
-    return text.encode("utf-8", "backslashreplace")[:_MESSAGE_BYTES]
+    cut = text.encode("utf-8", "backslashreplace")[:_MESSAGE_BYTES]
+    return cut.decode("utf-8", "ignore").encode("utf-8")
 
 
 def _error_code(error):

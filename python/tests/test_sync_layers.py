@@ -335,7 +335,7 @@ def _exchange(rank, size, comm, case):
     ("a str that raises", "RuntimeError", "failed: _Unprintable;"),
     ("a momentum array", None, ""),
     ("an eps beyond doubles", "TypeError", "the layer's eps must be a number, got 1000"),
-    ("a long message", "ValueError", "ValueError: a long message éé"),  # cut to the header's room
+    ("a long message", "ValueError", "ValueError: a long message éé"),  # cut at a character (below)
     ("a wrong count", "ValueError", "ValueError: moments have 5 values, expected 12"),
 ])
 def test_a_header_is_sent_whatever_this_rank_brings(case, kind, words):
@@ -345,6 +345,10 @@ def test_a_header_is_sent_whatever_this_rank_brings(case, kind, words):
     results = ThreadGroup(2).run(_exchange, case)
     assert [r["raised"] for r in results] == [kind, kind], results
     assert all(words in r["message"] for r in results), results
+    if case == "a long message":  # 256 bytes of UTF-8, cut between two characters: no U+FFFD on any rank
+        for r in results:
+            quoted = r["message"].split("failed: ", 1)[1].split("; no rank changed")[0]
+            assert "\ufffd" not in quoted and 254 <= len(quoted.encode()) <= 256, r["message"]
 
 
 def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_after():
@@ -478,6 +482,7 @@ def test_the_exchange_polls_only_with_a_timeout_and_a_transport_that_can():
 
     x = np.random.default_rng(S.SEED).normal(1.0, 2.0, (2, 8, 3))
     expected = bcnswift.BatchNorm(8, dtype=np.float64)(x)
+    assert not hasattr(_Alone(), "Iallgather")  # the last case: its output alone shows it waited in Allgather
     for comm, timeout, polls in ((Polling(), None, 0), (Polling(), 60.0, 2), (_Alone(), 60.0, 2)):
         layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=timeout)
         np.testing.assert_array_equal(layer(x), expected)
