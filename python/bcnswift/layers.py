@@ -621,14 +621,20 @@ class _Normalization:
             if missing:
                 raise KeyError(f"missing key(s) in state dict: {', '.join(map(repr, missing))}")
         # a cumulative average (momentum None, after this load) advances the count it divides by: as its next
-        # training call would, refuse the largest (a review found it loaded, then failed that call), or a negative
-        # one; the count after this load, which is the layer's own where the dict leaves it out
+        # training call would, refuse the largest (a review found it loaded, then failed that call) or a negative
+        # one, where this dict gives the count or makes the average cumulative (then the count may be the layer's
+        # own); a dict that changes neither loads as it did, for eval
         speed = [v for k, v in staged.items() if k.endswith("estbn_moving_speed")]  # the momentum it sets
         momentum = speed[0] if speed else self.momentum
-        if self._has_bn and momentum is None:
-            count = next((v for k, v in staged.items() if k.endswith("num_batches_tracked")),
-                         self.num_batches_tracked)
+        count = next((v for k, v in staged.items() if k.endswith("num_batches_tracked")), None)
+        if self._has_bn and momentum is None and count is not None:
             check_cumulative_count(int(count))
+        elif self._has_bn and momentum is None and speed and self.momentum is not None:
+            try:
+                check_cumulative_count(int(self.num_batches_tracked))
+            except ValueError as e:
+                raise ValueError(f"{e}: the layer's own count, which this state dict keeps while it makes the "
+                                 "running average cumulative") from None
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):
                 self.momentum = value  # checked by _convert_entry

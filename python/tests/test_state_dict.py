@@ -281,14 +281,18 @@ def test_a_cumulative_average_does_not_load_a_count_it_could_not_train_with():
     # a dict that switches to a cumulative average without a count keeps the layer's, which must do too (a
     # mutation test found it loaded at 2^63 - 1 and at -5, whose next training call then failed)
     for kept in (2 ** 63 - 1, -5):
-        estimated.num_batches_tracked[...] = kept  # with a momentum the count only counts: it trains so
+        estimated.num_batches_tracked[...] = kept  # a layer with a momentum may hold this count and still train
         partial = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}
-        with pytest.raises(ValueError, match=f"for a cumulative average, got {kept}"):
+        with pytest.raises(ValueError, match=f"for a cumulative average, got {kept}: the layer's own count"):
             estimated.load_state_dict({**partial, "bn.estbn_moving_speed": np.array([np.nan], np.float32)})
         assert estimated.momentum == 0.1 and int(estimated.num_batches_tracked) == kept
     estimated.num_batches_tracked[...] = 7
     estimated.load_state_dict({**partial, "bn.estbn_moving_speed": np.array([np.nan], np.float32)})
     assert estimated.momentum is None and int(estimated.num_batches_tracked) == 7
+    # already cumulative, a dict that changes neither the average nor the count loads (for eval), as before
+    estimated.num_batches_tracked[...] = -5
+    estimated.load_state_dict({"weight": full["weight"] + 1}, strict=False)
+    np.testing.assert_array_equal(estimated.weight, full["weight"] + 1)
 
 
 def test_a_state_dict_holds_copies_and_an_entry_given_twice_is_refused(rng):
@@ -344,6 +348,9 @@ def test_values_beyond_the_dtype_are_refused_but_infinities_and_nans_load_as_the
     finite values that the layer's dtype cannot hold are refused."""
     layer = bcnswift.BatchNorm(4)
     state = layer.state_dict()
+    with pytest.raises(ValueError, match="'running_var' holds values beyond float32's range"):
+        layer.load_state_dict({**state, "running_var": np.array([1.0, 1e300, 2.0, 3.0])})
+    np.testing.assert_array_equal(layer.running_var, state["running_var"])
     state["running_var"] = np.array([np.inf, 1.0, 2.0, np.inf], np.float32)
     state["running_mean"] = np.array([np.nan, 0.5, -np.inf, 1.0], np.float64)
     layer.load_state_dict(state)
