@@ -534,10 +534,10 @@ def test_plane_moments_sum_again_where_the_first_values_mislead(spatial, dtype, 
     """A plane's moments are sums shifted by the mean of its first values (eight in float32, four in float64; a
     plane of more than 4096 values chunk by chunk), kept when that shift lies within a standard deviation of the
     mean, else summed again around the mean found (`ShiftRule`); a group's planes merge the same way. Here each
-    plane's first eight values sit far out (3e3 in float32, 1e6 in float64, against a spread of 1), some 7 to 25
-    spreads off the mean. Measured: the running variance within 1.4 eps of the exact one, outputs within 1.4
-    ulps of their scale; with the one pass kept regardless, 14 to 90 eps (float32) and 50 to 900 eps (float64),
-    outputs 7 to 560 ulps."""
+    plane's first eight values sit far out (3e3 in float32, 1e6 in float64, against a spread of 1), their mean
+    5 to 23 spreads off the chunk's. Measured: the running variance within 1.5 eps of the exact one, outputs
+    within 2 ulps of their scale; with the one pass kept regardless, 14 to 90 eps (float32) and 50 to 900 eps
+    (float64), outputs 7 to 560 ulps."""
     B, C = 2, 8
     x = rng.normal(0.5, 1.0, (B, C, spatial))
     x[:, :, :8] += 3e3 if dtype == np.float32 else 1e6
@@ -636,8 +636,8 @@ def test_float32_rows_backward_takes_float64_where_float32_would_round_visibly(K
 def test_float32_rows_groups_whose_first_values_mislead_take_float64(K, estimate, rng):
     """A [B, C] group's Float32 sums are shifted by the mean of its first eight values; where that shift lies
     further than a standard deviation from the group's mean the group takes the Float64 path (`RowRounding`).
-    Sample 0 sits 1e3 out in the first eight channels of every group (about 16 after the batch norm, 7 spreads
-    off its group's mean): its outputs stay within an ulp of their scale against the documents' float64 code
+    Sample 0 sits 1e3 out in the first eight channels of every group (about 16 after the batch norm, 3 to 5
+    spreads off its group's mean): its outputs stay within an ulp of their scale against the documents' float64 code
     (measured 0.4; with the Float32 lanes kept regardless, 3.7 to 9.7)."""
     B, C = 256, 1024
     x = rng.normal(0.5, 1.0, (B, C))
@@ -658,7 +658,8 @@ def test_float32_rows_groups_outside_float32s_comfortable_range_take_float64(cas
     or 1e37; a channel-norm weight of 1e12, a batch-norm weight of 1e12 (with 1e3 after it), or inputs spread
     over 1e11 put the backward's r |w| above 1e10, its r below 1e-10, or the mean square of x - μ above 1e20.
     Measured against the documents' float64 code: outputs within 0.3 ulp of their scale where the forward takes
-    Float64, dx within 0.7 where the backward does; with each of those bounds removed, 1.0 to 1.5."""
+    Float64, dx within 0.75 where the backward does; with each of those bounds removed, outputs 1.16 to 1.27 and
+    dx 1.26 to 1.58."""
     B, C, G = 64, 512, 16
     checked, scales = case
     x = (rng.normal(0.5, 1.0, (B, C)) * scales.get("x", 1.0)).astype(np.float32)
@@ -673,7 +674,7 @@ def test_float32_rows_groups_outside_float32s_comfortable_range_take_float64(cas
     if checked == "y":
         assert _ulps_of_scale(y, y_ref) <= 0.6
     else:
-        assert _ulps_of_scale(dx, dx_ref) <= 1
+        assert _ulps_of_scale(dx, dx_ref) <= 0.9
 
 
 @pytest.mark.parametrize("spatial", [(4, 4), (4, 6), (4, 8), (14, 14)], ids=lambda s: f"S={s[0] * s[1]}")

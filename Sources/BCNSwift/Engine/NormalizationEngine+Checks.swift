@@ -78,9 +78,9 @@ extension NormalizationEngine {
         }
     }
 
-    /// Moments handed to phase (c) must be moments (a count that is a whole number from 1 up, an M2 not below 0;
-    /// NaN passes, for the NaN policy to judge), the same count in every channel, and as many values as training
-    /// needs.
+    /// Moments handed to phase (c) must be moments (a count that is a whole number from 1 up, an M2 not below 0: a
+    /// NaN M2 passes, for the NaN policy to judge), the same count in every channel, and as many values as
+    /// training needs.
     static func checkBatchMoments(_ bn: BatchNormOptions, _ batch: UnsafePointer<Moments>,
                                   channels: Int) throws(BCNError) {
         func counted(_ n: Double) -> String { n == n.rounded() && n.magnitude < 0x1p63 ? "\(Int64(n))" : "\(n)" }

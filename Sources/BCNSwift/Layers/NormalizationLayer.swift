@@ -257,9 +257,7 @@ public final class BatchChannelNorm<Scalar: NormalizationScalar>: NormalizationL
                 unbiasedRunningVariance: Bool? = nil, varianceCentre: VarianceCentre = .batchMean,
                 bnEps: Double? = nil, nanPolicy: NaNPolicy = .propagate) throws(BCNError) {
         // One eps for both stages: name it as the caller did, not as the first stage to check it would.
-        guard bnEps != nil || (eps > 0 && eps.isFinite) else {
-            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
-        }
+        if bnEps == nil { try BCNError.checkEps(eps, named: "eps") }
         try super.init(plan: NormalizationPlan(
             channels: channels,
             batchNorm: BatchNormOptions(statistics: estimate ? .estimated : .batch, eps: bnEps ?? eps,

@@ -59,9 +59,7 @@ public struct BatchNormOptions: Equatable, Sendable {
     /// Throws `.invalidArgument` naming the first option out of range: eps not positive and finite, momentum
     /// outside [0, 1] (or NaN), `.runningMean` with batch statistics.
     public func validate() throws(BCNError) {
-        guard eps > 0, eps.isFinite else {  // (the C ABI's bn_eps: named apart from the channel norm's eps)
-            throw BCNError(.invalidArgument, "the batch-norm stage's eps must be a positive finite number, got \(eps)")
-        }
+        try BCNError.checkEps(eps, named: "the batch-norm stage's eps")  // (the C ABI's bn_eps: named apart)
         if let m = momentum, !(m >= 0 && m <= 1) {
             throw BCNError(.invalidArgument, "momentum must be in [0, 1], got \(m)")
         }
@@ -96,10 +94,7 @@ public struct ChannelNormOptions: Equatable, Sendable {
             throw BCNError(.invalidArgument,
                            "channels (\(channels)) must be divisible by groups (\(groups))")
         }
-        guard eps > 0, eps.isFinite else {
-            throw BCNError(.invalidArgument,
-                           "the channel-norm stage's eps must be a positive finite number, got \(eps)")
-        }
+        try BCNError.checkEps(eps, named: "the channel-norm stage's eps")
     }
 }
 

@@ -21,9 +21,7 @@ public struct WeightStandardizationOptions: Equatable, Sendable {
     /// `.shapeMismatch` for an output channel count or fan-in below 1, and `.degenerateStatistics` for a fan-in
     /// of 1 with `unbiased`.
     public func validate(outChannels: Int, fanIn: Int) throws(BCNError) {
-        guard eps > 0, eps.isFinite else {
-            throw BCNError(.invalidArgument, "eps must be a positive finite number, got \(eps)")
-        }
+        try BCNError.checkEps(eps, named: "eps")
         guard outChannels > 0, fanIn > 0 else {
             throw BCNError(.shapeMismatch,
                            "weight must have positive output channels and fan-in, got \(outChannels) x \(fanIn)")
