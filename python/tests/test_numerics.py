@@ -564,13 +564,23 @@ def test_large_mean_small_spread_gradients_keep_float64_precision(spatial, mean,
     (`_planeOctets`). Measured: within 1.5 ulps of each quantity's scale; without the residue, 900 to 16,000."""
     B, C, G = 8, 64, 16
     x = (mean + std * rng.normal(size=(B, C) + spatial)).astype(np.float32)
+    _check_float32_step(x, G, "nchw", rng, ulps=3)
+
+
+def _check_float32_step(x, G, layout, rng, ulps):
+    """A training step of float32 x ([B, C, *]; in `layout`, "nchw" or "channels-last") with dy drawn from `rng`,
+    against the documents' float64 code on the same values (parameters drawn too): y, dx and every parameter
+    gradient finite and within `ulps` of their scale."""
     dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
-    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer, ref = _labml_pair(x.shape[1], G, estimate=False, rng=rng)
     y, y_ref = layer(x), ref.forward(x.astype(np.float64))
     dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    assert _ulps_of_scale(y, y_ref) <= 3 and _ulps_of_scale(dx, dx_ref) <= 3
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    assert _ulps_of_scale(y, y_ref) <= ulps and _ulps_of_scale(dx, dx_ref) <= ulps
     for name, path in _LABML_PARAMETERS.items():
-        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 3, name
+        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= ulps, name
 
 
 def _rows_float32_gradients(x, dy, G, estimate, rng=None, evaluate=False):
@@ -754,16 +764,7 @@ def test_float32_planes_at_extreme_magnitudes_keep_the_float64_precision(spatial
     B, C, G = 8, 64, 32
     x = random_input(rng, (B, C) + spatial)
     x = (x * (largest / np.abs(x).max())).astype(np.float32)
-    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
-    if layout == "channels-last":
-        x, dy = _channels_last(x), _channels_last(dy)
-    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
-    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
-    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    assert np.isfinite(y).all() and np.isfinite(dx).all()
-    assert _ulps_of_scale(y, y_ref) <= 4 and _ulps_of_scale(dx, dx_ref) <= 4
-    for name, path in _LABML_PARAMETERS.items():
-        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+    _check_float32_step(x, G, layout, rng, ulps=4)
 
 
 @pytest.mark.parametrize("spatial", [(14, 14), (4, 4), (5, 5)], ids=["S=196", "S=16", "S=25"])
@@ -778,16 +779,7 @@ def test_float32_maps_about_a_centre_near_the_largest_float_take_float64(spatial
     x = 1e38 * (1 + 0.1 * rng.normal(size=(B, C) + spatial))
     x.reshape(B, C, -1)[1, :, 0] = -3e38
     x = x.astype(np.float32)
-    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
-    if layout == "channels-last":
-        x, dy = _channels_last(x), _channels_last(dy)
-    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
-    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
-    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    assert np.isfinite(y).all() and np.isfinite(dx).all()
-    assert _ulps_of_scale(y, y_ref) <= 4 and _ulps_of_scale(dx, dx_ref) <= 4
-    for name, path in _LABML_PARAMETERS.items():
-        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+    _check_float32_step(x, G, layout, rng, ulps=4)
 
 
 @pytest.mark.parametrize("spatial", [(14, 14), (4, 4), (5, 5), (70, 70)], ids=["S=196", "S=16", "S=25", "chunked"])
