@@ -41,7 +41,6 @@ public struct BCNError: Error, Equatable, CustomStringConvertible, Sendable {
 extension BCNError {
     /// Throws `.invalidArgument` unless `eps`, added to a variance under a square root, is positive and finite: the
     /// one rule for every eps, each named (`name`) as its caller knows it.
-    @usableFromInline
     static func checkEps(_ eps: Double, named name: String) throws(BCNError) {
         guard eps > 0, eps.isFinite else {
             throw BCNError(.invalidArgument, "\(name) must be a positive finite number, got \(eps)")
