@@ -360,6 +360,22 @@ def test_channel_norm_checks_its_channel_count(rng):
         bcnswift.ChannelNorm(8, 4)(random_input(rng, (2, 12, 3)))
 
 
+def _unaligned(a):
+    """A copy of `a` whose data starts one byte past an aligned address."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = raw[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+def _read_only(a):
+    """A copy of `a` that cannot be written."""
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
 def _layouts(base):
     """The same values as `base` ([2, 6, 4, 5]) in every memory layout numpy can make."""
     yield "fortran", np.asfortranarray(base)
@@ -368,14 +384,8 @@ def _layouts(base):
     big = np.zeros((4, 6, 8, 10), base.dtype)
     big[::2, :, ::2, ::2] = base
     yield "sliced view", big[::2, :, ::2, ::2]
-    ro = base.copy()
-    ro.flags.writeable = False
-    yield "read-only", ro
-    raw = np.zeros(base.nbytes + 1, np.uint8)
-    unaligned = raw[1:].view(base.dtype).reshape(base.shape)
-    unaligned[...] = base
-    assert not unaligned.flags.aligned
-    yield "unaligned", unaligned
+    yield "read-only", _read_only(base)
+    yield "unaligned", _unaligned(base)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -397,7 +407,6 @@ def test_every_memory_layout(dtype, rng):
 def test_memory_facts_agree_with_numpys_flags(rng):
     """The layers read an array's flags through _ext.memory_facts (numpy's `flags` object costs ~900
     instructions a read); its bits must say what numpy's flags say, in every layout."""
-    from bcnswift import _ext
     base = random_input(rng, (2, 6, 4, 5)).astype(np.float32)
     class Sub(np.ndarray):
         pass
@@ -417,13 +426,11 @@ def test_memory_facts_agree_with_numpys_flags(rng):
 def test_fresh_output_accepts_only_what_needs_no_further_check(rng):
     """out= checks start with one C call, _ext.fresh_output, which may only say yes when every check would pass
     and no overlap is possible: anything else goes on to the full checks (which word the errors above)."""
-    from bcnswift import _ext
     x = random_input(rng, (2, 6, 4, 5)).astype(np.float32)
     last = np.empty_like(np.moveaxis(np.empty((2, 4, 5, 6), np.float32), -1, 1))  # channels-last, owning memory
     last[...] = x
     dy = np.empty_like(x)
-    readonly = np.empty_like(x)
-    readonly.flags.writeable = False
+    readonly = _read_only(x)
     for like, out, allow in ((x, np.empty_like(x), None), (last, np.empty_like(last), None),
                              (x, dy, dy), (x, np.empty_like(x), dy)):
         assert _ext.fresh_output(out, like, allow) is True
@@ -509,10 +516,7 @@ def test_out_arguments(rng):
         a(x, out=np.empty(x.shape, np.float64))
     with pytest.raises(ValueError, match="C-contiguous"):
         a(x, out=np.empty((5, 8, 2), np.float32).transpose(2, 1, 0))
-    unaligned = np.zeros(x.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(x.shape)
-    readonly = np.empty_like(x)
-    readonly.flags.writeable = False
-    for bad in (unaligned, readonly):  # named as the caller's out (the extension's own check says y)
+    for bad in (_unaligned(x), _read_only(x)):  # named as the caller's out (the extension's own check says y)
         with pytest.raises(ValueError, match="^out must be aligned, writeable and C-contiguous like the input$"):
             a(x, out=bad)
     with pytest.raises(TypeError, match="numpy array"):
@@ -773,19 +777,6 @@ def _forward_args(rng, dtype=np.float64, shape=(3, 8, 5)):
             "running_var": rng.uniform(0.5, 2.0, C).astype(dtype), "num_batches_tracked": np.array(5, np.int64),
             "cn_weight": rng.normal(1.0, 0.2, 4).astype(dtype), "cn_bias": rng.normal(0.5, 0.2, 4).astype(dtype),
             "context": np.full(_ext.context_length(B, C, 4), 3.0)}
-
-
-def _unaligned(a):
-    raw = np.zeros(a.nbytes + 1, np.uint8)
-    out = raw[1:].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
-
-
-def _read_only(a):
-    a = a.copy()
-    a.flags.writeable = False
-    return a
 
 
 def _overlapping(args, name):
