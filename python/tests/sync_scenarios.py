@@ -136,6 +136,8 @@ def failure(rank, size, comm, case, seed=SEED):
                    "channels": {}}[case])
     if case == "variance_around":
         kw["estimate"] = True
+    if case == "count_at_largest":  # a cumulative average on every rank, the last unable to advance its count
+        kw["momentum"] = None
     channels = C + 4 if case == "channels" and bad else C
     groups = 2 if case == "groups" and bad else G
     policy = "propagate" if case == "nan_policy" and bad else "raise"
@@ -166,6 +168,8 @@ def failure(rank, size, comm, case, seed=SEED):
     if case == "eps_zero_empty":
         layer.eps = 0.0
         x = x[:0] if rank == 0 else x
+    if case in ("count_at_largest", "negative_count") and bad:  # set by hand: no load takes either
+        layer.num_batches_tracked[...] = 2 ** 63 - 1 if case == "count_at_largest" else -5
     before = {k: v.copy() for k, v in layer.state_dict().items()}
     result = {"raised": None, "message": ""}
     try:
@@ -186,6 +190,7 @@ def failure(rank, size, comm, case, seed=SEED):
         cause = e.__cause__
         result = {"raised": type(e).__name__, "message": str(e), "cause": cause and type(cause).__name__}
     after = layer.state_dict()
+    result["count"] = int(layer.num_batches_tracked)
     result["unchanged"] = all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
     if case in BACKWARD_FAILURES:
         result["unchanged"] &= all(np.array_equal(grads_before[k], layer.grads[k]) for k in grads_before)

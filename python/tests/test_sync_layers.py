@@ -395,30 +395,15 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
         distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
 
 
-def _count_set_by_hand(rank, size, comm, momentum, count):
-    """A training forward where the last rank's num_batches_tracked was set by hand to `count`."""
-    layer = bcnswift.SyncBatchNorm(4, momentum=momentum, dtype=np.float64, comm=comm)
-    if rank == size - 1:
-        layer.num_batches_tracked[...] = count
-    before = {k: v.copy() for k, v in layer.state_dict().items()}
-    try:
-        layer(np.random.default_rng(S.SEED + rank).normal(2.0, 1.0, (3, 4, 5)))
-        raised, message = None, ""
-    except Exception as e:  # noqa: BLE001 - the test asserts on the type
-        raised, message = type(e).__name__, str(e)
-    unchanged = all(np.array_equal(v, before[k]) for k, v in layer.state_dict().items())
-    return {"raised": raised, "message": message, "unchanged": unchanged, "count": int(layer.num_batches_tracked)}
-
-
 def test_a_count_one_rank_cannot_advance_fails_every_rank_before_the_exchange():
     """A cumulative average (momentum None) divides by the count it advances to: a count at 2^63 - 1 on one rank
     fails every rank together, none changed (that rank alone would otherwise fail after the others had folded the
     batch in). With a momentum the count only counts, as in PyTorch: a negative one trains."""
-    results = ThreadGroup(2).run(_count_set_by_hand, None, 2 ** 63 - 1)
+    results = ThreadGroup(2).run(S.failure, "count_at_largest")
     for r in results:
         assert r["raised"] == "ValueError" and r["unchanged"], r
         assert "rank 1 of 2 failed: ValueError: num_batches_tracked must count batches" in r["message"], r
-    results = ThreadGroup(2).run(_count_set_by_hand, 0.1, -5)
+    results = ThreadGroup(2).run(S.failure, "negative_count")
     assert [(r["raised"], r["count"]) for r in results] == [(None, 1), (None, -4)], results
 
 
