@@ -11,8 +11,9 @@ that a rank in a forward meeting one in a backward is told so (RuntimeError on e
 transport's collectives of two sizes meeting (undefined for MPI; gloo aborts the process).
 
 Failing together: an error before the exchange (wrong channel count, NaN with nan_policy="raise", a bad dy) is
-caught and sent in the header instead of moments; then every rank raises the same exception type, naming the
-failing rank and its message, and no rank changes anything. Layers that disagree on anything that changes the
+caught and sent in the header instead of moments; then every rank raises the same exception type (ValueError,
+FloatingPointError, TypeError or out of memory as the failing rank's, else RuntimeError), naming the failing rank
+and its message, and no rank changes anything. Layers that disagree on anything that changes the
 math (channels, groups, dtype, the convention's flags, eps, bn_eps, momentum) or on nan_policy make every rank
 raise ValueError.
 After the merge every rank decides alike, since all hold the same bits: a degenerate batch (one value per channel
@@ -53,7 +54,10 @@ _FLAG_WORDS = [(_ext.BCN_BATCH_NORM, "the batch-norm stage", ("absent", "present
                (_ext.BCN_VARIANCE_AROUND_RUNNING_MEAN, "variance_around", ("'batch'", "'running_mean'")),
                (_ext.BCN_TRAINING, "training", (False, True)),
                (_ext.BCN_NAN_RAISE, "nan_policy", ("'propagate'", "'raise'"))]
-_ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError}
+#: a header's status for a failed rank: the type every rank then raises (4 for any type not named; for 5, out of
+#: memory, the synchronizer's `out_of_memory`)
+_ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError, 5: MemoryError}
+_OUT_OF_MEMORY = 5
 
 #: (request, send, recv) of every exchange that timed out: the collective is still pending, and MPI writes into
 #: recv (and reads send) whenever it progresses, so these arrays must never return to numpy's allocator
@@ -115,17 +119,21 @@ def _error_text(error):
     return cut.decode("utf-8", "ignore").encode("utf-8")
 
 
-def _error_code(error):
+def _error_code(error, out_of_memory):
+    """The status for `error`: out of memory (MemoryError, or `out_of_memory`: torch's is a RuntimeError) first."""
+    if isinstance(error, (MemoryError, out_of_memory)):
+        return _OUT_OF_MEMORY
     for code, kind in _ERRORS.items():
         if isinstance(error, kind) and kind is not RuntimeError:
             return code
     return 4
 
 
-def _pack_header(config, phase, error):
+def _pack_header(config, phase, error, out_of_memory=MemoryError):
     message = b"" if error is None else _error_text(error)
     momentum = float("nan") if config.momentum is None else config.momentum
-    fields = _FIELDS.pack(_MAGIC, 0 if error is None else _error_code(error), phase, config.channels,
+    status = 0 if error is None else _error_code(error, out_of_memory)
+    fields = _FIELDS.pack(_MAGIC, status, phase, config.channels,
                           config.groups, config.flags & _AGREED_FLAGS, config.itemsize, config.eps, config.bn_eps,
                           momentum, 0)
     return np.frombuffer(fields + message.ljust(_MESSAGE_BYTES, b"\0"), np.uint8)
@@ -154,6 +162,10 @@ def _disagreement(a, b):
 class Synchronizer:
     """The exchange for one transport (see the module docstring); layers share it."""
 
+    #: what a rank's out-of-memory error is besides MemoryError, and what every rank raises for one:
+    #: bcnswift.torch's exchange sets torch.OutOfMemoryError, the type its kernels raise
+    out_of_memory = MemoryError
+
     def __init__(self, comm, timeout=None):
         for method in ("Allgather", "Get_rank", "Get_size"):
             if not callable(getattr(comm, method, None)):
@@ -172,7 +184,7 @@ class Synchronizer:
         together rather than the others waiting in the allgather for this one."""
         try:
             if error is not None:
-                return _pack_header(config, phase, error)
+                return _pack_header(config, phase, error, self.out_of_memory)
             key = (config, phase)
             try:
                 header = self._ok_headers.get(key)
@@ -184,7 +196,8 @@ class Synchronizer:
                 header = self._ok_headers[key] = _pack_header(config, phase, None)
             return header
         except Exception:  # noqa: BLE001 - whatever it is, the others must hear of it
-            return _pack_header(UNSENT, phase, error if error is not None else _unsendable(config))
+            return _pack_header(UNSENT, phase, error if error is not None else _unsendable(config),
+                                self.out_of_memory)
 
     @property
     def rank(self):
@@ -232,8 +245,9 @@ class Synchronizer:
             r = failed[0]
             message = bytes(headers[r][_FIELDS.size:]).rstrip(b"\0").decode(errors="replace")
             others = f" (ranks {', '.join(map(str, failed))} failed)" if len(failed) > 1 else ""
-            raise _ERRORS[rows[r][1]](f"rank {r} of {len(rows)} failed{others}: {message}; no rank changed "
-                                      "anything")
+            status = rows[r][1]
+            kind = self.out_of_memory if status == _OUT_OF_MEMORY else _ERRORS.get(status, RuntimeError)
+            raise kind(f"rank {r} of {len(rows)} failed{others}: {message}; no rank changed anything")
         if any(row[2] != rows[0][2] for row in rows):
             raise RuntimeError("the ranks are in different phases (a forward against a backward): every rank "
                                "must call the layer in the same order and mode")

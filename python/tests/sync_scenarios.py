@@ -168,6 +168,8 @@ def failure(rank, size, comm, case, seed=SEED):
     if case == "eps_zero_empty":
         layer.eps = 0.0
         x = x[:0] if rank == 0 else x
+    if case == "out_of_memory" and bad:  # its context (sized by the batch, cached) cannot be allocated
+        layer._context_size = (len(x), 2 ** 59)
     if case in ("count_at_largest", "negative_count") and bad:  # set by hand: no load takes either
         layer.num_batches_tracked[...] = 2 ** 63 - 1 if case == "count_at_largest" else -5
     before = {k: v.copy() for k, v in layer.state_dict().items()}
@@ -200,10 +202,10 @@ def failure(rank, size, comm, case, seed=SEED):
 FAILURES = ["wrong_input_channels", "nan", "all_nan", "bad_dy", "degenerate", "channels", "groups", "eps", "bn_eps",
             "momentum", "momentum_none", "estimate", "dtype", "unbiased", "variance_around", "nan_policy",
             "momentum_type", "config_type", "running_var_dtype", "bn_weight_size", "weight_size", "eps_zero_empty",
-            "grad_dtype", "phase"]
+            "grad_dtype", "phase", "out_of_memory"]
 #: what every rank raises in each case of FAILURES (ValueError where not named)
 RAISED = {"nan": "FloatingPointError", "all_nan": "FloatingPointError", "momentum_type": "TypeError",
           "config_type": "RuntimeError", "running_var_dtype": "TypeError", "grad_dtype": "TypeError",
-          "phase": "RuntimeError"}
+          "phase": "RuntimeError", "out_of_memory": "MemoryError"}
 #: the cases that fail in a backward (after a forward that every rank made)
 BACKWARD_FAILURES = ("bad_dy", "grad_dtype", "phase")

@@ -101,7 +101,7 @@ def test_every_rank_fails_together_and_changes_nothing(case):
         # (a momentum of "a" fails in the local checks of the finish, made before the exchange)
         one_rank = ("wrong_input_channels", "nan", "bad_dy", "config_type", "momentum_type", "running_var_dtype",
                     "bn_weight_size",
-                    "weight_size", "grad_dtype")
+                    "weight_size", "grad_dtype", "out_of_memory")
         own = case in ("all_nan", "eps_zero_empty") or (case in one_rank and rank == size - 1)
         assert (r["cause"] is not None) == own, f"{case}: rank {rank}'s exception has cause {r['cause']}"
         if case in ("wrong_input_channels", "nan", "bad_dy"):
@@ -119,6 +119,8 @@ def test_every_rank_fails_together_and_changes_nothing(case):
             assert f"rank {size - 1} of {size} failed" in r["message"] and named in r["message"], r["message"]
         elif case == "phase":
             assert "the ranks are in different phases" in r["message"], r["message"]
+        elif case == "out_of_memory":
+            assert f"rank {size - 1} of {size} failed: MemoryError: Unable to allocate" in r["message"], r["message"]
         elif case == "degenerate":
             assert "more than 1 value" in r["message"] or "one value" in r["message"], r["message"]
         else:  # the setting that differs is named

@@ -95,7 +95,9 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure grad buffers", "RuntimeError", f"rank {n - 1} of {n} failed: RuntimeError: the running "
                                                      "variance requires grad"),
             ("failure lone mean", "ValueError", f"rank {n - 1} of {n} failed: ValueError: the batch-norm stage has a "
-                                                "running mean but no running variance")):
+                                                "running mean but no running variance"),
+            ("failure out of memory", "OutOfMemoryError", f"rank {n - 1} of {n} failed: OutOfMemoryError: could not "
+                                                          "allocate")):
         raised = [r[case] for r in ranks]
         assert {r["raised"] for r in raised} == {kind}, (case, raised)
         assert all(words in r["message"] and r["unchanged"] for r in raised), raised

@@ -167,7 +167,8 @@ def failure(rank, size, case):
     be updated outside it; strided buffers, float count: the last rank's running_mean is a strided view, or its
     num_batches_tracked a float (the local modules take those through the composed route; the kernels, which the
     exchange runs on alone, do not); grad buffers: the last rank's running_var requires grad; lone mean: the last
-    rank's running_var is None (its running_mean kept)."""
+    rank's running_var is None (its running_mean kept); out of memory: the last rank's moments kernel cannot
+    allocate its scratch (its MemoryError, which bcnswift.torch raises as torch.OutOfMemoryError)."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
@@ -215,12 +216,20 @@ def failure(rank, size, case):
         layer.bn.running_var.requires_grad_(True)
     if case == "lone mean" and bad:
         layer.bn.running_var = None
+    from bcnswift import _ext
+    kernel = _ext.norm_moments
+    if case == "out of memory" and bad:  # this rank's process alone (the kernels look theirs up at each call)
+        def refuse(*args):
+            raise MemoryError("could not allocate 4611686018427387904 bytes of scratch memory for this call")
+        _ext.norm_moments = refuse
     before = copy.deepcopy(layer.state_dict())
     try:
         layer(x)
         out = {"raised": None, "message": ""}
     except Exception as e:  # noqa: BLE001
         out = {"raised": type(e).__name__, "message": str(e)}
+    finally:
+        _ext.norm_moments = kernel
     out["unchanged"] = all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     return out
 
@@ -315,7 +324,8 @@ def run_all(rank, size):
     out["ddp"] = ddp(rank, size)
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
                  "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
-                 "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean", "param dtype"):
+                 "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean", "param dtype",
+                 "out of memory"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["phase mismatch"] = phase_mismatch(rank, size)

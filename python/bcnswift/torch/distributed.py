@@ -53,6 +53,11 @@ class ProcessGroupTransport:
         dist.all_gather_into_tensor(torch.from_numpy(recv).view(-1), torch.from_numpy(send), group=self.group)
 
 
+class _TorchSynchronizer(Synchronizer):
+    """The exchange, with out of memory on any rank raised as torch raises it on one."""
+    out_of_memory = torch.OutOfMemoryError
+
+
 def _agreed_itemsize(x, own):
     """The bytes of a value of the module's dtype (`own`: its first parameter or buffer), which every rank's layer
     must agree on; x's, for a module that holds none (nothing of its own to get out of step), 0 when x is no
@@ -193,7 +198,7 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
     if not kept:  # batch statistics, nothing to keep (x's dtype; any dtype if x is not a tensor: that fails
         # inside the exchange, on every rank)
         buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
-    synchronizer = Synchronizer(ProcessGroupTransport(process_group))
+    synchronizer = _TorchSynchronizer(ProcessGroupTransport(process_group))
     # What could raise on one rank alone is turned into numbers the header can carry (NaN where it failed), and the
     # error is raised inside the exchange (`precheck`), where every rank fails together: a rank raising before it
     # would leave the others waiting in the allgather.
