@@ -405,4 +405,289 @@ final class BatchChannelNormTests: XCTestCase {
         XCTAssertEqual(message(w, [-2, 3]), "weight dimensions must be positive, got shape [-2, 3]")
         XCTAssertEqual(message(w, [Int.max, 3]), "weight shape [\(Int.max), 3] is too large")
     }
+
+    /// Two training forwards and an eval one of `layer` against `ref` (which holds the same parameters): the
+    /// outputs, and the running buffers where there is a batch-norm stage.
+    func compare<T: NormalizationScalar>(_ layer: NormalizationLayer<T>, _ ref: inout ReferenceBCN, shape: [Int],
+                                         tolerance: Double, _ what: String, file: StaticString = #filePath,
+                                         line: UInt = #line) throws {
+        let B = shape[0], C = shape[1], S = shape.dropFirst(2).reduce(1, *)
+        for step in 0..<3 {
+            layer.training = step < 2
+            let x = input(B * C * S, channels: C, spatial: S).map { T($0) }
+            let y = try layer.forward(x, shape: shape)
+            let yRef = ref.forward(x.map { Double($0) }, batch: B, spatial: S, training: step < 2)
+            XCTAssertLessThan(maxScaledError(y, yRef), tolerance, "\(what): output, step \(step)", file: file,
+                              line: line)
+            if layer.plan.batchNorm != nil {
+                XCTAssertLessThan(maxScaledError(layer.runningMean, ref.runningMean), tolerance, "\(what): mean",
+                                  file: file, line: line)
+                XCTAssertLessThan(maxScaledError(layer.runningVar, ref.runningVar), tolerance, "\(what): var",
+                                  file: file, line: line)
+            }
+        }
+    }
+
+    /// A fresh layer, its parameters and buffers untouched, and a layer of a plan of default options compute the
+    /// reference with the documents' values: γ, w = 1, β, b = 0, running mean 0 and variance 1, eps 1e-5, momentum
+    /// 0.1, the running variance unbiased with batch statistics and biased when estimating.
+    func testFreshLayersAndDefaultOptionsAreTheDocumentedOnes() throws {
+        let C = 8, G = 4, shape = [3, 8, 5]
+        let layers: [(String, NormalizationLayer<Double>, ReferenceBCN)] = [
+            ("BatchChannelNorm", try BatchChannelNorm<Double>(channels: C, groups: G),
+             ReferenceBCN(channels: C, groups: G, kind: .estimated(aroundRunningMean: false), unbiased: false)),
+            ("BatchNorm", try BatchNorm<Double>(channels: C),
+             ReferenceBCN(channels: C, groups: 0, kind: .batch, unbiased: true)),
+            ("EstimatedBatchNorm", try EstimatedBatchNorm<Double>(channels: C),
+             ReferenceBCN(channels: C, groups: 0, kind: .estimated(aroundRunningMean: false), unbiased: false)),
+            ("ChannelNorm", try ChannelNorm<Double>(channels: C, groups: G),
+             ReferenceBCN(channels: C, groups: G, kind: .none, unbiased: false)),
+            ("plan of default options",
+             try NormalizationLayer<Double>(plan: NormalizationPlan(channels: C, batchNorm: BatchNormOptions(),
+                                                                    channelNorm: ChannelNormOptions(groups: G))),
+             ReferenceBCN(channels: C, groups: G, kind: .batch, unbiased: true)),
+            ("plan of default estimated options",
+             try NormalizationLayer<Double>(plan: NormalizationPlan(
+                channels: C, batchNorm: BatchNormOptions(statistics: .estimated), channelNorm: nil)),
+             ReferenceBCN(channels: C, groups: 0, kind: .estimated(aroundRunningMean: false), unbiased: false)),
+        ]
+        for (name, layer, reference) in layers {
+            var ref = reference
+            try compare(layer, &ref, shape: shape, tolerance: 1e-10, name)
+            XCTAssertEqual(layer.numBatchesTracked, layer.plan.batchNorm == nil ? 0 : 2, name)
+        }
+    }
+
+    /// `unbiasedRunningVariance` given to a BatchChannelNorm overrides the documents' choice, in both modes.
+    func testBatchChannelNormTakesTheRunningVarianceConventionItIsGiven() throws {
+        let C = 8, G = 4
+        for estimate in [true, false] {
+            for unbiased in [true, false] {
+                let layer = try BatchChannelNorm<Double>(channels: C, groups: G, estimate: estimate,
+                                                         unbiasedRunningVariance: unbiased)
+                var ref = ReferenceBCN(channels: C, groups: G,
+                                       kind: estimate ? .estimated(aroundRunningMean: false) : .batch,
+                                       unbiased: unbiased)
+                randomize(layer, &ref)
+                try compare(layer, &ref, shape: [4, 8, 3], tolerance: 1e-10,
+                            "estimate \(estimate) unbiased \(unbiased)")
+            }
+        }
+    }
+
+    /// Momentum 0 and 1, the ends of its range, are taken: 0 keeps the running buffers, 1 replaces them with the
+    /// batch's statistics.
+    func testMomentumAtTheEndsOfItsRange() throws {
+        for momentum in [0.0, 1.0] {
+            for estimate in [true, false] {
+                let layer = try BatchChannelNorm<Double>(channels: 8, groups: 2, momentum: momentum, estimate: estimate)
+                var ref = ReferenceBCN(channels: 8, groups: 2,
+                                       kind: estimate ? .estimated(aroundRunningMean: false) : .batch,
+                                       momentum: momentum, unbiased: !estimate)
+                randomize(layer, &ref)
+                try compare(layer, &ref, shape: [3, 8, 4], tolerance: 1e-10,
+                            "momentum \(momentum) estimate \(estimate)")
+            }
+            let batchNorm = try BatchNorm<Double>(channels: 8, momentum: momentum)
+            var ref = ReferenceBCN(channels: 8, groups: 0, kind: .batch, momentum: momentum, unbiased: true)
+            randomize(batchNorm, &ref)
+            try compare(batchNorm, &ref, shape: [3, 8, 4], tolerance: 1e-10, "BatchNorm, momentum \(momentum)")
+        }
+    }
+
+    /// Every layer class takes its `nanPolicy`: `.raise` refuses NaN or infinity in x and changes nothing.
+    func testEveryLayerRaisesOnNonFiniteInputWhenAskedTo() throws {
+        let layers: [(String, NormalizationLayer<Float>)] = [
+            ("BatchChannelNorm", try BatchChannelNorm<Float>(channels: 4, groups: 2, nanPolicy: .raise)),
+            ("BatchNorm", try BatchNorm<Float>(channels: 4, nanPolicy: .raise)),
+            ("EstimatedBatchNorm", try EstimatedBatchNorm<Float>(channels: 4, nanPolicy: .raise)),
+            ("ChannelNorm", try ChannelNorm<Float>(channels: 4, groups: 2, nanPolicy: .raise)),
+        ]
+        for (name, layer) in layers {
+            for bad in [Float.nan, .infinity] {
+                var x = input(24, channels: 4, spatial: 3).map { Float($0) }
+                x[7] = bad
+                let kept = layer.state
+                XCTAssertThrowsError(try layer.forward(x, shape: [2, 4, 3]), name) { error in
+                    XCTAssertEqual((error as? BCNError)?.kind, .nonFinite, name)
+                }
+                XCTAssertEqual(layer.state, kept, name)
+            }
+        }
+    }
+
+    /// The layer's arrays are public: one resized by hand is refused by the next forward, with or without values,
+    /// named, and nothing changes.
+    func testAParameterOrBufferResizedByHandIsRefusedByForward() throws {
+        let x = input(24, channels: 4, spatial: 3).map { Float($0) }
+        let paths: [(String, ReferenceWritableKeyPath<NormalizationLayer<Float>, [Float]>)] = [
+            ("bnWeight", \.bnWeight), ("bnBias", \.bnBias), ("runningMean", \.runningMean),
+            ("runningVar", \.runningVar), ("weight", \.weight), ("bias", \.bias),
+        ]
+        for (name, path) in paths {
+            for grow in [true, false] {
+                let layer: NormalizationLayer<Float> = try BatchChannelNorm<Float>(channels: 4, groups: 2)
+                if grow { layer[keyPath: path].append(1.5) } else { layer[keyPath: path].removeLast() }
+                let kept = layer.state
+                for (values, shape) in [(x, [2, 4, 3]), ([], [0, 4, 3])] {
+                    XCTAssertThrowsError(try layer.forward(values, shape: shape), "\(name) \(shape)") { error in
+                        XCTAssertEqual((error as? BCNError)?.kind, .shapeMismatch, "\(name) \(shape)")
+                        XCTAssertTrue((error as? BCNError)?.message.hasPrefix(name) ?? false, "\(error)")
+                    }
+                }
+                XCTAssertEqual(layer.state, kept, name)
+            }
+        }
+    }
+
+    /// An x or a dy of another count than the shape's or the last output's is refused, more values as well as
+    /// fewer, and changes nothing.
+    func testAnInputOrAGradientOfAnotherCountIsRefused() throws {
+        let layer = try BatchChannelNorm<Double>(channels: 4, groups: 2, estimate: false)
+        let x = input(25, channels: 4, spatial: 3)
+        XCTAssertThrowsError(try layer.forward(x, shape: [2, 4, 3])) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .shapeMismatch)
+            XCTAssertEqual((error as? BCNError)?.message, "input has 25 elements, shape [2, 4, 3] needs 24")
+        }
+        XCTAssertEqual(layer.numBatchesTracked, 0)
+        XCTAssertEqual(layer.runningMean, [0, 0, 0, 0])
+        _ = try layer.forward(Array(x.prefix(24)), shape: [2, 4, 3])
+        let dy = input(25, channels: 4, spatial: 3)
+        for count in [25, 23] {
+            XCTAssertThrowsError(try layer.backward(Array(dy.prefix(count)))) { error in
+                XCTAssertEqual((error as? BCNError)?.kind, .shapeMismatch)
+                XCTAssertEqual((error as? BCNError)?.message,
+                               "dy has \(count) elements, the last forward's output has 24")
+            }
+        }
+        XCTAssertEqual(layer.gradBnWeight, [0, 0, 0, 0])
+        XCTAssertEqual(layer.gradWeight, [0, 0])
+    }
+
+    /// `backward` adds to the parameter gradients until `zeroGradients()`: two backwards, of one forward and of
+    /// the next, leave the sums of what each leaves on a zeroed twin.
+    func testBackwardsAccumulateTheParameterGradients() throws {
+        let shape = [3, 8, 5], count = 120
+        let layer = try BatchChannelNorm<Double>(channels: 8, groups: 4, estimate: false)
+        let twin = try BatchChannelNorm<Double>(channels: 8, groups: 4, estimate: false)
+        var ref = ReferenceBCN(channels: 8, groups: 4, kind: .batch, unbiased: true)
+        randomize(layer, &ref)
+        try twin.load(layer.state)
+        var alone: [[Double]] = []
+        for _ in 0..<2 {
+            let x = input(count, channels: 8, spatial: 5), dy = (0..<count).map { _ in rng.normal(0.5, 1) }
+            _ = try layer.forward(x, shape: shape)
+            _ = try twin.forward(x, shape: shape)
+            XCTAssertEqual(try layer.backward(dy), try twin.backward(dy))
+            alone.append(twin.gradBnWeight + twin.gradBnBias + twin.gradWeight + twin.gradBias)
+            twin.zeroGradients()
+        }
+        let sums = zip(alone[0], alone[1]).map { $0 + $1 }
+        XCTAssertLessThan(maxScaledError(layer.gradBnWeight + layer.gradBnBias + layer.gradWeight + layer.gradBias,
+                                         sums), 1e-14)
+        layer.zeroGradients()
+        XCTAssertEqual(layer.gradBnWeight + layer.gradBnBias + layer.gradWeight + layer.gradBias,
+                       [Double](repeating: 0, count: 24))
+    }
+
+    /// The options' own checks, called directly: channels in 1...2^32 with at least one stage, a channel-norm
+    /// stage of positive channels; the ends of the range taken.
+    func testPlanAndOptionsValidateTheirRanges() throws {
+        func refused<R>(_ call: @autoclosure () throws -> R, _ message: String, line: UInt = #line) {
+            XCTAssertThrowsError(try call(), line: line) { error in
+                XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument, line: line)
+                XCTAssertEqual((error as? BCNError)?.message, message, line: line)
+            }
+        }
+        refused(try ChannelNormOptions(groups: 2).validate(channels: 0), "channels must be positive, got 0")
+        refused(try ChannelNormOptions(groups: 2).validate(channels: -4), "channels must be positive, got -4")
+        XCTAssertNoThrow(try ChannelNormOptions(groups: 2).validate(channels: 4))
+        let maximum = NormalizationPlan.maxChannels
+        XCTAssertEqual(maximum, 1 << 32)
+        XCTAssertNoThrow(try NormalizationPlan(channels: maximum, batchNorm: BatchNormOptions(),
+                                               channelNorm: ChannelNormOptions(groups: 1)).validate())
+        XCTAssertNoThrow(try NormalizationPlan(channels: 1, batchNorm: BatchNormOptions(), channelNorm: nil).validate())
+        for channels in [maximum + 1, 0, -3] {
+            let plan = NormalizationPlan(channels: channels, batchNorm: BatchNormOptions(), channelNorm: nil)
+            refused(try plan.validate(),
+                    "channels must be positive and at most 2^32, got \(channels)")
+        }
+        refused(try BatchNorm<Float>(channels: 0), "channels must be positive and at most 2^32, got 0")
+        refused(try EstimatedBatchNorm<Double>(channels: 0), "channels must be positive and at most 2^32, got 0")
+    }
+
+    /// `NormalizationShape` refuses sizes below 1 (a negative pair of spatial sizes too, whose product is
+    /// positive) and counts above Int.max / 16, and takes that count itself.
+    func testShapesOutOfRangeAreRefused() throws {
+        for (b, c, s) in [(0, 4, 3), (2, 0, 3), (2, 4, 0), (-2, 4, 3)] {
+            XCTAssertThrowsError(try NormalizationShape(batch: b, channels: c, spatial: s)) { error in
+                XCTAssertEqual((error as? BCNError)?.kind, .shapeMismatch, "[\(b), \(c), \(s)]")
+            }
+        }
+        let most = Int.max / 16
+        XCTAssertEqual(try NormalizationShape(batch: 1, channels: 1, spatial: most).count, most)
+        for (b, c, s) in [(1, 1, most + 1), (1 << 30, 1 << 30, 4)] {
+            XCTAssertThrowsError(try NormalizationShape(batch: b, channels: c, spatial: s)) { error in
+                XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument, "[\(b), \(c), \(s)]")
+                XCTAssertEqual((error as? BCNError)?.message, "input of \(b) x \(c) x \(s) elements is too large")
+            }
+        }
+        XCTAssertThrowsError(try NormalizationShape(dimensions: [2, 4, -1, -1])) { error in
+            XCTAssertEqual((error as? BCNError)?.message, "input dimensions must be positive, got shape [2, 4, -1, -1]")
+        }
+        let layer = try BatchChannelNorm<Double>(channels: 4, groups: 2)
+        XCTAssertThrowsError(try layer.forward(input(8, channels: 4, spatial: 1), shape: [2, 4, -1, -1])) { error in
+            XCTAssertEqual((error as? BCNError)?.kind, .shapeMismatch)
+        }
+        XCTAssertEqual(layer.numBatchesTracked, 0)
+    }
+
+    /// The weight shapes `standardize` and `gradient` refuse, each in its own words: a rank below 2, a fan-in
+    /// dimension below 1 (a negative pair too), a fan-in that overflows, a gradient of another count.
+    func testWeightStandardizationRefusesShapesInTheirOwnWords() {
+        let w = (0..<6).map { _ in rng.normal(0.2, 0.3) }
+        let biased = WeightStandardizationOptions(unbiased: false)
+        func message(_ call: @autoclosure () throws -> [Double]) -> (BCNError.Kind?, String?) {
+            do {
+                _ = try call()
+                return (nil, nil)
+            } catch {
+                return ((error as? BCNError)?.kind, (error as? BCNError)?.message)
+            }
+        }
+        let big = 1 << 32
+        let cases: [((BCNError.Kind?, String?), BCNError.Kind, String)] = [
+            (message(try WeightStandardization.standardize(w, shape: [6], options: biased)), .shapeMismatch,
+             "weight must have rank >= 2 ([out_channels, ...]), got shape [6]"),
+            (message(try WeightStandardization.gradient(w, w, shape: [6], options: biased)), .shapeMismatch,
+             "weight must have rank >= 2 ([out_channels, ...]), got shape [6]"),
+            (message(try WeightStandardization.standardize(w, shape: [3, 0])), .shapeMismatch,
+             "weight dimensions must be positive, got shape [3, 0]"),
+            (message(try WeightStandardization.standardize(Array(w.prefix(2)), shape: [2, -1, -1], options: biased)),
+             .shapeMismatch, "weight dimensions must be positive, got shape [2, -1, -1]"),
+            (message(try WeightStandardization.standardize(w, shape: [1, big, big])), .invalidArgument,
+             "weight shape [1, \(big), \(big)] is too large"),
+            (message(try WeightStandardization.gradient(w, Array(w.prefix(5)), shape: [2, 3])), .shapeMismatch,
+             "gradient has 5 elements, the weight has 6"),
+            (message(try WeightStandardization.gradient(w, w + w, shape: [2, 3])), .shapeMismatch,
+             "gradient has 12 elements, the weight has 6"),
+        ]
+        for (got, kind, expected) in cases {
+            XCTAssertEqual(got.0, kind, expected)
+            XCTAssertEqual(got.1, expected)
+        }
+    }
+
+    /// Without options, Weight Standardization is the documents' default: eps 1e-5 under the square root, the
+    /// unbiased variance.
+    func testWeightStandardizationDefaultsAreTheDocumentedOnes() throws {
+        let shape = [4, 3, 3], w = (0..<36).map { _ in rng.normal(0.2, 0.05) }
+        let ref = referenceWeightStandardization(w, outChannels: 4, eps: 1e-5, unbiased: true,
+                                                 epsInsideSquareRoot: true)
+        XCTAssertLessThan(maxScaledError(try WeightStandardization.standardize(w, shape: shape), ref), 1e-12)
+        let g = (0..<36).map { _ in rng.normal(0.3, 1) }
+        let explicit = WeightStandardizationOptions(eps: 1e-5, unbiased: true, epsInsideSquareRoot: true)
+        XCTAssertEqual(try WeightStandardization.gradient(w, g, shape: shape),
+                       try WeightStandardization.gradient(w, g, shape: shape, options: explicit))
+    }
 }

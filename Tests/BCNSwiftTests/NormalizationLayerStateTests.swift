@@ -163,4 +163,28 @@ final class NormalizationLayerStateTests: XCTestCase {
         }
         XCTAssertEqual(channelNorm.state.runningMean, [])
     }
+
+    /// Only a cumulative average (momentum nil) advances the count a training forward weighs by, so only its count
+    /// must stay below 2^63 - 1: a layer with a momentum, or without a batch-norm stage, loads 2^63 - 1.
+    func testOnlyACumulativeAverageRefusesTheLargestCount() throws {
+        let layers: [(NormalizationLayer<Float>, Bool)] = [
+            (try ChannelNorm<Float>(channels: 4, groups: 2), false),
+            (try BatchNorm<Float>(channels: 4), false),
+            (try BatchNorm<Float>(channels: 4, momentum: nil), true),
+            (try BatchChannelNorm<Float>(channels: 4, groups: 2, momentum: nil, estimate: false), true),
+        ]
+        for (layer, cumulative) in layers {
+            try trained(layer, shape: [2, 4, 3], steps: 1)
+            var state = layer.state
+            state.numBatchesTracked = .max
+            if cumulative {
+                XCTAssertThrowsError(try layer.load(state), "\(layer.plan)") { error in
+                    XCTAssertEqual((error as? BCNError)?.kind, .invalidArgument)
+                }
+                state.numBatchesTracked = .max - 1
+            }
+            try layer.load(state)
+            XCTAssertEqual(bits(layer.state), bits(state), "\(layer.plan)")
+        }
+    }
 }

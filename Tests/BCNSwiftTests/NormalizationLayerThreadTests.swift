@@ -40,4 +40,70 @@ final class NormalizationLayerThreadTests: XCTestCase {
         }
         XCTAssertEqual(shared.numBatchesTracked, Int64(threads * rounds), "a lost update of the count")
     }
+
+    /// `state` and `load` take turns with the other calls too: a state taken while another thread trains is one
+    /// the layer passed through (its running mean, variance and count from the same forward), and one taken while
+    /// another thread loads two states in turn is one of them, never a mix.
+    func testStateAndLoadTakeTurnsWithTheOtherCalls() throws {
+        var rng = SplitMix64(seed: Self.seed)
+        // many channels, so that a forward takes a while to copy its new running mean and variance back
+        let C = 1 << 12, shape = [2, 1 << 12], steps = 40
+        let x = (0..<(2 * C)).map { _ in Float(rng.normal(1.5, 2)) }
+        let alone = try BatchNorm<Float>(channels: C)
+        var states = [(alone.runningMean[C - 1], alone.runningVar[C - 1])]
+        for _ in 0..<steps {
+            _ = try alone.forward(x, shape: shape)
+            states.append((alone.runningMean[C - 1], alone.runningVar[C - 1]))
+        }
+        let passed = states
+        let trainedLayer = try BatchNorm<Float>(channels: C)
+        let done = Atomic(false), torn = Mutex([String]())
+        nonisolated(unsafe) let training = trainedLayer
+        DispatchQueue.concurrentPerform(iterations: 2) { thread in
+            if thread == 0 {
+                for _ in 0..<steps { _ = try? training.forward(x, shape: shape) }
+                done.store(true, ordering: .releasing)
+                return
+            }
+            repeat {
+                let state = training.state, k = Int(state.numBatchesTracked)
+                guard k >= 0, k <= steps, state.runningMean[C - 1] == passed[k].0,
+                      state.runningVar[C - 1] == passed[k].1 else {
+                    torn.withLock { $0.append("count \(k): \(state.runningMean[C - 1]), \(state.runningVar[C - 1])") }
+                    continue
+                }
+            } while !done.load(ordering: .acquiring)
+        }
+        torn.withLock { XCTAssertEqual($0, [], "seed \(Self.seed): states no forward left") }
+        XCTAssertEqual(trainedLayer.numBatchesTracked, Int64(steps))
+
+        // states of fresh arrays, loaded one after another while another thread takes the state: the k-th holds
+        // k + 1 in every array and counts k batches; each load frees the arrays of the one before
+        let large = 1 << 16, loads = 5000
+        @Sendable func numbered(_ k: Int) -> NormalizationLayerState<Float> {
+            func v() -> [Float] { [Float](repeating: Float(k + 1), count: large) }
+            return NormalizationLayerState(bnWeight: v(), bnBias: v(), runningMean: v(), runningVar: v(),
+                                           numBatchesTracked: Int64(k), weight: [], bias: [])
+        }
+        let loaded = try BatchNorm<Float>(channels: large)
+        try loaded.load(numbered(0))
+        let finished = Atomic(false), mixed = Atomic(0)
+        nonisolated(unsafe) let layer = loaded
+        DispatchQueue.concurrentPerform(iterations: 2) { thread in
+            if thread == 0 {
+                for k in 1..<loads { try? layer.load(numbered(k)) }
+                finished.store(true, ordering: .releasing)
+                return
+            }
+            repeat {
+                let state = layer.state, v = Float(state.numBatchesTracked + 1)
+                if state.bnWeight[0] != v || state.bnBias[0] != v || state.runningMean[0] != v
+                    || state.runningVar[0] != v {
+                    mixed.add(1, ordering: .relaxed)
+                }
+            } while !finished.load(ordering: .acquiring)
+        }
+        XCTAssertEqual(mixed.load(ordering: .relaxed), 0, "states that mix two loaded ones")
+        XCTAssertEqual(loaded.state, numbered(loads - 1))
+    }
 }
