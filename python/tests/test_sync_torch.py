@@ -64,7 +64,11 @@ def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
             for what, err in report[name]["errors"].items():
                 assert err <= tol, f"{name}, rank {rank} of {n}: {what} off by {err:.3g}"
             assert report[name]["identical"], f"{name}: rank {rank}'s buffers differ from the others'"
-    assert "ddp" in ranks[0] and "uneven, one rank empty" in ranks[0] and "authors batch frozen" in ranks[0]
+            assert report[name].get("versions as one process", name.startswith("ddp")), \
+                f"{name}, rank {rank}: the buffers' versions moved otherwise than one process's"
+    for name in ("ddp", "uneven, one rank empty", "authors batch frozen", "authors cumulative", "labml cumulative",
+                 "authors untracked", "labml untracked"):
+        assert name in ranks[0], name
 
 
 def test_failures_raise_on_every_rank_and_change_nothing(reports):

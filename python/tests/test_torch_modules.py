@@ -123,6 +123,15 @@ def test_checkpoints_load_both_ways_and_give_the_same_outputs(name, make_ref, ma
 
 # ---- the composed path --------------------------------------------------------------------------------------
 
+def _distinct_eps(module):
+    """Each stage of `module` (the module and its submodules that hold an eps) given an eps of its own: 0.05, 0.3,
+    ... of the same order as the variances, so that the output depends on which eps a stage takes."""
+    stages = [m for m in module.modules() if hasattr(m, "eps")]
+    for k, m in enumerate(stages):
+        m.eps = 0.05 + 0.25 * k
+    return module
+
+
 def _run(module, x, dy):
     x = x.clone().requires_grad_()
     y = module(x)
@@ -134,8 +143,11 @@ def _run(module, x, dy):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_composed_path_matches_the_kernels(name, make_ref, make_ours, layout, dtype, gen, monkeypatch):
+    """Training and eval, with each stage's own eps, large enough to move the output beyond the tolerance: a route
+    that gave one stage the other's eps would show."""
     fast = make_ours(8, 4).to(dtype)
     randomize(fast, gen)
+    _distinct_eps(fast)
     composed = copy.deepcopy(fast)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
     for mode in ("train", "eval"):
@@ -223,6 +235,35 @@ def test_weight_standardization_composed_path_matches_the_kernels(layer, shape, 
     for what, u, v in (("output", a[0], b[0]), ("dx", a[1], b[1]), ("weight grad", a[2]["weight"],
                                                                     b[2]["weight"])):
         torch.testing.assert_close(u, v, rtol=rel, atol=rel * float(v.abs().max()), msg=what)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [False, True], ids=["authors", "labml"])
+@pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_functional_weight_standardization_follows_its_formula_on_both_routes(eps_in_sqrt, unbiased, dtype, gen,
+                                                                               monkeypatch):
+    """functional.weight_standardization, each convention and deviation, on the kernels and the composed route,
+    against its formula in float64 (output, and the weight's gradient by autograd through the formula): unbiased
+    or not is the route's to honour, which the WS layers (always unbiased) cannot show. eps is 0.1, of the order
+    of the deviations, so that where it goes shows too."""
+    w = rand_input(gen, (6, 3, 2, 2), dtype)  # a fan-in of 12: the two deviations differ by 4%
+    eps = 0.1
+    exact = w.to(torch.float64, copy=True).requires_grad_()  # (a copy: w itself stays without grad)
+    rows = exact.reshape(6, -1)
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    var = rows.var(dim=1, unbiased=unbiased, keepdim=True)
+    expected = (centred / (torch.sqrt(var + eps) if eps_in_sqrt else torch.sqrt(var) + eps)).reshape(w.shape)
+    g = rand_input(gen, tuple(w.shape))
+    expected_grad, = torch.autograd.grad(expected, exact, g)
+    rel = 1e-12 if dtype == torch.float64 else 1e-5  # relative to each quantity's largest magnitude
+    for route in ("kernels", "composed"):
+        monkeypatch.setattr(functional, "COMPOSED", route == "composed")
+        x = w.clone().requires_grad_()
+        out = functional.weight_standardization(x, eps, eps_in_sqrt=eps_in_sqrt, unbiased=unbiased)
+        out.backward(g.to(dtype))
+        for what, u, v in (("output", out.detach(), expected.detach()), ("weight grad", x.grad, expected_grad)):
+            torch.testing.assert_close(u.double(), v, rtol=rel, atol=rel * float(v.abs().max()),
+                                       msg=f"{route}: {what}")
 
 
 def _randomized(module, gen):
@@ -592,10 +633,13 @@ def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
+@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, route, gen, monkeypatch):
     """The eager backward skips its checks of x when x still lies as the forward read it. A saved-tensor hook
     may hand x back in another memory layout (torch.autograd.graph.save_on_cpu copies into C order, dropping
-    channels_last): the backward then lays x out again and gives the same bits as without the hook."""
+    channels_last): the backward then lays x out again and gives the same bits as without the hook, with dx in
+    x's layout as the forward had it."""
+    monkeypatch.setattr(_ops, "NATIVE", route == "native")
     module = bt.BCNorm(8, 4)
     randomize(module, gen)
     x = rand_input(gen, (2, 8, 3, 5), torch.float32, layout)
@@ -613,7 +657,7 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, gen):
         hooked = _run(module, x, dy)
     assert any(t.shape == x.shape and t.stride() != x.stride() for t in unpacked), "the hook moved no x"
     for what, u, v in (("output", plain[0], hooked[0]), ("dx", plain[1], hooked[1])):
-        assert torch.equal(u, v), what
+        assert torch.equal(u, v) and u.stride() == v.stride() == x.stride(), what
     for k in plain[2]:
         assert torch.equal(plain[2][k], hooked[2][k]), f"grad {k}"
 

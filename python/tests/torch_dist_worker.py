@@ -46,7 +46,9 @@ def identical_across_ranks(t):
 
 def make(kind, C, G, dtype):
     """(synchronized module, the same local one); a kind ending in " frozen" has its batch-norm stage in eval
-    inside a training module (the frozen-BN idiom), which exchanges nothing: it did, and trained the stage."""
+    inside a training module (the frozen-BN idiom), which exchanges nothing: it did, and trained the stage.
+    "cumulative": momentum None, a cumulative average of the batches' statistics; "untracked": a batch norm
+    switched to track_running_stats=False after construction, so that it has buffers but must not update them."""
     if kind.endswith(" frozen"):
         pair = make(kind[:-len(" frozen")], C, G, dtype)
         for m in pair:
@@ -55,6 +57,17 @@ def make(kind, C, G, dtype):
                 m.bn.running_mean.fill_(1.5)  # away from the fresh buffers, so that using them shows
         return pair
     import bcnswift.torch as bt
+    if kind.endswith((" cumulative", " untracked")):  # batch statistics; the documents' modules, or labml's
+        pair = (bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)) if kind.startswith("authors") else \
+            (bt.SyncBatchChannelNorm(C, G, estimate=False, dtype=dtype), bt.BatchChannelNorm(C, G, estimate=False,
+                                                                                               dtype=dtype))
+        for m in pair:
+            stage = m.bn if hasattr(m, "bn") else m.batch_norm
+            if kind.endswith(" cumulative"):
+                stage.momentum = None
+            else:
+                stage.track_running_stats = False
+        return pair
     if kind == "authors batch":
         return bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)
     if kind == "authors estimate":
@@ -72,17 +85,21 @@ def equality(rank, size, kind, dtype, sizes, steps=2):
     ours, single = make(kind, C, G, dtype)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     err = {"y": 0.0, "dx": 0.0, "grads": 0.0, "buffers": 0.0, "eval": 0.0}
-    same = True
+    same = versions = True
     for step in range(steps):
         xs, dys = batches(SEED + step, sizes, C, dtype)
         x = xs[rank].clone().requires_grad_()
         x_all = torch.cat(xs).requires_grad_()
         for m in (ours, single):
             m.zero_grad(set_to_none=True)
+        # a buffer written in place must say so (its version), as autograd checks tensors saved for a backward
+        before = [[b._version for b in m.buffers()] for m in (ours, single)]
         y = ours(x)
         y.backward(dys[rank])
         y_all = single(x_all)
         y_all.backward(torch.cat(dys))
+        moved = [[b._version > v for b, v in zip(m.buffers(), was)] for m, was in zip((ours, single), before)]
+        versions &= moved[0] == moved[1]
         err["y"] = max(err["y"], rel(y, y_all[lo:hi]))
         err["dx"] = max(err["dx"], rel(x.grad, x_all.grad[lo:hi]))
         for (name, p), (_, q) in zip(ours.named_parameters(), single.named_parameters()):
@@ -95,9 +112,10 @@ def equality(rank, size, kind, dtype, sizes, steps=2):
     ours.eval()
     single.eval()
     xs, _ = batches(SEED + 99, sizes, C, dtype)
-    with torch.no_grad():
-        err["eval"] = rel(ours(xs[rank]), single(torch.cat(xs))[lo:hi])
-    return {"errors": err, "identical": same}
+    with torch.no_grad():  # eval exchanges nothing: each rank is one process on its own batch (labml's untracked
+        # batch norm takes that batch's statistics in eval; the others normalize each sample alone)
+        err["eval"] = rel(ours(xs[rank]), single(xs[rank]))
+    return {"errors": err, "identical": same, "versions as one process": versions}
 
 
 def ddp(rank, size, steps=3, compiled=False):
@@ -317,7 +335,8 @@ def run_all(rank, size):
     for dtype in (torch.float64, torch.float32):
         for kind in ("authors batch", "authors estimate", "labml batch", "labml estimate"):
             out[f"{kind} {str(dtype)[6:]}"] = equality(rank, size, kind, dtype, [2 + r % 2 for r in range(size)])
-    for kind in ("authors batch frozen", "authors estimate frozen", "labml batch frozen"):
+    for kind in ("authors batch frozen", "authors estimate frozen", "labml batch frozen", "authors cumulative",
+                 "labml cumulative", "authors untracked", "labml untracked"):
         out[kind] = equality(rank, size, kind, torch.float64, [2 + r % 2 for r in range(size)])
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))

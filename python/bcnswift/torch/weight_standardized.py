@@ -106,7 +106,7 @@ class ConvTranspose2d(_WeightStandardized, nn.ConvTranspose2d):
     @fx_leaf
     def forward(self, input, output_size=None):
         if self.padding_mode != "zeros":
-            raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2d")
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")  # torch's words
         num_spatial_dims = 2
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               num_spatial_dims, self.dilation)
