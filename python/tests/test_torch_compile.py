@@ -268,11 +268,14 @@ def test_torch_jit_script_refuses_in_words_that_name_the_ways_that_work(make):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_jit_trace_records_the_ops_and_matches_eager(training, gen):
+@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+def test_jit_trace_records_the_ops_and_matches_eager(training, route, gen, monkeypatch):
     """torch.jit.trace (deprecated by torch, still used) sees only dispatcher calls: the modules take the custom
-    ops while it traces (the eager route's numpy calls once failed inside torch with "unordered_map::at"). The
-    traced module then gives eager's outputs, input and parameter gradients and buffer updates, also on a batch of
-    another size."""
+    ops while it traces (the Python eager route's numpy calls once failed inside torch with "unordered_map::at";
+    the native eager route's op is a dispatcher call too, so only the Python route shows whether tracing is seen).
+    The traced module then gives eager's outputs, input and parameter gradients and buffer updates, also on a batch
+    of another size."""
+    monkeypatch.setattr(_ops, "NATIVE", route == "native")
     torch.manual_seed(0)
     eager = every_module_model().double().train(training)
     traced_from = copy.deepcopy(eager)

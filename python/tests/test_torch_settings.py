@@ -48,9 +48,12 @@ def test_convert_takes_the_ends_of_the_momentum_range_as_the_moving_speed(moment
     reference = R.EstBN(8).double()
     reference.load_state_dict(model[1].bn.state_dict())
     x = rand_input(gen, (2, 3, 6, 6))
-    h = model[0](x)
-    model(x), reference(h)
-    torch.testing.assert_close(model[1].bn.running_var, reference.running_var, rtol=1e-12, atol=1e-12)
+    h = model[0](x)  # what the BCNorm receives
+    model(x)
+    reference(h)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(model[1].bn, name), getattr(reference, name), rtol=1e-12, atol=1e-12,
+                                   msg=name)
 
 
 def test_convert_with_batch_statistics_and_no_momentum_keeps_cumulative_averages(gen):
