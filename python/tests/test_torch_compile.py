@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from conftest import require
-from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
+from test_torch_ops import EAGER_ROUTES, gen, rand_input  # noqa: F401 (gen is a fixture)
 
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
@@ -268,7 +268,7 @@ def test_torch_jit_script_refuses_in_words_that_name_the_ways_that_work(make):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("route", EAGER_ROUTES)
 def test_jit_trace_records_the_ops_and_matches_eager(training, route, gen, monkeypatch):
     """torch.jit.trace (deprecated by torch, still used) sees only dispatcher calls: the modules take the custom
     ops while it traces (the Python eager route's numpy calls once failed inside torch with "unordered_map::at";

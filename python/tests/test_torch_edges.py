@@ -9,7 +9,7 @@ import pytest
 
 from conftest import require
 from test_torch_modules import _state, assert_states_equal, reference_ws_transposed
-from test_torch_ops import gen, rand_input  # noqa: F401 (gen is a fixture)
+from test_torch_ops import EAGER_ROUTES, gen, rand_input  # noqa: F401 (gen is a fixture)
 
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
@@ -565,7 +565,7 @@ def test_forward_mode_ad_gives_the_jacobians_product(make, gen):
     torch.testing.assert_close(tangent, expected.reshape(out.shape), rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(params=["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.fixture(params=EAGER_ROUTES)
 def eager(request, monkeypatch):
     """The eager route's autograd: the library's C++ Functions (native_ops.cpp), or the Python ones (where the
     native library is not built, or BCNSWIFT_TORCH_NATIVE=0)."""
@@ -1220,7 +1220,7 @@ CHECKPOINTED = [
 
 
 @pytest.mark.parametrize("name,make,make_reference", CHECKPOINTED, ids=[c[0] for c in CHECKPOINTED])
-@pytest.mark.parametrize("way", ["python", "composed"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("way", EAGER_ROUTES + ["composed"])
 def test_a_recomputing_checkpoint_gives_the_documents_gradients(name, make, make_reference, way, gen, monkeypatch):
     """torch.utils.checkpoint(use_reentrant=False) runs the forward again for the backward, which moves the
     estimates a second time, in the documents' modules as here. The eager routes kept their context (the

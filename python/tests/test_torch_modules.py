@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import require
-from test_torch_ops import LAYOUTS, gen, rand_input  # noqa: F401 (gen is a fixture)
+from test_torch_ops import EAGER_ROUTES, LAYOUTS, gen, rand_input  # noqa: F401 (gen is a fixture)
 
 torch = require("torch")
 from bcnswift.torch import reference as R  # noqa: E402
@@ -633,7 +633,7 @@ def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("route", EAGER_ROUTES)
 def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, route, gen, monkeypatch):
     """The eager backward skips its checks of x when x still lies as the forward read it. A saved-tensor hook
     may hand x back in another memory layout (torch.autograd.graph.save_on_cpu copies into C order, dropping
@@ -664,7 +664,7 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, route, gen
 
 @pytest.mark.parametrize("restores", ["float32", "the dtype it packed", "scaled by the largest magnitude",
                                       "a copy"])
-@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("route", EAGER_ROUTES)
 def test_saved_tensor_hooks_that_round_leave_the_context_exact(route, restores, gen, monkeypatch):
     """A memory-saving pack hook that stores saved tensors in half precision (a common pattern) also rounds the
     stamped copy of the forward's context, which the eager routes save so that a recomputing checkpoint replaces

@@ -24,6 +24,10 @@ TORCH_BN = BN | _ext.BCN_UNBIASED_RUNNING_VAR
 AUTHORS_EST = BN | _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
 DTYPES = [torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "channels_last"]
+#: the eager route's forms a test can take: the Python kernels and autograd Functions (where the native library is
+#: not built, or BCNSWIFT_TORCH_NATIVE=0), and the native ones where built (test_torch_native.py requires them
+#: under CI); a test picks one by setting _ops.NATIVE
+EAGER_ROUTES = ["python"] + (["native"] if _ops.NATIVE else [])
 
 
 @pytest.fixture
@@ -303,7 +307,7 @@ def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, kern
 
 
 # the native route where it is built (test_torch_native.py requires it under CI; the ops' tests also run without)
-@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("route", EAGER_ROUTES)
 def test_kept_parameter_views_follow_their_tensors(route, gen, monkeypatch):
     """The eager route's Python kernels (which serve where the native library is not built) keep a numpy view of
     each parameter and buffer a module hands them (`KernelViews`, _ops._held): a tensor moved to other memory
@@ -715,7 +719,7 @@ def test_a_meta_tensor_among_cpu_tensors_is_refused_by_every_op(gen):
         assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and nbt == 0, f"{name} changed a buffer"
 
 
-@pytest.mark.parametrize("route", ["python"] + (["native"] if _ops.NATIVE else []))
+@pytest.mark.parametrize("route", EAGER_ROUTES)
 @pytest.mark.parametrize("bad", ["bn_weight size", "cn_weight dtype", "bn_eps", "eps"])
 def test_an_estimated_update_checks_the_normalization_first(route, bad, gen, monkeypatch):
     """With estimates the eager route folds the batch into the buffers before it normalizes with them, and the
