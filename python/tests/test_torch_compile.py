@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from conftest import require
-from test_torch_ops import EAGER_ROUTES, gen, rand_input  # noqa: F401 (gen is a fixture)
+from test_torch_ops import eager_route, gen, rand_input  # noqa: F401 (eager_route, gen are fixtures)
 
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
@@ -268,14 +268,12 @@ def test_torch_jit_script_refuses_in_words_that_name_the_ways_that_work(make):
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("route", EAGER_ROUTES)
-def test_jit_trace_records_the_ops_and_matches_eager(training, route, gen, monkeypatch):
+def test_jit_trace_records_the_ops_and_matches_eager(training, eager_route, gen):
     """torch.jit.trace (deprecated by torch, still used) sees only dispatcher calls: the modules take the custom
     ops while it traces (the Python eager route's numpy calls once failed inside torch with "unordered_map::at";
     the native eager route's op is a dispatcher call too, so only the Python route shows whether tracing is seen).
     The traced module then gives eager's outputs, input and parameter gradients and buffer updates, also on a batch
     of another size."""
-    monkeypatch.setattr(_ops, "NATIVE", route == "native")
     torch.manual_seed(0)
     eager = every_module_model().double().train(training)
     traced_from = copy.deepcopy(eager)

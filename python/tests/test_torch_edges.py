@@ -9,7 +9,7 @@ import pytest
 
 from conftest import require
 from test_torch_modules import _state, assert_states_equal, reference_ws_transposed
-from test_torch_ops import EAGER_ROUTES, gen, rand_input  # noqa: F401 (gen is a fixture)
+from test_torch_ops import EAGER_ROUTES, eager_route, gen, rand_input  # noqa: F401 (eager_route, gen are fixtures)
 
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
@@ -565,16 +565,8 @@ def test_forward_mode_ad_gives_the_jacobians_product(make, gen):
     torch.testing.assert_close(tangent, expected.reshape(out.shape), rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(params=EAGER_ROUTES)
-def eager(request, monkeypatch):
-    """The eager route's autograd: the library's C++ Functions (native_ops.cpp), or the Python ones (where the
-    native library is not built, or BCNSWIFT_TORCH_NATIVE=0)."""
-    monkeypatch.setattr(_ops, "NATIVE", request.param == "native")
-    return request.param
-
-
 @pytest.mark.parametrize("make", [lambda: bt.BCNorm(4, 2), lambda: bt.BatchChannelNorm(4, 2)], ids=["BCNorm", "labml"])
-def test_a_jacobian_vector_product_by_double_backward_raises_instead_of_giving_zero(make, eager, gen):
+def test_a_jacobian_vector_product_by_double_backward_raises_instead_of_giving_zero(make, eager_route, gen):
     """torch.autograd.functional.jvp differentiates the backward with respect to the output gradient, which the
     kernels' backward does not record: it must raise the documented error (it returned zeros)."""
     m = make().double()
@@ -616,7 +608,7 @@ def test_ws_conv_transpose_standardizes_each_output_channel_over_its_groups_inpu
                                atol=1e-12)
 
 
-def test_a_second_derivative_through_the_parameters_alone_raises_the_documented_error(eager, gen):
+def test_a_second_derivative_through_the_parameters_alone_raises_the_documented_error(eager_route, gen):
     m = bt.BCNorm(8, 4).double()
     x = rand_input(gen, (4, 8, 5, 5))  # requires no grad: only the parameters do
     g = torch.autograd.grad(m(x).pow(2).sum(), m.bn.weight, create_graph=True)[0]

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import require
-from test_torch_ops import EAGER_ROUTES, LAYOUTS, gen, rand_input  # noqa: F401 (gen is a fixture)
+from test_torch_ops import EAGER_ROUTES, LAYOUTS, eager_route, gen, rand_input  # noqa: F401 (fixtures)
 
 torch = require("torch")
 from bcnswift.torch import reference as R  # noqa: E402
@@ -633,13 +633,11 @@ def test_eager_route_and_registered_ops_give_the_same_bits(name, make_ref, make_
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("route", EAGER_ROUTES)
-def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, route, gen, monkeypatch):
+def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, eager_route, gen):
     """The eager backward skips its checks of x when x still lies as the forward read it. A saved-tensor hook
     may hand x back in another memory layout (torch.autograd.graph.save_on_cpu copies into C order, dropping
     channels_last): the backward then lays x out again and gives the same bits as without the hook, with dx in
     x's layout as the forward had it."""
-    monkeypatch.setattr(_ops, "NATIVE", route == "native")
     module = bt.BCNorm(8, 4)
     randomize(module, gen)
     x = rand_input(gen, (2, 8, 3, 5), torch.float32, layout)

@@ -30,6 +30,14 @@ LAYOUTS = ["contiguous", "channels_last"]
 EAGER_ROUTES = ["python"] + (["native"] if _ops.NATIVE else [])
 
 
+@pytest.fixture(params=EAGER_ROUTES)
+def eager_route(request, monkeypatch):
+    """The test runs on each of EAGER_ROUTES in turn: the library's C++ autograd Functions (native_ops.cpp), or the
+    Python ones."""
+    monkeypatch.setattr(_ops, "NATIVE", request.param == "native")
+    return request.param
+
+
 @pytest.fixture
 def gen(request):
     seed = seed_of(request.node.nodeid)

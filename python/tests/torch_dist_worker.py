@@ -44,6 +44,11 @@ def identical_across_ranks(t):
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def _batch_norm_stage(m):
+    """The batch-norm stage of an authors' module (bn) or of labml's (batch_norm)."""
+    return m.bn if hasattr(m, "bn") else m.batch_norm
+
+
 def make(kind, C, G, dtype):
     """(synchronized module, the same local one); a kind ending in " frozen" has its batch-norm stage in eval
     inside a training module (the frozen-BN idiom), which exchanges nothing: it did, and trained the stage.
@@ -52,7 +57,7 @@ def make(kind, C, G, dtype):
     if kind.endswith(" frozen"):
         pair = make(kind[:-len(" frozen")], C, G, dtype)
         for m in pair:
-            (m.bn if hasattr(m, "bn") else m.batch_norm).eval()
+            _batch_norm_stage(m).eval()
             if hasattr(m, "bn"):
                 m.bn.running_mean.fill_(1.5)  # away from the fresh buffers, so that using them shows
         return pair
@@ -62,7 +67,7 @@ def make(kind, C, G, dtype):
             (bt.SyncBatchChannelNorm(C, G, estimate=False, dtype=dtype), bt.BatchChannelNorm(C, G, estimate=False,
                                                                                                dtype=dtype))
         for m in pair:
-            stage = m.bn if hasattr(m, "bn") else m.batch_norm
+            stage = _batch_norm_stage(m)
             if kind.endswith(" cumulative"):
                 stage.momentum = None
             else:
