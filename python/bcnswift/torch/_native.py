@@ -118,9 +118,21 @@ def _library_path(cxx):
     return _cache_dir() / f"torch-native-{torch.__version__.split('+')[0]}-{key.hexdigest()[:16]}.so"
 
 
-def _build(cxx, path, replace=False):
-    """Compiles the library to `path` unless another process already has (or, with `replace`, the one there does
-    not load): one process builds, under a lock, while the others wait for it. A build that failed fails the
+def _identity(path):
+    """Which file lies at `path` (None: none): a build puts a new file there (os.replace), so its identity
+    changes, whatever its modification time says (a file written a moment before a build started has one as
+    recent as the build's)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _build(cxx, path, replace=None):
+    """Compiles the library to `path` unless another process already has: unless a file is there, or with
+    `replace` (the `_identity` of a library that did not load), unless another file has replaced that one. One
+    process builds, under a lock, while the others wait for it. A build that failed fails the
     processes that waited for it, and later imports, with its words, rather than running again in every process
     of a launch and on every import (about 20 s each); its record (`.failed` beside the library) is what to delete
     to try again. A lock held longer than a build can take is given up on."""
@@ -139,7 +151,8 @@ def _build(cxx, path, replace=False):
                 if time.time() > deadline:
                     raise RuntimeError(f"another process has held {lock.name} for {_BUILD_SECONDS + 60} s")
                 time.sleep(0.2)
-        if path.exists() and (not replace or path.stat().st_mtime >= started - 1):  # built meanwhile
+        there = _identity(path)
+        if there is not None and (replace is None or there != replace):  # built meanwhile
             return
         if failed.exists():  # failed while this process waited, or remembered from an earlier import
             words = failed.read_text()
@@ -213,7 +226,7 @@ def load():
         try:
             torch.ops.load_library(str(path))
         except OSError:  # a library that does not load (cut short, say): built again, once
-            _build(cxx, path, replace=True)
+            _build(cxx, path, replace=_identity(path))
             torch.ops.load_library(str(path))
         # finds the kernels' C ABI table (now, under the GIL, not on a first call), then registers the CPU kernels
         torch.ops.bcnswift._native_enable()
