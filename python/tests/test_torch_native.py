@@ -397,7 +397,7 @@ def test_the_native_eager_weight_standardization_gives_the_python_routes_bits(dt
             monkeypatch.setattr(_ops, "NATIVE", native)
             wr = w.detach().clone(memory_format=torch.preserve_format).requires_grad_()
             try:
-                y = _ops.weight_standardization_route(wr, eps, flags)
+                y = _ops.eager_weight_standardization(wr, eps, flags)
                 y.backward(grad)
                 out.append((y, wr.grad))
             except Exception as error:  # noqa: BLE001 - compared below

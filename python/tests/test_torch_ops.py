@@ -244,7 +244,7 @@ def test_the_ops_called_directly_differentiate_as_the_eager_route(dtype, layout,
     w = (torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float64) * 0.2 + 0.05).to(dtype)
     ws = [w.clone().requires_grad_() for _ in range(2)]
     _ops.weight_standardization(ws[0], 1e-5, _ext.BCN_WS_UNBIASED).backward(torch.ones_like(w))
-    _ops.weight_standardization_route(ws[1], 1e-5, _ext.BCN_WS_UNBIASED).backward(torch.ones_like(w))
+    _ops.eager_weight_standardization(ws[1], 1e-5, _ext.BCN_WS_UNBIASED).backward(torch.ones_like(w))
     assert torch.equal(ws[0].grad, ws[1].grad)
     context, moments = _ops.moments(x0.clone().requires_grad_(), flags, G)
     with pytest.raises(RuntimeError, match="no autograd formula"):

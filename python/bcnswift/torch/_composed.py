@@ -133,7 +133,7 @@ def weight_standardization(w, eps, flags):
     big = flat.detach().abs().amax(dim=1, keepdim=True)
     top = math.frexp(torch.finfo(dt).max)[1] - 1  # the largest finite power of two's exponent (127, 1023)
     exponent = torch.ceil(torch.log2(big)).clamp_max(top)
-    q = torch.where(big >= 1, torch.exp2(exponent), 1)
+    q = torch.where(big >= 1, 2.0 ** exponent, 1)  # (2.0 **, exact as exp2, and an operator ONNX has)
     z = flat / q
     d = z - z.mean(dim=1, keepdim=True)
     d = d - d.mean(dim=1, keepdim=True)

@@ -23,7 +23,7 @@ the memory-format flag is set here, from the strides.
 
 Each op is one plain function (``_moments``, ...), reached two ways: as the registered custom op, which
 torch.compile and torch.export trace, and in eager mode directly, through ``torch.autograd.Function``
-(``eager_forward``, ``weight_standardization_route``): a trip through the dispatcher costs tens of
+(``eager_forward``, ``eager_weight_standardization``): a trip through the dispatcher costs tens of
 microseconds per op, more than the kernels take on the small tensors of a CNN's later stages, so eager mode makes
 one call per layer where the ops make two or three. Both give the same bits. Where a C++ compiler is, the ops'
 CPU kernels are native_ops.cpp's instead (_native.py builds it; ``NATIVE`` below): the same work in C++, the same
@@ -153,6 +153,14 @@ def traced():
 
 
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+def exporting_onnx():
+    """Whether torch.onnx.export is tracing this call, by either exporter (TorchScript's traces with
+    torch.jit.trace, the dynamo one with torch.export). ONNX has none of bcnswift's operators, so such a call takes
+    the composed route instead: torch operations that both exporters translate. Asked of traced calls only: it
+    costs about a microsecond (and imports torch.onnx the first time)."""
+    return torch.onnx.is_in_onnx_export()
 
 
 class KernelViews:
@@ -886,10 +894,9 @@ class _EagerWeightStandardization(torch.autograd.Function):
         return _first_order_only((dw, None, None, None), w, grad)
 
 
-def weight_standardization_route(w, eps, flags, views=None):
-    """The op while torch.compile traces, the direct call in eager mode (`views`: the layer's `KernelViews`)."""
-    if traced():
-        return weight_standardization(w, eps, flags)
+def eager_weight_standardization(w, eps, flags, views=None):
+    """The eager route of `weight_standardization`, a direct call (`views`: the layer's `KernelViews`); a traced
+    call takes the op itself."""
     if NATIVE:  # its backward a C++ node of autograd's graph, as eager_forward's
         return _eager_weight_standardization(w, eps, flags)
     return _EagerWeightStandardization.apply(w, eps, flags, views)

@@ -316,16 +316,17 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
             _real(cn.eps, "eps")
         tensors += [cn.weight, cn.bias]
     if bn is None:
-        if not _fast(x, tensors):
-            _check_sizes(x, bn, cn)
-            _check_scalars(flags, eps, None, None)
-            _check_values(x, flags, groups, False, False)
-            return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
-        if not _ops.traced():
+        fast = _fast(x, tensors)
+        if fast and not _ops.traced():
             return _ops.eager_forward(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                                       eps, 0.0, False, views)
-        return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
-                              eps)[0]
+        if fast and not _ops.exporting_onnx():
+            return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
+                                  eps)[0]
+        _check_sizes(x, bn, cn)
+        _check_scalars(flags, eps, None, None)
+        _check_values(x, flags, groups, False, False)
+        return _composed.normalize(x, None, None, None, None, cn.weight, cn.bias, flags, groups, eps, eps)
     flags |= bn.flags
     bn_eps = _real(bn.eps, "eps")
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
@@ -341,7 +342,9 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         _check_writable(buffers)
         _check_unbatched(x, buffers)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
-    if not _fast(x, tensors) or update and not _kernels_update(buffers):
+    fast = _fast(x, tensors) and (not update or _kernels_update(buffers))
+    compiling = fast and _ops.traced()
+    if not fast or compiling and _ops.exporting_onnx():
         _ops.check_running_statistics(bn.running_mean, bn.running_var)
         _check_sizes(x, bn, cn)
         _check_scalars(flags, eps, bn_eps, _update_rate(bn, momentum) if update else None)
@@ -355,7 +358,6 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         if staged is not None:
             _composed.commit_running(buffers, staged)
         return y
-    compiling = _ops.traced()
     if compiling:  # (while tracing: the graph holds no check of them)
         _ops.check_running_statistics(bn.running_mean, bn.running_var)
     if estimated or compiling:  # the buffers' update comes before the normalization's own checks
@@ -412,7 +414,10 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     if type(eps) is not float:
         eps = real_number(eps, "eps")  # not a bool or a string
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
-    if COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active():
-        _check_ws_arguments(w, eps, unbiased)
-        return _composed.weight_standardization(w, eps, flags)
-    return _ops.weight_standardization_route(w, float(eps), flags, views)
+    if not (COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active()):
+        if not _ops.traced():
+            return _ops.eager_weight_standardization(w, float(eps), flags, views)
+        if not _ops.exporting_onnx():
+            return _ops.weight_standardization(w, float(eps), flags)
+    _check_ws_arguments(w, eps, unbiased)
+    return _composed.weight_standardization(w, eps, flags)
