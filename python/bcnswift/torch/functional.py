@@ -66,6 +66,18 @@ def _fast(x, tensors):
     return True
 
 
+def _route(fast):
+    """How a call runs, from `_fast`'s answer: "eager" (the kernels, called directly), "op" (the custom op, which
+    a trace records: torch.compile, torch.export, jit.trace, a dispatch mode) or "composed" (torch operations:
+    where the kernels cannot run, and while torch.onnx.export traces, since ONNX has none of bcnswift's
+    operators)."""
+    if not fast:
+        return "composed"
+    if not _ops.traced():
+        return "eager"
+    return "composed" if _ops.exporting_onnx() else "op"
+
+
 def _check_sizes(x, bn, cn):
     """Each parameter and buffer holds one value per channel (batch norm) or per group (channel norm), worded as
     the kernels word it, before any route that would update a buffer first runs: the composed route, the
@@ -316,11 +328,11 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
             _real(cn.eps, "eps")
         tensors += [cn.weight, cn.bias]
     if bn is None:
-        fast = _fast(x, tensors)
-        if fast and not _ops.traced():
+        route = _route(_fast(x, tensors))
+        if route == "eager":
             return _ops.eager_forward(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                                       eps, 0.0, False, views)
-        if fast and not _ops.exporting_onnx():
+        if route == "op":
             return _ops.normalize(x, None, None, None, None, None, None, cn.weight, cn.bias, flags, groups, eps,
                                   eps)[0]
         _check_sizes(x, bn, cn)
@@ -342,9 +354,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         _check_writable(buffers)
         _check_unbatched(x, buffers)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
-    fast = _fast(x, tensors) and (not update or _kernels_update(buffers))
-    compiling = fast and _ops.traced()
-    if not fast or compiling and _ops.exporting_onnx():
+    route = _route(_fast(x, tensors) and (not update or _kernels_update(buffers)))
+    if route == "composed":
         _ops.check_running_statistics(bn.running_mean, bn.running_var)
         _check_sizes(x, bn, cn)
         _check_scalars(flags, eps, bn_eps, _update_rate(bn, momentum) if update else None)
@@ -358,6 +369,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         if staged is not None:
             _composed.commit_running(buffers, staged)
         return y
+    compiling = route == "op"
     if compiling:  # (while tracing: the graph holds no check of them)
         _ops.check_running_statistics(bn.running_mean, bn.running_var)
     if estimated or compiling:  # the buffers' update comes before the normalization's own checks
@@ -414,10 +426,10 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     if type(eps) is not float:
         eps = real_number(eps, "eps")  # not a bool or a string
     flags = (_ext.BCN_WS_UNBIASED if unbiased else 0) | (_ext.BCN_WS_EPS_IN_SQRT if eps_in_sqrt else 0)
-    if not (COMPOSED or not w.is_cpu or w.dtype not in (torch.float32, torch.float64) or _transforms_active()):
-        if not _ops.traced():
-            return _ops.eager_weight_standardization(w, float(eps), flags, views)
-        if not _ops.exporting_onnx():
-            return _ops.weight_standardization(w, float(eps), flags)
+    route = _route(_fast(w, ()))
+    if route == "eager":
+        return _ops.eager_weight_standardization(w, float(eps), flags, views)
+    if route == "op":
+        return _ops.weight_standardization(w, float(eps), flags)
     _check_ws_arguments(w, eps, unbiased)
     return _composed.weight_standardization(w, eps, flags)
