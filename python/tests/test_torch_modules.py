@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import require
-from test_torch_ops import EAGER_ROUTES, LAYOUTS, eager_route, gen, rand_input  # noqa: F401 (fixtures)
+from test_torch_ops import LAYOUTS, eager_route, gen, rand_input  # noqa: F401 (fixtures)
 
 torch = require("torch")
 from bcnswift.torch import reference as R  # noqa: E402
@@ -662,15 +662,13 @@ def test_saved_tensor_hooks_may_hand_back_x_in_another_layout(layout, eager_rout
 
 @pytest.mark.parametrize("restores", ["float32", "the dtype it packed", "scaled by the largest magnitude",
                                       "a copy"])
-@pytest.mark.parametrize("route", EAGER_ROUTES)
-def test_saved_tensor_hooks_that_round_leave_the_context_exact(route, restores, gen, monkeypatch):
+def test_saved_tensor_hooks_that_round_leave_the_context_exact(eager_route, restores, gen):
     """A memory-saving pack hook that stores saved tensors in half precision (a common pattern) also rounds the
     stamped copy of the forward's context, which the eager routes save so that a recomputing checkpoint replaces
     it: the backward sees the stamps broken (or the dtype changed) and takes the context kept aside, exact, on both
     routes; an exact copy keeps them, and is taken. Here the hook rounds the float64 tensors alone (the context),
     so the gradients are those without it, bit for bit. (A single stamp of 2⁵³ - 1, the context's largest value,
     survived a hook that scales by the largest magnitude, and the backward took the rounded context.)"""
-    monkeypatch.setattr(_ops, "NATIVE", route == "native")
     module = bt.BCNorm(8, 4)
     randomize(module, gen)
     x = rand_input(gen, (2, 8, 3, 5), torch.float32)

@@ -26,7 +26,7 @@ DTYPES = [torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "channels_last"]
 #: the eager route's forms a test can take: the Python kernels and autograd Functions (where the native library is
 #: not built, or BCNSWIFT_TORCH_NATIVE=0), and the native ones where built (test_torch_native.py requires them
-#: under CI); a test picks one by setting _ops.NATIVE
+#: under CI); a test takes each through the `eager_route` fixture
 EAGER_ROUTES = ["python"] + (["native"] if _ops.NATIVE else [])
 
 
@@ -315,17 +315,14 @@ def test_the_registered_ops_take_tensors_without_a_copy(dtype, layout, gen, kern
 
 
 # the native route where it is built (test_torch_native.py requires it under CI; the ops' tests also run without)
-@pytest.mark.parametrize("route", EAGER_ROUTES)
-def test_kept_parameter_views_follow_their_tensors(route, gen, monkeypatch):
+def test_kept_parameter_views_follow_their_tensors(eager_route, gen):
     """The eager route's Python kernels (which serve where the native library is not built) keep a numpy view of
     each parameter and buffer a module hands them (`KernelViews`, _ops._held): a tensor moved to other memory
     (param.data = ...) is read from there; moving the module (.to(), .double(), with torch's swap_tensors too)
     drops the views, which pickles and deep copies leave out. The native route keeps no views of the norms' tensors
     (the WS layers' it keeps), and reads each tensor where it lies on every call."""
     import pickle
-    python = route == "python"
-    if python:
-        monkeypatch.setattr(_ops, "NATIVE", False)
+    python = eager_route == "python"
     x = rand_input(gen, (4, 8, 3, 3), torch.float32)
 
     def fresh_output(m):  # the same state in a module the kernels have never seen
@@ -727,14 +724,11 @@ def test_a_meta_tensor_among_cpu_tensors_is_refused_by_every_op(gen):
         assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and nbt == 0, f"{name} changed a buffer"
 
 
-@pytest.mark.parametrize("route", EAGER_ROUTES)
 @pytest.mark.parametrize("bad", ["bn_weight size", "cn_weight dtype", "bn_eps", "eps"])
-def test_an_estimated_update_checks_the_normalization_first(route, bad, gen, monkeypatch):
+def test_an_estimated_update_checks_the_normalization_first(eager_route, bad, gen):
     """With estimates the eager route folds the batch into the buffers before it normalizes with them, and the
     normalization checks its parameters and eps: a call refused there had already moved the buffers. They are now
     checked first. (The modules check the same before calling; this is the op called directly.)"""
-    if route == "python":
-        monkeypatch.setattr(_ops, "NATIVE", False)
     x = rand_input(gen, (2, 4, 3, 3))
     rm, rv, nbt = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), torch.tensor(0)
     bw = torch.ones(3 if bad == "bn_weight size" else 4, dtype=torch.float64)
