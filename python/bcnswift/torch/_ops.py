@@ -155,14 +155,6 @@ def traced():
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
-def exporting_onnx():
-    """Whether torch.onnx.export is tracing this call, by either exporter (TorchScript's traces with
-    torch.jit.trace, the dynamo one with torch.export). ONNX has none of bcnswift's operators, so such a call takes
-    the composed route instead: torch operations that both exporters translate. Asked of traced calls only: it
-    costs about a microsecond (and imports torch.onnx the first time)."""
-    return torch.onnx.is_in_onnx_export()
-
-
 class KernelViews:
     """For a module whose forward hands its parameters and buffers to the kernels: a dict in which `_held` keeps
     their numpy views between calls (`kernel_views()`), emptied when the module's tensors move (`_apply`: .to(),

@@ -75,7 +75,9 @@ def _route(fast):
         return "composed"
     if not _ops.traced():
         return "eager"
-    return "composed" if _ops.exporting_onnx() else "op"
+    # true under either exporter (TorchScript's traces with torch.jit.trace, the dynamo one with torch.export);
+    # asked of traced calls alone, as it costs about a microsecond (and imports torch.onnx the first time)
+    return "composed" if torch.onnx.is_in_onnx_export() else "op"
 
 
 def _check_sizes(x, bn, cn):
