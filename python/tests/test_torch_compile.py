@@ -1,6 +1,8 @@
 """torch.compile(fullgraph=True) on a model using every bcnswift.torch module: no graph break (fullgraph raises
 on one), the kernels run inside the compiled graph, and training steps and eval give eager's results."""
 import copy
+import subprocess
+import sys
 
 import pytest
 
@@ -254,6 +256,75 @@ def test_exported_program_records_the_ops_and_matches_eager(training, gen):
         x = rand_input(gen, (2, 3, 8, 8), torch.float64)
         torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
         _assert_same_buffers(module, eager, f"call {step}")
+
+
+def _call_targets(graph):
+    return {str(n.target) for n in graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_portable_export_holds_torch_operations_alone_and_matches_eager(training, gen):
+    """Inside bt.portable(), torch.export records the composed route: no bcnswift op in the graph, and the
+    exported module's outputs (and in training its buffers' updates) are eager's on the kernels, to float64
+    rounding. The block ends with itself, an error's too: exports after it record the ops again."""
+    torch.manual_seed(0)
+    eager = every_module_model().double().train(training)
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    with bt.portable():
+        program = torch.export.export(copy.deepcopy(eager), (x0,))
+    targets = _call_targets(program.graph)
+    assert "aten.conv2d.default" in targets and not [t for t in targets if t.startswith("bcnswift.")], targets
+    module = program.module()
+    for step in range(2):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
+        _assert_same_buffers(module, eager, f"call {step}")
+    with pytest.raises(KeyError), bt.portable():
+        raise KeyError("inside the block")
+    again = torch.export.export(copy.deepcopy(eager), (x0,))
+    assert "bcnswift.weight_standardization.default" in _call_targets(again.graph)
+
+
+def test_compiled_calls_inside_portable_trace_torch_operations(gen):
+    """A compiled model called inside bt.portable() is traced again (dynamo guards on the block), into torch
+    operations, and gives what it gave outside, where its graph holds bcnswift's ops."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(_call_targets(gm.graph))
+        return gm.forward
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4)).double().eval()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    outside = compiled(x)
+    with bt.portable():
+        inside = compiled(x)
+    assert len(graphs) == 2, graphs
+    assert {"bcnswift.weight_standardization.default", "bcnswift.normalize.default"} <= graphs[0], graphs[0]
+    assert not [t for t in graphs[1] if "bcnswift" in t], graphs[1]
+    torch.testing.assert_close(inside, outside, rtol=1e-10, atol=1e-10)
+
+
+def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen):
+    """What portable() is for: the saved program loads and runs in a process where importing bcnswift fails,
+    and gives the model's outputs."""
+    torch.manual_seed(0)
+    model = every_module_model().eval()
+    x = rand_input(gen, (2, 3, 8, 8), torch.float32)
+    with bt.portable():
+        program = torch.export.export(model, (x,))
+    torch.export.save(program, tmp_path / "model.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys\n"
+            "sys.modules['bcnswift'] = None  # import bcnswift now raises ImportError\n"
+            "import torch\n"
+            "y = torch.export.load(sys.argv[1]).module()(torch.load(sys.argv[2]))\n"
+            "assert 'bcnswift.torch' not in sys.modules\n"
+            "torch.save(y, sys.argv[3])\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt2"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, timeout=600)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script")

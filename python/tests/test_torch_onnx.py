@@ -126,6 +126,15 @@ def test_an_exported_model_takes_other_batch_sizes(dynamo, gen):
         _assert_matches(_run(session, other), model(other), f"batch {batch}")
 
 
+def test_a_program_exported_inside_portable_exports_to_onnx(gen):
+    """An ExportedProgram made with torch.export holds bcnswift's ops, which ONNX has not; made inside
+    bt.portable() it holds torch operations, and torch.onnx.export takes it."""
+    model, x = _trained(_planes, (4, 3, 8, 8), gen)
+    with bt.portable():
+        program = torch.export.export(model, (x,))
+    _assert_matches(_run(_export(program, x, True), x), model(x), "portable program, ONNX Runtime against eager")
+
+
 def test_a_folded_model_exports_its_standardized_weights_as_plain_convolutions(gen):
     model, x = _trained(_converted, (4, 3, 8, 8), gen)
     expected = model(x)

@@ -6,6 +6,7 @@ tensors (CPU float32/float64, every tensor of the input's dtype) and composed of
 Modules build the stages from their parameters and buffers on every call; the running buffers in ``bn`` are
 updated in place when ``bn.training`` and ``bn.track_running_stats`` (as torch.nn.BatchNorm2d does).
 """
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -66,18 +67,44 @@ def _fast(x, tensors):
     return True
 
 
+#: How many `portable()` blocks are open. A module global: dynamo reads it as a constant of the graph it traces,
+#: and guards on it, so a compiled function traced outside a block is traced again inside one.
+_portable_depth = 0
+
+
+@contextlib.contextmanager
+def portable():
+    """A block whose traces leave bcnswift out: the modules and WS layers traced inside it (by torch.export,
+    torch.compile, torch.jit.trace or a dispatch mode) record torch operations, the composed route that other
+    devices take, instead of the ``bcnswift::`` custom ops. The graph then runs where bcnswift is not installed:
+    an ExportedProgram handed to ``torch.onnx.export`` (whose own traces take that route anyway), ExecuTorch,
+    AOTInductor or another runtime. Eager calls inside the block still run the kernels. The setting is the
+    process's: a trace on another thread meanwhile records torch operations too.
+
+        with bcnswift.torch.portable():
+            ep = torch.export.export(model.eval(), (x,))
+        torch.onnx.export(ep, f="model.onnx")
+    """
+    global _portable_depth
+    _portable_depth += 1
+    try:
+        yield
+    finally:
+        _portable_depth -= 1
+
+
 def _route(fast):
     """How a call runs, from `_fast`'s answer: "eager" (the kernels, called directly), "op" (the custom op, which
     a trace records: torch.compile, torch.export, jit.trace, a dispatch mode) or "composed" (torch operations:
-    where the kernels cannot run, and while torch.onnx.export traces, since ONNX has none of bcnswift's
-    operators)."""
+    where the kernels cannot run, while torch.onnx.export traces, since ONNX has none of bcnswift's operators,
+    and in traces inside `portable()`)."""
     if not fast:
         return "composed"
     if not _ops.traced():
         return "eager"
     # true under either exporter (TorchScript's traces with torch.jit.trace, the dynamo one with torch.export);
     # asked of traced calls alone, as it costs about a microsecond (and imports torch.onnx the first time)
-    return "composed" if torch.onnx.is_in_onnx_export() else "op"
+    return "composed" if _portable_depth or torch.onnx.is_in_onnx_export() else "op"
 
 
 def _check_sizes(x, bn, cn):
