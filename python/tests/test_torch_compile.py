@@ -239,6 +239,10 @@ def _assert_same_buffers(model, reference, what):
         torch.testing.assert_close(b, r, rtol=1e-10, atol=1e-10, msg=f"{what}: buffer {name}")
 
 
+def _call_targets(graph):
+    return {str(n.target) for n in graph.nodes if n.op == "call_function"}
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_exported_program_records_the_ops_and_matches_eager(training, gen):
     """torch.export of a model using every module: the graph holds bcnswift's ops (the kernels run when it runs),
@@ -248,7 +252,7 @@ def test_exported_program_records_the_ops_and_matches_eager(training, gen):
     exported_from = copy.deepcopy(eager)
     x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
     program = torch.export.export(exported_from, (x0,))
-    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    targets = _call_targets(program.graph)
     assert {"bcnswift.weight_standardization.default"} < targets
     assert ("bcnswift.update_running_.default" in targets) == training
     module = program.module()
@@ -256,10 +260,6 @@ def test_exported_program_records_the_ops_and_matches_eager(training, gen):
         x = rand_input(gen, (2, 3, 8, 8), torch.float64)
         torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
         _assert_same_buffers(module, eager, f"call {step}")
-
-
-def _call_targets(graph):
-    return {str(n.target) for n in graph.nodes if n.op == "call_function"}
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
