@@ -8,6 +8,7 @@ updated in place when ``bn.training`` and ``bn.track_running_stats`` (as torch.n
 """
 import contextlib
 import math
+import threading
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -68,8 +69,10 @@ def _fast(x, tensors):
 
 
 #: How many `portable()` blocks are open. A module global: dynamo reads it as a constant of the graph it traces,
-#: and guards on it, so a compiled function traced outside a block is traced again inside one.
+#: and guards on it, so a compiled function traced outside a block is traced again inside one. Changed under
+#: `_portable_lock` (blocks on two threads would otherwise lose an increment: `+=` is a read and a write).
 _portable_depth = 0
+_portable_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -86,11 +89,13 @@ def portable():
         torch.onnx.export(ep, f="model.onnx")
     """
     global _portable_depth
-    _portable_depth += 1
+    with _portable_lock:
+        _portable_depth += 1
     try:
         yield
     finally:
-        _portable_depth -= 1
+        with _portable_lock:
+            _portable_depth -= 1
 
 
 def _route(fast):
