@@ -306,6 +306,28 @@ def test_compiled_calls_inside_portable_trace_torch_operations(gen):
     torch.testing.assert_close(inside, outside, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
+@pytest.mark.parametrize("tracer", ["jit.trace", "make_fx"])
+def test_other_traces_inside_portable_record_torch_operations(tracer, gen):
+    """portable() holds for the other tracers the modules know (jit.trace, and a dispatch mode's make_fx): their
+    graphs hold no bcnswift op, and give the model's outputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    model = every_module_model().double().eval()
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    with bt.portable():
+        if tracer == "jit.trace":
+            graph = torch.jit.trace(copy.deepcopy(model), x0, check_trace=False)
+            ops = {n.kind().replace("::", ".") for n in graph.inlined_graph.nodes()}
+        else:
+            graph = make_fx(copy.deepcopy(model))(x0)
+            ops = _call_targets(graph.graph)
+    assert any("conv" in o for o in ops) and not [o for o in ops if o.startswith("bcnswift.")], ops
+    x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    torch.testing.assert_close(graph(x), model(x), rtol=1e-10, atol=1e-10)
+
+
 def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen):
     """What portable() is for: the saved program loads and runs in a process where importing bcnswift fails,
     and gives the model's outputs."""
