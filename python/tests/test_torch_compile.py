@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) on a model using every bcnswift.torch module: no graph break (fullgraph raises
 on one), the kernels run inside the compiled graph, and training steps and eval give eager's results."""
+import contextlib
 import copy
 import subprocess
 import sys
@@ -326,6 +327,23 @@ def test_other_traces_inside_portable_record_torch_operations(tracer, gen):
     assert any("conv" in o for o in ops) and not [o for o in ops if o.startswith("bcnswift.")], ops
     x = rand_input(gen, (2, 3, 8, 8), torch.float64)
     torch.testing.assert_close(graph(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["ops", "portable"])
+def test_aot_inductor_compiles_an_exported_program(portable, tmp_path, gen):
+    """AOTInductor (torch._inductor.aoti_compile_and_package) compiles a torch.export program of the modules into
+    a package: with bcnswift's ops (which the package calls through the dispatcher, planned with their fake
+    kernels' shapes and strides), or, exported inside portable(), without them. Both give eager's outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4, estimate=True), nn.ReLU(),
+                          bt.BatchChannelNorm(8, 2), bt.ChannelNorm(8, 4)).eval()
+    x = rand_input(gen, (2, 3, 8, 8), torch.float32)
+    with bt.portable() if portable else contextlib.nullcontext():
+        program = torch.export.export(model, (x,))
+    assert any(t.startswith("bcnswift.") for t in _call_targets(program.graph)) != portable
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    x = rand_input(gen, (2, 3, 8, 8), torch.float32)  # another input of the program's (static) shape
+    torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), model(x), rtol=2e-5, atol=2e-5)
 
 
 def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen):

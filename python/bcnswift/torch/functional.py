@@ -80,9 +80,10 @@ def portable():
     """A block whose traces leave bcnswift out: the modules and WS layers traced inside it (by torch.export,
     torch.compile, torch.jit.trace or a dispatch mode) record torch operations, the composed route that other
     devices take, instead of the ``bcnswift::`` custom ops. The graph then runs where bcnswift is not installed:
-    an ExportedProgram handed to ``torch.onnx.export`` (whose own traces take that route anyway), or saved with
-    ``torch.export.save`` and loaded by a process without bcnswift. Eager calls inside the block still run the
-    kernels. The setting is the process's: a trace on another thread meanwhile records torch operations too.
+    an ExportedProgram handed to ``torch.onnx.export`` (whose own traces take that route anyway), saved with
+    ``torch.export.save`` and loaded by a process without bcnswift, or compiled by AOTInductor into a package
+    that needs no bcnswift where it runs. Eager calls inside the block still run the kernels. The setting is the
+    process's: a trace on another thread meanwhile records torch operations too.
 
         with bcnswift.torch.portable():
             ep = torch.export.export(model.eval(), (x,))
