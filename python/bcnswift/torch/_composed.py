@@ -45,7 +45,8 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
         centre = running_mean.to(xs.dtype) if around_running else mean
         var = ((xs - centre[:, None]) ** 2).mean(dim=1)
         if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
-            var = var * (n / (n - 1))
+            # (not n / (n - 1) first: jit.trace records n as a tensor, whose quotient is a float32 factor)
+            var = var * n / (n - 1)
         counts = not around_running or bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
         if flags & _ext.BCN_CUMULATIVE_AVERAGE:
             # the kernels' check (NormalizationEngine.checkCount), worded alike: the factor is 1/(count + 1), so a

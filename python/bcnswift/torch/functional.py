@@ -68,10 +68,12 @@ def _fast(x, tensors):
     return True
 
 
-#: How many `portable()` blocks are open. A module global: dynamo reads it as a constant of the graph it traces,
-#: and guards on it, so a compiled function traced outside a block is traced again inside one. Changed under
-#: `_portable_lock` (blocks on two threads would otherwise lose an increment: `+=` is a read and a write).
+#: How many `portable()` blocks are open, changed under `_portable_lock` (blocks on two threads would otherwise
+#: lose an increment: `+=` is a read and a write); and whether any is (`_route` reads it). A module global, which
+#: dynamo reads as a constant of the graph it traces and guards on, so a compiled function traced outside a block
+#: is traced again inside one; a flag, not the depth, so that a nested block traces nothing again.
 _portable_depth = 0
+_portable = False
 _portable_lock = threading.Lock()
 
 
@@ -89,14 +91,16 @@ def portable():
             ep = torch.export.export(model.eval(), (x,))
         torch.onnx.export(ep, f="model.onnx")
     """
-    global _portable_depth
+    global _portable_depth, _portable
     with _portable_lock:
         _portable_depth += 1
+        _portable = True
     try:
         yield
     finally:
         with _portable_lock:
             _portable_depth -= 1
+            _portable = _portable_depth > 0
 
 
 def _route(fast):
@@ -110,7 +114,7 @@ def _route(fast):
         return "eager"
     # true under either exporter (TorchScript's traces with torch.jit.trace, the dynamo one with torch.export);
     # asked of traced calls alone, as it costs about a microsecond (and imports torch.onnx the first time)
-    return "composed" if _portable_depth or torch.onnx.is_in_onnx_export() else "op"
+    return "composed" if _portable or torch.onnx.is_in_onnx_export() else "op"
 
 
 def _check_sizes(x, bn, cn):
@@ -272,14 +276,15 @@ def updates_running(bn):
 def _update_rate(bn, momentum):
     """The rate of a batch-norm stage's update, to check: its moving speed where a buffer holds one (EstBN's,
     which is the rate), else its momentum. The buffer is read where that waits for no GPU and breaks no graph: on
-    the CPU, outside torch.compile (where reading a tensor's value is data-dependent). Traced on the CPU, the
-    graph checks it instead (`_assert_async`, a RuntimeError before the buffers are written). On a GPU the
-    composed route updates with the buffer as it is, unchecked, as the authors' code does: a device-side assert
-    there would leave the process's GPU context unusable."""
+    the CPU, outside a trace (`_ops.traced`: torch.compile, where reading a tensor's value is data-dependent,
+    jit.trace, which would record the value as a constant, a dispatch mode such as make_fx, which cannot read
+    it). Traced on the CPU, the graph checks it instead (`_assert_async`, a RuntimeError before the buffers are
+    written). On a GPU the composed route updates with the buffer as it is, unchecked, as the authors' code does:
+    a device-side assert there would leave the process's GPU context unusable."""
     speed = bn.moving_speed
     if speed is None or not speed.is_cpu:
         return momentum
-    if torch.compiler.is_compiling():
+    if _ops.traced():
         if speed.numel() != 1:  # a static size: checked while tracing
             raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
         torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
