@@ -248,6 +248,15 @@ def _bcnswift_ops(targets):
     return sorted(t for t in targets if t.startswith("bcnswift."))
 
 
+def _assert_replays_eager(program, eager, gen):
+    """The exported module's outputs and buffer updates on two new inputs are eager's (float64 [2, 3, 8, 8])."""
+    module = program.module()
+    for step in range(2):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
+        _assert_same_buffers(module, eager, f"call {step}")
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_exported_program_records_the_ops_and_matches_eager(training, gen):
     """torch.export of a model using every module: the graph holds bcnswift's ops (the kernels run when it runs),
@@ -260,11 +269,7 @@ def test_exported_program_records_the_ops_and_matches_eager(training, gen):
     targets = _call_targets(program.graph)
     assert {"bcnswift.weight_standardization.default"} < targets
     assert ("bcnswift.update_running_.default" in targets) == training
-    module = program.module()
-    for step in range(2):
-        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
-        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
-        _assert_same_buffers(module, eager, f"call {step}")
+    _assert_replays_eager(program, eager, gen)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -279,11 +284,7 @@ def test_a_portable_export_holds_torch_operations_alone_and_matches_eager(traini
         program = torch.export.export(copy.deepcopy(eager), (x0,))
     targets = _call_targets(program.graph)
     assert "aten.conv2d.default" in targets and not _bcnswift_ops(targets), targets
-    module = program.module()
-    for step in range(2):
-        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
-        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
-        _assert_same_buffers(module, eager, f"call {step}")
+    _assert_replays_eager(program, eager, gen)
     with pytest.raises(KeyError), bt.portable():
         raise KeyError("inside the block")
     again = torch.export.export(copy.deepcopy(eager), (x0,))
