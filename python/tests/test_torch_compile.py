@@ -387,6 +387,43 @@ def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=2e-5, atol=2e-5)
 
 
+def _cumulative_model():
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU(), bt.BatchChannelNorm(8, 2))
+    model[1].bn.momentum = None  # a cumulative average: the factor is 1 / num_batches_tracked
+    return model.double()
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
+@pytest.mark.parametrize("way", ["portable export", "portable jit.trace"])
+def test_a_cumulative_average_keeps_its_count_in_a_graph_of_torch_operations(way, gen):
+    """With momentum=None the update's factor is 1 / num_batches_tracked. Graphs of torch operations read the
+    count each call, so three training calls in a row update as eager does (jit.trace had recorded the count
+    of the traced call as a constant, and torch.export inside portable() could not read it)."""
+    torch.manual_seed(0)
+    eager = _cumulative_model()
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    with bt.portable():
+        traced_from = copy.deepcopy(eager)
+        if way == "portable export":
+            graph = torch.export.export(traced_from, (x0,)).module()
+        else:
+            graph = torch.jit.trace(traced_from, x0, check_trace=False)
+            eager(x0)  # the trace ran one forward, which updated traced_from's buffers
+    for step in range(3):
+        x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+        torch.testing.assert_close(graph(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
+        _assert_same_buffers(graph, eager, f"call {step}")
+    assert int(eager[1].bn.num_batches_tracked) == (4 if way == "portable jit.trace" else 3)
+    if way != "portable jit.trace":  # (jit.trace drops the check: an op without outputs)
+        # the graph checks the count it cannot read while tracing, before it writes a buffer
+        dict(graph.named_buffers())["1.bn.num_batches_tracked"].fill_(-1)
+        before = [b.clone() for b in graph.buffers()]
+        with pytest.raises(RuntimeError, match="num_batches_tracked must count batches"):
+            graph(rand_input(gen, (2, 3, 8, 8), torch.float64))
+        for b, was in zip(graph.buffers(), before):
+            assert torch.equal(b, was)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script")
 @pytest.mark.parametrize("make", [lambda: bt.BCNorm(8, 4), lambda: bt.BatchChannelNorm(8, 4),
                                   lambda: nn.Sequential(bt.Conv2d(3, 8, 3), nn.ReLU()), every_module_model],

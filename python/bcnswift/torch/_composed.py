@@ -11,6 +11,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from .. import _ext
 from ..layers import check_cumulative_count
+from . import _ops
 
 
 # A torch.func transform's (grad, vmap, jacrev, ...) wrapped tensors have no memory the kernels could read (so
@@ -38,34 +39,48 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
     num_batches_tracked) as they become, in new tensors; `commit_running` writes them."""
     with torch.no_grad():
         xs = x.detach().to(_compute_dtype(x)).transpose(0, 1).reshape(x.shape[1], -1)
-        n = xs.shape[1]
         mean = xs.mean(dim=1)
-        estimated = bool(flags & _ext.BCN_ESTIMATED)
-        around_running = estimated and bool(flags & _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN)
-        centre = running_mean.to(xs.dtype) if around_running else mean
+        centre = running_mean.to(xs.dtype) if _around_running(flags) else mean
         var = ((xs - centre[:, None]) ** 2).mean(dim=1)
-        if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
-            # (not n / (n - 1) first: jit.trace records n as a tensor, whose quotient is a float32 factor)
-            var = var * n / (n - 1)
-        counts = not around_running or bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
-        if flags & _ext.BCN_CUMULATIVE_AVERAGE:
-            # the kernels' check (NormalizationEngine.checkCount), worded alike: the factor is 1/(count + 1), so a
-            # negative count averaged with a negative weight (or divided by zero), and the largest would wrap.
-            # (This reads the count, as the factor does anyway: no further device sync.)
+        return _blend(running_mean, running_var, num_batches_tracked, mean, var, xs.shape[1], flags, momentum,
+                      moving_speed)
+
+
+def _around_running(flags):
+    return bool(flags & _ext.BCN_ESTIMATED) and bool(flags & _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN)
+
+
+def _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, momentum, moving_speed):
+    """The buffers moved toward the batch's (mean, biased var) of n values (a number, or a tensor of each
+    channel's count), in mean's dtype: (running_mean, running_var, num_batches_tracked) as they become."""
+    if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
+        # (not n / (n - 1) first: jit.trace records n as a tensor, whose quotient is a float32 factor)
+        var = var * n / (n - 1)
+    counts = not _around_running(flags) or bool(flags & _ext.BCN_CUMULATIVE_AVERAGE)
+    if num_batches_tracked is None:  # a stage without a count (torch's batch norms allow it)
+        count = None
+    else:
+        count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
+    if flags & _ext.BCN_CUMULATIVE_AVERAGE:
+        # the kernels' check (NormalizationEngine.checkCount), worded alike: the factor is 1/(count + 1), so a
+        # negative count averaged with a negative weight (or divided by zero), and the largest would wrap. (This
+        # reads the count, as the factor does anyway: no further device sync.) A trace cannot read it: there the
+        # graph checks it on the CPU (not on a GPU, where a device-side assert would end the process's context)
+        if not _ops.traced():
             check_cumulative_count(int(num_batches_tracked))
-        if num_batches_tracked is None:  # a stage without a count (torch's batch norms allow it)
-            count = None
-        else:
-            count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
-        if flags & _ext.BCN_CUMULATIVE_AVERAGE:
-            factor = 1.0 / float(count)
-        elif moving_speed is not None:
-            factor = moving_speed.reshape(-1)[0].to(xs.dtype)
-        else:
-            factor = momentum
-        mean = ((1 - factor) * running_mean.to(xs.dtype) + factor * mean).to(running_mean.dtype)
-        var = ((1 - factor) * running_var.to(xs.dtype) + factor * var).to(running_var.dtype)
-        return mean, var, count
+        elif num_batches_tracked.is_cpu:
+            torch._assert_async(((num_batches_tracked >= 0) & (num_batches_tracked < 2 ** 63 - 1)).all(),
+                                "num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average")
+        # a tensor, not a number: a trace keeps the count's value (jit.trace recorded float(count) as a constant,
+        # and torch.export could not read it)
+        factor = 1.0 / count.to(mean.dtype)
+    elif moving_speed is not None:
+        factor = moving_speed.reshape(-1)[0].to(mean.dtype)
+    else:
+        factor = momentum
+    mean = ((1 - factor) * running_mean.to(mean.dtype) + factor * mean).to(running_mean.dtype)
+    var = ((1 - factor) * running_var.to(var.dtype) + factor * var).to(running_var.dtype)
+    return mean, var, count
 
 
 def commit_running(buffers, staged):
