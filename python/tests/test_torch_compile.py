@@ -422,6 +422,7 @@ def test_a_cumulative_average_keeps_its_count_in_a_graph_of_torch_operations(way
             graph(rand_input(gen, (2, 3, 8, 8), torch.float64))
         for b, was in zip(graph.buffers(), before):
             assert torch.equal(b, was)
+        assert torch.is_grad_enabled(), "the error left grad mode off"
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script")

@@ -37,6 +37,7 @@ def _channel_view(t, x):
 def running_update(running_mean, running_var, num_batches_tracked, x, flags, momentum, moving_speed):
     """The documents' running update from the batch x ([B, C, *]): (running_mean, running_var,
     num_batches_tracked) as they become, in new tensors; `commit_running` writes them."""
+    _check_count(flags, num_batches_tracked)
     with torch.no_grad():
         xs = x.detach().to(_compute_dtype(x)).transpose(0, 1).reshape(x.shape[1], -1)
         mean = xs.mean(dim=1)
@@ -44,6 +45,22 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
         var = ((xs - centre[:, None]) ** 2).mean(dim=1)
         return _blend(running_mean, running_var, num_batches_tracked, mean, var, xs.shape[1], flags, momentum,
                       moving_speed)
+
+
+def _check_count(flags, num_batches_tracked):
+    """The kernels' check of a cumulative average's count (NormalizationEngine.checkCount), worded alike: the
+    factor is 1/(count + 1), so a negative count would average with a negative weight (or divide by zero), and the
+    largest would wrap. Outside a trace it reads the count, as the factor does anyway (no further device sync). A
+    trace cannot read it: there the graph checks it on the CPU (not on a GPU, where a device-side assert would end
+    the process's context). Called before the update's no_grad block: an exported graph that raises inside one
+    leaves grad mode off (torch's wrap_with_set_grad_enabled restores nothing on an error)."""
+    if not flags & _ext.BCN_CUMULATIVE_AVERAGE:
+        return
+    if not _ops.traced():
+        check_cumulative_count(int(num_batches_tracked))
+    elif num_batches_tracked.is_cpu:
+        torch._assert_async(((num_batches_tracked >= 0) & (num_batches_tracked < 2 ** 63 - 1)).all(),
+                            "num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average")
 
 
 def _around_running(flags):
@@ -62,15 +79,6 @@ def _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, 
     else:
         count = num_batches_tracked + 1 if counts else num_batches_tracked.clone()
     if flags & _ext.BCN_CUMULATIVE_AVERAGE:
-        # the kernels' check (NormalizationEngine.checkCount), worded alike: the factor is 1/(count + 1), so a
-        # negative count averaged with a negative weight (or divided by zero), and the largest would wrap. (This
-        # reads the count, as the factor does anyway: no further device sync.) A trace cannot read it: there the
-        # graph checks it on the CPU (not on a GPU, where a device-side assert would end the process's context)
-        if not _ops.traced():
-            check_cumulative_count(int(num_batches_tracked))
-        elif num_batches_tracked.is_cpu:
-            torch._assert_async(((num_batches_tracked >= 0) & (num_batches_tracked < 2 ** 63 - 1)).all(),
-                                "num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average")
         # a tensor, not a number: a trace keeps the count's value (jit.trace recorded float(count) as a constant,
         # and torch.export could not read it)
         factor = 1.0 / count.to(mean.dtype)
