@@ -367,14 +367,18 @@ def test_aot_inductor_compiles_an_exported_program(portable, tmp_path, gen):
     torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), model(x), rtol=2e-5, atol=2e-5)
 
 
-def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen):
-    """What portable() is for: the saved program loads and runs in a process where importing bcnswift fails,
-    and gives the model's outputs."""
+@pytest.mark.parametrize("way", ["portable", "decompose"])
+def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(way, tmp_path, gen):
+    """What portable() and decompose are for: the saved program loads and runs in a process where importing
+    bcnswift fails, and gives the model's outputs."""
     torch.manual_seed(0)
     model = every_module_model().eval()
     x = rand_input(gen, (2, 3, 8, 8), torch.float32)
-    with bt.portable():
-        program = torch.export.export(model, (x,))
+    if way == "portable":
+        with bt.portable():
+            program = torch.export.export(model, (x,))
+    else:
+        program = bt.decompose(torch.export.export(model, (x,)))
     torch.export.save(program, tmp_path / "model.pt2")
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys\n"
@@ -387,6 +391,51 @@ def test_a_portable_program_runs_where_bcnswift_cannot_be_imported(tmp_path, gen
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("table", ["bcnswift's", "core ATen too"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_decompose_rewrites_an_exported_program_into_torch_operations(training, table, gen):
+    """bt.decompose: a program exported with bcnswift's ops becomes one of torch operations (the update of the
+    running buffers too, which functionalization wraps before a decomposition table is consulted), whose
+    outputs and buffer updates are eager's on the kernels to float64 rounding. The given program keeps its ops,
+    and the kernel registered for the update's decomposition is gone after the call."""
+    torch.manual_seed(0)
+    eager = every_module_model().double().train(training)
+    x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    program = torch.export.export(copy.deepcopy(eager), (x0,))
+    further = torch.export.default_decompositions() if table == "core ATen too" else None
+    decomposed = bt.decompose(program, further)
+    targets = _call_targets(decomposed.graph)
+    wrapped = {str(n.args[0]) for n in decomposed.graph.nodes if n.op == "call_function" and n.args
+               and isinstance(n.args[0], torch._ops.OpOverload)}
+    assert not _bcnswift_ops(targets | wrapped), targets | wrapped
+    assert ("aten.convolution.default" if further else "aten.conv2d.default") in targets, targets
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("bcnswift::update_running_",
+                                                              "CompositeImplicitAutograd")
+    assert "bcnswift.weight_standardization.default" in _call_targets(program.graph)
+    assert ("bcnswift.update_running_.default" in _call_targets(program.graph)) == training
+    _assert_replays_eager(decomposed, eager, gen)
+    # the given program runs the kernels still, on the parameters and buffers it shares with the decomposed one
+    # (as run_decompositions shares them), which have followed eager's
+    _assert_replays_eager(program, eager, gen)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_decompose_keeps_a_dynamic_batch_size(layout, gen):
+    """A program exported with a dynamic batch size, decomposed, trains on other batch sizes as eager does: the
+    counts behind its running variances follow the batch. Its views are made for the example's memory format,
+    as run_decompositions makes them, so the example has the inputs' layout."""
+    torch.manual_seed(0)
+    eager = every_module_model().double()
+    x0 = rand_input(gen, (4, 3, 8, 8), torch.float64, layout)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = bt.decompose(torch.export.export(copy.deepcopy(eager), (x0,), dynamic_shapes=({0: batch},)))
+    module = program.module()
+    for size in (2, 7, 3):
+        x = rand_input(gen, (size, 3, 8, 8), torch.float64, layout)
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"batch {size}")
+        _assert_same_buffers(module, eager, f"batch {size}")
+
+
 def _cumulative_model():
     model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU(), bt.BatchChannelNorm(8, 2))
     model[1].bn.momentum = None  # a cumulative average: the factor is 1 / num_batches_tracked
@@ -394,7 +443,7 @@ def _cumulative_model():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace")
-@pytest.mark.parametrize("way", ["portable export", "portable jit.trace"])
+@pytest.mark.parametrize("way", ["decompose", "portable export", "portable jit.trace"])
 def test_a_cumulative_average_keeps_its_count_in_a_graph_of_torch_operations(way, gen):
     """With momentum=None the update's factor is 1 / num_batches_tracked. Graphs of torch operations read the
     count each call, so three training calls in a row update as eager does (jit.trace had recorded the count
@@ -402,13 +451,16 @@ def test_a_cumulative_average_keeps_its_count_in_a_graph_of_torch_operations(way
     torch.manual_seed(0)
     eager = _cumulative_model()
     x0 = rand_input(gen, (2, 3, 8, 8), torch.float64)
-    with bt.portable():
-        traced_from = copy.deepcopy(eager)
-        if way == "portable export":
-            graph = torch.export.export(traced_from, (x0,)).module()
-        else:
-            graph = torch.jit.trace(traced_from, x0, check_trace=False)
-            eager(x0)  # the trace ran one forward, which updated traced_from's buffers
+    if way == "decompose":
+        graph = bt.decompose(torch.export.export(copy.deepcopy(eager), (x0,))).module()
+    else:
+        with bt.portable():
+            traced_from = copy.deepcopy(eager)
+            if way == "portable export":
+                graph = torch.export.export(traced_from, (x0,)).module()
+            else:
+                graph = torch.jit.trace(traced_from, x0, check_trace=False)
+                eager(x0)  # the trace ran one forward, which updated traced_from's buffers
     for step in range(3):
         x = rand_input(gen, (2, 3, 8, 8), torch.float64)
         torch.testing.assert_close(graph(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
@@ -423,6 +475,45 @@ def test_a_cumulative_average_keeps_its_count_in_a_graph_of_torch_operations(way
         for b, was in zip(graph.buffers(), before):
             assert torch.equal(b, was)
         assert torch.is_grad_enabled(), "the error left grad mode off"
+
+
+class _OpCall(nn.Module):
+    """Calls one bcnswift op directly, as a program made of hand-written op calls would."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.call = call
+
+    def forward(self, x):
+        return self.call(x)
+
+
+_ops_ns = torch.ops.bcnswift
+_BN_CN = _ops._ext.BCN_BATCH_NORM | _ops._ext.BCN_CHANNEL_NORM
+_REFUSED = {
+    "a context read elsewhere": (lambda x: _ops_ns.moments(x, _BN_CN, 4)[0].sum() + x.sum(), "context of"),
+    "nan raise": (lambda x: _ops_ns.normalize(x, None, None, None, None, None, None, None, None,
+                                              _ops._ext.BCN_CHANNEL_NORM | _ops._ext.BCN_NAN_RAISE, 4, 1e-5,
+                                              1e-5)[0], "BCN_NAN_RAISE"),
+    "handed moments": (lambda x: _ops_ns.normalize(x, None, _ops_ns.moments(x, _BN_CN, 4)[1], None, None, None, None,
+                                                   None, None, _BN_CN | _ops._ext.BCN_TRAINING, 4, 1e-5, 1e-5)[0],
+                       "handed the batch's moments"),
+    "a backward": (lambda x: _ops_ns.weight_standardization_backward(x.reshape(8, -1), x.reshape(8, -1), 1e-5, 1),
+                   "a backward"),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED))
+def test_decompose_refuses_what_has_no_composed_form(case, gen):
+    call, words = _REFUSED[case]
+    x = rand_input(gen, (2, 8, 4, 4), torch.float64)
+    program = torch.export.export(_OpCall(call), (x,))
+    with pytest.raises(ValueError, match=words):
+        bt.decompose(program)
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("bcnswift::update_running_",
+                                                              "CompositeImplicitAutograd")
+    with pytest.raises(TypeError, match="ExportedProgram"):
+        bt.decompose(_OpCall(call))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script")

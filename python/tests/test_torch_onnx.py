@@ -126,13 +126,17 @@ def test_an_exported_model_takes_other_batch_sizes(dynamo, gen):
         _assert_matches(_run(session, other), model(other), f"batch {batch}")
 
 
-def test_a_program_exported_inside_portable_exports_to_onnx(gen):
+@pytest.mark.parametrize("way", ["portable", "decompose"])
+def test_a_program_exported_inside_portable_exports_to_onnx(way, gen):
     """An ExportedProgram made with torch.export holds bcnswift's ops, which ONNX has not; made inside
-    bt.portable() it holds torch operations, and torch.onnx.export takes it."""
+    bt.portable(), or rewritten by bt.decompose, it holds torch operations, and torch.onnx.export takes it."""
     model, x = _trained(_planes, (4, 3, 8, 8), gen)
-    with bt.portable():
-        program = torch.export.export(model, (x,))
-    _assert_matches(_run(_export(program, x, True), x), model(x), "portable program, ONNX Runtime against eager")
+    if way == "portable":
+        with bt.portable():
+            program = torch.export.export(model, (x,))
+    else:
+        program = bt.decompose(torch.export.export(model, (x,)))
+    _assert_matches(_run(_export(program, x, True), x), model(x), f"{way} program, ONNX Runtime against eager")
 
 
 def test_a_folded_model_exports_its_standardized_weights_as_plain_convolutions(gen):

@@ -6,6 +6,7 @@
     model = torch.compile(model, fullgraph=True)                # custom ops: no graph break
     with bt.portable():                                         # traces of torch operations alone, for
         program = torch.export.export(model, (x,))              # ONNX and runtimes without bcnswift
+    program = bt.decompose(torch.export.export(model, (x,)))    # the same, for a program exported with the ops
 
 The modules carry the documents' names, arguments and state-dict keys (the authors' BCNorm/EstBN, labml's
 BatchChannelNorm/BatchNorm/EstimatedBatchNorm/ChannelNorm, WS Conv1d/2d/3d/ConvTranspose2d/Linear); CPU float32
@@ -24,6 +25,7 @@ from ._native import uses_native_operators
 from ._threads import get_num_threads, set_num_threads, uses_torch_threads
 from .distributed import GraphCaptureError, SyncBatchChannelNorm, SyncBCNorm, convert_sync_batch_channel_norm
 from .convert import convert, fold_weight_standardization, largest_divisor_at_most
+from .decompose import decompose
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, portable, weight_standardization
 from .modules import BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, EstimatedBatchNorm
 from .weight_standardized import Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear
@@ -32,5 +34,5 @@ __all__ = ["BCNorm", "EstBN", "BatchChannelNorm", "BatchNorm", "EstimatedBatchNo
            "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "convert", "fold_weight_standardization",
            "batch_channel_norm", "weight_standardization", "BatchNormStage", "ChannelNormStage",
            "largest_divisor_at_most", "SyncBCNorm", "SyncBatchChannelNorm", "convert_sync_batch_channel_norm",
-           "GraphCaptureError", "portable",
+           "GraphCaptureError", "portable", "decompose",
            "set_num_threads", "get_num_threads", "uses_torch_threads", "uses_native_operators"]

@@ -47,6 +47,21 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
                       moving_speed)
 
 
+def running_update_from_moments(running_mean, running_var, num_batches_tracked, moments, flags, momentum,
+                                 moving_speed):
+    """`running_update` from the kernels' moments of the batch (float64 [C * 3]: count, mean and M2 of each
+    channel, as `bcnswift::moments` gives them) instead of x: in float64, as the kernels update. The variance
+    about the running mean is M2 / n + (mean - running_mean)², the same number as the mean of (x - running_mean)²."""
+    _check_count(flags, num_batches_tracked)
+    with torch.no_grad():
+        m = moments.reshape(-1, 3)
+        n, mean = m[:, 0], m[:, 1]
+        var = m[:, 2] / n
+        if _around_running(flags):
+            var = var + (mean - running_mean.to(m.dtype)) ** 2
+        return _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, momentum, moving_speed)
+
+
 def _check_count(flags, num_batches_tracked):
     """The kernels' check of a cumulative average's count (NormalizationEngine.checkCount), worded alike: the
     factor is 1/(count + 1), so a negative count would average with a negative weight (or divide by zero), and the

@@ -85,7 +85,8 @@ def portable():
     an ExportedProgram handed to ``torch.onnx.export`` (whose own traces take that route anyway), saved with
     ``torch.export.save`` and loaded by a process without bcnswift, or compiled by AOTInductor into a package
     that needs no bcnswift where it runs. Eager calls inside the block still run the kernels. The setting is the
-    process's: a trace on another thread meanwhile records torch operations too.
+    process's: a trace on another thread meanwhile records torch operations too. A program already exported
+    with the ops gets the same rewriting from `decompose`.
 
         with bcnswift.torch.portable():
             ep = torch.export.export(model.eval(), (x,))
@@ -285,9 +286,7 @@ def _update_rate(bn, momentum):
     if speed is None or not speed.is_cpu:
         return momentum
     if _ops.traced():
-        if speed.numel() != 1:  # a static size: checked while tracing
-            raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
-        torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
+        check_speed_in_graph(speed)
         return momentum
     if _composed._functorch_active():
         return _wrapped_speed_value(speed)
@@ -306,6 +305,14 @@ def _wrapped_speed_value(speed):
     for value in speed.reshape(-1, 1):  # one per model (one without vmap)
         rate = _ops.moving_speed_value(value)
     return rate
+
+
+def check_speed_in_graph(speed):
+    """An EstBN moving speed checked in a graph being traced, which cannot read its value: its size (static) now,
+    its range when the graph runs (`_assert_async`, a RuntimeError before the buffers are written)."""
+    if speed.numel() != 1:
+        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+    torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
 
 
 _SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
