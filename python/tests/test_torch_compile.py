@@ -436,6 +436,21 @@ def test_decompose_keeps_a_dynamic_batch_size(layout, gen):
         _assert_same_buffers(module, eager, f"batch {size}")
 
 
+def test_decompose_removes_the_update_kernel_after_a_pass_that_failed(gen):
+    """The update's CompositeImplicitAutograd kernel lives for the call alone, one that raises too: the ops'
+    programs then run the kernels' update again."""
+    def failing(*args, **kwargs):
+        raise KeyError("a further decomposition that fails")
+    model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4)).double()
+    x = rand_input(gen, (2, 3, 8, 8), torch.float64)
+    program = torch.export.export(copy.deepcopy(model), (x,))
+    with pytest.raises(Exception, match="a further decomposition that fails"):
+        bt.decompose(program, {torch.ops.aten.conv2d.default: failing})
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("bcnswift::update_running_",
+                                                              "CompositeImplicitAutograd")
+    _assert_replays_eager(bt.decompose(program), model, gen)  # and a later call registers it again
+
+
 def _cumulative_model():
     model = nn.Sequential(bt.Conv2d(3, 8, 3, padding=1), bt.BCNorm(8, 4), nn.ReLU(), bt.BatchChannelNorm(8, 2))
     model[1].bn.momentum = None  # a cumulative average: the factor is 1 / num_batches_tracked

@@ -49,7 +49,9 @@ def decompose(program, decomp_table=None):
 
     Raises ValueError, before anything is traced, for what has no composed form: a program holding bcnswift's
     backward ops (a joint graph) or reading a kernels' context anywhere but in the normalization, the batch
-    norm's ``normalize`` handed moments (the synchronized layers' phase (c)), and ``BCN_NAN_RAISE``.
+    norm's ``normalize`` handed moments (the synchronized layers' phase (c)), and ``BCN_NAN_RAISE``; and
+    RuntimeError, naming them, if bcnswift ops are left after the pass (tried with torch 2.15 only, where none
+    are; an older torch whose export already wrapped the update would leave it).
 
     The new program shares the given one's parameters and buffers, and its reshapes become views for the example
     input's memory format, as ``run_decompositions`` makes any program: export with a channels_last example for
