@@ -55,8 +55,9 @@ def decompose(program, decomp_table=None):
 
     The new program shares the given one's parameters and buffers, and its reshapes become views for the example
     input's memory format, as ``run_decompositions`` makes any program: export with a channels_last example for
-    channels_last input. While it runs (a retrace, usually well under a second), graphs of the ops that other
-    threads run update their running buffers through the same composed formulas, not the kernels.
+    channels_last input. While it runs (a retrace, usually well under a second), a trace that another thread
+    makes (torch.compile, torch.export) records the update as those torch operations too; calls of the op itself,
+    compiled graphs made before among them, still run the kernel.
     """
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"decompose takes a torch.export.ExportedProgram, got {type(program).__name__}")
@@ -72,33 +73,30 @@ def decompose(program, decomp_table=None):
     return decomposed
 
 
-def _op_targets(program):
-    """The ops every node of the program and its submodules calls: for a higher-order op that wraps another
-    (auto_functionalized_v2 wraps a mutating op), the wrapped one too."""
+def _calls(program):
+    """The call_function nodes of the program's graph and of its submodules' (a higher-order op's body)."""
     for module in program.graph_module.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if node.op != "call_function":
-                continue
-            yield node.target
-            if node.args and isinstance(node.args[0], torch._ops.OpOverload):
-                yield node.args[0]
+        if isinstance(module, torch.fx.GraphModule):
+            yield from (node for node in module.graph.nodes if node.op == "call_function")
+
+
+def _op_targets(program):
+    """The ops the program calls: for a higher-order op that wraps another (auto_functionalized_v2 wraps a
+    mutating op), the wrapped one too."""
+    for node in _calls(program):
+        yield node.target
+        if node.args and isinstance(node.args[0], torch._ops.OpOverload):
+            yield node.args[0]
 
 
 def _check_program(program):
-    for module in program.graph_module.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if node.op != "call_function":
-                continue
-            if node.target in _BACKWARD_OPS:
-                raise ValueError(f"the program calls {node.target}, a backward, which has no composed form: "
-                                 "decompose takes forward programs (torch.export's); export a joint graph inside "
-                                 "bcnswift.torch.portable() instead")
-            if node.target in _CONTEXT_OUTPUT:
-                _check_context_readers(node)
+    for node in _calls(program):
+        if node.target in _BACKWARD_OPS:
+            raise ValueError(f"the program calls {node.target}, a backward, which has no composed form: decompose "
+                             "takes forward programs (torch.export's); export a joint graph inside "
+                             "bcnswift.torch.portable() instead")
+        if node.target in _CONTEXT_OUTPUT:
+            _check_context_readers(node)
 
 
 def _check_context_readers(node):
