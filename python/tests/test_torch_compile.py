@@ -436,6 +436,40 @@ def test_decompose_keeps_a_dynamic_batch_size(layout, gen):
         _assert_same_buffers(module, eager, f"batch {size}")
 
 
+def _moving(est_bn):
+    est_bn.estbn_moving_speed.fill_(0.3)  # (0 at first, as in the authors' code: the estimates would not move)
+    return est_bn
+
+
+# every module alone and the WS layers on other ranks, with the options that change the update: (model, input)
+_DECOMPOSED = {
+    "EstBN, variance about the running mean": (lambda: _moving(bt.EstBN(8)), (3, 8, 5, 5)),
+    "labml BatchNorm, momentum None": (lambda: bt.BatchNorm(8, momentum=None), (3, 8, 5, 5)),
+    "labml BatchNorm, no running stats": (lambda: bt.BatchNorm(8, track_running_stats=False), (3, 8, 5, 5)),
+    "labml EstimatedBatchNorm, momentum None": (lambda: bt.EstimatedBatchNorm(8, momentum=None), (3, 8, 5, 5)),
+    "labml ChannelNorm, no affine": (lambda: bt.ChannelNorm(8, 4, affine=False), (3, 8, 5, 5)),
+    "[B, C] rows": (lambda: nn.Sequential(bt.Linear(5, 8), bt.BCNorm(8, 4, estimate=True)), (6, 5)),
+    "Conv1d": (lambda: nn.Sequential(bt.Conv1d(3, 8, 3), bt.BCNorm(8, 2)), (3, 3, 9)),
+    "Conv3d": (lambda: nn.Sequential(bt.Conv3d(3, 8, 3), bt.BatchChannelNorm(8, 2)), (2, 3, 5, 5, 5)),
+    "ConvTranspose2d, labml": (lambda: nn.Sequential(bt.ConvTranspose2d(3, 8, 3, convention="labml"),
+                                                     bt.BatchChannelNorm(8, 2, estimate=False)), (2, 3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(_DECOMPOSED))
+def test_decompose_gives_each_modules_outputs_and_updates(case, training, gen):
+    make, shape = _DECOMPOSED[case]
+    torch.manual_seed(0)
+    eager = make().double().train(training)
+    x0 = rand_input(gen, shape, torch.float64)
+    module = bt.decompose(torch.export.export(copy.deepcopy(eager), (x0,))).module()
+    for step in range(3):
+        x = rand_input(gen, shape, torch.float64)
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-10, atol=1e-10, msg=f"call {step}")
+        _assert_same_buffers(module, eager, f"call {step}")
+
+
 def test_decompose_removes_the_update_kernel_after_a_pass_that_failed(gen):
     """The update's CompositeImplicitAutograd kernel lives for the call alone, one that raises too: the ops'
     programs then run the kernels' update again."""
