@@ -34,12 +34,18 @@ def _channel_view(t, x):
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
+def channel_values(x, dtype):
+    """Each channel's values of x ([B, C, *]) as a row of [C, B·S], detached, in `dtype`: what the batch's
+    statistics per channel are taken over."""
+    return x.detach().to(dtype).transpose(0, 1).reshape(x.shape[1], -1)
+
+
 def running_update(running_mean, running_var, num_batches_tracked, x, flags, momentum, moving_speed):
     """The documents' running update from the batch x ([B, C, *]): (running_mean, running_var,
     num_batches_tracked) as they become, in new tensors; `commit_running` writes them."""
     _check_count(flags, num_batches_tracked)
     with torch.no_grad():
-        xs = x.detach().to(_compute_dtype(x)).transpose(0, 1).reshape(x.shape[1], -1)
+        xs = channel_values(x, _compute_dtype(x))
         mean = xs.mean(dim=1)
         centre = running_mean.to(xs.dtype) if _around_running(flags) else mean
         var = ((xs - centre[:, None]) ** 2).mean(dim=1)
@@ -76,6 +82,17 @@ def _check_count(flags, num_batches_tracked):
     elif num_batches_tracked.is_cpu:
         torch._assert_async(((num_batches_tracked >= 0) & (num_batches_tracked < 2 ** 63 - 1)).all(),
                             "num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average")
+
+
+def check_speed_in_graph(speed):
+    """An EstBN moving speed checked in a graph being traced, which cannot read its value: its size (static) now,
+    its range when the graph runs (`_assert_async`, a RuntimeError before the buffers are written)."""
+    if speed.numel() != 1:
+        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+    torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
+
+
+_SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
 
 
 def _around_running(flags):

@@ -20,7 +20,6 @@ import torch
 
 from .. import _ext
 from . import _composed, _ops
-from .functional import check_speed_in_graph
 
 __all__ = ["decompose"]
 
@@ -128,7 +127,7 @@ def _unread_context(x, flags, groups):
 def _batch_moments(x):
     """The count, mean and M2 of each channel of x ([B, C, *]) in float64, as `bcnswift::moments` lays them out
     ([C * 3]); without a gradient, as the kernels' moments have none."""
-    xs = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+    xs = _composed.channel_values(x, torch.float64)
     mean = xs.mean(dim=1)
     m2 = ((xs - mean[:, None]) ** 2).sum(dim=1)
     return torch.stack([torch.full_like(mean, xs.shape[1]), mean, m2], dim=1).reshape(-1)
@@ -158,7 +157,7 @@ def _normalize_batch(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, groups, e
 
 def _update_running(running_mean, running_var, num_batches_tracked, moments, flags, momentum, moving_speed):
     if moving_speed is not None and moving_speed.is_cpu:  # (the op's kernel checks it; not on a GPU: _update_rate)
-        check_speed_in_graph(moving_speed)
+        _composed.check_speed_in_graph(moving_speed)
     staged = _composed.running_update_from_moments(running_mean, running_var, num_batches_tracked, moments, flags,
                                                    momentum, moving_speed)
     _composed.commit_running((running_mean, running_var, num_batches_tracked), staged)

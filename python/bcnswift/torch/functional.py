@@ -280,13 +280,13 @@ def _update_rate(bn, momentum):
     the CPU, outside a trace (`_ops.traced`: torch.compile, where reading a tensor's value is data-dependent,
     jit.trace, which would record the value as a constant, a dispatch mode such as make_fx, which cannot read
     it). Traced on the CPU, the graph checks it instead (`_assert_async`, a RuntimeError before the buffers are
-    written). On a GPU the composed route updates with the buffer as it is, unchecked, as the authors' code does:
+    written; jit.trace drops that check, an op without outputs). On a GPU the composed route updates with the buffer as it is, unchecked, as the authors' code does:
     a device-side assert there would leave the process's GPU context unusable."""
     speed = bn.moving_speed
     if speed is None or not speed.is_cpu:
         return momentum
     if _ops.traced():
-        check_speed_in_graph(speed)
+        _composed.check_speed_in_graph(speed)
         return momentum
     if _composed._functorch_active():
         return _wrapped_speed_value(speed)
@@ -307,15 +307,6 @@ def _wrapped_speed_value(speed):
     return rate
 
 
-def check_speed_in_graph(speed):
-    """An EstBN moving speed checked in a graph being traced, which cannot read its value: its size (static) now,
-    its range when the graph runs (`_assert_async`, a RuntimeError before the buffers are written)."""
-    if speed.numel() != 1:
-        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
-    torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
-
-
-_SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
 
 
 def _check_empty_call(x, bn, cn):
