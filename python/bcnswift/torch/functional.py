@@ -280,8 +280,9 @@ def _update_rate(bn, momentum):
     the CPU, outside a trace (`_ops.traced`: torch.compile, where reading a tensor's value is data-dependent,
     jit.trace, which would record the value as a constant, a dispatch mode such as make_fx, which cannot read
     it). Traced on the CPU, the graph checks it instead (`_assert_async`, a RuntimeError before the buffers are
-    written; jit.trace drops that check, an op without outputs). On a GPU the composed route updates with the buffer as it is, unchecked, as the authors' code does:
-    a device-side assert there would leave the process's GPU context unusable."""
+    written; jit.trace drops that check, an op without outputs). On a GPU the composed route updates with the
+    buffer as it is, unchecked, as the authors' code does: a device-side assert there would leave the process's
+    GPU context unusable."""
     speed = bn.moving_speed
     if speed is None or not speed.is_cpu:
         return momentum
