@@ -831,12 +831,20 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        saved = ctx.saved_tensors  # unpacked for autograd's check that x was not modified in place
-        x = saved[0]
-        g = backward_impl(dy, x, _saved_context(ctx, saved), ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
-                          shapes=ctx.shapes, form=ctx.form)
-        # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
-        return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
+        return _eager_normalize_backward(ctx, dy)
+
+
+# The eager routes' backwards hand data pointers to the kernels, which no trace can follow: under compiled autograd
+# they run in eager mode, a graph break each. torch 2.13 to 2.15 break the graph at `data_ptr()` by themselves;
+# torch 2.9 and 2.10 raised an internal error there, hence the explicit break.
+@torch.compiler.disable
+def _eager_normalize_backward(ctx, dy):
+    saved = ctx.saved_tensors  # unpacked for autograd's check that x was not modified in place
+    x = saved[0]
+    g = backward_impl(dy, x, _saved_context(ctx, saved), ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
+                      shapes=ctx.shapes, form=ctx.form)
+    # x, bn_weight, bn_bias, cn_weight, cn_bias, then options
+    return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
 
 
 def check_running_statistics(running_mean, running_var):
@@ -881,9 +889,14 @@ class _EagerWeightStandardization(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        dw = weight_standardization_backward_impl(grad, w, ctx.eps, ctx.flags, ctx.views)
-        return _first_order_only((dw, None, None, None), w, grad)
+        return _eager_weight_standardization_backward(ctx, grad)
+
+
+@torch.compiler.disable  # (see _eager_normalize_backward)
+def _eager_weight_standardization_backward(ctx, grad):
+    (w,) = ctx.saved_tensors
+    dw = weight_standardization_backward_impl(grad, w, ctx.eps, ctx.flags, ctx.views)
+    return _first_order_only((dw, None, None, None), w, grad)
 
 
 def eager_weight_standardization(w, eps, flags, views=None):
