@@ -2,6 +2,7 @@
 on one), the kernels run inside the compiled graph, and training steps and eval give eager's results."""
 import contextlib
 import copy
+import functools
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from test_torch_ops import eager_route, gen, rand_input  # noqa: F401 (eager_rou
 
 torch = require("torch")
 import bcnswift.torch as bt  # noqa: E402
-from bcnswift.torch import _ops  # noqa: E402
+from bcnswift.torch import _ops, _requirements  # noqa: E402
 from torch import nn  # noqa: E402
 
 
@@ -35,9 +36,10 @@ def twin_models():
     return eager, copy.deepcopy(eager)
 
 
-def train_step_alike(eager, module, compiled, x, target, step, optimizers=()):
+def train_step_alike(eager, module, compiled, x, target, step, optimizers=(), unchecked=()):
     """One training step of the eager model and of `compiled` (`module` compiled) on x: outputs, gradients and
-    buffers equal to float64's rounding. The optimizers then step (else the gradients are cleared)."""
+    buffers (but those named in `unchecked`) equal to float64's rounding. The optimizers then step (else the
+    gradients are cleared)."""
     ye, yc = eager(x), compiled(x)
     torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-10, msg=f"step {step}: output")
     nn.functional.cross_entropy(ye, target).backward()
@@ -48,7 +50,8 @@ def train_step_alike(eager, module, compiled, x, target, step, optimizers=()):
         opt.step()
     eager.zero_grad(), module.zero_grad()
     for (name, be), bc in zip(eager.named_buffers(), module.buffers()):
-        torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
+        if name.rsplit(".", 1)[-1] not in unchecked:
+            torch.testing.assert_close(bc, be, rtol=1e-10, atol=1e-10, msg=f"step {step}: buffer {name}")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -71,6 +74,33 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(layout, gen, kernel
     assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4
 
 
+@functools.cache
+def _compile_keeps_float_scalar_buffer_updates():
+    """Whether torch.compile keeps an in-place update of a 0-dim float64 buffer in its graph. torch 2.9 to 2.13
+    drop it (for torch's own modules alike; seen with every backend, though not always with "eager"); 2.14 keeps
+    it."""
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.full((), 2.0, dtype=torch.float64))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.count.copy_(self.count + 1)
+            return x * 2
+
+    torch._dynamo.reset()
+    counter = Counter()
+    torch.compile(counter, fullgraph=True)(torch.ones(2))
+    return counter.count.item() == 3.0
+
+
+#: torch releases (2.9 to 2.14) whose compile(dynamic=True) compiles again for a new image size: the backward is
+#: traced with the gradient's strides fixed at the first call's, and the ops' layout test (`_ops._form`) compares
+#: strides, which specializes the size (docs/PYTORCH.md, "Supported torch versions")
+RECOMPILES_FOR_A_NEW_SIZE = _requirements.release(torch.__version__) < (2, 15)
+
+
 def _strided_buffers(model):
     """Every batch-norm stage's running statistics as strided views and its count as a float (test_torch_edges)."""
     from test_torch_edges import _hand_set_buffers
@@ -85,6 +115,9 @@ def test_compiled_composed_route_matches_eager(why, gen, monkeypatch, kernel_cal
     """The composed route traced whole (as a GPU, half precision or BCNSWIFT_TORCH_COMPOSED=1 take it, and a
     training step on buffers set by hand in forms the kernels do not write): EstBN's moving speed, which eager
     mode reads from its buffer to check it, broke the graph with a data-dependent guard."""
+    # torch 2.9 to 2.13 drop the compiled update of the count set by hand as a 0-dim float, as they do for torch's
+    # own modules: there the counts alone go unchecked (momentum 0.1 throughout, so no other value reads them)
+    lost = () if why != "strided buffers" or _compile_keeps_float_scalar_buffer_updates() else ("num_batches_tracked",)
     eager, compiled_module = twin_models()
     if why == "BCNSWIFT_TORCH_COMPOSED":
         monkeypatch.setattr(bt.functional, "COMPOSED", True)
@@ -95,7 +128,7 @@ def test_compiled_composed_route_matches_eager(why, gen, monkeypatch, kernel_cal
     for step in range(2):
         x = rand_input(gen, (2, 3, 8, 8), torch.float64)
         target = torch.randint(0, 10, (2,), generator=gen)
-        train_step_alike(eager, compiled_module, compiled, x, target, step)
+        train_step_alike(eager, compiled_module, compiled, x, target, step, unchecked=lost)
     # composed throughout, but for the layer without a batch-norm stage (ChannelNorm), whose kernels write no
     # buffer: it alone runs on them with strided buffers elsewhere
     normalizations = len(kernel_calls.named("norm_forward"))
@@ -165,7 +198,9 @@ def test_one_dynamic_graph_serves_every_batch_and_image_size(gen, kernel_calls):
         target = torch.randint(0, 10, (batch,), generator=gen)
         train_step_alike(eager, compiled_module, compiled, x, target, step)
         first = counter.frame_count if first is None else first
-    assert first >= 1 and counter.frame_count == first, \
+    # before torch 2.15, once for each new image size (6x6 and 3x3; batch sizes still share a graph)
+    most = 2 if RECOMPILES_FOR_A_NEW_SIZE else 0
+    assert first >= 1 and counter.frame_count - first <= most, \
         f"recompiled for another size: {counter.frame_count - first} frames after the first call's {first}"
     assert len(kernel_calls.named("norm_forward")) == 2 * 5 * 4  # every normalization ran on the kernels
 

@@ -762,11 +762,22 @@ def test_convert_keeps_affine_and_running_statistics_settings(gen):
     torch.testing.assert_close(y, reference(converted[0](x)), rtol=1e-10, atol=1e-12)
 
 
+def _biasless(kind, *args):
+    """A norm layer without a bias: `bias=False` where torch takes it (2.12 on; 2.11 does not), else the same
+    thing made by hand (a bias parameter of None, which both torches' layers read as none)."""
+    try:
+        return kind(*args, bias=False)
+    except TypeError:
+        layer = kind(*args)
+        layer.register_parameter("bias", None)
+        return layer
+
+
 @pytest.mark.parametrize("estimate", [True, False])
 def test_convert_moves_the_replaced_layers_parameters_themselves(estimate, gen):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3),
-                          nn.BatchNorm2d(8, bias=False), nn.Conv2d(8, 8, 3, bias=False),
-                          nn.GroupNorm(2, 8, bias=False)).double().to(memory_format=torch.channels_last)
+                          _biasless(nn.BatchNorm2d, 8), nn.Conv2d(8, 8, 3, bias=False),
+                          _biasless(nn.GroupNorm, 2, 8)).double().to(memory_format=torch.channels_last)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3 + 0.5)
