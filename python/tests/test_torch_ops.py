@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ torch = require("torch")
 import bcnswift  # noqa: E402
 import bcnswift.torch as bt  # noqa: E402
 from bcnswift import _ext  # noqa: E402
-from bcnswift.torch import _ops, _threads  # noqa: E402
+from bcnswift.torch import _ops, _requirements, _threads  # noqa: E402
 from torch_kernel_calls import calling_thread_team  # noqa: E402
 
 BN, CN, TR = _ext.BCN_BATCH_NORM, _ext.BCN_CHANNEL_NORM, _ext.BCN_TRAINING
@@ -71,6 +72,49 @@ def test_import_bcnswift_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("version", ["2.8.0+cpu", "2.4.1", "1.13.1"])
+def test_an_older_torch_is_refused_at_import_with_the_version_it_needs(version, tmp_path):
+    """A torch older than the minimum (a stand-in package that has only a version) stops `import bcnswift.torch`
+    with an ImportError that names the torch needed and the one found, before any op is registered (torch 2.4's
+    import failed with an AttributeError on a Tag it lacks); bcnswift alone still imports."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    code = ("import bcnswift; print('numpy side imported')\n"
+            "try:\n    import bcnswift.torch\nexcept ImportError as e:\n    print('ImportError:', e)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(bcnswift.__path__[0])])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "numpy side imported", out.stdout
+    assert lines[1].startswith(f"ImportError: bcnswift.torch needs torch >= 2.9, but found torch {version} ("), \
+        out.stdout
+    assert "pip install 'torch>=2.9'" in lines[1]
+
+
+@pytest.mark.parametrize("version,release", [("2.9.1+cu128", (2, 9)), ("2.10.0a0+git1234", (2, 10)),
+                                             ("2.15.0", (2, 15)), ("3.0", (3, 0))])
+def test_torch_versions_are_read_by_their_release(version, release):
+    """Minor versions compare as numbers (2.10 is newer than 2.9), and local or pre-release tails are ignored: a
+    nightly of 2.10 has 2.10's API."""
+    assert _requirements.release(version) == release
+    assert (release >= _requirements.MINIMUM_TORCH) == (release >= (2, 9))
+
+
+def test_the_install_extras_ask_for_the_torch_the_import_requires():
+    """pyproject.toml's torch and test extras (its only requirements of torch) name the minimum that `import
+    bcnswift.torch` checks, and the torch running these tests meets it. (Read as text: tomllib is Python 3.11's.)"""
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    extras = dict(re.findall(r'^(torch|test) = \[(.*?)\]', text, flags=re.M | re.S))
+    minimum = "torch>=" + ".".join(map(str, _requirements.MINIMUM_TORCH))
+    assert sorted(extras) == ["test", "torch"], extras
+    for extra, listed in extras.items():
+        named = re.findall(r'"(torch\b[^"]*)"', listed)
+        assert named == [minimum], f"[{extra}] asks for {named}, the import requires {minimum}"
+    assert re.findall(r'"torch\b[^"]*"', text) == [f'"{minimum}"'] * 2, "torch required outside the two extras"
+    assert _requirements.release(torch.__version__) >= _requirements.MINIMUM_TORCH
 
 
 @pytest.mark.parametrize("B,C,G", [(1, 1, 0), (2, 8, 4), (7, 96, 32), (3, 5, 0), (1000, 1, 1)])

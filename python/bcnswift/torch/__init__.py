@@ -12,7 +12,8 @@ The modules carry the documents' names, arguments and state-dict keys (the autho
 BatchChannelNorm/BatchNorm/EstimatedBatchNorm/ChannelNorm, WS Conv1d/2d/3d/ConvTranspose2d/Linear); CPU float32
 and float64 tensors run on the fused Swift kernels through the custom ops in ``bcnswift::`` (see _ops.py), and
 everything else (CUDA, MPS, half precision, or BCNSWIFT_TORCH_COMPOSED=1) on the same math composed of torch
-operations. Importing bcnswift alone never imports torch; this module needs torch >= 2.4.
+operations. Importing bcnswift alone never imports torch; this module needs torch >= 2.9 (an older torch
+raises ImportError here; docs/PYTORCH.md, "Supported torch versions").
 
 The kernels run on torch's own OpenMP threads by default, with torch's thread count, rather than on threads
 that would compete with them: ``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THREADS) changes that.
@@ -20,6 +21,10 @@ that would compete with them: ``set_num_threads(n)`` (or BCNSWIFT_TORCH_NUM_THRE
 The ops' CPU kernels are C++ where a C++ compiler is (built once per torch installation on first import, about
 20 seconds, and cached; BCNSWIFT_TORCH_NATIVE=0 keeps the Python kernels): ``uses_native_operators()``.
 """
+from ._requirements import require_torch
+
+require_torch()
+
 from . import _ops  # registers the custom ops
 from ._native import uses_native_operators
 from ._threads import get_num_threads, set_num_threads, uses_torch_threads
