@@ -94,13 +94,14 @@ def test_an_older_torch_is_refused_at_import_with_the_version_it_needs(version, 
     assert "pip install 'torch>=2.9'" in lines[1]
 
 
-@pytest.mark.parametrize("version,release", [("2.9.1+cu128", (2, 9)), ("2.10.0a0+git1234", (2, 10)),
-                                             ("2.15.0", (2, 15)), ("3.0", (3, 0))])
+@pytest.mark.parametrize("version,release", [("2.8.0+cpu", (2, 8)), ("2.9.1+cu128", (2, 9)),
+                                             ("2.10.0a0+git1234", (2, 10)), ("2.15.0", (2, 15)), ("3.0", (3, 0))])
 def test_torch_versions_are_read_by_their_release(version, release):
-    """Minor versions compare as numbers (2.10 is newer than 2.9), and local or pre-release tails are ignored: a
-    nightly of 2.10 has 2.10's API."""
+    """(major, minor), compared as numbers (2.10 is newer than 2.9, which a string comparison gets wrong), local
+    and pre-release tails ignored: a nightly of 2.10 has 2.10's API. A version without them is refused."""
     assert _requirements.release(version) == release
-    assert (release >= _requirements.MINIMUM_TORCH) == (release >= (2, 9))
+    with pytest.raises(ImportError, match="bcnswift.torch cannot read torch's version 'nightly'"):
+        _requirements.release("nightly")
 
 
 def test_the_install_extras_ask_for_the_torch_the_import_requires():

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-#: (major, minor) of the oldest torch supported; pyproject.toml's extras say the same (test_packaging checks)
+#: (major, minor) of the oldest torch supported; pyproject.toml's extras say the same (test_torch_ops checks)
 MINIMUM_TORCH = (2, 9)
 
 
