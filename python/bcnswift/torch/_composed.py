@@ -87,8 +87,7 @@ def _check_count(flags, num_batches_tracked):
 def check_speed_in_graph(speed):
     """An EstBN moving speed checked in a graph being traced, which cannot read its value: its size (static) now,
     its range when the graph runs (`_assert_async`, a RuntimeError before the buffers are written)."""
-    if speed.numel() != 1:
-        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+    _ops.check_speed_size(speed)
     torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
 
 

@@ -317,12 +317,17 @@ def running_update(running_mean, running_var, num_batches_tracked, moments, flag
                             _held(running_var, views, "running_var", True), count)
 
 
+def check_speed_size(speed):
+    """An EstBN's ``estbn_moving_speed`` holds one value (a size, which every route can read, traced or not)."""
+    if speed.numel() != 1:
+        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+
+
 def moving_speed_value(speed):
     """The rate an EstBN's ``estbn_moving_speed`` buffer holds (one value), as a float in [0, 1]; otherwise a
     ValueError naming the buffer (the kernels would name a momentum the user never set). The authors' code takes
     any value; a rate outside [0, 1] would move the estimates away from the batch's statistics."""
-    if speed.numel() != 1:
-        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+    check_speed_size(speed)
     value = float(speed.reshape(-1)[0])
     if not 0 <= value <= 1:
         raise ValueError(f"estbn_moving_speed must be in [0, 1], got {value!r}")

@@ -298,16 +298,13 @@ def _wrapped_speed_value(speed):
     """`_ops.moving_speed_value` under a torch.func transform, where the buffer may be batched (vmap over the
     stacked states of several modules: torch.func.stack_module_state) and so hold no one value to read: each
     model's, read from the tensor beneath the transforms' wrappers."""
-    if speed.numel() != 1:  # the size each model sees
-        raise ValueError(f"estbn_moving_speed must hold one value, got {speed.numel()}")
+    _ops.check_speed_size(speed)  # the size each model sees
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(speed):
         speed = functorch.get_unwrapped(speed)
     for value in speed.reshape(-1, 1):  # one per model (one without vmap)
         rate = _ops.moving_speed_value(value)
     return rate
-
-
 
 
 def _check_empty_call(x, bn, cn):
