@@ -96,8 +96,8 @@ def _compile_keeps_float_scalar_buffer_updates():
 
 
 #: torch releases (2.9 to 2.14) whose compile(dynamic=True) compiles again for a new image size: the backward is
-#: traced with the gradient's strides fixed at the first call's, and the ops' layout test (`_ops._form`) compares
-#: strides, which specializes the size (docs/PYTORCH.md, "Supported torch versions")
+#: compiled with strides of the first call's size, and a layout test on them (`_ops._form`, and torch.empty_like's
+#: own) specializes the size, for torch's own norm layers too (docs/PYTORCH.md, "Supported torch versions")
 RECOMPILES_FOR_A_NEW_SIZE = _requirements.release(torch.__version__) < (2, 15)
 
 
