@@ -154,3 +154,23 @@ def test_synchronized_modules_export_as_their_local_eval(dynamo, gen):
     kinds = {type(m) for m in synchronized.modules()}
     assert {bt.SyncBCNorm, bt.SyncBatchChannelNorm} <= kinds, kinds
     _assert_matches(_run(_export(synchronized, x, dynamo), x), model(x), "synchronized, against the local model")
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_a_model_exported_in_training_mode_normalizes_with_the_batch_statistics(dynamo, gen):
+    """Exported in training mode (the dynamo exporter traces the mode the model is in; the TorchScript one is asked
+    with TrainingMode.TRAINING), the graph normalizes each batch with its own statistics, and the estimate modes
+    with the estimates moved by that batch, as the training forward does. The export changes no buffer: the
+    TorchScript exporter runs the model as it traces and keeps the buffers as they are when it ends, so a moved
+    estimate would be moved again by the graph (torch's own batch norms are moved by it, unread in training)."""
+    model, x = _trained(_planes, (4, 3, 8, 8), gen)
+    model.train()
+    kwargs = {} if dynamo else {"training": torch.onnx.TrainingMode.TRAINING}
+    original, before = copy.deepcopy(model), _state(model)
+    session = _export(model, x, dynamo, **kwargs)
+    assert model.training, "the export left the model in eval mode"
+    assert_states_equal(_state(model), before, "after the export")
+    for batch in (x, rand_input(gen, (4, 3, 8, 8), torch.float32)):
+        with torch.no_grad():
+            expected = copy.deepcopy(original)(batch)  # one training forward from the buffers as they were
+        _assert_matches(_run(session, batch), expected, "training mode, ONNX Runtime against the training forward")

@@ -402,7 +402,9 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         running = staged[:2] if staged is not None and estimated else (bn.running_mean, bn.running_var)
         y = _composed.normalize(x, bn.weight, bn.bias, *running, cn_weight, cn_bias, flags | train, groups, eps,
                                 bn_eps)
-        if staged is not None:
+        # not while torch.onnx.export traces: its graph holds the buffers as they are when it ends, and then updates
+        # them again (estimates, which the output reads, a step ahead); so it changes no buffer in training either
+        if staged is not None and not (_ops.traced() and torch.onnx.is_in_onnx_export()):
             _composed.commit_running(buffers, staged)
         return y
     compiling = route == "op"
