@@ -1,5 +1,6 @@
 """ONNX export: a model built from bcnswift.torch's modules (or converted with `convert`) exports with
-torch.onnx.export, by either exporter, and ONNX Runtime computes what the model computes in eval mode.
+torch.onnx.export, by either exporter, and ONNX Runtime computes what the model computes in eval mode (and in
+training mode, exported so).
 
 ONNX has none of bcnswift's operators, so while torch.onnx.export traces, the modules and WS layers take the
 composed route (torch operations); the references here are the same models run eagerly on the kernels."""

@@ -402,8 +402,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         running = staged[:2] if staged is not None and estimated else (bn.running_mean, bn.running_var)
         y = _composed.normalize(x, bn.weight, bn.bias, *running, cn_weight, cn_bias, flags | train, groups, eps,
                                 bn_eps)
-        # not while torch.onnx.export traces: its graph holds the buffers as they are when it ends, and then updates
-        # them again (estimates, which the output reads, a step ahead); so it changes no buffer in training either
+        # not while torch.onnx.export traces, so that no export changes a buffer: the TorchScript exporter stores
+        # the buffers as they are when its trace ends, and its graph would move the estimates it reads once more
         if staged is not None and not (_ops.traced() and torch.onnx.is_in_onnx_export()):
             _composed.commit_running(buffers, staged)
         return y
