@@ -175,3 +175,23 @@ def test_a_model_exported_in_training_mode_normalizes_with_the_batch_statistics(
         with torch.no_grad():
             expected = copy.deepcopy(original)(batch)  # one training forward from the buffers as they were
         _assert_matches(_run(session, batch), expected, "training mode, ONNX Runtime against the training forward")
+
+
+def test_training_calls_on_other_threads_update_their_buffers_during_an_export(gen, monkeypatch):
+    """torch.onnx.is_in_onnx_export() and the dynamo exporter's compiling flag are process-wide: while an export
+    runs on one thread, another thread's training call sees both (and takes the composed route), yet it is not the
+    export's trace, so it updates its buffers as eagerly (only the TorchScript tracer, per thread, skips them)."""
+    model = nn.Sequential(bt.BCNorm(8, 4, estimate=True), bt.BatchChannelNorm(8, 4)).train()
+    eager = copy.deepcopy(model)
+    x = rand_input(gen, (4, 8, 5, 5), torch.float32)
+    before = _state(model)
+    with torch.no_grad():
+        expected = eager(x)
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        y = model(x)
+    monkeypatch.undo()
+    _assert_matches(y, expected, "a training call during another thread's export")
+    moved = [k for k, v in _state(model).items() if not torch.equal(v, before[k])]
+    assert moved, "no buffer moved"
+    assert_states_equal(_state(model), _state(eager), "buffers after the call", rtol=1e-5, atol=1e-6)

@@ -402,9 +402,10 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         running = staged[:2] if staged is not None and estimated else (bn.running_mean, bn.running_var)
         y = _composed.normalize(x, bn.weight, bn.bias, *running, cn_weight, cn_bias, flags | train, groups, eps,
                                 bn_eps)
-        # not while torch.onnx.export traces, so that no export changes a buffer: the TorchScript exporter stores
-        # the buffers as they are when its trace ends, and its graph would move the estimates it reads once more
-        if staged is not None and not (_ops.traced() and torch.onnx.is_in_onnx_export()):
+        # not in the TorchScript exporter's trace: it stores the buffers as they are when its trace ends, and its
+        # graph would move the estimates it reads once more. Asked of this thread's tracer (is_in_onnx_export alone
+        # is process-wide: other threads' training calls must update); the dynamo exporter traces fake buffers
+        if staged is not None and not (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()):
             _composed.commit_running(buffers, staged)
         return y
     compiling = route == "op"
