@@ -343,6 +343,45 @@ def test_copies_and_pickles_have_their_own_views_and_no_last_forward(rng):
     np.testing.assert_array_equal(clone(x), layer(x))
 
 
+def _layers_of_every_kind():
+    return [bcnswift.BatchChannelNorm(8, 4, dtype=np.float64), bcnswift.BatchChannelNorm(8, 4, estimate=False),
+            bcnswift.BatchChannelNorm(8, 2, variance_around="running_mean", momentum=None, nan_policy="raise",
+                                      channel_axis=-1),
+            bcnswift.BatchNorm(8), bcnswift.EstimatedBatchNorm(8, variance_around="running_mean"),
+            bcnswift.ChannelNorm(8, 4), bcnswift.WeightStandardization(eps=1e-3, unbiased=False)]
+
+
+def test_every_attribute_a_layer_makes_is_a_slot_in_it_and_in_its_copies(rng):
+    """White-box: a layer's own attributes live in slots, its __dict__ holding nothing, also in copies and
+    unpickled layers. copy and pickle read __dict__ (attributes a user added live there), and on CPython 3.11 that
+    makes every later read of an attribute kept in it about three times slower: measured after a deepcopy, a tiny
+    forward took 0.3 us more for good, and forward+backward 0.5 us (layers.instance_state). An attribute that a
+    change adds to _setup without a slot lands in __dict__ and fails this."""
+    for layer in _layers_of_every_kind():
+        assert vars(layer) == {}, type(layer).__name__
+        if isinstance(layer, bcnswift.WeightStandardization):
+            layer(rng.normal(0.3, 1.0, (4, 2, 3)))
+        else:
+            layer(random_input(rng, (2, 8, 3) if layer.channel_axis == 1 else (2, 3, 8)))
+        clones = (copy.deepcopy(layer), copy.copy(layer), pickle.loads(pickle.dumps(layer)))
+        assert vars(layer) == {} and all(vars(clone) == {} for clone in clones), type(layer).__name__
+
+
+def test_attributes_a_user_adds_are_copied_and_pickled_with_the_layer(rng):
+    """A user's own attributes (a name, a step count) travel with copy.copy, copy.deepcopy and pickle, as they do
+    with any Python object; the deep copy and the unpickled layer get their own arrays, a shallow copy shares the
+    user's objects."""
+    for layer in _layers_of_every_kind():
+        layer.name, layer.history = "stage1", [np.full(3, 0.5)]
+        for clone in (copy.deepcopy(layer), copy.copy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone.name == "stage1" and vars(clone).keys() == {"name", "history"}, type(layer).__name__
+            np.testing.assert_array_equal(clone.history[0], np.full(3, 0.5))
+        assert copy.copy(layer).history is layer.history
+        assert copy.deepcopy(layer).history is not layer.history
+        assert pickle.loads(pickle.dumps(layer)).history[0] is not layer.history[0]
+        assert repr(copy.deepcopy(layer)) == repr(layer)
+
+
 def test_values_beyond_the_dtype_are_refused_but_infinities_and_nans_load_as_they_are():
     """A running variance that overflowed (test_errors.py) is in the layer's own state dict: it loads back. Only
     finite values that the layer's dtype cannot hold are refused."""
