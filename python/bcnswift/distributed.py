@@ -54,9 +54,9 @@ _FLAG_WORDS = [(_ext.BCN_BATCH_NORM, "the batch-norm stage", ("absent", "present
                (_ext.BCN_VARIANCE_AROUND_RUNNING_MEAN, "variance_around", ("'batch'", "'running_mean'")),
                (_ext.BCN_TRAINING, "training", (False, True)),
                (_ext.BCN_NAN_RAISE, "nan_policy", ("'propagate'", "'raise'"))]
-#: a header's status for a failed rank: the type every rank then raises (4 for any type not named; for 5, out of
-#: memory, the synchronizer's `out_of_memory`)
-_ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError, 5: MemoryError}
+#: a header's status for a failed rank: the type every rank then raises (4 for any type not named); `_OUT_OF_MEMORY`
+#: raises the synchronizer's `out_of_memory` (MemoryError, or torch's OutOfMemoryError), not one type for all
+_ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError}
 _OUT_OF_MEMORY = 5
 
 #: (request, send, recv) of every exchange that timed out: the collective is still pending, and MPI writes into
