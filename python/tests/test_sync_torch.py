@@ -80,6 +80,8 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure input dtype", "TypeError", "the input is float64 but the module is float32: synchronized"),
             ("failure module dtype", "ValueError", "dtype"),
             ("failure not a tensor", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a torch.Tensor"),
+            ("failure sparse", "TypeError", f"rank {n - 1} of {n} failed: TypeError: expected a dense (strided) input, "
+                                            "got a sparse_coo tensor"),
             ("failure momentum", "TypeError", f"rank {n - 1} of {n} failed: TypeError: momentum must be a number"),
             ("failure sizes", "ValueError", f"rank {n - 1} of {n} failed: ValueError: cn_weight has 3 elements"),
             ("failure param dtype", "TypeError", f"rank {n - 1} of {n} failed: TypeError: cn_weight has dtype "

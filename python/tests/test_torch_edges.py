@@ -692,6 +692,43 @@ def test_reprs_show_the_constructor_arguments():
     assert repr(bt.ChannelNorm(8, 2, affine=False)) == "ChannelNorm(8, 2, eps=1e-05, affine=False)"
 
 
+_NOT_STRIDED = {"sparse": (lambda x: x.to_sparse(), "a sparse_coo tensor: convert it with .to_dense() first"),
+                "mkldnn": (lambda x: x.float().to_mkldnn(), "a mkldnn tensor: convert it with .to_dense() first"),
+                "nested": (lambda x: torch.nested.nested_tensor(list(x)), "a nested tensor")}
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("kind", sorted(_NOT_STRIDED))
+@pytest.mark.parametrize("make", [lambda: bt.BCNorm(8, 4, estimate=True), lambda: bt.BCNorm(8, 4),
+                                  lambda: bt.BatchChannelNorm(8, 4), lambda: bt.ChannelNorm(8, 4),
+                                  lambda: bt.EstBN(8), lambda: bt.BatchNorm(8), lambda: bt.EstimatedBatchNorm(8)],
+                         ids=["BCNorm-estimate", "BCNorm", "BatchChannelNorm", "ChannelNorm", "EstBN", "BatchNorm",
+                              "EstimatedBatchNorm"])
+def test_an_input_that_is_not_strided_memory_is_refused_in_words_and_changes_nothing(make, kind, gen):
+    """Sparse, mkldnn and nested tensors: a TypeError that names the input and its layout (torch's own errors
+    spoke of reshape, a memory format, or an "internal error" of nested tensors), from the modules and from the
+    functional API, in training and eval, with no buffer changed."""
+    to, words = _NOT_STRIDED[kind]
+    x = to(rand_input(gen, (2, 8, 3, 3), torch.float32))
+    for training in (True, False):
+        module = make().train(training)
+        before = _state(module)
+        with pytest.raises(TypeError, match=re.escape(f"expected a dense (strided) input, got {words}")):
+            module(x)
+        assert_states_equal(_state(module), before, kind)
+    with pytest.raises(TypeError, match=re.escape(f"expected a dense (strided) input, got {words}")):
+        functional.batch_channel_norm(x, None, functional.ChannelNormStage(4, 1e-5, None, None))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("kind", sorted(_NOT_STRIDED))
+def test_a_weight_that_is_not_strided_memory_is_refused_in_words(kind, gen):
+    to, words = _NOT_STRIDED[kind]
+    w = to(torch.randn(4, 3, 2, 2, generator=gen) + 0.5)
+    with pytest.raises(TypeError, match=re.escape(f"expected a dense (strided) weight, got {words}")):
+        bt.weight_standardization(w)
+
+
 def test_functional_weight_standardization_refuses_integers():
     with pytest.raises(TypeError, match="expected a floating-point weight, got torch.int64"):
         bt.weight_standardization(torch.arange(12).reshape(3, 4))

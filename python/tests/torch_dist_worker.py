@@ -180,6 +180,7 @@ def failure(rank, size, case):
     before it normalizes, with eps 0 everywhere; input dtype: a float32 module in estimate mode given float64 on
     every rank; module dtype: the last rank's module is float32, the others' float64 (each given its own dtype);
     not a tensor: the last rank passes a numpy array, raising before any tensor work, yet inside the exchange;
+    sparse: the last rank passes its batch as a sparse tensor;
     momentum: the last rank's momentum is not a number; sizes: estimate mode, the last rank's per-group weight
     has 3 values for 4 groups (caught before the estimates' update); estimate: only the last rank estimates (its
     moving speed 0.2, which the exchange compares as its momentum: the message must name estimate); speed: the
@@ -222,6 +223,8 @@ def failure(rank, size, case):
     x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
     if case == "not a tensor" and bad:
         x = x.numpy()
+    if case == "sparse" and bad:
+        x = x.to_sparse()
     if case == "momentum" and bad:
         layer.bn.momentum = "a"
     if case == "groups type" and bad:  # a header cannot carry it: the rank's error instead, on every rank
@@ -346,8 +349,8 @@ def run_all(rank, size):
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
     out["ddp"] = ddp(rank, size)
-    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "momentum", "sizes",
-                 "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
+    for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "sparse", "momentum",
+                 "sizes", "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
                  "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean", "param dtype",
                  "out of memory"):
         out[f"failure {case}"] = failure(rank, size, case)

@@ -27,7 +27,7 @@ from ._ops import fx_leaf
 from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
                       torch_batch_norm_stage)
 from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, _check_writable,
-                         _kernels_update, batch_norm_momentum, counts_empty_call, cumulative_average)
+                         _kernels_update, batch_norm_momentum, check_dense, counts_empty_call, cumulative_average)
 
 
 class ProcessGroupTransport:
@@ -90,6 +90,7 @@ class _SyncForward(torch.autograd.Function):
             # the others waiting in the allgather
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+            check_dense(x, "input")
             if x.dim() < 2 or x.shape[1] != channels:
                 raise ValueError(f"expected an input [B, {channels}, *], got shape {tuple(x.shape)}")
             if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):

@@ -118,6 +118,15 @@ def _route(fast):
     return "composed" if _portable or torch.onnx.is_in_onnx_export() else "op"
 
 
+def check_dense(t, what):
+    """A TypeError for a tensor that is not strided memory (sparse, mkldnn, nested): neither the kernels nor the
+    composed route read one, and torch's own errors for it name reshape or a memory format, not the input."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"a {str(t.layout).removeprefix('torch.').lstrip('_')} tensor"
+        advice = "" if t.is_nested else ": convert it with .to_dense() first"
+        raise TypeError(f"expected a dense (strided) {what}, got {kind}{advice}")
+
+
 def _check_sizes(x, bn, cn):
     """Each parameter and buffer holds one value per channel (batch norm) or per group (channel norm), worded as
     the kernels word it, before any route that would update a buffer first runs: the composed route, the
@@ -349,6 +358,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         raise ValueError(f"expected an input of rank >= 2 ([B, C, *]), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    check_dense(x, "input")
     if 0 in x.shape:  # no values (cheaper than numel() on every call): the stages checked as a call with values
         _check_empty_call(x, bn, cn)
         if bn is not None:
@@ -458,6 +468,7 @@ def weight_standardization(w, eps=1e-5, eps_in_sqrt=False, unbiased=True, *, vie
     std and var unless unbiased=False. Differentiable. `views` as in `batch_channel_norm` (the WS layers')."""
     if not w.is_floating_point():
         raise TypeError(f"expected a floating-point weight, got {w.dtype}")
+    check_dense(w, "weight")
     if type(eps_in_sqrt) is not bool or type(unbiased) is not bool:  # (the WS layers pass bools and a float)
         for name, value in (("eps_in_sqrt", eps_in_sqrt), ("unbiased", unbiased)):
             if not isinstance(value, (bool, np.bool_)):  # as the numpy API: "no" would be True

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _ext
 from ..layers import _momentum, _positive_float
 from ._ops import KernelViews, fx_leaf
-from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, check_channel_norm
+from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, check_channel_norm, check_dense
 
 _TORCH_BN = _ext.BCN_BATCH_NORM | _ext.BCN_UNBIASED_RUNNING_VAR
 _AUTHORS_ESTBN = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
@@ -31,6 +31,7 @@ _LABML_ESTIMATED = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED
 
 
 def _check_channels(x, channels, who):
+    check_dense(x, "input")  # before x.shape, which a nested tensor refuses with an "internal error"
     if x.dim() < 2 or x.shape[1] != channels:
         raise ValueError(f"{who} expects an input [B, {channels}, *], got shape {tuple(x.shape)}")
 
