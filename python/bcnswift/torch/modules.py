@@ -31,8 +31,12 @@ _LABML_ESTIMATED = _ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED
 
 
 def _check_channels(x, channels, who):
-    check_dense(x, "input")  # before x.shape, which a nested tensor refuses with an "internal error"
-    if x.dim() < 2 or x.shape[1] != channels:
+    try:
+        fits = x.dim() >= 2 and x.shape[1] == channels
+    except RuntimeError:  # a nested tensor's sizes ("internal error"); batch_channel_norm checks the rest once
+        check_dense(x, "input")
+        raise
+    if not fits:
         raise ValueError(f"{who} expects an input [B, {channels}, *], got shape {tuple(x.shape)}")
 
 
