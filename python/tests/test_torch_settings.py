@@ -39,6 +39,13 @@ def test_convert_refuses_a_momentum_no_estimate_could_take_and_changes_nothing(k
     assert_states_equal(_state(model), before, "after a refused convert")
 
 
+@pytest.mark.parametrize("model", [[nn.BatchNorm2d(8)], "model", None, nn.BatchNorm2d], ids=repr)
+def test_convert_and_fold_refuse_what_is_not_a_module_in_words(model):
+    for surgery in (bt.convert, bt.fold_weight_standardization):
+        with pytest.raises(TypeError, match=f"expected a model \\(a torch.nn.Module\\), got {type(model).__name__}"):
+            surgery(model)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 1.0])
 def test_convert_takes_the_ends_of_the_momentum_range_as_the_moving_speed(momentum, gen):
     """A speed of 1 replaces the estimates by the batch's at every step; 0 freezes them (the authors' default)."""

@@ -127,6 +127,8 @@ def _replace(model, swap):
     holds it, and not descended into; swap gives None to descend. `like`: a tensor of the nearest enclosing module
     that has one (`_reference`). Every replacement is made before any is put in place, so that a swap that raises
     leaves `model` as it was."""
+    if not isinstance(model, nn.Module):  # (its first use, parameters(), raised AttributeError)
+        raise TypeError(f"expected a model (a torch.nn.Module), got {type(model).__name__}")
     done, edits = {}, []  # what each layer met so far becomes (by id: a shared layer stays one), and where
 
     def walk(module, like):
