@@ -355,7 +355,7 @@ def test_every_attribute_a_layer_makes_is_a_slot_in_it_and_in_its_copies(rng):
     """White-box: a layer's own attributes live in slots, its __dict__ holding nothing, also in copies and
     unpickled layers. copy and pickle read __dict__ (attributes a user added live there), and on CPython 3.11 that
     makes every later read of an attribute kept in it about three times slower: measured after a deepcopy, a tiny
-    forward took 0.3 us more for good, and forward+backward 0.5 us (layers.instance_state). An attribute that a
+    forward took 0.3 us more for good, and forward+backward 0.4 us (layers.instance_state). An attribute that a
     change adds to _setup without a slot lands in __dict__ and fails this."""
     for layer in _layers_of_every_kind():
         assert vars(layer) == {}, type(layer).__name__
