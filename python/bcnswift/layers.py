@@ -8,6 +8,7 @@ converted to the layer's dtype (as numpy functions convert); integer, boolean, c
 refused with TypeError.
 """
 import math
+import operator
 import threading
 
 import numpy as np
@@ -20,11 +21,20 @@ _NAN_POLICIES = {"propagate": 0, "raise": _ext.BCN_NAN_RAISE}
 
 
 def _positive_int(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    """`value` as an int if it is an integer above 0 (Python's, numpy's, or whatever has ``__index__``, such as a
+    one-value integer tensor), else a TypeError for what is not an integer (a bool, a float, a string) or a
+    ValueError for one below 1. The numpy layers and bcnswift.torch's modules alike."""
+    n = None
+    if not (isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) == "torch.bool"):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            pass
+    if n is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {n}")
+    return n
 
 
 def real_number(value, what, expected="a number"):

@@ -5,9 +5,9 @@ import itertools
 import torch
 from torch import nn
 
-from ..layers import real_number
+from ..layers import _positive_int, real_number
 from .functional import standardizable
-from .modules import BCNorm, EstBN, positive_int
+from .modules import BCNorm, EstBN
 from .weight_standardized import Conv2d, plain_copy, ws_class
 
 
@@ -104,7 +104,7 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     Returns the converted model: `model` itself, changed in place, unless `model` is itself one of the layers
     replaced. Layers already inside a BCNorm are left alone. A conversion that raises changes nothing.
     """
-    num_groups = positive_int(num_groups, "num_groups")
+    num_groups = _positive_int(num_groups, "num_groups")
     if momentum is not None:
         momentum = real_number(momentum, "momentum", "a number or None")
     if momentum is not None and not 0.0 <= momentum <= 1.0:

@@ -12,7 +12,6 @@ labml's (seeds 000, 001, 004): ``BatchChannelNorm(channels, groups, eps, momentu
 Every module takes input of any rank >= 2 ([B, C, *]), in C order or channels_last memory (kept by the
 output), and runs on any device and dtype (the kernels take CPU float32/float64; the rest is composed).
 """
-import operator
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from torch.nn.modules import module as _module  # the registries of every module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
-from ..layers import _momentum, _positive_float
+from ..layers import _momentum, _positive_float, _positive_int
 from ._ops import KernelViews, fx_leaf
 from .functional import BatchNormStage, ChannelNormStage, batch_channel_norm, check_channel_norm, check_dense
 
@@ -47,20 +46,9 @@ def _fill(parameter, value):
             parameter.fill_(value)
 
 
-def positive_int(value, what):
-    """`value` as an int (any integer type: numpy's too) if it is one above 0, else a ValueError naming `what`."""
-    try:
-        n = operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or isinstance(value, bool) or n <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return n
-
-
 def _check_groups(channels, groups):
     """The number of groups as an int, if it is positive and divides channels."""
-    n = positive_int(groups, "the number of groups")
+    n = _positive_int(groups, "the number of groups")
     if channels % n:
         raise ValueError(f"the channel count ({channels}) must be divisible by the number of groups ({n})")
     return n
@@ -106,7 +94,7 @@ class EstBN(KernelViews, nn.Module):
     def __init__(self, num_features, eps=1e-5, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.num_features = positive_int(num_features, "num_features")
+        self.num_features = _positive_int(num_features, "num_features")
         self.eps = _positive_float(eps, "eps")
         self.weight = nn.Parameter(torch.ones(num_features, **kw))
         self.bias = nn.Parameter(torch.zeros(num_features, **kw))
@@ -156,7 +144,7 @@ class BCNorm(KernelViews, nn.Module):
 
     def __init__(self, num_channels, num_groups, eps=1e-5, estimate=False, device=None, dtype=None):
         super().__init__()
-        num_channels = positive_int(num_channels, "num_channels")
+        num_channels = _positive_int(num_channels, "num_channels")
         num_groups = _check_groups(num_channels, num_groups)
         kw = {"device": device, "dtype": dtype}
         self.num_channels = num_channels
@@ -198,7 +186,7 @@ class BatchNorm(KernelViews, nn.Module):
                  dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        channels = positive_int(channels, "channels")
+        channels = _positive_int(channels, "channels")
         self.channels, self.eps, self.momentum = channels, _positive_float(eps, "eps"), _momentum(momentum)
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
@@ -299,7 +287,7 @@ class ChannelNorm(KernelViews, nn.Module):
 
     def __init__(self, channels, groups, eps=1e-5, affine=True, device=None, dtype=None):
         super().__init__()
-        channels = positive_int(channels, "channels")
+        channels = _positive_int(channels, "channels")
         groups = _check_groups(channels, groups)
         kw = {"device": device, "dtype": dtype}
         self.channels, self.groups, self.eps, self.affine = channels, groups, _positive_float(eps, "eps"), affine
