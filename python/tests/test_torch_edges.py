@@ -105,6 +105,58 @@ def test_running_buffers_set_by_hand_as_strided_views_or_a_float_count_train_on_
             assert not torch.equal(b, initial[k]), f"{k}: three training steps did not move it"
 
 
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+def test_running_statistics_of_another_shape_are_read_flat_on_both_routes(name, make, route, gen):
+    """A review: running statistics set by hand as [C, 1] (C values, as `_check_sizes` and the kernels ask) trained
+    on the kernels' route, read flat, but the composed route broadcast them against [C] and failed in its last
+    copy, after running_mean was written. Both routes read them flat now: the plain module's outputs and
+    buffers, in the hand-set shapes."""
+    plain = make(8, 4).double()
+    hand = copy.deepcopy(plain)
+    stage = _bn(hand)
+    for k in ("running_mean", "running_var", "exp_mean", "exp_var"):
+        if hasattr(stage, k):
+            setattr(stage, k, getattr(stage, k).reshape(-1, 1).clone())
+    for step in range(3):
+        x = rand_input(gen, (4, 8, 3, 3))
+        torch.testing.assert_close(hand(x), plain(x), rtol=1e-12, atol=1e-12, msg=f"{name}, step {step}: output")
+        for k, b in _bn(plain).named_buffers(recurse=False):
+            h = getattr(stage, k)
+            assert h.shape == ((8, 1) if b.numel() == 8 else b.shape), f"{k} changed shape to {tuple(h.shape)}"
+            torch.testing.assert_close(h.reshape(b.shape), b, rtol=1e-12, atol=1e-12, msg=f"step {step}: {k}")
+    hand.eval(), plain.eval()
+    x = rand_input(gen, (4, 8, 3, 3))
+    torch.testing.assert_close(hand(x), plain(x), rtol=1e-12, atol=1e-12, msg=f"{name}: eval output")
+
+
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("statistic", ["mean", "var"])
+def test_an_expanded_running_statistic_is_refused_before_any_buffer_changes(name, make, dtype, statistic, route,
+                                                                             gen):
+    """A review: a running statistic set by hand as an expanded view (stride 0: every value in one place) made
+    the composed route fail in its copy into it, after the buffers before it were written (torch's batch norms
+    write it, keeping the last channel's number for all). A training forward now refuses it first, on every
+    route, saying how to mend it; eval, which only reads it, normalizes with it."""
+    m = make(8, 4).to(dtype)
+    m(rand_input(gen, (4, 8, 3, 3)).to(dtype))  # buffers away from their initial values
+    stage = _bn(m)
+    name_in_stage = next(k for k in (f"running_{statistic}", f"exp_{statistic}") if hasattr(stage, k))
+    held = getattr(stage, name_in_stage)
+    setattr(stage, name_in_stage, held[:1].clone().expand(8))
+    before = _state(m)
+    # (named as the functional API names the buffers, as the size checks do: exp_mean is labml's running_mean)
+    with pytest.raises(ValueError, match=re.escape(f"running_{statistic} (shape (8,), strides (0,)) holds values in "
+                                                   f"shared memory")):
+        m(rand_input(gen, (4, 8, 3, 3)).to(dtype))
+    _assert_unchanged(m, before, f"{name}, {dtype}, {statistic}, on the {route} route")
+    m.eval()
+    x = rand_input(gen, (4, 8, 3, 3)).to(dtype)
+    reference = copy.deepcopy(m)
+    setattr(_bn(reference), name_in_stage, getattr(_bn(reference), name_in_stage).contiguous())
+    torch.testing.assert_close(m(x), reference(x), rtol=0, atol=0, msg=f"{name}: eval with the expanded buffer")
+
+
 def test_a_cumulative_average_refuses_a_count_out_of_range_on_both_routes(route, gen):
     """A review: the kernels refuse a negative count (or the largest) for momentum=None, which divides by the
     count it advances; the composed route averaged with a factor of -1/4 (and at -1 divided by zero)."""

@@ -47,7 +47,7 @@ def running_update(running_mean, running_var, num_batches_tracked, x, flags, mom
     with torch.no_grad():
         xs = channel_values(x, _compute_dtype(x))
         mean = xs.mean(dim=1)
-        centre = running_mean.to(xs.dtype) if _around_running(flags) else mean
+        centre = running_mean.reshape(-1).to(xs.dtype) if _around_running(flags) else mean
         var = ((xs - centre[:, None]) ** 2).mean(dim=1)
         return _blend(running_mean, running_var, num_batches_tracked, mean, var, xs.shape[1], flags, momentum,
                       moving_speed)
@@ -64,7 +64,7 @@ def running_update_from_moments(running_mean, running_var, num_batches_tracked, 
         n, mean = m[:, 0], m[:, 1]
         var = m[:, 2] / n
         if _around_running(flags):
-            var = var + (mean - running_mean.to(m.dtype)) ** 2
+            var = var + (mean - running_mean.reshape(-1).to(m.dtype)) ** 2
         return _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, momentum, moving_speed)
 
 
@@ -100,7 +100,8 @@ def _around_running(flags):
 
 def _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, momentum, moving_speed):
     """The buffers moved toward the batch's (mean, biased var) of n values (a number, or a tensor of each
-    channel's count), in mean's dtype: (running_mean, running_var, num_batches_tracked) as they become."""
+    channel's count), in mean's dtype: (running_mean, running_var, num_batches_tracked) as they become, each in
+    its buffer's shape (a buffer of C values in another shape, [C, 1] say, is read as the kernels read it: flat)."""
     if flags & _ext.BCN_UNBIASED_RUNNING_VAR:
         # (not n / (n - 1) first: jit.trace records n as a tensor, whose quotient is a float32 factor)
         var = var * n / (n - 1)
@@ -117,9 +118,9 @@ def _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, 
         factor = moving_speed.reshape(-1)[0].to(mean.dtype)
     else:
         factor = momentum
-    mean = ((1 - factor) * running_mean.to(mean.dtype) + factor * mean).to(running_mean.dtype)
-    var = ((1 - factor) * running_var.to(var.dtype) + factor * var).to(running_var.dtype)
-    return mean, var, count
+    mean = ((1 - factor) * running_mean.reshape(-1).to(mean.dtype) + factor * mean).to(running_mean.dtype)
+    var = ((1 - factor) * running_var.reshape(-1).to(var.dtype) + factor * var).to(running_var.dtype)
+    return mean.reshape(running_mean.shape), var.reshape(running_var.shape), count
 
 
 def commit_running(buffers, staged):

@@ -171,6 +171,25 @@ def _check_writable(buffers):
                            "(for each buffer b of its batch-norm stage, setattr(stage, name, b.clone()))")
 
 
+def _check_apart(buffers):
+    """The running statistics (buffers: running_mean, running_var, num_batches_tracked) hold each value in memory
+    of its own, as an update in place needs: not an expanded view (a stride of 0), whose values share one
+    location, so that an update can only write one of them (torch refuses to copy into it, after the buffers
+    before it were written; its batch norms write it, and keep one channel's number for all). Asked only of
+    buffers the kernels cannot update, which are dense. A sufficient test: sorted by stride, each axis of size
+    above 1 steps past the whole extent of the axes before it."""
+    for name, t in zip(("running_mean", "running_var"), buffers):
+        if t is None or t.is_contiguous():
+            continue
+        extent = 0
+        for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
+            if stride <= extent:
+                raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) holds values in shared "
+                                 f"memory, as an expanded view does, where an update in place would write one "
+                                 f"number for all: give the module a buffer of its own in its place (a .clone())")
+            extent += stride * (size - 1)
+
+
 def _kernels_update(buffers):
     """Whether the kernels can update the running buffers (running_mean, running_var, num_batches_tracked) in
     place: the statistics dense, as the kernels write them through data pointers, and the count int64. Buffers
@@ -406,6 +425,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
         _check_sizes(x, bn, cn)
         _check_scalars(flags, eps, bn_eps, _update_rate(bn, momentum) if update else None)
         _check_values(x, flags, groups, bool(train), update)
+        if update:
+            _check_apart(buffers)
         # the update staged, the normalization run, and only then the buffers written: a call that fails
         # changes nothing
         staged = _composed.running_update(*buffers, x, flags, momentum, bn.moving_speed) if update else None
