@@ -387,6 +387,14 @@ def test_kept_parameter_views_follow_their_tensors(eager_route, gen):
     assert not torch.equal(before, after)
     assert torch.equal(after, fresh_output(m))
     assert m.bn.running_mean[0].item() != 0.25  # the update went to the buffer's new memory
+    # a review: a strided view that starts where the kept one did, with as many values, is other memory
+    wide = torch.linspace(0.5, 2.0, 16)
+    with torch.no_grad():
+        m.bn.weight.data = wide[:8]
+        m(x)
+        m.bn.weight.data = wide[::2]
+    assert m.bn.weight.data_ptr() == wide.data_ptr() and not m.bn.weight.is_contiguous()
+    assert torch.equal(m(x).detach(), fresh_output(m))
     assert "_kernel_views" not in copy.deepcopy(m).__dict__
     assert "_kernel_views" not in pickle.loads(pickle.dumps(m)).__dict__
     m.double()

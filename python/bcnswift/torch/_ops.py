@@ -191,15 +191,16 @@ def _held(t, views, role, writes=False):
     same tensor on the same memory and size (without `views`, made afresh). Only leaves are kept: a tensor
     computed on each call (torch.func.functional_call, a parametrization) would keep its graph alive. A tensor
     that is not contiguous is read from a C-order copy, not kept; one the kernels write (`writes`) is passed as
-    it is, for the kernels to refuse."""
+    it is, for the kernels to refuse. (Contiguity is asked first: `param.data = ` a strided view that starts
+    where the kept one did, with as many values, is other memory.)"""
     if t is None:
         return None
+    if not t.is_contiguous():
+        return _array(t) if writes else _array(t.contiguous())
     if views is not None:
         entry = views.get(role)
         if entry is not None and entry[0] is t and entry[1] == t.data_ptr() and entry[2].size == t.numel():
             return entry[2]
-    if not t.is_contiguous():
-        return _array(t) if writes else _array(t.contiguous())
     view = _array(t)
     if views is not None and t.grad_fn is None:
         views[role] = (t, t.data_ptr(), view)
