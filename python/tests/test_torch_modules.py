@@ -506,45 +506,54 @@ def test_fold_takes_what_a_computed_weights_next_call_would_use_and_changes_noth
     hook computed at the last call, stale after an optimizer step (off by about 10 here). Each now folds what its
     next call in eval mode computes (a hook-computed bias too), read without moving spectral_norm's vectors; a
     subclass with its own forward stays. Two identical models take the same step: one is folded at once, the
-    other's next eval call is the truth."""
-    from torch.nn.utils import parametrizations, spectral_norm, weight_norm
+    other's next eval call is the truth. A review added a layer pruned with torch.nn.utils.prune (a mask applied
+    in a hook, as weight_norm's), which folded the stale weight too, and a subclass that only adds an attribute,
+    which was left unfolded."""
+    from torch.nn.utils import parametrizations, prune, spectral_norm, weight_norm
 
     class OwnForward(bt.Conv2d):
         def forward(self, x):
             return super().forward(x) + 1
 
+    class Tagged(bt.Conv2d):  # no code of its own
+        tag = "mine"
+
     def make():
         torch.manual_seed(5)
         layers = [bt.Conv2d(3, 8, 3, padding=1), bt.Conv2d(8, 8, 3, padding=1), bt.Conv2d(8, 8, 3, padding=1),
+                  bt.Conv2d(8, 8, 3, padding=1), Tagged(8, 8, 3, padding=1),
                   nn.Flatten(), bt.Linear(8 * 6 * 6, 5), bt.Linear(5, 4)]
         parametrizations.weight_norm(layers[0])
         weight_norm(layers[1])
         spectral_norm(layers[2])
-        parametrizations.spectral_norm(layers[4])
-        weight_norm(layers[5], name="bias", dim=0)
+        prune.l1_unstructured(layers[3], "weight", amount=0.3)
+        parametrizations.spectral_norm(layers[6])
+        weight_norm(layers[7], name="bias", dim=0)
         return nn.Sequential(*layers, OwnForward(1, 1, 1)).double()
 
     x = rand_input(gen, (2, 3, 6, 6))
     folded_model, truth = make(), make()
     for model in (folded_model, truth):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        model[:6](x).square().sum().backward()
+        model[:8](x).square().sum().backward()
         optimizer.step()  # the hooks' weights are now stale until the next call
     # spectral_norm's power-iteration vectors, which a read in training mode would move
     originals = list(folded_model)
-    vectors = [originals[2].weight_u, originals[2].weight_v, originals[4].parametrizations.weight[0]._u,
-               originals[4].parametrizations.weight[0]._v]
+    vectors = [originals[2].weight_u, originals[2].weight_v, originals[6].parametrizations.weight[0]._u,
+               originals[6].parametrizations.weight[0]._v]
     before = [v.clone() for v in vectors]
     folded = bt.fold_weight_standardization(folded_model)  # in training mode, straight after the step
-    assert [type(m) for m in folded] == [nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Flatten, nn.Linear, nn.Linear,
-                                         OwnForward]
+    assert [type(m) for m in folded] == [nn.Conv2d] * 5 + [nn.Flatten, nn.Linear, nn.Linear, OwnForward]
     assert all(torch.equal(v, b) for v, b in zip(vectors, before))
-    assert originals[4].training and originals[4].parametrizations.weight[0].training  # modes restored
+    assert originals[6].training and originals[6].parametrizations.weight[0].training  # modes restored
     truth.eval()
     folded.eval()
-    torch.testing.assert_close(folded[:6](x), truth[:6](x), rtol=1e-12, atol=1e-12)
-    assert all(type(m.weight) is nn.Parameter and m.weight.requires_grad for m in folded[:6] if hasattr(m, "weight"))
-    assert type(folded[5].bias) is nn.Parameter and folded[5].bias.requires_grad
+    torch.testing.assert_close(folded[:8](x), truth[:8](x), rtol=1e-12, atol=1e-12)
+    for i in (3, 4):  # layer by layer too: the pruned one and the subclass
+        h = rand_input(gen, (2, 8, 6, 6))
+        torch.testing.assert_close(folded[i](h), truth[i](h), rtol=1e-12, atol=1e-12, msg=f"layer {i}")
+    assert all(type(m.weight) is nn.Parameter and m.weight.requires_grad for m in folded[:8] if hasattr(m, "weight"))
+    assert type(folded[7].bias) is nn.Parameter and folded[7].bias.requires_grad
 
 
 # ---- Weight Standardization ---------------------------------------------------------------------------------

@@ -135,6 +135,25 @@ def test_fold_keeps_every_setting_of_each_ws_layer(make, shape, gen):
     torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("convention", ["authors", "labml"])
+def test_a_ws_layers_eps_set_after_construction_takes_effect(convention, gen):
+    """A review: the WS layers take ``eps=`` but kept it as ``ws_eps``, so `layer.eps = ...` (labml's attribute)
+    changed nothing. `eps` is now ``ws_eps`` under its constructor's name, checked as the constructor checks it."""
+    layer = bt.Conv2d(4, 6, 3, convention=convention).double()
+    randomize(layer, gen)
+    x = rand_input(gen, (2, 4, 5, 5))
+    layer.eps = 0.25
+    assert layer.eps == layer.ws_eps == 0.25 and "eps" not in layer.__dict__
+    expected = nn.functional.conv2d(x, _reference_ws(layer.weight, 0.25, convention), layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=re.escape("eps must be a positive finite number, got 0.0")):
+        layer.eps = 0.0
+    with pytest.raises(TypeError, match=re.escape("eps must be a number, got str '1'")):
+        layer.eps = "1"
+    assert layer.eps == 0.25
+    assert bt.fold_weight_standardization(nn.Sequential(layer))[0](x).allclose(expected, rtol=1e-12, atol=1e-12)
+
+
 # ---- WS ConvTranspose2d's call ------------------------------------------------------------------------------
 
 def test_ws_conv_transpose_takes_an_output_size_as_torch_s_does(gen):

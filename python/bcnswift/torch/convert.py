@@ -94,8 +94,9 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     device and dtype of the replaced one (of an enclosing module's tensors when it has none). A layer that
     appears at several places in `model` is replaced by one new layer at all of them. Only layers of exactly
     these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise. A convolution whose
-    weight is computed from other parameters (torch's hook-based ``weight_norm`` or ``spectral_norm``; their
-    parametrized forms are subclasses) is not a Parameter to standardize and stays as it is. Hooks registered on a
+    weight is computed from other parameters (torch's hook-based ``weight_norm`` or ``spectral_norm``, a mask of
+    ``torch.nn.utils.prune``; their parametrized forms are subclasses) is not a Parameter to standardize and stays
+    as it is. Hooks registered on a
     replaced layer do not move to the new one (as with nn.SyncBatchNorm.convert_sync_batchnorm).
 
     A convolution with a fan-in of 1 (a 1x1 depthwise one: one weight per output channel) stays a plain
@@ -158,7 +159,8 @@ def fold_weight_standardization(model):
     """For inference: replaces every Weight-Standardized layer in `model` by the plain torch layer holding its
     standardized weight (the same outputs, without standardizing on every call). Returns the model (in place,
     unless `model` is itself such a layer). A layer whose weight or bias is computed (a parametrization such as
-    ``parametrizations.weight_norm``, or torch's hook-based ``weight_norm`` or ``spectral_norm``) folds what its
-    next call in eval mode would compute, as a plain Parameter; reading it changes nothing in the model. A subclass
-    of a WS layer with code of its own is left as it is."""
+    ``parametrizations.weight_norm``, torch's hook-based ``weight_norm`` or ``spectral_norm``, or a mask of
+    ``torch.nn.utils.prune``) folds what its next call in eval mode would compute, as a plain Parameter; reading it
+    changes nothing in the model. A subclass of a WS layer folds too, unless it overrides a method its output comes
+    from (its forward, say): then it is left as it is."""
     return _replace(model, lambda layer, like: plain_copy(layer) if ws_class(layer) is not None else None)

@@ -50,6 +50,16 @@ class _WeightStandardized(KernelViews):
         # not a bool or a string, and above 0: the kernels refuse others at the first forward; say so here
         self.convention, self.ws_eps = convention, _positive_float(eps, "eps")
 
+    @property
+    def eps(self):
+        """WS's eps (kept as ``ws_eps``), under the name the constructor and labml's layers give it; assigning it
+        takes effect at the next call."""
+        return self.ws_eps
+
+    @eps.setter
+    def eps(self, value):
+        self.ws_eps = _positive_float(value, "eps")
+
     def standardized_weight(self, weight=None):
         """The weight the layer computes with (differentiable with respect to ``weight``); of `weight` instead of
         ``self.weight`` when given."""
@@ -127,22 +137,30 @@ PLAIN = {Conv1d: nn.Conv1d, Conv2d: nn.Conv2d, Conv3d: nn.Conv3d, ConvTranspose2
          Linear: nn.Linear}
 
 
+#: the methods a WS layer's output comes from: a subclass that overrides one computes something else
+_COMPUTING = ("forward", "standardized_weight", "_standardized", "_conv_forward", "_output_padding")
+
+
 def ws_class(layer):
-    """The WS class of `layer` (a key of PLAIN), or None: its own class, or for a layer that carries a
-    parametrization (torch.nn.utils.parametrize makes its class a subclass of the original), the class it
-    subclassed. Other subclasses (a forward of their own, say) are not WS layers to fold."""
-    from torch.nn.utils import parametrize
-    cls = type(layer).__bases__[0] if parametrize.is_parametrized(layer) else type(layer)
-    return cls if cls in PLAIN else None
+    """The WS class of `layer` (a key of PLAIN), or None: the WS class its class derives from, unless that
+    subclass overrides a method the output comes from (a forward of its own, say), which makes it no WS layer to
+    fold. A subclass that only adds attributes or an __init__ folds, and so does a layer that carries a
+    parametrization (torch.nn.utils.parametrize makes its class a subclass that adds properties)."""
+    cls = type(layer)
+    base = next((c for c in cls.__mro__ if c in PLAIN), None)
+    if base is None or any(getattr(cls, name, None) is not getattr(base, name, None) for name in _COMPUTING):
+        return None
+    return base
 
 
 def eval_value(layer, name):
     """Tensor `name` of `layer` ("weight" or "bias") as the layer's next call in eval mode computes it. torch's
-    hook-based weight_norm and spectral_norm compute it in a hook before each call, so the attribute holds the
-    last call's, which an optimizer step since has made stale: their hook computes it afresh (spectral_norm
-    without a power iteration, as in eval). A parametrization computes it on every read: it is read with the
+    hook-based weight_norm and spectral_norm (and torch.nn.utils.prune's masks) compute it in a hook before each
+    call, so the attribute holds the last call's, which an optimizer step since has made stale: their hook
+    computes it afresh (spectral_norm without a power iteration, as in eval). A parametrization computes it on every read: it is read with the
     layer in eval mode (spectral_norm's power iteration would otherwise move its vectors), then the layer's
     modes are restored, so that reading changes nothing."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
     for hook in layer._forward_pre_hooks.values():
@@ -150,6 +168,8 @@ def eval_value(layer, name):
             return hook.compute_weight(layer)
         if isinstance(hook, SpectralNorm) and hook.name == name:
             return hook.compute_weight(layer, do_power_iteration=False)
+        if isinstance(hook, BasePruningMethod) and hook._tensor_name == name:  # (torch.nn.utils.prune)
+            return hook.apply_mask(layer)
     modes = [(module, module.training) for module in layer.modules()]
     try:
         layer.eval()
