@@ -577,6 +577,22 @@ def test_vmap_over_stacked_estimating_modules_trains_each_with_its_own_moving_sp
         assert torch.equal(v, before[k]), f"{k} changed by a refused call"
 
 
+@pytest.mark.parametrize("make", [lambda: _estbn(8, 4), lambda: _est(8, 4)], ids=["EstBN", "BCNorm estimate"])
+def test_an_estbn_without_its_moving_speed_refuses_to_train_and_evaluates(make, route, gen):
+    """A review: `estbn_moving_speed = None` made a training EstBN update at rate 0, silently freezing its
+    estimates (the authors' code fails on it). Training now refuses it by name, changing nothing; eval, which
+    does not read it, runs."""
+    m = make().double()
+    m(rand_input(gen, (4, 8, 3, 3)))
+    _bn(m).estbn_moving_speed = None
+    before = _state(m)
+    with pytest.raises(ValueError, match=re.escape("estbn_moving_speed is None: a training EstBN moves")):
+        m(rand_input(gen, (4, 8, 3, 3)))
+    _assert_unchanged(m, before, f"on the {route} route")
+    assert m.eval()(rand_input(gen, (4, 8, 3, 3))).isfinite().all()
+    _assert_unchanged(m, before, f"eval on the {route} route")
+
+
 def _jacobian_times(f, x, v):
     """J(f)(x) v by reverse mode (the kernels' backward), one output value at a time."""
     J = torch.autograd.functional.jacobian(f, x)
