@@ -156,10 +156,10 @@ def ws_class(layer):
 def eval_value(layer, name):
     """Tensor `name` of `layer` ("weight" or "bias") as the layer's next call in eval mode computes it. torch's
     hook-based weight_norm and spectral_norm (and torch.nn.utils.prune's masks) compute it in a hook before each
-    call, so the attribute holds the last call's, which an optimizer step since has made stale: their hook
-    computes it afresh (spectral_norm without a power iteration, as in eval). A parametrization computes it on every read: it is read with the
-    layer in eval mode (spectral_norm's power iteration would otherwise move its vectors), then the layer's
-    modes are restored, so that reading changes nothing."""
+    call, so the attribute holds the last call's, which an optimizer step since has made stale: their hook computes
+    it afresh (spectral_norm without a power iteration, as in eval). A parametrization computes it on every read: it
+    is read with the layer in eval mode (spectral_norm's power iteration would otherwise move its vectors), then the
+    layer's modes are restored, so that reading changes nothing."""
     from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
