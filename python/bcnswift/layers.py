@@ -20,12 +20,19 @@ _VARIANCE_AROUND = {"batch": 0, "running_mean": _ext.BCN_VARIANCE_AROUND_RUNNING
 _NAN_POLICIES = {"propagate": 0, "raise": _ext.BCN_NAN_RAISE}
 
 
+def _boolean(value):
+    """Whether `value` is a bool: Python's, numpy's (a 0-d array too) or torch's (which numpy's == does not see).
+    Bools are neither ints nor numbers here, though Python and numpy would take them as either."""
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, (bool, np.bool_)) or dtype == np.bool_ or str(dtype) == "torch.bool"
+
+
 def _positive_int(value, name):
     """`value` as an int if it is an integer above 0 (Python's, numpy's, or whatever has ``__index__``, such as a
     one-value integer tensor), else a TypeError for what is not an integer (a bool, a float, a string) or a
     ValueError for one below 1. The numpy layers and bcnswift.torch's modules alike."""
     n = None
-    if not (isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) == "torch.bool"):
+    if not _boolean(value):
         try:
             n = operator.index(value)
         except TypeError:
@@ -41,8 +48,7 @@ def real_number(value, what, expected="a number"):
     """`value` as a float if it is a real number (Python's or numpy's, a 0-d array or a one-value tensor too), else
     a TypeError: "<what> must be <expected>". Strings and bools are not numbers here, as they are not ints for
     _positive_int."""
-    dtype = getattr(value, "dtype", None)  # numpy's bool, or torch's (which numpy's == does not see)
-    refused = isinstance(value, (str, bytes, bool, np.bool_)) or dtype == np.bool_ or str(dtype) == "torch.bool"
+    refused = isinstance(value, (str, bytes)) or _boolean(value)
     try:
         if not refused:
             return float(value)

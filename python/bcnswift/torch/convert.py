@@ -96,8 +96,8 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
     these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise. A convolution whose
     weight is computed from other parameters (torch's hook-based ``weight_norm`` or ``spectral_norm``, a mask of
     ``torch.nn.utils.prune``; their parametrized forms are subclasses) is not a Parameter to standardize and stays
-    as it is. Hooks registered on a
-    replaced layer do not move to the new one (as with nn.SyncBatchNorm.convert_sync_batchnorm).
+    as it is. Hooks registered on a replaced layer do not move to the new one (as with
+    nn.SyncBatchNorm.convert_sync_batchnorm).
 
     A convolution with a fan-in of 1 (a 1x1 depthwise one: one weight per output channel) stays a plain
     nn.Conv2d: its unbiased deviation, over one value, is undefined, so the WS Conv2d refuses it on every call.

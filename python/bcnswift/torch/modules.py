@@ -119,11 +119,12 @@ class EstBN(KernelViews, nn.Module):
         self.estbn_moving_speed.zero_()
 
     def stage(self):
-        if self.estbn_moving_speed is None and self.training:  # (a stage without it would update at rate 0)
+        speed = self.estbn_moving_speed  # (read once: a buffer's read goes through nn.Module.__getattr__)
+        if speed is None and self.training:  # (a stage without it would update at rate 0)
             raise ValueError("estbn_moving_speed is None: a training EstBN moves its estimates at the rate this "
                              "buffer holds (the authors' code fails without it too); give it a one-value tensor "
                              "in [0, 1], e.g. torch.tensor([0.1])")
-        return BatchNormStage(_AUTHORS_ESTBN, self.eps, 0.0, self.estbn_moving_speed, self.weight, self.bias,
+        return BatchNormStage(_AUTHORS_ESTBN, self.eps, 0.0, speed, self.weight, self.bias,
                               self.running_mean, self.running_var, self.num_batches_tracked, self.training, True)
 
     @fx_leaf
