@@ -67,7 +67,7 @@ def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
             assert report[name].get("versions as one process", name.startswith("ddp")), \
                 f"{name}, rank {rank}: the buffers' versions moved otherwise than one process's"
     for name in ("ddp", "uneven, one rank empty", "authors batch frozen", "authors cumulative", "labml cumulative",
-                 "authors untracked", "labml untracked"):
+                 "authors untracked", "labml untracked", "authors countless"):
         assert name in ranks[0], name
 
 
@@ -87,6 +87,10 @@ def test_failures_raise_on_every_rank_and_change_nothing(reports):
             ("failure param dtype", "TypeError", f"rank {n - 1} of {n} failed: TypeError: cn_weight has dtype "
                                                  "float32"),
             ("failure groups type", "TypeError", f"rank {n - 1} of {n} failed: TypeError"),
+            ("failure groups str", "TypeError", f"rank {n - 1} of {n} failed: TypeError: num_groups must be an int, "
+                                                "got str '4'"),
+            ("failure speed none", "ValueError", f"rank {n - 1} of {n} failed: ValueError: estbn_moving_speed is "
+                                                 "None"),
             ("failure estimate", "ValueError", f"estimate is False on rank 0 but True on rank {n - 1}"),
             ("failure speed", "ValueError", f"rank {n - 1} of {n} failed: ValueError: estbn_moving_speed must be in "
                                             "[0, 1], got 1.5"),

@@ -53,7 +53,8 @@ def make(kind, C, G, dtype):
     """(synchronized module, the same local one); a kind ending in " frozen" has its batch-norm stage in eval
     inside a training module (the frozen-BN idiom), which exchanges nothing: it did, and trained the stage.
     "cumulative": momentum None, a cumulative average of the batches' statistics; "untracked": a batch norm
-    switched to track_running_stats=False after construction, so that it has buffers but must not update them."""
+    switched to track_running_stats=False after construction, so that it has buffers but must not update them;
+    "authors countless": the batch norm's num_batches_tracked set to None (it failed after updating the buffers)."""
     if kind.endswith(" frozen"):
         pair = make(kind[:-len(" frozen")], C, G, dtype)
         for m in pair:
@@ -62,6 +63,11 @@ def make(kind, C, G, dtype):
                 m.bn.running_mean.fill_(1.5)  # away from the fresh buffers, so that using them shows
         return pair
     import bcnswift.torch as bt
+    if kind == "authors countless":  # a batch norm without num_batches_tracked (set to None): momentum alone
+        pair = bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)
+        for m in pair:
+            m.bn.num_batches_tracked = None
+        return pair
     if kind.endswith((" cumulative", " untracked")):  # batch statistics; the documents' modules, or labml's
         pair = (bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)) if kind.startswith("authors") else \
             (bt.SyncBatchChannelNorm(C, G, estimate=False, dtype=dtype), bt.BatchChannelNorm(C, G, estimate=False,
@@ -191,13 +197,16 @@ def failure(rank, size, case):
     be updated outside it; strided buffers, float count: the last rank's running_mean is a strided view, or its
     num_batches_tracked a float (the local modules take those through the composed route; the kernels, which the
     exchange runs on alone, do not); grad buffers: the last rank's running_var requires grad; lone mean: the last
-    rank's running_var is None (its running_mean kept); out of memory: the last rank's moments kernel cannot
+    rank's running_var is None (its running_mean kept); speed none: the last rank's EstBN moving speed is None
+    (refused while its stage is read, before the exchange: the others waited in the allgather); groups str: the
+    last rank's num_groups is "4" (a TypeError comparing it); out of memory: the last rank's moments kernel cannot
     allocate its scratch (its MemoryError, which bcnswift.torch raises as torch.OutOfMemoryError)."""
     import bcnswift.torch as bt
     C = 8
     bad = rank == size - 1
     dtype = torch.float32 if case == "input dtype" or case == "module dtype" and bad else torch.float64
-    estimate = case in ("eps", "input dtype", "sizes", "speed", "param dtype") or case == "estimate" and bad
+    estimate = case in ("eps", "input dtype", "sizes", "speed", "param dtype", "speed none") or \
+        case == "estimate" and bad
     with torch.inference_mode(case == "inference buffers" and bad):
         layer = bt.SyncBCNorm(C, 2 if case == "groups" and bad else 4, estimate=estimate, dtype=dtype)
     if case == "own forward" and bad:
@@ -219,6 +228,8 @@ def failure(rank, size, case):
         layer.bn.eps = 0.0
     if case == "speed" and bad:
         layer.bn.estbn_moving_speed.fill_(1.5)
+    if case == "speed none" and bad:
+        layer.bn.estbn_moving_speed = None
     xs, _ = batches(SEED, [2] * size, C, torch.float64 if case == "input dtype" else dtype)
     x = xs[rank][:, :C - 1] if case == "channels" and bad else xs[rank]
     if case == "not a tensor" and bad:
@@ -229,6 +240,8 @@ def failure(rank, size, case):
         layer.bn.momentum = "a"
     if case == "groups type" and bad:  # a header cannot carry it: the rank's error instead, on every rank
         layer.num_groups = 4.0
+    if case == "groups str" and bad:
+        layer.num_groups = "4"
     if case == "param dtype" and bad:  # checked before estimate mode's update of the buffers, on every rank
         layer.weight = torch.nn.Parameter(torch.ones(1, 4, 1, dtype=torch.float32))
     if case == "sizes" and bad:
@@ -344,7 +357,7 @@ def run_all(rank, size):
         for kind in ("authors batch", "authors estimate", "labml batch", "labml estimate"):
             out[f"{kind} {str(dtype)[6:]}"] = equality(rank, size, kind, dtype, [2 + r % 2 for r in range(size)])
     for kind in ("authors batch frozen", "authors estimate frozen", "labml batch frozen", "authors cumulative",
-                 "labml cumulative", "authors untracked", "labml untracked"):
+                 "labml cumulative", "authors untracked", "labml untracked", "authors countless"):
         out[kind] = equality(rank, size, kind, torch.float64, [2 + r % 2 for r in range(size)])
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))
@@ -352,7 +365,7 @@ def run_all(rank, size):
     for case in ("channels", "groups", "eps", "input dtype", "module dtype", "not a tensor", "sparse", "momentum",
                  "sizes", "groups type", "estimate", "speed", "own forward", "own forward labml", "syncbn stage",
                  "inference buffers", "strided buffers", "float count", "grad buffers", "lone mean", "param dtype",
-                 "out of memory"):
+                 "out of memory", "speed none", "groups str"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
     out["phase mismatch"] = phase_mismatch(rank, size)

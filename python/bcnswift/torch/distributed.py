@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _ext
-from ..distributed import LayerConfig, Synchronizer
+from ..distributed import UNSENT, LayerConfig, Synchronizer
 from ..layers import real_number
 from . import _ops
 from ._ops import fx_leaf
@@ -121,7 +121,8 @@ class _SyncForward(torch.autograd.Function):
             y, context, _ = _ops._normalize_impl(x, local["context"], merged, bn_weight, bn_bias, *buffers,
                                                  cn_weight, cn_bias, flags | _ext.BCN_TRAINING, groups, eps, bn_eps,
                                                  momentum, True)
-        torch.autograd.graph.increment_version(buffers)
+        # written through numpy: tell autograd, as an in-place torch op would (a stage may keep no count)
+        torch.autograd.graph.increment_version([t for t in buffers if t is not None])
         train = 0 if estimated else _ext.BCN_TRAINING
         _ops._save(ctx, x, context, flags | train, groups, bn_weight, bn_bias, cn_weight, cn_bias)
         ctx.synchronizer, ctx.config, ctx.empty = synchronizer, config, context is None
@@ -174,35 +175,42 @@ class GraphCaptureError(RuntimeError):
 
 
 @torch.compiler.disable  # torch.compile runs it eagerly, a graph break (fullgraph=True: torch's error saying so)
-def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=None):
-    """The training forward of a batch-norm stage `bn` (a functional.BatchNormStage) and an optional
-    channel-norm stage `cn`, with the statistics of every rank of `process_group`. It exchanges numbers between
-    processes as it runs, so no graph can hold it: `torch.compile` runs it eagerly, and an export refuses it.
-    `refused`: an error the caller found (raised inside the exchange, on every rank, like this call's own)."""
+def sync_batch_channel_norm(x, stages, channels, process_group=None):
+    """The training forward of a batch-norm stage and an optional channel-norm stage, with the statistics of every
+    rank of `process_group`. `stages()` gives them, as (bn: a functional.BatchNormStage, cn: a ChannelNormStage or
+    None, refused: an error the caller found or None); whatever it raises, or `refused`, is raised inside the
+    exchange, on every rank, like this call's own errors. It exchanges numbers between processes as it runs, so no
+    graph can hold it: `torch.compile` runs it eagerly, and an export refuses it (on this rank alone, before the
+    exchange: a trace runs on one rank without the others)."""
     if torch.compiler.is_exporting() or _fake(x) or _recorded():
         raise GraphCaptureError(
             "a synchronized BCN layer exchanges its batch statistics between processes as it runs, so a graph cannot "
             "hold its training forward: export the model in eval mode, or built with the local modules (BCNorm, "
             "BatchChannelNorm)")
-    flags = bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if cumulative_average(bn) else 0)
-    groups, eps = 1, bn.eps
-    cn_weight = cn_bias = None
-    if cn is not None:
-        flags |= _ext.BCN_CHANNEL_NORM
-        groups, eps, cn_weight, cn_bias = cn.groups, cn.eps, cn.weight, cn.bias
-    buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-    kept = bn.track_running_stats and bn.running_mean is not None
-    # the module's dtype is its first parameter or buffer's
-    own = next((t for t in (bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
-                if t is not None), None)
-    itemsize = _agreed_itemsize(x, own)
-    if not kept:  # batch statistics, nothing to keep (x's dtype; any dtype if x is not a tensor: that fails
-        # inside the exchange, on every rank)
-        buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
     synchronizer = _TorchSynchronizer(ProcessGroupTransport(process_group))
-    # What could raise on one rank alone is turned into numbers the header can carry (NaN where it failed), and the
-    # error is raised inside the exchange (`precheck`), where every rank fails together: a rank raising before it
-    # would leave the others waiting in the allgather.
+    # From here on, what could raise on one rank alone is raised inside the exchange, where every rank fails
+    # together: a rank raising before it would leave the others waiting in the allgather until the timeout.
+    try:
+        bn, cn, refused = stages()
+        flags = bn.flags | (_ext.BCN_CUMULATIVE_AVERAGE if cumulative_average(bn) else 0)
+        groups, eps = 1, bn.eps
+        cn_weight = cn_bias = None
+        if cn is not None:
+            flags |= _ext.BCN_CHANNEL_NORM
+            groups, eps, cn_weight, cn_bias = cn.groups, cn.eps, cn.weight, cn.bias
+        buffers = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        kept = bn.track_running_stats and bn.running_mean is not None
+        # the module's dtype is its first parameter or buffer's
+        own = next((t for t in (bn.weight, bn.bias, bn.running_mean if kept else None, cn_weight, cn_bias)
+                    if t is not None), None)
+        itemsize = _agreed_itemsize(x, own)
+        if not kept:  # batch statistics, nothing to keep (x's dtype; any dtype if x is not a tensor: that fails
+            # inside the exchange, on every rank)
+            buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
+    except Exception as e:  # noqa: BLE001 - the stages cannot be read: nothing to configure, every rank hears why
+        _fail_together(synchronizer, e)
+    # What else could fail is turned into numbers the header can carry (NaN where it failed), and the error is
+    # raised inside the exchange (`precheck`), after the input's own checks.
     try:
         if refused is not None:
             raise refused
@@ -244,6 +252,16 @@ def sync_batch_channel_norm(x, bn, cn, channels, process_group=None, refused=Non
                               eps, bn_eps, momentum, channels, synchronizer, counts_empty, itemsize, precheck)
 
 
+def _fail_together(synchronizer, error):
+    """Joins a training forward's exchange with `error` as this rank's failure, before any configuration could be
+    read (the header's is `UNSENT`): every rank raises (the others naming this rank and its message), and so does
+    this one, `error` as the cause."""
+    def failed():
+        raise error
+    synchronizer.moments(UNSENT, failed)
+    raise RuntimeError("the statistics exchange went on after a rank's failure") from error  # (it never does)
+
+
 def _recorded():
     """Whether make_fx (its proxy mode) records this call into a graph, which could not hold the exchange: it failed
     in the exchange, blaming the ranks. Other dispatch modes (FlopCounterMode, ...) only watch: the call runs."""
@@ -273,6 +291,11 @@ class SyncBCNorm(BCNorm):
         # without data) runs here, to an empty output
         if not self.training or not isinstance(self.bn, (EstBN, _BatchNorm)) or not self.bn.training:
             return super().forward(x)
+        return sync_batch_channel_norm(x, self._stages, self.num_channels, self.process_group)
+
+    def _stages(self):
+        """`sync_batch_channel_norm`'s stages, read where a failure reaches every rank (EstBN's refuses a moving
+        speed of None)."""
         bn = self.bn
         estimated = isinstance(bn, EstBN)
         stage = bn.stage() if estimated else torch_batch_norm_stage(bn)
@@ -280,8 +303,7 @@ class SyncBCNorm(BCNorm):
         # nn.SyncBatchNorm's own forward does a batch norm's math too, over its own group: fused over this one's
         fused = EstBN.forward if estimated else \
             nn.SyncBatchNorm.forward if isinstance(bn, nn.SyncBatchNorm) else _BatchNorm.forward
-        refused = _own_forward(self, "bn", bn, fused)
-        return sync_batch_channel_norm(x, stage, cn, self.num_channels, self.process_group, refused)
+        return stage, cn, _own_forward(self, "bn", bn, fused)
 
 
 class SyncBatchChannelNorm(BatchChannelNorm):
@@ -296,11 +318,13 @@ class SyncBatchChannelNorm(BatchChannelNorm):
     def forward(self, x):
         if not self.training or not self.batch_norm.training:  # as SyncBCNorm: the stage frozen exchanges nothing
             return super().forward(x)
+        return sync_batch_channel_norm(x, self._stages, self.channel_norm.channels, self.process_group)
+
+    def _stages(self):
         batch_norm, channel_norm = self.batch_norm, self.channel_norm
         refused = (_own_forward(self, "batch_norm", batch_norm, BatchNorm.forward)
                    or _own_forward(self, "channel_norm", channel_norm, ChannelNorm.forward))
-        return sync_batch_channel_norm(x, batch_norm.stage(), channel_norm.stage(), channel_norm.channels,
-                                       self.process_group, refused)
+        return batch_norm.stage(), channel_norm.stage(), refused
 
 
 def _own_forward(module, name, stage, fused_forward):
