@@ -57,7 +57,8 @@ def test_compiled_ddp_training_runs_the_exchange_eagerly_and_graph_captures_refu
 def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
     n, ranks = reports
     for name in ranks[0]:
-        if name.startswith("failure") or name in ("all empty", "outside the group", "phase mismatch"):
+        if name.startswith("failure") or name in ("all empty", "outside the group", "phase mismatch",
+                                                  "batched backward"):
             continue
         tol = 1e-5 if "float32" in name else 1e-12
         for rank, report in enumerate(ranks):
@@ -134,6 +135,15 @@ def test_a_backward_that_fails_before_the_exchange_raises_on_every_rank(reports)
     raised = [r["failure backward"] for r in ranks]
     assert {r["raised"] for r in raised} == {"TypeError"}, raised
     assert all(f"rank {n - 1} of {n} failed" in r["message"] for r in raised[:-1]), raised
+
+
+def test_a_batched_backward_is_refused_with_batch_statistics_and_exact_when_estimated(reports):
+    n, ranks = reports
+    for rank, report in enumerate(ranks):
+        refused, estimated = report["batched backward"]["batch"], report["batched backward"]["estimate"]
+        assert refused["raised"] == "RuntimeError", (rank, refused)
+        assert "so it cannot run batched" in refused["message"], (rank, refused)
+        assert estimated["raised"] is None and estimated["exact"], (rank, estimated)
 
 
 def test_a_forward_meeting_a_backward_raises_on_every_rank_and_kills_none(reports):

@@ -506,6 +506,59 @@ def test_torch_func_grad_and_vmap_run_the_same_math(gen):
     torch.testing.assert_close(transformed, conv.weight.grad, **tol)
 
 
+#: (name, module factory, input shape) for the batched backward: each eager route's autograd Function
+BATCHED_BACKWARD = [
+    ("BCNorm", lambda: bt.BCNorm(8, 4), (3, 8, 4, 5)),
+    ("BCNorm estimate", lambda: _est(8, 4), (3, 8, 4, 5)),
+    ("EstBN", lambda: _estbn(8, 4), (3, 8, 4, 5)),
+    ("labml BatchChannelNorm", lambda: bt.BatchChannelNorm(8, 4), (3, 8, 4, 5)),
+    ("ChannelNorm rows", lambda: bt.ChannelNorm(8, 4), (3, 8)),
+    ("WS Conv2d", lambda: bt.Conv2d(8, 4, 3), (3, 8, 5, 5)),
+    ("WS Linear", lambda: bt.Linear(6, 4), (3, 6)),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name,make,shape", BATCHED_BACKWARD, ids=[b[0] for b in BATCHED_BACKWARD])
+def test_a_batched_backward_gives_each_gradient_as_computed_alone(name, make, shape, training, layout, eager_route,
+                                                                   gen):
+    """autograd.grad(..., is_grads_batched=True) and jacobian(..., vectorize=True) run the backward under vmap,
+    whose batched output gradients hold no memory for the kernels: both eager routes raised "Cannot access data
+    pointer of Tensor that doesn't have storage". Each gradient of the batch, of the input and of every parameter,
+    is now the one computed alone, bit for bit (the same kernel calls, one per gradient)."""
+    m = make().double().train(training)
+    x = rand_input(gen, shape, layout=layout if len(shape) == 4 else "contiguous").requires_grad_()
+    inputs = [x, *m.parameters()]
+    y = m(x)
+    v = torch.randn((3, *y.shape), generator=gen, dtype=torch.float64) + 0.5
+    batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        alone = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
+        for what, b, a in zip(["input"] + [k for k, _ in m.named_parameters()], batched, alone):
+            assert b.shape == (3, *a.shape), (name, what, b.shape)
+            torch.testing.assert_close(b[i], a, rtol=0, atol=0, msg=f"{name}: {what}, gradient {i}")
+    x1 = x.detach()[:2]
+    m.eval()  # (a training jacobian would move the estimates between its two forwards)
+    vectorized = torch.autograd.functional.jacobian(m, x1, vectorize=True)
+    torch.testing.assert_close(vectorized, torch.autograd.functional.jacobian(m, x1), rtol=0, atol=0)
+
+
+def test_a_batched_backward_of_a_composed_route_layer_matches_the_kernels(gen, monkeypatch):
+    """The composed route (CUDA, half precision, BCNSWIFT_TORCH_COMPOSED=1) is torch's own math under vmap: its
+    batched gradients are the kernels' to rounding."""
+    m = _est(8, 4).double()
+    x = rand_input(gen, (3, 8, 4, 5)).requires_grad_()
+    v = torch.randn((2, 3, 8, 4, 5), generator=gen, dtype=torch.float64) + 0.5
+    results = []
+    for composed in (False, True):
+        monkeypatch.setattr(functional, "COMPOSED", composed)
+        k = copy.deepcopy(m)
+        results.append(torch.autograd.grad(k(x), [x, *k.parameters()], v, is_grads_batched=True))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_a_batch_norm_without_a_count_updates_as_torch_s(momentum, route, gen):
     """BCNorm's bn with num_batches_tracked None (torch's batch norms allow it): with a momentum the update runs

@@ -313,6 +313,29 @@ def failure_in_backward(rank, size):
         return {"raised": type(e).__name__, "message": str(e)}
 
 
+def batched_backward(rank, size):
+    """autograd.grad(..., is_grads_batched=True) on every rank: with batch statistics, refused on every rank (one
+    exchange of gradient sums per output gradient cannot be batched); estimated (a local backward), each gradient of
+    the batch is the one computed alone, bit for bit. Both raised "Cannot access data pointer"."""
+    import bcnswift.torch as bt
+    out = {}
+    for kind in ("batch", "estimate"):
+        layer = bt.SyncBCNorm(8, 4, estimate=kind == "estimate", dtype=torch.float64)
+        if kind == "estimate":
+            layer.bn.estbn_moving_speed.fill_(0.1)
+        xs, dys = batches(SEED + 7, [2] * size, 8, torch.float64)
+        x = xs[rank].clone().requires_grad_()
+        y = layer(x)
+        v = torch.stack([dys[rank], dys[rank] * 0.5 + 0.25, -dys[rank]])
+        try:
+            g = torch.autograd.grad(y, x, v, is_grads_batched=True, retain_graph=True)[0]
+            alone = [torch.autograd.grad(y, x, vi, retain_graph=True)[0] for vi in v]
+            out[kind] = {"raised": None, "message": "", "exact": all(torch.equal(g[i], a) for i, a in enumerate(alone))}
+        except Exception as e:  # noqa: BLE001
+            out[kind] = {"raised": type(e).__name__, "message": str(e)}
+    return out
+
+
 def phase_mismatch(rank, size):
     """The last rank makes a forward while the others make the backward of theirs: every rank raises the same
     RuntimeError. The backward once sent its header and sums in one allgather, larger than the forward's header
@@ -368,6 +391,7 @@ def run_all(rank, size):
                  "out of memory", "speed none", "groups str"):
         out[f"failure {case}"] = failure(rank, size, case)
     out["failure backward"] = failure_in_backward(rank, size)
+    out["batched backward"] = batched_backward(rank, size)
     out["phase mismatch"] = phase_mismatch(rank, size)
     out["outside the group"] = outside_the_group(rank, size)
     out["all empty"] = all_empty(rank, size)

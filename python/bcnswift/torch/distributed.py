@@ -165,6 +165,13 @@ class _SyncForward(torch.autograd.Function):
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
+        if _ops._batched(dy):  # (autograd.grad(is_grads_batched=True), jacobian(vectorize=True))
+            if merge is not None:
+                raise RuntimeError("a synchronized backward with batch statistics exchanges one set of gradient sums "
+                                   "between the ranks per output gradient, so it cannot run batched "
+                                   "(autograd.grad(..., is_grads_batched=True), jacobian(..., vectorize=True)): "
+                                   "compute the gradients one at a time")
+            backward = _ops._backward_op_on_array  # estimated: local, the op, which vmap batches
         dx, dbw, dbb, dcw, dcb = _ops._normalize_gradients(ctx, dy, backward, saved)
         grads = (dx, dbw, dbb, None, None, None, None, dcw, dcb) + (None,) * 10
         return _ops._first_order_only(grads, x, dy)

@@ -744,6 +744,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> normalize_backward_op(const T
     return {dx, g[0], g[1], g[2], g[3]};
 }
 
+// ---- the ops, as the dispatcher calls them -------------------------------------------------------------------
+
+using OpSymInt = c10::SymInt;
+
+// The typed handle of one of _ops.py's ops (defined there, in Python, before this library loads).
+template <class Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char *name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using MomentsSig = std::tuple<Tensor, Tensor>(const Tensor &, OpSymInt, OpSymInt);
+using UpdateSig = void(Tensor &, Tensor &, Tensor &, const Tensor &, OpSymInt, double, const OptionalTensor &);
+using NormalizeSig = std::tuple<Tensor, Tensor>(const Tensor &, const OptionalTensor &, const OptionalTensor &,
+                                                const OptionalTensor &, const OptionalTensor &, const OptionalTensor &,
+                                                const OptionalTensor &, const OptionalTensor &, const OptionalTensor &,
+                                                OpSymInt, OpSymInt, double, double);
+using NormalizeBatchSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor &, const OptionalTensor &,
+                                                             const OptionalTensor &, const OptionalTensor &,
+                                                             const OptionalTensor &, OpSymInt, OpSymInt, double,
+                                                             double);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor &, const Tensor &, const Tensor &,
+                                                                       OpSymInt, OpSymInt, bool, bool);
+using WSSig = Tensor(const Tensor &, double, OpSymInt);
+using WSBackwardSig = Tensor(const Tensor &, const Tensor &, double, OpSymInt);
+
+// The ops the autograd kernels redispatch to and call, and the eager route's backwards call for batched gradients,
+// each looked up once.
+struct Ops {
+    c10::TypedOperatorHandle<MomentsSig> moments = find_op<MomentsSig>("bcnswift::moments");
+    c10::TypedOperatorHandle<UpdateSig> update_running = find_op<UpdateSig>("bcnswift::update_running_");
+    c10::TypedOperatorHandle<NormalizeSig> normalize = find_op<NormalizeSig>("bcnswift::normalize");
+    c10::TypedOperatorHandle<NormalizeBatchSig> normalize_batch =
+        find_op<NormalizeBatchSig>("bcnswift::normalize_batch");
+    c10::TypedOperatorHandle<BackwardSig> backward = find_op<BackwardSig>("bcnswift::normalize_backward");
+    c10::TypedOperatorHandle<WSSig> ws = find_op<WSSig>("bcnswift::weight_standardization");
+    c10::TypedOperatorHandle<WSBackwardSig> ws_backward =
+        find_op<WSBackwardSig>("bcnswift::weight_standardization_backward");
+};
+
+const Ops &ops() {
+    static const Ops found;
+    return found;
+}
+
+// _ops._batched: whether t is a vmap's BatchedTensor, without memory of its own for the kernels. Autograd's
+// grad(..., is_grads_batched=True) and jacobian(..., vectorize=True) run a backward under (legacy) vmap with such
+// output gradients; the eager route's backwards then call the backward op through the dispatcher, where vmap runs
+// it once per gradient of the batch.
+bool batched(const Tensor &t) {
+    return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+                                                     c10::DispatchKey::FuncTorchGradWrapper}));
+}
+
 // ---- the eager route (bcnswift::_eager_normalize) ------------------------------------------------------------
 
 // _ops._EagerForward in C++: a module's whole forward in one op call, and its backward a node of autograd's graph
@@ -889,7 +942,15 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         for (int i = 0; i < 4; ++i) shapes[i] = listed.get(i);
         Tensor dx;
         ParameterGradients g;
-        {
+        if (batched(dy)) {  // the op, which vmap batches; each parameter's gradient in its shape, as backward_of's
+            Tensor g0, g1, g2, g3;
+            std::tie(dx, g0, g1, g2, g3) = ops().backward.call(dy, x, context, saved["flags"].toInt(),
+                                                               saved["groups"].toInt(), saved["bn_affine"].toBool(),
+                                                               saved["cn_affine"].toBool());
+            g = {g0, g1, g2, g3};
+            for (int i = 0; i < 4; ++i)
+                g[i] = !shapes[i] ? Tensor() : shapes[i]->size() == 1 ? g[i] : g[i].view(*shapes[i]);
+        } else {
             BelowAutograd below;
             std::tie(dx, g) = backward_of(dy, x, context, saved["flags"].toInt(),
                                           saved["groups"].toInt(), saved["bn_affine"].toBool(),
@@ -1027,7 +1088,10 @@ struct EagerWeightStandardization : public torch::autograd::Function<EagerWeight
     static variable_list backward(AutogradContext *ctx, variable_list grad_outputs) {
         Tensor w = ctx->get_saved_variables()[0];
         const Tensor &grad = grad_outputs[0];
-        Tensor dw = ws_backward_op(grad, w, ctx->saved_data["eps"].toDouble(), ctx->saved_data["flags"].toInt());
+        double eps = ctx->saved_data["eps"].toDouble();
+        int64_t flags = ctx->saved_data["flags"].toInt();
+        // batched: the op, which vmap batches (as EagerNormalize's)
+        Tensor dw = batched(grad) ? ops().ws_backward.call(grad, w, eps, flags) : ws_backward_op(grad, w, eps, flags);
         return first_order_only({dw, Tensor(), Tensor()}, w, grad);  // w, then eps and flags
     }
 };
@@ -1050,8 +1114,6 @@ Tensor eager_weight_standardization_op(const Tensor &w, double eps, int64_t flag
 // the context saved, the context and moments not differentiable, the backward the op normalize_backward (whose
 // own kernel here makes a second derivative raise), each parameter's gradient in its parameter's shape.
 
-using OpSymInt = c10::SymInt;
-
 bool any_requires_grad(std::initializer_list<const Tensor *> tensors) {
     if (!at::GradMode::is_enabled()) return false;
     for (const Tensor *t : tensors)
@@ -1064,44 +1126,6 @@ const Tensor &or_undefined(const OptionalTensor &t) {
     return t ? *t : undefined;
 }
 
-// The typed handle of one of _ops.py's ops (defined there, in Python, before this library loads).
-template <class Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char *name) {
-    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-using MomentsSig = std::tuple<Tensor, Tensor>(const Tensor &, OpSymInt, OpSymInt);
-using UpdateSig = void(Tensor &, Tensor &, Tensor &, const Tensor &, OpSymInt, double, const OptionalTensor &);
-using NormalizeSig = std::tuple<Tensor, Tensor>(const Tensor &, const OptionalTensor &, const OptionalTensor &,
-                                                const OptionalTensor &, const OptionalTensor &, const OptionalTensor &,
-                                                const OptionalTensor &, const OptionalTensor &, const OptionalTensor &,
-                                                OpSymInt, OpSymInt, double, double);
-using NormalizeBatchSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor &, const OptionalTensor &,
-                                                             const OptionalTensor &, const OptionalTensor &,
-                                                             const OptionalTensor &, OpSymInt, OpSymInt, double,
-                                                             double);
-using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor &, const Tensor &, const Tensor &,
-                                                                       OpSymInt, OpSymInt, bool, bool);
-using WSSig = Tensor(const Tensor &, double, OpSymInt);
-using WSBackwardSig = Tensor(const Tensor &, const Tensor &, double, OpSymInt);
-
-// The ops the autograd kernels redispatch to and call, each looked up once.
-struct Ops {
-    c10::TypedOperatorHandle<MomentsSig> moments = find_op<MomentsSig>("bcnswift::moments");
-    c10::TypedOperatorHandle<UpdateSig> update_running = find_op<UpdateSig>("bcnswift::update_running_");
-    c10::TypedOperatorHandle<NormalizeSig> normalize = find_op<NormalizeSig>("bcnswift::normalize");
-    c10::TypedOperatorHandle<NormalizeBatchSig> normalize_batch =
-        find_op<NormalizeBatchSig>("bcnswift::normalize_batch");
-    c10::TypedOperatorHandle<BackwardSig> backward = find_op<BackwardSig>("bcnswift::normalize_backward");
-    c10::TypedOperatorHandle<WSSig> ws = find_op<WSSig>("bcnswift::weight_standardization");
-    c10::TypedOperatorHandle<WSBackwardSig> ws_backward =
-        find_op<WSBackwardSig>("bcnswift::weight_standardization_backward");
-};
-
-const Ops &ops() {
-    static const Ops found;
-    return found;
-}
 
 }  // namespace
 
