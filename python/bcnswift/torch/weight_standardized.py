@@ -77,6 +77,8 @@ class _WeightStandardized(KernelViews):
 
     def _standardized(self, w):
         """`w` ([out, fan-in...]) standardized per row; both conventions divide by an unbiased deviation."""
+        if not w.shape[0]:  # no output channels (torch's layers allow them: an empty output), nothing to standardize
+            return w.clone()
         if not standardizable(w):  # a fan-in below 2 (integers only: this runs on every forward)
             raise ValueError(f"{type(self).__name__}: Weight Standardization needs a fan-in of at least 2 per output "
                              f"channel (its unbiased deviation), got weight of shape {tuple(self.weight.shape)}")
