@@ -238,6 +238,25 @@ def test_compiled_autograd_gives_eager_gradients(forward, gen, kernel_calls):
     assert backward_graphs, "compiled autograd compiled no backward graph"
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_a_batched_backward_through_the_traced_ops_gives_each_gradient_as_computed_alone(training, gen):
+    """autograd.grad(..., is_grads_batched=True) through a graph of the ops (aot_eager): vmap runs the backward ops
+    once per gradient, each the one computed alone (to rounding: torch's batched matmuls in the model add in
+    another order). (Inductor's compiled backward takes no batched gradients, for torch's own layers either.)"""
+    eager, _ = twin_models()
+    eager.train(training)
+    compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
+    x = rand_input(gen, (2, 3, 8, 8)).requires_grad_()
+    inputs = [x, *eager.parameters()]
+    y = compiled(x)
+    v = torch.randn((3, *y.shape), generator=gen, dtype=torch.float64) + 0.5
+    batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        alone = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
+        for k, (b, a) in enumerate(zip(batched, alone)):
+            torch.testing.assert_close(b[i], a, rtol=1e-12, atol=1e-14, msg=f"input {k}, gradient {i}")
+
+
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compiled_convolutions_hand_their_channels_last_memory_to_the_kernels(gen, monkeypatch, kernel_calls):
     """Inductor lays convolution outputs out channels-last on the CPU when it judges that faster (forced here).
