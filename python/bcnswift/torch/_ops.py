@@ -847,7 +847,7 @@ class _EagerForward(torch.autograd.Function):
 def _eager_normalize_backward(ctx, dy):
     saved = ctx.saved_tensors  # unpacked for autograd's check that x was not modified in place
     x = saved[0]
-    if _batched(dy):  # the op, which vmap batches
+    if _vmapped(dy):  # the op, which vmap batches
         g = _normalize_gradients(ctx, dy, _backward_op_on_array, saved)
         return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
     g = backward_impl(dy, x, _saved_context(ctx, saved), ctx.flags, ctx.groups, ctx.bn_affine, ctx.cn_affine,
@@ -856,7 +856,7 @@ def _eager_normalize_backward(ctx, dy):
     return _first_order_only((*g, None), x if ctx.anchor is None else ctx.anchor, dy)
 
 
-def _batched(t):
+def _vmapped(t):
     """Whether t is a vmap's BatchedTensor, which holds no memory of its own for the kernels: autograd's
     `grad(..., is_grads_batched=True)` and `jacobian(..., vectorize=True)` run a backward under (legacy) vmap,
     with such output gradients. The eager routes' backwards then call the backward op through the dispatcher,
@@ -918,7 +918,7 @@ class _EagerWeightStandardization(torch.autograd.Function):
 @torch.compiler.disable  # (see _eager_normalize_backward)
 def _eager_weight_standardization_backward(ctx, grad):
     (w,) = ctx.saved_tensors
-    if _batched(grad):  # the op, which vmap batches (as in _eager_normalize_backward)
+    if _vmapped(grad):  # the op, which vmap batches (as in _eager_normalize_backward)
         dw = weight_standardization_backward(grad, w, ctx.eps, ctx.flags)
     else:
         dw = weight_standardization_backward_impl(grad, w, ctx.eps, ctx.flags, ctx.views)

@@ -165,7 +165,7 @@ class _SyncForward(torch.autograd.Function):
         def backward(dy, x, context, flags, groups, bn_affine, cn_affine):
             return _ops.backward_impl(dy, x, context, flags, groups, bn_affine, cn_affine, merge, ctx.shapes)
 
-        if _ops._batched(dy):  # (autograd.grad(is_grads_batched=True), jacobian(vectorize=True))
+        if _ops._vmapped(dy):  # (autograd.grad(is_grads_batched=True), jacobian(vectorize=True))
             if merge is not None:
                 raise RuntimeError("a synchronized backward with batch statistics exchanges one set of gradient sums "
                                    "between the ranks per output gradient, so it cannot run batched "

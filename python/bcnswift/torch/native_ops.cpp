@@ -788,11 +788,11 @@ const Ops &ops() {
     return found;
 }
 
-// _ops._batched: whether t is a vmap's BatchedTensor, without memory of its own for the kernels. Autograd's
+// _ops._vmapped: whether t is a vmap's BatchedTensor, without memory of its own for the kernels. Autograd's
 // grad(..., is_grads_batched=True) and jacobian(..., vectorize=True) run a backward under (legacy) vmap with such
 // output gradients; the eager route's backwards then call the backward op through the dispatcher, where vmap runs
 // it once per gradient of the batch.
-bool batched(const Tensor &t) {
+bool vmapped(const Tensor &t) {
     return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
                                                      c10::DispatchKey::FuncTorchGradWrapper}));
 }
@@ -942,7 +942,7 @@ struct EagerNormalize : public torch::autograd::Function<EagerNormalize> {
         for (int i = 0; i < 4; ++i) shapes[i] = listed.get(i);
         Tensor dx;
         ParameterGradients g;
-        if (batched(dy)) {  // the op, which vmap batches; each parameter's gradient in its shape, as backward_of's
+        if (vmapped(dy)) {  // the op, which vmap batches; each parameter's gradient in its shape, as backward_of's
             Tensor g0, g1, g2, g3;
             std::tie(dx, g0, g1, g2, g3) = ops().backward.call(dy, x, context, saved["flags"].toInt(),
                                                                saved["groups"].toInt(), saved["bn_affine"].toBool(),
@@ -1091,7 +1091,7 @@ struct EagerWeightStandardization : public torch::autograd::Function<EagerWeight
         double eps = ctx->saved_data["eps"].toDouble();
         int64_t flags = ctx->saved_data["flags"].toInt();
         // batched: the op, which vmap batches (as EagerNormalize's)
-        Tensor dw = batched(grad) ? ops().ws_backward.call(grad, w, eps, flags) : ws_backward_op(grad, w, eps, flags);
+        Tensor dw = vmapped(grad) ? ops().ws_backward.call(grad, w, eps, flags) : ws_backward_op(grad, w, eps, flags);
         return first_order_only({dw, Tensor(), Tensor()}, w, grad);  // w, then eps and flags
     }
 };
