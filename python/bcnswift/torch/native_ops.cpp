@@ -1126,7 +1126,6 @@ const Tensor &or_undefined(const OptionalTensor &t) {
     return t ? *t : undefined;
 }
 
-
 }  // namespace
 
 namespace bcnswift {
