@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import require
+from test_torch_edges import assert_batched_gradients_as_alone
 from test_torch_ops import eager_route, gen, rand_input  # noqa: F401 (eager_route, gen are fixtures)
 
 torch = require("torch")
@@ -246,15 +247,8 @@ def test_a_batched_backward_through_the_traced_ops_gives_each_gradient_as_comput
     eager, _ = twin_models()
     eager.train(training)
     compiled = torch.compile(eager, backend="aot_eager", fullgraph=True)
-    x = rand_input(gen, (2, 3, 8, 8)).requires_grad_()
-    inputs = [x, *eager.parameters()]
-    y = compiled(x)
-    v = torch.randn((3, *y.shape), generator=gen, dtype=torch.float64) + 0.5
-    batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
-    for i in range(3):
-        alone = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
-        for k, (b, a) in enumerate(zip(batched, alone)):
-            torch.testing.assert_close(b[i], a, rtol=1e-12, atol=1e-14, msg=f"input {k}, gradient {i}")
+    assert_batched_gradients_as_alone(compiled, rand_input(gen, (2, 3, 8, 8)).requires_grad_(), gen, rtol=1e-12,
+                                      atol=1e-14)
 
 
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")

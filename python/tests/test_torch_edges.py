@@ -506,6 +506,20 @@ def test_torch_func_grad_and_vmap_run_the_same_math(gen):
     torch.testing.assert_close(transformed, conv.weight.grad, **tol)
 
 
+def assert_batched_gradients_as_alone(m, x, gen, **tol):
+    """The gradients of m(x) with respect to x and every parameter of m, for three output gradients at once
+    (autograd.grad(..., is_grads_batched=True)), each as computed alone, within `tol`."""
+    inputs = [x, *m.parameters()]
+    y = m(x)
+    v = torch.randn((3, *y.shape), generator=gen, dtype=y.dtype) + 0.5
+    batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        alone = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
+        for what, b, a in zip(["input"] + [k for k, _ in m.named_parameters()], batched, alone):
+            assert b.shape == (3, *a.shape), (what, b.shape)
+            torch.testing.assert_close(b[i], a, **tol, msg=f"{what}, gradient {i}")
+
+
 #: (name, module factory, input shape) for the batched backward: each eager route's autograd Function
 BATCHED_BACKWARD = [
     ("BCNorm", lambda: bt.BCNorm(8, 4), (3, 8, 4, 5)),
@@ -529,15 +543,7 @@ def test_a_batched_backward_gives_each_gradient_as_computed_alone(name, make, sh
     is now the one computed alone, bit for bit (the same kernel calls, one per gradient)."""
     m = make().double().train(training)
     x = rand_input(gen, shape, layout=layout if len(shape) == 4 else "contiguous").requires_grad_()
-    inputs = [x, *m.parameters()]
-    y = m(x)
-    v = torch.randn((3, *y.shape), generator=gen, dtype=torch.float64) + 0.5
-    batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
-    for i in range(3):
-        alone = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
-        for what, b, a in zip(["input"] + [k for k, _ in m.named_parameters()], batched, alone):
-            assert b.shape == (3, *a.shape), (name, what, b.shape)
-            torch.testing.assert_close(b[i], a, rtol=0, atol=0, msg=f"{name}: {what}, gradient {i}")
+    assert_batched_gradients_as_alone(m, x, gen, rtol=0, atol=0)
     x1 = x.detach()[:2]
     m.eval()  # (a training jacobian would move the estimates between its two forwards)
     vectorized = torch.autograd.functional.jacobian(m, x1, vectorize=True)
