@@ -23,7 +23,8 @@ A transport is anything with mpi4py's ``Get_rank()``, ``Get_size()`` and ``Allga
 numpy buffers (recvbuf is [size, len(sendbuf)]): an mpi4py communicator, or ``bcnswift.torch``'s adapter over
 torch.distributed. With ``timeout`` (seconds) and a transport that has ``Iallgather`` (mpi4py), the exchange polls
 and raises TimeoutError when some rank has not arrived in time; the collective is then still pending, so the
-communicator must not be used again (end the job, e.g. ``comm.Abort()``). Its buffers are kept for the life of
+communicator must not be used again (end the job, e.g. ``comm.Abort()``), and so after an interrupt (Ctrl-C)
+while it waits. Its buffers are kept for the life of
 the process (`_ABANDONED`), since MPI may still write the late ranks' data into them, and every later exchange over
 that communicator raises RuntimeError at once instead of pairing with the pending one.
 """
@@ -59,7 +60,8 @@ _FLAG_WORDS = [(_ext.BCN_BATCH_NORM, "the batch-norm stage", ("absent", "present
 _ERRORS = {1: ValueError, 2: FloatingPointError, 3: TypeError, 4: RuntimeError}
 _OUT_OF_MEMORY = 5
 
-#: (request, send, recv) of every exchange that timed out: the collective is still pending, and MPI writes into
+#: (request, send, recv) of every exchange that timed out or was interrupted (a KeyboardInterrupt while it
+#: waited): the collective is still pending, and MPI writes into
 #: recv (and reads send) whenever it progresses, so these arrays must never return to numpy's allocator
 _ABANDONED = []
 #: communicators with an abandoned exchange pending: any later exchange over one would pair with it
@@ -159,6 +161,23 @@ def _disagreement(a, b):
             or scalars(("eps", a[7], b[7]), ("bn_eps", a[8], b[8]), ("momentum", momentum(a), momentum(b))))
 
 
+def _check_intracommunicator(comm):
+    """An mpi4py communicator (one with ``Is_inter``) must be a live intracommunicator: not ``MPI.COMM_NULL``,
+    which ``Split(MPI.UNDEFINED)`` gives the ranks it leaves out (it failed in the first exchange, with MPI's
+    words, on those ranks alone), and not an intercommunicator, whose Allgather gathers the other group's buffers
+    alone: each rank normalized with the other group's statistics, without a word, and the ranks' buffers parted."""
+    is_inter = getattr(comm, "Is_inter", None)
+    if not callable(is_inter):  # a transport of another kind
+        return
+    if not comm:  # (an mpi4py handle is false when null)
+        raise ValueError("comm is MPI.COMM_NULL (what Split(MPI.UNDEFINED) gives the ranks it leaves out): this "
+                         "process is in no communicator to exchange over; give such ranks a layer of their own "
+                         "communicator, or a local layer")
+    if is_inter():
+        raise ValueError("comm is an intercommunicator, whose Allgather gathers the other group's values alone: "
+                         "give an intracommunicator (inter.Merge() makes one of both groups)")
+
+
 class Synchronizer:
     """The exchange for one transport (see the module docstring); layers share it."""
 
@@ -171,6 +190,7 @@ class Synchronizer:
             if not callable(getattr(comm, method, None)):
                 raise TypeError(f"comm must be an mpi4py communicator or have Allgather, Get_rank and Get_size; "
                                 f"{type(comm).__name__} has no {method}()")
+        _check_intracommunicator(comm)
         seconds = None if timeout is None else real_number(timeout, "timeout", "a number of seconds or None")
         if seconds is not None and not seconds > 0:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -210,7 +230,8 @@ class Synchronizer:
     def _allgather(self, send):
         if any(_same_comm(self.comm, c) for c in _BROKEN):
             raise RuntimeError(f"rank {self.rank}: an earlier statistics exchange over this communicator timed out "
-                               "and is still pending; it cannot be used again (end the job, e.g. comm.Abort())")
+                               "(or was interrupted) and is still pending; it cannot be used again (end the job, "
+                               "e.g. comm.Abort())")
         recv = np.empty((self.size, send.size), send.dtype)
         if self.timeout is None or not hasattr(self.comm, "Iallgather"):
             self.comm.Allgather(send, recv)
@@ -218,15 +239,18 @@ class Synchronizer:
         request = self.comm.Iallgather(send, recv)
         deadline = time.monotonic() + self.timeout
         pause = 1e-6
-        while not request.Test():
-            if time.monotonic() > deadline:
-                _ABANDONED.append((request, send, recv))
-                _BROKEN.append(self.comm)
-                raise TimeoutError(f"rank {self.rank}: some rank did not reach the statistics exchange within "
-                                   f"{self.timeout:g} s; the exchange is still pending, so this communicator "
-                                   "cannot be used again (end the job, e.g. comm.Abort())")
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+        try:
+            while not request.Test():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {self.rank}: some rank did not reach the statistics exchange within "
+                                       f"{self.timeout:g} s; the exchange is still pending, so this communicator "
+                                       "cannot be used again (end the job, e.g. comm.Abort())")
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
+        except BaseException:  # the timeout, or an interrupt while waiting (Ctrl-C: a stuck job is when one comes)
+            _ABANDONED.append((request, send, recv))  # the collective is still pending: see `_ABANDONED`
+            _BROKEN.append(self.comm)
+            raise
         return recv
 
     def _check(self, headers, mine):

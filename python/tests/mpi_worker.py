@@ -4,6 +4,7 @@ prints one JSON line: {"results": [[rank 0's result, rank 1's, ...] per scenario
     mpiexec -n 4 python mpi_worker.py all          # equality and failure scenarios
     mpiexec -n 2 python mpi_worker.py timeout FILE # the last rank never arrives; rank 0 times out, reports in FILE
     mpiexec -n 2 python mpi_worker.py dead         # the last rank dies before the exchange
+    mpiexec -n 2 python mpi_worker.py communicators  # an intercommunicator and MPI.COMM_NULL refused
 """
 import json
 import os
@@ -89,4 +90,34 @@ def run_dead():
     print(json.dumps({"rank": rank, "raised": None}), flush=True)
 
 
-{"all": run_all, "timeout": run_timeout, "dead": run_dead}[sys.argv[1]]()
+def run_communicators():
+    """Communicators an exchange cannot use, refused by name when given (constructor or `comm` setter), on each
+    rank alone: an intercommunicator (its Allgather gathers the other group's values alone: each rank normalized
+    with the other's statistics, silently), and MPI.COMM_NULL, which Split(MPI.UNDEFINED) gives the ranks it
+    leaves out (MPI's own error in the first training forward, on those ranks). Then an intracommunicator of the
+    same ranks trains."""
+    local = comm.Split(rank % 2, rank)
+    inter = local.Create_intercomm(0, comm, 1 - rank % 2)
+    null = comm.Split(MPI.UNDEFINED if rank == size - 1 else 0, rank)
+    report = {"rank": rank}
+    for name, given in (("inter", inter), ("null", null if rank == size - 1 else MPI.COMM_NULL)):
+        for way in ("constructor", "setter"):
+            try:
+                if way == "constructor":
+                    bcnswift.SyncBatchNorm(3, dtype=np.float64, comm=given)
+                else:
+                    bcnswift.SyncBatchChannelNorm(6, 3, dtype=np.float64, comm=comm).comm = given
+                report[f"{name} {way}"] = None
+            except Exception as e:  # noqa: BLE001 - reported
+                report[f"{name} {way}"] = f"{type(e).__name__}: {e}"
+    merged = inter.Merge(rank % 2)
+    layer = bcnswift.SyncBatchNorm(3, dtype=np.float64, comm=merged)
+    layer(np.random.default_rng(S.SEED + rank).normal(1.5, 1.0, (4, 3, 2)))
+    gathered = comm.allgather(layer.running_mean)
+    report["merged trains alike"] = all(np.array_equal(g, gathered[0]) for g in gathered)
+    reports = comm.gather(report, root=0)
+    if rank == 0:
+        print(json.dumps({"results": reports}), flush=True)
+
+
+{"all": run_all, "timeout": run_timeout, "dead": run_dead, "communicators": run_communicators}[sys.argv[1]]()

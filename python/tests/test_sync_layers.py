@@ -387,11 +387,53 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
         assert any(s is send and r is recv for _, s, r in distributed._ABANDONED)
         for again in (layer, bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=0.05),
                       bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=Stuck(comm.group, 0), timeout=0.05)):
-            with pytest.raises(RuntimeError, match="timed out and is still pending; it cannot be used again"):
+            with pytest.raises(RuntimeError, match=r"timed out \(or was interrupted\) and is still pending; it "
+                                                   "cannot be used again"):
                 again(x)
         assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
         other = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=_Comm(ThreadGroup(1), 0))
         other(x)  # another communicator is unaffected
+    finally:
+        distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
+        distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
+
+
+def test_an_interrupt_while_an_exchange_waits_keeps_its_buffers_and_refuses_its_communicator_after():
+    """A KeyboardInterrupt (Ctrl-C: a stuck job is when one comes) while the exchange polls its pending
+    Iallgather leaves the collective pending, as a timeout does: its buffers are kept and every later exchange
+    over that communicator raises at once (it dropped both: MPI could write into memory numpy reuses, and the
+    next exchange paired with the pending one)."""
+    from bcnswift import distributed
+
+    class Interrupted:
+        polls = 0
+
+        def Test(self):
+            Interrupted.polls += 1
+            if Interrupted.polls == 3:  # while it waits
+                raise KeyboardInterrupt
+            return False
+
+    class Stuck(_Comm):
+        def Iallgather(self, send, recv):
+            self.buffers = (send, recv)
+            return Interrupted()
+
+        def Allgather(self, send, recv):
+            raise AssertionError("no exchange may run over a communicator with one pending")
+
+    comm = Stuck(ThreadGroup(2), 0)
+    x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.5
+    layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=30)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            layer(x)
+        send, recv = comm.buffers
+        assert any(s is send and r is recv for _, s, r in distributed._ABANDONED)
+        with pytest.raises(RuntimeError, match=r"timed out \(or was interrupted\) and is still pending"):
+            layer(x)
+        assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
     finally:
         distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
         distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]

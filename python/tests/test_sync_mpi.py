@@ -89,6 +89,18 @@ def test_a_rank_that_never_arrives_times_out(tmp_path):
                                             "communicator timed out"), report
 
 
+def test_an_intercommunicator_and_comm_null_are_refused_by_name():
+    proc = launch(2, "communicators", 120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])["results"]
+    assert len(ranks) == 2
+    for report in ranks:
+        for way in ("constructor", "setter"):
+            assert report[f"inter {way}"].startswith("ValueError: comm is an intercommunicator"), report
+            assert report[f"null {way}"].startswith("ValueError: comm is MPI.COMM_NULL"), report
+        assert report["merged trains alike"], report
+
+
 def test_a_rank_that_dies_ends_the_job_instead_of_hanging():
     # MPICH's launcher kills the other ranks when one exits early: an error, not a hang
     proc = launch(2, "dead", timeout=120)
