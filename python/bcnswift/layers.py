@@ -246,10 +246,11 @@ def instance_state(obj):
     return state
 
 
-def _fixed(name, batch_norm=True):
-    """A constructor option that the layer's kernel flags are made from once, read-only afterwards: assigned, it
-    changed nothing the layer computed (while repr() showed the new value). `batch_norm`: an option of the
-    batch-norm stage, which layers without one do not have."""
+def _fixed(name, batch_norm=True, why="its kernels' flags come from it"):
+    """A constructor option that the layer's kernel flags (or its arrays' sizes: `why`) are made from once,
+    read-only afterwards: assigned, it changed nothing the layer computed (while repr() showed the new value), or
+    failed in words that did not name it. `batch_norm`: an option of the batch-norm stage, which layers without one
+    do not have."""
     key = "_" + name
 
     def get(self):
@@ -262,8 +263,8 @@ def _fixed(name, batch_norm=True):
     def refuse(self, value):
         if batch_norm and not self._has_bn:
             raise AttributeError(f"{type(self).__name__} has no batch-norm stage, so no {name}")
-        raise AttributeError(f"{name} is fixed when a layer is made (its kernels' flags come from it): make a new "
-                             f"{type(self).__name__} with {name}={value!r}")
+        raise AttributeError(f"{name} is fixed when a layer is made ({why}): make a new {type(self).__name__} "
+                             f"with {name}={value!r}")
     return property(get, refuse)
 
 
@@ -274,12 +275,15 @@ class _Normalization:
     variance_around = _fixed("variance_around")
     unbiased_running_var = _fixed("unbiased_running_var")
     nan_policy = _fixed("nan_policy", batch_norm=False)
-    _FIXED = ("estimate", "variance_around", "unbiased_running_var", "nan_policy")
+    # (set by hand, num_groups failed in the context's sizing, by batch size, or in numpy's words)
+    num_channels = _fixed("num_channels", batch_norm=False, why="its parameters, buffers and contexts are sized by it")
+    num_groups = _fixed("num_groups", batch_norm=False, why="its weight, bias and contexts are sized by it")
+    _FIXED = ("estimate", "variance_around", "unbiased_running_var", "nan_policy", "num_channels", "num_groups")
     # every attribute _setup makes (the ones a call reads) in a slot, so that copy and pickle leave their reads fast
     # on CPython 3.11 (instance_state); __dict__ for what subclasses and users add
-    __slots__ = ("num_channels", "channel_axis", "eps", "dtype", "_nan_policy", "training", "momentum", "_estimate",
+    __slots__ = ("_num_channels", "channel_axis", "eps", "dtype", "_nan_policy", "training", "momentum", "_estimate",
                  "_variance_around", "_unbiased_running_var", "bn_eps", "bn_weight", "bn_bias", "running_mean",
-                 "running_var", "num_batches_tracked", "num_groups", "weight", "bias", "_flags", "_lock", "_saved",
+                 "running_var", "num_batches_tracked", "_num_groups", "weight", "bias", "_flags", "_lock", "_saved",
                  "grads", "_context_size", "bn", "__dict__", "__weakref__")
 
     _has_bn = False
@@ -296,7 +300,7 @@ class _Normalization:
 
     def _setup(self, num_channels, num_groups, eps, momentum, estimate, unbiased_running_var, variance_around,
                dtype, bn_eps, nan_policy, channel_axis):
-        self.num_channels = _positive_int(num_channels, "num_channels")
+        self._num_channels = _positive_int(num_channels, "num_channels")
         if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)) \
                 or channel_axis not in (1, -1):
             raise ValueError(f"channel_axis must be 1 ([B, C, *]) or -1 ([B, *, C]), got {channel_axis!r}")
@@ -306,7 +310,7 @@ class _Normalization:
         self._nan_policy = _choice(nan_policy, "nan_policy", _NAN_POLICIES)
         self.training = True
         flags = _NAN_POLICIES[nan_policy]
-        C, dt = self.num_channels, self.dtype
+        C, dt = self._num_channels, self.dtype
         if self._has_bn:
             self.momentum = _momentum(momentum)
             if not isinstance(estimate, (bool, np.bool_)):
@@ -337,14 +341,14 @@ class _Normalization:
         else:
             self.momentum, self.bn_eps = None, self.eps
         if self._has_cn:
-            self.num_groups = _positive_int(num_groups, "num_groups")
-            if C % self.num_groups:
-                raise ValueError(f"num_channels ({C}) must be divisible by num_groups ({self.num_groups})")
+            G = self._num_groups = _positive_int(num_groups, "num_groups")
+            if C % G:
+                raise ValueError(f"num_channels ({C}) must be divisible by num_groups ({G})")
             flags |= _ext.BCN_CHANNEL_NORM
-            self.weight = np.ones((1, self.num_groups, 1), dt)
-            self.bias = np.zeros((1, self.num_groups, 1), dt)
+            self.weight = np.ones((1, G, 1), dt)
+            self.bias = np.zeros((1, G, 1), dt)
         else:
-            self.num_groups = 0
+            self._num_groups = 0
         self._flags = flags
         self._lock = threading.Lock()
         self._saved = None
@@ -409,12 +413,12 @@ class _Normalization:
         if type(x) is np.ndarray and x.dtype is self.dtype and self.channel_axis == 1:
             # the common case, in a few reads: the full path below takes about 2K instructions more (callgrind),
             # of the 54K a tiny call makes
-            if x.ndim >= 2 and x.shape[1] == self.num_channels and x.size and _aligned_c_order(x):
+            if x.ndim >= 2 and x.shape[1] == self._num_channels and x.size and _aligned_c_order(x):
                 return x, "first"
         x = as_float_array(x, self.dtype)
         if x.ndim < 2:
             raise ValueError(f"input must have rank >= 2 ([B, C, *]), got shape {x.shape}")
-        if x.shape[self.channel_axis] != self.num_channels:  # only the layer knows its channel count
+        if x.shape[self.channel_axis] != self._num_channels:  # only the layer knows its channel count
             where = "dimension 1" if self.channel_axis == 1 else "the last dimension"
             raise ValueError(f"input has {x.shape[self.channel_axis]} channels ({where}) but the layer has "
                              f"{self.num_channels}")
@@ -445,7 +449,7 @@ class _Normalization:
         `_context_size` holds (batch, doubles) for the last batch size: one attribute, so threads agree."""
         cached, doubles = self._context_size
         if batch != cached:
-            doubles = _ext.context_length(batch, self.num_channels, self.num_groups)
+            doubles = _ext.context_length(batch, self._num_channels, self._num_groups)
             self._context_size = (batch, doubles)
         return doubles
 
@@ -466,7 +470,7 @@ class _Normalization:
             # named (the extension's float conversion says only "must be real number, not str")
             eps, bn_eps = real_number(eps, "eps"), real_number(bn_eps, "bn_eps")
             momentum = real_number(momentum, "momentum", "a number or None")
-        args = (flags, self.num_groups, eps, bn_eps, momentum, x, y,
+        args = (flags, self._num_groups, eps, bn_eps, momentum, x, y,
                 self.bn_weight if bn else None, self.bn_bias if bn else None,
                 self.running_mean if bn else None, self.running_var if bn else None,
                 self.num_batches_tracked if bn else None, self.weight if cn else None, self.bias if cn else None, ctx)
@@ -522,9 +526,9 @@ class _Normalization:
             gw, gb, gcw, gcb = self._fresh_gradients()
         try:  # not through _call, as in _finish_forward
             if sums is None:  # two calls rather than *args: this runs on every backward
-                _ext.norm_backward(flags, self.num_groups, x, dy, dx, gw, gb, gcw, gcb, ctx)
+                _ext.norm_backward(flags, self._num_groups, x, dy, dx, gw, gb, gcw, gcb, ctx)
             else:
-                _ext.norm_backward(flags, self.num_groups, x, dy, dx, gw, gb, gcw, gcb, ctx, sums)
+                _ext.norm_backward(flags, self._num_groups, x, dy, dx, gw, gb, gcw, gcb, ctx, sums)
         except FloatingPointError as e:
             _nan_raised(e)
 

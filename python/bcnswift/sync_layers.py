@@ -47,7 +47,7 @@ class _Synchronized:
         return self._synchronizer
 
     def _config(self):
-        return LayerConfig(self.num_channels, self.num_groups, self._call_flags(), self.dtype.itemsize, self.eps,
+        return LayerConfig(self._num_channels, self._num_groups, self._call_flags(), self.dtype.itemsize, self.eps,
                            self.bn_eps, self.momentum)
 
     def forward(self, x, out=None):
@@ -66,9 +66,9 @@ class _Synchronized:
                 raise unmade
             xl, y, flags, ctx = self._prepare_forward(x, out)
             self._check_finish(xl, y, flags, ctx)
-            m = np.zeros(3 * self.num_channels)
+            m = np.zeros(3 * self._num_channels)
             if xl.size:
-                self._call(_ext.norm_moments, flags, self.num_groups, xl, m, ctx)
+                self._call(_ext.norm_moments, flags, self._num_groups, xl, m, ctx)
             local.update(x=xl, y=y, flags=flags, ctx=ctx)
             return m
 
@@ -115,11 +115,11 @@ class _Synchronized:
             def sums():
                 x, ctx, flags, dyl, dx = self._prepare_backward(dy, out)
                 g = self._gradients()  # a gradient that is None is made in the finish
-                _ext.check_backward_finish(flags, self.num_groups, x, dyl, dx, *(g.get(k) for k in self._gradient_keys),
+                _ext.check_backward_finish(flags, self._num_groups, x, dyl, dx, *(g.get(k) for k in self._gradient_keys),
                                            ctx, None)
-                s = np.zeros(2 * self.num_channels)
+                s = np.zeros(2 * self._num_channels)
                 if x.size:
-                    self._call(_ext.norm_backward_sums, flags, self.num_groups, x, dyl, s, ctx)
+                    self._call(_ext.norm_backward_sums, flags, self._num_groups, x, dyl, s, ctx)
                 local.update(x=x, ctx=ctx, flags=flags, dy=dyl, dx=dx)
                 return s
 

@@ -88,6 +88,34 @@ def test_a_torch_bool_is_not_a_number():
     assert bcnswift.BatchChannelNorm(4, 2, eps=torch.tensor(1e-3, dtype=torch.float64)).eps == 1e-3
 
 
+@pytest.mark.parametrize("name,value", [("num_channels", 16), ("num_groups", 8), ("num_groups", "2"),
+                                        ("num_channels", 4.0)])
+def test_the_sizes_a_layer_is_made_with_are_fixed(name, value, rng):
+    """num_groups set by hand (with a weight and bias to match) failed at the next forward of the batch size seen
+    before, in the words of the context's cache; 4.0 or "2" failed in numpy's. The sizes are now refused when
+    assigned, naming them, and the layer computes as before. Copies, pickles and a pickle of the versions where
+    they were plain attributes keep them."""
+    x = rng.normal(1.5, 1.0, (3, 8, 5))
+    layers = [bcnswift.BatchChannelNorm(8, 4), bcnswift.ChannelNorm(8, 4)]
+    if name == "num_channels":
+        layers.append(bcnswift.BatchNorm(8))
+    for layer in layers:
+        layer.eval()
+        y, before = layer(x).copy(), getattr(layer, name)
+        with pytest.raises(AttributeError, match=f"^{name} is fixed when a layer is made \\(its .* sized by it\\): "
+                                                 f"make a new {type(layer).__name__} with {name}="):
+            setattr(layer, name, value)
+        assert getattr(layer, name) == before
+        np.testing.assert_array_equal(layer(x), y)
+        state = layer.__getstate__()
+        state = {k[1:] if k in ("_num_channels", "_num_groups") else k: v for k, v in state.items()}  # the old names
+        old = type(layer).__new__(type(layer))
+        old.__setstate__(state)
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), old):
+            assert getattr(twin, name) == before and repr(twin) == repr(layer)
+            np.testing.assert_array_equal(twin(x), y)
+
+
 def test_train_takes_a_bool_only():
     layer = bcnswift.BatchChannelNorm(8, 4)
     for mode in ("False", 0, None):
