@@ -636,14 +636,16 @@ class _Normalization:
         weight and bias. An unknown key (KeyError), a missing one when strict (KeyError) or a wrong shape
         (ValueError) changes nothing. num_batches_tracked and estbn_moving_speed are optional: when absent they
         keep their values; estbn_moving_speed, when given, sets momentum (NaN: momentum=None, as state_dict()
-        writes it for a cumulative average). Every entry is checked before any is written, between calls (under
-        the layer's lock)."""
+        writes it for a cumulative average). Every entry, and that the layer's arrays can be written, is checked
+        before any is written, between calls (under the layer's lock). `strict` is a bool."""
         with self._lock:
             self._load_state_dict(state_dict, strict)
 
     def _load_state_dict(self, state_dict, strict):
         if not hasattr(state_dict, "items"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        if not isinstance(strict, (bool, np.bool_)):  # ("no" would be True)
+            raise TypeError(f"strict must be a bool, got {strict!r}")
         params, buffers, aliases = self._parameters(), self._buffers(), self._aliases()
         targets = {**params, **buffers}
         staged, unknown = {}, []
@@ -680,6 +682,13 @@ class _Normalization:
             except ValueError as e:
                 raise ValueError(f"{e}: the layer's own count, which this state dict keeps while it makes the "
                                  "running average cumulative") from None
+        # an array set by hand as read-only (a view of a read-only buffer, say) failed in numpy's words, after the
+        # entries before it were written
+        for name in staged:
+            target = targets[name]
+            if isinstance(target, np.ndarray) and not target.flags.writeable:
+                raise ValueError(f"the layer's {name} is a read-only array, which this load cannot write: give the "
+                                 f"layer a writeable one (a copy) first")
         for name, value in staged.items():
             if name.endswith("estbn_moving_speed"):
                 self.momentum = value  # checked by _convert_entry

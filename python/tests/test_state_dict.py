@@ -191,6 +191,28 @@ def test_state_dicts_of_the_wrong_kind_are_refused_in_words():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+def test_a_read_only_array_of_the_layer_is_named_before_any_entry_is_written(rng):
+    """A running_var set by hand as a read-only array: the load wrote the entries before it (weight, bias,
+    bn.weight, bn.bias, bn.running_mean), then failed in numpy's words ("assignment destination is read-only").
+    Now refused first, naming it. `strict` is a bool, as train()'s mode is ("no" loaded strictly)."""
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    layer.running_var = np.ones(8, np.float32)
+    layer.running_var.setflags(write=False)
+    before = layer.state_dict()
+    changed = {k: v + rng.uniform(0.5, 1.5) if v.dtype.kind == "f" else v for k, v in before.items()}
+    with pytest.raises(ValueError, match="the layer's bn.running_var is a read-only array, which this load cannot "
+                                         "write"):
+        layer.load_state_dict(changed)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    for strict in ("no", 0, None):
+        with pytest.raises(TypeError, match=f"strict must be a bool, got {re.escape(repr(strict))}"):
+            bcnswift.BatchChannelNorm(8, 4).load_state_dict({"weight": np.ones(4)}, strict=strict)
+    fresh = bcnswift.BatchChannelNorm(8, 4)
+    fresh.load_state_dict({"weight": np.full(4, 2.0)}, strict=np.bool_(False))
+    assert (fresh.weight == 2.0).all()
+
+
 @pytest.mark.parametrize("attribute, key, value", [("num_batches_tracked", "bn.num_batches_tracked", 5),
                                                    ("running_mean", "bn.running_mean", [1.0] * 8),
                                                    ("bn_weight", "bn.weight", None), ("bias", "bias", 0.5)])
