@@ -161,6 +161,14 @@ def _disagreement(a, b):
             or scalars(("eps", a[7], b[7]), ("bn_eps", a[8], b[8]), ("momentum", momentum(a), momentum(b))))
 
 
+def timeout_seconds(timeout):
+    """An exchange's `timeout` as a float of seconds above 0, or None (wait as long as the transport does)."""
+    seconds = None if timeout is None else real_number(timeout, "timeout", "a number of seconds or None")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return seconds
+
+
 def _check_intracommunicator(comm):
     """An mpi4py communicator (one with ``Is_inter``) must be a live intracommunicator: not ``MPI.COMM_NULL``,
     which ``Split(MPI.UNDEFINED)`` gives the ranks it leaves out (it failed in the first exchange, with MPI's
@@ -191,11 +199,8 @@ class Synchronizer:
                 raise TypeError(f"comm must be an mpi4py communicator or have Allgather, Get_rank and Get_size; "
                                 f"{type(comm).__name__} has no {method}()")
         _check_intracommunicator(comm)
-        seconds = None if timeout is None else real_number(timeout, "timeout", "a number of seconds or None")
-        if seconds is not None and not seconds > 0:
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.timeout = timeout_seconds(timeout)
         self.comm = comm
-        self.timeout = seconds
         self._ok_headers = {}  # (config, phase) -> this rank's header when all is well, packed once
 
     def _header(self, config, phase, error):

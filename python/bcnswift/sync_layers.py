@@ -13,7 +13,7 @@ import copy
 import numpy as np
 
 from . import _ext
-from .distributed import UNSENT, LayerConfig, Synchronizer, mpi_world
+from .distributed import UNSENT, LayerConfig, Synchronizer, mpi_world, timeout_seconds
 from .layers import BatchChannelNorm, BatchNorm, _momentum, _positive_float, check_cumulative_count
 
 
@@ -21,8 +21,25 @@ class _Synchronized:
     """The synchronized forward and backward over a layer's own phases."""
 
     def _sync_setup(self, comm, timeout):
-        self._comm, self._timeout = comm, timeout
-        self._synchronizer = Synchronizer(mpi_world() if comm is None else comm, timeout)
+        self._comm, self._timeout = comm, timeout_seconds(timeout)
+        self._synchronizer = Synchronizer(mpi_world() if comm is None else comm, self._timeout)
+
+    @property
+    def timeout(self):
+        """Seconds each exchange waits for the other ranks (None: as long as the transport does); settable."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout):
+        seconds = timeout_seconds(timeout)  # checked first
+        with self._lock:
+            self._timeout = seconds
+            if self._synchronizer is not None:  # (None: unpickled, made with this timeout when first needed)
+                self._synchronizer.timeout = seconds
+
+    def __repr__(self):
+        text = super().__repr__()  # (the communicator is no value a repr could show)
+        return text if self._timeout is None else f"{text[:-1]}, timeout={self._timeout!r})"
 
     @property
     def comm(self):

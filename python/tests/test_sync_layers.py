@@ -1,6 +1,7 @@
 """The synchronized numpy layers over an in-process transport: threads as ranks, with a transport that has only
 Allgather, Get_rank and Get_size (no mpi4py), as a user's own transport would. The same scenarios run over real
 MPI processes in test_sync_mpi.py."""
+import copy
 import pickle
 import threading
 
@@ -396,6 +397,42 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
     finally:
         distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
         distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
+
+
+def test_timeout_is_an_attribute_as_comm_is():
+    """`timeout` reads, sets (checked, used by the next exchange) and shows in repr(), as `comm` reads and sets: it
+    was kept apart (layer.timeout raised AttributeError, and assigning it made a new attribute the exchange
+    never read)."""
+    from bcnswift import distributed
+
+    class Pending:
+        def Test(self):
+            return False  # the others never arrive
+
+    class Stuck(_Comm):
+        def Iallgather(self, send, recv):
+            self.buffers = (send, recv)
+            return Pending()
+
+    comm = Stuck(ThreadGroup(2), 0)
+    layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=30)
+    assert layer.timeout == 30.0 and repr(layer).endswith(", timeout=30.0)")
+    for bad, kind in (("x", TypeError), (0, ValueError), (-1.0, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(kind, match="timeout must be"):
+            layer.timeout = bad
+    assert layer.timeout == 30.0
+    layer.timeout = 0.05
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin.timeout == 0.05 and repr(twin) == repr(layer)
+    x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.5
+    try:
+        with pytest.raises(TimeoutError, match="within 0.05 s"):
+            layer(x)
+    finally:
+        distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
+        distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
+    layer.timeout = None
+    assert layer.timeout is None and "timeout" not in repr(layer)
 
 
 def test_an_interrupt_while_an_exchange_waits_keeps_its_buffers_and_refuses_its_communicator_after():
