@@ -116,7 +116,7 @@ def as_float_array(x, dtype, name="input"):
         return as_float_array(np.asarray(x), dtype, name)
     try:
         arr = np.asarray(x)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # (RuntimeError: torch's, for a tensor that requires grad)
         raise TypeError(f"{name} cannot be converted to an array: {e}") from None
     # Lists of ints convert, as numpy functions do; bools, complex and text do not. What carries a dtype of its own
     # (a torch tensor, a buffer: they become arrays of that dtype) is held to the arrays' rule: floats only.

@@ -327,6 +327,27 @@ def test_bad_inputs_change_nothing(x, exc, match, estimate, rng):
     assert_unchanged(layer, before)
 
 
+def test_a_torch_tensor_that_requires_grad_is_a_type_error_naming_the_argument(rng):
+    """The numpy API takes torch tensors as arrays, and one that requires grad cannot be one: torch's RuntimeError
+    came through (a meta, sparse or bfloat16 tensor was already a TypeError naming the argument). Now a TypeError
+    that names it, with torch's advice (detach()), from the forward, the backward and weight_standardization."""
+    torch = require("torch")
+    layer = bcnswift.BatchChannelNorm(8, 4)
+    x = random_input(rng, (2, 8, 3))
+    layer(x)
+    before = snapshot(layer)
+    grad = torch.from_numpy(x).requires_grad_()
+    with pytest.raises(TypeError, match="input cannot be converted to an array: .*detach"):
+        layer(grad)
+    with pytest.raises(TypeError, match="dy cannot be converted to an array: .*detach"):
+        layer.backward(grad)
+    assert_unchanged(layer, before)
+    with pytest.raises(TypeError, match="w cannot be converted to an array: .*detach"):
+        bcnswift.weight_standardization(torch.ones(3, 4, requires_grad=True))
+    twin = copy.deepcopy(layer)
+    np.testing.assert_array_equal(layer(grad.detach()), twin(x))
+
+
 def test_lists_and_other_float_dtypes_are_converted(rng):
     layer = bcnswift.BatchChannelNorm(4, 2, estimate=False, dtype=np.float32)
     x64 = random_input(rng, (3, 4, 5))
