@@ -132,8 +132,8 @@ class _Synchronized:
             def sums():
                 x, ctx, flags, dyl, dx = self._prepare_backward(dy, out)
                 g = self._gradients()  # a gradient that is None is made in the finish
-                _ext.check_backward_finish(flags, self._num_groups, x, dyl, dx, *(g.get(k) for k in self._gradient_keys),
-                                           ctx, None)
+                _ext.check_backward_finish(flags, self._num_groups, x, dyl, dx,
+                                           *(g.get(k) for k in self._gradient_keys), ctx, None)
                 s = np.zeros(2 * self._num_channels)
                 if x.size:
                     self._call(_ext.norm_backward_sums, flags, self._num_groups, x, dyl, s, ctx)
