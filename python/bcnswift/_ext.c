@@ -211,6 +211,41 @@ static const char *const forward_beside[] = {"bn_weight", "bn_bias", "running_me
 static const char *const backward_beside[] = {"grad_bn_weight", "grad_bn_bias", "grad_cn_weight", "grad_cn_bias",
                                               "context", "sums"};
 
+/* Each of the `count` arrays of a call (`arrays`, `names`; None skipped) that it writes besides its output
+ * (`written`: their indices) apart from every other: a running buffer or gradient that overlaps the input wrote
+ * into the caller's x or dy (inputs are never written), and two running buffers sharing memory updated each
+ * other. Arrays the layers make never overlap; these are arrays assigned to a layer by hand. */
+static int check_written_apart(PyObject *const *arrays, const char *const *names, int count, const int *written,
+                               int writes) {
+    for (int k = 0; k < writes; k++) {
+        int i = written[k];
+        if (arrays[i] == Py_None) continue;
+        for (int j = 0; j < count; j++)
+            if (j != i && arrays[j] != Py_None && check_apart(arrays[i], names[i], arrays + j, names + j, 1) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+/* norm_forward's arrays besides y, and which of them it writes (the running buffers and the context). */
+static int check_forward_apart(PyObject *const *args, int finish) {
+    static const char *const names[] = {"x", "bn_weight", "bn_bias", "running_mean", "running_var",
+                                        "num_batches_tracked", "cn_weight", "cn_bias", "context", "moments"};
+    static const int written[] = {3, 4, 5, 8};
+    PyObject *arrays[] = {args[5], args[7], args[8], args[9], args[10], args[11], args[12], args[13], args[14],
+                          finish ? args[15] : Py_None};
+    return check_written_apart(arrays, names, 10, written, 4);
+}
+
+/* norm_backward's arrays besides dx, and which of them it writes (the parameter gradients). */
+static int check_backward_apart(PyObject *const *args, int finish) {
+    static const char *const names[] = {"x", "dy", "grad_bn_weight", "grad_bn_bias", "grad_cn_weight",
+                                        "grad_cn_bias", "context", "sums"};
+    static const int written[] = {2, 3, 4, 5};
+    PyObject *arrays[] = {args[2], args[3], args[5], args[6], args[7], args[8], args[9], finish ? args[10] : Py_None};
+    return check_written_apart(arrays, names, 8, written, 4);
+}
+
 /* norm_forward's arguments, taken and checked. */
 typedef struct {
     uint32_t flags;
@@ -237,7 +272,8 @@ static int take_forward(PyObject *const *args, Py_ssize_t nargs, const char *nam
     f->finish = nargs == 16;
     f->moments = NULL;
     if (f->finish && take_doubles(args[15], "moments", (npy_intp)(3 * f->c), 0, 1, &f->moments) < 0) return -1;
-    return check_apart(args[6], "y (the output)", args + 7, forward_beside, f->finish ? 9 : 8);
+    if (check_apart(args[6], "y (the output)", args + 7, forward_beside, f->finish ? 9 : 8) < 0) return -1;
+    return check_forward_apart(args, f->finish);
 }
 
 /* norm_forward(flags, groups, eps, bn_eps, momentum, x, y, bn_weight, bn_bias, running_mean, running_var,
@@ -394,7 +430,8 @@ static int take_backward(PyObject *const *args, Py_ssize_t nargs, const char *na
         take_context(args[9], k->finish, &k->ctx, &k->ctx_len) < 0)
         return -1;
     if (k->finish && take_doubles(args[10], "sums", 2 * c, 0, 1, &k->sums) < 0) return -1;
-    return check_apart(args[4], "dx (the input gradient)", args + 5, backward_beside, k->finish ? 6 : 5);
+    if (check_apart(args[4], "dx (the input gradient)", args + 5, backward_beside, k->finish ? 6 : 5) < 0) return -1;
+    return check_backward_apart(args, k->finish);
 }
 
 /* norm_backward(flags, groups, x, dy, dx, grad_bn_weight, grad_bn_bias, grad_cn_weight, grad_cn_bias, context

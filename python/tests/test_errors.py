@@ -771,6 +771,40 @@ def test_an_array_assigned_to_the_layer_as_a_view_of_out_is_refused(make, layout
                 "out must not overlap the layer's parameters, running buffers or gradients", f"grad {key}")
 
 
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "num_batches_tracked"])
+def test_a_running_buffer_assigned_over_the_input_or_another_buffer_is_refused_and_nothing_is_written(name, rng):
+    """A running buffer assigned by hand as a view of the input made the forward write into the caller's x
+    (inputs are never written); one sharing the memory of another buffer was updated by both. Refused before any
+    value is written, naming both arrays; so is a gradient over dy in the backward."""
+    x = random_input(rng, (3, 8, 5))
+    for estimate in (True, False):
+        layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64, estimate=estimate)
+        layer(x)
+        own = getattr(layer, name)
+        other = "running_var" if name == "running_mean" else "running_mean"
+        for source, overlapped in ((x, "x"), (getattr(layer, other), other)):
+            # own's values, in memory of the source (float64 values; the count, int64, in 8 of its bytes)
+            k = min(2, source.size - own.size)
+            view = source.reshape(-1)[k:k + own.size].view(own.dtype).reshape(own.shape)
+            view[...] = own
+            setattr(layer, name, view)
+            kept, before = x.copy(), snapshot(layer)
+            with pytest.raises(ValueError, match="must not overlap .*, which the call reads or writes") as e:
+                layer(x)
+            assert {name, overlapped} <= set(re.findall(r"\w+", str(e.value).split(",")[0])), str(e.value)
+            np.testing.assert_array_equal(x, kept, err_msg="x written")
+            assert_unchanged(layer, before)
+            setattr(layer, name, own)
+    layer = bcnswift.BatchChannelNorm(8, 4, dtype=np.float64)
+    layer(x)
+    dy = random_input(rng, (3, 8, 5))
+    layer.grads["weight"] = dy.reshape(-1)[:4].reshape(1, 4, 1)
+    kept = dy.copy()
+    with pytest.raises(ValueError, match="grad_cn_weight must not overlap dy, which the call reads or writes"):
+        layer.backward(dy)
+    np.testing.assert_array_equal(dy, kept, err_msg="dy written")
+
+
 def test_an_empty_input_of_a_huge_batch_needs_no_context(rng):
     """A review: [2^40, 4, 0] holds no values, yet the forward first allocated a context sized by its batch
     (160 TiB) and raised MemoryError; [0, 4, 2^40] worked."""
