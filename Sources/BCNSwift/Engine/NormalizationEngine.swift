@@ -82,7 +82,8 @@ public enum NormalizationEngine {
 
     /// Phase (b): the moments of the union of `sets` moment sets of `channels` channels each (set i at
     /// `moments + i·channels`), merged per channel in set order by Chan's formula, into `merged` (which may be
-    /// the first set). Empty sets (count 0) contribute nothing; one set merges to itself, bit for bit.
+    /// the first set). Empty sets (count 0) contribute nothing (their mean and M2 are not read: sets all empty
+    /// merge to zeros); one set with values merges to itself, bit for bit.
     public static func mergeMoments(sets: Int, channels: Int, _ moments: UnsafePointer<Moments>,
                                     into merged: UnsafeMutablePointer<Moments>) throws(BCNError) {
         guard sets >= 1, channels >= 1, !sets.multipliedReportingOverflow(by: channels).overflow else {
