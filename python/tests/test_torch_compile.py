@@ -165,6 +165,37 @@ def test_compiled_refuses_a_moving_speed_out_of_range_and_changes_no_buffer(rout
     torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("module", ["BCNorm", "labml BatchChannelNorm"])
+def test_inductor_on_the_composed_route_refuses_a_count_out_of_range_and_changes_no_buffer(module, gen,
+                                                                                           monkeypatch):
+    """A cumulative average's count set by hand out of range, compiled by inductor on the composed route (as
+    portable(), half precision and other devices take it): refused, and no buffer written. Inductor fused the
+    graph's check with the buffers' writes and ran it after them, so the running statistics moved (the graphs
+    that test_a_cumulative_average_keeps_its_count... runs keep their order)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(bt.functional, "COMPOSED", True)
+    m = bt.BCNorm(8, 4).double() if module == "BCNorm" else bt.BatchChannelNorm(8, 4, estimate=True).double()
+    bn = m.bn if module == "BCNorm" else m.batch_norm
+    bn.momentum = None
+    count = bn.num_batches_tracked if module == "BCNorm" else bn._count
+    compiled = torch.compile(m, fullgraph=True)
+    x = rand_input(gen, (4, 8, 5, 5), torch.float64)
+    compiled(x)  # compiled, and trains, with a count in range
+    for bad in (-5, 2 ** 63 - 1):
+        count.fill_(bad)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(RuntimeError, match=r"num_batches_tracked must count batches \(0 to 2\^63 - 2\)"):
+            compiled(x)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), f"count {bad}: {k} changed"
+        assert int(count) == bad
+    count.fill_(3)
+    mean = bn.running_mean.clone() if module == "BCNorm" else bn.exp_mean.clone()
+    compiled(x)  # in range again: the average of four batches
+    moved = bn.running_mean if module == "BCNorm" else bn.exp_mean
+    torch.testing.assert_close(moved, 0.75 * mean + 0.25 * x.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("route", ["kernels", "composed"])
 @pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph breaks"])
 def test_compiled_refuses_running_statistics_that_require_grad(route, fullgraph, gen, monkeypatch):

@@ -80,7 +80,7 @@ def _check_count(flags, num_batches_tracked):
     if not _ops.traced():
         check_cumulative_count(int(num_batches_tracked))
     elif num_batches_tracked.is_cpu:
-        torch._assert_async(((num_batches_tracked >= 0) & (num_batches_tracked < 2 ** 63 - 1)).all(),
+        torch._assert_async(_count_in_range(num_batches_tracked),
                             "num_batches_tracked must count batches (0 to 2^63 - 2) for a cumulative average")
 
 
@@ -88,7 +88,7 @@ def check_speed_in_graph(speed):
     """An EstBN moving speed checked in a graph being traced, which cannot read its value: its size (static) now,
     its range when the graph runs (`_assert_async`, a RuntimeError before the buffers are written)."""
     _ops.check_speed_size(speed)
-    torch._assert_async(((speed >= 0) & (speed <= 1)).all(), _SPEED_RANGE)
+    torch._assert_async(_speed_in_range(speed), _SPEED_RANGE)
 
 
 _SPEED_RANGE = "estbn_moving_speed must be in [0, 1] (checked in a compiled graph, which cannot show the value)"
@@ -120,7 +120,36 @@ def _blend(running_mean, running_var, num_batches_tracked, mean, var, n, flags, 
         factor = momentum
     mean = ((1 - factor) * running_mean.reshape(-1).to(mean.dtype) + factor * mean).to(running_mean.dtype)
     var = ((1 - factor) * running_var.reshape(-1).to(var.dtype) + factor * var).to(running_var.dtype)
-    return mean.reshape(running_mean.shape), var.reshape(running_var.shape), count
+    staged = (mean.reshape(running_mean.shape), var.reshape(running_var.shape), count)
+    valid = _valid_in_graph(flags, num_batches_tracked, moving_speed)
+    if valid is None:
+        return staged
+    # A graph's checks (`_check_count`, `check_speed_in_graph`: _assert_async) come with no order against the
+    # writes, which inductor fuses with them and may run first: a count or speed out of range then stages the
+    # buffers' own values, so that the call that raises changes none, whichever runs first.
+    return tuple(None if new is None else torch.where(valid, new, old)
+                 for new, old in zip(staged, (running_mean, running_var, num_batches_tracked)))
+
+
+def _valid_in_graph(flags, num_batches_tracked, moving_speed):
+    """In a graph being traced on the CPU, the 0-d bool tensor its checks assert of the update's count (a
+    cumulative average) or moving speed (what `_check_count` and `check_speed_in_graph` assert); else None (the
+    eager routes read and check both before any update is staged)."""
+    if not _ops.traced():
+        return None
+    if flags & _ext.BCN_CUMULATIVE_AVERAGE and num_batches_tracked.is_cpu:
+        return _count_in_range(num_batches_tracked)
+    if moving_speed is not None and moving_speed.is_cpu:
+        return _speed_in_range(moving_speed)
+    return None
+
+
+def _count_in_range(num_batches_tracked):
+    return ((num_batches_tracked >= 0) & (num_batches_tracked < 2 ** 63 - 1)).all()
+
+
+def _speed_in_range(speed):
+    return ((speed >= 0) & (speed <= 1)).all()
 
 
 def commit_running(buffers, staged):
