@@ -4,7 +4,6 @@ grouped WS ConvTranspose2d, second derivatives through the parameters alone, con
 replaces, and labml's cumulative average across checkpoints."""
 import copy
 import re
-import warnings
 
 import pytest
 
@@ -752,12 +751,11 @@ def test_ws_layers_refuse_a_fan_in_of_one_in_their_own_words(gen):
         assert "unbiased=False" not in str(e.value)  # an argument the layers do not have
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")  # torch's, nn.Linear(4, 0)'s too
 def test_a_ws_linear_without_outputs_gives_torch_s_empty_output(gen):
     """As nn.Linear(4, 0): an empty output, and empty gradients (the kernels refuse an empty weight, which the layer
     then no longer hands them: it raised). Folded, the same. (torch's convolutions refuse no output channels.)"""
-    with warnings.catch_warnings():  # torch's own, for nn.Linear(4, 0) too: "Initializing zero-element tensors ..."
-        warnings.simplefilter("ignore", UserWarning)
-        layer, plain = bt.Linear(4, 0).double(), nn.Linear(4, 0).double()
+    layer, plain = bt.Linear(4, 0).double(), nn.Linear(4, 0).double()
     x = rand_input(gen, (2, 4)).requires_grad_()
     y = layer(x)
     assert y.shape == plain(x).shape == (2, 0)
