@@ -1,6 +1,7 @@
 """The synchronized numpy layers over an in-process transport: threads as ranks, with a transport that has only
 Allgather, Get_rank and Get_size (no mpi4py), as a user's own transport would. The same scenarios run over real
 MPI processes in test_sync_mpi.py."""
+import contextlib
 import copy
 import pickle
 import threading
@@ -58,6 +59,50 @@ class _Comm:
         for r in range(g.size):
             recv[r] = g.slots[r].reshape(recv[r].shape)
         g.barrier.wait()
+
+
+class _Pending:
+    """An Iallgather request that the other ranks never complete; its poll number `interrupt_at` raises
+    KeyboardInterrupt, as Ctrl-C while the exchange waits."""
+
+    def __init__(self, interrupt_at=None):
+        self.polls, self.interrupt_at = 0, interrupt_at
+
+    def Test(self):
+        self.polls += 1
+        if self.polls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return False
+
+
+class _Stuck(_Comm):
+    """A transport whose exchanges with a timeout never complete (`_Pending`); it keeps the last one's buffers."""
+    interrupt_at = None
+
+    def Iallgather(self, send, recv):
+        self.buffers = (send, recv)
+        return _Pending(self.interrupt_at)
+
+    def Allgather(self, send, recv):
+        raise AssertionError("no exchange may run over a communicator with one pending")
+
+    def __eq__(self, other):  # as mpi4py's: another handle of the same communicator is equal
+        return isinstance(other, _Stuck) and other.group is self.group
+
+    __hash__ = object.__hash__
+
+
+@contextlib.contextmanager
+def _forgotten_after(comm):
+    """The exchange's records of `comm`'s abandoned exchange (distributed._BROKEN, _ABANDONED) removed afterwards,
+    so that later tests start clean."""
+    from bcnswift import distributed
+    try:
+        yield distributed
+    finally:
+        distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
+        kept = getattr(comm, "buffers", (None,))[0]
+        distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not kept]
 
 
 def _assert_equal_to_single_process(results, tol):
@@ -358,63 +403,30 @@ def test_a_timed_out_exchange_keeps_its_buffers_and_its_communicator_is_refused_
     """MPI may still write a late rank's data into a timed-out exchange's receive buffer: it was dropped with the
     exchange's frame, and numpy handed its memory to the next array of that size (test_sync_mpi.py shows it over
     MPI). Every later exchange over that communicator, by any layer, raises at once."""
-    from bcnswift import distributed
-
-    class Pending:
-        def Test(self):
-            return False  # the others never arrive
-
-    class Stuck(_Comm):
-        def Iallgather(self, send, recv):
-            self.buffers = (send, recv)
-            return Pending()
-
-        def Allgather(self, send, recv):
-            raise AssertionError("no exchange may run over a communicator with one pending")
-
-        def __eq__(self, other):  # as mpi4py's: another handle of the same communicator is equal
-            return isinstance(other, Stuck) and other.group is self.group
-
-        __hash__ = object.__hash__
-
-    comm = Stuck(ThreadGroup(2), 0)
+    comm = _Stuck(ThreadGroup(2), 0)
     x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.5
     layer = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=comm, timeout=0.05)
     before = {k: v.copy() for k, v in layer.state_dict().items()}
-    try:
+    with _forgotten_after(comm) as distributed:
         with pytest.raises(TimeoutError, match="rank 0: some rank did not reach the statistics exchange"):
             layer(x)
         send, recv = comm.buffers
         assert any(s is send and r is recv for _, s, r in distributed._ABANDONED)
         for again in (layer, bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=0.05),
-                      bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=Stuck(comm.group, 0), timeout=0.05)):
+                      bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=_Stuck(comm.group, 0), timeout=0.05)):
             with pytest.raises(RuntimeError, match=r"timed out \(or was interrupted\) and is still pending; it "
                                                    "cannot be used again"):
                 again(x)
         assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
         other = bcnswift.SyncBatchChannelNorm(8, 4, estimate=False, dtype=np.float64, comm=_Comm(ThreadGroup(1), 0))
         other(x)  # another communicator is unaffected
-    finally:
-        distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
-        distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
 
 
 def test_timeout_is_an_attribute_as_comm_is():
     """`timeout` reads, sets (checked, used by the next exchange) and shows in repr(), as `comm` reads and sets: it
     was kept apart (layer.timeout raised AttributeError, and assigning it made a new attribute the exchange
     never read)."""
-    from bcnswift import distributed
-
-    class Pending:
-        def Test(self):
-            return False  # the others never arrive
-
-    class Stuck(_Comm):
-        def Iallgather(self, send, recv):
-            self.buffers = (send, recv)
-            return Pending()
-
-    comm = Stuck(ThreadGroup(2), 0)
+    comm = _Stuck(ThreadGroup(2), 0)
     layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=30)
     assert layer.timeout == 30.0 and repr(layer).endswith(", timeout=30.0)")
     for bad, kind in (("x", TypeError), (0, ValueError), (-1.0, ValueError), (float("nan"), ValueError)):
@@ -425,12 +437,8 @@ def test_timeout_is_an_attribute_as_comm_is():
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert twin.timeout == 0.05 and repr(twin) == repr(layer)
     x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.5
-    try:
-        with pytest.raises(TimeoutError, match="within 0.05 s"):
-            layer(x)
-    finally:
-        distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
-        distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
+    with _forgotten_after(comm), pytest.raises(TimeoutError, match="within 0.05 s"):
+        layer(x)
     layer.timeout = None
     assert layer.timeout is None and "timeout" not in repr(layer)
 
@@ -440,30 +448,12 @@ def test_an_interrupt_while_an_exchange_waits_keeps_its_buffers_and_refuses_its_
     Iallgather leaves the collective pending, as a timeout does: its buffers are kept and every later exchange
     over that communicator raises at once (it dropped both: MPI could write into memory numpy reuses, and the
     next exchange paired with the pending one)."""
-    from bcnswift import distributed
-
-    class Interrupted:
-        polls = 0
-
-        def Test(self):
-            Interrupted.polls += 1
-            if Interrupted.polls == 3:  # while it waits
-                raise KeyboardInterrupt
-            return False
-
-    class Stuck(_Comm):
-        def Iallgather(self, send, recv):
-            self.buffers = (send, recv)
-            return Interrupted()
-
-        def Allgather(self, send, recv):
-            raise AssertionError("no exchange may run over a communicator with one pending")
-
-    comm = Stuck(ThreadGroup(2), 0)
+    comm = _Stuck(ThreadGroup(2), 0)
+    comm.interrupt_at = 3  # while it waits
     x = np.random.default_rng(S.SEED).normal(size=(2, 8, 3)) + 1.5
     layer = bcnswift.SyncBatchNorm(8, dtype=np.float64, comm=comm, timeout=30)
     before = {k: v.copy() for k, v in layer.state_dict().items()}
-    try:
+    with _forgotten_after(comm) as distributed:
         with pytest.raises(KeyboardInterrupt):
             layer(x)
         send, recv = comm.buffers
@@ -471,9 +461,6 @@ def test_an_interrupt_while_an_exchange_waits_keeps_its_buffers_and_refuses_its_
         with pytest.raises(RuntimeError, match=r"timed out \(or was interrupted\) and is still pending"):
             layer(x)
         assert all(np.array_equal(v, layer.state_dict()[k]) for k, v in before.items())
-    finally:
-        distributed._BROKEN[:] = [c for c in distributed._BROKEN if c is not comm]
-        distributed._ABANDONED[:] = [a for a in distributed._ABANDONED if a[1] is not comm.buffers[0]]
 
 
 def test_a_count_one_rank_cannot_advance_fails_every_rank_before_the_exchange():
