@@ -68,7 +68,7 @@ def test_every_rank_equals_one_process_on_the_concatenated_batch(reports):
             assert report[name].get("versions as one process", name.startswith("ddp")), \
                 f"{name}, rank {rank}: the buffers' versions moved otherwise than one process's"
     for name in ("ddp", "uneven, one rank empty", "authors batch frozen", "authors cumulative", "labml cumulative",
-                 "authors untracked", "labml untracked", "authors countless"):
+                 "authors untracked", "labml untracked", "authors countless", "labml estimate untracked"):
         assert name in ranks[0], name
 
 

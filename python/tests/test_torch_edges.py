@@ -565,6 +565,53 @@ def test_a_batched_backward_of_a_composed_route_layer_matches_the_kernels(gen, m
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _untracked_estimate(make):
+    """`make()`'s estimating stage with track_running_stats turned off: no estimates to move or to use."""
+    m = make().double()
+    (m.batch_norm if hasattr(m, "batch_norm") else m).track_running_stats = False
+    return m
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("name,make", [
+    ("EstimatedBatchNorm", lambda: _untracked_estimate(lambda: bt.EstimatedBatchNorm(6))),
+    ("labml BatchChannelNorm", lambda: _untracked_estimate(lambda: bt.BatchChannelNorm(6, 3, estimate=True))),
+    ("stage without buffers", None)])
+def test_an_estimating_stage_without_estimates_normalizes_with_the_batch_on_every_route(name, make, training, gen,
+                                                                                        monkeypatch):
+    """An estimating stage with track_running_stats off (or without running buffers) has no estimates to move or
+    to use: like the composed route, the kernels now normalize with the batch's statistics (told to estimate, they
+    normalized with a blend of the buffers toward the batch, which they then did not write), and change no
+    buffer. Outputs and gradients agree with the composed route and with the batch's mean and biased variance."""
+    x = rand_input(gen, (4, 6, 3, 3)).requires_grad_()
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64) + 0.5
+    mean, var = x.detach().mean((0, 2, 3), keepdim=True), x.detach().var((0, 2, 3), unbiased=False, keepdim=True)
+    results = []
+    for composed in (False, True):
+        monkeypatch.setattr(functional, "COMPOSED", composed)
+        if make is None:
+            stage = functional.BatchNormStage(_ext.BCN_BATCH_NORM | _ext.BCN_ESTIMATED, 1e-5, 0.1, None, None, None,
+                                              None, None, None, training, True)
+
+            def call(t):
+                return bt.batch_channel_norm(t, stage, None)
+            before = {}
+        else:
+            m = make().train(training)
+            call, before = m, _state(m)
+        xc = x.detach().clone().requires_grad_()
+        y = call(xc)
+        y.backward(dy)
+        results.append((y.detach(), xc.grad))
+        if make is not None:
+            assert_states_equal(_state(m), before, f"{name}, composed={composed}: a buffer changed")
+    (y, dx), (yc, dxc) = results
+    torch.testing.assert_close(y, yc, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, dxc, rtol=1e-10, atol=1e-12)
+    if name != "labml BatchChannelNorm":  # (its channel norm follows)
+        torch.testing.assert_close(y, (x.detach() - mean) / (var + 1e-5).sqrt(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_a_batch_norm_without_a_count_updates_as_torch_s(momentum, route, gen):
     """BCNorm's bn with num_batches_tracked None (torch's batch norms allow it): with a momentum the update runs

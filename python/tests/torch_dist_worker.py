@@ -54,7 +54,9 @@ def make(kind, C, G, dtype):
     inside a training module (the frozen-BN idiom), which exchanges nothing: it did, and trained the stage.
     "cumulative": momentum None, a cumulative average of the batches' statistics; "untracked": a batch norm
     switched to track_running_stats=False after construction, so that it has buffers but must not update them;
-    "authors countless": the batch norm's num_batches_tracked set to None (it failed after updating the buffers)."""
+    "authors countless": the batch norm's num_batches_tracked set to None (it failed after updating the buffers);
+    "labml estimate untracked": an estimating stage with track_running_stats off, which has no estimates to move
+    or use: the statistics of the whole batch (it normalized with a blend of scratch buffers toward the batch)."""
     if kind.endswith(" frozen"):
         pair = make(kind[:-len(" frozen")], C, G, dtype)
         for m in pair:
@@ -63,6 +65,12 @@ def make(kind, C, G, dtype):
                 m.bn.running_mean.fill_(1.5)  # away from the fresh buffers, so that using them shows
         return pair
     import bcnswift.torch as bt
+    if kind == "labml estimate untracked":  # an estimating stage without estimates: the batch's statistics
+        pair = (bt.SyncBatchChannelNorm(C, G, estimate=True, dtype=dtype),
+                bt.BatchChannelNorm(C, G, estimate=True, dtype=dtype))
+        for m in pair:
+            m.batch_norm.track_running_stats = False
+        return pair
     if kind == "authors countless":  # a batch norm without num_batches_tracked (set to None): momentum alone
         pair = bt.SyncBCNorm(C, G, dtype=dtype), bt.BCNorm(C, G, dtype=dtype)
         for m in pair:
@@ -380,7 +388,8 @@ def run_all(rank, size):
         for kind in ("authors batch", "authors estimate", "labml batch", "labml estimate"):
             out[f"{kind} {str(dtype)[6:]}"] = equality(rank, size, kind, dtype, [2 + r % 2 for r in range(size)])
     for kind in ("authors batch frozen", "authors estimate frozen", "labml batch frozen", "authors cumulative",
-                 "labml cumulative", "authors untracked", "labml untracked", "authors countless"):
+                 "labml cumulative", "authors untracked", "labml untracked", "authors countless",
+                 "labml estimate untracked"):
         out[kind] = equality(rank, size, kind, torch.float64, [2 + r % 2 for r in range(size)])
     out["uneven, one rank empty"] = equality(rank, size, "authors batch", torch.float64, [3, 0] + [1] * (size - 2))
     out["uneven, estimate"] = equality(rank, size, "authors estimate", torch.float64, [0, 2] + [3] * (size - 2))

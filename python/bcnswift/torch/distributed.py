@@ -26,8 +26,9 @@ from . import _ops
 from ._ops import fx_leaf
 from .modules import (BatchChannelNorm, BatchNorm, BCNorm, ChannelNorm, EstBN, overrides_forward,
                       torch_batch_norm_stage)
-from .functional import (ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes, _check_writable,
-                         _kernels_update, batch_norm_momentum, check_dense, counts_empty_call, cumulative_average)
+from .functional import (_ESTIMATING, ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes,
+                         _check_writable, _kernels_update, batch_norm_momentum, check_dense, counts_empty_call,
+                         cumulative_average)
 
 
 class ProcessGroupTransport:
@@ -212,8 +213,9 @@ def sync_batch_channel_norm(x, stages, channels, process_group=None):
                     if t is not None), None)
         itemsize = _agreed_itemsize(x, own)
         if not kept:  # batch statistics, nothing to keep (x's dtype; any dtype if x is not a tensor: that fails
-            # inside the exchange, on every rank)
+            # inside the exchange, on every rank), an estimating stage's too (`functional._ESTIMATING`)
             buffers = _scratch_buffers(channels, x.dtype if isinstance(x, torch.Tensor) else torch.float64)
+            flags &= ~_ESTIMATING
     except Exception as e:  # noqa: BLE001 - the stages cannot be read: nothing to configure, every rank hears why
         _fail_together(synchronizer, e)
     # What else could fail is turned into numbers the header can carry (NaN where it failed), and the error is

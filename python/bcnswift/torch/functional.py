@@ -225,6 +225,12 @@ def _check_unbatched(x, buffers):
                            "torch.func.replace_all_batch_norm_modules_(model) makes its bn one)")
 
 
+#: The flags of an estimating stage, dropped where it has no estimates to move or to use (track_running_stats
+#: off, or no running buffers): it normalizes with the batch's statistics, as the composed route does. Told to
+#: estimate, the kernels normalized with a blend of the buffers toward the batch, which they did not write.
+_ESTIMATING = _ext.BCN_ESTIMATED | _ext.BCN_VARIANCE_AROUND_RUNNING_MEAN
+
+
 def counts_empty_call(bn):
     """Whether a call of `bn` without values advances its count: in training, for a stage that counts every
     call (`BatchNormStage.counts_every_call`) and tracks running statistics, as torch.nn.BatchNorm's forward
@@ -409,6 +415,8 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     bn_eps = _real(bn.eps, "eps")
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
     update = updates_running(bn)
+    if batch_statistics and not update:
+        flags &= ~_ESTIMATING  # (`_ESTIMATING`)
     if cumulative_average(bn):
         flags |= _ext.BCN_CUMULATIVE_AVERAGE
     momentum = batch_norm_momentum(bn)
