@@ -612,6 +612,27 @@ def test_an_estimating_stage_without_estimates_normalizes_with_the_batch_on_ever
         torch.testing.assert_close(y, (x.detach() - mean) / (var + 1e-5).sqrt(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("flags,count,message", [
+    (_ext.BCN_UNBIASED_RUNNING_VAR, [0], "flags select neither a batch-norm nor a channel-norm stage"),
+    (_ext.BCN_BATCH_NORM | (1 << 12), [0], "unknown flag bits 0x1000"),
+    (-1, [0], "flags must be a combination of bcnswift's flags, got -1"),
+    (_ext.BCN_BATCH_NORM, [1, 2], "num_batches_tracked has 2 elements, expected 1")],
+    ids=["no stage", "unknown bit", "negative", "two counts"])
+def test_a_hand_built_stage_the_kernels_refuse_is_refused_alike_on_the_composed_route(flags, count, message, route,
+                                                                                      gen):
+    """The composed route (half precision, other devices, BCNSWIFT_TORCH_COMPOSED=1) read only the flag bits it
+    knows: a stage without the batch-norm bit skipped the batch norm yet moved its buffers, and an unknown bit ran;
+    a count of two values failed in torch's words. Both routes now refuse them alike, changing nothing."""
+    x = rand_input(gen, (4, 6, 3, 3))
+    buffers = (torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64), torch.tensor(count))
+    kept = [b.clone() for b in buffers]
+    stage = functional.BatchNormStage(flags, 1e-5, None if len(count) > 1 else 0.1, None, None, None, *buffers, True,
+                                      True)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bt.batch_channel_norm(x, stage, None)
+    assert all(torch.equal(b, k) for b, k in zip(buffers, kept)), route
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 def test_a_batch_norm_without_a_count_updates_as_torch_s(momentum, route, gen):
     """BCNorm's bn with num_batches_tracked None (torch's batch norms allow it): with a momentum the update runs

@@ -146,9 +146,18 @@ def _check_sizes(x, bn, cn):
     if bn is not None:
         sized += [(name, t, C) for name, t in (("bn_weight", bn.weight), ("bn_bias", bn.bias),
                                                 ("running_mean", bn.running_mean), ("running_var", bn.running_var))]
+        sized.append(("num_batches_tracked", bn.num_batches_tracked, 1))
     for name, t, n in sized:
         if t is not None and t.numel() != n:
             raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+
+
+def _check_stage_flags(flags):
+    """A hand-built stage's flags as the kernels refuse them, for the composed route, which read only the bits it
+    knows (an unknown bit, or no stage's bit, ran; the latter skipped the batch norm yet moved its buffers)."""
+    _ops._check_flags(flags)
+    if not flags & (_ext.BCN_BATCH_NORM | _ext.BCN_CHANNEL_NORM):
+        raise ValueError("flags select neither a batch-norm nor a channel-norm stage")
 
 
 def _check_dtypes(x, named):
@@ -430,6 +439,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     route = _route(_fast(x, tensors) and (not update or _kernels_update(buffers)))
     if route == "composed":
+        _check_stage_flags(flags)
         _ops.check_running_statistics(bn.running_mean, bn.running_var)
         _check_sizes(x, bn, cn)
         _check_scalars(flags, eps, bn_eps, _update_rate(bn, momentum) if update else None)
