@@ -425,7 +425,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     batch_statistics = bn.training or not bn.track_running_stats or bn.running_mean is None
     update = updates_running(bn)
     if batch_statistics and not update:
-        flags &= ~_ESTIMATING  # (`_ESTIMATING`)
+        flags &= ~_ESTIMATING  # no estimates to move or to use: the batch's statistics (see `_ESTIMATING`)
     if cumulative_average(bn):
         flags |= _ext.BCN_CUMULATIVE_AVERAGE
     momentum = batch_norm_momentum(bn)
