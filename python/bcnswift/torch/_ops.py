@@ -794,7 +794,8 @@ def _check_before_estimates(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, gr
     run before they call (functional's), and each parameter's dtype, as the kernels word it. Phase (a) checked the
     rest. native_ops.cpp's check_before_estimates is the C++ route's, in the same words."""
     from .functional import _check_dtypes, _check_scalars, _check_sizes  # (functional imports this module)
-    bn = types.SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=None, running_var=None)
+    bn = types.SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=None, running_var=None,
+                               num_batches_tracked=None)
     cn = types.SimpleNamespace(groups=groups, weight=cn_weight, bias=cn_bias)
     _check_sizes(x, bn if flags & _ext.BCN_BATCH_NORM else None, cn if flags & _ext.BCN_CHANNEL_NORM else None)
     _check_scalars(flags, eps, bn_eps, None)
