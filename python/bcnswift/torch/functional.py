@@ -131,8 +131,9 @@ def _check_sizes(x, bn, cn):
     """Each parameter and buffer holds one value per channel (batch norm) or per group (channel norm), worded as
     the kernels word it, before any route that would update a buffer first runs: the composed route, the
     estimated forward and a traced one. (The kernels' one-call forward, the common route, checks the same before
-    it writes, so it does without this.)"""
+    it writes, so it does without this.) Returns the channel norm's groups as an int (None without one)."""
     C = x.shape[1]
+    groups = None
     if cn is not None:
         # a module's num_groups set after construction ("4", 0): named, not a modulo by zero or a str's TypeError
         groups = cn.groups
@@ -150,6 +151,7 @@ def _check_sizes(x, bn, cn):
     for name, t, n in sized:
         if t is not None and t.numel() != n:
             raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+    return groups
 
 
 def _check_stage_flags(flags):
@@ -374,8 +376,7 @@ def check_channel_norm(x, cn):
     """The checks the channel-norm stage `cn` makes of an input shaped as x (its settings, the sizes of its affine,
     more than one value per group), for a parent that calls its batch-norm stage's module first (one with hooks or
     a forward of its own): that call updates the running buffers, which a refusal after it would leave changed."""
-    groups = _positive_int(cn.groups, "num_groups")
-    _check_sizes(x, None, cn)
+    groups = _check_sizes(x, None, cn)
     _check_scalars(_ext.BCN_CHANNEL_NORM, _real(cn.eps, "eps"), None, None)
     if 0 not in x.shape:
         _check_values(x, _ext.BCN_CHANNEL_NORM, groups, False, False)
