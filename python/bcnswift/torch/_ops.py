@@ -793,10 +793,11 @@ def _check_before_estimates(x, bn_weight, bn_bias, cn_weight, cn_bias, flags, gr
     and a call that fails must change none): each parameter's size and each stage's eps, by the checks the modules
     run before they call (functional's), and each parameter's dtype, as the kernels word it. Phase (a) checked the
     rest. native_ops.cpp's check_before_estimates is the C++ route's, in the same words."""
-    from .functional import _check_dtypes, _check_scalars, _check_sizes  # (functional imports this module)
-    bn = types.SimpleNamespace(weight=bn_weight, bias=bn_bias, running_mean=None, running_var=None,
-                               num_batches_tracked=None)
-    cn = types.SimpleNamespace(groups=groups, weight=cn_weight, bias=cn_bias)
+    # (functional imports this module, so its names are taken at the call)
+    from .functional import BatchNormStage, ChannelNormStage, _check_dtypes, _check_scalars, _check_sizes
+    # the stages as far as they are checked here: their parameters (the buffers were checked by phase (a))
+    bn = BatchNormStage(flags, bn_eps, None, None, bn_weight, bn_bias, None, None, None, True, False)
+    cn = ChannelNormStage(groups, eps, cn_weight, cn_bias)
     _check_sizes(x, bn if flags & _ext.BCN_BATCH_NORM else None, cn if flags & _ext.BCN_CHANNEL_NORM else None)
     _check_scalars(flags, eps, bn_eps, None)
     _check_dtypes(x, (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("cn_weight", cn_weight), ("cn_bias", cn_bias)))
