@@ -1403,6 +1403,51 @@ def test_convert_leaves_a_convolution_whose_weight_is_computed(gen):
             assert model(rand_input(gen, (2, 3, 6, 6))).shape == (2, 4, 4, 4)
 
 
+@pytest.mark.parametrize("estimate", [True, False])
+def test_convert_leaves_a_layer_whose_bias_or_norm_affine_is_computed(estimate, gen):
+    """A review: a pruned (or hook-based weight_norm'd) conv bias, batch-norm weight or group-norm bias made convert
+    raise TypeError ("cannot assign 'torch.FloatTensor' as parameter ...") without naming the layer; only a
+    conv's weight was screened. Such a layer now stays as it is, and the rest of the model is converted."""
+    import warnings
+    import torch.nn.utils.prune as prune
+    cases = [("conv bias pruned", lambda m: prune.l1_unstructured(m[0], "bias", amount=0.5), 0),
+             ("bn weight pruned", lambda m: prune.l1_unstructured(m[1], "weight", amount=0.5), 1),
+             ("bn weight weight_norm'd", lambda m: torch.nn.utils.weight_norm(m[1], "weight", dim=0), 1),
+             ("gn bias pruned", lambda m: prune.random_unstructured(m[2], "bias", amount=0.5), 2)]
+    for what, hook, kept in cases:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GroupNorm(4, 8)).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated, not gone
+            hook(model)
+        layers = list(model)
+        bt.convert(model, num_groups=4, estimate=estimate)
+        assert model[kept] is layers[kept], what
+        converted = [i for i in range(3) if i != kept]
+        assert all(model[i] is not layers[i] for i in converted), what
+        assert model(rand_input(gen, (2, 3, 6, 6))).shape == (2, 8, 4, 4), what
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_convert_takes_a_batch_norm_without_a_count(estimate, gen):
+    """A review: a BatchNorm2d whose num_batches_tracked is None (torch's batch norms allow it, and then count
+    nothing) made convert fail in copy_(). With estimate=False the new bn has no count either, and trains as the
+    replaced layer did (its momentum); EstBN's count, which its update does not read, stays at 0."""
+    bn = nn.BatchNorm2d(4).double()
+    bn.num_batches_tracked = None
+    twin = copy.deepcopy(bn)
+    new = bt.convert(bn, num_groups=2, estimate=estimate)
+    if estimate:
+        assert int(new.bn.num_batches_tracked) == 0
+    else:
+        assert new.bn.num_batches_tracked is None
+        assert "bn.num_batches_tracked" not in new.state_dict()
+        x = rand_input(gen, (2, 4, 5, 5))
+        new(x)
+        twin(x)
+        torch.testing.assert_close(new.bn.running_mean, twin.running_mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(new.bn.running_var, twin.running_var, rtol=1e-12, atol=0)
+
+
 def test_convert_takes_the_dtype_of_a_floating_tensor_only():
     """A review: a GroupNorm without affine takes its new layer's dtype from an enclosing module's first tensor;
     an integer buffer there (a step counter) gave an integer BCNorm, which torch refused to make."""

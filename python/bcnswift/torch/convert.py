@@ -55,7 +55,10 @@ def _bcnorm_for(layer, num_groups, estimate, momentum, like):
         if isinstance(layer, nn.BatchNorm2d) and layer.running_mean is not None and bn.running_mean is not None:
             bn.running_mean.copy_(layer.running_mean)
             bn.running_var.copy_(layer.running_var)
-            bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+            if layer.num_batches_tracked is not None:
+                bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+            elif not estimate:  # torch's batch norms allow none (and then count nothing); EstBN's count is unused
+                bn.num_batches_tracked = None
         if estimate:
             bn.estbn_moving_speed.fill_(momentum)  # a speed of 0 would freeze the estimates
     if not estimate:
@@ -89,14 +92,15 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
 
     The replaced layers' parameters move to the new ones as the same Parameter objects (a norm's weight and
     bias, a convolution's weight and bias), so their requires_grad, memory format and an optimizer that already
-    holds them carry over; a norm without a bias (``bias=False``) gives a ``bn`` without one. The new per-group
+    holds them carry over; a norm without a bias (``bias=False``) gives a ``bn`` without one, and a batch norm
+    without a count (``num_batches_tracked`` None) a ``bn`` without one with estimate=False. The new per-group
     ``weight`` and ``bias`` of a BCNorm are frozen when the replaced layer's weight is. Each new layer takes the
     device and dtype of the replaced one (of an enclosing module's tensors when it has none). A layer that
     appears at several places in `model` is replaced by one new layer at all of them. Only layers of exactly
-    these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise. A convolution whose
-    weight is computed from other parameters (torch's hook-based ``weight_norm`` or ``spectral_norm``, a mask of
-    ``torch.nn.utils.prune``; their parametrized forms are subclasses) is not a Parameter to standardize and stays
-    as it is. Hooks registered on a replaced layer do not move to the new one (as with
+    these types are swapped: subclasses (nn.SyncBatchNorm among them) may compute otherwise. A layer whose weight
+    or bias is computed from other parameters (torch's hook-based ``weight_norm`` or ``spectral_norm``, a mask of
+    ``torch.nn.utils.prune``; their parametrized forms are subclasses) has no Parameter to move and stays as it
+    is. Hooks registered on a replaced layer do not move to the new one (as with
     nn.SyncBatchNorm.convert_sync_batchnorm).
 
     A convolution with a fan-in of 1 (a 1x1 depthwise one: one weight per output channel) stays a plain
@@ -114,13 +118,21 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
         raise ValueError("estimate=True needs a momentum (EstBN has no cumulative average)")
 
     def swap(layer, like):
-        if type(layer) in (nn.BatchNorm2d, nn.GroupNorm):
+        if type(layer) in (nn.BatchNorm2d, nn.GroupNorm) and _own_affine(layer):
             return _bcnorm_for(layer, num_groups, estimate, momentum, like)
-        if weight_standardization and type(layer) is nn.Conv2d and isinstance(layer.weight, nn.Parameter) \
+        if weight_standardization and type(layer) is nn.Conv2d and _own_affine(layer) \
                 and standardizable(layer.weight):
             return _ws_conv_for(layer)
         return layer if isinstance(layer, (BCNorm, EstBN)) else None
     return _replace(model, swap)
+
+
+def _own_affine(layer):
+    """Whether the layer's weight and bias are each a Parameter or None: not computed before each call from other
+    parameters by a hook (torch's hook-based ``weight_norm`` or ``spectral_norm``, a mask of
+    ``torch.nn.utils.prune``), which a new layer would not run. Such a layer stays as it is: the computed tensor
+    cannot take a Parameter's place."""
+    return all(t is None or isinstance(t, nn.Parameter) for t in (layer.weight, layer.bias))
 
 
 def _replace(model, swap):
