@@ -218,6 +218,17 @@ final class CABIPhaseTests: XCTestCase {
         let (overflow, untouched) = merge([huge, huge], channels: 8, width: 3)
         XCTAssertEqual(overflow, BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(untouched, [Double](repeating: -1, count: 24))
+        // a review: counts of 1e160 with equal means merged to a NaN M2 (the weight nₐ·n_b/n overflowed), and
+        // the running update took it with BCN_OK; counts are refused past 2^53, what a double counts exactly
+        for c in 0..<8 { huge[3 * c] = 1e160 }
+        XCTAssertEqual(merge([huge, huge], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
+        for c in 0..<8 { huge[3 * c] = 0x1p52 }  // 2^53 in all: merged, M2 finite
+        let (exact, sum) = merge([huge, huge], channels: 8, width: 3)
+        XCTAssertEqual(exact, BCN_OK)
+        XCTAssertEqual(sum[0], 0x1p53)
+        XCTAssertTrue(sum[2].isFinite)
+        huge[0] = 0x1p52 + 2
+        XCTAssertEqual(merge([huge, huge], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(0, 8, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(Int64.max, Int64.max, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         // an empty set contributes nothing

@@ -83,7 +83,8 @@ public enum NormalizationEngine {
     /// Phase (b): the moments of the union of `sets` moment sets of `channels` channels each (set i at
     /// `moments + i·channels`), merged per channel in set order by Chan's formula, into `merged` (which may be
     /// the first set). Empty sets (count 0) contribute nothing (their mean and M2 are not read: sets all empty
-    /// merge to zeros); one set with values merges to itself, bit for bit.
+    /// merge to zeros); one set with values merges to itself, bit for bit. A channel's counts add up to at most
+    /// 2^53, which Double counts exactly.
     public static func mergeMoments(sets: Int, channels: Int, _ moments: UnsafePointer<Moments>,
                                     into merged: UnsafeMutablePointer<Moments>) throws(BCNError) {
         guard sets >= 1, channels >= 1, !sets.multipliedReportingOverflow(by: channels).overflow else {
@@ -97,14 +98,15 @@ public enum NormalizationEngine {
                                + "count \(part.count) and M2 \(part.m2) are not moments")
             }
         }
-        // counts add exactly up to 2^53; past Double's range they would merge to an infinite count and a NaN M2
-        // (checked before `merged`, which may be the first set, is written)
+        // counts add exactly up to 2^53, and no more is counted: past it a merge's weight nₐ·n_b/n could overflow
+        // (from about 1.3e154 up: a NaN M2 from equal means), and past Double's range the count itself (checked
+        // before `merged`, which may be the first set, is written)
         for c in 0..<channels {
             var total = 0.0
             for i in 0..<sets { total += moments[i * channels + c].count }
-            guard total.isFinite else {
+            guard total <= 0x1p53 else {
                 throw BCNError(.invalidArgument, "channel \(c)'s counts add up to \(total): more values than a "
-                                                 + "count holds")
+                                                 + "count holds exactly (2^53)")
             }
         }
         for c in 0..<channels {
