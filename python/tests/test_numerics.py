@@ -317,6 +317,50 @@ def test_one_channel_per_group_bn_gradients_exist_only_through_eps(shape, estima
         assert err < 1e-10, f"{key}: error {err:.1e} relative to max |dγ| = {scale:.1e}"
 
 
+@pytest.mark.parametrize("shape,G,channels_last", [((2, 16), 1, False), ((2, 64), 4, False), ((1, 16, 2), 4, False),
+                                                   ((1, 12, 2), 3, False), ((2, 16, 1, 1), 2, False),
+                                                   ((1, 16, 1, 2), 1, False), ((2, 16, 1, 1), 2, True)],
+                         ids=str)
+def test_two_values_a_channel_keep_the_batch_norm_gradient_that_exists_through_eps(shape, G, channels_last, rng):
+    """With two values a channel (B·S = 2) the batch norm's dx exists only through eps: dx = ±γ r (1 - ẑ²) Δ/2,
+    1 - ẑ² = eps/(σ² + eps), what is left of dy₁'s terms. The Float32 lanes of groups of whole vectors (of
+    [B, C] rows, and of the value view of short planes, whose forward's group moments the backward reads) rounded
+    dy₁ first, and dx came out 3e3 to 4e4 ulps of its own largest magnitude off; such calls take Float64.
+    (Channels-last planes of two from one sample keep Float32 lanes: NUMERICS.md.)"""
+    C = shape[1]
+    x = random_input(rng, shape).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
+    if channels_last:
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer = bcnswift.BatchChannelNorm(C, G, estimate=False, dtype=np.float32)
+    ref = R.AuthorsBCNorm(C, G, 1e-5)
+    layer(x)
+    dx = layer.backward(dy)
+    ref(x.astype(np.longdouble))
+    dx_ref = ref.backward(dy.astype(np.longdouble))
+    assert _ulps_of_scale(dx, dx_ref) <= 2, f"max |dx| = {float(np.abs(dx_ref).max()):.1e}"
+    for key in ("weight", "bias", "bn.weight", "bn.bias"):
+        assert _ulps_of_scale(layer.grads[key], ref.grads[key]) <= 8, key
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 2), (2, 8, 1, 3), (4, 8, 2)], ids=str)
+def test_two_samples_of_short_planes_keep_the_value_view_s_float32_lanes(shape, rng):
+    """The value view sees planes of S values from B samples as [B, C·S] rows: from two samples, its own layout
+    has two rows, which is not two values a channel (B·S is). When the view's layout judged by its own shape, its
+    backward ran the Float32 lanes without their scratch, writing past it (valgrind; a crash in the properties
+    test). Within the Float32 lanes' 8 ulps of the largest |dx|."""
+    C = shape[1]
+    x = random_input(rng, shape).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
+    layer = bcnswift.BatchChannelNorm(C, C // 8, estimate=False, dtype=np.float32)
+    ref = R.AuthorsBCNorm(C, C // 8, 1e-5)
+    for step in range(3):
+        layer(x)
+        dx = layer.backward(dy)
+        ref(x.astype(np.longdouble))
+        assert _ulps_of_scale(dx, ref.backward(dy.astype(np.longdouble))) <= 8, f"step {step}"
+
+
 _LABML_PARAMETERS = {"weight": "channel_norm.scale", "bias": "channel_norm.shift", "bn.weight": "batch_norm.scale",
                      "bn.bias": "batch_norm.shift"}
 

@@ -2,8 +2,11 @@
 /// (`Float+ValueGradients.swift`), for groups of whole 8-lane vectors: `forEachValueGradient`'s walk, with each
 /// group's sums and values in Float32 where `RowRounding` lets it, and the Float64 value methods for the rest.
 extension RowsLayout {
-    /// Whether the backward runs Float32 lanes on input of type T: one-value planes under `floatLanes`' rule.
-    func floatGradientLanes<T: NormalizationScalar>(_: T.Type) -> Bool { shape.spatial == 1 && floatLanes(T.self) }
+    /// Whether the backward runs Float32 lanes on input of type T: one-value planes under `floatLanes`' rule, but
+    /// not two values a channel (`twoValuesAChannel`).
+    func floatGradientLanes<T: NormalizationScalar>(_: T.Type) -> Bool {
+        shape.spatial == 1 && !twoValuesAChannel && floatLanes(T.self)
+    }
 
     /// What the Float32 lanes of one backward call need: ȳ's constants (`Float.ValueConstants`) and each
     /// group's largest |β| (`RowRounding.betaReach`), each panel's filled by `prepare` in the parallel pass (on
