@@ -209,6 +209,32 @@ def _assert_matches_decimal(w, g, eps, unbiased, eps_in_sqrt, tolerance, what):
                     np.testing.assert_allclose(got[kept], expected[kept], rtol=0, atol=atol, err_msg=f"{where}: {name}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
+def test_a_fan_in_of_two_has_the_gradient_that_exists_through_eps(eps_in_sqrt, unbiased, dtype, rng):
+    """A review: with two weights a row, ŵ is ±1 but for eps, and dw (eps·gh/den³ or eps·gh/den², gh half the
+    difference of dŵ) is what is left of terms about 1/eps times larger: the general formula lost 7e2-3e3 float32
+    ulps of the largest |dw| at eps 1e-5, and 2e4 float64 ulps (as the documents' own float64 code does). In
+    closed form, within a few ulps of an 80-digit reference, from tiny to huge weights, and with gradients of
+    opposite signs near the largest value (halved before their difference, which would overflow)."""
+    # (the forward's ŵ is held to the same; float64's: 450 ulps, where the general formula's dw lost 2e4)
+    tolerance = 4 * np.finfo(np.float32).eps if dtype == np.float32 else 1e-13
+    # weights whose dw the reference resolves (its 80 digits hold eps/den² from about 1e-50), or whose dw
+    # underflows the dtype (1e30 and 1e38 in float32, 1e300 in float64: 0 in both)
+    magnitudes = (1e-30, 1.0, 1e30, 1e38) if dtype == np.float32 else (1e-100, 1e-30, 1.0, 1e300)
+    for magnitude in magnitudes:
+        for eps in (1e-5, 1e-10, 1e-30):
+            w = (rng.normal(0.5, 1.0, (4, 2)) * magnitude).astype(dtype)
+            g = rng.normal(0.2, 1.0, w.shape).astype(dtype)
+            if magnitude == 1.0:  # a constant row (exact in 80 digits): the limit gh/√eps or gh/eps
+                w[3] = 0.75
+            _assert_matches_decimal(w, g, eps, unbiased, eps_in_sqrt, tolerance, f"magnitude {magnitude:g}, eps {eps}")
+    w = np.array([[1.5, -0.5]], dtype)  # dŵ's difference past the largest value, dw within range
+    g = np.array([[np.finfo(dtype).max, -np.finfo(dtype).max]], dtype)
+    _assert_matches_decimal(w, g, 1e-5, unbiased, eps_in_sqrt, tolerance, "gradients near the largest value")
+
+
 @pytest.mark.parametrize("eps", [1e-5, 1e-300, 5e-324])
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])

@@ -65,7 +65,8 @@ public enum WeightStandardization {
     /// dw from dŵ, with s = Σ dŵ (w - mean), ν = n - ddof:
     ///   dw = (dŵ - mean(dŵ)) / den - s (w - mean) · k,
     ///   k = 1 / (den³ ν) when eps is inside the root, 1 / (den² std ν) otherwise (0 for a constant filter,
-    ///   whose w - mean is 0: the limit, where the formula would divide 0 by 0).
+    ///   whose w - mean is 0: the limit, where the formula would divide 0 by 0);
+    /// a fan-in of 2, where dw exists only through eps, in closed form (`pairGradient`).
     /// `gradW` may alias `gradWHat`. Throws what `options.validate(outChannels:fanIn:)` throws, before anything is
     /// written.
     @_specialize(where T == Float)
@@ -83,6 +84,7 @@ public enum WeightStandardization {
         parallelFor(outChannels, cost: 4 * fanIn) { range, _ in
             for o in range {
                 let row = w + o * fanIn, g = gradWHat + o * fanIn
+                if fanIn == 2 && pairGradient(row, g, into: gradW + o * fanIn, options: options) { continue }
                 let st = rowStatistics(row, fanIn: fanIn, options: options)
                 var sum = 0.0, dot = 0.0
                 var start = 0
