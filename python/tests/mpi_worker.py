@@ -29,7 +29,8 @@ def run_all():
             ("equality bcn batch f32", S.equality, dict(kind="bcn", estimate=False, dtype=np.float32)),
             ("equality bcn estimate f32", S.equality, dict(kind="bcn", estimate=True, dtype=np.float32)),
             ("uneven with an empty rank", S.equality, dict(sizes=[3] + [0] + [1] * (size - 2), estimate=False)),
-            ("spatial", S.spatial, {})]
+            ("spatial", S.spatial, {}),
+            ("one sample each f32", S.one_sample_each, {})]
     runs += [(f"failure {case}", S.failure, dict(case=case)) for case in S.FAILURES]
     out = []
     for name, scenario, kw in runs:

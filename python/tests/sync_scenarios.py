@@ -91,6 +91,25 @@ def equality(rank, size, comm, kind="bcn", estimate=False, dtype=np.float64, siz
     return {"errors": errors, "identical": identical}
 
 
+def one_sample_each(rank, size, comm, seed=SEED):
+    """A training step of float32 [1, 16] on every rank (BCN, two groups of eight channels: the rows' Float32
+    lanes), against an extended-precision run of the authors' code on the whole batch: dx's largest error in ulps
+    of the largest |dx|. On two ranks the batch norm's statistics rest on two values a channel, where its dx exists
+    only through eps (NUMERICS.md): the lanes, which each rank chose by its own [1, C] shape, left tens to
+    thousands of ulps there, so the backward takes the batch's count from the forward."""
+    from bcnswift import reference as R
+    C, G = 16, 2
+    xs, dys = inputs(seed, [1] * size, C, (), np.float32)
+    layer = bcnswift.SyncBatchChannelNorm(C, G, estimate=False, dtype=np.float32, comm=comm)
+    layer(xs[rank])
+    dx = layer.backward(dys[rank])
+    ref = R.AuthorsBCNorm(C, G, 1e-5)
+    ref(np.concatenate(xs).astype(np.longdouble))
+    dx_ref = ref.backward(np.concatenate(dys).astype(np.longdouble))
+    error = np.abs(dx.astype(np.longdouble) - dx_ref[rank:rank + 1]).max() / np.abs(dx_ref).max()
+    return {"errors": {"dx ulps": float(error / np.finfo(np.float32).eps)}, "identical": True}
+
+
 def spatial(rank, size, comm, dtype=np.float64, seed=SEED):
     """SyncBatchNorm on ranks with different spatial sizes (one empty) against one BatchNorm over every value:
     the statistics are per channel over all (sample, position) pairs, so [1, C, N] of all values is the same

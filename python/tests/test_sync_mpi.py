@@ -14,7 +14,7 @@ from conftest import require, require_tool
 require("mpi4py")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOL = {"f64": 1e-12, "f32": 1e-5}
+TOL = {"f64": 1e-12, "f32": 1e-5, "ulps": 8}  # "ulps": the Float32 lanes' bound (NUMERICS.md), errors in ulps
 
 
 def mpiexec():
@@ -46,7 +46,7 @@ def test_every_rank_equals_one_process_and_holds_the_same_buffers(reports):
     n, results = reports
     assert {name for name in results if not name.startswith("failure")} == {
         "equality bcn batch f64", "equality bcn estimate f64", "equality bn f64", "equality bcn batch f32",
-        "equality bcn estimate f32", "uneven with an empty rank", "spatial"}, sorted(results)
+        "equality bcn estimate f32", "uneven with an empty rank", "spatial", "one sample each f32"}, sorted(results)
     for name, ranks in results.items():
         if name.startswith("failure"):
             continue
@@ -54,7 +54,8 @@ def test_every_rank_equals_one_process_and_holds_the_same_buffers(reports):
         tol = TOL["f32" if "f32" in name else "f64"]
         for rank, res in enumerate(ranks):
             for what, err in res["errors"].items():
-                assert err <= tol, f"{name}, rank {rank} of {n}: {what} off by {err:.3g}"
+                bound = TOL["ulps"] if what.endswith("ulps") else tol
+                assert err <= bound, f"{name}, rank {rank} of {n}: {what} off by {err:.3g}"
             assert res["identical"], f"{name}: rank {rank}'s buffers differ from rank 0's"
 
 

@@ -167,7 +167,7 @@ extension RowsLayout {
         if shape.spatial == 1 {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
             let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .record($0) } ?? .none
-            if floatGradientLanes(T.self) {
+            if gradientLanes(T.self, context: ctx, through: true) {
                 let lanes = FloatGradientLanes(channels: C, groups: plan.groups, expansion: expansion, arena: &arena)
                 let partials = floatPartials(arena: &arena)
                 return forEachValueGradient32(Self.floats(x), Self.floats(dy), plan: plan, context: ctx, lanes: lanes,
@@ -218,7 +218,7 @@ extension RowsLayout {
         if let known { local.update(from: known, count: 2 * C) }
         let scalesOnly = BatchNormStage.scalesOnly(plan: plan, through: through, sums: sums)
         let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .reuse($0) } ?? .none
-        if floatGradientLanes(T.self) {
+        if gradientLanes(T.self, context: ctx, through: through) {
             valueGradients32(x, dy, dx, plan: plan, context: ctx, terms: terms,
                              sums: hasBN && known == nil ? local : nil, group: addGroup, unitSums: unitSums,
                              scratch: scratch, arena: &arena)

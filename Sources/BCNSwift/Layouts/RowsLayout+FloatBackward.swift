@@ -2,10 +2,16 @@
 /// (`Float+ValueGradients.swift`), for groups of whole 8-lane vectors: `forEachValueGradient`'s walk, with each
 /// group's sums and values in Float32 where `RowRounding` lets it, and the Float64 value methods for the rest.
 extension RowsLayout {
-    /// Whether the backward runs Float32 lanes on input of type T: one-value planes under `floatLanes`' rule, but
-    /// not two values a channel (`twoValuesAChannel`).
-    func floatGradientLanes<T: NormalizationScalar>(_: T.Type) -> Bool {
-        shape.spatial == 1 && !twoValuesAChannel && floatLanes(T.self)
+    /// Whether the backward may run Float32 lanes on input of type T, as its scratch is reserved: one-value planes
+    /// under `floatLanes`' rule. A call takes them by `gradientLanes`.
+    func floatGradientLanes<T: NormalizationScalar>(_: T.Type) -> Bool { shape.spatial == 1 && floatLanes(T.self) }
+
+    /// Whether a backward call runs Float32 lanes: `floatGradientLanes`, unless its gradient goes `through` batch
+    /// statistics that rest on two values a channel (the context's count: over several processes the whole
+    /// batch's, so two processes of one sample each too). The batch norm's dx is then what is left of its terms
+    /// (`NormalizationShape.twoValuesAChannel`), and Float32 lanes left up to 4e4 ulps of the largest |dx|.
+    func gradientLanes<T: NormalizationScalar>(_: T.Type, context ctx: NormalizationContext, through: Bool) -> Bool {
+        floatGradientLanes(T.self) && !(through && ctx.statisticsCount == 2)
     }
 
     /// What the Float32 lanes of one backward call need: ȳ's constants (`Float.ValueConstants`) and each

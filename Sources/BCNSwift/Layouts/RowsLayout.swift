@@ -15,14 +15,10 @@
 struct RowsLayout {
     let shape: NormalizationShape
     let units: Units
-    /// Whether the input's channels hold two values each (`NormalizationShape.twoValuesAChannel`): this layout's
-    /// own shape's, or for the value view's [B, C·S] layout the planes' it views, whose batch norm it is.
-    let twoValuesAChannel: Bool
 
-    init(plan: NormalizationPlan, shape: NormalizationShape, viewing planes: NormalizationShape? = nil) {
+    init(plan: NormalizationPlan, shape: NormalizationShape) {
         self.shape = shape
         units = Units(plan: plan, shape: shape)
-        twoValuesAChannel = (planes ?? shape).twoValuesAChannel
     }
 
     /// Channels per column block: whole groups, about 64 channels.

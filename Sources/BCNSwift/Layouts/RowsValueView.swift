@@ -51,7 +51,7 @@ struct RowsValueView {
 extension RowsLayout {
     /// The value view of this layout's short planes for input of type T, when its channel-norm stage can run on
     /// it in Float32 lanes: Float input, units of a whole number of 8-lane vectors, and planes of 2 to 4 values
-    /// (but not one sample's planes of two, `twoValuesAChannel`).
+    /// (but not one sample's planes of two, `NormalizationShape.twoValuesAChannel`).
     /// The view measures the groups again from x (where a training forward has the planes' moments in `memo`
     /// already) and builds per-value constants on one thread, which longer planes pay for: A/B against the
     /// planes layout, training forward 0.70-0.91 for S = 2 to 4, 0.94 for 6, 1.11-1.50 from 8 up; eval 0.50-0.52
@@ -68,14 +68,14 @@ extension RowsLayout {
         let S = shape.spatial, B = shape.batch
         // (one sample's planes of two: not in the forward either, whose Float32 lanes' group moments, kept in the
         // context, the backward would read)
-        let fits = (backward ? S <= 4 || (S <= 15 && B >= 16) : S <= 4) && !twoValuesAChannel
+        let fits = (backward ? S <= 4 || (S <= 15 && B >= 16) : S <= 4) && !shape.twoValuesAChannel
         guard T.self == Float.self, S > 1, fits, units.hasChannelNorm, (units.groupSize * S) & 7 == 0,
               let viewShape = try? NormalizationShape(batch: shape.batch, channels: shape.channels * S, spatial: 1)
         else { return nil }
         var viewPlan = plan
         viewPlan.channels = viewShape.channels
-        return RowsValueView(layout: RowsLayout(plan: viewPlan, shape: viewShape, viewing: shape), plan: viewPlan,
-                             planes: plan, spatial: S)
+        return RowsValueView(layout: RowsLayout(plan: viewPlan, shape: viewShape), plan: viewPlan, planes: plan,
+                             spatial: S)
     }
 }
 
