@@ -325,7 +325,8 @@ def test_two_values_a_channel_keep_the_batch_norm_gradient_that_exists_through_e
     """With two values a channel (B·S = 2) the batch norm's dx exists only through eps: dx = ±γ r (1 - ẑ²) Δ/2,
     1 - ẑ² = eps/(σ² + eps), what is left of dy₁'s terms. The Float32 lanes of groups of whole vectors (of
     [B, C] rows, and of the value view of short planes, whose forward's group moments the backward reads) rounded
-    dy₁ first, and dx came out 3e3 to 4e4 ulps of its own largest magnitude off; such calls take Float64.
+    dy₁ first, and dx came out 67 to 4e4 ulps of its own largest magnitude off; such calls take Float64 (within
+    the lanes' bound, 8 ulps, which the forward's group moments may still use).
     (Channels-last planes of two from one sample keep Float32 lanes: NUMERICS.md.)"""
     C = shape[1]
     x = random_input(rng, shape).astype(np.float32)
@@ -338,7 +339,7 @@ def test_two_values_a_channel_keep_the_batch_norm_gradient_that_exists_through_e
     dx = layer.backward(dy)
     ref(x.astype(np.longdouble))
     dx_ref = ref.backward(dy.astype(np.longdouble))
-    assert _ulps_of_scale(dx, dx_ref) <= 2, f"max |dx| = {float(np.abs(dx_ref).max()):.1e}"
+    assert _ulps_of_scale(dx, dx_ref) <= 8, f"max |dx| = {float(np.abs(dx_ref).max()):.1e}"  # 0.1-0.3 measured
     for key in ("weight", "bias", "bn.weight", "bn.bias"):
         assert _ulps_of_scale(layer.grads[key], ref.grads[key]) <= 8, key
 
