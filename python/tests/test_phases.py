@@ -167,3 +167,26 @@ def test_raise_given_to_backward_phase_c_alone_still_refuses_a_non_finite_dy(sha
         assert (dx == 7.0).all(), first
         for k, v in layer.grads.items():
             np.testing.assert_array_equal(v, grads[k], err_msg=f"{first}: {k}")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 2), (3, 16, 3), (4, 8)], ids=str)
+def test_a_merged_count_of_two_keeps_the_backward_s_phases_in_step(shape, rng):
+    """A review: the backward of short planes runs a value view whose phase (c) always takes the Float32 lanes;
+    its phase (a) asked the context's count instead, and a phased forward whose merged moments claimed two values a
+    channel (any count is a whole number a caller may merge) sent it down the Float64 path, so phase (c) read
+    masks phase (a) never wrote and wrote dx out of bounds (valgrind; corrupted heap). Each backward now runs, and
+    gives the same dx every time."""
+    layer = bcnswift.BatchChannelNorm(shape[1], shape[1] // 8, estimate=False, dtype=np.float32)
+    x = random_input(rng, shape).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
+    xl, y, flags, ctx = layer._prepare_forward(x, None)
+    m = np.empty(3 * shape[1])
+    _ext.norm_moments(flags, layer.num_groups, xl, m, ctx)
+    m[0::3] = 2.0  # the merged count: fewer values than this process holds
+    with layer._lock:
+        layer._finish_forward(xl, y, flags, ctx, m)
+        layer._saved = (xl, ctx, flags)
+    first = layer.backward(dy)
+    assert np.isfinite(first).all()
+    for _ in range(3):
+        np.testing.assert_array_equal(layer.backward(dy), first)

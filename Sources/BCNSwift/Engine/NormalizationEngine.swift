@@ -102,11 +102,14 @@ public enum NormalizationEngine {
         // (from about 1.3e154 up: a NaN M2 from equal means), and past Double's range the count itself (checked
         // before `merged`, which may be the first set, is written)
         for c in 0..<channels {
-            var total = 0.0
-            for i in 0..<sets { total += moments[i * channels + c].count }
-            guard total <= 0x1p53 else {
-                throw BCNError(.invalidArgument, "channel \(c)'s counts add up to \(total): more values than a "
-                                                 + "count holds exactly (2^53)")
+            var total = 0.0  // exact while it stays within 2^53, so each count is tested against what is left
+            for i in 0..<sets {
+                let count = moments[i * channels + c].count
+                guard count <= 0x1p53 - total else {
+                    throw BCNError(.invalidArgument, "channel \(c)'s counts add up to more than 2^53 (\(total) "
+                                                     + "+ \(count)): more values than a count holds exactly")
+                }
+                total += count
             }
         }
         for c in 0..<channels {

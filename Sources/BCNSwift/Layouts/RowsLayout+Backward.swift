@@ -167,7 +167,9 @@ extension RowsLayout {
         if shape.spatial == 1 {
             let sink = ValueSums(x: x, mu: ctx.mu, s1: sums, s2: sums + C)
             let unitSums: PhaseMemo<UnsafeMutablePointer<Double>> = memo.map { .record($0) } ?? .none
-            if gradientLanes(T.self, context: ctx, through: true) {
+            // the value view's layout (`expansion`) runs the lanes, as its phase (c) always does: the count in the
+            // context is the planes' (whatever a phased caller merged), whose rule `valueView` applied already
+            if expansion != nil ? floatGradientLanes(T.self) : gradientLanes(T.self, context: ctx, through: true) {
                 let lanes = FloatGradientLanes(channels: C, groups: plan.groups, expansion: expansion, arena: &arena)
                 let partials = floatPartials(arena: &arena)
                 return forEachValueGradient32(Self.floats(x), Self.floats(dy), plan: plan, context: ctx, lanes: lanes,

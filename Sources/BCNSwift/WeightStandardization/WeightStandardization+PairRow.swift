@@ -7,26 +7,35 @@ extension WeightStandardization {
     /// gh = (dŵ₀ - dŵ₁)/2, both ddof alike:
     ///   dw₀ = -dw₁ = eps · gh / den³   (labml: den = √(std² + eps)),
     ///   dw₀ = -dw₁ = eps · gh / den²   (the authors': den = std + eps).
-    /// h and gh are halves taken before the difference (exact but for subnormals), and eps is divided by den one
-    /// factor at a time, so nothing overflows unless dw does; a constant row gives gh/√eps and gh/eps, the
-    /// general formula's limit. Returns false, writing nothing, for a row or dŵ holding NaN or an infinity, which
-    /// the general path passes on.
+    /// A constant row gives gh/√eps and gh/eps, the general formula's limit.
+    ///
+    /// Computed on significands, so that no step over- or underflows where dw does not: with 2^E near den (the
+    /// larger of |h| and √eps, or eps, in powers of two), den' = den / 2^E lies near 1 (h and eps scaled
+    /// exactly, a part far below the other dropped), and dw = (sig(eps) · sig(gh) / den'ᵏ) · 2^(exp(eps) +
+    /// exp(gh) - k·E), k = 3 or 2, rounded once at the end. h and gh are halves taken before the difference. Returns
+    /// false, writing nothing, for a row or dŵ holding NaN or an infinity, which the general path passes on.
     static func pairGradient<T: NormalizationScalar>(_ w: UnsafePointer<T>, _ g: UnsafePointer<T>,
                                                      into dw: UnsafeMutablePointer<T>,
                                                      options: WeightStandardizationOptions) -> Bool {
-        let h = Double(w[0]) / 2 - Double(w[1]) / 2, gh = Double(g[0]) / 2 - Double(g[1]) / 2
+        let h = (Double(w[0]) / 2 - Double(w[1]) / 2).magnitude, gh = Double(g[0]) / 2 - Double(g[1]) / 2
         guard h.isFinite, gh.isFinite else { return false }
-        let eps = options.eps
-        let std = h.magnitude * (options.unbiased ? 2.0.squareRoot() : 1)
-        let dw0: Double
-        if options.epsInsideSquareRoot {
-            // (std² overflows from about 1e154: there eps / std² is below 2^-1000 of 1, and √(1 + it) is 1)
-            let den = std > 0x1p500 ? std * (1 + eps / std / std).squareRoot() : (std * std + eps).squareRoot()
-            dw0 = eps / den / den / den * gh
-        } else {
-            let den = std + eps
-            dw0 = eps / den / den * gh
+        guard gh != 0 else {
+            dw[0] = 0; dw[1] = 0
+            return true
         }
+        let eps = options.eps, inside = options.epsInsideSquareRoot
+        @inline(__always) func scaled(_ v: Double, by p: Int) -> Double {
+            v == 0 ? 0 : Double(sign: .plus, exponent: v.exponent + p, significand: v.significand)
+        }
+        // (√eps's exponent, rounded down, for the root's scale)
+        let epsScale = inside ? eps.exponent >> 1 : eps.exponent
+        let E = h == 0 ? epsScale : max(h.exponent, epsScale)
+        let std = scaled(h, by: -E) * (options.unbiased ? 2.0.squareRoot() : 1)
+        let k = inside ? 3 : 2
+        let den = inside ? (std * std + scaled(eps, by: -2 * E)).squareRoot() : std + scaled(eps, by: -E)
+        var t = eps.significand * gh.significand.magnitude / den / den
+        if inside { t /= den }
+        let dw0 = Double(sign: gh.sign, exponent: eps.exponent + gh.exponent - k * E, significand: t)
         dw[0] = T(dw0)
         dw[1] = T(-dw0)
         return true
