@@ -66,11 +66,10 @@ public struct NormalizationShape: Equatable, Sendable {
     /// Whether each channel holds two values (B·S = 2), where a batch-norm stage's dx exists only through eps, and
     /// so the rows layout keeps Float64 (no Float32 lanes): short planes take no value view, and one-value planes'
     /// backward decides by the batch's count in the context (`RowsLayout.gradientLanes`), which over several
-    /// processes is the whole batch's.
-    /// With ẑ = ±1/√(1 + eps/σ²) the two values' normalized inputs, dx = ±γ r (1 - ẑ²) (dy₁₁ - dy₁₂)/2 and
-    /// 1 - ẑ² = eps/(σ² + eps): dx is what is left of its terms, about eps/σ² of their size, and their rounding
-    /// to Float32 left 3e3 to 4e4 ulps of the largest |dx| ([2, 16] and [1, 16, 2] float32, eps 1e-5; Float64:
-    /// 0.1-0.2). Channels-last planes of two from one sample keep their Float32 lanes (docs/NUMERICS.md): there
-    /// the moments, the sums and the map would all need Float64.
+    /// processes is the whole batch's. With ẑ = ±1/√(1 + eps/σ²) the two values' normalized inputs,
+    /// dx = ±γ r (1 - ẑ²) (dy₁₁ - dy₁₂)/2 and 1 - ẑ² = eps/(σ² + eps): dx is what is left of its terms, about
+    /// eps/σ² of their size, and their rounding to Float32 left 67 to 4e4 ulps of the largest |dx| ([2, 16] and
+    /// [1, 16, 2] float32, eps 1e-5; Float64: 0.1-0.3). Channels-last planes of two from one sample keep their
+    /// Float32 lanes (docs/NUMERICS.md): there the moments, the sums and the map would all need Float64.
     var twoValuesAChannel: Bool { batch * spatial == 2 }
 }

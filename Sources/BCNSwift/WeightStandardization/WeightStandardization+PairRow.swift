@@ -12,8 +12,8 @@ extension WeightStandardization {
     /// Computed on significands, so that no step over- or underflows where dw does not: with 2^E near den (the
     /// larger of |h| and √eps, or eps, in powers of two), den' = den / 2^E lies near 1 (h and eps scaled
     /// exactly, a part far below the other dropped), and dw = (sig(eps) · sig(gh) / den'ᵏ) · 2^(exp(eps) +
-    /// exp(gh) - k·E), k = 3 or 2, rounded once at the end. h and gh are halves taken before the difference. Returns
-    /// false, writing nothing, for a row or dŵ holding NaN or an infinity, which the general path passes on.
+    /// exp(gh) - k·E), k = 3 or 2, rounded once at the end. h and gh are halves taken before the difference.
+    /// Returns false, writing nothing, for a row or dŵ holding NaN or an infinity, which the general path passes on.
     static func pairGradient<T: NormalizationScalar>(_ w: UnsafePointer<T>, _ g: UnsafePointer<T>,
                                                      into dw: UnsafeMutablePointer<T>,
                                                      options: WeightStandardizationOptions) -> Bool {
@@ -33,7 +33,7 @@ extension WeightStandardization {
         let std = scaled(h, by: -E) * (options.unbiased ? 2.0.squareRoot() : 1)
         let k = inside ? 3 : 2
         let den = inside ? (std * std + scaled(eps, by: -2 * E)).squareRoot() : std + scaled(eps, by: -E)
-        var t = eps.significand * gh.significand.magnitude / den / den
+        var t = eps.significand * gh.significand / den / den  // (a significand is never negative)
         if inside { t /= den }
         let dw0 = Double(sign: gh.sign, exponent: eps.exponent + gh.exponent - k * E, significand: t)
         dw[0] = T(dw0)

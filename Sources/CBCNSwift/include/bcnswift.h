@@ -199,8 +199,8 @@ int32_t bcn_norm_moments_f64(uint32_t flags, int64_t batch, int64_t channels, in
  * in set order, with Chan's formula, into `merged` (3*channels doubles; may equal `moments`). A set with count 0
  * contributes nothing (its mean and M2 are not read: sets all empty merge to zeros); one set with values merges
  * to itself, bit for bit. `sets` must be at least 1, counts non-negative whole numbers adding up to at most 2^53
- * per channel (what a double counts exactly) and M2 not negative (BCN_ERR_INVALID_ARGUMENT otherwise); NaN means or M2 are not refused here and merge into NaN (phase (c) refuses
- * them under BCN_NAN_RAISE).
+ * per channel (what a double counts exactly) and M2 not negative (BCN_ERR_INVALID_ARGUMENT otherwise); NaN means
+ * or M2 are not refused here and merge into NaN (phase (c) refuses them under BCN_NAN_RAISE).
  */
 int32_t bcn_moments_merge(int64_t sets, int64_t channels, const double *moments, double *merged,
                           char *message, int64_t message_capacity);

@@ -118,16 +118,16 @@ def convert(model, num_groups=32, estimate=True, weight_standardization=True, mo
         raise ValueError("estimate=True needs a momentum (EstBN has no cumulative average)")
 
     def swap(layer, like):
-        if type(layer) in (nn.BatchNorm2d, nn.GroupNorm) and _own_affine(layer):
+        if type(layer) in (nn.BatchNorm2d, nn.GroupNorm) and _own_parameters(layer):
             return _bcnorm_for(layer, num_groups, estimate, momentum, like)
-        if weight_standardization and type(layer) is nn.Conv2d and _own_affine(layer) \
+        if weight_standardization and type(layer) is nn.Conv2d and _own_parameters(layer) \
                 and standardizable(layer.weight):
             return _ws_conv_for(layer)
         return layer if isinstance(layer, (BCNorm, EstBN)) else None
     return _replace(model, swap)
 
 
-def _own_affine(layer):
+def _own_parameters(layer):
     """Whether the layer's weight and bias are each a Parameter or None: not computed before each call from other
     parameters by a hook (torch's hook-based ``weight_norm`` or ``spectral_norm``, a mask of
     ``torch.nn.utils.prune``), which a new layer would not run. Such a layer stays as it is: the computed tensor
