@@ -347,9 +347,9 @@ def test_two_values_a_channel_keep_the_batch_norm_gradient_that_exists_through_e
 @pytest.mark.parametrize("shape", [(2, 16, 2), (2, 8, 1, 3), (4, 8, 2)], ids=str)
 def test_two_samples_of_short_planes_keep_the_value_view_s_float32_lanes(shape, rng):
     """The value view sees planes of S values from B samples as [B, C·S] rows: from two samples, its own layout
-    has two rows, which is not two values a channel (B·S is). When the view's layout judged by its own shape, its
-    backward ran the Float32 lanes without their scratch, writing past it (valgrind; a crash in the properties
-    test). Within the Float32 lanes' 8 ulps of the largest |dx|."""
+    has two rows, which is not two values a channel (B·S is). A version of the two-values rule in which the view's
+    layout judged by its own shape (it never landed) ran the view's backward without the lanes' scratch, writing
+    past it (valgrind; a crash in the properties test). Within the Float32 lanes' 8 ulps of the largest |dx|."""
     C = shape[1]
     x = random_input(rng, shape).astype(np.float32)
     dy = rng.normal(0.3, 1.0, shape).astype(np.float32)
