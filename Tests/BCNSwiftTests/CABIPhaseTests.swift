@@ -230,9 +230,9 @@ final class CABIPhaseTests: XCTestCase {
         huge[0] = 0x1p52 + 2
         XCTAssertEqual(merge([huge, huge], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
         // a review: 2^53 + 1 rounds to 2^53 when added, so each count is tested before it is
-        var one = m
-        for c in 0..<8 { huge[3 * c] = 0x1p53; one[3 * c] = 1 }
-        XCTAssertEqual(merge([huge, one], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
+        var single = m
+        for c in 0..<8 { huge[3 * c] = 0x1p53; single[3 * c] = 1 }
+        XCTAssertEqual(merge([huge, single], channels: 8, width: 3).0, BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(0, 8, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         XCTAssertEqual(bcn_moments_merge(Int64.max, Int64.max, m, &negative, nil, 0), BCN_ERR_INVALID_ARGUMENT)
         // an empty set contributes nothing
