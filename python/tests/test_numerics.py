@@ -319,15 +319,16 @@ def test_one_channel_per_group_bn_gradients_exist_only_through_eps(shape, estima
 
 @pytest.mark.parametrize("shape,G,channels_last", [((2, 16), 1, False), ((2, 64), 4, False), ((1, 16, 2), 4, False),
                                                    ((1, 12, 2), 3, False), ((2, 16, 1, 1), 2, False),
-                                                   ((1, 16, 1, 2), 1, False), ((2, 16, 1, 1), 2, True)],
+                                                   ((1, 16, 1, 2), 1, False), ((2, 16, 1, 1), 2, True),
+                                                   ((1, 16, 1, 2), 2, True), ((1, 24, 2, 1), 3, True)],
                          ids=str)
 def test_two_values_a_channel_keep_the_batch_norm_gradient_that_exists_through_eps(shape, G, channels_last, rng):
     """With two values a channel (B·S = 2) the batch norm's dx exists only through eps: dx = ±γ r (1 - ẑ²) Δ/2,
     1 - ẑ² = eps/(σ² + eps), what is left of dy₁'s terms. The Float32 lanes of groups of whole vectors (of
     [B, C] rows, and of the value view of short planes, whose forward's group moments the backward reads) rounded
     dy₁ first, and dx came out 67 to 4e4 ulps of its own largest magnitude off; such calls take Float64 (within
-    the lanes' bound, 8 ulps, which the forward's group moments may still use).
-    (Channels-last planes of two from one sample keep Float32 lanes: NUMERICS.md.)"""
+    the lanes' bound, 8 ulps, which the forward's group moments may still use). Channels-last planes of two from
+    one sample (96-204 ulps) take their moments, sums and backward map in Float64."""
     C = shape[1]
     x = random_input(rng, shape).astype(np.float32)
     dy = rng.normal(0.3, 1.0, shape).astype(np.float32)

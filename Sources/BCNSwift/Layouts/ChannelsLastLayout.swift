@@ -125,13 +125,14 @@ struct ChannelsLastLayout: StoredLayout {
     func planeMoments<T: NormalizationScalar>(_ x: UnsafePointer<T>, p: UnsafeMutablePointer<Double>,
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena) {
         let C = shape.channels, S = shape.spatial, B = shape.batch, rowsPer = stretchRows
-        let partials = arena.take(2 * B * stretches * C, of: Double.self)
+        let partials = arena.take(2 * B * stretches * C, of: Double.self), exact = shape.twoValuesAChannel
         stretchSums(partials, T.self, inOrder: streaming(T.self), arena: &arena, { b, r0, rows, mean, m2, scratch in
             let first = x + (b * S + r0) * C
             ChannelsLastLayout.shift(first, rows: rows, columns: C, into: scratch.shift)
             T._columnSums(first, rows: rows, columns: C, stride: C, centre: scratch.shift, sums: mean, squares: m2,
                           partials: scratch.blockPartials)
-            ChannelsLastLayout.stretchMoments(first, rows: rows, columns: C, shift: scratch.shift, mean: mean, m2: m2)
+            ChannelsLastLayout.stretchMoments(first, rows: rows, columns: C, shift: scratch.shift, mean: mean, m2: m2,
+                                              again: exact)
         }, finish: { b, c0, n, parts in
             let pb = p + b * C, qb = q + b * C
             (pb + c0).update(from: parts + c0, count: n)
@@ -181,10 +182,10 @@ struct ChannelsLastLayout: StoredLayout {
     /// mean = k + Σd/n, M2 = Σd² - (Σd)²/n, four channels a step; a channel where k was not within a standard
     /// deviation of the mean ((Σd)²/n above half of Σd², or NaN), or whose squares overflowed T's lanes (|x - k|
     /// above about 1.8e19 in Float32, while Σd stays finite), is summed again over the stretch, in Float64,
-    /// around the mean found (`ColumnKernels.centredSums`).
+    /// around the mean found (`ColumnKernels.centredSums`); with `again`, every channel is.
     static func stretchMoments<T: NormalizationScalar>(
         _ x: UnsafePointer<T>, rows: Int, columns C: Int, shift k: UnsafePointer<T>,
-        mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>
+        mean: UnsafeMutablePointer<Double>, m2: UnsafeMutablePointer<Double>, again everyChannel: Bool = false
     ) {
         let invN = 1 / Double(rows)
         func again(_ c: Int) {
@@ -200,14 +201,14 @@ struct ChannelsLastLayout: StoredLayout {
             mean.storeLanes(T._load4Wide(k, c) + d * invN, c)
             m2.storeLanes(deviation.replacing(with: 0, where: deviation .< 0), c)
             let kept = ShiftRule.keeps(m2: deviation, squares: squares) .& (squares .< .infinity)
-            if !all(kept) { for l in 0..<4 where !kept[l] { again(c + l) } }
+            if everyChannel || !all(kept) { for l in 0..<4 where everyChannel || !kept[l] { again(c + l) } }
             c += 4
         }
         for c in c..<C {
             let d = mean[c], squares = m2[c], deviation = squares - d * d * invN
             mean[c] = Double(k[c]) + d * invN
             m2[c] = max(deviation, 0)
-            if !(ShiftRule.keeps(m2: deviation, squares: squares) && squares < .infinity) { again(c) }
+            if everyChannel || !(ShiftRule.keeps(m2: deviation, squares: squares) && squares < .infinity) { again(c) }
         }
     }
 
@@ -315,7 +316,7 @@ struct ChannelsLastLayout: StoredLayout {
         let C = shape.channels, S = shape.spatial
         let partials = arena.take(2 * shape.batch * stretches * C, of: Double.self)
         let centre = arena.take(shape.planes, of: T.self), shift = arena.take(shape.planes, of: T.self)
-        let own = stretches == 1  // each sample's one work item prepares it
+        let own = stretches == 1, exact = shape.twoValuesAChannel  // (own: each sample's one work item prepares it)
         if !own {
             for b in 0..<shape.batch {
                 ChannelsLastLayout.prepare(b, p: p, dy: dy, spatial: S, channels: C, centre: centre, shift: shift)
@@ -341,7 +342,8 @@ struct ChannelsLastLayout: StoredLayout {
                 tb[c] = shifted + Double(S) * Double(shift[i])
                 ub[c] = CentreResidue.dot(ub[c], sum: shifted, centre: pb[c], rounded: Double(centre[i]))
             }
-            for c in channels where !(tb[c].isFinite && ub[c].isFinite) {  // overflowed T's lanes: in Float64
+            // overflowed T's lanes, or two values a channel (`twoValuesAChannel`): in Float64
+            for c in channels where exact || !(tb[c].isFinite && ub[c].isFinite) {
                 tb[c] = 0; ub[c] = 0
                 var s = Double(shift[b * C + c])
                 ColumnKernels.gradientSums(dy + b * S * C + c, x + b * S * C + c, rows: S, columns: 1, stride: C,
@@ -393,7 +395,8 @@ struct ChannelsLastLayout: StoredLayout {
         let P = coefficients, Q = P + planes, R = Q + planes
         let k = arena.take(5 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
         let dT = rT + planes, means = arena.take(planes, of: Double.self), invS = 1 / Double(S)
-        let keeps = planeBlocks(arena: &arena) { block in
+        // (two values a channel: dx is a cancellation that constants rounded to T would show, `twoValuesAChannel`)
+        let keeps = !shape.twoValuesAChannel && planeBlocks(arena: &arena) { block in
             for i in block {
                 let cf = T(p[i]), mean = t[i] * invS, df = T(mean)
                 cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i]); means[i] = mean

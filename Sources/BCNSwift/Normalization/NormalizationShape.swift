@@ -64,12 +64,12 @@ public struct NormalizationShape: Equatable, Sendable {
     @inlinable public var planes: Int { batch * channels }
 
     /// Whether each channel holds two values (B·S = 2), where a batch-norm stage's dx exists only through eps, and
-    /// so the rows layout keeps Float64 (no Float32 lanes): short planes take no value view, and one-value planes'
+    /// so no Float32 lanes touch it: in the rows layout, short planes take no value view, and one-value planes'
     /// backward decides by the batch's count in the context (`RowsLayout.gradientLanes`), which over several
-    /// processes is the whole batch's. With ẑ = ±1/√(1 + eps/σ²) the two values' normalized inputs,
+    /// processes is the whole batch's; channels-last (one sample of two rows) takes its moments, gradient sums
+    /// and backward map in Float64. With ẑ = ±1/√(1 + eps/σ²) the two values' normalized inputs,
     /// dx = ±γ r (1 - ẑ²) (dy₁₁ - dy₁₂)/2 and 1 - ẑ² = eps/(σ² + eps): dx is what is left of its terms, about
     /// eps/σ² of their size, and their rounding to Float32 left 67 to 4e4 ulps of the largest |dx| ([2, 16] and
-    /// [1, 16, 2] float32, eps 1e-5; Float64: 0.1-0.3). Channels-last planes of two from one sample keep their
-    /// Float32 lanes (docs/NUMERICS.md): there the moments, the sums and the map would all need Float64.
+    /// [1, 16, 2] float32, eps 1e-5, and 96-204 channels-last; Float64: 0.1-0.5).
     var twoValuesAChannel: Bool { batch * spatial == 2 }
 }
