@@ -238,28 +238,36 @@ def test_a_fan_in_of_two_has_the_gradient_that_exists_through_eps(eps_in_sqrt, u
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("eps_in_sqrt", [True, False], ids=["labml", "authors"])
 def test_a_fan_in_of_two_keeps_a_tiny_gradient_that_huge_weights_and_gradients_make(eps_in_sqrt, unbiased):
-    """A review: eps/den³ underflowed before it met a huge dŵ (w = ±1e110, dŵ = ±1e300 gave 0 where dw is
-    3.5e-36). The closed form, evaluated in 80 digits (beyond the central differences' reach at eps/den² of 1e-225),
-    against the kernel, which works on significands: within 4 ulps wherever dw is a normal double, 0 or a
-    subnormal where it underflows, infinite where it overflows."""
+    """Reviews: eps/den³ underflowed before it met a huge dŵ (w = ±1e110, dŵ = ±1e300 gave 0 where dw is
+    3.5e-36), and halving subnormal weights or gradients before their difference rounded them (dŵ = (5e-324, 0)
+    gave 0; w = ±5e-324 gave 4-6 times dw). The closed form, evaluated in 80 digits (beyond the central
+    differences' reach at eps/den² of 1e-225), against the kernel, which works on significands: within 4 ulps
+    wherever dw is a normal double, 0 or a subnormal where it underflows, infinite where it overflows."""
     import decimal
-    cases = [(1e110, 1e300, 1e-5), (1e120, 1e300, 1e-5), (1.0, 1e308, 1e-300), (1e-150, 1e-300, 1e-300),
-             (1e150, 1e300, 1e300), (0.0, 1e-300, 5e-324), (1e-160, 1e200, 1e-310), (1e200, 1e-300, 1e-5)]
+    cases = [(1e110, -1e110, 1e300, -1e300, 1e-5), (1e120, -1e120, 1e300, -1e300, 1e-5),
+             (1.0, -1.0, 1e308, -1e308, 1e-300), (1e-150, -1e-150, 1e-300, -1e-300, 1e-300),
+             (1e150, -1e150, 1e300, -1e300, 1e300), (0.0, 0.0, 1e-300, -1e-300, 5e-324),
+             (1e-160, -1e-160, 1e200, -1e200, 1e-310), (1e200, -1e200, 1e-300, -1e-300, 1e-5),
+             (0.0, 0.0, 5e-324, 0.0, 1e-300), (0.0, 0.0, 5e-324, 0.0, 1e-5),
+             (5e-324, -5e-324, 1e-300, -1e-300, 5e-324), (1.5e-323, 0.0, 1e-300, -1e-300, 5e-324),
+             (1.7e308, -1.7e308, 1.7e308, -1.7e308, 1e-5)]
     with decimal.localcontext(decimal.Context(prec=80)):
         D = decimal.Decimal
-        for h, gh, eps in cases:
-            w, g = np.array([[h, -h]]), np.array([[gh, -gh]])
-            dw = bcnswift.weight_standardization_backward(w, g, eps=eps, unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
-            std = D(h) * (D(2).sqrt() if unbiased else 1)
+        for w0, w1, g0, g1, eps in cases:
+            dw = bcnswift.weight_standardization_backward(np.array([[w0, w1]]), np.array([[g0, g1]]), eps=eps,
+                                                          unbiased=unbiased, eps_in_sqrt=eps_in_sqrt)
+            h, gh = abs(D(w0) - D(w1)) / 2, (D(g0) - D(g1)) / 2
+            std = h * (D(2).sqrt() if unbiased else 1)
             den = (std * std + D(eps)).sqrt() if eps_in_sqrt else std + D(eps)
-            want = float(D(eps) * D(gh) / den ** (3 if eps_in_sqrt else 2))
-            assert dw[0, 1] == -dw[0, 0], (h, gh, eps)
+            want = float(D(eps) * gh / den ** (3 if eps_in_sqrt else 2))
+            case = (w0, w1, g0, g1, eps, dw[0, 0], want)
+            assert dw[0, 1] == -dw[0, 0], case
             if np.isinf(want):  # (labml's 1e355 at eps 1e-310: beyond the largest double, as dw itself is)
-                assert dw[0, 0] == want, (h, gh, eps, dw[0, 0])
-            elif want >= np.finfo(np.float64).tiny:
-                assert abs(dw[0, 0] - want) <= 4 * np.spacing(want), (h, gh, eps, dw[0, 0], want)
+                assert dw[0, 0] == want, case
+            elif abs(want) >= np.finfo(np.float64).tiny:
+                assert abs(dw[0, 0] - want) <= 4 * np.spacing(abs(want)), case
             else:
-                assert abs(dw[0, 0] - want) <= np.finfo(np.float64).smallest_subnormal, (h, gh, eps, dw[0, 0], want)
+                assert abs(dw[0, 0] - want) <= np.finfo(np.float64).smallest_subnormal, case
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-300, 5e-324])

@@ -78,9 +78,11 @@ struct RowsLayout {
                 }
                 p.storeLanes(c + d * invS4, k)
                 // max(M2, 0) lane by lane as `FloatingPoint.maximum` takes it (NaN gives 0), which
-                // `pointwiseMax` calls out of line, one lane at a time
+                // `pointwiseMax` calls out of line, one lane at a time; squares that overflowed (finite values:
+                // non-finite ones make them NaN) bound an infinite M2, where ∞ - ∞ would give NaN, then 0
                 let m2 = squares - d * d * invS4
-                q.storeLanes(SIMD4().replacing(with: m2, where: m2 .> SIMD4()), k)
+                q.storeLanes(SIMD4().replacing(with: m2, where: m2 .> SIMD4())
+                                    .replacing(with: .infinity, where: squares .== .infinity), k)
                 k &+= 4
             }
         }
@@ -91,7 +93,7 @@ struct RowsLayout {
             let c = total * invS
             var d = 0.0, squares = 0.0
             for i in 0..<S { let e = Double(plane[i]) - c; d += e; squares.addProduct(e, e) }
-            p[k] = c + d * invS; q[k] = max(squares - d * d * invS, 0)
+            p[k] = c + d * invS; q[k] = squares == .infinity ? .infinity : max(squares - d * d * invS, 0)
             k &+= 1
         }
         return (UnsafePointer(p), UnsafePointer(q))
