@@ -284,6 +284,36 @@ def test_a_call_that_raises_changes_no_buffer(name, make, param, size, route, ge
     _assert_unchanged(m, before, f"{name} on the {route} route")
 
 
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES], ids=MODULE_IDS)
+@pytest.mark.parametrize("way", EAGER_ROUTES + ["composed"])
+def test_a_training_call_on_an_inference_tensor_raises_before_any_buffer_moves(name, make, way, gen, monkeypatch):
+    """A review: on the kernels' routes a training forward of an input made under torch.inference_mode() saved it
+    for the backward only after the update, where torch refused it ("Inference tensors cannot be saved for
+    backward"), leaving the running buffers moved (as torch's batch norms leave theirs); the composed route
+    trained on. Every route refuses it first now, changing nothing. With no graph to record (no_grad, or no
+    parameter that requires grad) the call trains, as before."""
+    monkeypatch.setattr(_ops, "NATIVE", way == "native")
+    monkeypatch.setattr(functional, "COMPOSED", way == "composed")
+    m = make(8, 4).double()
+    m(rand_input(gen, (4, 8, 5, 5)))  # buffers away from their initial values
+    with torch.inference_mode():
+        x = rand_input(gen, (4, 8, 5, 5))
+    before = _state(m)
+    with pytest.raises(RuntimeError, match=r"the input is an inference tensor \(made under torch.inference_mode"):
+        m(x)
+    _assert_unchanged(m, before, f"{name} on the {way} route")
+    for frozen in (False, True):
+        twin = copy.deepcopy(m)
+        if frozen:
+            twin.requires_grad_(False)
+            y = twin(x)
+        else:
+            with torch.no_grad():
+                y = twin(x)
+        assert torch.isfinite(y).all() and not y.requires_grad
+        assert any(not torch.equal(v, before[k]) for k, v in _state(twin).items()), f"{name}: did not train"
+
+
 def _set_cn_weight_size(m, size):
     if isinstance(m, bt.BatchChannelNorm):
         m.channel_norm.scale.data = torch.ones(size, dtype=torch.float64)

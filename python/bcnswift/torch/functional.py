@@ -184,6 +184,16 @@ def _check_writable(buffers):
                            "(for each buffer b of its batch-norm stage, setattr(stage, name, b.clone()))")
 
 
+def _check_saveable(x, tensors):
+    """A training call that records a graph saves x for its backward, which torch refuses for an inference tensor
+    (made under torch.inference_mode()): refused here, before the running buffers move, where the kernels would
+    have raised after the update (as torch's batch norms do), and on the composed route alike."""
+    if x.is_inference() and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError("the input is an inference tensor (made under torch.inference_mode()), which autograd "
+                           "cannot save for the backward of a training forward: pass x.clone() made outside "
+                           "inference mode, or run the forward under torch.no_grad() or inference_mode")
+
+
 def _check_apart(buffers):
     """The running statistics (buffers: running_mean, running_var, num_batches_tracked) hold each value in memory
     of its own, as an update in place needs: not an expanded view (a stride of 0), whose values share one
@@ -437,6 +447,7 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     if update and not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference_mode_enabled)
         _check_writable(buffers)
         _check_unbatched(x, buffers)
+        _check_saveable(x, tensors)
     train = _ext.BCN_TRAINING if batch_statistics and not estimated else 0
     route = _route(_fast(x, tensors) and (not update or _kernels_update(buffers)))
     if route == "composed":
