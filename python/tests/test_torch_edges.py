@@ -314,6 +314,31 @@ def test_a_training_call_on_an_inference_tensor_raises_before_any_buffer_moves(n
         assert any(not torch.equal(v, before[k]) for k, v in _state(twin).items()), f"{name}: did not train"
 
 
+@pytest.mark.parametrize("name,make", [(n, f) for n, f, _, _ in MODULES] + [("ChannelNorm", bt.ChannelNorm)],
+                         ids=MODULE_IDS + ["ChannelNorm"])
+def test_a_tensor_subclass_with_a_dispatch_of_its_own_takes_torch_operations(name, make, eager_route, gen):
+    """A review: tensors whose class has a __torch_dispatch__ of its own (DTensor, torchao's quantized weights,
+    torch's TwoTensor) reached the kernels, which read memory below the dispatcher: torch raised "data is not
+    allocated yet" (the Python route: ".numpy() is not supported for tensor subclasses"), where nn.BatchNorm2d
+    and nn.GroupNorm take them. They take the composed route now: each of a TwoTensor's two tensors comes out as
+    the module gives it alone, and so does a WS layer whose weight is one. (The running buffers, plain tensors,
+    take what the subclass makes of their update, as nn.BatchNorm2d's do.)"""
+    from torch.testing._internal.two_tensor import TwoTensor
+    a, b = rand_input(gen, (4, 8, 5, 5)), rand_input(gen, (4, 8, 5, 5)) * 3 - 2
+    ours, alone = make(8, 4).double(), make(8, 4).double()
+    alone.load_state_dict(ours.state_dict())
+    y = ours(TwoTensor(a, b))
+    assert type(y) is TwoTensor
+    assert (y.a - alone(a)).abs().max() <= 1e-12 * y.a.abs().max(), f"{name} on the {eager_route} route"
+    linear, plain = bt.Linear(8, 4).double(), bt.Linear(8, 4).double()
+    plain.load_state_dict(linear.state_dict())
+    w = linear.weight.detach()
+    linear.weight = nn.Parameter(TwoTensor(w.clone(), w * 2))
+    v = rand_input(gen, (3, 8))
+    out = linear(v)
+    assert type(out) is TwoTensor and (out.a - plain(v)).abs().max() <= 1e-12 * out.a.abs().max()
+
+
 def _set_cn_weight_size(m, size):
     if isinstance(m, bt.BatchChannelNorm):
         m.channel_norm.scale.data = torch.ones(size, dtype=torch.float64)
@@ -1573,6 +1598,45 @@ def test_a_recomputing_checkpoint_gives_the_documents_gradients(name, make, make
         assert (grads[k] - g).abs().max() <= 1e-10 * g.abs().max().clamp_min(1e-300), f"{name}, {way}: d{k}"
     for k, v in state_ref.items():
         assert torch.allclose(state[k].double(), v.double(), rtol=1e-12, atol=1e-12), f"{name}, {way}: {k}"
+
+
+#: CHECKPOINTED, and the modules that train with batch statistics
+SELECTIVELY_CHECKPOINTED = CHECKPOINTED + [
+    ("BCNorm", lambda: bt.BCNorm(8, 4), lambda: R.BCNorm(8, 4, 1e-5)),
+    ("labml BatchChannelNorm batch", lambda: bt.BatchChannelNorm(8, 4, momentum=0.5, estimate=False),
+     lambda: R.LabmlBatchChannelNorm(8, 4, momentum=0.5, estimate=False)),
+    ("labml BatchNorm", lambda: bt.BatchNorm(8, momentum=0.5), lambda: R.LabmlBatchNorm(8, momentum=0.5)),
+]
+
+
+@pytest.mark.parametrize("name,make,make_reference", SELECTIVELY_CHECKPOINTED,
+                         ids=[c[0] for c in SELECTIVELY_CHECKPOINTED])
+def test_a_selective_checkpoint_recomputes_the_update_as_for_the_documents_modules(name, make, make_reference,
+                                                                                   eager_route, gen):
+    """A review: under selective activation checkpointing (a dispatch mode: the custom ops' route) a training
+    forward with batch statistics ran normalize_batch, which saves x, before update_running_; the recomputation,
+    which stops once the saved tensors are back (non-reentrant checkpoint's early stop), never reached the update,
+    so the buffers moved once, where those of the documents' modules (and of nn.BatchNorm2d) move twice, and a
+    plain checkpoint moved them twice too. The update now comes before the op that saves."""
+    import functools
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    recompute = functools.partial(create_selective_checkpoint_contexts,
+                                  lambda ctx, op, *args, **kwargs: CheckpointPolicy.PREFER_RECOMPUTE)
+    ours, reference = make().double(), make_reference().double()
+    reference.load_state_dict(ours.state_dict())
+    x0 = rand_input(gen, (4, 8, 6, 6), torch.float64)
+    w = torch.arange(1.0, 9.0, dtype=torch.float64).view(1, 8, 1, 1)
+    results = []
+    for m in (ours, reference):
+        for _ in range(2):
+            x = x0.clone().requires_grad_()
+            # the module last inside: a saved tensor of a later op would take the recomputation past the update
+            (checkpoint(m, x, use_reentrant=False, context_fn=recompute) * w).sin().sum().backward()
+        results.append((x.grad, m.state_dict()))
+    (dx, state), (dx_ref, state_ref) = results
+    assert (dx - dx_ref).abs().max() <= 1e-10 * dx_ref.abs().max(), f"{name}, {eager_route}: dx"
+    for k, v in state_ref.items():
+        assert torch.allclose(state[k].double(), v.double(), rtol=1e-12, atol=1e-12), f"{name}, {eager_route}: {k}"
 
 
 # ---- from a mutation test of the torch front end (each fails on a mutant the suite let through) ---------------

@@ -61,11 +61,29 @@ def _fast(x, tensors):
         return False
     if _transforms_active():  # torch.func's wrapped tensors have no memory for the kernels; dual ones' tangents
         return False
+    if _dispatching(x):
+        return False
     dtype = x.dtype
     for t in tensors:
-        if t is not None and (not t.is_cpu or t.dtype != dtype):
+        if t is not None and (not t.is_cpu or t.dtype != dtype or _dispatching(t)):
             return False
     return True
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def _dispatching(t):
+    """Whether t is a tensor subclass with a ``__torch_dispatch__`` of its own (DTensor, torchao's quantized
+    weights, a wrapper such as torch's TwoTensor), outside a trace: its memory, if it has any, does not hold its
+    values, and the subclass must see each operation, which the kernels, reading memory below the dispatcher, would
+    hide from it (torch raised "data is not allocated yet"). Such tensors take the composed route's torch
+    operations. Inside a trace (a dispatch mode, dynamo) the fake and functional tensors are such subclasses too,
+    and take the custom ops as before."""
+    cls = type(t)
+    if cls is torch.Tensor or cls is torch.nn.Parameter:  # (two compares on every tensor of every call)
+        return False
+    return cls.__torch_dispatch__ is not _PLAIN_DISPATCH and not _ops.traced()
 
 
 #: How many `portable()` blocks are open, changed under `_portable_lock` (blocks on two threads would otherwise
@@ -482,19 +500,26 @@ def batch_channel_norm(x, bn: Optional[BatchNormStage], cn: Optional[ChannelNorm
     if not update:
         return _ops.normalize(x, None, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
                               cn_bias, flags | train, groups, eps, bn_eps)[0]
-    # traced: the functional normalization, then the buffers' update (the one op that mutates). With batch
-    # statistics the normalization measures the batch and returns its moments for the update; estimated, the
-    # moments come first, then the update, then the normalization with the updated buffers, held constant as the
-    # documents do
-    if not estimated:
+    # traced: the functional normalization and the buffers' update (the one op that mutates). Compiled or
+    # jit-traced with batch statistics, the normalization measures the batch and returns its moments for the
+    # update, after it: two ops a layer, not three
+    if not estimated and (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         y, _, moments = _ops.normalize_batch(x, bn.weight, bn.bias, cn_weight, cn_bias, flags | train, groups, eps,
                                              bn_eps)
         _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
         return y
+    # estimated: the moments, the update, then the normalization with the updated buffers, held constant as the
+    # documents do. Under a dispatch mode, batch statistics take the same order (the normalization then continues
+    # from the batch's moments): a non-reentrant checkpoint's recomputation (selective activation checkpointing's
+    # too) stops once the tensors saved for backward are back, which must come after the update, as it comes in
+    # torch's batch norms, for the buffers to move again as theirs do (after normalize_batch, they moved once)
     context, moments = _ops.moments(x.detach(), flags, groups)
     _ops.update_running_(*buffers, moments, flags, momentum, bn.moving_speed)
-    return _ops.normalize(x, context, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
-                          cn_bias, flags | train, groups, eps, bn_eps)[0]
+    if estimated:
+        return _ops.normalize(x, context, None, bn.weight, bn.bias, bn.running_mean, bn.running_var, cn_weight,
+                              cn_bias, flags | train, groups, eps, bn_eps)[0]
+    return _ops.normalize(x, context, moments, bn.weight, bn.bias, None, None, cn_weight, cn_bias, flags | train,
+                          groups, eps, bn_eps)[0]
 
 
 def standardizable(w):
