@@ -645,6 +645,36 @@ def _rows_float32_gradients(x, dy, G, estimate, rng=None, evaluate=False):
     return dx, dx_ref, grads
 
 
+@pytest.mark.parametrize("layout", ["rows", "planes", "channels-last", "values"])
+@pytest.mark.parametrize("scale", [1e-150, 1e-104, 1e104, 1e110, 1e150], ids=lambda s: f"{s:.0e}")
+@pytest.mark.parametrize("eps", [1e-5, 1e-300])
+def test_a_float64_channel_norm_keeps_dx_at_spreads_far_from_1(layout, scale, eps, rng):
+    """A review: the channel norm's backward formed r³ w and multiplied it by W and by U (eps + v'), each of the
+    spread's scale or its cube: past spreads of about 1e±103 r³ under- or overflowed, and dx came out 30-50% off
+    (from 1e104: 1e3 ulps), or NaN with eps 1e-300 below 1e-104. Each r now meets a factor of the spread's scale
+    first ((r² w)(r W), r w (r U)(r (eps + v'))): within 4 ulps of dx's scale from 1e-150 to 1e150."""
+    B, C, G = 4, 8, 2
+    S = {"rows": 3, "planes": 20, "channels-last": 5, "values": 1}[layout]
+    x = (rng.standard_normal((B, C, S)) + 0.3) * scale
+    dy = rng.standard_normal((B, C, S)) + 0.2
+    cn = bcnswift.ChannelNorm(C, G, eps=eps, dtype=np.float64)
+    if layout == "channels-last":
+        cn(np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, 2, 1))
+        dx = cn.backward(np.ascontiguousarray(np.moveaxis(dy, 1, -1)).transpose(0, 2, 1))
+    else:
+        shape = (B, C) if S == 1 else (B, C, S)
+        cn(x.reshape(shape))
+        dx = cn.backward(dy.reshape(shape))
+    L = np.longdouble
+    z = x.astype(L).reshape(B, G, -1)
+    centred = z - z.mean(-1, keepdims=True)
+    inv = 1 / np.sqrt((centred * centred).mean(-1, keepdims=True) + L(eps))
+    zh, g = centred * inv, dy.astype(L).reshape(B, G, -1)
+    want = (inv * (g - g.mean(-1, keepdims=True) - zh * (g * zh).mean(-1, keepdims=True))).reshape(B, C, S)
+    assert np.isfinite(dx).all()
+    assert _ulps_of_scale(np.asarray(dx).reshape(B, C, S), want, np.finfo(np.float64).eps) <= 4
+
+
 def _ulps_of_scale(got, want, eps=np.finfo(np.float32).eps):
     """The largest error in ulps (float32's, or those of `eps`) of the array's scale (its largest magnitude)."""
     want = np.asarray(want, np.longdouble)

@@ -242,9 +242,11 @@ struct NormalizationUnit {
             (t.lanes(k), a.lanes(k) * u.lanes(k) + (yBar.lanes(k) - mv) * t.lanes(k))
         } scalar: { k in (t[k], a[k] * u[k] + (yBar[k] - m) * t[k]) }
         let invN = 1 / Double(K * spatial), invK = 1 / Double(K)
-        let rw = r * w, r3w = rw * r * r
-        let r3wW = r3w * wg * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = r3w * wg * invK
-        let v = Lanes.Constants(r3w: r3w, r3wW: r3wW, hConst: hConst, wg: wg, invN: invN, m: m)
+        // r³ w W as (r² w)(r W), never r³ alone: r W and r² w stay in range where r³ leaves it (a group's spread
+        // past 1e±103 in Float64; likewise each product of `dots` pairs r with a factor of the spread's scale)
+        let rw = r * w, rrw = rw * r, rW = r * wg
+        let r3wW = rrw * rW * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = rrw * rW * invK
+        let v = Lanes.Constants(rw: rw, r: r, r3wW: r3wW, hConst: hConst, wg: wg, invN: invN, m: m)
         let sumGradient = SumGradient(rw: rw, meanT: meanT, r3wWK: r3wWK, m: m)
         Lanes.map(K, into: out.sum) { sumGradient(t.lanes($0), yBar.lanes($0)) }
             scalar: { sumGradient(t[$0], yBar[$0]) }
@@ -253,17 +255,20 @@ struct NormalizationUnit {
         Lanes.map(K, into: h) { v.hConst4 - v.r3wW4 * (yBar.lanes($0) - v.m4) } scalar: {
             hConst - r3wW * (yBar[$0] - m)
         }
-        // Σ dy₁ (x - p) needs the plane's own a² q and a U taken out of M2 and W.
+        // Σ dy₁ (x - p) needs the plane's own a² q and a U taken out of M2 and W; r³ w [...] as
+        // r w [(r U)(r (eps + v')) - (r a q)(r W')/N].
         let m2v = SIMD4(repeating: m2), epsv = SIMD4(repeating: eps)
         @inline(__always)
         func dots(_ q4: (Int) -> SIMD4<Double>, _ q1: (Int) -> Double) {
             Lanes.map(K, into: dot) { k in
                 let ak = a.lanes(k), qk = q4(k), uk = u.lanes(k)
                 let others = (m2v - Self.scaledM2(qk, ak)) * v.invN4, wOthers = v.wg4 - ak * uk
-                return v.r3w4 * (uk * (epsv + others) - Self.scaledM2(qk, ak, power: 1) * wOthers * v.invN4)
+                return v.rw4 * ((v.r4 * uk) * (v.r4 * (epsv + others))
+                                - (v.r4 * Self.scaledM2(qk, ak, power: 1)) * (v.r4 * wOthers) * v.invN4)
             } scalar: { k in
                 let qk = q1(k), others = (m2 - Self.scaledM2(qk, a[k])) * invN, wOthers = wg - a[k] * u[k]
-                return r3w * (u[k] * (eps + others) - Self.scaledM2(qk, a[k], power: 1) * wOthers * invN)
+                return rw * ((r * u[k]) * (r * (eps + others))
+                             - (r * Self.scaledM2(qk, a[k], power: 1)) * (r * wOthers) * invN)
             }
         }
         // q tested once, not per load: `q?.lanes(k) ?? 0` became masked loads (see BatchNormStage.backwardScratch)
@@ -344,8 +349,8 @@ struct SumGradient {
                       weight w: SIMD4<Double>)
         -> (rw: SIMD4<Double>, meanT: SIMD4<Double>, r3wWK: SIMD4<Double>, m: SIMD4<Double>)
     {
-        let invK = 1 / Double(K), rw = r * w, r3w = rw * r * r
-        return (rw, t * invK, r3w * wg * invK, m)
+        let invK = 1 / Double(K), rw = r * w
+        return (rw, t * invK, (rw * r) * (r * wg) * invK, m)  // r³ w W/K, never r³ alone (`backward`)
     }
 
     /// `terms` as four Doubles at `out`.

@@ -54,10 +54,11 @@ enum Lanes {
 
     /// Scalars of the unit backward, also as lanes.
     struct Constants {
-        let r3w4, r3wW4, hConst4, wg4, invN4, m4: SIMD4<Double>
+        let rw4, r4, r3wW4, hConst4, wg4, invN4, m4: SIMD4<Double>
         @inline(__always)
-        init(r3w: Double, r3wW: Double, hConst: Double, wg: Double, invN: Double, m: Double) {
-            r3w4 = SIMD4(repeating: r3w); r3wW4 = SIMD4(repeating: r3wW); hConst4 = SIMD4(repeating: hConst)
+        init(rw: Double, r: Double, r3wW: Double, hConst: Double, wg: Double, invN: Double, m: Double) {
+            rw4 = SIMD4(repeating: rw); r4 = SIMD4(repeating: r)
+            r3wW4 = SIMD4(repeating: r3wW); hConst4 = SIMD4(repeating: hConst)
             wg4 = SIMD4(repeating: wg); invN4 = SIMD4(repeating: invN); m4 = SIMD4(repeating: m)
         }
     }
