@@ -241,13 +241,13 @@ struct NormalizationUnit {
         let (tg, wg) = Lanes.sums(K) { k in
             (t.lanes(k), a.lanes(k) * u.lanes(k) + (yBar.lanes(k) - mv) * t.lanes(k))
         } scalar: { k in (t[k], a[k] * u[k] + (yBar[k] - m) * t[k]) }
-        let invN = 1 / Double(K * spatial), invK = 1 / Double(K)
+        let invN = 1 / Double(K * spatial)
         // r³ w W as (r² w)(r W), never r³ alone: r W and r² w stay in range where r³ leaves it (a group's spread
         // past 1e±103 in Float64; likewise each product of `dots` pairs r with a factor of the spread's scale)
-        let rw = r * w, rrw = rw * r, rW = r * wg
-        let r3wW = rrw * rW * invN, hConst = -rw * tg * invN, meanT = tg * invK, r3wWK = rrw * rW * invK
+        let rw = r * w, r3wW = rw * r * (r * wg) * invN, hConst = -rw * tg * invN
         let v = Lanes.Constants(rw: rw, r: r, r3wW: r3wW, hConst: hConst, wg: wg, invN: invN, m: m)
-        let sumGradient = SumGradient(rw: rw, meanT: meanT, r3wWK: r3wWK, m: m)
+        let terms = SumGradient.terms(t: tg, w: wg, planes: K, m: m, r: r, weight: w)  // Σ dy₁'s, as values take it
+        let sumGradient = SumGradient(rw: terms.rw, meanT: terms.meanT, r3wWK: terms.r3wWK, m: m)
         Lanes.map(K, into: out.sum) { sumGradient(t.lanes($0), yBar.lanes($0)) }
             scalar: { sumGradient(t[$0], yBar[$0]) }
         let f = out.f, h = out.h, dot = out.dot
