@@ -892,6 +892,44 @@ def _assert_backward_within(x, dy, layout, C, G, tolerance):
         assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= tolerance, name
 
 
+@pytest.mark.parametrize("spatial", [(3, 3), (4, 4), (7, 7), (14, 14)], ids=lambda s: f"S={s[0] * s[1]}")
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("mode", ["eval", "estimate"])
+def test_float32_an_outlier_among_values_near_the_running_mean_keeps_the_weight_gradient(spatial, layout, mode, rng):
+    """A review: with running statistics (eval, or estimate mode's estimates) the weight gradient is
+    S₂ = Σ dy (x - p) + (p - μ) Σ dy per plane, and one value of 5e4 with a small dy among values of spread 5
+    drags p far from μ, so that the Float32 lanes' rounding of Σ dy (x - p), of the plane's deviation times Σ |dy|,
+    outgrows S₂, of σ times Σ |dy|: 25-270 ulps of its scale off (planes and channels-last; the rows layout of
+    3x3 NCHW sums in Float64). Such planes, wider than 4σ of their channel, are summed again in Float64
+    (`resumWidePlanes`): dx and both gradients within 4 ulps of their scale against the documents' float64 code."""
+    B, C = 4, 8
+    x = rng.normal(1.0, 5.0, (B, C) + spatial).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    x.reshape(B, C, -1)[0, 0, 0], dy.reshape(B, C, -1)[0, 0, 0] = 5e4, 1e-3
+    if mode == "eval":
+        layer, ref = bcnswift.BatchNorm(C, unbiased_running_var=False), R.LabmlBatchNorm(C)
+        layer.eval(); ref.train(False)
+    else:
+        # a moving speed of 0, as the authors' EstBN starts: the estimates stay the buffers'
+        layer, ref = bcnswift.EstimatedBatchNorm(C, momentum=0.0), R.LabmlEstimatedBatchNorm(C, momentum=0.0)
+    state = layer.state_dict()
+    state["running_mean"] = rng.normal(1.0, 0.1, C).astype(np.float32)
+    state["running_var"] = rng.uniform(20.0, 30.0, C).astype(np.float32)
+    state["weight"] = rng.normal(1.0, 0.3, C).astype(np.float32)
+    state["bias"] = rng.normal(0.0, 0.3, C).astype(np.float32)
+    layer.load_state_dict(state)
+    for name, path in (("running_mean", "exp_mean"), ("running_var", "exp_var"), ("weight", "scale"),
+                       ("bias", "shift")):
+        setattr(ref, path, state[name].astype(np.float64))
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert _ulps_of_scale(dx, dx_ref) <= 4
+    for name, path in (("weight", "scale"), ("bias", "shift")):
+        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+
+
 @pytest.mark.parametrize("spatial", [(28, 28), (14, 14), (4, 4), (70, 70)], ids=["S=784", "S=196", "S=16", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 def test_float32_sparse_gradients_keep_the_float64_precision(spatial, layout, rng):

@@ -212,6 +212,11 @@ struct ChannelsLastLayout: StoredLayout {
         }
     }
 
+    func planeElements(_ plane: Int) -> (first: Int, stride: Int) {
+        let C = shape.channels, b = plane / C
+        return (b * shape.spatial * C + (plane - b * C), C)
+    }
+
     var mapsPerPlane: Bool { false }
 
     /// Planes a work item of the maps' constants (`planeBlocks`).

@@ -43,6 +43,8 @@ struct PlanesLayout: StoredLayout {
                         m2: q + first)
     }
 
+    func planeElements(_ plane: Int) -> (first: Int, stride: Int) { (plane * shape.spatial, 1) }
+
     /// A unit maps its planes as soon as it knows their coefficients, unless planes span several chunks.
     var mapsPerPlane: Bool { chunks.perPlane == 1 }
 

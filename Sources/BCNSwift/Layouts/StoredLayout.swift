@@ -31,6 +31,10 @@ protocol StoredLayout {
                                      scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
                                      arena: inout ScratchArena)
 
+    /// Plane i's first element and the distance between its values (planes: i·S and 1; channels-last: its sample's
+    /// first element plus its channel, and C).
+    func planeElements(_ plane: Int) -> (first: Int, stride: Int)
+
     /// Backward pass 1: T = Σ dy and U = Σ dy (x - p) of every plane.
     func gradientSums<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ dy: UnsafePointer<T>, p: UnsafePointer<Double>,
                                               t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
@@ -162,6 +166,7 @@ extension StoredLayout {
         unitGradients gradient: UnitGradients, arena: inout ScratchArena
     ) {
         gradientSums(x, dy, p: ctx.p, t: t, u: u, arena: &arena)
+        resumWidePlanes(plan: plan, x, dy, context: ctx, t: t, u: u)
         guard let sums else { return }
         unitGradients(plan: plan, context: ctx, t: t, u: u, into: gradient, arena: &arena)
         channelSums(gradient, context: ctx, into: sums)
