@@ -930,6 +930,41 @@ def test_float32_an_outlier_among_values_near_the_running_mean_keeps_the_weight_
         assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
 
 
+@pytest.mark.parametrize("spatial", [(3, 3), (4, 4), (7, 7), (14, 14), (70, 70)],
+                         ids=lambda s: "chunked" if s == (70, 70) else f"S={s[0] * s[1]}")
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn"])
+def test_float32_gradient_sums_whose_products_underflow_keep_the_float64_precision(spatial, layout, layer_type, rng):
+    """A review: x of spread 1e-15 and dy about 1e-28, with an eps of 1e-32 below the batch's variance, make
+    products dy (x - p) of about 1e-43, below Float's normal range, where they keep only a few bits: the Float32
+    lanes' Σ dy (x - p) left the weight gradients 2e4-2e5 ulps of their scale off and dx 4e3-1e4 (planes and
+    channels-last; the rows layout of 3x3 NCHW sums in Float64). Planes whose sum lies below 2^-96 are summed again
+    in Float64 (`resumInFloat64`): everything within 4 ulps of its scale against the documents' float64 code."""
+    B, C, G = (4, 8, 2) if spatial != (70, 70) else (2, 4, 2)
+    x = (rng.normal(1.0, 1.0, (B, C) + spatial) * 1e-15).astype(np.float32)
+    dy = (rng.normal(0.3, 1.0, x.shape) * 1e-28).astype(np.float32)
+    if layer_type == "bcn":
+        layer = bcnswift.BatchChannelNorm(C, G, eps=1e-32, estimate=False, unbiased_running_var=False)
+        ref, names = R.LabmlBatchChannelNorm(C, G, eps=1e-32, estimate=False), _LABML_PARAMETERS
+    elif layer_type == "bn":
+        layer = bcnswift.BatchNorm(C, eps=1e-32, unbiased_running_var=False)
+        ref, names = R.LabmlBatchNorm(C, eps=1e-32), {"weight": "scale", "bias": "shift"}
+    else:
+        layer = bcnswift.ChannelNorm(C, G, eps=1e-32)
+        ref, names = R.LabmlChannelNorm(C, G, eps=1e-32), {"weight": "scale", "bias": "shift"}
+    for name, path in names.items():  # parameters drawn, the same float32 values on both sides
+        array = layer.parameters()[name]
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+        _set(ref, path, array.astype(np.float64).reshape(np.shape(_get(ref, path))))
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert _ulps_of_scale(y, y_ref) <= 4 and _ulps_of_scale(dx, dx_ref) <= 4
+    for name, path in names.items():
+        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+
+
 @pytest.mark.parametrize("spatial", [(28, 28), (14, 14), (4, 4), (70, 70)], ids=["S=784", "S=196", "S=16", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 def test_float32_sparse_gradients_keep_the_float64_precision(spatial, layout, rng):
@@ -1050,17 +1085,19 @@ def _relative_to_scale(got, want):
     return float(np.max(np.abs(np.asarray(got, np.float64).reshape(want.shape) - want)) / np.abs(want).max())
 
 
-@pytest.mark.parametrize("dtype, spread, bn_weight_bound", [(np.float32, 1e-41, 1e-4), (np.float32, 1e-43, 2e-2),
+@pytest.mark.parametrize("dtype, spread, bn_weight_bound", [(np.float32, 1e-41, 1e-6), (np.float32, 1e-43, 1e-6),
                                                             (np.float64, 1e-310, 1e-9), (np.float64, 1e-312, 1e-7)])
 @pytest.mark.parametrize("spatial", [(14, 14), (4, 4)], ids=["S=196", "S=16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
-def test_subnormal_spreads_cost_only_the_batch_norm_weight_s_gradient(dtype, spread, bn_weight_bound, spatial, layout,
-                                                                      rng):
-    """Input whose values are themselves subnormal (about `spread`): the planes' gradient sums of dy (x - p) have no
-    guard below the normal range, so the batch norm's weight gradient, which those sums make, loses what the
-    subnormal products lose: measured 0.6-3e-5 of its scale at 1e-41 and 0.05-0.45% at 1e-43 in float32, 1e-11 to
-    1e-10 at 1e-310 and up to 6e-9 at 1e-312 in float64 (the bounds here allow 3 to 16 times that). Everything else
-    keeps its usual precision: the batch norm's eps dominates such a variance, so y is its bias's channel norm."""
+def test_subnormal_spreads_cost_only_the_float64_batch_norm_weight_s_gradient(dtype, spread, bn_weight_bound, spatial,
+                                                                              layout, rng):
+    """Input whose values are themselves subnormal (about `spread`). Float planes whose |Σ dy (x - p)| falls below
+    2^-96 sum it again in Float64 (`resumInFloat64`), so float32 keeps its usual precision everywhere (measured
+    2e-8 to 5e-8 of the batch norm's weight gradient's scale; before that guard 0.6-3e-5 at 1e-41 and 0.05-0.45% at
+    1e-43). Double has no wider sums to fall back on: the batch norm's weight gradient, which those sums make,
+    loses what the subnormal products lose, 1e-11 to 1e-10 of its scale at 1e-310 and up to 6e-9 at 1e-312 (the
+    bounds here allow 10 to 16 times that). Everything else keeps its usual precision: the batch norm's eps
+    dominates such a variance, so y is its bias's channel norm."""
     B, C, G = 8, 64, 32
     x = (random_input(rng, (B, C) + spatial) * spread).astype(dtype)
     dy = rng.normal(0.3, 1.0, x.shape).astype(dtype)
@@ -1072,7 +1109,7 @@ def test_subnormal_spreads_cost_only_the_batch_norm_weight_s_gradient(dtype, spr
     for name, array in layer.parameters().items():
         array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
     _copy_parameters(layer, ref)
-    usual = 1e-6 if dtype == np.float32 else 1e-11
+    usual = 1e-6 if dtype == np.float32 else 1e-10  # (float64 values near 1e-312 hold about 37 bits)
     y, y_ref = layer(x), ref.forward(x.astype(np.float64))
     dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
     assert _relative_to_scale(y, y_ref) <= usual and _relative_to_scale(dx, dx_ref) <= usual

@@ -166,7 +166,7 @@ extension StoredLayout {
         unitGradients gradient: UnitGradients, arena: inout ScratchArena
     ) {
         gradientSums(x, dy, p: ctx.p, t: t, u: u, arena: &arena)
-        resumWidePlanes(plan: plan, x, dy, context: ctx, t: t, u: u)
+        resumInFloat64(plan: plan, x, dy, context: ctx, t: t, u: u)
         guard let sums else { return }
         unitGradients(plan: plan, context: ctx, t: t, u: u, into: gradient, arena: &arena)
         channelSums(gradient, context: ctx, into: sums)
