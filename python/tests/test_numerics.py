@@ -965,6 +965,26 @@ def test_float32_gradient_sums_whose_products_underflow_keep_the_float64_precisi
         assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
 
 
+@pytest.mark.parametrize("spatial", [(3, 3), (4, 4), (7, 7), (14, 14), (70, 70)],
+                         ids=lambda s: "chunked" if s == (70, 70) else f"S={s[0] * s[1]}")
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_float32_moments_whose_squares_underflow_keep_the_float64_precision(spatial, layout, rng):
+    """A review: a channel norm alone over values about 1e-20 apart (eps 1e-44) squares their deviations below
+    Float's normal range. Channels-last columns summed again in Float64 where squares overflowed, not where they
+    underflowed: y and dx up to 8.5 ulps of their scale off here, 28 in the review's case (0.4 in C order). A
+    column whose mean square lies below 2^-100 is summed again too (`ChannelsLastLayout.underflowingSquares`):
+    within 2 ulps in both layouts (0.9 measured)."""
+    B, C, G = (4, 8, 2) if spatial != (70, 70) else (2, 4, 2)
+    x = (rng.normal(1.0, 1.0, (B, C) + spatial) * 1e-20).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    layer, ref = bcnswift.ChannelNorm(C, G, eps=1e-44), R.LabmlChannelNorm(C, G, eps=1e-44)
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    assert _ulps_of_scale(y, y_ref) <= 2 and _ulps_of_scale(dx, dx_ref) <= 2
+
+
 @pytest.mark.parametrize("spatial", [(28, 28), (14, 14), (4, 4), (70, 70)], ids=["S=784", "S=196", "S=16", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 def test_float32_sparse_gradients_keep_the_float64_precision(spatial, layout, rng):

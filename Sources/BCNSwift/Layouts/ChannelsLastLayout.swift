@@ -178,10 +178,17 @@ struct ChannelsLastLayout: StoredLayout {
         }
     }
 
+    /// The mean square of a stretch's column below which its squares in Float32 lanes may have lost bits: squares
+    /// below Float's normal range, 2^-126, keep fewer than 24 (values 1e-20 apart gave a channel norm alone 28 ulps
+    /// of y and dx), and 2^-100 leaves 2^26 for the squares of one column to differ. Such a column (only values
+    /// within about 1e-15 of each other) is summed again in Float64.
+    static let underflowingSquares = 0x1p-100
+
     /// A stretch's mean and M2 per channel from its sums around the shift k (`mean` holds Σd, `m2` Σd² on entry):
     /// mean = k + Σd/n, M2 = Σd² - (Σd)²/n, four channels a step; a channel where k was not within a standard
     /// deviation of the mean ((Σd)²/n above half of Σd², or NaN), or whose squares overflowed T's lanes (|x - k|
-    /// above about 1.8e19 in Float32, while Σd stays finite), is summed again over the stretch, in Float64,
+    /// above about 1.8e19 in Float32, while Σd stays finite) or may have underflowed them (a mean square below
+    /// `underflowingSquares`, unless Σd = Σd² = 0: a constant run), is summed again over the stretch, in Float64,
     /// around the mean found (`ColumnKernels.centredSums`); with `again`, every channel is.
     static func stretchMoments<T: NormalizationScalar>(
         _ x: UnsafePointer<T>, rows: Int, columns C: Int, shift k: UnsafePointer<T>,
@@ -195,12 +202,14 @@ struct ChannelsLastLayout: StoredLayout {
             mean[c] = centre + sum * invN
             m2[c] = max(squares - sum * sum * invN, 0)
         }
+        let tiny = underflowingSquares * Double(rows)
         var c = 0
         while c + 4 <= C {
             let d = mean.lanes(c), squares = m2.lanes(c), deviation = squares - d * d * invN
             mean.storeLanes(T._load4Wide(k, c) + d * invN, c)
             m2.storeLanes(deviation.replacing(with: 0, where: deviation .< 0), c)
-            let kept = ShiftRule.keeps(m2: deviation, squares: squares) .& (squares .< .infinity)
+            let underflowed = (squares .< SIMD4(repeating: tiny)) .& ((squares .!= 0) .| (d .!= 0))
+            let kept = ShiftRule.keeps(m2: deviation, squares: squares) .& (squares .< .infinity) .& .!underflowed
             if everyChannel || !all(kept) { for l in 0..<4 where everyChannel || !kept[l] { again(c + l) } }
             c += 4
         }
@@ -208,7 +217,9 @@ struct ChannelsLastLayout: StoredLayout {
             let d = mean[c], squares = m2[c], deviation = squares - d * d * invN
             mean[c] = Double(k[c]) + d * invN
             m2[c] = max(deviation, 0)
-            if everyChannel || !(ShiftRule.keeps(m2: deviation, squares: squares) && squares < .infinity) { again(c) }
+            let underflowed = squares < tiny && (squares != 0 || d != 0)
+            let kept = ShiftRule.keeps(m2: deviation, squares: squares) && squares < .infinity && !underflowed
+            if everyChannel || !kept { again(c) }
         }
     }
 
