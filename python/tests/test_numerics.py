@@ -901,7 +901,7 @@ def test_float32_an_outlier_among_values_near_the_running_mean_keeps_the_weight_
     drags p far from μ, so that the Float32 lanes' rounding of Σ dy (x - p), of the plane's deviation times Σ |dy|,
     outgrows S₂, of σ times Σ |dy|: 25-270 ulps of its scale off (planes and channels-last; the rows layout of
     3x3 NCHW sums in Float64). Such planes, wider than 4σ of their channel, are summed again in Float64
-    (`resumWidePlanes`): dx and both gradients within 4 ulps of their scale against the documents' float64 code."""
+    (`resumInFloat64`): dx and both gradients within 4 ulps of their scale against the documents' float64 code."""
     B, C = 4, 8
     x = rng.normal(1.0, 5.0, (B, C) + spatial).astype(np.float32)
     dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
@@ -930,39 +930,90 @@ def test_float32_an_outlier_among_values_near_the_running_mean_keeps_the_weight_
         assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
 
 
-@pytest.mark.parametrize("spatial", [(3, 3), (4, 4), (7, 7), (14, 14), (70, 70)],
-                         ids=lambda s: "chunked" if s == (70, 70) else f"S={s[0] * s[1]}")
-@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
-@pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn"])
-def test_float32_gradient_sums_whose_products_underflow_keep_the_float64_precision(spatial, layout, layer_type, rng):
-    """A review: x of spread 1e-15 and dy about 1e-28, with an eps of 1e-32 below the batch's variance, make
-    products dy (x - p) of about 1e-43, below Float's normal range, where they keep only a few bits: the Float32
-    lanes' Σ dy (x - p) left the weight gradients 2e4-2e5 ulps of their scale off and dx 4e3-1e4 (planes and
-    channels-last; the rows layout of 3x3 NCHW sums in Float64). Planes whose sum lies below 2^-96 are summed again
-    in Float64 (`resumInFloat64`): everything within 4 ulps of its scale against the documents' float64 code."""
-    B, C, G = (4, 8, 2) if spatial != (70, 70) else (2, 4, 2)
-    x = (rng.normal(1.0, 1.0, (B, C) + spatial) * 1e-15).astype(np.float32)
-    dy = (rng.normal(0.3, 1.0, x.shape) * 1e-28).astype(np.float32)
+def _float32_pair(layer_type, C, G, eps, rng):
+    """bcnswift's float32 layer ("bcn", "bn" or "cn", batch statistics, labml's conventions) and the documents'
+    float64 one with the same parameters, drawn with `rng`: (layer, reference, {bcnswift's name: reference's})."""
     if layer_type == "bcn":
-        layer = bcnswift.BatchChannelNorm(C, G, eps=1e-32, estimate=False, unbiased_running_var=False)
-        ref, names = R.LabmlBatchChannelNorm(C, G, eps=1e-32, estimate=False), _LABML_PARAMETERS
+        layer = bcnswift.BatchChannelNorm(C, G, eps=eps, estimate=False, unbiased_running_var=False)
+        ref, names = R.LabmlBatchChannelNorm(C, G, eps=eps, estimate=False), _LABML_PARAMETERS
     elif layer_type == "bn":
-        layer = bcnswift.BatchNorm(C, eps=1e-32, unbiased_running_var=False)
-        ref, names = R.LabmlBatchNorm(C, eps=1e-32), {"weight": "scale", "bias": "shift"}
+        layer = bcnswift.BatchNorm(C, eps=eps, unbiased_running_var=False)
+        ref, names = R.LabmlBatchNorm(C, eps=eps), {"weight": "scale", "bias": "shift"}
     else:
-        layer = bcnswift.ChannelNorm(C, G, eps=1e-32)
-        ref, names = R.LabmlChannelNorm(C, G, eps=1e-32), {"weight": "scale", "bias": "shift"}
-    for name, path in names.items():  # parameters drawn, the same float32 values on both sides
+        layer = bcnswift.ChannelNorm(C, G, eps=eps)
+        ref, names = R.LabmlChannelNorm(C, G, eps=eps), {"weight": "scale", "bias": "shift"}
+    for name, path in names.items():  # the same float32 values on both sides
         array = layer.parameters()[name]
         array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
         _set(ref, path, array.astype(np.float64).reshape(np.shape(_get(ref, path))))
+    return layer, ref, names
+
+
+def _assert_step_within(layer_type, x, dy, G, eps, layout, rng, ulps=4):
+    """A step of bcnswift's float32 layer on x and dy (float32, [B, C, *]; in `layout`) against the documents'
+    float64 code on the same values: y, dx and every parameter gradient within `ulps` of their scale."""
+    layer, ref, names = _float32_pair(layer_type, x.shape[1], G, eps, rng)
     if layout == "channels-last":
         x, dy = _channels_last(x), _channels_last(dy)
     y, y_ref = layer(x), ref.forward(x.astype(np.float64))
     dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    assert _ulps_of_scale(y, y_ref) <= 4 and _ulps_of_scale(dx, dx_ref) <= 4
+    assert _ulps_of_scale(y, y_ref) <= ulps and _ulps_of_scale(dx, dx_ref) <= ulps
     for name, path in names.items():
-        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= ulps, name
+
+
+@pytest.mark.parametrize("spatial", [(3, 3), (4, 4), (7, 7), (14, 14), (70, 70)],
+                         ids=lambda s: "chunked" if s == (70, 70) else f"S={s[0] * s[1]}")
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn", "cn"])
+@pytest.mark.parametrize("dy_offset", [0.0, 1e4], ids=["dy-centred", "dy-off-zero"])
+def test_float32_gradient_sums_whose_products_underflow_keep_the_float64_precision(spatial, layout, layer_type,
+                                                                                   dy_offset, rng):
+    """A review: x of spread 1e-15 and dy about 1e-28, with an eps of 1e-32 below the batch's variance, make
+    products dy (x - p) of about 1e-43, below Float's normal range, where they keep only a few bits: the Float32
+    lanes' Σ dy (x - p) left the weight gradients 2e4-2e5 ulps of their scale off and dx 4e3-1e4 (planes and
+    channels-last; the rows layout of 3x3 NCHW sums in Float64). Planes whose sum lies below 2^-96 are summed again
+    in Float64 (`resumInFloat64`), about the plane's true mean where the lanes' sums are: with dy 1e4 spreads off
+    0, sums about 0 left 1e3-1e4 ulps. Everything within 4 ulps of its scale against the documents' float64 code."""
+    B, C, G = (4, 8, 2) if spatial != (70, 70) else (2, 4, 2)
+    x = (rng.normal(1.0, 1.0, (B, C) + spatial) * 1e-15).astype(np.float32)
+    dy = ((rng.normal(0.3, 1.0, x.shape) + dy_offset) * 1e-28).astype(np.float32)
+    _assert_step_within(layer_type, x, dy, G, 1e-32, layout, rng)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn"])
+@pytest.mark.parametrize("dy_offset", [0.0, 1e3, 1e5], ids=["dy-centred", "dy-1e3", "dy-1e5"])
+def test_float32_wide_planes_with_batch_statistics_keep_the_float64_precision(layout, layer_type, dy_offset, rng):
+    """Planes wider than 4σ occur with batch statistics too, in batches of more than 16 samples (a plane's variance
+    is at most B σ²): here one sample of 32, eight times wider than the rest. Summed again in Float64, their U must
+    be about what the lanes' U is about, the plane's true mean, Σ (dy - T/S)(x - p): summed about 0, U carried the
+    rounding of p times Σ dy, and with dy 1e3 to 1e5 off zero (the setting of the test of gradients far off zero)
+    the weight gradient came out 1.3e3-1.3e5 ulps of its scale off and dx 98-1.1e4 (a review found it). Within 4
+    ulps of their scale against the documents' float64 code."""
+    B, C, G = 32, 8, 4
+    x = rng.normal(2.0, 1.0, (B, C, 14, 14))
+    x[3] = 2.0 + 8.0 * rng.normal(size=(C, 14, 14))  # its planes' variance about 64 σ² of the rest's
+    dy = rng.normal(0.3, 1.0, x.shape) + dy_offset
+    _assert_step_within(layer_type, x.astype(np.float32), dy.astype(np.float32), G, 1e-5, layout, rng)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("layer_type", ["bcn", "bn"])
+def test_float32_constant_gradients_are_not_summed_again(layout, layer_type, rng):
+    """dy constant in each plane (dy = 1, an average pool's backward) makes every dy - s of the lanes 0, and U = 0
+    exactly, as it should be. That is not an underflow: summed again in Float64 about the stored means, U took on
+    their rounding, and dx and the batch norm's weight gradient, exactly 0 here, came out 4e-8 and 2e-5 (a review
+    found it; the lanes give 5e-16 and 2e-13). dx within 1e-12 and the weight gradient within 1e-9."""
+    B, C, G = 8, 8, 4
+    x = random_input(rng, (B, C, 7, 7)).astype(np.float32)
+    layer, _, _ = _float32_pair(layer_type, C, G, 1e-5, rng)
+    if layout == "channels-last":
+        x = _channels_last(x)
+    layer(x)
+    dx = layer.backward(np.ones_like(x))
+    weight = layer.grads["bn.weight" if layer_type == "bcn" else "weight"]
+    assert np.abs(dx).max() <= 1e-12 and np.abs(weight).max() <= 1e-9
 
 
 @pytest.mark.parametrize("spatial", [(3, 3), (4, 4), (7, 7), (14, 14), (70, 70)],

@@ -70,8 +70,8 @@ extension NormalizationEngine {
         // Through batch statistics, phase (a) computes every unit's gradient for the sums; phase (c) reuses them,
         // and its scratch (`ScratchArena.phase`): T, U, the sums and the gradients come before it.
         arena.phase {
-            l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: t, u: u, into: sums, unitGradients: gradient,
-                           arena: &$0)
+            l.gradientSums(plan: plan, through: through, x: x, dy: dy, context: ctx, t: t, u: u, into: sums,
+                           unitGradients: gradient, arena: &$0)
         }
         l.finishBackward(plan: plan, through: through, x: x, dy: dy, dx: dx, gradients: gradients, context: ctx,
                          t: t, u: u, sums: sums, unitGradients: gradient, computed: through, arena: &arena)
@@ -93,8 +93,10 @@ extension NormalizationEngine {
         let sums = through ? sums : nil
         let layout = Layout(plan: plan, shape: shape)
         switch layout {
-        case .planes(let l): try storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
-        case .channelsLast(let l): try storedGradientSums(l, plan: plan, x: x, dy: dy, context: ctx, into: sums)
+        case .planes(let l):
+            try storedGradientSums(l, plan: plan, through: through, x: x, dy: dy, context: ctx, into: sums)
+        case .channelsLast(let l):
+            try storedGradientSums(l, plan: plan, through: through, x: x, dy: dy, context: ctx, into: sums)
         case .rows(let l):
             if let sums {
                 var arena = try ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan))
@@ -106,15 +108,15 @@ extension NormalizationEngine {
     }
 
     static func storedGradientSums<L: StoredLayout, T: NormalizationScalar>(
-        _ l: L, plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
-        into sums: UnsafeMutablePointer<Double>?
+        _ l: L, plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        context ctx: NormalizationContext, into sums: UnsafeMutablePointer<Double>?
     ) throws(BCNError) {
         let count = sums == nil ? 0 : l.unitGradientsCount(plan: plan)
         var arena = try ScratchArena(bytes: l.gradientSumsBytes(T.self, plan: plan)
                                  + ScratchArena.bytes(count, of: Double.self))
         let gradient = UnitGradients(storage: arena.take(count, of: Double.self), plan: plan, shape: l.shape)
-        l.gradientSums(plan: plan, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums, unitGradients: gradient,
-                       arena: &arena)
+        l.gradientSums(plan: plan, through: through, x: x, dy: dy, context: ctx, t: ctx.t, u: ctx.u, into: sums,
+                       unitGradients: gradient, arena: &arena)
     }
 
     /// True when the forward that filled `context` used batch statistics in training: its backward then needs

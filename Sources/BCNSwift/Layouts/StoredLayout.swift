@@ -159,14 +159,15 @@ extension StoredLayout {
 
     /// Backward phase (a): T and U of every plane into `t`, `u`, and with `sums` the batch's S₁ = Σ dy₁ and
     /// S₂ = Σ dy₁ (x - μ) per channel ([S₁ | S₂], 2·C values), for which every unit's gradient goes to
-    /// `unitGradients` (where phase (c) of the same call may take them).
+    /// `unitGradients` (where phase (c) of the same call may take them). `through`: the forward used batch
+    /// statistics in training.
     func gradientSums<T: NormalizationScalar>(
-        plan: NormalizationPlan, x: UnsafePointer<T>, dy: UnsafePointer<T>, context ctx: NormalizationContext,
-        t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>, into sums: UnsafeMutablePointer<Double>?,
-        unitGradients gradient: UnitGradients, arena: inout ScratchArena
+        plan: NormalizationPlan, through: Bool, x: UnsafePointer<T>, dy: UnsafePointer<T>,
+        context ctx: NormalizationContext, t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>,
+        into sums: UnsafeMutablePointer<Double>?, unitGradients gradient: UnitGradients, arena: inout ScratchArena
     ) {
         gradientSums(x, dy, p: ctx.p, t: t, u: u, arena: &arena)
-        resumInFloat64(plan: plan, x, dy, context: ctx, t: t, u: u)
+        resumInFloat64(plan: plan, through: through, x, dy, context: ctx, t: t, u: u)
         guard let sums else { return }
         unitGradients(plan: plan, context: ctx, t: t, u: u, into: gradient, arena: &arena)
         channelSums(gradient, context: ctx, into: sums)
