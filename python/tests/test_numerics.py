@@ -1012,6 +1012,34 @@ def test_float32_wide_planes_with_batch_statistics_keep_the_float64_precision(la
     _assert_step_within(layer_type, x.astype(np.float32), dy.astype(np.float32), G, 1e-5, layout, rng)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_float32_an_outlier_in_any_plane_is_found(layout, rng):
+    """The screen takes four channels a step and hands blocks of sixteen to the sums again (channels-last: a row
+    of the block at a time), and the channels beyond the last whole four apart: an outlier in each of the 70
+    planes of [2, 35, 5, 5] in turn (two blocks, a block of three fours, a tail of three) is found wherever it
+    lies, its channel's weight gradient within 2 ulps of the gradient's scale (0.65 measured; 170-390 without)."""
+    B, C = 2, 35
+    base = rng.normal(1.0, 5.0, (B, C, 5, 5)).astype(np.float32)
+    dy = rng.normal(0.3, 1.0, base.shape).astype(np.float32)
+    mean, var = rng.normal(1.0, 0.1, C).astype(np.float32), rng.uniform(20.0, 30.0, C).astype(np.float32)
+    for b in range(B):
+        for c in range(C):
+            x, d = base.copy(), dy.copy()
+            x[b, c, 0, 0], d[b, c, 0, 0] = 5e4, 1e-3
+            layer, ref = bcnswift.BatchNorm(C, unbiased_running_var=False), R.LabmlBatchNorm(C)
+            state = layer.state_dict()
+            state["running_mean"], state["running_var"] = mean, var
+            layer.load_state_dict(state)
+            ref.exp_mean, ref.exp_var = mean.astype(np.float64), var.astype(np.float64)
+            layer.eval(); ref.train(False)
+            if layout == "channels-last":
+                x, d = _channels_last(x), _channels_last(d)
+            layer(x), ref.forward(np.asarray(x, np.float64))
+            layer.backward(d), ref.backward(np.asarray(d, np.float64))
+            got, want = layer.grads["weight"], ref.grads["scale"]
+            assert abs(got[c] - want[c]) <= 2 * np.finfo(np.float32).eps * np.abs(want).max(), (b, c)
+
+
 @pytest.mark.parametrize("C", [32, 40])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 @pytest.mark.parametrize("layer_type", ["bcn", "bn"])

@@ -150,8 +150,8 @@ struct ResumScreen {
     }
 
     /// Calls `body(first plane, count)` for each block of up to `block` channels of sample b in which some plane
-    /// may be lost (four channels a step, by the bounds alone: `lost` decides), and the channels beyond the last
-    /// whole four, which it always passes; returns the sum of what `body` returned.
+    /// may be lost (four channels a step, by the bounds alone: `lost` decides), and for the channels beyond the
+    /// last whole four where one of them is lost; returns the sum of what `body` returned.
     @inline(__always)
     func blocks(_ b: Int, _ body: (Int, Int) -> Int) -> Int {
         let C = channels, at = b &* C
@@ -169,7 +169,7 @@ struct ResumScreen {
             }
             c &+= 4
         }
-        if c < C { total &+= body(at &+ c, C &- c) }
+        if c < C, (c..<C).contains(where: { lost(at &+ $0) }) { total &+= body(at &+ c, C &- c) }
         return total
     }
 
