@@ -372,8 +372,8 @@ def _labml_pair(C, G, estimate, rng=None):
     same parameters: drawn at random with `rng` (float32 values on both sides), else the initial ones."""
     layer = bcnswift.BatchChannelNorm(C, G, estimate=estimate, unbiased_running_var=False)
     ref = R.LabmlBatchChannelNorm(C, G, estimate=estimate)
-    for name, array in layer.parameters().items() if rng is not None else ():
-        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+    if rng is not None:
+        _draw_parameters(layer, ref, _LABML_PARAMETERS, rng)
     _copy_parameters(layer, ref)
     return layer, ref
 
@@ -381,6 +381,15 @@ def _labml_pair(C, G, estimate, rng=None):
 def _copy_parameters(layer, ref):
     for name, path in _LABML_PARAMETERS.items():
         _set(ref, path, layer.parameters()[name].astype(np.float64).reshape(np.shape(_get(ref, path))))
+
+
+def _draw_parameters(layer, ref, names, rng):
+    """Random parameters (weights about 1, biases about 0), the same float32 values in bcnswift's `layer` and in
+    the documents' `ref` (`names`: bcnswift's name to the reference's)."""
+    for name, path in names.items():
+        array = layer.parameters()[name]
+        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
+        _set(ref, path, array.astype(np.float64).reshape(np.shape(_get(ref, path))))
 
 
 def _to_eval(layer, ref):
@@ -898,36 +907,40 @@ def _assert_backward_within(x, dy, layout, C, G, tolerance):
 def test_float32_an_outlier_among_values_near_the_running_mean_keeps_the_weight_gradient(spatial, layout, mode, rng):
     """A review: with running statistics (eval, or estimate mode's estimates) the weight gradient is
     S₂ = Σ dy (x - p) + (p - μ) Σ dy per plane, and one value of 5e4 with a small dy among values of spread 5
-    drags p far from μ, so that the Float32 lanes' rounding of Σ dy (x - p), of the plane's deviation times Σ |dy|,
-    outgrows S₂, of σ times Σ |dy|: 25-270 ulps of its scale off (planes and channels-last; the rows layout of
-    3x3 NCHW sums in Float64). Such planes, wider than 4σ of their channel, are summed again in Float64
-    (`resumInFloat64`): dx and both gradients within 4 ulps of their scale against the documents' float64 code."""
+    drags p far from μ, so that the Float32 lanes' rounding of Σ dy (x - p), about |p - μ| times Σ |dy|, outgrows
+    S₂, of σ times Σ |dy|: 25-270 ulps of its scale off (planes and channels-last; the rows layout of 3x3 NCHW
+    sums in Float64). Such planes, wider than 4σ of their channel, are summed again in Float64 (`resumInFloat64`):
+    y, dx and both gradients within 4 ulps of their scale against the documents' float64 code."""
     B, C = 4, 8
     x = rng.normal(1.0, 5.0, (B, C) + spatial).astype(np.float32)
     dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
     x.reshape(B, C, -1)[0, 0, 0], dy.reshape(B, C, -1)[0, 0, 0] = 5e4, 1e-3
-    if mode == "eval":
-        layer, ref = bcnswift.BatchNorm(C, unbiased_running_var=False), R.LabmlBatchNorm(C)
-        layer.eval(); ref.train(False)
-    else:
-        # a moving speed of 0, as the authors' EstBN starts: the estimates stay the buffers'
+    mean, var = rng.normal(1.0, 0.1, C).astype(np.float32), rng.uniform(20.0, 30.0, C).astype(np.float32)
+    layer, ref, names = _running_pair("bn", C, 0, mean, var, estimate=mode == "estimate")
+    _draw_parameters(layer, ref, names, rng)
+    _assert_within(layer, ref, names, x, dy, layout)
+
+
+def _running_pair(layer_type, C, G, mean, var, estimate=False):
+    """bcnswift's float32 "bn" or "bcn" layer and the documents' float64 one (labml's conventions), both on the
+    running statistics `mean` and `var` (float32 values), in eval; with `estimate` ("bn" only) in training as an
+    EstimatedBatchNorm at a moving speed of 0, as the authors' EstBN starts, so that the estimates stay those:
+    (layer, reference, {bcnswift's parameter name: the reference's})."""
+    if layer_type == "bn" and estimate:
         layer, ref = bcnswift.EstimatedBatchNorm(C, momentum=0.0), R.LabmlEstimatedBatchNorm(C, momentum=0.0)
+    elif layer_type == "bn":
+        layer, ref = bcnswift.BatchNorm(C, unbiased_running_var=False), R.LabmlBatchNorm(C)
+    else:
+        layer, ref = bcnswift.BatchChannelNorm(C, G, unbiased_running_var=False), R.LabmlBatchChannelNorm(C, G)
+    prefix, bn, names = (("", ref, {"weight": "scale", "bias": "shift"}) if layer_type == "bn"
+                         else ("bn.", ref.batch_norm, _LABML_PARAMETERS))
     state = layer.state_dict()
-    state["running_mean"] = rng.normal(1.0, 0.1, C).astype(np.float32)
-    state["running_var"] = rng.uniform(20.0, 30.0, C).astype(np.float32)
-    state["weight"] = rng.normal(1.0, 0.3, C).astype(np.float32)
-    state["bias"] = rng.normal(0.0, 0.3, C).astype(np.float32)
+    state[prefix + "running_mean"], state[prefix + "running_var"] = mean, var
     layer.load_state_dict(state)
-    for name, path in (("running_mean", "exp_mean"), ("running_var", "exp_var"), ("weight", "scale"),
-                       ("bias", "shift")):
-        setattr(ref, path, state[name].astype(np.float64))
-    if layout == "channels-last":
-        x, dy = _channels_last(x), _channels_last(dy)
-    layer(x), ref.forward(x.astype(np.float64))
-    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    assert _ulps_of_scale(dx, dx_ref) <= 4
-    for name, path in (("weight", "scale"), ("bias", "shift")):
-        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+    bn.exp_mean, bn.exp_var = mean.astype(np.float64), var.astype(np.float64)
+    if not estimate:
+        layer.eval(); ref.train(False)
+    return layer, ref, names
 
 
 def _float32_pair(layer_type, C, G, eps, rng):
@@ -942,17 +955,18 @@ def _float32_pair(layer_type, C, G, eps, rng):
     else:
         layer = bcnswift.ChannelNorm(C, G, eps=eps)
         ref, names = R.LabmlChannelNorm(C, G, eps=eps), {"weight": "scale", "bias": "shift"}
-    for name, path in names.items():  # the same float32 values on both sides
-        array = layer.parameters()[name]
-        array[...] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, array.shape)
-        _set(ref, path, array.astype(np.float64).reshape(np.shape(_get(ref, path))))
+    _draw_parameters(layer, ref, names, rng)
     return layer, ref, names
 
 
 def _assert_step_within(layer_type, x, dy, G, eps, layout, rng, ulps=4):
-    """A step of bcnswift's float32 layer on x and dy (float32, [B, C, *]; in `layout`) against the documents'
-    float64 code on the same values: y, dx and every parameter gradient within `ulps` of their scale."""
-    layer, ref, names = _float32_pair(layer_type, x.shape[1], G, eps, rng)
+    """`_assert_within` for a training step of a `_float32_pair`."""
+    _assert_within(*_float32_pair(layer_type, x.shape[1], G, eps, rng), x, dy, layout, ulps)
+
+
+def _assert_within(layer, ref, names, x, dy, layout, ulps=4):
+    """A step of bcnswift's float32 `layer` on x and dy (float32, [B, C, *]; in `layout`) against the documents'
+    float64 `ref` on the same values: y, dx and every parameter gradient (`names`) within `ulps` of their scale."""
     if layout == "channels-last":
         x, dy = _channels_last(x), _channels_last(dy)
     y, y_ref = layer(x), ref.forward(x.astype(np.float64))
@@ -1026,12 +1040,7 @@ def test_float32_an_outlier_in_any_plane_is_found(layout, rng):
         for c in range(C):
             x, d = base.copy(), dy.copy()
             x[b, c, 0, 0], d[b, c, 0, 0] = 5e4, 1e-3
-            layer, ref = bcnswift.BatchNorm(C, unbiased_running_var=False), R.LabmlBatchNorm(C)
-            state = layer.state_dict()
-            state["running_mean"], state["running_var"] = mean, var
-            layer.load_state_dict(state)
-            ref.exp_mean, ref.exp_var = mean.astype(np.float64), var.astype(np.float64)
-            layer.eval(); ref.train(False)
+            layer, ref, _ = _running_pair("bn", C, 0, mean, var)
             if layout == "channels-last":
                 x, d = _channels_last(x), _channels_last(d)
             layer(x), ref.forward(np.asarray(x, np.float64))
@@ -1053,24 +1062,7 @@ def test_float32_running_statistics_far_narrower_than_the_data_sum_every_plane_a
     x.reshape(B, C, -1)[1, 3, 0] = 5e4
     dy = (rng.normal(0.3, 1.0, x.shape) + 50.0).astype(np.float32)
     mean, var = rng.normal(1.0, 0.1, C).astype(np.float32), rng.uniform(0.5, 2.0, C).astype(np.float32)
-    if layer_type == "bn":
-        layer, ref = bcnswift.BatchNorm(C, unbiased_running_var=False), R.LabmlBatchNorm(C)
-        keys, bn, names = ("running_mean", "running_var"), ref, {"weight": "scale", "bias": "shift"}
-    else:
-        layer, ref = bcnswift.BatchChannelNorm(C, G, unbiased_running_var=False), R.LabmlBatchChannelNorm(C, G)
-        keys, bn, names = ("bn.running_mean", "bn.running_var"), ref.batch_norm, _LABML_PARAMETERS
-    state = layer.state_dict()
-    state[keys[0]], state[keys[1]] = mean, var
-    layer.load_state_dict(state)
-    bn.exp_mean, bn.exp_var = mean.astype(np.float64), var.astype(np.float64)
-    layer.eval(); ref.train(False)
-    if layout == "channels-last":
-        x, dy = _channels_last(x), _channels_last(dy)
-    layer(x), ref.forward(x.astype(np.float64))
-    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
-    assert _ulps_of_scale(dx, dx_ref) <= 4
-    for name, path in names.items():
-        assert _ulps_of_scale(layer.grads[name], ref.grads[path]) <= 4, name
+    _assert_within(*_running_pair(layer_type, C, G, mean, var), x, dy, layout)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
