@@ -44,20 +44,20 @@ extension StoredLayout {
                                                 t: UnsafeMutablePointer<Double>, u: UnsafeMutablePointer<Double>) {
         guard T.self == Float.self else { return }
         let screen = ResumScreen(ctx, shape: shape, batchNorm: plan.batchNorm != nil, t: t, u: u)
-        // one screen of every plane on this thread (callgrind, backward instructions: [8, 256, 14, 14] +0.7%,
-        // channels-last too; [2, 32, 8, 8] +0.7%); only where it finds planes, a pass over the samples that hold
-        // them, in parallel. (Running statistics far narrower than the data make every plane wide: eval's forward
-        // and backward then take 1.2-1.5 times as long on [8, 256, 14, 14] and [2, 64, 56, 56], both layouts;
-        // 2-4 times, in one scalar pass.)
+        // one screen of every plane on this thread (callgrind, backward instructions: [8, 256, 14, 14] +0.9%,
+        // channels-last too; [2, 32, 8, 8] +0.9%); only where it finds planes, a pass over the blocks that hold
+        // them, in parallel, so that one sample's blocks take every thread. (Running statistics far narrower than
+        // the data make every plane wide: eval's forward and backward then take 1.3-1.5 times as long on
+        // [8, 256, 14, 14], [2, 64, 56, 56] and [1, 256, 28, 28], both layouts; 2-4 times, in one scalar pass.)
+        let blocks = screen.blocksPerSample, items = shape.batch &* blocks
         var candidates = 0
-        for b in 0..<shape.batch { candidates &+= screen.blocks(b) { _, n in n } }
+        for i in 0..<items { screen.block(i / blocks, i % blocks) { _, n in candidates &+= n } }
         guard candidates > 0 else { return }
         let about = plan.batchNorm != nil && !through && plan.channelNorm == nil
-        parallelFor(shape.batch, cost: max(1, candidates / shape.batch) &* shape.spatial) { range, _ in
-            for b in range {
-                _ = screen.blocks(b) { first, n in
+        parallelFor(items, cost: max(1, candidates / items) &* shape.spatial) { range, _ in
+            for i in range {
+                screen.block(i / blocks, i % blocks) { first, n in
                     resum(first, count: n, x, dy, context: ctx, screen: screen, aboutStoredMeans: about, t: t, u: u)
-                    return 0
                 }
             }
         }
@@ -137,7 +137,7 @@ extension StoredLayout {
 
 /// Which planes `resumInFloat64` sums again: the bounds on the forward's context and the lanes' T and U.
 struct ResumScreen {
-    /// Channels a block (`blocks`).
+    /// Channels a block (`block`): a work item of the sums again, and in channels-last a row's sixteen values.
     static let block = 16
     let q, invSigma: UnsafePointer<Double>
     let t, u: UnsafePointer<Double>
@@ -149,28 +149,29 @@ struct ResumScreen {
         channels = shape.channels; spatial = Double(shape.spatial); self.batchNorm = batchNorm
     }
 
-    /// Calls `body(first plane, count)` for each block of up to `block` channels of sample b in which some plane
-    /// may be lost (four channels a step, by the bounds alone: `lost` decides), and for the channels beyond the
-    /// last whole four where one of them is lost; returns the sum of what `body` returned.
+    /// Blocks of `block` channels a sample (the last may hold fewer).
+    var blocksPerSample: Int { (channels + ResumScreen.block - 1) / ResumScreen.block }
+
+    /// Of block j of sample b (channels 16j up to 16j + 16): calls `body(first plane, count)` for its whole fours
+    /// where some plane among them may be lost (four channels a step, by the bounds alone: `lost` decides), and for
+    /// the channels beyond the last whole four of the sample, which only the last block holds, where one of them is
+    /// lost.
     @inline(__always)
-    func blocks(_ b: Int, _ body: (Int, Int) -> Int) -> Int {
-        let C = channels, at = b &* C
+    func block(_ b: Int, _ j: Int, _ body: (Int, Int) -> Void) {
+        let C = channels, at = b &* C, c0 = j &* ResumScreen.block, c1 = min(C, c0 &+ ResumScreen.block)
+        let fours = min(c1, C &- C % 4)  // (the sample's last whole four ends in the last block)
         let bound = SIMD4(repeating: widePlaneRatio * spatial)
         let tiny = SIMD4(repeating: underflowingDot * underflowingDot)
-        var total = 0, c = 0
-        while c &+ 4 <= C {
+        var c = c0
+        while c &+ 4 <= fours {
             let s = invSigma.lanes(c), scale = batchNorm ? s * s : SIMD4(), us = u.lanes(at &+ c)
             if any((q.lanes(at &+ c) * scale .> bound) .| (us * us .< tiny)) {
-                // the whole block this four belongs to, once
-                let first = c - c % ResumScreen.block, n = min(ResumScreen.block, C &- first)
-                total &+= body(at &+ first, n &- n % 4)
-                c = first &+ n &- n % 4
-                continue
+                body(at &+ c0, fours &- c0)
+                break
             }
             c &+= 4
         }
-        if c < C, (c..<C).contains(where: { lost(at &+ $0) }) { total &+= body(at &+ c, C &- c) }
-        return total
+        if fours < c1, (fours..<c1).contains(where: { lost(at &+ $0) }) { body(at &+ fours, c1 &- fours) }
     }
 
     /// Whether plane i is wide (with a batch-norm stage) or underflowing. NaN: neither. U = 0 stands where no
