@@ -104,9 +104,9 @@ extension StoredLayout {
             stores(0, s0, d0, o0); stores(1, s1, d1, o1); stores(2, s2, d2, o2); stores(3, s3, d3, o3)
             return
         }
-        for k in 0..<count where lost & (1 << k) != 0 {
-            let (start, stride) = planeElements(first &+ k), p = ctx.p[first &+ k]
-            let (sum, dot, off) = Self.planeSums(dy + start, x + start, count: S, stride: stride, centre: p)
+        for k in 0..<count where lost & (1 << k) != 0 {  // one plane at a time (`first`'s stride is theirs)
+            let at = planeElements(first &+ k).first, p = ctx.p[first &+ k]
+            let (sum, dot, off) = Self.planeSums(dy + at, x + at, count: S, stride: stride, centre: p)
             store(k, sum: sum, dot: dot, off: off)
         }
     }
