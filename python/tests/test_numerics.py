@@ -867,6 +867,31 @@ def test_float32_maps_about_a_centre_near_the_largest_float_take_float64(spatial
     _check_float32_step(x, G, layout, rng, ulps=4)
 
 
+@pytest.mark.parametrize("spatial", [(14, 14), (70, 70)], ids=["S=196", "chunked"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_one_sample_beyond_the_float32_maps_leaves_the_others_in_them(spatial, layout, rng):
+    """Sample 1 of four lies about -1e38 with one value of 3e38 in each plane, so that x - p overflows Float32
+    there (its maps run in Float64: `MapRange`), and the others about 1: each sample's output and dx finite and
+    within 4 ulps of that sample's own scale against the documents' float64 code. Channels-last decides per
+    sample whether its constants in Float32 keep their precision (and prepares them where its sweep first needs
+    them), as the planes layout decides per plane; a sample mapped in Float32 all the same gives infinities."""
+    B, C, G = 4, 64, 32
+    x = random_input(rng, (B, C) + spatial)
+    x[1] = -1e38 * (1 + 0.1 * rng.normal(size=x[1].shape))
+    x[1].reshape(C, -1)[:, 0] = 3e38
+    x = x.astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    if layout == "channels-last":
+        x, dy = _channels_last(x), _channels_last(dy)
+    layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
+    y, y_ref = layer(x), ref.forward(x.astype(np.float64))
+    dx, dx_ref = layer.backward(dy), ref.backward(dy.astype(np.float64))
+    for b in range(B):
+        assert np.isfinite(y[b]).all() and np.isfinite(dx[b]).all(), b
+        assert _ulps_of_scale(y[b], y_ref[b]) <= 4, b
+        assert _ulps_of_scale(dx[b], dx_ref[b]) <= 4, b
+
+
 @pytest.mark.parametrize("spatial", [(14, 14), (4, 4), (5, 5), (70, 70)], ids=["S=196", "S=16", "S=25", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 @pytest.mark.parametrize("offset", [0.0, 10.0, 1e3, 1e5], ids=["0", "10", "1e3", "1e5"])

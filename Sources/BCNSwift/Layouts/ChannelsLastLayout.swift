@@ -47,16 +47,18 @@ struct ChannelsLastLayout: StoredLayout {
     private func slotLength<T>(_: T.Type) -> Int { (gradientsInOrder(T.self) ? 3 : 1) * shape.channels }
     private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
-    /// The stretches' partials, the gradient sums' centres and shifts (one of T a plane each) and the slots, or
-    /// the maps' constants (up to five of T a plane, dy's means in Double, and a flag a block of planes),
-    /// whichever is larger: every phase reserves this for itself (`StoredLayout`'s `...Bytes`), and each uses one
-    /// of the two.
+    /// The stretches' partials, the gradient sums' centres and shifts (one of T a plane each) and the slots; the
+    /// backward map's constants (five of T a plane, dy's means in Double, and a flag a block of planes); or the
+    /// forward map's (`MapConstants`, and a state a sample for `OncePerIndex`), whichever is largest: every phase
+    /// reserves this for itself (`StoredLayout`'s `...Bytes`), and each uses one of the three.
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         max(ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
                 + 2 * ScratchArena.bytes(shape.planes, of: T.self)
                 + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self),
             ScratchArena.bytes(5 * shape.planes, of: T.self) + ScratchArena.bytes(shape.planes, of: Double.self)
-                + ScratchArena.bytes(constantBlocks, of: Bool.self))
+                + ScratchArena.bytes(constantBlocks, of: Bool.self),
+            MapConstants<T>.bytes(samples: shape.batch, channels: shape.channels)
+                + OncePerIndex.bytes(count: shape.batch))
     }
 
     /// A thread's scratch in `stretchSums`: C values of T for a stretch's shift, and the block partials of the
@@ -239,7 +241,7 @@ struct ChannelsLastLayout: StoredLayout {
     private var constantBlocks: Int { (shape.planes + Self.constantPlanes - 1) / Self.constantPlanes }
 
     /// Runs `body(planes)` over blocks of planes in parallel and tells whether it returned true for every block:
-    /// the maps' per-plane constants and the test that they keep their precision (`_mapKeeps`), 20-40
+    /// the backward map's per-plane constants and the test that they keep their precision (`_mapKeeps`), 20-40
     /// instructions a plane, which on the calling thread alone took 3-6 us of [8, 256, 14, 14]'s forward and
     /// backward on two threads.
     private func planeBlocks(arena: inout ScratchArena, _ body: (Range<Int>) -> Bool) -> Bool {
@@ -265,32 +267,30 @@ struct ChannelsLastLayout: StoredLayout {
         preconditionFailure("channels-last maps every plane in one sweep")
     }
 
-    /// out = A (x - p) + M: the constants of every (b, c) in T first (centre rounded to T, its residue folded
-    /// into the offset in Float64, as `_scaleShift` does), then rows of C values at a time. If a plane's
-    /// constants would lose precision in T (`_mapKeeps`), every value is mapped in Float64 instead, rounded once.
+    /// out = A (x - p) + M, rows of C values at a time, a work item a block of a sample's rows: the first item of
+    /// sample b to run computes its maps (`coefficients(b)`) and their constants in T (`MapConstants`: the centre
+    /// rounded to T, its residue folded into the offset in Float64, as `_scaleShift` does), which the sample's
+    /// other items wait for (`OncePerIndex`). If a plane's constants would lose precision in T (`_mapKeeps`),
+    /// every value of its sample is mapped in Float64 instead, rounded once.
     func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
                                      scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
-                                     arena: inout ScratchArena) {
-        let planes = shape.planes, C = shape.channels, S = shape.spatial
-        let k = arena.take(3 * planes, of: T.self), cT = k, sT = k + planes, oT = sT + planes
-        let keeps = planeBlocks(arena: &arena) { block in
-            for i in block {
-                let cf = T(p[i])
-                cT[i] = cf; sT[i] = T(scale[i])
-                oT[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
-            }
-            let i = block.lowerBound
-            return T._mapKeeps(count: block.count, centres: p + i, dyCentres: nil, offsets: offset + i,
-                               slopes: scale + i, nil)
-        }
+                                     coefficients: (Int) -> Void, arena: inout ScratchArena) {
+        let C = shape.channels, S = shape.spatial
+        let prepared = MapConstants<T>(samples: shape.batch, channels: C, arena: &arena)
+        let ready = OncePerIndex(count: shape.batch, arena: &arena)
+        let cT = prepared.centre, sT = prepared.scale, oT = prepared.offset
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: rowsPerItem * C) { range, _ in
             for item in range {
                 let b = item / perSample, r0 = (item - b * perSample) * rowsPerItem
                 let constants = b * C
+                ready.ensure(b) { b in
+                    coefficients(b)
+                    prepared.prepare(sample: b, constants..<constants + C, p: p, scale: scale, offset: offset)
+                }
                 var row = r0
                 let end = min(S, r0 + rowsPerItem)
-                if !keeps {
+                if !prepared.keeps(sample: b) {
                     for row in r0..<end {
                         let at = (b * S + row) * C
                         for c in 0..<C {

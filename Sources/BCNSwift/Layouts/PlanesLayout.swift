@@ -5,9 +5,11 @@ struct PlanesLayout: StoredLayout {
     let shape: NormalizationShape
     private var chunks: PlaneChunks { PlaneChunks(shape) }
 
+    /// Planes of several chunks: the chunks' moments, or the map's state a sample (`OncePerIndex`).
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
-        let perPlane = PlaneChunks(shape).perPlane
-        return perPlane == 1 ? 0 : ScratchArena.bytes(PlaneChunks(shape).count, of: Moments.self)
+        let chunks = PlaneChunks(shape)
+        return chunks.perPlane == 1 ? 0 : max(ScratchArena.bytes(chunks.count, of: Moments.self),
+                                              OncePerIndex.bytes(count: shape.batch))
     }
 
     /// Mean and M2 of every plane: by `_planeMoments` when a plane is one chunk, else each chunk by
@@ -56,13 +58,17 @@ struct PlanesLayout: StoredLayout {
                             offsets: offsets)
     }
 
+    /// Planes of several chunks (`mapsPerPlane` false), a chunk a work item; the first chunk of sample b to run
+    /// computes its maps (`coefficients(b)`), which the sample's other chunks wait for (`OncePerIndex`).
     func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
                                      scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
-                                     arena: inout ScratchArena) {
-        let chunks = self.chunks
+                                     coefficients: (Int) -> Void, arena: inout ScratchArena) {
+        let chunks = self.chunks, C = shape.channels
+        let ready = OncePerIndex(count: shape.batch, arena: &arena)
         parallelFor(chunks.count, cost: min(shape.spatial, planeChunkLength)) { range, _ in
             for i in range {
                 let c = chunks.chunk(i)
+                ready.ensure(c.plane / C, coefficients)
                 T._scaleShift(x + c.offset, y + c.offset, count: c.length, centre: p[c.plane],
                               scale: scale[c.plane], offset: offset[c.plane])
             }

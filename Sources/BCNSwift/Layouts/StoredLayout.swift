@@ -26,10 +26,13 @@ protocol StoredLayout {
                                            centres: UnsafePointer<Double>, scales: UnsafePointer<Double>,
                                            offsets: UnsafePointer<Double>)
 
-    /// Forward pass 2 over every plane: out = A (x - p) + M with A, M per plane.
+    /// Forward pass 2 over every plane: out = A (x - p) + M with A, M per plane (`scale`, `offset`), where
+    /// sample b's A and M (and its p, which they may move) are written by `coefficients(b)`: `map` calls it once
+    /// per sample, on whichever thread first needs that sample's maps (`OncePerIndex`), before it maps any of
+    /// the sample's values. So the units' coefficients run inside the sweep, spread over its threads.
     func map<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>, p: UnsafePointer<Double>,
                                      scale: UnsafePointer<Double>, offset: UnsafePointer<Double>,
-                                     arena: inout ScratchArena)
+                                     coefficients: (Int) -> Void, arena: inout ScratchArena)
 
     /// Plane i's first element and the distance between its values (planes: i·S and 1; channels-last: its sample's
     /// first element plus its channel, and C).
@@ -78,12 +81,6 @@ struct Units {
                                  q: ctx.q + plane, mu: ctx.mu + c0, a: ctx.a + c0, beta: ctx.beta + c0)
     }
 }
-
-/// `parallelFor`'s cost of one unit's coefficients (its m, r and its planes' maps) when they all come before one
-/// sweep (`mapsPerPlane` false): about 290 + 5·K instructions for K planes (callgrind, K = 2 to 16), but of
-/// divisions and square roots: the 256 units of [8, 256, 14, 14] took 9 us on the calling thread, about what the
-/// sweep after them spends on 256 values a unit. So 256 units or more take the workers.
-let unitCoefficientsCost = 256
 
 /// `parallelFor`'s cost of one unit's backward: about 550 + 25·K instructions for K planes (callgrind, K = 2 to
 /// 16), what a sweep spends on some 256 values. So 256 units or more take the workers.
@@ -139,14 +136,17 @@ extension StoredLayout {
             }
             return
         }
+        // each sample's units as the sweep first needs them: a loop of their own before it took [8, 256, 14, 14]'s
+        // channels-last forward 12 us of 89 on two threads, no less than on one (its 256 units in four ranges,
+        // the second thread starting a microsecond late on the caller's batch-norm numbers)
         let scales = arena.take(2 * shape.planes, of: Double.self), offsets = scales + shape.planes
-        parallelFor(units.count, cost: unitCoefficientsCost) { range, _ in
-            for u in range {
+        let perSample = units.count / shape.batch
+        map(x, y, p: p, scale: scales, offset: offsets, coefficients: { b in
+            for u in b * perSample..<(b + 1) * perSample {
                 let first = units.locate(u).plane
                 coefficients(u, scales: scales + first, offsets: offsets + first)
             }
-        }
-        map(x, y, p: p, scale: scales, offset: offsets, arena: &arena)
+        }, arena: &arena)
     }
 
     func applyBytes<T: NormalizationScalar>(_: T.Type, plan: NormalizationPlan) -> Int {
@@ -228,7 +228,9 @@ extension StoredLayout {
     func mapEveryPlane<T: NormalizationScalar>(_ x: UnsafePointer<T>, _ y: UnsafeMutablePointer<T>,
                                                p: UnsafePointer<Double>, scale: UnsafePointer<Double>,
                                                offset: UnsafePointer<Double>, arena: inout ScratchArena) {
-        guard mapsPerPlane else { return map(x, y, p: p, scale: scale, offset: offset, arena: &arena) }
+        guard mapsPerPlane else {
+            return map(x, y, p: p, scale: scale, offset: offset, coefficients: { _ in }, arena: &arena)
+        }
         parallelFor(shape.planes, cost: shape.spatial) { range, _ in
             let first = range.lowerBound
             mapPlanes(first: first, count: range.count, x, y, centres: p + first, scales: scale + first,
