@@ -47,17 +47,15 @@ struct ChannelsLastLayout: StoredLayout {
     private func slotLength<T>(_: T.Type) -> Int { (gradientsInOrder(T.self) ? 3 : 1) * shape.channels }
     private var sumsSlots: Int { parallelSlots(shape.batch * stretches, cost: sumsCost) }
 
-    /// The stretches' partials, the gradient sums' centres and shifts (one of T a plane each) and the slots; the
-    /// backward map's constants (five of T a plane, dy's means in Double, and a flag a block of planes); or the
-    /// forward map's (`MapConstants`, and a state a sample for `OncePerIndex`), whichever is largest: every phase
-    /// reserves this for itself (`StoredLayout`'s `...Bytes`), and each uses one of the three.
+    /// The stretches' partials, the gradient sums' centres and shifts (one of T a plane each) and the slots, or
+    /// a map's constants (`CombineConstants`, the larger, or `MapConstants`) and a state a sample for
+    /// `OncePerIndex`, whichever is larger: every phase reserves this for itself (`StoredLayout`'s `...Bytes`),
+    /// and each uses one of the two.
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
         max(ScratchArena.bytes(2 * shape.batch * stretches * shape.channels, of: Double.self)
                 + 2 * ScratchArena.bytes(shape.planes, of: T.self)
                 + ScratchArena.bytes(sumsSlots * slotLength(T.self), of: T.self),
-            ScratchArena.bytes(5 * shape.planes, of: T.self) + ScratchArena.bytes(shape.planes, of: Double.self)
-                + ScratchArena.bytes(constantBlocks, of: Bool.self),
-            MapConstants<T>.bytes(samples: shape.batch, channels: shape.channels)
+            CombineConstants<T>.bytes(samples: shape.batch, channels: shape.channels)
                 + OncePerIndex.bytes(count: shape.batch))
     }
 
@@ -236,26 +234,6 @@ struct ChannelsLastLayout: StoredLayout {
 
     var mapsPerPlane: Bool { false }
 
-    /// Planes a work item of the maps' constants (`planeBlocks`).
-    private static let constantPlanes = 256
-    private var constantBlocks: Int { (shape.planes + Self.constantPlanes - 1) / Self.constantPlanes }
-
-    /// Runs `body(planes)` over blocks of planes in parallel and tells whether it returned true for every block:
-    /// the backward map's per-plane constants and the test that they keep their precision (`_mapKeeps`), 20-40
-    /// instructions a plane, which on the calling thread alone took 3-6 us of [8, 256, 14, 14]'s forward and
-    /// backward on two threads.
-    private func planeBlocks(arena: inout ScratchArena, _ body: (Range<Int>) -> Bool) -> Bool {
-        let planes = shape.planes, width = Self.constantPlanes, blocks = constantBlocks
-        let kept = arena.take(blocks, of: Bool.self)
-        parallelFor(blocks, cost: 32 * width) { range, _ in
-            for block in range {
-                let first = block * width
-                kept[block] = body(first..<min(planes, first + width))
-            }
-        }
-        return (0..<blocks).allSatisfy { kept[$0] }
-    }
-
     func planeMoments<T: NormalizationScalar>(first: Int, count: Int, _ x: UnsafePointer<T>,
                                               p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>) {
         preconditionFailure("channels-last measures all planes in one sweep (mapsPerPlane is false)")
@@ -406,33 +384,32 @@ struct ChannelsLastLayout: StoredLayout {
         }
     }
 
-    /// dx = P dy + Q (x - p) + R with the constants in T as in `map`, about each plane's x mean p and dy mean
-    /// T/S (`dySums` / S; the centres' residues folded into R, as `_combine` does), or in Float64 as there.
+    /// dx = P dy + Q (x - p) + R, rows of C values at a time, a work item a block of a sample's rows: the first
+    /// item of sample b to run has its P, Q, R made (`maps(b)`) and their constants in T (`CombineConstants`:
+    /// about each plane's x mean p and dy mean T/S, `dySums` / S, the centres' residues folded into R, as
+    /// `_combine` does), which the sample's other items wait for (`OncePerIndex`); or, where a plane's constants
+    /// would lose precision in T, every value of its sample in Float64, as there (and every sample's with two
+    /// values a channel, `twoValuesAChannel`: dx is then a cancellation that constants rounded to T would show).
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
                                          p: UnsafePointer<Double>, dySums t: UnsafePointer<Double>,
-                                         coefficients: UnsafePointer<Double>, arena: inout ScratchArena) {
-        let planes = shape.planes, C = shape.channels, S = shape.spatial
+                                         coefficients: UnsafePointer<Double>, maps: (Int) -> Void,
+                                         arena: inout ScratchArena) {
+        let planes = shape.planes, C = shape.channels, S = shape.spatial, exact = shape.twoValuesAChannel
         let P = coefficients, Q = P + planes, R = Q + planes
-        let k = arena.take(5 * planes, of: T.self), cT = k, pT = k + planes, qT = pT + planes, rT = qT + planes
-        let dT = rT + planes, means = arena.take(planes, of: Double.self), invS = 1 / Double(S)
-        // (two values a channel: dx is a cancellation that constants rounded to T would show, `twoValuesAChannel`)
-        let keeps = !shape.twoValuesAChannel && planeBlocks(arena: &arena) { block in
-            for i in block {
-                let cf = T(p[i]), mean = t[i] * invS, df = T(mean)
-                cT[i] = cf; dT[i] = df; pT[i] = T(P[i]); qT[i] = T(Q[i]); means[i] = mean
-                rT[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: p[i], rounded: Double(cf))
-                          + P[i] * Double(df))
-            }
-            let i = block.lowerBound
-            return T._mapKeeps(count: block.count, centres: p + i, dyCentres: means + i, offsets: R + i,
-                               slopes: Q + i, P + i)
-        }
+        let prepared = CombineConstants<T>(samples: shape.batch, channels: C, arena: &arena)
+        let ready = OncePerIndex(count: shape.batch, arena: &arena)
+        let cT = prepared.centre, dT = prepared.dyCentre, pT = prepared.p, qT = prepared.q, rT = prepared.r
         let rowsPerItem = mapRows, perSample = (S + rowsPerItem - 1) / rowsPerItem
         parallelFor(shape.batch * perSample, cost: 2 * rowsPerItem * C) { range, _ in
             for item in range {
                 let b = item / perSample, r0 = (item - b * perSample) * rowsPerItem
                 let constants = b * C, at = (b * S + r0) * C
-                if !keeps {
+                ready.ensure(b) { b in
+                    maps(b)
+                    prepared.prepare(sample: b, constants..<constants + C, centres: p, dySums: t, spatial: S, P: P,
+                                     Q: Q, R: R, exact: exact)
+                }
+                if !prepared.keeps(sample: b) {
                     for row in r0..<min(S, r0 + rowsPerItem) {
                         let at = (b * S + row) * C
                         for c in 0..<C {

@@ -5,11 +5,10 @@ struct PlanesLayout: StoredLayout {
     let shape: NormalizationShape
     private var chunks: PlaneChunks { PlaneChunks(shape) }
 
-    /// Planes of several chunks: the chunks' moments, or the map's state a sample (`OncePerIndex`).
+    /// Planes of several chunks: the chunks' moments; or the maps' state a sample (`OncePerIndex`).
     func scratchBytes<T: NormalizationScalar>(_: T.Type) -> Int {
-        let chunks = PlaneChunks(shape)
-        return chunks.perPlane == 1 ? 0 : max(ScratchArena.bytes(chunks.count, of: Moments.self),
-                                              OncePerIndex.bytes(count: shape.batch))
+        let chunks = PlaneChunks(shape), states = OncePerIndex.bytes(count: shape.batch)
+        return chunks.perPlane == 1 ? states : max(ScratchArena.bytes(chunks.count, of: Moments.self), states)
     }
 
     /// Mean and M2 of every plane: by `_planeMoments` when a plane is one chunk, else each chunk by
@@ -110,15 +109,19 @@ struct PlanesLayout: StoredLayout {
         }
     }
 
+    /// Each work item first has the maps of the samples it touches made (`maps`, once a sample: `OncePerIndex`).
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
                                          p: UnsafePointer<Double>, dySums t: UnsafePointer<Double>,
-                                         coefficients: UnsafePointer<Double>, arena: inout ScratchArena) {
-        let chunks = self.chunks, planes = shape.planes
+                                         coefficients: UnsafePointer<Double>, maps: (Int) -> Void,
+                                         arena: inout ScratchArena) {
+        let chunks = self.chunks, planes = shape.planes, C = shape.channels
         let P = coefficients, Q = P + planes, R = Q + planes
+        let ready = OncePerIndex(count: shape.batch, arena: &arena)
         if chunks.perPlane == 1 {  // planes of one chunk: runs of them at a time (`_combinePlanes`)
             let s = shape.spatial
             parallelFor(planes, cost: 2 * s) { range, _ in
                 let i = range.lowerBound, at = i * s
+                for b in i / C...(range.upperBound - 1) / C { ready.ensure(b, maps) }
                 T._combinePlanes(dy + at, x + at, dx + at, planes: range.count, spatial: s, centres: p + i,
                                  dySums: t + i, p: P + i, q: Q + i, r: R + i)
             }
@@ -127,6 +130,7 @@ struct PlanesLayout: StoredLayout {
         parallelFor(chunks.count, cost: 2 * min(shape.spatial, planeChunkLength)) { range, _ in
             for i in range {
                 let c = chunks.chunk(i)
+                ready.ensure(c.plane / C, maps)
                 T._combine(dy + c.offset, x + c.offset, dx + c.offset, count: c.length, centre: p[c.plane],
                            dyMean: t[c.plane] / Double(shape.spatial), p: P[c.plane], q: Q[c.plane], r: R[c.plane])
             }

@@ -45,9 +45,12 @@ protocol StoredLayout {
 
     /// Backward pass 2: dx = P dy + Q (x - p) + R with P, Q, R per plane (`coefficients` holds P, Q, R in
     /// blocks of B·C), the lanes centred at each plane's x mean p and dy mean `dySums`/S (T). dx may alias dy.
+    /// Sample b's P, Q, R are made by `maps(b)`, which `combine` calls once per sample, on whichever thread first
+    /// needs them (`OncePerIndex`), before it writes any of the sample's dx.
     func combine<T: NormalizationScalar>(_ dy: UnsafePointer<T>, _ x: UnsafePointer<T>, _ dx: UnsafeMutablePointer<T>,
                                          p: UnsafePointer<Double>, dySums: UnsafePointer<Double>,
-                                         coefficients: UnsafePointer<Double>, arena: inout ScratchArena)
+                                         coefficients: UnsafePointer<Double>, maps: (Int) -> Void,
+                                         arena: inout ScratchArena)
 }
 
 /// The units of a shape: sample b's groups of K channels (single channels without a channel-norm stage).
@@ -206,20 +209,23 @@ extension StoredLayout {
             if computed, let sums { local.update(from: sums, count: 2 * C) } else {
                 channelSums(gradient, context: ctx, into: local)
             }
-            for b in 0..<shape.batch {
-                let at = b * C
-                BatchNormStage.dxMaps(C, e: maps + at, f: maps + planes + at, h: maps + 2 * planes + at,
-                                      p: ctx.p + at, mu: ctx.mu, a: ctx.a, s1n: terms, k: terms + C)
-            }
+        }
+        /// Sample b's [E | F | H] made [P | Q | R], through the batch-norm stage.
+        func dxMaps(_ b: Int) {
+            guard plan.batchNorm != nil else { return }
+            let at = b * C
+            BatchNormStage.dxMaps(C, e: maps + at, f: maps + planes + at, h: maps + 2 * planes + at, p: ctx.p + at,
+                                  mu: ctx.mu, a: ctx.a, s1n: terms, k: terms + C)
         }
         BatchNormStage.addGradients(gradients, plan: plan, local: local, groups: groupGradients,
                                     invSigma: ctx.invSigma)
         if BatchNormStage.scalesOnly(plan: plan, through: through, sums: sums) {  // dx = P dy, as y = A x
+            for b in 0..<shape.batch { dxMaps(b) }
             let zeros = arena.take(planes, of: Double.self)
             zeros.update(repeating: 0, count: planes)
             mapEveryPlane(dy, dx, p: zeros, scale: maps, offset: zeros, arena: &arena)
-        } else {
-            combine(dy, x, dx, p: ctx.p, dySums: t, coefficients: maps, arena: &arena)
+        } else {  // each sample's maps as the sweep first needs them, spread over its threads
+            combine(dy, x, dx, p: ctx.p, dySums: t, coefficients: maps, maps: dxMaps, arena: &arena)
         }
     }
 

@@ -1,0 +1,97 @@
+/// The channels-last maps' per-plane constants in T, since their element loops meet every plane's constants in
+/// each row: each constant rounded to T, a centre's residue folded into the offset in Float64 (`CentreResidue`,
+/// as `_scaleShift` and `_combine` form theirs). Each sample records whether its maps keep their precision with
+/// constants in T (`_mapKeeps`, `MapRange`); a sample whose maps do not is mapped in Float64 instead, value by
+/// value, rounded once. A map prepares a sample's constants where its sweep first needs them (`OncePerIndex`), so
+/// each sample has one writer.
+
+/// The forward's: y = o + s (x - cf), with cf the plane's centre p rounded to T.
+struct MapConstants<T: NormalizationScalar> {
+    let centre: UnsafeMutablePointer<T>, scale: UnsafeMutablePointer<T>, offset: UnsafeMutablePointer<T>
+    private let kept: UnsafeMutablePointer<Bool>
+
+    /// Room for `samples` samples of `channels` planes.
+    init(samples: Int, channels: Int, arena: inout ScratchArena) {
+        let planes = samples * channels
+        centre = arena.take(3 * planes, of: T.self)
+        scale = centre + planes
+        offset = scale + planes
+        kept = arena.take(samples, of: Bool.self)
+    }
+
+    /// Arena bytes of `init(samples:channels:arena:)`.
+    static func bytes(samples: Int, channels: Int) -> Int {
+        ScratchArena.bytes(3 * samples * channels, of: T.self) + ScratchArena.bytes(samples, of: Bool.self)
+    }
+
+    /// Sample `b`'s constants, planes `planes`, from their Float64 map (`p`, `scale`, `offset`, indexed by
+    /// plane), and whether they keep their precision in T.
+    func prepare(sample b: Int, _ planes: Range<Int>, p: UnsafePointer<Double>, scale: UnsafePointer<Double>,
+                 offset: UnsafePointer<Double>) {
+        for i in planes {
+            let cf = T(p[i])
+            centre[i] = cf
+            self.scale[i] = T(scale[i])
+            self.offset[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
+        }
+        let i = planes.lowerBound
+        kept[b] = T._mapKeeps(count: planes.count, centres: p + i, dyCentres: nil, offsets: offset + i,
+                              slopes: scale + i, nil)
+    }
+
+    /// Whether sample b's maps keep their precision with constants in T (after `prepare`).
+    @inline(__always)
+    func keeps(sample b: Int) -> Bool { kept[b] }
+}
+
+/// The backward's: dx = r' + q (x - cf) + p (dy - df), about the plane's x mean p rounded to T (cf) and its dy
+/// mean T/S rounded to T (df), with r' = R - Q (p - cf) + P df in Float64, then rounded (`_combine`).
+struct CombineConstants<T: NormalizationScalar> {
+    let centre: UnsafeMutablePointer<T>, dyCentre: UnsafeMutablePointer<T>
+    let p: UnsafeMutablePointer<T>, q: UnsafeMutablePointer<T>, r: UnsafeMutablePointer<T>
+    /// dy's mean per plane in Float64, for `_mapKeeps`.
+    private let dyMeans: UnsafeMutablePointer<Double>
+    private let kept: UnsafeMutablePointer<Bool>
+
+    /// Room for `samples` samples of `channels` planes.
+    init(samples: Int, channels: Int, arena: inout ScratchArena) {
+        let planes = samples * channels
+        centre = arena.take(5 * planes, of: T.self)
+        dyCentre = centre + planes
+        p = dyCentre + planes
+        q = p + planes
+        r = q + planes
+        dyMeans = arena.take(planes, of: Double.self)
+        kept = arena.take(samples, of: Bool.self)
+    }
+
+    /// Arena bytes of `init(samples:channels:arena:)`.
+    static func bytes(samples: Int, channels: Int) -> Int {
+        let planes = samples * channels
+        return ScratchArena.bytes(5 * planes, of: T.self) + ScratchArena.bytes(planes, of: Double.self)
+            + ScratchArena.bytes(samples, of: Bool.self)
+    }
+
+    /// Sample `b`'s constants, planes `planes`, from their Float64 maps (`P`, `Q`, `R`, indexed by plane), the
+    /// planes' x means `centres` and dy sums `dySums` over `spatial` values; and whether they keep their
+    /// precision in T (never with `exact`: dx is then a cancellation that constants rounded to T would show).
+    func prepare(sample b: Int, _ planes: Range<Int>, centres: UnsafePointer<Double>, dySums: UnsafePointer<Double>,
+                 spatial: Int, P: UnsafePointer<Double>, Q: UnsafePointer<Double>, R: UnsafePointer<Double>,
+                 exact: Bool) {
+        guard !exact else { kept[b] = false; return }
+        let invS = 1 / Double(spatial)
+        for i in planes {
+            let cf = T(centres[i]), mean = dySums[i] * invS, df = T(mean)
+            centre[i] = cf; dyCentre[i] = df; p[i] = T(P[i]); q[i] = T(Q[i]); dyMeans[i] = mean
+            r[i] = T(CentreResidue.offset(R[i], slope: Q[i], centre: centres[i], rounded: Double(cf))
+                     + P[i] * Double(df))
+        }
+        let i = planes.lowerBound
+        kept[b] = T._mapKeeps(count: planes.count, centres: centres + i, dyCentres: dyMeans + i, offsets: R + i,
+                              slopes: Q + i, P + i)
+    }
+
+    /// Whether sample b's maps keep their precision with constants in T (after `prepare`).
+    @inline(__always)
+    func keeps(sample b: Int) -> Bool { kept[b] }
+}
