@@ -892,6 +892,30 @@ def test_one_sample_beyond_the_float32_maps_leaves_the_others_in_them(spatial, l
         assert _ulps_of_scale(dx[b], dx_ref[b]) <= 4, b
 
 
+@pytest.mark.parametrize("spatial", [(14, 14), (70, 70)], ids=["S=196", "chunked"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_one_sample_in_float64_maps_leaves_the_others_their_own_bits(spatial, layout, rng):
+    """A channel norm alone couples no samples, so each sample's output and dx in a batch are its bits run
+    alone, even where sample 1 (about -1e38, with 3e38 in each plane) needs Float64 maps: the decision is per
+    sample on channels-last (per plane on planes). When channels-last decided per call, every sample of such a
+    batch went to Float64, and the others' bits differed from their own."""
+    B, C, G = 4, 64, 32
+    x = random_input(rng, (B, C) + spatial)
+    x[1] = -1e38 * (1 + 0.1 * rng.normal(size=x[1].shape))
+    x[1].reshape(C, -1)[:, 0] = 3e38
+    x = x.astype(np.float32)
+    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    place = _channels_last if layout == "channels-last" else np.ascontiguousarray
+
+    def run(xs, dys):
+        layer = bcnswift.ChannelNorm(C, G, dtype=np.float32)
+        return layer(place(xs)), layer.backward(place(dys))
+    y, dx = run(x, dy)
+    for b in (0, 2, 3):
+        y_alone, dx_alone = run(x[b:b + 1], dy[b:b + 1])
+        assert np.array_equal(y[b], y_alone[0]) and np.array_equal(dx[b], dx_alone[0]), b
+
+
 @pytest.mark.parametrize("spatial", [(14, 14), (4, 4), (5, 5), (70, 70)], ids=["S=196", "S=16", "S=25", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 @pytest.mark.parametrize("offset", [0.0, 10.0, 1e3, 1e5], ids=["0", "10", "1e3", "1e5"])

@@ -74,9 +74,9 @@ struct ChannelsLastLayout: StoredLayout {
     /// sample of one stretch is finished (all its channels at once) in its stretch's work item, while its sums
     /// are in cache, with no loop of finishes after (the finishes' loop took [8, 256, 14, 14]'s forward 3 us on
     /// two threads, where copying its 2048 planes' moments takes a tenth of that). `inOrder`: the body gets
-    /// block partials. `finishCost`: a finish's work per channel beside its stretches' additions.
+    /// block partials.
     private func stretchSums<T>(
-        _ partials: UnsafeMutablePointer<Double>, _: T.Type, inOrder: Bool, finishCost: Int = 0,
+        _ partials: UnsafeMutablePointer<Double>, _: T.Type, inOrder: Bool,
         arena: inout ScratchArena,
         _ body: (Int, Int, Int, UnsafeMutablePointer<Double>, UnsafeMutablePointer<Double>, SlotScratch<T>) -> Void,
         finish: (Int, Int, Int, UnsafePointer<Double>) -> Void
@@ -97,7 +97,7 @@ struct ChannelsLastLayout: StoredLayout {
         }
         if n == 1 { return }
         let width = ChannelsLastLayout.finishChannels, blocks = (C + width - 1) / width
-        parallelFor(shape.batch * blocks, cost: (4 * n + finishCost) * width) { range, _ in
+        parallelFor(shape.batch * blocks, cost: 4 * n * width) { range, _ in
             for item in range {
                 let b = item / blocks, c0 = (item - b * blocks) * width
                 finish(b, c0, min(width, C - c0), partials + 2 * C * n * b)
@@ -321,9 +321,9 @@ struct ChannelsLastLayout: StoredLayout {
             }
         }
         let inOrder = gradientsInOrder(T.self)
-        // a finish's corrections, 32 a channel, where each sample is one stretch (2048 planes then take the
-        // workers); with several, counting them measured 1.02x the time on [2, 512, 28, 28], and they stay serial
-        stretchSums(partials, T.self, inOrder: inOrder, finishCost: own ? 32 : 0, arena: &arena, {
+        // (the finish's corrections, 32 a channel, are not counted in the cost of a loop of finishes, which runs
+        // only for samples of several stretches: counted, they measured 1.02x the time on [2, 512, 28, 28])
+        stretchSums(partials, T.self, inOrder: inOrder, arena: &arena, {
             b, r0, rows, sum, dot, scratch in
             if own {
                 ChannelsLastLayout.prepare(b, p: p, dy: dy, spatial: S, channels: C, centre: centre, shift: shift)

@@ -12,7 +12,8 @@ protocol StoredLayout {
                                               q: UnsafeMutablePointer<Double>, arena: inout ScratchArena)
 
     /// True when `mapPlanes` maps a unit's planes (each unit right after its coefficients, while its planes are
-    /// in cache); false when all coefficients come first and `map` sweeps the data once.
+    /// in cache); false when `map` sweeps the data once, computing each sample's coefficients where it first
+    /// needs them.
     var mapsPerPlane: Bool { get }
 
     /// Forward pass 1 on `count` planes from `first` alone (used only when `mapsPerPlane`): the same numbers

@@ -12,7 +12,7 @@
 ///   its whole term (12% of the largest |dx| at a spread of 1e30). One from 2^101 up may overflow its product;
 /// - |o| < 2^101, for the same reason.
 /// A plane that fails is mapped in Float64 and rounded once, as planes shorter than a vector always are (on
-/// channels-last rows, the whole call); a Double map never rounds its constants (`NormalizationScalar._mapKeeps`).
+/// channels-last rows, the whole sample); a Double map never rounds its constants (`NormalizationScalar._mapKeeps`).
 /// Constants that are NaN or infinite may take either path: both give non-finite outputs.
 /// The test costs a forward or backward of [8, 64, 14, 14], whose planes come two at a time, 3.6% more instructions
 /// (about 1% of its time); four separate tests, or SIMD4 lanes for one plane (which LLVM splits), cost more.

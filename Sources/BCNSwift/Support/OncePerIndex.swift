@@ -11,11 +11,13 @@ import Darwin
 /// of a sweep whose work items are blocks of a sample's rows, computed in the sweep instead of in a parallel loop
 /// of their own before it (a second hand-off, and a loop too short to split evenly between threads).
 ///
-/// The first thread to ask for index i runs `prepare(i)`; a thread that asks while it runs waits for it. Since the
-/// pool's threads claim a loop's ranges from opposite ends, two threads meet in at most a sample or two, and then
-/// the wait is at most one preparation. What `prepare` wrote is visible to every thread `ensure` returns to
-/// (release, then acquire). Which thread prepares changes nothing it computes: results stay independent of the
-/// thread count.
+/// The first thread to ask for index i runs `prepare(i)`; a thread that asks while it runs waits for it, at most
+/// one preparation. With two threads, which claim a loop's ranges from opposite ends, they meet in one sample at
+/// most; more threads share the ends (the pool's even slots claim from the front, odd ones from the back; a
+/// ThreadTeam's all but the caller from the back) and meet in more. A batch of one sample has all its items wait
+/// for the first: as before, when its units' coefficients (too few to share out) ran on the calling thread before
+/// the sweep. What `prepare` wrote is visible to every thread `ensure` returns to (release, then acquire). Which
+/// thread prepares changes nothing it computes: results stay independent of the thread count.
 struct OncePerIndex {
     private static let idle = 0, running = 1, done = 2
     private let states: UnsafeMutablePointer<Atomic<Int>>
