@@ -867,6 +867,15 @@ def test_float32_maps_about_a_centre_near_the_largest_float_take_float64(spatial
     _check_float32_step(x, G, layout, rng, ulps=4)
 
 
+def _one_sample_beyond_the_float32_maps(rng, shape):
+    """float32 x of `shape` ([B, C, *], B >= 2) about 1, but sample 1 about -1e38 with 3e38 in each plane, where
+    x - p overflows Float32 (its maps take Float64: `MapRange`); and dy about 0.3."""
+    x = random_input(rng, shape)
+    x[1] = -1e38 * (1 + 0.1 * rng.normal(size=x[1].shape))
+    x[1].reshape(shape[1], -1)[:, 0] = 3e38
+    return x.astype(np.float32), rng.normal(0.3, 1.0, shape).astype(np.float32)
+
+
 @pytest.mark.parametrize("spatial", [(14, 14), (70, 70)], ids=["S=196", "chunked"])
 @pytest.mark.parametrize("layout", ["nchw", "channels-last"])
 def test_one_sample_beyond_the_float32_maps_leaves_the_others_in_them(spatial, layout, rng):
@@ -876,11 +885,7 @@ def test_one_sample_beyond_the_float32_maps_leaves_the_others_in_them(spatial, l
     sample whether its constants in Float32 keep their precision (and prepares them where its sweep first needs
     them), as the planes layout decides per plane; a sample mapped in Float32 all the same gives infinities."""
     B, C, G = 4, 64, 32
-    x = random_input(rng, (B, C) + spatial)
-    x[1] = -1e38 * (1 + 0.1 * rng.normal(size=x[1].shape))
-    x[1].reshape(C, -1)[:, 0] = 3e38
-    x = x.astype(np.float32)
-    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    x, dy = _one_sample_beyond_the_float32_maps(rng, (B, C) + spatial)
     if layout == "channels-last":
         x, dy = _channels_last(x), _channels_last(dy)
     layer, ref = _labml_pair(C, G, estimate=False, rng=rng)
@@ -900,11 +905,7 @@ def test_one_sample_in_float64_maps_leaves_the_others_their_own_bits(spatial, la
     sample on channels-last (per plane on planes). When channels-last decided per call, every sample of such a
     batch went to Float64, and the others' bits differed from their own."""
     B, C, G = 4, 64, 32
-    x = random_input(rng, (B, C) + spatial)
-    x[1] = -1e38 * (1 + 0.1 * rng.normal(size=x[1].shape))
-    x[1].reshape(C, -1)[:, 0] = 3e38
-    x = x.astype(np.float32)
-    dy = rng.normal(0.3, 1.0, x.shape).astype(np.float32)
+    x, dy = _one_sample_beyond_the_float32_maps(rng, (B, C) + spatial)
     place = _channels_last if layout == "channels-last" else np.ascontiguousarray
 
     def run(xs, dys):

@@ -5,23 +5,47 @@
 /// value, rounded once. A map prepares a sample's constants where its sweep first needs them (`OncePerIndex`), so
 /// each sample has one writer.
 
+/// `arrays` arrays of T, a value a plane each, for `samples` samples of `channels` planes, and a flag a sample:
+/// the storage of both maps' constants.
+struct SampleConstants<T> {
+    private let first: UnsafeMutablePointer<T>, planes: Int
+    private let kept: UnsafeMutablePointer<Bool>
+
+    init(arrays: Int, samples: Int, channels: Int, arena: inout ScratchArena) {
+        planes = samples * channels
+        first = arena.take(arrays * planes, of: T.self)
+        kept = arena.take(samples, of: Bool.self)
+    }
+
+    static func bytes(arrays: Int, samples: Int, channels: Int) -> Int {
+        ScratchArena.bytes(arrays * samples * channels, of: T.self) + ScratchArena.bytes(samples, of: Bool.self)
+    }
+
+    /// Array k's first value.
+    func array(_ k: Int) -> UnsafeMutablePointer<T> { first + k * planes }
+
+    /// Sample b's flag: whether its maps keep their precision with constants in T.
+    func record(sample b: Int, keeps: Bool) { kept[b] = keeps }
+    @inline(__always)
+    func keeps(sample b: Int) -> Bool { kept[b] }
+}
+
 /// The forward's: y = o + s (x - cf), with cf the plane's centre p rounded to T.
 struct MapConstants<T: NormalizationScalar> {
     let centre: UnsafeMutablePointer<T>, scale: UnsafeMutablePointer<T>, offset: UnsafeMutablePointer<T>
-    private let kept: UnsafeMutablePointer<Bool>
+    private let storage: SampleConstants<T>
 
     /// Room for `samples` samples of `channels` planes.
     init(samples: Int, channels: Int, arena: inout ScratchArena) {
-        let planes = samples * channels
-        centre = arena.take(3 * planes, of: T.self)
-        scale = centre + planes
-        offset = scale + planes
-        kept = arena.take(samples, of: Bool.self)
+        storage = SampleConstants(arrays: 3, samples: samples, channels: channels, arena: &arena)
+        centre = storage.array(0)
+        scale = storage.array(1)
+        offset = storage.array(2)
     }
 
     /// Arena bytes of `init(samples:channels:arena:)`.
     static func bytes(samples: Int, channels: Int) -> Int {
-        ScratchArena.bytes(3 * samples * channels, of: T.self) + ScratchArena.bytes(samples, of: Bool.self)
+        SampleConstants<T>.bytes(arrays: 3, samples: samples, channels: channels)
     }
 
     /// Sample `b`'s constants, planes `planes`, from their Float64 map (`p`, `scale`, `offset`, indexed by
@@ -35,13 +59,13 @@ struct MapConstants<T: NormalizationScalar> {
             self.offset[i] = T(CentreResidue.offset(offset[i], slope: scale[i], centre: p[i], rounded: Double(cf)))
         }
         let i = planes.lowerBound
-        kept[b] = T._mapKeeps(count: planes.count, centres: p + i, dyCentres: nil, offsets: offset + i,
-                              slopes: scale + i, nil)
+        storage.record(sample: b, keeps: T._mapKeeps(count: planes.count, centres: p + i, dyCentres: nil,
+                                                     offsets: offset + i, slopes: scale + i, nil))
     }
 
     /// Whether sample b's maps keep their precision with constants in T (after `prepare`).
     @inline(__always)
-    func keeps(sample b: Int) -> Bool { kept[b] }
+    func keeps(sample b: Int) -> Bool { storage.keeps(sample: b) }
 }
 
 /// The backward's: dx = r' + q (x - cf) + p (dy - df), about the plane's x mean p rounded to T (cf) and its dy
@@ -51,25 +75,23 @@ struct CombineConstants<T: NormalizationScalar> {
     let p: UnsafeMutablePointer<T>, q: UnsafeMutablePointer<T>, r: UnsafeMutablePointer<T>
     /// dy's mean per plane in Float64, for `_mapKeeps`.
     private let dyMeans: UnsafeMutablePointer<Double>
-    private let kept: UnsafeMutablePointer<Bool>
+    private let storage: SampleConstants<T>
 
     /// Room for `samples` samples of `channels` planes.
     init(samples: Int, channels: Int, arena: inout ScratchArena) {
-        let planes = samples * channels
-        centre = arena.take(5 * planes, of: T.self)
-        dyCentre = centre + planes
-        p = dyCentre + planes
-        q = p + planes
-        r = q + planes
-        dyMeans = arena.take(planes, of: Double.self)
-        kept = arena.take(samples, of: Bool.self)
+        storage = SampleConstants(arrays: 5, samples: samples, channels: channels, arena: &arena)
+        centre = storage.array(0)
+        dyCentre = storage.array(1)
+        p = storage.array(2)
+        q = storage.array(3)
+        r = storage.array(4)
+        dyMeans = arena.take(samples * channels, of: Double.self)
     }
 
     /// Arena bytes of `init(samples:channels:arena:)`.
     static func bytes(samples: Int, channels: Int) -> Int {
-        let planes = samples * channels
-        return ScratchArena.bytes(5 * planes, of: T.self) + ScratchArena.bytes(planes, of: Double.self)
-            + ScratchArena.bytes(samples, of: Bool.self)
+        SampleConstants<T>.bytes(arrays: 5, samples: samples, channels: channels)
+            + ScratchArena.bytes(samples * channels, of: Double.self)
     }
 
     /// Sample `b`'s constants, planes `planes`, from their Float64 maps (`P`, `Q`, `R`, indexed by plane), the
@@ -78,7 +100,7 @@ struct CombineConstants<T: NormalizationScalar> {
     func prepare(sample b: Int, _ planes: Range<Int>, centres: UnsafePointer<Double>, dySums: UnsafePointer<Double>,
                  spatial: Int, P: UnsafePointer<Double>, Q: UnsafePointer<Double>, R: UnsafePointer<Double>,
                  exact: Bool) {
-        guard !exact else { kept[b] = false; return }
+        guard !exact else { return storage.record(sample: b, keeps: false) }
         let invS = 1 / Double(spatial)
         for i in planes {
             let cf = T(centres[i]), mean = dySums[i] * invS, df = T(mean)
@@ -87,11 +109,11 @@ struct CombineConstants<T: NormalizationScalar> {
                      + P[i] * Double(df))
         }
         let i = planes.lowerBound
-        kept[b] = T._mapKeeps(count: planes.count, centres: centres + i, dyCentres: dyMeans + i, offsets: R + i,
-                              slopes: Q + i, P + i)
+        storage.record(sample: b, keeps: T._mapKeeps(count: planes.count, centres: centres + i,
+                                                     dyCentres: dyMeans + i, offsets: R + i, slopes: Q + i, P + i))
     }
 
     /// Whether sample b's maps keep their precision with constants in T (after `prepare`).
     @inline(__always)
-    func keeps(sample b: Int) -> Bool { kept[b] }
+    func keeps(sample b: Int) -> Bool { storage.keeps(sample: b) }
 }
