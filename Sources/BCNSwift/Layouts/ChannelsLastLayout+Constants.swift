@@ -32,15 +32,14 @@ struct SampleConstants<T> {
 
 /// The forward's: y = o + s (x - cf), with cf the plane's centre p rounded to T.
 struct MapConstants<T: NormalizationScalar> {
-    let centre: UnsafeMutablePointer<T>, scale: UnsafeMutablePointer<T>, offset: UnsafeMutablePointer<T>
     private let storage: SampleConstants<T>
+    var centre: UnsafeMutablePointer<T> { storage.array(0) }
+    var scale: UnsafeMutablePointer<T> { storage.array(1) }
+    var offset: UnsafeMutablePointer<T> { storage.array(2) }
 
     /// Room for `samples` samples of `channels` planes.
     init(samples: Int, channels: Int, arena: inout ScratchArena) {
         storage = SampleConstants(arrays: 3, samples: samples, channels: channels, arena: &arena)
-        centre = storage.array(0)
-        scale = storage.array(1)
-        offset = storage.array(2)
     }
 
     /// Arena bytes of `init(samples:channels:arena:)`.
@@ -71,20 +70,18 @@ struct MapConstants<T: NormalizationScalar> {
 /// The backward's: dx = r' + q (x - cf) + p (dy - df), about the plane's x mean p rounded to T (cf) and its dy
 /// mean T/S rounded to T (df), with r' = R - Q (p - cf) + P df in Float64, then rounded (`_combine`).
 struct CombineConstants<T: NormalizationScalar> {
-    let centre: UnsafeMutablePointer<T>, dyCentre: UnsafeMutablePointer<T>
-    let p: UnsafeMutablePointer<T>, q: UnsafeMutablePointer<T>, r: UnsafeMutablePointer<T>
+    private let storage: SampleConstants<T>
+    var centre: UnsafeMutablePointer<T> { storage.array(0) }
+    var dyCentre: UnsafeMutablePointer<T> { storage.array(1) }
+    var p: UnsafeMutablePointer<T> { storage.array(2) }
+    var q: UnsafeMutablePointer<T> { storage.array(3) }
+    var r: UnsafeMutablePointer<T> { storage.array(4) }
     /// dy's mean per plane in Float64, for `_mapKeeps`.
     private let dyMeans: UnsafeMutablePointer<Double>
-    private let storage: SampleConstants<T>
 
     /// Room for `samples` samples of `channels` planes.
     init(samples: Int, channels: Int, arena: inout ScratchArena) {
         storage = SampleConstants(arrays: 5, samples: samples, channels: channels, arena: &arena)
-        centre = storage.array(0)
-        dyCentre = storage.array(1)
-        p = storage.array(2)
-        q = storage.array(3)
-        r = storage.array(4)
         dyMeans = arena.take(samples * channels, of: Double.self)
     }
 
